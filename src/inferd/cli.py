@@ -1,0 +1,115 @@
+"""The ``inferd`` command. ``inferd serve`` takes TensorFlow Serving's flags with their names.
+
+Every ``serve`` flag can also come from an environment variable ``INFERD_<FLAG NAME IN CAPITALS>``
+(e.g. ``INFERD_REST_API_PORT=9000``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from inferd.config import ServerConfig
+from inferd.errors import ConfigError
+
+_SERVE_FLAGS: list[tuple[str, type, str]] = [
+    (
+        "host",
+        str,
+        "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
+    ),
+    ("rest_api_port", int, "port of the REST API"),
+    (
+        "port",
+        int,
+        "port of the gRPC API (accepted and kept; the gRPC server comes in a later release)",
+    ),
+    ("model_name", str, "name of the model served from --model_base_path"),
+    ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),
+    (
+        "model_config_file",
+        str,
+        "TF Serving text-format ModelServerConfig (model_config_list) naming every model",
+    ),
+    (
+        "model_config_file_poll_wait_seconds",
+        float,
+        "re-read --model_config_file this often and apply it (0: read once at start)",
+    ),
+    (
+        "file_system_poll_wait_seconds",
+        float,
+        "scan the model folders for new and removed versions this often (0: once at start)",
+    ),
+    ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
+    ("rest_api_num_threads", int, "threads that run model predictions"),
+    ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
+]
+
+
+def _serve_parser(sub: Any) -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="serve models over TF Serving's REST API",
+        description=(
+            "Serve models. Give one model with --model_name and --model_base_path, several with "
+            "--model_config_file, or a model repository folder DIR whose sub-folders are models "
+            "(each holding numbered version folders)."
+        ),
+        epilog="Every flag may also be set as INFERD_<FLAG> in the environment, e.g. INFERD_REST_API_PORT.",
+    )
+    parser.add_argument(
+        "repository", nargs="?", metavar="DIR", help="model repository: one sub-folder per model"
+    )
+    for name, kind, text in _SERVE_FLAGS:
+        default = getattr(defaults, name)
+        parser.add_argument(
+            f"--{name}",
+            type=kind,
+            default=kind(os.environ.get(f"INFERD_{name.upper()}", default)),
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default: {default!r})",
+        )
+    parser.add_argument(
+        "--log_level",
+        default=os.environ.get("INFERD_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    if args.repository and (config.model_config_file or config.model_base_path):
+        parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
+    from inferd import server
+
+    try:
+        server.run(config)
+    except ConfigError as exc:
+        print(f"inferd: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""ModelManager: loads, serves and unloads model versions, preserving availability.
+
+Reconciling a model to a plan loads each new aspired version in a loader thread, warms it up
+with one call per signature and only then marks it AVAILABLE and routes to it. Versions that
+are no longer aspired are unloaded once an aspired version is AVAILABLE (or when no version is
+aspired at all), and only after their last lease is returned. A version that fails to load ends
+in state END with its error, and the versions already serving keep serving.
+
+The manager is not thread-safe: call it from the event loop's thread. Loading, warm-up and
+closing run in the executor given to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferd.config import ModelSettings
+from inferd.errors import InferdError, ModelLoadError, NotFound
+from inferd.repository import ModelPlan, VersionSource
+from inferd.runtimes import Model, load_model
+from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
+
+
+@dataclass(slots=True, eq=False)
+class ServedVersion:
+    """One version's state. ``model`` is set while LOADING finished and until it is closed."""
+
+    id: ModelId
+    source: VersionSource
+    state: VersionState = VersionState.START
+    model: Model | None = None
+    runtime: str = ""
+    error_code: str = "OK"
+    error_message: str = ""
+    leases: int = 0
+
+    def status(self) -> VersionStatus:
+        return VersionStatus(self.id.version, self.state, self.error_code, self.error_message)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    latest: ServedVersion | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def refresh_latest(self) -> None:
+        available = [v for v in self.versions.values() if v.state is VersionState.AVAILABLE]
+        self.latest = max(available, key=lambda v: v.id.version, default=None)
+
+
+class Lease:
+    """Holds a version in service while a request uses it; use as a context manager."""
+
+    __slots__ = ("_manager", "_version")
+
+    def __init__(self, manager: ModelManager, version: ServedVersion) -> None:
+        self._manager = manager
+        self._version = version
+
+    def __enter__(self) -> ServedVersion:
+        self._version.leases += 1
+        return self._version
+
+    def __exit__(self, *exc: object) -> None:
+        version = self._version
+        version.leases -= 1
+        if version.leases == 0 and version.state is VersionState.UNLOADING:
+            self._manager._close_later(version)
+
+
+class ModelManager:
+    """Owns every served model version; see the module docstring for the lifecycle."""
+
+    def __init__(self, executor: Executor, loader: Loader = load_model) -> None:
+        self._executor = executor
+        self._loader = loader
+        self._models: dict[str, _Entry] = {}
+        self._closing: set[asyncio.Future[Any]] = set()
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    async def apply(self, plans: Iterable[ModelPlan]) -> None:
+        """Reconcile every model to its plan; models without a plan are unloaded and removed."""
+        plans = list(plans)
+        wanted = {plan.name for plan in plans}
+        for name in [n for n in self._models if n not in wanted]:
+            entry = self._models.pop(name)
+            log.info("model %s is no longer configured; unloading it", name)
+            async with entry.lock:
+                for version in list(entry.versions.values()):
+                    self._retire(entry, version)
+        await asyncio.gather(*(self.reconcile(plan) for plan in plans))
+
+    async def reconcile(self, plan: ModelPlan) -> None:
+        """Load the plan's new versions, then retire versions it no longer aspires to."""
+        entry = self._models.setdefault(plan.name, _Entry())
+        async with entry.lock:
+            entry.labels = dict(plan.labels)
+            for number in sorted(plan.aspired, reverse=True):
+                if self._needs_load(entry.versions.get(number), plan.aspired[number]):
+                    await self._load(entry, plan, plan.aspired[number])
+            aspired = [entry.versions[v] for v in plan.aspired if v in entry.versions]
+            if not aspired or any(v.state is VersionState.AVAILABLE for v in aspired):
+                for version in list(entry.versions.values()):
+                    if version.id.version not in plan.aspired:
+                        self._retire(entry, version)
+
+    @staticmethod
+    def _needs_load(current: ServedVersion | None, source: VersionSource) -> bool:
+        if current is None or current.state is VersionState.UNLOADING:
+            return True
+        if current.state is VersionState.END:
+            # A failed version is retried only when its files changed.
+            return current.error_code == "OK" or current.source.fingerprint != source.fingerprint
+        return False
+
+    async def _load(self, entry: _Entry, plan: ModelPlan, source: VersionSource) -> None:
+        version = ServedVersion(ModelId(plan.name, source.version), source, VersionState.LOADING)
+        entry.versions[source.version] = version
+        log.info("loading %s from %s", version.id, source.path)
+        loop = asyncio.get_running_loop()
+        try:
+            if plan.error:
+                raise ModelLoadError(plan.error)
+            model, runtime = await loop.run_in_executor(
+                self._executor, self._load_and_warm_up, source.path, plan.settings, plan.platform
+            )
+        except InferdError as exc:
+            self._fail(version, exc.code.grpc_code, exc.message)
+        except Exception as exc:  # a runtime's unexpected failure must not stop the server
+            log.exception("loading %s failed unexpectedly", version.id)
+            self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
+        else:
+            version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
+            entry.refresh_latest()
+            log.info("%s is AVAILABLE (%s runtime)", version.id, runtime)
+
+    @staticmethod
+    def _fail(version: ServedVersion, code: str, message: str) -> None:
+        version.state, version.error_code, version.error_message = VersionState.END, code, message
+        log.error("%s failed to load: %s", version.id, message)
+
+    def _load_and_warm_up(
+        self, path: Path, settings: ModelSettings, platform: str | None
+    ) -> tuple[Model, str]:
+        model, runtime = self._loader(path, settings, platform)
+        if not settings.warmup:
+            return model, runtime
+        try:
+            for name, signature in model.signatures.items():
+                if all(spec.shape is not None for spec in signature.inputs):
+                    model.predict(name, {spec.name: _warm_up_tensor(spec) for spec in signature.inputs})
+        except Exception as exc:
+            model.close()
+            raise ModelLoadError(
+                f"the warm-up call failed: {type(exc).__name__}: {exc} "
+                "(set warmup = false in inferd.toml if zeros are not a valid input)"
+            ) from exc
+        return model, runtime
+
+    def _retire(self, entry: _Entry, version: ServedVersion) -> None:
+        if version.state is not VersionState.AVAILABLE:
+            return
+        version.state = VersionState.UNLOADING
+        entry.refresh_latest()
+        log.info("unloading %s once its %d in-flight request(s) finish", version.id, version.leases)
+        if version.leases == 0:
+            self._close_later(version)
+
+    def _close_later(self, version: ServedVersion) -> None:
+        model, version.model = version.model, None
+        future = asyncio.get_running_loop().run_in_executor(self._executor, _close, model)
+        self._closing.add(future)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._closing.discard(f)
+            version.state = VersionState.END
+            log.info("%s unloaded", version.id)
+
+        future.add_done_callback(done)
+
+    def lease(self, ref: ModelRef) -> Lease:
+        """A lease on the version ``ref`` asks for; use it as a context manager.
+
+        Raises:
+            NotFound: unknown model, version or label, or the version is not AVAILABLE.
+        """
+        entry = self._models.get(ref.name)
+        if entry is None:
+            raise NotFound(f"Servable not found for request: Latest({ref.name})")
+        if ref.version is not None:
+            version = entry.versions.get(ref.version)
+            if version is None or version.state is not VersionState.AVAILABLE:
+                raise NotFound(f"Servable not found for request: Specific({ref.name}, {ref.version})")
+        elif ref.label is not None:
+            number = entry.labels.get(ref.label)
+            if number is None:
+                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+            version = entry.versions.get(number)
+            if version is None or version.state is not VersionState.AVAILABLE:
+                raise NotFound(
+                    f"label {ref.label!r} of model {ref.name!r} points to version {number}, "
+                    "which is not available"
+                )
+        else:
+            version = entry.latest
+            if version is None:
+                raise NotFound(f"Servable not found for request: Latest({ref.name})")
+        return Lease(self, version)
+
+    def status(self, ref: ModelRef) -> list[VersionStatus]:
+        """Every version seen of a model, highest first; narrowed by ``ref``'s version or label.
+
+        Raises:
+            NotFound: unknown model, version or label.
+        """
+        entry = self._models.get(ref.name)
+        if entry is None or not entry.versions:
+            raise NotFound(f"Could not find any versions of model {ref.name}")
+        number = ref.version
+        if ref.label is not None:
+            number = entry.labels.get(ref.label)
+            if number is None:
+                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+        if number is not None:
+            if number not in entry.versions:
+                raise NotFound(f"Could not find version {number} of model {ref.name}")
+            return [entry.versions[number].status()]
+        return [entry.versions[v].status() for v in sorted(entry.versions, reverse=True)]
+
+    def ready(self) -> bool:
+        """True when every configured model has an AVAILABLE version."""
+        return all(entry.latest is not None for entry in self._models.values())
+
+    async def close(self) -> None:
+        """Unload every version (in-flight leases are waited for) and forget every model."""
+        await self.apply([])
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+
+def _warm_up_tensor(spec: TensorSpec) -> np.ndarray:
+    assert spec.shape is not None
+    shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+    if spec.dtype.kind == "O":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def _close(model: Model | None) -> None:
+    if model is None:
+        return
+    try:
+        model.close()
+    except Exception:  # closing must not break unloading of the rest
+        log.exception("closing a model raised")

@@ -1,0 +1,349 @@
+"""TensorFlow Serving's REST API (``/v1/...``): decode JSON, call the service, encode JSON.
+
+Follows TF Serving's routes, request formats (row ``instances`` and columnar ``inputs``),
+response shapes (``predictions`` / ``outputs`` / ``results``) and status codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from inferd.errors import InferdError, InvalidArgument
+from inferd.service import InferenceService
+from inferd.types import (
+    InferenceRequest,
+    Method,
+    ModelMetadata,
+    ModelRef,
+    Signature,
+    Tensors,
+    TensorSpec,
+    VersionStatus,
+    dtype_of,
+)
+
+Response = tuple[int, dict[str, str], bytes]
+
+_POST = re.compile(
+    r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
+    re.IGNORECASE,
+)
+_GET = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(/metadata)?", re.IGNORECASE)
+_JSON = {"content-type": "application/json"}
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_METHODS = {"predict": Method.PREDICT, "classify": Method.CLASSIFY, "regress": Method.REGRESS}
+
+
+def error_response(error: InferdError) -> Response:
+    """The status, headers and ``{"error": ...}`` body for an expected failure."""
+    headers = dict(_JSON)
+    if error.code.http_status == 503:
+        headers["retry-after"] = "1"
+    return error.code.http_status, headers, orjson.dumps({"error": error.message})
+
+
+async def handle(service: InferenceService, method: str, path: str, body: bytes, request_id: str) -> Response:
+    """Answer one request under ``/v1/``. Expected failures become error responses."""
+    try:
+        if method == "POST" and (match := _POST.fullmatch(path)):
+            name, version, label, verb = match.groups()
+            ref = _ref(name, version, label)
+            if verb.lower() == "predict":
+                return await _predict(service, ref, _parse_json(body), request_id)
+            return await _classify_or_regress(
+                service, ref, _METHODS[verb.lower()], _parse_json(body), request_id
+            )
+        if method == "GET" and (match := _GET.fullmatch(path)):
+            name, version, label, metadata = match.groups()
+            if name is None:
+                raise InvalidArgument("Missing model name in request.")
+            ref = _ref(name, version, label)
+            document = _metadata(service.metadata(ref)) if metadata else _status(service.status(ref))
+            return 200, _JSON, orjson.dumps(document)
+        expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
+        raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
+    except InferdError as error:
+        return error_response(error)
+
+
+def _ref(name: str, version: str | None, label: str | None) -> ModelRef:
+    if version is None:
+        return ModelRef(name, label=label)
+    if len(version) > 18:
+        raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
+    return ModelRef(name, version=int(version))
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise InvalidArgument("JSON Parse error: The document is empty")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:  # the standard parser also takes NaN, Infinity and -Infinity, as TF Serving does
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidArgument(f"JSON Parse error: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(
+            f"JSON Value: the request body must be an object, got {type(document).__name__}"
+        )
+    signature = document.get("signature_name")
+    if signature is not None and not isinstance(signature, str):
+        raise InvalidArgument("'signature_name' key must be a string value.")
+    return document
+
+
+async def _predict(
+    service: InferenceService, ref: ModelRef, doc: dict[str, Any], request_id: str
+) -> Response:
+    if ("instances" in doc) == ("inputs" in doc):
+        raise InvalidArgument(
+            "expecting only one of 'inputs' or 'instances' keys to exist"
+            if "inputs" in doc
+            else "Missing 'inputs' or 'instances' key"
+        )
+    signature = service.signature(ref, doc.get("signature_name"))
+    row_format = "instances" in doc
+    inputs = _rows(signature, doc["instances"]) if row_format else _columns(signature, doc["inputs"])
+    response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))
+    outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
+    if not row_format:
+        (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
+        return _encode({"outputs": only})
+    return _encode({"predictions": _per_row(outputs)})
+
+
+def _rows(signature: Signature, instances: Any) -> Tensors:
+    if not isinstance(instances, list):
+        raise InvalidArgument("Expecting 'instances' to be an list/array")
+    if not instances:
+        raise InvalidArgument("No values in 'instances' array")
+    names = signature.input_names()
+    named = [isinstance(item, dict) and not _is_b64(item) for item in instances]
+    if all(named):
+        for i, item in enumerate(instances):
+            if set(item) != set(names):
+                raise InvalidArgument(
+                    f"instances[{i}] has keys {sorted(item)}; the keys must be equal to: {','.join(names)}"
+                )
+        return {name: _array([item[name] for item in instances], name) for name in names}
+    if any(named):
+        raise InvalidArgument(
+            "'instances' mixes named-input objects with plain values; use one form throughout"
+        )
+    if len(names) != 1:
+        raise InvalidArgument(
+            "instances is a plain list, but expecting list of objects as multiple input tensors "
+            f"required as per tensorinfo_map: {','.join(names)}"
+        )
+    return {names[0]: _array(instances, names[0])}
+
+
+def _columns(signature: Signature, inputs: Any) -> Tensors:
+    names = signature.input_names()
+    if isinstance(inputs, dict) and not _is_b64(inputs):
+        for name in names:
+            if name not in inputs:
+                raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
+        return {name: _array(inputs[name], name) for name in names}
+    if len(names) != 1:
+        raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
+    return {names[0]: _array(inputs, names[0])}
+
+
+def _is_b64(value: Mapping[str, Any]) -> bool:
+    return len(value) == 1 and "b64" in value
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    """Nested JSON lists -> an ndarray; ``{"b64": ...}`` leaves become bytes."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(
+            f"input {name!r}: the nested lists are ragged; every list at one depth must have the same length"
+        ) from None
+    if array.dtype.kind == "O":
+        decoded = _decode_objects(value, name)
+        try:
+            array = np.array(decoded, dtype=object)
+        except ValueError:
+            raise InvalidArgument(f"input {name!r}: the nested lists are ragged") from None
+        if array.dtype.kind == "O" and any(isinstance(leaf, list) for leaf in array.flat):
+            raise InvalidArgument(f"input {name!r}: the nested lists are ragged")
+    return array
+
+
+def _decode_objects(value: Any, name: str) -> Any:
+    if isinstance(value, list):
+        return [_decode_objects(item, name) for item in value]
+    if isinstance(value, dict):
+        if not _is_b64(value) or not isinstance(value["b64"], str):
+            raise InvalidArgument(f'input {name!r}: objects are only allowed as {{"b64": "<base64>"}}')
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidArgument(f"input {name!r}: Unable to base64 decode") from None
+    if isinstance(value, str | bytes):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise InvalidArgument(f"input {name!r}: integer {value} does not fit in 64 bits")
+    raise InvalidArgument(f"input {name!r}: mixed or unsupported JSON values (e.g. {value!r}) in one tensor")
+
+
+def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
+    """An output ready for JSON: numeric arrays stay arrays; strings become str or b64 objects."""
+    if value.dtype.kind in "OUS":
+        as_b64 = name.endswith("_bytes")
+        strings = np.frompyfunc(lambda item: _string(item, as_b64), 1, 1)(value)
+        return np.asarray(strings, dtype=object).tolist()  # type: ignore[no-any-return]
+    return np.ascontiguousarray(value)
+
+
+def _string(item: Any, as_b64: bool) -> Any:
+    if isinstance(item, bytes):
+        if as_b64:
+            return {"b64": base64.b64encode(item).decode()}
+        try:
+            return item.decode()
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(item).decode()}
+    return item if isinstance(item, str) else str(item)
+
+
+def _per_row(outputs: dict[str, Any]) -> Any:
+    if len(outputs) == 1:
+        (only,) = outputs.values()
+        if isinstance(only, np.ndarray) and only.ndim == 0:
+            raise InvalidArgument(
+                "Tensor has no shape information: a row-format response needs outputs of rank >= 1"
+            )
+        return only
+    sizes = {
+        name: len(value) if not np.isscalar(value) and np.ndim(value) else None
+        for name, value in outputs.items()
+    }
+    batch = set(sizes.values())
+    if len(batch) != 1 or None in batch:
+        raise InvalidArgument(
+            f"outputs have inconsistent batch sizes {sizes}; use the columnar 'inputs' format"
+        )
+    (n,) = batch
+    assert n is not None
+    return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
+
+
+def _encode(document: dict[str, Any]) -> Response:
+    if _all_finite(document):
+        return 200, _JSON, orjson.dumps(document, option=_NUMPY)
+    # orjson writes NaN as null; TF Serving writes NaN / Infinity tokens, as the standard library does.
+    return 200, _JSON, json.dumps(document, default=lambda a: a.tolist()).encode()
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind != "f" or bool(np.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, np.floating | float):
+        return bool(np.isfinite(value))
+    return True
+
+
+async def _classify_or_regress(
+    service: InferenceService, ref: ModelRef, method: Method, doc: dict[str, Any], request_id: str
+) -> Response:
+    verb = "classify" if method is Method.CLASSIFY else "regress"
+    examples = doc.get("examples")
+    if examples is None:
+        raise InvalidArgument(f"When method is {verb}, key 'examples' is expected and was not found")
+    if not isinstance(examples, list) or not examples:
+        raise InvalidArgument("'examples' value must be a non-empty array")
+    context = doc.get("context", {})
+    if not isinstance(context, dict):
+        raise InvalidArgument("'context' must be an object of features")
+    signature = service.signature(ref, doc.get("signature_name"), method)
+    inputs = _examples(signature, examples, context)
+    response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))
+    if method is Method.REGRESS:
+        (values,) = response.outputs.values()
+        return _encode({"results": values.reshape(len(examples), -1)[:, 0]})
+    classes, scores = response.outputs["classes"], response.outputs["scores"]
+    labels = _jsonable("classes", classes)
+    results = [
+        [[str(c), s] for c, s in zip(row, srow, strict=True)]
+        for row, srow in zip(labels, scores.tolist(), strict=True)
+    ]
+    return _encode({"results": results})
+
+
+def _examples(signature: Signature, examples: list[Any], context: dict[str, Any]) -> Tensors:
+    """Examples (objects of features) -> input tensors. Features are matched to inputs by name;
+    with a one-input signature, a one-feature example gives that input whatever its name."""
+    names = signature.input_names()
+    rows = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise InvalidArgument(f"examples[{i}] must be an object of features")
+        if clash := set(example) & set(context):
+            raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
+        features = {**context, **example}
+        if set(features) == set(names):
+            rows.append(features)
+        elif len(names) == 1 and len(features) == 1:
+            rows.append({names[0]: next(iter(features.values()))})
+        else:
+            raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
+    return {name: _array([row[name] for row in rows], name) for name in names}
+
+
+def _status(statuses: list[VersionStatus]) -> dict[str, Any]:
+    return {
+        "model_version_status": [
+            {
+                "version": str(s.version),
+                "state": s.state.name,
+                "status": {"error_code": s.error_code, "error_message": s.error_message},
+            }
+            for s in statuses
+        ]
+    }
+
+
+def _metadata(meta: ModelMetadata) -> dict[str, Any]:
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        shape = (
+            {"dim": [], "unknown_rank": True}
+            if spec.shape is None
+            else {"dim": [{"size": str(d), "name": ""} for d in spec.shape], "unknown_rank": False}
+        )
+        return {"dtype": dtype_of(spec.dtype).tf, "tensor_shape": shape, "name": spec.name}
+
+    signatures = {
+        name: {
+            "inputs": {spec.name: tensor(spec) for spec in sig.inputs},
+            "outputs": {spec.name: tensor(spec) for spec in sig.outputs},
+            "method_name": sig.method.value,
+            "defaults": {},
+        }
+        for name, sig in meta.signatures.items()
+    }
+    return {
+        "model_spec": {
+            "name": meta.model_id.name,
+            "signature_name": "",
+            "version": str(meta.model_id.version),
+        },
+        "metadata": {"signature_def": {"signature_def": signatures}},
+    }

@@ -1,0 +1,181 @@
+"""Finding models and their versions on disk, and deciding which versions to serve.
+
+A version is a folder ``<base_path>/<integer>/``; other entries (hidden, temporary or
+non-numeric folders, files) are ignored. A version is *stable*, and only then offered for
+loading, when two consecutive scans saw the same content: the same files with the same sizes
+and modification times. A folder that is still being copied therefore waits for the next scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inferd.config import (
+    ModelConfig,
+    ModelSettings,
+    ServerConfig,
+    VersionPolicy,
+    read_model_config_file,
+    read_model_settings,
+)
+from inferd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSource:
+    """A stable version folder and the fingerprint of its content."""
+
+    version: int
+    path: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    """What should be served for one model, as of one scan.
+
+    ``error`` is set when the model's settings could not be read; versions not yet loaded
+    then fail with it, and loaded ones keep serving.
+    """
+
+    name: str
+    aspired: Mapping[int, VersionSource]
+    labels: Mapping[str, int] = field(default_factory=dict)
+    platform: str | None = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    error: str | None = None
+
+
+def list_versions(base_path: Path) -> dict[int, Path]:
+    """Version number -> folder, for every integer-named folder under ``base_path``.
+
+    Two names for one number (``7`` and ``007``): the first in sorted order wins, with a warning.
+    A missing or unreadable base path gives an empty result and a warning.
+    """
+    try:
+        entries = sorted(os.scandir(base_path), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list %s: %s", base_path, exc.strerror)
+        return {}
+    found: dict[int, Path] = {}
+    for entry in entries:
+        if not (entry.name.isascii() and entry.name.isdigit()) or not entry.is_dir():
+            continue
+        version = int(entry.name)
+        if version in found:
+            log.warning(
+                "%s and %s both name version %d; using the first",
+                found[version],
+                entry.path,
+                version,
+            )
+            continue
+        found[version] = Path(entry.path)
+    return found
+
+
+def fingerprint(folder: Path) -> str:
+    """A digest of the relative paths, sizes and modification times of every file in ``folder``."""
+    digest = hashlib.blake2b(digest_size=16)
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # vanished while we looked; the next scan sees the change
+            digest.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class Repository:
+    """Where models come from: a model config file, a repository folder, or one base path.
+
+    ``scan`` is blocking (it walks folders) and keeps the fingerprints of the previous scan to
+    judge stability; call it from one thread at a time.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._previous: dict[Path, str] = {}
+        self._models: list[ModelConfig] = []
+        self._config_read_at = 0.0
+        self._require_stable = config.file_system_poll_wait_seconds > 0
+
+    def model_configs(self) -> list[ModelConfig]:
+        """The configured models, re-reading the model config file when its poll period passed.
+
+        Raises:
+            ConfigError: at the first read only; later read failures are logged and the
+                previous model list is kept.
+        """
+        cfg = self._config
+        if cfg.model_config_file:
+            due = cfg.model_config_file_poll_wait_seconds > 0 and (
+                time.monotonic() - self._config_read_at >= cfg.model_config_file_poll_wait_seconds
+            )
+            if not self._config_read_at or due:
+                try:
+                    self._models = read_model_config_file(Path(cfg.model_config_file))
+                except ConfigError as exc:
+                    if not self._config_read_at:
+                        raise
+                    log.error("keeping the previous model config: %s", exc)
+                self._config_read_at = time.monotonic()
+        elif cfg.repository:
+            root = Path(cfg.repository)
+            try:
+                folders = sorted(
+                    e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith((".", "_"))
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
+            self._models = [ModelConfig(name, root / name) for name in folders]
+        else:
+            if not cfg.model_base_path:
+                raise ConfigError(
+                    "no models: give --model_base_path, --model_config_file or a repository folder"
+                )
+            self._models = [ModelConfig(cfg.model_name, Path(cfg.model_base_path))]
+        return self._models
+
+    def scan(self) -> list[ModelPlan]:
+        """Plan every configured model from what is on disk now."""
+        plans = []
+        seen: dict[Path, str] = {}
+        for model in self.model_configs():
+            plans.append(self._plan(model, seen))
+        self._previous = seen
+        return plans
+
+    def _plan(self, model: ModelConfig, seen: dict[Path, str]) -> ModelPlan:
+        error = None
+        try:
+            settings = read_model_settings(model.base_path)
+        except ConfigError as exc:
+            log.error("model %s: %s", model.name, exc)
+            settings, error = ModelSettings(), exc.message
+        stable = {}
+        for version, path in list_versions(model.base_path).items():
+            seen[path] = fingerprint(path)
+            if not self._require_stable or self._previous.get(path) == seen[path]:
+                stable[version] = VersionSource(version, path, seen[path])
+        policy = model.version_policy or settings.version_policy or VersionPolicy()
+        aspired = {v: stable[v] for v in policy.select(stable)}
+        return ModelPlan(
+            name=model.name,
+            aspired=aspired,
+            labels=model.labels or settings.labels,
+            platform=model.platform,
+            settings=settings,
+            error=error,
+        )

@@ -1,0 +1,157 @@
+"""ONNX models through onnxruntime: the reference runtime.
+
+Options (``[onnx]`` in inferd.toml):
+    file: the ``.onnx`` file when the folder holds several.
+    intra_op_num_threads: threads inside one operator (default 1: inferd runs several requests
+        at once on its own thread pool, so one thread per call uses the cores without fighting).
+    inter_op_num_threads: threads across independent operators (default 1).
+    execution_mode: ``sequential`` (default) or ``parallel``.
+    graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all`` (default).
+    allow_spinning: let idle intra-op threads spin (default false: spinning burns a core that
+        other requests could use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferd.config import ModelSettings
+from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.runtimes import check_options, find_model_file
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
+
+_OPTIONS = {
+    "file",
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "execution_mode",
+    "graph_optimization_level",
+    "allow_spinning",
+}
+
+_ONNX_TYPES = {
+    "float": np.float32,
+    "double": np.float64,
+    "float16": np.float16,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "bool": np.bool_,
+    "string": object,
+}
+
+
+class OnnxModel:
+    """An onnxruntime session. ``InferenceSession.run`` is thread-safe."""
+
+    def __init__(self, session: Any, signature: Signature) -> None:
+        self._session = session
+        self._signatures = {DEFAULT_SIGNATURE: signature}
+        self._output_names = [spec.name for spec in signature.outputs]
+
+    @property
+    def signatures(self) -> Mapping[str, Signature]:
+        return self._signatures
+
+    def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalid
+
+        try:
+            results = self._session.run(self._output_names, inputs)
+        except (OrtInvalid, Fail) as exc:
+            raise InvalidArgument(f"onnxruntime rejected the input: {exc}") from exc
+        return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def load(self, version_dir: Path, settings: ModelSettings) -> OnnxModel:
+        import onnxruntime as ort
+
+        options = settings.runtime_options
+        check_options(self.name, options, _OPTIONS)
+        path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
+        session_options = _session_options(ort, options)
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
+        signature = Signature(
+            DEFAULT_SIGNATURE,
+            tuple(_spec(arg, "input") for arg in session.get_inputs()),
+            tuple(_spec(arg, "output") for arg in session.get_outputs()),
+        )
+        return OnnxModel(session, signature)
+
+
+def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    modes = {
+        "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+        "parallel": ort.ExecutionMode.ORT_PARALLEL,
+    }
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = _int_option(options, "intra_op_num_threads", 1)
+    so.inter_op_num_threads = _int_option(options, "inter_op_num_threads", 1)
+    so.execution_mode = _choice(options, "execution_mode", modes, "sequential")
+    so.graph_optimization_level = _choice(options, "graph_optimization_level", levels, "all")
+    spinning = options.get("allow_spinning", False)
+    if not isinstance(spinning, bool):
+        raise ModelLoadError(f"[onnx] allow_spinning must be true or false, got {spinning!r}")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(
+            f"[onnx] {key} must be an integer >= 0 (0 = onnxruntime's choice), got {value!r}"
+        )
+    return value
+
+
+def _choice(options: Mapping[str, Any], key: str, choices: Mapping[str, Any], default: str) -> Any:
+    value = options.get(key, default)
+    if value not in choices:
+        raise ModelLoadError(f"[onnx] {key} must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
+
+
+def _spec(arg: Any, kind: str) -> TensorSpec:
+    type_name: str = arg.type
+    if not type_name.startswith("tensor("):
+        raise ModelLoadError(
+            f"{kind} {arg.name!r} has type {type_name}; only tensors can be served "
+            "(for skl2onnx classifiers, convert with options={'zipmap': False})"
+        )
+    element = type_name[len("tensor(") : -1]
+    if element not in _ONNX_TYPES:
+        raise ModelLoadError(f"{kind} {arg.name!r} has element type {element}, which inferd cannot serve")
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
+    return TensorSpec(arg.name, np.dtype(_ONNX_TYPES[element]), shape)
+
+
+RUNTIME = OnnxRuntime()

@@ -1,0 +1,144 @@
+"""Custom Python models: a ``model.py`` in the version folder.
+
+The contract is a class (``Model`` unless ``[python] class`` names another) with::
+
+    class Model:
+        signature = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+                     "outputs": [{"name": "y", "dtype": "float32", "shape": [-1]}]}
+        def load(self) -> None: ...          # read weights; Path(__file__).parent is the folder
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+``signature`` may instead be the ``[signature]`` table of inferd.toml. Calls are serialised
+unless the class sets ``thread_safe = True``. ``close()``, when defined, runs at unload.
+``model.py`` runs with the server's rights: serve it only from a repository you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inferd.config import ModelSettings
+from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.runtimes import check_options
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec, dtype_of
+
+
+class PythonModel:
+    """A user's model object behind the ``Model`` protocol."""
+
+    def __init__(self, user: Any, signature: Signature, module_name: str) -> None:
+        self._user = user
+        self._signatures = {DEFAULT_SIGNATURE: signature}
+        self._module_name = module_name
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if getattr(user, "thread_safe", False) else threading.Lock()
+        )
+
+    @property
+    def signatures(self) -> Mapping[str, Signature]:
+        return self._signatures
+
+    def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
+        with self._lock:
+            try:
+                result = self._user.predict(inputs)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidArgument(f"model.py rejected the input: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, Mapping):
+            raise TypeError(f"model.py predict() returned {type(result).__name__}, expected a dict of arrays")
+        return {name: np.asarray(value) for name, value in result.items()}
+
+    def close(self) -> None:
+        close = getattr(self._user, "close", None)
+        if callable(close):
+            close()
+        sys.modules.pop(self._module_name, None)
+
+
+class PythonRuntime:
+    name = "python"
+
+    def load(self, version_dir: Path, settings: ModelSettings) -> PythonModel:
+        options = settings.runtime_options
+        check_options(self.name, options, {"class"})
+        path = version_dir / "model.py"
+        if not path.is_file():
+            raise ModelLoadError(f"no model.py in {version_dir}")
+        class_name = options.get("class", "Model")
+        module_name = f"inferd_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+            cls = getattr(module, class_name, None)
+            if not isinstance(cls, type):
+                raise ModelLoadError(f"{path} defines no class {class_name!r}")
+            user = cls()
+            for method in ("load", "predict"):
+                if not callable(getattr(user, method, None)):
+                    raise ModelLoadError(f"class {class_name!r} in {path} has no {method}() method")
+            declared = settings.signature or getattr(user, "signature", None)
+            if not declared:
+                raise ModelLoadError(
+                    f"{path}: declare the signature as a 'signature' class attribute or as "
+                    "[signature] in inferd.toml"
+                )
+            signature = parse_signature(declared, f"{path} signature")
+            user.load()
+        except ModelLoadError:
+            sys.modules.pop(module_name, None)
+            raise
+        except Exception as exc:  # anything the user's code raises
+            sys.modules.pop(module_name, None)
+            raise ModelLoadError(f"{path} failed to load: {type(exc).__name__}: {exc}") from exc
+        return PythonModel(user, signature, module_name)
+
+
+def parse_signature(declared: Any, where: str) -> Signature:
+    """Build a Signature from ``{"inputs": [...], "outputs": [...]}`` declarations.
+
+    Raises:
+        ModelLoadError: a field is missing or has the wrong type, naming it.
+    """
+    if not isinstance(declared, Mapping):
+        raise ModelLoadError(f"{where} must be a table with 'inputs' and 'outputs'")
+    specs = {}
+    for part in ("inputs", "outputs"):
+        entries = declared.get(part)
+        if not isinstance(entries, list) or not entries:
+            raise ModelLoadError(f"{where}: '{part}' must be a non-empty list of tensors")
+        specs[part] = tuple(_tensor_spec(entry, f"{where} {part}[{i}]") for i, entry in enumerate(entries))
+    return Signature(DEFAULT_SIGNATURE, specs["inputs"], specs["outputs"])
+
+
+def _tensor_spec(entry: Any, where: str) -> TensorSpec:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+        raise ModelLoadError(f"{where} needs a string 'name'")
+    try:
+        dtype = dtype_of(str(entry.get("dtype", ""))).numpy
+    except KeyError:
+        raise ModelLoadError(
+            f"{where}: unknown dtype {entry.get('dtype')!r}, e.g. float32, int64, string"
+        ) from None
+    shape = entry.get("shape")
+    if shape is not None and not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
+    ):
+        raise ModelLoadError(f"{where}: shape must be a list of integers (-1 for a free dimension)")
+    return TensorSpec(entry["name"], dtype, None if shape is None else tuple(shape))
+
+
+RUNTIME = PythonRuntime()

@@ -1,0 +1,176 @@
+"""The composition root: builds the object graph, runs the HTTP server and the repository poller.
+
+At start the server scans the repository, loads the initial versions, and only then opens its
+port (as TF Serving does), so a client that can connect finds the models loaded. SIGINT and
+SIGTERM stop it: the port closes, in-flight requests finish, every model is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from inferd.config import ServerConfig
+from inferd.errors import DeadlineExceeded, Internal, ResourceExhausted
+from inferd.manager import ModelManager
+from inferd.protocols import tfserving_rest
+from inferd.repository import Repository
+from inferd.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class HttpApp:
+    """A bare ASGI application: reads the body under a size limit, applies the deadline and
+    routes ``/v1/`` to the TF Serving adapter. No framework, no access log, no per-request
+    objects beyond what the adapter needs."""
+
+    def __init__(self, service: InferenceService, config: ServerConfig) -> None:
+        self._service = service
+        self._max_body = config.max_request_bytes
+        self._timeout_s = config.rest_api_timeout_in_ms / 1000
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request_id = f"r{next(self._ids)}"
+        method, path = scope["method"], scope["path"]
+        try:
+            body = await self._read_body(scope, receive)
+            if not path.lower().startswith("/v1/"):
+                status, headers, payload = (
+                    404,
+                    {"content-type": "application/json"},
+                    (b'{"error": "Not found: the REST API lives under /v1/models/"}'),
+                )
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    status, headers, payload = await tfserving_rest.handle(
+                        self._service, method, path, body, request_id
+                    )
+        except ResourceExhausted as error:
+            status, headers, payload = tfserving_rest.error_response(error)
+        except TimeoutError:
+            late = DeadlineExceeded(f"the request took longer than {self._timeout_s * 1000:.0f} ms")
+            status, headers, payload = tfserving_rest.error_response(late)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, method, path)
+            failed = Internal(f"internal error; request id {request_id}")
+            status, headers, payload = tfserving_rest.error_response(failed)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self._max_body:
+                raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the request body is larger than the limit of {self._max_body} bytes (--max_request_bytes)"
+        )
+
+
+class Server:
+    """Owns the executors, the manager, the service and the poll loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
+        self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
+        self.repository = Repository(config)
+        self.manager = ModelManager(self._load_pool)
+        self.service = InferenceService(self.manager, self._infer_pool)
+
+    async def sync(self) -> None:
+        """Scan the repository (in a thread) and reconcile the manager to it."""
+        plans = await asyncio.to_thread(self.repository.scan)
+        await self.manager.apply(plans)
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+            except Exception:  # a scan that fails (disk, permissions) is retried next time
+                log.exception("repository scan failed; retrying in %.1f s", interval_s)
+
+    def _poll_interval_s(self) -> float:
+        periods = [
+            self.config.file_system_poll_wait_seconds,
+            self.config.model_config_file_poll_wait_seconds,
+        ]
+        positive = [p for p in periods if p > 0]
+        return min(positive) if positive else 0.0
+
+    async def run(self) -> None:
+        """Load the initial models, serve until a signal arrives, then unload everything."""
+        import uvicorn
+
+        interval_s = self._poll_interval_s()
+        await self.sync()
+        if self.config.file_system_poll_wait_seconds > 0:
+            # Versions are loaded once two scans agree on their content (see repository.py).
+            await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+            await self.sync()
+        poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
+        http = uvicorn.Server(
+            uvicorn.Config(
+                HttpApp(self.service, self.config),
+                host=self.config.host,
+                port=self.config.rest_api_port,
+                access_log=False,
+                lifespan="off",
+                log_level="warning",
+                http="httptools",
+                loop="none",
+            )
+        )
+        log.info(
+            "serving %s on http://%s:%d",
+            ", ".join(self.manager.names()),
+            self.config.host,
+            self.config.rest_api_port,
+        )
+        try:
+            await http.serve()
+        finally:
+            if poller:
+                poller.cancel()
+            await self.manager.close()
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(config: ServerConfig) -> None:
+    """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(Server(config).run())
+    else:
+        uvloop.run(Server(config).run())

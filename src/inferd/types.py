@@ -1,0 +1,176 @@
+"""Protocol-neutral values shared by every layer: model ids, tensor specs, requests, responses.
+
+Tensors are numpy arrays. Strings (TF's DT_STRING, V2's BYTES) are object arrays holding
+``bytes`` or ``str``. The dtype table below is the one place that names a dtype in each dialect.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Tensors = dict[str, np.ndarray]
+"""Named tensors, batched along axis 0."""
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """One tensor element type, as numpy, TensorFlow and the Open Inference Protocol name it."""
+
+    numpy: np.dtype[Any]
+    tf: str
+    v2: str
+
+
+_DTYPES = (
+    DType(np.dtype(np.float32), "DT_FLOAT", "FP32"),
+    DType(np.dtype(np.float64), "DT_DOUBLE", "FP64"),
+    DType(np.dtype(np.float16), "DT_HALF", "FP16"),
+    DType(np.dtype(np.int8), "DT_INT8", "INT8"),
+    DType(np.dtype(np.int16), "DT_INT16", "INT16"),
+    DType(np.dtype(np.int32), "DT_INT32", "INT32"),
+    DType(np.dtype(np.int64), "DT_INT64", "INT64"),
+    DType(np.dtype(np.uint8), "DT_UINT8", "UINT8"),
+    DType(np.dtype(np.uint16), "DT_UINT16", "UINT16"),
+    DType(np.dtype(np.uint32), "DT_UINT32", "UINT32"),
+    DType(np.dtype(np.uint64), "DT_UINT64", "UINT64"),
+    DType(np.dtype(np.bool_), "DT_BOOL", "BOOL"),
+    DType(np.dtype(object), "DT_STRING", "BYTES"),
+)
+_BY_NUMPY = {d.numpy: d for d in _DTYPES}
+_BY_NAME = {name: d for d in _DTYPES for name in (d.tf, d.v2, str(d.numpy))} | {
+    "string": _BY_NUMPY[np.dtype(object)],
+    "bytes": _BY_NUMPY[np.dtype(object)],
+}
+
+
+def dtype_of(value: np.dtype[Any] | str) -> DType:
+    """Look a dtype up by numpy dtype or by any of its names (``float32``, ``DT_FLOAT``, ``FP32``).
+
+    Raises:
+        KeyError: the dtype has no entry in the table (e.g. complex numbers).
+    """
+    if isinstance(value, str):
+        return _BY_NAME[value]
+    if value.kind in "US":
+        return _BY_NUMPY[np.dtype(object)]
+    return _BY_NUMPY[np.dtype(value)]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelId:
+    """One version of one model."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """What a request asks for: a model and, at most one of, a version or a label.
+
+    With neither, the highest AVAILABLE version answers.
+    """
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared tensor: name, element type and shape, with -1 for a free dimension.
+
+    ``shape`` None means the rank itself is unknown.
+    """
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...] | None
+
+    def describe(self) -> str:
+        """``FP32 [-1, 64]``: the form error messages use."""
+        shape = "[?]" if self.shape is None else f"[{', '.join(map(str, self.shape))}]"
+        return f"{dtype_of(self.dtype).v2} {shape}"
+
+
+class Method(enum.StrEnum):
+    """What a signature computes, in TF Serving's terms."""
+
+    PREDICT = "tensorflow/serving/predict"
+    CLASSIFY = "tensorflow/serving/classify"
+    REGRESS = "tensorflow/serving/regress"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A named function of a model: its inputs, outputs and method.
+
+    A CLASSIFY signature has outputs ``classes`` and ``scores``; a REGRESS one has ``outputs``.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    method: Method = Method.PREDICT
+
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """Input tensors for one call of one signature, decoded from any protocol."""
+
+    inputs: Tensors
+    signature_name: str = DEFAULT_SIGNATURE
+    id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResponse:
+    """Output tensors and the version that computed them."""
+
+    model_id: ModelId
+    outputs: Tensors
+    id: str | None = None
+
+
+class VersionState(enum.IntEnum):
+    """Lifecycle of a version, numbered as TF Serving numbers it."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """Where one version stands; ``error_code`` is an ErrorCode name, ``OK`` when none."""
+
+    version: int
+    state: VersionState
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What a client may learn of a served version: its id, signatures and the runtime."""
+
+    model_id: ModelId
+    signatures: Mapping[str, Signature]
+    platform: str
