@@ -105,13 +105,13 @@ def _parse_json(body: bytes) -> dict[str, Any]:
 async def _predict(
     service: InferenceService, ref: ModelRef, doc: dict[str, Any], request_id: str
 ) -> Response:
+    signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
             "expecting only one of 'inputs' or 'instances' keys to exist"
             if "inputs" in doc
             else "Missing 'inputs' or 'instances' key"
         )
-    signature = service.signature(ref, doc.get("signature_name"))
     row_format = "instances" in doc
     inputs = _rows(signature, doc["instances"]) if row_format else _columns(signature, doc["inputs"])
     response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))

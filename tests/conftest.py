@@ -1,0 +1,100 @@
+"""Shared fixtures: free ports, temporary model repositories, and a real ``inferd serve`` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m inferd serve`` and the base URL of its REST API."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self, model: str) -> dict[str, str]:
+        """Version -> state, for every version the server reports (empty if unknown)."""
+        response = requests.get(f"{self.url}/v1/models/{model}", timeout=5)
+        if response.status_code == 404:
+            return {}
+        response.raise_for_status()
+        return {s["version"]: s["state"] for s in response.json()["model_version_status"]}
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        """Poll ``predicate`` until it holds; fail with ``what`` and the server log if it never does."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode} waiting for {what}:\n{self.log()}")
+            if predicate():
+                return
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _reachable(url: str) -> bool:
+    try:
+        requests.get(f"{url}/v1/models/_", timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``inferd serve`` with the given arguments on a free port; wait until it answers.
+
+    ``--file_system_poll_wait_seconds`` defaults to 0.2 here so that tests of hot reload run fast.
+    """
+    started: list[ServerProcess] = []
+
+    def start(*args: str, wait: bool = True) -> ServerProcess:
+        port = free_port()
+        log_path = tmp_path / f"server-{port}.log"
+        argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
+        if not any(a.startswith("--file_system_poll_wait_seconds") for a in args):
+            argv.append("--file_system_poll_wait_seconds=0.2")
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [*argv, *args], stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+        server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+        started.append(server)
+        if wait:
+            server.wait_for(lambda: _reachable(server.url), "the REST port to open", timeout_s=60)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
