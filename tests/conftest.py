@@ -87,7 +87,10 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             argv.append("--file_system_poll_wait_seconds=0.2")
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [*argv, *args], stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+                [*argv, *args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
         started.append(server)

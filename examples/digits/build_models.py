@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import skops.io as sio
 from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -25,7 +26,9 @@ from sklearn.preprocessing import StandardScaler
 
 def build(repository: Path) -> None:
     x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x.astype(np.float32), y, test_size=0.25, random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y, test_size=0.25, random_state=0
+    )
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
     print(f"held-out accuracy: {model.score(x_test, y_test):.3f}")
 
@@ -35,17 +38,13 @@ def build(repository: Path) -> None:
 
     # One output, the class probabilities, like the TF Serving tutorial's Keras model, so that
     # np.argmax(predictions[i]) gives the digit.
-    graph = to_onnx(model, x_train[:1], options={"zipmap": False}, target_opset=17)
-    label, proba = graph.graph.output
-    graph.graph.input[0].name = "input"
-    for node in graph.graph.node:
-        node.input[:] = ["input" if name == "X" else name for name in node.input]
-    del graph.graph.output[:]
-    graph.graph.output.append(proba)
-    onnx_model = onnx.utils.Extractor(graph).extract_model(["input"], [proba.name])
-    onnx_model.graph.output[0].name = "probabilities"
-    for node in onnx_model.graph.node:
-        node.output[:] = ["probabilities" if name == proba.name else name for name in node.output]
+    graph = to_onnx(
+        model,
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={"zipmap": False},
+        target_opset=17,
+    )
+    onnx_model = onnx.utils.Extractor(graph).extract_model(["input"], ["probabilities"])
     onnx_dir = repository / "digits_onnx" / "1"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     onnx.checker.check_model(onnx_model)

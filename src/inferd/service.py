@@ -136,9 +136,13 @@ def conform_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> Te
 
 
 def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
-    """Cast ``value`` to ``spec``'s dtype if its kind allows, then check its shape."""
+    """Check ``value``'s shape and dtype kind against ``spec``, then cast it to ``spec``'s dtype."""
     target = spec.dtype
-    if value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
+    shape_fits = spec.shape is None or (
+        value.ndim == len(spec.shape)
+        and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
+    )
+    if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
         if target.kind in "iu" and value.size:
@@ -151,11 +155,6 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
         value = value.astype(target)
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")
-    if spec.shape is not None and (
-        value.ndim != len(spec.shape)
-        or any(d not in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
-    ):
-        raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     return value
 
 

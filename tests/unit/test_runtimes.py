@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inferd.config import ModelSettings
+from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.runtimes import detect_runtime, get_runtime, load_model
+from tests.models import write_onnx_affine, write_python_model, write_sklearn_digits
+
+
+def test_detection_by_files(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "onnx", 2.0)
+    write_sklearn_digits(tmp_path / "sk")
+    write_python_model(
+        tmp_path / "py", "def load(self):\n    pass\n\ndef predict(self, inputs):\n    return inputs\n"
+    )
+    assert detect_runtime(tmp_path / "onnx") == "onnx"
+    assert detect_runtime(tmp_path / "sk") == "sklearn"
+    assert detect_runtime(tmp_path / "py") == "python"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no model file"):
+        detect_runtime(tmp_path / "empty")
+
+
+def test_platform_aliases_and_unknown_runtime() -> None:
+    assert get_runtime("scikit-learn").name == "sklearn"
+    assert get_runtime("ONNXRUNTIME").name == "onnx"
+    with pytest.raises(ModelLoadError, match="unknown runtime 'tensorflow-nope'"):
+        get_runtime("tensorflow-nope")
+
+
+def test_onnx_signature_and_prediction(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path, 3.0, 1.0)
+    model, runtime = load_model(tmp_path, ModelSettings(), None)
+    signature = model.signatures["serving_default"]
+    assert runtime == "onnx"
+    assert [(s.name, s.dtype, s.shape) for s in signature.inputs] == [("x", np.dtype(np.float32), (-1, 4))]
+    out = model.predict("serving_default", {"x": np.ones((2, 4), np.float32)})
+    assert out["y"].tolist() == [[4.0] * 4] * 2
+
+
+def test_onnx_options_are_checked(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path, 1.0)
+    with pytest.raises(ModelLoadError, match="unknown \\[onnx\\] option"):
+        load_model(tmp_path, ModelSettings(runtime_options={"threads": 2}), "onnx")
+    with pytest.raises(ModelLoadError, match="intra_op_num_threads must be an integer"):
+        load_model(tmp_path, ModelSettings(runtime_options={"intra_op_num_threads": "2"}), "onnx")
+
+
+def test_corrupt_onnx_file_is_a_load_error(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match=r"onnxruntime could not load model\.onnx"):
+        load_model(tmp_path, ModelSettings(), None)
+
+
+def test_sklearn_classifier_signatures_and_outputs(tmp_path: Path) -> None:
+    estimator = write_sklearn_digits(tmp_path)
+    model, _ = load_model(tmp_path, ModelSettings(), None)
+    assert sorted(model.signatures) == ["classify", "predict_proba", "serving_default"]
+    x = np.random.default_rng(0).random((3, 64))
+    assert (
+        model.predict("serving_default", {"inputs": x})["predictions"].tolist()
+        == estimator.predict(x).tolist()
+    )  # type: ignore[attr-defined]
+    scores = model.predict("classify", {"inputs": x})["scores"]
+    np.testing.assert_array_equal(scores, estimator.predict_proba(x))  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument, match="scikit-learn rejected the input"):
+        model.predict("serving_default", {"inputs": np.full((1, 64), np.nan)})
+
+
+def test_python_model_without_signature_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(
+        "class Model:\n    def load(self): pass\n    def predict(self, inputs): return inputs\n"
+    )
+    with pytest.raises(ModelLoadError, match="declare the signature"):
+        load_model(tmp_path, ModelSettings(), None)
+
+
+def test_python_model_signature_from_settings(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(
+        "class Model:\n"
+        "    def load(self): pass\n"
+        "    def predict(self, inputs): return {'y': inputs['x'] + 1}\n"
+    )
+    declared = {
+        "inputs": [{"name": "x", "dtype": "int64", "shape": [-1]}],
+        "outputs": [{"name": "y", "dtype": "int64", "shape": [-1]}],
+    }
+    model, _ = load_model(tmp_path, ModelSettings(signature=declared), None)
+    assert model.predict("serving_default", {"x": np.array([1, 2])})["y"].tolist() == [2, 3]
+    model.close()
