@@ -77,9 +77,10 @@ async def handle(service: InferenceService, method: str, path: str, body: bytes,
 def _ref(name: str, version: str | None, label: str | None) -> ModelRef:
     if version is None:
         return ModelRef(name, label=label)
-    if len(version) > 18:
+    number = int(version)
+    if number >= 2**63:
         raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
-    return ModelRef(name, version=int(version))
+    return ModelRef(name, version=number)
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -96,8 +97,7 @@ def _parse_json(body: bytes) -> dict[str, Any]:
         raise InvalidArgument(
             f"JSON Value: the request body must be an object, got {type(document).__name__}"
         )
-    signature = document.get("signature_name")
-    if signature is not None and not isinstance(signature, str):
+    if "signature_name" in document and not isinstance(document["signature_name"], str):
         raise InvalidArgument("'signature_name' key must be a string value.")
     return document
 
@@ -180,6 +180,10 @@ def _array(value: Any, name: str) -> np.ndarray:
             raise InvalidArgument(f"input {name!r}: the nested lists are ragged") from None
         if array.dtype.kind == "O" and any(isinstance(leaf, list) for leaf in array.flat):
             raise InvalidArgument(f"input {name!r}: the nested lists are ragged")
+        if not all(isinstance(leaf, str | bytes) for leaf in array.flat):
+            raise InvalidArgument(
+                f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
+            )
     return array
 
 
@@ -193,11 +197,11 @@ def _decode_objects(value: Any, name: str) -> Any:
             return base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidArgument(f"input {name!r}: Unable to base64 decode") from None
-    if isinstance(value, str | bytes):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if value is None:
+        raise InvalidArgument(f"input {name!r}: null is not a tensor value")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         raise InvalidArgument(f"input {name!r}: integer {value} does not fit in 64 bits")
-    raise InvalidArgument(f"input {name!r}: mixed or unsupported JSON values (e.g. {value!r}) in one tensor")
+    return value  # a string, number or boolean; _array refuses a mix of them
 
 
 def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
@@ -206,7 +210,9 @@ def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
         as_b64 = name.endswith("_bytes")
         strings = np.frompyfunc(lambda item: _string(item, as_b64), 1, 1)(value)
         return np.asarray(strings, dtype=object).tolist()  # type: ignore[no-any-return]
-    return np.ascontiguousarray(value)
+    # The canonical native dtype (a view, no copy, where only the type differs): onnxruntime
+    # returns int64 as numpy.longlong, whose scalars (rows of a 1-D output) orjson cannot write.
+    return np.ascontiguousarray(value, dtype=np.dtype(value.dtype.str).newbyteorder("="))
 
 
 def _string(item: Any, as_b64: bool) -> Any:
@@ -277,8 +283,13 @@ async def _classify_or_regress(
     inputs = _examples(signature, examples, context)
     response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))
     if method is Method.REGRESS:
-        (values,) = response.outputs.values()
-        return _encode({"results": values.reshape(len(examples), -1)[:, 0]})
+        ((name, values),) = response.outputs.items()
+        if values.shape not in ((len(examples),), (len(examples), 1)):
+            raise InvalidArgument(
+                "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+                f"{list(values.shape)}; use :predict for a model with several outputs per example"
+            )
+        return _encode({"results": _jsonable(name, values.reshape(len(examples)))})
     classes, scores = response.outputs["classes"], response.outputs["scores"]
     labels = _jsonable("classes", classes)
     results = [
