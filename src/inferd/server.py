@@ -8,8 +8,11 @@ SIGTERM stop it: the port closes, in-flight requests finish, every model is unlo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import signal
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -131,6 +134,7 @@ class Server:
         """Load the initial models, serve until a signal arrives, then unload everything."""
         import uvicorn
 
+        http_server = _http_server_class()
         interval_s = self._poll_interval_s()
         await self.sync()
         if self.config.file_system_poll_wait_seconds > 0:
@@ -138,7 +142,7 @@ class Server:
             await asyncio.sleep(self.config.file_system_poll_wait_seconds)
             await self.sync()
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
-        http = uvicorn.Server(
+        http = http_server(
             uvicorn.Config(
                 HttpApp(self.service, self.config),
                 host=self.config.host,
@@ -156,6 +160,9 @@ class Server:
             self.config.host,
             self.config.rest_api_port,
         )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, http.request_exit)
         try:
             await http.serve()
         finally:
@@ -164,6 +171,23 @@ class Server:
             await self.manager.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _http_server_class() -> type:
+    import uvicorn
+
+    class HttpServer(uvicorn.Server):
+        """uvicorn, minus its own signal handling: it re-raises SIGTERM after shutting down, which
+        would end the process with status -15; the server installs its own handlers instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        def request_exit(self) -> None:
+            self.should_exit = True
+
+    return HttpServer
 
 
 def run(config: ServerConfig) -> None:
