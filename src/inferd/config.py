@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
+from inferd._proto import batching_parameters_pb2 as bp
 from inferd._proto import model_server_config_pb2 as pb
 from inferd.errors import ConfigError
 
@@ -48,6 +49,110 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchingParameters:
+    """How concurrent requests for one model version are merged into one ``predict`` call.
+
+    Field names and meanings are TF Serving's ``BatchingParameters``; ``target_p99_ms`` switches
+    to latency-aware (adaptive) batching, where batch size and wait follow the measured batch
+    latency and ``batch_timeout_micros`` and ``max_batch_size`` are only upper bounds.
+    """
+
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 1000
+    max_enqueued_batches: int = 16
+    num_batch_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+    target_p99_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"batching: {name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_timeout_micros < 0:
+            raise ConfigError(f"batching: batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+        sizes = self.allowed_batch_sizes
+        if sizes and (list(sizes) != sorted(set(sizes)) or sizes[0] < 1):
+            raise ConfigError(f"batching: allowed_batch_sizes must be increasing and >= 1, got {list(sizes)}")
+        if sizes and sizes[-1] != self.max_batch_size:
+            raise ConfigError("batching: Last entry in allowed_batch_sizes must match max_batch_size")
+        if self.target_p99_ms is not None and self.target_p99_ms <= 0:
+            raise ConfigError(f"batching: target_p99_ms must be > 0, got {self.target_p99_ms}")
+
+
+_BATCHING_KEYS = {f for f in BatchingParameters.__dataclass_fields__}
+
+
+def batching_from_toml(table: Mapping[str, Any], where: str) -> BatchingParameters:
+    """``[batching]`` of inferd.toml -> BatchingParameters.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type, naming it.
+    """
+    unknown = sorted(set(table) - _BATCHING_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(_BATCHING_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "pad_variable_length_inputs":
+            ok = isinstance(value, bool)
+        elif key == "allowed_batch_sizes":
+            ok = isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            )
+            value = tuple(value) if ok else value
+        elif key == "target_p99_ms":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{where}: {key} has the wrong type: {value!r}")
+        values[key] = value
+    return BatchingParameters(**values)
+
+
+def read_batching_parameters_file(path: Path) -> BatchingParameters:
+    """Parse TF Serving's text-format ``BatchingParameters`` file (``max_batch_size { value: 128 }``).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is out of range.
+    """
+    message = bp.BatchingParameters()
+    try:
+        text_format.Parse(path.read_text(), message)
+    except OSError as exc:
+        raise ConfigError(f"cannot read batching parameters file {path}: {exc.strerror}") from exc
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    values: dict[str, Any] = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+        if message.HasField(name):
+            values[name] = getattr(message, name).value
+    values["allowed_batch_sizes"] = tuple(message.allowed_batch_sizes)
+    values["pad_variable_length_inputs"] = message.pad_variable_length_inputs
+    return BatchingParameters(**values)
+
+
+def read_monitoring_config_file(path: Path) -> str | None:
+    """Parse TF Serving's ``MonitoringConfig``; the Prometheus path when enabled, else None.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
+    message = bp.MonitoringConfig()
+    try:
+        text_format.Parse(path.read_text(), message)
+    except OSError as exc:
+        raise ConfigError(f"cannot read monitoring config file {path}: {exc.strerror}") from exc
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    config = message.prometheus_config
+    if not config.enable:
+        return None
+    return config.path or "/monitoring/prometheus/metrics"
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
 
@@ -59,6 +164,7 @@ class ModelSettings:
         labels: used when the model config file gives none.
         signature: declared signature (``[signature]`` table), for models that cannot tell.
         warmup: call each signature once with zeros before serving a version (default true).
+        batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
     """
 
     runtime: str | None = None
@@ -67,6 +173,7 @@ class ModelSettings:
     labels: Mapping[str, int] = field(default_factory=dict)
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
+    batching: BatchingParameters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +213,15 @@ class ServerConfig:
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
     load_threads: int = 2
+    enable_batching: bool = False
+    batching_parameters_file: str = ""
+    monitoring_config_file: str = ""
+    enable_metrics: bool = True
+    max_in_flight: int = 256
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python")
-_KNOWN_KEYS = {"runtime", "version_policy", "labels", "signature", "warmup", *_RUNTIME_TABLES}
+_KNOWN_KEYS = {"runtime", "version_policy", "labels", "signature", "warmup", "batching", *_RUNTIME_TABLES}
 
 
 def read_model_settings(base_path: Path) -> ModelSettings:
@@ -143,6 +255,11 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),
         warmup=warmup,
+        batching=(
+            batching_from_toml(_table(raw["batching"], f"{path}: [batching]"), f"{path}: [batching]")
+            if "batching" in raw
+            else None
+        ),
     )
 
 

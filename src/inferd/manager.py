@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InferdError, ModelLoadError, NotFound
+from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Model, load_model
 from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
@@ -33,12 +35,13 @@ log = logging.getLogger(__name__)
 Loader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class ServedVersion:
-    """One version's state. ``model`` is set while LOADING finished and until it is closed."""
+    """One version's state. ``model`` is set once loading finished and until it is closed."""
 
     id: ModelId
     source: VersionSource
+    settings: ModelSettings
     state: VersionState = VersionState.START
     model: Model | None = None
     runtime: str = ""
@@ -85,9 +88,12 @@ class Lease:
 class ModelManager:
     """Owns every served model version; see the module docstring for the lifecycle."""
 
-    def __init__(self, executor: Executor, loader: Loader = load_model) -> None:
+    def __init__(
+        self, executor: Executor, loader: Loader = load_model, metrics: Metrics | None = None
+    ) -> None:
         self._executor = executor
         self._loader = loader
+        self._metrics = metrics
         self._models: dict[str, _Entry] = {}
         self._closing: set[asyncio.Future[Any]] = set()
 
@@ -130,10 +136,13 @@ class ModelManager:
         return False
 
     async def _load(self, entry: _Entry, plan: ModelPlan, source: VersionSource) -> None:
-        version = ServedVersion(ModelId(plan.name, source.version), source, VersionState.LOADING)
+        version = ServedVersion(
+            ModelId(plan.name, source.version), source, plan.settings, VersionState.LOADING
+        )
         entry.versions[source.version] = version
         log.info("loading %s from %s", version.id, source.path)
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
             if plan.error:
                 raise ModelLoadError(plan.error)
@@ -149,6 +158,9 @@ class ModelManager:
             version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
             entry.refresh_latest()
             log.info("%s is AVAILABLE (%s runtime)", version.id, runtime)
+        if self._metrics:
+            ok = version.state is VersionState.AVAILABLE
+            self._metrics.model_loaded(plan.name, time.monotonic() - started, ok)
 
     @staticmethod
     def _fail(version: ServedVersion, code: str, message: str) -> None:

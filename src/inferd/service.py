@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from inferd.errors import InferdError, Internal, InvalidArgument
+from inferd.batching import Batcher
+from inferd.config import BatchingParameters
+from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, Unavailable
 from inferd.manager import ModelManager, ServedVersion
+from inferd.metrics import Histogram, Metrics
+from inferd.runtimes import Model
 from inferd.types import (
     DEFAULT_SIGNATURE,
     InferenceRequest,
@@ -36,12 +43,47 @@ _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
 """Signature dtype kind -> kinds of decoded values it accepts (ints are accepted as floats)."""
 
 
-class InferenceService:
-    """Validate, predict, measure. Call from the event loop's thread."""
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """Per served version: its batchers (one per signature) and its unbatched calls in flight."""
 
-    def __init__(self, manager: ModelManager, executor: Executor) -> None:
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    in_flight: int = 0
+
+
+class InferenceService:
+    """Validate, predict, measure. Call from the event loop's thread.
+
+    Args:
+        batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
+        max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
+            requests are refused with UNAVAILABLE.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        executor: Executor,
+        batching: BatchingParameters | None = None,
+        max_in_flight: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._manager = manager
         self._executor = executor
+        self._batching = batching
+        self._max_in_flight = max_in_flight
+        self._metrics = metrics
+        self._lanes: weakref.WeakKeyDictionary[ServedVersion, _Lane] = weakref.WeakKeyDictionary()
+        if metrics:
+            metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
+            metrics.gauge(
+                "inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets
+            )
+            metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
+
+    def knows(self, name: str) -> bool:
+        """True when ``name`` is a configured model (for bounded metric labels)."""
+        return name in self._manager.names()
 
     def signature(self, ref: ModelRef, name: str | None, method: Method = Method.PREDICT) -> Signature:
         """The signature a request names, or the default one for ``method``.
@@ -57,27 +99,83 @@ class InferenceService:
             return _find_signature(version, name, method)
 
     async def infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
-        """Run one request on the version ``ref`` resolves to.
+        """Run one request on the version ``ref`` resolves to, batched when batching is on.
 
         Raises:
-            InferdError: bad input (INVALID_ARGUMENT), unknown model (NOT_FOUND), and INTERNAL
-                when the model fails in a way the input did not cause (logged here).
+            InferdError: bad input (INVALID_ARGUMENT), unknown model (NOT_FOUND), a full queue
+                (UNAVAILABLE), a passed deadline (DEADLINE_EXCEEDED), and INTERNAL when the model
+                fails in a way the input did not cause (logged here).
         """
         with self._manager.lease(ref) as version:
             signature = _find_signature(version, request.signature_name, None)
             inputs = conform_inputs(signature, request.inputs)
-            model = version.model
-            assert model is not None
+            lane = self._lanes.get(version) or self._lanes.setdefault(version, _Lane())
+            params = version.settings.batching or self._batching
+            rows = _common_rows(inputs)
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, model.predict, signature.name, inputs
-                )
+                if params is not None and rows is not None:
+                    batcher = lane.batchers.get(signature.name) or self._new_batcher(
+                        lane, version, signature, params
+                    )
+                    outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
+                else:
+                    outputs, queue_s, predict_s = await self._call(
+                        lane, version, signature.name, inputs, request
+                    )
             except InferdError:
+                raise
+            except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("%s failed on request %s", version.id, request.id)
                 raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-            return InferenceResponse(version.id, _check_outputs(version, signature, outputs), request.id)
+            checked = _check_outputs(version, signature, outputs)
+            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s)
+
+    async def _call(
+        self, lane: _Lane, version: ServedVersion, signature: str, inputs: Tensors, request: InferenceRequest
+    ) -> tuple[Tensors, float, float]:
+        if lane.in_flight >= self._max_in_flight:
+            raise Unavailable(f"model {version.id} has {lane.in_flight} requests in flight; retry later")
+        model = version.model
+        assert model is not None
+        lane.in_flight += 1
+        enqueued = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, _timed_predict, model, signature, inputs, enqueued, request.deadline
+            )
+        finally:
+            lane.in_flight -= 1
+
+    def _new_batcher(
+        self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
+    ) -> Batcher:
+        def predict(inputs: Tensors) -> Tensors:
+            model = version.model
+            if model is None:
+                raise Unavailable(f"model {version.id} was unloaded; retry")
+            return model.predict(signature.name, inputs)
+
+        on_batch: Callable[[int, float], None] = _ignore_batch
+        if self._metrics:
+            on_batch = _batch_recorder(self._metrics.batch_size(version.id.name, str(version.id.version)))
+        batcher = lane.batchers[signature.name] = Batcher(predict, params, self._executor, on_batch)
+        return batcher
+
+    def _batchers(self) -> Iterator[tuple[tuple[str, str], Batcher]]:
+        for version, lane in list(self._lanes.items()):
+            for batcher in lane.batchers.values():
+                yield (version.id.name, str(version.id.version)), batcher
+
+    def _queued_rows(self) -> Iterator[tuple[tuple[str, str], float]]:
+        return ((labels, float(b.queued_rows)) for labels, b in self._batchers())
+
+    def _targets(self) -> Iterator[tuple[tuple[str, str], float]]:
+        return ((labels, float(b.target_batch_size)) for labels, b in self._batchers())
+
+    def _waits(self) -> Iterator[tuple[tuple[str, str], float]]:
+        return ((labels, b.wait_s) for labels, b in self._batchers())
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -92,6 +190,34 @@ class InferenceService:
     def ready(self) -> bool:
         """True when every configured model has a version serving."""
         return self._manager.ready()
+
+
+def _timed_predict(
+    model: Model, signature: str, inputs: Tensors, enqueued: float, deadline: float | None
+) -> tuple[Tensors, float, float]:
+    """Runs in a pool thread: drop the call if its deadline passed while it waited for a thread."""
+    started = time.monotonic()
+    if deadline is not None and started > deadline:
+        raise DeadlineExceeded("the request's deadline passed before a thread was free to compute it")
+    outputs = model.predict(signature, inputs)
+    return outputs, started - enqueued, time.monotonic() - started
+
+
+def _common_rows(inputs: Tensors) -> int | None:
+    """The batch size shared by every input (axis 0), or None when they differ or are scalars."""
+    sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _ignore_batch(rows: int, latency_s: float) -> None:
+    return None
+
+
+def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:
+    def record(rows: int, latency_s: float) -> None:
+        histogram.observe(rows)
+
+    return record
 
 
 def _find_signature(version: ServedVersion, name: str | None, method: Method | None) -> Signature:

@@ -135,15 +135,19 @@ class InferenceRequest:
     signature_name: str = DEFAULT_SIGNATURE
     id: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+    """``time.monotonic()`` after which the request is dropped rather than computed."""
 
 
 @dataclass(frozen=True, slots=True)
 class InferenceResponse:
-    """Output tensors and the version that computed them."""
+    """Output tensors, the version that computed them, and where the time went."""
 
     model_id: ModelId
     outputs: Tensors
     id: str | None = None
+    queue_s: float = 0.0
+    predict_s: float = 0.0
 
 
 class VersionState(enum.IntEnum):

@@ -1,0 +1,159 @@
+"""Every Prometheus metric inferd exports, declared once, and cheap to record on the hot path.
+
+Recording happens on the event loop's thread only, so a record is a list increment with no lock
+(~0.2 us, against ~1.6 us for a prometheus-client ``Histogram.observe``); the ``Metrics``
+collector turns the counts into metric families when Prometheus scrapes. Label values come from
+bounded sets: configured model names, their version numbers, protocol and status names, stages.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STAGES = ("decode", "queue", "predict", "encode", "total")
+
+
+class Histogram:
+    """Bucket counts and a sum for one label set; ``observe`` from the event loop thread only."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(cumulative)))
+        return out
+
+
+class RequestTimer:
+    """The stage histograms of one (model, version, protocol); keep it and reuse it."""
+
+    __slots__ = ("stages",)
+
+    def __init__(self) -> None:
+        self.stages = {stage: Histogram(LATENCY_BUCKETS_S) for stage in STAGES}
+
+    def observe(
+        self, decode_s: float, queue_s: float, predict_s: float, encode_s: float, total_s: float
+    ) -> None:
+        stages = self.stages
+        stages["decode"].observe(decode_s)
+        stages["queue"].observe(queue_s)
+        stages["predict"].observe(predict_s)
+        stages["encode"].observe(encode_s)
+        stages["total"].observe(total_s)
+
+
+class Metrics(Collector):
+    """The collector behind ``/metrics``. Create one per server; register it with ``registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._requests: dict[tuple[str, str, str, str], int] = {}
+        self._timers: dict[tuple[str, str, str], RequestTimer] = {}
+        self._batch_sizes: dict[tuple[str, str], Histogram] = {}
+        self._load_durations: dict[str, Histogram] = {}
+        self._load_failures: dict[str, int] = {}
+        self._gauges: dict[str, tuple[str, Callable[[], Iterator[tuple[tuple[str, str], float]]]]] = {}
+        self.in_flight = 0
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
+
+    def count_request(self, model: str, version: str, protocol: str, status: str) -> None:
+        key = (model, version, protocol, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
+
+    def timer(self, model: str, version: str, protocol: str) -> RequestTimer:
+        key = (model, version, protocol)
+        timer = self._timers.get(key)
+        if timer is None:
+            timer = self._timers[key] = RequestTimer()
+        return timer
+
+    def batch_size(self, model: str, version: str) -> Histogram:
+        key = (model, version)
+        hist = self._batch_sizes.get(key)
+        if hist is None:
+            hist = self._batch_sizes[key] = Histogram(BATCH_BUCKETS)
+        return hist
+
+    def model_loaded(self, model: str, duration_s: float, ok: bool) -> None:
+        self._load_durations.setdefault(model, Histogram(LATENCY_BUCKETS_S)).observe(duration_s)
+        if not ok:
+            self._load_failures[model] = self._load_failures.get(model, 0) + 1
+
+    def gauge(
+        self, name: str, documentation: str, read: Callable[[], Iterator[tuple[tuple[str, str], float]]]
+    ) -> None:
+        """A (model, version) gauge read at scrape time from ``read``; declared once per name."""
+        self._gauges[name] = (documentation, read)
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "inferd_requests",
+            "Requests by model, version, protocol and status",
+            labels=["model", "version", "protocol", "status"],
+        )
+        for request_labels, value in self._requests.items():
+            requests.add_metric(list(request_labels), value)
+        yield requests
+        latency = HistogramMetricFamily(
+            "inferd_request_duration_seconds",
+            "Time per request in each stage: decode, queue, predict, encode and total",
+            labels=["model", "version", "protocol", "stage"],
+        )
+        for (model, version, protocol), timer in self._timers.items():
+            for stage, hist in timer.stages.items():
+                latency.add_metric([model, version, protocol, stage], hist.buckets(), hist.total)
+        yield latency
+        batches = HistogramMetricFamily(
+            "inferd_batch_size", "Rows per predict call", labels=["model", "version"]
+        )
+        for batch_labels, hist in self._batch_sizes.items():
+            batches.add_metric(list(batch_labels), hist.buckets(), hist.total)
+        yield batches
+        loads = HistogramMetricFamily(
+            "inferd_model_load_duration_seconds", "Model version load time", labels=["model"]
+        )
+        for model, hist in self._load_durations.items():
+            loads.add_metric([model], hist.buckets(), hist.total)
+        yield loads
+        failures = CounterMetricFamily(
+            "inferd_model_load_failures", "Versions that failed to load", labels=["model"]
+        )
+        for model, count in self._load_failures.items():
+            failures.add_metric([model], count)
+        yield failures
+        yield GaugeMetricFamily(
+            "inferd_in_flight_requests", "Requests being served now", value=self.in_flight
+        )
+        for name, (documentation, read) in self._gauges.items():
+            gauge = GaugeMetricFamily(name, documentation, labels=["model", "version"])
+            for gauge_labels, reading in read():
+                gauge.add_metric(list(gauge_labels), reading)
+            yield gauge
