@@ -49,7 +49,39 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
     ("rest_api_num_threads", int, "threads that run model predictions"),
     ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
+    (
+        "enable_batching",
+        bool,
+        "merge concurrent requests for one model version into one predict call (every model)",
+    ),
+    (
+        "batching_parameters_file",
+        str,
+        "TF Serving text-format BatchingParameters (max_batch_size { value: 32 } ...); "
+        "needs --enable_batching",
+    ),
+    (
+        "monitoring_config_file",
+        str,
+        "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
+    ),
+    ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
+    (
+        "max_in_flight",
+        int,
+        "per model version, unbatched predictions running or waiting beyond which requests get 503",
+    ),
 ]
+
+
+def _bool(text: str) -> bool:
+    """TF Serving's boolean flags: --flag, --flag=true, --flag=false (also 1/0, yes/no)."""
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -69,12 +101,16 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     for name, kind, text in _SERVE_FLAGS:
         default = getattr(defaults, name)
+        convert = _bool if kind is bool else kind
+        env = os.environ.get(f"INFERD_{name.upper()}")
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
         parser.add_argument(
             f"--{name}",
-            type=kind,
-            default=kind(os.environ.get(f"INFERD_{name.upper()}", default)),
-            metavar=kind.__name__.upper(),
+            type=convert,
+            default=default if env is None else convert(env),
+            metavar="BOOL" if kind is bool else kind.__name__.upper(),
             help=f"{text} (default: {default!r})",
+            **extra,
         )
     parser.add_argument(
         "--log_level",

@@ -12,16 +12,26 @@ import contextlib
 import itertools
 import logging
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from inferd.config import ServerConfig
-from inferd.errors import DeadlineExceeded, Internal, ResourceExhausted
+from inferd.config import (
+    BatchingParameters,
+    ServerConfig,
+    read_batching_parameters_file,
+    read_monitoring_config_file,
+)
+from inferd.errors import ConfigError, DeadlineExceeded, Internal, ResourceExhausted
 from inferd.manager import ModelManager
+from inferd.metrics import Metrics
 from inferd.protocols import tfserving_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
+
+CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +44,16 @@ class HttpApp:
     routes ``/v1/`` to the TF Serving adapter. No framework, no access log, no per-request
     objects beyond what the adapter needs."""
 
-    def __init__(self, service: InferenceService, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        config: ServerConfig,
+        metrics: Metrics | None,
+        metrics_paths: set[str],
+    ) -> None:
         self._service = service
+        self._metrics = metrics
+        self._metrics_paths = metrics_paths
         self._max_body = config.max_request_bytes
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
         self._ids = itertools.count(1)
@@ -45,19 +63,34 @@ class HttpApp:
             return
         request_id = f"r{next(self._ids)}"
         method, path = scope["method"], scope["path"]
+        metrics = self._metrics
         try:
             body = await self._read_body(scope, receive)
-            if not path.lower().startswith("/v1/"):
+            if path[:4].lower() == "/v1/":
+                if metrics:
+                    metrics.in_flight += 1
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        status, headers, payload = await tfserving_rest.handle(
+                            self._service,
+                            method,
+                            path,
+                            body,
+                            request_id,
+                            time.monotonic() + self._timeout_s,
+                            metrics,
+                        )
+                finally:
+                    if metrics:
+                        metrics.in_flight -= 1
+            elif metrics and method == "GET" and path in self._metrics_paths:
+                status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
+            else:
                 status, headers, payload = (
                     404,
                     {"content-type": "application/json"},
                     (b'{"error": "Not found: the REST API lives under /v1/models/"}'),
                 )
-            else:
-                async with asyncio.timeout(self._timeout_s):
-                    status, headers, payload = await tfserving_rest.handle(
-                        self._service, method, path, body, request_id
-                    )
         except ResourceExhausted as error:
             status, headers, payload = tfserving_rest.error_response(error)
         except TimeoutError:
@@ -103,11 +136,28 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        if config.batching_parameters_file and not config.enable_batching:
+            raise ConfigError("--batching_parameters_file needs --enable_batching")
+        batching = None
+        if config.enable_batching:
+            batching = (
+                read_batching_parameters_file(Path(config.batching_parameters_file))
+                if config.batching_parameters_file
+                else BatchingParameters()
+            )
+        self.metrics_paths = {"/metrics"} if config.enable_metrics else set()
+        if config.monitoring_config_file:
+            path = read_monitoring_config_file(Path(config.monitoring_config_file))
+            if path:
+                self.metrics_paths.add(path)
+        self.metrics = Metrics() if self.metrics_paths else None
         self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self.repository = Repository(config)
-        self.manager = ModelManager(self._load_pool)
-        self.service = InferenceService(self.manager, self._infer_pool)
+        self.manager = ModelManager(self._load_pool, metrics=self.metrics)
+        self.service = InferenceService(
+            self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics
+        )
 
     async def sync(self) -> None:
         """Scan the repository (in a thread) and reconcile the manager to it."""
@@ -144,7 +194,7 @@ class Server:
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(self.service, self.config),
+                HttpApp(self.service, self.config, self.metrics, self.metrics_paths),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,

@@ -10,16 +10,20 @@ import base64
 import binascii
 import json
 import re
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
 from inferd.errors import InferdError, InvalidArgument
+from inferd.metrics import Metrics
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
+    InferenceResponse,
     Method,
     ModelMetadata,
     ModelRef,
@@ -31,6 +35,7 @@ from inferd.types import (
 )
 
 Response = tuple[int, dict[str, str], bytes]
+PROTOCOL = "rest"
 
 _POST = re.compile(
     r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
@@ -50,28 +55,74 @@ def error_response(error: InferdError) -> Response:
     return error.code.http_status, headers, orjson.dumps({"error": error.message})
 
 
-async def handle(service: InferenceService, method: str, path: str, body: bytes, request_id: str) -> Response:
-    """Answer one request under ``/v1/``. Expected failures become error responses."""
+@dataclass(slots=True)
+class _Timing:
+    """When one inference request's stages ended, for the stage histograms."""
+
+    started: float
+    decoded: float = 0.0
+    response: InferenceResponse | None = None
+
+
+async def handle(
+    service: InferenceService,
+    method: str,
+    path: str,
+    body: bytes,
+    request_id: str,
+    deadline: float | None = None,
+    metrics: Metrics | None = None,
+) -> Response:
+    """Answer one request under ``/v1/``. Expected failures become error responses.
+
+    ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped.
+    """
+    timing = _Timing(time.perf_counter())
+    model, status = "", "OK"
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
+            model = name
             ref = _ref(name, version, label)
+            doc = _parse_json(body)
             if verb.lower() == "predict":
-                return await _predict(service, ref, _parse_json(body), request_id)
-            return await _classify_or_regress(
-                service, ref, _METHODS[verb.lower()], _parse_json(body), request_id
-            )
-        if method == "GET" and (match := _GET.fullmatch(path)):
+                result = await _predict(service, ref, doc, request_id, deadline, timing)
+            else:
+                method_ = _METHODS[verb.lower()]
+                result = await _classify_or_regress(service, ref, method_, doc, request_id, deadline, timing)
+        elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:
                 raise InvalidArgument("Missing model name in request.")
             ref = _ref(name, version, label)
             document = _metadata(service.metadata(ref)) if metadata else _status(service.status(ref))
             return 200, _JSON, orjson.dumps(document)
-        expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
-        raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
+        else:
+            expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
+            raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
     except InferdError as error:
-        return error_response(error)
+        result, status = error_response(error), error.code.grpc_code
+    if metrics is not None and model:
+        _record(metrics, service, model, status, timing)
+    return result
+
+
+def _record(metrics: Metrics, service: InferenceService, model: str, status: str, timing: _Timing) -> None:
+    response = timing.response
+    if response is None:
+        metrics.count_request(model if service.knows(model) else "", "", PROTOCOL, status)
+        return
+    version = str(response.model_id.version)
+    metrics.count_request(model, version, PROTOCOL, status)
+    ended = time.perf_counter()
+    inferred = timing.decoded + response.queue_s + response.predict_s
+    metrics.timer(model, version, PROTOCOL).observe(
+        timing.decoded - timing.started,
+        response.queue_s,
+        response.predict_s,
+        max(0.0, ended - inferred),
+        ended - timing.started,
+    )
 
 
 def _ref(name: str, version: str | None, label: str | None) -> ModelRef:
@@ -103,7 +154,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
 
 
 async def _predict(
-    service: InferenceService, ref: ModelRef, doc: dict[str, Any], request_id: str
+    service: InferenceService,
+    ref: ModelRef,
+    doc: dict[str, Any],
+    request_id: str,
+    deadline: float | None,
+    timing: _Timing,
 ) -> Response:
     signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -114,7 +170,9 @@ async def _predict(
         )
     row_format = "instances" in doc
     inputs = _rows(signature, doc["instances"]) if row_format else _columns(signature, doc["inputs"])
-    response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))
+    timing.decoded = time.perf_counter()
+    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
+    response = timing.response = await service.infer(ref, request)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
@@ -268,7 +326,13 @@ def _all_finite(value: Any) -> bool:
 
 
 async def _classify_or_regress(
-    service: InferenceService, ref: ModelRef, method: Method, doc: dict[str, Any], request_id: str
+    service: InferenceService,
+    ref: ModelRef,
+    method: Method,
+    doc: dict[str, Any],
+    request_id: str,
+    deadline: float | None,
+    timing: _Timing,
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")
@@ -281,7 +345,9 @@ async def _classify_or_regress(
         raise InvalidArgument("'context' must be an object of features")
     signature = service.signature(ref, doc.get("signature_name"), method)
     inputs = _examples(signature, examples, context)
-    response = await service.infer(ref, InferenceRequest(inputs, signature.name, request_id))
+    timing.decoded = time.perf_counter()
+    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
+    response = timing.response = await service.infer(ref, request)
     if method is Method.REGRESS:
         ((name, values),) = response.outputs.items()
         if values.shape not in ((len(examples),), (len(examples), 1)):
