@@ -71,31 +71,43 @@ def _reachable(url: str) -> bool:
     return True
 
 
+def launch(log_dir: Path, *args: str, poll_s: float = 0.0, wait: bool = True) -> ServerProcess:
+    """Start ``python -m inferd serve ARGS`` on a free port; with ``wait``, until it answers.
+
+    ``poll_s`` is ``--file_system_poll_wait_seconds`` unless ARGS set it: 0 (scan once) suits
+    tests that never change the repository; hot-reload tests pass a short period.
+    """
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
+    if not any(a.startswith("--file_system_poll_wait_seconds") for a in args):
+        argv.append(f"--file_system_poll_wait_seconds={poll_s}")
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [*argv, *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    if wait:
+        try:
+            server.wait_for(lambda: _reachable(server.url), "the REST port to open", timeout_s=60)
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start ``inferd serve`` with the given arguments on a free port; wait until it answers.
-
-    ``--file_system_poll_wait_seconds`` defaults to 0.2 here so that tests of hot reload run fast.
-    """
+    """Start ``inferd serve`` with the given arguments (see ``launch``), polling every 0.2 s so
+    that hot-reload tests run fast; every server started is stopped at the end of the test."""
     started: list[ServerProcess] = []
 
     def start(*args: str, wait: bool = True) -> ServerProcess:
-        port = free_port()
-        log_path = tmp_path / f"server-{port}.log"
-        argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
-        if not any(a.startswith("--file_system_poll_wait_seconds") for a in args):
-            argv.append("--file_system_poll_wait_seconds=0.2")
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [*argv, *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+        server = launch(tmp_path, *args, poll_s=0.2, wait=wait)
         started.append(server)
-        if wait:
-            server.wait_for(lambda: _reachable(server.url), "the REST port to open", timeout_s=60)
         return server
 
     yield start

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
-from tests.e2e.test_rest_api import launch
+from tests.conftest import ServerProcess, launch
 from tests.models import (
     digits,
     digits_classifier,

@@ -14,8 +14,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ServerProcess
-from tests.e2e.test_rest_api import launch
+from tests.conftest import ServerProcess, launch
 from tests.models import write_python_model
 
 # y = 2x per row; n = the number of rows of the predict call that computed the row.

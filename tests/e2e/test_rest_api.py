@@ -4,9 +4,6 @@ notebook written for TensorFlow Serving calls it, checked against in-process pre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, launch
 from tests.models import (
     digits,
     digits_classifier,
@@ -28,38 +25,6 @@ from tests.models import (
 
 HEADERS = {"content-type": "application/json"}
 OK = {"error_code": "OK", "error_message": ""}
-
-
-def launch(log_dir: Path, *args: str) -> ServerProcess:
-    """Start ``inferd serve ARGS`` on a free port and wait until its REST port answers.
-
-    The repository is scanned once, at start (no polling): these tests do not change it.
-    """
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--file_system_poll_wait_seconds=0", *args],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
-
-    def reachable() -> bool:
-        try:
-            requests.get(f"{server.url}/v1/models/_", timeout=1)
-        except requests.ConnectionError:
-            return False
-        return True
-
-    try:
-        server.wait_for(reachable, "the REST port to open", timeout_s=60)
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 def rows(start: int, stop: int) -> np.ndarray:
