@@ -198,6 +198,8 @@ class Server:
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
+                proxy_headers=False,
+                server_header=False,
                 lifespan="off",
                 log_level="warning",
                 http="httptools",

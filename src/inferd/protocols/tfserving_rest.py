@@ -176,8 +176,8 @@ async def _predict(
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
-        return _encode({"outputs": only})
-    return _encode({"predictions": _per_row(outputs)})
+        return _encode({"outputs": only}, response.outputs)
+    return _encode({"predictions": _per_row(outputs)}, response.outputs)
 
 
 def _rows(signature: Signature, instances: Any) -> Tensors:
@@ -306,23 +306,13 @@ def _per_row(outputs: dict[str, Any]) -> Any:
     return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
 
 
-def _encode(document: dict[str, Any]) -> Response:
-    if _all_finite(document):
+def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
+    """JSON for ``document``, which holds ``outputs``. orjson writes NaN as null, so a document
+    with a non-finite float goes through the standard library, which writes NaN and Infinity
+    tokens as TF Serving does."""
+    if all(value.dtype.kind != "f" or np.isfinite(value).all() for value in outputs.values()):
         return 200, _JSON, orjson.dumps(document, option=_NUMPY)
-    # orjson writes NaN as null; TF Serving writes NaN / Infinity tokens, as the standard library does.
     return 200, _JSON, json.dumps(document, default=lambda a: a.tolist()).encode()
-
-
-def _all_finite(value: Any) -> bool:
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind != "f" or bool(np.isfinite(value).all())
-    if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_all_finite(v) for v in value)
-    if isinstance(value, np.floating | float):
-        return bool(np.isfinite(value))
-    return True
 
 
 async def _classify_or_regress(
@@ -355,14 +345,14 @@ async def _classify_or_regress(
                 "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
                 f"{list(values.shape)}; use :predict for a model with several outputs per example"
             )
-        return _encode({"results": _jsonable(name, values.reshape(len(examples)))})
+        return _encode({"results": _jsonable(name, values.reshape(len(examples)))}, response.outputs)
     classes, scores = response.outputs["classes"], response.outputs["scores"]
     labels = _jsonable("classes", classes)
     results = [
         [[str(c), s] for c, s in zip(row, srow, strict=True)]
         for row, srow in zip(labels, scores.tolist(), strict=True)
     ]
-    return _encode({"results": results})
+    return _encode({"results": results}, response.outputs)
 
 
 def _examples(signature: Signature, examples: list[Any], context: dict[str, Any]) -> Tensors:
