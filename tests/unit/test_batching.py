@@ -1,0 +1,84 @@
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from inferd.batching import Aimd, Batcher
+from inferd.config import BatchingParameters
+from inferd.errors import ConfigError, Unavailable
+from inferd.types import Tensors
+
+
+def test_aimd_grows_by_one_after_full_fast_batches_and_shrinks_by_ten_percent_when_slow() -> None:
+    aimd = Aimd(target_p99_ms=20, max_batch_size=64, max_wait_s=0.005)
+    for _ in range(30):
+        aimd.observe(aimd.batch_size, 0.002)  # full batches, well within 10 ms (half the objective)
+    assert aimd.batch_size == 31
+    aimd.observe(31, 0.012)  # over half the objective
+    assert aimd.batch_size == 27
+    aimd.observe(3, 0.001)  # a batch that was not full does not grow the target
+    assert aimd.batch_size == 27
+    assert 0 <= aimd.wait_s <= 0.005
+
+
+def test_aimd_never_passes_its_bounds() -> None:
+    aimd = Aimd(target_p99_ms=10, max_batch_size=4, max_wait_s=0.001)
+    for _ in range(10):
+        aimd.observe(aimd.batch_size, 0.0001)
+    assert aimd.batch_size == 4
+    for _ in range(50):
+        aimd.observe(aimd.batch_size, 1.0)
+    assert aimd.batch_size == 1
+    assert aimd.wait_s == 0.0
+
+
+def test_batching_parameters_are_checked() -> None:
+    with pytest.raises(ConfigError, match="Last entry in allowed_batch_sizes must match max_batch_size"):
+        BatchingParameters(max_batch_size=8, allowed_batch_sizes=(2, 4))
+    with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
+        BatchingParameters(max_batch_size=0)
+
+
+def test_rows_of_concurrent_submissions_come_back_to_their_callers() -> None:
+    calls: list[int] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 10}
+
+    async def scenario() -> list[Tensors]:
+        with ThreadPoolExecutor(2) as pool:
+            params = BatchingParameters(max_batch_size=6, batch_timeout_micros=20_000, num_batch_threads=1)
+            batcher = Batcher(predict, params, pool)
+            sizes = [1, 3, 2, 5, 9]
+            start = np.cumsum([0, *sizes])
+            results = await asyncio.gather(
+                *(batcher.submit({"x": np.arange(a, a + n)}, n) for a, n in zip(start, sizes, strict=False))
+            )
+            return [r[0] for r in results]
+
+    outputs = asyncio.run(scenario())
+    assert [o["y"].tolist() for o in outputs] == [
+        [0],
+        [10, 20, 30],
+        [40, 50],
+        [60, 70, 80, 90, 100],
+        [110, 120, 130, 140, 150, 160, 170, 180, 190],
+    ]
+    assert max(calls) <= 6
+    assert sum(calls) == 20
+
+
+def test_submitting_past_the_queue_bound_is_refused() -> None:
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, batch_timeout_micros=50_000)
+            batcher = Batcher(lambda inputs: inputs, params, pool)
+            first = asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2))
+            await asyncio.sleep(0)
+            with pytest.raises(Unavailable, match="queue is full"):
+                await batcher.submit({"x": np.zeros(1)}, 1)
+            await first
+
+    asyncio.run(scenario())
