@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.config import BatchingParameters
-from inferd.errors import Internal, Unavailable
+from inferd.errors import DeadlineExceeded, Internal, Unavailable
 from inferd.types import Tensors
 
 _DECREASE = 0.9
@@ -185,7 +185,9 @@ class Batcher:
                 self._queue.popleft()
                 self.queued_rows -= item.rows
                 if not item.future.done():
-                    item.future.cancel()
+                    item.future.set_exception(
+                        DeadlineExceeded("the request's deadline passed while it waited for a batch")
+                    )
                 continue
             item_shape = {k: v.shape[1:] for k, v in item.inputs.items()}
             fits = shape is None or item_shape == shape or self._params.pad_variable_length_inputs

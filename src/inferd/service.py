@@ -124,8 +124,6 @@ class InferenceService:
                     )
             except InferdError:
                 raise
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("%s failed on request %s", version.id, request.id)
                 raise Internal(f"model {version.id} failed while predicting; see the server log") from None
@@ -151,8 +149,13 @@ class InferenceService:
     def _new_batcher(
         self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
     ) -> Batcher:
+        # A weak reference: the batcher lives in a value of the weak-keyed lane table, so a strong
+        # one would keep the version, and so the table entry, alive forever.
+        version_ref = weakref.ref(version)
+
         def predict(inputs: Tensors) -> Tensors:
-            model = version.model
+            served = version_ref()
+            model = served.model if served else None
             if model is None:
                 raise Unavailable(f"model {version.id} was unloaded; retry")
             return model.predict(signature.name, inputs)
