@@ -7,6 +7,7 @@ the CLI), the model config file and each model's ``inferd.toml``, then the defau
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -108,7 +109,10 @@ def batching_from_toml(table: Mapping[str, Any], where: str) -> BatchingParamete
         if not ok:
             raise ConfigError(f"{where}: {key} has the wrong type: {value!r}")
         values[key] = value
-    return BatchingParameters(**values)
+    try:
+        return BatchingParameters(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message.removeprefix('batching: ')}") from exc
 
 
 def read_batching_parameters_file(path: Path) -> BatchingParameters:
@@ -277,10 +281,13 @@ def _table(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_]+")
+
+
 def _labels(value: Any, where: str) -> dict[str, int]:
     table = _table(value, where)
     for label, version in table.items():
-        if not label.replace("_", "").isalnum() or not label.isascii():
+        if not _LABEL.fullmatch(label):
             raise ConfigError(f"{where}: label {label!r} must match [a-zA-Z0-9_]+")
         if isinstance(version, bool) or not isinstance(version, int):
             raise ConfigError(f"{where}: label {label!r} must name an integer version")

@@ -4,6 +4,8 @@ A version is a folder ``<base_path>/<integer>/``; other entries (hidden, tempora
 non-numeric folders, files) are ignored. A version is *stable*, and only then offered for
 loading, when two consecutive scans saw the same content: the same files with the same sizes
 and modification times. A folder that is still being copied therefore waits for the next scan.
+A version that was stable once stays offered, as last seen stable, while its files change, so
+that writing into a served version's folder does not take it out of service.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class Repository:
 
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
-        self._previous: dict[Path, str] = {}
+        self._previous: dict[Path, str] = {}  # fingerprints seen by the last scan
+        self._settled: dict[Path, str] = {}  # the last fingerprint seen stable, per version folder
         self._models: list[ModelConfig] = []
         self._config_read_at = 0.0
         self._require_stable = config.file_system_poll_wait_seconds > 0
@@ -152,12 +155,13 @@ class Repository:
         """Plan every configured model from what is on disk now."""
         plans = []
         seen: dict[Path, str] = {}
+        settled: dict[Path, str] = {}
         for model in self.model_configs():
-            plans.append(self._plan(model, seen))
-        self._previous = seen
+            plans.append(self._plan(model, seen, settled))
+        self._previous, self._settled = seen, settled
         return plans
 
-    def _plan(self, model: ModelConfig, seen: dict[Path, str]) -> ModelPlan:
+    def _plan(self, model: ModelConfig, seen: dict[Path, str], settled: dict[Path, str]) -> ModelPlan:
         error = None
         try:
             settings = read_model_settings(model.base_path)
@@ -168,7 +172,12 @@ class Repository:
         for version, path in list_versions(model.base_path).items():
             seen[path] = fingerprint(path)
             if not self._require_stable or self._previous.get(path) == seen[path]:
-                stable[version] = VersionSource(version, path, seen[path])
+                settled[path] = seen[path]
+            elif path in self._settled:
+                settled[path] = self._settled[path]  # changing now, but it was stable before
+            else:
+                continue  # new and still changing: wait for the next scan
+            stable[version] = VersionSource(version, path, settled[path])
         policy = model.version_policy or settings.version_policy or VersionPolicy()
         aspired = {v: stable[v] for v in policy.select(stable)}
         return ModelPlan(

@@ -13,7 +13,7 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from inferd.config import (
 from inferd.errors import ConfigError, DeadlineExceeded, Internal, ResourceExhausted
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols import tfserving_rest
+from inferd.protocols import Response, json_error, tfserving_rest, v2_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
 
@@ -66,40 +66,34 @@ class HttpApp:
         metrics = self._metrics
         try:
             body = await self._read_body(scope, receive)
+            deadline = time.monotonic() + self._timeout_s
+            call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
-                if metrics:
-                    metrics.in_flight += 1
-                try:
-                    async with asyncio.timeout(self._timeout_s):
-                        status, headers, payload = await tfserving_rest.handle(
-                            self._service,
-                            method,
-                            path,
-                            body,
-                            request_id,
-                            time.monotonic() + self._timeout_s,
-                            metrics,
-                        )
-                finally:
-                    if metrics:
-                        metrics.in_flight -= 1
+                call = tfserving_rest.handle(self._service, method, path, body, request_id, deadline, metrics)
+            elif path[:3] == "/v2":
+                request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                call = v2_rest.handle(
+                    self._service, method, path, request_headers, body, request_id, deadline, metrics
+                )
+            if call is not None:
+                status, headers, payload = await self._with_deadline(call)
             elif metrics and method == "GET" and path in self._metrics_paths:
                 status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
             else:
                 status, headers, payload = (
                     404,
                     {"content-type": "application/json"},
-                    (b'{"error": "Not found: the REST API lives under /v1/models/"}'),
+                    b'{"error": "Not found: the APIs live under /v1/models/ and /v2/"}',
                 )
         except ResourceExhausted as error:
-            status, headers, payload = tfserving_rest.error_response(error)
+            status, headers, payload = json_error(error)
         except TimeoutError:
             late = DeadlineExceeded(f"the request took longer than {self._timeout_s * 1000:.0f} ms")
-            status, headers, payload = tfserving_rest.error_response(late)
+            status, headers, payload = json_error(late)
         except Exception:
             log.exception("request %s (%s %s) failed", request_id, method, path)
             failed = Internal(f"internal error; request id {request_id}")
-            status, headers, payload = tfserving_rest.error_response(failed)
+            status, headers, payload = json_error(failed)
         await send(
             {
                 "type": "http.response.start",
@@ -108,6 +102,18 @@ class HttpApp:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    async def _with_deadline(self, call: Coroutine[Any, Any, Response]) -> Response:
+        """Run an adapter's answer under the request deadline, counting it as in flight."""
+        metrics = self._metrics
+        if metrics:
+            metrics.in_flight += 1
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await call
+        finally:
+            if metrics:
+                metrics.in_flight -= 1
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:

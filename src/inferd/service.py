@@ -33,6 +33,7 @@ from inferd.types import (
     Signature,
     Tensors,
     TensorSpec,
+    VersionState,
     VersionStatus,
     dtype_of,
 )
@@ -188,7 +189,16 @@ class InferenceService:
         """Signatures and runtime of the version ``ref`` resolves to."""
         with self._manager.lease(ref) as version:
             assert version.model is not None
-            return ModelMetadata(version.id, dict(version.model.signatures), version.runtime)
+            available = tuple(
+                s.version
+                for s in self._manager.status(ModelRef(ref.name))
+                if s.state is VersionState.AVAILABLE
+            )
+            batching = version.settings.batching or self._batching
+            max_batch = batching.max_batch_size if batching else 0
+            return ModelMetadata(
+                version.id, dict(version.model.signatures), version.runtime, available, max_batch
+            )
 
     def ready(self) -> bool:
         """True when every configured model has a version serving."""

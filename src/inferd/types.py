@@ -173,8 +173,11 @@ class VersionStatus:
 
 @dataclass(frozen=True, slots=True)
 class ModelMetadata:
-    """What a client may learn of a served version: its id, signatures and the runtime."""
+    """What a client may learn of a served version: its id, signatures and runtime, the
+    model's AVAILABLE versions, and its largest batch (0 when it is not batched)."""
 
     model_id: ModelId
     signatures: Mapping[str, Signature]
     platform: str
+    versions: tuple[int, ...] = ()
+    max_batch_size: int = 0

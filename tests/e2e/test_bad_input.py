@@ -377,7 +377,8 @@ def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fr
         ("GET", "/v1/", 400, ["Malformed request"]),
         ("GET", "/", 404, ["/v1/"]),
         ("GET", "/models/digits", 404, ["/v1/"]),
-        ("POST", "/v2/models/digits/infer", 404, ["/v1/"]),
+        ("POST", "/v2/models/digits/infer", 400, ["'inputs' must be a non-empty list of tensors"]),
+        ("GET", "/v3/models/digits", 404, ["/v1/models/ and /v2/"]),
         ("GET", "/v1", 404, ["/v1/"]),
     ],
 )

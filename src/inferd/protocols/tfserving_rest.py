@@ -12,7 +12,6 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,10 +19,10 @@ import orjson
 
 from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
+from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, record_request
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
-    InferenceResponse,
     Method,
     ModelMetadata,
     ModelRef,
@@ -34,7 +33,6 @@ from inferd.types import (
     dtype_of,
 )
 
-Response = tuple[int, dict[str, str], bytes]
 PROTOCOL = "rest"
 
 _POST = re.compile(
@@ -42,26 +40,9 @@ _POST = re.compile(
     re.IGNORECASE,
 )
 _GET = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(/metadata)?", re.IGNORECASE)
-_JSON = {"content-type": "application/json"}
+_JSON = JSON_HEADERS
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _METHODS = {"predict": Method.PREDICT, "classify": Method.CLASSIFY, "regress": Method.REGRESS}
-
-
-def error_response(error: InferdError) -> Response:
-    """The status, headers and ``{"error": ...}`` body for an expected failure."""
-    headers = dict(_JSON)
-    if error.code.http_status == 503:
-        headers["retry-after"] = "1"
-    return error.code.http_status, headers, orjson.dumps({"error": error.message})
-
-
-@dataclass(slots=True)
-class _Timing:
-    """When one inference request's stages ended, for the stage histograms."""
-
-    started: float
-    decoded: float = 0.0
-    response: InferenceResponse | None = None
 
 
 async def handle(
@@ -77,7 +58,7 @@ async def handle(
 
     ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped.
     """
-    timing = _Timing(time.perf_counter())
+    timing = RequestTiming(time.perf_counter())
     model, status = "", "OK"
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
@@ -101,28 +82,10 @@ async def handle(
             expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
             raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
     except InferdError as error:
-        result, status = error_response(error), error.code.grpc_code
+        result, status = json_error(error), error.code.grpc_code
     if metrics is not None and model:
-        _record(metrics, service, model, status, timing)
+        record_request(metrics, service, PROTOCOL, model, status, timing)
     return result
-
-
-def _record(metrics: Metrics, service: InferenceService, model: str, status: str, timing: _Timing) -> None:
-    response = timing.response
-    if response is None:
-        metrics.count_request(model if service.knows(model) else "", "", PROTOCOL, status)
-        return
-    version = str(response.model_id.version)
-    metrics.count_request(model, version, PROTOCOL, status)
-    ended = time.perf_counter()
-    inferred = timing.decoded + response.queue_s + response.predict_s
-    metrics.timer(model, version, PROTOCOL).observe(
-        timing.decoded - timing.started,
-        response.queue_s,
-        response.predict_s,
-        max(0.0, ended - inferred),
-        ended - timing.started,
-    )
 
 
 def _ref(name: str, version: str | None, label: str | None) -> ModelRef:
@@ -159,7 +122,7 @@ async def _predict(
     doc: dict[str, Any],
     request_id: str,
     deadline: float | None,
-    timing: _Timing,
+    timing: RequestTiming,
 ) -> Response:
     signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -322,7 +285,7 @@ async def _classify_or_regress(
     doc: dict[str, Any],
     request_id: str,
     deadline: float | None,
-    timing: _Timing,
+    timing: RequestTiming,
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")

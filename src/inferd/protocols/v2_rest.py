@@ -1,0 +1,313 @@
+"""The Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor data extension.
+
+Tensors in JSON are ``{"name", "datatype", "shape", "data"}`` with ``data`` flat or nested in
+row-major order. With the binary extension the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw little-endian bytes of each tensor
+that carries ``parameters.binary_data_size``, in order; numeric tensors are read and written
+with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+
+import inferd
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
+from inferd.metrics import Metrics
+from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, record_request
+from inferd.service import InferenceService
+from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+
+PROTOCOL = "v2_rest"
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters")
+HEADER_LENGTH = "inference-header-content-length"
+
+_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config)?")
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+async def handle(
+    service: InferenceService,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    request_id: str,
+    deadline: float | None = None,
+    metrics: Metrics | None = None,
+) -> Response:
+    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses."""
+    timing = RequestTiming(time.perf_counter())
+    model = ""
+    try:
+        if method == "GET" and path in ("/v2", "/v2/"):
+            return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(EXTENSIONS)})
+        if method == "GET" and path == "/v2/health/live":
+            return _json({"live": True})
+        if method == "GET" and path == "/v2/health/ready":
+            if not service.ready():
+                raise Unavailable("not every configured model has a version AVAILABLE yet")
+            return _json({"ready": True})
+        match = _MODEL.fullmatch(path)
+        if match is None:
+            raise NotFound(f"no route for {method} {path}")
+        name, version, action = match.groups()
+        ref = ModelRef(name, version=None if version is None else _version(version))
+        if method == "POST" and action == "/infer":
+            model = name
+            result = await _infer(service, ref, headers, body, request_id, deadline, timing)
+            if metrics is not None:
+                record_request(metrics, service, PROTOCOL, model, "OK", timing)
+            return result
+        if method == "GET" and action is None:
+            return _json(_metadata(service.metadata(ref)))
+        if method == "GET" and action == "/ready":
+            service.metadata(ref)  # raises NotFound unless the version is AVAILABLE
+            return _json({"name": name, "ready": True})
+        if method == "GET" and action == "/config":
+            return _json(_config(service.metadata(ref)))
+        raise InvalidArgument(f"{method} is not allowed on {path}")
+    except InferdError as error:
+        if metrics is not None and model:
+            record_request(metrics, service, PROTOCOL, model, error.code.grpc_code, timing)
+        return json_error(error)
+
+
+def _json(document: Any) -> Response:
+    return 200, JSON_HEADERS, orjson.dumps(document, option=_NUMPY)
+
+
+def _version(text: str) -> int:
+    number = int(text)
+    if number >= 2**63:
+        raise InvalidArgument(f"version {text} does not fit in 64 bits")
+    return number
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "datatype": dtype_of(spec.dtype).v2,
+        "shape": [-1] if spec.shape is None else list(spec.shape),
+    }
+
+
+def _metadata(meta: ModelMetadata) -> dict[str, Any]:
+    signature = meta.signatures["serving_default"]
+    return {
+        "name": meta.model_id.name,
+        "versions": [str(v) for v in meta.versions],
+        "platform": _PLATFORMS.get(meta.platform, meta.platform),
+        "inputs": [_tensor_metadata(spec) for spec in signature.inputs],
+        "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
+    }
+
+
+def _config(meta: ModelMetadata) -> dict[str, Any]:
+    """Triton's model configuration, as perf_analyzer reads it: dims exclude the batch dimension
+    when the model is batched (``max_batch_size`` > 0)."""
+    signature = meta.signatures["serving_default"]
+    batched = meta.max_batch_size > 0
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        dims = [-1] if spec.shape is None else list(spec.shape)
+        return {
+            "name": spec.name,
+            "data_type": "TYPE_" + ("STRING" if spec.dtype.kind == "O" else dtype_of(spec.dtype).v2),
+            "dims": dims[1:] if batched and dims else dims,
+        }
+
+    config: dict[str, Any] = {
+        "name": meta.model_id.name,
+        "platform": _PLATFORMS.get(meta.platform, meta.platform),
+        "backend": meta.platform,
+        "max_batch_size": meta.max_batch_size,
+        "input": [tensor(spec) for spec in signature.inputs],
+        "output": [tensor(spec) for spec in signature.outputs],
+    }
+    if batched:
+        config["dynamic_batching"] = {}
+    return config
+
+
+async def _infer(
+    service: InferenceService,
+    ref: ModelRef,
+    headers: dict[str, str],
+    body: bytes,
+    request_id: str,
+    deadline: float | None,
+    timing: RequestTiming,
+) -> Response:
+    header_length = headers.get(HEADER_LENGTH)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidArgument(
+                f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
+                f"got {header_length!r}"
+            )
+        split = int(header_length)
+        header, binary = body[:split], memoryview(body)[split:]
+    else:
+        header, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        hint = "" if header_length else f" (a body with binary tensors needs the {HEADER_LENGTH} header)"
+        raise InvalidArgument(f"JSON Parse error: {exc}{hint}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the inference request must be a JSON object")
+    inputs = _decode_inputs(doc.get("inputs"), binary)
+    request = InferenceRequest(
+        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
+    )
+    response = await service.infer(ref, request)
+    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument("'inputs' must be a non-empty list of tensors")
+    tensors: Tensors = {}
+    offset = 0
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidArgument(f"inputs[{i}] must be an object with a string 'name'")
+        name = entry["name"]
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidArgument(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        try:
+            dtype = dtype_of(str(entry.get("datatype")))
+        except KeyError:
+            raise InvalidArgument(f"input {name!r}: unknown datatype {entry.get('datatype')!r}") from None
+        count = int(np.prod(shape)) if shape else 1
+        parameters = entry.get("parameters") or {}
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                    "binary bytes left in the body"
+                )
+            array = _from_bytes(binary[offset : offset + size], dtype.numpy, count, name)
+            offset += size
+        elif "data" in entry:
+            array = _from_json(entry["data"], dtype.numpy, count, name)
+        else:
+            raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        tensors[name] = array.reshape(shape)
+    if offset != len(binary):
+        raise InvalidArgument(f"the body has {len(binary) - offset} binary bytes that no input claims")
+    return tensors
+
+
+def _from_bytes(raw: memoryview, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
+    if dtype.kind != "O":
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take {count * dtype.itemsize} "
+                f"bytes, binary_data_size says {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + length > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element runs past binary_data_size")
+        items.append(bytes(raw[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
+
+
+def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
+    try:
+        flat = np.asarray(data).reshape(-1)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
+    if flat.size != count:
+        raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
+    if flat.size and flat.dtype.kind not in _KINDS[dtype.kind]:
+        raise InvalidArgument(
+            f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
+            f"{flat[:1].tolist()} ({flat.dtype})"
+        )
+    return flat.astype(dtype)
+
+
+def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> Response:
+    parameters = doc.get("parameters")
+    if not isinstance(parameters, dict):
+        parameters = {}
+    binary_default = bool(parameters.get("binary_data_output", False))
+    requested = doc.get("outputs")
+    if requested is None:
+        wanted = [(name, binary_default) for name in outputs]
+    else:
+        if not isinstance(requested, list):
+            raise InvalidArgument("'outputs' must be a list of {\"name\": ...} objects")
+        wanted = []
+        for entry in requested:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if name not in outputs:
+                raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+            params = entry.get("parameters") or {}
+            wanted.append((name, bool(params.get("binary_data", binary_default))))
+    described, chunks = [], []
+    for name, as_binary in wanted:
+        value = outputs[name]
+        datatype = dtype_of(value.dtype).v2
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
+        if as_binary:
+            raw = _to_bytes(value)
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif value.dtype.kind in "OUS":
+            tensor["data"] = [_text(item) for item in value.reshape(-1).tolist()]
+        else:
+            tensor["data"] = np.ascontiguousarray(value).reshape(-1)
+        described.append(tensor)
+    document: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": described}
+    if isinstance(doc.get("id"), str):
+        document["id"] = doc["id"]
+    header = orjson.dumps(document, option=_NUMPY)
+    if not chunks:
+        return 200, JSON_HEADERS, header
+    headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+    return 200, headers, b"".join([header, *chunks])
+
+
+def _to_bytes(value: np.ndarray) -> bytes:
+    if value.dtype.kind in "OUS":
+        parts = []
+        for item in value.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        return b"".join(parts)
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+def _text(item: Any) -> str:
+    if isinstance(item, bytes):
+        return item.decode(errors="replace")
+    return str(item)
