@@ -370,4 +370,8 @@ def read_model_config_file(path: Path) -> list[ModelConfig]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read model config file {path}: {exc.strerror}") from exc
+    if not text.strip():
+        # Most likely caught between truncation and write; a config with no models is written
+        # as "model_config_list {}".
+        raise ConfigError(f"model config file {path} is empty")
     return parse_model_config(text, str(path))

@@ -1,0 +1,249 @@
+"""The model config file (TF Serving text format), inferd.toml and version policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferd.config import (
+    BatchingParameters,
+    ModelSettings,
+    VersionPolicy,
+    parse_model_config,
+    read_model_config_file,
+    read_model_settings,
+)
+from inferd.errors import ConfigError
+
+FULL = """
+model_config_list {
+  config {
+    name: "mnist"
+    base_path: "/models/mnist"
+    model_platform: "onnx"
+    model_version_policy { specific { versions: 43 versions: 42 } }
+    version_labels { key: "stable" value: 42 }
+    version_labels { key: "canary" value: 43 }
+  }
+  config { name: "latest2" base_path: "rel/path" model_version_policy { latest { num_versions: 2 } } }
+  config { name: "every" base_path: "/models/every" model_version_policy { all {} } }
+  config { name: "plain" base_path: "/models/plain" }
+}
+"""
+
+
+def test_parse_model_config_reads_every_field() -> None:
+    mnist, latest2, every, plain = parse_model_config(FULL)
+
+    assert mnist.name == "mnist"
+    assert mnist.base_path == Path("/models/mnist")
+    assert mnist.platform == "onnx"
+    assert mnist.version_policy == VersionPolicy("specific", versions=(42, 43))
+    assert dict(mnist.labels) == {"stable": 42, "canary": 43}
+
+    assert latest2.base_path == Path("rel/path")  # kept as written; the caller resolves it
+    assert latest2.version_policy == VersionPolicy("latest", num_versions=2)
+    assert latest2.platform is None
+    assert dict(latest2.labels) == {}
+
+    assert every.version_policy == VersionPolicy("all")
+
+    # No policy: None, so that inferd.toml and then the default (latest 1) decide.
+    assert plain.version_policy is None
+
+
+def test_latest_below_one_is_treated_as_one() -> None:
+    (model,) = parse_model_config(
+        'model_config_list { config { name: "m" base_path: "/m" '
+        "model_version_policy { latest { num_versions: 0 } } } }"
+    )
+    assert model.version_policy == VersionPolicy("latest", num_versions=1)
+    assert model.version_policy.select([1, 2, 3]) == {3}
+
+
+def test_an_empty_config_has_no_models() -> None:
+    assert parse_model_config("") == []
+    assert parse_model_config("model_config_list {}") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ('model_config_list { config { name: "m" base_path: "/m" }', ["models.config", "1:"]),
+        ('model_config_list { config { name: "m" base_path: "/m" colour: "red" } }', ["colour"]),
+        ('model_config_list { config { name: "m" base_path: 7 } }', ["base_path"]),
+        ('model_config_list { config { name: "m" base_path: "/m" } } garbage', ["garbage"]),
+        ('model_config_list { config { base_path: "/m" } }', ["has no name"]),
+        ('model_config_list { config { name: "m" } }', ["'m'", "has no base_path"]),
+        (
+            'model_config_list { config { name: "m" base_path: "/a" } config { name: "m" base_path: "/b" } }',
+            ["'m'", "configured twice"],
+        ),
+        (
+            'model_config_list { config { name: "m" base_path: "/m" '
+            'version_labels { key: "not-ok" value: 1 } } }',
+            ["'not-ok'", "[a-zA-Z0-9_]+"],
+        ),
+    ],
+)
+def test_parse_model_config_errors_name_the_problem(text: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_model_config(text, "models.config")
+    message = caught.value.message
+    assert message.startswith("models.config")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_labels_may_use_every_character_of_the_documented_alphabet() -> None:
+    (model,) = parse_model_config(
+        'model_config_list { config { name: "m" base_path: "/m" '
+        'version_labels { key: "_" value: 1 } version_labels { key: "Stable_2" value: 2 } } }'
+    )
+    assert dict(model.labels) == {"_": 1, "Stable_2": 2}
+
+
+def test_read_model_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "models.config"
+    path.write_text(FULL)
+    assert [m.name for m in read_model_config_file(path)] == ["mnist", "latest2", "every", "plain"]
+    with pytest.raises(ConfigError, match=r"cannot read model config file .*missing\.config"):
+        read_model_config_file(tmp_path / "missing.config")
+
+
+# inferd.toml
+
+
+def settings(tmp_path: Path, text: str) -> ModelSettings:
+    (tmp_path / "inferd.toml").write_text(text)
+    return read_model_settings(tmp_path)
+
+
+def test_no_inferd_toml_gives_the_defaults(tmp_path: Path) -> None:
+    assert read_model_settings(tmp_path) == ModelSettings()
+    assert read_model_settings(tmp_path / "absent") == ModelSettings()
+
+
+def test_a_full_inferd_toml(tmp_path: Path) -> None:
+    got = settings(
+        tmp_path,
+        """
+        runtime = "onnx"
+        version_policy = { latest = 2 }
+        warmup = false
+
+        [onnx]
+        intra_op_num_threads = 1
+
+        [labels]
+        stable = 1
+        canary = 2
+
+        [batching]
+        max_batch_size = 8
+        allowed_batch_sizes = [4, 8]
+        """,
+    )
+    assert got.runtime == "onnx"
+    assert dict(got.runtime_options) == {"intra_op_num_threads": 1}
+    assert got.version_policy == VersionPolicy("latest", num_versions=2)
+    assert dict(got.labels) == {"stable": 1, "canary": 2}
+    assert got.warmup is False
+    assert got.batching is not None
+    assert (got.batching.max_batch_size, got.batching.allowed_batch_sizes) == (8, (4, 8))
+    assert got.batching.batch_timeout_micros == BatchingParameters().batch_timeout_micros
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("{ latest = 3 }", VersionPolicy("latest", num_versions=3)),
+        ("{ all = true }", VersionPolicy("all")),
+        ("{ specific = [3, 1] }", VersionPolicy("specific", versions=(1, 3))),
+    ],
+)
+def test_inferd_toml_version_policies(tmp_path: Path, policy: str, expected: VersionPolicy) -> None:
+    assert settings(tmp_path, f"version_policy = {policy}\n").version_policy == expected
+
+
+def test_a_single_runtime_table_gives_the_options_without_a_runtime_key(tmp_path: Path) -> None:
+    got = settings(tmp_path, "[sklearn]\nmethod = 'predict_proba'\n")
+    assert got.runtime is None
+    assert dict(got.runtime_options) == {"method": "predict_proba"}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("runtime = 'onnx'\ncolour = 'red'\n", ["unknown key(s) ['colour']", "version_policy"]),
+        ("runtime = \n", ["inferd.toml"]),
+        ("runtime = 3\n", ["'runtime' must be a string"]),
+        ("warmup = 'yes'\n", ["'warmup' must be true or false"]),
+        ("version_policy = { latest = 0 }\n", ["version_policy", "latest = 0"]),
+        ("version_policy = { latest = true }\n", ["version_policy"]),
+        ("version_policy = { all = false }\n", ["version_policy", "all = False"]),
+        ("version_policy = { specific = [] }\n", ["version_policy", "specific"]),
+        ("version_policy = { specific = ['1'] }\n", ["version_policy", "specific"]),
+        ("version_policy = { latest = 1, all = true }\n", ["takes one of"]),
+        ("version_policy = 'latest'\n", ["version_policy must be a table"]),
+        ("[labels]\n'bad label' = 1\n", ["[labels]", "'bad label'", "[a-zA-Z0-9_]+"]),
+        ("[labels]\n'é' = 1\n", ["[labels]", "[a-zA-Z0-9_]+"]),
+        ("[labels]\nstable = 'one'\n", ["[labels]", "'stable' must name an integer version"]),
+        ("[labels]\nstable = true\n", ["'stable' must name an integer version"]),
+        ("labels = 3\n", ["[labels] must be a table"]),
+        ("[onnx]\n[sklearn]\n", ["several runtime tables", "set 'runtime'"]),
+        ("[batching]\nmax_batch_size = 0\n", ["max_batch_size must be >= 1"]),
+        ("[batching]\nmax_batch = 4\n", ["[batching]", "unknown key(s) ['max_batch']"]),
+    ],
+)
+def test_invalid_inferd_toml_errors_name_the_file_and_the_problem(
+    tmp_path: Path, text: str, fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings(tmp_path, text)
+    message = caught.value.message
+    assert "inferd.toml" in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+# VersionPolicy.select
+
+
+@pytest.mark.parametrize(
+    ("policy", "on_disk", "expected"),
+    [
+        (VersionPolicy(), [1, 2, 3], {3}),
+        (VersionPolicy(), [], set()),
+        (VersionPolicy("latest", num_versions=2), [5, 1, 3], {5, 3}),
+        (VersionPolicy("latest", num_versions=5), [1, 2], {1, 2}),
+        (VersionPolicy("latest", num_versions=0), [1, 2], {2}),
+        (VersionPolicy("latest", num_versions=2), [2, 2, 1], {2, 1}),
+        (VersionPolicy("all"), [3, 1, 2], {1, 2, 3}),
+        (VersionPolicy("all"), [], set()),
+        (VersionPolicy("specific", versions=(1, 3)), [1, 2, 3, 4], {1, 3}),
+        (VersionPolicy("specific", versions=(1, 9)), [1, 2], {1}),  # missing ones are skipped
+        (VersionPolicy("specific", versions=(9,)), [1, 2], set()),
+    ],
+)
+def test_version_policy_select(policy: VersionPolicy, on_disk: list[int], expected: set[int]) -> None:
+    assert policy.select(on_disk) == expected
+    assert policy.select(iter(on_disk)) == expected  # any iterable, read once
+
+
+def test_version_policy_str() -> None:
+    assert str(VersionPolicy()) == "latest 1"
+    assert str(VersionPolicy("all")) == "all"
+    assert str(VersionPolicy("specific", versions=(1, 3))) == "specific [1, 3]"
+
+
+def test_an_empty_config_file_is_refused_so_a_half_written_file_never_unloads_everything(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "models.config"
+    path.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_model_config_file(path)
+    path.write_text("model_config_list {}\n")
+    assert read_model_config_file(path) == []
