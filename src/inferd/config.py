@@ -12,9 +12,10 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from inferd._proto import batching_parameters_pb2 as bp
 from inferd._proto import model_server_config_pb2 as pb
@@ -115,19 +116,31 @@ def batching_from_toml(table: Mapping[str, Any], where: str) -> BatchingParamete
         raise ConfigError(f"{where}: {exc.message.removeprefix('batching: ')}") from exc
 
 
+_Message = TypeVar("_Message", bound=Message)
+
+
+def _read_text_proto(path: Path, message: _Message, what: str) -> _Message:
+    """Parse the text-format protobuf file at ``path`` into ``message``.
+
+    Raises:
+        ConfigError: the file cannot be read, or does not parse (with line and column).
+    """
+    try:
+        text_format.Parse(path.read_text(), message)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return message
+
+
 def read_batching_parameters_file(path: Path) -> BatchingParameters:
     """Parse TF Serving's text-format ``BatchingParameters`` file (``max_batch_size { value: 128 }``).
 
     Raises:
         ConfigError: the file cannot be read or parsed, or a value is out of range.
     """
-    message = bp.BatchingParameters()
-    try:
-        text_format.Parse(path.read_text(), message)
-    except OSError as exc:
-        raise ConfigError(f"cannot read batching parameters file {path}: {exc.strerror}") from exc
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    message = _read_text_proto(path, bp.BatchingParameters(), "batching parameters file")
     values: dict[str, Any] = {}
     for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
         if message.HasField(name):
@@ -143,14 +156,7 @@ def read_monitoring_config_file(path: Path) -> str | None:
     Raises:
         ConfigError: the file cannot be read or parsed.
     """
-    message = bp.MonitoringConfig()
-    try:
-        text_format.Parse(path.read_text(), message)
-    except OSError as exc:
-        raise ConfigError(f"cannot read monitoring config file {path}: {exc.strerror}") from exc
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    config = message.prometheus_config
+    config = _read_text_proto(path, bp.MonitoringConfig(), "monitoring config file").prometheus_config
     if not config.enable:
         return None
     return config.path or "/monitoring/prometheus/metrics"

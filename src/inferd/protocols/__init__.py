@@ -11,15 +11,29 @@ from dataclasses import dataclass
 
 import orjson
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
 from inferd.service import InferenceService
-from inferd.types import InferenceResponse
+from inferd.types import InferenceResponse, ModelRef
 
 Response = tuple[int, dict[str, str], bytes]
 """HTTP status, headers, body."""
 
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+def model_ref(name: str, version: str | None, label: str | None = None) -> ModelRef:
+    """The model a URL names; ``version`` is the digits the route matched.
+
+    Raises:
+        InvalidArgument: the version does not fit in int64 (TF Serving's message).
+    """
+    if version is None:
+        return ModelRef(name, label=label)
+    number = int(version)
+    if number >= 2**63:
+        raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
+    return ModelRef(name, version=number)
 
 
 def json_error(error: InferdError) -> Response:

@@ -19,7 +19,7 @@ import orjson
 
 from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, record_request
+from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
@@ -64,7 +64,7 @@ async def handle(
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
             model = name
-            ref = _ref(name, version, label)
+            ref = model_ref(name, version, label)
             doc = _parse_json(body)
             if verb.lower() == "predict":
                 result = await _predict(service, ref, doc, request_id, deadline, timing)
@@ -75,7 +75,7 @@ async def handle(
             name, version, label, metadata = match.groups()
             if name is None:
                 raise InvalidArgument("Missing model name in request.")
-            ref = _ref(name, version, label)
+            ref = model_ref(name, version, label)
             document = _metadata(service.metadata(ref)) if metadata else _status(service.status(ref))
             return 200, _JSON, orjson.dumps(document)
         else:
@@ -86,15 +86,6 @@ async def handle(
     if metrics is not None and model:
         record_request(metrics, service, PROTOCOL, model, status, timing)
     return result
-
-
-def _ref(name: str, version: str | None, label: str | None) -> ModelRef:
-    if version is None:
-        return ModelRef(name, label=label)
-    number = int(version)
-    if number >= 2**63:
-        raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
-    return ModelRef(name, version=number)
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import orjson
 import inferd
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, record_request
+from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
@@ -59,7 +59,7 @@ async def handle(
         if match is None:
             raise NotFound(f"no route for {method} {path}")
         name, version, action = match.groups()
-        ref = ModelRef(name, version=None if version is None else _version(version))
+        ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
             model = name
             result = await _infer(service, ref, headers, body, request_id, deadline, timing)
@@ -82,13 +82,6 @@ async def handle(
 
 def _json(document: Any) -> Response:
     return 200, JSON_HEADERS, orjson.dumps(document, option=_NUMPY)
-
-
-def _version(text: str) -> int:
-    number = int(text)
-    if number >= 2**63:
-        raise InvalidArgument(f"version {text} does not fit in 64 bits")
-    return number
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
