@@ -24,11 +24,13 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """A running ``python -m inferd serve`` and the base URL of its REST API."""
+    """A running ``python -m inferd serve``, the base URL of its REST API and the ``host:port`` of
+    its gRPC API."""
 
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    grpc_target: str
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -72,14 +74,18 @@ def _reachable(url: str) -> bool:
 
 
 def launch(log_dir: Path, *args: str, poll_s: float = 0.0, wait: bool = True) -> ServerProcess:
-    """Start ``python -m inferd serve ARGS`` on a free port; with ``wait``, until it answers.
+    """Start ``python -m inferd serve ARGS`` on free REST and gRPC ports; with ``wait``, until the
+    REST port answers (the gRPC port opens before it).
 
     ``poll_s`` is ``--file_system_poll_wait_seconds`` unless ARGS set it: 0 (scan once) suits
     tests that never change the repository; hot-reload tests pass a short period.
     """
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
+    while grpc_port == port:
+        grpc_port = free_port()
     log_path = log_dir / f"server-{port}.log"
     argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
+    argv.append(f"--port={grpc_port}")
     if not any(a.startswith("--file_system_poll_wait_seconds") for a in args):
         argv.append(f"--file_system_poll_wait_seconds={poll_s}")
     with log_path.open("wb") as log_file:
@@ -89,7 +95,7 @@ def launch(log_dir: Path, *args: str, poll_s: float = 0.0, wait: bool = True) ->
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, f"127.0.0.1:{grpc_port}")
     if wait:
         try:
             server.wait_for(lambda: _reachable(server.url), "the REST port to open", timeout_s=60)

@@ -27,7 +27,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     (
         "port",
         int,
-        "port of the gRPC API (accepted and kept; the gRPC server comes in a later release)",
+        "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
     ),
     ("model_name", str, "name of the model served from --model_base_path"),
     ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),

@@ -1,8 +1,9 @@
-"""The composition root: builds the object graph, runs the HTTP server and the repository poller.
+"""The composition root: builds the object graph, runs the HTTP and gRPC servers and the
+repository poller.
 
 At start the server scans the repository, loads the initial versions, and only then opens its
-port (as TF Serving does), so a client that can connect finds the models loaded. SIGINT and
-SIGTERM stop it: the port closes, in-flight requests finish, every model is unloaded.
+ports (as TF Serving does), so a client that can connect finds the models loaded. SIGINT and
+SIGTERM stop it: the ports close, in-flight requests finish, every model is unloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferd.config import (
     BatchingParameters,
@@ -31,7 +32,13 @@ from inferd.protocols import Response, json_error, tfserving_rest, v2_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
 
+if TYPE_CHECKING:
+    import grpc
+
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
+
+GRPC_GRACE_S = 10.0
+"""On shutdown, how long in-flight gRPC calls may take to finish before they are cancelled."""
 
 log = logging.getLogger(__name__)
 
@@ -212,23 +219,76 @@ class Server:
                 loop="none",
             )
         )
-        log.info(
-            "serving %s on http://%s:%d",
-            ", ".join(self.manager.names()),
-            self.config.host,
-            self.config.rest_api_port,
-        )
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, http.request_exit)
+        grpc_server: grpc.aio.Server | None = None
         try:
+            if self.config.port:
+                grpc_server = await _start_grpc(self.service, self.config, self.metrics)
+            log.info(
+                "serving %s on http://%s:%d%s",
+                ", ".join(self.manager.names()),
+                self.config.host,
+                self.config.rest_api_port,
+                f" and gRPC on {self.config.host}:{self.config.port}" if grpc_server else "",
+            )
+
+            stopping: list[asyncio.Task[None]] = []
+
+            def request_exit() -> None:
+                http.request_exit()
+                if grpc_server is not None and not stopping:
+                    stopping.append(loop.create_task(grpc_server.stop(GRPC_GRACE_S)))
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, request_exit)
             await http.serve()
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(GRPC_GRACE_S)
             if poller:
                 poller.cancel()
             await self.manager.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _start_grpc(
+    service: InferenceService, config: ServerConfig, metrics: Metrics | None
+) -> grpc.aio.Server:
+    """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
+    health service (every service SERVING) and server reflection.
+
+    Raises:
+        ConfigError: the port cannot be bound.
+    """
+    # Imported here, not at the top: the generated V2 messages are named as tritonclient's are, and
+    # one process cannot register both, so `import inferd.server` leaves them out.
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from inferd.protocols import tfserving_grpc, v2_grpc
+
+    # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
+    options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    tfserving_grpc.add_to_server(server, service, config.max_request_bytes, metrics)
+    v2_grpc.add_to_server(server, service, metrics)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
+    for name in (health.OVERALL_HEALTH, *services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
+    await server.start()
+    return server
 
 
 def _http_server_class() -> type:

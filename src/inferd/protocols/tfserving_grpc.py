@@ -1,0 +1,482 @@
+"""TensorFlow Serving's gRPC API: ``tensorflow.serving.PredictionService`` and ``ModelService``.
+
+Tensors arrive as ``TensorProto``: numeric ``tensor_content`` is read with ``np.frombuffer``
+(no loop over elements); the typed fields (``float_val``, ``int_val``, ...) are read as TF Serving
+reads them: a single value fills the whole shape, and a tensor without a shape is a scalar.
+Answers carry ``tensor_content`` (strings: ``string_val``), which ``tf.make_ndarray`` reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import grpc
+import numpy as np
+
+from inferd._proto import model_service_pb2 as ms
+from inferd._proto import model_service_pb2_grpc as ms_grpc
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto import prediction_service_pb2_grpc as ps_grpc
+from inferd._proto.error_codes_pb2 import Code
+from inferd._proto.example_pb2 import Example, Feature
+from inferd._proto.meta_graph_pb2 import TensorInfo
+from inferd._proto.tensor_pb2 import TensorProto
+from inferd._proto.types_pb2 import DataType
+from inferd.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted
+from inferd.metrics import Metrics
+from inferd.protocols import RequestTiming, record_request
+from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.service import InferenceService
+from inferd.types import (
+    InferenceRequest,
+    InferenceResponse,
+    Method,
+    ModelId,
+    ModelRef,
+    Signature,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+)
+
+PROTOCOL = "grpc"
+SERVICES = (
+    ps.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+    ms.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+_VALUES = {
+    np.dtype(np.float32): "float_val",
+    np.dtype(np.float64): "double_val",
+    np.dtype(np.float16): "half_val",
+    np.dtype(np.int8): "int_val",
+    np.dtype(np.int16): "int_val",
+    np.dtype(np.int32): "int_val",
+    np.dtype(np.uint8): "int_val",
+    np.dtype(np.uint16): "int_val",
+    np.dtype(np.int64): "int64_val",
+    np.dtype(np.uint32): "uint32_val",
+    np.dtype(np.uint64): "uint64_val",
+    np.dtype(np.bool_): "bool_val",
+    np.dtype(object): "string_val",
+}
+"""numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
+
+_FEATURE_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
+_TASK_METHODS = {Method.CLASSIFY.value: Method.CLASSIFY, Method.REGRESS.value: Method.REGRESS}
+
+
+class PredictionServicer(ps_grpc.PredictionServiceServicer):
+    """Predict, Classify, Regress, MultiInference and GetModelMetadata on ``InferenceService``.
+
+    Args:
+        max_tensor_bytes: the largest tensor that one typed value may fill.
+    """
+
+    def __init__(
+        self, service: InferenceService, max_tensor_bytes: int, metrics: Metrics | None = None
+    ) -> None:
+        self._service = service
+        self._max_tensor_bytes = max_tensor_bytes
+        self._metrics = metrics
+        self._ids = itertools.count(1)
+
+    async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
+        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
+        call = self._predict(request, request_id, deadline_of(context), timing)
+        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+
+    async def Classify(
+        self, request: ps.ClassificationRequest, context: Context
+    ) -> ps.ClassificationResponse:
+        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
+        call = self._classify(request, request_id, deadline_of(context), timing)
+        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+
+    async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
+        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
+        call = self._regress(request, request_id, deadline_of(context), timing)
+        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+
+    async def MultiInference(
+        self, request: ps.MultiInferenceRequest, context: Context
+    ) -> ps.MultiInferenceResponse:
+        request_id = f"g{next(self._ids)}"
+        return await answer(context, self._multi(request, request_id, deadline_of(context)), request_id)
+
+    async def GetModelMetadata(
+        self, request: ps.GetModelMetadataRequest, context: Context
+    ) -> ps.GetModelMetadataResponse:
+        return await answer(context, self._metadata(request), f"g{next(self._ids)}")
+
+    def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
+        metrics, service = self._metrics, self._service
+        if metrics is None or not model:
+            return None
+        return lambda status: record_request(metrics, service, PROTOCOL, model, status, timing)
+
+    async def _predict(
+        self, request: ps.PredictRequest, request_id: str, deadline: float | None, timing: RequestTiming
+    ) -> ps.PredictResponse:
+        ref = model_ref(request.model_spec)
+        signature = self._service.signature(ref, request.model_spec.signature_name or None)
+        wanted = _output_filter(signature, list(request.output_filter))
+        limit = self._max_tensor_bytes
+        inputs = {name: decode_tensor(name, tensor, limit) for name, tensor in request.inputs.items()}
+        timing.decoded = time.perf_counter()
+        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
+        response = timing.response = await self._service.infer(ref, infer)
+        reply = ps.PredictResponse()
+        _fill_spec(reply.model_spec, response.model_id, signature.name)
+        for name in wanted or response.outputs:
+            encode_tensor(reply.outputs[name], response.outputs[name])
+        return reply
+
+    async def _examples(
+        self,
+        spec: ps.ModelSpec,
+        input_: ps.Input,
+        method: Method,
+        request_id: str,
+        deadline: float | None,
+        timing: RequestTiming | None = None,
+    ) -> tuple[InferenceResponse, str, int]:
+        """Run the classify or regress signature on examples: the answer, its signature name and
+        the number of examples."""
+        ref = model_ref(spec)
+        signature = self._service.signature(ref, spec.signature_name or None, method)
+        inputs, count = examples_to_inputs(signature, input_)
+        if timing:
+            timing.decoded = time.perf_counter()
+        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
+        response = await self._service.infer(ref, infer)
+        if timing:
+            timing.response = response
+        return response, signature.name, count
+
+    async def _classify(
+        self,
+        request: ps.ClassificationRequest,
+        request_id: str,
+        deadline: float | None,
+        timing: RequestTiming,
+    ) -> ps.ClassificationResponse:
+        response, signature, _ = await self._examples(
+            request.model_spec, request.input, Method.CLASSIFY, request_id, deadline, timing
+        )
+        reply = ps.ClassificationResponse()
+        _fill_spec(reply.model_spec, response.model_id, signature)
+        _fill_classifications(reply.result, response)
+        return reply
+
+    async def _regress(
+        self, request: ps.RegressionRequest, request_id: str, deadline: float | None, timing: RequestTiming
+    ) -> ps.RegressionResponse:
+        response, signature, count = await self._examples(
+            request.model_spec, request.input, Method.REGRESS, request_id, deadline, timing
+        )
+        reply = ps.RegressionResponse()
+        _fill_spec(reply.model_spec, response.model_id, signature)
+        _fill_regressions(reply.result, response, count)
+        return reply
+
+    async def _multi(
+        self, request: ps.MultiInferenceRequest, request_id: str, deadline: float | None
+    ) -> ps.MultiInferenceResponse:
+        if not request.tasks:
+            raise InvalidArgument("MultiInferenceRequest must name at least one task")
+        if len({task.model_spec.name for task in request.tasks}) > 1:
+            raise InvalidArgument("All tasks must use the same model name")
+        reply = ps.MultiInferenceResponse()
+        for task in request.tasks:
+            method = _TASK_METHODS.get(task.method_name)
+            if method is None:
+                raise InvalidArgument(
+                    f"Unsupported signature method_name: {task.method_name!r}; "
+                    f"expected one of {sorted(_TASK_METHODS)}"
+                )
+            response, signature, count = await self._examples(
+                task.model_spec, request.input, method, request_id, deadline
+            )
+            result = reply.results.add()
+            _fill_spec(result.model_spec, response.model_id, signature)
+            if method is Method.CLASSIFY:
+                _fill_classifications(result.classification_result, response)
+            else:
+                _fill_regressions(result.regression_result, response, count)
+        return reply
+
+    async def _metadata(self, request: ps.GetModelMetadataRequest) -> ps.GetModelMetadataResponse:
+        if not request.metadata_field:
+            raise InvalidArgument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise InvalidArgument(f"Metadata field {field} is not supported")
+        meta = self._service.metadata(model_ref(request.model_spec))
+        signatures = ps.SignatureDefMap()
+        for name, signature in meta.signatures.items():
+            definition = signatures.signature_def[name]
+            definition.method_name = signature.method.value
+            for spec in signature.inputs:
+                _fill_tensor_info(definition.inputs[spec.name], spec)
+            for spec in signature.outputs:
+                _fill_tensor_info(definition.outputs[spec.name], spec)
+        reply = ps.GetModelMetadataResponse()
+        _fill_spec(reply.model_spec, meta.model_id, "")
+        reply.metadata["signature_def"].Pack(signatures)
+        return reply
+
+
+class ModelServicer(ms_grpc.ModelServiceServicer):
+    """GetModelStatus; HandleReloadConfigRequest is refused (admin operations are disabled)."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+        self._ids = itertools.count(1)
+
+    async def GetModelStatus(
+        self, request: ms.GetModelStatusRequest, context: Context
+    ) -> ms.GetModelStatusResponse:
+        return await answer(context, self._status(request), f"s{next(self._ids)}")
+
+    async def HandleReloadConfigRequest(
+        self, request: ms.ReloadConfigRequest, context: Context
+    ) -> ms.ReloadConfigResponse:
+        return await answer(context, _refuse_reload(), f"s{next(self._ids)}")
+
+    async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
+        reply = ms.GetModelStatusResponse()
+        for status in self._service.status(model_ref(request.model_spec)):
+            entry = reply.model_version_status.add(version=status.version, state=int(status.state))
+            known = status.error_code in Code.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
+            entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
+            entry.status.error_message = status.error_message
+        return reply
+
+
+async def _refuse_reload() -> ms.ReloadConfigResponse:
+    raise PermissionDenied(
+        "admin operations are disabled: inferd applies --model_config_file when it changes on disk "
+        "(--model_config_file_poll_wait_seconds)"
+    )
+
+
+def model_ref(spec: ps.ModelSpec) -> ModelRef:
+    """The model, and version or label, a ``ModelSpec`` names.
+
+    Raises:
+        InvalidArgument: no model name.
+    """
+    if not spec.name:
+        raise InvalidArgument("model_spec.name is required")
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return ModelRef(spec.name, version=spec.version.value)
+    if choice == "version_label":
+        return ModelRef(spec.name, label=spec.version_label)
+    return ModelRef(spec.name)
+
+
+def _fill_spec(spec: ps.ModelSpec, model_id: ModelId, signature: str) -> None:
+    spec.name = model_id.name
+    spec.version.value = model_id.version
+    spec.signature_name = signature
+
+
+def _output_filter(signature: Signature, wanted: list[str]) -> list[str]:
+    names = [spec.name for spec in signature.outputs]
+    seen: set[str] = set()
+    for alias in wanted:
+        if alias not in names:
+            raise InvalidArgument(
+                f"output tensor alias not found in signature: {alias} "
+                f"Outputs expected to be in the set {{{','.join(names)}}}."
+            )
+        if alias in seen:
+            raise InvalidArgument(f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+    return wanted
+
+
+def decode_tensor(name: str, proto: TensorProto, max_bytes: int) -> np.ndarray:
+    """A ``TensorProto`` as an ndarray (a read-only view of ``tensor_content`` when it has one).
+
+    One typed value fills the shape, when that takes at most ``max_bytes``.
+
+    Raises:
+        InvalidArgument: an unsupported dtype, a negative or unknown shape, or values that do not
+            fill the shape; the message names the tensor.
+        ResourceExhausted: one value would fill more than ``max_bytes``.
+    """
+    try:
+        dtype = dtype_of(DataType.Name(proto.dtype)).numpy
+    except (KeyError, ValueError):
+        label = DataType.Name(proto.dtype) if proto.dtype in DataType.values() else str(proto.dtype)
+        raise InvalidArgument(f"input {name!r}: dtype {label} is not supported") from None
+    tf_name = DataType.Name(proto.dtype)
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidArgument(f"input {name!r}: tensor_shape has unknown_rank; give its dims")
+    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
+    if any(size < 0 for size in shape):
+        raise InvalidArgument(f"input {name!r}: tensor_shape {list(shape)} has a negative dim")
+    count = math.prod(shape)
+    if proto.tensor_content:
+        content = proto.tensor_content
+        if dtype.kind == "O":
+            raise InvalidArgument(f"input {name!r}: DT_STRING values go in string_val, not tensor_content")
+        if len(content) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
+                f"tensor_content, got {len(content)}"
+            )
+        return np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    field = _VALUES[dtype]
+    values = getattr(proto, field)
+    try:
+        if dtype.kind == "O":
+            flat = np.empty(len(values), dtype=object)
+            flat[:] = list(values)
+        elif field == "half_val":
+            flat = np.asarray(values, dtype=np.uint16).view(np.float16)
+        else:
+            flat = np.asarray(values, dtype=dtype)
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tf_name}") from None
+    if flat.size == count:
+        return flat.reshape(shape)
+    if flat.size == 1:
+        if count * dtype.itemsize > max_bytes:
+            raise ResourceExhausted(
+                f"input {name!r}: filling {tf_name} {list(shape)} from one value would take "
+                f"{count * dtype.itemsize} bytes, over the limit of {max_bytes} (--max_request_bytes)"
+            )
+        return np.full(shape, flat[0], dtype=dtype)
+    raise InvalidArgument(
+        f"input {name!r}: {tf_name} {list(shape)} needs {count} values in {field} (or 1 to fill the "
+        f"shape), got {flat.size}"
+    )
+
+
+def _data_type(dtype: np.dtype[Any]) -> DataType:
+    return cast(DataType, DataType.Value(dtype_of(dtype).tf))
+
+
+def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
+    """Write ``value`` into ``proto``: numbers as ``tensor_content``, strings as ``string_val``."""
+    proto.dtype = _data_type(value.dtype)
+    for size in value.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if value.dtype.kind in "OUS":
+        proto.string_val.extend(
+            item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
+        )
+    else:
+        proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
+    info.name = spec.name
+    info.dtype = _data_type(spec.dtype)
+    if spec.shape is None:
+        info.tensor_shape.unknown_rank = True
+    for size in spec.shape or ():
+        info.tensor_shape.dim.add(size=size)
+
+
+def examples_to_inputs(signature: Signature, input_: ps.Input) -> tuple[Tensors, int]:
+    """``tf.Example`` features -> the signature's input tensors, and the number of examples.
+
+    Features are matched to inputs by name; with a one-input signature, a one-feature example gives
+    that input whatever its name. A feature's values form one row, and a one-value feature of a
+    rank-1 input one element.
+
+    Raises:
+        InvalidArgument: no examples, features that do not match the inputs, a feature repeated in
+            the context, or a feature whose values differ in kind or count between examples.
+    """
+    kind = input_.WhichOneof("kind")
+    context: dict[str, Feature] = {}
+    if kind == "example_list":
+        examples: Sequence[Example] = input_.example_list.examples
+    elif kind == "example_list_with_context":
+        examples = input_.example_list_with_context.examples
+        context = dict(input_.example_list_with_context.context.features.feature)
+    else:
+        raise InvalidArgument("input must hold example_list or example_list_with_context")
+    if not examples:
+        raise InvalidArgument("Input is empty: give at least one example")
+    names = signature.input_names()
+    columns: dict[str, list[Feature]] = {name: [] for name in names}
+    for i, example in enumerate(examples):
+        features = dict(example.features.feature)
+        if clash := features.keys() & context.keys():
+            raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
+        features |= context
+        if len(names) == 1 and len(features) == 1:
+            features = {names[0]: next(iter(features.values()))}
+        elif set(features) != set(names):
+            raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
+        for name in names:
+            columns[name].append(features[name])
+    tensors = {spec.name: _feature_column(spec, columns[spec.name]) for spec in signature.inputs}
+    return tensors, len(examples)
+
+
+def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
+    kinds = {feature.WhichOneof("kind") for feature in features}
+    if len(kinds) != 1 or None in kinds:
+        raise InvalidArgument(
+            f"feature {spec.name!r}: every example must give one kind of list "
+            f"(float_list, int64_list or bytes_list), got {sorted(str(k) for k in kinds)}"
+        )
+    (kind,) = kinds
+    assert kind is not None
+    rows = [list(getattr(feature, kind).value) for feature in features]
+    widths = {len(row) for row in rows}
+    if len(widths) != 1:
+        raise InvalidArgument(
+            f"feature {spec.name!r}: every example must give the same number of values, got {sorted(widths)}"
+        )
+    array: np.ndarray[Any, Any] = np.array(rows, dtype=_FEATURE_DTYPES[kind])
+    if spec.shape is not None and len(spec.shape) == 1 and widths == {1}:
+        array = array.reshape(len(rows))
+    return array
+
+
+def _fill_classifications(result: ps.ClassificationResult, response: InferenceResponse) -> None:
+    classes, scores = response.outputs["classes"], response.outputs["scores"]
+    if scores.ndim != 2 or classes.shape != scores.shape:
+        raise Internal(
+            f"model {response.model_id} returned classes {list(classes.shape)} and scores "
+            f"{list(scores.shape)}; a classify signature gives both as [examples, classes]"
+        )
+    for labels, row in zip(classes.tolist(), scores.tolist(), strict=True):
+        classifications = result.classifications.add()
+        for label, score in zip(labels, row, strict=True):
+            text = label.decode(errors="replace") if isinstance(label, bytes) else str(label)
+            classifications.classes.add(label=text, score=score)
+
+
+def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, count: int) -> None:
+    ((_, values),) = response.outputs.items()
+    if values.shape not in ((count,), (count, 1)):
+        raise InvalidArgument(
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+            f"{list(values.shape)}; use Predict for a model with several outputs per example"
+        )
+    for value in values.reshape(count).tolist():
+        result.regressions.add(value=value)
+
+
+def add_to_server(
+    server: grpc.aio.Server, service: InferenceService, max_tensor_bytes: int, metrics: Metrics | None
+) -> None:
+    """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
+    ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        PredictionServicer(service, max_tensor_bytes, metrics), server
+    )
+    ms_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)  # type: ignore[no-untyped-call]

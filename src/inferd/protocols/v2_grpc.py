@@ -1,0 +1,253 @@
+"""The Open Inference Protocol (KServe V2) over gRPC: ``inference.GRPCInferenceService``.
+
+Inputs come in ``raw_input_contents`` (what tritonclient sends: row-major little-endian bytes,
+BYTES elements as ``<uint32 length><bytes>``), read with ``np.frombuffer``, or in the typed
+``contents`` fields. Outputs always go in ``raw_output_contents``, the only place tritonclient
+reads numeric outputs from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+import inferd
+from inferd._proto import grpc_service_pb2 as pb
+from inferd._proto import grpc_service_pb2_grpc as pb_grpc
+from inferd.errors import InvalidArgument, NotFound, Unavailable
+from inferd.metrics import Metrics
+from inferd.protocols import RequestTiming, model_ref, record_request
+from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.service import InferenceService
+from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
+
+PROTOCOL = "v2_grpc"
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
+"""Runtime -> platform, as the V2 REST adapter names them."""
+
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+"""Datatype -> the InferTensorContents field that holds its values (FP16 has none: raw only)."""
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Health, metadata and inference on ``InferenceService``."""
+
+    def __init__(self, service: InferenceService, metrics: Metrics | None = None) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._ids = itertools.count(1)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._service.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return await answer(context, self._model_ready(request), f"v{next(self._ids)}")
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="inferd", version=inferd.__version__)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        return await answer(context, self._metadata(request), f"v{next(self._ids)}")
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        request_id, timing = f"v{next(self._ids)}", RequestTiming(time.perf_counter())
+        call = self._infer(request, request_id, deadline_of(context), timing)
+        return await answer(context, call, request_id, self._recorder(request.model_name, timing))
+
+    def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
+        metrics, service = self._metrics, self._service
+        if metrics is None or not model:
+            return None
+        return lambda status: record_request(metrics, service, PROTOCOL, model, status, timing)
+
+    async def _model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        ref = _ref(request.name, request.version)
+        try:
+            self._service.metadata(ref)
+        except (NotFound, Unavailable):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def _metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        meta = self._service.metadata(_ref(request.name, request.version))
+        signature = meta.signatures[DEFAULT_SIGNATURE]
+        reply = pb.ModelMetadataResponse(
+            name=meta.model_id.name,
+            versions=[str(v) for v in meta.versions],
+            platform=_PLATFORMS.get(meta.platform, meta.platform),
+        )
+        for spec in signature.inputs:
+            _fill_metadata(reply.inputs.add(), spec)
+        for spec in signature.outputs:
+            _fill_metadata(reply.outputs.add(), spec)
+        return reply
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, request_id: str, deadline: float | None, timing: RequestTiming
+    ) -> pb.ModelInferResponse:
+        ref = _ref(request.model_name, request.model_version)
+        outputs = [spec.name for spec in self._service.signature(ref, None).outputs]
+        wanted = [output.name for output in request.outputs] or outputs
+        for name in wanted:
+            if name not in outputs:
+                raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+        inputs = decode_inputs(request)
+        timing.decoded = time.perf_counter()
+        infer = InferenceRequest(inputs, id=request.id or None, deadline=deadline)
+        response = timing.response = await self._service.infer(ref, infer)
+        reply = pb.ModelInferResponse(
+            model_name=response.model_id.name, model_version=str(response.model_id.version), id=request.id
+        )
+        for name in wanted:
+            value = response.outputs[name]
+            reply.outputs.add(name=name, datatype=dtype_of(value.dtype).v2, shape=value.shape)
+            reply.raw_output_contents.append(to_raw(value))
+        return reply
+
+
+def _ref(name: str, version: str) -> ModelRef:
+    if not name:
+        raise InvalidArgument("a model name is required")
+    if version and not version.isdigit():
+        raise InvalidArgument(f"model version must be a number, got {version!r}")
+    return model_ref(name, version or None)
+
+
+def _fill_metadata(tensor: pb.ModelMetadataResponse.TensorMetadata, spec: TensorSpec) -> None:
+    tensor.name = spec.name
+    tensor.datatype = dtype_of(spec.dtype).v2
+    tensor.shape.extend([-1] if spec.shape is None else spec.shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> Tensors:
+    """The request's input tensors, from ``raw_input_contents`` or each input's ``contents``.
+
+    Raises:
+        InvalidArgument: an unknown datatype, a negative dim, raw and typed data mixed, or data that
+            does not fill the shape; the message names the input.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "give one per input, in the order of 'inputs'"
+        )
+    tensors: Tensors = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in tensors:
+            raise InvalidArgument(f"input {name!r} is given twice")
+        try:
+            dtype = dtype_of(tensor.datatype)
+        except KeyError:
+            dtype = None
+        if dtype is None or dtype.v2 != tensor.datatype:
+            raise InvalidArgument(f"input {name!r}: unknown datatype {tensor.datatype!r}")
+        shape = list(tensor.shape)
+        if any(size < 0 for size in shape):
+            raise InvalidArgument(f"input {name!r}: shape {shape} has a negative dim")
+        count = math.prod(shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"input {name!r}: give data in raw_input_contents or in contents, not both"
+                )
+            array = from_raw(raw[i], dtype.numpy, count, name)
+        else:
+            array = _from_contents(tensor, dtype.numpy, count, name)
+        tensors[name] = array.reshape(shape)
+    return tensors
+
+
+def from_raw(raw: bytes, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
+    """Raw tensor bytes as a flat array of ``count`` elements (numeric: a read-only view)."""
+    if dtype.kind != "O":
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
+                f"{count * dtype.itemsize} bytes, raw_input_contents has {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + length > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element runs past the end of its data")
+        items.append(raw[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any], count: int, name: str
+) -> np.ndarray:
+    field = _CONTENTS.get(tensor.datatype)
+    if field is None:
+        raise InvalidArgument(f"input {name!r}: {tensor.datatype} data goes in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(f"input {name!r}: shape needs {count} elements, {field} has {len(values)}")
+    if dtype.kind == "O":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array
+    try:
+        return np.asarray(values, dtype=dtype)
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tensor.datatype}") from None
+
+
+def to_raw(value: np.ndarray) -> bytes:
+    """An output's raw bytes: little-endian row-major numbers, or length-prefixed BYTES elements."""
+    if value.dtype.kind in "OUS":
+        parts = []
+        for item in value.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+def add_to_server(server: grpc.aio.Server, service: InferenceService, metrics: Metrics | None) -> None:
+    """Serve GRPCInferenceService on ``server``."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(service, metrics), server
+    )
