@@ -1,0 +1,237 @@
+"""docs/benchmarks.md and the plot, from the results dict that run.py writes as JSON."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+PLOT = r"""
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+results = json.load(open(sys.argv[1]))
+rows = [r for r in results["rows"] if r.get("pred_per_s")]
+panels = sorted({(r["model"], r["instances"]) for r in rows})
+if not panels:
+    sys.exit("nothing measured")
+fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+names = sorted({(r["server"], r["variant"]) for r in rows})
+cmap = plt.get_cmap("tab20")
+for ax, (model, n) in zip(axes[0], panels):
+    for i, (s, v) in enumerate(names):
+        pts = sorted((r["connections"], r["pred_per_s"], r["p99_ms"]) for r in rows
+                     if r["server"] == s and r["variant"] == v and r["model"] == model and r["instances"] == n)
+        if not pts:
+            continue
+        style = dict(lw=2.5, color="black") if s == "inferd" else dict(color=cmap(i % 20))
+        ls = "--" if v == "batching" else "-"
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], ls, marker="o", label=f"{s} ({v})", **style)
+        for c, x, y in pts:
+            ax.annotate(f"c{c}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    bound = next((b for b in results["bounds"] if b["model"] == model and b["instances"] == n), None)
+    if bound:
+        ax.axvline(bound["full_path_pred_per_s"], color="grey", ls=":", label="in-process full path (1 thread)")
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("predictions/s (median)"); ax.set_ylabel("p99 latency, ms (median)")
+    ax.set_title(f"{model}, {n} instance(s) per request")
+    ax.grid(True, which="both", alpha=0.3)
+axes[0][-1].legend(fontsize=7, loc="best")
+fig.suptitle("throughput vs p99 latency; points are wrk connections (c1, c8, c64); lower right is better")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+"""
+
+
+def plot(results: dict, json_path: Path, png_path: Path, venv: Path) -> str | None:
+    """Draws the plot with matplotlib from ``venv`` (installed there if missing); an error or None."""
+    py = venv / "bin" / "python"
+    try:
+        if not py.exists():
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True, capture_output=True)
+        if subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True).returncode != 0:
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", "matplotlib"], check=True, capture_output=True
+            )
+        done = subprocess.run(
+            [str(py), "-c", PLOT, str(json_path), str(png_path)], capture_output=True, text=True
+        )
+        return None if done.returncode == 0 else done.stderr[-800:]
+    except Exception as exc:
+        return str(exc)
+
+
+def _f(v, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}×" if a and b else "–"
+
+
+def label(r: dict) -> str:
+    return r["server"] if r["variant"] == "default" else f"{r['server']} (batching)"
+
+
+def _find(rows, **kw):
+    return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
+
+
+def headline(results: dict) -> str:
+    rows = [r for r in results["rows"] if r.get("pred_per_s")]
+    lines = []
+    for model, n in sorted({(r["model"], r["instances"]) for r in rows}):
+        for c in sorted({r["connections"] for r in rows if r["model"] == model and r["instances"] == n}):
+            here = [r for r in rows if r["model"] == model and r["instances"] == n and r["connections"] == c]
+            ours = [r for r in here if r["server"] == "inferd"]
+            others = [r for r in here if r["server"] != "inferd"]
+            best = max(others, key=lambda r: r["pred_per_s"], default=None)
+            parts = [f"{label(r)} {r['pred_per_s']:,.0f} pred/s p99 {r['p99_ms']:.2f} ms" for r in ours]
+            if best:
+                parts.append(
+                    f"fastest alternative {label(best)} {best['pred_per_s']:,.0f} pred/s "
+                    f"p99 {best['p99_ms']:.2f} ms"
+                )
+            lines.append(f"- {model}, {n} instance(s), {c} connection(s): " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def markdown(results: dict, png_name: str | None) -> str:
+    s, m = results["settings"], results["machine"]
+    rows = results["rows"]
+    out = [
+        "# Benchmarks",
+        "",
+        "inferd against the servers people use instead, each serving the same ONNX model with "
+        "onnxruntime, all driven by the same `wrk` + Lua script (`bench/wrk_post.lua`). Produced by "
+        "`bench/run.py`; see [bench/README.md](../bench/README.md) for what is measured and how.",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"- date: {results['date']}; the run took {results['elapsed_s'] / 60:.0f} minutes",
+        f"- machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}",
+        f"- load: wrk with 1 thread, pinned to CPU {results['wrk_cpu']} with `taskset`; servers are not pinned, "
+        f"so they share that CPU with wrk (on a 2-CPU machine there is no third core to keep them apart). "
+        f"Each row: {s['warmup']:g} s of warm-up load, then {s['duration']:g} s measured; "
+        f"{s['repeats']} round(s), the servers taken in turn (A, B, C, A, B, C ...), each started afresh per "
+        f"round and model; the tables give medians over rounds.",
+        "- models: `digits`, a scikit-learn MLPClassifier (64 -> 64 -> 10) on `load_digits`, converted with "
+        "skl2onnx; `cnn`, two 3x3 conv + relu + maxpool layers and a linear layer on [N, 1, 28, 28] "
+        "(fixed-seed weights). Both built at bench time.",
+        "- batching variants: at most 32 per batch and 2 ms of waiting, in each server's own unit: examples for "
+        "inferd and BentoML, requests for MLServer, LitServe, Ray Serve and TorchServe.",
+        "- columns: `pred/s` = successful requests/s × instances per request; `vs inferd` = pred/s over inferd "
+        "(default settings) in the same scenario; p50/p99 from wrk's latency distribution; `errors` = non-2xx "
+        "answers + socket errors + timeouts; `CPU s/1k` = CPU-seconds (user + system, the server's whole process "
+        "tree) per 1,000 predictions; `peak`/`idle` = PSS of the process tree in MiB, sampled every 0.25 s under "
+        f"load, and {s.get('idle_wait', 1):g} s after it; `of bound` = pred/s as a share of the in-process full path below.",
+        "",
+        "## Headline",
+        "",
+        headline(results) or "(nothing measured)",
+        "",
+    ]
+    if png_name:
+        out += [f"![throughput vs p99]({png_name})", ""]
+    out += [
+        "## In-process bounds",
+        "",
+        "One Python thread, no HTTP: `ort` is `session.run` on a ready array; `full path` is request bytes -> "
+        "orjson -> numpy -> onnxruntime -> orjson bytes. What one process could reach if serving cost nothing.",
+        "",
+        "| model | instances | ort pred/s | full path pred/s | full path µs/request |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for b in results["bounds"]:
+        out.append(
+            f"| {b['model']} | {b['instances']} | {_f(b['ort_pred_per_s'])} | {_f(b['full_path_pred_per_s'])} "
+            f"| {_f(b['full_path_us_per_call'], 1)} |"
+        )
+    out.append("")
+    for model in s["models"]:
+        for n in s["instances"]:
+            bound = _find(results["bounds"], model=model, instances=n)
+            out += [f"## {model}, {n} instance{'s' if n > 1 else ''} per request", ""]
+            for c in s["connections"]:
+                here = [
+                    r for r in rows if r["model"] == model and r["instances"] == n and r["connections"] == c
+                ]
+                if not here:
+                    continue
+                ref = _find(here, server="inferd", variant="default")
+                ref_pps = ref.get("pred_per_s") if ref else None
+                ref_p99 = ref.get("p99_ms") if ref else None
+                out += [
+                    f"### {c} connection{'s' if c > 1 else ''}",
+                    "",
+                    "| server | req/s | pred/s | vs inferd | p50 ms | p99 ms | p99 vs inferd | errors | CPU s/1k | peak MiB | idle MiB | of bound | runs |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                ]
+                here.sort(key=lambda r: -(r.get("pred_per_s") or -1))
+                for r in here:
+                    if not r.get("pred_per_s"):
+                        out.append(f"| {label(r)} | failed | | | | | | | | | | | 0/{r['runs']} |")
+                        continue
+                    of_bound = f"{r['pred_per_s'] / bound['full_path_pred_per_s']:.0%}" if bound else "–"
+                    out.append(
+                        f"| {'**' + label(r) + '**' if r['server'] == 'inferd' else label(r)} | {_f(r['req_per_s'])} | "
+                        f"{_f(r['pred_per_s'])} | {_ratio(r['pred_per_s'], ref_pps)} | {_f(r['p50_ms'], 2)} | "
+                        f"{_f(r['p99_ms'], 2)} | {_ratio(r['p99_ms'], ref_p99)} | {_f(r['errors'])} | "
+                        f"{_f(r['cpu_s_per_1k_pred'], 3)} | {_f(r['peak_mem_mib'])} | {_f(r['idle_mem_mib'])} | "
+                        f"{of_bound} | {r['ok_runs']}/{r['runs']} |"
+                    )
+                out.append("")
+    failures = {}
+    for r in rows:
+        for f in r.get("failures", []):
+            failures.setdefault(label(r), {}).setdefault(f.split("\n")[0][:300], []).append(
+                f"{r['model']}/{r['instances']}/c{r['connections']}"
+            )
+    out += ["## Failures", ""]
+    if results["install_errors"]:
+        for name, err in results["install_errors"].items():
+            out.append(f"- **{name}** could not be installed: `{err.splitlines()[-1][:300] if err else ''}`")
+    if failures:
+        for name, errs in failures.items():
+            for err, where in errs.items():
+                out.append(f"- **{name}** ({len(where)} rows, e.g. {', '.join(where[:3])}): `{err}`")
+    if not failures and not results["install_errors"]:
+        out.append("None.")
+    errs = [r for r in rows if r.get("errors")]
+    out += ["", "Rows with errors (medians over rounds; non-2xx status codes where the run recorded them):", ""]
+    for r in errs:
+        codes: dict[str, int] = {}
+        for run in results.get("runs", []):
+            if all(run.get(k) == r[k] for k in ("server", "variant", "model", "instances", "connections")):
+                for code, count in (run.get("statuses") or {}).items():
+                    codes[code] = codes.get(code, 0) + count
+        detail = f" (HTTP {', '.join(f'{k}: {v}' for k, v in sorted(codes.items()))})" if codes else ""
+        out.append(f"- {label(r)}, {r['model']}, {r['instances']} instances, c{r['connections']}: "
+                   f"{r['errors']:,.0f} errors{detail}")
+    if not errs:
+        out.append("- none")
+    out += ["", "## Versions", "", "| where | package | version |", "| --- | --- | --- |"]
+    for where, pkgs in results["versions"].items():
+        for p, v in pkgs.items():
+            out.append(f"| {where} | {p} | {v} |")
+    out += ["", "Raw numbers (every run, and the medians above): `bench/results/latest.json`.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    # Regenerate the markdown (and plot) from a results file: python bench/report.py [results.json]
+    import json
+    import sys
+
+    bench = Path(__file__).resolve().parent
+    src = Path(sys.argv[1]) if len(sys.argv) > 1 else bench / "results" / "latest.json"
+    res = json.loads(src.read_text())
+    png = bench.parent / "docs" / "benchmarks.png"
+    error = plot(res, src, png, bench / ".venvs" / "plot")
+    (bench.parent / "docs" / "benchmarks.md").write_text(markdown(res, None if error else png.name))
+    print(error or f"wrote docs/benchmarks.md and {png.name} from {src}")

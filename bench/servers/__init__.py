@@ -1,0 +1,85 @@
+"""One module per server under test. Each defines ``SERVER``, a :class:`Server`.
+
+A server says which packages it needs (installed by name into ``bench/.venvs/<name>``), which
+variants it has (``default`` and, where it batches adaptively, ``batching``), how to start it
+for one model, and what a request looks like for it (path and body).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Batching settings used by every server that batches, so the "batching" rows compare like with
+# like: at most 32 requests (or examples, where the server counts examples) per batch, waiting at
+# most 2 ms for a batch to fill.
+MAX_BATCH = 32
+BATCH_WAIT_MS = 2
+
+
+@dataclass
+class Launch:
+    cmd: list[str]
+    cwd: Path
+    url: str  # the predict URL
+    env: dict[str, str] = field(default_factory=dict)
+    startup_timeout: float = 90.0
+    # extra readiness check: () -> None when ready, or a message saying why it is not (yet)
+    not_ready: Callable[[], str | None] | None = None
+    cleanup: list[Path] = field(default_factory=list)  # removed once the server has stopped
+
+
+@dataclass
+class Context:
+    root: Path  # repository root
+    work: Path  # bench/.work/<run>/<server>-<variant>-<model>
+    venv: Path  # the server's venv (the project's .venv for inferd)
+    model: str  # digits or cnn
+    model_repo: Path  # a repository with <model>/1/model.onnx
+    model_file: Path
+    variant: str
+
+
+class Server:
+    name = ""
+    packages: list[str] = []
+    variants = ("default",)
+    uses_project_venv = False
+    # packages whose versions go into the report
+    report_packages: list[str] = []
+
+    def launch(self, ctx: Context, port: int) -> Launch:
+        raise NotImplementedError
+
+    def body(self, x: np.ndarray) -> bytes:
+        """The request for the examples ``x``; TF Serving's row format unless overridden."""
+        return json.dumps({"instances": x.tolist()}).encode()
+
+    def predictions(self, answer: bytes) -> np.ndarray:
+        """The [N, 10] probabilities out of an answer (for the correctness check)."""
+        return np.asarray(json.loads(answer)["predictions"], dtype=np.float32)
+
+
+def all_servers() -> dict[str, Server]:
+    from . import (
+        bentoml_srv,
+        fastapi_srv,
+        inferd_srv,
+        litserve_srv,
+        mlserver_srv,
+        rayserve_srv,
+        torchserve_srv,
+    )
+
+    mods = (inferd_srv, fastapi_srv, mlserver_srv, bentoml_srv, litserve_srv, rayserve_srv, torchserve_srv)
+    return {m.SERVER.name: m.SERVER for m in mods}
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
