@@ -6,20 +6,26 @@ errors the same way: the status from the ``errors`` table and ``{"error": "<mess
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import orjson
 
 from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
 from inferd.service import InferenceService
-from inferd.types import InferenceResponse, ModelRef
+from inferd.types import InferenceResponse, ModelRef, dtype_of
 
 Response = tuple[int, dict[str, str], bytes]
 """HTTP status, headers, body."""
 
 JSON_HEADERS = {"content-type": "application/json"}
+
+V2_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
+"""Runtime name -> the ``platform`` the Open Inference Protocol reports."""
 
 
 def model_ref(name: str, version: str | None, label: str | None = None) -> ModelRef:
@@ -73,3 +79,48 @@ def record_request(
         max(0.0, ended - inferred),
         ended - timing.started,
     )
+
+
+def from_raw(raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: str, source: str) -> np.ndarray:
+    """V2 raw tensor bytes (REST binary extension, gRPC raw contents) as a flat array of ``count``
+    elements: numbers little-endian with no copy, BYTES as 4-byte-length-prefixed elements.
+
+    Raises:
+        InvalidArgument: the byte count does not fit ``count`` elements; ``source`` names the
+            field that gave the size.
+    """
+    if dtype.kind != "O":
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
+                f"{count * dtype.itemsize} bytes, {source} says {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + length > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element runs past the end of its data")
+        items.append(bytes(raw[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def to_raw(value: np.ndarray) -> bytes:
+    """An output's V2 raw bytes: little-endian row-major numbers, or length-prefixed BYTES."""
+    if value.dtype.kind in "OUS":
+        parts = []
+        for item in value.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,7 @@ from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.errors import InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import RequestTiming, model_ref, record_request
+from inferd.protocols import V2_PLATFORMS, RequestTiming, from_raw, model_ref, record_request, to_raw
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
@@ -31,7 +30,6 @@ from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors,
 PROTOCOL = "v2_grpc"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
 """Runtime -> platform, as the V2 REST adapter names them."""
 
 _CONTENTS = {
@@ -103,7 +101,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reply = pb.ModelMetadataResponse(
             name=meta.model_id.name,
             versions=[str(v) for v in meta.versions],
-            platform=_PLATFORMS.get(meta.platform, meta.platform),
+            platform=V2_PLATFORMS.get(meta.platform, meta.platform),
         )
         for spec in signature.inputs:
             _fill_metadata(reply.inputs.add(), spec)
@@ -181,38 +179,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> Tensors:
                 raise InvalidArgument(
                     f"input {name!r}: give data in raw_input_contents or in contents, not both"
                 )
-            array = from_raw(raw[i], dtype.numpy, count, name)
+            array = from_raw(raw[i], dtype.numpy, count, name, "raw_input_contents")
         else:
             array = _from_contents(tensor, dtype.numpy, count, name)
         tensors[name] = array.reshape(shape)
     return tensors
-
-
-def from_raw(raw: bytes, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
-    """Raw tensor bytes as a flat array of ``count`` elements (numeric: a read-only view)."""
-    if dtype.kind != "O":
-        if len(raw) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
-                f"{count * dtype.itemsize} bytes, raw_input_contents has {len(raw)}"
-            )
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-    items, pos = [], 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
-        (length,) = struct.unpack_from("<I", raw, pos)
-        if pos + 4 + length > len(raw):
-            raise InvalidArgument(f"input {name!r}: a BYTES element runs past the end of its data")
-        items.append(raw[pos + 4 : pos + 4 + length])
-        pos += 4 + length
-    if len(items) != count:
-        raise InvalidArgument(
-            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array
 
 
 def _from_contents(
@@ -232,18 +203,6 @@ def _from_contents(
         return np.asarray(values, dtype=dtype)
     except (OverflowError, ValueError):
         raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tensor.datatype}") from None
-
-
-def to_raw(value: np.ndarray) -> bytes:
-    """An output's raw bytes: little-endian row-major numbers, or length-prefixed BYTES elements."""
-    if value.dtype.kind in "OUS":
-        parts = []
-        for item in value.reshape(-1).tolist():
-            data = item if isinstance(item, bytes) else str(item).encode()
-            parts.append(struct.pack("<I", len(data)))
-            parts.append(data)
-        return b"".join(parts)
-    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
 
 
 def add_to_server(server: grpc.aio.Server, service: InferenceService, metrics: Metrics | None) -> None:

@@ -10,7 +10,6 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 from __future__ import annotations
 
 import re
-import struct
 import time
 from typing import Any
 
@@ -20,7 +19,17 @@ import orjson
 import inferd
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
+from inferd.protocols import (
+    JSON_HEADERS,
+    V2_PLATFORMS,
+    RequestTiming,
+    Response,
+    from_raw,
+    json_error,
+    model_ref,
+    record_request,
+    to_raw,
+)
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
@@ -29,7 +38,6 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters")
 HEADER_LENGTH = "inference-header-content-length"
 
 _MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config)?")
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -97,7 +105,7 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
     return {
         "name": meta.model_id.name,
         "versions": [str(v) for v in meta.versions],
-        "platform": _PLATFORMS.get(meta.platform, meta.platform),
+        "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
         "inputs": [_tensor_metadata(spec) for spec in signature.inputs],
         "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
     }
@@ -119,7 +127,7 @@ def _config(meta: ModelMetadata) -> dict[str, Any]:
 
     config: dict[str, Any] = {
         "name": meta.model_id.name,
-        "platform": _PLATFORMS.get(meta.platform, meta.platform),
+        "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
         "backend": meta.platform,
         "max_batch_size": meta.max_batch_size,
         "input": [tensor(spec) for spec in signature.inputs],
@@ -192,7 +200,7 @@ def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
                     f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
                     "binary bytes left in the body"
                 )
-            array = _from_bytes(binary[offset : offset + size], dtype.numpy, count, name)
+            array = from_raw(binary[offset : offset + size], dtype.numpy, count, name, "binary_data_size")
             offset += size
         elif "data" in entry:
             array = _from_json(entry["data"], dtype.numpy, count, name)
@@ -202,32 +210,6 @@ def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
     if offset != len(binary):
         raise InvalidArgument(f"the body has {len(binary) - offset} binary bytes that no input claims")
     return tensors
-
-
-def _from_bytes(raw: memoryview, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
-    if dtype.kind != "O":
-        if len(raw) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take {count * dtype.itemsize} "
-                f"bytes, binary_data_size says {len(raw)}"
-            )
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-    items, pos = [], 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
-        (length,) = struct.unpack_from("<I", raw, pos)
-        if pos + 4 + length > len(raw):
-            raise InvalidArgument(f"input {name!r}: a BYTES element runs past binary_data_size")
-        items.append(bytes(raw[pos + 4 : pos + 4 + length]))
-        pos += 4 + length
-    if len(items) != count:
-        raise InvalidArgument(
-            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array
 
 
 _KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
@@ -272,7 +254,7 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
         datatype = dtype_of(value.dtype).v2
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
         if as_binary:
-            raw = _to_bytes(value)
+            raw = to_raw(value)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif value.dtype.kind in "OUS":
@@ -288,16 +270,6 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
         return 200, JSON_HEADERS, header
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
     return 200, headers, b"".join([header, *chunks])
-
-
-def _to_bytes(value: np.ndarray) -> bytes:
-    if value.dtype.kind in "OUS":
-        parts = []
-        for item in value.reshape(-1).tolist():
-            data = item if isinstance(item, bytes) else str(item).encode()
-            parts.append(struct.pack("<I", len(data)) + data)
-        return b"".join(parts)
-    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
 
 
 def _text(item: Any) -> str:
