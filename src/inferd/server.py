@@ -261,12 +261,11 @@ async def _start_grpc(
     Raises:
         ConfigError: the port cannot be bound.
     """
-    # Imported here, not at the top: the generated V2 messages are named as tritonclient's are, and
-    # one process cannot register both, so `import inferd.server` leaves them out.
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+    from inferd._proto import POOL
     from inferd.protocols import tfserving_grpc, v2_grpc
 
     # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
@@ -279,7 +278,11 @@ async def _start_grpc(
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     for name in (health.OVERALL_HEALTH, *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    # Reflection answers from inferd's private pool, so it must also hold these two services' files.
+    for module in (health_pb2, reflection_pb2):
+        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
     address = f"{config.host}:{config.port}"
     try:
         bound = server.add_insecure_port(address)
