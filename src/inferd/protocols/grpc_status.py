@@ -14,6 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from inferd.errors import InferdError
+from inferd.metrics import Metrics
 from inferd.protocols import Access
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,15 @@ async def answer(
     call: Coroutine[Any, Any, T],
     request_id: str,
     on_status: Callable[[str], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> T:
     """Await ``call``; abort ``context`` with the status of a failure.
 
-    ``on_status`` receives the gRPC code name (``OK`` on success), e.g. to count the request.
+    ``on_status`` receives the gRPC code name (``OK`` on success), e.g. to count the request;
+    with ``metrics`` the call counts as in flight while it runs.
     """
+    if metrics:
+        metrics.in_flight += 1
     try:
         result = await call
     except InferdError as error:
@@ -49,6 +54,9 @@ async def answer(
         if on_status:
             on_status("INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+    finally:
+        if metrics:
+            metrics.in_flight -= 1
     if on_status:
         on_status("OK")
     return result

@@ -92,25 +92,32 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._predict(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._classify(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._regress(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         request_id = f"g{next(self._ids)}"
-        return await answer(context, self._multi(request, request_id, deadline_of(context)), request_id)
+        call = self._multi(request, request_id, deadline_of(context))
+        return await answer(context, call, request_id, metrics=self._metrics)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context

@@ -98,7 +98,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         request_id, timing = f"v{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._infer(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_name, timing), self._metrics
+        )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return await answer(context, self._config(request), f"v{next(self._ids)}")
