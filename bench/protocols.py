@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """inferd's wire protocols against each other: one inferd server, the CNN model, batching off.
 
-    .venv/bin/python bench/protocols.py                          # 2 rounds, 1 s warm-up + 5 s per row
-    .venv/bin/python bench/protocols.py --duration 1 --warmup 0 --repeats 1 --no-docs   # smoke
+    .venv/bin/python bench/protocols.py --profile-seconds 5    # 2 rounds of 1 s warm-up + 5 s per row
+    .venv/bin/python bench/protocols.py --duration 1 --warmup 0 --repeats 1 --connections 8 --no-docs
 
 Paths: TF Serving's v1 REST JSON, KServe V2 REST JSON and binary (Triton's binary tensor
 extension), V2 gRPC (``raw_input_contents``) and TF Serving's gRPC Predict (``tensor_content``).
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-import models
-import procs
-import report
-from run import WORK, WRK_CPU, ensure_wrk, log, machine, rounded, versions
+import models  # noqa: E402
+import procs  # noqa: E402
+import report  # noqa: E402
+from run import WORK, WRK_CPU, ensure_wrk, log, machine, rounded, versions  # noqa: E402
 
 MODEL = "cnn"
 PERF_ANALYZER = Path(sys.prefix) / "bin" / "perf_analyzer"
@@ -47,6 +46,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- protocols: written by bench/protocols.py -->"
 SECTION_END = "<!-- /protocols -->"
 STAGES = ("decode", "queue", "predict", "encode", "total")
+PACKAGES = ["inferd", "onnxruntime", "grpcio", "protobuf", "orjson", "numpy", "uvicorn", "tritonclient"]
 TARGET_RATIO = 3.0
 TARGET_SHARE = 0.20
 
@@ -66,6 +66,7 @@ class Route:
     http_path: str = ""  # wrk: the URL path
     pa_args: tuple[str, ...] = ()  # perf_analyzer: protocol arguments
     binary: bool = False  # wrk: a binary V2 body
+    max_instances: int | None = None  # larger requests are not measured on this route
 
     @property
     def key(self) -> str:
@@ -78,7 +79,9 @@ ROUTES = (
     Route("v1 JSON", "rest", "wrk", http_path=f"/v1/models/{MODEL}:predict"),
     Route("V2 JSON", "v2_rest", "wrk", http_path=V2_INFER),
     Route("V2 binary", "v2_rest", "wrk", http_path=V2_INFER, binary=True),
-    Route("V2 JSON", "v2_rest", "perf_analyzer", pa_args=JSON_TENSORS),
+    # perf_analyzer 2.41 writes only the last three dims' worth of values into JSON "data" (784 for
+    # [32, 1, 28, 28]; inferd rightly answers 400), so its JSON row exists for 1 instance only
+    Route("V2 JSON", "v2_rest", "perf_analyzer", pa_args=JSON_TENSORS, max_instances=1),
     Route("V2 binary", "v2_rest", "perf_analyzer", pa_args=("-i", "http")),
     Route("V2 gRPC", "v2_grpc", "perf_analyzer", pa_args=("-i", "grpc")),
     Route("TFS gRPC", "grpc", "perf_analyzer", pa_args=("-i", "grpc", "--service-kind=tfserving")),
@@ -130,12 +133,13 @@ def http_answer(route: Route, headers: dict[str, str], body: bytes) -> np.ndarra
     return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
 
-def perf_analyzer_data(x: np.ndarray, path: Path) -> Path:
-    """perf_analyzer's --input-data file holding ``x``, so it sends what wrk sends (its own random
-    bytes include NaNs, which no JSON can carry)."""
-    doc = {"data": [{"input": {"content": x.ravel().tolist(), "shape": list(x.shape)}}]}
-    path.write_text(json.dumps(doc))
-    return path
+def perf_analyzer_data(x: np.ndarray, folder: Path) -> Path:
+    """perf_analyzer's --input-data folder holding ``x`` (one raw little-endian file per input), so it
+    sends what wrk sends. Its own random bytes include NaNs, which JSON cannot carry, and 2.41's
+    TF Serving client sends empty tensors when given a JSON data file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "input").write_bytes(x.astype("<f4").tobytes())
+    return folder
 
 
 # ---------------------------------------------------------------- answers, checked once
@@ -170,6 +174,7 @@ def grpc_tfs_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
     """TF Serving's Predict with ``tensor_content``, through the stubs the e2e tests use (generated
     from inferd's copies of TF Serving's protos: tensorflow-serving-api needs tensorflow)."""
     import grpc
+
     from inferd._proto import prediction_service_pb2 as ps
     from inferd._proto import prediction_service_pb2_grpc as ps_grpc
     from inferd._proto.types_pb2 import DT_FLOAT
@@ -296,7 +301,7 @@ def run_wrk(wrk: str, url: str, body: Path, headers: dict[str, str], c: int, sec
         *(f"{k}: {v}" for k, v in headers.items()),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    line = next((out for out in done.stdout.splitlines() if out.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no result (rc {done.returncode}): {done.stderr[-500:]}")
     res = json.loads(line.removeprefix("WRKJSON "))
@@ -321,16 +326,20 @@ def run_perf_analyzer(route: Route, ports: Ports, data: Path, n: int, c: int, se
     """Three windows of ``seconds / 3`` each; the stability check is off (-s 1000), so it stops
     after three, and its numbers are over those windows."""
     port = ports.grpc if "grpc" in route.pa_args else ports.http
-    out = data.with_suffix(f".{os.getpid()}.csv")
+    out = data.parent / f"{data.name}.csv"
     cmd = [
         str(PERF_ANALYZER), "-m", MODEL, "-u", f"127.0.0.1:{port}", *route.pa_args,
         "--shape", f"input:{n},1,28,28", "--input-data", str(data), "--concurrency-range", str(c),
         "--measurement-interval", str(max(100, round(seconds * 1000 / 3))), "-s", "1000", "-r", "3",
         "-f", str(out),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 3 + 120, env=perf_analyzer_env())
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds * 3 + 120, env=perf_analyzer_env()
+    )
     if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"perf_analyzer failed (rc {done.returncode}): {(done.stdout + done.stderr)[-800:]}")
+        raise RuntimeError(
+            f"perf_analyzer failed (rc {done.returncode}): {(done.stdout + done.stderr)[-800:]}"
+        )
     row = next(csv.DictReader(out.read_text().splitlines()))
     out.unlink()
     return Load(
@@ -375,6 +384,7 @@ def measure(rig: Rig, route: Route, n: int, c: int, args: argparse.Namespace) ->
     return {
         "path": route.path,
         "generator": route.generator,
+        "protocol": route.protocol,
         "instances": n,
         "connections": c,
         "req_per_s": got.req_per_s,
@@ -391,30 +401,50 @@ def measure(rig: Rig, route: Route, n: int, c: int, args: argparse.Namespace) ->
 # ---------------------------------------------------------------- py-spy
 
 
-CATEGORIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
-    ("inferd protocol adapters (decode/encode, incl. the orjson, numpy and protobuf calls they make)",
-     lambda f: "inferd/protocols/" in f),
-    ("model (onnxruntime)", lambda f: "onnxruntime" in f),
-    ("inferd core (service, batching, metrics)", lambda f: "inferd/" in f),
-    ("HTTP server (uvicorn, httptools, h11)", lambda f: any(s in f for s in ("uvicorn", "httptools", "h11"))),
-    ("gRPC library (incl. protobuf parsing and serialising of messages)", lambda f: "grpc" in f),
-    ("asyncio event loop", lambda f: "asyncio" in f),
-)  # fmt: skip
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model (onnxruntime)", ("onnxruntime/",)),
+    ("inferd wire codecs (protocols/: JSON, binary and protobuf tensors <-> numpy)", ("inferd/protocols/",)),
+    ("inferd core and HTTP app (service, metrics, server.py)", ("inferd/",)),
+    ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools", "h11/")),
+    ("gRPC Python layer", ("grpc/",)),
+    (
+        "event loop's C code (uvloop; gRPC's Cython core, which parses and writes the protobuf messages)",
+        ("asyncio/runners.py",),
+    ),
+    ("thread pool hand-off (futures, threads)", ("concurrent/futures/", "threading.py")),
+    ("asyncio (Python)", ("asyncio/",)),
+)
 
 
 def category(leaf: str) -> str:
-    return next((name for name, match in CATEGORIES if match(leaf)), "other")
+    """The category of a sample by its innermost Python frame, "function (file:line)"."""
+    return next((name for name, parts in CATEGORIES if any(p in leaf for p in parts)), "other")
 
 
 def profile(rig: Rig, route: Route, n: int, c: int, seconds: float, out: Path) -> dict[str, Any]:
-    """py-spy (Python frames, sampled 100/s) on the server while ``route`` is under load; the share of
+    """py-spy (Python frames, sampled 250/s, all threads, on-CPU only) on the server while ``route`` is under load; the share of
     on-CPU samples whose innermost Python frame is in each category."""
     raw = out / f"pyspy-{route.path.replace(' ', '_')}-{route.generator}-n{n}.txt"
     spy = subprocess.Popen(
-        [str(Path(sys.prefix) / "bin" / "py-spy"), "record", "-p", str(rig.server.pid), "-d", str(round(seconds)),
-         "-r", "100", "-f", "raw", "-o", str(raw), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.prefix) / "bin" / "py-spy"),
+            "record",
+            "-p",
+            str(rig.server.pid),
+            "-d",
+            str(round(seconds)),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-o",
+            str(raw),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     load(rig, route, n, c, seconds)
     _, err = spy.communicate(timeout=seconds + 60)
     if spy.returncode != 0 or not raw.exists():
@@ -445,8 +475,22 @@ def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["path"], r["generator"], r["instances"], r["connections"]), []).append(r)
     rows = []
     for (path, gen, n, c), rs in groups.items():
-        row: dict[str, Any] = {"path": path, "generator": gen, "instances": n, "connections": c, "runs": len(rs)}
-        for k in ("req_per_s", "pred_per_s", "p50_ms", "p99_ms", "errors", "cpu_s_per_1k_pred", "serialisation_share"):
+        row: dict[str, Any] = {
+            "path": path,
+            "generator": gen,
+            "instances": n,
+            "connections": c,
+            "runs": len(rs),
+        }
+        for k in (
+            "req_per_s",
+            "pred_per_s",
+            "p50_ms",
+            "p99_ms",
+            "errors",
+            "cpu_s_per_1k_pred",
+            "serialisation_share",
+        ):
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[k] = statistics.median(vals) if vals else None
         stages = [r["stage_us"] for r in rs if r.get("stage_us")]
@@ -458,7 +502,11 @@ def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def find(rows: list[dict[str, Any]], path: str, generator: str, n: int, c: int) -> dict[str, Any] | None:
     return next(
-        (r for r in rows if (r["path"], r["generator"], r["instances"], r["connections"]) == (path, generator, n, c)),
+        (
+            r
+            for r in rows
+            if (r["path"], r["generator"], r["instances"], r["connections"]) == (path, generator, n, c)
+        ),
         None,
     )
 
@@ -467,8 +515,12 @@ def targets(rows: list[dict[str, Any]], c: int) -> list[str]:
     """The issue's targets at 32 instances per request and ``c`` connections, met or not."""
     ref = find(rows, "v1 JSON", "wrk", 32, c)
     lines = []
-    for path, gen in (("V2 binary", "wrk"), ("V2 binary", "perf_analyzer"), ("V2 gRPC", "perf_analyzer"),
-                      ("TFS gRPC", "perf_analyzer")):  # fmt: skip
+    for path, gen in (
+        ("V2 binary", "wrk"),
+        ("V2 binary", "perf_analyzer"),
+        ("V2 gRPC", "perf_analyzer"),
+        ("TFS gRPC", "perf_analyzer"),
+    ):
         row = find(rows, path, gen, 32, c)
         if not (row and ref and ref["pred_per_s"]):
             continue
@@ -490,7 +542,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         "| path | load | n | c | req/s | pred/s | vs v1 JSON | p50 ms | p99 ms | CPU s/1k pred "
         "| decode µs | queue µs | predict µs | encode µs | total µs | (decode+encode)/total | errors |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]  # fmt: skip
+    ]
     for r in sorted(rows, key=lambda r: (r["instances"], r["connections"])):
         ref = find(rows, "v1 JSON", "wrk", r["instances"], r["connections"])
         st = r["stage_us"] or {}
@@ -498,7 +550,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"| {r['path']} | {r['generator']} | {r['instances']} | {r['connections']} | {report._f(r['req_per_s'])} "
             f"| {report._f(r['pred_per_s'])} | {report._ratio(r['pred_per_s'], ref and ref['pred_per_s'])} "
-            f"| {report._f(r['p50_ms'], 2)} | {report._f(r['p99_ms'], 2)} | {report._f(r['cpu_s_per_1k_pred'], 3)} "
+            f"| {report._f(r['p50_ms'], 2)} | {report._f(r['p99_ms'], 2)} | {report._f(r['cpu_s_per_1k_pred'], 3)} | "
             + " | ".join(report._f(st.get(s)) for s in STAGES)
             + f" | {'–' if share is None else f'{share:.0%}'} | {report._f(r['errors'])} |"
         )
@@ -595,25 +647,40 @@ def write_docs(text: str) -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--instances", nargs="+", type=int, default=[1, 32], help="instances per request")
-    p.add_argument("--connections", nargs="+", type=int, default=[8], help="concurrent requests; the last is the targets'")
+    p.add_argument(
+        "--connections",
+        nargs="+",
+        type=int,
+        default=[1, 8],
+        help="concurrent requests; the last is the targets'",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per row and round")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each row")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all rows; medians are reported")
-    p.add_argument("--profile-seconds", type=float, default=0.0,
-                   help="py-spy each binary path at 32 instances for this long after the rows (0: off)")
-    p.add_argument("--noise-note", default="the machine had no other load that this script knows of.",
-                   help="what to say about other load on the machine during the run")
-    p.add_argument("--no-docs", action="store_true", help="write the JSON under bench/.work/ and leave docs alone")
+    p.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=0.0,
+        help="py-spy each binary path at 32 instances for this long after the rows (0: off)",
+    )
+    p.add_argument(
+        "--noise-note",
+        default="the machine had no other load that this script knows of.",
+        help="what to say about other load on the machine during the run",
+    )
+    p.add_argument(
+        "--no-docs", action="store_true", help="write the JSON under bench/.work/ and leave docs alone"
+    )
     a = p.parse_args()
     a.command = " ".join([".venv/bin/python", "bench/protocols.py", *sys.argv[1:]])
-    return a  # fmt: skip
+    return a
 
 
 def make_files(work: Path, batches: list[int]) -> dict[tuple[str, int], tuple[Path, dict[str, str]]]:
     files = {}
     for n in batches:
         x = models.instances(MODEL, n)
-        data = perf_analyzer_data(x, work / f"perf-analyzer-n{n}.json")
+        data = perf_analyzer_data(x, work / f"perf-analyzer-n{n}")
         for route in ROUTES:
             if route.generator == "perf_analyzer":
                 files[(route.key, n)] = (data, {})
@@ -645,13 +712,13 @@ def main() -> int:
         for rnd in range(args.repeats):
             for n in args.instances:
                 for c in args.connections:
-                    for route in ROUTES:
+                    for route in (r for r in ROUTES if n <= (r.max_instances or n)):
                         row = {"round": rnd, **measure(rig, route, n, c, args)}
                         runs.append(row)
                         log(
                             f"r{rnd} {route.key:26s} n={n:<2d} c={c:<2d} {row['req_per_s']:7.0f} req/s "
                             f"{row['pred_per_s']:7.0f} pred/s p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:7.2f} ms "
-                            f"share {row['serialisation_share'] or 0:.0%} err {row['errors']:.0f}"
+                            f"share {report._f(row['serialisation_share'], 2)} err {row['errors']:.0f}"
                         )
         profiles = [
             profile(rig, route, 32, args.connections[-1], args.profile_seconds, work)
@@ -674,18 +741,18 @@ def main() -> int:
             "noise_note": args.noise_note,
         },
         "elapsed_s": round(time.monotonic() - started),
-        "versions": versions(Path(sys.prefix), ["inferd", "onnxruntime", "grpcio", "protobuf", "orjson", "numpy", "tritonclient"]),
+        "versions": versions(Path(sys.prefix), PACKAGES),
         "answer_max_diff": diffs,
         "rows": medians(runs),
         "profiles": profiles,
         "runs": runs,
-    }  # fmt: skip
+    }
     out = work / "protocols.json" if args.no_docs else RESULTS
     out.write_text(json.dumps(rounded(results), indent=1) + "\n")
     if not args.no_docs:
         write_docs(section(results))
     log(f"wrote {out.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
-    print("\n".join(table(results["rows"]) + [""] + targets(results["rows"], args.connections[-1])))
+    print("\n".join([*table(results["rows"]), "", *targets(results["rows"], args.connections[-1])]))
     return 0
 
 

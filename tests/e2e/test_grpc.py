@@ -1,9 +1,7 @@
 """The gRPC API on --port: the Open Inference Protocol with tritonclient.grpc, TF Serving's
 PredictionService and ModelService with stubs generated from inferd's own protos, the standard
-health service and server reflection.
-
-tensorflow-serving-api's stubs are not used: they import tensorflow's generated modules
-(``tensorflow.core.framework.tensor_pb2`` ...), which only a tensorflow install provides.
+health service and server reflection. The stubs of the ``tensorflow-serving-api`` package itself
+are used in ``test_tfserving_api.py``.
 """
 
 from __future__ import annotations
