@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# ruff: noqa: RUF001  (the Markdown it writes uses the multiplication sign and en dash, as report.py does)
 """inferd's wire protocols against each other: one inferd server, the CNN model, batching off.
 
     .venv/bin/python bench/protocols.py --profile-seconds 5    # 2 rounds of 1 s warm-up + 5 s per row
@@ -50,7 +51,8 @@ PACKAGES = ["inferd", "onnxruntime", "grpcio", "protobuf", "orjson", "numpy", "u
 TARGET_RATIO = 3.0
 TARGET_SHARE = 0.20
 
-Snapshot = dict[tuple[str, frozenset[tuple[str, str]]], float]
+Snapshot = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (metric, labels) -> value
+Files = dict[tuple[str, int], tuple[Path, dict[str, str]]]  # (route key, instances) -> body, headers
 
 
 # ---------------------------------------------------------------- the paths
@@ -167,7 +169,7 @@ def grpc_v2_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
     tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    return client.infer(MODEL, [tensor]).as_numpy("probabilities")
+    return np.asarray(client.infer(MODEL, [tensor]).as_numpy("probabilities"))
 
 
 def grpc_tfs_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
@@ -186,7 +188,8 @@ def grpc_tfs_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
     tensor.tensor_shape.dim.extend(tensor.tensor_shape.Dim(size=d) for d in x.shape)
     tensor.tensor_content = x.astype("<f4").tobytes()
     with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        out = ps_grpc.PredictionServiceStub(channel).Predict(request, timeout=30).outputs["probabilities"]
+        stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
+        out = stub.Predict(request, timeout=30).outputs["probabilities"]
     return np.frombuffer(out.tensor_content, "<f4").reshape([d.size for d in out.tensor_shape.dim])
 
 
@@ -360,7 +363,7 @@ class Rig:
     server: procs.ServerProcess
     ports: Ports
     wrk: str
-    files: dict[tuple[str, int], tuple[Path, dict[str, str]]]  # (route key, n) -> body, headers
+    files: Files
 
 
 def load(rig: Rig, route: Route, n: int, c: int, seconds: float) -> Load:
@@ -408,10 +411,14 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools", "h11/")),
     ("gRPC Python layer", ("grpc/",)),
     (
-        "event loop's C code (uvloop; gRPC's Cython core, which parses and writes the protobuf messages)",
+        "event loop's C code (uvloop's socket I/O, httptools' HTTP parsing, gRPC's Cython core, "
+        "which parses and writes the protobuf messages)",
         ("asyncio/runners.py",),
     ),
-    ("thread pool hand-off (futures, threads)", ("concurrent/futures/", "threading.py")),
+    (
+        "threads parked in C (thread-pool queue, gRPC poller; py-spy --nonblocking counts some as busy)",
+        ("concurrent/futures/", "threading.py"),
+    ),
     ("asyncio (Python)", ("asyncio/",)),
 )
 
@@ -422,8 +429,8 @@ def category(leaf: str) -> str:
 
 
 def profile(rig: Rig, route: Route, n: int, c: int, seconds: float, out: Path) -> dict[str, Any]:
-    """py-spy (Python frames, sampled 250/s, all threads, on-CPU only) on the server while ``route`` is under load; the share of
-    on-CPU samples whose innermost Python frame is in each category."""
+    """py-spy (Python frames, 250 samples/s, every thread, on-CPU only) on the server while ``route``
+    is under load: the share of samples whose innermost Python frame is in each category."""
     raw = out / f"pyspy-{route.path.replace(' ', '_')}-{route.generator}-n{n}.txt"
     spy = subprocess.Popen(
         [
@@ -496,6 +503,7 @@ def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         stages = [r["stage_us"] for r in rs if r.get("stage_us")]
         row["stage_us"] = {s: statistics.median(st[s] for st in stages) for s in STAGES} if stages else None
         row["pred_per_s_all"] = [r["pred_per_s"] for r in rs]
+        row["protocol"] = rs[0]["protocol"]
         rows.append(row)
     return rows
 
@@ -531,9 +539,8 @@ def targets(rows: list[dict[str, Any]], c: int) -> list[str]:
             if share is not None
             else "not recorded by inferd (see py-spy below)"
         )
-        lines.append(
-            f"| {path} ({gen}) | {ratio:.2f}× ({'met' if ratio >= TARGET_RATIO else 'NOT met'}) | {share_text} |"
-        )
+        met = "met" if ratio >= TARGET_RATIO else "NOT met"
+        lines.append(f"| {path} ({gen}) | {ratio:.2f}× ({met}) | {share_text} |")
     return lines
 
 
@@ -541,19 +548,28 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| path | load | n | c | req/s | pred/s | vs v1 JSON | p50 ms | p99 ms | CPU s/1k pred "
         "| decode µs | queue µs | predict µs | encode µs | total µs | (decode+encode)/total | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- |" + " ---: |" * 15,
     ]
     for r in sorted(rows, key=lambda r: (r["instances"], r["connections"])):
         ref = find(rows, "v1 JSON", "wrk", r["instances"], r["connections"])
         st = r["stage_us"] or {}
         share = r["serialisation_share"]
-        out.append(
-            f"| {r['path']} | {r['generator']} | {r['instances']} | {r['connections']} | {report._f(r['req_per_s'])} "
-            f"| {report._f(r['pred_per_s'])} | {report._ratio(r['pred_per_s'], ref and ref['pred_per_s'])} "
-            f"| {report._f(r['p50_ms'], 2)} | {report._f(r['p99_ms'], 2)} | {report._f(r['cpu_s_per_1k_pred'], 3)} | "
-            + " | ".join(report._f(st.get(s)) for s in STAGES)
-            + f" | {'–' if share is None else f'{share:.0%}'} | {report._f(r['errors'])} |"
-        )
+        cells = [
+            r["path"],
+            r["generator"],
+            str(r["instances"]),
+            str(r["connections"]),
+            report._f(r["req_per_s"]),
+            report._f(r["pred_per_s"]),
+            report._ratio(r["pred_per_s"], ref and ref["pred_per_s"]),
+            report._f(r["p50_ms"], 2),
+            report._f(r["p99_ms"], 2),
+            report._f(r["cpu_s_per_1k_pred"], 3),
+            *(report._f(st.get(stage)) for stage in STAGES),
+            "–" if share is None else f"{share:.0%}",
+            report._f(r["errors"]),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
@@ -562,10 +578,40 @@ def profile_lines(profiles: list[dict[str, Any]]) -> list[str]:
     for p in profiles:
         out.append(
             f"- {p['path']} ({p['generator']}), {p['instances']} instances, c{p['connections']}, "
-            f"{p['samples']:,} samples (`{p['collapsed_stacks']}`):"
+            f"{p['samples']:,} samples:"
         )
         out += [f"  - {share:.0%} {name}" for name, share in p["shares"].items()]
     return out
+
+
+def missing_stages(rows: list[dict[str, Any]]) -> list[str]:
+    missing = sorted({(r["path"], r["protocol"]) for r in rows if r["stage_us"] is None})
+    if not missing:
+        return []
+    paths = ", ".join(f'{path} (`protocol="{protocol}"`)' for path, protocol in missing)
+    return [
+        f"No stage columns for {paths}: inferd counted these requests in `inferd_requests_total` but "
+        "recorded no `inferd_request_duration_seconds` for them in this run, so their serialisation "
+        "share comes from py-spy only.",
+        "",
+    ]
+
+
+def spread(rows: list[dict[str, Any]]) -> str:
+    """How far a row's pred/s moved between rounds: (max - min) / median, over all rows."""
+    moves = sorted(
+        ((max(r["pred_per_s_all"]) - min(r["pred_per_s_all"])) / r["pred_per_s"], r)
+        for r in rows
+        if len(r["pred_per_s_all"]) > 1 and r["pred_per_s"]
+    )
+    if not moves:
+        return "With one round there is no measure of the spread."
+    worst, row = moves[-1]
+    return (
+        f"Between rounds a row's pred/s moved by a median of {statistics.median(m for m, _ in moves):.0%} "
+        f"of its value (most: {worst:.0%}, {row['path']} / {row['generator']}, n={row['instances']}, "
+        f"c={row['connections']}); differences smaller than that are not findings."
+    )
 
 
 def section(results: dict[str, Any]) -> str:
@@ -584,8 +630,8 @@ def section(results: dict[str, Any]) -> str:
         "",
         f"- date: {results['date']}; machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
         f"Python {m['python']}; the run took {results['elapsed_s'] / 60:.0f} minutes.",
-        f"- each row: {s['warmup']:g} s warm-up, {s['duration']:g} s measured; {s['repeats']} rounds visiting "
-        "every row in turn (A, B, A, B); medians over rounds. wrk (1 thread, pinned to CPU "
+        f"- each row: {s['warmup']:g} s warm-up, {s['duration']:g} s measured; {s['repeats']} rounds "
+        "visiting every row in turn (A, B, A, B); medians over rounds. wrk (1 thread, pinned to CPU "
         f"{WRK_CPU}) drives the HTTP paths; perf_analyzer (`--input-data` with wrk's instances, 3 windows "
         "of a third of the measured time, stability check off) drives both gRPC paths and, for comparison, "
         "the V2 HTTP paths. Every path's answer was checked against onnxruntime in-process first "
@@ -602,9 +648,11 @@ def section(results: dict[str, Any]) -> str:
         "",
         *table(rows),
         "",
+        *missing_stages(rows),
         f"### Targets (32 instances per request, {c} connections, against v1 JSON with wrk)",
         "",
-        f"| path | throughput vs v1 JSON (target ≥ {TARGET_RATIO:g}×) | serialisation share (target < {TARGET_SHARE:.0%}) |",
+        f"| path | throughput vs v1 JSON (target ≥ {TARGET_RATIO:g}×) "
+        f"| serialisation share (target < {TARGET_SHARE:.0%}) |",
         "| --- | ---: | ---: |",
         *targets(rows, c),
         "",
@@ -614,15 +662,18 @@ def section(results: dict[str, Any]) -> str:
             "### Where the server's time goes (py-spy)",
             "",
             "py-spy on the server process under the same load, after the measured rows; share of on-CPU "
-            "samples by the innermost Python frame (C calls such as orjson, numpy, protobuf and "
-            "onnxruntime count under the Python function that made them; gRPC's Cython core, where "
-            "messages are parsed and serialised, shows as the gRPC library or the event loop).",
+            "samples by the innermost Python frame. C calls such as orjson, numpy and onnxruntime count "
+            "under the Python function that made them; C and Cython code that the event loop runs "
+            "directly (uvloop, httptools, gRPC's core, where protobuf messages are parsed and written) "
+            "has no Python frame of its own and counts as the event loop's C code. Stacks: "
+            "`bench/.work/protocols/pyspy-*.txt` (scratch, not committed).",
             "",
             *profile_lines(results["profiles"]),
             "",
         ]
     out += [
-        "Noise: " + s["noise_note"],
+        "Noise: " + s["noise_note"] + " " + spread(rows) + f" Load average (1 min) before the run "
+        f"{results['load_before']:.2f}, after it {results['load_after']:.2f}.",
         "",
         f"Raw numbers: `{RESULTS.relative_to(ROOT)}`.",
         SECTION_END,
@@ -676,8 +727,8 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def make_files(work: Path, batches: list[int]) -> dict[tuple[str, int], tuple[Path, dict[str, str]]]:
-    files = {}
+def make_files(work: Path, batches: list[int]) -> Files:
+    files: Files = {}
     for n in batches:
         x = models.instances(MODEL, n)
         data = perf_analyzer_data(x, work / f"perf-analyzer-n{n}")
@@ -695,7 +746,7 @@ def make_files(work: Path, batches: list[int]) -> dict[tuple[str, int], tuple[Pa
 def main() -> int:
     args = parse_args()
     procs.install_cleanup()
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     work = WORK / "protocols"
     work.mkdir(parents=True, exist_ok=True)
     repo = work / "models"
@@ -716,8 +767,8 @@ def main() -> int:
                         row = {"round": rnd, **measure(rig, route, n, c, args)}
                         runs.append(row)
                         log(
-                            f"r{rnd} {route.key:26s} n={n:<2d} c={c:<2d} {row['req_per_s']:7.0f} req/s "
-                            f"{row['pred_per_s']:7.0f} pred/s p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:7.2f} ms "
+                            f"r{rnd} {route.key:26s} n={n:<2d} c={c:<2d} {row['pred_per_s']:7.0f} pred/s "
+                            f"p50 {row['p50_ms']:6.2f} p99 {row['p99_ms']:7.2f} ms "
                             f"share {report._f(row['serialisation_share'], 2)} err {row['errors']:.0f}"
                         )
         profiles = [
@@ -741,6 +792,8 @@ def main() -> int:
             "noise_note": args.noise_note,
         },
         "elapsed_s": round(time.monotonic() - started),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
         "versions": versions(Path(sys.prefix), PACKAGES),
         "answer_max_diff": diffs,
         "rows": medians(runs),
@@ -748,7 +801,7 @@ def main() -> int:
         "runs": runs,
     }
     out = work / "protocols.json" if args.no_docs else RESULTS
-    out.write_text(json.dumps(rounded(results), indent=1) + "\n")
+    out.write_text(json.dumps(rounded(results), indent=1) + "\n")  # type: ignore[no-untyped-call]
     if not args.no_docs:
         write_docs(section(results))
     log(f"wrote {out.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
