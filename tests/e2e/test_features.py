@@ -1,0 +1,320 @@
+"""Online features joined into requests, against a real redis-server and the embedded store."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from tests.conftest import ServerProcess, launch
+from tests.models import write_onnx_affine, write_python_model
+from tests.redis_server import RedisServer, redis_server
+
+__all__ = ["redis_server"]
+
+ECHO = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"y": inputs["x"]}
+"""
+ECHO_SIGNATURE = (
+    '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}], '
+    '"outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 3]}]}'
+)
+FEATURES = {
+    "r1": {"incoming_orders": "5", "outstanding_per_min": "0.5"},
+    "r2": {"incoming_orders": "7", "outstanding_per_min": "1.25"},
+    "r3": {"incoming_orders": "2", "outstanding_per_min": "0"},
+}
+
+
+def features_toml(store: str, **extra: str) -> str:
+    lines = [
+        "[features]",
+        f'store = "{store}"',
+        'entity = "restaurant_id"',
+        'prefix = "restaurant"',
+        'fetch = ["incoming_orders", "outstanding_per_min"]',
+        *(f"{key} = {value}" for key, value in extra.items()),
+        "[features.inputs]",
+        'x = ["distance_km", "incoming_orders", "outstanding_per_min"]',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_echo(repo: Path, name: str, toml: str) -> None:
+    write_python_model(repo / name / "1", ECHO, ECHO_SIGNATURE)
+    (repo / name / "inferd.toml").write_text(toml)
+
+
+def fill(store: RedisServer, features: dict[str, dict[str, str]] = FEATURES) -> None:
+    client = store.client()
+    for entity, values in features.items():
+        client.hset(f"restaurant:{entity}", mapping=values)
+
+
+def predict(server: ServerProcess, model: str, instances: list[dict[str, object]]) -> requests.Response:
+    return requests.post(f"{server.url}/v1/models/{model}:predict", json={"instances": instances}, timeout=10)
+
+
+def expected(
+    rows: list[tuple[str, float]], features: dict[str, dict[str, str]] = FEATURES
+) -> list[list[float]]:
+    return [
+        [d, float(features[r]["incoming_orders"]), float(features[r]["outstanding_per_min"])] for r, d in rows
+    ]
+
+
+@pytest.fixture
+def serve(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[[dict[str, str]], ServerProcess]]:
+    """Start inferd on a repository of echo models, each with the given inferd.toml."""
+    started: list[ServerProcess] = []
+
+    def start(models: dict[str, str]) -> ServerProcess:
+        repo = tmp_path / f"repo{len(started)}"
+        for name, toml in models.items():
+            write_echo(repo, name, toml)
+        server = launch(tmp_path, str(repo), "--rest_api_timeout_in_ms=5000")
+        started.append(server)
+        server.wait_for(lambda: all(server.status(m) == {"1": "AVAILABLE"} for m in models), "the models")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_joined_inputs_in_every_request_format(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    server = serve({"eta": features_toml(redis_server.url)})
+    rows = [("r1", 3.5), ("r2", 1.0), ("r1", 0.25)]
+    want = np.array(expected(rows), dtype=np.float32)
+
+    response = predict(server, "eta", [{"restaurant_id": r, "distance_km": d} for r, d in rows])
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["predictions"], want)
+
+    columns = {"restaurant_id": [r for r, _ in rows], "distance_km": [d for _, d in rows]}
+    response = requests.post(f"{server.url}/v1/models/eta:predict", json={"inputs": columns}, timeout=10)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["outputs"], want)
+
+    keys = np.array([r.encode() for r, _ in rows], dtype=object)
+    distances = np.array([d for _, d in rows], dtype=np.float32)
+    for module, client in (
+        (httpclient, httpclient.InferenceServerClient(server.url.removeprefix("http://"))),
+        (grpcclient, grpcclient.InferenceServerClient(server.grpc_target)),
+    ):
+        key_input = module.InferInput("restaurant_id", [3], "BYTES")
+        key_input.set_data_from_numpy(keys)
+        distance_input = module.InferInput("distance_km", [3], "FP32")
+        distance_input.set_data_from_numpy(distances)
+        result = client.infer("eta", [key_input, distance_input])
+        np.testing.assert_allclose(result.as_numpy("y"), want)
+
+
+def test_metadata_shows_what_the_caller_sends(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    server = serve({"eta": features_toml(redis_server.url)})
+    v1 = requests.get(f"{server.url}/v1/models/eta/metadata", timeout=5).json()
+    inputs = v1["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    assert {name: spec["dtype"] for name, spec in inputs.items()} == {
+        "restaurant_id": "DT_STRING",
+        "distance_km": "DT_FLOAT",
+    }
+    v2 = requests.get(f"{server.url}/v2/models/eta", timeout=5).json()
+    assert v2["inputs"] == [
+        {"name": "restaurant_id", "datatype": "BYTES", "shape": [-1]},
+        {"name": "distance_km", "datatype": "FP32", "shape": [-1]},
+    ]
+    grpc_meta = grpcclient.InferenceServerClient(server.grpc_target).get_model_metadata("eta")
+    assert [t.name for t in grpc_meta.inputs] == ["restaurant_id", "distance_km"]
+
+
+def test_a_batch_is_one_round_trip_and_cached_entities_none(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    server = serve(
+        {"fresh": features_toml(redis_server.url, cache_ttl_s="0"), "cached": features_toml(redis_server.url)}
+    )
+    batch = [{"restaurant_id": r, "distance_km": 1.0} for r in ("r1", "r2", "r3", "r1", "r2") * 4]
+    before = redis_server.calls("eval")
+    assert predict(server, "fresh", batch).status_code == 200
+    assert redis_server.calls("eval") == before + 1
+    assert predict(server, "fresh", batch).status_code == 200
+    assert redis_server.calls("eval") == before + 2
+
+    assert predict(server, "cached", batch).status_code == 200
+    assert redis_server.calls("eval") == before + 3
+    for _ in range(3):
+        assert predict(server, "cached", batch[:3]).status_code == 200
+    assert redis_server.calls("eval") == before + 3
+
+
+def test_a_changed_entity_shows_once_its_cache_entry_expires(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="3")})
+    one = [{"restaurant_id": "r1", "distance_km": 2.0}]
+    assert predict(server, "eta", one).json()["predictions"] == [[2.0, 5.0, 0.5]]
+    redis_server.client().hset("restaurant:r1", "incoming_orders", "9")
+    assert predict(server, "eta", one).json()["predictions"] == [[2.0, 5.0, 0.5]]  # from the cache
+    server.wait_for(
+        lambda: predict(server, "eta", one).json()["predictions"] == [[2.0, 9.0, 0.5]], "the new value"
+    )
+
+
+def test_missing_entities_are_not_found_or_get_their_defaults(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    redis_server.client().hset("restaurant:r9", "incoming_orders", "4")  # outstanding_per_min absent
+    defaults = "{ incoming_orders = 0, outstanding_per_min = -1.0 }"
+    server = serve(
+        {
+            "eta": features_toml(redis_server.url),
+            "lenient": features_toml(redis_server.url, defaults=defaults),
+            "partial": features_toml(redis_server.url, defaults="{ outstanding_per_min = -1.0 }"),
+        }
+    )
+    response = predict(
+        server,
+        "eta",
+        [{"restaurant_id": "r1", "distance_km": 1}, {"restaurant_id": "nope", "distance_km": 1}],
+    )
+    assert response.status_code == 404
+    assert "restaurant_id 'nope' is not in feature store" in response.json()["error"]
+    response = predict(server, "eta", [{"restaurant_id": "r9", "distance_km": 1}])
+    assert response.status_code == 404
+    assert "'r9' has no feature 'outstanding_per_min'" in response.json()["error"]
+
+    rows = [{"restaurant_id": r, "distance_km": 1.0} for r in ("nope", "r9", "r2")]
+    response = predict(server, "lenient", rows)
+    assert response.json()["predictions"] == [[1.0, 0.0, -1.0], [1.0, 4.0, -1.0], [1.0, 7.0, 1.25]]
+    assert predict(server, "partial", rows[1:]).json()["predictions"] == [[1.0, 4.0, -1.0], [1.0, 7.0, 1.25]]
+    assert predict(server, "partial", rows[:1]).status_code == 404
+
+
+def _hammer(
+    server: ServerProcess, models: list[str], stop: threading.Event, seen: dict[str, list[object]]
+) -> None:
+    """Send one-row requests until ``stop``; record each model's statuses, and any exception."""
+    while not stop.is_set():
+        for model in models:
+            try:
+                response = predict(server, model, [{"restaurant_id": "r2", "distance_km": 1.0}])
+                seen[model].append((response.status_code, response.json()))
+            except Exception as exc:  # a hung or dropped request; the test fails on any
+                seen[model].append(exc)
+
+
+def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    fill(redis_server)
+    defaults = "{ incoming_orders = 0, outstanding_per_min = 0 }"
+    server = serve(
+        {
+            "eta": features_toml(redis_server.url, cache_ttl_s="0", lookup_timeout_ms="200"),
+            "fallback": features_toml(
+                redis_server.url, cache_ttl_s="0", defaults=defaults, on_store_error='"defaults"'
+            ),
+        }
+    )
+    models = ["eta", "fallback"]
+    seen: dict[str, list[object]] = {m: [] for m in models}
+    stop = threading.Event()
+    workers = [threading.Thread(target=_hammer, args=(server, models, stop, seen)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        server.wait_for(lambda: len(seen["eta"]) > 20, "traffic")
+        redis_server.kill()
+        server.wait_for(lambda: any(s[0] == 503 for s in seen["eta"][-4:] if isinstance(s, tuple)), "503s")
+        during = len(seen["eta"])
+        server.wait_for(lambda: len(seen["eta"]) > during + 20, "traffic while redis is down")
+        redis_server.start()
+        fill(redis_server)
+        mark = len(seen["eta"])
+        server.wait_for(
+            lambda: any(s == (200, {"predictions": [[1.0, 7.0, 1.25]]}) for s in seen["eta"][mark:]),
+            "recovery",
+        )
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+    assert not any(w.is_alive() for w in workers), "a request hung"
+    assert [s for m in models for s in seen[m] if not isinstance(s, tuple)] == []
+    statuses = {s[0] for s in seen["eta"] if isinstance(s, tuple)}
+    assert statuses == {200, 503}
+    errors = {s[1]["error"] for s in seen["eta"] if isinstance(s, tuple) and s[0] == 503}
+    assert all(
+        f"feature store redis://127.0.0.1:{redis_server.port}/0 failed for model eta" in e for e in errors
+    )
+    answers = {str(s[1]) for s in seen["fallback"] if isinstance(s, tuple)}
+    assert {s[0] for s in seen["fallback"] if isinstance(s, tuple)} == {200}
+    assert answers >= {"{'predictions': [[1.0, 7.0, 1.25]]}", "{'predictions': [[1.0, 0.0, 0.0]]}"}
+
+
+def test_a_frozen_redis_times_out_with_503_and_other_models_keep_serving(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    fill(redis_server)
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0", lookup_timeout_ms="100")})
+    write_onnx_affine(tmp_path / "plain" / "1", scale=2.0, width=3)
+    one = [{"restaurant_id": "r1", "distance_km": 1.0}]
+    assert predict(server, "eta", one).status_code == 200
+    redis_server.freeze()
+    try:
+        for _ in range(3):
+            response = predict(server, "eta", one)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert "timeout 100 ms" in response.json()["error"]
+        ready = requests.get(f"{server.url}/v2/health/live", timeout=5)
+        assert ready.status_code == 200
+    finally:
+        redis_server.thaw()
+    server.wait_for(lambda: predict(server, "eta", one).status_code == 200, "recovery")
+
+
+def test_garbage_in_the_store_is_a_503_naming_the_store(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    client = redis_server.client()
+    client.hset("restaurant:bad", mapping={"incoming_orders": "lots", "outstanding_per_min": "1"})
+    client.set("restaurant:flat", "not a hash")
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0")})
+    for entity, what in (("bad", "unreadable features"), ("flat", "WRONGTYPE")):
+        response = predict(server, "eta", [{"restaurant_id": entity, "distance_km": 1.0}])
+        assert response.status_code == 503
+        assert f"feature store redis://127.0.0.1:{redis_server.port}/0" in response.json()["error"]
+        assert what in response.json()["error"]
+    assert predict(server, "eta", [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
+
+
+def test_the_embedded_store_reloads_its_file(tmp_path: Path, serve: Callable[..., ServerProcess]) -> None:
+    table = tmp_path / "restaurants.csv"
+    table.write_text("restaurant_id,incoming_orders,outstanding_per_min\nr1,5,0.5\nr2,7,1.25\n")
+    server = serve({"eta": features_toml(str(table), cache_ttl_s="0")})
+    one = [{"restaurant_id": "r2", "distance_km": 2.0}]
+    assert predict(server, "eta", one).json()["predictions"] == [[2.0, 7.0, 1.25]]
+    assert predict(server, "eta", [{"restaurant_id": "r3", "distance_km": 2.0}]).status_code == 404
+    table.write_text("restaurant_id,incoming_orders,outstanding_per_min\nr2,11,3\nr3,1,1\n")
+    server.wait_for(lambda: predict(server, "eta", one).json()["predictions"] == [[2.0, 11.0, 3.0]], "reload")
+    assert predict(server, "eta", [{"restaurant_id": "r3", "distance_km": 2.0}]).status_code == 200
