@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tests.conftest import ServerProcess, launch
+from tests.e2e.test_metrics import samples, value
 from tests.models import write_onnx_affine, write_python_model
 from tests.redis_server import RedisServer, redis_server
 
@@ -318,3 +324,110 @@ def test_the_embedded_store_reloads_its_file(tmp_path: Path, serve: Callable[...
     table.write_text("restaurant_id,incoming_orders,outstanding_per_min\nr2,11,3\nr3,1,1\n")
     server.wait_for(lambda: predict(server, "eta", one).json()["predictions"] == [[2.0, 11.0, 3.0]], "reload")
     assert predict(server, "eta", [{"restaurant_id": "r3", "distance_km": 2.0}]).status_code == 200
+
+
+def test_feature_and_prediction_cache_metrics(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    fill(redis_server)
+    server = serve(
+        {
+            "eta": "prediction_cache_size = 10\n" + features_toml(redis_server.url),
+            "fresh": features_toml(redis_server.url, cache_ttl_s="0", lookup_timeout_ms="300"),
+        }
+    )
+    rows = [{"restaurant_id": r, "distance_km": 1.0} for r in ("r1", "r2", "r1")]
+    for _ in range(3):
+        assert predict(server, "eta", rows).status_code == 200
+    assert predict(server, "eta", rows[:1]).status_code == 200
+    redis_server.kill()
+    assert predict(server, "fresh", rows).status_code == 503
+
+    table = samples(server)
+    store = f"redis://127.0.0.1:{redis_server.port}/0"
+    eta = {"model": "eta", "store": store}
+    assert value(table, "inferd_feature_round_trips_total", **eta) == 1
+    assert value(table, "inferd_feature_lookup_duration_seconds_count", **eta) == 1
+    assert value(table, "inferd_feature_cache_total", result="miss", **eta) == 2
+    # Three identical requests: one lookup, then the prediction cache answers before any lookup.
+    assert value(table, "inferd_prediction_cache_total", model="eta", version="1", result="hit") == 2
+    assert value(table, "inferd_prediction_cache_total", model="eta", version="1", result="miss") == 2
+    assert value(table, "inferd_feature_cache_total", result="hit", **eta) == 2 + 2 + 1
+    fresh = {"model": "fresh", "store": store}
+    assert value(table, "inferd_feature_store_errors_total", kind="connection", **fresh) == 1
+
+
+def test_the_prediction_cache_is_per_version(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    write_onnx_affine(tmp_path / "m" / "1", scale=1.0)
+    (tmp_path / "m" / "inferd.toml").write_text("prediction_cache_size = 4\n")
+    server = start_server(str(tmp_path))
+    server.wait_for(lambda: server.status("m") == {"1": "AVAILABLE"}, "version 1")
+    one = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+    for _ in range(2):
+        assert requests.post(f"{server.url}/v1/models/m:predict", json=one, timeout=5).json() == {
+            "predictions": [[1.0, 2.0, 3.0, 4.0]]
+        }
+    write_onnx_affine(tmp_path / "m" / "2", scale=3.0)
+    server.wait_for(lambda: server.status("m").get("2") == "AVAILABLE", "version 2")
+    answer = requests.post(f"{server.url}/v1/models/m:predict", json=one, timeout=5).json()
+    assert answer == {"predictions": [[3.0, 6.0, 9.0, 12.0]]}
+    table = samples(server)
+    assert value(table, "inferd_prediction_cache_total", model="m", version="1", result="hit") == 1
+    assert value(table, "inferd_prediction_cache_total", model="m", version="2", result="miss") == 1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_features_load_writes_hashes_and_updates_them_in_place(
+    redis_server: RedisServer, tmp_path: Path, suffix: str
+) -> None:
+    table = tmp_path / f"restaurants{suffix}"
+
+    def write(rows: dict[str, list[object]]) -> None:
+        if suffix == ".parquet":
+            pq.write_table(pa.table(rows), table)
+        else:
+            lines = [
+                ",".join(rows),
+                *(",".join("" if v is None else str(v) for v in r) for r in zip(*rows.values(), strict=True)),
+            ]
+            table.write_text("\n".join(lines) + "\n")
+
+    def load(*extra: str) -> str:
+        argv = [sys.executable, "-m", "inferd", "features", "load", str(table), "--store", redis_server.url]
+        done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout + done.stderr
+
+    write({"city": ["b", "b"], "restaurant_id": ["r1", "r2"], "orders": [5, 7], "outstanding": [0.5, 1.25]})
+    output = load("--entity", "city,restaurant_id", "--prefix", "rest", "--ttl", "600", "--chunk_rows", "1")
+    assert "2/2 rows" in output
+    assert re.search(r"loaded 2 rows into redis://\S+ in [\d.]+ s \([\d,]+ rows/s\)", output)
+    client = redis_server.client()
+    assert client.hgetall("rest:b:r2") == {b"orders": b"7", b"outstanding": b"1.25"}
+    assert 0 < client.ttl("rest:b:r2") <= 600
+
+    write({"city": ["b"], "restaurant_id": ["r2"], "orders": [9], "outstanding": [None]})
+    load("--entity", "city,restaurant_id", "--prefix", "rest")
+    assert client.hgetall("rest:b:r2") == {b"orders": b"9"}
+    assert client.hgetall("rest:b:r1") == {b"orders": b"5", b"outstanding": b"0.5"}
+
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inferd",
+            "features",
+            "load",
+            str(table),
+            "--store",
+            redis_server.url,
+            "--entity",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 1
+    assert "no entity column(s) ['nope']" in failed.stderr
