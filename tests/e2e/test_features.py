@@ -431,3 +431,31 @@ def test_features_load_writes_hashes_and_updates_them_in_place(
     )
     assert failed.returncode == 1
     assert "no entity column(s) ['nope']" in failed.stderr
+
+
+def test_the_delivery_time_example_end_to_end(redis_server: RedisServer, tmp_path: Path) -> None:
+    example = Path(__file__).parents[2] / "examples" / "delivery_time"
+    out = tmp_path / "delivery"
+    run = [sys.executable, str(example / "build.py"), str(out), "--redis", redis_server.url]
+    subprocess.run(run, check=True, capture_output=True, timeout=300)
+    load = [sys.executable, "-m", "inferd", "features", "load", str(out / "restaurants.parquet")]
+    load += ["--store", redis_server.url, "--entity", "restaurant_id", "--prefix", "restaurant"]
+    subprocess.run(load, check=True, capture_output=True, timeout=60)
+    server = launch(tmp_path, str(out / "models"))
+    try:
+        models = ("delivery_time", "delivery_time_redis")
+        server.wait_for(lambda: all(server.status(m) == {"1": "AVAILABLE"} for m in models), "the models")
+        answers = [
+            subprocess.run(
+                [sys.executable, str(example / "query.py"), server.url, model],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            for model in models
+        ]
+    finally:
+        server.stop()
+    assert answers[0] == answers[1]
+    assert "v1     r1  1.2 km:" in answers[0]
