@@ -171,7 +171,7 @@ class FeatureSettings:
         entity: request inputs whose values, joined with ``:``, name the entity (strings).
         prefix: Redis keys are ``<prefix>:<entity>``; default: the entity input names.
         fetch: feature names looked up, in order.
-        dtypes: feature name -> dtype its stored value is read as; default float32.
+        dtypes: feature name -> dtype its stored value is read as; default float64.
         defaults: feature name -> value used when the entity or the feature is missing;
             a feature without one is required (missing: NOT_FOUND).
         inputs: model input -> the columns (request inputs and fetched features), in order, that

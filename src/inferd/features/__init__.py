@@ -154,7 +154,7 @@ def plan_join(settings: FeatureSettings, signatures: Mapping[str, Signature]) ->
 
 def feature_dtype(settings: FeatureSettings, name: str) -> np.dtype[Any]:
     try:
-        return dtype_of(settings.dtypes.get(name, "float32")).numpy
+        return dtype_of(settings.dtypes.get(name, "float64")).numpy
     except KeyError:
         raise ModelLoadError(f"[features] dtypes.{name}: unknown dtype {settings.dtypes[name]!r}") from None
 
