@@ -247,3 +247,19 @@ def test_the_embedded_store_rereads_a_changed_file_and_keeps_the_old_table_when_
         await store.close()
 
     asyncio.run(run())
+
+
+def test_redis_store_names_hide_credentials_and_replies_are_checked() -> None:
+    from inferd.features import StoreError
+    from inferd.features.redis_store import _rows, public_name
+
+    assert public_name("redis://:secret@cache:6380/2") == "redis://cache:6380/2"
+    assert public_name("rediss://user:pw@cache") == "rediss://cache:6379/0"
+    assert public_name("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
+    assert _rows([[b"1", None], [None, None]], 2, 2) == [[b"1", None], None]
+    for reply, fragment in (
+        ("OK", "expected 2 replies, got str"),
+        ([[b"1"], [b"1", b"2"]], "2 values per entity"),
+    ):
+        with pytest.raises(StoreError, match=fragment):
+            _rows(reply, 2, 2)
