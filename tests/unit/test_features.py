@@ -263,3 +263,36 @@ def test_redis_store_names_hide_credentials_and_replies_are_checked() -> None:
     ):
         with pytest.raises(StoreError, match=fragment):
             _rows(reply, 2, 2)
+
+
+def test_lookups_waiting_for_the_store_go_out_together(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    count = 10
+    write_table(
+        path,
+        {
+            "restaurant_id": [f"r{i}" for i in range(count)],
+            "orders": list(range(count)),
+            "outstanding": [0] * count,
+        },
+    )
+    settings = feature_settings(path, cache_ttl_s=0.0)
+    stats = FeatureStats()
+    joiner = join(settings, EmbeddedStore(path, settings.entity), stats)
+
+    async def one(i: int) -> np.ndarray:
+        inputs = {
+            "restaurant_id": np.array([f"r{i}"], dtype=object),
+            "distance": np.ones(1, dtype=np.float32),
+        }
+        return (await joiner.join("serving_default", inputs, None))["x"]
+
+    async def run() -> list[np.ndarray]:
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    answers = asyncio.run(run())
+    assert [a.tolist() for a in answers] == [[[1.0, float(i), 0.0]] for i in range(count)]
+    # The first lookup goes out alone (its caller sends it); the nine that came while it was
+    # in flight go out as one.
+    assert stats.round_trips == 2
+    assert sum(stats.lookup.counts) == 2

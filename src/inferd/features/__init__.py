@@ -14,13 +14,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from inferd.config import FeatureSettings, ModelSettings
 from inferd.errors import ModelLoadError, NotFound, Unavailable
 from inferd.features.cache import EntityCache, PredictionCache, Row
+from inferd.features.coalesce import LookupBatcher
+from inferd.features.store import FeatureStore, StoreError, Value
 from inferd.metrics import FeatureStats
 from inferd.runtimes import Model, load_model
 from inferd.types import Signature, Tensors, TensorSpec, dtype_of
@@ -35,39 +37,6 @@ __all__ = [
     "parse_row",
     "plan_join",
 ]
-
-Value = bytes | str | float | int | None
-"""A stored feature value as a store returns it: bytes or text to parse, or a number."""
-
-
-class FeatureStore(Protocol):
-    """An online store of feature values by entity. Used from the event loop thread.
-
-    ``name`` identifies the store in messages and metric labels, without credentials.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    async def get(self, entities: Sequence[str], names: Sequence[str]) -> list[list[Value] | None]:
-        """The values of ``names`` for each entity, in one round trip: per entity, a list in
-        ``names`` order with None for a missing feature, or None when the entity is unknown.
-
-        Raises:
-            StoreError: the store cannot be reached or answered something unreadable.
-        """
-        ...
-
-    async def close(self) -> None: ...
-
-
-class StoreError(Exception):
-    """The store failed; ``kind`` (``connection``, ``timeout``, ``garbage``, ``loading``) labels
-    the metric, the message says what happened."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class FeatureStores:
@@ -214,6 +183,7 @@ class FeatureJoin:
         self._cache = EntityCache(settings.cache_size, settings.cache_ttl_s)
         self._dtypes = [feature_dtype(settings, name) for name in settings.fetch]
         self._timeout_s = settings.lookup_timeout_ms / 1000
+        self._lookups = LookupBatcher(store, settings.fetch, self._timeout_s, stats)
 
     def request_signature(self, signature: Signature) -> Signature:
         """What a caller sends for ``signature``: itself when no features join into it."""
@@ -254,7 +224,7 @@ class FeatureJoin:
         timeout_s = self._timeout_s if deadline is None else min(self._timeout_s, deadline - now)
         try:
             async with asyncio.timeout(timeout_s):
-                fetched = await self._store.get(missing, self._settings.fetch)
+                fetched = await self._lookups.fetch(missing)
             parsed = {key: self._parse(key, values) for key, values in zip(missing, fetched, strict=True)}
         except (StoreError, TimeoutError) as exc:
             failure = exc if isinstance(exc, StoreError) else StoreError("timeout", "no answer")
@@ -265,9 +235,6 @@ class FeatureJoin:
                 f"feature store {self._store.name} failed for model {self._model} ({failure}); "
                 f"timeout {self._settings.lookup_timeout_ms:g} ms"
             ) from None
-        finally:
-            stats.round_trips += 1
-            stats.lookup.observe(time.monotonic() - now)
         self._cache.put(parsed, now)
         return rows | parsed
 

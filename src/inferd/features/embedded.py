@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.errors import ConfigError
-from inferd.features import StoreError, Value
+from inferd.features.store import StoreError, Value
 from inferd.features.tables import entity_keys, read_chunks
 
 log = logging.getLogger(__name__)

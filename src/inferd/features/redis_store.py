@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 from redis.retry import Retry
 
-from inferd.features import StoreError, Value
+from inferd.features.store import StoreError, Value
 
 _HMGET_ALL = """
 local out = {}
