@@ -42,7 +42,7 @@ store = "{url}"
 entity = "restaurant_id"
 prefix = "restaurant"
 fetch = ["incoming_orders_1h", "outstanding_orders_per_min_1h"]
-lookup_timeout_ms = 100
+lookup_timeout_ms = 1000
 cache_ttl_s = {ttl}
 [features.inputs]
 x = ["distance_km", "incoming_orders_1h", "outstanding_orders_per_min_1h"]

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +18,11 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto import prediction_service_pb2_grpc as ps_grpc
+from inferd._proto.types_pb2 import DT_FLOAT, DT_STRING
 from tests.conftest import ServerProcess, launch
+from tests.e2e.test_grpc import to_numpy
 from tests.e2e.test_metrics import samples, value
 from tests.models import write_onnx_affine, write_python_model
 from tests.redis_server import RedisServer, redis_server
@@ -127,6 +132,17 @@ def test_joined_inputs_in_every_request_format(
         distance_input.set_data_from_numpy(distances)
         result = client.infer("eta", [key_input, distance_input])
         np.testing.assert_allclose(result.as_numpy("y"), want)
+
+    request = ps.PredictRequest(model_spec=ps.ModelSpec(name="eta"))
+    request.inputs["restaurant_id"].dtype = DT_STRING
+    request.inputs["restaurant_id"].tensor_shape.dim.add(size=3)
+    request.inputs["restaurant_id"].string_val.extend(keys.tolist())
+    request.inputs["distance_km"].dtype = DT_FLOAT
+    request.inputs["distance_km"].tensor_shape.dim.add(size=3)
+    request.inputs["distance_km"].float_val.extend(distances.tolist())
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = ps_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+    np.testing.assert_allclose(to_numpy(reply.outputs["y"], np.float32), want)
 
 
 def test_metadata_shows_what_the_caller_sends(
