@@ -72,9 +72,9 @@ def deliveries(
 def build(out: Path, redis_url: str | None) -> None:
     rng = np.random.default_rng(7)
     table = restaurants(rng, 500)
-    x, y = deliveries(rng, table, 20_000)
+    x, y = deliveries(rng, table, 8_000)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0)
-    model = HistGradientBoostingRegressor(max_iter=200).fit(x_train, y_train)
+    model = HistGradientBoostingRegressor(max_iter=60).fit(x_train, y_train)
     error = np.abs(model.predict(x_test) - y_test).mean()
     print(f"held-out mean absolute error: {error:.2f} minutes")
 

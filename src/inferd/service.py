@@ -127,7 +127,7 @@ class InferenceService:
                 key = lane.predictions.key(signature.name, inputs)
                 if (cached := lane.predictions.get(key)) is not None:
                     lane.prediction_counts.hits += 1
-                    return InferenceResponse(version.id, cached, request.id)
+                    return InferenceResponse(version.id, dict(cached), request.id)
                 lane.prediction_counts.misses += 1
             params = version.settings.batching or self._batching
             rows = _common_rows(inputs)
