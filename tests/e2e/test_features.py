@@ -293,22 +293,22 @@ def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
 
 
 def test_a_frozen_redis_times_out_with_503_and_other_models_keep_serving(
-    redis_server: RedisServer, serve: Callable[..., ServerProcess], tmp_path: Path
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
 ) -> None:
     fill(redis_server)
-    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0", lookup_timeout_ms="100")})
-    write_onnx_affine(tmp_path / "plain" / "1", scale=2.0, width=3)
+    server = serve(
+        {"eta": features_toml(redis_server.url, cache_ttl_s="0", lookup_timeout_ms="100"), "plain": ""}
+    )
     one = [{"restaurant_id": "r1", "distance_km": 1.0}]
     assert predict(server, "eta", one).status_code == 200
     redis_server.freeze()
     try:
-        for _ in range(3):
-            response = predict(server, "eta", one)
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == "1"
-            assert "timeout 100 ms" in response.json()["error"]
-        ready = requests.get(f"{server.url}/v2/health/live", timeout=5)
-        assert ready.status_code == 200
+        answers = [predict(server, "eta", one) for _ in range(3)]
+        assert [a.status_code for a in answers] == [503, 503, 503]
+        assert all(a.headers["retry-after"] == "1" for a in answers)
+        assert "failed for model eta (no answer); timeout 100 ms" in answers[0].json()["error"]
+        plain = predict(server, "plain", [[1.0, 2.0, 3.0]])
+        assert plain.json() == {"predictions": [[1.0, 2.0, 3.0]]}
     finally:
         redis_server.thaw()
     server.wait_for(lambda: predict(server, "eta", one).status_code == 200, "recovery")
