@@ -9,8 +9,9 @@ One inferd process serves three copies of a tiny ONNX model (y = x . w on x FP32
 ``inline`` (the request carries all three columns), ``redis`` (the request carries restaurant_id
 and distance_km; two features come from Redis on every request: cache TTL 0, so one round trip
 per request) and ``cached`` (the same with the entity cache on, TTL 60 s). wrk drives 1 and 64
-connections with 1 and 32 instances per request (32 distinct restaurants). Prints a Markdown
-table for docs/benchmarks.md and writes bench/.work/results/features.json.
+connections with 1 and 32 instances per request (32 distinct restaurants), the three variants
+in turn in each repeat; rows give medians over repeats. Prints a Markdown table for
+docs/benchmarks.md and writes bench/results/features.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -158,43 +158,108 @@ def main() -> int:
                 sys.exit(f"inferd did not answer:\n{server.log_tail()}")
             time.sleep(0.5)
         got = {m: np.array(json.loads(body)["predictions"]) for m, (_, body) in answers.items()}
-        assert np.allclose(got["inline"], got["redis"]) and np.allclose(got["inline"], got["cached"]), got
+        for model in ("redis", "cached"):
+            if not np.allclose(got["inline"], got[model]):
+                sys.exit(f"{model} answers differ from inline: {got}")
         rows = []
+        models = ("inline", "redis", "cached")
         for n in (1, 32):
             for connections in (1, 64):
-                for model in ("inline", "redis", "cached"):
-                    body = files[n]["inline" if model == "inline" else "joined"]
-                    run_wrk(wrk, f"{base}/{model}:predict", body, connections, args.warmup)
-                    runs = [
-                        run_wrk(wrk, f"{base}/{model}:predict", body, connections, args.duration)
-                        for _ in range(args.repeats)
-                    ]
+                runs: dict[str, list[dict]] = {model: [] for model in models}
+                for _ in range(args.repeats):  # the variants in turn, so that noise hits them alike
+                    for model in models:
+                        body = files[n]["inline" if model == "inline" else "joined"]
+                        run_wrk(wrk, f"{base}/{model}:predict", body, connections, args.warmup)
+                        runs[model].append(
+                            run_wrk(wrk, f"{base}/{model}:predict", body, connections, args.duration)
+                        )
+                for model in models:
                     row = {
                         "model": model,
                         "instances": n,
                         "connections": connections,
-                        "rps": statistics.median(r["requests"] / (r["duration_us"] / 1e6) for r in runs),
-                        "p50_ms": statistics.median(r["p50_us"] for r in runs) / 1000,
-                        "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
-                        "errors": sum(r["non2xx"] + r["timeouts"] + r["read_errors"] for r in runs),
+                        "rps": statistics.median(
+                            r["requests"] / (r["duration_us"] / 1e6) for r in runs[model]
+                        ),
+                        "p50_ms": statistics.median(r["p50_us"] for r in runs[model]) / 1000,
+                        "p99_ms": statistics.median(r["p99_us"] for r in runs[model]) / 1000,
+                        "errors": sum(r["non2xx"] + r["timeouts"] + r["read_errors"] for r in runs[model]),
                     }
                     rows.append(row)
                     log(json.dumps(row))
         round_trips = client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+        joins = in_process(url, files)
     finally:
         if server is not None:
             server.stop()
         store.stop()
-    (WORK / "results").mkdir(parents=True, exist_ok=True)
-    (WORK / "results" / "features.json").write_text(json.dumps(rows, indent=1))
+    meta = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load_average_after": os.getloadavg(),
+        "argv": sys.argv[1:],
+        "eval_calls": round_trips,
+        "in_process_join_us": joins,
+    }
+    (BENCH / "results" / "features.json").write_text(json.dumps({"run": meta, "rows": rows}, indent=1) + "\n")
     print(report(rows, round_trips))
+    print("\nFeatureJoin.join in process, microseconds per request (median of 5 x 1,000):")
+    for name, micros in joins.items():
+        print(f"- {name}: {micros:.0f} us")
     return 0
+
+
+def in_process(url: str, files: dict[int, dict[str, Path]]) -> dict[str, float]:
+    """The join alone (no HTTP, no model): per request, with the entity cache on and off."""
+    import uvloop
+
+    from inferd.config import read_model_settings
+    from inferd.features import FeatureJoin, FeatureStores, plan_join
+    from inferd.metrics import FeatureStats
+    from inferd.types import Signature, TensorSpec
+
+    signature = Signature(
+        "serving_default",
+        (TensorSpec("x", np.dtype(np.float32), (-1, 3)),),
+        (TensorSpec("y", np.dtype(np.float32), (-1, 1)),),
+    )
+    results: dict[str, float] = {}
+
+    async def measure() -> None:
+        stores = FeatureStores()
+        for ttl in (60, 0):
+            folder = WORK / "features" / f"join-{ttl}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "inferd.toml").write_text(TOML.format(url=url, ttl=ttl))
+            settings = read_model_settings(folder).features
+            assert settings is not None
+            plans = plan_join(settings, {"serving_default": signature})
+            join = FeatureJoin("bench", settings, plans, stores.open(settings), FeatureStats())
+            for n, bodies_n in files.items():
+                rows = json.loads(bodies_n["joined"].read_text())["instances"]
+                inputs = {
+                    "restaurant_id": np.array([r["restaurant_id"] for r in rows], dtype=object),
+                    "distance_km": np.array([r["distance_km"] for r in rows], dtype=np.float32),
+                }
+                samples = []
+                for _ in range(6):
+                    started = time.perf_counter()
+                    for _ in range(1000):
+                        await join.join("serving_default", inputs, None)
+                    samples.append((time.perf_counter() - started) * 1000)
+                cache = "cache on" if ttl else "cache off (one Redis round trip)"
+                results[f"{n} instance(s), {cache}"] = statistics.median(samples[1:])
+        await stores.close()
+
+    uvloop.run(measure())
+    return results
 
 
 def report(rows: list[dict], round_trips: int) -> str:
     inline = {(r["instances"], r["connections"]): r for r in rows if r["model"] == "inline"}
     lines = [
-        "| model | instances | connections | requests/s | vs inline | p50 ms | added p50 ms | p99 ms | errors |",
+        "| model | instances | connections | requests/s | vs inline | p50 ms | added p50 ms | p99 ms "
+        "| errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -4,12 +4,14 @@ A model's ``[features]`` table (see ``FeatureSettings``) names the entity input(
 carries, the features to fetch and how they join with the request's own inputs to form the
 model's inputs. ``FeatureJoin`` turns a request-side batch into model inputs: it reads the rows
 of the batch's distinct entities from an ``EntityCache``, fetches the rest from the
-``FeatureStore`` in one round trip under the lookup timeout, and assembles the columns.
+``FeatureStore`` in one round trip under the lookup timeout (merged with the lookups of other
+requests that wait at the same time, see ``LookupBatcher``), and assembles the columns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -129,12 +131,16 @@ def feature_dtype(settings: FeatureSettings, name: str) -> np.dtype[Any]:
 
 
 def load_with_features(version_dir: Path, settings: ModelSettings, platform: str | None) -> tuple[Model, str]:
-    """``load_model``, then check the model's ``[features]`` against its signatures, so that a
-    mismatch fails the version's load instead of its requests."""
+    """``load_model``, then check the model's ``[features]`` against its signatures (and that
+    redis-py is installed for a Redis store), so that a mismatch fails the version's load instead
+    of its requests."""
+    features = settings.features
+    if features is not None and "://" in features.store and importlib.util.find_spec("redis") is None:
+        raise ModelLoadError("[features] a Redis store needs redis-py: pip install 'inferd[redis]'")
     model, runtime = load_model(version_dir, settings, platform)
-    if settings.features is not None:
+    if features is not None:
         try:
-            plan_join(settings.features, model.signatures)
+            plan_join(features, model.signatures)
         except ModelLoadError:
             model.close()
             raise
