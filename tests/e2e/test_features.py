@@ -169,7 +169,10 @@ def test_a_batch_is_one_round_trip_and_cached_entities_none(
 ) -> None:
     fill(redis_server)
     server = serve(
-        {"fresh": features_toml(redis_server.url, cache_ttl_s="0"), "cached": features_toml(redis_server.url)}
+        {
+            "fresh": features_toml(redis_server.url, cache_ttl_s="0"),
+            "cached": features_toml(redis_server.url, cache_ttl_s="600"),
+        }
     )
     batch = [{"restaurant_id": r, "distance_km": 1.0} for r in ("r1", "r2", "r3", "r1", "r2") * 4]
     before = redis_server.calls("eval")
@@ -189,7 +192,7 @@ def test_a_changed_entity_shows_once_its_cache_entry_expires(
     redis_server: RedisServer, serve: Callable[..., ServerProcess]
 ) -> None:
     fill(redis_server)
-    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="3")})
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="5")})
     one = [{"restaurant_id": "r1", "distance_km": 2.0}]
     assert predict(server, "eta", one).json()["predictions"] == [[2.0, 5.0, 0.5]]
     redis_server.client().hset("restaurant:r1", "incoming_orders", "9")
