@@ -128,11 +128,49 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _features_parser(sub: Any) -> None:
+    parser = sub.add_parser("features", help="manage online features", description="Manage online features.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    load = actions.add_parser(
+        "load",
+        help="load a Parquet or CSV table into Redis",
+        description="Write each row of TABLE to the Redis hash <prefix>:<entity>; re-running updates it.",
+    )
+    load.add_argument("table", metavar="TABLE", help="a .parquet or .csv file with a header")
+    load.add_argument("--store", required=True, help="Redis URL, e.g. redis://localhost:6379/0")
+    load.add_argument("--entity", required=True, help="entity column(s), comma-separated for a composite key")
+    load.add_argument("--prefix", default="", help="key prefix (default: the entity column names)")
+    load.add_argument("--ttl", type=int, default=0, help="seconds until each hash expires (default: never)")
+    load.add_argument("--chunk_rows", type=int, default=1000, help="rows per pipelined round trip")
+
+
+def _load_features(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from inferd.features.load import load_table
+
+    entity = tuple(name.strip() for name in args.entity.split(","))
+    try:
+        rows, seconds = load_table(
+            Path(args.table), args.store, entity, args.prefix, args.ttl, args.chunk_rows
+        )
+    except Exception as exc:  # the table or Redis failed; say which and stop
+        print(f"inferd features load: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"loaded {rows:,} rows into {args.store} in {seconds:.2f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
+    _features_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "features":
+        return _load_features(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -163,6 +163,120 @@ def read_monitoring_config_file(path: Path) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureSettings:
+    """A model's ``[features]`` table: which features to look up per request and how they join.
+
+    Attributes:
+        store: ``redis://host:port/db`` or a Parquet/CSV file (relative to the model's folder).
+        entity: request inputs whose values, joined with ``:``, name the entity (strings).
+        prefix: Redis keys are ``<prefix>:<entity>``; default: the entity input names.
+        fetch: feature names looked up, in order.
+        dtypes: feature name -> dtype its stored value is read as; default float64.
+        defaults: feature name -> value used when the entity or the feature is missing;
+            a feature without one is required (missing: NOT_FOUND).
+        inputs: model input -> the columns (request inputs and fetched features), in order, that
+            form it; model inputs not named here come from the request as they are.
+        lookup_timeout_ms: longest wait for the store per request.
+        on_store_error: ``fail`` (UNAVAILABLE naming the store) or ``defaults``.
+        cache_ttl_s: how long a looked-up entity is reused; 0 turns the cache off.
+        cache_size: most entities cached (least recently used go first).
+    """
+
+    store: str
+    entity: tuple[str, ...]
+    fetch: tuple[str, ...]
+    inputs: Mapping[str, tuple[str, ...]]
+    prefix: str = ""
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    lookup_timeout_ms: float = 50.0
+    on_store_error: str = "fail"
+    cache_ttl_s: float = 5.0
+    cache_size: int = 100_000
+
+    @property
+    def key_prefix(self) -> str:
+        return self.prefix or ":".join(self.entity)
+
+
+def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) -> FeatureSettings:
+    """``[features]`` of inferd.toml -> FeatureSettings; a relative store file is resolved
+    against ``base_path``.
+
+    Raises:
+        ConfigError: a missing, unknown or ill-typed key, or keys that contradict each other.
+    """
+    known = set(FeatureSettings.__dataclass_fields__)
+    if unknown := sorted(set(table) - known):
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    if missing := [k for k in ("store", "entity", "fetch", "inputs") if k not in table]:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    store = _typed(table, "store", str, where)
+    if "://" in store:
+        if not store.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{where}: store {store!r} must be redis://, rediss:// or unix:// or a file")
+    elif not store.endswith((".parquet", ".csv")):
+        raise ConfigError(f"{where}: store {store!r} must be a .parquet or .csv file or a Redis URL")
+    elif not Path(store).is_absolute():
+        store = str(base_path / store)
+    entity = table["entity"]
+    entity = [entity] if isinstance(entity, str) else entity
+    fetch = table["fetch"]
+    if not _strings(entity) or not _strings(fetch):
+        raise ConfigError(f"{where}: 'entity' and 'fetch' must be non-empty lists of names")
+    inputs = _table(table["inputs"], f"{where}.inputs")
+    if not inputs or not all(_strings(v) for v in inputs.values()):
+        raise ConfigError(f"{where}.inputs: each model input must name a non-empty list of columns")
+    dtypes = dict(_table(table.get("dtypes", {}), f"{where}.dtypes"))
+    defaults = dict(_table(table.get("defaults", {}), f"{where}.defaults"))
+    for name, mapping in (("dtypes", dtypes), ("defaults", defaults)):
+        if stray := sorted(set(mapping) - set(fetch)):
+            raise ConfigError(f"{where}.{name}: {stray} are not in 'fetch'")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in defaults.values()):
+        raise ConfigError(f"{where}.defaults: values must be numbers, got {defaults}")
+    used = {column for columns in inputs.values() for column in columns}
+    if unused := [name for name in fetch if name not in used]:
+        raise ConfigError(f"{where}: fetched feature(s) {unused} are in no model input")
+    on_error = table.get("on_store_error", "fail")
+    if on_error not in ("fail", "defaults"):
+        raise ConfigError(f"{where}: on_store_error must be 'fail' or 'defaults', got {on_error!r}")
+    if on_error == "defaults" and (lacking := [n for n in fetch if n not in defaults]):
+        raise ConfigError(f"{where}: on_store_error = 'defaults' needs a default for {lacking}")
+    settings = FeatureSettings(
+        store=store,
+        entity=tuple(entity),
+        fetch=tuple(fetch),
+        inputs={name: tuple(columns) for name, columns in inputs.items()},
+        prefix=_typed(table, "prefix", str, where, ""),
+        dtypes=dtypes,
+        defaults=defaults,
+        lookup_timeout_ms=_typed(table, "lookup_timeout_ms", float, where, 50.0),
+        on_store_error=on_error,
+        cache_ttl_s=_typed(table, "cache_ttl_s", float, where, 5.0),
+        cache_size=_typed(table, "cache_size", int, where, 100_000),
+    )
+    if settings.lookup_timeout_ms <= 0 or settings.cache_ttl_s < 0 or settings.cache_size < 1:
+        raise ConfigError(f"{where}: lookup_timeout_ms must be > 0, cache_ttl_s >= 0, cache_size >= 1")
+    return settings
+
+
+_T = TypeVar("_T", str, int, float)
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type[_T], where: str, default: _T | None = None) -> _T:
+    """``table[key]`` as ``kind`` (an int is accepted as a float), or ``default`` when absent."""
+    value = table.get(key, default)
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
 
@@ -175,6 +289,8 @@ class ModelSettings:
         signature: declared signature (``[signature]`` table), for models that cannot tell.
         warmup: call each signature once with zeros before serving a version (default true).
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
+        features: the ``[features]`` table; None when requests carry every input.
+        prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
     """
 
     runtime: str | None = None
@@ -184,6 +300,8 @@ class ModelSettings:
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
+    features: FeatureSettings | None = None
+    prediction_cache_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +351,17 @@ class ServerConfig:
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python")
-_KNOWN_KEYS = {"runtime", "version_policy", "labels", "signature", "warmup", "batching", *_RUNTIME_TABLES}
+_KNOWN_KEYS = {
+    "runtime",
+    "version_policy",
+    "labels",
+    "signature",
+    "warmup",
+    "batching",
+    "features",
+    "prediction_cache_size",
+    *_RUNTIME_TABLES,
+}
 
 
 def read_model_settings(base_path: Path) -> ModelSettings:
@@ -272,7 +400,22 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             if "batching" in raw
             else None
         ),
+        features=(
+            features_from_toml(
+                _table(raw["features"], f"{path}: [features]"), base_path, f"{path}: [features]"
+            )
+            if "features" in raw
+            else None
+        ),
+        prediction_cache_size=_prediction_cache_size(raw, path),
     )
+
+
+def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
+    size = _typed(raw, "prediction_cache_size", int, str(path), 0)
+    if size < 0:
+        raise ConfigError(f"{path}: 'prediction_cache_size' must be >= 0, got {size}")
+    return size
 
 
 def _only_table(raw: Mapping[str, Any], path: Path) -> Mapping[str, Any]:

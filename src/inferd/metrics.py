@@ -65,6 +65,32 @@ class RequestTimer:
         stages["total"].observe(total_s)
 
 
+class HitCounter:
+    """Hits and misses of one cache; count from the event loop thread only."""
+
+    __slots__ = ("hits", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+
+
+class FeatureStats:
+    """Feature lookups of one (model, store): store round-trip latency and count, entity cache
+    hits and misses, store errors by kind. Record from the event loop thread only."""
+
+    __slots__ = ("cache", "errors", "lookup", "round_trips")
+
+    def __init__(self) -> None:
+        self.lookup = Histogram(LATENCY_BUCKETS_S)
+        self.round_trips = 0
+        self.cache = HitCounter()
+        self.errors: dict[str, int] = {}
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
 class Metrics(Collector):
     """The collector behind ``/metrics``. Create one per server; register it with ``registry``."""
 
@@ -76,6 +102,8 @@ class Metrics(Collector):
         self._load_durations: dict[str, Histogram] = {}
         self._load_failures: dict[str, int] = {}
         self._gauges: dict[str, tuple[str, Callable[[], Iterator[tuple[tuple[str, str], float]]]]] = {}
+        self._features: dict[tuple[str, str], FeatureStats] = {}
+        self._prediction_caches: dict[tuple[str, str], HitCounter] = {}
         self.in_flight = 0
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -101,6 +129,19 @@ class Metrics(Collector):
         if hist is None:
             hist = self._batch_sizes[key] = Histogram(BATCH_BUCKETS)
         return hist
+
+    def features(self, model: str, store: str) -> FeatureStats:
+        """The feature lookup counts of ``model`` on ``store``; keep it and reuse it."""
+        stats = self._features.get((model, store))
+        if stats is None:
+            stats = self._features[(model, store)] = FeatureStats()
+        return stats
+
+    def prediction_cache(self, model: str, version: str) -> HitCounter:
+        counter = self._prediction_caches.get((model, version))
+        if counter is None:
+            counter = self._prediction_caches[(model, version)] = HitCounter()
+        return counter
 
     def model_loaded(self, model: str, duration_s: float, ok: bool) -> None:
         self._load_durations.setdefault(model, Histogram(LATENCY_BUCKETS_S)).observe(duration_s)
@@ -152,8 +193,40 @@ class Metrics(Collector):
         yield GaugeMetricFamily(
             "inferd_in_flight_requests", "Requests being served now", value=self.in_flight
         )
+        yield from self._collect_caches()
         for name, (documentation, read) in self._gauges.items():
             gauge = GaugeMetricFamily(name, documentation, labels=["model", "version"])
             for gauge_labels, reading in read():
                 gauge.add_metric(list(gauge_labels), reading)
             yield gauge
+
+    def _collect_caches(self) -> Iterator[Any]:
+        labels = ["model", "store"]
+        lookups = HistogramMetricFamily(
+            "inferd_feature_lookup_duration_seconds", "Feature store round-trip time", labels=labels
+        )
+        trips = CounterMetricFamily("inferd_feature_round_trips", "Feature store round trips", labels=labels)
+        cache = CounterMetricFamily(
+            "inferd_feature_cache",
+            "Entity lookups answered by the cache (hit) or the store (miss)",
+            labels=[*labels, "result"],
+        )
+        errors = CounterMetricFamily(
+            "inferd_feature_store_errors", "Failed feature lookups by kind", labels=[*labels, "kind"]
+        )
+        for (model, store), stats in self._features.items():
+            lookups.add_metric([model, store], stats.lookup.buckets(), stats.lookup.total)
+            trips.add_metric([model, store], stats.round_trips)
+            cache.add_metric([model, store, "hit"], stats.cache.hits)
+            cache.add_metric([model, store, "miss"], stats.cache.misses)
+            for kind, count in stats.errors.items():
+                errors.add_metric([model, store, kind], count)
+        predictions = CounterMetricFamily(
+            "inferd_prediction_cache",
+            "Requests answered from the prediction cache (hit) or not (miss)",
+            labels=["model", "version", "result"],
+        )
+        for (model, version), counter in self._prediction_caches.items():
+            predictions.add_metric([model, version, "hit"], counter.hits)
+            predictions.add_metric([model, version, "miss"], counter.misses)
+        yield from (lookups, trips, cache, errors, predictions)

@@ -27,6 +27,7 @@ from inferd.config import (
 )
 from inferd.control import ModelControl
 from inferd.errors import ConfigError, DeadlineExceeded, InferdError, Internal, ResourceExhausted
+from inferd.features import FeatureStores, load_with_features
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import Access, Response, json_error, tfserving_rest, v2_rest
@@ -190,9 +191,10 @@ class Server:
         self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self.repository = Repository(config)
-        self.manager = ModelManager(self._load_pool, metrics=self.metrics)
+        self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
+        self.feature_stores = FeatureStores()
         self.service = InferenceService(
-            self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics
+            self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
 
@@ -267,6 +269,7 @@ class Server:
             if poller:
                 poller.cancel()
             await self.manager.close()
+            await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -20,8 +20,9 @@ import numpy as np
 from inferd.batching import Batcher
 from inferd.config import BatchingParameters
 from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, Unavailable
+from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
 from inferd.manager import ModelManager, ServedVersion
-from inferd.metrics import Histogram, Metrics
+from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
 from inferd.runtimes import Model
 from inferd.types import (
     DEFAULT_SIGNATURE,
@@ -46,8 +47,12 @@ _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
 
 @dataclass(slots=True, eq=False)
 class _Lane:
-    """Per served version: its batchers (one per signature) and its unbatched calls in flight."""
+    """Per served version: its batchers (one per signature), its unbatched calls in flight, its
+    feature join and its prediction cache (None when the model has none)."""
 
+    join: FeatureJoin | None
+    predictions: PredictionCache | None
+    prediction_counts: HitCounter
     batchers: dict[str, Batcher] = field(default_factory=dict)
     in_flight: int = 0
 
@@ -59,6 +64,7 @@ class InferenceService:
         batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
         max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
             requests are refused with UNAVAILABLE.
+        features: opens the stores of models with ``[features]``; owned by the caller.
     """
 
     def __init__(
@@ -68,8 +74,10 @@ class InferenceService:
         batching: BatchingParameters | None = None,
         max_in_flight: int = 256,
         metrics: Metrics | None = None,
+        features: FeatureStores | None = None,
     ) -> None:
         self._manager = manager
+        self._features = features
         self._executor = executor
         self._batching = batching
         self._max_in_flight = max_in_flight
@@ -97,7 +105,7 @@ class InferenceService:
             InvalidArgument: unknown signature, or one whose method is not ``method``.
         """
         with self._manager.lease(ref) as version:
-            return _find_signature(version, name, method)
+            return self._request_signature(version, _find_signature(version, name, method))
 
     async def infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
         """Run one request on the version ``ref`` resolves to, batched when batching is on.
@@ -109,8 +117,18 @@ class InferenceService:
         """
         with self._manager.lease(ref) as version:
             signature = _find_signature(version, request.signature_name, None)
-            inputs = conform_inputs(signature, request.inputs)
-            lane = self._lanes.get(version) or self._lanes.setdefault(version, _Lane())
+            lane = self._lane(version)
+            if lane.join is None:
+                inputs = conform_inputs(signature, request.inputs)
+            else:
+                inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
+                inputs = await lane.join.join(signature.name, inputs, request.deadline)
+            if lane.predictions is not None:
+                key = lane.predictions.key(signature.name, inputs)
+                if (cached := lane.predictions.get(key)) is not None:
+                    lane.prediction_counts.hits += 1
+                    return InferenceResponse(version.id, dict(cached), request.id)
+                lane.prediction_counts.misses += 1
             params = version.settings.batching or self._batching
             rows = _common_rows(inputs)
             try:
@@ -129,7 +147,37 @@ class InferenceService:
                 log.exception("%s failed on request %s", version.id, request.id)
                 raise Internal(f"model {version.id} failed while predicting; see the server log") from None
             checked = _check_outputs(version, signature, outputs)
+            if lane.predictions is not None:
+                lane.predictions.put(key, checked)
             return InferenceResponse(version.id, checked, request.id, queue_s, predict_s)
+
+    def _lane(self, version: ServedVersion) -> _Lane:
+        lane = self._lanes.get(version)
+        if lane is None:
+            name, number = version.id.name, str(version.id.version)
+            size = version.settings.prediction_cache_size
+            lane = self._lanes[version] = _Lane(
+                self._new_join(version),
+                PredictionCache(size) if size else None,
+                self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
+            )
+        return lane
+
+    def _new_join(self, version: ServedVersion) -> FeatureJoin | None:
+        settings = version.settings.features
+        if settings is None:
+            return None
+        if self._features is None:
+            raise Internal(f"model {version.id} declares [features] but the server has no feature stores")
+        assert version.model is not None
+        store = self._features.open(settings)
+        stats = self._metrics.features(version.id.name, store.name) if self._metrics else FeatureStats()
+        plans = plan_join(settings, version.model.signatures)
+        return FeatureJoin(version.id.name, settings, plans, store, stats)
+
+    def _request_signature(self, version: ServedVersion, signature: Signature) -> Signature:
+        join = self._lane(version).join
+        return signature if join is None else join.request_signature(signature)
 
     async def _call(
         self, lane: _Lane, version: ServedVersion, signature: str, inputs: Tensors, request: InferenceRequest
@@ -196,9 +244,11 @@ class InferenceService:
             )
             batching = version.settings.batching or self._batching
             max_batch = batching.max_batch_size if batching else 0
-            return ModelMetadata(
-                version.id, dict(version.model.signatures), version.runtime, available, max_batch
-            )
+            signatures = {
+                name: self._request_signature(version, signature)
+                for name, signature in version.model.signatures.items()
+            }
+            return ModelMetadata(version.id, signatures, version.runtime, available, max_batch)
 
     def ready(self) -> bool:
         """True when every configured model has a version serving."""

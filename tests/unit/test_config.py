@@ -8,6 +8,7 @@ import pytest
 
 from inferd.config import (
     BatchingParameters,
+    FeatureSettings,
     ModelSettings,
     VersionPolicy,
     parse_model_config,
@@ -247,3 +248,108 @@ def test_an_empty_config_file_is_refused_so_a_half_written_file_never_unloads_ev
         read_model_config_file(path)
     path.write_text("model_config_list {}\n")
     assert read_model_config_file(path) == []
+
+
+# [features] and prediction_cache_size
+
+FEATURES = """
+[features]
+store = "features.parquet"
+entity = "restaurant_id"
+fetch = ["orders", "outstanding"]
+[features.inputs]
+x = ["distance", "orders", "outstanding"]
+"""
+
+
+def test_features_defaults_and_a_relative_store_resolved_against_the_model_folder(tmp_path: Path) -> None:
+    got = settings(tmp_path, FEATURES).features
+    assert got == FeatureSettings(
+        store=str(tmp_path / "features.parquet"),
+        entity=("restaurant_id",),
+        fetch=("orders", "outstanding"),
+        inputs={"x": ("distance", "orders", "outstanding")},
+    )
+    assert (got.prefix, got.key_prefix, got.lookup_timeout_ms, got.on_store_error) == (
+        "",
+        "restaurant_id",
+        50.0,
+        "fail",
+    )
+    assert (got.cache_ttl_s, got.cache_size, got.dtypes, got.defaults) == (5.0, 100_000, {}, {})
+    assert settings(tmp_path, "").prediction_cache_size == 0
+
+
+def test_every_features_option(tmp_path: Path) -> None:
+    got = settings(
+        tmp_path,
+        """
+        prediction_cache_size = 500
+        [features]
+        store = "redis://:secret@cache:6380/2"
+        entity = ["city", "restaurant_id"]
+        prefix = "r"
+        fetch = ["orders", "outstanding"]
+        dtypes = { orders = "int64" }
+        defaults = { orders = 0, outstanding = 0.5 }
+        lookup_timeout_ms = 20
+        on_store_error = "defaults"
+        cache_ttl_s = 1.5
+        cache_size = 10
+        [features.inputs]
+        x = ["distance", "outstanding"]
+        n = ["orders"]
+        """,
+    )
+    assert got.prediction_cache_size == 500
+    assert got.features == FeatureSettings(
+        store="redis://:secret@cache:6380/2",
+        entity=("city", "restaurant_id"),
+        fetch=("orders", "outstanding"),
+        inputs={"x": ("distance", "outstanding"), "n": ("orders",)},
+        prefix="r",
+        dtypes={"orders": "int64"},
+        defaults={"orders": 0, "outstanding": 0.5},
+        lookup_timeout_ms=20.0,
+        on_store_error="defaults",
+        cache_ttl_s=1.5,
+        cache_size=10,
+    )
+    assert got.features.key_prefix == "r"
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (("fetch = [", "colour = 1\nfetch = ["), "unknown key(s) ['colour']"),
+        (('entity = "restaurant_id"\n', ""), "missing key(s) ['entity']"),
+        (('store = "features.parquet"', 'store = "http://x"'), "must be redis://"),
+        (('store = "features.parquet"', 'store = "features.json"'), "must be a .parquet or .csv"),
+        (('store = "features.parquet"', "store = 3"), "'store' must be a str"),
+        (('entity = "restaurant_id"', "entity = []"), "non-empty lists of names"),
+        (('x = ["distance", "orders", "outstanding"]', "x = []"), "non-empty list of columns"),
+        (
+            ('x = ["distance", "orders", "outstanding"]', 'x = ["orders"]'),
+            "['outstanding'] are in no model input",
+        ),
+        (
+            ("[features.inputs]", "dtypes = { other = 'int64' }\n[features.inputs]"),
+            "['other'] are not in 'fetch'",
+        ),
+        (("[features.inputs]", "defaults = { orders = 'x' }\n[features.inputs]"), "values must be numbers"),
+        (
+            ("[features.inputs]", "on_store_error = 'ignore'\n[features.inputs]"),
+            "must be 'fail' or 'defaults'",
+        ),
+        (("[features.inputs]", "on_store_error = 'defaults'\n[features.inputs]"), "needs a default for"),
+        (("[features.inputs]", "lookup_timeout_ms = 0\n[features.inputs]"), "lookup_timeout_ms must be > 0"),
+        (("[features.inputs]", "cache_size = 0\n[features.inputs]"), "cache_size >= 1"),
+        (("[features.inputs]", "cache_ttl_s = true\n[features.inputs]"), "'cache_ttl_s' must be a float"),
+        (("[features]", "prediction_cache_size = -1\n[features]"), "'prediction_cache_size' must be >= 0"),
+    ],
+)
+def test_invalid_features_name_the_problem(tmp_path: Path, edit: tuple[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings(tmp_path, FEATURES.replace(*edit))
+    assert "inferd.toml" in caught.value.message
+    assert fragment in caught.value.message
