@@ -47,7 +47,7 @@ RESULTS = BENCH / "results" / "protocols.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- protocols: written by bench/protocols.py -->"
 SECTION_END = "<!-- /protocols -->"
-STAGES = ("decode", "queue", "predict", "encode", "total")
+STAGES = ("decode", "queue", "predict", "handoff", "encode", "total")
 PACKAGES = ["inferd", "onnxruntime", "grpcio", "protobuf", "orjson", "numpy", "uvicorn", "tritonclient"]
 TARGET_RATIO = 3.0
 TARGET_SHARE = 0.20
@@ -552,8 +552,9 @@ def targets(rows: list[dict[str, Any]], profiles: list[dict[str, Any]], c: int) 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| path | load | n | c | req/s | pred/s | vs v1 JSON | p50 ms | p99 ms | CPU s/1k pred "
-        "| decode µs | queue µs | predict µs | encode µs | total µs | (decode+encode)/total | errors |",
-        "| --- | --- |" + " ---: |" * 15,
+        "| decode µs | queue µs | predict µs | handoff µs | encode µs | total µs | (decode+encode)/total "
+        "| errors |",
+        "| --- | --- |" + " ---: |" * 16,
     ]
     for r in sorted(rows, key=lambda r: (r["instances"], r["connections"])):
         ref = find(rows, "v1 JSON", "wrk", r["instances"], r["connections"])
@@ -649,9 +650,9 @@ def section(results: dict[str, Any]) -> str:
         "over the window). Stage columns: mean µs per request from inferd's "
         "`inferd_request_duration_seconds` histograms (sum deltas over the window / count); "
         "`(decode+encode)/total` is the serialisation share. gRPC's own protobuf parsing and "
-        "serialising, and the HTTP server's parsing, happen outside these stages; `encode` ends when "
-        "the adapter has its answer, so it also holds the wait for the event loop to resume the handler "
-        "after predict; `queue` is the wait for a predict thread.",
+        "serialising, and the HTTP server's parsing, happen outside these stages; `queue` is the wait "
+        "for a predict thread; `handoff` holds validation and the event loop's delay in taking the "
+        "answer back from the predict thread (long when the loop is saturated).",
         "",
         *table(rows),
         "",

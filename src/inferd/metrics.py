@@ -21,7 +21,7 @@ LATENCY_BUCKETS_S = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STAGES = ("decode", "queue", "predict", "encode", "total")
+STAGES = ("decode", "features", "queue", "predict", "handoff", "encode", "total")
 
 
 class Histogram:
@@ -54,15 +54,10 @@ class RequestTimer:
     def __init__(self) -> None:
         self.stages = {stage: Histogram(LATENCY_BUCKETS_S) for stage in STAGES}
 
-    def observe(
-        self, decode_s: float, queue_s: float, predict_s: float, encode_s: float, total_s: float
-    ) -> None:
-        stages = self.stages
-        stages["decode"].observe(decode_s)
-        stages["queue"].observe(queue_s)
-        stages["predict"].observe(predict_s)
-        stages["encode"].observe(encode_s)
-        stages["total"].observe(total_s)
+    def observe(self, *seconds: float) -> None:
+        """One request's seconds in each of ``STAGES``, in that order."""
+        for stage, value in zip(STAGES, seconds, strict=True):
+            self.stages[stage].observe(value)
 
 
 class HitCounter:
@@ -165,7 +160,7 @@ class Metrics(Collector):
         yield requests
         latency = HistogramMetricFamily(
             "inferd_request_duration_seconds",
-            "Time per request in each stage: decode, queue, predict, encode and total",
+            "Time per request in each stage: " + ", ".join(STAGES),
             labels=["model", "version", "protocol", "stage"],
         )
         for (model, version, protocol), timer in self._timers.items():

@@ -118,16 +118,19 @@ class InferenceService:
         with self._manager.lease(ref) as version:
             signature = _find_signature(version, request.signature_name, None)
             lane = self._lane(version)
+            features_s = 0.0
             if lane.join is None:
                 inputs = conform_inputs(signature, request.inputs)
             else:
                 inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
+                started = time.perf_counter()
                 inputs = await lane.join.join(signature.name, inputs, request.deadline)
+                features_s = time.perf_counter() - started
             if lane.predictions is not None:
                 key = lane.predictions.key(signature.name, inputs)
                 if (cached := lane.predictions.get(key)) is not None:
                     lane.prediction_counts.hits += 1
-                    return InferenceResponse(version.id, dict(cached), request.id)
+                    return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
                 lane.prediction_counts.misses += 1
             params = version.settings.batching or self._batching
             rows = _common_rows(inputs)
@@ -149,7 +152,7 @@ class InferenceService:
             checked = _check_outputs(version, signature, outputs)
             if lane.predictions is not None:
                 lane.predictions.put(key, checked)
-            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s)
+            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def _lane(self, version: ServedVersion) -> _Lane:
         lane = self._lanes.get(version)

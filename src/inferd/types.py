@@ -148,6 +148,7 @@ class InferenceResponse:
     id: str | None = None
     queue_s: float = 0.0
     predict_s: float = 0.0
+    features_s: float = 0.0
 
 
 class VersionState(enum.IntEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -56,21 +57,27 @@ def test_metrics_count_known_traffic_by_model_version_protocol_status_and_stage(
     # An unknown model name is not a label value (labels stay a bounded set).
     unknown = {"model": "", "version": "", "protocol": "rest", "status": "NOT_FOUND"}
     assert value(table, "inferd_requests_total", **unknown) == 1
-    for stage in ("decode", "queue", "predict", "encode", "total"):
+    parts = ("decode", "features", "queue", "predict", "handoff", "encode")
+    seconds = {}
+    for stage in (*parts, "total"):
         labels = {"model": "m", "version": "3", "protocol": "rest", "stage": stage}
         assert value(table, "inferd_request_duration_seconds_count", **labels) == 5
-        assert value(table, "inferd_request_duration_seconds_sum", **labels) >= 0
-    total = value(
-        table, "inferd_request_duration_seconds_sum", model="m", version="3", protocol="rest", stage="total"
-    )
-    predict = value(
-        table, "inferd_request_duration_seconds_sum", model="m", version="3", protocol="rest", stage="predict"
-    )
-    assert 0 < predict < total
+        seconds[stage] = value(table, "inferd_request_duration_seconds_sum", **labels)
+        assert seconds[stage] >= 0
+    assert seconds["features"] == 0  # the model has no [features]
+    assert 0 < seconds["predict"] < seconds["total"]
+    # the stages partition the request's time
+    assert sum(seconds[p] for p in parts) == pytest.approx(seconds["total"], rel=0.01, abs=1e-5)
     assert value(table, "inferd_model_load_duration_seconds_count", model="m") == 1
     assert value(table, "inferd_in_flight_requests") == 0
     assert value(table, "process_resident_memory_bytes") > 10_000_000
     assert value(table, "process_cpu_seconds_total") > 0
+
+    # V2 REST requests are timed by stage too.
+    inputs = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    assert requests.post(f"{server.url}/v2/models/m/infer", json=inputs, timeout=5).status_code == 200
+    v2_total = {"model": "m", "version": "3", "protocol": "v2_rest", "stage": "total"}
+    assert value(samples(server), "inferd_request_duration_seconds_count", **v2_total) == 1
 
     # TF Serving's path serves the same metrics.
     tf = samples(server, "/monitoring/prometheus/metrics")

@@ -161,11 +161,19 @@ def json_error(error: InferdError) -> Response:
 
 @dataclass(slots=True)
 class RequestTiming:
-    """When one inference request's stages ended (``time.perf_counter``), for the metrics."""
+    """When one inference request's stages ended (``time.perf_counter``), for the metrics:
+    ``decoded`` when its tensors were ready, ``resumed`` when the adapter got the answer back."""
 
     started: float
     decoded: float = 0.0
+    resumed: float = 0.0
     response: InferenceResponse | None = None
+
+    def answered(self, response: InferenceResponse) -> InferenceResponse:
+        """Note the service's answer and the time it came back; returns it."""
+        self.resumed = time.perf_counter()
+        self.response = response
+        return response
 
 
 def record_request(
@@ -179,12 +187,16 @@ def record_request(
     version = str(response.model_id.version)
     metrics.count_request(model, version, protocol, status)
     ended = time.perf_counter()
-    inferred = timing.decoded + response.queue_s + response.predict_s
+    # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
+    # and the event loop's delay in taking the answer back from the predict thread.
+    measured = response.features_s + response.queue_s + response.predict_s
     metrics.timer(model, version, protocol).observe(
         timing.decoded - timing.started,
+        response.features_s,
         response.queue_s,
         response.predict_s,
-        max(0.0, ended - inferred),
+        max(0.0, timing.resumed - timing.decoded - measured),
+        ended - timing.resumed,
         ended - timing.started,
     )
 

@@ -140,7 +140,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         inputs = {name: decode_tensor(name, tensor, limit) for name, tensor in request.inputs.items()}
         timing.decoded = time.perf_counter()
         infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-        response = timing.response = await self._service.infer(ref, infer)
+        response = timing.answered(await self._service.infer(ref, infer))
         reply = ps.PredictResponse()
         _fill_spec(reply.model_spec, response.model_id, signature.name)
         for name in wanted or response.outputs:
@@ -166,7 +166,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
         response = await self._service.infer(ref, infer)
         if timing:
-            timing.response = response
+            timing.answered(response)
         return response, signature.name, count
 
     async def _classify(

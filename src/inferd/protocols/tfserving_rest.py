@@ -126,7 +126,7 @@ async def _predict(
     inputs = _rows(signature, doc["instances"]) if row_format else _columns(signature, doc["inputs"])
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.response = await service.infer(ref, request)
+    response = timing.answered(await service.infer(ref, request))
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
@@ -291,7 +291,7 @@ async def _classify_or_regress(
     inputs = _examples(signature, examples, context)
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.response = await service.infer(ref, request)
+    response = timing.answered(await service.infer(ref, request))
     if method is Method.REGRESS:
         ((name, values),) = response.outputs.items()
         if values.shape not in ((len(examples),), (len(examples), 1)):

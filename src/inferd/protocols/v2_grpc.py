@@ -175,7 +175,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs = decode_inputs(request)
         timing.decoded = time.perf_counter()
         infer = InferenceRequest(inputs, id=request.id or None, deadline=deadline)
-        response = timing.response = await self._service.infer(ref, infer)
+        response = timing.answered(await self._service.infer(ref, infer))
         reply = pb.ModelInferResponse(
             model_name=response.model_id.name, model_version=str(response.model_id.version), id=request.id
         )
