@@ -175,6 +175,8 @@ class ModelSettings:
         signature: declared signature (``[signature]`` table), for models that cannot tell.
         warmup: call each signature once with zeros before serving a version (default true).
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
+        device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
+            ``cuda:0``), for runtimes that can use a GPU.
     """
 
     runtime: str | None = None
@@ -184,6 +186,7 @@ class ModelSettings:
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +233,18 @@ class ServerConfig:
     max_in_flight: int = 256
 
 
-_RUNTIME_TABLES = ("onnx", "sklearn", "python")
-_KNOWN_KEYS = {"runtime", "version_policy", "labels", "signature", "warmup", "batching", *_RUNTIME_TABLES}
+_RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
+_KNOWN_KEYS = {
+    "runtime",
+    "version_policy",
+    "labels",
+    "signature",
+    "warmup",
+    "batching",
+    "device",
+    *_RUNTIME_TABLES,
+}
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def read_model_settings(base_path: Path) -> ModelSettings:
@@ -258,6 +271,9 @@ def read_model_settings(base_path: Path) -> ModelSettings:
     warmup = raw.get("warmup", True)
     if not isinstance(warmup, bool):
         raise ConfigError(f"{path}: 'warmup' must be true or false, got {warmup!r}")
+    device = raw.get("device", "cpu")
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ConfigError(f'{path}: \'device\' must be "cpu" or "cuda:N", got {device!r}')
     return ModelSettings(
         runtime=runtime,
         runtime_options=_table(options, f"{path}: [{runtime}]"),
@@ -270,6 +286,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             if "batching" in raw
             else None
         ),
+        device="cuda:0" if device == "cuda" else device,
     )
 
 
