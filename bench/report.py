@@ -72,8 +72,12 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
 
+VARIANT_LABELS = {"batching": "batching", "nometrics": "metrics off"}
+
+
 def label(r: dict) -> str:
-    return r["server"] if r["variant"] == "default" else f"{r['server']} (batching)"
+    variant = r["variant"]
+    return r["server"] if variant == "default" else f"{r['server']} ({VARIANT_LABELS.get(variant, variant)})"
 
 
 def _find(rows, **kw):
@@ -87,7 +91,7 @@ def headline(results: dict) -> str:
         for c in sorted({r["connections"] for r in rows if r["model"] == model and r["instances"] == n}):
             here = [r for r in rows if r["model"] == model and r["instances"] == n and r["connections"] == c]
             ours = [r for r in here if r["server"] == "inferd"]
-            others = [r for r in here if r["server"] != "inferd"]
+            others = alternatives(here)
             best = max(others, key=lambda r: r["pred_per_s"], default=None)
             parts = [f"{label(r)} {r['pred_per_s']:,.0f} pred/s p99 {r['p99_ms']:.2f} ms" for r in ours]
             if best:
@@ -97,6 +101,101 @@ def headline(results: dict) -> str:
                 )
             lines.append(f"- {model}, {n} instance(s), {c} connection(s): " + "; ".join(parts))
     return "\n".join(lines)
+
+
+JAVA_SERVERS = {"torchserve"}
+"""Alternatives whose HTTP front end is not Python."""
+
+FLOORS = {"asgi-floor"}
+"""Reference servers that are not alternatives (kept out of every "fastest alternative")."""
+
+
+def alternatives(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["server"] != "inferd" and r["server"] not in FLOORS]
+
+
+def targets(results: dict) -> list[str]:
+    """Issue 3's targets, each checked against this run's medians (one line each, MET / NOT MET)."""
+    rows = [r for r in results["rows"] if r.get("pred_per_s")]
+
+    def pick(model: str, n: int, c: int, **kw) -> list[dict]:
+        return [
+            r for r in rows
+            if r["model"] == model and r["instances"] == n and r["connections"] == c
+            and all(r.get(k) == v for k, v in kw.items())
+        ]
+
+    def best(candidates: list[dict]) -> dict | None:
+        return max(candidates, key=lambda r: r["pred_per_s"], default=None)
+
+    def verdict(ok: bool) -> str:
+        return "**MET**" if ok else "**NOT MET**"
+
+    out = []
+    here = pick("digits", 1, 64)
+    ours = best([r for r in here if r["server"] == "inferd" and r["variant"] != "nometrics"])
+    python = best([r for r in alternatives(here) if r["server"] not in JAVA_SERVERS])
+    java = best([r for r in alternatives(here) if r["server"] in JAVA_SERVERS])
+    if ours and python and java:
+        ok = (
+            ours["pred_per_s"] >= 4 * python["pred_per_s"]
+            and ours["pred_per_s"] > java["pred_per_s"]
+            and ours["p99_ms"] < min(python["p99_ms"], java["p99_ms"])
+        )
+        out.append(
+            f"- digits, 1 instance, 64 connections: {label(ours)} {ours['pred_per_s']:,.0f} pred/s, "
+            f"{_ratio(ours['pred_per_s'], python['pred_per_s'])} the fastest pure-Python alternative "
+            f"({label(python)}, {python['pred_per_s']:,.0f}) and {_ratio(ours['pred_per_s'], java['pred_per_s'])} "
+            f"{label(java)}'s; p99 {ours['p99_ms']:.2f} ms vs {python['p99_ms']:.2f} and {java['p99_ms']:.2f} ms "
+            f"(target: 4×, ahead of TorchServe, lower p99 than both): {verdict(ok)}"
+        )
+    bound = _find(results["bounds"], model="digits", instances=1)
+    here = pick("digits", 1, 1)
+    ours = _find(here, server="inferd", variant="default")
+    alternative = best(alternatives(here))
+    floor = _find(here, server="asgi-floor")
+    if bound and ours and alternative:
+        floor_ms = bound["full_path_us_per_call"] / 1000
+        added, theirs = ours["p50_ms"] - floor_ms, alternative["p50_ms"] - floor_ms
+        out.append(
+            f"- digits, 1 connection: inferd adds {added:.3f} ms (p50) over the in-process full path "
+            f"({floor_ms:.3f} ms), {label(alternative)} adds {theirs:.3f} ms: {_ratio(added, theirs)} "
+            f"(target: at most 0.33×): {verdict(added <= theirs / 3)}"
+            + (
+                f"; the bare uvicorn floor adds {floor['p50_ms'] - floor_ms:.3f} ms by itself"
+                if floor
+                else ""
+            )
+        )
+    here = pick("cnn", 1, 64)
+    batched = _find(here, server="inferd", variant="batching")
+    unbatched = _find(here, server="inferd", variant="default")
+    alternative = best(alternatives(here))
+    if batched and unbatched and alternative:
+        ok = batched["pred_per_s"] >= 2 * max(unbatched["pred_per_s"], alternative["pred_per_s"])
+        out.append(
+            f"- cnn, 1 instance, 64 connections: inferd (batching) {batched['pred_per_s']:,.0f} pred/s, "
+            f"{_ratio(batched['pred_per_s'], unbatched['pred_per_s'])} inferd unbatched and "
+            f"{_ratio(batched['pred_per_s'], alternative['pred_per_s'])} the best alternative "
+            f"({label(alternative)}) (target: 2× both): {verdict(ok)}"
+        )
+    ours = _find(pick("digits", 1, 1), server="inferd", variant="default")
+    fastapi = _find(pick("digits", 1, 1), server="fastapi", variant="default")
+    if ours and fastapi and ours.get("idle_mem_mib") and fastapi.get("idle_mem_mib"):
+        ratio = ours["idle_mem_mib"] / fastapi["idle_mem_mib"]
+        out.append(
+            f"- memory: idle inferd with digits {ours['idle_mem_mib']:.0f} MiB, hand-written FastAPI "
+            f"{fastapi['idle_mem_mib']:.0f} MiB: {ratio:.2f}× (target: at most 1.5×): {verdict(ratio <= 1.5)}"
+        )
+    here = pick("digits", 1, 64)
+    on, off = _find(here, server="inferd", variant="default"), _find(here, server="inferd", variant="nometrics")
+    if on and off:
+        change = on["pred_per_s"] / off["pred_per_s"] - 1
+        out.append(
+            f"- metrics on vs off (digits, 1 instance, 64 connections): {on['pred_per_s']:,.0f} vs "
+            f"{off['pred_per_s']:,.0f} pred/s, {change:+.1%} (target: under 5% apart): {verdict(abs(change) < 0.05)}"
+        )
+    return out
 
 
 def markdown(results: dict, png_name: str | None) -> str:
@@ -134,6 +233,10 @@ def markdown(results: dict, png_name: str | None) -> str:
         "## Headline",
         "",
         headline(results) or "(nothing measured)",
+        "",
+        "## Targets (issue 3), checked against this run",
+        "",
+        *(targets(results) or ["(this run lacks the rows the targets need)"]),
         "",
     ]
     if png_name:

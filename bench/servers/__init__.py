@@ -66,6 +66,7 @@ class Server:
 
 def all_servers() -> dict[str, Server]:
     from . import (
+        asgi_floor_srv,
         bentoml_srv,
         fastapi_srv,
         inferd_srv,
@@ -75,7 +76,16 @@ def all_servers() -> dict[str, Server]:
         torchserve_srv,
     )
 
-    mods = (inferd_srv, fastapi_srv, mlserver_srv, bentoml_srv, litserve_srv, rayserve_srv, torchserve_srv)
+    mods = (
+        inferd_srv,
+        asgi_floor_srv,
+        fastapi_srv,
+        mlserver_srv,
+        bentoml_srv,
+        litserve_srv,
+        rayserve_srv,
+        torchserve_srv,
+    )
     return {m.SERVER.name: m.SERVER for m in mods}
 
 

@@ -1,5 +1,5 @@
-"""inferd itself, from the project's venv: default settings, and with ``[batching]`` in the model's
-``inferd.toml``."""
+"""inferd itself, from the project's venv: default settings, with ``[batching]`` in the model's
+``inferd.toml``, and with its metrics off (``--enable_metrics=false``), to price them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from . import BATCH_WAIT_MS, MAX_BATCH, Context, Launch, Server, write
 
 class Inferd(Server):
     name = "inferd"
-    variants = ("default", "batching")
+    variants = ("default", "batching", "nometrics")
     uses_project_venv = True
     report_packages = ["inferd", "onnxruntime", "uvicorn", "orjson", "numpy"]
 
@@ -22,9 +22,12 @@ class Inferd(Server):
         (repo / ctx.model / "1").mkdir(parents=True)
         shutil.copy(ctx.model_file, repo / ctx.model / "1" / "model.onnx")
         if ctx.variant == "batching":
+            # The queue holds what the heaviest scenario keeps in flight (64 connections x 32 rows);
+            # with the default 16 batches it would shed most of that load with 503s, by design.
             write(
                 repo / ctx.model / "inferd.toml",
-                f"[batching]\nmax_batch_size = {MAX_BATCH}\nbatch_timeout_micros = {BATCH_WAIT_MS * 1000}\n",
+                f"[batching]\nmax_batch_size = {MAX_BATCH}\nbatch_timeout_micros = {BATCH_WAIT_MS * 1000}\n"
+                f"max_enqueued_batches = {64 * 32 // MAX_BATCH}\n",
             )
         base = f"http://127.0.0.1:{port}/v1/models/{ctx.model}"
 
@@ -46,6 +49,7 @@ class Inferd(Server):
                 str(repo),
                 f"--rest_api_port={port}",
                 "--host=127.0.0.1",
+                *(["--enable_metrics=false"] if ctx.variant == "nometrics" else []),
             ],
             cwd=ctx.work,
             url=f"{base}:predict",

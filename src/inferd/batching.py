@@ -2,11 +2,13 @@
 
 Requests queue up to ``max_enqueued_batches * max_batch_size`` rows; past that, ``submit``
 raises ``Unavailable`` at once (load shedding, as TF Serving and Triton answer a full queue). A
-batch closes when it holds the target number of rows or its oldest request waited the batch
-timeout, and runs on the executor while the next one forms; at most ``num_batch_threads``
-batches run at once. Requests whose deadline passed, or whose caller went away, are dropped
-before they are computed. A request larger than ``max_batch_size`` is split into batches of
-that size and its outputs joined again.
+batch closes when it holds the target number of rows, when its oldest request waited the batch
+timeout, or at once when no batch is running: waiting only pays while the model is busy and
+more requests are bound to arrive, so a lone request is never delayed. A batch runs on the
+executor while the next one forms; at most ``num_batch_threads`` batches run at once. Requests
+whose deadline passed, or whose caller went away, are dropped before they are computed. A
+request larger than ``max_batch_size`` is split into batches of that size and its outputs joined
+again.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
@@ -148,7 +150,8 @@ class Batcher:
             while self._queue:
                 deadline = self._queue[0].enqueued + self.wait_s
                 while (
-                    self.queued_rows < self.target_batch_size
+                    self._running
+                    and self.queued_rows < self.target_batch_size
                     and (remaining := deadline - time.monotonic()) > 0
                 ):
                     await self._sleep(loop, remaining)

@@ -71,6 +71,13 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         int,
         "per model version, unbatched predictions running or waiting beyond which requests get 503",
     ),
+    (
+        "admin_token",
+        str,
+        "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
+        "unset: admin calls are refused",
+    ),
+    ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
 ]
 
 

@@ -231,6 +231,8 @@ class ServerConfig:
     monitoring_config_file: str = ""
     enable_metrics: bool = True
     max_in_flight: int = 256
+    admin_token: str = field(default="", repr=False)
+    api_token: str = field(default="", repr=False)
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
@@ -343,14 +345,23 @@ def parse_model_config(text: str, source: str = "model config") -> list[ModelCon
     Relative base paths are kept as written; the caller resolves them.
 
     Raises:
-        ConfigError: the text does not parse, or a model lacks a name or base path, or a
-            name appears twice.
+        ConfigError: the text does not parse, or see ``models_from_proto``.
     """
     message = pb.ModelServerConfig()
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    return models_from_proto(message, source)
+
+
+def models_from_proto(message: pb.ModelServerConfig, source: str) -> list[ModelConfig]:
+    """The models of a ``ModelServerConfig``, from a file or a HandleReloadConfigRequest.
+
+    Raises:
+        ConfigError: a custom_model_config, a model without a name or base path, a name given
+            twice, or a bad label.
+    """
     if message.WhichOneof("config") == "custom_model_config":
         raise ConfigError(f"{source}: custom_model_config is not supported; use model_config_list")
     models: list[ModelConfig] = []

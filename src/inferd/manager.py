@@ -255,6 +255,11 @@ class ModelManager:
             return [entry.versions[number].status()]
         return [entry.versions[v].status() for v in sorted(entry.versions, reverse=True)]
 
+    def serves(self, name: str) -> bool:
+        """True when model ``name`` has an AVAILABLE version."""
+        entry = self._models.get(name)
+        return entry is not None and entry.latest is not None
+
     def ready(self) -> bool:
         """True when every configured model has an AVAILABLE version."""
         return all(entry.latest is not None for entry in self._models.values())

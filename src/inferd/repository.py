@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +104,9 @@ class Repository:
 
     ``scan`` is blocking (it walks folders) and keeps the fingerprints of the previous scan to
     judge stability; call it from one thread at a time.
+
+    ``replace_models`` (HandleReloadConfigRequest) overrides the configured models until it is
+    called again or, when the model config file is polled, until that file's models change.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -111,6 +114,7 @@ class Repository:
         self._previous: dict[Path, str] = {}  # fingerprints seen by the last scan
         self._settled: dict[Path, str] = {}  # the last fingerprint seen stable, per version folder
         self._models: list[ModelConfig] = []
+        self._override: list[ModelConfig] | None = None
         self._config_read_at = 0.0
         self._require_stable = config.file_system_poll_wait_seconds > 0
 
@@ -128,7 +132,9 @@ class Repository:
             )
             if not self._config_read_at or due:
                 try:
-                    self._models = read_model_config_file(Path(cfg.model_config_file))
+                    models = read_model_config_file(Path(cfg.model_config_file))
+                    if models != self._models:
+                        self._models, self._override = models, None
                 except ConfigError as exc:
                     if not self._config_read_at:
                         raise
@@ -149,19 +155,29 @@ class Repository:
                     "no models: give --model_base_path, --model_config_file or a repository folder"
                 )
             self._models = [ModelConfig(cfg.model_name, Path(cfg.model_base_path))]
-        return self._models
+        return self._models if self._override is None else self._override
 
-    def scan(self) -> list[ModelPlan]:
-        """Plan every configured model from what is on disk now."""
+    def replace_models(self, models: list[ModelConfig]) -> None:
+        """Serve ``models`` instead of the configured ones (see the class docstring)."""
+        self._override = models
+
+    def scan(self, trusted: Collection[str] = ()) -> list[ModelPlan]:
+        """Plan every configured model from what is on disk now.
+
+        Versions of the models named in ``trusted`` count as stable at once (an explicit load:
+        the caller vouches that their files are complete).
+        """
         plans = []
         seen: dict[Path, str] = {}
         settled: dict[Path, str] = {}
         for model in self.model_configs():
-            plans.append(self._plan(model, seen, settled))
+            plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
         return plans
 
-    def _plan(self, model: ModelConfig, seen: dict[Path, str], settled: dict[Path, str]) -> ModelPlan:
+    def _plan(
+        self, model: ModelConfig, seen: dict[Path, str], settled: dict[Path, str], trusted: bool
+    ) -> ModelPlan:
         error = None
         try:
             settings = read_model_settings(model.base_path)
@@ -171,7 +187,7 @@ class Repository:
         stable = {}
         for version, path in list_versions(model.base_path).items():
             seen[path] = fingerprint(path)
-            if not self._require_stable or self._previous.get(path) == seen[path]:
+            if trusted or not self._require_stable or self._previous.get(path) == seen[path]:
                 settled[path] = seen[path]
             elif path in self._settled:
                 settled[path] = self._settled[path]  # changing now, but it was stable before

@@ -25,10 +25,11 @@ from inferd.config import (
     read_batching_parameters_file,
     read_monitoring_config_file,
 )
-from inferd.errors import ConfigError, DeadlineExceeded, Internal, ResourceExhausted
+from inferd.control import ModelControl
+from inferd.errors import ConfigError, DeadlineExceeded, InferdError, Internal, ResourceExhausted
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols import Response, json_error, tfserving_rest, v2_rest
+from inferd.protocols import Access, Response, json_error, tfserving_rest, v2_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
 
@@ -47,18 +48,22 @@ Message = dict[str, Any]
 
 
 class HttpApp:
-    """A bare ASGI application: reads the body under a size limit, applies the deadline and
-    routes ``/v1/`` to the TF Serving adapter. No framework, no access log, no per-request
-    objects beyond what the adapter needs."""
+    """A bare ASGI application: checks the bearer token when one is needed, reads the body under
+    a size limit, applies the deadline and routes ``/v1/`` to the TF Serving adapter and ``/v2``
+    to the V2 one. No framework, no access log, no per-request objects beyond what the adapter
+    needs."""
 
     def __init__(
         self,
         service: InferenceService,
+        control: ModelControl,
         config: ServerConfig,
         metrics: Metrics | None,
         metrics_paths: set[str],
     ) -> None:
         self._service = service
+        self._control = control
+        self._access = Access(config.api_token, config.admin_token)
         self._metrics = metrics
         self._metrics_paths = metrics_paths
         self._max_body = config.max_request_bytes
@@ -72,6 +77,9 @@ class HttpApp:
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
         try:
+            admin = path.startswith(v2_rest.ADMIN_PREFIX)
+            if admin or self._access.api_token:
+                self._access.check(_header(scope, b"authorization"), admin)
             body = await self._read_body(scope, receive)
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
@@ -80,7 +88,15 @@ class HttpApp:
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 call = v2_rest.handle(
-                    self._service, method, path, request_headers, body, request_id, deadline, metrics
+                    self._service,
+                    self._control,
+                    method,
+                    path,
+                    request_headers,
+                    body,
+                    request_id,
+                    deadline,
+                    metrics,
                 )
             if call is not None:
                 status, headers, payload = await self._with_deadline(call)
@@ -92,7 +108,7 @@ class HttpApp:
                     {"content-type": "application/json"},
                     b'{"error": "Not found: the APIs live under /v1/models/ and /v2/"}',
                 )
-        except ResourceExhausted as error:
+        except InferdError as error:  # refused before an adapter saw it: token or body size
             status, headers, payload = json_error(error)
         except TimeoutError:
             late = DeadlineExceeded(f"the request took longer than {self._timeout_s * 1000:.0f} ms")
@@ -144,6 +160,13 @@ class HttpApp:
         )
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
 class Server:
     """Owns the executors, the manager, the service and the poll loop."""
 
@@ -171,17 +194,13 @@ class Server:
         self.service = InferenceService(
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics
         )
-
-    async def sync(self) -> None:
-        """Scan the repository (in a thread) and reconcile the manager to it."""
-        plans = await asyncio.to_thread(self.repository.scan)
-        await self.manager.apply(plans)
+        self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.sync()
+                await self.control.sync()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
@@ -199,15 +218,15 @@ class Server:
 
         http_server = _http_server_class()
         interval_s = self._poll_interval_s()
-        await self.sync()
+        await self.control.sync()
         if self.config.file_system_poll_wait_seconds > 0:
             # Versions are loaded once two scans agree on their content (see repository.py).
             await asyncio.sleep(self.config.file_system_poll_wait_seconds)
-            await self.sync()
+            await self.control.sync()
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(self.service, self.config, self.metrics, self.metrics_paths),
+                HttpApp(self.service, self.control, self.config, self.metrics, self.metrics_paths),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -223,7 +242,7 @@ class Server:
         grpc_server: grpc.aio.Server | None = None
         try:
             if self.config.port:
-                grpc_server = await _start_grpc(self.service, self.config, self.metrics)
+                grpc_server = await _start_grpc(self.service, self.control, self.config, self.metrics)
             log.info(
                 "serving %s on http://%s:%d%s",
                 ", ".join(self.manager.names()),
@@ -253,33 +272,40 @@ class Server:
 
 
 async def _start_grpc(
-    service: InferenceService, config: ServerConfig, metrics: Metrics | None
+    service: InferenceService, control: ModelControl, config: ServerConfig, metrics: Metrics | None
 ) -> grpc.aio.Server:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
-    health service (every service SERVING) and server reflection.
+    health service (every service SERVING) and server reflection, behind the token check.
 
     Raises:
         ConfigError: the port cannot be bound.
     """
-    # Imported here, not at the top: the generated V2 messages are named as tritonclient's are, and
-    # one process cannot register both, so `import inferd.server` leaves them out.
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-    from inferd.protocols import tfserving_grpc, v2_grpc
+    from inferd._proto import POOL
+    from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
 
     # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
     options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
-    tfserving_grpc.add_to_server(server, service, config.max_request_bytes, metrics)
-    v2_grpc.add_to_server(server, service, metrics)
+    access = grpc_status.AccessInterceptor(
+        Access(config.api_token, config.admin_token),
+        admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
+    )
+    server = grpc.aio.server(options=options, interceptors=[access])
+    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, metrics)
+    v2_grpc.add_to_server(server, service, control, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     for name in (health.OVERALL_HEALTH, *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    # Reflection answers from inferd's private pool, so it must also hold these two services' files.
+    for module in (health_pb2, reflection_pb2):
+        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
     address = f"{config.host}:{config.port}"
     try:
         bound = server.add_insecure_port(address)

@@ -1,11 +1,7 @@
 """The gRPC API on --port: the Open Inference Protocol with tritonclient.grpc, TF Serving's
 PredictionService and ModelService with stubs generated from inferd's own protos, the standard
-health service and server reflection.
-
-tensorflow-serving-api's stubs are not used: they import tensorflow's generated modules
-(``tensorflow.core.framework.tensor_pb2`` ...), which only a tensorflow install provides.
-Inferd's V2 messages are not imported here either: they share their names with tritonclient's,
-and one process cannot register both.
+health service and server reflection. The stubs of the ``tensorflow-serving-api`` package itself
+are used in ``test_tfserving_api.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -421,3 +418,26 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
     }
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file_name"),
+    [
+        ("tensorflow.serving.PredictionService", "inferd/_proto/prediction_service.proto"),
+        ("inference.GRPCInferenceService", "inferd/_proto/grpc_service.proto"),
+        ("grpc.health.v1.Health", "grpc_health/v1/health.proto"),
+    ],
+)
+def test_reflection_describes_each_service(channel: grpc.Channel, symbol: str, file_name: str) -> None:
+    """What grpcurl does before it calls a method: fetch the file that declares the service."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    (reply,) = stub.ServerReflectionInfo(iter([request]))
+    assert not reply.HasField("error_response"), reply.error_response.error_message
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    assert file_name in {f.name for f in files}
+    (service_file,) = (f for f in files if f.name == file_name)
+    assert symbol.rsplit(".", 1)[1] in {s.name for s in service_file.service}

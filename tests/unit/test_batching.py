@@ -1,4 +1,5 @@
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -82,3 +83,32 @@ def test_submitting_past_the_queue_bound_is_refused() -> None:
             await first
 
     asyncio.run(scenario())
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait() -> None:
+    """No batch running: the request goes now, whatever the timeout. While one runs, the next
+    requests wait and go together when it ends."""
+    sizes: list[int] = []
+    first_batch_may_end = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        sizes.append(len(inputs["x"]))
+        if len(sizes) == 1:
+            first_batch_may_end.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            hour = 3_600_000_000
+            params = BatchingParameters(max_batch_size=8, batch_timeout_micros=hour, num_batch_threads=1)
+            batcher = Batcher(predict, params, pool)
+            lone = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+            while not sizes:  # the first batch started without waiting for the hour-long timeout
+                await asyncio.sleep(0.001)
+            later = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(3)]
+            await asyncio.sleep(0.01)
+            first_batch_may_end.set()
+            await asyncio.wait_for(asyncio.gather(lone, *later), timeout=10)
+
+    asyncio.run(scenario())
+    assert sizes == [1, 3]

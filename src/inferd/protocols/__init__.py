@@ -6,18 +6,21 @@ errors the same way: the status from the ``errors`` table and ``{"error": "<mess
 
 from __future__ import annotations
 
+import hmac
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from inferd.errors import InferdError, InvalidArgument
+from inferd.control import IndexEntry
+from inferd.errors import InferdError, InvalidArgument, PermissionDenied, Unauthenticated
 from inferd.metrics import Metrics
 from inferd.service import InferenceService
-from inferd.types import InferenceResponse, ModelRef, dtype_of
+from inferd.types import InferenceResponse, ModelMetadata, ModelRef, TensorSpec, VersionState, dtype_of
 
 Response = tuple[int, dict[str, str], bytes]
 """HTTP status, headers, body."""
@@ -26,6 +29,109 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 V2_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
 """Runtime name -> the ``platform`` the Open Inference Protocol reports."""
+
+V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
+"""What ``GET /v2`` and ServerMetadata advertise (binary_tensor_data is HTTP's raw-bytes twin of
+gRPC's raw contents)."""
+
+_TRITON_STATES = {
+    VersionState.START: "LOADING",
+    VersionState.LOADING: "LOADING",
+    VersionState.AVAILABLE: "READY",
+    VersionState.UNLOADING: "UNLOADING",
+    VersionState.END: "UNAVAILABLE",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may call what. With ``api_token`` set every call needs a bearer token; admin calls
+    (load, unload, reload config) need ``admin_token``, and are refused when it is unset. The
+    admin token also opens every other call. Empty strings mean unset."""
+
+    api_token: str = ""
+    admin_token: str = ""
+
+    def check(self, authorization: str | None, admin: bool) -> None:
+        """Check an ``Authorization`` header (``Bearer <token>``) for a call.
+
+        Raises:
+            PermissionDenied: admin calls are disabled, or the API token was used for one.
+            Unauthenticated: the token is missing or matches none.
+        """
+        if admin and not self.admin_token:
+            raise PermissionDenied(
+                "admin operations are disabled; start inferd with --admin_token (or INFERD_ADMIN_TOKEN)"
+            )
+        if not admin and not self.api_token:
+            return
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("this call needs an 'Authorization: Bearer <token>' header")
+        token = token.strip()
+        if _same(token, self.admin_token) or (not admin and _same(token, self.api_token)):
+            return
+        if admin and _same(token, self.api_token):
+            raise PermissionDenied("the API token does not allow admin operations; use the admin token")
+        raise Unauthenticated("the bearer token is not valid")
+
+
+def _same(given: str, expected: str) -> bool:
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    """The model repository index as V2 rows: name, version, Triton's state, and the reason."""
+    rows = []
+    for entry in entries:
+        row = {"name": entry.name, "version": entry.version}
+        row["state"] = "UNAVAILABLE" if entry.state is None else _TRITON_STATES[entry.state]
+        if entry.reason:
+            row["reason"] = entry.reason
+        rows.append(row)
+    return rows
+
+
+def refuse_load_overrides(parameters: Iterable[str]) -> None:
+    """Refuse a V2 load that carries a model config or files: inferd loads from disk only.
+
+    Raises:
+        InvalidArgument: names the parameters.
+    """
+    overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
+    if overrides:
+        raise InvalidArgument(
+            f"load parameters {overrides} are not supported: inferd loads a model from its folder "
+            "and inferd.toml"
+        )
+
+
+def v2_model_config(meta: ModelMetadata) -> dict[str, Any]:
+    """Triton's model configuration as perf_analyzer reads it (JSON field names of its
+    ModelConfig proto): dims exclude the batch dimension when the model is batched
+    (``max_batch_size`` > 0)."""
+    signature = meta.signatures["serving_default"]
+    batched = meta.max_batch_size > 0
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        dims = [-1] if spec.shape is None else list(spec.shape)
+        return {
+            "name": spec.name,
+            "data_type": "TYPE_" + ("STRING" if spec.dtype.kind == "O" else dtype_of(spec.dtype).v2),
+            "dims": dims[1:] if batched and dims else dims,
+        }
+
+    config: dict[str, Any] = {
+        "name": meta.model_id.name,
+        "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
+        "backend": meta.platform,
+        "max_batch_size": meta.max_batch_size,
+        "input": [tensor(spec) for spec in signature.inputs],
+        "output": [tensor(spec) for spec in signature.outputs],
+    }
+    if batched:
+        config["dynamic_batching"] = {}
+    return config
 
 
 def model_ref(name: str, version: str | None, label: str | None = None) -> ModelRef:
@@ -44,10 +150,12 @@ def model_ref(name: str, version: str | None, label: str | None = None) -> Model
 
 def json_error(error: InferdError) -> Response:
     """The status, headers and ``{"error": ...}`` body for an expected failure; 503 adds
-    ``Retry-After``."""
+    ``Retry-After`` and 401 ``WWW-Authenticate``."""
     headers = dict(JSON_HEADERS)
     if error.code.http_status == 503:
         headers["retry-after"] = "1"
+    elif error.code.http_status == 401:
+        headers["www-authenticate"] = "Bearer"
     return error.code.http_status, headers, orjson.dumps({"error": error.message})
 
 

@@ -1,4 +1,4 @@
-"""How both gRPC adapters end a call: with its answer, or with the gRPC status of a failure.
+"""What both gRPC adapters share: how a call ends, and the bearer-token check in front of them.
 
 An ``InferdError`` aborts the call with the gRPC code of the ``errors`` table and its message;
 anything else is logged with the request id and answered INTERNAL, with no internals.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from inferd.errors import InferdError
+from inferd.metrics import Metrics
+from inferd.protocols import Access
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,15 @@ async def answer(
     call: Coroutine[Any, Any, T],
     request_id: str,
     on_status: Callable[[str], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> T:
     """Await ``call``; abort ``context`` with the status of a failure.
 
-    ``on_status`` receives the gRPC code name (``OK`` on success), e.g. to count the request.
+    ``on_status`` receives the gRPC code name (``OK`` on success), e.g. to count the request;
+    with ``metrics`` the call counts as in flight while it runs.
     """
+    if metrics:
+        metrics.in_flight += 1
     try:
         result = await call
     except InferdError as error:
@@ -48,6 +54,54 @@ async def answer(
         if on_status:
             on_status("INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+    finally:
+        if metrics:
+            metrics.in_flight -= 1
     if on_status:
         on_status("OK")
     return result
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable for type checkers only
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the ``authorization`` metadata (``Bearer <token>``) of every call that needs it:
+    admin methods always, every method when an API token is set (see ``Access``)."""
+
+    def __init__(self, access: Access, admin_methods: Collection[str]) -> None:
+        self._access = access
+        self._admin_methods = frozenset(admin_methods)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        admin = handler_call_details.method in self._admin_methods
+        handler = await continuation(handler_call_details)
+        if handler is None or not (admin or self._access.api_token):
+            return handler
+        metadata = handler_call_details.invocation_metadata or ()
+        authorization = next((str(v) for k, v in metadata if k == "authorization"), None)
+        try:
+            self._access.check(authorization, admin)
+        except InferdError as error:
+            return _refusal(handler, error)
+        return handler
+
+
+def _refusal(handler: Handler, error: InferdError) -> Handler:
+    """A handler of the same kind as ``handler`` that ends the call with ``error``'s status."""
+
+    async def refuse(request: Any, context: Context) -> None:
+        await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[handler.request_streaming, handler.response_streaming]
+    return make(refuse, handler.request_deserializer, handler.response_serializer)

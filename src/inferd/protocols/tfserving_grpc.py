@@ -26,7 +26,9 @@ from inferd._proto.example_pb2 import Example, Feature
 from inferd._proto.meta_graph_pb2 import TensorInfo
 from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
-from inferd.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted
+from inferd.config import models_from_proto
+from inferd.control import ModelControl
+from inferd.errors import Internal, InvalidArgument, ResourceExhausted
 from inferd.metrics import Metrics
 from inferd.protocols import RequestTiming, record_request
 from inferd.protocols.grpc_status import Context, answer, deadline_of
@@ -48,6 +50,8 @@ SERVICES = (
     ps.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     ms.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
+ADMIN_METHODS = (f"/{SERVICES[1]}/HandleReloadConfigRequest",)
+"""ModelService calls that need the admin token."""
 
 _VALUES = {
     np.dtype(np.float32): "float_val",
@@ -88,25 +92,32 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._predict(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._classify(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._regress(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_spec.name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
+        )
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         request_id = f"g{next(self._ids)}"
-        return await answer(context, self._multi(request, request_id, deadline_of(context)), request_id)
+        call = self._multi(request, request_id, deadline_of(context))
+        return await answer(context, call, request_id, metrics=self._metrics)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
@@ -232,10 +243,11 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(ms_grpc.ModelServiceServicer):
-    """GetModelStatus; HandleReloadConfigRequest is refused (admin operations are disabled)."""
+    """GetModelStatus, and HandleReloadConfigRequest (an admin call: the token check is in front)."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, control: ModelControl) -> None:
         self._service = service
+        self._control = control
         self._ids = itertools.count(1)
 
     async def GetModelStatus(
@@ -246,7 +258,12 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
     ) -> ms.ReloadConfigResponse:
-        return await answer(context, _refuse_reload(), f"s{next(self._ids)}")
+        return await answer(context, self._reload(request), f"s{next(self._ids)}")
+
+    async def _reload(self, request: ms.ReloadConfigRequest) -> ms.ReloadConfigResponse:
+        """Serve the request's models; replies once they loaded (as TF Serving does)."""
+        await self._control.reload_config(models_from_proto(request.config, "HandleReloadConfigRequest"))
+        return ms.ReloadConfigResponse()
 
     async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
         reply = ms.GetModelStatusResponse()
@@ -256,13 +273,6 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
             entry.status.error_message = status.error_message
         return reply
-
-
-async def _refuse_reload() -> ms.ReloadConfigResponse:
-    raise PermissionDenied(
-        "admin operations are disabled: inferd applies --model_config_file when it changes on disk "
-        "(--model_config_file_poll_wait_seconds)"
-    )
 
 
 def model_ref(spec: ps.ModelSpec) -> ModelRef:
@@ -473,10 +483,16 @@ def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, 
 
 
 def add_to_server(
-    server: grpc.aio.Server, service: InferenceService, max_tensor_bytes: int, metrics: Metrics | None
+    server: grpc.aio.Server,
+    service: InferenceService,
+    control: ModelControl,
+    max_tensor_bytes: int,
+    metrics: Metrics | None,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         PredictionServicer(service, max_tensor_bytes, metrics), server
     )
-    ms_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)  # type: ignore[no-untyped-call]
+    ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ModelServicer(service, control), server
+    )

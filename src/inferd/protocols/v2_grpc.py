@@ -16,21 +16,36 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 import inferd
 from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import grpc_service_pb2_grpc as pb_grpc
+from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import V2_PLATFORMS, RequestTiming, from_raw, model_ref, record_request, to_raw
+from inferd.protocols import (
+    V2_EXTENSIONS,
+    V2_PLATFORMS,
+    RequestTiming,
+    from_raw,
+    model_ref,
+    record_request,
+    refuse_load_overrides,
+    to_raw,
+    v2_index,
+    v2_model_config,
+)
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
 
 PROTOCOL = "v2_grpc"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-"""Runtime -> platform, as the V2 REST adapter names them."""
+ADMIN_METHODS = tuple(
+    f"/{SERVICE}/{name}" for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+)
+"""The model repository extension's RPCs, which need the admin token."""
 
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -50,10 +65,14 @@ _CONTENTS = {
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Health, metadata and inference on ``InferenceService``."""
+    """Health, metadata, configuration and inference on ``InferenceService``; the repository
+    RPCs on ``ModelControl``."""
 
-    def __init__(self, service: InferenceService, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, service: InferenceService, control: ModelControl, metrics: Metrics | None = None
+    ) -> None:
         self._service = service
+        self._control = control
         self._metrics = metrics
         self._ids = itertools.count(1)
 
@@ -69,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="inferd", version=inferd.__version__)
+        return pb.ServerMetadataResponse(name="inferd", version=inferd.__version__, extensions=V2_EXTENSIONS)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
@@ -79,7 +98,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         request_id, timing = f"v{next(self._ids)}", RequestTiming(time.perf_counter())
         call = self._infer(request, request_id, deadline_of(context), timing)
-        return await answer(context, call, request_id, self._recorder(request.model_name, timing))
+        return await answer(
+            context, call, request_id, self._recorder(request.model_name, timing), self._metrics
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        return await answer(context, self._config(request), f"v{next(self._ids)}")
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        return await answer(context, self._index(request), f"v{next(self._ids)}")
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        return await answer(context, self._load(request), f"v{next(self._ids)}")
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        call = self._control.unload(request.model_name)  # unload_dependents: inferd has no ensembles
+        await answer(context, call, f"v{next(self._ids)}")
+        return pb.RepositoryModelUnloadResponse()
 
     def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
         metrics, service = self._metrics, self._service
@@ -108,6 +149,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for spec in signature.outputs:
             _fill_metadata(reply.outputs.add(), spec)
         return reply
+
+    async def _config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        config = v2_model_config(self._service.metadata(_ref(request.name, request.version)))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    async def _index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+        rows = v2_index(self._control.index(request.ready))
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    async def _load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+        refuse_load_overrides(request.parameters)
+        await self._control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     async def _infer(
         self, request: pb.ModelInferRequest, request_id: str, deadline: float | None, timing: RequestTiming
@@ -205,8 +259,10 @@ def _from_contents(
         raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tensor.datatype}") from None
 
 
-def add_to_server(server: grpc.aio.Server, service: InferenceService, metrics: Metrics | None) -> None:
+def add_to_server(
+    server: grpc.aio.Server, service: InferenceService, control: ModelControl, metrics: Metrics | None
+) -> None:
     """Serve GRPCInferenceService on ``server``."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(service, metrics), server
+        InferenceServicer(service, control, metrics), server
     )

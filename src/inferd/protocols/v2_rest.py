@@ -17,10 +17,12 @@ import numpy as np
 import orjson
 
 import inferd
+from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.protocols import (
     JSON_HEADERS,
+    V2_EXTENSIONS,
     V2_PLATFORMS,
     RequestTiming,
     Response,
@@ -28,21 +30,27 @@ from inferd.protocols import (
     json_error,
     model_ref,
     record_request,
+    refuse_load_overrides,
     to_raw,
+    v2_index,
+    v2_model_config,
 )
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
 PROTOCOL = "v2_rest"
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters")
 HEADER_LENGTH = "inference-header-content-length"
+ADMIN_PREFIX = "/v2/repository/"
+"""Routes under this prefix are admin operations (the model repository extension)."""
 
 _MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config)?")
+_REPOSITORY_MODEL = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 async def handle(
     service: InferenceService,
+    control: ModelControl,
     method: str,
     path: str,
     headers: dict[str, str],
@@ -56,13 +64,15 @@ async def handle(
     model = ""
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
-            return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(EXTENSIONS)})
+            return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(V2_EXTENSIONS)})
         if method == "GET" and path == "/v2/health/live":
             return _json({"live": True})
         if method == "GET" and path == "/v2/health/ready":
             if not service.ready():
                 raise Unavailable("not every configured model has a version AVAILABLE yet")
             return _json({"ready": True})
+        if path.startswith(ADMIN_PREFIX):
+            return await _repository(control, method, path, body)
         match = _MODEL.fullmatch(path)
         if match is None:
             raise NotFound(f"no route for {method} {path}")
@@ -80,7 +90,7 @@ async def handle(
             service.metadata(ref)  # raises NotFound unless the version is AVAILABLE
             return _json({"name": name, "ready": True})
         if method == "GET" and action == "/config":
-            return _json(_config(service.metadata(ref)))
+            return _json(v2_model_config(service.metadata(ref)))
         raise InvalidArgument(f"{method} is not allowed on {path}")
     except InferdError as error:
         if metrics is not None and model:
@@ -90,6 +100,43 @@ async def handle(
 
 def _json(document: Any) -> Response:
     return 200, JSON_HEADERS, orjson.dumps(document, option=_NUMPY)
+
+
+async def _repository(control: ModelControl, method: str, path: str, body: bytes) -> Response:
+    """The model repository extension: index, load, unload (the caller checked the admin token)."""
+    if method != "POST":
+        raise InvalidArgument(f"{method} is not allowed on {path}; the repository routes take POST")
+    document = _optional_json(body)
+    if path == ADMIN_PREFIX + "index":
+        ready = document.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"'ready' must be true or false, got {ready!r}")
+        return _json(v2_index(control.index(ready)))
+    match = _REPOSITORY_MODEL.fullmatch(path)
+    if match is None:
+        raise NotFound(f"no route for {method} {path}")
+    name, action = match.groups()
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidArgument("'parameters' must be an object")
+    if action == "load":
+        refuse_load_overrides(parameters)
+        await control.load(name)
+        return _json({"name": name, "load": True})
+    await control.unload(name)  # unload_dependents changes nothing: inferd has no ensembles
+    return _json({"name": name, "unload": True})
+
+
+def _optional_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return document
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
@@ -109,33 +156,6 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
         "inputs": [_tensor_metadata(spec) for spec in signature.inputs],
         "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
     }
-
-
-def _config(meta: ModelMetadata) -> dict[str, Any]:
-    """Triton's model configuration, as perf_analyzer reads it: dims exclude the batch dimension
-    when the model is batched (``max_batch_size`` > 0)."""
-    signature = meta.signatures["serving_default"]
-    batched = meta.max_batch_size > 0
-
-    def tensor(spec: TensorSpec) -> dict[str, Any]:
-        dims = [-1] if spec.shape is None else list(spec.shape)
-        return {
-            "name": spec.name,
-            "data_type": "TYPE_" + ("STRING" if spec.dtype.kind == "O" else dtype_of(spec.dtype).v2),
-            "dims": dims[1:] if batched and dims else dims,
-        }
-
-    config: dict[str, Any] = {
-        "name": meta.model_id.name,
-        "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
-        "backend": meta.platform,
-        "max_batch_size": meta.max_batch_size,
-        "input": [tensor(spec) for spec in signature.inputs],
-        "output": [tensor(spec) for spec in signature.outputs],
-    }
-    if batched:
-        config["dynamic_batching"] = {}
-    return config
 
 
 async def _infer(
