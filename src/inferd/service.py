@@ -197,7 +197,12 @@ class InferenceService:
             batching = version.settings.batching or self._batching
             max_batch = batching.max_batch_size if batching else 0
             return ModelMetadata(
-                version.id, dict(version.model.signatures), version.runtime, available, max_batch
+                version.id,
+                dict(version.model.signatures),
+                version.runtime,
+                available,
+                max_batch,
+                version.settings.device,
             )
 
     def ready(self) -> bool:

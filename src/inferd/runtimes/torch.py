@@ -31,6 +31,9 @@ from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 _OPTIONS = {"file", "num_threads"}
 _FLOAT = np.dtype(np.float32)
 
+_Loaded = tuple[Callable[..., Any], tuple[TensorSpec, ...], tuple[TensorSpec, ...] | None]
+"""A loaded program, its inputs, and its outputs (None when the program cannot tell)."""
+
 
 class TorchModel:
     """A loaded program, called under ``torch.inference_mode()``. Neither TorchScript modules nor
@@ -109,14 +112,11 @@ class TorchRuntime:
         return TorchModel(torch, program, signature, device)
 
 
-def _load_exported(
-    torch: Any, path: Path, device: str
-) -> tuple[Callable[..., Any], tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    import torch.export.passes
-
+def _load_exported(torch: Any, path: Path, device: str) -> _Loaded:
     program = torch.export.load(str(path))
     if device != "cpu":
-        program = torch.export.passes.move_to_device_pass(program, device)
+        passes = import_framework("torch.export.passes", "torch")
+        program = passes.move_to_device_pass(program, device)
     user_inputs = set(program.graph_signature.user_inputs)
     inputs, outputs = [], []
     for node in program.graph.nodes:
@@ -134,9 +134,7 @@ def _fake_spec(name: str, value: Any) -> TensorSpec:
     return TensorSpec(name, np.dtype(str(value.dtype).removeprefix("torch.")), shape)
 
 
-def _load_torchscript(
-    torch: Any, path: Path, device: str
-) -> tuple[Callable[..., Any], tuple[TensorSpec, ...], tuple[TensorSpec, ...] | None]:
+def _load_torchscript(torch: Any, path: Path, device: str) -> _Loaded:
     module = torch.jit.load(str(path), map_location=device)
     module.eval()
     schema = module.forward.schema
