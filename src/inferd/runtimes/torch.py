@@ -17,6 +17,7 @@ Options (``[torch]`` in inferd.toml):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class TorchModel:
 class TorchRuntime:
     name = "torch"
     gpu = True
+    _load_lock = threading.Lock()
+    """torch.export.load keeps its deserializer in a global: two loads at once collide."""
 
     def load(self, version_dir: Path, settings: ModelSettings) -> TorchModel:
         torch = import_framework("torch", "torch")
@@ -89,10 +92,11 @@ class TorchRuntime:
         if device != "cpu" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {device!r} asks for CUDA, but torch sees no CUDA GPU")
         try:
-            if path.suffix == ".pt2":
-                program, inputs, outputs = _load_exported(torch, path, device)
-            else:
-                program, inputs, outputs = _load_torchscript(torch, path, device)
+            with self._load_lock:
+                if path.suffix == ".pt2":
+                    program, inputs, outputs = _load_exported(torch, path, device)
+                else:
+                    program, inputs, outputs = _load_torchscript(torch, path, device)
         except ModelLoadError:
             raise
         except Exception as exc:  # torch raises RuntimeError, zipfile and pickle errors on bad files
