@@ -64,6 +64,7 @@ def write_repository(models: Path) -> dict[str, Any]:
         "tflite": write_tflite(models / "tflite" / "1"),
     }
     (models / "torchscript" / "inferd.toml").write_text(TORCH_SIGNATURE)
+    write_torchscript(models / "torch_any_shape" / "1")  # no [signature]: any shape reaches torch
     write_torch_export(models / "torch_cpu" / "1")
     (models / "torch_cpu" / "inferd.toml").write_text('device = "cpu"\n\n[torch]\nnum_threads = 2\n')
     write_torch_export(models / "torch_cuda" / "1")
@@ -82,7 +83,7 @@ def write_repository(models: Path) -> dict[str, Any]:
 
 
 SERVING = ("xgb_classifier", "xgb_regressor", "lgb_binary", "lgb_regressor", "torchscript")
-SERVING += ("torch_export", "savedmodel", "keras", "tflite", "torch_cpu")
+SERVING += ("torch_export", "savedmodel", "keras", "tflite", "torch_cpu", "torch_any_shape")
 FAILING = (*CORRUPT, "torch_state_dict", "torch_cuda", "sklearn_cuda")
 
 
@@ -238,6 +239,16 @@ def test_torch_rejects_a_wrong_shape_naming_the_input(server: ServerProcess) -> 
     body = {"inputs": {"x": np.zeros((2, 63)).tolist(), "weight": [[1.0], [1.0]]}}
     message = error(server, "/v1/models/torch_export:predict", body, 400)
     assert "input 'x': expected FP32 [-1, 64], got FP64 [2, 63]" in message
+
+
+def test_a_torch_error_fails_only_its_own_request(server: ServerProcess) -> None:
+    weight = [[1.0], [1.0]]
+    bad = {"inputs": {"x": np.zeros((2, 5)).tolist(), "weight": weight}}
+    assert error(server, "/v1/models/torch_any_shape:predict", bad, 400).startswith(
+        "torch rejected the input"
+    )
+    good = {"inputs": {"x": np.zeros((2, 64)).tolist(), "weight": weight}}
+    assert len(post(server, "/v1/models/torch_any_shape:predict", good)["outputs"]["output_1"]) == 2
 
 
 # --- TensorFlow SavedModel, Keras, TFLite -----------------------------------------------------------

@@ -17,6 +17,7 @@ Options (``[tensorflow]`` in inferd.toml):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -78,15 +79,24 @@ class TensorFlowRuntime:
         check_options(self.name, settings.runtime_options, {"file"})
         tf = import_framework("tensorflow", "tensorflow")
         device = settings.device
-        if device != "cpu" and len(tf.config.list_physical_devices("GPU")) <= cuda_index(device):
-            raise ModelLoadError(
-                f"device {device!r} asks for a GPU, but tensorflow sees "
-                f"{len(tf.config.list_physical_devices('GPU'))} GPU(s)"
-            )
+        if device != "cpu":
+            _check_gpu(tf, device)
         if (version_dir / "saved_model.pb").is_file() and "file" not in settings.runtime_options:
             return _load_saved_model(tf, version_dir, device)
         path = find_model_file(version_dir, ("*.keras",), settings.runtime_options.get("file"))
         return _load_keras(tf, path, device)
+
+
+def _check_gpu(tf: Any, device: str) -> None:
+    """Refuse a GPU tensorflow cannot see; let it grow its memory on each GPU as models need it,
+    rather than take all of it for the first model loaded."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) <= cuda_index(device):
+        raise ModelLoadError(f"device {device!r} asks for a GPU, but tensorflow sees {len(gpus)} GPU(s)")
+    for gpu in gpus:
+        # RuntimeError: the GPUs were initialised by an earlier model; their setting stays.
+        with contextlib.suppress(RuntimeError):
+            tf.config.experimental.set_memory_growth(gpu, True)
 
 
 def _load_saved_model(tf: Any, version_dir: Path, device: str) -> TensorFlowModel:

@@ -18,7 +18,7 @@ Options (``[torch]`` in inferd.toml):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,11 @@ class TorchModel:
             raise InvalidArgument(f"torch rejected the input: {type(exc).__name__}: {exc}") from exc
         names = [spec.name for spec in signature.outputs]
         if isinstance(result, Mapping):
-            values = [result[name] for name in names if name in result]
+            picked = {name: result[name] for name in names if name in result}
         else:
             values = [result] if isinstance(result, torch.Tensor) else list(result)
-        return {name: value.detach().cpu().numpy() for name, value in zip(names, values, strict=False)}
+            picked = dict(zip(names, values, strict=False))
+        return {name: value.detach().cpu().numpy() for name, value in picked.items()}
 
     def close(self) -> None:
         self._program = None
@@ -145,18 +146,14 @@ def _load_torchscript(torch: Any, path: Path, device: str) -> _Loaded:
     inputs = tuple(TensorSpec(arg.name, _FLOAT, None) for arg in schema.arguments[1:])
     returned = schema.returns[0].type if len(schema.returns) == 1 else None
     if isinstance(returned, torch.TensorType):
-        return module, inputs, (TensorSpec("output_0", _FLOAT, None),)
-    if isinstance(returned, torch.TupleType) and _all_tensors(torch, returned.elements()):
-        return (
-            module,
-            inputs,
-            tuple(TensorSpec(f"output_{i}", _FLOAT, None) for i in range(len(returned.elements()))),
-        )
-    return module, inputs, None
-
-
-def _all_tensors(torch: Any, types: Sequence[Any]) -> bool:
-    return all(isinstance(t, torch.TensorType) for t in types)
+        count = 1
+    elif isinstance(returned, torch.TupleType) and all(
+        isinstance(t, torch.TensorType) for t in returned.elements()
+    ):
+        count = len(returned.elements())
+    else:
+        return module, inputs, None
+    return module, inputs, tuple(TensorSpec(f"output_{i}", _FLOAT, None) for i in range(count))
 
 
 RUNTIME = TorchRuntime()
