@@ -296,6 +296,26 @@ def test_savedmodel_metadata_is_built_from_its_signatures(server: ServerProcess)
     assert v2["parameters"] == {"device": "cpu"}
 
 
+def test_savedmodel_over_grpc_with_tensorflows_own_client(
+    server: ServerProcess, reference: dict[str, Any]
+) -> None:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    texts = np.array([b"grpc", b"\xff\x00"], dtype=object)
+    x = np.ones((2, 3), np.float32)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "savedmodel"
+    request.inputs["text"].CopyFrom(tf.make_tensor_proto(texts, dtype=tf.string))
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, 30.0)
+    expected = reference["savedmodel"]["serving_default"](text=tf.constant(texts), x=tf.constant(x))
+    for name in ("length", "upper", "scaled"):
+        np.testing.assert_array_equal(tf.make_ndarray(reply.outputs[name]), expected[name].numpy())
+
+
 @pytest.mark.parametrize("name", ["keras", "tflite"])
 def test_keras_and_tflite_match_keras_in_process(
     server: ServerProcess, reference: dict[str, Any], name: str
