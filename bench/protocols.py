@@ -2,7 +2,7 @@
 # ruff: noqa: RUF001  (the Markdown it writes uses the multiplication sign and en dash, as report.py does)
 """inferd's wire protocols against each other: one inferd server, the CNN model, batching off.
 
-    .venv/bin/python bench/protocols.py --profile-seconds 5    # 2 rounds of 1 s warm-up + 5 s per row
+    .venv/bin/python bench/protocols.py --repeats 3 --profile-seconds 5   # 1 s warm-up + 5 s per row
     .venv/bin/python bench/protocols.py --duration 1 --warmup 0 --repeats 1 --connections 8 --no-docs
 
 Paths: TF Serving's v1 REST JSON, KServe V2 REST JSON and binary (Triton's binary tensor
@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -404,9 +405,10 @@ def measure(rig: Rig, route: Route, n: int, c: int, args: argparse.Namespace) ->
 # ---------------------------------------------------------------- py-spy
 
 
+CODECS = "inferd wire codecs (protocols/: JSON, binary and protobuf tensors <-> numpy)"
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model (onnxruntime)", ("onnxruntime/",)),
-    ("inferd wire codecs (protocols/: JSON, binary and protobuf tensors <-> numpy)", ("inferd/protocols/",)),
+    (CODECS, ("inferd/protocols/",)),
     ("inferd core and HTTP app (service, metrics, server.py)", ("inferd/",)),
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools", "h11/")),
     ("gRPC Python layer", ("grpc/",)),
@@ -519,8 +521,9 @@ def find(rows: list[dict[str, Any]], path: str, generator: str, n: int, c: int) 
     )
 
 
-def targets(rows: list[dict[str, Any]], c: int) -> list[str]:
-    """The issue's targets at 32 instances per request and ``c`` connections, met or not."""
+def targets(rows: list[dict[str, Any]], profiles: list[dict[str, Any]], c: int) -> list[str]:
+    """The issue's targets at 32 instances per request and ``c`` connections, met or not; with the
+    py-spy share of inferd's wire codecs where that path was profiled."""
     ref = find(rows, "v1 JSON", "wrk", 32, c)
     lines = []
     for path, gen in (
@@ -537,10 +540,12 @@ def targets(rows: list[dict[str, Any]], c: int) -> list[str]:
         share_text = (
             f"{share:.0%} ({'met' if share < TARGET_SHARE else 'NOT met'})"
             if share is not None
-            else "not recorded by inferd (see py-spy below)"
+            else "not recorded by inferd"
         )
         met = "met" if ratio >= TARGET_RATIO else "NOT met"
-        lines.append(f"| {path} ({gen}) | {ratio:.2f}× ({met}) | {share_text} |")
+        spy = next((p for p in profiles if (p["path"], p["generator"]) == (path, gen)), None)
+        codecs = f"{spy['shares'].get(CODECS, 0.0):.0%}" if spy else "–"
+        lines.append(f"| {path} ({gen}) | {ratio:.2f}× ({met}) | {share_text} | {codecs} |")
     return lines
 
 
@@ -634,7 +639,9 @@ def section(results: dict[str, Any]) -> str:
         "visiting every row in turn (A, B, A, B); medians over rounds. wrk (1 thread, pinned to CPU "
         f"{WRK_CPU}) drives the HTTP paths; perf_analyzer (`--input-data` with wrk's instances, 3 windows "
         "of a third of the measured time, stability check off) drives both gRPC paths and, for comparison, "
-        "the V2 HTTP paths. Every path's answer was checked against onnxruntime in-process first "
+        "the V2 HTTP paths (its V2 JSON row only at 1 instance: perf_analyzer 2.41 writes just one "
+        "instance's values into a JSON `data` array, 784 for [32, 1, 28, 28], which inferd rightly "
+        "refuses). Every path's answer was checked against onnxruntime in-process first "
         "(largest difference: "
         + ", ".join(f"{k} {v:.1g}" for k, v in results["answer_max_diff"].items())
         + ").",
@@ -652,9 +659,10 @@ def section(results: dict[str, Any]) -> str:
         f"### Targets (32 instances per request, {c} connections, against v1 JSON with wrk)",
         "",
         f"| path | throughput vs v1 JSON (target ≥ {TARGET_RATIO:g}×) "
-        f"| serialisation share (target < {TARGET_SHARE:.0%}) |",
-        "| --- | ---: | ---: |",
-        *targets(rows, c),
+        f"| serialisation share (target < {TARGET_SHARE:.0%}), inferd's stage metrics "
+        "| inferd's wire codecs in py-spy's samples |",
+        "| --- | ---: | ---: | ---: |",
+        *targets(rows, results["profiles"], c),
         "",
     ]
     if results["profiles"]:
@@ -720,10 +728,16 @@ def parse_args() -> argparse.Namespace:
         help="what to say about other load on the machine during the run",
     )
     p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="RESULTS",
+        help="measure nothing: rewrite the docs section from a results file (e.g. after run.py)",
+    )
+    p.add_argument(
         "--no-docs", action="store_true", help="write the JSON under bench/.work/ and leave docs alone"
     )
     a = p.parse_args()
-    a.command = " ".join([".venv/bin/python", "bench/protocols.py", *sys.argv[1:]])
+    a.command = shlex.join([".venv/bin/python", "bench/protocols.py", *sys.argv[1:]])
     return a
 
 
@@ -745,6 +759,9 @@ def make_files(work: Path, batches: list[int]) -> Files:
 
 def main() -> int:
     args = parse_args()
+    if args.from_json:
+        write_docs(section(json.loads(args.from_json.read_text())))
+        return 0
     procs.install_cleanup()
     started, load_before = time.monotonic(), os.getloadavg()[0]
     work = WORK / "protocols"
@@ -805,7 +822,7 @@ def main() -> int:
     if not args.no_docs:
         write_docs(section(results))
     log(f"wrote {out.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
-    print("\n".join([*table(results["rows"]), "", *targets(results["rows"], args.connections[-1])]))
+    print("\n".join([*table(results["rows"]), "", *targets(results["rows"], profiles, args.connections[-1])]))
     return 0
 
 
