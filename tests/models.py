@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -116,3 +118,169 @@ def write_python_model(version_dir: Path, body: str, signature: str | None = Non
     lines = ["import numpy as np", "", "", "class Model:", f"    signature = {sig}", ""]
     lines += ["    " + line for line in textwrap.dedent(body).strip("\n").splitlines()]
     (version_dir / "model.py").write_text("\n".join(lines) + "\n")
+
+
+# --- frameworks: each writer returns an in-process predictor to compare the server with ---------
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def write_xgboost(version_dir: Path, objective: str) -> Predictor:
+    """An XGBoost booster on the digits (``multi:softprob`` or ``reg:squarederror``) as
+    ``model.ubj``; returns the booster's own ``inplace_predict``."""
+    import xgboost as xgb
+
+    x, y = digits()
+    params = {"objective": objective, "max_depth": 3, "nthread": 1}
+    if objective.startswith("multi:"):
+        params["num_class"] = 10
+    booster = xgb.train(params, xgb.DMatrix(x[:600], label=y[:600]), num_boost_round=5)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(version_dir / "model.ubj")
+    return lambda rows: np.asarray(booster.inplace_predict(rows))
+
+
+def write_lightgbm(version_dir: Path, objective: str) -> Predictor:
+    """A LightGBM booster on the digits (``binary`` on "is it a 0", or ``regression``) as
+    ``model.txt``; returns the booster's own ``predict``."""
+    import lightgbm as lgb
+
+    x, y = digits()
+    label = (y == 0).astype(np.float64) if objective == "binary" else y.astype(np.float64)
+    params = {"objective": objective, "num_leaves": 7, "num_threads": 1, "verbose": -1}
+    booster = lgb.train(params, lgb.Dataset(x[:600], label=label[:600]), num_boost_round=5)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(version_dir / "model.txt"))
+    return lambda rows: np.asarray(booster.predict(rows))
+
+
+def _torch_module() -> object:
+    import torch
+
+    class Scorer(torch.nn.Module):
+        """Two inputs, two outputs: ``softmax(linear(x)) * weight`` and the row sums of ``x``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.softmax(self.linear(x), dim=1) * weight, x.sum(dim=1)
+
+    return Scorer().eval()
+
+
+def write_torchscript(version_dir: Path) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+    """The scorer, traced to TorchScript as ``model.pt``: inputs ``x`` FP32 [-1, 64] and
+    ``weight`` FP32 [-1, 1], outputs ``output_0`` [-1, 10] and ``output_1`` [-1]."""
+    import torch
+
+    module = _torch_module()
+    example = (torch.zeros(2, 64), torch.ones(2, 1))
+    traced = torch.jit.trace(module, example)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(traced, str(version_dir / "model.pt"))
+    return _torch_predictor(traced)
+
+
+def write_torch_export(version_dir: Path) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+    """The scorer as a ``torch.export`` program with a dynamic batch, saved as ``model.pt2``."""
+    import torch
+
+    module = _torch_module()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        module,  # type: ignore[arg-type]
+        (torch.zeros(2, 64), torch.ones(2, 1)),
+        dynamic_shapes={"x": {0: batch}, "weight": {0: batch}},
+    )
+    version_dir.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(version_dir / "model.pt2"))
+    return _torch_predictor(program.module())
+
+
+def _torch_predictor(module: Any) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+    import torch
+
+    def run(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x), torch.from_numpy(weight))
+        return tuple(t.numpy() for t in out)
+
+    return run
+
+
+def _tf_module() -> Any:
+    """A ``tf.Module`` with two signatures: ``serving_default`` takes ``text`` (strings) and
+    ``x`` FP32 [-1, 3] and returns ``length`` INT32, ``upper`` strings and ``scaled`` FP32;
+    ``double`` takes ``x`` and returns ``y = 2x``."""
+    import tensorflow as tf
+
+    class Texts(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = tf.Variable([1.0, 2.0, 3.0])
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="text"),
+                tf.TensorSpec([None, 3], tf.float32, name="x"),
+            ]
+        )
+        def serve(self, text: Any, x: Any) -> dict[str, Any]:
+            return {
+                "length": tf.strings.length(text),
+                "upper": tf.strings.upper(text),
+                "scaled": x * self.scale,
+            }
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def double(self, x: Any) -> dict[str, Any]:
+            return {"y": x * 2.0}
+
+    return Texts()
+
+
+def write_tf_saved_model(version_dir: Path) -> Any:
+    """The two-signature module as a SavedModel; returns its loaded signatures."""
+    import tensorflow as tf
+
+    module = _tf_module()
+    tf.saved_model.save(
+        module, str(version_dir), signatures={"serving_default": module.serve, "double": module.double}
+    )
+    return tf.saved_model.load(str(version_dir)).signatures
+
+
+def keras_digits_model() -> Any:
+    """The TF Serving tutorial's model shape on 8x8 digits: Flatten then Dense(10, softmax)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8), name="images"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax", name="Softmax"),
+        ]
+    )
+
+
+def write_keras(version_dir: Path) -> Any:
+    """An untrained tutorial model as ``model.keras``; returns the model."""
+    model = keras_digits_model()
+    version_dir.mkdir(parents=True, exist_ok=True)
+    model.save(version_dir / "model.keras")
+    return model
+
+
+def write_tflite(version_dir: Path) -> Any:
+    """The tutorial model converted to TFLite (``model.tflite``, dynamic batch); returns the Keras
+    model it came from."""
+    import tensorflow as tf
+
+    model = keras_digits_model()
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return model

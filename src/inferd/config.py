@@ -291,6 +291,8 @@ class ModelSettings:
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
         features: the ``[features]`` table; None when requests carry every input.
         prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
+        device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
+            ``cuda:0``), for runtimes that can use a GPU.
     """
 
     runtime: str | None = None
@@ -302,6 +304,7 @@ class ModelSettings:
     batching: BatchingParameters | None = None
     features: FeatureSettings | None = None
     prediction_cache_size: int = 0
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +353,7 @@ class ServerConfig:
     api_token: str = field(default="", repr=False)
 
 
-_RUNTIME_TABLES = ("onnx", "sklearn", "python")
+_RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
 _KNOWN_KEYS = {
     "runtime",
     "version_policy",
@@ -360,8 +363,10 @@ _KNOWN_KEYS = {
     "batching",
     "features",
     "prediction_cache_size",
+    "device",
     *_RUNTIME_TABLES,
 }
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def read_model_settings(base_path: Path) -> ModelSettings:
@@ -388,6 +393,9 @@ def read_model_settings(base_path: Path) -> ModelSettings:
     warmup = raw.get("warmup", True)
     if not isinstance(warmup, bool):
         raise ConfigError(f"{path}: 'warmup' must be true or false, got {warmup!r}")
+    device = raw.get("device", "cpu")
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ConfigError(f'{path}: \'device\' must be "cpu" or "cuda:N", got {device!r}')
     return ModelSettings(
         runtime=runtime,
         runtime_options=_table(options, f"{path}: [{runtime}]"),
@@ -408,6 +416,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             else None
         ),
         prediction_cache_size=_prediction_cache_size(raw, path),
+        device="cuda:0" if device == "cuda" else device,
     )
 
 

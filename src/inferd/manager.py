@@ -157,7 +157,7 @@ class ModelManager:
         else:
             version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
             entry.refresh_latest()
-            log.info("%s is AVAILABLE (%s runtime)", version.id, runtime)
+            log.info("%s is AVAILABLE (%s runtime on %s)", version.id, runtime, plan.settings.device)
         if self._metrics:
             ok = version.state is VersionState.AVAILABLE
             self._metrics.model_loaded(plan.name, time.monotonic() - started, ok)

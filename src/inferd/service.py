@@ -251,7 +251,9 @@ class InferenceService:
                 name: self._request_signature(version, signature)
                 for name, signature in version.model.signatures.items()
             }
-            return ModelMetadata(version.id, signatures, version.runtime, available, max_batch)
+            return ModelMetadata(
+                version.id, signatures, version.runtime, available, max_batch, version.settings.device
+            )
 
     def ready(self) -> bool:
         """True when every configured model has a version serving."""

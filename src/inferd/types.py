@@ -175,10 +175,12 @@ class VersionStatus:
 @dataclass(frozen=True, slots=True)
 class ModelMetadata:
     """What a client may learn of a served version: its id, signatures and runtime, the
-    model's AVAILABLE versions, and its largest batch (0 when it is not batched)."""
+    model's AVAILABLE versions, its largest batch (0 when it is not batched) and the device it
+    computes on (``cpu`` or ``cuda:N``)."""
 
     model_id: ModelId
     signatures: Mapping[str, Signature]
     platform: str
     versions: tuple[int, ...] = ()
     max_batch_size: int = 0
+    device: str = "cpu"

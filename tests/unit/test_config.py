@@ -196,6 +196,9 @@ def test_a_single_runtime_table_gives_the_options_without_a_runtime_key(tmp_path
         ("[onnx]\n[sklearn]\n", ["several runtime tables", "set 'runtime'"]),
         ("[batching]\nmax_batch_size = 0\n", ["max_batch_size must be >= 1"]),
         ("[batching]\nmax_batch = 4\n", ["[batching]", "unknown key(s) ['max_batch']"]),
+        ("device = 'gpu'\n", ['\'device\' must be "cpu" or "cuda:N"', "'gpu'"]),
+        ("device = 0\n", ["'device' must be"]),
+        ("[torch]\n[tflite]\n", ["several runtime tables"]),
     ],
 )
 def test_invalid_inferd_toml_errors_name_the_file_and_the_problem(
@@ -207,6 +210,26 @@ def test_invalid_inferd_toml_errors_name_the_file_and_the_problem(
     assert "inferd.toml" in message
     for fragment in fragments:
         assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("text", "device"),
+    [
+        ("", "cpu"),
+        ("device = 'cpu'\n", "cpu"),
+        ("device = 'cuda'\n", "cuda:0"),
+        ("device = 'cuda:1'\n", "cuda:1"),
+    ],
+)
+def test_device_defaults_to_the_cpu_and_cuda_means_the_first_gpu(
+    tmp_path: Path, text: str, device: str
+) -> None:
+    assert settings(tmp_path, text).device == device
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "tflite", "torch", "xgboost", "lightgbm"])
+def test_each_framework_has_its_options_table(tmp_path: Path, runtime: str) -> None:
+    assert dict(settings(tmp_path, f"[{runtime}]\nnum_threads = 2\n").runtime_options) == {"num_threads": 2}
 
 
 # VersionPolicy.select

@@ -5,8 +5,14 @@ import pytest
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import detect_runtime, get_runtime, load_model
-from tests.models import write_onnx_affine, write_python_model, write_sklearn_digits
+from inferd.runtimes import detect_runtime, get_runtime, import_framework, load_model
+from tests.models import (
+    write_onnx_affine,
+    write_python_model,
+    write_sklearn_digits,
+    write_torch_export,
+    write_xgboost,
+)
 
 
 def test_detection_by_files(tmp_path: Path) -> None:
@@ -90,3 +96,79 @@ def test_python_model_signature_from_settings(tmp_path: Path) -> None:
     model, _ = load_model(tmp_path, ModelSettings(signature=declared), None)
     assert model.predict("serving_default", {"x": np.array([1, 2])})["y"].tolist() == [2, 3]
     model.close()
+
+
+def test_detection_of_framework_files(tmp_path: Path) -> None:
+    cases = {
+        "saved_model.pb": "tensorflow",
+        "model.keras": "tensorflow",
+        "model.tflite": "tflite",
+        "model.pt2": "torch",
+        "model.pt": "torch",
+        "weights.pth": "torch",
+        "model.ubj": "xgboost",
+        "model.json": "xgboost",
+        "model.txt": "lightgbm",
+    }
+    for file, runtime in cases.items():
+        folder = tmp_path / file
+        folder.mkdir()
+        (folder / file).write_bytes(b"")
+        assert detect_runtime(folder) == runtime, file
+    assert get_runtime("pytorch").name == "torch"
+    assert get_runtime("tensorflow_savedmodel").name == "tensorflow"
+    assert get_runtime("LiteRT").name == "tflite"
+
+
+def test_a_missing_framework_names_the_extra_to_install() -> None:
+    with pytest.raises(ModelLoadError, match=r"needs inferd_absent_framework.*pip install 'inferd\[torch\]'"):
+        import_framework("inferd_absent_framework", "torch")
+
+
+def test_cpu_only_runtimes_refuse_a_gpu(tmp_path: Path) -> None:
+    write_sklearn_digits(tmp_path)
+    with pytest.raises(ModelLoadError, match="the sklearn runtime runs on the CPU only"):
+        load_model(tmp_path, ModelSettings(device="cuda:0"), None)
+
+
+def test_onnx_on_cuda_without_the_cuda_provider_is_a_load_error(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path, 1.0)
+    with pytest.raises(ModelLoadError, match="device 'cuda:0' asks for CUDA, but this onnxruntime has only"):
+        load_model(tmp_path, ModelSettings(device="cuda:0"), None)
+
+
+def test_torch_options_and_a_framework_error_in_predict(tmp_path: Path) -> None:
+    write_torch_export(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"unknown \[torch\] option\(s\) \['threads'\]"):
+        load_model(tmp_path, ModelSettings(runtime_options={"threads": 2}), None)
+    with pytest.raises(ModelLoadError, match=r"\[torch\] num_threads must be an integer >= 0"):
+        load_model(tmp_path, ModelSettings(runtime_options={"num_threads": -1}), None)
+    model, _ = load_model(tmp_path, ModelSettings(), None)
+    bad = {"x": np.zeros((2, 5), np.float32), "weight": np.ones((2, 1), np.float32)}
+    with pytest.raises(InvalidArgument, match="torch rejected the input"):
+        model.predict("serving_default", bad)
+
+
+def test_torchscript_returning_a_dict_needs_declared_outputs(tmp_path: Path) -> None:
+    import torch
+
+    class Named(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"double": x * 2, "half": x / 2}
+
+    torch.jit.save(torch.jit.script(Named()), str(tmp_path / "model.pt"))
+    with pytest.raises(ModelLoadError, match=r"declare its outputs in \[signature\]"):
+        load_model(tmp_path, ModelSettings(), None)
+    declared = {"outputs": [{"name": "half", "dtype": "float32", "shape": [-1]}]}
+    model, _ = load_model(tmp_path, ModelSettings(signature=declared), None)
+    outputs = model.predict("serving_default", {"x": np.array([4.0], np.float32)})
+    assert {name: value.tolist() for name, value in outputs.items()} == {"half": [2.0]}
+
+
+def test_xgboost_rejects_a_wrong_feature_count_as_the_callers_fault(tmp_path: Path) -> None:
+    write_xgboost(tmp_path, "reg:squarederror")
+    model, runtime = load_model(tmp_path, ModelSettings(runtime_options={"num_threads": 2}), None)
+    assert runtime == "xgboost"
+    assert sorted(model.signatures) == ["regress", "serving_default"]
+    with pytest.raises(InvalidArgument, match="xgboost rejected the input"):
+        model.predict("regress", {"inputs": np.zeros((1, 3), np.float32)})

@@ -27,7 +27,13 @@ Response = tuple[int, dict[str, str], bytes]
 
 JSON_HEADERS = {"content-type": "application/json"}
 
-V2_PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn", "python": "python"}
+V2_PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "sklearn": "sklearn",
+    "python": "python",
+    "tensorflow": "tensorflow_savedmodel",
+    "torch": "pytorch_libtorch",
+}
 """Runtime name -> the ``platform`` the Open Inference Protocol reports."""
 
 V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")

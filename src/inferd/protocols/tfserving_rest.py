@@ -367,4 +367,5 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
             "version": str(meta.model_id.version),
         },
         "metadata": {"signature_def": {"signature_def": signatures}},
+        "device": meta.device,
     }

@@ -155,6 +155,7 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
         "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
         "inputs": [_tensor_metadata(spec) for spec in signature.inputs],
         "outputs": [_tensor_metadata(spec) for spec in signature.outputs],
+        "parameters": {"device": meta.device},
     }
 
 

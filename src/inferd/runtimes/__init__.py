@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from inferd.config import ModelSettings
 from inferd.errors import ModelLoadError
-from inferd.types import Signature, Tensors
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec, dtype_of
 
 
 class Model(Protocol):
@@ -34,9 +34,14 @@ class Model(Protocol):
 
 
 class Runtime(Protocol):
-    """Loads one framework's model files from a version folder."""
+    """Loads one framework's model files from a version folder.
+
+    ``gpu`` says whether it honours ``device = "cuda:N"``; a runtime without it is only asked
+    to load models configured for the CPU.
+    """
 
     name: str
+    gpu: bool
 
     def load(self, version_dir: Path, settings: ModelSettings) -> Model:
         """Load the model in ``version_dir``; blocking, called from a loader thread.
@@ -48,8 +53,17 @@ class Runtime(Protocol):
         ...
 
 
-_MODULES = {"onnx": "onnx", "sklearn": "sklearn", "python": "python"}
-"""Runtime name -> module under inferd.runtimes."""
+_RUNTIMES = {
+    "onnx": ("onnx", "RUNTIME"),
+    "sklearn": ("sklearn", "RUNTIME"),
+    "python": ("python", "RUNTIME"),
+    "tensorflow": ("tensorflow", "RUNTIME"),
+    "tflite": ("tflite", "RUNTIME"),
+    "torch": ("torch", "RUNTIME"),
+    "xgboost": ("boosters", "XGBOOST"),
+    "lightgbm": ("boosters", "LIGHTGBM"),
+}
+"""Runtime name -> (module under inferd.runtimes, attribute holding the runtime)."""
 
 _ALIASES = {
     "onnxruntime": "onnx",
@@ -57,21 +71,35 @@ _ALIASES = {
     "scikit-learn": "sklearn",
     "scikit_learn": "sklearn",
     "custom": "python",
+    "tensorflow_savedmodel": "tensorflow",
+    "keras": "tensorflow",
+    "litert": "tflite",
+    "pytorch": "torch",
+    "pytorch_libtorch": "torch",
 }
 
 _DETECTION = (
     ("model.py", "python"),
     ("*.onnx", "onnx"),
+    ("saved_model.pb", "tensorflow"),
+    ("*.keras", "tensorflow"),
+    ("*.tflite", "tflite"),
+    ("*.pt2", "torch"),
+    ("*.pt", "torch"),
+    ("*.pth", "torch"),
     ("*.skops", "sklearn"),
     ("*.joblib", "sklearn"),
     ("*.pkl", "sklearn"),
     ("*.pickle", "sklearn"),
+    ("*.ubj", "xgboost"),
+    ("*.json", "xgboost"),
+    ("*.txt", "lightgbm"),
 )
 """File patterns that identify a runtime, tried in order."""
 
 
 def runtime_names() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(_RUNTIMES)
 
 
 def detect_runtime(version_dir: Path) -> str:
@@ -96,10 +124,11 @@ def get_runtime(name: str) -> Runtime:
         ModelLoadError: no runtime has that name.
     """
     canonical = _ALIASES.get(name.lower(), name.lower())
-    module_name = _MODULES.get(canonical)
-    if module_name is None:
+    location = _RUNTIMES.get(canonical)
+    if location is None:
         raise ModelLoadError(f"unknown runtime {name!r}; expected one of {runtime_names()}")
-    runtime: Runtime = importlib.import_module(f"{__name__}.{module_name}").RUNTIME
+    module_name, attribute = location
+    runtime: Runtime = getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute)
     return runtime
 
 
@@ -110,7 +139,31 @@ def load_model(version_dir: Path, settings: ModelSettings, platform: str | None)
         The model and the runtime's name.
     """
     runtime = get_runtime(platform or settings.runtime or detect_runtime(version_dir))
+    if settings.device != "cpu" and not runtime.gpu:
+        raise ModelLoadError(
+            f"the {runtime.name} runtime runs on the CPU only; remove device = {settings.device!r} "
+            "from inferd.toml"
+        )
     return runtime.load(version_dir, settings), runtime.name
+
+
+def cuda_index(device: str) -> int:
+    """The GPU number of ``cuda:N``."""
+    return int(device.partition(":")[2] or 0)
+
+
+def import_framework(module: str, extra: str) -> Any:
+    """Import a runtime's framework, or say which inferd extra installs it.
+
+    Raises:
+        ModelLoadError: the framework is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"this model needs {module}, which is not installed ({exc}); pip install 'inferd[{extra}]'"
+        ) from exc
 
 
 def find_model_file(version_dir: Path, patterns: tuple[str, ...], chosen: object = None) -> Path:
@@ -146,3 +199,62 @@ def check_options(runtime: str, options: Mapping[str, object], known: set[str]) 
     unknown = sorted(set(options) - known)
     if unknown:
         raise ModelLoadError(f"unknown [{runtime}] option(s) {unknown}; expected some of {sorted(known)}")
+
+
+def int_option(runtime: str, options: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer option >= 0 of a runtime's table.
+
+    Raises:
+        ModelLoadError: the value is not such an integer.
+    """
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(f"[{runtime}] {key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def parse_signature(declared: Any, where: str) -> Signature:
+    """Build a Signature from ``{"inputs": [...], "outputs": [...]}`` declarations.
+
+    Raises:
+        ModelLoadError: a field is missing or has the wrong type, naming it.
+    """
+    if not isinstance(declared, Mapping):
+        raise ModelLoadError(f"{where} must be a table with 'inputs' and 'outputs'")
+    inputs = declared_specs(declared, "inputs", where)
+    outputs = declared_specs(declared, "outputs", where)
+    if inputs is None or outputs is None:
+        raise ModelLoadError(f"{where}: 'inputs' and 'outputs' must be non-empty lists of tensors")
+    return Signature(DEFAULT_SIGNATURE, inputs, outputs)
+
+
+def declared_specs(declared: Mapping[str, Any], part: str, where: str) -> tuple[TensorSpec, ...] | None:
+    """The ``inputs`` or ``outputs`` list of a declared signature; None when it is absent.
+
+    Raises:
+        ModelLoadError: the list is empty or an entry is malformed, naming it.
+    """
+    entries = declared.get(part)
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not entries:
+        raise ModelLoadError(f"{where}: '{part}' must be a non-empty list of tensors")
+    return tuple(_tensor_spec(entry, f"{where} {part}[{i}]") for i, entry in enumerate(entries))
+
+
+def _tensor_spec(entry: Any, where: str) -> TensorSpec:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+        raise ModelLoadError(f"{where} needs a string 'name'")
+    try:
+        dtype = dtype_of(str(entry.get("dtype", ""))).numpy
+    except KeyError:
+        raise ModelLoadError(
+            f"{where}: unknown dtype {entry.get('dtype')!r}, e.g. float32, int64, string"
+        ) from None
+    shape = entry.get("shape")
+    if shape is not None and not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
+    ):
+        raise ModelLoadError(f"{where}: shape must be a list of integers (-1 for a free dimension)")
+    return TensorSpec(entry["name"], dtype, None if shape is None else tuple(shape))

@@ -1,5 +1,7 @@
 """ONNX models through onnxruntime: the reference runtime.
 
+``device = "cuda:N"`` runs the session on onnxruntime's CUDA provider (onnxruntime-gpu).
+
 Options (``[onnx]`` in inferd.toml):
     file: the ``.onnx`` file when the folder holds several.
     intra_op_num_threads: threads inside one operator (default 1: inferd runs several requests
@@ -21,7 +23,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options, find_model_file
+from inferd.runtimes import check_options, cuda_index, find_model_file, int_option
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 
 _OPTIONS = {
@@ -78,6 +80,7 @@ class OnnxModel:
 
 class OnnxRuntime:
     name = "onnx"
+    gpu = True
 
     def load(self, version_dir: Path, settings: ModelSettings) -> OnnxModel:
         import onnxruntime as ort
@@ -86,18 +89,31 @@ class OnnxRuntime:
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
         session_options = _session_options(ort, options)
+        providers = _providers(ort, settings.device)
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=session_options, providers=["CPUExecutionProvider"]
-            )
+            session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
+        if settings.device != "cpu" and session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ModelLoadError(f"onnxruntime could not start its CUDA provider on {settings.device}")
         signature = Signature(
             DEFAULT_SIGNATURE,
             tuple(_spec(arg, "input") for arg in session.get_inputs()),
             tuple(_spec(arg, "output") for arg in session.get_outputs()),
         )
         return OnnxModel(session, signature)
+
+
+def _providers(ort: Any, device: str) -> list[Any]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ModelLoadError(
+            f"device {device!r} asks for CUDA, but this onnxruntime has only {available}; "
+            "install onnxruntime-gpu on a machine with a CUDA GPU"
+        )
+    return [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"]
 
 
 def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
@@ -112,8 +128,8 @@ def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
         "parallel": ort.ExecutionMode.ORT_PARALLEL,
     }
     so = ort.SessionOptions()
-    so.intra_op_num_threads = _int_option(options, "intra_op_num_threads", 1)
-    so.inter_op_num_threads = _int_option(options, "inter_op_num_threads", 1)
+    so.intra_op_num_threads = int_option("onnx", options, "intra_op_num_threads", 1)
+    so.inter_op_num_threads = int_option("onnx", options, "inter_op_num_threads", 1)
     so.execution_mode = _choice(options, "execution_mode", modes, "sequential")
     so.graph_optimization_level = _choice(options, "graph_optimization_level", levels, "all")
     spinning = options.get("allow_spinning", False)
@@ -122,15 +138,6 @@ def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     return so
-
-
-def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ModelLoadError(
-            f"[onnx] {key} must be an integer >= 0 (0 = onnxruntime's choice), got {value!r}"
-        )
-    return value
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: Mapping[str, Any], default: str) -> Any:

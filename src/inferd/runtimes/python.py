@@ -28,8 +28,8 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options
-from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec, dtype_of
+from inferd.runtimes import check_options, parse_signature
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
 
 
 class PythonModel:
@@ -66,6 +66,7 @@ class PythonModel:
 
 class PythonRuntime:
     name = "python"
+    gpu = False
 
     def load(self, version_dir: Path, settings: ModelSettings) -> PythonModel:
         options = settings.runtime_options
@@ -104,41 +105,6 @@ class PythonRuntime:
             sys.modules.pop(module_name, None)
             raise ModelLoadError(f"{path} failed to load: {type(exc).__name__}: {exc}") from exc
         return PythonModel(user, signature, module_name)
-
-
-def parse_signature(declared: Any, where: str) -> Signature:
-    """Build a Signature from ``{"inputs": [...], "outputs": [...]}`` declarations.
-
-    Raises:
-        ModelLoadError: a field is missing or has the wrong type, naming it.
-    """
-    if not isinstance(declared, Mapping):
-        raise ModelLoadError(f"{where} must be a table with 'inputs' and 'outputs'")
-    specs = {}
-    for part in ("inputs", "outputs"):
-        entries = declared.get(part)
-        if not isinstance(entries, list) or not entries:
-            raise ModelLoadError(f"{where}: '{part}' must be a non-empty list of tensors")
-        specs[part] = tuple(_tensor_spec(entry, f"{where} {part}[{i}]") for i, entry in enumerate(entries))
-    return Signature(DEFAULT_SIGNATURE, specs["inputs"], specs["outputs"])
-
-
-def _tensor_spec(entry: Any, where: str) -> TensorSpec:
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-        raise ModelLoadError(f"{where} needs a string 'name'")
-    try:
-        dtype = dtype_of(str(entry.get("dtype", ""))).numpy
-    except KeyError:
-        raise ModelLoadError(
-            f"{where}: unknown dtype {entry.get('dtype')!r}, e.g. float32, int64, string"
-        ) from None
-    shape = entry.get("shape")
-    if shape is not None and not (
-        isinstance(shape, list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
-    ):
-        raise ModelLoadError(f"{where}: shape must be a list of integers (-1 for a free dimension)")
-    return TensorSpec(entry["name"], dtype, None if shape is None else tuple(shape))
 
 
 RUNTIME = PythonRuntime()

@@ -116,6 +116,7 @@ def _dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 class SklearnRuntime:
     name = "sklearn"
+    gpu = False
     _pickle_lock = threading.Lock()
 
     def load(self, version_dir: Path, settings: ModelSettings) -> SklearnModel:
