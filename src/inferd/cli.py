@@ -12,10 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from inferd.config import ServerConfig
-from inferd.errors import ConfigError
+from inferd.errors import ConfigError, InferdError
 
 _SERVE_FLAGS: list[tuple[str, type, str]] = [
     (
@@ -121,16 +122,93 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "batch",
+        help="score files offline with a model, in-process",
+        description=(
+            "Score INPUT (a CSV, Parquet, JSONL or .npy file, a folder or glob of them, or a folder of "
+            "images) with MODEL (a version folder, a base path whose latest version is used, or a "
+            "repository with --model) and write OUTPUT (.parquet, .csv, .jsonl or .npy)."
+        ),
+    )
+    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    parser.add_argument("input", metavar="INPUT")
+    parser.add_argument("output", metavar="OUTPUT", type=Path)
+    add = parser.add_argument
+    add("--model", dest="model_name", help="model name when MODEL is a repository")
+    add("--version", type=int, help="version to use (default: the latest)")
+    add("--signature", default="serving_default", help="signature to call (default: serving_default)")
+    add("--batch-size", type=int, default=0, help="rows per predict call (default: chosen by a short probe)")
+    add("--id-column", help="input column written beside the predictions (default: the row number)")
+    add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
+    add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
+    add("--rejects", type=Path, help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
+    add("--resume", action="store_true", help="continue an interrupted run, skipping its finished chunks")
+    add("--memory-budget-mb", type=float, default=1024.0, help="memory for rows in flight (default: 1024)")
+    add(
+        "--price-per-hour",
+        type=float,
+        default=0.0,
+        help="machine price per hour, for the cost in the summary",
+    )
+    add("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+        help="a progress bar, log lines, or nothing (default: a bar on a terminal, else lines)")  # fmt: skip
+    add("--log-interval", type=float, default=10.0, help="seconds between progress log lines (default: 10)")
+    add("--summary-json", type=Path, help="also write the summary to this file as JSON")
+    add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from inferd import offline
+
+    options = offline.BatchOptions(
+        model=args.model_path,
+        input=args.input,
+        output=args.output,
+        model_name=args.model_name,
+        version=args.version,
+        signature=args.signature,
+        batch_size=args.batch_size,
+        id_column=args.id_column,
+        keep_columns=_names(args.keep_columns),
+        outputs=_names(args.outputs),
+        rejects=args.rejects,
+        resume=args.resume,
+        memory_budget_mb=args.memory_budget_mb,
+        price_per_hour=args.price_per_hour,
+        progress=args.progress,
+        log_interval_s=args.log_interval,
+    )
+    try:
+        summary = offline.run(options)
+    except InferdError as exc:
+        print(f"inferd batch: {exc.message}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()), file=sys.stderr)
+    if args.summary_json:
+        args.summary_json.write_bytes(summary.to_json())
+    return 1 if summary.rejected else 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
+    _batch_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "batch":
+        return _batch(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
