@@ -69,7 +69,8 @@ class BatchOptions:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """What a job did. ``rows`` were scored in this run; ``resumed_rows`` by an earlier one."""
+    """What a job did. ``rows`` were scored in this run, ``resumed_rows`` by an earlier one;
+    ``seconds`` is the whole run, ``rows_per_s`` counts the scoring only (model load excluded)."""
 
     model: str
     rows: int
@@ -174,12 +175,14 @@ async def _run(options: BatchOptions) -> Summary:
             scorer = _Scorer(infer, options.batch_size)
             progress = _Progress(options.progress, total, options.log_interval_s)
             done = store.done()
+            scoring_started = time.monotonic()
             try:
                 rows, resumed = await _pipeline(
                     read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
                 )
             finally:
                 progress.close()
+            scoring_s = time.monotonic() - scoring_started
             rejected = store.finish(options.rejects or _default_rejects(options.output))
         finally:
             await manager.close()
@@ -190,7 +193,7 @@ async def _run(options: BatchOptions) -> Summary:
         rejected=rejected,
         resumed_rows=resumed,
         seconds=seconds,
-        rows_per_s=rows / seconds if seconds else 0.0,
+        rows_per_s=rows / scoring_s if scoring_s else 0.0,
         cpu_s=time.process_time() - cpu_started,
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         cost=options.price_per_hour * seconds / 3600,

@@ -7,7 +7,7 @@ rows, their ids, and a ``Reject`` per row that could not be converted.
 
 Columns map to a signature input by name: a column named like the input (one value, or a list of
 values, per row), or the columns ``<input>_0 .. <input>_<k-1>``, or, for a model with one input
-of shape ``[-1, k]``, the ``k`` columns left once the id and kept-only columns are set aside.
+of shape ``[-1, k]``, every column but the id column when there are exactly ``k`` of them.
 """
 
 from __future__ import annotations
@@ -152,8 +152,7 @@ def plan_layout(
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
     first = file_columns(files[0], kind)
     keep_all = list(keep) == ["*"]
-    mapping = {spec.name: _columns_for(spec, first, signature, id_column, () if keep_all else keep)
-               for spec in signature.inputs}  # fmt: skip
+    mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
     kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
     needed = [c for cols in mapping.values() for c in cols] + list(kept) + ([id_column] if id_column else [])
     for path in files:
@@ -165,7 +164,7 @@ def plan_layout(
 
 
 def _columns_for(
-    spec: TensorSpec, names: list[str], signature: Signature, id_column: str | None, keep: Sequence[str]
+    spec: TensorSpec, names: list[str], signature: Signature, id_column: str | None
 ) -> tuple[str, ...]:
     if spec.name in names:
         return (spec.name,)
@@ -173,7 +172,7 @@ def _columns_for(
     numbered = [f"{spec.name}_{i}" for i in range(width)] if width else []
     if numbered and all(c in names for c in numbered):
         return tuple(numbered)
-    rest = [c for c in names if c != id_column and c not in keep]
+    rest = [c for c in names if c != id_column]
     if len(signature.inputs) == 1 and width and len(rest) == width:
         return tuple(rest)
     wanted = f"a column {spec.name!r}" + (f", columns {numbered[0]}..{numbered[-1]}" if numbered else "")
