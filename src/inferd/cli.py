@@ -192,6 +192,80 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if summary.rejected else 0
 
 
+def _bench_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "bench",
+        help="load a model server and report latency, throughput, errors and cost",
+        description=(
+            "Send requests to URL (http://host:port for REST, host:port for gRPC) for --model in a "
+            "closed loop (--concurrency, a sweep) and/or an open loop (--rate, requests due on a fixed "
+            "schedule, latency counted from when each was due) and report each step."
+        ),
+    )
+    parser.add_argument("url", metavar="URL")
+    add = parser.add_argument
+    add("--model", required=True, help="model name")
+    add("--protocol", default="rest", choices=["rest", "v2", "v2-binary", "grpc", "v2-grpc"],
+        help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)")  # fmt: skip
+    add("--version", type=int, help="model version (default: the server's choice)")
+    add("--instances", type=int, default=1, help="rows per request when generating the payload (default: 1)")
+    add("--payload", type=Path, help="request payload: a REST .json body, or .npy / .npz tensors")
+    add("--concurrency", default="", help="comma-separated concurrencies of the closed loop (default: 1)")
+    add("--rate", default="", help="comma-separated request rates (per second) of the open loop")
+    add("--duration", type=float, default=10.0, help="measured seconds per step (default: 10)")
+    add("--warmup", type=float, default=2.0, help="seconds of load before each step is measured (default: 2)")
+    add("--timeout", type=float, default=10.0, help="seconds a request may take (default: 10)")
+    add("--processes", type=int, default=1, help="load generator processes (default: 1)")
+    add("--max-connections", type=int, default=1024, help="HTTP connections of the open loop (default: 1024)")
+    add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
+    add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
+    add("--metadata-url", help="REST base URL to read metadata from instead of the protocol itself")
+    add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
+    add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
+    add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
+    add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inferd import loadtest
+
+    options = loadtest.BenchOptions(
+        url=args.url,
+        model=args.model,
+        protocol=args.protocol,
+        version=args.version,
+        instances=args.instances,
+        payload=args.payload,
+        concurrency=tuple(int(n) for n in _names(args.concurrency)),
+        rates=tuple(float(n) for n in _names(args.rate)),
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        timeout_s=args.timeout,
+        processes=args.processes,
+        max_connections=args.max_connections,
+        server_pid=args.server_pid,
+        metrics_url=args.metrics_url,
+        metadata_url=args.metadata_url,
+        price_per_hour=args.price_per_hour,
+    )
+    try:
+        reports = loadtest.run(options)
+    except ValueError as exc:
+        print(f"inferd bench: {exc}", file=sys.stderr)
+        return 2
+    report = loadtest.to_json(options, reports)
+    if args.json_path == "-":
+        sys.stdout.write(report.decode() + "\n")
+    else:
+        print(loadtest.table(reports))
+        if args.json_path:
+            Path(args.json_path).write_bytes(report)
+    if args.plot:
+        loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    return 0
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -201,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _batch_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -209,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "batch":
         return _batch(args)
+    if args.command == "bench":
+        return _bench(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
