@@ -169,7 +169,8 @@ async def _infer(
     request = InferenceRequest(
         inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
     )
-    response = await service.infer(ref, request)
+    timing.decoded = time.perf_counter()
+    response = timing.response = await service.infer(ref, request)
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
 
 
