@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""``inferd batch`` rows/s against raw onnxruntime in a tight loop, same model, same batch size.
+
+For each model (the suite's ``digits`` MLP and ``cnn``, see models.py) the same float32 rows are
+written to a file, then, alternating, ``raw`` runs ``session.run`` over them in batches of B rows
+from memory (onnxruntime's default session options, one calling thread) and ``inferd batch``
+scores the file (read, validate, predict, write, in overlapped chunks; its summary's rows/s,
+which excludes the model load). Medians over the rounds; the target is inferd >= 0.9 x raw.
+
+    .venv/bin/python bench/batch_throughput.py                       # digits and cnn, 3 rounds
+    .venv/bin/python bench/batch_throughput.py --models digits --rounds 1 --format parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import models  # noqa: E402
+
+SHAPES = {"digits": (64,), "cnn": (1, 28, 28)}
+DEFAULT_ROWS = {"digits": 400_000, "cnn": 40_000}
+DEFAULT_BATCH = {"digits": 1024, "cnn": 256}
+
+
+def raw_rows_per_s(model_file: Path, x: np.ndarray, batch: int) -> float:
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    session.run(None, {"input": x[:batch]})
+    started = time.perf_counter()
+    for start in range(0, len(x), batch):
+        session.run(None, {"input": x[start : start + batch]})
+    return len(x) / (time.perf_counter() - started)
+
+
+def inferd_rows_per_s(base: Path, source: Path, out: Path, batch: int) -> float:
+    summary = out.with_suffix(".json")
+    argv = [sys.executable, "-m", "inferd", "batch", str(base), str(source), str(out), f"--batch-size={batch}",
+            "--progress=none", "--log_level=warning", f"--summary-json={summary}"]  # fmt: skip
+    subprocess.run(argv, check=True)
+    out.unlink()
+    return float(json.loads(summary.read_text())["rows_per_s"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--format", choices=["npy", "parquet"], default="npy")
+    parser.add_argument("--rows", type=int, help="rows per model (default: 400k digits, 40k cnn)")
+    args = parser.parse_args()
+    print(f"{'model':>6}  {'batch':>5}  {'rows':>7}  {'raw ort rows/s':>14}  {'inferd batch rows/s':>19}  ratio")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models:
+            base = work / name
+            model_file = base / "1" / "model.onnx"
+            getattr(models, f"build_{name}")(model_file)
+            rows, batch = args.rows or DEFAULT_ROWS[name], DEFAULT_BATCH[name]
+            x = np.random.default_rng(0).random((rows, *SHAPES[name]), dtype=np.float32)
+            source = work / f"{name}.{args.format}"
+            if args.format == "npy":
+                np.save(source, x)
+            else:
+                flat = x.reshape(rows, -1)
+                pq.write_table(pa.table({f"f{i}": flat[:, i] for i in range(flat.shape[1])}), source,
+                               row_group_size=65536)  # fmt: skip
+            raw, ours = [], []
+            for _ in range(args.rounds):
+                raw.append(raw_rows_per_s(model_file, x, batch))
+                ours.append(inferd_rows_per_s(base, source, work / f"{name}-out.npy", batch))
+            r, o = statistics.median(raw), statistics.median(ours)
+            print(f"{name:>6}  {batch:>5}  {rows:>7}  {r:>14,.0f}  {o:>19,.0f}  {o / r:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
