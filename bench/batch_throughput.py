@@ -50,7 +50,7 @@ def inferd_rows_per_s(base: Path, source: Path, out: Path, batch: int) -> float:
     summary = out.with_suffix(".json")
     argv = [sys.executable, "-m", "inferd", "batch", str(base), str(source), str(out), f"--batch-size={batch}",
             "--progress=none", "--log_level=warning", f"--summary-json={summary}"]  # fmt: skip
-    subprocess.run(argv, check=True)
+    subprocess.run(argv, check=True, stderr=subprocess.DEVNULL)
     out.unlink()
     return float(json.loads(summary.read_text())["rows_per_s"])
 
