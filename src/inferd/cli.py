@@ -140,6 +140,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     add("--version", type=int, help="version to use (default: the latest)")
     add("--signature", default="serving_default", help="signature to call (default: serving_default)")
     add("--batch-size", type=int, default=0, help="rows per predict call (default: chosen by a short probe)")
+    add("--threads", type=int, default=0, help="predict calls at once (default: one per CPU)")
     add("--id-column", help="input column written beside the predictions (default: the row number)")
     add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
     add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
@@ -171,6 +172,7 @@ def _batch(args: argparse.Namespace) -> int:
         version=args.version,
         signature=args.signature,
         batch_size=args.batch_size,
+        threads=args.threads,
         id_column=args.id_column,
         keep_columns=_names(args.keep_columns),
         outputs=_names(args.outputs),
@@ -220,6 +222,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
     add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
     add("--metadata-url", help="REST base URL to read metadata from instead of the protocol itself")
+    add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
     add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
     add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
     add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
@@ -248,6 +251,7 @@ def _bench(args: argparse.Namespace) -> int:
         metrics_url=args.metrics_url,
         metadata_url=args.metadata_url,
         price_per_hour=args.price_per_hour,
+        path=args.path,
     )
     try:
         reports = loadtest.run(options)

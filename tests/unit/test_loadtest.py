@@ -60,7 +60,7 @@ def test_chunked_bodies_end_at_their_last_chunk_even_when_it_arrives_in_pieces()
 def test_v2_binary_request_carries_the_tensors_after_the_json_header(tmp_path: Path) -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.savez(tmp_path / "t.npz", x=x)
-    payload = build("http://127.0.0.1:9", "v2-binary", "m", 3, 1, tmp_path / "t.npz")
+    payload = build("http://127.0.0.1:9", "v2-binary", "m", version=3, payload=tmp_path / "t.npz")
     head, body = payload.request.split(b"\r\n\r\n", 1)
     lines = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
     assert head.startswith(b"POST /v2/models/m/versions/3/infer HTTP/1.1")
@@ -77,12 +77,18 @@ def test_v2_binary_request_carries_the_tensors_after_the_json_header(tmp_path: P
 def test_a_json_payload_is_sent_as_is_and_refused_for_grpc(tmp_path: Path) -> None:
     body = b'{"instances": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]}'
     (tmp_path / "b.json").write_bytes(body)
-    payload = build("http://127.0.0.1:9", "rest", "m", None, 1, tmp_path / "b.json")
+    payload = build("http://127.0.0.1:9", "rest", "m", payload=tmp_path / "b.json")
     assert payload.request.endswith(b"\r\n\r\n" + body)
     assert b"POST /v1/models/m:predict HTTP/1.1" in payload.request
     assert payload.instances == 3
+    (tmp_path / "own.json").write_text('{"data": [[1, 2]]}')
+    payload = build(
+        "http://127.0.0.1:9", "rest", "m", payload=tmp_path / "own.json", path="/predict", instances=4
+    )
+    assert payload.request.startswith(b"POST /predict HTTP/1.1")
+    assert payload.instances == 4  # the body does not say; --instances does
     with pytest.raises(ValueError, match=r"needs \.npy or \.npz"):
-        build("127.0.0.1:9", "grpc", "m", None, 1, tmp_path / "b.json")
+        build("127.0.0.1:9", "grpc", "m", payload=tmp_path / "b.json")
 
 
 def test_the_open_loop_schedule_dispatches_every_due_time_in_the_window_once() -> None:

@@ -52,6 +52,8 @@ class BenchOptions:
     metadata_url: str | None = None
     """Where to read metadata for the gRPC protocols when the server's gRPC metadata is not wanted."""
     price_per_hour: float = 0.0
+    path: str | None = None
+    """REST route to POST to instead of the protocol's, for servers with routes of their own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +86,8 @@ def run(options: BenchOptions) -> list[StepReport]:
     if any(level <= 0 for _, level in steps):
         raise ValueError("concurrency and rate must be > 0")
     payload = build(
-        options.url, options.protocol, options.model, options.version, options.instances,
-        options.payload, options.metadata_url,
+        options.url, options.protocol, options.model, version=options.version, instances=options.instances,
+        payload=options.payload, metadata_url=options.metadata_url, path=options.path,
     )  # fmt: skip
     metrics_url = _metrics_url(options, payload)
     reports = []

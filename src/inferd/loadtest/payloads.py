@@ -50,10 +50,11 @@ class Payload:
 
 
 def build(
-    url: str, protocol: str, model: str, version: int | None, instances: int, payload: Path | None,
-    metadata_url: str | None = None,
+    url: str, protocol: str, model: str, *, version: int | None = None, instances: int = 1,
+    payload: Path | None = None, metadata_url: str | None = None, path: str | None = None,
 ) -> Payload:  # fmt: skip
-    """Encode the request for ``protocol``.
+    """Encode the request for ``protocol``; ``path`` replaces the REST route (for servers with
+    routes of their own, given a ``.json`` body).
 
     Raises:
         ValueError: an unknown protocol, a payload file that does not fit it, or metadata that
@@ -70,7 +71,8 @@ def build(
         if protocol not in ("rest", "v2"):
             raise ValueError(f"a .json payload is a REST body; {protocol} needs .npy or .npz")
         body = payload.read_bytes()
-        return _http(protocol, host, port, model, version, body, _json_rows(body), {})
+        return _http(protocol, host, port, path or _route(protocol, model, version), body,
+                     _json_rows(body, instances), {})  # fmt: skip
     if payload is not None:
         loaded = np.load(payload)
         tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
@@ -85,6 +87,7 @@ def build(
         return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows)
     if protocol == "v2-grpc":
         return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows)
+    route = path or _route(protocol, model, version)
     if protocol == "rest":
         first = next(iter(tensors))
         document: Any = (
@@ -92,11 +95,11 @@ def build(
             if len(tensors) == 1
             else {"inputs": {k: v.tolist() for k, v in tensors.items()}}
         )
-        return _http(protocol, host, port, model, version, json.dumps(document).encode(), rows, {})
+        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {})
     if protocol == "v2":
         inputs = [_v2_input(k, v) | {"data": v.reshape(-1).tolist()} for k, v in tensors.items()]
         body = json.dumps({"inputs": inputs}).encode()
-        return _http(protocol, host, port, model, version, body, rows, {})
+        return _http(protocol, host, port, route, body, rows, {})
     raws = [to_raw(v) for v in tensors.values()]
     header = json.dumps({
         "inputs": [_v2_input(k, v) | {"parameters": {"binary_data_size": len(r)}}
@@ -104,7 +107,7 @@ def build(
         "parameters": {"binary_data_output": True},
     }).encode()  # fmt: skip
     extra = {"Inference-Header-Content-Length": str(len(header))}
-    return _http(protocol, host, port, model, version, header + b"".join(raws), rows, extra)
+    return _http(protocol, host, port, route, header + b"".join(raws), rows, extra)
 
 
 def generate(specs: Specs, instances: int) -> dict[str, np.ndarray]:
@@ -129,26 +132,29 @@ def _v2_input(name: str, value: np.ndarray) -> dict[str, Any]:
     return {"name": name, "shape": list(value.shape), "datatype": dtype_of(value.dtype).v2}
 
 
-def _json_rows(body: bytes) -> int:
-    """Predictions in a REST body: its ``instances``, or the first input's first dimension."""
+def _json_rows(body: bytes, default: int) -> int:
+    """Predictions in a REST body: its ``instances``, or the first input's first dimension, or
+    ``default`` for a body of another shape."""
     document = json.loads(body)
-    if "instances" in document:
+    inputs = document.get("inputs") if isinstance(document, dict) else None
+    if isinstance(document, dict) and isinstance(document.get("instances"), list):
         return len(document["instances"])
-    inputs = document.get("inputs")
-    if isinstance(inputs, list):
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) and inputs[0].get("shape"):
         return int(inputs[0]["shape"][0])
-    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
-    return len(first) if isinstance(first, list) else 1
+    first = next(iter(inputs.values()), None) if isinstance(inputs, dict) else inputs
+    return len(first) if isinstance(first, list) else default
+
+
+def _route(protocol: str, model: str, version: int | None) -> str:
+    suffix = f"/versions/{version}" if version is not None else ""
+    return (
+        f"/v1/models/{model}{suffix}:predict" if protocol == "rest" else f"/v2/models/{model}{suffix}/infer"
+    )
 
 
 def _http(
-    protocol: str, host: str, port: int, model: str, version: int | None, body: bytes, rows: int,
-    extra: dict[str, str],
-) -> Payload:  # fmt: skip
-    suffix = f"/versions/{version}" if version is not None else ""
-    path = (
-        f"/v1/models/{model}{suffix}:predict" if protocol == "rest" else f"/v2/models/{model}{suffix}/infer"
-    )
+    protocol: str, host: str, port: int, path: str, body: bytes, rows: int, extra: dict[str, str]
+) -> Payload:
     kind = "application/octet-stream" if extra else "application/json"
     headers = {"Host": f"{host}:{port}", "Content-Type": kind, "Content-Length": str(len(body)), **extra}
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"

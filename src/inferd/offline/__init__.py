@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -54,6 +55,8 @@ class BatchOptions:
     signature: str = DEFAULT_SIGNATURE
     batch_size: int = 0
     """Rows per predict call; 0 picks one with a short probe."""
+    threads: int = 0
+    """Predict calls at once; 0 is one per CPU."""
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
@@ -134,9 +137,10 @@ async def _run(options: BatchOptions) -> Summary:
     started, cpu_started = time.monotonic(), time.process_time()
     plan = model_plan(options)
     fmt = output_format(options.output)
+    threads = options.threads or os.cpu_count() or 1
     with (
         ThreadPoolExecutor(1, "inferd-batch-load") as load_pool,
-        ThreadPoolExecutor(1, "inferd-batch-infer") as infer_pool,
+        ThreadPoolExecutor(threads, "inferd-batch-infer") as infer_pool,
     ):
         manager = ModelManager(load_pool)
         await manager.apply([plan])
@@ -172,7 +176,7 @@ async def _run(options: BatchOptions) -> Summary:
                 response = await service.infer(ref, InferenceRequest(inputs, signature.name))
                 return {name: response.outputs[name] for name in outputs}
 
-            scorer = _Scorer(infer, options.batch_size)
+            scorer = _Scorer(infer, options.batch_size, threads)
             progress = _Progress(options.progress, total, options.log_interval_s)
             done = store.done()
             scoring_started = time.monotonic()
@@ -269,34 +273,47 @@ async def _pipeline(
 
 
 class _Scorer:
-    """Scores chunks in batches; picks the batch size on the first chunk when none was given.
+    """Scores chunks in batches, up to ``threads`` batches at once; picks the batch size on the
+    first chunk when none was given.
 
     A batch the service refuses as INVALID_ARGUMENT is retried row by row, so that the rows at
     fault become rejects and the others are scored.
     """
 
-    def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int) -> None:
+    def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int, threads: int) -> None:
         self._infer = infer
+        self._slots = asyncio.Semaphore(threads)
         self.batch_size = batch_size
 
     async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
         rows = len(chunk.ids)
         if not self.batch_size and rows:
             self.batch_size = await self._probe(chunk.inputs, rows)
-        parts: list[Tensors] = []
-        failed: dict[int, str] = {}
-        for start in range(0, rows, self.batch_size or 1):
-            batch = {k: v[start : start + self.batch_size] for k, v in chunk.inputs.items()}
+        size = self.batch_size or 1
+        batches = [{k: v[s : s + size] for k, v in chunk.inputs.items()} for s in range(0, rows, size)]
+        results = await asyncio.gather(*(self._batch(batch) for batch in batches))
+        parts = [part for found, _ in results for part in found]
+        failed = {
+            i * size + offset: error
+            for i, (_, errors) in enumerate(results)
+            for offset, error in errors.items()
+        }
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        return (_without(chunk, failed) if failed else chunk), outputs
+
+    async def _batch(self, batch: Tensors) -> tuple[list[Tensors], dict[int, str]]:
+        """Outputs of one batch (one part, or one per good row), and its refused rows' errors."""
+        async with self._slots:
             try:
-                parts.append(await self._infer(batch))
+                return [await self._infer(batch)], {}
             except InvalidArgument:
+                parts, failed = [], {}
                 for offset in range(len(next(iter(batch.values())))):
                     try:
                         parts.append(await self._infer({k: v[offset : offset + 1] for k, v in batch.items()}))
                     except InvalidArgument as exc:
-                        failed[start + offset] = exc.message
-        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        return (_without(chunk, failed) if failed else chunk), outputs
+                        failed[offset] = exc.message
+                return parts, failed
 
     async def _probe(self, inputs: Tensors, rows: int) -> int:
         """The batch size with the best rows/s on this chunk's first rows (smallest within 5%)."""

@@ -361,7 +361,9 @@ def _chunk(
     layout: Layout, signature: Signature, path: Path, block: _Block, index: int, first_row: int
 ) -> Chunk:
     errors: dict[int, str] = dict(block.early)
-    good = np.array([i for i in range(block.rows) if i not in errors], dtype=np.int64)
+    good = np.arange(block.rows, dtype=np.int64)
+    if errors:
+        good = np.setdiff1d(good, np.fromiter(errors, dtype=np.int64))
     inputs: Tensors = {}
     if block.tensor is not None:
         inputs[signature.inputs[0].name] = block.tensor
