@@ -56,22 +56,37 @@ def raw_rows_per_s(model_file: Path, x: np.ndarray, batch: int, single_thread: b
 
 def inferd_rows_per_s(base: Path, source: Path, out: Path, batch: int) -> float:
     summary = out.with_suffix(".json")
-    argv = [sys.executable, "-m", "inferd", "batch", str(base), str(source), str(out), f"--batch-size={batch}",
-            "--progress=none", "--log_level=warning", f"--summary-json={summary}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "inferd",
+        "batch",
+        str(base),
+        str(source),
+        str(out),
+        f"--batch-size={batch}",
+        "--progress=none",
+        "--log_level=warning",
+        f"--summary-json={summary}",
+    ]
     subprocess.run(argv, check=True, stderr=subprocess.DEVNULL)
     out.unlink()
     return float(json.loads(summary.read_text())["rows_per_s"])
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--format", choices=["npy", "parquet"], default="npy")
     parser.add_argument("--rows", type=int, help="rows per model (default: 400k digits, 40k cnn)")
     args = parser.parse_args()
-    print(f"{'model':>6}  {'batch':>5}  {'rows':>7}  {'raw ort rows/s':>14}  {'raw 1-thread rows/s':>18}  "
-          f"{'inferd batch rows/s':>19}  {'inferd/raw':>10}")  # fmt: skip
+    print(
+        f"{'model':>6}  {'batch':>5}  {'rows':>7}  {'raw ort rows/s':>14}  {'raw 1-thread rows/s':>18}  "
+        f"{'inferd batch rows/s':>19}  {'inferd/raw':>10}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:
@@ -85,16 +100,21 @@ def main() -> int:
                 np.save(source, x)
             else:
                 flat = x.reshape(rows, -1)
-                pq.write_table(pa.table({f"f{i}": flat[:, i] for i in range(flat.shape[1])}), source,
-                               row_group_size=65536)  # fmt: skip
+                pq.write_table(
+                    pa.table({f"f{i}": flat[:, i] for i in range(flat.shape[1])}),
+                    source,
+                    row_group_size=65536,
+                )
             raw, single, ours = [], [], []
             for _ in range(args.rounds):
                 raw.append(raw_rows_per_s(model_file, x, batch, single_thread=False))
                 single.append(raw_rows_per_s(model_file, x, batch, single_thread=True))
                 ours.append(inferd_rows_per_s(base, source, work / f"{name}-out.npy", batch))
             r, s1, o = (statistics.median(v) for v in (raw, single, ours))
-            print(f"{name:>6}  {batch:>5}  {rows:>7}  {r:>14,.0f}  {s1:>18,.0f}  {o:>19,.0f}  {o / r:>10.2f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{name:>6}  {batch:>5}  {rows:>7}  {r:>14,.0f}  {s1:>18,.0f}  {o:>19,.0f}  {o / r:>10.2f}",
+                flush=True,
+            )
     return 0
 
 

@@ -45,13 +45,19 @@ class Hello(asyncio.Protocol):
                 break
             head = bytes(buffer[:end]).lower()
             at = head.find(b"content-length:")
-            length = int(head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]) if at >= 0 else 0
+            length = (
+                int(head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
+                if at >= 0
+                else 0
+            )
             if len(buffer) < end + 4 + length:
                 break
             del buffer[: end + 4 + length]
             answers += 1
         if answers:
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok" * answers)
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok" * answers
+            )
 
 
 def serve(port: int) -> None:
@@ -82,15 +88,40 @@ def wait_open(port: int) -> None:
 
 def run_wrk(port: int, connections: int, seconds: float, script: Path) -> float:
     url = f"http://127.0.0.1:{port}/v1/models/hello:predict"
-    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url]
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
 def run_bench(port: int, connections: int, seconds: float, body: Path) -> float:
-    argv = ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "inferd", "bench", f"http://127.0.0.1:{port}",
-            "--model=hello", f"--payload={body}", f"--concurrency={connections}", f"--duration={seconds}",
-            "--warmup=1", "--metrics-url=", "--json=-"]  # fmt: skip
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        sys.executable,
+        "-m",
+        "inferd",
+        "bench",
+        f"http://127.0.0.1:{port}",
+        "--model=hello",
+        f"--payload={body}",
+        f"--concurrency={connections}",
+        f"--duration={seconds}",
+        "--warmup=1",
+        "--metrics-url=",
+        "--json=-",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     (step,) = json.loads(out)["steps"]
     assert not step["errors"], step["errors"]
@@ -98,7 +129,9 @@ def run_bench(port: int, connections: int, seconds: float, body: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()

@@ -153,8 +153,12 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
         default=0.0,
         help="machine price per hour, for the cost in the summary",
     )
-    add("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-        help="a progress bar, log lines, or nothing (default: a bar on a terminal, else lines)")  # fmt: skip
+    add(
+        "--progress",
+        choices=["auto", "bar", "log", "none"],
+        default="auto",
+        help="a progress bar, log lines, or nothing (default: a bar on a terminal, else lines)",
+    )
     add("--log-interval", type=float, default=10.0, help="seconds between progress log lines (default: 10)")
     add("--summary-json", type=Path, help="also write the summary to this file as JSON")
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -207,8 +211,12 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("url", metavar="URL")
     add = parser.add_argument
     add("--model", required=True, help="model name")
-    add("--protocol", default="rest", choices=["rest", "v2", "v2-binary", "grpc", "v2-grpc"],
-        help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)")  # fmt: skip
+    add(
+        "--protocol",
+        default="rest",
+        choices=["rest", "v2", "v2-binary", "grpc", "v2-grpc"],
+        help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)",
+    )
     add("--version", type=int, help="model version (default: the server's choice)")
     add("--instances", type=int, default=1, help="rows per request when generating the payload (default: 1)")
     add("--payload", type=Path, help="request payload: a REST .json body, or .npy / .npz tensors")

@@ -151,8 +151,15 @@ def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, 
     cells[8] = cells[8][:-2]  # data row 7: two fields short
     (tmp_path / "in.csv").write_text("\n".join(",".join(c) for c in cells) + "\n")
 
-    done = batch(model, tmp_path / "in.csv", tmp_path / "out.csv", "--id-column=id", "--rejects",
-                 tmp_path / "bad.jsonl", check=1)  # fmt: skip
+    done = batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "out.csv",
+        "--id-column=id",
+        "--rejects",
+        tmp_path / "bad.jsonl",
+        check=1,
+    )
     assert "17 rows scored, 3 rejected" in done.stderr
     rejects = [json.loads(line) for line in (tmp_path / "bad.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rejects] == [2, 4, 7]
@@ -246,8 +253,16 @@ def test_an_input_larger_than_the_memory_budget_streams_in_bounded_memory(
     peaks = []
     for name in ("small", "big"):
         summary = tmp_path / f"{name}.json"
-        batch(model, tmp_path / f"{name}.parquet", tmp_path / f"{name}-out.parquet", "--memory-budget-mb=8",
-              "--id-column=id", "--outputs=label", "--summary-json", summary)  # fmt: skip
+        batch(
+            model,
+            tmp_path / f"{name}.parquet",
+            tmp_path / f"{name}-out.parquet",
+            "--memory-budget-mb=8",
+            "--id-column=id",
+            "--outputs=label",
+            "--summary-json",
+            summary,
+        )
         stats = json.loads(summary.read_text())
         assert stats["chunk_rows"] < 2_000
         peaks.append(stats["peak_memory_bytes"])

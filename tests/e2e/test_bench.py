@@ -95,8 +95,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "[batching]\nmax_batch_size = 1\nnum_batch_threads = 1\nmax_enqueued_batches = 200\n"
     )
     process = launch(root, str(root / "repo"))
-    process.wait_for(lambda: all(process.status(m) == {"1": "AVAILABLE"} for m in ("digits", "two", "slow")),
-                     "the models")  # fmt: skip
+    process.wait_for(
+        lambda: all(process.status(m) == {"1": "AVAILABLE"} for m in ("digits", "two", "slow")), "the models"
+    )
     yield process
     process.stop()
 
@@ -111,11 +112,25 @@ def test_counts_errors_and_percentiles_agree_with_the_server_metrics(
 ) -> None:
     label, ok, bad = PROTOCOLS[protocol]
     before = server_counts(server, label)
-    good = bench(target(server, protocol), "--model=digits", f"--protocol={protocol}", "--instances=3",
-                 "--concurrency=1,4", "--duration=0.5", "--warmup=0.2")  # fmt: skip
+    good = bench(
+        target(server, protocol),
+        "--model=digits",
+        f"--protocol={protocol}",
+        "--instances=3",
+        "--concurrency=1,4",
+        "--duration=0.5",
+        "--warmup=0.2",
+    )
     np.save(tmp_path / "bad.npy", np.zeros((2, 63), np.float32))  # the model takes 64 values per row
-    wrong = bench(target(server, protocol), "--model=digits", f"--protocol={protocol}", "--concurrency=2",
-                  f"--payload={tmp_path / 'bad.npy'}", "--duration=0.3", "--warmup=0.1")  # fmt: skip
+    wrong = bench(
+        target(server, protocol),
+        "--model=digits",
+        f"--protocol={protocol}",
+        "--concurrency=2",
+        f"--payload={tmp_path / 'bad.npy'}",
+        "--duration=0.3",
+        "--warmup=0.1",
+    )
     after = server_counts(server, label)
 
     steps = [*good["steps"], *wrong["steps"]]  # type: ignore[misc]
@@ -161,10 +176,23 @@ def test_several_processes_server_pid_metrics_plot_and_two_inputs(
 ) -> None:
     before = server_counts(server, "grpc")
     plot = tmp_path / "latency.png"
-    argv = [sys.executable, "-m", "inferd", "bench", server.grpc_target, "--model=two", "--protocol=grpc",
-            "--concurrency=2,4", "--processes=2", "--duration=0.5", "--warmup=0.2",
-            f"--server-pid={server.process.pid}", "--price-per-hour=3.6", f"--plot={plot}",
-            f"--json={tmp_path / 'report.json'}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "inferd",
+        "bench",
+        server.grpc_target,
+        "--model=two",
+        "--protocol=grpc",
+        "--concurrency=2,4",
+        "--processes=2",
+        "--duration=0.5",
+        "--warmup=0.2",
+        f"--server-pid={server.process.pid}",
+        "--price-per-hour=3.6",
+        f"--plot={plot}",
+        f"--json={tmp_path / 'report.json'}",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "p99.9 ms" in done.stdout  # the table
@@ -187,7 +215,9 @@ def test_metrics_page_gives_server_usage_and_bad_options_are_refused(server: Ser
     assert step["server_peak_memory_bytes"] > 10 * 2**20  # found at URL/metrics by itself
     done = subprocess.run(
         [sys.executable, "-m", "inferd", "bench", server.url, "--model=nosuch", "--duration=0.1"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "cannot read the metadata of model 'nosuch'" in done.stderr

@@ -86,9 +86,15 @@ def run(options: BenchOptions) -> list[StepReport]:
     if any(level <= 0 for _, level in steps):
         raise ValueError("concurrency and rate must be > 0")
     payload = build(
-        options.url, options.protocol, options.model, version=options.version, instances=options.instances,
-        payload=options.payload, metadata_url=options.metadata_url, path=options.path,
-    )  # fmt: skip
+        options.url,
+        options.protocol,
+        options.model,
+        version=options.version,
+        instances=options.instances,
+        payload=options.payload,
+        metadata_url=options.metadata_url,
+        path=options.path,
+    )
     metrics_url = _metrics_url(options, payload)
     reports = []
     for mode, level in steps:
@@ -207,19 +213,36 @@ def to_json(options: BenchOptions, reports: list[StepReport]) -> bytes:
 
 def table(reports: list[StepReport]) -> str:
     """The steps as a plain-text table."""
-    header = ["step", "req/s", "pred/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors",
-              "cpu s/1k", "peak MiB", "$/M pred"]  # fmt: skip
+    header = [
+        "step",
+        "req/s",
+        "pred/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors",
+        "cpu s/1k",
+        "peak MiB",
+        "$/M pred",
+    ]
     rows = [header]
     for r in reports:
         step = f"c={r.level:g}" if r.mode == CLOSED else f"rate={r.level:g}/s"
         errors = ", ".join(f"{s}: {n}" for s, n in r.errors.items()) or "0"
-        rows.append([
-            step, f"{r.requests_per_s:,.0f}", f"{r.predictions_per_s:,.0f}",
-            *(_number(r.latency_ms[k]) for k in ("p50", "p90", "p99", "p99.9", "max")), errors,
-            _number(r.server_cpu_s_per_1k_predictions, 3),
-            _number(r.server_peak_memory_bytes / 2**20 if r.server_peak_memory_bytes else None, 0),
-            _number(r.cost_per_million_predictions, 4),
-        ])  # fmt: skip
+        rows.append(
+            [
+                step,
+                f"{r.requests_per_s:,.0f}",
+                f"{r.predictions_per_s:,.0f}",
+                *(_number(r.latency_ms[k]) for k in ("p50", "p90", "p99", "p99.9", "max")),
+                errors,
+                _number(r.server_cpu_s_per_1k_predictions, 3),
+                _number(r.server_peak_memory_bytes / 2**20 if r.server_peak_memory_bytes else None, 0),
+                _number(r.cost_per_million_predictions, 4),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 

@@ -72,9 +72,15 @@ class _Recorder:
 
 
 def measure(
-    payload: Payload, mode: str, level: float, start_ns: int, warmup_s: float, duration_s: float,
-    timeout_s: float = 10.0, max_connections: int = 1024,
-) -> Samples:  # fmt: skip
+    payload: Payload,
+    mode: str,
+    level: float,
+    start_ns: int,
+    warmup_s: float,
+    duration_s: float,
+    timeout_s: float = 10.0,
+    max_connections: int = 1024,
+) -> Samples:
     """Run one step from ``start_ns`` (``time.monotonic_ns``): warm-up, then the measured window.
 
     ``level`` is the concurrency (closed loop) or the rate in requests/s (open loop).
@@ -283,8 +289,10 @@ class _Grpc:
 
         target = f"{self._payload.host}:{self._payload.port}"
         count = max(1, min(8, int(level) // 32 if mode == CLOSED else 1))
-        channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-                    for _ in range(count)]  # fmt: skip
+        channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(count)
+        ]
         calls: list[Any] = [c.unary_unary(self._payload.path) for c in channels]
         await _sleep_until(start_ns)
         try:

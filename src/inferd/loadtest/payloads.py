@@ -50,9 +50,16 @@ class Payload:
 
 
 def build(
-    url: str, protocol: str, model: str, *, version: int | None = None, instances: int = 1,
-    payload: Path | None = None, metadata_url: str | None = None, path: str | None = None,
-) -> Payload:  # fmt: skip
+    url: str,
+    protocol: str,
+    model: str,
+    *,
+    version: int | None = None,
+    instances: int = 1,
+    payload: Path | None = None,
+    metadata_url: str | None = None,
+    path: str | None = None,
+) -> Payload:
     """Encode the request for ``protocol``; ``path`` replaces the REST route (for servers with
     routes of their own, given a ``.json`` body).
 
@@ -71,8 +78,15 @@ def build(
         if protocol not in ("rest", "v2"):
             raise ValueError(f"a .json payload is a REST body; {protocol} needs .npy or .npz")
         body = payload.read_bytes()
-        return _http(protocol, host, port, path or _route(protocol, model, version), body,
-                     _json_rows(body, instances), {})  # fmt: skip
+        return _http(
+            protocol,
+            host,
+            port,
+            path or _route(protocol, model, version),
+            body,
+            _json_rows(body, instances),
+            {},
+        )
     if payload is not None:
         loaded = np.load(payload)
         tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
@@ -101,11 +115,15 @@ def build(
         body = json.dumps({"inputs": inputs}).encode()
         return _http(protocol, host, port, route, body, rows, {})
     raws = [to_raw(v) for v in tensors.values()]
-    header = json.dumps({
-        "inputs": [_v2_input(k, v) | {"parameters": {"binary_data_size": len(r)}}
-                   for (k, v), r in zip(tensors.items(), raws, strict=True)],
-        "parameters": {"binary_data_output": True},
-    }).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                _v2_input(k, v) | {"parameters": {"binary_data_size": len(r)}}
+                for (k, v), r in zip(tensors.items(), raws, strict=True)
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     extra = {"Inference-Header-Content-Length": str(len(header))}
     return _http(protocol, host, port, route, header + b"".join(raws), rows, extra)
 

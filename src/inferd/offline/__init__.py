@@ -18,7 +18,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +224,18 @@ def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> 
 
 
 async def _pipeline(
-    chunks: object, done: set[int], scorer: _Scorer, store: PartStore, id_name: str, progress: _Progress
+    chunks: Iterator[Chunk],
+    done: set[int],
+    scorer: _Scorer,
+    store: PartStore,
+    id_name: str,
+    progress: _Progress,
 ) -> tuple[int, int]:
     """Read, score and write overlapped; returns (rows scored, rows skipped as already done)."""
     loop = asyncio.get_running_loop()
     read_q: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=2)
     write_q: asyncio.Queue[tuple[Chunk, Tensors] | None] = asyncio.Queue(maxsize=2)
     counts = {"rows": 0, "resumed": 0}
-    iterator = iter(chunks)  # type: ignore[call-overload]
 
     with (
         ThreadPoolExecutor(1, "inferd-batch-read") as reader,
@@ -240,7 +244,7 @@ async def _pipeline(
 
         async def read() -> None:
             try:
-                while (chunk := await loop.run_in_executor(reader, next, iterator, None)) is not None:
+                while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
                     await read_q.put(chunk)
             finally:
                 await read_q.put(None)
@@ -389,8 +393,14 @@ class _Progress:
             self._logged = now
             if self._total:
                 eta = (self._total - self._done) / rate if rate else math.inf
-                log.info("%d/%d rows (%.0f%%), %.0f rows/s, ETA %.0f s", self._done, self._total,
-                         100 * self._done / self._total, rate, eta)  # fmt: skip
+                log.info(
+                    "%d/%d rows (%.0f%%), %.0f rows/s, ETA %.0f s",
+                    self._done,
+                    self._total,
+                    100 * self._done / self._total,
+                    rate,
+                    eta,
+                )
             else:
                 log.info("%d rows, %.0f rows/s", self._done, rate)
 
