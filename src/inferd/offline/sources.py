@@ -24,11 +24,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from inferd.errors import InvalidArgument
+from inferd.offline.columns import column_tensor, row_width
+from inferd.offline.images import decode_images
 from inferd.types import Signature, Tensors, TensorSpec
 
 TABULAR = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -168,7 +169,7 @@ def _columns_for(
 ) -> tuple[str, ...]:
     if spec.name in names:
         return (spec.name,)
-    width = _row_width(spec)
+    width = row_width(spec)
     numbered = [f"{spec.name}_{i}" for i in range(width)] if width else []
     if numbered and all(c in names for c in numbered):
         return tuple(numbered)
@@ -179,13 +180,6 @@ def _columns_for(
     if len(signature.inputs) == 1 and width:
         wanted += f", or exactly {width} feature columns besides the id (found {len(rest)})"
     raise InvalidArgument(f"input {spec.name!r} ({spec.describe()}): missing column(s); expected {wanted}")
-
-
-def _row_width(spec: TensorSpec) -> int:
-    """Values per row of an input of shape [-1] or [-1, k] (0 when the shape does not say)."""
-    if spec.shape is None or not spec.shape or any(d < 0 for d in spec.shape[1:]):
-        return 0
-    return math.prod(spec.shape[1:])
 
 
 def row_bytes(signature: Signature) -> int:
@@ -368,12 +362,12 @@ def _chunk(
     if block.tensor is not None:
         inputs[signature.inputs[0].name] = block.tensor
     elif block.images:
-        inputs[signature.inputs[0].name], image_errors = _images(signature.inputs[0], block.images)
+        inputs[signature.inputs[0].name], image_errors = decode_images(signature.inputs[0], block.images)
         errors.update(image_errors)
     else:
         assert block.table is not None
         for spec in signature.inputs:
-            value, bad = _tensor(spec, block.table, layout.columns[spec.name])
+            value, bad = column_tensor(spec, block.table, layout.columns[spec.name])
             for row, message in bad.items():
                 errors.setdefault(int(good[row]), message)
             inputs[spec.name] = value
@@ -414,92 +408,3 @@ def _reject(
 
 def _numpy(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.to_numpy())
-
-
-def _tensor(spec: TensorSpec, table: pa.Table, columns: tuple[str, ...]) -> tuple[np.ndarray, dict[int, str]]:
-    """One input from its columns, with the rows whose values are missing or do not parse."""
-    target = spec.dtype if spec.dtype.kind in "biuf" else np.dtype(object)
-    bad: dict[int, str] = {}
-    parts = []
-    for name in columns:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-            parts.append(_list_column(spec, name, column, target, bad))
-        else:
-            parts.append(_scalar_column(name, column, target, bad))
-    value = parts[0] if len(parts) == 1 else np.stack(parts, axis=1)
-    if spec.shape is not None and len(spec.shape) >= 2 and value.ndim == 1:
-        value = value.reshape(-1, *[max(d, 1) for d in spec.shape[1:]])
-    elif spec.shape is not None and value.ndim >= 2 and len(spec.shape) != value.ndim:
-        value = value.reshape(-1, *[d for d in spec.shape[1:]])
-    return value, bad
-
-
-def _scalar_column(name: str, column: pa.Array, target: np.dtype[Any], bad: dict[int, str]) -> np.ndarray:
-    nulls = column.is_null()
-    if column.null_count:
-        for null in np.flatnonzero(np.asarray(nulls.to_numpy(zero_copy_only=False))):
-            bad.setdefault(int(null), f"column {name!r}: missing value")
-    if target.kind == "O":
-        return np.asarray(column.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
-    arrow_target = pa.from_numpy_dtype(target)
-    try:
-        cast = pc.cast(column, arrow_target) if column.type != arrow_target else column
-        return np.asarray(cast.fill_null(0).to_numpy(zero_copy_only=False), dtype=target)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass  # some value does not parse: find which, one at a time
-    out = np.zeros(len(column), dtype=target)
-    convert = float if target.kind == "f" else int
-    for row, item in enumerate(column.to_pylist()):
-        if item is None:
-            continue
-        try:
-            out[row] = convert(item)
-        except (TypeError, ValueError, OverflowError):
-            bad.setdefault(row, f"column {name!r}: {item!r} is not a {target.name} value")
-    return out
-
-
-def _list_column(
-    spec: TensorSpec, name: str, column: pa.Array, target: np.dtype[Any], bad: dict[int, str]
-) -> np.ndarray:
-    width = _row_width(spec) or 1
-    lengths = np.asarray(pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False))
-    for row in np.flatnonzero(lengths != width):
-        got = "a missing value" if lengths[row] < 0 else f"{lengths[row]} values"
-        bad.setdefault(int(row), f"column {name!r}: expected {width} values, got {got}")
-    fixed = pc.if_else(
-        pc.equal(pc.list_value_length(column), width), column, pa.scalar([0] * width, column.type)
-    )
-    fixed = fixed.fill_null(pa.scalar([0] * width, column.type))
-    flat = _scalar_column(name, pc.list_flatten(fixed), target, {})
-    return flat.reshape(len(column), width)
-
-
-def _images(spec: TensorSpec, files: tuple[Path, ...]) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode, convert and resize images to an input of shape [-1, H, W], [-1, H, W, C] or
-    [-1, C, H, W] (C in 1, 3, 4); float inputs get values scaled to [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    shape = spec.shape or ()
-    if len(shape) not in (3, 4) or any(d < 1 for d in shape[1:]):
-        raise InvalidArgument(f"input {spec.name!r} ({spec.describe()}) does not take fixed-size images")
-    channels_first = len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4)
-    height, width = (shape[2], shape[3]) if channels_first else (shape[1], shape[2])
-    channels = 1 if len(shape) == 3 else (shape[1] if channels_first else shape[3])
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-    out = np.zeros((len(files), *shape[1:]), dtype=spec.dtype)
-    bad: dict[int, str] = {}
-    for row, path in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode).resize((width, height)))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            bad[row] = f"cannot decode image: {exc}"
-            continue
-        pixels = pixels.reshape(height, width, channels)
-        if channels_first:
-            pixels = pixels.transpose(2, 0, 1)
-        value = pixels / 255.0 if spec.dtype.kind == "f" else pixels
-        out[row] = value.reshape(shape[1:])
-    return out, bad
