@@ -300,7 +300,7 @@ class _Grpc:
                 workers = [asyncio.create_task(self._caller(calls[i % count])) for i in range(int(level))]
                 await _sleep_until(self._recorder.window_end_ns)
                 self._sending = False
-                await asyncio.wait(workers, timeout=self._timeout_s)
+                await asyncio.wait(workers, timeout=self._timeout_s + 1)  # calls carry the deadline
             else:
                 pending: set[asyncio.Task[None]] = set()
 
@@ -311,7 +311,7 @@ class _Grpc:
 
                 await _schedule(level, start_ns, self._recorder.window_end_ns, dispatch)
                 if pending:
-                    await asyncio.wait(pending, timeout=self._timeout_s)
+                    await asyncio.wait(pending, timeout=self._timeout_s + 1)
         finally:
             for channel in channels:
                 await channel.close()
