@@ -277,8 +277,9 @@ async def _pipeline(
 
 
 class _Scorer:
-    """Scores chunks in batches, up to ``threads`` batches at once; picks the batch size on the
-    first chunk when none was given.
+    """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
+    thread so that a thread never waits for the event loop to hand it the next; picks the batch
+    size on the first chunk when none was given.
 
     A batch the service refuses as INVALID_ARGUMENT is retried row by row, so that the rows at
     fault become rejects and the others are scored.
@@ -286,7 +287,7 @@ class _Scorer:
 
     def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int, threads: int) -> None:
         self._infer = infer
-        self._slots = asyncio.Semaphore(threads)
+        self._slots = asyncio.Semaphore(2 * threads)
         self.batch_size = batch_size
 
     async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
