@@ -22,7 +22,9 @@ from tests.models import digits, write_onnx_digits, write_onnx_two_inputs
 
 
 def batch(*args: object, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
+    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args)]
+    if not any(str(a).startswith("--progress") for a in args):
+        argv.append("--progress=log")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     if check is not None:
         assert done.returncode == check, done.stderr
@@ -122,8 +124,9 @@ def test_npy_to_npy_and_folders_and_globs_of_files(tmp_path: Path, model: Path) 
         np.save(folder / f"part-{i}.npy", x[start : start + 600])
     label, probabilities = expected(model, x)
 
-    batch(model, folder, tmp_path / "labels.npy", "--outputs=label")
+    done = batch(model, folder, tmp_path / "labels.npy", "--outputs=label", "--progress=bar")
     assert np.array_equal(np.load(tmp_path / "labels.npy"), label)
+    assert f"{len(x)}/{len(x)}" in done.stderr  # the rich bar, finished
 
     batch(model, str(folder / "part-*.npy"), tmp_path / "p.npy", "--outputs=probabilities")
     assert np.allclose(np.load(tmp_path / "p.npy"), probabilities)

@@ -363,6 +363,7 @@ class _Progress:
         self._logged = self._started
         self._bar = None
         if mode == "bar":
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -379,7 +380,7 @@ class _Progress:
                 TextColumn("{task.fields[rate]} rows/s"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                transient=False,
+                console=Console(stderr=True),
             )
             self._task = self._bar.add_task("rows", total=total, rate="-")
             self._bar.start()
