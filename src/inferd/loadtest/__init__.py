@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from inferd.loadtest.drivers import CLOSED, OPEN, Samples, measure
+from inferd.loadtest.drivers import CLOSED, OPEN, Samples, measure, succeeded
 from inferd.loadtest.payloads import Payload, build
 from inferd.loadtest.serverside import ServerUsage, ServerWatch, read_metrics
 
-OK_STATUSES = ("200", "OK")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
 
@@ -173,7 +172,7 @@ def _report(
     usage: ServerUsage | None,
 ) -> StepReport:
     requests = sum(samples.statuses.values())
-    ok = sum(n for status, n in samples.statuses.items() if status in OK_STATUSES)
+    ok = sum(n for status, n in samples.statuses.items() if succeeded(status))
     predictions_per_s = ok * payload.instances / options.duration_s
     latencies = samples.latencies_ns / 1e6
     latency: dict[str, float | None] = {
@@ -195,7 +194,7 @@ def _report(
         requests_per_s=requests / options.duration_s,
         predictions_per_s=predictions_per_s,
         latency_ms=latency,
-        errors={s: n for s, n in sorted(samples.statuses.items()) if s not in OK_STATUSES},
+        errors={s: n for s, n in sorted(samples.statuses.items()) if not succeeded(s)},
         all_statuses=dict(sorted(samples.all_statuses.items())),
         server_cpu_s_per_1k_predictions=cpu,
         server_peak_memory_bytes=usage.peak_memory_bytes if usage else None,

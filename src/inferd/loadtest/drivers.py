@@ -52,6 +52,11 @@ class Samples:
         return Samples(latencies, dict(statuses), dict(every))
 
 
+def succeeded(status: str) -> bool:
+    """An HTTP 2xx status or gRPC's OK."""
+    return status == "OK" or (len(status) == 3 and status[0] == "2")
+
+
 @dataclass(slots=True)
 class _Recorder:
     window_start_ns: int
@@ -64,7 +69,7 @@ class _Recorder:
         self.every[status] += 1
         if self.window_start_ns <= due_ns < self.window_end_ns:
             self.statuses[status] += 1
-            if status == "200" or status == "OK":
+            if succeeded(status):
                 self.latencies.append(done_ns - due_ns)
 
     def samples(self) -> Samples:
