@@ -229,7 +229,10 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--max-connections", type=int, default=1024, help="HTTP connections of the open loop (default: 1024)")
     add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
     add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
-    add("--metadata-url", help="REST base URL to read metadata from instead of the protocol itself")
+    add(
+        "--metadata-url",
+        help="REST base URL to read the model's metadata from (TF Serving's or V2's API, as --protocol)",
+    )
     add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
     add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
     add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")

@@ -209,10 +209,13 @@ def test_several_processes_server_pid_metrics_plot_and_two_inputs(
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
-def test_metrics_page_gives_server_usage_and_bad_options_are_refused(server: ServerProcess) -> None:
+def test_metrics_page_and_metadata_url_and_bad_options_are_refused(server: ServerProcess) -> None:
     report = bench(server.url, "--model=digits", "--protocol=v2", "--duration=0.3", "--warmup=0.1")
     (step,) = report["steps"]  # type: ignore[misc]
     assert step["server_peak_memory_bytes"] > 10 * 2**20  # found at URL/metrics by itself
+    metadata = f"--metadata-url={server.url}"
+    over_grpc = bench(server.grpc_target, "--model=digits", "--protocol=v2-grpc", metadata, "--duration=0.2")
+    assert over_grpc["steps"][0]["errors"] == {}  # type: ignore[index]
     done = subprocess.run(
         [sys.executable, "-m", "inferd", "bench", server.url, "--model=nosuch", "--duration=0.1"],
         capture_output=True,

@@ -49,7 +49,7 @@ class BenchOptions:
     metrics_url: str | None = None
     """Prometheus page of the server; None tries ``URL/metrics`` for the REST protocols, "" never."""
     metadata_url: str | None = None
-    """Where to read metadata for the gRPC protocols when the server's gRPC metadata is not wanted."""
+    """REST base URL to read the model's metadata from, instead of asking in ``protocol``."""
     price_per_hour: float = 0.0
     path: str | None = None
     """REST route to POST to instead of the protocol's, for servers with routes of their own."""

@@ -91,10 +91,10 @@ def build(
         loaded = np.load(payload)
         tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
         if tensors is None:
-            (name, _, _), *_ = _specs(protocol, metadata_url or url, model, version)
+            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version)
             tensors = {name: np.asarray(loaded)}
     else:
-        specs = _specs(protocol, metadata_url or url, model, version)
+        specs = _metadata(protocol, url, metadata_url, model, version)
         tensors = generate(specs, instances)
     rows = len(next(iter(tensors.values())))
     if protocol == "grpc":
@@ -177,6 +177,14 @@ def _http(
     headers = {"Host": f"{host}:{port}", "Content-Type": kind, "Content-Length": str(len(body)), **extra}
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     return Payload(protocol, host, port, path, head.encode() + body, rows)
+
+
+def _metadata(protocol: str, url: str, metadata_url: str | None, model: str, version: int | None) -> Specs:
+    """The inputs, from ``metadata_url`` over REST in the protocol's family (TF Serving's or V2's)
+    when given, else from the server under load in the protocol itself."""
+    if metadata_url:
+        return _specs("rest" if protocol in ("rest", "grpc") else "v2", metadata_url, model, version)
+    return _specs(protocol, url, model, version)
 
 
 def _specs(protocol: str, url: str, model: str, version: int | None) -> Specs:
