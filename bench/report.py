@@ -38,7 +38,7 @@ for ax, (model, n) in zip(axes[0], panels):
     ax.set_title(f"{model}, {n} instance(s) per request")
     ax.grid(True, which="both", alpha=0.3)
 axes[0][-1].legend(fontsize=7, loc="best")
-fig.suptitle("throughput vs p99 latency; points are wrk connections (c1, c8, c64); lower right is better")
+fig.suptitle("throughput vs p99 latency; points are connections (c1, c8, c64); lower right is better")
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 """
@@ -201,12 +201,15 @@ def targets(results: dict) -> list[str]:
 def markdown(results: dict, png_name: str | None) -> str:
     s, m = results["settings"], results["machine"]
     rows = results["rows"]
+    wrk = results.get("loadgen", "wrk") == "wrk"
+    gen = "wrk" if wrk else "inferd bench"
     out = [
         "# Benchmarks",
         "",
         "inferd against the servers people use instead, each serving the same ONNX model with "
-        "onnxruntime, all driven by the same `wrk` + Lua script (`bench/wrk_post.lua`). Produced by "
-        "`bench/run.py`; see [bench/README.md](../bench/README.md) for what is measured and how.",
+        "onnxruntime, all driven by the same "
+        + ("`wrk` + Lua script (`bench/wrk_post.lua`)" if wrk else "load generator, `inferd bench` ([bench.md](bench.md))")
+        + ". Produced by `bench/run.py`; see [bench/README.md](../bench/README.md) for what is measured and how.",
         "",
         "```",
         results["command"],
@@ -214,8 +217,9 @@ def markdown(results: dict, png_name: str | None) -> str:
         "",
         f"- date: {results['date']}; the run took {results['elapsed_s'] / 60:.0f} minutes",
         f"- machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}",
-        f"- load: wrk with 1 thread, pinned to CPU {results['wrk_cpu']} with `taskset`; servers are not pinned, "
-        f"so they share that CPU with wrk (on a 2-CPU machine there is no third core to keep them apart). "
+        f"- load: {'wrk with 1 thread' if wrk else 'inferd bench, closed loop, 1 process'}, pinned to CPU "
+        f"{results['wrk_cpu']} with `taskset`; servers are not pinned, "
+        f"so they share that CPU with {gen} (on a 2-CPU machine there is no third core to keep them apart). "
         f"Each row: {s['warmup']:g} s of warm-up load, then {s['duration']:g} s measured; "
         f"{s['repeats']} round(s), the servers taken in turn (A, B, C, A, B, C ...), each started afresh per "
         f"round and model; the tables give medians over rounds.",
@@ -225,7 +229,7 @@ def markdown(results: dict, png_name: str | None) -> str:
         "- batching variants: at most 32 per batch and 2 ms of waiting, in each server's own unit: examples for "
         "inferd and BentoML, requests for MLServer, LitServe, Ray Serve and TorchServe.",
         "- columns: `pred/s` = successful requests/s × instances per request; `vs inferd` = pred/s over inferd "
-        "(default settings) in the same scenario; p50/p99 from wrk's latency distribution; `errors` = non-2xx "
+        f"(default settings) in the same scenario; p50/p99 from {gen}'s latency distribution; `errors` = non-2xx "
         "answers + socket errors + timeouts; `CPU s/1k` = CPU-seconds (user + system, the server's whole process "
         "tree) per 1,000 predictions; `peak`/`idle` = PSS of the process tree in MiB, sampled every 0.25 s under "
         f"load, and {s.get('idle_wait', 1):g} s after it; `of bound` = pred/s as a share of the in-process full path below.",

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""inferd's benchmark: inferd against the servers people use instead, driven by the same wrk.
+"""inferd's benchmark: inferd against the servers people use instead, driven by the same load
+generator (``inferd bench`` by default, ``--loadgen wrk`` for wrk).
 
     .venv/bin/python bench/run.py                  # the full run; writes docs/benchmarks.md
     .venv/bin/python bench/run.py --quick          # smoke test (digits, 1 instance, c=1 and 64)
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from servers import Context, Server, all_servers
 
 VENVS = BENCH / ".venvs"
 WORK = BENCH / ".work"
-WRK_CPU = "1"  # wrk runs pinned to this CPU (taskset); servers are not pinned
+WRK_CPU = "1"  # the load generator runs pinned to this CPU (taskset); servers are not pinned
 
 
 def log(msg: str) -> None:
@@ -141,6 +143,46 @@ def run_wrk(wrk: str, url: str, body_file: Path, connections: int, seconds: floa
     )
 
 
+def run_inferd_bench(url: str, body_file: Path, connections: int, seconds: float) -> dict:
+    """``inferd bench`` (closed loop, one process) on the same URL and body as wrk would send,
+    pinned like wrk; its JSON turned into the fields run_wrk returns."""
+    parts = urllib.parse.urlsplit(url)
+    cmd = [
+        "taskset", "-c", WRK_CPU, sys.executable, "-m", "inferd", "bench",
+        f"{parts.scheme}://{parts.netloc}", "--model=bench", f"--path={parts.path or '/'}",
+        f"--payload={body_file}", f"--concurrency={connections}", f"--duration={seconds}",
+        "--warmup=0", "--timeout=10", "--metrics-url=", "--json=-",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"inferd bench failed (rc {done.returncode}): {done.stderr[-800:]}")
+    (step,) = json.loads(done.stdout)["steps"]
+    errors = step["errors"]
+    http = {k: v for k, v in errors.items() if k.isdigit()}
+    latency = {k: (v if v is not None else float("nan")) * 1000 for k, v in step["latency_ms"].items()}
+    return {
+        "requests": step["requests"],
+        "duration_us": int(seconds * 1e6),
+        "non2xx": sum(http.values()),
+        "statuses": http,
+        "connect_errors": errors.get("connect_error", 0),
+        "read_errors": errors.get("connection_error", 0),
+        "write_errors": 0,
+        "timeouts": errors.get("timeout", 0),
+        "p50_us": latency["p50"],
+        "p90_us": latency["p90"],
+        "p99_us": latency["p99"],
+        "p999_us": latency["p99.9"],
+        "lat_max_us": latency["max"],
+    }
+
+
+def run_load(args: argparse.Namespace, wrk: str, url: str, body_file: Path, connections: int, seconds: float) -> dict:
+    if args.loadgen == "wrk":
+        return run_wrk(wrk, url, body_file, connections, seconds)
+    return run_inferd_bench(url, body_file, connections, seconds)
+
+
 # ---------------------------------------------------------------- one server session
 
 
@@ -230,11 +272,11 @@ def session(
             try:
                 body = bodies[(server.name, model, n)]
                 if args.warmup > 0:
-                    run_wrk(wrk, launch.url, body, c, args.warmup)
+                    run_load(args, wrk, launch.url, body, c, args.warmup)
                 pids = proc.pids()
                 cpu0 = procs.cpu_seconds(pids)
                 with procs.MemorySampler(proc) as mem:
-                    res = run_wrk(wrk, launch.url, body, c, args.duration)
+                    res = run_load(args, wrk, launch.url, body, c, args.duration)
                 cpu1 = procs.cpu_seconds(proc.pids() | pids)
                 time.sleep(args.idle_wait)
                 idle = procs.memory_bytes(proc.pids())
@@ -355,6 +397,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--bound-seconds", type=float, help="seconds per in-process bound loop (default 3, quick 1)"
+    )
+    p.add_argument(
+        "--loadgen",
+        choices=["inferd", "wrk"],
+        default="inferd",
+        help="load generator: inferd bench (default) or wrk with bench/wrk_post.lua",
     )
     p.add_argument(
         "--write-docs",
@@ -491,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         },
         "wrk_cpu": WRK_CPU,
+        "loadgen": args.loadgen,
         "elapsed_s": round(time.monotonic() - started),
         "versions": pkg_versions,
         "install_errors": install_errors,

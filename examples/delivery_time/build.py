@@ -95,12 +95,9 @@ def write_tables(out: Path, table: dict[str, np.ndarray]) -> None:
     rows = zip(*(table[name].tolist() for name in table), strict=True)
     lines = [",".join(table), *(",".join(str(v) for v in row) for row in rows)]
     (out / "restaurants.csv").write_text("\n".join(lines) + "\n")
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        print("pyarrow is not installed: no restaurants.parquet (pip install 'inferd[parquet]')")
-        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     pq.write_table(pa.table(table), out / "restaurants.parquet")
 
 

@@ -12,10 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from inferd.config import ServerConfig
-from inferd.errors import ConfigError
+from inferd.errors import ConfigError, InferdError
 
 _SERVE_FLAGS: list[tuple[str, type, str]] = [
     (
@@ -163,11 +164,176 @@ def _load_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "batch",
+        help="score files offline with a model, in-process",
+        description=(
+            "Score INPUT (a CSV, Parquet, JSONL or .npy file, a folder or glob of them, or a folder of "
+            "images) with MODEL (a version folder, a base path whose latest version is used, or a "
+            "repository with --model) and write OUTPUT (.parquet, .csv, .jsonl or .npy)."
+        ),
+    )
+    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    parser.add_argument("input", metavar="INPUT")
+    parser.add_argument("output", metavar="OUTPUT", type=Path)
+    add = parser.add_argument
+    add("--model", dest="model_name", help="model name when MODEL is a repository")
+    add("--version", type=int, help="version to use (default: the latest)")
+    add("--signature", default="serving_default", help="signature to call (default: serving_default)")
+    add("--batch-size", type=int, default=0, help="rows per predict call (default: chosen by a short probe)")
+    add("--threads", type=int, default=0, help="predict calls at once (default: one per CPU)")
+    add("--id-column", help="input column written beside the predictions (default: the row number)")
+    add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
+    add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
+    add("--rejects", type=Path, help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
+    add("--resume", action="store_true", help="continue an interrupted run, skipping its finished chunks")
+    add("--memory-budget-mb", type=float, default=1024.0, help="memory for rows in flight (default: 1024)")
+    add(
+        "--price-per-hour",
+        type=float,
+        default=0.0,
+        help="machine price per hour, for the cost in the summary",
+    )
+    add(
+        "--progress",
+        choices=["auto", "bar", "log", "none"],
+        default="auto",
+        help="a progress bar, log lines, or nothing (default: a bar on a terminal, else lines)",
+    )
+    add("--log-interval", type=float, default=10.0, help="seconds between progress log lines (default: 10)")
+    add("--summary-json", type=Path, help="also write the summary to this file as JSON")
+    add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from inferd import offline
+
+    options = offline.BatchOptions(
+        model=args.model_path,
+        input=args.input,
+        output=args.output,
+        model_name=args.model_name,
+        version=args.version,
+        signature=args.signature,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        id_column=args.id_column,
+        keep_columns=_names(args.keep_columns),
+        outputs=_names(args.outputs),
+        rejects=args.rejects,
+        resume=args.resume,
+        memory_budget_mb=args.memory_budget_mb,
+        price_per_hour=args.price_per_hour,
+        progress=args.progress,
+        log_interval_s=args.log_interval,
+    )
+    try:
+        summary = offline.run(options)
+    except InferdError as exc:
+        print(f"inferd batch: {exc.message}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()), file=sys.stderr)
+    if args.summary_json:
+        args.summary_json.write_bytes(summary.to_json())
+    return 1 if summary.rejected else 0
+
+
+def _bench_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "bench",
+        help="load a model server and report latency, throughput, errors and cost",
+        description=(
+            "Send requests to URL (http://host:port for REST, host:port for gRPC) for --model in a "
+            "closed loop (--concurrency, a sweep) and/or an open loop (--rate, requests due on a fixed "
+            "schedule, latency counted from when each was due) and report each step."
+        ),
+    )
+    parser.add_argument("url", metavar="URL")
+    add = parser.add_argument
+    add("--model", required=True, help="model name")
+    add(
+        "--protocol",
+        default="rest",
+        choices=["rest", "v2", "v2-binary", "grpc", "v2-grpc"],
+        help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)",
+    )
+    add("--version", type=int, help="model version (default: the server's choice)")
+    add("--instances", type=int, default=1, help="rows per request when generating the payload (default: 1)")
+    add("--payload", type=Path, help="request payload: a REST .json body, or .npy / .npz tensors")
+    add("--concurrency", default="", help="comma-separated concurrencies of the closed loop (default: 1)")
+    add("--rate", default="", help="comma-separated request rates (per second) of the open loop")
+    add("--duration", type=float, default=10.0, help="measured seconds per step (default: 10)")
+    add("--warmup", type=float, default=2.0, help="seconds of load before each step is measured (default: 2)")
+    add("--timeout", type=float, default=10.0, help="seconds a request may take (default: 10)")
+    add("--processes", type=int, default=1, help="load generator processes (default: 1)")
+    add("--max-connections", type=int, default=1024, help="HTTP connections of the open loop (default: 1024)")
+    add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
+    add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
+    add(
+        "--metadata-url",
+        help="REST base URL to read the model's metadata from (TF Serving's or V2's API, as --protocol)",
+    )
+    add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
+    add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
+    add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
+    add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
+    add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inferd import loadtest
+
+    options = loadtest.BenchOptions(
+        url=args.url,
+        model=args.model,
+        protocol=args.protocol,
+        version=args.version,
+        instances=args.instances,
+        payload=args.payload,
+        concurrency=tuple(int(n) for n in _names(args.concurrency)),
+        rates=tuple(float(n) for n in _names(args.rate)),
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        timeout_s=args.timeout,
+        processes=args.processes,
+        max_connections=args.max_connections,
+        server_pid=args.server_pid,
+        metrics_url=args.metrics_url,
+        metadata_url=args.metadata_url,
+        price_per_hour=args.price_per_hour,
+        path=args.path,
+    )
+    try:
+        reports = loadtest.run(options)
+    except ValueError as exc:
+        print(f"inferd bench: {exc}", file=sys.stderr)
+        return 2
+    report = loadtest.to_json(options, reports)
+    if args.json_path == "-":
+        sys.stdout.write(report.decode() + "\n")
+    else:
+        print(loadtest.table(reports))
+        if args.json_path:
+            Path(args.json_path).write_bytes(report)
+    if args.plot:
+        loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _features_parser(sub)
+    _batch_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
         return _load_features(args)
@@ -176,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "batch":
+        return _batch(args)
+    if args.command == "bench":
+        return _bench(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):

@@ -271,6 +271,7 @@ def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
         server.wait_for(lambda: any(s[0] == 503 for s in seen["eta"][-4:] if isinstance(s, tuple)), "503s")
         during = len(seen["eta"])
         server.wait_for(lambda: len(seen["eta"]) > during + 20, "traffic while redis is down")
+        restarted = len(seen["eta"])
         redis_server.start()
         fill(redis_server)
         mark = len(seen["eta"])
@@ -283,9 +284,13 @@ def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
         for worker in workers:
             worker.join(timeout=30)
     assert not any(w.is_alive() for w in workers), "a request hung"
-    assert [s for m in models for s in seen[m] if not isinstance(s, tuple)] == []
-    statuses = {s[0] for s in seen["eta"] if isinstance(s, tuple)}
-    assert statuses == {200, 503}
+    assert [s for m in models for s in seen[m] if not isinstance(s, tuple)] == []  # no exceptions
+    # Between the restart and the refill the store is up but empty: 'r2' is then rightly NOT_FOUND.
+    refilling = seen["eta"][restarted:mark]
+    outside = seen["eta"][:restarted] + seen["eta"][mark:]
+    statuses = {s[0] for s in outside if isinstance(s, tuple)}
+    assert statuses == {200, 503}, [s for s in outside if isinstance(s, tuple) and s[0] not in (200, 503)][:5]
+    assert {s[0] for s in refilling if isinstance(s, tuple)} <= {200, 404, 503}, refilling[:5]
     errors = {s[1]["error"] for s in seen["eta"] if isinstance(s, tuple) and s[0] == 503}
     assert all(
         f"feature store redis://127.0.0.1:{redis_server.port}/0 failed for model eta" in e for e in errors

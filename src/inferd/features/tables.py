@@ -1,4 +1,5 @@
-"""Feature tables on disk: Parquet (read with pyarrow, an extra) and CSV (the standard library).
+"""Feature tables on disk: Parquet (read with pyarrow, imported on first use) and CSV (the standard
+library).
 
 Tables are read in column chunks so that a large table is never whole in memory twice. Empty CSV
 cells and Parquet nulls read as None (a missing feature).
@@ -75,8 +76,6 @@ def entity_keys(chunk: Chunk, entity: tuple[str, ...], where: Path) -> list[str]
 
 
 def _parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConfigError("reading Parquet needs pyarrow: pip install 'inferd[parquet]'") from None
+    import pyarrow.parquet as pq
+
     return pq

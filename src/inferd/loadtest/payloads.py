@@ -1,0 +1,281 @@
+"""What ``inferd bench`` sends: the request, encoded once, for each protocol it speaks.
+
+Tensors come from a file (``.npy`` for a one-input model, ``.npz`` for several) or are generated
+from the model's metadata (``--instances`` rows, free dimensions other than the batch set to 1,
+fixed-seed values). A ``.json`` payload file is sent as it is, to the REST protocols only.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from inferd.protocols import to_raw
+from inferd.types import dtype_of
+
+PROTOCOLS = ("rest", "v2", "v2-binary", "grpc", "v2-grpc")
+"""TF Serving REST, V2 REST JSON, V2 REST binary tensors, TF Serving gRPC, KServe V2 gRPC."""
+
+TF_PREDICT = "/tensorflow.serving.PredictionService/Predict"
+V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+Specs = list[tuple[str, str, list[int]]]
+"""Input name, V2 datatype and shape (-1 for free dimensions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """One encoded request and where it goes.
+
+    For HTTP, ``request`` is the whole HTTP/1.1 request (request line, headers, body); for gRPC
+    the serialized request message and ``path`` the method.
+    """
+
+    protocol: str
+    host: str
+    port: int
+    path: str
+    request: bytes
+    instances: int
+
+    @property
+    def is_grpc(self) -> bool:
+        return self.protocol.endswith("grpc")
+
+
+def build(
+    url: str,
+    protocol: str,
+    model: str,
+    *,
+    version: int | None = None,
+    instances: int = 1,
+    payload: Path | None = None,
+    metadata_url: str | None = None,
+    path: str | None = None,
+) -> Payload:
+    """Encode the request for ``protocol``; ``path`` replaces the REST route (for servers with
+    routes of their own, given a ``.json`` body).
+
+    Raises:
+        ValueError: an unknown protocol, a payload file that does not fit it, or metadata that
+            cannot be read (the message says which).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    host, port = (
+        parts.hostname or "127.0.0.1",
+        parts.port or (80 if protocol not in ("grpc", "v2-grpc") else 8500),
+    )
+    if payload is not None and payload.suffix == ".json":
+        if protocol not in ("rest", "v2"):
+            raise ValueError(f"a .json payload is a REST body; {protocol} needs .npy or .npz")
+        body = payload.read_bytes()
+        return _http(
+            protocol,
+            host,
+            port,
+            path or _route(protocol, model, version),
+            body,
+            _json_rows(body, instances),
+            {},
+        )
+    if payload is not None:
+        loaded = np.load(payload)
+        tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
+        if tensors is None:
+            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version)
+            tensors = {name: np.asarray(loaded)}
+    else:
+        specs = _metadata(protocol, url, metadata_url, model, version)
+        tensors = generate(specs, instances)
+    rows = len(next(iter(tensors.values())))
+    if protocol == "grpc":
+        return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows)
+    if protocol == "v2-grpc":
+        return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows)
+    route = path or _route(protocol, model, version)
+    if protocol == "rest":
+        first = next(iter(tensors))
+        document: Any = (
+            {"instances": tensors[first].tolist()}
+            if len(tensors) == 1
+            else {"inputs": {k: v.tolist() for k, v in tensors.items()}}
+        )
+        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {})
+    if protocol == "v2":
+        inputs = [_v2_input(k, v) | {"data": v.reshape(-1).tolist()} for k, v in tensors.items()]
+        body = json.dumps({"inputs": inputs}).encode()
+        return _http(protocol, host, port, route, body, rows, {})
+    raws = [to_raw(v) for v in tensors.values()]
+    header = json.dumps(
+        {
+            "inputs": [
+                _v2_input(k, v) | {"parameters": {"binary_data_size": len(r)}}
+                for (k, v), r in zip(tensors.items(), raws, strict=True)
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    extra = {"Inference-Header-Content-Length": str(len(header))}
+    return _http(protocol, host, port, route, header + b"".join(raws), rows, extra)
+
+
+def generate(specs: Specs, instances: int) -> dict[str, np.ndarray]:
+    """Fixed-seed tensors of ``instances`` rows for the given inputs."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, datatype, shape in specs:
+        dims = [instances] + [1 if d < 0 else d for d in shape[1:]]
+        dtype = dtype_of(datatype).numpy
+        if dtype.kind == "f":
+            tensors[name] = rng.random(dims).astype(dtype)
+        elif dtype.kind in "iu":
+            tensors[name] = rng.integers(0, 10, dims).astype(dtype)
+        elif dtype.kind == "b":
+            tensors[name] = rng.integers(0, 2, dims).astype(bool)
+        else:
+            tensors[name] = np.full(dims, b"x", dtype=object)
+    return tensors
+
+
+def _v2_input(name: str, value: np.ndarray) -> dict[str, Any]:
+    return {"name": name, "shape": list(value.shape), "datatype": dtype_of(value.dtype).v2}
+
+
+def _json_rows(body: bytes, default: int) -> int:
+    """Predictions in a REST body: its ``instances``, or the first input's first dimension, or
+    ``default`` for a body of another shape."""
+    document = json.loads(body)
+    inputs = document.get("inputs") if isinstance(document, dict) else None
+    if isinstance(document, dict) and isinstance(document.get("instances"), list):
+        return len(document["instances"])
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) and inputs[0].get("shape"):
+        return int(inputs[0]["shape"][0])
+    first = next(iter(inputs.values()), None) if isinstance(inputs, dict) else inputs
+    return len(first) if isinstance(first, list) else default
+
+
+def _route(protocol: str, model: str, version: int | None) -> str:
+    suffix = f"/versions/{version}" if version is not None else ""
+    return (
+        f"/v1/models/{model}{suffix}:predict" if protocol == "rest" else f"/v2/models/{model}{suffix}/infer"
+    )
+
+
+def _http(
+    protocol: str, host: str, port: int, path: str, body: bytes, rows: int, extra: dict[str, str]
+) -> Payload:
+    kind = "application/octet-stream" if extra else "application/json"
+    headers = {"Host": f"{host}:{port}", "Content-Type": kind, "Content-Length": str(len(body)), **extra}
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return Payload(protocol, host, port, path, head.encode() + body, rows)
+
+
+def _metadata(protocol: str, url: str, metadata_url: str | None, model: str, version: int | None) -> Specs:
+    """The inputs, from ``metadata_url`` over REST in the protocol's family (TF Serving's or V2's)
+    when given, else from the server under load in the protocol itself."""
+    if metadata_url:
+        return _specs("rest" if protocol in ("rest", "grpc") else "v2", metadata_url, model, version)
+    return _specs(protocol, url, model, version)
+
+
+def _specs(protocol: str, url: str, model: str, version: int | None) -> Specs:
+    """The default signature's inputs, asked of the server in the protocol's own dialect."""
+    suffix = f"/versions/{version}" if version is not None else ""
+    try:
+        if protocol == "grpc":
+            return _tf_grpc_specs(url, model, version)
+        if protocol == "v2-grpc":
+            return _v2_grpc_specs(url, model, version)
+        if protocol == "rest":
+            document = _get_json(f"{_base(url)}/v1/models/{model}{suffix}/metadata")
+            signature = document["metadata"]["signature_def"]["signature_def"]["serving_default"]
+            return [
+                (name, dtype_of(spec["dtype"]).v2, [int(d["size"]) for d in spec["tensor_shape"]["dim"]])
+                for name, spec in signature["inputs"].items()
+            ]
+        document = _get_json(f"{_base(url)}/v2/models/{model}{suffix}")
+        return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in document["inputs"]]
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
+
+
+def _base(url: str) -> str:
+    return url.rstrip("/") if "//" in url else f"http://{url.rstrip('/')}"
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _target(url: str) -> str:
+    return urlsplit(url if "//" in url else f"//{url}").netloc
+
+
+def _tf_grpc_specs(url: str, model: str, version: int | None) -> Specs:
+    import grpc
+
+    from inferd._proto import prediction_service_pb2 as ps
+    from inferd._proto import prediction_service_pb2_grpc as ps_grpc
+    from inferd._proto.types_pb2 import DataType
+
+    request = ps.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    with grpc.insecure_channel(_target(url)) as channel:
+        stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.GetModelMetadata(request, timeout=10)
+    signatures = ps.SignatureDefMap()
+    reply.metadata["signature_def"].Unpack(signatures)
+    inputs = signatures.signature_def["serving_default"].inputs
+    return [
+        (key, dtype_of(DataType.Name(info.dtype)).v2, [d.size for d in info.tensor_shape.dim])
+        for key, info in inputs.items()
+    ]
+
+
+def _v2_grpc_specs(url: str, model: str, version: int | None) -> Specs:
+    import grpc
+
+    from inferd._proto import grpc_service_pb2 as pb
+    from inferd._proto import grpc_service_pb2_grpc as pb_grpc
+
+    request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
+    with grpc.insecure_channel(_target(url)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.ModelMetadata(request, timeout=10)
+    return [(t.name, t.datatype, list(t.shape)) for t in reply.inputs]
+
+
+def _tf_predict(model: str, version: int | None, tensors: dict[str, np.ndarray]) -> bytes:
+    from inferd._proto import prediction_service_pb2 as ps
+    from inferd.protocols.tfserving_grpc import encode_tensor
+
+    request = ps.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = "serving_default"
+    if version is not None:
+        request.model_spec.version.value = version
+    for name, value in tensors.items():
+        encode_tensor(request.inputs[name], value)
+    return request.SerializeToString()
+
+
+def _v2_infer(model: str, version: int | None, tensors: dict[str, np.ndarray]) -> bytes:
+    from inferd._proto import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model, model_version="" if version is None else str(version))
+    for name, value in tensors.items():
+        request.inputs.add(name=name, datatype=dtype_of(value.dtype).v2, shape=list(value.shape))
+        request.raw_input_contents.append(to_raw(value))
+    return request.SerializeToString()

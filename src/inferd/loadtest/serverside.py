@@ -1,0 +1,112 @@
+"""The server's side of a step: CPU-seconds and peak memory, from ``/proc`` or Prometheus.
+
+With ``--server-pid`` the process and all its descendants are read from ``/proc`` (utime + stime,
+resident memory); with a metrics URL, prometheus-client's ``process_cpu_seconds_total`` and
+``process_resident_memory_bytes`` (one process). Memory is sampled in a thread every
+``interval_s`` while the step runs; CPU is read before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerUsage:
+    """What the server spent during one step."""
+
+    cpu_s: float
+    peak_memory_bytes: int
+
+
+def read_pid(pid: int) -> tuple[float, int]:
+    """CPU-seconds and resident bytes of ``pid`` and its descendants (0, 0 once it is gone)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    cpu, rss, todo = 0.0, 0, [pid]
+    while todo:
+        current = todo.pop()
+        found = stats.get(current)
+        if found is None:
+            continue
+        cpu += (int(found[11]) + int(found[12])) * _TICK_S
+        rss += int(found[21]) * _PAGE
+        todo.extend(children.get(current, ()))
+    return cpu, rss
+
+
+def read_metrics(url: str) -> tuple[float, int]:
+    """``process_cpu_seconds_total`` and ``process_resident_memory_bytes`` from a metrics page.
+
+    Raises:
+        OSError: the page cannot be fetched.
+        ValueError: it lacks the process metrics.
+    """
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("process_cpu_seconds_total", "process_resident_memory_bytes")
+    }
+    if len(values) < 2:
+        raise ValueError(f"{url} has no process_cpu_seconds_total and process_resident_memory_bytes")
+    return values["process_cpu_seconds_total"], int(values["process_resident_memory_bytes"])
+
+
+class ServerWatch:
+    """Measures one step; ``start`` before the load, ``stop`` after it. Either ``pid`` or
+    ``metrics_url`` is given."""
+
+    def __init__(self, pid: int | None, metrics_url: str | None, interval_s: float = 0.25) -> None:
+        self._pid, self._url = pid, metrics_url
+        self._interval_s = interval_s if pid else max(interval_s, 1.0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cpu_start = 0.0
+        self._peak = 0
+
+    def _read(self) -> tuple[float, int]:
+        if self._pid is not None:
+            return read_pid(self._pid)
+        assert self._url is not None
+        return read_metrics(self._url)
+
+    def start(self) -> None:
+        self._cpu_start, self._peak = self._read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="inferd-bench-watch", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._peak = max(self._peak, self._read()[1])
+            except (OSError, ValueError):
+                continue  # a missed sample; the next one counts
+
+    def stop(self) -> ServerUsage:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        cpu, memory = self._read()
+        return ServerUsage(cpu - self._cpu_start, max(self._peak, memory))

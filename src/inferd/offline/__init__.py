@@ -1,0 +1,411 @@
+"""``inferd batch``: score files offline, in-process, in large batches, with bounded memory.
+
+The model is loaded and called through the same ``ModelManager`` and ``InferenceService`` as the
+server (runtimes, ``inferd.toml``, warm-up, input checks), without the server's batcher. Three
+stages overlap, joined by bounded queues: a reader thread turns input into chunks
+(``sources``), the event loop scores each chunk in batches on an inference thread, and a writer
+thread writes one part file per chunk (``sinks``). At most ``_IN_FLIGHT_CHUNKS`` chunks exist at
+once, and the chunk size follows from ``--memory-budget-mb``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from inferd.config import ModelSettings, read_model_settings
+from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.manager import ModelManager
+from inferd.offline.sinks import PartStore, output_format
+from inferd.offline.sources import Chunk, Reject, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
+from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
+from inferd.service import InferenceService
+from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Signature, Tensors, VersionState
+
+log = logging.getLogger(__name__)
+
+_IN_FLIGHT_CHUNKS = 7
+"""Chunks alive at once: one being read, two queued, one scored, two queued, one being written."""
+_MAX_CHUNK_ROWS = 65536
+_PROBE_SIZES = (64, 256, 1024, 4096, 16384)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """One ``inferd batch`` job; see ``inferd batch --help`` for each option."""
+
+    model: Path
+    input: str
+    output: Path
+    model_name: str | None = None
+    version: int | None = None
+    signature: str = DEFAULT_SIGNATURE
+    batch_size: int = 0
+    """Rows per predict call; 0 picks one with a short probe."""
+    threads: int = 0
+    """Predict calls at once; 0 is one per CPU."""
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    rejects: Path | None = None
+    resume: bool = False
+    memory_budget_mb: float = 1024.0
+    price_per_hour: float = 0.0
+    progress: str = "auto"
+    """``bar`` (rich), ``log`` (a line every ``log_interval_s``), ``none``, or ``auto``: a bar
+    on a terminal, log lines otherwise."""
+    log_interval_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a job did. ``rows`` were scored in this run, ``resumed_rows`` by an earlier one;
+    ``seconds`` is the whole run, ``rows_per_s`` counts the scoring only (model load excluded)."""
+
+    model: str
+    rows: int
+    rejected: int
+    resumed_rows: int
+    seconds: float
+    rows_per_s: float
+    cpu_s: float
+    peak_memory_bytes: int
+    cost: float
+    batch_size: int
+    chunk_rows: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"model {self.model}: {self.rows} rows scored, {self.rejected} rejected"
+            + (f", {self.resumed_rows} done by an earlier run" if self.resumed_rows else ""),
+            f"{self.seconds:.2f} s, {self.rows_per_s:,.0f} rows/s, batch size {self.batch_size}, "
+            f"chunks of {self.chunk_rows} rows",
+            f"CPU {self.cpu_s:.2f} s, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB, "
+            f"cost {self.cost:.6f} at the given price per hour",
+        ]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(dataclasses.asdict(self))
+
+
+def run(options: BatchOptions) -> Summary:
+    """Run one job to the end.
+
+    Raises:
+        InferdError: a model that does not load (MODEL_LOAD), inputs or options that do not fit
+            the model, such as a missing column (INVALID_ARGUMENT), all before any row is scored.
+    """
+    return asyncio.run(_run(options))
+
+
+def model_plan(options: BatchOptions) -> ModelPlan:
+    """The one version to load: MODEL as a version folder, a base path (latest version, or
+    ``--version``), or a repository with ``--model``; batching off, as whole chunks are scored.
+
+    Raises:
+        ModelLoadError: no such version folder.
+    """
+    base = options.model / options.model_name if options.model_name else options.model
+    versions = list_versions(base)
+    if not versions and base.name.isdigit() and base.is_dir():
+        versions, base = {int(base.name): base}, base.parent
+    if options.version is not None:
+        versions = {v: p for v, p in versions.items() if v == options.version}
+    if not versions:
+        wanted = f"version {options.version}" if options.version is not None else "a version folder"
+        raise ModelLoadError(f"no model at {base}: expected {wanted} (1/, 2/, ...) or a version folder")
+    number = max(versions)
+    settings: ModelSettings = dataclasses.replace(read_model_settings(base), batching=None)
+    source = VersionSource(number, versions[number], fingerprint(versions[number]))
+    return ModelPlan(options.model_name or base.name, {number: source}, settings=settings)
+
+
+async def _run(options: BatchOptions) -> Summary:
+    started, cpu_started = time.monotonic(), time.process_time()
+    plan = model_plan(options)
+    fmt = output_format(options.output)
+    threads = options.threads or os.cpu_count() or 1
+    with (
+        ThreadPoolExecutor(1, "inferd-batch-load") as load_pool,
+        ThreadPoolExecutor(threads, "inferd-batch-infer") as infer_pool,
+    ):
+        manager = ModelManager(load_pool)
+        await manager.apply([plan])
+        ref = ModelRef(plan.name)
+        (status,) = manager.status(ref)
+        if status.state is not VersionState.AVAILABLE:
+            raise ModelLoadError(status.error_message)
+        try:
+            service = InferenceService(manager, infer_pool)
+            signature = service.signature(ref, options.signature)
+            outputs = _chosen_outputs(signature, options.outputs, fmt)
+            files, kind = find_inputs(options.input)
+            layout = plan_layout(signature, files, kind, options.id_column, options.keep_columns)
+            budget_rows = int(
+                options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
+            )
+            chunk_rows = max(1, min(_MAX_CHUNK_ROWS, budget_rows), options.batch_size)
+            job = {
+                "model": str(plan.aspired[status.version].path),
+                "fingerprint": plan.aspired[status.version].fingerprint,
+                "signature": signature.name,
+                "inputs": [str(p.resolve()) for p in files],
+                "outputs": outputs,
+                "id_column": layout.id_name,
+                "keep": list(layout.keep),
+                "chunk_rows": chunk_rows,
+            }
+            total = total_rows(layout)
+            store = PartStore(options.output, job, options.resume)
+            chunk_rows = int(store.job["chunk_rows"])
+
+            async def infer(inputs: Tensors) -> Tensors:
+                response = await service.infer(ref, InferenceRequest(inputs, signature.name))
+                return {name: response.outputs[name] for name in outputs}
+
+            scorer = _Scorer(infer, options.batch_size, threads)
+            progress = _Progress(options.progress, total, options.log_interval_s)
+            done = store.done()
+            scoring_started = time.monotonic()
+            try:
+                rows, resumed = await _pipeline(
+                    read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
+                )
+            finally:
+                progress.close()
+            scoring_s = time.monotonic() - scoring_started
+            rejected = store.finish(options.rejects or _default_rejects(options.output))
+        finally:
+            await manager.close()
+    seconds = time.monotonic() - started
+    return Summary(
+        model=f"{plan.name}:{status.version}",
+        rows=rows,
+        rejected=rejected,
+        resumed_rows=resumed,
+        seconds=seconds,
+        rows_per_s=rows / scoring_s if scoring_s else 0.0,
+        cpu_s=time.process_time() - cpu_started,
+        peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        cost=options.price_per_hour * seconds / 3600,
+        batch_size=scorer.batch_size,
+        chunk_rows=chunk_rows,
+    )
+
+
+def _default_rejects(output: Path) -> Path:
+    return output.with_name(output.name + ".rejects.jsonl")
+
+
+def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> list[str]:
+    names = [spec.name for spec in signature.outputs]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise InvalidArgument(
+            f"--outputs: signature {signature.name!r} has no output(s) {unknown}; it has {names}"
+        )
+    chosen = list(wanted) or names
+    if fmt == "npy" and len(chosen) != 1:
+        raise InvalidArgument(f".npy output holds one tensor; choose one of {chosen} with --outputs")
+    return chosen
+
+
+async def _pipeline(
+    chunks: Iterator[Chunk],
+    done: set[int],
+    scorer: _Scorer,
+    store: PartStore,
+    id_name: str,
+    progress: _Progress,
+) -> tuple[int, int]:
+    """Read, score and write overlapped; returns (rows scored, rows skipped as already done)."""
+    loop = asyncio.get_running_loop()
+    read_q: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=2)
+    write_q: asyncio.Queue[tuple[Chunk, Tensors] | None] = asyncio.Queue(maxsize=2)
+    counts = {"rows": 0, "resumed": 0}
+
+    with (
+        ThreadPoolExecutor(1, "inferd-batch-read") as reader,
+        ThreadPoolExecutor(1, "inferd-batch-write") as writer,
+    ):
+
+        async def read() -> None:
+            try:
+                while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                    await read_q.put(chunk)
+            finally:
+                await read_q.put(None)
+
+        async def score() -> None:
+            try:
+                while (chunk := await read_q.get()) is not None:
+                    if chunk.index in done:
+                        counts["resumed"] += chunk.rows
+                        progress.advance(chunk.rows)
+                        continue
+                    await write_q.put(await scorer.score(chunk))
+            finally:
+                await write_q.put(None)
+
+        async def write() -> None:
+            while (item := await write_q.get()) is not None:
+                chunk, outputs = item
+                await loop.run_in_executor(writer, store.write, chunk, outputs, id_name)
+                counts["rows"] += len(chunk.ids)
+                progress.advance(chunk.rows)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for stage in (read, score, write):
+                    group.create_task(stage())
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+    return counts["rows"], counts["resumed"]
+
+
+class _Scorer:
+    """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
+    thread so that a thread never waits for the event loop to hand it the next; picks the batch
+    size on the first chunk when none was given.
+
+    A batch the service refuses as INVALID_ARGUMENT is retried row by row, so that the rows at
+    fault become rejects and the others are scored.
+    """
+
+    def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int, threads: int) -> None:
+        self._infer = infer
+        self._slots = asyncio.Semaphore(2 * threads)
+        self.batch_size = batch_size
+
+    async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
+        rows = len(chunk.ids)
+        if not self.batch_size and rows:
+            self.batch_size = await self._probe(chunk.inputs, rows)
+        size = self.batch_size or 1
+        batches = [{k: v[s : s + size] for k, v in chunk.inputs.items()} for s in range(0, rows, size)]
+        results = await asyncio.gather(*(self._batch(batch) for batch in batches))
+        parts = [part for found, _ in results for part in found]
+        failed = {
+            i * size + offset: error
+            for i, (_, errors) in enumerate(results)
+            for offset, error in errors.items()
+        }
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        return (_without(chunk, failed) if failed else chunk), outputs
+
+    async def _batch(self, batch: Tensors) -> tuple[list[Tensors], dict[int, str]]:
+        """Outputs of one batch (one part, or one per good row), and its refused rows' errors."""
+        async with self._slots:
+            try:
+                return [await self._infer(batch)], {}
+            except InvalidArgument:
+                parts, failed = [], {}
+                for offset in range(len(next(iter(batch.values())))):
+                    try:
+                        parts.append(await self._infer({k: v[offset : offset + 1] for k, v in batch.items()}))
+                    except InvalidArgument as exc:
+                        failed[offset] = exc.message
+                return parts, failed
+
+    async def _probe(self, inputs: Tensors, rows: int) -> int:
+        """The batch size with the best rows/s on this chunk's first rows (smallest within 5%)."""
+        sizes = [s for s in _PROBE_SIZES if s <= rows] or [rows]
+        rates = {}
+        for size in sizes:
+            batch = {k: v[:size] for k, v in inputs.items()}
+            calls, started = 0, time.perf_counter()
+            while calls < 3 or (time.perf_counter() - started < 0.1 and calls < 100):
+                await self._infer(batch)
+                calls += 1
+            rates[size] = size * calls / (time.perf_counter() - started)
+        best = max(rates.values())
+        size = min(s for s, rate in rates.items() if rate >= 0.95 * best)
+        log.info("batch size %d (probe, rows/s by size: %s)", size, {s: round(r) for s, r in rates.items()})
+        return size
+
+
+def _without(chunk: Chunk, failed: dict[int, str]) -> Chunk:
+    """``chunk`` with the rows the model refused moved to its rejects."""
+    keep = np.ones(len(chunk.ids), dtype=bool)
+    keep[list(failed)] = False
+    rejects = [*chunk.rejects, *(Reject(int(chunk.numbers[i]), chunk.source, e) for i, e in failed.items())]
+    return dataclasses.replace(
+        chunk,
+        numbers=chunk.numbers[keep],
+        ids=chunk.ids[keep],
+        inputs={k: v[keep] for k, v in chunk.inputs.items()},
+        kept={k: v[keep] for k, v in chunk.kept.items()},
+        rejects=sorted(rejects, key=lambda r: r.row),
+    )
+
+
+class _Progress:
+    """A rich progress bar on a terminal, or a log line every ``interval_s`` seconds."""
+
+    def __init__(self, mode: str, total: int | None, interval_s: float) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self._mode, self._total, self._interval_s = mode, total, interval_s
+        self._done, self._started = 0, time.monotonic()
+        self._logged = self._started
+        self._bar = None
+        if mode == "bar":
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("scoring"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._task = self._bar.add_task("rows", total=total, rate="-")
+            self._bar.start()
+
+    def advance(self, rows: int) -> None:
+        self._done += rows
+        now = time.monotonic()
+        rate = self._done / max(now - self._started, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, advance=rows, rate=f"{rate:,.0f}")
+        elif self._mode == "log" and now - self._logged >= self._interval_s:
+            self._logged = now
+            if self._total:
+                eta = (self._total - self._done) / rate if rate else math.inf
+                log.info(
+                    "%d/%d rows (%.0f%%), %.0f rows/s, ETA %.0f s",
+                    self._done,
+                    self._total,
+                    100 * self._done / self._total,
+                    rate,
+                    eta,
+                )
+            else:
+                log.info("%d rows, %.0f rows/s", self._done, rate)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,410 @@
+"""Reading ``inferd batch`` inputs in bounded chunks and turning them into input tensors.
+
+Tabular files (CSV, Parquet, JSONL) are read as Arrow record batches, ``.npy`` files by row
+ranges with plain reads (no memory map, so pages read do not pile up in the resident set), and
+image folders a slice of files at a time. Each chunk becomes a ``Chunk``: the tensors of its good
+rows, their ids, and a ``Reject`` per row that could not be converted.
+
+Columns map to a signature input by name: a column named like the input (one value, or a list of
+values, per row), or the columns ``<input>_0 .. <input>_<k-1>``, or, for a model with one input
+of shape ``[-1, k]``, every column but the id column when there are exactly ``k`` of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from inferd.errors import InvalidArgument
+from inferd.offline.columns import column_tensor, row_width
+from inferd.offline.images import decode_images
+from inferd.types import Signature, Tensors, TensorSpec
+
+TABULAR = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+FORMATS = {**TABULAR, ".npy": "npy"}
+IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ROW_COLUMN = "row"
+FILE_COLUMN = "file"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A row that was not scored: its global row number, file, reason and (tabular) values."""
+
+    row: int
+    file: str
+    error: str
+    record: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One unit of reading, scoring, writing and resuming.
+
+    ``ids`` holds, per good row, the id column's value (or the row number); ``kept`` the
+    ``--keep-columns`` values of the good rows.
+    """
+
+    index: int
+    rows: int
+    """Rows read, good and rejected."""
+    source: str
+    numbers: np.ndarray
+    """Global row number of each good row."""
+    ids: np.ndarray
+    inputs: Tensors
+    kept: Mapping[str, np.ndarray]
+    rejects: Sequence[Reject]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How a job's inputs are read: files in order, their kind, and the column mapping."""
+
+    files: tuple[Path, ...]
+    kind: str
+    """``csv``, ``parquet``, ``jsonl``, ``npy`` or ``images``."""
+    id_column: str | None
+    """The column that names rows; None numbers them (images: by file name)."""
+    columns: Mapping[str, tuple[str, ...]]
+    """Input name -> the columns that make it (one column holding the value or a list, or k)."""
+    keep: tuple[str, ...] = ()
+
+    @property
+    def id_name(self) -> str:
+        """The id column's name in the output."""
+        return self.id_column or (FILE_COLUMN if self.kind == "images" else ROW_COLUMN)
+
+
+def find_inputs(spec: str) -> tuple[tuple[Path, ...], str]:
+    """The files a path, folder or glob names, and their kind.
+
+    Raises:
+        InvalidArgument: nothing matches, or the files mix formats.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif path.is_file():
+        candidates = [path]
+    else:
+        candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    data = [p for p in candidates if p.suffix.lower() in FORMATS]
+    if data:
+        kinds = {FORMATS[p.suffix.lower()] for p in data}
+        if len(kinds) > 1:
+            raise InvalidArgument(f"input {spec} mixes formats {sorted(kinds)}; give one format at a time")
+        return tuple(data), kinds.pop()
+    images = [p for p in candidates if p.suffix.lower() in IMAGES]
+    if images:
+        return tuple(images), "images"
+    raise InvalidArgument(
+        f"no input files at {spec}: expected {', '.join(sorted(FORMATS))} files or a folder of images"
+    )
+
+
+def file_columns(path: Path, kind: str) -> list[str]:
+    """Column names of one tabular file, read from its header, schema or first line."""
+    if kind == "parquet":
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    with path.open("rb") as handle:
+        first = handle.readline()
+    if kind == "csv":
+        return next(csv.reader([first.decode("utf-8-sig")]), [])
+    try:
+        record = orjson.loads(first)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"{path}: the first line is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise InvalidArgument(
+            f"{path}: each line must be a JSON object, the first is {type(record).__name__}"
+        )
+    return list(record)
+
+
+def plan_layout(
+    signature: Signature, files: tuple[Path, ...], kind: str, id_column: str | None, keep: Sequence[str]
+) -> Layout:
+    """Map columns to the signature's inputs, checking every file's columns before any work.
+
+    Raises:
+        InvalidArgument: a column the mapping needs is missing in some file (named), or the
+            model does not fit the input kind (``.npy`` and images need one input).
+    """
+    if kind in ("npy", "images"):
+        if len(signature.inputs) != 1:
+            raise InvalidArgument(f"{kind} input feeds one tensor; the model takes {signature.input_names()}")
+        if keep:
+            raise InvalidArgument(f"--keep-columns needs tabular input, not {kind}")
+        if id_column:
+            raise InvalidArgument(f"--id-column needs tabular input, not {kind}")
+        return Layout(files, kind, None, {signature.inputs[0].name: ()})
+    first = file_columns(files[0], kind)
+    keep_all = list(keep) == ["*"]
+    mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
+    kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
+    needed = [c for cols in mapping.values() for c in cols] + list(kept) + ([id_column] if id_column else [])
+    for path in files:
+        present = set(file_columns(path, kind)) if path != files[0] else set(first)
+        missing = [c for c in needed if c not in present]
+        if missing:
+            raise InvalidArgument(f"{path}: missing column(s) {missing}")
+    return Layout(files, kind, id_column, mapping, kept)
+
+
+def _columns_for(
+    spec: TensorSpec, names: list[str], signature: Signature, id_column: str | None
+) -> tuple[str, ...]:
+    if spec.name in names:
+        return (spec.name,)
+    width = row_width(spec)
+    numbered = [f"{spec.name}_{i}" for i in range(width)] if width else []
+    if numbered and all(c in names for c in numbered):
+        return tuple(numbered)
+    rest = [c for c in names if c != id_column]
+    if len(signature.inputs) == 1 and width and len(rest) == width:
+        return tuple(rest)
+    wanted = f"a column {spec.name!r}" + (f", columns {numbered[0]}..{numbered[-1]}" if numbered else "")
+    if len(signature.inputs) == 1 and width:
+        wanted += f", or exactly {width} feature columns besides the id (found {len(rest)})"
+    raise InvalidArgument(f"input {spec.name!r} ({spec.describe()}): missing column(s); expected {wanted}")
+
+
+def row_bytes(signature: Signature) -> int:
+    """Bytes of one row of every input (free dimensions counted as 1, strings as 64 bytes)."""
+    total = 0
+    for spec in signature.inputs:
+        dims = [d for d in (spec.shape or (1,))[1:] if d > 0] if spec.shape else []
+        total += max(1, math.prod(dims)) * (spec.dtype.itemsize if spec.dtype.kind != "O" else 64)
+    return total
+
+
+def total_rows(layout: Layout) -> int | None:
+    """Rows in the input when known without reading it (Parquet, ``.npy``, images), else None."""
+    if layout.kind == "parquet":
+        return sum(int(pq.ParquetFile(p).metadata.num_rows) for p in layout.files)
+    if layout.kind == "npy":
+        return sum(_npy_header(p)[0][0] for p in layout.files)
+    if layout.kind == "images":
+        return len(layout.files)
+    return None
+
+
+def read_chunks(layout: Layout, signature: Signature, chunk_rows: int) -> Iterator[Chunk]:
+    """Every chunk of the input, in order; deterministic for a given ``chunk_rows``, which is what
+    makes ``--resume`` line up with a previous run.
+
+    Raises:
+        InvalidArgument: a file that cannot be read at all (corrupt Parquet, bad ``.npy``).
+    """
+    index, row = 0, 0
+    # An image folder is one input: its files are the rows.
+    for path in layout.files[:1] if layout.kind == "images" else layout.files:
+        for block in _blocks(layout, path, chunk_rows):
+            chunk = _chunk(layout, signature, path, block, index, row)
+            yield chunk
+            index, row = index + 1, row + chunk.rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """Raw rows of one chunk: Arrow columns, a ready tensor, or image files; plus early rejects
+    as (offset in this block's row numbering, error)."""
+
+    rows: int
+    table: pa.Table | None = None
+    tensor: np.ndarray | None = None
+    images: tuple[Path, ...] = ()
+    early: tuple[tuple[int, str], ...] = ()
+
+
+def _blocks(layout: Layout, path: Path, chunk_rows: int) -> Iterator[_Block]:
+    needed = sorted({c for cols in layout.columns.values() for c in cols} | set(layout.keep))
+    if layout.id_column and layout.id_column not in needed:
+        needed.append(layout.id_column)
+    if layout.kind == "parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=needed):
+            yield _Block(batch.num_rows, table=pa.Table.from_batches([batch]))
+    elif layout.kind == "csv":
+        inputs = sorted({c for cols in layout.columns.values() for c in cols})
+        yield from _csv_blocks(path, needed, inputs, chunk_rows)
+    elif layout.kind == "jsonl":
+        yield from _jsonl_blocks(path, needed, chunk_rows)
+    elif layout.kind == "npy":
+        yield from _npy_blocks(path, chunk_rows)
+    else:
+        for start in range(0, len(layout.files), chunk_rows):
+            files = layout.files[start : start + chunk_rows]
+            yield _Block(len(files), images=files)
+
+
+def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int) -> Iterator[_Block]:
+    with path.open("rb") as handle:
+        sample = handle.read(1 << 16)
+    lines = max(1, sample.count(b"\n") - 1)
+    block_bytes = max(1 << 14, int(len(sample) / lines * chunk_rows))
+    bad: list[tuple[int, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        # A data row's number is its physical line number minus the header's.
+        bad.append(
+            (
+                row.number - 2 if row.number else -1,
+                f"expected {row.expected_columns} fields, got {row.actual_columns}",
+            )
+        )
+        return "skip"
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=needed,
+            column_types=dict.fromkeys(text, pa.string()),
+            strings_can_be_null=True,
+        ),
+    )
+    seen = 0  # data rows before this block, good and bad
+    for batch in reader:
+        early = tuple((n - seen, e) for n, e in bad)
+        bad.clear()
+        table = pa.Table.from_batches([batch])
+        yield _Block(batch.num_rows + len(early), table=table, early=early)
+        seen += batch.num_rows + len(early)
+
+
+def _jsonl_blocks(path: Path, needed: list[str], chunk_rows: int) -> Iterator[_Block]:
+    with path.open("rb") as handle:
+        while True:
+            lines = [line for _, line in zip(range(chunk_rows), handle, strict=False)]
+            if not lines:
+                return
+            columns: dict[str, list[Any]] = {c: [] for c in needed}
+            early: list[tuple[int, str]] = []
+            for offset, line in enumerate(lines):
+                try:
+                    record = orjson.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a JSON object, got {type(record).__name__}")
+                except (orjson.JSONDecodeError, ValueError) as exc:
+                    early.append((offset, f"not a JSON object: {exc}"))
+                    continue
+                for name in needed:
+                    columns[name].append(record.get(name))
+            yield _Block(
+                len(lines), table=pa.table({c: _arrow(v) for c, v in columns.items()}), early=tuple(early)
+            )
+
+
+def _arrow(values: list[Any]) -> pa.Array:
+    """Values of one JSON column as Arrow; mixed types fall back to their text, parsed later."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array(
+            [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values], pa.string()
+        )
+
+
+def read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """Shape, Fortran order and dtype of the ``.npy`` file open in ``handle``, left at its data."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """Shape, dtype and data offset of a C-order ``.npy`` file."""
+    with path.open("rb") as handle:
+        shape, fortran, dtype = read_npy_header(handle)
+        if fortran or not shape:
+            raise InvalidArgument(f"{path}: expected a C-order array with a batch axis, got shape {shape}")
+        return tuple(shape), np.dtype(dtype), handle.tell()
+
+
+def _npy_blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
+    shape, dtype, offset = _npy_header(path)
+    per_row = math.prod(shape[1:])
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        for start in range(0, shape[0], chunk_rows):
+            rows = min(chunk_rows, shape[0] - start)
+            flat = np.fromfile(handle, dtype=dtype, count=rows * per_row)
+            if flat.size != rows * per_row:
+                raise InvalidArgument(
+                    f"{path}: the file ends before row {start + flat.size // max(per_row, 1)}"
+                )
+            yield _Block(rows, tensor=flat.reshape(rows, *shape[1:]))
+
+
+def _chunk(
+    layout: Layout, signature: Signature, path: Path, block: _Block, index: int, first_row: int
+) -> Chunk:
+    errors: dict[int, str] = dict(block.early)
+    good = np.arange(block.rows, dtype=np.int64)
+    if errors:
+        good = np.setdiff1d(good, np.fromiter(errors, dtype=np.int64))
+    inputs: Tensors = {}
+    if block.tensor is not None:
+        inputs[signature.inputs[0].name] = block.tensor
+    elif block.images:
+        inputs[signature.inputs[0].name], image_errors = decode_images(signature.inputs[0], block.images)
+        errors.update(image_errors)
+    else:
+        assert block.table is not None
+        for spec in signature.inputs:
+            value, bad = column_tensor(spec, block.table, layout.columns[spec.name])
+            for row, message in bad.items():
+                errors.setdefault(int(good[row]), message)
+            inputs[spec.name] = value
+    table_rows = np.ones(len(good), dtype=bool)  # good rows of the table that stay good
+    if errors:
+        table_rows = np.isin(good, list(errors), invert=True)
+        inputs = {name: value[table_rows] for name, value in inputs.items()}
+    kept_rows = good[table_rows]
+    ids = _ids(layout, block, first_row, kept_rows, table_rows)
+    kept = {c: _numpy(block.table.column(c))[table_rows] for c in layout.keep} if block.table else {}
+    rejects = [
+        _reject(layout, block, path, first_row, good, row, error) for row, error in sorted(errors.items())
+    ]
+    return Chunk(index, block.rows, str(path), kept_rows + first_row, ids, inputs, kept, rejects)
+
+
+def _ids(
+    layout: Layout, block: _Block, first_row: int, rows: np.ndarray, table_rows: np.ndarray
+) -> np.ndarray:
+    if block.images:
+        return np.array([block.images[i].name for i in rows], dtype=object)
+    if layout.id_column is None:
+        return np.asarray(rows + first_row)
+    assert block.table is not None
+    return np.asarray(_numpy(block.table.column(layout.id_column))[table_rows])
+
+
+def _reject(
+    layout: Layout, block: _Block, path: Path, first_row: int, good: np.ndarray, row: int, error: str
+) -> Reject:
+    record = None
+    table_row = np.searchsorted(good, row)
+    if block.table is not None and table_row < len(good) and good[table_row] == row:
+        record = {name: block.table.column(name)[int(table_row)].as_py() for name in block.table.column_names}
+    where = str(block.images[row]) if block.images else str(path)
+    return Reject(first_row + row, where, error, record)
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.to_numpy())

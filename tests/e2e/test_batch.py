@@ -1,0 +1,305 @@
+"""``inferd batch`` run as users run it (the CLI in a subprocess), checked against onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from onnx import TensorProto, helper
+
+from tests.models import digits, write_onnx_digits, write_onnx_two_inputs
+
+
+def batch(*args: object, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args)]
+    if not any(str(a).startswith("--progress") for a in args):
+        argv.append("--progress=log")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if check is not None:
+        assert done.returncode == check, done.stderr
+    return done
+
+
+def start_batch(*args: object) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("repo") / "digits"
+    write_onnx_digits(base / "1")
+    return base
+
+
+def expected(model: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    label, probabilities = session.run(["label", "probabilities"], {"X": x.astype(np.float32)})
+    return label, probabilities
+
+
+def features(rows: int | None = None) -> tuple[np.ndarray, pa.Table]:
+    x = digits()[0] if rows is None else np.resize(digits()[0], (rows, 64))
+    columns = {"id": np.arange(len(x)) * 10, **{f"px{i}": x[:, i] for i in range(64)}}
+    return x, pa.table(columns)
+
+
+def write_input(table: pa.Table, path: Path) -> None:
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=500)
+    elif path.suffix == ".csv":
+        pacsv.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+
+
+def read_output(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix == ".csv":
+        return pacsv.read_csv(path)
+    return pa.Table.from_pylist([json.loads(line) for line in path.read_text().splitlines()])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_each_tabular_format_matches_onnxruntime(tmp_path: Path, model: Path, suffix: str) -> None:
+    x, table = features()
+    source = tmp_path / f"in{suffix}"
+    write_input(table, source)
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    batch(model, source, out, "--id-column=id", "--summary-json", summary)
+
+    result = pq.read_table(out)
+    label, probabilities = expected(model, x)
+    assert result.column_names == ["id", "label", "probabilities"]
+    assert result.column("id").to_pylist() == table.column("id").to_pylist()
+    assert np.array_equal(result.column("label").to_numpy(), label)
+    assert np.allclose(np.stack(result.column("probabilities").to_numpy(zero_copy_only=False)), probabilities)
+    stats = json.loads(summary.read_text())
+    assert stats["rows"] == len(x)
+    assert stats["rejected"] == 0
+    assert stats["peak_memory_bytes"] > 0
+    assert not (tmp_path / "out.parquet.partial").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_each_output_format_holds_the_row_number_and_predictions(
+    tmp_path: Path, model: Path, suffix: str
+) -> None:
+    x = digits()[0]
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / f"out{suffix}"
+    batch(model, tmp_path / "x.npy", out, "--batch-size=100")
+
+    result = read_output(out)
+    label, probabilities = expected(model, x)
+    assert result.column("row").to_pylist() == list(range(len(x)))
+    assert np.array_equal(result.column("label").to_numpy(), label)
+    if suffix == ".csv":  # one column per value
+        got = np.stack([result.column(f"probabilities_{i}").to_numpy() for i in range(10)], axis=1)
+    else:
+        got = np.stack(result.column("probabilities").to_numpy(zero_copy_only=False))
+    assert np.allclose(got, probabilities, atol=1e-6)
+
+
+def test_npy_to_npy_and_folders_and_globs_of_files(tmp_path: Path, model: Path) -> None:
+    x = digits()[0]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i, start in enumerate(range(0, len(x), 600)):
+        np.save(folder / f"part-{i}.npy", x[start : start + 600])
+    label, probabilities = expected(model, x)
+
+    done = batch(model, folder, tmp_path / "labels.npy", "--outputs=label", "--progress=bar")
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), label)
+    assert f"{len(x)}/{len(x)}" in done.stderr  # the rich bar, finished
+
+    batch(model, str(folder / "part-*.npy"), tmp_path / "p.npy", "--outputs=probabilities")
+    assert np.allclose(np.load(tmp_path / "p.npy"), probabilities)
+
+
+def test_keep_columns_and_model_given_as_version_folder_or_repository(tmp_path: Path, model: Path) -> None:
+    x, table = features(50)
+    write_input(table, tmp_path / "in.parquet")
+    label, _ = expected(model, x)
+    for where in ([model / "1"], [model.parent, "--model=digits"], [model, "--version=1"]):
+        out = tmp_path / "out.parquet"
+        batch(*where, tmp_path / "in.parquet", out, "--id-column=id", "--keep-columns=px1", "--outputs=label")
+        result = pq.read_table(out)
+        assert result.column_names == ["id", "px1", "label"]
+        assert result.column("px1").to_pylist() == table.column("px1").to_pylist()
+        assert np.array_equal(result.column("label").to_numpy(), label)
+
+
+def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
+    x, table = features(20)
+    pacsv.write_csv(table, tmp_path / "clean.csv")
+    cells = [line.split(",") for line in (tmp_path / "clean.csv").read_text().splitlines()]
+    cells[3][5] = "abc"  # data row 2: a value that does not parse
+    cells[5][9] = ""  # data row 4: a missing value
+    cells[8] = cells[8][:-2]  # data row 7: two fields short
+    (tmp_path / "in.csv").write_text("\n".join(",".join(c) for c in cells) + "\n")
+
+    done = batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "out.csv",
+        "--id-column=id",
+        "--rejects",
+        tmp_path / "bad.jsonl",
+        check=1,
+    )
+    assert "17 rows scored, 3 rejected" in done.stderr
+    rejects = [json.loads(line) for line in (tmp_path / "bad.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [2, 4, 7]
+    assert "'abc' is not a float32 value" in rejects[0]["error"]
+    assert rejects[0]["record"]["px4"] == "abc"
+    assert "column 'px8': missing value" in rejects[1]["error"]
+    assert "expected 65 fields, got 63" in rejects[2]["error"]
+    result = pacsv.read_csv(tmp_path / "out.csv")
+    good = [i for i in range(20) if i not in (2, 4, 7)]
+    assert result.column("id").to_pylist() == [10 * i for i in good]
+    assert np.array_equal(result.column("label").to_numpy(), expected(model, x[good])[0])
+
+
+def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) -> None:
+    _, table = features(4)
+    lines = [json.dumps(row) for row in table.to_pylist()]
+    lines.insert(1, '{"id": 5, "px0": ')
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    batch(model, tmp_path / "in.jsonl", tmp_path / "out.parquet", "--id-column=id", check=1)
+    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == [0, 10, 20, 30]
+    (reject,) = [
+        json.loads(line) for line in (tmp_path / "out.parquet.rejects.jsonl").read_text().splitlines()
+    ]
+    assert reject["row"] == 1
+    assert reject["error"].startswith("not a JSON object")
+
+
+def test_image_folders_are_scored_and_images_that_do_not_decode_rejected(tmp_path: Path) -> None:
+    base = tmp_path / "sum"
+    write_image_sum_model(base / "1")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+
+    images = (digits()[0][:5].reshape(5, 8, 8) * 15).astype(np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (folder / "9.png").write_bytes(b"not an image")
+
+    batch(base, folder, tmp_path / "out.jsonl", check=1)
+    result = read_output(tmp_path / "out.jsonl")
+    assert result.column("file").to_pylist() == [f"{i}.png" for i in range(5)]
+    assert np.allclose(
+        result.column("total").to_numpy(), images.reshape(5, -1).sum(axis=1) / 255.0, rtol=1e-5
+    )
+    (reject,) = [json.loads(line) for line in (tmp_path / "out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert reject["row"] == 5
+    assert reject["file"].endswith("9.png")
+    assert "cannot decode image" in reject["error"]
+
+
+def write_image_sum_model(version_dir: Path) -> None:
+    """``total`` = the sum of an FP32 [-1, 8, 8] image."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    node = helper.make_node("ReduceSum", ["image", "axes"], ["total"], keepdims=0)
+    graph = helper.make_graph([node], "sum", [image], [total], [axes])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    version_dir.mkdir(parents=True)
+    onnx.save(proto, version_dir / "model.onnx")
+
+
+def test_a_missing_column_fails_fast_naming_it_before_any_output(tmp_path: Path) -> None:
+    base = tmp_path / "two"
+    write_onnx_two_inputs(base / "1")
+    good = pa.table({"a": [[1.0, 2.0, 3.0]], "b": [4]})
+    pq.write_table(good, tmp_path / "1.parquet")
+    pq.write_table(good.drop(["b"]), tmp_path / "2.parquet")  # the second file lacks column b
+
+    done = batch(base, tmp_path, tmp_path / "out.parquet", check=2)
+    assert "2.parquet: missing column(s) ['b']" in done.stderr
+    assert not (tmp_path / "out.parquet").exists()
+    assert not (tmp_path / "out.parquet.partial").exists()
+
+    pq.write_table(good, tmp_path / "2.parquet")
+    batch(base, tmp_path, tmp_path / "out.parquet")
+    result = pq.read_table(tmp_path / "out.parquet")
+    assert result.column("sum").to_pylist() == [[5.0, 6.0, 7.0]] * 2
+    assert result.column("count").to_pylist() == [3, 3]
+
+
+def test_an_input_larger_than_the_memory_budget_streams_in_bounded_memory(
+    tmp_path: Path, model: Path
+) -> None:
+    _, small = features(2_000)
+    big_x, big = features(200_000)  # 51 MiB of features, 6x the budget below
+    write_input(small, tmp_path / "small.parquet")
+    write_input(big, tmp_path / "big.parquet")
+    peaks = []
+    for name in ("small", "big"):
+        summary = tmp_path / f"{name}.json"
+        batch(
+            model,
+            tmp_path / f"{name}.parquet",
+            tmp_path / f"{name}-out.parquet",
+            "--memory-budget-mb=8",
+            "--id-column=id",
+            "--outputs=label",
+            "--summary-json",
+            summary,
+        )
+        stats = json.loads(summary.read_text())
+        assert stats["chunk_rows"] < 2_000
+        peaks.append(stats["peak_memory_bytes"])
+    # Reading the big file whole would add 51 MiB (and more for its Arrow copy).
+    assert peaks[1] - peaks[0] < 25 * 2**20, peaks
+    result = pq.read_table(tmp_path / "big-out.parquet")
+    assert result.column("id").to_pylist() == big.column("id").to_pylist()
+    assert np.array_equal(result.column("label").to_numpy(), expected(model, big_x)[0])
+
+
+def test_resume_after_a_kill_neither_redoes_nor_duplicates_chunks(tmp_path: Path, model: Path) -> None:
+    x, table = features(100_000)
+    write_input(table, tmp_path / "in.parquet")
+    out, parts = tmp_path / "out.parquet", tmp_path / "out.parquet.partial"
+    args = (model, tmp_path / "in.parquet", out, "--memory-budget-mb=2", "--batch-size=64", "--id-column=id")
+    process = start_batch(*args)
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("part-*.parquet"))) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline, "no chunk finished"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    finished = len(list(parts.glob("part-*.parquet")))
+
+    refused = batch(*args, check=2)
+    assert "pass --resume" in refused.stderr
+    summary = tmp_path / "summary.json"
+    batch(*args, "--resume", "--summary-json", summary)
+
+    stats = json.loads(summary.read_text())
+    assert stats["resumed_rows"] >= finished * stats["chunk_rows"]
+    assert stats["rows"] + stats["resumed_rows"] == 100_000
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == table.column("id").to_pylist()
+    assert np.array_equal(result.column("label").to_numpy(), expected(model, x)[0])
+    assert not parts.exists()
