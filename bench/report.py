@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -198,6 +199,21 @@ def targets(results: dict) -> list[str]:
     return out
 
 
+_SECTION = re.compile(r"^<!-- (\w+): .*?-->$.*?^<!-- /\1 -->$", re.S | re.M)
+
+
+def kept_sections(path: Path) -> str:
+    """The sections other scripts wrote into ``path`` between ``<!-- name: ... -->`` and
+    ``<!-- /name -->`` (protocols, feature lookups), to carry over when the report is rewritten."""
+    text = path.read_text() if path.exists() else ""
+    return "".join(f"\n{match.group(0)}\n" for match in _SECTION.finditer(text))
+
+
+def write(path: Path, results: dict, png_name: str | None) -> None:
+    """Write the report to ``path``, keeping the sections other scripts put there."""
+    path.write_text(markdown(results, png_name) + kept_sections(path))
+
+
 def markdown(results: dict, png_name: str | None) -> str:
     s, m = results["settings"], results["machine"]
     rows = results["rows"]
@@ -340,5 +356,5 @@ if __name__ == "__main__":
     res = json.loads(src.read_text())
     png = bench.parent / "docs" / "benchmarks.png"
     error = plot(res, src, png, bench / ".venvs" / "plot")
-    (bench.parent / "docs" / "benchmarks.md").write_text(markdown(res, None if error else png.name))
+    write(bench.parent / "docs" / "benchmarks.md", res, None if error else png.name)
     print(error or f"wrote docs/benchmarks.md and {png.name} from {src}")

@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_error = report.plot(results, json_path, png_path, VENVS / "plot")
     if plot_error:
         log(f"plot failed: {plot_error}")
-    md_path.write_text(report.markdown(results, png_path.name if not plot_error else None))
+    report.write(md_path, results, png_path.name if not plot_error else None)
     log(
         f"wrote {json_path.relative_to(ROOT)}, {md_path.relative_to(ROOT)}, {png_path.relative_to(ROOT)} "
         f"in {results['elapsed_s'] / 60:.1f} min"
