@@ -7,6 +7,7 @@ for one model, and what a request looks like for it (path and body).
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class Context:
     variant: str
 
 
-class Server:
+class Server(abc.ABC):
     name = ""
     packages: list[str] = []
     variants = ("default",)
@@ -52,8 +53,9 @@ class Server:
     # packages whose versions go into the report
     report_packages: list[str] = []
 
+    @abc.abstractmethod
     def launch(self, ctx: Context, port: int) -> Launch:
-        raise NotImplementedError
+        """The command that starts this server for ``ctx.model`` on ``port``."""
 
     def body(self, x: np.ndarray) -> bytes:
         """The request for the examples ``x``; TF Serving's row format unless overridden."""

@@ -9,8 +9,8 @@ from . import BATCH_WAIT_MS, MAX_BATCH, Context, Launch, Server, write
 
 APP = """
 import os
+import signal
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -47,8 +47,7 @@ ray.init(include_dashboard=False, _temp_dir=os.environ["BENCH_RAY_TMP"])
 serve.start(http_options={"host": "127.0.0.1", "port": PORT})
 serve.run(OnnxModel.bind(os.environ["BENCH_MODEL_FILE"]), route_prefix="/")
 print("ray serve ready", flush=True)
-while True:
-    time.sleep(3600)
+signal.pause()  # serve until the bench stops this process group
 """
 
 
