@@ -176,7 +176,7 @@ async def _run(options: BatchOptions) -> Summary:
                 response = await service.infer(ref, InferenceRequest(inputs, signature.name))
                 return {name: response.outputs[name] for name in outputs}
 
-            scorer = _Scorer(infer, options.batch_size, threads)
+            scorer = Scorer(infer, options.batch_size, threads)
             progress = _Progress(options.progress, total, options.log_interval_s)
             done = store.done()
             scoring_started = time.monotonic()
@@ -226,7 +226,7 @@ def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> 
 async def _pipeline(
     chunks: Iterator[Chunk],
     done: set[int],
-    scorer: _Scorer,
+    scorer: Scorer,
     store: PartStore,
     id_name: str,
     progress: _Progress,
@@ -276,7 +276,7 @@ async def _pipeline(
     return counts["rows"], counts["resumed"]
 
 
-class _Scorer:
+class Scorer:
     """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
     thread so that a thread never waits for the event loop to hand it the next; picks the batch
     size on the first chunk when none was given.
