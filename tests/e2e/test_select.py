@@ -2,7 +2,7 @@
 
 The constructed case has a known answer: ``big`` (1-nearest-neighbour, the most accurate, half a
 megabyte) is over the size budget, ``slow`` (logistic regression in a custom Python model that
-sleeps 50 ms per call, second most accurate) is over the latency budget, and ``tiny`` (Gaussian
+sleeps 150 ms per call, second most accurate) is over the latency budget, and ``tiny`` (Gaussian
 naive Bayes exported to ONNX, the least accurate, a few kB) wins. Budgets are set far from every
 measured value so that a loaded machine does not change the answer.
 """
@@ -17,17 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import requests
 
 from tests.conftest import ServerProcess
-from tests.models import digits, digits_classifier, write_python_model
+from tests.models import digits, digits_classifier, write_onnx_digits, write_python_model
 
 pytestmark = pytest.mark.timeout(120)
 
 TRAIN = 1200
 SIZE_BUDGET_MB = 0.2
-P99_BUDGET_MS = 25.0
+P99_BUDGET_MS = 100.0
 _SLEEPING_LOGREG = """
 def load(self):
     from pathlib import Path
@@ -37,7 +38,7 @@ def load(self):
 
 def predict(self, inputs):
     import time
-    time.sleep(0.05)
+    time.sleep(0.15)
     z = (inputs["x"] - self.mean) / self.scale
     return {"label": np.argmax(z @ self.coef.T + self.intercept, axis=1)}
 """
@@ -126,7 +127,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("select")
     _write_big(root / "models" / "big" / "1")
     _write_slow(root / "slow")
+    write_onnx_digits(root / "logreg")
     return {
+        "logreg": root / "logreg",
         "data": _validation_csv(root / "validation.csv"),
         "big": root / "models" / "big",
         "slow": root / "slow",
@@ -167,8 +170,8 @@ def test_known_answer_the_third_wins(built: dict[str, Path], tmp_path: Path) -> 
     big, slow, tiny = by_name["big"], by_name["slow"], by_name["tiny"]
     assert big["metrics"]["accuracy"] > slow["metrics"]["accuracy"] > tiny["metrics"]["accuracy"] > 0.5
     assert big["metrics"]["size_mb"] > SIZE_BUDGET_MB
-    assert big["reasons"] == [f"size_mb {big['metrics']['size_mb']:.4g} > {SIZE_BUDGET_MB:g}"]
-    assert slow["metrics"]["p99_ms"] >= 50
+    assert big["reasons"][0] == f"size_mb {big['metrics']['size_mb']:.4g} > {SIZE_BUDGET_MB:g}"
+    assert slow["metrics"]["p99_ms"] >= 150
     assert slow["reasons"] == [f"p99_ms {slow['metrics']['p99_ms']:.4g} > {P99_BUDGET_MS:g}"]
     assert tiny["won"]
     assert tiny["reasons"] == []
@@ -218,7 +221,7 @@ def test_custom_metric_function(built: dict[str, Path], tmp_path: Path) -> None:
     )
     report = tmp_path / "report.json"
     done = _select(
-        built["big"],
+        built["logreg"],
         built["variants"],
         "--data",
         built["data"],
@@ -239,23 +242,22 @@ def test_custom_metric_function(built: dict[str, Path], tmp_path: Path) -> None:
         "higher_is_better": False,
     }
     x, y = digits()
+    session = onnxruntime.InferenceSession(built["logreg"] / "model.onnx")
     wrong = {
-        "big": int(np.sum(_knn().predict(x[TRAIN:]) != y[TRAIN:])),  # type: ignore[attr-defined]
+        "logreg": int(np.sum(session.run(["label"], {"X": x[TRAIN:]})[0] != y[TRAIN:])),
         "tiny": int(np.sum(_gaussian_nb().predict(x[TRAIN:]) != y[TRAIN:])),  # type: ignore[attr-defined]
     }
     assert {c["name"]: c["metrics"]["wrong"] for c in result["candidates"]} == wrong
-    assert result["winner"] == "big"
+    assert result["winner"] == "logreg"
     (tiny,) = [c for c in result["candidates"] if c["name"] == "tiny"]
-    assert tiny["reasons"] == [f"wrong {wrong['tiny']} > winner's {wrong['big']}"]
+    assert tiny["reasons"] == [f"wrong {wrong['tiny']} > winner's {wrong['logreg']}"]
 
 
 @pytest.mark.parametrize(
     ("requirement", "message"),
     [
         ("p99_ms=5", "expected <metric><op><number>"),
-        ("p99_ms<=fast", "expected <metric><op><number>"),
         ("latency<=5", "unknown metric 'latency'"),
-        ("cost_per_million<=1", "needs --price-per-hour"),
     ],
 )
 def test_bad_require_is_refused_before_measuring(
@@ -278,9 +280,10 @@ def test_bad_require_is_refused_before_measuring(
 
 
 def _promotion_setup(root: Path) -> tuple[Path, Path]:
-    """Model ``digits`` with version 1 (naive Bayes), latest 2 served, label ``stable`` on 1."""
+    """Model ``digits`` with version 1 (logistic regression), latest 2 served, label ``stable``
+    on 1; the candidate promoted is ``tiny`` (naive Bayes), whose answers differ."""
     base = root / "repo" / "digits"
-    _write_onnx(base / "1", _gaussian_nb())
+    write_onnx_digits(base / "1")
     config = root / "models.config"
     config.write_text(
         "model_config_list {\n  config {\n"
@@ -296,7 +299,7 @@ def test_promotion_dry_run_changes_nothing(built: dict[str, Path], tmp_path: Pat
     base, config = _promotion_setup(tmp_path)
     before = config.read_text()
     done = _select(
-        built["big"],
+        built["variants"],
         "--data",
         built["data"],
         "--label",
@@ -344,12 +347,13 @@ def test_promotion_into_a_running_server_under_traffic(
                         outcomes.append(session.post(route, json=body, timeout=10).status_code)
                     except requests.RequestException:
                         outcomes.append(-1)
+                stop.wait(0.02)  # steady traffic that leaves the measuring some CPU on a small box
 
     sender = threading.Thread(target=traffic)
     sender.start()
     try:
         done = _select(
-            built["big"],
+            built["variants"],
             "--data",
             built["data"],
             "--label",
@@ -367,7 +371,7 @@ def test_promotion_into_a_running_server_under_traffic(
             "--apply",
         )
         assert done.returncode == 0, done.stderr
-        assert f"promoted big to {base / '2'}" in done.stdout
+        assert f"promoted tiny to {base / '2'}" in done.stdout
 
         def label_moved() -> bool:
             answer = requests.get(f"{server.url}/v1/models/digits/labels/stable", timeout=5)
@@ -382,7 +386,42 @@ def test_promotion_into_a_running_server_under_traffic(
     assert set(outcomes) == {200}, {s: outcomes.count(s) for s in set(outcomes)}
     assert len(outcomes) > 40
     assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # the staging folder is gone
-    assert (base / "2" / "model.skops").is_file()
+    assert (base / "2" / "model.onnx").is_file()
+    assert (base / "2" / "variant.json").is_file()
     assert 'key: "stable"\n      value: 2' in config.read_text()
     predicted = requests.post(routes[1], json=body, timeout=5).json()["predictions"]
-    assert predicted == _knn().predict(x[TRAIN : TRAIN + 4]).tolist()  # type: ignore[attr-defined]
+    assert [row["label"] for row in predicted] == _gaussian_nb().predict(x[TRAIN : TRAIN + 4]).tolist()  # type: ignore[attr-defined]
+
+
+def test_url_measures_through_the_server(
+    built: dict[str, Path], tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Candidates served by name: a repository whose model ``tiny`` is the candidate ``tiny``."""
+    repo = tmp_path / "repo"
+    _write_onnx(repo / "tiny" / "1", _gaussian_nb())
+    server = start_server(str(repo))
+    server.wait_for(lambda: server.status("tiny") == {"1": "AVAILABLE"}, "tiny to load")
+    report = tmp_path / "report.json"
+    done = _select(
+        repo / "tiny",
+        "--data",
+        built["data"],
+        "--label",
+        "digit",
+        "--optimize",
+        "accuracy",
+        "--url",
+        server.url,
+        "--require",
+        "server_p99_ms<=5000",
+        "--json",
+        report,
+    )
+    assert done.returncode == 0, done.stderr
+    (tiny,) = json.loads(report.read_bytes())["candidates"]
+    assert tiny["won"]
+    assert tiny["details"]["server_errors"] == {}
+    figures = tiny["metrics"]
+    assert 0 < figures["server_p50_ms"] <= figures["server_p99_ms"]
+    assert figures["server_throughput_rps"] > 0
+    assert "server_p99_ms" in done.stdout

@@ -47,7 +47,10 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
         return BAD_INPUT
     from rich.console import Console
 
-    Console(soft_wrap=True).print(report.table(outcome))
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)  # a log or a pipe: keep the figures whole
+    console.print(report.table(outcome))
     if outputs.json:
         outputs.json.write_bytes(report.to_json(outcome))
     if outputs.markdown:
