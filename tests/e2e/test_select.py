@@ -48,15 +48,21 @@ _SLEEPING_SIGNATURE = (
 )
 
 
-def _select(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _select(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "inferd", "select", *map(str, args), "--log_level", "error"],
         capture_output=True,
         text=True,
         timeout=110,
-        cwd=cwd,
         check=False,
     )
+
+
+def _select_digits(built: dict[str, Path], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``inferd select ARGS`` on the digits validation set (labels in column ``digit``), optimizing
+    accuracy unless ARGS say otherwise."""
+    goal = () if "--optimize" in args else ("--optimize", "accuracy")
+    return _select(*args, "--data", built["data"], "--label", "digit", *goal)
 
 
 def _validation_csv(path: Path) -> Path:
@@ -139,16 +145,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_known_answer_the_third_wins(built: dict[str, Path], tmp_path: Path) -> None:
     report, markdown, plot = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "plot.png"
-    done = _select(
+    done = _select_digits(
+        built,
         built["big"],
         built["slow"],
         built["variants"],
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
-        "--optimize",
-        "accuracy",
         "--require",
         f"size_mb<={SIZE_BUDGET_MB}",
         "--require",
@@ -191,14 +192,9 @@ def test_known_answer_the_third_wins(built: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_no_candidate_qualifies(built: dict[str, Path]) -> None:
-    done = _select(
+    done = _select_digits(
+        built,
         built["variants"],
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
-        "--optimize",
-        "accuracy",
         "--require",
         "accuracy>=0.999",
         "--require",
@@ -220,13 +216,10 @@ def test_custom_metric_function(built: dict[str, Path], tmp_path: Path) -> None:
         "    return float(np.sum(np.asarray(y_true) != np.asarray(y_pred)))\n"
     )
     report = tmp_path / "report.json"
-    done = _select(
+    done = _select_digits(
+        built,
         built["logreg"],
         built["variants"],
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
         "--optimize",
         f"{tmp_path / 'scoring.py'}:wrong",
         "--direction",
@@ -263,12 +256,9 @@ def test_custom_metric_function(built: dict[str, Path], tmp_path: Path) -> None:
 def test_bad_require_is_refused_before_measuring(
     built: dict[str, Path], requirement: str, message: str
 ) -> None:
-    done = _select(
+    done = _select_digits(
+        built,
         built["variants"],
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
         "--optimize",
         "f1",
         "--require",
@@ -295,23 +285,17 @@ def _promotion_setup(root: Path) -> tuple[Path, Path]:
     return base, config
 
 
+def _promote(base: Path, config: Path) -> tuple[str, ...]:
+    return ("--promote", str(base), "--promote-label", "stable", "--model_config_file", str(config))
+
+
 def test_promotion_dry_run_changes_nothing(built: dict[str, Path], tmp_path: Path) -> None:
     base, config = _promotion_setup(tmp_path)
     before = config.read_text()
-    done = _select(
+    done = _select_digits(
+        built,
         built["variants"],
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
-        "--optimize",
-        "accuracy",
-        "--promote",
-        base,
-        "--promote-label",
-        "stable",
-        "--model_config_file",
-        config,
+        *_promote(base, config),
     )
     assert done.returncode == 0, done.stderr
     assert "dry run" in done.stdout
@@ -352,20 +336,10 @@ def test_promotion_into_a_running_server_under_traffic(
     sender = threading.Thread(target=traffic)
     sender.start()
     try:
-        done = _select(
+        done = _select_digits(
+            built,
             built["variants"],
-            "--data",
-            built["data"],
-            "--label",
-            "digit",
-            "--optimize",
-            "accuracy",
-            "--promote",
-            base,
-            "--promote-label",
-            "stable",
-            "--model_config_file",
-            config,
+            *_promote(base, config),
             "--wait-url",
             server.url,
             "--apply",
@@ -402,14 +376,9 @@ def test_url_measures_through_the_server(
     server = start_server(str(repo))
     server.wait_for(lambda: server.status("tiny") == {"1": "AVAILABLE"}, "tiny to load")
     report = tmp_path / "report.json"
-    done = _select(
+    done = _select_digits(
+        built,
         repo / "tiny",
-        "--data",
-        built["data"],
-        "--label",
-        "digit",
-        "--optimize",
-        "accuracy",
         "--url",
         server.url,
         "--require",

@@ -22,8 +22,6 @@ import multiprocessing
 import os
 import resource
 import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -33,12 +31,10 @@ import numpy as np
 
 from inferd.errors import InferdError, InvalidArgument, ModelLoadError
 from inferd.loadtest.serverside import read_pid
-from inferd.manager import ModelManager
-from inferd.offline import Scorer
+from inferd.offline import Scorer, in_process
 from inferd.offline.sources import TABULAR, Chunk, find_inputs, plan_layout, read_chunks
 from inferd.select.candidates import Candidate
-from inferd.service import InferenceService
-from inferd.types import InferenceRequest, ModelRef, Tensors, VersionState
+from inferd.types import InferenceRequest, Tensors
 
 _CHUNK_ROWS = 65536
 
@@ -109,39 +105,25 @@ def _child(pipe: Connection, job: Job) -> None:
     except InferdError as exc:
         result = ("error", type(exc)(exc.message))
     except Exception as exc:  # anything the model's framework raised: report it, do not hang
-        result = ("error", ModelLoadError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+        result = ("error", ModelLoadError(f"{type(exc).__name__}: {exc}"))
     pipe.send(result)
     pipe.close()
 
 
 async def _measure(job: Job) -> Measurement:
     rss_before = read_pid(os.getpid())[1]
-    plan = job.candidate.plan
-    with (
-        ThreadPoolExecutor(1, "inferd-select-load") as load_pool,
-        ThreadPoolExecutor(1, "inferd-select-infer") as infer_pool,
-    ):
-        manager = ModelManager(load_pool)
-        await manager.apply([plan])
-        ref = ModelRef(plan.name)
-        (status,) = manager.status(ref)
-        if status.state is not VersionState.AVAILABLE:
-            raise ModelLoadError(status.error_message)
-        try:
-            service = InferenceService(manager, infer_pool)
-            signature = service.signature(ref, job.signature)
+    async with in_process(job.candidate.plan, threads=1) as (service, ref, _):
+        signature = service.signature(ref, job.signature)
 
-            async def infer(inputs: Tensors) -> Tensors:
-                return dict((await service.infer(ref, InferenceRequest(inputs, signature.name))).outputs)
+        async def infer(inputs: Tensors) -> Tensors:
+            return dict((await service.infer(ref, InferenceRequest(inputs, signature.name))).outputs)
 
-            chunk, labels = _validation(job, signature)
-            scorer = Scorer(infer, job.batch_size, threads=1)
-            scored, outputs = await scorer.score(chunk)
-            labels = labels[np.isin(chunk.numbers, scored.numbers)]
-            latency = await _latency(infer, scored.inputs, job.latency_calls, job.latency_budget_s)
-            rows_per_s, cpu_per_row = await _throughput(scorer, scored, job.throughput_budget_s)
-        finally:
-            await manager.close()
+        chunk, labels = _validation(job, signature)
+        scorer = Scorer(infer, job.batch_size, threads=1)
+        scored, outputs = await scorer.score(chunk)
+        labels = labels[np.isin(chunk.numbers, scored.numbers)]
+        latency = await _latency(infer, scored.inputs, job.latency_calls, job.latency_budget_s)
+        rows_per_s, cpu_per_row = await _throughput(scorer, scored, job.throughput_budget_s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Measurement(
         outputs=outputs,
