@@ -83,10 +83,8 @@ def plan(base: Path, label: str | None, config_file: Path | None) -> Promotion:
         InvalidArgument: ``label`` without a config file, a bad label name, or a config file that
             does not parse or has no model at ``base``.
     """
-    version = max(list_versions(base), default=0) + 1
-    notes = []
-    if not base.is_dir():
-        notes.append(f"{base} does not exist yet; it is created")
+    version = max(list_versions(base), default=0) + 1 if base.is_dir() else 1
+    notes = [] if base.is_dir() else [f"{base} does not exist yet; it is created"]
     if label is None:
         return Promotion(base, base.name, version, notes=tuple(notes))
     if config_file is None:

@@ -165,6 +165,9 @@ def plot(outcome: Outcome, path: Path) -> None:
                 )
             elif requirement.metric == goal:
                 panel.axhline(requirement.bound, color="tab:red", linestyle=":", label=f"floor {requirement}")
+        xs = [x for _, x, _ in points]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
+            panel.set_xscale("log")  # sizes and latencies that span orders of magnitude
         panel.set_xlabel(metric)
         panel.set_ylabel(goal)
         panel.grid(True, alpha=0.3)
