@@ -191,10 +191,14 @@ def test_known_answer_the_third_wins(built: dict[str, Path], tmp_path: Path) -> 
     assert "winner: tiny" in done.stdout
 
 
-def test_no_candidate_qualifies(built: dict[str, Path]) -> None:
+def test_no_candidate_qualifies(built: dict[str, Path], tmp_path: Path) -> None:
+    """Every reason is printed, also for a candidate that does not load."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not an ONNX model")
     done = _select_digits(
         built,
         built["variants"],
+        tmp_path / "broken",
         "--require",
         "accuracy>=0.999",
         "--require",
@@ -206,6 +210,8 @@ def test_no_candidate_qualifies(built: dict[str, Path]) -> None:
     assert "< 0.999" in done.stderr
     assert "size_mb " in done.stderr
     assert ">= 1e-06" in done.stderr
+    assert "broken: failed: " in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_custom_metric_function(built: dict[str, Path], tmp_path: Path) -> None:

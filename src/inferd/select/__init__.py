@@ -136,12 +136,12 @@ def _measure(candidate: Candidate, goal: Objective, options: SelectOptions) -> R
         options.latency_calls,
         options.latency_budget_s,
         options.throughput_budget_s,
+        logging.getLogger().getEffectiveLevel(),
     )
     try:
         measured = measure(job, options.timeout_s)
         score, output = goal.score(measured.labels, measured.outputs)
     except InferdError as exc:
-        log.warning("%s: %s", candidate.name, exc.message)
         return Result(candidate, error=exc.message)
     return Result(candidate, _figures(candidate, goal, score, measured, options), _details(output, measured))
 

@@ -18,9 +18,11 @@ slow another. The process loads the version through the same ``ModelManager`` an
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -53,6 +55,8 @@ class Job:
     latency_calls: int
     latency_budget_s: float
     throughput_budget_s: float
+    log_level: int = logging.WARNING
+    """The parent's logging level, for the measuring process's log lines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,9 @@ def measure(job: Job, timeout_s: float) -> Measurement:
 
 
 def _child(pipe: Connection, job: Job) -> None:
+    logging.basicConfig(
+        level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         result: tuple[str, Any] = ("ok", asyncio.run(_measure(job)))
     except InferdError as exc:

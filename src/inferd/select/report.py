@@ -144,8 +144,11 @@ def plot(outcome: Outcome, path: Path) -> None:
     winner = outcome.winner
     figure, panels = plt.subplots(1, len(axes_metrics), figsize=(5.5 * len(axes_metrics), 4.5), squeeze=False)
     for panel, metric in zip(panels[0], axes_metrics, strict=True):
-        points = [(r, r.figures.get(metric), r.figures.get(goal)) for r in measured]
-        points = [(r, x, y) for r, x, y in points if x is not None and y is not None]
+        points = [
+            (r, x, y)
+            for r in measured
+            if (x := r.figures.get(metric)) is not None and (y := r.figures.get(goal)) is not None
+        ]
         for result, x, y in points:
             won = winner is not None and result.candidate.name == winner.candidate.name
             panel.scatter(
