@@ -357,7 +357,10 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     add("--direction", choices=["max", "min"], help="max (higher is better) or min (default: by metric)")
     add("--average", default="macro", help="averaging of precision, recall, f1 (default: macro)")
     add("--output", help="model output to score (default: chosen by the metric)")
-    add("--signature", default="serving_default", help="signature to call (default: serving_default)")
+    add(
+        "--signature",
+        help="signature to call (default: serving_default; for auc, predict_proba where a model has it)",
+    )
     add("--price-per-hour", type=float, default=0.0, help="machine price per hour, for cost_per_million")
     add("--batch-size", type=int, default=0, help="rows per call when measuring throughput (default: probed)")
     add("--url", help="also measure through the server at this URL, which serves each candidate by name")

@@ -17,7 +17,7 @@ from inferd.select import promote as promotion
 from inferd.select.candidates import resolve
 from inferd.select.choose import choose, parse_requirement
 from inferd.select.metrics import objective
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_sklearn_digits
 
 ACCURACY = objective("accuracy")
 
@@ -348,3 +348,26 @@ def test_report_json_markdown_table_and_plot(tmp_path: Path) -> None:
     assert "p99_ms 9 > 5" in console.export_text()
     report.plot(outcome, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("asked", "scores", "expected"),
+    [(None, True, "predict_proba"), (None, False, "serving_default"), ("classify", True, "classify")],
+)
+def test_auc_calls_predict_proba_where_a_model_has_it(
+    tmp_path: Path, asked: str | None, scores: bool, expected: str
+) -> None:
+    import asyncio
+
+    from inferd.offline import in_process
+    from inferd.select.measure import Job, _signature_name
+
+    write_sklearn_digits(tmp_path / "digits" / "1")
+    (candidate,) = resolve([tmp_path / "digits"])
+    job = Job(candidate, "v.csv", "y", asked, scores, 0, 1, 0.1, 0.1)
+
+    async def chosen() -> str:
+        async with in_process(candidate.plan, threads=1) as (service, ref, _):
+            return _signature_name(service, ref, job)
+
+    assert asyncio.run(chosen()) == expected

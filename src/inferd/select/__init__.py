@@ -20,7 +20,7 @@ from pathlib import Path
 from inferd.errors import InferdError
 from inferd.select.candidates import Candidate, resolve
 from inferd.select.choose import Requirement, Verdict, choose, parse_requirement
-from inferd.select.measure import Job, Measurement, measure
+from inferd.select.measure import Job, Measurement, check_data, measure
 from inferd.select.metrics import Objective, objective
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class SelectOptions:
     direction: str | None = None
     average: str = "macro"
     output: str | None = None
-    signature: str = "serving_default"
+    signature: str | None = None
     price_per_hour: float = 0.0
     batch_size: int = 0
     latency_calls: int = 1000
@@ -83,13 +83,15 @@ def prepare(options: SelectOptions) -> tuple[Objective, tuple[Requirement, ...],
     """Check the options and resolve the candidates, before anything is measured.
 
     Raises:
-        InvalidArgument: bad ``--optimize``, ``--require`` or candidate paths (named).
+        InvalidArgument: bad ``--optimize``, ``--require``, ``--data`` or ``--label``, or candidate
+            paths (named).
     """
     goal = objective(options.optimize, options.direction, options.average, options.output)
     requirements = tuple(
         parse_requirement(text, goal, options.price_per_hour > 0, options.url is not None)
         for text in options.requirements
     )
+    check_data(options.data, options.label)
     return goal, requirements, resolve(options.candidates)
 
 
@@ -132,6 +134,7 @@ def _measure(candidate: Candidate, goal: Objective, options: SelectOptions) -> R
         options.data,
         options.label,
         options.signature,
+        goal.spec == "auc",
         options.batch_size,
         options.latency_calls,
         options.latency_budget_s,

@@ -36,9 +36,12 @@ from inferd.loadtest.serverside import read_pid
 from inferd.offline import Scorer, in_process
 from inferd.offline.sources import TABULAR, Chunk, find_inputs, plan_layout, read_chunks
 from inferd.select.candidates import Candidate
-from inferd.types import InferenceRequest, Tensors
+from inferd.service import InferenceService
+from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors
 
 _CHUNK_ROWS = 65536
+PROBABILITIES = "predict_proba"
+"""The signature in which scikit-learn and booster models give class probabilities."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +52,11 @@ class Job:
     data: str
     label: str
     """A column of the validation file, or, for ``.npy`` data, a ``.npy`` file of labels."""
-    signature: str
+    signature: str | None
+    """The signature to call; None: ``serving_default``, or ``predict_proba`` where the model
+    has one and ``scores`` is set."""
+    scores: bool
+    """The metric needs class scores (AUC)."""
     batch_size: int
     """Rows per call of the throughput run; 0 lets ``Scorer`` probe for the best."""
     latency_calls: int
@@ -120,7 +127,7 @@ def _child(pipe: Connection, job: Job) -> None:
 async def _measure(job: Job) -> Measurement:
     rss_before = read_pid(os.getpid())[1]
     async with in_process(job.candidate.plan, threads=1) as (service, ref, _):
-        signature = service.signature(ref, job.signature)
+        signature = service.signature(ref, _signature_name(service, ref, job))
 
         async def infer(inputs: Tensors) -> Tensors:
             return dict((await service.infer(ref, InferenceRequest(inputs, signature.name))).outputs)
@@ -142,6 +149,18 @@ async def _measure(job: Job) -> Measurement:
         cpu_s_per_1000=cpu_per_row * 1000,
         peak_memory_bytes=max(0, peak - rss_before),
     )
+
+
+def _signature_name(service: InferenceService, ref: ModelRef, job: Job) -> str:
+    """The signature asked for, else the scores of scikit-learn and booster models for AUC."""
+    if job.signature is not None:
+        return job.signature
+    if job.scores:
+        try:
+            return service.signature(ref, PROBABILITIES).name
+        except InvalidArgument:
+            pass  # no such signature: the default one may still give scores
+    return DEFAULT_SIGNATURE
 
 
 def _validation(job: Job, signature: Any) -> tuple[Chunk, np.ndarray]:
@@ -169,9 +188,19 @@ def _validation(job: Job, signature: Any) -> tuple[Chunk, np.ndarray]:
     return chunk, _label_file(job.label, sum(c.rows for c in chunks))[numbers]
 
 
+def check_data(data: str, label: str) -> None:
+    """Fail early on a validation set that cannot be read or labelled.
+
+    Raises:
+        InvalidArgument: no data files at ``data``, or ``.npy`` data or images without a ``.npy``
+            file of labels.
+    """
+    _, kind = find_inputs(data)
+    if kind not in TABULAR.values() and (not label.endswith(".npy") or not Path(label).is_file()):
+        raise InvalidArgument(f"--label: with {kind} data, give the labels as a .npy file, got {label!r}")
+
+
 def _label_file(path: str, rows: int) -> np.ndarray:
-    if not path.endswith(".npy") or not Path(path).is_file():
-        raise InvalidArgument(f"--label: with .npy data, give the labels as a .npy file, got {path!r}")
     labels = np.load(path, allow_pickle=False)
     if len(labels) != rows:
         raise InvalidArgument(f"--label {path}: {len(labels)} labels for {rows} rows of data")
