@@ -323,6 +323,86 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "select",
+        help="measure candidate models and pick the best one that meets every budget",
+        description=(
+            "Measure each CANDIDATE (a version folder, a model base path whose latest version is used, "
+            "or an `inferd optimize` output folder) on a labelled validation set on this machine, and "
+            "pick the one with the best --optimize metric among those meeting every --require. "
+            "Exit status: 0 with a winner, 3 when none qualifies, 2 for bad input. See docs/select.md."
+        ),
+    )
+    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
+    add = parser.add_argument
+    add(
+        "--data",
+        required=True,
+        help="validation set: a CSV, Parquet, JSONL or .npy file, or a folder of them",
+    )
+    add("--label", required=True, help="label column (with .npy data: a .npy file of labels)")
+    add(
+        "--optimize",
+        required=True,
+        help="accuracy, precision, recall, f1, auc, mae, rmse, or a function file.py:func or module:func",
+    )
+    add(
+        "--require",
+        action="append",
+        default=[],
+        metavar="METRIC<OP>NUMBER",
+        help='a budget, e.g. "p99_ms<=5" (repeatable; ops <=, <, >=, >)',
+    )
+    add("--direction", choices=["max", "min"], help="max (higher is better) or min (default: by metric)")
+    add("--average", default="macro", help="averaging of precision, recall, f1 (default: macro)")
+    add("--output", help="model output to score (default: chosen by the metric)")
+    add(
+        "--signature",
+        help="signature to call (default: serving_default; for auc, predict_proba where a model has it)",
+    )
+    add("--price-per-hour", type=float, default=0.0, help="machine price per hour, for cost_per_million")
+    add("--batch-size", type=int, default=0, help="rows per call when measuring throughput (default: probed)")
+    add("--url", help="also measure through the server at this URL, which serves each candidate by name")
+    add("--json", dest="json_path", type=Path, help="write the report as JSON to this file")
+    add("--markdown", type=Path, help="write the report as Markdown to this file")
+    add("--plot", type=Path, help="write the optimizing metric against each budget to this PNG")
+    add("--promote", type=Path, metavar="REPO/NAME", help="copy the winner in as the next version here")
+    add("--promote-label", help="with --promote: move this version label to the new version")
+    add("--model_config_file", type=Path, help="with --promote-label: the model config file holding labels")
+    add("--wait-url", help="with --promote-label: wait until this server serves the new version")
+    add("--apply", action="store_true", help="with --promote: do it (default: print the change only)")
+    add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _select(args: argparse.Namespace) -> int:
+    from inferd import select
+    from inferd.select import command
+
+    options = select.SelectOptions(
+        candidates=tuple(args.candidates),
+        data=args.data,
+        label=args.label,
+        optimize=args.optimize,
+        requirements=tuple(args.require),
+        direction=args.direction,
+        average=args.average,
+        output=args.output,
+        signature=args.signature,
+        price_per_hour=args.price_per_hour,
+        batch_size=args.batch_size,
+        url=args.url,
+    )
+    promote = None
+    if args.promote:
+        promote = command.PromoteOptions(
+            args.promote, args.promote_label, args.model_config_file, args.apply, args.wait_url
+        )
+    outputs = command.Outputs(args.json_path, args.markdown, args.plot)
+    return command.execute(options, outputs, promote)
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -334,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _features_parser(sub)
     _batch_parser(sub)
     _bench_parser(sub)
+    _select_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
         return _load_features(args)
@@ -346,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _batch(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "select":
+        return _select(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):

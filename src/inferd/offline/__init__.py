@@ -11,6 +11,7 @@ once, and the chunk size follows from ``--memory-budget-mb``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,15 @@ from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, Reject, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
 from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Signature, Tensors, VersionState
+from inferd.types import (
+    DEFAULT_SIGNATURE,
+    InferenceRequest,
+    ModelRef,
+    Signature,
+    Tensors,
+    VersionState,
+    VersionStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,58 +147,45 @@ async def _run(options: BatchOptions) -> Summary:
     plan = model_plan(options)
     fmt = output_format(options.output)
     threads = options.threads or os.cpu_count() or 1
-    with (
-        ThreadPoolExecutor(1, "inferd-batch-load") as load_pool,
-        ThreadPoolExecutor(threads, "inferd-batch-infer") as infer_pool,
-    ):
-        manager = ModelManager(load_pool)
-        await manager.apply([plan])
-        ref = ModelRef(plan.name)
-        (status,) = manager.status(ref)
-        if status.state is not VersionState.AVAILABLE:
-            raise ModelLoadError(status.error_message)
+    async with in_process(plan, threads) as (service, ref, status):
+        signature = service.signature(ref, options.signature)
+        outputs = _chosen_outputs(signature, options.outputs, fmt)
+        files, kind = find_inputs(options.input)
+        layout = plan_layout(signature, files, kind, options.id_column, options.keep_columns)
+        budget_rows = int(
+            options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
+        )
+        chunk_rows = max(1, min(_MAX_CHUNK_ROWS, budget_rows), options.batch_size)
+        job = {
+            "model": str(plan.aspired[status.version].path),
+            "fingerprint": plan.aspired[status.version].fingerprint,
+            "signature": signature.name,
+            "inputs": [str(p.resolve()) for p in files],
+            "outputs": outputs,
+            "id_column": layout.id_name,
+            "keep": list(layout.keep),
+            "chunk_rows": chunk_rows,
+        }
+        total = total_rows(layout)
+        store = PartStore(options.output, job, options.resume)
+        chunk_rows = int(store.job["chunk_rows"])
+
+        async def infer(inputs: Tensors) -> Tensors:
+            response = await service.infer(ref, InferenceRequest(inputs, signature.name))
+            return {name: response.outputs[name] for name in outputs}
+
+        scorer = Scorer(infer, options.batch_size, threads)
+        progress = _Progress(options.progress, total, options.log_interval_s)
+        done = store.done()
+        scoring_started = time.monotonic()
         try:
-            service = InferenceService(manager, infer_pool)
-            signature = service.signature(ref, options.signature)
-            outputs = _chosen_outputs(signature, options.outputs, fmt)
-            files, kind = find_inputs(options.input)
-            layout = plan_layout(signature, files, kind, options.id_column, options.keep_columns)
-            budget_rows = int(
-                options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
+            rows, resumed = await _pipeline(
+                read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
             )
-            chunk_rows = max(1, min(_MAX_CHUNK_ROWS, budget_rows), options.batch_size)
-            job = {
-                "model": str(plan.aspired[status.version].path),
-                "fingerprint": plan.aspired[status.version].fingerprint,
-                "signature": signature.name,
-                "inputs": [str(p.resolve()) for p in files],
-                "outputs": outputs,
-                "id_column": layout.id_name,
-                "keep": list(layout.keep),
-                "chunk_rows": chunk_rows,
-            }
-            total = total_rows(layout)
-            store = PartStore(options.output, job, options.resume)
-            chunk_rows = int(store.job["chunk_rows"])
-
-            async def infer(inputs: Tensors) -> Tensors:
-                response = await service.infer(ref, InferenceRequest(inputs, signature.name))
-                return {name: response.outputs[name] for name in outputs}
-
-            scorer = _Scorer(infer, options.batch_size, threads)
-            progress = _Progress(options.progress, total, options.log_interval_s)
-            done = store.done()
-            scoring_started = time.monotonic()
-            try:
-                rows, resumed = await _pipeline(
-                    read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
-                )
-            finally:
-                progress.close()
-            scoring_s = time.monotonic() - scoring_started
-            rejected = store.finish(options.rejects or _default_rejects(options.output))
         finally:
-            await manager.close()
+            progress.close()
+        scoring_s = time.monotonic() - scoring_started
+        rejected = store.finish(options.rejects or _default_rejects(options.output))
     seconds = time.monotonic() - started
     return Summary(
         model=f"{plan.name}:{status.version}",
@@ -204,6 +200,32 @@ async def _run(options: BatchOptions) -> Summary:
         batch_size=scorer.batch_size,
         chunk_rows=chunk_rows,
     )
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    plan: ModelPlan, threads: int
+) -> AsyncIterator[tuple[InferenceService, ModelRef, VersionStatus]]:
+    """The plan's one version loaded in this process (runtime, ``inferd.toml``, warm-up), behind
+    an ``InferenceService`` with ``threads`` inference threads; unloaded on exit.
+
+    Raises:
+        ModelLoadError: the version did not load or failed its warm-up.
+    """
+    with (
+        ThreadPoolExecutor(1, "inferd-load") as load_pool,
+        ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
+    ):
+        manager = ModelManager(load_pool)
+        await manager.apply([plan])
+        ref = ModelRef(plan.name)
+        (status,) = manager.status(ref)
+        if status.state is not VersionState.AVAILABLE:
+            raise ModelLoadError(status.error_message)
+        try:
+            yield InferenceService(manager, infer_pool), ref, status
+        finally:
+            await manager.close()
 
 
 def _default_rejects(output: Path) -> Path:
@@ -226,7 +248,7 @@ def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> 
 async def _pipeline(
     chunks: Iterator[Chunk],
     done: set[int],
-    scorer: _Scorer,
+    scorer: Scorer,
     store: PartStore,
     id_name: str,
     progress: _Progress,
@@ -276,7 +298,7 @@ async def _pipeline(
     return counts["rows"], counts["resumed"]
 
 
-class _Scorer:
+class Scorer:
     """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
     thread so that a thread never waits for the event loop to hand it the next; picks the batch
     size on the first chunk when none was given.
