@@ -22,9 +22,8 @@ from onnx import TensorProto, helper
 
 from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto import prediction_service_pb2_grpc as ps_grpc
-from inferd._proto.tensor_pb2 import TensorProto as TfTensor
-from inferd._proto.types_pb2 import DT_FLOAT
 from tests.conftest import ServerProcess, launch
+from tests.e2e.test_grpc import tensor_proto, to_numpy
 
 SWAPS = 100
 BALLAST = 1 << 18
@@ -117,9 +116,7 @@ def label_traffic(server: ServerProcess, label: str, stop: threading.Event, answ
     request = ps.PredictRequest()
     request.model_spec.name = "m"
     request.model_spec.version_label = label
-    request.inputs["x"].CopyFrom(
-        TfTensor(dtype=DT_FLOAT, tensor_shape={"dim": [{"size": 1}, {"size": 4}]}, float_val=[1, 1, 1, 1])
-    )
+    request.inputs["x"].CopyFrom(tensor_proto(np.ones((1, 4), dtype=np.float32)))
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = ps_grpc.PredictionServiceStub(channel)
         while not stop.is_set():
@@ -130,8 +127,8 @@ def label_traffic(server: ServerProcess, label: str, stop: threading.Event, answ
                 answers.append(Answer(label, sent, time.monotonic(), None, f"{exc.code()} {exc.details()}"))
                 continue
             version = response.model_spec.version.value
-            values = list(response.outputs["y"].float_val)
-            problem = "" if values == [float(version)] * 4 else f"output {values}"
+            values = to_numpy(response.outputs["y"], np.float32).tolist()
+            problem = "" if values == [[float(version)] * 4] else f"output {values}"
             answers.append(Answer(label, sent, time.monotonic(), version, problem))
 
 
@@ -187,21 +184,21 @@ def test_a_hundred_version_swaps_under_traffic_lose_nothing_and_leak_nothing(tmp
                 new = canary + 1
                 write_version(base, new, corrupt=True)
                 stable, canary = canary, new
-                write_config(config, base, stable, canary)
                 history.steps.append((time.monotonic(), {"latest": stable, "stable": stable, "canary": stable}))
+                write_config(config, base, stable, canary)
                 server.wait_for(lambda v=new: server.status("m").get(str(v)) == "END", f"step {step}: corrupt")
                 server.wait_for(settled(server, {stable}, canary=stable), f"step {step}: corrupt ignored")
             elif step % 10 == 6:  # the corrupt version fixed in place: now it loads
-                write_version(base, canary)
                 fixed_at[canary] = time.monotonic()
-                history.steps.append((time.monotonic(), {"latest": canary, "stable": stable, "canary": canary}))
+                history.steps.append((fixed_at[canary], {"latest": canary, "stable": stable, "canary": canary}))
+                write_version(base, canary)
                 server.wait_for(settled(server, {stable, canary}, canary), f"step {step}: fixed")
             else:  # a new version: canary moves to it, stable to the old canary, the oldest goes
                 retired, new = stable, canary + 1
                 write_version(base, new)
                 stable, canary = canary, new
-                write_config(config, base, stable, canary)
                 history.steps.append((time.monotonic(), {"latest": canary, "stable": stable, "canary": canary}))
+                write_config(config, base, stable, canary)
                 server.wait_for(settled(server, {stable, canary}, canary), f"step {step}: swapped")
                 shutil.rmtree(base / str(retired))
         time.sleep(1.0)  # traffic on the final versions

@@ -174,7 +174,9 @@ def test_grpc_deadlines_drop_expired_work_before_it_is_computed(tmp_path: Path, 
     calls = tmp_path / "calls.log"
     base = tmp_path / "repo" / "slow"
     if batched:
-        write_model(base, slow_model(0.5, log=calls), "max_batch_size = 1\nbatch_timeout_micros = 0")
+        write_model(
+            base, slow_model(0.5, log=calls), "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1"
+        )
     else:
         write_python_model(base / "1", slow_model(0.5, log=calls), ROW_AWARE_SIGNATURE)
     server = launch(tmp_path, str(tmp_path / "repo"), "--rest_api_num_threads=1")
@@ -186,8 +188,8 @@ def test_grpc_deadlines_drop_expired_work_before_it_is_computed(tmp_path: Path, 
         x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
         with cf.ThreadPoolExecutor(5) as pool:
             first = pool.submit(client.infer, "slow", [x], client_timeout=30)
-            time.sleep(0.2)  # the one thread is busy with it
-            late = [pool.submit(client.infer, "slow", [x], client_timeout=0.3) for _ in range(4)]
+            time.sleep(0.1)  # the one thread is busy with it until 0.5 s
+            late = [pool.submit(client.infer, "slow", [x], client_timeout=0.2) for _ in range(4)]
             for future in late:
                 with pytest.raises(InferenceServerException) as raised:
                     future.result()
