@@ -93,10 +93,18 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 2) if values else None
 
 
-def overload(args: argparse.Namespace, url: str, target: str, protocol: str, pid: int, rate: float, idle_s: float) -> dict[str, Any]:
+def overload(
+    args: argparse.Namespace, url: str, target: str, protocol: str, pid: int, rate: float, idle_s: float
+) -> dict[str, Any]:
     rss_before = read_pid(pid)[1]
     options = BenchOptions(
-        target, "work", protocol=protocol, rates=(rate,), duration_s=args.seconds, warmup_s=2.0, timeout_s=30.0
+        target,
+        "work",
+        protocol=protocol,
+        rates=(rate,),
+        duration_s=args.seconds,
+        warmup_s=2.0,
+        timeout_s=30.0,
     )
     stop, seen, peak = threading.Event(), [], rss_before
     prober = threading.Thread(target=probe, args=(url, stop, seen), daemon=True)
@@ -125,7 +133,11 @@ def overload(args: argparse.Namespace, url: str, target: str, protocol: str, pid
         "accepted": step.requests - sum(step.errors.values()),
         "refused": step.errors,
         "accepted_ms": {k: None if v is None else round(v, 1) for k, v in step.latency_ms.items()},
-        "refusal_ms": {"p50": percentile_ms(refused, 50), "p99": percentile_ms(refused, 99), "probes": len(refused)},
+        "refusal_ms": {
+            "p50": percentile_ms(refused, 50),
+            "p99": percentile_ms(refused, 99),
+            "probes": len(refused),
+        },
         "retry_after_on_every_503": all(retry == "1" for status, _, retry in seen if status == 503),
         "rss_mib": {
             "before": round(rss_before / 2**20, 1),
@@ -138,7 +150,9 @@ def overload(args: argparse.Namespace, url: str, target: str, protocol: str, pid
 
 def section(results: dict[str, Any]) -> str:
     s = results["settings"]
-    bound_ms = (s["max_enqueued_batches"] / s["num_batch_threads"] + 1) * s["batch_ms"] + s["batch_timeout_ms"]
+    bound_ms = (s["max_enqueued_batches"] / s["num_batch_threads"] + 1) * s["batch_ms"] + s[
+        "batch_timeout_ms"
+    ]
     lines = [
         SECTION_START,
         "## Overload",
@@ -207,8 +221,17 @@ def main() -> int:
         )
         port, grpc_port = procs.free_port(), procs.free_port()
         server = procs.ServerProcess(
-            [sys.executable, "-m", "inferd", "serve", str(version.parent.parent), "--host=127.0.0.1",
-             f"--rest_api_port={port}", f"--port={grpc_port}", "--file_system_poll_wait_seconds=0"],
+            [
+                sys.executable,
+                "-m",
+                "inferd",
+                "serve",
+                str(version.parent.parent),
+                "--host=127.0.0.1",
+                f"--rest_api_port={port}",
+                f"--port={grpc_port}",
+                "--file_system_poll_wait_seconds=0",
+            ],
             ROOT,
             {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
             Path(tmp) / "server.log",
@@ -224,7 +247,9 @@ def main() -> int:
             idle_s = float(np.median([post(url)[1] for _ in range(20)]))
             (capacity,) = bench(BenchOptions(url, "work", protocol="v2", concurrency=(64,), duration_s=5.0))
             rate = args.factor * capacity.requests_per_s
-            print(f"idle {idle_s * 1000:.1f} ms, capacity {capacity.requests_per_s:.0f}/s, offering {rate:.0f}/s")
+            print(
+                f"idle {idle_s * 1000:.1f} ms, capacity {capacity.requests_per_s:.0f}/s, offering {rate:.0f}/s"
+            )
             runs = []
             for protocol in args.protocols:
                 target = f"127.0.0.1:{grpc_port}" if protocol.endswith("grpc") else url

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -136,7 +136,7 @@ class ModelManager:
                         self._retire(entry, version)
 
     @staticmethod
-    def _move_labels(name: str, entry: _Entry, wanted: dict[str, int]) -> dict[str, int]:
+    def _move_labels(name: str, entry: _Entry, wanted: Mapping[str, int]) -> dict[str, int]:
         """The labels to route by: as ``wanted``, except that a label whose new version is not
         AVAILABLE keeps its old one while that one still serves, so no request finds it empty."""
         labels = dict(wanted)
@@ -290,7 +290,9 @@ class ModelManager:
         statuses = [entry.versions[v].status() for v in numbers]
         if self._draining:
             unloading = VersionState.UNLOADING
-            statuses = [replace(s, state=unloading) if s.state is VersionState.AVAILABLE else s for s in statuses]
+            statuses = [
+                replace(s, state=unloading) if s.state is VersionState.AVAILABLE else s for s in statuses
+            ]
         return statuses
 
     def serves(self, name: str) -> bool:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
-ANSWER_GRACE_S = 1.0
+ANSWER_GRACE_S = 1
 """After the drain, how long answers still being sent (HTTP and gRPC) may take before they are
 cancelled."""
 
@@ -256,7 +256,11 @@ class Server:
         if health is not None:
             await health.enter_graceful_shutdown()
         timeout_s = self.config.drain_timeout_s
-        log.info("shutting down: waiting up to %.0f s for %d request(s) in flight", timeout_s, self.manager.leases())
+        log.info(
+            "shutting down: waiting up to %.0f s for %d request(s) in flight",
+            timeout_s,
+            self.manager.leases(),
+        )
         if not await self.manager.drained(timeout_s):
             self.abandoned = self.manager.leases()
             log.warning("drain timed out with %d request(s) still in flight", self.abandoned)

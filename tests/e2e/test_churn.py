@@ -168,7 +168,8 @@ def test_a_hundred_version_swaps_under_traffic_lose_nothing_and_leak_nothing(tmp
     answers: list[Answer] = []
     clients = [threading.Thread(target=v2_traffic, args=(server, stop, answers))]
     clients += [
-        threading.Thread(target=label_traffic, args=(server, label, stop, answers)) for label in ("stable", "canary")
+        threading.Thread(target=label_traffic, args=(server, label, stop, answers))
+        for label in ("stable", "canary")
     ]
     fixed_at: dict[int, float] = {}
     """Corrupt version -> when its fixed files were written."""
@@ -184,20 +185,28 @@ def test_a_hundred_version_swaps_under_traffic_lose_nothing_and_leak_nothing(tmp
                 new = canary + 1
                 write_version(base, new, corrupt=True)
                 stable, canary = canary, new
-                history.steps.append((time.monotonic(), {"latest": stable, "stable": stable, "canary": stable}))
+                history.steps.append(
+                    (time.monotonic(), {"latest": stable, "stable": stable, "canary": stable})
+                )
                 write_config(config, base, stable, canary)
-                server.wait_for(lambda v=new: server.status("m").get(str(v)) == "END", f"step {step}: corrupt")
+                server.wait_for(
+                    lambda v=new: server.status("m").get(str(v)) == "END", f"step {step}: corrupt"
+                )
                 server.wait_for(settled(server, {stable}, canary=stable), f"step {step}: corrupt ignored")
             elif step % 10 == 6:  # the corrupt version fixed in place: now it loads
                 fixed_at[canary] = time.monotonic()
-                history.steps.append((fixed_at[canary], {"latest": canary, "stable": stable, "canary": canary}))
+                history.steps.append(
+                    (fixed_at[canary], {"latest": canary, "stable": stable, "canary": canary})
+                )
                 write_version(base, canary)
                 server.wait_for(settled(server, {stable, canary}, canary), f"step {step}: fixed")
             else:  # a new version: canary moves to it, stable to the old canary, the oldest goes
                 retired, new = stable, canary + 1
                 write_version(base, new)
                 stable, canary = canary, new
-                history.steps.append((time.monotonic(), {"latest": canary, "stable": stable, "canary": canary}))
+                history.steps.append(
+                    (time.monotonic(), {"latest": canary, "stable": stable, "canary": canary})
+                )
                 write_config(config, base, stable, canary)
                 server.wait_for(settled(server, {stable, canary}, canary), f"step {step}: swapped")
                 shutil.rmtree(base / str(retired))

@@ -175,7 +175,9 @@ def test_grpc_deadlines_drop_expired_work_before_it_is_computed(tmp_path: Path, 
     base = tmp_path / "repo" / "slow"
     if batched:
         write_model(
-            base, slow_model(0.5, log=calls), "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1"
+            base,
+            slow_model(0.5, log=calls),
+            "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1",
         )
     else:
         write_python_model(base / "1", slow_model(0.5, log=calls), ROW_AWARE_SIGNATURE)
@@ -206,7 +208,9 @@ def test_grpc_deadlines_drop_expired_work_before_it_is_computed(tmp_path: Path, 
 def test_the_rest_timeout_covers_the_queue_wait_and_drops_expired_unbatched_work(tmp_path: Path) -> None:
     calls = tmp_path / "calls.log"
     write_python_model(tmp_path / "repo" / "slow" / "1", slow_model(0.5, log=calls), ROW_AWARE_SIGNATURE)
-    server = launch(tmp_path, str(tmp_path / "repo"), "--rest_api_num_threads=1", "--rest_api_timeout_in_ms=300")
+    server = launch(
+        tmp_path, str(tmp_path / "repo"), "--rest_api_num_threads=1", "--rest_api_timeout_in_ms=300"
+    )
     try:
         server.wait_for(lambda: server.status("slow") == {"1": "AVAILABLE"}, "the model")
         calls.write_text("")
@@ -219,4 +223,3 @@ def test_the_rest_timeout_covers_the_queue_wait_and_drops_expired_unbatched_work
         assert len(calls.read_text().splitlines()) == 1  # only the one a thread had started
     finally:
         server.stop()
-

@@ -92,7 +92,8 @@ def grpc_client(server: ServerProcess, traffic: Traffic, value: float) -> None:
 def under_traffic(server: ServerProcess, rest: int, grpc_clients: int) -> Iterator[Traffic]:
     traffic = Traffic()
     threads = [
-        threading.Thread(target=rest_client, args=(server, traffic, float(i)), daemon=True) for i in range(rest)
+        threading.Thread(target=rest_client, args=(server, traffic, float(i)), daemon=True)
+        for i in range(rest)
     ]
     threads += [
         threading.Thread(target=grpc_client, args=(server, traffic, float(100 + i)), daemon=True)
