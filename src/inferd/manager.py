@@ -64,6 +64,8 @@ class ServedVersion:
 class _Entry:
     versions: dict[int, ServedVersion] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -127,33 +129,34 @@ class ModelManager:
             for number in sorted(plan.aspired, reverse=True):
                 if self._needs_load(entry.versions.get(number), plan.aspired[number]):
                     await self._load(entry, plan, plan.aspired[number])
-            entry.labels = self._move_labels(plan.name, entry, plan.labels)
+            self._move_labels(plan.name, entry, plan.labels)
             aspired = [entry.versions[v] for v in plan.aspired if v in entry.versions]
             if not aspired or any(v.state is VersionState.AVAILABLE for v in aspired):
-                labelled = set(entry.labels.values())
+                held = {entry.labels[label] for label in entry.held}
                 for version in list(entry.versions.values()):
-                    if version.id.version not in plan.aspired and version.id.version not in labelled:
+                    if version.id.version not in plan.aspired and version.id.version not in held:
                         self._retire(entry, version)
 
     @staticmethod
-    def _move_labels(name: str, entry: _Entry, wanted: Mapping[str, int]) -> dict[str, int]:
-        """The labels to route by: as ``wanted``, except that a label whose new version is not
-        AVAILABLE keeps its old one while that one still serves, so no request finds it empty."""
-        labels = dict(wanted)
+    def _move_labels(name: str, entry: _Entry, wanted: Mapping[str, int]) -> None:
+        """Route labels as ``wanted``, except that a label whose new version is not AVAILABLE is
+        held on its old one while that one still serves, so no request finds it empty."""
+        labels, held = dict(wanted), {}
         for label, number in wanted.items():
             old = entry.labels.get(label)
             if old is None or old == number or _available(entry.versions.get(number)):
                 continue
             if _available(entry.versions.get(old)):
-                labels[label] = old
-                log.warning(
-                    "label %r of model %s stays on version %d: version %d is not available",
-                    label,
-                    name,
-                    old,
-                    number,
-                )
-        return labels
+                labels[label], held[label] = old, number
+                if entry.held.get(label) != number:
+                    log.warning(
+                        "label %r of model %s stays on version %d until version %d is available",
+                        label,
+                        name,
+                        old,
+                        number,
+                    )
+        entry.labels, entry.held = labels, held
 
     @staticmethod
     def _needs_load(current: ServedVersion | None, source: VersionSource) -> bool:
