@@ -155,14 +155,17 @@ class HttpApp:
         metrics = self._metrics
         if metrics:
             metrics.in_flight += 1
-        answer = asyncio.ensure_future(call)
-        hangup = asyncio.ensure_future(_disconnect(receive))
+        task = asyncio.current_task()
+        assert task is not None
+        hangup = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
         try:
             async with asyncio.timeout(self._timeout_s):
-                await asyncio.wait((answer, hangup), return_when=asyncio.FIRST_COMPLETED)
-            return answer.result() if answer.done() else None
+                return await call
+        except asyncio.CancelledError:
+            if hangup.done() and not hangup.cancelled() and task.uncancel() == 0:
+                return None  # cancelled by the hang-up alone
+            raise
         finally:
-            answer.cancel()
             hangup.cancel()
             if metrics:
                 metrics.in_flight -= 1
@@ -189,10 +192,11 @@ class HttpApp:
         )
 
 
-async def _disconnect(receive: Any) -> None:
-    """Return when the client closes the connection (the request body was read already)."""
+async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` when the client closes the connection (the request body was read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    task.cancel()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -134,8 +134,13 @@ def test_sigterm_under_traffic_drains_every_request_in_flight_and_exits_0(repo: 
             server.wait_for(lambda: len(traffic.outcomes) >= 8, "answers before the signal")
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            # Readiness goes false at once, while the requests in flight are still being computed.
-            assert requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 503
+            # Readiness goes false at once (once the signal is handled), while the requests in
+            # flight are still being computed.
+            server.wait_for(
+                lambda: requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 503,
+                "readiness to go false",
+                timeout_s=BATCH_S,
+            )
             assert health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert server.status("slow") == {"1": "UNLOADING"}
             refused = requests.post(
@@ -151,12 +156,11 @@ def test_sigterm_under_traffic_drains_every_request_in_flight_and_exits_0(repo: 
             exited = time.monotonic()
     finally:
         server.stop()
-    assert probed - signalled < BATCH_S * 2, "the probes were answered while requests were in flight"
     before = [o for o in traffic.outcomes if o.sent < signalled - MARGIN_S]
     in_flight = [o for o in before if o.answered > signalled]
     assert [o.kind for o in before if o.kind != "ok"] == []  # zero requests in flight lost
     assert len(in_flight) >= 4, "the signal should come while requests are queued or computing"
-    assert max(o.answered for o in in_flight) <= exited
+    assert probed < max(o.answered for o in in_flight) <= exited  # not ready while still serving
     after = [o.kind for o in traffic.outcomes if o.sent > signalled]
     assert "refused" in after
     assert set(after) <= {"ok", "refused", "closed"}, after
