@@ -93,10 +93,35 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 2) if values else None
 
 
+def server_totals(url: str) -> dict[float, float]:
+    """Cumulative counts of the server-side total time of model ``work``'s requests, by bucket."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            total = sample.name == "inferd_request_duration_seconds_bucket" and labels.get("stage") == "total"
+            if total and labels.get("model") == "work":
+                bound = float(labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return counts
+
+
+def server_p99_bucket(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The smallest histogram bound under which 99% of the requests between the snapshots fell."""
+    diff = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    total = diff.get(float("inf"), 0.0)
+    return next((bound for bound in sorted(diff) if total and diff[bound] >= 0.99 * total), None)
+
+
 def overload(
     args: argparse.Namespace, url: str, target: str, protocol: str, pid: int, rate: float, idle_s: float
 ) -> dict[str, Any]:
     rss_before = read_pid(pid)[1]
+    totals_before = server_totals(url)
     options = BenchOptions(
         target,
         "work",
@@ -119,6 +144,7 @@ def overload(
     stop.set()
     prober.join()
     ended = time.monotonic()
+    server_p99 = server_p99_bucket(totals_before, server_totals(url))
     while post(url)[1] > idle_s * 1.5 and time.monotonic() - ended < 60:
         time.sleep(0.01)
     recovery_s = time.monotonic() - ended
@@ -133,6 +159,7 @@ def overload(
         "accepted": step.requests - sum(step.errors.values()),
         "refused": step.errors,
         "accepted_ms": {k: None if v is None else round(v, 1) for k, v in step.latency_ms.items()},
+        "server_p99_at_most_s": server_p99,
         "refusal_ms": {
             "p50": percentile_ms(refused, 50),
             "p99": percentile_ms(refused, 99),
@@ -161,16 +188,18 @@ def section(results: dict[str, Any]) -> str:
         "**a machine shared with other jobs**: the figures are indicative. "
         f"`bench/overload.py --seconds {s['seconds']:g}`: a batched model whose predict call takes "
         f"{s['batch_ms']:g} ms per batch of up to {s['batch_rows']} rows, "
-        f"`max_enqueued_batches = {s['max_enqueued_batches']}`, `num_batch_threads = {s['num_batch_threads']}`, "
+        f"`max_enqueued_batches = {s['max_enqueued_batches']}`, "
+        f"`num_batch_threads = {s['num_batch_threads']}`, "
         f"`batch_timeout_micros = {s['batch_timeout_ms'] * 1000:g}`. Idle latency "
         f"{results['idle_ms']:.1f} ms; capacity {results['capacity_per_s']:.0f} requests/s (closed loop, "
-        f"64 callers); open loop (`inferd bench --rate`) at {s['factor']:g}x capacity for {s['seconds']:g} s. "
+        f"64 callers); open loop (`inferd bench --rate`) at {s['factor']:g}x capacity "
+        f"for {s['seconds']:g} s. "
         f"Documented bound on accepted latency (docs/serving.md): (queue / threads + 1) x batch + timeout "
         f"= {bound_ms:.0f} ms, plus protocol overhead.",
         "",
-        "| protocol | offered/s | sent | accepted | refused | accepted p50 / p99 ms | refusal p50 / p99 ms "
-        "| RSS before / peak / after MiB | back to idle latency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| protocol | offered/s | sent | accepted | refused | accepted p50 / p99 ms | server-side p99 "
+        "| refusal p50 / p99 ms | RSS before / peak / after MiB | back to idle latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         refused = ", ".join(f"{k} {v}" for k, v in r["refused"].items()) or "0"
@@ -178,11 +207,16 @@ def section(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['protocol']} | {r['offered_per_s']:.0f} | {r['requests']} | {r['accepted']} | {refused} "
             f"| {r['accepted_ms']['p50']} / {r['accepted_ms']['p99']} "
+            f"| <= {r['server_p99_at_most_s']} s "
             f"| {r['refusal_ms']['p50']} / {r['refusal_ms']['p99']} "
             f"| {rss['before']} / {rss['peak']} / {rss['after']} | {r['recovery_s']} s |"
         )
     lines += [
         "",
+        "Accepted latency is counted by the load generator from when each request was due (no "
+        "coordinated omission), so it includes the client's own delays on this shared machine; the "
+        'server-side p99 is the `inferd_request_duration_seconds{stage="total"}` histogram bucket '
+        "that holds 99% of the requests of the run (buckets 0.1, 0.25, 0.5, 1, 2.5 s). "
         "Refusal latency is timed by a probe (one V2 REST request every 10 ms beside the load, "
         "Python `urllib`, so it includes the client's own overhead); every 503 carried "
         f"`Retry-After: 1`: {all(r['retry_after_on_every_503'] for r in results['runs'])}.",
@@ -248,7 +282,7 @@ def main() -> int:
             (capacity,) = bench(BenchOptions(url, "work", protocol="v2", concurrency=(64,), duration_s=5.0))
             rate = args.factor * capacity.requests_per_s
             print(
-                f"idle {idle_s * 1000:.1f} ms, capacity {capacity.requests_per_s:.0f}/s, offering {rate:.0f}/s"
+                f"idle {idle_s * 1000:.1f} ms, capacity {capacity.requests_per_s:.0f}/s, offer {rate:.0f}/s"
             )
             runs = []
             for protocol in args.protocols:
@@ -258,7 +292,7 @@ def main() -> int:
         finally:
             server.stop()
     results = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "settings": settings,
         "idle_ms": idle_s * 1000,

@@ -3,7 +3,8 @@
 The open-loop load comes from ``inferd bench`` (``inferd.loadtest``) at five times the model's
 capacity; a probe beside it times the refusals. The bound on accepted latency is the documented
 one (docs/serving.md, "Overload"): (max_enqueued_batches / num_batch_threads + 1) batch
-latencies plus the batch timeout, here 0.5 s, tested with generous slack for a loaded machine.
+latencies plus the batch timeout, here 0.5 s; the test allows twice that plus 0.5 s, for a
+loaded machine (an unbounded queue would reach seconds within the run).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_five_times_capacity_keeps_accepted_latency_bounded_and_refuses_the_rest
     assert report.errors[refusal] >= 0.5 * report.requests  # and the excess was shed
     p99 = report.latency_ms["p99"]
     assert p99 is not None
-    assert p99 / 1000 < BOUND_S + 0.75, (p99, BOUND_S)
+    assert p99 / 1000 < 2 * BOUND_S + 0.5, (p99, BOUND_S)  # slack for a loaded machine
     refused = sorted(seconds for status, seconds, _ in probed if status == 503)
     assert len(refused) >= 10
     assert all(retry == "1" for status, _, retry in probed if status == 503)
