@@ -10,7 +10,7 @@ on a shared machine). Steps: idle latency (one request at a time), capacity (clo
 callers), then ``inferd bench --rate`` at ``--factor`` times that capacity for each protocol
 while a probe times the refusals and /proc samples the server's memory, then the time until a
 lone request is back to its idle latency. Results go to bench/results/overload.json and to the
-``overload`` section of docs/benchmarks.md. See docs/serving.md ("Overload") for the bound.
+``overload`` section of docs/benchmarks.md. See docs/batching.md ("Load shedding") for the bound.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def section(results: dict[str, Any]) -> str:
         f"{results['idle_ms']:.1f} ms; capacity {results['capacity_per_s']:.0f} requests/s (closed loop, "
         f"64 callers); open loop (`inferd bench --rate`) at {s['factor']:g}x capacity "
         f"for {s['seconds']:g} s. "
-        f"Documented bound on accepted latency (docs/serving.md): (queue / threads + 1) x batch + timeout "
+        f"Documented bound on accepted latency (docs/batching.md): (queue / threads + 1) x batch + timeout "
         f"= {bound_ms:.0f} ms, plus protocol overhead.",
         "",
         "| protocol | offered/s | sent | accepted | refused | accepted p50 / p99 ms | server-side p99 "

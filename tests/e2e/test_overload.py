@@ -2,7 +2,7 @@
 
 The open-loop load comes from ``inferd bench`` (``inferd.loadtest``) at five times the model's
 capacity; a probe beside it times the refusals. The bound on accepted latency is the documented
-one (docs/serving.md, "Overload"): (max_enqueued_batches / num_batch_threads + 1) batch
+one (docs/batching.md, "Load shedding"): (max_enqueued_batches / num_batch_threads + 1) batch
 latencies plus the batch timeout, here 0.5 s; the test allows twice that plus 0.5 s, for a
 loaded machine (an unbounded queue would reach seconds within the run).
 """
