@@ -315,12 +315,11 @@ class ModelManager:
         """Leases held now, over every version: the requests still being served."""
         return sum(v.leases for entry in self._models.values() for v in entry.versions.values())
 
-    async def drained(self, timeout_s: float) -> bool:
-        """Wait until no lease is held, at most ``timeout_s``; True when none is left."""
+    async def drained(self, timeout_s: float) -> None:
+        """Wait until no lease is held, at most ``timeout_s``."""
         give_up = time.monotonic() + timeout_s
         while self.leases() and time.monotonic() < give_up:
             await asyncio.sleep(_DRAIN_POLL_S)
-        return not self.leases()
 
     async def close(self) -> None:
         """Unload every version (in-flight leases are waited for) and forget every model."""

@@ -236,7 +236,7 @@ class Server:
         )
         self.control = ModelControl(self.repository, self.manager)
         self.abandoned = 0
-        """Requests still in flight when the drain timed out."""
+        """Requests still in flight when the drain ended (timed out, or a second signal)."""
 
     async def _poll(self, interval_s: float) -> None:
         while True:
@@ -265,9 +265,12 @@ class Server:
             timeout_s,
             self.manager.leases(),
         )
-        if not await self.manager.drained(timeout_s):
+        try:
+            await self.manager.drained(timeout_s)
+        finally:  # also when a second signal cancels the wait
             self.abandoned = self.manager.leases()
-            log.warning("drain timed out with %d request(s) still in flight", self.abandoned)
+            if self.abandoned:
+                log.warning("drain ended with %d request(s) still in flight", self.abandoned)
 
     async def run(self) -> None:
         """Load the initial models, serve until a signal arrives, then unload everything."""
