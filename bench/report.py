@@ -209,6 +209,21 @@ def kept_sections(path: Path) -> str:
     return "".join(f"\n{match.group(0)}\n" for match in _SECTION.finditer(text))
 
 
+def replace_section(path: Path, text: str) -> None:
+    """Put ``text``, one ``<!-- name: ... -->`` ... ``<!-- /name -->`` section, into ``path`` in
+    place of the section of that name, or at the end."""
+    match = _SECTION.fullmatch(text.strip())
+    assert match, "the text must be one whole section"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    name = re.escape(match.group(1))
+    pattern = re.compile(rf"^<!-- {name}: .*?-->$.*?^<!-- /{name} -->$", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: text.strip(), doc, count=1)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text.strip() + "\n"
+    path.write_text(doc)
+
+
 def write(path: Path, results: dict, png_name: str | None) -> None:
     """Write the report to ``path``, keeping the sections other scripts put there."""
     path.write_text(markdown(results, png_name) + kept_sections(path))

@@ -6,9 +6,9 @@ batch closes when it holds the target number of rows, when its oldest request wa
 timeout, or at once when no batch is running: waiting only pays while the model is busy and
 more requests are bound to arrive, so a lone request is never delayed. A batch runs on the
 executor while the next one forms; at most ``num_batch_threads`` batches run at once. Requests
-whose deadline passed, or whose caller went away, are dropped before they are computed. A
-request larger than ``max_batch_size`` is split into batches of that size and its outputs joined
-again.
+whose deadline passed are dropped before they are computed; a request whose caller went away
+(its ``submit`` cancelled) leaves the queue at once, freeing its slot. A request larger than
+``max_batch_size`` is split into batches of that size and its outputs joined again.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
@@ -142,7 +142,19 @@ class Batcher:
             self._worker = loop.create_task(self._run())
         elif self.queued_rows >= self.target_batch_size and self._waiter and not self._waiter.done():
             self._waiter.set_result(None)
-        return await item.future
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._withdraw(item)
+            raise
+
+    def _withdraw(self, item: _Item) -> None:
+        """Free a cancelled request's queue slot now, unless a batch already took it."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self.queued_rows -= item.rows
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

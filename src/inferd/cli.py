@@ -73,6 +73,12 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "per model version, unbatched predictions running or waiting beyond which requests get 503",
     ),
     (
+        "drain_timeout_s",
+        float,
+        "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
+        "(new ones get 503 meanwhile)",
+    ),
+    (
         "admin_token",
         str,
         "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "

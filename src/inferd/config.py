@@ -349,6 +349,7 @@ class ServerConfig:
     monitoring_config_file: str = ""
     enable_metrics: bool = True
     max_in_flight: int = 256
+    drain_timeout_s: float = 30.0
     admin_token: str = field(default="", repr=False)
     api_token: str = field(default="", repr=False)
 

@@ -4,7 +4,12 @@ Reconciling a model to a plan loads each new aspired version in a loader thread,
 with one call per signature and only then marks it AVAILABLE and routes to it. Versions that
 are no longer aspired are unloaded once an aspired version is AVAILABLE (or when no version is
 aspired at all), and only after their last lease is returned. A version that fails to load ends
-in state END with its error, and the versions already serving keep serving.
+in state END with its error, and the versions already serving keep serving. A label moves to
+its new version only once that version is AVAILABLE; until then it keeps its old one, which stays
+loaded for it even when no longer aspired.
+
+``drain`` starts a shutdown: readiness goes false, every version reports UNLOADING, new leases
+are refused with UNAVAILABLE, and ``drained`` waits for the leases already held.
 
 The manager is not thread-safe: call it from the event loop's thread. Loading, warm-up and
 closing run in the executor given to it.
@@ -15,22 +20,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inferd.config import ModelSettings
-from inferd.errors import InferdError, ModelLoadError, NotFound
+from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Model, load_model
 from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
+
+_DRAIN_POLL_S = 0.02
 
 Loader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
 
@@ -57,6 +64,8 @@ class ServedVersion:
 class _Entry:
     versions: dict[int, ServedVersion] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -96,6 +105,7 @@ class ModelManager:
         self._metrics = metrics
         self._models: dict[str, _Entry] = {}
         self._closing: set[asyncio.Future[Any]] = set()
+        self._draining = False
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -116,15 +126,37 @@ class ModelManager:
         """Load the plan's new versions, then retire versions it no longer aspires to."""
         entry = self._models.setdefault(plan.name, _Entry())
         async with entry.lock:
-            entry.labels = dict(plan.labels)
             for number in sorted(plan.aspired, reverse=True):
                 if self._needs_load(entry.versions.get(number), plan.aspired[number]):
                     await self._load(entry, plan, plan.aspired[number])
+            self._move_labels(plan.name, entry, plan.labels)
             aspired = [entry.versions[v] for v in plan.aspired if v in entry.versions]
             if not aspired or any(v.state is VersionState.AVAILABLE for v in aspired):
+                held = {entry.labels[label] for label in entry.held}
                 for version in list(entry.versions.values()):
-                    if version.id.version not in plan.aspired:
+                    if version.id.version not in plan.aspired and version.id.version not in held:
                         self._retire(entry, version)
+
+    @staticmethod
+    def _move_labels(name: str, entry: _Entry, wanted: Mapping[str, int]) -> None:
+        """Route labels as ``wanted``, except that a label whose new version is not AVAILABLE is
+        held on its old one while that one still serves, so no request finds it empty."""
+        labels, held = dict(wanted), {}
+        for label, number in wanted.items():
+            old = entry.labels.get(label)
+            if old is None or old == number or _available(entry.versions.get(number)):
+                continue
+            if _available(entry.versions.get(old)):
+                labels[label], held[label] = old, number
+                if entry.held.get(label) != number:
+                    log.warning(
+                        "label %r of model %s stays on version %d until version %d is available",
+                        label,
+                        name,
+                        old,
+                        number,
+                    )
+        entry.labels, entry.held = labels, held
 
     @staticmethod
     def _needs_load(current: ServedVersion | None, source: VersionSource) -> bool:
@@ -211,7 +243,10 @@ class ModelManager:
 
         Raises:
             NotFound: unknown model, version or label, or the version is not AVAILABLE.
+            Unavailable: the server is shutting down.
         """
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
         entry = self._models.get(ref.name)
         if entry is None:
             raise NotFound(f"Servable not found for request: Latest({ref.name})")
@@ -252,8 +287,16 @@ class ModelManager:
         if number is not None:
             if number not in entry.versions:
                 raise NotFound(f"Could not find version {number} of model {ref.name}")
-            return [entry.versions[number].status()]
-        return [entry.versions[v].status() for v in sorted(entry.versions, reverse=True)]
+            numbers = [number]
+        else:
+            numbers = sorted(entry.versions, reverse=True)
+        statuses = [entry.versions[v].status() for v in numbers]
+        if self._draining:
+            unloading = VersionState.UNLOADING
+            statuses = [
+                replace(s, state=unloading) if s.state is VersionState.AVAILABLE else s for s in statuses
+            ]
+        return statuses
 
     def serves(self, name: str) -> bool:
         """True when model ``name`` has an AVAILABLE version."""
@@ -261,14 +304,32 @@ class ModelManager:
         return entry is not None and entry.latest is not None
 
     def ready(self) -> bool:
-        """True when every configured model has an AVAILABLE version."""
-        return all(entry.latest is not None for entry in self._models.values())
+        """True when every configured model has an AVAILABLE version and no drain has begun."""
+        return not self._draining and all(entry.latest is not None for entry in self._models.values())
+
+    def drain(self) -> None:
+        """Begin a shutdown: not ready, every version UNLOADING in its status, new leases refused."""
+        self._draining = True
+
+    def leases(self) -> int:
+        """Leases held now, over every version: the requests still being served."""
+        return sum(v.leases for entry in self._models.values() for v in entry.versions.values())
+
+    async def drained(self, timeout_s: float) -> None:
+        """Wait until no lease is held, at most ``timeout_s``."""
+        give_up = time.monotonic() + timeout_s
+        while self.leases() and time.monotonic() < give_up:
+            await asyncio.sleep(_DRAIN_POLL_S)
 
     async def close(self) -> None:
         """Unload every version (in-flight leases are waited for) and forget every model."""
         await self.apply([])
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+
+def _available(version: ServedVersion | None) -> bool:
+    return version is not None and version.state is VersionState.AVAILABLE
 
 
 def _warm_up_tensor(spec: TensorSpec) -> np.ndarray:

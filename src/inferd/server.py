@@ -3,7 +3,10 @@ repository poller.
 
 At start the server scans the repository, loads the initial versions, and only then opens its
 ports (as TF Serving does), so a client that can connect finds the models loaded. SIGINT and
-SIGTERM stop it: the ports close, in-flight requests finish, every model is unloaded.
+SIGTERM drain it: readiness goes false at once (V2 ready, gRPC health, every version UNLOADING in
+its status) and new requests get 503 / UNAVAILABLE while the ones in flight finish, for at most
+``--drain_timeout_s``; then the ports close and every model is unloaded. A second signal ends the
+drain at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import time
 from collections.abc import Coroutine, Iterator
@@ -26,7 +30,14 @@ from inferd.config import (
     read_monitoring_config_file,
 )
 from inferd.control import ModelControl
-from inferd.errors import ConfigError, DeadlineExceeded, InferdError, Internal, ResourceExhausted
+from inferd.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InferdError,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+)
 from inferd.features import FeatureStores, load_with_features
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
@@ -36,11 +47,13 @@ from inferd.service import InferenceService
 
 if TYPE_CHECKING:
     import grpc
+    from grpc_health.v1.health import aio as health_aio
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
-GRPC_GRACE_S = 10.0
-"""On shutdown, how long in-flight gRPC calls may take to finish before they are cancelled."""
+ANSWER_GRACE_S = 1
+"""After the drain, how long answers still being sent (HTTP and gRPC) may take before they are
+cancelled."""
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +113,10 @@ class HttpApp:
                     metrics,
                 )
             if call is not None:
-                status, headers, payload = await self._with_deadline(call)
+                answer = await self._with_deadline(call, receive)
+                if answer is None:
+                    return  # the client went away: nobody to answer
+                status, headers, payload = answer
             elif metrics and method == "GET" and path in self._metrics_paths:
                 status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
             else:
@@ -111,6 +127,9 @@ class HttpApp:
                 )
         except InferdError as error:  # refused before an adapter saw it: token or body size
             status, headers, payload = json_error(error)
+        except asyncio.CancelledError:  # the drain timed out: the server exits without the answer
+            gone = Unavailable("the server shut down before the answer was ready; retry")
+            status, headers, payload = json_error(gone)
         except TimeoutError:
             late = DeadlineExceeded(f"the request took longer than {self._timeout_s * 1000:.0f} ms")
             status, headers, payload = json_error(late)
@@ -127,15 +146,27 @@ class HttpApp:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    async def _with_deadline(self, call: Coroutine[Any, Any, Response]) -> Response:
-        """Run an adapter's answer under the request deadline, counting it as in flight."""
+    async def _with_deadline(self, call: Coroutine[Any, Any, Response], receive: Any) -> Response | None:
+        """Run an adapter's answer under the request deadline, counting it as in flight.
+
+        Returns None when the client disconnected first; the answer is then cancelled, which
+        takes a queued request out of its batching queue before it is computed.
+        """
         metrics = self._metrics
         if metrics:
             metrics.in_flight += 1
+        task = asyncio.current_task()
+        assert task is not None
+        hangup = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await call
+        except asyncio.CancelledError:
+            if hangup.done() and not hangup.cancelled() and task.uncancel() == 0:
+                return None  # cancelled by the hang-up alone
+            raise
         finally:
+            hangup.cancel()
             if metrics:
                 metrics.in_flight -= 1
 
@@ -159,6 +190,13 @@ class HttpApp:
         return ResourceExhausted(
             f"the request body is larger than the limit of {self._max_body} bytes (--max_request_bytes)"
         )
+
+
+async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` when the client closes the connection (the request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -197,6 +235,8 @@ class Server:
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
+        self.abandoned = 0
+        """Requests still in flight when the drain ended (timed out, or a second signal)."""
 
     async def _poll(self, interval_s: float) -> None:
         while True:
@@ -213,6 +253,24 @@ class Server:
         ]
         positive = [p for p in periods if p > 0]
         return min(positive) if positive else 0.0
+
+    async def _drain(self, health: health_aio.HealthServicer | None) -> None:
+        """Refuse new requests and report not ready, then wait for those in flight."""
+        self.manager.drain()
+        if health is not None:
+            await health.enter_graceful_shutdown()
+        timeout_s = self.config.drain_timeout_s
+        log.info(
+            "shutting down: waiting up to %.0f s for %d request(s) in flight",
+            timeout_s,
+            self.manager.leases(),
+        )
+        try:
+            await self.manager.drained(timeout_s)
+        finally:  # also when a second signal cancels the wait
+            self.abandoned = self.manager.leases()
+            if self.abandoned:
+                log.warning("drain ended with %d request(s) still in flight", self.abandoned)
 
     async def run(self) -> None:
         """Load the initial models, serve until a signal arrives, then unload everything."""
@@ -238,13 +296,15 @@ class Server:
                 log_level="warning",
                 http="httptools",
                 loop="none",
+                timeout_graceful_shutdown=ANSWER_GRACE_S,
             )
         )
         loop = asyncio.get_running_loop()
         grpc_server: grpc.aio.Server | None = None
+        health: health_aio.HealthServicer | None = None
         try:
             if self.config.port:
-                grpc_server = await _start_grpc(self.service, self.control, self.config, self.metrics)
+                grpc_server, health = await _start_grpc(self.service, self.control, self.config, self.metrics)
             log.info(
                 "serving %s on http://%s:%d%s",
                 ", ".join(self.manager.names()),
@@ -253,19 +313,23 @@ class Server:
                 f" and gRPC on {self.config.host}:{self.config.port}" if grpc_server else "",
             )
 
-            stopping: list[asyncio.Task[None]] = []
+            draining: list[asyncio.Task[None]] = []
 
             def request_exit() -> None:
-                http.request_exit()
-                if grpc_server is not None and not stopping:
-                    stopping.append(loop.create_task(grpc_server.stop(GRPC_GRACE_S)))
+                if draining:  # a second signal: stop waiting for the requests in flight
+                    draining[0].cancel()
+                    return
+                if poller:
+                    poller.cancel()
+                draining.append(loop.create_task(self._drain(health)))
+                draining[0].add_done_callback(lambda _: http.request_exit())
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
             await http.serve()
         finally:
             if grpc_server is not None:
-                await grpc_server.stop(GRPC_GRACE_S)
+                await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
             await self.manager.close()
@@ -276,9 +340,10 @@ class Server:
 
 async def _start_grpc(
     service: InferenceService, control: ModelControl, config: ServerConfig, metrics: Metrics | None
-) -> grpc.aio.Server:
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
-    health service (every service SERVING) and server reflection, behind the token check.
+    health service (every service SERVING until the drain) and server reflection, behind the
+    token check.
 
     Raises:
         ConfigError: the port cannot be bound.
@@ -317,7 +382,7 @@ async def _start_grpc(
     if not bound:
         raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
     await server.start()
-    return server
+    return server, health_servicer
 
 
 def _http_server_class() -> type:
@@ -339,9 +404,15 @@ def _http_server_class() -> type:
 
 def run(config: ServerConfig) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    server = Server(config)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(Server(config).run())
+        asyncio.run(server.run())
     else:
-        uvloop.run(Server(config).run())
+        uvloop.run(server.run())
+    if server.abandoned:
+        # Predictions still running would hold the exit until they end (the thread pool joins
+        # its threads at exit): the drain timeout is the promise, so leave without them.
+        logging.shutdown()
+        os._exit(0)

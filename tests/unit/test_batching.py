@@ -112,3 +112,32 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait(
 
     asyncio.run(scenario())
     assert sizes == [1, 3]
+
+
+def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed() -> None:
+    release = threading.Event()
+    computed: list[list[int]] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        release.wait(5)
+        computed.append(inputs["x"].tolist())
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            params = BatchingParameters(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1)
+            batcher = Batcher(predict, params, pool)
+            running = asyncio.ensure_future(batcher.submit({"x": np.array([1])}, 1))
+            await asyncio.sleep(0.05)  # computing now
+            queued = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
+            await asyncio.sleep(0.01)
+            assert batcher.queued_rows == 1
+            queued.cancel()
+            await asyncio.sleep(0)
+            assert batcher.queued_rows == 0  # the slot is free while the model is still busy
+            replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
+            release.set()
+            await asyncio.gather(running, replacement)
+
+    asyncio.run(scenario())
+    assert computed == [[1], [3]]
