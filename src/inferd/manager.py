@@ -162,10 +162,11 @@ class ModelManager:
         else:
             version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
             if isinstance(model, Supervised):
-                model.supervise(
-                    str(version.id),
-                    lambda reason: loop.call_soon_threadsafe(self._died, entry, version, reason),
-                )
+
+                def died(reason: str) -> None:  # called from the worker's reader thread
+                    loop.call_soon_threadsafe(self._died, entry, version, reason)
+
+                model.supervise(str(version.id), died)
             entry.refresh_latest()
             log.info("%s is AVAILABLE (%s runtime on %s)", version.id, runtime, plan.settings.device)
         if self._metrics:

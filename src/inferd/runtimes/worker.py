@@ -298,6 +298,7 @@ def main(fd: int) -> None:
     send_lock = threading.Lock()
 
     def answer(call_id: int, data: memoryview, buffers: list[bytearray]) -> None:
+        result: object
         try:
             signature_name, inputs = pickle.loads(data, buffers=buffers)
             kind, result = _OK, model.predict(signature_name, inputs)
