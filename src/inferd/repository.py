@@ -218,9 +218,7 @@ class Repository:
         try:
             versions = scan_versions(model.base_path)
         except OSError as exc:
-            return self._keep(
-                model, settings, seen, settled, f"cannot list {model.base_path}: {exc.strerror or exc}"
-            )
+            return self._keep(model, settings, seen, settled, f"cannot list {model.base_path}: {exc}")
         self._fault(model.name, None)
         stable = {}
         for version, path in versions.items():
