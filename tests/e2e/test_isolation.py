@@ -161,6 +161,7 @@ def test_a_segfault_fails_its_request_and_the_server_serves_on(server: ServerPro
     assert steady.status_code == 200
     assert steady.json() == {"predictions": [[3.0, 3.0]]}
     assert_crash_is_reported(server, "crashy", "SIGSEGV")
+    assert "Fatal Python error: Segmentation fault" in server.log()  # the worker's stack, for debugging
     assert_reaped(server, pid)
     assert predict(server, "crashy", 1.0).status_code == 404  # out of service until reloaded
     load(server, "crashy")

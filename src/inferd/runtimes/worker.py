@@ -16,6 +16,7 @@ by itself when the server's end of the pipe closes, so it never outlives the ser
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import itertools
 import logging
 import multiprocessing
@@ -282,6 +283,7 @@ def main(fd: int) -> None:
     stop or the server's end of the pipe closes."""
     from inferd.runtimes import load_model
 
+    faulthandler.enable()  # a crash prints the Python stack of every thread to the server's log
     conn = Connection(fd)
     _, _, data, buffers = _receive(conn)
     version_dir, settings, platform, log_level = pickle.loads(data, buffers=buffers)
