@@ -45,6 +45,9 @@ _OK, _ERROR, _CALL, _STOP = range(4)
 _LOAD_CALL = 0
 """The id of the child's first message: the outcome of loading."""
 
+IN_BAND_BYTES = 64 * 1024
+"""Tensors smaller than this travel inside the pickle; larger ones as messages of their own."""
+
 STOP_TIMEOUT_S = 10.0
 """How long ``close`` waits for the child to finish its calls and exit before killing it."""
 
@@ -239,10 +242,17 @@ def _exit_reason(exitcode: int) -> str:
 
 
 def _send(conn: Connection, call_id: int, kind: int, payload: object) -> None:
-    """Write one message: a header with the pickle, then each out-of-band buffer as it lies."""
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    raws = [buffer.raw() for buffer in buffers]
+    """Write one message: a header with the pickle, then each large buffer as it lies."""
+    raws: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        if raw.nbytes < IN_BAND_BYTES:
+            return True  # in the pickle: one copy is cheaper than one more message to wait for
+        raws.append(raw)
+        return False
+
+    data = pickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
     sizes = struct.pack(f"<{len(raws)}Q", *(raw.nbytes for raw in raws))
     conn.send_bytes(_HEADER.pack(call_id, kind, len(raws)) + sizes + data)
     for raw in raws:
