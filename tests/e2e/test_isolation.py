@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, launch
 from tests.models import write_onnx_affine, write_python_model
@@ -178,6 +181,22 @@ def test_os_exit_in_the_model_is_reported_and_reloadable(server: ServerProcess) 
     assert predict(server, "steady", 1.0).status_code == 200
     load(server, "crashy")
     assert worker_pid(server) != pid
+
+
+def test_grpc_clients_get_internal_naming_the_dead_worker(server: ServerProcess) -> None:
+    """What Triton answers when its Python backend's stub process dies."""
+    pid = worker_pid(server)
+    client = grpcclient.InferenceServerClient(server.grpc_target)
+    tensor = grpcclient.InferInput("x", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 2), 13.0, np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("crashy", [tensor])
+    assert caught.value.status() == "StatusCode.INTERNAL"
+    assert "crashy:1: its worker process" in str(caught.value.message())
+    assert_reaped(server, pid)
+    assert not client.is_model_ready("crashy")
+    load(server, "crashy")
+    assert client.is_model_ready("crashy")
 
 
 def test_requests_in_flight_fail_fast_when_the_worker_dies(server: ServerProcess, repo: Path) -> None:
