@@ -193,8 +193,9 @@ def test_grpc_clients_get_internal_naming_the_dead_worker(server: ServerProcess)
         client.infer("crashy", [tensor])
     assert caught.value.status() == "StatusCode.INTERNAL"
     assert "crashy:1: its worker process" in str(caught.value.message())
-    assert_reaped(server, pid)
+    wait_until_out_of_service(server, "crashy", "SIGSEGV")
     assert not client.is_model_ready("crashy")
+    assert_reaped(server, pid)
     load(server, "crashy")
     assert client.is_model_ready("crashy")
 
@@ -220,6 +221,7 @@ def test_requests_in_flight_fail_fast_when_the_worker_dies(server: ServerProcess
     assert answer.status_code == 500
     assert "SIGSEGV" in answer.json()["error"]
     assert seconds < 60  # the call itself would have taken 120 s
+    wait_until_out_of_service(server, "crashy", "SIGSEGV")
     load(server, "crashy")
 
 

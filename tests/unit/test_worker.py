@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,12 +87,19 @@ def test_concurrent_calls_each_get_their_own_answer(model: WorkerModel) -> None:
 
 def test_a_dead_worker_fails_every_call_and_reports_once(model: WorkerModel) -> None:
     reasons: list[str] = []
-    model.supervise("echo:1", reasons.append)
+    reported = threading.Event()
+
+    def on_exit(reason: str) -> None:
+        reasons.append(reason)
+        reported.set()
+
+    model.supervise("echo:1", on_exit)
     os.kill(model.pid, signal.SIGKILL)
     with pytest.raises(WorkerDied, match=r"model echo:1: its worker process \d+ died, killed by SIGKILL"):
         call(model, np.array([1.0], np.float32))
     with pytest.raises(WorkerDied):
         call(model, np.array([1.0], np.float32))
+    assert reported.wait(30)  # told from the reader thread, just after the calls failed
     assert len(reasons) == 1
     assert "SIGKILL" in reasons[0]
     late: list[str] = []
