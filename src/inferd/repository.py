@@ -6,6 +6,11 @@ loading, when two consecutive scans saw the same content: the same files with th
 and modification times. A folder that is still being copied therefore waits for the next scan.
 A version that was stable once stays offered, as last seen stable, while its files change, so
 that writing into a served version's folder does not take it out of service.
+
+A model whose folder cannot be listed (missing, a broken link, an I/O error, a broken link
+where a version folder was) keeps the plan of its last complete listing: what is on disk is
+unknown, and reading it as "no versions" would unload or roll back what serves. The fault is
+logged when it starts and when it ends; every scan tries again.
 """
 
 from __future__ import annotations
