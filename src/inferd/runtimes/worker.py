@@ -2,10 +2,12 @@
 
 The child is a fresh interpreter (``python -c "...worker import main; main(FD)"``) that
 inherits nothing but one end of a socket pair, loads the version with the runtime it would use
-in-process, and answers ``predict`` calls over a pipe. Calls are pipelined: each carries an id, the child runs
-them on a thread pool of its own and answers in any order, so several calls at once stay
-several calls at once. Tensors travel as pickle protocol 5 out-of-band buffers, each read
-straight into a fresh writable buffer of the receiving side (one copy per direction).
+in-process, and answers ``predict`` calls over the socket. Calls are pipelined: each carries an
+id, the child runs them on a thread pool of its own and answers in any order, so several calls
+at once stay several calls at once. Tensors travel pickled (protocol 5): those of 64 KiB or more
+as out-of-band buffers, written as they lie in memory and read straight into a fresh writable
+buffer on the other side (one copy per direction); smaller ones inside the pickle, which costs
+less than one more message.
 
 When the child dies (a segfault, ``os._exit``, a kill), the calls it had are answered at once
 with ``WorkerDied`` (INTERNAL), every later call too, and the ``on_exit`` callback given to
