@@ -52,7 +52,7 @@ def main() -> None:
             for batch in (1, 32):
                 inputs = {"input": instances(name, batch)}
                 samples: dict[str, list[float]] = {mode: [] for mode in models}
-                for mode, model in models.items():
+                for model in models.values():
                     time_calls(model, inputs, 20)  # warm up
                 for _ in range(args.rounds):
                     for mode, model in models.items():
