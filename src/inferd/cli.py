@@ -85,6 +85,12 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "unset: admin calls are refused",
     ),
     ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
+    (
+        "safe",
+        bool,
+        "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
+        "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
+    ),
 ]
 
 

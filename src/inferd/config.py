@@ -293,6 +293,10 @@ class ModelSettings:
         prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
         device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
             ``cuda:0``), for runtimes that can use a GPU.
+        isolation: ``none`` (default: the model runs in the server's process) or ``process``
+            (in a worker process of its own, whose crash does not take the server down).
+        safe: set by the server's ``--safe`` flag, never by inferd.toml: refuse formats whose
+            loading runs code from the repository.
     """
 
     runtime: str | None = None
@@ -305,6 +309,11 @@ class ModelSettings:
     features: FeatureSettings | None = None
     prediction_cache_size: int = 0
     device: str = "cpu"
+    isolation: str = "none"
+    safe: bool = False
+
+
+ISOLATION_MODES = ("none", "process")
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +361,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     admin_token: str = field(default="", repr=False)
     api_token: str = field(default="", repr=False)
+    safe: bool = False
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
@@ -365,6 +375,7 @@ _KNOWN_KEYS = {
     "features",
     "prediction_cache_size",
     "device",
+    "isolation",
     *_RUNTIME_TABLES,
 }
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -378,7 +389,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
     """
     path = base_path / SETTINGS_FILE
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(_read_regular_file(path))
     except FileNotFoundError:
         return ModelSettings()
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -397,6 +408,9 @@ def read_model_settings(base_path: Path) -> ModelSettings:
     device = raw.get("device", "cpu")
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise ConfigError(f'{path}: \'device\' must be "cpu" or "cuda:N", got {device!r}')
+    isolation = raw.get("isolation", "none")
+    if isolation not in ISOLATION_MODES:
+        raise ConfigError(f"{path}: 'isolation' must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
     return ModelSettings(
         runtime=runtime,
         runtime_options=_table(options, f"{path}: [{runtime}]"),
@@ -418,7 +432,21 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         ),
         prediction_cache_size=_prediction_cache_size(raw, path),
         device="cuda:0" if device == "cuda" else device,
+        isolation=isolation,
     )
+
+
+def _read_regular_file(path: Path) -> str:
+    """The text of ``path``, refusing anything but a regular file: reading a FIFO would block.
+
+    Raises:
+        FileNotFoundError: nothing is there. OSError: it is not a regular file or cannot be read.
+    """
+    if path.is_symlink() and not path.exists():
+        raise OSError(f"{path} is a broken symbolic link")
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    return path.read_text()
 
 
 def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
@@ -537,9 +565,9 @@ def read_model_config_file(path: Path) -> list[ModelConfig]:
     """Read and parse a model config file. Relative base paths are relative to the working
     folder, as in TF Serving."""
     try:
-        text = path.read_text()
+        text = _read_regular_file(path)
     except OSError as exc:
-        raise ConfigError(f"cannot read model config file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot read model config file {path}: {exc.strerror or exc}") from exc
     if not text.strip():
         # Most likely caught between truncation and write; a config with no models is written
         # as "model_config_list {}".

@@ -4,7 +4,9 @@ Reconciling a model to a plan loads each new aspired version in a loader thread,
 with one call per signature and only then marks it AVAILABLE and routes to it. Versions that
 are no longer aspired are unloaded once an aspired version is AVAILABLE (or when no version is
 aspired at all), and only after their last lease is returned. A version that fails to load ends
-in state END with its error, and the versions already serving keep serving. A label moves to
+in state END with its error, and the versions already serving keep serving. A version whose
+worker process dies (``isolation = "process"``) ends in state END with the reason at once, is
+closed when its last lease is returned, and is loaded again at the next reconcile. A label moves to
 its new version only once that version is AVAILABLE; until then it keeps its old one, which stays
 loaded for it even when no longer aspired.
 
@@ -32,7 +34,7 @@ from inferd.config import ModelSettings
 from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
-from inferd.runtimes import Model, load_model
+from inferd.runtimes import Model, Supervised, load_model
 from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class ServedVersion:
     error_code: str = "OK"
     error_message: str = ""
     leases: int = 0
+    died: bool = False
 
     def status(self) -> VersionStatus:
         return VersionStatus(self.id.version, self.state, self.error_code, self.error_message)
@@ -90,7 +93,7 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         version = self._version
         version.leases -= 1
-        if version.leases == 0 and version.state is VersionState.UNLOADING:
+        if version.leases == 0 and version.state is not VersionState.AVAILABLE and version.model is not None:
             self._manager._close_later(version)
 
 
@@ -163,8 +166,10 @@ class ModelManager:
         if current is None or current.state is VersionState.UNLOADING:
             return True
         if current.state is VersionState.END:
-            # A failed version is retried only when its files changed.
-            return current.error_code == "OK" or current.source.fingerprint != source.fingerprint
+            # A version that failed to load is retried only when its files changed.
+            return (
+                current.error_code == "OK" or current.died or current.source.fingerprint != source.fingerprint
+            )
         return False
 
     async def _load(self, entry: _Entry, plan: ModelPlan, source: VersionSource) -> None:
@@ -188,6 +193,12 @@ class ModelManager:
             self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
         else:
             version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
+            if isinstance(model, Supervised):
+
+                def died(reason: str) -> None:  # called from the worker's reader thread
+                    loop.call_soon_threadsafe(self._died, entry, version, reason)
+
+                model.supervise(str(version.id), died)
             entry.refresh_latest()
             log.info("%s is AVAILABLE (%s runtime on %s)", version.id, runtime, plan.settings.device)
         if self._metrics:
@@ -198,6 +209,16 @@ class ModelManager:
     def _fail(version: ServedVersion, code: str, message: str) -> None:
         version.state, version.error_code, version.error_message = VersionState.END, code, message
         log.error("%s failed to load: %s", version.id, message)
+
+    def _died(self, entry: _Entry, version: ServedVersion, reason: str) -> None:
+        """The version's worker process died: out of service now, closed once no request holds it."""
+        if version.model is None or version.state is VersionState.END:
+            return  # already being closed
+        version.state, version.error_code, version.error_message = VersionState.END, "INTERNAL", reason
+        version.died = True
+        entry.refresh_latest()
+        if version.leases == 0:
+            self._close_later(version)
 
     def _load_and_warm_up(
         self, path: Path, settings: ModelSettings, platform: str | None

@@ -6,10 +6,16 @@ loading, when two consecutive scans saw the same content: the same files with th
 and modification times. A folder that is still being copied therefore waits for the next scan.
 A version that was stable once stays offered, as last seen stable, while its files change, so
 that writing into a served version's folder does not take it out of service.
+
+A model whose folder cannot be listed (missing, a broken link, an I/O error, a broken link
+where a version folder was) keeps the plan of its last complete listing: what is on disk is
+unknown, and reading it as "no versions" would unload or roll back what serves. The fault is
+logged when it starts and when it ends; every scan tries again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -57,19 +63,32 @@ class ModelPlan:
 
 
 def list_versions(base_path: Path) -> dict[int, Path]:
+    """``scan_versions``, except that a missing or unreadable base path gives an empty result
+    and a warning."""
+    try:
+        return scan_versions(base_path)
+    except OSError as exc:
+        log.warning("cannot list %s: %s", base_path, exc.strerror or exc)
+        return {}
+
+
+def scan_versions(base_path: Path) -> dict[int, Path]:
     """Version number -> folder, for every integer-named folder under ``base_path``.
 
     Two names for one number (``7`` and ``007``): the first in sorted order wins, with a warning.
-    A missing or unreadable base path gives an empty result and a warning.
+
+    Raises:
+        OSError: ``base_path`` cannot be listed, or an integer-named entry cannot be examined
+            (a broken symbolic link, an I/O error): what is on disk is not known.
     """
-    try:
-        entries = sorted(os.scandir(base_path), key=lambda e: e.name)
-    except OSError as exc:
-        log.warning("cannot list %s: %s", base_path, exc.strerror)
-        return {}
+    entries = sorted(os.scandir(base_path), key=lambda e: e.name)
     found: dict[int, Path] = {}
     for entry in entries:
-        if not (entry.name.isascii() and entry.name.isdigit()) or not entry.is_dir():
+        if not (entry.name.isascii() and entry.name.isdigit()):
+            continue
+        if not entry.is_dir():
+            if entry.is_symlink():
+                os.stat(entry.path)  # raises for a broken link; a link to a file is no version
             continue
         version = int(entry.name)
         if version in found:
@@ -117,6 +136,8 @@ class Repository:
         self._override: list[ModelConfig] | None = None
         self._config_read_at = 0.0
         self._require_stable = config.file_system_poll_wait_seconds > 0
+        self._plans: dict[str, ModelPlan] = {}  # the last plan made from a complete listing
+        self._faults: dict[str, str] = {}  # models whose folder could not be listed, and why
 
     def model_configs(self) -> list[ModelConfig]:
         """The configured models, re-reading the model config file when its poll period passed.
@@ -144,7 +165,9 @@ class Repository:
             root = Path(cfg.repository)
             try:
                 folders = sorted(
-                    e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith((".", "_"))
+                    e.name
+                    for e in os.scandir(root)
+                    if _is_model_folder(e) and not e.name.startswith((".", "_"))
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
@@ -156,6 +179,16 @@ class Repository:
                 )
             self._models = [ModelConfig(cfg.model_name, Path(cfg.model_base_path))]
         return self._models if self._override is None else self._override
+
+    def _fault(self, name: str, message: str | None) -> None:
+        """Log a model's scan fault when it starts or changes, and its end."""
+        previous = self._faults.pop(name, None)
+        if message is not None:
+            self._faults[name] = message
+            if message != previous:
+                log.error("model %s: %s; keeping what it serves and retrying at the next scan", name, message)
+        elif previous is not None:
+            log.info("model %s: its folder can be read again", name)
 
     def replace_models(self, models: list[ModelConfig]) -> None:
         """Serve ``models`` instead of the configured ones (see the class docstring)."""
@@ -173,6 +206,7 @@ class Repository:
         for model in self.model_configs():
             plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
+        self._plans = {plan.name: plan for plan in plans}
         return plans
 
     def _plan(
@@ -184,8 +218,15 @@ class Repository:
         except ConfigError as exc:
             log.error("model %s: %s", model.name, exc)
             settings, error = ModelSettings(), exc.message
+        if self._config.safe:
+            settings = dataclasses.replace(settings, safe=True)
+        try:
+            versions = scan_versions(model.base_path)
+        except OSError as exc:
+            return self._keep(model, settings, seen, settled, f"cannot list {model.base_path}: {exc}")
+        self._fault(model.name, None)
         stable = {}
-        for version, path in list_versions(model.base_path).items():
+        for version, path in versions.items():
             seen[path] = fingerprint(path)
             if trusted or not self._require_stable or self._previous.get(path) == seen[path]:
                 settled[path] = seen[path]
@@ -204,3 +245,24 @@ class Repository:
             settings=settings,
             error=error,
         )
+
+    def _keep(
+        self,
+        model: ModelConfig,
+        settings: ModelSettings,
+        seen: dict[Path, str],
+        settled: dict[Path, str],
+        fault: str,
+    ) -> ModelPlan:
+        """The model's previous plan, while its folder cannot be listed; what the last scan
+        knew of its versions' stability is carried over."""
+        self._fault(model.name, fault)
+        for known, kept in ((self._previous, seen), (self._settled, settled)):
+            kept.update((path, fp) for path, fp in known.items() if path.parent == model.base_path)
+        previous = self._plans.get(model.name)
+        return previous or ModelPlan(model.name, {}, settings=settings, error=fault)
+
+
+def _is_model_folder(entry: os.DirEntry[str]) -> bool:
+    """A folder, or a link that should lead to one but is broken (a fault, not a removal)."""
+    return entry.is_dir() or (entry.is_symlink() and not os.path.exists(entry.path))

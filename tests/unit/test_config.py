@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,8 @@ def test_a_single_runtime_table_gives_the_options_without_a_runtime_key(tmp_path
         ("device = 'gpu'\n", ['\'device\' must be "cpu" or "cuda:N"', "'gpu'"]),
         ("device = 0\n", ["'device' must be"]),
         ("[torch]\n[tflite]\n", ["several runtime tables"]),
+        ("isolation = 'thread'\n", ["'isolation' must be one of ['none', 'process']", "'thread'"]),
+        ("safe = false\n", ["unknown key(s) ['safe']"]),
     ],
 )
 def test_invalid_inferd_toml_errors_name_the_file_and_the_problem(
@@ -225,6 +228,21 @@ def test_device_defaults_to_the_cpu_and_cuda_means_the_first_gpu(
     tmp_path: Path, text: str, device: str
 ) -> None:
     assert settings(tmp_path, text).device == device
+
+
+@pytest.mark.parametrize(("text", "isolation"), [("", "none"), ("isolation = 'process'\n", "process")])
+def test_isolation_defaults_to_the_server_process(tmp_path: Path, text: str, isolation: str) -> None:
+    assert settings(tmp_path, text).isolation == isolation
+
+
+def test_an_inferd_toml_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "inferd.toml")  # reading a FIFO would block until a writer came
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_model_settings(tmp_path)
+    (tmp_path / "inferd.toml").unlink()
+    os.symlink(tmp_path / "absent.toml", tmp_path / "inferd.toml")
+    with pytest.raises(ConfigError, match="is a broken symbolic link"):
+        read_model_settings(tmp_path)
 
 
 @pytest.mark.parametrize("runtime", ["tensorflow", "tflite", "torch", "xgboost", "lightgbm"])

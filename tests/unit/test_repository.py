@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from inferd.config import ServerConfig, VersionPolicy
 from inferd.errors import ConfigError
-from inferd.repository import Repository, fingerprint, list_versions
+from inferd.repository import Repository, fingerprint, list_versions, scan_versions
 
 
 def make_version(folder: Path, content: bytes = b"weights") -> Path:
@@ -225,3 +226,51 @@ def test_repository_mode_lists_model_folders(tmp_path: Path) -> None:
 def test_no_model_source_is_an_error() -> None:
     with pytest.raises(ConfigError, match="no models"):
         Repository(ServerConfig()).scan()
+
+
+# scan faults: what is on disk cannot be known, so the model keeps its last plan
+
+
+def test_a_broken_version_link_is_a_fault_not_a_removal(tmp_path: Path) -> None:
+    make_version(tmp_path / "base" / "1")
+    os.symlink(tmp_path / "absent", tmp_path / "base" / "2")
+    with pytest.raises(FileNotFoundError):
+        scan_versions(tmp_path / "base")
+    (tmp_path / "base" / "2").unlink()
+    os.symlink(tmp_path / "base" / "1" / "model.onnx", tmp_path / "base" / "3")  # a link to a file
+    assert list(scan_versions(tmp_path / "base")) == [1]
+
+
+def test_a_model_whose_folder_cannot_be_listed_keeps_its_last_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "inferd.repository")
+    make_version(tmp_path / "real" / "1")
+    os.symlink(tmp_path / "real", tmp_path / "base")
+    repo = repository(tmp_path / "base")
+    aspired(repo)
+    served = aspired(repo)
+    assert set(served) == {1}
+    (tmp_path / "real").rename(tmp_path / "moved")
+    assert aspired(repo) == served
+    assert aspired(repo) == served
+    assert caplog.text.count("cannot list") == 1  # logged when it starts, not at every scan
+    (tmp_path / "moved").rename(tmp_path / "real")
+    make_version(tmp_path / "real" / "2")
+    assert aspired(repo) == served  # the new version waits for a second look, as always
+    assert set(aspired(repo)) == {2}
+    assert "can be read again" in caplog.text
+
+
+def test_a_model_never_listed_has_an_empty_plan_with_the_fault(tmp_path: Path) -> None:
+    (plan,) = repository(tmp_path / "absent").scan()
+    assert plan.aspired == {}
+    assert plan.error is not None
+    assert "cannot list" in plan.error
+
+
+def test_safe_mode_reaches_every_plan(tmp_path: Path) -> None:
+    make_version(tmp_path / "1")
+    config = ServerConfig(model_name="m", model_base_path=str(tmp_path), safe=True)
+    (plan,) = Repository(config).scan()
+    assert plan.settings.safe

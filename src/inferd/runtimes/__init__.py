@@ -7,9 +7,9 @@ only inside ``load``, so ``import inferd`` stays framework-free.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from inferd.config import ModelSettings
 from inferd.errors import ModelLoadError
@@ -31,6 +31,16 @@ class Model(Protocol):
     def predict(self, signature_name: str, inputs: Tensors) -> Tensors: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Supervised(Protocol):
+    """A model running in a process of its own, which can die while the server lives on."""
+
+    def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
+        """Name the version in messages; call ``on_exit(reason)`` once, from another thread, if
+        the process dies unexpectedly (at once if it already has)."""
+        ...
 
 
 class Runtime(Protocol):
@@ -132,18 +142,46 @@ def get_runtime(name: str) -> Runtime:
     return runtime
 
 
+_RUNS_REPOSITORY_CODE = {
+    "python": "model.py is Python code run with the server's rights",
+    "tensorflow": (
+        "TensorFlow graphs may read and write files (ReadFile, WriteFile ops) and Keras files may "
+        "name Python classes to import"
+    ),
+    "torch": (
+        "TorchScript archives hold code that runs at load, and torch programs may reach the file "
+        "system (aten::from_file)"
+    ),
+}
+"""Runtimes that ``--safe`` refuses outright, and why. The sklearn runtime refuses pickle and
+joblib files itself and keeps skops files."""
+
+
 def load_model(version_dir: Path, settings: ModelSettings, platform: str | None) -> tuple[Model, str]:
-    """Load a version with the runtime named by ``platform``, then ``settings``, then detection.
+    """Load a version with the runtime named by ``platform``, then ``settings``, then detection;
+    in a worker process when ``settings.isolation`` is ``process``.
 
     Returns:
         The model and the runtime's name.
+
+    Raises:
+        ModelLoadError: the runtime failed, or ``settings.safe`` and the format runs code.
     """
     runtime = get_runtime(platform or settings.runtime or detect_runtime(version_dir))
+    if settings.safe and runtime.name in _RUNS_REPOSITORY_CODE:
+        raise ModelLoadError(
+            f"--safe refuses the {runtime.name} runtime: {_RUNS_REPOSITORY_CODE[runtime.name]}; "
+            "serve ONNX, TFLite, skops, XGBoost or LightGBM files, or drop --safe for a trusted repository"
+        )
     if settings.device != "cpu" and not runtime.gpu:
         raise ModelLoadError(
             f"the {runtime.name} runtime runs on the CPU only; remove device = {settings.device!r} "
             "from inferd.toml"
         )
+    if settings.isolation == "process":
+        from inferd.runtimes.worker import load_in_worker
+
+        return load_in_worker(version_dir, settings, platform)
     return runtime.load(version_dir, settings), runtime.name
 
 

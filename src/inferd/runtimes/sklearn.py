@@ -2,7 +2,8 @@
 
 Files, in order of preference: ``*.skops`` (safe: skops refuses types it does not trust),
 then ``*.joblib``, ``*.pkl``, ``*.pickle``. Pickle and joblib files run code while they load:
-serve them only from a repository you trust.
+serve them only from a repository you trust. Under ``--safe`` only skops files load, with the
+types skops trusts by default (``trusted_types`` is refused: the repository may not widen them).
 
 Options (``[sklearn]`` in inferd.toml):
     file: the model file when the folder holds several.
@@ -123,6 +124,8 @@ class SklearnRuntime:
         options = settings.runtime_options
         check_options(self.name, options, {"file", "trusted_types"})
         path = find_model_file(version_dir, _PATTERNS, options.get("file"))
+        if settings.safe:
+            _check_safe(path, options)
         estimator = _load_skops(path, options) if path.suffix == ".skops" else self._load_pickle(path)
         if not hasattr(estimator, "predict"):
             raise ModelLoadError(f"{path.name} holds a {type(estimator).__name__}, which has no predict()")
@@ -137,6 +140,23 @@ class SklearnRuntime:
                 return joblib.load(path)
         except Exception as exc:  # unpickling can raise anything
             raise ModelLoadError(f"could not unpickle {path.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_safe(path: Path, options: Mapping[str, Any]) -> None:
+    """Refuse what ``--safe`` does not load: pickles, and a repository's extra trusted types.
+
+    Raises:
+        ModelLoadError: naming the rule.
+    """
+    if path.suffix != ".skops":
+        raise ModelLoadError(
+            f"--safe refuses {path.name}: pickle and joblib files run code from the file while they "
+            "load; save the estimator with skops.io.dump as a .skops file"
+        )
+    if options.get("trusted_types"):
+        raise ModelLoadError(
+            "--safe refuses [sklearn] trusted_types: the repository may not widen the types skops trusts"
+        )
 
 
 def _load_skops(path: Path, options: Mapping[str, Any]) -> Any:
