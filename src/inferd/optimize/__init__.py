@@ -129,6 +129,7 @@ def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: 
         InferdError: the model does not load (MODEL_LOAD), or the options or calibration file
             are wrong (INVALID_ARGUMENT), before any variant is made.
     """
+    chosen(options, "")  # refuse unknown names before the model loads
     source = _load_source(options.model)
     try:
         names = chosen(options, source.runtime)

@@ -103,18 +103,19 @@ def quantize_static(base: Path, target: Path, rows: Tensors) -> dict[str, Any]:
     }
 
 
-_PREPROCESSOR = "onnxruntime.quantization.shape_inference.quant_pre_process"
+_PREPROCESSOR = "onnxruntime.quantization.shape_inference.quant_pre_process(skip_symbolic_shape=True)"
 
 
 @contextmanager
 def _prepared(base: Path) -> Iterator[Path]:
-    """``base`` after onnxruntime's pre-processing for quantisation (shape inference and graph
-    optimisation), in a scratch folder that lasts as long as the context."""
+    """``base`` after onnxruntime's pre-processing for quantisation (ONNX shape inference and
+    graph optimisation), in a scratch folder that lasts as long as the context. Its symbolic
+    shape inference is skipped: it stops at operators it does not know, such as scikit-learn's."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="inferd-quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(base), str(prepared))
+        quant_pre_process(str(base), str(prepared), skip_symbolic_shape=True)
         yield prepared
 
 
