@@ -3,7 +3,8 @@
 Every variant is written to ``OUT/<name>/`` with its model file and ``variant.json`` (how it was
 made, its size, the tools' versions, and how its outputs compare with the original's on a few
 rows), then loaded with inferd's own runtime and called once: a variant that does not load or
-run is reported as failed. ``OUT/variants.json`` lists every attempted variant, failed or not.
+run is reported as failed. ``OUT/variants.json`` lists every attempted variant, failed or not,
+with its folder relative to ``OUT``.
 One variant's failure never stops the others.
 """
 
@@ -142,7 +143,7 @@ def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: 
                 outcome = _make(source, _recipe(name), options.out / name, base, calibration)
                 outcomes.append(outcome)
                 report(outcome)
-        listing = [{"name": o.name, "path": str(o.path), "ok": o.ok, "error": o.error} for o in outcomes]
+        listing = [{"name": o.name, "path": o.path.name, "ok": o.ok, "error": o.error} for o in outcomes]
         (options.out / "variants.json").write_bytes(orjson.dumps(listing, option=orjson.OPT_INDENT_2))
         return outcomes
     finally:
@@ -225,7 +226,7 @@ def _make(
         return Outcome(recipe.name, folder, _describe(exc))
     record = {
         "name": recipe.name,
-        "source": str(source.path),
+        "source": str(source.path.resolve()),
         "method": recipe.method,
         "parameters": parameters,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
