@@ -27,7 +27,7 @@ import requests
 
 from inferd.optimize import OptimizeOptions, run
 from tests.conftest import ServerProcess, launch
-from tests.models import digits, write_sklearn_digits
+from tests.models import digits, write_sklearn_digits, write_torchscript
 
 TRAIN = slice(0, 1200)
 HELD_OUT = slice(1200, None)
@@ -44,12 +44,22 @@ VARIANTS = {
     "keras": ONNX_VARIANTS + TFLITE_VARIANTS,
     "torch": ONNX_VARIANTS,
     "logreg": ["onnx"],
+    "torchscript": ["onnx"],
 }
 """Model -> the variants made of it, which become versions 2, 3, ... (version 1 is the original)."""
 
 pytestmark = pytest.mark.timeout(300)  # the module fixture trains three models and makes 21 variants
 
 INPUT = {"sklearn": "inputs", "keras": "images", "torch": "x", "logreg": "inputs"}
+
+TORCHSCRIPT_SIGNATURE = """
+[signature]
+inputs = [
+  { name = "x", dtype = "float32", shape = [-1, 64] },
+  { name = "weight", dtype = "float32", shape = [-1, 1] },
+]
+"""
+"""TorchScript does not tell its inputs' shapes; exporting it needs them declared."""
 
 
 def features(model: str, rows: slice) -> np.ndarray:
@@ -141,6 +151,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_keras_mlp(originals / "keras" / "1")
     write_torch_mlp(originals / "torch" / "1")
     write_sklearn_digits(originals / "logreg" / "1")
+    write_torchscript(originals / "torchscript" / "1")  # two inputs, two outputs
+    (originals / "torchscript" / "inferd.toml").write_text(TORCHSCRIPT_SIGNATURE)
     for model in ("sklearn", "keras", "torch"):
         np.save(root / f"{model}-calibration.npy", features(model, slice(0, 500)).astype(np.float32))
     # In-process for the three frameworks (their imports are paid once, here); through the
@@ -154,6 +166,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             tflite=model == "keras",
         )
         outcomes[model] = run(options)
+    outcomes["torchscript"] = run(
+        OptimizeOptions(model=originals / "torchscript", out=out / "torchscript", only=("onnx",))
+    )
     # A linear model: quantisation has nothing to work on, there is no TFLite converter for
     # scikit-learn, nor calibration rows for static quantisation; the ONNX conversion must still
     # be made.
@@ -225,6 +240,7 @@ def accuracy(p: np.ndarray) -> float:
 @pytest.mark.parametrize("model", list(VARIANTS))
 def test_every_variant_is_made_and_recorded(made: dict[str, Any], model: str) -> None:
     out = made["out"] / model
+    zeros = model in ("logreg", "torchscript")  # made without --calibration
     if model == "logreg":
         assert made["command"].returncode == 0, made["command"].stderr
     else:
@@ -244,7 +260,7 @@ def test_every_variant_is_made_and_recorded(made: dict[str, Any], model: str) ->
         assert record["size_bytes"] == sum(p.stat().st_size for p in model_files) > 0
         assert {"onnx", "onnxruntime"} <= set(record["tool_versions"]) or "keras" in record["tool_versions"]
         # The rows compared are the calibration rows, when given.
-        assert record["check"]["inputs"] == ("zeros" if model == "logreg" else "calibration")
+        assert record["check"]["inputs"] == ("zeros" if zeros else "calibration")
 
 
 def test_a_failing_variant_is_reported_and_the_others_made(made: dict[str, Any]) -> None:
@@ -278,8 +294,24 @@ def test_no_variant_made_exits_1_and_unknown_names_exit_2(made: dict[str, Any]) 
     assert "--only: unknown variant(s) ['tiny']" in run.stderr
 
 
+def test_a_torchscript_program_converts_with_its_two_inputs_and_outputs(server: ServerProcess) -> None:
+    x = features("torch", slice(0, 5))
+    body = {"inputs": {"x": x.tolist(), "weight": [[0.5]] * 5}}
+    answers = []
+    for version in (1, 2):
+        url = f"{server.url}/v1/models/torchscript/versions/{version}:predict"
+        response = requests.post(url, json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["outputs"])
+    original, converted = answers
+    assert set(converted) == {"output_0", "output_1"}
+    for name in ("output_0", "output_1"):
+        np.testing.assert_allclose(converted[name], original[name], **EXACT)
+
+
 @pytest.mark.parametrize(
-    ("model", "variant"), [(model, variant) for model, names in VARIANTS.items() for variant in names]
+    ("model", "variant"),
+    [(model, variant) for model, names in VARIANTS.items() if model != "torchscript" for variant in names],
 )
 def test_every_variant_serves_and_agrees_with_the_original(
     server: ServerProcess, model: str, variant: str
