@@ -282,7 +282,7 @@ def test_a_failing_variant_is_reported_and_the_others_made(made: dict[str, Any])
     assert "1 of 4 variants made" in run.stdout
 
 
-def test_no_variant_made_exits_1_and_unknown_names_exit_2(made: dict[str, Any]) -> None:
+def test_no_variant_made_exits_1_and_bad_options_exit_2(made: dict[str, Any]) -> None:
     out = made["root"] / "none"
     run = optimize(str(made["originals"] / "logreg"), "--out", str(out), "--only", "tflite-int8-dynamic")
     assert run.returncode == 1, run.stdout + run.stderr
@@ -292,6 +292,16 @@ def test_no_variant_made_exits_1_and_unknown_names_exit_2(made: dict[str, Any]) 
     run = optimize(str(made["originals"] / "logreg"), "--out", str(out), "--only", "onnx,tiny")
     assert run.returncode == 2
     assert "--only: unknown variant(s) ['tiny']" in run.stderr
+    np.save(made["root"] / "narrow.npy", np.zeros((5, 3), np.float32))
+    run = optimize(
+        str(made["originals"] / "logreg"),
+        "--out",
+        str(out),
+        "--calibration",
+        str(made["root"] / "narrow.npy"),
+    )
+    assert run.returncode == 2
+    assert "input 'inputs' expects FP64 [-1, 64], got rows of shape [5, 3]" in run.stderr
 
 
 def test_a_torchscript_program_converts_with_its_two_inputs_and_outputs(server: ServerProcess) -> None:

@@ -33,7 +33,7 @@ from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported, to_onnx
 from inferd.optimize.tflite import to_tflite
-from inferd.runtimes import load_model
+from inferd.runtimes import find_model_file, load_model
 from inferd.types import Signature
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def chosen(options: OptimizeOptions, source_runtime: str) -> list[str]:
     Raises:
         InvalidArgument: ``--only`` names an unknown variant.
     """
-    unknown = [name for name in options.only if name not in VARIANT_NAMES]
-    if unknown:
-        raise InvalidArgument(f"--only: unknown variant(s) {unknown}; expected some of {list(VARIANT_NAMES)}")
+    _refuse_unknown(options.only)
     if options.only:
         return [name for name in VARIANT_NAMES if name in options.only]
     names = []
@@ -122,6 +120,12 @@ def chosen(options: OptimizeOptions, source_runtime: str) -> list[str]:
     return names
 
 
+def _refuse_unknown(names: tuple[str, ...]) -> None:
+    unknown = [name for name in names if name not in VARIANT_NAMES]
+    if unknown:
+        raise InvalidArgument(f"--only: unknown variant(s) {unknown}; expected some of {list(VARIANT_NAMES)}")
+
+
 def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
     """Make the chosen variants of ``options.model`` under ``options.out``; ``report`` is called
     as each one is done.
@@ -130,11 +134,13 @@ def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: 
         InferdError: the model does not load (MODEL_LOAD), or the options or calibration file
             are wrong (INVALID_ARGUMENT), before any variant is made.
     """
-    chosen(options, "")  # refuse unknown names before the model loads
+    _refuse_unknown(options.only)  # before the model loads
     source = _load_source(options.model)
     try:
         names = chosen(options, source.runtime)
         calibration = Calibration(options.calibration)
+        if calibration.given:  # a file that does not fit the model fails the run, not each variant
+            calibration.rows(source.signature)
         outcomes = []
         options.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="inferd-optimize-") as scratch:
@@ -202,8 +208,6 @@ class _OnnxBase:
             model.close()
 
     def _folder_model(self, folder: Path) -> Path:
-        from inferd.runtimes import find_model_file
-
         return find_model_file(
             folder, ("model.onnx", "*.onnx"), self._source.settings.runtime_options.get("file")
         )

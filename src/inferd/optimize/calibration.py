@@ -55,4 +55,15 @@ def _read_rows(spec: str, signature: Signature, limit: int) -> Tensors:
             break
     if not count:
         raise InvalidArgument(f"--calibration {spec}: no rows")
-    return {name: np.concatenate([p[name] for p in parts])[:limit] for name in signature.input_names()}
+    rows = {name: np.concatenate([p[name] for p in parts])[:limit] for name in signature.input_names()}
+    for tensor in signature.inputs:
+        shape = rows[tensor.name].shape
+        if tensor.shape is not None and (
+            len(shape) != len(tensor.shape)
+            or any(d not in (-1, n) for d, n in zip(tensor.shape, shape, strict=True))
+        ):
+            raise InvalidArgument(
+                f"--calibration {spec}: input {tensor.name!r} expects {tensor.describe()}, "
+                f"got rows of shape {list(shape)}"
+            )
+    return rows
