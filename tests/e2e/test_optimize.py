@@ -45,12 +45,13 @@ VARIANTS = {
     "torch": ONNX_VARIANTS,
     "logreg": ["onnx"],
     "torchscript": ["onnx"],
+    "savedmodel": ["onnx", "tflite", "tflite-int8-dynamic"],
 }
 """Model -> the variants made of it, which become versions 2, 3, ... (version 1 is the original)."""
 
-pytestmark = pytest.mark.timeout(300)  # the module fixture trains three models and makes 20 variants
+pytestmark = pytest.mark.timeout(300)  # the module fixture trains three models and makes 23 variants
 
-INPUT = {"sklearn": "inputs", "keras": "images", "torch": "x", "logreg": "inputs"}
+INPUT = {"sklearn": "inputs", "keras": "images", "torch": "x", "logreg": "inputs", "savedmodel": "images"}
 
 TORCHSCRIPT_SIGNATURE = """
 [signature]
@@ -66,7 +67,7 @@ def features(model: str, rows: slice) -> np.ndarray:
     """The digits as each model takes them: 64 raw pixels (scikit-learn), 8x8 scaled to [0, 1]
     (Keras), 64 scaled (PyTorch)."""
     x = digits()[0][rows]
-    if model == "keras":
+    if model in ("keras", "savedmodel"):
         return (x / 16.0).reshape(-1, 8, 8)
     return x / 16.0 if model == "torch" else x
 
@@ -100,6 +101,13 @@ def write_keras_mlp(version_dir: Path) -> None:
     model.fit(features("keras", TRAIN), digits()[1][TRAIN], epochs=30, batch_size=64, verbose=0)
     version_dir.mkdir(parents=True)
     model.save(version_dir / "model.keras")
+
+
+def write_saved_model(keras_file: Path, version_dir: Path) -> None:
+    """The Keras network exported as a SavedModel (``serving_default``: ``images`` -> ``output_0``)."""
+    import keras
+
+    keras.saving.load_model(keras_file).export(str(version_dir), verbose=False)
 
 
 def write_torch_mlp(version_dir: Path) -> None:
@@ -149,6 +157,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     originals, out = root / "originals", root / "variants"
     write_sklearn_mlp(originals / "sklearn" / "1")
     write_keras_mlp(originals / "keras" / "1")
+    write_saved_model(originals / "keras" / "1" / "model.keras", originals / "savedmodel" / "1")
     write_torch_mlp(originals / "torch" / "1")
     write_sklearn_digits(originals / "logreg" / "1")
     write_torchscript(originals / "torchscript" / "1")  # two inputs, two outputs
@@ -166,6 +175,13 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             tflite=model == "keras",
         )
         outcomes[model] = run(options)
+    outcomes["savedmodel"] = run(
+        OptimizeOptions(
+            model=originals / "savedmodel",
+            out=out / "savedmodel",
+            only=("onnx", "tflite", "tflite-int8-dynamic"),
+        )
+    )
     outcomes["torchscript"] = run(
         OptimizeOptions(model=originals / "torchscript", out=out / "torchscript", only=("onnx",))
     )
@@ -240,7 +256,7 @@ def accuracy(p: np.ndarray) -> float:
 @pytest.mark.parametrize("model", list(VARIANTS))
 def test_every_variant_is_made_and_recorded(made: dict[str, Any], model: str) -> None:
     out = made["out"] / model
-    zeros = model in ("logreg", "torchscript")  # made without --calibration
+    zeros = model in ("logreg", "torchscript", "savedmodel")  # made without --calibration
     if model == "logreg":
         assert made["command"].returncode == 0, made["command"].stderr
     else:
