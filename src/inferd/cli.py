@@ -388,6 +388,31 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "optimize",
+        help="make smaller or faster variants of a model (ONNX, quantised, float16, TFLite)",
+        description=(
+            "Write variants of MODEL (a version folder, or a base path whose latest version is used) "
+            "to OUT/<variant>/, each a version folder inferd serves, with a variant.json saying how it was "
+            "made; OUT/variants.json lists every attempt. A variant that fails is reported and the others "
+            "go on; the exit status is 0 when at least one was made. See docs/optimize.md."
+        ),
+    )
+    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    add = parser.add_argument
+    add("--out", required=True, type=Path, help="folder to write the variants to")
+    add(
+        "--calibration",
+        help="input rows (CSV, Parquet, JSONL or .npy, columns as for inferd batch) for static int8 "
+        "quantisation; also used to compare each variant with the original",
+    )
+    add("--only", default="", help="comma-separated variants to make (default: every one that applies)")
+    add("--tflite", action="store_true", help="also make TFLite variants (Keras and TensorFlow models)")
+    add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
@@ -415,6 +440,30 @@ def _select(args: argparse.Namespace) -> int:
     return command.execute(options, outputs, promote)
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    from inferd import optimize
+
+    options = optimize.OptimizeOptions(
+        model=args.model_path,
+        out=args.out,
+        calibration=args.calibration,
+        only=_names(args.only),
+        tflite=args.tflite,
+    )
+
+    def report(outcome: optimize.Outcome) -> None:
+        print(f"{outcome.name}: {outcome.path}" if outcome.ok else f"{outcome.name}: FAILED: {outcome.error}")
+
+    try:
+        outcomes = optimize.run(options, report)
+    except InferdError as exc:
+        print(f"inferd optimize: {exc.message}", file=sys.stderr)
+        return 2
+    made = sum(outcome.ok for outcome in outcomes)
+    print(f"{made} of {len(outcomes)} variants made in {args.out}")
+    return 0 if made else 1
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -427,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _batch_parser(sub)
     _bench_parser(sub)
     _select_parser(sub)
+    _optimize_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
         return _load_features(args)
@@ -441,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "select":
         return _select(args)
+    if args.command == "optimize":
+        return _optimize(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):

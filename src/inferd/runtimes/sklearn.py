@@ -50,6 +50,11 @@ class SklearnModel:
     def signatures(self) -> Mapping[str, Signature]:
         return self._signatures
 
+    @property
+    def estimator(self) -> Any:
+        """The fitted estimator (``inferd optimize`` converts it to ONNX)."""
+        return self._estimator
+
     def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
         x = inputs["inputs"]
         est = self._estimator
