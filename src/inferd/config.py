@@ -282,8 +282,9 @@ class ModelSettings:
 
     Attributes:
         runtime: runtime name (``onnx``, ``sklearn``, ``python``); None detects it from files.
-        runtime_options: the table named after the runtime, e.g. ``[onnx]``; the runtime
-            checks its keys when it loads.
+        runtime_tables: each runtime's table by runtime name, e.g. ``[onnx]``; the runtime a
+            version loads with reads its own (``options``) and checks its keys. Versions of one
+            model may use different runtimes, each configured by its table.
         version_policy: used when the model config file gives none.
         labels: used when the model config file gives none.
         signature: declared signature (``[signature]`` table), for models that cannot tell.
@@ -300,7 +301,7 @@ class ModelSettings:
     """
 
     runtime: str | None = None
-    runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    runtime_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
     signature: Mapping[str, Any] = field(default_factory=dict)
@@ -311,6 +312,10 @@ class ModelSettings:
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
+
+    def options(self, runtime: str) -> Mapping[str, Any]:
+        """The ``[runtime]`` table's options; empty when the table is absent."""
+        return self.runtime_tables.get(runtime, {})
 
 
 ISOLATION_MODES = ("none", "process")
@@ -400,7 +405,6 @@ def read_model_settings(base_path: Path) -> ModelSettings:
     runtime = raw.get("runtime")
     if runtime is not None and not isinstance(runtime, str):
         raise ConfigError(f"{path}: 'runtime' must be a string, got {runtime!r}")
-    options = raw.get(runtime or "", {}) if runtime else _only_table(raw, path)
     policy = raw.get("version_policy")
     warmup = raw.get("warmup", True)
     if not isinstance(warmup, bool):
@@ -413,7 +417,9 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         raise ConfigError(f"{path}: 'isolation' must be one of {list(ISOLATION_MODES)}, got {isolation!r}")
     return ModelSettings(
         runtime=runtime,
-        runtime_options=_table(options, f"{path}: [{runtime}]"),
+        runtime_tables={
+            name: _table(raw[name], f"{path}: [{name}]") for name in _RUNTIME_TABLES if name in raw
+        },
         version_policy=None if policy is None else _policy_from_toml(policy, path),
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),
@@ -454,14 +460,6 @@ def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
     if size < 0:
         raise ConfigError(f"{path}: 'prediction_cache_size' must be >= 0, got {size}")
     return size
-
-
-def _only_table(raw: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
-    """With no ``runtime`` key, a single runtime table (e.g. ``[onnx]``) gives the options."""
-    tables = [name for name in _RUNTIME_TABLES if name in raw]
-    if len(tables) > 1:
-        raise ConfigError(f"{path}: several runtime tables {tables}; set 'runtime' to choose one")
-    return raw[tables[0]] if tables else {}
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

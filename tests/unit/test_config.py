@@ -148,7 +148,7 @@ def test_a_full_inferd_toml(tmp_path: Path) -> None:
         """,
     )
     assert got.runtime == "onnx"
-    assert dict(got.runtime_options) == {"intra_op_num_threads": 1}
+    assert dict(got.options("onnx")) == {"intra_op_num_threads": 1}
     assert got.version_policy == VersionPolicy("latest", num_versions=2)
     assert dict(got.labels) == {"stable": 1, "canary": 2}
     assert got.warmup is False
@@ -169,10 +169,12 @@ def test_inferd_toml_version_policies(tmp_path: Path, policy: str, expected: Ver
     assert settings(tmp_path, f"version_policy = {policy}\n").version_policy == expected
 
 
-def test_a_single_runtime_table_gives_the_options_without_a_runtime_key(tmp_path: Path) -> None:
-    got = settings(tmp_path, "[sklearn]\nmethod = 'predict_proba'\n")
+def test_each_runtime_reads_its_own_table_without_a_runtime_key(tmp_path: Path) -> None:
+    got = settings(tmp_path, "[sklearn]\nmethod = 'predict_proba'\n[onnx]\nintra_op_num_threads = 1\n")
     assert got.runtime is None
-    assert dict(got.runtime_options) == {"method": "predict_proba"}
+    assert dict(got.options("sklearn")) == {"method": "predict_proba"}
+    assert dict(got.options("onnx")) == {"intra_op_num_threads": 1}
+    assert dict(got.options("torch")) == {}
 
 
 @pytest.mark.parametrize(
@@ -194,12 +196,11 @@ def test_a_single_runtime_table_gives_the_options_without_a_runtime_key(tmp_path
         ("[labels]\nstable = 'one'\n", ["[labels]", "'stable' must name an integer version"]),
         ("[labels]\nstable = true\n", ["'stable' must name an integer version"]),
         ("labels = 3\n", ["[labels] must be a table"]),
-        ("[onnx]\n[sklearn]\n", ["several runtime tables", "set 'runtime'"]),
+        ("onnx = 3\n", ["[onnx] must be a table"]),
         ("[batching]\nmax_batch_size = 0\n", ["max_batch_size must be >= 1"]),
         ("[batching]\nmax_batch = 4\n", ["[batching]", "unknown key(s) ['max_batch']"]),
         ("device = 'gpu'\n", ['\'device\' must be "cpu" or "cuda:N"', "'gpu'"]),
         ("device = 0\n", ["'device' must be"]),
-        ("[torch]\n[tflite]\n", ["several runtime tables"]),
         ("isolation = 'thread'\n", ["'isolation' must be one of ['none', 'process']", "'thread'"]),
         ("safe = false\n", ["unknown key(s) ['safe']"]),
     ],
@@ -247,7 +248,7 @@ def test_an_inferd_toml_that_is_not_a_regular_file_is_refused_without_reading_it
 
 @pytest.mark.parametrize("runtime", ["tensorflow", "tflite", "torch", "xgboost", "lightgbm"])
 def test_each_framework_has_its_options_table(tmp_path: Path, runtime: str) -> None:
-    assert dict(settings(tmp_path, f"[{runtime}]\nnum_threads = 2\n").runtime_options) == {"num_threads": 2}
+    assert dict(settings(tmp_path, f"[{runtime}]\nnum_threads = 2\n").options(runtime)) == {"num_threads": 2}
 
 
 # VersionPolicy.select

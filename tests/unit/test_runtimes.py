@@ -49,9 +49,9 @@ def test_onnx_signature_and_prediction(tmp_path: Path) -> None:
 def test_onnx_options_are_checked(tmp_path: Path) -> None:
     write_onnx_affine(tmp_path, 1.0)
     with pytest.raises(ModelLoadError, match="unknown \\[onnx\\] option"):
-        load_model(tmp_path, ModelSettings(runtime_options={"threads": 2}), "onnx")
+        load_model(tmp_path, ModelSettings(runtime_tables={"onnx": {"threads": 2}}), "onnx")
     with pytest.raises(ModelLoadError, match="intra_op_num_threads must be an integer"):
-        load_model(tmp_path, ModelSettings(runtime_options={"intra_op_num_threads": "2"}), "onnx")
+        load_model(tmp_path, ModelSettings(runtime_tables={"onnx": {"intra_op_num_threads": "2"}}), "onnx")
 
 
 def test_corrupt_onnx_file_is_a_load_error(tmp_path: Path) -> None:
@@ -140,9 +140,9 @@ def test_onnx_on_cuda_without_the_cuda_provider_is_a_load_error(tmp_path: Path) 
 def test_torch_options_and_a_framework_error_in_predict(tmp_path: Path) -> None:
     write_torch_export(tmp_path)
     with pytest.raises(ModelLoadError, match=r"unknown \[torch\] option\(s\) \['threads'\]"):
-        load_model(tmp_path, ModelSettings(runtime_options={"threads": 2}), None)
+        load_model(tmp_path, ModelSettings(runtime_tables={"torch": {"threads": 2}}), None)
     with pytest.raises(ModelLoadError, match=r"\[torch\] num_threads must be an integer >= 0"):
-        load_model(tmp_path, ModelSettings(runtime_options={"num_threads": -1}), None)
+        load_model(tmp_path, ModelSettings(runtime_tables={"torch": {"num_threads": -1}}), None)
     model, _ = load_model(tmp_path, ModelSettings(), None)
     bad = {"x": np.zeros((2, 5), np.float32), "weight": np.ones((2, 1), np.float32)}
     with pytest.raises(InvalidArgument, match="torch rejected the input"):
@@ -167,7 +167,7 @@ def test_torchscript_returning_a_dict_needs_declared_outputs(tmp_path: Path) -> 
 
 def test_xgboost_rejects_a_wrong_feature_count_as_the_callers_fault(tmp_path: Path) -> None:
     write_xgboost(tmp_path, "reg:squarederror")
-    model, runtime = load_model(tmp_path, ModelSettings(runtime_options={"num_threads": 2}), None)
+    model, runtime = load_model(tmp_path, ModelSettings(runtime_tables={"xgboost": {"num_threads": 2}}), None)
     assert runtime == "xgboost"
     assert sorted(model.signatures) == ["regress", "serving_default"]
     with pytest.raises(InvalidArgument, match="xgboost rejected the input"):

@@ -209,7 +209,7 @@ class _OnnxBase:
 
     def _folder_model(self, folder: Path) -> Path:
         return find_model_file(
-            folder, ("model.onnx", "*.onnx"), self._source.settings.runtime_options.get("file")
+            folder, ("model.onnx", "*.onnx"), self._source.settings.options("onnx").get("file")
         )
 
 

@@ -46,7 +46,7 @@ class Source:
 
     def tensorflow_kind(self) -> str:
         """``savedmodel`` or ``keras``, as the tensorflow runtime chooses between them."""
-        if (self.path / "saved_model.pb").is_file() and "file" not in self.settings.runtime_options:
+        if (self.path / "saved_model.pb").is_file() and "file" not in self.settings.options("tensorflow"):
             return "savedmodel"
         return "keras"
 
@@ -109,7 +109,7 @@ def _from_tensorflow(source: Source, target: Path) -> dict[str, Any]:
     else:
         import keras
 
-        path = find_model_file(source.path, ("*.keras",), source.settings.runtime_options.get("file"))
+        path = find_model_file(source.path, ("*.keras",), source.settings.options("tensorflow").get("file"))
         model = keras.saving.load_model(str(path), compile=False)
         keep_alive = model
         outputs = [spec.name for spec in source.signature.outputs]
@@ -144,7 +144,7 @@ def _from_torch(source: Source, target: Path) -> dict[str, Any]:
     import torch
 
     path = find_model_file(
-        source.path, ("*.pt2", "*.pt", "*.pth"), source.settings.runtime_options.get("file")
+        source.path, ("*.pt2", "*.pt", "*.pth"), source.settings.options("torch").get("file")
     )
     inputs = source.signature.input_names()
     outputs = [spec.name for spec in source.signature.outputs]

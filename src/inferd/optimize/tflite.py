@@ -38,7 +38,7 @@ def to_tflite(source: Source, target: Path, mode: str, rows: Tensors | None = No
     else:
         import keras
 
-        path = find_model_file(source.path, ("*.keras",), source.settings.runtime_options.get("file"))
+        path = find_model_file(source.path, ("*.keras",), source.settings.options("tensorflow").get("file"))
         converter = tf.lite.TFLiteConverter.from_keras_model(
             keras.saving.load_model(str(path), compile=False)
         )

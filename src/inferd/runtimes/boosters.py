@@ -124,7 +124,7 @@ class XGBoostRuntime:
 
     def load(self, version_dir: Path, settings: ModelSettings) -> BoosterModel:
         xgb = import_framework("xgboost", "xgboost")
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("*.ubj", "*.json"), options.get("file"))
         try:
@@ -163,7 +163,7 @@ class LightGBMRuntime:
 
     def load(self, version_dir: Path, settings: ModelSettings) -> BoosterModel:
         lgb = import_framework("lightgbm", "lightgbm")
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("*.txt",), options.get("file"))
         try:

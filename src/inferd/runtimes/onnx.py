@@ -85,7 +85,7 @@ class OnnxRuntime:
     def load(self, version_dir: Path, settings: ModelSettings) -> OnnxModel:
         import onnxruntime as ort
 
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
         session_options = _session_options(ort, options)

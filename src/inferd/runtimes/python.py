@@ -69,7 +69,7 @@ class PythonRuntime:
     gpu = False
 
     def load(self, version_dir: Path, settings: ModelSettings) -> PythonModel:
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, {"class"})
         path = version_dir / "model.py"
         if not path.is_file():

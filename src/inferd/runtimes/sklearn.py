@@ -126,7 +126,7 @@ class SklearnRuntime:
     _pickle_lock = threading.Lock()
 
     def load(self, version_dir: Path, settings: ModelSettings) -> SklearnModel:
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, {"file", "trusted_types"})
         path = find_model_file(version_dir, _PATTERNS, options.get("file"))
         if settings.safe:

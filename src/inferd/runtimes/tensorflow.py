@@ -76,14 +76,14 @@ class TensorFlowRuntime:
     gpu = True
 
     def load(self, version_dir: Path, settings: ModelSettings) -> TensorFlowModel:
-        check_options(self.name, settings.runtime_options, {"file"})
+        check_options(self.name, settings.options(self.name), {"file"})
         tf = import_framework("tensorflow", "tensorflow")
         device = settings.device
         if device != "cpu":
             _check_gpu(tf, device)
-        if (version_dir / "saved_model.pb").is_file() and "file" not in settings.runtime_options:
+        if (version_dir / "saved_model.pb").is_file() and "file" not in settings.options(self.name):
             return _load_saved_model(tf, version_dir, device)
-        path = find_model_file(version_dir, ("*.keras",), settings.runtime_options.get("file"))
+        path = find_model_file(version_dir, ("*.keras",), settings.options(self.name).get("file"))
         return _load_keras(tf, path, device)
 
 

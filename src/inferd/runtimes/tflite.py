@@ -61,7 +61,7 @@ class TFLiteRuntime:
     gpu = False
 
     def load(self, version_dir: Path, settings: ModelSettings) -> TFLiteModel:
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, {"file", "num_threads"})
         path = find_model_file(version_dir, ("*.tflite",), options.get("file"))
         litert = import_framework("ai_edge_litert.interpreter", "tflite")

@@ -83,7 +83,7 @@ class TorchRuntime:
 
     def load(self, version_dir: Path, settings: ModelSettings) -> TorchModel:
         torch = import_framework("torch", "torch")
-        options = settings.runtime_options
+        options = settings.options(self.name)
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("*.pt2", "*.pt", "*.pth"), options.get("file"))
         threads = int_option(self.name, options, "num_threads", 1)
