@@ -343,6 +343,11 @@ class ServerConfig:
     rest_api_timeout_in_ms: int = 30_000
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_json_depth: int = 32
+    max_string_bytes: int = 8 * 1024 * 1024
+    max_instances: int = 100_000
     load_threads: int = 2
     enable_batching: bool = False
     batching_parameters_file: str = ""
