@@ -312,6 +312,7 @@ async def _start_grpc(
     options = [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_metadata_size", config.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
         ("grpc.so_reuseport", 0),
     ]
     access = grpc_status.AccessInterceptor(

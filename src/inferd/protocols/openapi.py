@@ -58,40 +58,73 @@ def _responses(ok: Schema, admin: bool = False) -> Schema:
     return responses
 
 
-def _operation(summary: str, tag: str, ok: Schema, **extra: Any) -> Schema:
-    operation: Schema = {"summary": summary, "tags": [tag], "responses": _responses(ok, tag == "repository")}
-    operation.update(extra)
-    return operation
+def _operation(operation_id: str, summary: str, tag: str, ok: Schema, **extra: Any) -> Schema:
+    """One operation: ``ok`` is its 200 response; ``links`` in ``extra`` go on that response."""
+    links = extra.pop("links", None)
+    if links:
+        ok = ok | {"links": links}
+    operation: Schema = {"operationId": operation_id, "summary": summary, "tags": [tag]}
+    operation["responses"] = _responses(ok, tag == "repository")
+    return operation | extra
+
+
+def _link(operation_id: str, **parameters: str) -> Schema:
+    """A link to ``operation_id``, its parameters taken from this request or response."""
+    return {"operationId": operation_id, "parameters": parameters}
 
 
 def _model_params(*names: str) -> list[Schema]:
     return [{"$ref": f"#/components/parameters/{name}"} for name in names]
 
 
-_TF_SELECTORS = {"": (), "/versions/{version}": ("version",), "/labels/{label}": ("label",)}
-"""TF Serving's three ways to name a version in a path: latest, by number, by label."""
+_TF_SELECTORS = {
+    "": ((), "", "the model"),
+    "/versions/{version}": (("version",), "Version", "a version"),
+    "/labels/{label}": (("label",), "Label", "a labelled version"),
+}
+"""TF Serving's three ways to name a version in a path: latest, by number, by label; each with
+the parameters it adds, its operation id suffix and its words."""
+
+_SAME_MODEL = "$request.path.model_name"
 
 
 def _tfserving_paths() -> Schema:
     paths: Schema = {}
-    for suffix, extra in _TF_SELECTORS.items():
+    for suffix, (extra, id_suffix, which) in _TF_SELECTORS.items():
         base = "/v1/models/{model_name}" + suffix
         params = _model_params("model_name", *extra)
-        which = {"": "the model", "/versions/{version}": "a version", "/labels/{label}": "a labelled version"}
+        status_links = {
+            "predictOfVersion": _link(
+                "tfservingPredictVersion",
+                model_name=_SAME_MODEL,
+                version="$response.body#/model_version_status/0/version",
+            )
+        }
         paths[base] = {
             "get": _operation(
-                f"Status of {which[suffix]} (TF Serving GetModelStatus)",
+                "tfservingStatus" + id_suffix,
+                f"Status of {which} (TF Serving GetModelStatus)",
                 "tfserving",
                 _json(_ref("ModelStatus"), "Versions and their states"),
                 parameters=params,
+                links=status_links,
+            )
+        }
+        metadata_links = {
+            "predictOfVersion": _link(
+                "tfservingPredictVersion",
+                model_name=_SAME_MODEL,
+                version="$response.body#/model_spec/version",
             )
         }
         paths[base + "/metadata"] = {
             "get": _operation(
-                f"Signatures of {which[suffix]} (TF Serving GetModelMetadata)",
+                "tfservingMetadata" + id_suffix,
+                f"Signatures of {which} (TF Serving GetModelMetadata)",
                 "tfserving",
                 _json(_ref("ModelMetadata"), "The model spec and its signature_def map"),
                 parameters=params,
+                links=metadata_links,
             )
         }
         for verb, request, response in (
@@ -101,7 +134,8 @@ def _tfserving_paths() -> Schema:
         ):
             paths[f"{base}:{verb}"] = {
                 "post": _operation(
-                    f"{verb.capitalize()} with {which[suffix]} (TF Serving REST)",
+                    f"tfserving{verb.capitalize()}{id_suffix}",
+                    f"{verb.capitalize()} with {which} (TF Serving REST)",
                     "tfserving",
                     _json(_ref(response), f"The {verb} result"),
                     parameters=params,
@@ -109,6 +143,7 @@ def _tfserving_paths() -> Schema:
                         "required": True,
                         "content": {_JSON: {"schema": _ref(request), "examples": _EXAMPLES[verb]}},
                     },
+                    links={"status": _link("tfservingStatus", model_name=_SAME_MODEL)},
                 )
             }
     return paths
@@ -131,46 +166,70 @@ _EXAMPLES: dict[str, Schema] = {
         }
     },
 }
-"""Requests that succeed against a model with one input ``x``, FP32 [-1, 4] (the fuzz test's)."""
+"""Requests for a model with one input ``x``, FP32 [-1, 4], and output ``y``."""
 
 
 def _v2_paths() -> Schema:
     paths: Schema = {
-        "/v2": {"get": _operation("Server metadata", "v2", _json(_ref("ServerMetadata"), "Name, version"))},
-        "/v2/health/live": {"get": _operation("Liveness", "v2", _json(_flag("live"), "The server answers"))},
+        "/v2": {
+            "get": _operation(
+                "v2ServerMetadata", "Server metadata", "v2", _json(_ref("ServerMetadata"), "Name, version")
+            )
+        },
+        "/v2/health/live": {
+            "get": _operation("v2Live", "Liveness", "v2", _json(_flag("live"), "The server answers"))
+        },
         "/v2/health/ready": {
-            "get": _operation("Readiness", "v2", _json(_flag("ready"), "Every configured model is AVAILABLE"))
+            "get": _operation(
+                "v2Ready", "Readiness", "v2", _json(_flag("ready"), "Every configured model is AVAILABLE")
+            )
         },
     }
-    for suffix, extra in (("", ()), ("/versions/{version}", ("version",))):
+    for suffix, extra, id_suffix in (("", (), ""), ("/versions/{version}", ("version",), "Version")):
         base = "/v2/models/{model_name}" + suffix
         params = _model_params("model_name", *extra)
+        by_name = {"model_name": "$response.body#/name"}
         paths[base] = {
             "get": _operation(
+                "v2ModelMetadata" + id_suffix,
                 "Model metadata",
                 "v2",
                 _json(_ref("V2ModelMetadata"), "Inputs and outputs"),
                 parameters=params,
+                links={
+                    "infer": _link("v2Infer", **by_name),
+                    "ready": _link("v2ModelReady", **by_name),
+                    "config": _link("v2ModelConfig", **by_name),
+                    "metadataOfVersion": _link(
+                        "v2ModelMetadataVersion", **by_name, version="$response.body#/versions/0"
+                    ),
+                },
             )
         }
         ready = _object(["name", "ready"], name={"type": "string"}, ready={"type": "boolean"})
         paths[base + "/ready"] = {
             "get": _operation(
-                "Model readiness", "v2", _json(ready, "The version is AVAILABLE"), parameters=params
+                "v2ModelReady" + id_suffix,
+                "Model readiness",
+                "v2",
+                _json(ready, "The version is AVAILABLE"),
+                parameters=params,
             )
         }
         paths[base + "/config"] = {
             "get": _operation(
+                "v2ModelConfig" + id_suffix,
                 "Model configuration (Triton's ModelConfig fields)",
                 "v2",
                 _json(_ref("ModelConfig"), "What perf_analyzer reads"),
                 parameters=params,
             )
         }
-        paths[base + "/infer"] = {"post": _infer_operation(params)}
+        paths[base + "/infer"] = {"post": _infer_operation("v2Infer" + id_suffix, params)}
     paths |= _repository_paths()
     paths["/metrics"] = {
         "get": {
+            "operationId": "metrics",
             "summary": "Prometheus metrics (--enable_metrics)",
             "tags": ["metrics"],
             "responses": {
@@ -183,6 +242,7 @@ def _v2_paths() -> Schema:
     }
     paths[PATH] = {
         "get": {
+            "operationId": "openapi",
             "summary": "This document",
             "tags": ["metrics"],
             "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
@@ -191,7 +251,7 @@ def _v2_paths() -> Schema:
     return paths
 
 
-def _infer_operation(params: list[Schema]) -> Schema:
+def _infer_operation(operation_id: str, params: list[Schema]) -> Schema:
     header_length = {
         "name": _HEADER_LENGTH,
         "in": "header",
@@ -214,6 +274,7 @@ def _infer_operation(params: list[Schema]) -> Schema:
         },
     }
     return _operation(
+        operation_id,
         "Inference (Open Inference Protocol)",
         "v2",
         ok,
@@ -232,6 +293,13 @@ def _infer_operation(params: list[Schema]) -> Schema:
                     }
                 },
             },
+        },
+        links={
+            "sameVersion": _link(
+                "v2InferVersion",
+                model_name="$response.body#/model_name",
+                version="$response.body#/model_version",
+            )
         },
     )
 
@@ -254,26 +322,46 @@ def _repository_paths() -> Schema:
     def done(key: str) -> Schema:
         return _json(_object(["name", key], name={"type": "string"}, **{key: {"type": "boolean"}}), "Done")
 
+    first = {"model_name": "$response.body#/0/name"}
     paths = {
         "/v2/repository/index": {
             "post": _operation(
+                "repositoryIndex",
                 "Every configured model's versions and states (admin)",
                 "repository",
                 _json({"type": "array", "items": index_row}, "The index"),
                 security=admin,
                 requestBody={"required": False, "content": {_JSON: {"schema": index_request}}},
+                links={
+                    "load": _link("repositoryLoad", **first),
+                    "unload": _link("repositoryUnload", **first),
+                    "metadata": _link("v2ModelMetadata", **first),
+                },
             )
         }
+    }
+    by_name = {"model_name": "$response.body#/name"}
+    next_steps = {
+        "load": {
+            "metadata": _link("v2ModelMetadata", **by_name),
+            "unload": _link("repositoryUnload", **by_name),
+        },
+        "unload": {
+            "load": _link("repositoryLoad", **by_name),
+            "metadata": _link("v2ModelMetadata", **by_name),
+        },
     }
     for action in ("load", "unload"):
         paths[f"/v2/repository/models/{{model_name}}/{action}"] = {
             "post": _operation(
+                "repository" + action.capitalize(),
                 f"{action.capitalize()} a configured model (admin)",
                 "repository",
                 done(action),
                 security=admin,
                 parameters=_model_params("model_name"),
                 requestBody={"required": False, "content": {_JSON: {"schema": load_request}}},
+                links=next_steps[action],
             )
         }
     return paths
