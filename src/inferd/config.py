@@ -129,6 +129,8 @@ def _read_text_proto(path: Path, message: _Message, what: str) -> _Message:
         text_format.Parse(path.read_text(), message)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
     except text_format.ParseError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return message
@@ -544,6 +546,8 @@ def read_model_config_file(path: Path) -> list[ModelConfig]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read model config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"model config file {path} is not UTF-8 text (byte {exc.start})") from exc
     if not text.strip():
         # Most likely caught between truncation and write; a config with no models is written
         # as "model_config_list {}".

@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from inferd.config import ServerConfig
 from inferd.errors import InvalidArgument, ResourceExhausted
 
@@ -73,6 +75,15 @@ class RequestLimits:
                 f"input {name!r}: a string of {size} bytes is over the limit of {self.max_string_bytes} "
                 "bytes (--max_string_bytes)"
             )
+
+    def text(self, name: str, array: np.ndarray) -> None:
+        """Check the strings of a numpy text array (``<U`` dtype, 4 bytes a character) as UTF-8.
+
+        Raises:
+            ResourceExhausted: a string is over ``max_string_bytes``.
+        """
+        if array.dtype.kind == "U" and array.size and array.dtype.itemsize > self.max_string_bytes:
+            self.string(name, max(len(item.encode()) for item in array.reshape(-1).tolist()))
 
     def instances(self, what: str, count: int) -> None:
         """Check the number of rows or examples, ``what`` naming the field.

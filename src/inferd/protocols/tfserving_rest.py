@@ -67,7 +67,7 @@ async def handle(
             name, version, label, verb = match.groups()
             model = name
             ref = model_ref(name, version, label)
-            doc = _parse_json(body)
+            doc = parse_json(body)
             if verb.lower() == "predict":
                 result = await _predict(service, ref, doc, request_id, deadline, timing, limits)
             else:
@@ -91,7 +91,12 @@ async def handle(
     return result
 
 
-def _parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A request body -> its JSON object; NaN and Infinity are read as TF Serving reads them.
+
+    Raises:
+        InvalidArgument: empty, not JSON, not an object, or a non-string ``signature_name``.
+    """
     if not body.strip():
         raise InvalidArgument("JSON Parse error: The document is empty")
     try:
@@ -234,6 +239,7 @@ class TensorDecoder:
                 )
         self._limits.depth(name, array.ndim)
         self._limits.elements(name, array.shape)
+        self._limits.text(name, array)
         return array
 
     def _objects(self, value: Any, name: str, depth: int) -> Any:

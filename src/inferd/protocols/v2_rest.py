@@ -172,7 +172,23 @@ async def _infer(
     timing: RequestTiming,
     limits: RequestLimits,
 ) -> Response:
-    header_length = headers.get(HEADER_LENGTH)
+    doc, binary = split_body(headers.get(HEADER_LENGTH), body)
+    inputs = decode_inputs(doc.get("inputs"), binary, limits)
+    request = InferenceRequest(
+        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
+    )
+    timing.decoded = time.perf_counter()
+    response = timing.answered(await service.infer(ref, request))
+    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
+    """An inference request body -> its JSON document and the binary tensor bytes after it
+    (empty without the ``Inference-Header-Content-Length`` header).
+
+    Raises:
+        InvalidArgument: the header is not a byte count within the body, or the JSON is not an object.
+    """
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidArgument(
@@ -190,13 +206,7 @@ async def _infer(
         raise InvalidArgument(f"JSON Parse error: {exc}{hint}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the inference request must be a JSON object")
-    inputs = decode_inputs(doc.get("inputs"), binary, limits)
-    request = InferenceRequest(
-        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
-    )
-    timing.decoded = time.perf_counter()
-    response = timing.answered(await service.infer(ref, request))
-    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+    return doc, binary
 
 
 def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Tensors:
@@ -266,8 +276,7 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
-    if flat.dtype.kind == "U" and flat.dtype.itemsize > limits.max_string_bytes:  # 4 bytes a character
-        limits.string(name, max(len(item.encode()) for item in flat.tolist()))
+    limits.text(name, flat)
     return flat.astype(dtype)
 
 
