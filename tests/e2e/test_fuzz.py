@@ -10,7 +10,7 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -259,3 +259,30 @@ def test_inputs_that_once_raised_server_errors_get_4xx(server: ServerProcess) ->
         with pytest.raises(grpc.RpcError) as refused:
             v2.ModelInfer(request, timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_each_limit_follows_its_flag(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=1.0)
+    server = start_server(
+        str(tmp_path / "models"),
+        "--max_tensor_elements=8",
+        "--max_json_depth=3",
+        "--max_string_bytes=4",
+        "--max_instances=2",
+        "--max_header_bytes=2000",
+    )
+    predict = f"{server.url}/v1/models/affine:predict"
+    for body, status, flag in (
+        ({"instances": [[1, 2, 3, 4]] * 3}, 413, "--max_instances"),
+        ({"inputs": [[1, 2, 3, 4]] * 3}, 413, "--max_tensor_elements"),
+        ({"inputs": [[[[1.0]]]]}, 400, "--max_json_depth"),
+        ({"inputs": ["abcde"]}, 413, "--max_string_bytes"),
+    ):
+        r = requests.post(predict, json=body, timeout=10)
+        assert r.status_code == status, r.text
+        assert flag in r.json()["error"]
+    r = requests.get(f"{server.url}/v2/health/live", headers={"X-Padding": "a" * 2000}, timeout=10)
+    assert r.status_code == 413, r.text
+    assert "--max_header_bytes" in r.json()["error"]
+    r = requests.post(predict, json={"instances": [[1, 2, 3, 4]] * 2}, timeout=10)
+    assert (r.status_code, r.json()) == (200, {"predictions": [[1, 2, 3, 4]] * 2})

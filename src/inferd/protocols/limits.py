@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.config import ServerConfig
-from inferd.errors import InvalidArgument, ResourceExhausted
+from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted
 
 MAX_RANK = 32
 """The most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64)."""
+MAX_JSON_DEPTH = 512
+"""The deepest --max_json_depth: JSON values are walked recursively, within Python's stack."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +38,20 @@ class RequestLimits:
     max_string_bytes: int
     max_instances: int
 
+    def __post_init__(self) -> None:
+        for name in ("max_tensor_elements", "max_json_depth", "max_string_bytes", "max_instances"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_json_depth > MAX_JSON_DEPTH:
+            raise ConfigError(f"--max_json_depth must be <= {MAX_JSON_DEPTH}, got {self.max_json_depth}")
+
     @classmethod
     def of(cls, config: ServerConfig) -> RequestLimits:
-        """The limits ``config`` sets."""
+        """The limits ``config`` sets.
+
+        Raises:
+            ConfigError: a limit is below 1, or ``max_json_depth`` is over ``MAX_JSON_DEPTH``.
+        """
         return cls(
             config.max_tensor_elements, config.max_json_depth, config.max_string_bytes, config.max_instances
         )
