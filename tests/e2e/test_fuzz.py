@@ -28,8 +28,8 @@ from tests.conftest import ServerProcess, launch
 from tests.models import write_onnx_affine, write_onnx_two_inputs, write_python_model
 
 ADMIN = "fuzz-admin"
-MAX_EXAMPLES = int(os.environ.get("INFERD_FUZZ_EXAMPLES", "12"))
-"""schemathesis cases per operation and phase; 12 keeps the run near a minute on a loaded box."""
+MAX_EXAMPLES = int(os.environ.get("INFERD_FUZZ_EXAMPLES", "30"))
+"""schemathesis cases per operation and phase; 30 keeps the run near a minute on a loaded box."""
 SEED = int(os.environ.get("INFERD_FUZZ_SEED", "20261124"))
 CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"
 HEADROOM_KIB = 64 * 1024
