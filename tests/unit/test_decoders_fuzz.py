@@ -5,6 +5,7 @@ anything else; and what they decode stays within the request limits."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ LIMITS = RequestLimits(max_tensor_elements=4096, max_json_depth=8, max_string_by
 """Small limits, so that generated input crosses them often."""
 DEFAULTS = RequestLimits.of(ServerConfig())
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("INFERD_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""Cases per property; INFERD_HYPOTHESIS_EXAMPLES raises it for a longer run."""
 
 ONE_INPUT = Signature("serving_default", (TensorSpec("x", np.dtype(np.float32), (-1, 4)),), ())
 TWO_INPUTS = Signature(
