@@ -117,7 +117,7 @@ def test_schemathesis_finds_no_failures(server: ServerProcess, tmp_path: Path) -
         "--report=json",
         f"--report-json-path={report}",
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     summary = json.loads(report.read_text()) if report.exists() else {}
     cases = summary.get("test_cases", {})
     print(f"schemathesis: {cases} (seed {SEED}, {MAX_EXAMPLES} examples per operation)")
