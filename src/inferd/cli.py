@@ -51,6 +51,24 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("rest_api_num_threads", int, "threads that run model predictions"),
     ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
     (
+        "max_header_bytes",
+        int,
+        "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
+    ),
+    (
+        "max_tensor_elements",
+        int,
+        "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
+        "refused before allocation",
+    ),
+    ("max_json_depth", int, "deepest nesting of JSON lists in one tensor's value; deeper gets 400"),
+    ("max_string_bytes", int, "longest string element (BYTES / DT_STRING) in bytes; longer gets 413"),
+    (
+        "max_instances",
+        int,
+        "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
+    ),
+    (
         "enable_batching",
         bool,
         "merge concurrent requests for one model version into one predict call (every model)",

@@ -129,6 +129,8 @@ def _read_text_proto(path: Path, message: _Message, what: str) -> _Message:
         text_format.Parse(path.read_text(), message)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
     except text_format.ParseError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return message
@@ -357,6 +359,11 @@ class ServerConfig:
     rest_api_timeout_in_ms: int = 30_000
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_json_depth: int = 32
+    max_string_bytes: int = 8 * 1024 * 1024
+    max_instances: int = 100_000
     load_threads: int = 2
     enable_batching: bool = False
     batching_parameters_file: str = ""
@@ -566,6 +573,8 @@ def read_model_config_file(path: Path) -> list[ModelConfig]:
         text = _read_regular_file(path)
     except OSError as exc:
         raise ConfigError(f"cannot read model config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"model config file {path} is not UTF-8 text (byte {exc.start})") from exc
     if not text.strip():
         # Most likely caught between truncation and write; a config with no models is written
         # as "model_config_list {}".

@@ -41,7 +41,8 @@ from inferd.errors import (
 from inferd.features import FeatureStores, load_with_features
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols import Access, Response, json_error, tfserving_rest, v2_rest
+from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
+from inferd.protocols.limits import RequestLimits
 from inferd.repository import Repository
 from inferd.service import InferenceService
 
@@ -81,6 +82,8 @@ class HttpApp:
         self._metrics = metrics
         self._metrics_paths = metrics_paths
         self._max_body = config.max_request_bytes
+        self._max_header = config.max_header_bytes
+        self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
         self._ids = itertools.count(1)
 
@@ -91,6 +94,7 @@ class HttpApp:
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
         try:
+            self._check_header_size(scope)
             admin = path.startswith(v2_rest.ADMIN_PREFIX)
             if admin or self._access.api_token:
                 self._access.check(_header(scope, b"authorization"), admin)
@@ -98,7 +102,9 @@ class HttpApp:
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
-                call = tfserving_rest.handle(self._service, method, path, body, request_id, deadline, metrics)
+                call = tfserving_rest.handle(
+                    self._service, method, path, body, request_id, self._limits, deadline, metrics
+                )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 call = v2_rest.handle(
@@ -109,6 +115,7 @@ class HttpApp:
                     request_headers,
                     body,
                     request_id,
+                    self._limits,
                     deadline,
                     metrics,
                 )
@@ -117,6 +124,8 @@ class HttpApp:
                 if answer is None:
                     return  # the client went away: nobody to answer
                 status, headers, payload = answer
+            elif method == "GET" and path == openapi.PATH:
+                status, headers, payload = 200, dict(JSON_HEADERS), openapi.document_bytes()
             elif metrics and method == "GET" and path in self._metrics_paths:
                 status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
             else:
@@ -185,6 +194,15 @@ class HttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    def _check_header_size(self, scope: Scope) -> None:
+        size = len(scope["raw_path"] or b"") + len(scope["query_string"])
+        size += sum(len(key) + len(value) for key, value in scope["headers"])
+        if size > self._max_header:
+            raise ResourceExhausted(
+                f"the request line and headers take {size} bytes, over the limit of {self._max_header} "
+                "bytes (--max_header_bytes)"
+            )
 
     def _too_large(self) -> ResourceExhausted:
         return ResourceExhausted(
@@ -356,14 +374,20 @@ async def _start_grpc(
     from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
 
     # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
-    options = [("grpc.max_receive_message_length", config.max_request_bytes), ("grpc.so_reuseport", 0)]
+    options = [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_metadata_size", config.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
     access = grpc_status.AccessInterceptor(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
     )
     server = grpc.aio.server(options=options, interceptors=[access])
-    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, metrics)
-    v2_grpc.add_to_server(server, service, control, metrics)
+    limits = RequestLimits.of(config)
+    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
+    v2_grpc.add_to_server(server, service, control, limits, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)

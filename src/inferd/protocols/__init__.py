@@ -19,6 +19,7 @@ import orjson
 from inferd.control import IndexEntry
 from inferd.errors import InferdError, InvalidArgument, PermissionDenied, Unauthenticated
 from inferd.metrics import Metrics
+from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import InferenceResponse, ModelMetadata, ModelRef, TensorSpec, VersionState, dtype_of
 
@@ -39,6 +40,12 @@ V2_PLATFORMS = {
 V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
 """What ``GET /v2`` and ServerMetadata advertise (binary_tensor_data is HTTP's raw-bytes twin of
 gRPC's raw contents)."""
+
+V2_DATATYPES = (
+    *("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"),
+    *("FP16", "FP32", "FP64", "BYTES"),
+)
+"""The Open Inference Protocol's datatype names."""
 
 _TRITON_STATES = {
     VersionState.START: "LOADING",
@@ -207,13 +214,16 @@ def record_request(
     )
 
 
-def from_raw(raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: str, source: str) -> np.ndarray:
+def from_raw(
+    raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: str, source: str, limits: RequestLimits
+) -> np.ndarray:
     """V2 raw tensor bytes (REST binary extension, gRPC raw contents) as a flat array of ``count``
     elements: numbers little-endian with no copy, BYTES as 4-byte-length-prefixed elements.
 
     Raises:
         InvalidArgument: the byte count does not fit ``count`` elements; ``source`` names the
             field that gave the size.
+        ResourceExhausted: a BYTES element is over ``limits.max_string_bytes``.
     """
     if dtype.kind != "O":
         if len(raw) != count * dtype.itemsize:
@@ -222,11 +232,15 @@ def from_raw(raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: st
                 f"{count * dtype.itemsize} bytes, {source} says {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-    items, pos = [], 0
+    items: list[bytes] = []
+    pos = 0
     while pos < len(raw):
+        if len(items) == count:
+            raise InvalidArgument(f"input {name!r}: shape needs {count} BYTES elements, the data has more")
         if pos + 4 > len(raw):
             raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
         (length,) = struct.unpack_from("<I", raw, pos)
+        limits.string(name, length)
         if pos + 4 + length > len(raw):
             raise InvalidArgument(f"input {name!r}: a BYTES element runs past the end of its data")
         items.append(bytes(raw[pos + 4 : pos + 4 + length]))

@@ -9,7 +9,6 @@ Answers carry ``tensor_content`` (strings: ``string_val``), which ``tf.make_ndar
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -32,6 +31,7 @@ from inferd.errors import Internal, InvalidArgument, ResourceExhausted
 from inferd.metrics import Metrics
 from inferd.protocols import RequestTiming, record_request
 from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
@@ -79,13 +79,19 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
 
     Args:
         max_tensor_bytes: the largest tensor that one typed value may fill.
+        limits: the request limits every input is checked against before it is decoded.
     """
 
     def __init__(
-        self, service: InferenceService, max_tensor_bytes: int, metrics: Metrics | None = None
+        self,
+        service: InferenceService,
+        max_tensor_bytes: int,
+        limits: RequestLimits,
+        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
         self._max_tensor_bytes = max_tensor_bytes
+        self._limits = limits
         self._metrics = metrics
         self._ids = itertools.count(1)
 
@@ -136,8 +142,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         ref = model_ref(request.model_spec)
         signature = self._service.signature(ref, request.model_spec.signature_name or None)
         wanted = _output_filter(signature, list(request.output_filter))
-        limit = self._max_tensor_bytes
-        inputs = {name: decode_tensor(name, tensor, limit) for name, tensor in request.inputs.items()}
+        limit, limits = self._max_tensor_bytes, self._limits
+        inputs = {name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()}
         timing.decoded = time.perf_counter()
         infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
         response = timing.answered(await self._service.infer(ref, infer))
@@ -160,7 +166,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         the number of examples."""
         ref = model_ref(spec)
         signature = self._service.signature(ref, spec.signature_name or None, method)
-        inputs, count = examples_to_inputs(signature, input_)
+        inputs, count = examples_to_inputs(signature, input_, self._limits)
         if timing:
             timing.decoded = time.perf_counter()
         infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
@@ -312,15 +318,17 @@ def _output_filter(signature: Signature, wanted: list[str]) -> list[str]:
     return wanted
 
 
-def decode_tensor(name: str, proto: TensorProto, max_bytes: int) -> np.ndarray:
+def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: RequestLimits) -> np.ndarray:
     """A ``TensorProto`` as an ndarray (a read-only view of ``tensor_content`` when it has one).
 
-    One typed value fills the shape, when that takes at most ``max_bytes``.
+    One typed value fills the shape, when that takes at most ``max_bytes``. The shape is checked
+    against ``limits`` before anything is allocated.
 
     Raises:
         InvalidArgument: an unsupported dtype, a negative or unknown shape, or values that do not
             fill the shape; the message names the tensor.
-        ResourceExhausted: one value would fill more than ``max_bytes``.
+        ResourceExhausted: one value would fill more than ``max_bytes``, or the shape or a string
+            is over a limit.
     """
     try:
         dtype = dtype_of(DataType.Name(proto.dtype)).numpy
@@ -331,9 +339,7 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int) -> np.ndarray:
     if proto.tensor_shape.unknown_rank:
         raise InvalidArgument(f"input {name!r}: tensor_shape has unknown_rank; give its dims")
     shape = tuple(dim.size for dim in proto.tensor_shape.dim)
-    if any(size < 0 for size in shape):
-        raise InvalidArgument(f"input {name!r}: tensor_shape {list(shape)} has a negative dim")
-    count = math.prod(shape)
+    count = limits.elements(name, shape)
     if proto.tensor_content:
         content = proto.tensor_content
         if dtype.kind == "O":
@@ -348,6 +354,8 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int) -> np.ndarray:
     values = getattr(proto, field)
     try:
         if dtype.kind == "O":
+            if values:
+                limits.string(name, max(map(len, values)))
             flat = np.empty(len(values), dtype=object)
             flat[:] = list(values)
         elif field == "half_val":
@@ -397,7 +405,7 @@ def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
         info.tensor_shape.dim.add(size=size)
 
 
-def examples_to_inputs(signature: Signature, input_: ps.Input) -> tuple[Tensors, int]:
+def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLimits) -> tuple[Tensors, int]:
     """``tf.Example`` features -> the signature's input tensors, and the number of examples.
 
     Features are matched to inputs by name; with a one-input signature, a one-feature example gives
@@ -407,6 +415,7 @@ def examples_to_inputs(signature: Signature, input_: ps.Input) -> tuple[Tensors,
     Raises:
         InvalidArgument: no examples, features that do not match the inputs, a feature repeated in
             the context, or a feature whose values differ in kind or count between examples.
+        ResourceExhausted: more examples than ``limits.max_instances``.
     """
     kind = input_.WhichOneof("kind")
     context: dict[str, Feature] = {}
@@ -419,6 +428,7 @@ def examples_to_inputs(signature: Signature, input_: ps.Input) -> tuple[Tensors,
         raise InvalidArgument("input must hold example_list or example_list_with_context")
     if not examples:
         raise InvalidArgument("Input is empty: give at least one example")
+    limits.instances("examples", len(examples))
     names = signature.input_names()
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
@@ -487,11 +497,12 @@ def add_to_server(
     service: InferenceService,
     control: ModelControl,
     max_tensor_bytes: int,
+    limits: RequestLimits,
     metrics: Metrics | None,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, metrics), server
+        PredictionServicer(service, max_tensor_bytes, limits, metrics), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server

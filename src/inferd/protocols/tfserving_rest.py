@@ -20,6 +20,7 @@ import orjson
 from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
+from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
@@ -51,6 +52,7 @@ async def handle(
     path: str,
     body: bytes,
     request_id: str,
+    limits: RequestLimits,
     deadline: float | None = None,
     metrics: Metrics | None = None,
 ) -> Response:
@@ -65,12 +67,13 @@ async def handle(
             name, version, label, verb = match.groups()
             model = name
             ref = model_ref(name, version, label)
-            doc = _parse_json(body)
+            doc = parse_json(body)
             if verb.lower() == "predict":
-                result = await _predict(service, ref, doc, request_id, deadline, timing)
+                result = await _predict(service, ref, doc, request_id, deadline, timing, limits)
             else:
                 method_ = _METHODS[verb.lower()]
-                result = await _classify_or_regress(service, ref, method_, doc, request_id, deadline, timing)
+                call = _classify_or_regress(service, ref, method_, doc, request_id, deadline, timing, limits)
+                result = await call
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:
@@ -88,7 +91,12 @@ async def handle(
     return result
 
 
-def _parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A request body -> its JSON object; NaN and Infinity are read as TF Serving reads them.
+
+    Raises:
+        InvalidArgument: empty, not JSON, not an object, or a non-string ``signature_name``.
+    """
     if not body.strip():
         raise InvalidArgument("JSON Parse error: The document is empty")
     try:
@@ -114,6 +122,7 @@ async def _predict(
     request_id: str,
     deadline: float | None,
     timing: RequestTiming,
+    limits: RequestLimits,
 ) -> Response:
     signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -123,7 +132,10 @@ async def _predict(
             else "Missing 'inputs' or 'instances' key"
         )
     row_format = "instances" in doc
-    inputs = _rows(signature, doc["instances"]) if row_format else _columns(signature, doc["inputs"])
+    decode = TensorDecoder(limits)
+    inputs = (
+        decode.rows(signature, doc["instances"]) if row_format else decode.columns(signature, doc["inputs"])
+    )
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
     response = timing.answered(await service.infer(ref, request))
@@ -134,86 +146,126 @@ async def _predict(
     return _encode({"predictions": _per_row(outputs)}, response.outputs)
 
 
-def _rows(signature: Signature, instances: Any) -> Tensors:
-    if not isinstance(instances, list):
-        raise InvalidArgument("Expecting 'instances' to be an list/array")
-    if not instances:
-        raise InvalidArgument("No values in 'instances' array")
-    names = signature.input_names()
-    named = [isinstance(item, dict) and not _is_b64(item) for item in instances]
-    if all(named):
-        for i, item in enumerate(instances):
-            if set(item) != set(names):
+class TensorDecoder:
+    """TF Serving's JSON tensor values -> ndarrays, within ``limits``.
+
+    Every method raises InvalidArgument (malformed or not fitting the signature) or
+    ResourceExhausted (over a limit), naming the input.
+    """
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self._limits = limits
+
+    def rows(self, signature: Signature, instances: Any) -> Tensors:
+        """The row format: ``instances``, a list of values or of objects keyed by input name."""
+        if not isinstance(instances, list):
+            raise InvalidArgument("Expecting 'instances' to be an list/array")
+        if not instances:
+            raise InvalidArgument("No values in 'instances' array")
+        self._limits.instances("instances", len(instances))
+        names = signature.input_names()
+        named = [isinstance(item, dict) and not _is_b64(item) for item in instances]
+        if all(named):
+            for i, item in enumerate(instances):
+                if set(item) != set(names):
+                    raise InvalidArgument(
+                        f"instances[{i}] has keys {sorted(item)}; "
+                        f"the keys must be equal to: {','.join(names)}"
+                    )
+            return {name: self.array([item[name] for item in instances], name) for name in names}
+        if any(named):
+            raise InvalidArgument(
+                "'instances' mixes named-input objects with plain values; use one form throughout"
+            )
+        if len(names) != 1:
+            raise InvalidArgument(
+                "instances is a plain list, but expecting list of objects as multiple input tensors "
+                f"required as per tensorinfo_map: {','.join(names)}"
+            )
+        return {names[0]: self.array(instances, names[0])}
+
+    def columns(self, signature: Signature, inputs: Any) -> Tensors:
+        """The columnar format: ``inputs``, one value or an object keyed by input name."""
+        names = signature.input_names()
+        if isinstance(inputs, dict) and not _is_b64(inputs):
+            for name in names:
+                if name not in inputs:
+                    raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
+            return {name: self.array(inputs[name], name) for name in names}
+        if len(names) != 1:
+            raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
+        return {names[0]: self.array(inputs, names[0])}
+
+    def examples(self, signature: Signature, examples: list[Any], context: dict[str, Any]) -> Tensors:
+        """Examples (objects of features) -> input tensors. Features are matched to inputs by
+        name; with a one-input signature, a one-feature example gives that input whatever its name."""
+        self._limits.instances("examples", len(examples))
+        names = signature.input_names()
+        rows = []
+        for i, example in enumerate(examples):
+            if not isinstance(example, dict):
+                raise InvalidArgument(f"examples[{i}] must be an object of features")
+            if clash := set(example) & set(context):
+                raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
+            features = {**context, **example}
+            if set(features) == set(names):
+                rows.append(features)
+            elif len(names) == 1 and len(features) == 1:
+                rows.append({names[0]: next(iter(features.values()))})
+            else:
+                raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
+        return {name: self.array([row[name] for row in rows], name) for name in names}
+
+    def array(self, value: Any, name: str) -> np.ndarray:
+        """Nested JSON lists -> an ndarray; ``{"b64": ...}`` leaves become bytes."""
+        try:
+            array = np.asarray(value)
+        except (ValueError, OverflowError):
+            array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
+        if array is None or array.dtype.kind == "O":
+            decoded = self._objects(value, name, 0)
+            try:
+                array = np.array(decoded, dtype=object)
+            except ValueError:
+                raise InvalidArgument(f"input {name!r}: the nested lists are ragged") from None
+            if array.dtype.kind == "O" and any(isinstance(leaf, list) for leaf in array.flat):
                 raise InvalidArgument(
-                    f"instances[{i}] has keys {sorted(item)}; the keys must be equal to: {','.join(names)}"
+                    f"input {name!r}: the nested lists are ragged; every list at one depth must have "
+                    "the same length"
                 )
-        return {name: _array([item[name] for item in instances], name) for name in names}
-    if any(named):
-        raise InvalidArgument(
-            "'instances' mixes named-input objects with plain values; use one form throughout"
-        )
-    if len(names) != 1:
-        raise InvalidArgument(
-            "instances is a plain list, but expecting list of objects as multiple input tensors "
-            f"required as per tensorinfo_map: {','.join(names)}"
-        )
-    return {names[0]: _array(instances, names[0])}
+            if not all(isinstance(leaf, str | bytes) for leaf in array.flat):
+                raise InvalidArgument(
+                    f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
+                )
+        self._limits.depth(name, array.ndim)
+        self._limits.elements(name, array.shape)
+        self._limits.text(name, array)
+        return array
 
-
-def _columns(signature: Signature, inputs: Any) -> Tensors:
-    names = signature.input_names()
-    if isinstance(inputs, dict) and not _is_b64(inputs):
-        for name in names:
-            if name not in inputs:
-                raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
-        return {name: _array(inputs[name], name) for name in names}
-    if len(names) != 1:
-        raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
-    return {names[0]: _array(inputs, names[0])}
+    def _objects(self, value: Any, name: str, depth: int) -> Any:
+        """Walk a value numpy could not type: check depth, string sizes and leaves; decode b64."""
+        if isinstance(value, list):
+            self._limits.depth(name, depth + 1)
+            return [self._objects(item, name, depth + 1) for item in value]
+        if isinstance(value, dict):
+            if not _is_b64(value) or not isinstance(value["b64"], str):
+                raise InvalidArgument(f'input {name!r}: objects are only allowed as {{"b64": "<base64>"}}')
+            self._limits.string(name, len(value["b64"]) * 3 // 4)
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidArgument(f"input {name!r}: Unable to base64 decode") from None
+        if value is None:
+            raise InvalidArgument(f"input {name!r}: null is not a tensor value")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+            raise InvalidArgument(f"input {name!r}: integer {value} does not fit in 64 bits")
+        if isinstance(value, str) and len(value) * 4 > self._limits.max_string_bytes:
+            self._limits.string(name, len(value.encode()))  # UTF-8 takes up to 4 bytes a character
+        return value  # a string, number or boolean; array() refuses a mix of them
 
 
 def _is_b64(value: Mapping[str, Any]) -> bool:
     return len(value) == 1 and "b64" in value
-
-
-def _array(value: Any, name: str) -> np.ndarray:
-    """Nested JSON lists -> an ndarray; ``{"b64": ...}`` leaves become bytes."""
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(
-            f"input {name!r}: the nested lists are ragged; every list at one depth must have the same length"
-        ) from None
-    if array.dtype.kind == "O":
-        decoded = _decode_objects(value, name)
-        try:
-            array = np.array(decoded, dtype=object)
-        except ValueError:
-            raise InvalidArgument(f"input {name!r}: the nested lists are ragged") from None
-        if array.dtype.kind == "O" and any(isinstance(leaf, list) for leaf in array.flat):
-            raise InvalidArgument(f"input {name!r}: the nested lists are ragged")
-        if not all(isinstance(leaf, str | bytes) for leaf in array.flat):
-            raise InvalidArgument(
-                f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
-            )
-    return array
-
-
-def _decode_objects(value: Any, name: str) -> Any:
-    if isinstance(value, list):
-        return [_decode_objects(item, name) for item in value]
-    if isinstance(value, dict):
-        if not _is_b64(value) or not isinstance(value["b64"], str):
-            raise InvalidArgument(f'input {name!r}: objects are only allowed as {{"b64": "<base64>"}}')
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidArgument(f"input {name!r}: Unable to base64 decode") from None
-    if value is None:
-        raise InvalidArgument(f"input {name!r}: null is not a tensor value")
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        raise InvalidArgument(f"input {name!r}: integer {value} does not fit in 64 bits")
-    return value  # a string, number or boolean; _array refuses a mix of them
 
 
 def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
@@ -277,6 +329,7 @@ async def _classify_or_regress(
     request_id: str,
     deadline: float | None,
     timing: RequestTiming,
+    limits: RequestLimits,
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")
@@ -288,7 +341,7 @@ async def _classify_or_regress(
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
     signature = service.signature(ref, doc.get("signature_name"), method)
-    inputs = _examples(signature, examples, context)
+    inputs = TensorDecoder(limits).examples(signature, examples, context)
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
     response = timing.answered(await service.infer(ref, request))
@@ -307,26 +360,6 @@ async def _classify_or_regress(
         for row, srow in zip(labels, scores.tolist(), strict=True)
     ]
     return _encode({"results": results}, response.outputs)
-
-
-def _examples(signature: Signature, examples: list[Any], context: dict[str, Any]) -> Tensors:
-    """Examples (objects of features) -> input tensors. Features are matched to inputs by name;
-    with a one-input signature, a one-feature example gives that input whatever its name."""
-    names = signature.input_names()
-    rows = []
-    for i, example in enumerate(examples):
-        if not isinstance(example, dict):
-            raise InvalidArgument(f"examples[{i}] must be an object of features")
-        if clash := set(example) & set(context):
-            raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
-        features = {**context, **example}
-        if set(features) == set(names):
-            rows.append(features)
-        elif len(names) == 1 and len(features) == 1:
-            rows.append({names[0]: next(iter(features.values()))})
-        else:
-            raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
-    return {name: _array([row[name] for row in rows], name) for name in names}
 
 
 def _status(statuses: list[VersionStatus]) -> dict[str, Any]:

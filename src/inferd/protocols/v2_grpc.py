@@ -9,7 +9,6 @@ reads numeric outputs from.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +36,7 @@ from inferd.protocols import (
     v2_model_config,
 )
 from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
 
@@ -69,10 +69,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     RPCs on ``ModelControl``."""
 
     def __init__(
-        self, service: InferenceService, control: ModelControl, metrics: Metrics | None = None
+        self,
+        service: InferenceService,
+        control: ModelControl,
+        limits: RequestLimits,
+        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
         self._control = control
+        self._limits = limits
         self._metrics = metrics
         self._ids = itertools.count(1)
 
@@ -172,7 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for name in wanted:
             if name not in outputs:
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
-        inputs = decode_inputs(request)
+        inputs = decode_inputs(request, self._limits)
         timing.decoded = time.perf_counter()
         infer = InferenceRequest(inputs, id=request.id or None, deadline=deadline)
         response = timing.answered(await self._service.infer(ref, infer))
@@ -189,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _ref(name: str, version: str) -> ModelRef:
     if not name:
         raise InvalidArgument("a model name is required")
-    if version and not version.isdigit():
+    if version and not (version.isascii() and version.isdigit()):
         raise InvalidArgument(f"model version must be a number, got {version!r}")
     return model_ref(name, version or None)
 
@@ -200,12 +205,14 @@ def _fill_metadata(tensor: pb.ModelMetadataResponse.TensorMetadata, spec: Tensor
     tensor.shape.extend([-1] if spec.shape is None else spec.shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> Tensors:
-    """The request's input tensors, from ``raw_input_contents`` or each input's ``contents``.
+def decode_inputs(request: pb.ModelInferRequest, limits: RequestLimits) -> Tensors:
+    """The request's input tensors, from ``raw_input_contents`` or each input's ``contents``, every
+    shape checked against ``limits`` before its tensor is made.
 
     Raises:
         InvalidArgument: an unknown datatype, a negative dim, raw and typed data mixed, or data that
             does not fill the shape; the message names the input.
+        ResourceExhausted: a shape or string over a limit.
     """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -225,23 +232,25 @@ def decode_inputs(request: pb.ModelInferRequest) -> Tensors:
         if dtype is None or dtype.v2 != tensor.datatype:
             raise InvalidArgument(f"input {name!r}: unknown datatype {tensor.datatype!r}")
         shape = list(tensor.shape)
-        if any(size < 0 for size in shape):
-            raise InvalidArgument(f"input {name!r}: shape {shape} has a negative dim")
-        count = math.prod(shape)
+        count = limits.elements(name, shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
                     f"input {name!r}: give data in raw_input_contents or in contents, not both"
                 )
-            array = from_raw(raw[i], dtype.numpy, count, name, "raw_input_contents")
+            array = from_raw(raw[i], dtype.numpy, count, name, "raw_input_contents", limits)
         else:
-            array = _from_contents(tensor, dtype.numpy, count, name)
+            array = _from_contents(tensor, dtype.numpy, count, name, limits)
         tensors[name] = array.reshape(shape)
     return tensors
 
 
 def _from_contents(
-    tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any], count: int, name: str
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dtype: np.dtype[Any],
+    count: int,
+    name: str,
+    limits: RequestLimits,
 ) -> np.ndarray:
     field = _CONTENTS.get(tensor.datatype)
     if field is None:
@@ -250,6 +259,8 @@ def _from_contents(
     if len(values) != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, {field} has {len(values)}")
     if dtype.kind == "O":
+        if values:
+            limits.string(name, max(map(len, values)))
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
@@ -260,9 +271,13 @@ def _from_contents(
 
 
 def add_to_server(
-    server: grpc.aio.Server, service: InferenceService, control: ModelControl, metrics: Metrics | None
+    server: grpc.aio.Server,
+    service: InferenceService,
+    control: ModelControl,
+    limits: RequestLimits,
+    metrics: Metrics | None,
 ) -> None:
     """Serve GRPCInferenceService on ``server``."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(service, control, metrics), server
+        InferenceServicer(service, control, limits, metrics), server
     )

@@ -22,6 +22,7 @@ from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.protocols import (
     JSON_HEADERS,
+    V2_DATATYPES,
     V2_EXTENSIONS,
     V2_PLATFORMS,
     RequestTiming,
@@ -35,6 +36,7 @@ from inferd.protocols import (
     v2_index,
     v2_model_config,
 )
+from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
@@ -56,6 +58,7 @@ async def handle(
     headers: dict[str, str],
     body: bytes,
     request_id: str,
+    limits: RequestLimits,
     deadline: float | None = None,
     metrics: Metrics | None = None,
 ) -> Response:
@@ -80,7 +83,7 @@ async def handle(
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
             model = name
-            result = await _infer(service, ref, headers, body, request_id, deadline, timing)
+            result = await _infer(service, ref, headers, body, request_id, deadline, timing, limits)
             if metrics is not None:
                 record_request(metrics, service, PROTOCOL, model, "OK", timing)
             return result
@@ -167,10 +170,27 @@ async def _infer(
     request_id: str,
     deadline: float | None,
     timing: RequestTiming,
+    limits: RequestLimits,
 ) -> Response:
-    header_length = headers.get(HEADER_LENGTH)
+    doc, binary = split_body(headers.get(HEADER_LENGTH), body)
+    inputs = decode_inputs(doc.get("inputs"), binary, limits)
+    request = InferenceRequest(
+        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
+    )
+    timing.decoded = time.perf_counter()
+    response = timing.answered(await service.infer(ref, request))
+    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
+    """An inference request body -> its JSON document and the binary tensor bytes after it
+    (empty without the ``Inference-Header-Content-Length`` header).
+
+    Raises:
+        InvalidArgument: the header is not a byte count within the body, or the JSON is not an object.
+    """
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidArgument(
                 f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
                 f"got {header_length!r}"
@@ -186,16 +206,17 @@ async def _infer(
         raise InvalidArgument(f"JSON Parse error: {exc}{hint}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the inference request must be a JSON object")
-    inputs = _decode_inputs(doc.get("inputs"), binary)
-    request = InferenceRequest(
-        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
-    )
-    timing.decoded = time.perf_counter()
-    response = timing.answered(await service.infer(ref, request))
-    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+    return doc, binary
 
 
-def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
+def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Tensors:
+    """The ``inputs`` of a V2 JSON request, with data in JSON or in ``binary`` (the bytes after
+    the JSON header), every shape checked against ``limits`` before its tensor is made.
+
+    Raises:
+        InvalidArgument: a malformed entry, or data that does not fit its shape and datatype.
+        ResourceExhausted: a shape or string over a limit.
+    """
     if not isinstance(entries, list) or not entries:
         raise InvalidArgument("'inputs' must be a non-empty list of tensors")
     tensors: Tensors = {}
@@ -209,11 +230,13 @@ def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise InvalidArgument(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        try:
-            dtype = dtype_of(str(entry.get("datatype")))
-        except KeyError:
-            raise InvalidArgument(f"input {name!r}: unknown datatype {entry.get('datatype')!r}") from None
-        count = int(np.prod(shape)) if shape else 1
+        datatype = entry.get("datatype")
+        dtype = _V2_DTYPES.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
+            raise InvalidArgument(
+                f"input {name!r}: unknown datatype {datatype!r}; expected one of {sorted(_V2_DTYPES)}"
+            )
+        count = limits.elements(name, shape)
         parameters = entry.get("parameters") or {}
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is not None:
@@ -222,10 +245,10 @@ def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
                     f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
                     "binary bytes left in the body"
                 )
-            array = from_raw(binary[offset : offset + size], dtype.numpy, count, name, "binary_data_size")
+            array = from_raw(binary[offset : offset + size], dtype, count, name, "binary_data_size", limits)
             offset += size
         elif "data" in entry:
-            array = _from_json(entry["data"], dtype.numpy, count, name)
+            array = _from_json(entry["data"], dtype, count, name, limits)
         else:
             raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         tensors[name] = array.reshape(shape)
@@ -235,13 +258,17 @@ def _decode_inputs(entries: Any, binary: memoryview) -> Tensors:
 
 
 _KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
+_V2_DTYPES = {name: dtype_of(name).numpy for name in V2_DATATYPES}
+"""The V2 datatype names, and only those (``float32`` or ``DT_FLOAT`` are not V2 names)."""
 
 
-def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str) -> np.ndarray:
+def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
     try:
-        flat = np.asarray(data).reshape(-1)
+        nested = np.asarray(data)
     except (ValueError, OverflowError):
         raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
+    limits.depth(name, nested.ndim)
+    flat = nested.reshape(-1)
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
     if flat.size and flat.dtype.kind not in _KINDS[dtype.kind]:
@@ -249,6 +276,7 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str) -> np.nda
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
+    limits.text(name, flat)
     return flat.astype(dtype)
 
 
@@ -266,9 +294,11 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
         wanted = []
         for entry in requested:
             name = entry.get("name") if isinstance(entry, dict) else None
-            if name not in outputs:
+            if not isinstance(name, str) or name not in outputs:
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
             params = entry.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidArgument(f"output {name!r}: 'parameters' must be an object")
             wanted.append((name, bool(params.get("binary_data", binary_default))))
     described, chunks = [], []
     for name, as_binary in wanted:

@@ -1,0 +1,128 @@
+"""The largest request the adapters decode, and the checks that refuse more before allocating.
+
+Every protocol applies the same limits: a declared shape is checked before any array of that
+shape exists, so a tiny request that declares a huge tensor (a "zip bomb") costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferd.config import ServerConfig
+from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted
+
+MAX_RANK = 32
+"""The most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64)."""
+MAX_JSON_DEPTH = 512
+"""The deepest --max_json_depth: JSON values are walked recursively, within Python's stack."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Limits on one request, each named after its ``inferd serve`` flag (defaults: ``ServerConfig``).
+
+    Attributes:
+        max_tensor_elements: elements in one tensor, and the largest dimension of a shape.
+        max_json_depth: nesting of JSON lists (and b64 objects) in one tensor's value.
+        max_string_bytes: bytes in one string (BYTES / DT_STRING) element, after base64 decoding.
+        max_instances: rows of a TF Serving ``instances`` list, and examples of a classify or
+            regress request.
+    """
+
+    max_tensor_elements: int
+    max_json_depth: int
+    max_string_bytes: int
+    max_instances: int
+
+    def __post_init__(self) -> None:
+        for name in ("max_tensor_elements", "max_json_depth", "max_string_bytes", "max_instances"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_json_depth > MAX_JSON_DEPTH:
+            raise ConfigError(f"--max_json_depth must be <= {MAX_JSON_DEPTH}, got {self.max_json_depth}")
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> RequestLimits:
+        """The limits ``config`` sets.
+
+        Raises:
+            ConfigError: a limit is below 1, or ``max_json_depth`` is over ``MAX_JSON_DEPTH``.
+        """
+        return cls(
+            config.max_tensor_elements, config.max_json_depth, config.max_string_bytes, config.max_instances
+        )
+
+    def elements(self, name: str, shape: Sequence[int]) -> int:
+        """The element count of a declared ``shape`` for input ``name``, checked before allocation.
+
+        Raises:
+            InvalidArgument: a dimension is negative, or there are more than ``MAX_RANK``.
+            ResourceExhausted: a dimension or the count is over ``max_tensor_elements``.
+        """
+        if len(shape) > MAX_RANK:
+            raise InvalidArgument(
+                f"input {name!r}: shape has {len(shape)} dims; at most {MAX_RANK} are allowed"
+            )
+        if any(size < 0 for size in shape):
+            raise InvalidArgument(f"input {name!r}: shape {_brief(shape)} has a negative dim")
+        count = math.prod(shape)
+        if count > self.max_tensor_elements or any(size > self.max_tensor_elements for size in shape):
+            raise ResourceExhausted(
+                f"input {name!r}: shape {_brief(shape)} is over the limit of {self.max_tensor_elements} "
+                "elements per tensor (--max_tensor_elements)"
+            )
+        return count
+
+    def string(self, name: str, size: int) -> None:
+        """Check one string element of ``size`` bytes.
+
+        Raises:
+            ResourceExhausted: ``size`` is over ``max_string_bytes``.
+        """
+        if size > self.max_string_bytes:
+            raise ResourceExhausted(
+                f"input {name!r}: a string of {size} bytes is over the limit of {self.max_string_bytes} "
+                "bytes (--max_string_bytes)"
+            )
+
+    def text(self, name: str, array: np.ndarray) -> None:
+        """Check the strings of a numpy text array (``<U`` dtype, 4 bytes a character) as UTF-8.
+
+        Raises:
+            ResourceExhausted: a string is over ``max_string_bytes``.
+        """
+        if array.dtype.kind == "U" and array.size and array.dtype.itemsize > self.max_string_bytes:
+            self.string(name, max(len(item.encode()) for item in array.reshape(-1).tolist()))
+
+    def instances(self, what: str, count: int) -> None:
+        """Check the number of rows or examples, ``what`` naming the field.
+
+        Raises:
+            ResourceExhausted: ``count`` is over ``max_instances``.
+        """
+        if count > self.max_instances:
+            raise ResourceExhausted(
+                f"'{what}' has {count} entries, over the limit of {self.max_instances} (--max_instances)"
+            )
+
+    def depth(self, name: str, depth: int) -> None:
+        """Check the nesting depth reached in one tensor's JSON value.
+
+        Raises:
+            InvalidArgument: ``depth`` is over ``max_json_depth``.
+        """
+        if depth > self.max_json_depth:
+            raise InvalidArgument(
+                f"input {name!r}: the JSON value is nested deeper than the limit of {self.max_json_depth} "
+                "levels (--max_json_depth)"
+            )
+
+
+def _brief(shape: Sequence[int]) -> str:
+    """A shape for a message, cut short when a hostile request gives thousands of dims."""
+    dims = list(shape)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ...] ({len(dims)} dims)"
