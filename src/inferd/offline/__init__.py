@@ -1,11 +1,12 @@
 """``inferd batch``: score files offline, in-process, in large batches, with bounded memory.
 
-The model is loaded and called through the same ``ModelManager`` and ``InferenceService`` as the
-server (runtimes, ``inferd.toml``, warm-up, input checks), without the server's batcher. Three
+The model is loaded through the same ``ModelManager`` as the server (runtimes, ``inferd.toml``,
+warm-up) and called with the server's input checks and feature join, without its batcher. Three
 stages overlap, joined by bounded queues: a reader thread turns input into chunks
-(``sources``), the event loop scores each chunk in batches on an inference thread, and a writer
-thread writes one part file per chunk (``sinks``). At most ``_IN_FLIGHT_CHUNKS`` chunks exist at
-once, and the chunk size follows from ``--memory-budget-mb``.
+(``sources``), the scorer joins each chunk's features and runs its batches on the inference
+threads (``scoring``), and a writer thread writes one part file per chunk (``sinks``). At most
+``_IN_FLIGHT_CHUNKS`` chunks exist at once, and the chunk size follows from
+``--memory-budget-mb``.
 """
 
 from __future__ import annotations
@@ -18,29 +19,32 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import orjson
 
-from inferd.config import ModelSettings, read_model_settings
+from inferd.config import FeatureSettings, ModelSettings, read_model_settings
 from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.features import FeatureJoin, FeatureStores, plan_join
 from inferd.manager import ModelManager
+from inferd.metrics import FeatureStats
+from inferd.offline.scoring import Scorer
 from inferd.offline.sinks import PartStore, output_format
-from inferd.offline.sources import Chunk, Reject, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
+from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
-from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Signature, Tensors, VersionState
+from inferd.runtimes import Model
+from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState
 
 log = logging.getLogger(__name__)
 
 _IN_FLIGHT_CHUNKS = 7
 """Chunks alive at once: one being read, two queued, one scored, two queued, one being written."""
 _MAX_CHUNK_ROWS = 65536
-_PROBE_SIZES = (64, 256, 1024, 4096, 16384)
+_BATCH_LOOKUP_TIMEOUT_MS = 30_000.0
+"""Least lookup timeout for a chunk's features: one round trip carries a whole chunk's entities."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +152,18 @@ async def _run(options: BatchOptions) -> Summary:
         (status,) = manager.status(ref)
         if status.state is not VersionState.AVAILABLE:
             raise ModelLoadError(status.error_message)
+        stores = FeatureStores()
         try:
-            service = InferenceService(manager, infer_pool)
-            signature = service.signature(ref, options.signature)
+            # Nothing unloads the version before manager.close(), which waits for leases to end.
+            with manager.lease(ref) as version:
+                assert version.model is not None
+                model = version.model
+            signature = _model_signature(model, options.signature)
+            join = _feature_join(plan.name, version.settings.features, model, stores)
+            request = signature if join is None else join.request_signature(signature)
             outputs = _chosen_outputs(signature, options.outputs, fmt)
             files, kind = find_inputs(options.input)
-            layout = plan_layout(signature, files, kind, options.id_column, options.keep_columns)
+            layout = plan_layout(request, files, kind, options.id_column, options.keep_columns)
             budget_rows = int(
                 options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
             )
@@ -171,24 +181,20 @@ async def _run(options: BatchOptions) -> Summary:
             total = total_rows(layout)
             store = PartStore(options.output, job, options.resume)
             chunk_rows = int(store.job["chunk_rows"])
-
-            async def infer(inputs: Tensors) -> Tensors:
-                response = await service.infer(ref, InferenceRequest(inputs, signature.name))
-                return {name: response.outputs[name] for name in outputs}
-
-            scorer = _Scorer(infer, options.batch_size, threads)
+            scorer = Scorer(model, signature, join, outputs, options.batch_size, threads, infer_pool)
             progress = _Progress(options.progress, total, options.log_interval_s)
             done = store.done()
             scoring_started = time.monotonic()
             try:
                 rows, resumed = await _pipeline(
-                    read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
+                    read_chunks(layout, request, chunk_rows), done, scorer, store, layout.id_name, progress
                 )
             finally:
                 progress.close()
             scoring_s = time.monotonic() - scoring_started
             rejected = store.finish(options.rejects or _default_rejects(options.output))
         finally:
+            await stores.close()
             await manager.close()
     seconds = time.monotonic() - started
     return Summary(
@@ -210,6 +216,29 @@ def _default_rejects(output: Path) -> Path:
     return output.with_name(output.name + ".rejects.jsonl")
 
 
+def _model_signature(model: Model, name: str) -> Signature:
+    signature = model.signatures.get(name)
+    if signature is None:
+        raise InvalidArgument(
+            f"--signature: the model has no signature {name!r}; it has {sorted(model.signatures)}"
+        )
+    return signature
+
+
+def _feature_join(
+    name: str, settings: FeatureSettings | None, model: Model, stores: FeatureStores
+) -> FeatureJoin | None:
+    """The model's feature join, as the server makes it, but with a lookup timeout fit for a
+    chunk's worth of entities."""
+    if settings is None:
+        return None
+    settings = dataclasses.replace(
+        settings, lookup_timeout_ms=max(settings.lookup_timeout_ms, _BATCH_LOOKUP_TIMEOUT_MS)
+    )
+    store = stores.open(settings)
+    return FeatureJoin(name, settings, plan_join(settings, model.signatures), store, FeatureStats())
+
+
 def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> list[str]:
     names = [spec.name for spec in signature.outputs]
     unknown = [n for n in wanted if n not in names]
@@ -226,7 +255,7 @@ def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> 
 async def _pipeline(
     chunks: Iterator[Chunk],
     done: set[int],
-    scorer: _Scorer,
+    scorer: Scorer,
     store: PartStore,
     id_name: str,
     progress: _Progress,
@@ -274,82 +303,6 @@ async def _pipeline(
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
     return counts["rows"], counts["resumed"]
-
-
-class _Scorer:
-    """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
-    thread so that a thread never waits for the event loop to hand it the next; picks the batch
-    size on the first chunk when none was given.
-
-    A batch the service refuses as INVALID_ARGUMENT is retried row by row, so that the rows at
-    fault become rejects and the others are scored.
-    """
-
-    def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int, threads: int) -> None:
-        self._infer = infer
-        self._slots = asyncio.Semaphore(2 * threads)
-        self.batch_size = batch_size
-
-    async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
-        rows = len(chunk.ids)
-        if not self.batch_size and rows:
-            self.batch_size = await self._probe(chunk.inputs, rows)
-        size = self.batch_size or 1
-        batches = [{k: v[s : s + size] for k, v in chunk.inputs.items()} for s in range(0, rows, size)]
-        results = await asyncio.gather(*(self._batch(batch) for batch in batches))
-        parts = [part for found, _ in results for part in found]
-        failed = {
-            i * size + offset: error
-            for i, (_, errors) in enumerate(results)
-            for offset, error in errors.items()
-        }
-        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        return (_without(chunk, failed) if failed else chunk), outputs
-
-    async def _batch(self, batch: Tensors) -> tuple[list[Tensors], dict[int, str]]:
-        """Outputs of one batch (one part, or one per good row), and its refused rows' errors."""
-        async with self._slots:
-            try:
-                return [await self._infer(batch)], {}
-            except InvalidArgument:
-                parts, failed = [], {}
-                for offset in range(len(next(iter(batch.values())))):
-                    try:
-                        parts.append(await self._infer({k: v[offset : offset + 1] for k, v in batch.items()}))
-                    except InvalidArgument as exc:
-                        failed[offset] = exc.message
-                return parts, failed
-
-    async def _probe(self, inputs: Tensors, rows: int) -> int:
-        """The batch size with the best rows/s on this chunk's first rows (smallest within 5%)."""
-        sizes = [s for s in _PROBE_SIZES if s <= rows] or [rows]
-        rates = {}
-        for size in sizes:
-            batch = {k: v[:size] for k, v in inputs.items()}
-            calls, started = 0, time.perf_counter()
-            while calls < 3 or (time.perf_counter() - started < 0.1 and calls < 100):
-                await self._infer(batch)
-                calls += 1
-            rates[size] = size * calls / (time.perf_counter() - started)
-        best = max(rates.values())
-        size = min(s for s, rate in rates.items() if rate >= 0.95 * best)
-        log.info("batch size %d (probe, rows/s by size: %s)", size, {s: round(r) for s, r in rates.items()})
-        return size
-
-
-def _without(chunk: Chunk, failed: dict[int, str]) -> Chunk:
-    """``chunk`` with the rows the model refused moved to its rejects."""
-    keep = np.ones(len(chunk.ids), dtype=bool)
-    keep[list(failed)] = False
-    rejects = [*chunk.rejects, *(Reject(int(chunk.numbers[i]), chunk.source, e) for i, e in failed.items())]
-    return dataclasses.replace(
-        chunk,
-        numbers=chunk.numbers[keep],
-        ids=chunk.ids[keep],
-        inputs={k: v[keep] for k, v in chunk.inputs.items()},
-        kept={k: v[keep] for k, v in chunk.kept.items()},
-        rejects=sorted(rejects, key=lambda r: r.row),
-    )
 
 
 class _Progress:

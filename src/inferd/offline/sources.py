@@ -137,7 +137,9 @@ def file_columns(path: Path, kind: str) -> list[str]:
 def plan_layout(
     signature: Signature, files: tuple[Path, ...], kind: str, id_column: str | None, keep: Sequence[str]
 ) -> Layout:
-    """Map columns to the signature's inputs, checking every file's columns before any work.
+    """Map columns to the inputs of ``signature``, the request-side one (entity keys and request
+    columns, not looked-up features) for a model with ``[features]``, checking every file's
+    columns before any work.
 
     Raises:
         InvalidArgument: a column the mapping needs is missing in some file (named), or the
