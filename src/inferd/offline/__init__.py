@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, Versio
 
 log = logging.getLogger(__name__)
 
-_IN_FLIGHT_CHUNKS = 7
-"""Chunks alive at once: one being read, two queued, one scored, two queued, one being written."""
+_IN_FLIGHT_CHUNKS = 8
+"""Chunks alive at once: one being read, two queued, two scored, two queued, one being written."""
+_SCORED_CHUNKS = 2
+"""Chunks scored at once, so that the inference threads go on to the next chunk's batches while
+the last batches of one finish, instead of waiting for the slowest."""
 _MAX_CHUNK_ROWS = 65536
 _BATCH_LOOKUP_TIMEOUT_MS = 30_000.0
 """Least lookup timeout for a chunk's features: one round trip carries a whole chunk's entities."""
@@ -279,14 +283,22 @@ async def _pipeline(
                 await read_q.put(None)
 
         async def score() -> None:
+            scoring: deque[asyncio.Task[tuple[Chunk, Tensors]]] = deque()
             try:
                 while (chunk := await read_q.get()) is not None:
                     if chunk.index in done:
                         counts["resumed"] += chunk.rows
                         progress.advance(chunk.rows)
                         continue
-                    await write_q.put(await scorer.score(chunk))
+                    scoring.append(asyncio.create_task(scorer.score(chunk)))
+                    if len(scoring) == _SCORED_CHUNKS:
+                        await write_q.put(await scoring.popleft())
+                while scoring:
+                    await write_q.put(await scoring.popleft())
             finally:
+                for task in scoring:
+                    task.cancel()
+                await asyncio.gather(*scoring, return_exceptions=True)
                 await write_q.put(None)
 
         async def write() -> None:

@@ -61,6 +61,7 @@ class Scorer:
         self._threads = threads
         self._pool = pool
         self.batch_size = batch_size
+        self._probing = asyncio.Lock()
 
     async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
         """The chunk (less the rows refused, moved to its rejects) and its outputs.
@@ -77,7 +78,9 @@ class Scorer:
                 chunk = without(chunk, missing)
         rows = len(chunk.ids)
         if not self.batch_size and rows:
-            self.batch_size = await loop.run_in_executor(self._pool, self._probe, chunk.inputs, rows)
+            async with self._probing:  # the first chunk probes; one scored beside it waits
+                if not self.batch_size:
+                    self.batch_size = await loop.run_in_executor(self._pool, self._probe, chunk.inputs, rows)
         size = self.batch_size or 1
         starts = range(0, rows, size)
         results: list[_Scored] = [([], {})] * len(starts)
