@@ -274,13 +274,12 @@ async def _pipeline(
         ThreadPoolExecutor(1, "inferd-batch-read") as reader,
         ThreadPoolExecutor(1, "inferd-batch-write") as writer,
     ):
-
+        # The end-of-input markers go only on success: after a failure the task group cancels
+        # the other stages, and a put into a queue nobody reads any more would never return.
         async def read() -> None:
-            try:
-                while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
-                    await read_q.put(chunk)
-            finally:
-                await read_q.put(None)
+            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                await read_q.put(chunk)
+            await read_q.put(None)
 
         async def score() -> None:
             scoring: deque[asyncio.Task[tuple[Chunk, Tensors]]] = deque()
@@ -295,11 +294,12 @@ async def _pipeline(
                         await write_q.put(await scoring.popleft())
                 while scoring:
                     await write_q.put(await scoring.popleft())
-            finally:
+            except BaseException:
                 for task in scoring:
                     task.cancel()
                 await asyncio.gather(*scoring, return_exceptions=True)
-                await write_q.put(None)
+                raise
+            await write_q.put(None)
 
         async def write() -> None:
             while (item := await write_q.get()) is not None:
