@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper
 
-from tests.models import digits, write_onnx_digits, write_onnx_two_inputs
+from tests.models import digits, write_onnx_digits, write_onnx_two_inputs, write_python_model
 
 
 def batch(*args: object, check: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -309,3 +309,29 @@ def test_resume_after_a_kill_neither_redoes_nor_duplicates_chunks(tmp_path: Path
     assert result.column("id").to_pylist() == table.column("id").to_pylist()
     assert np.array_equal(result.column("label").to_numpy(), expected(model, x)[0])
     assert not parts.exists()
+
+
+def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(tmp_path: Path) -> None:
+    base = tmp_path / "checked"
+    body = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative values")
+    return {"y": x * 2}
+"""
+    write_python_model(base / "1", body)
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    x[[3, 64, 97]] *= -1
+    np.save(tmp_path / "in.npy", x)
+
+    done = batch(base, tmp_path / "in.npy", tmp_path / "out.npy", "--batch-size=16", check=1)
+    assert "97 rows scored, 3 rejected" in done.stderr
+    good = [i for i in range(100) if i not in (3, 64, 97)]
+    assert np.array_equal(np.load(tmp_path / "out.npy"), x[good] * 2)
+    rejects = [json.loads(line) for line in (tmp_path / "out.npy.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [3, 64, 97]
+    assert "model.py rejected the input: ValueError: negative values" in rejects[0]["error"]

@@ -83,6 +83,10 @@ class Scorer:
                     self.batch_size = await loop.run_in_executor(self._pool, self._probe, chunk.inputs, rows)
         size = self.batch_size or 1
         starts = range(0, rows, size)
+        # Checked once for the chunk, when it passes; else batch by batch, to find the bad rows.
+        conformed = await loop.run_in_executor(self._pool, self._conformed, chunk.inputs)
+        checked = conformed is not None
+        inputs = chunk.inputs if conformed is None else conformed
         results: list[_Scored] = [([], {})] * len(starts)
         taken = itertools.count()
 
@@ -90,7 +94,7 @@ class Scorer:
             # next() on a count is atomic under the GIL, so each batch goes to one thread.
             while (i := next(taken)) < len(starts):
                 start = starts[i]
-                results[i] = self._batch({k: v[start : start + size] for k, v in chunk.inputs.items()})
+                results[i] = self._batch({k: v[start : start + size] for k, v in inputs.items()}, checked)
 
         workers = min(self._threads, len(starts))
         await asyncio.gather(*(loop.run_in_executor(self._pool, work) for _ in range(workers)))
@@ -103,17 +107,24 @@ class Scorer:
         outputs = {k: np.concatenate([p[k] for p in parts]) for k in self._outputs} if parts else {}
         return (without(chunk, failed) if failed else chunk), outputs
 
-    def _predict(self, inputs: Tensors) -> Tensors:
-        """The chosen outputs for one batch, after the server's input checks."""
-        found = self._model.predict(self._signature.name, conform_inputs(self._signature, inputs))
+    def _conformed(self, inputs: Tensors) -> Tensors | None:
+        try:
+            return conform_inputs(self._signature, inputs)
+        except InvalidArgument:
+            return None
+
+    def _predict(self, inputs: Tensors, checked: bool = False) -> Tensors:
+        """The chosen outputs for one batch, after the server's input checks unless ``checked``."""
+        conformed = inputs if checked else conform_inputs(self._signature, inputs)
+        found = self._model.predict(self._signature.name, conformed)
         missing = [name for name in self._outputs if name not in found]
         if missing:
             raise Internal(f"the model did not return output(s) {missing}")
         return {name: np.asarray(found[name]) for name in self._outputs}
 
-    def _batch(self, batch: Tensors) -> _Scored:
+    def _batch(self, batch: Tensors, checked: bool = False) -> _Scored:
         try:
-            return [self._predict(batch)], {}
+            return [self._predict(batch, checked)], {}
         except InvalidArgument:
             parts, failed = [], {}
             for offset in range(len(next(iter(batch.values())))):
