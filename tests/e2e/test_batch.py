@@ -335,3 +335,12 @@ def predict(self, inputs):
     rejects = [json.loads(line) for line in (tmp_path / "out.npy.rejects.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rejects] == [3, 64, 97]
     assert "model.py rejected the input: ValueError: negative values" in rejects[0]["error"]
+
+
+def test_an_unknown_signature_or_output_fails_before_any_work(tmp_path: Path, model: Path) -> None:
+    np.save(tmp_path / "in.npy", digits()[0][:4].astype(np.float32))
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--signature=nope", check=2)
+    assert "--signature: the model has no signature 'nope'; it has ['serving_default']" in done.stderr
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--outputs=nope", check=2)
+    assert "--outputs: signature 'serving_default' has no output(s) ['nope']" in done.stderr
+    assert not (tmp_path / "out.parquet.partial").exists()
