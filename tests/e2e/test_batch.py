@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper
 
-from tests.models import digits, write_onnx_digits, write_onnx_two_inputs
+from tests.models import digits, write_onnx_digits, write_onnx_two_inputs, write_python_model
 
 
 def batch(*args: object, check: int | None = 0) -> subprocess.CompletedProcess[str]:
@@ -246,22 +246,27 @@ def test_a_missing_column_fails_fast_naming_it_before_any_output(tmp_path: Path)
     assert result.column("count").to_pylist() == [3, 3]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
 def test_an_input_larger_than_the_memory_budget_streams_in_bounded_memory(
-    tmp_path: Path, model: Path
+    tmp_path: Path, model: Path, suffix: str
 ) -> None:
-    _, small = features(2_000)
+    small_x, small = features(2_000)
     big_x, big = features(200_000)  # 51 MiB of features, 6x the budget below
-    write_input(small, tmp_path / "small.parquet")
-    write_input(big, tmp_path / "big.parquet")
+    for name, x, table in (("small", small_x, small), ("big", big_x, big)):
+        if suffix == ".npy":
+            np.save(tmp_path / f"{name}.npy", x.astype(np.float32))
+        else:
+            write_input(table, tmp_path / f"{name}.parquet")
+    id_args = ["--id-column=id"] if suffix == ".parquet" else []
     peaks = []
     for name in ("small", "big"):
         summary = tmp_path / f"{name}.json"
         batch(
             model,
-            tmp_path / f"{name}.parquet",
+            tmp_path / f"{name}{suffix}",
             tmp_path / f"{name}-out.parquet",
             "--memory-budget-mb=8",
-            "--id-column=id",
+            *id_args,
             "--outputs=label",
             "--summary-json",
             summary,
@@ -269,10 +274,11 @@ def test_an_input_larger_than_the_memory_budget_streams_in_bounded_memory(
         stats = json.loads(summary.read_text())
         assert stats["chunk_rows"] < 2_000
         peaks.append(stats["peak_memory_bytes"])
-    # Reading the big file whole would add 51 MiB (and more for its Arrow copy).
+    # Reading the big file whole (or keeping its mapped pages) would add 51 MiB.
     assert peaks[1] - peaks[0] < 25 * 2**20, peaks
     result = pq.read_table(tmp_path / "big-out.parquet")
-    assert result.column("id").to_pylist() == big.column("id").to_pylist()
+    ids = big.column("id").to_pylist() if suffix == ".parquet" else list(range(len(big_x)))
+    assert result.column("id" if suffix == ".parquet" else "row").to_pylist() == ids
     assert np.array_equal(result.column("label").to_numpy(), expected(model, big_x)[0])
 
 
@@ -303,3 +309,38 @@ def test_resume_after_a_kill_neither_redoes_nor_duplicates_chunks(tmp_path: Path
     assert result.column("id").to_pylist() == table.column("id").to_pylist()
     assert np.array_equal(result.column("label").to_numpy(), expected(model, x)[0])
     assert not parts.exists()
+
+
+def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(tmp_path: Path) -> None:
+    base = tmp_path / "checked"
+    body = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative values")
+    return {"y": x * 2}
+"""
+    write_python_model(base / "1", body)
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    x[[3, 64, 97]] *= -1
+    np.save(tmp_path / "in.npy", x)
+
+    done = batch(base, tmp_path / "in.npy", tmp_path / "out.npy", "--batch-size=16", check=1)
+    assert "97 rows scored, 3 rejected" in done.stderr
+    good = [i for i in range(100) if i not in (3, 64, 97)]
+    assert np.array_equal(np.load(tmp_path / "out.npy"), x[good] * 2)
+    rejects = [json.loads(line) for line in (tmp_path / "out.npy.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [3, 64, 97]
+    assert "model.py rejected the input: ValueError: negative values" in rejects[0]["error"]
+
+
+def test_an_unknown_signature_or_output_fails_before_any_work(tmp_path: Path, model: Path) -> None:
+    np.save(tmp_path / "in.npy", digits()[0][:4].astype(np.float32))
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--signature=nope", check=2)
+    assert "--signature: the model has no signature 'nope'; it has ['serving_default']" in done.stderr
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--outputs=nope", check=2)
+    assert "--outputs: signature 'serving_default' has no output(s) ['nope']" in done.stderr
+    assert not (tmp_path / "out.parquet.partial").exists()

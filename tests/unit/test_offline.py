@@ -67,3 +67,18 @@ def test_inputs_that_cannot_feed_the_model_are_refused_before_reading(tmp_path: 
         plan_layout(TWO, (tmp_path / "x.npy",), "npy", None, ())
     with pytest.raises(InvalidArgument, match="no input files"):
         find_inputs(str(tmp_path / "nothing-*.csv"))
+
+
+def test_npy_rows_are_read_by_ranges_and_a_truncated_file_is_refused(tmp_path: Path) -> None:
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    np.save(tmp_path / "x.npy", x)
+    layout = plan_layout(WIDE, (tmp_path / "x.npy",), "npy", None, ())
+    chunks = list(read_chunks(layout, WIDE, 3))
+    assert [c.rows for c in chunks] == [3, 3, 1]
+    assert np.array_equal(np.concatenate([c.inputs["x"] for c in chunks]), x)
+    assert np.concatenate([c.ids for c in chunks]).tolist() == list(range(7))
+
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[: -4 * 3 * 4 - 1])  # rows 0 and 1 whole, row 2 cut
+    with pytest.raises(InvalidArgument, match=r"x\.npy: the file ends before row 2"):
+        list(read_chunks(layout, WIDE, 3))

@@ -204,12 +204,27 @@ class FeatureJoin:
                 settings fall back to defaults; the message names the store.
             NotFound: an entity or one of its features is missing and has no default.
         """
+        joined, missing = await self.join_rows(signature, inputs, deadline)
+        if missing:
+            raise NotFound(next(iter(missing.values())))
+        return joined
+
+    async def join_rows(
+        self, signature: str, inputs: Tensors, deadline: float | None
+    ) -> tuple[Tensors, dict[int, str]]:
+        """Like ``join``, but a row whose entity or a feature without default is missing does not
+        fail the call: it holds zeros for those features and comes back, by row offset, with a
+        message naming its key.
+
+        Raises:
+            Unavailable: as ``join``.
+        """
         plan = self._plans.get(signature)
         if plan is None:
-            return inputs
+            return inputs, {}
         keys = _entity_keys(inputs, self._settings.entity)
         rows = await self._rows(dict.fromkeys(keys), deadline)
-        features = self._columns(keys, rows)
+        features, missing = self._columns(keys, rows)
         joined = {name: value for name, value in inputs.items() if name not in self._settings.entity}
         for name, (spec, columns) in plan.assembled.items():
             parts = [features[c] if c in features else joined.pop(c) for c in columns]
@@ -221,7 +236,7 @@ class FeatureJoin:
                 matrix = np.empty((len(keys), len(parts)), dtype=spec.dtype)
                 matrix.T[...] = parts
                 joined[name] = matrix
-        return joined
+        return joined, missing
 
     async def _rows(self, keys: dict[str, None], deadline: float | None) -> dict[str, Row]:
         now = time.monotonic()
@@ -254,25 +269,30 @@ class FeatureJoin:
         except (TypeError, ValueError) as exc:
             raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc}") from None
 
-    def _columns(self, keys: list[str], rows: dict[str, Row]) -> dict[str, np.ndarray]:
+    def _columns(self, keys: list[str], rows: dict[str, Row]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Each fetched feature's column, and the rows lacking a feature that has no default
+        (first such feature in ``fetch`` order first)."""
         settings = self._settings
         columns = {}
+        missing: dict[int, str] = {}
         for j, (name, dtype) in enumerate(zip(settings.fetch, self._dtypes, strict=True)):
             default = settings.defaults.get(name)
             values = []
-            for key in keys:
+            for i, key in enumerate(keys):
                 row = rows[key]
                 value = None if row is None else row[j]
                 if value is None:
                     if default is None:
                         what = "is not in" if row is None else f"has no feature {name!r} in"
-                        raise NotFound(
-                            f"{'/'.join(settings.entity)} {key!r} {what} feature store {self._store.name}"
+                        missing.setdefault(
+                            i, f"{'/'.join(settings.entity)} {key!r} {what} feature store {self._store.name}"
                         )
-                    value = default
+                        value = 0
+                    else:
+                        value = default
                 values.append(value)
             columns[name] = np.array(values, dtype=dtype)
-        return columns
+        return columns, missing
 
 
 def _entity_keys(inputs: Tensors, entity: Sequence[str]) -> list[str]:

@@ -1,11 +1,12 @@
 """``inferd batch``: score files offline, in-process, in large batches, with bounded memory.
 
-The model is loaded and called through the same ``ModelManager`` and ``InferenceService`` as the
-server (runtimes, ``inferd.toml``, warm-up, input checks), without the server's batcher. Three
+The model is loaded through the same ``ModelManager`` as the server (runtimes, ``inferd.toml``,
+warm-up) and called with the server's input checks and feature join, without its batcher. Three
 stages overlap, joined by bounded queues: a reader thread turns input into chunks
-(``sources``), the event loop scores each chunk in batches on an inference thread, and a writer
-thread writes one part file per chunk (``sinks``). At most ``_IN_FLIGHT_CHUNKS`` chunks exist at
-once, and the chunk size follows from ``--memory-budget-mb``.
+(``sources``), the scorer joins each chunk's features and runs its batches on the inference
+threads (``scoring``), and a writer thread writes one part file per chunk (``sinks``). At most
+``_IN_FLIGHT_CHUNKS`` chunks exist at once, and the chunk size follows from
+``--memory-budget-mb``.
 """
 
 from __future__ import annotations
@@ -19,37 +20,37 @@ import os
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import orjson
 
-from inferd.config import ModelSettings, read_model_settings
+from inferd.config import FeatureSettings, ModelSettings, read_model_settings
 from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.features import FeatureJoin, FeatureStores, plan_join
 from inferd.manager import ModelManager
+from inferd.metrics import FeatureStats
+from inferd.offline.scoring import Scorer
 from inferd.offline.sinks import PartStore, output_format
-from inferd.offline.sources import Chunk, Reject, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
+from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
+from inferd.runtimes import Model
 from inferd.service import InferenceService
-from inferd.types import (
-    DEFAULT_SIGNATURE,
-    InferenceRequest,
-    ModelRef,
-    Signature,
-    Tensors,
-    VersionState,
-    VersionStatus,
-)
+from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
 
-_IN_FLIGHT_CHUNKS = 7
-"""Chunks alive at once: one being read, two queued, one scored, two queued, one being written."""
+_IN_FLIGHT_CHUNKS = 8
+"""Chunks alive at once: one being read, two queued, two scored, two queued, one being written."""
+_SCORED_CHUNKS = 2
+"""Chunks scored at once, so that the inference threads go on to the next chunk's batches while
+the last batches of one finish, instead of waiting for the slowest."""
 _MAX_CHUNK_ROWS = 65536
-_PROBE_SIZES = (64, 256, 1024, 4096, 16384)
+_BATCH_LOOKUP_TIMEOUT_MS = 30_000.0
+"""Least lookup timeout for a chunk's features: one round trip carries a whole chunk's entities."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,45 +148,47 @@ async def _run(options: BatchOptions) -> Summary:
     plan = model_plan(options)
     fmt = output_format(options.output)
     threads = options.threads or os.cpu_count() or 1
-    async with in_process(plan, threads) as (service, ref, status):
-        signature = service.signature(ref, options.signature)
-        outputs = _chosen_outputs(signature, options.outputs, fmt)
-        files, kind = find_inputs(options.input)
-        layout = plan_layout(signature, files, kind, options.id_column, options.keep_columns)
-        budget_rows = int(
-            options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
-        )
-        chunk_rows = max(1, min(_MAX_CHUNK_ROWS, budget_rows), options.batch_size)
-        job = {
-            "model": str(plan.aspired[status.version].path),
-            "fingerprint": plan.aspired[status.version].fingerprint,
-            "signature": signature.name,
-            "inputs": [str(p.resolve()) for p in files],
-            "outputs": outputs,
-            "id_column": layout.id_name,
-            "keep": list(layout.keep),
-            "chunk_rows": chunk_rows,
-        }
-        total = total_rows(layout)
-        store = PartStore(options.output, job, options.resume)
-        chunk_rows = int(store.job["chunk_rows"])
-
-        async def infer(inputs: Tensors) -> Tensors:
-            response = await service.infer(ref, InferenceRequest(inputs, signature.name))
-            return {name: response.outputs[name] for name in outputs}
-
-        scorer = Scorer(infer, options.batch_size, threads)
-        progress = _Progress(options.progress, total, options.log_interval_s)
-        done = store.done()
-        scoring_started = time.monotonic()
+    async with in_process(plan, threads) as loaded:
+        status, model = loaded.status, loaded.model
+        stores = FeatureStores()
         try:
-            rows, resumed = await _pipeline(
-                read_chunks(layout, signature, chunk_rows), done, scorer, store, layout.id_name, progress
+            signature = _model_signature(model, options.signature)
+            join = _feature_join(plan.name, loaded.settings.features, model, stores)
+            request = signature if join is None else join.request_signature(signature)
+            outputs = _chosen_outputs(signature, options.outputs, fmt)
+            files, kind = find_inputs(options.input)
+            layout = plan_layout(request, files, kind, options.id_column, options.keep_columns)
+            budget_rows = int(
+                options.memory_budget_mb * 2**20 / (_IN_FLIGHT_CHUNKS * (4 * row_bytes(signature) + 256))
             )
+            chunk_rows = max(1, min(_MAX_CHUNK_ROWS, budget_rows), options.batch_size)
+            job = {
+                "model": str(plan.aspired[status.version].path),
+                "fingerprint": plan.aspired[status.version].fingerprint,
+                "signature": signature.name,
+                "inputs": [str(p.resolve()) for p in files],
+                "outputs": outputs,
+                "id_column": layout.id_name,
+                "keep": list(layout.keep),
+                "chunk_rows": chunk_rows,
+            }
+            total = total_rows(layout)
+            store = PartStore(options.output, job, options.resume)
+            chunk_rows = int(store.job["chunk_rows"])
+            scorer = Scorer(model, signature, join, outputs, options.batch_size, threads, loaded.pool)
+            progress = _Progress(options.progress, total, options.log_interval_s)
+            done = store.done()
+            scoring_started = time.monotonic()
+            try:
+                rows, resumed = await _pipeline(
+                    read_chunks(layout, request, chunk_rows), done, scorer, store, layout.id_name, progress
+                )
+            finally:
+                progress.close()
+            scoring_s = time.monotonic() - scoring_started
+            rejected = store.finish(options.rejects or _default_rejects(options.output))
         finally:
-            progress.close()
-        scoring_s = time.monotonic() - scoring_started
-        rejected = store.finish(options.rejects or _default_rejects(options.output))
+            await stores.close()
     seconds = time.monotonic() - started
     return Summary(
         model=f"{plan.name}:{status.version}",
@@ -202,12 +205,23 @@ async def _run(options: BatchOptions) -> Summary:
     )
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """One version loaded in this process, as ``inferd batch`` and ``inferd select`` use it."""
+
+    service: InferenceService
+    ref: ModelRef
+    status: VersionStatus
+    model: Model
+    settings: ModelSettings
+    pool: Executor
+    """The inference threads, shared by ``service`` and direct ``model`` calls."""
+
+
 @contextlib.asynccontextmanager
-async def in_process(
-    plan: ModelPlan, threads: int
-) -> AsyncIterator[tuple[InferenceService, ModelRef, VersionStatus]]:
-    """The plan's one version loaded in this process (runtime, ``inferd.toml``, warm-up), behind
-    an ``InferenceService`` with ``threads`` inference threads; unloaded on exit.
+async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
+    """The plan's one version loaded (runtime, ``inferd.toml``, warm-up) with ``threads``
+    inference threads; unloaded on exit.
 
     Raises:
         ModelLoadError: the version did not load or failed its warm-up.
@@ -223,13 +237,40 @@ async def in_process(
         if status.state is not VersionState.AVAILABLE:
             raise ModelLoadError(status.error_message)
         try:
-            yield InferenceService(manager, infer_pool), ref, status
+            # Nothing unloads the version before manager.close(), which waits for leases to end.
+            with manager.lease(ref) as version:
+                assert version.model is not None
+            service = InferenceService(manager, infer_pool)
+            yield Loaded(service, ref, status, version.model, version.settings, infer_pool)
         finally:
             await manager.close()
 
 
 def _default_rejects(output: Path) -> Path:
     return output.with_name(output.name + ".rejects.jsonl")
+
+
+def _model_signature(model: Model, name: str) -> Signature:
+    signature = model.signatures.get(name)
+    if signature is None:
+        raise InvalidArgument(
+            f"--signature: the model has no signature {name!r}; it has {sorted(model.signatures)}"
+        )
+    return signature
+
+
+def _feature_join(
+    name: str, settings: FeatureSettings | None, model: Model, stores: FeatureStores
+) -> FeatureJoin | None:
+    """The model's feature join, as the server makes it, but with a lookup timeout fit for a
+    chunk's worth of entities."""
+    if settings is None:
+        return None
+    settings = dataclasses.replace(
+        settings, lookup_timeout_ms=max(settings.lookup_timeout_ms, _BATCH_LOOKUP_TIMEOUT_MS)
+    )
+    store = stores.open(settings)
+    return FeatureJoin(name, settings, plan_join(settings, model.signatures), store, FeatureStats())
 
 
 def _chosen_outputs(signature: Signature, wanted: tuple[str, ...], fmt: str) -> list[str]:
@@ -263,24 +304,32 @@ async def _pipeline(
         ThreadPoolExecutor(1, "inferd-batch-read") as reader,
         ThreadPoolExecutor(1, "inferd-batch-write") as writer,
     ):
-
+        # The end-of-input markers go only on success: after a failure the task group cancels
+        # the other stages, and a put into a queue nobody reads any more would never return.
         async def read() -> None:
-            try:
-                while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
-                    await read_q.put(chunk)
-            finally:
-                await read_q.put(None)
+            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                await read_q.put(chunk)
+            await read_q.put(None)
 
         async def score() -> None:
+            scoring: deque[asyncio.Task[tuple[Chunk, Tensors]]] = deque()
             try:
                 while (chunk := await read_q.get()) is not None:
                     if chunk.index in done:
                         counts["resumed"] += chunk.rows
                         progress.advance(chunk.rows)
                         continue
-                    await write_q.put(await scorer.score(chunk))
-            finally:
-                await write_q.put(None)
+                    scoring.append(asyncio.create_task(scorer.score(chunk)))
+                    if len(scoring) == _SCORED_CHUNKS:
+                        await write_q.put(await scoring.popleft())
+                while scoring:
+                    await write_q.put(await scoring.popleft())
+            except BaseException:
+                for task in scoring:
+                    task.cancel()
+                await asyncio.gather(*scoring, return_exceptions=True)
+                raise
+            await write_q.put(None)
 
         async def write() -> None:
             while (item := await write_q.get()) is not None:
@@ -296,82 +345,6 @@ async def _pipeline(
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
     return counts["rows"], counts["resumed"]
-
-
-class Scorer:
-    """Scores chunks in batches on ``threads`` inference threads, with one more batch queued per
-    thread so that a thread never waits for the event loop to hand it the next; picks the batch
-    size on the first chunk when none was given.
-
-    A batch the service refuses as INVALID_ARGUMENT is retried row by row, so that the rows at
-    fault become rejects and the others are scored.
-    """
-
-    def __init__(self, infer: Callable[[Tensors], Awaitable[Tensors]], batch_size: int, threads: int) -> None:
-        self._infer = infer
-        self._slots = asyncio.Semaphore(2 * threads)
-        self.batch_size = batch_size
-
-    async def score(self, chunk: Chunk) -> tuple[Chunk, Tensors]:
-        rows = len(chunk.ids)
-        if not self.batch_size and rows:
-            self.batch_size = await self._probe(chunk.inputs, rows)
-        size = self.batch_size or 1
-        batches = [{k: v[s : s + size] for k, v in chunk.inputs.items()} for s in range(0, rows, size)]
-        results = await asyncio.gather(*(self._batch(batch) for batch in batches))
-        parts = [part for found, _ in results for part in found]
-        failed = {
-            i * size + offset: error
-            for i, (_, errors) in enumerate(results)
-            for offset, error in errors.items()
-        }
-        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        return (_without(chunk, failed) if failed else chunk), outputs
-
-    async def _batch(self, batch: Tensors) -> tuple[list[Tensors], dict[int, str]]:
-        """Outputs of one batch (one part, or one per good row), and its refused rows' errors."""
-        async with self._slots:
-            try:
-                return [await self._infer(batch)], {}
-            except InvalidArgument:
-                parts, failed = [], {}
-                for offset in range(len(next(iter(batch.values())))):
-                    try:
-                        parts.append(await self._infer({k: v[offset : offset + 1] for k, v in batch.items()}))
-                    except InvalidArgument as exc:
-                        failed[offset] = exc.message
-                return parts, failed
-
-    async def _probe(self, inputs: Tensors, rows: int) -> int:
-        """The batch size with the best rows/s on this chunk's first rows (smallest within 5%)."""
-        sizes = [s for s in _PROBE_SIZES if s <= rows] or [rows]
-        rates = {}
-        for size in sizes:
-            batch = {k: v[:size] for k, v in inputs.items()}
-            calls, started = 0, time.perf_counter()
-            while calls < 3 or (time.perf_counter() - started < 0.1 and calls < 100):
-                await self._infer(batch)
-                calls += 1
-            rates[size] = size * calls / (time.perf_counter() - started)
-        best = max(rates.values())
-        size = min(s for s, rate in rates.items() if rate >= 0.95 * best)
-        log.info("batch size %d (probe, rows/s by size: %s)", size, {s: round(r) for s, r in rates.items()})
-        return size
-
-
-def _without(chunk: Chunk, failed: dict[int, str]) -> Chunk:
-    """``chunk`` with the rows the model refused moved to its rejects."""
-    keep = np.ones(len(chunk.ids), dtype=bool)
-    keep[list(failed)] = False
-    rejects = [*chunk.rejects, *(Reject(int(chunk.numbers[i]), chunk.source, e) for i, e in failed.items())]
-    return dataclasses.replace(
-        chunk,
-        numbers=chunk.numbers[keep],
-        ids=chunk.ids[keep],
-        inputs={k: v[keep] for k, v in chunk.inputs.items()},
-        kept={k: v[keep] for k, v in chunk.kept.items()},
-        rejects=sorted(rejects, key=lambda r: r.row),
-    )
 
 
 class _Progress:

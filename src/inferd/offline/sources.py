@@ -1,8 +1,8 @@
 """Reading ``inferd batch`` inputs in bounded chunks and turning them into input tensors.
 
 Tabular files (CSV, Parquet, JSONL) are read as Arrow record batches, ``.npy`` files by row
-ranges with plain reads (no memory map, so pages read do not pile up in the resident set), and
-image folders a slice of files at a time. Each chunk becomes a ``Chunk``: the tensors of its good
+ranges, each mapped into memory on its own (no copy; the pages leave the resident set with the
+chunk), and image folders a slice of files at a time. Each chunk becomes a ``Chunk``: the tensors of its good
 rows, their ids, and a ``Reject`` per row that could not be converted.
 
 Columns map to a signature input by name: a column named like the input (one value, or a list of
@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import glob
 import math
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,7 +138,9 @@ def file_columns(path: Path, kind: str) -> list[str]:
 def plan_layout(
     signature: Signature, files: tuple[Path, ...], kind: str, id_column: str | None, keep: Sequence[str]
 ) -> Layout:
-    """Map columns to the signature's inputs, checking every file's columns before any work.
+    """Map columns to the inputs of ``signature``, the request-side one (entity keys and request
+    columns, not looked-up features) for a model with ``[features]``, checking every file's
+    columns before any work.
 
     Raises:
         InvalidArgument: a column the mapping needs is missing in some file (named), or the
@@ -338,17 +341,33 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
 
 def _npy_blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
     shape, dtype, offset = _npy_header(path)
-    per_row = math.prod(shape[1:])
+    row_size = math.prod(shape[1:]) * dtype.itemsize
+    size = path.stat().st_size
+    if size < offset + shape[0] * row_size:
+        raise InvalidArgument(f"{path}: the file ends before row {(size - offset) // max(row_size, 1)}")
     with path.open("rb") as handle:
-        handle.seek(offset)
         for start in range(0, shape[0], chunk_rows):
             rows = min(chunk_rows, shape[0] - start)
-            flat = np.fromfile(handle, dtype=dtype, count=rows * per_row)
-            if flat.size != rows * per_row:
-                raise InvalidArgument(
-                    f"{path}: the file ends before row {start + flat.size // max(per_row, 1)}"
-                )
-            yield _Block(rows, tensor=flat.reshape(rows, *shape[1:]))
+            yield _Block(rows, tensor=_mapped(handle, offset + start * row_size, rows, shape[1:], dtype))
+
+
+def _mapped(handle: BinaryIO, at: int, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Rows of a file as a read-only array over its own memory map, read in up front
+    (``MAP_POPULATE``): no copy, and the pages leave the resident set when the array goes."""
+    nbytes = rows * math.prod(inner) * dtype.itemsize
+    if not nbytes:
+        return np.empty((rows, *inner), dtype)
+    start = at - at % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(
+        handle.fileno(),
+        at - start + nbytes,
+        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+        prot=mmap.PROT_READ,
+        offset=start,
+    )
+    return np.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=at - start).reshape(
+        rows, *inner
+    )
 
 
 def _chunk(

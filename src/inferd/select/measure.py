@@ -33,7 +33,8 @@ import numpy as np
 
 from inferd.errors import InferdError, InvalidArgument, ModelLoadError
 from inferd.loadtest.serverside import read_pid
-from inferd.offline import Scorer, in_process
+from inferd.offline import in_process
+from inferd.offline.scoring import Scorer
 from inferd.offline.sources import TABULAR, Chunk, find_inputs, plan_layout, read_chunks
 from inferd.select.candidates import Candidate
 from inferd.service import InferenceService
@@ -126,14 +127,16 @@ def _child(pipe: Connection, job: Job) -> None:
 
 async def _measure(job: Job) -> Measurement:
     rss_before = read_pid(os.getpid())[1]
-    async with in_process(job.candidate.plan, threads=1) as (service, ref, _):
+    async with in_process(job.candidate.plan, threads=1) as loaded:
+        service, ref = loaded.service, loaded.ref
         signature = service.signature(ref, _signature_name(service, ref, job))
 
         async def infer(inputs: Tensors) -> Tensors:
             return dict((await service.infer(ref, InferenceRequest(inputs, signature.name))).outputs)
 
         chunk, labels = _validation(job, signature)
-        scorer = Scorer(infer, job.batch_size, threads=1)
+        outputs_wanted = [spec.name for spec in signature.outputs]
+        scorer = Scorer(loaded.model, signature, None, outputs_wanted, job.batch_size, 1, loaded.pool)
         scored, outputs = await scorer.score(chunk)
         labels = labels[np.isin(chunk.numbers, scored.numbers)]
         latency = await _latency(infer, scored.inputs, job.latency_calls, job.latency_budget_s)
