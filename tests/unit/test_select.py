@@ -367,7 +367,7 @@ def test_auc_calls_predict_proba_where_a_model_has_it(
     job = Job(candidate, "v.csv", "y", asked, scores, 0, 1, 0.1, 0.1)
 
     async def chosen() -> str:
-        async with in_process(candidate.plan, threads=1) as (service, ref, _):
-            return _signature_name(service, ref, job)
+        async with in_process(candidate.plan, threads=1) as loaded:
+            return _signature_name(loaded.service, loaded.ref, job)
 
     assert asyncio.run(chosen()) == expected
