@@ -79,6 +79,16 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "unset: admin calls are refused",
     ),
     ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
+    (
+        "ssl_config_file",
+        str,
+        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
+        "client_verify): TLS on both ports",
+    ),
+    ("tls_cert", str, "PEM certificate (chain) file: TLS on both ports; needs --tls_key"),
+    ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
+    ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
+    ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
 ]
 
 

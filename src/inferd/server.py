@@ -33,6 +33,7 @@ from inferd.metrics import Metrics
 from inferd.protocols import Access, Response, json_error, tfserving_rest, v2_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
+from inferd.tls import TlsSettings, tls_settings
 
 if TYPE_CHECKING:
     import grpc
@@ -197,6 +198,7 @@ class Server:
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
+        self.tls = tls_settings(config)
 
     async def _poll(self, interval_s: float) -> None:
         while True:
@@ -240,17 +242,25 @@ class Server:
                 loop="none",
             )
         )
+        if self.tls:  # uvicorn builds its SSL context from files; give it the one made from PEM
+            http.config.load()
+            http.config.ssl = self.tls.ssl_context()
         loop = asyncio.get_running_loop()
         grpc_server: grpc.aio.Server | None = None
         try:
             if self.config.port:
-                grpc_server = await _start_grpc(self.service, self.control, self.config, self.metrics)
+                grpc_server = await _start_grpc(
+                    self.service, self.control, self.config, self.metrics, self.tls
+                )
             log.info(
-                "serving %s on http://%s:%d%s",
+                "serving %s on %s://%s:%d%s",
                 ", ".join(self.manager.names()),
+                "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
-                f" and gRPC on {self.config.host}:{self.config.port}" if grpc_server else "",
+                f" and gRPC{' (TLS)' if self.tls else ''} on {self.config.host}:{self.config.port}"
+                if grpc_server
+                else "",
             )
 
             stopping: list[asyncio.Task[None]] = []
@@ -275,10 +285,15 @@ class Server:
 
 
 async def _start_grpc(
-    service: InferenceService, control: ModelControl, config: ServerConfig, metrics: Metrics | None
+    service: InferenceService,
+    control: ModelControl,
+    config: ServerConfig,
+    metrics: Metrics | None,
+    tls: TlsSettings | None,
 ) -> grpc.aio.Server:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
-    health service (every service SERVING) and server reflection, behind the token check.
+    health service (every service SERVING) and server reflection, behind the token check; over TLS
+    when ``tls`` is given.
 
     Raises:
         ConfigError: the port cannot be bound.
@@ -311,7 +326,11 @@ async def _start_grpc(
     reflection.enable_server_reflection(names, server, pool=POOL)
     address = f"{config.host}:{config.port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (
+            server.add_secure_port(address, tls.grpc_credentials())
+            if tls
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         bound = 0
     if not bound:
