@@ -692,13 +692,7 @@ def section(results: dict[str, Any]) -> str:
 
 def write_docs(text: str) -> None:
     """Replace the section in docs/benchmarks.md (between its markers), or append it."""
-    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start, end = doc.find(SECTION_START), doc.find(SECTION_END)
-    if start >= 0 and end > start:
-        doc = doc[:start] + text + doc[end + len(SECTION_END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOCS.write_text(doc)
+    report.replace_section(DOCS, SECTION_START, SECTION_END, text)
 
 
 # ---------------------------------------------------------------- main

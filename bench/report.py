@@ -209,6 +209,18 @@ def kept_sections(path: Path) -> str:
     return "".join(f"\n{match.group(0)}\n" for match in _SECTION.finditer(text))
 
 
+def replace_section(path: Path, start: str, end: str, text: str) -> None:
+    """Replace the section of ``path`` between the ``start`` and ``end`` markers with ``text``
+    (which carries the markers), or append it."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    first, last = doc.find(start), doc.find(end)
+    if first >= 0 and last > first:
+        doc = doc[:first] + text + doc[last + len(end) :]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(doc)
+
+
 def write(path: Path, results: dict, png_name: str | None) -> None:
     """Write the report to ``path``, keeping the sections other scripts put there."""
     path.write_text(markdown(results, png_name) + kept_sections(path))
