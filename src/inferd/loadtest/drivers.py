@@ -117,6 +117,11 @@ class _Connection(asyncio.Protocol):
         self._chunked = -1
         self._status = ""
 
+    @property
+    def reused(self) -> bool:
+        """Whether an answer came back on this connection: a request now goes out on a kept-alive one."""
+        return bool(self._status)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but they write.
         self.transport = transport
@@ -265,7 +270,14 @@ class _Http:
             self._check_settled()
 
     def lost(self, connection: _Connection) -> None:
-        if connection in self._busy:
+        if connection in self._busy and connection.reused and not connection.buffer:
+            # The server closed a kept-alive connection as the request went out (an idle timeout
+            # racing the send): no answer began, so send it again on a fresh connection, as HTTP
+            # clients do. Its latency still counts from when it was due.
+            self._busy.discard(connection)
+            self._backlog.appendleft(connection.due_ns)
+            self._open()
+        elif connection in self._busy:
             self._busy.discard(connection)
             self._recorder.record(connection.due_ns, time.monotonic_ns(), "connection_error")
             if self._closed_loop and self._sending:
