@@ -92,7 +92,7 @@ def rest_calls(url: str) -> None:
 
 
 def grpc_calls(target: str) -> None:
-    """Authorized and refused gRPC calls."""
+    """Authorized and refused gRPC calls, a bad input and a failing model."""
     request = v2.ModelInferRequest(model_name="affine")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend(
         [MARKER, 1, 2, 3]
@@ -105,6 +105,17 @@ def grpc_calls(target: str) -> None:
                 stub.ModelInfer(request, metadata=metadata, timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert WRONG not in (refused.value.details() or "")
+        as_client = (("authorization", f"Bearer {API}"),)
+        bad = v2.ModelInferRequest(model_name="affine")
+        bad.inputs.add(name="x", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(
+            MARKER_TEXT.encode()
+        )
+        failing = v2.ModelInferRequest(model_name="failing")
+        failing.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([MARKER, 1])
+        for call, code in ((bad, grpc.StatusCode.INVALID_ARGUMENT), (failing, grpc.StatusCode.INTERNAL)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(call, metadata=as_client, timeout=10)
+            assert refused.value.code() == code
 
 
 def test_tokens_and_payloads_never_reach_the_log(server: ServerProcess) -> None:
