@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+from cryptography.hazmat.primitives import serialization
 
 from inferd._proto import grpc_service_pb2 as v2
 from inferd._proto import grpc_service_pb2_grpc as v2_grpc
@@ -241,6 +242,17 @@ def test_bad_tls_settings_stop_the_server_with_a_clear_message(repo: Path, pki: 
     mismatch = refused_start(repo, f"--tls_cert={pki.server.cert}", f"--tls_key={pki.client.key}")
     assert "cannot use the server certificate and key" in mismatch
     assert key_text not in mismatch
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
+    encrypted_key = tmp_path / "encrypted.key"
+    encrypted_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    encrypted = refused_start(repo, f"--tls_cert={pki.server.cert}", f"--tls_key={encrypted_key}")
+    assert "the server key is encrypted" in encrypted
     missing = refused_start(repo, f"--tls_cert={pki.server.cert}", f"--tls_key={tmp_path / 'absent.key'}")
     assert "--tls_key" in missing
     assert "absent.key" in missing
