@@ -176,6 +176,7 @@ class Server:
         self.config = config
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
+        self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
             batching = (
@@ -198,7 +199,6 @@ class Server:
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
-        self.tls = tls_settings(config)
 
     async def _poll(self, interval_s: float) -> None:
         while True:
