@@ -287,6 +287,9 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     )
     add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
     add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
+    add("--tls-ca", help="PEM file of the CA the server's certificate chains to: TLS (https:// implies it)")
+    add("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
+    add("--tls-key", help="PEM private key of --tls-cert")
     add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
     add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -295,6 +298,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _bench(args: argparse.Namespace) -> int:
     from inferd import loadtest
+    from inferd.loadtest.payloads import ClientTls
 
     options = loadtest.BenchOptions(
         url=args.url,
@@ -315,6 +319,11 @@ def _bench(args: argparse.Namespace) -> int:
         metadata_url=args.metadata_url,
         price_per_hour=args.price_per_hour,
         path=args.path,
+        tls=(
+            ClientTls(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+            if args.tls_ca or args.tls_cert
+            else None
+        ),
     )
     try:
         reports = loadtest.run(options)

@@ -5,11 +5,13 @@ and bad TLS settings at start. Certificates are made at test time (tests/pki.py)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -176,6 +178,24 @@ def test_tritonclient_grpc_with_ssl(tls_server: ServerProcess, pki: Pki) -> None
     np.testing.assert_array_equal(result.as_numpy("y"), [[2, 4, 6, 8]])
 
 
+def bench_over_tls(target: str, protocol: str, *tls_args: str) -> dict[str, Any]:
+    """``inferd bench`` for a second, closed loop, 2 connections; its one step."""
+    argv = [sys.executable, "-m", "inferd", "bench", target, "--model=affine", f"--protocol={protocol}"]
+    argv += ["--concurrency=2", "--duration=1", "--warmup=0", "--json=-", *tls_args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    step: dict[str, Any] = json.loads(done.stdout)["steps"][0]
+    return step
+
+
+@pytest.mark.parametrize("protocol", ["v2", "v2-binary", "rest", "grpc", "v2-grpc"])
+def test_inferd_bench_over_tls(tls_server: ServerProcess, pki: Pki, protocol: str) -> None:
+    target = tls_server.url if "grpc" not in protocol else tls_server.grpc_target
+    step = bench_over_tls(target, protocol, f"--tls-ca={pki.ca}")
+    assert step["requests"] > 0
+    assert step["errors"] == {}
+
+
 # ---------------------------------------------------------------- mutual TLS, from either source
 
 
@@ -218,6 +238,14 @@ def test_mtls_grpc_needs_a_client_certificate_from_the_ca(mtls_server: ServerPro
         assert v2_infer(channel) == [2, 4, 6, 8]
     assert_grpc_refused(grpc_channel(mtls_server, pki, client=None))
     assert_grpc_refused(grpc_channel(mtls_server, pki, pki.stranger))
+
+
+def test_inferd_bench_with_a_client_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
+    client = (f"--tls-ca={pki.ca}", f"--tls-cert={pki.client.cert}", f"--tls-key={pki.client.key}")
+    for protocol, target in (("v2", mtls_server.url), ("v2-grpc", mtls_server.grpc_target)):
+        step = bench_over_tls(target, protocol, *client)
+        assert step["requests"] > 0
+        assert step["errors"] == {}
 
 
 # ---------------------------------------------------------------- bad settings stop the server

@@ -183,6 +183,7 @@ class _Http:
     def __init__(self, payload: Payload, recorder: _Recorder, timeout_s: float, max_connections: int) -> None:
         self.request = payload.request
         self._payload = payload
+        self._ssl = payload.tls.ssl_context() if payload.tls else None
         self._recorder = recorder
         self._timeout_s = timeout_s
         self._max_connections = max_connections
@@ -237,7 +238,7 @@ class _Http:
         loop = asyncio.get_running_loop()
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(self), self._payload.host, self._payload.port
+                lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
             )
         except OSError:
             if self._backlog:
@@ -306,8 +307,12 @@ class _Grpc:
 
         target = f"{self._payload.host}:{self._payload.port}"
         count = max(1, min(8, int(level) // 32 if mode == CLOSED else 1))
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        tls = self._payload.tls
         channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            grpc.aio.secure_channel(target, tls.grpc_credentials(), options)
+            if tls
+            else grpc.aio.insecure_channel(target, options=options)
             for _ in range(count)
         ]
         calls: list[Any] = [c.unary_unary(self._payload.path) for c in channels]
