@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from cryptography.hazmat.primitives import serialization
 
 from inferd._proto import grpc_service_pb2 as v2
@@ -167,6 +168,17 @@ def test_grpc_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
 
 def test_plain_grpc_is_refused(tls_server: ServerProcess) -> None:
     assert_grpc_refused(grpc.insecure_channel(tls_server.grpc_target))
+
+
+def test_tritonclient_http_with_ssl(tls_server: ServerProcess, pki: Pki) -> None:
+    client = httpclient.InferenceServerClient(
+        tls_server.url.removeprefix("https://"), ssl=True, ssl_options={"ca_certs": str(pki.ca)}
+    )
+    assert client.is_server_live()
+    x = httpclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32), binary_data=True)
+    result = client.infer("affine", [x])
+    np.testing.assert_array_equal(result.as_numpy("y"), [[2, 4, 6, 8]])
 
 
 def test_tritonclient_grpc_with_ssl(tls_server: ServerProcess, pki: Pki) -> None:
