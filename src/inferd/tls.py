@@ -122,10 +122,14 @@ def _from_ssl_config(path: Path) -> TlsSettings:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--ssl_config_file {path}: {exc}") from exc
     except text_format.ParseError as exc:
+        # The parser's message quotes the offending line, which may hold the key: only an unknown
+        # field's message (which quotes no line) is passed on.
+        detail = str(exc) if "has no field named" in str(exc) else "syntax error"
         raise ConfigError(
             f"--ssl_config_file {path}: not a text-format SSLConfig "
-            f"(server_key, server_cert, custom_ca, client_verify): {exc}"
-        ) from exc
+            f"(server_key, server_cert, custom_ca, client_verify): line {exc.GetLine()}, "
+            f"column {exc.GetColumn()}: {detail}"
+        ) from None
     missing = [name for name in ("server_key", "server_cert") if not getattr(message, name).strip()]
     if missing:
         raise ConfigError(f"--ssl_config_file {path}: {' and '.join(missing)} must hold PEM text")

@@ -299,6 +299,10 @@ def test_bad_tls_settings_stop_the_server_with_a_clear_message(repo: Path, pki: 
     config = tmp_path / "ssl.txt"
     config.write_text('server_key: "x"\nserver_cert: "y"\nclient_auth: true\n')
     assert "client_auth" in refused_start(repo, f"--ssl_config_file={config}")
+    config.write_text(f"server_key: {key_text}\n")
+    unquoted = refused_start(repo, f"--ssl_config_file={config}")
+    assert "line 1, column 13: syntax error" in unquoted
+    assert key_text not in unquoted
     config.write_text(ssl_config_text(pki, client_verify=False))
     both = refused_start(repo, f"--ssl_config_file={config}", f"--tls_cert={pki.server.cert}")
     assert "either --ssl_config_file or --tls_cert" in both
