@@ -33,7 +33,7 @@ from inferd.metrics import Metrics
 from inferd.protocols import Access, Response, json_error, tfserving_rest, v2_rest
 from inferd.repository import Repository
 from inferd.service import InferenceService
-from inferd.tls import TlsSettings, tls_settings
+from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 
 if TYPE_CHECKING:
     import grpc
@@ -352,6 +352,16 @@ def _http_server_class() -> type:
 
         def request_exit(self) -> None:
             self.should_exit = True
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            reaper = (
+                asyncio.create_task(abort_closed_connections(self.server_state)) if self.config.ssl else None
+            )
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if reaper:
+                    reaper.cancel()
 
     return HttpServer
 

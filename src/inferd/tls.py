@@ -8,11 +8,12 @@ Either one applies to both ports. The key never reaches a log or an error messag
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import text_format
 
@@ -73,6 +74,23 @@ class TlsSettings:
             root_certificates=self.client_ca or None,
             require_client_auth=self.client_verify,
         )
+
+
+async def abort_closed_connections(server_state: Any, period_s: float = 0.05) -> None:
+    """Run while uvicorn shuts down over TLS: abort each connection it has closed once nothing
+    is left to send on it.
+
+    Closing a TLS connection sends close_notify and waits, up to 30 s, for the client's; a client
+    that keeps an idle kept-alive connection open (any connection pool) never answers, and
+    uvicorn waits for that connection before it exits. A closed connection carries no response,
+    so dropping it loses nothing.
+    """
+    while True:
+        for connection in list(server_state.connections):
+            transport = connection.transport
+            if transport.is_closing() and not transport.get_write_buffer_size():
+                transport.abort()
+        await asyncio.sleep(period_s)
 
 
 def _refuse_password() -> bytes:

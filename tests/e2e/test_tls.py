@@ -6,9 +6,14 @@ and bad TLS settings at start. Certificates are made at test time (tests/pki.py)
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from inferd._proto import grpc_service_pb2 as v2
 from inferd._proto import grpc_service_pb2_grpc as v2_grpc
 from tests.conftest import ServerProcess, free_port, launch
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 from tests.pki import Authority, Issued
 
 INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -258,6 +263,57 @@ def test_inferd_bench_with_a_client_certificate(mtls_server: ServerProcess, pki:
         step = bench_over_tls(target, protocol, *client)
         assert step["requests"] > 0
         assert step["errors"] == {}
+
+
+# ---------------------------------------------------------------- shutdown over TLS
+
+
+def test_shutdown_finishes_in_flight_answers_and_waits_for_no_idle_client(pki: Pki, tmp_path: Path) -> None:
+    """SIGTERM with a slow request in flight (its large answer arrives whole) and an idle
+    kept-alive TLS client that never closes: the server still exits promptly (closing a TLS
+    connection would otherwise wait 30 s for that client's close_notify)."""
+    repo = tmp_path / "models"
+    write_python_model(
+        repo / "slow" / "1",
+        """
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            import time
+            time.sleep(1.5)
+            return {"y": np.repeat(inputs["x"], 250_000, axis=0)}
+        """,
+    )
+    (repo / "slow" / "inferd.toml").write_text("warmup = false\n")
+    server = start_tls(tmp_path, repo, pki, f"--tls_cert={pki.server.cert}", f"--tls_key={pki.server.key}")
+    try:
+        host, port = server.url.removeprefix("https://").split(":")
+        context = ssl.create_default_context(cafile=pki.ca)
+        with context.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host) as idle:
+            idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: inferd\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+            with ThreadPoolExecutor(1) as pool:
+                body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+                slow = pool.submit(
+                    requests.post, f"{server.url}/v2/models/slow/infer", json=body, verify=pki.ca, timeout=30
+                )
+                server.wait_for(
+                    lambda: (
+                        "inferd_in_flight_requests 1"
+                        in requests.get(f"{server.url}/metrics", verify=pki.ca, timeout=5).text
+                    ),
+                    "the slow request to be in flight",
+                )
+                stopped_at = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                answer = slow.result()
+                assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    assert time.monotonic() - stopped_at < 15, "shutdown waited for the idle client's close_notify"
+    assert answer.status_code == 200
+    assert len(answer.json()["outputs"][0]["data"]) == 500_000
 
 
 # ---------------------------------------------------------------- bad settings stop the server
