@@ -66,7 +66,9 @@ def main() -> int:
     cost_s = min(per_request_s() for _ in range(3))
     cpu_s = row["cpu_s_per_1k_pred"] / 1000
     print(f"metrics per request: {cost_s * 1e6:.2f} µs")
-    print(f"server CPU per request (digits, 1 instance, 64 connections, {results.name}): {cpu_s * 1e6:.0f} µs")
+    print(
+        f"server CPU per request (digits, 1 instance, 64 connections, {results.name}): {cpu_s * 1e6:.0f} µs"
+    )
     print(f"share: {cost_s / cpu_s:.1%}")
     return 0
 

@@ -121,8 +121,11 @@ def targets(results: dict) -> list[str]:
 
     def pick(model: str, n: int, c: int, **kw) -> list[dict]:
         return [
-            r for r in rows
-            if r["model"] == model and r["instances"] == n and r["connections"] == c
+            r
+            for r in rows
+            if r["model"] == model
+            and r["instances"] == n
+            and r["connections"] == c
             and all(r.get(k) == v for k, v in kw.items())
         ]
 
@@ -189,7 +192,10 @@ def targets(results: dict) -> list[str]:
             f"{fastapi['idle_mem_mib']:.0f} MiB: {ratio:.2f}× (target: at most 1.5×): {verdict(ratio <= 1.5)}"
         )
     here = pick("digits", 1, 64)
-    on, off = _find(here, server="inferd", variant="default"), _find(here, server="inferd", variant="nometrics")
+    on, off = (
+        _find(here, server="inferd", variant="default"),
+        _find(here, server="inferd", variant="nometrics"),
+    )
     if on and off:
         change = on["pred_per_s"] / off["pred_per_s"] - 1
         out.append(
@@ -239,7 +245,11 @@ def markdown(results: dict, png_name: str | None) -> str:
         "",
         "inferd against the servers people use instead, each serving the same ONNX model with "
         "onnxruntime, all driven by the same "
-        + ("`wrk` + Lua script (`bench/wrk_post.lua`)" if wrk else "load generator, `inferd bench` ([bench.md](bench.md))")
+        + (
+            "`wrk` + Lua script (`bench/wrk_post.lua`)"
+            if wrk
+            else "load generator, `inferd bench` ([bench.md](bench.md))"
+        )
         + ". Produced by `bench/run.py`; see [bench/README.md](../bench/README.md) for what is measured and how.",
         "",
         "```",
@@ -341,7 +351,11 @@ def markdown(results: dict, png_name: str | None) -> str:
     if not failures and not results["install_errors"]:
         out.append("None.")
     errs = [r for r in rows if r.get("errors")]
-    out += ["", "Rows with errors (medians over rounds; non-2xx status codes where the run recorded them):", ""]
+    out += [
+        "",
+        "Rows with errors (medians over rounds; non-2xx status codes where the run recorded them):",
+        "",
+    ]
     for r in errs:
         codes: dict[str, int] = {}
         for run in results.get("runs", []):
@@ -349,8 +363,10 @@ def markdown(results: dict, png_name: str | None) -> str:
                 for code, count in (run.get("statuses") or {}).items():
                     codes[code] = codes.get(code, 0) + count
         detail = f" (HTTP {', '.join(f'{k}: {v}' for k, v in sorted(codes.items()))})" if codes else ""
-        out.append(f"- {label(r)}, {r['model']}, {r['instances']} instances, c{r['connections']}: "
-                   f"{r['errors']:,.0f} errors{detail}")
+        out.append(
+            f"- {label(r)}, {r['model']}, {r['instances']} instances, c{r['connections']}: "
+            f"{r['errors']:,.0f} errors{detail}"
+        )
     if not errs:
         out.append("- none")
     out += ["", "## Versions", "", "| where | package | version |", "| --- | --- | --- |"]

@@ -177,7 +177,9 @@ def run_inferd_bench(url: str, body_file: Path, connections: int, seconds: float
     }
 
 
-def run_load(args: argparse.Namespace, wrk: str, url: str, body_file: Path, connections: int, seconds: float) -> dict:
+def run_load(
+    args: argparse.Namespace, wrk: str, url: str, body_file: Path, connections: int, seconds: float
+) -> dict:
     if args.loadgen == "wrk":
         return run_wrk(wrk, url, body_file, connections, seconds)
     return run_inferd_bench(url, body_file, connections, seconds)
@@ -298,7 +300,8 @@ def session(
                     "errors": errors,
                     "requests": res["requests"],
                     "cpu_s_per_1k_pred": (cpu1 - cpu0) / preds * 1000 if preds else None,
-                    "statuses": res["statuses"], "peak_mem_mib": mem.peak / 2**20,
+                    "statuses": res["statuses"],
+                    "peak_mem_mib": mem.peak / 2**20,
                     "idle_mem_mib": idle / 2**20,
                     "wrk": res,
                 }

@@ -109,6 +109,16 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
         "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
     ),
+    (
+        "ssl_config_file",
+        str,
+        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
+        "client_verify): TLS on both ports",
+    ),
+    ("tls_cert", str, "PEM certificate (chain) file: TLS on both ports; needs --tls_key"),
+    ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
+    ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
+    ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
 ]
 
 
@@ -307,6 +317,9 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     )
     add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
     add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
+    add("--tls-ca", help="PEM file of the CA the server's certificate chains to: TLS (https:// implies it)")
+    add("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
+    add("--tls-key", help="PEM private key of --tls-cert")
     add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
     add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -315,6 +328,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _bench(args: argparse.Namespace) -> int:
     from inferd import loadtest
+    from inferd.loadtest.payloads import ClientTls
 
     options = loadtest.BenchOptions(
         url=args.url,
@@ -335,6 +349,11 @@ def _bench(args: argparse.Namespace) -> int:
         metadata_url=args.metadata_url,
         price_per_hour=args.price_per_hour,
         path=args.path,
+        tls=(
+            ClientTls(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+            if args.tls_ca or args.tls_cert
+            else None
+        ),
     )
     try:
         reports = loadtest.run(options)

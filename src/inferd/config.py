@@ -374,6 +374,11 @@ class ServerConfig:
     admin_token: str = field(default="", repr=False)
     api_token: str = field(default="", repr=False)
     safe: bool = False
+    ssl_config_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_verify: bool = False
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")

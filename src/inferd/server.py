@@ -45,6 +45,7 @@ from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi
 from inferd.protocols.limits import RequestLimits
 from inferd.repository import Repository
 from inferd.service import InferenceService
+from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 
 if TYPE_CHECKING:
     import grpc
@@ -231,6 +232,7 @@ class Server:
         self.config = config
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
+        self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
             batching = (
@@ -317,18 +319,26 @@ class Server:
                 timeout_graceful_shutdown=ANSWER_GRACE_S,
             )
         )
+        if self.tls:  # uvicorn builds its SSL context from files; give it the one made from PEM
+            http.config.load()
+            http.config.ssl = self.tls.ssl_context()
         loop = asyncio.get_running_loop()
         grpc_server: grpc.aio.Server | None = None
         health: health_aio.HealthServicer | None = None
         try:
             if self.config.port:
-                grpc_server, health = await _start_grpc(self.service, self.control, self.config, self.metrics)
+                grpc_server, health = await _start_grpc(
+                    self.service, self.control, self.config, self.metrics, self.tls
+                )
             log.info(
-                "serving %s on http://%s:%d%s",
+                "serving %s on %s://%s:%d%s",
                 ", ".join(self.manager.names()),
+                "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
-                f" and gRPC on {self.config.host}:{self.config.port}" if grpc_server else "",
+                f" and gRPC{' (TLS)' if self.tls else ''} on {self.config.host}:{self.config.port}"
+                if grpc_server
+                else "",
             )
 
             draining: list[asyncio.Task[None]] = []
@@ -357,11 +367,15 @@ class Server:
 
 
 async def _start_grpc(
-    service: InferenceService, control: ModelControl, config: ServerConfig, metrics: Metrics | None
+    service: InferenceService,
+    control: ModelControl,
+    config: ServerConfig,
+    metrics: Metrics | None,
+    tls: TlsSettings | None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
-    token check.
+    token check; over TLS when ``tls`` is given.
 
     Raises:
         ConfigError: the port cannot be bound.
@@ -400,7 +414,11 @@ async def _start_grpc(
     reflection.enable_server_reflection(names, server, pool=POOL)
     address = f"{config.host}:{config.port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (
+            server.add_secure_port(address, tls.grpc_credentials())
+            if tls
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         bound = 0
     if not bound:
@@ -422,6 +440,16 @@ def _http_server_class() -> type:
 
         def request_exit(self) -> None:
             self.should_exit = True
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            reaper = (
+                asyncio.create_task(abort_closed_connections(self.server_state)) if self.config.ssl else None
+            )
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if reaper:
+                    reaper.cancel()
 
     return HttpServer
 

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 
 from inferd.loadtest.drivers import CLOSED, OPEN, Samples, measure, succeeded
-from inferd.loadtest.payloads import Payload, build
+from inferd.loadtest.payloads import ClientTls, Payload, build
 from inferd.loadtest.serverside import ServerUsage, ServerWatch, read_metrics
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -53,6 +53,8 @@ class BenchOptions:
     price_per_hour: float = 0.0
     path: str | None = None
     """REST route to POST to instead of the protocol's, for servers with routes of their own."""
+    tls: ClientTls | None = None
+    """TLS towards the server; an ``https://`` URL implies it with the system's CAs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ def run(options: BenchOptions) -> list[StepReport]:
         payload=options.payload,
         metadata_url=options.metadata_url,
         path=options.path,
+        tls=options.tls,
     )
     metrics_url = _metrics_url(options, payload)
     reports = []
@@ -104,7 +107,7 @@ def run(options: BenchOptions) -> list[StepReport]:
 
 
 def _metrics_url(options: BenchOptions, payload: Payload) -> str | None:
-    if options.metrics_url is not None or options.server_pid or payload.is_grpc:
+    if options.metrics_url is not None or options.server_pid or payload.is_grpc or payload.tls:
         return options.metrics_url or None
     url = f"http://{payload.host}:{payload.port}/metrics"
     try:

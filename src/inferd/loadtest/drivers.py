@@ -117,6 +117,11 @@ class _Connection(asyncio.Protocol):
         self._chunked = -1
         self._status = ""
 
+    @property
+    def reused(self) -> bool:
+        """Whether an answer came back on this connection: a request now goes out on a kept-alive one."""
+        return bool(self._status)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but they write.
         self.transport = transport
@@ -178,6 +183,7 @@ class _Http:
     def __init__(self, payload: Payload, recorder: _Recorder, timeout_s: float, max_connections: int) -> None:
         self.request = payload.request
         self._payload = payload
+        self._ssl = payload.tls.ssl_context() if payload.tls else None
         self._recorder = recorder
         self._timeout_s = timeout_s
         self._max_connections = max_connections
@@ -232,7 +238,7 @@ class _Http:
         loop = asyncio.get_running_loop()
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(self), self._payload.host, self._payload.port
+                lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
             )
         except OSError:
             if self._backlog:
@@ -265,7 +271,14 @@ class _Http:
             self._check_settled()
 
     def lost(self, connection: _Connection) -> None:
-        if connection in self._busy:
+        if connection in self._busy and connection.reused and not connection.buffer:
+            # The server closed a kept-alive connection as the request went out (an idle timeout
+            # racing the send): no answer began, so send it again on a fresh connection, as HTTP
+            # clients do. Its latency still counts from when it was due.
+            self._busy.discard(connection)
+            self._backlog.appendleft(connection.due_ns)
+            self._open()
+        elif connection in self._busy:
             self._busy.discard(connection)
             self._recorder.record(connection.due_ns, time.monotonic_ns(), "connection_error")
             if self._closed_loop and self._sending:
@@ -294,8 +307,12 @@ class _Grpc:
 
         target = f"{self._payload.host}:{self._payload.port}"
         count = max(1, min(8, int(level) // 32 if mode == CLOSED else 1))
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        tls = self._payload.tls
         channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            grpc.aio.secure_channel(target, tls.grpc_credentials(), options)
+            if tls
+            else grpc.aio.insecure_channel(target, options=options)
             for _ in range(count)
         ]
         calls: list[Any] = [c.unary_unary(self._payload.path) for c in channels]

@@ -3,21 +3,26 @@
 Tensors come from a file (``.npy`` for a one-input model, ``.npz`` for several) or are generated
 from the model's metadata (``--instances`` rows, free dimensions other than the batch set to 1,
 fixed-seed values). A ``.json`` payload file is sent as it is, to the REST protocols only.
+An ``https://`` URL, or ``ClientTls`` given, speaks TLS, mutual when it holds a certificate.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from inferd.protocols import to_raw
 from inferd.types import dtype_of
+
+if TYPE_CHECKING:
+    import grpc
 
 PROTOCOLS = ("rest", "v2", "v2-binary", "grpc", "v2-grpc")
 """TF Serving REST, V2 REST JSON, V2 REST binary tensors, TF Serving gRPC, KServe V2 gRPC."""
@@ -27,6 +32,31 @@ V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 Specs = list[tuple[str, str, list[int]]]
 """Input name, V2 datatype and shape (-1 for free dimensions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS towards the server: the CA to trust (empty: the system's) and, for mutual TLS, the
+    client's certificate and key, all PEM file paths (paths, so that it crosses to the load
+    generator's processes)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca or None)
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key or None)
+        return context
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        import grpc
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +73,7 @@ class Payload:
     path: str
     request: bytes
     instances: int
+    tls: ClientTls | None = None
 
     @property
     def is_grpc(self) -> bool:
@@ -59,9 +90,11 @@ def build(
     payload: Path | None = None,
     metadata_url: str | None = None,
     path: str | None = None,
+    tls: ClientTls | None = None,
 ) -> Payload:
     """Encode the request for ``protocol``; ``path`` replaces the REST route (for servers with
-    routes of their own, given a ``.json`` body).
+    routes of their own, given a ``.json`` body). ``tls`` (implied by an ``https://`` URL) is
+    used for the metadata and travels with the payload to the load.
 
     Raises:
         ValueError: an unknown protocol, a payload file that does not fit it, or metadata that
@@ -70,9 +103,11 @@ def build(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     parts = urlsplit(url if "//" in url else f"//{url}")
+    if tls is None and parts.scheme == "https":
+        tls = ClientTls()
     host, port = (
         parts.hostname or "127.0.0.1",
-        parts.port or (80 if protocol not in ("grpc", "v2-grpc") else 8500),
+        parts.port or (8500 if protocol in ("grpc", "v2-grpc") else 443 if tls else 80),
     )
     if payload is not None and payload.suffix == ".json":
         if protocol not in ("rest", "v2"):
@@ -86,21 +121,22 @@ def build(
             body,
             _json_rows(body, instances),
             {},
+            tls,
         )
     if payload is not None:
         loaded = np.load(payload)
         tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
         if tensors is None:
-            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version)
+            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version, tls)
             tensors = {name: np.asarray(loaded)}
     else:
-        specs = _metadata(protocol, url, metadata_url, model, version)
+        specs = _metadata(protocol, url, metadata_url, model, version, tls)
         tensors = generate(specs, instances)
     rows = len(next(iter(tensors.values())))
     if protocol == "grpc":
-        return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows)
+        return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows, tls)
     if protocol == "v2-grpc":
-        return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows)
+        return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows, tls)
     route = path or _route(protocol, model, version)
     if protocol == "rest":
         first = next(iter(tensors))
@@ -109,11 +145,11 @@ def build(
             if len(tensors) == 1
             else {"inputs": {k: v.tolist() for k, v in tensors.items()}}
         )
-        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {})
+        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {}, tls)
     if protocol == "v2":
         inputs = [_v2_input(k, v) | {"data": v.reshape(-1).tolist()} for k, v in tensors.items()]
         body = json.dumps({"inputs": inputs}).encode()
-        return _http(protocol, host, port, route, body, rows, {})
+        return _http(protocol, host, port, route, body, rows, {}, tls)
     raws = [to_raw(v) for v in tensors.values()]
     header = json.dumps(
         {
@@ -125,7 +161,7 @@ def build(
         }
     ).encode()
     extra = {"Inference-Header-Content-Length": str(len(header))}
-    return _http(protocol, host, port, route, header + b"".join(raws), rows, extra)
+    return _http(protocol, host, port, route, header + b"".join(raws), rows, extra, tls)
 
 
 def generate(specs: Specs, instances: int) -> dict[str, np.ndarray]:
@@ -171,59 +207,74 @@ def _route(protocol: str, model: str, version: int | None) -> str:
 
 
 def _http(
-    protocol: str, host: str, port: int, path: str, body: bytes, rows: int, extra: dict[str, str]
+    protocol: str,
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    rows: int,
+    extra: dict[str, str],
+    tls: ClientTls | None,
 ) -> Payload:
     kind = "application/octet-stream" if extra else "application/json"
     headers = {"Host": f"{host}:{port}", "Content-Type": kind, "Content-Length": str(len(body)), **extra}
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    return Payload(protocol, host, port, path, head.encode() + body, rows)
+    return Payload(protocol, host, port, path, head.encode() + body, rows, tls)
 
 
-def _metadata(protocol: str, url: str, metadata_url: str | None, model: str, version: int | None) -> Specs:
+def _metadata(
+    protocol: str, url: str, metadata_url: str | None, model: str, version: int | None, tls: ClientTls | None
+) -> Specs:
     """The inputs, from ``metadata_url`` over REST in the protocol's family (TF Serving's or V2's)
     when given, else from the server under load in the protocol itself."""
     if metadata_url:
-        return _specs("rest" if protocol in ("rest", "grpc") else "v2", metadata_url, model, version)
-    return _specs(protocol, url, model, version)
+        return _specs("rest" if protocol in ("rest", "grpc") else "v2", metadata_url, model, version, tls)
+    return _specs(protocol, url, model, version, tls)
 
 
-def _specs(protocol: str, url: str, model: str, version: int | None) -> Specs:
+def _specs(protocol: str, url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
     """The default signature's inputs, asked of the server in the protocol's own dialect."""
     suffix = f"/versions/{version}" if version is not None else ""
     try:
         if protocol == "grpc":
-            return _tf_grpc_specs(url, model, version)
+            return _tf_grpc_specs(url, model, version, tls)
         if protocol == "v2-grpc":
-            return _v2_grpc_specs(url, model, version)
+            return _v2_grpc_specs(url, model, version, tls)
         if protocol == "rest":
-            document = _get_json(f"{_base(url)}/v1/models/{model}{suffix}/metadata")
+            document = _get_json(f"{_base(url, tls)}/v1/models/{model}{suffix}/metadata", tls)
             signature = document["metadata"]["signature_def"]["signature_def"]["serving_default"]
             return [
                 (name, dtype_of(spec["dtype"]).v2, [int(d["size"]) for d in spec["tensor_shape"]["dim"]])
                 for name, spec in signature["inputs"].items()
             ]
-        document = _get_json(f"{_base(url)}/v2/models/{model}{suffix}")
+        document = _get_json(f"{_base(url, tls)}/v2/models/{model}{suffix}", tls)
         return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in document["inputs"]]
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
 
 
-def _base(url: str) -> str:
-    return url.rstrip("/") if "//" in url else f"http://{url.rstrip('/')}"
+def _base(url: str, tls: ClientTls | None) -> str:
+    return url.rstrip("/") if "//" in url else f"{'https' if tls else 'http'}://{url.rstrip('/')}"
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def _get_json(url: str, tls: ClientTls | None) -> Any:
+    context = tls.ssl_context() if tls else None
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
         return json.loads(response.read())
+
+
+def _channel(target: str, tls: ClientTls | None) -> grpc.Channel:
+    """A blocking gRPC channel to ``target``, over TLS when ``tls`` is given."""
+    import grpc
+
+    return grpc.secure_channel(target, tls.grpc_credentials()) if tls else grpc.insecure_channel(target)
 
 
 def _target(url: str) -> str:
     return urlsplit(url if "//" in url else f"//{url}").netloc
 
 
-def _tf_grpc_specs(url: str, model: str, version: int | None) -> Specs:
-    import grpc
-
+def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
     from inferd._proto import prediction_service_pb2 as ps
     from inferd._proto import prediction_service_pb2_grpc as ps_grpc
     from inferd._proto.types_pb2 import DataType
@@ -232,7 +283,7 @@ def _tf_grpc_specs(url: str, model: str, version: int | None) -> Specs:
     request.model_spec.name = model
     if version is not None:
         request.model_spec.version.value = version
-    with grpc.insecure_channel(_target(url)) as channel:
+    with _channel(_target(url), tls) as channel:
         stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
         reply = stub.GetModelMetadata(request, timeout=10)
     signatures = ps.SignatureDefMap()
@@ -244,14 +295,12 @@ def _tf_grpc_specs(url: str, model: str, version: int | None) -> Specs:
     ]
 
 
-def _v2_grpc_specs(url: str, model: str, version: int | None) -> Specs:
-    import grpc
-
+def _v2_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
     from inferd._proto import grpc_service_pb2 as pb
     from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 
     request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
-    with grpc.insecure_channel(_target(url)) as channel:
+    with _channel(_target(url), tls) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         reply = stub.ModelMetadata(request, timeout=10)
     return [(t.name, t.datatype, list(t.shape)) for t in reply.inputs]
