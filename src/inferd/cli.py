@@ -7,6 +7,7 @@ Every ``serve`` flag can also come from an environment variable ``INFERD_<FLAG N
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -330,6 +331,22 @@ def _bench(args: argparse.Namespace) -> int:
     from inferd import loadtest
     from inferd.loadtest.payloads import ClientTls
 
+    if args.plot and not _can_plot("bench"):
+        return 2
+    if args.tls_key and not args.tls_cert:
+        print("inferd bench: --tls-key needs --tls-cert", file=sys.stderr)
+        return 2
+    tls = (
+        ClientTls(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+        if args.tls_ca or args.tls_cert
+        else None
+    )
+    if tls is not None:
+        try:
+            tls.ssl_context()  # reads the files now, not in the load generator's processes
+        except OSError as exc:  # ssl.SSLError included
+            print(f"inferd bench: --tls-ca/--tls-cert/--tls-key: {exc}", file=sys.stderr)
+            return 2
     options = loadtest.BenchOptions(
         url=args.url,
         model=args.model,
@@ -349,11 +366,7 @@ def _bench(args: argparse.Namespace) -> int:
         metadata_url=args.metadata_url,
         price_per_hour=args.price_per_hour,
         path=args.path,
-        tls=(
-            ClientTls(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
-            if args.tls_ca or args.tls_cert
-            else None
-        ),
+        tls=tls,
     )
     try:
         reports = loadtest.run(options)
@@ -370,6 +383,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
     return 0
+
+
+def _can_plot(command: str) -> bool:
+    """Whether matplotlib is there for ``--plot``: checked before measuring, not after."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print(f"inferd {command}: --plot needs matplotlib: pip install 'inferd[plot]'", file=sys.stderr)
+    return False
 
 
 def _select_parser(sub: Any) -> argparse.ArgumentParser:
@@ -454,6 +475,8 @@ def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
 
+    if args.plot and not _can_plot("select"):
+        return 2
     options = select.SelectOptions(
         candidates=tuple(args.candidates),
         data=args.data,

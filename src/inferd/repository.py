@@ -118,6 +118,11 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder``: a version's size on disk."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 class Repository:
     """Where models come from: a model config file, a repository folder, or one base path.
 

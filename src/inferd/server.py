@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -255,8 +256,6 @@ class Server:
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
-        self.abandoned = 0
-        """Requests still in flight when the drain ended (timed out, or a second signal)."""
 
     async def _poll(self, interval_s: float) -> None:
         while True:
@@ -288,9 +287,8 @@ class Server:
         try:
             await self.manager.drained(timeout_s)
         finally:  # also when a second signal cancels the wait
-            self.abandoned = self.manager.leases()
-            if self.abandoned:
-                log.warning("drain ended with %d request(s) still in flight", self.abandoned)
+            if abandoned := self.manager.leases():
+                log.warning("drain ended with %d request(s) still in flight", abandoned)
 
     async def run(self) -> None:
         """Load the initial models, serve until a signal arrives, then unload everything."""
@@ -463,8 +461,10 @@ def run(config: ServerConfig) -> None:
         asyncio.run(server.run())
     else:
         uvloop.run(server.run())
-    if server.abandoned:
-        # Predictions still running would hold the exit until they end (the thread pool joins
-        # its threads at exit): the drain timeout is the promise, so leave without them.
-        logging.shutdown()
-        os._exit(0)
+    # Everything is closed. A prediction still running (one past the drain timeout, or one whose
+    # client hung up, which holds no lease) would hold the exit until it ends, since the thread
+    # pool joins its threads at exit: the drain timeout is the promise, so leave without them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

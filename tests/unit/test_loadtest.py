@@ -120,3 +120,17 @@ def test_only_requests_due_in_the_window_count_and_samples_merge() -> None:
     merged = Samples.merge([first, first])
     assert merged.statuses == {"200": 4, "503": 2}
     assert len(merged.latencies_ns) == 4
+
+
+def test_bench_refuses_unreadable_tls_files_before_any_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    target = ["bench", "https://127.0.0.1:9", "--model", "m", "--duration", "1"]
+    assert main([*target, "--tls-ca", str(tmp_path / "absent.pem")]) == 2
+    assert "--tls-ca/--tls-cert/--tls-key" in capsys.readouterr().err
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    assert main([*target, "--tls-ca", str(tmp_path / "junk.pem")]) == 2
+    assert main([*target, "--tls-key", str(tmp_path / "junk.pem")]) == 2
+    assert "--tls-key needs --tls-cert" in capsys.readouterr().err

@@ -296,6 +296,17 @@ def test_promotion_refusals(tmp_path: Path) -> None:
     assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
 
 
+def test_promotion_refuses_a_config_file_edited_since_it_was_planned(tmp_path: Path) -> None:
+    base, config = _config(tmp_path, "model_version_policy { all {} }")
+    planned = promotion.plan(base, "stable", config)
+    edited = config.read_text().replace('key: "stable"', 'key: "canary"')
+    config.write_text(edited)  # someone moved a label while the candidates were measured
+    with pytest.raises(InvalidArgument, match="changed while the candidates were measured"):
+        promotion.apply(planned, base / "1")
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert config.read_text() == edited
+
+
 def test_promotion_without_label_creates_the_model_folder(tmp_path: Path) -> None:
     winner = tmp_path / "winner"
     write_onnx_affine(winner, 2.0)

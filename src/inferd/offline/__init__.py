@@ -30,7 +30,7 @@ import orjson
 
 from inferd.config import FeatureSettings, ModelSettings, read_model_settings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.features import FeatureJoin, FeatureStores, plan_join
+from inferd.features import FeatureJoin, FeatureStores, load_with_features, plan_join
 from inferd.manager import ModelManager
 from inferd.metrics import FeatureStats
 from inferd.offline.scoring import Scorer
@@ -126,7 +126,7 @@ def model_plan(options: BatchOptions) -> ModelPlan:
     ``--version``), or a repository with ``--model``; batching off, as whole chunks are scored.
 
     Raises:
-        ModelLoadError: no such version folder.
+        ModelLoadError: no such version folder. ConfigError: a malformed ``inferd.toml``.
     """
     base = options.model / options.model_name if options.model_name else options.model
     versions = list_versions(base)
@@ -138,9 +138,19 @@ def model_plan(options: BatchOptions) -> ModelPlan:
         wanted = f"version {options.version}" if options.version is not None else "a version folder"
         raise ModelLoadError(f"no model at {base}: expected {wanted} (1/, 2/, ...) or a version folder")
     number = max(versions)
-    settings: ModelSettings = dataclasses.replace(read_model_settings(base), batching=None)
     source = VersionSource(number, versions[number], fingerprint(versions[number]))
-    return ModelPlan(options.model_name or base.name, {number: source}, settings=settings)
+    return ModelPlan(options.model_name or base.name, {number: source}, settings=in_process_settings(base))
+
+
+def in_process_settings(folder: Path) -> ModelSettings:
+    """``folder``'s ``inferd.toml`` as the in-process tools (batch, optimize, select) load it:
+    batching off, since they call the model with whole batches, and no worker process, since they
+    use and measure the model itself.
+
+    Raises:
+        ConfigError: the file is malformed.
+    """
+    return dataclasses.replace(read_model_settings(folder), batching=None, isolation="none")
 
 
 async def _run(options: BatchOptions) -> Summary:
@@ -207,7 +217,8 @@ async def _run(options: BatchOptions) -> Summary:
 
 @dataclass(frozen=True)
 class Loaded:
-    """One version loaded in this process, as ``inferd batch`` and ``inferd select`` use it."""
+    """One version loaded in this process: ``inferd batch`` calls ``model`` on ``pool`` directly;
+    ``inferd select`` also times single requests through ``service``."""
 
     service: InferenceService
     ref: ModelRef
@@ -230,7 +241,7 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
         ThreadPoolExecutor(1, "inferd-load") as load_pool,
         ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
     ):
-        manager = ModelManager(load_pool)
+        manager = ModelManager(load_pool, loader=load_with_features)
         await manager.apply([plan])
         ref = ModelRef(plan.name)
         (status,) = manager.status(ref)

@@ -33,6 +33,7 @@ from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported, to_onnx
 from inferd.optimize.tflite import to_tflite
+from inferd.repository import folder_bytes
 from inferd.runtimes import find_model_file, load_model
 from inferd.types import Signature
 
@@ -234,7 +235,7 @@ def _make(
         "method": recipe.method,
         "parameters": parameters,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "size_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+        "size_bytes": folder_bytes(folder),
         "tool_versions": _versions(recipe.family, source.runtime),
         "seconds": round(time.monotonic() - started, 3),
         "check": check,

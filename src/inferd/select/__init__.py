@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inferd.errors import InferdError
+from inferd.repository import folder_bytes
 from inferd.select.candidates import Candidate, resolve
 from inferd.select.choose import Requirement, Verdict, choose, parse_requirement
 from inferd.select.measure import Job, Measurement, check_data, measure
@@ -208,11 +209,6 @@ def _through_server(result: Result, options: SelectOptions) -> Result:
         "server_throughput_rps": step.requests_per_s,
     }
     return Result(result.candidate, figures, {**result.details, "server_errors": step.errors})
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path``."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _machine() -> dict[str, object]:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from inferd.config import read_model_settings
 from inferd.errors import ConfigError, InvalidArgument, ModelLoadError
-from inferd.offline import BatchOptions, model_plan
+from inferd.offline import BatchOptions, in_process_settings, model_plan
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
 
 VARIANTS_FILE = "variants.json"
@@ -94,11 +93,11 @@ def _version_folder(path: Path, name: str) -> Candidate:
     if not path.is_dir():
         raise InvalidArgument(f"candidate {name}: {path} is not a folder")
     try:
-        settings = read_model_settings(path)
+        settings = in_process_settings(path)
     except ConfigError as exc:
         raise InvalidArgument(f"candidate {name}: {exc.message}") from None
     source = VersionSource(1, path, fingerprint(path))
-    plan = ModelPlan(_model_name(name), {1: source}, settings=dataclasses.replace(settings, batching=None))
+    plan = ModelPlan(_model_name(name), {1: source}, settings=settings)
     return Candidate(name, path, plan)
 
 

@@ -89,7 +89,7 @@ def plan(base: Path, label: str | None, config_file: Path | None) -> Promotion:
         return Promotion(base, base.name, version, notes=tuple(notes))
     if config_file is None:
         raise InvalidArgument(
-            f"--label {label}: labels are moved in the model config file; give --model_config_file "
+            f"--promote-label {label}: labels are moved in the model config file; give --model_config_file "
             f"(or set the label by hand in {base / SETTINGS_FILE} under [labels])"
         )
     try:
@@ -115,7 +115,7 @@ def plan(base: Path, label: str | None, config_file: Path | None) -> Promotion:
     entry.version_labels[label] = version
     after = text_format.MessageToString(message)
     try:
-        parse_model_config(after, f"--label {label}")
+        parse_model_config(after, f"--promote-label {label}")
     except ConfigError as exc:
         raise InvalidArgument(exc.message) from None
     return Promotion(
@@ -137,10 +137,16 @@ def apply(
     """Do it: copy ``source`` (a version folder), rename, and (with a label) rewrite the config.
 
     Raises:
-        InvalidArgument: the version folder appeared meanwhile (another promotion).
+        InvalidArgument: the version folder appeared meanwhile (another promotion), or the config
+            file changed since ``plan`` read it (its edits would be lost); nothing is done then.
         ModelLoadError: with ``wait_url``, the server reports the new version failed to load, or
             it is not AVAILABLE within ``wait_timeout_s``; the label is then not moved.
     """
+    if promotion.config_file is not None and _read(promotion.config_file) != promotion.config_before:
+        raise InvalidArgument(
+            f"--model_config_file {promotion.config_file} changed while the candidates were measured; "
+            "nothing was promoted: run inferd select again"
+        )
     promotion.base.mkdir(parents=True, exist_ok=True)
     staging, target = promotion.staging, promotion.base / str(promotion.version)
     shutil.copytree(source, staging)
@@ -214,6 +220,13 @@ def _serves_one(entry: pb.ModelConfig, base: Path) -> bool:
     except ConfigError:
         return False
     return policy.kind == "latest" and policy.num_versions == 1
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _replace(path: Path, text: str) -> None:
