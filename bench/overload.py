@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -185,7 +186,8 @@ def section(results: dict[str, Any]) -> str:
         "## Overload",
         "",
         f"Measured {results['date']} on {results['machine']['nproc']} cores ({results['machine']['cpu']}), "
-        "**a machine shared with other jobs**: the figures are indicative. "
+        f"load average {results['load_average'][0]:.1f} before and {results['load_average'][1]:.1f} after "
+        "(above ~1, other jobs shared the machine and the figures are indicative). "
         f"`bench/overload.py --seconds {s['seconds']:g}`: a batched model whose predict call takes "
         f"{s['batch_ms']:g} ms per batch of up to {s['batch_rows']} rows, "
         f"`max_enqueued_batches = {s['max_enqueued_batches']}`, "
@@ -235,6 +237,7 @@ def main() -> int:
     p.add_argument("--protocols", nargs="+", default=["v2", "v2-grpc"], help="inferd bench protocols")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     args = p.parse_args()
+    load_before = os.getloadavg()[0]
     procs.install_cleanup()
     settings = {
         "seconds": args.seconds,
@@ -294,6 +297,7 @@ def main() -> int:
     results = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "load_average": (load_before, os.getloadavg()[0]),
         "settings": settings,
         "idle_ms": idle_s * 1000,
         "capacity_per_s": capacity.requests_per_s,
