@@ -152,7 +152,11 @@ class HttpApp:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                # With its length given, uvicorn sends the answer whole instead of in chunks.
+                "headers": [
+                    *((k.encode(), v.encode()) for k, v in headers.items()),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": payload})

@@ -84,6 +84,9 @@ def test_notebook_flow_matches_onnxruntime_exactly(notebook: ServerProcess, digi
         url + "/v1/models/digits_model:predict", data=data, headers={"content-type": "application/json"}
     )
     assert r.status_code == 200, r.text
+    # sent whole with its length, as TF Serving does, not in chunks
+    assert r.headers["content-length"] == str(len(r.content))
+    assert "transfer-encoding" not in r.headers
     predictions = json.loads(r.text)["predictions"]
 
     expected = onnx_run(digits_base / "2" / "model.onnx", x[0:3])
