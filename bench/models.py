@@ -102,6 +102,16 @@ def build_all(repo: Path) -> dict[str, Path]:
     return paths
 
 
+def repository_of(repo: Path, model: str, built: Path) -> Path:
+    """A repository at ``repo`` serving only ``model``, copied from ``build_all(built)``; returns
+    the built model file."""
+    model_file = build_all(built)[model]
+    target = model_path(repo, model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(model_file.read_bytes())
+    return model_file
+
+
 def instances(model: str, n: int) -> np.ndarray:
     """``n`` request examples: real digits rows, or fixed pseudo-random images (3 decimals)."""
     if model == "digits":

@@ -762,9 +762,7 @@ def main() -> int:
     work = WORK / "protocols"
     work.mkdir(parents=True, exist_ok=True)
     repo = work / "models"
-    model_file = models.build_all(WORK / "models")[MODEL]
-    models.model_path(repo, MODEL).parent.mkdir(parents=True, exist_ok=True)
-    models.model_path(repo, MODEL).write_bytes(model_file.read_bytes())
+    model_file = models.repository_of(repo, MODEL, WORK / "models")
 
     server, ports = start_server(repo, work)
     rig = Rig(server, ports, ensure_wrk(), make_files(work, args.instances))

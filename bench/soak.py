@@ -100,9 +100,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     work = WORK / "soak"
     work.mkdir(parents=True, exist_ok=True)
     repo = work / "models"
-    model_file = models.build_all(WORK / "models")[MODEL]
-    models.model_path(repo, MODEL).parent.mkdir(parents=True, exist_ok=True)
-    models.model_path(repo, MODEL).write_bytes(model_file.read_bytes())
+    models.repository_of(repo, MODEL, WORK / "models")
     server, ports = start_server(repo, work)
     try:
         idle = sample(server.pids(), 0.0)

@@ -284,3 +284,19 @@ def write_tflite(version_dir: Path) -> Any:
     version_dir.mkdir(parents=True, exist_ok=True)
     (version_dir / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     return model
+
+
+def features_toml(store: str, **extra: str) -> str:
+    """An ``inferd.toml`` that looks up ``incoming_orders`` and ``outstanding_per_min`` by
+    ``restaurant_id`` in ``store`` and joins them after ``distance_km`` into input ``x``."""
+    lines = [
+        "[features]",
+        f'store = "{store}"',
+        'entity = "restaurant_id"',
+        'prefix = "restaurant"',
+        'fetch = ["incoming_orders", "outstanding_per_min"]',
+        *(f"{key} = {value}" for key, value in extra.items()),
+        "[features.inputs]",
+        'x = ["distance_km", "incoming_orders", "outstanding_per_min"]',
+    ]
+    return "\n".join(lines) + "\n"

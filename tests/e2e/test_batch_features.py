@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.e2e.test_batch import batch, read_output
-from tests.models import write_onnx_affine
+from tests.models import features_toml, write_onnx_affine
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]
@@ -29,17 +29,7 @@ def write_model(base: Path, store: str, **extra: str) -> None:
     """``y = 2 x + 1`` on x = [distance_km, incoming_orders, outstanding_per_min], the last two
     looked up by restaurant_id."""
     write_onnx_affine(base / "1", scale=2.0, offset=1.0, width=3)
-    lines = [
-        "[features]",
-        f'store = "{store}"',
-        'entity = "restaurant_id"',
-        'prefix = "restaurant"',
-        'fetch = ["incoming_orders", "outstanding_per_min"]',
-        *(f"{key} = {value}" for key, value in extra.items()),
-        "[features.inputs]",
-        'x = ["distance_km", "incoming_orders", "outstanding_per_min"]',
-    ]
-    (base / "inferd.toml").write_text("\n".join(lines) + "\n")
+    (base / "inferd.toml").write_text(features_toml(store, **extra))
 
 
 def requests_table(unknown_every: int = 0) -> pa.Table:

@@ -24,7 +24,7 @@ from inferd._proto.types_pb2 import DT_FLOAT, DT_STRING
 from tests.conftest import ServerProcess, launch
 from tests.e2e.test_grpc import to_numpy
 from tests.e2e.test_metrics import samples, value
-from tests.models import write_onnx_affine, write_python_model
+from tests.models import features_toml, write_onnx_affine, write_python_model
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]
@@ -45,20 +45,6 @@ FEATURES = {
     "r2": {"incoming_orders": "7", "outstanding_per_min": "1.25"},
     "r3": {"incoming_orders": "2", "outstanding_per_min": "0"},
 }
-
-
-def features_toml(store: str, **extra: str) -> str:
-    lines = [
-        "[features]",
-        f'store = "{store}"',
-        'entity = "restaurant_id"',
-        'prefix = "restaurant"',
-        'fetch = ["incoming_orders", "outstanding_per_min"]',
-        *(f"{key} = {value}" for key, value in extra.items()),
-        "[features.inputs]",
-        'x = ["distance_km", "incoming_orders", "outstanding_per_min"]',
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def write_echo(repo: Path, name: str, toml: str) -> None:
