@@ -38,7 +38,15 @@ from inferd.protocols import (
 )
 from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
-from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    InferenceRequest,
+    ModelMetadata,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -277,6 +285,8 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
     limits.text(name, flat)
+    if (problem := integer_range_error(name, flat, dtype)) is not None:
+        raise InvalidArgument(problem)
     return flat.astype(dtype)
 
 
