@@ -400,7 +400,7 @@ async def _start_grpc(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
     )
-    server = grpc.aio.server(options=options, interceptors=[access])
+    server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
     v2_grpc.add_to_server(server, service, control, limits, metrics)

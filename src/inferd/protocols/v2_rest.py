@@ -18,7 +18,7 @@ import orjson
 
 import inferd
 from inferd.control import ModelControl
-from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import (
     JSON_HEADERS,
@@ -337,4 +337,4 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
 def _text(item: Any) -> str:
     if isinstance(item, bytes):
         return item.decode(errors="replace")
-    return str(item)
+    return encodable(str(item))  # a model's lone surrogate has no UTF-8
