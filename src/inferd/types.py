@@ -81,8 +81,7 @@ def integer_range_error(name: str, value: np.ndarray, target: np.dtype[Any]) -> 
         return None
     bad = value.reshape(-1)[int(np.argmax(outside.reshape(-1)))]
     return (
-        f"input {name!r}: value {int(bad)} is out of range for {dtype_of(target).v2} "
-        f"[{info.min}, {info.max}]"
+        f"input {name!r}: value {int(bad)} is out of range for {dtype_of(target).v2} [{info.min}, {info.max}]"
     )
 
 

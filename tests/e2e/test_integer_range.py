@@ -61,7 +61,9 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 
 
 def _names_the_value(message: str, datatype: str, value: int) -> None:
-    assert "'x'" in message and datatype in message and str(value) in message, message
+    assert "'x'" in message, message
+    assert datatype in message, message
+    assert str(value) in message, message
 
 
 @pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), CASES, ids=IDS)

@@ -51,7 +51,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     yield server
     server.stop()
     log = server.log()
-    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert " ERROR " not in log, log[-3000:]
 
 
 def _escape(text: str) -> str:
@@ -112,7 +113,8 @@ V2_REST: dict[str, Callable[[str], tuple[str, str]]] = {
     ),
     "id": lambda s: (
         "/v2/models/echo/infer",
-        f'{{"id": {_escape(s)}, "inputs": [{{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}}]}}',
+        f'{{"id": {_escape(s)}, "inputs": '
+        '[{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}',
     ),
     "datatype": lambda s: (
         "/v2/models/echo/infer",

@@ -128,8 +128,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 request = parse(data)
             except Exception as exc:  # protobuf's DecodeError, or a subclass of it
-                message = encodable(f"the request is not a valid {handler_call_details.method} message: {exc}")
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-            return await behaviour(request, context)
+                method = handler_call_details.method
+                message = f"the request is not a valid {method} message: {exc}"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
+            return await behaviour(request, context)  # type: ignore[arg-type]  # stubs name sync contexts
 
         return grpc.unary_unary_rpc_method_handler(guarded, None, handler.response_serializer)
