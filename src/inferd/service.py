@@ -162,7 +162,7 @@ class InferenceService:
             size = version.settings.prediction_cache_size
             lane = self._lanes[version] = _Lane(
                 self._new_join(version),
-                PredictionCache(size) if size else None,
+                PredictionCache(size, version.settings.prediction_cache_bytes) if size else None,
                 self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
             )
         return lane
