@@ -371,7 +371,7 @@ class ServerConfig:
     max_json_depth: int = 32
     max_string_bytes: int = 8 * 1024 * 1024
     max_instances: int = 100_000
-    load_threads: int = 2
+    num_load_threads: int = 4
     enable_batching: bool = False
     batching_parameters_file: str = ""
     monitoring_config_file: str = ""
