@@ -45,7 +45,9 @@ def _fast_answer(server: ServerProcess) -> float:
     return float(response.json()["predictions"][0][0])
 
 
-def test_a_slow_load_delays_no_other_model(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
+def test_a_slow_load_delays_no_other_model(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
     repo = tmp_path / "repo"
     started, gate = tmp_path / "slow-load-started", tmp_path / "slow-load-gate"
     write_python_model(repo / "slow" / "1", ECHO)
