@@ -19,11 +19,12 @@ import numpy as np
 
 from inferd.batching import Batcher
 from inferd.config import BatchingParameters
-from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, Unavailable
+from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, NotFound, Unavailable
 from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
 from inferd.manager import ModelManager, ServedVersion
 from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
 from inferd.runtimes import Model
+from inferd.statistics import VersionStatistics
 from inferd.types import (
     DEFAULT_SIGNATURE,
     InferenceRequest,
@@ -83,6 +84,9 @@ class InferenceService:
         self._max_in_flight = max_in_flight
         self._metrics = metrics
         self._lanes: weakref.WeakKeyDictionary[ServedVersion, _Lane] = weakref.WeakKeyDictionary()
+        self._statistics: weakref.WeakKeyDictionary[ServedVersion, VersionStatistics] = (
+            weakref.WeakKeyDictionary()
+        )
         if metrics:
             metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
             metrics.gauge(
@@ -116,43 +120,51 @@ class InferenceService:
                 fails in a way the input did not cause (logged here).
         """
         with self._manager.lease(ref) as version:
-            signature = _find_signature(version, request.signature_name, None)
-            lane = self._lane(version)
-            features_s = 0.0
-            if lane.join is None:
-                inputs = conform_inputs(signature, request.inputs)
-            else:
-                inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
-                started = time.perf_counter()
-                inputs = await lane.join.join(signature.name, inputs, request.deadline)
-                features_s = time.perf_counter() - started
-            if lane.predictions is not None:
-                key = lane.predictions.key(signature.name, inputs)
-                if (cached := lane.predictions.get(key)) is not None:
-                    lane.prediction_counts.hits += 1
-                    return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
-                lane.prediction_counts.misses += 1
-            params = version.settings.batching or self._batching
-            rows = _common_rows(inputs)
+            statistics, started = self._statistics_of(version), time.perf_counter()
             try:
-                if params is not None and rows is not None:
-                    batcher = lane.batchers.get(signature.name) or self._new_batcher(
-                        lane, version, signature, params
-                    )
-                    outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
-                else:
-                    outputs, queue_s, predict_s = await self._call(
-                        lane, version, signature.name, inputs, request
-                    )
-            except InferdError:
+                response = await self._infer(version, request)
+            except BaseException:
+                statistics.failed(time.perf_counter() - started)
                 raise
-            except Exception:
-                log.exception("%s failed on request %s", version.id, request.id)
-                raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-            checked = _check_outputs(version, signature, outputs)
-            if lane.predictions is not None:
-                lane.predictions.put(key, checked)
-            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+            statistics.succeeded(time.perf_counter() - started, response.queue_s, response.predict_s)
+            return response
+
+    async def _infer(self, version: ServedVersion, request: InferenceRequest) -> InferenceResponse:
+        signature = _find_signature(version, request.signature_name, None)
+        lane = self._lane(version)
+        features_s = 0.0
+        if lane.join is None:
+            inputs = conform_inputs(signature, request.inputs)
+        else:
+            inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
+            started = time.perf_counter()
+            inputs = await lane.join.join(signature.name, inputs, request.deadline)
+            features_s = time.perf_counter() - started
+        if lane.predictions is not None:
+            key = lane.predictions.key(signature.name, inputs)
+            if (cached := lane.predictions.get(key)) is not None:
+                lane.prediction_counts.hits += 1
+                return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
+            lane.prediction_counts.misses += 1
+        params = version.settings.batching or self._batching
+        rows = _common_rows(inputs)
+        try:
+            if params is not None and rows is not None:
+                batcher = lane.batchers.get(signature.name) or self._new_batcher(
+                    lane, version, signature, params
+                )
+                outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
+            else:
+                outputs, queue_s, predict_s = await self._call(lane, version, signature.name, inputs, request)
+        except InferdError:
+            raise
+        except Exception:
+            log.exception("%s failed on request %s", version.id, request.id)
+            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
+        checked = _check_outputs(version, signature, outputs)
+        if lane.predictions is not None:
+            lane.predictions.put(key, checked)
+        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def _lane(self, version: ServedVersion) -> _Lane:
         lane = self._lanes.get(version)
@@ -192,11 +204,13 @@ class InferenceService:
         lane.in_flight += 1
         enqueued = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _timed_predict, model, signature, inputs, enqueued, request.deadline
             )
         finally:
             lane.in_flight -= 1
+        self._statistics_of(version).executed(_common_rows(inputs) or 1, result[2])
+        return result
 
     def _new_batcher(
         self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
@@ -212,9 +226,10 @@ class InferenceService:
                 raise Unavailable(f"model {version.id} was unloaded; retry")
             return model.predict(signature.name, inputs)
 
-        on_batch: Callable[[int, float], None] = _ignore_batch
-        if self._metrics:
-            on_batch = _batch_recorder(self._metrics.batch_size(version.id.name, str(version.id.version)))
+        histogram = (
+            self._metrics.batch_size(version.id.name, str(version.id.version)) if self._metrics else None
+        )
+        on_batch = _batch_recorder(self._statistics_of(version), histogram)
         batcher = lane.batchers[signature.name] = Batcher(predict, params, self._executor, on_batch)
         return batcher
 
@@ -231,6 +246,43 @@ class InferenceService:
 
     def _waits(self) -> Iterator[tuple[tuple[str, str], float]]:
         return ((labels, b.wait_s) for labels, b in self._batchers())
+
+    def _statistics_of(self, version: ServedVersion) -> VersionStatistics:
+        statistics = self._statistics.get(version)
+        if statistics is None:
+            statistics = self._statistics[version] = VersionStatistics(version.id)
+        return statistics
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
+        """The counts of every AVAILABLE version (zero for one never asked), by model name and
+        version; narrowed to model ``name`` and its ``version`` when given. The objects are live:
+        read them on the event loop's thread.
+
+        Raises:
+            NotFound: ``name`` is not served, or ``version`` is not one of its AVAILABLE versions.
+        """
+        names = self._manager.names() if name is None else [name]
+        found = []
+        for model in names:
+            try:
+                numbers = [
+                    s.version
+                    for s in self._manager.status(ModelRef(model, version))
+                    if s.state is VersionState.AVAILABLE
+                ]
+            except NotFound:
+                numbers = []
+            if name is not None and not numbers:
+                raise NotFound(
+                    f"model {model!r} has no AVAILABLE version" + (f" {version}" if version else "")
+                )
+            for number in sorted(numbers):
+                try:
+                    with self._manager.lease(ModelRef(model, number)) as served:
+                        found.append(self._statistics_of(served))
+                except NotFound:
+                    continue  # unloaded since the status was read
+        return found
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -277,13 +329,13 @@ def _common_rows(inputs: Tensors) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _ignore_batch(rows: int, latency_s: float) -> None:
-    return None
-
-
-def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:
+def _batch_recorder(
+    statistics: VersionStatistics, histogram: Histogram | None
+) -> Callable[[int, float], None]:
     def record(rows: int, latency_s: float) -> None:
-        histogram.observe(rows)
+        statistics.executed(rows, latency_s)
+        if histogram is not None:
+            histogram.observe(rows)
 
     return record
 
