@@ -119,52 +119,66 @@ class InferenceService:
                 (UNAVAILABLE), a passed deadline (DEADLINE_EXCEEDED), and INTERNAL when the model
                 fails in a way the input did not cause (logged here).
         """
-        with self._manager.lease(ref) as version:
-            statistics, started = self._statistics_of(version), time.perf_counter()
-            try:
-                response = await self._infer(version, request)
-            except BaseException:
-                statistics.failed(time.perf_counter() - started)
-                raise
-            statistics.succeeded(time.perf_counter() - started, response.queue_s, response.predict_s)
-            return response
-
-    async def _infer(self, version: ServedVersion, request: InferenceRequest) -> InferenceResponse:
-        signature = _find_signature(version, request.signature_name, None)
-        lane = self._lane(version)
-        features_s = 0.0
-        if lane.join is None:
-            inputs = conform_inputs(signature, request.inputs)
-        else:
-            inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
-            started = time.perf_counter()
-            inputs = await lane.join.join(signature.name, inputs, request.deadline)
-            features_s = time.perf_counter() - started
-        if lane.predictions is not None:
-            key = lane.predictions.key(signature.name, inputs)
-            if (cached := lane.predictions.get(key)) is not None:
-                lane.prediction_counts.hits += 1
-                return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
-            lane.prediction_counts.misses += 1
-        params = version.settings.batching or self._batching
-        rows = _common_rows(inputs)
+        started = time.perf_counter()
         try:
-            if params is not None and rows is not None:
-                batcher = lane.batchers.get(signature.name) or self._new_batcher(
-                    lane, version, signature, params
-                )
-                outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
-            else:
-                outputs, queue_s, predict_s = await self._call(lane, version, signature.name, inputs, request)
-        except InferdError:
+            response = await self._infer(ref, request)
+        except BaseException:
+            self._count(ref, lambda statistics: statistics.failed(time.perf_counter() - started))
             raise
-        except Exception:
-            log.exception("%s failed on request %s", version.id, request.id)
-            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-        checked = _check_outputs(version, signature, outputs)
-        if lane.predictions is not None:
-            lane.predictions.put(key, checked)
-        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+        total_s = time.perf_counter() - started
+        self._count(
+            ModelRef(ref.name, response.model_id.version),
+            lambda statistics: statistics.succeeded(total_s, response.queue_s, response.predict_s),
+        )
+        return response
+
+    def _count(self, ref: ModelRef, record: Callable[[VersionStatistics], None]) -> None:
+        """Record a request in the statistics of the version ``ref`` names now, if it serves."""
+        try:
+            with self._manager.lease(ref) as version:
+                record(self._statistics_of(version))
+        except InferdError:
+            pass  # an unknown model or version, or a draining server: nothing to count
+
+    async def _infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
+        with self._manager.lease(ref) as version:
+            signature = _find_signature(version, request.signature_name, None)
+            lane = self._lane(version)
+            features_s = 0.0
+            if lane.join is None:
+                inputs = conform_inputs(signature, request.inputs)
+            else:
+                inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
+                started = time.perf_counter()
+                inputs = await lane.join.join(signature.name, inputs, request.deadline)
+                features_s = time.perf_counter() - started
+            if lane.predictions is not None:
+                key = lane.predictions.key(signature.name, inputs)
+                if (cached := lane.predictions.get(key)) is not None:
+                    lane.prediction_counts.hits += 1
+                    return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
+                lane.prediction_counts.misses += 1
+            params = version.settings.batching or self._batching
+            rows = _common_rows(inputs)
+            try:
+                if params is not None and rows is not None:
+                    batcher = lane.batchers.get(signature.name) or self._new_batcher(
+                        lane, version, signature, params
+                    )
+                    outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
+                else:
+                    outputs, queue_s, predict_s = await self._call(
+                        lane, version, signature.name, inputs, request
+                    )
+            except InferdError:
+                raise
+            except Exception:
+                log.exception("%s failed on request %s", version.id, request.id)
+                raise Internal(f"model {version.id} failed while predicting; see the server log") from None
+            checked = _check_outputs(version, signature, outputs)
+            if lane.predictions is not None:
+                lane.predictions.put(key, checked)
+            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def _lane(self, version: ServedVersion) -> _Lane:
         lane = self._lanes.get(version)
