@@ -1,8 +1,9 @@
 """Per-version inference statistics: what Triton's statistics extension reports, counted by
 ``InferenceService`` from its own clock readings.
 
-A request is counted once it reached a version (an unknown model counts nowhere): ``success``
-or ``fail`` with the seconds it spent in the core (validation, feature join, queue, model,
+A request is counted, when it ends, on the version its reference names then (a request for an
+unknown model or version counts nowhere): ``success`` or ``fail`` with the seconds it spent in
+the core (validation, feature join, queue, model,
 output checks; decoding and encoding the wire format are in ``/metrics``), and ``queue`` and
 ``compute_infer`` for its share of the wait and the model call. ``compute_input`` is the rest of
 the core's time before and after the model call. Each model call is an execution:
