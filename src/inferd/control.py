@@ -13,12 +13,13 @@ bounded load pool (``--num_load_threads``). Call from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from inferd.config import ModelConfig
-from inferd.errors import ModelLoadError, NotFound
+from inferd.config import BatchingParameters, ModelConfig, ModelSettings
+from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound
 from inferd.manager import ModelManager
 from inferd.repository import ModelPlan, Repository
 from inferd.types import ModelRef, VersionState
@@ -36,6 +37,37 @@ class IndexEntry:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SettingsOverride:
+    """Settings an admin load gives a model over its ``inferd.toml`` (Triton's load with a config):
+    None leaves a setting as the file has it. It lasts until the next load of the model."""
+
+    max_batch_size: int | None = None
+    batch_timeout_micros: int | None = None
+
+    def apply(self, settings: ModelSettings) -> ModelSettings:
+        """``settings`` with this override's batching; batching starts from inferd's defaults
+        when the file has no ``[batching]``.
+
+        Raises:
+            ConfigError: the result is not valid batching (e.g. ``allowed_batch_sizes`` in the
+                file no longer ends at ``max_batch_size``).
+        """
+        if self.max_batch_size is None and self.batch_timeout_micros is None:
+            return settings
+        batching = settings.batching or BatchingParameters()
+        batching = dataclasses.replace(
+            batching,
+            max_batch_size=batching.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            batch_timeout_micros=(
+                batching.batch_timeout_micros
+                if self.batch_timeout_micros is None
+                else self.batch_timeout_micros
+            ),
+        )
+        return dataclasses.replace(settings, batching=batching)
+
+
 class ModelControl:
     """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded."""
 
@@ -44,6 +76,7 @@ class ModelControl:
         self._manager = manager
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
+        self._overrides: dict[str, SettingsOverride] = {}
         self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
         self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
         self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
@@ -68,7 +101,7 @@ class ModelControl:
     async def _scan(self, trusted: frozenset[str] = frozenset()) -> dict[str, asyncio.Task[None]]:
         """Scan, then queue each model's plan (and the removal of models no longer planned) on
         that model's task; returns the tasks by model name. Call holding the lock."""
-        plans = await asyncio.to_thread(self._repository.scan, trusted)
+        plans = [self._overridden(plan) for plan in await asyncio.to_thread(self._repository.scan, trusted)]
         self._configured = sorted(plan.name for plan in plans)
         wanted: dict[str, ModelPlan | None] = {
             plan.name: plan for plan in plans if plan.name not in self._unloaded
@@ -115,16 +148,41 @@ class ModelControl:
             entries = [e for e in entries if e.state is VersionState.AVAILABLE]
         return entries
 
-    async def load(self, name: str) -> None:
+    def _overridden(self, plan: ModelPlan) -> ModelPlan:
+        override = self._overrides.get(plan.name)
+        if override is None:
+            return plan
+        try:
+            return dataclasses.replace(plan, settings=override.apply(plan.settings))
+        except ConfigError as exc:
+            return dataclasses.replace(plan, error=f"the load's config override: {exc.message}")
+
+    async def load(self, name: str, override: SettingsOverride | None = None) -> None:
         """Serve ``name`` again if it was unloaded, and load its new versions now, without
-        waiting for the files to look stable.
+        waiting for the files to look stable. An ``override`` different from the one in force
+        (a load without one returns to ``inferd.toml``) reloads the versions serving, with the
+        new settings: they are out of service until the reload finished.
 
         Raises:
             NotFound: ``name`` is not a configured model.
+            InvalidArgument: ``override`` does not fit the model's settings.
             ModelLoadError: no version of it is AVAILABLE afterwards; the message says why.
         """
         async with self._lock:
             self._require_configured(name)
+            if override is not None:
+                try:
+                    override.apply(self._repository_settings(name))
+                except ConfigError as exc:
+                    raise InvalidArgument(f"the config does not fit model {name!r}: {exc.message}") from None
+            if self._overrides.get(name) != override:
+                if override is None:
+                    del self._overrides[name]
+                else:
+                    self._overrides[name] = override
+                self._unloaded.add(name)  # retire the versions loaded with the old settings
+                runs = await self._scan()
+                await _settled(run for model, run in runs.items() if model == name)
             self._unloaded.discard(name)
             runs = await self._scan(frozenset({name}))
         await _settled(run for model, run in runs.items() if model == name)
@@ -165,6 +223,10 @@ class ModelControl:
             raise ModelLoadError(
                 f"the new config is in force, but no version of {failed} could be loaded; see GetModelStatus"
             )
+
+    def _repository_settings(self, name: str) -> ModelSettings:
+        plan = self._repository.plan(name)
+        return plan.settings if plan is not None else ModelSettings()
 
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:

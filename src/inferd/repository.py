@@ -210,6 +210,10 @@ class Repository:
         elif previous is not None:
             log.info("model %s: its folder can be read again", name)
 
+    def plan(self, name: str) -> ModelPlan | None:
+        """The last scan's plan for model ``name``; None before one, or for an unknown model."""
+        return self._plans.get(name)
+
     def replace_models(self, models: list[ModelConfig]) -> None:
         """Serve ``models`` instead of the configured ones (see the class docstring)."""
         self._override = models
