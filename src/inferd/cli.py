@@ -32,7 +32,11 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
     ),
     ("model_name", str, "name of the model served from --model_base_path"),
-    ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),
+    (
+        "model_base_path",
+        str,
+        "folder or object-store URI (s3://, gs://, az://) holding the model's numbered version folders",
+    ),
     (
         "model_config_file",
         str,
@@ -47,6 +51,16 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "file_system_poll_wait_seconds",
         float,
         "scan the model folders for new and removed versions this often (0: once at start)",
+    ),
+    (
+        "model_cache_dir",
+        str,
+        "local folder caching versions downloaded from object stores (default ~/.cache/inferd/models)",
+    ),
+    (
+        "model_cache_bytes",
+        int,
+        "most bytes the model cache holds; least recently used versions not served are evicted (0: no bound)",
     ),
     ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
     ("rest_api_num_threads", int, "threads that run model predictions"),
