@@ -78,7 +78,6 @@ def _s3_options() -> dict[str, Any]:
         "skip_instance_cache": True,
         # An unreachable store should fail a scan within seconds, not minutes of retries.
         "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
-        "retries": 2,
     }
 
 
@@ -286,6 +285,10 @@ class RemoteStorage:
 
     def versions(self) -> dict[int, ListedVersion]:
         listing = self._store.list_tree(self.base)
+        if not listing:
+            # An object store has no empty folders: nothing here is a missing folder (a wrong
+            # path or a failed sync), not a model without versions.
+            raise StorageError(f"nothing found under {self.base}")
         groups: dict[str, dict[str, ObjectInfo]] = {}
         self._top = {}
         for key, info in listing.items():
