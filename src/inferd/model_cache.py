@@ -69,9 +69,9 @@ class ModelCache:
             if entry.name.startswith(".tmp-") or (entry.is_dir() and not (entry / MANIFEST).is_file()):
                 shutil.rmtree(entry, ignore_errors=True)  # an interrupted download
 
-    @staticmethod
-    def _key(uri: str) -> str:
-        return hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()
+    def entry_folder(self, uri: str) -> Path:
+        """The folder that holds (or would hold) the entry of ``uri``."""
+        return self.folder / hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()
 
     def entries(self) -> list[CachedVersion]:
         """Every complete entry, least recently used first."""
@@ -95,7 +95,7 @@ class ModelCache:
     def lookup(self, uri: str, fingerprint: str) -> Path | None:
         """The local files of ``uri`` if they were verified against ``fingerprint``, marking the
         entry used; else None."""
-        folder = self.folder / self._key(uri)
+        folder = self.entry_folder(uri)
         try:
             raw = json.loads((folder / MANIFEST).read_text())
         except (OSError, ValueError):
@@ -127,7 +127,7 @@ class ModelCache:
             fill(scratch / "files")
             manifest = {"uri": uri, "fingerprint": fingerprint, "size_bytes": size_bytes}
             (scratch / MANIFEST).write_text(json.dumps(manifest))
-            final = self.folder / self._key(uri)
+            final = self.entry_folder(uri)
             if final.exists():
                 shutil.rmtree(final)
             scratch.rename(final)
