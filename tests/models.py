@@ -84,7 +84,13 @@ def write_onnx_affine_external(version_dir: Path, scale: float, width: int = 4) 
     model = onnx.load(version_dir / "model.onnx")
     for tensor in model.graph.initializer:  # only raw_data moves to the external file
         tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-    onnx.save(model, version_dir / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        version_dir / "model.onnx",
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
 
 
 def write_onnx_two_inputs(version_dir: Path) -> None:

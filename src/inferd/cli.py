@@ -229,9 +229,10 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
             "repository with --model) and write OUTPUT (.parquet, .csv, .jsonl or .npy)."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    # Each path may also be an object-store URI (s3://, gs://, az://).
+    parser.add_argument("model_path", metavar="MODEL")
     parser.add_argument("input", metavar="INPUT")
-    parser.add_argument("output", metavar="OUTPUT", type=Path)
+    parser.add_argument("output", metavar="OUTPUT")
     add = parser.add_argument
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
@@ -241,7 +242,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     add("--id-column", help="input column written beside the predictions (default: the row number)")
     add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
     add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
-    add("--rejects", type=Path, help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
+    add("--rejects", help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
     add("--resume", action="store_true", help="continue an interrupted run, skipping its finished chunks")
     add("--memory-budget-mb", type=float, default=1024.0, help="memory for rows in flight (default: 1024)")
     add(
@@ -264,11 +265,17 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _batch(args: argparse.Namespace) -> int:
     from inferd import offline
+    from inferd.offline.staging import stage
 
+    try:
+        local = stage(args.model_path, args.input, args.output, args.rejects, args.model_name, args.version)
+    except InferdError as exc:
+        print(f"inferd batch: {exc.message}", file=sys.stderr)
+        return 2
     options = offline.BatchOptions(
-        model=args.model_path,
-        input=args.input,
-        output=args.output,
+        model=local.model,
+        input=local.input,
+        output=local.output,
         model_name=args.model_name,
         version=args.version,
         signature=args.signature,
@@ -277,7 +284,7 @@ def _batch(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         keep_columns=_names(args.keep_columns),
         outputs=_names(args.outputs),
-        rejects=args.rejects,
+        rejects=local.rejects,
         resume=args.resume,
         memory_budget_mb=args.memory_budget_mb,
         price_per_hour=args.price_per_hour,
@@ -286,9 +293,12 @@ def _batch(args: argparse.Namespace) -> int:
     )
     try:
         summary = offline.run(options)
+        local.publish()
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        local.close()
     print("\n".join(summary.lines()), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_bytes(summary.to_json())

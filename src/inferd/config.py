@@ -49,10 +49,11 @@ def model_location(text: str) -> Path | str:
     if scheme == "file":
         return Path(rest)
     if scheme not in OBJECT_STORES:
-        raise ConfigError(
-            f"model path {text!r}: expected a folder or a URI of scheme file, {', '.join(sorted(OBJECT_STORES))}"
-        )
+        schemes = ", ".join(sorted(OBJECT_STORES))
+        raise ConfigError(f"model path {text!r}: expected a folder or a URI of scheme file, {schemes}")
     return text.rstrip("/")
+
+
 """Per-model settings, read from ``<base_path>/inferd.toml``."""
 
 

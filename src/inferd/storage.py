@@ -192,6 +192,7 @@ def materialize(uri: str, folder: Path) -> Path:
         return target
     if not store.exists(uri):
         raise StorageError(f"nothing found at {uri}")
+    folder.mkdir(parents=True, exist_ok=True)
     store.download_file(uri, target)
     return target
 

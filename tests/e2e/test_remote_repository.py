@@ -27,7 +27,9 @@ BASE = "s3://bucket/models/digits"
 def answer(server: ServerProcess, version: int | None = None) -> float:
     """The first output for an input of ones: the serving version's scale."""
     path = "digits" if version is None else f"digits/versions/{version}"
-    response = requests.post(f"{server.url}/v1/models/{path}:predict", json={"instances": [[1, 1, 1, 1]]}, timeout=10)
+    response = requests.post(
+        f"{server.url}/v1/models/{path}:predict", json={"instances": [[1, 1, 1, 1]]}, timeout=10
+    )
     assert response.status_code == 200, response.text
     return float(response.json()["predictions"][0][0])
 
@@ -61,7 +63,9 @@ def test_serve_from_s3_add_a_version_slowly_roll_back_survive_the_store_stopping
     wait_for_listings(s3, server, 4)
     assert answer(server) == 2.0
     assert server.status("digits").get("2") != "AVAILABLE"
-    client.upload_file(str(tmp_path / "digits" / "2" / "weights.bin"), "bucket", "models/digits/2/weights.bin")
+    client.upload_file(
+        str(tmp_path / "digits" / "2" / "weights.bin"), "bucket", "models/digits/2/weights.bin"
+    )
     server.wait_for(lambda: answer(server) == 3.0, "version 2 once complete")
     assert server.status("digits") == {"2": "AVAILABLE", "1": "END"}
 
@@ -77,7 +81,9 @@ def test_serve_from_s3_add_a_version_slowly_roll_back_survive_the_store_stopping
     # The store stops: logged once, version 1 keeps serving; back, with its content, the
     # server recovers by itself and picks up a new version.
     s3.stop()
-    server.wait_for(lambda: "model digits: cannot list s3://bucket/models/digits" in server.log(), "the fault")
+    server.wait_for(
+        lambda: "model digits: cannot list s3://bucket/models/digits" in server.log(), "the fault"
+    )
     for _ in range(20):
         assert answer(server) == 2.0
     s3.start()
@@ -107,7 +113,9 @@ def test_a_bucket_that_vanishes_keeps_serving_and_recovers(
     client.create_bucket(Bucket="bucket")
     write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
     s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
-    server = start_server("--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={tmp_path / 'c'}")
+    server = start_server(
+        "--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={tmp_path / 'c'}"
+    )
     assert answer(server) == 2.0
     client.delete_object(Bucket="bucket", Key="models/digits/1/model.onnx")
     client.delete_bucket(Bucket="bucket")
@@ -117,5 +125,7 @@ def test_a_bucket_that_vanishes_keeps_serving_and_recovers(
     write_onnx_affine(tmp_path / "digits" / "2", scale=5.0)
     s3.upload_folder(tmp_path / "digits" / "2", "bucket", "models/digits/2")
     # Version 1 is gone from the store, so it is unloaded; version 2 is loaded.
-    server.wait_for(lambda: server.status("digits").get("2") == "AVAILABLE", "version 2 once the bucket is back")
+    server.wait_for(
+        lambda: server.status("digits").get("2") == "AVAILABLE", "version 2 once the bucket is back"
+    )
     assert answer(server) == 5.0

@@ -72,7 +72,9 @@ def test_a_version_that_changes_while_it_is_downloaded_is_not_cached(store: S3Se
     assert sorted(p.name for p in plan.aspired[1].path.iterdir()) == ["extra.bin", "model.onnx"]
 
 
-def test_a_version_that_cannot_be_fetched_leaves_the_policy_to_the_rest(store: S3Server, tmp_path: Path) -> None:
+def test_a_version_that_cannot_be_fetched_leaves_the_policy_to_the_rest(
+    store: S3Server, tmp_path: Path
+) -> None:
     size = (tmp_path / "m" / "1" / "model.onnx").stat().st_size
     repo = repository(tmp_path, cache_bytes=size + 10)
     repo.scan()
