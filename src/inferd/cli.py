@@ -265,17 +265,22 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _batch(args: argparse.Namespace) -> int:
     from inferd import offline
-    from inferd.offline.staging import stage
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # object-store paths are copied in, and the outputs back
     try:
-        local = stage(args.model_path, args.input, args.output, args.rejects, args.model_name, args.version)
+        model = scratch.model(args.model_path, "MODEL", args.model_name, args.version)
+        source = scratch.input(args.input, "INPUT")
+        output = scratch.output(args.output, "OUTPUT")
+        rejects = scratch.output(args.rejects or f"{args.output}.rejects.jsonl", "--rejects")
     except InferdError as exc:
+        scratch.close()
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
     options = offline.BatchOptions(
-        model=local.model,
-        input=local.input,
-        output=local.output,
+        model=model,
+        input=source,
+        output=output,
         model_name=args.model_name,
         version=args.version,
         signature=args.signature,
@@ -284,7 +289,7 @@ def _batch(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         keep_columns=_names(args.keep_columns),
         outputs=_names(args.outputs),
-        rejects=local.rejects,
+        rejects=rejects,
         resume=args.resume,
         memory_budget_mb=args.memory_budget_mb,
         price_per_hour=args.price_per_hour,
@@ -293,12 +298,12 @@ def _batch(args: argparse.Namespace) -> int:
     )
     try:
         summary = offline.run(options)
-        local.publish()
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
     finally:
-        local.close()
+        scratch.close()
     print("\n".join(summary.lines()), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_bytes(summary.to_json())
@@ -428,7 +433,8 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
             "Exit status: 0 with a winner, 3 when none qualifies, 2 for bad input. See docs/select.md."
         ),
     )
-    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
+    # CANDIDATE, --data, MODEL, --out and --calibration may also be object-store URIs.
+    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+")
     add = parser.add_argument
     add(
         "--data",
@@ -481,9 +487,9 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
             "go on; the exit status is 0 when at least one was made. See docs/optimize.md."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    parser.add_argument("model_path", metavar="MODEL")
     add = parser.add_argument
-    add("--out", required=True, type=Path, help="folder to write the variants to")
+    add("--out", required=True, help="folder (or object-store URI) to write the variants to")
     add(
         "--calibration",
         help="input rows (CSV, Parquet, JSONL or .npy, columns as for inferd batch) for static int8 "
@@ -498,12 +504,21 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
+    from inferd.storage import Scratch
 
     if args.plot and not _can_plot("select"):
         return 2
+    scratch = Scratch()  # object-store candidates and data are copied in
+    try:
+        candidates = tuple(scratch.model(c, "CANDIDATE") for c in args.candidates)
+        data = scratch.input(args.data, "--data")
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd select: {exc.message}", file=sys.stderr)
+        return 2
     options = select.SelectOptions(
-        candidates=tuple(args.candidates),
-        data=args.data,
+        candidates=candidates,
+        data=data,
         label=args.label,
         optimize=args.optimize,
         requirements=tuple(args.require),
@@ -521,16 +536,29 @@ def _select(args: argparse.Namespace) -> int:
             args.promote, args.promote_label, args.model_config_file, args.apply, args.wait_url
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
-    return command.execute(options, outputs, promote)
+    try:
+        return command.execute(options, outputs, promote)
+    finally:
+        scratch.close()
 
 
 def _optimize(args: argparse.Namespace) -> int:
     from inferd import optimize
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # an object-store model and calibration are copied in, the variants out
+    try:
+        model = scratch.model(args.model_path, "MODEL")
+        out = scratch.output(args.out, "--out")
+        calibration = scratch.input(args.calibration, "--calibration") if args.calibration else None
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd optimize: {exc.message}", file=sys.stderr)
+        return 2
     options = optimize.OptimizeOptions(
-        model=args.model_path,
-        out=args.out,
-        calibration=args.calibration,
+        model=model,
+        out=out,
+        calibration=calibration,
         only=_names(args.only),
         tflite=args.tflite,
     )
@@ -540,9 +568,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
     try:
         outcomes = optimize.run(options, report)
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd optimize: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        scratch.close()
     made = sum(outcome.ok for outcome in outcomes)
     print(f"{made} of {len(outcomes)} variants made in {args.out}")
     return 0 if made else 1

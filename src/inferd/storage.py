@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from inferd.config import OBJECT_STORES, SETTINGS_FILE
-from inferd.errors import ConfigError
+from inferd.config import OBJECT_STORES, SETTINGS_FILE, model_location
+from inferd.errors import ConfigError, InvalidArgument
 from inferd.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
@@ -175,48 +175,108 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-def materialize(uri: str, folder: Path) -> Path:
-    """Copy the object, or every object under the prefix, ``uri`` into the local ``folder``;
-    return the local copy (a file or a folder). For the one-shot commands (``inferd batch``,
-    ``select``, ``optimize``); the server uses the verified cache in ``model_cache``.
-
-    Raises:
-        StorageError: the store cannot be read, or nothing is at ``uri``.
+class Scratch:
+    """Local stand-ins for the object-store paths of a one-shot command (``inferd batch``,
+    ``select``, ``optimize``): remote inputs are copied into a scratch folder, remote outputs are
+    written there and uploaded by ``publish``; local paths pass through. ``close`` removes the
+    folder. Not thread-safe.
     """
-    store = ObjectStore(uri)
-    listing = store.list_tree(uri)
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    target = folder / name
-    if listing:
-        store.download(uri, sorted(listing), target)
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+        self._uploads: list[tuple[Path, str]] = []
+
+    def _place(self, uri: str) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="inferd-scratch-"))
+        # one folder per path, so that two URIs ending in the same name do not meet
+        place = self._folder / str(len(list(self._folder.iterdir()))) / uri.rsplit("/", 1)[-1]
+        place.parent.mkdir(parents=True, exist_ok=True)
+        return place
+
+    def input(self, text: str, what: str) -> str:
+        """A local path for ``text``: the object, or every object under the prefix, copied in.
+
+        Raises:
+            InvalidArgument: nothing is at the URI, or the store cannot be read; the message
+                starts with ``what`` (the argument's name).
+        """
+        uri = model_location(text)
+        if isinstance(uri, Path):
+            return text
+        try:
+            store = ObjectStore(uri)
+            listing = store.list_tree(uri)
+            target = self._place(uri)
+            if listing:
+                store.download(uri, sorted(listing), target)
+            elif store.exists(uri):
+                store.download_file(uri, target)
+            else:
+                raise StorageError(f"nothing found at {uri}")
+        except StorageError as exc:
+            raise InvalidArgument(f"{what}: {exc}") from exc
+        return str(target)
+
+    def model(self, text: str, what: str, model_name: str | None = None, version: int | None = None) -> Path:
+        """A local path for a model named by ``text``: with ``model_name``, a repository holding
+        that model; else a base path or a version folder. Of a base path's numbered version
+        folders, only the one used (``version`` or the latest) is copied, with the files beside
+        them (``inferd.toml``).
+
+        Raises:
+            InvalidArgument: as ``input``.
+        """
+        uri = model_location(text)
+        if isinstance(uri, Path):
+            return uri
+        base = f"{uri}/{model_name}" if model_name else uri
+        try:
+            store = ObjectStore(base)
+            listing = store.list_tree(base)
+            if not listing:
+                raise StorageError(f"nothing found under {base}")
+            tops = {k.split("/", 1)[0] for k in listing if "/" in k}
+            numbers = {int(t) for t in tops if t.isascii() and t.isdigit()}
+            keys = list(listing)
+            if numbers:
+                chosen = str(version if version in numbers else max(numbers))
+                keys = [k for k in listing if "/" not in k or k.split("/", 1)[0] == chosen]
+            target = self._place(uri)
+            store.download(base, sorted(keys), target / model_name if model_name else target)
+        except StorageError as exc:
+            raise InvalidArgument(f"{what}: {exc}") from exc
         return target
-    if not store.exists(uri):
-        raise StorageError(f"nothing found at {uri}")
-    folder.mkdir(parents=True, exist_ok=True)
-    store.download_file(uri, target)
-    return target
 
+    def output(self, text: str, what: str) -> Path:
+        """A local path to write ``text`` at; a remote one is uploaded by ``publish``."""
+        uri = model_location(text)
+        if isinstance(uri, Path):
+            return uri
+        target = self._place(uri)
+        self._uploads.append((target, uri))
+        return target
 
-class UploadOnClose:
-    """A local scratch folder whose content is uploaded under ``uri`` by ``upload``; removed by
-    ``close``. For an output written locally, then published to an object store."""
+    def publish(self) -> None:
+        """Upload every output written (a file, or a folder's files by relative path).
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.folder = Path(tempfile.mkdtemp(prefix="inferd-upload-"))
-        self._store = ObjectStore(uri)
-
-    def upload(self, local: Path) -> None:
-        """Upload ``local`` (a file, or a folder's files by relative path) to ``uri``."""
-        if local.is_file():
-            self._store.upload_file(local, self.uri)
-            return
-        for path in sorted(local.rglob("*")):
-            if path.is_file():
-                self._store.upload_file(path, f"{self.uri}/{path.relative_to(local).as_posix()}")
+        Raises:
+            InvalidArgument: an upload failed; the message names the URI and the cause.
+        """
+        for local, uri in self._uploads:
+            try:
+                if local.is_file():
+                    ObjectStore(uri).upload_file(local, uri)
+                elif local.is_dir():
+                    store = ObjectStore(uri)
+                    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                        store.upload_file(path, f"{uri}/{path.relative_to(local).as_posix()}")
+            except StorageError as exc:
+                raise InvalidArgument(f"cannot write {uri}: {exc}") from exc
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 @dataclass(frozen=True, slots=True)
