@@ -169,6 +169,8 @@ class Repository:
         self._faults: dict[str, str] = {}  # models whose folder could not be listed, and why
         self._storages: dict[Path | str, Storage] = {}
         self._cache: ModelCache | None = None  # made when the first object-store model is planned
+        self._protected: set[str] = set()  # cached versions the last scan planned (see _protect)
+        self._protecting: set[str] = set()  # and those the scan in progress has planned
 
     def model_configs(self) -> list[ModelConfig]:
         """The configured models, re-reading the model config file when its poll period passed.
@@ -247,21 +249,20 @@ class Repository:
         plans = []
         seen: dict[_Key, str] = {}
         settled: dict[_Key, str] = {}
+        self._protecting = set()
         for model in self.model_configs():
             plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
         self._plans = {plan.name: plan for plan in plans}
-        if self._cache is not None:
-            self._cache.protect(self._served_uris())
+        self._protect(self._protecting, replace=True)
         return plans
 
-    def _served_uris(self) -> set[str]:
-        return {
-            f"{model.base_path}/{v}"
-            for model in self.model_configs()
-            if isinstance(model.base_path, str) and model.name in self._plans
-            for v in self._plans[model.name].aspired
-        }
+    def _protect(self, uris: set[str], replace: bool = False) -> None:
+        """Keep the cached versions at ``uris`` from eviction: the ones the last scan planned,
+        plus those this scan has chosen so far, until the scan ends (``replace``)."""
+        self._protected = uris if replace else self._protected | uris
+        if self._cache is not None:
+            self._cache.protect(self._protected)
 
     def _storage(self, model: ModelConfig) -> Storage:
         """The model's ``Storage``, made at its first scan and kept (a remote one holds state)."""
@@ -344,6 +345,9 @@ class Repository:
                     continue
                 try:
                     local[version] = storage.fetch(candidates[version])
+                    if isinstance(where := candidates[version].where, str):
+                        self._protecting.add(where)
+                        self._protect({where})
                     self._fault(f"{name}/{version}", None)
                 except OSError as exc:
                     self._fault(f"{name}/{version}", f"cannot fetch version {version}: {exc}")
@@ -359,6 +363,7 @@ class Repository:
         """The model's previous plan, while its folder cannot be listed; what the last scan
         knew of its versions' stability is carried over."""
         self._fault(model.name, fault)
+        self._protecting |= {u for u in self._protected if u.startswith(f"{model.base_path}/")}
         for known, kept in ((self._previous, seen), (self._settled, settled)):
             kept.update((key, fp) for key, fp in known.items() if key[0] == model.base_path)
         previous = self._plans.get(model.name)

@@ -56,7 +56,7 @@ def listing_fingerprint(listing: Mapping[str, ObjectInfo]) -> str:
     return digest.hexdigest()
 
 
-def _s3_options() -> dict[str, Any]:
+def s3_options() -> dict[str, Any]:
     """s3fs options from TF Serving's S3 variables; what they leave out, botocore reads itself
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...)."""
     env = os.environ
@@ -94,7 +94,7 @@ class ObjectStore:
             raise ConfigError(
                 f"{uri}: reading object stores needs fsspec: pip install 'inferd[{extra}]'"
             ) from exc
-        options = _s3_options() if protocol == "s3" else {"skip_instance_cache": True}
+        options = s3_options() if protocol == "s3" else {"skip_instance_cache": True}
         try:
             self._fs: Any = fsspec.filesystem(protocol, **options)
         except ImportError as exc:

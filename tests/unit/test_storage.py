@@ -12,7 +12,7 @@ import pytest
 from inferd.config import ServerConfig, model_location
 from inferd.errors import ConfigError
 from inferd.repository import Repository
-from inferd.storage import StorageError
+from inferd.storage import StorageError, s3_options
 from tests.models import write_onnx_affine
 from tests.s3_server import S3Server, s3_server
 
@@ -104,3 +104,21 @@ def test_locations() -> None:
     assert model_location("gs://bucket/m") == "gs://bucket/m"
     with pytest.raises(ConfigError, match="expected a folder or a URI of scheme file, abfs"):
         model_location("ftp://host/m")
+
+
+def test_tf_servings_s3_variables_configure_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S3_ENDPOINT", "minio.local:9000")
+    monkeypatch.setenv("S3_USE_HTTPS", "0")
+    monkeypatch.setenv("S3_VERIFY_SSL", "0")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    client = s3_options()["client_kwargs"]
+    assert client == {"endpoint_url": "http://minio.local:9000", "region_name": "eu-west-1", "verify": False}
+    monkeypatch.setenv("S3_USE_HTTPS", "1")
+    monkeypatch.delenv("S3_VERIFY_SSL")
+    assert s3_options()["client_kwargs"]["endpoint_url"] == "https://minio.local:9000"
+    assert "verify" not in s3_options()["client_kwargs"]
+    monkeypatch.setenv("S3_ENDPOINT", "https://s3.example.com")
+    assert s3_options()["client_kwargs"]["endpoint_url"] == "https://s3.example.com"
+    for name in ("S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert s3_options()["client_kwargs"] == {}  # botocore reads AWS_ENDPOINT_URL and the rest itself
