@@ -129,3 +129,17 @@ def test_a_bucket_that_vanishes_keeps_serving_and_recovers(
         lambda: server.status("digits").get("2") == "AVAILABLE", "version 2 once the bucket is back"
     )
     assert answer(server) == 5.0
+
+
+def test_a_repository_in_s3_serves_every_model_under_it_and_picks_up_new_ones(
+    s3_server: S3Server, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    client = s3_server.client()
+    client.create_bucket(Bucket="bucket")
+    write_onnx_affine(tmp_path / "models" / "digits" / "1", scale=2.0)
+    s3_server.upload_folder(tmp_path / "models", "bucket", "models")
+    server = start_server("s3://bucket/models", f"--model_cache_dir={tmp_path / 'c'}")
+    assert answer(server) == 2.0
+    write_onnx_affine(tmp_path / "more" / "churn" / "1", scale=7.0)
+    s3_server.upload_folder(tmp_path / "more", "bucket", "models")
+    server.wait_for(lambda: server.status("churn").get("1") == "AVAILABLE", "the new model")
