@@ -77,7 +77,7 @@ def s3_options() -> dict[str, Any]:
         "use_listings_cache": False,
         "skip_instance_cache": True,
         # An unreachable store should fail a scan within seconds, not minutes of retries.
-        "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 2}},
     }
 
 
