@@ -340,7 +340,9 @@ class RemoteStorage:
         self.base = base
         self._cache = cache
         self._store = ObjectStore(base)
-        self._settings = Path(tempfile.mkdtemp(prefix="inferd-settings-"))
+        # the local copy of inferd.toml; removed when this object is collected or at exit
+        self._settings_dir = tempfile.TemporaryDirectory(prefix="inferd-settings-")
+        self._settings = Path(self._settings_dir.name)
         self._settings_tag: ObjectInfo | None = None
         self._top: dict[str, ObjectInfo] = {}
 

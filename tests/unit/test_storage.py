@@ -122,3 +122,23 @@ def test_tf_servings_s3_variables_configure_the_client(monkeypatch: pytest.Monke
     for name in ("S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     assert s3_options()["client_kwargs"] == {}  # botocore reads AWS_ENDPOINT_URL and the rest itself
+
+
+def test_inferd_toml_beside_the_versions_is_read_and_followed_when_it_changes(
+    store: S3Server, tmp_path: Path
+) -> None:
+    client = store.client()
+    client.put_object(Bucket="bucket", Key="models/m/2/model.onnx", Body=b"two")
+    client.put_object(Bucket="bucket", Key="models/m/inferd.toml", Body=b"version_policy = { all = true }\n")
+    repo = repository(tmp_path)
+    repo.scan()
+    [plan] = repo.scan()
+    assert sorted(plan.aspired) == [1, 2]
+    client.put_object(
+        Bucket="bucket", Key="models/m/inferd.toml", Body=b"version_policy = { specific = [1] }\n"
+    )
+    [plan] = repo.scan()
+    assert sorted(plan.aspired) == [1]
+    client.delete_object(Bucket="bucket", Key="models/m/inferd.toml")
+    [plan] = repo.scan()
+    assert sorted(plan.aspired) == [2]  # the default: latest 1
