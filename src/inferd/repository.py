@@ -11,6 +11,11 @@ A model whose folder cannot be listed (missing, a broken link, an I/O error, a b
 where a version folder was) keeps the plan of its last complete listing: what is on disk is
 unknown, and reading it as "no versions" would unload or roll back what serves. The fault is
 logged when it starts and when it ends; every scan tries again.
+
+Where a model's files live is a ``Storage`` (``storage.py``): ``LocalStorage`` here for a
+folder, ``RemoteStorage`` for an object-store URI. The same rules apply to both, with a listing's
+keys, sizes and ETags as the fingerprint of a remote version; a remote version is downloaded
+into the model cache only once the policy chooses it, and the plan names its local copy.
 """
 
 from __future__ import annotations
