@@ -347,7 +347,13 @@ class RemoteStorage:
         self._top: dict[str, ObjectInfo] = {}
 
     def versions(self) -> dict[int, ListedVersion]:
-        listing = self._store.list_tree(self.base)
+        try:
+            listing = self._store.list_tree(self.base)
+        except StorageError:
+            # A new client at the next poll reads the credentials again (a rotated key, a
+            # credentials file fixed by hand): recovery needs no restart.
+            self._store = ObjectStore(self.base)
+            raise
         if not listing:
             # An object store has no empty folders: nothing here is a missing folder (a wrong
             # path or a failed sync), not a model without versions.

@@ -17,9 +17,9 @@ import requests
 
 from tests.conftest import ServerProcess
 from tests.models import write_onnx_affine, write_onnx_affine_external
-from tests.s3_server import S3Server, s3_server
+from tests.s3_server import S3Server, s3_server, s3_server_with_auth
 
-__all__ = ["s3_server"]
+__all__ = ["s3_server", "s3_server_with_auth"]
 
 BASE = "s3://bucket/models/digits"
 
@@ -143,3 +143,46 @@ def test_a_repository_in_s3_serves_every_model_under_it_and_picks_up_new_ones(
     write_onnx_affine(tmp_path / "more" / "churn" / "1", scale=7.0)
     s3_server.upload_folder(tmp_path / "more", "bucket", "models")
     server.wait_for(lambda: server.status("churn").get("1") == "AVAILABLE", "the new model")
+
+
+def test_refused_credentials_keep_serving_and_a_fixed_credentials_file_recovers_without_restart(
+    s3_server_with_auth: S3Server,
+    tmp_path: Path,
+    start_server: Callable[..., ServerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s3 = s3_server_with_auth
+    credentials = tmp_path / "credentials"
+
+    def write_credentials(key_id: str, secret: str) -> None:
+        credentials.write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
+
+    write_credentials(*s3.key)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    client = s3.client()
+    client.create_bucket(Bucket="bucket")
+    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
+    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
+    server = start_server(
+        "--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={tmp_path / 'c'}"
+    )
+    assert answer(server) == 2.0
+
+    # The key loses its permissions, and the credentials file is overwritten with a key the
+    # store does not know: both are logged, version 1 keeps serving.
+    write_credentials("AKIAWRONGWRONGWRONG1", "wrong")
+    s3.deny_all()
+    server.wait_for(lambda: "AccessDenied" in server.log() or "Access Denied" in server.log(), "the refusal")
+    server.wait_for(lambda: "does not exist in our records" in server.log(), "the unknown key")
+    assert answer(server) == 2.0
+
+    # The right key back in the file, and its permissions: the server recovers by itself.
+    write_credentials(*s3.key)
+    s3.allow_all()
+    server.wait_for(lambda: "model digits: its folder can be read again" in server.log(), "recovery")
+    write_onnx_affine(tmp_path / "digits" / "2", scale=3.0)
+    s3.upload_folder(tmp_path / "digits" / "2", "bucket", "models/digits/2")
+    server.wait_for(lambda: answer(server) == 3.0, "a new version after the credentials were fixed")
+    assert server.log().count("does not exist in our records") == 1  # each fault logged once
