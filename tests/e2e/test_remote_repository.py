@@ -5,7 +5,8 @@ TensorFlow Serving names it: ``--model_base_path=s3://bucket/models/digits`` wit
 A new version is uploaded object by object, with polls in between, and is never served
 half-written; deleting it rolls back; a stopped store is logged once while what is loaded keeps
 serving, and the server recovers when the store is back; a restarted server takes its versions
-from the model cache instead of downloading them again."""
+from the model cache instead of downloading them again. Also: a vanished bucket, a repository
+URI, and refused credentials fixed while the server runs."""
 
 from __future__ import annotations
 
