@@ -5,6 +5,7 @@ policy to choose among the rest, and how locations are named."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,12 @@ def test_inferd_toml_beside_the_versions_is_read_and_followed_when_it_changes(
     client.delete_object(Bucket="bucket", Key="models/m/inferd.toml")
     [plan] = repo.scan()
     assert sorted(plan.aspired) == [2]  # the default: latest 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")
+def test_a_store_whose_filesystem_is_not_installed_names_the_extra(tmp_path: Path) -> None:
+    repo = Repository(
+        ServerConfig(model_name="m", model_base_path="gs://bucket/m", model_cache_dir=str(tmp_path))
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'inferd\[gcs\]'"):
+        repo.scan()
