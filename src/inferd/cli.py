@@ -64,6 +64,12 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ),
     ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
     ("rest_api_num_threads", int, "threads that run model predictions"),
+    (
+        "num_load_threads",
+        int,
+        "threads that load model versions: this many models load at once (one model's versions "
+        "load one at a time); a slow load delays no other model while threads are free",
+    ),
     ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
     (
         "max_header_bytes",

@@ -213,7 +213,8 @@ class FeatureSettings:
         lookup_timeout_ms: longest wait for the store per request.
         on_store_error: ``fail`` (UNAVAILABLE naming the store) or ``defaults``.
         cache_ttl_s: how long a looked-up entity is reused; 0 turns the cache off.
-        cache_size: most entities cached (least recently used go first).
+        cache_size: most entities cached (the oldest go first).
+        cache_bytes: most bytes the cached entities take, keys and values (the oldest go first).
     """
 
     store: str
@@ -227,6 +228,7 @@ class FeatureSettings:
     on_store_error: str = "fail"
     cache_ttl_s: float = 5.0
     cache_size: int = 100_000
+    cache_bytes: int = 64 * 1024 * 1024
 
     @property
     def key_prefix(self) -> str:
@@ -288,9 +290,12 @@ def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) ->
         on_store_error=on_error,
         cache_ttl_s=_typed(table, "cache_ttl_s", float, where, 5.0),
         cache_size=_typed(table, "cache_size", int, where, 100_000),
+        cache_bytes=_typed(table, "cache_bytes", int, where, 64 * 1024 * 1024),
     )
     if settings.lookup_timeout_ms <= 0 or settings.cache_ttl_s < 0 or settings.cache_size < 1:
         raise ConfigError(f"{where}: lookup_timeout_ms must be > 0, cache_ttl_s >= 0, cache_size >= 1")
+    if settings.cache_bytes < 0:
+        raise ConfigError(f"{where}: 'cache_bytes' must be >= 0, got {settings.cache_bytes}")
     return settings
 
 
@@ -326,6 +331,7 @@ class ModelSettings:
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
         features: the ``[features]`` table; None when requests carry every input.
         prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
+        prediction_cache_bytes: most bytes that cache holds per version, inputs and answers.
         device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
             ``cuda:0``), for runtimes that can use a GPU.
         isolation: ``none`` (default: the model runs in the server's process) or ``process``
@@ -343,6 +349,7 @@ class ModelSettings:
     batching: BatchingParameters | None = None
     features: FeatureSettings | None = None
     prediction_cache_size: int = 0
+    prediction_cache_bytes: int = 64 * 1024 * 1024
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
@@ -398,7 +405,7 @@ class ServerConfig:
     max_json_depth: int = 32
     max_string_bytes: int = 8 * 1024 * 1024
     max_instances: int = 100_000
-    load_threads: int = 2
+    num_load_threads: int = 4
     enable_batching: bool = False
     batching_parameters_file: str = ""
     monitoring_config_file: str = ""
@@ -425,6 +432,7 @@ _KNOWN_KEYS = {
     "batching",
     "features",
     "prediction_cache_size",
+    "prediction_cache_bytes",
     "device",
     "isolation",
     *_RUNTIME_TABLES,
@@ -483,6 +491,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             else None
         ),
         prediction_cache_size=_prediction_cache_size(raw, path),
+        prediction_cache_bytes=_prediction_cache_bytes(raw, path),
         device="cuda:0" if device == "cuda" else device,
         isolation=isolation,
     )
@@ -505,6 +514,13 @@ def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
     size = _typed(raw, "prediction_cache_size", int, str(path), 0)
     if size < 0:
         raise ConfigError(f"{path}: 'prediction_cache_size' must be >= 0, got {size}")
+    return size
+
+
+def _prediction_cache_bytes(raw: Mapping[str, Any], path: Path) -> int:
+    size = _typed(raw, "prediction_cache_bytes", int, str(path), 64 * 1024 * 1024)
+    if size < 0:
+        raise ConfigError(f"{path}: 'prediction_cache_bytes' must be >= 0, got {size}")
     return size
 
 

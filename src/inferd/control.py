@@ -1,20 +1,29 @@
 """ModelControl: keeps the manager in step with the repository, and the admin operations.
 
-The poll loop calls ``sync``; the admin APIs (the V2 model repository extension, TF Serving's
-HandleReloadConfigRequest) call ``index``, ``load``, ``unload`` and ``reload_config``. All of them
-take one lock, so a scan never runs beside another. Call from the event loop's thread.
+The poll loop calls ``poll``, startup ``sync``; the admin APIs (the V2 model repository
+extension, TF Serving's HandleReloadConfigRequest) call ``index``, ``load``, ``unload`` and
+``reload_config``. Scans take one lock, so a scan never runs beside another, but they do not wait
+for loads: each model is reconciled in a task of its own, so a model that takes minutes to load
+delays neither the next scan nor another model's new version, and an admin call waits only for
+the model it names. A model's reconciles run one after another (a newer plan replaces one still
+waiting), so loads of one model are serialized; loads of different models share the manager's
+bounded load pool (``--num_load_threads``). Call from the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError, NotFound
 from inferd.manager import ModelManager
-from inferd.repository import Repository
+from inferd.repository import ModelPlan, Repository
 from inferd.types import ModelRef, VersionState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +44,59 @@ class ModelControl:
         self._manager = manager
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
+        self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
+        self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
 
     async def sync(self, trusted: frozenset[str] = frozenset()) -> None:
-        """Scan the repository (in a thread) and reconcile the manager to it.
+        """Scan the repository (in a thread), reconcile the manager to it, and wait until every
+        model's reconcile is done.
 
         Raises:
             ConfigError: the model configuration cannot be read (at the first scan only).
         """
         async with self._lock:
-            await self._sync(trusted)
+            runs = await self._scan(trusted)
+        await _settled(runs.values())
 
-    async def _sync(self, trusted: frozenset[str] = frozenset()) -> None:
+    async def poll(self) -> None:
+        """Scan the repository and start reconciling the models that changed, without waiting for
+        their loads: the poll loop's step."""
+        async with self._lock:
+            await self._scan()
+
+    async def _scan(self, trusted: frozenset[str] = frozenset()) -> dict[str, asyncio.Task[None]]:
+        """Scan, then queue each model's plan (and the removal of models no longer planned) on
+        that model's task; returns the tasks by model name. Call holding the lock."""
         plans = await asyncio.to_thread(self._repository.scan, trusted)
         self._configured = sorted(plan.name for plan in plans)
-        await self._manager.apply(plan for plan in plans if plan.name not in self._unloaded)
+        wanted: dict[str, ModelPlan | None] = {
+            plan.name: plan for plan in plans if plan.name not in self._unloaded
+        }
+        for name in (set(self._manager.names()) | set(self._runs)) - set(wanted):
+            wanted[name] = None
+        return {name: self._queue(name, plan) for name, plan in wanted.items()}
+
+    def _queue(self, name: str, plan: ModelPlan | None) -> asyncio.Task[None]:
+        self._pending[name] = plan
+        run = self._runs.get(name)
+        if run is None or run.done():
+            run = self._runs[name] = asyncio.create_task(self._apply(name), name=f"reconcile {name}")
+        return run
+
+    async def _apply(self, name: str) -> None:
+        """Apply ``name``'s queued plans, the newest each time, until none is left."""
+        while name in self._pending:
+            plan = self._pending.pop(name)
+            try:
+                if plan is None:
+                    await self._manager.remove(name)
+                else:
+                    await self._manager.reconcile(plan)
+            except Exception:  # the manager reports load failures itself; this is a bug
+                log.exception("reconciling model %s failed", name)
+        if self._runs.get(name) is asyncio.current_task():
+            del self._runs[name]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every configured model's versions and states, by name; ``ready_only`` keeps the
@@ -79,14 +126,15 @@ class ModelControl:
         async with self._lock:
             self._require_configured(name)
             self._unloaded.discard(name)
-            await self._sync(frozenset({name}))
-            if not self._manager.serves(name):
-                try:
-                    statuses = self._manager.status(ModelRef(name))
-                except NotFound:
-                    raise ModelLoadError(f"model {name!r} has no version folders to load") from None
-                reasons = "; ".join(f"version {s.version}: {s.error_message}" for s in statuses)
-                raise ModelLoadError(f"failed to load model {name!r}: {reasons}")
+            runs = await self._scan(frozenset({name}))
+        await _settled(run for model, run in runs.items() if model == name)
+        if not self._manager.serves(name):
+            try:
+                statuses = self._manager.status(ModelRef(name))
+            except NotFound:
+                raise ModelLoadError(f"model {name!r} has no version folders to load") from None
+            reasons = "; ".join(f"version {s.version}: {s.error_message}" for s in statuses)
+            raise ModelLoadError(f"failed to load model {name!r}: {reasons}")
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name`` (in-flight requests finish) until ``load`` names it again.
@@ -97,7 +145,8 @@ class ModelControl:
         async with self._lock:
             self._require_configured(name)
             self._unloaded.add(name)
-            await self._sync()
+            runs = await self._scan()
+        await _settled(run for model, run in runs.items() if model == name)
 
     async def reload_config(self, models: list[ModelConfig]) -> None:
         """Serve exactly ``models`` from now on (see ``Repository.replace_models``); a model an
@@ -109,7 +158,8 @@ class ModelControl:
         async with self._lock:
             self._repository.replace_models(models)
             self._unloaded.clear()
-            await self._sync()
+            runs = await self._scan()
+        await _settled(runs.values())
         failed = [m.name for m in models if not self._manager.serves(m.name)]
         if failed:
             raise ModelLoadError(
@@ -119,3 +169,11 @@ class ModelControl:
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:
             raise NotFound(f"model {name!r} is not in the model repository")
+
+
+async def _settled(runs: Iterable[asyncio.Task[None]]) -> None:
+    """Wait for ``runs`` to finish. Shielded: a caller that gives up (a client's deadline, a
+    cancelled admin call) leaves the loads running."""
+    runs = list(runs)
+    if runs:
+        await asyncio.shield(asyncio.gather(*runs))

@@ -72,6 +72,10 @@ class ModelPlan:
     error: str | None = None
 
 
+MAX_VERSION = 2**63 - 1
+"""The largest version number: TF Serving reads version folder names as int64 and ignores the rest."""
+
+
 def list_versions(base_path: Path) -> dict[int, Path]:
     """``scan_versions``, except that a missing or unreadable base path gives an empty result
     and a warning."""
@@ -82,10 +86,13 @@ def list_versions(base_path: Path) -> dict[int, Path]:
         return {}
 
 
-def scan_versions(base_path: Path) -> dict[int, Path]:
+def scan_versions(base_path: Path, ignored: set[Path] | None = None) -> dict[int, Path]:
     """Version number -> folder, for every integer-named folder under ``base_path``.
 
     Two names for one number (``7`` and ``007``): the first in sorted order wins, with a warning.
+    A name past int64 (``9223372036854775808``) is no version, as in TF Serving: it is skipped
+    with a warning, logged once per folder when the caller passes the same ``ignored`` set to
+    every scan (which records it), and at every scan otherwise. Leading zeros are accepted.
 
     Raises:
         OSError: ``base_path`` cannot be listed, or an integer-named entry cannot be examined
@@ -101,6 +108,13 @@ def scan_versions(base_path: Path) -> dict[int, Path]:
                 os.stat(entry.path)  # raises for a broken link; a link to a file is no version
             continue
         version = int(entry.name)
+        if version > MAX_VERSION:
+            path = Path(entry.path)
+            if ignored is None or path not in ignored:
+                log.warning("ignoring %s: a version number must fit in int64 (at most %d)", path, MAX_VERSION)
+                if ignored is not None:
+                    ignored.add(path)
+            continue
         if version in found:
             log.warning(
                 "%s and %s both name version %d; using the first",
@@ -129,13 +143,16 @@ def fingerprint(folder: Path) -> str:
 
 
 class LocalStorage:
-    """A model in a local folder: ``Storage`` over ``scan_versions`` and ``fingerprint``."""
+    """A model in a local folder: ``Storage`` over ``scan_versions`` and ``fingerprint``;
+    ``ignored`` as ``scan_versions`` takes it."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, ignored: set[Path]) -> None:
         self.base = base
+        self._ignored = ignored
 
     def versions(self) -> dict[int, ListedVersion]:
-        return {v: ListedVersion(v, path, fingerprint(path)) for v, path in scan_versions(self.base).items()}
+        found = scan_versions(self.base, self._ignored)
+        return {v: ListedVersion(v, path, fingerprint(path)) for v, path in found.items()}
 
     def settings_folder(self) -> Path:
         return self.base
@@ -167,6 +184,7 @@ class Repository:
         self._previous: dict[_Key, str] = {}  # fingerprints seen by the last scan
         self._settled: dict[_Key, str] = {}  # the last fingerprint seen stable, per version
         self._models: list[ModelConfig] = []
+        self._ignored: set[Path] = set()  # version folders named past int64, warned about once
         self._override: list[ModelConfig] | None = None
         self._config_read_at = 0.0
         self._require_stable = config.file_system_poll_wait_seconds > 0
@@ -274,7 +292,7 @@ class Repository:
         storage = self._storages.get(model.base_path)
         if storage is None:
             if isinstance(model.base_path, Path):
-                storage = LocalStorage(model.base_path)
+                storage = LocalStorage(model.base_path, self._ignored)
             else:
                 if self._cache is None:
                     cfg = self._config

@@ -237,6 +237,8 @@ class Server:
         self.config = config
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
+        if config.num_load_threads < 1:
+            raise ConfigError(f"--num_load_threads must be >= 1, got {config.num_load_threads}")
         self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
@@ -251,7 +253,7 @@ class Server:
             if path:
                 self.metrics_paths.add(path)
         self.metrics = Metrics() if self.metrics_paths else None
-        self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
+        self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self.repository = Repository(config)
         self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
@@ -265,7 +267,7 @@ class Server:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.control.sync()
+                await self.control.poll()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
@@ -400,7 +402,7 @@ async def _start_grpc(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
     )
-    server = grpc.aio.server(options=options, interceptors=[access])
+    server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
     v2_grpc.add_to_server(server, service, control, limits, metrics)

@@ -37,6 +37,7 @@ from inferd.types import (
     VersionState,
     VersionStatus,
     dtype_of,
+    integer_range_error,
 )
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class InferenceService:
             size = version.settings.prediction_cache_size
             lane = self._lanes[version] = _Lane(
                 self._new_join(version),
-                PredictionCache(size) if size else None,
+                PredictionCache(size, version.settings.prediction_cache_bytes) if size else None,
                 self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
             )
         return lane
@@ -339,13 +340,8 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
     if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
-        if target.kind in "iu" and value.size:
-            info = np.iinfo(target)
-            if value.min() < info.min or value.max() > info.max:
-                raise InvalidArgument(
-                    f"input {spec.name!r}: values must lie in [{info.min}, {info.max}] for "
-                    f"{dtype_of(target).v2}, got [{value.min()}, {value.max()}]"
-                )
+        if (problem := integer_range_error(spec.name, value, target)) is not None:
+            raise InvalidArgument(problem)
         value = value.astype(target)
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")

@@ -33,6 +33,8 @@ from inferd.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
+_MAX_VERSION = 2**63 - 1  # as repository.MAX_VERSION: TF Serving reads version names as int64
+
 
 class StorageError(OSError):
     """An object store could not be reached or read; the message names the URI and the cause."""
@@ -345,6 +347,7 @@ class RemoteStorage:
         self._settings = Path(self._settings_dir.name)
         self._settings_tag: ObjectInfo | None = None
         self._top: dict[str, ObjectInfo] = {}
+        self._ignored: set[str] = set()  # version names past int64, warned about once
 
     def versions(self) -> dict[int, ListedVersion]:
         try:
@@ -371,6 +374,11 @@ class RemoteStorage:
             if not (name.isascii() and name.isdigit()):
                 continue
             version = int(name)
+            if version > _MAX_VERSION:
+                if name not in self._ignored:
+                    log.warning("ignoring %s/%s: a version number must fit in int64", self.base, name)
+                    self._ignored.add(name)
+                continue
             if version in found:
                 log.warning(
                     "%s and %s/%s both name version %d; using the first",

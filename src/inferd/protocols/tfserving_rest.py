@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from inferd.errors import InferdError, InvalidArgument
+from inferd.errors import InferdError, InvalidArgument, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.protocols.limits import RequestLimits
@@ -287,7 +287,7 @@ def _string(item: Any, as_b64: bool) -> Any:
             return item.decode()
         except UnicodeDecodeError:
             return {"b64": base64.b64encode(item).decode()}
-    return item if isinstance(item, str) else str(item)
+    return encodable(item if isinstance(item, str) else str(item))  # a lone surrogate has no UTF-8
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:

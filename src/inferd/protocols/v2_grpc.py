@@ -38,7 +38,15 @@ from inferd.protocols import (
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    DEFAULT_SIGNATURE,
+    InferenceRequest,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_grpc"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -62,6 +70,8 @@ _CONTENTS = {
     "BYTES": "bytes_contents",
 }
 """Datatype -> the InferTensorContents field that holds its values (FP16 has none: raw only)."""
+_WIRE_DTYPES = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np.uint32)}
+"""The protobuf type of the integer fields that also carry narrower datatypes."""
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -264,10 +274,12 @@ def _from_contents(
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
-    try:
-        return np.asarray(values, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tensor.datatype}") from None
+    # Read in the field's own wire type (int_contents is int32 for INT8 and INT16 too), then
+    # range-check the narrowing cast instead of letting numpy wrap or overflow.
+    wide = np.asarray(values, dtype=_WIRE_DTYPES.get(field, dtype))
+    if (problem := integer_range_error(name, wide, dtype)) is not None:
+        raise InvalidArgument(f"{problem} (in {field})")
+    return wide.astype(dtype, copy=False)
 
 
 def add_to_server(

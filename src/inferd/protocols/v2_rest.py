@@ -18,7 +18,7 @@ import orjson
 
 import inferd
 from inferd.control import ModelControl
-from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import (
     JSON_HEADERS,
@@ -38,7 +38,15 @@ from inferd.protocols import (
 )
 from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
-from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    InferenceRequest,
+    ModelMetadata,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -277,6 +285,8 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
     limits.text(name, flat)
+    if (problem := integer_range_error(name, flat, dtype)) is not None:
+        raise InvalidArgument(problem)
     return flat.astype(dtype)
 
 
@@ -327,4 +337,4 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
 def _text(item: Any) -> str:
     if isinstance(item, bytes):
         return item.decode(errors="replace")
-    return str(item)
+    return encodable(str(item))  # a model's lone surrogate has no UTF-8
