@@ -152,3 +152,11 @@ def test_a_store_whose_filesystem_is_not_installed_names_the_extra(tmp_path: Pat
     )
     with pytest.raises(ConfigError, match=r"pip install 'inferd\[gcs\]'"):
         repo.scan()
+
+
+def test_a_remote_version_name_past_int64_is_ignored(store: S3Server, tmp_path: Path) -> None:
+    store.client().put_object(Bucket="bucket", Key=f"models/m/{2**63}/model.onnx", Body=b"x")
+    repo = repository(tmp_path)
+    repo.scan()
+    [plan] = repo.scan()
+    assert list(plan.aspired) == [1]
