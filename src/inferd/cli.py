@@ -32,7 +32,11 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
     ),
     ("model_name", str, "name of the model served from --model_base_path"),
-    ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),
+    (
+        "model_base_path",
+        str,
+        "folder or object-store URI (s3://, gs://, az://) holding the model's numbered version folders",
+    ),
     (
         "model_config_file",
         str,
@@ -47,6 +51,16 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "file_system_poll_wait_seconds",
         float,
         "scan the model folders for new and removed versions this often (0: once at start)",
+    ),
+    (
+        "model_cache_dir",
+        str,
+        "local folder caching versions downloaded from object stores (default ~/.cache/inferd/models)",
+    ),
+    (
+        "model_cache_bytes",
+        int,
+        "most bytes the model cache holds; least recently used versions not served are evicted (0: no bound)",
     ),
     ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
     ("rest_api_num_threads", int, "threads that run model predictions"),
@@ -221,9 +235,10 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
             "repository with --model) and write OUTPUT (.parquet, .csv, .jsonl or .npy)."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    # Each path may also be an object-store URI (s3://, gs://, az://).
+    parser.add_argument("model_path", metavar="MODEL")
     parser.add_argument("input", metavar="INPUT")
-    parser.add_argument("output", metavar="OUTPUT", type=Path)
+    parser.add_argument("output", metavar="OUTPUT")
     add = parser.add_argument
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
@@ -233,7 +248,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     add("--id-column", help="input column written beside the predictions (default: the row number)")
     add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
     add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
-    add("--rejects", type=Path, help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
+    add("--rejects", help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
     add("--resume", action="store_true", help="continue an interrupted run, skipping its finished chunks")
     add("--memory-budget-mb", type=float, default=1024.0, help="memory for rows in flight (default: 1024)")
     add(
@@ -256,11 +271,22 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _batch(args: argparse.Namespace) -> int:
     from inferd import offline
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # object-store paths are copied in, and the outputs back
+    try:
+        model = scratch.model(args.model_path, "MODEL", args.model_name, args.version)
+        source = scratch.input(args.input, "INPUT")
+        output = scratch.output(args.output, "OUTPUT")
+        rejects = scratch.output(args.rejects or f"{args.output}.rejects.jsonl", "--rejects")
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd batch: {exc.message}", file=sys.stderr)
+        return 2
     options = offline.BatchOptions(
-        model=args.model_path,
-        input=args.input,
-        output=args.output,
+        model=model,
+        input=source,
+        output=output,
         model_name=args.model_name,
         version=args.version,
         signature=args.signature,
@@ -269,7 +295,7 @@ def _batch(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         keep_columns=_names(args.keep_columns),
         outputs=_names(args.outputs),
-        rejects=args.rejects,
+        rejects=rejects,
         resume=args.resume,
         memory_budget_mb=args.memory_budget_mb,
         price_per_hour=args.price_per_hour,
@@ -278,9 +304,12 @@ def _batch(args: argparse.Namespace) -> int:
     )
     try:
         summary = offline.run(options)
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        scratch.close()
     print("\n".join(summary.lines()), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_bytes(summary.to_json())
@@ -410,7 +439,8 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
             "Exit status: 0 with a winner, 3 when none qualifies, 2 for bad input. See docs/select.md."
         ),
     )
-    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
+    # CANDIDATE, --data, MODEL, --out and --calibration may also be object-store URIs.
+    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+")
     add = parser.add_argument
     add(
         "--data",
@@ -463,9 +493,9 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
             "go on; the exit status is 0 when at least one was made. See docs/optimize.md."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    parser.add_argument("model_path", metavar="MODEL")
     add = parser.add_argument
-    add("--out", required=True, type=Path, help="folder to write the variants to")
+    add("--out", required=True, help="folder (or object-store URI) to write the variants to")
     add(
         "--calibration",
         help="input rows (CSV, Parquet, JSONL or .npy, columns as for inferd batch) for static int8 "
@@ -480,12 +510,21 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
+    from inferd.storage import Scratch
 
     if args.plot and not _can_plot("select"):
         return 2
+    scratch = Scratch()  # object-store candidates and data are copied in
+    try:
+        candidates = tuple(scratch.model(c, "CANDIDATE") for c in args.candidates)
+        data = scratch.input(args.data, "--data")
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd select: {exc.message}", file=sys.stderr)
+        return 2
     options = select.SelectOptions(
-        candidates=tuple(args.candidates),
-        data=args.data,
+        candidates=candidates,
+        data=data,
         label=args.label,
         optimize=args.optimize,
         requirements=tuple(args.require),
@@ -503,16 +542,29 @@ def _select(args: argparse.Namespace) -> int:
             args.promote, args.promote_label, args.model_config_file, args.apply, args.wait_url
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
-    return command.execute(options, outputs, promote)
+    try:
+        return command.execute(options, outputs, promote)
+    finally:
+        scratch.close()
 
 
 def _optimize(args: argparse.Namespace) -> int:
     from inferd import optimize
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # an object-store model and calibration are copied in, the variants out
+    try:
+        model = scratch.model(args.model_path, "MODEL")
+        out = scratch.output(args.out, "--out")
+        calibration = scratch.input(args.calibration, "--calibration") if args.calibration else None
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd optimize: {exc.message}", file=sys.stderr)
+        return 2
     options = optimize.OptimizeOptions(
-        model=args.model_path,
-        out=args.out,
-        calibration=args.calibration,
+        model=model,
+        out=out,
+        calibration=calibration,
         only=_names(args.only),
         tflite=args.tflite,
     )
@@ -522,9 +574,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
     try:
         outcomes = optimize.run(options, report)
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd optimize: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        scratch.close()
     made = sum(outcome.ok for outcome in outcomes)
     print(f"{made} of {len(outcomes)} variants made in {args.out}")
     return 0 if made else 1

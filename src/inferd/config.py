@@ -22,6 +22,38 @@ from inferd._proto import model_server_config_pb2 as pb
 from inferd.errors import ConfigError
 
 SETTINGS_FILE = "inferd.toml"
+
+# Object-store URI scheme -> (fsspec protocol, the inferd extra that installs its filesystem)
+OBJECT_STORES: Mapping[str, tuple[str, str]] = {
+    "s3": ("s3", "s3"),
+    "s3a": ("s3", "s3"),
+    "gs": ("gcs", "gcs"),
+    "gcs": ("gcs", "gcs"),
+    "az": ("az", "azure"),
+    "abfs": ("abfs", "azure"),
+    "abfss": ("abfs", "azure"),
+}
+
+
+def model_location(text: str) -> Path | str:
+    """Where a model or repository lives: a local ``Path`` for a folder path or a ``file://``
+    URI; the URI itself (without a trailing slash) for an object store (``OBJECT_STORES``).
+
+    Raises:
+        ConfigError: a URI whose scheme is not ``file`` or an object store.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep or "/" in scheme:
+        return Path(text)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return Path(rest)
+    if scheme not in OBJECT_STORES:
+        schemes = ", ".join(sorted(OBJECT_STORES))
+        raise ConfigError(f"model path {text!r}: expected a folder or a URI of scheme file, {schemes}")
+    return text.rstrip("/")
+
+
 """Per-model settings, read from ``<base_path>/inferd.toml``."""
 
 
@@ -340,7 +372,7 @@ class ModelConfig:
     """
 
     name: str
-    base_path: Path
+    base_path: Path | str  # a folder, or an object-store URI (see ``model_location``)
     platform: str | None = None
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
@@ -363,6 +395,8 @@ class ServerConfig:
     repository: str = ""
     model_config_file_poll_wait_seconds: float = 0.0
     file_system_poll_wait_seconds: float = 1.0
+    model_cache_dir: str = ""  # "" : model_cache.default_cache_dir()
+    model_cache_bytes: int = 10 * 1024**3
     rest_api_timeout_in_ms: int = 30_000
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
@@ -566,7 +600,7 @@ def models_from_proto(message: pb.ModelServerConfig, source: str) -> list[ModelC
         models.append(
             ModelConfig(
                 name=entry.name,
-                base_path=Path(entry.base_path),
+                base_path=model_location(entry.base_path),
                 platform=entry.model_platform or None,
                 version_policy=_policy_from_proto(entry),
                 labels=labels,

@@ -11,6 +11,11 @@ A model whose folder cannot be listed (missing, a broken link, an I/O error, a b
 where a version folder was) keeps the plan of its last complete listing: what is on disk is
 unknown, and reading it as "no versions" would unload or roll back what serves. The fault is
 logged when it starts and when it ends; every scan tries again.
+
+Where a model's files live is a ``Storage`` (``storage.py``): ``LocalStorage`` here for a
+folder, ``RemoteStorage`` for an object-store URI. The same rules apply to both, with a listing's
+keys, sizes and ETags as the fingerprint of a remote version; a remote version is downloaded
+into the model cache only once the policy chooses it, and the plan names its local copy.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ from inferd.config import (
     ModelSettings,
     ServerConfig,
     VersionPolicy,
+    model_location,
     read_model_config_file,
     read_model_settings,
 )
 from inferd.errors import ConfigError
+from inferd.model_cache import ModelCache, default_cache_dir
+from inferd.storage import ListedVersion, ObjectStore, RemoteStorage, Storage
 
 log = logging.getLogger(__name__)
+
+_Key = tuple[Path | str, int]  # a model's base path and a version number
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +142,28 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+class LocalStorage:
+    """A model in a local folder: ``Storage`` over ``scan_versions`` and ``fingerprint``;
+    ``ignored`` as ``scan_versions`` takes it."""
+
+    def __init__(self, base: Path, ignored: set[Path]) -> None:
+        self.base = base
+        self._ignored = ignored
+
+    def versions(self) -> dict[int, ListedVersion]:
+        found = scan_versions(self.base, self._ignored)
+        return {v: ListedVersion(v, path, fingerprint(path)) for v, path in found.items()}
+
+    def settings_folder(self) -> Path:
+        return self.base
+
+    def verified(self, listed: ListedVersion) -> bool:
+        return False
+
+    def fetch(self, listed: ListedVersion) -> Path:
+        return Path(listed.where)
+
+
 def folder_bytes(folder: Path) -> int:
     """Bytes of every file under ``folder``: a version's size on disk."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -149,8 +181,8 @@ class Repository:
 
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
-        self._previous: dict[Path, str] = {}  # fingerprints seen by the last scan
-        self._settled: dict[Path, str] = {}  # the last fingerprint seen stable, per version folder
+        self._previous: dict[_Key, str] = {}  # fingerprints seen by the last scan
+        self._settled: dict[_Key, str] = {}  # the last fingerprint seen stable, per version
         self._models: list[ModelConfig] = []
         self._ignored: set[Path] = set()  # version folders named past int64, warned about once
         self._override: list[ModelConfig] | None = None
@@ -158,6 +190,10 @@ class Repository:
         self._require_stable = config.file_system_poll_wait_seconds > 0
         self._plans: dict[str, ModelPlan] = {}  # the last plan made from a complete listing
         self._faults: dict[str, str] = {}  # models whose folder could not be listed, and why
+        self._storages: dict[Path | str, Storage] = {}
+        self._cache: ModelCache | None = None  # made when the first object-store model is planned
+        self._protected: set[str] = set()  # cached versions the last scan planned (see _protect)
+        self._protecting: set[str] = set()  # and those the scan in progress has planned
 
     def model_configs(self) -> list[ModelConfig]:
         """The configured models, re-reading the model config file when its poll period passed.
@@ -181,6 +217,18 @@ class Repository:
                         raise
                     log.error("keeping the previous model config: %s", exc)
                 self._config_read_at = time.monotonic()
+        elif cfg.repository and isinstance(remote := model_location(cfg.repository), str):
+            try:
+                names = ObjectStore(remote).folders(remote)
+            except OSError as exc:
+                if not self._models:
+                    raise ConfigError(f"cannot list model repository {remote}: {exc}") from exc
+                self._fault(remote, str(exc))  # keep the models of the last listing
+            else:
+                self._fault(remote, None)
+                self._models = [
+                    ModelConfig(name, f"{remote}/{name}") for name in names if not name.startswith((".", "_"))
+                ]
         elif cfg.repository:
             root = Path(cfg.repository)
             try:
@@ -197,7 +245,7 @@ class Repository:
                 raise ConfigError(
                     "no models: give --model_base_path, --model_config_file or a repository folder"
                 )
-            self._models = [ModelConfig(cfg.model_name, Path(cfg.model_base_path))]
+            self._models = [ModelConfig(cfg.model_name, model_location(cfg.model_base_path))]
         return self._models if self._override is None else self._override
 
     def _fault(self, name: str, message: str | None) -> None:
@@ -219,48 +267,86 @@ class Repository:
         self._override = models
 
     def scan(self, trusted: Collection[str] = ()) -> list[ModelPlan]:
-        """Plan every configured model from what is on disk now.
+        """Plan every configured model from what is on disk (or in its store) now.
 
         Versions of the models named in ``trusted`` count as stable at once (an explicit load:
-        the caller vouches that their files are complete).
+        the caller vouches that their files are complete). A chosen version in an object store
+        is downloaded into the model cache here, before the plan names it.
         """
         plans = []
-        seen: dict[Path, str] = {}
-        settled: dict[Path, str] = {}
+        seen: dict[_Key, str] = {}
+        settled: dict[_Key, str] = {}
+        self._protecting = set()
         for model in self.model_configs():
             plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
         self._plans = {plan.name: plan for plan in plans}
+        self._protect(self._protecting, replace=True)
         return plans
 
+    def _protect(self, uris: set[str], replace: bool = False) -> None:
+        """Keep the cached versions at ``uris`` from eviction: the ones the last scan planned,
+        plus those this scan has chosen so far, until the scan ends (``replace``)."""
+        self._protected = uris if replace else self._protected | uris
+        if self._cache is not None:
+            self._cache.protect(self._protected)
+
+    def _storage(self, model: ModelConfig) -> Storage:
+        """The model's ``Storage``, made at its first scan and kept (a remote one holds state)."""
+        storage = self._storages.get(model.base_path)
+        if storage is None:
+            if isinstance(model.base_path, Path):
+                storage = LocalStorage(model.base_path, self._ignored)
+            else:
+                if self._cache is None:
+                    cfg = self._config
+                    folder = Path(cfg.model_cache_dir) if cfg.model_cache_dir else default_cache_dir()
+                    self._cache = ModelCache(folder, cfg.model_cache_bytes)
+                storage = RemoteStorage(model.base_path, self._cache)
+            self._storages[model.base_path] = storage
+        return storage
+
     def _plan(
-        self, model: ModelConfig, seen: dict[Path, str], settled: dict[Path, str], trusted: bool
+        self, model: ModelConfig, seen: dict[_Key, str], settled: dict[_Key, str], trusted: bool
     ) -> ModelPlan:
         error = None
         try:
-            settings = read_model_settings(model.base_path)
+            storage = self._storage(model)
+            versions = storage.versions()
+            settings_folder = storage.settings_folder()
+        except OSError as exc:
+            return self._keep(
+                model,
+                seen,
+                settled,
+                str(exc) if isinstance(model.base_path, str) else f"cannot list {model.base_path}: {exc}",
+            )
+        try:
+            settings = read_model_settings(settings_folder)
         except ConfigError as exc:
             log.error("model %s: %s", model.name, exc)
             settings, error = ModelSettings(), exc.message
         if self._config.safe:
             settings = dataclasses.replace(settings, safe=True)
-        try:
-            versions = scan_versions(model.base_path, self._ignored)
-        except OSError as exc:
-            return self._keep(model, settings, seen, settled, f"cannot list {model.base_path}: {exc}")
         self._fault(model.name, None)
         stable = {}
-        for version, path in versions.items():
-            seen[path] = fingerprint(path)
-            if trusted or not self._require_stable or self._previous.get(path) == seen[path]:
-                settled[path] = seen[path]
-            elif path in self._settled:
-                settled[path] = self._settled[path]  # changing now, but it was stable before
+        for version, listed in versions.items():
+            key = (model.base_path, version)
+            seen[key] = listed.fingerprint
+            if (
+                trusted
+                or not self._require_stable
+                or self._previous.get(key) == seen[key]
+                or storage.verified(listed)
+            ):
+                settled[key] = seen[key]
+            elif key in self._settled:
+                settled[key] = self._settled[key]  # changing now, but it was stable before
             else:
                 continue  # new and still changing: wait for the next scan
-            stable[version] = VersionSource(version, path, settled[path])
+            stable[version] = dataclasses.replace(listed, fingerprint=settled[key])
         policy = model.version_policy or settings.version_policy or VersionPolicy()
-        aspired = {v: stable[v] for v in policy.select(stable)}
+        aspired = self._fetch(model.name, storage, policy, stable)
         return ModelPlan(
             name=model.name,
             aspired=aspired,
@@ -270,21 +356,45 @@ class Repository:
             error=error,
         )
 
+    def _fetch(
+        self, name: str, storage: Storage, policy: VersionPolicy, stable: dict[int, ListedVersion]
+    ) -> dict[int, VersionSource]:
+        """The versions ``policy`` chooses among ``stable`` with their local folders. A version
+        that cannot be fetched now is left out and the policy chooses again among the rest, so
+        that a download that fails never takes the place of what serves."""
+        candidates = dict(stable)
+        local: dict[int, Path] = {}
+        while True:
+            chosen = policy.select(candidates)
+            missing = None
+            for version in chosen:
+                if version in local:
+                    continue
+                try:
+                    local[version] = storage.fetch(candidates[version])
+                    if isinstance(where := candidates[version].where, str):
+                        self._protecting.add(where)
+                        self._protect({where})
+                    self._fault(f"{name}/{version}", None)
+                except OSError as exc:
+                    self._fault(f"{name}/{version}", f"cannot fetch version {version}: {exc}")
+                    missing = version
+                    break
+            if missing is None:
+                return {v: VersionSource(v, local[v], candidates[v].fingerprint) for v in chosen}
+            del candidates[missing]
+
     def _keep(
-        self,
-        model: ModelConfig,
-        settings: ModelSettings,
-        seen: dict[Path, str],
-        settled: dict[Path, str],
-        fault: str,
+        self, model: ModelConfig, seen: dict[_Key, str], settled: dict[_Key, str], fault: str
     ) -> ModelPlan:
         """The model's previous plan, while its folder cannot be listed; what the last scan
         knew of its versions' stability is carried over."""
         self._fault(model.name, fault)
+        self._protecting |= {u for u in self._protected if u.startswith(f"{model.base_path}/")}
         for known, kept in ((self._previous, seen), (self._settled, settled)):
-            kept.update((path, fp) for path, fp in known.items() if path.parent == model.base_path)
+            kept.update((key, fp) for key, fp in known.items() if key[0] == model.base_path)
         previous = self._plans.get(model.name)
-        return previous or ModelPlan(model.name, {}, settings=settings, error=fault)
+        return previous or ModelPlan(model.name, {}, error=fault)
 
 
 def _is_model_folder(entry: os.DirEntry[str]) -> bool:
