@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine, Iterator
@@ -300,11 +302,17 @@ class Server:
 
         http_server = _http_server_class()
         interval_s = self._poll_interval_s()
-        await self.control.sync()
-        if self.config.file_system_poll_wait_seconds > 0:
-            # Versions are loaded once two scans agree on their content (see repository.py).
-            await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+        # Bound (not yet listening) before the models load: a busy port fails the start at once.
+        rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port)
+        try:
             await self.control.sync()
+            if self.config.file_system_poll_wait_seconds > 0:
+                # Versions are loaded once two scans agree on their content (see repository.py).
+                await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+                await self.control.sync()
+        except BaseException:
+            rest_socket.close()
+            raise
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
@@ -356,8 +364,9 @@ class Server:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
-            await http.serve()
+            await http.serve(sockets=[rest_socket])
         finally:
+            rest_socket.close()
             if grpc_server is not None:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
@@ -427,6 +436,30 @@ async def _start_grpc(
         raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
     await server.start()
     return server, health_servicer
+
+
+def bind_rest_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for the REST API, not yet listening (uvicorn listens
+    on it when it starts serving).
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--host): {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port's
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--rest_api_port); {reason}") from exc
+    return sock
 
 
 def _http_server_class() -> type:
