@@ -38,7 +38,9 @@ def test_a_busy_port_fails_the_start_with_exit_2_before_claiming_to_serve(tmp_pa
     flag = "--rest_api_port" if busy == "rest" else "--port"
     kind = "REST" if busy == "rest" else "gRPC"
     assert done.returncode == 2, done.stderr
-    assert f"inferd: cannot listen for {kind} on 127.0.0.1:{taken} ({flag}); is the port in use?" in done.stderr
+    assert (
+        f"inferd: cannot listen for {kind} on 127.0.0.1:{taken} ({flag}); is the port in use?" in done.stderr
+    )
     assert "serving" not in done.stderr
     assert "Traceback" not in done.stderr
     assert "Errno" not in done.stderr
