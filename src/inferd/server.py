@@ -340,9 +340,11 @@ class Server:
                 grpc_server, health = await _start_grpc(
                     self.service, self.control, self.config, self.metrics, self.tls
                 )
-            log.info(
-                "serving %s on %s://%s:%d%s",
-                ", ".join(self.manager.names()),
+            level, served = self.control.summary()
+            log.log(
+                level,
+                "%s; listening on %s://%s:%d%s",
+                served,
                 "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
