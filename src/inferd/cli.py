@@ -368,8 +368,22 @@ def _bench(args: argparse.Namespace) -> int:
         path=args.path,
         tls=tls,
     )
+    steps = loadtest.steps_of(options)
+    print(
+        f"inferd bench: {len(steps)} step(s) of {options.warmup_s:g} s warm-up and "
+        f"{options.duration_s:g} s measured each",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def progress(report: loadtest.StepReport) -> None:
+        index = len(done) + 1
+        done.append(report)
+        print(loadtest.progress_line(report, index, len(steps)), file=sys.stderr, flush=True)
+
+    done: list[loadtest.StepReport] = []
     try:
-        reports = loadtest.run(options)
+        reports = loadtest.run(options, progress)
     except ValueError as exc:
         print(f"inferd bench: {exc}", file=sys.stderr)
         return 2
@@ -382,6 +396,10 @@ def _bench(args: argparse.Namespace) -> int:
             Path(args.json_path).write_bytes(report)
     if args.plot:
         loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    if not any(r.succeeded for r in reports):
+        said = "; ".join(loadtest.error_messages(reports)) or "no answer"
+        print(f"inferd bench: every request failed: {said}", file=sys.stderr)
+        return 1
     return 0
 
 
