@@ -29,6 +29,7 @@ def test_tutorial_example_serves_what_the_model_predicts(tmp_path: Path) -> None
 
     out = tmp_path / "out"
     python, example, *args = tutorial_command()
+    assert python == ".venv/bin/python"
     assert args == ["--out", "/tmp/digits"]
     # The tutorial's command, run by this environment's Python, writing into the test's folder.
     run = subprocess.run(
