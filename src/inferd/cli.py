@@ -403,8 +403,22 @@ def _bench(args: argparse.Namespace) -> int:
         path=args.path,
         tls=tls,
     )
+    steps = loadtest.steps_of(options)
+    print(
+        f"inferd bench: {len(steps)} step(s) of {options.warmup_s:g} s warm-up and "
+        f"{options.duration_s:g} s measured each",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def progress(report: loadtest.StepReport) -> None:
+        index = len(done) + 1
+        done.append(report)
+        print(loadtest.progress_line(report, index, len(steps)), file=sys.stderr, flush=True)
+
+    done: list[loadtest.StepReport] = []
     try:
-        reports = loadtest.run(options)
+        reports = loadtest.run(options, progress)
     except ValueError as exc:
         print(f"inferd bench: {exc}", file=sys.stderr)
         return 2
@@ -417,6 +431,10 @@ def _bench(args: argparse.Namespace) -> int:
             Path(args.json_path).write_bytes(report)
     if args.plot:
         loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    if not any(r.succeeded for r in reports):
+        said = "; ".join(loadtest.error_messages(reports)) or "no answer"
+        print(f"inferd bench: every request failed: {said}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -589,8 +607,35 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that refuses arguments it does not know itself, so that a mistyped
+    flag of a subcommand (``inferd serve --rest_api_prot=1``) is reported with that
+    subcommand's usage rather than the top level's; subcommand parsers inherit the class."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
+
+
+def _version() -> str:
+    """inferd's version, from the installed package's metadata."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("inferd")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from inferd import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
+    parser = _Parser(prog="inferd", description="inferd: a model server for any framework")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _features_parser(sub)

@@ -131,6 +131,35 @@ class ModelControl:
         if self._runs.get(name) is asyncio.current_task():
             del self._runs[name]
 
+    def summary(self) -> tuple[int, str]:
+        """What serves now, for the log: a level and a line naming each configured model with
+        its AVAILABLE versions and, for each that has none, why (no version folder and how to
+        make one, or each version's load error). INFO when every model serves, WARNING when
+        some do not, ERROR when none does."""
+        unversioned = self._repository.why_unversioned()
+        served, unserved = [], []
+        for name in self._configured:
+            if name in self._unloaded:
+                unserved.append(f"{name} (unloaded by an admin)")
+                continue
+            try:
+                statuses = self._manager.status(ModelRef(name))
+            except NotFound:
+                statuses = []
+            available = sorted(s.version for s in statuses if s.state is VersionState.AVAILABLE)
+            if available:
+                plural = "s" if len(available) > 1 else ""
+                served.append(f"{name} (version{plural} {', '.join(map(str, available))})")
+                continue
+            failed = [f"version {s.version}: {s.error_message}" for s in statuses if s.error_message]
+            why = unversioned.get(name) or "; ".join(failed) or "no version loaded yet"
+            unserved.append(f"{name} ({why})")
+        if not unserved:
+            return logging.INFO, f"serving {', '.join(served)}"
+        if not served:
+            return logging.ERROR, f"no model loaded: {', '.join(unserved)}"
+        return logging.WARNING, f"serving {', '.join(served)}; not serving {', '.join(unserved)}"
+
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every configured model's versions and states, by name; ``ready_only`` keeps the
         AVAILABLE ones."""

@@ -16,6 +16,11 @@ Where a model's files live is a ``Storage`` (``storage.py``): ``LocalStorage`` h
 folder, ``RemoteStorage`` for an object-store URI. The same rules apply to both, with a listing's
 keys, sizes and ETags as the fingerprint of a remote version; a remote version is downloaded
 into the model cache only once the policy chooses it, and the plan names its local copy.
+
+Other faults a scan finds (an ``inferd.toml`` or model config file that does not read, a model
+file put directly in the base path instead of a version folder) are logged once each, again only
+when the file behind them changes, and their end is logged too: a poll every second repeats
+nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inferd.config import (
+    SETTINGS_FILE,
     ModelConfig,
     ModelSettings,
     ServerConfig,
@@ -194,6 +200,8 @@ class Repository:
         self._cache: ModelCache | None = None  # made when the first object-store model is planned
         self._protected: set[str] = set()  # cached versions the last scan planned (see _protect)
         self._protecting: set[str] = set()  # and those the scan in progress has planned
+        self._fault_log = FaultLog()
+        self._no_versions: dict[str, str] = {}  # models without a version folder, and what to do
 
     def model_configs(self) -> list[ModelConfig]:
         """The configured models, re-reading the model config file when its poll period passed.
@@ -215,7 +223,13 @@ class Repository:
                 except ConfigError as exc:
                     if not self._config_read_at:
                         raise
-                    log.error("keeping the previous model config: %s", exc)
+                    self._fault_log.report(
+                        "model_config_file",
+                        f"keeping the previous model config: {exc.message}",
+                        Path(cfg.model_config_file),
+                    )
+                else:
+                    self._fault_log.clear("model_config_file", f"{cfg.model_config_file} reads again")
                 self._config_read_at = time.monotonic()
         elif cfg.repository and isinstance(remote := model_location(cfg.repository), str):
             try:
@@ -310,6 +324,7 @@ class Repository:
         self, model: ModelConfig, seen: dict[_Key, str], settled: dict[_Key, str], trusted: bool
     ) -> ModelPlan:
         error = None
+        settings_key = f"settings:{model.name}"
         try:
             storage = self._storage(model)
             versions = storage.versions()
@@ -324,11 +339,19 @@ class Repository:
         try:
             settings = read_model_settings(settings_folder)
         except ConfigError as exc:
-            log.error("model %s: %s", model.name, exc)
+            self._fault_log.report(
+                settings_key,
+                f"model {model.name}: {exc.message}; versions not loaded yet fail with this until "
+                "the file is fixed (logged again only when it changes)",
+                settings_folder / SETTINGS_FILE,
+            )
             settings, error = ModelSettings(), exc.message
+        else:
+            self._fault_log.clear(settings_key, f"model {model.name}: {SETTINGS_FILE} reads again")
         if self._config.safe:
             settings = dataclasses.replace(settings, safe=True)
         self._fault(model.name, None)
+        self._check_layout(model, versions)
         stable = {}
         for version, listed in versions.items():
             key = (model.base_path, version)
@@ -384,6 +407,31 @@ class Repository:
                 return {v: VersionSource(v, local[v], candidates[v].fingerprint) for v in chosen}
             del candidates[missing]
 
+    def _check_layout(self, model: ModelConfig, versions: Mapping[int, object]) -> None:
+        """Note (and log once) a model with no version folder, saying how to make one."""
+        key = f"layout:{model.name}"
+        if versions:
+            self._no_versions.pop(model.name, None)
+            self._fault_log.clear(key, f"model {model.name}: version folders found in {model.base_path}")
+            return
+        base = model.base_path
+        stray = stray_entries(base) if isinstance(base, Path) else []
+        if stray and isinstance(base, Path):
+            what = " and ".join(", ".join(stray).rsplit(", ", 1))
+            why = (
+                f"no version folder in {base}, which holds {what} directly; a model's files go in a "
+                f"numbered version folder: move {what} into {base / '1'}/"
+            )
+        else:
+            why = f"no version folders (1/, 2/, ...) in {base} yet"
+        self._no_versions[model.name] = why
+        level = logging.ERROR if stray else logging.WARNING
+        self._fault_log.report(key, f"model {model.name}: {why}", level=level)
+
+    def why_unversioned(self) -> dict[str, str]:
+        """Models whose last scan found no version folder, and what to do about it."""
+        return dict(self._no_versions)
+
     def _keep(
         self, model: ModelConfig, seen: dict[_Key, str], settled: dict[_Key, str], fault: str
     ) -> ModelPlan:
@@ -395,6 +443,54 @@ class Repository:
             kept.update((key, fp) for key, fp in known.items() if key[0] == model.base_path)
         previous = self._plans.get(model.name)
         return previous or ModelPlan(model.name, {}, error=fault)
+
+
+class FaultLog:
+    """Logs each fault once: when it appears, again when its message or the file behind it
+    changes, and its end. Keys name a fault's place (a model, a file); call from one thread."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[str, object]] = {}  # key -> (message, state of its file)
+
+    def report(self, key: str, message: str, source: Path | None = None, level: int = logging.ERROR) -> None:
+        """``message`` holds at ``key`` now; logged at ``level`` unless it was logged already and
+        ``source`` (the file at fault) did not change since."""
+        seen = (message, _file_state(source))
+        if self._open.get(key) != seen:
+            log.log(level, "%s", message)
+        self._open[key] = seen
+
+    def clear(self, key: str, ended: str) -> None:
+        """The fault at ``key`` (if any) is over; logs ``ended`` at INFO when there was one."""
+        if self._open.pop(key, None) is not None:
+            log.info("%s", ended)
+
+
+def _file_state(path: Path | None) -> object:
+    """What tells one version of a file from the next: its size and modification time."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return (st.st_size, st.st_mtime_ns)
+
+
+def stray_entries(base_path: Path) -> list[str]:
+    """Names in ``base_path`` that look like a model put there directly instead of in a version
+    folder: every file and non-numeric folder but ``inferd.toml`` and hidden (``.``, ``_``)
+    entries; sorted, folders with a trailing ``/``. Empty when it cannot be listed."""
+    try:
+        entries = list(os.scandir(base_path))
+    except OSError:
+        return []
+    stray = [
+        f"{e.name}/" if e.is_dir() else e.name
+        for e in entries
+        if not e.name.startswith((".", "_")) and e.name != SETTINGS_FILE and not e.name.isdigit()
+    ]
+    return sorted(stray)
 
 
 def _is_model_folder(entry: os.DirEntry[str]) -> bool:
