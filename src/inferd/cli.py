@@ -275,6 +275,9 @@ def _batch(args: argparse.Namespace) -> int:
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("inferd batch: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
     print("\n".join(summary.lines()), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_bytes(summary.to_json())

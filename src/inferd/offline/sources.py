@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from inferd.errors import InvalidArgument
 from inferd.offline.columns import column_tensor, row_width
 from inferd.offline.images import decode_images
-from inferd.types import Signature, Tensors, TensorSpec
+from inferd.service import conform
+from inferd.types import Signature, Tensors, TensorSpec, dtype_of
 
 TABULAR = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 FORMATS = {**TABULAR, ".npy": "npy"}
@@ -153,6 +154,9 @@ def plan_layout(
             raise InvalidArgument(f"--keep-columns needs tabular input, not {kind}")
         if id_column:
             raise InvalidArgument(f"--id-column needs tabular input, not {kind}")
+        if kind == "npy":
+            for path in files:
+                _check_npy(signature.inputs[0], path)
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
     first = file_columns(files[0], kind)
     keep_all = list(keep) == ["*"]
@@ -165,6 +169,26 @@ def plan_layout(
         if missing:
             raise InvalidArgument(f"{path}: missing column(s) {missing}")
     return Layout(files, kind, id_column, mapping, kept)
+
+
+def _check_npy(spec: TensorSpec, path: Path) -> None:
+    """Refuse a ``.npy`` file whose rows cannot feed ``spec`` (rank, sizes, dtype kind), before
+    any row is read: every row would fail the same way.
+
+    Raises:
+        InvalidArgument: names the file, the input, what it takes and what the file holds.
+    """
+    shape, dtype, _ = _npy_header(path)
+    try:
+        conform(spec, np.empty((0, *shape[1:]), dtype))
+    except InvalidArgument:
+        try:
+            name = dtype_of(dtype).v2
+        except KeyError:
+            name = str(dtype)
+        raise InvalidArgument(
+            f"{path}: input {spec.name!r}: expected {spec.describe()}, got {name} {list(shape)}"
+        ) from None
 
 
 def _columns_for(
@@ -210,13 +234,23 @@ def read_chunks(layout: Layout, signature: Signature, chunk_rows: int) -> Iterat
     makes ``--resume`` line up with a previous run.
 
     Raises:
-        InvalidArgument: a file that cannot be read at all (corrupt Parquet, bad ``.npy``).
+        InvalidArgument: a file that cannot be read (corrupt Parquet, bad ``.npy``, an I/O
+            error), named with the reader's error.
     """
     index, row = 0, 0
     # An image folder is one input: its files are the rows.
     for path in layout.files[:1] if layout.kind == "images" else layout.files:
-        for block in _blocks(layout, path, chunk_rows):
-            chunk = _chunk(layout, signature, path, block, index, row)
+        blocks = _blocks(layout, path, chunk_rows)
+        while True:
+            try:
+                block = next(blocks, None)
+                if block is None:
+                    break
+                chunk = _chunk(layout, signature, path, block, index, row)
+            except InvalidArgument:
+                raise
+            except Exception as exc:  # pyarrow's, numpy's and the OS's errors: name the file
+                raise InvalidArgument(f"{path}: cannot be read: {type(exc).__name__}: {exc}") from exc
             yield chunk
             index, row = index + 1, row + chunk.rows
 
