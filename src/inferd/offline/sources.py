@@ -137,15 +137,21 @@ def file_columns(path: Path, kind: str) -> list[str]:
 
 
 def plan_layout(
-    signature: Signature, files: tuple[Path, ...], kind: str, id_column: str | None, keep: Sequence[str]
+    signature: Signature,
+    files: tuple[Path, ...],
+    kind: str,
+    id_column: str | None,
+    keep: Sequence[str],
+    drop: Sequence[str] = (),
 ) -> Layout:
     """Map columns to the inputs of ``signature``, the request-side one (entity keys and request
     columns, not looked-up features) for a model with ``[features]``, checking every file's
-    columns before any work.
+    columns before any work. Columns in ``drop`` are not read.
 
     Raises:
-        InvalidArgument: a column the mapping needs is missing in some file (named), or the
-            model does not fit the input kind (``.npy`` and images need one input).
+        InvalidArgument: a column the mapping needs is missing in some file (named), a column
+            to drop is not in the first file, or the model does not fit the input kind (``.npy``
+            and images need one input).
     """
     if kind in ("npy", "images"):
         if len(signature.inputs) != 1:
@@ -159,6 +165,10 @@ def plan_layout(
                 _check_npy(signature.inputs[0], path)
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
     first = file_columns(files[0], kind)
+    unknown = [c for c in drop if c not in first]
+    if unknown:
+        raise InvalidArgument(f"--drop_columns: {files[0]} has no column(s) {unknown}; it has {_few(first)}")
+    first = [c for c in first if c not in drop]
     keep_all = list(keep) == ["*"]
     mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
     kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
@@ -205,8 +215,14 @@ def _columns_for(
         return tuple(rest)
     wanted = f"a column {spec.name!r}" + (f", columns {numbered[0]}..{numbered[-1]}" if numbered else "")
     if len(signature.inputs) == 1 and width:
-        wanted += f", or exactly {width} feature columns besides the id (found {len(rest)})"
+        wanted += f", or exactly {width} feature columns besides the id (found {len(rest)}: {_few(rest)})"
     raise InvalidArgument(f"input {spec.name!r} ({spec.describe()}): missing column(s); expected {wanted}")
+
+
+def _few(names: Sequence[str]) -> str:
+    """Column names for a message: all of up to eight, else the first three and the last two."""
+    shown = list(names) if len(names) <= 8 else [*names[:3], "...", *names[-2:]]
+    return ", ".join(shown)
 
 
 def row_bytes(signature: Signature) -> int:
