@@ -234,8 +234,10 @@ async def _run(options: BatchOptions) -> Summary:
                 rejected = await _stage(
                     "merging the parts into " + str(options.output), store.finish, rejects
                 )
-            except InferdError as exc:
-                raise type(exc)(f"{exc.message}; {store.abandon()}") from exc
+            except InferdError as exc:  # say what became of the parts folder
+                exc.message = f"{exc.message}; {store.abandon()}"
+                exc.args = (exc.message,)
+                raise
             except BaseException:
                 store.abandon()
                 raise
