@@ -317,7 +317,8 @@ def test_no_variant_made_exits_1_and_bad_options_exit_2(made: dict[str, Any]) ->
         str(made["root"] / "narrow.npy"),
     )
     assert run.returncode == 2
-    assert "input 'inputs' expects FP64 [-1, 64], got rows of shape [5, 3]" in run.stderr
+    assert "--calibration " in run.stderr
+    assert "narrow.npy: input 'inputs': expected FP64 [-1, 64], got FP32 [5, 3]" in run.stderr
 
 
 def test_a_torchscript_program_converts_with_its_two_inputs_and_outputs(server: ServerProcess) -> None:
