@@ -11,6 +11,7 @@ allow it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from inferd.offline import in_process_settings
 from inferd.repository import list_versions
 from inferd.runtimes import load_model
 from inferd.types import Signature, TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 def served_version(base: Path) -> Path | None:
@@ -46,15 +49,20 @@ def signatures_of(version_dir: Path, settings: ModelSettings) -> Mapping[str, Si
 
 def api_changes(base: Path, candidate: Path, candidate_settings: ModelSettings) -> list[str]:
     """Every difference between the API of ``base``'s served version and ``candidate``'s, as
-    lines of text; empty when they match, or when ``base`` serves nothing yet.
+    lines of text; empty when they match, or when ``base`` serves nothing: no version yet, or one
+    that does not load (a warning says so; a promotion may be what repairs it).
 
     Raises:
-        InvalidArgument: either version does not load.
+        InvalidArgument: the candidate does not load.
     """
     served = served_version(base)
     if served is None:
         return []
-    before = signatures_of(served, in_process_settings(base))
+    try:
+        before = signatures_of(served, in_process_settings(base))
+    except InferdError as exc:
+        log.warning("the served API is not compared: %s", exc.message)
+        return []
     after = signatures_of(candidate, candidate_settings)
     return compare(before, after)
 
