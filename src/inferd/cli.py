@@ -308,6 +308,9 @@ def _batch(args: argparse.Namespace) -> int:
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("inferd batch: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
     finally:
         scratch.close()
     print("\n".join(summary.lines()), file=sys.stderr)
@@ -467,6 +470,11 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     )
     add("--label", required=True, help="label column (with .npy data: a .npy file of labels)")
     add(
+        "--drop_columns",
+        default="",
+        help="comma-separated columns of --data to leave out: neither inputs nor the label (an id)",
+    )
+    add(
         "--optimize",
         required=True,
         help="accuracy, precision, recall, f1, auc, mae, rmse, or a function file.py:func or module:func",
@@ -496,6 +504,12 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     add("--model_config_file", type=Path, help="with --promote-label: the model config file holding labels")
     add("--wait-url", help="with --promote-label: wait until this server serves the new version")
     add("--apply", action="store_true", help="with --promote: do it (default: print the change only)")
+    add(
+        "--allow_api_change",
+        action="store_true",
+        help="with --promote: promote even when the winner's signatures or answer form differ from the "
+        "served version's (the difference is printed either way)",
+    )
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -553,11 +567,17 @@ def _select(args: argparse.Namespace) -> int:
         price_per_hour=args.price_per_hour,
         batch_size=args.batch_size,
         url=args.url,
+        drop_columns=_names(args.drop_columns),
     )
     promote = None
     if args.promote:
         promote = command.PromoteOptions(
-            args.promote, args.promote_label, args.model_config_file, args.apply, args.wait_url
+            args.promote,
+            args.promote_label,
+            args.model_config_file,
+            args.apply,
+            args.wait_url,
+            allow_api_change=args.allow_api_change,
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
     try:
