@@ -82,6 +82,7 @@ class HttpApp:
         metrics: Metrics | None,
         metrics_paths: set[str],
         inflight: InflightBytes,
+        decode_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self._service = service
         self._control = control
@@ -94,6 +95,7 @@ class HttpApp:
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
         self._ids = itertools.count(1)
         self._inflight = inflight
+        self._decode_pool = decode_pool
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -120,7 +122,15 @@ class HttpApp:
             call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
                 call = tfserving_rest.handle(
-                    self._service, method, path, body, request_id, self._limits, deadline, metrics
+                    self._service,
+                    method,
+                    path,
+                    body,
+                    request_id,
+                    self._limits,
+                    deadline,
+                    metrics,
+                    self._decode_pool,
                 )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -135,6 +145,7 @@ class HttpApp:
                     self._limits,
                     deadline,
                     metrics,
+                    self._decode_pool,
                 )
             if call is not None:
                 answer = await self._with_deadline(call, receive)
@@ -282,6 +293,7 @@ class Server:
         self.metrics = Metrics() if self.metrics_paths else None
         self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
         self.repository = Repository(config)
         self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
         self.feature_stores = FeatureStores()
@@ -346,7 +358,13 @@ class Server:
         http = http_server(
             uvicorn.Config(
                 HttpApp(
-                    self.service, self.control, self.config, self.metrics, self.metrics_paths, self.inflight
+                    self.service,
+                    self.control,
+                    self.config,
+                    self.metrics,
+                    self.metrics_paths,
+                    self.inflight,
+                    self._decode_pool,
                 ),
                 host=self.config.host,
                 port=self.config.rest_api_port,
@@ -413,6 +431,7 @@ class Server:
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -170,7 +170,9 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_others_keep_workin
                 held.append(sock)
             refused = [read_until_closed(sock) for sock in held[cap:]]
             with grpc.insecure_channel(server.grpc_target) as channel:  # the gRPC port still answers
-                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
             calls = len(latencies)
             server.wait_for(lambda: len(latencies) > calls + 5, "the good client to keep being answered")
@@ -250,7 +252,9 @@ def test_a_websocket_upgrade_and_malformed_requests_do_not_flood_the_log(server:
 def test_requests_in_flight_share_a_byte_budget(repo: Path) -> None:
     mib = 1 << 20
     budget = 8 * mib + 256 * 1024  # the stalled bodies leave room for the good client's small ones
-    server = launch(repo, str(repo / "models"), f"--max_request_bytes={4 * mib}", f"--max_inflight_bytes={budget}")
+    server = launch(
+        repo, str(repo / "models"), f"--max_request_bytes={4 * mib}", f"--max_inflight_bytes={budget}"
+    )
     stalled: list[socket.socket] = []
     try:
         with good_client(server) as latencies:
@@ -273,9 +277,8 @@ def test_requests_in_flight_share_a_byte_budget(repo: Path) -> None:
             request = v2_pb.ModelInferRequest(model_name="affine")
             request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
             request.raw_input_contents.append(np.arange(4, dtype="<f4").tobytes() + b"\0" * mib)
-            with grpc.insecure_channel(server.grpc_target) as channel:
-                with pytest.raises(grpc.RpcError) as gone:
-                    v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as gone:
+                v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
             assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "--max_inflight_bytes" in (gone.value.details() or "")
             for sock in stalled:  # hanging up releases what they held
@@ -326,3 +329,62 @@ def test_grpc_refuses_a_call_without_its_token_before_reading_its_message(repo: 
         assert grown_kib < 192 * 1024  # 480 MiB were sent; each read whole would cost twice that
     finally:
         server.stop()
+
+
+def test_a_large_json_body_is_decoded_off_the_event_loop(server: ServerProcess) -> None:
+    """A 48 MiB JSON body is decoded on another thread than the event loop's (the process's main
+    thread): the CPU time it costs is counted there (``/proc/<pid>/task/<tid>/stat``). Before,
+    the event loop decoded it in one step with its answer, and nobody else was answered meanwhile.
+    (The decoder holds the GIL while it parses, so the loop is not free all the while; the
+    latency the good client sees is printed.)"""
+    count = 48 * 1024 * 1024 // 8
+    data = b",".join([b"0.1234"] * count)  # 7 bytes a value: 48 MiB; the shape wants 4 values
+    big = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [' + data + b"]}]}"
+    head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+    sock = connect(server)
+    with good_client(server) as latencies:
+        before = _thread_cpu_ticks(server)
+        sock.sendall(head + big)
+        sent = len(latencies)
+        answer = read_until_closed_or_answered(sock)
+        during = len(latencies) - sent
+        after = _thread_cpu_ticks(server)
+    report("a 48 MiB JSON body decoding", latencies)
+    main = after.pop(server.process.pid) - before.get(server.process.pid, 0)
+    others = sum(ticks - before.get(tid, 0) for tid, ticks in after.items())
+    print(
+        f"{during} good calls answered between the body's last byte and its answer; CPU ticks: event loop {main}, other threads {others}"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"shape needs 4 elements" in answer
+    assert others > main
+
+
+def _thread_cpu_ticks(server: ServerProcess) -> dict[int, int]:
+    """User + system CPU ticks of each thread of the server process, by thread id."""
+    ticks = {}
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def read_until_closed_or_answered(sock: socket.socket) -> bytes:
+    """The server's answer to one request on ``sock`` (headers and ``Content-Length`` bytes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    sock.close()
+    return head + b"\r\n\r\n" + body
