@@ -9,9 +9,12 @@ never asserted: speed belongs to the benchmarks.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +30,7 @@ from tritonclient.grpc import service_pb2 as v2_pb
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from tests.conftest import ServerProcess, launch
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 GOOD_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 WAIT_S = 30.0
@@ -352,9 +355,8 @@ def test_a_large_json_body_is_decoded_off_the_event_loop(server: ServerProcess) 
     report("a 48 MiB JSON body decoding", latencies)
     main = after.pop(server.process.pid) - before.get(server.process.pid, 0)
     others = sum(ticks - before.get(tid, 0) for tid, ticks in after.items())
-    print(
-        f"{during} good calls answered between the body's last byte and its answer; CPU ticks: event loop {main}, other threads {others}"
-    )
+    print(f"{during} good calls answered between the body's last byte and its answer")
+    print(f"CPU ticks while it was decoded: event loop {main}, other threads {others}")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"shape needs 4 elements" in answer
     assert others > main
@@ -388,3 +390,115 @@ def read_until_closed_or_answered(sock: socket.socket) -> bytes:
         body += sock.recv(65536)
     sock.close()
     return head + b"\r\n\r\n" + body
+
+
+STORM = """
+import sys, grpc
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as stubs
+request = pb.ModelInferRequest(model_name="affine")
+request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    infer = stubs.GRPCInferenceServiceStub(channel).ModelInfer
+    for _ in range(int(sys.argv[2])):
+        infer.future(request, timeout=10).cancel()
+"""
+
+
+def test_a_grpc_call_and_cancel_storm_leaves_other_clients_unharmed(server: ServerProcess) -> None:
+    """The Rapid Reset pattern from another process (its own connection): every call of the
+    well-behaved gRPC client succeeds; its latency is printed beside the storm's rate."""
+    request = v2_pb.ModelInferRequest(model_name="affine")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def good() -> None:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    infer(request, timeout=30)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()} {exc.details()}")
+                latencies.append(time.perf_counter() - started)
+                stop.wait(0.01)
+
+    thread = threading.Thread(target=good)
+    thread.start()
+    try:
+        calls = 10_000
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", STORM, server.grpc_target, str(calls)], check=True, timeout=300)
+        rate = calls / (time.monotonic() - started)
+    finally:
+        stop.set()
+        thread.join()
+    report(f"{calls} gRPC calls opened and cancelled at {rate:.0f}/s", latencies)
+    assert not failures, failures[:3]
+    assert latencies
+    health = requests.get(f"{server.url}/v2/health/ready", timeout=10)
+    assert health.status_code == 200
+
+
+SLOW = """
+thread_safe = True
+
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import os, time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["INFERD_TEST_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"y": inputs["x"]}
+"""
+
+
+def test_one_grpc_connection_holds_a_bounded_number_of_calls(tmp_path: Path) -> None:
+    """300 calls at once on one connection: the server runs at most its stream limit (128) plus
+    gRPC core's small overload margin at once and refuses the rest with UNAVAILABLE (retryable,
+    HTTP/2 REFUSED_STREAM) instead of holding them all; once released, the calls it took succeed."""
+    write_python_model(tmp_path / "models" / "slow" / "1", SLOW)
+    (tmp_path / "models" / "slow" / "inferd.toml").write_text("warmup = false\n")
+    gate = tmp_path / "gate"
+    os.environ["INFERD_TEST_GATE"] = str(gate)
+    try:
+        server = launch(tmp_path, str(tmp_path / "models"))
+    finally:
+        del os.environ["INFERD_TEST_GATE"]
+    try:
+        request = v2_pb.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1, 2])
+        seen: list[float] = []
+
+        def in_flight() -> float:
+            text = requests.get(f"{server.url}/metrics", timeout=10).text
+            prefix = "inferd_in_flight_requests "
+            value = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+            seen.append(value)
+            return value
+
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            calls = [infer.future(request, timeout=120) for _ in range(300)]
+            server.wait_for(lambda: in_flight() >= 128, "128 calls to be in flight")
+            for _ in range(20):  # more looks while the calls are held: none past the bound
+                in_flight()
+            gate.touch()
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        ok = codes.count(grpc.StatusCode.OK)
+        print(f"\nat most {max(seen):.0f} of 300 calls in flight on one connection; {ok} answered")
+        assert max(seen) < 200
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert ok >= 128
+    finally:
+        server.stop()
