@@ -116,6 +116,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes: int | None = None  # bytes read of the head in progress, None between heads
         self._head_begun = False  # the head in progress has its first byte
         self._head_began_in_read = False  # ... and it came in the read being parsed
+        self._in_body = False  # between the end of the head and the end of the request
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
 
@@ -130,7 +131,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             transport.write(_answer(503, b"Service Unavailable", message, b"retry-after: 1"))
             transport.close()
             return
-        self._await_head()
+        self._head_bytes = 0  # the first head's deadline runs from the connection's opening
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -142,8 +144,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._head_began_in_read = False
         super().data_received(data)
+        # Timers are armed only for a request that one read did not bring whole, so that the
+        # usual small request costs none.
+        if self._in_body:
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
         if self._head_bytes is None or self.transport.is_closing():
             return
+        if self._head_timer is None and self._head_begun:  # the next head on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
         if not self._head_began_in_read:  # that read may hold the end of the request before
             self._head_bytes += len(data)
         if self._head_bytes > self.limits.max_header_bytes:
@@ -159,7 +169,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._head_bytes is None:  # the next request on a kept-alive connection
-            self._await_head()
+            self._head_bytes = 0
         self._head_begun = True
         self._head_began_in_read = True
 
@@ -168,14 +178,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._head_begun = False
         super().on_headers_complete()
-        self._body_read_at = self.loop.time()
-        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_read_at = self.loop.time()
-        super().on_body(body)
+        self._in_body = True
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._cancel_body_timer()
         super().on_message_complete()
 
@@ -183,12 +189,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """A WebSocket (or other) upgrade was answered as plain HTTP: nothing to log."""
 
     # timers
-
-    def _await_head(self) -> None:
-        self._head_bytes = 0
-        self._head_begun = False
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
