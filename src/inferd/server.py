@@ -46,7 +46,7 @@ from inferd.log_limits import LogRateLimit, limit_handlers
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
-from inferd.protocols.http_connection import ConnectionLimits, connection_class
+from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
 from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.repository import Repository
 from inferd.service import InferenceService
@@ -612,6 +612,7 @@ def _http_server_class() -> type:
 
 def run(config: ServerConfig) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    raise_open_file_limit()
     server = Server(config)
     try:
         import uvloop

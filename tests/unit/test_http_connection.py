@@ -8,7 +8,12 @@ import pytest
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
-from inferd.protocols.http_connection import AUTO_CONNECTIONS_CAP, ConnectionLimits, auto_max_connections
+from inferd.protocols.http_connection import (
+    AUTO_CONNECTIONS_CAP,
+    ConnectionLimits,
+    auto_max_connections,
+    raise_open_file_limit,
+)
 
 
 def test_limits_come_from_the_server_config() -> None:
@@ -37,3 +42,14 @@ def test_zero_connections_is_a_quarter_of_the_open_file_limit() -> None:
 def test_bad_limits_name_their_flag(config: ServerConfig, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         ConnectionLimits.of(config)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    # Raising the soft limit up to the hard one is always allowed, without privileges.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    try:
+        assert raise_open_file_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

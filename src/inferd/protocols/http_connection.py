@@ -86,6 +86,20 @@ def auto_max_connections() -> int:
     return max(1, min(AUTO_CONNECTIONS_CAP, soft // 4))
 
 
+def raise_open_file_limit() -> int:
+    """Raise the process's soft open-file limit to its hard limit, as Go programs and nginx
+    (``worker_rlimit_nofile``) do, so that the connection caps are not set by a shell's 1,024
+    default; returns the soft limit now in force (unchanged where raising is refused)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def connection_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol under ``limits``; give it to ``uvicorn.Config(http=...)``."""
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
