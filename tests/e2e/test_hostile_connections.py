@@ -148,6 +148,21 @@ def test_slow_and_idle_connections_are_closed_by_their_deadlines(server: ServerP
     assert b"--body_timeout_s" in answers["10 of 1,000 body bytes"]
 
 
+def test_a_body_answered_before_it_arrived_is_not_waited_for_nor_answered_twice(
+    server: ServerProcess,
+) -> None:
+    """A body refused from its Content-Length (413) that then never comes: the connection is
+    closed at the body deadline, after the one answer."""
+    sock = connect(server)
+    sock.sendall(
+        b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_idle_keep_alive_connections_are_closed(repo: Path) -> None:
     server = launch(repo, str(repo / "models"), "--keep_alive_timeout_s=0.5")
     try:

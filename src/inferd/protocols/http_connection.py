@@ -222,6 +222,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer = None
         if self.transport.is_closing():
             return
+        if self.cycle is not None and self.cycle.response_complete:  # answered without its body
+            self.transport.close()
+            return
         idle_s = self.loop.time() - self._body_read_at
         if self.flow.read_paused or idle_s < self.limits.body_timeout_s:  # the server's pause, or progress
             self._body_read_at = self.loop.time() if self.flow.read_paused else self._body_read_at
