@@ -77,6 +77,29 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
     ),
     (
+        "max_connections",
+        int,
+        "open connections per port (REST and gRPC each) past which new ones are refused at once "
+        "(REST: 503 and close); 0: a quarter of the open-file limit, at most 10,000",
+    ),
+    (
+        "header_timeout_s",
+        float,
+        "seconds a client may take to send a request's line and headers; past it 408 and close",
+    ),
+    (
+        "body_timeout_s",
+        float,
+        "seconds a request body may go without a byte arriving; past it 408 and close",
+    ),
+    ("keep_alive_timeout_s", float, "seconds an idle keep-alive REST connection stays open"),
+    (
+        "max_inflight_bytes",
+        int,
+        "bytes of request bodies (REST) and messages (gRPC) held at once, server-wide; a request "
+        "past it gets 503 / UNAVAILABLE at once; at least --max_request_bytes",
+    ),
+    (
         "max_tensor_elements",
         int,
         "most elements in one input tensor (and largest dim of a declared shape); more get 413, "

@@ -401,6 +401,11 @@ class ServerConfig:
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
+    max_connections: int = 0
+    header_timeout_s: float = 60.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_inflight_bytes: int = 1024 * 1024 * 1024
     max_tensor_elements: int = 64 * 1024 * 1024
     max_json_depth: int = 32
     max_string_bytes: int = 8 * 1024 * 1024

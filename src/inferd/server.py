@@ -42,10 +42,12 @@ from inferd.errors import (
     Unavailable,
 )
 from inferd.features import FeatureStores, load_with_features
+from inferd.log_limits import LogRateLimit, limit_handlers
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
-from inferd.protocols.limits import RequestLimits
+from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
+from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.repository import Repository
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
@@ -68,9 +70,9 @@ Message = dict[str, Any]
 
 class HttpApp:
     """A bare ASGI application: checks the bearer token when one is needed, reads the body under
-    a size limit, applies the deadline and routes ``/v1/`` to the TF Serving adapter and ``/v2``
-    to the V2 one. No framework, no access log, no per-request objects beyond what the adapter
-    needs."""
+    a size limit and the in-flight byte budget, applies the deadline and routes ``/v1/`` to the
+    TF Serving adapter and ``/v2`` to the V2 one. No framework, no access log, no per-request
+    objects beyond what the adapter needs."""
 
     def __init__(
         self,
@@ -79,6 +81,8 @@ class HttpApp:
         config: ServerConfig,
         metrics: Metrics | None,
         metrics_paths: set[str],
+        inflight: InflightBytes,
+        decode_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self._service = service
         self._control = control
@@ -90,10 +94,19 @@ class HttpApp:
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
         self._ids = itertools.count(1)
+        self._inflight = inflight
+        self._decode_pool = decode_pool
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        reservation = self._inflight.reservation()
+        try:
+            await self._serve(scope, receive, send, reservation)
+        finally:  # also when the client went away or the drain cancelled the request
+            reservation.release()
+
+    async def _serve(self, scope: Scope, receive: Any, send: Any, reservation: Reservation) -> None:
         request_id = f"r{next(self._ids)}"
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
@@ -102,12 +115,22 @@ class HttpApp:
             admin = path.startswith(v2_rest.ADMIN_PREFIX)
             if admin or self._access.api_token:
                 self._access.check(_header(scope, b"authorization"), admin)
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive, reservation)
+            if body is None:
+                return  # the client went away (or was timed out) before its body arrived
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
                 call = tfserving_rest.handle(
-                    self._service, method, path, body, request_id, self._limits, deadline, metrics
+                    self._service,
+                    method,
+                    path,
+                    body,
+                    request_id,
+                    self._limits,
+                    deadline,
+                    metrics,
+                    self._decode_pool,
                 )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -122,6 +145,7 @@ class HttpApp:
                     self._limits,
                     deadline,
                     metrics,
+                    self._decode_pool,
                 )
             if call is not None:
                 answer = await self._with_deadline(call, receive)
@@ -187,18 +211,30 @@ class HttpApp:
             if metrics:
                 metrics.in_flight -= 1
 
-    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Any, reservation: Reservation) -> bytes | None:
+        """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
+        None when the client disconnected first.
+
+        Raises:
+            ResourceExhausted: over ``--max_request_bytes``.
+            Unavailable: over the ``--max_inflight_bytes`` budget.
+        """
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self._max_body:
-                raise self._too_large()
+            if key == b"content-length" and value.isdigit():
+                if int(value) > self._max_body:
+                    raise self._too_large()
+                reservation.grow_to(int(value))
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
                 raise self._too_large()
+            reservation.grow_to(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -257,6 +293,7 @@ class Server:
         self.metrics = Metrics() if self.metrics_paths else None
         self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
         self.repository = Repository(config)
         self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
         self.feature_stores = FeatureStores()
@@ -264,6 +301,8 @@ class Server:
             self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         self.control = ModelControl(self.repository, self.manager)
+        self.connection_limits = ConnectionLimits.of(config)
+        self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
     async def _poll(self, interval_s: float) -> None:
         while True:
@@ -318,7 +357,15 @@ class Server:
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(self.service, self.control, self.config, self.metrics, self.metrics_paths),
+                HttpApp(
+                    self.service,
+                    self.control,
+                    self.config,
+                    self.metrics,
+                    self.metrics_paths,
+                    self.inflight,
+                    self._decode_pool,
+                ),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -326,11 +373,17 @@ class Server:
                 server_header=False,
                 lifespan="off",
                 log_level="warning",
-                http="httptools",
+                http=connection_class(self.connection_limits),
+                ws="none",
+                # uvicorn declares an int but passes it to loop.call_later, which takes a float.
+                timeout_keep_alive=self.config.keep_alive_timeout_s,  # type: ignore[arg-type]
                 loop="none",
                 timeout_graceful_shutdown=ANSWER_GRACE_S,
             )
         )
+        # uvicorn configured its loggers above: bound what clients can make any of them write.
+        names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+        limit_handlers((logging.getLogger(name) for name in names), LogRateLimit())
         if self.tls:  # uvicorn builds its SSL context from files; give it the one made from PEM
             http.config.load()
             http.config.ssl = self.tls.ssl_context()
@@ -340,7 +393,7 @@ class Server:
         try:
             if self.config.port:
                 grpc_server, health = await _start_grpc(
-                    self.service, self.control, self.config, self.metrics, self.tls
+                    self.service, self.control, self.config, self.metrics, self.tls, self.inflight
                 )
             level, served = self.control.summary()
             log.log(
@@ -378,6 +431,7 @@ class Server:
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -387,11 +441,14 @@ async def _start_grpc(
     config: ServerConfig,
     metrics: Metrics | None,
     tls: TlsSettings | None,
+    inflight: InflightBytes,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
-    token check; over TLS when ``tls`` is given. Health and reflection are optional: when
-    their package cannot be imported, one WARNING says so and the server runs without it.
+    token check and the in-flight byte budget, with the connection and stream limits of
+    ``grpc_transport_options``; over TLS when ``tls`` is given. Health and reflection are
+    optional: when their package cannot be imported, one WARNING says so and the server runs
+    without it.
 
     Raises:
         ConfigError: the port cannot be bound.
@@ -400,17 +457,12 @@ async def _start_grpc(
 
     from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
 
-    # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
-    options = [
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.max_metadata_size", config.max_header_bytes),
-        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
     access = grpc_status.AccessInterceptor(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
+        inflight=inflight,
     )
+    options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections)
     server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
@@ -503,6 +555,34 @@ def bind_rest_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+GRPC_MAX_CONCURRENT_STREAMS = 128
+"""Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
+"""A gRPC connection with no call for this long is closed (GOAWAY; clients reconnect on their own)."""
+GRPC_MIN_PING_INTERVAL_MS = 10_000
+"""The shortest interval between a client's keep-alive pings that the server accepts."""
+GRPC_MAX_PING_STRIKES = 2
+"""Pings sent faster than that, without data, before the server closes the connection."""
+
+
+def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[tuple[str, int]]:
+    """The gRPC core options that bound what one client can hold or make the server do:
+    message and metadata sizes, connections, streams per connection, idle connections and
+    keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
+    instead of sharing it."""
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_metadata_size", config.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+        ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", GRPC_MAX_PING_STRIKES),
+    ]
+
+
 def _http_server_class() -> type:
     import uvicorn
 
@@ -532,6 +612,7 @@ def _http_server_class() -> type:
 
 def run(config: ServerConfig) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    raise_open_file_limit()
     server = Server(config)
     try:
         import uvloop

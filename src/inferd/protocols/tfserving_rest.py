@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import orjson
 from inferd.errors import InferdError, InvalidArgument, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
+from inferd.protocols.decoding import decode
 from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import (
@@ -55,10 +57,12 @@ async def handle(
     limits: RequestLimits,
     deadline: float | None = None,
     metrics: Metrics | None = None,
+    decode_pool: Executor | None = None,
 ) -> Response:
     """Answer one request under ``/v1/``. Expected failures become error responses.
 
-    ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped.
+    ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped;
+    large bodies are decoded on ``decode_pool`` (see ``decoding``).
     """
     timing = RequestTiming(time.perf_counter())
     model, status = "", "OK"
@@ -67,12 +71,15 @@ async def handle(
             name, version, label, verb = match.groups()
             model = name
             ref = model_ref(name, version, label)
-            doc = parse_json(body)
+            doc = await decode(decode_pool, len(body), parse_json, body)
+            offload = (decode_pool, len(body))
             if verb.lower() == "predict":
-                result = await _predict(service, ref, doc, request_id, deadline, timing, limits)
+                result = await _predict(service, ref, doc, request_id, deadline, timing, limits, offload)
             else:
                 method_ = _METHODS[verb.lower()]
-                call = _classify_or_regress(service, ref, method_, doc, request_id, deadline, timing, limits)
+                call = _classify_or_regress(
+                    service, ref, method_, doc, request_id, deadline, timing, limits, offload
+                )
                 result = await call
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
@@ -123,6 +130,7 @@ async def _predict(
     deadline: float | None,
     timing: RequestTiming,
     limits: RequestLimits,
+    offload: tuple[Executor | None, int] = (None, 0),
 ) -> Response:
     signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -132,10 +140,9 @@ async def _predict(
             else "Missing 'inputs' or 'instances' key"
         )
     row_format = "instances" in doc
-    decode = TensorDecoder(limits)
-    inputs = (
-        decode.rows(signature, doc["instances"]) if row_format else decode.columns(signature, doc["inputs"])
-    )
+    decoder = TensorDecoder(limits)
+    key = "instances" if row_format else "inputs"
+    inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
     response = timing.answered(await service.infer(ref, request))
@@ -144,6 +151,13 @@ async def _predict(
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
         return _encode({"outputs": only}, response.outputs)
     return _encode({"predictions": _per_row(outputs)}, response.outputs)
+
+
+def _take_tensors(decoder: TensorDecoder, signature: Signature, doc: dict[str, Any], key: str) -> Tensors:
+    """Decode ``doc[key]`` (``instances`` or ``inputs``), taking it out of ``doc``: its JSON values
+    are then freed where this runs (on the decode thread for a large body), not on the event loop."""
+    value = doc.pop(key)
+    return decoder.rows(signature, value) if key == "instances" else decoder.columns(signature, value)
 
 
 class TensorDecoder:
@@ -330,6 +344,7 @@ async def _classify_or_regress(
     deadline: float | None,
     timing: RequestTiming,
     limits: RequestLimits,
+    offload: tuple[Executor | None, int] = (None, 0),
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")
@@ -341,7 +356,7 @@ async def _classify_or_regress(
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
     signature = service.signature(ref, doc.get("signature_name"), method)
-    inputs = TensorDecoder(limits).examples(signature, examples, context)
+    inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
     response = timing.answered(await service.infer(ref, request))

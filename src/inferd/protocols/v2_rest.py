@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from inferd.protocols import (
     v2_index,
     v2_model_config,
 )
+from inferd.protocols.decoding import decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import InferenceService
@@ -69,8 +71,10 @@ async def handle(
     limits: RequestLimits,
     deadline: float | None = None,
     metrics: Metrics | None = None,
+    decode_pool: Executor | None = None,
 ) -> Response:
-    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses."""
+    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses.
+    Large bodies are decoded on ``decode_pool`` (see ``decoding``)."""
     timing = RequestTiming(time.perf_counter())
     model = ""
     named: tuple[str, str | None] | None = None  # the model and version a /v2/models route names
@@ -95,7 +99,8 @@ async def handle(
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
             model = name
-            result = await _infer(service, ref, headers, body, request_id, deadline, timing, limits)
+            call = _infer(service, ref, headers, body, request_id, deadline, timing, limits, decode_pool)
+            result = await call
             if metrics is not None:
                 record_request(metrics, service, PROTOCOL, model, "OK", timing)
             return result
@@ -189,15 +194,26 @@ async def _infer(
     deadline: float | None,
     timing: RequestTiming,
     limits: RequestLimits,
+    decode_pool: Executor | None = None,
 ) -> Response:
-    doc, binary = split_body(headers.get(HEADER_LENGTH), body)
-    inputs = decode_inputs(doc.get("inputs"), binary, limits)
+    doc, inputs = await decode(
+        decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
+    )
     request = InferenceRequest(
         inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
     )
     timing.decoded = time.perf_counter()
     response = timing.answered(await service.infer(ref, request))
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def _decode_request(
+    header_length: str | None, body: bytes, limits: RequestLimits
+) -> tuple[dict[str, Any], Tensors]:
+    """The request's JSON document, without its ``inputs`` (whose JSON values are freed where this
+    runs: on the decode thread for a large body), and the decoded input tensors."""
+    doc, binary = split_body(header_length, body)
+    return doc, decode_inputs(doc.pop("inputs", None), binary, limits)
 
 
 def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
