@@ -31,6 +31,7 @@ from inferd.config import (
     VersionPolicy,
     read_model_config_file,
     read_model_settings,
+    with_server_flags,
 )
 from inferd.errors import ConfigError
 
@@ -225,6 +226,7 @@ class Repository:
             settings, error = ModelSettings(), exc.message
         if self._config.safe:
             settings = dataclasses.replace(settings, safe=True)
+        settings = with_server_flags(settings, self._config)
         try:
             versions = scan_versions(model.base_path)
         except OSError as exc:
