@@ -35,7 +35,7 @@ from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Model, Supervised, load_model
-from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
+from inferd.types import ModelId, ModelRef, Signature, TensorSpec, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class ModelManager:
             return model, runtime
         try:
             for name, signature in model.signatures.items():
-                if all(spec.shape is not None for spec in signature.inputs):
+                if _zeros_fit(signature):
                     model.predict(name, {spec.name: _warm_up_tensor(spec) for spec in signature.inputs})
         except Exception as exc:
             model.close()
@@ -368,3 +368,11 @@ def _close(model: Model | None) -> None:
         model.close()
     except Exception:  # closing must not break unloading of the rest
         log.exception("closing a model raised")
+
+
+def _zeros_fit(signature: Signature) -> bool:
+    """Whether a call with zeros can warm ``signature`` up: every input shape declared, and inferd
+    judges them. Signatures whose runtime judges shapes itself (TensorFlow's, whose declared shapes
+    may not be the graph's and whose string inputs are mostly serialized ``tf.Example``s) are warmed
+    up as TF Serving warms them, by the runtime from the SavedModel's warm-up file."""
+    return not signature.runtime_checks_shapes and all(spec.shape is not None for spec in signature.inputs)

@@ -415,7 +415,15 @@ async def _start_grpc(
     )
     server = grpc.aio.server(options=options, interceptors=[access])
     limits = RequestLimits.of(config)
-    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
+    tfserving_grpc.add_to_server(
+        server,
+        service,
+        control,
+        config.max_request_bytes,
+        limits,
+        metrics,
+        config.enable_serialization_as_tensor_content,
+    )
     v2_grpc.add_to_server(server, service, control, limits, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
