@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from inferd._proto.example_pb2 import Example, Feature
-from inferd.errors import InferdError, Internal, InvalidArgument
+from inferd.errors import InferdError, Internal, InvalidArgument, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.protocols.limits import RequestLimits
@@ -87,6 +87,8 @@ async def handle(
             expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
             raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
     except InferdError as error:
+        if isinstance(error, UnknownLabel):
+            error = InvalidArgument(error.message)  # TF Serving's v1 answers an unknown label with 400
         result, status = json_error(error), error.code.grpc_code
     if metrics is not None and model:
         record_request(metrics, service, PROTOCOL, model, status, timing)

@@ -27,6 +27,7 @@ Options (``[tensorflow]`` in inferd.toml; the server's TF Serving flags fill tho
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +39,8 @@ from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
 from inferd.runtimes import check_options, cuda_index, find_model_file, import_framework, int_option
 from inferd.types import DEFAULT_SIGNATURE, Method, Signature, Tensors, TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 class TensorFlowModel:
@@ -212,15 +215,18 @@ def _replay_warmup(tf: Any, model: TensorFlowModel, path: Path, iterations: int)
 
     try:
         records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+        replayed = 0
         for number, record in enumerate(records):  # noqa: B007 (the message names it)
             for signature_name, inputs in _warmup_inputs(record, tensor_pb2, tf, model):
                 for _ in range(iterations):
                     model.predict(signature_name, inputs)
+                replayed += 1
     except InvalidArgument as exc:
         raise ModelLoadError(f"{path}: warm-up request {number} failed: {exc.message}") from exc
     except Exception as exc:  # tensorflow's and protobuf's errors on a corrupt file
         message = f"{path}: cannot replay the warm-up requests: {type(exc).__name__}: {exc}"
         raise ModelLoadError(message) from exc
+    log.info("replayed %d warm-up request(s) from %s, %d time(s) each", replayed, path, iterations)
 
 
 def _warmup_inputs(
