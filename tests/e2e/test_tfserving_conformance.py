@@ -371,3 +371,8 @@ def test_unknown_label_is_400_on_the_v1_api(server: ServerProcess) -> None:
     )
     assert answer.status_code == 400
     assert "Unrecognized servable version label" in answer.json()["error"]
+    request = _predict_request("tf1", [1.0], [1, 1])
+    request.model_spec.version_label = "nonexistent"
+    with pytest.raises(grpc.RpcError) as caught:
+        _stub(server.grpc_target).Predict(request, 30)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT

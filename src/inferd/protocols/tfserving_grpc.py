@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -33,7 +33,7 @@ from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import InvalidArgument, ResourceExhausted
+from inferd.errors import InvalidArgument, ResourceExhausted, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.protocols import RequestTiming, record_request
 from inferd.protocols.grpc_status import Context, answer, deadline_of
@@ -107,7 +107,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._predict(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._predict(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
@@ -116,14 +116,14 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._classify(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._classify(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._regress(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._regress(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
@@ -132,13 +132,13 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         request_id = f"g{next(self._ids)}"
-        call = self._multi(request, request_id, deadline_of(context))
+        call = _label_as_invalid(self._multi(request, request_id, deadline_of(context)))
         return await answer(context, call, request_id, metrics=self._metrics)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
     ) -> ps.GetModelMetadataResponse:
-        return await answer(context, self._metadata(request), f"g{next(self._ids)}")
+        return await answer(context, _label_as_invalid(self._metadata(request)), f"g{next(self._ids)}")
 
     def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
         metrics, service = self._metrics, self._service
@@ -269,7 +269,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, self._status(request), f"s{next(self._ids)}")
+        return await answer(context, _label_as_invalid(self._status(request)), f"s{next(self._ids)}")
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
@@ -289,6 +289,17 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
             entry.status.error_message = status.error_message
         return reply
+
+
+_Answer = TypeVar("_Answer")
+
+
+async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
+    """TF Serving answers an unknown version label with INVALID_ARGUMENT (the V2 API, NOT_FOUND)."""
+    try:
+        return await call
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
 
 
 def model_ref(spec: ps.ModelSpec) -> ModelRef:

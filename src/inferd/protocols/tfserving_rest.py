@@ -95,6 +95,22 @@ async def handle(
     return result
 
 
+_PARSE_ERRORS = (
+    ("Expecting value", "Invalid value."),
+    ("Expecting property name", "Missing a name for object member."),
+    ("Expecting ':' delimiter", "Missing a colon after a name of object member."),
+    (
+        "Expecting ',' delimiter",
+        "Missing a comma or ']' after an array element, or '}' after an object member.",
+    ),
+    ("Extra data", "The document root must not be followed by other values."),
+    ("Unterminated string", "Missing a closing quotation mark in string."),
+    ("Invalid \\escape", "Invalid escape character in string."),
+    ("Invalid control character", "Invalid encoding in string."),
+)
+"""The standard parser's messages -> rapidjson's, which TF Serving answers."""
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A request body -> its JSON object; NaN and Infinity are read as TF Serving reads them.
 
@@ -108,6 +124,12 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         try:  # the standard parser also takes NaN, Infinity and -Infinity, as TF Serving does
             document = json.loads(body)
+        except json.JSONDecodeError as error:
+            # TF Serving's (rapidjson's) words first, which clients match; then where it went wrong.
+            words = next((w for key, w in _PARSE_ERRORS if error.msg.startswith(key)), error.msg)
+            raise InvalidArgument(
+                f"JSON Parse error: {words} at line {error.lineno} column {error.colno}"
+            ) from None
         except (ValueError, RecursionError):
             raise InvalidArgument(f"JSON Parse error: {exc}") from None
     if not isinstance(document, dict):
@@ -140,6 +162,7 @@ async def _predict(
     inputs = (
         decode.rows(signature, doc["instances"]) if row_format else decode.columns(signature, doc["inputs"])
     )
+    _check_json_types(signature, inputs)
     timing.decoded = time.perf_counter()
     request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
     response = timing.answered(await service.infer(ref, request))
@@ -356,6 +379,29 @@ def _per_row(outputs: dict[str, Any]) -> Any:
     (n,) = batch
     assert n is not None
     return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
+
+
+def _check_json_types(signature: Signature, inputs: Tensors) -> None:
+    """Strings where numbers are declared, or numbers where strings are, refused in TF Serving's
+    words (``JSON Value: "x" not of expected type: float``)."""
+    for spec in signature.inputs:
+        value = inputs.get(spec.name)
+        if value is None or not value.size:
+            continue
+        strings = value.dtype.kind in "OUS"
+        if strings != (spec.dtype.kind == "O"):
+            first = value.reshape(-1)[0]
+            shown = json.dumps(
+                first.decode(errors="replace")
+                if isinstance(first, bytes)
+                else first.item()
+                if isinstance(first, np.generic)
+                else first
+            )
+            expected = dtype_of(spec.dtype).tf.removeprefix("DT_").lower()
+            raise InvalidArgument(
+                f"JSON Value: {shown} not of expected type: {expected} (input {spec.name!r})"
+            )
 
 
 def _encode(document: dict[str, Any], outputs: Tensors) -> Response:

@@ -156,7 +156,7 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
             f"the SavedModel in {version_dir} has no signatures; save it with "
             "tf.saved_model.save(obj, path, signatures=...) or Keras' model.export(path)"
         )
-    signatures = {name: _signature_of_def(tf, name, sig) for name, sig in defs.items()}
+    signatures = {name: _signature_of_def(tf, graph, name, sig) for name, sig in defs.items()}
     functions = {name: _session_call(tf, session, signatures[name]) for name in defs}
     model = TensorFlowModel(tf, functions, signatures, "cpu", session)
     iterations = int_option("tensorflow", options, "warmup_iterations", 1)
@@ -165,15 +165,20 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
     return model
 
 
-def _signature_of_def(tf: Any, name: str, definition: Any) -> Signature:
-    inputs = tuple(_spec_of_info(tf, key, info) for key, info in sorted(definition.inputs.items()))
-    outputs = tuple(_spec_of_info(tf, key, info) for key, info in sorted(definition.outputs.items()))
+def _signature_of_def(tf: Any, graph: Any, name: str, definition: Any) -> Signature:
+    inputs = tuple(_spec_of_info(tf, graph, key, info) for key, info in sorted(definition.inputs.items()))
+    outputs = tuple(_spec_of_info(tf, graph, key, info) for key, info in sorted(definition.outputs.items()))
     method = _METHODS.get(definition.method_name, Method.PREDICT)
     return Signature(name, inputs, outputs, method, runtime_checks_shapes=True)
 
 
-def _spec_of_info(tf: Any, key: str, info: Any) -> TensorSpec:
+def _spec_of_info(tf: Any, graph: Any, key: str, info: Any) -> TensorSpec:
+    """The spec a TensorInfo declares, with the graph tensor's own dtype where they differ (some
+    exports declare DT_FLOAT for a tf.Example string placeholder; the graph is what runs)."""
     dtype = tf.dtypes.as_dtype(info.dtype)
+    # Composite tensors (sparse, ragged) have no single graph tensor: they keep the declaration.
+    with contextlib.suppress(KeyError, ValueError):
+        dtype = graph.get_tensor_by_name(info.name).dtype.base_dtype
     numpy_dtype = np.dtype(object) if dtype == tf.string else np.dtype(dtype.as_numpy_dtype)
     shape = info.tensor_shape
     dims = None if shape.unknown_rank else tuple(-1 if d.size < 0 else int(d.size) for d in shape.dim)

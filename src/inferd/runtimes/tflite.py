@@ -152,7 +152,7 @@ def _stored_signature_defs(model: bytes) -> dict[str, Any]:
             data = root.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
             stored = flexbuffers.GetRoot(data).AsMap
             return {
-                str(key): SignatureDef.FromString(bytes(value.AsStringBytes))
+                key.AsKey: SignatureDef.FromString(bytes(value.AsStringBytes))
                 for key, value in zip(stored.Keys, stored.Values, strict=True)
             }
     return {}
