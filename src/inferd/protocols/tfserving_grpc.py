@@ -457,7 +457,7 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
         raise InvalidArgument("Input is empty: give at least one example")
     limits.instances("examples", len(examples))
     names = signature.input_names()
-    if serialized := _serialized_examples(signature, examples, context):
+    if (serialized := _serialized_examples(signature, examples, context)) is not None:
         return {names[0]: serialized}, len(examples)
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
