@@ -306,12 +306,24 @@ def _find_signature(version: ServedVersion, name: str | None, method: Method | N
             f"model {version.id} has {sorted(signatures)}"
         )
     # TF2 signatures all record predict; TF Serving (its default, no method-name check) runs
-    # Classify and Regress on them, so only a signature recording another method is refused.
-    if method not in (None, Method.PREDICT) and signature.method not in (method, Method.PREDICT):
+    # Classify and Regress on them when their outputs have the method's names.
+    if (
+        method not in (None, Method.PREDICT)
+        and signature.method is not method
+        and not _fits(signature, method)
+    ):
         raise InvalidArgument(
             f"signature {name!r} has method {signature.method.value}, expected {method.value}"
         )
     return signature
+
+
+def _fits(signature: Signature, method: Method) -> bool:
+    """A predict signature serves ``method`` when its outputs have TF Serving's names for it:
+    ``classes`` and/or ``scores`` to classify, ``outputs`` to regress."""
+    names = {spec.name for spec in signature.outputs}
+    wanted = {"classes", "scores"} if method is Method.CLASSIFY else {"outputs"}
+    return signature.method is Method.PREDICT and bool(names & wanted)
 
 
 def conform_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> Tensors:

@@ -383,7 +383,8 @@ def _per_row(outputs: dict[str, Any]) -> Any:
 
 def _check_json_types(signature: Signature, inputs: Tensors) -> None:
     """Strings where numbers are declared, or numbers where strings are, refused in TF Serving's
-    words (``JSON Value: "x" not of expected type: float``)."""
+    words (``JSON Value: "x" not of expected type: float``), then inferd's (the input, what it
+    expected and what came)."""
     for spec in signature.inputs:
         value = inputs.get(spec.name)
         if value is None or not value.size:
@@ -399,8 +400,10 @@ def _check_json_types(signature: Signature, inputs: Tensors) -> None:
                 else first
             )
             expected = dtype_of(spec.dtype).tf.removeprefix("DT_").lower()
+            got = f"{dtype_of(value.dtype).v2} {list(value.shape)}"
             raise InvalidArgument(
-                f"JSON Value: {shown} not of expected type: {expected} (input {spec.name!r})"
+                f"JSON Value: {shown} not of expected type: {expected}; "
+                f"input {spec.name!r}: expected {spec.describe()}, got {got}"
             )
 
 
