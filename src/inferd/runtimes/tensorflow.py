@@ -21,7 +21,8 @@ Options (``[tensorflow]`` in inferd.toml; the server's TF Serving flags fill tho
         0 lets TensorFlow choose).
     warmup_iterations: replays of each warm-up request (0 skips the file; ``--enable_model_warmup``).
 
-``device = "cuda:N"`` runs every call in ``tf.device("/GPU:N")``.
+``device = "cuda:N"`` places a SavedModel's graph on that GPU (soft placement keeps ops without
+a GPU kernel on the CPU), and runs a Keras model's calls in ``tf.device("/GPU:N")``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 class TensorFlowModel:
     """Calls one TensorFlow function per signature, in the configured device's scope.
 
-    A SavedModel's signature functions are concrete graphs that several threads may call at
-    once (TF Serving does). A Keras model is called through ``model(x, training=False)``,
+    A SavedModel's signatures run on one session, which several threads may call at once (TF
+    Serving does); ``close`` closes the session. A Keras model is called through ``model(x, training=False)``,
     whose layers keep Python state, so its calls are serialised.
     """
 
@@ -157,11 +158,15 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
             "tf.saved_model.save(obj, path, signatures=...) or Keras' model.export(path)"
         )
     signatures = {name: _signature_of_def(tf, graph, name, sig) for name, sig in defs.items()}
-    functions = {name: _session_call(tf, session, signatures[name]) for name in defs}
+    functions = {name: _session_call(session, signatures[name]) for name in defs}
     model = TensorFlowModel(tf, functions, signatures, "cpu", session)
     iterations = int_option("tensorflow", options, "warmup_iterations", 1)
     if iterations and (version_dir / _WARMUP_FILE).is_file():
-        _replay_warmup(tf, model, version_dir / _WARMUP_FILE, iterations)
+        try:
+            _replay_warmup(tf, model, version_dir / _WARMUP_FILE, iterations)
+        except ModelLoadError:
+            model.close()
+            raise
     return model
 
 
@@ -185,9 +190,11 @@ def _spec_of_info(tf: Any, graph: Any, key: str, info: Any) -> TensorSpec:
     return TensorSpec(key, numpy_dtype, dims, info.name)
 
 
-def _session_call(tf: Any, session: Any, signature: Signature) -> Callable[[Tensors], Mapping[str, Any]]:
-    """A callable that feeds the signature's graph tensors without Python's shape check (TF
-    Serving runs the C++ session, which has none); the graph refuses what it cannot compute."""
+def _session_call(session: Any, signature: Signature) -> Callable[[Tensors], Mapping[str, Any]]:
+    """A callable that feeds the signature's graph tensors without Python's shape check, as TF
+    Serving's C++ session does; the graph refuses what it cannot compute. ``Session.make_callable``
+    and ``Session.run`` check feed shapes against the placeholders' in Python, so this uses the
+    session's ``CallableOptions`` form (private in TensorFlow's Python API, stable since TF 1.x)."""
     from tensorflow.core.protobuf import config_pb2
 
     feeds = [spec.tensor_name for spec in signature.inputs]
