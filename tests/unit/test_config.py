@@ -401,7 +401,9 @@ def test_invalid_features_name_the_problem(tmp_path: Path, edit: tuple[str, str]
 
 
 def test_a_bad_model_config_says_what_tf_serving_says() -> None:
-    with pytest.raises(ConfigError, match="Error parsing text-format tensorflow.serving.ModelServerConfig"):
+    with pytest.raises(
+        ConfigError, match=r"Error parsing text-format tensorflow\.serving\.ModelServerConfig"
+    ):
         parse_model_config("improperly formatted file")
 
 
@@ -413,7 +415,7 @@ def test_grpc_channel_arguments_become_server_options() -> None:
         ("grpc.so_reuseaddr", 1),
     ]
     assert channel_arguments("") == []
-    with pytest.raises(ConfigError, match="expected key=value, got 'grpc.x'"):
+    with pytest.raises(ConfigError, match=r"expected key=value, got 'grpc\.x'"):
         channel_arguments("grpc.x")
 
 
@@ -434,7 +436,8 @@ def test_server_flags_fill_what_inferd_toml_leaves_unset() -> None:
         "warmup_iterations": 3,
     }
     assert settings.options("onnx") == {"intra_op_num_threads": 1, "inter_op_num_threads": 2}
-    assert settings.prefer_tflite and settings.warmup
+    assert settings.prefer_tflite
+    assert settings.warmup
     off = with_server_flags(ModelSettings(), ServerConfig(enable_model_warmup=False))
     assert not off.warmup
     assert off.options("tensorflow")["warmup_iterations"] == 0
