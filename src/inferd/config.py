@@ -22,6 +22,38 @@ from inferd._proto import model_server_config_pb2 as pb
 from inferd.errors import ConfigError
 
 SETTINGS_FILE = "inferd.toml"
+
+# Object-store URI scheme -> (fsspec protocol, the inferd extra that installs its filesystem)
+OBJECT_STORES: Mapping[str, tuple[str, str]] = {
+    "s3": ("s3", "s3"),
+    "s3a": ("s3", "s3"),
+    "gs": ("gcs", "gcs"),
+    "gcs": ("gcs", "gcs"),
+    "az": ("az", "azure"),
+    "abfs": ("abfs", "azure"),
+    "abfss": ("abfs", "azure"),
+}
+
+
+def model_location(text: str) -> Path | str:
+    """Where a model or repository lives: a local ``Path`` for a folder path or a ``file://``
+    URI; the URI itself (without a trailing slash) for an object store (``OBJECT_STORES``).
+
+    Raises:
+        ConfigError: a URI whose scheme is not ``file`` or an object store.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep or "/" in scheme:
+        return Path(text)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return Path(rest)
+    if scheme not in OBJECT_STORES:
+        schemes = ", ".join(sorted(OBJECT_STORES))
+        raise ConfigError(f"model path {text!r}: expected a folder or a URI of scheme file, {schemes}")
+    return text.rstrip("/")
+
+
 """Per-model settings, read from ``<base_path>/inferd.toml``."""
 
 
@@ -181,7 +213,8 @@ class FeatureSettings:
         lookup_timeout_ms: longest wait for the store per request.
         on_store_error: ``fail`` (UNAVAILABLE naming the store) or ``defaults``.
         cache_ttl_s: how long a looked-up entity is reused; 0 turns the cache off.
-        cache_size: most entities cached (least recently used go first).
+        cache_size: most entities cached (the oldest go first).
+        cache_bytes: most bytes the cached entities take, keys and values (the oldest go first).
     """
 
     store: str
@@ -195,6 +228,7 @@ class FeatureSettings:
     on_store_error: str = "fail"
     cache_ttl_s: float = 5.0
     cache_size: int = 100_000
+    cache_bytes: int = 64 * 1024 * 1024
 
     @property
     def key_prefix(self) -> str:
@@ -256,9 +290,12 @@ def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) ->
         on_store_error=on_error,
         cache_ttl_s=_typed(table, "cache_ttl_s", float, where, 5.0),
         cache_size=_typed(table, "cache_size", int, where, 100_000),
+        cache_bytes=_typed(table, "cache_bytes", int, where, 64 * 1024 * 1024),
     )
     if settings.lookup_timeout_ms <= 0 or settings.cache_ttl_s < 0 or settings.cache_size < 1:
         raise ConfigError(f"{where}: lookup_timeout_ms must be > 0, cache_ttl_s >= 0, cache_size >= 1")
+    if settings.cache_bytes < 0:
+        raise ConfigError(f"{where}: 'cache_bytes' must be >= 0, got {settings.cache_bytes}")
     return settings
 
 
@@ -294,6 +331,7 @@ class ModelSettings:
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
         features: the ``[features]`` table; None when requests carry every input.
         prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
+        prediction_cache_bytes: most bytes that cache holds per version, inputs and answers.
         device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
             ``cuda:0``), for runtimes that can use a GPU.
         isolation: ``none`` (default: the model runs in the server's process) or ``process``
@@ -313,6 +351,7 @@ class ModelSettings:
     batching: BatchingParameters | None = None
     features: FeatureSettings | None = None
     prediction_cache_size: int = 0
+    prediction_cache_bytes: int = 64 * 1024 * 1024
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
@@ -336,7 +375,7 @@ class ModelConfig:
     """
 
     name: str
-    base_path: Path
+    base_path: Path | str  # a folder, or an object-store URI (see ``model_location``)
     platform: str | None = None
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
@@ -359,6 +398,8 @@ class ServerConfig:
     repository: str = ""
     model_config_file_poll_wait_seconds: float = 0.0
     file_system_poll_wait_seconds: float = 1.0
+    model_cache_dir: str = ""  # "" : model_cache.default_cache_dir()
+    model_cache_bytes: int = 10 * 1024**3
     rest_api_timeout_in_ms: int = 30_000
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_request_bytes: int = 64 * 1024 * 1024
@@ -367,7 +408,7 @@ class ServerConfig:
     max_json_depth: int = 32
     max_string_bytes: int = 8 * 1024 * 1024
     max_instances: int = 100_000
-    load_threads: int = 2
+    num_load_threads: int = 4
     enable_batching: bool = False
     batching_parameters_file: str = ""
     monitoring_config_file: str = ""
@@ -494,6 +535,7 @@ _KNOWN_KEYS = {
     "batching",
     "features",
     "prediction_cache_size",
+    "prediction_cache_bytes",
     "device",
     "isolation",
     *_RUNTIME_TABLES,
@@ -552,6 +594,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             else None
         ),
         prediction_cache_size=_prediction_cache_size(raw, path),
+        prediction_cache_bytes=_prediction_cache_bytes(raw, path),
         device="cuda:0" if device == "cuda" else device,
         isolation=isolation,
     )
@@ -574,6 +617,13 @@ def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
     size = _typed(raw, "prediction_cache_size", int, str(path), 0)
     if size < 0:
         raise ConfigError(f"{path}: 'prediction_cache_size' must be >= 0, got {size}")
+    return size
+
+
+def _prediction_cache_bytes(raw: Mapping[str, Any], path: Path) -> int:
+    size = _typed(raw, "prediction_cache_bytes", int, str(path), 64 * 1024 * 1024)
+    if size < 0:
+        raise ConfigError(f"{path}: 'prediction_cache_bytes' must be >= 0, got {size}")
     return size
 
 
@@ -656,7 +706,7 @@ def models_from_proto(message: pb.ModelServerConfig, source: str) -> list[ModelC
         models.append(
             ModelConfig(
                 name=entry.name,
-                base_path=Path(entry.base_path),
+                base_path=model_location(entry.base_path),
                 platform=entry.model_platform or None,
                 version_policy=_policy_from_proto(entry),
                 labels=labels,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine, Iterator, Mapping
@@ -249,6 +251,8 @@ class Server:
         self.config = config
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
+        if config.num_load_threads < 1:
+            raise ConfigError(f"--num_load_threads must be >= 1, got {config.num_load_threads}")
         self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
@@ -263,7 +267,7 @@ class Server:
             if path:
                 self.metrics_paths.add(path)
         self.metrics = Metrics() if self.metrics_paths else None
-        self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
+        self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self.repository = Repository(config)
         self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
@@ -277,7 +281,7 @@ class Server:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.control.sync()
+                await self.control.poll()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
@@ -312,11 +316,17 @@ class Server:
 
         http_server = _http_server_class()
         interval_s = self._poll_interval_s()
-        await self.control.sync()
-        if self.config.file_system_poll_wait_seconds > 0:
-            # Versions are loaded once two scans agree on their content (see repository.py).
-            await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+        # Bound (not yet listening) before the models load: a busy port fails the start at once.
+        rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port)
+        try:
             await self.control.sync()
+            if self.config.file_system_poll_wait_seconds > 0:
+                # Versions are loaded once two scans agree on their content (see repository.py).
+                await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+                await self.control.sync()
+        except BaseException:
+            rest_socket.close()
+            raise
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
@@ -344,9 +354,11 @@ class Server:
                 grpc_server, health = await _start_grpc(
                     self.service, self.control, self.config, self.metrics, self.tls
                 )
-            log.info(
-                "serving %s on %s://%s:%d%s",
-                ", ".join(self.manager.names()),
+            level, served = self.control.summary()
+            log.log(
+                level,
+                "%s; listening on %s://%s:%d%s",
+                served,
                 "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
@@ -368,8 +380,9 @@ class Server:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
-            await http.serve()
+            await http.serve(sockets=[rest_socket])
         finally:
+            rest_socket.close()
             if grpc_server is not None:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
@@ -386,19 +399,17 @@ async def _start_grpc(
     config: ServerConfig,
     metrics: Metrics | None,
     tls: TlsSettings | None,
-) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
-    token check; over TLS when ``tls`` is given.
+    token check; over TLS when ``tls`` is given. Health and reflection are optional: when
+    their package cannot be imported, one WARNING says so and the server runs without it.
 
     Raises:
         ConfigError: the port cannot be bound.
     """
     import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-    from inferd._proto import POOL
     from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
 
     # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
@@ -413,7 +424,7 @@ async def _start_grpc(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
     )
-    server = grpc.aio.server(options=options, interceptors=[access])
+    server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(
         server,
@@ -425,16 +436,9 @@ async def _start_grpc(
         config.enable_serialization_as_tensor_content,
     )
     v2_grpc.add_to_server(server, service, control, limits, metrics)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
-    for name in (health.OVERALL_HEALTH, *services):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    # Reflection answers from inferd's private pool, so it must also hold these two services' files.
-    for module in (health_pb2, reflection_pb2):
-        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=POOL)
+    health_servicer, health_name = await _add_health(server, services)
+    _add_reflection(server, (*services, *health_name))
     address = f"{config.host}:{config.port}"
     try:
         bound = (
@@ -488,6 +492,76 @@ def _bind_unix_socket(server: Any, path: str) -> None:
         bound = 0
     if not bound:
         raise ConfigError(f"cannot listen for gRPC on the Unix socket {path} (--grpc_socket_path)")
+
+
+def _optional_service_missing(what: str, package: str, exc: Exception) -> None:
+    log.warning(
+        "serving gRPC without %s: %s cannot be imported (%s: %s); its version may not match the "
+        "installed protobuf (see docs/grpc.md)",
+        what,
+        package,
+        type(exc).__name__,
+        exc,
+    )
+
+
+async def _add_health(
+    server: grpc.aio.Server, services: tuple[str, ...]
+) -> tuple[health_aio.HealthServicer | None, tuple[str, ...]]:
+    """Add the standard health service, every service SERVING; returns it and its service
+    name, or (None, ()) when grpcio-health-checking cannot be imported."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except Exception as exc:  # ImportError, or protobuf's VersionError for another protobuf's code
+        _optional_service_missing("the health service", "grpcio-health-checking", exc)
+        return None, ()
+    from inferd._proto import POOL
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in (health.OVERALL_HEALTH, *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Reflection answers from inferd's private pool, so it must also hold the health service's file.
+    POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return servicer, (health.SERVICE_NAME,)
+
+
+def _add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Add server reflection for ``services`` and itself, unless grpcio-reflection cannot be
+    imported."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except Exception as exc:  # as in _add_health
+        _optional_service_missing("server reflection", "grpcio-reflection", exc)
+        return
+    from inferd._proto import POOL
+
+    POOL.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server, pool=POOL)
+
+
+def bind_rest_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for the REST API, not yet listening (uvicorn listens
+    on it when it starts serving).
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--host): {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port's
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--rest_api_port); {reason}") from exc
+    return sock
 
 
 def _http_server_class() -> type:

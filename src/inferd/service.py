@@ -19,11 +19,12 @@ import numpy as np
 
 from inferd.batching import Batcher
 from inferd.config import BatchingParameters
-from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, Unavailable
+from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, NotFound, Unavailable
 from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
 from inferd.manager import ModelManager, ServedVersion
 from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
 from inferd.runtimes import Model
+from inferd.statistics import VersionStatistics
 from inferd.types import (
     DEFAULT_SIGNATURE,
     InferenceRequest,
@@ -37,6 +38,7 @@ from inferd.types import (
     VersionState,
     VersionStatus,
     dtype_of,
+    integer_range_error,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ class InferenceService:
         self._max_in_flight = max_in_flight
         self._metrics = metrics
         self._lanes: weakref.WeakKeyDictionary[ServedVersion, _Lane] = weakref.WeakKeyDictionary()
+        self._statistics: weakref.WeakKeyDictionary[ServedVersion, VersionStatistics] = (
+            weakref.WeakKeyDictionary()
+        )
         if metrics:
             metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
             metrics.gauge(
@@ -115,6 +120,28 @@ class InferenceService:
                 (UNAVAILABLE), a passed deadline (DEADLINE_EXCEEDED), and INTERNAL when the model
                 fails in a way the input did not cause (logged here).
         """
+        started = time.perf_counter()
+        try:
+            response = await self._infer(ref, request)
+        except BaseException:
+            self._count(ref, lambda statistics: statistics.failed(time.perf_counter() - started))
+            raise
+        total_s = time.perf_counter() - started
+        self._count(
+            ModelRef(ref.name, response.model_id.version),
+            lambda statistics: statistics.succeeded(total_s, response.queue_s, response.predict_s),
+        )
+        return response
+
+    def _count(self, ref: ModelRef, record: Callable[[VersionStatistics], None]) -> None:
+        """Record a request in the statistics of the version ``ref`` names now, if it serves."""
+        try:
+            with self._manager.lease(ref) as version:
+                record(self._statistics_of(version))
+        except InferdError:
+            pass  # an unknown model or version, or a draining server: nothing to count
+
+    async def _infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
         with self._manager.lease(ref) as version:
             signature = _find_signature(version, request.signature_name, None)
             lane = self._lane(version)
@@ -161,7 +188,7 @@ class InferenceService:
             size = version.settings.prediction_cache_size
             lane = self._lanes[version] = _Lane(
                 self._new_join(version),
-                PredictionCache(size) if size else None,
+                PredictionCache(size, version.settings.prediction_cache_bytes) if size else None,
                 self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
             )
         return lane
@@ -192,11 +219,13 @@ class InferenceService:
         lane.in_flight += 1
         enqueued = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _timed_predict, model, signature, inputs, enqueued, request.deadline
             )
         finally:
             lane.in_flight -= 1
+        self._statistics_of(version).executed(_common_rows(inputs) or 1, result[2])
+        return result
 
     def _new_batcher(
         self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
@@ -212,9 +241,10 @@ class InferenceService:
                 raise Unavailable(f"model {version.id} was unloaded; retry")
             return model.predict(signature.name, inputs)
 
-        on_batch: Callable[[int, float], None] = _ignore_batch
-        if self._metrics:
-            on_batch = _batch_recorder(self._metrics.batch_size(version.id.name, str(version.id.version)))
+        histogram = (
+            self._metrics.batch_size(version.id.name, str(version.id.version)) if self._metrics else None
+        )
+        on_batch = _batch_recorder(self._statistics_of(version), histogram)
         batcher = lane.batchers[signature.name] = Batcher(predict, params, self._executor, on_batch)
         return batcher
 
@@ -231,6 +261,43 @@ class InferenceService:
 
     def _waits(self) -> Iterator[tuple[tuple[str, str], float]]:
         return ((labels, b.wait_s) for labels, b in self._batchers())
+
+    def _statistics_of(self, version: ServedVersion) -> VersionStatistics:
+        statistics = self._statistics.get(version)
+        if statistics is None:
+            statistics = self._statistics[version] = VersionStatistics(version.id)
+        return statistics
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
+        """The counts of every AVAILABLE version (zero for one never asked), by model name and
+        version; narrowed to model ``name`` and its ``version`` when given. The objects are live:
+        read them on the event loop's thread.
+
+        Raises:
+            NotFound: ``name`` is not served, or ``version`` is not one of its AVAILABLE versions.
+        """
+        names = self._manager.names() if name is None else [name]
+        found = []
+        for model in names:
+            try:
+                numbers = [
+                    s.version
+                    for s in self._manager.status(ModelRef(model, version))
+                    if s.state is VersionState.AVAILABLE
+                ]
+            except NotFound:
+                numbers = []
+            if name is not None and not numbers:
+                raise NotFound(
+                    f"model {model!r} has no AVAILABLE version" + (f" {version}" if version else "")
+                )
+            for number in sorted(numbers):
+                try:
+                    with self._manager.lease(ModelRef(model, number)) as served:
+                        found.append(self._statistics_of(served))
+                except NotFound:
+                    continue  # unloaded since the status was read
+        return found
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -277,13 +344,13 @@ def _common_rows(inputs: Tensors) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _ignore_batch(rows: int, latency_s: float) -> None:
-    return None
-
-
-def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:
+def _batch_recorder(
+    statistics: VersionStatistics, histogram: Histogram | None
+) -> Callable[[int, float], None]:
     def record(rows: int, latency_s: float) -> None:
-        histogram.observe(rows)
+        statistics.executed(rows, latency_s)
+        if histogram is not None:
+            histogram.observe(rows)
 
     return record
 
@@ -359,13 +426,8 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
-        if target.kind in "iu" and value.size:
-            info = np.iinfo(target)
-            if value.min() < info.min or value.max() > info.max:
-                raise InvalidArgument(
-                    f"input {spec.name!r}: values must lie in [{info.min}, {info.max}] for "
-                    f"{dtype_of(target).v2}, got [{value.min()}, {value.max()}]"
-                )
+        if (problem := integer_range_error(spec.name, value, target)) is not None:
+            raise InvalidArgument(problem)
         value = value.astype(target)
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")

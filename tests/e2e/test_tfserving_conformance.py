@@ -47,7 +47,7 @@ TFSERVING_FLAGS: dict[str, str] = {
     "model_config_file_poll_wait_seconds": "0",
     "model_name": "ignored_with_a_config_file",
     "model_base_path": "{base}",
-    "num_load_threads": "2",
+    "num_load_threads": "0",  # TF Serving's default: load in the manager's loop
     "num_unload_threads": "1",
     "max_num_load_retries": "5",
     "load_retry_interval_micros": "60000000",

@@ -21,19 +21,20 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 
 from inferd.config import FeatureSettings, ModelSettings, read_model_settings
-from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.errors import InferdError, Internal, InvalidArgument, ModelLoadError
 from inferd.features import FeatureJoin, FeatureStores, load_with_features, plan_join
 from inferd.manager import ModelManager
 from inferd.metrics import FeatureStats
-from inferd.offline.scoring import Scorer
+from inferd.offline.scoring import Scorer, in_thread
 from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
@@ -42,6 +43,7 @@ from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _IN_FLIGHT_CHUNKS = 8
 """Chunks alive at once: one being read, two queued, two scored, two queued, one being written."""
@@ -103,8 +105,8 @@ class Summary:
             + (f", {self.resumed_rows} done by an earlier run" if self.resumed_rows else ""),
             f"{self.seconds:.2f} s, {self.rows_per_s:,.0f} rows/s, batch size {self.batch_size}, "
             f"chunks of {self.chunk_rows} rows",
-            f"CPU {self.cpu_s:.2f} s, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB, "
-            f"cost {self.cost:.6f} at the given price per hour",
+            f"CPU {self.cpu_s:.2f} s, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+            + (f", cost {self.cost:.6f} at the given price per hour" if self.cost else ""),
         ]
 
     def to_json(self) -> bytes:
@@ -132,14 +134,40 @@ def model_plan(options: BatchOptions) -> ModelPlan:
     versions = list_versions(base)
     if not versions and base.name.isdigit() and base.is_dir():
         versions, base = {int(base.name): base}, base.parent
+    found = versions
     if options.version is not None:
         versions = {v: p for v, p in versions.items() if v == options.version}
     if not versions:
-        wanted = f"version {options.version}" if options.version is not None else "a version folder"
-        raise ModelLoadError(f"no model at {base}: expected {wanted} (1/, 2/, ...) or a version folder")
+        raise ModelLoadError(_no_version(options, base, found))
     number = max(versions)
     source = VersionSource(number, versions[number], fingerprint(versions[number]))
     return ModelPlan(options.model_name or base.name, {number: source}, settings=in_process_settings(base))
+
+
+def _no_version(options: BatchOptions, base: Path, found: dict[int, Path]) -> str:
+    """What ``model_plan`` looked for at ``base`` and what is there instead."""
+    if found:
+        return f"{base} has no version {options.version}; its versions are {sorted(found)}"
+    looked = (
+        f"no model at {base}: looked for a numbered version folder inside it ({base}/1/, {base}/2/, ...) "
+        f"or for {base} to be one"
+    )
+    if options.model_name:
+        looked += f" (MODEL {options.model} as a repository, --model {options.model_name})"
+    if not base.exists():
+        siblings = sorted(p.name for p in base.parent.iterdir() if p.is_dir()) if base.parent.is_dir() else []
+        return f"{looked}; {base} does not exist" + (
+            f" ({base.parent} holds {siblings[:10]})" if siblings else ""
+        )
+    if not base.is_dir():
+        return f"{looked}; {base} is a file: MODEL is the folder that holds the version folders"
+    entries = sorted(
+        p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if not p.name.startswith(".")
+    )
+    shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
+    return f"{looked}; it holds {shown or 'nothing'}" + (
+        f": put the model files in {base}/1/" if any(not e.endswith("/") for e in entries) else ""
+    )
 
 
 def in_process_settings(folder: Path) -> ModelSettings:
@@ -190,13 +218,29 @@ async def _run(options: BatchOptions) -> Summary:
             done = store.done()
             scoring_started = time.monotonic()
             try:
-                rows, resumed = await _pipeline(
-                    read_chunks(layout, request, chunk_rows), done, scorer, store, layout.id_name, progress
+                try:
+                    rows, resumed = await _pipeline(
+                        read_chunks(layout, request, chunk_rows),
+                        done,
+                        scorer,
+                        store,
+                        layout.id_name,
+                        progress,
+                    )
+                finally:
+                    progress.close()
+                scoring_s = time.monotonic() - scoring_started
+                rejects = options.rejects or _default_rejects(options.output)
+                rejected = await _stage(
+                    "merging the parts into " + str(options.output), store.finish, rejects
                 )
-            finally:
-                progress.close()
-            scoring_s = time.monotonic() - scoring_started
-            rejected = store.finish(options.rejects or _default_rejects(options.output))
+            except InferdError as exc:  # say what became of the parts folder
+                exc.message = f"{exc.message}; {store.abandon()}"
+                exc.args = (exc.message,)
+                raise
+            except BaseException:
+                store.abandon()
+                raise
         finally:
             await stores.close()
     seconds = time.monotonic() - started
@@ -254,7 +298,19 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
             service = InferenceService(manager, infer_pool)
             yield Loaded(service, ref, status, version.model, version.settings, infer_pool)
         finally:
-            await manager.close()
+            with _quiet(logging.getLogger("inferd.manager")):  # "unloading ..." is no news here
+                await manager.close()
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Only warnings and errors from ``logger`` while inside."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _default_rejects(output: Path) -> Path:
@@ -305,8 +361,11 @@ async def _pipeline(
     id_name: str,
     progress: _Progress,
 ) -> tuple[int, int]:
-    """Read, score and write overlapped; returns (rows scored, rows skipped as already done)."""
-    loop = asyncio.get_running_loop()
+    """Read, score and write overlapped; returns (rows scored, rows skipped as already done).
+
+    A failure in any stage cancels the others and is raised (as an ``InferdError`` naming the
+    stage): the job ends, it never waits on a stage that has stopped.
+    """
     read_q: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=2)
     write_q: asyncio.Queue[tuple[Chunk, Tensors] | None] = asyncio.Queue(maxsize=2)
     counts = {"rows": 0, "resumed": 0}
@@ -318,7 +377,7 @@ async def _pipeline(
         # The end-of-input markers go only on success: after a failure the task group cancels
         # the other stages, and a put into a queue nobody reads any more would never return.
         async def read() -> None:
-            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+            while (chunk := await _stage("reading the input", next, chunks, None, pool=reader)) is not None:
                 await read_q.put(chunk)
             await read_q.put(None)
 
@@ -330,7 +389,7 @@ async def _pipeline(
                         counts["resumed"] += chunk.rows
                         progress.advance(chunk.rows)
                         continue
-                    scoring.append(asyncio.create_task(scorer.score(chunk)))
+                    scoring.append(asyncio.create_task(_scored(scorer, chunk)))
                     if len(scoring) == _SCORED_CHUNKS:
                         await write_q.put(await scoring.popleft())
                 while scoring:
@@ -345,7 +404,9 @@ async def _pipeline(
         async def write() -> None:
             while (item := await write_q.get()) is not None:
                 chunk, outputs = item
-                await loop.run_in_executor(writer, store.write, chunk, outputs, id_name)
+                first = chunk.numbers[0] if len(chunk.numbers) else "-"
+                what = f"writing chunk {chunk.index} (rows from {first})"
+                await _stage(what, store.write, chunk, outputs, id_name, pool=writer)
                 counts["rows"] += len(chunk.ids)
                 progress.advance(chunk.rows)
 
@@ -356,6 +417,42 @@ async def _pipeline(
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
     return counts["rows"], counts["resumed"]
+
+
+async def _stage(what: str, function: Callable[..., _T], *args: Any, pool: Executor | None = None) -> _T:
+    """``function(*args)`` on ``pool`` (a default thread when None), its unexpected errors turned
+    into ``Internal`` naming ``what`` failed.
+
+    Every failure reaches the task group as an exception (``in_thread`` wraps a
+    ``StopIteration``, which asyncio would drop), so no stage is left waiting.
+
+    Raises:
+        InferdError: ``function``'s own (a reader's InvalidArgument, a store's Unavailable), or
+            Internal for anything else, with its type and message.
+    """
+
+    def call() -> _T:
+        try:
+            return function(*args)
+        except InferdError:
+            raise
+        except Exception as exc:  # any library's error: say which stage, keep the cause
+            raise Internal(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+    return await in_thread(pool, call)
+
+
+async def _scored(scorer: Scorer, chunk: Chunk) -> tuple[Chunk, Tensors]:
+    """``scorer.score(chunk)``, an unexpected error named with the chunk (a model that raised)."""
+    try:
+        return await scorer.score(chunk)
+    except InferdError:
+        raise
+    except Exception as exc:  # the model's framework, a feature store client
+        rows = f"rows {chunk.numbers[0]}-{chunk.numbers[-1]}" if len(chunk.numbers) else "no rows"
+        raise Internal(
+            f"scoring chunk {chunk.index} ({chunk.source}, {rows}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _Progress:

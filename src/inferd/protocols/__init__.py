@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import struct
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ V2_PLATFORMS = {
 }
 """Runtime name -> the ``platform`` the Open Inference Protocol reports."""
 
-V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
+V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 """What ``GET /v2`` and ServerMetadata advertise (binary_tensor_data is HTTP's raw-bytes twin of
 gRPC's raw contents)."""
 
@@ -103,20 +102,6 @@ def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
             row["reason"] = entry.reason
         rows.append(row)
     return rows
-
-
-def refuse_load_overrides(parameters: Iterable[str]) -> None:
-    """Refuse a V2 load that carries a model config or files: inferd loads from disk only.
-
-    Raises:
-        InvalidArgument: names the parameters.
-    """
-    overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
-    if overrides:
-        raise InvalidArgument(
-            f"load parameters {overrides} are not supported: inferd loads a model from its folder "
-            "and inferd.toml"
-        )
 
 
 def v2_model_config(meta: ModelMetadata) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import Access
 
@@ -105,3 +105,32 @@ def _refusal(handler: Handler, error: InferdError) -> Handler:
     }
     make = kinds[handler.request_streaming, handler.response_streaming]
     return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a unary request that does not parse (e.g. a string field holding bytes that are not
+    UTF-8, such as an encoded lone surrogate) with INVALID_ARGUMENT, instead of the UNKNOWN and
+    the logged traceback that grpc gives when a request deserializer raises."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
+        if parse is None or behaviour is None:
+            return handler
+
+        async def guarded(data: bytes, context: Context) -> Any:
+            try:
+                request = parse(data)
+            except Exception as exc:  # protobuf's DecodeError, or a subclass of it
+                method = handler_call_details.method
+                message = f"the request is not a valid {method} message: {exc}"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
+            return await behaviour(request, context)  # type: ignore[arg-type]  # stubs name sync contexts
+
+        return grpc.unary_unary_rpc_method_handler(guarded, None, handler.response_serializer)

@@ -50,6 +50,7 @@ from inferd.types import (
     Tensors,
     TensorSpec,
     dtype_of,
+    integer_range_error,
 )
 
 PROTOCOL = "grpc"
@@ -381,6 +382,12 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: Request
             flat[:] = list(values)
         elif field == "half_val":
             flat = np.asarray(values, dtype=np.uint16).view(np.float16)
+        elif field == "int_val":
+            # int_val is int32 on the wire for DT_INT8/16/UINT8/16 too: range-check the narrowing.
+            flat = np.asarray(values, dtype=np.int32)
+            if (problem := integer_range_error(name, flat, dtype)) is not None:
+                raise InvalidArgument(f"{problem} (in int_val)")
+            flat = flat.astype(dtype, copy=False)
         else:
             flat = np.asarray(values, dtype=dtype)
     except (OverflowError, ValueError):

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from inferd._proto.example_pb2 import Example, Feature
-from inferd.errors import InferdError, Internal, InvalidArgument, UnknownLabel
+from inferd.errors import InferdError, Internal, InvalidArgument, UnknownLabel, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.protocols.limits import RequestLimits
@@ -356,7 +356,7 @@ def _string(item: Any, as_b64: bool) -> Any:
             return item.decode()
         except UnicodeDecodeError:
             return {"b64": base64.b64encode(item).decode()}
-    return item if isinstance(item, str) else str(item)
+    return encodable(item if isinstance(item, str) else str(item))  # a lone surrogate has no UTF-8
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:

@@ -18,7 +18,7 @@ import orjson
 
 import inferd
 from inferd.control import ModelControl
-from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.metrics import Metrics
 from inferd.protocols import (
     JSON_HEADERS,
@@ -31,21 +31,29 @@ from inferd.protocols import (
     json_error,
     model_ref,
     record_request,
-    refuse_load_overrides,
     to_raw,
     v2_index,
     v2_model_config,
 )
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import InferenceService
-from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    InferenceRequest,
+    ModelMetadata,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
 ADMIN_PREFIX = "/v2/repository/"
 """Routes under this prefix are admin operations (the model repository extension)."""
 
-_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config)?")
+_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config|/stats)?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -65,6 +73,7 @@ async def handle(
     """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses."""
     timing = RequestTiming(time.perf_counter())
     model = ""
+    named: tuple[str, str | None] | None = None  # the model and version a /v2/models route names
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
             return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(V2_EXTENSIONS)})
@@ -76,10 +85,13 @@ async def handle(
             return _json({"ready": True})
         if path.startswith(ADMIN_PREFIX):
             return await _repository(control, method, path, body)
+        if method == "GET" and path == "/v2/models/stats":
+            return _json(statistics(service, "", ""))
         match = _MODEL.fullmatch(path)
         if match is None:
             raise NotFound(f"no route for {method} {path}")
         name, version, action = match.groups()
+        named = (name, version)
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
             model = name
@@ -94,10 +106,14 @@ async def handle(
             return _json({"name": name, "ready": True})
         if method == "GET" and action == "/config":
             return _json(v2_model_config(service.metadata(ref)))
+        if method == "GET" and action == "/stats":
+            return _json(statistics(service, name, version or ""))
         raise InvalidArgument(f"{method} is not allowed on {path}")
     except InferdError as error:
         if metrics is not None and model:
             record_request(metrics, service, PROTOCOL, model, error.code.grpc_code, timing)
+        if isinstance(error, NotFound) and named is not None:
+            error = unknown_model(service, *named, error)
         return json_error(error)
 
 
@@ -123,8 +139,10 @@ async def _repository(control: ModelControl, method: str, path: str, body: bytes
     if not isinstance(parameters, dict):
         raise InvalidArgument("'parameters' must be an object")
     if action == "load":
-        refuse_load_overrides(parameters)
-        await control.load(name)
+        try:
+            await control.load(name, load_parameters(name, parameters))
+        except InferdError as error:
+            raise load_failure(name, error) from None
         return _json({"name": name, "load": True})
     await control.unload(name)  # unload_dependents changes nothing: inferd has no ensembles
     return _json({"name": name, "unload": True})
@@ -277,6 +295,8 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
     limits.text(name, flat)
+    if (problem := integer_range_error(name, flat, dtype)) is not None:
+        raise InvalidArgument(problem)
     return flat.astype(dtype)
 
 
@@ -327,4 +347,4 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
 def _text(item: Any) -> str:
     if isinstance(item, bytes):
         return item.decode(errors="replace")
-    return str(item)
+    return encodable(str(item))  # a model's lone surrogate has no UTF-8
