@@ -8,6 +8,7 @@ The models are built here with TensorFlow's own APIs (``tests/models.py``); the 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,7 +145,7 @@ def test_every_tensorflow_model_server_flag_is_accepted(repo: Path, tmp_path: Pa
     """The whole flag list of main.cc on one command line: the server starts and serves, the
     implemented flags work (Unix socket, CORS, TensorFlow tags and threads, batching), and each
     inert one is logged once as having no effect."""
-    socket_dir = Path(tempfile.mkdtemp(prefix="inferd-", dir="/tmp"))  # short: socket paths are limited
+    socket_dir = Path(tempfile.mkdtemp(prefix="tfs-flags-sock-", dir="/tmp"))  # short: socket paths are limited
     values = {
         "socket": str(socket_dir / "grpc.sock"),
         "batching": str(_write(tmp_path / "batching.txt", "max_batch_size { value: 8 }\n")),
@@ -172,6 +173,7 @@ def test_every_tensorflow_model_server_flag_is_accepted(repo: Path, tmp_path: Pa
         assert "# TYPE" in requests.get(f"{server.url}/m", timeout=10).text
     finally:
         server.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)
     log = server.log()
     for name in TFSERVING_FLAGS.keys() - IMPLEMENTED:
         assert log.count(f"--{name} has no effect in inferd: ") == 1, name
