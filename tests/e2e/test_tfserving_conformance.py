@@ -145,7 +145,9 @@ def test_every_tensorflow_model_server_flag_is_accepted(repo: Path, tmp_path: Pa
     """The whole flag list of main.cc on one command line: the server starts and serves, the
     implemented flags work (Unix socket, CORS, TensorFlow tags and threads, batching), and each
     inert one is logged once as having no effect."""
-    socket_dir = Path(tempfile.mkdtemp(prefix="tfs-flags-sock-", dir="/tmp"))  # short: socket paths are limited
+    socket_dir = Path(
+        tempfile.mkdtemp(prefix="tfs-flags-sock-", dir="/tmp")
+    )  # short: socket paths are limited
     values = {
         "socket": str(socket_dir / "grpc.sock"),
         "batching": str(_write(tmp_path / "batching.txt", "max_batch_size { value: 8 }\n")),
