@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from inferd.config import ServerConfig
+from inferd.config import INERT_TFSERVING_FLAGS, ServerConfig
 from inferd.errors import ConfigError, InferdError
 
 _SERVE_FLAGS: list[tuple[str, type, str]] = [
@@ -163,6 +163,46 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
     ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
     ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
+    ("grpc_socket_path", str, "also serve the gRPC API on this Unix socket (relative or absolute path)"),
+    (
+        "grpc_channel_arguments",
+        str,
+        "comma-separated gRPC server arguments, e.g. grpc.max_connection_age_ms=2000",
+    ),
+    (
+        "rest_api_enable_cors_support",
+        bool,
+        "answer CORS preflight (OPTIONS) requests and add Access-Control-Allow-* headers to answers",
+    ),
+    (
+        "enable_model_warmup",
+        bool,
+        "warm each version up before serving it: replay assets.extra/tf_serving_warmup_requests "
+        "where a SavedModel has one, else one call with zeros per signature",
+    ),
+    ("num_request_iterations_for_warmup", int, "times each warm-up request is replayed (0: once)"),
+    ("saved_model_tags", str, "comma-separated tags of the SavedModel MetaGraphDef to load"),
+    (
+        "tensorflow_session_parallelism",
+        int,
+        "threads of a TensorFlow session, for both of the next two flags where they are 0 (0: auto)",
+    ),
+    (
+        "tensorflow_intra_op_parallelism",
+        int,
+        "threads inside one TensorFlow op (also onnxruntime's intra_op_num_threads; 0: auto)",
+    ),
+    (
+        "tensorflow_inter_op_parallelism",
+        int,
+        "TensorFlow ops run at once (also onnxruntime's inter_op_num_threads; 0: auto)",
+    ),
+    ("prefer_tflite_model", bool, "serve a SavedModel folder's model.tflite with TFLite instead"),
+    (
+        "enable_serialization_as_tensor_content",
+        bool,
+        "gRPC Predict answers carry tensor_content bytes instead of the typed value fields",
+    ),
 ]
 
 
@@ -203,6 +243,19 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
             metavar="BOOL" if kind is bool else kind.__name__.upper(),
             help=f"{text} (default: {default!r})",
             **extra,
+        )
+    parser.add_argument(
+        "--version", action="store_true", help="print inferd's version and the TF Serving API it speaks"
+    )
+    for name, (kind, reason) in INERT_TFSERVING_FLAGS.items():
+        parser.add_argument(
+            f"--{name}",
+            type=_bool if kind is bool else kind,
+            nargs="?",
+            const=True if kind is bool else None,
+            default=None,
+            metavar="BOOL" if kind is bool else kind.__name__.upper(),
+            help=f"TF Serving flag accepted for compatibility; no effect: {reason}",
         )
     parser.add_argument(
         "--log_level",
@@ -646,6 +699,14 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0 if made else 1
 
 
+def _log_inert_flags(args: argparse.Namespace) -> None:
+    """One line per TF Serving flag given that has no effect in inferd, with the reason."""
+    log = logging.getLogger("inferd.cli")
+    for name, (_, reason) in INERT_TFSERVING_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            log.info("--%s has no effect in inferd: %s", name, reason)
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -702,7 +763,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _select(args)
     if args.command == "optimize":
         return _optimize(args)
+    if args.version:
+        from inferd import __version__
+
+        print(f"inferd {__version__} (TensorFlow ModelServer API)")
+        return 0
+    _log_inert_flags(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    if values.get("num_load_threads") == 0:
+        values["num_load_threads"] = 1  # TF Serving's 0 loads in its manager's loop: one at a time
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")

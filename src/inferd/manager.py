@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from inferd.config import ModelSettings
-from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
+from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Model, Supervised, load_model
-from inferd.types import ModelId, ModelRef, TensorSpec, VersionState, VersionStatus
+from inferd.types import ModelId, ModelRef, Signature, TensorSpec, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class ModelManager:
             return model, runtime
         try:
             for name, signature in model.signatures.items():
-                if all(spec.shape is not None for spec in signature.inputs):
+                if _zeros_fit(signature):
                     model.predict(name, {spec.name: _warm_up_tensor(spec) for spec in signature.inputs})
         except Exception as exc:
             model.close()
@@ -285,7 +285,7 @@ class ModelManager:
         elif ref.label is not None:
             number = entry.labels.get(ref.label)
             if number is None:
-                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+                raise UnknownLabel(f"Unrecognized servable version label: {ref.label}")
             version = entry.versions.get(number)
             if version is None or version.state is not VersionState.AVAILABLE:
                 raise NotFound(
@@ -311,7 +311,7 @@ class ModelManager:
         if ref.label is not None:
             number = entry.labels.get(ref.label)
             if number is None:
-                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+                raise UnknownLabel(f"Unrecognized servable version label: {ref.label}")
         if number is not None:
             if number not in entry.versions:
                 raise NotFound(f"Could not find version {number} of model {ref.name}")
@@ -375,3 +375,11 @@ def _close(model: Model | None) -> None:
         model.close()
     except Exception:  # closing must not break unloading of the rest
         log.exception("closing a model raised")
+
+
+def _zeros_fit(signature: Signature) -> bool:
+    """Whether a call with zeros can warm ``signature`` up: every input shape declared, and inferd
+    judges them. Signatures whose runtime judges shapes itself (TensorFlow's, whose declared shapes
+    may not be the graph's and whose string inputs are mostly serialized ``tf.Example``s) are warmed
+    up as TF Serving warms them, by the runtime from the SavedModel's warm-up file."""
+    return not signature.runtime_checks_shapes and all(spec.shape is not None for spec in signature.inputs)

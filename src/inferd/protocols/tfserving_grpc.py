@@ -3,15 +3,21 @@
 Tensors arrive as ``TensorProto``: numeric ``tensor_content`` is read with ``np.frombuffer``
 (no loop over elements); the typed fields (``float_val``, ``int_val``, ...) are read as TF Serving
 reads them: a single value fills the whole shape, and a tensor without a shape is a scalar.
-Answers carry ``tensor_content`` (strings: ``string_val``), which ``tf.make_ndarray`` reads.
+Predict answers fill the typed fields as TF Serving does by default (clients read
+``outputs["y"].float_val``); with ``--enable_serialization_as_tensor_content`` numbers go in
+``tensor_content`` instead. Either way ``tf.make_ndarray`` reads them.
+
+Classify and Regress on a signature whose one input is a string tensor fed by something other
+than a feature of its name (TensorFlow's ``tf.Example`` parsing signatures) feed it the examples
+serialized, context features merged into each, as TF Serving does.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -27,11 +33,12 @@ from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import Internal, InvalidArgument, ResourceExhausted
+from inferd.errors import InvalidArgument, ResourceExhausted, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.protocols import RequestTiming, record_request
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.tfserving_rest import classification_rows
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
@@ -81,6 +88,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     Args:
         max_tensor_bytes: the largest tensor that one typed value may fill.
         limits: the request limits every input is checked against before it is decoded.
+        tensor_content: answer Predict with numbers in ``tensor_content`` rather than typed fields.
     """
 
     def __init__(
@@ -89,8 +97,10 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         max_tensor_bytes: int,
         limits: RequestLimits,
         metrics: Metrics | None = None,
+        tensor_content: bool = False,
     ) -> None:
         self._service = service
+        self._tensor_content = tensor_content
         self._max_tensor_bytes = max_tensor_bytes
         self._limits = limits
         self._metrics = metrics
@@ -98,7 +108,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._predict(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._predict(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
@@ -107,14 +117,14 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._classify(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._classify(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
         request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._regress(request, request_id, deadline_of(context), timing)
+        call = _label_as_invalid(self._regress(request, request_id, deadline_of(context), timing))
         return await answer(
             context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
         )
@@ -123,13 +133,13 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         request_id = f"g{next(self._ids)}"
-        call = self._multi(request, request_id, deadline_of(context))
+        call = _label_as_invalid(self._multi(request, request_id, deadline_of(context)))
         return await answer(context, call, request_id, metrics=self._metrics)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
     ) -> ps.GetModelMetadataResponse:
-        return await answer(context, self._metadata(request), f"g{next(self._ids)}")
+        return await answer(context, _label_as_invalid(self._metadata(request)), f"g{next(self._ids)}")
 
     def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
         metrics, service = self._metrics, self._service
@@ -151,7 +161,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         reply = ps.PredictResponse()
         _fill_spec(reply.model_spec, response.model_id, signature.name)
         for name in wanted or response.outputs:
-            encode_tensor(reply.outputs[name], response.outputs[name])
+            encode_tensor(reply.outputs[name], response.outputs[name], self._tensor_content)
         return reply
 
     async def _examples(
@@ -260,7 +270,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, self._status(request), f"s{next(self._ids)}")
+        return await answer(context, _label_as_invalid(self._status(request)), f"s{next(self._ids)}")
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
@@ -280,6 +290,17 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
             entry.status.error_message = status.error_message
         return reply
+
+
+_Answer = TypeVar("_Answer")
+
+
+async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
+    """TF Serving answers an unknown version label with INVALID_ARGUMENT (the V2 API, NOT_FOUND)."""
+    try:
+        return await call
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
 
 
 def model_ref(spec: ps.ModelSpec) -> ModelRef:
@@ -390,8 +411,10 @@ def _data_type(dtype: np.dtype[Any]) -> DataType:
     return cast(DataType, DataType.Value(dtype_of(dtype).tf))
 
 
-def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
-    """Write ``value`` into ``proto``: numbers as ``tensor_content``, strings as ``string_val``."""
+def encode_tensor(proto: TensorProto, value: np.ndarray, tensor_content: bool = True) -> None:
+    """Write ``value`` into ``proto``: strings as ``string_val``; numbers as ``tensor_content``,
+    or with ``tensor_content`` false in their typed field (``float_val``, ``int64_val``, ...; FP16
+    as its bit patterns in ``half_val``), as TF Serving answers by default."""
     proto.dtype = _data_type(value.dtype)
     for size in value.shape:
         proto.tensor_shape.dim.add(size=size)
@@ -399,12 +422,16 @@ def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
         proto.string_val.extend(
             item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
         )
-    else:
+    elif tensor_content:
         proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    elif value.dtype == np.float16:
+        proto.half_val.extend(value.reshape(-1).view(np.uint16).tolist())
+    else:
+        getattr(proto, _VALUES[value.dtype]).extend(value.reshape(-1).tolist())
 
 
 def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
-    info.name = spec.name
+    info.name = spec.tensor_name or spec.name
     info.dtype = _data_type(spec.dtype)
     if spec.shape is None:
         info.tensor_shape.unknown_rank = True
@@ -437,6 +464,8 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
         raise InvalidArgument("Input is empty: give at least one example")
     limits.instances("examples", len(examples))
     names = signature.input_names()
+    if (serialized := _serialized_examples(signature, examples, context)) is not None:
+        return {names[0]: serialized}, len(examples)
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
         features = dict(example.features.feature)
@@ -451,6 +480,28 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
             columns[name].append(features[name])
     tensors = {spec.name: _feature_column(spec, columns[spec.name]) for spec in signature.inputs}
     return tensors, len(examples)
+
+
+def _serialized_examples(
+    signature: Signature, examples: Sequence[Example], context: dict[str, Feature]
+) -> np.ndarray | None:
+    """The examples serialized, context merged into each, for a signature whose one input is a
+    string tensor not named by the features (a ``tf.Example`` parser); else None."""
+    (spec, *others) = signature.inputs
+    if others or spec.dtype.kind != "O":
+        return None
+    if all(set(example.features.feature) | set(context) == {spec.name} for example in examples):
+        return None  # the feature feeds the input by name
+    serialized = np.empty(len(examples), dtype=object)
+    for i, example in enumerate(examples):
+        if context:
+            merged = Example()
+            merged.CopyFrom(example)
+            for key, feature in context.items():
+                merged.features.feature[key].CopyFrom(feature)
+            example = merged
+        serialized[i] = example.SerializeToString()
+    return serialized
 
 
 def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
@@ -475,17 +526,10 @@ def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
 
 
 def _fill_classifications(result: ps.ClassificationResult, response: InferenceResponse) -> None:
-    classes, scores = response.outputs["classes"], response.outputs["scores"]
-    if scores.ndim != 2 or classes.shape != scores.shape:
-        raise Internal(
-            f"model {response.model_id} returned classes {list(classes.shape)} and scores "
-            f"{list(scores.shape)}; a classify signature gives both as [examples, classes]"
-        )
-    for labels, row in zip(classes.tolist(), scores.tolist(), strict=True):
+    for labels, row in classification_rows(response):
         classifications = result.classifications.add()
         for label, score in zip(labels, row, strict=True):
-            text = label.decode(errors="replace") if isinstance(label, bytes) else str(label)
-            classifications.classes.add(label=text, score=score)
+            classifications.classes.add(label=label, score=score)
 
 
 def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, count: int) -> None:
@@ -506,10 +550,11 @@ def add_to_server(
     max_tensor_bytes: int,
     limits: RequestLimits,
     metrics: Metrics | None,
+    tensor_content: bool = False,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, limits, metrics), server
+        PredictionServicer(service, max_tensor_bytes, limits, metrics, tensor_content), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server
