@@ -241,11 +241,11 @@ def _parse_predict(
         return doc, (None, None)
     key = "instances" if "instances" in doc else "inputs"
     try:
-        tensors = _take_tensors(TensorDecoder(limits), signature, doc, key)
+        return doc, (signature, _take_tensors(TensorDecoder(limits), signature, doc, key))
     except InferdError as error:
         return doc, (signature, error)
-    doc[key] = None
-    return doc, (signature, tensors)
+    finally:
+        doc[key] = None  # _take_tensors took it out; _predict checks that it was there
 
 
 def _take_tensors(decoder: TensorDecoder, signature: Signature, doc: dict[str, Any], key: str) -> Tensors:
