@@ -67,7 +67,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     (
         "decode_processes",
         int,
-        "processes that decode large REST JSON bodies (4 MiB and up), started at the first one, "
+        "processes that decode large REST JSON bodies (1 MiB and up), started at the first one, "
         "so that decoding them does not hold the server's GIL (0: decode them on a thread)",
     ),
     (

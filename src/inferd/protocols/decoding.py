@@ -35,12 +35,14 @@ machine: a V2 JSON body of 110 KiB takes ~1.5 ms to decode, the hop to a thread 
 ~0.09 ms; below this size a body holds the event loop for under ~1 ms, above it the hop costs
 under a tenth of the decode."""
 
-PROCESS_BODY_BYTES = 4 * 1024 * 1024
+PROCESS_BODY_BYTES = 1024 * 1024
 """Bodies from this size on go to a decode process (when one is configured). Measured on the
-development machine (docs/reliability.md): a 4 MiB V2 JSON body takes ~45 ms to decode in a
-thread, holding the GIL all along; in a child the hop (body out, arrays back) costs this
-process ~3 ms of GIL. Below this size the thread's stall is short enough that a hop, and the
-memory of a child, do not pay."""
+shared development machine (V2 JSON, FP32; ``_decode_request`` inline vs. the GIL work the hop
+leaves in this process: pickling the body out, unpickling the arrays back): 256 KiB 13.6 ms vs
+0.5 ms, 1 MiB 72 ms vs 0.7 ms, 4 MiB 368 ms vs 9 ms, 16 MiB 2.8 s vs 39 ms; the round trip
+itself is about the inline decode. The hop pays from well below 1 MiB, but the thread is
+cheaper to reach and a mid-sized body holds the GIL only for tens of ms there, so the hop starts
+where that stall reaches ~50 ms."""
 
 
 class BodyDecoder:
