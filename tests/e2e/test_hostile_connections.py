@@ -449,6 +449,48 @@ def test_large_json_bodies_are_decoded_in_another_process(server: ServerProcess)
     assert child_ticks > server_ticks
 
 
+def _kill_busy_decoder(server: ServerProcess, known: set[int]) -> int:
+    """SIGKILL the server's child process not in ``known`` that is using CPU (a decode process at
+    work; the multiprocessing resource tracker, also a child, idles), once it has used 5 ticks.
+    Returns its process id; fails if none is seen working within ``WAIT_S``."""
+    deadline = time.monotonic() + WAIT_S
+    first: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        for pid, ticks in _process_cpu_ticks(server.process.pid).items():
+            if pid == server.process.pid or pid in known:
+                continue
+            if ticks - first.setdefault(pid, ticks) >= 5:
+                os.kill(pid, 9)
+                return pid
+        time.sleep(0.01)
+    pytest.fail("no decode process was seen decoding")
+
+
+def test_a_decode_process_that_dies_fails_only_its_own_request(server: ServerProcess) -> None:
+    """A decode process killed while it decodes a large body is replaced and the body decoded
+    again (answer 200); killed twice for the same body, that request alone is answered 503, and
+    the next large body is decoded by a fresh decode process (200)."""
+    path, body = _large_bodies()[0]
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+
+    def send() -> bytes:
+        sock = connect(server)
+        sock.sendall(head + body)
+        return read_until_closed_or_answered(sock)
+
+    killed: set[int] = set()
+    for kills, status in ((1, b"200"), (2, b"503")):
+        answers: list[bytes] = []
+        sender = threading.Thread(target=lambda: answers.append(send()))
+        sender.start()
+        for _ in range(kills):
+            killed.add(_kill_busy_decoder(server, killed))
+        sender.join(timeout=120)
+        assert answers and answers[0].startswith(b"HTTP/1.1 %s " % status), answers[:1]
+    assert b"the process decoding this request body exited" in answers[0]
+    assert send().startswith(b"HTTP/1.1 200 ")
+
+
 def _thread_cpu_ticks(server: ServerProcess) -> dict[int, int]:
     """User + system CPU ticks of each thread of the server process, by thread id."""
     ticks = {}
