@@ -59,6 +59,7 @@ class BodyDecoder:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._running = 0  # calls in ``apart``
 
     def in_process(self, size: int) -> bool:
         """True when a body of ``size`` bytes is to be decoded in a decode process."""
@@ -79,6 +80,7 @@ class BodyDecoder:
         loop = asyncio.get_running_loop()
         for attempt in range(2):
             pool = self._processes()
+            self._running += 1
             try:
                 return await loop.run_in_executor(pool, function, *args)
             except BrokenProcessPool:
@@ -86,6 +88,8 @@ class BodyDecoder:
                 # a fresh pool, so only a body that kills its decoder twice is refused.
                 self._replace(pool)
                 log.warning("a decode process exited; replaced it (attempt %d)", attempt + 1)
+            finally:
+                self._running -= 1
         raise Unavailable("the process decoding this request body exited; the request was not run")
 
     def close(self) -> None:
@@ -94,8 +98,10 @@ class BodyDecoder:
         self._thread.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
-            _terminate(pool)
+        if pool is not None and self._running:
+            _terminate(pool)  # not waiting for bodies being decoded
+        elif pool is not None:  # idle: ends the children cleanly, releasing their queues' semaphores
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _processes(self) -> ProcessPoolExecutor:
         with self._lock:
