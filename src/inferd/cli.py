@@ -65,6 +65,12 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
     ("rest_api_num_threads", int, "threads that run model predictions"),
     (
+        "decode_processes",
+        int,
+        "processes that decode large REST JSON bodies (1 MiB and up), started at the first one, "
+        "so that decoding them does not hold the server's GIL (0: decode them on a thread)",
+    ),
+    (
         "num_load_threads",
         int,
         "threads that load model versions: this many models load at once (one model's versions "

@@ -402,6 +402,7 @@ class ServerConfig:
     model_cache_bytes: int = 10 * 1024**3
     rest_api_timeout_in_ms: int = 30_000
     rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    decode_processes: int = 1
     max_request_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
     max_connections: int = 0

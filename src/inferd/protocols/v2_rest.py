@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from inferd.protocols import (
     v2_index,
     v2_model_config,
 )
-from inferd.protocols.decoding import decode
+from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import InferenceService
@@ -71,7 +70,7 @@ async def handle(
     limits: RequestLimits,
     deadline: float | None = None,
     metrics: Metrics | None = None,
-    decode_pool: Executor | None = None,
+    decode_pool: BodyDecoder | None = None,
 ) -> Response:
     """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses.
     Large bodies are decoded on ``decode_pool`` (see ``decoding``)."""
@@ -194,9 +193,9 @@ async def _infer(
     deadline: float | None,
     timing: RequestTiming,
     limits: RequestLimits,
-    decode_pool: Executor | None = None,
+    decode_pool: BodyDecoder | None = None,
 ) -> Response:
-    doc, inputs = await decode(
+    doc, inputs = await decode_apart(
         decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
     )
     request = InferenceRequest(
