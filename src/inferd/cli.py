@@ -190,6 +190,14 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _ray_parser(sub: Any) -> None:
+    from inferd.ray import command as ray_command
+
+    parser = sub.add_parser("ray", help="serve on a Ray cluster (pip install 'inferd[ray]')")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ray_command.add_flags(_serve_parser(actions))
+
+
 def _features_parser(sub: Any) -> None:
     parser = sub.add_parser("features", help="manage online features", description="Manage online features.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -643,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _bench_parser(sub)
     _select_parser(sub)
     _optimize_parser(sub)
+    _ray_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
         return _load_features(args)
@@ -663,6 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
+    if args.command == "ray":
+        from inferd.ray import command as ray_command
+
+        return ray_command.run(args, config)
     from inferd import server
 
     try:
