@@ -193,9 +193,7 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
 def _ray_parser(sub: Any) -> None:
     from inferd.ray import command as ray_command
 
-    parser = sub.add_parser("ray", help="serve on a Ray cluster (pip install 'inferd[ray]')")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ray_command.add_flags(_serve_parser(actions))
+    ray_command.add_parsers(sub, _serve_parser)
 
 
 def _features_parser(sub: Any) -> None:
@@ -668,14 +666,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _select(args)
     if args.command == "optimize":
         return _optimize(args)
+    if args.command == "ray":
+        from inferd.ray import command as ray_command
+
+        return ray_command.main(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
-    if args.command == "ray":
-        from inferd.ray import command as ray_command
-
-        return ray_command.run(args, config)
     from inferd import server
 
     try:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
@@ -16,9 +20,15 @@ from inferd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add the Ray flags to a parser that already has every ``inferd serve`` flag."""
-    add = parser.add_argument
+def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]) -> None:
+    """Add ``inferd ray serve`` (every ``inferd serve`` flag, made by ``serve_parser``, plus the
+    Ray ones) and ``inferd ray status`` to the subcommands ``sub``."""
+    parser = sub.add_parser("ray", help="serve on a Ray cluster (pip install 'inferd[ray]')")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = actions.add_parser("status", help="print each inferd replica's state as JSON")
+    status.add_argument("--address", default="auto", help="Ray cluster (default: auto)")
+    status.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    add = serve_parser(actions).add_argument
     add("--address", default="", help="Ray cluster to join, e.g. ray://head:10001 or auto (default: start one)")
     add(
         "--proxy",
@@ -47,14 +57,29 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--detach", action="store_true", help="deploy and exit, leaving the application running")
 
 
-def run(args: argparse.Namespace, config: ServerConfig) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Run ``inferd ray ACTION``."""
+    if importlib.util.find_spec("ray") is None:
+        print("inferd ray: Ray is not installed: pip install 'inferd[ray]'", file=sys.stderr)
+        return 2
+    if args.action == "status":
+        from inferd.ray import deployment
+
+        print(json.dumps(deployment.status(args.address), indent=1, sort_keys=True))
+        return 0
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    if args.repository and (config.model_config_file or config.model_base_path):
+        print("inferd ray: give either a repository DIR or --model_base_path / --model_config_file", file=sys.stderr)
+        return 2
+    return _serve(args, config)
+
+
+def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     """Deploy inferd on Ray; without ``--detach`` serve until SIGINT/SIGTERM, then delete the
     application (its replicas drain). Exit status 2 for bad flags or a missing extra."""
     from inferd.ray.deployment import Scaling
 
-    if importlib.util.find_spec("ray") is None:
-        print("inferd ray: Ray is not installed: pip install 'inferd[ray]'", file=sys.stderr)
-        return 2
     scaling = Scaling(
         num_replicas=args.num_replicas,
         min_replicas=args.min_replicas,

@@ -18,6 +18,10 @@ PROXY_ENV = {
     # Serve's fallback proxy defaults to 8500, TF Serving's gRPC port: moved above it.
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8510",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "9510",
+    # HAProxy retries a request on another replica when its replica closed the connection without
+    # answering (killed): inferd's predictions are idempotent. Ray's default retries connection
+    # failures only. Only requests that fit HAProxy's buffer (16 KiB by default) are replayed.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
 """Environment every Ray node's processes need (the Serve controller reads it at start)."""
 
@@ -113,17 +117,25 @@ def deploy(
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
 
 
-def replica_states() -> dict[str, str]:
-    """Replica id -> state (STARTING, RUNNING, STOPPING, ...) of the inferd application."""
+def status(address: str) -> dict[str, Any]:
+    """The inferd application's status, its replicas' counts by state (STARTING, RUNNING,
+    STOPPING, ...) and the replicas' ids."""
+    import ray
     from ray import serve
 
-    status = serve.status().applications.get(APP_NAME)
-    if status is None:
-        return {}
-    deployment = status.deployments.get(APP_NAME)
-    if deployment is None:
-        return {}
-    return {state: str(count) for state, count in deployment.replica_states.items()}
+    ray.init(address=address or None, logging_level="WARNING", log_to_driver=False)
+    app = serve.status().applications.get(APP_NAME)
+    deployment = app.deployments.get(APP_NAME) if app else None
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{APP_NAME}#"
+    return {
+        "status": str(app.status) if app else "NOT_DEPLOYED",
+        "replica_states": {str(k): v for k, v in deployment.replica_states.items()} if deployment else {},
+        "replicas": sorted(
+            actor["name"][len(prefix) :]
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(prefix)
+        ),
+    }
 
 
 def shutdown() -> None:
