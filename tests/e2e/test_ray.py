@@ -81,11 +81,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     }
     ray = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus=1", "--disable-usage-stats"]
-    head = [ray, "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false"]
+    head = [
+        ray,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--ray-client-server-port={client}",
+        "--include-dashboard=false",
+    ]
     try:
         subprocess.run([*head, *common], env=env, check=True, capture_output=True, timeout=180)
         address = f"127.0.0.1:{gcs}"
-        subprocess.run([ray, "start", f"--address={address}", *common], env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [ray, "start", f"--address={address}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         yield Cluster(address, env, log_dir)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
@@ -192,7 +205,8 @@ def test_rest_answers_are_the_bytes_inferd_serve_gives(deployed: Deployment, tmp
     finally:
         alone.stop()
     assert _same_requests(deployed.url) == expected
-    assert expected[0][0] == 200 and expected[2][0] == 400
+    assert expected[0][0] == 200
+    assert expected[2][0] == 400
 
 
 def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed: Deployment) -> None:

@@ -29,7 +29,11 @@ def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]
     status.add_argument("--address", default="auto", help="Ray cluster (default: auto)")
     status.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     add = serve_parser(actions).add_argument
-    add("--address", default="", help="Ray cluster to join, e.g. ray://head:10001 or auto (default: start one)")
+    add(
+        "--address",
+        default="",
+        help="Ray cluster to join, e.g. ray://head:10001 or auto (default: start one)",
+    )
     add(
         "--proxy",
         choices=["haproxy", "python"],
@@ -70,7 +74,10 @@ def main(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
-        print("inferd ray: give either a repository DIR or --model_base_path / --model_config_file", file=sys.stderr)
+        print(
+            "inferd ray: give either a repository DIR or --model_base_path / --model_config_file",
+            file=sys.stderr,
+        )
         return 2
     return _serve(args, config)
 

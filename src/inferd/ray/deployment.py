@@ -5,6 +5,7 @@ Imports ray; only ``inferd.ray.command`` imports this module, and only once Ray 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,8 @@ class Scaling:
             raise ConfigError(f"--min_replicas must be >= 0, got {self.min_replicas}")
         if self.max_replicas < max(1, self.min_replicas):
             raise ConfigError(
-                f"--max_replicas must be >= max(1, --min_replicas={self.min_replicas}), got {self.max_replicas}"
+                f"--max_replicas must be >= 1 and >= --min_replicas ({self.min_replicas}), "
+                f"got {self.max_replicas}"
             )
         if self.target_ongoing_requests <= 0:
             raise ConfigError(f"--target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
@@ -112,7 +114,7 @@ def deploy(
     import ray
     from ray import serve
 
-    ray.init(address=address or None, logging_level="WARNING", log_to_driver=False)
+    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": http_host, "port": http_port})
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
 
@@ -123,7 +125,7 @@ def status(address: str) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    ray.init(address=address or None, logging_level="WARNING", log_to_driver=False)
+    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
     app = serve.status().applications.get(APP_NAME)
     deployment = app.deployments.get(APP_NAME) if app else None
     prefix = f"SERVE_REPLICA::{APP_NAME}#{APP_NAME}#"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from ray import serve
 
 from inferd.config import ServerConfig
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class InferdReplica:
     """A Serve deployment class (decorated by ``deployment.build``); its ASGI app is inferd's."""
 
-    async def __init__(self, config: ServerConfig) -> None:
+    async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._server = Server(config)
         control = self._server.control
         await control.sync()
@@ -67,4 +68,3 @@ def _replica_id() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # outside a replica (never in practice): the log line says so
         return "?"
-
