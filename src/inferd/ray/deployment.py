@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from inferd.config import ServerConfig
@@ -80,7 +80,6 @@ class Scaling:
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
-                "metrics_interval_s": 0.5,
                 "look_back_period_s": 2.0,
             }
         return options
@@ -94,6 +93,46 @@ def application(config: ServerConfig, scaling: Scaling) -> Any:
 
     deployment = serve.deployment(name=APP_NAME, **scaling.options())(serve.ingress()(InferdReplica))
     return deployment.bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve's application builder (``import_path: inferd.ray.deployment:app_builder`` in a Serve
+    config file or a KubeRay RayService): ``args`` holds ``inferd serve`` flags and the
+    ``Scaling`` fields by name, values as YAML gives them (strings are converted).
+
+    Raises:
+        ConfigError: a name that is neither, or a value of the wrong kind.
+    """
+    config_fields = {f.name: f for f in fields(ServerConfig)}
+    scaling_fields = {f.name: f for f in fields(Scaling)}
+    config: dict[str, Any] = {}
+    scaling: dict[str, Any] = {}
+    for name, value in args.items():
+        target, known = (config, config_fields) if name in config_fields else (scaling, scaling_fields)
+        if name not in known:
+            raise ConfigError(
+                f"application args: unknown {name!r}; expected inferd serve flags or {sorted(scaling_fields)}"
+            )
+        kind = type(getattr(ServerConfig() if target is config else Scaling(), name))
+        try:
+            target[name] = _convert(value, kind)
+        except ValueError as exc:
+            raise ConfigError(f"application args: {name!r} must be {kind.__name__}, got {value!r}") from exc
+    ranges = Scaling(**scaling)
+    ranges.check()
+    return application(ServerConfig(**config), ranges)
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(value)
+    return kind(value)
 
 
 def deploy(
