@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.models import instances, repository_of  # noqa: E402
-from bench.procs import free_port  # noqa: E402
+from bench.models import instances, repository_of
+from bench.procs import free_port
 
 PY = sys.executable
 RAY = str(Path(PY).parent / "ray")
@@ -34,8 +34,10 @@ RAY = str(Path(PY).parent / "ray")
 
 def bench(url: str, payload: Path, concurrency: str, duration: float) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [PY, "-m", "inferd", "bench", url, "--model", "digits", "--payload", str(payload)]
-        + ["--concurrency", concurrency, "--duration", str(duration), "--warmup", "1", "--json", "-"],
+        [
+            *(PY, "-m", "inferd", "bench", url, "--model", "digits", "--payload", str(payload)),
+            *("--concurrency", concurrency, "--duration", str(duration), "--warmup", "1", "--json", "-"),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -175,7 +177,8 @@ def main() -> None:
     for name, result in results.items():
         if "scale_up_s" in result:
             print(
-                f"\n{name}: scale 1 -> 2 in {result['scale_up_s']:.1f} s, 2 -> 1 in {result['scale_down_s']:.1f} s"
+                f"\n{name}: scale 1 -> 2 in {result['scale_up_s']:.1f} s, "
+                f"2 -> 1 in {result['scale_down_s']:.1f} s"
             )
 
 
