@@ -121,6 +121,12 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
         return {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
+        for entry in Path("/proc").iterdir():  # ray stop leaves Serve's HAProxy running
+            try:
+                if entry.name.isdigit() and str(tmp).encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), 9)
+            except OSError:
+                continue
 
 
 def main() -> None:

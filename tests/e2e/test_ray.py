@@ -102,6 +102,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(address, env, log_dir)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
+        for pid in _pids_of(str(haproxy).encode()):  # ray stop leaves Serve's HAProxy running
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(haproxy, ignore_errors=True)
 
 
@@ -233,15 +235,21 @@ def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> N
 
 
 def _replica_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::ServeReplica:inferd"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return [pid for pid in _pids_of(b"") if _cmdline(pid).startswith(b"ray::ServeReplica:inferd")]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _pids_of(needle: bytes) -> list[int]:
+    """This machine's processes whose command line contains ``needle``."""
+    return [
+        int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and needle in _cmdline(int(e.name))
+    ]
 
 
 def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:

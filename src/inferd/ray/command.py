@@ -110,8 +110,8 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     if args.detach:
         return 0
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    deployment.shutdown()
+    deployment.shutdown(local=not args.address)
     return 0

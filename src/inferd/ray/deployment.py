@@ -179,10 +179,15 @@ def status(address: str) -> dict[str, Any]:
     }
 
 
-def shutdown() -> None:
-    """Delete the inferd application and disconnect."""
+def shutdown(local: bool) -> None:
+    """Delete the inferd application (its replicas drain) and disconnect; ``local``: also shut
+    Serve down (its proxies and HAProxy, which ``ray stop`` leaves running) before the cluster
+    this process started goes."""
     import ray
     from ray import serve
 
-    serve.delete(APP_NAME)
+    if local:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+    else:
+        serve.delete(APP_NAME)
     ray.shutdown()
