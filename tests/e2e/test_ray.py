@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -65,8 +66,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("ray")
     haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))  # its socket path must be short
     gcs, client, fallback_http, fallback_grpc, stats, haproxy_metrics = _ports(6)
+    token = log_dir / "auth_token"  # the cluster's own token: a ~/.ray/auth_token must not leak in
+    token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
