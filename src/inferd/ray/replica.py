@@ -46,8 +46,7 @@ class InferdReplica:
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
     def __serve_build_asgi_app__(self) -> HttpApp:
-        server = self._server
-        return HttpApp(server.service, server.control, server.config, server.metrics, server.metrics_paths)
+        return self._server.http_app()
 
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
@@ -59,8 +58,7 @@ class InferdReplica:
         try:
             await server.manager.drained(server.config.drain_timeout_s)
         finally:
-            await server.manager.close()
-            await server.feature_stores.close()
+            await server.close()
 
 
 def _replica_id() -> str:
