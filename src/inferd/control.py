@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from inferd.config import ModelConfig
 from inferd.errors import ModelLoadError, NotFound
@@ -30,7 +31,7 @@ class IndexEntry:
 class ModelControl:
     """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded."""
 
-    def __init__(self, repository: Repository, manager: ModelManager) -> None:
+    def __init__(self, repository: Repository, manager: ModelManager[Any]) -> None:
         self._repository = repository
         self._manager = manager
         self._unloaded: set[str] = set()

@@ -39,12 +39,13 @@ from inferd.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from inferd.features import FeatureStores, load_with_features
+from inferd.features import FeatureStores
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
 from inferd.protocols.limits import RequestLimits
 from inferd.repository import Repository
+from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 
@@ -254,11 +255,14 @@ class Server:
         self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self.repository = Repository(config)
-        self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
         self.feature_stores = FeatureStores()
-        self.service = InferenceService(
-            self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
+        self.servables = ServableFactory(
+            self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
+        self.manager: ModelManager[Servable] = ModelManager(
+            self._load_pool, self.servables.load, self.metrics
+        )
+        self.service = InferenceService(self.manager)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:

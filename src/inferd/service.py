@@ -1,29 +1,22 @@
 """InferenceService: the one core that every protocol adapter calls.
 
 It resolves the version a request asks for, checks the inputs against the signature (names,
-dtypes, shapes), runs the model on the inference thread pool while holding a lease on the
-version, and checks what the model returned.
+dtypes, shapes), joins its features and looks in its prediction cache, runs it through the
+version's ``Servable`` (batcher or inference thread) while holding a lease on the version, and
+checks what the model returned. What lives as long as a version lives in ``servable.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import numpy as np
 
-from inferd.batching import Batcher
-from inferd.config import BatchingParameters
-from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, Unavailable
-from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
+from inferd.errors import InferdError, Internal, InvalidArgument
 from inferd.manager import ModelManager, ServedVersion
-from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
-from inferd.runtimes import Model
+from inferd.servable import Servable
 from inferd.types import (
     DEFAULT_SIGNATURE,
     InferenceRequest,
@@ -45,50 +38,16 @@ _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
 """Signature dtype kind -> kinds of decoded values it accepts (ints are accepted as floats)."""
 
 
-@dataclass(slots=True, eq=False)
-class _Lane:
-    """Per served version: its batchers (one per signature), its unbatched calls in flight, its
-    feature join and its prediction cache (None when the model has none)."""
-
-    join: FeatureJoin | None
-    predictions: PredictionCache | None
-    prediction_counts: HitCounter
-    batchers: dict[str, Batcher] = field(default_factory=dict)
-    in_flight: int = 0
-
-
 class InferenceService:
     """Validate, predict, measure. Call from the event loop's thread.
 
     Args:
-        batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
-        max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
-            requests are refused with UNAVAILABLE.
-        features: opens the stores of models with ``[features]``; owned by the caller.
+        manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
+            prediction cache and in-flight bound.
     """
 
-    def __init__(
-        self,
-        manager: ModelManager,
-        executor: Executor,
-        batching: BatchingParameters | None = None,
-        max_in_flight: int = 256,
-        metrics: Metrics | None = None,
-        features: FeatureStores | None = None,
-    ) -> None:
+    def __init__(self, manager: ModelManager[Servable]) -> None:
         self._manager = manager
-        self._features = features
-        self._executor = executor
-        self._batching = batching
-        self._max_in_flight = max_in_flight
-        self._metrics = metrics
-        self._lanes: weakref.WeakKeyDictionary[ServedVersion, _Lane] = weakref.WeakKeyDictionary()
-        if metrics:
-            metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
-            metrics.gauge(
-                "inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets
-            )
-            metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
 
     def knows(self, name: str) -> bool:
         """True when ``name`` is a configured model (for bounded metric labels)."""
@@ -105,7 +64,8 @@ class InferenceService:
             InvalidArgument: unknown signature, or one whose method is not ``method``.
         """
         with self._manager.lease(ref) as version:
-            return self._request_signature(version, _find_signature(version, name, method))
+            servable = _servable(version)
+            return servable.request_signature(_find_signature(version, name, method))
 
     async def infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
         """Run one request on the version ``ref`` resolves to, batched when batching is on.
@@ -116,121 +76,34 @@ class InferenceService:
                 fails in a way the input did not cause (logged here).
         """
         with self._manager.lease(ref) as version:
+            servable = _servable(version)
             signature = _find_signature(version, request.signature_name, None)
-            lane = self._lane(version)
             features_s = 0.0
-            if lane.join is None:
+            if servable.join is None:
                 inputs = conform_inputs(signature, request.inputs)
             else:
-                inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
+                inputs = conform_inputs(servable.join.request_signature(signature), request.inputs)
                 started = time.perf_counter()
-                inputs = await lane.join.join(signature.name, inputs, request.deadline)
+                inputs = await servable.join.join(signature.name, inputs, request.deadline)
                 features_s = time.perf_counter() - started
-            if lane.predictions is not None:
-                key = lane.predictions.key(signature.name, inputs)
-                if (cached := lane.predictions.get(key)) is not None:
-                    lane.prediction_counts.hits += 1
+            predictions = servable.predictions
+            if predictions is not None:
+                key = predictions.key(signature.name, inputs)
+                if (cached := predictions.get(key)) is not None:
+                    servable.prediction_counts.hits += 1
                     return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
-                lane.prediction_counts.misses += 1
-            params = version.settings.batching or self._batching
-            rows = _common_rows(inputs)
+                servable.prediction_counts.misses += 1
             try:
-                if params is not None and rows is not None:
-                    batcher = lane.batchers.get(signature.name) or self._new_batcher(
-                        lane, version, signature, params
-                    )
-                    outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
-                else:
-                    outputs, queue_s, predict_s = await self._call(
-                        lane, version, signature.name, inputs, request
-                    )
+                outputs, queue_s, predict_s = await servable.run(signature.name, inputs, request.deadline)
             except InferdError:
                 raise
             except Exception:
                 log.exception("%s failed on request %s", version.id, request.id)
                 raise Internal(f"model {version.id} failed while predicting; see the server log") from None
             checked = _check_outputs(version, signature, outputs)
-            if lane.predictions is not None:
-                lane.predictions.put(key, checked)
+            if predictions is not None:
+                predictions.put(key, checked)
             return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
-
-    def _lane(self, version: ServedVersion) -> _Lane:
-        lane = self._lanes.get(version)
-        if lane is None:
-            name, number = version.id.name, str(version.id.version)
-            size = version.settings.prediction_cache_size
-            lane = self._lanes[version] = _Lane(
-                self._new_join(version),
-                PredictionCache(size) if size else None,
-                self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
-            )
-        return lane
-
-    def _new_join(self, version: ServedVersion) -> FeatureJoin | None:
-        settings = version.settings.features
-        if settings is None:
-            return None
-        if self._features is None:
-            raise Internal(f"model {version.id} declares [features] but the server has no feature stores")
-        assert version.model is not None
-        store = self._features.open(settings)
-        stats = self._metrics.features(version.id.name, store.name) if self._metrics else FeatureStats()
-        plans = plan_join(settings, version.model.signatures)
-        return FeatureJoin(version.id.name, settings, plans, store, stats)
-
-    def _request_signature(self, version: ServedVersion, signature: Signature) -> Signature:
-        join = self._lane(version).join
-        return signature if join is None else join.request_signature(signature)
-
-    async def _call(
-        self, lane: _Lane, version: ServedVersion, signature: str, inputs: Tensors, request: InferenceRequest
-    ) -> tuple[Tensors, float, float]:
-        if lane.in_flight >= self._max_in_flight:
-            raise Unavailable(f"model {version.id} has {lane.in_flight} requests in flight; retry later")
-        model = version.model
-        assert model is not None
-        lane.in_flight += 1
-        enqueued = time.monotonic()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_predict, model, signature, inputs, enqueued, request.deadline
-            )
-        finally:
-            lane.in_flight -= 1
-
-    def _new_batcher(
-        self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
-    ) -> Batcher:
-        # A weak reference: the batcher lives in a value of the weak-keyed lane table, so a strong
-        # one would keep the version, and so the table entry, alive forever.
-        version_ref = weakref.ref(version)
-
-        def predict(inputs: Tensors) -> Tensors:
-            served = version_ref()
-            model = served.model if served else None
-            if model is None:
-                raise Unavailable(f"model {version.id} was unloaded; retry")
-            return model.predict(signature.name, inputs)
-
-        on_batch: Callable[[int, float], None] = _ignore_batch
-        if self._metrics:
-            on_batch = _batch_recorder(self._metrics.batch_size(version.id.name, str(version.id.version)))
-        batcher = lane.batchers[signature.name] = Batcher(predict, params, self._executor, on_batch)
-        return batcher
-
-    def _batchers(self) -> Iterator[tuple[tuple[str, str], Batcher]]:
-        for version, lane in list(self._lanes.items()):
-            for batcher in lane.batchers.values():
-                yield (version.id.name, str(version.id.version)), batcher
-
-    def _queued_rows(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, float(b.queued_rows)) for labels, b in self._batchers())
-
-    def _targets(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, float(b.target_batch_size)) for labels, b in self._batchers())
-
-    def _waits(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, b.wait_s) for labels, b in self._batchers())
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -239,20 +112,19 @@ class InferenceService:
     def metadata(self, ref: ModelRef) -> ModelMetadata:
         """Signatures and runtime of the version ``ref`` resolves to."""
         with self._manager.lease(ref) as version:
-            assert version.model is not None
+            servable = _servable(version)
             available = tuple(
                 s.version
                 for s in self._manager.status(ModelRef(ref.name))
                 if s.state is VersionState.AVAILABLE
             )
-            batching = version.settings.batching or self._batching
-            max_batch = batching.max_batch_size if batching else 0
+            max_batch = servable.batching.max_batch_size if servable.batching else 0
             signatures = {
-                name: self._request_signature(version, signature)
-                for name, signature in version.model.signatures.items()
+                name: servable.request_signature(signature)
+                for name, signature in servable.model.signatures.items()
             }
             return ModelMetadata(
-                version.id, signatures, version.runtime, available, max_batch, version.settings.device
+                version.id, signatures, servable.runtime, available, max_batch, version.settings.device
             )
 
     def ready(self) -> bool:
@@ -260,37 +132,14 @@ class InferenceService:
         return self._manager.ready()
 
 
-def _timed_predict(
-    model: Model, signature: str, inputs: Tensors, enqueued: float, deadline: float | None
-) -> tuple[Tensors, float, float]:
-    """Runs in a pool thread: drop the call if its deadline passed while it waited for a thread."""
-    started = time.monotonic()
-    if deadline is not None and started > deadline:
-        raise DeadlineExceeded("the request's deadline passed before a thread was free to compute it")
-    outputs = model.predict(signature, inputs)
-    return outputs, started - enqueued, time.monotonic() - started
+def _servable(version: ServedVersion[Servable]) -> Servable:
+    """The servable of a leased version (set from AVAILABLE until the last lease is returned)."""
+    assert version.servable is not None
+    return version.servable
 
 
-def _common_rows(inputs: Tensors) -> int | None:
-    """The batch size shared by every input (axis 0), or None when they differ or are scalars."""
-    sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _ignore_batch(rows: int, latency_s: float) -> None:
-    return None
-
-
-def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:
-    def record(rows: int, latency_s: float) -> None:
-        histogram.observe(rows)
-
-    return record
-
-
-def _find_signature(version: ServedVersion, name: str | None, method: Method | None) -> Signature:
-    assert version.model is not None
-    signatures = version.model.signatures
+def _find_signature(version: ServedVersion[Servable], name: str | None, method: Method | None) -> Signature:
+    signatures = _servable(version).model.signatures
     if name is None:
         default = signatures.get(DEFAULT_SIGNATURE)
         if method is None or method is Method.PREDICT or (default and default.method is method):
@@ -360,7 +209,9 @@ def _describe(value: np.ndarray) -> str:
     return f"{name} [{', '.join(map(str, value.shape))}]"
 
 
-def _check_outputs(version: ServedVersion, signature: Signature, outputs: Mapping[str, object]) -> Tensors:
+def _check_outputs(
+    version: ServedVersion[Servable], signature: Signature, outputs: Mapping[str, object]
+) -> Tensors:
     missing = [spec.name for spec in signature.outputs if spec.name not in outputs]
     if missing:
         log.error("%s returned outputs %s, missing %s", version.id, sorted(outputs), missing)

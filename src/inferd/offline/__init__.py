@@ -30,7 +30,7 @@ import orjson
 
 from inferd.config import FeatureSettings, ModelSettings, read_model_settings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.features import FeatureJoin, FeatureStores, load_with_features, plan_join
+from inferd.features import FeatureJoin, FeatureStores, plan_join
 from inferd.manager import ModelManager
 from inferd.metrics import FeatureStats
 from inferd.offline.scoring import Scorer
@@ -38,6 +38,7 @@ from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
 from inferd.runtimes import Model
+from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState, VersionStatus
 
@@ -241,20 +242,24 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
         ThreadPoolExecutor(1, "inferd-load") as load_pool,
         ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
     ):
-        manager = ModelManager(load_pool, loader=load_with_features)
-        await manager.apply([plan])
-        ref = ModelRef(plan.name)
-        (status,) = manager.status(ref)
-        if status.state is not VersionState.AVAILABLE:
-            raise ModelLoadError(status.error_message)
+        stores = FeatureStores()
+        manager: ModelManager[Servable] = ModelManager(
+            load_pool, ServableFactory(infer_pool, features=stores).load
+        )
         try:
+            await manager.apply([plan])
+            ref = ModelRef(plan.name)
+            (status,) = manager.status(ref)
+            if status.state is not VersionState.AVAILABLE:
+                raise ModelLoadError(status.error_message)
             # Nothing unloads the version before manager.close(), which waits for leases to end.
             with manager.lease(ref) as version:
-                assert version.model is not None
-            service = InferenceService(manager, infer_pool)
-            yield Loaded(service, ref, status, version.model, version.settings, infer_pool)
+                assert version.servable is not None
+            service = InferenceService(manager)
+            yield Loaded(service, ref, status, version.servable.model, version.settings, infer_pool)
         finally:
             await manager.close()
+            await stores.close()
 
 
 def _default_rejects(output: Path) -> Path:
