@@ -82,12 +82,8 @@ def test_twenty_swaps_leave_only_the_served_version_in_metrics_and_memory(
     for version in range(1, SWAPS + 2):
         if version > 1:
             write_version(base, version)
-        server.wait_for(
-            lambda v=version: (
-                server.status("eta") == {str(n): "AVAILABLE" if n == v else "END" for n in range(1, v + 1)}
-            ),
-            f"version {version} alone serving",
-        )
+        alone = {str(n): "AVAILABLE" if n == version else "END" for n in range(1, version + 1)}
+        server.wait_for(lambda: server.status("eta") == alone, f"version {version} alone serving")  # noqa: B023
         for _ in range(2):  # the second is answered from the prediction cache
             answer = requests.post(f"{server.url}/v1/models/eta:predict", json=body, timeout=60)
             assert answer.status_code == 200, answer.text
