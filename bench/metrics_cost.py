@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from inferd.metrics import Metrics
-from inferd.protocols import RequestTiming, record_request
+from inferd.protocols.timing import RequestTiming, record_request
 from inferd.types import InferenceResponse, ModelId
 
 BENCH = Path(__file__).resolve().parent

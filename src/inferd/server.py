@@ -42,8 +42,10 @@ from inferd.errors import (
 from inferd.features import FeatureStores
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
+from inferd.protocols import openapi, tfserving_rest, v2_rest
+from inferd.protocols.access import Access
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService

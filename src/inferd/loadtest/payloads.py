@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from inferd.protocols import to_raw
+from inferd.protocols.codecs import to_raw
 from inferd.types import dtype_of
 
 if TYPE_CHECKING:
@@ -308,7 +308,7 @@ def _v2_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | N
 
 def _tf_predict(model: str, version: int | None, tensors: dict[str, np.ndarray]) -> bytes:
     from inferd._proto import prediction_service_pb2 as ps
-    from inferd.protocols.tfserving_grpc import encode_tensor
+    from inferd.protocols.codecs import encode_tensor
 
     request = ps.PredictRequest()
     request.model_spec.name = model

@@ -15,7 +15,7 @@ import grpc
 
 from inferd.errors import InferdError
 from inferd.metrics import Metrics
-from inferd.protocols import Access
+from inferd.protocols.access import Access
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,14 @@ from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from inferd._proto.error_codes_pb2 import Code
 from inferd._proto.example_pb2 import Example, Feature
 from inferd._proto.meta_graph_pb2 import TensorInfo
-from inferd._proto.tensor_pb2 import TensorProto
-from inferd._proto.types_pb2 import DataType
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import Internal, InvalidArgument, ResourceExhausted
+from inferd.errors import Internal, InvalidArgument
 from inferd.metrics import Metrics
-from inferd.protocols import RequestTiming, record_request
+from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.timing import RequestTiming, record_request
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,
@@ -42,7 +41,6 @@ from inferd.types import (
     Signature,
     Tensors,
     TensorSpec,
-    dtype_of,
 )
 
 PROTOCOL = "grpc"
@@ -52,23 +50,6 @@ SERVICES = (
 )
 ADMIN_METHODS = (f"/{SERVICES[1]}/HandleReloadConfigRequest",)
 """ModelService calls that need the admin token."""
-
-_VALUES = {
-    np.dtype(np.float32): "float_val",
-    np.dtype(np.float64): "double_val",
-    np.dtype(np.float16): "half_val",
-    np.dtype(np.int8): "int_val",
-    np.dtype(np.int16): "int_val",
-    np.dtype(np.int32): "int_val",
-    np.dtype(np.uint8): "int_val",
-    np.dtype(np.uint16): "int_val",
-    np.dtype(np.int64): "int64_val",
-    np.dtype(np.uint32): "uint32_val",
-    np.dtype(np.uint64): "uint64_val",
-    np.dtype(np.bool_): "bool_val",
-    np.dtype(object): "string_val",
-}
-"""numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
 
 _FEATURE_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
 _TASK_METHODS = {Method.CLASSIFY.value: Method.CLASSIFY, Method.REGRESS.value: Method.REGRESS}
@@ -139,7 +120,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _predict(
         self, request: ps.PredictRequest, request_id: str, deadline: float | None, timing: RequestTiming
     ) -> ps.PredictResponse:
-        ref = model_ref(request.model_spec)
+        ref = spec_ref(request.model_spec)
         signature = self._service.signature(ref, request.model_spec.signature_name or None)
         wanted = _output_filter(signature, list(request.output_filter))
         limit, limits = self._max_tensor_bytes, self._limits
@@ -164,7 +145,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     ) -> tuple[InferenceResponse, str, int]:
         """Run the classify or regress signature on examples: the answer, its signature name and
         the number of examples."""
-        ref = model_ref(spec)
+        ref = spec_ref(spec)
         signature = self._service.signature(ref, spec.signature_name or None, method)
         inputs, count = examples_to_inputs(signature, input_, self._limits)
         if timing:
@@ -233,7 +214,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != "signature_def":
                 raise InvalidArgument(f"Metadata field {field} is not supported")
-        meta = self._service.metadata(model_ref(request.model_spec))
+        meta = self._service.metadata(spec_ref(request.model_spec))
         signatures = ps.SignatureDefMap()
         for name, signature in meta.signatures.items():
             definition = signatures.signature_def[name]
@@ -273,7 +254,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
         reply = ms.GetModelStatusResponse()
-        for status in self._service.status(model_ref(request.model_spec)):
+        for status in self._service.status(spec_ref(request.model_spec)):
             entry = reply.model_version_status.add(version=status.version, state=int(status.state))
             known = status.error_code in Code.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
@@ -281,7 +262,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         return reply
 
 
-def model_ref(spec: ps.ModelSpec) -> ModelRef:
+def spec_ref(spec: ps.ModelSpec) -> ModelRef:
     """The model, and version or label, a ``ModelSpec`` names.
 
     Raises:
@@ -318,87 +299,9 @@ def _output_filter(signature: Signature, wanted: list[str]) -> list[str]:
     return wanted
 
 
-def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: RequestLimits) -> np.ndarray:
-    """A ``TensorProto`` as an ndarray (a read-only view of ``tensor_content`` when it has one).
-
-    One typed value fills the shape, when that takes at most ``max_bytes``. The shape is checked
-    against ``limits`` before anything is allocated.
-
-    Raises:
-        InvalidArgument: an unsupported dtype, a negative or unknown shape, or values that do not
-            fill the shape; the message names the tensor.
-        ResourceExhausted: one value would fill more than ``max_bytes``, or the shape or a string
-            is over a limit.
-    """
-    try:
-        dtype = dtype_of(DataType.Name(proto.dtype)).numpy
-    except (KeyError, ValueError):
-        label = DataType.Name(proto.dtype) if proto.dtype in DataType.values() else str(proto.dtype)
-        raise InvalidArgument(f"input {name!r}: dtype {label} is not supported") from None
-    tf_name = DataType.Name(proto.dtype)
-    if proto.tensor_shape.unknown_rank:
-        raise InvalidArgument(f"input {name!r}: tensor_shape has unknown_rank; give its dims")
-    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
-    count = limits.elements(name, shape)
-    if proto.tensor_content:
-        content = proto.tensor_content
-        if dtype.kind == "O":
-            raise InvalidArgument(f"input {name!r}: DT_STRING values go in string_val, not tensor_content")
-        if len(content) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
-                f"tensor_content, got {len(content)}"
-            )
-        return np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-    field = _VALUES[dtype]
-    values = getattr(proto, field)
-    try:
-        if dtype.kind == "O":
-            if values:
-                limits.string(name, max(map(len, values)))
-            flat = np.empty(len(values), dtype=object)
-            flat[:] = list(values)
-        elif field == "half_val":
-            flat = np.asarray(values, dtype=np.uint16).view(np.float16)
-        else:
-            flat = np.asarray(values, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tf_name}") from None
-    if flat.size == count:
-        return flat.reshape(shape)
-    if flat.size == 1:
-        if count * dtype.itemsize > max_bytes:
-            raise ResourceExhausted(
-                f"input {name!r}: filling {tf_name} {list(shape)} from one value would take "
-                f"{count * dtype.itemsize} bytes, over the limit of {max_bytes} (--max_request_bytes)"
-            )
-        return np.full(shape, flat[0], dtype=dtype)
-    raise InvalidArgument(
-        f"input {name!r}: {tf_name} {list(shape)} needs {count} values in {field} (or 1 to fill the "
-        f"shape), got {flat.size}"
-    )
-
-
-def _data_type(dtype: np.dtype[Any]) -> DataType:
-    return cast(DataType, DataType.Value(dtype_of(dtype).tf))
-
-
-def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
-    """Write ``value`` into ``proto``: numbers as ``tensor_content``, strings as ``string_val``."""
-    proto.dtype = _data_type(value.dtype)
-    for size in value.shape:
-        proto.tensor_shape.dim.add(size=size)
-    if value.dtype.kind in "OUS":
-        proto.string_val.extend(
-            item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
-        )
-    else:
-        proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
-
-
 def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
     info.name = spec.name
-    info.dtype = _data_type(spec.dtype)
+    info.dtype = data_type(spec.dtype)
     if spec.shape is None:
         info.tensor_shape.unknown_rank = True
     for size in spec.shape or ():

@@ -19,8 +19,9 @@ import orjson
 
 from inferd.errors import InferdError, InvalidArgument
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.timing import RequestTiming, record_request
 from inferd.service import InferenceService
 from inferd.types import (
     InferenceRequest,

@@ -23,20 +23,12 @@ from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import (
-    V2_EXTENSIONS,
-    V2_PLATFORMS,
-    RequestTiming,
-    from_raw,
-    model_ref,
-    record_request,
-    refuse_load_overrides,
-    to_raw,
-    v2_index,
-    v2_model_config,
-)
+from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.rest_status import model_ref
+from inferd.protocols.timing import RequestTiming, record_request
+from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_load_overrides, v2_index, v2_model_config
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
 

@@ -20,23 +20,18 @@ import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.metrics import Metrics
-from inferd.protocols import (
-    JSON_HEADERS,
+from inferd.protocols.codecs import from_raw, to_raw
+from inferd.protocols.limits import RequestLimits
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.timing import RequestTiming, record_request
+from inferd.protocols.v2 import (
     V2_DATATYPES,
     V2_EXTENSIONS,
     V2_PLATFORMS,
-    RequestTiming,
-    Response,
-    from_raw,
-    json_error,
-    model_ref,
-    record_request,
     refuse_load_overrides,
-    to_raw,
     v2_index,
     v2_model_config,
 )
-from inferd.protocols.limits import RequestLimits
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
