@@ -32,7 +32,7 @@ from inferd.config import (
     read_model_config_file,
     read_model_settings,
 )
-from inferd.errors import ConfigError
+from inferd.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +271,36 @@ class Repository:
 def _is_model_folder(entry: os.DirEntry[str]) -> bool:
     """A folder, or a link that should lead to one but is broken (a fault, not a removal)."""
     return entry.is_dir() or (entry.is_symlink() and not os.path.exists(entry.path))
+
+
+def resolve_version(path: Path, name: str | None = None, version: int | None = None) -> ModelPlan:
+    """The one version the in-process tools (batch, select, optimize) load: ``path`` as a version
+    folder, a base path (its latest version, or ``version``), or a repository holding model
+    ``name``; with ``in_process_settings``.
+
+    Raises:
+        ModelLoadError: no such version folder. ConfigError: a malformed ``inferd.toml``.
+    """
+    base = path / name if name else path
+    versions = list_versions(base)
+    if not versions and base.name.isdigit() and base.is_dir():
+        versions, base = {int(base.name): base}, base.parent
+    if version is not None:
+        versions = {v: p for v, p in versions.items() if v == version}
+    if not versions:
+        wanted = f"version {version}" if version is not None else "a version folder"
+        raise ModelLoadError(f"no model at {base}: expected {wanted} (1/, 2/, ...) or a version folder")
+    number = max(versions)
+    source = VersionSource(number, versions[number], fingerprint(versions[number]))
+    return ModelPlan(name or base.name, {number: source}, settings=in_process_settings(base))
+
+
+def in_process_settings(folder: Path) -> ModelSettings:
+    """``folder``'s ``inferd.toml`` as the in-process tools (batch, optimize, select) load it:
+    batching off, since they call the model with whole batches, and no worker process, since they
+    use and measure the model itself.
+
+    Raises:
+        ConfigError: the file is malformed.
+    """
+    return dataclasses.replace(read_model_settings(folder), batching=None, isolation="none")

@@ -370,7 +370,7 @@ def test_auc_calls_predict_proba_where_a_model_has_it(
 ) -> None:
     import asyncio
 
-    from inferd.offline import in_process
+    from inferd.local import in_process
     from inferd.select.measure import Job, _signature_name
 
     write_sklearn_digits(tmp_path / "digits" / "1")

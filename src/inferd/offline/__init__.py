@@ -12,7 +12,6 @@ threads (``scoring``), and a writer thread writes one part file per chunk (``sin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -21,26 +20,24 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from inferd.config import FeatureSettings, ModelSettings, read_model_settings
-from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.config import FeatureSettings
+from inferd.errors import InvalidArgument
 from inferd.features import FeatureJoin, FeatureStores, plan_join
-from inferd.manager import ModelManager
+from inferd.local import in_process
 from inferd.metrics import FeatureStats
 from inferd.offline.scoring import Scorer
 from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
-from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
+from inferd.repository import resolve_version
 from inferd.runtimes import Model
-from inferd.servable import Servable, ServableFactory
-from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState, VersionStatus
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +119,9 @@ def run(options: BatchOptions) -> Summary:
     return asyncio.run(_run(options))
 
 
-def model_plan(options: BatchOptions) -> ModelPlan:
-    """The one version to load: MODEL as a version folder, a base path (latest version, or
-    ``--version``), or a repository with ``--model``; batching off, as whole chunks are scored.
-
-    Raises:
-        ModelLoadError: no such version folder. ConfigError: a malformed ``inferd.toml``.
-    """
-    base = options.model / options.model_name if options.model_name else options.model
-    versions = list_versions(base)
-    if not versions and base.name.isdigit() and base.is_dir():
-        versions, base = {int(base.name): base}, base.parent
-    if options.version is not None:
-        versions = {v: p for v, p in versions.items() if v == options.version}
-    if not versions:
-        wanted = f"version {options.version}" if options.version is not None else "a version folder"
-        raise ModelLoadError(f"no model at {base}: expected {wanted} (1/, 2/, ...) or a version folder")
-    number = max(versions)
-    source = VersionSource(number, versions[number], fingerprint(versions[number]))
-    return ModelPlan(options.model_name or base.name, {number: source}, settings=in_process_settings(base))
-
-
-def in_process_settings(folder: Path) -> ModelSettings:
-    """``folder``'s ``inferd.toml`` as the in-process tools (batch, optimize, select) load it:
-    batching off, since they call the model with whole batches, and no worker process, since they
-    use and measure the model itself.
-
-    Raises:
-        ConfigError: the file is malformed.
-    """
-    return dataclasses.replace(read_model_settings(folder), batching=None, isolation="none")
-
-
 async def _run(options: BatchOptions) -> Summary:
     started, cpu_started = time.monotonic(), time.process_time()
-    plan = model_plan(options)
+    plan = resolve_version(options.model, options.model_name, options.version)
     fmt = output_format(options.output)
     threads = options.threads or os.cpu_count() or 1
     async with in_process(plan, threads) as loaded:
@@ -214,52 +179,6 @@ async def _run(options: BatchOptions) -> Summary:
         batch_size=scorer.batch_size,
         chunk_rows=chunk_rows,
     )
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One version loaded in this process: ``inferd batch`` calls ``model`` on ``pool`` directly;
-    ``inferd select`` also times single requests through ``service``."""
-
-    service: InferenceService
-    ref: ModelRef
-    status: VersionStatus
-    model: Model
-    settings: ModelSettings
-    pool: Executor
-    """The inference threads, shared by ``service`` and direct ``model`` calls."""
-
-
-@contextlib.asynccontextmanager
-async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
-    """The plan's one version loaded (runtime, ``inferd.toml``, warm-up) with ``threads``
-    inference threads; unloaded on exit.
-
-    Raises:
-        ModelLoadError: the version did not load or failed its warm-up.
-    """
-    with (
-        ThreadPoolExecutor(1, "inferd-load") as load_pool,
-        ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
-    ):
-        stores = FeatureStores()
-        manager: ModelManager[Servable] = ModelManager(
-            load_pool, ServableFactory(infer_pool, features=stores).load
-        )
-        try:
-            await manager.apply([plan])
-            ref = ModelRef(plan.name)
-            (status,) = manager.status(ref)
-            if status.state is not VersionState.AVAILABLE:
-                raise ModelLoadError(status.error_message)
-            # Nothing unloads the version before manager.close(), which waits for leases to end.
-            with manager.lease(ref) as version:
-                assert version.servable is not None
-            service = InferenceService(manager)
-            yield Loaded(service, ref, status, version.servable.model, version.settings, infer_pool)
-        finally:
-            await manager.close()
-            await stores.close()
 
 
 def _default_rejects(output: Path) -> Path:

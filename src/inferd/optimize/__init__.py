@@ -27,13 +27,12 @@ import orjson
 
 from inferd.config import ModelSettings
 from inferd.errors import InferdError, InvalidArgument
-from inferd.offline import BatchOptions, model_plan
 from inferd.optimize import onnx_variants
 from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported, to_onnx
 from inferd.optimize.tflite import to_tflite
-from inferd.repository import folder_bytes
+from inferd.repository import folder_bytes, resolve_version
 from inferd.runtimes import find_model_file, load_model
 from inferd.types import Signature
 
@@ -159,7 +158,7 @@ def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: 
 
 def _load_source(model: Path) -> Source:
     # The same resolution as ``inferd batch``: a version folder, or a base path's latest version.
-    plan = model_plan(BatchOptions(model=model, input="", output=Path()))
+    plan = resolve_version(model)
     ((_, version),) = plan.aspired.items()
     loaded, runtime = load_model(version.path, plan.settings, plan.platform)
     return Source(version.path, runtime, plan.settings, loaded, default_signature(loaded))
