@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -90,12 +89,11 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
-        self._ids = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        request_id = f"r{next(self._ids)}"
+        request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
         try:
@@ -108,7 +106,7 @@ class HttpApp:
             call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
                 call = tfserving_rest.handle(
-                    self._service, method, path, body, request_id, self._limits, deadline, metrics
+                    self._service, method, path, body, request_id, self._limits, deadline
                 )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -122,7 +120,6 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
-                    metrics,
                 )
             if call is not None:
                 answer = await self._with_deadline(call, receive)
@@ -165,14 +162,11 @@ class HttpApp:
         await send({"type": "http.response.body", "body": payload})
 
     async def _with_deadline(self, call: Coroutine[Any, Any, Response], receive: Any) -> Response | None:
-        """Run an adapter's answer under the request deadline, counting it as in flight.
+        """Run an adapter's answer under the request deadline.
 
         Returns None when the client disconnected first; the answer is then cancelled, which
         takes a queued request out of its batching queue before it is computed.
         """
-        metrics = self._metrics
-        if metrics:
-            metrics.in_flight += 1
         task = asyncio.current_task()
         assert task is not None
         hangup = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
@@ -185,8 +179,6 @@ class HttpApp:
             raise
         finally:
             hangup.cancel()
-            if metrics:
-                metrics.in_flight -= 1
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:
@@ -264,7 +256,7 @@ class Server:
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics
         )
-        self.service = InferenceService(self.manager)
+        self.service = InferenceService(self.manager, self.metrics)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
@@ -335,9 +327,7 @@ class Server:
         health: health_aio.HealthServicer | None = None
         try:
             if self.config.port:
-                grpc_server, health = await _start_grpc(
-                    self.service, self.control, self.config, self.metrics, self.tls
-                )
+                grpc_server, health = await _start_grpc(self.service, self.control, self.config, self.tls)
             log.info(
                 "serving %s on %s://%s:%d%s",
                 ", ".join(self.manager.names()),
@@ -378,7 +368,6 @@ async def _start_grpc(
     service: InferenceService,
     control: ModelControl,
     config: ServerConfig,
-    metrics: Metrics | None,
     tls: TlsSettings | None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
@@ -408,8 +397,8 @@ async def _start_grpc(
     )
     server = grpc.aio.server(options=options, interceptors=[access])
     limits = RequestLimits.of(config)
-    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits, metrics)
-    v2_grpc.add_to_server(server, service, control, limits, metrics)
+    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits)
+    v2_grpc.add_to_server(server, service, control, limits)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
