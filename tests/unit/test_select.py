@@ -16,7 +16,7 @@ from inferd.select import Outcome, Result, SelectOptions, report
 from inferd.select import promote as promotion
 from inferd.select.candidates import resolve
 from inferd.select.choose import choose, parse_requirement
-from inferd.select.metrics import objective
+from inferd.select.objectives import objective
 from tests.models import write_onnx_affine, write_sklearn_digits
 
 ACCURACY = objective("accuracy")

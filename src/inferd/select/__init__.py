@@ -22,7 +22,7 @@ from inferd.repository import folder_bytes
 from inferd.select.candidates import Candidate, resolve
 from inferd.select.choose import Requirement, Verdict, choose, parse_requirement
 from inferd.select.measure import Job, Measurement, check_data, measure
-from inferd.select.metrics import Objective, objective
+from inferd.select.objectives import Objective, objective
 
 log = logging.getLogger(__name__)
 
