@@ -511,7 +511,7 @@ def _optimize(args: argparse.Namespace) -> int:
         tflite=args.tflite,
     )
 
-    def report(outcome: optimize.Outcome) -> None:
+    def report(outcome: optimize.Variant) -> None:
         print(f"{outcome.name}: {outcome.path}" if outcome.ok else f"{outcome.name}: FAILED: {outcome.error}")
 
     try:
