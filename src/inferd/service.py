@@ -21,6 +21,7 @@ from inferd.manager import Lease, ModelManager, ServedVersion
 from inferd.metrics import Metrics
 from inferd.servable import Servable
 from inferd.types import (
+    ACCEPTED_KINDS,
     DEFAULT_SIGNATURE,
     InferenceRequest,
     InferenceResponse,
@@ -36,9 +37,6 @@ from inferd.types import (
 )
 
 log = logging.getLogger(__name__)
-
-_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
-"""Signature dtype kind -> kinds of decoded values it accepts (ints are accepted as floats)."""
 
 
 class InferenceService:
@@ -337,7 +335,7 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
         value.ndim == len(spec.shape)
         and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
     )
-    if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
+    if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
         if target.kind in "iu" and value.size:

@@ -30,7 +30,7 @@ from inferd.protocols.v2 import (
     v2_model_config,
 )
 from inferd.service import Call, InferenceService
-from inferd.types import ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import ACCEPTED_KINDS, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -238,7 +238,8 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
     return tensors
 
 
-_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
+_KINDS = {**ACCEPTED_KINDS, "O": "U"}
+"""What JSON ``data`` may hold: a BYTES tensor's values come as JSON strings only."""
 _V2_DTYPES = {name: dtype_of(name).numpy for name in V2_DATATYPES}
 """The V2 datatype names, and only those (``float32`` or ``DT_FLOAT`` are not V2 names)."""
 
