@@ -91,6 +91,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         int,
         "per model version, unbatched predictions running or waiting beyond which requests get 503",
     ),
+    ("load_threads", int, "model versions loaded (and warmed up) at once, each in a thread of its own"),
     (
         "drain_timeout_s",
         float,
