@@ -45,12 +45,12 @@ class InferenceService:
     Args:
         manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
             prediction cache and in-flight bound.
-        metrics: where each ``call`` is counted and timed; None for nowhere.
+        metrics: where each ``call`` is counted and timed; by default a collector of its own.
     """
 
     def __init__(self, manager: ModelManager[Servable], metrics: Metrics | None = None) -> None:
         self._manager = manager
-        self._metrics = metrics
+        self._metrics = metrics or Metrics()
         self._ids = itertools.count(1)
 
     def request_id(self) -> str:
@@ -153,7 +153,7 @@ class InferenceService:
     def _record(self, call: Call, status: str) -> None:
         """Count a finished call and, when it was answered, time its stages."""
         metrics = self._metrics
-        if metrics is None or not call.model:
+        if not call.model:
             return
         response = call.response
         if response is None:
@@ -221,8 +221,7 @@ class Call:
         self._signature: Signature | None = None
 
     def __enter__(self) -> Call:
-        if self._service._metrics:
-            self._service._metrics.in_flight += 1
+        self._service._metrics.in_flight += 1
         return self
 
     def __exit__(
@@ -231,8 +230,7 @@ class Call:
         leases, self._leases = list(self._leases.values()), {}
         for lease, _ in leases:
             lease.__exit__(None, None, None)
-        if self._service._metrics:
-            self._service._metrics.in_flight -= 1
+        self._service._metrics.in_flight -= 1
         if error is None:
             self._service._record(self, "OK")
         elif isinstance(error, InferdError):
