@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,21 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _snake_case_flags(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
+    """``parser.add_argument``, spelling each ``--kebab-case`` flag ``--snake_case`` as ``serve``
+    (TF Serving) does, and keeping the kebab-case spelling as an alias."""
+
+    def add(*names: str, **options: Any) -> argparse.Action:
+        spelled = []
+        for name in names:
+            if name.startswith("--") and "-" in name[2:]:
+                spelled.append("--" + name[2:].replace("-", "_"))
+            spelled.append(name)
+        return parser.add_argument(*spelled, **options)
+
+    return add
+
+
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     defaults = ServerConfig()
     parser: argparse.ArgumentParser = sub.add_parser(
@@ -219,7 +234,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("model_path", metavar="MODEL", type=Path)
     parser.add_argument("input", metavar="INPUT")
     parser.add_argument("output", metavar="OUTPUT", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
     add("--signature", default="serving_default", help="signature to call (default: serving_default)")
@@ -293,7 +308,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("url", metavar="URL")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", required=True, help="model name")
     add(
         "--protocol",
@@ -406,7 +421,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add(
         "--data",
         required=True,
@@ -459,7 +474,7 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("model_path", metavar="MODEL", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--out", required=True, type=Path, help="folder to write the variants to")
     add(
         "--calibration",
