@@ -33,7 +33,7 @@ from inferd.errors import InvalidArgument, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.tfserving_rest import classification_rows
+from inferd.protocols.tfserving_rest import classification_rows, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
 from inferd.types import (
     InferenceResponse,
@@ -111,7 +111,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _predict(
         self, call: Call, request: ps.PredictRequest, deadline: float | None
     ) -> ps.PredictResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             ref = spec_ref(request.model_spec)
             signature = call.open(ref, request.model_spec.signature_name or None)
             wanted = _output_filter(signature, list(request.output_filter))
@@ -140,7 +140,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _classify(
         self, call: Call, request: ps.ClassificationRequest, deadline: float | None
     ) -> ps.ClassificationResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             response, signature, _ = await self._examples(
                 call, request.model_spec, request.input, Method.CLASSIFY, deadline
             )
@@ -152,7 +152,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _regress(
         self, call: Call, request: ps.RegressionRequest, deadline: float | None
     ) -> ps.RegressionResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             response, signature, count = await self._examples(
                 call, request.model_spec, request.input, Method.REGRESS, deadline
             )
@@ -164,7 +164,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _multi(
         self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
     ) -> ps.MultiInferenceResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             return await self._multi_tasks(call, request, deadline)
 
     async def _multi_tasks(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -66,7 +67,7 @@ async def handle(
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            with service.call(PROTOCOL, name, request_id) as call:
+            with service.call(PROTOCOL, name, request_id) as call, unknown_label_as_invalid():
                 ref = model_ref(name, version, label)
                 doc = await decode(decode_pool, len(body), parse_json, body)
                 offload = (decode_pool, len(body))
@@ -88,6 +89,16 @@ async def handle(
         if isinstance(error, UnknownLabel):
             error = InvalidArgument(error.message)  # TF Serving's v1 answers an unknown label with 400
         return json_error(error)
+
+
+@contextlib.contextmanager
+def unknown_label_as_invalid() -> Iterator[None]:
+    """TF Serving's APIs answer an unknown version label with INVALID_ARGUMENT (the V2 API,
+    NOT_FOUND); inside a ``service.call`` it is also counted so."""
+    try:
+        yield
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
 
 
 _PARSE_ERRORS = (
