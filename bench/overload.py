@@ -41,7 +41,7 @@ from run import machine  # noqa: E402
 
 from inferd.loadtest import BenchOptions, StepReport  # noqa: E402
 from inferd.loadtest import run as bench  # noqa: E402
-from inferd.loadtest.serverside import read_pid  # noqa: E402
+from inferd.usage import read_pid  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- overload: written by bench/overload.py -->"

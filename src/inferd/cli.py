@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,197 +19,8 @@ from typing import Any
 from inferd.config import INERT_TFSERVING_FLAGS, ServerConfig
 from inferd.errors import ConfigError, InferdError
 
-_SERVE_FLAGS: list[tuple[str, type, str]] = [
-    (
-        "host",
-        str,
-        "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
-    ),
-    ("rest_api_port", int, "port of the REST API"),
-    (
-        "port",
-        int,
-        "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
-    ),
-    ("model_name", str, "name of the model served from --model_base_path"),
-    (
-        "model_base_path",
-        str,
-        "folder or object-store URI (s3://, gs://, az://) holding the model's numbered version folders",
-    ),
-    (
-        "model_config_file",
-        str,
-        "TF Serving text-format ModelServerConfig (model_config_list) naming every model",
-    ),
-    (
-        "model_config_file_poll_wait_seconds",
-        float,
-        "re-read --model_config_file this often and apply it (0: read once at start)",
-    ),
-    (
-        "file_system_poll_wait_seconds",
-        float,
-        "scan the model folders for new and removed versions this often (0: once at start)",
-    ),
-    (
-        "model_cache_dir",
-        str,
-        "local folder caching versions downloaded from object stores (default ~/.cache/inferd/models)",
-    ),
-    (
-        "model_cache_bytes",
-        int,
-        "most bytes the model cache holds; least recently used versions not served are evicted (0: no bound)",
-    ),
-    ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
-    ("rest_api_num_threads", int, "threads that run model predictions"),
-    (
-        "decode_processes",
-        int,
-        "processes that decode large REST JSON bodies (1 MiB and up), started at the first one, "
-        "so that decoding them does not hold the server's GIL (0: decode them on a thread)",
-    ),
-    (
-        "num_load_threads",
-        int,
-        "threads that load model versions: this many models load at once (one model's versions "
-        "load one at a time); a slow load delays no other model while threads are free",
-    ),
-    ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
-    (
-        "max_header_bytes",
-        int,
-        "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
-    ),
-    (
-        "max_connections",
-        int,
-        "open connections per port (REST and gRPC each) past which new ones are refused at once "
-        "(REST: 503 and close); 0: a quarter of the open-file limit, at most 10,000",
-    ),
-    (
-        "header_timeout_s",
-        float,
-        "seconds a client may take to send a request's line and headers; past it 408 and close",
-    ),
-    (
-        "body_timeout_s",
-        float,
-        "seconds a request body may go without a byte arriving; past it 408 and close",
-    ),
-    ("keep_alive_timeout_s", float, "seconds an idle keep-alive REST connection stays open"),
-    (
-        "max_inflight_bytes",
-        int,
-        "bytes of request bodies (REST) and messages (gRPC) held at once, server-wide; a request "
-        "past it gets 503 / UNAVAILABLE at once; at least --max_request_bytes",
-    ),
-    (
-        "max_tensor_elements",
-        int,
-        "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
-        "refused before allocation",
-    ),
-    ("max_json_depth", int, "deepest nesting of JSON lists in one tensor's value; deeper gets 400"),
-    ("max_string_bytes", int, "longest string element (BYTES / DT_STRING) in bytes; longer gets 413"),
-    (
-        "max_instances",
-        int,
-        "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
-    ),
-    (
-        "enable_batching",
-        bool,
-        "merge concurrent requests for one model version into one predict call (every model)",
-    ),
-    (
-        "batching_parameters_file",
-        str,
-        "TF Serving text-format BatchingParameters (max_batch_size { value: 32 } ...); "
-        "needs --enable_batching",
-    ),
-    (
-        "monitoring_config_file",
-        str,
-        "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
-    ),
-    ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
-    (
-        "max_in_flight",
-        int,
-        "per model version, unbatched predictions running or waiting beyond which requests get 503",
-    ),
-    (
-        "drain_timeout_s",
-        float,
-        "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
-        "(new ones get 503 meanwhile)",
-    ),
-    (
-        "admin_token",
-        str,
-        "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
-        "unset: admin calls are refused",
-    ),
-    ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
-    (
-        "safe",
-        bool,
-        "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
-        "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
-    ),
-    (
-        "ssl_config_file",
-        str,
-        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
-        "client_verify): TLS on both ports",
-    ),
-    ("tls_cert", str, "PEM certificate (chain) file: TLS on both ports; needs --tls_key"),
-    ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
-    ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
-    ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
-    ("grpc_socket_path", str, "also serve the gRPC API on this Unix socket (relative or absolute path)"),
-    (
-        "grpc_channel_arguments",
-        str,
-        "comma-separated gRPC server arguments, e.g. grpc.max_connection_age_ms=2000",
-    ),
-    (
-        "rest_api_enable_cors_support",
-        bool,
-        "answer CORS preflight (OPTIONS) requests and add Access-Control-Allow-* headers to answers",
-    ),
-    (
-        "enable_model_warmup",
-        bool,
-        "warm each version up before serving it: replay assets.extra/tf_serving_warmup_requests "
-        "where a SavedModel has one, else one call with zeros per signature",
-    ),
-    ("num_request_iterations_for_warmup", int, "times each warm-up request is replayed (0: once)"),
-    ("saved_model_tags", str, "comma-separated tags of the SavedModel MetaGraphDef to load"),
-    (
-        "tensorflow_session_parallelism",
-        int,
-        "threads of a TensorFlow session, for both of the next two flags where they are 0 (0: auto)",
-    ),
-    (
-        "tensorflow_intra_op_parallelism",
-        int,
-        "threads inside one TensorFlow op (also onnxruntime's intra_op_num_threads; 0: auto)",
-    ),
-    (
-        "tensorflow_inter_op_parallelism",
-        int,
-        "TensorFlow ops run at once (also onnxruntime's inter_op_num_threads; 0: auto)",
-    ),
-    ("prefer_tflite_model", bool, "serve a SavedModel folder's model.tflite with TFLite instead"),
-    (
-        "enable_serialization_as_tensor_content",
-        bool,
-        "gRPC Predict answers carry tensor_content bytes instead of the typed value fields",
-    ),
-]
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+"""A ``ServerConfig`` field's annotation -> the type its flag parses."""
 
 
 def _bool(text: str) -> bool:
@@ -220,6 +31,21 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _snake_case_flags(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
+    """``parser.add_argument``, spelling each ``--kebab-case`` flag ``--snake_case`` as ``serve``
+    (TF Serving) does, and keeping the kebab-case spelling as an alias."""
+
+    def add(*names: str, **options: Any) -> argparse.Action:
+        spelled = []
+        for name in names:
+            if name.startswith("--") and "-" in name[2:]:
+                spelled.append("--" + name[2:].replace("-", "_"))
+            spelled.append(name)
+        return parser.add_argument(*spelled, **options)
+
+    return add
 
 
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -234,10 +60,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         ),
         epilog="Every flag may also be set as INFERD_<FLAG> in the environment, e.g. INFERD_REST_API_PORT.",
     )
+    options = {f.name: f for f in fields(ServerConfig)}
     parser.add_argument(
-        "repository", nargs="?", metavar="DIR", help="model repository: one sub-folder per model"
+        "repository", nargs="?", metavar="DIR", help=options.pop("repository").metadata["help"]
     )
-    for name, kind, text in _SERVE_FLAGS:
+    for name, option in options.items():
+        kind, text = _KINDS[str(option.type)], option.metadata["help"]
         default = getattr(defaults, name)
         convert = _bool if kind is bool else kind
         env = os.environ.get(f"INFERD_{name.upper()}")
@@ -327,7 +155,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("model_path", metavar="MODEL")
     parser.add_argument("input", metavar="INPUT")
     parser.add_argument("output", metavar="OUTPUT")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
     add("--signature", default="serving_default", help="signature to call (default: serving_default)")
@@ -418,7 +246,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("url", metavar="URL")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", required=True, help="model name")
     add(
         "--protocol",
@@ -550,7 +378,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     )
     # CANDIDATE, --data, MODEL, --out and --calibration may also be object-store URIs.
     parser.add_argument("candidates", metavar="CANDIDATE", nargs="+")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add(
         "--data",
         required=True,
@@ -614,7 +442,7 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("model_path", metavar="MODEL")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--out", required=True, help="folder (or object-store URI) to write the variants to")
     add(
         "--calibration",
@@ -695,7 +523,7 @@ def _optimize(args: argparse.Namespace) -> int:
         tflite=args.tflite,
     )
 
-    def report(outcome: optimize.Outcome) -> None:
+    def report(outcome: optimize.Variant) -> None:
         print(f"{outcome.name}: {outcome.path}" if outcome.ok else f"{outcome.name}: FAILED: {outcome.error}")
 
     try:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from inferd.config import BatchingParameters, ModelConfig, ModelSettings
 from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound
@@ -71,7 +72,7 @@ class SettingsOverride:
 class ModelControl:
     """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded."""
 
-    def __init__(self, repository: Repository, manager: ModelManager) -> None:
+    def __init__(self, repository: Repository, manager: ModelManager[Any]) -> None:
         self._repository = repository
         self._manager = manager
         self._unloaded: set[str] = set()

@@ -1,20 +1,23 @@
 """ModelManager: loads, serves and unloads model versions, preserving availability.
 
-Reconciling a model to a plan loads each new aspired version in a loader thread, warms it up
-with one call per signature and only then marks it AVAILABLE and routes to it. Versions that
+The manager is generic over what it loads: its loader turns a version folder into a servable (a
+thing with ``close()``, and optionally ``supervise()``; in a server, ``servable.Servable``, which
+warms the model up before it is returned). Reconciling a model to a plan loads each new aspired
+version in a loader thread and only then marks it AVAILABLE and routes to it. Versions that
 are no longer aspired are unloaded once an aspired version is AVAILABLE (or when no version is
-aspired at all), and only after their last lease is returned. A version that fails to load ends
-in state END with its error, and the versions already serving keep serving. A version whose
+aspired at all), and only after their last lease is returned (``retired_versions``). A version
+that fails to load ends in state END with its error, and the versions already serving keep
+serving. A version whose
 worker process dies (``isolation = "process"``) ends in state END with the reason at once, is
 closed when its last lease is returned, and is loaded again at the next reconcile. A label moves to
 its new version only once that version is AVAILABLE; until then it keeps its old one, which stays
-loaded for it even when no longer aspired.
+loaded for it even when no longer aspired (``routed_labels``).
 
 ``drain`` starts a shutdown: readiness goes false, every version reports UNLOADING, new leases
 are refused with UNAVAILABLE, and ``drained`` waits for the leases already held.
 
-The manager is not thread-safe: call it from the event loop's thread. Loading, warm-up and
-closing run in the executor given to it.
+The manager is not thread-safe: call it from the event loop's thread. Loading and closing run in
+the executor given to it.
 """
 
 from __future__ import annotations
@@ -22,38 +25,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Generic, Protocol, TypeVar
 
 from inferd.config import ModelSettings
 from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
-from inferd.runtimes import Model, Supervised, load_model
-from inferd.types import ModelId, ModelRef, Signature, TensorSpec, VersionState, VersionStatus
+from inferd.runtimes import Supervised
+from inferd.types import ModelId, ModelRef, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
 
 _DRAIN_POLL_S = 0.02
 
-Loader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
+
+class Closeable(Protocol):
+    """What a loader returns: closed once, in the executor, when no lease holds it. A servable
+    that also satisfies ``runtimes.Supervised`` reports the death of its worker process."""
+
+    def close(self) -> None: ...
 
 
-@dataclass(slots=True, eq=False, weakref_slot=True)
-class ServedVersion:
-    """One version's state. ``model`` is set once loading finished and until it is closed."""
+S = TypeVar("S", bound=Closeable)
+
+Loader = Callable[[ModelId, Path, ModelSettings, str | None], S]
+"""Loads one version folder (its id, path, settings and the platform the config names) in a
+load thread; raises ``InferdError`` (or anything) when it cannot."""
+
+
+@dataclass(slots=True, eq=False)
+class ServedVersion(Generic[S]):
+    """One version's state. ``servable`` is set once loading finished and until it is closed."""
 
     id: ModelId
     source: VersionSource
     settings: ModelSettings
     state: VersionState = VersionState.START
-    model: Model | None = None
-    runtime: str = ""
+    servable: S | None = None
     error_code: str = "OK"
     error_message: str = ""
     leases: int = 0
@@ -64,12 +76,12 @@ class ServedVersion:
 
 
 @dataclass(slots=True, eq=False)
-class _Entry:
-    versions: dict[int, ServedVersion] = field(default_factory=dict)
+class _Entry(Generic[S]):
+    versions: dict[int, ServedVersion[S]] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
     """Label -> the version it should move to once that one is AVAILABLE."""
-    latest: ServedVersion | None = None
+    latest: ServedVersion[S] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def refresh_latest(self) -> None:
@@ -77,36 +89,44 @@ class _Entry:
         self.latest = max(available, key=lambda v: v.id.version, default=None)
 
 
-class Lease:
+class Lease(Generic[S]):
     """Holds a version in service while a request uses it; use as a context manager."""
 
     __slots__ = ("_manager", "_version")
 
-    def __init__(self, manager: ModelManager, version: ServedVersion) -> None:
+    def __init__(self, manager: ModelManager[S], version: ServedVersion[S]) -> None:
         self._manager = manager
         self._version = version
 
-    def __enter__(self) -> ServedVersion:
+    def __enter__(self) -> ServedVersion[S]:
         self._version.leases += 1
         return self._version
 
     def __exit__(self, *exc: object) -> None:
         version = self._version
         version.leases -= 1
-        if version.leases == 0 and version.state is not VersionState.AVAILABLE and version.model is not None:
+        if (
+            version.leases == 0
+            and version.state is not VersionState.AVAILABLE
+            and version.servable is not None
+        ):
             self._manager._close_later(version)
 
 
-class ModelManager:
-    """Owns every served model version; see the module docstring for the lifecycle."""
+class ModelManager(Generic[S]):
+    """Owns every served model version and closes it; see the module docstring for the lifecycle.
 
-    def __init__(
-        self, executor: Executor, loader: Loader = load_model, metrics: Metrics | None = None
-    ) -> None:
+    Args:
+        executor: where loads and closes run.
+        loader: makes a servable of a version folder; called in ``executor``.
+        metrics: where load durations and failures are counted; by default a collector of its own.
+    """
+
+    def __init__(self, executor: Executor, loader: Loader[S], metrics: Metrics | None = None) -> None:
         self._executor = executor
         self._loader = loader
-        self._metrics = metrics
-        self._models: dict[str, _Entry] = {}
+        self._metrics = metrics or Metrics()
+        self._models: dict[str, _Entry[S]] = {}
         self._closing: set[asyncio.Future[Any]] = set()
         self._draining = False
 
@@ -134,42 +154,35 @@ class ModelManager:
 
     async def reconcile(self, plan: ModelPlan) -> None:
         """Load the plan's new versions, then retire versions it no longer aspires to."""
-        entry = self._models.setdefault(plan.name, _Entry())
+        entry: _Entry[S] = self._models.setdefault(plan.name, _Entry())
         async with entry.lock:
             for number in sorted(plan.aspired, reverse=True):
                 if self._needs_load(entry.versions.get(number), plan.aspired[number]):
                     await self._load(entry, plan, plan.aspired[number])
             self._move_labels(plan.name, entry, plan.labels)
-            aspired = [entry.versions[v] for v in plan.aspired if v in entry.versions]
-            if not aspired or any(v.state is VersionState.AVAILABLE for v in aspired):
-                held = {entry.labels[label] for label in entry.held}
-                for version in list(entry.versions.values()):
-                    if version.id.version not in plan.aspired and version.id.version not in held:
-                        self._retire(entry, version)
+            states = {number: version.state for number, version in entry.versions.items()}
+            held = {entry.labels[label] for label in entry.held}
+            for number in retired_versions(states, plan.aspired, held):
+                self._retire(entry, entry.versions[number])
 
     @staticmethod
-    def _move_labels(name: str, entry: _Entry, wanted: Mapping[str, int]) -> None:
-        """Route labels as ``wanted``, except that a label whose new version is not AVAILABLE is
-        held on its old one while that one still serves, so no request finds it empty."""
-        labels, held = dict(wanted), {}
-        for label, number in wanted.items():
-            old = entry.labels.get(label)
-            if old is None or old == number or _available(entry.versions.get(number)):
-                continue
-            if _available(entry.versions.get(old)):
-                labels[label], held[label] = old, number
-                if entry.held.get(label) != number:
-                    log.warning(
-                        "label %r of model %s stays on version %d until version %d is available",
-                        label,
-                        name,
-                        old,
-                        number,
-                    )
+    def _move_labels(name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
+        """Route labels by ``routed_labels``, warning when a label starts being held."""
+        available = {n for n, v in entry.versions.items() if v.state is VersionState.AVAILABLE}
+        labels, held = routed_labels(wanted, entry.labels, available)
+        for label, number in held.items():
+            if entry.held.get(label) != number:
+                log.warning(
+                    "label %r of model %s stays on version %d until version %d is available",
+                    label,
+                    name,
+                    labels[label],
+                    number,
+                )
         entry.labels, entry.held = labels, held
 
     @staticmethod
-    def _needs_load(current: ServedVersion | None, source: VersionSource) -> bool:
+    def _needs_load(current: ServedVersion[S] | None, source: VersionSource) -> bool:
         if current is None or current.state is VersionState.UNLOADING:
             return True
         if current.state is VersionState.END:
@@ -179,8 +192,8 @@ class ModelManager:
             )
         return False
 
-    async def _load(self, entry: _Entry, plan: ModelPlan, source: VersionSource) -> None:
-        version = ServedVersion(
+    async def _load(self, entry: _Entry[S], plan: ModelPlan, source: VersionSource) -> None:
+        version: ServedVersion[S] = ServedVersion(
             ModelId(plan.name, source.version), source, plan.settings, VersionState.LOADING
         )
         entry.versions[source.version] = version
@@ -190,8 +203,8 @@ class ModelManager:
         try:
             if plan.error:
                 raise ModelLoadError(plan.error)
-            model, runtime = await loop.run_in_executor(
-                self._executor, self._load_and_warm_up, source.path, plan.settings, plan.platform
+            servable = await loop.run_in_executor(
+                self._executor, self._loader, version.id, source.path, plan.settings, plan.platform
             )
         except InferdError as exc:
             self._fail(version, exc.code.grpc_code, exc.message)
@@ -199,27 +212,26 @@ class ModelManager:
             log.exception("loading %s failed unexpectedly", version.id)
             self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
         else:
-            version.model, version.runtime, version.state = model, runtime, VersionState.AVAILABLE
-            if isinstance(model, Supervised):
+            version.servable, version.state = servable, VersionState.AVAILABLE
+            if isinstance(servable, Supervised):
 
                 def died(reason: str) -> None:  # called from the worker's reader thread
                     loop.call_soon_threadsafe(self._died, entry, version, reason)
 
-                model.supervise(str(version.id), died)
+                servable.supervise(str(version.id), died)
             entry.refresh_latest()
-            log.info("%s is AVAILABLE (%s runtime on %s)", version.id, runtime, plan.settings.device)
-        if self._metrics:
-            ok = version.state is VersionState.AVAILABLE
-            self._metrics.model_loaded(plan.name, time.monotonic() - started, ok)
+            log.info("%s is AVAILABLE: %s", version.id, servable)
+        ok = version.state is VersionState.AVAILABLE
+        self._metrics.model_loaded(plan.name, time.monotonic() - started, ok)
 
     @staticmethod
-    def _fail(version: ServedVersion, code: str, message: str) -> None:
+    def _fail(version: ServedVersion[S], code: str, message: str) -> None:
         version.state, version.error_code, version.error_message = VersionState.END, code, message
         log.error("%s failed to load: %s", version.id, message)
 
-    def _died(self, entry: _Entry, version: ServedVersion, reason: str) -> None:
+    def _died(self, entry: _Entry[S], version: ServedVersion[S], reason: str) -> None:
         """The version's worker process died: out of service now, closed once no request holds it."""
-        if version.model is None or version.state is VersionState.END:
+        if version.servable is None or version.state is VersionState.END:
             return  # already being closed
         version.state, version.error_code, version.error_message = VersionState.END, "INTERNAL", reason
         version.died = True
@@ -227,25 +239,7 @@ class ModelManager:
         if version.leases == 0:
             self._close_later(version)
 
-    def _load_and_warm_up(
-        self, path: Path, settings: ModelSettings, platform: str | None
-    ) -> tuple[Model, str]:
-        model, runtime = self._loader(path, settings, platform)
-        if not settings.warmup:
-            return model, runtime
-        try:
-            for name, signature in model.signatures.items():
-                if _zeros_fit(signature):
-                    model.predict(name, {spec.name: _warm_up_tensor(spec) for spec in signature.inputs})
-        except Exception as exc:
-            model.close()
-            raise ModelLoadError(
-                f"the warm-up call failed: {type(exc).__name__}: {exc} "
-                "(set warmup = false in inferd.toml if zeros are not a valid input)"
-            ) from exc
-        return model, runtime
-
-    def _retire(self, entry: _Entry, version: ServedVersion) -> None:
+    def _retire(self, entry: _Entry[S], version: ServedVersion[S]) -> None:
         if version.state is not VersionState.AVAILABLE:
             return
         version.state = VersionState.UNLOADING
@@ -254,9 +248,9 @@ class ModelManager:
         if version.leases == 0:
             self._close_later(version)
 
-    def _close_later(self, version: ServedVersion) -> None:
-        model, version.model = version.model, None
-        future = asyncio.get_running_loop().run_in_executor(self._executor, _close, model)
+    def _close_later(self, version: ServedVersion[S]) -> None:
+        servable, version.servable = version.servable, None
+        future = asyncio.get_running_loop().run_in_executor(self._executor, _close, servable)
         self._closing.add(future)
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -266,7 +260,7 @@ class ModelManager:
 
         future.add_done_callback(done)
 
-    def lease(self, ref: ModelRef) -> Lease:
+    def lease(self, ref: ModelRef) -> Lease[S]:
         """A lease on the version ``ref`` asks for; use it as a context manager.
 
         Raises:
@@ -356,30 +350,54 @@ class ModelManager:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
 
-def _available(version: ServedVersion | None) -> bool:
-    return version is not None and version.state is VersionState.AVAILABLE
+def retired_versions(
+    states: Mapping[int, VersionState], aspired: Collection[int], held: Collection[int]
+) -> list[int]:
+    """The availability-preserving rule: which loaded versions to unload, lowest first.
+
+    A version that is neither aspired nor held by a label is unloaded, but only once one of the
+    aspired versions the manager knows is AVAILABLE, or when it knows none of them (nothing
+    aspired, or nothing loaded yet); until then the old versions keep serving.
+
+    Args:
+        states: version number -> state, for every version the manager knows of the model.
+        aspired: the version numbers the plan wants served.
+        held: version numbers a label still points to while its new version loads.
+    """
+    known = [number for number in aspired if number in states]
+    if known and not any(states[number] is VersionState.AVAILABLE for number in known):
+        return []
+    return sorted(
+        number
+        for number, state in states.items()
+        if state is VersionState.AVAILABLE and number not in aspired and number not in held
+    )
 
 
-def _warm_up_tensor(spec: TensorSpec) -> np.ndarray:
-    assert spec.shape is not None
-    shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
-    if spec.dtype.kind == "O":
-        return np.full(shape, "", dtype=object)
-    return np.zeros(shape, dtype=spec.dtype)
+def routed_labels(
+    wanted: Mapping[str, int], current: Mapping[str, int], available: Collection[int]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Where labels point: as ``wanted``, except that a label whose new version is not AVAILABLE
+    stays on its ``current`` version while that one is AVAILABLE, so no request finds it empty.
+
+    Returns:
+        Label -> version it routes to now, and label -> version it moves to once that one is
+        AVAILABLE (the held labels).
+    """
+    labels, held = dict(wanted), {}
+    for label, number in wanted.items():
+        old = current.get(label)
+        if old is None or old == number or number in available:
+            continue
+        if old in available:
+            labels[label], held[label] = old, number
+    return labels, held
 
 
-def _close(model: Model | None) -> None:
-    if model is None:
+def _close(servable: Closeable | None) -> None:
+    if servable is None:
         return
     try:
-        model.close()
+        servable.close()
     except Exception:  # closing must not break unloading of the rest
         log.exception("closing a model raised")
-
-
-def _zeros_fit(signature: Signature) -> bool:
-    """Whether a call with zeros can warm ``signature`` up: every input shape declared, and inferd
-    judges them. Signatures whose runtime judges shapes itself (TensorFlow's, whose declared shapes
-    may not be the graph's and whose string inputs are mostly serialized ``tf.Example``s) are warmed
-    up as TF Serving warms them, by the runtime from the SavedModel's warm-up file."""
-    return not signature.runtime_checks_shapes and all(spec.shape is not None for spec in signature.inputs)

@@ -45,7 +45,7 @@ from inferd.config import (
     read_model_settings,
     with_server_flags,
 )
-from inferd.errors import ConfigError
+from inferd.errors import ConfigError, ModelLoadError
 from inferd.model_cache import ModelCache, default_cache_dir
 from inferd.storage import ListedVersion, ObjectStore, RemoteStorage, Storage
 
@@ -498,3 +498,62 @@ def stray_entries(base_path: Path) -> list[str]:
 def _is_model_folder(entry: os.DirEntry[str]) -> bool:
     """A folder, or a link that should lead to one but is broken (a fault, not a removal)."""
     return entry.is_dir() or (entry.is_symlink() and not os.path.exists(entry.path))
+
+
+def resolve_version(path: Path, name: str | None = None, version: int | None = None) -> ModelPlan:
+    """The one version the in-process tools (batch, select, optimize) load: ``path`` as a version
+    folder, a base path (its latest version, or ``version``), or a repository holding model
+    ``name``; with ``in_process_settings``.
+
+    Raises:
+        ModelLoadError: no such version folder. ConfigError: a malformed ``inferd.toml``.
+    """
+    base = path / name if name else path
+    versions = list_versions(base)
+    if not versions and base.name.isdigit() and base.is_dir():
+        versions, base = {int(base.name): base}, base.parent
+    found = versions
+    if version is not None:
+        versions = {v: p for v, p in versions.items() if v == version}
+    if not versions:
+        raise ModelLoadError(_no_version(path, name, version, base, found))
+    number = max(versions)
+    source = VersionSource(number, versions[number], fingerprint(versions[number]))
+    return ModelPlan(name or base.name, {number: source}, settings=in_process_settings(base))
+
+
+def _no_version(path: Path, name: str | None, version: int | None, base: Path, found: dict[int, Path]) -> str:
+    """What ``resolve_version`` looked for at ``base`` and what is there instead."""
+    if found:
+        return f"{base} has no version {version}; its versions are {sorted(found)}"
+    looked = (
+        f"no model at {base}: looked for a numbered version folder inside it ({base}/1/, {base}/2/, ...) "
+        f"or for {base} to be one"
+    )
+    if name:
+        looked += f" (MODEL {path} as a repository, --model {name})"
+    if not base.exists():
+        siblings = sorted(p.name for p in base.parent.iterdir() if p.is_dir()) if base.parent.is_dir() else []
+        return f"{looked}; {base} does not exist" + (
+            f" ({base.parent} holds {siblings[:10]})" if siblings else ""
+        )
+    if not base.is_dir():
+        return f"{looked}; {base} is a file: MODEL is the folder that holds the version folders"
+    entries = sorted(
+        p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if not p.name.startswith(".")
+    )
+    shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
+    return f"{looked}; it holds {shown or 'nothing'}" + (
+        f": put the model files in {base}/1/" if any(not e.endswith("/") for e in entries) else ""
+    )
+
+
+def in_process_settings(folder: Path) -> ModelSettings:
+    """``folder``'s ``inferd.toml`` as the in-process tools (batch, optimize, select) load it:
+    batching off, since they call the model with whole batches, and no worker process, since they
+    use and measure the model itself.
+
+    Raises:
+        ConfigError: the file is malformed.
+    """
+    return dataclasses.replace(read_model_settings(folder), batching=None, isolation="none")

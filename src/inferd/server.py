@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import re
@@ -44,15 +43,18 @@ from inferd.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from inferd.features import FeatureStores, load_with_features
+from inferd.features import FeatureStores
 from inferd.log_limits import LogRateLimit, limit_handlers
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, Access, Response, json_error, openapi, tfserving_rest, v2_rest
+from inferd.protocols import openapi, tfserving_rest, v2_rest
+from inferd.protocols.access import Access
 from inferd.protocols.decoding import BodyDecoder
 from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
 from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
+from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 
@@ -83,7 +85,7 @@ class HttpApp:
         service: InferenceService,
         control: ModelControl,
         config: ServerConfig,
-        metrics: Metrics | None,
+        metrics: Metrics,
         metrics_paths: set[str],
         inflight: InflightBytes,
         decode_pool: BodyDecoder | None = None,
@@ -97,7 +99,6 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
-        self._ids = itertools.count(1)
         self._inflight = inflight
         self._decode_pool = decode_pool
         self._cors = config.rest_api_enable_cors_support
@@ -112,7 +113,7 @@ class HttpApp:
             reservation.release()
 
     async def _serve(self, scope: Scope, receive: Any, send: Any, reservation: Reservation) -> None:
-        request_id = f"r{next(self._ids)}"
+        request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
         try:
@@ -137,7 +138,6 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
-                    metrics,
                     self._decode_pool,
                 )
             elif path[:3] == "/v2":
@@ -152,7 +152,6 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
-                    metrics,
                     self._decode_pool,
                 )
             if call is not None:
@@ -162,7 +161,7 @@ class HttpApp:
                 status, headers, payload = answer
             elif method == "GET" and path == openapi.PATH:
                 status, headers, payload = 200, dict(JSON_HEADERS), openapi.document_bytes()
-            elif metrics and method == "GET" and path in self._metrics_paths:
+            elif method == "GET" and path in self._metrics_paths:
                 status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
             else:
                 status, headers, payload = (
@@ -201,14 +200,11 @@ class HttpApp:
         await send({"type": "http.response.body", "body": payload})
 
     async def _with_deadline(self, call: Coroutine[Any, Any, Response], receive: Any) -> Response | None:
-        """Run an adapter's answer under the request deadline, counting it as in flight.
+        """Run an adapter's answer under the request deadline.
 
         Returns None when the client disconnected first; the answer is then cancelled, which
         takes a queued request out of its batching queue before it is computed.
         """
-        metrics = self._metrics
-        if metrics:
-            metrics.in_flight += 1
         task = asyncio.current_task()
         assert task is not None
         hangup = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
@@ -221,8 +217,6 @@ class HttpApp:
             raise
         finally:
             hangup.cancel()
-            if metrics:
-                metrics.in_flight -= 1
 
     async def _read_body(self, scope: Scope, receive: Any, reservation: Reservation) -> bytes | None:
         """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
@@ -303,16 +297,20 @@ class Server:
             path = read_monitoring_config_file(Path(config.monitoring_config_file))
             if path:
                 self.metrics_paths.add(path)
-        self.metrics = Metrics() if self.metrics_paths else None
+        # Always recorded (about 0.2 us a record); --enable_metrics decides whether it is served.
+        self.metrics = Metrics()
         self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
         self._decode_pool = BodyDecoder(config.decode_processes)
         self.repository = Repository(config)
-        self.manager = ModelManager(self._load_pool, load_with_features, self.metrics)
         self.feature_stores = FeatureStores()
-        self.service = InferenceService(
-            self.manager, self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
+        self.servables = ServableFactory(
+            self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
+        self.manager: ModelManager[Servable] = ModelManager(
+            self._load_pool, self.servables.load, self.metrics
+        )
+        self.service = InferenceService(self.manager, self.metrics)
         self.control = ModelControl(self.repository, self.manager)
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
@@ -411,7 +409,7 @@ class Server:
         try:
             if self.config.port:
                 grpc_server, health = await _start_grpc(
-                    self.service, self.control, self.config, self.metrics, self.tls, self.inflight
+                    self.service, self.control, self.config, self.tls, self.inflight
                 )
             level, served = self.control.summary()
             log.log(
@@ -461,7 +459,6 @@ async def _start_grpc(
     service: InferenceService,
     control: ModelControl,
     config: ServerConfig,
-    metrics: Metrics | None,
     tls: TlsSettings | None,
     inflight: InflightBytes,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
@@ -493,10 +490,9 @@ async def _start_grpc(
         control,
         config.max_request_bytes,
         limits,
-        metrics,
         config.enable_serialization_as_tensor_content,
     )
-    v2_grpc.add_to_server(server, service, control, limits, metrics)
+    v2_grpc.add_to_server(server, service, control, limits)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
     _add_reflection(server, (*services, *health_name))

@@ -1,31 +1,28 @@
 """InferenceService: the one core that every protocol adapter calls.
 
 It resolves the version a request asks for, checks the inputs against the signature (names,
-dtypes, shapes), runs the model on the inference thread pool while holding a lease on the
-version, and checks what the model returned.
+dtypes, shapes), joins its features and looks in its prediction cache, runs it through the
+version's ``Servable`` (batcher or inference thread) while holding a lease on the version, and
+checks what the model returned. What lives as long as a version lives in ``servable.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
 import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import TracebackType
 
 import numpy as np
 
-from inferd.batching import Batcher
-from inferd.config import BatchingParameters
-from inferd.errors import DeadlineExceeded, InferdError, Internal, InvalidArgument, NotFound, Unavailable
-from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
-from inferd.manager import ModelManager, ServedVersion
-from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
-from inferd.runtimes import Model
+from inferd.errors import InferdError, Internal, InvalidArgument, NotFound
+from inferd.manager import Lease, ModelManager, ServedVersion
+from inferd.metrics import Metrics
+from inferd.servable import Servable
 from inferd.statistics import VersionStatistics
 from inferd.types import (
+    ACCEPTED_KINDS,
     DEFAULT_SIGNATURE,
     InferenceRequest,
     InferenceResponse,
@@ -43,57 +40,30 @@ from inferd.types import (
 
 log = logging.getLogger(__name__)
 
-_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
-"""Signature dtype kind -> kinds of decoded values it accepts (ints are accepted as floats)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Lane:
-    """Per served version: its batchers (one per signature), its unbatched calls in flight, its
-    feature join and its prediction cache (None when the model has none)."""
-
-    join: FeatureJoin | None
-    predictions: PredictionCache | None
-    prediction_counts: HitCounter
-    batchers: dict[str, Batcher] = field(default_factory=dict)
-    in_flight: int = 0
-
 
 class InferenceService:
     """Validate, predict, measure. Call from the event loop's thread.
 
     Args:
-        batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
-        max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
-            requests are refused with UNAVAILABLE.
-        features: opens the stores of models with ``[features]``; owned by the caller.
+        manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
+            prediction cache and in-flight bound.
+        metrics: where each ``call`` is counted and timed; by default a collector of its own.
     """
 
-    def __init__(
-        self,
-        manager: ModelManager,
-        executor: Executor,
-        batching: BatchingParameters | None = None,
-        max_in_flight: int = 256,
-        metrics: Metrics | None = None,
-        features: FeatureStores | None = None,
-    ) -> None:
+    def __init__(self, manager: ModelManager[Servable], metrics: Metrics | None = None) -> None:
         self._manager = manager
-        self._features = features
-        self._executor = executor
-        self._batching = batching
-        self._max_in_flight = max_in_flight
-        self._metrics = metrics
-        self._lanes: weakref.WeakKeyDictionary[ServedVersion, _Lane] = weakref.WeakKeyDictionary()
-        self._statistics: weakref.WeakKeyDictionary[ServedVersion, VersionStatistics] = (
-            weakref.WeakKeyDictionary()
-        )
-        if metrics:
-            metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
-            metrics.gauge(
-                "inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets
-            )
-            metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
+        self._metrics = metrics or Metrics()
+        self._ids = itertools.count(1)
+
+    def request_id(self) -> str:
+        """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
+        protocol names its requests with in logs and error messages."""
+        return f"r{next(self._ids)}"
+
+    def call(self, protocol: str, model: str, request_id: str | None = None) -> Call:
+        """The handle of one inference request of ``protocol`` on model ``model`` (as the request
+        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``."""
+        return Call(self, protocol, model, request_id or self.request_id())
 
     def knows(self, name: str) -> bool:
         """True when ``name`` is a configured model (for bounded metric labels)."""
@@ -110,7 +80,8 @@ class InferenceService:
             InvalidArgument: unknown signature, or one whose method is not ``method``.
         """
         with self._manager.lease(ref) as version:
-            return self._request_signature(version, _find_signature(version, name, method))
+            servable = _servable(version)
+            return servable.request_signature(_find_signature(version, name, method))
 
     async def infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
         """Run one request on the version ``ref`` resolves to, batched when batching is on.
@@ -121,152 +92,48 @@ class InferenceService:
                 fails in a way the input did not cause (logged here).
         """
         started = time.perf_counter()
-        try:
-            response = await self._infer(ref, request)
-        except BaseException:
-            self._count(ref, lambda statistics: statistics.failed(time.perf_counter() - started))
-            raise
-        total_s = time.perf_counter() - started
-        self._count(
-            ModelRef(ref.name, response.model_id.version),
-            lambda statistics: statistics.succeeded(total_s, response.queue_s, response.predict_s),
-        )
-        return response
-
-    def _count(self, ref: ModelRef, record: Callable[[VersionStatistics], None]) -> None:
-        """Record a request in the statistics of the version ``ref`` names now, if it serves."""
-        try:
-            with self._manager.lease(ref) as version:
-                record(self._statistics_of(version))
-        except InferdError:
-            pass  # an unknown model or version, or a draining server: nothing to count
-
-    async def _infer(self, ref: ModelRef, request: InferenceRequest) -> InferenceResponse:
         with self._manager.lease(ref) as version:
-            signature = _find_signature(version, request.signature_name, None)
-            lane = self._lane(version)
-            features_s = 0.0
-            if lane.join is None:
-                inputs = conform_inputs(signature, request.inputs)
-            else:
-                inputs = conform_inputs(lane.join.request_signature(signature), request.inputs)
-                started = time.perf_counter()
-                inputs = await lane.join.join(signature.name, inputs, request.deadline)
-                features_s = time.perf_counter() - started
-            if lane.predictions is not None:
-                key = lane.predictions.key(signature.name, inputs)
-                if (cached := lane.predictions.get(key)) is not None:
-                    lane.prediction_counts.hits += 1
-                    return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
-                lane.prediction_counts.misses += 1
-            params = version.settings.batching or self._batching
-            rows = _common_rows(inputs)
+            statistics = _servable(version).statistics
             try:
-                if params is not None and rows is not None:
-                    batcher = lane.batchers.get(signature.name) or self._new_batcher(
-                        lane, version, signature, params
-                    )
-                    outputs, queue_s, predict_s = await batcher.submit(inputs, rows, request.deadline)
-                else:
-                    outputs, queue_s, predict_s = await self._call(
-                        lane, version, signature.name, inputs, request
-                    )
-            except InferdError:
+                signature = _find_signature(version, request.signature_name, None)
+                response = await self._infer(version, signature, request)
+            except BaseException:
+                statistics.failed(time.perf_counter() - started)
                 raise
-            except Exception:
-                log.exception("%s failed on request %s", version.id, request.id)
-                raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-            checked = _check_outputs(version, signature, outputs)
-            if lane.predictions is not None:
-                lane.predictions.put(key, checked)
-            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+            statistics.succeeded(time.perf_counter() - started, response.queue_s, response.predict_s)
+            return response
 
-    def _lane(self, version: ServedVersion) -> _Lane:
-        lane = self._lanes.get(version)
-        if lane is None:
-            name, number = version.id.name, str(version.id.version)
-            size = version.settings.prediction_cache_size
-            lane = self._lanes[version] = _Lane(
-                self._new_join(version),
-                PredictionCache(size, version.settings.prediction_cache_bytes) if size else None,
-                self._metrics.prediction_cache(name, number) if self._metrics and size else HitCounter(),
-            )
-        return lane
-
-    def _new_join(self, version: ServedVersion) -> FeatureJoin | None:
-        settings = version.settings.features
-        if settings is None:
-            return None
-        if self._features is None:
-            raise Internal(f"model {version.id} declares [features] but the server has no feature stores")
-        assert version.model is not None
-        store = self._features.open(settings)
-        stats = self._metrics.features(version.id.name, store.name) if self._metrics else FeatureStats()
-        plans = plan_join(settings, version.model.signatures)
-        return FeatureJoin(version.id.name, settings, plans, store, stats)
-
-    def _request_signature(self, version: ServedVersion, signature: Signature) -> Signature:
-        join = self._lane(version).join
-        return signature if join is None else join.request_signature(signature)
-
-    async def _call(
-        self, lane: _Lane, version: ServedVersion, signature: str, inputs: Tensors, request: InferenceRequest
-    ) -> tuple[Tensors, float, float]:
-        if lane.in_flight >= self._max_in_flight:
-            raise Unavailable(f"model {version.id} has {lane.in_flight} requests in flight; retry later")
-        model = version.model
-        assert model is not None
-        lane.in_flight += 1
-        enqueued = time.monotonic()
+    async def _infer(
+        self, version: ServedVersion[Servable], signature: Signature, request: InferenceRequest
+    ) -> InferenceResponse:
+        """``infer`` on a leased version, for the model signature ``signature``."""
+        servable = _servable(version)
+        features_s = 0.0
+        if servable.join is None:
+            inputs = conform_inputs(signature, request.inputs)
+        else:
+            inputs = conform_inputs(servable.join.request_signature(signature), request.inputs)
+            started = time.perf_counter()
+            inputs = await servable.join.join(signature.name, inputs, request.deadline)
+            features_s = time.perf_counter() - started
+        predictions = servable.predictions
+        if predictions is not None:
+            key = predictions.key(signature.name, inputs)
+            if (cached := predictions.get(key)) is not None:
+                servable.prediction_counts.hits += 1
+                return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
+            servable.prediction_counts.misses += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_predict, model, signature, inputs, enqueued, request.deadline
-            )
-        finally:
-            lane.in_flight -= 1
-        self._statistics_of(version).executed(_common_rows(inputs) or 1, result[2])
-        return result
-
-    def _new_batcher(
-        self, lane: _Lane, version: ServedVersion, signature: Signature, params: BatchingParameters
-    ) -> Batcher:
-        # A weak reference: the batcher lives in a value of the weak-keyed lane table, so a strong
-        # one would keep the version, and so the table entry, alive forever.
-        version_ref = weakref.ref(version)
-
-        def predict(inputs: Tensors) -> Tensors:
-            served = version_ref()
-            model = served.model if served else None
-            if model is None:
-                raise Unavailable(f"model {version.id} was unloaded; retry")
-            return model.predict(signature.name, inputs)
-
-        histogram = (
-            self._metrics.batch_size(version.id.name, str(version.id.version)) if self._metrics else None
-        )
-        on_batch = _batch_recorder(self._statistics_of(version), histogram)
-        batcher = lane.batchers[signature.name] = Batcher(predict, params, self._executor, on_batch)
-        return batcher
-
-    def _batchers(self) -> Iterator[tuple[tuple[str, str], Batcher]]:
-        for version, lane in list(self._lanes.items()):
-            for batcher in lane.batchers.values():
-                yield (version.id.name, str(version.id.version)), batcher
-
-    def _queued_rows(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, float(b.queued_rows)) for labels, b in self._batchers())
-
-    def _targets(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, float(b.target_batch_size)) for labels, b in self._batchers())
-
-    def _waits(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, b.wait_s) for labels, b in self._batchers())
-
-    def _statistics_of(self, version: ServedVersion) -> VersionStatistics:
-        statistics = self._statistics.get(version)
-        if statistics is None:
-            statistics = self._statistics[version] = VersionStatistics(version.id)
-        return statistics
+            outputs, queue_s, predict_s = await servable.run(signature.name, inputs, request.deadline)
+        except InferdError:
+            raise
+        except Exception:
+            log.exception("%s failed on request %s", version.id, request.id)
+            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
+        checked = _check_outputs(version, signature, outputs)
+        if predictions is not None:
+            predictions.put(key, checked)
+        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
         """The counts of every AVAILABLE version (zero for one never asked), by model name and
@@ -294,7 +161,7 @@ class InferenceService:
             for number in sorted(numbers):
                 try:
                     with self._manager.lease(ModelRef(model, number)) as served:
-                        found.append(self._statistics_of(served))
+                        found.append(_servable(served).statistics)
                 except NotFound:
                     continue  # unloaded since the status was read
         return found
@@ -306,58 +173,169 @@ class InferenceService:
     def metadata(self, ref: ModelRef) -> ModelMetadata:
         """Signatures and runtime of the version ``ref`` resolves to."""
         with self._manager.lease(ref) as version:
-            assert version.model is not None
+            servable = _servable(version)
             available = tuple(
                 s.version
                 for s in self._manager.status(ModelRef(ref.name))
                 if s.state is VersionState.AVAILABLE
             )
-            batching = version.settings.batching or self._batching
-            max_batch = batching.max_batch_size if batching else 0
+            max_batch = servable.batching.max_batch_size if servable.batching else 0
             signatures = {
-                name: self._request_signature(version, signature)
-                for name, signature in version.model.signatures.items()
+                name: servable.request_signature(signature)
+                for name, signature in servable.model.signatures.items()
             }
             return ModelMetadata(
-                version.id, signatures, version.runtime, available, max_batch, version.settings.device
+                version.id, signatures, servable.runtime, available, max_batch, version.settings.device
             )
 
     def ready(self) -> bool:
         """True when every configured model has a version serving."""
         return self._manager.ready()
 
-
-def _timed_predict(
-    model: Model, signature: str, inputs: Tensors, enqueued: float, deadline: float | None
-) -> tuple[Tensors, float, float]:
-    """Runs in a pool thread: drop the call if its deadline passed while it waited for a thread."""
-    started = time.monotonic()
-    if deadline is not None and started > deadline:
-        raise DeadlineExceeded("the request's deadline passed before a thread was free to compute it")
-    outputs = model.predict(signature, inputs)
-    return outputs, started - enqueued, time.monotonic() - started
-
-
-def _common_rows(inputs: Tensors) -> int | None:
-    """The batch size shared by every input (axis 0), or None when they differ or are scalars."""
-    sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _batch_recorder(
-    statistics: VersionStatistics, histogram: Histogram | None
-) -> Callable[[int, float], None]:
-    def record(rows: int, latency_s: float) -> None:
-        statistics.executed(rows, latency_s)
-        if histogram is not None:
-            histogram.observe(rows)
-
-    return record
+    def _record(self, call: Call, status: str) -> None:
+        """Count a finished call and, when it was answered, time its stages."""
+        metrics = self._metrics
+        if not call.model:
+            return
+        response = call.response
+        if response is None:
+            metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
+            return
+        version = str(response.model_id.version)
+        metrics.count_request(call.model, version, call.protocol, status)
+        ended = time.perf_counter()
+        # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
+        # and the event loop's delay in taking the answer back from the predict thread.
+        measured = response.features_s + response.queue_s + response.predict_s
+        metrics.timer(call.model, version, call.protocol).observe(
+            call.decoded - call.started,
+            response.features_s,
+            response.queue_s,
+            response.predict_s,
+            max(0.0, call.resumed - call.decoded - measured),
+            ended - call.resumed,
+            ended - call.started,
+        )
 
 
-def _find_signature(version: ServedVersion, name: str | None, method: Method | None) -> Signature:
-    assert version.model is not None
-    signatures = version.model.signatures
+class Call:
+    """One inference request, from its first byte until its answer is encoded; a context manager.
+
+    ``open`` takes the one lease the request holds on the version its ``ModelRef`` resolves to
+    (until the call ends, so decoding and computing see the same version) and gives the request
+    signature to decode against; ``infer`` runs the decoded inputs. When the ``with`` block ends,
+    the lease is returned, and the request is counted by protocol, model, version and status (its
+    gRPC code name: ``OK``, an ``InferdError``'s code, ``INTERNAL`` for anything else) and timed
+    by stage (decode, features, queue, predict, handoff, encode, total) the same way for every
+    protocol. A cancelled call is not counted. Event loop thread only.
+
+    Attributes:
+        id: the request id, for logs and error messages.
+        protocol: the ``protocol`` label: ``tfserving_rest``, ``tfserving_grpc``, ``v2_rest`` or
+            ``v2_grpc``.
+        model: the model name as the request gave it ("" counts nothing).
+    """
+
+    __slots__ = (
+        "_leases",
+        "_service",
+        "_signature",
+        "_version",
+        "decoded",
+        "id",
+        "model",
+        "protocol",
+        "response",
+        "resumed",
+        "started",
+    )
+
+    def __init__(self, service: InferenceService, protocol: str, model: str, request_id: str) -> None:
+        self._service = service
+        self.protocol = protocol
+        self.model = model
+        self.id = request_id
+        self.started = time.perf_counter()
+        self.decoded = self.resumed = self.started
+        self.response: InferenceResponse | None = None
+        self._leases: dict[ModelRef, tuple[Lease[Servable], ServedVersion[Servable]]] = {}
+        self._version: ServedVersion[Servable] | None = None
+        self._signature: Signature | None = None
+
+    def __enter__(self) -> Call:
+        self._service._metrics.in_flight += 1
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        leases, self._leases = list(self._leases.values()), {}
+        for lease, _ in leases:
+            lease.__exit__(None, None, None)
+        self._service._metrics.in_flight -= 1
+        if error is None:
+            self._service._record(self, "OK")
+        elif isinstance(error, InferdError):
+            self._service._record(self, error.code.grpc_code)
+        elif isinstance(error, Exception):
+            self._service._record(self, "INTERNAL")
+
+    def open(
+        self, ref: ModelRef, name: str | None = None, method: Method | None = Method.PREDICT
+    ) -> Signature:
+        """Lease the version ``ref`` resolves to (once per ref and call) and choose the signature
+        ``name`` (or the default one for ``method``, see ``InferenceService.signature``).
+
+        Returns:
+            What the caller sends for that signature (the request side of a feature join).
+
+        Raises:
+            NotFound: unknown model, version or label.
+            Unavailable: the server is shutting down.
+            InvalidArgument: unknown signature, or one whose method is not ``method``.
+        """
+        held = self._leases.get(ref)
+        if held is None:
+            lease = self._service._manager.lease(ref)
+            held = self._leases[ref] = (lease, lease.__enter__())
+        self._version = version = held[1]
+        self._signature = signature = _find_signature(version, name, method)
+        return _servable(version).request_signature(signature)
+
+    async def infer(
+        self, inputs: Tensors, deadline: float | None = None, request_id: str | None = None
+    ) -> InferenceResponse:
+        """Run decoded ``inputs`` on the signature ``open`` chose; ``request_id`` (the client's
+        own id, for V2) names it in logs instead of ``id``.
+
+        Raises:
+            InferdError: as ``InferenceService.infer``.
+        """
+        version, signature = self._version, self._signature
+        assert version is not None, "open the call first"
+        assert signature is not None
+        self.decoded = time.perf_counter()
+        request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
+        statistics = _servable(version).statistics
+        try:
+            response = await self._service._infer(version, signature, request)
+        except BaseException:
+            statistics.failed(time.perf_counter() - self.decoded)
+            raise
+        statistics.succeeded(time.perf_counter() - self.decoded, response.queue_s, response.predict_s)
+        self.resumed = time.perf_counter()
+        self.response = response
+        return response
+
+
+def _servable(version: ServedVersion[Servable]) -> Servable:
+    """The servable of a leased version (set from AVAILABLE until the last lease is returned)."""
+    assert version.servable is not None
+    return version.servable
+
+
+def _find_signature(version: ServedVersion[Servable], name: str | None, method: Method | None) -> Signature:
+    signatures = _servable(version).model.signatures
     if name is None:
         default = signatures.get(DEFAULT_SIGNATURE)
         if method is None or method is Method.PREDICT or (default and default.method is method):
@@ -423,7 +401,7 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
             and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
         )
     )
-    if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
+    if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
         if (problem := integer_range_error(spec.name, value, target)) is not None:
@@ -442,7 +420,9 @@ def _describe(value: np.ndarray) -> str:
     return f"{name} [{', '.join(map(str, value.shape))}]"
 
 
-def _check_outputs(version: ServedVersion, signature: Signature, outputs: Mapping[str, object]) -> Tensors:
+def _check_outputs(
+    version: ServedVersion[Servable], signature: Signature, outputs: Mapping[str, object]
+) -> Tensors:
     missing = [spec.name for spec in signature.outputs if spec.name not in outputs]
     if missing:
         log.error("%s returned outputs %s, missing %s", version.id, sorted(outputs), missing)

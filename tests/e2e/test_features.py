@@ -379,13 +379,15 @@ def test_the_prediction_cache_is_per_version(
         assert requests.post(f"{server.url}/v1/models/m:predict", json=one, timeout=5).json() == {
             "predictions": [[1.0, 2.0, 3.0, 4.0]]
         }
+    assert value(samples(server), "inferd_prediction_cache_total", model="m", version="1", result="hit") == 1
     write_onnx_affine(tmp_path / "m" / "2", scale=3.0)
-    server.wait_for(lambda: server.status("m").get("2") == "AVAILABLE", "version 2")
+    server.wait_for(lambda: server.status("m") == {"2": "AVAILABLE", "1": "END"}, "version 2 alone")
     answer = requests.post(f"{server.url}/v1/models/m:predict", json=one, timeout=5).json()
     assert answer == {"predictions": [[3.0, 6.0, 9.0, 12.0]]}
     table = samples(server)
-    assert value(table, "inferd_prediction_cache_total", model="m", version="1", result="hit") == 1
     assert value(table, "inferd_prediction_cache_total", model="m", version="2", result="miss") == 1
+    # Version 1 was unloaded, and its cache and counts with it.
+    assert not [labels for name, labels in table if dict(labels).get("version") == "1"]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferd.loadtest import BenchOptions
 from inferd.loadtest import run as bench
-from inferd.loadtest.serverside import read_pid
+from inferd.usage import read_pid
 from tests.conftest import ServerProcess, launch
 from tests.e2e.test_batching import ROW_AWARE_SIGNATURE, metric, slow_model, write_model
 from tests.models import write_python_model

@@ -6,9 +6,9 @@ import hmac
 
 import pytest
 
-from inferd import protocols
 from inferd.errors import PermissionDenied, Unauthenticated
-from inferd.protocols import Access
+from inferd.protocols import access
+from inferd.protocols.access import Access
 
 
 def test_every_token_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,14 +19,14 @@ def test_every_token_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch
         compared.append((given, expected))
         return constant_time(given, expected)
 
-    monkeypatch.setattr(protocols.hmac, "compare_digest", recording)
-    access = Access(api_token="api-token", admin_token="admin-token")
-    access.check("Bearer api-token", admin=False)
-    access.check("Bearer admin-token", admin=True)
+    monkeypatch.setattr(access.hmac, "compare_digest", recording)
+    tokens = Access(api_token="api-token", admin_token="admin-token")
+    tokens.check("Bearer api-token", admin=False)
+    tokens.check("Bearer admin-token", admin=True)
     with pytest.raises(Unauthenticated):
-        access.check("Bearer guess", admin=False)
+        tokens.check("Bearer guess", admin=False)
     with pytest.raises(PermissionDenied):
-        access.check("Bearer api-token", admin=True)
+        tokens.check("Bearer api-token", admin=True)
     assert (b"api-token", b"api-token") in compared
     assert (b"admin-token", b"admin-token") in compared
     assert (b"guess", b"api-token") in compared

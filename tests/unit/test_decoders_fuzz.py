@@ -21,9 +21,11 @@ from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.config import ServerConfig, models_from_proto, parse_model_config, read_model_config_file
 from inferd.errors import ConfigError, InferdError
-from inferd.protocols import V2_DATATYPES, from_raw, tfserving_grpc, v2_grpc
+from inferd.protocols import tfserving_grpc, v2_grpc
+from inferd.protocols.codecs import decode_tensor, from_raw
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.tfserving_rest import TensorDecoder, parse_json
+from inferd.protocols.v2 import V2_DATATYPES
 from inferd.protocols.v2_rest import decode_inputs, split_body
 from inferd.types import Signature, TensorSpec, dtype_of
 
@@ -213,7 +215,7 @@ def tensor_protos(draw: st.DrawFn) -> TensorProto:
 @FUZZ
 @given(tensor_protos())
 def test_tfserving_tensor_proto_decodes_or_refuses(proto: TensorProto) -> None:
-    array = decodes_or_refuses(tfserving_grpc.decode_tensor, "x", proto, 4096, LIMITS)
+    array = decodes_or_refuses(decode_tensor, "x", proto, 4096, LIMITS)
     within(None if array is None else {"x": array}, LIMITS)
 
 

@@ -319,22 +319,3 @@ def test_lookups_waiting_for_the_store_go_out_together(tmp_path: Path) -> None:
     # in flight go out as one.
     assert stats.round_trips == 2
     assert sum(stats.lookup.counts) == 2
-
-
-def test_a_model_whose_signature_does_not_fit_its_features_fails_to_load(tmp_path: Path) -> None:
-    from inferd.config import ModelSettings
-    from inferd.features import load_with_features
-    from tests.models import write_python_model
-
-    write_python_model(
-        tmp_path / "1", "def load(self):\n    pass\n\ndef predict(self, inputs):\n    return {}\n"
-    )
-    fitting = feature_settings(tmp_path / "t.csv", inputs={"x": ("distance", "orders")}, fetch=("orders",))
-    model, runtime = load_with_features(tmp_path / "1", ModelSettings(features=fitting), None)
-    assert runtime == "python"
-    model.close()
-    too_wide = feature_settings(tmp_path / "t.csv")  # three columns for x FP32 [-1, 2]
-    with pytest.raises(
-        ModelLoadError, match=re.escape("inputs.x has 3 column(s); the model takes FP32 [-1, 2]")
-    ):
-        load_with_features(tmp_path / "1", ModelSettings(features=too_wide), None)

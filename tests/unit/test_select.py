@@ -12,12 +12,12 @@ import pytest
 
 from inferd.config import read_model_config_file
 from inferd.errors import InvalidArgument
-from inferd.select import Outcome, Result, SelectOptions, report
+from inferd.select import Result, Selection, SelectOptions, report
 from inferd.select import promote as promotion
 from inferd.select.candidates import resolve
 from inferd.select.choose import choose, parse_requirement
 from inferd.select.compatibility import compare
-from inferd.select.metrics import objective
+from inferd.select.objectives import objective
 from inferd.types import Method, Signature, TensorSpec
 from tests.models import write_onnx_affine, write_sklearn_digits
 
@@ -322,7 +322,7 @@ def test_promotion_without_label_creates_the_model_folder(tmp_path: Path) -> Non
     assert (tmp_path / "repo" / "new" / "1" / "model.onnx").is_file()
 
 
-def _outcome(tmp_path: Path) -> Outcome:
+def _outcome(tmp_path: Path) -> Selection:
     goal = objective("accuracy")
     requirements = (parse_requirement("p99_ms<=5", goal, False, False),)
     write_onnx_affine(tmp_path / "a", 1.0)
@@ -341,7 +341,7 @@ def _outcome(tmp_path: Path) -> Outcome:
         "measured_at": "now",
     }
     options = SelectOptions((tmp_path / "a", tmp_path / "b"), "v.csv", "y", "accuracy", ("p99_ms<=5",))
-    return Outcome(goal, requirements, results, tuple(verdicts), machine, options)
+    return Selection(goal, requirements, results, tuple(verdicts), machine, options)
 
 
 def test_report_json_markdown_table_and_plot(tmp_path: Path) -> None:
@@ -372,7 +372,7 @@ def test_auc_calls_predict_proba_where_a_model_has_it(
 ) -> None:
     import asyncio
 
-    from inferd.offline import in_process
+    from inferd.local import in_process
     from inferd.select.measure import Job, _signature_name
 
     write_sklearn_digits(tmp_path / "digits" / "1")

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from inferd.protocols import to_raw
+from inferd.protocols.codecs import to_raw
 from inferd.types import dtype_of
 
 if TYPE_CHECKING:
@@ -355,7 +355,7 @@ def _ask(call: Callable[[], Any]) -> Any:
 
 def _tf_predict(model: str, version: int | None, tensors: dict[str, np.ndarray]) -> bytes:
     from inferd._proto import prediction_service_pb2 as ps
-    from inferd.protocols.tfserving_grpc import encode_tensor
+    from inferd.protocols.codecs import encode_tensor
 
     request = ps.PredictRequest()
     request.model_spec.name = model

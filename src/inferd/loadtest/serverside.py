@@ -8,15 +8,13 @@ resident memory); with a metrics URL, prometheus-client's ``process_cpu_seconds_
 
 from __future__ import annotations
 
-import os
 import threading
 import urllib.request
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+from inferd.usage import read_pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,32 +23,6 @@ class ServerUsage:
 
     cpu_s: float
     peak_memory_bytes: int
-
-
-def read_pid(pid: int) -> tuple[float, int]:
-    """CPU-seconds and resident bytes of ``pid`` and its descendants (0, 0 once it is gone)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    cpu, rss, todo = 0.0, 0, [pid]
-    while todo:
-        current = todo.pop()
-        found = stats.get(current)
-        if found is None:
-            continue
-        cpu += (int(found[11]) + int(found[12])) * _TICK_S
-        rss += int(found[21]) * _PAGE
-        todo.extend(children.get(current, ()))
-    return cpu, rss
 
 
 def read_metrics(url: str) -> tuple[float, int]:

@@ -12,7 +12,6 @@ threads (``scoring``), and a writer thread writes one part file per chunk (``sin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -21,7 +20,7 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +28,17 @@ from typing import Any, TypeVar
 
 import orjson
 
-from inferd.config import FeatureSettings, ModelSettings, read_model_settings
-from inferd.errors import InferdError, Internal, InvalidArgument, ModelLoadError
-from inferd.features import FeatureJoin, FeatureStores, load_with_features, plan_join
-from inferd.manager import ModelManager
+from inferd.config import FeatureSettings
+from inferd.errors import InferdError, Internal, InvalidArgument
+from inferd.features import FeatureJoin, FeatureStores, plan_join
+from inferd.local import in_process
 from inferd.metrics import FeatureStats
 from inferd.offline.scoring import Scorer, in_thread
 from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
-from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
+from inferd.repository import resolve_version
 from inferd.runtimes import Model
-from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, ModelRef, Signature, Tensors, VersionState, VersionStatus
+from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -123,67 +121,9 @@ def run(options: BatchOptions) -> Summary:
     return asyncio.run(_run(options))
 
 
-def model_plan(options: BatchOptions) -> ModelPlan:
-    """The one version to load: MODEL as a version folder, a base path (latest version, or
-    ``--version``), or a repository with ``--model``; batching off, as whole chunks are scored.
-
-    Raises:
-        ModelLoadError: no such version folder. ConfigError: a malformed ``inferd.toml``.
-    """
-    base = options.model / options.model_name if options.model_name else options.model
-    versions = list_versions(base)
-    if not versions and base.name.isdigit() and base.is_dir():
-        versions, base = {int(base.name): base}, base.parent
-    found = versions
-    if options.version is not None:
-        versions = {v: p for v, p in versions.items() if v == options.version}
-    if not versions:
-        raise ModelLoadError(_no_version(options, base, found))
-    number = max(versions)
-    source = VersionSource(number, versions[number], fingerprint(versions[number]))
-    return ModelPlan(options.model_name or base.name, {number: source}, settings=in_process_settings(base))
-
-
-def _no_version(options: BatchOptions, base: Path, found: dict[int, Path]) -> str:
-    """What ``model_plan`` looked for at ``base`` and what is there instead."""
-    if found:
-        return f"{base} has no version {options.version}; its versions are {sorted(found)}"
-    looked = (
-        f"no model at {base}: looked for a numbered version folder inside it ({base}/1/, {base}/2/, ...) "
-        f"or for {base} to be one"
-    )
-    if options.model_name:
-        looked += f" (MODEL {options.model} as a repository, --model {options.model_name})"
-    if not base.exists():
-        siblings = sorted(p.name for p in base.parent.iterdir() if p.is_dir()) if base.parent.is_dir() else []
-        return f"{looked}; {base} does not exist" + (
-            f" ({base.parent} holds {siblings[:10]})" if siblings else ""
-        )
-    if not base.is_dir():
-        return f"{looked}; {base} is a file: MODEL is the folder that holds the version folders"
-    entries = sorted(
-        p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if not p.name.startswith(".")
-    )
-    shown = ", ".join(entries[:10]) + (", ..." if len(entries) > 10 else "")
-    return f"{looked}; it holds {shown or 'nothing'}" + (
-        f": put the model files in {base}/1/" if any(not e.endswith("/") for e in entries) else ""
-    )
-
-
-def in_process_settings(folder: Path) -> ModelSettings:
-    """``folder``'s ``inferd.toml`` as the in-process tools (batch, optimize, select) load it:
-    batching off, since they call the model with whole batches, and no worker process, since they
-    use and measure the model itself.
-
-    Raises:
-        ConfigError: the file is malformed.
-    """
-    return dataclasses.replace(read_model_settings(folder), batching=None, isolation="none")
-
-
 async def _run(options: BatchOptions) -> Summary:
     started, cpu_started = time.monotonic(), time.process_time()
-    plan = model_plan(options)
+    plan = resolve_version(options.model, options.model_name, options.version)
     fmt = output_format(options.output)
     threads = options.threads or os.cpu_count() or 1
     async with in_process(plan, threads) as loaded:
@@ -257,60 +197,6 @@ async def _run(options: BatchOptions) -> Summary:
         batch_size=scorer.batch_size,
         chunk_rows=chunk_rows,
     )
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One version loaded in this process: ``inferd batch`` calls ``model`` on ``pool`` directly;
-    ``inferd select`` also times single requests through ``service``."""
-
-    service: InferenceService
-    ref: ModelRef
-    status: VersionStatus
-    model: Model
-    settings: ModelSettings
-    pool: Executor
-    """The inference threads, shared by ``service`` and direct ``model`` calls."""
-
-
-@contextlib.asynccontextmanager
-async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
-    """The plan's one version loaded (runtime, ``inferd.toml``, warm-up) with ``threads``
-    inference threads; unloaded on exit.
-
-    Raises:
-        ModelLoadError: the version did not load or failed its warm-up.
-    """
-    with (
-        ThreadPoolExecutor(1, "inferd-load") as load_pool,
-        ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
-    ):
-        manager = ModelManager(load_pool, loader=load_with_features)
-        await manager.apply([plan])
-        ref = ModelRef(plan.name)
-        (status,) = manager.status(ref)
-        if status.state is not VersionState.AVAILABLE:
-            raise ModelLoadError(status.error_message)
-        try:
-            # Nothing unloads the version before manager.close(), which waits for leases to end.
-            with manager.lease(ref) as version:
-                assert version.model is not None
-            service = InferenceService(manager, infer_pool)
-            yield Loaded(service, ref, status, version.model, version.settings, infer_pool)
-        finally:
-            with _quiet(logging.getLogger("inferd.manager")):  # "unloading ..." is no news here
-                await manager.close()
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Only warnings and errors from ``logger`` while inside."""
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _default_rejects(output: Path) -> Path:

@@ -27,14 +27,13 @@ import orjson
 
 from inferd.config import ModelSettings
 from inferd.errors import InferdError, InvalidArgument
-from inferd.offline import BatchOptions, model_plan
 from inferd.optimize import onnx_variants
 from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported, to_onnx
 from inferd.optimize.native_logs import native_logs_to, quiet_tensorflow
 from inferd.optimize.tflite import to_tflite
-from inferd.repository import folder_bytes
+from inferd.repository import folder_bytes, resolve_version
 from inferd.runtimes import find_model_file, load_model
 from inferd.types import Signature
 
@@ -61,7 +60,7 @@ class OptimizeOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Variant:
     """One attempted variant: its folder, and the error when it failed."""
 
     name: str
@@ -154,7 +153,7 @@ def _refuse_unknown(names: tuple[str, ...]) -> None:
         raise InvalidArgument(f"--only: unknown variant(s) {unknown}; expected some of {list(VARIANT_NAMES)}")
 
 
-def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
+def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: None) -> list[Variant]:
     """Make the chosen variants of ``options.model`` under ``options.out``; ``report`` is called
     as each one is done.
 
@@ -189,7 +188,7 @@ def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: 
 
 def _load_source(model: Path) -> Source:
     # The same resolution as ``inferd batch``: a version folder, or a base path's latest version.
-    plan = model_plan(BatchOptions(model=model, input="", output=Path()))
+    plan = resolve_version(model)
     ((_, version),) = plan.aspired.items()
     loaded, runtime = load_model(version.path, plan.settings, plan.platform)
     return Source(version.path, runtime, plan.settings, loaded, default_signature(loaded))
@@ -246,7 +245,7 @@ class _OnnxBase:
 
 def _make(
     source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
-) -> Outcome:
+) -> Variant:
     started = time.monotonic()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -258,7 +257,7 @@ def _make(
         check = check_variant(source, folder, calibration, recipe.tolerance)
     except Exception as exc:  # any converter or tool may fail; the other variants go on
         shutil.rmtree(folder, ignore_errors=True)
-        return Outcome(recipe.name, folder, _describe(exc))
+        return Variant(recipe.name, folder, _describe(exc))
     record = {
         "name": recipe.name,
         "source": str(source.path.resolve()),
@@ -271,7 +270,7 @@ def _make(
         "check": check,
     }
     (folder / "variant.json").write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
-    return Outcome(recipe.name, folder, None)
+    return Variant(recipe.name, folder, None)
 
 
 def _build(

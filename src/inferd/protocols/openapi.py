@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 import inferd
-from inferd.protocols import V2_DATATYPES, V2_EXTENSIONS
+from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS
 from inferd.types import VersionState
 
 PATH = "/openapi.json"

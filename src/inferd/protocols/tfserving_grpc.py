@@ -14,9 +14,7 @@ serialized, context features merged into each, as TF Serving does.
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -29,19 +27,15 @@ from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from inferd._proto.error_codes_pb2 import Code
 from inferd._proto.example_pb2 import Example, Feature
 from inferd._proto.meta_graph_pb2 import TensorInfo
-from inferd._proto.tensor_pb2 import TensorProto
-from inferd._proto.types_pb2 import DataType
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import InvalidArgument, ResourceExhausted, UnknownLabel
-from inferd.metrics import Metrics
-from inferd.protocols import RequestTiming, record_request
+from inferd.errors import InvalidArgument, UnknownLabel
+from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.tfserving_rest import classification_rows
-from inferd.service import InferenceService
+from inferd.protocols.tfserving_rest import classification_rows, unknown_label_as_invalid
+from inferd.service import Call, InferenceService
 from inferd.types import (
-    InferenceRequest,
     InferenceResponse,
     Method,
     ModelId,
@@ -49,34 +43,15 @@ from inferd.types import (
     Signature,
     Tensors,
     TensorSpec,
-    dtype_of,
-    integer_range_error,
 )
 
-PROTOCOL = "grpc"
+PROTOCOL = "tfserving_grpc"
 SERVICES = (
     ps.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     ms.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 ADMIN_METHODS = (f"/{SERVICES[1]}/HandleReloadConfigRequest",)
 """ModelService calls that need the admin token."""
-
-_VALUES = {
-    np.dtype(np.float32): "float_val",
-    np.dtype(np.float64): "double_val",
-    np.dtype(np.float16): "half_val",
-    np.dtype(np.int8): "int_val",
-    np.dtype(np.int16): "int_val",
-    np.dtype(np.int32): "int_val",
-    np.dtype(np.uint8): "int_val",
-    np.dtype(np.uint16): "int_val",
-    np.dtype(np.int64): "int64_val",
-    np.dtype(np.uint32): "uint32_val",
-    np.dtype(np.uint64): "uint64_val",
-    np.dtype(np.bool_): "bool_val",
-    np.dtype(object): "string_val",
-}
-"""numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
 
 _FEATURE_DTYPES = {"float_list": np.float32, "int64_list": np.int64, "bytes_list": object}
 _TASK_METHODS = {Method.CLASSIFY.value: Method.CLASSIFY, Method.REGRESS.value: Method.REGRESS}
@@ -96,124 +71,104 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         service: InferenceService,
         max_tensor_bytes: int,
         limits: RequestLimits,
-        metrics: Metrics | None = None,
         tensor_content: bool = False,
     ) -> None:
         self._service = service
         self._tensor_content = tensor_content
         self._max_tensor_bytes = max_tensor_bytes
         self._limits = limits
-        self._metrics = metrics
-        self._ids = itertools.count(1)
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = _label_as_invalid(self._predict(request, request_id, deadline_of(context), timing))
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        run = _label_as_invalid(self._predict(call, request, deadline_of(context)))
+        return await answer(context, run, call.id)
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = _label_as_invalid(self._classify(request, request_id, deadline_of(context), timing))
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        run = _label_as_invalid(self._classify(call, request, deadline_of(context)))
+        return await answer(context, run, call.id)
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = _label_as_invalid(self._regress(request, request_id, deadline_of(context), timing))
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        run = _label_as_invalid(self._regress(call, request, deadline_of(context)))
+        return await answer(context, run, call.id)
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
-        request_id = f"g{next(self._ids)}"
-        call = _label_as_invalid(self._multi(request, request_id, deadline_of(context)))
-        return await answer(context, call, request_id, metrics=self._metrics)
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        call = self._service.call(PROTOCOL, name)
+        run = _label_as_invalid(self._multi(call, request, deadline_of(context)))
+        return await answer(context, run, call.id)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
     ) -> ps.GetModelMetadataResponse:
-        return await answer(context, _label_as_invalid(self._metadata(request)), f"g{next(self._ids)}")
-
-    def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
-        metrics, service = self._metrics, self._service
-        if metrics is None or not model:
-            return None
-        return lambda status: record_request(metrics, service, PROTOCOL, model, status, timing)
+        return await answer(context, _label_as_invalid(self._metadata(request)), self._service.request_id())
 
     async def _predict(
-        self, request: ps.PredictRequest, request_id: str, deadline: float | None, timing: RequestTiming
+        self, call: Call, request: ps.PredictRequest, deadline: float | None
     ) -> ps.PredictResponse:
-        ref = model_ref(request.model_spec)
-        signature = self._service.signature(ref, request.model_spec.signature_name or None)
-        wanted = _output_filter(signature, list(request.output_filter))
-        limit, limits = self._max_tensor_bytes, self._limits
-        inputs = {name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()}
-        timing.decoded = time.perf_counter()
-        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-        response = timing.answered(await self._service.infer(ref, infer))
-        reply = ps.PredictResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature.name)
-        for name in wanted or response.outputs:
-            encode_tensor(reply.outputs[name], response.outputs[name], self._tensor_content)
-        return reply
+        with call, unknown_label_as_invalid():
+            ref = spec_ref(request.model_spec)
+            signature = call.open(ref, request.model_spec.signature_name or None)
+            wanted = _output_filter(signature, list(request.output_filter))
+            limit, limits = self._max_tensor_bytes, self._limits
+            inputs = {
+                name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()
+            }
+            response = await call.infer(inputs, deadline)
+            reply = ps.PredictResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature.name)
+            for name in wanted or response.outputs:
+                encode_tensor(reply.outputs[name], response.outputs[name], self._tensor_content)
+            return reply
 
     async def _examples(
-        self,
-        spec: ps.ModelSpec,
-        input_: ps.Input,
-        method: Method,
-        request_id: str,
-        deadline: float | None,
-        timing: RequestTiming | None = None,
+        self, call: Call, spec: ps.ModelSpec, input_: ps.Input, method: Method, deadline: float | None
     ) -> tuple[InferenceResponse, str, int]:
         """Run the classify or regress signature on examples: the answer, its signature name and
         the number of examples."""
-        ref = model_ref(spec)
-        signature = self._service.signature(ref, spec.signature_name or None, method)
+        ref = spec_ref(spec)
+        signature = call.open(ref, spec.signature_name or None, method)
         inputs, count = examples_to_inputs(signature, input_, self._limits)
-        if timing:
-            timing.decoded = time.perf_counter()
-        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-        response = await self._service.infer(ref, infer)
-        if timing:
-            timing.answered(response)
+        response = await call.infer(inputs, deadline)
         return response, signature.name, count
 
     async def _classify(
-        self,
-        request: ps.ClassificationRequest,
-        request_id: str,
-        deadline: float | None,
-        timing: RequestTiming,
+        self, call: Call, request: ps.ClassificationRequest, deadline: float | None
     ) -> ps.ClassificationResponse:
-        response, signature, _ = await self._examples(
-            request.model_spec, request.input, Method.CLASSIFY, request_id, deadline, timing
-        )
-        reply = ps.ClassificationResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature)
-        _fill_classifications(reply.result, response)
-        return reply
+        with call, unknown_label_as_invalid():
+            response, signature, _ = await self._examples(
+                call, request.model_spec, request.input, Method.CLASSIFY, deadline
+            )
+            reply = ps.ClassificationResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature)
+            _fill_classifications(reply.result, response)
+            return reply
 
     async def _regress(
-        self, request: ps.RegressionRequest, request_id: str, deadline: float | None, timing: RequestTiming
+        self, call: Call, request: ps.RegressionRequest, deadline: float | None
     ) -> ps.RegressionResponse:
-        response, signature, count = await self._examples(
-            request.model_spec, request.input, Method.REGRESS, request_id, deadline, timing
-        )
-        reply = ps.RegressionResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature)
-        _fill_regressions(reply.result, response, count)
-        return reply
+        with call, unknown_label_as_invalid():
+            response, signature, count = await self._examples(
+                call, request.model_spec, request.input, Method.REGRESS, deadline
+            )
+            reply = ps.RegressionResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature)
+            _fill_regressions(reply.result, response, count)
+            return reply
 
     async def _multi(
-        self, request: ps.MultiInferenceRequest, request_id: str, deadline: float | None
+        self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
+    ) -> ps.MultiInferenceResponse:
+        with call, unknown_label_as_invalid():
+            return await self._multi_tasks(call, request, deadline)
+
+    async def _multi_tasks(
+        self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
     ) -> ps.MultiInferenceResponse:
         if not request.tasks:
             raise InvalidArgument("MultiInferenceRequest must name at least one task")
@@ -228,7 +183,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
                     f"expected one of {sorted(_TASK_METHODS)}"
                 )
             response, signature, count = await self._examples(
-                task.model_spec, request.input, method, request_id, deadline
+                call, task.model_spec, request.input, method, deadline
             )
             result = reply.results.add()
             _fill_spec(result.model_spec, response.model_id, signature)
@@ -244,7 +199,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != "signature_def":
                 raise InvalidArgument(f"Metadata field {field} is not supported")
-        meta = self._service.metadata(model_ref(request.model_spec))
+        meta = self._service.metadata(spec_ref(request.model_spec))
         signatures = ps.SignatureDefMap()
         for name, signature in meta.signatures.items():
             definition = signatures.signature_def[name]
@@ -265,17 +220,16 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     def __init__(self, service: InferenceService, control: ModelControl) -> None:
         self._service = service
         self._control = control
-        self._ids = itertools.count(1)
 
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, _label_as_invalid(self._status(request)), f"s{next(self._ids)}")
+        return await answer(context, _label_as_invalid(self._status(request)), self._service.request_id())
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
     ) -> ms.ReloadConfigResponse:
-        return await answer(context, self._reload(request), f"s{next(self._ids)}")
+        return await answer(context, self._reload(request), self._service.request_id())
 
     async def _reload(self, request: ms.ReloadConfigRequest) -> ms.ReloadConfigResponse:
         """Serve the request's models; replies once they loaded (as TF Serving does)."""
@@ -284,7 +238,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
         reply = ms.GetModelStatusResponse()
-        for status in self._service.status(model_ref(request.model_spec)):
+        for status in self._service.status(spec_ref(request.model_spec)):
             entry = reply.model_version_status.add(version=status.version, state=int(status.state))
             known = status.error_code in Code.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
@@ -303,7 +257,7 @@ async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
         raise InvalidArgument(error.message) from None
 
 
-def model_ref(spec: ps.ModelSpec) -> ModelRef:
+def spec_ref(spec: ps.ModelSpec) -> ModelRef:
     """The model, and version or label, a ``ModelSpec`` names.
 
     Raises:
@@ -340,99 +294,9 @@ def _output_filter(signature: Signature, wanted: list[str]) -> list[str]:
     return wanted
 
 
-def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: RequestLimits) -> np.ndarray:
-    """A ``TensorProto`` as an ndarray (a read-only view of ``tensor_content`` when it has one).
-
-    One typed value fills the shape, when that takes at most ``max_bytes``. The shape is checked
-    against ``limits`` before anything is allocated.
-
-    Raises:
-        InvalidArgument: an unsupported dtype, a negative or unknown shape, or values that do not
-            fill the shape; the message names the tensor.
-        ResourceExhausted: one value would fill more than ``max_bytes``, or the shape or a string
-            is over a limit.
-    """
-    try:
-        dtype = dtype_of(DataType.Name(proto.dtype)).numpy
-    except (KeyError, ValueError):
-        label = DataType.Name(proto.dtype) if proto.dtype in DataType.values() else str(proto.dtype)
-        raise InvalidArgument(f"input {name!r}: dtype {label} is not supported") from None
-    tf_name = DataType.Name(proto.dtype)
-    if proto.tensor_shape.unknown_rank:
-        raise InvalidArgument(f"input {name!r}: tensor_shape has unknown_rank; give its dims")
-    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
-    count = limits.elements(name, shape)
-    if proto.tensor_content:
-        content = proto.tensor_content
-        if dtype.kind == "O":
-            raise InvalidArgument(f"input {name!r}: DT_STRING values go in string_val, not tensor_content")
-        if len(content) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
-                f"tensor_content, got {len(content)}"
-            )
-        return np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-    field = _VALUES[dtype]
-    values = getattr(proto, field)
-    try:
-        if dtype.kind == "O":
-            if values:
-                limits.string(name, max(map(len, values)))
-            flat = np.empty(len(values), dtype=object)
-            flat[:] = list(values)
-        elif field == "half_val":
-            flat = np.asarray(values, dtype=np.uint16).view(np.float16)
-        elif field == "int_val":
-            # int_val is int32 on the wire for DT_INT8/16/UINT8/16 too: range-check the narrowing.
-            flat = np.asarray(values, dtype=np.int32)
-            if (problem := integer_range_error(name, flat, dtype)) is not None:
-                raise InvalidArgument(f"{problem} (in int_val)")
-            flat = flat.astype(dtype, copy=False)
-        else:
-            flat = np.asarray(values, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tf_name}") from None
-    if flat.size == count:
-        return flat.reshape(shape)
-    if flat.size == 1:
-        if count * dtype.itemsize > max_bytes:
-            raise ResourceExhausted(
-                f"input {name!r}: filling {tf_name} {list(shape)} from one value would take "
-                f"{count * dtype.itemsize} bytes, over the limit of {max_bytes} (--max_request_bytes)"
-            )
-        return np.full(shape, flat[0], dtype=dtype)
-    raise InvalidArgument(
-        f"input {name!r}: {tf_name} {list(shape)} needs {count} values in {field} (or 1 to fill the "
-        f"shape), got {flat.size}"
-    )
-
-
-def _data_type(dtype: np.dtype[Any]) -> DataType:
-    return cast(DataType, DataType.Value(dtype_of(dtype).tf))
-
-
-def encode_tensor(proto: TensorProto, value: np.ndarray, tensor_content: bool = True) -> None:
-    """Write ``value`` into ``proto``: strings as ``string_val``; numbers as ``tensor_content``,
-    or with ``tensor_content`` false in their typed field (``float_val``, ``int64_val``, ...; FP16
-    as its bit patterns in ``half_val``), as TF Serving answers by default."""
-    proto.dtype = _data_type(value.dtype)
-    for size in value.shape:
-        proto.tensor_shape.dim.add(size=size)
-    if value.dtype.kind in "OUS":
-        proto.string_val.extend(
-            item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
-        )
-    elif tensor_content:
-        proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
-    elif value.dtype == np.float16:
-        proto.half_val.extend(value.reshape(-1).view(np.uint16).tolist())
-    else:
-        getattr(proto, _VALUES[value.dtype]).extend(value.reshape(-1).tolist())
-
-
 def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
     info.name = spec.tensor_name or spec.name
-    info.dtype = _data_type(spec.dtype)
+    info.dtype = data_type(spec.dtype)
     if spec.shape is None:
         info.tensor_shape.unknown_rank = True
     for size in spec.shape or ():
@@ -549,12 +413,11 @@ def add_to_server(
     control: ModelControl,
     max_tensor_bytes: int,
     limits: RequestLimits,
-    metrics: Metrics | None,
     tensor_content: bool = False,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, limits, metrics, tensor_content), server
+        PredictionServicer(service, max_tensor_bytes, limits, tensor_content), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,14 +27,12 @@ from inferd.errors import (
     UnknownLabel,
     encodable,
 )
-from inferd.metrics import Metrics
-from inferd.protocols import JSON_HEADERS, RequestTiming, Response, json_error, model_ref, record_request
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
-from inferd.service import InferenceService
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.service import Call, InferenceService
 from inferd.types import (
     DEFAULT_SIGNATURE,
-    InferenceRequest,
     InferenceResponse,
     Method,
     ModelMetadata,
@@ -46,7 +44,7 @@ from inferd.types import (
     dtype_of,
 )
 
-PROTOCOL = "rest"
+PROTOCOL = "tfserving_rest"
 
 _POST = re.compile(
     r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
@@ -66,39 +64,31 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
-    metrics: Metrics | None = None,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
-    """Answer one request under ``/v1/``. Expected failures become error responses.
+    """Answer one request under ``/v1/``. Expected failures become error responses; an inference
+    request is counted and timed by its ``service.call``.
 
     ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped;
     large bodies are decoded on ``decode_pool`` (see ``decoding``).
     """
-    timing = RequestTiming(time.perf_counter())
-    model, status = "", "OK"
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            model = name
-            ref = model_ref(name, version, label)
-            offload = (decode_pool, len(body))
-            if verb.lower() == "predict" and decode_pool is not None and decode_pool.in_process(len(body)):
-                doc, decoded = await decode_pool.apart(
-                    _parse_predict, body, limits, _signatures(service, ref)
-                )
-                result = await _predict(
-                    service, ref, doc, request_id, deadline, timing, limits, offload, decoded
-                )
-            elif verb.lower() == "predict":
+            with service.call(PROTOCOL, name, request_id) as call, unknown_label_as_invalid():
+                ref = model_ref(name, version, label)
+                offload = (decode_pool, len(body))
+                predict = verb.lower() == "predict"
+                if predict and decode_pool is not None and decode_pool.in_process(len(body)):
+                    doc, decoded = await decode_pool.apart(
+                        _parse_predict, body, limits, _signatures(service, ref)
+                    )
+                    return await _predict(call, ref, doc, deadline, limits, offload, decoded)
                 doc = await decode(decode_pool, len(body), parse_json, body)
-                result = await _predict(service, ref, doc, request_id, deadline, timing, limits, offload)
-            else:
-                doc = await decode(decode_pool, len(body), parse_json, body)
+                if predict:
+                    return await _predict(call, ref, doc, deadline, limits, offload)
                 method_ = _METHODS[verb.lower()]
-                call = _classify_or_regress(
-                    service, ref, method_, doc, request_id, deadline, timing, limits, offload
-                )
-                result = await call
+                return await _classify_or_regress(call, ref, method_, doc, deadline, limits, offload)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:
@@ -112,10 +102,17 @@ async def handle(
     except InferdError as error:
         if isinstance(error, UnknownLabel):
             error = InvalidArgument(error.message)  # TF Serving's v1 answers an unknown label with 400
-        result, status = json_error(error), error.code.grpc_code
-    if metrics is not None and model:
-        record_request(metrics, service, PROTOCOL, model, status, timing)
-    return result
+        return json_error(error)
+
+
+@contextlib.contextmanager
+def unknown_label_as_invalid() -> Iterator[None]:
+    """TF Serving's APIs answer an unknown version label with INVALID_ARGUMENT (the V2 API,
+    NOT_FOUND); inside a ``service.call`` it is also counted so."""
+    try:
+        yield
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
 
 
 _PARSE_ERRORS = (
@@ -165,18 +162,16 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 
 async def _predict(
-    service: InferenceService,
+    call: Call,
     ref: ModelRef,
     doc: dict[str, Any],
-    request_id: str,
     deadline: float | None,
-    timing: RequestTiming,
     limits: RequestLimits,
     offload: tuple[BodyDecoder | None, int] = (None, 0),
     decoded: Decoded | None = None,
 ) -> Response:
     """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did."""
-    signature = service.signature(ref, doc.get("signature_name"))
+    signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
             "expecting only one of 'inputs' or 'instances' keys to exist"
@@ -196,9 +191,7 @@ async def _predict(
             raise outcome
         inputs = outcome
     _check_json_types(signature, inputs)
-    timing.decoded = time.perf_counter()
-    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.answered(await service.infer(ref, request))
+    response = await call.infer(inputs, deadline)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
@@ -499,13 +492,11 @@ def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
 
 
 async def _classify_or_regress(
-    service: InferenceService,
+    call: Call,
     ref: ModelRef,
     method: Method,
     doc: dict[str, Any],
-    request_id: str,
     deadline: float | None,
-    timing: RequestTiming,
     limits: RequestLimits,
     offload: tuple[BodyDecoder | None, int] = (None, 0),
 ) -> Response:
@@ -518,11 +509,9 @@ async def _classify_or_regress(
     context = doc.get("context", {})
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
-    signature = service.signature(ref, doc.get("signature_name"), method)
+    signature = call.open(ref, doc.get("signature_name"), method)
     inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
-    timing.decoded = time.perf_counter()
-    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.answered(await service.infer(ref, request))
+    response = await call.infer(inputs, deadline)
     if method is Method.REGRESS:
         ((name, values),) = response.outputs.items()
         if values.shape not in ((len(examples),), (len(examples), 1)):

@@ -10,7 +10,6 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import numpy as np
@@ -19,28 +18,15 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
-from inferd.metrics import Metrics
-from inferd.protocols import (
-    JSON_HEADERS,
-    V2_DATATYPES,
-    V2_EXTENSIONS,
-    V2_PLATFORMS,
-    RequestTiming,
-    Response,
-    from_raw,
-    json_error,
-    model_ref,
-    record_request,
-    to_raw,
-    v2_index,
-    v2_model_config,
-)
+from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
-from inferd.service import InferenceService
+from inferd.service import Call, InferenceService
 from inferd.types import (
-    InferenceRequest,
+    ACCEPTED_KINDS,
     ModelMetadata,
     ModelRef,
     Tensors,
@@ -69,13 +55,11 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
-    metrics: Metrics | None = None,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
-    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses.
-    Large bodies are decoded on ``decode_pool`` (see ``decoding``)."""
-    timing = RequestTiming(time.perf_counter())
-    model = ""
+    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses; an
+    inference request is counted and timed by its ``service.call``. Large bodies are decoded on
+    ``decode_pool`` (see ``decoding``)."""
     named: tuple[str, str | None] | None = None  # the model and version a /v2/models route names
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
@@ -97,12 +81,8 @@ async def handle(
         named = (name, version)
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
-            model = name
-            call = _infer(service, ref, headers, body, request_id, deadline, timing, limits, decode_pool)
-            result = await call
-            if metrics is not None:
-                record_request(metrics, service, PROTOCOL, model, "OK", timing)
-            return result
+            with service.call(PROTOCOL, name, request_id) as call:
+                return await _infer(call, ref, headers, body, deadline, limits, decode_pool)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
         if method == "GET" and action == "/ready":
@@ -114,8 +94,6 @@ async def handle(
             return _json(statistics(service, name, version or ""))
         raise InvalidArgument(f"{method} is not allowed on {path}")
     except InferdError as error:
-        if metrics is not None and model:
-            record_request(metrics, service, PROTOCOL, model, error.code.grpc_code, timing)
         if isinstance(error, NotFound) and named is not None:
             error = unknown_model(service, *named, error)
         return json_error(error)
@@ -185,24 +163,20 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
 
 
 async def _infer(
-    service: InferenceService,
+    call: Call,
     ref: ModelRef,
     headers: dict[str, str],
     body: bytes,
-    request_id: str,
     deadline: float | None,
-    timing: RequestTiming,
     limits: RequestLimits,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
     doc, inputs = await decode_apart(
         decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
     )
-    request = InferenceRequest(
-        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
-    )
-    timing.decoded = time.perf_counter()
-    response = timing.answered(await service.infer(ref, request))
+    call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
+    client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    response = await call.infer(inputs, deadline, client_id)
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
 
 
@@ -290,7 +264,8 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
     return tensors
 
 
-_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
+_KINDS = {**ACCEPTED_KINDS, "O": "U"}
+"""What JSON ``data`` may hold: a BYTES tensor's values come as JSON strings only."""
 _V2_DTYPES = {name: dtype_of(name).numpy for name in V2_DATATYPES}
 """The V2 datatype names, and only those (``float32`` or ``DT_FLOAT`` are not V2 names)."""
 

@@ -21,8 +21,14 @@ from pathlib import Path
 import orjson
 
 from inferd.errors import ConfigError, InvalidArgument, ModelLoadError
-from inferd.offline import BatchOptions, in_process_settings, model_plan
-from inferd.repository import ModelPlan, VersionSource, fingerprint, list_versions
+from inferd.repository import (
+    ModelPlan,
+    VersionSource,
+    fingerprint,
+    in_process_settings,
+    list_versions,
+    resolve_version,
+)
 
 VARIANTS_FILE = "variants.json"
 
@@ -67,7 +73,7 @@ def _expand(path: Path) -> list[Candidate]:
         return _variants(listing)
     if list_versions(path) or path.name.isdigit():
         try:
-            plan = model_plan(BatchOptions(model=path, input="", output=Path()))
+            plan = resolve_version(path)
         except (ModelLoadError, ConfigError) as exc:
             raise InvalidArgument(f"candidate {path}: {exc.message}") from None
         ((number, source),) = plan.aspired.items()

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from inferd.config import ModelSettings
 from inferd.errors import InferdError, InvalidArgument
-from inferd.offline import in_process_settings
-from inferd.repository import list_versions
+from inferd.repository import in_process_settings, list_versions
 from inferd.runtimes import load_model
 from inferd.types import Signature, TensorSpec
 

@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 
 from inferd.errors import InferdError, InvalidArgument, ModelLoadError
-from inferd.loadtest.serverside import read_pid
-from inferd.offline import in_process
+from inferd.local import in_process
 from inferd.offline.scoring import Scorer
 from inferd.offline.sources import TABULAR, Chunk, file_columns, find_inputs, plan_layout, read_chunks
 from inferd.select.candidates import Candidate
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors
+from inferd.usage import read_pid
 
 _CHUNK_ROWS = 65536
 PROBABILITIES = "predict_proba"

@@ -1,0 +1,177 @@
+"""Tensor codecs that need nothing of the server, so that clients (``inferd bench``, a user's
+own) can import them alone: the Open Inference Protocol's raw bytes (``from_raw``, ``to_raw``)
+and TensorFlow's ``TensorProto`` (``decode_tensor``, ``encode_tensor``).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, cast
+
+import numpy as np
+
+from inferd._proto.tensor_pb2 import TensorProto
+from inferd._proto.types_pb2 import DataType
+from inferd.errors import InvalidArgument, ResourceExhausted
+from inferd.protocols.limits import RequestLimits
+from inferd.types import dtype_of, integer_range_error
+
+_VALUES = {
+    np.dtype(np.float32): "float_val",
+    np.dtype(np.float64): "double_val",
+    np.dtype(np.float16): "half_val",
+    np.dtype(np.int8): "int_val",
+    np.dtype(np.int16): "int_val",
+    np.dtype(np.int32): "int_val",
+    np.dtype(np.uint8): "int_val",
+    np.dtype(np.uint16): "int_val",
+    np.dtype(np.int64): "int64_val",
+    np.dtype(np.uint32): "uint32_val",
+    np.dtype(np.uint64): "uint64_val",
+    np.dtype(np.bool_): "bool_val",
+    np.dtype(object): "string_val",
+}
+"""numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
+
+
+def from_raw(
+    raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: str, source: str, limits: RequestLimits
+) -> np.ndarray:
+    """V2 raw tensor bytes (REST binary extension, gRPC raw contents) as a flat array of ``count``
+    elements: numbers little-endian with no copy, BYTES as 4-byte-length-prefixed elements.
+
+    Raises:
+        InvalidArgument: the byte count does not fit ``count`` elements; ``source`` names the
+            field that gave the size.
+        ResourceExhausted: a BYTES element is over ``limits.max_string_bytes``.
+    """
+    if dtype.kind != "O":
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
+                f"{count * dtype.itemsize} bytes, {source} says {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(raw):
+        if len(items) == count:
+            raise InvalidArgument(f"input {name!r}: shape needs {count} BYTES elements, the data has more")
+        if pos + 4 > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element's 4-byte length is cut off")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        limits.string(name, length)
+        if pos + 4 + length > len(raw):
+            raise InvalidArgument(f"input {name!r}: a BYTES element runs past the end of its data")
+        items.append(bytes(raw[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape needs {count} BYTES elements, the data has {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def to_raw(value: np.ndarray) -> bytes:
+    """An output's V2 raw bytes: little-endian row-major numbers, or length-prefixed BYTES."""
+    if value.dtype.kind in "OUS":
+        parts = []
+        for item in value.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: RequestLimits) -> np.ndarray:
+    """A ``TensorProto`` as an ndarray (a read-only view of ``tensor_content`` when it has one).
+
+    One typed value fills the shape, when that takes at most ``max_bytes``. The shape is checked
+    against ``limits`` before anything is allocated.
+
+    Raises:
+        InvalidArgument: an unsupported dtype, a negative or unknown shape, or values that do not
+            fill the shape; the message names the tensor.
+        ResourceExhausted: one value would fill more than ``max_bytes``, or the shape or a string
+            is over a limit.
+    """
+    try:
+        dtype = dtype_of(DataType.Name(proto.dtype)).numpy
+    except (KeyError, ValueError):
+        label = DataType.Name(proto.dtype) if proto.dtype in DataType.values() else str(proto.dtype)
+        raise InvalidArgument(f"input {name!r}: dtype {label} is not supported") from None
+    tf_name = DataType.Name(proto.dtype)
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidArgument(f"input {name!r}: tensor_shape has unknown_rank; give its dims")
+    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
+    count = limits.elements(name, shape)
+    if proto.tensor_content:
+        content = proto.tensor_content
+        if dtype.kind == "O":
+            raise InvalidArgument(f"input {name!r}: DT_STRING values go in string_val, not tensor_content")
+        if len(content) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
+                f"tensor_content, got {len(content)}"
+            )
+        return np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    field = _VALUES[dtype]
+    values = getattr(proto, field)
+    try:
+        if dtype.kind == "O":
+            if values:
+                limits.string(name, max(map(len, values)))
+            flat = np.empty(len(values), dtype=object)
+            flat[:] = list(values)
+        elif field == "half_val":
+            flat = np.asarray(values, dtype=np.uint16).view(np.float16)
+        elif field == "int_val":
+            # int_val is int32 on the wire for DT_INT8/16/UINT8/16 too: range-check the narrowing.
+            flat = np.asarray(values, dtype=np.int32)
+            if (problem := integer_range_error(name, flat, dtype)) is not None:
+                raise InvalidArgument(f"{problem} (in int_val)")
+            flat = flat.astype(dtype, copy=False)
+        else:
+            flat = np.asarray(values, dtype=dtype)
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tf_name}") from None
+    if flat.size == count:
+        return flat.reshape(shape)
+    if flat.size == 1:
+        if count * dtype.itemsize > max_bytes:
+            raise ResourceExhausted(
+                f"input {name!r}: filling {tf_name} {list(shape)} from one value would take "
+                f"{count * dtype.itemsize} bytes, over the limit of {max_bytes} (--max_request_bytes)"
+            )
+        return np.full(shape, flat[0], dtype=dtype)
+    raise InvalidArgument(
+        f"input {name!r}: {tf_name} {list(shape)} needs {count} values in {field} (or 1 to fill the "
+        f"shape), got {flat.size}"
+    )
+
+
+def data_type(dtype: np.dtype[Any]) -> DataType:
+    """The TensorFlow ``DataType`` of a numpy dtype."""
+    return cast(DataType, DataType.Value(dtype_of(dtype).tf))
+
+
+def encode_tensor(proto: TensorProto, value: np.ndarray, tensor_content: bool = True) -> None:
+    """Write ``value`` into ``proto``: strings as ``string_val``; numbers as ``tensor_content``,
+    or with ``tensor_content`` false in their typed field (``float_val``, ``int64_val``, ...; FP16
+    as its bit patterns in ``half_val``), as TF Serving answers by default."""
+    proto.dtype = data_type(value.dtype)
+    for size in value.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if value.dtype.kind in "OUS":
+        proto.string_val.extend(
+            item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
+        )
+    elif tensor_content:
+        proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    elif value.dtype == np.float16:
+        proto.half_val.extend(value.reshape(-1).view(np.uint16).tolist())
+    else:
+        getattr(proto, _VALUES[value.dtype]).extend(value.reshape(-1).tolist())

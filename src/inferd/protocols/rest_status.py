@@ -1,0 +1,40 @@
+"""How a REST call ends, in both dialects (TF Serving's ``/v1`` and the Open Inference
+Protocol's ``/v2``): the status from the ``errors`` table and ``{"error": "<message>"}`` for a
+failure; and the model a URL names. The twin of ``grpc_status``."""
+
+from __future__ import annotations
+
+import orjson
+
+from inferd.errors import InferdError, InvalidArgument
+from inferd.types import ModelRef
+
+Response = tuple[int, dict[str, str], bytes]
+"""HTTP status, headers, body."""
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def model_ref(name: str, version: str | None, label: str | None = None) -> ModelRef:
+    """The model a URL names; ``version`` is the digits the route matched.
+
+    Raises:
+        InvalidArgument: the version does not fit in int64 (TF Serving's message).
+    """
+    if version is None:
+        return ModelRef(name, label=label)
+    number = int(version)
+    if number >= 2**63:
+        raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
+    return ModelRef(name, version=number)
+
+
+def json_error(error: InferdError) -> Response:
+    """The status, headers and ``{"error": ...}`` body for an expected failure; 503 adds
+    ``Retry-After`` and 401 ``WWW-Authenticate``."""
+    headers = dict(JSON_HEADERS)
+    if error.code.http_status == 503:
+        headers["retry-after"] = "1"
+    elif error.code.http_status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return error.code.http_status, headers, orjson.dumps({"error": error.message})

@@ -1,0 +1,76 @@
+"""The Open Inference Protocol's (KServe V2) vocabulary, shared by its REST and gRPC adapters:
+platforms, extensions, datatypes, repository index rows and model configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferd.control import IndexEntry
+from inferd.types import ModelMetadata, TensorSpec, VersionState, dtype_of
+
+V2_PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "sklearn": "sklearn",
+    "python": "python",
+    "tensorflow": "tensorflow_savedmodel",
+    "torch": "pytorch_libtorch",
+}
+"""Runtime name -> the ``platform`` the Open Inference Protocol reports."""
+
+V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
+"""What ``GET /v2`` and ServerMetadata advertise (binary_tensor_data is HTTP's raw-bytes twin of
+gRPC's raw contents)."""
+
+V2_DATATYPES = (
+    *("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"),
+    *("FP16", "FP32", "FP64", "BYTES"),
+)
+"""The Open Inference Protocol's datatype names."""
+
+_TRITON_STATES = {
+    VersionState.START: "LOADING",
+    VersionState.LOADING: "LOADING",
+    VersionState.AVAILABLE: "READY",
+    VersionState.UNLOADING: "UNLOADING",
+    VersionState.END: "UNAVAILABLE",
+}
+
+
+def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    """The model repository index as V2 rows: name, version, Triton's state, and the reason."""
+    rows = []
+    for entry in entries:
+        row = {"name": entry.name, "version": entry.version}
+        row["state"] = "UNAVAILABLE" if entry.state is None else _TRITON_STATES[entry.state]
+        if entry.reason:
+            row["reason"] = entry.reason
+        rows.append(row)
+    return rows
+
+
+def v2_model_config(meta: ModelMetadata) -> dict[str, Any]:
+    """Triton's model configuration as perf_analyzer reads it (JSON field names of its
+    ModelConfig proto): dims exclude the batch dimension when the model is batched
+    (``max_batch_size`` > 0)."""
+    signature = meta.signatures["serving_default"]
+    batched = meta.max_batch_size > 0
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        dims = [-1] if spec.shape is None else list(spec.shape)
+        return {
+            "name": spec.name,
+            "data_type": "TYPE_" + ("STRING" if spec.dtype.kind == "O" else dtype_of(spec.dtype).v2),
+            "dims": dims[1:] if batched and dims else dims,
+        }
+
+    config: dict[str, Any] = {
+        "name": meta.model_id.name,
+        "platform": V2_PLATFORMS.get(meta.platform, meta.platform),
+        "backend": meta.platform,
+        "max_batch_size": meta.max_batch_size,
+        "input": [tensor(spec) for spec in signature.inputs],
+        "output": [tensor(spec) for spec in signature.outputs],
+    }
+    if batched:
+        config["dynamic_batching"] = {}
+    return config

@@ -1,0 +1,148 @@
+"""Servable: what one loaded version holds, built whole at load and freed whole at close."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inferd.config import BatchingParameters, FeatureSettings, ModelSettings
+from inferd.errors import ModelLoadError
+from inferd.features import FeatureStores
+from inferd.manager import ModelManager
+from inferd.metrics import Metrics
+from inferd.repository import ModelPlan, VersionSource
+from inferd.servable import Servable, ServableFactory
+from inferd.service import InferenceService
+from inferd.types import InferenceRequest, ModelId, ModelRef, Signature, Tensors, TensorSpec
+
+F32 = np.dtype(np.float32)
+
+
+class FakeModel:
+    """Sums its two input columns; remembers its calls and whether it was closed."""
+
+    def __init__(self, fail_warm_up: bool = False) -> None:
+        self.signatures = {
+            "serving_default": Signature(
+                "serving_default", (TensorSpec("x", F32, (-1, 2)),), (TensorSpec("y", F32, (-1,)),)
+            )
+        }
+        self.calls = 0
+        self.closed = False
+        self._fail = fail_warm_up
+
+    def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
+        self.calls += 1
+        if self._fail:
+            raise ValueError("zeros are not welcome")
+        return {"y": inputs["x"].sum(axis=1)}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Loads:
+    """A model loader that hands out fake models and keeps them for inspection."""
+
+    def __init__(self, fail_warm_up: bool = False) -> None:
+        self.models: list[FakeModel] = []
+        self._fail = fail_warm_up
+
+    def __call__(
+        self, version_dir: Path, settings: ModelSettings, platform: str | None
+    ) -> tuple[FakeModel, str]:
+        model = FakeModel(self._fail)
+        self.models.append(model)
+        return model, "fake"
+
+
+def features(store: Path, **changes: object) -> FeatureSettings:
+    values: dict[str, object] = {
+        "store": str(store),
+        "entity": ("restaurant_id",),
+        "fetch": ("orders",),
+        "inputs": {"x": ("distance", "orders")},
+    }
+    return FeatureSettings(**(values | changes))  # type: ignore[arg-type]
+
+
+def test_close_frees_the_batchers_caches_model_and_metric_label_sets(tmp_path: Path) -> None:
+    table = tmp_path / "restaurants.csv"
+    table.write_text("restaurant_id,orders\nr1,3\nr2,5\n")
+    settings = ModelSettings(
+        batching=BatchingParameters(max_batch_size=4, num_batch_threads=1),
+        features=features(table),
+        prediction_cache_size=10,
+    )
+    plan = ModelPlan("m", {1: VersionSource(1, tmp_path, "f1")}, settings=settings)
+    loads, metrics, stores = Loads(), Metrics(), FeatureStores()
+
+    async def serve_then_close() -> Servable:
+        with ThreadPoolExecutor(2) as pool:
+            factory = ServableFactory(pool, metrics=metrics, features=stores, load=loads)
+            manager: ModelManager[Servable] = ModelManager(pool, factory.load, metrics)
+            await manager.apply([plan])
+            with manager.lease(ModelRef("m")) as version:
+                servable = version.servable
+            assert servable is not None
+            assert factory.live() == [servable]
+            service = InferenceService(manager)
+            request = InferenceRequest(
+                {"restaurant_id": np.array(["r1", "r2"], dtype=object), "distance": np.array([1.0, 2.0])}
+            )
+            for _ in range(2):  # the second is answered from the prediction cache
+                answer = await service.infer(ModelRef("m"), request)
+                np.testing.assert_allclose(answer.outputs["y"], [4.0, 7.0])
+            assert servable.batchers
+            assert servable.join is not None
+            assert servable.predictions is not None
+            page = metrics.exposition().decode()
+            for family in ("inferd_batch_size_count", "inferd_queue_rows", "inferd_prediction_cache_total"):
+                assert re.search(rf'^{family}\{{model="m",(result="\w+",)?version="1"', page, re.M), family
+            await manager.close()
+            assert factory.live() == []
+            await stores.close()
+            return servable
+
+    servable = asyncio.run(serve_then_close())
+    (model,) = loads.models
+    assert model.closed
+    assert model.calls == 2  # the warm-up, then one batch; the second request hit the cache
+    assert servable.batchers == {}
+    assert servable.join is None
+    assert servable.predictions is None
+    assert 'version="1"' not in metrics.exposition().decode()
+
+
+def test_a_feature_plan_that_does_not_fit_the_signature_fails_the_load(tmp_path: Path) -> None:
+    loads = Loads()
+    too_wide = features(tmp_path / "t.csv", inputs={"x": ("distance", "orders", "more")})
+    with ThreadPoolExecutor(1) as pool:
+        factory = ServableFactory(pool, features=FeatureStores(), load=loads)
+        with pytest.raises(
+            ModelLoadError, match=re.escape("inputs.x has 3 column(s); the model takes FP32 [-1, 2]")
+        ):
+            factory.load(ModelId("m", 1), tmp_path, ModelSettings(features=too_wide), None)
+        fitting = factory.load(
+            ModelId("m", 2), tmp_path, ModelSettings(features=features(tmp_path / "t.csv")), None
+        )
+        assert factory.live() == [fitting]
+    assert [m.closed for m in loads.models] == [True, False]
+
+
+def test_a_failed_warm_up_fails_the_load_and_closes_the_model(tmp_path: Path) -> None:
+    loads = Loads(fail_warm_up=True)
+    with ThreadPoolExecutor(1) as pool:
+        factory = ServableFactory(pool, load=loads)
+        with pytest.raises(
+            ModelLoadError, match="the warm-up call failed: ValueError: zeros are not welcome"
+        ):
+            factory.load(ModelId("m", 1), tmp_path, ModelSettings(), None)
+        factory.load(ModelId("m", 2), tmp_path, ModelSettings(warmup=False), None)
+    assert [m.closed for m in loads.models] == [True, False]
+    assert factory.live()[0].id == ModelId("m", 2)
