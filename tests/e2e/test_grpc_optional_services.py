@@ -66,7 +66,7 @@ def test_the_server_serves_rest_and_grpc_when_health_and_reflection_cannot_be_im
                 )
             )
             reply = ps_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)  # type: ignore[no-untyped-call]
-            served = np.frombuffer(reply.outputs["y"].tensor_content, np.float32)
+            served = np.array(reply.outputs["y"].float_val, np.float32)  # TF Serving answers in typed fields
             np.testing.assert_array_equal(served, [2.0, 4.0, 6.0, 8.0])
             with pytest.raises(grpc.RpcError) as missing:
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -377,3 +377,28 @@ def test_unknown_label_is_400_on_the_v1_api(server: ServerProcess) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         _stub(server.grpc_target).Predict(request, 30)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_keras_3_model_saved_with_tf_saved_model_save_serves(tmp_path: Path) -> None:
+    """Keras 3 networks written with ``tf.saved_model.save`` read variables that TF1's session
+    loader never restores; such a SavedModel is served through TF2's loader instead, with the
+    same signature document, and answers what Keras answers."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential(
+        [keras.Input((4,), name="features"), keras.layers.Dense(3, activation="softmax")]
+    )
+    tf.saved_model.save(network, str(tmp_path / "net" / "1"))
+    rows = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    expected = np.asarray(network(rows))
+    server = launch(tmp_path, "--model_name=net", f"--model_base_path={tmp_path / 'net'}")
+    try:
+        server.wait_for(lambda: server.status("net") == {"1": "AVAILABLE"}, "the Keras 3 SavedModel")
+        answer = requests.post(
+            f"{server.url}/v1/models/net:predict", json={"instances": rows.tolist()}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        server.stop()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
     session = tf.compat.v1.Session(graph=graph, config=config)
     placement = graph.device(f"/GPU:{cuda_index(device)}") if device != "cpu" else contextlib.nullcontext()
     try:
-        with graph.as_default(), placement:
+        with graph.as_default(), placement, _quiet_deprecation():
             meta_graph = tf.compat.v1.saved_model.loader.load(
                 session, tags, str(version_dir), clear_devices=device != "cpu"
             )
@@ -159,7 +159,11 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
         )
     signatures = {name: _signature_of_def(tf, graph, name, sig) for name, sig in defs.items()}
     functions = {name: _session_call(session, signatures[name]) for name in defs}
-    model = TensorFlowModel(tf, functions, signatures, "cpu", session)
+    if _variables_restored(tf, functions, signatures):
+        model = TensorFlowModel(tf, functions, signatures, "cpu", session)
+    else:
+        session.close()
+        model = _load_eager(tf, version_dir, tags, device, signatures)
     iterations = int_option("tensorflow", options, "warmup_iterations", 1)
     if iterations and (version_dir / _WARMUP_FILE).is_file():
         try:
@@ -168,6 +172,60 @@ def _load_saved_model(tf: Any, version_dir: Path, device: str, options: Mapping[
             model.close()
             raise
     return model
+
+
+def _variables_restored(
+    tf: Any,
+    functions: Mapping[str, Callable[[Tensors], Mapping[str, Any]]],
+    signatures: Mapping[str, Signature],
+) -> bool:
+    """Whether the session holds the variables its signatures read. The TF1 loader does not
+    restore every SavedModel written by TF2 (Keras 3 models saved with ``tf.saved_model.save``
+    read variables it never creates); one call with zeros per numeric signature finds out, and
+    only a missing variable (FailedPreconditionError) counts: any other refusal is the graph's
+    judgement of zeros, not of the load."""
+    for name, signature in signatures.items():
+        if any(spec.dtype.kind in "OUS" or spec.shape is None for spec in signature.inputs):
+            continue  # tf.Example and other string inputs: no zeros to build
+        zeros = {
+            spec.name: np.zeros([1 if d < 0 else d for d in spec.shape or ()], spec.dtype)
+            for spec in signature.inputs
+        }
+        try:
+            functions[name](zeros)
+        except tf.errors.FailedPreconditionError:
+            return False
+        except Exception:  # the graph refusing zeros says nothing of the load
+            continue
+    return True
+
+
+def _load_eager(
+    tf: Any, version_dir: Path, tags: list[str], device: str, signatures: Mapping[str, Signature]
+) -> TensorFlowModel:
+    """The SavedModel through TF2's loader, for what the session cannot run: the signatures (with
+    the MetaGraphDef's method and tensor names) call the restored concrete functions, which check
+    input shapes themselves."""
+    try:
+        loaded = tf.saved_model.load(str(version_dir), tags=tags)
+    except Exception as exc:  # tensorflow raises its own errors, protobuf and OS errors
+        raise ModelLoadError(f"tensorflow could not load the SavedModel in {version_dir}: {exc}") from exc
+    concrete = dict(loaded.signatures)
+    missing = sorted(set(signatures) - set(concrete))
+    if missing:
+        raise ModelLoadError(f"the SavedModel in {version_dir} has no function for signatures {missing}")
+    functions = {name: _eager_call(tf, concrete[name], signatures[name]) for name in signatures}
+    return TensorFlowModel(tf, functions, signatures, device, loaded)
+
+
+def _eager_call(tf: Any, function: Any, signature: Signature) -> Callable[[Tensors], Mapping[str, Any]]:
+    dtypes = {spec.name: tf.string if spec.dtype.kind == "O" else spec.dtype for spec in signature.inputs}
+
+    def call(inputs: Tensors) -> Mapping[str, Any]:
+        tensors = {name: tf.constant(_feedable(value), dtype=dtypes[name]) for name, value in inputs.items()}
+        return {name: value.numpy() for name, value in function(**tensors).items()}
+
+    return call
 
 
 def _signature_of_def(tf: Any, graph: Any, name: str, definition: Any) -> Signature:
@@ -333,3 +391,16 @@ def _keras_spec(name: str, tensor: Any) -> TensorSpec:
 
 
 RUNTIME = TensorFlowRuntime()
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    """Hide the deprecation notice TensorFlow logs (once, at WARNING) for the TF1 loader, which is
+    the one that keeps a SavedModel's method names and graph tensor names as TF Serving does."""
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_log.setLevel(level)
