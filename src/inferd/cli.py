@@ -86,6 +86,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
         "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
     ),
     ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
+    ("dashboard", bool, "serve the dashboard page at / and its data under /dashboard/api/"),
     (
         "max_in_flight",
         int,

@@ -369,6 +369,7 @@ class ServerConfig:
     batching_parameters_file: str = ""
     monitoring_config_file: str = ""
     enable_metrics: bool = True
+    dashboard: bool = True
     max_in_flight: int = 256
     drain_timeout_s: float = 30.0
     admin_token: str = field(default="", repr=False)

@@ -8,11 +8,11 @@ take one lock, so a scan never runs beside another. Call from the event loop's t
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from inferd.config import ModelConfig
-from inferd.errors import ModelLoadError, NotFound
+from inferd.errors import InvalidArgument, ModelLoadError, NotFound
 from inferd.manager import ModelManager
 from inferd.repository import Repository
 from inferd.types import ModelRef, VersionState
@@ -36,6 +36,7 @@ class ModelControl:
         self._manager = manager
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
+        self._moved: dict[str, dict[str, int]] = {}  # labels an admin moved: model -> label -> version
         self._lock = asyncio.Lock()
 
     async def sync(self, trusted: frozenset[str] = frozenset()) -> None:
@@ -50,6 +51,10 @@ class ModelControl:
     async def _sync(self, trusted: frozenset[str] = frozenset()) -> None:
         plans = await asyncio.to_thread(self._repository.scan, trusted)
         self._configured = sorted(plan.name for plan in plans)
+        plans = [
+            replace(plan, labels={**plan.labels, **self._moved[plan.name]}) if plan.name in self._moved else plan
+            for plan in plans
+        ]
         await self._manager.apply(plan for plan in plans if plan.name not in self._unloaded)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
@@ -98,6 +103,30 @@ class ModelControl:
         async with self._lock:
             self._require_configured(name)
             self._unloaded.add(name)
+            await self._sync()
+
+    def labels(self, name: str) -> dict[str, int]:
+        """Where the labels of model ``name`` point now (label -> version)."""
+        return self._manager.labels(name)
+
+    async def move_label(self, name: str, label: str, version: int) -> None:
+        """Point ``label`` of model ``name`` at ``version`` (a rollback, or a promotion) until the
+        server restarts; the repository's own labels for other names still apply.
+
+        Raises:
+            NotFound: ``name`` is not a configured model.
+            InvalidArgument: ``version`` is not AVAILABLE, so the label could not move.
+        """
+        async with self._lock:
+            self._require_configured(name)
+            available = {
+                s.version for s in self._manager.status(ModelRef(name)) if s.state is VersionState.AVAILABLE
+            }
+            if version not in available:
+                raise InvalidArgument(
+                    f"version: {version} of model {name!r} is not AVAILABLE; expected one of {sorted(available)}"
+                )
+            self._moved.setdefault(name, {})[label] = version
             await self._sync()
 
     async def reload_config(self, models: list[ModelConfig]) -> None:

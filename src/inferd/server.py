@@ -30,6 +30,7 @@ from inferd.config import (
     read_monitoring_config_file,
 )
 from inferd.control import ModelControl
+from inferd.dashboard import Dashboard, is_admin, is_public
 from inferd.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -89,6 +90,7 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
+        self._dashboard = Dashboard(service, control, metrics) if config.dashboard else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -98,8 +100,8 @@ class HttpApp:
         metrics = self._metrics
         try:
             self._check_header_size(scope)
-            admin = path.startswith(v2_rest.ADMIN_PREFIX)
-            if admin or self._access.api_token:
+            admin = path.startswith(v2_rest.ADMIN_PREFIX) or is_admin(method, path)
+            if admin or (self._access.api_token and not is_public(method, path)):
                 self._access.check(_header(scope, b"authorization"), admin)
             body = await self._read_body(scope, receive)
             deadline = time.monotonic() + self._timeout_s
@@ -121,6 +123,8 @@ class HttpApp:
                     self._limits,
                     deadline,
                 )
+            elif self._dashboard is not None:
+                call = self._dashboard.handle(method, path, body)
             if call is not None:
                 answer = await self._with_deadline(call, receive)
                 if answer is None:
