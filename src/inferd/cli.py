@@ -88,6 +88,13 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
     ("dashboard", bool, "serve the dashboard page at / and its data under /dashboard/api/"),
     (
+        "otel_endpoint",
+        str,
+        "export OpenTelemetry traces to this OTLP receiver (OTEL_EXPORTER_OTLP_PROTOCOL: grpc or "
+        "http/protobuf); needs inferd[otel]",
+    ),
+    ("otel_sample_rate", float, "share of requests traced, 0 to 1, when the client sent no traceparent"),
+    (
         "max_in_flight",
         int,
         "per model version, unbatched predictions running or waiting beyond which requests get 503",

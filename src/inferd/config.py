@@ -370,6 +370,8 @@ class ServerConfig:
     monitoring_config_file: str = ""
     enable_metrics: bool = True
     dashboard: bool = True
+    otel_endpoint: str = ""
+    otel_sample_rate: float = 1.0
     max_in_flight: int = 256
     drain_timeout_s: float = 30.0
     admin_token: str = field(default="", repr=False)

@@ -50,6 +50,7 @@ from inferd.repository import Repository
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
+from inferd.tracing import TRACEPARENT, Tracing
 
 if TYPE_CHECKING:
     import grpc
@@ -80,8 +81,10 @@ class HttpApp:
         config: ServerConfig,
         metrics: Metrics,
         metrics_paths: set[str],
+        traced: bool = False,
     ) -> None:
         self._service = service
+        self._traced = traced
         self._control = control
         self._access = Access(config.api_token, config.admin_token)
         self._metrics = metrics
@@ -98,6 +101,8 @@ class HttpApp:
         request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
+        if self._traced:  # this request's task only: the service's span reads it
+            TRACEPARENT.set(_header(scope, b"traceparent"))
         try:
             self._check_header_size(scope)
             admin = path.startswith(v2_rest.ADMIN_PREFIX) or is_admin(method, path)
@@ -261,7 +266,8 @@ class Server:
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics
         )
-        self.service = InferenceService(self.manager, self.metrics)
+        self.tracing = Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
+        self.service = InferenceService(self.manager, self.metrics, self.tracing)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
@@ -311,7 +317,9 @@ class Server:
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(self.service, self.control, self.config, self.metrics, self.metrics_paths),
+                HttpApp(
+                    self.service, self.control, self.config, self.metrics, self.metrics_paths, self.tracing is not None
+                ),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -365,6 +373,8 @@ class Server:
                 poller.cancel()
             await self.manager.close()
             await self.feature_stores.close()
+            if self.tracing is not None:
+                await asyncio.to_thread(self.tracing.close)
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -400,7 +410,12 @@ async def _start_grpc(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
     )
-    server = grpc.aio.server(options=options, interceptors=[access])
+    interceptors: list[grpc.aio.ServerInterceptor] = [access]
+    if config.otel_endpoint:
+        from inferd.protocols.trace_context import TraceContextInterceptor
+
+        interceptors.append(TraceContextInterceptor())
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits)
     v2_grpc.add_to_server(server, service, control, limits)

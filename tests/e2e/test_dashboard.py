@@ -111,6 +111,7 @@ def test_the_charts_move_while_requests_arrive(
         sync_api.expect(tab.locator('#stage-table tr[data-stage="predict"]')).to_be_visible()
         first = chart(tab, "rps", "points")
         server.wait_for(lambda: chart(tab, "rps", "points") > first, "the chart to take a new point")
+        server.wait_for(lambda: chart(tab, "rps", "points") >= 10, "ten points, for the screenshot")
         tab.screenshot(path=tmp_path / "charts.png", full_page=True)
     finally:
         stop.set()

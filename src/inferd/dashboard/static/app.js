@@ -212,7 +212,7 @@ async function refreshMetrics() {
   $("#now-batch").textContent = fmt(series.batch.at(-1));
   $("#now-queue").textContent = `${now.queue_rows} / ${now.in_flight}`;
   $("#now-memory").textContent = fmt(series.memory.at(-1));
-  $("#chart-window").textContent = `(every second; percentiles over the last ${readings.length - 1} s)`;
+  $("#chart-window").textContent = `(last ${HISTORY} s, a point a second; percentiles over the last ${readings.length - 1} s)`;
 }
 
 // ---------- try it ----------
