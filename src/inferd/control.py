@@ -52,7 +52,9 @@ class ModelControl:
         plans = await asyncio.to_thread(self._repository.scan, trusted)
         self._configured = sorted(plan.name for plan in plans)
         plans = [
-            replace(plan, labels={**plan.labels, **self._moved[plan.name]}) if plan.name in self._moved else plan
+            replace(plan, labels={**plan.labels, **self._moved[plan.name]})
+            if plan.name in self._moved
+            else plan
             for plan in plans
         ]
         await self._manager.apply(plan for plan in plans if plan.name not in self._unloaded)
@@ -124,7 +126,8 @@ class ModelControl:
             }
             if version not in available:
                 raise InvalidArgument(
-                    f"version: {version} of model {name!r} is not AVAILABLE; expected one of {sorted(available)}"
+                    f"version: {version} of model {name!r} is not AVAILABLE; "
+                    f"expected one of {sorted(available)}"
                 )
             self._moved.setdefault(name, {})[label] = version
             await self._sync()

@@ -266,7 +266,9 @@ class Server:
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics
         )
-        self.tracing = Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
+        self.tracing = (
+            Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
+        )
         self.service = InferenceService(self.manager, self.metrics, self.tracing)
         self.control = ModelControl(self.repository, self.manager)
 
@@ -318,7 +320,12 @@ class Server:
         http = http_server(
             uvicorn.Config(
                 HttpApp(
-                    self.service, self.control, self.config, self.metrics, self.metrics_paths, self.tracing is not None
+                    self.service,
+                    self.control,
+                    self.config,
+                    self.metrics,
+                    self.metrics_paths,
+                    self.tracing is not None,
                 ),
                 host=self.config.host,
                 port=self.config.rest_api_port,

@@ -164,7 +164,9 @@ class InferenceService:
             metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
             if self._tracing is not None:
                 ended = time.perf_counter()
-                self._tracing.record(call.protocol, call.model, "", status, call.id, 0, call.started, ended, None)
+                self._tracing.record(
+                    call.protocol, call.model, "", status, call.id, 0, call.started, ended, None
+                )
             return
         version = str(response.model_id.version)
         metrics.count_request(call.model, version, call.protocol, status)
@@ -173,7 +175,9 @@ class InferenceService:
             first = next(iter(response.outputs.values()), None)
             rows = first.shape[0] if first is not None and first.ndim else 0
             stages = (call.decoded, response.features_s, response.queue_s, response.predict_s, call.resumed)
-            self._tracing.record(call.protocol, call.model, version, status, call.id, rows, call.started, ended, stages)
+            self._tracing.record(
+                call.protocol, call.model, version, status, call.id, rows, call.started, ended, stages
+            )
         # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
         # and the event loop's delay in taking the answer back from the predict thread.
         measured = response.features_s + response.queue_s + response.predict_s

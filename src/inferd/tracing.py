@@ -154,6 +154,4 @@ def _exporter(endpoint: str) -> Any:
         if "/" not in rest:
             url = f"{scheme}://{rest}/v1/traces"
         return HttpSpanExporter(endpoint=url)
-    raise ConfigError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: expected 'grpc' or 'http/protobuf', got {protocol!r}"
-    )
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: expected 'grpc' or 'http/protobuf', got {protocol!r}")

@@ -49,7 +49,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("dashboard")
     for version in (1, 2):
         write_onnx_digits(root / "repo" / "digits" / str(version))
-    (root / "repo" / "digits" / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 2\n")
+    (root / "repo" / "digits" / "inferd.toml").write_text(
+        "version_policy = { all = true }\n[labels]\nstable = 2\n"
+    )
     process = launch(root, str(root / "repo"), f"--admin_token={ADMIN}")
     process.wait_for(lambda: len(process.status("digits")) == 2, "both versions")
     yield process
@@ -100,7 +102,9 @@ def test_the_charts_move_while_requests_arrive(
     def load() -> None:
         with requests.Session() as session:
             while not stop.is_set():
-                session.post(f"{server.url}/v1/models/digits:predict", json={"instances": x[:4].tolist()}, timeout=5)
+                session.post(
+                    f"{server.url}/v1/models/digits:predict", json={"instances": x[:4].tolist()}, timeout=5
+                )
 
     sender = threading.Thread(target=load)
     sender.start()

@@ -36,7 +36,7 @@ class Receiver:
         receiver = self
 
         class Service(trace_grpc.TraceServiceServicer):  # type: ignore[misc]
-            def Export(self, request: Any, context: Any) -> Any:
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the RPC's name)
                 receiver.add(request)
                 return trace_service.ExportTraceServiceResponse()
 
@@ -137,7 +137,10 @@ def check_request_trace(spans: list[Any], parent_span_id: bytes, protocol: str, 
     children = [s for s in spans if s is not root]
     assert {s.name for s in children} == STAGES
     assert all(s.parent_span_id == root.span_id for s in children)
-    assert all(root.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano <= root.end_time_unix_nano for s in children)
+    assert all(
+        root.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano <= root.end_time_unix_nano
+        for s in children
+    )
     assert attributes(root) == {
         "inferd.model": "digits",
         "inferd.version": 1,
@@ -186,16 +189,23 @@ def test_without_a_traceparent_the_sample_rate_decides(
     server = traced("grpc", "--otel_sample_rate=0")
     x, _ = digits()
     for _ in range(20):  # none of these is sampled
-        requests.post(f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), timeout=10).raise_for_status()
+        requests.post(
+            f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), timeout=10
+        ).raise_for_status()
     traceparent, trace_id, span_id = new_traceparent()  # a client's sampled trace still is
     requests.post(
-        f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), headers={"traceparent": traceparent}, timeout=10
+        f"{server.url}/v2/models/digits/infer",
+        json=v2_body(x[:1]),
+        headers={"traceparent": traceparent},
+        timeout=10,
     ).raise_for_status()
     check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_rest", 1)
     assert {s.trace_id for s in receiver.spans} == {trace_id}
 
 
-def test_at_rate_one_every_request_is_a_root_trace(traced: Callable[..., ServerProcess], receiver: Receiver) -> None:
+def test_at_rate_one_every_request_is_a_root_trace(
+    traced: Callable[..., ServerProcess], receiver: Receiver
+) -> None:
     server = traced("grpc")
     x, _ = digits()
     requests.post(f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), timeout=10).raise_for_status()
@@ -205,18 +215,19 @@ def test_at_rate_one_every_request_is_a_root_trace(traced: Callable[..., ServerP
     failed = requests.post(f"{server.url}/v2/models/digits/versions/9/infer", json=v2_body(x[:1]), timeout=10)
     assert failed.status_code == 404
     server.wait_for(
-        lambda: any(attributes(s).get("inferd.status") == "NOT_FOUND" for s in receiver.spans), "the failed call's span"
+        lambda: any(attributes(s).get("inferd.status") == "NOT_FOUND" for s in receiver.spans),
+        "the failed call's span",
     )
 
 
 def test_the_otel_flag_needs_a_valid_rate(tmp_path: Path) -> None:
     write_onnx_digits(tmp_path / "repo" / "digits" / "1")
-    server = launch(tmp_path, str(tmp_path / "repo"), "--otel_endpoint=127.0.0.1:1", "--otel_sample_rate=2", wait=False)
+    server = launch(
+        tmp_path, str(tmp_path / "repo"), "--otel_endpoint=127.0.0.1:1", "--otel_sample_rate=2", wait=False
+    )
     assert server.process.wait(timeout=60) != 0
     assert "--otel_sample_rate: expected a number from 0 to 1, got 2" in server.log()
 
 
 def v2_body(x: np.ndarray) -> dict[str, Any]:
     return {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-
-

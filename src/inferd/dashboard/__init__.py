@@ -120,7 +120,9 @@ class Dashboard:
             if entry.state is None:
                 row["unloaded"] = True
                 continue
-            row["versions"].append({"version": int(entry.version), "state": entry.state.name, "reason": entry.reason})
+            row["versions"].append(
+                {"version": int(entry.version), "state": entry.state.name, "reason": entry.reason}
+            )
         for name, row in rows.items():
             row["labels"] = self._labels(name)
             if any(v["state"] == VersionState.AVAILABLE.name for v in row["versions"]):
@@ -151,7 +153,11 @@ class Dashboard:
                     _add_bucket(counts, latency_bounds, labels["le"], value)
                 elif sample.name == "inferd_batch_size_bucket":
                     _add_bucket(batches, batch_bounds, labels["le"], value)
-                elif sample.name in ("inferd_queue_rows", "inferd_in_flight_requests", "process_resident_memory_bytes"):
+                elif sample.name in (
+                    "inferd_queue_rows",
+                    "inferd_in_flight_requests",
+                    "process_resident_memory_bytes",
+                ):
                     gauges[sample.name] = gauges.get(sample.name, 0) + value
         return {
             "time": time.time(),
@@ -201,5 +207,7 @@ def _version_of(body: bytes) -> int:
         raise InvalidArgument('the body must be JSON: {"version": <number>}') from None
     version = document.get("version") if isinstance(document, dict) else None
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise InvalidArgument(f'version: expected a non-negative integer, as in {{"version": 1}}; got {version!r}')
+        raise InvalidArgument(
+            f'version: expected a non-negative integer, as in {{"version": 1}}; got {version!r}'
+        )
     return version
