@@ -10,7 +10,8 @@ in batches from a thread of its own (``OTEL_BSP_*`` tune it).
 
 A client's W3C ``traceparent`` (a REST header or gRPC metadata) is set in ``TRACEPARENT`` by the
 adapters for the request's task; the request's span is then its child, and sampled as the client
-decided. Otherwise ``sample_rate`` (0 to 1) of the requests are traced, by trace id.
+decided (its sampled flag). Otherwise a random ``sample_rate`` (0 to 1) of the requests are
+traced; the others cost a context-variable read and a random draw.
 
 The OpenTelemetry SDK and exporters (the ``inferd[otel]`` extra) are imported only when tracing
 is configured; without ``--otel_endpoint`` no ``Tracing`` exists and nothing here runs.
@@ -19,6 +20,7 @@ is configured; without ``--otel_endpoint`` no ``Tracing`` exists and nothing her
 from __future__ import annotations
 
 import os
+import random
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -48,11 +50,10 @@ class Tracing:
         if not 0.0 <= sample_rate <= 1.0:
             raise ConfigError(f"--otel_sample_rate: expected a number from 0 to 1, got {sample_rate}")
         try:
-            from opentelemetry.propagators.textmap import DefaultGetter
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+            from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
             from opentelemetry.trace import Status, StatusCode, set_span_in_context
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as error:
@@ -61,12 +62,12 @@ class Tracing:
             ) from None
         self._provider = TracerProvider(
             resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "inferd")}),
-            sampler=ParentBased(TraceIdRatioBased(sample_rate)),
+            sampler=ParentBased(ALWAYS_ON),  # roots are drawn in ``record``, before any span exists
         )
         self._provider.add_span_processor(BatchSpanProcessor(_exporter(endpoint)))
         self._tracer = self._provider.get_tracer("inferd")
+        self._rate = sample_rate
         self._propagator = TraceContextTextMapPropagator()
-        self._getter = DefaultGetter()
         self._in_context = set_span_in_context
         self._error = Status(StatusCode.ERROR)
         # perf_counter seconds -> Unix nanoseconds, for spans made after the fact
@@ -96,7 +97,12 @@ class Tracing:
                 seconds; None when the request ended before it was computed (no stage spans).
         """
         traceparent = TRACEPARENT.get()
-        parent = self._propagator.extract({"traceparent": traceparent}) if traceparent else None
+        if traceparent:
+            parent = self._propagator.extract({"traceparent": traceparent})
+        elif self._rate < 1.0 and (self._rate == 0.0 or random.random() >= self._rate):
+            return  # not sampled: no span is made at all
+        else:
+            parent = None
         attributes: dict[str, Any] = {
             "inferd.model": model,
             "inferd.protocol": protocol,
