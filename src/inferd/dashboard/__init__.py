@@ -9,8 +9,8 @@ move needs the admin token. Routes:
   and, for a served model, the inputs and outputs of its signatures.
 - ``GET /dashboard/api/metrics``: cumulative counts read from inferd's Prometheus collector
   (requests by status, per-stage latency and batch-size bucket counts, rows queued, requests in
-  flight, resident memory); the page turns two readings into rates and windowed percentiles, so
-  the server keeps no state per viewer.
+  flight) and the server process's resident memory; the page turns two readings into
+  rates and windowed percentiles, so the server keeps no state per viewer.
 - ``POST /dashboard/api/models/M/labels/L`` with ``{"version": N}``: move a label (admin).
 
 Load and unload use the V2 repository routes (``/v2/repository/models/M/load``).
@@ -18,6 +18,7 @@ Load and unload use the V2 repository routes (``/v2/repository/models/M/load``).
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Coroutine
@@ -136,14 +137,15 @@ class Dashboard:
 
     def readings(self) -> dict[str, Any]:
         """Cumulative counts from the metrics collector, summed over models, versions and
-        protocols; ``time`` is Unix seconds. Latency bounds are in seconds."""
+        protocols; ``time`` is Unix seconds, latency bounds seconds, ``memory_bytes`` the resident
+        memory of the server process (model worker processes not included)."""
         requests: dict[str, float] = {}
         stages: dict[str, list[float]] = {}
         batches: list[float] = []
         latency_bounds: list[float] = []
         batch_bounds: list[float] = []
         gauges: dict[str, float] = {}
-        for family in self._metrics.registry.collect():
+        for family in self._metrics.collect():  # inferd's own families; not the process collector
             for sample in family.samples:
                 labels, value = sample.labels, sample.value
                 if sample.name == "inferd_requests_total":
@@ -168,8 +170,17 @@ class Dashboard:
             "batch_sizes": batches,
             "queue_rows": gauges.get("inferd_queue_rows", 0),
             "in_flight": gauges.get("inferd_in_flight_requests", 0),
-            "memory_bytes": gauges.get("process_resident_memory_bytes", 0),
+            "memory_bytes": _resident_bytes(),
         }
+
+
+def _resident_bytes() -> int:
+    """Resident memory of this process, from ``/proc/self/statm`` (0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _add_bucket(counts: list[float], bounds: list[float], le: str, value: float) -> None:
