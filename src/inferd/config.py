@@ -434,9 +434,7 @@ class ServerConfig:
         default="",
     )
     enable_metrics: bool = option("serve Prometheus metrics at /metrics", default=True)
-    dashboard: bool = option(
-        "serve the dashboard page at / and its data under /dashboard/api/", default=True
-    )
+    dashboard: bool = option("serve the dashboard page at / and its data under /dashboard/api/", default=True)
     otel_endpoint: str = option(
         "export OpenTelemetry traces to this OTLP receiver (OTEL_EXPORTER_OTLP_PROTOCOL: grpc or "
         "http/protobuf); needs inferd[otel]",
