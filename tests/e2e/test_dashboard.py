@@ -255,3 +255,27 @@ def test_dashboard_false_turns_it_off(tmp_path: Path) -> None:
         assert requests.get(server.url + "/dashboard/api/models", timeout=5).status_code == 404
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("digits/labels/stable", b"not json", 400, "the body must be JSON"),
+        ("digits/labels/stable", b'{"version": "1"}', 400, "version: expected a non-negative integer"),
+        ("digits/labels/stable", b'{"version": 7}', 400, "expected one of [1, 2]"),
+        ("digits/labels/no-dash", b'{"version": 1}', 400, "label: expected letters, digits and _"),
+        ("nosuch/labels/stable", b'{"version": 1}', 404, "'nosuch' is not in the model repository"),
+    ],
+)
+def test_a_bad_label_move_is_refused_with_its_reason(
+    server: ServerProcess, path: str, body: bytes, status: int, message: str
+) -> None:
+    response = requests.post(
+        f"{server.url}/dashboard/api/models/{path}",
+        data=body,
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert requests.get(f"{server.url}/dashboard/static/../__init__.py", timeout=5).status_code == 404
