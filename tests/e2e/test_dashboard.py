@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import requests
+from playwright import sync_api
 
 from tests.conftest import ServerProcess, launch
 from tests.models import digits, digits_classifier, write_onnx_digits
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="the dashboard tests need Playwright")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -31,8 +30,6 @@ CHROMIUM_ARGS = [
 ]
 ADMIN, API = "admin-secret", "api-secret"
 CELL = 28  # canvas pixels per cell of the 8x8 digit (the canvas is 224 px wide)
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test)")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_service
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 
 from tests.conftest import ServerProcess, free_port, launch
 from tests.models import digits, write_onnx_digits
-
-trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-trace_grpc = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc", reason="needs inferd[otel]")
 
 STAGES = {"decode", "features", "queue", "predict", "encode"}
 
