@@ -150,8 +150,13 @@ function draw(svgId, lines) {
       .filter((p) => p !== null).join(" ");
     parts.push(`<polyline class="s${i}" points="${pts}"/>`);
   });
-  parts.push(`<text x="2" y="9">${fmt(max / 1.1)}</text>`);
   svg.innerHTML = parts.join("");
+  let scale = svg.parentElement.querySelector(".scale-max");
+  if (!scale) {
+    scale = el("small", { class: "scale-max" });
+    svg.parentElement.querySelector("figcaption").append(scale);
+  }
+  scale.textContent = `top ${fmt(max / 1.1)}`;
   svg.dataset.points = String(values.length);
   svg.dataset.max = String(Math.max(0, ...values));
 }
