@@ -509,6 +509,15 @@ class ServerConfig:
         default="",
     )
     enable_metrics: bool = option("serve Prometheus metrics at /metrics", default=True)
+    dashboard: bool = option("serve the dashboard page at / and its data under /dashboard/api/", default=True)
+    otel_endpoint: str = option(
+        "export OpenTelemetry traces to this OTLP receiver (OTEL_EXPORTER_OTLP_PROTOCOL: grpc or "
+        "http/protobuf); needs inferd[otel]",
+        default="",
+    )
+    otel_sample_rate: float = option(
+        "share of requests traced, 0 to 1, when the client sent no traceparent", default=1.0
+    )
     max_in_flight: int = option(
         "per model version, unbatched predictions running or waiting beyond which requests get 503",
         default=256,

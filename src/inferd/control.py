@@ -78,6 +78,7 @@ class ModelControl:
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
         self._overrides: dict[str, SettingsOverride] = {}
+        self._moved: dict[str, dict[str, int]] = {}  # labels an admin moved: model -> label -> version
         self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
         self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
         self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
@@ -179,6 +180,9 @@ class ModelControl:
         return entries
 
     def _overridden(self, plan: ModelPlan) -> ModelPlan:
+        moved = self._moved.get(plan.name)
+        if moved:
+            plan = dataclasses.replace(plan, labels={**plan.labels, **moved})
         override = self._overrides.get(plan.name)
         if override is None:
             return plan
@@ -233,6 +237,32 @@ class ModelControl:
         async with self._lock:
             self._require_configured(name)
             self._unloaded.add(name)
+            runs = await self._scan()
+        await _settled(run for model, run in runs.items() if model == name)
+
+    def labels(self, name: str) -> dict[str, int]:
+        """Where the labels of model ``name`` point now (label -> version)."""
+        return self._manager.labels(name)
+
+    async def move_label(self, name: str, label: str, version: int) -> None:
+        """Point ``label`` of model ``name`` at ``version`` (a rollback, or a promotion) until the
+        server restarts; the repository's own labels for other names still apply.
+
+        Raises:
+            NotFound: ``name`` is not a configured model.
+            InvalidArgument: ``version`` is not AVAILABLE, so the label could not move.
+        """
+        async with self._lock:
+            self._require_configured(name)
+            available = {
+                s.version for s in self._manager.status(ModelRef(name)) if s.state is VersionState.AVAILABLE
+            }
+            if version not in available:
+                raise InvalidArgument(
+                    f"version: {version} of model {name!r} is not AVAILABLE; "
+                    f"expected one of {sorted(available)}"
+                )
+            self._moved.setdefault(name, {})[label] = version
             runs = await self._scan()
         await _settled(run for model, run in runs.items() if model == name)
 

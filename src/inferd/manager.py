@@ -320,6 +320,11 @@ class ModelManager(Generic[S]):
             ]
         return statuses
 
+    def labels(self, name: str) -> dict[str, int]:
+        """Where the labels of model ``name`` point now (label -> version); empty when unknown."""
+        entry = self._models.get(name)
+        return dict(entry.labels) if entry is not None else {}
+
     def serves(self, name: str) -> bool:
         """True when model ``name`` has an AVAILABLE version."""
         entry = self._models.get(name)

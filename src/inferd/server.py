@@ -34,6 +34,7 @@ from inferd.config import (
     read_monitoring_config_file,
 )
 from inferd.control import ModelControl
+from inferd.dashboard import Dashboard, is_admin, is_public
 from inferd.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -57,6 +58,7 @@ from inferd.repository import Repository
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
+from inferd.tracing import TRACEPARENT, Tracing
 
 if TYPE_CHECKING:
     import grpc
@@ -89,8 +91,10 @@ class HttpApp:
         metrics_paths: set[str],
         inflight: InflightBytes,
         decode_pool: BodyDecoder | None = None,
+        traced: bool = False,
     ) -> None:
         self._service = service
+        self._traced = traced
         self._control = control
         self._access = Access(config.api_token, config.admin_token)
         self._metrics = metrics
@@ -102,6 +106,7 @@ class HttpApp:
         self._inflight = inflight
         self._decode_pool = decode_pool
         self._cors = config.rest_api_enable_cors_support
+        self._dashboard = Dashboard(service, control, metrics) if config.dashboard else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -116,13 +121,15 @@ class HttpApp:
         request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
+        if self._traced:  # this request's task only: the service's span reads it
+            TRACEPARENT.set(_header(scope, b"traceparent"))
         try:
             self._check_header_size(scope)
             if self._cors and method == "OPTIONS":
                 await self._send(send, *_preflight(scope))
                 return
-            admin = path.startswith(v2_rest.ADMIN_PREFIX)
-            if admin or self._access.api_token:
+            admin = path.startswith(v2_rest.ADMIN_PREFIX) or is_admin(method, path)
+            if admin or (self._access.api_token and not is_public(method, path)):
                 self._access.check(_header(scope, b"authorization"), admin)
             body = await self._read_body(scope, receive, reservation)
             if body is None:
@@ -154,6 +161,8 @@ class HttpApp:
                     deadline,
                     self._decode_pool,
                 )
+            elif self._dashboard is not None:
+                call = self._dashboard.handle(method, path, body)
             if call is not None:
                 answer = await self._with_deadline(call, receive)
                 if answer is None:
@@ -310,7 +319,10 @@ class Server:
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics
         )
-        self.service = InferenceService(self.manager, self.metrics)
+        self.tracing = (
+            Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
+        )
+        self.service = InferenceService(self.manager, self.metrics, self.tracing)
         self.control = ModelControl(self.repository, self.manager)
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
@@ -326,6 +338,7 @@ class Server:
             self.metrics_paths,
             self.inflight,
             self._decode_pool,
+            traced=self.tracing is not None,
         )
 
     async def _poll(self, interval_s: float) -> None:
@@ -450,6 +463,8 @@ class Server:
         """Unload every version, close the feature stores and stop the pools (after the drain)."""
         await self.manager.close()
         await self.feature_stores.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._decode_pool.close()
         self._load_pool.shutdown(wait=False, cancel_futures=True)
@@ -482,7 +497,12 @@ async def _start_grpc(
         inflight=inflight,
     )
     options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections)
-    server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
+    interceptors: list[grpc.aio.ServerInterceptor] = [access, grpc_status.DecodeInterceptor()]
+    if config.otel_endpoint:
+        from inferd.protocols.trace_context import TraceContextInterceptor
+
+        interceptors.append(TraceContextInterceptor())
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(
         server,

@@ -21,6 +21,7 @@ from inferd.manager import Lease, ModelManager, ServedVersion
 from inferd.metrics import Metrics
 from inferd.servable import Servable
 from inferd.statistics import VersionStatistics
+from inferd.tracing import Tracing
 from inferd.types import (
     ACCEPTED_KINDS,
     DEFAULT_SIGNATURE,
@@ -50,9 +51,12 @@ class InferenceService:
         metrics: where each ``call`` is counted and timed; by default a collector of its own.
     """
 
-    def __init__(self, manager: ModelManager[Servable], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, manager: ModelManager[Servable], metrics: Metrics | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._manager = manager
         self._metrics = metrics or Metrics()
+        self._tracing = tracing
         self._ids = itertools.count(1)
 
     def request_id(self) -> str:
@@ -200,10 +204,22 @@ class InferenceService:
         response = call.response
         if response is None:
             metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
+            if self._tracing is not None:
+                ended = time.perf_counter()
+                self._tracing.record(
+                    call.protocol, call.model, "", status, call.id, 0, call.started, ended, None
+                )
             return
         version = str(response.model_id.version)
         metrics.count_request(call.model, version, call.protocol, status)
         ended = time.perf_counter()
+        if self._tracing is not None:
+            first = next(iter(response.outputs.values()), None)
+            rows = first.shape[0] if first is not None and first.ndim else 0
+            stages = (call.decoded, response.features_s, response.queue_s, response.predict_s, call.resumed)
+            self._tracing.record(
+                call.protocol, call.model, version, status, call.id, rows, call.started, ended, stages
+            )
         # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
         # and the event loop's delay in taking the answer back from the predict thread.
         measured = response.features_s + response.queue_s + response.predict_s

@@ -375,7 +375,7 @@ def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fr
         ("POST", "/v1/models/digits/versions/1/labels/stable:predict", 400, ["Malformed request"]),
         ("GET", "/v1/models/digits/versions/x", 400, ["Malformed request"]),
         ("GET", "/v1/", 400, ["Malformed request"]),
-        ("GET", "/", 404, ["/v1/"]),
+        ("GET", "/index.html", 404, ["/v1/"]),  # / is the dashboard (test_dashboard.py)
         ("GET", "/models/digits", 404, ["/v1/"]),
         ("POST", "/v2/models/digits/infer", 400, ["'inputs' must be a non-empty list of tensors"]),
         ("GET", "/v3/models/digits", 404, ["/v1/models/ and /v2/"]),

@@ -1,0 +1,278 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright): the
+model table, live charts under load, drawing a digit, admin actions and tokens, and that the page
+talks to nobody but its server. Each test saves screenshots of what it looked at."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import requests
+from playwright import sync_api
+
+from tests.conftest import ServerProcess, launch
+from tests.models import digits, digits_classifier, write_onnx_digits
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ADMIN, API = "admin-secret", "api-secret"
+CELL = 28  # canvas pixels per cell of the 8x8 digit (the canvas is 224 px wide)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The digits classifier twice (versions 1 and 2), label ``stable`` on 2, with an admin token."""
+    root = tmp_path_factory.mktemp("dashboard")
+    for version in (1, 2):
+        write_onnx_digits(root / "repo" / "digits" / str(version))
+    (root / "repo" / "digits" / "inferd.toml").write_text(
+        "version_policy = { all = true }\n[labels]\nstable = 2\n"
+    )
+    process = launch(root, str(root / "repo"), f"--admin_token={ADMIN}")
+    process.wait_for(lambda: len(process.status("digits")) == 2, "both versions")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def page(browser: sync_api.Browser, server: ServerProcess) -> Iterator[tuple[sync_api.Page, list[str]]]:
+    """A fresh page; every request it makes is recorded (as ``host:port``) before it goes out."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    hosts: list[str] = []
+
+    def record(route: sync_api.Route) -> None:
+        hosts.append(urlsplit(route.request.url).netloc)
+        route.continue_()
+
+    context.route("**/*", record)
+    tab = context.new_page()
+    yield tab, hosts
+    context.close()
+
+
+def own_host(server: ServerProcess) -> str:
+    return urlsplit(server.url).netloc
+
+
+def test_the_page_lists_models_versions_and_labels(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
+) -> None:
+    tab, hosts = page
+    tab.goto(server.url + "/#models")
+    row = tab.locator('tr[data-model="digits"]')
+    sync_api.expect(row.locator('[data-version="2"]')).to_contain_text("AVAILABLE")
+    sync_api.expect(row.locator('[data-version="1"]')).to_contain_text("AVAILABLE")
+    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
+    tab.screenshot(path=tmp_path / "models.png", full_page=True)
+    assert set(hosts) == {own_host(server)}
+
+
+def test_the_charts_move_while_requests_arrive(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
+) -> None:
+    tab, hosts = page
+    tab.goto(server.url + "/#charts")
+    stop = threading.Event()
+    x, _ = digits()
+
+    def load() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                session.post(
+                    f"{server.url}/v1/models/digits:predict", json={"instances": x[:4].tolist()}, timeout=5
+                )
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        # requests/s and the total latency's p50 become non-zero; the stage table fills.
+        server.wait_for(lambda: chart(tab, "rps", "max") > 0, "requests/s above 0 in the chart")
+        server.wait_for(lambda: chart(tab, "latency", "max") > 0, "a latency in the chart")
+        sync_api.expect(tab.locator('#stage-table tr[data-stage="predict"]')).to_be_visible()
+        first = chart(tab, "rps", "points")
+        server.wait_for(lambda: chart(tab, "rps", "points") > first, "the chart to take a new point")
+        server.wait_for(lambda: chart(tab, "rps", "points") >= 10, "ten points, for the screenshot")
+        tab.screenshot(path=tmp_path / "charts.png", full_page=True)
+    finally:
+        stop.set()
+        sender.join()
+    assert set(hosts) == {own_host(server)}
+
+
+def chart(tab: sync_api.Page, name: str, what: str) -> float:
+    """What chart ``name`` draws now: ``max`` (its largest value) or ``points`` (how many)."""
+    return float(tab.locator(f"#chart-{name}").get_attribute(f"data-{what}") or 0)
+
+
+def _test_digit() -> tuple[np.ndarray, int]:
+    """A digit from the held-out part of the data set (the classifier trained on the first 1200)
+    that the classifier still recognises when its ink is reduced to on/off cells, as a drawing is."""
+    x, y = digits()
+    model = digits_classifier()
+    for index in range(1500, len(x)):
+        cells = (x[index] >= 6).astype(np.float32) * 16
+        probabilities = model.predict_proba(cells[None])[0]  # type: ignore[attr-defined]
+        if y[index] == probabilities.argmax() and probabilities.max() > 0.95:
+            return cells.reshape(8, 8), int(y[index])
+    raise AssertionError("no test digit survives thresholding")
+
+
+def test_drawing_a_digit_on_the_canvas_predicts_its_class(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
+) -> None:
+    tab, hosts = page
+    tab.goto(server.url + "/#try")
+    canvas = tab.locator('canvas.draw[data-input="X"]')
+    sync_api.expect(canvas).to_be_visible()
+    cells, label = _test_digit()
+    box = canvas.bounding_box()
+    assert box is not None
+    scale = box["width"] / (8 * CELL)
+    for row in range(8):  # one stroke per run of inked cells in a row, as a hand would draw
+        column = 0
+        while column < 8:
+            if not cells[row, column]:
+                column += 1
+                continue
+            end = column
+            while end + 1 < 8 and cells[row, end + 1]:
+                end += 1
+            y = box["y"] + (row + 0.5) * CELL * scale
+            tab.mouse.move(box["x"] + (column + 0.5) * CELL * scale, y)
+            tab.mouse.down()
+            tab.mouse.move(box["x"] + (end + 0.5) * CELL * scale, y, steps=max(2, 4 * (end - column)))
+            tab.mouse.up()
+            column = end + 1
+    tab.click("#try-send")
+    sync_api.expect(tab.locator("#predicted-class")).to_have_text(str(label), timeout=15_000)
+    sync_api.expect(tab.locator("#try-curl")).to_contain_text("/v2/models/digits/infer")
+    sync_api.expect(tab.locator("#try-python")).to_contain_text("requests.post(")
+    tab.screenshot(path=tmp_path / "try-it.png", full_page=True)
+    assert set(hosts) == {own_host(server)}
+
+
+def stable_version(server: ServerProcess) -> str:
+    response = requests.get(f"{server.url}/v1/models/digits/labels/stable/metadata", timeout=5)
+    response.raise_for_status()
+    return str(response.json()["model_spec"]["version"])
+
+
+def test_admin_actions_need_the_admin_token_and_a_rollback_changes_what_clients_get(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
+) -> None:
+    tab, hosts = page
+    tab.goto(server.url + "/#models")
+    row = tab.locator('tr[data-model="digits"]')
+    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
+    assert stable_version(server) == "2"
+
+    # No admin token: the server refuses, and nothing changes.
+    row.locator(".label-version").select_option("1")
+    row.locator(".move-label button").click()
+    sync_api.expect(tab.locator("#notice")).to_contain_text("move digits/stable refused: 401")
+    row.locator("button.unload").click()
+    sync_api.expect(tab.locator("#notice")).to_contain_text("unload digits refused: 401")
+    tab.screenshot(path=tmp_path / "refused.png", full_page=True)
+    tab.fill("#admin-token", "not-the-token")
+    tab.press("#admin-token", "Tab")
+    row.locator(".move-label button").click()
+    sync_api.expect(tab.locator("#notice")).to_contain_text("the bearer token is not valid")
+    assert stable_version(server) == "2"
+    assert server.status("digits") == {"2": "AVAILABLE", "1": "AVAILABLE"}
+
+    # With it: roll the label back to version 1; clients asking for "stable" now get version 1.
+    tab.fill("#admin-token", ADMIN)
+    tab.press("#admin-token", "Tab")
+    row.locator(".label-version").select_option("1")
+    row.locator(".move-label button").click()
+    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 1")
+    assert stable_version(server) == "1"
+    tab.screenshot(path=tmp_path / "rollback.png", full_page=True)
+
+    # Unload and load again from the page.
+    row.locator("button.unload").click()
+    sync_api.expect(row).to_contain_text("unloaded by an admin")
+    assert requests.get(f"{server.url}/v1/models/digits", timeout=5).status_code == 404
+    row.locator("button.load").click()
+    sync_api.expect(row.locator('[data-version="2"]')).to_contain_text("AVAILABLE")
+    assert set(hosts) == {own_host(server)}
+
+
+def test_with_an_api_token_nothing_leaks_to_anonymous_visitors(
+    browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    write_onnx_digits(tmp_path / "repo" / "secretmodel" / "1")
+    server = launch(tmp_path, str(tmp_path / "repo"), f"--api_token={API}")
+    try:
+        for route in ("/dashboard/api/models", "/dashboard/api/metrics"):
+            assert requests.get(server.url + route, timeout=5).status_code == 401
+        shell = requests.get(server.url + "/", timeout=5)
+        assert shell.status_code == 200
+        assert "secretmodel" not in shell.text
+        context = browser.new_context()
+        tab = context.new_page()
+        tab.goto(server.url + "/#models")
+        sync_api.expect(tab.locator("#notice")).to_contain_text("needs its API token")
+        assert "secretmodel" not in tab.content()
+        tab.screenshot(path=tmp_path / "token-needed.png", full_page=True)
+        tab.fill("#api-token", API)
+        tab.press("#api-token", "Tab")
+        sync_api.expect(tab.locator('tr[data-model="secretmodel"]')).to_be_visible()
+        context.close()
+    finally:
+        server.stop()
+
+
+def test_dashboard_false_turns_it_off(tmp_path: Path) -> None:
+    write_onnx_digits(tmp_path / "repo" / "digits" / "1")
+    server = launch(tmp_path, str(tmp_path / "repo"), "--dashboard=false")
+    try:
+        assert requests.get(server.url + "/", timeout=5).status_code == 404
+        assert requests.get(server.url + "/dashboard/api/models", timeout=5).status_code == 404
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("digits/labels/stable", b"not json", 400, "the body must be JSON"),
+        ("digits/labels/stable", b'{"version": "1"}', 400, "version: expected a non-negative integer"),
+        ("digits/labels/stable", b'{"version": 7}', 400, "expected one of [1, 2]"),
+        ("digits/labels/no-dash", b'{"version": 1}', 400, "label: expected letters, digits and _"),
+        ("nosuch/labels/stable", b'{"version": 1}', 404, "'nosuch' is not in the model repository"),
+    ],
+)
+def test_a_bad_label_move_is_refused_with_its_reason(
+    server: ServerProcess, path: str, body: bytes, status: int, message: str
+) -> None:
+    response = requests.post(
+        f"{server.url}/dashboard/api/models/{path}",
+        data=body,
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert requests.get(f"{server.url}/dashboard/static/../__init__.py", timeout=5).status_code == 404
