@@ -120,6 +120,12 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
     ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
     ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
+    (
+        "load_wait_ms",
+        int,
+        "with --memory_budget, how long a request waits for its model's cold load before it gets "
+        "503 with Retry-After (the load goes on)",
+    ),
 ]
 
 
@@ -161,6 +167,16 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
             help=f"{text} (default: {default!r})",
             **extra,
         )
+    budget_env = os.environ.get("INFERD_MEMORY_BUDGET")
+    parser.add_argument(
+        "--memory_budget",
+        action="append",
+        metavar="[DEVICE=]SIZE",
+        default=None if budget_env is None else budget_env.split(","),
+        help="bound the memory of loaded models: SIZE (e.g. 8GiB) for host memory, cuda:N=SIZE "
+        "for a GPU; repeatable. Models then load on their first request and idle ones are "
+        "unloaded to make room (default: none, every model loads at start)",
+    )
     parser.add_argument(
         "--log_level",
         default=os.environ.get("INFERD_LOG_LEVEL", "info"),
@@ -554,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "optimize":
         return _optimize(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    values["memory_budget"] = tuple(args.memory_budget or ())
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")

@@ -279,6 +279,20 @@ def _strings(value: Any) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ResidencySettings:
+    """A model's ``[residency]`` table: how it lives under a memory budget.
+
+    Attributes:
+        pin: loaded at start and never unloaded to make room or for idling.
+        idle_unload_s: unloaded after this many seconds without a request (budget or not), and
+            loaded again by the next one; 0 (default) never.
+    """
+
+    pin: bool = False
+    idle_unload_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
 
@@ -300,6 +314,7 @@ class ModelSettings:
             (in a worker process of its own, whose crash does not take the server down).
         safe: set by the server's ``--safe`` flag, never by inferd.toml: refuse formats whose
             loading runs code from the repository.
+        residency: the ``[residency]`` table (pinning, unloading when idle).
     """
 
     runtime: str | None = None
@@ -314,6 +329,7 @@ class ModelSettings:
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
+    residency: ResidencySettings = field(default_factory=ResidencySettings)
 
     def options(self, runtime: str) -> Mapping[str, Any]:
         """The ``[runtime]`` table's options; empty when the table is absent."""
@@ -379,6 +395,8 @@ class ServerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_client_verify: bool = False
+    memory_budget: tuple[str, ...] = ()
+    load_wait_ms: int = 5000
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
@@ -393,6 +411,7 @@ _KNOWN_KEYS = {
     "prediction_cache_size",
     "device",
     "isolation",
+    "residency",
     *_RUNTIME_TABLES,
 }
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -451,7 +470,22 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         prediction_cache_size=_prediction_cache_size(raw, path),
         device="cuda:0" if device == "cuda" else device,
         isolation=isolation,
+        residency=_residency(raw.get("residency", {}), f"{path}: [residency]"),
     )
+
+
+def _residency(raw: Any, where: str) -> ResidencySettings:
+    table = _table(raw, where)
+    unknown = sorted(set(table) - {"pin", "idle_unload_s"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected pin, idle_unload_s")
+    pin = table.get("pin", False)
+    if not isinstance(pin, bool):
+        raise ConfigError(f"{where}: 'pin' must be true or false, got {pin!r}")
+    idle = table.get("idle_unload_s", 0)
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or idle < 0:
+        raise ConfigError(f"{where}: 'idle_unload_s' must be a number of seconds >= 0, got {idle!r}")
+    return ResidencySettings(pin, float(idle))
 
 
 def _read_regular_file(path: Path) -> str:

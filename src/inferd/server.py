@@ -40,13 +40,14 @@ from inferd.errors import (
     Unavailable,
 )
 from inferd.features import FeatureStores
-from inferd.manager import ModelManager
+from inferd.manager import ModelManager, Residency
 from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
+from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
@@ -233,6 +234,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+_IDLE_CHECK_S = 1.0
+"""How often versions are checked against their ``idle_unload_s``."""
+
+
 class Server:
     """Owns the executors, the manager, the service and the poll loop."""
 
@@ -261,9 +266,14 @@ class Server:
         self.servables = ServableFactory(
             self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
+        residency = Residency(MemoryBudget(parse_budgets(config.memory_budget)), config.load_wait_ms / 1000)
         self.manager: ModelManager[Servable] = ModelManager(
-            self._load_pool, self.servables.load, self.metrics
+            self._load_pool, self.servables.load, self.metrics, residency
         )
+        if self.metrics:
+            self.metrics.registry.register(
+                ResidencyCollector(residency.stats, residency.budget, self.manager.resident_bytes)
+            )
         self.service = InferenceService(self.manager)
         self.control = ModelControl(self.repository, self.manager)
 
@@ -274,6 +284,12 @@ class Server:
                 await self.control.sync()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
+
+    async def _unload_idle(self) -> None:
+        """Unload versions idle past their ``[residency] idle_unload_s``, checked every second."""
+        while True:
+            await asyncio.sleep(_IDLE_CHECK_S)
+            self.manager.unload_idle()
 
     def _poll_interval_s(self) -> float:
         periods = [
@@ -312,6 +328,7 @@ class Server:
             await asyncio.sleep(self.config.file_system_poll_wait_seconds)
             await self.control.sync()
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
+        sweeper = asyncio.create_task(self._unload_idle())
         http = http_server(
             uvicorn.Config(
                 HttpApp(self.service, self.control, self.config, self.metrics, self.metrics_paths),
@@ -368,6 +385,7 @@ class Server:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
+            sweeper.cancel()
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)

@@ -75,7 +75,7 @@ class InferenceService:
                 (UNAVAILABLE), a passed deadline (DEADLINE_EXCEEDED), and INTERNAL when the model
                 fails in a way the input did not cause (logged here).
         """
-        with self._manager.lease(ref) as version:
+        with await self._manager.acquire(ref) as version:
             servable = _servable(version)
             signature = _find_signature(version, request.signature_name, None)
             features_s = 0.0
@@ -103,7 +103,19 @@ class InferenceService:
             checked = _check_outputs(version, signature, outputs)
             if predictions is not None:
                 predictions.put(key, checked)
+            self._manager.cold_answered(version)
             return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+
+    async def resident(self, ref: ModelRef) -> None:
+        """Wait until the version ``ref`` resolves to is loaded: under a memory budget it may be
+        cold, and its load (started now or already running) is waited for, at most
+        ``--load_wait_ms``.
+
+        Raises:
+            NotFound: unknown model, version or label, or its load failed.
+            Unavailable: the load takes longer than the wait (it goes on), or shutting down.
+        """
+        await self._manager.acquire(ref, use=False)
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""

@@ -121,6 +121,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self, request: ps.PredictRequest, request_id: str, deadline: float | None, timing: RequestTiming
     ) -> ps.PredictResponse:
         ref = spec_ref(request.model_spec)
+        await self._service.resident(ref)
         signature = self._service.signature(ref, request.model_spec.signature_name or None)
         wanted = _output_filter(signature, list(request.output_filter))
         limit, limits = self._max_tensor_bytes, self._limits
@@ -146,6 +147,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         """Run the classify or regress signature on examples: the answer, its signature name and
         the number of examples."""
         ref = spec_ref(spec)
+        await self._service.resident(ref)
         signature = self._service.signature(ref, spec.signature_name or None, method)
         inputs, count = examples_to_inputs(signature, input_, self._limits)
         if timing:

@@ -125,6 +125,7 @@ async def _predict(
     timing: RequestTiming,
     limits: RequestLimits,
 ) -> Response:
+    await service.resident(ref)
     signature = service.signature(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
@@ -341,6 +342,7 @@ async def _classify_or_regress(
     context = doc.get("context", {})
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
+    await service.resident(ref)
     signature = service.signature(ref, doc.get("signature_name"), method)
     inputs = TensorDecoder(limits).examples(signature, examples, context)
     timing.decoded = time.perf_counter()

@@ -164,6 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, request_id: str, deadline: float | None, timing: RequestTiming
     ) -> pb.ModelInferResponse:
         ref = _ref(request.model_name, request.model_version)
+        await self._service.resident(ref)
         outputs = [spec.name for spec in self._service.signature(ref, None).outputs]
         wanted = [output.name for output in request.outputs] or outputs
         for name in wanted:
