@@ -218,7 +218,8 @@ def test_with_a_budget_models_are_listed_cold_and_concurrent_first_requests_shar
         (status,) = w.manager.status(ModelRef("a"))
         assert (status.state, status.error_code) == (VersionState.END, "OK")
         assert "loads on its first request" in status.error_message
-        assert w.manager.ready() and w.loader.events == []
+        assert w.manager.ready()
+        assert w.loader.events == []
         w.loader.gates["a"] = threading.Event()
         first = [asyncio.ensure_future(w.infer("a")) for _ in range(5)]
         await until(lambda: w.state("a") is VersionState.LOADING, "a loading")
@@ -243,7 +244,8 @@ def test_a_load_past_the_budget_evicts_by_the_policy_and_an_evicted_model_reload
         await until(lambda: w.resident() == {"a", "c"}, "b evicted")
         assert w.manager.residency.stats.evictions["budget"] == 1
         (status,) = w.manager.status(ModelRef("b"))
-        assert status.state is VersionState.END and status.error_message.startswith("evicted (budget)")
+        assert status.state is VersionState.END
+        assert status.error_message.startswith("evicted (budget)")
         assert await w.infer("b") == "b"
         assert w.manager.residency.stats.loads["reload"] == 1
         assert w.manager.residency.budget.used("cpu") <= 15 * MiB
@@ -261,10 +263,12 @@ def test_a_version_with_a_request_in_flight_is_closed_only_after_it(tmp_path: Pa
             assert servable is not None
             loading_b = asyncio.ensure_future(w.infer("b"))  # only a can make room
             await until(lambda: w.manager.residency.stats.evictions["budget"] == 1, "a chosen")
-            assert not servable.closed and not loading_b.done()
+            assert not servable.closed
+            assert not loading_b.done()
             assert w.loader.events == ["load a"]
         assert await loading_b == "b"
-        assert servable.closed and w.loader.events == ["load a", "close a", "load b"]
+        assert servable.closed
+        assert w.loader.events == ["load a", "close a", "load b"]
 
     run(tmp_path, {"cpu": 9 * MiB}, test)
 
@@ -272,10 +276,12 @@ def test_a_version_with_a_request_in_flight_is_closed_only_after_it(tmp_path: Pa
 def test_pinned_models_load_at_start_and_are_never_evicted(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.manager.apply([w.plan("p", 4, pin=True), w.plan("a", 2), w.plan("b", 2)])
-        assert w.resident() == {"p"} and w.manager.residency.stats.loads["start"] == 1
+        assert w.resident() == {"p"}
+        assert w.manager.residency.stats.loads["start"] == 1
         for name in "abab":
             await w.infer(name)
-        assert "p" in w.resident() and w.manager.residency.stats.evictions["budget"] == 3
+        assert "p" in w.resident()
+        assert w.manager.residency.stats.evictions["budget"] == 3
 
     run(tmp_path, {"cpu": 9 * MiB}, test)
 
@@ -286,7 +292,8 @@ def test_a_model_larger_than_the_budget_fails_with_a_message_saying_so(tmp_path:
         with pytest.raises(NotFound, match="more than the whole --memory_budget"):
             await w.infer("huge")
         (status,) = w.manager.status(ModelRef("huge"))
-        assert status.state is VersionState.END and "--memory_budget of 10.0 MiB" in status.error_message
+        assert status.state is VersionState.END
+        assert "--memory_budget of 10.0 MiB" in status.error_message
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
@@ -299,7 +306,8 @@ def test_a_slow_cold_load_answers_unavailable_and_goes_on(tmp_path: Path) -> Non
             await w.infer("a")
         w.loader.gates["a"].set()
         await until(lambda: w.state("a") is VersionState.AVAILABLE, "the load to go on")
-        assert await w.infer("a") == "a" and w.loader.events == ["load a"]
+        assert await w.infer("a") == "a"
+        assert w.loader.events == ["load a"]
 
     run(tmp_path, {"cpu": 10 * MiB}, test, wait_s=0.05)
 
