@@ -33,6 +33,7 @@ the executor given to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -97,6 +98,10 @@ class ServedVersion(Generic[S]):
     last_used: float = 0.0
     cold_since: float | None = None
     """When the request that started this version's load arrived, until its first answer."""
+    waiters: int = 0
+    """Requests awaiting this version's load; each gets a lease taken when it ends (``adopted``)
+    so that no other load can unload the version before they use it."""
+    adopted: int = 0
 
     def status(self) -> VersionStatus:
         return VersionStatus(self.id.version, self.state, self.error_code, self.error_message)
@@ -110,7 +115,7 @@ class _Entry(Generic[S]):
     """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion[S] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    loading: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    loading: dict[int, tuple[asyncio.Future[None], ServedVersion[S]]] = field(default_factory=dict)
     """Version number -> its load started by a request (shared by the requests that wait)."""
     aspired: set[int] = field(default_factory=set)
 
@@ -122,19 +127,25 @@ class _Entry(Generic[S]):
 class Lease(Generic[S]):
     """Holds a version in service while a request uses it; use as a context manager."""
 
-    __slots__ = ("_manager", "_version")
+    __slots__ = ("_held", "_manager", "_version")
 
-    def __init__(self, manager: ModelManager[S], version: ServedVersion[S]) -> None:
+    def __init__(self, manager: ModelManager[S], version: ServedVersion[S], held: bool = False) -> None:
         self._manager = manager
         self._version = version
+        self._held = held  # counted in ``leases`` already (taken for a request that awaited the load)
 
     def __enter__(self) -> ServedVersion[S]:
-        self._version.leases += 1
+        if self._held:
+            self._held = False
+        else:
+            self._version.leases += 1
         return self._version
 
     def __exit__(self, *exc: object) -> None:
         version = self._version
         version.leases -= 1
+        if version.leases == 0:
+            self._manager._wake()
         if (
             version.leases == 0
             and version.state is not VersionState.AVAILABLE
@@ -157,6 +168,8 @@ class Residency:
     policy: GreedyDualSizeFrequency[Any] = field(default_factory=GreedyDualSizeFrequency)
     footprints: Footprints = field(default_factory=Footprints)
     stats: ResidencyStats = field(default_factory=ResidencyStats)
+    busy_after_s: float = 1.0
+    """How long a load waits for idle versions to unload before it unloads busy ones too."""
 
     @property
     def lazy(self) -> bool:
@@ -191,6 +204,7 @@ class ModelManager(Generic[S]):
         self._overlapped: set[ServedVersion[S]] = set()
         self._room: asyncio.Event | None = None
         self._sizes: dict[ServedVersion[S], tuple[int, str]] = {}
+        self._runtimes_seen: set[tuple[str, str]] = set()
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -307,6 +321,8 @@ class ModelManager(Generic[S]):
             self.residency.stats.loads[cause] += 1
             version.servable, version.state = servable, VersionState.AVAILABLE
             version.cold, version.last_used = "", time.monotonic()
+            version.leases += version.waiters
+            version.adopted, version.waiters = version.adopted + version.waiters, 0
             if isinstance(servable, Supervised):
 
                 def died(reason: str) -> None:  # called from the worker's reader thread
@@ -402,16 +418,30 @@ class ModelManager(Generic[S]):
                     version.last_used = time.monotonic()
                     self.residency.policy.hit(version)
                 return lease
-            load = self._start_cold(entry, version)
+            load, loading = self._start_cold(entry, version)
+            loading.waiters += 1
             try:
                 await asyncio.wait_for(asyncio.shield(load), max(give_up - time.monotonic(), 0.0))
-            except TimeoutError:
-                raise Unavailable(
-                    f"model {version.id} is still loading after {wait_s:g} s (--load_wait_ms); retry shortly"
-                ) from None
-            loaded = entry.versions.get(version.id.version)
-            if loaded is not None and loaded.state is VersionState.END and loaded.error_code != "OK":
-                raise NotFound(f"model {loaded.id} failed to load: {loaded.error_message}")
+            except BaseException as exc:  # timed out, or the request was cancelled
+                if loading.waiters:
+                    loading.waiters -= 1
+                elif loading.adopted:  # it loaded just before: return the lease taken for us
+                    loading.adopted -= 1
+                    Lease(self, loading, held=True).__exit__()
+                if isinstance(exc, TimeoutError):
+                    raise Unavailable(
+                        f"model {version.id} is still loading after {wait_s:g} s (--load_wait_ms); "
+                        "retry shortly"
+                    ) from None
+                raise
+            if loading.adopted:
+                loading.adopted -= 1
+                if use:
+                    loading.last_used = time.monotonic()
+                    self.residency.policy.hit(loading)
+                return Lease(self, loading, held=True)
+            if loading.state is VersionState.END and loading.error_code != "OK":
+                raise NotFound(f"model {loading.id} failed to load: {loading.error_message}")
 
     def _route(self, ref: ModelRef) -> tuple[_Entry[S], ServedVersion[S]]:
         """The entry and version ``ref`` resolves to: AVAILABLE or cold.
@@ -444,11 +474,14 @@ class ModelManager(Generic[S]):
                 raise NotFound(f"Servable not found for request: Latest({ref.name})")
         return entry, version
 
-    def _start_cold(self, entry: _Entry[S], cold: ServedVersion[S]) -> asyncio.Future[None]:
-        """The load of cold version ``cold``: the one running, or a new one."""
+    def _start_cold(
+        self, entry: _Entry[S], cold: ServedVersion[S]
+    ) -> tuple[asyncio.Future[None], ServedVersion[S]]:
+        """The load of cold version ``cold`` (the one running, or a new one) and the version it
+        loads."""
         number = cold.id.version
         running = entry.loading.get(number)
-        if running is not None and not running.done():
+        if running is not None and not running[0].done():
             return running
         cause = "reload" if self.residency.footprints.known(cold.id) else "cold"
         version: ServedVersion[S] = ServedVersion(cold.id, cold.source, cold.settings, VersionState.LOADING)
@@ -458,8 +491,8 @@ class ModelManager(Generic[S]):
         entry.versions[number] = version
         entry.refresh_latest()
         task = asyncio.ensure_future(self._load_cold(entry, version, cause))
-        entry.loading[number] = task
-        return task
+        entry.loading[number] = task, version
+        return task, version
 
     async def _load_cold(self, entry: _Entry[S], version: ServedVersion[S], cause: str) -> None:
         await self._load_into(entry, version, "", cause)
@@ -496,20 +529,23 @@ class ModelManager(Generic[S]):
         limit = budget.limit(device)
         if limit is not None:
             pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
-            if need > limit - pinned:
+            from_files = Footprints().reservation(version.id, on_disk, runtime)
+            if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
                 raise ModelLoadError(
-                    f"model {version.id} needs about {format_bytes(need)} of {device} memory to load "
+                    f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to load "
                     f"({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
                     f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
                 )
+            need = min(need, limit - pinned)
+            busy_after = time.monotonic() + residency.busy_after_s
             while (free := budget.free(device)) is not None and free < need:
                 short = need - free - budget.freeing(device)
                 if short > 0:
-                    for victim in self._victims(device, short):
+                    for victim in self._victims(device, short, time.monotonic() >= busy_after):
                         self._evict(victim, "budget")
                 if (free := budget.free(device)) is not None and free >= need:
                     break
-                await self._wait_for_room()
+                await self._wait_for_room(max(busy_after - time.monotonic(), 0.01))
         budget.charge(version, device, need)
 
     def _resident(self, device: str) -> list[ServedVersion[S]]:
@@ -520,16 +556,16 @@ class ModelManager(Generic[S]):
             if v.state is VersionState.AVAILABLE and v.servable is not None and _device(v.settings) == device
         ]
 
-    def _victims(self, device: str, short: int) -> list[ServedVersion[S]]:
-        """Versions to unload for ``short`` more bytes: idle ones by the policy's order, then
-        ones with requests in flight (they finish first); never pinned ones."""
+    def _victims(self, device: str, short: int, busy_too: bool) -> list[ServedVersion[S]]:
+        """Versions to unload for ``short`` more bytes: idle ones by the policy's order, then,
+        with ``busy_too``, ones with requests in flight (they finish first); never pinned ones."""
         candidates = [v for v in self._resident(device) if not v.settings.residency.pin]
         sizes = {v: self.residency.budget.charged(v) for v in candidates}
-        idle = [v for v in candidates if v.leases == 0 and v.cold_since is None]
+        idle = [v for v in candidates if v.leases == 0]
         chosen = self.residency.policy.victims(idle, sizes, short)
         freed = sum(sizes[v] for v in chosen)
-        if freed < short:
-            busy = [v for v in candidates if v.leases > 0 or v.cold_since is not None]
+        if freed < short and busy_too:
+            busy = [v for v in candidates if v.leases > 0]
             chosen += self.residency.policy.victims(busy, sizes, short - freed)
         return chosen
 
@@ -578,10 +614,12 @@ class ModelManager(Generic[S]):
             if v.state is VersionState.AVAILABLE
         ]
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, timeout_s: float) -> None:
+        """Until memory is freed, a lease returned or a load ended, at most ``timeout_s``."""
         if self._room is None or self._room.is_set():
             self._room = asyncio.Event()
-        await self._room.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
 
     def _wake(self) -> None:
         """Memory was freed or a load ended: loads waiting for room look again."""
@@ -603,18 +641,24 @@ class ModelManager(Generic[S]):
 
     def _measured_load(self, version: ServedVersion[S], device: str) -> tuple[S, int]:
         """In a load thread: the servable and the bytes its device gained while it loaded."""
-        before = self.residency.devices.used(device)
+        devices = self.residency.devices
+        devices.trim()  # what earlier unloads freed is not counted as this load's
+        before = devices.used(device)
         servable = self._loader(version.id, version.source.path, version.settings, version.platform)
-        return servable, self.residency.devices.used(device) - before
+        devices.trim()  # nor what the load itself freed again (a parsed file, say)
+        return servable, devices.used(device) - before
 
     def _settle(
         self, version: ServedVersion[S], device: str, added: int, overlapped: bool, load_s: float
     ) -> None:
         """Charge the loaded version its footprint: the bytes measured (when no other load ran
-        beside it), never less than its size on disk; learned for its next load."""
+        beside it, and it is not its runtime's first load in this process, which also pays the
+        framework's one-time setup), never less than its size on disk; learned for its next load."""
         residency = self.residency
         on_disk, runtime = self._sizes.pop(version, (0, ""))
-        if overlapped:
+        first = (device, runtime) not in self._runtimes_seen
+        self._runtimes_seen.add((device, runtime))
+        if overlapped or first:
             footprint = residency.footprints.footprint(version.id, on_disk, runtime)
         else:
             footprint = max(added, on_disk)
@@ -682,7 +726,7 @@ class ModelManager(Generic[S]):
 
     async def close(self) -> None:
         """Unload every version (in-flight leases are waited for) and forget every model."""
-        loads = [task for entry in self._models.values() for task in entry.loading.values()]
+        loads = [task for entry in self._models.values() for task, _ in entry.loading.values()]
         await self.apply([])
         await asyncio.gather(*loads, return_exceptions=True)
         while self._closing:

@@ -115,7 +115,8 @@ class InferenceService:
             NotFound: unknown model, version or label, or its load failed.
             Unavailable: the load takes longer than the wait (it goes on), or shutting down.
         """
-        await self._manager.acquire(ref, use=False)
+        with await self._manager.acquire(ref, use=False):
+            pass
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""

@@ -227,7 +227,8 @@ def test_with_a_budget_models_are_listed_cold_and_concurrent_first_requests_shar
         assert await asyncio.gather(*first) == ["a"] * 5
         assert w.loader.events == ["load a"]
         assert w.manager.residency.stats.loads == {"start": 0, "cold": 1, "reload": 0}
-        assert w.manager.residency.budget.used("cpu") == 1 * MiB  # settled to the measured footprint
+        # the runtime's first load in the process is not measured: the estimate, 1.2 x disk for ONNX
+        assert w.manager.residency.budget.used("cpu") == int(1.2 * MiB)
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
@@ -334,7 +335,7 @@ def test_a_gpu_budget_is_kept_apart_from_host_memory(tmp_path: Path) -> None:
         await w.infer("g2")
         await until(lambda: w.resident() == {"h", "g2"}, "g1 evicted for g2, h untouched")
         budget = w.manager.residency.budget
-        assert (budget.used("cuda:0"), budget.used("cpu")) == (4 * MiB, 4 * MiB)
+        assert (budget.used("cuda:0"), budget.used("cpu")) == (4 * MiB, int(4.8 * MiB))
         assert w.devices.used("cuda:0") == 4 * MiB
 
     run(tmp_path, {"cpu": 100 * MiB, "cuda:0": 10 * MiB}, test)
@@ -342,10 +343,11 @@ def test_a_gpu_budget_is_kept_apart_from_host_memory(tmp_path: Path) -> None:
 
 def test_a_measured_footprint_larger_than_the_files_is_charged_and_learned(tmp_path: Path) -> None:
     async def test(w: World) -> None:
-        await w.manager.apply([w.plan("a", 1)])
+        await w.manager.apply([w.plan("first", 1), w.plan("a", 1)])
+        await w.infer("first")  # the runtime's first load, which pays its one-time setup
         w.loader.held["a"] = 5 * MiB  # the runtime takes five times its files
         await w.infer("a")
-        assert w.manager.residency.budget.used("cpu") == 5 * MiB
+        assert ("a", "1", 5 * MiB) in w.manager.resident_bytes()
         assert w.manager.residency.footprints.footprint(ModelId("a", 1), MiB, "onnx") == 5 * MiB
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
