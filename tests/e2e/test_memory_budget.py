@@ -11,7 +11,6 @@ import itertools
 import random
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -125,14 +124,6 @@ def test_twelve_models_three_times_the_budget_share_it_under_concurrent_traffic(
     assert metric(server, "inferd_model_loads_total", 'cause="reload"') > 0
     assert metric(server, "inferd_memory_used_bytes", 'device="cpu"') <= BUDGET_MIB * MiB
     assert metric(server, "inferd_memory_budget_bytes", 'device="cpu"') == BUDGET_MIB * MiB
-    print(
-        [
-            l
-            for l in requests.get(f"{server.url}/metrics", timeout=9).text.splitlines()
-            if "inferd_" in l and "_bucket" not in l and "#" not in l and "request" not in l
-        ]
-    )
-    print(answers)
     assert metric(server, "inferd_cold_start_seconds_count") > 0
 
 
