@@ -4,8 +4,8 @@
     .venv/bin/python bench/metrics_cost.py [bench/results/latest.json]
 
 Times the work that a served request does for the metrics and that ``--enable_metrics=false``
-skips: ``record_request`` (the request counter and the seven stage histograms), the in-flight
-gauge's two updates and the batch-size observation. It divides that by the CPU-seconds per request
+skips: what a request's ``InferenceService.call`` records when it ends (the request counter and
+the seven stage histograms), the in-flight gauge's two updates and the batch-size observation. It divides that by the CPU-seconds per request
 that the benchmark measured for inferd (digits, one instance, 64 connections). With the noise of
 a shared 2-CPU machine, an A/B of two servers cannot resolve a difference of a few percent; this
 measures the cost directly.
@@ -20,35 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
+from concurrent.futures import ThreadPoolExecutor
+
+from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.protocols.timing import RequestTiming, record_request
+from inferd.servable import Servable, ServableFactory
+from inferd.service import InferenceService
 from inferd.types import InferenceResponse, ModelId
 
 BENCH = Path(__file__).resolve().parent
-
-
-class _Service:
-    """The one method ``record_request`` asks of the service."""
-
-    def knows(self, name: str) -> bool:
-        return True
 
 
 def per_request_s(calls: int = 200_000) -> float:
     metrics = Metrics()
     batch_sizes = metrics.batch_size("digits", "1")
     response = InferenceResponse(ModelId("digits", 1), {"y": np.zeros(1)}, None, 1e-5, 2e-5)
-    service = _Service()
-    started = time.perf_counter()
-    for _ in range(calls):
-        timing = RequestTiming(time.perf_counter())
-        timing.decoded = time.perf_counter()
-        timing.answered(response)
-        metrics.in_flight += 1
-        record_request(metrics, service, "rest", "digits", "OK", timing)  # type: ignore[arg-type]
-        metrics.in_flight -= 1
-        batch_sizes.observe(1)
-    return (time.perf_counter() - started) / calls
+    with ThreadPoolExecutor(1) as pool:
+        manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool).load)
+        service = InferenceService(manager, metrics)
+        started = time.perf_counter()
+        for _ in range(calls):
+            with service.call("tfserving_rest", "digits", "r1") as call:
+                call.decoded = time.perf_counter()
+                call.response, call.resumed = response, time.perf_counter()
+            batch_sizes.observe(1)
+        return (time.perf_counter() - started) / calls
 
 
 def main() -> int:

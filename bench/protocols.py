@@ -79,7 +79,7 @@ class Route:
 V2_INFER = f"/v2/models/{MODEL}/infer"
 JSON_TENSORS = ("-i", "http", "--input-tensor-format=json", "--output-tensor-format=json")
 ROUTES = (
-    Route("v1 JSON", "rest", "wrk", http_path=f"/v1/models/{MODEL}:predict"),
+    Route("v1 JSON", "tfserving_rest", "wrk", http_path=f"/v1/models/{MODEL}:predict"),
     Route("V2 JSON", "v2_rest", "wrk", http_path=V2_INFER),
     Route("V2 binary", "v2_rest", "wrk", http_path=V2_INFER, binary=True),
     # perf_analyzer 2.41 writes only the last three dims' worth of values into JSON "data" (784 for
@@ -87,7 +87,7 @@ ROUTES = (
     Route("V2 JSON", "v2_rest", "perf_analyzer", pa_args=JSON_TENSORS, max_instances=1),
     Route("V2 binary", "v2_rest", "perf_analyzer", pa_args=("-i", "http")),
     Route("V2 gRPC", "v2_grpc", "perf_analyzer", pa_args=("-i", "grpc")),
-    Route("TFS gRPC", "grpc", "perf_analyzer", pa_args=("-i", "grpc", "--service-kind=tfserving")),
+    Route("TFS gRPC", "tfserving_grpc", "perf_analyzer", pa_args=("-i", "grpc", "--service-kind=tfserving")),
 )
 
 
@@ -126,7 +126,7 @@ def http_request(route: Route, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 def http_answer(route: Route, headers: dict[str, str], body: bytes) -> np.ndarray:
     """The ``probabilities`` output of an HTTP answer, whatever its format."""
-    if route.protocol == "rest":
+    if route.protocol == "tfserving_rest":
         return np.asarray(json.loads(body)["predictions"], np.float32)
     size = headers.get("inference-header-content-length")
     doc = json.loads(body[: int(size)] if size else body)
@@ -197,7 +197,7 @@ def grpc_tfs_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
 def answer(route: Route, ports: Ports, x: np.ndarray) -> np.ndarray:
     if route.protocol == "v2_grpc":
         return grpc_v2_answer(ports, x)
-    if route.protocol == "grpc":
+    if route.protocol == "tfserving_grpc":
         return grpc_tfs_answer(ports, x)
     body, headers = http_request(route, x)
     return http_answer(route, *post(ports.base + route.http_path, body, headers))

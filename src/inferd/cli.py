@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,114 +19,10 @@ from typing import Any
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError, InferdError
 
-_SERVE_FLAGS: list[tuple[str, type, str]] = [
-    (
-        "host",
-        str,
-        "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
-    ),
-    ("rest_api_port", int, "port of the REST API"),
-    (
-        "port",
-        int,
-        "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
-    ),
-    ("model_name", str, "name of the model served from --model_base_path"),
-    ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),
-    (
-        "model_config_file",
-        str,
-        "TF Serving text-format ModelServerConfig (model_config_list) naming every model",
-    ),
-    (
-        "model_config_file_poll_wait_seconds",
-        float,
-        "re-read --model_config_file this often and apply it (0: read once at start)",
-    ),
-    (
-        "file_system_poll_wait_seconds",
-        float,
-        "scan the model folders for new and removed versions this often (0: once at start)",
-    ),
-    ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
-    ("rest_api_num_threads", int, "threads that run model predictions"),
-    ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
-    (
-        "max_header_bytes",
-        int,
-        "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
-    ),
-    (
-        "max_tensor_elements",
-        int,
-        "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
-        "refused before allocation",
-    ),
-    ("max_json_depth", int, "deepest nesting of JSON lists in one tensor's value; deeper gets 400"),
-    ("max_string_bytes", int, "longest string element (BYTES / DT_STRING) in bytes; longer gets 413"),
-    (
-        "max_instances",
-        int,
-        "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
-    ),
-    (
-        "enable_batching",
-        bool,
-        "merge concurrent requests for one model version into one predict call (every model)",
-    ),
-    (
-        "batching_parameters_file",
-        str,
-        "TF Serving text-format BatchingParameters (max_batch_size { value: 32 } ...); "
-        "needs --enable_batching",
-    ),
-    (
-        "monitoring_config_file",
-        str,
-        "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
-    ),
-    ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
-    (
-        "max_in_flight",
-        int,
-        "per model version, unbatched predictions running or waiting beyond which requests get 503",
-    ),
-    (
-        "drain_timeout_s",
-        float,
-        "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
-        "(new ones get 503 meanwhile)",
-    ),
-    (
-        "admin_token",
-        str,
-        "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
-        "unset: admin calls are refused",
-    ),
-    ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
-    (
-        "safe",
-        bool,
-        "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
-        "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
-    ),
-    (
-        "ssl_config_file",
-        str,
-        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
-        "client_verify): TLS on both ports",
-    ),
-    ("tls_cert", str, "PEM certificate (chain) file: TLS on both ports; needs --tls_key"),
-    ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
-    ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
-    ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
-    (
-        "load_wait_ms",
-        int,
-        "with --memory_budget, how long a request waits for its model's cold load before it gets "
-        "503 with Retry-After (the load goes on)",
-    ),
-]
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+"""A ``ServerConfig`` field's annotation -> the type its flag parses."""
+_REPEATABLE = {"memory_budget"}
+"""Flags given once per value, joined with commas into their ``ServerConfig`` field."""
 
 
 def _bool(text: str) -> bool:
@@ -137,6 +33,21 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _snake_case_flags(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
+    """``parser.add_argument``, spelling each ``--kebab-case`` flag ``--snake_case`` as ``serve``
+    (TF Serving) does, and keeping the kebab-case spelling as an alias."""
+
+    def add(*names: str, **options: Any) -> argparse.Action:
+        spelled = []
+        for name in names:
+            if name.startswith("--") and "-" in name[2:]:
+                spelled.append("--" + name[2:].replace("-", "_"))
+            spelled.append(name)
+        return parser.add_argument(*spelled, **options)
+
+    return add
 
 
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -151,14 +62,18 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         ),
         epilog="Every flag may also be set as INFERD_<FLAG> in the environment, e.g. INFERD_REST_API_PORT.",
     )
+    options = {f.name: f for f in fields(ServerConfig)}
     parser.add_argument(
-        "repository", nargs="?", metavar="DIR", help="model repository: one sub-folder per model"
+        "repository", nargs="?", metavar="DIR", help=options.pop("repository").metadata["help"]
     )
-    for name, kind, text in _SERVE_FLAGS:
+    for name, option in options.items():
+        kind, text = _KINDS[str(option.type)], option.metadata["help"]
         default = getattr(defaults, name)
         convert = _bool if kind is bool else kind
         env = os.environ.get(f"INFERD_{name.upper()}")
         extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
+        if name in _REPEATABLE:  # each use adds a value; the environment's are comma-separated
+            extra, env, default = {"action": "append"}, None, None if env is None else env.split(",")
         parser.add_argument(
             f"--{name}",
             type=convert,
@@ -167,16 +82,6 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
             help=f"{text} (default: {default!r})",
             **extra,
         )
-    budget_env = os.environ.get("INFERD_MEMORY_BUDGET")
-    parser.add_argument(
-        "--memory_budget",
-        action="append",
-        metavar="[DEVICE=]SIZE",
-        default=None if budget_env is None else budget_env.split(","),
-        help="bound the memory of loaded models: SIZE (e.g. 8GiB) for host memory, cuda:N=SIZE "
-        "for a GPU; repeatable. Models then load on their first request and idle ones are "
-        "unloaded to make room (default: none, every model loads at start)",
-    )
     parser.add_argument(
         "--log_level",
         default=os.environ.get("INFERD_LOG_LEVEL", "info"),
@@ -234,7 +139,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("model_path", metavar="MODEL", type=Path)
     parser.add_argument("input", metavar="INPUT")
     parser.add_argument("output", metavar="OUTPUT", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
     add("--signature", default="serving_default", help="signature to call (default: serving_default)")
@@ -308,7 +213,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("url", metavar="URL")
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--model", required=True, help="model name")
     add(
         "--protocol",
@@ -421,7 +326,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add(
         "--data",
         required=True,
@@ -474,7 +379,7 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("model_path", metavar="MODEL", type=Path)
-    add = parser.add_argument
+    add = _snake_case_flags(parser)
     add("--out", required=True, type=Path, help="folder to write the variants to")
     add(
         "--calibration",
@@ -527,7 +432,7 @@ def _optimize(args: argparse.Namespace) -> int:
         tflite=args.tflite,
     )
 
-    def report(outcome: optimize.Outcome) -> None:
+    def report(outcome: optimize.Variant) -> None:
         print(f"{outcome.name}: {outcome.path}" if outcome.ok else f"{outcome.name}: FAILED: {outcome.error}")
 
     try:
@@ -570,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "optimize":
         return _optimize(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    values["memory_budget"] = tuple(args.memory_budget or ())
+    values["memory_budget"] = ",".join(args.memory_budget or ())
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")

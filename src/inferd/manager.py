@@ -182,7 +182,7 @@ class ModelManager(Generic[S]):
     Args:
         executor: where loads and closes run.
         loader: makes a servable of a version folder; called in ``executor``.
-        metrics: where load durations and failures are counted; None for nowhere.
+        metrics: where load durations and failures are counted; by default a collector of its own.
         residency: budgets and eviction (see the module docstring); the default bounds nothing.
     """
 
@@ -195,7 +195,7 @@ class ModelManager(Generic[S]):
     ) -> None:
         self._executor = executor
         self._loader = loader
-        self._metrics = metrics
+        self._metrics = metrics or Metrics()
         self._models: dict[str, _Entry[S]] = {}
         self._closing: set[asyncio.Future[Any]] = set()
         self._draining = False
@@ -331,9 +331,8 @@ class ModelManager(Generic[S]):
                 servable.supervise(str(version.id), died)
             entry.refresh_latest()
             log.info("%s is AVAILABLE: %s", version.id, servable)
-        if self._metrics:
-            ok = version.state is VersionState.AVAILABLE
-            self._metrics.model_loaded(version.id.name, time.monotonic() - started, ok)
+        ok = version.state is VersionState.AVAILABLE
+        self._metrics.model_loaded(version.id.name, time.monotonic() - started, ok)
         self._wake()
 
     @staticmethod

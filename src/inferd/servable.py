@@ -29,7 +29,7 @@ from inferd.batching import Batcher
 from inferd.config import BatchingParameters, ModelSettings
 from inferd.errors import DeadlineExceeded, ModelLoadError, Unavailable
 from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
-from inferd.metrics import FeatureStats, Histogram, HitCounter, Metrics
+from inferd.metrics import Histogram, HitCounter, Metrics
 from inferd.runtimes import Model, Supervised, load_model
 from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
@@ -176,7 +176,8 @@ class ServableFactory:
         batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
         max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
             requests are refused with UNAVAILABLE.
-        metrics: where the servables count batches, cache hits and lookups; None for none.
+        metrics: where the servables count batches, cache hits and lookups; by default a
+            collector of their own that nobody reads.
         features: opens the stores of models with ``[features]``; owned by the caller.
         load: loads a version folder with its runtime.
     """
@@ -193,16 +194,13 @@ class ServableFactory:
         self._executor = executor
         self._batching = batching
         self._max_in_flight = max_in_flight
-        self._metrics = metrics
+        self._metrics = metrics = metrics or Metrics()
         self._features = features
         self._load = load
         self._live: dict[ModelId, Servable] = {}
-        if metrics:
-            metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
-            metrics.gauge(
-                "inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets
-            )
-            metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
+        metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
+        metrics.gauge("inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets)
+        metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
 
     def live(self) -> list[Servable]:
         """The servables built and not yet closed."""
@@ -231,18 +229,15 @@ class ServableFactory:
             )
             if features is not None and plans is not None and self._features is not None:
                 store = self._features.open(features)
-                stats = self._metrics.features(id.name, store.name) if self._metrics else FeatureStats()
+                stats = self._metrics.features(id.name, store.name)
                 servable.join = FeatureJoin(id.name, features, plans, store, stats)
             number = str(id.version)
             if size := settings.prediction_cache_size:
                 servable.predictions = PredictionCache(size)
-                if self._metrics:
-                    servable.prediction_counts = self._metrics.prediction_cache(id.name, number)
+                servable.prediction_counts = self._metrics.prediction_cache(id.name, number)
             servable.batching = params = settings.batching or self._batching
             if params is not None:
-                on_batch: Callable[[int, float], None] = _ignore_batch
-                if self._metrics:
-                    on_batch = _batch_recorder(self._metrics.batch_size(id.name, number))
+                on_batch = _batch_recorder(self._metrics.batch_size(id.name, number))
                 for name in model.signatures:
                     servable.batchers[name] = Batcher(
                         servable._predict(name), params, self._executor, on_batch
@@ -259,8 +254,7 @@ class ServableFactory:
         if self._live.get(servable.id) is not servable:
             return
         del self._live[servable.id]
-        if self._metrics:
-            self._metrics.forget_version(servable.id.name, str(servable.id.version))
+        self._metrics.forget_version(servable.id.name, str(servable.id.version))
 
     def _batcher_readings(self) -> Iterator[tuple[tuple[str, str], list[Batcher]]]:
         for servable in self.live():
@@ -320,10 +314,6 @@ def _common_rows(inputs: Tensors) -> int | None:
     """The batch size shared by every input (axis 0), or None when they differ or are scalars."""
     sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
     return sizes.pop() if len(sizes) == 1 else None
-
-
-def _ignore_batch(rows: int, latency_s: float) -> None:
-    return None
 
 
 def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:

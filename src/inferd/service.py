@@ -8,16 +8,20 @@ checks what the model returned. What lives as long as a version lives in ``serva
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping
+from types import TracebackType
 
 import numpy as np
 
 from inferd.errors import InferdError, Internal, InvalidArgument
-from inferd.manager import ModelManager, ServedVersion
+from inferd.manager import Lease, ModelManager, ServedVersion
+from inferd.metrics import Metrics
 from inferd.servable import Servable
 from inferd.types import (
+    ACCEPTED_KINDS,
     DEFAULT_SIGNATURE,
     InferenceRequest,
     InferenceResponse,
@@ -34,9 +38,6 @@ from inferd.types import (
 
 log = logging.getLogger(__name__)
 
-_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
-"""Signature dtype kind -> kinds of decoded values it accepts (ints are accepted as floats)."""
-
 
 class InferenceService:
     """Validate, predict, measure. Call from the event loop's thread.
@@ -44,10 +45,23 @@ class InferenceService:
     Args:
         manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
             prediction cache and in-flight bound.
+        metrics: where each ``call`` is counted and timed; by default a collector of its own.
     """
 
-    def __init__(self, manager: ModelManager[Servable]) -> None:
+    def __init__(self, manager: ModelManager[Servable], metrics: Metrics | None = None) -> None:
         self._manager = manager
+        self._metrics = metrics or Metrics()
+        self._ids = itertools.count(1)
+
+    def request_id(self) -> str:
+        """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
+        protocol names its requests with in logs and error messages."""
+        return f"r{next(self._ids)}"
+
+    def call(self, protocol: str, model: str, request_id: str | None = None) -> Call:
+        """The handle of one inference request of ``protocol`` on model ``model`` (as the request
+        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``."""
+        return Call(self, protocol, model, request_id or self.request_id())
 
     def knows(self, name: str) -> bool:
         """True when ``name`` is a configured model (for bounded metric labels)."""
@@ -76,47 +90,40 @@ class InferenceService:
                 fails in a way the input did not cause (logged here).
         """
         with await self._manager.acquire(ref) as version:
-            servable = _servable(version)
-            signature = _find_signature(version, request.signature_name, None)
-            features_s = 0.0
-            if servable.join is None:
-                inputs = conform_inputs(signature, request.inputs)
-            else:
-                inputs = conform_inputs(servable.join.request_signature(signature), request.inputs)
-                started = time.perf_counter()
-                inputs = await servable.join.join(signature.name, inputs, request.deadline)
-                features_s = time.perf_counter() - started
-            predictions = servable.predictions
-            if predictions is not None:
-                key = predictions.key(signature.name, inputs)
-                if (cached := predictions.get(key)) is not None:
-                    servable.prediction_counts.hits += 1
-                    return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
-                servable.prediction_counts.misses += 1
-            try:
-                outputs, queue_s, predict_s = await servable.run(signature.name, inputs, request.deadline)
-            except InferdError:
-                raise
-            except Exception:
-                log.exception("%s failed on request %s", version.id, request.id)
-                raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-            checked = _check_outputs(version, signature, outputs)
-            if predictions is not None:
-                predictions.put(key, checked)
-            self._manager.cold_answered(version)
-            return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+            return await self._infer(version, _find_signature(version, request.signature_name, None), request)
 
-    async def resident(self, ref: ModelRef) -> None:
-        """Wait until the version ``ref`` resolves to is loaded: under a memory budget it may be
-        cold, and its load (started now or already running) is waited for, at most
-        ``--load_wait_ms``.
-
-        Raises:
-            NotFound: unknown model, version or label, or its load failed.
-            Unavailable: the load takes longer than the wait (it goes on), or shutting down.
-        """
-        with await self._manager.acquire(ref, use=False):
-            pass
+    async def _infer(
+        self, version: ServedVersion[Servable], signature: Signature, request: InferenceRequest
+    ) -> InferenceResponse:
+        """``infer`` on a leased version, for the model signature ``signature``."""
+        servable = _servable(version)
+        features_s = 0.0
+        if servable.join is None:
+            inputs = conform_inputs(signature, request.inputs)
+        else:
+            inputs = conform_inputs(servable.join.request_signature(signature), request.inputs)
+            started = time.perf_counter()
+            inputs = await servable.join.join(signature.name, inputs, request.deadline)
+            features_s = time.perf_counter() - started
+        predictions = servable.predictions
+        if predictions is not None:
+            key = predictions.key(signature.name, inputs)
+            if (cached := predictions.get(key)) is not None:
+                servable.prediction_counts.hits += 1
+                return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
+            servable.prediction_counts.misses += 1
+        try:
+            outputs, queue_s, predict_s = await servable.run(signature.name, inputs, request.deadline)
+        except InferdError:
+            raise
+        except Exception:
+            log.exception("%s failed on request %s", version.id, request.id)
+            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
+        checked = _check_outputs(version, signature, outputs)
+        if predictions is not None:
+            predictions.put(key, checked)
+        self._manager.cold_answered(version)
+        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -143,6 +150,147 @@ class InferenceService:
     def ready(self) -> bool:
         """True when every configured model has a version serving."""
         return self._manager.ready()
+
+    def _record(self, call: Call, status: str) -> None:
+        """Count a finished call and, when it was answered, time its stages."""
+        metrics = self._metrics
+        if not call.model:
+            return
+        response = call.response
+        if response is None:
+            metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
+            return
+        version = str(response.model_id.version)
+        metrics.count_request(call.model, version, call.protocol, status)
+        ended = time.perf_counter()
+        # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
+        # and the event loop's delay in taking the answer back from the predict thread.
+        measured = response.features_s + response.queue_s + response.predict_s
+        metrics.timer(call.model, version, call.protocol).observe(
+            call.decoded - call.started,
+            response.features_s,
+            response.queue_s,
+            response.predict_s,
+            max(0.0, call.resumed - call.decoded - measured),
+            ended - call.resumed,
+            ended - call.started,
+        )
+
+
+class Call:
+    """One inference request, from its first byte until its answer is encoded; a context manager.
+
+    ``open`` takes the one lease the request holds on the version its ``ModelRef`` resolves to
+    (until the call ends, so decoding and computing see the same version) and gives the request
+    signature to decode against; ``infer`` runs the decoded inputs. When the ``with`` block ends,
+    the lease is returned, and the request is counted by protocol, model, version and status (its
+    gRPC code name: ``OK``, an ``InferdError``'s code, ``INTERNAL`` for anything else) and timed
+    by stage (decode, features, queue, predict, handoff, encode, total) the same way for every
+    protocol. A cancelled call is not counted. Event loop thread only.
+
+    Attributes:
+        id: the request id, for logs and error messages.
+        protocol: the ``protocol`` label: ``tfserving_rest``, ``tfserving_grpc``, ``v2_rest`` or
+            ``v2_grpc``.
+        model: the model name as the request gave it ("" counts nothing).
+    """
+
+    __slots__ = (
+        "_leases",
+        "_service",
+        "_signature",
+        "_version",
+        "decoded",
+        "id",
+        "model",
+        "protocol",
+        "response",
+        "resumed",
+        "started",
+    )
+
+    def __init__(self, service: InferenceService, protocol: str, model: str, request_id: str) -> None:
+        self._service = service
+        self.protocol = protocol
+        self.model = model
+        self.id = request_id
+        self.started = time.perf_counter()
+        self.decoded = self.resumed = self.started
+        self.response: InferenceResponse | None = None
+        self._leases: dict[ModelRef, tuple[Lease[Servable], ServedVersion[Servable]]] = {}
+        self._version: ServedVersion[Servable] | None = None
+        self._signature: Signature | None = None
+
+    def __enter__(self) -> Call:
+        self._service._metrics.in_flight += 1
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        leases, self._leases = list(self._leases.values()), {}
+        for lease, _ in leases:
+            lease.__exit__(None, None, None)
+        self._service._metrics.in_flight -= 1
+        if error is None:
+            self._service._record(self, "OK")
+        elif isinstance(error, InferdError):
+            self._service._record(self, error.code.grpc_code)
+        elif isinstance(error, Exception):
+            self._service._record(self, "INTERNAL")
+
+    async def load(self, ref: ModelRef) -> None:
+        """Take the lease ``open`` uses on the version ``ref`` resolves to, waiting for its load
+        when it is cold (under a memory budget), at most ``--load_wait_ms``.
+
+        Raises:
+            NotFound: unknown model, version or label, or its load failed.
+            Unavailable: the load takes longer than the wait (it goes on), or shutting down.
+        """
+        if ref not in self._leases:
+            lease = await self._service._manager.acquire(ref)
+            self._leases[ref] = (lease, lease.__enter__())
+
+    def open(
+        self, ref: ModelRef, name: str | None = None, method: Method | None = Method.PREDICT
+    ) -> Signature:
+        """Lease the version ``ref`` resolves to (once per ref and call) and choose the signature
+        ``name`` (or the default one for ``method``, see ``InferenceService.signature``).
+
+        Returns:
+            What the caller sends for that signature (the request side of a feature join).
+
+        Raises:
+            NotFound: unknown model, version or label.
+            Unavailable: the server is shutting down.
+            InvalidArgument: unknown signature, or one whose method is not ``method``.
+        """
+        held = self._leases.get(ref)
+        if held is None:
+            lease = self._service._manager.lease(ref)
+            held = self._leases[ref] = (lease, lease.__enter__())
+        self._version = version = held[1]
+        self._signature = signature = _find_signature(version, name, method)
+        return _servable(version).request_signature(signature)
+
+    async def infer(
+        self, inputs: Tensors, deadline: float | None = None, request_id: str | None = None
+    ) -> InferenceResponse:
+        """Run decoded ``inputs`` on the signature ``open`` chose; ``request_id`` (the client's
+        own id, for V2) names it in logs instead of ``id``.
+
+        Raises:
+            InferdError: as ``InferenceService.infer``.
+        """
+        version, signature = self._version, self._signature
+        assert version is not None, "open the call first"
+        assert signature is not None
+        self.decoded = time.perf_counter()
+        request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
+        response = await self._service._infer(version, signature, request)
+        self.resumed = time.perf_counter()
+        self.response = response
+        return response
 
 
 def _servable(version: ServedVersion[Servable]) -> Servable:
@@ -198,7 +346,7 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
         value.ndim == len(spec.shape)
         and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
     )
-    if not shape_fits or value.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
+    if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
         if target.kind in "iu" and value.size:

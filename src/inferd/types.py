@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,10 @@ Tensors = dict[str, np.ndarray]
 """Named tensors, batched along axis 0."""
 
 DEFAULT_SIGNATURE = "serving_default"
+
+ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
+"""Signature dtype kind -> the numpy kinds of decoded values it accepts: ints are accepted as
+floats, and strings (object, ``str`` or ``bytes`` arrays) as BYTES / DT_STRING."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +138,6 @@ class InferenceRequest:
     inputs: Tensors
     signature_name: str = DEFAULT_SIGNATURE
     id: str | None = None
-    parameters: Mapping[str, Any] = field(default_factory=dict)
     deadline: float | None = None
     """``time.monotonic()`` after which the request is dropped rather than computed."""
 

@@ -20,10 +20,10 @@ from tests.models import write_onnx_digits, write_onnx_two_inputs, write_python_
 
 # Bench protocol -> the server's metric label and the status names each side uses.
 PROTOCOLS = {
-    "rest": ("rest", "200", "400"),
+    "rest": ("tfserving_rest", "200", "400"),
     "v2": ("v2_rest", "200", "400"),
     "v2-binary": ("v2_rest", "200", "400"),
-    "grpc": ("grpc", "OK", "INVALID_ARGUMENT"),
+    "grpc": ("tfserving_grpc", "OK", "INVALID_ARGUMENT"),
     "v2-grpc": ("v2_grpc", "OK", "INVALID_ARGUMENT"),
 }
 
@@ -159,7 +159,7 @@ def test_counts_errors_and_percentiles_agree_with_the_server_metrics(
 
 
 def test_open_loop_keeps_its_schedule_when_the_server_is_slower(server: ServerProcess) -> None:
-    before = server_counts(server, "rest")
+    before = server_counts(server, "tfserving_rest")
     # The slow model takes 20 ms per request, one at a time: 50/s at most, offered 80/s.
     report = bench(server.url, "--model=slow", "--rate=80", "--duration=1", "--warmup=0", "--timeout=30")
     (step,) = report["steps"]  # type: ignore[misc]
@@ -168,13 +168,13 @@ def test_open_loop_keeps_its_schedule_when_the_server_is_slower(server: ServerPr
     assert step["errors"] == {}
     # Requests queued behind the slow server wait, and that wait is counted from when each was due.
     assert step["latency_ms"]["max"] > step["latency_ms"]["p50"]
-    assert server_counts(server, "rest")["OK"] - before.get("OK", 0) == step["all_statuses"]["200"]
+    assert server_counts(server, "tfserving_rest")["OK"] - before.get("OK", 0) == step["all_statuses"]["200"]
 
 
 def test_several_processes_server_pid_metrics_plot_and_two_inputs(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    before = server_counts(server, "grpc")
+    before = server_counts(server, "tfserving_grpc")
     plot = tmp_path / "latency.png"
     argv = [
         sys.executable,
@@ -205,7 +205,7 @@ def test_several_processes_server_pid_metrics_plot_and_two_inputs(
         # $3.6 per hour is $0.001 per second: per million predictions, 1000 / (predictions/s).
         assert step["cost_per_million_predictions"] == pytest.approx(1000 / step["predictions_per_s"])
     sent = sum(step["all_statuses"]["OK"] for step in report["steps"])
-    assert server_counts(server, "grpc")["OK"] - before.get("OK", 0) == sent
+    assert server_counts(server, "tfserving_grpc")["OK"] - before.get("OK", 0) == sent
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 

@@ -28,6 +28,7 @@ from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DT_FLOAT, DT_INT64, DT_STRING
 from tests.conftest import ServerProcess, launch
+from tests.e2e.test_metrics import samples
 from tests.models import (
     digits,
     digits_classifier,
@@ -441,3 +442,18 @@ def test_reflection_describes_each_service(channel: grpc.Channel, symbol: str, f
     assert file_name in {f.name for f in files}
     (service_file,) = (f for f in files if f.name == file_name)
     assert symbol.rsplit(".", 1)[1] in {s.name for s in service_file.service}
+
+
+def test_multi_inference_is_counted_like_every_inference_call(
+    server: ServerProcess, predict: ps_grpc.PredictionServiceStub
+) -> None:
+    labels = {"model": "regressor", "version": "2", "protocol": "tfserving_grpc", "status": "OK"}
+
+    def counted() -> float:
+        return samples(server).get(("inferd_requests_total", frozenset(labels.items())), 0.0)
+
+    before = counted()
+    multi = ps.MultiInferenceRequest(input=examples(rows(30, 32)))
+    multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
+    predict.MultiInference(multi, timeout=10)
+    assert counted() == before + 1

@@ -50,17 +50,17 @@ def test_metrics_count_known_traffic_by_model_version_protocol_status_and_stage(
     assert requests.post(f"{server.url}/v1/models/nosuch:predict", json=ONE, timeout=5).status_code == 404
 
     table = samples(server)
-    ok = {"model": "m", "version": "3", "protocol": "rest", "status": "OK"}
+    ok = {"model": "m", "version": "3", "protocol": "tfserving_rest", "status": "OK"}
     assert value(table, "inferd_requests_total", **ok) == 5
-    bad = {"model": "m", "version": "", "protocol": "rest", "status": "INVALID_ARGUMENT"}
+    bad = {"model": "m", "version": "", "protocol": "tfserving_rest", "status": "INVALID_ARGUMENT"}
     assert value(table, "inferd_requests_total", **bad) == 2
     # An unknown model name is not a label value (labels stay a bounded set).
-    unknown = {"model": "", "version": "", "protocol": "rest", "status": "NOT_FOUND"}
+    unknown = {"model": "", "version": "", "protocol": "tfserving_rest", "status": "NOT_FOUND"}
     assert value(table, "inferd_requests_total", **unknown) == 1
     parts = ("decode", "features", "queue", "predict", "handoff", "encode")
     seconds = {}
     for stage in (*parts, "total"):
-        labels = {"model": "m", "version": "3", "protocol": "rest", "stage": stage}
+        labels = {"model": "m", "version": "3", "protocol": "tfserving_rest", "stage": stage}
         assert value(table, "inferd_request_duration_seconds_count", **labels) == 5
         seconds[stage] = value(table, "inferd_request_duration_seconds_sum", **labels)
         assert seconds[stage] >= 0

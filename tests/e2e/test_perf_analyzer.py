@@ -54,7 +54,7 @@ def served_requests(server: ServerProcess, protocol: str) -> float:
         (["-i", "http"], "v2_rest"),
         (["-i", "http", "--input-tensor-format=json", "--output-tensor-format=json"], "v2_rest"),
         (["-i", "grpc"], "v2_grpc"),
-        (["-i", "grpc", "--service-kind=tfserving"], "grpc"),
+        (["-i", "grpc", "--service-kind=tfserving"], "tfserving_grpc"),
     ],
 )
 def test_perf_analyzer_runs_clean(server: ServerProcess, args: list[str], protocol: str) -> None:

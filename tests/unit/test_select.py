@@ -12,11 +12,11 @@ import pytest
 
 from inferd.config import read_model_config_file
 from inferd.errors import InvalidArgument
-from inferd.select import Outcome, Result, SelectOptions, report
+from inferd.select import Result, Selection, SelectOptions, report
 from inferd.select import promote as promotion
 from inferd.select.candidates import resolve
 from inferd.select.choose import choose, parse_requirement
-from inferd.select.metrics import objective
+from inferd.select.objectives import objective
 from tests.models import write_onnx_affine, write_sklearn_digits
 
 ACCURACY = objective("accuracy")
@@ -320,7 +320,7 @@ def test_promotion_without_label_creates_the_model_folder(tmp_path: Path) -> Non
     assert (tmp_path / "repo" / "new" / "1" / "model.onnx").is_file()
 
 
-def _outcome(tmp_path: Path) -> Outcome:
+def _outcome(tmp_path: Path) -> Selection:
     goal = objective("accuracy")
     requirements = (parse_requirement("p99_ms<=5", goal, False, False),)
     write_onnx_affine(tmp_path / "a", 1.0)
@@ -339,7 +339,7 @@ def _outcome(tmp_path: Path) -> Outcome:
         "measured_at": "now",
     }
     options = SelectOptions((tmp_path / "a", tmp_path / "b"), "v.csv", "y", "accuracy", ("p99_ms<=5",))
-    return Outcome(goal, requirements, results, tuple(verdicts), machine, options)
+    return Selection(goal, requirements, results, tuple(verdicts), machine, options)
 
 
 def test_report_json_markdown_table_and_plot(tmp_path: Path) -> None:

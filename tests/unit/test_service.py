@@ -1,9 +1,17 @@
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from inferd.errors import InvalidArgument
-from inferd.service import conform, conform_inputs
-from inferd.types import Signature, TensorSpec
+from inferd.manager import ModelManager
+from inferd.metrics import Metrics
+from inferd.repository import ModelPlan, VersionSource
+from inferd.servable import Servable, ServableFactory
+from inferd.service import InferenceService, conform, conform_inputs
+from inferd.types import ModelRef, Signature, TensorSpec
 
 F32 = TensorSpec("x", np.dtype(np.float32), (-1, 2))
 I8 = TensorSpec("n", np.dtype(np.int8), (-1,))
@@ -47,3 +55,40 @@ def test_missing_and_unexpected_inputs_are_named() -> None:
     with pytest.raises(InvalidArgument) as err:
         conform_inputs(signature, {"x": np.zeros((1, 2)), "z": np.zeros(1)})
     assert "missing ['n'], unexpected ['z']" in err.value.message
+
+
+def test_a_call_holds_one_lease_and_records_status_and_timing_when_it_ends(tmp_path: Path) -> None:
+    from tests.unit.test_servable import Loads
+
+    metrics = Metrics()
+
+    async def calls() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool, load=Loads()).load)
+            await manager.apply([ModelPlan("m", {1: VersionSource(1, tmp_path, "f")})])
+            service = InferenceService(manager, metrics)
+            with service.call("v2_rest", "m") as call:
+                signature = call.open(ModelRef("m"))
+                call.open(ModelRef("m"))  # the same version: still one lease
+                assert manager.leases() == 1
+                answer = await call.infer({"x": np.ones((2, 2), np.float32)})
+                assert manager.leases() == 1
+            assert signature.input_names() == ["x"]
+            np.testing.assert_allclose(answer.outputs["y"], [2.0, 2.0])
+            assert manager.leases() == 0
+            with pytest.raises(InvalidArgument), service.call("v2_rest", "m") as call:
+                call.open(ModelRef("m"), "no_such_signature")
+            assert manager.leases() == 0
+            await manager.close()
+
+    asyncio.run(calls())
+    page = metrics.exposition().decode()
+    assert 'inferd_requests_total{model="m",protocol="v2_rest",status="OK",version="1"} 1.0' in page
+    assert (
+        'inferd_requests_total{model="m",protocol="v2_rest",status="INVALID_ARGUMENT",version=""} 1.0' in page
+    )
+    total = (
+        'inferd_request_duration_seconds_count{model="m",protocol="v2_rest",stage="total",version="1"} 1.0'
+    )
+    assert total in page
+    assert "inferd_in_flight_requests 0.0" in page

@@ -59,7 +59,7 @@ class OptimizeOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Variant:
     """One attempted variant: its folder, and the error when it failed."""
 
     name: str
@@ -126,7 +126,7 @@ def _refuse_unknown(names: tuple[str, ...]) -> None:
         raise InvalidArgument(f"--only: unknown variant(s) {unknown}; expected some of {list(VARIANT_NAMES)}")
 
 
-def run(options: OptimizeOptions, report: Callable[[Outcome], None] = lambda _: None) -> list[Outcome]:
+def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: None) -> list[Variant]:
     """Make the chosen variants of ``options.model`` under ``options.out``; ``report`` is called
     as each one is done.
 
@@ -215,7 +215,7 @@ class _OnnxBase:
 
 def _make(
     source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
-) -> Outcome:
+) -> Variant:
     started = time.monotonic()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -227,7 +227,7 @@ def _make(
         check = check_variant(source, folder, calibration)
     except Exception as exc:  # any converter or tool may fail; the other variants go on
         shutil.rmtree(folder, ignore_errors=True)
-        return Outcome(recipe.name, folder, _describe(exc))
+        return Variant(recipe.name, folder, _describe(exc))
     record = {
         "name": recipe.name,
         "source": str(source.path.resolve()),
@@ -240,7 +240,7 @@ def _make(
         "check": check,
     }
     (folder / "variant.json").write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
-    return Outcome(recipe.name, folder, None)
+    return Variant(recipe.name, folder, None)
 
 
 def _build(

@@ -14,7 +14,6 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from inferd.errors import InferdError
-from inferd.metrics import Metrics
 from inferd.protocols.access import Access
 
 log = logging.getLogger(__name__)
@@ -29,37 +28,17 @@ def deadline_of(context: Context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def answer(
-    context: Context,
-    call: Coroutine[Any, Any, T],
-    request_id: str,
-    on_status: Callable[[str], None] | None = None,
-    metrics: Metrics | None = None,
-) -> T:
-    """Await ``call``; abort ``context`` with the status of a failure.
-
-    ``on_status`` receives the gRPC code name (``OK`` on success), e.g. to count the request;
-    with ``metrics`` the call counts as in flight while it runs.
-    """
-    if metrics:
-        metrics.in_flight += 1
+async def answer(context: Context, call: Coroutine[Any, Any, T], request_id: str) -> T:
+    """Await ``call``; abort ``context`` with the status of a failure. (An inference call counts
+    and times itself: see ``InferenceService.call``.)"""
     try:
-        result = await call
+        return await call
     except InferdError as error:
-        if on_status:
-            on_status(error.code.grpc_code)
         await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
     except Exception:
         log.exception("gRPC request %s failed", request_id)
-        if on_status:
-            on_status("INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
-    finally:
-        if metrics:
-            metrics.in_flight -= 1
-    if on_status:
-        on_status("OK")
-    return result
+    raise AssertionError("context.abort raises")
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable for type checkers only

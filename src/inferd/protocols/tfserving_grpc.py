@@ -8,9 +8,7 @@ Answers carry ``tensor_content`` (strings: ``string_val``), which ``tf.make_ndar
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import grpc
@@ -26,14 +24,11 @@ from inferd._proto.meta_graph_pb2 import TensorInfo
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
 from inferd.errors import Internal, InvalidArgument
-from inferd.metrics import Metrics
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.timing import RequestTiming, record_request
-from inferd.service import InferenceService
+from inferd.service import Call, InferenceService
 from inferd.types import (
-    InferenceRequest,
     InferenceResponse,
     Method,
     ModelId,
@@ -43,7 +38,7 @@ from inferd.types import (
     TensorSpec,
 )
 
-PROTOCOL = "grpc"
+PROTOCOL = "tfserving_grpc"
 SERVICES = (
     ps.DESCRIPTOR.services_by_name["PredictionService"].full_name,
     ms.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -68,124 +63,100 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         service: InferenceService,
         max_tensor_bytes: int,
         limits: RequestLimits,
-        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
         self._max_tensor_bytes = max_tensor_bytes
         self._limits = limits
-        self._metrics = metrics
-        self._ids = itertools.count(1)
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._predict(request, request_id, deadline_of(context), timing)
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        return await answer(context, self._predict(call, request, deadline_of(context)), call.id)
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._classify(request, request_id, deadline_of(context), timing)
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        return await answer(context, self._classify(call, request, deadline_of(context)), call.id)
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
-        request_id, timing = f"g{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._regress(request, request_id, deadline_of(context), timing)
-        return await answer(
-            context, call, request_id, self._recorder(request.model_spec.name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_spec.name)
+        return await answer(context, self._regress(call, request, deadline_of(context)), call.id)
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
-        request_id = f"g{next(self._ids)}"
-        call = self._multi(request, request_id, deadline_of(context))
-        return await answer(context, call, request_id, metrics=self._metrics)
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        call = self._service.call(PROTOCOL, name)
+        return await answer(context, self._multi(call, request, deadline_of(context)), call.id)
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
     ) -> ps.GetModelMetadataResponse:
-        return await answer(context, self._metadata(request), f"g{next(self._ids)}")
-
-    def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
-        metrics, service = self._metrics, self._service
-        if metrics is None or not model:
-            return None
-        return lambda status: record_request(metrics, service, PROTOCOL, model, status, timing)
+        return await answer(context, self._metadata(request), self._service.request_id())
 
     async def _predict(
-        self, request: ps.PredictRequest, request_id: str, deadline: float | None, timing: RequestTiming
+        self, call: Call, request: ps.PredictRequest, deadline: float | None
     ) -> ps.PredictResponse:
-        ref = spec_ref(request.model_spec)
-        await self._service.resident(ref)
-        signature = self._service.signature(ref, request.model_spec.signature_name or None)
-        wanted = _output_filter(signature, list(request.output_filter))
-        limit, limits = self._max_tensor_bytes, self._limits
-        inputs = {name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()}
-        timing.decoded = time.perf_counter()
-        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-        response = timing.answered(await self._service.infer(ref, infer))
-        reply = ps.PredictResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature.name)
-        for name in wanted or response.outputs:
-            encode_tensor(reply.outputs[name], response.outputs[name])
-        return reply
+        with call:
+            ref = spec_ref(request.model_spec)
+            await call.load(ref)
+            signature = call.open(ref, request.model_spec.signature_name or None)
+            wanted = _output_filter(signature, list(request.output_filter))
+            limit, limits = self._max_tensor_bytes, self._limits
+            inputs = {
+                name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()
+            }
+            response = await call.infer(inputs, deadline)
+            reply = ps.PredictResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature.name)
+            for name in wanted or response.outputs:
+                encode_tensor(reply.outputs[name], response.outputs[name])
+            return reply
 
     async def _examples(
-        self,
-        spec: ps.ModelSpec,
-        input_: ps.Input,
-        method: Method,
-        request_id: str,
-        deadline: float | None,
-        timing: RequestTiming | None = None,
+        self, call: Call, spec: ps.ModelSpec, input_: ps.Input, method: Method, deadline: float | None
     ) -> tuple[InferenceResponse, str, int]:
         """Run the classify or regress signature on examples: the answer, its signature name and
         the number of examples."""
         ref = spec_ref(spec)
-        await self._service.resident(ref)
-        signature = self._service.signature(ref, spec.signature_name or None, method)
+        await call.load(ref)
+        signature = call.open(ref, spec.signature_name or None, method)
         inputs, count = examples_to_inputs(signature, input_, self._limits)
-        if timing:
-            timing.decoded = time.perf_counter()
-        infer = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-        response = await self._service.infer(ref, infer)
-        if timing:
-            timing.answered(response)
+        response = await call.infer(inputs, deadline)
         return response, signature.name, count
 
     async def _classify(
-        self,
-        request: ps.ClassificationRequest,
-        request_id: str,
-        deadline: float | None,
-        timing: RequestTiming,
+        self, call: Call, request: ps.ClassificationRequest, deadline: float | None
     ) -> ps.ClassificationResponse:
-        response, signature, _ = await self._examples(
-            request.model_spec, request.input, Method.CLASSIFY, request_id, deadline, timing
-        )
-        reply = ps.ClassificationResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature)
-        _fill_classifications(reply.result, response)
-        return reply
+        with call:
+            response, signature, _ = await self._examples(
+                call, request.model_spec, request.input, Method.CLASSIFY, deadline
+            )
+            reply = ps.ClassificationResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature)
+            _fill_classifications(reply.result, response)
+            return reply
 
     async def _regress(
-        self, request: ps.RegressionRequest, request_id: str, deadline: float | None, timing: RequestTiming
+        self, call: Call, request: ps.RegressionRequest, deadline: float | None
     ) -> ps.RegressionResponse:
-        response, signature, count = await self._examples(
-            request.model_spec, request.input, Method.REGRESS, request_id, deadline, timing
-        )
-        reply = ps.RegressionResponse()
-        _fill_spec(reply.model_spec, response.model_id, signature)
-        _fill_regressions(reply.result, response, count)
-        return reply
+        with call:
+            response, signature, count = await self._examples(
+                call, request.model_spec, request.input, Method.REGRESS, deadline
+            )
+            reply = ps.RegressionResponse()
+            _fill_spec(reply.model_spec, response.model_id, signature)
+            _fill_regressions(reply.result, response, count)
+            return reply
 
     async def _multi(
-        self, request: ps.MultiInferenceRequest, request_id: str, deadline: float | None
+        self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
+    ) -> ps.MultiInferenceResponse:
+        with call:
+            return await self._multi_tasks(call, request, deadline)
+
+    async def _multi_tasks(
+        self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
     ) -> ps.MultiInferenceResponse:
         if not request.tasks:
             raise InvalidArgument("MultiInferenceRequest must name at least one task")
@@ -200,7 +171,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
                     f"expected one of {sorted(_TASK_METHODS)}"
                 )
             response, signature, count = await self._examples(
-                task.model_spec, request.input, method, request_id, deadline
+                call, task.model_spec, request.input, method, deadline
             )
             result = reply.results.add()
             _fill_spec(result.model_spec, response.model_id, signature)
@@ -237,17 +208,16 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     def __init__(self, service: InferenceService, control: ModelControl) -> None:
         self._service = service
         self._control = control
-        self._ids = itertools.count(1)
 
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, self._status(request), f"s{next(self._ids)}")
+        return await answer(context, self._status(request), self._service.request_id())
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
     ) -> ms.ReloadConfigResponse:
-        return await answer(context, self._reload(request), f"s{next(self._ids)}")
+        return await answer(context, self._reload(request), self._service.request_id())
 
     async def _reload(self, request: ms.ReloadConfigRequest) -> ms.ReloadConfigResponse:
         """Serve the request's models; replies once they loaded (as TF Serving does)."""
@@ -403,11 +373,10 @@ def add_to_server(
     control: ModelControl,
     max_tensor_bytes: int,
     limits: RequestLimits,
-    metrics: Metrics | None,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, limits, metrics), server
+        PredictionServicer(service, max_tensor_bytes, limits), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server

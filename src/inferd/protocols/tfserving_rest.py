@@ -10,7 +10,6 @@ import base64
 import binascii
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +17,10 @@ import numpy as np
 import orjson
 
 from inferd.errors import InferdError, InvalidArgument
-from inferd.metrics import Metrics
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
-from inferd.protocols.timing import RequestTiming, record_request
-from inferd.service import InferenceService
+from inferd.service import Call, InferenceService
 from inferd.types import (
-    InferenceRequest,
     Method,
     ModelMetadata,
     ModelRef,
@@ -35,7 +31,7 @@ from inferd.types import (
     dtype_of,
 )
 
-PROTOCOL = "rest"
+PROTOCOL = "tfserving_rest"
 
 _POST = re.compile(
     r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)",
@@ -55,26 +51,21 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
-    metrics: Metrics | None = None,
 ) -> Response:
-    """Answer one request under ``/v1/``. Expected failures become error responses.
+    """Answer one request under ``/v1/``. Expected failures become error responses; an inference
+    request is counted and timed by its ``service.call``.
 
     ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped.
     """
-    timing = RequestTiming(time.perf_counter())
-    model, status = "", "OK"
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            model = name
-            ref = model_ref(name, version, label)
-            doc = parse_json(body)
-            if verb.lower() == "predict":
-                result = await _predict(service, ref, doc, request_id, deadline, timing, limits)
-            else:
-                method_ = _METHODS[verb.lower()]
-                call = _classify_or_regress(service, ref, method_, doc, request_id, deadline, timing, limits)
-                result = await call
+            with service.call(PROTOCOL, name, request_id) as call:
+                ref = model_ref(name, version, label)
+                doc = parse_json(body)
+                if verb.lower() == "predict":
+                    return await _predict(call, ref, doc, deadline, limits)
+                return await _classify_or_regress(call, ref, _METHODS[verb.lower()], doc, deadline, limits)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:
@@ -86,10 +77,7 @@ async def handle(
             expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
             raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
     except InferdError as error:
-        result, status = json_error(error), error.code.grpc_code
-    if metrics is not None and model:
-        record_request(metrics, service, PROTOCOL, model, status, timing)
-    return result
+        return json_error(error)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -117,16 +105,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 
 async def _predict(
-    service: InferenceService,
-    ref: ModelRef,
-    doc: dict[str, Any],
-    request_id: str,
-    deadline: float | None,
-    timing: RequestTiming,
-    limits: RequestLimits,
+    call: Call, ref: ModelRef, doc: dict[str, Any], deadline: float | None, limits: RequestLimits
 ) -> Response:
-    await service.resident(ref)
-    signature = service.signature(ref, doc.get("signature_name"))
+    await call.load(ref)
+    signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
             "expecting only one of 'inputs' or 'instances' keys to exist"
@@ -138,9 +120,7 @@ async def _predict(
     inputs = (
         decode.rows(signature, doc["instances"]) if row_format else decode.columns(signature, doc["inputs"])
     )
-    timing.decoded = time.perf_counter()
-    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.answered(await service.infer(ref, request))
+    response = await call.infer(inputs, deadline)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
@@ -324,13 +304,11 @@ def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
 
 
 async def _classify_or_regress(
-    service: InferenceService,
+    call: Call,
     ref: ModelRef,
     method: Method,
     doc: dict[str, Any],
-    request_id: str,
     deadline: float | None,
-    timing: RequestTiming,
     limits: RequestLimits,
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
@@ -342,12 +320,10 @@ async def _classify_or_regress(
     context = doc.get("context", {})
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
-    await service.resident(ref)
-    signature = service.signature(ref, doc.get("signature_name"), method)
+    await call.load(ref)
+    signature = call.open(ref, doc.get("signature_name"), method)
     inputs = TensorDecoder(limits).examples(signature, examples, context)
-    timing.decoded = time.perf_counter()
-    request = InferenceRequest(inputs, signature.name, request_id, deadline=deadline)
-    response = timing.answered(await service.infer(ref, request))
+    response = await call.infer(inputs, deadline)
     if method is Method.REGRESS:
         ((name, values),) = response.outputs.items()
         if values.shape not in ((len(examples),), (len(examples), 1)):

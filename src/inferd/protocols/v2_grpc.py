@@ -8,9 +8,6 @@ reads numeric outputs from.
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -22,15 +19,13 @@ from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, NotFound, Unavailable
-from inferd.metrics import Metrics
 from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.grpc_status import Context, answer, deadline_of
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
-from inferd.protocols.timing import RequestTiming, record_request
 from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_load_overrides, v2_index, v2_model_config
-from inferd.service import InferenceService
-from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.service import Call, InferenceService
+from inferd.types import DEFAULT_SIGNATURE, ModelRef, Tensors, TensorSpec, dtype_of
 
 PROTOCOL = "v2_grpc"
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -65,13 +60,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         service: InferenceService,
         control: ModelControl,
         limits: RequestLimits,
-        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
         self._control = control
         self._limits = limits
-        self._metrics = metrics
-        self._ids = itertools.count(1)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -80,7 +72,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._service.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return await answer(context, self._model_ready(request), f"v{next(self._ids)}")
+        return await answer(context, self._model_ready(request), self._service.request_id())
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
@@ -90,40 +82,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        return await answer(context, self._metadata(request), f"v{next(self._ids)}")
+        return await answer(context, self._metadata(request), self._service.request_id())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        request_id, timing = f"v{next(self._ids)}", RequestTiming(time.perf_counter())
-        call = self._infer(request, request_id, deadline_of(context), timing)
-        return await answer(
-            context, call, request_id, self._recorder(request.model_name, timing), self._metrics
-        )
+        call = self._service.call(PROTOCOL, request.model_name)
+        return await answer(context, self._infer(call, request, deadline_of(context)), call.id)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        return await answer(context, self._config(request), f"v{next(self._ids)}")
+        return await answer(context, self._config(request), self._service.request_id())
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        return await answer(context, self._index(request), f"v{next(self._ids)}")
+        return await answer(context, self._index(request), self._service.request_id())
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        return await answer(context, self._load(request), f"v{next(self._ids)}")
+        return await answer(context, self._load(request), self._service.request_id())
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         call = self._control.unload(request.model_name)  # unload_dependents: inferd has no ensembles
-        await answer(context, call, f"v{next(self._ids)}")
+        await answer(context, call, self._service.request_id())
         return pb.RepositoryModelUnloadResponse()
-
-    def _recorder(self, model: str, timing: RequestTiming) -> Callable[[str], None] | None:
-        metrics, service = self._metrics, self._service
-        if metrics is None or not model:
-            return None
-        return lambda status: record_request(metrics, service, PROTOCOL, model, status, timing)
 
     async def _model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         ref = _ref(request.name, request.version)
@@ -161,19 +144,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, request_id: str, deadline: float | None, timing: RequestTiming
+        self, call: Call, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        with call:
+            return await self._infer_call(call, request, deadline)
+
+    async def _infer_call(
+        self, call: Call, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         ref = _ref(request.model_name, request.model_version)
-        await self._service.resident(ref)
-        outputs = [spec.name for spec in self._service.signature(ref, None).outputs]
+        await call.load(ref)
+        outputs = [spec.name for spec in call.open(ref).outputs]
         wanted = [output.name for output in request.outputs] or outputs
         for name in wanted:
             if name not in outputs:
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
         inputs = decode_inputs(request, self._limits)
-        timing.decoded = time.perf_counter()
-        infer = InferenceRequest(inputs, id=request.id or None, deadline=deadline)
-        response = timing.answered(await self._service.infer(ref, infer))
+        response = await call.infer(inputs, deadline, request.id or None)
         reply = pb.ModelInferResponse(
             model_name=response.model_id.name, model_version=str(response.model_id.version), id=request.id
         )
@@ -268,9 +255,8 @@ def add_to_server(
     service: InferenceService,
     control: ModelControl,
     limits: RequestLimits,
-    metrics: Metrics | None,
 ) -> None:
     """Serve GRPCInferenceService on ``server``."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(service, control, limits, metrics), server
+        InferenceServicer(service, control, limits), server
     )

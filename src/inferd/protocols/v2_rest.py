@@ -10,7 +10,6 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,9 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
-from inferd.metrics import Metrics
 from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
-from inferd.protocols.timing import RequestTiming, record_request
 from inferd.protocols.v2 import (
     V2_DATATYPES,
     V2_EXTENSIONS,
@@ -32,8 +29,8 @@ from inferd.protocols.v2 import (
     v2_index,
     v2_model_config,
 )
-from inferd.service import InferenceService
-from inferd.types import InferenceRequest, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.service import Call, InferenceService
+from inferd.types import ACCEPTED_KINDS, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
@@ -55,11 +52,9 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
-    metrics: Metrics | None = None,
 ) -> Response:
-    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses."""
-    timing = RequestTiming(time.perf_counter())
-    model = ""
+    """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses; an
+    inference request is counted and timed by its ``service.call``."""
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
             return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(V2_EXTENSIONS)})
@@ -75,13 +70,10 @@ async def handle(
         if match is None:
             raise NotFound(f"no route for {method} {path}")
         name, version, action = match.groups()
-        ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
-            model = name
-            result = await _infer(service, ref, headers, body, request_id, deadline, timing, limits)
-            if metrics is not None:
-                record_request(metrics, service, PROTOCOL, model, "OK", timing)
-            return result
+            with service.call(PROTOCOL, name, request_id) as call:
+                return await _infer(call, model_ref(name, version), headers, body, deadline, limits)
+        ref = model_ref(name, version)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
         if method == "GET" and action == "/ready":
@@ -91,8 +83,6 @@ async def handle(
             return _json(v2_model_config(service.metadata(ref)))
         raise InvalidArgument(f"{method} is not allowed on {path}")
     except InferdError as error:
-        if metrics is not None and model:
-            record_request(metrics, service, PROTOCOL, model, error.code.grpc_code, timing)
         return json_error(error)
 
 
@@ -158,22 +148,19 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
 
 
 async def _infer(
-    service: InferenceService,
+    call: Call,
     ref: ModelRef,
     headers: dict[str, str],
     body: bytes,
-    request_id: str,
     deadline: float | None,
-    timing: RequestTiming,
     limits: RequestLimits,
 ) -> Response:
     doc, binary = split_body(headers.get(HEADER_LENGTH), body)
     inputs = decode_inputs(doc.get("inputs"), binary, limits)
-    request = InferenceRequest(
-        inputs, id=doc.get("id") if isinstance(doc.get("id"), str) else None, deadline=deadline
-    )
-    timing.decoded = time.perf_counter()
-    response = timing.answered(await service.infer(ref, request))
+    await call.load(ref)
+    call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
+    client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    response = await call.infer(inputs, deadline, client_id)
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
 
 
@@ -252,7 +239,8 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
     return tensors
 
 
-_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
+_KINDS = {**ACCEPTED_KINDS, "O": "U"}
+"""What JSON ``data`` may hold: a BYTES tensor's values come as JSON strings only."""
 _V2_DTYPES = {name: dtype_of(name).numpy for name in V2_DATATYPES}
 """The V2 datatype names, and only those (``float32`` or ``DT_FLOAT`` are not V2 names)."""
 

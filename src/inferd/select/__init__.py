@@ -22,11 +22,11 @@ from inferd.repository import folder_bytes
 from inferd.select.candidates import Candidate, resolve
 from inferd.select.choose import Requirement, Verdict, choose, parse_requirement
 from inferd.select.measure import Job, Measurement, check_data, measure
-from inferd.select.metrics import Objective, objective
+from inferd.select.objectives import Objective, objective
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "SelectOptions", "run"]
+__all__ = ["SelectOptions", "Selection", "run"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Selection:
     """A whole run: what was asked, every candidate's result and verdict, and the winner."""
 
     objective: Objective
@@ -96,7 +96,7 @@ def prepare(options: SelectOptions) -> tuple[Objective, tuple[Requirement, ...],
     return goal, requirements, resolve(options.candidates)
 
 
-def run(options: SelectOptions) -> Outcome:
+def run(options: SelectOptions) -> Selection:
     """Measure every candidate, one at a time, and choose.
 
     A candidate that fails to load or to score is reported with its error and loses; the others
@@ -119,7 +119,7 @@ def run(options: SelectOptions) -> Outcome:
         requirements,
     )
     order = {r.candidate.name: i for i, r in enumerate(results)}
-    return Outcome(
+    return Selection(
         goal,
         requirements,
         tuple(results),

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from inferd.errors import InvalidArgument
-from inferd.select.metrics import Objective
+from inferd.select.objectives import Objective
 
 MEASURED = {
     "p50_ms": "latency at batch 1, median (ms)",

@@ -8,13 +8,13 @@ from typing import Any
 
 import orjson
 
-from inferd.select import Outcome, Result
+from inferd.select import Result, Selection
 from inferd.select.choose import MEASURED, SERVER
 
 _DEFAULT_PLOT_AXES = ("p99_ms", "size_mb")
 
 
-def columns(outcome: Outcome) -> list[str]:
+def columns(outcome: Selection) -> list[str]:
     """The metrics shown, optimizing first; server figures only when measured."""
     shown = [outcome.objective.name, *MEASURED]
     if outcome.options.url:
@@ -24,7 +24,7 @@ def columns(outcome: Outcome) -> list[str]:
     return shown
 
 
-def to_json(outcome: Outcome) -> bytes:
+def to_json(outcome: Selection) -> bytes:
     """Everything measured and decided, as indented JSON."""
     goal = outcome.objective
     verdicts = {v.name: v for v in outcome.verdicts}
@@ -57,7 +57,7 @@ def to_json(outcome: Outcome) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
 
 
-def table(outcome: Outcome) -> Any:
+def table(outcome: Selection) -> Any:
     """A rich ``Table``: one row per candidate, the winner first-class, reasons in the last column."""
     from rich.table import Table
 
@@ -84,7 +84,7 @@ def table(outcome: Outcome) -> Any:
     return grid
 
 
-def markdown(outcome: Outcome) -> str:
+def markdown(outcome: Selection) -> str:
     """The table as Markdown, with the question asked and the machine it was measured on."""
     goal = outcome.objective
     shown = columns(outcome)
@@ -124,7 +124,7 @@ def markdown(outcome: Outcome) -> str:
     return "\n".join(lines)
 
 
-def plot(outcome: Outcome, path: Path) -> None:
+def plot(outcome: Selection, path: Path) -> None:
     """The optimizing metric against each required metric (else p99 latency and size), one panel
     each, budgets as dashed lines, the winner as a star.
 

@@ -1,0 +1,45 @@
+"""The serve command's flags: every server option can be set, by flag or by environment."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from inferd.cli import _batch_parser, _bench_parser, _optimize_parser, _select_parser, _serve_parser
+from inferd.config import ServerConfig
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_server_option_has_a_serve_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = serve_parser()
+    (serve,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {action.dest for action in serve.choices["serve"]._actions}
+    assert [f.name for f in fields(ServerConfig) if f.name not in flags] == []
+    assert parser.parse_args(["serve", "--load_threads=3"]).load_threads == 3
+    monkeypatch.setenv("INFERD_LOAD_THREADS", "5")
+    assert serve_parser().parse_args(["serve"]).load_threads == 5
+
+
+@pytest.mark.parametrize("command", ["batch", "bench", "select", "optimize"])
+def test_flags_are_spelled_in_snake_case_and_kebab_case_stays_an_alias(command: str) -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    for make in (_batch_parser, _bench_parser, _select_parser, _optimize_parser):
+        make(sub)
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        long = [flag for flag in action.option_strings if flag.startswith("--")]
+        kebab = [flag for flag in long if "-" in flag[2:]]
+        if long:
+            assert "-" not in long[0][2:], f"{command} {long}: the first spelling is snake_case"
+        assert all("--" + flag[2:].replace("-", "_") in long for flag in kebab), long
+    snake = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch_size=8", "--keep_columns=a"])
+    kebab = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch-size=8", "--keep-columns=a"])
+    assert (snake.batch_size, snake.keep_columns) == (kebab.batch_size, kebab.keep_columns) == (8, "a")
