@@ -97,11 +97,11 @@ def test_footprints_are_estimated_from_disk_then_learned() -> None:
     footprints = Footprints()
     id = ModelId("m", 1)
     assert footprints.footprint(id, 10 * MiB, "onnx") == int(12 * MiB)
-    assert footprints.reservation(id, 10 * MiB, "onnx") == 20 * MiB
-    footprints.learn(id, 30 * MiB)
-    assert footprints.known(id)
-    assert footprints.footprint(id, 10 * MiB, "onnx") == 30 * MiB
     assert footprints.reservation(id, 10 * MiB, "onnx") == 30 * MiB
+    footprints.learn(id, 40 * MiB)
+    assert footprints.known(id)
+    assert footprints.footprint(id, 10 * MiB, "onnx") == 40 * MiB
+    assert footprints.reservation(id, 10 * MiB, "onnx") == 40 * MiB
 
 
 # -- the manager under a budget, with fakes ----------------------------------------------------
@@ -165,10 +165,11 @@ class World:
     def plan(
         self, name: str, mib: float, device: str = "cpu", pin: bool = False, idle_s: float = 0.0
     ) -> ModelPlan:
-        """Model ``name``, version 1: ``mib`` MiB of ONNX on disk (reservation 2x, footprint = disk)."""
+        """Model ``name``, version 1: ``mib`` MiB on disk, of no runtime the factors know: its
+        reservation is 2x that, its footprint 1.5x before it is measured, then what it adds."""
         folder = self.tmp / name / "1"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "model.onnx").write_bytes(b"\0" * int(mib * MiB))
+        (folder / "weights.bin").write_bytes(b"\0" * int(mib * MiB))
         self.loader.held[name] = int(mib * MiB)
         settings = ModelSettings(device=device, residency=ResidencySettings(pin, idle_s))
         return ModelPlan(name, {1: VersionSource(1, folder, "f1")}, settings=settings)
@@ -227,8 +228,8 @@ def test_with_a_budget_models_are_listed_cold_and_concurrent_first_requests_shar
         assert await asyncio.gather(*first) == ["a"] * 5
         assert w.loader.events == ["load a"]
         assert w.manager.residency.stats.loads == {"start": 0, "cold": 1, "reload": 0}
-        # the runtime's first load in the process is not measured: the estimate, 1.2 x disk for ONNX
-        assert w.manager.residency.budget.used("cpu") == int(1.2 * MiB)
+        # the runtime's first load in the process is not measured: the estimate, 1.5 x disk
+        assert w.manager.residency.budget.used("cpu") == int(1.5 * MiB)
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
@@ -276,7 +277,7 @@ def test_a_version_with_a_request_in_flight_is_closed_only_after_it(tmp_path: Pa
 
 def test_pinned_models_load_at_start_and_are_never_evicted(tmp_path: Path) -> None:
     async def test(w: World) -> None:
-        await w.manager.apply([w.plan("p", 4, pin=True), w.plan("a", 2), w.plan("b", 2)])
+        await w.manager.apply([w.plan("p", 2, pin=True), w.plan("a", 2), w.plan("b", 2)])
         assert w.resident() == {"p"}
         assert w.manager.residency.stats.loads["start"] == 1
         for name in "abab":
@@ -284,7 +285,7 @@ def test_pinned_models_load_at_start_and_are_never_evicted(tmp_path: Path) -> No
         assert "p" in w.resident()
         assert w.manager.residency.stats.evictions["budget"] == 3
 
-    run(tmp_path, {"cpu": 9 * MiB}, test)
+    run(tmp_path, {"cpu": 8 * MiB}, test)
 
 
 def test_a_model_larger_than_the_budget_fails_with_a_message_saying_so(tmp_path: Path) -> None:
@@ -335,7 +336,7 @@ def test_a_gpu_budget_is_kept_apart_from_host_memory(tmp_path: Path) -> None:
         await w.infer("g2")
         await until(lambda: w.resident() == {"h", "g2"}, "g1 evicted for g2, h untouched")
         budget = w.manager.residency.budget
-        assert (budget.used("cuda:0"), budget.used("cpu")) == (4 * MiB, int(4.8 * MiB))
+        assert (budget.used("cuda:0"), budget.used("cpu")) == (4 * MiB, 6 * MiB)
         assert w.devices.used("cuda:0") == 4 * MiB
 
     run(tmp_path, {"cpu": 100 * MiB, "cuda:0": 10 * MiB}, test)
@@ -348,6 +349,6 @@ def test_a_measured_footprint_larger_than_the_files_is_charged_and_learned(tmp_p
         w.loader.held["a"] = 5 * MiB  # the runtime takes five times its files
         await w.infer("a")
         assert ("a", "1", 5 * MiB) in w.manager.resident_bytes()
-        assert w.manager.residency.footprints.footprint(ModelId("a", 1), MiB, "onnx") == 5 * MiB
+        assert w.manager.residency.footprints.footprint(ModelId("a", 1), MiB, "") == 5 * MiB
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
