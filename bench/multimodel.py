@@ -35,6 +35,7 @@ import json
 import math
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,9 @@ def zipf_trace(n: int, s: float, rate: float, duration: float, seed: int) -> lis
         trace.append((t, rng.choices(models, weights)[0]))
 
 
-def replay(trace: list[int], sizes: list[int], budget: int, policy: str, cost_per_byte: float) -> dict[str, float]:
+def replay(
+    trace: list[int], sizes: list[int], budget: int, policy: str, cost_per_byte: float
+) -> dict[str, float]:
     """Hit rate and byte hit rate of one eviction policy on ``trace`` with a byte ``budget``."""
     resident: set[int] = set()
     used = hits = hit_bytes = all_bytes = 0
@@ -132,7 +135,10 @@ def metrics(url: str) -> str:
 
 
 def samples(text: str, name: str) -> list[tuple[str, float]]:
-    return [(m.group(1) or "", float(m.group(2))) for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)]
+    return [
+        (m.group(1) or "", float(m.group(2)))
+        for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)
+    ]
 
 
 def histogram_quantile(text: str, name: str, q: float) -> float:
@@ -203,6 +209,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--port", type=int, default=18731)
     parser.add_argument("--no-budget-run", action="store_true", help="also load everything without a budget")
+    parser.add_argument(
+        "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
+    )
+    parser.add_argument("--replay-only", action="store_true", help="replay the policies; start no server")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -210,17 +220,27 @@ def main() -> None:
     sizes = [int(math.exp(rng.uniform(lo, hi))) for _ in range(args.models)]
     work = Path(tempfile.mkdtemp(prefix="inferd-multimodel-"))
     repo = work / "repo"
-    for n, size in enumerate(sizes):
-        write_table(repo / f"m{n:03d}" / "1", size, n)
-    write_table(repo / "probe" / "1", 64_000, 99999)
-    (repo / "probe" / "inferd.toml").write_text("[residency]\npin = true\n")
-    on_disk = [(repo / f"m{n:03d}" / "1" / "model.onnx").stat().st_size for n in range(args.models)]
+    on_disk = sizes  # the table's bytes; the file adds ~200 bytes
+    if not args.replay_only:
+        for n, size in enumerate(sizes):
+            write_table(repo / f"m{n:03d}" / "1", size, n)
+        write_table(repo / "probe" / "1", 64_000, 99999)
+        (repo / "probe" / "inferd.toml").write_text("[residency]\npin = true\n")
+        on_disk = [(repo / f"m{n:03d}" / "1" / "model.onnx").stat().st_size for n in range(args.models)]
     total = sum(on_disk)
     budget = int(max(total * args.fraction, 1.1 * LOAD_FACTORS["onnx"] * max(on_disk)))
     timed = zipf_trace(args.models, args.zipf, args.rate, args.duration, args.seed)
     trace = [model for _, model in timed]
-    print(f"{args.models} models, {total / MB:.0f} MB on disk, budget {budget / MB:.0f} MB "
-          f"({budget / total:.0%} of it), {len(trace)} requests over {args.duration:g} s")
+    long_trace = [m for _, m in zipf_trace(args.models, args.zipf, 1.0, args.replay_requests, args.seed)]
+    if args.replay_only:  # load cost: 20 ms + 10 ms per MB (onnxruntime on this machine, roughly)
+        replayed = {p: replay(long_trace, on_disk, budget, p, 1e-8) for p in ("gdsf", "lru", "belady")}
+        print(json.dumps({"models": args.models, "requests": len(long_trace), "replay": replayed}, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    print(
+        f"{args.models} models, {total / MB:.0f} MB on disk, budget {budget / MB:.0f} MB "
+        f"({budget / total:.0%} of it), {len(trace)} requests over {args.duration:g} s"
+    )
 
     url = f"http://127.0.0.1:{args.port}"
     server = start(repo, args.port, f"--memory_budget={budget}")
@@ -277,8 +297,10 @@ def main() -> None:
         "requests": len(trace),
         "rate": args.rate,
         "duration_s": args.duration,
+        "replay_requests": len(long_trace),
         "replay": {
-            policy: replay(trace, on_disk, budget, policy, seconds_per_byte) for policy in ("gdsf", "lru", "belady")
+            policy: replay(long_trace, on_disk, budget, policy, seconds_per_byte)
+            for policy in ("gdsf", "lru", "belady")
         },
         "live": {
             "statuses": statuses,
@@ -302,6 +324,7 @@ def main() -> None:
             result["no_budget_rss_mb"] = read_pid(server.pid)[1] / MB
         finally:
             stop(server)
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     out = BENCH / "results" / f"multimodel-{args.models}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
