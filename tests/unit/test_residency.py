@@ -3,6 +3,7 @@ and eviction with a fake loader and a fake device layer (no GPU needed)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from inferd.cli import _serve_parser, main
 from inferd.config import ModelSettings, ResidencySettings, read_model_settings
 from inferd.errors import ConfigError, NotFound, Unavailable
 from inferd.manager import ModelManager, Residency
@@ -352,3 +354,21 @@ def test_a_measured_footprint_larger_than_the_files_is_charged_and_learned(tmp_p
         assert w.manager.residency.footprints.footprint(ModelId("a", 1), MiB, "") == 5 * MiB
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_memory_budget_is_repeatable_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--memory_budget=8GiB", "--memory_budget=cuda:0=1GiB"])
+    assert args.memory_budget == ["8GiB", "cuda:0=1GiB"]
+    monkeypatch.setenv("INFERD_MEMORY_BUDGET", "1GiB,cuda:1=2GiB")
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["serve"]).memory_budget == ["1GiB", "cuda:1=2GiB"]
+
+
+def test_a_bad_memory_budget_stops_the_server_with_the_flag_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(tmp_path), "--memory_budget=lots", "--port=0", "--rest_api_port=0"]) == 2
+    assert "--memory_budget: expected a size such as 8GiB" in capsys.readouterr().err
