@@ -49,6 +49,7 @@ from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.residency import (
     HOST,
+    RESIDENT_OVERHEAD,
     Footprints,
     GreedyDualSizeFrequency,
     MemoryBudget,
@@ -660,7 +661,7 @@ class ModelManager(Generic[S]):
         if overlapped or first:
             footprint = residency.footprints.footprint(version.id, on_disk, runtime)
         else:
-            footprint = max(added, on_disk)
+            footprint = max(added, on_disk + RESIDENT_OVERHEAD.get(runtime, 0))
             residency.footprints.learn(version.id, footprint)
         if not residency.footprints.known(version.id):
             residency.footprints.learn(version.id, footprint)

@@ -98,8 +98,8 @@ def test_budget_counts_charges_until_released() -> None:
 def test_footprints_are_estimated_from_disk_then_learned() -> None:
     footprints = Footprints()
     id = ModelId("m", 1)
-    assert footprints.footprint(id, 10 * MiB, "onnx") == int(12 * MiB)
-    assert footprints.reservation(id, 10 * MiB, "onnx") == 30 * MiB
+    assert footprints.footprint(id, 10 * MiB, "onnx") == int(12 * MiB) + 256 * 1024
+    assert footprints.reservation(id, 10 * MiB, "onnx") == 30 * MiB + 256 * 1024
     footprints.learn(id, 40 * MiB)
     assert footprints.known(id)
     assert footprints.footprint(id, 10 * MiB, "onnx") == 40 * MiB
