@@ -330,8 +330,8 @@ class ModelManager(Generic[S]):
                     loop.call_soon_threadsafe(self._died, entry, version, reason)
 
                 servable.supervise(str(version.id), died)
-            entry.refresh_latest()
             log.info("%s is AVAILABLE: %s", version.id, servable)
+        entry.refresh_latest()  # a failed load routes nothing: requests must not load it again
         ok = version.state is VersionState.AVAILABLE
         self._metrics.model_loaded(version.id.name, time.monotonic() - started, ok)
         self._wake()

@@ -16,7 +16,7 @@ import pytest
 
 from inferd.cli import _serve_parser, main
 from inferd.config import ModelSettings, ResidencySettings, read_model_settings
-from inferd.errors import ConfigError, NotFound, Unavailable
+from inferd.errors import ConfigError, ModelLoadError, NotFound, Unavailable
 from inferd.manager import ModelManager, Residency
 from inferd.repository import ModelPlan, VersionSource
 from inferd.residency import (
@@ -148,10 +148,14 @@ class Loader:
         self.held: dict[str, int] = {}
         self.gates: dict[str, threading.Event] = {}
         self.slow: set[str] = set()
+        self.failing: set[str] = set()
 
     def __call__(self, id: ModelId, path: Path, settings: ModelSettings, platform: str | None) -> Held:
         if gate := self.gates.get(id.name):
             assert gate.wait(10), "the test never opened the gate"
+        if id.name in self.failing:
+            self.events.append(f"fail {id.name}")
+            raise ModelLoadError(f"{id.name} has no weights")
         if id.name in self.slow:
             time.sleep(0.2)  # a load slower than the others (a cost for the policy), not a wait
         self.events.append(f"load {id.name}")
@@ -372,3 +376,19 @@ def test_a_bad_memory_budget_stops_the_server_with_the_flag_named(
 ) -> None:
     assert main(["serve", str(tmp_path), "--memory_budget=lots", "--port=0", "--rest_api_port=0"]) == 2
     assert "--memory_budget: expected a size such as 8GiB" in capsys.readouterr().err
+
+
+def test_a_failed_cold_load_is_not_retried_by_every_request(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        await w.manager.apply([w.plan("bad", 1)])
+        w.loader.failing.add("bad")
+        with pytest.raises(NotFound, match="failed to load: bad has no weights"):
+            await w.infer("bad")
+        with pytest.raises(NotFound):
+            await w.infer("bad")
+        assert w.loader.events == ["fail bad"]
+        (status,) = w.manager.status(ModelRef("bad"))
+        assert (status.state, status.error_code) == (VersionState.END, "INVALID_ARGUMENT")
+        assert w.manager.residency.budget.used("cpu") == 0
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
