@@ -183,3 +183,22 @@ def test_a_request_holding_a_version_that_is_evicted_completes(
     assert np.array_equal(got, table[5])
     (status,) = requests.get(f"{server.url}/v1/models/slow", timeout=5).json()["model_version_status"]
     assert status["status"]["error_message"].startswith("evicted (budget)")
+
+
+def test_a_repository_load_under_a_budget_loads_the_model_at_once(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    write_onnx_table(tmp_path / "repo" / "table" / "1", 1, seed=3)
+    server = start_server(
+        str(tmp_path / "repo"), "--memory_budget=14MiB", "--load_wait_ms=60000", "--admin_token=t"
+    )
+    assert server.status("table") == {"1": "END"}  # listed cold
+    load = requests.post(
+        f"{server.url}/v2/repository/models/table/load",
+        json={},
+        headers={"Authorization": "Bearer t"},
+        timeout=120,
+    )
+    assert load.status_code == 200, load.text
+    assert server.status("table") == {"1": "AVAILABLE"}
+    assert metric(server, "inferd_model_loads_total", 'cause="cold"') == 1
