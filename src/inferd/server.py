@@ -327,6 +327,19 @@ class Server:
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
+    def http_app(self) -> HttpApp:
+        """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
+        under uvicorn; a Ray Serve replica under Serve's proxy)."""
+        return HttpApp(
+            self.service,
+            self.control,
+            self.config,
+            self.metrics,
+            self.metrics_paths,
+            self.inflight,
+            self._decode_pool,
+        )
+
     async def _poll(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
@@ -387,15 +400,7 @@ class Server:
         sweeper = asyncio.create_task(self._unload_idle())
         http = http_server(
             uvicorn.Config(
-                HttpApp(
-                    self.service,
-                    self.control,
-                    self.config,
-                    self.metrics,
-                    self.metrics_paths,
-                    self.inflight,
-                    self._decode_pool,
-                ),
+                self.http_app(),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -459,11 +464,15 @@ class Server:
             if poller:
                 poller.cancel()
             sweeper.cancel()
-            await self.manager.close()
-            await self.feature_stores.close()
-            self._infer_pool.shutdown(wait=False, cancel_futures=True)
-            self._decode_pool.close()
-            self._load_pool.shutdown(wait=False, cancel_futures=True)
+            await self.close()
+
+    async def close(self) -> None:
+        """Unload every version, close the feature stores and stop the pools (after the drain)."""
+        await self.manager.close()
+        await self.feature_stores.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.close()
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _start_grpc(
