@@ -77,6 +77,19 @@ def write_onnx_affine(version_dir: Path, scale: float, offset: float = 0.0, widt
     _save(version_dir, helper.make_graph(nodes, "affine", [x], [y], inits))
 
 
+def write_onnx_table(version_dir: Path, mib: float, seed: int) -> np.ndarray:
+    """``y = table[i]``: INT64 [-1] row numbers -> FP32 [-1, 16] rows of a random table of about
+    ``mib`` MiB (an initializer onnxruntime keeps: it cannot fold it away). Returns the table."""
+    rows = max(int(mib * 2**20) // 64, 1)
+    table = np.random.default_rng(seed).standard_normal((rows, 16), dtype=np.float32)
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, ["batch"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])
+    node = helper.make_node("Gather", ["table", "i"], ["y"], axis=0)
+    init = numpy_helper.from_array(table, "table")
+    _save(version_dir, helper.make_graph([node], "table", [i], [y], [init]))
+    return table
+
+
 def write_onnx_affine_external(version_dir: Path, scale: float, width: int = 4) -> None:
     """``write_onnx_affine`` saved as two files, ``model.onnx`` and its weights in
     ``weights.bin`` (ONNX external data): a version that is incomplete until both are there."""

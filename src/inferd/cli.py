@@ -21,6 +21,8 @@ from inferd.errors import ConfigError, InferdError
 
 _KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 """A ``ServerConfig`` field's annotation -> the type its flag parses."""
+_REPEATABLE = {"memory_budget"}
+"""Flags given once per value, joined with commas into their ``ServerConfig`` field."""
 
 
 def _bool(text: str) -> bool:
@@ -70,6 +72,8 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         convert = _bool if kind is bool else kind
         env = os.environ.get(f"INFERD_{name.upper()}")
         extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
+        if name in _REPEATABLE:  # each use adds a value; the environment's are comma-separated
+            extra, env, default = {"action": "append"}, None, None if env is None else env.split(",")
         parser.add_argument(
             f"--{name}",
             type=convert,
@@ -615,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _log_inert_flags(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    values["memory_budget"] = ",".join(args.memory_budget or ())
     if values.get("num_load_threads") == 0:
         values["num_load_threads"] = 1  # TF Serving's 0 loads in its manager's loop: one at a time
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})

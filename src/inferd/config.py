@@ -316,6 +316,20 @@ def _strings(value: Any) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ResidencySettings:
+    """A model's ``[residency]`` table: how it lives under a memory budget.
+
+    Attributes:
+        pin: loaded at start and never unloaded to make room or for idling.
+        idle_unload_s: unloaded after this many seconds without a request (budget or not), and
+            loaded again by the next one; 0 (default) never.
+    """
+
+    pin: bool = False
+    idle_unload_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
 
@@ -338,6 +352,7 @@ class ModelSettings:
             (in a worker process of its own, whose crash does not take the server down).
         safe: set by the server's ``--safe`` flag, never by inferd.toml: refuse formats whose
             loading runs code from the repository.
+        residency: the ``[residency]`` table (pinning, unloading when idle).
         prefer_tflite: set by ``--prefer_tflite_model``: a version folder holding ``model.tflite``
             is served by the TFLite runtime even when it also holds a SavedModel.
     """
@@ -355,6 +370,7 @@ class ModelSettings:
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
+    residency: ResidencySettings = field(default_factory=ResidencySettings)
     prefer_tflite: bool = False
 
     def options(self, runtime: str) -> Mapping[str, Any]:
@@ -558,6 +574,17 @@ class ServerConfig:
         "mutual TLS: refuse clients without a certificate signed by --tls_ca",
         default=False,
     )
+    memory_budget: str = option(
+        "bound the memory of loaded models: SIZE (e.g. 8GiB) for host memory, cuda:N=SIZE for a "
+        "GPU; repeatable (or comma-separated). Models then load on their first request and idle "
+        "ones are unloaded to make room; unset: every model loads at start",
+        default="",
+    )
+    load_wait_ms: int = option(
+        "with --memory_budget, how long a request waits for its model's cold load before it gets "
+        "503 with Retry-After (the load goes on)",
+        default=5000,
+    )
     grpc_socket_path: str = option(
         "also serve the gRPC API on this Unix socket (relative or absolute path)", default=""
     )
@@ -699,6 +726,7 @@ _KNOWN_KEYS = {
     "prediction_cache_bytes",
     "device",
     "isolation",
+    "residency",
     *_RUNTIME_TABLES,
 }
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -758,7 +786,22 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         prediction_cache_bytes=_prediction_cache_bytes(raw, path),
         device="cuda:0" if device == "cuda" else device,
         isolation=isolation,
+        residency=_residency(raw.get("residency", {}), f"{path}: [residency]"),
     )
+
+
+def _residency(raw: Any, where: str) -> ResidencySettings:
+    table = _table(raw, where)
+    unknown = sorted(set(table) - {"pin", "idle_unload_s"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected pin, idle_unload_s")
+    pin = table.get("pin", False)
+    if not isinstance(pin, bool):
+        raise ConfigError(f"{where}: 'pin' must be true or false, got {pin!r}")
+    idle = table.get("idle_unload_s", 0)
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or idle < 0:
+        raise ConfigError(f"{where}: 'idle_unload_s' must be a number of seconds >= 0, got {idle!r}")
+    return ResidencySettings(pin, float(idle))
 
 
 def _read_regular_file(path: Path) -> str:

@@ -13,6 +13,7 @@ bounded load pool (``--num_load_threads``). Call from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferd.config import BatchingParameters, ModelConfig, ModelSettings
-from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound
+from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound, Unavailable
 from inferd.manager import ModelManager
 from inferd.repository import ModelPlan, Repository
 from inferd.types import ModelRef, VersionState
@@ -195,7 +196,9 @@ class ModelControl:
         """Serve ``name`` again if it was unloaded, and load its new versions now, without
         waiting for the files to look stable. An ``override`` different from the one in force
         (a load without one returns to ``inferd.toml``) reloads the versions serving, with the
-        new settings: they are out of service until the reload finished.
+        new settings: they are out of service until the reload finished. Under a memory budget
+        the latest version, listed cold, is loaded now; the call waits for it at most
+        ``--load_wait_ms`` (the load goes on).
 
         Raises:
             NotFound: ``name`` is not a configured model.
@@ -220,6 +223,12 @@ class ModelControl:
             self._unloaded.discard(name)
             runs = await self._scan(frozenset({name}))
         await _settled(run for model, run in runs.items() if model == name)
+        # Under a memory budget the model is listed cold: load it now.
+        with (
+            contextlib.suppress(NotFound, Unavailable),
+            await self._manager.acquire(ModelRef(name), use=False),
+        ):
+            pass
         if not self._manager.serves(name):
             try:
                 statuses = self._manager.status(ModelRef(name))

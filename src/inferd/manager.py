@@ -13,6 +13,16 @@ closed when its last lease is returned, and is loaded again at the next reconcil
 its new version only once that version is AVAILABLE; until then it keeps its old one, which stays
 loaded for it even when no longer aspired (``routed_labels``).
 
+With a ``Residency`` (``--memory_budget``, or a model's ``[residency] idle_unload_s``), a
+version can also be *cold*: listed, routed to, but not loaded (``ServedVersion.cold`` says why;
+its status is END with that reason). Under a budget, aspired versions start cold unless pinned.
+A request to a cold version (``acquire``) starts its load, shared by every request that arrives
+meanwhile, and waits for it at most ``load_wait_s``, then gets UNAVAILABLE while the load goes
+on. Before a load is charged to its device, idle versions are unloaded to make room, chosen by
+``residency.GreedyDualSizeFrequency``; a chosen version becomes cold at once for new requests,
+and its memory is counted until its last lease is returned and it is closed. A version with
+``idle_unload_s`` is unloaded after that long without a lease (``unload_idle``).
+
 ``drain`` starts a shutdown: readiness goes false, every version reports UNLOADING, new leases
 are refused with UNAVAILABLE, and ``drained`` waits for the leases already held.
 
@@ -23,6 +33,7 @@ the executor given to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -32,9 +43,21 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from inferd.config import ModelSettings
+from inferd.devices import DeviceMemory, FrameworkMemory
 from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
+from inferd.residency import (
+    HOST,
+    RESIDENT_OVERHEAD,
+    Footprints,
+    GreedyDualSizeFrequency,
+    MemoryBudget,
+    ResidencyStats,
+    disk_bytes,
+    format_bytes,
+    runtime_guess,
+)
 from inferd.runtimes import Supervised
 from inferd.types import ModelId, ModelRef, VersionState, VersionStatus
 
@@ -70,6 +93,16 @@ class ServedVersion(Generic[S]):
     error_message: str = ""
     leases: int = 0
     died: bool = False
+    platform: str | None = None
+    cold: str = ""
+    """Non-empty: listed and routed to, not loaded; why (its status message)."""
+    last_used: float = 0.0
+    cold_since: float | None = None
+    """When the request that started this version's load arrived, until its first answer."""
+    waiters: int = 0
+    """Requests awaiting this version's load; each gets a lease taken when it ends (``adopted``)
+    so that no other load can unload the version before they use it."""
+    adopted: int = 0
 
     def status(self) -> VersionStatus:
         return VersionStatus(self.id.version, self.state, self.error_code, self.error_message)
@@ -83,34 +116,65 @@ class _Entry(Generic[S]):
     """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion[S] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loading: dict[int, tuple[asyncio.Future[None], ServedVersion[S]]] = field(default_factory=dict)
+    """Version number -> its load started by a request (shared by the requests that wait)."""
+    aspired: set[int] = field(default_factory=set)
 
     def refresh_latest(self) -> None:
-        available = [v for v in self.versions.values() if v.state is VersionState.AVAILABLE]
+        available = [v for v in self.versions.values() if _routable(v)]
         self.latest = max(available, key=lambda v: v.id.version, default=None)
 
 
 class Lease(Generic[S]):
     """Holds a version in service while a request uses it; use as a context manager."""
 
-    __slots__ = ("_manager", "_version")
+    __slots__ = ("_held", "_manager", "_version")
 
-    def __init__(self, manager: ModelManager[S], version: ServedVersion[S]) -> None:
+    def __init__(self, manager: ModelManager[S], version: ServedVersion[S], held: bool = False) -> None:
         self._manager = manager
         self._version = version
+        self._held = held  # counted in ``leases`` already (taken for a request that awaited the load)
 
     def __enter__(self) -> ServedVersion[S]:
-        self._version.leases += 1
+        if self._held:
+            self._held = False
+        else:
+            self._version.leases += 1
         return self._version
 
     def __exit__(self, *exc: object) -> None:
         version = self._version
         version.leases -= 1
+        if version.leases == 0:
+            self._manager._wake()
         if (
             version.leases == 0
             and version.state is not VersionState.AVAILABLE
             and version.servable is not None
         ):
             self._manager._close_later(version)
+
+
+@dataclass(slots=True)
+class Residency:
+    """What the manager needs to bound memory: budgets by device, the eviction policy, learned
+    footprints, the device layer, how long a request waits for a cold load, and the counts.
+
+    ``lazy`` is true when a budget is set: aspired versions then start cold unless pinned.
+    """
+
+    budget: MemoryBudget[Any] = field(default_factory=lambda: MemoryBudget({}))
+    load_wait_s: float = 5.0
+    devices: DeviceMemory = field(default_factory=FrameworkMemory)
+    policy: GreedyDualSizeFrequency[Any] = field(default_factory=GreedyDualSizeFrequency)
+    footprints: Footprints = field(default_factory=Footprints)
+    stats: ResidencyStats = field(default_factory=ResidencyStats)
+    busy_after_s: float = 1.0
+    """How long a load waits for idle versions to unload before it unloads busy ones too."""
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.budget.budgets)
 
 
 class ModelManager(Generic[S]):
@@ -120,15 +184,28 @@ class ModelManager(Generic[S]):
         executor: where loads and closes run.
         loader: makes a servable of a version folder; called in ``executor``.
         metrics: where load durations and failures are counted; by default a collector of its own.
+        residency: budgets and eviction (see the module docstring); the default bounds nothing.
     """
 
-    def __init__(self, executor: Executor, loader: Loader[S], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        loader: Loader[S],
+        metrics: Metrics | None = None,
+        residency: Residency | None = None,
+    ) -> None:
         self._executor = executor
         self._loader = loader
         self._metrics = metrics or Metrics()
         self._models: dict[str, _Entry[S]] = {}
         self._closing: set[asyncio.Future[Any]] = set()
         self._draining = False
+        self.residency = residency or Residency()
+        self._loading_on: dict[str, set[ServedVersion[S]]] = {}
+        self._overlapped: set[ServedVersion[S]] = set()
+        self._room: asyncio.Event | None = None
+        self._sizes: dict[ServedVersion[S], tuple[int, str]] = {}
+        self._runtimes_seen: set[tuple[str, str]] = set()
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -156,11 +233,21 @@ class ModelManager(Generic[S]):
         """Load the plan's new versions, then retire versions it no longer aspires to."""
         entry: _Entry[S] = self._models.setdefault(plan.name, _Entry())
         async with entry.lock:
+            entry.aspired = set(plan.aspired)
             for number in sorted(plan.aspired, reverse=True):
-                if self._needs_load(entry.versions.get(number), plan.aspired[number]):
-                    await self._load(entry, plan, plan.aspired[number])
+                current, source = entry.versions.get(number), plan.aspired[number]
+                if current is not None and current.cold and current.source.fingerprint == source.fingerprint:
+                    continue
+                if self._needs_load(current, source):
+                    if self.residency.lazy and not plan.settings.residency.pin and not plan.error:
+                        self._list_cold(entry, plan, source)
+                    else:
+                        await self._load(entry, plan, source)
             self._move_labels(plan.name, entry, plan.labels)
-            states = {number: version.state for number, version in entry.versions.items()}
+            states = {
+                number: VersionState.AVAILABLE if version.cold else version.state
+                for number, version in entry.versions.items()
+            }
             held = {entry.labels[label] for label in entry.held}
             for number in retired_versions(states, plan.aspired, held):
                 self._retire(entry, entry.versions[number])
@@ -168,7 +255,7 @@ class ModelManager(Generic[S]):
     @staticmethod
     def _move_labels(name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
         """Route labels by ``routed_labels``, warning when a label starts being held."""
-        available = {n for n, v in entry.versions.items() if v.state is VersionState.AVAILABLE}
+        available = {n for n, v in entry.versions.items() if _routable(v)}
         labels, held = routed_labels(wanted, entry.labels, available)
         for label, number in held.items():
             if entry.held.get(label) != number:
@@ -192,41 +279,74 @@ class ModelManager(Generic[S]):
             )
         return False
 
+    @staticmethod
+    def _list_cold(entry: _Entry[S], plan: ModelPlan, source: VersionSource) -> None:
+        """List an aspired version without loading it: its first request will."""
+        version: ServedVersion[S] = ServedVersion(
+            ModelId(plan.name, source.version), source, plan.settings, VersionState.END
+        )
+        version.platform = plan.platform
+        version.cold = "not loaded: loads on its first request (memory budget)"
+        version.error_message = version.cold
+        entry.versions[source.version] = version
+        entry.refresh_latest()
+
     async def _load(self, entry: _Entry[S], plan: ModelPlan, source: VersionSource) -> None:
         version: ServedVersion[S] = ServedVersion(
             ModelId(plan.name, source.version), source, plan.settings, VersionState.LOADING
         )
+        version.platform = plan.platform
         entry.versions[source.version] = version
-        log.info("loading %s from %s", version.id, source.path)
+        await self._load_into(entry, version, plan.error or "", "start")
+
+    async def _load_into(self, entry: _Entry[S], version: ServedVersion[S], error: str, cause: str) -> None:
+        """Load ``version`` (state LOADING, in ``entry``): make room, load, measure, route."""
+        source = version.source
+        log.info("loading %s from %s (%s)", version.id, source.path, cause)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        device = _device(version.settings)
         try:
-            if plan.error:
-                raise ModelLoadError(plan.error)
-            servable = await loop.run_in_executor(
-                self._executor, self._loader, version.id, source.path, plan.settings, plan.platform
-            )
+            if error:
+                raise ModelLoadError(error)
+            await self._make_room(version, device)
+            self._begin_measure(version, device)
+            try:
+                servable, added = await loop.run_in_executor(
+                    self._executor, self._measured_load, version, device
+                )
+            finally:
+                overlapped = self._end_measure(version, device)
         except InferdError as exc:
+            self._forget_charge(version)
             self._fail(version, exc.code.grpc_code, exc.message)
         except Exception as exc:  # a runtime's unexpected failure must not stop the server
+            self._forget_charge(version)
             log.exception("loading %s failed unexpectedly", version.id)
             self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
         else:
+            self._settle(version, device, added, overlapped, time.monotonic() - started)
+            self.residency.stats.loads[cause] += 1
             version.servable, version.state = servable, VersionState.AVAILABLE
+            version.cold, version.last_used = "", time.monotonic()
+            version.leases += version.waiters
+            version.adopted, version.waiters = version.adopted + version.waiters, 0
             if isinstance(servable, Supervised):
 
                 def died(reason: str) -> None:  # called from the worker's reader thread
                     loop.call_soon_threadsafe(self._died, entry, version, reason)
 
                 servable.supervise(str(version.id), died)
-            entry.refresh_latest()
             log.info("%s is AVAILABLE: %s", version.id, servable)
+        entry.refresh_latest()  # a failed load routes nothing: requests must not load it again
         ok = version.state is VersionState.AVAILABLE
-        self._metrics.model_loaded(plan.name, time.monotonic() - started, ok)
+        self._metrics.model_loaded(version.id.name, time.monotonic() - started, ok)
+        self._wake()
 
     @staticmethod
     def _fail(version: ServedVersion[S], code: str, message: str) -> None:
         version.state, version.error_code, version.error_message = VersionState.END, code, message
+        version.cold = ""
         log.error("%s failed to load: %s", version.id, message)
 
     def _died(self, entry: _Entry[S], version: ServedVersion[S], reason: str) -> None:
@@ -240,8 +360,14 @@ class ModelManager(Generic[S]):
             self._close_later(version)
 
     def _retire(self, entry: _Entry[S], version: ServedVersion[S]) -> None:
+        if version.cold:
+            version.cold, version.error_message = "", "no longer aspired"
+            entry.refresh_latest()
+            return
         if version.state is not VersionState.AVAILABLE:
             return
+        self.residency.budget.mark_freeing(version)
+        self.residency.policy.forget(version)
         version.state = VersionState.UNLOADING
         entry.refresh_latest()
         log.info("unloading %s once its %d in-flight request(s) finish", version.id, version.leases)
@@ -250,22 +376,85 @@ class ModelManager(Generic[S]):
 
     def _close_later(self, version: ServedVersion[S]) -> None:
         servable, version.servable = version.servable, None
-        future = asyncio.get_running_loop().run_in_executor(self._executor, _close, servable)
+        self.residency.budget.mark_freeing(version)
+        self.residency.policy.forget(version)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, _close, servable, self.residency.devices
+        )
         self._closing.add(future)
 
         def done(f: asyncio.Future[Any]) -> None:
             self._closing.discard(f)
             version.state = VersionState.END
+            self._forget_charge(version)
+            self._wake()
             log.info("%s unloaded", version.id)
 
         future.add_done_callback(done)
 
     def lease(self, ref: ModelRef) -> Lease[S]:
-        """A lease on the version ``ref`` asks for; use it as a context manager.
+        """A lease on the version ``ref`` asks for; use it as a context manager. A cold
+        version's load is started, and UNAVAILABLE raised meanwhile (``acquire`` waits for it).
 
         Raises:
             NotFound: unknown model, version or label, or the version is not AVAILABLE.
-            Unavailable: the server is shutting down.
+            Unavailable: the server is shutting down, or the version is not loaded yet.
+        """
+        entry, version = self._route(ref)
+        if version.cold or version.state is not VersionState.AVAILABLE:
+            self._start_cold(entry, version)
+            raise Unavailable(f"model {version.id} is loading (it was not in memory); retry shortly")
+        return Lease(self, version)
+
+    async def acquire(self, ref: ModelRef, use: bool = True) -> Lease[S]:
+        """Like ``lease``, but a cold version's load (started now, or by an earlier request) is
+        waited for, at most ``residency.load_wait_s``; with ``use``, counted as a use of the
+        version (for the eviction policy and idle unloading).
+
+        Raises:
+            NotFound: as ``lease``; also when the load failed (the message says why).
+            Unavailable: shutting down, or the load takes longer than the wait (it goes on).
+        """
+        wait_s = self.residency.load_wait_s
+        give_up = time.monotonic() + wait_s
+        while True:
+            entry, version = self._route(ref)
+            if not version.cold:
+                lease = self.lease(ref)
+                if use:
+                    version.last_used = time.monotonic()
+                    self.residency.policy.hit(version)
+                return lease
+            load, loading = self._start_cold(entry, version)
+            loading.waiters += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(load), max(give_up - time.monotonic(), 0.0))
+            except BaseException as exc:  # timed out, or the request was cancelled
+                if loading.waiters:
+                    loading.waiters -= 1
+                elif loading.adopted:  # it loaded just before: return the lease taken for us
+                    loading.adopted -= 1
+                    Lease(self, loading, held=True).__exit__()
+                if isinstance(exc, TimeoutError):
+                    raise Unavailable(
+                        f"model {version.id} is still loading after {wait_s:g} s (--load_wait_ms); "
+                        "retry shortly"
+                    ) from None
+                raise
+            if loading.adopted:
+                loading.adopted -= 1
+                if use:
+                    loading.last_used = time.monotonic()
+                    self.residency.policy.hit(loading)
+                return Lease(self, loading, held=True)
+            if loading.state is VersionState.END and loading.error_code != "OK":
+                raise NotFound(f"model {loading.id} failed to load: {loading.error_message}")
+
+    def _route(self, ref: ModelRef) -> tuple[_Entry[S], ServedVersion[S]]:
+        """The entry and version ``ref`` resolves to: AVAILABLE or cold.
+
+        Raises:
+            NotFound, Unavailable: as ``lease``.
         """
         if self._draining:
             raise Unavailable("the server is shutting down; retry on another replica")
@@ -274,14 +463,14 @@ class ModelManager(Generic[S]):
             raise NotFound(f"Servable not found for request: Latest({ref.name})")
         if ref.version is not None:
             version = entry.versions.get(ref.version)
-            if version is None or version.state is not VersionState.AVAILABLE:
+            if version is None or not _routable(version):
                 raise NotFound(f"Servable not found for request: Specific({ref.name}, {ref.version})")
         elif ref.label is not None:
             number = entry.labels.get(ref.label)
             if number is None:
                 raise UnknownLabel(f"Unrecognized servable version label: {ref.label}")
             version = entry.versions.get(number)
-            if version is None or version.state is not VersionState.AVAILABLE:
+            if version is None or not _routable(version):
                 raise NotFound(
                     f"label {ref.label!r} of model {ref.name!r} points to version {number}, "
                     "which is not available"
@@ -290,7 +479,206 @@ class ModelManager(Generic[S]):
             version = entry.latest
             if version is None:
                 raise NotFound(f"Servable not found for request: Latest({ref.name})")
-        return Lease(self, version)
+        return entry, version
+
+    def _start_cold(
+        self, entry: _Entry[S], cold: ServedVersion[S]
+    ) -> tuple[asyncio.Future[None], ServedVersion[S]]:
+        """The load of cold version ``cold`` (the one running, or a new one) and the version it
+        loads."""
+        number = cold.id.version
+        running = entry.loading.get(number)
+        if running is not None and not running[0].done():
+            return running
+        cause = "reload" if self.residency.footprints.known(cold.id) else "cold"
+        version: ServedVersion[S] = ServedVersion(cold.id, cold.source, cold.settings, VersionState.LOADING)
+        version.platform = cold.platform
+        version.cold = "loading for a request"
+        version.cold_since = time.monotonic()
+        entry.versions[number] = version
+        entry.refresh_latest()
+        task = asyncio.ensure_future(self._load_cold(entry, version, cause))
+        entry.loading[number] = task, version
+        return task, version
+
+    async def _load_cold(self, entry: _Entry[S], version: ServedVersion[S], cause: str) -> None:
+        await self._load_into(entry, version, "", cause)
+        number = version.id.version
+        gone = self._models.get(version.id.name) is not entry or entry.versions.get(number) is not version
+        held = number in entry.labels.values()
+        if version.state is VersionState.AVAILABLE and (gone or (number not in entry.aspired and not held)):
+            self._retire(entry, version)  # unconfigured or no longer aspired while it loaded
+
+    def cold_answered(self, version: ServedVersion[S]) -> None:
+        """A request on ``version`` was answered: the first one ends its cold start."""
+        if version.cold_since is not None:
+            self.residency.stats.cold_start.observe(time.monotonic() - version.cold_since)
+            version.cold_since = None
+
+    # -- memory: room, measurement, eviction ---------------------------------------------------
+
+    def _on_disk(self, version: ServedVersion[S]) -> tuple[int, str]:
+        runtime = runtime_guess(version.source.path, version.platform or version.settings.runtime)
+        return disk_bytes(version.source.path), runtime
+
+    async def _make_room(self, version: ServedVersion[S], device: str) -> None:
+        """Charge ``version``'s reservation to ``device``, first unloading idle versions chosen
+        by the policy until it fits, and waiting for their memory to be freed.
+
+        Raises:
+            ModelLoadError: the reservation is larger than the device's whole budget (less its
+                pinned versions).
+        """
+        residency, budget = self.residency, self.residency.budget
+        on_disk, runtime = await asyncio.to_thread(self._on_disk, version)
+        self._sizes[version] = (on_disk, runtime)
+        need = residency.footprints.reservation(version.id, on_disk, runtime)
+        limit = budget.limit(device)
+        if limit is not None:
+            pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
+            from_files = Footprints().reservation(version.id, on_disk, runtime)
+            if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
+                raise ModelLoadError(
+                    f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to load "
+                    f"({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
+                    f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
+                )
+            need = min(need, limit - pinned)
+            busy_after = time.monotonic() + residency.busy_after_s
+            while (free := budget.free(device)) is not None and free < need:
+                short = need - free - budget.freeing(device)
+                if short > 0:
+                    for victim in self._victims(device, short, time.monotonic() >= busy_after):
+                        self._evict(victim, "budget")
+                if (free := budget.free(device)) is not None and free >= need:
+                    break
+                await self._wait_for_room(max(busy_after - time.monotonic(), 0.01))
+        budget.charge(version, device, need)
+
+    def _resident(self, device: str) -> list[ServedVersion[S]]:
+        return [
+            v
+            for entry in self._models.values()
+            for v in entry.versions.values()
+            if v.state is VersionState.AVAILABLE and v.servable is not None and _device(v.settings) == device
+        ]
+
+    def _victims(self, device: str, short: int, busy_too: bool) -> list[ServedVersion[S]]:
+        """Versions to unload for ``short`` more bytes: idle ones by the policy's order, then,
+        with ``busy_too``, ones with requests in flight (they finish first); never pinned ones."""
+        candidates = [v for v in self._resident(device) if not v.settings.residency.pin]
+        sizes = {v: self.residency.budget.charged(v) for v in candidates}
+        idle = [v for v in candidates if v.leases == 0]
+        chosen = self.residency.policy.victims(idle, sizes, short)
+        freed = sum(sizes[v] for v in chosen)
+        if freed < short and busy_too:
+            busy = [v for v in candidates if v.leases > 0]
+            chosen += self.residency.policy.victims(busy, sizes, short - freed)
+        return chosen
+
+    def _evict(self, version: ServedVersion[S], reason: str) -> None:
+        """Unload ``version`` (its memory is freed after its last lease) and list it cold."""
+        entry = self._models.get(version.id.name)
+        self.residency.stats.evictions[reason] += 1
+        log.info("unloading %s (%s; %d request(s) in flight)", version.id, reason, version.leases)
+        if entry is not None and entry.versions.get(version.id.version) is version:
+            cold: ServedVersion[S] = ServedVersion(
+                version.id, version.source, version.settings, VersionState.END
+            )
+            cold.platform = version.platform
+            cold.cold = f"evicted ({reason}): loads again on its next request"
+            cold.error_message = cold.cold
+            entry.versions[version.id.version] = cold
+        version.state = VersionState.UNLOADING
+        if entry is not None:
+            entry.refresh_latest()
+        self.residency.budget.mark_freeing(version)
+        self.residency.policy.forget(version)
+        if version.leases == 0:
+            self._close_later(version)
+
+    def unload_idle(self) -> None:
+        """Unload every loaded version whose ``idle_unload_s`` passed without a request."""
+        now = time.monotonic()
+        for entry in list(self._models.values()):
+            for version in list(entry.versions.values()):
+                idle_s = version.settings.residency.idle_unload_s
+                if (
+                    idle_s > 0
+                    and not version.settings.residency.pin
+                    and version.state is VersionState.AVAILABLE
+                    and version.leases == 0
+                    and now - version.last_used > idle_s
+                ):
+                    self._evict(version, "idle")
+
+    def resident_bytes(self) -> list[tuple[str, str, int]]:
+        """(model, version, bytes charged) of every loaded version, for ``/metrics``."""
+        return [
+            (v.id.name, str(v.id.version), self.residency.budget.charged(v))
+            for entry in self._models.values()
+            for v in entry.versions.values()
+            if v.state is VersionState.AVAILABLE
+        ]
+
+    async def _wait_for_room(self, timeout_s: float) -> None:
+        """Until memory is freed, a lease returned or a load ended, at most ``timeout_s``."""
+        if self._room is None or self._room.is_set():
+            self._room = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
+
+    def _wake(self) -> None:
+        """Memory was freed or a load ended: loads waiting for room look again."""
+        if self._room is not None:
+            self._room.set()
+
+    def _begin_measure(self, version: ServedVersion[S], device: str) -> None:
+        loading = self._loading_on.setdefault(device, set())
+        loading.add(version)
+        if len(loading) > 1:
+            self._overlapped.update(loading)
+
+    def _end_measure(self, version: ServedVersion[S], device: str) -> bool:
+        """True when another load on the device overlapped this one (its reading is shared)."""
+        self._loading_on.get(device, set()).discard(version)
+        overlapped = version in self._overlapped
+        self._overlapped.discard(version)
+        return overlapped
+
+    def _measured_load(self, version: ServedVersion[S], device: str) -> tuple[S, int]:
+        """In a load thread: the servable and the bytes its device gained while it loaded."""
+        devices = self.residency.devices
+        devices.trim()  # what earlier unloads freed is not counted as this load's
+        before = devices.used(device)
+        servable = self._loader(version.id, version.source.path, version.settings, version.platform)
+        devices.trim()  # nor what the load itself freed again (a parsed file, say)
+        return servable, devices.used(device) - before
+
+    def _settle(
+        self, version: ServedVersion[S], device: str, added: int, overlapped: bool, load_s: float
+    ) -> None:
+        """Charge the loaded version its footprint: the bytes measured (when no other load ran
+        beside it, and it is not its runtime's first load in this process, which also pays the
+        framework's one-time setup), never less than its size on disk; learned for its next load."""
+        residency = self.residency
+        on_disk, runtime = self._sizes.pop(version, (0, ""))
+        first = (device, runtime) not in self._runtimes_seen
+        self._runtimes_seen.add((device, runtime))
+        if overlapped or first:
+            footprint = residency.footprints.footprint(version.id, on_disk, runtime)
+        else:
+            footprint = max(added, on_disk + RESIDENT_OVERHEAD.get(runtime, 0))
+            residency.footprints.learn(version.id, footprint)
+        if not residency.footprints.known(version.id):
+            residency.footprints.learn(version.id, footprint)
+        residency.budget.charge(version, device, footprint)
+        residency.policy.admit(version, footprint, load_s)
+
+    def _forget_charge(self, version: ServedVersion[S]) -> None:
+        self._sizes.pop(version, None)
+        self.residency.budget.release(version)
+        self.residency.policy.forget(version)
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Every version seen of a model, highest first; narrowed by ``ref``'s version or label.
@@ -350,7 +738,9 @@ class ModelManager(Generic[S]):
 
     async def close(self) -> None:
         """Unload every version (in-flight leases are waited for) and forget every model."""
+        loads = [task for entry in self._models.values() for task, _ in entry.loading.values()]
         await self.apply([])
+        await asyncio.gather(*loads, return_exceptions=True)
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
@@ -399,10 +789,22 @@ def routed_labels(
     return labels, held
 
 
-def _close(servable: Closeable | None) -> None:
+def _close(servable: Closeable | None, devices: DeviceMemory) -> None:
     if servable is None:
         return
     try:
         servable.close()
     except Exception:  # closing must not break unloading of the rest
         log.exception("closing a model raised")
+    del servable
+    devices.trim()
+
+
+def _routable(version: ServedVersion[Any]) -> bool:
+    """A request may be routed to it: loaded, or cold (loaded by the request)."""
+    return version.state is VersionState.AVAILABLE or bool(version.cold)
+
+
+def _device(settings: ModelSettings) -> str:
+    """The budget a version is charged to: its GPU, or host memory."""
+    return settings.device if settings.device.startswith("cuda") else HOST

@@ -46,7 +46,7 @@ from inferd.errors import (
 )
 from inferd.features import FeatureStores
 from inferd.log_limits import LogRateLimit, limit_handlers
-from inferd.manager import ModelManager
+from inferd.manager import ModelManager, Residency
 from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
@@ -55,6 +55,7 @@ from inferd.protocols.http_connection import ConnectionLimits, connection_class,
 from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
+from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
@@ -284,6 +285,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+_IDLE_CHECK_S = 1.0
+"""How often versions are checked against their ``idle_unload_s``."""
+
+
 class Server:
     """Owns the executors, the manager, the service and the poll loop."""
 
@@ -316,8 +321,15 @@ class Server:
         self.servables = ServableFactory(
             self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
+        budgets = parse_budgets(v for v in config.memory_budget.split(",") if v.strip())
+        if config.load_wait_ms < 0:
+            raise ConfigError(f"--load_wait_ms must be 0 or more, got {config.load_wait_ms}")
+        residency = Residency(MemoryBudget(budgets), config.load_wait_ms / 1000)
         self.manager: ModelManager[Servable] = ModelManager(
-            self._load_pool, self.servables.load, self.metrics
+            self._load_pool, self.servables.load, self.metrics, residency
+        )
+        self.metrics.registry.register(
+            ResidencyCollector(residency.stats, residency.budget, self.manager.resident_bytes)
         )
         self.tracing = (
             Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
@@ -348,6 +360,12 @@ class Server:
                 await self.control.poll()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
+
+    async def _unload_idle(self) -> None:
+        """Unload versions idle past their ``[residency] idle_unload_s``, checked every second."""
+        while True:
+            await asyncio.sleep(_IDLE_CHECK_S)
+            self.manager.unload_idle()
 
     def _poll_interval_s(self) -> float:
         periods = [
@@ -392,6 +410,7 @@ class Server:
             rest_socket.close()
             raise
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
+        sweeper = asyncio.create_task(self._unload_idle())
         http = http_server(
             uvicorn.Config(
                 self.http_app(),
@@ -457,6 +476,7 @@ class Server:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
+            sweeper.cancel()
             await self.close()
 
     async def close(self) -> None:

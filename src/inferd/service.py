@@ -96,7 +96,7 @@ class InferenceService:
                 fails in a way the input did not cause (logged here).
         """
         started = time.perf_counter()
-        with self._manager.lease(ref) as version:
+        with await self._manager.acquire(ref) as version:
             statistics = _servable(version).statistics
             try:
                 signature = _find_signature(version, request.signature_name, None)
@@ -137,6 +137,7 @@ class InferenceService:
         checked = _check_outputs(version, signature, outputs)
         if predictions is not None:
             predictions.put(key, checked)
+        self._manager.cold_answered(version)
         return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
@@ -295,6 +296,18 @@ class Call:
             self._service._record(self, error.code.grpc_code)
         elif isinstance(error, Exception):
             self._service._record(self, "INTERNAL")
+
+    async def load(self, ref: ModelRef) -> None:
+        """Take the lease ``open`` uses on the version ``ref`` resolves to, waiting for its load
+        when it is cold (under a memory budget), at most ``--load_wait_ms``.
+
+        Raises:
+            NotFound: unknown model, version or label, or its load failed.
+            Unavailable: the load takes longer than the wait (it goes on), or shutting down.
+        """
+        if ref not in self._leases:
+            lease = await self._service._manager.acquire(ref)
+            self._leases[ref] = (lease, lease.__enter__())
 
     def open(
         self, ref: ModelRef, name: str | None = None, method: Method | None = Method.PREDICT

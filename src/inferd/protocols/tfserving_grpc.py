@@ -113,6 +113,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     ) -> ps.PredictResponse:
         with call, unknown_label_as_invalid():
             ref = spec_ref(request.model_spec)
+            await call.load(ref)
             signature = call.open(ref, request.model_spec.signature_name or None)
             wanted = _output_filter(signature, list(request.output_filter))
             limit, limits = self._max_tensor_bytes, self._limits
@@ -132,6 +133,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         """Run the classify or regress signature on examples: the answer, its signature name and
         the number of examples."""
         ref = spec_ref(spec)
+        await call.load(ref)
         signature = call.open(ref, spec.signature_name or None, method)
         inputs, count = examples_to_inputs(signature, input_, self._limits)
         response = await call.infer(inputs, deadline)

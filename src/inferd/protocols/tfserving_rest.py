@@ -171,6 +171,7 @@ async def _predict(
     decoded: Decoded | None = None,
 ) -> Response:
     """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did."""
+    await call.load(ref)
     signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
@@ -509,6 +510,7 @@ async def _classify_or_regress(
     context = doc.get("context", {})
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
+    await call.load(ref)
     signature = call.open(ref, doc.get("signature_name"), method)
     inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
     response = await call.infer(inputs, deadline)

@@ -194,6 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, call: Call, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         ref = _ref(request.model_name, request.model_version)
+        await call.load(ref)
         outputs = [spec.name for spec in call.open(ref).outputs]
         wanted = [output.name for output in request.outputs] or outputs
         for name in wanted:

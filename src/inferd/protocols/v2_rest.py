@@ -174,6 +174,7 @@ async def _infer(
     doc, inputs = await decode_apart(
         decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
     )
+    await call.load(ref)
     call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
     client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     response = await call.infer(inputs, deadline, client_id)

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Many models, one memory budget: hit rates against LRU and Belady, cold starts, and the
+resident models' latency while cold loads run. Opt-in (not CI).
+
+    .venv/bin/python bench/multimodel.py --models 50 --duration 30
+    .venv/bin/python bench/multimodel.py --models 500 --min-mb 0.1 --max-mb 5 --duration 30
+
+``--models`` ONNX models (``y = table[i]``, one random FP32 initializer each) of log-uniform sizes
+between ``--min-mb`` and ``--max-mb`` are built in a temporary folder. A trace of open-loop
+Poisson arrivals at ``--rate`` per second for ``--duration`` seconds picks models by Zipf(``--zipf``)
+popularity (ranks shuffled, so popularity and size are independent). The budget is a fifth of
+the models' total bytes (``--fraction``), raised when needed to the largest model's load
+reservation (3x its file, see inferd.residency.LOAD_FACTORS), and says so.
+
+1. **Replay** (offline, the same trace): the byte budget as a cache of model files, with inferd's
+   own policy (``GreedyDualSizeFrequency``, load cost = seconds per byte measured below), LRU, and
+   Belady (evict the model used again farthest in the future; with unequal sizes a strong offline
+   bound rather than a proven optimum): hit rate and byte hit rate.
+2. **Live**: ``inferd serve --memory_budget`` gets the trace (a thread per request, sent at its
+   arrival time whatever the others do), plus one pinned probe model requested every 50 ms.
+   Reported: the server's loads per request (its miss rate), cold-start p50/p99 (from
+   ``inferd_cold_start_seconds``) against the models' own load-plus-warm-up time (from
+   ``inferd_model_load_duration_seconds``), the probe's p99 alone and while cold loads run, and
+   peak RSS (sampled every 100 ms) against the idle RSS plus the budget.
+3. **No budget** (``--no-budget-run``): the same models all loaded at start; its RSS is what "load
+   everything" takes.
+
+Results go to stdout and bench/results/multimodel-<N>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import requests
+from onnx import TensorProto, helper, numpy_helper
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "src"))
+
+from inferd.residency import LOAD_FACTORS, GreedyDualSizeFrequency  # noqa: E402
+from inferd.usage import read_pid  # noqa: E402
+
+MB = 10**6
+
+
+def write_table(folder: Path, nbytes: int, seed: int) -> None:
+    rows = max(nbytes // 64, 1)
+    table = np.random.default_rng(seed).standard_normal((rows, 16), dtype=np.float32)
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, ["batch"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])
+    node = helper.make_node("Gather", ["table", "i"], ["y"], axis=0)
+    graph = helper.make_graph([node], "table", [i], [y], [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+
+
+def zipf_trace(n: int, s: float, rate: float, duration: float, seed: int) -> list[tuple[float, int]]:
+    """(arrival second, model index) of a Poisson process with Zipf(s) model popularity."""
+    rng = random.Random(seed)
+    ranks = list(range(n))
+    rng.shuffle(ranks)
+    weights = [1 / (r + 1) ** s for r in range(n)]
+    models = [ranks[r] for r in range(n)]
+    trace, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return trace
+        trace.append((t, rng.choices(models, weights)[0]))
+
+
+def replay(
+    trace: list[int], sizes: list[int], budget: int, policy: str, cost_per_byte: float
+) -> dict[str, float]:
+    """Hit rate and byte hit rate of one eviction policy on ``trace`` with a byte ``budget``."""
+    resident: set[int] = set()
+    used = hits = hit_bytes = all_bytes = 0
+    gdsf: GreedyDualSizeFrequency[int] = GreedyDualSizeFrequency()
+    lru: OrderedDict[int, None] = OrderedDict()
+    next_use: list[float] = [math.inf] * len(trace)
+    seen: dict[int, int] = {}
+    for at in range(len(trace) - 1, -1, -1):
+        next_use[at] = seen.get(trace[at], math.inf)
+        seen[trace[at]] = at
+    upcoming: dict[int, float] = {}
+    for at, model in enumerate(trace):
+        size = sizes[model]
+        all_bytes += size
+        upcoming[model] = next_use[at]
+        if model in resident:
+            hits += 1
+            hit_bytes += size
+            gdsf.hit(model)
+            lru.move_to_end(model)
+            continue
+        while used + size > budget and resident:
+            if policy == "gdsf":
+                victim = gdsf.victims(resident, {m: sizes[m] for m in resident}, used + size - budget)[0]
+            elif policy == "lru":
+                victim = next(iter(lru))
+            else:
+                victim = max(resident, key=lambda m: upcoming[m])
+            resident.discard(victim)
+            gdsf.forget(victim)
+            lru.pop(victim, None)
+            used -= sizes[victim]
+        resident.add(model)
+        used += size
+        gdsf.admit(model, size, 0.02 + size * cost_per_byte)
+        lru[model] = None
+    return {"hit_rate": hits / len(trace), "byte_hit_rate": hit_bytes / all_bytes}
+
+
+def metrics(url: str) -> str:
+    return requests.get(f"{url}/metrics", timeout=30).text
+
+
+def samples(text: str, name: str) -> list[tuple[str, float]]:
+    return [
+        (m.group(1) or "", float(m.group(2)))
+        for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)
+    ]
+
+
+def histogram_quantile(text: str, name: str, q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q``, over every label set of ``name``."""
+    counts: dict[float, float] = {}
+    for labels, value in samples(text, name + "_bucket"):
+        bound = re.search(r'le="([^"]+)"', labels)
+        if bound:
+            counts[float(bound.group(1))] = counts.get(float(bound.group(1)), 0.0) + value
+    total = counts.get(math.inf, 0.0)
+    for bound in sorted(counts):
+        if total and counts[bound] >= q * total:
+            return bound
+    return math.nan
+
+
+def start(repo: Path, port: int, *flags: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "inferd", "serve", str(repo), "--host=127.0.0.1", f"--rest_api_port={port}"]
+    argv += ["--port=0", "--file_system_poll_wait_seconds=0", *flags]
+    log = open(repo.parent / f"server-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    give_up = time.monotonic() + 600
+    while time.monotonic() < give_up:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: see {log.name}")
+        time.sleep(0.2)
+    raise SystemExit("the server never became ready")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def body(rows: list[int]) -> dict[str, Any]:
+    return {"inputs": [{"name": "i", "datatype": "INT64", "shape": [len(rows)], "data": rows}]}
+
+
+def probe_p99(url: str, stop_at: float) -> list[float]:
+    session, latencies = requests.Session(), []
+    while time.monotonic() < stop_at:
+        began = time.perf_counter()
+        session.post(f"{url}/v2/models/probe/infer", json=body([1]), timeout=60)
+        latencies.append(time.perf_counter() - began)
+        time.sleep(0.05)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=int, default=50)
+    parser.add_argument("--min-mb", type=float, default=1.0)
+    parser.add_argument("--max-mb", type=float, default=50.0)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--port", type=int, default=18731)
+    parser.add_argument("--no-budget-run", action="store_true", help="also load everything without a budget")
+    parser.add_argument(
+        "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
+    )
+    parser.add_argument("--replay-only", action="store_true", help="replay the policies; start no server")
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    lo, hi = math.log(args.min_mb * MB), math.log(args.max_mb * MB)
+    sizes = [int(math.exp(rng.uniform(lo, hi))) for _ in range(args.models)]
+    work = Path(tempfile.mkdtemp(prefix="inferd-multimodel-"))
+    repo = work / "repo"
+    on_disk = sizes  # the table's bytes; the file adds ~200 bytes
+    if not args.replay_only:
+        for n, size in enumerate(sizes):
+            write_table(repo / f"m{n:03d}" / "1", size, n)
+        write_table(repo / "probe" / "1", 64_000, 99999)
+        (repo / "probe" / "inferd.toml").write_text("[residency]\npin = true\n")
+        on_disk = [(repo / f"m{n:03d}" / "1" / "model.onnx").stat().st_size for n in range(args.models)]
+    total = sum(on_disk)
+    budget = int(max(total * args.fraction, 1.1 * LOAD_FACTORS["onnx"] * max(on_disk)))
+    timed = zipf_trace(args.models, args.zipf, args.rate, args.duration, args.seed)
+    trace = [model for _, model in timed]
+    long_trace = [m for _, m in zipf_trace(args.models, args.zipf, 1.0, args.replay_requests, args.seed)]
+    if args.replay_only:  # load cost: 20 ms + 10 ms per MB (onnxruntime on this machine, roughly)
+        replayed = {p: replay(long_trace, on_disk, budget, p, 1e-8) for p in ("gdsf", "lru", "belady")}
+        print(json.dumps({"models": args.models, "requests": len(long_trace), "replay": replayed}, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    print(
+        f"{args.models} models, {total / MB:.0f} MB on disk, budget {budget / MB:.0f} MB "
+        f"({budget / total:.0%} of it), {len(trace)} requests over {args.duration:g} s"
+    )
+
+    url = f"http://127.0.0.1:{args.port}"
+    server = start(repo, args.port, f"--memory_budget={budget}")
+    try:
+        idle_rss = read_pid(server.pid)[1]
+        alone = probe_p99(url, time.monotonic() + 5)
+        rss: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                rss.append(read_pid(server.pid)[1])
+                done.wait(0.1)
+
+        statuses: dict[int, int] = {}
+        lock = threading.Lock()
+        local = threading.local()
+
+        def send(model: int) -> None:
+            session = getattr(local, "session", None) or requests.Session()
+            local.session = session
+            response = session.post(f"{url}/v2/models/m{model:03d}/infer", json=body([0]), timeout=120)
+            with lock:
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        began = time.monotonic()
+        probe: list[float] = []
+        prober = threading.Thread(target=lambda: probe.extend(probe_p99(url, began + args.duration)))
+        prober.start()
+        with ThreadPoolExecutor(64) as pool:
+            for at, model in timed:
+                delay = began + at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(send, model)
+        prober.join()
+        done.set()
+        sampler.join()
+        text = metrics(url)
+    finally:
+        stop(server)
+    loads = {labels: v for labels, v in samples(text, "inferd_model_loads_total")}
+    cold_loads = sum(v for labels, v in loads.items() if "start" not in labels)
+    load_sum = sum(v for _, v in samples(text, "inferd_model_load_duration_seconds_sum"))
+    load_count = sum(v for _, v in samples(text, "inferd_model_load_duration_seconds_count"))
+    seconds_per_byte = (load_sum / load_count) / (sum(on_disk) / len(on_disk)) if load_count else 1e-8
+    result: dict[str, Any] = {
+        "models": args.models,
+        "size_mb": [args.min_mb, args.max_mb],
+        "total_mb": total / MB,
+        "budget_mb": budget / MB,
+        "requests": len(trace),
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "replay_requests": len(long_trace),
+        "replay": {
+            policy: replay(long_trace, on_disk, budget, policy, seconds_per_byte)
+            for policy in ("gdsf", "lru", "belady")
+        },
+        "live": {
+            "statuses": statuses,
+            "miss_rate": cold_loads / len(trace),
+            "evictions": dict(samples(text, "inferd_model_evictions_total")),
+            "cold_start_p50_s": histogram_quantile(text, "inferd_cold_start_seconds", 0.5),
+            "cold_start_p99_s": histogram_quantile(text, "inferd_cold_start_seconds", 0.99),
+            "load_p50_s": histogram_quantile(text, "inferd_model_load_duration_seconds", 0.5),
+            "load_p99_s": histogram_quantile(text, "inferd_model_load_duration_seconds", 0.99),
+            "load_mean_s": load_sum / load_count if load_count else math.nan,
+            "probe_alone_p99_ms": 1000 * float(np.percentile(alone, 99)),
+            "probe_under_loads_p99_ms": 1000 * float(np.percentile(probe, 99)),
+            "idle_rss_mb": idle_rss / MB,
+            "peak_rss_mb": max(rss) / MB,
+            "peak_over_idle_mb": (max(rss) - idle_rss) / MB,
+        },
+    }
+    if args.no_budget_run:
+        server = start(repo, args.port + 1)
+        try:
+            result["no_budget_rss_mb"] = read_pid(server.pid)[1] / MB
+        finally:
+            stop(server)
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    out = BENCH / "results" / f"multimodel-{args.models}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The device layer: how many bytes a device holds for this process now, and giving freed host
+memory back to the OS. The residency accounting (``residency``, ``manager``) measures a load as
+the difference of two readings; tests replace ``FrameworkMemory`` with a fake ``DeviceMemory``.
+
+Readings, by device:
+
+- ``cpu``: this process's resident set size (``/proc/self/statm``).
+- ``cuda:N``: the sum over the GPU frameworks already imported in this process of what their
+  allocators hold on device N: ``torch.cuda.memory_allocated(N)``, TensorFlow's
+  ``tf.config.experimental.get_memory_info("GPU:N")["current"]``. onnxruntime publishes no
+  per-session allocator reading in Python, so when neither framework is in use the reading is
+  the device's used memory (total minus free) from ``torch.cuda.mem_get_info`` or NVML
+  (``pynvml``), whichever is installed, which also counts other processes; 0 when none is (the
+  version's estimate from its files is charged then).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class DeviceMemory(Protocol):
+    """Reads memory in use per device; ``used`` is called from load threads."""
+
+    def used(self, device: str) -> int:
+        """Bytes this process holds on ``device`` (``cpu`` or ``cuda:N``) now."""
+        ...
+
+    def trim(self) -> None:
+        """Return host memory freed by an unload to the OS (a no-op where that is automatic)."""
+        ...
+
+
+class FrameworkMemory:
+    """``DeviceMemory`` from ``/proc`` and the frameworks' documented memory APIs."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("c")
+        self._libc: Any = None
+        if name:
+            try:
+                self._libc = ctypes.CDLL(name)
+            except OSError:
+                self._libc = None
+
+    def used(self, device: str) -> int:
+        if device == "cpu":
+            return host_rss()
+        index = int(device.partition(":")[2] or 0)
+        return cuda_used(index)
+
+    def trim(self) -> None:
+        trim = getattr(self._libc, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def host_rss() -> int:
+    """Resident bytes of this process."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+def cuda_used(index: int) -> int:
+    """Bytes the imported frameworks' allocators hold on GPU ``index``; see the module docstring."""
+    total = 0
+    found = False
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        total += int(torch.cuda.memory_allocated(index))
+        found = True
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and tf.config.list_physical_devices("GPU"):
+        total += int(tf.config.experimental.get_memory_info(f"GPU:{index}")["current"])
+        found = True
+    if found:
+        return total
+    return _device_used(index)
+
+
+def _device_used(index: int) -> int:
+    """The device's used bytes (every process), or 0 when no library can read it."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, size = torch.cuda.mem_get_info(index)
+            return int(size - free)
+    except ImportError:
+        pass
+    try:
+        import pynvml  # type: ignore[import-not-found,unused-ignore]
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return int(info.used)
+    except Exception:  # not installed, or no driver
+        log.debug("no library reads GPU %d's memory; charging estimates", index)
+        return 0
