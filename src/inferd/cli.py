@@ -121,6 +121,11 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
     ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
     ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
+    (
+        "traffic_key_header",
+        str,
+        "request header (gRPC metadata key) whose value keeps a client on one version of a [traffic] split",
+    ),
 ]
 
 

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from inferd._proto import batching_parameters_pb2 as bp
 from inferd._proto import model_server_config_pb2 as pb
 from inferd.errors import ConfigError
+from inferd.traffic import parse_weights
 
 SETTINGS_FILE = "inferd.toml"
 """Per-model settings, read from ``<base_path>/inferd.toml``."""
@@ -289,6 +290,8 @@ class ModelSettings:
             model may use different runtimes, each configured by its table.
         version_policy: used when the model config file gives none.
         labels: used when the model config file gives none.
+        traffic: the ``[traffic]`` table: label or version number -> weight, splitting the
+            requests that name neither a version nor a label (see ``traffic.py``).
         signature: declared signature (``[signature]`` table), for models that cannot tell.
         warmup: call each signature once with zeros before serving a version (default true).
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
@@ -306,6 +309,7 @@ class ModelSettings:
     runtime_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
+    traffic: Mapping[str, float] = field(default_factory=dict)
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
@@ -379,6 +383,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_client_verify: bool = False
+    traffic_key_header: str = ""
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
@@ -386,6 +391,7 @@ _KNOWN_KEYS = {
     "runtime",
     "version_policy",
     "labels",
+    "traffic",
     "signature",
     "warmup",
     "batching",
@@ -434,6 +440,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         },
         version_policy=None if policy is None else _policy_from_toml(policy, path),
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
+        traffic=parse_weights(_table(raw.get("traffic", {}), f"{path}: [traffic]"), f"{path}: [traffic]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),
         warmup=warmup,
         batching=(

@@ -36,6 +36,7 @@ from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Supervised
+from inferd.traffic import Split, resolve
 from inferd.types import ModelId, ModelRef, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class _Entry(Generic[S]):
     held: dict[str, int] = field(default_factory=dict)
     """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion[S] | None = None
+    weights: Mapping[str, float] = field(default_factory=dict)
+    """The ``[traffic]`` table of the last plan that could be read."""
+    override: Mapping[str, float] | None = None
+    """Weights set by ``set_traffic`` (a rollout); they win over ``weights`` while set."""
+    split: Split | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def refresh_latest(self) -> None:
@@ -153,6 +159,9 @@ class ModelManager(Generic[S]):
                 if self._needs_load(entry.versions.get(number), plan.aspired[number]):
                     await self._load(entry, plan, plan.aspired[number])
             self._move_labels(plan.name, entry, plan.labels)
+            if plan.error is None:
+                entry.weights = plan.settings.traffic
+            self._resplit(plan.name, entry)
             states = {number: version.state for number, version in entry.versions.items()}
             held = {entry.labels[label] for label in entry.held}
             for number in retired_versions(states, plan.aspired, held):
@@ -173,6 +182,36 @@ class ModelManager(Generic[S]):
                     number,
                 )
         entry.labels, entry.held = labels, held
+
+    @staticmethod
+    def _resplit(name: str, entry: _Entry[S]) -> None:
+        """Resolve the entry's traffic weights against its labels (after labels moved)."""
+        weights = entry.override if entry.override is not None else entry.weights
+        split = resolve(weights, entry.labels)
+        if weights and split is None:
+            log.warning(
+                "model %s: [traffic] %s names a label that does not exist; not split", name, dict(weights)
+            )
+        if split != entry.split:
+            log.info("model %s: traffic split %s", name, dict(split.shares) if split else "off")
+        entry.split = split
+
+    def set_traffic(self, name: str, weights: Mapping[str, float] | None) -> None:
+        """Set (or with None, drop) weights that win over the model's ``[traffic]`` table.
+
+        Raises:
+            NotFound: unknown model.
+        """
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"Could not find any versions of model {name}")
+        entry.override = None if weights is None else dict(weights)
+        self._resplit(name, entry)
+
+    def split(self, name: str) -> Split | None:
+        """The traffic split of model ``name`` now; None when unsplit or unknown."""
+        entry = self._models.get(name)
+        return entry.split if entry else None
 
     @staticmethod
     def _needs_load(current: ServedVersion[S] | None, source: VersionSource) -> bool:
@@ -253,8 +292,10 @@ class ModelManager(Generic[S]):
 
         future.add_done_callback(done)
 
-    def lease(self, ref: ModelRef) -> Lease[S]:
-        """A lease on the version ``ref`` asks for; use it as a context manager.
+    def lease(self, ref: ModelRef, key: str | None = None) -> Lease[S]:
+        """A lease on the version ``ref`` asks for; use it as a context manager. A ref that names
+        neither version nor label goes by the model's traffic split when it has one (by ``key``,
+        the request's traffic key, when given), else to the latest version.
 
         Raises:
             NotFound: unknown model, version or label, or the version is not AVAILABLE.
@@ -281,6 +322,11 @@ class ModelManager(Generic[S]):
                 )
         else:
             version = entry.latest
+            if entry.split is not None:
+                available = [n for n, v in entry.versions.items() if v.state is VersionState.AVAILABLE]
+                chosen = entry.split.choose(key, available)
+                if chosen is not None:
+                    version = entry.versions[chosen]
             if version is None:
                 raise NotFound(f"Servable not found for request: Latest({ref.name})")
         return Lease(self, version)

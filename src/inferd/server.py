@@ -105,8 +105,16 @@ class HttpApp:
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
             if path[:4].lower() == "/v1/":
+                key = self._service.traffic_key_header
                 call = tfserving_rest.handle(
-                    self._service, method, path, body, request_id, self._limits, deadline
+                    self._service,
+                    method,
+                    path,
+                    body,
+                    request_id,
+                    self._limits,
+                    deadline,
+                    _header(scope, key.encode("latin-1")) if key else None,
                 )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -257,7 +265,7 @@ class Server:
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics
         )
-        self.service = InferenceService(self.manager, self.metrics)
+        self.service = InferenceService(self.manager, self.metrics, config.traffic_key_header)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:

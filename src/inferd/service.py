@@ -46,22 +46,32 @@ class InferenceService:
         manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
             prediction cache and in-flight bound.
         metrics: where each ``call`` is counted and timed; by default a collector of its own.
+        traffic_key_header: the request header (gRPC metadata key) whose value keeps one client
+            on one version of a traffic split (``--traffic_key_header``); lower case, "" for none.
     """
 
-    def __init__(self, manager: ModelManager[Servable], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, manager: ModelManager[Servable], metrics: Metrics | None = None, traffic_key_header: str = ""
+    ) -> None:
         self._manager = manager
         self._metrics = metrics or Metrics()
         self._ids = itertools.count(1)
+        self.traffic_key_header = traffic_key_header.lower()
 
     def request_id(self) -> str:
         """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
         protocol names its requests with in logs and error messages."""
         return f"r{next(self._ids)}"
 
-    def call(self, protocol: str, model: str, request_id: str | None = None) -> Call:
+    def call(
+        self, protocol: str, model: str, request_id: str | None = None, traffic_key: str | None = None
+    ) -> Call:
         """The handle of one inference request of ``protocol`` on model ``model`` (as the request
-        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``."""
-        return Call(self, protocol, model, request_id or self.request_id())
+        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``; ``traffic_key``
+        (the value of ``traffic_key_header``) chooses the version of a traffic split."""
+        call = Call(self, protocol, model, request_id or self.request_id())
+        call.traffic_key = traffic_key
+        return call
 
     def knows(self, name: str) -> bool:
         """True when ``name`` is a configured model (for bounded metric labels)."""
@@ -206,6 +216,7 @@ class Call:
         "response",
         "resumed",
         "started",
+        "traffic_key",
     )
 
     def __init__(self, service: InferenceService, protocol: str, model: str, request_id: str) -> None:
@@ -219,6 +230,12 @@ class Call:
         self._leases: dict[ModelRef, tuple[Lease[Servable], ServedVersion[Servable]]] = {}
         self._version: ServedVersion[Servable] | None = None
         self._signature: Signature | None = None
+        self.traffic_key: str | None = None
+
+    @property
+    def answered_by(self) -> int | None:
+        """The version number that answered, once ``infer`` returned; else None."""
+        return None if self.response is None else self.response.model_id.version
 
     def __enter__(self) -> Call:
         self._service._metrics.in_flight += 1
@@ -254,7 +271,7 @@ class Call:
         """
         held = self._leases.get(ref)
         if held is None:
-            lease = self._service._manager.lease(ref)
+            lease = self._service._manager.lease(ref, self.traffic_key)
             held = self._leases[ref] = (lease, lease.__enter__())
         self._version = version = held[1]
         self._signature = signature = _find_signature(version, name, method)

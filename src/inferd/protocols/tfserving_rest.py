@@ -18,7 +18,7 @@ import orjson
 
 from inferd.errors import InferdError, InvalidArgument
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.service import Call, InferenceService
 from inferd.types import (
     Method,
@@ -51,21 +51,28 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
+    traffic_key: str | None = None,
 ) -> Response:
     """Answer one request under ``/v1/``. Expected failures become error responses; an inference
-    request is counted and timed by its ``service.call``.
+    request is counted and timed by its ``service.call``, and its answer names the version that
+    answered in the ``X-Inferd-Model-Version`` header.
 
-    ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped.
+    ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped;
+    ``traffic_key`` (the ``--traffic_key_header`` value) chooses the version of a traffic split.
     """
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            with service.call(PROTOCOL, name, request_id) as call:
+            with service.call(PROTOCOL, name, request_id, traffic_key) as call:
                 ref = model_ref(name, version, label)
                 doc = parse_json(body)
                 if verb.lower() == "predict":
-                    return await _predict(call, ref, doc, deadline, limits)
-                return await _classify_or_regress(call, ref, _METHODS[verb.lower()], doc, deadline, limits)
+                    answer = await _predict(call, ref, doc, deadline, limits)
+                else:
+                    answer = await _classify_or_regress(
+                        call, ref, _METHODS[verb.lower()], doc, deadline, limits
+                    )
+                return with_version(answer, call.answered_by)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:

@@ -20,7 +20,7 @@ from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.protocols.v2 import (
     V2_DATATYPES,
     V2_EXTENSIONS,
@@ -71,8 +71,10 @@ async def handle(
             raise NotFound(f"no route for {method} {path}")
         name, version, action = match.groups()
         if method == "POST" and action == "/infer":
-            with service.call(PROTOCOL, name, request_id) as call:
-                return await _infer(call, model_ref(name, version), headers, body, deadline, limits)
+            key = headers.get(service.traffic_key_header) if service.traffic_key_header else None
+            with service.call(PROTOCOL, name, request_id, key) as call:
+                answer = await _infer(call, model_ref(name, version), headers, body, deadline, limits)
+                return with_version(answer, call.answered_by)
         ref = model_ref(name, version)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
