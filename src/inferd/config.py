@@ -279,6 +279,59 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
+SHADOW_COMPARISONS = ("auto", "argmax", "tolerance", "exact")
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSettings:
+    """A model's ``[shadow]`` table: mirror a sample of its requests to another version.
+
+    Attributes:
+        version: the version requests are mirrored to (it must be served: policy or label).
+        fraction: the share of answered requests mirrored, in [0, 1].
+        compare: ``auto`` (an output of two or more columns by argmax, as a classifier's scores;
+            other float outputs within ``tolerance``; the rest exactly), or one of ``argmax``,
+            ``tolerance``, ``exact`` for every output.
+        tolerance: the absolute difference under which two float values agree.
+        queue: mirrored requests waiting at most; more are dropped (and counted).
+    """
+
+    version: int
+    fraction: float = 0.1
+    compare: str = "auto"
+    tolerance: float = 1e-6
+    queue: int = 64
+
+
+def shadow_from_toml(table: Mapping[str, Any], where: str) -> ShadowSettings:
+    """``[shadow]`` of inferd.toml -> ShadowSettings.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, naming the key and what was expected.
+    """
+    unknown = sorted(set(table) - {"version", "fraction", "compare", "tolerance", "queue"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; expected version, fraction, compare, tolerance, queue"
+        )
+    version = table.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"{where}: 'version' must be a version number, got {version!r}")
+    fraction = table.get("fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        raise ConfigError(f"{where}: 'fraction' must be a number in [0, 1], got {fraction!r}")
+    compare = table.get("compare", "auto")
+    if compare not in SHADOW_COMPARISONS:
+        raise ConfigError(f"{where}: 'compare' must be one of {list(SHADOW_COMPARISONS)}, got {compare!r}")
+    tolerance = table.get("tolerance", 1e-6)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+        raise ConfigError(f"{where}: 'tolerance' must be a number >= 0, got {tolerance!r}")
+    queue = table.get("queue", 64)
+    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
+        raise ConfigError(f"{where}: 'queue' must be an integer >= 1, got {queue!r}")
+    return ShadowSettings(version, float(fraction), compare, float(tolerance), queue)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
@@ -290,6 +343,7 @@ class ModelSettings:
             model may use different runtimes, each configured by its table.
         version_policy: used when the model config file gives none.
         labels: used when the model config file gives none.
+        shadow: the ``[shadow]`` table: a version that a sample of requests is mirrored to.
         traffic: the ``[traffic]`` table: label or version number -> weight, splitting the
             requests that name neither a version nor a label (see ``traffic.py``).
         signature: declared signature (``[signature]`` table), for models that cannot tell.
@@ -310,6 +364,7 @@ class ModelSettings:
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
     traffic: Mapping[str, float] = field(default_factory=dict)
+    shadow: ShadowSettings | None = None
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
@@ -392,6 +447,7 @@ _KNOWN_KEYS = {
     "version_policy",
     "labels",
     "traffic",
+    "shadow",
     "signature",
     "warmup",
     "batching",
@@ -440,6 +496,9 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         },
         version_policy=None if policy is None else _policy_from_toml(policy, path),
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
+        shadow=shadow_from_toml(_table(raw["shadow"], f"{path}: [shadow]"), f"{path}: [shadow]")
+        if "shadow" in raw
+        else None,
         traffic=parse_weights(_table(raw.get("traffic", {}), f"{path}: [traffic]"), f"{path}: [traffic]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),
         warmup=warmup,

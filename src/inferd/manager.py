@@ -83,6 +83,8 @@ class _Entry(Generic[S]):
     held: dict[str, int] = field(default_factory=dict)
     """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion[S] | None = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    """The model's ``inferd.toml`` as of the last plan that could read it."""
     weights: Mapping[str, float] = field(default_factory=dict)
     """The ``[traffic]`` table of the last plan that could be read."""
     override: Mapping[str, float] | None = None
@@ -160,7 +162,7 @@ class ModelManager(Generic[S]):
                     await self._load(entry, plan, plan.aspired[number])
             self._move_labels(plan.name, entry, plan.labels)
             if plan.error is None:
-                entry.weights = plan.settings.traffic
+                entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
             states = {number: version.state for number, version in entry.versions.items()}
             held = {entry.labels[label] for label in entry.held}
@@ -207,6 +209,11 @@ class ModelManager(Generic[S]):
             raise NotFound(f"Could not find any versions of model {name}")
         entry.override = None if weights is None else dict(weights)
         self._resplit(name, entry)
+
+    def settings(self, name: str) -> ModelSettings | None:
+        """Model ``name``'s ``inferd.toml`` as last read (re-read at each poll); None if unknown."""
+        entry = self._models.get(name)
+        return entry.settings if entry else None
 
     def split(self, name: str) -> Split | None:
         """The traffic split of model ``name`` now; None when unsplit or unknown."""

@@ -48,6 +48,7 @@ from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.shadow import ShadowMirror
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 
 if TYPE_CHECKING:
@@ -266,6 +267,8 @@ class Server:
             self._load_pool, self.servables.load, self.metrics
         )
         self.service = InferenceService(self.manager, self.metrics, config.traffic_key_header)
+        self.shadows = ShadowMirror(self.manager, self.metrics)
+        self.service.answered.append(self.shadows.offer)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
@@ -367,6 +370,7 @@ class Server:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
+            await self.shadows.close()
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)

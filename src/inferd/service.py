@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 import numpy as np
@@ -57,6 +57,9 @@ class InferenceService:
         self._metrics = metrics or Metrics()
         self._ids = itertools.count(1)
         self.traffic_key_header = traffic_key_header.lower()
+        self.answered: list[Callable[[Call], None]] = []
+        """Called with each call that ended with an answer, after its lease was returned, on the
+        event loop's thread (shadow, capture): each must return at once and never raise."""
 
     def request_id(self) -> str:
         """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
@@ -210,7 +213,9 @@ class Call:
         "_signature",
         "_version",
         "decoded",
+        "ended",
         "id",
+        "inputs",
         "model",
         "protocol",
         "response",
@@ -231,6 +236,13 @@ class Call:
         self._version: ServedVersion[Servable] | None = None
         self._signature: Signature | None = None
         self.traffic_key: str | None = None
+        self.inputs: Tensors = {}
+        self.ended = self.started
+
+    @property
+    def signature_name(self) -> str:
+        """The model signature ``open`` chose last (``serving_default`` before it)."""
+        return DEFAULT_SIGNATURE if self._signature is None else self._signature.name
 
     @property
     def answered_by(self) -> int | None:
@@ -248,8 +260,12 @@ class Call:
         for lease, _ in leases:
             lease.__exit__(None, None, None)
         self._service._metrics.in_flight -= 1
+        self.ended = time.perf_counter()
         if error is None:
             self._service._record(self, "OK")
+            if self.response is not None:
+                for answered in self._service.answered:
+                    answered(self)
         elif isinstance(error, InferdError):
             self._service._record(self, error.code.grpc_code)
         elif isinstance(error, Exception):
@@ -290,6 +306,7 @@ class Call:
         assert version is not None, "open the call first"
         assert signature is not None
         self.decoded = time.perf_counter()
+        self.inputs = inputs
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
         response = await self._service._infer(version, signature, request)
         self.resumed = time.perf_counter()
