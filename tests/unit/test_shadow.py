@@ -15,7 +15,10 @@ def test_auto_compares_scores_by_argmax_regressions_within_tolerance_and_labels_
     assert (agreeing, rows) == (1, 2)
     assert differences == pytest.approx([0.1, 0.2])
     regression = np.array([1.0, 2.0, 3.0])
-    assert compare({"y": regression}, {"y": regression + np.array([0, 1e-7, 1e-3])}, "auto", 1e-6)[:2] == (2, 3)
+    assert compare({"y": regression}, {"y": regression + np.array([0, 1e-7, 1e-3])}, "auto", 1e-6)[:2] == (
+        2,
+        3,
+    )
     labels = np.array([1, 2, 3])
     assert compare({"label": labels}, {"label": np.array([1, 0, 3])}, "auto", 0.0)[:2] == (2, 3)
 
