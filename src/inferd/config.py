@@ -333,6 +333,71 @@ def shadow_from_toml(table: Mapping[str, Any], where: str) -> ShadowSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    """A model's ``[capture]`` table: write a sample of requests and answers to Parquet files.
+
+    Attributes:
+        path: the folder the files go to (a relative path is under the model's base path).
+        fraction: the share of answered requests captured, in [0, 1].
+        fields: the columns kept (``request_id``, ``time``, ``model``, ``version``,
+            ``latency_ms``, input names, ``output.<name>``); empty keeps them all.
+        budget_mb: the folder's Parquet files are kept under this many MiB, oldest deleted first.
+        file_rows: rows per file; a file is also written once its first row is ``flush_s`` old.
+        flush_s: the longest a captured row waits in memory before its file is written.
+        queue: captured requests waiting for the writer at most; more are dropped (counted).
+    """
+
+    path: Path
+    fraction: float = 0.01
+    fields: tuple[str, ...] = ()
+    budget_mb: float = 1024.0
+    file_rows: int = 10_000
+    flush_s: float = 10.0
+    queue: int = 1024
+
+
+def capture_from_toml(table: Mapping[str, Any], base_path: Path, where: str) -> CaptureSettings:
+    """``[capture]`` of inferd.toml -> CaptureSettings.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, naming the key and what was expected.
+    """
+    known = {"path", "fraction", "fields", "budget_mb", "file_rows", "flush_s", "queue"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    path = table.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: 'path' must be a folder path, got {path!r}")
+    fields = table.get("fields", [])
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise ConfigError(f"{where}: 'fields' must be a list of column names, got {fields!r}")
+    numbers: dict[str, float] = {}
+    for key, default, low in (("fraction", 0.01, 0.0), ("budget_mb", 1024.0, 0.0), ("flush_s", 10.0, 0.0)):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"{where}: {key!r} must be a number >= {low:g}, got {value!r}")
+        numbers[key] = float(value)
+    if numbers["fraction"] > 1:
+        raise ConfigError(f"{where}: 'fraction' must be a number in [0, 1], got {numbers['fraction']!r}")
+    counts: dict[str, int] = {}
+    for key, default_count in (("file_rows", 10_000), ("queue", 1024)):
+        count = table.get(key, default_count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{where}: {key!r} must be an integer >= 1, got {count!r}")
+        counts[key] = count
+    return CaptureSettings(
+        base_path / path,
+        numbers["fraction"],
+        tuple(fields),
+        numbers["budget_mb"],
+        counts["file_rows"],
+        numbers["flush_s"],
+        counts["queue"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """A model's ``inferd.toml``: which runtime, its options, and serving defaults.
 
@@ -344,6 +409,7 @@ class ModelSettings:
         version_policy: used when the model config file gives none.
         labels: used when the model config file gives none.
         shadow: the ``[shadow]`` table: a version that a sample of requests is mirrored to.
+        capture: the ``[capture]`` table: a sample of requests and answers written to Parquet.
         traffic: the ``[traffic]`` table: label or version number -> weight, splitting the
             requests that name neither a version nor a label (see ``traffic.py``).
         signature: declared signature (``[signature]`` table), for models that cannot tell.
@@ -365,6 +431,7 @@ class ModelSettings:
     labels: Mapping[str, int] = field(default_factory=dict)
     traffic: Mapping[str, float] = field(default_factory=dict)
     shadow: ShadowSettings | None = None
+    capture: CaptureSettings | None = None
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
@@ -448,6 +515,7 @@ _KNOWN_KEYS = {
     "labels",
     "traffic",
     "shadow",
+    "capture",
     "signature",
     "warmup",
     "batching",
@@ -498,6 +566,11 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
         shadow=shadow_from_toml(_table(raw["shadow"], f"{path}: [shadow]"), f"{path}: [shadow]")
         if "shadow" in raw
+        else None,
+        capture=capture_from_toml(
+            _table(raw["capture"], f"{path}: [capture]"), base_path, f"{path}: [capture]"
+        )
+        if "capture" in raw
         else None,
         traffic=parse_weights(_table(raw.get("traffic", {}), f"{path}: [traffic]"), f"{path}: [traffic]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),

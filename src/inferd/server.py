@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
     ServerConfig,
@@ -269,6 +270,8 @@ class Server:
         self.service = InferenceService(self.manager, self.metrics, config.traffic_key_header)
         self.shadows = ShadowMirror(self.manager, self.metrics)
         self.service.answered.append(self.shadows.offer)
+        self.capture = TrafficCapture(self.manager, self.metrics)
+        self.service.answered.append(self.capture.offer)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
@@ -371,6 +374,7 @@ class Server:
             if poller:
                 poller.cancel()
             await self.shadows.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
