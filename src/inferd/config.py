@@ -506,6 +506,7 @@ class ServerConfig:
     tls_ca: str = ""
     tls_client_verify: bool = False
     traffic_key_header: str = ""
+    rollout_state_dir: str = ""
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")

@@ -90,6 +90,8 @@ class _Entry(Generic[S]):
     override: Mapping[str, float] | None = None
     """Weights set by ``set_traffic`` (a rollout); they win over ``weights`` while set."""
     split: Split | None = None
+    moved: dict[str, int] = field(default_factory=dict)
+    """Labels set by ``move_label`` (a finished rollout); they win over the plan's."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def refresh_latest(self) -> None:
@@ -160,7 +162,7 @@ class ModelManager(Generic[S]):
             for number in sorted(plan.aspired, reverse=True):
                 if self._needs_load(entry.versions.get(number), plan.aspired[number]):
                     await self._load(entry, plan, plan.aspired[number])
-            self._move_labels(plan.name, entry, plan.labels)
+            self._move_labels(plan.name, entry, {**plan.labels, **entry.moved})
             if plan.error is None:
                 entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
@@ -209,6 +211,27 @@ class ModelManager(Generic[S]):
             raise NotFound(f"Could not find any versions of model {name}")
         entry.override = None if weights is None else dict(weights)
         self._resplit(name, entry)
+
+    def move_label(self, name: str, label: str, version: int) -> None:
+        """Point ``label`` at AVAILABLE ``version`` now and at every later reconcile, whatever the
+        plan says (a finished rollout).
+
+        Raises:
+            NotFound: unknown model, or the version is not AVAILABLE.
+        """
+        entry = self._models.get(name)
+        served = entry.versions.get(version) if entry else None
+        if entry is None or served is None or served.state is not VersionState.AVAILABLE:
+            raise NotFound(f"version {version} of model {name} is not available")
+        entry.moved[label] = version
+        entry.labels = {**entry.labels, label: version}
+        entry.held.pop(label, None)
+        self._resplit(name, entry)
+
+    def labels(self, name: str) -> dict[str, int]:
+        """Where model ``name``'s labels point now; empty for an unknown model."""
+        entry = self._models.get(name)
+        return dict(entry.labels) if entry else {}
 
     def settings(self, name: str) -> ModelSettings | None:
         """Model ``name``'s ``inferd.toml`` as last read (re-read at each poll); None if unknown."""

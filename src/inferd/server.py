@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -22,6 +23,8 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from inferd.capture import TrafficCapture
 from inferd.config import (
@@ -36,6 +39,7 @@ from inferd.errors import (
     DeadlineExceeded,
     InferdError,
     Internal,
+    InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
@@ -47,6 +51,7 @@ from inferd.protocols.access import Access
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
+from inferd.rollout import Rollouts
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
@@ -81,9 +86,11 @@ class HttpApp:
         config: ServerConfig,
         metrics: Metrics,
         metrics_paths: set[str],
+        rollouts: Rollouts | None = None,
     ) -> None:
         self._service = service
         self._control = control
+        self._rollouts = rollouts
         self._access = Access(config.api_token, config.admin_token)
         self._metrics = metrics
         self._metrics_paths = metrics_paths
@@ -106,7 +113,9 @@ class HttpApp:
             body = await self._read_body(scope, receive)
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
-            if path[:4].lower() == "/v1/":
+            if admin and self._rollouts is not None and (route := _ROLLOUT.fullmatch(path)):
+                call = _rollout(self._rollouts, method, route.group(1), route.group(2), body)
+            elif path[:4].lower() == "/v1/":
                 key = self._service.traffic_key_header
                 call = tfserving_rest.handle(
                     self._service,
@@ -228,6 +237,25 @@ async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any]) -> None:
     task.cancel()
 
 
+_ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(/status)?")
+
+
+async def _rollout(rollouts: Rollouts, method: str, model: str, status: str | None, body: bytes) -> Response:
+    """``POST .../rollout`` starts a rollout (body: see ``Rollouts.start``); ``POST
+    .../rollout/status`` answers its state and history."""
+    if method != "POST":
+        raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
+    if status:
+        return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.status(model))
+    try:
+        document = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.start(model, document))
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -272,6 +300,14 @@ class Server:
         self.service.answered.append(self.shadows.offer)
         self.capture = TrafficCapture(self.manager, self.metrics)
         self.service.answered.append(self.capture.offer)
+        shadows = self.shadows
+
+        def agreement(model: str, baseline: int, canary: int) -> tuple[int, int]:
+            stats = shadows.stats(model, baseline, canary)
+            return stats.agreeing, stats.rows
+
+        state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
+        self.rollouts = Rollouts(self.manager, self.metrics, agreement, state_dir)
         self.control = ModelControl(self.repository, self.manager)
 
     async def _poll(self, interval_s: float) -> None:
@@ -318,10 +354,13 @@ class Server:
             # Versions are loaded once two scans agree on their content (see repository.py).
             await asyncio.sleep(self.config.file_system_poll_wait_seconds)
             await self.control.sync()
+        self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(self.service, self.control, self.config, self.metrics, self.metrics_paths),
+                HttpApp(
+                    self.service, self.control, self.config, self.metrics, self.metrics_paths, self.rollouts
+                ),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -373,6 +412,7 @@ class Server:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
+            await self.rollouts.close()
             await self.shadows.close()
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
             await self.manager.close()

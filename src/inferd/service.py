@@ -170,7 +170,11 @@ class InferenceService:
             return
         response = call.response
         if response is None:
-            metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
+            # a failure while computing counts on its version (a canary's guard reads it)
+            version = "" if call.computing is None else str(call.computing)
+            metrics.count_request(
+                call.model if self.knows(call.model) else "", version, call.protocol, status
+            )
             return
         version = str(response.model_id.version)
         metrics.count_request(call.model, version, call.protocol, status)
@@ -212,6 +216,7 @@ class Call:
         "_service",
         "_signature",
         "_version",
+        "computing",
         "decoded",
         "ended",
         "id",
@@ -238,6 +243,8 @@ class Call:
         self.traffic_key: str | None = None
         self.inputs: Tensors = {}
         self.ended = self.started
+        self.computing: int | None = None
+        """The version ``infer`` ran on, from its start (also when it failed)."""
 
     @property
     def signature_name(self) -> str:
@@ -307,6 +314,7 @@ class Call:
         assert signature is not None
         self.decoded = time.perf_counter()
         self.inputs = inputs
+        self.computing = version.id.version
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
         response = await self._service._infer(version, signature, request)
         self.resumed = time.perf_counter()
