@@ -38,6 +38,9 @@ from inferd.types import (
 
 log = logging.getLogger(__name__)
 
+_SERVER_FAILURES = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+"""Statuses of a failed request that are counted on the version that was computing it."""
+
 
 class InferenceService:
     """Validate, predict, measure. Call from the event loop's thread.
@@ -170,11 +173,12 @@ class InferenceService:
             return
         response = call.response
         if response is None:
-            # a failure while computing counts on its version (a canary's guard reads it)
-            version = "" if call.computing is None else str(call.computing)
-            metrics.count_request(
-                call.model if self.knows(call.model) else "", version, call.protocol, status
-            )
+            # the server's failure while computing counts on its version (a canary's guard reads
+            # it); the client's (bad input) on none
+            server_side = status in _SERVER_FAILURES and call.computing is not None
+            version = str(call.computing) if server_side else ""
+            model = call.model if self.knows(call.model) else ""
+            metrics.count_request(model, version, call.protocol, status)
             return
         version = str(response.model_id.version)
         metrics.count_request(call.model, version, call.protocol, status)
