@@ -19,120 +19,8 @@ from typing import Any
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError, InferdError
 
-_SERVE_FLAGS: list[tuple[str, type, str]] = [
-    (
-        "host",
-        str,
-        "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
-    ),
-    ("rest_api_port", int, "port of the REST API"),
-    (
-        "port",
-        int,
-        "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
-    ),
-    ("model_name", str, "name of the model served from --model_base_path"),
-    ("model_base_path", str, "folder holding the model's numbered version folders (1/, 2/, ...)"),
-    (
-        "model_config_file",
-        str,
-        "TF Serving text-format ModelServerConfig (model_config_list) naming every model",
-    ),
-    (
-        "model_config_file_poll_wait_seconds",
-        float,
-        "re-read --model_config_file this often and apply it (0: read once at start)",
-    ),
-    (
-        "file_system_poll_wait_seconds",
-        float,
-        "scan the model folders for new and removed versions this often (0: once at start)",
-    ),
-    ("rest_api_timeout_in_ms", int, "deadline of one REST request; past it the answer is 504"),
-    ("rest_api_num_threads", int, "threads that run model predictions"),
-    ("max_request_bytes", int, "largest request body accepted; larger bodies get 413"),
-    (
-        "max_header_bytes",
-        int,
-        "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
-    ),
-    (
-        "max_tensor_elements",
-        int,
-        "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
-        "refused before allocation",
-    ),
-    ("max_json_depth", int, "deepest nesting of JSON lists in one tensor's value; deeper gets 400"),
-    ("max_string_bytes", int, "longest string element (BYTES / DT_STRING) in bytes; longer gets 413"),
-    (
-        "max_instances",
-        int,
-        "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
-    ),
-    (
-        "enable_batching",
-        bool,
-        "merge concurrent requests for one model version into one predict call (every model)",
-    ),
-    (
-        "batching_parameters_file",
-        str,
-        "TF Serving text-format BatchingParameters (max_batch_size { value: 32 } ...); "
-        "needs --enable_batching",
-    ),
-    (
-        "monitoring_config_file",
-        str,
-        "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
-    ),
-    ("enable_metrics", bool, "serve Prometheus metrics at /metrics"),
-    (
-        "max_in_flight",
-        int,
-        "per model version, unbatched predictions running or waiting beyond which requests get 503",
-    ),
-    ("load_threads", int, "model versions loaded (and warmed up) at once, each in a thread of its own"),
-    (
-        "drain_timeout_s",
-        float,
-        "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
-        "(new ones get 503 meanwhile)",
-    ),
-    (
-        "admin_token",
-        str,
-        "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
-        "unset: admin calls are refused",
-    ),
-    ("api_token", str, "bearer token every other call must carry; unset: prediction and status are open"),
-    (
-        "safe",
-        bool,
-        "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
-        "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
-    ),
-    (
-        "ssl_config_file",
-        str,
-        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
-        "client_verify): TLS on both ports",
-    ),
-    ("tls_cert", str, "PEM certificate (chain) file: TLS on both ports; needs --tls_key"),
-    ("tls_key", str, "PEM private key file of --tls_cert (unencrypted)"),
-    ("tls_ca", str, "PEM file of the CA that client certificates must chain to (with --tls_client_verify)"),
-    ("tls_client_verify", bool, "mutual TLS: refuse clients without a certificate signed by --tls_ca"),
-    (
-        "traffic_key_header",
-        str,
-        "request header (gRPC metadata key) whose value keeps a client on one version of a [traffic] split",
-    ),
-    (
-        "rollout_state_dir",
-        str,
-        "folder where canary rollouts keep their state, so that a restarted server resumes or rolls "
-        "them back; unset: rollouts end with the process",
-    ),
-]
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+"""A ``ServerConfig`` field's annotation -> the type its flag parses."""
 
 
 def _bool(text: str) -> bool:
@@ -172,10 +60,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         ),
         epilog="Every flag may also be set as INFERD_<FLAG> in the environment, e.g. INFERD_REST_API_PORT.",
     )
+    options = {f.name: f for f in fields(ServerConfig)}
     parser.add_argument(
-        "repository", nargs="?", metavar="DIR", help="model repository: one sub-folder per model"
+        "repository", nargs="?", metavar="DIR", help=options.pop("repository").metadata["help"]
     )
-    for name, kind, text in _SERVE_FLAGS:
+    for name, option in options.items():
+        kind, text = _KINDS[str(option.type)], option.metadata["help"]
         default = getattr(defaults, name)
         convert = _bool if kind is bool else kind
         env = os.environ.get(f"INFERD_{name.upper()}")

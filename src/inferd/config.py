@@ -465,48 +465,150 @@ class ModelConfig:
     labels: Mapping[str, int] = field(default_factory=dict)
 
 
+def option(help: str, **field_options: Any) -> Any:
+    """A ``ServerConfig`` field: ``field(**field_options)`` carrying its one-line description."""
+    return field(metadata={"help": help}, **field_options)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything ``inferd serve`` was told. Field names follow TF Serving's flags.
+
+    Each option is declared once, here: its type, default and one-line description, from which
+    ``inferd serve`` makes its flag ``--NAME``, its environment variable ``INFERD_NAME`` and its
+    help (``repository`` is the positional DIR).
 
     Exactly one model source is used: ``model_config_file``, ``repository`` (each sub-folder a
     model), or ``model_name`` with ``model_base_path``.
     """
 
-    host: str = "0.0.0.0"
-    rest_api_port: int = 8501
-    port: int = 8500
-    model_name: str = "default"
-    model_base_path: str = ""
-    model_config_file: str = ""
-    repository: str = ""
-    model_config_file_poll_wait_seconds: float = 0.0
-    file_system_poll_wait_seconds: float = 1.0
-    rest_api_timeout_in_ms: int = 30_000
-    rest_api_num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    max_tensor_elements: int = 64 * 1024 * 1024
-    max_json_depth: int = 32
-    max_string_bytes: int = 8 * 1024 * 1024
-    max_instances: int = 100_000
-    load_threads: int = 2
-    enable_batching: bool = False
-    batching_parameters_file: str = ""
-    monitoring_config_file: str = ""
-    enable_metrics: bool = True
-    max_in_flight: int = 256
-    drain_timeout_s: float = 30.0
-    admin_token: str = field(default="", repr=False)
-    api_token: str = field(default="", repr=False)
-    safe: bool = False
-    ssl_config_file: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    tls_client_verify: bool = False
-    traffic_key_header: str = ""
-    rollout_state_dir: str = ""
+    host: str = option(
+        "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
+        default="0.0.0.0",
+    )
+    rest_api_port: int = option("port of the REST API", default=8501)
+    port: int = option(
+        "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
+        default=8500,
+    )
+    model_name: str = option("name of the model served from --model_base_path", default="default")
+    model_base_path: str = option(
+        "folder holding the model's numbered version folders (1/, 2/, ...)",
+        default="",
+    )
+    model_config_file: str = option(
+        "TF Serving text-format ModelServerConfig (model_config_list) naming every model",
+        default="",
+    )
+    repository: str = option("model repository: one sub-folder per model", default="")
+    model_config_file_poll_wait_seconds: float = option(
+        "re-read --model_config_file this often and apply it (0: read once at start)",
+        default=0.0,
+    )
+    file_system_poll_wait_seconds: float = option(
+        "scan the model folders for new and removed versions this often (0: once at start)",
+        default=1.0,
+    )
+    rest_api_timeout_in_ms: int = option(
+        "deadline of one REST request; past it the answer is 504",
+        default=30_000,
+    )
+    rest_api_num_threads: int = option(
+        "threads that run model predictions",
+        default_factory=lambda: os.cpu_count() or 1,
+    )
+    max_request_bytes: int = option(
+        "largest request body accepted; larger bodies get 413",
+        default=64 * 1024 * 1024,
+    )
+    max_header_bytes: int = option(
+        "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
+        default=64 * 1024,
+    )
+    max_tensor_elements: int = option(
+        "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
+        "refused before allocation",
+        default=64 * 1024 * 1024,
+    )
+    max_json_depth: int = option(
+        "deepest nesting of JSON lists in one tensor's value; deeper gets 400",
+        default=32,
+    )
+    max_string_bytes: int = option(
+        "longest string element (BYTES / DT_STRING) in bytes; longer gets 413",
+        default=8 * 1024 * 1024,
+    )
+    max_instances: int = option(
+        "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
+        default=100_000,
+    )
+    load_threads: int = option(
+        "model versions loaded (and warmed up) at once, each in a thread of its own",
+        default=2,
+    )
+    enable_batching: bool = option(
+        "merge concurrent requests for one model version into one predict call (every model)",
+        default=False,
+    )
+    batching_parameters_file: str = option(
+        "TF Serving text-format BatchingParameters (max_batch_size { value: 32 } ...); needs "
+        "--enable_batching",
+        default="",
+    )
+    monitoring_config_file: str = option(
+        "TF Serving MonitoringConfig; prometheus_config { enable: true } also serves metrics at its path",
+        default="",
+    )
+    enable_metrics: bool = option("serve Prometheus metrics at /metrics", default=True)
+    max_in_flight: int = option(
+        "per model version, unbatched predictions running or waiting beyond which requests get 503",
+        default=256,
+    )
+    drain_timeout_s: float = option(
+        "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
+        "(new ones get 503 meanwhile)",
+        default=30.0,
+    )
+    admin_token: str = option(
+        "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
+        "unset: admin calls are refused",
+        default="",
+        repr=False,
+    )
+    api_token: str = option(
+        "bearer token every other call must carry; unset: prediction and status are open",
+        default="",
+        repr=False,
+    )
+    safe: bool = option(
+        "refuse models whose loading runs code from the repository: custom model.py, pickle/joblib, "
+        "TensorFlow and torch programs (ONNX, TFLite, skops, XGBoost and LightGBM still load)",
+        default=False,
+    )
+    ssl_config_file: str = option(
+        "TF Serving text-format SSLConfig (server_key, server_cert and custom_ca as PEM text, "
+        "client_verify): TLS on both ports",
+        default="",
+    )
+    tls_cert: str = option("PEM certificate (chain) file: TLS on both ports; needs --tls_key", default="")
+    tls_key: str = option("PEM private key file of --tls_cert (unencrypted)", default="")
+    tls_ca: str = option(
+        "PEM file of the CA that client certificates must chain to (with --tls_client_verify)",
+        default="",
+    )
+    tls_client_verify: bool = option(
+        "mutual TLS: refuse clients without a certificate signed by --tls_ca",
+        default=False,
+    )
+    traffic_key_header: str = option(
+        "request header (gRPC metadata key) whose value keeps a client on one version of a [traffic] split",
+        default="",
+    )
+    rollout_state_dir: str = option(
+        "folder where canary rollouts keep their state, so that a restarted server resumes or rolls "
+        "them back; unset: rollouts end with the process",
+        default="",
+    )
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
