@@ -63,7 +63,7 @@ class _Folder:
     """Rows waiting for one capture folder."""
 
     def __init__(self) -> None:
-        self.tables: list[Any] = []
+        self.samples: list[_Rows] = []
         self.rows = 0
         self.first_s = 0.0
         self.settings: CaptureSettings | None = None
@@ -151,15 +151,17 @@ class TrafficCapture(Collector):
             if sample is not None:
                 folder = folders.setdefault(sample.settings.path, _Folder())
                 try:
-                    table = _table(sample)
+                    rows = _rows(sample)
                 except Exception as exc:  # an odd tensor: the sample is lost, never a request
                     log.warning("cannot capture a request of model %s: %s", sample.model, exc)
                     self._count(sample.model, "failed")
                     continue
                 if not folder.rows:
                     folder.first_s = time.monotonic()
-                folder.tables.append(table)
-                folder.rows += table.num_rows
+                folder.samples.append(rows)
+                folder.rows += (
+                    len(rows["version"]) if "version" in rows else len(next(iter(rows.values()), ()))
+                )
                 folder.settings = sample.settings
                 self._count(sample.model, "written")
             now = time.monotonic()
@@ -172,13 +174,12 @@ class TrafficCapture(Collector):
                 return
 
     def _flush(self, path: Path, folder: _Folder, settings: CaptureSettings) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables, folder.tables, folder.rows = folder.tables, [], 0
+        samples, folder.samples, folder.rows = folder.samples, [], 0
         try:
             path.mkdir(parents=True, exist_ok=True)
-            table = pa.concat_tables(tables, promote_options="permissive")
+            table = _table(samples)
             self._sequence += 1
             name = (
                 f"capture-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}-{self._sequence:06d}"
@@ -203,34 +204,54 @@ def _keep_under(path: Path, budget_bytes: float) -> None:
         total -= size
 
 
-def _table(sample: _Sample) -> Any:
-    """One sample -> an Arrow table with one row per row of the request's batch."""
-    import pyarrow as pa
+_Rows = dict[str, np.ndarray]
+"""One sample's columns: each an array with one entry (1-D) or one flat row (2-D) per row."""
 
+
+def _rows(sample: _Sample) -> _Rows:
+    """One sample -> its columns as numpy arrays, one row per row of the request's batch; cheap
+    (views and small arrays): the Arrow conversion is done once per file, in ``_table``."""
     tensors = {**sample.inputs, **{OUTPUT_PREFIX + k: v for k, v in sample.outputs.items()}}
     sizes = {np.shape(v)[0] if np.ndim(v) else None for v in tensors.values()}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"its tensors do not share a batch dimension: {sorted(map(str, sizes))}")
     (rows,) = sizes
     assert rows is not None
-    columns: dict[str, Any] = {
-        "request_id": pa.array([sample.request_id] * rows, pa.string()),
-        "time": pa.array([int(sample.time_s * 1e6)] * rows, pa.timestamp("us", tz="UTC")),
-        "model": pa.array([sample.model] * rows, pa.string()),
-        "version": pa.array([sample.version] * rows, pa.int64()),
-        "latency_ms": pa.array([sample.latency_s * 1000] * rows, pa.float64()),
+    columns: _Rows = {
+        "request_id": np.full(rows, sample.request_id, dtype=object),
+        "time": np.full(rows, int(sample.time_s * 1e6), dtype=np.int64),
+        "model": np.full(rows, sample.model, dtype=object),
+        "version": np.full(rows, sample.version, dtype=np.int64),
+        "latency_ms": np.full(rows, sample.latency_s * 1000, dtype=np.float64),
     }
     for name, value in tensors.items():
-        array = np.asarray(value)
-        flat = array.reshape(rows, -1)
-        if array.dtype.kind == "O":
-            flat = flat.astype(object)
-        if flat.shape[1] == 1:
-            columns[name] = pa.array(flat[:, 0])
-        else:
-            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * flat.shape[1])
-            columns[name] = pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1)))
+        flat = np.asarray(value).reshape(rows, -1)
+        columns[name] = flat[:, 0] if flat.shape[1] == 1 else flat
     kept = sample.settings.fields
-    if kept:
-        columns = {k: v for k, v in columns.items() if k in kept}
-    return pa.table(columns)
+    return {k: v for k, v in columns.items() if k in kept} if kept else columns
+
+
+def _table(samples: list[_Rows]) -> Any:
+    """Samples -> one Arrow table: samples of the same column layout are concatenated as numpy
+    first and converted once; a tensor of one value per row is a scalar column, a larger one a
+    list column."""
+    import pyarrow as pa
+
+    groups: dict[tuple[tuple[str, str, int], ...], list[_Rows]] = {}
+    for columns in samples:
+        key = tuple((k, v.dtype.str, v.shape[1] if v.ndim == 2 else 0) for k, v in columns.items())
+        groups.setdefault(key, []).append(columns)
+    tables = []
+    for group in groups.values():
+        arrays: dict[str, Any] = {}
+        for name in group[0]:
+            joined = np.concatenate([columns[name] for columns in group])
+            if name == "time":
+                arrays[name] = pa.array(joined, pa.timestamp("us", tz="UTC"))
+            elif joined.ndim == 2:
+                offsets = pa.array(np.arange(len(joined) + 1, dtype=np.int32) * joined.shape[1])
+                arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(joined.reshape(-1)))
+            else:
+                arrays[name] = pa.array(joined)
+        tables.append(pa.table(arrays))
+    return pa.concat_tables(tables, promote_options="permissive")
