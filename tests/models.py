@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 @cache
@@ -75,6 +75,22 @@ def write_onnx_affine(version_dir: Path, scale: float, offset: float = 0.0, widt
         helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
     ]
     _save(version_dir, helper.make_graph(nodes, "affine", [x], [y], inits))
+
+
+def write_onnx_affine_external(version_dir: Path, scale: float, width: int = 4) -> None:
+    """``write_onnx_affine`` saved as two files, ``model.onnx`` and its weights in
+    ``weights.bin`` (ONNX external data): a version that is incomplete until both are there."""
+    write_onnx_affine(version_dir, scale, width=width)
+    model = onnx.load(version_dir / "model.onnx")
+    for tensor in model.graph.initializer:  # only raw_data moves to the external file
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(
+        model,
+        version_dir / "model.onnx",
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
 
 
 def write_onnx_two_inputs(version_dir: Path) -> None:

@@ -9,9 +9,18 @@ images are scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels
 kept at 8x8 and scaled to [0, 1]. The model is the tutorial's: ``Flatten`` then
 ``Dense(10, activation='softmax', name='Softmax')``.
 
-Run: ``python examples/tfserving_digits/tfserving_digits.py --out /tmp/digits`` (needs
-``pip install 'inferd[tensorflow]' matplotlib``). It writes ``MODEL_DIR`` (``--out``/models),
-``predictions.png`` and ``results.json`` (served and in-process predictions) under ``--out``.
+Run, from the checkout (``bash scripts/setup tutorial`` installs inferd with TensorFlow,
+matplotlib and requests into ``.venv/``)::
+
+    .venv/bin/python examples/tfserving_digits/tfserving_digits.py --out /tmp/digits
+
+It writes ``MODEL_DIR`` (``--out``/models), ``predictions.png`` and ``results.json`` (served and
+in-process predictions) under ``--out``.
+
+The export is the one step that depends on the Keras version (see docs/tfserving-tutorial.md):
+the tutorial's ``model.save(export_path, save_format="tf")`` is Keras 2's (TensorFlow up to
+2.15, or ``tf_keras``); Keras 3 (TensorFlow 2.16 on) refuses ``save_format`` and writes a
+SavedModel with ``model.export(export_path)``.
 """
 
 from __future__ import annotations
@@ -63,6 +72,17 @@ def train(train_x: np.ndarray, train_y: np.ndarray, epochs: int) -> keras.Model:
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(train_x, train_y, epochs=epochs, verbose=2)
     return model
+
+
+def export_saved_model(model: keras.Model, export_path: Path) -> None:
+    """Write ``model`` as a SavedModel with a ``serving_default`` signature into ``export_path``,
+    the way this Keras version does it."""
+    if int(keras.__version__.split(".")[0]) >= 3:
+        print(f"Keras {keras.__version__}: model.export(export_path)")
+        model.export(str(export_path))
+    else:  # the tutorial's own call, for Keras 2
+        print(f"Keras {keras.__version__}: model.save(export_path, save_format='tf')")
+        model.save(str(export_path), save_format="tf")
 
 
 def serve(model_dir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -133,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = (args.out / "models" / "digits_model").resolve()
     export_path = model_dir / "1"
     print(f"export_path = {export_path}")
-    model.export(str(export_path))
+    export_saved_model(model, export_path)
 
     server = serve(model_dir, args.port)
     try:

@@ -132,9 +132,10 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
             "repository with --model) and write OUTPUT (.parquet, .csv, .jsonl or .npy)."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    # Each path may also be an object-store URI (s3://, gs://, az://).
+    parser.add_argument("model_path", metavar="MODEL")
     parser.add_argument("input", metavar="INPUT")
-    parser.add_argument("output", metavar="OUTPUT", type=Path)
+    parser.add_argument("output", metavar="OUTPUT")
     add = _snake_case_flags(parser)
     add("--model", dest="model_name", help="model name when MODEL is a repository")
     add("--version", type=int, help="version to use (default: the latest)")
@@ -144,7 +145,7 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     add("--id-column", help="input column written beside the predictions (default: the row number)")
     add("--keep-columns", default="", help="comma-separated input columns to copy to the output; * for all")
     add("--outputs", default="", help="comma-separated model outputs to write (default: all)")
-    add("--rejects", type=Path, help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
+    add("--rejects", help="where rejected rows go, as JSON lines (default: OUTPUT.rejects.jsonl)")
     add("--resume", action="store_true", help="continue an interrupted run, skipping its finished chunks")
     add("--memory-budget-mb", type=float, default=1024.0, help="memory for rows in flight (default: 1024)")
     add(
@@ -167,11 +168,22 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _batch(args: argparse.Namespace) -> int:
     from inferd import offline
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # object-store paths are copied in, and the outputs back
+    try:
+        model = scratch.model(args.model_path, "MODEL", args.model_name, args.version)
+        source = scratch.input(args.input, "INPUT")
+        output = scratch.output(args.output, "OUTPUT")
+        rejects = scratch.output(args.rejects or f"{args.output}.rejects.jsonl", "--rejects")
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd batch: {exc.message}", file=sys.stderr)
+        return 2
     options = offline.BatchOptions(
-        model=args.model_path,
-        input=args.input,
-        output=args.output,
+        model=model,
+        input=source,
+        output=output,
         model_name=args.model_name,
         version=args.version,
         signature=args.signature,
@@ -180,7 +192,7 @@ def _batch(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         keep_columns=_names(args.keep_columns),
         outputs=_names(args.outputs),
-        rejects=args.rejects,
+        rejects=rejects,
         resume=args.resume,
         memory_budget_mb=args.memory_budget_mb,
         price_per_hour=args.price_per_hour,
@@ -189,9 +201,15 @@ def _batch(args: argparse.Namespace) -> int:
     )
     try:
         summary = offline.run(options)
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("inferd batch: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        scratch.close()
     print("\n".join(summary.lines()), file=sys.stderr)
     if args.summary_json:
         args.summary_json.write_bytes(summary.to_json())
@@ -285,8 +303,22 @@ def _bench(args: argparse.Namespace) -> int:
         path=args.path,
         tls=tls,
     )
+    steps = loadtest.steps_of(options)
+    print(
+        f"inferd bench: {len(steps)} step(s) of {options.warmup_s:g} s warm-up and "
+        f"{options.duration_s:g} s measured each",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def progress(report: loadtest.StepReport) -> None:
+        index = len(done) + 1
+        done.append(report)
+        print(loadtest.progress_line(report, index, len(steps)), file=sys.stderr, flush=True)
+
+    done: list[loadtest.StepReport] = []
     try:
-        reports = loadtest.run(options)
+        reports = loadtest.run(options, progress)
     except ValueError as exc:
         print(f"inferd bench: {exc}", file=sys.stderr)
         return 2
@@ -299,6 +331,10 @@ def _bench(args: argparse.Namespace) -> int:
             Path(args.json_path).write_bytes(report)
     if args.plot:
         loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    if not any(r.succeeded for r in reports):
+        said = "; ".join(loadtest.error_messages(reports)) or "no answer"
+        print(f"inferd bench: every request failed: {said}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -321,7 +357,8 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
             "Exit status: 0 with a winner, 3 when none qualifies, 2 for bad input. See docs/select.md."
         ),
     )
-    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+", type=Path)
+    # CANDIDATE, --data, MODEL, --out and --calibration may also be object-store URIs.
+    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+")
     add = _snake_case_flags(parser)
     add(
         "--data",
@@ -329,6 +366,11 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         help="validation set: a CSV, Parquet, JSONL or .npy file, or a folder of them",
     )
     add("--label", required=True, help="label column (with .npy data: a .npy file of labels)")
+    add(
+        "--drop_columns",
+        default="",
+        help="comma-separated columns of --data to leave out: neither inputs nor the label (an id)",
+    )
     add(
         "--optimize",
         required=True,
@@ -359,6 +401,12 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
     add("--model_config_file", type=Path, help="with --promote-label: the model config file holding labels")
     add("--wait-url", help="with --promote-label: wait until this server serves the new version")
     add("--apply", action="store_true", help="with --promote: do it (default: print the change only)")
+    add(
+        "--allow_api_change",
+        action="store_true",
+        help="with --promote: promote even when the winner's signatures or answer form differ from the "
+        "served version's (the difference is printed either way)",
+    )
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -374,9 +422,9 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
             "go on; the exit status is 0 when at least one was made. See docs/optimize.md."
         ),
     )
-    parser.add_argument("model_path", metavar="MODEL", type=Path)
+    parser.add_argument("model_path", metavar="MODEL")
     add = _snake_case_flags(parser)
-    add("--out", required=True, type=Path, help="folder to write the variants to")
+    add("--out", required=True, help="folder (or object-store URI) to write the variants to")
     add(
         "--calibration",
         help="input rows (CSV, Parquet, JSONL or .npy, columns as for inferd batch) for static int8 "
@@ -391,12 +439,21 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
+    from inferd.storage import Scratch
 
     if args.plot and not _can_plot("select"):
         return 2
+    scratch = Scratch()  # object-store candidates and data are copied in
+    try:
+        candidates = tuple(scratch.model(c, "CANDIDATE") for c in args.candidates)
+        data = scratch.input(args.data, "--data")
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd select: {exc.message}", file=sys.stderr)
+        return 2
     options = select.SelectOptions(
-        candidates=tuple(args.candidates),
-        data=args.data,
+        candidates=candidates,
+        data=data,
         label=args.label,
         optimize=args.optimize,
         requirements=tuple(args.require),
@@ -407,23 +464,42 @@ def _select(args: argparse.Namespace) -> int:
         price_per_hour=args.price_per_hour,
         batch_size=args.batch_size,
         url=args.url,
+        drop_columns=_names(args.drop_columns),
     )
     promote = None
     if args.promote:
         promote = command.PromoteOptions(
-            args.promote, args.promote_label, args.model_config_file, args.apply, args.wait_url
+            args.promote,
+            args.promote_label,
+            args.model_config_file,
+            args.apply,
+            args.wait_url,
+            allow_api_change=args.allow_api_change,
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
-    return command.execute(options, outputs, promote)
+    try:
+        return command.execute(options, outputs, promote)
+    finally:
+        scratch.close()
 
 
 def _optimize(args: argparse.Namespace) -> int:
     from inferd import optimize
+    from inferd.storage import Scratch
 
+    scratch = Scratch()  # an object-store model and calibration are copied in, the variants out
+    try:
+        model = scratch.model(args.model_path, "MODEL")
+        out = scratch.output(args.out, "--out")
+        calibration = scratch.input(args.calibration, "--calibration") if args.calibration else None
+    except InferdError as exc:
+        scratch.close()
+        print(f"inferd optimize: {exc.message}", file=sys.stderr)
+        return 2
     options = optimize.OptimizeOptions(
-        model=args.model_path,
-        out=args.out,
-        calibration=args.calibration,
+        model=model,
+        out=out,
+        calibration=calibration,
         only=_names(args.only),
         tflite=args.tflite,
     )
@@ -433,9 +509,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
     try:
         outcomes = optimize.run(options, report)
+        scratch.publish()
     except InferdError as exc:
         print(f"inferd optimize: {exc.message}", file=sys.stderr)
         return 2
+    finally:
+        scratch.close()
     made = sum(outcome.ok for outcome in outcomes)
     print(f"{made} of {len(outcomes)} variants made in {args.out}")
     return 0 if made else 1
@@ -530,8 +609,35 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0 if state["state"] in ("done", "running") else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that refuses arguments it does not know itself, so that a mistyped
+    flag of a subcommand (``inferd serve --rest_api_prot=1``) is reported with that
+    subcommand's usage rather than the top level's; subcommand parsers inherit the class."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
+
+
+def _version() -> str:
+    """inferd's version, from the installed package's metadata."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("inferd")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from inferd import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="inferd", description="inferd: a model server for any framework")
+    parser = _Parser(prog="inferd", description="inferd: a model server for any framework")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _features_parser(sub)

@@ -23,6 +23,38 @@ from inferd.errors import ConfigError
 from inferd.traffic import parse_weights
 
 SETTINGS_FILE = "inferd.toml"
+
+# Object-store URI scheme -> (fsspec protocol, the inferd extra that installs its filesystem)
+OBJECT_STORES: Mapping[str, tuple[str, str]] = {
+    "s3": ("s3", "s3"),
+    "s3a": ("s3", "s3"),
+    "gs": ("gcs", "gcs"),
+    "gcs": ("gcs", "gcs"),
+    "az": ("az", "azure"),
+    "abfs": ("abfs", "azure"),
+    "abfss": ("abfs", "azure"),
+}
+
+
+def model_location(text: str) -> Path | str:
+    """Where a model or repository lives: a local ``Path`` for a folder path or a ``file://``
+    URI; the URI itself (without a trailing slash) for an object store (``OBJECT_STORES``).
+
+    Raises:
+        ConfigError: a URI whose scheme is not ``file`` or an object store.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep or "/" in scheme:
+        return Path(text)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return Path(rest)
+    if scheme not in OBJECT_STORES:
+        schemes = ", ".join(sorted(OBJECT_STORES))
+        raise ConfigError(f"model path {text!r}: expected a folder or a URI of scheme file, {schemes}")
+    return text.rstrip("/")
+
+
 """Per-model settings, read from ``<base_path>/inferd.toml``."""
 
 
@@ -182,7 +214,8 @@ class FeatureSettings:
         lookup_timeout_ms: longest wait for the store per request.
         on_store_error: ``fail`` (UNAVAILABLE naming the store) or ``defaults``.
         cache_ttl_s: how long a looked-up entity is reused; 0 turns the cache off.
-        cache_size: most entities cached (least recently used go first).
+        cache_size: most entities cached (the oldest go first).
+        cache_bytes: most bytes the cached entities take, keys and values (the oldest go first).
     """
 
     store: str
@@ -196,6 +229,7 @@ class FeatureSettings:
     on_store_error: str = "fail"
     cache_ttl_s: float = 5.0
     cache_size: int = 100_000
+    cache_bytes: int = 64 * 1024 * 1024
 
     @property
     def key_prefix(self) -> str:
@@ -257,9 +291,12 @@ def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) ->
         on_store_error=on_error,
         cache_ttl_s=_typed(table, "cache_ttl_s", float, where, 5.0),
         cache_size=_typed(table, "cache_size", int, where, 100_000),
+        cache_bytes=_typed(table, "cache_bytes", int, where, 64 * 1024 * 1024),
     )
     if settings.lookup_timeout_ms <= 0 or settings.cache_ttl_s < 0 or settings.cache_size < 1:
         raise ConfigError(f"{where}: lookup_timeout_ms must be > 0, cache_ttl_s >= 0, cache_size >= 1")
+    if settings.cache_bytes < 0:
+        raise ConfigError(f"{where}: 'cache_bytes' must be >= 0, got {settings.cache_bytes}")
     return settings
 
 
@@ -417,6 +454,7 @@ class ModelSettings:
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
         features: the ``[features]`` table; None when requests carry every input.
         prediction_cache_size: answers kept per version, keyed by the exact inputs; 0 is off.
+        prediction_cache_bytes: most bytes that cache holds per version, inputs and answers.
         device: where the model computes: ``cpu`` (default) or ``cuda:N`` (``cuda`` is
             ``cuda:0``), for runtimes that can use a GPU.
         isolation: ``none`` (default: the model runs in the server's process) or ``process``
@@ -437,6 +475,7 @@ class ModelSettings:
     batching: BatchingParameters | None = None
     features: FeatureSettings | None = None
     prediction_cache_size: int = 0
+    prediction_cache_bytes: int = 64 * 1024 * 1024
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
@@ -459,7 +498,7 @@ class ModelConfig:
     """
 
     name: str
-    base_path: Path
+    base_path: Path | str  # a folder, or an object-store URI (see ``model_location``)
     platform: str | None = None
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
@@ -493,7 +532,7 @@ class ServerConfig:
     )
     model_name: str = option("name of the model served from --model_base_path", default="default")
     model_base_path: str = option(
-        "folder holding the model's numbered version folders (1/, 2/, ...)",
+        "folder or object-store URI (s3://, gs://, az://) holding the model's numbered version folders",
         default="",
     )
     model_config_file: str = option(
@@ -508,6 +547,14 @@ class ServerConfig:
     file_system_poll_wait_seconds: float = option(
         "scan the model folders for new and removed versions this often (0: once at start)",
         default=1.0,
+    )
+    model_cache_dir: str = option(
+        "local folder caching versions downloaded from object stores (default ~/.cache/inferd/models)",
+        default="",
+    )
+    model_cache_bytes: int = option(
+        "most bytes the model cache holds; least recently used versions not served are evicted (0: no bound)",
+        default=10 * 1024**3,
     )
     rest_api_timeout_in_ms: int = option(
         "deadline of one REST request; past it the answer is 504",
@@ -524,6 +571,25 @@ class ServerConfig:
     max_header_bytes: int = option(
         "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
         default=64 * 1024,
+    )
+    max_connections: int = option(
+        "open connections per port (REST and gRPC each) past which new ones are refused at once "
+        "(REST: 503 and close); 0: a quarter of the open-file limit, at most 10,000",
+        default=0,
+    )
+    header_timeout_s: float = option(
+        "seconds a client may take to send a request's line and headers; past it 408 and close",
+        default=60.0,
+    )
+    body_timeout_s: float = option(
+        "seconds a request body may go without a byte arriving; past it 408 and close",
+        default=60.0,
+    )
+    keep_alive_timeout_s: float = option("seconds an idle keep-alive REST connection stays open", default=5.0)
+    max_inflight_bytes: int = option(
+        "bytes of request bodies (REST) and messages (gRPC) held at once, server-wide; a request "
+        "past it gets 503 / UNAVAILABLE at once; at least --max_request_bytes",
+        default=1024 * 1024 * 1024,
     )
     max_tensor_elements: int = option(
         "most elements in one input tensor (and largest dim of a declared shape); more get 413, "
@@ -542,9 +608,10 @@ class ServerConfig:
         "most rows in TF Serving 'instances' or examples in classify/regress; more get 413",
         default=100_000,
     )
-    load_threads: int = option(
-        "model versions loaded (and warmed up) at once, each in a thread of its own",
-        default=2,
+    num_load_threads: int = option(
+        "threads that load model versions: this many models load at once (one model's versions "
+        "load one at a time); a slow load delays no other model while threads are free",
+        default=4,
     )
     enable_batching: bool = option(
         "merge concurrent requests for one model version into one predict call (every model)",
@@ -624,6 +691,7 @@ _KNOWN_KEYS = {
     "batching",
     "features",
     "prediction_cache_size",
+    "prediction_cache_bytes",
     "device",
     "isolation",
     *_RUNTIME_TABLES,
@@ -691,6 +759,7 @@ def read_model_settings(base_path: Path) -> ModelSettings:
             else None
         ),
         prediction_cache_size=_prediction_cache_size(raw, path),
+        prediction_cache_bytes=_prediction_cache_bytes(raw, path),
         device="cuda:0" if device == "cuda" else device,
         isolation=isolation,
     )
@@ -713,6 +782,13 @@ def _prediction_cache_size(raw: Mapping[str, Any], path: Path) -> int:
     size = _typed(raw, "prediction_cache_size", int, str(path), 0)
     if size < 0:
         raise ConfigError(f"{path}: 'prediction_cache_size' must be >= 0, got {size}")
+    return size
+
+
+def _prediction_cache_bytes(raw: Mapping[str, Any], path: Path) -> int:
+    size = _typed(raw, "prediction_cache_bytes", int, str(path), 64 * 1024 * 1024)
+    if size < 0:
+        raise ConfigError(f"{path}: 'prediction_cache_bytes' must be >= 0, got {size}")
     return size
 
 
@@ -792,7 +868,7 @@ def models_from_proto(message: pb.ModelServerConfig, source: str) -> list[ModelC
         models.append(
             ModelConfig(
                 name=entry.name,
-                base_path=Path(entry.base_path),
+                base_path=model_location(entry.base_path),
                 platform=entry.model_platform or None,
                 version_policy=_policy_from_proto(entry),
                 labels=labels,

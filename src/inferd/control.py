@@ -1,21 +1,31 @@
 """ModelControl: keeps the manager in step with the repository, and the admin operations.
 
-The poll loop calls ``sync``; the admin APIs (the V2 model repository extension, TF Serving's
-HandleReloadConfigRequest) call ``index``, ``load``, ``unload`` and ``reload_config``. All of them
-take one lock, so a scan never runs beside another. Call from the event loop's thread.
+The poll loop calls ``poll``, startup ``sync``; the admin APIs (the V2 model repository
+extension, TF Serving's HandleReloadConfigRequest) call ``index``, ``load``, ``unload`` and
+``reload_config``. Scans take one lock, so a scan never runs beside another, but they do not wait
+for loads: each model is reconciled in a task of its own, so a model that takes minutes to load
+delays neither the next scan nor another model's new version, and an admin call waits only for
+the model it names. A model's reconciles run one after another (a newer plan replaces one still
+waiting), so loads of one model are serialized; loads of different models share the manager's
+bounded load pool (``--num_load_threads``). Call from the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.config import ModelConfig
-from inferd.errors import ModelLoadError, NotFound
+from inferd.config import BatchingParameters, ModelConfig, ModelSettings
+from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound
 from inferd.manager import ModelManager
-from inferd.repository import Repository
+from inferd.repository import ModelPlan, Repository
 from inferd.types import ModelRef, VersionState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +38,37 @@ class IndexEntry:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SettingsOverride:
+    """Settings an admin load gives a model over its ``inferd.toml`` (Triton's load with a config):
+    None leaves a setting as the file has it. It lasts until the next load of the model."""
+
+    max_batch_size: int | None = None
+    batch_timeout_micros: int | None = None
+
+    def apply(self, settings: ModelSettings) -> ModelSettings:
+        """``settings`` with this override's batching; batching starts from inferd's defaults
+        when the file has no ``[batching]``.
+
+        Raises:
+            ConfigError: the result is not valid batching (e.g. ``allowed_batch_sizes`` in the
+                file no longer ends at ``max_batch_size``).
+        """
+        if self.max_batch_size is None and self.batch_timeout_micros is None:
+            return settings
+        batching = settings.batching or BatchingParameters()
+        batching = dataclasses.replace(
+            batching,
+            max_batch_size=batching.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            batch_timeout_micros=(
+                batching.batch_timeout_micros
+                if self.batch_timeout_micros is None
+                else self.batch_timeout_micros
+            ),
+        )
+        return dataclasses.replace(settings, batching=batching)
+
+
 class ModelControl:
     """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded."""
 
@@ -36,21 +77,89 @@ class ModelControl:
         self._manager = manager
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
-        self._lock = asyncio.Lock()
+        self._overrides: dict[str, SettingsOverride] = {}
+        self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
+        self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
+        self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
 
     async def sync(self, trusted: frozenset[str] = frozenset()) -> None:
-        """Scan the repository (in a thread) and reconcile the manager to it.
+        """Scan the repository (in a thread), reconcile the manager to it, and wait until every
+        model's reconcile is done.
 
         Raises:
             ConfigError: the model configuration cannot be read (at the first scan only).
         """
         async with self._lock:
-            await self._sync(trusted)
+            runs = await self._scan(trusted)
+        await _settled(runs.values())
 
-    async def _sync(self, trusted: frozenset[str] = frozenset()) -> None:
-        plans = await asyncio.to_thread(self._repository.scan, trusted)
+    async def poll(self) -> None:
+        """Scan the repository and start reconciling the models that changed, without waiting for
+        their loads: the poll loop's step."""
+        async with self._lock:
+            await self._scan()
+
+    async def _scan(self, trusted: frozenset[str] = frozenset()) -> dict[str, asyncio.Task[None]]:
+        """Scan, then queue each model's plan (and the removal of models no longer planned) on
+        that model's task; returns the tasks by model name. Call holding the lock."""
+        plans = [self._overridden(plan) for plan in await asyncio.to_thread(self._repository.scan, trusted)]
         self._configured = sorted(plan.name for plan in plans)
-        await self._manager.apply(plan for plan in plans if plan.name not in self._unloaded)
+        wanted: dict[str, ModelPlan | None] = {
+            plan.name: plan for plan in plans if plan.name not in self._unloaded
+        }
+        for name in (set(self._manager.names()) | set(self._runs)) - set(wanted):
+            wanted[name] = None
+        return {name: self._queue(name, plan) for name, plan in wanted.items()}
+
+    def _queue(self, name: str, plan: ModelPlan | None) -> asyncio.Task[None]:
+        self._pending[name] = plan
+        run = self._runs.get(name)
+        if run is None or run.done():
+            run = self._runs[name] = asyncio.create_task(self._apply(name), name=f"reconcile {name}")
+        return run
+
+    async def _apply(self, name: str) -> None:
+        """Apply ``name``'s queued plans, the newest each time, until none is left."""
+        while name in self._pending:
+            plan = self._pending.pop(name)
+            try:
+                if plan is None:
+                    await self._manager.remove(name)
+                else:
+                    await self._manager.reconcile(plan)
+            except Exception:  # the manager reports load failures itself; this is a bug
+                log.exception("reconciling model %s failed", name)
+        if self._runs.get(name) is asyncio.current_task():
+            del self._runs[name]
+
+    def summary(self) -> tuple[int, str]:
+        """What serves now, for the log: a level and a line naming each configured model with
+        its AVAILABLE versions and, for each that has none, why (no version folder and how to
+        make one, or each version's load error). INFO when every model serves, WARNING when
+        some do not, ERROR when none does."""
+        unversioned = self._repository.why_unversioned()
+        served, unserved = [], []
+        for name in self._configured:
+            if name in self._unloaded:
+                unserved.append(f"{name} (unloaded by an admin)")
+                continue
+            try:
+                statuses = self._manager.status(ModelRef(name))
+            except NotFound:
+                statuses = []
+            available = sorted(s.version for s in statuses if s.state is VersionState.AVAILABLE)
+            if available:
+                plural = "s" if len(available) > 1 else ""
+                served.append(f"{name} (version{plural} {', '.join(map(str, available))})")
+                continue
+            failed = [f"version {s.version}: {s.error_message}" for s in statuses if s.error_message]
+            why = unversioned.get(name) or "; ".join(failed) or "no version loaded yet"
+            unserved.append(f"{name} ({why})")
+        if not unserved:
+            return logging.INFO, f"serving {', '.join(served)}"
+        if not served:
+            return logging.ERROR, f"no model loaded: {', '.join(unserved)}"
+        return logging.WARNING, f"serving {', '.join(served)}; not serving {', '.join(unserved)}"
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every configured model's versions and states, by name; ``ready_only`` keeps the
@@ -69,25 +178,51 @@ class ModelControl:
             entries = [e for e in entries if e.state is VersionState.AVAILABLE]
         return entries
 
-    async def load(self, name: str) -> None:
+    def _overridden(self, plan: ModelPlan) -> ModelPlan:
+        override = self._overrides.get(plan.name)
+        if override is None:
+            return plan
+        try:
+            return dataclasses.replace(plan, settings=override.apply(plan.settings))
+        except ConfigError as exc:
+            return dataclasses.replace(plan, error=f"the load's config override: {exc.message}")
+
+    async def load(self, name: str, override: SettingsOverride | None = None) -> None:
         """Serve ``name`` again if it was unloaded, and load its new versions now, without
-        waiting for the files to look stable.
+        waiting for the files to look stable. An ``override`` different from the one in force
+        (a load without one returns to ``inferd.toml``) reloads the versions serving, with the
+        new settings: they are out of service until the reload finished.
 
         Raises:
             NotFound: ``name`` is not a configured model.
+            InvalidArgument: ``override`` does not fit the model's settings.
             ModelLoadError: no version of it is AVAILABLE afterwards; the message says why.
         """
         async with self._lock:
             self._require_configured(name)
-            self._unloaded.discard(name)
-            await self._sync(frozenset({name}))
-            if not self._manager.serves(name):
+            if override is not None:
                 try:
-                    statuses = self._manager.status(ModelRef(name))
-                except NotFound:
-                    raise ModelLoadError(f"model {name!r} has no version folders to load") from None
-                reasons = "; ".join(f"version {s.version}: {s.error_message}" for s in statuses)
-                raise ModelLoadError(f"failed to load model {name!r}: {reasons}")
+                    override.apply(self._repository_settings(name))
+                except ConfigError as exc:
+                    raise InvalidArgument(f"the config does not fit model {name!r}: {exc.message}") from None
+            if self._overrides.get(name) != override:
+                if override is None:
+                    del self._overrides[name]
+                else:
+                    self._overrides[name] = override
+                self._unloaded.add(name)  # retire the versions loaded with the old settings
+                runs = await self._scan()
+                await _settled(run for model, run in runs.items() if model == name)
+            self._unloaded.discard(name)
+            runs = await self._scan(frozenset({name}))
+        await _settled(run for model, run in runs.items() if model == name)
+        if not self._manager.serves(name):
+            try:
+                statuses = self._manager.status(ModelRef(name))
+            except NotFound:
+                raise ModelLoadError(f"model {name!r} has no version folders to load") from None
+            reasons = "; ".join(f"version {s.version}: {s.error_message}" for s in statuses)
+            raise ModelLoadError(f"failed to load model {name!r}: {reasons}")
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name`` (in-flight requests finish) until ``load`` names it again.
@@ -98,7 +233,8 @@ class ModelControl:
         async with self._lock:
             self._require_configured(name)
             self._unloaded.add(name)
-            await self._sync()
+            runs = await self._scan()
+        await _settled(run for model, run in runs.items() if model == name)
 
     async def reload_config(self, models: list[ModelConfig]) -> None:
         """Serve exactly ``models`` from now on (see ``Repository.replace_models``); a model an
@@ -110,13 +246,26 @@ class ModelControl:
         async with self._lock:
             self._repository.replace_models(models)
             self._unloaded.clear()
-            await self._sync()
+            runs = await self._scan()
+        await _settled(runs.values())
         failed = [m.name for m in models if not self._manager.serves(m.name)]
         if failed:
             raise ModelLoadError(
                 f"the new config is in force, but no version of {failed} could be loaded; see GetModelStatus"
             )
 
+    def _repository_settings(self, name: str) -> ModelSettings:
+        plan = self._repository.plan(name)
+        return plan.settings if plan is not None else ModelSettings()
+
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:
             raise NotFound(f"model {name!r} is not in the model repository")
+
+
+async def _settled(runs: Iterable[asyncio.Task[None]]) -> None:
+    """Wait for ``runs`` to finish. Shielded: a caller that gives up (a client's deadline, a
+    cancelled admin call) leaves the loads running."""
+    runs = list(runs)
+    if runs:
+        await asyncio.shield(asyncio.gather(*runs))

@@ -27,13 +27,28 @@ class ErrorCode(enum.Enum):
 
 
 class InferdError(Exception):
-    """Base of every expected failure. The message names the field and what was expected."""
+    """Base of every expected failure. The message names the field and what was expected.
+
+    Messages echo what clients sent (names, keys, labels), which may hold lone surrogates (a
+    JSON ``"\\ud800"`` escape) that no UTF-8 encoder takes; ``message`` has them escaped as
+    ``\\ud800``, so every protocol can write it.
+    """
 
     code = ErrorCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = encodable(message)
         super().__init__(message)
         self.message = message
+
+
+def encodable(text: str) -> str:
+    """``text`` with every lone surrogate replaced by its ``\\uXXXX`` escape: valid UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 class InvalidArgument(InferdError):

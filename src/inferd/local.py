@@ -6,7 +6,8 @@ feature join)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -63,5 +64,17 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
             service = InferenceService(manager)
             yield Loaded(service, ref, status, version.servable.model, version.settings, infer_pool)
         finally:
-            await manager.close()
+            with _quiet(logging.getLogger("inferd.manager")):  # "unloading ..." is no news here
+                await manager.close()
             await stores.close()
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Only warnings and errors from ``logger`` while inside."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -148,12 +148,19 @@ class ModelManager(Generic[S]):
         plans = list(plans)
         wanted = {plan.name for plan in plans}
         for name in [n for n in self._models if n not in wanted]:
-            entry = self._models.pop(name)
-            log.info("model %s is no longer configured; unloading it", name)
-            async with entry.lock:
-                for version in list(entry.versions.values()):
-                    self._retire(entry, version)
+            await self.remove(name)
         await asyncio.gather(*(self.reconcile(plan) for plan in plans))
+
+    async def remove(self, name: str) -> None:
+        """Stop serving model ``name`` and forget it: its versions unload once their requests
+        finish (after a load of it in progress ends). Nothing happens for an unknown name."""
+        entry = self._models.pop(name, None)
+        if entry is None:
+            return
+        log.info("model %s is no longer configured; unloading it", name)
+        async with entry.lock:
+            for version in list(entry.versions.values()):
+                self._retire(entry, version)
 
     async def reconcile(self, plan: ModelPlan) -> None:
         """Load the plan's new versions, then retire versions it no longer aspires to."""

@@ -31,6 +31,7 @@ from inferd.errors import DeadlineExceeded, ModelLoadError, Unavailable
 from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
 from inferd.metrics import Histogram, HitCounter, Metrics
 from inferd.runtimes import Model, Supervised, load_model
+from inferd.statistics import VersionStatistics
 from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Servable:
         join: the feature join, None when the model has no ``[features]``.
         predictions: the prediction cache, None when the model has none.
         prediction_counts: hits and misses of ``predictions``.
+        statistics: the version's counts for Triton's statistics extension (requests and model
+            executions).
     """
 
     __slots__ = (
@@ -68,6 +71,7 @@ class Servable:
         "predictions",
         "runtime",
         "settings",
+        "statistics",
     )
 
     def __init__(
@@ -88,6 +92,7 @@ class Servable:
         self.join: FeatureJoin | None = None
         self.predictions: PredictionCache | None = None
         self.prediction_counts = HitCounter()
+        self.statistics = VersionStatistics(id)
         self._batchers: dict[str, Batcher] = {}
         self._executor = executor
         self._max_in_flight = max_in_flight
@@ -131,11 +136,13 @@ class Servable:
         self._in_flight += 1
         enqueued = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
             )
         finally:
             self._in_flight -= 1
+        self.statistics.executed(rows or 1, result[2])
+        return result
 
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
         """Report the death of the model's worker process (``isolation = "process"``) to
@@ -233,11 +240,11 @@ class ServableFactory:
                 servable.join = FeatureJoin(id.name, features, plans, store, stats)
             number = str(id.version)
             if size := settings.prediction_cache_size:
-                servable.predictions = PredictionCache(size)
+                servable.predictions = PredictionCache(size, settings.prediction_cache_bytes)
                 servable.prediction_counts = self._metrics.prediction_cache(id.name, number)
             servable.batching = params = settings.batching or self._batching
             if params is not None:
-                on_batch = _batch_recorder(self._metrics.batch_size(id.name, number))
+                on_batch = _batch_recorder(servable.statistics, self._metrics.batch_size(id.name, number))
                 for name in model.signatures:
                     servable.batchers[name] = Batcher(
                         servable._predict(name), params, self._executor, on_batch
@@ -316,8 +323,9 @@ def _common_rows(inputs: Tensors) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _batch_recorder(histogram: Histogram) -> Callable[[int, float], None]:
+def _batch_recorder(statistics: VersionStatistics, histogram: Histogram) -> Callable[[int, float], None]:
     def record(rows: int, latency_s: float) -> None:
+        statistics.executed(rows, latency_s)
         histogram.observe(rows)
 
     return record

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Coroutine, Iterator
@@ -44,11 +46,13 @@ from inferd.errors import (
     Unavailable,
 )
 from inferd.features import FeatureStores
+from inferd.log_limits import LogRateLimit, limit_handlers
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
-from inferd.protocols.limits import RequestLimits
+from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
+from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.rollout import Rollouts
@@ -75,9 +79,9 @@ Message = dict[str, Any]
 
 class HttpApp:
     """A bare ASGI application: checks the bearer token when one is needed, reads the body under
-    a size limit, applies the deadline and routes ``/v1/`` to the TF Serving adapter and ``/v2``
-    to the V2 one. No framework, no access log, no per-request objects beyond what the adapter
-    needs."""
+    a size limit and the in-flight byte budget, applies the deadline and routes ``/v1/`` to the
+    TF Serving adapter and ``/v2`` to the V2 one. No framework, no access log, no per-request
+    objects beyond what the adapter needs."""
 
     def __init__(
         self,
@@ -86,6 +90,8 @@ class HttpApp:
         config: ServerConfig,
         metrics: Metrics,
         metrics_paths: set[str],
+        inflight: InflightBytes,
+        decode_pool: ThreadPoolExecutor | None = None,
         rollouts: Rollouts | None = None,
     ) -> None:
         self._service = service
@@ -98,10 +104,19 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
+        self._inflight = inflight
+        self._decode_pool = decode_pool
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        reservation = self._inflight.reservation()
+        try:
+            await self._serve(scope, receive, send, reservation)
+        finally:  # also when the client went away or the drain cancelled the request
+            reservation.release()
+
+    async def _serve(self, scope: Scope, receive: Any, send: Any, reservation: Reservation) -> None:
         request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
         metrics = self._metrics
@@ -110,7 +125,9 @@ class HttpApp:
             admin = path.startswith(v2_rest.ADMIN_PREFIX)
             if admin or self._access.api_token:
                 self._access.check(_header(scope, b"authorization"), admin)
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive, reservation)
+            if body is None:
+                return  # the client went away (or was timed out) before its body arrived
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
             if admin and self._rollouts is not None and (route := _ROLLOUT.fullmatch(path)):
@@ -126,6 +143,7 @@ class HttpApp:
                     self._limits,
                     deadline,
                     _header(scope, key.encode("latin-1")) if key else None,
+                    self._decode_pool,
                 )
             elif path[:3] == "/v2":
                 request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -139,6 +157,7 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
+                    self._decode_pool,
                 )
             if call is not None:
                 answer = await self._with_deadline(call, receive)
@@ -199,18 +218,30 @@ class HttpApp:
         finally:
             hangup.cancel()
 
-    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Any, reservation: Reservation) -> bytes | None:
+        """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
+        None when the client disconnected first.
+
+        Raises:
+            ResourceExhausted: over ``--max_request_bytes``.
+            Unavailable: over the ``--max_inflight_bytes`` budget.
+        """
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self._max_body:
-                raise self._too_large()
+            if key == b"content-length" and value.isdigit():
+                if int(value) > self._max_body:
+                    raise self._too_large()
+                reservation.grow_to(int(value))
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
                 raise self._too_large()
+            reservation.grow_to(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -270,6 +301,8 @@ class Server:
         self.config = config
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
+        if config.num_load_threads < 1:
+            raise ConfigError(f"--num_load_threads must be >= 1, got {config.num_load_threads}")
         self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
@@ -285,8 +318,9 @@ class Server:
                 self.metrics_paths.add(path)
         # Always recorded (about 0.2 us a record); --enable_metrics decides whether it is served.
         self.metrics = Metrics()
-        self._load_pool = ThreadPoolExecutor(config.load_threads, thread_name_prefix="inferd-load")
+        self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
         self.repository = Repository(config)
         self.feature_stores = FeatureStores()
         self.servables = ServableFactory(
@@ -309,12 +343,14 @@ class Server:
         state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
         self.rollouts = Rollouts(self.manager, self.metrics, agreement, state_dir)
         self.control = ModelControl(self.repository, self.manager)
+        self.connection_limits = ConnectionLimits.of(config)
+        self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
     async def _poll(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.control.sync()
+                await self.control.poll()
             except Exception:  # a scan that fails (disk, permissions) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
@@ -349,17 +385,30 @@ class Server:
 
         http_server = _http_server_class()
         interval_s = self._poll_interval_s()
-        await self.control.sync()
-        if self.config.file_system_poll_wait_seconds > 0:
-            # Versions are loaded once two scans agree on their content (see repository.py).
-            await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+        # Bound (not yet listening) before the models load: a busy port fails the start at once.
+        rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port)
+        try:
             await self.control.sync()
-        self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
+            if self.config.file_system_poll_wait_seconds > 0:
+                # Versions are loaded once two scans agree on their content (see repository.py).
+                await asyncio.sleep(self.config.file_system_poll_wait_seconds)
+                await self.control.sync()
+            self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
+        except BaseException:
+            rest_socket.close()
+            raise
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
                 HttpApp(
-                    self.service, self.control, self.config, self.metrics, self.metrics_paths, self.rollouts
+                    self.service,
+                    self.control,
+                    self.config,
+                    self.metrics,
+                    self.metrics_paths,
+                    self.inflight,
+                    self._decode_pool,
+                    self.rollouts,
                 ),
                 host=self.config.host,
                 port=self.config.rest_api_port,
@@ -368,11 +417,17 @@ class Server:
                 server_header=False,
                 lifespan="off",
                 log_level="warning",
-                http="httptools",
+                http=connection_class(self.connection_limits),
+                ws="none",
+                # uvicorn declares an int but passes it to loop.call_later, which takes a float.
+                timeout_keep_alive=self.config.keep_alive_timeout_s,  # type: ignore[arg-type]
                 loop="none",
                 timeout_graceful_shutdown=ANSWER_GRACE_S,
             )
         )
+        # uvicorn configured its loggers above: bound what clients can make any of them write.
+        names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+        limit_handlers((logging.getLogger(name) for name in names), LogRateLimit())
         if self.tls:  # uvicorn builds its SSL context from files; give it the one made from PEM
             http.config.load()
             http.config.ssl = self.tls.ssl_context()
@@ -381,10 +436,14 @@ class Server:
         health: health_aio.HealthServicer | None = None
         try:
             if self.config.port:
-                grpc_server, health = await _start_grpc(self.service, self.control, self.config, self.tls)
-            log.info(
-                "serving %s on %s://%s:%d%s",
-                ", ".join(self.manager.names()),
+                grpc_server, health = await _start_grpc(
+                    self.service, self.control, self.config, self.tls, self.inflight
+                )
+            level, served = self.control.summary()
+            log.log(
+                level,
+                "%s; listening on %s://%s:%d%s",
+                served,
                 "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
@@ -406,8 +465,9 @@ class Server:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
-            await http.serve()
+            await http.serve(sockets=[rest_socket])
         finally:
+            rest_socket.close()
             if grpc_server is not None:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
@@ -418,6 +478,7 @@ class Server:
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -426,46 +487,35 @@ async def _start_grpc(
     control: ModelControl,
     config: ServerConfig,
     tls: TlsSettings | None,
-) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+    inflight: InflightBytes,
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
-    token check; over TLS when ``tls`` is given.
+    token check and the in-flight byte budget, with the connection and stream limits of
+    ``grpc_transport_options``; over TLS when ``tls`` is given. Health and reflection are
+    optional: when their package cannot be imported, one WARNING says so and the server runs
+    without it.
 
     Raises:
         ConfigError: the port cannot be bound.
     """
     import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-    from inferd._proto import POOL
     from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
 
-    # grpc.so_reuseport 0: a second server on the same port fails to start instead of sharing it.
-    options = [
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.max_metadata_size", config.max_header_bytes),
-        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
     access = grpc_status.AccessInterceptor(
         Access(config.api_token, config.admin_token),
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
+        inflight=inflight,
     )
-    server = grpc.aio.server(options=options, interceptors=[access])
+    options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections)
+    server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
     tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits)
     v2_grpc.add_to_server(server, service, control, limits)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
-    for name in (health.OVERALL_HEALTH, *services):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    # Reflection answers from inferd's private pool, so it must also hold these two services' files.
-    for module in (health_pb2, reflection_pb2):
-        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=POOL)
+    health_servicer, health_name = await _add_health(server, services)
+    _add_reflection(server, (*services, *health_name))
     address = f"{config.host}:{config.port}"
     try:
         bound = (
@@ -479,6 +529,104 @@ async def _start_grpc(
         raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
     await server.start()
     return server, health_servicer
+
+
+def _optional_service_missing(what: str, package: str, exc: Exception) -> None:
+    log.warning(
+        "serving gRPC without %s: %s cannot be imported (%s: %s); its version may not match the "
+        "installed protobuf (see docs/grpc.md)",
+        what,
+        package,
+        type(exc).__name__,
+        exc,
+    )
+
+
+async def _add_health(
+    server: grpc.aio.Server, services: tuple[str, ...]
+) -> tuple[health_aio.HealthServicer | None, tuple[str, ...]]:
+    """Add the standard health service, every service SERVING; returns it and its service
+    name, or (None, ()) when grpcio-health-checking cannot be imported."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except Exception as exc:  # ImportError, or protobuf's VersionError for another protobuf's code
+        _optional_service_missing("the health service", "grpcio-health-checking", exc)
+        return None, ()
+    from inferd._proto import POOL
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in (health.OVERALL_HEALTH, *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Reflection answers from inferd's private pool, so it must also hold the health service's file.
+    POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return servicer, (health.SERVICE_NAME,)
+
+
+def _add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Add server reflection for ``services`` and itself, unless grpcio-reflection cannot be
+    imported."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except Exception as exc:  # as in _add_health
+        _optional_service_missing("server reflection", "grpcio-reflection", exc)
+        return
+    from inferd._proto import POOL
+
+    POOL.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server, pool=POOL)
+
+
+def bind_rest_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for the REST API, not yet listening (uvicorn listens
+    on it when it starts serving).
+
+    Raises:
+        ConfigError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--host): {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port's
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen for REST on {host}:{port} (--rest_api_port); {reason}") from exc
+    return sock
+
+
+GRPC_MAX_CONCURRENT_STREAMS = 128
+"""Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
+"""A gRPC connection with no call for this long is closed (GOAWAY; clients reconnect on their own)."""
+GRPC_MIN_PING_INTERVAL_MS = 10_000
+"""The shortest interval between a client's keep-alive pings that the server accepts."""
+GRPC_MAX_PING_STRIKES = 2
+"""Pings sent faster than that, without data, before the server closes the connection."""
+
+
+def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[tuple[str, int]]:
+    """The gRPC core options that bound what one client can hold or make the server do:
+    message and metadata sizes, connections, streams per connection, idle connections and
+    keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
+    instead of sharing it."""
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_metadata_size", config.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+        ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", GRPC_MAX_PING_STRIKES),
+    ]
 
 
 def _http_server_class() -> type:
@@ -510,6 +658,7 @@ def _http_server_class() -> type:
 
 def run(config: ServerConfig) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+    raise_open_file_limit()
     server = Server(config)
     try:
         import uvloop

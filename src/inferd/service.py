@@ -16,10 +16,11 @@ from types import TracebackType
 
 import numpy as np
 
-from inferd.errors import InferdError, Internal, InvalidArgument
+from inferd.errors import InferdError, Internal, InvalidArgument, NotFound
 from inferd.manager import Lease, ModelManager, ServedVersion
 from inferd.metrics import Metrics
 from inferd.servable import Servable
+from inferd.statistics import VersionStatistics
 from inferd.types import (
     ACCEPTED_KINDS,
     DEFAULT_SIGNATURE,
@@ -34,6 +35,7 @@ from inferd.types import (
     VersionState,
     VersionStatus,
     dtype_of,
+    integer_range_error,
 )
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,17 @@ class InferenceService:
                 (UNAVAILABLE), a passed deadline (DEADLINE_EXCEEDED), and INTERNAL when the model
                 fails in a way the input did not cause (logged here).
         """
+        started = time.perf_counter()
         with self._manager.lease(ref) as version:
-            return await self._infer(version, _find_signature(version, request.signature_name, None), request)
+            statistics = _servable(version).statistics
+            try:
+                signature = _find_signature(version, request.signature_name, None)
+                response = await self._infer(version, signature, request)
+            except BaseException:
+                statistics.failed(time.perf_counter() - started)
+                raise
+            statistics.succeeded(time.perf_counter() - started, response.queue_s, response.predict_s)
+            return response
 
     async def _infer(
         self, version: ServedVersion[Servable], signature: Signature, request: InferenceRequest
@@ -139,6 +150,37 @@ class InferenceService:
         if predictions is not None:
             predictions.put(key, checked)
         return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+
+    def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
+        """The counts of every AVAILABLE version (zero for one never asked), by model name and
+        version; narrowed to model ``name`` and its ``version`` when given. The objects are live:
+        read them on the event loop's thread.
+
+        Raises:
+            NotFound: ``name`` is not served, or ``version`` is not one of its AVAILABLE versions.
+        """
+        names = self._manager.names() if name is None else [name]
+        found = []
+        for model in names:
+            try:
+                numbers = [
+                    s.version
+                    for s in self._manager.status(ModelRef(model, version))
+                    if s.state is VersionState.AVAILABLE
+                ]
+            except NotFound:
+                numbers = []
+            if name is not None and not numbers:
+                raise NotFound(
+                    f"model {model!r} has no AVAILABLE version" + (f" {version}" if version else "")
+                )
+            for number in sorted(numbers):
+                try:
+                    with self._manager.lease(ModelRef(model, number)) as served:
+                        found.append(_servable(served).statistics)
+                except NotFound:
+                    continue  # unloaded since the status was read
+        return found
 
     def status(self, ref: ModelRef) -> list[VersionStatus]:
         """Version states of a model, highest version first (see ``ModelManager.status``)."""
@@ -320,7 +362,13 @@ class Call:
         self.inputs = inputs
         self.computing = version.id.version
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
-        response = await self._service._infer(version, signature, request)
+        statistics = _servable(version).statistics
+        try:
+            response = await self._service._infer(version, signature, request)
+        except BaseException:
+            statistics.failed(time.perf_counter() - self.decoded)
+            raise
+        statistics.succeeded(time.perf_counter() - self.decoded, response.queue_s, response.predict_s)
         self.resumed = time.perf_counter()
         self.response = response
         return response
@@ -382,13 +430,8 @@ def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
     if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
-        if target.kind in "iu" and value.size:
-            info = np.iinfo(target)
-            if value.min() < info.min or value.max() > info.max:
-                raise InvalidArgument(
-                    f"input {spec.name!r}: values must lie in [{info.min}, {info.max}] for "
-                    f"{dtype_of(target).v2}, got [{value.min()}, {value.max()}]"
-                )
+        if (problem := integer_range_error(spec.name, value, target)) is not None:
+            raise InvalidArgument(problem)
         value = value.astype(target)
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")

@@ -67,6 +67,28 @@ def dtype_of(value: np.dtype[Any] | str) -> DType:
     return _BY_NUMPY[np.dtype(value)]
 
 
+def integer_range_error(name: str, value: np.ndarray, target: np.dtype[Any]) -> str | None:
+    """Why integer ``value`` cannot be cast to integer dtype ``target`` without wrapping, or None.
+
+    The one range rule every decoder applies before ``astype``: numpy casts wrap silently (300
+    becomes 44 in INT8), and TF Serving refuses such values. The message names input ``name``,
+    the datatype, its range and the first value outside it. Non-integer ``value`` or ``target``
+    and empty arrays pass (None).
+    """
+    if value.dtype.kind not in "iu" or target.kind not in "iu" or not value.size:
+        return None
+    info = np.iinfo(target)
+    if np.can_cast(value.dtype, target):
+        return None
+    outside = (value < info.min) | (value > info.max)
+    if not outside.any():
+        return None
+    bad = value.reshape(-1)[int(np.argmax(outside.reshape(-1)))]
+    return (
+        f"input {name!r}: value {int(bad)} is out of range for {dtype_of(target).v2} [{info.min}, {info.max}]"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModelId:
     """One version of one model."""

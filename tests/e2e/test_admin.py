@@ -125,11 +125,12 @@ def test_load_failures_are_clear(http: httpclient.InferenceServerClient) -> None
     with pytest.raises(InferenceServerException) as unknown:
         http.load_model("nosuch", headers=AS_ADMIN)
     assert unknown.value.status() == "404"
+    assert unknown.value.message().startswith("failed to load 'nosuch', failed to poll from model repository")
     assert "'nosuch' is not in the model repository" in unknown.value.message()
     with pytest.raises(InferenceServerException) as override:
-        http.load_model("digits", headers=AS_ADMIN, config='{"max_batch_size": 8}')
+        http.load_model("digits", headers=AS_ADMIN, config='{"max_batch_size": 8, "input": []}')
     assert override.value.status() == "400"
-    assert "['config'] are not supported" in override.value.message()
+    assert "config keys ['input'] are not supported" in override.value.message()
     assert http.is_model_ready("digits")
 
 

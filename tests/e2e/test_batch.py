@@ -344,3 +344,267 @@ def test_an_unknown_signature_or_output_fails_before_any_work(tmp_path: Path, mo
     done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--outputs=nope", check=2)
     assert "--outputs: signature 'serving_default' has no output(s) ['nope']" in done.stderr
     assert not (tmp_path / "out.parquet.partial").exists()
+
+
+# --- failures end the job: a clear message, a non-zero exit, never a hang ------------------------
+# Each run below has the subprocess timeout of ``batch`` (and this test's pytest timeout) as a
+# bound: before these fixes, the wrong-shape and all-rows-refused runs waited forever.
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("shape", "got"), [((1797, 8, 8), "[1797, 8, 8]"), ((1797, 63), "[1797, 63]")])
+def test_an_npy_of_the_wrong_shape_exits_2_at_once_naming_both_shapes(
+    tmp_path: Path, model: Path, shape: tuple[int, ...], got: str
+) -> None:
+    x = digits()[0].astype(np.float32)
+    np.save(tmp_path / "x.npy", x.reshape(shape) if len(shape) == 3 else x[:, :63])
+    for out in (tmp_path / "out.npy", tmp_path / "out.parquet"):
+        done = batch(model, tmp_path / "x.npy", out, "--outputs=label", check=2)
+        assert f"x.npy: input 'X': expected FP32 [-1, 64], got FP32 {got}" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not out.exists()
+        assert not out.with_name(out.name + ".partial").exists()
+
+
+REFUSES_NEGATIVE = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative values")
+    return {"y": x * 2}
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".npy", ".parquet", ".csv", ".jsonl"])
+def test_chunks_whose_every_row_is_refused_leave_the_others_scored(tmp_path: Path, suffix: str) -> None:
+    base = tmp_path / "checked"
+    write_python_model(base / "1", REFUSES_NEGATIVE)
+    x = np.arange(96, dtype=np.float32).reshape(48, 2)
+    x[:16] *= -1  # the whole first chunk, and the last one
+    x[40:] *= -1
+    np.save(tmp_path / "in.npy", x)
+    out = tmp_path / f"out{suffix}"
+    # --memory-budget-mb this small makes chunks of one batch: 16 rows.
+    done = batch(base, tmp_path / "in.npy", out, "--batch-size=16", "--memory-budget-mb=0.001", check=1)
+    assert "24 rows scored, 24 rejected" in done.stderr
+    good = list(range(16, 40))
+    if suffix == ".npy":
+        assert np.array_equal(np.load(out), x[good] * 2)
+    else:
+        result = read_output(out)
+        assert result.column("row").to_pylist() == good
+        y = (
+            np.stack([result.column(f"y_{i}").to_numpy() for i in range(2)], axis=1)
+            if suffix == ".csv"
+            else np.array(result.column("y").to_pylist())
+        )
+        assert np.array_equal(y, x[good] * 2)
+
+
+def test_a_chunk_of_only_refused_rows_gives_an_empty_output(tmp_path: Path) -> None:
+    base = tmp_path / "checked"
+    write_python_model(base / "1", REFUSES_NEGATIVE)
+    np.save(tmp_path / "in.npy", -np.ones((5, 2), dtype=np.float32))
+    batch(base, tmp_path / "in.npy", tmp_path / "out.npy", check=1)
+    assert np.load(tmp_path / "out.npy").shape == (0, 2)
+
+
+FAILS_ON_13 = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x == 13).any():
+        raise {error}
+    return {{"y": x * 2}}
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ('RuntimeError("the model broke")', "RuntimeError: the model broke"),
+        ("StopIteration", "StopIteration"),  # asyncio drops it: the job used to wait forever
+    ],
+)
+def test_the_model_failing_mid_job_ends_it_with_exit_2(tmp_path: Path, error: str, said: str) -> None:
+    base = tmp_path / "fails"
+    write_python_model(base / "1", FAILS_ON_13.format(error=error))
+    x = np.arange(200, dtype=np.float32).reshape(100, 2) + 20
+    x[60, 1] = 13  # in the fourth chunk of 16 rows
+    np.save(tmp_path / "in.npy", x)
+    out = tmp_path / "out.parquet"
+    args = (base, tmp_path / "in.npy", out, "--batch-size=16", "--memory-budget-mb=0.001", "--threads=1")
+    done = batch(*args, check=2)
+    assert "inferd batch: scoring chunk 3 (" in done.stderr, done.stderr
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+    # The chunks finished before the failure are kept; --resume finishes the job once the
+    # cause is gone, and rescores only what was not done.
+    assert "run again with --resume to continue" in done.stderr
+    x[60, 1] = 14
+    np.save(tmp_path / "in.npy", x)
+    summary = tmp_path / "summary.json"
+    batch(*args, "--resume", "--summary-json", summary)
+    assert json.loads(summary.read_text())["resumed_rows"] > 0
+    assert pq.read_table(out).column("row").to_pylist() == list(range(100))
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_before_any_chunk_is_done_never_blocks_the_next_run(tmp_path: Path) -> None:
+    base = tmp_path / "fails"
+    write_python_model(base / "1", FAILS_ON_13.format(error='RuntimeError("the model broke")'))
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)  # holds 13: the one chunk fails
+    np.save(tmp_path / "in.npy", x)
+    out = tmp_path / "out.jsonl"
+    done = batch(base, tmp_path / "in.npy", out, check=2)
+    assert "RuntimeError: the model broke; nothing was written" in done.stderr
+    assert not out.with_name(out.name + ".partial").exists()
+    np.save(tmp_path / "in.npy", x + 100)
+    batch(base, tmp_path / "in.npy", out)  # no --resume needed, nothing refused
+    assert len(read_output(out)) == 20
+    # A parts folder left by a run killed before its first chunk holds no part: it is replaced.
+    (out.with_name(out.name + ".partial")).mkdir()
+    (out.with_name(out.name + ".partial") / "job.json").write_text("{}")
+    batch(base, tmp_path / "in.npy", out)
+
+
+UNWRITABLE = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    y = np.empty(len(inputs["x"]), dtype=object)
+    y[:] = [object()] * len(y)  # no output format can hold a bare object
+    return {"y": y}
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_writer_failing_ends_the_job_with_exit_2(tmp_path: Path) -> None:
+    base = tmp_path / "unwritable"
+    signature = (
+        '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], '
+        '"outputs": [{"name": "y", "dtype": "string", "shape": [-1]}]}'
+    )
+    write_python_model(base / "1", UNWRITABLE, signature)
+    np.save(tmp_path / "in.npy", np.ones((10, 2), dtype=np.float32))
+    out = tmp_path / "out.parquet"
+    done = batch(base, tmp_path / "in.npy", out, check=2)
+    assert "inferd batch: writing chunk 0 (rows from 0) failed: Arrow" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_reader_failing_mid_job_names_the_file_and_exits_2(tmp_path: Path, model: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _, table = features(300)
+    pq.write_table(table, folder / "1.parquet")
+    pq.write_table(table, folder / "2.parquet", compression="none")
+    data = bytearray((folder / "2.parquet").read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4 : len(data) - footer] = b"\xff" * (len(data) - footer - 4)  # the pages, not the footer
+    (folder / "2.parquet").write_bytes(bytes(data))
+    out = tmp_path / "out.parquet"
+    done = batch(model, folder, out, "--id-column=id", check=2)
+    assert "2.parquet: cannot be read: " in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+# --- Parquet tensors: nested and fixed-size list columns ------------------------------------------
+
+
+def write_image_total_model(version_dir: Path) -> None:
+    """``total`` = the sum of an FP32 [-1, 8, 8, 1] image."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8, 1])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    node = helper.make_node("ReduceSum", ["image", "axes"], ["total"], keepdims=0)
+    graph = helper.make_graph([node], "total", [image], [total], [axes])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    version_dir.mkdir(parents=True)
+    onnx.save(proto, version_dir / "model.onnx")
+
+
+def image_columns(images: np.ndarray) -> dict[str, pa.Array]:
+    """The same [-1, 8, 8, 1] images stored four ways."""
+    flat = pa.array(images.reshape(-1))
+    fixed = pa.FixedSizeListArray.from_arrays(
+        pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, 1), 8), 8
+    )
+    return {
+        "nested": pa.array(images.tolist()),  # list<list<list<float>>>
+        "fixed": fixed,  # fixed_size_list<fixed_size_list<fixed_size_list<float, 1>, 8>, 8>
+        "rows_of_64": pa.array(images.reshape(len(images), 64).tolist()),  # one flat list per row
+        "rows_8x8": pa.array(images.reshape(len(images), 8, 8).tolist()),  # the last 1 left out
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("storage", ["nested", "fixed", "rows_of_64", "rows_8x8"])
+def test_nested_and_fixed_size_list_columns_are_read_as_tensors(tmp_path: Path, storage: str) -> None:
+    base = tmp_path / "total"
+    write_image_total_model(base / "1")
+    images = (digits()[0][:300].reshape(-1, 8, 8, 1) / 16).astype(np.float32)
+    column = image_columns(images)[storage]
+    pq.write_table(pa.table({"id": np.arange(300), "image": column}), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    batch(base, tmp_path / "in.parquet", out, "--id-column=id", "--memory-budget-mb=0.01", "--batch-size=32")
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == list(range(300))
+    assert np.allclose(result.column("total").to_numpy(), images.reshape(300, -1).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_nested_rows_of_the_wrong_size_are_rejected_and_the_others_scored(tmp_path: Path) -> None:
+    base = tmp_path / "total"
+    write_image_total_model(base / "1")
+    images = np.ones((6, 8, 8, 1), dtype=np.float32).tolist()
+    images[1] = images[1][:7]  # 7 rows of pixels
+    images[3][2] = images[3][2][:5]  # a row of 5 pixels
+    images[4][0][0] = [None]  # a missing pixel
+    images[5] = None  # a missing image
+    pq.write_table(pa.table({"image": images}), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    batch(base, tmp_path / "in.parquet", out, check=1)
+    assert pq.read_table(out).column("row").to_pylist() == [0, 2]
+    rejects = [json.loads(line) for line in (tmp_path / "out.parquet.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [1, 3, 4, 5]
+    assert all("column 'image'" in r["error"] for r in rejects), rejects
+
+
+def test_no_price_no_cost_and_no_unloading_lines(tmp_path: Path, model: Path) -> None:
+    np.save(tmp_path / "in.npy", digits()[0][:10].astype(np.float32))
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet")
+    assert "cost" not in done.stderr
+    assert "unloading" not in done.stderr
+    assert "unloaded" not in done.stderr
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out2.parquet", "--price-per-hour=0.4")
+    assert "at the given price per hour" in done.stderr
+
+
+def test_a_missing_model_says_what_was_looked_for_and_what_is_there(tmp_path: Path, model: Path) -> None:
+    np.save(tmp_path / "in.npy", digits()[0][:10].astype(np.float32))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "model.onnx").write_bytes((model / "1" / "model.onnx").read_bytes())
+    done = batch(flat, tmp_path / "in.npy", tmp_path / "out.parquet", check=2)
+    assert f"no model at {flat}: looked for a numbered version folder inside it" in done.stderr
+    assert f"it holds model.onnx: put the model files in {flat}/1/" in done.stderr
+    done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--version=7", check=2)
+    assert f"{model} has no version 7; its versions are [1]" in done.stderr
+    done = batch(model.parent, tmp_path / "in.npy", tmp_path / "out.parquet", "--model=digit", check=2)
+    assert "does not exist" in done.stderr
+    assert "holds ['digits']" in done.stderr

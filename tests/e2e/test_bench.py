@@ -28,10 +28,11 @@ PROTOCOLS = {
 }
 
 
-def bench(target: str, *args: object) -> dict[str, object]:
+def bench(target: str, *args: object, status: int = 0) -> dict[str, object]:
+    """Run ``inferd bench``, expecting exit ``status`` (1: every request failed), and its report."""
     argv = [sys.executable, "-m", "inferd", "bench", target, *map(str, args), "--json=-"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == status, done.stderr
     report: dict[str, object] = json.loads(done.stdout)
     return report
 
@@ -130,6 +131,7 @@ def test_counts_errors_and_percentiles_agree_with_the_server_metrics(
         f"--payload={tmp_path / 'bad.npy'}",
         "--duration=0.3",
         "--warmup=0.1",
+        status=1,
     )
     after = server_counts(server, label)
 

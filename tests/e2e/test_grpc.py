@@ -145,7 +145,7 @@ def test_v2_health_and_metadata(client: grpcclient.InferenceServerClient) -> Non
     assert metadata["versions"] == ["1"]
     assert metadata["platform"] == "onnxruntime_onnx"
     assert metadata["inputs"] == [{"name": "X", "datatype": "FP32", "shape": ["-1", "64"]}]
-    with pytest.raises(InferenceServerException, match="Servable not found"):
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nosuch' is not found"):
         client.get_model_metadata("nosuch")
 
 
@@ -221,7 +221,7 @@ def test_v2_bad_input_is_invalid_argument(
 def test_v2_unknown_model_and_output(client: grpcclient.InferenceServerClient) -> None:
     tensor = grpcclient.InferInput("X", [1, 64], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
-    with pytest.raises(InferenceServerException, match="Servable not found") as error:
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nosuch'") as error:
         client.infer("nosuch", [tensor])
     assert error.value.status() == "StatusCode.NOT_FOUND"
     with pytest.raises(InferenceServerException, match="unknown output 'nope'") as error:

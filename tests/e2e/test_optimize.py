@@ -317,7 +317,8 @@ def test_no_variant_made_exits_1_and_bad_options_exit_2(made: dict[str, Any]) ->
         str(made["root"] / "narrow.npy"),
     )
     assert run.returncode == 2
-    assert "input 'inputs' expects FP64 [-1, 64], got rows of shape [5, 3]" in run.stderr
+    assert "--calibration " in run.stderr
+    assert "narrow.npy: input 'inputs': expected FP64 [-1, 64], got FP32 [5, 3]" in run.stderr
 
 
 def test_a_torchscript_program_converts_with_its_two_inputs_and_outputs(server: ServerProcess) -> None:
@@ -368,3 +369,50 @@ def test_int8_and_fp16_variants_are_smaller(made: dict[str, Any], model: str) ->
     if model == "keras":
         assert size("tflite-int8-dynamic") < size("tflite")
         assert size("tflite-int8") < size("tflite")
+
+
+NATIVE_LOG_MARKS = ("I0000", "W0000", "absl::InitializeLog", "oneDNN", "XNNPACK", "cpu_feature_guard")
+
+
+def test_variants_that_do_not_compute_the_model_fail_and_tensorflow_stays_quiet(tmp_path: Path) -> None:
+    """A Keras network written with ``tf.saved_model.save`` (a way docs/runtimes.md gives):
+    TFLite's conversion of that SavedModel answers NaN (in other TensorFlow builds, values near
+    1e36) where the original answers probabilities. Those variants fail their check, with the
+    reason; the ONNX one is made. TensorFlow's C++ log lines stay off the terminal."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential(
+        [
+            keras.Input((8, 8), name="images"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    tf.saved_model.save(network, str(tmp_path / "model" / "1"))
+    np.save(tmp_path / "rows.npy", features("keras", slice(0, 100)).astype(np.float32))
+    out = tmp_path / "variants"
+    done = optimize(
+        str(tmp_path / "model"),
+        "--out",
+        str(out),
+        "--only",
+        "onnx,tflite,tflite-int8-dynamic",
+        "--calibration",
+        str(tmp_path / "rows.npy"),
+    )
+    assert done.returncode == 0, done.stderr
+    listing = {entry["name"]: entry for entry in json.loads((out / "variants.json").read_text())}
+    assert listing["onnx"]["ok"], listing
+    for name in ("tflite", "tflite-int8-dynamic"):
+        assert not listing[name]["ok"], listing
+        assert "output 'output_0' " in listing[name]["error"]
+        assert "the variant does not compute the model" in listing[name]["error"]
+        assert f"{name}: FAILED: output 'output_0' " in done.stdout
+        assert not (out / name).exists()
+    check = json.loads((out / "onnx" / "variant.json").read_text())["check"]
+    assert check["outputs"]["output_0"]["max_abs_diff"] < 1e-5
+    leaked = [line for line in done.stderr.splitlines() if any(mark in line for mark in NATIVE_LOG_MARKS)]
+    assert leaked == [], done.stderr

@@ -22,7 +22,13 @@ import pytest
 import requests
 
 from tests.conftest import ServerProcess
-from tests.models import digits, digits_classifier, write_onnx_digits, write_python_model
+from tests.models import (
+    digits,
+    digits_classifier,
+    write_onnx_digits,
+    write_python_model,
+    write_sklearn_digits,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -399,3 +405,76 @@ def test_url_measures_through_the_server(
     assert 0 < figures["server_p50_ms"] <= figures["server_p99_ms"]
     assert figures["server_throughput_rps"] > 0
     assert "server_p99_ms" in done.stdout
+
+
+def test_a_column_too_many_is_a_data_mistake_exit_2_then_dropped(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    """An id column makes 65 columns besides the label for a 64-input model: said once, before any
+    candidate is measured, not as every candidate failing; ``--drop_columns`` leaves it out."""
+    lines = built["data"].read_text().splitlines()
+    with_id = tmp_path / "with-id.csv"
+    with_id.write_text(
+        "\n".join(["id," + lines[0], *(f"{i}," + line for i, line in enumerate(lines[1:]))]) + "\n"
+    )
+    args = (built["logreg"], built["variants"], "--label", "digit", "--optimize", "accuracy")
+    done = _select(*args, "--data", with_id)
+    assert done.returncode == 2, done.stderr
+    assert f"--data {with_id} does not fit candidate logreg" in done.stderr
+    assert "exactly 64 feature columns besides the id (found 65: id, f0, f1, ..., f62, f63)" in done.stderr
+    assert "--drop_columns" in done.stderr
+    assert "failed" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = _select(*args, "--data", with_id, "--drop_columns", "id")
+    assert done.returncode == 0, done.stderr
+    assert "winner: logreg" in done.stdout
+
+    done = _select(*args, "--data", with_id, "--drop_columns", "ids")
+    assert done.returncode == 2
+    assert f"--drop_columns 'ids': {with_id} has no such column" in done.stderr
+    assert "did you mean 'id'?" in done.stderr
+
+
+def test_a_misspelled_label_is_refused_before_measuring(built: dict[str, Path]) -> None:
+    done = _select(built["logreg"], "--data", built["data"], "--label", "digt", "--optimize", "accuracy")
+    assert done.returncode == 2, done.stderr
+    assert f"--label 'digt': {built['data']} has no such column" in done.stderr
+    assert "did you mean 'digit'?" in done.stderr
+    assert "failed" not in done.stderr
+
+
+def test_a_promotion_that_changes_the_api_is_refused_unless_allowed(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    """The served version is a skops pipeline (``serving_default`` answers one output,
+    ``predictions``; ``predict_proba`` and ``classify`` exist); the candidate is the same
+    classifier exported to ONNX (``label`` and ``probabilities`` from one signature)."""
+    base = tmp_path / "repo" / "digits"
+    write_sklearn_digits(base / "1")
+    promote = (built["logreg"], "--promote", base, "--apply")
+    done = _select_digits(built, *promote)
+    assert done.returncode == 2, done.stderr
+    assert f"does not answer as {base / '1'} does" in done.stdout
+    assert "signature 'predict_proba' is removed" in done.stdout
+    assert "signature 'classify' is removed" in done.stdout
+    assert "signature 'serving_default': input 'inputs' (FP64 [-1, 64]) is removed" in done.stdout
+    assert "signature 'serving_default': input 'X' (FP32 [-1, 64]) is added" in done.stdout
+    assert (
+        "signature 'serving_default': :predict answers one output ('predictions': the bare values) -> "
+        "2 outputs (['label', 'probabilities']: an object per row)"
+    ) in done.stdout
+    assert "pass --allow_api_change to promote anyway" in done.stderr
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+
+    done = _select_digits(built, *promote, "--allow_api_change")
+    assert done.returncode == 0, done.stderr
+    assert "signature 'predict_proba' is removed" in done.stdout  # shown either way
+    assert f"promoted logreg to {base / '2'}" in done.stdout
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
+
+    # The same API (the ONNX export again, over the ONNX version now served) passes silently.
+    done = _select_digits(built, *promote)
+    assert done.returncode == 0, done.stderr
+    assert "the API changes" not in done.stdout
+    assert f"promoted logreg to {base / '3'}" in done.stdout

@@ -12,21 +12,36 @@ import numpy as np
 
 from tests.conftest import free_port
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tfserving_digits" / "tfserving_digits.py"
+ROOT = Path(__file__).resolve().parents[2]
+TUTORIAL = ROOT / "docs" / "tfserving-tutorial.md"
+
+
+def tutorial_command() -> list[str]:
+    """The command docs/tfserving-tutorial.md gives to run the example, as words."""
+    (line,) = [
+        line for line in TUTORIAL.read_text().splitlines() if line.startswith(".venv/bin/python examples/")
+    ]
+    return line.split()
 
 
 def test_tutorial_example_serves_what_the_model_predicts(tmp_path: Path) -> None:
     import tensorflow as tf
 
     out = tmp_path / "out"
+    python, example, *args = tutorial_command()
+    assert python == ".venv/bin/python"
+    assert args == ["--out", "/tmp/digits"]
+    # The tutorial's command, run by this environment's Python, writing into the test's folder.
     run = subprocess.run(
-        [sys.executable, str(EXAMPLE), f"--out={out}", f"--port={free_port()}"],
+        [sys.executable, example, "--out", str(out), f"--port={free_port()}"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Test accuracy:" in run.stdout
+    assert f"Keras {tf.keras.__version__}: model.export(export_path)" in run.stdout  # as the page says
     results = json.loads((out / "results.json").read_text())
     served = np.asarray(results["served"], dtype=np.float32)
     assert served.shape == (3, 10)

@@ -87,7 +87,7 @@ def test_model_metadata_and_config(client: httpclient.InferenceServerClient) -> 
     assert config["input"] == [{"name": "X", "data_type": "TYPE_FP32", "dims": [64]}]
     assert "dynamic_batching" in config
     assert client.get_model_config("pair")["max_batch_size"] == 0
-    with pytest.raises(InferenceServerException, match="Servable not found"):
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nosuch' is not found"):
         client.get_model_metadata("nosuch")
 
 

@@ -22,9 +22,9 @@ def test_every_server_option_has_a_serve_flag(monkeypatch: pytest.MonkeyPatch) -
     (serve,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     flags = {action.dest for action in serve.choices["serve"]._actions}
     assert [f.name for f in fields(ServerConfig) if f.name not in flags] == []
-    assert parser.parse_args(["serve", "--load_threads=3"]).load_threads == 3
-    monkeypatch.setenv("INFERD_LOAD_THREADS", "5")
-    assert serve_parser().parse_args(["serve"]).load_threads == 5
+    assert parser.parse_args(["serve", "--num_load_threads=3"]).num_load_threads == 3
+    monkeypatch.setenv("INFERD_NUM_LOAD_THREADS", "5")
+    assert serve_parser().parse_args(["serve"]).num_load_threads == 5
 
 
 @pytest.mark.parametrize("command", ["batch", "bench", "select", "optimize"])

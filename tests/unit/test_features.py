@@ -39,15 +39,28 @@ def feature_settings(store: Path, **changes: object) -> FeatureSettings:
     return FeatureSettings(**(values | changes))  # type: ignore[arg-type]
 
 
-def test_entity_cache_expires_evicts_the_least_recent_and_caches_missing_entities() -> None:
+def test_entity_cache_expires_evicts_the_oldest_and_caches_missing_entities() -> None:
     cache = EntityCache(size=2, ttl_s=10)
     cache.put({"a": (1.0,), "b": None}, now=0)
     assert cache.lookup(["a", "b", "c"], now=5) == ({"a": (1.0,), "b": None}, ["c"])
     assert cache.lookup(["a"], now=10) == ({}, ["a"])  # expired at 0 + 10
+    assert len(cache) == 0  # and dropped: an expired entry holds no memory
     cache.put({"a": (2.0,), "b": (4.0,)}, now=10)
-    cache.lookup(["a"], now=11)  # a is now the most recent
+    cache.lookup(["a"], now=11)  # a hit does not refresh an entry: a was fetched first
     cache.put({"c": (3.0,)}, now=11)
-    assert cache.lookup(["a", "b", "c"], now=12) == ({"a": (2.0,), "c": (3.0,)}, ["b"])
+    assert cache.lookup(["a", "b", "c"], now=12) == ({"b": (4.0,), "c": (3.0,)}, ["a"])
+
+
+def test_entity_cache_is_bounded_by_bytes_and_skips_long_unknown_keys() -> None:
+    cache = EntityCache(size=1_000_000, ttl_s=10, max_bytes=64 * 1024)
+    for i in range(1000):
+        cache.put({f"{i:0100d}": (1.0, 2.0)}, now=0)
+    assert 0 < cache.bytes <= 64 * 1024
+    assert cache.lookup([f"{999:0100d}"], now=1)[0]  # the newest are kept
+    cache.put({"x" * 2000: None}, now=1)  # an unknown key that long is never cached
+    assert cache.lookup(["x" * 2000], now=1) == ({}, ["x" * 2000])
+    cache.put({"k": (1.0,)}, now=20)  # everything older expired: put drops it
+    assert len(cache) == 1
 
 
 def test_a_zero_ttl_caches_nothing() -> None:
@@ -57,22 +70,32 @@ def test_a_zero_ttl_caches_nothing() -> None:
 
 
 def test_prediction_cache_keys_on_exact_bytes_and_evicts_the_least_recent() -> None:
-    x = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
-    key = PredictionCache.key("s", x)
-    assert key == PredictionCache.key("s", {"x": x["x"].copy()})
-    assert key != PredictionCache.key("t", x)
-    assert key != PredictionCache.key("s", {"x": x["x"].astype(np.float64)})
-    assert key != PredictionCache.key("s", {"x": x["x"].reshape(2, 1)})
-    assert key != PredictionCache.key("s", {"x": np.nextafter(x["x"], 3, dtype=np.float32)})
-    texts = {"t": np.array(["a", "b"], dtype=object)}
-    assert PredictionCache.key("s", texts) != PredictionCache.key(
-        "s", {"t": np.array(["ab", ""], dtype=object)}
-    )
     cache = PredictionCache(size=1)
+    x = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
+    key = cache.key("s", x)
+    assert key == cache.key("s", {"x": x["x"].copy()})
+    assert key != cache.key("t", x)
+    assert key != cache.key("s", {"x": x["x"].astype(np.float64)})
+    assert key != cache.key("s", {"x": x["x"].reshape(2, 1)})
+    assert key != cache.key("s", {"x": np.nextafter(x["x"], 3, dtype=np.float32)})
+    texts = {"t": np.array(["a", "b"], dtype=object)}
+    assert cache.key("s", texts) != cache.key("s", {"t": np.array(["ab", ""], dtype=object)})
     cache.put(key, {"y": np.ones(1)})
     assert cache.get(key) is not None
-    cache.put(PredictionCache.key("s", texts), {"y": np.zeros(1)})
+    cache.put(cache.key("s", texts), {"y": np.zeros(1)})
     assert cache.get(key) is None
+
+
+def test_prediction_cache_is_bounded_by_bytes() -> None:
+    cache = PredictionCache(size=1000, max_bytes=1024 * 1024)
+    assert cache.key("s", {"x": np.zeros(300_000, np.float32)}) is None  # 1.2 MB: never cached
+    for i in range(100):
+        x = np.full(10_000, i, np.float32)  # 40 kB of key, 40 kB of answer
+        cache.put(cache.key("s", {"x": x}), {"y": x})
+    assert 0 < cache.bytes <= 1024 * 1024
+    assert len(cache) == 1024 * 1024 // 80_400
+    newest = np.full(10_000, 99, np.float32)
+    assert cache.get(cache.key("s", {"x": newest})) is not None
 
 
 def test_the_request_signature_takes_keys_and_request_columns_instead_of_assembled_inputs() -> None:

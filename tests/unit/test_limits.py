@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from inferd.config import ServerConfig
-from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted
-from inferd.protocols.limits import RequestLimits
+from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
+from inferd.protocols.limits import InflightBytes, RequestLimits
 
 
 def test_limits_come_from_the_server_config() -> None:
@@ -31,3 +31,31 @@ def test_each_check_names_its_flag() -> None:
         limits.instances("instances", 5)
     with pytest.raises(InvalidArgument, match="--max_json_depth"):
         limits.depth("x", 3)
+
+
+def test_the_inflight_budget_refuses_past_its_limit_and_releases_what_a_request_held() -> None:
+    budget = InflightBytes(100, max_request_bytes=60)
+    first, second = budget.reservation(), budget.reservation()
+    first.grow_to(60)
+    first.grow_to(40)  # never shrinks while the request runs
+    with pytest.raises(Unavailable, match="--max_inflight_bytes"):
+        second.grow_to(41)
+    assert (budget.held, second.held) == (60, 0)
+    second.grow_to(40)
+    first.release()
+    first.release()  # idempotent
+    assert budget.held == 40
+    second.release()
+    assert budget.held == 0
+
+
+@pytest.mark.parametrize("limit", [-1, 59])
+def test_the_inflight_budget_must_hold_the_largest_request(limit: int) -> None:
+    with pytest.raises(ConfigError, match="--max_inflight_bytes"):
+        InflightBytes(limit, max_request_bytes=60)
+
+
+def test_a_zero_budget_holds_anything() -> None:
+    budget = InflightBytes(0, max_request_bytes=60)
+    budget.reservation().grow_to(10**12)
+    assert budget.held == 10**12

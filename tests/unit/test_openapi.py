@@ -28,8 +28,15 @@ def test_every_rest_route_is_described() -> None:
         assert {f"{base}:{verb}" for verb in ("predict", "classify", "regress")} <= paths
     for selector in ("", "/versions/{version}"):
         base = "/v2/models/{model_name}" + selector
-        assert {base, base + "/ready", base + "/config", base + "/infer"} <= paths
-    assert {"/v2", "/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"} <= paths
+        assert {base, base + "/ready", base + "/config", base + "/infer", base + "/stats"} <= paths
+    assert {
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/stats",
+        "/metrics",
+        "/openapi.json",
+    } <= paths
     assert {"/v2/repository/index", "/v2/repository/models/{model_name}/load"} <= paths
 
 

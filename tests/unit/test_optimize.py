@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
 
+from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument
-from inferd.optimize import OptimizeOptions, chosen
+from inferd.optimize import EXACT_TOLERANCE, INT8_TOLERANCE, OptimizeOptions, chosen
+from inferd.optimize.calibration import Calibration
+from inferd.optimize.check import check_variant, default_signature
+from inferd.optimize.convert import Source, Unsupported
+from inferd.runtimes import load_model
+from tests.models import write_onnx_affine
 
 MODEL, OUT = Path("models/digits"), Path("variants")
 
@@ -45,3 +53,38 @@ def test_only_keeps_the_known_order_and_refuses_unknown_names() -> None:
     assert chosen(options, "sklearn") == ["onnx-fp16", "tflite"]
     with pytest.raises(InvalidArgument, match=r"--only: unknown variant\(s\) \['onnx-int4'\]"):
         chosen(OptimizeOptions(MODEL, OUT, only=("onnx-int4",)), "sklearn")
+
+
+def _source(version_dir: Path) -> Source:
+    model, runtime = load_model(version_dir, ModelSettings(), None)
+    return Source(version_dir, runtime, ModelSettings(), model, default_signature(model))
+
+
+@pytest.mark.parametrize(
+    ("offset", "tolerance", "reason"),
+    [
+        (math.nan, INT8_TOLERANCE, "is NaN or infinite in 8 of 8 values where the original's is finite"),
+        (math.inf, INT8_TOLERANCE, "is NaN or infinite in 8 of 8 values"),
+        (1e36, INT8_TOLERANCE, "differs from the original's by up to 1e+36 (max_abs_diff), beyond"),
+        (3.0, EXACT_TOLERANCE, "differs from the original's by up to 1 (max_abs_diff), beyond"),
+    ],
+)
+def test_a_variant_whose_outputs_are_not_finite_or_far_off_fails_its_check(
+    tmp_path: Path, offset: float, tolerance: float, reason: str
+) -> None:
+    """On the check's rows of zeros, ``y = 2x + offset`` answers ``offset``; the original's is 2."""
+    write_onnx_affine(tmp_path / "original", scale=2.0, offset=2.0)
+    write_onnx_affine(tmp_path / "variant", scale=2.0, offset=offset)
+    source = _source(tmp_path / "original")
+    with pytest.raises(Unsupported, match=re.escape(reason)):
+        check_variant(source, tmp_path / "variant", Calibration(None), tolerance)
+
+
+@pytest.mark.parametrize(("offset", "tolerance"), [(2.001, EXACT_TOLERANCE), (3.0, INT8_TOLERANCE)])
+def test_a_variant_within_its_tolerance_passes_with_its_difference(
+    tmp_path: Path, offset: float, tolerance: float
+) -> None:
+    write_onnx_affine(tmp_path / "original", scale=2.0, offset=2.0)
+    write_onnx_affine(tmp_path / "variant", scale=2.0, offset=offset)
+    check = check_variant(_source(tmp_path / "original"), tmp_path / "variant", Calibration(None), tolerance)
+    assert check["outputs"]["y"]["max_abs_diff"] == pytest.approx(offset - 2.0, rel=1e-3)

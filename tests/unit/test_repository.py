@@ -39,6 +39,19 @@ def test_leading_zeros_name_the_same_number_and_the_first_name_wins(
     assert "both name version 42" in caplog.text
 
 
+def test_a_version_past_int64_is_ignored_and_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("1", str(2**63 - 1), str(2**63), "0" + str(2**63)):
+        (tmp_path / name).mkdir()
+    ignored: set[Path] = set()
+    with caplog.at_level(logging.WARNING, logger="inferd.repository"):
+        assert sorted(scan_versions(tmp_path, ignored)) == [1, 2**63 - 1]
+        assert sorted(scan_versions(tmp_path, ignored)) == [1, 2**63 - 1]
+    warnings = [r.getMessage() for r in caplog.records if "must fit in int64" in r.getMessage()]
+    assert len(warnings) == 2  # one per folder, not one per scan
+
+
 def test_a_missing_base_path_has_no_versions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert list_versions(tmp_path / "absent") == {}
     assert "cannot list" in caplog.text

@@ -16,7 +16,9 @@ from inferd.select import Result, Selection, SelectOptions, report
 from inferd.select import promote as promotion
 from inferd.select.candidates import resolve
 from inferd.select.choose import choose, parse_requirement
+from inferd.select.compatibility import compare
 from inferd.select.objectives import objective
+from inferd.types import Method, Signature, TensorSpec
 from tests.models import write_onnx_affine, write_sklearn_digits
 
 ACCURACY = objective("accuracy")
@@ -382,3 +384,42 @@ def test_auc_calls_predict_proba_where_a_model_has_it(
             return _signature_name(loaded.service, loaded.ref, job)
 
     assert asyncio.run(chosen()) == expected
+
+
+def _sig(
+    name: str, outputs: dict[str, str], x: str = "float32", method: Method = Method.PREDICT
+) -> Signature:
+    return Signature(
+        name,
+        (TensorSpec("x", np.dtype(x), (-1, 4)),),
+        tuple(TensorSpec(n, np.dtype(d), (-1,)) for n, d in outputs.items()),
+        method,
+    )
+
+
+def test_the_same_api_has_no_changes() -> None:
+    api = {"serving_default": _sig("serving_default", {"y": "float32"})}
+    assert compare(api, dict(api)) == []
+
+
+def test_every_kind_of_api_change_is_listed() -> None:
+    before = {
+        "serving_default": _sig("serving_default", {"y": "float32"}),
+        "proba": _sig("proba", {"p": "float32"}),
+        "classify": _sig("classify", {"classes": "int64", "scores": "float32"}, method=Method.CLASSIFY),
+    }
+    after = {
+        "serving_default": _sig("serving_default", {"y": "float64", "z": "float32"}, x="int64"),
+        "classify": _sig("classify", {"classes": "int64", "scores": "float32"}),
+        "extra": _sig("extra", {"y": "float32"}),
+    }
+    assert compare(before, after) == [
+        "signature 'proba' is removed",
+        "signature 'extra' is added",
+        "signature 'serving_default': input 'x': FP32 [-1, 4] -> INT64 [-1, 4]",
+        "signature 'serving_default': output 'z' (FP32 [-1]) is added",
+        "signature 'serving_default': output 'y': FP32 [-1] -> FP64 [-1]",
+        "signature 'serving_default': :predict answers one output ('y': the bare values) -> "
+        "2 outputs (['y', 'z']: an object per row)",
+        f"signature 'classify': method {Method.CLASSIFY.value} -> {Method.PREDICT.value}",
+    ]

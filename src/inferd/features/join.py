@@ -128,7 +128,7 @@ class FeatureJoin:
         self._plans = plans
         self._store = store
         self._stats = stats
-        self._cache = EntityCache(settings.cache_size, settings.cache_ttl_s)
+        self._cache = EntityCache(settings.cache_size, settings.cache_ttl_s, settings.cache_bytes)
         self._dtypes = [feature_dtype(settings, name) for name in settings.fetch]
         self._timeout_s = settings.lookup_timeout_ms / 1000
         self._lookups = LookupBatcher(store, settings.fetch, self._timeout_s, stats)

@@ -4,7 +4,8 @@ A run is a list of steps (each concurrency of a closed-loop sweep, then each rat
 loop). Each step warms up, measures for ``duration_s`` and reports requests/s, predictions/s,
 latency percentiles of the successful requests, errors by status and, when the server is
 watched (``--server-pid``, or its Prometheus metrics), its CPU-seconds per 1,000 predictions and
-peak memory. ``processes`` > 1 splits the load over processes started together.
+peak memory. ``processes`` > 1 splits the load over processes started together. Each step is
+reported as it completes (``run``'s ``on_step``), with the server's first few error messages.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import dataclasses
 import multiprocessing
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -72,18 +74,34 @@ class StepReport:
     server_cpu_s_per_1k_predictions: float | None
     server_peak_memory_bytes: int | None
     cost_per_million_predictions: float | None
+    error_messages: list[str] = field(default_factory=list)
+    """The first distinct error messages, as ``"STATUS: message"`` (the server's own words)."""
+
+    @property
+    def name(self) -> str:
+        """The step as the table and the plot label it: ``c=8`` or ``rate=500/s``."""
+        return f"c={self.level:g}" if self.mode == CLOSED else f"rate={self.level:g}/s"
+
+    @property
+    def succeeded(self) -> int:
+        """Requests answered successfully, warm-up included."""
+        return sum(n for status, n in self.all_statuses.items() if succeeded(status))
 
 
-def run(options: BenchOptions) -> list[StepReport]:
-    """Run every step in turn.
+def steps_of(options: BenchOptions) -> list[tuple[str, float]]:
+    """The (mode, level) of each step, in the order they run: the concurrencies, then the rates."""
+    steps = [(CLOSED, float(c)) for c in options.concurrency] + [(OPEN, r) for r in options.rates]
+    return steps or [(CLOSED, 1.0)]
+
+
+def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+    """Run every step in turn; ``on_step`` is called with each step's report as it completes.
 
     Raises:
         ValueError: options that do not fit (no steps, unknown protocol, a payload file of the
             wrong kind, metadata that cannot be read).
     """
-    steps = [(CLOSED, float(c)) for c in options.concurrency] + [(OPEN, r) for r in options.rates]
-    if not steps:
-        steps = [(CLOSED, 1.0)]
+    steps = steps_of(options)
     if any(level <= 0 for _, level in steps):
         raise ValueError("concurrency and rate must be > 0")
     payload = build(
@@ -103,6 +121,8 @@ def run(options: BenchOptions) -> list[StepReport]:
         watch = ServerWatch(options.server_pid, metrics_url) if options.server_pid or metrics_url else None
         samples, usage = _step(options, payload, mode, level, watch)
         reports.append(_report(options, payload, mode, level, samples, usage))
+        if on_step is not None:
+            on_step(reports[-1])
     return reports
 
 
@@ -202,6 +222,7 @@ def _report(
         server_cpu_s_per_1k_predictions=cpu,
         server_peak_memory_bytes=usage.peak_memory_bytes if usage else None,
         cost_per_million_predictions=cost,
+        error_messages=list(samples.messages),
     )
 
 
@@ -213,8 +234,27 @@ def to_json(options: BenchOptions, reports: list[StepReport]) -> bytes:
     )
 
 
+def progress_line(report: StepReport, index: int, total: int) -> str:
+    """One finished step in a line, for live progress; its first error message when it had any."""
+    errors = sum(report.errors.values())
+    p50, p99 = (_number(report.latency_ms[k]) for k in ("p50", "p99"))
+    line = (
+        f"step {index}/{total} {report.name}: {report.requests_per_s:,.0f} req/s, "
+        f"{report.predictions_per_s:,.0f} pred/s, p50 {p50} ms, p99 {p99} ms, "
+        f"{errors:,} error{'' if errors == 1 else 's'} of {report.requests:,}"
+    )
+    if report.error_messages:
+        line += f" ({report.error_messages[0]})"
+    return line
+
+
+def error_messages(reports: list[StepReport]) -> list[str]:
+    """Every step's distinct error messages, first seen first."""
+    return list(dict.fromkeys(m for r in reports for m in r.error_messages))
+
+
 def table(reports: list[StepReport]) -> str:
-    """The steps as a plain-text table."""
+    """The steps as a plain-text table, then the distinct error messages the server gave."""
     header = [
         "step",
         "req/s",
@@ -231,7 +271,7 @@ def table(reports: list[StepReport]) -> str:
     ]
     rows = [header]
     for r in reports:
-        step = f"c={r.level:g}" if r.mode == CLOSED else f"rate={r.level:g}/s"
+        step = r.name
         errors = ", ".join(f"{s}: {n}" for s, n in r.errors.items()) or "0"
         rows.append(
             [
@@ -246,7 +286,10 @@ def table(reports: list[StepReport]) -> str:
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    if messages := error_messages(reports):
+        lines += ["", "errors (the first distinct messages):", *(f"  {m}" for m in messages)]
+    return "\n".join(lines)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -254,7 +297,9 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def plot(reports: list[StepReport], path: Path, title: str) -> None:
-    """Latency percentiles against predictions/s, one line per percentile, as a PNG.
+    """Latency percentiles against predictions/s, one line per percentile, each step's point
+    labelled with its concurrency (``c=8``) or rate (``rate=500/s``); PNG, or any other format
+    matplotlib writes, by ``path``'s suffix.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install inferd[plot]``).
@@ -274,6 +319,16 @@ def plot(reports: list[StepReport], path: Path, title: str) -> None:
             if points:
                 xs, ys = zip(*points, strict=True)
                 axes.plot(xs, ys, marker=marker, label=f"{key} ({mode} loop)")
+        for r in steps:  # each step named once, at its highest percentile measured
+            top = next((r.latency_ms[k] for k in ("p99.9", "p99", "p90", "p50") if r.latency_ms[k]), None)
+            if top is not None:
+                axes.annotate(
+                    r.name,
+                    (r.predictions_per_s, top),
+                    textcoords="offset points",
+                    xytext=(4, 6),
+                    fontsize="small",
+                )
     axes.set_xlabel("predictions/s")
     axes.set_ylabel("latency (ms)")
     axes.set_yscale("log")

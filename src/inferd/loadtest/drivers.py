@@ -9,7 +9,8 @@ slow server cannot hide its latency by slowing the sender down (no coordinated o
 A request counts in the figures when it was due inside the measured window (after warm-up).
 When the window closes, nothing new is sent and answers still outstanding are awaited for up to
 ``timeout_s`` (then counted as ``timeout``), so that every request sent is accounted for in
-``all_statuses``, warm-up included.
+``all_statuses``, warm-up included. The first few distinct error messages (the server's own,
+from an HTTP error body's ``error`` field or a gRPC status's details) are kept with their status.
 
 The HTTP client is a callback-driven ``asyncio.Protocol`` that sends pre-encoded bytes and parses
 only the status line and the body's length (``Content-Length`` or a chunked body's end), on
@@ -26,30 +27,40 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
+import orjson
 
 from inferd.loadtest.payloads import Payload
 
 CLOSED, OPEN = "closed", "open"
 
+MAX_MESSAGES = 5
+"""Distinct error messages kept per step (the first ones seen)."""
+
+MAX_MESSAGE_CHARS = 500
+
 
 @dataclass(slots=True)
 class Samples:
     """Latencies (ns) of the successful requests due in the window, the statuses of all of them,
-    and ``all_statuses``: every request sent, warm-up included."""
+    ``all_statuses``: every request sent, warm-up included, and ``messages``: the first distinct
+    error messages, as ``"STATUS: message"``."""
 
     latencies_ns: np.ndarray
     statuses: dict[str, int]
     all_statuses: dict[str, int]
+    messages: list[str] = field(default_factory=list)
 
     @staticmethod
     def merge(parts: list[Samples]) -> Samples:
         statuses: collections.Counter[str] = collections.Counter()
         every: collections.Counter[str] = collections.Counter()
+        messages: dict[str, None] = {}
         for part in parts:
             statuses.update(part.statuses)
             every.update(part.all_statuses)
+            messages.update(dict.fromkeys(part.messages))
         latencies = np.concatenate([p.latencies_ns for p in parts]) if parts else np.zeros(0, np.int64)
-        return Samples(latencies, dict(statuses), dict(every))
+        return Samples(latencies, dict(statuses), dict(every), list(messages)[:MAX_MESSAGES])
 
 
 def succeeded(status: str) -> bool:
@@ -64,6 +75,7 @@ class _Recorder:
     latencies: list[int] = field(default_factory=list)
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     every: collections.Counter[str] = field(default_factory=collections.Counter)
+    messages: dict[str, None] = field(default_factory=dict)
 
     def record(self, due_ns: int, done_ns: int, status: str) -> None:
         self.every[status] += 1
@@ -72,8 +84,35 @@ class _Recorder:
             if succeeded(status):
                 self.latencies.append(done_ns - due_ns)
 
+    @property
+    def wants_messages(self) -> bool:
+        return len(self.messages) < MAX_MESSAGES
+
+    def note(self, status: str, message: str) -> None:
+        """Keep ``message`` (why a request got ``status``) if it is new and there is room."""
+        if self.wants_messages:
+            text = " ".join(message.split())[:MAX_MESSAGE_CHARS] or "(no message)"
+            self.messages.setdefault(f"{status}: {text}", None)
+
     def samples(self) -> Samples:
-        return Samples(np.asarray(self.latencies, dtype=np.int64), dict(self.statuses), dict(self.every))
+        return Samples(
+            np.asarray(self.latencies, dtype=np.int64),
+            dict(self.statuses),
+            dict(self.every),
+            list(self.messages),
+        )
+
+
+def error_text(body: bytes) -> str:
+    """The message of an HTTP error body: its JSON ``error`` field (both REST dialects) or the
+    body as text."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
+    if isinstance(document, dict) and isinstance(document.get("error"), str):
+        return str(document["error"])
+    return body.decode("utf-8", "replace")
 
 
 def measure(
@@ -105,7 +144,18 @@ def measure(
 class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; at most one request outstanding."""
 
-    __slots__ = ("_chunked", "_driver", "_expect", "_status", "_write", "buffer", "due_ns", "transport")
+    __slots__ = (
+        "_body_at",
+        "_chunked",
+        "_driver",
+        "_expect",
+        "_status",
+        "_write",
+        "buffer",
+        "due_ns",
+        "error_body",
+        "transport",
+    )
 
     def __init__(self, driver: _Http) -> None:
         self._driver = driver
@@ -115,7 +165,10 @@ class _Connection(asyncio.Protocol):
         self.due_ns = 0
         self._expect = -1
         self._chunked = -1
+        self._body_at = 0
         self._status = ""
+        self.error_body = b""
+        """The body of the last answer, when its status was not 2xx."""
 
     @property
     def reused(self) -> bool:
@@ -147,6 +200,8 @@ class _Connection(asyncio.Protocol):
                 self._expect, self._chunked = end + 5, -1
             if len(buffer) < self._expect:
                 return
+            if self._status[:1] != "2":
+                self.error_body = bytes(buffer[self._body_at : self._expect])
             del buffer[: self._expect]
             self._expect = -1
             self._driver.answered(self, self._status)
@@ -157,6 +212,7 @@ class _Connection(asyncio.Protocol):
             return False
         head = bytes(buffer[:end]).lower()
         self._status = head[9:12].decode()
+        self._body_at = end + 4
         at = head.find(b"\r\ncontent-length:")
         if at >= 0:
             line_end = head.find(b"\r\n", at + 2)
@@ -215,6 +271,7 @@ class _Http:
             now = time.monotonic_ns()
             for due_ns in [*(c.due_ns for c in self._busy), *self._backlog]:
                 self._recorder.record(due_ns, now, "timeout")
+                self._recorder.note("timeout", f"no answer within {self._timeout_s:g} s (--timeout)")
         for connection in [*self._idle, *self._busy]:
             if connection.transport is not None:
                 connection.transport.close()
@@ -240,9 +297,10 @@ class _Http:
             _, connection = await loop.create_connection(
                 lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
             )
-        except OSError:
+        except OSError as exc:
             if self._backlog:
                 self._recorder.record(self._backlog.popleft(), time.monotonic_ns(), "connect_error")
+                self._recorder.note("connect_error", str(exc))
             await asyncio.sleep(0.01)  # the server is not there: do not spin
             self._opening -= 1
             if self._closed_loop and self._sending:
@@ -256,6 +314,8 @@ class _Http:
     def answered(self, connection: _Connection, status: str) -> None:
         now = time.monotonic_ns()
         self._recorder.record(connection.due_ns, now, status)
+        if status[:1] != "2" and self._recorder.wants_messages:
+            self._recorder.note(status, error_text(connection.error_body))
         if self._closed_loop and self._sending:
             connection.send(now)
         else:
@@ -281,6 +341,7 @@ class _Http:
         elif connection in self._busy:
             self._busy.discard(connection)
             self._recorder.record(connection.due_ns, time.monotonic_ns(), "connection_error")
+            self._recorder.note("connection_error", "the server closed the connection before answering")
             if self._closed_loop and self._sending:
                 self._backlog.append(time.monotonic_ns())
                 self._open()
@@ -351,6 +412,7 @@ class _Grpc:
             status = "OK"
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name
+            self._recorder.note(status, exc.details() or "")
         self._recorder.record(due_ns, time.monotonic_ns(), status)
 
 

@@ -3,14 +3,20 @@
 Tensors come from a file (``.npy`` for a one-input model, ``.npz`` for several) or are generated
 from the model's metadata (``--instances`` rows, free dimensions other than the batch set to 1,
 fixed-seed values). A ``.json`` payload file is sent as it is, to the REST protocols only.
+String (BYTES / DT_STRING) tensors travel as each protocol carries them: JSON strings (TF
+Serving's ``{"b64": ...}`` for bytes that are not UTF-8), length-prefixed raw bytes in V2 binary
+and ``raw_input_contents``, ``string_val`` in TF Serving's gRPC.
 An ``https://`` URL, or ``ClientTls`` given, speaks TLS, mutual when it holds a certificate.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import ssl
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,13 +147,15 @@ def build(
     if protocol == "rest":
         first = next(iter(tensors))
         document: Any = (
-            {"instances": tensors[first].tolist()}
+            {"instances": _json_values(first, tensors[first], protocol)}
             if len(tensors) == 1
-            else {"inputs": {k: v.tolist() for k, v in tensors.items()}}
+            else {"inputs": {k: _json_values(k, v, protocol) for k, v in tensors.items()}}
         )
         return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {}, tls)
     if protocol == "v2":
-        inputs = [_v2_input(k, v) | {"data": v.reshape(-1).tolist()} for k, v in tensors.items()]
+        inputs = [
+            _v2_input(k, v) | {"data": _json_values(k, v.reshape(-1), protocol)} for k, v in tensors.items()
+        ]
         body = json.dumps({"inputs": inputs}).encode()
         return _http(protocol, host, port, route, body, rows, {}, tls)
     raws = [to_raw(v) for v in tensors.values()]
@@ -180,6 +188,35 @@ def generate(specs: Specs, instances: int) -> dict[str, np.ndarray]:
         else:
             tensors[name] = np.full(dims, b"x", dtype=object)
     return tensors
+
+
+def _json_values(name: str, value: np.ndarray, protocol: str) -> Any:
+    """``value`` as nested JSON lists; strings as JSON strings, bytes that are not UTF-8 as TF
+    Serving's ``{"b64": ...}`` (``rest``).
+
+    Raises:
+        ValueError: non-UTF-8 bytes for V2 JSON, which carries text only.
+    """
+    if value.dtype.kind not in "OSU":
+        return value.tolist()
+    items = [_json_string(name, item, protocol) for item in value.reshape(-1).tolist()]
+    strings = np.empty(len(items), dtype=object)
+    strings[:] = items
+    return strings.reshape(value.shape).tolist()
+
+
+def _json_string(name: str, item: object, protocol: str) -> object:
+    if not isinstance(item, bytes):
+        return str(item)
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError:
+        if protocol == "rest":
+            return {"b64": base64.b64encode(item).decode("ascii")}
+        raise ValueError(
+            f"input {name!r} holds bytes that are not UTF-8, which V2 JSON cannot carry; "
+            "use --protocol v2-binary or v2-grpc"
+        ) from None
 
 
 def _v2_input(name: str, value: np.ndarray) -> dict[str, Any]:
@@ -249,7 +286,7 @@ def _specs(protocol: str, url: str, model: str, version: int | None, tls: Client
             ]
         document = _get_json(f"{_base(url, tls)}/v2/models/{model}{suffix}", tls)
         return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in document["inputs"]]
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, http.client.HTTPException, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
 
 
@@ -285,7 +322,7 @@ def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | N
         request.model_spec.version.value = version
     with _channel(_target(url), tls) as channel:
         stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply = stub.GetModelMetadata(request, timeout=10)
+        reply = _ask(lambda: stub.GetModelMetadata(request, timeout=10))
     signatures = ps.SignatureDefMap()
     reply.metadata["signature_def"].Unpack(signatures)
     inputs = signatures.signature_def["serving_default"].inputs
@@ -302,8 +339,18 @@ def _v2_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | N
     request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
     with _channel(_target(url), tls) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply = stub.ModelMetadata(request, timeout=10)
+        reply = _ask(lambda: stub.ModelMetadata(request, timeout=10))
     return [(t.name, t.datatype, list(t.shape)) for t in reply.inputs]
+
+
+def _ask(call: Callable[[], Any]) -> Any:
+    """``call()``, a blocking gRPC call; its failure as a ValueError with the status and details."""
+    import grpc
+
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        raise ValueError(f"{exc.code().name}: {exc.details()}") from exc
 
 
 def _tf_predict(model: str, version: int | None, tensors: dict[str, np.ndarray]) -> bytes:

@@ -20,19 +20,20 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 
 from inferd.config import FeatureSettings
-from inferd.errors import InvalidArgument
+from inferd.errors import InferdError, Internal, InvalidArgument
 from inferd.features import FeatureJoin, FeatureStores, plan_join
 from inferd.local import in_process
 from inferd.metrics import FeatureStats
-from inferd.offline.scoring import Scorer
+from inferd.offline.scoring import Scorer, in_thread
 from inferd.offline.sinks import PartStore, output_format
 from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
 from inferd.repository import resolve_version
@@ -40,6 +41,7 @@ from inferd.runtimes import Model
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _IN_FLIGHT_CHUNKS = 8
 """Chunks alive at once: one being read, two queued, two scored, two queued, one being written."""
@@ -101,8 +103,8 @@ class Summary:
             + (f", {self.resumed_rows} done by an earlier run" if self.resumed_rows else ""),
             f"{self.seconds:.2f} s, {self.rows_per_s:,.0f} rows/s, batch size {self.batch_size}, "
             f"chunks of {self.chunk_rows} rows",
-            f"CPU {self.cpu_s:.2f} s, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB, "
-            f"cost {self.cost:.6f} at the given price per hour",
+            f"CPU {self.cpu_s:.2f} s, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+            + (f", cost {self.cost:.6f} at the given price per hour" if self.cost else ""),
         ]
 
     def to_json(self) -> bytes:
@@ -156,13 +158,29 @@ async def _run(options: BatchOptions) -> Summary:
             done = store.done()
             scoring_started = time.monotonic()
             try:
-                rows, resumed = await _pipeline(
-                    read_chunks(layout, request, chunk_rows), done, scorer, store, layout.id_name, progress
+                try:
+                    rows, resumed = await _pipeline(
+                        read_chunks(layout, request, chunk_rows),
+                        done,
+                        scorer,
+                        store,
+                        layout.id_name,
+                        progress,
+                    )
+                finally:
+                    progress.close()
+                scoring_s = time.monotonic() - scoring_started
+                rejects = options.rejects or _default_rejects(options.output)
+                rejected = await _stage(
+                    "merging the parts into " + str(options.output), store.finish, rejects
                 )
-            finally:
-                progress.close()
-            scoring_s = time.monotonic() - scoring_started
-            rejected = store.finish(options.rejects or _default_rejects(options.output))
+            except InferdError as exc:  # say what became of the parts folder
+                exc.message = f"{exc.message}; {store.abandon()}"
+                exc.args = (exc.message,)
+                raise
+            except BaseException:
+                store.abandon()
+                raise
         finally:
             await stores.close()
     seconds = time.monotonic() - started
@@ -229,8 +247,11 @@ async def _pipeline(
     id_name: str,
     progress: _Progress,
 ) -> tuple[int, int]:
-    """Read, score and write overlapped; returns (rows scored, rows skipped as already done)."""
-    loop = asyncio.get_running_loop()
+    """Read, score and write overlapped; returns (rows scored, rows skipped as already done).
+
+    A failure in any stage cancels the others and is raised (as an ``InferdError`` naming the
+    stage): the job ends, it never waits on a stage that has stopped.
+    """
     read_q: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=2)
     write_q: asyncio.Queue[tuple[Chunk, Tensors] | None] = asyncio.Queue(maxsize=2)
     counts = {"rows": 0, "resumed": 0}
@@ -242,7 +263,7 @@ async def _pipeline(
         # The end-of-input markers go only on success: after a failure the task group cancels
         # the other stages, and a put into a queue nobody reads any more would never return.
         async def read() -> None:
-            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+            while (chunk := await _stage("reading the input", next, chunks, None, pool=reader)) is not None:
                 await read_q.put(chunk)
             await read_q.put(None)
 
@@ -254,7 +275,7 @@ async def _pipeline(
                         counts["resumed"] += chunk.rows
                         progress.advance(chunk.rows)
                         continue
-                    scoring.append(asyncio.create_task(scorer.score(chunk)))
+                    scoring.append(asyncio.create_task(_scored(scorer, chunk)))
                     if len(scoring) == _SCORED_CHUNKS:
                         await write_q.put(await scoring.popleft())
                 while scoring:
@@ -269,7 +290,9 @@ async def _pipeline(
         async def write() -> None:
             while (item := await write_q.get()) is not None:
                 chunk, outputs = item
-                await loop.run_in_executor(writer, store.write, chunk, outputs, id_name)
+                first = chunk.numbers[0] if len(chunk.numbers) else "-"
+                what = f"writing chunk {chunk.index} (rows from {first})"
+                await _stage(what, store.write, chunk, outputs, id_name, pool=writer)
                 counts["rows"] += len(chunk.ids)
                 progress.advance(chunk.rows)
 
@@ -280,6 +303,42 @@ async def _pipeline(
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
     return counts["rows"], counts["resumed"]
+
+
+async def _stage(what: str, function: Callable[..., _T], *args: Any, pool: Executor | None = None) -> _T:
+    """``function(*args)`` on ``pool`` (a default thread when None), its unexpected errors turned
+    into ``Internal`` naming ``what`` failed.
+
+    Every failure reaches the task group as an exception (``in_thread`` wraps a
+    ``StopIteration``, which asyncio would drop), so no stage is left waiting.
+
+    Raises:
+        InferdError: ``function``'s own (a reader's InvalidArgument, a store's Unavailable), or
+            Internal for anything else, with its type and message.
+    """
+
+    def call() -> _T:
+        try:
+            return function(*args)
+        except InferdError:
+            raise
+        except Exception as exc:  # any library's error: say which stage, keep the cause
+            raise Internal(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+    return await in_thread(pool, call)
+
+
+async def _scored(scorer: Scorer, chunk: Chunk) -> tuple[Chunk, Tensors]:
+    """``scorer.score(chunk)``, an unexpected error named with the chunk (a model that raised)."""
+    try:
+        return await scorer.score(chunk)
+    except InferdError:
+        raise
+    except Exception as exc:  # the model's framework, a feature store client
+        rows = f"rows {chunk.numbers[0]}-{chunk.numbers[-1]}" if len(chunk.numbers) else "no rows"
+        raise Internal(
+            f"scoring chunk {chunk.index} ({chunk.source}, {rows}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _Progress:

@@ -14,8 +14,9 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,11 +28,28 @@ from inferd.service import conform_inputs
 from inferd.types import Signature, Tensors
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _PROBE_SIZES = (64, 256, 1024, 4096, 16384)
 
 _Scored = tuple[list[Tensors], dict[int, str]]
 """One batch's outputs (one part, or one per good row) and its refused rows' errors by offset."""
+
+
+async def in_thread(pool: Executor | None, function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` on ``pool`` (the loop's default when None), awaited.
+
+    A ``StopIteration`` it raises comes back as a ``RuntimeError``: asyncio cannot set a
+    ``StopIteration`` on a future, drops it, and the awaiting task would wait forever.
+    """
+
+    def call() -> _T:
+        try:
+            return function(*args)
+        except StopIteration as exc:
+            raise RuntimeError(f"{getattr(function, '__name__', function)} raised StopIteration") from exc
+
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 class Scorer:
@@ -70,7 +88,6 @@ class Scorer:
             Unavailable: the feature store failed (unless its settings fall back to defaults).
             Internal: the model did not return a chosen output.
         """
-        loop = asyncio.get_running_loop()
         if self._join is not None and len(chunk.ids):
             joined, missing = await self._join.join_rows(self._signature.name, dict(chunk.inputs), None)
             chunk = dataclasses.replace(chunk, inputs=joined)
@@ -80,11 +97,11 @@ class Scorer:
         if not self.batch_size and rows:
             async with self._probing:  # the first chunk probes; one scored beside it waits
                 if not self.batch_size:
-                    self.batch_size = await loop.run_in_executor(self._pool, self._probe, chunk.inputs, rows)
+                    self.batch_size = await in_thread(self._pool, self._probe, chunk.inputs, rows)
         size = self.batch_size or 1
         starts = range(0, rows, size)
         # Checked once for the chunk, when it passes; else batch by batch, to find the bad rows.
-        conformed = await loop.run_in_executor(self._pool, self._conformed, chunk.inputs)
+        conformed = await in_thread(self._pool, self._conformed, chunk.inputs)
         checked = conformed is not None
         inputs = chunk.inputs if conformed is None else conformed
         results: list[_Scored] = [([], {})] * len(starts)
@@ -97,15 +114,26 @@ class Scorer:
                 results[i] = self._batch({k: v[start : start + size] for k, v in inputs.items()}, checked)
 
         workers = min(self._threads, len(starts))
-        await asyncio.gather(*(loop.run_in_executor(self._pool, work) for _ in range(workers)))
+        await asyncio.gather(*(in_thread(self._pool, work) for _ in range(workers)))
         parts = [part for found, _ in results for part in found]
         failed = {
             i * size + offset: error
             for i, (_, errors) in enumerate(results)
             for offset, error in errors.items()
         }
-        outputs = {k: np.concatenate([p[k] for p in parts]) for k in self._outputs} if parts else {}
+        outputs = (
+            {k: np.concatenate([p[k] for p in parts]) for k in self._outputs} if parts else self._empty()
+        )
         return (without(chunk, failed) if failed else chunk), outputs
+
+    def _empty(self) -> Tensors:
+        """No rows of each chosen output, typed and shaped as the signature declares (free
+        dimensions as 0), for a chunk whose every row was refused."""
+        specs = {spec.name: spec for spec in self._signature.outputs}
+        return {
+            name: np.empty((0, *(max(d, 0) for d in (specs[name].shape or (-1,))[1:])), specs[name].dtype)
+            for name in self._outputs
+        }
 
     def _conformed(self, inputs: Tensors) -> Tensors | None:
         try:

@@ -53,17 +53,24 @@ class PartStore:
         ``job`` describes the job; on resume the stored description is kept (``self.job``) so that
         chunk sizes match the first run's.
 
+        Without ``resume``, a parts folder holding no finished chunk (a run that failed or was
+        stopped before its first part) is removed and the job starts over.
+
         Raises:
-            InvalidArgument: a parts folder exists without ``resume``, or belongs to another job.
+            InvalidArgument: a parts folder with finished chunks exists without ``resume``, or
+                belongs to another job.
         """
         self.output = output
         self.format = output_format(output)
         self.folder = output.with_name(output.name + ".partial")
         stored = self.folder / _JOB
         if self.folder.exists() and not resume:
-            raise InvalidArgument(
-                f"{self.folder} holds an interrupted run: pass --resume to continue it, or delete it"
-            )
+            if self.done():
+                raise InvalidArgument(
+                    f"{self.folder} holds {len(self.done())} finished chunk(s) of an interrupted run: "
+                    "pass --resume to continue it, or delete the folder to start over"
+                )
+            shutil.rmtree(self.folder)
         self.job = dict(job)
         if resume and stored.exists():
             previous = orjson.loads(stored.read_bytes())
@@ -80,6 +87,20 @@ class PartStore:
     def done(self) -> set[int]:
         """Indexes of the chunks whose part is written."""
         return {int(p.stem.split("-")[1]) for p in self.folder.glob("part-*") if not p.name.endswith(".tmp")}
+
+    def abandon(self) -> str:
+        """After a failed run: remove the parts folder when it holds no finished chunk (so the
+        next run starts clean), else keep it for ``--resume``. Returns what was done, for the
+        error message."""
+        output_tmp = self.output.with_name(self.output.name + ".tmp")
+        output_tmp.unlink(missing_ok=True)
+        finished = len(self.done()) if self.folder.exists() else 0
+        if not finished:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return "nothing was written"
+        for stale in self.folder.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        return f"{finished} finished chunk(s) are kept in {self.folder}: run again with --resume to continue"
 
     def write(self, chunk: Chunk, outputs: Tensors, id_name: str) -> None:
         """Write one chunk's rejects, then its part (the part last: it marks the chunk done)."""
@@ -122,6 +143,8 @@ class PartStore:
         elif self.format == "npy":
             _merge_npy(parts, tmp)
         else:
+            if self.format == "csv":  # a part of a chunk whose rows were all rejected is a header
+                parts = [p for p in parts if _has_csv_rows(p)] or parts[:1]
             with tmp.open("wb") as out:
                 for i, part in enumerate(parts):
                     with part.open("rb") as source:
@@ -139,6 +162,12 @@ class PartStore:
                     out.write(data)
         shutil.rmtree(self.folder)
         return count
+
+
+def _has_csv_rows(part: Path) -> bool:
+    with part.open("rb") as handle:
+        handle.readline()
+        return bool(handle.read(1))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -167,13 +196,17 @@ def _table(chunk: Chunk, outputs: Tensors, id_name: str, flat: bool) -> pa.Table
 
 
 def _merge_parquet(parts: list[Path], target: Path) -> None:
+    """Concatenate the parts; the schema is the first part with rows (a chunk whose every row was
+    rejected has an empty part, whose list columns may be typed differently), and empty parts are
+    skipped."""
+    filled = [p for p in parts if pq.ParquetFile(p).metadata.num_rows] or parts[:1]
     writer: pq.ParquetWriter | None = None
     try:
-        for part in parts:
+        for part in filled:
             table = pq.read_table(part)
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema)
-            writer.write_table(table.cast(writer.schema_arrow) if table.num_rows == 0 else table)
+            writer.write_table(table)
     finally:
         if writer is not None:
             writer.close()
@@ -186,16 +219,18 @@ def _merge_npy(parts: list[Path], target: Path) -> None:
     for part in parts:
         with part.open("rb") as handle:
             shape, _, dtype = read_npy_header(handle)
-            headers.append((shape, dtype, handle.tell()))
-    inner = headers[0][0][1:] if headers else (0,)
-    dtype = headers[0][1] if headers else np.dtype(np.float32)
-    rows = sum(shape[0] for shape, _, _ in headers)
+            headers.append((part, shape, dtype, handle.tell()))
+    # Empty parts (chunks whose every row was rejected) add nothing, and may be shaped apart.
+    headers = [h for h in headers if h[1][0]] or headers[:1]
+    inner = headers[0][1][1:] if headers else (0,)
+    dtype = headers[0][2] if headers else np.dtype(np.float32)
+    rows = sum(shape[0] for _, shape, _, _ in headers)
     with target.open("wb") as out:
         np.lib.format.write_array_header_2_0(
             out,
             {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *inner)},
         )
-        for part, (_, _, offset) in zip(parts, headers, strict=True):
+        for part, _, _, offset in headers:
             with part.open("rb") as source:
                 source.seek(offset)
                 shutil.copyfileobj(source, out, 1 << 20)

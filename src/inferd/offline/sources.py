@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from inferd.errors import InvalidArgument
 from inferd.offline.columns import column_tensor, row_width
 from inferd.offline.images import decode_images
-from inferd.types import Signature, Tensors, TensorSpec
+from inferd.service import conform
+from inferd.types import Signature, Tensors, TensorSpec, dtype_of
 
 TABULAR = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 FORMATS = {**TABULAR, ".npy": "npy"}
@@ -136,15 +137,21 @@ def file_columns(path: Path, kind: str) -> list[str]:
 
 
 def plan_layout(
-    signature: Signature, files: tuple[Path, ...], kind: str, id_column: str | None, keep: Sequence[str]
+    signature: Signature,
+    files: tuple[Path, ...],
+    kind: str,
+    id_column: str | None,
+    keep: Sequence[str],
+    drop: Sequence[str] = (),
 ) -> Layout:
     """Map columns to the inputs of ``signature``, the request-side one (entity keys and request
     columns, not looked-up features) for a model with ``[features]``, checking every file's
-    columns before any work.
+    columns before any work. Columns in ``drop`` are not read.
 
     Raises:
-        InvalidArgument: a column the mapping needs is missing in some file (named), or the
-            model does not fit the input kind (``.npy`` and images need one input).
+        InvalidArgument: a column the mapping needs is missing in some file (named), a column
+            to drop is not in the first file, or the model does not fit the input kind (``.npy``
+            and images need one input).
     """
     if kind in ("npy", "images"):
         if len(signature.inputs) != 1:
@@ -153,8 +160,15 @@ def plan_layout(
             raise InvalidArgument(f"--keep-columns needs tabular input, not {kind}")
         if id_column:
             raise InvalidArgument(f"--id-column needs tabular input, not {kind}")
+        if kind == "npy":
+            for path in files:
+                _check_npy(signature.inputs[0], path)
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
     first = file_columns(files[0], kind)
+    unknown = [c for c in drop if c not in first]
+    if unknown:
+        raise InvalidArgument(f"--drop_columns: {files[0]} has no column(s) {unknown}; it has {_few(first)}")
+    first = [c for c in first if c not in drop]
     keep_all = list(keep) == ["*"]
     mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
     kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
@@ -165,6 +179,26 @@ def plan_layout(
         if missing:
             raise InvalidArgument(f"{path}: missing column(s) {missing}")
     return Layout(files, kind, id_column, mapping, kept)
+
+
+def _check_npy(spec: TensorSpec, path: Path) -> None:
+    """Refuse a ``.npy`` file whose rows cannot feed ``spec`` (rank, sizes, dtype kind), before
+    any row is read: every row would fail the same way.
+
+    Raises:
+        InvalidArgument: names the file, the input, what it takes and what the file holds.
+    """
+    shape, dtype, _ = _npy_header(path)
+    try:
+        conform(spec, np.empty((0, *shape[1:]), dtype))
+    except InvalidArgument:
+        try:
+            name = dtype_of(dtype).v2
+        except KeyError:
+            name = str(dtype)
+        raise InvalidArgument(
+            f"{path}: input {spec.name!r}: expected {spec.describe()}, got {name} {list(shape)}"
+        ) from None
 
 
 def _columns_for(
@@ -181,8 +215,14 @@ def _columns_for(
         return tuple(rest)
     wanted = f"a column {spec.name!r}" + (f", columns {numbered[0]}..{numbered[-1]}" if numbered else "")
     if len(signature.inputs) == 1 and width:
-        wanted += f", or exactly {width} feature columns besides the id (found {len(rest)})"
+        wanted += f", or exactly {width} feature columns besides the id (found {len(rest)}: {_few(rest)})"
     raise InvalidArgument(f"input {spec.name!r} ({spec.describe()}): missing column(s); expected {wanted}")
+
+
+def _few(names: Sequence[str]) -> str:
+    """Column names for a message: all of up to eight, else the first three and the last two."""
+    shown = list(names) if len(names) <= 8 else [*names[:3], "...", *names[-2:]]
+    return ", ".join(shown)
 
 
 def row_bytes(signature: Signature) -> int:
@@ -210,13 +250,23 @@ def read_chunks(layout: Layout, signature: Signature, chunk_rows: int) -> Iterat
     makes ``--resume`` line up with a previous run.
 
     Raises:
-        InvalidArgument: a file that cannot be read at all (corrupt Parquet, bad ``.npy``).
+        InvalidArgument: a file that cannot be read (corrupt Parquet, bad ``.npy``, an I/O
+            error), named with the reader's error.
     """
     index, row = 0, 0
     # An image folder is one input: its files are the rows.
     for path in layout.files[:1] if layout.kind == "images" else layout.files:
-        for block in _blocks(layout, path, chunk_rows):
-            chunk = _chunk(layout, signature, path, block, index, row)
+        blocks = _blocks(layout, path, chunk_rows)
+        while True:
+            try:
+                block = next(blocks, None)
+                if block is None:
+                    break
+                chunk = _chunk(layout, signature, path, block, index, row)
+            except InvalidArgument:
+                raise
+            except Exception as exc:  # pyarrow's, numpy's and the OS's errors: name the file
+                raise InvalidArgument(f"{path}: cannot be read: {type(exc).__name__}: {exc}") from exc
             yield chunk
             index, row = index + 1, row + chunk.rows
 

@@ -31,6 +31,7 @@ from inferd.optimize import onnx_variants
 from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported, to_onnx
+from inferd.optimize.native_logs import native_logs_to, quiet_tensorflow
 from inferd.optimize.tflite import to_tflite
 from inferd.repository import folder_bytes, resolve_version
 from inferd.runtimes import find_model_file, load_model
@@ -71,6 +72,15 @@ class Variant:
         return self.error is None
 
 
+EXACT_TOLERANCE = 1e-3
+FP16_TOLERANCE = 2e-2
+INT8_TOLERANCE = 1.0
+"""Largest difference a variant's float outputs may have from the original's on the check rows,
+relative to the original's largest magnitude (at least 1). Conversions that keep float32 should
+agree to rounding (1e-6 measured), float16 to ~1e-3; int8 moves single probabilities by up to
+0.53 on the tests' models, so its bound only catches outputs that are not the model's at all."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Recipe:
     name: str
@@ -79,20 +89,37 @@ class _Recipe:
     method: str
     file: str
     calibrated: bool = False
+    tolerance: float = EXACT_TOLERANCE
 
 
 RECIPES = (
     _Recipe("onnx", "onnx", "conversion to ONNX", "model.onnx"),
     _Recipe("onnx-optimized", "onnx", "onnxruntime graph optimisation, saved", "model.onnx"),
-    _Recipe("onnx-int8-dynamic", "onnx", "dynamic int8 quantisation", "model.onnx"),
-    _Recipe("onnx-fp16", "onnx", "float16 conversion", "model.onnx"),
+    _Recipe("onnx-int8-dynamic", "onnx", "dynamic int8 quantisation", "model.onnx", tolerance=INT8_TOLERANCE),
+    _Recipe("onnx-fp16", "onnx", "float16 conversion", "model.onnx", tolerance=FP16_TOLERANCE),
     _Recipe(
-        "onnx-int8-static", "onnx", "static int8 quantisation, calibrated", "model.onnx", calibrated=True
+        "onnx-int8-static",
+        "onnx",
+        "static int8 quantisation, calibrated",
+        "model.onnx",
+        calibrated=True,
+        tolerance=INT8_TOLERANCE,
     ),
     _Recipe("tflite", "tflite", "conversion to TFLite", "model.tflite"),
-    _Recipe("tflite-int8-dynamic", "tflite", "TFLite dynamic-range int8 quantisation", "model.tflite"),
     _Recipe(
-        "tflite-int8", "tflite", "TFLite full-integer int8 quantisation, calibrated", "model.tflite", True
+        "tflite-int8-dynamic",
+        "tflite",
+        "TFLite dynamic-range int8 quantisation",
+        "model.tflite",
+        tolerance=INT8_TOLERANCE,
+    ),
+    _Recipe(
+        "tflite-int8",
+        "tflite",
+        "TFLite full-integer int8 quantisation, calibrated",
+        "model.tflite",
+        calibrated=True,
+        tolerance=INT8_TOLERANCE,
     ),
 )
 VARIANT_NAMES = tuple(recipe.name for recipe in RECIPES)
@@ -135,7 +162,9 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
             are wrong (INVALID_ARGUMENT), before any variant is made.
     """
     _refuse_unknown(options.only)  # before the model loads
-    source = _load_source(options.model)
+    quiet_tensorflow(log.isEnabledFor(logging.DEBUG))
+    with native_logs_to(log):
+        source = _load_source(options.model)
     try:
         names = chosen(options, source.runtime)
         calibration = Calibration(options.calibration)
@@ -146,7 +175,8 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
         with tempfile.TemporaryDirectory(prefix="inferd-optimize-") as scratch:
             base = _OnnxBase(source, Path(scratch))
             for name in names:
-                outcome = _make(source, _recipe(name), options.out / name, base, calibration)
+                with native_logs_to(log):
+                    outcome = _make(source, _recipe(name), options.out / name, base, calibration)
                 outcomes.append(outcome)
                 report(outcome)
         listing = [{"name": o.name, "path": o.path.name, "ok": o.ok, "error": o.error} for o in outcomes]
@@ -224,7 +254,7 @@ def _make(
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             parameters = _build(source, recipe, folder / recipe.file, base, calibration)
         log.debug("%s: %s", recipe.name, printed.getvalue())
-        check = check_variant(source, folder, calibration)
+        check = check_variant(source, folder, calibration, recipe.tolerance)
     except Exception as exc:  # any converter or tool may fail; the other variants go on
         shutil.rmtree(folder, ignore_errors=True)
         return Variant(recipe.name, folder, _describe(exc))

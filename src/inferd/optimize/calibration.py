@@ -42,7 +42,10 @@ class Calibration:
 
 def _read_rows(spec: str, signature: Signature, limit: int) -> Tensors:
     files, kind = find_inputs(spec)
-    layout = plan_layout(signature, files, kind, None, ())
+    try:
+        layout = plan_layout(signature, files, kind, None, ())
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--calibration {exc.message}") from None
     parts: list[Tensors] = []
     count = 0
     for chunk in read_chunks(layout, signature, min(limit, 4096)):

@@ -8,6 +8,7 @@ accurate: ``inferd select`` measures that on labelled data).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,22 @@ def default_signature(model: Model) -> Signature:
     return signatures.get(DEFAULT_SIGNATURE) or next(iter(signatures.values()))
 
 
-def check_variant(source: Source, folder: Path, calibration: Calibration) -> dict[str, Any]:
+def check_variant(
+    source: Source, folder: Path, calibration: Calibration, tolerance: float = math.inf
+) -> dict[str, Any]:
     """Load and run the variant in ``folder``; returns what its outputs differ from the
     original's: ``max_abs_diff`` for float outputs, ``agreement`` (share of equal values) for
     others, per output name the two have in common.
 
+    A float output passes when it is finite wherever the original's is, and its largest
+    difference is at most ``tolerance`` times the original's largest magnitude (at least 1):
+    a relative bound, so that probabilities and raw scores are held alike.
+
     Raises:
         ModelLoadError: inferd cannot load the variant.
         InferdError or a framework error: the variant does not run on the rows.
+        Unsupported: an output of another shape, not finite, or beyond the tolerance (named,
+            with the difference).
     """
     variant, _ = load_model(folder, ModelSettings(), None)
     try:
@@ -59,11 +68,35 @@ def check_variant(source: Source, folder: Path, calibration: Calibration) -> dic
                 f"output {name!r} has shape {list(ours.shape)}; the original's is {list(theirs.shape)}"
             )
         if ours.dtype.kind == "f" and theirs.dtype.kind == "f":
-            diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
-            compared[name] = {"max_abs_diff": float(diff.max()) if diff.size else 0.0}
+            compared[name] = {"max_abs_diff": _max_abs_diff(name, ours, theirs, tolerance)}
         else:
             compared[name] = {"agreement": float(np.mean(ours == theirs)) if ours.size else 1.0}
     return {"inputs": kind, "rows": len(next(iter(rows.values()))), "outputs": compared}
+
+
+def _max_abs_diff(name: str, ours: np.ndarray, theirs: np.ndarray, tolerance: float) -> float:
+    """The largest difference where the original's output is finite.
+
+    Raises:
+        Unsupported: the variant's output is NaN or infinite where the original's is not, or
+            the difference is beyond ``tolerance`` (relative to the original's magnitude).
+    """
+    finite = np.isfinite(theirs)
+    ours64, theirs64 = ours.astype(np.float64)[finite], theirs.astype(np.float64)[finite]
+    broken = int(np.count_nonzero(~np.isfinite(ours64)))
+    if broken:
+        raise Unsupported(
+            f"output {name!r} is NaN or infinite in {broken} of {ours64.size} values where the "
+            "original's is finite: the variant does not compute the model"
+        )
+    diff = float(np.abs(ours64 - theirs64).max()) if ours64.size else 0.0
+    scale = max(1.0, float(np.abs(theirs64).max()) if theirs64.size else 0.0)
+    if not diff <= tolerance * scale:
+        raise Unsupported(
+            f"output {name!r} differs from the original's by up to {diff:.6g} (max_abs_diff), beyond "
+            f"this variant's tolerance of {tolerance:g} x {scale:.6g}: the variant does not compute the model"
+        )
+    return diff
 
 
 def _two_rows(shape: tuple[int, ...] | None, name: str) -> tuple[int, ...]:

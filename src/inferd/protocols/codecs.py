@@ -14,7 +14,7 @@ from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.errors import InvalidArgument, ResourceExhausted
 from inferd.protocols.limits import RequestLimits
-from inferd.types import dtype_of
+from inferd.types import dtype_of, integer_range_error
 
 _VALUES = {
     np.dtype(np.float32): "float_val",
@@ -128,6 +128,12 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: Request
             flat[:] = list(values)
         elif field == "half_val":
             flat = np.asarray(values, dtype=np.uint16).view(np.float16)
+        elif field == "int_val":
+            # int_val is int32 on the wire for DT_INT8/16/UINT8/16 too: range-check the narrowing.
+            flat = np.asarray(values, dtype=np.int32)
+            if (problem := integer_range_error(name, flat, dtype)) is not None:
+                raise InvalidArgument(f"{problem} (in int_val)")
+            flat = flat.astype(dtype, copy=False)
         else:
             flat = np.asarray(values, dtype=dtype)
     except (OverflowError, ValueError):

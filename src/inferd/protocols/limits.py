@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.config import ServerConfig
-from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted
+from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
 
 MAX_RANK = 32
 """The most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64)."""
@@ -120,6 +120,66 @@ class RequestLimits:
                 f"input {name!r}: the JSON value is nested deeper than the limit of {self.max_json_depth} "
                 "levels (--max_json_depth)"
             )
+
+
+class InflightBytes:
+    """The server-wide budget of bytes held by requests in flight: REST bodies (reserved from
+    ``Content-Length`` before they are read) and gRPC request messages (from their size once
+    received, before they are parsed), released when the request ends however it ends.
+
+    Used on the event loop only (not thread-safe). ``limit`` 0 means no budget.
+    """
+
+    def __init__(self, limit: int, max_request_bytes: int) -> None:
+        """Raises:
+        ConfigError: ``limit`` is negative, or below ``max_request_bytes`` (a request of the
+            largest allowed size could never be served).
+        """
+        if limit < 0 or 0 < limit < max_request_bytes:
+            raise ConfigError(
+                f"--max_inflight_bytes must be 0 (no budget) or >= --max_request_bytes "
+                f"({max_request_bytes}), got {limit}"
+            )
+        self.limit = limit
+        self.held = 0
+
+    def reservation(self) -> Reservation:
+        """A reservation of 0 bytes for one request, to grow as its size becomes known."""
+        return Reservation(self)
+
+    def _take(self, size: int) -> None:
+        if self.limit and self.held + size > self.limit:
+            raise Unavailable(
+                f"the server holds {self.held} bytes of requests in flight; {size} more would pass "
+                f"the limit of {self.limit} bytes (--max_inflight_bytes); retry"
+            )
+        self.held += size
+
+
+class Reservation:
+    """The bytes one request holds of an ``InflightBytes`` budget; ``release`` gives them back
+    (idempotent, so a ``finally`` may always call it)."""
+
+    __slots__ = ("_budget", "held")
+
+    def __init__(self, budget: InflightBytes) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def grow_to(self, size: int) -> None:
+        """Hold ``size`` bytes in all (no change when it holds as many already).
+
+        Raises:
+            Unavailable: the budget cannot give the difference; what was held stays held.
+        """
+        if size > self.held:
+            self._budget._take(size - self.held)
+            self.held = size
+
+    def release(self) -> None:
+        """Give back everything held."""
+        self._budget.held -= self.held
+        self.held = 0
 
 
 def _brief(shape: Sequence[int]) -> str:

@@ -226,6 +226,23 @@ def _v2_paths() -> Schema:
             )
         }
         paths[base + "/infer"] = {"post": _infer_operation("v2Infer" + id_suffix, params)}
+        paths[base + "/stats"] = {
+            "get": _operation(
+                "v2ModelStatistics" + id_suffix,
+                "Inference statistics of the model's AVAILABLE versions (Triton's statistics extension)",
+                "v2",
+                _json(_statistics_schema(), "Counts and nanoseconds per version"),
+                parameters=params,
+            )
+        }
+    paths["/v2/models/stats"] = {
+        "get": _operation(
+            "v2Statistics",
+            "Inference statistics of every model (Triton's statistics extension)",
+            "v2",
+            _json(_statistics_schema(), "Counts and nanoseconds per version"),
+        )
+    }
     paths |= _repository_paths()
     paths["/metrics"] = {
         "get": {
@@ -302,6 +319,30 @@ def _infer_operation(operation_id: str, params: list[Schema]) -> Schema:
             )
         },
     )
+
+
+def _statistics_schema() -> Schema:
+    duration = _object(["count", "ns"], count={"type": "integer"}, ns={"type": "integer"})
+    stages = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    inference = _object(list(stages), **{stage: duration for stage in stages})
+    batch = _object(
+        ["batch_size", "compute_input", "compute_infer", "compute_output"],
+        batch_size={"type": "integer"},
+        compute_input=duration,
+        compute_infer=duration,
+        compute_output=duration,
+    )
+    version = _object(
+        ["name", "version", "last_inference", "inference_count", "execution_count", "inference_stats"],
+        name={"type": "string"},
+        version={"type": "string"},
+        last_inference={"type": "integer", "description": "milliseconds since the epoch; 0: never"},
+        inference_count={"type": "integer"},
+        execution_count={"type": "integer"},
+        inference_stats=inference,
+        batch_stats={"type": "array", "items": batch},
+    )
+    return _object(["model_stats"], model_stats={"type": "array", "items": version})
 
 
 def _repository_paths() -> Schema:
@@ -706,8 +747,8 @@ def document() -> Schema:
             "title": "inferd REST APIs",
             "version": inferd.__version__,
             "description": "TensorFlow Serving's REST API (/v1) and the Open Inference Protocol "
-            "(KServe V2, /v2) with Triton's binary tensor data, model repository and model "
-            'configuration extensions. Every error answers {"error": "<message>"}.',
+            "(KServe V2, /v2) with Triton's binary tensor data, model repository, model "
+            'configuration and statistics extensions. Every error answers {"error": "<message>"}.',
         },
         "security": [{}, {"bearerAuth": []}],
         "tags": [

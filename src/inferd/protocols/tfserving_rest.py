@@ -11,12 +11,14 @@ import binascii
 import json
 import re
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import orjson
 
-from inferd.errors import InferdError, InvalidArgument
+from inferd.errors import InferdError, InvalidArgument, encodable
+from inferd.protocols.decoding import decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.service import Call, InferenceService
@@ -52,26 +54,28 @@ async def handle(
     limits: RequestLimits,
     deadline: float | None = None,
     traffic_key: str | None = None,
+    decode_pool: Executor | None = None,
 ) -> Response:
     """Answer one request under ``/v1/``. Expected failures become error responses; an inference
     request is counted and timed by its ``service.call``, and its answer names the version that
     answered in the ``X-Inferd-Model-Version`` header.
 
     ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped;
-    ``traffic_key`` (the ``--traffic_key_header`` value) chooses the version of a traffic split.
+    ``traffic_key`` (the ``--traffic_key_header`` value) chooses the version of a traffic split;
+    large bodies are decoded on ``decode_pool`` (see ``decoding``).
     """
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
             with service.call(PROTOCOL, name, request_id, traffic_key) as call:
                 ref = model_ref(name, version, label)
-                doc = parse_json(body)
+                doc = await decode(decode_pool, len(body), parse_json, body)
+                offload = (decode_pool, len(body))
                 if verb.lower() == "predict":
-                    answer = await _predict(call, ref, doc, deadline, limits)
+                    answer = await _predict(call, ref, doc, deadline, limits, offload)
                 else:
-                    answer = await _classify_or_regress(
-                        call, ref, _METHODS[verb.lower()], doc, deadline, limits
-                    )
+                    method_ = _METHODS[verb.lower()]
+                    answer = await _classify_or_regress(call, ref, method_, doc, deadline, limits, offload)
                 return with_version(answer, call.answered_by)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
@@ -112,7 +116,12 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 
 async def _predict(
-    call: Call, ref: ModelRef, doc: dict[str, Any], deadline: float | None, limits: RequestLimits
+    call: Call,
+    ref: ModelRef,
+    doc: dict[str, Any],
+    deadline: float | None,
+    limits: RequestLimits,
+    offload: tuple[Executor | None, int] = (None, 0),
 ) -> Response:
     signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -122,16 +131,22 @@ async def _predict(
             else "Missing 'inputs' or 'instances' key"
         )
     row_format = "instances" in doc
-    decode = TensorDecoder(limits)
-    inputs = (
-        decode.rows(signature, doc["instances"]) if row_format else decode.columns(signature, doc["inputs"])
-    )
+    decoder = TensorDecoder(limits)
+    key = "instances" if row_format else "inputs"
+    inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
     response = await call.infer(inputs, deadline)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
         return _encode({"outputs": only}, response.outputs)
     return _encode({"predictions": _per_row(outputs)}, response.outputs)
+
+
+def _take_tensors(decoder: TensorDecoder, signature: Signature, doc: dict[str, Any], key: str) -> Tensors:
+    """Decode ``doc[key]`` (``instances`` or ``inputs``), taking it out of ``doc``: its JSON values
+    are then freed where this runs (on the decode thread for a large body), not on the event loop."""
+    value = doc.pop(key)
+    return decoder.rows(signature, value) if key == "instances" else decoder.columns(signature, value)
 
 
 class TensorDecoder:
@@ -275,7 +290,7 @@ def _string(item: Any, as_b64: bool) -> Any:
             return item.decode()
         except UnicodeDecodeError:
             return {"b64": base64.b64encode(item).decode()}
-    return item if isinstance(item, str) else str(item)
+    return encodable(item if isinstance(item, str) else str(item))  # a lone surrogate has no UTF-8
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:
@@ -316,6 +331,7 @@ async def _classify_or_regress(
     doc: dict[str, Any],
     deadline: float | None,
     limits: RequestLimits,
+    offload: tuple[Executor | None, int] = (None, 0),
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")
@@ -327,7 +343,7 @@ async def _classify_or_regress(
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
     signature = call.open(ref, doc.get("signature_name"), method)
-    inputs = TensorDecoder(limits).examples(signature, examples, context)
+    inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
     response = await call.infer(inputs, deadline)
     if method is Method.REGRESS:
         ((name, values),) = response.outputs.items()

@@ -1,13 +1,11 @@
 """The Open Inference Protocol's (KServe V2) vocabulary, shared by its REST and gRPC adapters:
-platforms, extensions, datatypes, repository index rows, load overrides and model configuration."""
+platforms, extensions, datatypes, repository index rows and model configuration."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from inferd.control import IndexEntry
-from inferd.errors import InvalidArgument
 from inferd.types import ModelMetadata, TensorSpec, VersionState, dtype_of
 
 V2_PLATFORMS = {
@@ -19,7 +17,7 @@ V2_PLATFORMS = {
 }
 """Runtime name -> the ``platform`` the Open Inference Protocol reports."""
 
-V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters")
+V2_EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "parameters", "statistics")
 """What ``GET /v2`` and ServerMetadata advertise (binary_tensor_data is HTTP's raw-bytes twin of
 gRPC's raw contents)."""
 
@@ -48,20 +46,6 @@ def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
             row["reason"] = entry.reason
         rows.append(row)
     return rows
-
-
-def refuse_load_overrides(parameters: Iterable[str]) -> None:
-    """Refuse a V2 load that carries a model config or files: inferd loads from disk only.
-
-    Raises:
-        InvalidArgument: names the parameters.
-    """
-    overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
-    if overrides:
-        raise InvalidArgument(
-            f"load parameters {overrides} are not supported: inferd loads a model from its folder "
-            "and inferd.toml"
-        )
 
 
 def v2_model_config(meta: ModelMetadata) -> dict[str, Any]:

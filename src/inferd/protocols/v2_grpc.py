@@ -2,13 +2,15 @@
 
 Inputs come in ``raw_input_contents`` (what tritonclient sends: row-major little-endian bytes,
 BYTES elements as ``<uint32 length><bytes>``), read with ``np.frombuffer``, or in the typed
-``contents`` fields. Outputs always go in ``raw_output_contents``, the only place tritonclient
-reads numeric outputs from.
+``contents`` fields, or both: the raw entries then belong to the inputs without contents.
+Outputs always go in ``raw_output_contents``, the only place tritonclient reads numeric outputs
+from.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -18,16 +20,25 @@ import inferd
 from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
-from inferd.errors import InvalidArgument, NotFound, Unavailable
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
-from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_load_overrides, v2_index, v2_model_config
+from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
+from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
-from inferd.types import DEFAULT_SIGNATURE, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    DEFAULT_SIGNATURE,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_grpc"
+_T = TypeVar("_T")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ADMIN_METHODS = tuple(
     f"/{SERVICE}/{name}" for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
@@ -49,6 +60,8 @@ _CONTENTS = {
     "BYTES": "bytes_contents",
 }
 """Datatype -> the InferTensorContents field that holds its values (FP16 has none: raw only)."""
+_WIRE_DTYPES = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np.uint32)}
+"""The protobuf type of the integer fields that also carry narrower datatypes."""
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -82,18 +95,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        return await answer(context, self._metadata(request), self._service.request_id())
+        call = self._named(request.name, request.version, self._metadata(request))
+        return await answer(context, call, self._service.request_id())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         call = self._service.call(
             PROTOCOL, request.model_name, traffic_key=traffic_key(context, self._service.traffic_key_header)
         )
-        reply = await answer(context, self._infer(call, request, deadline_of(context)), call.id)
+        run = self._named(
+            request.model_name, request.model_version, self._infer(call, request, deadline_of(context))
+        )
+        reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        return await answer(context, self._config(request), self._service.request_id())
+        call = self._named(request.name, request.version, self._config(request))
+        return await answer(context, call, self._service.request_id())
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        return await answer(context, self._statistics(request), self._service.request_id())
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
@@ -111,6 +134,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         call = self._control.unload(request.model_name)  # unload_dependents: inferd has no ensembles
         await answer(context, call, self._service.request_id())
         return pb.RepositoryModelUnloadResponse()
+
+    async def _named(self, name: str, version: str, call: Coroutine[Any, Any, _T]) -> _T:
+        """``call``, with a NotFound for an unknown model or version in Triton's words."""
+        try:
+            return await call
+        except NotFound as error:
+            raise unknown_model(self._service, name, version, error) from None
+
+    async def _statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        document = statistics(self._service, request.name, request.version)
+        return json_format.ParseDict(document, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     async def _model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         ref = _ref(request.name, request.version)
@@ -143,8 +177,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     async def _load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
-        refuse_load_overrides(request.parameters)
-        await self._control.load(request.model_name)
+        name = request.model_name
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()
+        }
+        try:
+            await self._control.load(name, load_parameters(name, parameters))
+        except InferdError as error:
+            raise load_failure(name, error) from None
         return pb.RepositoryModelLoadResponse()
 
     async def _infer(
@@ -189,22 +230,27 @@ def _fill_metadata(tensor: pb.ModelMetadataResponse.TensorMetadata, spec: Tensor
 
 
 def decode_inputs(request: pb.ModelInferRequest, limits: RequestLimits) -> Tensors:
-    """The request's input tensors, from ``raw_input_contents`` or each input's ``contents``, every
-    shape checked against ``limits`` before its tensor is made.
+    """The request's input tensors, each from its ``contents`` or from ``raw_input_contents``,
+    every shape checked against ``limits`` before its tensor is made. The raw entries belong, in
+    order, to the inputs that have no ``contents`` (all of them when none has), as KServe's
+    client sends a request that mixes the two.
 
     Raises:
-        InvalidArgument: an unknown datatype, a negative dim, raw and typed data mixed, or data that
-            does not fill the shape; the message names the input.
+        InvalidArgument: an unknown datatype, a negative dim, a raw entry count that is not the
+            number of inputs without contents, or data that does not fill the shape; the message
+            names the input.
         ResourceExhausted: a shape or string over a limit.
     """
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    typed = [tensor.HasField("contents") for tensor in request.inputs]
+    if raw and len(raw) != typed.count(False):
         raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-            "give one per input, in the order of 'inputs'"
+            f"raw_input_contents has {len(raw)} entries for the {typed.count(False)} inputs without "
+            "contents; give one per such input, in the order of 'inputs'"
         )
     tensors: Tensors = {}
-    for i, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor, has_contents in zip(request.inputs, typed, strict=True):
         name = tensor.name
         if name in tensors:
             raise InvalidArgument(f"input {name!r} is given twice")
@@ -216,12 +262,9 @@ def decode_inputs(request: pb.ModelInferRequest, limits: RequestLimits) -> Tenso
             raise InvalidArgument(f"input {name!r}: unknown datatype {tensor.datatype!r}")
         shape = list(tensor.shape)
         count = limits.elements(name, shape)
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    f"input {name!r}: give data in raw_input_contents or in contents, not both"
-                )
-            array = from_raw(raw[i], dtype.numpy, count, name, "raw_input_contents", limits)
+        if raw and not has_contents:
+            array = from_raw(raw[next_raw], dtype.numpy, count, name, "raw_input_contents", limits)
+            next_raw += 1
         else:
             array = _from_contents(tensor, dtype.numpy, count, name, limits)
         tensors[name] = array.reshape(shape)
@@ -247,10 +290,12 @@ def _from_contents(
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
-    try:
-        return np.asarray(values, dtype=dtype)
-    except (OverflowError, ValueError):
-        raise InvalidArgument(f"input {name!r}: a value in {field} does not fit {tensor.datatype}") from None
+    # Read in the field's own wire type (int_contents is int32 for INT8 and INT16 too), then
+    # range-check the narrowing cast instead of letting numpy wrap or overflow.
+    wide = np.asarray(values, dtype=_WIRE_DTYPES.get(field, dtype))
+    if (problem := integer_range_error(name, wide, dtype)) is not None:
+        raise InvalidArgument(f"{problem} (in {field})")
+    return wide.astype(dtype, copy=False)
 
 
 def add_to_server(

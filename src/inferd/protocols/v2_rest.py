@@ -10,6 +10,7 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 from __future__ import annotations
 
 import re
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -17,27 +18,30 @@ import orjson
 
 import inferd
 from inferd.control import ModelControl
-from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
+from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.protocols.codecs import from_raw, to_raw
+from inferd.protocols.decoding import decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
-from inferd.protocols.v2 import (
-    V2_DATATYPES,
-    V2_EXTENSIONS,
-    V2_PLATFORMS,
-    refuse_load_overrides,
-    v2_index,
-    v2_model_config,
-)
+from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
+from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
-from inferd.types import ACCEPTED_KINDS, ModelMetadata, ModelRef, Tensors, TensorSpec, dtype_of
+from inferd.types import (
+    ACCEPTED_KINDS,
+    ModelMetadata,
+    ModelRef,
+    Tensors,
+    TensorSpec,
+    dtype_of,
+    integer_range_error,
+)
 
 PROTOCOL = "v2_rest"
 HEADER_LENGTH = "inference-header-content-length"
 ADMIN_PREFIX = "/v2/repository/"
 """Routes under this prefix are admin operations (the model repository extension)."""
 
-_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config)?")
+_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/(\d+))?(/ready|/infer|/config|/stats)?")
 _REPOSITORY_MODEL = re.compile(r"/v2/repository/models/([^/]+)/(load|unload)")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -52,9 +56,12 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
+    decode_pool: Executor | None = None,
 ) -> Response:
     """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses; an
-    inference request is counted and timed by its ``service.call``."""
+    inference request is counted and timed by its ``service.call``. Large bodies are decoded on
+    ``decode_pool`` (see ``decoding``)."""
+    named: tuple[str, str | None] | None = None  # the model and version a /v2/models route names
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
             return _json({"name": "inferd", "version": inferd.__version__, "extensions": list(V2_EXTENSIONS)})
@@ -66,16 +73,19 @@ async def handle(
             return _json({"ready": True})
         if path.startswith(ADMIN_PREFIX):
             return await _repository(control, method, path, body)
+        if method == "GET" and path == "/v2/models/stats":
+            return _json(statistics(service, "", ""))
         match = _MODEL.fullmatch(path)
         if match is None:
             raise NotFound(f"no route for {method} {path}")
         name, version, action = match.groups()
+        named = (name, version)
+        ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
             key = headers.get(service.traffic_key_header) if service.traffic_key_header else None
             with service.call(PROTOCOL, name, request_id, key) as call:
-                answer = await _infer(call, model_ref(name, version), headers, body, deadline, limits)
+                answer = await _infer(call, ref, headers, body, deadline, limits, decode_pool)
                 return with_version(answer, call.answered_by)
-        ref = model_ref(name, version)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
         if method == "GET" and action == "/ready":
@@ -83,8 +93,12 @@ async def handle(
             return _json({"name": name, "ready": True})
         if method == "GET" and action == "/config":
             return _json(v2_model_config(service.metadata(ref)))
+        if method == "GET" and action == "/stats":
+            return _json(statistics(service, name, version or ""))
         raise InvalidArgument(f"{method} is not allowed on {path}")
     except InferdError as error:
+        if isinstance(error, NotFound) and named is not None:
+            error = unknown_model(service, *named, error)
         return json_error(error)
 
 
@@ -110,8 +124,10 @@ async def _repository(control: ModelControl, method: str, path: str, body: bytes
     if not isinstance(parameters, dict):
         raise InvalidArgument("'parameters' must be an object")
     if action == "load":
-        refuse_load_overrides(parameters)
-        await control.load(name)
+        try:
+            await control.load(name, load_parameters(name, parameters))
+        except InferdError as error:
+            raise load_failure(name, error) from None
         return _json({"name": name, "load": True})
     await control.unload(name)  # unload_dependents changes nothing: inferd has no ensembles
     return _json({"name": name, "unload": True})
@@ -156,13 +172,24 @@ async def _infer(
     body: bytes,
     deadline: float | None,
     limits: RequestLimits,
+    decode_pool: Executor | None = None,
 ) -> Response:
-    doc, binary = split_body(headers.get(HEADER_LENGTH), body)
-    inputs = decode_inputs(doc.get("inputs"), binary, limits)
+    doc, inputs = await decode(
+        decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
+    )
     call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
     client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     response = await call.infer(inputs, deadline, client_id)
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def _decode_request(
+    header_length: str | None, body: bytes, limits: RequestLimits
+) -> tuple[dict[str, Any], Tensors]:
+    """The request's JSON document, without its ``inputs`` (whose JSON values are freed where this
+    runs: on the decode thread for a large body), and the decoded input tensors."""
+    doc, binary = split_body(header_length, body)
+    return doc, decode_inputs(doc.pop("inputs", None), binary, limits)
 
 
 def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -261,6 +288,8 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
             f"{flat[:1].tolist()} ({flat.dtype})"
         )
     limits.text(name, flat)
+    if (problem := integer_range_error(name, flat, dtype)) is not None:
+        raise InvalidArgument(problem)
     return flat.astype(dtype)
 
 
@@ -311,4 +340,4 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
 def _text(item: Any) -> str:
     if isinstance(item, bytes):
         return item.decode(errors="replace")
-    return str(item)
+    return encodable(str(item))  # a model's lone surrogate has no UTF-8

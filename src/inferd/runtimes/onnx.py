@@ -69,13 +69,34 @@ class OnnxModel:
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalid
 
         try:
-            results = self._session.run(self._output_names, inputs)
+            results = self._session.run(self._output_names, {k: _as_text(k, v) for k, v in inputs.items()})
         except (OrtInvalid, Fail) as exc:
             raise InvalidArgument(f"onnxruntime rejected the input: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
         self._session = None
+
+
+def _as_text(name: str, value: np.ndarray) -> np.ndarray:
+    """A BYTES input as onnxruntime's strings: bytes decoded as UTF-8 (onnxruntime would store
+    ``str(b"x")``, i.e. ``"b'x'"``); other inputs as they are.
+
+    Raises:
+        InvalidArgument: an element is not UTF-8, which an ONNX string cannot hold.
+    """
+    if value.dtype != object or not any(isinstance(item, bytes) for item in value.flat):
+        return value
+    try:
+        return np.vectorize(_decode, otypes=[object])(value) if value.size else value
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            f"input {name!r}: ONNX string tensors hold UTF-8 text; an element is not"
+        ) from None
+
+
+def _decode(item: object) -> object:
+    return item.decode() if isinstance(item, bytes) else item
 
 
 class OnnxRuntime:

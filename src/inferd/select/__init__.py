@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, InvalidArgument
 from inferd.repository import folder_bytes
 from inferd.select.candidates import Candidate, resolve
 from inferd.select.choose import Requirement, Verdict, choose, parse_requirement
-from inferd.select.measure import Job, Measurement, check_data, measure
+from inferd.select.measure import DataMismatch, Job, Measurement, check_data, measure
 from inferd.select.objectives import Objective, objective
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class SelectOptions:
     timeout_s: float = 300.0
     url: str | None = None
     server_duration_s: float = 3.0
+    drop_columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ def prepare(options: SelectOptions) -> tuple[Objective, tuple[Requirement, ...],
         parse_requirement(text, goal, options.price_per_hour > 0, options.url is not None)
         for text in options.requirements
     )
-    check_data(options.data, options.label)
+    check_data(options.data, options.label, options.drop_columns)
     return goal, requirements, resolve(options.candidates)
 
 
@@ -100,10 +101,12 @@ def run(options: SelectOptions) -> Selection:
     """Measure every candidate, one at a time, and choose.
 
     A candidate that fails to load or to score is reported with its error and loses; the others
-    are still measured.
+    are still measured. Data that does not fit a candidate's inputs (a column too many, one
+    missing) is a mistake in the data, not the candidate: the run stops there.
 
     Raises:
-        InvalidArgument: see ``prepare``.
+        InvalidArgument: see ``prepare``; or the validation set does not fit the first candidate
+            measured (its name, the reason, and the columns found).
     """
     goal, requirements, candidates = prepare(options)
     results = []
@@ -141,9 +144,18 @@ def _measure(candidate: Candidate, goal: Objective, options: SelectOptions) -> R
         options.latency_budget_s,
         options.throughput_budget_s,
         logging.getLogger().getEffectiveLevel(),
+        options.drop_columns,
     )
     try:
         measured = measure(job, options.timeout_s)
+    except DataMismatch as exc:
+        raise InvalidArgument(
+            f"--data {options.data} does not fit candidate {candidate.name}: {exc.message} "
+            "(columns that are neither inputs nor the label can be left out with --drop_columns)"
+        ) from None
+    except InferdError as exc:
+        return Result(candidate, error=exc.message)
+    try:
         score, output = goal.score(measured.labels, measured.outputs)
     except InferdError as exc:
         return Result(candidate, error=exc.message)

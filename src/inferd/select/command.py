@@ -9,6 +9,7 @@ from pathlib import Path
 from inferd.errors import InferdError
 from inferd.select import SelectOptions, report, run
 from inferd.select import promote as promotion
+from inferd.select.compatibility import api_changes, served_version
 
 NO_WINNER = 3
 """Exit status when no candidate meets every requirement."""
@@ -34,11 +35,13 @@ class PromoteOptions:
     apply: bool = False
     wait_url: str | None = None
     wait_timeout_s: float = 300.0
+    allow_api_change: bool = False
+    """Promote even when the winner's signatures or answer form differ from the served version's."""
 
 
 def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | None) -> int:
-    """Run ``select``; returns the exit status: 0 with a winner, 3 without one, 2 for bad input
-    or a failed promotion."""
+    """Run ``select``; returns the exit status: 0 with a winner, 3 without one, 2 for bad input,
+    a failed promotion, or one refused because it changes the served API."""
     try:
         planned = promotion.plan(promote.base, promote.label, promote.config_file) if promote else None
         outcome = run(options)
@@ -67,9 +70,31 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
     if promote is None or planned is None:
         return 0
     source = winner.candidate.path
+    try:
+        changes = api_changes(promote.base, source, winner.candidate.plan.settings)
+    except InferdError as exc:
+        print(f"inferd select: {exc.message}", file=sys.stderr)
+        return BAD_INPUT
+    if changes:
+        served = served_version(promote.base)
+        listed = "\n".join(f"  {change}" for change in changes)
+        print(
+            f"the API changes: {winner.candidate.name} does not answer as {served} does:\n{listed}",
+            flush=True,
+        )
+    refused = bool(changes) and not promote.allow_api_change
     if not promote.apply:
+        if refused:
+            print("--apply would refuse this promotion unless --allow_api_change is given")
         print(f"dry run (add --apply to do it):\n{planned.describe(source)}")
         return 0
+    if refused:
+        print(
+            "inferd select: not promoted: clients of the served version would get other signatures or "
+            "answers (listed above); pass --allow_api_change to promote anyway",
+            file=sys.stderr,
+        )
+        return BAD_INPUT
     print(planned.describe(source), flush=True)
     try:
         promotion.apply(planned, source, promote.wait_url, promote.wait_timeout_s)

@@ -18,6 +18,7 @@ slow another. The process loads the version through the same ``ModelManager`` an
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from inferd.errors import InferdError, InvalidArgument, ModelLoadError
 from inferd.local import in_process
 from inferd.offline.scoring import Scorer
-from inferd.offline.sources import TABULAR, Chunk, find_inputs, plan_layout, read_chunks
+from inferd.offline.sources import TABULAR, Chunk, file_columns, find_inputs, plan_layout, read_chunks
 from inferd.select.candidates import Candidate
 from inferd.service import InferenceService
 from inferd.types import DEFAULT_SIGNATURE, InferenceRequest, ModelRef, Tensors
@@ -65,6 +66,13 @@ class Job:
     throughput_budget_s: float
     log_level: int = logging.WARNING
     """The parent's logging level, for the measuring process's log lines."""
+    drop_columns: tuple[str, ...] = ()
+    """Columns of the validation set that are neither inputs nor the label (an id)."""
+
+
+class DataMismatch(InvalidArgument):
+    """The validation set does not fit a candidate's inputs: a mistake in the data or the flags,
+    not in the candidate, so ``inferd select`` stops rather than failing every candidate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +142,10 @@ async def _measure(job: Job) -> Measurement:
         async def infer(inputs: Tensors) -> Tensors:
             return dict((await service.infer(ref, InferenceRequest(inputs, signature.name))).outputs)
 
-        chunk, labels = _validation(job, signature)
+        try:
+            chunk, labels = _validation(job, signature)
+        except InvalidArgument as exc:
+            raise DataMismatch(exc.message) from None
         outputs_wanted = [spec.name for spec in signature.outputs]
         scorer = Scorer(loaded.model, signature, None, outputs_wanted, job.batch_size, 1, loaded.pool)
         scored, outputs = await scorer.score(chunk)
@@ -174,7 +185,7 @@ def _validation(job: Job, signature: Any) -> tuple[Chunk, np.ndarray]:
     """
     files, kind = find_inputs(job.data)
     tabular = kind in TABULAR.values()
-    layout = plan_layout(signature, files, kind, job.label if tabular else None, ())
+    layout = plan_layout(signature, files, kind, job.label if tabular else None, (), job.drop_columns)
     if tabular and layout.id_column is not None and any(job.label in c for c in layout.columns.values()):
         raise InvalidArgument(f"--label {job.label!r} is also an input of the model")
     chunks = list(read_chunks(layout, signature, _CHUNK_ROWS))
@@ -191,16 +202,37 @@ def _validation(job: Job, signature: Any) -> tuple[Chunk, np.ndarray]:
     return chunk, _label_file(job.label, sum(c.rows for c in chunks))[numbers]
 
 
-def check_data(data: str, label: str) -> None:
-    """Fail early on a validation set that cannot be read or labelled.
+def check_data(data: str, label: str, drop_columns: tuple[str, ...] = ()) -> None:
+    """Fail early, before any candidate is measured, on a validation set that cannot be read or
+    labelled: its columns are read from every file's header.
 
     Raises:
-        InvalidArgument: no data files at ``data``, or ``.npy`` data or images without a ``.npy``
-            file of labels.
+        InvalidArgument: no data files at ``data``; ``.npy`` data or images without a ``.npy``
+            file of labels; a ``--label`` or ``--drop_columns`` column that some file lacks
+            (named, with the columns it has and the nearest name).
     """
-    _, kind = find_inputs(data)
-    if kind not in TABULAR.values() and (not label.endswith(".npy") or not Path(label).is_file()):
-        raise InvalidArgument(f"--label: with {kind} data, give the labels as a .npy file, got {label!r}")
+    files, kind = find_inputs(data)
+    if kind not in TABULAR.values():
+        if not label.endswith(".npy") or not Path(label).is_file():
+            raise InvalidArgument(f"--label: with {kind} data, give the labels as a .npy file, got {label!r}")
+        if drop_columns:
+            raise InvalidArgument(f"--drop_columns needs tabular data, not {kind}")
+        return
+    if label in drop_columns:
+        raise InvalidArgument(f"--drop_columns: {label!r} is the --label column")
+    for path in files:
+        columns = file_columns(path, kind)
+        for flag, name in [("--label", label), *(("--drop_columns", c) for c in drop_columns)]:
+            if name not in columns:
+                near = difflib.get_close_matches(name, columns, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise InvalidArgument(
+                    f"{flag} {name!r}: {path} has no such column; its columns are {_listed(columns)}{hint}"
+                )
+
+
+def _listed(columns: list[str]) -> str:
+    return ", ".join(columns) if len(columns) <= 12 else ", ".join([*columns[:8], "...", *columns[-3:]])
 
 
 def _label_file(path: str, rows: int) -> np.ndarray:

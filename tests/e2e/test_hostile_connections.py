@@ -1,0 +1,519 @@
+"""End to end: clients that hold the door. Slow and idle connections are closed by their
+deadlines, connections past the cap are refused at once, a huge head is refused while it is
+read, requests in flight share a byte budget (gRPC refuses a call without its token before
+reading its message), and what clients can make the server log is bounded.
+
+Beside each attack a well-behaved client keeps calling; its latency is printed (run with ``-s``),
+never asserted: speed belongs to the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as v2_pb
+from tritonclient.grpc import service_pb2_grpc as v2_grpc
+
+from tests.conftest import ServerProcess, launch
+from tests.models import write_onnx_affine, write_python_model
+
+GOOD_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+WAIT_S = 30.0
+"""How long a test waits for the server to close a connection before calling it held: far past
+every deadline the tests set, so only a connection that is never closed reaches it."""
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("door")
+    write_onnx_affine(root / "models" / "affine" / "1", scale=2.0, offset=1.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerProcess]:
+    """Short head and body deadlines, so the slow clients are closed within the test."""
+    process = launch(repo, str(repo / "models"), "--header_timeout_s=1", "--body_timeout_s=1")
+    yield process
+    process.stop()
+
+
+@contextmanager
+def good_client(server: ServerProcess) -> Iterator[list[float]]:
+    """A well-behaved REST client calling predict in a loop on a thread while the block runs;
+    yields the list its latencies (seconds) go into. Every call must succeed."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    r = session.post(f"{server.url}/v2/models/affine/infer", json=GOOD_BODY, timeout=30)
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                except requests.RequestException as exc:
+                    failures.append(repr(exc))
+                latencies.append(time.perf_counter() - started)
+                stop.wait(0.02)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:3]
+    assert latencies
+
+
+def report(what: str, latencies: list[float]) -> None:
+    """Print the well-behaved client's latency beside an attack (not asserted)."""
+    ms = sorted(x * 1000 for x in latencies)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    print(f"\n{what}: good client {len(ms)} calls, p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms")
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection; fails if it is still open
+    after ``WAIT_S``."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"the server held the connection for {WAIT_S} s; it sent {data[:200]!r}")
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return data
+
+
+def test_slow_and_idle_connections_are_closed_by_their_deadlines(server: ServerProcess) -> None:
+    attacks: dict[str, bytes] = {
+        "nothing": b"",
+        "half a request line": b"POST /v2/models/aff",
+        "headers without the blank line": b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n",
+        "10 of 1,000 body bytes": (
+            b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789"
+        ),
+    }
+    answers: dict[str, bytes] = {}
+    with good_client(server) as latencies:
+        sockets = {name: connect(server) for name in [*attacks, "a header line every 0.3 s"]}
+        for name, data in attacks.items():
+            sockets[name].sendall(data)
+        dripping = sockets.pop("a header line every 0.3 s")
+        dripping.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        dripped = 0
+        for dripped in range(int(WAIT_S / 0.3)):  # each line well within any per-read timeout
+            dripping.sendall(b"X-Drip-%d: 1\r\n" % dripped)
+            if select.select([dripping], [], [], 0.3)[0]:  # the server answered: stop dripping
+                break
+        answers["a header line every 0.3 s"] = read_until_closed(dripping)
+        for name, sock in sockets.items():
+            answers[name] = read_until_closed(sock)
+    report("slow and idle connections", latencies)
+    assert dripped < int(WAIT_S / 0.3) - 1, "the dripping client was never cut off"
+    assert answers["nothing"] == b""
+    for name in ("half a request line", "headers without the blank line", "a header line every 0.3 s"):
+        assert answers[name].startswith(b"HTTP/1.1 408 "), (name, answers[name])
+        assert b"--header_timeout_s" in answers[name]
+    assert answers["10 of 1,000 body bytes"].startswith(b"HTTP/1.1 408 ")
+    assert b"--body_timeout_s" in answers["10 of 1,000 body bytes"]
+
+
+def test_a_body_answered_before_it_arrived_is_not_waited_for_nor_answered_twice(
+    server: ServerProcess,
+) -> None:
+    """A body refused from its Content-Length (413) that then never comes: the connection is
+    closed at the body deadline, after the one answer."""
+    sock = connect(server)
+    sock.sendall(
+        b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+def test_idle_keep_alive_connections_are_closed(repo: Path) -> None:
+    server = launch(repo, str(repo / "models"), "--keep_alive_timeout_s=0.5")
+    try:
+        sock = connect(server)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_until_closed(sock)  # answered, then closed once idle for 0.5 s
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.stop()
+
+
+def test_connections_past_the_cap_are_refused_at_once_and_the_others_keep_working(repo: Path) -> None:
+    cap = 12
+    server = launch(repo, str(repo / "models"), f"--max_connections={cap}")
+    held: list[socket.socket] = []
+    try:
+        with good_client(server) as latencies:
+            server.wait_for(lambda: len(latencies) > 0, "the good client's first call")
+            # the good client holds one kept-alive connection; the attacker takes the rest and more
+            for _ in range(cap + 20):
+                sock = connect(server)
+                sock.sendall(b"GET /v2/heal")  # half a request line, held for --header_timeout_s
+                held.append(sock)
+            refused = [read_until_closed(sock) for sock in held[cap:]]
+            with grpc.insecure_channel(server.grpc_target) as channel:  # the gRPC port still answers
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+            calls = len(latencies)
+            server.wait_for(lambda: len(latencies) > calls + 5, "the good client to keep being answered")
+        report(f"{len(held)} connections against a cap of {cap}", latencies)
+        # A refused connection gets 503 at accept; one whose request was in flight may see the close.
+        assert len(refused) >= 19
+        assert all(answer == b"" or answer.startswith(b"HTTP/1.1 503 ") for answer in refused), refused[:3]
+        assert any(b"--max_connections" in answer for answer in refused), refused[:3]
+        for sock in held:
+            sock.close()
+        held.clear()
+        server.wait_for(
+            lambda: requests.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200,
+            "new connections to be accepted again",
+        )
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def _peak_rss_kib(server: ServerProcess) -> int:
+    """The server process's peak resident memory (VmHWM), in KiB."""
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+def test_a_huge_header_is_refused_while_it_is_read(server: ServerProcess) -> None:
+    peak = _peak_rss_kib(server)
+    sent = 0
+    with good_client(server) as latencies:
+        sock = connect(server)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        try:
+            for _ in range(64 * 16):  # 64 MiB of header value, 64 KiB at a time
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # refused and closed before the end
+            pass
+        answer = read_until_closed(sock)
+    report("a 64 MiB header", latencies)
+    grown_kib = _peak_rss_kib(server) - peak
+    print(f"sent {sent >> 10} KiB of header before the refusal; peak RSS grew {grown_kib} KiB")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"--max_header_bytes" in answer
+    assert grown_kib < 16 * 1024
+
+
+def test_a_websocket_upgrade_and_malformed_requests_do_not_flood_the_log(server: ServerProcess) -> None:
+    before = server.log().count("\n")
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for _ in range(20):
+        r = requests.get(f"{server.url}/v2/models/affine", headers=upgrade, timeout=10)
+        # inferd serves no WebSocket: it ignores the Upgrade header (RFC 9110 7.8) and answers
+        assert r.status_code == 200, r.text
+    with good_client(server) as latencies:
+        for _ in range(300):
+            sock = connect(server)
+            sock.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    report("300 malformed requests", latencies)
+    assert requests.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+    log = server.log().splitlines()[before:]
+    print(f"{len(log)} log lines after 20 upgrades and 300 malformed requests")
+    assert not [line for line in log if " ERROR " in line], log[:5]
+    assert len(log) <= 12, log[:20]
+    assert any("suppressed" in line for line in log), log
+
+
+def test_requests_in_flight_share_a_byte_budget(repo: Path) -> None:
+    mib = 1 << 20
+    budget = 8 * mib + 256 * 1024  # the stalled bodies leave room for the good client's small ones
+    server = launch(
+        repo, str(repo / "models"), f"--max_request_bytes={4 * mib}", f"--max_inflight_bytes={budget}"
+    )
+    stalled: list[socket.socket] = []
+    try:
+        with good_client(server) as latencies:
+            for _ in range(2):  # two bodies of 4 MiB declared, a few bytes sent: 8 MiB reserved
+                sock = connect(server)
+                head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{"
+                sock.sendall(head % (4 * mib))
+                stalled.append(sock)
+            body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+
+            def refused() -> bool:
+                r = requests.post(f"{server.url}/v2/models/affine/infer", data=body + b" " * mib, timeout=10)
+                return r.status_code == 503
+
+            server.wait_for(refused, "the budget to be held by the stalled bodies")
+            r = requests.post(f"{server.url}/v2/models/affine/infer", data=body + b" " * mib, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert "--max_inflight_bytes" in r.json()["error"]
+            request = v2_pb.ModelInferRequest(model_name="affine")
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(np.arange(4, dtype="<f4").tobytes() + b"\0" * mib)
+            with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as gone:
+                v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "--max_inflight_bytes" in (gone.value.details() or "")
+            for sock in stalled:  # hanging up releases what they held
+                sock.close()
+            stalled.clear()
+            server.wait_for(lambda: not refused(), "the budget to be released by the hang-ups")
+        report("budget held by two stalled 4 MiB bodies", latencies)
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()
+
+
+def test_grpc_refuses_a_call_without_its_token_before_reading_its_message(repo: Path) -> None:
+    server = launch(repo, str(repo / "models"), "--api_token=door-token", wait=False)
+
+    def live() -> bool:
+        try:
+            headers = {"authorization": "Bearer door-token"}
+            return requests.get(f"{server.url}/v2/health/live", headers=headers, timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        server.wait_for(live, "the REST port to answer", timeout_s=60)
+        peak = _peak_rss_kib(server)
+        request = v2_pb.ModelInferRequest(model_name="affine")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(b"\0" * (60 << 20))
+        codes: list[grpc.StatusCode] = []
+
+        def call() -> None:
+            options = [("grpc.max_send_message_length", -1)]
+            with grpc.insecure_channel(server.grpc_target, options=options) as channel:
+                try:
+                    v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        grown_kib = _peak_rss_kib(server) - peak
+        print(f"\n8 unauthenticated 60 MiB gRPC calls: peak RSS grew {grown_kib >> 10} MiB")
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 8
+        assert grown_kib < 192 * 1024  # 480 MiB were sent; each read whole would cost twice that
+    finally:
+        server.stop()
+
+
+def test_a_large_json_body_is_decoded_off_the_event_loop(server: ServerProcess) -> None:
+    """A 48 MiB JSON body is decoded on another thread than the event loop's (the process's main
+    thread): the CPU time it costs is counted there (``/proc/<pid>/task/<tid>/stat``). Before,
+    the event loop decoded it in one step with its answer, and nobody else was answered meanwhile.
+    (The decoder holds the GIL while it parses, so the loop is not free all the while; the
+    latency the good client sees is printed.)"""
+    count = 48 * 1024 * 1024 // 8
+    data = b",".join([b"0.1234"] * count)  # 7 bytes a value: 48 MiB; the shape wants 4 values
+    big = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [' + data + b"]}]}"
+    head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+    sock = connect(server)
+    with good_client(server) as latencies:
+        before = _thread_cpu_ticks(server)
+        sock.sendall(head + big)
+        sent = len(latencies)
+        answer = read_until_closed_or_answered(sock)
+        during = len(latencies) - sent
+        after = _thread_cpu_ticks(server)
+    report("a 48 MiB JSON body decoding", latencies)
+    main = after.pop(server.process.pid) - before.get(server.process.pid, 0)
+    others = sum(ticks - before.get(tid, 0) for tid, ticks in after.items())
+    print(f"{during} good calls answered between the body's last byte and its answer")
+    print(f"CPU ticks while it was decoded: event loop {main}, other threads {others}")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"shape needs 4 elements" in answer
+    assert others > main
+
+
+def _thread_cpu_ticks(server: ServerProcess) -> dict[int, int]:
+    """User + system CPU ticks of each thread of the server process, by thread id."""
+    ticks = {}
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def read_until_closed_or_answered(sock: socket.socket) -> bytes:
+    """The server's answer to one request on ``sock`` (headers and ``Content-Length`` bytes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    sock.close()
+    return head + b"\r\n\r\n" + body
+
+
+STORM = """
+import sys, grpc
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as stubs
+request = pb.ModelInferRequest(model_name="affine")
+request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    infer = stubs.GRPCInferenceServiceStub(channel).ModelInfer
+    for _ in range(int(sys.argv[2])):
+        infer.future(request, timeout=10).cancel()
+"""
+
+
+def test_a_grpc_call_and_cancel_storm_leaves_other_clients_unharmed(server: ServerProcess) -> None:
+    """The Rapid Reset pattern from another process (its own connection): every call of the
+    well-behaved gRPC client succeeds; its latency is printed beside the storm's rate."""
+    request = v2_pb.ModelInferRequest(model_name="affine")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([1, 2, 3, 4])
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def good() -> None:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    infer(request, timeout=30)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()} {exc.details()}")
+                latencies.append(time.perf_counter() - started)
+                stop.wait(0.01)
+
+    thread = threading.Thread(target=good)
+    thread.start()
+    try:
+        calls = 10_000
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", STORM, server.grpc_target, str(calls)], check=True, timeout=300)
+        rate = calls / (time.monotonic() - started)
+    finally:
+        stop.set()
+        thread.join()
+    report(f"{calls} gRPC calls opened and cancelled at {rate:.0f}/s", latencies)
+    assert not failures, failures[:3]
+    assert latencies
+    health = requests.get(f"{server.url}/v2/health/ready", timeout=10)
+    assert health.status_code == 200
+
+
+SLOW = """
+thread_safe = True
+
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import os, time
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["INFERD_TEST_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"y": inputs["x"]}
+"""
+
+
+def test_one_grpc_connection_holds_a_bounded_number_of_calls(tmp_path: Path) -> None:
+    """300 calls at once on one connection: the server runs at most its stream limit (128) plus
+    gRPC core's small overload margin at once and refuses the rest with UNAVAILABLE (retryable,
+    HTTP/2 REFUSED_STREAM) instead of holding them all; once released, the calls it took succeed."""
+    write_python_model(tmp_path / "models" / "slow" / "1", SLOW)
+    (tmp_path / "models" / "slow" / "inferd.toml").write_text("warmup = false\n")
+    gate = tmp_path / "gate"
+    os.environ["INFERD_TEST_GATE"] = str(gate)
+    try:
+        server = launch(tmp_path, str(tmp_path / "models"))
+    finally:
+        del os.environ["INFERD_TEST_GATE"]
+    try:
+        request = v2_pb.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1, 2])
+        seen: list[float] = []
+
+        def in_flight() -> float:
+            text = requests.get(f"{server.url}/metrics", timeout=10).text
+            prefix = "inferd_in_flight_requests "
+            value = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+            seen.append(value)
+            return value
+
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            calls = [infer.future(request, timeout=120) for _ in range(300)]
+            server.wait_for(lambda: in_flight() >= 128, "128 calls to be in flight")
+            for _ in range(20):  # more looks while the calls are held: none past the bound
+                in_flight()
+            gate.touch()
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        ok = codes.count(grpc.StatusCode.OK)
+        print(f"\nat most {max(seen):.0f} of 300 calls in flight on one connection; {ok} answered")
+        assert max(seen) < 200
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert ok >= 128
+    finally:
+        server.stop()

@@ -1,0 +1,147 @@
+"""End to end: an integer outside its datatype's range is refused with INVALID_ARGUMENT naming the
+input, the datatype and the value, on every protocol and field that carries typed integers,
+instead of wrapping silently (INT8 300 reaching the model as 44)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import requests
+from tritonclient.grpc import service_pb2 as v2_pb
+from tritonclient.grpc import service_pb2_grpc as v2_grpc
+
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto import prediction_service_pb2_grpc as ps_grpc
+from inferd._proto import types_pb2
+from tests.conftest import ServerProcess, launch
+from tests.models import write_python_model
+
+ECHO = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"y": inputs["x"]}
+"""
+
+CASES = [
+    # V2 datatype, numpy name, a value outside its range, a value inside
+    ("INT8", "int8", 300, -128),
+    ("UINT8", "uint8", -1, 255),
+    ("INT16", "int16", 40000, -32768),
+    ("UINT16", "uint16", 70000, 65535),
+    ("INT32", "int32", 2**31, -(2**31)),
+]
+IDS = [case[0] for case in CASES]
+NARROW = CASES[:-1]
+"""The datatypes that gRPC's int32 fields (int_contents, int_val) carry in a wider type."""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = tmp_path_factory.mktemp("repo")
+    for datatype, numpy_name, _, _ in CASES:
+        signature = (
+            f'{{"inputs": [{{"name": "x", "dtype": "{numpy_name}", "shape": [-1]}}], '
+            f'"outputs": [{{"name": "y", "dtype": "{numpy_name}", "shape": [-1]}}]}}'
+        )
+        write_python_model(repo / datatype.lower() / "1", ECHO, signature)
+    server = launch(tmp_path_factory.mktemp("log"), str(repo))
+    server.wait_for(lambda: all(server.status(c[0].lower()) == {"1": "AVAILABLE"} for c in CASES), "models")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield channel
+
+
+def _names_the_value(message: str, datatype: str, value: int) -> None:
+    assert "'x'" in message, message
+    assert datatype in message, message
+    assert str(value) in message, message
+
+
+@pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), CASES, ids=IDS)
+def test_v2_rest_json(server: ServerProcess, datatype: str, numpy_name: str, bad: int, good: int) -> None:
+    url = f"{server.url}/v2/models/{datatype.lower()}/infer"
+
+    def infer(value: int) -> requests.Response:
+        tensor = {"name": "x", "datatype": datatype, "shape": [2], "data": [1, value]}
+        return requests.post(url, json={"inputs": [tensor]}, timeout=10)
+
+    refused = infer(bad)
+    assert refused.status_code == 400, refused.text
+    _names_the_value(refused.json()["error"], datatype, bad)
+    answered = infer(good)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["outputs"][0]["data"] == [1, good]
+
+
+@pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), CASES, ids=IDS)
+def test_tfserving_rest(server: ServerProcess, datatype: str, numpy_name: str, bad: int, good: int) -> None:
+    url = f"{server.url}/v1/models/{datatype.lower()}:predict"
+    refused = requests.post(url, json={"instances": [1, bad]}, timeout=10)
+    assert refused.status_code == 400, refused.text
+    _names_the_value(refused.json()["error"], datatype, bad)
+    answered = requests.post(url, json={"instances": [1, good]}, timeout=10)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["predictions"] == [1, good]
+
+
+@pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), NARROW, ids=IDS[:-1])
+def test_v2_grpc_typed_contents(
+    channel: grpc.Channel, datatype: str, numpy_name: str, bad: int, good: int
+) -> None:
+    stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    field = "uint_contents" if datatype.startswith("UINT") else "int_contents"
+
+    def infer(value: int) -> v2_pb.ModelInferResponse:
+        request = v2_pb.ModelInferRequest(model_name=datatype.lower())
+        tensor = request.inputs.add(name="x", datatype=datatype, shape=[2])
+        getattr(tensor.contents, field).extend([1, value])
+        return stub.ModelInfer(request, timeout=10)
+
+    if bad < 0 and field == "uint_contents":
+        bad = 2**32 - 1  # uint_contents cannot carry -1: the largest uint32 is out of range instead
+    with pytest.raises(grpc.RpcError) as refused:
+        infer(bad)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _names_the_value(refused.value.details() or "", datatype, bad)
+    reply = infer(good)
+    assert reply.outputs[0].datatype == datatype
+
+
+@pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), NARROW, ids=IDS[:-1])
+def test_tfserving_grpc_int_val(
+    channel: grpc.Channel, datatype: str, numpy_name: str, bad: int, good: int
+) -> None:
+    stub = ps_grpc.PredictionServiceStub(channel)
+
+    def predict(value: int) -> ps.PredictResponse:
+        request = ps.PredictRequest()
+        request.model_spec.name = datatype.lower()
+        tensor = request.inputs["x"]
+        tensor.dtype = types_pb2.DataType.Value(f"DT_{datatype}")
+        tensor.tensor_shape.dim.add(size=2)
+        tensor.int_val.extend([1, value])
+        return stub.Predict(request, timeout=10)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        predict(bad)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _names_the_value(refused.value.details() or "", datatype, bad)
+    predict(good)
+
+
+def test_v2_rest_int32_lower_edge(server: ServerProcess) -> None:
+    """INT32 takes -2**31 (above) and refuses one below it."""
+    url = f"{server.url}/v2/models/int32/infer"
+    tensor = {"name": "x", "datatype": "INT32", "shape": [1], "data": [-(2**31) - 1]}
+    refused = requests.post(url, json={"inputs": [tensor]}, timeout=10)
+    assert refused.status_code == 400
+    _names_the_value(refused.json()["error"], "INT32", -(2**31) - 1)
