@@ -191,7 +191,10 @@ def grpc_tfs_answer(ports: Ports, x: np.ndarray) -> np.ndarray:
     with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
         stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
         out = stub.Predict(request, timeout=30).outputs["probabilities"]
-    return np.frombuffer(out.tensor_content, "<f4").reshape([d.size for d in out.tensor_shape.dim])
+    shape = [d.size for d in out.tensor_shape.dim]
+    if out.tensor_content:  # servers started with --enable_serialization_as_tensor_content
+        return np.frombuffer(out.tensor_content, "<f4").reshape(shape)
+    return np.array(out.float_val, np.float32).reshape(shape)  # TF Serving's default answer
 
 
 def answer(route: Route, ports: Ports, x: np.ndarray) -> np.ndarray:

@@ -316,3 +316,83 @@ def features_toml(store: str, **extra: str) -> str:
         'x = ["distance_km", "incoming_orders", "outstanding_per_min"]',
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_tf1_half_plus_two(version_dir: Path) -> None:
+    """A TF1-style SavedModel (``SavedModelBuilder``, a graph and a session) computing
+    ``y = 0.5 * x + 2``: ``serving_default`` (predict, ``x`` declared [-1, 1]),
+    ``classify_x_to_y`` (classify: serialized ``tf.Example``s with feature ``x`` -> ``scores``)
+    and ``regress_x_to_y`` (regress: the same -> ``outputs``), with TF1's method names."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 1], name="x")
+        a = v1.Variable(0.5, name="a")
+        b = v1.Variable(2.0, name="b")
+        y = tf.add(tf.multiply(a, x), b, name="y")
+        serialized = v1.placeholder(tf.string, name="tf_example")
+        parsed = v1.parse_example(serialized, {"x": v1.FixedLenFeature([1], tf.float32)})
+        y_of_example = tf.add(tf.multiply(a, parsed["x"]), b, name="y_of_example")
+        info = v1.saved_model.utils.build_tensor_info
+        build = v1.saved_model.signature_def_utils.build_signature_def
+        signatures = {
+            "serving_default": build({"x": info(x)}, {"y": info(y)}, "tensorflow/serving/predict"),
+            "classify_x_to_y": build(
+                {"inputs": info(serialized)}, {"scores": info(y_of_example)}, "tensorflow/serving/classify"
+            ),
+            "regress_x_to_y": build(
+                {"inputs": info(serialized)}, {"outputs": info(y_of_example)}, "tensorflow/serving/regress"
+            ),
+        }
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(str(version_dir))
+            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
+            builder.save()
+
+
+def write_tf2_half_plus_two(version_dir: Path) -> None:
+    """A TF2 SavedModel (``tf.saved_model.save``) computing ``y = 0.5 * x + 2`` with ``x``
+    declared [-1, 1] (``serving_default``), ``matmul`` (``x @ [[0.5]] + 2``, which needs rank 2),
+    and ``regress_x_to_y`` taking serialized ``tf.Example``s, as TF2 records it (method predict)."""
+    import tensorflow as tf
+
+    class HalfPlusTwo(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32, name="x")])
+        def predict(self, x: Any) -> dict[str, Any]:
+            return {"y": 0.5 * x + 2.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32, name="x")])
+        def matmul(self, x: Any) -> dict[str, Any]:
+            return {"y": tf.matmul(x, tf.constant([[0.5]])) + 2.0}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def regress(self, inputs: Any) -> dict[str, Any]:
+            x = tf.io.parse_example(inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+            return {"outputs": 0.5 * x + 2.0}
+
+    module = HalfPlusTwo()
+    signatures = {
+        "serving_default": module.predict,
+        "matmul": module.matmul,
+        "regress_x_to_y": module.regress,
+    }
+    tf.saved_model.save(module, str(version_dir), signatures=signatures)
+
+
+def write_tflite_without_signatures(version_dir: Path) -> None:
+    """``model.tflite`` converted from a TF1 session (``y = 0.5 * x + 2``, tensors ``x`` and ``y``):
+    such converters record no signature."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 1], name="x")
+        y = tf.add(tf.multiply(x, 0.5), 2.0, name="y")
+        with v1.Session(graph=graph) as session:
+            data = v1.lite.TFLiteConverter.from_session(session, [x], [y]).convert()
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / "model.tflite").write_bytes(data)

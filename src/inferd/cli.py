@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from inferd.config import ServerConfig
+from inferd.config import INERT_TFSERVING_FLAGS, ServerConfig
 from inferd.errors import ConfigError, InferdError
 
 _KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
@@ -77,6 +77,19 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
             metavar="BOOL" if kind is bool else kind.__name__.upper(),
             help=f"{text} (default: {default!r})",
             **extra,
+        )
+    parser.add_argument(
+        "--version", action="store_true", help="print inferd's version and the TF Serving API it speaks"
+    )
+    for name, (kind, reason) in INERT_TFSERVING_FLAGS.items():
+        parser.add_argument(
+            f"--{name}",
+            type=_bool if kind is bool else kind,
+            nargs="?",
+            const=True if kind is bool else None,
+            default=None,
+            metavar="BOOL" if kind is bool else kind.__name__.upper(),
+            help=f"TF Serving flag accepted for compatibility; no effect: {reason}",
         )
     parser.add_argument(
         "--log_level",
@@ -520,6 +533,14 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0 if made else 1
 
 
+def _log_inert_flags(args: argparse.Namespace) -> None:
+    """One line per TF Serving flag given that has no effect in inferd, with the reason."""
+    log = logging.getLogger("inferd.cli")
+    for name, (_, reason) in INERT_TFSERVING_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            log.info("--%s has no effect in inferd: %s", name, reason)
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -664,7 +685,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _optimize(args)
     if args.command == "rollout":
         return _rollout(args)
+    if args.version:
+        from inferd import __version__
+
+        print(f"inferd {__version__} (TensorFlow ModelServer API)")
+        return 0
+    _log_inert_flags(args)
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    if values.get("num_load_threads") == 0:
+        values["num_load_threads"] = 1  # TF Serving's 0 loads in its manager's loop: one at a time
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -461,6 +461,8 @@ class ModelSettings:
             (in a worker process of its own, whose crash does not take the server down).
         safe: set by the server's ``--safe`` flag, never by inferd.toml: refuse formats whose
             loading runs code from the repository.
+        prefer_tflite: set by ``--prefer_tflite_model``: a version folder holding ``model.tflite``
+            is served by the TFLite runtime even when it also holds a SavedModel.
     """
 
     runtime: str | None = None
@@ -479,6 +481,7 @@ class ModelSettings:
     device: str = "cpu"
     isolation: str = "none"
     safe: bool = False
+    prefer_tflite: bool = False
 
     def options(self, runtime: str) -> Mapping[str, Any]:
         """The ``[runtime]`` table's options; empty when the table is absent."""
@@ -676,6 +679,132 @@ class ServerConfig:
         "them back; unset: rollouts end with the process",
         default="",
     )
+    grpc_socket_path: str = option(
+        "also serve the gRPC API on this Unix socket (relative or absolute path)", default=""
+    )
+    grpc_channel_arguments: str = option(
+        "comma-separated gRPC server arguments, e.g. grpc.max_connection_age_ms=2000", default=""
+    )
+    rest_api_enable_cors_support: bool = option(
+        "answer CORS preflight (OPTIONS) requests and add Access-Control-Allow-* headers to answers",
+        default=False,
+    )
+    enable_model_warmup: bool = option(
+        "warm each version up before serving it: replay assets.extra/tf_serving_warmup_requests "
+        "where a SavedModel has one, else one call with zeros per signature",
+        default=True,
+    )
+    num_request_iterations_for_warmup: int = option(
+        "times each warm-up request is replayed (0: once)", default=0
+    )
+    saved_model_tags: str = option(
+        "comma-separated tags of the SavedModel MetaGraphDef to load", default="serve"
+    )
+    tensorflow_session_parallelism: int = option(
+        "threads of a TensorFlow session, for both of the next two flags where they are 0 (0: auto)",
+        default=0,
+    )
+    tensorflow_intra_op_parallelism: int = option(
+        "threads inside one TensorFlow op (also onnxruntime's intra_op_num_threads; 0: auto)", default=0
+    )
+    tensorflow_inter_op_parallelism: int = option(
+        "TensorFlow ops run at once (also onnxruntime's inter_op_num_threads; 0: auto)", default=0
+    )
+    prefer_tflite_model: bool = option(
+        "serve a SavedModel folder's model.tflite with TFLite instead", default=False
+    )
+    enable_serialization_as_tensor_content: bool = option(
+        "gRPC Predict answers carry tensor_content bytes instead of the typed value fields", default=False
+    )
+
+
+INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {
+    "allow_version_labels_for_unavailable_models": (
+        bool,
+        "labels are given in the model config file and follow the versions as they load",
+    ),
+    "enable_per_model_batching_parameters": (
+        bool,
+        "per-model batching is always on: a model's inferd.toml [batching] table wins over the server's",
+    ),
+    "num_unload_threads": (int, "versions are closed on the load thread pool once their last request ends"),
+    "max_num_load_retries": (int, "a version that fails to load is retried when its folder changes"),
+    "load_retry_interval_micros": (int, "a version that fails to load is retried when its folder changes"),
+    "flush_filesystem_caches": (bool, "inferd keeps no file system caches of its own"),
+    "tensorflow_session_config_file": (
+        str,
+        "a ConfigProto file is not read; use --tensorflow_intra_op_parallelism and "
+        "--tensorflow_inter_op_parallelism",
+    ),
+    "use_alts_credentials": (bool, "Google ALTS is not supported; use --ssl_config_file for TLS"),
+    "platform_config_file": (str, "runtimes are chosen by model_platform, inferd.toml or the model's files"),
+    "per_process_gpu_memory_fraction": (float, "TensorFlow grows its GPU memory as models need it"),
+    "grpc_max_threads": (int, "the gRPC server runs on the event loop, not on a thread pool"),
+    "remove_unused_fields_from_bundle_metagraph": (bool, "inferd keeps no MetaGraphDef after loading"),
+    "num_tflite_pools": (int, "one LiteRT interpreter serves each TFLite version"),
+    "num_tflite_interpreters_per_pool": (int, "one LiteRT interpreter serves each TFLite version"),
+    "enable_signature_method_name_check": (
+        bool,
+        "Classify and Regress always check the signature's method name",
+    ),
+    "xla_cpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),
+    "xla_gpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),
+    "enable_profiler": (bool, "TensorFlow's profiler service is not served"),
+    "thread_pool_factory_config_file": (str, "inferd runs predictions on its own thread pool"),
+    "mixed_precision": (str, "models run in the precision they were saved in"),
+    "skip_initialize_tpu": (bool, "inferd does not run on TPUs"),
+    "enable_grpc_healthcheck_service": (bool, "the standard gRPC health service is always served"),
+}
+"""TF Serving flags (``tensorflow_model_server --help``) that mean nothing for inferd: accepted,
+with their type, and logged once with the reason."""
+
+
+def channel_arguments(text: str) -> list[tuple[str, str | int]]:
+    """Parse ``--grpc_channel_arguments`` (``grpc.max_connection_age_ms=2000,grpc.x=y``) into gRPC
+    server options; integer values become ints, as TF Serving passes them.
+
+    Raises:
+        ConfigError: an entry without ``=``.
+    """
+    options: list[tuple[str, str | int]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--grpc_channel_arguments: expected key=value, got {entry!r}")
+        try:
+            options.append((key.strip(), int(value)))
+        except ValueError:
+            options.append((key.strip(), value.strip()))
+    return options
+
+
+def with_server_flags(settings: ModelSettings, config: ServerConfig) -> ModelSettings:
+    """``settings`` with the server's runtime flags filled in where the model's inferd.toml is
+    silent: TensorFlow's tags and thread counts (also onnxruntime's thread counts), the warm-up
+    switch, and ``--prefer_tflite_model``."""
+    tables = {name: dict(table) for name, table in settings.runtime_tables.items()}
+    intra = config.tensorflow_intra_op_parallelism or config.tensorflow_session_parallelism
+    inter = config.tensorflow_inter_op_parallelism or config.tensorflow_session_parallelism
+    tensorflow = tables.setdefault("tensorflow", {})
+    tensorflow.setdefault("tags", config.saved_model_tags)
+    if intra:
+        tensorflow.setdefault("intra_op_parallelism", intra)
+        tables.setdefault("onnx", {}).setdefault("intra_op_num_threads", intra)
+    if inter:
+        tensorflow.setdefault("inter_op_parallelism", inter)
+        tables.setdefault("onnx", {}).setdefault("inter_op_num_threads", inter)
+    if config.enable_model_warmup:
+        tensorflow.setdefault("warmup_iterations", max(config.num_request_iterations_for_warmup, 1))
+    else:
+        tensorflow.setdefault("warmup_iterations", 0)
+    return replace(
+        settings,
+        runtime_tables=tables,
+        warmup=settings.warmup and config.enable_model_warmup,
+        prefer_tflite=config.prefer_tflite_model,
+    )
 
 
 _RUNTIME_TABLES = ("onnx", "sklearn", "python", "tensorflow", "tflite", "torch", "xgboost", "lightgbm")
@@ -843,7 +972,10 @@ def parse_model_config(text: str, source: str = "model config") -> list[ModelCon
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        # TF Serving's wording, which its tests and users' scripts look for.
+        raise ConfigError(
+            f"{source}: Error parsing text-format tensorflow.serving.ModelServerConfig: {exc}"
+        ) from exc
     return models_from_proto(message, source)
 
 

@@ -71,6 +71,11 @@ class NotFound(InferdError):
     code = ErrorCode.NOT_FOUND
 
 
+class UnknownLabel(NotFound):
+    """A version label the model does not have: NOT_FOUND, except on TF Serving's v1 REST API,
+    which answers it as INVALID_ARGUMENT (400)."""
+
+
 class ResourceExhausted(InferdError):
     """The request is over a configured size limit."""
 

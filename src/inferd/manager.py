@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from inferd.config import ModelSettings
-from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable
+from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.runtimes import Supervised
@@ -350,7 +350,7 @@ class ModelManager(Generic[S]):
         elif ref.label is not None:
             number = entry.labels.get(ref.label)
             if number is None:
-                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+                raise UnknownLabel(f"Unrecognized servable version label: {ref.label}")
             version = entry.versions.get(number)
             if version is None or version.state is not VersionState.AVAILABLE:
                 raise NotFound(
@@ -381,7 +381,7 @@ class ModelManager(Generic[S]):
         if ref.label is not None:
             number = entry.labels.get(ref.label)
             if number is None:
-                raise NotFound(f"Unrecognized servable version label: {ref.label}")
+                raise UnknownLabel(f"Unrecognized servable version label: {ref.label}")
         if number is not None:
             if number not in entry.versions:
                 raise NotFound(f"Could not find version {number} of model {ref.name}")

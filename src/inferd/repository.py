@@ -43,6 +43,7 @@ from inferd.config import (
     model_location,
     read_model_config_file,
     read_model_settings,
+    with_server_flags,
 )
 from inferd.errors import ConfigError, ModelLoadError
 from inferd.model_cache import ModelCache, default_cache_dir
@@ -350,6 +351,7 @@ class Repository:
             self._fault_log.clear(settings_key, f"model {model.name}: {SETTINGS_FILE} reads again")
         if self._config.safe:
             settings = dataclasses.replace(settings, safe=True)
+        settings = with_server_flags(settings, self._config)
         self._fault(model.name, None)
         self._check_layout(model, versions)
         stable = {}

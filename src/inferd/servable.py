@@ -289,13 +289,21 @@ def _warm_up(model: Model) -> None:
     """
     try:
         for name, signature in model.signatures.items():
-            if all(spec.shape is not None for spec in signature.inputs):
+            if _zeros_fit(signature):
                 model.predict(name, {spec.name: _warm_up_tensor(spec) for spec in signature.inputs})
     except Exception as exc:
         raise ModelLoadError(
             f"the warm-up call failed: {type(exc).__name__}: {exc} "
             "(set warmup = false in inferd.toml if zeros are not a valid input)"
         ) from exc
+
+
+def _zeros_fit(signature: Signature) -> bool:
+    """Whether a call with zeros can warm ``signature`` up: every input shape declared, and inferd
+    judges them. Signatures whose runtime judges shapes itself (TensorFlow's, whose declared shapes
+    may not be the graph's and whose string inputs are mostly serialized ``tf.Example``s) are warmed
+    up as TF Serving warms them, by the runtime from the SavedModel's warm-up file."""
+    return not signature.runtime_checks_shapes and all(spec.shape is not None for spec in signature.inputs)
 
 
 def _warm_up_tensor(spec: TensorSpec) -> np.ndarray:

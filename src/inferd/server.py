@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
     ServerConfig,
+    channel_arguments,
     read_batching_parameters_file,
     read_monitoring_config_file,
 )
@@ -106,6 +107,7 @@ class HttpApp:
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
         self._inflight = inflight
         self._decode_pool = decode_pool
+        self._cors = config.rest_api_enable_cors_support
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -122,6 +124,9 @@ class HttpApp:
         metrics = self._metrics
         try:
             self._check_header_size(scope)
+            if self._cors and method == "OPTIONS":
+                await self._send(send, *_preflight(scope))
+                return
             admin = path.startswith(v2_rest.ADMIN_PREFIX)
             if admin or self._access.api_token:
                 self._access.check(_header(scope, b"authorization"), admin)
@@ -186,6 +191,11 @@ class HttpApp:
             log.exception("request %s (%s %s) failed", request_id, method, path)
             failed = Internal(f"internal error; request id {request_id}")
             status, headers, payload = json_error(failed)
+        await self._send(send, status, headers, payload)
+
+    async def _send(self, send: Any, status: int, headers: Mapping[str, str], payload: bytes) -> None:
+        if self._cors:
+            headers = {**headers, **_CORS_HEADERS}
         await send(
             {
                 "type": "http.response.start",
@@ -511,7 +521,14 @@ async def _start_grpc(
     options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections)
     server = grpc.aio.server(options=options, interceptors=[access, grpc_status.DecodeInterceptor()])
     limits = RequestLimits.of(config)
-    tfserving_grpc.add_to_server(server, service, control, config.max_request_bytes, limits)
+    tfserving_grpc.add_to_server(
+        server,
+        service,
+        control,
+        config.max_request_bytes,
+        limits,
+        config.enable_serialization_as_tensor_content,
+    )
     v2_grpc.add_to_server(server, service, control, limits)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
@@ -527,8 +544,48 @@ async def _start_grpc(
         bound = 0
     if not bound:
         raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
+    if config.grpc_socket_path:
+        _bind_unix_socket(server, config.grpc_socket_path)
     await server.start()
     return server, health_servicer
+
+
+_CORS_HEADERS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "POST, GET",
+    "access-control-allow-headers": "Content-Type",
+}
+_ORIGIN = re.compile(r"https?://.+")
+
+
+def _preflight(scope: Scope) -> tuple[int, dict[str, str], bytes]:
+    """TF Serving's answer to OPTIONS with --rest_api_enable_cors_support: 200 when the request
+    carries an http(s) Origin, else 400."""
+    origin = _header(scope, b"origin")
+    if origin is not None and _ORIGIN.fullmatch(origin):
+        return 200, {"content-type": "application/json"}, b""
+    error = InvalidArgument("OPTIONS request without an http(s) Origin header; CORS preflight expects one")
+    return json_error(error)
+
+
+def _bind_unix_socket(server: Any, path: str) -> None:
+    """Serve gRPC on the Unix socket ``path`` too (--grpc_socket_path), as TF Serving does:
+    without TLS (the socket's file permissions guard it), replacing a stale socket file.
+
+    Raises:
+        ConfigError: the path exists and is not a socket, or cannot be bound.
+    """
+    socket_file = Path(path).absolute()
+    if socket_file.is_socket():
+        socket_file.unlink()  # left by a server that did not stop cleanly
+    elif socket_file.exists():
+        raise ConfigError(f"--grpc_socket_path {path}: the path exists and is not a socket")
+    try:
+        bound = server.add_insecure_port(f"unix:{socket_file}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise ConfigError(f"cannot listen for gRPC on the Unix socket {path} (--grpc_socket_path)")
 
 
 def _optional_service_missing(what: str, package: str, exc: Exception) -> None:
@@ -611,7 +668,7 @@ GRPC_MAX_PING_STRIKES = 2
 """Pings sent faster than that, without data, before the server closes the connection."""
 
 
-def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[tuple[str, int]]:
+def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[tuple[str, int | str]]:
     """The gRPC core options that bound what one client can hold or make the server do:
     message and metadata sizes, connections, streams per connection, idle connections and
     keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
@@ -626,6 +683,7 @@ def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[t
         ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", GRPC_MAX_PING_STRIKES),
+        *channel_arguments(config.grpc_channel_arguments),  # --grpc_channel_arguments: later wins
     ]
 
 

@@ -396,11 +396,25 @@ def _find_signature(version: ServedVersion[Servable], name: str | None, method: 
             f'Serving signature name: "{name}" not found in signature def; '
             f"model {version.id} has {sorted(signatures)}"
         )
-    if method is not None and method is not Method.PREDICT and signature.method is not method:
+    # TF2 signatures all record predict; TF Serving (its default, no method-name check) runs
+    # Classify and Regress on them when their outputs have the method's names.
+    if (
+        method not in (None, Method.PREDICT)
+        and signature.method is not method
+        and not _fits(signature, method)
+    ):
         raise InvalidArgument(
             f"signature {name!r} has method {signature.method.value}, expected {method.value}"
         )
     return signature
+
+
+def _fits(signature: Signature, method: Method) -> bool:
+    """A predict signature serves ``method`` when its outputs have TF Serving's names for it:
+    ``classes`` and/or ``scores`` to classify, ``outputs`` to regress."""
+    names = {spec.name for spec in signature.outputs}
+    wanted = {"classes", "scores"} if method is Method.CLASSIFY else {"outputs"}
+    return signature.method is Method.PREDICT and bool(names & wanted)
 
 
 def conform_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> Tensors:
@@ -417,15 +431,21 @@ def conform_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> Te
         raise InvalidArgument(
             f"signature {signature.name!r} takes inputs {expected}; missing {missing}, unexpected {extra}"
         )
-    return {spec.name: conform(spec, inputs[spec.name]) for spec in signature.inputs}
+    check_shape = not signature.runtime_checks_shapes
+    return {spec.name: conform(spec, inputs[spec.name], check_shape) for spec in signature.inputs}
 
 
-def conform(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
-    """Check ``value``'s shape and dtype kind against ``spec``, then cast it to ``spec``'s dtype."""
+def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np.ndarray:
+    """Check ``value``'s dtype kind and (with ``check_shape``) shape against ``spec``, then cast
+    it to ``spec``'s dtype."""
     target = spec.dtype
-    shape_fits = spec.shape is None or (
-        value.ndim == len(spec.shape)
-        and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
+    shape_fits = (
+        not check_shape
+        or spec.shape is None
+        or (
+            value.ndim == len(spec.shape)
+            and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
+        )
     )
     if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")

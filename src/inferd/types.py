@@ -116,12 +116,14 @@ class ModelRef:
 class TensorSpec:
     """A declared tensor: name, element type and shape, with -1 for a free dimension.
 
-    ``shape`` None means the rank itself is unknown.
+    ``shape`` None means the rank itself is unknown. ``tensor_name`` is the graph's name for the
+    tensor (``x:0``) where the runtime has one, as TF Serving's metadata shows it; else "".
     """
 
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...] | None
+    tensor_name: str = ""
 
     def describe(self) -> str:
         """``FP32 [-1, 64]``: the form error messages use."""
@@ -142,12 +144,15 @@ class Signature:
     """A named function of a model: its inputs, outputs and method.
 
     A CLASSIFY signature has outputs ``classes`` and ``scores``; a REGRESS one has ``outputs``.
+    ``runtime_checks_shapes``: the runtime judges input shapes itself (TensorFlow graphs, whose
+    declared shapes are hints TF Serving does not enforce), so inferd checks names and dtypes only.
     """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     method: Method = Method.PREDICT
+    runtime_checks_shapes: bool = False
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]

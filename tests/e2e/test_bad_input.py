@@ -333,8 +333,8 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
         pytest.param(
             "/v1/models/digits/labels/canary:predict",
             raw({"instances": [ROW]}),
-            404,
-            ["canary"],
+            400,  # TF Serving answers an unknown label with INVALID_ARGUMENT
+            ["Unrecognized servable version label: canary"],
             id="unknown-label",
         ),
         pytest.param(
@@ -359,10 +359,10 @@ def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fr
     [
         ("GET", "/v1/models/nope", 404, ["Could not find any versions of model nope"]),
         ("GET", "/v1/models/digits/versions/7", 404, ["Could not find version 7 of model digits"]),
-        ("GET", "/v1/models/digits/labels/canary", 404, ["canary"]),
+        ("GET", "/v1/models/digits/labels/canary", 400, ["Unrecognized servable version label: canary"]),
         ("GET", "/v1/models/nope/metadata", 404, ["nope"]),
         ("GET", "/v1/models/digits/versions/7/metadata", 404, ["digits", "7"]),
-        ("GET", "/v1/models/digits/labels/canary/metadata", 404, ["canary"]),
+        ("GET", "/v1/models/digits/labels/canary/metadata", 400, ["canary"]),
         ("GET", "/v1/models", 400, ["Missing model name in request."]),
         ("GET", "/v1/models/", 400, ["Malformed request: GET /v1/models/"]),
         ("GET", "/v1/models/digits:predict", 400, ["Malformed request: GET /v1/models/digits:predict"]),

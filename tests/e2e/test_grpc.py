@@ -110,9 +110,21 @@ def tensor_proto(x: np.ndarray, dtype: int = DT_FLOAT) -> TensorProto:
     return proto
 
 
+_TYPED_FIELDS = {
+    np.float32: "float_val",
+    np.float64: "double_val",
+    np.int32: "int_val",
+    np.int64: "int64_val",
+}
+
+
 def to_numpy(proto: TensorProto, dtype: type) -> np.ndarray:
+    """An answer's tensor: TF Serving (and inferd) fill the typed field of the dtype by default,
+    ``tensor_content`` with ``--enable_serialization_as_tensor_content``."""
     shape = [dim.size for dim in proto.tensor_shape.dim]
-    return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+    return np.array(getattr(proto, _TYPED_FIELDS[dtype]), dtype=dtype).reshape(shape)
 
 
 class _Status:

@@ -276,7 +276,7 @@ def test_the_model_config_file_policy_wins_over_inferd_toml(
     server.wait_for(lambda: len(server.status("m")) == 3, "every version")
     assert_serves_exactly(server, "m", {1, 2, 3})
     assert predict(server, "m/labels/stable") == (200, 1.0)
-    assert predict(server, "m/labels/ignored")[0] == 404
+    assert predict(server, "m/labels/ignored")[0] == 400  # an unknown label: 400, as TF Serving
 
 
 def test_labels_from_the_model_config_file(
@@ -294,12 +294,12 @@ def test_labels_from_the_model_config_file(
     assert predict(server, "m/labels/canary") == (200, 3.0)
     assert predict(server, "m") == (200, 3.0)
     code, error = predict(server, "m/labels/beta")
-    assert code == 404
+    assert code == 400  # TF Serving's v1 answers an unknown label with INVALID_ARGUMENT
     assert "beta" in str(error)
     r = requests.get(f"{server.url}/v1/models/m/labels/stable", timeout=5)
     assert r.status_code == 200
     assert [s["version"] for s in r.json()["model_version_status"]] == ["1"]
-    assert requests.get(f"{server.url}/v1/models/m/labels/beta", timeout=5).status_code == 404
+    assert requests.get(f"{server.url}/v1/models/m/labels/beta", timeout=5).status_code == 400
 
 
 def test_labels_from_inferd_toml(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
@@ -312,7 +312,7 @@ def test_labels_from_inferd_toml(tmp_path: Path, start_server: Callable[..., Ser
     server.wait_for(lambda: len(server.status("m")) == 2, "both versions")
     assert predict(server, "m/labels/stable") == (200, 1.0)
     assert predict(server, "m/labels/next_2") == (200, 2.0)
-    assert predict(server, "m/labels/unknown")[0] == 404
+    assert predict(server, "m/labels/unknown")[0] == 400
     code, error = predict(server, "m/labels/missing")  # names a version that is not loaded
     assert code == 404
     assert "version 7" in str(error)

@@ -11,10 +11,13 @@ from inferd.config import (
     BatchingParameters,
     FeatureSettings,
     ModelSettings,
+    ServerConfig,
     VersionPolicy,
+    channel_arguments,
     parse_model_config,
     read_model_config_file,
     read_model_settings,
+    with_server_flags,
 )
 from inferd.errors import ConfigError
 
@@ -395,3 +398,47 @@ def test_invalid_features_name_the_problem(tmp_path: Path, edit: tuple[str, str]
         settings(tmp_path, FEATURES.replace(*edit))
     assert "inferd.toml" in caught.value.message
     assert fragment in caught.value.message
+
+
+def test_a_bad_model_config_says_what_tf_serving_says() -> None:
+    with pytest.raises(
+        ConfigError, match=r"Error parsing text-format tensorflow\.serving\.ModelServerConfig"
+    ):
+        parse_model_config("improperly formatted file")
+
+
+def test_grpc_channel_arguments_become_server_options() -> None:
+    text = "grpc.max_connection_age_ms=2000, grpc.lb_policy_name=grpclb,,grpc.so_reuseaddr=1"
+    assert channel_arguments(text) == [
+        ("grpc.max_connection_age_ms", 2000),
+        ("grpc.lb_policy_name", "grpclb"),
+        ("grpc.so_reuseaddr", 1),
+    ]
+    assert channel_arguments("") == []
+    with pytest.raises(ConfigError, match=r"expected key=value, got 'grpc\.x'"):
+        channel_arguments("grpc.x")
+
+
+def test_server_flags_fill_what_inferd_toml_leaves_unset() -> None:
+    config = ServerConfig(
+        saved_model_tags="serve,gpu",
+        tensorflow_session_parallelism=4,
+        tensorflow_inter_op_parallelism=2,
+        num_request_iterations_for_warmup=3,
+        prefer_tflite_model=True,
+    )
+    own = ModelSettings(runtime_tables={"onnx": {"intra_op_num_threads": 1}})
+    settings = with_server_flags(own, config)
+    assert settings.options("tensorflow") == {
+        "tags": "serve,gpu",
+        "intra_op_parallelism": 4,
+        "inter_op_parallelism": 2,
+        "warmup_iterations": 3,
+    }
+    assert settings.options("onnx") == {"intra_op_num_threads": 1, "inter_op_num_threads": 2}
+    assert settings.prefer_tflite
+    assert settings.warmup
+    off = with_server_flags(ModelSettings(), ServerConfig(enable_model_warmup=False))
+    assert not off.warmup
+    assert off.options("tensorflow")["warmup_iterations"] == 0
+    assert "onnx" not in off.runtime_tables

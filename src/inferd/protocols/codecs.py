@@ -158,8 +158,10 @@ def data_type(dtype: np.dtype[Any]) -> DataType:
     return cast(DataType, DataType.Value(dtype_of(dtype).tf))
 
 
-def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
-    """Write ``value`` into ``proto``: numbers as ``tensor_content``, strings as ``string_val``."""
+def encode_tensor(proto: TensorProto, value: np.ndarray, tensor_content: bool = True) -> None:
+    """Write ``value`` into ``proto``: strings as ``string_val``; numbers as ``tensor_content``,
+    or with ``tensor_content`` false in their typed field (``float_val``, ``int64_val``, ...; FP16
+    as its bit patterns in ``half_val``), as TF Serving answers by default."""
     proto.dtype = data_type(value.dtype)
     for size in value.shape:
         proto.tensor_shape.dim.add(size=size)
@@ -167,5 +169,9 @@ def encode_tensor(proto: TensorProto, value: np.ndarray) -> None:
         proto.string_val.extend(
             item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
         )
-    else:
+    elif tensor_content:
         proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    elif value.dtype == np.float16:
+        proto.half_val.extend(value.reshape(-1).view(np.uint16).tolist())
+    else:
+        getattr(proto, _VALUES[value.dtype]).extend(value.reshape(-1).tolist())

@@ -529,7 +529,6 @@ def _schemas() -> Schema:
                         }
                     },
                 },
-                "device": {"type": "string", "description": "cpu or cuda:N (an inferd addition)"},
             },
         },
         "PredictRequest": {

@@ -3,13 +3,19 @@
 Tensors arrive as ``TensorProto``: numeric ``tensor_content`` is read with ``np.frombuffer``
 (no loop over elements); the typed fields (``float_val``, ``int_val``, ...) are read as TF Serving
 reads them: a single value fills the whole shape, and a tensor without a shape is a scalar.
-Answers carry ``tensor_content`` (strings: ``string_val``), which ``tf.make_ndarray`` reads.
+Predict answers fill the typed fields as TF Serving does by default (clients read
+``outputs["y"].float_val``); with ``--enable_serialization_as_tensor_content`` numbers go in
+``tensor_content`` instead. Either way ``tf.make_ndarray`` reads them.
+
+Classify and Regress on a signature whose one input is a string tensor fed by something other
+than a feature of its name (TensorFlow's ``tf.Example`` parsing signatures) feed it the examples
+serialized, context features merged into each, as TF Serving does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -23,10 +29,11 @@ from inferd._proto.example_pb2 import Example, Feature
 from inferd._proto.meta_graph_pb2 import TensorInfo
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import Internal, InvalidArgument
+from inferd.errors import InvalidArgument, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
+from inferd.protocols.tfserving_rest import classification_rows, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
 from inferd.types import (
     InferenceResponse,
@@ -56,6 +63,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     Args:
         max_tensor_bytes: the largest tensor that one typed value may fill.
         limits: the request limits every input is checked against before it is decoded.
+        tensor_content: answer Predict with numbers in ``tensor_content`` rather than typed fields.
     """
 
     def __init__(
@@ -63,8 +71,10 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         service: InferenceService,
         max_tensor_bytes: int,
         limits: RequestLimits,
+        tensor_content: bool = False,
     ) -> None:
         self._service = service
+        self._tensor_content = tensor_content
         self._max_tensor_bytes = max_tensor_bytes
         self._limits = limits
 
@@ -74,7 +84,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             request.model_spec.name,
             traffic_key=traffic_key(context, self._service.traffic_key_header),
         )
-        reply = await answer(context, self._predict(call, request, deadline_of(context)), call.id)
+        run = _label_as_invalid(self._predict(call, request, deadline_of(context)))
+        reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
 
@@ -86,7 +97,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             request.model_spec.name,
             traffic_key=traffic_key(context, self._service.traffic_key_header),
         )
-        reply = await answer(context, self._classify(call, request, deadline_of(context)), call.id)
+        run = _label_as_invalid(self._classify(call, request, deadline_of(context)))
+        reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
 
@@ -96,7 +108,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             request.model_spec.name,
             traffic_key=traffic_key(context, self._service.traffic_key_header),
         )
-        reply = await answer(context, self._regress(call, request, deadline_of(context)), call.id)
+        run = _label_as_invalid(self._regress(call, request, deadline_of(context)))
+        reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
 
@@ -107,19 +120,20 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         call = self._service.call(
             PROTOCOL, name, traffic_key=traffic_key(context, self._service.traffic_key_header)
         )
-        reply = await answer(context, self._multi(call, request, deadline_of(context)), call.id)
+        run = _label_as_invalid(self._multi(call, request, deadline_of(context)))
+        reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context
     ) -> ps.GetModelMetadataResponse:
-        return await answer(context, self._metadata(request), self._service.request_id())
+        return await answer(context, _label_as_invalid(self._metadata(request)), self._service.request_id())
 
     async def _predict(
         self, call: Call, request: ps.PredictRequest, deadline: float | None
     ) -> ps.PredictResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             ref = spec_ref(request.model_spec)
             signature = call.open(ref, request.model_spec.signature_name or None)
             wanted = _output_filter(signature, list(request.output_filter))
@@ -131,7 +145,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             reply = ps.PredictResponse()
             _fill_spec(reply.model_spec, response.model_id, signature.name)
             for name in wanted or response.outputs:
-                encode_tensor(reply.outputs[name], response.outputs[name])
+                encode_tensor(reply.outputs[name], response.outputs[name], self._tensor_content)
             return reply
 
     async def _examples(
@@ -148,7 +162,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _classify(
         self, call: Call, request: ps.ClassificationRequest, deadline: float | None
     ) -> ps.ClassificationResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             response, signature, _ = await self._examples(
                 call, request.model_spec, request.input, Method.CLASSIFY, deadline
             )
@@ -160,7 +174,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _regress(
         self, call: Call, request: ps.RegressionRequest, deadline: float | None
     ) -> ps.RegressionResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             response, signature, count = await self._examples(
                 call, request.model_spec, request.input, Method.REGRESS, deadline
             )
@@ -172,7 +186,7 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
     async def _multi(
         self, call: Call, request: ps.MultiInferenceRequest, deadline: float | None
     ) -> ps.MultiInferenceResponse:
-        with call:
+        with call, unknown_label_as_invalid():
             return await self._multi_tasks(call, request, deadline)
 
     async def _multi_tasks(
@@ -232,7 +246,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, self._status(request), self._service.request_id())
+        return await answer(context, _label_as_invalid(self._status(request)), self._service.request_id())
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
@@ -252,6 +266,17 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
             entry.status.error_message = status.error_message
         return reply
+
+
+_Answer = TypeVar("_Answer")
+
+
+async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
+    """TF Serving answers an unknown version label with INVALID_ARGUMENT (the V2 API, NOT_FOUND)."""
+    try:
+        return await call
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
 
 
 def spec_ref(spec: ps.ModelSpec) -> ModelRef:
@@ -292,7 +317,7 @@ def _output_filter(signature: Signature, wanted: list[str]) -> list[str]:
 
 
 def _fill_tensor_info(info: TensorInfo, spec: TensorSpec) -> None:
-    info.name = spec.name
+    info.name = spec.tensor_name or spec.name
     info.dtype = data_type(spec.dtype)
     if spec.shape is None:
         info.tensor_shape.unknown_rank = True
@@ -325,6 +350,8 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
         raise InvalidArgument("Input is empty: give at least one example")
     limits.instances("examples", len(examples))
     names = signature.input_names()
+    if (serialized := _serialized_examples(signature, examples, context)) is not None:
+        return {names[0]: serialized}, len(examples)
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
         features = dict(example.features.feature)
@@ -339,6 +366,28 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
             columns[name].append(features[name])
     tensors = {spec.name: _feature_column(spec, columns[spec.name]) for spec in signature.inputs}
     return tensors, len(examples)
+
+
+def _serialized_examples(
+    signature: Signature, examples: Sequence[Example], context: dict[str, Feature]
+) -> np.ndarray | None:
+    """The examples serialized, context merged into each, for a signature whose one input is a
+    string tensor not named by the features (a ``tf.Example`` parser); else None."""
+    (spec, *others) = signature.inputs
+    if others or spec.dtype.kind != "O":
+        return None
+    if all(set(example.features.feature) | set(context) == {spec.name} for example in examples):
+        return None  # the feature feeds the input by name
+    serialized = np.empty(len(examples), dtype=object)
+    for i, example in enumerate(examples):
+        if context:
+            merged = Example()
+            merged.CopyFrom(example)
+            for key, feature in context.items():
+                merged.features.feature[key].CopyFrom(feature)
+            example = merged
+        serialized[i] = example.SerializeToString()
+    return serialized
 
 
 def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
@@ -363,17 +412,10 @@ def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
 
 
 def _fill_classifications(result: ps.ClassificationResult, response: InferenceResponse) -> None:
-    classes, scores = response.outputs["classes"], response.outputs["scores"]
-    if scores.ndim != 2 or classes.shape != scores.shape:
-        raise Internal(
-            f"model {response.model_id} returned classes {list(classes.shape)} and scores "
-            f"{list(scores.shape)}; a classify signature gives both as [examples, classes]"
-        )
-    for labels, row in zip(classes.tolist(), scores.tolist(), strict=True):
+    for labels, row in classification_rows(response):
         classifications = result.classifications.add()
         for label, score in zip(labels, row, strict=True):
-            text = label.decode(errors="replace") if isinstance(label, bytes) else str(label)
-            classifications.classes.add(label=text, score=score)
+            classifications.classes.add(label=label, score=score)
 
 
 def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, count: int) -> None:
@@ -393,10 +435,11 @@ def add_to_server(
     control: ModelControl,
     max_tensor_bytes: int,
     limits: RequestLimits,
+    tensor_content: bool = False,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, limits), server
+        PredictionServicer(service, max_tensor_bytes, limits, tensor_content), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server

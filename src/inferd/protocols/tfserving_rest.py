@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import orjson
 
-from inferd.errors import InferdError, InvalidArgument, encodable
+from inferd._proto.example_pb2 import Example, Feature
+from inferd.errors import InferdError, Internal, InvalidArgument, UnknownLabel, encodable
 from inferd.protocols.decoding import decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.service import Call, InferenceService
 from inferd.types import (
+    InferenceResponse,
     Method,
     ModelMetadata,
     ModelRef,
@@ -67,7 +70,7 @@ async def handle(
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            with service.call(PROTOCOL, name, request_id, traffic_key) as call:
+            with service.call(PROTOCOL, name, request_id, traffic_key) as call, unknown_label_as_invalid():
                 ref = model_ref(name, version, label)
                 doc = await decode(decode_pool, len(body), parse_json, body)
                 offload = (decode_pool, len(body))
@@ -88,7 +91,35 @@ async def handle(
             expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
             raise InvalidArgument(f"Malformed request: {method} {path}; expected {expected}")
     except InferdError as error:
+        if isinstance(error, UnknownLabel):
+            error = InvalidArgument(error.message)  # TF Serving's v1 answers an unknown label with 400
         return json_error(error)
+
+
+@contextlib.contextmanager
+def unknown_label_as_invalid() -> Iterator[None]:
+    """TF Serving's APIs answer an unknown version label with INVALID_ARGUMENT (the V2 API,
+    NOT_FOUND); inside a ``service.call`` it is also counted so."""
+    try:
+        yield
+    except UnknownLabel as error:
+        raise InvalidArgument(error.message) from None
+
+
+_PARSE_ERRORS = (
+    ("Expecting value", "Invalid value."),
+    ("Expecting property name", "Missing a name for object member."),
+    ("Expecting ':' delimiter", "Missing a colon after a name of object member."),
+    (
+        "Expecting ',' delimiter",
+        "Missing a comma or ']' after an array element, or '}' after an object member.",
+    ),
+    ("Extra data", "The document root must not be followed by other values."),
+    ("Unterminated string", "Missing a closing quotation mark in string."),
+    ("Invalid \\escape", "Invalid escape character in string."),
+    ("Invalid control character", "Invalid encoding in string."),
+)
+"""The standard parser's messages -> rapidjson's, which TF Serving answers."""
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -104,6 +135,12 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         try:  # the standard parser also takes NaN, Infinity and -Infinity, as TF Serving does
             document = json.loads(body)
+        except json.JSONDecodeError as error:
+            # TF Serving's (rapidjson's) words first, which clients match; then where it went wrong.
+            words = next((w for key, w in _PARSE_ERRORS if error.msg.startswith(key)), error.msg)
+            raise InvalidArgument(
+                f"JSON Parse error: {words} at line {error.lineno} column {error.colno}"
+            ) from None
         except (ValueError, RecursionError):
             raise InvalidArgument(f"JSON Parse error: {exc}") from None
     if not isinstance(document, dict):
@@ -134,6 +171,7 @@ async def _predict(
     decoder = TensorDecoder(limits)
     key = "instances" if row_format else "inputs"
     inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
+    _check_json_types(signature, inputs)
     response = await call.infer(inputs, deadline)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
     if not row_format:
@@ -204,6 +242,8 @@ class TensorDecoder:
         name; with a one-input signature, a one-feature example gives that input whatever its name."""
         self._limits.instances("examples", len(examples))
         names = signature.input_names()
+        if (serialized := self._serialized(signature, examples, context)) is not None:
+            return {names[0]: serialized}
         rows = []
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
@@ -218,6 +258,46 @@ class TensorDecoder:
             else:
                 raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
         return {name: self.array([row[name] for row in rows], name) for name in names}
+
+    def _serialized(
+        self, signature: Signature, examples: list[Any], context: dict[str, Any]
+    ) -> np.ndarray | None:
+        """For a signature whose one input is a string tensor not named by the features (a
+        ``tf.Example`` parser, as TensorFlow's classify and regress signatures are), the examples
+        as serialized ``tf.Example``s with the context merged in, as TF Serving feeds them; else None.
+        """
+        (spec, *others) = signature.inputs
+        if others or spec.dtype.kind != "O":
+            return None
+        if all(isinstance(e, dict) and set(e) | set(context) == {spec.name} for e in examples):
+            return None  # the feature feeds the input by name
+        serialized = np.empty(len(examples), dtype=object)
+        for i, example in enumerate(examples):
+            if not isinstance(example, dict):
+                raise InvalidArgument(f"examples[{i}] must be an object of features")
+            if clash := set(example) & set(context):
+                raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
+            message = Example()
+            for key, value in {**context, **example}.items():
+                self._feature(message.features.feature[key], key, value)
+            serialized[i] = message.SerializeToString()
+        return serialized
+
+    def _feature(self, feature: Feature, key: str, value: Any) -> None:
+        """One JSON feature (a value or a list of them) into ``feature``: integers as int64_list,
+        other numbers as float_list, strings and ``{"b64": ...}`` as bytes_list."""
+        values = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            feature.int64_list.value.extend(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            feature.float_list.value.extend(values)
+        elif all(isinstance(v, str | dict) for v in values):
+            feature.bytes_list.value.extend(self._objects(values, key, 0))
+        else:
+            raise InvalidArgument(
+                f'feature {key!r}: expected numbers, strings or {{"b64": ...}} values of one kind, '
+                f"got {value!r}"[:200]
+            )
 
     def array(self, value: Any, name: str) -> np.ndarray:
         """Nested JSON lists -> an ndarray; ``{"b64": ...}`` leaves become bytes."""
@@ -315,6 +395,32 @@ def _per_row(outputs: dict[str, Any]) -> Any:
     return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
 
 
+def _check_json_types(signature: Signature, inputs: Tensors) -> None:
+    """Strings where numbers are declared, or numbers where strings are, refused in TF Serving's
+    words (``JSON Value: "x" not of expected type: float``), then inferd's (the input, what it
+    expected and what came)."""
+    for spec in signature.inputs:
+        value = inputs.get(spec.name)
+        if value is None or not value.size:
+            continue
+        strings = value.dtype.kind in "OUS"
+        if strings != (spec.dtype.kind == "O"):
+            first = value.reshape(-1)[0]
+            shown = json.dumps(
+                first.decode(errors="replace")
+                if isinstance(first, bytes)
+                else first.item()
+                if isinstance(first, np.generic)
+                else first
+            )
+            expected = dtype_of(spec.dtype).tf.removeprefix("DT_").lower()
+            got = f"{dtype_of(value.dtype).v2} {list(value.shape)}"
+            raise InvalidArgument(
+                f"JSON Value: {shown} not of expected type: {expected}; "
+                f"input {spec.name!r}: expected {spec.describe()}, got {got}"
+            )
+
+
 def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
     """JSON for ``document``, which holds ``outputs``. orjson writes NaN as null, so a document
     with a non-finite float goes through the standard library, which writes NaN and Infinity
@@ -353,13 +459,40 @@ async def _classify_or_regress(
                 f"{list(values.shape)}; use :predict for a model with several outputs per example"
             )
         return _encode({"results": _jsonable(name, values.reshape(len(examples)))}, response.outputs)
-    classes, scores = response.outputs["classes"], response.outputs["scores"]
-    labels = _jsonable("classes", classes)
     results = [
-        [[str(c), s] for c, s in zip(row, srow, strict=True)]
-        for row, srow in zip(labels, scores.tolist(), strict=True)
+        [[label, score] for label, score in zip(labels, scores, strict=True)]
+        for labels, scores in classification_rows(response)
     ]
     return _encode({"results": results}, response.outputs)
+
+
+def classification_rows(response: InferenceResponse) -> list[tuple[list[str], list[float]]]:
+    """Per example, its class labels and scores. A signature may give ``classes``, ``scores`` or
+    both (as [examples, classes]); a missing one reads as "" labels or 0.0 scores, as TF Serving's.
+
+    Raises:
+        Internal: neither output, or shapes that do not agree.
+    """
+    classes, scores = response.outputs.get("classes"), response.outputs.get("scores")
+    given = [tensor for tensor in (classes, scores) if tensor is not None]
+    if not given or given[0].ndim != 2 or any(tensor.shape != given[0].shape for tensor in given):
+        raise Internal(
+            f"model {response.model_id} returned classes and scores of shapes "
+            f"{None if classes is None else list(classes.shape)} and "
+            f"{None if scores is None else list(scores.shape)}; a classify signature gives "
+            "classes and/or scores as [examples, classes]"
+        )
+    count, width = given[0].shape
+    label_rows = (
+        [[""] * width] * count
+        if classes is None
+        else [
+            [c.decode(errors="replace") if isinstance(c, bytes) else str(c) for c in row]
+            for row in classes.tolist()
+        ]
+    )
+    score_rows = [[0.0] * width] * count if scores is None else scores.astype(float).tolist()
+    return list(zip(label_rows, score_rows, strict=True))
 
 
 def _status(statuses: list[VersionStatus]) -> dict[str, Any]:
@@ -382,7 +515,11 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
             if spec.shape is None
             else {"dim": [{"size": str(d), "name": ""} for d in spec.shape], "unknown_rank": False}
         )
-        return {"dtype": dtype_of(spec.dtype).tf, "tensor_shape": shape, "name": spec.name}
+        return {
+            "dtype": dtype_of(spec.dtype).tf,
+            "tensor_shape": shape,
+            "name": spec.tensor_name or spec.name,
+        }
 
     signatures = {
         name: {
@@ -400,5 +537,4 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
             "version": str(meta.model_id.version),
         },
         "metadata": {"signature_def": {"signature_def": signatures}},
-        "device": meta.device,
     }

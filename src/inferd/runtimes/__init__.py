@@ -167,7 +167,10 @@ def load_model(version_dir: Path, settings: ModelSettings, platform: str | None)
     Raises:
         ModelLoadError: the runtime failed, or ``settings.safe`` and the format runs code.
     """
-    runtime = get_runtime(platform or settings.runtime or detect_runtime(version_dir))
+    name = platform or settings.runtime or detect_runtime(version_dir)
+    if settings.prefer_tflite and (version_dir / "model.tflite").is_file() and name.lower() == "tensorflow":
+        name = "tflite"  # --prefer_tflite_model, as TF Serving: the SavedModel folder's model.tflite
+    runtime = get_runtime(name)
     if settings.safe and runtime.name in _RUNS_REPOSITORY_CODE:
         raise ModelLoadError(
             f"--safe refuses the {runtime.name} runtime: {_RUNS_REPOSITORY_CODE[runtime.name]}; "
