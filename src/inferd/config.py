@@ -567,6 +567,11 @@ class ServerConfig:
         "threads that run model predictions",
         default_factory=lambda: os.cpu_count() or 1,
     )
+    decode_processes: int = option(
+        "processes that decode large REST JSON bodies (1 MiB and up), started at the first one, "
+        "so that decoding them does not hold the server's GIL (0: decode them on a thread)",
+        default=1,
+    )
     max_request_bytes: int = option(
         "largest request body accepted; larger bodies get 413",
         default=64 * 1024 * 1024,

@@ -52,6 +52,7 @@ from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
+from inferd.protocols.decoding import BodyDecoder
 from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
 from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
@@ -92,7 +93,7 @@ class HttpApp:
         metrics: Metrics,
         metrics_paths: set[str],
         inflight: InflightBytes,
-        decode_pool: ThreadPoolExecutor | None = None,
+        decode_pool: BodyDecoder | None = None,
         rollouts: Rollouts | None = None,
     ) -> None:
         self._service = service
@@ -330,7 +331,7 @@ class Server:
         self.metrics = Metrics()
         self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
         self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
-        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="inferd-decode")
+        self._decode_pool = BodyDecoder(config.decode_processes)
         self.repository = Repository(config)
         self.feature_stores = FeatureStores()
         self.servables = ServableFactory(
@@ -488,7 +489,7 @@ class Server:
             await self.manager.close()
             await self.feature_stores.close()
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool.close()
             self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 

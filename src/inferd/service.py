@@ -338,13 +338,28 @@ class Call:
             Unavailable: the server is shutting down.
             InvalidArgument: unknown signature, or one whose method is not ``method``.
         """
+        self._version = version = self._lease(ref)
+        self._signature = signature = _find_signature(version, name, method)
+        return _servable(version).request_signature(signature)
+
+    def signatures(self, ref: ModelRef) -> dict[str, Signature]:
+        """What the caller sends for each signature of the version ``ref`` resolves to, by name:
+        the version ``open`` will lease for the same ``ref`` (also in a traffic split).
+
+        Raises:
+            NotFound: unknown model, version or label.
+            Unavailable: the server is shutting down.
+        """
+        servable = _servable(self._lease(ref))
+        return {name: servable.request_signature(s) for name, s in servable.model.signatures.items()}
+
+    def _lease(self, ref: ModelRef) -> ServedVersion[Servable]:
+        """The version ``ref`` resolves to, leased once per ref and call (by the traffic key)."""
         held = self._leases.get(ref)
         if held is None:
             lease = self._service._manager.lease(ref, self.traffic_key)
             held = self._leases[ref] = (lease, lease.__enter__())
-        self._version = version = held[1]
-        self._signature = signature = _find_signature(version, name, method)
-        return _servable(version).request_signature(signature)
+        return held[1]
 
     async def infer(
         self, inputs: Tensors, deadline: float | None = None, request_id: str | None = None

@@ -351,7 +351,8 @@ def test_grpc_refuses_a_call_without_its_token_before_reading_its_message(repo: 
 
 def test_a_large_json_body_is_decoded_off_the_event_loop(server: ServerProcess) -> None:
     """A 48 MiB JSON body is decoded on another thread than the event loop's (the process's main
-    thread): the CPU time it costs is counted there (``/proc/<pid>/task/<tid>/stat``). Before,
+    thread) or in a decode process: the CPU time it costs is counted there
+    (``/proc/<pid>/task/<tid>/stat``, ``/proc/<child>/stat``). Before,
     the event loop decoded it in one step with its answer, and nobody else was answered meanwhile.
     (The decoder holds the GIL while it parses, so the loop is not free all the while; the
     latency the good client sees is printed.)"""
@@ -362,19 +363,133 @@ def test_a_large_json_body_is_decoded_off_the_event_loop(server: ServerProcess) 
     sock = connect(server)
     with good_client(server) as latencies:
         before = _thread_cpu_ticks(server)
+        children_before = _process_cpu_ticks(server.process.pid)
         sock.sendall(head + big)
         sent = len(latencies)
         answer = read_until_closed_or_answered(sock)
         during = len(latencies) - sent
         after = _thread_cpu_ticks(server)
+        children = _process_cpu_ticks(server.process.pid)
     report("a 48 MiB JSON body decoding", latencies)
     main = after.pop(server.process.pid) - before.get(server.process.pid, 0)
     others = sum(ticks - before.get(tid, 0) for tid, ticks in after.items())
+    children.pop(server.process.pid)
+    others += sum(ticks - children_before.get(pid, 0) for pid, ticks in children.items())
     print(f"{during} good calls answered between the body's last byte and its answer")
-    print(f"CPU ticks while it was decoded: event loop {main}, other threads {others}")
+    print(f"CPU ticks while it was decoded: event loop {main}, other threads and processes {others}")
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"shape needs 4 elements" in answer
     assert others > main
+
+
+LARGE_ROWS = 512 * 1024
+"""Rows of 4 FP32 values in each large body: ~16 MiB of JSON, past the size from which bodies
+are decoded in a decode process."""
+
+
+def _large_bodies() -> list[tuple[str, bytes]]:
+    """Four legal V2 JSON bodies and one legal TF Serving v1 body of ~16 MiB each, as (path,
+    body). The V2 ones ask for their output as binary data, so that answering them costs little."""
+    row = b"[0.1234,0.5678,0.9012,0.3456]"
+    rows = b",".join([row] * LARGE_ROWS)
+    v2 = (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [%d, 4], "data": [%s]}], '
+        b'"parameters": {"binary_data_output": true}}' % (LARGE_ROWS, rows)
+    )
+    v1 = b'{"inputs": [%s]}' % rows  # the columnar format: 'instances' is capped at 100,000 rows
+    return [("/v2/models/affine/infer", v2)] * 4 + [("/v1/models/affine:predict", v1)]
+
+
+def _process_cpu_ticks(pid: int) -> dict[int, int]:
+    """User + system CPU ticks of ``pid`` and of each of its child processes, by process id."""
+    ticks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):  # the process ended meanwhile
+            continue
+        process = int(stat.parent.name)
+        if process == pid or int(fields[1]) == pid:  # fields[1]: the parent's id
+            ticks[process] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def test_large_json_bodies_are_decoded_in_another_process(server: ServerProcess) -> None:
+    """Four large legal V2 JSON bodies and a large v1 predict body, sent at once, are decoded in
+    a decode process (a child of the server), not in the server process whose thread runs the
+    event loop: they never take its GIL. Most of the CPU time they cost is counted in the
+    children (``/proc/<pid>/stat``), and each body's answer is right. Before, they were decoded
+    on the server's decode thread, which held the GIL the event loop needs for whole parses.
+    The well-behaved client's latency meanwhile is printed."""
+    bodies = _large_bodies()
+    answers: list[bytes] = [b""] * len(bodies)
+
+    def send(i: int, path: str, body: bytes) -> None:
+        sock = connect(server)
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+        sock.sendall(head + body)
+        answers[i] = read_until_closed_or_answered(sock)
+
+    senders = [threading.Thread(target=send, args=(i, *item)) for i, item in enumerate(bodies)]
+    with good_client(server) as latencies:
+        before = _process_cpu_ticks(server.process.pid)
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=120)
+        after = _process_cpu_ticks(server.process.pid)
+    report("four 16 MiB V2 JSON bodies and one 16 MiB v1 body decoding", latencies)
+    server_ticks = after.pop(server.process.pid) - before.get(server.process.pid, 0)
+    child_ticks = sum(ticks - before.get(pid, 0) for pid, ticks in after.items())
+    print(f"CPU ticks while they were decoded: server process {server_ticks}, decode processes {child_ticks}")
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b'"shape":[%d,4]' % LARGE_ROWS in answers[0].replace(b" ", b"")
+    assert answers[-1].count(b"[1.2468,2.1356,2.8024,1.6912]") == LARGE_ROWS
+    assert child_ticks > server_ticks
+
+
+def _kill_busy_decoder(server: ServerProcess, known: set[int]) -> int:
+    """SIGKILL the server's child process not in ``known`` that is using CPU (a decode process at
+    work; the multiprocessing resource tracker, also a child, idles), once it has used 5 ticks.
+    Returns its process id; fails if none is seen working within ``WAIT_S``."""
+    deadline = time.monotonic() + WAIT_S
+    first: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        for pid, ticks in _process_cpu_ticks(server.process.pid).items():
+            if pid == server.process.pid or pid in known:
+                continue
+            if ticks - first.setdefault(pid, ticks) >= 5:
+                os.kill(pid, 9)
+                return pid
+        time.sleep(0.01)
+    pytest.fail("no decode process was seen decoding")
+
+
+def test_a_decode_process_that_dies_fails_only_its_own_request(server: ServerProcess) -> None:
+    """A decode process killed while it decodes a large body is replaced and the body decoded
+    again (answer 200); killed twice for the same body, that request alone is answered 503, and
+    the next large body is decoded by a fresh decode process (200)."""
+    path, body = _large_bodies()[0]
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+
+    def send() -> bytes:
+        sock = connect(server)
+        sock.sendall(head + body)
+        return read_until_closed_or_answered(sock)
+
+    killed: set[int] = set()
+    for kills, status in ((1, b"200"), (2, b"503")):
+        answers: list[bytes] = []
+        sender = threading.Thread(target=lambda out=answers: out.append(send()))
+        sender.start()
+        for _ in range(kills):
+            killed.add(_kill_busy_decoder(server, killed))
+        sender.join(timeout=120)
+        assert len(answers) == 1
+        assert answers[0].startswith(b"HTTP/1.1 %s " % status), answers[0][:300]
+    assert b"the process decoding this request body exited" in answers[0]
+    assert send().startswith(b"HTTP/1.1 200 ")
 
 
 def _thread_cpu_ticks(server: ServerProcess) -> dict[int, int]:

@@ -151,3 +151,31 @@ def test_a_split_changes_on_the_fly_when_the_poll_reads_the_settings(
     server.wait_for(lambda: versions(20) == {2}, "the split to move to the canary")
     write_settings(base, '"1" = 1\n"2" = 0\n')
     server.wait_for(lambda: versions(20) == {1}, "the split to move back to version 1 by number")
+
+
+def test_a_large_body_is_decoded_for_the_version_its_traffic_key_goes_to(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A body large enough for a decode process is decoded for the signature of the version the
+    request runs on; the two versions' signatures differ (output y vs. z), so decoding for the
+    other one would fail the request with 503."""
+    base = tmp_path / "affine"
+    for version, output in ((1, "y"), (2, "z")):
+        write_onnx_affine(base / str(version), scale=float(version), output=output)
+    write_settings(base, "stable = 50\ncanary = 50\n")
+    server = start_server(f"--model_base_path={base}", "--model_name=affine", "--traffic_key_header=X-User")
+    rows = 70_000  # about 1.3 MB of JSON: past the decode process threshold (1 MiB)
+    body = {"instances": [ROW] * rows}
+    seen: dict[str, set[int]] = collections.defaultdict(set)
+    for i in range(12):
+        key = f"user-{i % 4}"
+        response = requests.post(
+            f"{server.url}/v1/models/affine:predict", json=body, headers={"x-user": key}, timeout=60
+        )
+        assert response.status_code == 200, response.text[:300]
+        version = int(response.headers["x-inferd-model-version"])
+        predictions = response.json()["predictions"]
+        assert len(predictions) == rows
+        assert predictions[0] == [x * version for x in ROW]
+        seen[key].add(version)
+    assert all(len(versions) == 1 for versions in seen.values()), seen

@@ -12,19 +12,27 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import orjson
 
 from inferd._proto.example_pb2 import Example, Feature
-from inferd.errors import InferdError, Internal, InvalidArgument, UnknownLabel, encodable
-from inferd.protocols.decoding import decode
+from inferd.errors import (
+    InferdError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    UnknownLabel,
+    encodable,
+)
+from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.service import Call, InferenceService
 from inferd.types import (
+    DEFAULT_SIGNATURE,
     InferenceResponse,
     Method,
     ModelMetadata,
@@ -57,7 +65,7 @@ async def handle(
     limits: RequestLimits,
     deadline: float | None = None,
     traffic_key: str | None = None,
-    decode_pool: Executor | None = None,
+    decode_pool: BodyDecoder | None = None,
 ) -> Response:
     """Answer one request under ``/v1/``. Expected failures become error responses; an inference
     request is counted and timed by its ``service.call``, and its answer names the version that
@@ -72,13 +80,22 @@ async def handle(
             name, version, label, verb = match.groups()
             with service.call(PROTOCOL, name, request_id, traffic_key) as call, unknown_label_as_invalid():
                 ref = model_ref(name, version, label)
-                doc = await decode(decode_pool, len(body), parse_json, body)
                 offload = (decode_pool, len(body))
-                if verb.lower() == "predict":
-                    answer = await _predict(call, ref, doc, deadline, limits, offload)
+                predict = verb.lower() == "predict"
+                if predict and decode_pool is not None and decode_pool.in_process(len(body)):
+                    doc, decoded = await decode_pool.apart(
+                        _parse_predict, body, limits, _signatures(call, ref)
+                    )
+                    answer = await _predict(call, ref, doc, deadline, limits, offload, decoded)
                 else:
-                    method_ = _METHODS[verb.lower()]
-                    answer = await _classify_or_regress(call, ref, method_, doc, deadline, limits, offload)
+                    doc = await decode(decode_pool, len(body), parse_json, body)
+                    if predict:
+                        answer = await _predict(call, ref, doc, deadline, limits, offload)
+                    else:
+                        method_ = _METHODS[verb.lower()]
+                        answer = await _classify_or_regress(
+                            call, ref, method_, doc, deadline, limits, offload
+                        )
                 return with_version(answer, call.answered_by)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
@@ -158,8 +175,10 @@ async def _predict(
     doc: dict[str, Any],
     deadline: float | None,
     limits: RequestLimits,
-    offload: tuple[Executor | None, int] = (None, 0),
+    offload: tuple[BodyDecoder | None, int] = (None, 0),
+    decoded: Decoded | None = None,
 ) -> Response:
+    """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did."""
     signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
@@ -170,7 +189,15 @@ async def _predict(
     row_format = "instances" in doc
     decoder = TensorDecoder(limits)
     key = "instances" if row_format else "inputs"
-    inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
+    if decoded is None:
+        inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
+    else:
+        used, outcome = decoded
+        if outcome is None or used != signature:  # the version changed since _signatures
+            raise Unavailable("the model version changed while the request body was decoded; retry")
+        if isinstance(outcome, InferdError):
+            raise outcome
+        inputs = outcome
     _check_json_types(signature, inputs)
     response = await call.infer(inputs, deadline)
     outputs = {name: _jsonable(name, value) for name, value in response.outputs.items()}
@@ -178,6 +205,49 @@ async def _predict(
         (only,) = outputs.values() if len(outputs) == 1 else (outputs,)
         return _encode({"outputs": only}, response.outputs)
     return _encode({"predictions": _per_row(outputs)}, response.outputs)
+
+
+Decoded = tuple[Signature | None, Tensors | InferdError | None]
+"""A predict body's tensors decoded in a decode process, with the signature they were decoded
+for, or the error decoding them raised; ``(None, None)`` when the body's signature or keys are
+not usable (``_predict`` then raises the error a body decoded here would get)."""
+
+
+def _signatures(call: Call, ref: ModelRef) -> dict[str, Signature]:
+    """The signatures of the version the call leases for ``ref`` (the one it will run on, also in
+    a traffic split), by name; none for an unknown model, whose NotFound is raised after the body
+    is parsed, as for a body decoded here."""
+    try:
+        return call.signatures(ref)
+    except NotFound:
+        return {}
+
+
+def _parse_predict(
+    body: bytes, limits: RequestLimits, signatures: dict[str, Signature]
+) -> tuple[dict[str, Any], Decoded]:
+    """A predict body parsed and its tensors decoded for the signature it names, in a decode
+    process: the document comes back without its (large) ``instances`` or ``inputs`` value.
+
+    Raises:
+        InvalidArgument: as ``parse_json``. Errors decoding the tensors are returned, not raised,
+            so that ``_predict`` raises them only after the checks that come first.
+    """
+    doc = parse_json(body)
+    name = doc.get("signature_name")
+    signature = signatures.get(DEFAULT_SIGNATURE if name is None else name)
+    if signature is None or ("instances" in doc) == ("inputs" in doc):
+        for key in ("instances", "inputs"):
+            if key in doc:
+                doc[key] = None
+        return doc, (None, None)
+    key = "instances" if "instances" in doc else "inputs"
+    try:
+        return doc, (signature, _take_tensors(TensorDecoder(limits), signature, doc, key))
+    except InferdError as error:
+        return doc, (signature, error)
+    finally:
+        doc[key] = None  # _take_tensors took it out; _predict checks that it was there
 
 
 def _take_tensors(decoder: TensorDecoder, signature: Signature, doc: dict[str, Any], key: str) -> Tensors:
@@ -437,7 +507,7 @@ async def _classify_or_regress(
     doc: dict[str, Any],
     deadline: float | None,
     limits: RequestLimits,
-    offload: tuple[Executor | None, int] = (None, 0),
+    offload: tuple[BodyDecoder | None, int] = (None, 0),
 ) -> Response:
     verb = "classify" if method is Method.CLASSIFY else "regress"
     examples = doc.get("examples")

@@ -10,7 +10,6 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 from __future__ import annotations
 
 import re
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.protocols.codecs import from_raw, to_raw
-from inferd.protocols.decoding import decode
+from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
@@ -56,7 +55,7 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
-    decode_pool: Executor | None = None,
+    decode_pool: BodyDecoder | None = None,
 ) -> Response:
     """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses; an
     inference request is counted and timed by its ``service.call``. Large bodies are decoded on
@@ -172,9 +171,9 @@ async def _infer(
     body: bytes,
     deadline: float | None,
     limits: RequestLimits,
-    decode_pool: Executor | None = None,
+    decode_pool: BodyDecoder | None = None,
 ) -> Response:
-    doc, inputs = await decode(
+    doc, inputs = await decode_apart(
         decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
     )
     call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
