@@ -100,6 +100,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _ray_parser(sub: Any) -> None:
+    from inferd.ray import command as ray_command
+
+    ray_command.add_parsers(sub, _serve_parser)
+
+
 def _features_parser(sub: Any) -> None:
     parser = sub.add_parser("features", help="manage online features", description="Manage online features.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -667,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _select_parser(sub)
     _optimize_parser(sub)
     _rollout_parser(sub)
+    _ray_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
         return _load_features(args)
@@ -685,6 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _optimize(args)
     if args.command == "rollout":
         return _rollout(args)
+    if args.command == "ray":
+        from inferd.ray import command as ray_command
+
+        return ray_command.main(args)
     if args.version:
         from inferd import __version__
 

@@ -357,6 +357,20 @@ class Server:
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
+    def http_app(self) -> HttpApp:
+        """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
+        under uvicorn; a Ray Serve replica under Serve's proxy)."""
+        return HttpApp(
+            self.service,
+            self.control,
+            self.config,
+            self.metrics,
+            self.metrics_paths,
+            self.inflight,
+            self._decode_pool,
+            self.rollouts,
+        )
+
     async def _poll(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
@@ -411,16 +425,7 @@ class Server:
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         http = http_server(
             uvicorn.Config(
-                HttpApp(
-                    self.service,
-                    self.control,
-                    self.config,
-                    self.metrics,
-                    self.metrics_paths,
-                    self.inflight,
-                    self._decode_pool,
-                    self.rollouts,
-                ),
+                self.http_app(),
                 host=self.config.host,
                 port=self.config.rest_api_port,
                 access_log=False,
@@ -483,14 +488,19 @@ class Server:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
-            await self.rollouts.close()
-            await self.shadows.close()
-            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
-            await self.manager.close()
-            await self.feature_stores.close()
-            self._infer_pool.shutdown(wait=False, cancel_futures=True)
-            self._decode_pool.close()
-            self._load_pool.shutdown(wait=False, cancel_futures=True)
+            await self.close()
+
+    async def close(self) -> None:
+        """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
+        unload every version, close the feature stores and stop the pools (after the drain)."""
+        await self.rollouts.close()
+        await self.shadows.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+        await self.manager.close()
+        await self.feature_stores.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.close()
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _start_grpc(

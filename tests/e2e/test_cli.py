@@ -51,7 +51,7 @@ def test_a_busy_port_fails_the_start_with_exit_2_before_claiming_to_serve(tmp_pa
     [
         (["serve", "repo", "--rest_api_prot=9000"], "serve"),
         (["bench", "http://localhost:8501", "--model=m", "--concurency=4"], "bench"),
-        (["batch", "m", "in.npy", "out.npy", "--batch_size=4"], "batch"),
+        (["batch", "m", "in.npy", "out.npy", "--batch_sise=4"], "batch"),
         (["features", "load", "t.csv", "--store=redis://x", "--entity=id", "--tll=3"], "features load"),
     ],
 )

@@ -1,0 +1,193 @@
+"""Deploys inferd as a Ray Serve application: the replica class, its autoscaling and its ingress.
+
+Imports ray; only ``inferd.ray.command`` imports this module, and only once Ray is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from inferd.config import ServerConfig
+from inferd.errors import ConfigError
+
+APP_NAME = "inferd"
+
+PROXY_ENV = {
+    # Serve's fallback proxy defaults to 8500, TF Serving's gRPC port: moved above it.
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8510",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "9510",
+    # HAProxy retries a request on another replica when its replica closed the connection without
+    # answering (killed): inferd's predictions are idempotent. Ray's default retries connection
+    # failures only. Only requests that fit HAProxy's buffer (16 KiB by default) are replayed.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+}
+"""Environment every Ray node's processes need (the Serve controller reads it at start)."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many replicas run. ``num_replicas`` fixes the count; otherwise Serve's autoscaler keeps
+    ``target_ongoing_requests`` in flight per replica (inferd's in-flight requests, queued rows
+    included while they wait for a batch) between ``min_replicas`` and ``max_replicas``, reacting
+    after ``upscale_delay_s`` / ``downscale_delay_s`` seconds (Serve's defaults: 30 s and 600 s)."""
+
+    num_replicas: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 10.0
+    graceful_shutdown_timeout_s: float = 30.0
+    num_cpus: float = 0.0
+
+    def check(self) -> None:
+        """Raises ConfigError naming the flag when a value is out of range."""
+        if self.num_replicas < 0:
+            raise ConfigError(f"--num_replicas must be >= 0, got {self.num_replicas}")
+        if self.min_replicas < 0:
+            raise ConfigError(f"--min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ConfigError(
+                f"--max_replicas must be >= 1 and >= --min_replicas ({self.min_replicas}), "
+                f"got {self.max_replicas}"
+            )
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError(f"--target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s", "num_cpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0 seconds, got {getattr(self, name)}")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.deployment``."""
+        options: dict[str, Any] = {
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": 0.2,
+            "health_check_period_s": 2.0,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            # inferd sheds past --max_in_flight itself; Serve must not queue in front of it.
+            "max_ongoing_requests": 100_000,
+        }
+        if self.num_replicas:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": 2.0,
+            }
+        return options
+
+
+def application(config: ServerConfig, scaling: Scaling) -> Any:
+    """The Serve application: inferd's replica class with inferd's ASGI app as its ingress."""
+    from ray import serve
+
+    from inferd.ray.replica import InferdReplica
+
+    deployment = serve.deployment(name=APP_NAME, **scaling.options())(serve.ingress()(InferdReplica))
+    return deployment.bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve's application builder (``import_path: inferd.ray.deployment:app_builder`` in a Serve
+    config file or a KubeRay RayService): ``args`` holds ``inferd serve`` flags and the
+    ``Scaling`` fields by name, values as YAML gives them (strings are converted).
+
+    Raises:
+        ConfigError: a name that is neither, or a value of the wrong kind.
+    """
+    config_fields = {f.name: f for f in fields(ServerConfig)}
+    scaling_fields = {f.name: f for f in fields(Scaling)}
+    config: dict[str, Any] = {}
+    scaling: dict[str, Any] = {}
+    for name, value in args.items():
+        target, known = (config, config_fields) if name in config_fields else (scaling, scaling_fields)
+        if name not in known:
+            raise ConfigError(
+                f"application args: unknown {name!r}; expected inferd serve flags or {sorted(scaling_fields)}"
+            )
+        kind = type(getattr(ServerConfig() if target is config else Scaling(), name))
+        try:
+            target[name] = _convert(value, kind)
+        except ValueError as exc:
+            raise ConfigError(f"application args: {name!r} must be {kind.__name__}, got {value!r}") from exc
+    ranges = Scaling(**scaling)
+    ranges.check()
+    return application(ServerConfig(**config), ranges)
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(value)
+    return kind(value)
+
+
+def deploy(
+    config: ServerConfig,
+    scaling: Scaling,
+    address: str,
+    http_host: str,
+    http_port: int,
+    proxy: str,
+) -> None:
+    """Connect to the cluster at ``address`` ("" starts a local one), start Serve's ingress on
+    ``http_host:http_port`` and deploy (or update in place) the inferd application; returns once
+    every replica is up."""
+    if proxy == "haproxy":
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    for name, value in PROXY_ENV.items():
+        os.environ.setdefault(name, value)
+    import ray
+    from ray import serve
+
+    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+    serve.start(http_options={"host": http_host, "port": http_port})
+    serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def status(address: str) -> dict[str, Any]:
+    """The inferd application's status, its replicas' counts by state (STARTING, RUNNING,
+    STOPPING, ...) and the replicas' ids."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+    app = serve.status().applications.get(APP_NAME)
+    deployment = app.deployments.get(APP_NAME) if app else None
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{APP_NAME}#"
+    return {
+        "status": str(app.status) if app else "NOT_DEPLOYED",
+        "replica_states": {str(k): v for k, v in deployment.replica_states.items()} if deployment else {},
+        "replicas": sorted(
+            actor["name"][len(prefix) :]
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(prefix)
+        ),
+    }
+
+
+def shutdown(local: bool) -> None:
+    """Delete the inferd application (its replicas drain) and disconnect; ``local``: also shut
+    Serve down (its proxies and HAProxy, which ``ray stop`` leaves running) before the cluster
+    this process started goes."""
+    import ray
+    from ray import serve
+
+    if local:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+    else:
+        serve.delete(APP_NAME)
+    ray.shutdown()

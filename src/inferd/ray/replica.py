@@ -1,0 +1,68 @@
+"""One Ray Serve replica: the whole inferd server (both REST APIs, batching, shedding, deadlines,
+features, caches, tokens, metrics) built inside the replica from the same composition root as
+``inferd serve`` (``inferd.server.Server``) and answering through the same ASGI app (``HttpApp``).
+
+The replica loads the repository's versions before Serve marks it healthy, polls the repository
+like ``inferd serve`` (so every replica converges on the same versions and labels), and drains on
+shutdown: Serve first stops routing to it and waits for its requests, then inferd's own drain
+waits for any still in flight before the models are unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from inferd.config import ServerConfig
+from inferd.server import HttpApp, Server
+
+log = logging.getLogger(__name__)
+
+
+class InferdReplica:
+    """A Serve deployment class (decorated by ``deployment.build``); its ASGI app is inferd's."""
+
+    async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        self._server = Server(config)
+        control = self._server.control
+        await control.sync()
+        wait_s = config.file_system_poll_wait_seconds
+        if wait_s > 0:  # versions load once two scans agree on their content (repository.py)
+            await asyncio.sleep(wait_s)
+            await control.sync()
+        periods = [p for p in (wait_s, config.model_config_file_poll_wait_seconds) if p > 0]
+        self._poller = asyncio.create_task(self._poll(min(periods))) if periods else None
+        level, served = control.summary()
+        log.log(level, "replica %s: %s", _replica_id(), served)
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._server.control.poll()
+            except Exception:  # a scan that fails (disk, permissions, network) is retried next time
+                log.exception("repository scan failed; retrying in %.1f s", interval_s)
+
+    def __serve_build_asgi_app__(self) -> HttpApp:
+        return self._server.http_app()
+
+    async def __del__(self) -> None:
+        """Serve calls this after it stopped routing here and waited for the replica's requests
+        (``graceful_shutdown_timeout_s``); inferd's drain then waits for anything still running."""
+        server = self._server
+        if self._poller is not None:
+            self._poller.cancel()
+        server.manager.drain()
+        try:
+            await server.manager.drained(server.config.drain_timeout_s)
+        finally:
+            await server.close()
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a replica (never in practice): the log line says so
+        return "?"

@@ -1,0 +1,270 @@
+"""``inferd ray serve`` on a real two-node Ray cluster started on this machine: the replicas answer
+as ``inferd serve`` does, and version swaps, scaling and a killed replica lose no request."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from inferd.ray.deployment import PROXY_ENV
+from tests.conftest import ServerProcess, free_port, launch
+from tests.models import write_onnx_affine
+
+pytestmark = pytest.mark.timeout(600)
+
+ROW = [1.0, 2.0, 3.0, 4.0]
+
+
+def _ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@dataclass
+class Cluster:
+    """A head and a worker node started with ``ray start``; ``env`` is what both run with."""
+
+    address: str
+    env: dict[str, str]
+    log_dir: Path
+
+    def inferd(self, *args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "inferd", "ray", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def status(self) -> dict[str, object]:
+        done = self.inferd("status", f"--address={self.address}")
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    log_dir = tmp_path_factory.mktemp("ray")
+    haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))  # its socket path must be short
+    gcs, client, fallback_http, fallback_grpc, stats, haproxy_metrics = _ports(6)
+    token = log_dir / "auth_token"  # the cluster's own token: a ~/.ray/auth_token must not leak in
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **PROXY_ENV,
+    }
+    ray = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    head = [
+        ray,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--ray-client-server-port={client}",
+        "--include-dashboard=false",
+    ]
+    try:
+        subprocess.run([*head, *common], env=env, check=True, capture_output=True, timeout=180)
+        address = f"127.0.0.1:{gcs}"
+        subprocess.run(
+            [ray, "start", f"--address={address}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        yield Cluster(address, env, log_dir)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
+        for pid in _pids_of(str(haproxy).encode()):  # ray stop leaves Serve's HAProxy running
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(haproxy, ignore_errors=True)
+
+
+@dataclass
+class Deployment:
+    cluster: Cluster
+    repository: Path
+    url: str
+    flags: list[str] = field(default_factory=list)
+
+    def deploy(self, *extra: str) -> None:
+        done = self.cluster.inferd("serve", str(self.repository), *self.flags, *extra, "--detach")
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    def replicas_running(self) -> int:
+        states = self.cluster.status()["replica_states"]
+        assert isinstance(states, dict)
+        return int(states.get("RUNNING", 0)) if set(states) == {"RUNNING"} else -1
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    repository = tmp_path_factory.mktemp("repo")
+    write_onnx_affine(repository / "affine" / "1", 2.0)
+    port = free_port()
+    flags = [
+        f"--address={cluster.address}",
+        "--host=127.0.0.1",
+        f"--rest_api_port={port}",
+        "--file_system_poll_wait_seconds=0.3",
+        "--downscale_delay_s=1",
+    ]
+    deployment = Deployment(cluster, repository, f"http://127.0.0.1:{port}", flags)
+    deployment.deploy("--num_replicas=1")
+    return deployment
+
+
+class Traffic:
+    """A client thread posting predictions until stopped; counts answers by outcome."""
+
+    def __init__(self, url: str) -> None:
+        self._url = f"{url}/v1/models/affine:predict"
+        self._stop = threading.Event()
+        self.answers: list[tuple[int, bytes]] = []
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    response = session.post(self._url, json={"instances": [ROW]}, timeout=20)
+                    self.answers.append((response.status_code, response.content))
+                except requests.RequestException as exc:
+                    self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "a request hung"
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _same_requests(url: str) -> list[tuple[int, bytes]]:
+    """The answers to one request of each kind over both REST APIs, in order."""
+    v2 = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": ROW + ROW}]}
+    calls = [
+        ("POST", "/v1/models/affine:predict", {"instances": [ROW, ROW]}),
+        ("POST", "/v1/models/affine/versions/1:predict", {"inputs": {"x": [ROW]}}),
+        ("POST", "/v1/models/affine:predict", {"instances": [[1.0, 2.0]]}),
+        ("GET", "/v1/models/affine", None),
+        ("GET", "/v1/models/affine/metadata", None),
+        ("POST", "/v2/models/affine/infer", v2),
+        ("GET", "/v2/models/affine", None),
+        ("GET", "/v2/models/nope", None),
+        ("GET", "/v2/health/ready", None),
+    ]
+    answers = []
+    for method, path, body in calls:
+        response = requests.request(method, f"{url}{path}", json=body, timeout=30)
+        answers.append((response.status_code, response.content))
+    return answers
+
+
+def test_rest_answers_are_the_bytes_inferd_serve_gives(deployed: Deployment, tmp_path: Path) -> None:
+    alone: ServerProcess = launch(tmp_path, str(deployed.repository))
+    try:
+        expected = _same_requests(alone.url)
+    finally:
+        alone.stop()
+    assert _same_requests(deployed.url) == expected
+    assert expected[0][0] == 200
+    assert expected[2][0] == 400
+
+
+def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed: Deployment) -> None:
+    new = b'{"predictions":[[3.0,6.0,9.0,12.0]]}'
+    with Traffic(deployed.url) as traffic:
+        write_onnx_affine(deployed.repository / "affine" / "2", 3.0)
+        _wait(lambda: bool(traffic.answers) and traffic.answers[-1][1] == new, "version 2 to answer")
+    assert not traffic.failures
+    assert {status for status, _ in traffic.answers} == {200}
+    assert {body for _, body in traffic.answers} <= {b'{"predictions":[[2.0,4.0,6.0,8.0]]}', new}
+
+
+def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> None:
+    with Traffic(deployed.url) as traffic:
+        deployed.deploy("--num_replicas=2")
+        _wait(lambda: len(_replica_pids()) == 2, "a second replica process")
+        _wait(lambda: deployed.replicas_running() == 2, "two replicas running")
+        deployed.deploy("--num_replicas=1")
+        _wait(lambda: len(_replica_pids()) == 1, "the second replica to drain and exit")
+        answered = len(traffic.answers)
+        _wait(lambda: len(traffic.answers) > answered + 5, "answers after scaling down")
+    assert not traffic.failures
+    assert {status for status, _ in traffic.answers} == {200}
+
+
+def _replica_pids() -> list[int]:
+    return [pid for pid in _pids_of(b"") if _cmdline(pid).startswith(b"ray::ServeReplica:inferd")]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _pids_of(needle: bytes) -> list[int]:
+    """This machine's processes whose command line contains ``needle``."""
+    return [
+        int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and needle in _cmdline(int(e.name))
+    ]
+
+
+def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:
+    deployed.deploy("--num_replicas=2")
+    _wait(lambda: deployed.replicas_running() == 2, "two replicas")
+    with Traffic(deployed.url) as traffic:
+        _wait(lambda: len(traffic.answers) > 5, "traffic to flow")
+        os.kill(_replica_pids()[0], signal.SIGKILL)
+        _wait(lambda: len(_replica_pids()) == 2, "the killed replica to be replaced")
+        answered = len(traffic.answers)
+        _wait(lambda: len(traffic.answers) > answered + 5, "answers after the replacement")
+    assert not traffic.failures
+    assert {status for status, _ in traffic.answers} <= {200, 503}
