@@ -62,13 +62,16 @@ def write_onnx_digits(version_dir: Path) -> None:
     onnx.save(graph, version_dir / "model.onnx")
 
 
-def write_onnx_affine(version_dir: Path, scale: float, offset: float = 0.0, width: int = 4) -> None:
-    """``y = x * scale + offset`` on FP32 [-1, width]: a model whose version shows in its output."""
+def write_onnx_affine(
+    version_dir: Path, scale: float, offset: float = 0.0, width: int = 4, output: str = "y"
+) -> None:
+    """``output = x * scale + offset`` on FP32 [-1, width]: a model whose version shows in its
+    output."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", width])
     nodes = [
         helper.make_node("Mul", ["x", "scale"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "offset"], ["y"]),
+        helper.make_node("Add", ["scaled", "offset"], [output]),
     ]
     inits = [
         helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),

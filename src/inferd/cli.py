@@ -555,6 +555,91 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "rollout",
+        help="move a running server's traffic to a new version step by step, guarded by live metrics",
+        description=(
+            "Start a guarded canary rollout of MODEL on a running server (admin route, --admin_token) "
+            "and follow it: the split moves from the version --label points to towards --to, step by "
+            "step; a failed guard rolls it back at once; the last step moves the label. Exits 0 when "
+            "done, 1 when rolled back."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL")
+    add = _snake_case_flags(parser)
+    add("--to", type=int, required=True, help="the canary version")
+    add("--label", default="stable", help="the label that points to the baseline and moves at the end")
+    add("--steps", default="1,5,25,50,100", help="canary percents, increasing, ending at 100")
+    add("--step_s", type=float, default=60.0, help="seconds each step lasts before its guards are checked")
+    add(
+        "--guard",
+        action="append",
+        default=[],
+        help='e.g. "error_rate<=0.01", "p99_ms<=1.2*baseline", "agreement>=0.98" (repeatable)',
+    )
+    add(
+        "--on_restart",
+        default="rollback",
+        choices=["rollback", "resume"],
+        help="if the server restarts mid-way",
+    )
+    add("--url", default="http://127.0.0.1:8501", help="the server's REST address")
+    add("--admin_token", default=os.environ.get("INFERD_ADMIN_TOKEN", ""), help="(or INFERD_ADMIN_TOKEN)")
+    add("--no_wait", action="store_true", help="start it and return at once")
+    add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    base = f"{args.url.rstrip('/')}/v2/repository/models/{args.model}/rollout"
+    headers = {"content-type": "application/json", "authorization": f"Bearer {args.admin_token}"}
+
+    def post(url: str, document: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(url, json.dumps(document).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+        except urllib.error.HTTPError as exc:
+            raise SystemExit(f"inferd rollout: {exc.code}: {exc.read().decode(errors='replace')}") from None
+
+    try:
+        steps = [float(p) for p in args.steps.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
+        ) from None
+    body = {
+        "to": args.to,
+        "label": args.label,
+        "steps": steps,
+        "step_s": args.step_s,
+        "guards": args.guard,
+        "on_restart": args.on_restart,
+    }
+    state = post(base, body)
+    shown = 0
+    while True:
+        for event in state["history"][shown:]:
+            detail = {k: v for k, v in event.items() if k not in ("time", "event")}
+            print(
+                f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}"
+            )
+        shown = len(state["history"])
+        if args.no_wait or state["state"] != "running":
+            break
+        time.sleep(min(1.0, args.step_s / 4))
+        state = post(base + "/status", {})
+    print(f"rollout of {args.model} to version {args.to}: {state['state']}")
+    return 0 if state["state"] in ("done", "running") else 1
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser that refuses arguments it does not know itself, so that a mistyped
     flag of a subcommand (``inferd serve --rest_api_prot=1``) is reported with that
@@ -591,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _bench_parser(sub)
     _select_parser(sub)
     _optimize_parser(sub)
+    _rollout_parser(sub)
     _ray_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "features":
@@ -608,6 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _select(args)
     if args.command == "optimize":
         return _optimize(args)
+    if args.command == "rollout":
+        return _rollout(args)
     if args.command == "ray":
         from inferd.ray import command as ray_command
 

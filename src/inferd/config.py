@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from inferd._proto import batching_parameters_pb2 as bp
 from inferd._proto import model_server_config_pb2 as pb
 from inferd.errors import ConfigError
+from inferd.traffic import parse_weights
 
 SETTINGS_FILE = "inferd.toml"
 
@@ -315,6 +316,124 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
+SHADOW_COMPARISONS = ("auto", "argmax", "tolerance", "exact")
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSettings:
+    """A model's ``[shadow]`` table: mirror a sample of its requests to another version.
+
+    Attributes:
+        version: the version requests are mirrored to (it must be served: policy or label).
+        fraction: the share of answered requests mirrored, in [0, 1].
+        compare: ``auto`` (an output of two or more columns by argmax, as a classifier's scores;
+            other float outputs within ``tolerance``; the rest exactly), or one of ``argmax``,
+            ``tolerance``, ``exact`` for every output.
+        tolerance: the absolute difference under which two float values agree.
+        queue: mirrored requests waiting at most; more are dropped (and counted).
+    """
+
+    version: int
+    fraction: float = 0.1
+    compare: str = "auto"
+    tolerance: float = 1e-6
+    queue: int = 64
+
+
+def shadow_from_toml(table: Mapping[str, Any], where: str) -> ShadowSettings:
+    """``[shadow]`` of inferd.toml -> ShadowSettings.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, naming the key and what was expected.
+    """
+    unknown = sorted(set(table) - {"version", "fraction", "compare", "tolerance", "queue"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; expected version, fraction, compare, tolerance, queue"
+        )
+    version = table.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"{where}: 'version' must be a version number, got {version!r}")
+    fraction = table.get("fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        raise ConfigError(f"{where}: 'fraction' must be a number in [0, 1], got {fraction!r}")
+    compare = table.get("compare", "auto")
+    if compare not in SHADOW_COMPARISONS:
+        raise ConfigError(f"{where}: 'compare' must be one of {list(SHADOW_COMPARISONS)}, got {compare!r}")
+    tolerance = table.get("tolerance", 1e-6)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+        raise ConfigError(f"{where}: 'tolerance' must be a number >= 0, got {tolerance!r}")
+    queue = table.get("queue", 64)
+    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
+        raise ConfigError(f"{where}: 'queue' must be an integer >= 1, got {queue!r}")
+    return ShadowSettings(version, float(fraction), compare, float(tolerance), queue)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    """A model's ``[capture]`` table: write a sample of requests and answers to Parquet files.
+
+    Attributes:
+        path: the folder the files go to (a relative path is under the model's base path).
+        fraction: the share of answered requests captured, in [0, 1].
+        fields: the columns kept (``request_id``, ``time``, ``model``, ``version``,
+            ``latency_ms``, input names, ``output.<name>``); empty keeps them all.
+        budget_mb: the folder's Parquet files are kept under this many MiB, oldest deleted first.
+        file_rows: rows per file; a file is also written once its first row is ``flush_s`` old.
+        flush_s: the longest a captured row waits in memory before its file is written.
+        queue: captured requests waiting for the writer at most; more are dropped (counted).
+    """
+
+    path: Path
+    fraction: float = 0.01
+    fields: tuple[str, ...] = ()
+    budget_mb: float = 1024.0
+    file_rows: int = 10_000
+    flush_s: float = 10.0
+    queue: int = 1024
+
+
+def capture_from_toml(table: Mapping[str, Any], base_path: Path, where: str) -> CaptureSettings:
+    """``[capture]`` of inferd.toml -> CaptureSettings.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, naming the key and what was expected.
+    """
+    known = {"path", "fraction", "fields", "budget_mb", "file_rows", "flush_s", "queue"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    path = table.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: 'path' must be a folder path, got {path!r}")
+    fields = table.get("fields", [])
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise ConfigError(f"{where}: 'fields' must be a list of column names, got {fields!r}")
+    numbers: dict[str, float] = {}
+    for key, default, low in (("fraction", 0.01, 0.0), ("budget_mb", 1024.0, 0.0), ("flush_s", 10.0, 0.0)):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"{where}: {key!r} must be a number >= {low:g}, got {value!r}")
+        numbers[key] = float(value)
+    if numbers["fraction"] > 1:
+        raise ConfigError(f"{where}: 'fraction' must be a number in [0, 1], got {numbers['fraction']!r}")
+    counts: dict[str, int] = {}
+    for key, default_count in (("file_rows", 10_000), ("queue", 1024)):
+        count = table.get(key, default_count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{where}: {key!r} must be an integer >= 1, got {count!r}")
+        counts[key] = count
+    return CaptureSettings(
+        base_path / path,
+        numbers["fraction"],
+        tuple(fields),
+        numbers["budget_mb"],
+        counts["file_rows"],
+        numbers["flush_s"],
+        counts["queue"],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ResidencySettings:
     """A model's ``[residency]`` table: how it lives under a memory budget.
@@ -340,6 +459,10 @@ class ModelSettings:
             model may use different runtimes, each configured by its table.
         version_policy: used when the model config file gives none.
         labels: used when the model config file gives none.
+        shadow: the ``[shadow]`` table: a version that a sample of requests is mirrored to.
+        capture: the ``[capture]`` table: a sample of requests and answers written to Parquet.
+        traffic: the ``[traffic]`` table: label or version number -> weight, splitting the
+            requests that name neither a version nor a label (see ``traffic.py``).
         signature: declared signature (``[signature]`` table), for models that cannot tell.
         warmup: call each signature once with zeros before serving a version (default true).
         batching: the ``[batching]`` table; None leaves batching to the server-wide setting.
@@ -361,6 +484,9 @@ class ModelSettings:
     runtime_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version_policy: VersionPolicy | None = None
     labels: Mapping[str, int] = field(default_factory=dict)
+    traffic: Mapping[str, float] = field(default_factory=dict)
+    shadow: ShadowSettings | None = None
+    capture: CaptureSettings | None = None
     signature: Mapping[str, Any] = field(default_factory=dict)
     warmup: bool = True
     batching: BatchingParameters | None = None
@@ -585,6 +711,15 @@ class ServerConfig:
         "503 with Retry-After (the load goes on)",
         default=5000,
     )
+    traffic_key_header: str = option(
+        "request header (gRPC metadata key) whose value keeps a client on one version of a [traffic] split",
+        default="",
+    )
+    rollout_state_dir: str = option(
+        "folder where canary rollouts keep their state, so that a restarted server resumes or rolls "
+        "them back; unset: rollouts end with the process",
+        default="",
+    )
     grpc_socket_path: str = option(
         "also serve the gRPC API on this Unix socket (relative or absolute path)", default=""
     )
@@ -718,6 +853,9 @@ _KNOWN_KEYS = {
     "runtime",
     "version_policy",
     "labels",
+    "traffic",
+    "shadow",
+    "capture",
     "signature",
     "warmup",
     "batching",
@@ -768,6 +906,15 @@ def read_model_settings(base_path: Path) -> ModelSettings:
         },
         version_policy=None if policy is None else _policy_from_toml(policy, path),
         labels=_labels(raw.get("labels", {}), f"{path}: [labels]"),
+        shadow=shadow_from_toml(_table(raw["shadow"], f"{path}: [shadow]"), f"{path}: [shadow]")
+        if "shadow" in raw
+        else None,
+        capture=capture_from_toml(
+            _table(raw["capture"], f"{path}: [capture]"), base_path, f"{path}: [capture]"
+        )
+        if "capture" in raw
+        else None,
+        traffic=parse_weights(_table(raw.get("traffic", {}), f"{path}: [traffic]"), f"{path}: [traffic]"),
         signature=_table(raw.get("signature", {}), f"{path}: [signature]"),
         warmup=warmup,
         batching=(

@@ -59,6 +59,7 @@ from inferd.residency import (
     runtime_guess,
 )
 from inferd.runtimes import Supervised
+from inferd.traffic import Split, resolve
 from inferd.types import ModelId, ModelRef, VersionState, VersionStatus
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,15 @@ class _Entry(Generic[S]):
     held: dict[str, int] = field(default_factory=dict)
     """Label -> the version it should move to once that one is AVAILABLE."""
     latest: ServedVersion[S] | None = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    """The model's ``inferd.toml`` as of the last plan that could read it."""
+    weights: Mapping[str, float] = field(default_factory=dict)
+    """The ``[traffic]`` table of the last plan that could be read."""
+    override: Mapping[str, float] | None = None
+    """Weights set by ``set_traffic`` (a rollout); they win over ``weights`` while set."""
+    split: Split | None = None
+    moved: dict[str, int] = field(default_factory=dict)
+    """Labels set by ``move_label`` (a finished rollout); they win over the plan's."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loading: dict[int, tuple[asyncio.Future[None], ServedVersion[S]]] = field(default_factory=dict)
     """Version number -> its load started by a request (shared by the requests that wait)."""
@@ -243,7 +253,10 @@ class ModelManager(Generic[S]):
                         self._list_cold(entry, plan, source)
                     else:
                         await self._load(entry, plan, source)
-            self._move_labels(plan.name, entry, plan.labels)
+            self._move_labels(plan.name, entry, {**plan.labels, **entry.moved})
+            if plan.error is None:
+                entry.settings, entry.weights = plan.settings, plan.settings.traffic
+            self._resplit(plan.name, entry)
             states = {
                 number: VersionState.AVAILABLE if version.cold else version.state
                 for number, version in entry.versions.items()
@@ -267,6 +280,62 @@ class ModelManager(Generic[S]):
                     number,
                 )
         entry.labels, entry.held = labels, held
+
+    @staticmethod
+    def _resplit(name: str, entry: _Entry[S]) -> None:
+        """Resolve the entry's traffic weights against its labels (after labels moved)."""
+        weights = entry.override if entry.override is not None else entry.weights
+        split = resolve(weights, entry.labels)
+        if weights and split is None:
+            log.warning(
+                "model %s: [traffic] %s names a label that does not exist; not split", name, dict(weights)
+            )
+        if split != entry.split:
+            log.info("model %s: traffic split %s", name, dict(split.shares) if split else "off")
+        entry.split = split
+
+    def set_traffic(self, name: str, weights: Mapping[str, float] | None) -> None:
+        """Set (or with None, drop) weights that win over the model's ``[traffic]`` table.
+
+        Raises:
+            NotFound: unknown model.
+        """
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"Could not find any versions of model {name}")
+        entry.override = None if weights is None else dict(weights)
+        self._resplit(name, entry)
+
+    def move_label(self, name: str, label: str, version: int) -> None:
+        """Point ``label`` at AVAILABLE ``version`` now and at every later reconcile, whatever the
+        plan says (a finished rollout).
+
+        Raises:
+            NotFound: unknown model, or the version is not AVAILABLE.
+        """
+        entry = self._models.get(name)
+        served = entry.versions.get(version) if entry else None
+        if entry is None or served is None or served.state is not VersionState.AVAILABLE:
+            raise NotFound(f"version {version} of model {name} is not available")
+        entry.moved[label] = version
+        entry.labels = {**entry.labels, label: version}
+        entry.held.pop(label, None)
+        self._resplit(name, entry)
+
+    def labels(self, name: str) -> dict[str, int]:
+        """Where model ``name``'s labels point now; empty for an unknown model."""
+        entry = self._models.get(name)
+        return dict(entry.labels) if entry else {}
+
+    def settings(self, name: str) -> ModelSettings | None:
+        """Model ``name``'s ``inferd.toml`` as last read (re-read at each poll); None if unknown."""
+        entry = self._models.get(name)
+        return entry.settings if entry else None
+
+    def split(self, name: str) -> Split | None:
+        """The traffic split of model ``name`` now; None when unsplit or unknown."""
+        entry = self._models.get(name)
+        return entry.split if entry else None
 
     @staticmethod
     def _needs_load(current: ServedVersion[S] | None, source: VersionSource) -> bool:
@@ -392,21 +461,23 @@ class ModelManager(Generic[S]):
 
         future.add_done_callback(done)
 
-    def lease(self, ref: ModelRef) -> Lease[S]:
-        """A lease on the version ``ref`` asks for; use it as a context manager. A cold
-        version's load is started, and UNAVAILABLE raised meanwhile (``acquire`` waits for it).
+    def lease(self, ref: ModelRef, key: str | None = None) -> Lease[S]:
+        """A lease on the version ``ref`` asks for; use it as a context manager. A ref that names
+        neither version nor label goes by the model's traffic split when it has one (by ``key``,
+        the request's traffic key, when given), else to the latest version. A cold version's load
+        is started, and UNAVAILABLE raised meanwhile (``acquire`` waits for it).
 
         Raises:
             NotFound: unknown model, version or label, or the version is not AVAILABLE.
             Unavailable: the server is shutting down, or the version is not loaded yet.
         """
-        entry, version = self._route(ref)
+        entry, version = self._route(ref, key)
         if version.cold or version.state is not VersionState.AVAILABLE:
             self._start_cold(entry, version)
             raise Unavailable(f"model {version.id} is loading (it was not in memory); retry shortly")
         return Lease(self, version)
 
-    async def acquire(self, ref: ModelRef, use: bool = True) -> Lease[S]:
+    async def acquire(self, ref: ModelRef, use: bool = True, key: str | None = None) -> Lease[S]:
         """Like ``lease``, but a cold version's load (started now, or by an earlier request) is
         waited for, at most ``residency.load_wait_s``; with ``use``, counted as a use of the
         version (for the eviction policy and idle unloading).
@@ -418,9 +489,9 @@ class ModelManager(Generic[S]):
         wait_s = self.residency.load_wait_s
         give_up = time.monotonic() + wait_s
         while True:
-            entry, version = self._route(ref)
+            entry, version = self._route(ref, key)
             if not version.cold:
-                lease = self.lease(ref)
+                lease = self.lease(ref, key)
                 if use:
                     version.last_used = time.monotonic()
                     self.residency.policy.hit(version)
@@ -450,7 +521,7 @@ class ModelManager(Generic[S]):
             if loading.state is VersionState.END and loading.error_code != "OK":
                 raise NotFound(f"model {loading.id} failed to load: {loading.error_message}")
 
-    def _route(self, ref: ModelRef) -> tuple[_Entry[S], ServedVersion[S]]:
+    def _route(self, ref: ModelRef, key: str | None = None) -> tuple[_Entry[S], ServedVersion[S]]:
         """The entry and version ``ref`` resolves to: AVAILABLE or cold.
 
         Raises:
@@ -477,6 +548,11 @@ class ModelManager(Generic[S]):
                 )
         else:
             version = entry.latest
+            if entry.split is not None:
+                available = [n for n, v in entry.versions.items() if v.state is VersionState.AVAILABLE]
+                chosen = entry.split.choose(key, available)
+                if chosen is not None:
+                    version = entry.versions[chosen]
             if version is None:
                 raise NotFound(f"Servable not found for request: Latest({ref.name})")
         return entry, version
@@ -707,11 +783,6 @@ class ModelManager(Generic[S]):
                 replace(s, state=unloading) if s.state is VersionState.AVAILABLE else s for s in statuses
             ]
         return statuses
-
-    def labels(self, name: str) -> dict[str, int]:
-        """Where the labels of model ``name`` point now (label -> version); empty when unknown."""
-        entry = self._models.get(name)
-        return dict(entry.labels) if entry is not None else {}
 
     def serves(self, name: str) -> bool:
         """True when model ``name`` has an AVAILABLE version."""

@@ -117,6 +117,20 @@ class Metrics(Collector):
         key = (model, version, protocol, status)
         self._requests[key] = self._requests.get(key, 0) + 1
 
+    def requests_of(self, model: str, version: str) -> tuple[int, int, list[int]]:
+        """Requests answered by one version, over every protocol: how many, how many failed
+        (status not OK), and the bucket counts of their total time (``LATENCY_BUCKETS_S``)."""
+        total = failed = 0
+        for (m, v, _, status), count in list(self._requests.items()):
+            if m == model and v == version:
+                total += count
+                failed += count if status != "OK" else 0
+        buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        for (m, v, _), timer in list(self._timers.items()):
+            if m == model and v == version:
+                buckets = [a + b for a, b in zip(buckets, timer.stages["total"].counts, strict=True)]
+        return total, failed, buckets
+
     def timer(self, model: str, version: str, protocol: str) -> RequestTimer:
         key = (model, version, protocol)
         timer = self._timers.get(key)

@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
     ServerConfig,
@@ -56,8 +59,10 @@ from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
+from inferd.rollout import Rollouts
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.shadow import ShadowMirror
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 from inferd.tracing import TRACEPARENT, Tracing
 
@@ -93,10 +98,12 @@ class HttpApp:
         inflight: InflightBytes,
         decode_pool: BodyDecoder | None = None,
         traced: bool = False,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self._service = service
         self._traced = traced
         self._control = control
+        self._rollouts = rollouts
         self._access = Access(config.api_token, config.admin_token)
         self._metrics = metrics
         self._metrics_paths = metrics_paths
@@ -137,7 +144,10 @@ class HttpApp:
                 return  # the client went away (or was timed out) before its body arrived
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
-            if path[:4].lower() == "/v1/":
+            if admin and self._rollouts is not None and (route := _ROLLOUT.fullmatch(path)):
+                call = _rollout(self._rollouts, method, route.group(1), route.group(2), body)
+            elif path[:4].lower() == "/v1/":
+                key = self._service.traffic_key_header
                 call = tfserving_rest.handle(
                     self._service,
                     method,
@@ -146,6 +156,7 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
+                    _header(scope, key.encode("latin-1")) if key else None,
                     self._decode_pool,
                 )
             elif path[:3] == "/v2":
@@ -278,6 +289,25 @@ async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any]) -> None:
     task.cancel()
 
 
+_ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(/status)?")
+
+
+async def _rollout(rollouts: Rollouts, method: str, model: str, status: str | None, body: bytes) -> Response:
+    """``POST .../rollout`` starts a rollout (body: see ``Rollouts.start``); ``POST
+    .../rollout/status`` answers its state and history."""
+    if method != "POST":
+        raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
+    if status:
+        return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.status(model))
+    try:
+        document = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.start(model, document))
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -334,7 +364,19 @@ class Server:
         self.tracing = (
             Tracing(config.otel_endpoint, config.otel_sample_rate) if config.otel_endpoint else None
         )
-        self.service = InferenceService(self.manager, self.metrics, self.tracing)
+        self.service = InferenceService(self.manager, self.metrics, self.tracing, config.traffic_key_header)
+        self.shadows = ShadowMirror(self.manager, self.metrics)
+        self.service.answered.append(self.shadows.offer)
+        self.capture = TrafficCapture(self.manager, self.metrics)
+        self.service.answered.append(self.capture.offer)
+        shadows = self.shadows
+
+        def agreement(model: str, baseline: int, canary: int) -> tuple[int, int]:
+            stats = shadows.stats(model, baseline, canary)
+            return stats.agreeing, stats.rows
+
+        state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
+        self.rollouts = Rollouts(self.manager, self.metrics, agreement, state_dir)
         self.control = ModelControl(self.repository, self.manager)
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
@@ -351,6 +393,7 @@ class Server:
             self.inflight,
             self._decode_pool,
             traced=self.tracing is not None,
+            rollouts=self.rollouts,
         )
 
     async def _poll(self, interval_s: float) -> None:
@@ -406,6 +449,7 @@ class Server:
                 # Versions are loaded once two scans agree on their content (see repository.py).
                 await asyncio.sleep(self.config.file_system_poll_wait_seconds)
                 await self.control.sync()
+            self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
         except BaseException:
             rest_socket.close()
             raise
@@ -480,7 +524,11 @@ class Server:
             await self.close()
 
     async def close(self) -> None:
-        """Unload every version, close the feature stores and stop the pools (after the drain)."""
+        """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
+        unload every version, close the feature stores and stop the pools (after the drain)."""
+        await self.rollouts.close()
+        await self.shadows.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         await self.manager.close()
         await self.feature_stores.close()
         if self.tracing is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 import numpy as np
@@ -41,6 +41,9 @@ from inferd.types import (
 
 log = logging.getLogger(__name__)
 
+_SERVER_FAILURES = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+"""Statuses of a failed request that are counted on the version that was computing it."""
+
 
 class InferenceService:
     """Validate, predict, measure. Call from the event loop's thread.
@@ -49,25 +52,40 @@ class InferenceService:
         manager: serves the versions; each one's ``Servable`` holds its batchers, feature join,
             prediction cache and in-flight bound.
         metrics: where each ``call`` is counted and timed; by default a collector of its own.
+        traffic_key_header: the request header (gRPC metadata key) whose value keeps one client
+            on one version of a traffic split (``--traffic_key_header``); lower case, "" for none.
     """
 
     def __init__(
-        self, manager: ModelManager[Servable], metrics: Metrics | None = None, tracing: Tracing | None = None
+        self,
+        manager: ModelManager[Servable],
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+        traffic_key_header: str = "",
     ) -> None:
         self._manager = manager
         self._metrics = metrics or Metrics()
         self._tracing = tracing
         self._ids = itertools.count(1)
+        self.traffic_key_header = traffic_key_header.lower()
+        self.answered: list[Callable[[Call], None]] = []
+        """Called with each call that ended with an answer, after its lease was returned, on the
+        event loop's thread (shadow, capture): each must return at once and never raise."""
 
     def request_id(self) -> str:
         """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
         protocol names its requests with in logs and error messages."""
         return f"r{next(self._ids)}"
 
-    def call(self, protocol: str, model: str, request_id: str | None = None) -> Call:
+    def call(
+        self, protocol: str, model: str, request_id: str | None = None, traffic_key: str | None = None
+    ) -> Call:
         """The handle of one inference request of ``protocol`` on model ``model`` (as the request
-        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``."""
-        return Call(self, protocol, model, request_id or self.request_id())
+        named it); see ``Call``. ``request_id`` defaults to a new ``request_id()``; ``traffic_key``
+        (the value of ``traffic_key_header``) chooses the version of a traffic split."""
+        call = Call(self, protocol, model, request_id or self.request_id())
+        call.traffic_key = traffic_key
+        return call
 
     def knows(self, name: str) -> bool:
         """True when ``name`` is a configured model (for bounded metric labels)."""
@@ -204,11 +222,16 @@ class InferenceService:
             return
         response = call.response
         if response is None:
-            metrics.count_request(call.model if self.knows(call.model) else "", "", call.protocol, status)
+            # the server's failure while computing counts on its version (a canary's guard reads
+            # it); the client's (bad input) on none
+            server_side = status in _SERVER_FAILURES and call.computing is not None
+            version = str(call.computing) if server_side else ""
+            model = call.model if self.knows(call.model) else ""
+            metrics.count_request(model, version, call.protocol, status)
             if self._tracing is not None:
                 ended = time.perf_counter()
                 self._tracing.record(
-                    call.protocol, call.model, "", status, call.id, 0, call.started, ended, None
+                    call.protocol, call.model, version, status, call.id, 0, call.started, ended, None
                 )
             return
         version = str(response.model_id.version)
@@ -258,13 +281,17 @@ class Call:
         "_service",
         "_signature",
         "_version",
+        "computing",
         "decoded",
+        "ended",
         "id",
+        "inputs",
         "model",
         "protocol",
         "response",
         "resumed",
         "started",
+        "traffic_key",
     )
 
     def __init__(self, service: InferenceService, protocol: str, model: str, request_id: str) -> None:
@@ -278,6 +305,21 @@ class Call:
         self._leases: dict[ModelRef, tuple[Lease[Servable], ServedVersion[Servable]]] = {}
         self._version: ServedVersion[Servable] | None = None
         self._signature: Signature | None = None
+        self.traffic_key: str | None = None
+        self.inputs: Tensors = {}
+        self.ended = self.started
+        self.computing: int | None = None
+        """The version ``infer`` ran on, from its start (also when it failed)."""
+
+    @property
+    def signature_name(self) -> str:
+        """The model signature ``open`` chose last (``serving_default`` before it)."""
+        return DEFAULT_SIGNATURE if self._signature is None else self._signature.name
+
+    @property
+    def answered_by(self) -> int | None:
+        """The version number that answered, once ``infer`` returned; else None."""
+        return None if self.response is None else self.response.model_id.version
 
     def __enter__(self) -> Call:
         self._service._metrics.in_flight += 1
@@ -290,8 +332,12 @@ class Call:
         for lease, _ in leases:
             lease.__exit__(None, None, None)
         self._service._metrics.in_flight -= 1
+        self.ended = time.perf_counter()
         if error is None:
             self._service._record(self, "OK")
+            if self.response is not None:
+                for answered in self._service.answered:
+                    answered(self)
         elif isinstance(error, InferdError):
             self._service._record(self, error.code.grpc_code)
         elif isinstance(error, Exception):
@@ -306,7 +352,7 @@ class Call:
             Unavailable: the load takes longer than the wait (it goes on), or shutting down.
         """
         if ref not in self._leases:
-            lease = await self._service._manager.acquire(ref)
+            lease = await self._service._manager.acquire(ref, key=self.traffic_key)
             self._leases[ref] = (lease, lease.__enter__())
 
     def open(
@@ -323,13 +369,28 @@ class Call:
             Unavailable: the server is shutting down.
             InvalidArgument: unknown signature, or one whose method is not ``method``.
         """
-        held = self._leases.get(ref)
-        if held is None:
-            lease = self._service._manager.lease(ref)
-            held = self._leases[ref] = (lease, lease.__enter__())
-        self._version = version = held[1]
+        self._version = version = self._lease(ref)
         self._signature = signature = _find_signature(version, name, method)
         return _servable(version).request_signature(signature)
+
+    def signatures(self, ref: ModelRef) -> dict[str, Signature]:
+        """What the caller sends for each signature of the version ``ref`` resolves to, by name:
+        the version ``open`` will lease for the same ``ref`` (also in a traffic split).
+
+        Raises:
+            NotFound: unknown model, version or label.
+            Unavailable: the server is shutting down.
+        """
+        servable = _servable(self._lease(ref))
+        return {name: servable.request_signature(s) for name, s in servable.model.signatures.items()}
+
+    def _lease(self, ref: ModelRef) -> ServedVersion[Servable]:
+        """The version ``ref`` resolves to, leased once per ref and call (by the traffic key)."""
+        held = self._leases.get(ref)
+        if held is None:
+            lease = self._service._manager.lease(ref, self.traffic_key)
+            held = self._leases[ref] = (lease, lease.__enter__())
+        return held[1]
 
     async def infer(
         self, inputs: Tensors, deadline: float | None = None, request_id: str | None = None
@@ -344,6 +405,8 @@ class Call:
         assert version is not None, "open the call first"
         assert signature is not None
         self.decoded = time.perf_counter()
+        self.inputs = inputs
+        self.computing = version.id.version
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
         statistics = _servable(version).statistics
         try:

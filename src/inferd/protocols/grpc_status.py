@@ -43,6 +43,27 @@ async def answer(context: Context, call: Coroutine[Any, Any, T], request_id: str
     raise AssertionError("context.abort raises")
 
 
+VERSION_KEY = "inferd-model-version"
+"""Trailing metadata key naming the version that answered an inference request."""
+
+
+def traffic_key(context: Context, key: str) -> str | None:
+    """The value of the invocation metadata entry ``key`` (lower case; "" for none): the request's
+    traffic key (``--traffic_key_header``)."""
+    if not key:
+        return None
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+def tell_version(context: Context, version: int | None) -> None:
+    """Name the version that answered in the trailing metadata (``VERSION_KEY``)."""
+    if version is not None:
+        context.set_trailing_metadata(((VERSION_KEY, str(version)),))
+
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable for type checkers only
 
 

@@ -14,6 +14,17 @@ Response = tuple[int, dict[str, str], bytes]
 
 JSON_HEADERS = {"content-type": "application/json"}
 
+VERSION_HEADER = "x-inferd-model-version"
+"""Response header naming the version that answered an inference request (both dialects)."""
+
+
+def with_version(response: Response, version: int | None) -> Response:
+    """``response`` with ``VERSION_HEADER`` added when a version answered."""
+    if version is None:
+        return response
+    status, headers, body = response
+    return status, {**headers, VERSION_HEADER: str(version)}, body
+
 
 def model_ref(name: str, version: str | None, label: str | None = None) -> ModelRef:
     """The model a URL names; ``version`` is the digits the route matched.

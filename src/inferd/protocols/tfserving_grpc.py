@@ -31,7 +31,7 @@ from inferd.config import models_from_proto
 from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
-from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.tfserving_rest import classification_rows, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
@@ -79,29 +79,51 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self._limits = limits
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
-        call = self._service.call(PROTOCOL, request.model_spec.name)
+        call = self._service.call(
+            PROTOCOL,
+            request.model_spec.name,
+            traffic_key=traffic_key(context, self._service.traffic_key_header),
+        )
         run = _label_as_invalid(self._predict(call, request, deadline_of(context)))
-        return await answer(context, run, call.id)
+        reply = await answer(context, run, call.id)
+        tell_version(context, call.answered_by)
+        return reply
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
-        call = self._service.call(PROTOCOL, request.model_spec.name)
+        call = self._service.call(
+            PROTOCOL,
+            request.model_spec.name,
+            traffic_key=traffic_key(context, self._service.traffic_key_header),
+        )
         run = _label_as_invalid(self._classify(call, request, deadline_of(context)))
-        return await answer(context, run, call.id)
+        reply = await answer(context, run, call.id)
+        tell_version(context, call.answered_by)
+        return reply
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
-        call = self._service.call(PROTOCOL, request.model_spec.name)
+        call = self._service.call(
+            PROTOCOL,
+            request.model_spec.name,
+            traffic_key=traffic_key(context, self._service.traffic_key_header),
+        )
         run = _label_as_invalid(self._regress(call, request, deadline_of(context)))
-        return await answer(context, run, call.id)
+        reply = await answer(context, run, call.id)
+        tell_version(context, call.answered_by)
+        return reply
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        call = self._service.call(PROTOCOL, name)
+        call = self._service.call(
+            PROTOCOL, name, traffic_key=traffic_key(context, self._service.traffic_key_header)
+        )
         run = _label_as_invalid(self._multi(call, request, deadline_of(context)))
-        return await answer(context, run, call.id)
+        reply = await answer(context, run, call.id)
+        tell_version(context, call.answered_by)
+        return reply
 
     async def GetModelMetadata(
         self, request: ps.GetModelMetadataRequest, context: Context

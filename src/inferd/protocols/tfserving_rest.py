@@ -29,7 +29,7 @@ from inferd.errors import (
 )
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.service import Call, InferenceService
 from inferd.types import (
     DEFAULT_SIGNATURE,
@@ -64,31 +64,39 @@ async def handle(
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
+    traffic_key: str | None = None,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
     """Answer one request under ``/v1/``. Expected failures become error responses; an inference
-    request is counted and timed by its ``service.call``.
+    request is counted and timed by its ``service.call``, and its answer names the version that
+    answered in the ``X-Inferd-Model-Version`` header.
 
     ``deadline`` (``time.monotonic()``) is passed on so that queued work past it is dropped;
+    ``traffic_key`` (the ``--traffic_key_header`` value) chooses the version of a traffic split;
     large bodies are decoded on ``decode_pool`` (see ``decoding``).
     """
     try:
         if method == "POST" and (match := _POST.fullmatch(path)):
             name, version, label, verb = match.groups()
-            with service.call(PROTOCOL, name, request_id) as call, unknown_label_as_invalid():
+            with service.call(PROTOCOL, name, request_id, traffic_key) as call, unknown_label_as_invalid():
                 ref = model_ref(name, version, label)
                 offload = (decode_pool, len(body))
                 predict = verb.lower() == "predict"
                 if predict and decode_pool is not None and decode_pool.in_process(len(body)):
                     doc, decoded = await decode_pool.apart(
-                        _parse_predict, body, limits, _signatures(service, ref)
+                        _parse_predict, body, limits, _signatures(call, ref)
                     )
-                    return await _predict(call, ref, doc, deadline, limits, offload, decoded)
-                doc = await decode(decode_pool, len(body), parse_json, body)
-                if predict:
-                    return await _predict(call, ref, doc, deadline, limits, offload)
-                method_ = _METHODS[verb.lower()]
-                return await _classify_or_regress(call, ref, method_, doc, deadline, limits, offload)
+                    answer = await _predict(call, ref, doc, deadline, limits, offload, decoded)
+                else:
+                    doc = await decode(decode_pool, len(body), parse_json, body)
+                    if predict:
+                        answer = await _predict(call, ref, doc, deadline, limits, offload)
+                    else:
+                        method_ = _METHODS[verb.lower()]
+                        answer = await _classify_or_regress(
+                            call, ref, method_, doc, deadline, limits, offload
+                        )
+                return with_version(answer, call.answered_by)
         elif method == "GET" and (match := _GET.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if name is None:
@@ -206,11 +214,12 @@ for, or the error decoding them raised; ``(None, None)`` when the body's signatu
 not usable (``_predict`` then raises the error a body decoded here would get)."""
 
 
-def _signatures(service: InferenceService, ref: ModelRef) -> dict[str, Signature]:
-    """The signatures of the version ``ref`` resolves to, by name; none for an unknown model, whose
-    NotFound is raised after the body is parsed, as for a body decoded here."""
+def _signatures(call: Call, ref: ModelRef) -> dict[str, Signature]:
+    """The signatures of the version the call leases for ``ref`` (the one it will run on, also in
+    a traffic split), by name; none for an unknown model, whose NotFound is raised after the body
+    is parsed, as for a body decoded here."""
     try:
-        return dict(service.metadata(ref).signatures)
+        return call.signatures(ref)
     except NotFound:
         return {}
 

@@ -22,7 +22,7 @@ from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.protocols.codecs import from_raw, to_raw
-from inferd.protocols.grpc_status import Context, answer, deadline_of
+from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
 from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
@@ -99,11 +99,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await answer(context, call, self._service.request_id())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        call = self._service.call(PROTOCOL, request.model_name)
+        call = self._service.call(
+            PROTOCOL, request.model_name, traffic_key=traffic_key(context, self._service.traffic_key_header)
+        )
         run = self._named(
             request.model_name, request.model_version, self._infer(call, request, deadline_of(context))
         )
-        return await answer(context, run, call.id)
+        reply = await answer(context, run, call.id)
+        tell_version(context, call.answered_by)
+        return reply
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         call = self._named(request.name, request.version, self._config(request))

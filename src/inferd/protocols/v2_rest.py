@@ -21,7 +21,7 @@ from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, e
 from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref
+from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
 from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
@@ -81,8 +81,10 @@ async def handle(
         named = (name, version)
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
-            with service.call(PROTOCOL, name, request_id) as call:
-                return await _infer(call, ref, headers, body, deadline, limits, decode_pool)
+            key = headers.get(service.traffic_key_header) if service.traffic_key_header else None
+            with service.call(PROTOCOL, name, request_id, key) as call:
+                answer = await _infer(call, ref, headers, body, deadline, limits, decode_pool)
+                return with_version(answer, call.answered_by)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
         if method == "GET" and action == "/ready":

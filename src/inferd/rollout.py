@@ -1,0 +1,356 @@
+"""Guarded canary rollouts, run by the server: move a model's traffic split step by step from the
+version a label points to towards a new version, check guards on live metrics after each step,
+roll back at once when one fails, and finish by moving the label.
+
+A rollout is started through the admin route ``POST /v2/repository/models/NAME/rollout`` (what
+``inferd rollout`` sends). Each step sets the split (``ModelManager.set_traffic``: baseline
+``100 - p``, canary ``p``), waits ``step_s``, then checks every guard over that step's requests:
+
+- ``error_rate``: failed / answered requests of the canary;
+- ``p99_ms``: the canary's 99th percentile request time (the upper bound of its histogram bucket);
+- ``agreement``: the shadow agreement of baseline -> canary rows (needs ``[shadow]``), over the step.
+
+A guard reads ``METRIC<=X``, ``METRIC>=X`` (also ``<``, ``>``), where X is a number or
+``F*baseline``: F times the same metric of the baseline version over the same step. A guard whose
+metric had no observation in the step holds. A failed guard sets the split to 100% baseline
+(``rolled_back``); after the last step the label moves to the canary (``done``) and the split
+override is dropped.
+
+With ``--rollout_state_dir``, each rollout's state is written (atomically) to
+``DIR/MODEL.rollout.json`` at every change, and a restarted server reads it back before it serves
+a request: a rollout that was ``running`` resumes at its step or rolls back, as its
+``on_restart`` says; a rolled-back one keeps the baseline's 100%, a finished one its label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inferd.errors import InvalidArgument, NotFound
+from inferd.manager import ModelManager
+from inferd.metrics import LATENCY_BUCKETS_S, Metrics
+from inferd.servable import Servable
+from inferd.types import ModelRef
+
+log = logging.getLogger(__name__)
+
+_GUARD = re.compile(
+    r"\s*(error_rate|p99_ms|agreement)\s*(<=|>=|<|>)\s*(?:([0-9.eE+-]+)\s*\*\s*baseline|([0-9.eE+-]+)|baseline)\s*"
+)
+METRICS = ("error_rate", "p99_ms", "agreement")
+ON_RESTART = ("resume", "rollback")
+
+Agreement = Callable[[str, int, int], tuple[int, int]]
+"""(model, baseline, canary) -> (agreeing rows, rows compared) so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """``metric op bound`` where bound is ``value`` or ``value * baseline`` (``relative``)."""
+
+    metric: str
+    op: str
+    value: float
+    relative: bool
+
+    @staticmethod
+    def parse(text: str) -> Guard:
+        """Raises InvalidArgument naming the guard and the expected form."""
+        match = _GUARD.fullmatch(text)
+        if match is None:
+            raise InvalidArgument(
+                f"guard {text!r}: expected METRIC<=X or METRIC>=X with METRIC one of {list(METRICS)} "
+                "and X a number or F*baseline"
+            )
+        metric, op, factor, number = match.groups()
+        try:
+            if number is not None:
+                return Guard(metric, op, float(number), False)
+            return Guard(metric, op, 1.0 if factor is None else float(factor), True)
+        except ValueError:
+            raise InvalidArgument(f"guard {text!r}: {factor or number!r} is not a number") from None
+
+    def holds(self, canary: float | None, baseline: float | None) -> bool:
+        """True when the canary's value meets the bound, or when a value is missing."""
+        if canary is None or (self.relative and baseline is None):
+            return True
+        bound = self.value * baseline if self.relative and baseline is not None else self.value
+        return {
+            "<=": canary <= bound,
+            ">=": canary >= bound,
+            "<": canary < bound,
+            ">": canary > bound,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}{'*baseline' if self.relative else ''}"
+
+
+@dataclass(slots=True)
+class RolloutState:
+    """One model's rollout, as shown in the status and written to the state file."""
+
+    model: str
+    baseline: int
+    canary: int
+    label: str
+    steps: list[float]
+    step_s: float
+    guards: list[str]
+    on_restart: str = "rollback"
+    state: str = "running"
+    """``running``, ``rolled_back`` or ``done``."""
+    step: int = 0
+    """Index into ``steps`` of the step running (or that failed)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def note(self, event: str, **detail: Any) -> None:
+        self.history.append({"time": time.time(), "event": event, **detail})
+        log.info("rollout of model %s to version %d: %s %s", self.model, self.canary, event, detail or "")
+
+
+class Rollouts(Collector):
+    """Runs rollouts, at most one per model. Event loop thread only. Exports
+    ``inferd_rollout_canary_percent{model,baseline,canary,state}``: the canary's share now.
+
+    Args:
+        manager: whose split and labels are moved.
+        metrics: where per-version request counts and times are read.
+        agreement: the shadow's agreement counts; None when no shadow is wired.
+        state_dir: where states are written and read back; None keeps them in memory only.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager[Servable],
+        metrics: Metrics,
+        agreement: Agreement | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self._manager = manager
+        self._metrics = metrics
+        self._agreement = agreement
+        self._state_dir = state_dir
+        self._states: dict[str, RolloutState] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        metrics.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        share = GaugeMetricFamily(
+            "inferd_rollout_canary_percent",
+            "The canary's share of a model's split now (100 once done, 0 once rolled back)",
+            labels=["model", "baseline", "canary", "state"],
+        )
+        for state in list(self._states.values()):
+            percent = {"done": 100.0, "rolled_back": 0.0}.get(state.state, state.steps[state.step])
+            share.add_metric([state.model, str(state.baseline), str(state.canary), state.state], percent)
+        yield share
+
+    async def close(self) -> None:
+        """Stop the running rollouts where they are (their state file says ``running``)."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def status(self, model: str) -> dict[str, Any]:
+        """The model's last rollout as a JSON-able dict.
+
+        Raises:
+            NotFound: the model never had a rollout.
+        """
+        state = self._states.get(model)
+        if state is None:
+            raise NotFound(f"model {model} has no rollout")
+        return asdict(state)
+
+    def start(self, model: str, document: dict[str, Any]) -> dict[str, Any]:
+        """Start a rollout from a request body: ``to`` (version), ``label`` (default ``stable``:
+        the baseline is where it points), ``steps`` (percents, increasing, last 100), ``step_s``,
+        ``guards`` (strings), ``on_restart`` (``rollback`` or ``resume``).
+
+        Raises:
+            InvalidArgument: a bad field (named), or a rollout of the model is already running.
+            NotFound: the label or the canary version is not available.
+        """
+        running = self._tasks.get(model)
+        if running is not None and not running.done():
+            raise InvalidArgument(f"a rollout of model {model} is already running; see its status")
+        canary = document.get("to")
+        if isinstance(canary, bool) or not isinstance(canary, int):
+            raise InvalidArgument(f"'to' must be a version number, got {canary!r}")
+        label = document.get("label", "stable")
+        if not isinstance(label, str):
+            raise InvalidArgument(f"'label' must be a string, got {label!r}")
+        baseline = self._manager.labels(model).get(label)
+        if baseline is None:
+            raise NotFound(f"model {model} has no label {label!r} to roll out from")
+        if baseline == canary:
+            raise InvalidArgument(f"label {label!r} already points to version {canary}")
+        steps = document.get("steps", [1, 5, 25, 50, 100])
+        if (
+            not isinstance(steps, list)
+            or not steps
+            or not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 < p <= 100 for p in steps)
+            or any(b <= a for a, b in itertools.pairwise(steps))
+            or steps[-1] != 100
+        ):
+            raise InvalidArgument(
+                f"'steps' must be increasing percents in (0, 100] ending at 100, got {steps!r}"
+            )
+        step_s = document.get("step_s", 60)
+        if isinstance(step_s, bool) or not isinstance(step_s, int | float) or step_s <= 0:
+            raise InvalidArgument(f"'step_s' must be a number of seconds > 0, got {step_s!r}")
+        guards = document.get("guards", [])
+        if not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+            raise InvalidArgument(f"'guards' must be a list of strings, got {guards!r}")
+        parsed = [Guard.parse(g) for g in guards]
+        on_restart = document.get("on_restart", "rollback")
+        if on_restart not in ON_RESTART:
+            raise InvalidArgument(f"'on_restart' must be one of {list(ON_RESTART)}, got {on_restart!r}")
+        with self._manager.lease(ModelRef(model, version=canary)):
+            pass  # raises NotFound unless the canary is AVAILABLE
+        percents = [float(p) for p in steps]
+        state = RolloutState(
+            model, baseline, canary, label, percents, float(step_s), [str(g) for g in parsed], on_restart
+        )
+        state.note("started", steps=state.steps, step_s=state.step_s, guards=state.guards)
+        self._launch(state)
+        return asdict(state)
+
+    def restore(self) -> None:
+        """Read the states of ``state_dir`` back (before serving): see the module docstring."""
+        if self._state_dir is None or not self._state_dir.is_dir():
+            return
+        for path in sorted(self._state_dir.glob("*.rollout.json")):
+            try:
+                state = RolloutState(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("cannot read rollout state %s: %s", path, exc)
+                continue
+            if state.model not in self._manager.names():
+                continue
+            self._states[state.model] = state
+            if state.state == "done":
+                self._finish(state, note=False)
+            elif state.state == "rolled_back" or state.on_restart == "rollback":
+                if state.state == "running":
+                    state.state = "rolled_back"
+                    state.note("rolled back at restart", step=state.step)
+                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+                self._save(state)
+            else:
+                state.note("resumed at restart", step=state.step)
+                self._launch(state)
+
+    def _launch(self, state: RolloutState) -> None:
+        self._states[state.model] = state
+        self._apply(state)
+        self._save(state)
+        self._tasks[state.model] = asyncio.get_running_loop().create_task(self._run(state))
+
+    def _apply(self, state: RolloutState) -> None:
+        percent = state.steps[state.step]
+        self._manager.set_traffic(
+            state.model, {str(state.baseline): 100.0 - percent, str(state.canary): percent}
+        )
+
+    async def _run(self, state: RolloutState) -> None:
+        guards = [Guard.parse(g) for g in state.guards]
+        try:
+            while True:
+                self._apply(state)
+                state.note("step", step=state.step, percent=state.steps[state.step])
+                self._save(state)
+                before = self._readings(state)
+                await asyncio.sleep(state.step_s)
+                failed = self._check(state, guards, before)
+                if failed:
+                    self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+                    state.state = "rolled_back"
+                    state.note("rolled back", step=state.step, failed=failed)
+                    self._save(state)
+                    return
+                if state.step + 1 == len(state.steps):
+                    self._finish(state)
+                    return
+                state.step += 1
+        except Exception:
+            log.exception("rollout of model %s failed; rolling back", state.model)
+            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+            state.state = "rolled_back"
+            state.note("rolled back", step=state.step, failed=["internal error; see the log"])
+            self._save(state)
+
+    def _finish(self, state: RolloutState, note: bool = True) -> None:
+        self._manager.move_label(state.model, state.label, state.canary)
+        self._manager.set_traffic(state.model, None)
+        state.state = "done"
+        if note:
+            state.note("done", label=state.label, version=state.canary)
+        self._save(state)
+
+    def _readings(self, state: RolloutState) -> dict[str, Any]:
+        name = state.model
+        return {
+            "canary": self._metrics.requests_of(name, str(state.canary)),
+            "baseline": self._metrics.requests_of(name, str(state.baseline)),
+            "agreement": self._agreement(name, state.baseline, state.canary) if self._agreement else (0, 0),
+        }
+
+    def _check(self, state: RolloutState, guards: Sequence[Guard], before: dict[str, Any]) -> list[str]:
+        """The guards that failed over the step that just ended, each with its reading."""
+        after = self._readings(state)
+        values: dict[str, dict[str, float | None]] = {"canary": {}, "baseline": {}}
+        for side in ("canary", "baseline"):
+            total_n, failed_n = after[side][0] - before[side][0], after[side][1] - before[side][1]
+            window = [a - b for a, b in zip(after[side][2], before[side][2], strict=True)]
+            values[side]["error_rate"] = failed_n / total_n if total_n else None
+            values[side]["p99_ms"] = _p99_ms(window)
+        agreeing = after["agreement"][0] - before["agreement"][0]
+        rows = after["agreement"][1] - before["agreement"][1]
+        values["canary"]["agreement"] = agreeing / rows if rows else None
+        values["baseline"]["agreement"] = 1.0
+        failed_guards = []
+        for guard in guards:
+            canary, baseline = values["canary"][guard.metric], values["baseline"][guard.metric]
+            if not guard.holds(canary, baseline):
+                reading = f"{guard}: canary {canary:.4g}"
+                failed_guards.append(reading + (f", baseline {baseline:.4g}" if baseline is not None else ""))
+        return failed_guards
+
+    def _save(self, state: RolloutState) -> None:
+        if self._state_dir is None:
+            return
+        try:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+            path = self._state_dir / f"{state.model}.rollout.json"
+            staging = path.with_name(f".{path.name}.tmp")
+            staging.write_text(json.dumps(asdict(state), indent=1))
+            staging.replace(path)
+        except OSError as exc:
+            log.error("cannot write the rollout state of model %s: %s", state.model, exc)
+
+
+def _p99_ms(buckets: list[int]) -> float | None:
+    """The upper bound of the bucket holding the 99th percentile, in ms; None without requests."""
+    count = sum(buckets)
+    if not count:
+        return None
+    seen = 0
+    for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), buckets, strict=True):
+        seen += n
+        if seen >= 0.99 * count:
+            return bound * 1000
+    return float("inf")

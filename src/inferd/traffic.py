@@ -1,0 +1,92 @@
+"""Weighted traffic splits between the versions of one model.
+
+A model's ``[traffic]`` table (in its ``inferd.toml``) maps a label or a version number to a
+weight, e.g. ``stable = 90``, ``canary = 10``. A request that names neither a version nor a label
+goes to one of the split's versions, chosen with probability proportional to its weight; a request
+that names a version or label is never split. With a traffic key (a request header or gRPC
+metadata entry named by ``--traffic_key_header``) the choice is a pure function of the key and the
+weights: one key keeps one version while the weights stay. The versions are laid out on [0, 1)
+newest first, so when a newer version's weight grows, keys only move from older versions to it.
+
+Everything here is pure; the manager resolves a split against its labels at each reconcile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from inferd.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Resolved weights: version number -> share of the traffic, shares summing to 1.
+
+    Attributes:
+        shares: (version, share) pairs, newest version first; every share > 0.
+    """
+
+    shares: tuple[tuple[int, float], ...]
+
+    def versions(self) -> list[int]:
+        return [version for version, _ in self.shares]
+
+    def choose(self, key: str | None, available: Collection[int]) -> int | None:
+        """The version a request goes to: by ``key``'s hash when given, else at random; versions
+        not in ``available`` are left out and their share goes to the others. None when no
+        version of the split is available."""
+        shares = [(v, s) for v, s in self.shares if v in available]
+        total = sum(share for _, share in shares)
+        if not shares or total <= 0:
+            return None
+        point = (key_point(key) if key is not None else random.random()) * total
+        for version, share in shares:
+            point -= share
+            if point < 0:
+                return version
+        return shares[-1][0]
+
+
+def key_point(key: str) -> float:
+    """A traffic key -> a point in [0, 1), the same in every process (not Python's ``hash``)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def resolve(weights: Mapping[str, float], labels: Mapping[str, int]) -> Split | None:
+    """A ``[traffic]`` table -> a ``Split``; keys are version numbers (``"3"``) or labels. Weights
+    of keys that name the same version add up. None when the table is empty, when every weight is
+    0, or when a key names a label that does not exist (the split waits for it; a warning is the
+    caller's)."""
+    merged: dict[int, float] = {}
+    for key, weight in weights.items():
+        number = int(key) if key.isdigit() else labels.get(key)
+        if number is None:
+            return None
+        merged[number] = merged.get(number, 0.0) + weight
+    total = sum(merged.values())
+    if total <= 0:
+        return None
+    return Split(tuple((v, w / total) for v, w in sorted(merged.items(), reverse=True) if w > 0))
+
+
+def parse_weights(table: Mapping[str, object], where: str) -> dict[str, float]:
+    """``[traffic]`` -> key -> weight, checked: keys are labels (``[A-Za-z0-9_]+``) or version
+    numbers, weights non-negative numbers, at least one positive.
+
+    Raises:
+        ConfigError: naming ``where``, the key and what was expected.
+    """
+    weights: dict[str, float] = {}
+    for key, weight in table.items():
+        if not key or not all(c.isalnum() or c == "_" for c in key) or not key.isascii():
+            raise ConfigError(f"{where}: key {key!r} must be a label ([A-Za-z0-9_]+) or a version number")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise ConfigError(f"{where}: weight of {key!r} must be a number >= 0, got {weight!r}")
+        weights[key] = float(weight)
+    if weights and not any(weights.values()):
+        raise ConfigError(f"{where}: at least one weight must be above 0")
+    return weights

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferd.capture import _keep_under
+from inferd.config import capture_from_toml
+from inferd.errors import ConfigError
+
+
+def test_the_oldest_capture_files_go_first_when_over_budget(tmp_path: Path) -> None:
+    for name in ("capture-1.parquet", "capture-2.parquet", "capture-3.parquet"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / "notes.txt").write_bytes(b"x" * 1000)
+    _keep_under(tmp_path, 250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "capture-2.parquet",
+        "capture-3.parquet",
+        "notes.txt",
+    ]
+
+
+def test_capture_tables_are_checked_and_paths_resolved_under_the_base(tmp_path: Path) -> None:
+    settings = capture_from_toml({"path": "cap", "fraction": 0.5, "fields": ["x"]}, tmp_path, "[capture]")
+    assert (settings.path, settings.fraction, settings.fields) == (tmp_path / "cap", 0.5, ("x",))
+    for table, message in [
+        ({}, "'path' must be a folder path"),
+        ({"path": "c", "fraction": 2}, r"'fraction' must be a number in \[0, 1\]"),
+        ({"path": "c", "fields": "x"}, "'fields' must be a list of column names"),
+        ({"path": "c", "file_rows": 0}, "'file_rows' must be an integer >= 1"),
+        ({"path": "c", "budget_mb": -1}, "'budget_mb' must be a number >= 0"),
+        ({"path": "c", "size": 1}, r"unknown key\(s\) \['size'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            capture_from_toml(table, tmp_path, "[capture]")
