@@ -74,13 +74,17 @@ def cuda_used(index: int) -> int:
     """Bytes the imported frameworks' allocators hold on GPU ``index``; see the module docstring."""
     total = 0
     found = False
+    # A framework another load thread is still importing is in sys.modules half-made (its
+    # attributes missing): it holds nothing yet, so it is skipped rather than read.
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        total += int(torch.cuda.memory_allocated(index))
+    cuda = getattr(torch, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        total += int(cuda.memory_allocated(index))
         found = True
     tf = sys.modules.get("tensorflow")
-    if tf is not None and tf.config.list_physical_devices("GPU"):
-        total += int(tf.config.experimental.get_memory_info(f"GPU:{index}")["current"])
+    tf_config = getattr(tf, "config", None)
+    if tf_config is not None and tf_config.list_physical_devices("GPU"):
+        total += int(tf_config.experimental.get_memory_info(f"GPU:{index}")["current"])
         found = True
     if found:
         return total
