@@ -14,7 +14,7 @@ serialized, context features merged into each, as TF Serving does.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -79,48 +79,35 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         self._limits = limits
 
     async def Predict(self, request: ps.PredictRequest, context: Context) -> ps.PredictResponse:
-        call = self._service.call(
-            PROTOCOL,
-            request.model_spec.name,
-            traffic_key=traffic_key(context, self._service.traffic_key_header),
-        )
-        run = _label_as_invalid(self._predict(call, request, deadline_of(context)))
-        reply = await answer(context, run, call.id)
-        tell_version(context, call.answered_by)
-        return reply
+        return await self._serve(request.model_spec.name, context, self._predict, request)
 
     async def Classify(
         self, request: ps.ClassificationRequest, context: Context
     ) -> ps.ClassificationResponse:
-        call = self._service.call(
-            PROTOCOL,
-            request.model_spec.name,
-            traffic_key=traffic_key(context, self._service.traffic_key_header),
-        )
-        run = _label_as_invalid(self._classify(call, request, deadline_of(context)))
-        reply = await answer(context, run, call.id)
-        tell_version(context, call.answered_by)
-        return reply
+        return await self._serve(request.model_spec.name, context, self._classify, request)
 
     async def Regress(self, request: ps.RegressionRequest, context: Context) -> ps.RegressionResponse:
-        call = self._service.call(
-            PROTOCOL,
-            request.model_spec.name,
-            traffic_key=traffic_key(context, self._service.traffic_key_header),
-        )
-        run = _label_as_invalid(self._regress(call, request, deadline_of(context)))
-        reply = await answer(context, run, call.id)
-        tell_version(context, call.answered_by)
-        return reply
+        return await self._serve(request.model_spec.name, context, self._regress, request)
 
     async def MultiInference(
         self, request: ps.MultiInferenceRequest, context: Context
     ) -> ps.MultiInferenceResponse:
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        call = self._service.call(
-            PROTOCOL, name, traffic_key=traffic_key(context, self._service.traffic_key_header)
-        )
-        run = _label_as_invalid(self._multi(call, request, deadline_of(context)))
+        return await self._serve(name, context, self._multi, request)
+
+    async def _serve(
+        self,
+        name: str,
+        context: Context,
+        handle: Callable[[Call, _Request, float | None], Coroutine[Any, Any, _Answer]],
+        request: _Request,
+    ) -> _Answer:
+        """One inference RPC on model ``name``: a call with the request's traffic key, run by
+        ``handle``, an unknown label answered INVALID_ARGUMENT, the version that answered in the
+        trailing metadata."""
+        key = traffic_key(context, self._service.traffic_key_header)
+        call = self._service.call(PROTOCOL, name, traffic_key=key)
+        run = _label_as_invalid(handle(call, request, deadline_of(context)))
         reply = await answer(context, run, call.id)
         tell_version(context, call.answered_by)
         return reply
@@ -271,6 +258,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
 
 _Answer = TypeVar("_Answer")
+_Request = TypeVar("_Request")
 
 
 async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
