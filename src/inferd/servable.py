@@ -36,6 +36,14 @@ from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
 
+INLINE_PREDICT_S = 50e-6
+"""An unbatched call whose expected model time (the signature's recent seconds per row times the
+request's rows) is at most this runs on the event loop's thread instead of an inference thread:
+handing a call to a thread and back costs more than that (about 90 us of CPU per request measured
+on one core with the digits model, see docs/performance.md), and blocking the loop that briefly
+delays the other requests less than the hand-off would."""
+_UNMEASURED = (float("inf"), float("inf"))
+
 ModelLoader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
 """Loads a version folder with its runtime: ``runtimes.load_model`` in a server."""
 
@@ -63,6 +71,7 @@ class Servable:
         "_in_flight",
         "_max_in_flight",
         "_on_close",
+        "_row_costs",
         "batching",
         "id",
         "join",
@@ -97,6 +106,9 @@ class Servable:
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        # signature -> model seconds per row of its last two unbatched calls; the faster one counts,
+        # so that one call stretched by the scheduler (or, on a thread, by the GIL) changes nothing
+        self._row_costs: dict[str, tuple[float, float]] = {}
         self._on_close = on_close
         self._closed = False
 
@@ -116,7 +128,10 @@ class Servable:
         self, signature: str, inputs: Tensors, deadline: float | None
     ) -> tuple[Tensors, float, float]:
         """Predict ``inputs`` (already conformed and joined): through the signature's batcher
-        when there is one and every input has the same rows, else directly on a thread.
+        when there is one and every input has the same rows, else directly: on this (the event
+        loop's) thread when the faster of the signature's last two calls says it takes at most
+        ``INLINE_PREDICT_S``, otherwise on an inference thread (always for a signature's first
+        call).
 
         Returns:
             The outputs, the seconds queued (for a batch or a thread) and the seconds of predict.
@@ -135,12 +150,17 @@ class Servable:
             raise Unavailable(f"model {self.id} has {self._in_flight} requests in flight; retry later")
         self._in_flight += 1
         enqueued = time.monotonic()
+        last, before = self._row_costs.get(signature, _UNMEASURED)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
-            )
+            if min(last, before) * (rows or 1) <= INLINE_PREDICT_S:
+                result = _timed_predict(self.model, signature, inputs, enqueued, deadline)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
+                )
         finally:
             self._in_flight -= 1
+        self._row_costs[signature] = (result[2] / (rows or 1), last)
         self.statistics.executed(rows or 1, result[2])
         return result
 
