@@ -213,17 +213,10 @@ class HttpApp:
     async def _send(self, send: Any, status: int, headers: Mapping[str, str], payload: bytes) -> None:
         if self._cors:
             headers = {**headers, **_CORS_HEADERS}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                # With its length given, uvicorn sends the answer whole instead of in chunks.
-                "headers": [
-                    *((k.encode(), v.encode()) for k, v in headers.items()),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        # With its length given, uvicorn sends the answer whole instead of in chunks.
+        raw.append((b"content-length", b"%d" % len(payload)))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 
     async def _with_deadline(

