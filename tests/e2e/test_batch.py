@@ -326,7 +326,8 @@ def predict(self, inputs):
 def refusing_model(tmp_path: Path) -> Path:
     """A Python model that doubles its FP32 [-1, 2] input ``x`` and refuses a batch holding a
     negative value; its base folder."""
-    base = refusing_model(tmp_path)
+    base = tmp_path / "checked"
+    write_python_model(base / "1", REFUSES_NEGATIVE)
     return base
 
 
@@ -401,8 +402,7 @@ def test_chunks_whose_every_row_is_refused_leave_the_others_scored(tmp_path: Pat
 
 
 def test_a_chunk_of_only_refused_rows_gives_an_empty_output(tmp_path: Path) -> None:
-    base = tmp_path / "checked"
-    write_python_model(base / "1", REFUSES_NEGATIVE)
+    base = refusing_model(tmp_path)
     np.save(tmp_path / "in.npy", -np.ones((5, 2), dtype=np.float32))
     batch(base, tmp_path / "in.npy", tmp_path / "out.npy", check=1)
     assert np.load(tmp_path / "out.npy").shape == (0, 2)
