@@ -517,14 +517,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def full_plan(args: argparse.Namespace, servers: dict[str, Server]) -> list[Session]:
-    """Every selected server variant x every model, each with every (instances, connections)."""
+    """Every selected server variant x every model, each with every (instances, connections);
+    a server's extra variants only where ``--only`` names them."""
+
+    def selected(name: str, variant: str, extra: bool) -> bool:
+        if args.only is not None and f"{name}:{variant}" in args.only:
+            return True
+        return not extra and (args.only is None or name in args.only)
+
     scenarios = tuple((n, c) for n in args.instances for c in args.connections)
     return [
         Session(server, variant, model, scenarios)
         for model in args.models
         for name, server in servers.items()
         for variant in server.variants
-        if args.only is None or name in args.only or f"{name}:{variant}" in args.only
+        if selected(name, variant, variant in server.extra_variants)
     ]
 
 
@@ -591,9 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     bodies: dict[tuple[str, str, str, int], Path] = {}
     for s in plan:
         for n in {n for n, _ in s.scenarios}:
-            path = WORK / "bodies" / f"{s.key}-{s.model}-{n}.body"
+            x = models.instances(s.model, n)
+            # inferd bench --payload reads a .json file as a REST body (and other suffixes as arrays)
+            json_body = s.server.headers(x, s.variant).get("Content-Type") == "application/json"
+            path = WORK / "bodies" / f"{s.key}-{s.model}-{n}.{'json' if json_body else 'bin'}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(s.server.body(models.instances(s.model, n), s.variant))
+            path.write_bytes(s.server.body(x, s.variant))
             bodies[(s.server.name, s.variant, s.model, n)] = path
 
     log("in-process bounds")

@@ -60,6 +60,8 @@ class Server(abc.ABC):
     name = ""
     packages: tuple[str, ...] = ()
     variants: tuple[str, ...] = ("default",)
+    # variants a full run leaves out unless named (--only NAME:variant); --perf picks its own
+    extra_variants: tuple[str, ...] = ()
     uses_project_venv = False
     # packages whose versions go into the report
     report_packages: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from . import BATCH_WAIT_MS, MAX_BATCH, Context, Launch, Server, Wire, write
 class Inferd(Server):
     name = "inferd"
     variants = ("default", "batching", "nometrics", "v2-json", "v2-binary", "v2-binary-batching", "grpc")
+    extra_variants = ("v2-json", "v2-binary", "v2-binary-batching", "grpc")
     uses_project_venv = True
     report_packages = ("inferd", "onnxruntime", "uvicorn", "orjson", "numpy")
 
