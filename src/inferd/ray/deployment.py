@@ -144,8 +144,9 @@ def deploy(
     proxy: str,
 ) -> None:
     """Connect to the cluster at ``address`` ("" starts a local one), start Serve's ingress on
-    ``http_host:http_port`` and deploy (or update in place) the inferd application; returns once
-    every replica is up."""
+    ``http_host:http_port`` (and gRPC on ``http_host:config.port`` unless it is 0) and deploy (or
+    update in place) the inferd application; returns once every replica is up. Serve's ports are
+    fixed when Serve first starts on a cluster: a later deploy with other ports keeps the first."""
     if proxy == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     for name, value in PROXY_ENV.items():
@@ -154,7 +155,12 @@ def deploy(
     from ray import serve
 
     ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
-    serve.start(http_options={"host": http_host, "port": http_port})
+    from inferd.ray.grpc_ingress import SERVICER_FUNCTIONS
+
+    grpc_options = (
+        {"port": config.port, "grpc_servicer_functions": SERVICER_FUNCTIONS} if config.port else None
+    )
+    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
 
 
