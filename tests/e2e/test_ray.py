@@ -36,7 +36,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferd.ray.deployment import PROXY_ENV
 from tests.conftest import ServerProcess, free_port, launch
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -397,3 +397,66 @@ def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -
         _wait(lambda: len(traffic.answers) > answered + 5, "answers after the replacement")
     assert not traffic.failures
     assert {status for status, _ in traffic.answers} <= {200, 503}
+
+
+REFUSING_MODEL = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative values")
+    return {"y": x * 2 + 1}
+"""
+
+
+def _batch(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400, check=False)
+
+
+def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster, tmp_path: Path) -> None:
+    model = tmp_path / "refusing"
+    write_python_model(model / "1", REFUSING_MODEL)
+    lines = ["id,a,b"]
+    for i in range(3000):
+        a = -1.0 if i % 701 == 5 else float(i)  # refused by the model: rejected row by row
+        lines.append(f"{i * 10},{'abc' if i % 997 == 3 else a},{i / 2}")  # 'abc': refused by the reader
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    common = ("--id-column=id", "--memory-budget-mb=0.5", "--batch-size=64")  # a dozen chunks
+
+    local = _batch(model, tmp_path / "in.csv", tmp_path / "local.csv", *common)
+    summary = tmp_path / "summary.json"
+    on_ray = _batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "ray.csv",
+        *common,
+        "--engine=ray",
+        f"--address={cluster.address}",
+        "--actors=2",
+        f"--summary-json={summary}",
+        env=cluster.env,
+    )
+    assert (local.returncode, on_ray.returncode) == (1, 1), on_ray.stderr[-4000:]
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+    rejects = (tmp_path / "ray.csv.rejects.jsonl").read_text()
+    assert rejects == (tmp_path / "local.csv.rejects.jsonl").read_text()
+    assert "negative values" in rejects
+    assert "'abc' is not a float32 value" in rejects
+    stats = json.loads(summary.read_text())
+    assert stats["rows"] + 9 == 3000  # 5 refused by the model, 4 by the reader
+    assert stats["chunk_rows"] < 3000
+
+    failing = _batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "none.csv",
+        "--outputs=z",
+        "--engine=ray",
+        f"--address={cluster.address}",
+        env=cluster.env,
+    )
+    assert failing.returncode == 2
+    assert "--outputs: signature 'serving_default' has no output(s) ['z']" in failing.stderr
