@@ -460,3 +460,53 @@ def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster,
     )
     assert failing.returncode == 2
     assert "--outputs: signature 'serving_default' has no output(s) ['z']" in failing.stderr
+
+
+def _replica_urls(cluster: Cluster) -> list[str]:
+    """Each replica's own REST address (Serve's direct ingress), read from HAProxy's configs
+    (one per node, in a folder named for the node beside the configured path)."""
+    folder = Path(cluster.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    lines = {line for config in folder.glob("**/haproxy.cfg") for line in config.read_text().splitlines()}
+    urls = []
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["server"] and "backup" not in words and "grpc" not in line.lower():
+            address = f"http://{words[2]}"
+            try:
+                if requests.get(f"{address}/v2/health/live", timeout=5).status_code == 200:
+                    urls.append(address)
+            except requests.RequestException:  # a gRPC port, or a replica going away
+                pass
+    return sorted(urls)
+
+
+def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment) -> None:
+    names = [f"m{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        write_onnx_affine(deployed.repository / name / "1", float(i + 1))
+    deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    with requests.Session() as session:
+        for _ in range(6):
+            for i, name in enumerate(names):
+                response = session.post(
+                    f"{deployed.url}/v1/models/{name}:predict",
+                    json={"instances": [ROW]},
+                    headers={"serve_multiplexed_model_id": name},
+                    timeout=60,
+                )
+                assert response.status_code == 200, response.text
+                assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
+
+    def holders(name: str) -> list[str]:
+        held = []
+        for url in _replica_urls(deployed.cluster):
+            status = requests.get(f"{url}/v1/models/{name}", timeout=30).json()
+            if not status["model_version_status"][0]["status"].get("error_message"):
+                held.append(url)
+        return held
+
+    placement = {name: holders(name) for name in names}
+    assert all(len(urls) == 1 for urls in placement.values()), placement

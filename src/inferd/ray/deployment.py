@@ -15,6 +15,9 @@ from inferd.errors import ConfigError
 
 APP_NAME = "inferd"
 
+MODEL_HEADER = "serve_multiplexed_model_id"
+"""The header (gRPC: metadata key) that names a request's model for routing: Serve's own."""
+
 PROXY_ENV = {
     # Serve's fallback proxy defaults to 8500, TF Serving's gRPC port: moved above it.
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8510",
@@ -23,6 +26,11 @@ PROXY_ENV = {
     # answering (killed): inferd's predictions are idempotent. Ray's default retries connection
     # failures only. Only requests that fit HAProxy's buffer (16 KiB by default) are replayed.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    # A request naming its model in Serve's multiplexing header goes to the replica the model's
+    # name hashes to, so that each model loads on one replica (under --memory_budget, lazily)
+    # instead of on every replica that its requests happen to reach. HAProxy bypasses Serve's
+    # own model-aware router; requests without the header are spread round robin.
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": f"hdr({MODEL_HEADER})",
 }
 """Environment every Ray node's processes need (the Serve controller reads it at start)."""
 

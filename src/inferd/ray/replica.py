@@ -66,10 +66,12 @@ class InferdReplica(GrpcMethods):
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
         (``graceful_shutdown_timeout_s``); inferd's drain then waits for anything still running."""
-        server = self._server
-        if self._poller is not None:
-            self._poller.cancel()
-        self._sweeper.cancel()
+        server: Server | None = getattr(self, "_server", None)
+        if server is None:  # __init__ failed before the server existed: nothing to close
+            return
+        for task in (getattr(self, "_poller", None), getattr(self, "_sweeper", None)):
+            if task is not None:
+                task.cancel()
         server.manager.drain()
         try:
             await server.manager.drained(server.config.drain_timeout_s)
