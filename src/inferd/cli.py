@@ -186,12 +186,33 @@ def _batch_parser(sub: Any) -> argparse.ArgumentParser:
     add("--log-interval", type=float, default=10.0, help="seconds between progress log lines (default: 10)")
     add("--summary-json", type=Path, help="also write the summary to this file as JSON")
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="score in this process, or with a pool of Ray Data actors (pip install 'inferd[ray]')",
+    )
+    add("--address", default="", help="with --engine ray: the Ray cluster to use (default: start one)")
+    add(
+        "--actors",
+        type=int,
+        default=0,
+        help="with --engine ray: scoring actors, each loading the model once (default: the cluster's "
+        "CPUs / --threads)",
+    )
     return parser
 
 
 def _batch(args: argparse.Namespace) -> int:
     from inferd import offline
     from inferd.storage import Scratch
+
+    if args.actors < 0:
+        print(f"inferd batch: --actors must be 0 or more, got {args.actors}", file=sys.stderr)
+        return 2
+    if args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        print("inferd batch: --engine ray needs Ray: pip install 'inferd[ray]'", file=sys.stderr)
+        return 2
 
     scratch = Scratch()  # object-store paths are copied in, and the outputs back
     try:
@@ -222,8 +243,13 @@ def _batch(args: argparse.Namespace) -> int:
         progress=args.progress,
         log_interval_s=args.log_interval,
     )
+    engine = None
+    if args.engine == "ray":
+        from inferd.ray import batch
+
+        engine = batch.engine(args.model_path, args.address, args.actors)
     try:
-        summary = offline.run(options)
+        summary = offline.run(options, engine)
         scratch.publish()
     except InferdError as exc:
         print(f"inferd batch: {exc.message}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """``inferd ray serve`` on a real two-node Ray cluster started on this machine: the replicas answer
-as ``inferd serve`` does, and version swaps, scaling and a killed replica lose no request."""
+as ``inferd serve`` does over both REST APIs and both gRPC APIs (with the ``tensorflow-serving-api``
+stubs and ``tritonclient.grpc``), unload idle versions as it does, and version swaps, scaling and a
+killed replica lose no request."""
 
 from __future__ import annotations
 
@@ -17,12 +19,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as triton
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from tritonclient.utils import InferenceServerException
 
 from inferd.ray.deployment import PROXY_ENV
 from tests.conftest import ServerProcess, free_port, launch
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -117,6 +131,7 @@ class Deployment:
     cluster: Cluster
     repository: Path
     url: str
+    grpc_target: str
     flags: list[str] = field(default_factory=list)
 
     def deploy(self, *extra: str) -> None:
@@ -133,15 +148,16 @@ class Deployment:
 def deployed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     repository = tmp_path_factory.mktemp("repo")
     write_onnx_affine(repository / "affine" / "1", 2.0)
-    port = free_port()
+    port, grpc_port = _ports(2)
     flags = [
         f"--address={cluster.address}",
         "--host=127.0.0.1",
         f"--rest_api_port={port}",
+        f"--port={grpc_port}",
         "--file_system_poll_wait_seconds=0.3",
         "--downscale_delay_s=1",
     ]
-    deployment = Deployment(cluster, repository, f"http://127.0.0.1:{port}", flags)
+    deployment = Deployment(cluster, repository, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", flags)
     deployment.deploy("--num_replicas=1")
     return deployment
 
@@ -216,6 +232,119 @@ def test_rest_answers_are_the_bytes_inferd_serve_gives(deployed: Deployment, tmp
     assert expected[2][0] == 400
 
 
+def _tf_tensor(rows: list[list[float]]) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "affine"
+    tensor = request.inputs["x"]
+    tensor.dtype = 1  # DT_FLOAT
+    tensor.tensor_shape.dim.add(size=len(rows))
+    tensor.tensor_shape.dim.add(size=len(rows[0]))
+    tensor.float_val.extend(v for row in rows for v in row)
+    return request
+
+
+def _same_grpc_calls(target: str) -> list[tuple[str, str, bytes, str | None]]:
+    """The answers to TF Serving and V2 gRPC calls, each as (status code, details, reply bytes,
+    the version named in the trailing metadata)."""
+    unknown = _tf_tensor([ROW])
+    unknown.model_spec.name = "nope"
+    bad_width = _tf_tensor([[1.0, 2.0]])
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata.model_spec.name = "affine"
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "affine"
+    with grpc.insecure_channel(target) as channel:
+        predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        models = model_service_pb2_grpc.ModelServiceStub(channel)
+        calls = [
+            (predictions.Predict, _tf_tensor([ROW, ROW])),
+            (predictions.Predict, unknown),
+            (predictions.Predict, bad_width),
+            (predictions.GetModelMetadata, metadata),
+            (models.GetModelStatus, status),
+            (models.HandleReloadConfigRequest, model_management_pb2.ReloadConfigRequest()),
+        ]
+        answers = []
+        for method, request in calls:
+            try:
+                reply, call = method.with_call(request, timeout=30)
+                version = dict(call.trailing_metadata() or ()).get("inferd-model-version")
+                answers.append(("OK", "", reply.SerializeToString(deterministic=True), version))
+            except grpc.RpcError as error:
+                answers.append((error.code().name, error.details() or "", b"", None))
+    return answers
+
+
+def _triton_calls(target: str) -> list[object]:
+    """What ``tritonclient.grpc`` reads from the V2 service: readiness, metadata, an inference
+    and the error for an unknown model."""
+    client = triton.InferenceServerClient(target)
+    try:
+        x = triton.InferInput("x", [2, 4], "FP32")
+        x.set_data_from_numpy(np.array([ROW, ROW], dtype=np.float32))
+        result = client.infer("affine", [x], client_timeout=30)
+        try:
+            client.get_model_metadata("nope", client_timeout=30)
+            missing = ""
+        except InferenceServerException as exc:
+            missing = f"{exc.status()} {exc.message()}"
+        return [
+            client.is_server_live(),
+            client.is_server_ready(),
+            client.is_model_ready("affine"),
+            client.get_server_metadata(as_json=True)["name"],
+            client.get_model_metadata("affine", as_json=True),
+            result.as_numpy("y").tolist(),
+            missing,
+        ]
+    finally:
+        client.close()
+
+
+def test_grpc_answers_are_the_ones_inferd_serve_gives(deployed: Deployment, tmp_path: Path) -> None:
+    alone: ServerProcess = launch(tmp_path, str(deployed.repository))
+    try:
+        expected, expected_v2 = _same_grpc_calls(alone.grpc_target), _triton_calls(alone.grpc_target)
+    finally:
+        alone.stop()
+    assert _same_grpc_calls(deployed.grpc_target) == expected
+    assert _triton_calls(deployed.grpc_target) == expected_v2
+    assert [code for code, *_ in expected] == [
+        "OK",
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+        "OK",
+        "OK",
+        "PERMISSION_DENIED",
+    ]
+    assert expected[0][3] == "1"
+    assert expected_v2[5] == [[2.0, 4.0, 6.0, 8.0]] * 2
+
+
+IDLE_TOML = "[residency]\nidle_unload_s = 1\n"
+
+
+def test_replicas_unload_a_version_idle_past_its_idle_unload_s(deployed: Deployment) -> None:
+    write_onnx_affine(deployed.repository / "idle" / "1", 5.0)
+    (deployed.repository / "idle" / "inferd.toml").write_text(IDLE_TOML)
+    url = f"{deployed.url}/v1/models/idle"
+
+    def answers() -> bool:
+        response = requests.post(f"{url}:predict", json={"instances": [ROW]}, timeout=30)
+        if response.status_code == 200:
+            assert response.json() == {"predictions": [[5.0, 10.0, 15.0, 20.0]]}
+        return response.status_code == 200
+
+    _wait(answers, "the new model to answer")
+
+    def evicted() -> bool:
+        status = requests.get(url, timeout=30).json()["model_version_status"][0]["status"]
+        return str(status.get("error_message", "")).startswith("evicted (idle)")
+
+    _wait(evicted, "the idle version to be unloaded")
+    _wait(answers, "the version to load again on a request")  # 503 while it loads, past 5 s
+
+
 def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed: Deployment) -> None:
     new = b'{"predictions":[[3.0,6.0,9.0,12.0]]}'
     with Traffic(deployed.url) as traffic:
@@ -268,3 +397,116 @@ def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -
         _wait(lambda: len(traffic.answers) > answered + 5, "answers after the replacement")
     assert not traffic.failures
     assert {status for status, _ in traffic.answers} <= {200, 503}
+
+
+REFUSING_MODEL = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    x = inputs["x"]
+    if (x < 0).any():
+        raise ValueError("negative values")
+    return {"y": x * 2 + 1}
+"""
+
+
+def _batch(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400, check=False)
+
+
+def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster, tmp_path: Path) -> None:
+    model = tmp_path / "refusing"
+    write_python_model(model / "1", REFUSING_MODEL)
+    lines = ["id,a,b"]
+    for i in range(3000):
+        a = -1.0 if i % 701 == 5 else float(i)  # refused by the model: rejected row by row
+        lines.append(f"{i * 10},{'abc' if i % 997 == 3 else a},{i / 2}")  # 'abc': refused by the reader
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    common = ("--id-column=id", "--memory-budget-mb=0.5", "--batch-size=64")  # a dozen chunks
+
+    local = _batch(model, tmp_path / "in.csv", tmp_path / "local.csv", *common)
+    summary = tmp_path / "summary.json"
+    on_ray = _batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "ray.csv",
+        *common,
+        "--engine=ray",
+        f"--address={cluster.address}",
+        "--actors=2",
+        f"--summary-json={summary}",
+        env=cluster.env,
+    )
+    assert (local.returncode, on_ray.returncode) == (1, 1), on_ray.stderr[-4000:]
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+    rejects = (tmp_path / "ray.csv.rejects.jsonl").read_text()
+    assert rejects == (tmp_path / "local.csv.rejects.jsonl").read_text()
+    assert "negative values" in rejects
+    assert "'abc' is not a float32 value" in rejects
+    stats = json.loads(summary.read_text())
+    assert stats["rows"] + 9 == 3000  # 5 refused by the model, 4 by the reader
+    assert stats["chunk_rows"] < 3000
+
+    failing = _batch(
+        model,
+        tmp_path / "in.csv",
+        tmp_path / "none.csv",
+        "--outputs=z",
+        "--engine=ray",
+        f"--address={cluster.address}",
+        env=cluster.env,
+    )
+    assert failing.returncode == 2
+    assert "--outputs: signature 'serving_default' has no output(s) ['z']" in failing.stderr
+
+
+def _replica_urls(cluster: Cluster) -> list[str]:
+    """Each replica's own REST address (Serve's direct ingress), read from HAProxy's configs
+    (one per node, in a folder named for the node beside the configured path)."""
+    folder = Path(cluster.env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    lines = {line for config in folder.glob("**/haproxy.cfg") for line in config.read_text().splitlines()}
+    urls = []
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["server"] and "backup" not in words and "grpc" not in line.lower():
+            address = f"http://{words[2]}"
+            try:
+                if requests.get(f"{address}/v2/health/live", timeout=5).status_code == 200:
+                    urls.append(address)
+            except requests.RequestException:  # a gRPC port, or a replica going away
+                pass
+    return sorted(urls)
+
+
+def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment) -> None:
+    names = [f"m{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        write_onnx_affine(deployed.repository / name / "1", float(i + 1))
+    deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    with requests.Session() as session:
+        for _ in range(6):
+            for i, name in enumerate(names):
+                response = session.post(
+                    f"{deployed.url}/v1/models/{name}:predict",
+                    json={"instances": [ROW]},
+                    headers={"serve_multiplexed_model_id": name},
+                    timeout=60,
+                )
+                assert response.status_code == 200, response.text
+                assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
+
+    def holders(name: str) -> list[str]:
+        held = []
+        for url in _replica_urls(deployed.cluster):
+            status = requests.get(f"{url}/v1/models/{name}", timeout=30).json()
+            if not status["model_version_status"][0]["status"].get("error_message"):
+                held.append(url)
+        return held
+
+    placement = {name: holders(name) for name in names}
+    assert all(len(urls) == 1 for urls in placement.values()), placement

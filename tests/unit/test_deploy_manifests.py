@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
+from ray.serve.config import gRPCOptions
 
 from inferd.cli import main as cli_main
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
 from inferd.ray.deployment import app_builder
+from inferd.ray.grpc_ingress import SERVICER_FUNCTIONS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -65,6 +67,9 @@ def test_rayservice_has_what_kuberay_requires() -> None:
     (app,) = _require(serve_config, "applications", list)
     assert _require(app, "import_path", str) == "inferd.ray.deployment:app_builder"
     app_builder(_require(app, "args", dict))  # the args are ones inferd accepts
+    grpc_options = gRPCOptions(**_require(serve_config, "grpc_options", dict))
+    assert grpc_options.grpc_servicer_functions == SERVICER_FUNCTIONS
+    assert len(grpc_options.grpc_servicer_func_callable) == 3  # each one imports
 
 
 def test_app_builder_names_a_bad_argument() -> None:

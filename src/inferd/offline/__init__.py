@@ -7,6 +7,10 @@ stages overlap, joined by bounded queues: a reader thread turns input into chunk
 threads (``scoring``), and a writer thread writes one part file per chunk (``sinks``). At most
 ``_IN_FLIGHT_CHUNKS`` chunks exist at once, and the chunk size follows from
 ``--memory-budget-mb``.
+
+Another engine (``inferd batch --engine ray``) replaces the reading and scoring stages: it is an
+``Engine``, given the ``Job`` (the same layout, chunking, outputs and finished chunks) and
+yielding ``Scored`` chunks, which this module writes, merges and summarises as it does its own.
 """
 
 from __future__ import annotations
@@ -20,22 +24,30 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import orjson
 
 from inferd.config import FeatureSettings
 from inferd.errors import InferdError, Internal, InvalidArgument
 from inferd.features import FeatureJoin, FeatureStores, plan_join
-from inferd.local import in_process
+from inferd.local import Loaded, in_process
 from inferd.metrics import FeatureStats
 from inferd.offline.scoring import Scorer, in_thread
 from inferd.offline.sinks import PartStore, output_format
-from inferd.offline.sources import Chunk, find_inputs, plan_layout, read_chunks, row_bytes, total_rows
+from inferd.offline.sources import (
+    Chunk,
+    Layout,
+    find_inputs,
+    plan_layout,
+    read_chunks,
+    row_bytes,
+    total_rows,
+)
 from inferd.repository import resolve_version
 from inferd.runtimes import Model
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
@@ -111,17 +123,56 @@ class Summary:
         return orjson.dumps(dataclasses.asdict(self))
 
 
-def run(options: BatchOptions) -> Summary:
-    """Run one job to the end.
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What an ``Engine`` scores: the job's chunks are ``read_chunks(layout, request,
+    chunk_rows)``, numbered from 0; those in ``done`` were written by an earlier run."""
+
+    options: BatchOptions
+    layout: Layout
+    request: Signature
+    chunk_rows: int
+    outputs: tuple[str, ...]
+    done: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One chunk back from an ``Engine``: ``outputs`` for its good rows (its rejects moved to
+    ``chunk.rejects``), or None for a chunk in ``Job.done`` (only ``chunk.rows`` counts);
+    ``batch_size`` the rows per predict call that scored it."""
+
+    chunk: Chunk
+    outputs: Tensors | None
+    batch_size: int
+
+
+Engine: TypeAlias = Callable[[Job], AsyncIterator[Scored]]
+"""Reads and scores a job's chunks elsewhere (in any order); raises ``InferdError`` as ``run``."""
+
+
+def run(options: BatchOptions, engine: Engine | None = None) -> Summary:
+    """Run one job to the end, scoring in this process or with ``engine``.
 
     Raises:
         InferdError: a model that does not load (MODEL_LOAD), inputs or options that do not fit
             the model, such as a missing column (INVALID_ARGUMENT), all before any row is scored.
     """
-    return asyncio.run(_run(options))
+    return asyncio.run(_run(options, engine))
 
 
-async def _run(options: BatchOptions) -> Summary:
+def open_scorer(options: BatchOptions, loaded: Loaded, stores: FeatureStores, threads: int) -> Scorer:
+    """The scorer ``run`` uses for ``loaded`` (its signature, feature join and chosen outputs),
+    for an engine that scores chunks in another process. The join's store is opened in
+    ``stores``, which the caller closes."""
+    signature = _model_signature(loaded.model, options.signature)
+    join = _feature_join(loaded.ref.name, loaded.settings.features, loaded.model, stores)
+    fmt = output_format(options.output)
+    outputs = _chosen_outputs(signature, options.outputs, fmt)
+    return Scorer(loaded.model, signature, join, outputs, options.batch_size, threads, loaded.pool)
+
+
+async def _run(options: BatchOptions, engine: Engine | None = None) -> Summary:
     started, cpu_started = time.monotonic(), time.process_time()
     plan = resolve_version(options.model, options.model_name, options.version)
     fmt = output_format(options.output)
@@ -159,14 +210,20 @@ async def _run(options: BatchOptions) -> Summary:
             scoring_started = time.monotonic()
             try:
                 try:
-                    rows, resumed = await _pipeline(
-                        read_chunks(layout, request, chunk_rows),
-                        done,
-                        scorer,
-                        store,
-                        layout.id_name,
-                        progress,
-                    )
+                    if engine is None:
+                        rows, resumed = await _pipeline(
+                            read_chunks(layout, request, chunk_rows),
+                            done,
+                            scorer,
+                            store,
+                            layout.id_name,
+                            progress,
+                        )
+                    else:
+                        work = Job(options, layout, request, chunk_rows, tuple(outputs), frozenset(done))
+                        rows, resumed, scorer.batch_size = await _write_scored(
+                            engine(work), store, layout.id_name, progress
+                        )
                 finally:
                     progress.close()
                 scoring_s = time.monotonic() - scoring_started
@@ -275,7 +332,7 @@ async def _pipeline(
                         counts["resumed"] += chunk.rows
                         progress.advance(chunk.rows)
                         continue
-                    scoring.append(asyncio.create_task(_scored(scorer, chunk)))
+                    scoring.append(asyncio.create_task(score_chunk(scorer, chunk)))
                     if len(scoring) == _SCORED_CHUNKS:
                         await write_q.put(await scoring.popleft())
                 while scoring:
@@ -305,6 +362,27 @@ async def _pipeline(
     return counts["rows"], counts["resumed"]
 
 
+async def _write_scored(
+    scored: AsyncIterator[Scored], store: PartStore, id_name: str, progress: _Progress
+) -> tuple[int, int, int]:
+    """Write an engine's chunks as they come; returns (rows scored, rows skipped as already
+    done, the batch size of the last chunk scored)."""
+    rows = resumed = batch_size = 0
+    with ThreadPoolExecutor(1, "inferd-batch-write") as writer:
+        async for item in scored:
+            chunk = item.chunk
+            if item.outputs is None:
+                resumed += chunk.rows
+            else:
+                first = chunk.numbers[0] if len(chunk.numbers) else "-"
+                what = f"writing chunk {chunk.index} (rows from {first})"
+                await _stage(what, store.write, chunk, item.outputs, id_name, pool=writer)
+                rows += len(chunk.ids)
+                batch_size = item.batch_size or batch_size
+            progress.advance(chunk.rows)
+    return rows, resumed, batch_size
+
+
 async def _stage(what: str, function: Callable[..., _T], *args: Any, pool: Executor | None = None) -> _T:
     """``function(*args)`` on ``pool`` (a default thread when None), its unexpected errors turned
     into ``Internal`` naming ``what`` failed.
@@ -328,7 +406,7 @@ async def _stage(what: str, function: Callable[..., _T], *args: Any, pool: Execu
     return await in_thread(pool, call)
 
 
-async def _scored(scorer: Scorer, chunk: Chunk) -> tuple[Chunk, Tensors]:
+async def score_chunk(scorer: Scorer, chunk: Chunk) -> tuple[Chunk, Tensors]:
     """``scorer.score(chunk)``, an unexpected error named with the chunk (a model that raised)."""
     try:
         return await scorer.score(chunk)

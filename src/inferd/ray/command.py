@@ -73,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(deployment.status(args.address), indent=1, sort_keys=True))
         return 0
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
+    values["memory_budget"] = ",".join(args.memory_budget or ())  # repeatable, as for inferd serve
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         print(

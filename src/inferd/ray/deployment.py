@@ -15,6 +15,9 @@ from inferd.errors import ConfigError
 
 APP_NAME = "inferd"
 
+MODEL_HEADER = "serve_multiplexed_model_id"
+"""The header (gRPC: metadata key) that names a request's model for routing: Serve's own."""
+
 PROXY_ENV = {
     # Serve's fallback proxy defaults to 8500, TF Serving's gRPC port: moved above it.
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8510",
@@ -23,6 +26,11 @@ PROXY_ENV = {
     # answering (killed): inferd's predictions are idempotent. Ray's default retries connection
     # failures only. Only requests that fit HAProxy's buffer (16 KiB by default) are replayed.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    # A request naming its model in Serve's multiplexing header goes to the replica the model's
+    # name hashes to, so that each model loads on one replica (under --memory_budget, lazily)
+    # instead of on every replica that its requests happen to reach. HAProxy bypasses Serve's
+    # own model-aware router; requests without the header are spread round robin.
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": f"hdr({MODEL_HEADER})",
 }
 """Environment every Ray node's processes need (the Serve controller reads it at start)."""
 
@@ -144,8 +152,9 @@ def deploy(
     proxy: str,
 ) -> None:
     """Connect to the cluster at ``address`` ("" starts a local one), start Serve's ingress on
-    ``http_host:http_port`` and deploy (or update in place) the inferd application; returns once
-    every replica is up."""
+    ``http_host:http_port`` (and gRPC on ``http_host:config.port`` unless it is 0) and deploy (or
+    update in place) the inferd application; returns once every replica is up. Serve's ports are
+    fixed when Serve first starts on a cluster: a later deploy with other ports keeps the first."""
     if proxy == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     for name, value in PROXY_ENV.items():
@@ -154,7 +163,12 @@ def deploy(
     from ray import serve
 
     ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
-    serve.start(http_options={"host": http_host, "port": http_port})
+    from inferd.ray.grpc_ingress import SERVICER_FUNCTIONS
+
+    grpc_options = (
+        {"port": config.port, "grpc_servicer_functions": SERVICER_FUNCTIONS} if config.port else None
+    )
+    serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
 
 

@@ -3,7 +3,9 @@ features, caches, tokens, metrics) built inside the replica from the same compos
 ``inferd serve`` (``inferd.server.Server``) and answering through the same ASGI app (``HttpApp``).
 
 The replica loads the repository's versions before Serve marks it healthy, polls the repository
-like ``inferd serve`` (so every replica converges on the same versions and labels), and drains on
+like ``inferd serve`` (so every replica converges on the same versions and labels), unloads
+versions idle past their ``[residency] idle_unload_s`` as ``inferd serve`` does, answers TF
+Serving's and the V2 gRPC services through Serve's gRPC ingress (``grpc_ingress``), and drains on
 shutdown: Serve first stops routing to it and waits for its requests, then inferd's own drain
 waits for any still in flight before the models are unloaded.
 """
@@ -16,16 +18,23 @@ import logging
 from ray import serve
 
 from inferd.config import ServerConfig
+from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods
 from inferd.server import HttpApp, Server
 
 log = logging.getLogger(__name__)
 
 
-class InferdReplica:
-    """A Serve deployment class (decorated by ``deployment.build``); its ASGI app is inferd's."""
+IDLE_CHECK_S = 1.0
+"""How often versions are checked against their ``idle_unload_s`` (as ``inferd serve`` does)."""
+
+
+class InferdReplica(GrpcMethods):
+    """A Serve deployment class (decorated by ``deployment.build``); its ASGI app is inferd's, its
+    gRPC methods inferd's servicers."""
 
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self._server = Server(config)
+        self.grpc = GrpcIngress(self._server)
         control = self._server.control
         await control.sync()
         wait_s = config.file_system_poll_wait_seconds
@@ -34,6 +43,7 @@ class InferdReplica:
             await control.sync()
         periods = [p for p in (wait_s, config.model_config_file_poll_wait_seconds) if p > 0]
         self._poller = asyncio.create_task(self._poll(min(periods))) if periods else None
+        self._sweeper = asyncio.create_task(self._unload_idle())
         level, served = control.summary()
         log.log(level, "replica %s: %s", _replica_id(), served)
 
@@ -45,15 +55,23 @@ class InferdReplica:
             except Exception:  # a scan that fails (disk, permissions, network) is retried next time
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
+    async def _unload_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            self._server.manager.unload_idle()
+
     def __serve_build_asgi_app__(self) -> HttpApp:
         return self._server.http_app()
 
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
         (``graceful_shutdown_timeout_s``); inferd's drain then waits for anything still running."""
-        server = self._server
-        if self._poller is not None:
-            self._poller.cancel()
+        server: Server | None = getattr(self, "_server", None)
+        if server is None:  # __init__ failed before the server existed: nothing to close
+            return
+        for task in (getattr(self, "_poller", None), getattr(self, "_sweeper", None)):
+            if task is not None:
+                task.cancel()
         server.manager.drain()
         try:
             await server.manager.drained(server.config.drain_timeout_s)

@@ -1,0 +1,88 @@
+"""The gRPC calls a Ray Serve replica receives go through inferd's gate (bearer tokens, the
+in-flight byte budget) and servicers, and end with inferd's status on Serve's context. A real
+inferd server and real messages; Serve's context is stood in for by ``ServeContext``, which has
+the part of ``ray.serve.grpc_util.RayServegRPCContext`` the replica uses (the Ray cluster test,
+``tests/e2e/test_ray.py``, runs the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from inferd._proto import model_service_pb2 as mm
+from inferd._proto import prediction_service_pb2 as ps
+from inferd.config import ServerConfig
+from inferd.ray.grpc_ingress import GrpcIngress
+from inferd.server import Server
+from tests.models import write_onnx_affine
+
+
+class ServeContext:
+    def __init__(self, authorization: str | None = None) -> None:
+        self.metadata = [("authorization", authorization)] if authorization else []
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.trailing: list[tuple[str, str]] = []
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self.metadata
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
+        self.trailing = metadata
+
+
+def _predict() -> ps.PredictRequest:
+    request = ps.PredictRequest()
+    request.model_spec.name = "affine"
+    tensor = request.inputs["x"]
+    tensor.dtype = 1  # DT_FLOAT
+    tensor.tensor_shape.dim.add(size=1)
+    tensor.tensor_shape.dim.add(size=4)
+    tensor.float_val.extend([1.0, 2.0, 3.0, 4.0])
+    return request
+
+
+def test_calls_pass_inferds_token_check_and_end_with_its_status(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "affine" / "1", 2.0)
+    config = ServerConfig(
+        model_base_path=str(tmp_path / "affine"),
+        model_name="affine",
+        file_system_poll_wait_seconds=0,
+        api_token="api-secret",
+    )
+
+    async def calls() -> None:
+        server = Server(config)
+        try:
+            await server.control.sync()
+            ingress = GrpcIngress(server)
+
+            refused = ServeContext()
+            assert await ingress.call("Predict", _predict(), refused) == ps.PredictResponse()
+            assert refused.code is grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer" in refused.details
+
+            answered = ServeContext("Bearer api-secret")
+            reply = await ingress.call("Predict", _predict(), answered)
+            assert answered.code is None
+            assert list(reply.outputs["y"].float_val) == [2.0, 4.0, 6.0, 8.0]
+            assert answered.trailing == [("inferd-model-version", "1")]
+
+            admin = ServeContext("Bearer api-secret")
+            assert (
+                await ingress.call("HandleReloadConfigRequest", mm.ReloadConfigRequest(), admin) is not None
+            )
+            assert admin.code is grpc.StatusCode.PERMISSION_DENIED
+            assert "--admin_token" in admin.details
+        finally:
+            await server.close()
+
+    asyncio.run(calls())
