@@ -563,12 +563,21 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
             "Start a guarded canary rollout of MODEL on a running server (admin route, --admin_token) "
             "and follow it: the split moves from the version --label points to towards --to, step by "
             "step; a failed guard rolls it back at once; the last step moves the label. Exits 0 when "
-            "done, 1 when rolled back."
+            "done, 1 when rolled back. With --pause, --resume, --promote or --abort, act on the "
+            "model's rollout instead and print its state."
         ),
     )
     parser.add_argument("model", metavar="MODEL")
     add = _snake_case_flags(parser)
-    add("--to", type=int, required=True, help="the canary version")
+    add("--to", type=int, help="the canary version (needed to start one)")
+    actions = parser.add_mutually_exclusive_group()
+    for action, what in (
+        ("pause", "hold the split where it is, checking no guard, until --resume"),
+        ("resume", "start a paused rollout's current step again"),
+        ("promote", "end the rollout now as if its last step passed: the label moves"),
+        ("abort", "end the rollout now as a failed guard does: 100%% on the baseline"),
+    ):
+        actions.add_argument(f"--{action}", dest="action", action="store_const", const=action, help=what)
     add("--label", default="stable", help="the label that points to the baseline and moves at the end")
     add("--steps", default="1,5,25,50,100", help="canary percents, increasing, ending at 100")
     add("--step_s", type=float, default=60.0, help="seconds each step lasts before its guards are checked")
@@ -609,6 +618,14 @@ def _rollout(args: argparse.Namespace) -> int:
         except urllib.error.HTTPError as exc:
             raise SystemExit(f"inferd rollout: {exc.code}: {exc.read().decode(errors='replace')}") from None
 
+    if args.action:
+        state = post(f"{base}/{args.action}", {})
+        print(
+            f"rollout of {args.model} to version {state['canary']}: {state['state']} (step {state['step']})"
+        )
+        return 0
+    if args.to is None:
+        raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
     try:
         steps = [float(p) for p in args.steps.split(",")]
     except ValueError:
@@ -632,7 +649,7 @@ def _rollout(args: argparse.Namespace) -> int:
                 f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}"
             )
         shown = len(state["history"])
-        if args.no_wait or state["state"] != "running":
+        if args.no_wait or state["state"] not in ("running", "paused"):
             break
         time.sleep(min(1.0, args.step_s / 4))
         state = post(base + "/status", {})

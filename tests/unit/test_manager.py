@@ -176,7 +176,9 @@ def test_a_moved_label_wins_over_the_plan_also_after_the_model_is_removed_and_se
         await manager.remove("m")  # an admin's unload, then load
         await manager.reconcile(plan([1, 2], {"stable": 1}))
         assert leased(manager, ModelRef("m", label="stable")) == 2
-        with pytest.raises(InvalidArgument, match=r"version: 3 of model 'm' is not AVAILABLE; expected one of \[1, 2\]"):
+        with pytest.raises(
+            InvalidArgument, match=r"version: 3 of model 'm' is not AVAILABLE; expected one of \[1, 2\]"
+        ):
             manager.move_label("m", "stable", 3)
         with pytest.raises(NotFound):
             manager.move_label("other", "stable", 1)
