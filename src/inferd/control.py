@@ -249,6 +249,12 @@ class ModelControl:
         """Where the labels of model ``name`` point now (label -> version)."""
         return self._manager.labels(name)
 
+    def split(self, name: str) -> dict[str, float]:
+        """Model ``name``'s traffic split now: version -> percent of the requests that name no
+        version; empty when it is not split."""
+        split = self._manager.split(name)
+        return split.percents() if split else {}
+
     async def move_label(self, name: str, label: str, version: int) -> None:
         """Point ``label`` of model ``name`` at ``version`` (a rollback, or a promotion) until the
         server restarts, through ``ModelManager.move_label`` (what a finished rollout calls too);

@@ -197,7 +197,7 @@ class Rollouts(Collector):
         split = self._manager.split(model)
         before = self._before.get(model)
         current = self._values(state, before) if state.state == "running" and before else {}
-        weights = {str(v): round(share * 100, 6) for v, share in split.shares} if split else {}
+        weights = split.percents() if split else {}
         return {**asdict(state), "weights": weights, "current": current}
 
     def command(self, model: str, action: str, body: bytes) -> dict[str, Any]:

@@ -114,7 +114,7 @@ class HttpApp:
         self._inflight = inflight
         self._decode_pool = decode_pool
         self._cors = config.rest_api_enable_cors_support
-        self._dashboard = Dashboard(service, control, metrics) if config.dashboard else None
+        self._dashboard = Dashboard(service, control, metrics, rollouts) if config.dashboard else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
