@@ -601,58 +601,39 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    import json
-    import time
-    import urllib.error
-    import urllib.request
+    from inferd.rollout import RolloutClient, describe
 
-    base = f"{args.url.rstrip('/')}/v2/repository/models/{args.model}/rollout"
-    headers = {"content-type": "application/json", "authorization": f"Bearer {args.admin_token}"}
-
-    def post(url: str, document: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(url, json.dumps(document).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                answer: dict[str, Any] = json.loads(response.read())
-                return answer
-        except urllib.error.HTTPError as exc:
-            raise SystemExit(f"inferd rollout: {exc.code}: {exc.read().decode(errors='replace')}") from None
-
-    if args.action:
-        state = post(f"{base}/{args.action}", {})
-        print(
-            f"rollout of {args.model} to version {state['canary']}: {state['state']} (step {state['step']})"
-        )
-        return 0
-    if args.to is None:
-        raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
+    client = RolloutClient(args.url, args.admin_token)
     try:
-        steps = [float(p) for p in args.steps.split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
-        ) from None
-    body = {
-        "to": args.to,
-        "label": args.label,
-        "steps": steps,
-        "step_s": args.step_s,
-        "guards": args.guard,
-        "on_restart": args.on_restart,
-    }
-    state = post(base, body)
-    shown = 0
-    while True:
-        for event in state["history"][shown:]:
-            detail = {k: v for k, v in event.items() if k not in ("time", "event")}
-            print(
-                f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}"
-            )
-        shown = len(state["history"])
-        if args.no_wait or state["state"] not in ("running", "paused"):
-            break
-        time.sleep(min(1.0, args.step_s / 4))
-        state = post(base + "/status", {})
+        if args.action:
+            state = client.command(args.model, args.action)
+            canary, where = state["canary"], f"{state['state']} (step {state['step']})"
+            print(f"rollout of {args.model} to version {canary}: {where}")
+            return 0
+        if args.to is None:
+            raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
+        try:
+            steps = [float(p) for p in args.steps.split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
+            ) from None
+        body = {
+            "to": args.to,
+            "label": args.label,
+            "steps": steps,
+            "step_s": args.step_s,
+            "guards": args.guard,
+            "on_restart": args.on_restart,
+        }
+        state = client.command(args.model, "start", body)
+        if args.no_wait:
+            for event in state["history"]:
+                print(describe(event))
+        else:
+            state = client.follow(args.model, state, min(1.0, args.step_s / 4), lambda e: print(describe(e)))
+    except InferdError as exc:
+        raise SystemExit(f"inferd rollout: {exc.message}") from None
     print(f"rollout of {args.model} to version {args.to}: {state['state']}")
     return 0 if state["state"] in ("done", "running") else 1
 

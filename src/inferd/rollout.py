@@ -31,6 +31,7 @@ a request: a rollout that was ``running`` resumes at its step or rolls back, as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -45,7 +46,15 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from inferd.errors import InvalidArgument, NotFound
+from inferd.errors import (
+    InferdError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from inferd.manager import ModelManager
 from inferd.metrics import LATENCY_BUCKETS_S, Metrics
 from inferd.servable import Servable
@@ -444,6 +453,84 @@ class Rollouts(Collector):
             staging.replace(path)
         except OSError as exc:
             log.error("cannot write the rollout state of model %s: %s", state.model, exc)
+
+
+class RolloutClient:
+    """Drives the rollouts of a running server through its admin routes, from another process:
+    what ``inferd rollout`` and ``inferd select --promote ... --canary`` use.
+
+    Args:
+        url: the server's REST address, e.g. ``http://127.0.0.1:8501``.
+        admin_token: the server's ``--admin_token`` ("" when it has none).
+        timeout_s: per HTTP call.
+    """
+
+    def __init__(self, url: str, admin_token: str, timeout_s: float = 30.0) -> None:
+        self._base = f"{url.rstrip('/')}/v2/repository/models"
+        self._headers = {"content-type": "application/json", "authorization": f"Bearer {admin_token}"}
+        self._timeout_s = timeout_s
+
+    def command(self, model: str, action: str, document: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST ``action`` (one of ``ACTIONS``) for ``model``; the rollout's status afterwards.
+
+        Raises:
+            InferdError: the server refused (its status's error, with its message), or it could
+                not be reached (Unavailable).
+        """
+        import urllib.error
+        import urllib.request
+
+        url = f"{self._base}/{model}/rollout" + ("" if action == "start" else f"/{action}")
+        body = json.dumps(document or {}).encode()
+        request = urllib.request.Request(url, body, self._headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                text = str(json.loads(text)["error"])
+            kind = _HTTP_ERRORS.get(exc.code, Internal)
+            raise kind(f"{action} rollout of model {model}: the server answered {exc.code}: {text}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise Unavailable(f"{action} rollout of model {model}: cannot reach {url}: {exc}") from None
+
+    def follow(
+        self, model: str, state: dict[str, Any], poll_s: float, show: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """Poll the rollout's status every ``poll_s`` seconds until it is neither running nor
+        paused, calling ``show`` with each new history event; its last status.
+
+        Raises:
+            InferdError: as ``command``.
+        """
+        shown = 0
+        while True:
+            for event in state["history"][shown:]:
+                show(event)
+            shown = len(state["history"])
+            if state["state"] not in ("running", "paused"):
+                return state
+            time.sleep(poll_s)
+            state = self.command(model, "status")
+
+
+_HTTP_ERRORS: dict[int, type[InferdError]] = {
+    400: InvalidArgument,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    404: NotFound,
+    503: Unavailable,
+}
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for a history event: its local time, name and details."""
+    detail = {k: v for k, v in event.items() if k not in ("time", "event")}
+    return (
+        f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}".rstrip()
+    )
 
 
 def _p99_ms(buckets: list[int]) -> float | None:
