@@ -430,6 +430,26 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         help="with --promote: promote even when the winner's signatures or answer form differ from the "
         "served version's (the difference is printed either way)",
     )
+    add(
+        "--canary",
+        action="store_true",
+        help="with --promote and --wait_url: move the label through a guarded canary rollout on that server "
+        "(as inferd rollout; --promote_label defaults to stable)",
+    )
+    add("--steps", default="1,5,25,50,100", help="with --canary: canary percents, increasing, ending at 100")
+    add("--step_s", type=float, default=60.0, help="with --canary: seconds each step lasts")
+    add(
+        "--guard",
+        action="append",
+        default=[],
+        help='with --canary: e.g. "error_rate<=0.01", "p99_ms<=1.2*baseline" (repeatable)',
+    )
+    add("--on_restart", default="rollback", choices=["rollback", "resume"], help="with --canary")
+    add(
+        "--admin_token",
+        default=os.environ.get("INFERD_ADMIN_TOKEN", ""),
+        help="with --canary: the server's admin token (or INFERD_ADMIN_TOKEN)",
+    )
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -462,6 +482,7 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
+    from inferd.select import promote as promotion
     from inferd.storage import Scratch
 
     if args.plot and not _can_plot("select"):
@@ -491,13 +512,28 @@ def _select(args: argparse.Namespace) -> int:
     )
     promote = None
     if args.promote:
+        canary = None
+        if args.canary:
+            try:
+                steps = tuple(float(p) for p in args.steps.split(","))
+            except ValueError:
+                print(
+                    f"inferd select: --steps must be comma-separated percents, got {args.steps!r}",
+                    file=sys.stderr,
+                )
+                scratch.close()
+                return 2
+            canary = promotion.Canary(
+                steps, args.step_s, tuple(args.guard), args.on_restart, args.admin_token
+            )
         promote = command.PromoteOptions(
             args.promote,
-            args.promote_label,
+            args.promote_label or ("stable" if args.canary else None),
             args.model_config_file,
             args.apply,
             args.wait_url,
             allow_api_change=args.allow_api_change,
+            canary=canary,
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
     try:
