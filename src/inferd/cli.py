@@ -599,8 +599,8 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
             "Start a guarded canary rollout of MODEL on a running server (admin route, --admin_token) "
             "and follow it: the split moves from the version --label points to towards --to, step by "
             "step; a failed guard rolls it back at once; the last step moves the label. Exits 0 when "
-            "done, 1 when rolled back. With --pause, --resume, --promote or --abort, act on the "
-            "model's rollout instead and print its state."
+            "done, 1 when rolled back. With --status, --pause, --resume, --promote or --abort, act on "
+            "the model's rollout instead and print its state."
         ),
     )
     parser.add_argument("model", metavar="MODEL")
@@ -608,6 +608,7 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
     add("--to", type=int, help="the canary version (needed to start one)")
     actions = parser.add_mutually_exclusive_group()
     for action, what in (
+        ("status", "print the state of the model's last rollout"),
         ("pause", "hold the split where it is, checking no guard, until --resume"),
         ("resume", "start a paused rollout's current step again"),
         ("promote", "end the rollout now as if its last step passed: the label moves"),

@@ -202,6 +202,7 @@ def test_an_operator_pauses_resumes_aborts_and_promotes_a_rollout(
     paused = rollout(server, "--pause")
     assert paused.returncode == 0, paused.stderr
     assert "paused (step 0)" in paused.stdout
+    assert "to version 2: paused (step 0)" in rollout(server, "--status").stdout
     state = status(server)
     assert (state["state"], state["weights"]) == ("paused", {"2": 50.0, "1": 50.0})
     assert versions_answering(server) == {"1", "2"}  # the split holds while paused

@@ -149,8 +149,9 @@ def _roll_out(planned: promotion.Promotion, canary: promotion.Canary, url: str, 
         )
     except InferdError as exc:
         print(
-            f"inferd select: the canary rollout did not run: {exc.message}; version {planned.version} "
-            f"is in {planned.base}, label {planned.label!r} was not moved",
+            f"inferd select: canary rollout: {exc.message}; version {planned.version} is in "
+            f"{planned.base}; the label was not moved in the config file (`inferd rollout {model} "
+            f"--status --url {url}` shows where the server's rollout is)",
             file=sys.stderr,
         )
         return BAD_INPUT
