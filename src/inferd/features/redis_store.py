@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -47,17 +47,18 @@ def trace_attributes(url: str) -> dict[str, str | int]:
     Redis (``db.system`` is the older name of ``db.system.name``): the command every lookup sends,
     the database number and where the server is, without credentials."""
     parts = urlsplit(url)
+    database = parse_qs(parts.query).get("db", [""])[0]
+    if parts.scheme != "unix":
+        database = parts.path.strip("/") or database
     attributes: dict[str, str | int] = {
         "db.system.name": "redis",
         "db.system": "redis",
         "db.operation.name": "EVAL",
+        "db.namespace": database or "0",
     }
     if parts.scheme == "unix":
-        attributes |= {"network.transport": "unix", "server.address": parts.path}
-        return attributes
-    database = (parts.path or "/0").strip("/") or "0"
+        return attributes | {"network.transport": "unix", "server.address": parts.path}
     return attributes | {
-        "db.namespace": database,
         "server.address": parts.hostname or "localhost",
         "server.port": parts.port or 6379,
         "network.transport": "tcp",
