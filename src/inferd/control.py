@@ -249,6 +249,17 @@ class ModelControl:
         """Where the labels of model ``name`` point now (label -> version)."""
         return self._manager.labels(name)
 
+    def residency(self) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]]]:
+        """Memory now: bytes charged to each loaded version by (model, version), and per device
+        with a budget or a charge, ``device``, ``used_bytes`` and ``limit_bytes`` (None: no budget)."""
+        resident = {(name, int(version)): nbytes for name, version, nbytes in self._manager.resident_bytes()}
+        budget = self._manager.residency.budget
+        devices = [
+            {"device": device, "used_bytes": budget.used(device), "limit_bytes": budget.limit(device)}
+            for device in budget.devices()
+        ]
+        return resident, devices
+
     def split(self, name: str) -> dict[str, float]:
         """Model ``name``'s traffic split now: version -> percent of the requests that name no
         version; empty when it is not split."""

@@ -335,6 +335,38 @@ def test_an_operator_starts_pauses_resumes_promotes_and_aborts_a_rollout_from_th
         server.stop()
 
 
+def test_under_a_memory_budget_the_page_shows_what_is_resident(
+    browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    for name in ("first", "second"):
+        write_onnx_digits(tmp_path / "repo" / name / "1")
+    server = launch(tmp_path, str(tmp_path / "repo"), "--memory_budget=512MiB")
+    context = browser.new_context(viewport={"width": 1280, "height": 700})
+    try:
+        tab = context.new_page()
+        tab.goto(server.url + "/#models")
+        sync_api.expect(tab.locator("#budgets")).to_contain_text(
+            "MiB charged to loaded versions of a 512 MiB budget"
+        )
+        first, second = (
+            tab.locator(f'tr[data-model="{name}"] [data-version="1"]') for name in ("first", "second")
+        )
+        sync_api.expect(first).to_contain_text("loads on its first request")  # cold: listed, not loaded
+        assert first.locator(".resident").count() == 0
+        x, _ = digits()
+        response = requests.post(
+            f"{server.url}/v1/models/first:predict", json={"instances": x[:1].tolist()}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        sync_api.expect(first.locator(".resident")).to_contain_text("MiB")
+        sync_api.expect(first).to_contain_text("AVAILABLE")
+        assert second.locator(".resident").count() == 0
+        tab.screenshot(path=tmp_path / "residency.png", full_page=True)
+    finally:
+        context.close()
+        server.stop()
+
+
 def test_with_an_api_token_nothing_leaks_to_anonymous_visitors(
     browser: sync_api.Browser, tmp_path: Path
 ) -> None:

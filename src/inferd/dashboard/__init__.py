@@ -6,8 +6,9 @@ the routes below, which the HTTP app guards like any other call (``--api_token``
 move needs the admin token. Routes:
 
 - ``GET /dashboard/api/models``: every configured model, its versions (state, load error), labels,
-  traffic split (version -> percent), its last rollout (``Rollouts.status``, or null) and, for a
-  served model, the inputs and outputs of its signatures.
+  traffic split (version -> percent), its last rollout (``Rollouts.status``, or null), each
+  version's ``resident_bytes`` (charged to it while loaded; 0 when not loaded, e.g. cold under a
+  memory budget) and, for a served model, the inputs and outputs of its signatures.
 - ``GET /dashboard/api/metrics``: cumulative counts read from inferd's Prometheus collector
   (requests by status, per-stage latency and batch-size bucket counts, rows queued, requests in
   flight) and the server process's resident memory; the page turns two readings into
@@ -130,8 +131,10 @@ class Dashboard:
         return self._control.labels(name)
 
     def models(self) -> list[dict[str, Any]]:
-        """One row per configured model: versions with state and error, labels, signatures."""
+        """One row per configured model: versions with state, error and resident bytes, labels,
+        split, rollout, signatures."""
         rows: dict[str, dict[str, Any]] = {}
+        resident, _ = self._control.residency()
         for entry in self._control.index():
             row = rows.setdefault(
                 entry.name,
@@ -140,8 +143,14 @@ class Dashboard:
             if entry.state is None:
                 row["unloaded"] = True
                 continue
+            version = int(entry.version)
             row["versions"].append(
-                {"version": int(entry.version), "state": entry.state.name, "reason": entry.reason}
+                {
+                    "version": version,
+                    "state": entry.state.name,
+                    "reason": entry.reason,
+                    "resident_bytes": resident.get((entry.name, version), 0),
+                }
             )
         for name, row in rows.items():
             row["labels"] = self._labels(name)
@@ -162,7 +171,9 @@ class Dashboard:
     def readings(self) -> dict[str, Any]:
         """Cumulative counts from the metrics collector, summed over models, versions and
         protocols; ``time`` is Unix seconds, latency bounds seconds, ``memory_bytes`` the resident
-        memory of the server process (model worker processes not included)."""
+        memory of the server process (model worker processes not included), ``budgets`` each
+        device's bytes charged to loaded versions and its budget (``--memory_budget``; None:
+        none)."""
         requests: dict[str, float] = {}
         stages: dict[str, list[float]] = {}
         batches: list[float] = []
@@ -185,8 +196,10 @@ class Dashboard:
                     "process_resident_memory_bytes",
                 ):
                     gauges[sample.name] = gauges.get(sample.name, 0) + value
+        _, budgets = self._control.residency()
         return {
             "time": time.time(),
+            "budgets": budgets,
             "requests": requests,
             "latency_bounds_s": latency_bounds,
             "stages": stages,

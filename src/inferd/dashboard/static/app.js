@@ -76,6 +76,7 @@ function renderModels() {
     for (const v of m.versions) {
       const row = el("div", { class: "version", "data-version": v.version },
         `${v.version} `, el("span", { class: "state-" + v.state }, v.state));
+      if (v.resident_bytes) row.append(" ", el("span", { class: "resident" }, `${fmt(v.resident_bytes / 2 ** 20)} MiB`));
       if (v.reason) row.append(el("span", { class: "reason" }, v.reason));
       versions.append(row);
     }
@@ -124,7 +125,7 @@ function percents(weights) {
 }
 
 function renderTraffic(m, available) {
-  const cell = el("td", { class: "traffic" }, el("div", { class: "split" }, "split ", el("span", { class: "weights" }, percents(m.split))));
+  const cell = el("td", { class: "traffic" }, el("div", { class: "split" }, "traffic: ", el("span", { class: "weights" }, percents(m.split))));
   const enc = encodeURIComponent(m.name);
   const r = m.rollout;
   if (r) {
@@ -149,6 +150,7 @@ function renderTraffic(m, available) {
     cell.append(box);
     if (live) return cell;
   }
+  if (available.length < 2) return cell;  // a rollout needs a second AVAILABLE version
   const to = el("select", { class: "rollout-to" }, ...available.map((v) => el("option", { value: v }, v)));
   to.value = String(Math.max(...available, 0));
   remember(`${m.name}/rollout-to`, to);
@@ -274,6 +276,9 @@ async function refreshMetrics() {
   push("queue", now.queue_rows);
   push("inflight", now.in_flight);
   push("memory", now.memory_bytes / 2 ** 20);
+  $("#budgets").textContent = (now.budgets || []).map((b) =>
+    `${b.device}: ${fmt(b.used_bytes / 2 ** 20)} MiB charged to loaded versions` +
+    (b.limit_bytes === null ? " (no budget)" : ` of a ${fmt(b.limit_bytes / 2 ** 20)} MiB budget`)).join("; ");
   draw("#chart-rps", [series.rps]);
   draw("#chart-latency", [series.p50, series.p99]);
   draw("#chart-errors", [series.errors]);
