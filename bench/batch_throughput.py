@@ -16,8 +16,8 @@ Rows/s are medians over the rounds, ratios the median of each round's ratio; the
 before and after each model is shown. The target is inferd >= 0.9 x raw ort. On a shared
 machine read the ratios, not the rows/s.
 
-    .venv/bin/python bench/batch_throughput.py                       # digits and cnn, 3 rounds
-    .venv/bin/python bench/batch_throughput.py --models digits --rounds 1 --format parquet
+    .venv/bin/python -m bench.batch_throughput                       # digits and cnn, 3 rounds
+    .venv/bin/python -m bench.batch_throughput --models digits --rounds 1 --format parquet
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from bench import models
 
-import models  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+
 
 SHAPES = {"digits": (64,), "cnn": (1, 28, 28)}
 DEFAULT_ROWS = {"digits": 2_000_000, "cnn": 100_000}

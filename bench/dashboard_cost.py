@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the dashboard and OpenTelemetry tracing cost, measured two ways.
 
-    .venv/bin/python bench/dashboard_cost.py [--duration 8] [--repeats 2]
+    .venv/bin/python -m bench.dashboard_cost [--duration 8] [--repeats 2]
 
 1. In process (robust on a shared machine): the seconds one ``/dashboard/api/metrics`` reading
    takes (an open page reads it once a second), and the seconds ``Tracing.record`` adds to a
@@ -38,8 +38,7 @@ from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.tracing import Tracing
 from inferd.types import InferenceResponse, ModelId
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.inferd_process import ServerProcess, launch
 
 
 def sink() -> str:
@@ -47,12 +46,12 @@ def sink() -> str:
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-    class Discard(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    class Discard(trace_service_pb2_grpc.TraceServiceServicer):
         def Export(self, request: object, context: object) -> object:  # noqa: N802
             return trace_service_pb2.ExportTraceServiceResponse()
 
     server = grpc.server(ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Discard(), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Discard(), server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     _sinks.append(server)
@@ -92,25 +91,15 @@ def reading_s(readings: int = 2000) -> float:
         return (time.perf_counter() - started) / readings
 
 
-def serve(repo: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    from tests.conftest import free_port
-
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}", "--port=0",
-         "--file_system_poll_wait_seconds=0", str(repo), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/v1/models/digits", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not start")
+def serve(repo: Path, *args: str) -> ServerProcess:
+    """``inferd serve`` on ``repo``, once its digits model is AVAILABLE."""
+    server = launch(repo.parent, str(repo), *args)
+    try:
+        server.wait_available("digits")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def throughput(url: str, duration: float, dashboard_open: bool) -> float:
@@ -178,12 +167,11 @@ def main() -> int:
         results: dict[str, list[float]] = {name: [] for name in settings}
         for _ in range(args.repeats):
             for name, (flags, dashboard_open) in settings.items():
-                process, url = serve(repo, *flags)
+                server = serve(repo, *flags)
                 try:
-                    results[name].append(throughput(url, args.duration, dashboard_open))
+                    results[name].append(throughput(server.url, args.duration, dashboard_open))
                 finally:
-                    process.terminate()
-                    process.wait()
+                    server.stop()
         print("| setting | requests/s, each run |")
         print("| --- | --- |")
         for name, values in results.items():

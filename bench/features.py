@@ -2,8 +2,8 @@
 """Feature lookups: the cost of joining features from Redis on loopback into each request,
 against the same model answering the same rows with every feature inline.
 
-    .venv/bin/python bench/features.py                 # 2 rounds, 1 s warm-up + 5 s per row
-    .venv/bin/python bench/features.py --duration 10 --repeats 3
+    .venv/bin/python -m bench.features                 # 2 rounds, 1 s warm-up + 5 s per row
+    .venv/bin/python -m bench.features --duration 10 --repeats 3
 
 One inferd process serves three copies of a tiny ONNX model (y = x . w on x FP32 [-1, 3]):
 ``inline`` (the request carries all three columns), ``redis`` (the request carries restaurant_id
@@ -24,16 +24,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import redis
 from onnx import TensorProto, helper, save
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from bench import procs
+from bench.run import WORK, log, post, run_wrk
+from tests.inferd_process import free_port
+from tests.redis_server import RedisServer
 
-import procs
-from run import WORK, log, post, run_wrk
+BENCH = Path(__file__).resolve().parent
+
 
 RESTAURANTS = 1000
 TOML = """\
@@ -85,33 +87,13 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     wrk = shutil.which("wrk") or sys.exit("wrk is not installed: apt-get install -y wrk")
-    redis_port, http_port = procs.free_port(), procs.free_port()
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    store = procs.ServerProcess(
-        [
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        work,
-        dict(os.environ),
-        work / "redis.log",
-    )
+    http_port = free_port()
+    store = RedisServer(work)
+    store.start()
+    url = store.url
     server = None
     try:
-        client = redis.Redis(port=redis_port)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        client = store.client()
         pipe = client.pipeline(transaction=False)
         for i in range(RESTAURANTS):
             incoming, outstanding = features(i)
@@ -165,7 +147,7 @@ def main() -> int:
         models = ("inline", "redis", "cached")
         for n in (1, 32):
             for connections in (1, 64):
-                runs: dict[str, list[dict]] = {model: [] for model in models}
+                runs: dict[str, list[dict[str, Any]]] = {model: [] for model in models}
                 for _ in range(args.repeats):  # the variants in turn, so that noise hits them alike
                     for model in models:
                         body = files[n]["inline" if model == "inline" else "joined"]
@@ -192,7 +174,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-        store.stop()
+        store.kill()
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
@@ -255,7 +237,7 @@ def in_process(url: str, files: dict[int, dict[str, Path]]) -> dict[str, float]:
     return results
 
 
-def report(rows: list[dict], round_trips: int) -> str:
+def report(rows: list[dict[str, Any]], round_trips: int) -> str:
     inline = {(r["instances"], r["connections"]): r for r in rows if r["model"] == "inline"}
     lines = [
         "| model | instances | connections | requests/s | vs inline | p50 ms | added p50 ms | p99 ms "

@@ -6,8 +6,8 @@ runs pinned to CPU 0; wrk (``-t1``) and then ``inferd bench`` (one process) load
 to CPU 1, with the same POST body and the same connection counts. The ratio bench/wrk is what
 bench/README.md and docs/bench.md report (target: at least 0.5).
 
-    .venv/bin/python bench/loadgen.py                      # c = 1, 16, 64; 5 s each
-    .venv/bin/python bench/loadgen.py --connections 64 --seconds 10
+    .venv/bin/python -m bench.loadgen                      # c = 1, 16, 64; 5 s each
+    .venv/bin/python -m bench.loadgen --connections 64 --seconds 10
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.inferd_process import free_port
+
 BODY = json.dumps({"instances": [[0.5] * 64]}).encode()
 SERVER_CPU, LOAD_CPU = "0", "1"
 
@@ -32,6 +34,7 @@ class Hello(asyncio.Protocol):
     """Answers each request (headers plus Content-Length body) with 200 ok."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.buffer = bytearray()
 
@@ -68,12 +71,6 @@ def serve(port: int) -> None:
         await server.serve_forever()
 
     uvloop.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_open(port: int) -> None:
@@ -138,7 +135,9 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install -y wrk)")
     port = free_port()
-    server = subprocess.Popen(["taskset", "-c", SERVER_CPU, sys.executable, __file__, "--serve", str(port)])
+    server = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "bench.loadgen", "--serve", str(port)]
+    )
     try:
         wait_open(port)
         with tempfile.TemporaryDirectory() as tmp:

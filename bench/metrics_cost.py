@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """What inferd's metrics cost per request, in process, as a share of a request's server CPU time.
 
-    .venv/bin/python bench/metrics_cost.py [bench/results/latest.json]
+    .venv/bin/python -m bench.metrics_cost [bench/results/latest.json]
 
 Times the work that a served request does for the metrics and that ``--enable_metrics=false``
 skips: what a request's ``InferenceService.call`` records when it ends (the request counter and
-the seven stage histograms), the in-flight gauge's two updates and the batch-size observation. It divides that by the CPU-seconds per request
+the seven stage histograms), the in-flight gauge's two updates and the batch-size observation. It
+divides that by the CPU-seconds per request
 that the benchmark measured for inferd (digits, one instance, 64 connections). With the noise of
 a shared 2-CPU machine, an A/B of two servers cannot resolve a difference of a few percent; this
 measures the cost directly.
@@ -16,11 +17,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-from concurrent.futures import ThreadPoolExecutor
 
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics

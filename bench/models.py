@@ -12,10 +12,13 @@ Both have input ``input`` and output ``probabilities`` and a free batch dimensio
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.models import digits
 
 MODELS = ("digits", "cnn")
 OPSET = 17
@@ -25,11 +28,10 @@ IR_VERSION = 8  # readable by every onnxruntime the alternatives install
 def build_digits(path: Path) -> None:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
 
-    x, y = load_digits(return_X_y=True)
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0).fit(x.astype(np.float32), y)
+    x, y = digits()
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0).fit(x, y)
     graph = to_onnx(
         clf,
         initial_types=[("input", FloatTensorType([None, 64]))],
@@ -59,7 +61,7 @@ def build_cnn(path: Path) -> None:
         init("w3", (784, 10), 784),
         numpy_helper.from_array(np.zeros(10, np.float32), "b3"),
     ]
-    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    pool: dict[str, Any] = {"kernel_shape": [2, 2], "strides": [2, 2]}
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -93,7 +95,7 @@ def model_path(repo: Path, model: str) -> Path:
 
 
 def build_all(repo: Path) -> dict[str, Path]:
-    paths = {}
+    paths: dict[str, Path] = {}
     for name, build in (("digits", build_digits), ("cnn", build_cnn)):
         path = model_path(repo, name)
         if not path.exists():
@@ -115,9 +117,7 @@ def repository_of(repo: Path, model: str, built: Path) -> Path:
 def instances(model: str, n: int) -> np.ndarray:
     """``n`` request examples: real digits rows, or fixed pseudo-random images (3 decimals)."""
     if model == "digits":
-        from sklearn.datasets import load_digits
-
-        x = load_digits().data.astype(np.float32)
+        x = digits()[0]
         return x[np.arange(n) % len(x)]
     rng = np.random.default_rng(1)
     return np.round(rng.random((n, 1, 28, 28), dtype=np.float32), 3)

@@ -2,8 +2,8 @@
 """Many models, one memory budget: hit rates against LRU and Belady, cold starts, and the
 resident models' latency while cold loads run. Opt-in (not CI).
 
-    .venv/bin/python bench/multimodel.py --models 50 --duration 30
-    .venv/bin/python bench/multimodel.py --models 500 --min-mb 0.1 --max-mb 5 --duration 30
+    .venv/bin/python -m bench.multimodel --models 50 --duration 30
+    .venv/bin/python -m bench.multimodel --models 500 --min-mb 0.1 --max-mb 5 --duration 30
 
 ``--models`` ONNX models (``y = table[i]``, one random FP32 initializer each) of log-uniform sizes
 between ``--min-mb`` and ``--max-mb`` are built in a temporary folder. A trace of open-loop
@@ -36,8 +36,6 @@ import math
 import random
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -51,11 +49,12 @@ import onnx
 import requests
 from onnx import TensorProto, helper, numpy_helper
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "src"))
+from inferd.residency import LOAD_FACTORS, GreedyDualSizeFrequency
+from inferd.usage import read_pid
+from tests.inferd_process import ServerProcess, launch
 
-from inferd.residency import LOAD_FACTORS, GreedyDualSizeFrequency  # noqa: E402
-from inferd.usage import read_pid  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+
 
 MB = 10**6
 
@@ -80,7 +79,8 @@ def zipf_trace(n: int, s: float, rate: float, duration: float, seed: int) -> lis
     rng.shuffle(ranks)
     weights = [1 / (r + 1) ** s for r in range(n)]
     models = [ranks[r] for r in range(n)]
-    trace, t = [], 0.0
+    trace: list[tuple[float, int]] = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= duration:
@@ -145,9 +145,9 @@ def histogram_quantile(text: str, name: str, q: float) -> float:
     """The upper bound of the bucket holding quantile ``q``, over every label set of ``name``."""
     counts: dict[float, float] = {}
     for labels, value in samples(text, name + "_bucket"):
-        bound = re.search(r'le="([^"]+)"', labels)
-        if bound:
-            counts[float(bound.group(1))] = counts.get(float(bound.group(1)), 0.0) + value
+        le = re.search(r'le="([^"]+)"', labels)
+        if le:
+            counts[float(le.group(1))] = counts.get(float(le.group(1)), 0.0) + value
     total = counts.get(math.inf, 0.0)
     for bound in sorted(counts):
         if total and counts[bound] >= q * total:
@@ -155,32 +155,23 @@ def histogram_quantile(text: str, name: str, q: float) -> float:
     return math.nan
 
 
-def start(repo: Path, port: int, *flags: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "inferd", "serve", str(repo), "--host=127.0.0.1", f"--rest_api_port={port}"]
-    argv += ["--port=0", "--file_system_poll_wait_seconds=0", *flags]
-    log = open(repo.parent / f"server-{port}.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    give_up = time.monotonic() + 600
-    while time.monotonic() < give_up:
+def start(repo: Path, *flags: str) -> ServerProcess:
+    """``inferd serve`` on ``repo`` (no gRPC), once ``/v2/health/ready`` answers 200 (loading many
+    models at start can take minutes)."""
+    server = launch(repo.parent, str(repo), *flags, wait=False)
+
+    def ready() -> bool:
         try:
-            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return process
+            return requests.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200
         except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: see {log.name}")
-        time.sleep(0.2)
-    raise SystemExit("the server never became ready")
+            return False
 
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
     try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        server.wait_for(ready, "the server to be ready", timeout_s=600)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def body(rows: list[int]) -> dict[str, Any]:
@@ -207,7 +198,6 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--port", type=int, default=18731)
     parser.add_argument("--no-budget-run", action="store_true", help="also load everything without a budget")
     parser.add_argument(
         "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
@@ -242,8 +232,8 @@ def main() -> None:
         f"({budget / total:.0%} of it), {len(trace)} requests over {args.duration:g} s"
     )
 
-    url = f"http://127.0.0.1:{args.port}"
-    server = start(repo, args.port, f"--memory_budget={budget}")
+    server = start(repo, f"--memory_budget={budget}")
+    url = server.url
     try:
         idle_rss = read_pid(server.pid)[1]
         alone = probe_p99(url, time.monotonic() + 5)
@@ -283,7 +273,7 @@ def main() -> None:
         sampler.join()
         text = metrics(url)
     finally:
-        stop(server)
+        server.stop()
     loads = {labels: v for labels, v in samples(text, "inferd_model_loads_total")}
     cold_loads = sum(v for labels, v in loads.items() if "start" not in labels)
     load_sum = sum(v for _, v in samples(text, "inferd_model_load_duration_seconds_sum"))
@@ -319,11 +309,11 @@ def main() -> None:
         },
     }
     if args.no_budget_run:
-        server = start(repo, args.port + 1)
+        server = start(repo)
         try:
             result["no_budget_rss_mb"] = read_pid(server.pid)[1] / MB
         finally:
-            stop(server)
+            server.stop()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     out = BENCH / "results" / f"multimodel-{args.models}.json"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Overload: inferd at five times its measured capacity, open loop, then back to idle.
 
-    .venv/bin/python bench/overload.py                       # writes the docs section
-    .venv/bin/python bench/overload.py --seconds 5 --no-docs
+    .venv/bin/python -m bench.overload                       # writes the docs section
+    .venv/bin/python -m bench.overload --seconds 5 --no-docs
 
 One server, one batched model whose predict call sleeps ``--batch-ms`` per batch of up to
 ``--batch-rows`` rows (a fixed service time, so that the capacity does not move with the load
@@ -30,18 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from bench import procs, report
+from bench.run import machine
+from inferd.loadtest import BenchOptions, StepReport
+from inferd.loadtest import run as bench
+from inferd.usage import read_pid
+from tests.inferd_process import free_port
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT))
 
-import procs  # noqa: E402
-import report  # noqa: E402
-from run import machine  # noqa: E402
-
-from inferd.loadtest import BenchOptions, StepReport  # noqa: E402
-from inferd.loadtest import run as bench  # noqa: E402
-from inferd.usage import read_pid  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION_START = "<!-- overload: written by bench/overload.py -->"
@@ -132,7 +130,8 @@ def overload(
         warmup_s=2.0,
         timeout_s=30.0,
     )
-    stop, seen, peak = threading.Event(), [], rss_before
+    stop, peak = threading.Event(), rss_before
+    seen: list[tuple[int, float, str | None]] = []
     prober = threading.Thread(target=probe, args=(url, stop, seen), daemon=True)
     result: list[StepReport] = []
     loader = threading.Thread(target=lambda: result.extend(bench(options)))
@@ -256,7 +255,7 @@ def main() -> int:
             f"[batching]\nmax_batch_size = {args.batch_rows}\nbatch_timeout_micros = 1000\n"
             f"max_enqueued_batches = {args.queue}\nnum_batch_threads = 1\n"
         )
-        port, grpc_port = procs.free_port(), procs.free_port()
+        port, grpc_port = free_port(), free_port()
         server = procs.ServerProcess(
             [
                 sys.executable,

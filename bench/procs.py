@@ -4,9 +4,9 @@ memory from /proc, and kill the tree for sure (at exit, on exceptions and on Ctr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -15,12 +15,6 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _LIVE: list[ServerProcess] = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -90,7 +84,7 @@ class ServerProcess:
     def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
-        self._log = open(log, "wb")
+        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             cmd,
             cwd=cwd,
@@ -125,28 +119,22 @@ class ServerProcess:
             _LIVE.remove(self)
         pids = self.pids() | self._known
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pgid, sig)
-            except ProcessLookupError:
-                pass
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
             deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
             while time.monotonic() < deadline:
                 self.proc.poll()
-                if not any(_stat(p) is not None and _stat(p)[0] != "Z" for p in pids):
+                if not any((st := _stat(p)) is not None and st[0] != "Z" for p in pids):
                     break
                 time.sleep(0.1)
             else:
                 continue
             break
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
 
 

@@ -2,8 +2,8 @@
 # ruff: noqa: RUF001  (the Markdown it writes uses the multiplication sign and en dash, as report.py does)
 """inferd's wire protocols against each other: one inferd server, the CNN model, batching off.
 
-    .venv/bin/python bench/protocols.py --repeats 3 --profile-seconds 5   # 1 s warm-up + 5 s per row
-    .venv/bin/python bench/protocols.py --duration 1 --warmup 0 --repeats 1 --connections 8 --no-docs
+    .venv/bin/python -m bench.protocols --repeats 3 --profile-seconds 5   # 1 s warm-up + 5 s per row
+    .venv/bin/python -m bench.protocols --duration 1 --warmup 0 --repeats 1 --connections 8 --no-docs
 
 Paths: TF Serving's v1 REST JSON, KServe V2 REST JSON and binary (Triton's binary tensor
 extension), V2 gRPC (``raw_input_contents``) and TF Serving's gRPC Predict (``tensor_content``).
@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from bench import models, procs, report
+from bench.payloads import v1_answer, v1_body, v2_answer, v2_binary_body, v2_json_body
+from bench.run import WORK, WRK_CPU, ensure_wrk, log, machine, rounded, versions
+from tests.inferd_process import free_port
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
-import models  # noqa: E402
-import procs  # noqa: E402
-import report  # noqa: E402
-from run import WORK, WRK_CPU, ensure_wrk, log, machine, rounded, versions  # noqa: E402
 
 MODEL = "cnn"
 PERF_ANALYZER = Path(sys.prefix) / "bin" / "perf_analyzer"
@@ -94,30 +94,6 @@ ROUTES = (
 # ---------------------------------------------------------------- request bodies
 
 
-def v1_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    return json.dumps({"instances": x.tolist()}).encode(), {"Content-Type": "application/json"}
-
-
-def v2_json_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-    return json.dumps({"inputs": [tensor]}).encode(), {"Content-Type": "application/json"}
-
-
-def v2_binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    tensor = {
-        "name": "input",
-        "shape": list(x.shape),
-        "datatype": "FP32",
-        "parameters": {"binary_data_size": x.nbytes},
-    }
-    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(len(header)),
-    }
-    return header + x.astype("<f4").tobytes(), headers
-
-
 def http_request(route: Route, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
     if route.binary:
         return v2_binary_body(x)
@@ -126,14 +102,7 @@ def http_request(route: Route, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 def http_answer(route: Route, headers: dict[str, str], body: bytes) -> np.ndarray:
     """The ``probabilities`` output of an HTTP answer, whatever its format."""
-    if route.protocol == "tfserving_rest":
-        return np.asarray(json.loads(body)["predictions"], np.float32)
-    size = headers.get("inference-header-content-length")
-    doc = json.loads(body[: int(size)] if size else body)
-    out = doc["outputs"][0]
-    if size:
-        return np.frombuffer(body[int(size) :], "<f4").reshape(out["shape"])
-    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+    return v1_answer(body) if route.protocol == "tfserving_rest" else v2_answer(headers, body)
 
 
 def perf_analyzer_data(x: np.ndarray, folder: Path) -> Path:
@@ -232,7 +201,7 @@ def check_answers(ports: Ports, model_file: Path, batches: list[int]) -> dict[st
 
 
 def start_server(repo: Path, work: Path) -> tuple[procs.ServerProcess, Ports]:
-    ports = Ports(procs.free_port(), procs.free_port())
+    ports = Ports(free_port(), free_port())
     cmd = [
         str(Path(sys.prefix) / "bin" / "inferd"),
         "serve",
@@ -570,7 +539,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             str(r["connections"]),
             report._f(r["req_per_s"]),
             report._f(r["pred_per_s"]),
-            report._ratio(r["pred_per_s"], ref and ref["pred_per_s"]),
+            report._ratio(r["pred_per_s"], ref["pred_per_s"] if ref else None),
             report._f(r["p50_ms"], 2),
             report._f(r["p99_ms"], 2),
             report._f(r["cpu_s_per_1k_pred"], 3),
@@ -735,7 +704,7 @@ def parse_args() -> argparse.Namespace:
         "--no-docs", action="store_true", help="write the JSON under bench/.work/ and leave docs alone"
     )
     a = p.parse_args()
-    a.command = shlex.join([".venv/bin/python", "bench/protocols.py", *sys.argv[1:]])
+    a.command = shlex.join([".venv/bin/python", "-m", "bench.protocols", *sys.argv[1:]])
     return a
 
 
@@ -814,7 +783,7 @@ def main() -> int:
         "runs": runs,
     }
     out = work / "protocols.json" if args.no_docs else RESULTS
-    out.write_text(json.dumps(rounded(results), indent=1) + "\n")  # type: ignore[no-untyped-call]
+    out.write_text(json.dumps(rounded(results), indent=1) + "\n")
     if not args.no_docs:
         write_docs(section(results))
     log(f"wrote {out.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))

@@ -8,7 +8,7 @@ it also times scaling 1 -> 2 replicas (the deploy command until both replicas ru
 (until the removed replica's process is gone). Prints a Markdown table; ``--json`` keeps the raw
 numbers.
 
-    .venv/bin/python bench/ray.py --duration 5
+    .venv/bin/python -m bench.ray --duration 5
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.models import instances, repository_of
-from bench.procs import free_port
+from tests.inferd_process import free_port
 
 PY = sys.executable
 RAY = str(Path(PY).parent / "ray")

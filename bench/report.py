@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 PLOT = r"""
 import json, sys
@@ -23,7 +24,7 @@ cmap = plt.get_cmap("tab20")
 for ax, (model, n) in zip(axes[0], panels):
     for i, (s, v) in enumerate(names):
         pts = sorted((r["connections"], r["pred_per_s"], r["p99_ms"]) for r in rows
-                     if r["server"] == s and r["variant"] == v and r["model"] == model and r["instances"] == n)
+                     if (r["server"], r["variant"], r["model"], r["instances"]) == (s, v, model, n))
         if not pts:
             continue
         style = dict(lw=2.5, color="black") if s == "inferd" else dict(color=cmap(i % 20))
@@ -33,7 +34,8 @@ for ax, (model, n) in zip(axes[0], panels):
             ax.annotate(f"c{c}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     bound = next((b for b in results["bounds"] if b["model"] == model and b["instances"] == n), None)
     if bound:
-        ax.axvline(bound["full_path_pred_per_s"], color="grey", ls=":", label="in-process full path (1 thread)")
+        ax.axvline(bound["full_path_pred_per_s"], color="grey", ls=":",
+                   label="in-process full path (1 thread)")
     ax.set_xscale("log"); ax.set_yscale("log")
     ax.set_xlabel("predictions/s (median)"); ax.set_ylabel("p99 latency, ms (median)")
     ax.set_title(f"{model}, {n} instance(s) per request")
@@ -45,7 +47,7 @@ fig.savefig(sys.argv[2], dpi=110)
 """
 
 
-def plot(results: dict, json_path: Path, png_path: Path, venv: Path) -> str | None:
+def plot(results: dict[str, Any], json_path: Path, png_path: Path, venv: Path) -> str | None:
     """Draws the plot with matplotlib from ``venv`` (installed there if missing); an error or None."""
     py = venv / "bin" / "python"
     try:
@@ -63,29 +65,29 @@ def plot(results: dict, json_path: Path, png_path: Path, venv: Path) -> str | No
         return str(exc)
 
 
-def _f(v, digits: int = 0) -> str:
+def _f(v: float | None, digits: int = 0) -> str:
     if v is None:
         return "–"
     return f"{v:,.{digits}f}"
 
 
-def _ratio(a, b) -> str:
+def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
 
 VARIANT_LABELS = {"batching": "batching", "nometrics": "metrics off"}
 
 
-def label(r: dict) -> str:
+def label(r: dict[str, Any]) -> str:
     variant = r["variant"]
     return r["server"] if variant == "default" else f"{r['server']} ({VARIANT_LABELS.get(variant, variant)})"
 
 
-def _find(rows, **kw):
+def _find(rows: list[dict[str, Any]], **kw: object) -> dict[str, Any] | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), None)
 
 
-def headline(results: dict) -> str:
+def headline(results: dict[str, Any]) -> str:
     rows = [r for r in results["rows"] if r.get("pred_per_s")]
     lines = []
     for model, n in sorted({(r["model"], r["instances"]) for r in rows}):
@@ -107,19 +109,19 @@ def headline(results: dict) -> str:
 JAVA_SERVERS = {"torchserve"}
 """Alternatives whose HTTP front end is not Python."""
 
-FLOORS = {"asgi-floor"}
+FLOORS = {"asgi-floor", "granian-floor"}
 """Reference servers that are not alternatives (kept out of every "fastest alternative")."""
 
 
-def alternatives(rows: list[dict]) -> list[dict]:
+def alternatives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["server"] != "inferd" and r["server"] not in FLOORS]
 
 
-def targets(results: dict) -> list[str]:
+def targets(results: dict[str, Any]) -> list[str]:
     """Issue 3's targets, each checked against this run's medians (one line each, MET / NOT MET)."""
     rows = [r for r in results["rows"] if r.get("pred_per_s")]
 
-    def pick(model: str, n: int, c: int, **kw) -> list[dict]:
+    def pick(model: str, n: int, c: int, **kw: object) -> list[dict[str, Any]]:
         return [
             r
             for r in rows
@@ -129,7 +131,7 @@ def targets(results: dict) -> list[str]:
             and all(r.get(k) == v for k, v in kw.items())
         ]
 
-    def best(candidates: list[dict]) -> dict | None:
+    def best(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
         return max(candidates, key=lambda r: r["pred_per_s"], default=None)
 
     def verdict(ok: bool) -> str:
@@ -149,8 +151,10 @@ def targets(results: dict) -> list[str]:
         out.append(
             f"- digits, 1 instance, 64 connections: {label(ours)} {ours['pred_per_s']:,.0f} pred/s, "
             f"{_ratio(ours['pred_per_s'], python['pred_per_s'])} the fastest pure-Python alternative "
-            f"({label(python)}, {python['pred_per_s']:,.0f}) and {_ratio(ours['pred_per_s'], java['pred_per_s'])} "
-            f"{label(java)}'s; p99 {ours['p99_ms']:.2f} ms vs {python['p99_ms']:.2f} and {java['p99_ms']:.2f} ms "
+            f"({label(python)}, {python['pred_per_s']:,.0f}) and "
+            f"{_ratio(ours['pred_per_s'], java['pred_per_s'])} "
+            f"{label(java)}'s; p99 {ours['p99_ms']:.2f} ms vs {python['p99_ms']:.2f} and "
+            f"{java['p99_ms']:.2f} ms "
             f"(target: 4×, ahead of TorchServe, lower p99 than both): {verdict(ok)}"
         )
     bound = _find(results["bounds"], model="digits", instances=1)
@@ -184,7 +188,7 @@ def targets(results: dict) -> list[str]:
             f"({label(alternative)}) (target: 2× both): {verdict(ok)}"
         )
     ours = _find(pick("digits", 1, 1), server="inferd", variant="default")
-    fastapi = _find(pick("digits", 1, 1), server="fastapi", variant="default")
+    fastapi = _find(pick("digits", 1, 1), server="fastapi", variant="typed")
     if ours and fastapi and ours.get("idle_mem_mib") and fastapi.get("idle_mem_mib"):
         ratio = ours["idle_mem_mib"] / fastapi["idle_mem_mib"]
         out.append(
@@ -200,7 +204,8 @@ def targets(results: dict) -> list[str]:
         change = on["pred_per_s"] / off["pred_per_s"] - 1
         out.append(
             f"- metrics on vs off (digits, 1 instance, 64 connections): {on['pred_per_s']:,.0f} vs "
-            f"{off['pred_per_s']:,.0f} pred/s, {change:+.1%} (target: under 5% apart): {verdict(abs(change) < 0.05)}"
+            f"{off['pred_per_s']:,.0f} pred/s, {change:+.1%} (target: under 5% apart): "
+            f"{verdict(abs(change) < 0.05)}"
         )
     return out
 
@@ -215,27 +220,31 @@ def kept_sections(path: Path) -> str:
     return "".join(f"\n{match.group(0)}\n" for match in _SECTION.finditer(text))
 
 
-def replace_section(path: Path, text: str) -> None:
+def replace_section(path: Path, text: str, first: bool = False) -> None:
     """Put ``text``, one ``<!-- name: ... -->`` ... ``<!-- /name -->`` section, into ``path`` in
-    place of the section of that name, or at the end."""
+    place of the section of that name, or where there is none, at the end (``first``: before the
+    file's first ``## `` heading)."""
     match = _SECTION.fullmatch(text.strip())
     assert match, "the text must be one whole section"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     name = re.escape(match.group(1))
     pattern = re.compile(rf"^<!-- {name}: .*?-->$.*?^<!-- /{name} -->$", re.S | re.M)
+    heading = doc.find("\n## ")
     if pattern.search(doc):
         doc = pattern.sub(lambda _: text.strip(), doc, count=1)
+    elif first and heading >= 0:
+        doc = doc[: heading + 1] + text.strip() + "\n\n" + doc[heading + 1 :]
     else:
         doc = doc.rstrip("\n") + "\n\n" + text.strip() + "\n"
     path.write_text(doc)
 
 
-def write(path: Path, results: dict, png_name: str | None) -> None:
+def write(path: Path, results: dict[str, Any], png_name: str | None) -> None:
     """Write the report to ``path``, keeping the sections other scripts put there."""
     path.write_text(markdown(results, png_name) + kept_sections(path))
 
 
-def markdown(results: dict, png_name: str | None) -> str:
+def markdown(results: dict[str, Any], png_name: str | None) -> str:
     s, m = results["settings"], results["machine"]
     rows = results["rows"]
     wrk = results.get("loadgen", "wrk") == "wrk"
@@ -250,14 +259,16 @@ def markdown(results: dict, png_name: str | None) -> str:
             if wrk
             else "load generator, `inferd bench` ([bench.md](bench.md))"
         )
-        + ". Produced by `bench/run.py`; see [bench/README.md](../bench/README.md) for what is measured and how.",
+        + ". Produced by `python -m bench.run`; see [bench/README.md](../bench/README.md) for what is "
+        "measured and how.",
         "",
         "```",
         results["command"],
         "```",
         "",
         f"- date: {results['date']}; the run took {results['elapsed_s'] / 60:.0f} minutes",
-        f"- machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}",
+        f"- machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, Python "
+        f"{m['python']}",
         f"- load: {'wrk with 1 thread' if wrk else 'inferd bench, closed loop, 1 process'}, pinned to CPU "
         f"{results['wrk_cpu']} with `taskset`; servers are not pinned, "
         f"so they share that CPU with {gen} (on a 2-CPU machine there is no third core to keep them apart). "
@@ -267,13 +278,19 @@ def markdown(results: dict, png_name: str | None) -> str:
         "- models: `digits`, a scikit-learn MLPClassifier (64 -> 64 -> 10) on `load_digits`, converted with "
         "skl2onnx; `cnn`, two 3x3 conv + relu + maxpool layers and a linear layer on [N, 1, 28, 28] "
         "(fixed-seed weights). Both built at bench time.",
-        "- batching variants: at most 32 per batch and 2 ms of waiting, in each server's own unit: examples for "
+        "- batching variants: at most 32 per batch and 2 ms of waiting, in each server's own unit: "
+        "examples for "
         "inferd and BentoML, requests for MLServer, LitServe, Ray Serve and TorchServe.",
-        "- columns: `pred/s` = successful requests/s × instances per request; `vs inferd` = pred/s over inferd "
-        f"(default settings) in the same scenario; p50/p99 from {gen}'s latency distribution; `errors` = non-2xx "
-        "answers + socket errors + timeouts; `CPU s/1k` = CPU-seconds (user + system, the server's whole process "
-        "tree) per 1,000 predictions; `peak`/`idle` = PSS of the process tree in MiB, sampled every 0.25 s under "
-        f"load, and {s.get('idle_wait', 1):g} s after it; `of bound` = pred/s as a share of the in-process full path below.",
+        "- columns: `pred/s` = successful requests/s × instances per request; `vs inferd` = pred/s over "
+        "inferd "
+        f"(default settings) in the same scenario; p50/p99 from {gen}'s latency distribution; `errors` = "
+        "non-2xx "
+        "answers + socket errors + timeouts; `CPU s/1k` = CPU-seconds (user + system, the server's whole "
+        "process "
+        "tree) per 1,000 predictions; `peak`/`idle` = PSS of the process tree in MiB, sampled every 0.25 s "
+        "under "
+        f"load, and {s.get('idle_wait', 1):g} s after it; `of bound` = pred/s as a share of the in-process "
+        "full path below.",
         "",
         "## Headline",
         "",
@@ -289,15 +306,18 @@ def markdown(results: dict, png_name: str | None) -> str:
     out += [
         "## In-process bounds",
         "",
-        "One Python thread, no HTTP: `ort` is `session.run` on a ready array; `full path` is request bytes -> "
-        "orjson -> numpy -> onnxruntime -> orjson bytes. What one process could reach if serving cost nothing.",
+        "One Python thread, no HTTP: `ort` is `session.run` on a ready array; `full path` is request bytes "
+        "-> "
+        "orjson -> numpy -> onnxruntime -> orjson bytes. What one process could reach if serving cost "
+        "nothing.",
         "",
         "| model | instances | ort pred/s | full path pred/s | full path µs/request |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for b in results["bounds"]:
         out.append(
-            f"| {b['model']} | {b['instances']} | {_f(b['ort_pred_per_s'])} | {_f(b['full_path_pred_per_s'])} "
+            f"| {b['model']} | {b['instances']} | {_f(b['ort_pred_per_s'])} | "
+            f"{_f(b['full_path_pred_per_s'])} "
             f"| {_f(b['full_path_us_per_call'], 1)} |"
         )
     out.append("")
@@ -317,8 +337,10 @@ def markdown(results: dict, png_name: str | None) -> str:
                 out += [
                     f"### {c} connection{'s' if c > 1 else ''}",
                     "",
-                    "| server | req/s | pred/s | vs inferd | p50 ms | p99 ms | p99 vs inferd | errors | CPU s/1k | peak MiB | idle MiB | of bound | runs |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                    "| server | req/s | pred/s | vs inferd | p50 ms | p99 ms | p99 vs inferd | errors | "
+                    "CPU s/1k | peak MiB | idle MiB | of bound | runs |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+                    "---: |",
                 ]
                 here.sort(key=lambda r: -(r.get("pred_per_s") or -1))
                 for r in here:
@@ -327,14 +349,17 @@ def markdown(results: dict, png_name: str | None) -> str:
                         continue
                     of_bound = f"{r['pred_per_s'] / bound['full_path_pred_per_s']:.0%}" if bound else "–"
                     out.append(
-                        f"| {'**' + label(r) + '**' if r['server'] == 'inferd' else label(r)} | {_f(r['req_per_s'])} | "
-                        f"{_f(r['pred_per_s'])} | {_ratio(r['pred_per_s'], ref_pps)} | {_f(r['p50_ms'], 2)} | "
+                        f"| {'**' + label(r) + '**' if r['server'] == 'inferd' else label(r)} | "
+                        f"{_f(r['req_per_s'])} | "
+                        f"{_f(r['pred_per_s'])} | {_ratio(r['pred_per_s'], ref_pps)} | "
+                        f"{_f(r['p50_ms'], 2)} | "
                         f"{_f(r['p99_ms'], 2)} | {_ratio(r['p99_ms'], ref_p99)} | {_f(r['errors'])} | "
-                        f"{_f(r['cpu_s_per_1k_pred'], 3)} | {_f(r['peak_mem_mib'])} | {_f(r['idle_mem_mib'])} | "
+                        f"{_f(r['cpu_s_per_1k_pred'], 3)} | {_f(r['peak_mem_mib'])} | "
+                        f"{_f(r['idle_mem_mib'])} | "
                         f"{of_bound} | {r['ok_runs']}/{r['runs']} |"
                     )
                 out.append("")
-    failures = {}
+    failures: dict[str, dict[str, list[str]]] = {}
     for r in rows:
         for f in r.get("failures", []):
             failures.setdefault(label(r), {}).setdefault(f.split("\n")[0][:300], []).append(
@@ -350,13 +375,13 @@ def markdown(results: dict, png_name: str | None) -> str:
                 out.append(f"- **{name}** ({len(where)} rows, e.g. {', '.join(where[:3])}): `{err}`")
     if not failures and not results["install_errors"]:
         out.append("None.")
-    errs = [r for r in rows if r.get("errors")]
+    with_errors = [r for r in rows if r.get("errors")]
     out += [
         "",
         "Rows with errors (medians over rounds; non-2xx status codes where the run recorded them):",
         "",
     ]
-    for r in errs:
+    for r in with_errors:
         codes: dict[str, int] = {}
         for run in results.get("runs", []):
             if all(run.get(k) == r[k] for k in ("server", "variant", "model", "instances", "connections")):
@@ -367,7 +392,7 @@ def markdown(results: dict, png_name: str | None) -> str:
             f"- {label(r)}, {r['model']}, {r['instances']} instances, c{r['connections']}: "
             f"{r['errors']:,.0f} errors{detail}"
         )
-    if not errs:
+    if not with_errors:
         out.append("- none")
     out += ["", "## Versions", "", "| where | package | version |", "| --- | --- | --- |"]
     for where, pkgs in results["versions"].items():
@@ -378,7 +403,7 @@ def markdown(results: dict, png_name: str | None) -> str:
 
 
 if __name__ == "__main__":
-    # Regenerate the markdown (and plot) from a results file: python bench/report.py [results.json]
+    # Regenerate the markdown (and plot) from a results file: python -m bench.report [results.json]
     import json
     import sys
 

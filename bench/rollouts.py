@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What shadow traffic and traffic capture cost the requests they ride on.
 
-    .venv/bin/python bench/rollouts.py [--duration 10] [--out bench/results/rollouts.json]
+    .venv/bin/python -m bench.rollouts [--duration 10] [--out bench/results/rollouts.json]
 
 Serves the digits MLP (bench/models.py) as versions 1 and 2 of one model, requests routed to
 version 1 by ``[traffic]``, three ways: plain, with ``[shadow] version = 2, fraction = 1.0``
@@ -18,15 +18,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+from bench.models import build_digits
+from tests.inferd_process import ServerProcess, launch
 
-from models import build_digits  # noqa: E402
-from procs import free_port  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+
 
 SETTINGS = {
     "plain": '[traffic]\n"1" = 1\n',
@@ -35,23 +33,15 @@ SETTINGS = {
 }
 
 
-def serve(base: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "inferd", "serve", "--host=127.0.0.1", f"--rest_api_port={port}"]
-    argv += [f"--port={grpc_port}", f"--model_base_path={base}", "--model_name=digits", "--log_level=warning"]
-    process = subprocess.Popen(argv)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models/digits", timeout=1) as answer:
-                if b"AVAILABLE" in answer.read():
-                    return process, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not start")
+def serve(base: Path) -> ServerProcess:
+    """``inferd serve`` for the digits model in ``base``, once a version is AVAILABLE."""
+    server = launch(base.parent, f"--model_base_path={base}", "--model_name=digits", "--log_level=warning")
+    try:
+        server.wait_available("digits")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def bench(url: str, pid: int, out: Path, duration: float, *step: str) -> dict[str, object]:
@@ -75,17 +65,15 @@ def main() -> int:
             build_digits(base / version / "model.onnx")
         for name, settings in SETTINGS.items():
             (base / "inferd.toml").write_text(settings)
-            process, url = serve(base)
+            server = serve(base)
+            url = server.url
             try:
-                closed = bench(url, process.pid, Path(tmp) / "closed.json", args.duration, "--concurrency=16")
+                closed = bench(url, server.pid, Path(tmp) / "closed.json", args.duration, "--concurrency=16")
                 if not half_rate:
                     half_rate = round(float(closed["requests_per_s"]) / 2)  # type: ignore[arg-type]
-                opened = bench(
-                    url, process.pid, Path(tmp) / "open.json", args.duration, f"--rate={half_rate}"
-                )
+                opened = bench(url, server.pid, Path(tmp) / "open.json", args.duration, f"--rate={half_rate}")
             finally:
-                process.terminate()
-                process.wait(30)
+                server.stop()
             p99 = opened["latency_ms"]["p99"]  # type: ignore[index]
             results[name] = {
                 "throughput_rps": float(closed["requests_per_s"]),  # type: ignore[arg-type]

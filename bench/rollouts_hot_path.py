@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What shadow and capture add to the event loop's work per request, measured in process.
 
-    .venv/bin/python bench/rollouts_hot_path.py
+    .venv/bin/python -m bench.rollouts_hot_path
 
 On a shared 2-CPU machine an A/B of two servers cannot resolve a few percent (see
 bench/rollouts.py); this times what a request's ``InferenceService.answered`` hooks do on the

@@ -2,8 +2,8 @@
 """Soak: inferd under steady, moderate load for a long time; its memory, file descriptors and
 threads must not grow. Opt-in (not CI): the benchmark suite runs the 5-minute version.
 
-    .venv/bin/python bench/soak.py                    # one hour
-    .venv/bin/python bench/soak.py --duration 300     # the benchmark suite's 5 minutes
+    .venv/bin/python -m bench.soak                    # one hour
+    .venv/bin/python -m bench.soak --duration 300     # the benchmark suite's 5 minutes
 
 One ``inferd serve`` (the ``cnn`` model of models.py, as in protocols.py) gets an open-loop load from ``inferd
 bench``, one process per protocol (V2 REST and V2 gRPC by default) sharing ``--rate``. Every
@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import models, procs, report
+from bench.protocols import DOCS, MODEL, Ports, start_server
+from bench.run import WORK, log
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
-import models  # noqa: E402
-import procs  # noqa: E402
-import report  # noqa: E402
-from protocols import DOCS, MODEL, Ports, start_server  # noqa: E402
-from run import WORK, log  # noqa: E402
 
 SECTION_START = "<!-- soak: written by bench/soak.py -->"
 SECTION_END = "<!-- /soak -->"
@@ -168,7 +166,7 @@ def _measure(key: str, value: float) -> str:
     return f"{value / 2**20:.1f} MiB" if key == "rss" else f"{value:.0f}"
 
 
-def section(runs: dict[str, dict]) -> str:
+def section(runs: dict[str, dict[str, Any]]) -> str:
     """The docs section: one table per run kept in bench/results/soak-*.json."""
     out = [
         SECTION_START,
@@ -223,7 +221,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--no-docs", action="store_true", help="print the figures; leave results and docs alone")
     a = p.parse_args()
-    a.command = shlex.join([".venv/bin/python", "bench/soak.py", *sys.argv[1:]])
+    a.command = shlex.join([".venv/bin/python", "-m", "bench.soak", *sys.argv[1:]])
     return a
 
 

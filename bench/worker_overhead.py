@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a worker process (``isolation = "process"``) adds to one ``predict`` call.
 
-    .venv/bin/python bench/worker_overhead.py [--rounds 7] [--calls 300] [--json out.json]
+    .venv/bin/python -m bench.worker_overhead [--rounds 7] [--calls 300] [--json out.json]
 
 Loads the benchmark's ``digits`` and ``cnn`` ONNX models twice, in the process and in a worker,
 and times ``Model.predict`` from one thread for batches of 1 and 32 rows. The two modes alternate
@@ -17,6 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,11 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for mode, model in models.items():
                         samples[mode] += time_calls(model, inputs, args.calls)
-                row = {"model": name, "batch": batch, "input_bytes": int(inputs["input"].nbytes)}
+                row: dict[str, Any] = {
+                    "model": name,
+                    "batch": batch,
+                    "input_bytes": int(inputs["input"].nbytes),
+                }
                 for mode, seconds in samples.items():
                     row[f"{mode}_p50_us"] = round(float(np.percentile(seconds, 50)) * 1e6, 1)
                     row[f"{mode}_p99_us"] = round(float(np.percentile(seconds, 99)) * 1e6, 1)

@@ -16,7 +16,9 @@ import orjson
 
 options = ort.SessionOptions()
 options.intra_op_num_threads = 1
-session = ort.InferenceSession(os.environ["BENCH_MODEL_FILE"], options, providers=["CPUExecutionProvider"])
+session = ort.InferenceSession(
+    os.environ["BENCH_MODEL_FILE"], options, providers=["CPUExecutionProvider"]
+)
 input_name = session.get_inputs()[0].name
 HEADERS = [(b"content-type", b"application/json")]
 
@@ -32,14 +34,15 @@ async def app(scope, receive, send):
     x = np.asarray(orjson.loads(body)["instances"], dtype=np.float32)
     y = session.run(None, {input_name: x})[0]
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": orjson.dumps({"predictions": y}, option=orjson.OPT_SERIALIZE_NUMPY)})
+    out = orjson.dumps({"predictions": y}, option=orjson.OPT_SERIALIZE_NUMPY)
+    await send({"type": "http.response.body", "body": out})
 """
 
 
 class AsgiFloor(Server):
     name = "asgi-floor"
     uses_project_venv = True
-    report_packages = ["uvicorn", "httptools", "uvloop", "orjson", "onnxruntime"]
+    report_packages = ("uvicorn", "httptools", "uvloop", "orjson", "onnxruntime")
 
     def launch(self, ctx: Context, port: int) -> Launch:
         write(ctx.work / "floor.py", APP)

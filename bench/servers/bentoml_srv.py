@@ -3,6 +3,10 @@ the batching variant marks the API ``batchable=True`` (adaptive batching along a
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+
 from . import MAX_BATCH, Context, Launch, Server, write
 
 APP = """
@@ -18,7 +22,9 @@ BATCHING = os.environ.get("BENCH_BATCHING") == "1"
 @bentoml.service
 class OnnxModel:
     def __init__(self) -> None:
-        self.session = ort.InferenceSession(os.environ["BENCH_MODEL_FILE"], providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            os.environ["BENCH_MODEL_FILE"], providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
 
     if BATCHING:
@@ -35,9 +41,9 @@ class OnnxModel:
 
 class BentoMLServer(Server):
     name = "bentoml"
-    packages = ["bentoml", "onnxruntime", "numpy"]
+    packages = ("bentoml", "onnxruntime", "numpy")
     variants = ("default", "batching")
-    report_packages = ["bentoml", "onnxruntime", "numpy"]
+    report_packages = ("bentoml", "onnxruntime", "numpy")
 
     def launch(self, ctx: Context, port: int) -> Launch:
         write(ctx.work / "service.py", APP)
@@ -62,11 +68,7 @@ class BentoMLServer(Server):
             },
         )
 
-    def predictions(self, answer: bytes):
-        import json
-
-        import numpy as np
-
+    def predictions(self, answer: bytes, headers: dict[str, str], variant: str) -> np.ndarray:
         return np.asarray(json.loads(answer), dtype=np.float32)
 
 

@@ -1,5 +1,7 @@
-"""The endpoint users write by hand: FastAPI, a pydantic request model, onnxruntime, ``uvicorn
-app:app`` with default settings (one process, a sync endpoint run in the threadpool)."""
+"""The endpoint users write by hand: FastAPI, onnxruntime with one intra-op thread (the fair peer
+of inferd's and the floors' single-threaded sessions), ``uvicorn app:app`` with default settings
+(one process, a sync endpoint run in the threadpool). Two variants: ``typed``, a pydantic request
+and response model, and ``untyped``, the body taken as a plain ``dict`` and a dict returned."""
 
 from __future__ import annotations
 
@@ -7,13 +9,18 @@ from . import Context, Launch, Server, write
 
 APP = """
 import os
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from fastapi import FastAPI
+from fastapi import Body, FastAPI
 from pydantic import BaseModel
 
-session = ort.InferenceSession(os.environ["BENCH_MODEL_FILE"], providers=["CPUExecutionProvider"])
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+session = ort.InferenceSession(
+    os.environ["BENCH_MODEL_FILE"], options, providers=["CPUExecutionProvider"]
+)
 input_name = session.get_inputs()[0].name
 
 if os.environ["BENCH_MODEL"] == "cnn":
@@ -30,19 +37,26 @@ class PredictResponse(BaseModel):
 
 app = FastAPI()
 
-
-@app.post("/predict", response_model=PredictResponse)
-def predict(request: PredictRequest) -> PredictResponse:
-    x = np.asarray(request.instances, dtype=np.float32)
-    y = session.run(None, {input_name: x})[0]
-    return PredictResponse(predictions=y.tolist())
+if os.environ["BENCH_VARIANT"] == "typed":
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(request: PredictRequest) -> PredictResponse:
+        x = np.asarray(request.instances, dtype=np.float32)
+        y = session.run(None, {input_name: x})[0]
+        return PredictResponse(predictions=y.tolist())
+else:
+    @app.post("/predict")
+    def predict(body: dict[str, Any] = Body()) -> dict[str, Any]:
+        x = np.asarray(body["instances"], dtype=np.float32)
+        y = session.run(None, {input_name: x})[0]
+        return {"predictions": y.tolist()}
 """
 
 
 class FastAPIServer(Server):
     name = "fastapi"
-    packages = ["fastapi", "uvicorn", "onnxruntime", "numpy"]
-    report_packages = ["fastapi", "uvicorn", "pydantic", "onnxruntime", "numpy"]
+    packages = ("fastapi", "uvicorn", "onnxruntime", "numpy")
+    variants = ("typed", "untyped")
+    report_packages = ("fastapi", "uvicorn", "pydantic", "onnxruntime", "numpy")
 
     def launch(self, ctx: Context, port: int) -> Launch:
         write(ctx.work / "app.py", APP)
@@ -50,7 +64,11 @@ class FastAPIServer(Server):
             cmd=[str(ctx.venv / "bin" / "uvicorn"), "app:app", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ctx.work,
             url=f"http://127.0.0.1:{port}/predict",
-            env={"BENCH_MODEL_FILE": str(ctx.model_file), "BENCH_MODEL": ctx.model},
+            env={
+                "BENCH_MODEL_FILE": str(ctx.model_file),
+                "BENCH_MODEL": ctx.model,
+                "BENCH_VARIANT": ctx.variant,
+            },
         )
 
 

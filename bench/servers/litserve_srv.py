@@ -17,7 +17,9 @@ import onnxruntime as ort
 
 class OnnxAPI(ls.LitAPI):
     def setup(self, device):
-        self.session = ort.InferenceSession(os.environ["BENCH_MODEL_FILE"], providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            os.environ["BENCH_MODEL_FILE"], providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
 
     def decode_request(self, request):
@@ -50,9 +52,9 @@ if __name__ == "__main__":
 
 class LitServeServer(Server):
     name = "litserve"
-    packages = ["litserve", "onnxruntime", "numpy"]
+    packages = ("litserve", "onnxruntime", "numpy")
     variants = ("default", "batching")
-    report_packages = ["litserve", "fastapi", "uvicorn", "onnxruntime", "numpy"]
+    report_packages = ("litserve", "fastapi", "uvicorn", "onnxruntime", "numpy")
 
     def launch(self, ctx: Context, port: int) -> Launch:
         write(ctx.work / "server.py", APP)

@@ -5,8 +5,11 @@ batching variant."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
+
+from tests.inferd_process import free_port
 
 from . import BATCH_WAIT_MS, MAX_BATCH, Context, Launch, Server, write
 
@@ -34,12 +37,11 @@ class OnnxRuntime(MLModel):
 class MLServerServer(Server):
     name = "mlserver"
     # MLServer 1.7 workers call asyncio.get_event_loop() outside a loop, which uvloop >= 0.22 refuses
-    packages = ["mlserver", "uvloop<0.22", "onnxruntime", "numpy"]
+    packages = ("mlserver", "uvloop<0.22", "onnxruntime", "numpy")
     variants = ("default", "batching")
-    report_packages = ["mlserver", "uvloop", "onnxruntime", "numpy", "fastapi", "uvicorn"]
+    report_packages = ("mlserver", "uvloop", "onnxruntime", "numpy", "fastapi", "uvicorn")
 
     def launch(self, ctx: Context, port: int) -> Launch:
-        from procs import free_port
 
         folder = ctx.work / "mlserver"
         write(folder / "runtime.py", RUNTIME)
@@ -54,7 +56,7 @@ class MLServerServer(Server):
                 }
             ),
         )
-        model_settings: dict = {
+        model_settings: dict[str, Any] = {
             "name": ctx.model,
             "implementation": "runtime.OnnxRuntime",
             "parameters": {"uri": str(ctx.model_file)},
@@ -69,11 +71,11 @@ class MLServerServer(Server):
             startup_timeout=120,
         )
 
-    def body(self, x: np.ndarray) -> bytes:
+    def body(self, x: np.ndarray, variant: str) -> bytes:
         tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
         return json.dumps({"inputs": [tensor]}).encode()
 
-    def predictions(self, answer: bytes) -> np.ndarray:
+    def predictions(self, answer: bytes, headers: dict[str, str], variant: str) -> np.ndarray:
         out = json.loads(answer)["outputs"][0]
         return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 

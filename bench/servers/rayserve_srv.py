@@ -53,9 +53,9 @@ signal.pause()  # serve until the bench stops this process group
 
 class RayServeServer(Server):
     name = "rayserve"
-    packages = ["ray[serve]", "onnxruntime", "numpy"]
+    packages = ("ray[serve]", "onnxruntime", "numpy")
     variants = ("default", "batching")
-    report_packages = ["ray", "onnxruntime", "numpy", "fastapi", "uvicorn"]
+    report_packages = ("ray", "onnxruntime", "numpy", "fastapi", "uvicorn")
 
     def launch(self, ctx: Context, port: int) -> Launch:
         write(ctx.work / "serve_app.py", APP)

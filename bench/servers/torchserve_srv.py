@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from tests.inferd_process import free_port
+
 from . import BATCH_WAIT_MS, MAX_BATCH, Context, Launch, Server, write
 
 HANDLER = """
@@ -43,12 +45,11 @@ def handle(data, context):
 
 class TorchServeServer(Server):
     name = "torchserve"
-    packages = ["torch==2.13.0", "torchserve", "torch-model-archiver", "pyyaml", "onnxruntime", "numpy"]
+    packages = ("torch==2.13.0", "torchserve", "torch-model-archiver", "pyyaml", "onnxruntime", "numpy")
     variants = ("default", "batching")
-    report_packages = ["torchserve", "torch-model-archiver", "torch", "onnxruntime", "numpy"]
+    report_packages = ("torchserve", "torch-model-archiver", "torch", "onnxruntime", "numpy")
 
     def launch(self, ctx: Context, port: int) -> Launch:
-        from procs import free_port
 
         store = ctx.work / "model_store"
         shutil.rmtree(store, ignore_errors=True)

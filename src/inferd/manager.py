@@ -479,7 +479,9 @@ class ModelManager(Generic[S]):
             NotFound: unknown model, version or label, or the version is not AVAILABLE.
             Unavailable: the server is shutting down, or the version is not loaded yet.
         """
-        entry, version = self._route(ref, key)
+        return self._lease(*self._route(ref, key))
+
+    def _lease(self, entry: _Entry[S], version: ServedVersion[S]) -> Lease[S]:
         if version.cold or version.state is not VersionState.AVAILABLE:
             self._start_cold(entry, version)
             raise Unavailable(f"model {version.id} is loading (it was not in memory); retry shortly")
@@ -499,7 +501,7 @@ class ModelManager(Generic[S]):
         while True:
             entry, version = self._route(ref, key)
             if not version.cold:
-                lease = self.lease(ref, key)
+                lease = self._lease(entry, version)
                 if use:
                     version.last_used = time.monotonic()
                     self.residency.policy.hit(version)

@@ -19,6 +19,7 @@ import asyncio
 import importlib.util
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -35,6 +36,16 @@ from inferd.statistics import VersionStatistics
 from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
+
+INLINE_PREDICT_S = 50e-6
+"""An unbatched call whose expected model time (the signature's recent seconds per row times the
+request's rows) is at most this runs on the event loop's thread instead of an inference thread:
+handing a call to a thread and back costs more than that (about 90 us of CPU per request measured
+on one core with the digits model, see docs/performance.md), and blocking the loop that briefly
+delays the other requests less than the hand-off would."""
+_SAMPLES = 8
+"""How many recent calls of a signature judge it; the fastest counts, so that calls stretched by
+the scheduler or, on a thread, by waiting for the GIL change nothing unless all of them were."""
 
 ModelLoader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
 """Loads a version folder with its runtime: ``runtimes.load_model`` in a server."""
@@ -63,6 +74,7 @@ class Servable:
         "_in_flight",
         "_max_in_flight",
         "_on_close",
+        "_row_costs",
         "batching",
         "id",
         "join",
@@ -97,6 +109,8 @@ class Servable:
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        # signature -> model seconds per row of its last unbatched calls
+        self._row_costs: dict[str, deque[float]] = {}
         self._on_close = on_close
         self._closed = False
 
@@ -116,7 +130,10 @@ class Servable:
         self, signature: str, inputs: Tensors, deadline: float | None
     ) -> tuple[Tensors, float, float, int]:
         """Predict ``inputs`` (already conformed and joined): through the signature's batcher
-        when there is one and every input has the same rows, else directly on a thread.
+        when there is one and every input has the same rows, else directly: on this (the event
+        loop's) thread when the fastest of the signature's last ``_SAMPLES`` calls says it takes at
+        most ``INLINE_PREDICT_S``, otherwise on an inference thread (always for a signature's first
+        call).
 
         Returns:
             The outputs, the seconds queued (for a batch or a thread), the seconds of predict,
@@ -136,12 +153,19 @@ class Servable:
             raise Unavailable(f"model {self.id} has {self._in_flight} requests in flight; retry later")
         self._in_flight += 1
         enqueued = time.monotonic()
+        costs = self._row_costs.get(signature)
+        if costs is None:
+            costs = self._row_costs[signature] = deque(maxlen=_SAMPLES)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
-            )
+            if costs and min(costs) * (rows or 1) <= INLINE_PREDICT_S:
+                result = _timed_predict(self.model, signature, inputs, enqueued, deadline)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
+                )
         finally:
             self._in_flight -= 1
+        costs.append(result[2] / (rows or 1))
         self.statistics.executed(rows or 1, result[2])
         return (*result, rows or 1)
 

@@ -54,7 +54,13 @@ from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
 from inferd.protocols.decoding import BodyDecoder
-from inferd.protocols.http_connection import ConnectionLimits, connection_class, raise_open_file_limit
+from inferd.protocols.http_connection import (
+    WATCH,
+    ConnectionLimits,
+    RequestWatch,
+    connection_class,
+    raise_open_file_limit,
+)
 from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
@@ -176,7 +182,7 @@ class HttpApp:
             elif self._dashboard is not None:
                 call = self._dashboard.handle(method, path, body)
             if call is not None:
-                answer = await self._with_deadline(call, receive)
+                answer = await self._with_deadline(call, scope, receive)
                 if answer is None:
                     return  # the client went away: nobody to answer
                 status, headers, payload = answer
@@ -207,37 +213,48 @@ class HttpApp:
     async def _send(self, send: Any, status: int, headers: Mapping[str, str], payload: bytes) -> None:
         if self._cors:
             headers = {**headers, **_CORS_HEADERS}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                # With its length given, uvicorn sends the answer whole instead of in chunks.
-                "headers": [
-                    *((k.encode(), v.encode()) for k, v in headers.items()),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        # With its length given, uvicorn sends the answer whole instead of in chunks.
+        raw.append((b"content-length", b"%d" % len(payload)))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _with_deadline(self, call: Coroutine[Any, Any, Response], receive: Any) -> Response | None:
+    async def _with_deadline(
+        self, call: Coroutine[Any, Any, Response], scope: Scope, receive: Any
+    ) -> Response | None:
         """Run an adapter's answer under the request deadline.
 
         Returns None when the client disconnected first; the answer is then cancelled, which
-        takes a queued request out of its batching queue before it is computed.
+        takes a queued request out of its batching queue before it is computed. inferd's own
+        connections report the disconnect through the scope's ``RequestWatch``; under another
+        ASGI server (Ray Serve's proxy) a task waits for it on ``receive``.
+
+        Raises:
+            TimeoutError: the deadline passed first.
         """
         task = asyncio.current_task()
         assert task is not None
-        hangup = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task))
+        loop = asyncio.get_running_loop()
+        watch = scope.get("extensions", {}).get(WATCH)
+        listener = None
+        if watch is None:
+            watch = RequestWatch()
+            listener = loop.create_task(_hang_up_on_disconnect(receive, watch))
+        watch.task = task
+        timer = loop.call_later(self._timeout_s, watch.expire)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await call
+            return await call
         except asyncio.CancelledError:
-            if hangup.done() and not hangup.cancelled() and task.uncancel() == 0:
+            if (watch.hung_up or watch.expired) and task.uncancel() == 0:
+                if watch.expired:
+                    raise TimeoutError from None
                 return None  # cancelled by the hang-up alone
             raise
         finally:
-            hangup.cancel()
+            watch.task = None
+            timer.cancel()
+            if listener is not None:
+                listener.cancel()
 
     async def _read_body(self, scope: Scope, receive: Any, reservation: Reservation) -> bytes | None:
         """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
@@ -282,11 +299,11 @@ class HttpApp:
         )
 
 
-async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` when the client closes the connection (the request body was read already)."""
+async def _hang_up_on_disconnect(receive: Any, watch: RequestWatch) -> None:
+    """Tell ``watch`` when the client closes the connection (the request body was read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    task.cancel()
+    watch.hang_up()
 
 
 _ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(?:/([a-z]+))?")

@@ -311,9 +311,7 @@ def test_resume_after_a_kill_neither_redoes_nor_duplicates_chunks(tmp_path: Path
     assert not parts.exists()
 
 
-def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(tmp_path: Path) -> None:
-    base = tmp_path / "checked"
-    body = """
+REFUSES_NEGATIVE = """
 def load(self):
     pass
 
@@ -323,7 +321,18 @@ def predict(self, inputs):
         raise ValueError("negative values")
     return {"y": x * 2}
 """
-    write_python_model(base / "1", body)
+
+
+def refusing_model(tmp_path: Path) -> Path:
+    """A Python model that doubles its FP32 [-1, 2] input ``x`` and refuses a batch holding a
+    negative value; its base folder."""
+    base = tmp_path / "checked"
+    write_python_model(base / "1", REFUSES_NEGATIVE)
+    return base
+
+
+def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(tmp_path: Path) -> None:
+    base = refusing_model(tmp_path)
     x = np.arange(200, dtype=np.float32).reshape(100, 2)
     x[[3, 64, 97]] *= -1
     np.save(tmp_path / "in.npy", x)
@@ -366,23 +375,10 @@ def test_an_npy_of_the_wrong_shape_exits_2_at_once_naming_both_shapes(
         assert not out.with_name(out.name + ".partial").exists()
 
 
-REFUSES_NEGATIVE = """
-def load(self):
-    pass
-
-def predict(self, inputs):
-    x = inputs["x"]
-    if (x < 0).any():
-        raise ValueError("negative values")
-    return {"y": x * 2}
-"""
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("suffix", [".npy", ".parquet", ".csv", ".jsonl"])
 def test_chunks_whose_every_row_is_refused_leave_the_others_scored(tmp_path: Path, suffix: str) -> None:
-    base = tmp_path / "checked"
-    write_python_model(base / "1", REFUSES_NEGATIVE)
+    base = refusing_model(tmp_path)
     x = np.arange(96, dtype=np.float32).reshape(48, 2)
     x[:16] *= -1  # the whole first chunk, and the last one
     x[40:] *= -1
@@ -406,8 +402,7 @@ def test_chunks_whose_every_row_is_refused_leave_the_others_scored(tmp_path: Pat
 
 
 def test_a_chunk_of_only_refused_rows_gives_an_empty_output(tmp_path: Path) -> None:
-    base = tmp_path / "checked"
-    write_python_model(base / "1", REFUSES_NEGATIVE)
+    base = refusing_model(tmp_path)
     np.save(tmp_path / "in.npy", -np.ones((5, 2), dtype=np.float32))
     batch(base, tmp_path / "in.npy", tmp_path / "out.npy", check=1)
     assert np.load(tmp_path / "out.npy").shape == (0, 2)

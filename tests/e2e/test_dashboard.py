@@ -5,7 +5,7 @@ talks to nobody but its server. Each test saves screenshots of what it looked at
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,15 +76,21 @@ def own_host(server: ServerProcess) -> str:
     return urlsplit(server.url).netloc
 
 
+def open_models(tab: sync_api.Page, server: ServerProcess) -> sync_api.Locator:
+    """Open the models tab; the digits row, once it shows label ``stable`` on version 2."""
+    tab.goto(server.url + "/#models")
+    row = tab.locator('tr[data-model="digits"]')
+    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
+    return row
+
+
 def test_the_page_lists_models_versions_and_labels(
     server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
 ) -> None:
     tab, hosts = page
-    tab.goto(server.url + "/#models")
-    row = tab.locator('tr[data-model="digits"]')
+    row = open_models(tab, server)
     sync_api.expect(row.locator('[data-version="2"]')).to_contain_text("AVAILABLE")
     sync_api.expect(row.locator('[data-version="1"]')).to_contain_text("AVAILABLE")
-    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
     tab.screenshot(path=tmp_path / "models.png", full_page=True)
     assert set(hosts) == {own_host(server)}
 
@@ -183,9 +189,7 @@ def test_admin_actions_need_the_admin_token_and_a_rollback_changes_what_clients_
     server: ServerProcess, page: tuple[sync_api.Page, list[str]], tmp_path: Path
 ) -> None:
     tab, hosts = page
-    tab.goto(server.url + "/#models")
-    row = tab.locator('tr[data-model="digits"]')
-    sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
+    row = open_models(tab, server)
     assert stable_version(server) == "2"
 
     # No admin token: the server refuses, and nothing changes.
@@ -368,38 +372,32 @@ def test_under_a_memory_budget_the_page_shows_what_is_resident(
 
 
 def test_with_an_api_token_nothing_leaks_to_anonymous_visitors(
-    browser: sync_api.Browser, tmp_path: Path
+    browser: sync_api.Browser, tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     write_onnx_digits(tmp_path / "repo" / "secretmodel" / "1")
-    server = launch(tmp_path, str(tmp_path / "repo"), f"--api_token={API}")
-    try:
-        for route in ("/dashboard/api/models", "/dashboard/api/metrics"):
-            assert requests.get(server.url + route, timeout=5).status_code == 401
-        shell = requests.get(server.url + "/", timeout=5)
-        assert shell.status_code == 200
-        assert "secretmodel" not in shell.text
-        context = browser.new_context()
-        tab = context.new_page()
-        tab.goto(server.url + "/#models")
-        sync_api.expect(tab.locator("#notice")).to_contain_text("needs its API token")
-        assert "secretmodel" not in tab.content()
-        tab.screenshot(path=tmp_path / "token-needed.png", full_page=True)
-        tab.fill("#api-token", API)
-        tab.press("#api-token", "Tab")
-        sync_api.expect(tab.locator('tr[data-model="secretmodel"]')).to_be_visible()
-        context.close()
-    finally:
-        server.stop()
+    server = start_server(str(tmp_path / "repo"), f"--api_token={API}")
+    for route in ("/dashboard/api/models", "/dashboard/api/metrics"):
+        assert requests.get(server.url + route, timeout=5).status_code == 401
+    shell = requests.get(server.url + "/", timeout=5)
+    assert shell.status_code == 200
+    assert "secretmodel" not in shell.text
+    context = browser.new_context()
+    tab = context.new_page()
+    tab.goto(server.url + "/#models")
+    sync_api.expect(tab.locator("#notice")).to_contain_text("needs its API token")
+    assert "secretmodel" not in tab.content()
+    tab.screenshot(path=tmp_path / "token-needed.png", full_page=True)
+    tab.fill("#api-token", API)
+    tab.press("#api-token", "Tab")
+    sync_api.expect(tab.locator('tr[data-model="secretmodel"]')).to_be_visible()
+    context.close()
 
 
-def test_dashboard_false_turns_it_off(tmp_path: Path) -> None:
+def test_dashboard_false_turns_it_off(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
     write_onnx_digits(tmp_path / "repo" / "digits" / "1")
-    server = launch(tmp_path, str(tmp_path / "repo"), "--dashboard=false")
-    try:
-        assert requests.get(server.url + "/", timeout=5).status_code == 404
-        assert requests.get(server.url + "/dashboard/api/models", timeout=5).status_code == 404
-    finally:
-        server.stop()
+    server = start_server(str(tmp_path / "repo"), "--dashboard=false")
+    assert requests.get(server.url + "/", timeout=5).status_code == 404
+    assert requests.get(server.url + "/dashboard/api/models", timeout=5).status_code == 404
 
 
 @pytest.mark.parametrize(

@@ -41,20 +41,31 @@ def wait_for_listings(s3: S3Server, server: ServerProcess, count: int) -> None:
     server.wait_for(lambda: s3.lists() >= start + count, f"{count} more listings of the store")
 
 
+def serve_digits(
+    s3: S3Server, tmp_path: Path, start_server: Callable[..., ServerProcess], cache: Path
+) -> ServerProcess:
+    """Version 1 of ``digits`` (scale 2) uploaded to a new bucket at ``BASE``, and a server started
+    on it with its model cache in ``cache``, answering with version 1."""
+    s3.client().create_bucket(Bucket="bucket")
+    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
+    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
+    server = start_server(*digits_args(cache))
+    assert answer(server) == 2.0
+    return server
+
+
+def digits_args(cache: Path) -> tuple[str, ...]:
+    return ("--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={cache}")
+
+
 @pytest.mark.timeout(300)
 def test_serve_from_s3_add_a_version_slowly_roll_back_survive_the_store_stopping_and_restart_from_cache(
     s3_server: S3Server, tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     s3 = s3_server
     client = s3.client()
-    client.create_bucket(Bucket="bucket")
-    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
-    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
     cache = tmp_path / "cache"
-    args = ("--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={cache}")
-
-    server = start_server(*args)
-    assert answer(server) == 2.0
+    server = serve_digits(s3, tmp_path, start_server, cache)
     assert s3.gets("/models/digits/1/model.onnx") == 1
 
     # Version 2, two objects uploaded one at a time, the server polling in between: the first
@@ -100,7 +111,7 @@ def test_serve_from_s3_add_a_version_slowly_roll_back_survive_the_store_stopping
     downloads = s3.gets("/models/digits/2/")
     assert downloads > 0
     server.stop()
-    restarted = start_server(*args)
+    restarted = start_server(*digits_args(cache))
     assert answer(restarted) == 3.0
     assert s3.gets("/models/digits/2/") == downloads
     assert "downloaded" not in restarted.log()
@@ -111,13 +122,7 @@ def test_a_bucket_that_vanishes_keeps_serving_and_recovers(
 ) -> None:
     s3 = s3_server
     client = s3.client()
-    client.create_bucket(Bucket="bucket")
-    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
-    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
-    server = start_server(
-        "--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={tmp_path / 'c'}"
-    )
-    assert answer(server) == 2.0
+    server = serve_digits(s3, tmp_path, start_server, tmp_path / "c")
     client.delete_object(Bucket="bucket", Key="models/digits/1/model.onnx")
     client.delete_bucket(Bucket="bucket")
     server.wait_for(lambda: "The specified bucket does not exist" in server.log(), "the fault")
@@ -162,14 +167,7 @@ def test_refused_credentials_keep_serving_and_a_fixed_credentials_file_recovers_
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    client = s3.client()
-    client.create_bucket(Bucket="bucket")
-    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
-    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
-    server = start_server(
-        "--model_name=digits", f"--model_base_path={BASE}", f"--model_cache_dir={tmp_path / 'c'}"
-    )
-    assert answer(server) == 2.0
+    server = serve_digits(s3, tmp_path, start_server, tmp_path / "c")
 
     # The key loses its permissions, and the credentials file is overwritten with a key the
     # store does not know: both are logged, version 1 keeps serving.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from inferd.features import FeatureStores
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
-from inferd.servable import Servable, ServableFactory
+from inferd.servable import INLINE_PREDICT_S, Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelId, ModelRef, Signature, Tensors, TensorSpec
 
@@ -146,3 +148,64 @@ def test_a_failed_warm_up_fails_the_load_and_closes_the_model(tmp_path: Path) ->
         factory.load(ModelId("m", 2), tmp_path, ModelSettings(warmup=False), None)
     assert [m.closed for m in loads.models] == [True, False]
     assert factory.live()[0].id == ModelId("m", 2)
+
+
+class TimedModel(FakeModel):
+    """A FakeModel that takes ``seconds`` per call and records the thread of each call."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.threads: list[str] = []
+
+    def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
+        self.threads.append(threading.current_thread().name)
+        if self.seconds:
+            time.sleep(self.seconds)
+        return super().predict(signature_name, inputs)
+
+
+def calls_on(seconds: float, rows: int, calls: int) -> list[str]:
+    """The thread names ``calls`` unbatched calls of ``rows`` rows ran on."""
+    model = TimedModel(seconds)
+    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+        servable = Servable(ModelId("m", 1), model, "fake", ModelSettings(), pool, max_in_flight=4)
+        inputs = {"x": np.ones((rows, 2), np.float32)}
+
+        async def run_all() -> None:
+            for _ in range(calls):
+                outputs, _, _ = await servable.run("serving_default", inputs, None)
+                assert outputs["y"].tolist() == [2.0] * rows
+
+        asyncio.run(run_all())
+    return model.threads
+
+
+def test_a_fast_model_runs_on_the_event_loop_after_its_first_calls_and_a_slow_one_never() -> None:
+    fast = calls_on(0.0, 1, 50)
+    assert fast[0].startswith("infer")  # unmeasured: on an inference thread
+    # measured fast: inline (a loaded machine may stretch a few calls past the bound)
+    assert fast.count(threading.main_thread().name) > 25
+    slow = calls_on(INLINE_PREDICT_S * 20, 1, 4)
+    assert all(name.startswith("infer") for name in slow)
+
+
+def test_a_large_request_of_a_fast_model_goes_to_a_thread() -> None:
+    model = TimedModel(0.0)
+    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+        servable = Servable(ModelId("m", 1), model, "fake", ModelSettings(), pool, max_in_flight=4)
+
+        async def run(rows: int) -> None:
+            await servable.run("serving_default", {"x": np.ones((rows, 2), np.float32)}, None)
+
+        async def scenario() -> None:
+            for _ in range(1000):  # until a call runs inline
+                await run(1)
+                if model.threads[-1] == threading.main_thread().name:
+                    break
+            # rows far past what the measured cost per row allows inline
+            await run(int(INLINE_PREDICT_S * 1e9))
+
+        asyncio.run(scenario())
+    assert model.threads[-2] == threading.main_thread().name
+    assert model.threads[-1].startswith("infer")

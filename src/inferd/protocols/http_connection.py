@@ -17,6 +17,10 @@ hostile or broken client must not be able to hold:
   log line.
 
 Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``.
+
+Each request's scope carries a ``RequestWatch`` (``scope["extensions"][WATCH]``) through which
+the connection cancels the application's work for it when the client hangs up, without a task
+per request waiting for the disconnect.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
+
+WATCH = "inferd.watch"
+"""The scope extension that holds a request's ``RequestWatch``."""
 
 AUTO_CONNECTIONS_CAP = 10_000
 """The most connections ``--max_connections 0`` (auto) allows per port."""
@@ -118,6 +125,30 @@ def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+class RequestWatch:
+    """Ends one request's computation early: when the client hangs up (``hang_up``, from the
+    connection) or its deadline passes (``expire``, from a timer), the task in ``task`` is
+    cancelled and the flag says why. ``task`` is set only while the answer is computed (the body
+    was read and nothing is sent yet). Event loop thread only."""
+
+    __slots__ = ("expired", "hung_up", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.hung_up = False
+        self.expired = False
+
+    def hang_up(self) -> None:
+        if self.task is not None and not self.hung_up and not self.expired:
+            self.hung_up = True
+            self.task.cancel()
+
+    def expire(self) -> None:
+        if self.task is not None and not self.hung_up and not self.expired:
+            self.expired = True
+            self.task.cancel()
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     """One REST connection under ``limits`` (set by ``connection_class``). Runs on the event loop."""
 
@@ -151,7 +182,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            watch: RequestWatch = cycle.scope["extensions"][WATCH]  # type: ignore[assignment]
+            watch.hang_up()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -191,6 +226,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._head_bytes = None
         self._head_begun = False
+        # before super() hands the scope over
+        self.scope["extensions"] = {WATCH: RequestWatch()}  # type: ignore[dict-item]
         super().on_headers_complete()
         self._in_body = True
 

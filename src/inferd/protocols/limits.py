@@ -67,10 +67,10 @@ class RequestLimits:
             raise InvalidArgument(
                 f"input {name!r}: shape has {len(shape)} dims; at most {MAX_RANK} are allowed"
             )
-        if any(size < 0 for size in shape):
+        if min(shape, default=0) < 0:
             raise InvalidArgument(f"input {name!r}: shape {_brief(shape)} has a negative dim")
         count = math.prod(shape)
-        if count > self.max_tensor_elements or any(size > self.max_tensor_elements for size in shape):
+        if count > self.max_tensor_elements or max(shape, default=0) > self.max_tensor_elements:
             raise ResourceExhausted(
                 f"input {name!r}: shape {_brief(shape)} is over the limit of {self.max_tensor_elements} "
                 "elements per tensor (--max_tensor_elements)"

@@ -56,21 +56,23 @@ class OnnxModel:
     """An onnxruntime session. ``InferenceSession.run`` is thread-safe."""
 
     def __init__(self, session: Any, signature: Signature) -> None:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalid
+
         self._session = session
         self._signatures = {DEFAULT_SIGNATURE: signature}
         self._output_names = [spec.name for spec in signature.outputs]
+        self._rejections = (OrtInvalid, Fail)
 
     @property
     def signatures(self) -> Mapping[str, Signature]:
         return self._signatures
 
     def predict(self, signature_name: str, inputs: Tensors) -> Tensors:
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalid
-
+        feed = {k: _as_text(k, v) if v.dtype.kind == "O" else v for k, v in inputs.items()}
         try:
-            results = self._session.run(self._output_names, {k: _as_text(k, v) for k, v in inputs.items()})
-        except (OrtInvalid, Fail) as exc:
+            results = self._session.run(self._output_names, feed)
+        except self._rejections as exc:
             raise InvalidArgument(f"onnxruntime rejected the input: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 
