@@ -303,6 +303,32 @@ def test_a_redis_feature_lookup_is_a_client_span_of_the_request_with_database_at
         server.stop()
 
 
+def test_an_embedded_store_lookup_is_a_span_without_database_attributes(
+    traced: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    table = tmp_path / "restaurants.csv"
+    table.write_text("restaurant_id,incoming_orders,outstanding_per_min\nr1,5,0.5\n")
+    write_echo(tmp_path / "repo", "eta", features_toml(str(table), cache_ttl_s="0"))
+    server = traced("grpc")
+    server.wait_for(lambda: server.status("eta") == {"1": "AVAILABLE"}, "the model")
+    traceparent, trace_id, span_id = new_traceparent()
+    response = requests.post(
+        f"{server.url}/v1/models/eta:predict",
+        json={"instances": [{"restaurant_id": "r1", "distance_km": 1.0}]},
+        headers={"traceparent": traceparent},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    server.wait_for(lambda: len(receiver.trace(trace_id)) >= 2 + len(STAGES), "the spans and the lookup")
+    spans = receiver.trace(trace_id)
+    root = check_request_trace(
+        spans, span_id, "tfserving_rest", 1, model="eta", extra=frozenset({"features lookup"})
+    )
+    (lookup,) = [s for s in spans if s.name == "features lookup"]
+    assert lookup.parent_span_id == root.span_id
+    assert attributes(lookup) == {"inferd.feature_entities": 1}
+
+
 def test_without_a_traceparent_the_sample_rate_decides(
     traced: Callable[..., ServerProcess], receiver: Receiver
 ) -> None:
