@@ -9,7 +9,7 @@
    discards what it gets).
 2. End to end: ``inferd serve`` on the digits classifier (ONNX) driven by ``inferd bench`` (REST,
    1 instance, concurrency 16) with the dashboard closed or open (a poller reading the metrics
-   route every second and the models route every five, as the page does), and with tracing off,
+   route every second and the models route every two, as the page does), and with tracing off,
    at rate 0 and at rate 1.0 (to the discarding receiver). Each setting runs
    ``--repeats`` times, interleaved; the table gives each run's throughput.
 """
@@ -110,7 +110,7 @@ def throughput(url: str, duration: float, dashboard_open: bool) -> float:
         with requests.Session() as session:
             while not stop.wait(1.0):
                 session.get(url + "/dashboard/api/metrics", timeout=5)
-                if ticks % 5 == 0:
+                if ticks % 2 == 0:
                     session.get(url + "/dashboard/api/models", timeout=5)
                 ticks += 1
 

@@ -60,7 +60,7 @@ class Aimd:
 class _Item:
     inputs: Tensors
     rows: int
-    future: asyncio.Future[tuple[Tensors, float, float]]
+    future: asyncio.Future[tuple[Tensors, float, float, int]]
     enqueued: float
     deadline: float | None
 
@@ -107,12 +107,13 @@ class Batcher:
 
     async def submit(
         self, inputs: Tensors, rows: int, deadline: float | None = None
-    ) -> tuple[Tensors, float, float]:
+    ) -> tuple[Tensors, float, float, int]:
         """Queue ``rows`` rows (axis 0 of every input) and wait for their outputs.
 
         Returns:
-            The outputs for exactly these rows, the seconds spent queued, and the seconds of the
-            predict call that computed them.
+            The outputs for exactly these rows, the seconds spent queued, the seconds of the
+            predict call that computed them, and the rows of the batch it computed (these and
+            other requests', padding not counted; the largest when they were split up).
 
         Raises:
             Unavailable: the queue is full.
@@ -133,7 +134,7 @@ class Batcher:
                 )
             )
             outputs = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
-            return outputs, max(p[1] for p in parts), sum(p[2] for p in parts)
+            return outputs, max(p[1] for p in parts), sum(p[2] for p in parts), max(p[3] for p in parts)
         loop = asyncio.get_running_loop()
         item = _Item(inputs, rows, loop.create_future(), time.monotonic(), deadline)
         self._queue.append(item)
@@ -235,7 +236,7 @@ class Batcher:
                     part[name] = value[offset : offset + item.rows]
                 offset += item.rows
                 if not item.future.done():
-                    item.future.set_result((part, started - item.enqueued, latency_s))
+                    item.future.set_result((part, started - item.enqueued, latency_s, rows))
         except Exception as exc:
             for item in batch:
                 if not item.future.done():

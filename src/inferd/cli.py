@@ -456,6 +456,26 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         help="with --promote: promote even when the winner's signatures or answer form differ from the "
         "served version's (the difference is printed either way)",
     )
+    add(
+        "--canary",
+        action="store_true",
+        help="with --promote and --wait_url: move the label through a guarded canary rollout on that server "
+        "(as inferd rollout; --promote_label defaults to stable)",
+    )
+    add("--steps", default="1,5,25,50,100", help="with --canary: canary percents, increasing, ending at 100")
+    add("--step_s", type=float, default=60.0, help="with --canary: seconds each step lasts")
+    add(
+        "--guard",
+        action="append",
+        default=[],
+        help='with --canary: e.g. "error_rate<=0.01", "p99_ms<=1.2*baseline" (repeatable)',
+    )
+    add("--on_restart", default="rollback", choices=["rollback", "resume"], help="with --canary")
+    add(
+        "--admin_token",
+        default=os.environ.get("INFERD_ADMIN_TOKEN", ""),
+        help="with --canary: the server's admin token (or INFERD_ADMIN_TOKEN)",
+    )
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -488,6 +508,7 @@ def _optimize_parser(sub: Any) -> argparse.ArgumentParser:
 def _select(args: argparse.Namespace) -> int:
     from inferd import select
     from inferd.select import command
+    from inferd.select import promote as promotion
     from inferd.storage import Scratch
 
     if args.plot and not _can_plot("select"):
@@ -517,13 +538,28 @@ def _select(args: argparse.Namespace) -> int:
     )
     promote = None
     if args.promote:
+        canary = None
+        if args.canary:
+            try:
+                steps = tuple(float(p) for p in args.steps.split(","))
+            except ValueError:
+                print(
+                    f"inferd select: --steps must be comma-separated percents, got {args.steps!r}",
+                    file=sys.stderr,
+                )
+                scratch.close()
+                return 2
+            canary = promotion.Canary(
+                steps, args.step_s, tuple(args.guard), args.on_restart, args.admin_token
+            )
         promote = command.PromoteOptions(
             args.promote,
-            args.promote_label,
+            args.promote_label or ("stable" if args.canary else None),
             args.model_config_file,
             args.apply,
             args.wait_url,
             allow_api_change=args.allow_api_change,
+            canary=canary,
         )
     outputs = command.Outputs(args.json_path, args.markdown, args.plot)
     try:
@@ -589,12 +625,22 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
             "Start a guarded canary rollout of MODEL on a running server (admin route, --admin_token) "
             "and follow it: the split moves from the version --label points to towards --to, step by "
             "step; a failed guard rolls it back at once; the last step moves the label. Exits 0 when "
-            "done, 1 when rolled back."
+            "done, 1 when rolled back. With --status, --pause, --resume, --promote or --abort, act on "
+            "the model's rollout instead and print its state."
         ),
     )
     parser.add_argument("model", metavar="MODEL")
     add = _snake_case_flags(parser)
-    add("--to", type=int, required=True, help="the canary version")
+    add("--to", type=int, help="the canary version (needed to start one)")
+    actions = parser.add_mutually_exclusive_group()
+    for action, what in (
+        ("status", "print the state of the model's last rollout"),
+        ("pause", "hold the split where it is, checking no guard, until --resume"),
+        ("resume", "start a paused rollout's current step again"),
+        ("promote", "end the rollout now as if its last step passed: the label moves"),
+        ("abort", "end the rollout now as a failed guard does: 100%% on the baseline"),
+    ):
+        actions.add_argument(f"--{action}", dest="action", action="store_const", const=action, help=what)
     add("--label", default="stable", help="the label that points to the baseline and moves at the end")
     add("--steps", default="1,5,25,50,100", help="canary percents, increasing, ending at 100")
     add("--step_s", type=float, default=60.0, help="seconds each step lasts before its guards are checked")
@@ -618,50 +664,39 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    import json
-    import time
-    import urllib.error
-    import urllib.request
+    from inferd.rollout import RolloutClient, describe
 
-    base = f"{args.url.rstrip('/')}/v2/repository/models/{args.model}/rollout"
-    headers = {"content-type": "application/json", "authorization": f"Bearer {args.admin_token}"}
-
-    def post(url: str, document: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(url, json.dumps(document).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                answer: dict[str, Any] = json.loads(response.read())
-                return answer
-        except urllib.error.HTTPError as exc:
-            raise SystemExit(f"inferd rollout: {exc.code}: {exc.read().decode(errors='replace')}") from None
-
+    client = RolloutClient(args.url, args.admin_token)
     try:
-        steps = [float(p) for p in args.steps.split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
-        ) from None
-    body = {
-        "to": args.to,
-        "label": args.label,
-        "steps": steps,
-        "step_s": args.step_s,
-        "guards": args.guard,
-        "on_restart": args.on_restart,
-    }
-    state = post(base, body)
-    shown = 0
-    while True:
-        for event in state["history"][shown:]:
-            detail = {k: v for k, v in event.items() if k not in ("time", "event")}
-            print(
-                f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}"
-            )
-        shown = len(state["history"])
-        if args.no_wait or state["state"] != "running":
-            break
-        time.sleep(min(1.0, args.step_s / 4))
-        state = post(base + "/status", {})
+        if args.action:
+            state = client.command(args.model, args.action)
+            canary, where = state["canary"], f"{state['state']} (step {state['step']})"
+            print(f"rollout of {args.model} to version {canary}: {where}")
+            return 0
+        if args.to is None:
+            raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
+        try:
+            steps = [float(p) for p in args.steps.split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
+            ) from None
+        body = {
+            "to": args.to,
+            "label": args.label,
+            "steps": steps,
+            "step_s": args.step_s,
+            "guards": args.guard,
+            "on_restart": args.on_restart,
+        }
+        state = client.command(args.model, "start", body)
+        if args.no_wait:
+            for event in state["history"]:
+                print(describe(event))
+        else:
+            state = client.follow(args.model, state, min(1.0, args.step_s / 4), lambda e: print(describe(e)))
+    except InferdError as exc:
+        raise SystemExit(f"inferd rollout: {exc.message}") from None
     print(f"rollout of {args.model} to version {args.to}: {state['state']}")
     return 0 if state["state"] in ("done", "running") else 1
 

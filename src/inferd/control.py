@@ -79,7 +79,6 @@ class ModelControl:
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
         self._overrides: dict[str, SettingsOverride] = {}
-        self._moved: dict[str, dict[str, int]] = {}  # labels an admin moved: model -> label -> version
         self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
         self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
         self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
@@ -181,9 +180,6 @@ class ModelControl:
         return entries
 
     def _overridden(self, plan: ModelPlan) -> ModelPlan:
-        moved = self._moved.get(plan.name)
-        if moved:
-            plan = dataclasses.replace(plan, labels={**plan.labels, **moved})
         override = self._overrides.get(plan.name)
         if override is None:
             return plan
@@ -253,27 +249,35 @@ class ModelControl:
         """Where the labels of model ``name`` point now (label -> version)."""
         return self._manager.labels(name)
 
+    def residency(self) -> tuple[dict[tuple[str, int], int], list[dict[str, Any]]]:
+        """Memory now: bytes charged to each loaded version by (model, version), and per device
+        with a budget or a charge, ``device``, ``used_bytes`` and ``limit_bytes`` (None: no budget)."""
+        resident = {(name, int(version)): nbytes for name, version, nbytes in self._manager.resident_bytes()}
+        budget = self._manager.residency.budget
+        devices = [
+            {"device": device, "used_bytes": budget.used(device), "limit_bytes": budget.limit(device)}
+            for device in budget.devices()
+        ]
+        return resident, devices
+
+    def split(self, name: str) -> dict[str, float]:
+        """Model ``name``'s traffic split now: version -> percent of the requests that name no
+        version; empty when it is not split."""
+        split = self._manager.split(name)
+        return split.percents() if split else {}
+
     async def move_label(self, name: str, label: str, version: int) -> None:
         """Point ``label`` of model ``name`` at ``version`` (a rollback, or a promotion) until the
-        server restarts; the repository's own labels for other names still apply.
+        server restarts, through ``ModelManager.move_label`` (what a finished rollout calls too);
+        the repository's own labels for other names still apply.
 
         Raises:
-            NotFound: ``name`` is not a configured model.
+            NotFound: ``name`` is not a configured model, or it is not served now.
             InvalidArgument: ``version`` is not AVAILABLE, so the label could not move.
         """
-        async with self._lock:
+        async with self._lock:  # not beside a scan that is queueing this model's plan
             self._require_configured(name)
-            available = {
-                s.version for s in self._manager.status(ModelRef(name)) if s.state is VersionState.AVAILABLE
-            }
-            if version not in available:
-                raise InvalidArgument(
-                    f"version: {version} of model {name!r} is not AVAILABLE; "
-                    f"expected one of {sorted(available)}"
-                )
-            self._moved.setdefault(name, {})[label] = version
-            runs = await self._scan()
-        await _settled(run for model, run in runs.items() if model == name)
+            self._manager.move_label(name, label, version)
 
     async def reload_config(self, models: list[ModelConfig]) -> None:
         """Serve exactly ``models`` from now on (see ``Repository.replace_models``); a model an

@@ -44,7 +44,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from inferd.config import ModelSettings
 from inferd.devices import DeviceMemory, FrameworkMemory
-from inferd.errors import InferdError, ModelLoadError, NotFound, Unavailable, UnknownLabel
+from inferd.errors import InferdError, InvalidArgument, ModelLoadError, NotFound, Unavailable, UnknownLabel
 from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.residency import (
@@ -123,8 +123,6 @@ class _Entry(Generic[S]):
     override: Mapping[str, float] | None = None
     """Weights set by ``set_traffic`` (a rollout); they win over ``weights`` while set."""
     split: Split | None = None
-    moved: dict[str, int] = field(default_factory=dict)
-    """Labels set by ``move_label`` (a finished rollout); they win over the plan's."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loading: dict[int, tuple[asyncio.Future[None], ServedVersion[S]]] = field(default_factory=dict)
     """Version number -> its load started by a request (shared by the requests that wait)."""
@@ -208,6 +206,8 @@ class ModelManager(Generic[S]):
         self._loader = loader
         self._metrics = metrics or Metrics()
         self._models: dict[str, _Entry[S]] = {}
+        self._moved: dict[str, dict[str, int]] = {}
+        """Labels set by ``move_label``, by model: they win over the plan's, also after ``remove``."""
         self._closing: set[asyncio.Future[Any]] = set()
         self._draining = False
         self.residency = residency or Residency()
@@ -253,7 +253,7 @@ class ModelManager(Generic[S]):
                         self._list_cold(entry, plan, source)
                     else:
                         await self._load(entry, plan, source)
-            self._move_labels(plan.name, entry, {**plan.labels, **entry.moved})
+            self._move_labels(plan.name, entry, {**plan.labels, **self._moved.get(plan.name, {})})
             if plan.error is None:
                 entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
@@ -307,17 +307,25 @@ class ModelManager(Generic[S]):
         self._resplit(name, entry)
 
     def move_label(self, name: str, label: str, version: int) -> None:
-        """Point ``label`` at AVAILABLE ``version`` now and at every later reconcile, whatever the
-        plan says (a finished rollout).
+        """Point ``label`` at ``version`` now and at every later reconcile, whatever the plan says,
+        until the server restarts: the one way a label moves at run time (an admin's rollback or
+        promotion, a finished rollout). ``version`` must be routable: AVAILABLE, or cold under a
+        memory budget (the next request by the label loads it).
 
         Raises:
-            NotFound: unknown model, or the version is not AVAILABLE.
+            NotFound: unknown model.
+            InvalidArgument: ``version`` is not routable, so the label did not move.
         """
         entry = self._models.get(name)
-        served = entry.versions.get(version) if entry else None
-        if entry is None or served is None or served.state is not VersionState.AVAILABLE:
-            raise NotFound(f"version {version} of model {name} is not available")
-        entry.moved[label] = version
+        if entry is None:
+            raise NotFound(f"Could not find any versions of model {name}")
+        served = entry.versions.get(version)
+        if served is None or not _routable(served):
+            routable = sorted(n for n, v in entry.versions.items() if _routable(v))
+            raise InvalidArgument(
+                f"version: {version} of model {name!r} is not AVAILABLE; expected one of {routable}"
+            )
+        self._moved.setdefault(name, {})[label] = version
         entry.labels = {**entry.labels, label: version}
         entry.held.pop(label, None)
         self._resplit(name, entry)

@@ -16,15 +16,22 @@ metric had no observation in the step holds. A failed guard sets the split to 10
 (``rolled_back``); after the last step the label moves to the canary (``done``) and the split
 override is dropped.
 
+An operator can act on a rollout through ``command`` (the admin routes
+``POST .../rollout/ACTION`` and the dashboard's, both): ``pause`` holds the split where it is (no
+guard is checked) until ``resume`` starts the current step again; ``promote`` ends it now as if the
+last step had passed (the label moves); ``abort`` ends it as a failed guard does (100% baseline).
+
 With ``--rollout_state_dir``, each rollout's state is written (atomically) to
 ``DIR/MODEL.rollout.json`` at every change, and a restarted server reads it back before it serves
 a request: a rollout that was ``running`` resumes at its step or rolls back, as its
-``on_restart`` says; a rolled-back one keeps the baseline's 100%, a finished one its label.
+``on_restart`` says; a paused one stays paused at its step; a rolled-back one keeps the baseline's
+100%, a finished one its label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -35,10 +42,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from inferd.errors import InvalidArgument, NotFound
+from inferd.errors import (
+    InferdError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from inferd.manager import ModelManager
 from inferd.metrics import LATENCY_BUCKETS_S, Metrics
 from inferd.servable import Servable
@@ -51,6 +67,15 @@ _GUARD = re.compile(
 )
 METRICS = ("error_rate", "p99_ms", "agreement")
 ON_RESTART = ("resume", "rollback")
+ACTIONS = ("start", "status", "pause", "resume", "promote", "abort")
+"""What ``Rollouts.command`` does: the admin routes' and the dashboard's last path segment."""
+_NEEDS = {
+    "pause": ("running",),
+    "resume": ("paused",),
+    "promote": ("running", "paused"),
+    "abort": ("running", "paused"),
+}
+"""The states each operator action applies to."""
 
 Agreement = Callable[[str, int, int], tuple[int, int]]
 """(model, baseline, canary) -> (agreeing rows, rows compared) so far."""
@@ -111,10 +136,12 @@ class RolloutState:
     guards: list[str]
     on_restart: str = "rollback"
     state: str = "running"
-    """``running``, ``rolled_back`` or ``done``."""
+    """``running``, ``paused``, ``rolled_back`` or ``done``."""
     step: int = 0
     """Index into ``steps`` of the step running (or that failed)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    checked: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """The guards' metrics over the last step checked: metric -> ``canary`` and ``baseline``."""
 
     def note(self, event: str, **detail: Any) -> None:
         self.history.append({"time": time.time(), "event": event, **detail})
@@ -145,6 +172,7 @@ class Rollouts(Collector):
         self._state_dir = state_dir
         self._states: dict[str, RolloutState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._before: dict[str, dict[str, Any]] = {}  # per model, the readings its step started at
         metrics.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
@@ -165,7 +193,9 @@ class Rollouts(Collector):
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def status(self, model: str) -> dict[str, Any]:
-        """The model's last rollout as a JSON-able dict.
+        """The model's last rollout as a JSON-able dict: its state (see ``RolloutState``), plus
+        ``weights`` (version -> percent of the unnamed requests now; empty when unsplit) and
+        ``current`` (while running: the guards' metrics over the step so far, as ``checked``).
 
         Raises:
             NotFound: the model never had a rollout.
@@ -173,7 +203,76 @@ class Rollouts(Collector):
         state = self._states.get(model)
         if state is None:
             raise NotFound(f"model {model} has no rollout")
-        return asdict(state)
+        split = self._manager.split(model)
+        before = self._before.get(model)
+        current = self._values(state, before) if state.state == "running" and before else {}
+        weights = split.percents() if split else {}
+        return {**asdict(state), "weights": weights, "current": current}
+
+    def command(self, model: str, action: str, body: bytes) -> dict[str, Any]:
+        """Do ``action`` (one of ``ACTIONS``) on model ``model``'s rollout, as the admin routes and
+        the dashboard ask; the answer is its ``status`` afterwards. ``start`` reads ``body``, a
+        JSON object (see ``start``); the others ignore it.
+
+        Raises:
+            InvalidArgument: an unknown action, a bad start body, or an action the rollout's
+                state does not allow (e.g. ``resume`` of one that is not paused).
+            NotFound: the model has no rollout (or, for ``start``, no such label or version).
+        """
+        if action == "start":
+            try:
+                document = orjson.loads(body or b"{}")
+            except orjson.JSONDecodeError as exc:
+                raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
+            if not isinstance(document, dict):
+                raise InvalidArgument("the body must be a JSON object")
+            self.start(model, document)
+        elif action in _NEEDS:
+            state = self._states.get(model)
+            if state is None:
+                raise NotFound(f"model {model} has no rollout")
+            if state.state not in _NEEDS[action]:
+                raise InvalidArgument(
+                    f"the rollout of model {model} is {state.state}; "
+                    f"{action} needs one that is {' or '.join(_NEEDS[action])}"
+                )
+            {"pause": self._pause, "resume": self._resume, "promote": self._promote, "abort": self._abort}[
+                action
+            ](state)
+        elif action != "status":
+            raise InvalidArgument(f"rollout action {action!r}: expected one of {list(ACTIONS)}")
+        return self.status(model)
+
+    def _stop_task(self, model: str) -> None:
+        """Cancel the model's step loop, which is waiting for its step to end (nothing of its own
+        runs after the cancel: the caller sets the state)."""
+        task = self._tasks.pop(model, None)
+        if task is not None:
+            task.cancel()
+
+    def _pause(self, state: RolloutState) -> None:
+        self._stop_task(state.model)
+        state.state = "paused"
+        state.note("paused", step=state.step, percent=state.steps[state.step])
+        self._save(state)
+
+    def _resume(self, state: RolloutState) -> None:
+        state.state = "running"
+        state.note("resumed", step=state.step)
+        self._launch(state)
+
+    def _promote(self, state: RolloutState) -> None:
+        self._manager.move_label(state.model, state.label, state.canary)  # raises before any change
+        self._stop_task(state.model)
+        state.note("promoted", step=state.step)
+        self._finish(state)
+
+    def _abort(self, state: RolloutState) -> None:
+        self._stop_task(state.model)
+        self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+        state.state = "rolled_back"
+        state.note("rolled back", step=state.step, failed=["aborted by an operator"])
+        self._save(state)
 
     def start(self, model: str, document: dict[str, Any]) -> dict[str, Any]:
         """Start a rollout from a request body: ``to`` (version), ``label`` (default ``stable``:
@@ -185,8 +284,12 @@ class Rollouts(Collector):
             NotFound: the label or the canary version is not available.
         """
         running = self._tasks.get(model)
-        if running is not None and not running.done():
-            raise InvalidArgument(f"a rollout of model {model} is already running; see its status")
+        previous = self._states.get(model)
+        if (running is not None and not running.done()) or (previous and previous.state == "paused"):
+            raise InvalidArgument(
+                f"a rollout of model {model} is already {'paused' if running is None else 'running'}; "
+                "see its status, or abort it first"
+            )
         canary = document.get("to")
         if isinstance(canary, bool) or not isinstance(canary, int):
             raise InvalidArgument(f"'to' must be a version number, got {canary!r}")
@@ -244,6 +347,8 @@ class Rollouts(Collector):
             self._states[state.model] = state
             if state.state == "done":
                 self._finish(state, note=False)
+            elif state.state == "paused":
+                self._apply(state)  # held where it was paused, until resumed
             elif state.state == "rolled_back" or state.on_restart == "rollback":
                 if state.state == "running":
                     state.state = "rolled_back"
@@ -273,7 +378,7 @@ class Rollouts(Collector):
                 self._apply(state)
                 state.note("step", step=state.step, percent=state.steps[state.step])
                 self._save(state)
-                before = self._readings(state)
+                before = self._before[state.model] = self._readings(state)
                 await asyncio.sleep(state.step_s)
                 failed = self._check(state, guards, before)
                 if failed:
@@ -310,7 +415,20 @@ class Rollouts(Collector):
         }
 
     def _check(self, state: RolloutState, guards: Sequence[Guard], before: dict[str, Any]) -> list[str]:
-        """The guards that failed over the step that just ended, each with its reading."""
+        """The guards that failed over the step that just ended, each with its reading; the
+        step's metrics are kept in ``state.checked``."""
+        metrics = state.checked = self._values(state, before)
+        failed_guards = []
+        for guard in guards:
+            canary, baseline = metrics[guard.metric]["canary"], metrics[guard.metric]["baseline"]
+            if not guard.holds(canary, baseline):
+                reading = f"{guard}: canary {canary:.4g}"
+                failed_guards.append(reading + (f", baseline {baseline:.4g}" if baseline is not None else ""))
+        return failed_guards
+
+    def _values(self, state: RolloutState, before: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+        """Each guard metric of canary and baseline from the readings ``before`` until now
+        (None: no observation)."""
         after = self._readings(state)
         values: dict[str, dict[str, float | None]] = {"canary": {}, "baseline": {}}
         for side in ("canary", "baseline"):
@@ -322,13 +440,7 @@ class Rollouts(Collector):
         rows = after["agreement"][1] - before["agreement"][1]
         values["canary"]["agreement"] = agreeing / rows if rows else None
         values["baseline"]["agreement"] = 1.0
-        failed_guards = []
-        for guard in guards:
-            canary, baseline = values["canary"][guard.metric], values["baseline"][guard.metric]
-            if not guard.holds(canary, baseline):
-                reading = f"{guard}: canary {canary:.4g}"
-                failed_guards.append(reading + (f", baseline {baseline:.4g}" if baseline is not None else ""))
-        return failed_guards
+        return {metric: {side: values[side][metric] for side in values} for metric in METRICS}
 
     def _save(self, state: RolloutState) -> None:
         if self._state_dir is None:
@@ -341,6 +453,84 @@ class Rollouts(Collector):
             staging.replace(path)
         except OSError as exc:
             log.error("cannot write the rollout state of model %s: %s", state.model, exc)
+
+
+class RolloutClient:
+    """Drives the rollouts of a running server through its admin routes, from another process:
+    what ``inferd rollout`` and ``inferd select --promote ... --canary`` use.
+
+    Args:
+        url: the server's REST address, e.g. ``http://127.0.0.1:8501``.
+        admin_token: the server's ``--admin_token`` ("" when it has none).
+        timeout_s: per HTTP call.
+    """
+
+    def __init__(self, url: str, admin_token: str, timeout_s: float = 30.0) -> None:
+        self._base = f"{url.rstrip('/')}/v2/repository/models"
+        self._headers = {"content-type": "application/json", "authorization": f"Bearer {admin_token}"}
+        self._timeout_s = timeout_s
+
+    def command(self, model: str, action: str, document: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST ``action`` (one of ``ACTIONS``) for ``model``; the rollout's status afterwards.
+
+        Raises:
+            InferdError: the server refused (its status's error, with its message), or it could
+                not be reached (Unavailable).
+        """
+        import urllib.error
+        import urllib.request
+
+        url = f"{self._base}/{model}/rollout" + ("" if action == "start" else f"/{action}")
+        body = json.dumps(document or {}).encode()
+        request = urllib.request.Request(url, body, self._headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                text = str(json.loads(text)["error"])
+            kind = _HTTP_ERRORS.get(exc.code, Internal)
+            raise kind(f"{action} rollout of model {model}: the server answered {exc.code}: {text}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise Unavailable(f"{action} rollout of model {model}: cannot reach {url}: {exc}") from None
+
+    def follow(
+        self, model: str, state: dict[str, Any], poll_s: float, show: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """Poll the rollout's status every ``poll_s`` seconds until it is neither running nor
+        paused, calling ``show`` with each new history event; its last status.
+
+        Raises:
+            InferdError: as ``command``.
+        """
+        shown = 0
+        while True:
+            for event in state["history"][shown:]:
+                show(event)
+            shown = len(state["history"])
+            if state["state"] not in ("running", "paused"):
+                return state
+            time.sleep(poll_s)
+            state = self.command(model, "status")
+
+
+_HTTP_ERRORS: dict[int, type[InferdError]] = {
+    400: InvalidArgument,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    404: NotFound,
+    503: Unavailable,
+}
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for a history event: its local time, name and details."""
+    detail = {k: v for k, v in event.items() if k not in ("time", "event")}
+    return (
+        f"{time.strftime('%H:%M:%S', time.localtime(event['time']))} {event['event']} {detail or ''}".rstrip()
+    )
 
 
 def _p99_ms(buckets: list[int]) -> float | None:

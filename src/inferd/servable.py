@@ -128,7 +128,7 @@ class Servable:
 
     async def run(
         self, signature: str, inputs: Tensors, deadline: float | None
-    ) -> tuple[Tensors, float, float]:
+    ) -> tuple[Tensors, float, float, int]:
         """Predict ``inputs`` (already conformed and joined): through the signature's batcher
         when there is one and every input has the same rows, else directly: on this (the event
         loop's) thread when the fastest of the signature's last ``_SAMPLES`` calls says it takes at
@@ -136,7 +136,8 @@ class Servable:
         call).
 
         Returns:
-            The outputs, the seconds queued (for a batch or a thread) and the seconds of predict.
+            The outputs, the seconds queued (for a batch or a thread), the seconds of predict,
+            and the rows of the batch the model computed (the request's own without a batcher).
 
         Raises:
             Unavailable: the batching queue is full, or too many unbatched calls are in flight.
@@ -166,7 +167,7 @@ class Servable:
             self._in_flight -= 1
         costs.append(result[2] / (rows or 1))
         self.statistics.executed(rows or 1, result[2])
-        return result
+        return (*result, rows or 1)
 
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
         """Report the death of the model's worker process (``isolation = "process"``) to

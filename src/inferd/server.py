@@ -120,7 +120,7 @@ class HttpApp:
         self._inflight = inflight
         self._decode_pool = decode_pool
         self._cors = config.rest_api_enable_cors_support
-        self._dashboard = Dashboard(service, control, metrics) if config.dashboard else None
+        self._dashboard = Dashboard(service, control, metrics, rollouts) if config.dashboard else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -306,23 +306,16 @@ async def _hang_up_on_disconnect(receive: Any, watch: RequestWatch) -> None:
     watch.hang_up()
 
 
-_ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(/status)?")
+_ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(?:/([a-z]+))?")
 
 
-async def _rollout(rollouts: Rollouts, method: str, model: str, status: str | None, body: bytes) -> Response:
+async def _rollout(rollouts: Rollouts, method: str, model: str, action: str | None, body: bytes) -> Response:
     """``POST .../rollout`` starts a rollout (body: see ``Rollouts.start``); ``POST
-    .../rollout/status`` answers its state and history."""
+    .../rollout/ACTION`` does ``Rollouts.command``'s other actions (``status``, ``pause``,
+    ``resume``, ``promote``, ``abort``). Each answers the rollout's status."""
     if method != "POST":
         raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
-    if status:
-        return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.status(model))
-    try:
-        document = orjson.loads(body or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidArgument("the body must be a JSON object")
-    return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.start(model, document))
+    return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.command(model, action or "start", body))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

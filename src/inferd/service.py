@@ -146,7 +146,9 @@ class InferenceService:
                 return InferenceResponse(version.id, dict(cached), request.id, features_s=features_s)
             servable.prediction_counts.misses += 1
         try:
-            outputs, queue_s, predict_s = await servable.run(signature.name, inputs, request.deadline)
+            outputs, queue_s, predict_s, batch_rows = await servable.run(
+                signature.name, inputs, request.deadline
+            )
         except InferdError:
             raise
         except Exception:
@@ -156,7 +158,7 @@ class InferenceService:
         if predictions is not None:
             predictions.put(key, checked)
         self._manager.cold_answered(version)
-        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s)
+        return InferenceResponse(version.id, checked, request.id, queue_s, predict_s, features_s, batch_rows)
 
     def statistics(self, name: str | None = None, version: int | None = None) -> list[VersionStatistics]:
         """The counts of every AVAILABLE version (zero for one never asked), by model name and
@@ -242,7 +244,16 @@ class InferenceService:
             rows = first.shape[0] if first is not None and first.ndim else 0
             stages = (call.decoded, response.features_s, response.queue_s, response.predict_s, call.resumed)
             self._tracing.record(
-                call.protocol, call.model, version, status, call.id, rows, call.started, ended, stages
+                call.protocol,
+                call.model,
+                version,
+                status,
+                call.id,
+                rows,
+                call.started,
+                ended,
+                stages,
+                response.batch_rows,
             )
         # handoff: from decoded to resumed, what was neither features, queue nor predict: validation,
         # and the event loop's delay in taking the answer back from the predict thread.

@@ -13,6 +13,13 @@ adapters for the request's task; the request's span is then its child, and sampl
 decided (its sampled flag). Otherwise a random ``sample_rate`` (0 to 1) of the requests are
 traced; the others cost a context-variable read and a random draw.
 
+The feature join sets ``STORE_LOOKUP`` in the same task when it asked its store; the lookup becomes
+a CLIENT span under the request's span (beside the stages) with the store's attributes: for Redis,
+the database semantic conventions' ``db.system.name``, ``db.operation.name``, ``db.namespace``,
+``server.address`` and ``server.port``. The request span's ``inferd.batch_size`` is the rows of the
+batch the model computed the request in (with other requests' rows, when batched),
+``inferd.request_rows`` the request's own.
+
 The OpenTelemetry SDK and exporters (the ``inferd[otel]`` extra) are imported only when tracing
 is configured; without ``--otel_endpoint`` no ``Tracing`` exists and nothing here runs.
 """
@@ -22,7 +29,9 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from inferd.errors import ConfigError
@@ -31,6 +40,23 @@ TRACEPARENT: ContextVar[str | None] = ContextVar("inferd_traceparent", default=N
 """The W3C ``traceparent`` the current request arrived with, if any."""
 
 STAGE_SPANS = ("decode", "features", "queue", "predict", "encode")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLookup:
+    """One request's round trip to its feature store (merged with other requests' lookups):
+    when it was sent and answered (``time.perf_counter`` seconds), how many entities it asked
+    for, the store's span attributes, and the error kind when it failed."""
+
+    started: float
+    ended: float
+    entities: int
+    attributes: Mapping[str, str | int]
+    error: str | None = None
+
+
+STORE_LOOKUP: ContextVar[StoreLookup | None] = ContextVar("inferd_store_lookup", default=None)
+"""The current request's store lookup, set by the feature join in the request's task."""
 
 
 class Tracing:
@@ -54,7 +80,7 @@ class Tracing:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-            from opentelemetry.trace import Status, StatusCode, set_span_in_context
+            from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as error:
             raise ConfigError(
@@ -70,6 +96,7 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self._in_context = set_span_in_context
         self._error = Status(StatusCode.ERROR)
+        self._client = SpanKind.CLIENT
         # perf_counter seconds -> Unix nanoseconds, for spans made after the fact
         self._epoch_ns = time.time_ns() - int(time.perf_counter() * 1e9)
 
@@ -87,10 +114,13 @@ class Tracing:
         started: float,
         ended: float,
         stages: tuple[float, float, float, float, float] | None,
+        batch_rows: int = 0,
     ) -> None:
         """Export the spans of one finished request.
 
         Args:
+            rows: the request's own rows (0: not known).
+            batch_rows: the rows of the batch the model computed it in (0: not computed).
             started, ended: the request's first byte and its encoded answer, perf_counter seconds.
             stages: ``(decoded, features_s, queue_s, predict_s, resumed)``: when decoding ended
                 and the answer came back (perf_counter seconds), and the stage durations in
@@ -112,7 +142,9 @@ class Tracing:
         if version:
             attributes["inferd.version"] = int(version)
         if rows:
-            attributes["inferd.batch_size"] = rows
+            attributes["inferd.request_rows"] = rows
+        if batch_rows:
+            attributes["inferd.batch_size"] = batch_rows
         span = self._tracer.start_span(
             f"inferd {protocol}", context=parent, start_time=self._ns(started), attributes=attributes
         )
@@ -134,7 +166,31 @@ class Tracing:
             for name, begin, end in bounds:
                 child = self._tracer.start_span(name, context=context, start_time=self._ns(begin))
                 child.end(end_time=self._ns(max(begin, end)))
+        lookup = STORE_LOOKUP.get()
+        if lookup is not None:
+            self._lookup_span(span, lookup)
         span.end(end_time=self._ns(ended))
+
+    def _lookup_span(self, parent: Any, lookup: StoreLookup) -> None:
+        """The request's feature store lookup, a CLIENT span under ``parent`` named as the
+        database conventions say (the operation, else the database system, else ``features
+        lookup``)."""
+        attributes: dict[str, Any] = {**lookup.attributes, "inferd.feature_entities": lookup.entities}
+        name = str(
+            attributes.get("db.operation.name") or attributes.get("db.system.name") or "features lookup"
+        )
+        if lookup.error is not None:
+            attributes["error.type"] = lookup.error
+        child = self._tracer.start_span(
+            name,
+            context=self._in_context(parent),
+            kind=self._client,
+            start_time=self._ns(lookup.started),
+            attributes=attributes,
+        )
+        if lookup.error is not None:
+            child.set_status(self._error)
+        child.end(end_time=self._ns(lookup.ended))
 
     def close(self) -> None:
         """Export what is buffered and stop the exporter's thread."""

@@ -34,6 +34,10 @@ class Split:
     def versions(self) -> list[int]:
         return [version for version, _ in self.shares]
 
+    def percents(self) -> dict[str, float]:
+        """Version (as text, for JSON) -> its share in percent, newest version first."""
+        return {str(version): round(share * 100, 6) for version, share in self.shares}
+
     def choose(self, key: str | None, available: Collection[int]) -> int | None:
         """The version a request goes to: by ``key``'s hash when given, else at random; versions
         not in ``available`` are left out and their share goes to the others. None when no

@@ -179,6 +179,8 @@ class InferenceResponse:
     queue_s: float = 0.0
     predict_s: float = 0.0
     features_s: float = 0.0
+    batch_rows: int = 0
+    """Rows of the batch the model computed this answer in (0: not computed, e.g. cached)."""
 
 
 class VersionState(enum.IntEnum):

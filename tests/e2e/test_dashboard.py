@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -221,6 +222,153 @@ def test_admin_actions_need_the_admin_token_and_a_rollback_changes_what_clients_
     row.locator("button.load").click()
     sync_api.expect(row.locator('[data-version="2"]')).to_contain_text("AVAILABLE")
     assert set(hosts) == {own_host(server)}
+
+
+def rollout_status(server: ServerProcess, model: str = "digits") -> dict[str, Any]:
+    """The server's own view of the rollout, through the admin route ``inferd rollout`` uses."""
+    response = requests.post(
+        f"{server.url}/v2/repository/models/{model}/rollout/status",
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=5,
+    )
+    assert response.status_code == 200, response.text
+    state: dict[str, Any] = response.json()
+    return state
+
+
+def test_an_operator_starts_pauses_resumes_promotes_and_aborts_a_rollout_from_the_page(
+    browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    for version in (1, 2):
+        write_onnx_digits(tmp_path / "repo" / "digits" / str(version))
+    (tmp_path / "repo" / "digits" / "inferd.toml").write_text(
+        "version_policy = { all = true }\n[labels]\nstable = 1\n"
+    )
+    server = launch(tmp_path, str(tmp_path / "repo"), f"--admin_token={ADMIN}")
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    hosts: list[str] = []
+    context.route("**/*", lambda route: (hosts.append(urlsplit(route.request.url).netloc), route.continue_()))
+    try:
+        server.wait_for(lambda: len(server.status("digits")) == 2, "both versions")
+        tab = context.new_page()
+        tab.goto(server.url + "/#models")
+        row = tab.locator('tr[data-model="digits"]')
+        form = row.locator("form.start-rollout")
+
+        def start(to: str, steps: str) -> None:
+            form.locator(".rollout-to").select_option(to)
+            form.locator(".rollout-steps").fill(steps)
+            form.locator(".rollout-step-s").fill("600")
+            form.locator(".rollout-guards").fill("error_rate<=0.01\np99_ms<=2*baseline")
+            form.locator("button").click()
+
+        # Without the admin token the server refuses and no rollout exists.
+        start("2", "50,100")
+        sync_api.expect(tab.locator("#notice")).to_contain_text("start rollout of digits refused: 401")
+        assert (
+            requests.post(
+                f"{server.url}/v2/repository/models/digits/rollout/status",
+                headers={"authorization": f"Bearer {ADMIN}"},
+                timeout=5,
+            ).status_code
+            == 404
+        )
+
+        tab.fill("#admin-token", ADMIN)
+        tab.press("#admin-token", "Tab")
+        start("2", "50,100")
+        box = row.locator(".rollout")
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("running")
+        sync_api.expect(row.locator(".weights")).to_have_text("1: 50.0%, 2: 50.0%")
+        sync_api.expect(box.locator(".rollout-step")).to_contain_text("step 1 of 2: 50.0% to 2")
+        # Requests during the step: the page shows the guards' metrics of both versions so far.
+        x, _ = digits()
+        answered = set()
+        for _ in range(200):  # a 50/50 split: both versions answer long before the end
+            if answered == {"1", "2"}:
+                break
+            response = requests.post(
+                f"{server.url}/v1/models/digits:predict", json={"instances": x[:2].tolist()}, timeout=5
+            )
+            assert response.status_code == 200, response.text
+            answered.add(response.headers["x-inferd-model-version"])
+        assert answered == {"1", "2"}
+        error_rate = box.locator('tr[data-metric="error_rate"] td')
+        sync_api.expect(error_rate.nth(1)).to_have_text("0.000")  # canary
+        sync_api.expect(error_rate.nth(2)).to_have_text("0.000")  # baseline
+        sync_api.expect(box.locator('tr[data-metric="p99_ms"]')).to_be_visible()
+        state = rollout_status(server)
+        assert (state["state"], state["baseline"], state["canary"], state["steps"]) == (
+            "running",
+            1,
+            2,
+            [50, 100],
+        )
+        assert state["guards"] == ["error_rate<=0.01", "p99_ms<=2*baseline"]
+        assert state["weights"] == {"2": 50.0, "1": 50.0}
+        tab.screenshot(path=tmp_path / "rollout-running.png", full_page=True)
+
+        box.locator("button.rollout-pause").click()
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("paused")
+        assert rollout_status(server)["state"] == "paused"
+        box.locator("button.rollout-resume").click()
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("running")
+        assert rollout_status(server)["state"] == "running"
+
+        box.locator("button.rollout-promote").click()
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("done")
+        assert rollout_status(server)["state"] == "done"
+        assert stable_version(server) == "2"  # the label moved: clients of "stable" get version 2
+        sync_api.expect(row.locator('[data-label="stable"]')).to_have_text("stable → 2")
+        tab.screenshot(path=tmp_path / "rollout-done.png", full_page=True)
+
+        # A rollout back to version 1, aborted: all traffic on the baseline, the label unmoved.
+        start("1", "10,100")
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("running")
+        box.locator("button.rollout-abort").click()
+        sync_api.expect(box.locator(".rollout-state")).to_have_text("rolled_back")
+        sync_api.expect(box.locator(".rollout-event")).to_contain_text("aborted by an operator")
+        state = rollout_status(server)
+        assert (state["state"], state["baseline"], state["canary"]) == ("rolled_back", 2, 1)
+        assert state["weights"] == {"2": 100.0}
+        assert stable_version(server) == "2"
+        tab.screenshot(path=tmp_path / "rollout-aborted.png", full_page=True)
+        assert set(hosts) == {own_host(server)}
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_under_a_memory_budget_the_page_shows_what_is_resident(
+    browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    for name in ("first", "second"):
+        write_onnx_digits(tmp_path / "repo" / name / "1")
+    server = launch(tmp_path, str(tmp_path / "repo"), "--memory_budget=512MiB")
+    context = browser.new_context(viewport={"width": 1280, "height": 700})
+    try:
+        tab = context.new_page()
+        tab.goto(server.url + "/#models")
+        sync_api.expect(tab.locator("#budgets")).to_contain_text(
+            "MiB charged to loaded versions of a 512 MiB budget"
+        )
+        first, second = (
+            tab.locator(f'tr[data-model="{name}"] [data-version="1"]') for name in ("first", "second")
+        )
+        sync_api.expect(first).to_contain_text("loads on its first request")  # cold: listed, not loaded
+        assert first.locator(".resident").count() == 0
+        x, _ = digits()
+        response = requests.post(
+            f"{server.url}/v1/models/first:predict", json={"instances": x[:1].tolist()}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        sync_api.expect(first.locator(".resident")).to_contain_text("MiB")
+        sync_api.expect(first).to_contain_text("AVAILABLE")
+        assert second.locator(".resident").count() == 0
+        tab.screenshot(path=tmp_path / "residency.png", full_page=True)
+    finally:
+        context.close()
+        server.stop()
 
 
 def test_with_an_api_token_nothing_leaks_to_anonymous_visitors(

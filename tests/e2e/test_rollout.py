@@ -179,3 +179,50 @@ def test_a_restarted_server_rolls_a_running_rollout_back(tmp_path: Path) -> None
         assert labelled(server) == "1"
     finally:
         server.stop()
+
+
+def versions_answering(server: ServerProcess, n: int = 40) -> set[str]:
+    seen = set()
+    for _ in range(n):
+        answer = requests.post(f"{server.url}/v1/models/m:predict", json={"instances": [ROW]}, timeout=5)
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.headers["x-inferd-model-version"])
+    return seen
+
+
+def test_an_operator_pauses_resumes_aborts_and_promotes_a_rollout(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base = tmp_path / "m"
+    repository(base, lambda folder: write_onnx_affine(folder, scale=2.0))
+    server = start_server(f"--model_base_path={base}", "--model_name=m", f"--admin_token={TOKEN}")
+    assert rollout(server, "--pause").returncode != 0  # no rollout yet: refused, named
+    started = rollout(server, "--to=2", "--steps=50,100", "--step_s=600", "--no_wait")
+    assert started.returncode == 0, started.stderr
+    paused = rollout(server, "--pause")
+    assert paused.returncode == 0, paused.stderr
+    assert "paused (step 0)" in paused.stdout
+    assert "to version 2: paused (step 0)" in rollout(server, "--status").stdout
+    state = status(server)
+    assert (state["state"], state["weights"]) == ("paused", {"2": 50.0, "1": 50.0})
+    assert versions_answering(server) == {"1", "2"}  # the split holds while paused
+    refused = rollout(server, "--pause")
+    assert refused.returncode != 0
+    assert "is paused; pause needs one that is running" in refused.stderr
+    assert rollout(server, "--resume").returncode == 0
+    assert status(server)["state"] == "running"
+    assert rollout(server, "--abort").returncode == 0
+    state = status(server)
+    assert state["state"] == "rolled_back"
+    assert state["history"][-1]["failed"] == ["aborted by an operator"]  # type: ignore[index]
+    assert versions_answering(server) == {"1"}
+    assert labelled(server) == "1"
+    # A new rollout, promoted at once from its first step: the label moves, all traffic follows.
+    assert rollout(server, "--to=2", "--steps=10,100", "--step_s=600", "--no_wait").returncode == 0
+    promoted = rollout(server, "--promote")
+    assert promoted.returncode == 0, promoted.stderr
+    state = status(server)
+    assert state["state"] == "done"
+    assert [e["event"] for e in state["history"]][-2:] == ["promoted", "done"]  # type: ignore[union-attr]
+    assert labelled(server) == "2"
+    assert versions_answering(server) == {"2"}

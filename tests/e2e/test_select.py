@@ -478,3 +478,102 @@ def test_a_promotion_that_changes_the_api_is_refused_unless_allowed(
     assert done.returncode == 0, done.stderr
     assert "the API changes" not in done.stdout
     assert f"promoted logreg to {base / '3'}" in done.stdout
+
+
+CANARY_TOKEN = "canary-secret"
+
+
+def _canary(server: ServerProcess, *guards: str) -> tuple[str, ...]:
+    flags = ("--canary", "--wait-url", server.url, f"--admin_token={CANARY_TOKEN}", "--steps=50,100")
+    return (*flags, "--step_s=1", *(f"--guard={guard}" for guard in guards))
+
+
+def _rollout_status(server: ServerProcess) -> dict[str, object]:
+    answer = requests.post(
+        f"{server.url}/v2/repository/models/digits/rollout/status",
+        headers={"authorization": f"Bearer {CANARY_TOKEN}"},
+        timeout=5,
+    )
+    assert answer.status_code == 200, answer.text
+    state: dict[str, object] = answer.json()
+    return state
+
+
+def _stable(server: ServerProcess) -> str:
+    answer = requests.get(f"{server.url}/v1/models/digits/labels/stable", timeout=5)
+    assert answer.ok, answer.text
+    return str(answer.json()["model_version_status"][0]["version"])
+
+
+def test_a_canary_promotion_moves_the_label_only_through_a_passed_rollout(
+    built: dict[str, Path], tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base, config = _promotion_setup(tmp_path)
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=0.2",
+        f"--admin_token={CANARY_TOKEN}",
+    )
+    server.wait_for(lambda: server.status("digits") == {"1": "AVAILABLE"}, "version 1")
+    refused = _select_digits(built, built["variants"], *_promote(base, config), "--canary", "--apply")
+    assert refused.returncode == 2
+    assert "--canary: the rollout runs on a server: give --wait_url URL" in refused.stderr
+
+    dry = _select_digits(built, built["variants"], *_promote(base, config), *_canary(server))
+    assert dry.returncode == 0, dry.stderr
+    assert (
+        "then a canary rollout of model digits from label 'stable' to version 2: steps 50,100%" in dry.stdout
+    )
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+
+    done = _select_digits(
+        built, built["variants"], *_promote(base, config), *_canary(server, "error_rate<=0.01"), "--apply"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "through a canary rollout: label 'stable' is on version 2" in done.stdout
+    state = _rollout_status(server)
+    assert (state["state"], state["baseline"], state["canary"]) == ("done", 1, 2)
+    assert [e["event"] for e in state["history"]] == ["started", "step", "step", "done"]  # type: ignore[union-attr]
+    assert _stable(server) == "2"
+    assert 'key: "stable"\n      value: 2' in config.read_text()  # the file agrees with the server
+
+
+def test_a_canary_promotion_that_breaches_its_guard_is_rolled_back_and_the_label_stays(
+    built: dict[str, Path], tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base, config = _promotion_setup(tmp_path)
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=0.2",
+        f"--admin_token={CANARY_TOKEN}",
+    )
+    server.wait_for(lambda: server.status("digits") == {"1": "AVAILABLE"}, "version 1")
+    x, _ = digits()
+    stop = threading.Event()
+
+    def traffic() -> None:  # unnamed requests: the split sends half of them to the canary
+        with requests.Session() as session:
+            while not stop.is_set():
+                session.post(
+                    f"{server.url}/v1/models/digits:predict", json={"instances": x[:2].tolist()}, timeout=10
+                )
+                stop.wait(0.01)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        # No request is answered in 0 ms: the canary's p99 breaches this guard in its first step.
+        done = _select_digits(
+            built, built["variants"], *_promote(base, config), *_canary(server, "p99_ms<=0"), "--apply"
+        )
+    finally:
+        stop.set()
+        sender.join()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "was rolled_back: p99_ms<=0: canary" in done.stderr
+    assert "label 'stable' stays on version 1" in done.stderr
+    state = _rollout_status(server)
+    assert (state["state"], state["baseline"], state["canary"]) == ("rolled_back", 1, 2)
+    assert _stable(server) == "1"
+    assert 'key: "stable"\n      value: 1' in config.read_text()  # rewritten in text format, unmoved
+    assert (base / "2" / "model.onnx").is_file()  # the version stays, for a later try

@@ -20,9 +20,27 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_se
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 
 from tests.conftest import ServerProcess, free_port, launch
-from tests.models import digits, write_onnx_digits
+from tests.e2e.test_batching import ROW_AWARE_SIGNATURE
+from tests.e2e.test_features import fill, write_echo
+from tests.models import digits, features_toml, write_onnx_digits, write_python_model
+from tests.redis_server import RedisServer, redis_server
+
+__all__ = ["redis_server"]
 
 STAGES = {"decode", "features", "queue", "predict", "encode"}
+# y = 2x per row; n = the rows of the predict call that computed the row; half a second a call.
+SLOW_ROW_AWARE = """
+thread_safe = True
+
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import time
+    time.sleep(0.5)
+    x = inputs["x"]
+    return {"y": x * 2, "n": np.full(len(x), len(x), dtype=np.int64)}
+"""
 
 
 class Receiver:
@@ -127,26 +145,38 @@ def wait_for_trace(server: ServerProcess, receiver: Receiver, trace_id: bytes) -
     return receiver.trace(trace_id)
 
 
-def check_request_trace(spans: list[Any], parent_span_id: bytes, protocol: str, rows: int) -> None:
+def check_request_trace(
+    spans: list[Any],
+    parent_span_id: bytes,
+    protocol: str,
+    rows: int,
+    batch_rows: int | None = None,
+    model: str = "digits",
+    extra: frozenset[str] = frozenset(),
+) -> Any:
+    """Check the request's span and its children; ``batch_rows`` (the executed batch) defaults
+    to ``rows`` (an unbatched model computes the request alone). Returns the request's span."""
     roots = [s for s in spans if s.name == f"inferd {protocol}"]
     assert len(roots) == 1, [s.name for s in spans]
     root = roots[0]
     assert root.parent_span_id == parent_span_id
     children = [s for s in spans if s is not root]
-    assert {s.name for s in children} == STAGES
+    assert {s.name for s in children} == STAGES | extra
     assert all(s.parent_span_id == root.span_id for s in children)
     assert all(
         root.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano <= root.end_time_unix_nano
         for s in children
     )
     assert attributes(root) == {
-        "inferd.model": "digits",
+        "inferd.model": model,
         "inferd.version": 1,
         "inferd.protocol": protocol,
         "inferd.status": "OK",
         "inferd.request_id": attributes(root)["inferd.request_id"],
-        "inferd.batch_size": rows,
+        "inferd.request_rows": rows,
+        "inferd.batch_size": rows if batch_rows is None else batch_rows,
     }
+    return root
 
 
 @pytest.mark.parametrize("export", ["grpc", "http/protobuf"])
@@ -179,6 +209,124 @@ def test_a_grpc_request_is_traced_under_the_clients_traceparent(
     result = client.infer("digits", [tensor], headers={"traceparent": traceparent})
     assert result.as_numpy("label").shape == (2,)
     check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_grpc", 2)
+
+
+def test_the_batch_size_is_the_batch_the_model_computed_not_the_requests_rows(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six requests of 2 rows at once into a batched model that takes 0.5 s a call and answers,
+    per row, the rows of the call that computed it: each request's span says that batch size."""
+    write_python_model(tmp_path / "repo" / "rows" / "1", SLOW_ROW_AWARE, ROW_AWARE_SIGNATURE)
+    (tmp_path / "repo" / "rows" / "inferd.toml").write_text(
+        "[batching]\nmax_batch_size = 16\nbatch_timeout_micros = 1000000\nnum_batch_threads = 1\n"
+    )
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = launch(tmp_path, str(tmp_path / "repo"), f"--otel_endpoint={receiver.grpc_endpoint}")
+    try:
+        traces = [new_traceparent() for _ in range(6)]
+
+        def send(traceparent: str) -> int:
+            response = requests.post(
+                f"{server.url}/v1/models/rows:predict",
+                json={"instances": [{"x": [1.0, 2.0]}, {"x": [3.0, 4.0]}]},
+                headers={"traceparent": traceparent},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            (computed,) = {row["n"] for row in response.json()["predictions"]}
+            return int(computed)
+
+        with futures.ThreadPoolExecutor(6) as pool:
+            batches = list(pool.map(send, [t[0] for t in traces]))
+        # The first call runs alone; the others queue behind it and are computed together.
+        assert max(batches) > 2, batches
+        for (_, trace_id, span_id), batch in zip(traces, batches, strict=True):
+            spans = wait_for_trace(server, receiver, trace_id)
+            check_request_trace(spans, span_id, "tfserving_rest", rows=2, batch_rows=batch, model="rows")
+    finally:
+        server.stop()
+
+
+def test_a_redis_feature_lookup_is_a_client_span_of_the_request_with_database_attributes(
+    tmp_path: Path, receiver: Receiver, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(redis_server)
+    write_echo(tmp_path / "repo", "eta", features_toml(redis_server.url, cache_ttl_s="600"))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    server = launch(tmp_path, str(tmp_path / "repo"), f"--otel_endpoint={receiver.http_endpoint}")
+    try:
+        server.wait_for(lambda: server.status("eta") == {"1": "AVAILABLE"}, "the model")
+        instances = [{"restaurant_id": "r1", "distance_km": 1.0}, {"restaurant_id": "r2", "distance_km": 2.0}]
+        traceparent, trace_id, span_id = new_traceparent()
+        response = requests.post(
+            f"{server.url}/v1/models/eta:predict",
+            json={"instances": instances},
+            headers={"traceparent": traceparent},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        server.wait_for(lambda: len(receiver.trace(trace_id)) >= 2 + len(STAGES), "the spans and the lookup")
+        spans = receiver.trace(trace_id)
+        root = check_request_trace(
+            spans, span_id, "tfserving_rest", 2, model="eta", extra=frozenset({"EVAL"})
+        )
+        (lookup,) = [s for s in spans if s.name == "EVAL"]
+        assert lookup.parent_span_id == root.span_id
+        assert lookup.trace_id == trace_id  # under the client's trace
+        assert lookup.kind == lookup.SPAN_KIND_CLIENT
+        assert root.start_time_unix_nano <= lookup.start_time_unix_nano <= lookup.end_time_unix_nano
+        assert lookup.end_time_unix_nano <= root.end_time_unix_nano
+        assert attributes(lookup) == {
+            "db.system.name": "redis",
+            "db.system": "redis",
+            "db.operation.name": "EVAL",
+            "db.namespace": "0",
+            "server.address": "127.0.0.1",
+            "server.port": redis_server.port,
+            "network.transport": "tcp",
+            "inferd.feature_entities": 2,
+        }
+        # Both entities are cached now: the next request asks the store nothing, and has no lookup span.
+        traceparent, trace_id, span_id = new_traceparent()
+        response = requests.post(
+            f"{server.url}/v1/models/eta:predict",
+            json={"instances": instances},
+            headers={"traceparent": traceparent},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        check_request_trace(
+            wait_for_trace(server, receiver, trace_id), span_id, "tfserving_rest", 2, model="eta"
+        )
+    finally:
+        server.stop()
+
+
+def test_an_embedded_store_lookup_is_a_span_without_database_attributes(
+    traced: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    table = tmp_path / "restaurants.csv"
+    table.write_text("restaurant_id,incoming_orders,outstanding_per_min\nr1,5,0.5\n")
+    write_echo(tmp_path / "repo", "eta", features_toml(str(table), cache_ttl_s="0"))
+    server = traced("grpc")
+    server.wait_for(lambda: server.status("eta") == {"1": "AVAILABLE"}, "the model")
+    traceparent, trace_id, span_id = new_traceparent()
+    response = requests.post(
+        f"{server.url}/v1/models/eta:predict",
+        json={"instances": [{"restaurant_id": "r1", "distance_km": 1.0}]},
+        headers={"traceparent": traceparent},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    server.wait_for(lambda: len(receiver.trace(trace_id)) >= 2 + len(STAGES), "the spans and the lookup")
+    spans = receiver.trace(trace_id)
+    root = check_request_trace(
+        spans, span_id, "tfserving_rest", 1, model="eta", extra=frozenset({"features lookup"})
+    )
+    (lookup,) = [s for s in spans if s.name == "features lookup"]
+    assert lookup.parent_span_id == root.span_id
+    assert attributes(lookup) == {"inferd.feature_entities": 1}
 
 
 def test_without_a_traceparent_the_sample_rate_decides(

@@ -274,11 +274,27 @@ def test_the_embedded_store_rereads_a_changed_file_and_keeps_the_old_table_when_
 
 def test_redis_store_names_hide_credentials_and_replies_are_checked() -> None:
     from inferd.features import StoreError
-    from inferd.features.redis_store import _rows, public_name
+    from inferd.features.redis_store import _rows, public_name, trace_attributes
 
     assert public_name("redis://:secret@cache:6380/2") == "redis://cache:6380/2"
     assert public_name("rediss://user:pw@cache") == "rediss://cache:6379/0"
     assert public_name("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
+    assert trace_attributes("redis://:secret@cache:6380/2") == {
+        "db.system.name": "redis",
+        "db.system": "redis",
+        "db.operation.name": "EVAL",
+        "db.namespace": "2",
+        "server.address": "cache",
+        "server.port": 6380,
+        "network.transport": "tcp",
+    }
+    assert trace_attributes("rediss://user:pw@cache")["db.namespace"] == "0"
+    unix = trace_attributes("unix:///run/redis.sock?db=1")
+    assert (unix["server.address"], unix["db.namespace"], unix["network.transport"]) == (
+        "/run/redis.sock",
+        "1",
+        "unix",
+    )
     assert _rows([[b"1", None], [None, None]], 2, 2) == [[b"1", None], None]
     for reply, fragment in (
         ("OK", "expected 2 replies, got str"),

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from inferd.config import ModelSettings
-from inferd.errors import ModelLoadError, NotFound, Unavailable
+from inferd.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from inferd.manager import ModelManager, retired_versions, routed_labels
 from inferd.repository import ModelPlan, VersionSource
 from inferd.types import ModelId, ModelRef, VersionState
@@ -162,6 +162,26 @@ def test_a_label_holds_on_its_version_until_the_new_one_is_available() -> None:
         await manager.apply([plan({2: "f2-fixed"}, {"stable": 2})])
         assert leased(manager, ModelRef("m", label="stable")) == 2
         await until(lambda: loader.made[1].closed, "version 1 closed once no label holds it")
+
+    run(test)
+
+
+def test_a_moved_label_wins_over_the_plan_also_after_the_model_is_removed_and_served_again() -> None:
+    async def test(manager: ModelManager[FakeServable], loader: FakeLoader) -> None:
+        await manager.apply([plan([1, 2], {"stable": 1})])
+        manager.move_label("m", "stable", 2)
+        assert leased(manager, ModelRef("m", label="stable")) == 2
+        await manager.apply([plan([1, 2], {"stable": 1})])  # the next scan does not move it back
+        assert leased(manager, ModelRef("m", label="stable")) == 2
+        await manager.remove("m")  # an admin's unload, then load
+        await manager.reconcile(plan([1, 2], {"stable": 1}))
+        assert leased(manager, ModelRef("m", label="stable")) == 2
+        with pytest.raises(
+            InvalidArgument, match=r"version: 3 of model 'm' is not AVAILABLE; expected one of \[1, 2\]"
+        ):
+            manager.move_label("m", "stable", 3)
+        with pytest.raises(NotFound):
+            manager.move_label("other", "stable", 1)
 
     run(test)
 

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from inferd.errors import InvalidArgument
-from inferd.rollout import Guard, _p99_ms
+from inferd.errors import InvalidArgument, NotFound
+from inferd.manager import ModelManager
+from inferd.metrics import Metrics
+from inferd.rollout import Guard, Rollouts, _p99_ms
+from tests.unit.test_manager import FakeLoader, plan
 
 
 def test_guards_parse_absolute_and_relative_bounds() -> None:
@@ -36,3 +44,43 @@ def test_p99_is_the_upper_bound_of_the_bucket_holding_it() -> None:
     assert _p99_ms(buckets) == 1.0
     buckets[7] = 2
     assert _p99_ms(buckets) == 10.0
+
+
+def test_operator_actions_follow_the_state_and_a_paused_rollout_stays_paused_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    async def serve(pool: ThreadPoolExecutor) -> tuple[ModelManager[Any], Rollouts]:
+        manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+        await manager.apply([plan([1, 2], {"stable": 1})])
+        return manager, Rollouts(manager, Metrics(), None, tmp_path)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager, rollouts = await serve(pool)
+            with pytest.raises(NotFound, match="model m has no rollout"):
+                rollouts.command("m", "pause", b"")
+            started = rollouts.command("m", "start", b'{"to": 2, "steps": [20, 100], "step_s": 600}')
+            assert (started["state"], started["weights"]) == ("running", {"2": 20.0, "1": 80.0})
+            assert rollouts.command("m", "pause", b"")["state"] == "paused"
+            with pytest.raises(InvalidArgument, match="already paused"):
+                rollouts.command("m", "start", b'{"to": 2}')
+            await rollouts.close()
+            await manager.close()
+
+            manager, rollouts = await serve(pool)  # a restarted server
+            rollouts.restore()
+            state = rollouts.status("m")
+            assert (state["state"], state["step"], state["weights"]) == ("paused", 0, {"2": 20.0, "1": 80.0})
+            assert rollouts.command("m", "resume", b"")["state"] == "running"
+            with pytest.raises(InvalidArgument, match="is running; resume needs one that is paused"):
+                rollouts.command("m", "resume", b"")
+            aborted = rollouts.command("m", "abort", b"")
+            assert (aborted["state"], aborted["weights"]) == ("rolled_back", {"1": 100.0})
+            assert aborted["history"][-1]["failed"] == ["aborted by an operator"]
+            assert manager.labels("m") == {"stable": 1}
+            with pytest.raises(InvalidArgument, match="rollout action 'jump'"):
+                rollouts.command("m", "jump", b"")
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())

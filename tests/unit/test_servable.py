@@ -174,7 +174,8 @@ def calls_on(seconds: float, rows: int, calls: int) -> list[str]:
 
         async def run_all() -> None:
             for _ in range(calls):
-                outputs, _, _ = await servable.run("serving_default", inputs, None)
+                outputs, _, _, batch_rows = await servable.run("serving_default", inputs, None)
+                assert batch_rows == rows  # unbatched: the model computed this request alone
                 assert outputs["y"].tolist() == [2.0] * rows
 
         asyncio.run(run_all())

@@ -5,19 +5,25 @@ every install and holds no server data, so it is served to anyone; everything it
 the routes below, which the HTTP app guards like any other call (``--api_token``), and the label
 move needs the admin token. Routes:
 
-- ``GET /dashboard/api/models``: every configured model, its versions (state, load error), labels
-  and, for a served model, the inputs and outputs of its signatures.
+- ``GET /dashboard/api/models``: every configured model, its versions (state, load error), labels,
+  traffic split (version -> percent), its last rollout (``Rollouts.status``, or null), each
+  version's ``resident_bytes`` (charged to it while loaded; 0 when not loaded, e.g. cold under a
+  memory budget) and, for a served model, the inputs and outputs of its signatures.
 - ``GET /dashboard/api/metrics``: cumulative counts read from inferd's Prometheus collector
   (requests by status, per-stage latency and batch-size bucket counts, rows queued, requests in
   flight) and the server process's resident memory; the page turns two readings into
   rates and windowed percentiles, so the server keeps no state per viewer.
 - ``POST /dashboard/api/models/M/labels/L`` with ``{"version": N}``: move a label (admin).
+- ``POST /dashboard/api/models/M/rollout`` with a rollout's body starts one, and
+  ``POST /dashboard/api/models/M/rollout/ACTION`` pauses, resumes, promotes or aborts it (admin):
+  ``Rollouts.command``, the code behind the admin routes that ``inferd rollout`` calls.
 
 Load and unload use the V2 repository routes (``/v2/repository/models/M/load``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -31,6 +37,7 @@ from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound
 from inferd.metrics import Metrics
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
+from inferd.rollout import Rollouts
 from inferd.service import InferenceService
 from inferd.types import ModelRef, Signature, TensorSpec, VersionState, dtype_of
 
@@ -43,6 +50,7 @@ _STATIC_TYPES = {
     ".svg": "image/svg+xml",
 }
 _LABEL_ROUTE = re.compile(r"/dashboard/api/models/([^/]+)/labels/([^/]+)")
+_ROLLOUT_ROUTE = re.compile(r"/dashboard/api/models/([^/]+)/rollout(?:/([a-z]+))?")
 # The page may only talk to its own origin: no CDN, no beacon, no inline script.
 _PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'",
@@ -75,10 +83,17 @@ def _static(name: str) -> Response:
 class Dashboard:
     """Answers ``/`` and ``/dashboard/...``; tokens are checked by the caller first."""
 
-    def __init__(self, service: InferenceService, control: ModelControl, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        control: ModelControl,
+        metrics: Metrics,
+        rollouts: Rollouts | None = None,
+    ) -> None:
         self._service = service
         self._control = control
         self._metrics = metrics
+        self._rollouts = rollouts
 
     def handle(self, method: str, path: str, body: bytes) -> Coroutine[Any, Any, Response] | None:
         """The answer for a dashboard path, to await; None when ``path`` is not one."""
@@ -101,6 +116,11 @@ class Dashboard:
                     raise InvalidArgument(f"label: expected letters, digits and _ only; got {label!r}")
                 await self._control.move_label(name, label, _version_of(body))
                 return 200, dict(JSON_HEADERS), orjson.dumps({"name": name, "labels": self._labels(name)})
+            match = _ROLLOUT_ROUTE.fullmatch(path)
+            if method == "POST" and match and self._rollouts is not None:
+                name, action = match.groups()
+                status = self._rollouts.command(name, action or "start", body)
+                return 200, dict(JSON_HEADERS), orjson.dumps(status)
             if method == "GET" and path.startswith(PREFIX + "static/"):
                 return _static(path[len(PREFIX + "static/") :])
             raise NotFound(f"no dashboard route {method} {path}")
@@ -111,8 +131,10 @@ class Dashboard:
         return self._control.labels(name)
 
     def models(self) -> list[dict[str, Any]]:
-        """One row per configured model: versions with state and error, labels, signatures."""
+        """One row per configured model: versions with state, error and resident bytes, labels,
+        split, rollout, signatures."""
         rows: dict[str, dict[str, Any]] = {}
+        resident, _ = self._control.residency()
         for entry in self._control.index():
             row = rows.setdefault(
                 entry.name,
@@ -121,11 +143,22 @@ class Dashboard:
             if entry.state is None:
                 row["unloaded"] = True
                 continue
+            version = int(entry.version)
             row["versions"].append(
-                {"version": int(entry.version), "state": entry.state.name, "reason": entry.reason}
+                {
+                    "version": version,
+                    "state": entry.state.name,
+                    "reason": entry.reason,
+                    "resident_bytes": resident.get((entry.name, version), 0),
+                }
             )
         for name, row in rows.items():
             row["labels"] = self._labels(name)
+            row["split"] = self._control.split(name)
+            row["rollout"] = None
+            if self._rollouts is not None:
+                with contextlib.suppress(NotFound):
+                    row["rollout"] = self._rollouts.status(name)
             if any(v["state"] == VersionState.AVAILABLE.name for v in row["versions"]):
                 try:
                     metadata = self._service.metadata(ModelRef(name))
@@ -138,7 +171,9 @@ class Dashboard:
     def readings(self) -> dict[str, Any]:
         """Cumulative counts from the metrics collector, summed over models, versions and
         protocols; ``time`` is Unix seconds, latency bounds seconds, ``memory_bytes`` the resident
-        memory of the server process (model worker processes not included)."""
+        memory of the server process (model worker processes not included), ``budgets`` each
+        device's bytes charged to loaded versions and its budget (``--memory_budget``; None:
+        none)."""
         requests: dict[str, float] = {}
         stages: dict[str, list[float]] = {}
         batches: list[float] = []
@@ -161,8 +196,10 @@ class Dashboard:
                     "process_resident_memory_bytes",
                 ):
                     gauges[sample.name] = gauges.get(sample.name, 0) + value
+        _, budgets = self._control.residency()
         return {
             "time": time.time(),
+            "budgets": budgets,
             "requests": requests,
             "latency_bounds_s": latency_bounds,
             "stages": stages,

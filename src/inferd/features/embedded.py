@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,10 @@ class EmbeddedStore:
     @property
     def name(self) -> str:
         return self._path.name
+
+    @property
+    def trace_attributes(self) -> Mapping[str, str | int]:
+        return {}  # in this process: no database client span attributes
 
     async def get(self, entities: Sequence[str], names: Sequence[str]) -> list[list[Value] | None]:
         now = time.monotonic()

@@ -7,6 +7,9 @@ model's inputs. ``FeatureJoin`` turns a request-side batch into model inputs: it
 of the batch's distinct entities from an ``EntityCache``, fetches the rest from the
 ``FeatureStore`` in one round trip under the lookup timeout (merged with the lookups of other
 requests that wait at the same time, see ``LookupBatcher``), and assembles the columns.
+
+Each join leaves in ``tracing.STORE_LOOKUP``, for the request's own task, what it asked the store
+(None when every entity came from the cache): the request's span for the lookup is made from it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from inferd.features.cache import EntityCache, Row
 from inferd.features.coalesce import LookupBatcher
 from inferd.features.store import FeatureStore, StoreError, Value
 from inferd.metrics import FeatureStats
+from inferd.tracing import STORE_LOOKUP, StoreLookup
 from inferd.types import Signature, Tensors, TensorSpec, dtype_of
 
 
@@ -187,14 +191,23 @@ class FeatureJoin:
         stats.cache.hits += len(rows)
         stats.cache.misses += len(missing)
         if not missing:
+            STORE_LOOKUP.set(None)
             return rows
         timeout_s = self._timeout_s if deadline is None else min(self._timeout_s, deadline - now)
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
                 fetched = await self._lookups.fetch(missing)
+            STORE_LOOKUP.set(
+                StoreLookup(sent, time.perf_counter(), len(missing), self._store.trace_attributes)
+            )
             parsed = {key: self._parse(key, values) for key, values in zip(missing, fetched, strict=True)}
         except (StoreError, TimeoutError) as exc:
             failure = exc if isinstance(exc, StoreError) else StoreError("timeout", "no answer")
+            lookup = StoreLookup(
+                sent, time.perf_counter(), len(missing), self._store.trace_attributes, failure.kind
+            )
+            STORE_LOOKUP.set(lookup)
             stats.error(failure.kind)
             if self._settings.on_store_error == "defaults":
                 return rows | dict.fromkeys(missing)

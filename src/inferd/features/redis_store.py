@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from urllib.parse import urlsplit
+from collections.abc import Mapping, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -42,6 +42,29 @@ def public_name(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
+def trace_attributes(url: str) -> dict[str, str | int]:
+    """A lookup's span attributes, as OpenTelemetry's database semantic conventions name them for
+    Redis (``db.system`` is the older name of ``db.system.name``): the command every lookup sends,
+    the database number and where the server is, without credentials."""
+    parts = urlsplit(url)
+    database = parse_qs(parts.query).get("db", [""])[0]
+    if parts.scheme != "unix":
+        database = parts.path.strip("/") or database
+    attributes: dict[str, str | int] = {
+        "db.system.name": "redis",
+        "db.system": "redis",
+        "db.operation.name": "EVAL",
+        "db.namespace": database or "0",
+    }
+    if parts.scheme == "unix":
+        return attributes | {"network.transport": "unix", "server.address": parts.path}
+    return attributes | {
+        "server.address": parts.hostname or "localhost",
+        "server.port": parts.port or 6379,
+        "network.transport": "tcp",
+    }
+
+
 class RedisStore:
     """Feature hashes on the Redis server at ``url`` (redis-py's URL forms). Event loop thread only.
 
@@ -52,6 +75,7 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str, connect_timeout_s: float = 1.0) -> None:
         self._name = public_name(url)
+        self._trace_attributes = trace_attributes(url)
         self._prefix = f"{prefix}:"
         self._client = aioredis.Redis.from_url(
             url, socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0)
@@ -62,6 +86,10 @@ class RedisStore:
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def trace_attributes(self) -> Mapping[str, str | int]:
+        return self._trace_attributes
 
     async def get(self, entities: Sequence[str], names: Sequence[str]) -> list[list[Value] | None]:
         now = time.monotonic()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 Value = bytes | str | float | int | None
@@ -17,6 +17,13 @@ class FeatureStore(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def trace_attributes(self) -> Mapping[str, str | int]:
+        """OpenTelemetry attributes of a lookup's span: for a store reached over the network, the
+        semantic conventions' database client attributes (``db.system.name``, ``server.address``,
+        ``server.port``, ...); empty for a store in this process."""
+        ...
 
     async def get(self, entities: Sequence[str], names: Sequence[str]) -> list[list[Value] | None]:
         """The values of ``names`` for each entity, in one round trip: per entity, a list in

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, InvalidArgument
 from inferd.select import SelectOptions, report, run
 from inferd.select import promote as promotion
 from inferd.select.compatibility import api_changes, served_version
@@ -14,6 +14,8 @@ from inferd.select.compatibility import api_changes, served_version
 NO_WINNER = 3
 """Exit status when no candidate meets every requirement."""
 BAD_INPUT = 2
+ROLLED_BACK = 1
+"""Exit status when the winner's canary rollout was rolled back (as ``inferd rollout``'s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +39,25 @@ class PromoteOptions:
     wait_timeout_s: float = 300.0
     allow_api_change: bool = False
     """Promote even when the winner's signatures or answer form differ from the served version's."""
+    canary: promotion.Canary | None = None
+    """Move the label through a guarded canary rollout on the server at ``wait_url``."""
 
 
 def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | None) -> int:
     """Run ``select``; returns the exit status: 0 with a winner, 3 without one, 2 for bad input,
-    a failed promotion, or one refused because it changes the served API."""
+    a failed promotion, or one refused because it changes the served API; 1 when the canary
+    rollout of the winner was rolled back."""
     try:
-        planned = promotion.plan(promote.base, promote.label, promote.config_file) if promote else None
+        planned = None
+        if promote is not None:
+            if promote.canary is not None and not (promote.wait_url and promote.label):
+                raise InvalidArgument(
+                    "--canary: the rollout runs on a server: give --wait_url URL (its REST address) "
+                    "and --promote_label LABEL (the label it moves)"
+                )
+            planned = promotion.plan(
+                promote.base, promote.label, promote.config_file, promote.canary is not None
+            )
         outcome = run(options)
     except InferdError as exc:
         print(f"inferd select: {exc.message}", file=sys.stderr)
@@ -87,6 +101,8 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
         if refused:
             print("--apply would refuse this promotion unless --allow_api_change is given")
         print(f"dry run (add --apply to do it):\n{planned.describe(source)}")
+        if promote.canary is not None:
+            print(_canary_plan(planned, promote.canary))
         return 0
     if refused:
         print(
@@ -96,10 +112,65 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
         )
         return BAD_INPUT
     print(planned.describe(source), flush=True)
+    canary = promote.canary
     try:
-        promotion.apply(planned, source, promote.wait_url, promote.wait_timeout_s)
+        promotion.apply(planned, source, promote.wait_url, promote.wait_timeout_s, canary is None)
     except InferdError as exc:
         print(f"inferd select: promotion failed: {exc.message}", file=sys.stderr)
         return BAD_INPUT
-    print(f"promoted {winner.candidate.name} to {promote.base / str(planned.version)}")
+    if canary is None:
+        print(f"promoted {winner.candidate.name} to {promote.base / str(planned.version)}")
+        return 0
+    return _roll_out(planned, canary, promote.wait_url or "", winner.candidate.name)
+
+
+def _canary_plan(planned: promotion.Promotion, canary: promotion.Canary) -> str:
+    steps = ",".join(f"{p:g}" for p in canary.steps)
+    guards = ", ".join(canary.guards) or "no guard"
+    return (
+        f"then a canary rollout of model {planned.model_name} from label {planned.label!r} to version "
+        f"{planned.version}: steps {steps}% of {canary.step_s:g} s, {guards}; the label moves at its end"
+    )
+
+
+def _roll_out(planned: promotion.Promotion, canary: promotion.Canary, url: str, name: str) -> int:
+    """Start the canary rollout of the promoted version on the server at ``url``, follow it, and
+    move the label in the config file once the rollout moved it on the server."""
+    from inferd.rollout import RolloutClient, describe
+
+    print(_canary_plan(planned, canary), flush=True)
+    assert planned.label is not None
+    client = RolloutClient(url, canary.admin_token)
+    model = planned.model_name
+    try:
+        state = client.command(model, "start", canary.body(planned.version, planned.label))
+        state = client.follow(
+            model, state, min(1.0, canary.step_s / 4), lambda event: print(describe(event), flush=True)
+        )
+    except InferdError as exc:
+        print(
+            f"inferd select: canary rollout: {exc.message}; version {planned.version} is in "
+            f"{planned.base}; the label was not moved in the config file (`inferd rollout {model} "
+            f"--status --url {url}` shows where the server's rollout is)",
+            file=sys.stderr,
+        )
+        return BAD_INPUT
+    if state["state"] != "done":
+        failed = next((e.get("failed") for e in reversed(state["history"]) if e.get("failed")), None)
+        print(
+            f"inferd select: the canary of {name} (version {planned.version}) was {state['state']}"
+            f"{': ' + '; '.join(failed) if failed else ''}; label {planned.label!r} stays on version "
+            f"{state['baseline']}",
+            file=sys.stderr,
+        )
+        return ROLLED_BACK
+    try:
+        promotion.finish(planned)
+    except InferdError as exc:
+        print(f"inferd select: {exc.message}", file=sys.stderr)
+        return BAD_INPUT
+    print(
+        f"promoted {name} to {planned.base / str(planned.version)} through a canary rollout: "
+        f"label {planned.label!r} is on version {planned.version}"
+    )
     return 0

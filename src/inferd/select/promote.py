@@ -6,6 +6,11 @@ whole, in one step, and loads it at its next scan. A label moves in the model co
 (TF Serving's text format, rewritten whole and renamed over the old file; comments are not kept).
 With ``wait_url`` the label moves only once the server answers that the new version is
 AVAILABLE, so requests by label never meet a version that is still loading.
+
+With a ``Canary``, the label does not move at once: once the server serves the new version, a
+guarded canary rollout (``inferd.rollout``, the one ``inferd rollout`` starts) moves the server's
+traffic to it step by step and moves the label on the server at its end; only then is the label
+moved in the config file too (``finish``). A rolled-back canary leaves the label where it was.
 """
 
 from __future__ import annotations
@@ -28,6 +33,29 @@ from inferd.errors import ConfigError, InvalidArgument, ModelLoadError
 from inferd.repository import list_versions
 
 _POLL_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """``--canary``: promote through a guarded rollout on the server at ``--wait_url``; the fields
+    are ``inferd rollout``'s (see ``Rollouts.start``)."""
+
+    steps: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)
+    step_s: float = 60.0
+    guards: tuple[str, ...] = ()
+    on_restart: str = "rollback"
+    admin_token: str = ""
+
+    def body(self, version: int, label: str) -> dict[str, object]:
+        """The start body of the admin route ``.../rollout`` for a rollout to ``version``."""
+        return {
+            "to": version,
+            "label": label,
+            "steps": list(self.steps),
+            "step_s": self.step_s,
+            "guards": list(self.guards),
+            "on_restart": self.on_restart,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +104,23 @@ class Promotion:
         return "\n".join(lines)
 
 
-def plan(base: Path, label: str | None, config_file: Path | None) -> Promotion:
+def plan(base: Path, label: str | None, config_file: Path | None, canary: bool = False) -> Promotion:
     """Plan adding a version to ``base`` as its next version, and moving ``label`` to it.
 
     Raises:
-        InvalidArgument: ``label`` without a config file, a bad label name, or a config file that
-            does not parse or has no model at ``base``.
+        InvalidArgument: ``label`` without a config file (unless ``canary``: the rollout moves it
+            on the server), a bad label name, or a config file that does not parse or has no
+            model at ``base``.
     """
     version = max(list_versions(base), default=0) + 1 if base.is_dir() else 1
     notes = [] if base.is_dir() else [f"{base} does not exist yet; it is created"]
-    if label is None:
-        return Promotion(base, base.name, version, notes=tuple(notes))
+    if label is None or (canary and config_file is None):
+        if label is not None:
+            notes.append(
+                f"label {label!r} moves on the server only (until it restarts, or for good with "
+                f"--rollout_state_dir): set it in {base / SETTINGS_FILE} under [labels] to keep it"
+            )
+        return Promotion(base, base.name, version, label, notes=tuple(notes))
     if config_file is None:
         raise InvalidArgument(
             f"--promote-label {label}: labels are moved in the model config file; give --model_config_file "
@@ -132,9 +166,14 @@ def plan(base: Path, label: str | None, config_file: Path | None) -> Promotion:
 
 
 def apply(
-    promotion: Promotion, source: Path, wait_url: str | None = None, wait_timeout_s: float = 300.0
+    promotion: Promotion,
+    source: Path,
+    wait_url: str | None = None,
+    wait_timeout_s: float = 300.0,
+    move_label: bool = True,
 ) -> None:
-    """Do it: copy ``source`` (a version folder), rename, and (with a label) rewrite the config.
+    """Do it: copy ``source`` (a version folder), rename, and (with a label) rewrite the config;
+    without ``move_label`` (a canary), the label is left for ``finish``.
 
     Raises:
         InvalidArgument: the version folder appeared meanwhile (another promotion), or the config
@@ -163,6 +202,23 @@ def apply(
         _replace(promotion.config_file, promotion.config_with_version)
     if wait_url:
         wait_until_available(wait_url, promotion.model_name, promotion.version, wait_timeout_s)
+    if move_label:
+        _replace(promotion.config_file, promotion.config_after)
+
+
+def finish(promotion: Promotion) -> None:
+    """Move the label in the config file, after a canary rollout moved it on the server.
+
+    Raises:
+        InvalidArgument: the config file changed since ``apply`` wrote it; it is left as it is.
+    """
+    if promotion.config_file is None or promotion.config_after == promotion.config_with_version:
+        return
+    if _read(promotion.config_file) != promotion.config_with_version:
+        raise InvalidArgument(
+            f"--model_config_file {promotion.config_file} changed during the rollout; label "
+            f"{promotion.label!r} was moved on the server only: set it to {promotion.version} in the file"
+        )
     _replace(promotion.config_file, promotion.config_after)
 
 

@@ -76,6 +76,7 @@ function renderModels() {
     for (const v of m.versions) {
       const row = el("div", { class: "version", "data-version": v.version },
         `${v.version} `, el("span", { class: "state-" + v.state }, v.state));
+      if (v.resident_bytes) row.append(" ", el("span", { class: "resident" }, `${fmt(v.resident_bytes / 2 ** 20)} MiB`));
       if (v.reason) row.append(el("span", { class: "reason" }, v.reason));
       versions.append(row);
     }
@@ -91,8 +92,8 @@ function renderModels() {
       " ",
       el("button", { type: "button", class: "unload", onclick: () => admin(`unload ${m.name}`, "POST", `/v2/repository/models/${enc}/unload`) }, "unload"),
     );
-    const labelInput = el("input", { class: "label-name", size: 8, placeholder: "label", value: Object.keys(m.labels)[0] || "stable" });
-    const versionSelect = el("select", { class: "label-version" }, ...available.map((v) => el("option", { value: v }, v)));
+    const labelInput = remember(`${m.name}/label-name`, el("input", { class: "label-name", size: 8, placeholder: "label", value: Object.keys(m.labels)[0] || "stable" }));
+    const versionSelect = remember(`${m.name}/label-version`, el("select", { class: "label-version" }, ...available.map((v) => el("option", { value: v }, v))));
     const move = el("form", { class: "move-label", onsubmit: (ev) => {
       ev.preventDefault();
       const label = labelInput.value.trim();
@@ -100,8 +101,77 @@ function renderModels() {
         { version: Number(versionSelect.value) });
     } }, labelInput, " to ", versionSelect, el("button", { type: "submit" }, "move label"));
     actions.append(el("br"), move);
-    body.append(el("tr", { "data-model": m.name }, el("td", {}, el("strong", {}, m.name), el("br"), m.platform || ""), versions, labels, actions));
+    body.append(el("tr", { "data-model": m.name }, el("td", {}, el("strong", {}, m.name), el("br"), m.platform || ""), versions, labels, renderTraffic(m, available), actions));
   }
+}
+
+// The model table is drawn again every refresh: what an operator typed into its forms is kept here.
+const drafts = {};
+
+function remember(key, node) {
+  if (key in drafts) node.value = drafts[key];
+  const keep = () => { drafts[key] = node.value; };
+  node.addEventListener("input", keep);
+  node.addEventListener("change", keep);
+  return node;
+}
+
+// ---------- traffic and rollouts ----------
+const GUARD_METRICS = ["error_rate", "p99_ms", "agreement"];
+
+function percents(weights) {
+  const entries = Object.entries(weights || {});
+  return entries.length ? entries.map(([v, p]) => `${v}: ${fmt(p)}%`).join(", ") : "not split";
+}
+
+function renderTraffic(m, available) {
+  const cell = el("td", { class: "traffic" }, el("div", { class: "split" }, "traffic: ", el("span", { class: "weights" }, percents(m.split))));
+  const enc = encodeURIComponent(m.name);
+  const r = m.rollout;
+  if (r) {
+    const live = r.state === "running" || r.state === "paused";
+    const box = el("div", { class: "rollout", "data-state": r.state },
+      el("div", {}, `rollout ${r.label}: ${r.baseline} → ${r.canary} `, el("span", { class: "rollout-state state-" + r.state }, r.state)));
+    if (live) box.append(el("div", { class: "rollout-step" }, `step ${r.step + 1} of ${r.steps.length}: ${fmt(r.steps[r.step])}% to ${r.canary}, ${fmt(r.step_s)} s a step`));
+    const metrics = live && Object.keys(r.current || {}).length ? r.current : r.checked || {};
+    const used = GUARD_METRICS.filter((k) => r.guards.some((g) => g.startsWith(k)));
+    const guards = el("table", { class: "guards" }, el("tr", {}, el("th", {}, live ? "this step" : "last step"), el("th", {}, "canary"), el("th", {}, "baseline")));
+    for (const k of used.length ? used : ["error_rate", "p99_ms"]) {
+      const v = metrics[k] || {};
+      guards.append(el("tr", { "data-metric": k }, el("td", {}, k), el("td", {}, fmt(v.canary)), el("td", {}, fmt(v.baseline))));
+    }
+    box.append(el("div", { class: "guard-list" }, "guards: " + (r.guards.join(", ") || "none")), guards);
+    const last = r.history.at(-1);
+    if (last) box.append(el("div", { class: "rollout-event" }, `${new Date(last.time * 1000).toLocaleTimeString()} ${last.event}` + (last.failed ? `: ${last.failed.join("; ")}` : "")));
+    const act = (action) => el("button", { type: "button", class: "rollout-" + action,
+      onclick: () => admin(`${action} rollout of ${m.name}`, "POST", `/dashboard/api/models/${enc}/rollout/${action}`) }, action);
+    if (r.state === "running") box.append(act("pause"), " ", act("promote"), " ", act("abort"));
+    if (r.state === "paused") box.append(act("resume"), " ", act("promote"), " ", act("abort"));
+    cell.append(box);
+    if (live) return cell;
+  }
+  if (available.length < 2) return cell;  // a rollout needs a second AVAILABLE version
+  const to = el("select", { class: "rollout-to" }, ...available.map((v) => el("option", { value: v }, v)));
+  to.value = String(Math.max(...available, 0));
+  remember(`${m.name}/rollout-to`, to);
+  const label = remember(`${m.name}/rollout-label`, el("input", { class: "rollout-label", size: 8, value: (r && r.label) || Object.keys(m.labels)[0] || "stable" }));
+  const steps = remember(`${m.name}/rollout-steps`, el("input", { class: "rollout-steps", size: 12, value: "1,5,25,50,100" }));
+  const stepS = remember(`${m.name}/rollout-step-s`, el("input", { class: "rollout-step-s", type: "number", min: "0.1", step: "any", value: "60" }));
+  const guardText = remember(`${m.name}/rollout-guards`, el("textarea", { class: "rollout-guards", rows: 2, placeholder: "error_rate<=0.01\np99_ms<=1.2*baseline" }));
+  const form = el("form", { class: "start-rollout", onsubmit: (ev) => {
+    ev.preventDefault();
+    const body = {
+      to: Number(to.value),
+      label: label.value.trim(),
+      steps: steps.value.split(",").map((x) => Number(x.trim())),
+      step_s: Number(stepS.value),
+      guards: guardText.value.split("\n").map((g) => g.trim()).filter((g) => g),
+    };
+    admin(`start rollout of ${m.name}`, "POST", `/dashboard/api/models/${enc}/rollout`, body);
+  } }, "from label ", label, " to ", to, el("br"), "steps % ", steps, " every ", stepS, " s", el("br"), guardText, el("br"),
+    el("button", { type: "submit" }, "start rollout"));
+  cell.append(form);
+  return cell;
 }
 
 // ---------- live charts ----------
@@ -206,6 +276,9 @@ async function refreshMetrics() {
   push("queue", now.queue_rows);
   push("inflight", now.in_flight);
   push("memory", now.memory_bytes / 2 ** 20);
+  $("#budgets").textContent = (now.budgets || []).map((b) =>
+    `${b.device}: ${fmt(b.used_bytes / 2 ** 20)} MiB charged to loaded versions` +
+    (b.limit_bytes === null ? " (no budget)" : ` of a ${fmt(b.limit_bytes / 2 ** 20)} MiB budget`)).join("; ");
   draw("#chart-rps", [series.rps]);
   draw("#chart-latency", [series.p50, series.p99]);
   draw("#chart-errors", [series.errors]);
@@ -404,7 +477,7 @@ function start() {
   refreshModels();
   refreshMetrics();
   setInterval(refreshMetrics, 1000);
-  setInterval(refreshModels, 5000);
+  setInterval(refreshModels, 2000);
 }
 
 document.addEventListener("DOMContentLoaded", start);
