@@ -9,7 +9,8 @@ the earliest is kept for ``process_start_time_seconds``, and the largest for the
 every worker reports alike (budgets, rollout shares, batcher targets). A worker that does not
 answer within ``SIBLING_TIMEOUT_S`` (dying, restarting) is left out of that scrape, and
 ``inferd_workers_scraped`` says how many answered. ``inferd_worker_requests`` counts the
-requests each worker answered (all models), so that the spread over workers shows.
+requests each worker answered by protocol (all models), so that the spread over workers shows;
+a restarted worker's count starts again from 0.
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ def merge(parts: list[tuple[int, bytes]]) -> bytes:
     plus ``inferd_worker_requests`` and ``inferd_workers_scraped``."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    per_worker: list[tuple[int, float]] = []
+    answered: dict[tuple[str, str], float] = {}  # (worker, protocol) -> requests
     for worker, text in parts:
-        answered = 0.0
         for family in text_string_to_metric_families(text.decode()):
             merged = families.get(family.name)
             if merged is None:
@@ -126,11 +126,13 @@ def merge(parts: list[tuple[int, bytes]]) -> bytes:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 samples[key] = combine(samples[key], sample.value) if key in samples else sample.value
                 if family.name == "inferd_requests" and sample.name.endswith("_total"):
-                    answered += sample.value
-        per_worker.append((worker, answered))
-    spread = Metric("inferd_worker_requests", "Requests answered by each worker (all models)", "counter")
-    for worker, answered in sorted(per_worker):
-        spread.add_sample("inferd_worker_requests_total", {"worker": str(worker)}, answered)
+                    by = (str(worker), sample.labels.get("protocol", ""))
+                    answered[by] = answered.get(by, 0.0) + sample.value
+    spread = Metric(
+        "inferd_worker_requests", "Requests answered by each worker, by protocol (all models)", "counter"
+    )
+    for (worker, protocol), count in sorted(answered.items()):
+        spread.add_sample("inferd_worker_requests_total", {"worker": worker, "protocol": protocol}, count)
     scraped = Metric("inferd_workers_scraped", "Workers whose metrics this scrape merged", "gauge")
     scraped.add_sample("inferd_workers_scraped", {}, float(len(parts)))
     for name, family in families.items():

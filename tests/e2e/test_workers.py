@@ -1,0 +1,230 @@
+"""``--workers 2`` against real clients: both workers answer REST and gRPC, ``/metrics`` counts
+them all, admin calls made through one worker hold in every worker (and in a worker restarted
+later), a killed worker is replaced while the other answers, SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto import prediction_service_pb2_grpc as ps_grpc
+from inferd._proto.tensor_pb2 import TensorProto, TensorShapeProto
+from inferd._proto.types_pb2 import DT_FLOAT
+from tests.conftest import ServerProcess, free_port, launch
+from tests.e2e.test_batching import slow_model
+from tests.e2e.test_metrics import samples
+from tests.models import write_onnx_affine, write_python_model
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+ROW = [1.0, 1.0, 1.0, 1.0]
+
+
+@contextmanager
+def socket_listening() -> Iterator[int]:
+    """A port some other program listens on, for the length of a ``with``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Versions 1 (y = x) and 2 (y = 2x) of ``affine``, label ``stable`` -> 1, two workers."""
+    repo = tmp_path_factory.mktemp("workers")
+    write_onnx_affine(repo / "affine" / "1", scale=1.0)
+    write_onnx_affine(repo / "affine" / "2", scale=2.0)
+    (repo / "affine" / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
+    process = launch(repo, str(repo), "--workers=2", "--admin_token=admin-secret")
+    process.wait_for(lambda: len(workers(process)) == 2, "both workers")
+    yield process
+    process.stop()
+
+
+def workers(server: ServerProcess) -> list[int]:
+    """The pids of the supervisor's children."""
+    pid = server.process.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def per_worker(server: ServerProcess, protocol: str) -> dict[str, float]:
+    """Requests each worker answered over ``protocol``, from the merged ``/metrics``."""
+    return {
+        dict(labels)["worker"]: count
+        for (name, labels), count in samples(server).items()
+        if name == "inferd_worker_requests_total" and dict(labels)["protocol"] == protocol
+    }
+
+
+def rest_stable(server: ServerProcess) -> float:
+    """``affine``'s label ``stable`` over REST, on a new connection: the scale of the version."""
+    response = requests.post(
+        f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    return float(response.json()["predictions"][0][0])
+
+
+def grpc_stable(server: ServerProcess) -> int:
+    """``affine``'s label ``stable`` over gRPC, on a new channel: the version that answered."""
+    tensor = TensorProto(
+        dtype=DT_FLOAT,
+        tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1), TensorShapeProto.Dim(size=4)]),
+        float_val=ROW,
+    )
+    request = ps.PredictRequest(
+        model_spec=ps.ModelSpec(name="affine", version_label="stable"), inputs={"x": tensor}
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        response = ps_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+    return int(response.model_spec.version.value)
+
+
+def test_both_workers_answer_rest_and_grpc_and_metrics_count_every_request(server: ServerProcess) -> None:
+    before = samples(server)
+    counts: dict[str, dict[str, float]] = {}
+    for protocol, call in (("tfserving_rest", rest_stable), ("tfserving_grpc", grpc_stable)):
+        sent = 0
+        while sent < 200 and len(per_worker(server, protocol)) < 2:
+            for _ in range(10):
+                call(server)
+            sent += 10
+        counts[protocol] = per_worker(server, protocol)
+        assert len(counts[protocol]) == 2, f"{protocol}: {sent} requests reached one worker only"
+        key = (
+            "inferd_requests_total",
+            frozenset({"model": "affine", "version": "1", "protocol": protocol, "status": "OK"}.items()),
+        )
+        assert samples(server)[key] - before.get(key, 0.0) == sent  # every worker's requests, counted once
+    assert samples(server)[("inferd_workers_scraped", frozenset())] == 2
+
+
+def test_admin_calls_through_one_worker_hold_in_every_worker(server: ServerProcess) -> None:
+    moved = requests.post(
+        f"{server.url}/dashboard/api/models/affine/labels/stable",
+        json={"version": 2},
+        headers=ADMIN,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    rest_before, grpc_before = per_worker(server, "tfserving_rest"), per_worker(server, "tfserving_grpc")
+    # The call returns once every worker applied it: no worker answers with the old version.
+    assert {rest_stable(server) for _ in range(30)} == {2.0}
+    assert {grpc_stable(server) for _ in range(30)} == {2}
+    for protocol, before in (("tfserving_rest", rest_before), ("tfserving_grpc", grpc_before)):
+        after = per_worker(server, protocol)
+        assert all(after[w] > before.get(w, 0) for w in ("0", "1")), f"{protocol}: {before} -> {after}"
+
+    unloaded = requests.post(f"{server.url}/v2/repository/models/affine/unload", headers=ADMIN, timeout=30)
+    assert unloaded.status_code == 200, unloaded.text
+    for _ in range(30):
+        gone = requests.post(f"{server.url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=10)
+        assert gone.status_code == 404, gone.text
+    loaded = requests.post(f"{server.url}/v2/repository/models/affine/load", headers=ADMIN, timeout=30)
+    assert loaded.status_code == 200, loaded.text
+    assert {rest_stable(server) for _ in range(30)} == {2.0}  # the moved label outlives the unload
+
+
+def test_a_killed_worker_is_replaced_with_the_admin_state_in_force(server: ServerProcess) -> None:
+    moved = requests.post(
+        f"{server.url}/dashboard/api/models/affine/labels/stable",
+        json={"version": 2},
+        headers=ADMIN,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    victim, survivor = workers(server)
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(lambda: victim not in workers(server), "the killed worker to be reaped")
+    assert {rest_stable(server) for _ in range(20)} == {2.0}  # the other worker answers meanwhile
+    server.wait_for(lambda: len(workers(server)) == 2, "a new worker")
+    (successor,) = set(workers(server)) - {survivor}
+    assert "starting a new one" in server.log()
+    # The new worker serves (its count starts from 0) and follows the label moved before it started.
+    server.wait_for(
+        lambda: rest_stable(server) == 2.0 and len(per_worker(server, "tfserving_rest")) == 2,
+        "the new worker to answer",
+    )
+    assert {rest_stable(server) for _ in range(30)} == {2.0}
+    assert successor in workers(server)
+
+
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
+    write_python_model(tmp_path / "slow" / "1", slow_model(0.5))
+    server = launch(tmp_path, str(tmp_path), "--workers=2", "--drain_timeout_s=10")
+    try:
+        server.wait_for(lambda: len(workers(server)) == 2, "both workers")
+        pids = workers(server)
+        statuses: list[int] = []
+
+        def call() -> None:
+            response = requests.post(
+                f"{server.url}/v1/models/slow:predict", json={"instances": [[1.0, 2.0]]}, timeout=10
+            )
+            statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        server.wait_for(
+            lambda: (
+                sum(float(v) for k, v in samples(server).items() if k[0] == "inferd_in_flight_requests") >= 2
+            ),
+            "requests in flight",
+        )
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=15)
+        assert server.process.wait(timeout=20) == 0
+        assert statuses == [200] * 8  # the requests in flight were answered
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists()
+        assert server.log().count("exited (exit status 0)") == 2
+    finally:
+        server.stop()
+
+
+def test_workers_cannot_start_on_a_port_in_use_and_the_server_exits_2(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "affine" / "1", scale=1.0)
+    with socket_listening() as port:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "inferd",
+                "serve",
+                str(tmp_path),
+                "--host=127.0.0.1",
+                f"--rest_api_port={port}",
+                f"--port={free_port()}",
+                "--workers=2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert "(--rest_api_port); is the port in use?" in result.stderr
+
+
+def test_bad_workers_value_names_the_flag(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "inferd", "serve", str(tmp_path), "--workers=none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--workers: expected a whole number of processes (1 or more) or auto, got 'none'" in result.stderr
