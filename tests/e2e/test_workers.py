@@ -25,7 +25,7 @@ from inferd._proto.types_pb2 import DT_FLOAT
 from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import slow_model
 from tests.e2e.test_metrics import samples
-from tests.models import write_onnx_affine, write_python_model
+from tests.models import write_onnx_affine, write_onnx_matmul_external, write_python_model
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 ROW = [1.0, 1.0, 1.0, 1.0]
@@ -228,3 +228,42 @@ def test_bad_workers_value_names_the_flag(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--workers: expected a whole number of processes (1 or more) or auto, got 'none'" in result.stderr
+
+
+def shared_kib(pid: int, file: Path) -> tuple[int, int]:
+    """Resident and shared KiB of process ``pid``'s mappings of ``file`` (shared: pages another
+    process maps too; dirty ones too, as a file just written still is in the page cache)."""
+    rss = shared = 0
+    mapped = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:  # a mapping's header line
+            mapped = fields[-1] == str(file)
+        elif mapped and fields[0] == "Rss:":
+            rss += int(fields[1])
+        elif mapped and fields[0] in ("Shared_Clean:", "Shared_Dirty:"):
+            shared += int(fields[1])
+    return rss, shared
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_share_weights_keeps_one_copy_of_external_weights_for_every_worker(
+    tmp_path: Path, share: bool
+) -> None:
+    version = tmp_path / "mm" / "1"
+    write_onnx_matmul_external(version, width=1024)  # 4 MiB of weights
+    (tmp_path / "mm" / "inferd.toml").write_text(f"[onnx]\nshare_weights = {str(share).lower()}\n")
+    server = launch(tmp_path, str(tmp_path), "--workers=2")
+    try:
+        server.wait_for(lambda: len(workers(server)) == 2, "both workers")
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both serving")
+        weights = (version / "weights.bin").resolve()
+        for pid in workers(server):
+            rss, shared = shared_kib(pid, weights)
+            if share:  # both workers read the weights from the same page-cache pages
+                assert rss >= 4096, f"worker {pid} maps {rss} KiB of weights.bin"
+                assert shared >= 4096, f"worker {pid} shares {shared} KiB of weights.bin"
+            else:  # repacked into private memory: the file's mapping is gone
+                assert rss == 0
+    finally:
+        server.stop()
