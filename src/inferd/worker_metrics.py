@@ -18,14 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -110,52 +105,82 @@ class WorkerMetrics:
 
 def merge(parts: list[tuple[int, bytes]]) -> bytes:
     """The Prometheus text format of ``parts`` (worker number, its exposition) merged into one,
-    plus ``inferd_worker_requests`` and ``inferd_workers_scraped``."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    plus ``inferd_worker_requests`` and ``inferd_workers_scraped``.
+
+    Works on lines, not parsed samples: every worker writes a label set the same way (the same
+    code formats it), so a sample's text before its value is its key. Families and samples keep
+    the order of their first appearance.
+    """
+    headers: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines
+    samples: dict[str, dict[str, float]] = {}  # family -> sample key (name and labels) -> value
+    combine: dict[str, Callable[[float, float], float]] = {}
     answered: dict[tuple[str, str], float] = {}  # (worker, protocol) -> requests
     for worker, text in parts:
-        for family in text_string_to_metric_families(text.decode()):
-            merged = families.get(family.name)
-            if merged is None:
-                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-                values[family.name] = {}
-            combine = _combiner(family)
-            samples = values[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                samples[key] = combine(samples[key], sample.value) if key in samples else sample.value
-                if family.name == "inferd_requests" and sample.name.endswith("_total"):
-                    by = (str(worker), sample.labels.get("protocol", ""))
-                    answered[by] = answered.get(by, 0.0) + sample.value
-    spread = Metric(
-        "inferd_worker_requests", "Requests answered by each worker, by protocol (all models)", "counter"
-    )
-    for (worker, protocol), count in sorted(answered.items()):
-        spread.add_sample("inferd_worker_requests_total", {"worker": worker, "protocol": protocol}, count)
-    scraped = Metric("inferd_workers_scraped", "Workers whose metrics this scrape merged", "gauge")
-    scraped.add_sample("inferd_workers_scraped", {}, float(len(parts)))
-    for name, family in families.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed([*families.values(), spread, scraped]))
-    return generate_latest(registry)
+        family = ""
+        for line in text.decode().splitlines():
+            if line.startswith("#"):
+                words = line.split(" ", 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    family = words[2]
+                    if family not in samples:
+                        headers[family], samples[family] = [], {}
+                    if len(headers[family]) < 2:
+                        headers[family].append(line)
+                    if words[1] == "TYPE":
+                        combine[family] = _combiner(family, words[3] if len(words) > 3 else "")
+                continue
+            key, _, text_value = line.rpartition(" ")
+            if not key:
+                continue
+            value = float(text_value)
+            table = samples.setdefault(family, {})
+            table[key] = combine.get(family, _add)(table[key], value) if key in table else value
+            if key.startswith("inferd_requests_total{"):
+                by = (str(worker), _label(key, "protocol"))
+                answered[by] = answered.get(by, 0.0) + value
+    out: list[str] = []
+    for family, table in samples.items():
+        out += headers.get(family, [])
+        out += [f"{key} {_number(value)}" for key, value in table.items()]
+    out += [
+        "# HELP inferd_worker_requests_total Requests answered by each worker, by protocol (all models)",
+        "# TYPE inferd_worker_requests_total counter",
+    ]
+    out += [
+        f'inferd_worker_requests_total{{protocol="{protocol}",worker="{worker}"}} {_number(count)}'
+        for (worker, protocol), count in sorted(answered.items())
+    ]
+    out += [
+        "# HELP inferd_workers_scraped Workers whose metrics this scrape merged",
+        "# TYPE inferd_workers_scraped gauge",
+        f"inferd_workers_scraped {_number(len(parts))}",
+    ]
+    return ("\n".join(out) + "\n").encode()
 
 
-def _combiner(family: Metric) -> Callable[[float, float], float]:
-    if family.type != "gauge" or family.name in SUMMED_GAUGES:
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _label(key: str, name: str) -> str:
+    """The value of label ``name`` in a sample key ``metric{a="x",b="y"}`` ('' when absent)."""
+    marker = f'{name}="'
+    at = key.find(marker)
+    if at < 0:
+        return ""
+    start = at + len(marker)
+    return key[start : key.find('"', start)]
+
+
+def _combiner(family: str, kind: str) -> Callable[[float, float], float]:
+    if kind != "gauge" or family in SUMMED_GAUGES:
         return _add
-    return min if family.name in _EARLIEST_GAUGES else max
+    return min if family in _EARLIEST_GAUGES else max
 
 
 def _add(a: float, b: float) -> float:
     return a + b
-
-
-class _Fixed(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Any]:
-        return iter(self._families)
