@@ -76,7 +76,8 @@ def start(repo: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     while time.monotonic() < deadline:
         try:
             scraped = requests.get(f"{url}/metrics", timeout=2).text
-            if workers == 1 or f"inferd_workers_scraped {float(workers)}" in scraped:
+            merged = re.search(r"^inferd_workers_scraped (\S+)$", scraped, re.MULTILINE)
+            if workers == 1 or (merged and float(merged.group(1)) == workers):
                 return process, url
         except requests.ConnectionError:
             pass
@@ -130,9 +131,15 @@ def main() -> int:
                 process, url = start(repo, workers)
                 try:
                     time.sleep(1.0)  # let the loads' garbage settle
-                    idle_mib = memory_bytes(server_tree(process)) / 2**20
-                    row: dict[str, float | int | bool] = {"workers": workers, "share_weights": share}
-                    row["idle_pss_mib"] = round(idle_mib, 1)
+                    pids = server_tree(process)
+                    row: dict[str, float | int | bool | list[float]] = {
+                        "workers": workers,
+                        "share_weights": share,
+                    }
+                    row["idle_pss_mib"] = round(memory_bytes(pids) / 2**20, 1)
+                    # the supervisor (first when N > 1), then each worker
+                    by_process = [process.pid, *sorted(pids - {process.pid})]
+                    row["pss_by_process_mib"] = [round(memory_bytes({pid}) / 2**20, 1) for pid in by_process]
                     if not share:  # throughput does not depend on the MLP's weights
                         wrk(url, args.connections, 1.0, body)  # warm up
                         pids = server_tree(process)

@@ -153,7 +153,7 @@ def merge(parts: list[tuple[int, bytes]]) -> bytes:
     out += [
         "# HELP inferd_workers_scraped Workers whose metrics this scrape merged",
         "# TYPE inferd_workers_scraped gauge",
-        f"inferd_workers_scraped {_number(len(parts))}",
+        f"inferd_workers_scraped {_number(float(len(parts)))}",
     ]
     return ("\n".join(out) + "\n").encode()
 
