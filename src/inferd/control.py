@@ -116,8 +116,7 @@ class AdminStateFile:
     worker making an admin call, so calls through different workers apply one after another), and
     ``applied-<worker>`` (``pid generation``: what each worker has applied).
 
-    ``worker`` names this worker's file. Methods block briefly on the file system; ``locked``
-    waits for the lock in a thread.
+    ``worker`` names this worker's file. Methods block briefly on the file system (small files).
     """
 
     def __init__(self, folder: Path, worker: int) -> None:
@@ -132,7 +131,12 @@ class AdminStateFile:
         """Hold the lock across workers; yields the state published last."""
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            while True:  # polled, not blocking a thread: a cancelled call leaves nothing waiting
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
             yield self.read() or AdminState()
         finally:
             os.close(fd)  # releases the lock
@@ -449,14 +453,15 @@ class ModelControl:
     async def _admin(self) -> AsyncIterator[AdminState]:
         """Hold the lock (the workers' lock too, when shared) and yield a copy of the admin state
         in force, the latest any worker published, for an admin call to change and ``_commit``."""
-        async with self._lock:
-            if self._shared is None:
+        if self._shared is None:
+            async with self._lock:
                 yield self._state.copy()
-                return
-            async with self._shared.locked() as latest:
-                if latest.generation > self._state.generation:
-                    await self._adopt(latest)  # start from what the other workers serve
-                yield self._state.copy()
+            return
+        # The workers' lock first: waiting for it, this worker still follows the others' calls.
+        async with self._shared.locked() as latest, self._lock:
+            if latest.generation > self._state.generation:
+                await self._adopt(latest)  # start from what the other workers serve
+            yield self._state.copy()
 
     async def _commit(self, state: AdminState) -> None:
         """Publish ``state`` and apply it; when shared, wait until every worker applied it."""

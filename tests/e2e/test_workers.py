@@ -137,6 +137,34 @@ def test_admin_calls_through_one_worker_hold_in_every_worker(server: ServerProce
     assert {rest_stable(server) for _ in range(30)} == {2.0}  # the moved label outlives the unload
 
 
+def test_admin_calls_through_both_workers_at_once_all_hold(server: ServerProcess) -> None:
+    wanted = {f"l{i}": 1 + i % 2 for i in range(6)}
+    answers: list[int] = []
+
+    def move(label: str, version: int) -> None:
+        answers.append(
+            requests.post(
+                f"{server.url}/dashboard/api/models/affine/labels/{label}",
+                json={"version": version},
+                headers=ADMIN,
+                timeout=60,
+            ).status_code
+        )
+
+    threads = [threading.Thread(target=move, args=item) for item in wanted.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * len(wanted)
+    for label, version in wanted.items():  # no call lost another's change, in any worker
+        for _ in range(10):
+            response = requests.post(
+                f"{server.url}/v1/models/affine/labels/{label}:predict", json={"instances": [ROW]}, timeout=10
+            )
+            assert response.json()["predictions"][0][0] == version, label
+
+
 def test_a_killed_worker_is_replaced_with_the_admin_state_in_force(server: ServerProcess) -> None:
     moved = requests.post(
         f"{server.url}/dashboard/api/models/affine/labels/stable",
