@@ -189,6 +189,28 @@ def test_a_killed_worker_is_replaced_with_the_admin_state_in_force(server: Serve
     assert successor in workers(server)
 
 
+def test_a_new_version_on_disk_is_served_by_every_worker(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "affine" / "1", scale=1.0)
+    server = launch(tmp_path, str(tmp_path), "--workers=2", poll_s=0.2)
+    try:
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
+        write_onnx_affine(tmp_path / "affine" / "2", scale=3.0)
+
+        def latest() -> float:
+            response = requests.post(
+                f"{server.url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=10
+            )
+            return float(response.json()["predictions"][0][0])
+
+        server.wait_for(lambda: {latest() for _ in range(20)} == {3.0}, "every worker to serve version 2")
+        before = per_worker(server, "tfserving_rest")
+        assert {latest() for _ in range(30)} == {3.0}
+        after = per_worker(server, "tfserving_rest")
+        assert all(after[w] > before.get(w, 0) for w in ("0", "1")), f"{before} -> {after}"
+    finally:
+        server.stop()
+
+
 def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
     write_python_model(tmp_path / "slow" / "1", slow_model(0.5))
     server = launch(tmp_path, str(tmp_path), "--workers=2", "--drain_timeout_s=10")
