@@ -450,6 +450,23 @@ class Server:
             await asyncio.sleep(_IDLE_CHECK_S)
             self.manager.unload_idle()
 
+    async def _supervised(self, http: Any, request_exit: Callable[[], None]) -> None:
+        """Once ``http`` listens (gRPC listens before it): answer this worker's metrics to the
+        others and tell the supervisor; then drain and exit when the supervisor is gone (its end
+        of the link closed)."""
+        assert self.link is not None
+        assert self.worker_metrics is not None
+        while not http.started:
+            await asyncio.sleep(0.01)
+        await self.worker_metrics.serve()
+        self.link.ready()
+        loop = asyncio.get_running_loop()
+        self.link.channel.setblocking(False)
+        while await loop.sock_recv(self.link.channel, 16):
+            pass
+        log.warning("the supervisor is gone; shutting down")
+        request_exit()
+
     async def _follow_admin(self) -> None:
         """Apply the admin changes other workers publish, checked every ``ADMIN_FOLLOW_S``."""
         while True:
@@ -505,8 +522,7 @@ class Server:
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         sweeper = asyncio.create_task(self._unload_idle())
         linked: list[asyncio.Task[None]] = []
-        if self.worker_metrics is not None:
-            await self.worker_metrics.serve()
+        if self.link is not None:
             linked.append(asyncio.create_task(self._follow_admin()))
         http = http_server(
             uvicorn.Config(
@@ -567,7 +583,7 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
             if self.link is not None:
-                linked.append(asyncio.create_task(_supervised(self.link, http, request_exit)))
+                linked.append(asyncio.create_task(self._supervised(http, request_exit)))
             await http.serve(sockets=[rest_socket])
         finally:
             rest_socket.close()
@@ -801,20 +817,6 @@ def grpc_transport_options(
         ("grpc.http2.max_ping_strikes", GRPC_MAX_PING_STRIKES),
         *channel_arguments(config.grpc_channel_arguments),  # --grpc_channel_arguments: later wins
     ]
-
-
-async def _supervised(link: WorkerLink, http: Any, request_exit: Callable[[], None]) -> None:
-    """Tell the supervisor once ``http`` listens (gRPC listens before it); drain and exit when
-    the supervisor is gone (its end of ``link.channel`` closed)."""
-    while not http.started:
-        await asyncio.sleep(0.01)
-    link.ready()
-    loop = asyncio.get_running_loop()
-    link.channel.setblocking(False)
-    while await loop.sock_recv(link.channel, 16):
-        pass
-    log.warning("the supervisor is gone; shutting down")
-    request_exit()
 
 
 def _http_server_class() -> type:

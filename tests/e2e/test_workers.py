@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     write_onnx_affine(repo / "affine" / "2", scale=2.0)
     (repo / "affine" / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
     process = launch(repo, str(repo), "--workers=2", "--admin_token=admin-secret")
-    process.wait_for(lambda: len(workers(process)) == 2, "both workers")
+    process.wait_for(lambda: samples(process)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
     yield process
     process.stop()
 
@@ -215,7 +215,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
     write_python_model(tmp_path / "slow" / "1", slow_model(0.5))
     server = launch(tmp_path, str(tmp_path), "--workers=2", "--drain_timeout_s=10")
     try:
-        server.wait_for(lambda: len(workers(server)) == 2, "both workers")
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
         pids = workers(server)
         statuses: list[int] = []
 
@@ -305,8 +305,7 @@ def test_share_weights_keeps_one_copy_of_external_weights_for_every_worker(
     (tmp_path / "mm" / "inferd.toml").write_text(f"[onnx]\nshare_weights = {str(share).lower()}\n")
     server = launch(tmp_path, str(tmp_path), "--workers=2")
     try:
-        server.wait_for(lambda: len(workers(server)) == 2, "both workers")
-        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both serving")
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
         weights = (version / "weights.bin").resolve()
         for pid in workers(server):
             rss, shared = shared_kib(pid, weights)
