@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """``--workers N``: throughput, CPU per request and memory of inferd at 1, 2, ... workers.
 
-    .venv/bin/python bench/workers.py [--workers 1 2] [--connections 64] [--duration 5] [--json out.json]
+    .venv/bin/python -m bench.workers [--workers 1 2] [--connections 64] [--duration 5] [--json out.json]
 
 For each worker count, starts ``inferd serve --workers N`` on the benchmark's ``digits`` model
 (v1 JSON, one instance per request) and an MLP whose 64 MiB of weights are saved as ONNX external
@@ -33,7 +33,8 @@ import requests
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.models import build_all, instances
-from bench.procs import cpu_seconds, free_port, memory_bytes, tree
+from bench.procs import cpu_seconds, memory_bytes, tree
+from tests.inferd_process import free_port
 
 BENCH = Path(__file__).resolve().parent
 
