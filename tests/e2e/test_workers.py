@@ -26,6 +26,7 @@ from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import slow_model
 from tests.e2e.test_metrics import samples
 from tests.models import write_onnx_affine, write_onnx_matmul_external, write_python_model
+from tests.pki import Authority
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 ROW = [1.0, 1.0, 1.0, 1.0]
@@ -207,6 +208,55 @@ def test_a_new_version_on_disk_is_served_by_every_worker(tmp_path: Path) -> None
         assert {latest() for _ in range(30)} == {3.0}
         after = per_worker(server, "tfserving_rest")
         assert all(after[w] > before.get(w, 0) for w in ("0", "1")), f"{before} -> {after}"
+    finally:
+        server.stop()
+
+
+def test_every_worker_serves_tls(tmp_path: Path) -> None:
+    authority = Authority(tmp_path / "pki", "inferd-test-ca")
+    issued = authority.issue("server", server=True)
+    write_onnx_affine(tmp_path / "repo" / "affine" / "1", scale=2.0)
+    server = launch(
+        tmp_path,
+        str(tmp_path / "repo"),
+        "--workers=2",
+        f"--tls_cert={issued.cert}",
+        f"--tls_key={issued.key}",
+        wait=False,
+    )
+    url = server.url.replace("http://", "https://")
+
+    def scraped() -> float:
+        try:
+            text = requests.get(f"{url}/metrics", verify=authority.cert, timeout=2).text
+        except requests.ConnectionError:
+            return 0.0
+        return (
+            float(text.split("\ninferd_workers_scraped ")[1].split()[0])
+            if "inferd_workers_scraped " in text
+            else 0.0
+        )
+
+    try:
+        server.wait_for(lambda: scraped() == 2, "both workers over https")
+        spread: dict[str, float] = {}
+        for _ in range(20):
+            response = requests.post(
+                f"{url}/v1/models/affine:predict",
+                json={"instances": [ROW]},
+                verify=authority.cert,
+                timeout=10,
+            )
+            assert response.json() == {"predictions": [[2.0] * 4]}
+            metrics = requests.get(f"{url}/metrics", verify=authority.cert, timeout=5).text
+            spread = {
+                line.split('worker="')[1].split('"')[0]: float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("inferd_worker_requests_total{")
+            }
+            if len(spread) == 2:
+                break
+        assert len(spread) == 2, f"https requests reached one worker only: {spread}"
     finally:
         server.stop()
 
