@@ -412,3 +412,24 @@ def write_tflite_without_signatures(version_dir: Path) -> None:
             data = v1.lite.TFLiteConverter.from_session(session, [x], [y]).convert()
     version_dir.mkdir(parents=True, exist_ok=True)
     (version_dir / "model.tflite").write_bytes(data)
+
+
+def write_onnx_matmul_external(version_dir: Path, width: int, seed: int = 0) -> np.ndarray:
+    """``y = x @ w`` on FP32 [-1, width] with a random [width, width] ``w`` saved as ONNX external
+    data in ``weights.bin`` (onnx aligns it to pages); returns ``w``."""
+    w = np.random.default_rng(seed).standard_normal((width, width), dtype=np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul", [x], [y], [numpy_helper.from_array(w, "w")]
+    )
+    _save(version_dir, graph)
+    model = onnx.load(version_dir / "model.onnx")
+    onnx.save(
+        model,
+        version_dir / "model.onnx",
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    return w

@@ -774,9 +774,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     if args.repository and (config.model_config_file or config.model_base_path):
         parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
-    from inferd import server
+    from inferd.config import worker_count
 
     try:
+        workers = worker_count(config.workers)
+        if workers > 1:  # the supervisor imports no server code before it forks the workers
+            from inferd.workers import Supervisor
+
+            return Supervisor(config, workers).run()
+        from inferd import server
+
         server.run(config)
     except ConfigError as exc:
         print(f"inferd: {exc.message}", file=sys.stderr)

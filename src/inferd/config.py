@@ -545,6 +545,11 @@ class ServerConfig:
         default="0.0.0.0",
     )
     rest_api_port: int = option("port of the REST API", default=8501)
+    workers: str = option(
+        "server processes sharing the REST and gRPC ports, each serving every model; auto: one per "
+        "core (1: one process, no supervisor)",
+        default="1",
+    )
     port: int = option(
         "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
         default=8500,
@@ -798,6 +803,26 @@ INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {
 }
 """TF Serving flags (``tensorflow_model_server --help``) that mean nothing for inferd: accepted,
 with their type, and logged once with the reason."""
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: a whole number of processes, at least 1, or ``auto`` for one per core this
+    process may run on.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(
+            f"--workers: expected a whole number of processes (1 or more) or auto, got {text!r}"
+        )
+    return count
 
 
 def channel_arguments(text: str) -> list[tuple[str, str | int]]:

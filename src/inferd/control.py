@@ -8,6 +8,11 @@ delays neither the next scan nor another model's new version, and an admin call 
 the model it names. A model's reconciles run one after another (a newer plan replaces one still
 waiting), so loads of one model are serialized; loads of different models share the manager's
 bounded load pool (``--num_load_threads``). Call from the event loop's thread.
+
+What admin calls change (models unloaded, load overrides, moved labels, a replaced model config)
+is one ``AdminState``. Each call computes the new state, publishes it, then applies it. Under
+``--workers N`` it is published to an ``AdminStateFile`` that every worker follows, so a call made
+through one worker takes effect in all of them (and in a worker restarted later).
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import os
+import pickle
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from inferd.config import BatchingParameters, ModelConfig, ModelSettings
@@ -70,12 +80,148 @@ class SettingsOverride:
         return dataclasses.replace(settings, batching=batching)
 
 
-class ModelControl:
-    """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded."""
+@dataclass(slots=True)
+class AdminState:
+    """What admin calls changed, as a whole: the server's plan is the repository's with this on
+    top. ``generation`` counts the publications (0: none yet). ``models`` stays in force until
+    the model config file changes (as ``Repository.replace_models`` says)."""
 
-    def __init__(self, repository: Repository, manager: ModelManager[Any]) -> None:
+    generation: int = 0
+    unloaded: frozenset[str] = frozenset()
+    overrides: dict[str, SettingsOverride] = field(default_factory=dict)
+    moved: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> label -> version
+    models: list[ModelConfig] | None = None  # a reload_config's models; None: the configured ones
+    # What the call that published this state did, not copied to the next call's state:
+    trusted: frozenset[str] = frozenset()  # models whose new files it vouched for (a load)
+    reloaded: bool = False  # it replaced the models (reload_config)
+
+    def copy(self) -> AdminState:
+        """A copy whose containers can be changed without touching this one."""
+        return AdminState(
+            self.generation,
+            self.unloaded,
+            dict(self.overrides),
+            {name: dict(labels) for name, labels in self.moved.items()},
+            None if self.models is None else list(self.models),
+        )
+
+
+ADMIN_SYNC_TIMEOUT_S = 120.0
+"""How long an admin call waits for the other workers to apply it before it answers anyway."""
+
+
+class AdminStateFile:
+    """The ``AdminState`` shared by the workers of one server, in ``folder`` (private to them):
+    ``admin-state`` (the state, replaced whole by a rename), ``admin-state.lock`` (held by the
+    worker making an admin call, so calls through different workers apply one after another), and
+    ``applied-<worker>`` (``pid generation``: what each worker has applied).
+
+    ``worker`` names this worker's file. Methods block briefly on the file system (small files).
+    """
+
+    def __init__(self, folder: Path, worker: int) -> None:
+        self._path = folder / "admin-state"
+        self._lock_path = folder / "admin-state.lock"
+        self._applied = folder / f"applied-{worker}"
+        self._folder = folder
+        self._seen: tuple[int, int] | None = None  # (inode, mtime_ns) of the last state read
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[AdminState]:
+        """Hold the lock across workers; yields the state published last."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:  # polled, not blocking a thread: a cancelled call leaves nothing waiting
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            yield self.read() or AdminState()
+        finally:
+            os.close(fd)  # releases the lock
+
+    def read(self) -> AdminState | None:
+        """The state published last (None: none yet)."""
+        try:
+            with self._path.open("rb") as file:
+                stat = os.fstat(file.fileno())
+                state = pickle.load(file)
+        except FileNotFoundError:
+            return None
+        self._seen = (stat.st_ino, stat.st_mtime_ns)
+        assert isinstance(state, AdminState)
+        return state
+
+    def changed(self) -> AdminState | None:
+        """The state published last if it was published since the last ``read``, else None."""
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            return None
+        if (stat.st_ino, stat.st_mtime_ns) == self._seen:
+            return None
+        return self.read()
+
+    def publish(self, state: AdminState) -> None:
+        """Replace the published state with ``state`` (call holding ``locked``)."""
+        self._replace(self._path, pickle.dumps(state))
+
+    def acknowledge(self, generation: int) -> None:
+        """Record that this worker has applied ``generation``."""
+        self._replace(self._applied, f"{os.getpid()} {generation}".encode())
+
+    async def wait_applied(self, generation: int, timeout_s: float = ADMIN_SYNC_TIMEOUT_S) -> None:
+        """Wait until every live worker has applied ``generation`` (a worker that died is skipped:
+        its successor applies the state when it starts), at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (behind := self._behind(generation)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if behind:
+            log.warning(
+                "admin change %d: workers %s had not applied it after %.0f s", generation, behind, timeout_s
+            )
+
+    def _behind(self, generation: int) -> list[str]:
+        behind = []
+        for path in self._folder.glob("applied-*"):
+            try:
+                pid, applied = map(int, path.read_text().split())
+            except (OSError, ValueError):
+                continue
+            if applied < generation and _alive(pid):
+                behind.append(path.name.removeprefix("applied-"))
+        return behind
+
+    @staticmethod
+    def _replace(path: Path, data: bytes) -> None:
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_bytes(data)
+        partial.replace(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ModelControl:
+    """Reconciles ``manager`` to ``repository``, minus the models an admin unloaded. With
+    ``shared``, admin changes are published there and the ones other workers publish are applied
+    by ``follow``."""
+
+    def __init__(
+        self, repository: Repository, manager: ModelManager[Any], shared: AdminStateFile | None = None
+    ) -> None:
         self._repository = repository
         self._manager = manager
+        self._shared = shared
+        self._state = AdminState()
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
         self._overrides: dict[str, SettingsOverride] = {}
@@ -91,8 +237,25 @@ class ModelControl:
             ConfigError: the model configuration cannot be read (at the first scan only).
         """
         async with self._lock:
+            if self._shared is not None and (state := self._shared.read()) is not None:
+                self._set(state, starting=True)  # a worker (re)started after admin calls: as the others
             runs = await self._scan(trusted)
         await _settled(runs.values())
+        if self._shared is not None:
+            self._shared.acknowledge(self._state.generation)
+
+    async def follow(self) -> None:
+        """Apply the admin state another worker published, if it changed since (the step of the
+        poll that keeps workers in step; nothing without ``shared``)."""
+        if self._shared is None:
+            return
+        state = self._shared.changed()
+        if state is None or state.generation <= self._state.generation:
+            return
+        async with self._lock:
+            if state.generation > self._state.generation:
+                await self._adopt(state)
+        self._shared.acknowledge(self._state.generation)
 
     async def poll(self) -> None:
         """Scan the repository and start reconciling the models that changed, without waiting for
@@ -180,6 +343,9 @@ class ModelControl:
         return entries
 
     def _overridden(self, plan: ModelPlan) -> ModelPlan:
+        moved = self._moved.get(plan.name)  # moved by an admin call in another worker too
+        if moved:
+            plan = dataclasses.replace(plan, labels={**plan.labels, **moved})
         override = self._overrides.get(plan.name)
         if override is None:
             return plan
@@ -201,24 +367,19 @@ class ModelControl:
             InvalidArgument: ``override`` does not fit the model's settings.
             ModelLoadError: no version of it is AVAILABLE afterwards; the message says why.
         """
-        async with self._lock:
+        async with self._admin() as state:
             self._require_configured(name)
             if override is not None:
                 try:
                     override.apply(self._repository_settings(name))
                 except ConfigError as exc:
                     raise InvalidArgument(f"the config does not fit model {name!r}: {exc.message}") from None
-            if self._overrides.get(name) != override:
-                if override is None:
-                    del self._overrides[name]
-                else:
-                    self._overrides[name] = override
-                self._unloaded.add(name)  # retire the versions loaded with the old settings
-                runs = await self._scan()
-                await _settled(run for model, run in runs.items() if model == name)
-            self._unloaded.discard(name)
-            runs = await self._scan(frozenset({name}))
-        await _settled(run for model, run in runs.items() if model == name)
+                state.overrides[name] = override
+            else:
+                state.overrides.pop(name, None)
+            state.unloaded -= {name}
+            state.trusted = frozenset({name})
+            await self._commit(state)
         # Under a memory budget the model is listed cold: load it now.
         with (
             contextlib.suppress(NotFound, Unavailable),
@@ -239,11 +400,10 @@ class ModelControl:
         Raises:
             NotFound: ``name`` is not a configured model.
         """
-        async with self._lock:
+        async with self._admin() as state:
             self._require_configured(name)
-            self._unloaded.add(name)
-            runs = await self._scan()
-        await _settled(run for model, run in runs.items() if model == name)
+            state.unloaded |= {name}
+            await self._commit(state)
 
     def labels(self, name: str) -> dict[str, int]:
         """Where the labels of model ``name`` point now (label -> version)."""
@@ -275,9 +435,12 @@ class ModelControl:
             NotFound: ``name`` is not a configured model, or it is not served now.
             InvalidArgument: ``version`` is not AVAILABLE, so the label could not move.
         """
-        async with self._lock:  # not beside a scan that is queueing this model's plan
+        async with self._admin() as state:
             self._require_configured(name)
+            # here at once (raises before any change); the other workers by the state's plans
             self._manager.move_label(name, label, version)
+            state.moved.setdefault(name, {})[label] = version
+            await self._commit(state)
 
     async def reload_config(self, models: list[ModelConfig]) -> None:
         """Serve exactly ``models`` from now on (see ``Repository.replace_models``); a model an
@@ -286,16 +449,71 @@ class ModelControl:
         Raises:
             ModelLoadError: the config is in force, but these models have no version AVAILABLE.
         """
-        async with self._lock:
-            self._repository.replace_models(models)
-            self._unloaded.clear()
-            runs = await self._scan()
-        await _settled(runs.values())
+        async with self._admin() as state:
+            state.models = list(models)
+            state.reloaded = True
+            state.unloaded = frozenset()
+            await self._commit(state)
         failed = [m.name for m in models if not self._manager.serves(m.name)]
         if failed:
             raise ModelLoadError(
                 f"the new config is in force, but no version of {failed} could be loaded; see GetModelStatus"
             )
+
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[AdminState]:
+        """Hold the lock (the workers' lock too, when shared) and yield a copy of the admin state
+        in force, the latest any worker published, for an admin call to change and ``_commit``."""
+        if self._shared is None:
+            async with self._lock:
+                yield self._state.copy()
+            return
+        # The workers' lock first: waiting for it, this worker still follows the others' calls.
+        async with self._shared.locked() as latest, self._lock:
+            if latest.generation > self._state.generation:
+                await self._adopt(latest)  # start from what the other workers serve
+            yield self._state.copy()
+
+    async def _commit(self, state: AdminState) -> None:
+        """Publish ``state`` and apply it; when shared, wait until every worker applied it."""
+        state.generation = self._state.generation + 1
+        if self._shared is not None:
+            self._shared.publish(state)
+        await self._adopt(state)
+        if self._shared is not None:
+            self._shared.acknowledge(state.generation)
+            await self._shared.wait_applied(state.generation)
+
+    def _set(self, state: AdminState, starting: bool = False) -> None:
+        """Make ``state`` the one in force, without reconciling; its models replace the configured
+        ones when its call replaced them, or when this worker is ``starting``."""
+        if state.models is not None and (state.reloaded or starting):
+            self._repository.replace_models(state.models)
+        self._state = state
+        self._unloaded = set(state.unloaded)
+        self._overrides = dict(state.overrides)
+        self._moved = {name: dict(labels) for name, labels in state.moved.items()}
+
+    async def _adopt(self, state: AdminState) -> None:
+        """Apply ``state``: versions loaded with settings it overrides differently are retired
+        first and loaded again; waits for the models it changed. Call holding the lock."""
+        old = self._state
+        retire = {
+            n
+            for n in old.overrides.keys() | state.overrides.keys()
+            if old.overrides.get(n) != state.overrides.get(n)
+        }
+        moved = {n for n in old.moved.keys() | state.moved.keys() if old.moved.get(n) != state.moved.get(n)}
+        touched = retire | moved | (old.unloaded ^ state.unloaded) | state.trusted
+        everything = state.reloaded
+        self._set(state)
+        if retire:  # retire the versions loaded with the old settings
+            self._unloaded |= retire
+            runs = await self._scan()
+            await _settled(run for model, run in runs.items() if model in retire)
+            self._unloaded = set(state.unloaded)
+        runs = await self._scan(state.trusted)
+        await _settled(run for model, run in runs.items() if everything or model in touched)
 
     def _repository_settings(self, name: str) -> ModelSettings:
         plan = self._repository.plan(name)

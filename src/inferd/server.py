@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ from inferd.config import (
     read_batching_parameters_file,
     read_monitoring_config_file,
 )
-from inferd.control import ModelControl
+from inferd.control import AdminStateFile, ModelControl
 from inferd.dashboard import Dashboard, is_admin, is_public
 from inferd.errors import (
     ConfigError,
@@ -71,10 +71,13 @@ from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 from inferd.tracing import TRACEPARENT, Tracing
+from inferd.worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     import grpc
     from grpc_health.v1.health import aio as health_aio
+
+    from inferd.workers import WorkerLink
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -105,8 +108,10 @@ class HttpApp:
         decode_pool: BodyDecoder | None = None,
         traced: bool = False,
         rollouts: Rollouts | None = None,
+        exposition: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self._service = service
+        self._exposition = exposition
         self._traced = traced
         self._control = control
         self._rollouts = rollouts
@@ -150,7 +155,7 @@ class HttpApp:
                 return  # the client went away (or was timed out) before its body arrived
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
-            if admin and self._rollouts is not None and (route := _ROLLOUT.fullmatch(path)):
+            if admin and (route := _ROLLOUT.fullmatch(path)):
                 call = _rollout(self._rollouts, method, route.group(1), route.group(2), body)
             elif path[:4].lower() == "/v1/":
                 key = self._service.traffic_key_header
@@ -189,7 +194,8 @@ class HttpApp:
             elif method == "GET" and path == openapi.PATH:
                 status, headers, payload = 200, dict(JSON_HEADERS), openapi.document_bytes()
             elif method == "GET" and path in self._metrics_paths:
-                status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, metrics.exposition()
+                exposed = metrics.exposition() if self._exposition is None else await self._exposition()
+                status, headers, payload = 200, {"content-type": CONTENT_TYPE_LATEST}, exposed
             else:
                 status, headers, payload = (
                     404,
@@ -309,10 +315,15 @@ async def _hang_up_on_disconnect(receive: Any, watch: RequestWatch) -> None:
 _ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(?:/([a-z]+))?")
 
 
-async def _rollout(rollouts: Rollouts, method: str, model: str, action: str | None, body: bytes) -> Response:
+async def _rollout(
+    rollouts: Rollouts | None, method: str, model: str, action: str | None, body: bytes
+) -> Response:
     """``POST .../rollout`` starts a rollout (body: see ``Rollouts.start``); ``POST
     .../rollout/ACTION`` does ``Rollouts.command``'s other actions (``status``, ``pause``,
-    ``resume``, ``promote``, ``abort``). Each answers the rollout's status."""
+    ``resume``, ``promote``, ``abort``). Each answers the rollout's status. ``rollouts`` None:
+    under ``--workers``, where a rollout (one process's traffic split) is refused."""
+    if rollouts is None:
+        raise InvalidArgument("rollouts run inside one process: start one on a server with --workers 1")
     if method != "POST":
         raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
     return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.command(model, action or "start", body))
@@ -325,6 +336,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+ADMIN_FOLLOW_S = 0.05
+"""Under ``--workers``, how often a worker looks for admin changes made through another (a
+``stat`` of one file)."""
+
 _IDLE_CHECK_S = 1.0
 """How often versions are checked against their ``idle_unload_s``."""
 
@@ -332,8 +347,12 @@ _IDLE_CHECK_S = 1.0
 class Server:
     """Owns the executors, the manager, the service and the poll loop."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, link: WorkerLink | None = None) -> None:
+        """``link``: this server is one of ``--workers N`` (see ``inferd.workers``)."""
         self.config = config
+        self.link = link
+        if link is not None and config.rollout_state_dir:
+            raise ConfigError("--rollout_state_dir needs --workers 1: a rollout runs inside one process")
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
         if config.num_load_threads < 1:
@@ -387,7 +406,11 @@ class Server:
 
         state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
         self.rollouts = Rollouts(self.manager, self.metrics, agreement, state_dir)
-        self.control = ModelControl(self.repository, self.manager)
+        shared = AdminStateFile(link.folder, link.number) if link is not None else None
+        self.control = ModelControl(self.repository, self.manager, shared)
+        self.worker_metrics = (
+            WorkerMetrics(link.folder, link.number, self.metrics.exposition) if link is not None else None
+        )
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
@@ -403,7 +426,8 @@ class Server:
             self.inflight,
             self._decode_pool,
             traced=self.tracing is not None,
-            rollouts=self.rollouts,
+            rollouts=self.rollouts if self.link is None else None,
+            exposition=self.worker_metrics.exposition if self.worker_metrics is not None else None,
         )
 
     async def _poll(self, interval_s: float) -> None:
@@ -419,6 +443,32 @@ class Server:
         while True:
             await asyncio.sleep(_IDLE_CHECK_S)
             self.manager.unload_idle()
+
+    async def _supervised(self, http: Any, request_exit: Callable[[], None]) -> None:
+        """Once ``http`` listens (gRPC listens before it): answer this worker's metrics to the
+        others and tell the supervisor; then drain and exit when the supervisor is gone (its end
+        of the link closed)."""
+        assert self.link is not None
+        assert self.worker_metrics is not None
+        while not http.started:
+            await asyncio.sleep(0.01)
+        await self.worker_metrics.serve()
+        self.link.ready()
+        loop = asyncio.get_running_loop()
+        self.link.channel.setblocking(False)
+        while await loop.sock_recv(self.link.channel, 16):
+            pass
+        log.warning("the supervisor is gone; shutting down")
+        request_exit()
+
+    async def _follow_admin(self) -> None:
+        """Apply the admin changes other workers publish, checked every ``ADMIN_FOLLOW_S``."""
+        while True:
+            await asyncio.sleep(ADMIN_FOLLOW_S)
+            try:
+                await self.control.follow()
+            except Exception:
+                log.exception("applying another worker's admin change failed; retrying")
 
     def _poll_interval_s(self) -> float:
         periods = [
@@ -452,7 +502,7 @@ class Server:
         http_server = _http_server_class()
         interval_s = self._poll_interval_s()
         # Bound (not yet listening) before the models load: a busy port fails the start at once.
-        rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port)
+        rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port, self.link is not None)
         try:
             await self.control.sync()
             if self.config.file_system_poll_wait_seconds > 0:
@@ -465,6 +515,9 @@ class Server:
             raise
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         sweeper = asyncio.create_task(self._unload_idle())
+        linked: list[asyncio.Task[None]] = []
+        if self.link is not None:
+            linked.append(asyncio.create_task(self._follow_admin()))
         http = http_server(
             uvicorn.Config(
                 self.http_app(),
@@ -495,7 +548,7 @@ class Server:
         try:
             if self.config.port:
                 grpc_server, health = await _start_grpc(
-                    self.service, self.control, self.config, self.tls, self.inflight
+                    self.service, self.control, self.config, self.tls, self.inflight, self.link is not None
                 )
             level, served = self.control.summary()
             log.log(
@@ -523,9 +576,15 @@ class Server:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, request_exit)
+            if self.link is not None:
+                linked.append(asyncio.create_task(self._supervised(http, request_exit)))
             await http.serve(sockets=[rest_socket])
         finally:
             rest_socket.close()
+            for task in linked:
+                task.cancel()
+            if self.worker_metrics is not None:
+                await self.worker_metrics.close()
             if grpc_server is not None:
                 await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
@@ -554,6 +613,7 @@ async def _start_grpc(
     config: ServerConfig,
     tls: TlsSettings | None,
     inflight: InflightBytes,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
@@ -574,7 +634,7 @@ async def _start_grpc(
         admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
         inflight=inflight,
     )
-    options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections)
+    options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections, reuse_port)
     interceptors: list[grpc.aio.ServerInterceptor] = [access, grpc_status.DecodeInterceptor()]
     if config.otel_endpoint:
         from inferd.protocols.trace_context import TraceContextInterceptor
@@ -695,9 +755,9 @@ def _add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
     reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server, pool=POOL)
 
 
-def bind_rest_socket(host: str, port: int) -> socket.socket:
+def bind_rest_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` for the REST API, not yet listening (uvicorn listens
-    on it when it starts serving).
+    on it when it starts serving); with ``reuse_port``, one of the workers' sockets sharing it.
 
     Raises:
         ConfigError: the address cannot be bound (in use, not this machine's, no permission).
@@ -711,6 +771,8 @@ def bind_rest_socket(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen for REST on {host}:{port} (--host): {exc.strerror or exc}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port's
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
@@ -729,16 +791,19 @@ GRPC_MAX_PING_STRIKES = 2
 """Pings sent faster than that, without data, before the server closes the connection."""
 
 
-def grpc_transport_options(config: ServerConfig, max_connections: int) -> list[tuple[str, int | str]]:
+def grpc_transport_options(
+    config: ServerConfig, max_connections: int, reuse_port: bool = False
+) -> list[tuple[str, int | str]]:
     """The gRPC core options that bound what one client can hold or make the server do:
     message and metadata sizes, connections, streams per connection, idle connections and
     keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
-    instead of sharing it."""
+    instead of sharing it; 1 (``reuse_port``) for the workers of ``--workers N``, whose
+    supervisor keeps other servers off the port."""
     return [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_metadata_size", config.max_header_bytes),
         ("grpc.absolute_max_metadata_size", config.max_header_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
         ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
@@ -775,10 +840,11 @@ def _http_server_class() -> type:
     return HttpServer
 
 
-def run(config: ServerConfig) -> None:
-    """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed."""
+def run(config: ServerConfig, link: WorkerLink | None = None) -> None:
+    """Serve ``config`` until SIGINT or SIGTERM, on uvloop when it is installed; ``link``: as one
+    of ``--workers N``."""
     raise_open_file_limit()
-    server = Server(config)
+    server = Server(config, link)
     try:
         import uvloop
     except ImportError:

@@ -18,6 +18,7 @@ from inferd.config import (
     read_model_config_file,
     read_model_settings,
     with_server_flags,
+    worker_count,
 )
 from inferd.errors import ConfigError
 
@@ -442,3 +443,11 @@ def test_server_flags_fill_what_inferd_toml_leaves_unset() -> None:
     assert not off.warmup
     assert off.options("tensorflow")["warmup_iterations"] == 0
     assert "onnx" not in off.runtime_tables
+
+
+def test_worker_count_takes_whole_numbers_and_auto() -> None:
+    assert worker_count("3") == 3
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ConfigError, match="--workers: expected a whole number"):
+            worker_count(bad)

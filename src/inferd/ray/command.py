@@ -81,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if config.workers != "1":
+        print("inferd ray: --workers does not apply on Ray; scale with --num_replicas", file=sys.stderr)
+        return 2
     return _serve(args, config)
 
 

@@ -33,6 +33,7 @@ _OPTIONS = {
     "execution_mode",
     "graph_optimization_level",
     "allow_spinning",
+    "share_weights",
 }
 
 _ONNX_TYPES = {
@@ -160,6 +161,11 @@ def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
         raise ModelLoadError(f"[onnx] allow_spinning must be true or false, got {spinning!r}")
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    share = options.get("share_weights", False)
+    if not isinstance(share, bool):
+        raise ModelLoadError(f"[onnx] share_weights must be true or false, got {share!r}")
+    if share:  # weights stored as external data stay in onnxruntime's read-only mapping of the file
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 

@@ -1,0 +1,186 @@
+"""``/metrics`` over every worker of ``--workers N``: each worker keeps recording in its own
+process, as one process does (nothing is added to the request path), and answers its own
+exposition on a Unix socket in the workers' private folder; the worker that a scrape reaches
+reads its siblings' and merges them into one.
+
+Merging: counters, histograms and summaries are summed per label set. Gauges are summed where
+each worker holds its own share (requests in flight, queued rows, memory: ``SUMMED_GAUGES``),
+the earliest is kept for ``process_start_time_seconds``, and the largest for the rest, which
+every worker reports alike (budgets, rollout shares, batcher targets). A worker that does not
+answer within ``SIBLING_TIMEOUT_S`` (dying, restarting) is left out of that scrape, and
+``inferd_workers_scraped`` says how many answered. ``inferd_worker_requests`` counts the
+requests each worker answered by protocol (all models), so that the spread over workers shows;
+a restarted worker's count starts again from 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SIBLING_TIMEOUT_S = 2.0
+"""How long a scrape waits for each sibling worker's exposition."""
+
+SUMMED_GAUGES = frozenset(
+    {
+        "inferd_in_flight_requests",
+        "inferd_queue_rows",
+        "inferd_model_resident_bytes",
+        "inferd_memory_used_bytes",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    }
+)
+"""Gauges that are a per-process share of a whole: summed over workers."""
+
+_EARLIEST_GAUGES = frozenset({"process_start_time_seconds"})
+
+
+def socket_path(folder: Path, worker: int) -> Path:
+    """Where worker number ``worker`` answers its own exposition."""
+    return folder / f"metrics-{worker}.sock"
+
+
+class WorkerMetrics:
+    """One worker's side: ``serve`` answers this worker's exposition to its siblings;
+    ``exposition`` is the merged text for ``/metrics``. Use from the event loop's thread."""
+
+    def __init__(self, folder: Path, worker: int, own: Callable[[], bytes]) -> None:
+        self._folder = folder
+        self._worker = worker
+        self._own = own
+        self._server: asyncio.AbstractServer | None = None
+
+    async def serve(self) -> None:
+        """Start answering this worker's exposition on its socket (replacing a predecessor's)."""
+        path = socket_path(self._folder, self._worker)
+        path.unlink(missing_ok=True)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(self._own())
+                await writer.drain()
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_unix_server(answer, path=str(path))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def exposition(self) -> bytes:
+        """Every worker's metrics, merged (see the module's docstring)."""
+        siblings = sorted(
+            int(p.name.removeprefix("metrics-").removesuffix(".sock"))
+            for p in self._folder.glob("metrics-*.sock")
+            if p.name != socket_path(self._folder, self._worker).name
+        )
+        texts = await asyncio.gather(*(self._read(worker) for worker in siblings))
+        parts = [(self._worker, self._own())]
+        parts += [(worker, text) for worker, text in zip(siblings, texts, strict=True) if text is not None]
+        return merge(parts)
+
+    async def _read(self, worker: int) -> bytes | None:
+        try:
+            async with asyncio.timeout(SIBLING_TIMEOUT_S):
+                reader, writer = await asyncio.open_unix_connection(str(socket_path(self._folder, worker)))
+                try:
+                    return await reader.read()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.debug("worker %d's metrics left out of this scrape: %s", worker, exc)
+            return None
+
+
+def merge(parts: list[tuple[int, bytes]]) -> bytes:
+    """The Prometheus text format of ``parts`` (worker number, its exposition) merged into one,
+    plus ``inferd_worker_requests`` and ``inferd_workers_scraped``.
+
+    Works on lines, not parsed samples: every worker writes a label set the same way (the same
+    code formats it), so a sample's text before its value is its key. Families and samples keep
+    the order of their first appearance.
+    """
+    headers: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines
+    samples: dict[str, dict[str, float]] = {}  # family -> sample key (name and labels) -> value
+    combine: dict[str, Callable[[float, float], float]] = {}
+    answered: dict[tuple[str, str], float] = {}  # (worker, protocol) -> requests
+    for worker, text in parts:
+        family = ""
+        for line in text.decode().splitlines():
+            if line.startswith("#"):
+                words = line.split(" ", 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    family = words[2]
+                    if family not in samples:
+                        headers[family], samples[family] = [], {}
+                    if len(headers[family]) < 2:
+                        headers[family].append(line)
+                    if words[1] == "TYPE":
+                        combine[family] = _combiner(family, words[3] if len(words) > 3 else "")
+                continue
+            key, _, text_value = line.rpartition(" ")
+            if not key:
+                continue
+            value = float(text_value)
+            table = samples.setdefault(family, {})
+            table[key] = combine.get(family, _add)(table[key], value) if key in table else value
+            if key.startswith("inferd_requests_total{"):
+                by = (str(worker), _label(key, "protocol"))
+                answered[by] = answered.get(by, 0.0) + value
+    out: list[str] = []
+    for family, table in samples.items():
+        out += headers.get(family, [])
+        out += [f"{key} {_number(value)}" for key, value in table.items()]
+    out += [
+        "# HELP inferd_worker_requests_total Requests answered by each worker, by protocol (all models)",
+        "# TYPE inferd_worker_requests_total counter",
+    ]
+    out += [
+        f'inferd_worker_requests_total{{protocol="{protocol}",worker="{worker}"}} {_number(count)}'
+        for (worker, protocol), count in sorted(answered.items())
+    ]
+    out += [
+        "# HELP inferd_workers_scraped Workers whose metrics this scrape merged",
+        "# TYPE inferd_workers_scraped gauge",
+        f"inferd_workers_scraped {_number(float(len(parts)))}",
+    ]
+    return ("\n".join(out) + "\n").encode()
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _label(key: str, name: str) -> str:
+    """The value of label ``name`` in a sample key ``metric{a="x",b="y"}`` ('' when absent)."""
+    marker = f'{name}="'
+    at = key.find(marker)
+    if at < 0:
+        return ""
+    start = at + len(marker)
+    return key[start : key.find('"', start)]
+
+
+def _combiner(family: str, kind: str) -> Callable[[float, float], float]:
+    if kind != "gauge" or family in SUMMED_GAUGES:
+        return _add
+    return min if family in _EARLIEST_GAUGES else max
+
+
+def _add(a: float, b: float) -> float:
+    return a + b

@@ -1,0 +1,62 @@
+"""Merging the expositions of several workers into one ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from inferd.metrics import Metrics
+from inferd.worker_metrics import merge
+
+
+def _table(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def _worker(requests: int, in_flight: int, seconds: float) -> bytes:
+    metrics = Metrics()
+    for _ in range(requests):
+        metrics.count_request("m", "1", "tfserving_rest", "OK")
+        metrics.timer("m", "1", "tfserving_rest").observe(*[seconds] * 7)
+    metrics.in_flight = in_flight
+    metrics.gauge("inferd_batcher_target_batch_size", "target", lambda: iter([(("m", "1"), 8.0)]))
+    return metrics.exposition()
+
+
+def test_counters_histograms_and_shares_are_summed_and_alike_gauges_kept_once() -> None:
+    merged = _table(merge([(0, _worker(3, 2, 0.001)), (1, _worker(5, 1, 0.2))]))
+    rest = frozenset({"model": "m", "version": "1", "protocol": "tfserving_rest", "status": "OK"}.items())
+    assert merged[("inferd_requests_total", rest)] == 8
+    total = {"model": "m", "version": "1", "protocol": "tfserving_rest", "stage": "total"}
+    assert merged[("inferd_request_duration_seconds_count", frozenset(total.items()))] == 8
+    assert (
+        merged[("inferd_request_duration_seconds_bucket", frozenset({**total, "le": "0.001"}.items()))] == 3
+    )
+    assert merged[("inferd_request_duration_seconds_sum", frozenset(total.items()))] == 3 * 0.001 + 5 * 0.2
+    assert merged[("inferd_in_flight_requests", frozenset())] == 3
+    target = frozenset({"model": "m", "version": "1"}.items())
+    assert merged[("inferd_batcher_target_batch_size", target)] == 8  # every worker reports it alike
+    assert (
+        merged[
+            ("inferd_worker_requests_total", frozenset({"worker": "0", "protocol": "tfserving_rest"}.items()))
+        ]
+        == 3
+    )
+    assert (
+        merged[
+            ("inferd_worker_requests_total", frozenset({"worker": "1", "protocol": "tfserving_rest"}.items()))
+        ]
+        == 5
+    )
+    assert merged[("inferd_workers_scraped", frozenset())] == 2
+
+
+def test_a_label_set_only_one_worker_has_is_kept() -> None:
+    other = Metrics()
+    other.count_request("n", "4", "v2_grpc", "NOT_FOUND")
+    merged = _table(merge([(0, _worker(1, 0, 0.01)), (1, other.exposition())]))
+    key = frozenset({"model": "n", "version": "4", "protocol": "v2_grpc", "status": "NOT_FOUND"}.items())
+    assert merged[("inferd_requests_total", key)] == 1
