@@ -225,6 +225,7 @@ class ModelControl:
         self._unloaded: set[str] = set()
         self._configured: list[str] = []  # every model the last scan planned, by name
         self._overrides: dict[str, SettingsOverride] = {}
+        self._moved: dict[str, dict[str, int]] = {}  # labels admin calls moved: model -> label -> version
         self._lock = asyncio.Lock()  # held while scanning and while an admin call changes the plan
         self._pending: dict[str, ModelPlan | None] = {}  # per model, the next plan (None: remove)
         self._runs: dict[str, asyncio.Task[None]] = {}  # per model, the task applying its plans
