@@ -145,7 +145,7 @@ class HttpApp:
         try:
             self._check_header_size(scope)
             if self._cors and method == "OPTIONS":
-                await self._send(send, *_preflight(scope))
+                await self._send(scope, send, *_preflight(scope))
                 return
             admin = path.startswith(v2_rest.ADMIN_PREFIX) or is_admin(method, path)
             if admin or (self._access.api_token and not is_public(method, path)):
@@ -214,14 +214,19 @@ class HttpApp:
             log.exception("request %s (%s %s) failed", request_id, method, path)
             failed = Internal(f"internal error; request id {request_id}")
             status, headers, payload = json_error(failed)
-        await self._send(send, status, headers, payload)
+        await self._send(scope, send, status, headers, payload)
 
-    async def _send(self, send: Any, status: int, headers: Mapping[str, str], payload: bytes) -> None:
+    async def _send(
+        self, scope: Scope, send: Any, status: int, headers: Mapping[str, str], payload: bytes
+    ) -> None:
         if self._cors:
             headers = {**headers, **_CORS_HEADERS}
         raw = [(k.encode(), v.encode()) for k, v in headers.items()]
         # With its length given, uvicorn sends the answer whole instead of in chunks.
         raw.append((b"content-length", b"%d" % len(payload)))
+        watch = scope.get("extensions", {}).get(WATCH)
+        if watch is not None and watch.send_whole(status, raw, payload):
+            return
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
@@ -126,17 +126,19 @@ def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
 
 
 class RequestWatch:
-    """Ends one request's computation early: when the client hangs up (``hang_up``, from the
-    connection) or its deadline passes (``expire``, from a timer), the task in ``task`` is
-    cancelled and the flag says why. ``task`` is set only while the answer is computed (the body
-    was read and nothing is sent yet). Event loop thread only."""
+    """One request's link to its connection. It ends the request's computation early: when the
+    client hangs up (``hang_up``, from the connection) or its deadline passes (``expire``, from a
+    timer), the task in ``task`` is cancelled and the flag says why. ``task`` is set only while
+    the answer is computed (the body was read and nothing is sent yet). ``send_whole`` writes a
+    whole answer at once. Event loop thread only."""
 
-    __slots__ = ("expired", "hung_up", "task")
+    __slots__ = ("_cycle", "expired", "hung_up", "task")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[Any] | None = None
         self.hung_up = False
         self.expired = False
+        self._cycle: Any = None  # uvicorn's RequestResponseCycle of the request, once made
 
     def hang_up(self) -> None:
         if self.task is not None and not self.hung_up and not self.expired:
@@ -147,6 +149,34 @@ class RequestWatch:
         if self.task is not None and not self.hung_up and not self.expired:
             self.expired = True
             self.task.cancel()
+
+    def send_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write the answer (``headers``: lower-case names, ``content-length`` among them) in one
+        write, as uvicorn writes a start and a body message, and end the request; False (nothing
+        written) when it cannot: no cycle, an answer started, the client gone, or a header value
+        holding a line break. Saves the second write and the two ASGI messages."""
+        cycle = self._cycle
+        if cycle is None or cycle.response_started or cycle.disconnected:
+            return False
+        parts = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            if b"\r" in value or b"\n" in value:
+                return False
+            parts += (name.lower(), b": ", value, b"\r\n")
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if cycle.scope["method"] != "HEAD":
+            parts.append(body)
+        cycle.transport.write(b"".join(parts))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+        return True
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -227,8 +257,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._head_begun = False
         # before super() hands the scope over
-        self.scope["extensions"] = {WATCH: RequestWatch()}  # type: ignore[dict-item]
+        watch = RequestWatch()
+        self.scope["extensions"] = {WATCH: watch}  # type: ignore[dict-item]
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            watch._cycle = self.cycle
         self._in_body = True
 
     def on_message_complete(self) -> None:
