@@ -152,7 +152,11 @@ def _refusal(handler: Handler, error: InferdError) -> Handler:
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
     """Answers a unary request that does not parse (e.g. a string field holding bytes that are not
     UTF-8, such as an encoded lone surrogate) with INVALID_ARGUMENT, instead of the UNKNOWN and
-    the logged traceback that grpc gives when a request deserializer raises."""
+    the logged traceback that grpc gives when a request deserializer raises. The guarded handler
+    of each method is made once."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}  # method -> (handler, guarded)
 
     async def intercept_service(
         self,
@@ -162,17 +166,26 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
-        parse, behaviour = handler.request_deserializer, handler.unary_unary
-        if parse is None or behaviour is None:
-            return handler
+        method = handler_call_details.method
+        made = self._guarded.get(method)
+        if made is None or made[0] is not handler:
+            made = self._guarded[method] = (handler, _guarded(method, handler))
+        return made[1]
 
-        async def guarded(data: bytes, context: Context) -> Any:
-            try:
-                request = parse(data)
-            except Exception as exc:  # protobuf's DecodeError, or a subclass of it
-                method = handler_call_details.method
-                message = f"the request is not a valid {method} message: {exc}"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
-            return await behaviour(request, context)  # type: ignore[arg-type]  # stubs name sync contexts
 
-        return grpc.unary_unary_rpc_method_handler(guarded, None, handler.response_serializer)
+def _guarded(method: str, handler: Handler) -> Handler:
+    """``handler`` (unary-unary) parsing its request itself, answering INVALID_ARGUMENT when the
+    message does not parse."""
+    parse, behaviour = handler.request_deserializer, handler.unary_unary
+    if parse is None or behaviour is None:
+        return handler
+
+    async def guarded(data: bytes, context: Context) -> Any:
+        try:
+            request = parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a subclass of it
+            message = f"the request is not a valid {method} message: {exc}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
+        return await behaviour(request, context)  # type: ignore[arg-type]  # stubs name sync contexts
+
+    return grpc.unary_unary_rpc_method_handler(guarded, None, handler.response_serializer)
