@@ -1,0 +1,157 @@
+"""What one request costs inferd's REST application in CPU, in process: no sockets, no HTTP server.
+
+    .venv/bin/python -m bench.request_cost [--requests 20000] [--rounds 5] [--profile FILE]
+
+Drives inferd's ASGI application (``Server.http_app``, the digits model over TF Serving JSON and V2
+JSON, one instance a request) with requests made in memory, one at a time (``c=1``) and from 64
+concurrent tasks (``c=64``), and prints the CPU per request (``time.process_time``: every thread
+of this process), the fastest of ``--rounds`` runs. Beside it, the floor: a bare ASGI function
+doing only orjson, numpy and onnxruntime on the same body. What is left between the two is
+inferd's own per-request work (routing, limits, validation, the version lease, metrics,
+statistics, encoding), without the HTTP server's, which ``bench.run --perf`` measures. Run it
+pinned (``taskset -c 0``) on an idle machine; ``--profile`` writes a cProfile of the c=1 loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import uvloop
+
+from bench import models
+from inferd.config import ServerConfig
+from inferd.protocols.http_connection import WATCH, RequestWatch
+from inferd.server import Server
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+CONCURRENCY = (1, 64)
+
+
+def floor_app(model_file: Path) -> App:
+    """The least a Python endpoint can do: parse, run onnxruntime inline, write."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    headers = [(b"content-type", b"application/json")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        x = np.asarray(orjson.loads(body)["instances"], dtype=np.float32)
+        y = session.run(None, {name: x})[0]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": orjson.dumps({"predictions": y}, option=orjson.OPT_SERIALIZE_NUMPY),
+            }
+        )
+
+    return app
+
+
+async def one(app: App, path: str, body: bytes) -> int:
+    """One request through ``app``; its status."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "extensions": {WATCH: RequestWatch()},
+    }
+    sent: list[dict[str, Any]] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never hangs up
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+async def cpu_per_request(app: App, path: str, body: bytes, requests: int, concurrency: int) -> float:
+    """CPU seconds per request over ``requests`` requests from ``concurrency`` tasks."""
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await one(app, path, body)
+
+    started = time.process_time()
+    await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+    return (time.process_time() - started) / (requests // concurrency * concurrency)
+
+
+async def measure(requests: int, rounds: int, profile: Path | None) -> list[tuple[str, int, float]]:
+    work = Path(tempfile.mkdtemp(prefix="inferd-request-cost-"))
+    model_file = models.build_all(work)["digits"]
+    x = models.instances("digits", 1)
+    tf_body = json.dumps({"instances": x.tolist()}).encode()
+    v2_body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+    ).encode()
+    server = Server(
+        ServerConfig(repository=str(work), rest_api_port=0, port=0, file_system_poll_wait_seconds=0)
+    )
+    await server.control.sync()
+    inferd = server.http_app()
+    cases: list[tuple[str, App, str, bytes]] = [
+        ("floor (orjson, numpy, onnxruntime)", floor_app(model_file), "/", tf_body),
+        ("inferd, TF Serving JSON", inferd, "/v1/models/digits:predict", tf_body),
+        ("inferd, V2 JSON", inferd, "/v2/models/digits/infer", v2_body),
+    ]
+    rows = []
+    for name, app, path, body in cases:
+        status = await one(app, path, body)
+        if status != 200:
+            raise SystemExit(f"{name}: answered {status}")
+        for concurrency in CONCURRENCY:
+            await cpu_per_request(app, path, body, max(requests // 10, concurrency), concurrency)  # warm up
+            best = min([await cpu_per_request(app, path, body, requests, concurrency) for _ in range(rounds)])
+            rows.append((name, concurrency, best))
+            print(f"{name:38s} c={concurrency:<3d} {best * 1e6:7.1f} us CPU per request", flush=True)
+    if profile is not None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await cpu_per_request(inferd, cases[1][2], tf_body, requests, 1)
+        profiler.disable()
+        profiler.dump_stats(str(profile))
+    await server.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000, help="requests per run (default 20,000)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per case; the fastest counts (default 5)")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of inferd's c=1 loop here")
+    args = parser.parse_args()
+    uvloop.run(measure(args.requests, args.rounds, args.profile))
+
+
+if __name__ == "__main__":
+    main()
