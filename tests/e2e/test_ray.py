@@ -510,3 +510,87 @@ def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment
 
     placement = {name: holders(name) for name in names}
     assert all(len(urls) == 1 for urls in placement.values()), placement
+
+
+def _reports(deployed: Deployment, token: str) -> dict[str, dict[str, object]]:
+    response = requests.get(
+        f"{deployed.url}/ray/replicas", headers={"authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    reports: dict[str, dict[str, object]] = response.json()["replicas"]
+    return reports
+
+
+def _every_replica(
+    deployed: Deployment, token: str, replicas: int, check: Callable[[dict[str, object]], bool]
+) -> bool:
+    """True once exactly ``replicas`` replicas report and each report of model ``labelled`` passes."""
+    reports = _reports(deployed, token)
+    models = [report["models"] for report in reports.values()]
+    return len(reports) == replicas and all(
+        isinstance(m, dict) and isinstance(m.get("labelled"), dict) and check(m["labelled"]) for m in models
+    )
+
+
+def _answers_by_label(deployed: Deployment, n: int) -> set[float]:
+    """The first output of ``n`` predictions of label ``stable``, spread over the replicas."""
+    seen = set()
+    with requests.Session() as session:
+        for _ in range(n):
+            response = session.post(
+                f"{deployed.url}/v1/models/labelled/labels/stable:predict",
+                json={"instances": [ROW]},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            seen.add(response.json()["predictions"][0][0])
+    return seen
+
+
+def test_label_moves_and_rollouts_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
+    model = deployed.repository / "labelled"
+    write_onnx_affine(model / "1", 10.0)
+    write_onnx_affine(model / "2", 20.0)
+    (model / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
+    token = secrets.token_hex(8)
+    deployed.deploy("--num_replicas=2", f"--admin_token={token}")
+    admin = {"authorization": f"Bearer {token}"}
+
+    def both_loaded(m: dict[str, object]) -> bool:
+        return m["versions"] == {"1": "AVAILABLE", "2": "AVAILABLE"} and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, both_loaded), "2 replicas serving labelled 1 and 2")
+    assert _answers_by_label(deployed, 20) == {10.0}
+
+    # A label move reaches one replica through the ingress; every replica follows it.
+    moved = requests.post(
+        f"{deployed.url}/dashboard/api/models/labelled/labels/stable",
+        json={"version": 2},
+        headers=admin,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    _wait(
+        lambda: _every_replica(deployed, token, 2, lambda m: m["labels"] == {"stable": 2}),
+        "the move everywhere",
+    )
+    assert _answers_by_label(deployed, 40) == {20.0}
+    reports = deployed.cluster.status()["reports"]
+    assert isinstance(reports, dict), reports
+    assert len(reports) == 2, reports
+
+    # A rollout back to version 1 runs on every replica and finishes with the label moved on all.
+    started = requests.post(
+        f"{deployed.url}/v2/repository/models/labelled/rollout",
+        json={"to": 1, "label": "stable", "steps": [50, 100], "step_s": 1},
+        headers=admin,
+        timeout=30,
+    )
+    assert started.status_code == 200, started.text
+
+    def rolled_out(m: dict[str, object]) -> bool:
+        rollout = m["rollout"]
+        return isinstance(rollout, dict) and rollout["state"] == "done" and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, rolled_out), "the rollout done on every replica")
+    assert _answers_by_label(deployed, 40) == {10.0}

@@ -3,7 +3,9 @@ features, caches, tokens, metrics) built inside the replica from the same compos
 ``inferd serve`` (``inferd.server.Server``) and answering through the same ASGI app (``HttpApp``).
 
 The replica loads the repository's versions before Serve marks it healthy, polls the repository
-like ``inferd serve`` (so every replica converges on the same versions and labels), unloads
+like ``inferd serve`` (so every replica converges on the same versions and labels), restores
+rollouts from ``--rollout_state_dir`` as it does, follows the cluster's admin log (``admin_log``:
+label moves, rollouts, loads and unloads sent to any replica take effect on all), unloads
 versions idle past their ``[residency] idle_unload_s`` as ``inferd serve`` does, answers TF
 Serving's and the V2 gRPC services through Serve's gRPC ingress (``grpc_ingress``), and drains on
 shutdown: Serve first stops routing to it and waits for its requests, then inferd's own drain
@@ -18,8 +20,9 @@ import logging
 from ray import serve
 
 from inferd.config import ServerConfig
+from inferd.ray.admin_log import Follower
 from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods
-from inferd.server import HttpApp, Server
+from inferd.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ class InferdReplica(GrpcMethods):
         if wait_s > 0:  # versions load once two scans agree on their content (repository.py)
             await asyncio.sleep(wait_s)
             await control.sync()
+        self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
+        self._admin = Follower(self._server, _replica_id())
+        await self._admin.catch_up()  # the cluster's label moves, rollouts, loads and unloads
+        self._follower = asyncio.create_task(self._admin.follow())
         periods = [p for p in (wait_s, config.model_config_file_poll_wait_seconds) if p > 0]
         self._poller = asyncio.create_task(self._poll(min(periods))) if periods else None
         self._sweeper = asyncio.create_task(self._unload_idle())
@@ -60,8 +67,8 @@ class InferdReplica(GrpcMethods):
             await asyncio.sleep(IDLE_CHECK_S)
             self._server.manager.unload_idle()
 
-    def __serve_build_asgi_app__(self) -> HttpApp:
-        return self._server.http_app()
+    def __serve_build_asgi_app__(self) -> Follower:
+        return self._admin
 
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
@@ -69,7 +76,8 @@ class InferdReplica(GrpcMethods):
         server: Server | None = getattr(self, "_server", None)
         if server is None:  # __init__ failed before the server existed: nothing to close
             return
-        for task in (getattr(self, "_poller", None), getattr(self, "_sweeper", None)):
+        for name in ("_poller", "_sweeper", "_follower"):
+            task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
         server.manager.drain()
