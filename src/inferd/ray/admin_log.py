@@ -109,11 +109,26 @@ class Follower:
         self._log = handle()
         self._seq = 0
         self._own: set[int] = set()
+        self._rollouts: dict[str, str] = {}  # model -> its rollout's state at the last report
         self._access = Access(server.config.api_token, server.config.admin_token)
         self._dashboard = Dashboard(server.service, server.control, server.metrics, server.rollouts)
 
     async def catch_up(self) -> None:
-        """Replay the entries not yet applied here (the whole log at start), then report."""
+        """Replay the entries not yet applied here (the whole log at start), then report. A
+        rollout that a guard rolled back here since the last report is aborted on every replica
+        (an ``abort`` appended to the log): each replica checks the guards over its own requests."""
+        rows = self._dashboard.models()
+        for row in rows:
+            if _rolled_back_by_guard(row["rollout"], self._rollouts.get(row["name"])):
+                path = f"/v2/repository/models/{row['name']}/rollout/abort"
+                token = f"Bearer {self._server.config.admin_token}".encode()
+                entry = {"method": "POST", "path": path, "headers": [(b"authorization", token)], "body": b""}
+                self._own.add(await self._log.append.remote(entry))
+                log.warning(
+                    "replica %s: a guard rolled back model %s; aborting its rollout everywhere",
+                    self._replica,
+                    row["name"],
+                )
         for seq, entry in await self._log.since.remote(self._seq):
             if seq not in self._own:
                 status, payload = await self._replay(entry)
@@ -128,7 +143,9 @@ class Follower:
                     )
             self._own.discard(seq)
             self._seq = seq
-        await self._log.report.remote(self._replica, self.state())
+        rows = self._dashboard.models()
+        self._rollouts = {row["name"]: row["rollout"]["state"] for row in rows if row["rollout"]}
+        await self._log.report.remote(self._replica, self.state(rows))
 
     async def follow(self) -> None:
         """``catch_up`` every ``FOLLOW_S`` seconds, until cancelled."""
@@ -139,9 +156,9 @@ class Follower:
             except Exception:  # the actor is being restarted, or a replay failed: next time
                 log.exception("replica %s: following the admin log failed", self._replica)
 
-    def state(self) -> dict[str, Any]:
-        """This replica's report: its node, the last log entry applied, and per model its
-        versions (state), labels, split and rollout state."""
+    def state(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """This replica's report from its dashboard ``rows``: its node, the last log entry
+        applied, and per model its versions (state), labels, split and rollout state."""
         models = {
             row["name"]: {
                 "versions": {str(v["version"]): v["state"] for v in row["versions"]},
@@ -151,7 +168,7 @@ class Follower:
                 if row["rollout"] is None
                 else {k: row["rollout"][k] for k in ("state", "baseline", "canary", "step", "label")},
             }
-            for row in self._dashboard.models()
+            for row in rows
         }
         return {"node": ray.get_runtime_context().get_node_id(), "applied": self._seq, "models": models}
 
@@ -229,6 +246,15 @@ class Follower:
 
         await self._app(scope, receive, send)
         return answer["status"], answer["body"]
+
+
+def _rolled_back_by_guard(rollout: dict[str, Any] | None, before: str | None) -> bool:
+    """True when ``rollout`` (a status) went from running to rolled back by a failed guard (not
+    by an operator's abort, which reaches every replica through the log itself)."""
+    if rollout is None or before != "running" or rollout["state"] != "rolled_back":
+        return False
+    last = rollout["history"][-1] if rollout["history"] else {}
+    return bool(last.get("failed")) and last.get("failed") != ["aborted by an operator"]
 
 
 def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
