@@ -5,6 +5,7 @@ killed replica lose no request."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferd.ray.deployment import PROXY_ENV
 from tests.conftest import ServerProcess, free_port, launch
+from tests.e2e.test_batching import slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -594,3 +596,53 @@ def test_label_moves_and_rollouts_sent_to_one_replica_take_effect_on_all(deploye
 
     _wait(lambda: _every_replica(deployed, token, 2, rolled_out), "the rollout done on every replica")
     assert _answers_by_label(deployed, 40) == {10.0}
+
+
+def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
+    deployed: Deployment, tmp_path: Path
+) -> None:
+    calls, started = tmp_path / "calls.log", tmp_path / "started.log"
+    # slow_model logs a call once computed; this one also logs when it starts computing.
+    body = slow_model(0.5, log=calls).replace(
+        "    import time\n", f"    import time\n    open({str(started)!r}, 'a').write('start\\n')\n"
+    )
+    write_model(
+        deployed.repository / "slow",
+        body,
+        "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1",
+    )
+    deployed.deploy("--num_replicas=1")
+    client = triton.InferenceServerClient(deployed.grpc_target)
+    x = triton.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+
+    def ready() -> bool:
+        try:
+            return bool(client.is_model_ready("slow"))
+        except InferenceServerException:
+            return False
+
+    _wait(ready, "model slow on the replica")
+    calls.write_text("")
+    started.write_text("")
+    with cf.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.infer, "slow", [x], client_timeout=30)
+        _wait(lambda: started.read_text() != "", "the first call computing")
+        late = [pool.submit(client.infer, "slow", [x], client_timeout=0.2) for _ in range(4)]
+        for future in late:
+            with pytest.raises(InferenceServerException) as raised:
+                future.result()
+            assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert first.result().as_numpy("y").tolist() == [[2.0, 2.0]]
+    # One thread computes one call at a time, in order: once this one is answered, anything
+    # wrongly kept of the four expired calls has been computed too.
+    assert client.infer("slow", [x], client_timeout=30).as_numpy("y").tolist() == [[2.0, 2.0]]
+    assert len(calls.read_text().splitlines()) == 2  # the expired four were never computed
+    client.close()
+
+    with grpc.insecure_channel(deployed.grpc_target) as channel:
+        predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes; 2 follow
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())

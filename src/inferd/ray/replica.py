@@ -21,7 +21,7 @@ from ray import serve
 
 from inferd.config import ServerConfig
 from inferd.ray.admin_log import Follower
-from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods
+from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods, record_deadlines
 from inferd.server import Server
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class InferdReplica(GrpcMethods):
     gRPC methods inferd's servicers."""
 
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        record_deadlines()  # Serve's gRPC contexts built here carry the client's deadline
         self._server = Server(config)
         self.grpc = GrpcIngress(self._server)
         control = self._server.control
