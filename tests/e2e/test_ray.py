@@ -641,8 +641,55 @@ def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
     client.close()
 
     with grpc.insecure_channel(deployed.grpc_target) as channel:
-        predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+        predict: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict"
+        )
         with pytest.raises(grpc.RpcError) as refused:
             predict(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes; 2 follow
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
     assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())
+
+
+def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_holding_it(
+    deployed: Deployment,
+) -> None:
+    names = [f"py{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        write_onnx_affine(deployed.repository / name / "1", float(i + 1))
+    deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    _wait(lambda: len(_reports(deployed, "")) == 2, "both replicas reporting")
+    # Serve's Python proxy (here its fallback proxy beside HAProxy) routes with Serve's router.
+    proxy = f"http://127.0.0.1:{deployed.cluster.env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
+
+    def predict(session: requests.Session, i: int, name: str) -> None:
+        response = session.post(
+            f"{proxy}/v1/models/{name}:predict",
+            json={"instances": [ROW]},
+            headers={"serve_multiplexed_model_id": name},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
+
+    def announced(name: str) -> int:
+        lists = [report.get("announced") for report in _reports(deployed, "").values()]
+        return sum(isinstance(held, list) and name in held for held in lists)
+
+    with requests.Session() as session:
+        for i, name in enumerate(names):  # each first request loads the model on one replica
+            predict(session, i, name)
+            _wait(lambda: announced(name) == 1, f"a replica telling Serve it holds {name}")  # noqa: B023
+        for _ in range(6):
+            for i, name in enumerate(names):
+                predict(session, i, name)
+    assert {name: announced(name) for name in names} == dict.fromkeys(names, 1)
+    for name in names:  # and inferd itself loaded it on one replica only
+        statuses = [
+            requests.get(f"{url}/v1/models/{name}", timeout=30).json()
+            for url in _replica_urls(deployed.cluster)
+        ]
+        held = [s for s in statuses if not s["model_version_status"][0]["status"].get("error_message")]
+        assert len(held) == 1, statuses

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -100,9 +101,13 @@ class Follower:
     Args:
         server: the replica's inferd server.
         replica: the replica's id (its key in the reports).
+        extra: more of the replica's state for its report (merged into it).
     """
 
-    def __init__(self, server: Server, replica: str) -> None:
+    def __init__(
+        self, server: Server, replica: str, extra: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
+        self._extra = extra
         self._server = server
         self._replica = replica
         self._app = server.http_app()
@@ -170,7 +175,13 @@ class Follower:
             }
             for row in rows
         }
-        return {"node": ray.get_runtime_context().get_node_id(), "applied": self._seq, "models": models}
+        extra = self._extra() if self._extra else {}
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "applied": self._seq,
+            "models": models,
+            **extra,
+        }
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The replica's ASGI app: inferd's, plus ``STATUS_PATH``, and changes appended to the log."""
