@@ -5,6 +5,7 @@ killed replica lose no request."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferd.ray.deployment import PROXY_ENV
 from tests.conftest import ServerProcess, free_port, launch
+from tests.e2e.test_batching import slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -510,3 +512,184 @@ def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment
 
     placement = {name: holders(name) for name in names}
     assert all(len(urls) == 1 for urls in placement.values()), placement
+
+
+def _reports(deployed: Deployment, token: str) -> dict[str, dict[str, object]]:
+    response = requests.get(
+        f"{deployed.url}/ray/replicas", headers={"authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    reports: dict[str, dict[str, object]] = response.json()["replicas"]
+    return reports
+
+
+def _every_replica(
+    deployed: Deployment, token: str, replicas: int, check: Callable[[dict[str, object]], bool]
+) -> bool:
+    """True once exactly ``replicas`` replicas report and each report of model ``labelled`` passes."""
+    reports = _reports(deployed, token)
+    models = [report["models"] for report in reports.values()]
+    return len(reports) == replicas and all(
+        isinstance(m, dict) and isinstance(m.get("labelled"), dict) and check(m["labelled"]) for m in models
+    )
+
+
+def _answers_by_label(deployed: Deployment, n: int) -> set[float]:
+    """The first output of ``n`` predictions of label ``stable``, spread over the replicas."""
+    seen = set()
+    with requests.Session() as session:
+        for _ in range(n):
+            response = session.post(
+                f"{deployed.url}/v1/models/labelled/labels/stable:predict",
+                json={"instances": [ROW]},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            seen.add(response.json()["predictions"][0][0])
+    return seen
+
+
+def test_label_moves_and_rollouts_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
+    model = deployed.repository / "labelled"
+    write_onnx_affine(model / "1", 10.0)
+    write_onnx_affine(model / "2", 20.0)
+    (model / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
+    token = secrets.token_hex(8)
+    deployed.deploy("--num_replicas=2", f"--admin_token={token}")
+    admin = {"authorization": f"Bearer {token}"}
+
+    def both_loaded(m: dict[str, object]) -> bool:
+        return m["versions"] == {"1": "AVAILABLE", "2": "AVAILABLE"} and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, both_loaded), "2 replicas serving labelled 1 and 2")
+    assert _answers_by_label(deployed, 20) == {10.0}
+
+    # A label move reaches one replica through the ingress; every replica follows it.
+    moved = requests.post(
+        f"{deployed.url}/dashboard/api/models/labelled/labels/stable",
+        json={"version": 2},
+        headers=admin,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    _wait(
+        lambda: _every_replica(deployed, token, 2, lambda m: m["labels"] == {"stable": 2}),
+        "the move everywhere",
+    )
+    assert _answers_by_label(deployed, 40) == {20.0}
+    reports = deployed.cluster.status()["reports"]
+    assert isinstance(reports, dict), reports
+    assert len(reports) == 2, reports
+
+    # A rollout back to version 1 runs on every replica and finishes with the label moved on all.
+    started = requests.post(
+        f"{deployed.url}/v2/repository/models/labelled/rollout",
+        json={"to": 1, "label": "stable", "steps": [50, 100], "step_s": 1},
+        headers=admin,
+        timeout=30,
+    )
+    assert started.status_code == 200, started.text
+
+    def rolled_out(m: dict[str, object]) -> bool:
+        rollout = m["rollout"]
+        return isinstance(rollout, dict) and rollout["state"] == "done" and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, rolled_out), "the rollout done on every replica")
+    assert _answers_by_label(deployed, 40) == {10.0}
+
+
+def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
+    deployed: Deployment, tmp_path: Path
+) -> None:
+    calls, started = tmp_path / "calls.log", tmp_path / "started.log"
+    # slow_model logs a call once computed; this one also logs when it starts computing.
+    body = slow_model(0.5, log=calls).replace(
+        "    import time\n", f"    import time\n    open({str(started)!r}, 'a').write('start\\n')\n"
+    )
+    write_model(
+        deployed.repository / "slow",
+        body,
+        "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1",
+    )
+    deployed.deploy("--num_replicas=1")
+    client = triton.InferenceServerClient(deployed.grpc_target)
+    x = triton.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+
+    def ready() -> bool:
+        try:
+            return bool(client.is_model_ready("slow"))
+        except InferenceServerException:
+            return False
+
+    _wait(ready, "model slow on the replica")
+    calls.write_text("")
+    started.write_text("")
+    with cf.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.infer, "slow", [x], client_timeout=30)
+        _wait(lambda: started.read_text() != "", "the first call computing")
+        late = [pool.submit(client.infer, "slow", [x], client_timeout=0.2) for _ in range(4)]
+        for future in late:
+            with pytest.raises(InferenceServerException) as raised:
+                future.result()
+            assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert first.result().as_numpy("y").tolist() == [[2.0, 2.0]]
+    # One thread computes one call at a time, in order: once this one is answered, anything
+    # wrongly kept of the four expired calls has been computed too.
+    assert client.infer("slow", [x], client_timeout=30).as_numpy("y").tolist() == [[2.0, 2.0]]
+    assert len(calls.read_text().splitlines()) == 2  # the expired four were never computed
+    client.close()
+
+    with grpc.insecure_channel(deployed.grpc_target) as channel:
+        predict: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict"
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes; 2 follow
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())
+
+
+def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_holding_it(
+    deployed: Deployment,
+) -> None:
+    names = [f"py{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        write_onnx_affine(deployed.repository / name / "1", float(i + 1))
+    deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    _wait(lambda: len(_reports(deployed, "")) == 2, "both replicas reporting")
+    # Serve's Python proxy (here its fallback proxy beside HAProxy) routes with Serve's router.
+    proxy = f"http://127.0.0.1:{deployed.cluster.env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
+
+    def predict(session: requests.Session, i: int, name: str) -> None:
+        response = session.post(
+            f"{proxy}/v1/models/{name}:predict",
+            json={"instances": [ROW]},
+            headers={"serve_multiplexed_model_id": name},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
+
+    def announced(name: str) -> int:
+        lists = [report.get("announced") for report in _reports(deployed, "").values()]
+        return sum(isinstance(held, list) and name in held for held in lists)
+
+    with requests.Session() as session:
+        for i, name in enumerate(names):  # each first request loads the model on one replica
+            predict(session, i, name)
+            _wait(lambda: announced(name) == 1, f"a replica telling Serve it holds {name}")  # noqa: B023
+        for _ in range(6):
+            for i, name in enumerate(names):
+                predict(session, i, name)
+    assert {name: announced(name) for name in names} == dict.fromkeys(names, 1)
+    for name in names:  # and inferd itself loaded it on one replica only
+        statuses = [
+            requests.get(f"{url}/v1/models/{name}", timeout=30).json()
+            for url in _replica_urls(deployed.cluster)
+        ]
+        held = [s for s in statuses if not s["model_version_status"][0]["status"].get("error_message")]
+        assert len(held) == 1, statuses

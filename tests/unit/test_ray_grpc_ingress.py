@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from inferd._proto import model_service_pb2 as mm
 from inferd._proto import prediction_service_pb2 as ps
 from inferd.config import ServerConfig
-from inferd.ray.grpc_ingress import GrpcIngress
+from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods, Unparsed, add_prediction_service
 from inferd.server import Server
 from tests.models import write_onnx_affine
 
@@ -86,3 +87,38 @@ def test_calls_pass_inferds_token_check_and_end_with_its_status(tmp_path: Path) 
             await server.close()
 
     asyncio.run(calls())
+
+
+def test_a_message_that_does_not_parse_answers_invalid_argument(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "affine" / "1", 2.0)
+    config = ServerConfig(
+        model_base_path=str(tmp_path / "affine"), model_name="affine", file_system_poll_wait_seconds=0
+    )
+    registered: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    class Registry:  # what Serve's gRPC server offers the add_* functions
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            registered.update({f"/{service}/{name}": h for name, h in handlers.items()})
+
+    add_prediction_service(object.__new__(GrpcMethods), Registry())
+    parse = registered["/tensorflow.serving.PredictionService/Predict"].request_deserializer
+    assert parse is not None
+    assert parse(_predict().SerializeToString()) == _predict()
+    unparsed = parse(b"\x0a\x05ab")  # field 1 claims 5 bytes; 2 follow
+    assert isinstance(unparsed, Unparsed)
+
+    async def call() -> None:
+        server = Server(config)
+        try:
+            await server.control.sync()
+            context = ServeContext()
+            assert await GrpcIngress(server).call("Predict", unparsed, context) == ps.PredictResponse()
+            assert context.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid /tensorflow.serving.PredictionService/Predict message" in context.details
+        finally:
+            await server.close()
+
+    asyncio.run(call())

@@ -174,7 +174,8 @@ def deploy(
 
 def status(address: str) -> dict[str, Any]:
     """The inferd application's status, its replicas' counts by state (STARTING, RUNNING,
-    STOPPING, ...) and the replicas' ids."""
+    STOPPING, ...), the replicas' ids and, in ``reports``, what each live replica serves
+    (``admin_log.Follower.state``: versions, labels, split, rollout, by model)."""
     import ray
     from ray import serve
 
@@ -190,7 +191,20 @@ def status(address: str) -> dict[str, Any]:
             for actor in ray.util.list_named_actors(all_namespaces=True)
             if actor["name"].startswith(prefix)
         ),
+        "reports": _reports(),
     }
+
+
+def _reports() -> dict[str, Any]:
+    import ray
+
+    from inferd.ray import admin_log
+
+    try:
+        actor = ray.get_actor(admin_log.ACTOR_NAME, namespace=admin_log.NAMESPACE)
+    except ValueError:  # no replica started yet
+        return {}
+    return dict(ray.get(actor.reports.remote(), timeout=30))
 
 
 def shutdown(local: bool) -> None:
@@ -200,8 +214,11 @@ def shutdown(local: bool) -> None:
     import ray
     from ray import serve
 
+    from inferd.ray import admin_log
+
     if local:
         serve.shutdown()  # type: ignore[no-untyped-call]
     else:
         serve.delete(APP_NAME)
+    admin_log.delete()  # the changes it holds were for the application just deleted
     ray.shutdown()

@@ -12,13 +12,23 @@ A call that fails ends with inferd's code and message: the servicer's ``abort`` 
 Serve's context and the method returns an empty reply, which Serve sends as the status the
 context holds (Serve's documented way to end a call with a status).
 
-What Serve's context does not carry is left out: the client's deadline (``grpc-timeout`` is not
-passed on; Serve's ``request_timeout_s`` bounds a call instead) and OpenTelemetry trace context.
+The services are registered with ``SERVICER_FUNCTIONS``, inferd's own ``add_*`` functions: the
+same methods as the generated ones, but a request message that does not parse becomes an
+``Unparsed`` value instead of an exception in grpc's deserializer (which Serve answers UNKNOWN),
+so the call answers INVALID_ARGUMENT as ``inferd serve`` does.
+
+Serve's context does not carry the client's deadline (``grpc-timeout``); ``record_deadlines``
+(called in the replica) makes Serve's context note it when Serve builds one, which it does in
+the replica with HAProxy's direct ingress. With Serve's Python proxy the context is built in the
+proxy and no deadline reaches inferd (Serve's ``request_timeout_s`` bounds a call instead).
+OpenTelemetry trace context is not carried either.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -26,25 +36,105 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from inferd._proto import grpc_service_pb2, model_service_pb2, prediction_service_pb2
-from inferd.errors import InferdError
+from inferd.errors import InferdError, encodable
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.access import Access
 from inferd.protocols.limits import RequestLimits
 from inferd.server import Server
 
 SERVICER_FUNCTIONS = [
-    "inferd._proto.prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server",
-    "inferd._proto.model_service_pb2_grpc.add_ModelServiceServicer_to_server",
-    "inferd._proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "inferd.ray.grpc_ingress.add_prediction_service",
+    "inferd.ray.grpc_ingress.add_model_service",
+    "inferd.ray.grpc_ingress.add_inference_service",
 ]
-"""Import paths of the generated ``add_*_to_server`` functions, for Serve's ``gRPCOptions``:
-Serve registers the services' methods with them and routes each method to the replica."""
+"""Import paths of the ``add_*`` functions, for Serve's ``gRPCOptions``: Serve registers the
+services' methods with them and routes each method to the replica."""
 
 _SERVICES = {
     "tensorflow.serving.PredictionService": prediction_service_pb2,
     "tensorflow.serving.ModelService": model_service_pb2,
     "inference.GRPCInferenceService": grpc_service_pb2,
 }
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """A request message that did not parse: what the call receives instead of the message."""
+
+    method: str
+    """The RPC's full path, ``/SERVICE/METHOD``."""
+    error: str
+
+
+class _Parser:
+    """A request deserializer that returns ``Unparsed`` rather than raising."""
+
+    def __init__(self, message: type[Message], method: str) -> None:
+        self._message = message
+        self._method = method
+
+    def __call__(self, data: bytes) -> Message | Unparsed:
+        try:
+            return self._message.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError, or a subclass of it
+            return Unparsed(self._method, str(exc))
+
+
+def _add_service(service: str, servicer: Any, server: Any) -> None:
+    """Register ``service``'s unary methods (all of inferd's) on ``server`` as the generated
+    ``add_*_to_server`` does, with ``_Parser`` as each method's request deserializer."""
+    module = _SERVICES[service]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_Parser(GetMessageClass(method.input_type), f"/{service}/{method.name}"),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def add_prediction_service(servicer: Any, server: Any) -> None:
+    """TF Serving's ``PredictionService`` (for ``SERVICER_FUNCTIONS``)."""
+    _add_service("tensorflow.serving.PredictionService", servicer, server)
+
+
+def add_model_service(servicer: Any, server: Any) -> None:
+    """TF Serving's ``ModelService`` (for ``SERVICER_FUNCTIONS``)."""
+    _add_service("tensorflow.serving.ModelService", servicer, server)
+
+
+def add_inference_service(servicer: Any, server: Any) -> None:
+    """V2's ``GRPCInferenceService`` (for ``SERVICER_FUNCTIONS``)."""
+    _add_service("inference.GRPCInferenceService", servicer, server)
+
+
+_DEADLINE = "_inferd_deadline"
+"""The attribute of Serve's context that ``record_deadlines`` sets: ``time.monotonic()`` at the
+client's deadline, or None."""
+
+
+def record_deadlines() -> None:
+    """Make Ray Serve's gRPC context (``RayServegRPCContext``, which keeps no deadline) note the
+    client's deadline from the grpc context it is built from. Idempotent; for this process only."""
+    from ray.serve.grpc_util import RayServegRPCContext
+
+    built = RayServegRPCContext.__init__
+    if getattr(built, "records_deadline", False):
+        return
+
+    def init(self: Any, grpc_context: Any) -> None:
+        built(self, grpc_context)
+        try:
+            remaining = grpc_context.time_remaining()
+        except Exception:  # a context without one: no deadline
+            remaining = None
+        setattr(self, _DEADLINE, None if remaining is None else time.monotonic() + remaining)
+
+    init.records_deadline = True  # type: ignore[attr-defined]
+    RayServegRPCContext.__init__ = init  # type: ignore[method-assign]
 
 
 class _Aborted(Exception):
@@ -62,7 +152,8 @@ class _Context:
         return metadata
 
     def time_remaining(self) -> float | None:
-        return None  # Serve does not pass the client's deadline on
+        deadline: float | None = getattr(self._serve, _DEADLINE, None)  # see record_deadlines
+        return None if deadline is None else deadline - time.monotonic()
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._serve.set_trailing_metadata(list(metadata))
@@ -107,9 +198,10 @@ class GrpcIngress:
                     GetMessageClass(method.output_type),
                 )
 
-    async def call(self, method: str, request: Message, serve_context: Any) -> Message:
+    async def call(self, method: str, request: Message | Unparsed, serve_context: Any) -> Message:
         """Answer the RPC named ``method`` (unique across the three services) with ``request``;
-        a failure's status is set on ``serve_context`` and an empty reply returned."""
+        a failure's status is set on ``serve_context`` and an empty reply returned (a request that
+        did not parse: INVALID_ARGUMENT)."""
         path, servicer_method, reply_type = self._methods[method]
         context = _Context(serve_context)
         reservation = self._inflight.reservation()
@@ -121,6 +213,9 @@ class GrpcIngress:
                 admin = path in self._admin
                 if admin or self._access.api_token:
                     self._access.check(authorization, admin)
+                if isinstance(request, Unparsed):
+                    message = f"the request is not a valid {request.method} message: {request.error}"
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
                 reservation.grow_to(request.ByteSize())
             except InferdError as error:
                 await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)

@@ -3,7 +3,10 @@ features, caches, tokens, metrics) built inside the replica from the same compos
 ``inferd serve`` (``inferd.server.Server``) and answering through the same ASGI app (``HttpApp``).
 
 The replica loads the repository's versions before Serve marks it healthy, polls the repository
-like ``inferd serve`` (so every replica converges on the same versions and labels), unloads
+like ``inferd serve`` (so every replica converges on the same versions and labels), restores
+rollouts from ``--rollout_state_dir`` as it does, follows the cluster's admin log (``admin_log``:
+label moves, rollouts, loads and unloads sent to any replica take effect on all), tells Serve's
+router which models it holds (``multiplexing``), unloads
 versions idle past their ``[residency] idle_unload_s`` as ``inferd serve`` does, answers TF
 Serving's and the V2 gRPC services through Serve's gRPC ingress (``grpc_ingress``), and drains on
 shutdown: Serve first stops routing to it and waits for its requests, then inferd's own drain
@@ -18,8 +21,10 @@ import logging
 from ray import serve
 
 from inferd.config import ServerConfig
-from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods
-from inferd.server import HttpApp, Server
+from inferd.ray.admin_log import Follower
+from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods, record_deadlines
+from inferd.ray.multiplexing import Announcer
+from inferd.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ class InferdReplica(GrpcMethods):
     gRPC methods inferd's servicers."""
 
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
+        record_deadlines()  # Serve's gRPC contexts built here carry the client's deadline
         self._server = Server(config)
         self.grpc = GrpcIngress(self._server)
         control = self._server.control
@@ -41,9 +47,15 @@ class InferdReplica(GrpcMethods):
         if wait_s > 0:  # versions load once two scans agree on their content (repository.py)
             await asyncio.sleep(wait_s)
             await control.sync()
+        self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
+        self._announcer = Announcer(control)  # Serve's router routes by model to who holds it
+        self._admin = Follower(self._server, _replica_id(), lambda: {"announced": self._announcer.announced})
+        await self._admin.catch_up()  # the cluster's label moves, rollouts, loads and unloads
+        self._follower = asyncio.create_task(self._admin.follow())
         periods = [p for p in (wait_s, config.model_config_file_poll_wait_seconds) if p > 0]
         self._poller = asyncio.create_task(self._poll(min(periods))) if periods else None
         self._sweeper = asyncio.create_task(self._unload_idle())
+        self._announcing = asyncio.create_task(self._announcer.run())
         level, served = control.summary()
         log.log(level, "replica %s: %s", _replica_id(), served)
 
@@ -60,8 +72,8 @@ class InferdReplica(GrpcMethods):
             await asyncio.sleep(IDLE_CHECK_S)
             self._server.manager.unload_idle()
 
-    def __serve_build_asgi_app__(self) -> HttpApp:
-        return self._server.http_app()
+    def __serve_build_asgi_app__(self) -> Follower:
+        return self._admin
 
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
@@ -69,7 +81,8 @@ class InferdReplica(GrpcMethods):
         server: Server | None = getattr(self, "_server", None)
         if server is None:  # __init__ failed before the server existed: nothing to close
             return
-        for task in (getattr(self, "_poller", None), getattr(self, "_sweeper", None)):
+        for name in ("_poller", "_sweeper", "_follower", "_announcing"):
+            task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
         server.manager.drain()
