@@ -173,14 +173,27 @@ async def _infer(
     limits: RequestLimits,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
+    header_length = headers.get(HEADER_LENGTH)
     doc, inputs = await decode_apart(
-        decode_pool, len(body), _decode_request, headers.get(HEADER_LENGTH), body, limits
+        decode_pool, _decode_cost(header_length, body), _decode_request, header_length, body, limits
     )
     await call.load(ref)
     call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
     client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     response = await call.infer(inputs, deadline, client_id)
     return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+
+
+def _decode_cost(header_length: str | None, body: bytes) -> int:
+    """The bytes that decide where ``body`` is decoded (see ``decoding``): its JSON part when the
+    binary tensors after it are numbers, taken as they are without parsing; the whole body when
+    they may hold BYTES elements, which are split one by one (a JSON header with an escape is
+    assumed to, as its datatype cannot be read without parsing)."""
+    if header_length is None or not (header_length.isascii() and header_length.isdigit()):
+        return len(body)
+    size = min(int(header_length), len(body))
+    head = body[:size]
+    return len(body) if b"\\" in head or b"BYTES" in head.upper() else size
 
 
 def _decode_request(
