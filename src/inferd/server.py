@@ -251,6 +251,9 @@ class HttpApp:
         if watch is None:
             watch = RequestWatch()
             listener = loop.create_task(_hang_up_on_disconnect(receive, watch))
+        elif watch.client_gone:  # it hung up after sending its body, before this began
+            call.close()
+            return None
         watch.task = task
         timer = loop.call_later(self._timeout_s, watch.expire)
         try:

@@ -140,6 +140,11 @@ class RequestWatch:
         self.expired = False
         self._cycle: Any = None  # uvicorn's RequestResponseCycle of the request, once made
 
+    @property
+    def client_gone(self) -> bool:
+        """The connection closed before this request was answered (maybe before ``task`` was set)."""
+        return self._cycle is not None and bool(self._cycle.disconnected)
+
     def hang_up(self) -> None:
         if self.task is not None and not self.hung_up and not self.expired:
             self.hung_up = True
