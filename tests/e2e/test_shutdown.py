@@ -80,7 +80,12 @@ def grpc_client(server: ServerProcess, traffic: Traffic, value: float) -> None:
             result = client.infer("slow", [x], client_timeout=60)
         except InferenceServerException as exc:
             status = exc.status() or ""
-            kind = {"StatusCode.UNAVAILABLE": "closed" if "connect" in str(exc) else "refused"}.get(status)
+            # CANCELLED: the call reached the gRPC server as it stopped, after the drain (a call
+            # sent before the signal must still end "ok")
+            kind = {
+                "StatusCode.UNAVAILABLE": "closed" if "connect" in str(exc) else "refused",
+                "StatusCode.CANCELLED": "closed",
+            }.get(status)
             traffic.record(sent, kind or f"{status} {exc}")
             continue
         y = result.as_numpy("y")
