@@ -5,9 +5,11 @@ A model's ``[shadow]`` table (``config.ShadowSettings``, re-read at each poll) n
 and the fraction. ``ShadowMirror.offer`` is called when a request has been answered (its lease
 returned, its answer encoded): it draws the sample and puts the request's decoded inputs and the
 primary's outputs on a bounded queue, or drops them (counted) when the queue is full. One worker
-task takes them one at a time and predicts on the shadow version in a thread of its own, so a slow
-or failing shadow takes neither the inference threads, nor a batcher's queue, nor a client's
-answer: it only drops more mirrored requests. Outputs are compared row by row (``compare``), and
+task takes what is queued (up to ``MIRROR_BATCH``) and hands it, in one hop, to a thread of its
+own that checks the inputs, predicts on the shadow version and compares; the event loop keeps only
+the lease and the counting. A shadow version with ``[batching]`` (its rows are independent) gets
+the mirrored requests as one batch. So a slow or failing shadow takes neither the inference
+threads, nor a batcher's queue, nor a client's answer: it only drops more mirrored requests. Outputs are compared row by row (``compare``), and
 the results exported per (model, primary version, shadow version):
 
 - ``inferd_shadow_requests_total{result}``: ``compared``, ``failed`` (the shadow raised or was not
@@ -15,7 +17,7 @@ the results exported per (model, primary version, shadow version):
 - ``inferd_shadow_rows_total{agree}`` and ``inferd_shadow_agreement_ratio``;
 - ``inferd_shadow_difference``: per row, the largest absolute difference of a numeric output;
 - ``inferd_shadow_duration_seconds{side}``: the primary's request time and the shadow's predict
-  time.
+  time (of the whole batch, for a request predicted in one).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from inferd.manager import ModelManager
 from inferd.metrics import LATENCY_BUCKETS_S, Histogram, Metrics
 from inferd.servable import Servable
 from inferd.service import Call, conform_inputs
-from inferd.types import ModelRef, Tensors
+from inferd.types import ModelRef, Signature, Tensors
 
 log = logging.getLogger(__name__)
 
 DIFFERENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+MIRROR_BATCH = 64
+"""Mirrored requests the worker takes off the queue at most per hop to the shadow's thread."""
 
 
 @dataclass(slots=True)
@@ -134,47 +138,67 @@ class ShadowMirror(Collector):
     async def _run(self) -> None:
         assert self._queue is not None
         while True:
-            item = await self._queue.get()
-            try:
-                await self._mirror(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the shadow's failure is only counted and logged
-                stats = self._pair(item.model, item.primary, item.settings.version)
-                stats.failed += 1
-                key = (item.model, str(item.primary), str(item.settings.version))
-                if key not in self._warned:
-                    self._warned.add(key)
-                    log.warning(
-                        "shadow version %d of model %s failed (later failures are only counted): %s",
-                        item.settings.version,
-                        item.model,
-                        exc,
-                    )
+            items = [await self._queue.get()]
+            while len(items) < MIRROR_BATCH and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            groups: dict[tuple[str, int, int, str], list[_Mirrored]] = {}
+            for item in items:
+                key = (item.model, item.primary, item.settings.version, item.signature)
+                groups.setdefault(key, []).append(item)
+            for group in groups.values():
+                try:
+                    await self._mirror(group)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the shadow's failure is only counted and logged
+                    self._failed(group[0], len(group), exc)
 
-    async def _mirror(self, item: _Mirrored) -> None:
-        shadow = item.settings
-        with self._manager.lease(ModelRef(item.model, version=shadow.version)) as version:
+    def _failed(self, item: _Mirrored, count: int, exc: Exception) -> None:
+        stats = self._pair(item.model, item.primary, item.settings.version)
+        stats.failed += count
+        key = (item.model, str(item.primary), str(item.settings.version))
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(
+                "shadow version %d of model %s failed (later failures are only counted): %s",
+                item.settings.version,
+                item.model,
+                exc,
+            )
+
+    async def _mirror(self, group: list[_Mirrored]) -> None:
+        """Predict and compare ``group`` (one model, version pair and signature) on the shadow
+        version, holding a lease on it; the work runs in one hop to the shadow's thread."""
+        first = group[0]
+        with self._manager.lease(ModelRef(first.model, version=first.settings.version)) as version:
             servable = version.servable
             assert servable is not None
-            signature = servable.model.signatures[item.signature]
-            inputs = conform_inputs(servable.request_signature(signature), item.inputs)
-            if servable.join is not None:
-                inputs = await servable.join.join(signature.name, inputs, None)
-            started = time.perf_counter()
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, servable.model.predict, signature.name, inputs
+            signature = servable.model.signatures[first.signature]
+            joined: list[Tensors | Exception] | None = None
+            if servable.join is not None:  # feature lookups are the event loop's
+                joined = []
+                for item in group:
+                    try:
+                        inputs = conform_inputs(servable.request_signature(signature), item.inputs)
+                        joined.append(await servable.join.join(signature.name, inputs, None))
+                    except Exception as exc:
+                        joined.append(exc)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _predict_and_compare, servable, signature, group, joined
             )
-            shadow_s = time.perf_counter() - started
-        agreeing, rows, differences = compare(item.outputs, outputs, shadow.compare, shadow.tolerance)
-        stats = self._pair(item.model, item.primary, shadow.version)
-        stats.compared += 1
-        stats.rows += rows
-        stats.agreeing += agreeing
-        for difference in differences:
-            stats.difference.observe(difference)
-        stats.primary_s.observe(item.primary_s)
-        stats.shadow_s.observe(shadow_s)
+        for item, result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                self._failed(item, 1, result)
+                continue
+            agreeing, rows, differences, shadow_s = result
+            stats = self._pair(item.model, item.primary, item.settings.version)
+            stats.compared += 1
+            stats.rows += rows
+            stats.agreeing += agreeing
+            for difference in differences:
+                stats.difference.observe(difference)
+            stats.primary_s.observe(item.primary_s)
+            stats.shadow_s.observe(shadow_s)
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "primary", "shadow"]
@@ -256,3 +280,77 @@ def compare(
             same = (p2 == s2).all(axis=1)
         agree &= same
     return int(agree.sum()), rows, [] if difference is None else [float(d) for d in difference]
+
+
+_Result = tuple[int, int, list[float], float] | Exception
+
+
+def _predict_and_compare(
+    servable: Servable, signature: Signature, group: list[_Mirrored], joined: list[Tensors | Exception] | None
+) -> list[_Result]:
+    """On the shadow's thread: each item's (agreeing rows, rows, differences, shadow seconds) or
+    its exception. The items go to the model in one call when the shadow version batches
+    (``[batching]`` says its rows are independent), each input has the same shape past the first
+    axis in every item, and the rows fit its ``max_batch_size``; otherwise one call each."""
+    inputs: list[Tensors | Exception] = []
+    for i, item in enumerate(group):
+        if joined is not None:
+            inputs.append(joined[i])
+            continue
+        try:
+            inputs.append(conform_inputs(servable.request_signature(signature), item.inputs))
+        except Exception as exc:
+            inputs.append(exc)
+    merged = _merge(servable, [x for x in inputs if not isinstance(x, Exception)])
+    if merged is not None and len(merged[1]) == len(group):
+        started = time.perf_counter()
+        try:
+            outputs = servable.model.predict(signature.name, merged[0])
+        except Exception as exc:
+            return [exc] * len(group)
+        shadow_s = time.perf_counter() - started
+        total = sum(merged[1])
+        if all(np.ndim(v) and len(v) == total for v in outputs.values()):
+            results: list[_Result] = []
+            offset = 0
+            for item, rows in zip(group, merged[1], strict=True):
+                part = {name: value[offset : offset + rows] for name, value in outputs.items()}
+                offset += rows
+                how, tolerance = item.settings.compare, item.settings.tolerance
+                results.append((*compare(item.outputs, part, how, tolerance), shadow_s))
+            return results
+    results = []
+    for item, conformed in zip(group, inputs, strict=True):
+        if isinstance(conformed, Exception):
+            results.append(conformed)
+            continue
+        started = time.perf_counter()
+        try:
+            outputs = servable.model.predict(signature.name, conformed)
+        except Exception as exc:
+            results.append(exc)
+            continue
+        shadow_s = time.perf_counter() - started
+        results.append(
+            (*compare(item.outputs, outputs, item.settings.compare, item.settings.tolerance), shadow_s)
+        )
+    return results
+
+
+def _merge(servable: Servable, inputs: list[Tensors]) -> tuple[Tensors, list[int]] | None:
+    """``inputs`` concatenated on the first axis and each one's rows, when they can go to the model
+    as one batch (see ``_predict_and_compare``); None otherwise."""
+    if len(inputs) < 2 or servable.batching is None:
+        return None
+    first = inputs[0]
+    rows: list[int] = []
+    for tensors in inputs:
+        counts = {v.shape[0] if v.ndim else -1 for v in tensors.values()}
+        if len(counts) != 1 or -1 in counts or tensors.keys() != first.keys():
+            return None
+        if any(v.shape[1:] != first[n].shape[1:] or v.dtype != first[n].dtype for n, v in tensors.items()):
+            return None
+        rows.append(counts.pop())
+    if sum(rows) > servable.batching.max_batch_size:
+        return None
+    return {name: np.concatenate([t[name] for t in inputs]) for name in first}, rows

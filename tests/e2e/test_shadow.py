@@ -4,6 +4,7 @@ agreement metric of a shadow known to disagree on half the rows says so."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -44,9 +45,9 @@ def predict(self, inputs):
 """
 
 
-def write_settings(base: Path, shadow: str) -> None:
+def write_settings(base: Path, shadow: str, extra: str = "") -> None:
     staging = base / "inferd.toml.new"
-    staging.write_text(f'version_policy = {{ all = true }}\n[traffic]\n"1" = 1\n[shadow]\n{shadow}\n')
+    staging.write_text(f'version_policy = {{ all = true }}\n[traffic]\n"1" = 1\n[shadow]\n{shadow}\n{extra}')
     staging.rename(base / "inferd.toml")
 
 
@@ -127,3 +128,52 @@ def test_the_agreement_rate_of_a_shadow_that_disagrees_on_half_the_rows(
     # The largest difference per row: 2 on the constant rows, 8 on the increasing ones.
     assert shadow_samples(server, "inferd_shadow_difference_count", primary="1", shadow="2") == 20
     assert shadow_samples(server, "inferd_shadow_difference_sum", primary="1", shadow="2") == 10 * (2 + 8)
+
+
+def negates_logging_rows(log: Path) -> str:
+    """A shadow that answers -x, appends each call's row count to ``log`` (not the warm-up's zeros)
+    and takes 50 ms."""
+    return f"""
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import time
+    if inputs["x"].any():
+        with open({str(log)!r}, "a") as f:
+            f.write(str(len(inputs["x"])) + "\\n")
+    time.sleep(0.05)
+    return {{"y": -inputs["x"]}}
+"""
+
+
+def test_a_batching_shadow_gets_mirrored_requests_as_one_batch_and_compares_each_row(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base = tmp_path / "m"
+    calls = tmp_path / "shadow-calls.txt"
+    write_onnx_affine(base / "1", scale=1.0)
+    write_python_model(base / "2", negates_logging_rows(calls), SIGNATURE)
+    batching = "[batching]\nmax_batch_size = 64\nbatch_timeout_micros = 500\n"
+    write_settings(base, 'version = 2\nfraction = 1.0\ncompare = "argmax"', batching)
+    server = start_server(f"--model_base_path={base}", "--model_name=m")
+    agree, disagree = [1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]
+    # Requests of one and two rows: the shadow's answers must be split back by each one's rows.
+    bodies = [[agree], [disagree, agree], [disagree]] * 10
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda rows: predict(server, rows), bodies))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if not a.ok]
+    server.wait_for(
+        lambda: (
+            shadow_samples(server, "inferd_shadow_requests_total", primary="1", shadow="2", result="compared")
+            == 30
+        ),
+        "the thirty mirrored requests to be compared",
+    )
+    assert shadow_samples(server, "inferd_shadow_rows_total", primary="1", shadow="2", agree="true") == 20
+    assert shadow_samples(server, "inferd_shadow_rows_total", primary="1", shadow="2", agree="false") == 20
+    rows_per_call = [int(n) for n in calls.read_text().split()]
+    assert sum(rows_per_call) == 40
+    # 30 requests arrived while each call took 50 ms: the shadow took several in one call.
+    assert len(rows_per_call) < 30, rows_per_call
+    assert max(rows_per_call) > 2, rows_per_call
