@@ -1,98 +1,160 @@
 #!/usr/bin/env python
 """What shadow traffic and traffic capture cost the requests they ride on.
 
-    .venv/bin/python -m bench.rollouts [--duration 10] [--out bench/results/rollouts.json]
+    .venv/bin/python -m bench.rollouts [--duration 10] [--rounds 5] [--out bench/results/rollouts.json]
 
 Serves the digits MLP (bench/models.py) as versions 1 and 2 of one model, requests routed to
-version 1 by ``[traffic]``, three ways: plain, with ``[shadow] version = 2, fraction = 1.0``
-(every request mirrored), and with ``[capture] fraction = 0.01``. For each it measures with
-``inferd bench`` (TF Serving REST, one instance a request): the closed-loop throughput at 16
-connections, and the p99 latency of an open loop at half the plain server's throughput (the
-"half-loaded server"). Run it on an otherwise idle machine; a shared one makes a few percent noise.
+version 1 by ``[traffic]``, in one server pinned to CPU 0 (``taskset``), with ``inferd bench``
+(TF Serving REST, one instance a request) pinned to CPU 1. The model's ``inferd.toml`` is switched
+on the fly between three settings: plain, ``[shadow] version = 2, fraction = 1.0`` (every request
+mirrored) and ``[capture] fraction = 0.01``; each switch is confirmed (a label per setting) before
+measuring. Each round measures every setting, in an order that alternates between rounds
+(so that a drift of the machine does not favour one), with:
+
+- the closed-loop throughput at 16 connections;
+- the p50 and p99 latency of an open loop at half the plain server's throughput, measured once
+  before the rounds (the "half-loaded server").
+
+One server for every setting keeps process-to-process differences out of the comparison; the
+pinning keeps the load generator off the server's CPU. The summary gives, per setting, the median
+over rounds and each round's change against plain in the same round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from bench.models import build_digits
 from tests.inferd_process import ServerProcess, launch
 
 BENCH = Path(__file__).resolve().parent
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+POLL_S = 0.5
 
-
+# Each setting also labels version 1 with its own name: the server has applied a setting when
+# that label answers and the others do not (the file is read whole, so the tables go together).
+TABLES = {
+    "plain": "",
+    "shadow": "[shadow]\nversion = 2\nfraction = 1.0\n",
+    "capture": '[capture]\npath = "captures"\nfraction = 0.01\n',
+}
 SETTINGS = {
-    "plain": '[traffic]\n"1" = 1\n',
-    "shadow_1.0": '[traffic]\n"1" = 1\n[shadow]\nversion = 2\nfraction = 1.0\n',
-    "capture_1%": '[traffic]\n"1" = 1\n[capture]\npath = "captures"\nfraction = 0.01\n',
+    name: f'version_policy = {{ specific = [1, 2] }}\n[traffic]\n"1" = 1\n[labels]\n{name} = 1\n{table}'
+    for name, table in TABLES.items()
 }
 
 
-def serve(base: Path) -> ServerProcess:
-    """``inferd serve`` for the digits model in ``base``, once a version is AVAILABLE."""
-    server = launch(base.parent, f"--model_base_path={base}", "--model_name=digits", "--log_level=warning")
+def labelled(url: str, label: str) -> bool:
+    """Whether the model's status answers for ``label``."""
     try:
-        server.wait_available("digits")
-    except BaseException:
-        server.stop()
-        raise
-    return server
+        with urllib.request.urlopen(f"{url}/v1/models/digits/labels/{label}", timeout=10):
+            return True
+    except urllib.error.HTTPError:
+        return False
+
+
+def switch(server: ServerProcess, base: Path, name: str) -> None:
+    """Write setting ``name`` and wait until the server has applied it."""
+    (base / "inferd.toml").write_text(SETTINGS[name])
+    server.wait_for(
+        lambda: all(labelled(server.url, other) == (other == name) for other in SETTINGS),
+        f"the setting {name} applied",
+    )
 
 
 def bench(url: str, pid: int, out: Path, duration: float, *step: str) -> dict[str, object]:
-    argv = [sys.executable, "-m", "inferd", "bench", url, "--model=digits", f"--duration={duration}"]
-    argv += ["--warmup=2", f"--server_pid={pid}", f"--json={out}", *step]
+    """One ``inferd bench`` step pinned to CLIENT_CPU; its report."""
+    argv = ["taskset", "-c", CLIENT_CPU, sys.executable, "-m", "inferd", "bench", url, "--model=digits"]
+    argv += [f"--duration={duration}", "--warmup=2", f"--server_pid={pid}", f"--json={out}", *step]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     report: dict[str, object] = json.loads(out.read_text())["steps"][0]
     return report
 
 
+def measure(server: ServerProcess, tmp: Path, duration: float, half_rate: int) -> dict[str, float]:
+    closed = bench(server.url, server.pid, tmp / "closed.json", duration, "--concurrency=16")
+    opened = bench(server.url, server.pid, tmp / "open.json", duration, f"--rate={half_rate}")
+    latency: dict[str, float] = opened["latency_ms"]  # type: ignore[assignment]
+    return {
+        "throughput_rps": float(closed["requests_per_s"]),  # type: ignore[arg-type]
+        "half_load_p50_ms": float(latency["p50"]),
+        "half_load_p99_ms": float(latency["p99"]),
+    }
+
+
+def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per setting and figure: the median over rounds and, for the settings other than plain, the
+    median of each round's change against plain in the same round (percent)."""
+    summary: dict[str, dict[str, float]] = {}
+    for name in SETTINGS:
+        figures = rounds[0][name].keys()
+        row = {f"{f}_median": statistics.median(r[name][f] for r in rounds) for f in figures}
+        if name != "plain":
+            for f in figures:
+                changes = [100 * (r[name][f] / r["plain"][f] - 1) for r in rounds]
+                row[f"{f}_change_pct_median"] = statistics.median(changes)
+                row[f"{f}_change_pct_min"] = min(changes)
+                row[f"{f}_change_pct_max"] = max(changes)
+        summary[name] = row
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "rollouts.json")
     args = parser.parse_args()
-    results: dict[str, dict[str, float]] = {}
-    half_rate = 0.0
+    rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "digits"
         for version in ("1", "2"):
             build_digits(base / version / "model.onnx")
-        for name, settings in SETTINGS.items():
-            (base / "inferd.toml").write_text(settings)
-            server = serve(base)
-            url = server.url
-            try:
-                closed = bench(url, server.pid, Path(tmp) / "closed.json", args.duration, "--concurrency=16")
-                if not half_rate:
-                    half_rate = round(float(closed["requests_per_s"]) / 2)  # type: ignore[arg-type]
-                opened = bench(url, server.pid, Path(tmp) / "open.json", args.duration, f"--rate={half_rate}")
-            finally:
-                server.stop()
-            p99 = opened["latency_ms"]["p99"]  # type: ignore[index]
-            results[name] = {
-                "throughput_rps": float(closed["requests_per_s"]),  # type: ignore[arg-type]
-                "half_load_rate_rps": half_rate,
-                "half_load_p99_ms": float(p99),
-                "half_load_p50_ms": float(opened["latency_ms"]["p50"]),  # type: ignore[index]
-            }
-            print(name, results[name], flush=True)
-    plain = results["plain"]
-    summary = {
-        "shadow_p99_change_pct": 100
-        * (results["shadow_1.0"]["half_load_p99_ms"] / plain["half_load_p99_ms"] - 1),
-        "capture_throughput_change_pct": 100
-        * (results["capture_1%"]["throughput_rps"] / plain["throughput_rps"] - 1),
+        (base / "inferd.toml").write_text(SETTINGS["plain"])
+        server = launch(
+            base.parent,
+            f"--model_base_path={base}",
+            "--model_name=digits",
+            "--log_level=warning",
+            poll_s=POLL_S,
+            prefix=("taskset", "-c", SERVER_CPU),
+        )
+        try:
+            server.wait_available("digits")
+            server.wait_for(lambda: server.status("digits").get("2") == "AVAILABLE", "version 2")
+            closed = bench(server.url, server.pid, Path(tmp) / "rate.json", args.duration, "--concurrency=16")
+            half_rate = round(float(closed["requests_per_s"]) / 2)  # type: ignore[arg-type]
+            print(f"plain: {closed['requests_per_s']} req/s; half load {half_rate} req/s", flush=True)
+            names = list(SETTINGS)
+            for i in range(args.rounds):
+                results: dict[str, dict[str, float]] = {}
+                for name in names if i % 2 == 0 else names[::-1]:
+                    switch(server, base, name)
+                    results[name] = measure(server, Path(tmp), args.duration, half_rate)
+                    print(f"round {i + 1} {name} {results[name]}", flush=True)
+                rounds.append(results)
+        finally:
+            server.stop()
+    summary = summarize(rounds)
+    for name, row in summary.items():
+        print(name, {k: round(v, 2) for k, v in row.items()})
+    report = {
+        "duration_s": args.duration,
+        "pinned": {"server": SERVER_CPU, "load_generator": CLIENT_CPU},
+        "half_load_rate_rps": half_rate,
+        "rounds": rounds,
+        "summary": summary,
     }
-    print(summary)
-    args.out.write_text(
-        json.dumps({"duration_s": args.duration, "runs": results, "summary": summary}, indent=1)
-    )
+    args.out.write_text(json.dumps(report, indent=1))
     return 0
 
 
