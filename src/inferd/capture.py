@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from inferd.config import CaptureSettings
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
+from inferd.priority import lower_this_thread
 from inferd.servable import Servable
 from inferd.service import Call
 from inferd.types import Tensors
@@ -153,6 +154,7 @@ class TrafficCapture(Collector):
         yield samples
 
     def _write_loop(self) -> None:
+        lower_this_thread()
         folders: dict[Path, _Folder] = {}
         while True:
             waits = [

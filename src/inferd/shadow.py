@@ -6,10 +6,11 @@ and the fraction. ``ShadowMirror.offer`` is called when a request has been answe
 returned, its answer encoded): it draws the sample and puts the request's decoded inputs and the
 primary's outputs on a bounded queue, or drops them (counted) when the queue is full. One worker
 task takes what is queued (up to ``MIRROR_BATCH``) and hands it, in one hop, to a thread of its
-own that checks the inputs, predicts on the shadow version and compares; the event loop keeps only
-the lease and the counting. A shadow version with ``[batching]`` (its rows are independent) gets
-the mirrored requests as one batch. So a slow or failing shadow takes neither the inference
-threads, nor a batcher's queue, nor a client's answer: it only drops more mirrored requests. Outputs are compared row by row (``compare``), and
+own (at a lower OS priority, ``priority.py``) that checks the inputs, predicts on the shadow
+version and compares; the event loop keeps only the lease and the counting. A shadow version
+with ``[batching]`` (its rows are independent) gets the mirrored requests as one batch. So a slow
+or failing shadow takes neither the inference threads, nor a batcher's queue, nor a client's
+answer: it only drops more mirrored requests. Outputs are compared row by row (``compare``), and
 the results exported per (model, primary version, shadow version):
 
 - ``inferd_shadow_requests_total{result}``: ``compared``, ``failed`` (the shadow raised or was not
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 from inferd.config import ShadowSettings
 from inferd.manager import ModelManager
 from inferd.metrics import LATENCY_BUCKETS_S, Histogram, Metrics
+from inferd.priority import lower_this_thread
 from inferd.servable import Servable
 from inferd.service import Call, conform_inputs
 from inferd.types import ModelRef, Signature, Tensors
@@ -84,7 +86,7 @@ class ShadowMirror(Collector):
         self._manager = manager
         self._queue: asyncio.Queue[_Mirrored] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inferd-shadow")
+        self._executor = ThreadPoolExecutor(1, "inferd-shadow", initializer=lower_this_thread)
         self._stats: dict[tuple[str, str, str], PairStats] = {}
         self._warned: set[tuple[str, str, str]] = set()
         metrics.registry.register(self)
