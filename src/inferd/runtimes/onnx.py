@@ -23,7 +23,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options, cuda_index, find_model_file, int_option
+from inferd.runtimes.runtime import check_options, cuda_index, find_model_file, int_option
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 
 _OPTIONS = {

@@ -28,7 +28,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options, parse_signature
+from inferd.runtimes.runtime import check_options, parse_signature
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options, find_model_file
+from inferd.runtimes.runtime import check_options, find_model_file
 from inferd.types import DEFAULT_SIGNATURE, Method, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,13 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
-from inferd.runtimes import check_options, declared_specs, find_model_file, import_framework, int_option
+from inferd.runtimes.runtime import (
+    check_options,
+    declared_specs,
+    find_model_file,
+    import_framework,
+    int_option,
+)
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 
 _OPTIONS = {"file", "num_threads"}

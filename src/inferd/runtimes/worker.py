@@ -293,7 +293,7 @@ def _rebuild_error(payload: tuple[type[InferdError] | None, str], other: type[Ex
 def main(fd: int) -> None:
     """The worker process: load the version the server sends, then answer calls until told to
     stop or the server's end of the pipe closes."""
-    from inferd.runtimes import load_model
+    from inferd.runtimes.runtime import load_model
 
     faulthandler.enable()  # a crash prints the Python stack of every thread to the server's log
     conn = Connection(fd)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferd.errors import InferdError, InvalidArgument
-from inferd.select import SelectOptions, report, run
 from inferd.select import promote as promotion
+from inferd.select import report
 from inferd.select.compatibility import api_changes, served_version
+from inferd.select.selection import SelectOptions, run
 
 NO_WINNER = 3
 """Exit status when no candidate meets every requirement."""

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from inferd.select import Result, Selection
 from inferd.select.choose import MEASURED, SERVER
+from inferd.select.selection import Result, Selection
 
 _DEFAULT_PLOT_AXES = ("p99_ms", "size_mb")
 
