@@ -68,6 +68,11 @@ _GUARD = re.compile(
 METRICS = ("error_rate", "p99_ms", "agreement")
 ON_RESTART = ("resume", "rollback")
 ACTIONS = ("start", "status", "pause", "resume", "promote", "abort")
+ONE_PROCESS_ONLY = (
+    "rollouts run inside one process, and this server's processes share their admin state "
+    "(--workers, inferd ray serve): start the rollout on an inferd serve with --workers 1"
+)
+"""The refusal of a rollout route where processes share the admin state (``--workers``, Ray)."""
 """What ``Rollouts.command`` does: the admin routes' and the dashboard's last path segment."""
 _NEEDS = {
     "pause": ("running",),

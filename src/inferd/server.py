@@ -65,7 +65,7 @@ from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
-from inferd.rollout import Rollouts
+from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
@@ -331,7 +331,7 @@ async def _rollout(
     ``resume``, ``promote``, ``abort``). Each answers the rollout's status. ``rollouts`` None:
     under ``--workers``, where a rollout (one process's traffic split) is refused."""
     if rollouts is None:
-        raise InvalidArgument("rollouts run inside one process: start one on a server with --workers 1")
+        raise InvalidArgument(ONE_PROCESS_ONLY)
     if method != "POST":
         raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
     return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.command(model, action or "start", body))

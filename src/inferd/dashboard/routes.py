@@ -37,7 +37,7 @@ from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound
 from inferd.metrics import Metrics
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
-from inferd.rollout import Rollouts
+from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
 from inferd.service import InferenceService
 from inferd.types import ModelRef, Signature, TensorSpec, VersionState, dtype_of
 
@@ -117,7 +117,9 @@ class Dashboard:
                 await self._control.move_label(name, label, _version_of(body))
                 return 200, dict(JSON_HEADERS), orjson.dumps({"name": name, "labels": self._labels(name)})
             match = _ROLLOUT_ROUTE.fullmatch(path)
-            if method == "POST" and match and self._rollouts is not None:
+            if method == "POST" and match:
+                if self._rollouts is None:
+                    raise InvalidArgument(ONE_PROCESS_ONLY)
                 name, action = match.groups()
                 status = self._rollouts.command(name, action or "start", body)
                 return 200, dict(JSON_HEADERS), orjson.dumps(status)
