@@ -320,7 +320,10 @@ def write_tflite(version_dir: Path) -> Any:
 
 def features_toml(store: str, **extra: str) -> str:
     """An ``inferd.toml`` that looks up ``incoming_orders`` and ``outstanding_per_min`` by
-    ``restaurant_id`` in ``store`` and joins them after ``distance_km`` into input ``x``."""
+    ``restaurant_id`` in ``store`` and joins them after ``distance_km`` into input ``x``. The
+    lookup timeout is 2 s unless ``extra`` sets it: the 50 ms default fails lookups on a CI machine
+    under load, in tests that are not about timeouts."""
+    extra = {"lookup_timeout_ms": "2000", **extra}
     lines = [
         "[features]",
         f'store = "{store}"',
