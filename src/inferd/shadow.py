@@ -292,8 +292,9 @@ def _predict_and_compare(
 ) -> list[_Result]:
     """On the shadow's thread: each item's (agreeing rows, rows, differences, shadow seconds) or
     its exception. The items go to the model in one call when the shadow version batches
-    (``[batching]`` says its rows are independent), each input has the same shape past the first
-    axis in every item, and the rows fit its ``max_batch_size``; otherwise one call each."""
+    (``[batching]`` says its rows are independent) without ``allowed_batch_sizes``, each input has
+    the same shape past the first axis in every item, and the rows fit its ``max_batch_size``;
+    otherwise one call each."""
     inputs: list[Tensors | Exception] = []
     for i, item in enumerate(group):
         if joined is not None:
@@ -342,7 +343,8 @@ def _predict_and_compare(
 def _merge(servable: Servable, inputs: list[Tensors]) -> tuple[Tensors, list[int]] | None:
     """``inputs`` concatenated on the first axis and each one's rows, when they can go to the model
     as one batch (see ``_predict_and_compare``); None otherwise."""
-    if len(inputs) < 2 or servable.batching is None:
+    batching = servable.batching
+    if len(inputs) < 2 or batching is None or batching.allowed_batch_sizes:  # fixed sizes: one each
         return None
     first = inputs[0]
     rows: list[int] = []
@@ -353,6 +355,6 @@ def _merge(servable: Servable, inputs: list[Tensors]) -> tuple[Tensors, list[int
         if any(v.shape[1:] != first[n].shape[1:] or v.dtype != first[n].dtype for n, v in tensors.items()):
             return None
         rows.append(counts.pop())
-    if sum(rows) > servable.batching.max_batch_size:
+    if sum(rows) > batching.max_batch_size:
         return None
     return {name: np.concatenate([t[name] for t in inputs]) for name in first}, rows
