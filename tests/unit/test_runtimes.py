@@ -208,7 +208,7 @@ def test_a_single_threaded_onnx_session_is_built_at_lower_priority_in_a_thread_o
     onnx._build(loud, "m.onnx", None, [], quiet=False)  # threads it starts would inherit a nice
     assert loud.built_in == [(me, before)]
 
-    with pytest.raises(RuntimeError, match="cannot parse m.onnx"):
+    with pytest.raises(RuntimeError, match=r"cannot parse m\.onnx"):
         onnx._build(_RecordingOrt(fail=True), "m.onnx", None, [], quiet=True)
 
 

@@ -22,6 +22,7 @@ creator's nice value) and keep it while serving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -156,10 +157,8 @@ def _build(ort: Any, path: str, session_options: Any, providers: list[Any], quie
 
     def build() -> None:
         tid = threading.get_native_id()
-        try:
+        with contextlib.suppress(OSError):  # not allowed here: build at the usual priority
             os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + LOAD_NICE, 19))
-        except OSError:  # not allowed here: build at the usual priority
-            pass
         try:
             built.append(ort.InferenceSession(path, sess_options=session_options, providers=providers))
         except BaseException as exc:  # re-raised in the load thread
