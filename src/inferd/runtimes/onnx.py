@@ -11,13 +11,13 @@ Options (``[onnx]`` in inferd.toml):
     graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all`` (default).
     allow_spinning: let idle intra-op threads spin (default false: spinning burns a core that
         other requests could use).
-
-A CPU session with one intra-op and one inter-op thread (the default) is built at a lower CPU
-priority (``LOAD_NICE``), in a thread of its own that ends with the build, so that a load (reading,
-parsing and copying the file: about 2 ms per MB) takes CPU that requests to loaded models leave
-idle. A session with more threads is built at the process's priority: the threads onnxruntime
-starts for it during the build would inherit the lower priority (Linux gives a new thread its
-creator's nice value) and keep it while serving.
+    load_nice: build the session (read, parse and copy the file: about 2 ms per MB) in a thread
+        of its own at this much lower CPU priority (Linux nice, 1 to 19; default 0: the load
+        thread's own), so that a cold load takes the CPU that requests to loaded models leave.
+        Needs one intra-op and one inter-op thread on ``cpu``: the threads onnxruntime starts for a
+        session during its build would inherit the priority (Linux gives a new thread its
+        creator's nice value) and keep it while serving. On a busy machine a niced load can wait
+        long (past ``--load_wait_ms``).
 """
 
 from __future__ import annotations
@@ -44,10 +44,8 @@ _OPTIONS = {
     "graph_optimization_level",
     "allow_spinning",
     "share_weights",
+    "load_nice",
 }
-
-LOAD_NICE = 10
-"""Nice increment of the thread that builds a single-threaded CPU session (Linux; 19 at most)."""
 
 _ONNX_TYPES = {
     "float": np.float32,
@@ -127,10 +125,9 @@ class OnnxRuntime:
         path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
         session_options = _session_options(ort, options)
         providers = _providers(ort, settings.device)
-        quiet = settings.device == "cpu" and session_options.intra_op_num_threads == 1
-        quiet = quiet and session_options.inter_op_num_threads == 1
+        nice = _load_nice(options, settings.device, session_options)
         try:
-            session = _build(ort, str(path), session_options, providers, quiet)
+            session = _build(ort, str(path), session_options, providers, nice)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         if settings.device != "cpu" and session.get_providers()[0] != "CUDAExecutionProvider":
@@ -143,14 +140,32 @@ class OnnxRuntime:
         return OnnxModel(session, signature)
 
 
-def _build(ort: Any, path: str, session_options: Any, providers: list[Any], quiet: bool) -> Any:
-    """``ort.InferenceSession(path)``; with ``quiet``, built in a thread of its own at
-    ``LOAD_NICE`` lower priority (see the module docstring).
+def _load_nice(options: Mapping[str, Any], device: str, session_options: Any) -> int:
+    """The ``load_nice`` option, checked (see the module docstring).
+
+    Raises:
+        ModelLoadError: not 0 to 19, or set for a session that starts threads of its own.
+    """
+    nice = int_option("onnx", options, "load_nice", 0)
+    if nice > 19:
+        raise ModelLoadError(f"[onnx] load_nice must be 0 to 19, got {nice}")
+    threads = (session_options.intra_op_num_threads, session_options.inter_op_num_threads)
+    if nice and (device != "cpu" or threads != (1, 1)):
+        raise ModelLoadError(
+            "[onnx] load_nice needs device = cpu and intra_op_num_threads = inter_op_num_threads = 1 "
+            f"(the session's own threads would keep the lower priority), got {device} and {threads}"
+        )
+    return nice
+
+
+def _build(ort: Any, path: str, session_options: Any, providers: list[Any], nice: int) -> Any:
+    """``ort.InferenceSession(path)``; with ``nice`` > 0, built in a thread of its own at that
+    much lower priority (see ``load_nice`` in the module docstring).
 
     Raises:
         Exception: whatever onnxruntime raised.
     """
-    if not quiet or not hasattr(os, "setpriority"):
+    if nice <= 0 or not hasattr(os, "setpriority"):
         return ort.InferenceSession(path, sess_options=session_options, providers=providers)
     built: list[Any] = []
     failed: list[BaseException] = []
@@ -158,7 +173,7 @@ def _build(ort: Any, path: str, session_options: Any, providers: list[Any], quie
     def build() -> None:
         tid = threading.get_native_id()
         with contextlib.suppress(OSError):  # not allowed here: build at the usual priority
-            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + LOAD_NICE, 19))
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
         try:
             built.append(ort.InferenceSession(path, sess_options=session_options, providers=providers))
         except BaseException as exc:  # re-raised in the load thread
