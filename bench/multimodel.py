@@ -22,6 +22,9 @@ reservation (3x its file, see inferd.residency.LOAD_FACTORS), and says so.
    ``inferd_cold_start_seconds``) against the models' own load-plus-warm-up time (from
    ``inferd_model_load_duration_seconds``), the probe's p99 alone and while cold loads run, and
    peak RSS (sampled every 100 ms) against the idle RSS plus the budget.
+With ``--load-nice N`` every model but the probe gets ``[onnx] load_nice = N`` (its session is
+built at a lower CPU priority), to compare the probe's p99 with and without.
+
 3. **No budget** (``--no-budget-run``): the same models all loaded at start; its RSS is what "load
    everything" takes.
 
@@ -198,6 +201,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--load-nice", type=int, default=0, help="[onnx] load_nice of the models (0: none)")
     parser.add_argument("--no-budget-run", action="store_true", help="also load everything without a budget")
     parser.add_argument(
         "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
@@ -214,6 +218,8 @@ def main() -> None:
     if not args.replay_only:
         for n, size in enumerate(sizes):
             write_table(repo / f"m{n:03d}" / "1", size, n)
+            if args.load_nice:
+                (repo / f"m{n:03d}" / "inferd.toml").write_text(f"[onnx]\nload_nice = {args.load_nice}\n")
         write_table(repo / "probe" / "1", 64_000, 99999)
         (repo / "probe" / "inferd.toml").write_text("[residency]\npin = true\n")
         on_disk = [(repo / f"m{n:03d}" / "1" / "model.onnx").stat().st_size for n in range(args.models)]
@@ -287,6 +293,7 @@ def main() -> None:
         "requests": len(trace),
         "rate": args.rate,
         "duration_s": args.duration,
+        "load_nice": args.load_nice,
         "replay_requests": len(long_trace),
         "replay": {
             policy: replay(long_trace, on_disk, budget, policy, seconds_per_byte)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from inferd import devices
 from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
@@ -391,6 +392,8 @@ class Server:
         budgets = parse_budgets(v for v in config.memory_budget.split(",") if v.strip())
         if config.load_wait_ms < 0:
             raise ConfigError(f"--load_wait_ms must be 0 or more, got {config.load_wait_ms}")
+        if budgets:
+            devices.return_large_blocks()  # so that an unload's memory leaves RSS (devices.py)
         residency = Residency(MemoryBudget(budgets), config.load_wait_ms / 1000)
         self.manager: ModelManager[Servable] = ModelManager(
             self._load_pool, self.servables.load, self.metrics, residency

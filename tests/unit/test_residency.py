@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -392,3 +395,41 @@ def test_a_failed_cold_load_is_not_retried_by_every_request(tmp_path: Path) -> N
         assert w.manager.residency.budget.used("cpu") == 0
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+_FREE_A_LARGE_BLOCK = """
+import ctypes, sys
+from inferd import devices
+if sys.argv[1] == "fixed":
+    assert devices.return_large_blocks()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 8 << 20
+libc.free(libc.malloc(size))  # glibc's default raises its mmap threshold to 8 MiB here
+before = devices.host_rss()
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+libc.malloc(64)  # something live after it, as the next model's objects are
+libc.free(block)
+print(devices.host_rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_under_a_budget_a_freed_model_sized_block_leaves_rss_at_once() -> None:
+    def held_after_free(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        run = subprocess.run(
+            [sys.executable, "-c", _FREE_A_LARGE_BLOCK, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    assert held_after_free("default") >= 4 << 20  # what the accounting missed: kept by glibc
+    assert held_after_free("fixed") < 1 << 20

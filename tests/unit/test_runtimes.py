@@ -1,3 +1,5 @@
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +174,54 @@ def test_xgboost_rejects_a_wrong_feature_count_as_the_callers_fault(tmp_path: Pa
     assert sorted(model.signatures) == ["regress", "serving_default"]
     with pytest.raises(InvalidArgument, match="xgboost rejected the input"):
         model.predict("regress", {"inputs": np.zeros((1, 3), np.float32)})
+
+
+class _RecordingOrt:
+    """Stands in for the onnxruntime module in ``_build``: records where a session was built."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.built_in: list[tuple[int, int]] = []  # (native thread id, its nice value)
+
+    def InferenceSession(self, path: str, sess_options: object, providers: object) -> str:  # noqa: N802
+        tid = threading.get_native_id()
+        self.built_in.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
+        if self.fail:
+            raise RuntimeError(f"cannot parse {path}")
+        return f"session of {path}"
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are Linux's")
+def test_with_load_nice_an_onnx_session_is_built_at_lower_priority_in_a_thread_of_its_own() -> None:
+    from inferd.runtimes import onnx
+
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+    ort = _RecordingOrt()
+    assert onnx._build(ort, "m.onnx", None, [], nice=5) == "session of m.onnx"
+    ((tid, nice),) = ort.built_in
+    assert tid != me
+    assert nice == min(before + 5, 19)
+    assert os.getpriority(os.PRIO_PROCESS, me) == before  # the load thread keeps its priority
+
+    plain = _RecordingOrt()
+    onnx._build(plain, "m.onnx", None, [], nice=0)
+    assert plain.built_in == [(me, before)]
+
+    with pytest.raises(RuntimeError, match=r"cannot parse m\.onnx"):
+        onnx._build(_RecordingOrt(fail=True), "m.onnx", None, [], nice=5)
+
+
+def test_load_nice_is_checked_and_leaves_the_load_threads_priority_alone(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path, 2.0)
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+    model, _ = load_model(tmp_path, ModelSettings(runtime_tables={"onnx": {"load_nice": 10}}), "onnx")
+    out = model.predict("serving_default", {"x": np.ones((1, 4), np.float32)})
+    assert os.getpriority(os.PRIO_PROCESS, me) == before
+    assert out["y"].tolist() == [[2.0] * 4]
+    with pytest.raises(ModelLoadError, match="load_nice must be 0 to 19, got 20"):
+        load_model(tmp_path, ModelSettings(runtime_tables={"onnx": {"load_nice": 20}}), "onnx")
+    threaded = {"load_nice": 10, "intra_op_num_threads": 2}
+    with pytest.raises(ModelLoadError, match="load_nice needs device = cpu and intra_op_num_threads"):
+        load_model(tmp_path, ModelSettings(runtime_tables={"onnx": threaded}), "onnx")

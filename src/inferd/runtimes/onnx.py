@@ -11,10 +11,20 @@ Options (``[onnx]`` in inferd.toml):
     graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all`` (default).
     allow_spinning: let idle intra-op threads spin (default false: spinning burns a core that
         other requests could use).
+    load_nice: build the session (read, parse and copy the file: about 2 ms per MB) in a thread
+        of its own at this much lower CPU priority (Linux nice, 1 to 19; default 0: the load
+        thread's own), so that a cold load takes the CPU that requests to loaded models leave.
+        Needs one intra-op and one inter-op thread on ``cpu``: the threads onnxruntime starts for a
+        session during its build would inherit the priority (Linux gives a new thread its
+        creator's nice value) and keep it while serving. On a busy machine a niced load can wait
+        long (past ``--load_wait_ms``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,7 @@ _OPTIONS = {
     "graph_optimization_level",
     "allow_spinning",
     "share_weights",
+    "load_nice",
 }
 
 _ONNX_TYPES = {
@@ -114,8 +125,9 @@ class OnnxRuntime:
         path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
         session_options = _session_options(ort, options)
         providers = _providers(ort, settings.device)
+        nice = _load_nice(options, settings.device, session_options)
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+            session = _build(ort, str(path), session_options, providers, nice)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         if settings.device != "cpu" and session.get_providers()[0] != "CUDAExecutionProvider":
@@ -126,6 +138,53 @@ class OnnxRuntime:
             tuple(_spec(arg, "output") for arg in session.get_outputs()),
         )
         return OnnxModel(session, signature)
+
+
+def _load_nice(options: Mapping[str, Any], device: str, session_options: Any) -> int:
+    """The ``load_nice`` option, checked (see the module docstring).
+
+    Raises:
+        ModelLoadError: not 0 to 19, or set for a session that starts threads of its own.
+    """
+    nice = int_option("onnx", options, "load_nice", 0)
+    if nice > 19:
+        raise ModelLoadError(f"[onnx] load_nice must be 0 to 19, got {nice}")
+    threads = (session_options.intra_op_num_threads, session_options.inter_op_num_threads)
+    if nice and (device != "cpu" or threads != (1, 1)):
+        raise ModelLoadError(
+            "[onnx] load_nice needs device = cpu and intra_op_num_threads = inter_op_num_threads = 1 "
+            f"(the session's own threads would keep the lower priority), got {device} and {threads}"
+        )
+    return nice
+
+
+def _build(ort: Any, path: str, session_options: Any, providers: list[Any], nice: int) -> Any:
+    """``ort.InferenceSession(path)``; with ``nice`` > 0, built in a thread of its own at that
+    much lower priority (see ``load_nice`` in the module docstring).
+
+    Raises:
+        Exception: whatever onnxruntime raised.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return ort.InferenceSession(path, sess_options=session_options, providers=providers)
+    built: list[Any] = []
+    failed: list[BaseException] = []
+
+    def build() -> None:
+        tid = threading.get_native_id()
+        with contextlib.suppress(OSError):  # not allowed here: build at the usual priority
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+        try:
+            built.append(ort.InferenceSession(path, sess_options=session_options, providers=providers))
+        except BaseException as exc:  # re-raised in the load thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=build, name="inferd-onnx-build")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return built[0]
 
 
 def _providers(ort: Any, device: str) -> list[Any]:
