@@ -22,7 +22,6 @@ Options (``[onnx]`` in inferd.toml):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.priority import lower_this_thread
 from inferd.runtimes.runtime import check_options, cuda_index, find_model_file, int_option
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 
@@ -171,9 +171,7 @@ def _build(ort: Any, path: str, session_options: Any, providers: list[Any], nice
     failed: list[BaseException] = []
 
     def build() -> None:
-        tid = threading.get_native_id()
-        with contextlib.suppress(OSError):  # not allowed here: build at the usual priority
-            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+        lower_this_thread(nice)  # where it cannot, the build runs at the usual priority
         try:
             built.append(ort.InferenceSession(path, sess_options=session_options, providers=providers))
         except BaseException as exc:  # re-raised in the load thread
