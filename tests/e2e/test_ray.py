@@ -9,11 +9,9 @@ import concurrent.futures as cf
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,10 +33,10 @@ from tensorflow_serving.apis import (
 )
 from tritonclient.utils import InferenceServerException
 
-from inferd.ray.deployment import PROXY_ENV
 from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
+from tests.ray_cluster import LocalCluster, start_cluster
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -54,11 +52,13 @@ def _ports(n: int) -> list[int]:
 
 @dataclass
 class Cluster:
-    """A head and a worker node started with ``ray start``; ``env`` is what both run with."""
+    """A head and a worker node started with ``ray start`` (``tests.ray_cluster``); ``env`` is
+    what both run with."""
 
     address: str
     env: dict[str, str]
     log_dir: Path
+    local: LocalCluster
 
     def inferd(self, *args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -80,52 +80,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("ray")
-    haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))  # its socket path must be short
-    gcs, client, fallback_http, fallback_grpc, stats, haproxy_metrics = _ports(6)
-    token = log_dir / "auth_token"  # the cluster's own token: a ~/.ray/auth_token must not leak in
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        **PROXY_ENV,
-    }
-    ray = str(Path(sys.executable).parent / "ray")
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    head = [
-        ray,
-        "start",
-        "--head",
-        f"--port={gcs}",
-        f"--ray-client-server-port={client}",
-        "--include-dashboard=false",
-    ]
+    local = start_cluster(log_dir)
     try:
-        subprocess.run([*head, *common], env=env, check=True, capture_output=True, timeout=180)
-        address = f"127.0.0.1:{gcs}"
-        subprocess.run(
-            [ray, "start", f"--address={address}", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        yield Cluster(address, env, log_dir)
+        yield Cluster(local.address, local.env, log_dir, local)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
-        for pid in _pids_of(str(haproxy).encode()):  # ray stop leaves Serve's HAProxy running
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(haproxy, ignore_errors=True)
+        local.stop()
 
 
 @dataclass
@@ -360,32 +319,14 @@ def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed
 def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> None:
     with Traffic(deployed.url) as traffic:
         deployed.deploy("--num_replicas=2")
-        _wait(lambda: len(_replica_pids()) == 2, "a second replica process")
+        _wait(lambda: len(deployed.cluster.local.replica_pids()) == 2, "a second replica process")
         _wait(lambda: deployed.replicas_running() == 2, "two replicas running")
         deployed.deploy("--num_replicas=1")
-        _wait(lambda: len(_replica_pids()) == 1, "the second replica to drain and exit")
+        _wait(lambda: len(deployed.cluster.local.replica_pids()) == 1, "the second replica to drain and exit")
         answered = len(traffic.answers)
         _wait(lambda: len(traffic.answers) > answered + 5, "answers after scaling down")
     assert not traffic.failures
     assert {status for status, _ in traffic.answers} == {200}
-
-
-def _replica_pids() -> list[int]:
-    return [pid for pid in _pids_of(b"") if _cmdline(pid).startswith(b"ray::ServeReplica:inferd")]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _pids_of(needle: bytes) -> list[int]:
-    """This machine's processes whose command line contains ``needle``."""
-    return [
-        int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and needle in _cmdline(int(e.name))
-    ]
 
 
 def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:
@@ -393,8 +334,8 @@ def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -
     _wait(lambda: deployed.replicas_running() == 2, "two replicas")
     with Traffic(deployed.url) as traffic:
         _wait(lambda: len(traffic.answers) > 5, "traffic to flow")
-        os.kill(_replica_pids()[0], signal.SIGKILL)
-        _wait(lambda: len(_replica_pids()) == 2, "the killed replica to be replaced")
+        os.kill(deployed.cluster.local.replica_pids()[0], signal.SIGKILL)
+        _wait(lambda: len(deployed.cluster.local.replica_pids()) == 2, "the killed replica to be replaced")
         answered = len(traffic.answers)
         _wait(lambda: len(traffic.answers) > answered + 5, "answers after the replacement")
     assert not traffic.failures
