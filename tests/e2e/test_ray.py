@@ -140,7 +140,7 @@ class Traffic:
                     response = session.post(self._url, json={"instances": [ROW]}, timeout=20)
                     self.answers.append((response.status_code, response.content))
                 except requests.RequestException as exc:
-                    self.failures.append(repr(exc))
+                    self.failures.append(f"{exc!r} at {time.monotonic():.3f}")
 
     def __enter__(self) -> Traffic:
         self._thread.start()
@@ -332,13 +332,18 @@ def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> N
 def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:
     deployed.deploy("--num_replicas=2")
     _wait(lambda: deployed.replicas_running() == 2, "two replicas")
+    replicas = deployed.cluster.local.replica_pids
     with Traffic(deployed.url) as traffic:
         _wait(lambda: len(traffic.answers) > 5, "traffic to flow")
-        os.kill(deployed.cluster.local.replica_pids()[0], signal.SIGKILL)
-        _wait(lambda: len(deployed.cluster.local.replica_pids()) == 2, "the killed replica to be replaced")
+        victim = replicas()[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        # The victim may still be listed for a moment after the signal: wait for its replacement.
+        _wait(lambda: victim not in replicas() and len(replicas()) == 2, "the killed replica to be replaced")
+        replaced_at = time.monotonic()
         answered = len(traffic.answers)
         _wait(lambda: len(traffic.answers) > answered + 5, "answers after the replacement")
-    assert not traffic.failures
+    assert not traffic.failures, f"killed at {killed_at:.3f}, replaced at {replaced_at:.3f}"
     assert {status for status, _ in traffic.answers} <= {200, 503}
 
 
@@ -634,3 +639,41 @@ def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_h
         ]
         held = [s for s in statuses if not s["model_version_status"][0]["status"].get("error_message")]
         assert len(held) == 1, statuses
+
+
+def _ready_on_every_replica(deployed: Deployment, model: str, ready: bool) -> bool:
+    """True once both replicas answer, each with ``model`` ready (V2 REST) or each not."""
+    urls = _replica_urls(deployed.cluster)
+    if len(urls) != 2:
+        return False
+    answers = [requests.get(f"{url}/v2/models/{model}/ready", timeout=30).status_code for url in urls]
+    return all((status == 200) == ready for status in answers)
+
+
+def test_grpc_admin_calls_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
+    for name in ("ga", "gb"):
+        write_onnx_affine(deployed.repository / name / "1", 3.0)
+    token = secrets.token_hex(8)
+    deployed.deploy("--num_replicas=2", f"--admin_token={token}")
+    _wait(lambda: _ready_on_every_replica(deployed, "ga", True), "model ga on both replicas")
+    _wait(lambda: len(_reports(deployed, token)) == 2, "both replicas following the admin log")
+    admin = {"authorization": f"Bearer {token}"}
+
+    # V2's repository extension over gRPC: an unload, then a load, reach one replica each.
+    client = triton.InferenceServerClient(deployed.grpc_target)
+    try:
+        client.unload_model("ga", headers=admin, client_timeout=60)
+        _wait(lambda: _ready_on_every_replica(deployed, "ga", False), "ga unloaded on both replicas")
+        client.load_model("ga", headers=admin, client_timeout=60)
+        _wait(lambda: _ready_on_every_replica(deployed, "ga", True), "ga loaded again on both replicas")
+    finally:
+        client.close()
+
+    # TF Serving's HandleReloadConfigRequest: the served models become the config's, everywhere.
+    request = model_management_pb2.ReloadConfigRequest()
+    request.config.model_config_list.config.add(name="gb", base_path=str(deployed.repository / "gb"))
+    with grpc.insecure_channel(deployed.grpc_target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        stub.HandleReloadConfigRequest(request, metadata=tuple(admin.items()), timeout=120)
+    _wait(lambda: _ready_on_every_replica(deployed, "ga", False), "ga gone from both replicas")
+    assert _ready_on_every_replica(deployed, "gb", True)

@@ -41,9 +41,9 @@ PROXY_ENV = {
 REPLICA_ENV = {
     # Serve runs user code on a second event loop in its own thread by default, so that a
     # blocking call cannot stall the replica's own loop (health checks, its HTTP server).
-    # inferd never blocks its loop (models run in its inference threads), and the hop between
-    # the two loops, with both threads taking turns on the GIL, cost about a third of a
-    # replica's throughput.
+    # inferd keeps its loop as free as it does in inferd serve (long work goes to its threads),
+    # and the hop between the two loops, with both threads taking turns on the GIL, cost about
+    # a third of a replica's throughput.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 """Environment of each replica's process, set through its Ray runtime environment."""
