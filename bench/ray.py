@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,9 @@ from typing import Any
 
 from bench.models import instances, repository_of
 from tests.inferd_process import free_port
+from tests.ray_cluster import start_cluster
 
 PY = sys.executable
-RAY = str(Path(PY).parent / "ray")
 
 
 def bench(url: str, payload: Path, concurrency: str, duration: float) -> list[dict[str, Any]]:
@@ -57,39 +56,18 @@ def wait_http(url: str, timeout_s: float = 120) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
-def replica_pids() -> int:
-    count = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                count += (entry / "cmdline").read_bytes().startswith(b"ray::ServeReplica:inferd")
-            except OSError:
-                continue
-    return count
-
-
 def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    gcs, port = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    if proxy == "haproxy":
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        env["RAY_SERVE_HAPROXY_SOCKET_PATH"] = str(tmp / "hap.sock")
-        env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = str(tmp / "hap.cfg")
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=false", *common],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    address = f"127.0.0.1:{gcs}"
-    subprocess.run([RAY, "start", f"--address={address}", *common], env=env, check=True, capture_output=True)
+    scratch = Path(tempfile.mkdtemp(dir=tmp))
+    extra = {} if proxy == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    cluster = start_cluster(scratch, extra_env=extra)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     flags = [
         str(repo),
-        f"--address={address}",
+        f"--address={cluster.address}",
         "--host=127.0.0.1",
         f"--rest_api_port={port}",
+        f"--port={free_port()}",  # not 8500: TF Serving's gRPC port may be taken on a shared machine
         f"--proxy={proxy}",
         "--detach",
     ]
@@ -97,7 +75,7 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
     def deploy(replicas: int) -> None:
         subprocess.run(
             [PY, "-m", "inferd", "ray", "serve", *flags, f"--num_replicas={replicas}"],
-            env=env,
+            env=cluster.env,
             check=True,
             capture_output=True,
         )
@@ -106,25 +84,28 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
         deploy(1)
         wait_http(url)
         steps = bench(url, payload, args.concurrency, args.duration)
+        if args.hold:
+            print(
+                f"{proxy}: {url}, cluster {cluster.address}; waiting for {args.hold}",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not args.hold.exists():
+                time.sleep(0.5)
+            args.hold.unlink()
         start = time.monotonic()
         deploy(2)
-        while replica_pids() < 2:
+        while len(cluster.replica_pids()) < 2:
             time.sleep(0.1)
         up_s = time.monotonic() - start
         start = time.monotonic()
         deploy(1)
-        while replica_pids() > 1:
+        while len(cluster.replica_pids()) > 1:
             time.sleep(0.1)
         down_s = time.monotonic() - start
         return {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, check=False)
-        for entry in Path("/proc").iterdir():  # ray stop leaves Serve's HAProxy running
-            try:
-                if entry.name.isdigit() and str(tmp).encode() in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), 9)
-            except OSError:
-                continue
+        cluster.stop()
 
 
 def main() -> None:
@@ -132,6 +113,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--hold",
+        type=Path,
+        help="after measuring each proxy, wait until this file exists, then delete it (to profile)",
+    )
+    parser.add_argument(
+        "--proxies", default="haproxy,python", help="Serve ingresses to measure, comma-separated"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as scratch:
         tmp = Path(scratch)
@@ -164,7 +153,7 @@ def main() -> None:
         finally:
             alone.terminate()
             alone.wait()
-        for proxy in ("haproxy", "python"):
+        for proxy in args.proxies.split(","):
             results[f"ray serve ({proxy})"] = on_ray(proxy, repo, payload, args, tmp)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -175,7 +164,7 @@ def main() -> None:
         for s in result["steps"]:
             ratio = s["requests_per_s"] / base[s["level"]] if base.get(s["level"]) else 0
             print(
-                f"| {name} | {s['level']} | {s['requests_per_s']:,.0f} | {s['latency_ms']['p50']:.1f} | "
+                f"| {name} | {s['level']:g} | {s['requests_per_s']:,.0f} | {s['latency_ms']['p50']:.1f} | "
                 f"{s['latency_ms']['p99']:.1f} | {sum(s['errors'].values())} | {ratio:.0%} |"
             )
     for name, result in results.items():

@@ -1,9 +1,11 @@
 """The cluster's admin log: admin changes that the repository does not carry (label moves,
-rollouts and their commands, load and unload calls) reach one replica through the ingress, yet
-must take effect on every replica. The replica that answers such a call successfully appends it
-to one detached Ray actor, ``AdminLog``; every replica follows the log (polling it every
-``FOLLOW_S`` seconds) and replays the entries it did not answer itself through its own ASGI app,
-in the log's order, and a replica that starts replays the whole log before it serves. Each replica
+rollouts and their commands, load and unload calls over REST; TF Serving's
+``HandleReloadConfigRequest`` and V2's repository load and unload over gRPC) reach one replica
+through the ingress, yet must take effect on every replica. The replica that answers such a call
+successfully appends it to one detached Ray actor, ``AdminLog``; every replica follows the log
+(polling it every ``FOLLOW_S`` seconds) and replays the entries it did not answer itself through
+its own ASGI app or gRPC servicers, in the log's order, and a replica that starts replays the
+whole log before it serves. Each replica
 also reports its state (versions, labels, split, rollout) to the log every ``FOLLOW_S``: what
 ``GET /ray/replicas`` and ``inferd ray status`` show.
 
@@ -22,13 +24,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import orjson
 import ray
+from google.protobuf.message import Message
 
 from inferd.dashboard import Dashboard
 from inferd.errors import InferdError
 from inferd.protocols.access import Access
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
+from inferd.ray.grpc_ingress import GrpcIngress, Unparsed
 from inferd.server import Server
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,10 @@ _CHANGES = re.compile(
     r"|/dashboard/api/models/[^/]+/(?:labels/[^/]+|rollout(?:/(?!status$)[a-z]+)?)"
 )
 """The REST paths whose ``POST`` changes what a replica serves outside the repository."""
+
+GRPC_CHANGES = frozenset({"HandleReloadConfigRequest", "RepositoryModelLoad", "RepositoryModelUnload"})
+"""The gRPC methods (TF Serving's ModelService, V2's repository extension) that change what a
+replica serves outside the repository."""
 
 
 def is_change(method: str, path: str) -> bool:
@@ -96,7 +105,8 @@ def delete() -> None:
 
 
 class Follower:
-    """One replica's side of the log: records the changes it answers, replays the others'.
+    """One replica's side of the log: records the changes it answers, replays the others'. It is
+    the replica's front: its ASGI app (``__call__``) and what answers its gRPC calls (``call``).
 
     Args:
         server: the replica's inferd server.
@@ -111,6 +121,7 @@ class Follower:
         self._server = server
         self._replica = replica
         self._app = server.http_app()
+        self._grpc = GrpcIngress(server)
         self._log = handle()
         self._seq = 0
         self._own: set[int] = set()
@@ -136,15 +147,15 @@ class Follower:
                 )
         for seq, entry in await self._log.since.remote(self._seq):
             if seq not in self._own:
-                status, payload = await self._replay(entry)
-                if status >= 300:  # e.g. a rollout command for one that already ended here
+                replay = self._replay_grpc if "rpc" in entry else self._replay
+                ok, answer = await replay(entry)
+                if not ok:  # e.g. a rollout command for one that already ended here
                     log.warning(
-                        "replica %s: replaying %s %s answered %d: %s",
+                        "replica %s: replaying %s %s answered %s",
                         self._replica,
                         entry["method"],
                         entry["path"],
-                        status,
-                        payload[:300].decode("utf-8", "replace"),
+                        answer,
                     )
             self._own.discard(seq)
             self._seq = seq
@@ -214,6 +225,23 @@ class Follower:
             entry = {"method": method, "path": path, "headers": headers, "body": bytes(body)}
             self._own.add(await self._log.append.remote(entry))
 
+    async def call(self, method: str, request: Message | Unparsed, serve_context: Any) -> Message:
+        """The replica's gRPC call ``method`` (``grpc_ingress.GrpcCaller``); one in
+        ``GRPC_CHANGES`` that succeeds is appended to the log, with its authorization."""
+        reply, ok = await self._grpc.answer(method, request, serve_context)
+        if ok and method in GRPC_CHANGES and isinstance(request, Message):
+            path = self._grpc.path(method)
+            metadata = [(k, v) for k, v in serve_context.invocation_metadata() if k == "authorization"]
+            entry = {
+                "method": "gRPC",
+                "path": path,
+                "rpc": method,
+                "metadata": metadata,
+                "body": request.SerializeToString(),
+            }
+            self._own.add(await self._log.append.remote(entry))
+        return reply
+
     async def _status(self, scope: Any, method: str) -> Response:
         try:
             self._access.check(_authorization(scope["headers"]), admin=False)
@@ -224,8 +252,16 @@ class Follower:
         except InferdError as error:
             return json_error(error)
 
-    async def _replay(self, entry: dict[str, Any]) -> tuple[int, bytes]:
-        """Run a logged change through this replica's app; its status and body."""
+    async def _replay_grpc(self, entry: dict[str, Any]) -> tuple[bool, str]:
+        """Run a logged gRPC change through this replica's servicers; whether it ended OK, and
+        its status."""
+        context = _ReplayContext(entry["metadata"])
+        _, ok = await self._grpc.answer(entry["rpc"], self._grpc.parse(entry["rpc"], entry["body"]), context)
+        return ok, f"{context.code.name}: {context.details}"
+
+    async def _replay(self, entry: dict[str, Any]) -> tuple[bool, str]:
+        """Run a logged REST change through this replica's app; whether it succeeded (2xx), and
+        its status and body."""
         scope = {
             "type": "http",
             "http_version": "1.1",
@@ -256,7 +292,30 @@ class Follower:
                 answer["body"] += message.get("body", b"")
 
         await self._app(scope, receive, send)
-        return answer["status"], answer["body"]
+        status, body = answer["status"], answer["body"]
+        return 200 <= status < 300, f"{status}: {body[:300].decode('utf-8', 'replace')}"
+
+
+class _ReplayContext:
+    """What ``GrpcIngress.answer`` needs of Serve's gRPC context, for a replayed call: the
+    logged call's metadata in, its status out."""
+
+    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+        self._metadata = [tuple(item) for item in metadata]
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self._metadata)  # type: ignore[arg-type]
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
+        """Replays have no caller to send trailing metadata to."""
 
 
 def _rolled_back_by_guard(rollout: dict[str, Any] | None, before: str | None) -> bool:

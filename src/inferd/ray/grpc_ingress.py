@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -189,20 +189,39 @@ class GrpcIngress:
         self._access = Access(config.api_token, config.admin_token)
         self._admin = frozenset((*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS))
         self._inflight = server.inflight
-        self._methods: dict[str, tuple[str, Callable[[Any, Any], Awaitable[Message]], type[Message]]] = {}
+        self._methods: dict[
+            str, tuple[str, Callable[[Any, Any], Awaitable[Message]], type[Message], type[Message]]
+        ] = {}
         for service, module in _SERVICES.items():
             for method in module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods:
                 self._methods[method.name] = (
                     f"/{service}/{method.name}",
                     getattr(servicers[service], method.name),
                     GetMessageClass(method.output_type),
+                    GetMessageClass(method.input_type),
                 )
+
+    def path(self, method: str) -> str:
+        """The full path, ``/SERVICE/METHOD``, of the RPC named ``method``."""
+        return self._methods[method][0]
+
+    def parse(self, method: str, data: bytes) -> Message | Unparsed:
+        """``data`` as the request message of the RPC named ``method``, or ``Unparsed``."""
+        path, _, _, request_type = self._methods[method]
+        return _Parser(request_type, path)(data)
 
     async def call(self, method: str, request: Message | Unparsed, serve_context: Any) -> Message:
         """Answer the RPC named ``method`` (unique across the three services) with ``request``;
         a failure's status is set on ``serve_context`` and an empty reply returned (a request that
         did not parse: INVALID_ARGUMENT)."""
-        path, servicer_method, reply_type = self._methods[method]
+        reply, _ = await self.answer(method, request, serve_context)
+        return reply
+
+    async def answer(
+        self, method: str, request: Message | Unparsed, serve_context: Any
+    ) -> tuple[Message, bool]:
+        """``call``'s reply, and whether the call succeeded (ended OK)."""
+        path, servicer_method, reply_type, _ = self._methods[method]
         context = _Context(serve_context)
         reservation = self._inflight.reservation()
         try:
@@ -219,18 +238,26 @@ class GrpcIngress:
                 reservation.grow_to(request.ByteSize())
             except InferdError as error:
                 await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
-            return await servicer_method(request, context)
+            return await servicer_method(request, context), True
         except _Aborted:
-            return reply_type()
+            return reply_type(), False
         finally:
             reservation.release()
+
+
+class GrpcCaller(Protocol):
+    """What answers the replica's gRPC methods: ``GrpcIngress``, or the admin log's ``Follower``
+    in front of it (which also records the calls that change what a replica serves)."""
+
+    async def call(self, method: str, request: Message | Unparsed, serve_context: Any) -> Message:
+        """See ``GrpcIngress.call``."""
 
 
 class GrpcMethods:
     """The gRPC methods of the ingress replica, by RPC name, each handed to ``self.grpc``.
     Serve finds them by name and passes its context as ``grpc_context``."""
 
-    grpc: GrpcIngress
+    grpc: GrpcCaller
 
     # tensorflow.serving.PredictionService
     async def Predict(self, request: Message, grpc_context: Any) -> Message:

@@ -5,8 +5,8 @@ features, caches, tokens, metrics) built inside the replica from the same compos
 The replica loads the repository's versions before Serve marks it healthy, polls the repository
 like ``inferd serve`` (so every replica converges on the same versions and labels), restores
 rollouts from ``--rollout_state_dir`` as it does, follows the cluster's admin log (``admin_log``:
-label moves, rollouts, loads and unloads sent to any replica take effect on all), tells Serve's
-router which models it holds (``multiplexing``), unloads
+label moves, rollouts, loads and unloads, over REST or gRPC, sent to any replica take effect on
+all), tells Serve's router which models it holds (``multiplexing``), unloads
 versions idle past their ``[residency] idle_unload_s`` as ``inferd serve`` does, answers TF
 Serving's and the V2 gRPC services through Serve's gRPC ingress (``grpc_ingress``), and drains on
 shutdown: Serve first stops routing to it and waits for its requests, then inferd's own drain
@@ -22,7 +22,7 @@ from ray import serve
 
 from inferd.config import ServerConfig
 from inferd.ray.admin_log import Follower
-from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods, record_deadlines
+from inferd.ray.grpc_ingress import GrpcMethods, record_deadlines
 from inferd.ray.multiplexing import Announcer
 from inferd.server import Server
 
@@ -40,7 +40,6 @@ class InferdReplica(GrpcMethods):
     async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         record_deadlines()  # Serve's gRPC contexts built here carry the client's deadline
         self._server = Server(config)
-        self.grpc = GrpcIngress(self._server)
         control = self._server.control
         await control.sync()
         wait_s = config.file_system_poll_wait_seconds
@@ -50,6 +49,7 @@ class InferdReplica(GrpcMethods):
         self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
         self._announcer = Announcer(control)  # Serve's router routes by model to who holds it
         self._admin = Follower(self._server, _replica_id(), lambda: {"announced": self._announcer.announced})
+        self.grpc = self._admin  # gRPC admin changes go to the log too
         await self._admin.catch_up()  # the cluster's label moves, rollouts, loads and unloads
         self._follower = asyncio.create_task(self._admin.follow())
         periods = [p for p in (wait_s, config.model_config_file_poll_wait_seconds) if p > 0]
