@@ -12,8 +12,10 @@ measuring. Each round measures every setting, in an order that alternates betwee
 (so that a drift of the machine does not favour one), with:
 
 - the closed-loop throughput at 16 connections;
-- the p50 and p99 latency of an open loop at half the plain server's throughput, measured once
-  before the rounds (the "half-loaded server").
+- the p50 and p99 latency at half the plain server's throughput (measured once before the
+  rounds: the "half-loaded server"), offered by 16 connections that each wait 16 / rate seconds
+  before each request. wrk's C client keeps its own delays out of the tail, which a Python
+  open-loop generator on one core did not (its p99 moved 10x between repeats of one setting).
 
 One server for every setting keeps process-to-process differences out of the comparison; the
 pinning keeps the load generator off the server's CPU. The summary gives, per setting, the median
@@ -26,7 +28,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -71,23 +72,33 @@ def switch(server: ServerProcess, base: Path, name: str) -> None:
     )
 
 
-def bench(url: str, pid: int, out: Path, duration: float, *step: str) -> dict[str, object]:
-    """One ``inferd bench`` step pinned to CLIENT_CPU; its report."""
-    argv = ["taskset", "-c", CLIENT_CPU, sys.executable, "-m", "inferd", "bench", url, "--model=digits"]
-    argv += [f"--duration={duration}", "--warmup=2", f"--server_pid={pid}", f"--json={out}", *step]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    report: dict[str, object] = json.loads(out.read_text())["steps"][0]
+def wrk(url: str, body: Path, duration: float, connections: int, pause_ms: int = 0) -> dict[str, float]:
+    """``wrk -t1`` pinned to CLIENT_CPU POSTing ``body`` to the model for ``duration`` s, each
+    connection waiting ``pause_ms`` before each request (0: as fast as answers come); the JSON
+    line of ``wrk_post.lua``."""
+    argv = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s"]
+    argv += ["--timeout", "10s", "-s", str(BENCH / "wrk_post.lua"), f"{url}/v1/models/digits:predict", "--"]
+    argv += [str(body), *([str(pause_ms)] if pause_ms else [])]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
+    report: dict[str, float] = json.loads(line[len("WRKJSON ") :])
+    errors = report["non2xx"] + report["connect_errors"] + report["read_errors"] + report["timeouts"]
+    if errors:
+        raise RuntimeError(f"wrk saw {errors} errors: {line}")
     return report
 
 
-def measure(server: ServerProcess, tmp: Path, duration: float, half_rate: int) -> dict[str, float]:
-    closed = bench(server.url, server.pid, tmp / "closed.json", duration, "--concurrency=16")
-    opened = bench(server.url, server.pid, tmp / "open.json", duration, f"--rate={half_rate}")
-    latency: dict[str, float] = opened["latency_ms"]  # type: ignore[assignment]
+def measure(url: str, body: Path, duration: float, half_rate: int) -> dict[str, float]:
+    """Closed-loop throughput at 16 connections, then p50/p99 with 16 connections paced to
+    ``half_rate`` requests/s in all (each waits 16 / half_rate s before each request)."""
+    wrk(url, body, 1, 16)  # warm-up
+    closed = wrk(url, body, duration, 16)
+    paced = wrk(url, body, duration, 16, round(16_000 / half_rate))
     return {
-        "throughput_rps": float(closed["requests_per_s"]),  # type: ignore[arg-type]
-        "half_load_p50_ms": float(latency["p50"]),
-        "half_load_p99_ms": float(latency["p99"]),
+        "throughput_rps": closed["requests"] / (closed["duration_us"] / 1e6),
+        "half_load_rps": paced["requests"] / (paced["duration_us"] / 1e6),
+        "half_load_p50_ms": paced["p50_us"] / 1000,
+        "half_load_p99_ms": paced["p99_us"] / 1000,
     }
 
 
@@ -131,15 +142,17 @@ def main() -> int:
         try:
             server.wait_available("digits")
             server.wait_for(lambda: server.status("digits").get("2") == "AVAILABLE", "version 2")
-            closed = bench(server.url, server.pid, Path(tmp) / "rate.json", args.duration, "--concurrency=16")
-            half_rate = round(float(closed["requests_per_s"]) / 2)  # type: ignore[arg-type]
-            print(f"plain: {closed['requests_per_s']} req/s; half load {half_rate} req/s", flush=True)
+            body = Path(tmp) / "body.json"
+            body.write_text(json.dumps({"instances": [[0.0] * 64]}))
+            wrk(server.url, body, 2, 16)  # warm-up
+            half_rate = round(measure(server.url, body, args.duration, 1000)["throughput_rps"] / 2)
+            print(f"plain: {2 * half_rate} req/s; half load {half_rate} req/s", flush=True)
             names = list(SETTINGS)
             for i in range(args.rounds):
                 results: dict[str, dict[str, float]] = {}
                 for name in names if i % 2 == 0 else names[::-1]:
                     switch(server, base, name)
-                    results[name] = measure(server, Path(tmp), args.duration, half_rate)
+                    results[name] = measure(server.url, body, args.duration, half_rate)
                     print(f"round {i + 1} {name} {results[name]}", flush=True)
                 rounds.append(results)
         finally:

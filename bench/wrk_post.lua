@@ -1,5 +1,6 @@
 -- POSTs the body of the file named by the first script argument (wrk ... -s wrk_post.lua URL -- FILE),
--- counts non-2xx answers per thread, and prints one JSON line of results in done().
+-- counts non-2xx answers per thread, and prints one JSON line of results in done(). A second
+-- argument paces each connection: it waits that many milliseconds before each request.
 local body_file = nil
 local threads = {}
 
@@ -16,6 +17,10 @@ function init(args)
   wrk.headers["Content-Type"] = "application/json"
   non2xx = 0
   statuses = {}
+  if args[2] then
+    local pause_ms = tonumber(args[2])
+    delay = function() return pause_ms end
+  end
 end
 
 function response(status, headers, body)
