@@ -1,17 +1,26 @@
-"""ConnectionLimits: read from the server config, checked at start, 0 connections meaning auto."""
+"""ConnectionLimits: read from the server config, checked at start, 0 connections meaning auto;
+the limited protocol leaves no per-request cyclic garbage."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import resource
+import socket
+import weakref
+from typing import Any
 
 import pytest
+import uvicorn
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
 from inferd.protocols.http_connection import (
     AUTO_CONNECTIONS_CAP,
+    WATCH,
     ConnectionLimits,
     auto_max_connections,
+    connection_class,
     raise_open_file_limit,
 )
 
@@ -53,3 +62,44 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
+    """A request's objects go by reference counting once answered: none is left for the cyclic
+    collector, whose full passes over per-request garbage paused the loop for tens of ms."""
+    seen: list[weakref.ref[Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert WATCH in scope["extensions"]
+        seen.append(weakref.ref(receive.__self__))  # uvicorn's RequestResponseCycle
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        config = uvicorn.Config(
+            app,
+            http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
+            lifespan="off",
+            loop="none",
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        for _ in range(3):  # one kept-alive connection: uvicorn lets go of a request at the next
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            await reader.readuntil(b"ok")
+        writer.close()
+        server.should_exit = True
+        await serving
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert len(seen) == 3
+        assert [request() is None for request in seen[:2]] == [True, True], "a request outlived its answer"
+    finally:
+        gc.enable()
