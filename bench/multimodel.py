@@ -16,17 +16,16 @@ reservation (3x its file, see inferd.residency.LOAD_FACTORS), and says so.
    own policy (``GreedyDualSizeFrequency``, load cost = seconds per byte measured below), LRU, and
    Belady (evict the model used again farthest in the future; with unequal sizes a strong offline
    bound rather than a proven optimum): hit rate and byte hit rate.
-2. **Live**: ``inferd serve --memory_budget`` gets the trace (a thread per request, sent at its
-   arrival time whatever the others do), plus one pinned probe model requested every 50 ms.
-   Reported: the server's loads per request (its miss rate), cold-start p50/p99 (from
-   ``inferd_cold_start_seconds``) against the models' own load-plus-warm-up time (from
-   ``inferd_model_load_duration_seconds``), the probe's p99 alone and while cold loads run, and
-   peak RSS (sampled every 100 ms) against the idle RSS plus the budget.
+2. **Live**, twice with the same trace (a thread per request, sent at its arrival time whatever
+   the others do) plus one pinned probe model requested every 50 ms: first without a budget, every
+   model loaded at start (no cold load; its RSS is what "load everything" takes; skip it with
+   ``--no-reference``), then under ``--memory_budget``. Reported: the server's loads per request
+   (its miss rate), cold-start p50/p99 (from ``inferd_cold_start_seconds``) against the models' own
+   load-plus-warm-up time (from ``inferd_model_load_duration_seconds``), the probe's p99 in both
+   runs (the same traffic with and without cold loads), and peak RSS (sampled every 100 ms)
+   against the idle RSS plus the budget.
 With ``--load-nice N`` every model but the probe gets ``[onnx] load_nice = N`` (its session is
 built at a lower CPU priority), to compare the probe's p99 with and without.
-
-3. **No budget** (``--no-budget-run``): the same models all loaded at start; its RSS is what "load
-   everything" takes.
 
 Results go to stdout and bench/results/multimodel-<N>.json.
 """
@@ -36,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -158,10 +158,10 @@ def histogram_quantile(text: str, name: str, q: float) -> float:
     return math.nan
 
 
-def start(repo: Path, *flags: str) -> ServerProcess:
+def start(repo: Path, *flags: str, prefix: tuple[str, ...] = ()) -> ServerProcess:
     """``inferd serve`` on ``repo`` (no gRPC), once ``/v2/health/ready`` answers 200 (loading many
-    models at start can take minutes)."""
-    server = launch(repo.parent, str(repo), *flags, wait=False)
+    models at start can take minutes); ``prefix`` goes before the command (``taskset``)."""
+    server = launch(repo.parent, str(repo), *flags, wait=False, prefix=prefix)
 
     def ready() -> bool:
         try:
@@ -181,7 +181,7 @@ def body(rows: list[int]) -> dict[str, Any]:
     return {"inputs": [{"name": "i", "datatype": "INT64", "shape": [len(rows)], "data": rows}]}
 
 
-def probe_p99(url: str, stop_at: float) -> list[float]:
+def probe_latencies(url: str, stop_at: float) -> list[float]:
     session, latencies = requests.Session(), []
     while time.monotonic() < stop_at:
         began = time.perf_counter()
@@ -189,6 +189,55 @@ def probe_p99(url: str, stop_at: float) -> list[float]:
         latencies.append(time.perf_counter() - began)
         time.sleep(0.05)
     return latencies
+
+
+def live(server: ServerProcess, timed: list[tuple[float, int]], duration: float) -> dict[str, Any]:
+    """Send ``timed`` (a thread per request, at its arrival time whatever the others do) while
+    the probe model is requested every 50 ms and the server's RSS is sampled every 100 ms."""
+    url = server.url
+    idle_rss = read_pid(server.pid)[1]
+    rss: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss.append(read_pid(server.pid)[1])
+            done.wait(0.1)
+
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    local = threading.local()
+
+    def send(model: int) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        response = session.post(f"{url}/v2/models/m{model:03d}/infer", json=body([0]), timeout=120)
+        with lock:
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    began = time.monotonic()
+    probe: list[float] = []
+    prober = threading.Thread(target=lambda: probe.extend(probe_latencies(url, began + duration)))
+    prober.start()
+    with ThreadPoolExecutor(64) as pool:
+        for at, model in timed:
+            delay = began + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(send, model)
+    prober.join()
+    done.set()
+    sampler.join()
+    return {
+        "statuses": statuses,
+        "probe_p99_ms": 1000 * float(np.percentile(probe, 99)),
+        "probe_max_ms": 1000 * max(probe),
+        "idle_rss": idle_rss,
+        "peak_rss": max(rss),
+        "metrics": metrics(url),
+    }
 
 
 def main() -> None:
@@ -201,8 +250,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--pin", action="store_true", help="the server on CPU 0, this load generator on CPU 1 (taskset)"
+    )
     parser.add_argument("--load-nice", type=int, default=0, help="[onnx] load_nice of the models (0: none)")
-    parser.add_argument("--no-budget-run", action="store_true", help="also load everything without a budget")
+    parser.add_argument("--no-reference", action="store_true", help="skip the run without a budget")
     parser.add_argument(
         "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
     )
@@ -238,48 +290,22 @@ def main() -> None:
         f"({budget / total:.0%} of it), {len(trace)} requests over {args.duration:g} s"
     )
 
-    server = start(repo, f"--memory_budget={budget}")
-    url = server.url
+    prefix = ("taskset", "-c", "0") if args.pin else ()
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+    reference: dict[str, Any] = {}
+    if not args.no_reference:  # the same traffic with every model loaded at start: no cold load
+        server = start(repo, prefix=prefix)
+        try:
+            reference = live(server, timed, args.duration)
+        finally:
+            server.stop()
+    server = start(repo, f"--memory_budget={budget}", prefix=prefix)
     try:
-        idle_rss = read_pid(server.pid)[1]
-        alone = probe_p99(url, time.monotonic() + 5)
-        rss: list[int] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                rss.append(read_pid(server.pid)[1])
-                done.wait(0.1)
-
-        statuses: dict[int, int] = {}
-        lock = threading.Lock()
-        local = threading.local()
-
-        def send(model: int) -> None:
-            session = getattr(local, "session", None) or requests.Session()
-            local.session = session
-            response = session.post(f"{url}/v2/models/m{model:03d}/infer", json=body([0]), timeout=120)
-            with lock:
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        began = time.monotonic()
-        probe: list[float] = []
-        prober = threading.Thread(target=lambda: probe.extend(probe_p99(url, began + args.duration)))
-        prober.start()
-        with ThreadPoolExecutor(64) as pool:
-            for at, model in timed:
-                delay = began + at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(send, model)
-        prober.join()
-        done.set()
-        sampler.join()
-        text = metrics(url)
+        run = live(server, timed, args.duration)
     finally:
         server.stop()
+    text = run["metrics"]
     loads = {labels: v for labels, v in samples(text, "inferd_model_loads_total")}
     cold_loads = sum(v for labels, v in loads.items() if "start" not in labels)
     load_sum = sum(v for _, v in samples(text, "inferd_model_load_duration_seconds_sum"))
@@ -294,13 +320,14 @@ def main() -> None:
         "rate": args.rate,
         "duration_s": args.duration,
         "load_nice": args.load_nice,
+        "pinned": args.pin,
         "replay_requests": len(long_trace),
         "replay": {
             policy: replay(long_trace, on_disk, budget, policy, seconds_per_byte)
             for policy in ("gdsf", "lru", "belady")
         },
         "live": {
-            "statuses": statuses,
+            "statuses": run["statuses"],
             "miss_rate": cold_loads / len(trace),
             "evictions": dict(samples(text, "inferd_model_evictions_total")),
             "cold_start_p50_s": histogram_quantile(text, "inferd_cold_start_seconds", 0.5),
@@ -308,19 +335,20 @@ def main() -> None:
             "load_p50_s": histogram_quantile(text, "inferd_model_load_duration_seconds", 0.5),
             "load_p99_s": histogram_quantile(text, "inferd_model_load_duration_seconds", 0.99),
             "load_mean_s": load_sum / load_count if load_count else math.nan,
-            "probe_alone_p99_ms": 1000 * float(np.percentile(alone, 99)),
-            "probe_under_loads_p99_ms": 1000 * float(np.percentile(probe, 99)),
-            "idle_rss_mb": idle_rss / MB,
-            "peak_rss_mb": max(rss) / MB,
-            "peak_over_idle_mb": (max(rss) - idle_rss) / MB,
+            "probe_p99_ms": run["probe_p99_ms"],
+            "probe_max_ms": run["probe_max_ms"],
+            "idle_rss_mb": run["idle_rss"] / MB,
+            "peak_rss_mb": run["peak_rss"] / MB,
+            "peak_over_idle_mb": (run["peak_rss"] - run["idle_rss"]) / MB,
         },
     }
-    if args.no_budget_run:
-        server = start(repo)
-        try:
-            result["no_budget_rss_mb"] = read_pid(server.pid)[1] / MB
-        finally:
-            server.stop()
+    if reference:
+        result["no_budget"] = {
+            "statuses": reference["statuses"],
+            "probe_p99_ms": reference["probe_p99_ms"],
+            "probe_max_ms": reference["probe_max_ms"],
+            "rss_mb": reference["peak_rss"] / MB,
+        }
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     out = BENCH / "results" / f"multimodel-{args.models}.json"
