@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,11 @@ def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+def _no_cycle() -> None:
+    """What ``RequestWatch`` holds before uvicorn made the request's cycle: no cycle."""
+    return None
+
+
 class RequestWatch:
     """One request's link to its connection. It ends the request's computation early: when the
     client hangs up (``hang_up``, from the connection) or its deadline passes (``expire``, from a
@@ -139,15 +145,16 @@ class RequestWatch:
         self.task: asyncio.Task[Any] | None = None
         self.hung_up = False
         self.expired = False
-        # uvicorn's RequestResponseCycle of the request, once made. Weak: the cycle holds this
+        # Gives uvicorn's RequestResponseCycle of the request once it is made (a weak reference;
+        # None before and after). Weak: the cycle holds this
         # watch (in its scope), and a strong link back would leave every request's objects to
         # the cyclic garbage collector, whose full passes paused the loop for 20-30 ms under load.
-        self._cycle: weakref.ref[Any] | None = None
+        self._cycle: Callable[[], Any] = _no_cycle
 
     @property
     def client_gone(self) -> bool:
         """The connection closed before this request was answered (maybe before ``task`` was set)."""
-        cycle = self._cycle() if self._cycle is not None else None
+        cycle = self._cycle()
         return cycle is not None and bool(cycle.disconnected)
 
     def hang_up(self) -> None:
@@ -165,7 +172,7 @@ class RequestWatch:
         write, as uvicorn writes a start and a body message, and end the request; False (nothing
         written) when it cannot: no cycle, an answer started, the client gone, or a header value
         holding a line break. Saves the second write and the two ASGI messages."""
-        cycle = self._cycle() if self._cycle is not None else None
+        cycle = self._cycle()
         if cycle is None or cycle.response_started or cycle.disconnected:
             return False
         parts = [STATUS_LINE[status]]
