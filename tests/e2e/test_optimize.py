@@ -4,7 +4,8 @@ one repository, served by one real ``inferd serve``, and its answers over REST a
 the original version's on the 597 held-out digits.
 
 Tolerances (docs/optimize.md states the same):
-    onnx, onnx-optimized, tflite: probabilities within rtol 1e-5, atol 1e-6 of the original's.
+    onnx, onnx-optimized, onnx-mapped, tflite: probabilities within rtol 1e-5, atol 1e-6 of the
+        original's.
     onnx-fp16: probabilities within atol 5e-3; accuracy within 1 point.
     int8 (onnx-int8-dynamic, onnx-int8-static, tflite-int8-dynamic, tflite-int8): accuracy at
         most 3 points below the original's.
@@ -37,7 +38,14 @@ FP16_ATOL = 5e-3
 FP16_ACCURACY_DROP = 0.01
 INT8_ACCURACY_DROP = 0.03
 
-ONNX_VARIANTS = ["onnx", "onnx-optimized", "onnx-int8-dynamic", "onnx-fp16", "onnx-int8-static"]
+ONNX_VARIANTS = [
+    "onnx",
+    "onnx-optimized",
+    "onnx-int8-dynamic",
+    "onnx-fp16",
+    "onnx-mapped",
+    "onnx-int8-static",
+]
 TFLITE_VARIANTS = ["tflite", "tflite-int8-dynamic", "tflite-int8"]
 VARIANTS = {
     "sklearn": ONNX_VARIANTS,
@@ -49,7 +57,7 @@ VARIANTS = {
 }
 """Model -> the variants made of it, which become versions 2, 3, ... (version 1 is the original)."""
 
-pytestmark = pytest.mark.timeout(300)  # the module fixture trains three models and makes 23 variants
+pytestmark = pytest.mark.timeout(300)  # the module fixture trains three models and makes 26 variants
 
 INPUT = {"sklearn": "inputs", "keras": "images", "torch": "x", "logreg": "inputs", "savedmodel": "images"}
 
@@ -201,7 +209,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(made: dict[str, Any]) -> Iterator[ServerProcess]:
     """One server over a repository in which version 1 of each model is the original and
-    versions 2, 3, ... its variants, in ``VARIANTS`` order."""
+    versions 2, 3, ... its variants, in ``VARIANTS`` order; ONNX versions keep their weights in
+    onnxruntime's mapping of external data (``share_weights``), as the mapped variant is served."""
     repository = made["root"] / "repository"
     for model, variants in VARIANTS.items():
         shutil.copytree(made["originals"] / model, repository / model)
@@ -209,7 +218,8 @@ def server(made: dict[str, Any]) -> Iterator[ServerProcess]:
             shutil.copytree(made["out"] / model / variant, repository / model / str(number))
         settings = repository / model / "inferd.toml"
         previous = settings.read_text() if settings.exists() else ""
-        settings.write_text("version_policy = { all = true }\n" + previous)
+        shared = "[onnx]\nshare_weights = true\n" if "onnx-mapped" in variants else ""
+        settings.write_text("version_policy = { all = true }\n" + previous + shared)
     server = launch(made["root"], str(repository))
 
     def settled() -> bool:
@@ -349,13 +359,24 @@ def test_every_variant_serves_and_agrees_with_the_original(
         return
     expected, got = probabilities(server, model, 1), probabilities(server, model, version)
     assert got.shape == expected.shape == (597, 10)
-    if variant in ("onnx", "onnx-optimized", "tflite"):
+    if variant in ("onnx", "onnx-optimized", "onnx-mapped", "tflite"):
         np.testing.assert_allclose(got, expected, **EXACT)
     elif variant == "onnx-fp16":
         np.testing.assert_allclose(got, expected, rtol=0, atol=FP16_ATOL)
         assert accuracy(got) >= accuracy(expected) - FP16_ACCURACY_DROP
     else:
         assert accuracy(got) >= accuracy(expected) - INT8_ACCURACY_DROP, (accuracy(got), accuracy(expected))
+
+
+def test_the_mapped_variants_weights_are_served_from_the_file(
+    server: ServerProcess, made: dict[str, Any]
+) -> None:
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    for model in ("sklearn", "keras", "torch"):
+        version = VARIANTS[model].index("onnx-mapped") + 2
+        weights = made["root"] / "repository" / model / str(version) / "model.onnx.data"
+        assert weights.stat().st_size > 8_000  # the first layer alone: 64 x 32 FP32
+        assert str(weights.resolve()) in maps, model
 
 
 @pytest.mark.parametrize("model", ["sklearn", "keras", "torch"])

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument
-from inferd.optimize import EXACT_TOLERANCE, INT8_TOLERANCE, OptimizeOptions, chosen
+from inferd.optimize import EXACT_TOLERANCE, INT8_TOLERANCE, OptimizeOptions, chosen, run
 from inferd.optimize.calibration import Calibration
 from inferd.optimize.check import check_variant, default_signature
 from inferd.optimize.convert import Source, Unsupported
+from inferd.optimize.onnx_variants import EXTERNAL_DATA
 from inferd.runtimes import load_model
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_onnx_table
 
 MODEL, OUT = Path("models/digits"), Path("variants")
 
@@ -26,6 +29,7 @@ def test_by_default_every_onnx_variant_but_the_calibrated_one() -> None:
         "onnx-optimized",
         "onnx-int8-dynamic",
         "onnx-fp16",
+        "onnx-mapped",
     ]
 
 
@@ -36,6 +40,7 @@ def test_calibration_and_tflite_add_their_variants() -> None:
         "onnx-optimized",
         "onnx-int8-dynamic",
         "onnx-fp16",
+        "onnx-mapped",
         "onnx-int8-static",
         "tflite",
         "tflite-int8-dynamic",
@@ -88,3 +93,30 @@ def test_a_variant_within_its_tolerance_passes_with_its_difference(
     write_onnx_affine(tmp_path / "variant", scale=2.0, offset=offset)
     check = check_variant(_source(tmp_path / "original"), tmp_path / "variant", Calibration(None), tolerance)
     assert check["outputs"]["y"]["max_abs_diff"] == pytest.approx(offset - 2.0, rel=1e-3)
+
+
+def test_the_mapped_variant_keeps_its_weights_apart_and_is_served_from_their_mapping(tmp_path: Path) -> None:
+    table = write_onnx_table(tmp_path / "models" / "table" / "1", mib=2, seed=3)
+    options = OptimizeOptions(tmp_path / "models" / "table", tmp_path / "out", only=("onnx-mapped",))
+    (made,) = run(options)
+    assert made.ok, made.error
+    weights = made.path / EXTERNAL_DATA
+    assert weights.stat().st_size >= table.nbytes > 100 * (made.path / "model.onnx").stat().st_size
+    record = json.loads((made.path / "variant.json").read_text())
+    assert record["parameters"]["external_initializers"] == 1
+    settings = ModelSettings(runtime_tables={"onnx": {"share_weights": True}})
+    model, _ = load_model(made.path, settings, None)
+    try:
+        rows = model.predict(default_signature(model).name, {"i": np.array([5, 0], np.int64)})
+        np.testing.assert_array_equal(rows["y"], table[[5, 0]])
+        assert str(weights.resolve()) in Path("/proc/self/maps").read_text()
+    finally:
+        model.close()
+
+
+def test_a_model_without_large_weights_has_no_mapped_variant(tmp_path: Path) -> None:
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0)
+    options = OptimizeOptions(tmp_path / "models" / "affine", tmp_path / "out", only=("onnx-mapped",))
+    (made,) = run(options)
+    assert made.error == "no weight of 1024 bytes or more to save apart"
+    assert not made.path.exists()

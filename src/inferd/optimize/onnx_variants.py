@@ -1,5 +1,5 @@
-"""Variants of an ONNX model made with onnxruntime's tools: graph optimisation, dynamic and static
-int8 quantisation, float16.
+"""Variants of an ONNX model made with onnxruntime's and onnx's tools: graph optimisation, dynamic
+and static int8 quantisation, float16, and the weights saved as external data.
 
 Each function reads ``base`` (an ``.onnx`` file), writes ``target``, and returns the parameters
 to record. A quantisation or conversion that changes nothing (every operator of the model is one
@@ -65,6 +65,45 @@ def to_float16(base: Path, target: Path) -> dict[str, Any]:
         "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
         "keep_io_types": True,
         "note": "weights and arithmetic in float16; inputs and outputs stay float32 (casts at the edges)",
+    }
+
+
+EXTERNAL_DATA = "model.onnx.data"
+"""The file beside ``model.onnx`` that the ``onnx-mapped`` variant keeps its weights in."""
+EXTERNAL_MIN_BYTES = 1024
+"""Initializers smaller than this stay in ``model.onnx`` (onnx's own default threshold)."""
+
+
+def external_weights(base: Path, target: Path) -> dict[str, Any]:
+    """The same graph and weights, with every initializer of at least ``EXTERNAL_MIN_BYTES`` in
+    one ``EXTERNAL_DATA`` file beside ``target``: onnxruntime maps that file instead of copying
+    the weights out of a parsed protobuf, which ``[onnx] share_weights = true`` keeps (cheap
+    loads and unloads under a memory budget, one copy of the weights for all ``--workers``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(base))
+    for tensor in model.graph.initializer:  # onnx moves only raw_data out; converters may use *_data
+        if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA,
+        size_threshold=EXTERNAL_MIN_BYTES,
+    )
+    saved = onnx.load(str(target), load_external_data=False).graph.initializer
+    moved = sum(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in saved)
+    if not moved:
+        raise Unsupported(f"no weight of {EXTERNAL_MIN_BYTES} bytes or more to save apart")
+    return {
+        "tool": "onnx.save_model(save_as_external_data=True)",
+        "location": EXTERNAL_DATA,
+        "size_threshold_bytes": EXTERNAL_MIN_BYTES,
+        "external_initializers": moved,
+        "serve_with": "[onnx] share_weights = true",
     }
 
 

@@ -97,6 +97,7 @@ RECIPES = (
     _Recipe("onnx-optimized", "onnx", "onnxruntime graph optimisation, saved", "model.onnx"),
     _Recipe("onnx-int8-dynamic", "onnx", "dynamic int8 quantisation", "model.onnx", tolerance=INT8_TOLERANCE),
     _Recipe("onnx-fp16", "onnx", "float16 conversion", "model.onnx", tolerance=FP16_TOLERANCE),
+    _Recipe("onnx-mapped", "onnx", "weights saved as external data, to be served mapped", "model.onnx"),
     _Recipe(
         "onnx-int8-static",
         "onnx",
@@ -290,6 +291,8 @@ def _build(
         return onnx_variants.quantize_dynamic(start, target)
     if recipe.name == "onnx-fp16":
         return onnx_variants.to_float16(start, target)
+    if recipe.name == "onnx-mapped":
+        return onnx_variants.external_weights(start, target)
     return onnx_variants.quantize_static(start, target, calibration.rows(base.signature()))
 
 
