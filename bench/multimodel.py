@@ -25,7 +25,10 @@ reservation (3x its file, see inferd.residency.LOAD_FACTORS), and says so.
    runs (the same traffic with and without cold loads), and peak RSS (sampled every 100 ms)
    against the idle RSS plus the budget.
 With ``--load-nice N`` every model but the probe gets ``[onnx] load_nice = N`` (its session is
-built at a lower CPU priority), to compare the probe's p99 with and without.
+built at a lower CPU priority), to compare the probe's p99 with and without. With
+``--external-data`` every model's table is saved as ONNX external data and served from
+onnxruntime's mapping of that file (``[onnx] share_weights = true``): a load then maps the file
+instead of parsing and copying it, and a close unmaps it instead of freeing private memory.
 
 Results go to stdout and bench/results/multimodel-<N>.json.
 """
@@ -62,7 +65,9 @@ BENCH = Path(__file__).resolve().parent
 MB = 10**6
 
 
-def write_table(folder: Path, nbytes: int, seed: int) -> None:
+def write_table(folder: Path, nbytes: int, seed: int, external: bool = False) -> None:
+    """``model.onnx``: ``y = table[i]`` over a random table of about ``nbytes``; with ``external``,
+    the table is saved as ONNX external data in ``model.onnx.data`` beside it."""
     rows = max(nbytes // 64, 1)
     table = np.random.default_rng(seed).standard_normal((rows, 16), dtype=np.float32)
     i = helper.make_tensor_value_info("i", TensorProto.INT64, ["batch"])
@@ -72,7 +77,7 @@ def write_table(folder: Path, nbytes: int, seed: int) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / "model.onnx")
+    onnx.save(model, folder / "model.onnx", save_as_external_data=external, location="model.onnx.data")
 
 
 def zipf_trace(n: int, s: float, rate: float, duration: float, seed: int) -> list[tuple[float, int]]:
@@ -254,6 +259,11 @@ def main() -> None:
         "--pin", action="store_true", help="the server on CPU 0, this load generator on CPU 1 (taskset)"
     )
     parser.add_argument("--load-nice", type=int, default=0, help="[onnx] load_nice of the models (0: none)")
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="save the models' weights as external data, served mapped ([onnx] share_weights)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the run without a budget")
     parser.add_argument(
         "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
@@ -268,13 +278,21 @@ def main() -> None:
     repo = work / "repo"
     on_disk = sizes  # the table's bytes; the file adds ~200 bytes
     if not args.replay_only:
+        onnx_table = "".join(
+            (
+                f"load_nice = {args.load_nice}\n" if args.load_nice else "",
+                "share_weights = true\n" if args.external_data else "",
+            )
+        )
         for n, size in enumerate(sizes):
-            write_table(repo / f"m{n:03d}" / "1", size, n)
-            if args.load_nice:
-                (repo / f"m{n:03d}" / "inferd.toml").write_text(f"[onnx]\nload_nice = {args.load_nice}\n")
+            write_table(repo / f"m{n:03d}" / "1", size, n, args.external_data)
+            if onnx_table:
+                (repo / f"m{n:03d}" / "inferd.toml").write_text(f"[onnx]\n{onnx_table}")
         write_table(repo / "probe" / "1", 64_000, 99999)
         (repo / "probe" / "inferd.toml").write_text("[residency]\npin = true\n")
-        on_disk = [(repo / f"m{n:03d}" / "1" / "model.onnx").stat().st_size for n in range(args.models)]
+        on_disk = [
+            sum(f.stat().st_size for f in (repo / f"m{n:03d}" / "1").iterdir()) for n in range(args.models)
+        ]
     total = sum(on_disk)
     budget = int(max(total * args.fraction, 1.1 * LOAD_FACTORS["onnx"] * max(on_disk)))
     timed = zipf_trace(args.models, args.zipf, args.rate, args.duration, args.seed)
@@ -320,6 +338,7 @@ def main() -> None:
         "rate": args.rate,
         "duration_s": args.duration,
         "load_nice": args.load_nice,
+        "external_data": args.external_data,
         "pinned": args.pin,
         "replay_requests": len(long_trace),
         "replay": {
@@ -351,7 +370,8 @@ def main() -> None:
         }
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    out = BENCH / "results" / f"multimodel-{args.models}.json"
+    suffix = "-external" if args.external_data else ""
+    out = BENCH / "results" / f"multimodel-{args.models}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
