@@ -440,7 +440,14 @@ def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
         return np.asarray(strings, dtype=object).tolist()  # type: ignore[no-any-return]
     # The canonical native dtype (a view, no copy, where only the type differs): onnxruntime
     # returns int64 as numpy.longlong, whose scalars (rows of a 1-D output) orjson cannot write.
-    return np.ascontiguousarray(value, dtype=np.dtype(value.dtype.str).newbyteorder("="))
+    canonical = _CANONICAL.get(value.dtype)
+    if canonical is None:
+        canonical = _CANONICAL[value.dtype] = np.dtype(value.dtype.str).newbyteorder("=")
+    return np.ascontiguousarray(value, dtype=canonical)
+
+
+_CANONICAL: dict[np.dtype[Any], np.dtype[Any]] = {}
+"""Each output dtype met -> its canonical native dtype (a few entries: one per dtype)."""
 
 
 def _string(item: Any, as_b64: bool) -> Any:
@@ -503,11 +510,15 @@ def _check_json_types(signature: Signature, inputs: Tensors) -> None:
 
 
 def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
-    """JSON for ``document``, which holds ``outputs``. orjson writes NaN as null, so a document
-    with a non-finite float goes through the standard library, which writes NaN and Infinity
-    tokens as TF Serving does."""
-    if all(value.dtype.kind != "f" or np.isfinite(value).all() for value in outputs.values()):
-        return 200, _JSON, orjson.dumps(document, option=_NUMPY)
+    """JSON for ``document``, which holds ``outputs``. orjson writes NaN and infinities as null,
+    so a document with a non-finite float goes through the standard library, which writes NaN
+    and Infinity tokens as TF Serving does. Only an answer with ``null`` in it is checked (the
+    check costs more than the search)."""
+    encoded = orjson.dumps(document, option=_NUMPY)
+    if b"null" not in encoded or all(
+        value.dtype.kind != "f" or np.isfinite(value).all() for value in outputs.values()
+    ):
+        return 200, _JSON, encoded
     return 200, _JSON, json.dumps(document, default=lambda a: a.tolist()).encode()
 
 
