@@ -496,14 +496,7 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     """Check ``value``'s dtype kind and (with ``check_shape``) shape against ``spec``, then cast
     it to ``spec``'s dtype."""
     target = spec.dtype
-    shape_fits = (
-        not check_shape
-        or spec.shape is None
-        or (
-            value.ndim == len(spec.shape)
-            and all(d in (-1, n) for d, n in zip(spec.shape, value.shape, strict=True))
-        )
-    )
+    shape_fits = not check_shape or spec.shape is None or _shape_fits(spec.shape, value.shape)
     if not shape_fits or value.dtype.kind not in ACCEPTED_KINDS.get(target.kind, target.kind):
         raise InvalidArgument(f"input {spec.name!r}: expected {spec.describe()}, got {_describe(value)}")
     if value.dtype != target:
@@ -513,6 +506,16 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")
     return value
+
+
+def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """``shape`` has ``declared``'s rank and its size wherever one is declared (not -1). The usual
+    case, a free batch dimension and fixed others, is decided by tuple comparisons alone."""
+    if len(declared) != len(shape):
+        return False
+    if not declared or (declared[0] in (-1, shape[0]) and declared[1:] == shape[1:]):
+        return True
+    return all(d in (-1, n) for d, n in zip(declared, shape, strict=True))
 
 
 def _describe(value: np.ndarray) -> str:
