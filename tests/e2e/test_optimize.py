@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from inferd.optimize import OptimizeOptions, run
+from inferd.optimize import VARIANT_NAMES, OptimizeOptions, run
 from tests.conftest import ServerProcess, launch
 from tests.models import digits, write_sklearn_digits, write_torchscript
 
@@ -38,14 +38,7 @@ FP16_ATOL = 5e-3
 FP16_ACCURACY_DROP = 0.01
 INT8_ACCURACY_DROP = 0.03
 
-ONNX_VARIANTS = [
-    "onnx",
-    "onnx-optimized",
-    "onnx-int8-dynamic",
-    "onnx-fp16",
-    "onnx-mapped",
-    "onnx-int8-static",
-]
+ONNX_VARIANTS = [name for name in VARIANT_NAMES if name.startswith("onnx")]
 TFLITE_VARIANTS = ["tflite", "tflite-int8-dynamic", "tflite-int8"]
 VARIANTS = {
     "sklearn": ONNX_VARIANTS,
