@@ -30,7 +30,8 @@ built at a lower CPU priority), to compare the probe's p99 with and without. Wit
 onnxruntime's mapping of that file (``[onnx] share_weights = true``): a load then maps the file
 instead of parsing and copying it, and a close unmaps it instead of freeing private memory.
 
-Results go to stdout and bench/results/multimodel-<N>.json.
+Results go to stdout and bench/results/multimodel-<N>.json (multimodel-<N>-external.json with
+``--external-data``).
 """
 
 from __future__ import annotations
