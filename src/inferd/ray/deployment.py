@@ -35,6 +35,9 @@ PROXY_ENV = {
     # that parses it into Serve's HTTP metrics: about 0.12 ms of CPU per request (measured with
     # bench/ray.py, one replica on 2 cores). inferd's own /metrics counts every request.
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # Requests queued in front of the replicas (scaling up from zero) reach Serve's autoscaler
+    # every second instead of every 10 s.
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 """Environment every Ray node's processes need (the Serve controller reads it at start)."""
 
@@ -45,6 +48,11 @@ REPLICA_ENV = {
     # and the hop between the two loops, with both threads taking turns on the GIL, cost about
     # a third of a replica's throughput.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # HTTP requests skip Serve's per-request wrapping once the replica is built (ingress.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "inferd.ray.ingress:middlewares",
+    # Each replica's requests in flight reach Serve's autoscaler every second (default: 10 s), so
+    # that it reacts within upscale_delay_s plus about a second.
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
 """Environment of each replica's process, set through its Ray runtime environment."""
 
@@ -114,8 +122,27 @@ class Scaling:
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
                 "look_back_period_s": 2.0,
+                "policy": {"policy_function": f"{__name__}:{scale_on_in_flight.__name__}"},
             }
         return options
+
+
+IN_FLIGHT = "inferd_in_flight"
+"""The replicas' autoscaling metric: inferd's requests in flight, from
+``InferdReplica.record_autoscaling_stats``."""
+
+
+def scale_on_in_flight(context: Any) -> tuple[float, dict[str, Any]]:
+    """Serve's autoscaling policy for inferd (Serve applies the replica bounds, delays and factors
+    around it): as many replicas as the requests in flight need at ``target_ongoing_requests``
+    each. In flight is the larger of inferd's own count (summed over the replicas, averaged over
+    the look-back period), which sees every request, and Serve's, which also sees requests still
+    queued in front of the replicas (the Python proxy's, or while scaling up from zero)."""
+    if context.current_num_replicas == 0:
+        return context.target_num_replicas, {}
+    inferd = sum((context.aggregated_metrics or {}).get(IN_FLIGHT, {}).values())
+    in_flight = max(inferd, context.total_num_requests)
+    return in_flight / context.config.get_target_ongoing_requests(), {}
 
 
 def application(config: ServerConfig, scaling: Scaling) -> Any:

@@ -21,7 +21,9 @@ import logging
 from ray import serve
 
 from inferd.config import ServerConfig
+from inferd.ray import ingress
 from inferd.ray.admin_log import Follower
+from inferd.ray.deployment import IN_FLIGHT
 from inferd.ray.grpc_ingress import GrpcMethods, record_deadlines
 from inferd.ray.multiplexing import Announcer
 from inferd.server import Server
@@ -56,6 +58,7 @@ class InferdReplica(GrpcMethods):
         self._poller = asyncio.create_task(self._poll(min(periods))) if periods else None
         self._sweeper = asyncio.create_task(self._unload_idle())
         self._announcing = asyncio.create_task(self._announcer.run())
+        ingress.serve_directly(self._admin)  # HTTP requests skip Serve's per-request wrapping
         level, served = control.summary()
         log.log(level, "replica %s: %s", _replica_id(), served)
 
@@ -75,12 +78,17 @@ class InferdReplica(GrpcMethods):
     def __serve_build_asgi_app__(self) -> Follower:
         return self._admin
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: inferd's requests in flight, over both APIs."""
+        return {IN_FLIGHT: float(self._server.metrics.in_flight)}
+
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
         (``graceful_shutdown_timeout_s``); inferd's drain then waits for anything still running."""
         server: Server | None = getattr(self, "_server", None)
         if server is None:  # __init__ failed before the server existed: nothing to close
             return
+        ingress.serve_directly(None)  # late arrivals go to Serve, which refuses them while it stops
         for name in ("_poller", "_sweeper", "_follower", "_announcing"):
             task = getattr(self, name, None)
             if task is not None:
