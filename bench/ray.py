@@ -3,10 +3,13 @@
 
 Measures, with ``inferd bench`` (TF Serving REST, 1 instance per request) at concurrency 1, 8
 and 64: ``inferd serve`` alone; then ``inferd ray serve`` (one replica) behind Serve's HAProxy
-ingress and behind its Python proxy, each on a fresh two-node local Ray cluster. For each proxy
+ingress and behind its Python proxy, each on a fresh two-node local Ray cluster, measured once the
+replica has answered and ``--settle_s`` more seconds have passed (Ray's agents and Serve's first
+reports take CPU for a few seconds after a deployment, on the cores the replica uses). For each proxy
 it also times scaling 1 -> 2 replicas (the deploy command until both replicas run) and 2 -> 1
-(until the removed replica's process is gone). Prints a Markdown table; ``--json`` keeps the raw
-numbers.
+(until the removed replica's process is gone), and measures the two replicas at
+``--curve_concurrency`` (the replica-count curve: 1 and 2 replicas on the cluster's two nodes).
+Prints a Markdown table; ``--json`` keeps the raw numbers.
 
     .venv/bin/python -m bench.ray --duration 5
 """
@@ -56,6 +59,23 @@ def wait_http(url: str, timeout_s: float = 120) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
+def wait_running(env: dict[str, str], address: str, replicas: int, timeout_s: float = 300) -> None:
+    """Until ``inferd ray status`` counts ``replicas`` replicas, all RUNNING."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            [PY, "-m", "inferd", "ray", "status", f"--address={address}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        if json.loads(done.stdout)["replica_states"] == {"RUNNING": replicas}:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{replicas} replicas never all ran")
+
+
 def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(dir=tmp))
     extra = {} if proxy == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
@@ -83,6 +103,7 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
     try:
         deploy(1)
         wait_http(url)
+        time.sleep(args.settle_s)  # Ray's own start-up work (agents, Serve's first reports) ends
         steps = bench(url, payload, args.concurrency, args.duration)
         if args.hold:
             print(
@@ -98,12 +119,15 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
         while len(cluster.replica_pids()) < 2:
             time.sleep(0.1)
         up_s = time.monotonic() - start
+        wait_running(cluster.env, cluster.address, 2)
+        time.sleep(args.settle_s)
+        two = bench(url, payload, args.curve_concurrency, args.duration)
         start = time.monotonic()
         deploy(1)
         while len(cluster.replica_pids()) > 1:
             time.sleep(0.1)
         down_s = time.monotonic() - start
-        return {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s}
+        return {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s, "two_replicas": two}
     finally:
         cluster.stop()
 
@@ -113,6 +137,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--curve_concurrency", default="64", help="concurrency of the two-replica measurement"
+    )
+    parser.add_argument(
+        "--settle_s",
+        type=float,
+        default=10.0,
+        help="seconds between a replica answering and the measurement, for the cluster to go quiet",
+    )
     parser.add_argument(
         "--hold",
         type=Path,
@@ -168,6 +201,13 @@ def main() -> None:
                 f"{s['latency_ms']['p99']:.1f} | {sum(s['errors'].values())} | {ratio:.0%} |"
             )
     for name, result in results.items():
+        if "two_replicas" in result:
+            one = {s["level"]: s["requests_per_s"] for s in result["steps"]}
+            for s in result["two_replicas"]:
+                print(
+                    f"\n{name}: two replicas at concurrency {s['level']:g}: {s['requests_per_s']:,.0f} req/s "
+                    f"(one replica: {one.get(s['level'], 0):,.0f})"
+                )
         if "scale_up_s" in result:
             print(
                 f"\n{name}: scale 1 -> 2 in {result['scale_up_s']:.1f} s, "
