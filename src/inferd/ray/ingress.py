@@ -3,15 +3,15 @@
 Behind HAProxy, each replica runs its own HTTP server (Serve's direct ingress), and Serve wraps
 every request in its own bookkeeping before the app sees it: request metadata and ids, a task
 watching for disconnects, its ongoing-request count, access log and metrics. Measured on one
-replica (``bench/ray.py``), that wrapping cost about as much CPU as the whole of inferd's own
+replica (docs/benchmarks.md), that wrapping cost about as much CPU as the whole of inferd's own
 request. inferd does each of those jobs itself (deadlines, disconnects, ``--max_in_flight``
 shedding, ``/metrics``), so once the replica is built its HTTP requests skip Serve's wrapping.
 
 Serve installs this as an HTTP middleware (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, set in
 the replicas' environment by ``deployment.REPLICA_ENV``). Serve's own routes (``/-/healthz``,
-``/-/routes``), non-HTTP scopes, and requests before the replica is built or after its shutdown
-began still go through Serve. Serve's autoscaler no longer sees these requests as ongoing, so it
-scales on inferd's own count instead (``deployment.scale_on_in_flight``).
+``/-/routes``), non-HTTP scopes, and requests that arrive before the replica is built or once
+inferd's destructor has begun still go through Serve. Serve's autoscaler no longer sees the
+others as ongoing, so it scales on inferd's own count instead (``deployment.scale_on_in_flight``).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class InferdReplica(GrpcMethods):
         server: Server | None = getattr(self, "_server", None)
         if server is None:  # __init__ failed before the server existed: nothing to close
             return
-        ingress.serve_directly(None)  # late arrivals go to Serve, which refuses them while it stops
+        ingress.serve_directly(None)  # any late arrival goes through Serve's own handling
         for name in ("_poller", "_sweeper", "_follower", "_announcing"):
             task = getattr(self, name, None)
             if task is not None:
