@@ -14,7 +14,7 @@ from ray.serve.config import gRPCOptions
 from inferd.cli import main as cli_main
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
-from inferd.ray.deployment import app_builder
+from inferd.ray.deployment import PROXY_ENV, app_builder
 from inferd.ray.grpc_ingress import SERVICER_FUNCTIONS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -63,6 +63,13 @@ def test_rayservice_has_what_kuberay_requires() -> None:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         assert all(isinstance(v, str) for v in _require(group, "rayStartParams", dict).values())
         _check_pod_template(_require(group, "template", dict), group["groupName"])
+    for where, template in [("head", head["template"])] + [
+        (group["groupName"], group["template"]) for group in cluster["workerGroupSpecs"]
+    ]:
+        for container in template["spec"]["containers"]:  # every node runs with what Serve needs
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            missing = {name: value for name, value in PROXY_ENV.items() if env.get(name) != value}
+            assert not missing, f"{where}: {container['name']} lacks {missing}"
     serve_config = yaml.safe_load(_require(service, "spec.serveConfigV2", str))
     (app,) = _require(serve_config, "applications", list)
     assert _require(app, "import_path", str) == "inferd.ray.deployment:app_builder"
