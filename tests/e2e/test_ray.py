@@ -370,6 +370,17 @@ def test_autoscaling_follows_the_requests_inferd_has_in_flight(deployed: Deploym
     assert {status for client in traffic for status, _ in client.answers} == {200}
 
 
+def test_scaled_to_zero_the_first_request_starts_a_replica_and_is_answered(deployed: Deployment) -> None:
+    # inferd's autoscaling policy leaves scaling up from zero to Serve's own cold start, which
+    # counts the request the node's proxy holds while no replica runs.
+    deployed.deploy("--min_replicas=0", "--max_replicas=1")
+    _wait(lambda: not deployed.cluster.local.replica_pids(), "the replicas to scale to zero", timeout_s=240)
+    answer = requests.post(f"{deployed.url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=180)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"] in ([[2.0, 4.0, 6.0, 8.0]], [[3.0, 6.0, 9.0, 12.0]])  # version 1 or 2
+    assert len(deployed.cluster.local.replica_pids()) == 1
+
+
 def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:
     deployed.deploy("--num_replicas=2")
     _wait(lambda: deployed.replicas_running() == 2, "two replicas")
