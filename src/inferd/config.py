@@ -890,6 +890,7 @@ _KNOWN_KEYS = {
     "device",
     "isolation",
     "residency",
+    "ray",  # inferd ray serve's scaling (inferd.ray.deployment.scaling_file), not the model's
     *_RUNTIME_TABLES,
 }
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")

@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (
 )
 from tritonclient.utils import InferenceServerException
 
+from inferd.ray.cold_start import WAIT_ENV
 from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import ROW_AWARE_SIGNATURE, slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
@@ -42,6 +43,8 @@ from tests.ray_cluster import LocalCluster, start_cluster
 pytestmark = pytest.mark.timeout(600)
 
 ROW = [1.0, 2.0, 3.0, 4.0]
+COLD_WAIT_S = 3
+"""The cluster's bound on a prediction's wait while no replica runs (``INFERD_SCALE_FROM_ZERO_WAIT_S``)."""
 
 
 def _ports(n: int) -> list[int]:
@@ -81,7 +84,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("ray")
-    local = start_cluster(log_dir)
+    local = start_cluster(log_dir, extra_env={WAIT_ENV: str(COLD_WAIT_S)})
     try:
         yield Cluster(local.address, local.env, log_dir, local)
     finally:
@@ -110,6 +113,8 @@ class Deployment:
 def deployed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     repository = tmp_path_factory.mktemp("repo")
     write_onnx_affine(repository / "affine" / "1", 2.0)
+    # Scaling from the repository's own inferd.toml; the tests' flags add to it.
+    (repository / "inferd.toml").write_text("[ray]\ndownscale_delay_s = 1\n")
     port, grpc_port = _ports(2)
     flags = [
         f"--address={cluster.address}",
@@ -117,7 +122,6 @@ def deployed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Depl
         f"--rest_api_port={port}",
         f"--port={grpc_port}",
         "--file_system_poll_wait_seconds=0.3",
-        "--downscale_delay_s=1",
     ]
     deployment = Deployment(cluster, repository, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", flags)
     deployment.deploy("--num_replicas=1")
@@ -370,15 +374,31 @@ def test_autoscaling_follows_the_requests_inferd_has_in_flight(deployed: Deploym
     assert {status for client in traffic for status, _ in client.answers} == {200}
 
 
-def test_scaled_to_zero_the_first_request_starts_a_replica_and_is_answered(deployed: Deployment) -> None:
+def test_scaled_to_zero_a_prediction_waits_a_bounded_time_and_still_starts_a_replica(
+    deployed: Deployment,
+) -> None:
     # inferd's autoscaling policy leaves scaling up from zero to Serve's own cold start, which
     # counts the request the node's proxy holds while no replica runs.
     deployed.deploy("--min_replicas=0", "--max_replicas=1")
     _wait(lambda: not deployed.cluster.local.replica_pids(), "the replicas to scale to zero", timeout_s=240)
-    answer = requests.post(f"{deployed.url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=180)
+    predict = f"{deployed.url}/v1/models/affine:predict"
+    sent = time.monotonic()
+    refused = requests.post(predict, json={"instances": [ROW]}, timeout=60)
+    waited = time.monotonic() - sent
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == str(COLD_WAIT_S)
+    assert "scaling up from zero" in refused.json()["error"]
+    assert COLD_WAIT_S <= waited < COLD_WAIT_S + 2
+    # The refused request stays queued in Serve, so a replica starts with no other request sent.
+    _wait(lambda: len(deployed.cluster.local.replica_pids()) == 1, "a replica to start", timeout_s=120)
+    # A client that follows Retry-After is answered (the replica may have scaled to zero again
+    # after answering the held request: this deployment scales down after 1 s).
+    deadline = time.monotonic() + 120
+    while (answer := requests.post(predict, json={"instances": [ROW]}, timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(int(answer.headers["retry-after"]))
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"] in ([[2.0, 4.0, 6.0, 8.0]], [[3.0, 6.0, 9.0, 12.0]])  # version 1 or 2
-    assert len(deployed.cluster.local.replica_pids()) == 1
 
 
 def test_a_killed_replica_answers_or_refuses_never_hangs(deployed: Deployment) -> None:

@@ -1,11 +1,18 @@
-"""``inferd ray serve``'s scaling flags become Serve's deployment options, reacting in seconds."""
+"""``inferd ray serve``'s scaling flags, or an ``inferd.toml``'s ``[ray]`` table under them, become
+Serve's deployment options, reacting in seconds."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from inferd.cli import main
-from inferd.ray.deployment import IN_FLIGHT, Scaling
+from inferd.config import read_model_settings
+from inferd.ray.deployment import IN_FLIGHT, Scaling, scaling_file
+from tests.s3_server import S3Server, s3_server
+
+__all__ = ["s3_server"]
 
 
 def test_autoscaling_reacts_in_seconds_on_requests_in_flight() -> None:
@@ -77,3 +84,66 @@ def test_the_autoscaling_policy_scales_on_the_requests_inferd_has_in_flight() ->
     assert decide(2, [6.0, 10.0], 0.0) == 4  # behind HAProxy only inferd counts its requests
     assert decide(2, [1.0, 1.0], 12.0) == 3  # requests queued in front of the replicas count too
     assert decide(3, [0.0, 0.0, 0.0], 0.0) == 0  # idle: Serve's bounds keep min_replicas
+
+
+def _settings(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "inferd.toml").write_text(text)
+    return folder
+
+
+def test_a_repositorys_inferd_toml_sets_the_scaling_and_flags_override_it(tmp_path: Path) -> None:
+    repository = _settings(
+        tmp_path / "repo", "[ray]\nmin_replicas = 0\nmax_replicas = 4\nupscale_delay_s = 1\n"
+    )
+    where, values = scaling_file(str(repository), "")
+    assert where.endswith("inferd.toml [ray]")
+    assert values == {"min_replicas": 0, "max_replicas": 4, "upscale_delay_s": 1.0}
+    assert isinstance(values["upscale_delay_s"], float)
+    assert scaling_file(str(tmp_path / "absent"), "") == ("", {})
+    # A single model's own inferd.toml may hold the table beside the model's settings.
+    model = _settings(tmp_path / "m", 'runtime = "onnx"\n[ray]\nnum_replicas = 2\n')
+    assert scaling_file("", str(model))[1] == {"num_replicas": 2}
+    assert read_model_settings(model).runtime == "onnx"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("[ray]\nmax_replica = 2\n", "unknown key 'max_replica'"),
+        ("[ray]\nmax_replicas = 2.5\n", "'max_replicas' must be an integer"),
+        ("[ray]\nmin_replicas = true\n", "'min_replicas' must be an integer"),
+        ('[ray]\nupscale_delay_s = "2"\n', "'upscale_delay_s' must be a number"),
+        ("ray = 3\n", "expected a table"),
+        ('runtime = "onnx"\n', "a repository's inferd.toml holds [ray]"),
+        ("[ray\n", "inferd.toml"),
+    ],
+)
+def test_a_bad_repository_inferd_toml_exits_2_naming_the_key(
+    text: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repository = _settings(tmp_path / "repo", text)
+    assert main(["ray", "serve", str(repository)]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_ranges_are_checked_once_flags_are_merged_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repository = _settings(tmp_path / "repo", "[ray]\nmin_replicas = 3\n")
+    assert main(["ray", "serve", str(repository), "--max_replicas=2"]) == 2
+    err = capsys.readouterr().err
+    assert "max_replicas must be >= 1 and >= min_replicas (3), got 2 (flags over " in err
+    assert "inferd.toml [ray]" in err
+
+
+def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:
+    s3_server.client().create_bucket(Bucket="bucket")
+    s3_server.client().put_object(Bucket="bucket", Key="repo/inferd.toml", Body=b"[ray]\nmax_replicas = 3\n")
+    assert scaling_file("s3://bucket/repo", "") == ("s3://bucket/repo/inferd.toml [ray]", {"max_replicas": 3})
+    assert scaling_file("s3://bucket/elsewhere", "") == ("", {})
+
+
+def test_a_negative_scale_from_zero_wait_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ray", "serve", "/models", "--scale_from_zero_wait_s=-1"]) == 2
+    assert "--scale_from_zero_wait_s must be >= 0" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
+from inferd.ray.cold_start import WAIT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,29 @@ def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]
         help="Serve's ingress of a cluster this command starts: HAProxy (fast) or Serve's Python proxy; "
         "with --address the nodes' RAY_SERVE_ENABLE_HA_PROXY decides (docs/scale-out.md)",
     )
-    add("--num_replicas", type=int, default=0, help="a fixed number of replicas (default: autoscale)")
-    add("--min_replicas", type=int, default=1, help="fewest replicas when autoscaling; 0 scales to zero")
-    add("--max_replicas", type=int, default=1, help="most replicas when autoscaling")
+    add("--num_replicas", type=int, help="a fixed number of replicas (default: autoscale)")
+    add("--min_replicas", type=int, help="fewest replicas when autoscaling (default: 1); 0 scales to zero")
+    add("--max_replicas", type=int, help="most replicas when autoscaling (default: 1)")
     add(
         "--target_ongoing_requests",
         type=float,
-        default=8.0,
         help="requests in flight per replica the autoscaler aims at (default: 8)",
     )
-    add("--upscale_delay_s", type=float, default=2.0, help="seconds of overload before adding replicas")
-    add("--downscale_delay_s", type=float, default=10.0, help="seconds of slack before removing replicas")
+    add("--upscale_delay_s", type=float, help="seconds of overload before adding replicas (default: 2)")
+    add("--downscale_delay_s", type=float, help="seconds of slack before removing replicas (default: 10)")
     add(
         "--graceful_shutdown_timeout_s",
         type=float,
-        default=30.0,
-        help="seconds a replica being removed may take to finish its requests",
+        help="seconds a replica being removed may take to finish its requests (default: 30)",
     )
-    add("--num_cpus", type=float, default=0.0, help="CPUs each replica reserves from Ray (default: 0)")
+    add(
+        "--scale_from_zero_wait_s",
+        type=float,
+        default=None,
+        help="seconds a prediction waits while no replica runs before 503 with Retry-After (default: 30; "
+        "0: no bound); with --address the nodes' INFERD_SCALE_FROM_ZERO_WAIT_S decides",
+    )
+    add("--num_cpus", type=float, help="CPUs each replica reserves from Ray (default: 0)")
     add("--detach", action="store_true", help="deploy and exit, leaving the application running")
 
 
@@ -90,25 +97,28 @@ def main(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     """Deploy inferd on Ray; without ``--detach`` serve until SIGINT/SIGTERM, then delete the
     application (its replicas drain). Exit status 2 for bad flags or a missing extra."""
-    from inferd.ray.deployment import Scaling
+    from inferd.ray import deployment
 
-    scaling = Scaling(
-        num_replicas=args.num_replicas,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        upscale_delay_s=args.upscale_delay_s,
-        downscale_delay_s=args.downscale_delay_s,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
-        num_cpus=args.num_cpus,
-    )
     try:
-        scaling.check()
+        source, from_file = deployment.scaling_file(args.repository or "", config.model_base_path)
     except ConfigError as exc:
         print(f"inferd ray: {exc.message}", file=sys.stderr)
         return 2
-    from inferd.ray import deployment
-
+    flags = {f.name: getattr(args, f.name) for f in fields(deployment.Scaling)}
+    scaling = deployment.Scaling(**{**from_file, **{k: v for k, v in flags.items() if v is not None}})
+    try:
+        scaling.check("" if from_file else "--")
+    except ConfigError as exc:
+        print(
+            f"inferd ray: {exc.message}" + (f" (flags over {source})" if from_file else ""), file=sys.stderr
+        )
+        return 2
+    wait_s = args.scale_from_zero_wait_s
+    if wait_s is not None:
+        if not wait_s >= 0:
+            print(f"inferd ray: --scale_from_zero_wait_s must be >= 0 seconds, got {wait_s}", file=sys.stderr)
+            return 2
+        os.environ[WAIT_ENV] = str(wait_s)  # for the proxies of a cluster this command starts
     deployment.deploy(config, scaling, args.address, config.host, config.rest_api_port, args.proxy)
     print(f"inferd ray: serving on http://{config.host}:{config.rest_api_port}", file=sys.stderr, flush=True)
     if args.detach:

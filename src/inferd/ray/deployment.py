@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import tomllib
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
-from inferd.config import ServerConfig
+from inferd.config import SETTINGS_FILE, ServerConfig, model_location
 from inferd.errors import ConfigError
+from inferd.ray.cold_start import WAIT_ENV
 
 APP_NAME = "inferd"
 
@@ -38,6 +42,11 @@ PROXY_ENV = {
     # Requests queued in front of the replicas (scaling up from zero) reach Serve's autoscaler
     # every second instead of every 10 s.
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    # Serve's proxies run inferd's HTTP middleware too: while no replica runs, a prediction
+    # waits at most INFERD_SCALE_FROM_ZERO_WAIT_S seconds, then gets 503 with Retry-After
+    # (cold_start.py). The replicas set the same callback in their own environment.
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "inferd.ray.ingress:middlewares",
+    WAIT_ENV: "30",
 }
 """Environment every Ray node's processes need (the Serve controller reads it at start)."""
 
@@ -83,22 +92,25 @@ class Scaling:
     graceful_shutdown_timeout_s: float = 30.0
     num_cpus: float = 0.0
 
-    def check(self) -> None:
-        """Raises ConfigError naming the flag when a value is out of range."""
+    def check(self, where: str = "--") -> None:
+        """Raises ConfigError naming the value (``where`` + its name: a flag by default) when it
+        is out of range."""
         if self.num_replicas < 0:
-            raise ConfigError(f"--num_replicas must be >= 0, got {self.num_replicas}")
+            raise ConfigError(f"{where}num_replicas must be >= 0, got {self.num_replicas}")
         if self.min_replicas < 0:
-            raise ConfigError(f"--min_replicas must be >= 0, got {self.min_replicas}")
+            raise ConfigError(f"{where}min_replicas must be >= 0, got {self.min_replicas}")
         if self.max_replicas < max(1, self.min_replicas):
             raise ConfigError(
-                f"--max_replicas must be >= 1 and >= --min_replicas ({self.min_replicas}), "
+                f"{where}max_replicas must be >= 1 and >= {where}min_replicas ({self.min_replicas}), "
                 f"got {self.max_replicas}"
             )
         if self.target_ongoing_requests <= 0:
-            raise ConfigError(f"--target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+            raise ConfigError(
+                f"{where}target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
+            )
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s", "num_cpus"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0 seconds, got {getattr(self, name)}")
+                raise ConfigError(f"{where}{name} must be >= 0 seconds, got {getattr(self, name)}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``serve.deployment``."""
@@ -125,6 +137,82 @@ class Scaling:
                 "policy": {"policy_function": f"{__name__}:{scale_on_in_flight.__name__}"},
             }
         return options
+
+
+SCALING_TABLE = "ray"
+"""The ``inferd.toml`` table (of a repository, or of the one model served) holding ``Scaling``
+fields by name; ``inferd ray serve``'s flags override it."""
+
+
+def scaling_from_toml(table: Any, where: str) -> dict[str, Any]:
+    """``Scaling`` fields from an ``inferd.toml``'s ``[ray]`` table; ``where`` names it in errors.
+
+    Raises:
+        ConfigError: not a table, an unknown key or a value of the wrong type (ranges are
+            checked once flags are merged in: ``Scaling.check``).
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    known = {f.name: f for f in fields(Scaling)}
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {name!r}; expected some of {sorted(known)}")
+        kind = type(getattr(Scaling(), name))
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ConfigError(
+                f"{where}: {name!r} must be {'a number' if kind is float else 'an integer'}, got {value!r}"
+            )
+        values[name] = kind(value)
+    return values
+
+
+def scaling_file(repository: str, model_base_path: str) -> tuple[str, dict[str, Any]]:
+    """Where the ``[ray]`` table comes from and its ``Scaling`` fields: the ``inferd.toml`` at the
+    root of ``repository`` (which holds nothing else), or else the one of ``model_base_path`` (the
+    model's own settings); a local folder or an object store. ``("", {})`` without either or
+    without a table.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or its table is wrong.
+    """
+    root = repository or model_base_path
+    if not root:
+        return "", {}
+    location = model_location(root)
+    where = f"{location}/{SETTINGS_FILE}"
+    try:
+        if isinstance(location, Path):
+            text = (location / SETTINGS_FILE).read_text(encoding="utf-8")
+        else:
+            text = _remote_text(where)
+        raw = tomllib.loads(text)
+    except FileNotFoundError:
+        return "", {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if repository and set(raw) - {SCALING_TABLE}:
+        extra = sorted(set(raw) - {SCALING_TABLE})
+        raise ConfigError(
+            f"{where}: unknown key(s) {extra}; a repository's inferd.toml holds [{SCALING_TABLE}]"
+        )
+    if SCALING_TABLE not in raw:
+        return "", {}
+    where = f"{where} [{SCALING_TABLE}]"
+    return where, scaling_from_toml(raw[SCALING_TABLE], where)
+
+
+def _remote_text(uri: str) -> str:
+    """The object at ``uri`` as text. Raises FileNotFoundError when there is none."""
+    from inferd.storage import ObjectStore
+
+    store = ObjectStore(uri)
+    if not store.exists(uri):
+        raise FileNotFoundError(uri)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / SETTINGS_FILE
+        store.download_file(uri, local)
+        return local.read_text(encoding="utf-8")
 
 
 IN_FLIGHT = "inferd_in_flight"

@@ -12,12 +12,17 @@ the replicas' environment by ``deployment.REPLICA_ENV``). Serve's own routes (``
 ``/-/routes``), non-HTTP scopes, and requests that arrive before the replica is built or once
 inferd's destructor has begun still go through Serve. Serve's autoscaler no longer sees the
 others as ongoing, so it scales on inferd's own count instead (``deployment.scale_on_in_flight``).
+
+The same middleware runs in Serve's proxies (``deployment.PROXY_ENV``), where it bounds how long
+a request waits while no replica runs (``cold_start``).
 """
 
 from __future__ import annotations
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from inferd.ray.cold_start import ColdStartWait
 
 SERVE_ROUTES = frozenset({"/-/healthz", "/-/routes"})
 """Paths that Serve answers itself in every replica."""
@@ -37,10 +42,10 @@ def middlewares() -> list[Middleware]:
 
 
 class DirectIngress:
-    """Wraps Serve's per-replica ASGI entry point; see the module docstring."""
+    """Wraps Serve's ASGI entry point (a replica's, or a proxy's); see the module docstring."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self._serve = app
+        self._serve = ColdStartWait.around(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = _app
