@@ -425,9 +425,11 @@ class Server:
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
-    def http_app(self) -> HttpApp:
+    def http_app(self, exposition: Callable[[], Awaitable[bytes]] | None = None) -> HttpApp:
         """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
-        under uvicorn; a Ray Serve replica under Serve's proxy)."""
+        under uvicorn; a Ray Serve replica under Serve's proxy). ``/metrics`` answers
+        ``exposition()`` when given (a Ray replica's, over every replica), else every worker's
+        (``--workers``) or this process's own."""
         return HttpApp(
             self.service,
             self.control,
@@ -438,7 +440,8 @@ class Server:
             self._decode_pool,
             traced=self.tracing is not None,
             rollouts=self.rollouts if self.link is None else None,
-            exposition=self.worker_metrics.exposition if self.worker_metrics is not None else None,
+            exposition=exposition
+            or (self.worker_metrics.exposition if self.worker_metrics is not None else None),
         )
 
     async def _poll(self, interval_s: float) -> None:

@@ -86,7 +86,7 @@ class WorkerMetrics:
             if p.name != socket_path(self._folder, self._worker).name
         )
         texts = await asyncio.gather(*(self._read(worker) for worker in siblings))
-        parts = [(self._worker, self._own())]
+        parts: list[tuple[int | str, bytes]] = [(self._worker, self._own())]
         parts += [(worker, text) for worker, text in zip(siblings, texts, strict=True) if text is not None]
         return merge(parts)
 
@@ -103,9 +103,9 @@ class WorkerMetrics:
             return None
 
 
-def merge(parts: list[tuple[int, bytes]]) -> bytes:
-    """The Prometheus text format of ``parts`` (worker number, its exposition) merged into one,
-    plus ``inferd_worker_requests`` and ``inferd_workers_scraped``.
+def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
+    """The Prometheus text format of ``parts`` (the worker's number, or a Ray replica's id, and its
+    exposition) merged into one, plus ``inferd_worker_requests`` and ``inferd_workers_scraped``.
 
     Works on lines, not parsed samples: every worker writes a label set the same way (the same
     code formats it), so a sample's text before its value is its key. Families and samples keep

@@ -560,6 +560,44 @@ def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment
     assert all(len(urls) == 1 for urls in placement.values()), placement
 
 
+def _scrape(url: str) -> tuple[float, dict[str, float], float]:
+    """From ``url``'s ``/metrics``: the requests model affine answered, the requests each worker
+    (replica) answered, and how many replicas the scrape merged."""
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    affine = 0.0
+    workers: dict[str, float] = {}
+    scraped = 0.0
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key.startswith("inferd_requests_total{") and 'model="affine"' in key:
+            affine += float(value)
+        elif key.startswith("inferd_worker_requests_total{"):
+            worker = key.partition('worker="')[2].partition('"')[0]
+            workers[worker] = workers.get(worker, 0.0) + float(value)
+        elif key == "inferd_workers_scraped":
+            scraped = float(value)
+    return affine, workers, scraped
+
+
+def test_metrics_scraped_through_any_door_count_every_replica(deployed: Deployment) -> None:
+    deployed.deploy("--num_replicas=2")
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    replicas = deployed.cluster.status()["replicas"]
+    before = _scrape(deployed.url)[0]
+    urls = _replica_urls(deployed.cluster)
+    for url in urls:  # each replica answers five, at its own address
+        for _ in range(5):
+            answer = requests.post(f"{url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=60)
+            assert answer.status_code == 200, answer.text
+    for url in [deployed.url, *urls]:  # the ingress, or either replica: the same totals
+        affine, workers, scraped = _scrape(url)
+        assert scraped == 2, url
+        assert sorted(workers) == replicas, url
+        assert affine - before == 5 * len(urls), url
+
+
 def _reports(deployed: Deployment, token: str) -> dict[str, dict[str, object]]:
     response = requests.get(
         f"{deployed.url}/ray/replicas", headers={"authorization": f"Bearer {token}"}, timeout=30

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -112,15 +112,20 @@ class Follower:
         server: the replica's inferd server.
         replica: the replica's id (its key in the reports).
         extra: more of the replica's state for its report (merged into it).
+        exposition: what ``/metrics`` answers (``Server.http_app``).
     """
 
     def __init__(
-        self, server: Server, replica: str, extra: Callable[[], dict[str, Any]] | None = None
+        self,
+        server: Server,
+        replica: str,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        exposition: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self._extra = extra
         self._server = server
         self._replica = replica
-        self._app = server.http_app()
+        self._app = server.http_app(exposition)
         self._grpc = GrpcIngress(server)
         self._log = handle()
         self._seq = 0

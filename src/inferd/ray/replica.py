@@ -23,7 +23,8 @@ from ray import serve
 from inferd.config import ServerConfig
 from inferd.ray import ingress
 from inferd.ray.admin_log import Follower
-from inferd.ray.deployment import IN_FLIGHT
+from inferd.ray.cluster_metrics import ClusterMetrics, deployment_handle
+from inferd.ray.deployment import APP_NAME, IN_FLIGHT
 from inferd.ray.grpc_ingress import GrpcMethods, record_deadlines
 from inferd.ray.multiplexing import Announcer
 from inferd.server import Server
@@ -50,7 +51,11 @@ class InferdReplica(GrpcMethods):
             await control.sync()
         self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
         self._announcer = Announcer(control)  # Serve's router routes by model to who holds it
-        self._admin = Follower(self._server, _replica_id(), lambda: {"announced": self._announcer.announced})
+        replica = _replica_id()
+        self._metrics = ClusterMetrics(replica, self._server.metrics.exposition, deployment_handle(APP_NAME))
+        self._admin = Follower(
+            self._server, replica, lambda: {"announced": self._announcer.announced}, self._metrics.exposition
+        )
         self.grpc = self._admin  # gRPC admin changes go to the log too
         await self._admin.catch_up()  # the cluster's label moves, rollouts, loads and unloads
         self._follower = asyncio.create_task(self._admin.follow())
@@ -77,6 +82,10 @@ class InferdReplica(GrpcMethods):
 
     def __serve_build_asgi_app__(self) -> Follower:
         return self._admin
+
+    def metrics_exposition(self) -> tuple[str, bytes]:
+        """This replica's id and its own metrics (``cluster_metrics``: another replica's scrape)."""
+        return self._metrics.own()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics: inferd's requests in flight, over both APIs."""
