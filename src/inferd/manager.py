@@ -49,6 +49,7 @@ from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.residency import (
     HOST,
+    MAPPED_ONNX,
     RESIDENT_OVERHEAD,
     Footprints,
     GreedyDualSizeFrequency,
@@ -56,6 +57,7 @@ from inferd.residency import (
     ResidencyStats,
     disk_bytes,
     format_bytes,
+    mapped_weights,
     runtime_guess,
 )
 from inferd.runtimes import Supervised
@@ -604,8 +606,13 @@ class ModelManager(Generic[S]):
     # -- memory: room, measurement, eviction ---------------------------------------------------
 
     def _on_disk(self, version: ServedVersion[S]) -> tuple[int, str]:
-        runtime = runtime_guess(version.source.path, version.platform or version.settings.runtime)
-        return disk_bytes(version.source.path), runtime
+        path = version.source.path
+        runtime = runtime_guess(path, version.platform or version.settings.runtime)
+        on_disk = disk_bytes(path)
+        shared = version.settings.runtime_tables.get("onnx", {}).get("share_weights") is True
+        if runtime == "onnx" and shared and mapped_weights(path, on_disk):
+            runtime = MAPPED_ONNX
+        return on_disk, runtime
 
     async def _make_room(self, version: ServedVersion[S], device: str) -> None:
         """Charge ``version``'s reservation to ``device``, first unloading idle versions chosen

@@ -44,8 +44,13 @@ from inferd.types import ModelId
 HOST = "cpu"
 """The device name of host memory in budgets and metrics."""
 
+MAPPED_ONNX = "onnx-mapped"
+"""The factors' key for an ONNX version served with ``[onnx] share_weights`` whose weights are
+external data (``mapped_weights``): onnxruntime maps them instead of parsing and copying them."""
+
 LOAD_FACTORS = {
     "onnx": 3.0,
+    MAPPED_ONNX: 1.0,
     "tflite": 1.5,
     "torch": 2.0,
     "tensorflow": 3.0,
@@ -56,12 +61,14 @@ LOAD_FACTORS = {
 }
 """Peak memory while loading, per byte on disk, by runtime (2.0 for one not listed). ONNX's is
 measured (onnxruntime 1.2x: the file read, its parsed protobuf and the session's own copy of the
-initializers, 2.7x the file at the peak); the others are not yet, and are set high."""
+initializers, 2.7x the file at the peak); so is mapped ONNX's (a load adds nothing but onnxruntime's
+graph, and a call that reads every weight pages in 1.0x the data file); the others are not yet,
+and are set high."""
 
-RESIDENT_FACTORS = {"onnx": 1.2, "tflite": 1.2, "torch": 1.2, "tensorflow": 2.0}
+RESIDENT_FACTORS = {"onnx": 1.2, MAPPED_ONNX: 1.0, "tflite": 1.2, "torch": 1.2, "tensorflow": 2.0}
 """Memory held once loaded, per byte on disk, before a version was ever measured (1.5 else)."""
 
-RESIDENT_OVERHEAD = {"onnx": 256 * 1024}
+RESIDENT_OVERHEAD = {"onnx": 256 * 1024, MAPPED_ONNX: 256 * 1024}
 """Bytes a loaded version holds whatever its size, by runtime (0 for one not listed): an
 onnxruntime session and inferd's servable around it take about 0.2 MiB (measured)."""
 
@@ -151,6 +158,22 @@ def disk_bytes(version_dir: Path) -> int:
     except OSError:
         pass
     return total
+
+
+MAPPED_SHARE = 0.9
+"""The least share of a version's bytes outside its ``.onnx`` files for ``mapped_weights``."""
+
+
+def mapped_weights(version_dir: Path, on_disk: int) -> bool:
+    """Whether at least ``MAPPED_SHARE`` of a version's ``on_disk`` bytes are outside its
+    ``.onnx`` files: external data, which onnxruntime maps when prepacking is off (``[onnx]
+    share_weights``). A version with more of its weights inside ``.onnx`` files keeps the parsing
+    load factor (the safe side)."""
+    try:
+        graphs = sum(p.stat().st_size for p in version_dir.rglob("*.onnx") if p.is_file())
+    except OSError:
+        return False
+    return on_disk > 0 and on_disk - graphs >= MAPPED_SHARE * on_disk
 
 
 def runtime_guess(version_dir: Path, runtime: str | None) -> str:

@@ -27,6 +27,7 @@ from inferd.residency import (
     GreedyDualSizeFrequency,
     LeastRecentlyUsed,
     MemoryBudget,
+    mapped_weights,
     parse_budgets,
     parse_size,
 )
@@ -361,6 +362,41 @@ def test_a_measured_footprint_larger_than_the_files_is_charged_and_learned(tmp_p
         assert w.manager.residency.footprints.footprint(ModelId("a", 1), MiB, "") == 5 * MiB
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def _onnx_plan(w: World, name: str, share_weights: bool, graph: int, data: int) -> ModelPlan:
+    folder = w.tmp / name / "1"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(b"\0" * graph)
+    if data:
+        (folder / "model.onnx.data").write_bytes(b"\0" * data)
+    settings = ModelSettings(runtime="onnx", runtime_tables={"onnx": {"share_weights": share_weights}})
+    return ModelPlan(name, {1: VersionSource(1, folder, "f1")}, settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("share_weights", "graph", "data", "factor"),
+    [
+        (True, 1024, 10 * MiB, 1),  # weights as external data, which onnxruntime maps
+        (False, 1024, 10 * MiB, 3),  # the same files, prepacked: parsed and copied
+        (True, 10 * MiB + 1024, 0, 3),  # share_weights, but the weights inside model.onnx
+    ],
+)
+def test_weights_onnxruntime_maps_reserve_their_size_and_parsed_ones_three_times_it(
+    share_weights: bool, graph: int, data: int, factor: int, tmp_path: Path
+) -> None:
+    async def test(w: World) -> int:
+        await w.manager.apply([_onnx_plan(w, "m", share_weights, graph, data)])
+        gate = w.loader.gates["m"] = threading.Event()
+        load = asyncio.ensure_future(w.infer("m"))
+        await until(lambda: w.manager.residency.budget.used("cpu") > 0, "the load's reservation")
+        reserved = w.manager.residency.budget.used("cpu")
+        gate.set()
+        await load
+        return reserved
+
+    assert run(tmp_path, {"cpu": 100 * MiB}, test) == factor * (10 * MiB + 1024) + 256 * 1024
+    assert mapped_weights(tmp_path / "m" / "1", graph + data) is (data > 0)  # the files alone
 
 
 def test_memory_budget_is_repeatable_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
