@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -234,7 +235,7 @@ def _tf_tensor(rows: list[list[float]]) -> predict_pb2.PredictRequest:
 
 
 def _same_grpc_calls(target: str) -> list[tuple[str, str, bytes, str | None]]:
-    """The answers to TF Serving and V2 gRPC calls, each as (status code, details, reply bytes,
+    """The answers to health, TF Serving and V2 gRPC calls, each as (status code, details, reply bytes,
     the version named in the trailing metadata)."""
     unknown = _tf_tensor([ROW])
     unknown.model_spec.name = "nope"
@@ -246,7 +247,11 @@ def _same_grpc_calls(target: str) -> list[tuple[str, str, bytes, str | None]]:
     with grpc.insecure_channel(target) as channel:
         predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         models = model_service_pb2_grpc.ModelServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
         calls = [
+            (health.Check, health_pb2.HealthCheckRequest()),
+            (health.Check, health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService")),
+            (health.Check, health_pb2.HealthCheckRequest(service="nope")),
             (predictions.Predict, _tf_tensor([ROW, ROW])),
             (predictions.Predict, unknown),
             (predictions.Predict, bad_width),
@@ -300,6 +305,9 @@ def test_grpc_answers_are_the_ones_inferd_serve_gives(deployed: Deployment, tmp_
     assert _same_grpc_calls(deployed.grpc_target) == expected
     assert _triton_calls(deployed.grpc_target) == expected_v2
     assert [code for code, *_ in expected] == [
+        "OK",  # health, the whole server
+        "OK",  # health, one service
+        "NOT_FOUND",  # health, a service inferd does not have
         "OK",
         "NOT_FOUND",
         "INVALID_ARGUMENT",
@@ -307,7 +315,8 @@ def test_grpc_answers_are_the_ones_inferd_serve_gives(deployed: Deployment, tmp_
         "OK",
         "PERMISSION_DENIED",
     ]
-    assert expected[0][3] == "1"
+    assert expected[0][2] == b"\x08\x01"  # SERVING
+    assert expected[3][3] == "1"
     assert expected_v2[5] == [[2.0, 4.0, 6.0, 8.0]] * 2
 
 

@@ -122,3 +122,33 @@ def test_a_message_that_does_not_parse_answers_invalid_argument(tmp_path: Path) 
             await server.close()
 
     asyncio.run(call())
+
+
+def test_the_health_check_answers_as_inferd_serves_own_health_service(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2
+
+    write_onnx_affine(tmp_path / "affine" / "1", 2.0)
+    config = ServerConfig(model_base_path=str(tmp_path / "affine"), model_name="affine")
+
+    async def calls() -> list[tuple[int, grpc.StatusCode | None]]:
+        server = Server(config)
+        try:
+            ingress = GrpcIngress(server)
+            answers = []
+            for service in ("", "inference.GRPCInferenceService", "grpc.health.v1.Health", "nope"):
+                context = ServeContext()
+                reply, _ = await ingress.answer(
+                    "Check", health_pb2.HealthCheckRequest(service=service), context
+                )
+                answers.append((reply.status, context.code))
+            return answers
+        finally:
+            await server.close()
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(calls()) == [
+        (serving, None),
+        (serving, None),
+        (0, grpc.StatusCode.NOT_FOUND),  # as grpc's servicer in inferd serve: the service is not listed
+        (0, grpc.StatusCode.NOT_FOUND),
+    ]

@@ -6,7 +6,8 @@ replica's method of the RPC's name (``Predict``, ``ModelInfer``, ...) with that 
 ``RayServegRPCContext``. ``GrpcMethods`` gives the replica those methods; each hands its call to
 ``GrpcIngress``, which does what ``inferd serve``'s gRPC gate does (the bearer token check, the
 in-flight byte budget) and then runs the same servicer ``inferd serve`` runs
-(``tfserving_grpc.PredictionServicer`` / ``ModelServicer``, ``v2_grpc.InferenceServicer``).
+(``tfserving_grpc.PredictionServicer`` / ``ModelServicer``, ``v2_grpc.InferenceServicer``), or
+the standard health service's ``Check`` (``HealthServicer``).
 
 A call that fails ends with inferd's code and message: the servicer's ``abort`` sets them on
 Serve's context and the method returns an empty reply, which Serve sends as the status the
@@ -34,6 +35,7 @@ from typing import Any, NoReturn, Protocol
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health_pb2
 
 from inferd._proto import grpc_service_pb2, model_service_pb2, prediction_service_pb2
 from inferd.errors import InferdError, encodable
@@ -46,6 +48,7 @@ SERVICER_FUNCTIONS = [
     "inferd.ray.grpc_ingress.add_prediction_service",
     "inferd.ray.grpc_ingress.add_model_service",
     "inferd.ray.grpc_ingress.add_inference_service",
+    "inferd.ray.grpc_ingress.add_health_service",
 ]
 """Import paths of the ``add_*`` functions, for Serve's ``gRPCOptions``: Serve registers the
 services' methods with them and routes each method to the replica."""
@@ -54,7 +57,30 @@ _SERVICES = {
     "tensorflow.serving.PredictionService": prediction_service_pb2,
     "tensorflow.serving.ModelService": model_service_pb2,
     "inference.GRPCInferenceService": grpc_service_pb2,
+    "grpc.health.v1.Health": health_pb2,
 }
+
+
+def _unary_methods(service: str) -> list[Any]:
+    """The method descriptors of ``service``'s unary RPCs (Health's streaming ``Watch`` is not
+    served on Ray: Serve would call it as a unary method)."""
+    methods = _SERVICES[service].DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods
+    return [m for m in methods if not m.client_streaming and not m.server_streaming]
+
+
+class HealthServicer:
+    """The standard health service's ``Check`` on a replica: a replica that Serve routes to
+    serves, so ``""`` and inferd's services are SERVING and another name is NOT_FOUND, as
+    ``inferd serve`` answers before its drain (Serve stops routing to a replica before it drains)."""
+
+    SERVING = frozenset({"", *(name for name in _SERVICES if name != "grpc.health.v1.Health")})
+
+    async def Check(self, request: Message, context: Any) -> Message:
+        service = getattr(request, "service", "")
+        if service not in self.SERVING:
+            await context.abort(grpc.StatusCode.NOT_FOUND)  # no details, as grpc's own servicer
+        serving: Message = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return serving
 
 
 @dataclass(frozen=True)
@@ -83,14 +109,13 @@ class _Parser:
 def _add_service(service: str, servicer: Any, server: Any) -> None:
     """Register ``service``'s unary methods (all of inferd's) on ``server`` as the generated
     ``add_*_to_server`` does, with ``_Parser`` as each method's request deserializer."""
-    module = _SERVICES[service]
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
             request_deserializer=_Parser(GetMessageClass(method.input_type), f"/{service}/{method.name}"),
             response_serializer=GetMessageClass(method.output_type).SerializeToString,
         )
-        for method in module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods
+        for method in _unary_methods(service)
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
@@ -109,6 +134,11 @@ def add_model_service(servicer: Any, server: Any) -> None:
 def add_inference_service(servicer: Any, server: Any) -> None:
     """V2's ``GRPCInferenceService`` (for ``SERVICER_FUNCTIONS``)."""
     _add_service("inference.GRPCInferenceService", servicer, server)
+
+
+def add_health_service(servicer: Any, server: Any) -> None:
+    """The standard health service, ``Check`` only (for ``SERVICER_FUNCTIONS``)."""
+    _add_service("grpc.health.v1.Health", servicer, server)
 
 
 _DEADLINE = "_inferd_deadline"
@@ -185,6 +215,7 @@ class GrpcIngress:
             "inference.GRPCInferenceService": v2_grpc.InferenceServicer(
                 server.service, server.control, limits
             ),
+            "grpc.health.v1.Health": HealthServicer(),
         }
         self._access = Access(config.api_token, config.admin_token)
         self._admin = frozenset((*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS))
@@ -192,8 +223,8 @@ class GrpcIngress:
         self._methods: dict[
             str, tuple[str, Callable[[Any, Any], Awaitable[Message]], type[Message], type[Message]]
         ] = {}
-        for service, module in _SERVICES.items():
-            for method in module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]].methods:
+        for service in _SERVICES:
+            for method in _unary_methods(service):
                 self._methods[method.name] = (
                     f"/{service}/{method.name}",
                     getattr(servicers[service], method.name),
@@ -315,3 +346,7 @@ class GrpcMethods:
 
     async def RepositoryModelUnload(self, request: Message, grpc_context: Any) -> Message:
         return await self.grpc.call("RepositoryModelUnload", request, grpc_context)
+
+    # grpc.health.v1.Health
+    async def Check(self, request: Message, grpc_context: Any) -> Message:
+        return await self.grpc.call("Check", request, grpc_context)
