@@ -60,7 +60,8 @@ class ClusterMetrics:
                 parts[str(answer[0])] = bytes(answer[1])
             else:
                 log.info("a replica's metrics left out of this scrape: %s", answer)
-        parts.setdefault(self._replica, self._own())
+        if self._replica not in parts:  # the broadcast missed this replica (it started since)
+            parts[self._replica] = self._own()
         return merge(sorted(parts.items(), key=lambda part: str(part[0])))
 
 

@@ -153,12 +153,13 @@ def scaling_from_toml(table: Any, where: str) -> dict[str, Any]:
     """
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
-    known = {f.name: f for f in fields(Scaling)}
+    defaults = Scaling()
+    known = {f.name for f in fields(Scaling)}
     values: dict[str, Any] = {}
     for name, value in table.items():
         if name not in known:
             raise ConfigError(f"{where}: unknown key {name!r}; expected some of {sorted(known)}")
-        kind = type(getattr(Scaling(), name))
+        kind = type(getattr(defaults, name))
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             raise ConfigError(
                 f"{where}: {name!r} must be {'a number' if kind is float else 'an integer'}, got {value!r}"
