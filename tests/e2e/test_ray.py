@@ -44,6 +44,8 @@ from tests.ray_cluster import LocalCluster, start_cluster
 pytestmark = pytest.mark.timeout(600)
 
 ROW = [1.0, 2.0, 3.0, 4.0]
+ADMIN_TOKEN = secrets.token_hex(8)
+"""The admin token of the tests that deploy with one: the same flags redeploy no replica."""
 COLD_WAIT_S = 3
 """The cluster's bound on a prediction's wait while no replica runs (``INFERD_SCALE_FROM_ZERO_WAIT_S``)."""
 
@@ -355,10 +357,14 @@ def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed
 
 
 def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> None:
+    first = deployed.cluster.local.replica_pids()
+    assert len(first) == 1
     with Traffic(deployed.url) as traffic:
         deployed.deploy("--num_replicas=2")
         _wait(lambda: len(deployed.cluster.local.replica_pids()) == 2, "a second replica process")
         _wait(lambda: deployed.replicas_running() == 2, "two replicas running")
+        # Only the scaling flags changed: Serve adds a replica and keeps the running one.
+        assert first[0] in deployed.cluster.local.replica_pids()
         deployed.deploy("--num_replicas=1")
         _wait(lambda: len(deployed.cluster.local.replica_pids()) == 1, "the second replica to drain and exit")
         answered = len(traffic.answers)
@@ -468,6 +474,96 @@ def predict(self, inputs):
 """
 
 
+def _scrape(url: str) -> tuple[float, dict[str, float], float]:
+    """From ``url``'s ``/metrics``: the requests model affine answered, the requests each worker
+    (replica) answered, and how many replicas the scrape merged."""
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    affine = 0.0
+    workers: dict[str, float] = {}
+    scraped = 0.0
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key.startswith("inferd_requests_total{") and 'model="affine"' in key:
+            affine += float(value)
+        elif key.startswith("inferd_worker_requests_total{"):
+            worker = key.partition('worker="')[2].partition('"')[0]
+            workers[worker] = workers.get(worker, 0.0) + float(value)
+        elif key == "inferd_workers_scraped":
+            scraped = float(value)
+    return affine, workers, scraped
+
+
+def test_metrics_scraped_through_any_door_count_every_replica(deployed: Deployment) -> None:
+    deployed.deploy("--num_replicas=2")
+    _wait(
+        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
+    )
+    replicas = deployed.cluster.status()["replicas"]
+    before = _scrape(deployed.url)[0]
+    urls = _replica_urls(deployed.cluster)
+    for url in urls:  # each replica answers five, at its own address
+        for _ in range(5):
+            answer = requests.post(f"{url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=60)
+            assert answer.status_code == 200, answer.text
+    for url in [deployed.url, *urls]:  # the ingress, or either replica: the same totals
+        affine, workers, scraped = _scrape(url)
+        assert scraped == 2, url
+        assert sorted(workers) == replicas, url
+        assert affine - before == 5 * len(urls), url
+
+
+def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
+    deployed: Deployment, tmp_path: Path
+) -> None:
+    calls, started = tmp_path / "calls.log", tmp_path / "started.log"
+    # slow_model logs a call once computed; this one also logs when it starts computing.
+    body = slow_model(0.5, log=calls).replace(
+        "    import time\n", f"    import time\n    open({str(started)!r}, 'a').write('start\\n')\n"
+    )
+    write_model(
+        deployed.repository / "slow",
+        body,
+        "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1",
+    )
+    deployed.deploy("--num_replicas=1")
+    client = triton.InferenceServerClient(deployed.grpc_target)
+    x = triton.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+
+    def ready() -> bool:
+        try:
+            return bool(client.is_model_ready("slow"))
+        except InferenceServerException:
+            return False
+
+    _wait(ready, "model slow on the replica")
+    calls.write_text("")
+    started.write_text("")
+    with cf.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.infer, "slow", [x], client_timeout=30)
+        _wait(lambda: started.read_text() != "", "the first call computing")
+        late = [pool.submit(client.infer, "slow", [x], client_timeout=0.2) for _ in range(4)]
+        for future in late:
+            with pytest.raises(InferenceServerException) as raised:
+                future.result()
+            assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert first.result().as_numpy("y").tolist() == [[2.0, 2.0]]
+    # One thread computes one call at a time, in order: once this one is answered, anything
+    # wrongly kept of the four expired calls has been computed too.
+    assert client.infer("slow", [x], client_timeout=30).as_numpy("y").tolist() == [[2.0, 2.0]]
+    assert len(calls.read_text().splitlines()) == 2  # the expired four were never computed
+    client.close()
+
+    with grpc.insecure_channel(deployed.grpc_target) as channel:
+        predict: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict"
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes; 2 follow
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())
+
+
 def _batch(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400, check=False)
@@ -569,44 +665,6 @@ def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment
     assert all(len(urls) == 1 for urls in placement.values()), placement
 
 
-def _scrape(url: str) -> tuple[float, dict[str, float], float]:
-    """From ``url``'s ``/metrics``: the requests model affine answered, the requests each worker
-    (replica) answered, and how many replicas the scrape merged."""
-    text = requests.get(f"{url}/metrics", timeout=30).text
-    affine = 0.0
-    workers: dict[str, float] = {}
-    scraped = 0.0
-    for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key.startswith("inferd_requests_total{") and 'model="affine"' in key:
-            affine += float(value)
-        elif key.startswith("inferd_worker_requests_total{"):
-            worker = key.partition('worker="')[2].partition('"')[0]
-            workers[worker] = workers.get(worker, 0.0) + float(value)
-        elif key == "inferd_workers_scraped":
-            scraped = float(value)
-    return affine, workers, scraped
-
-
-def test_metrics_scraped_through_any_door_count_every_replica(deployed: Deployment) -> None:
-    deployed.deploy("--num_replicas=2")
-    _wait(
-        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
-    )
-    replicas = deployed.cluster.status()["replicas"]
-    before = _scrape(deployed.url)[0]
-    urls = _replica_urls(deployed.cluster)
-    for url in urls:  # each replica answers five, at its own address
-        for _ in range(5):
-            answer = requests.post(f"{url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=60)
-            assert answer.status_code == 200, answer.text
-    for url in [deployed.url, *urls]:  # the ingress, or either replica: the same totals
-        affine, workers, scraped = _scrape(url)
-        assert scraped == 2, url
-        assert sorted(workers) == replicas, url
-        assert affine - before == 5 * len(urls), url
-
-
 def _reports(deployed: Deployment, token: str) -> dict[str, dict[str, object]]:
     response = requests.get(
         f"{deployed.url}/ray/replicas", headers={"authorization": f"Bearer {token}"}, timeout=30
@@ -625,122 +683,6 @@ def _every_replica(
     return len(reports) == replicas and all(
         isinstance(m, dict) and isinstance(m.get("labelled"), dict) and check(m["labelled"]) for m in models
     )
-
-
-def _answers_by_label(deployed: Deployment, n: int) -> set[float]:
-    """The first output of ``n`` predictions of label ``stable``, spread over the replicas."""
-    seen = set()
-    with requests.Session() as session:
-        for _ in range(n):
-            response = session.post(
-                f"{deployed.url}/v1/models/labelled/labels/stable:predict",
-                json={"instances": [ROW]},
-                timeout=60,
-            )
-            assert response.status_code == 200, response.text
-            seen.add(response.json()["predictions"][0][0])
-    return seen
-
-
-def test_label_moves_and_rollouts_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
-    model = deployed.repository / "labelled"
-    write_onnx_affine(model / "1", 10.0)
-    write_onnx_affine(model / "2", 20.0)
-    (model / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
-    token = secrets.token_hex(8)
-    deployed.deploy("--num_replicas=2", f"--admin_token={token}")
-    admin = {"authorization": f"Bearer {token}"}
-
-    def both_loaded(m: dict[str, object]) -> bool:
-        return m["versions"] == {"1": "AVAILABLE", "2": "AVAILABLE"} and m["labels"] == {"stable": 1}
-
-    _wait(lambda: _every_replica(deployed, token, 2, both_loaded), "2 replicas serving labelled 1 and 2")
-    assert _answers_by_label(deployed, 20) == {10.0}
-
-    # A label move reaches one replica through the ingress; every replica follows it.
-    moved = requests.post(
-        f"{deployed.url}/dashboard/api/models/labelled/labels/stable",
-        json={"version": 2},
-        headers=admin,
-        timeout=30,
-    )
-    assert moved.status_code == 200, moved.text
-    _wait(
-        lambda: _every_replica(deployed, token, 2, lambda m: m["labels"] == {"stable": 2}),
-        "the move everywhere",
-    )
-    assert _answers_by_label(deployed, 40) == {20.0}
-    reports = deployed.cluster.status()["reports"]
-    assert isinstance(reports, dict), reports
-    assert len(reports) == 2, reports
-
-    # A rollout back to version 1 runs on every replica and finishes with the label moved on all.
-    started = requests.post(
-        f"{deployed.url}/v2/repository/models/labelled/rollout",
-        json={"to": 1, "label": "stable", "steps": [50, 100], "step_s": 1},
-        headers=admin,
-        timeout=30,
-    )
-    assert started.status_code == 200, started.text
-
-    def rolled_out(m: dict[str, object]) -> bool:
-        rollout = m["rollout"]
-        return isinstance(rollout, dict) and rollout["state"] == "done" and m["labels"] == {"stable": 1}
-
-    _wait(lambda: _every_replica(deployed, token, 2, rolled_out), "the rollout done on every replica")
-    assert _answers_by_label(deployed, 40) == {10.0}
-
-
-def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
-    deployed: Deployment, tmp_path: Path
-) -> None:
-    calls, started = tmp_path / "calls.log", tmp_path / "started.log"
-    # slow_model logs a call once computed; this one also logs when it starts computing.
-    body = slow_model(0.5, log=calls).replace(
-        "    import time\n", f"    import time\n    open({str(started)!r}, 'a').write('start\\n')\n"
-    )
-    write_model(
-        deployed.repository / "slow",
-        body,
-        "max_batch_size = 1\nbatch_timeout_micros = 0\nnum_batch_threads = 1",
-    )
-    deployed.deploy("--num_replicas=1")
-    client = triton.InferenceServerClient(deployed.grpc_target)
-    x = triton.InferInput("x", [1, 2], "FP32")
-    x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
-
-    def ready() -> bool:
-        try:
-            return bool(client.is_model_ready("slow"))
-        except InferenceServerException:
-            return False
-
-    _wait(ready, "model slow on the replica")
-    calls.write_text("")
-    started.write_text("")
-    with cf.ThreadPoolExecutor(5) as pool:
-        first = pool.submit(client.infer, "slow", [x], client_timeout=30)
-        _wait(lambda: started.read_text() != "", "the first call computing")
-        late = [pool.submit(client.infer, "slow", [x], client_timeout=0.2) for _ in range(4)]
-        for future in late:
-            with pytest.raises(InferenceServerException) as raised:
-                future.result()
-            assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        assert first.result().as_numpy("y").tolist() == [[2.0, 2.0]]
-    # One thread computes one call at a time, in order: once this one is answered, anything
-    # wrongly kept of the four expired calls has been computed too.
-    assert client.infer("slow", [x], client_timeout=30).as_numpy("y").tolist() == [[2.0, 2.0]]
-    assert len(calls.read_text().splitlines()) == 2  # the expired four were never computed
-    client.close()
-
-    with grpc.insecure_channel(deployed.grpc_target) as channel:
-        predict: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-            "/tensorflow.serving.PredictionService/Predict"
-        )
-        with pytest.raises(grpc.RpcError) as refused:
-            predict(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes; 2 follow
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
-    assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())
 
 
 def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_holding_it(
@@ -788,6 +730,70 @@ def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_h
         assert len(held) == 1, statuses
 
 
+def _answers_by_label(deployed: Deployment, n: int) -> set[float]:
+    """The first output of ``n`` predictions of label ``stable``, spread over the replicas."""
+    seen = set()
+    with requests.Session() as session:
+        for _ in range(n):
+            response = session.post(
+                f"{deployed.url}/v1/models/labelled/labels/stable:predict",
+                json={"instances": [ROW]},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            seen.add(response.json()["predictions"][0][0])
+    return seen
+
+
+def test_label_moves_and_rollouts_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
+    model = deployed.repository / "labelled"
+    write_onnx_affine(model / "1", 10.0)
+    write_onnx_affine(model / "2", 20.0)
+    (model / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
+    token = ADMIN_TOKEN
+    deployed.deploy("--num_replicas=2", f"--admin_token={token}")
+    admin = {"authorization": f"Bearer {token}"}
+
+    def both_loaded(m: dict[str, object]) -> bool:
+        return m["versions"] == {"1": "AVAILABLE", "2": "AVAILABLE"} and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, both_loaded), "2 replicas serving labelled 1 and 2")
+    assert _answers_by_label(deployed, 20) == {10.0}
+
+    # A label move reaches one replica through the ingress; every replica follows it.
+    moved = requests.post(
+        f"{deployed.url}/dashboard/api/models/labelled/labels/stable",
+        json={"version": 2},
+        headers=admin,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    _wait(
+        lambda: _every_replica(deployed, token, 2, lambda m: m["labels"] == {"stable": 2}),
+        "the move everywhere",
+    )
+    assert _answers_by_label(deployed, 40) == {20.0}
+    reports = deployed.cluster.status()["reports"]
+    assert isinstance(reports, dict), reports
+    assert len(reports) == 2, reports
+
+    # A rollout back to version 1 runs on every replica and finishes with the label moved on all.
+    started = requests.post(
+        f"{deployed.url}/v2/repository/models/labelled/rollout",
+        json={"to": 1, "label": "stable", "steps": [50, 100], "step_s": 1},
+        headers=admin,
+        timeout=30,
+    )
+    assert started.status_code == 200, started.text
+
+    def rolled_out(m: dict[str, object]) -> bool:
+        rollout = m["rollout"]
+        return isinstance(rollout, dict) and rollout["state"] == "done" and m["labels"] == {"stable": 1}
+
+    _wait(lambda: _every_replica(deployed, token, 2, rolled_out), "the rollout done on every replica")
+    assert _answers_by_label(deployed, 40) == {10.0}
+
+
 def _ready_on_every_replica(deployed: Deployment, model: str, ready: bool) -> bool:
     """True once both replicas answer, each with ``model`` ready (V2 REST) or each not."""
     urls = _replica_urls(deployed.cluster)
@@ -800,7 +806,7 @@ def _ready_on_every_replica(deployed: Deployment, model: str, ready: bool) -> bo
 def test_grpc_admin_calls_sent_to_one_replica_take_effect_on_all(deployed: Deployment) -> None:
     for name in ("ga", "gb"):
         write_onnx_affine(deployed.repository / name / "1", 3.0)
-    token = secrets.token_hex(8)
+    token = ADMIN_TOKEN
     deployed.deploy("--num_replicas=2", f"--admin_token={token}")
     _wait(lambda: _ready_on_every_replica(deployed, "ga", True), "model ga on both replicas")
     _wait(lambda: len(_reports(deployed, token)) == 2, "both replicas following the admin log")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from inferd.cli import main
-from inferd.config import read_model_settings
-from inferd.ray.deployment import IN_FLIGHT, Scaling, scaling_file
+from inferd.config import ServerConfig, read_model_settings
+from inferd.ray.deployment import IN_FLIGHT, Scaling, code_version, scaling_file
 from tests.s3_server import S3Server, s3_server
 
 __all__ = ["s3_server"]
@@ -31,6 +31,18 @@ def test_a_fixed_count_turns_autoscaling_off() -> None:
     options = Scaling(num_replicas=3).options()
     assert options["num_replicas"] == 3
     assert "autoscaling_config" not in options
+
+
+def test_the_code_version_changes_with_every_serve_setting_tokens_included() -> None:
+    base = ServerConfig(model_base_path="/models")
+    assert code_version(base) == code_version(ServerConfig(model_base_path="/models"))
+    others = [
+        ServerConfig(model_base_path="/other"),
+        ServerConfig(model_base_path="/models", admin_token="t"),
+        ServerConfig(model_base_path="/models", api_token="t"),
+        ServerConfig(model_base_path="/models", memory_budget="1GiB"),
+    ]
+    assert len({code_version(c) for c in [base, *others]}) == 1 + len(others)
 
 
 @pytest.mark.parametrize(

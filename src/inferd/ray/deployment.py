@@ -5,6 +5,7 @@ Imports ray; only ``inferd.ray.command`` imports this module, and only once Ray 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -241,7 +242,19 @@ def application(config: ServerConfig, scaling: Scaling) -> Any:
     from inferd.ray.replica import InferdReplica
 
     deployment = serve.deployment(name=APP_NAME, **scaling.options())(serve.ingress()(InferdReplica))
-    return deployment.bind(config)
+    # Serve restarts every replica of a deployment given no version; with one, it restarts them
+    # only when the version (or the replicas' resources) changes, and applies scaling in place.
+    # Serve 2.60 takes a version only through this internal switch (its own config deploys use it).
+    return deployment.options(version=code_version(config), _internal=True).bind(config)
+
+
+def code_version(config: ServerConfig) -> str:
+    """What the replicas run, as Serve's deployment version: inferd's version and every
+    ``inferd serve`` setting, hashed (SHA-256, hex). ``Scaling`` is not part of it."""
+    from inferd import __version__
+
+    settings = [(f.name, getattr(config, f.name)) for f in fields(config)]  # tokens too: repr hides them
+    return hashlib.sha256(f"{__version__} {settings!r}".encode()).hexdigest()
 
 
 def app_builder(args: dict[str, Any]) -> Any:
