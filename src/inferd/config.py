@@ -478,6 +478,8 @@ class ModelSettings:
         residency: the ``[residency]`` table (pinning, unloading when idle).
         prefer_tflite: set by ``--prefer_tflite_model``: a version folder holding ``model.tflite``
             is served by the TFLite runtime even when it also holds a SavedModel.
+        cache_dir: set by ``--model_cache_dir`` ("": the default folder); runtimes keep files
+            they derive from versions under it (``model_cache.derived_dir``).
     """
 
     runtime: str | None = None
@@ -498,6 +500,7 @@ class ModelSettings:
     safe: bool = False
     residency: ResidencySettings = field(default_factory=ResidencySettings)
     prefer_tflite: bool = False
+    cache_dir: str = ""
 
     def options(self, runtime: str) -> Mapping[str, Any]:
         """The ``[runtime]`` table's options; empty when the table is absent."""
@@ -849,7 +852,7 @@ def channel_arguments(text: str) -> list[tuple[str, str | int]]:
 def with_server_flags(settings: ModelSettings, config: ServerConfig) -> ModelSettings:
     """``settings`` with the server's runtime flags filled in where the model's inferd.toml is
     silent: TensorFlow's tags and thread counts (also onnxruntime's thread counts), the warm-up
-    switch, and ``--prefer_tflite_model``."""
+    switch, ``--prefer_tflite_model`` and ``--model_cache_dir``."""
     tables = {name: dict(table) for name, table in settings.runtime_tables.items()}
     intra = config.tensorflow_intra_op_parallelism or config.tensorflow_session_parallelism
     inter = config.tensorflow_inter_op_parallelism or config.tensorflow_session_parallelism
@@ -870,6 +873,7 @@ def with_server_flags(settings: ModelSettings, config: ServerConfig) -> ModelSet
         runtime_tables=tables,
         warmup=settings.warmup and config.enable_model_warmup,
         prefer_tflite=config.prefer_tflite_model,
+        cache_dir=config.model_cache_dir,
     )
 
 

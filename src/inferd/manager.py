@@ -61,6 +61,7 @@ from inferd.residency import (
     runtime_guess,
 )
 from inferd.runtimes import Supervised
+from inferd.runtimes.onnx import maps_weights
 from inferd.traffic import Split, resolve
 from inferd.types import ModelId, ModelRef, VersionState, VersionStatus
 
@@ -610,7 +611,11 @@ class ModelManager(Generic[S]):
         runtime = runtime_guess(path, version.platform or version.settings.runtime)
         on_disk = disk_bytes(path)
         shared = version.settings.runtime_tables.get("onnx", {}).get("share_weights") is True
-        if runtime == "onnx" and shared and mapped_weights(path, on_disk):
+        if (
+            runtime == "onnx"
+            and shared
+            and (mapped_weights(path, on_disk) or maps_weights(path, version.settings))
+        ):
             runtime = MAPPED_ONNX
         return on_disk, runtime
 

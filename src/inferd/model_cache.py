@@ -51,6 +51,17 @@ class CachedVersion:
         return self.folder / "files"
 
 
+DERIVED = "derived"
+"""The cache folder's subfolder of files inferd derives from versions (``derived_dir``): not
+entries of this cache, and never removed by it."""
+
+
+def derived_dir(cache_dir: str) -> Path:
+    """Where files derived from versions are kept: ``DERIVED`` under ``cache_dir`` (the
+    ``--model_cache_dir`` flag), or under ``default_cache_dir()`` when it is empty."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / DERIVED
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/inferd/models``, or ``~/.cache/inferd/models``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -66,6 +77,8 @@ class ModelCache:
         self._protected: set[str] = set()
         folder.mkdir(parents=True, exist_ok=True)
         for entry in folder.iterdir():
+            if entry.name == DERIVED:
+                continue
             if entry.name.startswith(".tmp-") or (entry.is_dir() and not (entry / MANIFEST).is_file()):
                 shutil.rmtree(entry, ignore_errors=True)  # an interrupted download
 

@@ -202,3 +202,29 @@ def test_a_repository_load_under_a_budget_loads_the_model_at_once(
     assert load.status_code == 200, load.text
     assert server.status("table") == {"1": "AVAILABLE"}
     assert metric(server, "inferd_model_loads_total", 'cause="cold"') == 1
+
+
+def test_weights_inside_model_onnx_are_mapped_from_a_copy_written_at_the_first_load(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    table = write_onnx_table(tmp_path / "repo" / "table" / "1", 4, seed=5)
+    settings = "[onnx]\nshare_weights = true\n[residency]\nidle_unload_s = 1\n"
+    (tmp_path / "repo" / "table" / "inferd.toml").write_text(settings)
+    cache = tmp_path / "cache"
+    server = start_server(str(tmp_path / "repo"), "--memory_budget=64MiB", f"--model_cache_dir={cache}")
+    session = requests.Session()
+    for load, cause in ((1, "cold"), (2, "reload")):  # the load that writes the copy, then one that maps it
+        answer = infer(server.url, "table", [5, 9], session)
+        assert answer.status_code == 200, answer.text
+        got = np.asarray(answer.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 16)
+        assert np.array_equal(got, table[[5, 9]])
+        assert metric(server, "inferd_model_loads_total", f'cause="{cause}"') == 1
+        [weights] = (cache / "derived" / "onnx-mapped").glob("*/weights.bin")
+        if load == 1:
+            written = weights.stat().st_mtime_ns
+            assert "weights written as external data to" in server.log()
+            server.wait_for(
+                lambda: metric(server, "inferd_model_evictions_total", 'reason="idle"') == 1, "idle unload"
+            )
+    assert weights.stat().st_mtime_ns == written  # the second load used the copy as it was
+    assert server.log().count("weights written as external data to") == 1

@@ -27,11 +27,14 @@ from inferd.residency import (
     GreedyDualSizeFrequency,
     LeastRecentlyUsed,
     MemoryBudget,
+    disk_bytes,
     mapped_weights,
     parse_budgets,
     parse_size,
 )
+from inferd.runtimes.onnx import RUNTIME
 from inferd.types import ModelId, ModelRef, VersionState
+from tests.models import write_onnx_table
 
 T = TypeVar("T")
 MiB = 2**20
@@ -364,6 +367,22 @@ def test_a_measured_footprint_larger_than_the_files_is_charged_and_learned(tmp_p
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
 
+def _reserved_at_load(tmp_path: Path, plan: Callable[[World], ModelPlan]) -> int:
+    """The bytes charged to the host while model ``m`` of ``plan`` loads, with 100 MiB budgeted."""
+
+    async def test(w: World) -> int:
+        await w.manager.apply([plan(w)])
+        gate = w.loader.gates["m"] = threading.Event()
+        load = asyncio.ensure_future(w.infer("m"))
+        await until(lambda: w.manager.residency.budget.used("cpu") > 0, "the load's reservation")
+        reserved = w.manager.residency.budget.used("cpu")
+        gate.set()
+        await load
+        return reserved
+
+    return run(tmp_path, {"cpu": 100 * MiB}, test)
+
+
 def _onnx_plan(w: World, name: str, share_weights: bool, graph: int, data: int) -> ModelPlan:
     folder = w.tmp / name / "1"
     folder.mkdir(parents=True, exist_ok=True)
@@ -385,18 +404,26 @@ def _onnx_plan(w: World, name: str, share_weights: bool, graph: int, data: int) 
 def test_weights_onnxruntime_maps_reserve_their_size_and_parsed_ones_three_times_it(
     share_weights: bool, graph: int, data: int, factor: int, tmp_path: Path
 ) -> None:
-    async def test(w: World) -> int:
-        await w.manager.apply([_onnx_plan(w, "m", share_weights, graph, data)])
-        gate = w.loader.gates["m"] = threading.Event()
-        load = asyncio.ensure_future(w.infer("m"))
-        await until(lambda: w.manager.residency.budget.used("cpu") > 0, "the load's reservation")
-        reserved = w.manager.residency.budget.used("cpu")
-        gate.set()
-        await load
-        return reserved
+    def plan(w: World) -> ModelPlan:
+        return _onnx_plan(w, "m", share_weights, graph, data)
 
-    assert run(tmp_path, {"cpu": 100 * MiB}, test) == factor * (10 * MiB + 1024) + 256 * 1024
+    assert _reserved_at_load(tmp_path, plan) == factor * (10 * MiB + 1024) + 256 * 1024
     assert mapped_weights(tmp_path / "m" / "1", graph + data) is (data > 0)  # the files alone
+
+
+def test_weights_inside_model_onnx_reserve_their_size_once_a_mapped_copy_is_written(tmp_path: Path) -> None:
+    folder = tmp_path / "m" / "1"
+    write_onnx_table(folder, 4, seed=0)
+    settings = ModelSettings(
+        runtime="onnx", runtime_tables={"onnx": {"share_weights": True}}, cache_dir=str(tmp_path / "cache")
+    )
+    RUNTIME.load(folder, settings).close()  # the first load writes the copy (the real runtime)
+    size = disk_bytes(folder)
+
+    def plan(w: World) -> ModelPlan:
+        return ModelPlan("m", {1: VersionSource(1, folder, "f1")}, settings=settings)
+
+    assert _reserved_at_load(tmp_path, plan) == size + 256 * 1024
 
 
 def test_memory_budget_is_repeatable_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,9 @@ Options (``[onnx]`` in inferd.toml):
     graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all`` (default).
     allow_spinning: let idle intra-op threads spin (default false: spinning burns a core that
         other requests could use).
+    share_weights: compute from onnxruntime's read-only mapping of the weights (default false):
+        prepacking off, external data mapped, and a model whose weights are inside its ``.onnx``
+        file served from a mapped copy written at its first load (``onnx_mapped``; ``cpu`` only).
     load_nice: build the session (read, parse and copy the file: about 2 ms per MB) in a thread
         of its own at this much lower CPU priority (Linux nice, 1 to 19; default 0: the load
         thread's own), so that a cold load takes the CPU that requests to loaded models leave.
@@ -22,6 +25,7 @@ Options (``[onnx]`` in inferd.toml):
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -32,7 +36,9 @@ import numpy as np
 
 from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
+from inferd.model_cache import derived_dir
 from inferd.priority import lower_this_thread
+from inferd.runtimes import onnx_mapped
 from inferd.runtimes.runtime import check_options, cuda_index, find_model_file, int_option
 from inferd.types import DEFAULT_SIGNATURE, Signature, Tensors, TensorSpec
 
@@ -46,6 +52,8 @@ _OPTIONS = {
     "share_weights",
     "load_nice",
 }
+
+log = logging.getLogger(__name__)
 
 _ONNX_TYPES = {
     "float": np.float32,
@@ -126,8 +134,19 @@ class OnnxRuntime:
         session_options = _session_options(ort, options)
         providers = _providers(ort, settings.device)
         nice = _load_nice(options, settings.device, session_options)
+        mapped = None
+        if options.get("share_weights") is True and settings.device == "cpu":
+            mapped = _mapped_copy(ort, path, derived_dir(settings.cache_dir), session_options, nice)
         try:
-            session = _build(ort, str(path), session_options, providers, nice)
+            if mapped is not None:
+                try:
+                    session = _build(ort, str(mapped), session_options, providers, nice)
+                except Exception as exc:  # a damaged copy: removed, and the model itself served
+                    log.warning("%s: its mapped copy %s does not load (%s); removed", path, mapped, exc)
+                    onnx_mapped.forget(path, derived_dir(settings.cache_dir))
+                    mapped = None
+            if mapped is None:
+                session = _build(ort, str(path), session_options, providers, nice)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         if settings.device != "cpu" and session.get_providers()[0] != "CUDAExecutionProvider":
@@ -138,6 +157,45 @@ class OnnxRuntime:
             tuple(_spec(arg, "output") for arg in session.get_outputs()),
         )
         return OnnxModel(session, signature)
+
+
+def maps_weights(version_dir: Path, settings: ModelSettings) -> bool:
+    """Whether a load of ``version_dir`` would build its session from a mapped copy already
+    written (``onnx_mapped``); False when its model file cannot be found."""
+    options = settings.options("onnx")
+    if options.get("share_weights") is not True or settings.device != "cpu":
+        return False
+    try:
+        path = find_model_file(version_dir, ("model.onnx", "*.onnx"), options.get("file"))
+    except ModelLoadError:
+        return False
+    return onnx_mapped.copy_of(path, derived_dir(settings.cache_dir)) is not None
+
+
+def _mapped_copy(ort: Any, path: Path, cache: Path, session_options: Any, nice: int) -> Path | None:
+    """The mapped copy of ``path``, written now if there is none; None for a file too small to
+    be worth one, or when the copy cannot be written (logged: the model is then parsed)."""
+    try:
+        if path.stat().st_size < onnx_mapped.MIN_FILE_BYTES:
+            return None
+        copy = onnx_mapped.copy_of(path, cache)
+        if copy is not None:
+            return copy
+        levels = ort.GraphOptimizationLevel
+        keep = session_options.graph_optimization_level == levels.ORT_DISABLE_ALL
+        level = levels.ORT_DISABLE_ALL if keep else levels.ORT_ENABLE_BASIC
+
+        def build(model: str, options: Any) -> Any:
+            return _build(ort, model, options, ["CPUExecutionProvider"], nice)
+
+        copy = onnx_mapped.write_copy(ort, path, cache, level, build)
+    except Exception as exc:  # OSError, or onnxruntime's own errors: the load itself will say
+        log.warning(
+            "%s: weights not mapped (no copy written to %s: %s); parsed at each load", path, cache, exc
+        )
+        return None
+    log.info("%s: weights written as external data to %s, mapped from now on", path, copy.parent)
+    return copy
 
 
 def _load_nice(options: Mapping[str, Any], device: str, session_options: Any) -> int:
