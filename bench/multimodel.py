@@ -28,10 +28,15 @@ With ``--load-nice N`` every model but the probe gets ``[onnx] load_nice = N`` (
 built at a lower CPU priority), to compare the probe's p99 with and without. With
 ``--external-data`` every model's table is saved as ONNX external data and served from
 onnxruntime's mapping of that file (``[onnx] share_weights = true``): a load then maps the file
-instead of parsing and copying it, and a close unmaps it instead of freeing private memory.
+instead of parsing and copying it, and a close unmaps it instead of freeing private memory. With
+``--share-weights`` the weights stay inside ``model.onnx`` and are served with ``share_weights =
+true``: inferd writes each model's mapped copy at its first load and maps it from then on. Each
+server gets an empty model cache, so the run under the budget pays every first load's copy; with
+``--reuse-cache`` it gets the cache of the run without a budget, whose loads at start wrote every
+copy (a server restarted on the same repository and cache).
 
 Results go to stdout and bench/results/multimodel-<N>.json (multimodel-<N>-external.json with
-``--external-data``).
+``--external-data``, multimodel-<N>-shared.json with ``--share-weights``).
 """
 
 from __future__ import annotations
@@ -265,6 +270,14 @@ def main() -> None:
         action="store_true",
         help="save the models' weights as external data, served mapped ([onnx] share_weights)",
     )
+    parser.add_argument(
+        "--share-weights",
+        action="store_true",
+        help="weights inside model.onnx, served with [onnx] share_weights (inferd maps a copy)",
+    )
+    parser.add_argument(
+        "--reuse-cache", action="store_true", help="the run under the budget reuses the reference run's cache"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the run without a budget")
     parser.add_argument(
         "--replay-requests", type=int, default=20_000, help="length of the (longer) trace the policies replay"
@@ -282,7 +295,7 @@ def main() -> None:
         onnx_table = "".join(
             (
                 f"load_nice = {args.load_nice}\n" if args.load_nice else "",
-                "share_weights = true\n" if args.external_data else "",
+                "share_weights = true\n" if args.external_data or args.share_weights else "",
             )
         )
         for n, size in enumerate(sizes):
@@ -314,12 +327,13 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     reference: dict[str, Any] = {}
     if not args.no_reference:  # the same traffic with every model loaded at start: no cold load
-        server = start(repo, prefix=prefix)
+        server = start(repo, f"--model_cache_dir={work / 'cache-reference'}", prefix=prefix)
         try:
             reference = live(server, timed, args.duration)
         finally:
             server.stop()
-    server = start(repo, f"--memory_budget={budget}", prefix=prefix)
+    cache = work / ("cache-reference" if args.reuse_cache else "cache")
+    server = start(repo, f"--memory_budget={budget}", f"--model_cache_dir={cache}", prefix=prefix)
     try:
         run = live(server, timed, args.duration)
     finally:
@@ -340,6 +354,8 @@ def main() -> None:
         "duration_s": args.duration,
         "load_nice": args.load_nice,
         "external_data": args.external_data,
+        "share_weights": args.share_weights,
+        "reuse_cache": args.reuse_cache,
         "pinned": args.pin,
         "replay_requests": len(long_trace),
         "replay": {
@@ -371,7 +387,8 @@ def main() -> None:
         }
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    suffix = "-external" if args.external_data else ""
+    suffix = "-external" if args.external_data else "-shared" if args.share_weights else ""
+    suffix += "-reused" if args.reuse_cache else ""
     out = BENCH / "results" / f"multimodel-{args.models}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
