@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import requests
 
@@ -25,7 +26,7 @@ from inferd._proto.types_pb2 import DT_FLOAT
 from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import slow_model
 from tests.e2e.test_metrics import samples
-from tests.models import write_onnx_affine, write_onnx_matmul_external, write_python_model
+from tests.models import write_onnx_affine, write_onnx_matmul_external, write_onnx_table, write_python_model
 from tests.pki import Authority
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -373,5 +374,33 @@ def test_share_weights_keeps_one_copy_of_external_weights_for_every_worker(
                 assert shared >= 4096, f"worker {pid} shares {shared} KiB of weights.bin"
             else:  # repacked into private memory: the file's mapping is gone
                 assert rss == 0
+    finally:
+        server.stop()
+
+
+def test_share_weights_gives_every_worker_one_mapped_copy_of_embedded_weights(
+    tmp_path: Path,
+) -> None:
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    table = write_onnx_table(repo / "table" / "1", 4, seed=3)
+    (repo / "table" / "inferd.toml").write_text("[onnx]\nshare_weights = true\n")
+    server = launch(tmp_path, str(repo), "--workers=2", f"--model_cache_dir={cache}")
+    try:
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
+        sent = 0
+        while sent < 200 and len(per_worker(server, "tfserving_rest")) < 2:
+            for _ in range(10):  # each on a new connection, which either worker may accept
+                answer = requests.post(
+                    f"{server.url}/v1/models/table:predict", json={"instances": [5, 9]}, timeout=10
+                )
+                assert answer.status_code == 200, answer.text
+                got = np.asarray(answer.json()["predictions"], dtype=np.float32)
+                assert np.array_equal(got, table[[5, 9]])
+            sent += 10
+        assert len(per_worker(server, "tfserving_rest")) == 2, f"{sent} requests reached one worker only"
+        # Both workers loaded at start, racing to write the copy: one was written, and both map it.
+        [weights] = (cache / "derived" / "onnx-mapped").glob("*/weights.bin")
+        for pid in workers(server):
+            assert str(weights.resolve()) in Path(f"/proc/{pid}/maps").read_text(), pid
     finally:
         server.stop()
