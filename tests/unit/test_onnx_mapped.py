@@ -66,6 +66,16 @@ def test_a_changed_model_file_gets_a_new_copy(tmp_path: Path) -> None:
     assert len(_entries(cache)) == 1
 
 
+def test_a_file_changed_beside_the_model_makes_its_copy_stale(tmp_path: Path) -> None:
+    folder, cache = tmp_path / "m" / "1", tmp_path / "cache"
+    write_onnx_table(folder, 2, seed=0)
+    settings = _settings(cache)
+    _predict(folder, settings)
+    assert maps_weights(folder, settings)
+    (folder / "model.onnx.data").write_bytes(b"external data the graph may name")
+    assert not maps_weights(folder, settings)
+
+
 def test_writing_a_copy_removes_those_of_models_gone(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     write_onnx_table(tmp_path / "a" / "1", 2, seed=0)

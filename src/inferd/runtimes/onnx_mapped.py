@@ -9,26 +9,24 @@ optimization level (which rewrites with standard ONNX operators only, for every 
 ``<model cache>/derived/onnx-mapped/<key>/``; that load and the next ones build the session from
 the copy.
 
-An entry is keyed by the model file's resolved path and records the file's size and mtime and the
-onnxruntime version it was written with (``SOURCE``); a copy that no longer matches is written
-again. Entries are written in a scratch folder and renamed into place, so a reader sees a whole
-entry or none; processes sharing the folder (``--workers``) may race to write one, and the first
-rename wins. Writing an entry removes those whose model file is gone or changed.
+An entry is keyed by the model file's resolved path and records the size and mtime of every file
+in its folder (external data included) and the onnxruntime version it was written with
+(``SOURCE``); a copy that no longer matches is written again. Entries are written in a scratch
+folder and renamed into place, so a reader sees a whole entry or none; processes sharing the
+folder (``--workers``) may race to write one, and the first rename wins. Writing an entry removes
+those whose model file is gone or changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 MIN_FILE_BYTES = 1 << 20
 """The smallest ``.onnx`` file copied: below it, parsing costs about what mapping does."""
@@ -106,13 +104,13 @@ def _source(model: Path) -> dict[str, Any]:
     """What a copy of ``model`` was made from. Raises OSError when ``model`` cannot be read."""
     import onnxruntime
 
-    stat = model.stat()
-    return {
-        "path": str(model.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "onnxruntime": onnxruntime.__version__,
-    }
+    model.stat()  # the model itself must be there
+    files = {}
+    for path in sorted(model.parent.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            files[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return {"path": str(model.resolve()), "files": files, "onnxruntime": onnxruntime.__version__}
 
 
 SCRATCH_TTL_S = 3600.0
