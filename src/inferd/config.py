@@ -576,7 +576,8 @@ class ServerConfig:
         default=1.0,
     )
     model_cache_dir: str = option(
-        "local folder caching versions downloaded from object stores (default ~/.cache/inferd/models)",
+        "local folder caching versions downloaded from object stores, and in derived/ the mapped "
+        "copies [onnx] share_weights writes (default ~/.cache/inferd/models)",
         default="",
     )
     model_cache_bytes: int = option(
