@@ -633,25 +633,38 @@ def _replica_urls(cluster: Cluster) -> list[str]:
     return sorted(urls)
 
 
-def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment) -> None:
-    names = [f"m{i}" for i in range(4)]
+def _predict_by_name(session: requests.Session, url: str, name: str, scale: float) -> None:
+    """Model ``name`` (``y = scale * x``) answers a prediction of ``ROW`` sent to ``url`` with
+    its name in Serve's multiplexing header."""
+    response = session.post(
+        f"{url}/v1/models/{name}:predict",
+        json={"instances": [ROW]},
+        headers={"serve_multiplexed_model_id": name},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [[scale * v for v in ROW]]}
+
+
+def _deploy_named_models(deployed: Deployment, prefix: str) -> list[str]:
+    """Four new models ``<prefix>0..3`` (``y = (i + 1) * x``), served by 2 replicas that load
+    models on demand; their names."""
+    names = [f"{prefix}{i}" for i in range(4)]
     for i, name in enumerate(names):
         write_onnx_affine(deployed.repository / name / "1", float(i + 1))
     deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
     _wait(
         lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
     )
+    return names
+
+
+def test_requests_naming_their_model_load_it_on_one_replica(deployed: Deployment) -> None:
+    names = _deploy_named_models(deployed, "m")
     with requests.Session() as session:
         for _ in range(6):
             for i, name in enumerate(names):
-                response = session.post(
-                    f"{deployed.url}/v1/models/{name}:predict",
-                    json={"instances": [ROW]},
-                    headers={"serve_multiplexed_model_id": name},
-                    timeout=60,
-                )
-                assert response.status_code == 200, response.text
-                assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
+                _predict_by_name(session, deployed.url, name, float(i + 1))
 
     def holders(name: str) -> list[str]:
         held = []
@@ -688,26 +701,10 @@ def _every_replica(
 def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_holding_it(
     deployed: Deployment,
 ) -> None:
-    names = [f"py{i}" for i in range(4)]
-    for i, name in enumerate(names):
-        write_onnx_affine(deployed.repository / name / "1", float(i + 1))
-    deployed.deploy("--num_replicas=2", "--memory_budget=512MiB")  # lazy loads, on demand
-    _wait(
-        lambda: deployed.replicas_running() == 2 and len(_replica_urls(deployed.cluster)) == 2, "2 replicas"
-    )
+    names = _deploy_named_models(deployed, "py")
     _wait(lambda: len(_reports(deployed, "")) == 2, "both replicas reporting")
     # Serve's Python proxy (here its fallback proxy beside HAProxy) routes with Serve's router.
     proxy = f"http://127.0.0.1:{deployed.cluster.env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}"
-
-    def predict(session: requests.Session, i: int, name: str) -> None:
-        response = session.post(
-            f"{proxy}/v1/models/{name}:predict",
-            json={"instances": [ROW]},
-            headers={"serve_multiplexed_model_id": name},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        assert response.json() == {"predictions": [[(i + 1) * v for v in ROW]]}
 
     def announced(name: str) -> int:
         lists = [report.get("announced") for report in _reports(deployed, "").values()]
@@ -715,11 +712,11 @@ def test_serves_python_proxy_routes_requests_naming_their_model_to_the_replica_h
 
     with requests.Session() as session:
         for i, name in enumerate(names):  # each first request loads the model on one replica
-            predict(session, i, name)
+            _predict_by_name(session, proxy, name, float(i + 1))
             _wait(lambda: announced(name) == 1, f"a replica telling Serve it holds {name}")  # noqa: B023
         for _ in range(6):
             for i, name in enumerate(names):
-                predict(session, i, name)
+                _predict_by_name(session, proxy, name, float(i + 1))
     assert {name: announced(name) for name in names} == dict.fromkeys(names, 1)
     for name in names:  # and inferd itself loaded it on one replica only
         statuses = [
