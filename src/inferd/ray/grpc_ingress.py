@@ -41,6 +41,7 @@ from inferd._proto import grpc_service_pb2, model_service_pb2, prediction_servic
 from inferd.errors import InferdError, encodable
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.access import Access
+from inferd.protocols.grpc_status import Aborted
 from inferd.protocols.limits import RequestLimits
 from inferd.server import Server
 
@@ -167,12 +168,8 @@ def record_deadlines() -> None:
     RayServegRPCContext.__init__ = init  # type: ignore[method-assign]
 
 
-class _Aborted(Exception):
-    """Raised by ``_Context.abort`` to end a servicer's call; its status is on Serve's context."""
-
-
 class _Context:
-    """The part of ``grpc.aio.ServicerContext`` inferd's servicers use, over Serve's context."""
+    """inferd's servicers' ``Context`` over Serve's context: ``abort`` sets the status on it too."""
 
     def __init__(self, serve_context: Any) -> None:
         self._serve = serve_context
@@ -191,7 +188,7 @@ class _Context:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         self._serve.set_code(code)
         self._serve.set_details(details)
-        raise _Aborted(details)
+        raise Aborted(code, details)
 
 
 class GrpcIngress:
@@ -270,7 +267,7 @@ class GrpcIngress:
             except InferdError as error:
                 await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
             return await servicer_method(request, context), True
-        except _Aborted:
+        except Aborted:
             return reply_type(), False
         finally:
             reservation.release()
