@@ -648,13 +648,19 @@ def test_one_grpc_connection_holds_a_bounded_number_of_calls(tmp_path: Path) -> 
 
 
 def test_a_call_past_grpc_max_threads_is_refused_at_once(tmp_path: Path) -> None:
-    """--grpc_max_threads 2: two calls held in flight take both threads; a third is refused at
-    once with RESOURCE_EXHAUSTED (as TF Serving refuses when its threads are exhausted) instead of
-    waiting, and the threads serve again once the held calls end."""
+    """--grpc_max_threads 2: three open health Watch streams hold no thread; two calls held in
+    flight take both threads; a third is refused at once with RESOURCE_EXHAUSTED (as TF Serving
+    refuses when its threads are exhausted) instead of waiting, and the threads serve again once
+    the held calls end."""
     server, gate = _gated_server(tmp_path, "--grpc_max_threads=2")
     try:
         request = _slow_request()
         with grpc.insecure_channel(server.grpc_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = []
+            for _ in range(3):  # one after the other: a Watch holds its thread until it has answered
+                watches.append(health.Watch(health_pb2.HealthCheckRequest(), timeout=60))
+                assert next(watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
             infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
             held = [infer.future(request, timeout=120) for _ in range(2)]
             server.wait_for(lambda: _in_flight(server) == 2, "2 calls to be in flight")
@@ -669,5 +675,7 @@ def test_a_call_past_grpc_max_threads_is_refused_at_once(tmp_path: Path) -> None
             for call in held:
                 assert list(call.result().raw_output_contents)
             assert infer(request, timeout=30).model_name == "slow"
+            for watch in watches:
+                watch.cancel()
     finally:
         server.stop()

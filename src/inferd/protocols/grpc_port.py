@@ -10,9 +10,9 @@ V2's ``GRPCInferenceService``) arrives on one of the server's threads, which
 - cancels the coroutine when the call ends first (the client cancels, disconnects, or its
   deadline passes).
 
-The standard health service (whose ``Watch`` streams hold no thread) and server reflection run on
-the threads alone. grpcio's threaded server measured 1.5-1.7x the calls per core of ``grpc.aio``
-(``bench/grpc_floor.py``; see docs/performance.md).
+The standard health service (a ``Watch`` stream holds no thread once it has answered) and server
+reflection run on the threads alone. grpcio's threaded server measured 1.5-1.7x the calls per
+core of ``grpc.aio`` (``bench/grpc_floor.py``; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class GrpcPort:
     are optional: when their package cannot be imported, one WARNING says so and the port serves
     without it. ``config.grpc_max_threads`` threads take the calls: a call that finds them all
     busy is refused at once with RESOURCE_EXHAUSTED, as TF Serving refuses when its threads are
-    exhausted (health ``Watch`` streams hold no thread and are not counted).
+    exhausted (a health ``Watch`` stream counts only until its first answer).
 
     Raises:
         ConfigError: the port or the socket cannot be bound.
