@@ -561,8 +561,9 @@ class Server:
             if self.config.port:
                 from inferd.protocols.grpc_port import GrpcPort
 
+                credentials = self.tls.grpc_credentials() if self.tls else None
                 grpc_port = GrpcPort(
-                    self.service, self.control, self.config, self.tls, self.inflight, self.link is not None
+                    self.service, self.control, self.config, credentials, self.inflight, self.link is not None
                 )
             level, served = self.control.summary()
             log.log(

@@ -40,7 +40,6 @@ from inferd.protocols.grpc_status import Aborted, AccessInterceptor, Context
 from inferd.protocols.http_connection import ConnectionLimits
 from inferd.protocols.limits import InflightBytes, RequestLimits
 from inferd.service import InferenceService
-from inferd.tls import TlsSettings
 from inferd.tracing import TRACEPARENT
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ _NO_DEADLINE_S = 1e9
 """grpcio's threaded server gives a call without a deadline about 9.2e18 s: more than this is none."""
 
 
-class _LoopContext:
+class LoopContext:
     """A call's ``Context`` for its servicer on the event loop. It holds what the call's thread
     read (metadata, deadline) and what the servicer leaves for the thread to send (trailers);
     ``abort`` raises ``Aborted``, which the thread turns into the call's status."""
@@ -150,7 +149,7 @@ class _Bridge:
     def _run(self, path: str, servicer: Servicer, message: Message, context: grpc.ServicerContext) -> Message:
         """``servicer``'s answer to ``message``, run on the loop; a call that ends first cancels it."""
         metadata = context.invocation_metadata()
-        loop_context = _LoopContext(metadata, context.time_remaining())
+        loop_context = LoopContext(metadata, context.time_remaining())
         traceparent = (
             next((str(v) for k, v in metadata if k == "traceparent"), None) if self._traced else None
         )
@@ -188,11 +187,11 @@ class GrpcPort:
     """The gRPC server of ``inferd serve`` on ``config.port`` (and ``--grpc_socket_path``):
     TF Serving's and the V2 services, the standard health service (every service SERVING until
     the drain) and server reflection, behind the token check and the in-flight byte budget, with
-    the limits of ``transport_options``; over TLS when ``tls`` is given. Health and reflection
-    are optional: when their package cannot be imported, one WARNING says so and the port serves
-    without it. ``config.grpc_max_threads`` threads take the calls: a call that finds them all
-    busy is refused at once with RESOURCE_EXHAUSTED, as TF Serving refuses when its threads are
-    exhausted (a health ``Watch`` stream counts only until its first answer).
+    the limits of ``transport_options``; over TLS with ``credentials`` when given. Health and
+    reflection are optional: when their package cannot be imported, one WARNING says so and the
+    port serves without it. ``config.grpc_max_threads`` threads take the calls: a call that finds
+    them all busy is refused at once with RESOURCE_EXHAUSTED, as TF Serving refuses when its
+    threads are exhausted (a health ``Watch`` stream counts only until its first answer).
 
     Raises:
         ConfigError: the port or the socket cannot be bound.
@@ -203,7 +202,7 @@ class GrpcPort:
         service: InferenceService,
         control: ModelControl,
         config: ServerConfig,
-        tls: TlsSettings | None,
+        credentials: grpc.ServerCredentials | None,
         inflight: InflightBytes,
         reuse_port: bool = False,
     ) -> None:
@@ -248,7 +247,7 @@ class GrpcPort:
         self._health = _add_health(self._server, names)
         _add_reflection(self._server, (*names, *(() if self._health is None else (_HEALTH,))))
         try:
-            self._bind(config, tls)
+            self._bind(config, credentials)
             self._server.start()
         except BaseException:
             self._threads.shutdown(wait=False)
@@ -269,12 +268,12 @@ class GrpcPort:
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
         self._server.add_registered_method_handlers(name, handlers)
 
-    def _bind(self, config: ServerConfig, tls: TlsSettings | None) -> None:
+    def _bind(self, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> None:
         address = f"{config.host}:{config.port}"
         try:
             bound = (
-                self._server.add_secure_port(address, tls.grpc_credentials())
-                if tls
+                self._server.add_secure_port(address, credentials)
+                if credentials
                 else self._server.add_insecure_port(address)
             )
         except RuntimeError:
