@@ -1,15 +1,19 @@
-"""What one request costs inferd's REST application in CPU, in process: no sockets, no HTTP server.
+"""What one request costs inferd's REST application and gRPC servicers in CPU, in process: no
+sockets, no HTTP or gRPC server.
 
     .venv/bin/python -m bench.request_cost [--requests 20000] [--rounds 5] [--profile FILE]
 
 Drives inferd's ASGI application (``Server.http_app``, the digits model over TF Serving JSON and V2
-JSON, one instance a request) with requests made in memory, one at a time (``c=1``) and from 64
-concurrent tasks (``c=64``), and prints the CPU per request (``time.process_time``: every thread
-of this process), the fastest of ``--rounds`` runs. Beside it, the floor: a bare ASGI function
-doing only orjson, numpy and onnxruntime on the same body. What is left between the two is
-inferd's own per-request work (routing, limits, validation, the version lease, metrics,
-statistics, encoding), without the HTTP server's, which ``bench.run --perf`` measures. Run it
-pinned (``taskset -c 0``) on an idle machine; ``--profile`` writes a cProfile of the c=1 loop.
+JSON, one instance a request) with requests made in memory, and its gRPC servicers
+(``PredictionServicer.Predict``, ``InferenceServicer.ModelInfer``) with messages parsed from bytes
+and answers written back to bytes, as the gRPC port's threads do, one at a time (``c=1``) and
+from 64 concurrent tasks (``c=64``), and prints the CPU per request (``time.process_time``: every
+thread of this process), the fastest of ``--rounds`` runs. Beside them, the floor: a bare ASGI
+function doing only orjson, numpy and onnxruntime on the same body. What is left between the two
+is inferd's own per-request work (routing, limits, validation, the version lease, metrics,
+statistics, encoding), without the HTTP or gRPC server's, which ``bench.run --perf`` measures.
+Run it pinned (``taskset -c 0``) on an idle machine; ``--profile`` writes a cProfile of the TF
+Serving JSON c=1 loop.
 """
 
 from __future__ import annotations
@@ -30,11 +34,18 @@ import orjson
 import uvloop
 
 from bench import models
+from inferd._proto import grpc_service_pb2, prediction_service_pb2
 from inferd.config import ServerConfig
+from inferd.protocols import encode_tensor, tfserving_grpc, v2_grpc
+from inferd.protocols.grpc_port import LoopContext
 from inferd.protocols.http_connection import WATCH, RequestWatch
+from inferd.protocols.limits import RequestLimits
 from inferd.server import Server
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+Request = Callable[[], Awaitable[bool]]
+"""One request, made afresh each time; whether it was answered as expected."""
+NO_DEADLINE = 1e18
 CONCURRENCY = (1, 64)
 
 
@@ -59,6 +70,23 @@ def floor_app(model_file: Path) -> App:
         )
 
     return app
+
+
+def rest(app: App, path: str, body: bytes) -> Request:
+    async def request() -> bool:
+        return await one(app, path, body) == 200
+
+    return request
+
+
+def grpc_call(method: Callable[[Any, Any], Awaitable[Any]], message: type[Any], raw: bytes) -> Request:
+    """A servicer's call on a message parsed from ``raw``, its answer serialized."""
+
+    async def request() -> bool:
+        reply = await method(message.FromString(raw), LoopContext((), NO_DEADLINE))
+        return bool(reply.SerializeToString())
+
+    return request
 
 
 async def one(app: App, path: str, body: bytes) -> int:
@@ -90,12 +118,12 @@ async def one(app: App, path: str, body: bytes) -> int:
     return int(sent[0]["status"])
 
 
-async def cpu_per_request(app: App, path: str, body: bytes, requests: int, concurrency: int) -> float:
+async def cpu_per_request(request: Request, requests: int, concurrency: int) -> float:
     """CPU seconds per request over ``requests`` requests from ``concurrency`` tasks."""
 
     async def worker(n: int) -> None:
         for _ in range(n):
-            await one(app, path, body)
+            await request()
 
     started = time.process_time()
     await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
@@ -119,29 +147,49 @@ async def measure(requests: int, rounds: int, profile: Path | None) -> list[tupl
     )
     await server.control.sync()
     inferd = server.http_app()
-    cases: list[tuple[str, App, str, bytes]] = [
-        ("floor (orjson, numpy, onnxruntime)", floor_app(model_file), "/", tf_body),
-        ("inferd, TF Serving JSON", inferd, "/v1/models/digits:predict", tf_body),
-        ("inferd, V2 JSON", inferd, "/v2/models/digits/infer", v2_body),
+    limits = RequestLimits.of(server.config)
+    predict = tfserving_grpc.PredictionServicer(server.service, server.config.max_request_bytes, limits)
+    infer = v2_grpc.InferenceServicer(server.service, server.control, limits)
+    cases: list[tuple[str, Request]] = [
+        ("floor (orjson, numpy, onnxruntime)", rest(floor_app(model_file), "/", tf_body)),
+        ("inferd, TF Serving JSON", rest(inferd, "/v1/models/digits:predict", tf_body)),
+        ("inferd, V2 JSON", rest(inferd, "/v2/models/digits/infer", v2_body)),
+        ("inferd, TF Serving gRPC servicer", grpc_call(predict.Predict, *tf_predict(x))),
+        ("inferd, V2 gRPC servicer", grpc_call(infer.ModelInfer, *v2_infer(x))),
     ]
     rows = []
-    for name, app, path, body in cases:
-        status = await one(app, path, body)
-        if status != 200:
-            raise SystemExit(f"{name}: answered {status}")
+    for name, request in cases:
+        if not await request():
+            raise SystemExit(f"{name}: not answered")
         for concurrency in CONCURRENCY:
-            await cpu_per_request(app, path, body, max(requests // 10, concurrency), concurrency)  # warm up
-            best = min([await cpu_per_request(app, path, body, requests, concurrency) for _ in range(rounds)])
+            await cpu_per_request(request, max(requests // 10, concurrency), concurrency)  # warm up
+            best = min([await cpu_per_request(request, requests, concurrency) for _ in range(rounds)])
             rows.append((name, concurrency, best))
             print(f"{name:38s} c={concurrency:<3d} {best * 1e6:7.1f} us CPU per request", flush=True)
     if profile is not None:
         profiler = cProfile.Profile()
         profiler.enable()
-        await cpu_per_request(inferd, cases[1][2], tf_body, requests, 1)
+        await cpu_per_request(cases[1][1], requests, 1)
         profiler.disable()
         profiler.dump_stats(str(profile))
     await server.close()
     return rows
+
+
+def tf_predict(x: np.ndarray) -> tuple[type[Any], bytes]:
+    """TF Serving's PredictRequest for ``x``, in ``tensor_content`` (what ``inferd bench`` sends)."""
+    request = prediction_service_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    encode_tensor(request.inputs["input"], x.astype(np.float32))
+    return prediction_service_pb2.PredictRequest, request.SerializeToString()
+
+
+def v2_infer(x: np.ndarray) -> tuple[type[Any], bytes]:
+    """V2's ModelInferRequest for ``x``, in raw bytes (what tritonclient sends)."""
+    request = grpc_service_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype(np.float32).tobytes())
+    return grpc_service_pb2.ModelInferRequest, request.SerializeToString()
 
 
 def main() -> None:
