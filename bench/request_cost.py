@@ -6,7 +6,7 @@ sockets, no HTTP or gRPC server.
 Drives inferd's ASGI application (``Server.http_app``, the digits model over TF Serving JSON and V2
 JSON, one instance a request) with requests made in memory, and its gRPC servicers
 (``PredictionServicer.Predict``, ``InferenceServicer.ModelInfer``) with messages parsed from bytes
-and answers written back to bytes, as the gRPC port's threads do, one at a time (``c=1``) and
+and answers written back to bytes, as the gRPC server does, one at a time (``c=1``) and
 from 64 concurrent tasks (``c=64``), and prints the CPU per request (``time.process_time``: every
 thread of this process), the fastest of ``--rounds`` runs. Beside them, the floor: a bare ASGI
 function doing only orjson, numpy and onnxruntime on the same body. What is left between the two
@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -37,7 +37,6 @@ from bench import models
 from inferd._proto import grpc_service_pb2, prediction_service_pb2
 from inferd.config import ServerConfig
 from inferd.protocols import encode_tensor, tfserving_grpc, v2_grpc
-from inferd.protocols.grpc_port import LoopContext
 from inferd.protocols.http_connection import WATCH, RequestWatch
 from inferd.protocols.limits import RequestLimits
 from inferd.server import Server
@@ -45,7 +44,24 @@ from inferd.server import Server
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 Request = Callable[[], Awaitable[bool]]
 """One request, made afresh each time; whether it was answered as expected."""
-NO_DEADLINE = 1e18
+
+
+class CallContext:
+    """What inferd's servicers use of a gRPC call's context: no metadata, no deadline."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    async def abort(self, code: Any, details: str = "") -> NoReturn:
+        raise RuntimeError(f"the call failed: {code} {details}")
+
+
 CONCURRENCY = (1, 64)
 
 
@@ -83,7 +99,7 @@ def grpc_call(method: Callable[[Any, Any], Awaitable[Any]], message: type[Any], 
     """A servicer's call on a message parsed from ``raw``, its answer serialized."""
 
     async def request() -> bool:
-        reply = await method(message.FromString(raw), LoopContext((), NO_DEADLINE))
+        reply = await method(message.FromString(raw), CallContext())
         return bool(reply.SerializeToString())
 
     return request

@@ -732,11 +732,6 @@ class ServerConfig:
     grpc_socket_path: str = option(
         "also serve the gRPC API on this Unix socket (relative or absolute path)", default=""
     )
-    grpc_max_threads: int = option(
-        "threads that take gRPC calls, each until its call ends: the most calls served at once; "
-        "one more is refused with RESOURCE_EXHAUSTED",
-        default=256,
-    )
     grpc_channel_arguments: str = option(
         "comma-separated gRPC server arguments, e.g. grpc.max_connection_age_ms=2000", default=""
     )
@@ -794,6 +789,7 @@ INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {
     "use_alts_credentials": (bool, "Google ALTS is not supported; use --ssl_config_file for TLS"),
     "platform_config_file": (str, "runtimes are chosen by model_platform, inferd.toml or the model's files"),
     "per_process_gpu_memory_fraction": (float, "TensorFlow grows its GPU memory as models need it"),
+    "grpc_max_threads": (int, "the gRPC server runs on the event loop, not on a thread pool"),
     "remove_unused_fields_from_bundle_metagraph": (bool, "inferd keeps no MetaGraphDef after loading"),
     "num_tflite_pools": (int, "one LiteRT interpreter serves each TFLite version"),
     "num_tflite_interpreters_per_pool": (int, "one LiteRT interpreter serves each TFLite version"),

@@ -33,6 +33,7 @@ from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
     ServerConfig,
+    channel_arguments,
     read_batching_parameters_file,
     read_monitoring_config_file,
 )
@@ -69,12 +70,14 @@ from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
-from inferd.tls import abort_closed_connections, tls_settings
+from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 from inferd.tracing import TRACEPARENT, Tracing
 from inferd.worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
-    from inferd.protocols.grpc_port import GrpcPort
+    import grpc
+    from grpc_health.v1.health import aio as health_aio
+
     from inferd.workers import WorkerLink
 
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
@@ -420,8 +423,6 @@ class Server:
             WorkerMetrics(link.folder, link.number, self.metrics.exposition) if link is not None else None
         )
         self.connection_limits = ConnectionLimits.of(config)
-        if config.grpc_max_threads < 1:
-            raise ConfigError(f"--grpc_max_threads must be >= 1, got {config.grpc_max_threads}")
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
 
     def http_app(self, exposition: Callable[[], Awaitable[bytes]] | None = None) -> HttpApp:
@@ -491,11 +492,11 @@ class Server:
         positive = [p for p in periods if p > 0]
         return min(positive) if positive else 0.0
 
-    async def _drain(self, grpc_port: GrpcPort | None) -> None:
+    async def _drain(self, health: health_aio.HealthServicer | None) -> None:
         """Refuse new requests and report not ready, then wait for those in flight."""
         self.manager.drain()
-        if grpc_port is not None:
-            grpc_port.enter_graceful_shutdown()
+        if health is not None:
+            await health.enter_graceful_shutdown()
         timeout_s = self.config.drain_timeout_s
         log.info(
             "shutting down: waiting up to %.0f s for %d request(s) in flight",
@@ -556,14 +557,12 @@ class Server:
             http.config.load()
             http.config.ssl = self.tls.ssl_context()
         loop = asyncio.get_running_loop()
-        grpc_port: GrpcPort | None = None
+        grpc_server: grpc.aio.Server | None = None
+        health: health_aio.HealthServicer | None = None
         try:
             if self.config.port:
-                from inferd.protocols.grpc_port import GrpcPort
-
-                credentials = self.tls.grpc_credentials() if self.tls else None
-                grpc_port = GrpcPort(
-                    self.service, self.control, self.config, credentials, self.inflight, self.link is not None
+                grpc_server, health = await _start_grpc(
+                    self.service, self.control, self.config, self.tls, self.inflight, self.link is not None
                 )
             level, served = self.control.summary()
             log.log(
@@ -574,7 +573,7 @@ class Server:
                 self.config.host,
                 self.config.rest_api_port,
                 f" and gRPC{' (TLS)' if self.tls else ''} on {self.config.host}:{self.config.port}"
-                if grpc_port
+                if grpc_server
                 else "",
             )
 
@@ -586,7 +585,7 @@ class Server:
                     return
                 if poller:
                     poller.cancel()
-                draining.append(loop.create_task(self._drain(grpc_port)))
+                draining.append(loop.create_task(self._drain(health)))
                 draining[0].add_done_callback(lambda _: http.request_exit())
 
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -600,8 +599,8 @@ class Server:
                 task.cancel()
             if self.worker_metrics is not None:
                 await self.worker_metrics.close()
-            if grpc_port is not None:
-                await grpc_port.stop(ANSWER_GRACE_S)
+            if grpc_server is not None:
+                await grpc_server.stop(ANSWER_GRACE_S)
             if poller:
                 poller.cancel()
             sweeper.cancel()
@@ -622,6 +621,70 @@ class Server:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
+async def _start_grpc(
+    service: InferenceService,
+    control: ModelControl,
+    config: ServerConfig,
+    tls: TlsSettings | None,
+    inflight: InflightBytes,
+    reuse_port: bool = False,
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
+    """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
+    health service (every service SERVING until the drain) and server reflection, behind the
+    token check and the in-flight byte budget, with the connection and stream limits of
+    ``grpc_transport_options``; over TLS when ``tls`` is given. Health and reflection are
+    optional: when their package cannot be imported, one WARNING says so and the server runs
+    without it.
+
+    Raises:
+        ConfigError: the port cannot be bound.
+    """
+    import grpc
+
+    from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
+
+    access = grpc_status.AccessInterceptor(
+        Access(config.api_token, config.admin_token),
+        admin_methods=(*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS),
+        inflight=inflight,
+    )
+    options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections, reuse_port)
+    interceptors: list[grpc.aio.ServerInterceptor] = [access, grpc_status.DecodeInterceptor()]
+    if config.otel_endpoint:
+        from inferd.protocols.trace_context import TraceContextInterceptor
+
+        interceptors.append(TraceContextInterceptor())
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    limits = RequestLimits.of(config)
+    tfserving_grpc.add_to_server(
+        server,
+        service,
+        control,
+        config.max_request_bytes,
+        limits,
+        config.enable_serialization_as_tensor_content,
+    )
+    v2_grpc.add_to_server(server, service, control, limits)
+    services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
+    health_servicer, health_name = await _add_health(server, services)
+    _add_reflection(server, (*services, *health_name))
+    address = f"{config.host}:{config.port}"
+    try:
+        bound = (
+            server.add_secure_port(address, tls.grpc_credentials())
+            if tls
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
+    if config.grpc_socket_path:
+        _bind_unix_socket(server, config.grpc_socket_path)
+    await server.start()
+    return server, health_servicer
+
+
 _CORS_HEADERS = {
     "access-control-allow-origin": "*",
     "access-control-allow-methods": "POST, GET",
@@ -638,6 +701,72 @@ def _preflight(scope: Scope) -> tuple[int, dict[str, str], bytes]:
         return 200, {"content-type": "application/json"}, b""
     error = InvalidArgument("OPTIONS request without an http(s) Origin header; CORS preflight expects one")
     return json_error(error)
+
+
+def _bind_unix_socket(server: Any, path: str) -> None:
+    """Serve gRPC on the Unix socket ``path`` too (--grpc_socket_path), as TF Serving does:
+    without TLS (the socket's file permissions guard it), replacing a stale socket file.
+
+    Raises:
+        ConfigError: the path exists and is not a socket, or cannot be bound.
+    """
+    socket_file = Path(path).absolute()
+    if socket_file.is_socket():
+        socket_file.unlink()  # left by a server that did not stop cleanly
+    elif socket_file.exists():
+        raise ConfigError(f"--grpc_socket_path {path}: the path exists and is not a socket")
+    try:
+        bound = server.add_insecure_port(f"unix:{socket_file}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise ConfigError(f"cannot listen for gRPC on the Unix socket {path} (--grpc_socket_path)")
+
+
+def _optional_service_missing(what: str, package: str, exc: Exception) -> None:
+    log.warning(
+        "serving gRPC without %s: %s cannot be imported (%s: %s); its version may not match the "
+        "installed protobuf (see docs/grpc.md)",
+        what,
+        package,
+        type(exc).__name__,
+        exc,
+    )
+
+
+async def _add_health(
+    server: grpc.aio.Server, services: tuple[str, ...]
+) -> tuple[health_aio.HealthServicer | None, tuple[str, ...]]:
+    """Add the standard health service, every service SERVING; returns it and its service
+    name, or (None, ()) when grpcio-health-checking cannot be imported."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except Exception as exc:  # ImportError, or protobuf's VersionError for another protobuf's code
+        _optional_service_missing("the health service", "grpcio-health-checking", exc)
+        return None, ()
+    from inferd._proto import POOL
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in (health.OVERALL_HEALTH, *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Reflection answers from inferd's private pool, so it must also hold the health service's file.
+    POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return servicer, (health.SERVICE_NAME,)
+
+
+def _add_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Add server reflection for ``services`` and itself, unless grpcio-reflection cannot be
+    imported."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except Exception as exc:  # as in _add_health
+        _optional_service_missing("server reflection", "grpcio-reflection", exc)
+        return
+    from inferd._proto import POOL
+
+    POOL.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server, pool=POOL)
 
 
 def bind_rest_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -664,6 +793,38 @@ def bind_rest_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
         reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise ConfigError(f"cannot listen for REST on {host}:{port} (--rest_api_port); {reason}") from exc
     return sock
+
+
+GRPC_MAX_CONCURRENT_STREAMS = 128
+"""Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
+GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
+"""A gRPC connection with no call for this long is closed (GOAWAY; clients reconnect on their own)."""
+GRPC_MIN_PING_INTERVAL_MS = 10_000
+"""The shortest interval between a client's keep-alive pings that the server accepts."""
+GRPC_MAX_PING_STRIKES = 2
+"""Pings sent faster than that, without data, before the server closes the connection."""
+
+
+def grpc_transport_options(
+    config: ServerConfig, max_connections: int, reuse_port: bool = False
+) -> list[tuple[str, int | str]]:
+    """The gRPC core options that bound what one client can hold or make the server do:
+    message and metadata sizes, connections, streams per connection, idle connections and
+    keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
+    instead of sharing it; 1 (``reuse_port``) for the workers of ``--workers N``, whose
+    supervisor keeps other servers off the port."""
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_metadata_size", config.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.so_reuseport", int(reuse_port)),
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+        ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", GRPC_MAX_PING_STRIKES),
+        *channel_arguments(config.grpc_channel_arguments),  # --grpc_channel_arguments: later wins
+    ]
 
 
 def _http_server_class() -> type:

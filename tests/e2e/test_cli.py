@@ -46,14 +46,6 @@ def test_a_busy_port_fails_the_start_with_exit_2_before_claiming_to_serve(tmp_pa
     assert "Errno" not in done.stderr
 
 
-def test_grpc_max_threads_below_one_stops_the_server_with_the_flag_named(tmp_path: Path) -> None:
-    write_onnx_affine(tmp_path / "repo" / "affine" / "1", scale=2.0)
-    done = inferd("serve", str(tmp_path / "repo"), "--rest_api_port=0", "--grpc_max_threads=0")
-    assert done.returncode == 2, done.stderr
-    assert "inferd: --grpc_max_threads must be >= 1, got 0" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
 @pytest.mark.parametrize(
     ("argv", "command"),
     [

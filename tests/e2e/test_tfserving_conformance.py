@@ -91,7 +91,6 @@ IMPLEMENTED = {
     "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "ssl_config_file",
     "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup", "num_request_iterations_for_warmup",
     "monitoring_config_file", "prefer_tflite_model", "enable_serialization_as_tensor_content",
-    "grpc_max_threads",
 }  # fmt: skip
 """Flags that change what inferd does; every other one is accepted with one 'no effect' line."""
 

@@ -4,8 +4,7 @@ The adapters are ``tfserving_rest``, ``tfserving_grpc``, ``v2_rest`` and ``v2_gr
 describes the REST APIs. Beside them, each shared concern has a module named for its job:
 ``access`` (bearer tokens), ``codecs`` (tensor encodings, importable by clients without the
 server), ``limits`` (request size limits), ``v2`` (the V2 vocabulary), ``rest_status`` and
-``grpc_status`` (how a call ends), ``grpc_port`` (the gRPC server, its threads bridged to the
-event loop); an inference request is counted and timed by its
+``grpc_status`` (how a call ends); an inference request is counted and timed by its
 ``InferenceService.call``. This face only re-exports the names that need nothing of the server.
 """
 

@@ -1,5 +1,5 @@
-"""What both gRPC adapters share: the call context their servicers see, how a call ends, and the
-bearer token check in front of them.
+"""What both gRPC adapters share: how a call ends, and the gate in front of them (the bearer
+token, then the in-flight byte budget).
 
 An ``InferdError`` aborts the call with the gRPC code of the ``errors`` table and its message;
 anything else is logged with the request id and answered INTERNAL, with no internals.
@@ -9,43 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
-from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 
-from inferd.errors import InferdError
+from inferd.errors import InferdError, encodable
 from inferd.protocols.access import Access
+from inferd.protocols.limits import InflightBytes
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class Context(Protocol):
-    """What inferd's servicers use of a call, on the event loop: ``grpc_port``'s view of a
-    grpcio call, or ``inferd.ray.grpc_ingress``'s of a Serve call."""
-
-    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]:
-        """The call's metadata, keys in lower case."""
-
-    def time_remaining(self) -> float | None:
-        """Seconds left before the client's deadline; None without one."""
-
-    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
-        """Send ``metadata`` with the call's status."""
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        """End the call with ``code`` and ``details``: raises, the servicer's code stops here."""
-
-
-class Aborted(Exception):
-    """How a servicer's call ends with a status other than OK (see ``Context.abort``)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def deadline_of(context: Context) -> float | None:
@@ -91,41 +67,79 @@ def tell_version(context: Context, version: int | None) -> None:
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable for type checkers only
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """Checks the ``authorization`` metadata (``Bearer <token>``) of every call that needs it:
-    admin methods always, every method when an API token is set (see ``Access``). It runs on the
-    call's metadata, before its request message is read: a refused call ends without it, so a
-    large message without a token costs nothing."""
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """The gate in front of every call. It runs on the call's metadata, before its request
+    message is read, and:
 
-    def __init__(self, access: Access, admin_methods: Collection[str]) -> None:
+    - checks the ``authorization`` metadata (``Bearer <token>``) of every call that needs it
+      (admin methods always, every method when an API token is set; see ``Access``); a refused
+      call ends without its message being read, so a large message without a token costs
+      nothing;
+    - holds each unary call's request message in ``inflight`` from the moment it is received
+      (its size is known only then) until the call ends, and refuses it with UNAVAILABLE, before
+      it is parsed, when the budget cannot hold it.
+    """
+
+    def __init__(
+        self, access: Access, admin_methods: Collection[str], inflight: InflightBytes | None = None
+    ) -> None:
         self._access = access
         self._admin_methods = frozenset(admin_methods)
+        self._inflight = inflight
+        self._budgeted: dict[str, Handler] = {}  # method -> its handler under the budget
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        admin = handler_call_details.method in self._admin_methods
-        if handler is None or not (admin or self._access.api_token):
+        method = handler_call_details.method
+        admin = method in self._admin_methods
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if admin or self._access.api_token:
+            metadata = handler_call_details.invocation_metadata or ()
+            authorization = next((str(v) for k, v in metadata if k == "authorization"), None)
+            try:
+                self._access.check(authorization, admin)
+            except InferdError as error:
+                return _refusal(handler, error)
+        if self._inflight is None or handler.request_streaming or handler.response_streaming:
             return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        authorization = next((str(v) for k, v in metadata if k == "authorization"), None)
+        budgeted = self._budgeted.get(method)
+        if budgeted is None:
+            budgeted = self._budgeted[method] = _under_budget(handler, self._inflight)
+        return budgeted
+
+
+def _under_budget(handler: Handler, inflight: InflightBytes) -> Handler:
+    """``handler`` (unary-unary) taking its request as received bytes: they are held in
+    ``inflight`` until the call ends, and parsed only once held."""
+    parse = handler.request_deserializer
+    behavior = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
+
+    async def held(raw: bytes, context: Context) -> Any:
+        reservation = inflight.reservation()
         try:
-            self._access.check(authorization, admin)
-        except InferdError as error:
-            log.debug("gRPC call to %s refused: %s", handler_call_details.method, error.message)
-            return _refusal(handler, error)
-        return handler
+            try:
+                reservation.grow_to(len(raw))
+            except InferdError as error:
+                await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
+            request = parse(raw) if parse else raw
+            return await behavior(request, context)
+        finally:
+            reservation.release()
+
+    return grpc.unary_unary_rpc_method_handler(held, None, handler.response_serializer)
 
 
 def _refusal(handler: Handler, error: InferdError) -> Handler:
     """A handler that ends the call with ``error``'s status without reading its request message:
     it is declared request-streaming, which on the wire is the same call."""
 
-    def refuse(requests: Any, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
+    async def refuse(requests: Any, context: Context) -> None:
+        await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
 
     make = (
         grpc.stream_stream_rpc_method_handler
@@ -133,3 +147,45 @@ def _refusal(handler: Handler, error: InferdError) -> Handler:
         else grpc.stream_unary_rpc_method_handler
     )
     return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a unary request that does not parse (e.g. a string field holding bytes that are not
+    UTF-8, such as an encoded lone surrogate) with INVALID_ARGUMENT, instead of the UNKNOWN and
+    the logged traceback that grpc gives when a request deserializer raises. The guarded handler
+    of each method is made once."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}  # method -> (handler, guarded)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        method = handler_call_details.method
+        made = self._guarded.get(method)
+        if made is None or made[0] is not handler:
+            made = self._guarded[method] = (handler, _guarded(method, handler))
+        return made[1]
+
+
+def _guarded(method: str, handler: Handler) -> Handler:
+    """``handler`` (unary-unary) parsing its request itself, answering INVALID_ARGUMENT when the
+    message does not parse."""
+    parse, behaviour = handler.request_deserializer, handler.unary_unary
+    if parse is None or behaviour is None:
+        return handler
+
+    async def guarded(data: bytes, context: Context) -> Any:
+        try:
+            request = parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a subclass of it
+            message = f"the request is not a valid {method} message: {exc}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
+        return await behaviour(request, context)  # type: ignore[arg-type]  # stubs name sync contexts
+
+    return grpc.unary_unary_rpc_method_handler(guarded, None, handler.response_serializer)

@@ -7,7 +7,6 @@ shape exists, so a tiny request that declares a huge tensor (a "zip bomb") costs
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,8 +127,7 @@ class InflightBytes:
     ``Content-Length`` before they are read) and gRPC request messages (from their size once
     received, before they are parsed), released when the request ends however it ends.
 
-    Thread-safe: gRPC calls take and give back their bytes on the gRPC server's threads.
-    ``limit`` 0 means no budget.
+    Used on the event loop only (not thread-safe). ``limit`` 0 means no budget.
     """
 
     def __init__(self, limit: int, max_request_bytes: int) -> None:
@@ -144,24 +142,18 @@ class InflightBytes:
             )
         self.limit = limit
         self.held = 0
-        self._lock = threading.Lock()
 
     def reservation(self) -> Reservation:
         """A reservation of 0 bytes for one request, to grow as its size becomes known."""
         return Reservation(self)
 
     def _take(self, size: int) -> None:
-        with self._lock:
-            if self.limit and self.held + size > self.limit:
-                raise Unavailable(
-                    f"the server holds {self.held} bytes of requests in flight; {size} more would "
-                    f"pass the limit of {self.limit} bytes (--max_inflight_bytes); retry"
-                )
-            self.held += size
-
-    def _give(self, size: int) -> None:
-        with self._lock:
-            self.held -= size
+        if self.limit and self.held + size > self.limit:
+            raise Unavailable(
+                f"the server holds {self.held} bytes of requests in flight; {size} more would pass "
+                f"the limit of {self.limit} bytes (--max_inflight_bytes); retry"
+            )
+        self.held += size
 
 
 class Reservation:
@@ -186,9 +178,8 @@ class Reservation:
 
     def release(self) -> None:
         """Give back everything held."""
-        if self.held:
-            self._budget._give(self.held)
-            self.held = 0
+        self._budget.held -= self.held
+        self.held = 0
 
 
 def _brief(shape: Sequence[int]) -> str:

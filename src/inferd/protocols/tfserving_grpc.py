@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
+import grpc
 import numpy as np
 
 from inferd._proto import model_service_pb2 as ms
@@ -416,3 +417,20 @@ def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, 
         )
     for value in values.reshape(count).tolist():
         result.regressions.add(value=value)
+
+
+def add_to_server(
+    server: grpc.aio.Server,
+    service: InferenceService,
+    control: ModelControl,
+    max_tensor_bytes: int,
+    limits: RequestLimits,
+    tensor_content: bool = False,
+) -> None:
+    """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
+    ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        PredictionServicer(service, max_tensor_bytes, limits, tensor_content), server
+    )
+    ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ModelServicer(service, control), server
+    )

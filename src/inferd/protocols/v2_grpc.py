@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -296,3 +297,15 @@ def _from_contents(
     if (problem := integer_range_error(name, wide, dtype)) is not None:
         raise InvalidArgument(f"{problem} (in {field})")
     return wide.astype(dtype, copy=False)
+
+
+def add_to_server(
+    server: grpc.aio.Server,
+    service: InferenceService,
+    control: ModelControl,
+    limits: RequestLimits,
+) -> None:
+    """Serve GRPCInferenceService on ``server``."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(service, control, limits), server
+    )

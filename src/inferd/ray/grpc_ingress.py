@@ -41,7 +41,6 @@ from inferd._proto import grpc_service_pb2, model_service_pb2, prediction_servic
 from inferd.errors import InferdError, encodable
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.access import Access
-from inferd.protocols.grpc_status import Aborted
 from inferd.protocols.limits import RequestLimits
 from inferd.server import Server
 
@@ -168,8 +167,12 @@ def record_deadlines() -> None:
     RayServegRPCContext.__init__ = init  # type: ignore[method-assign]
 
 
+class _Aborted(Exception):
+    """Raised by ``_Context.abort`` to end a servicer's call; its status is on Serve's context."""
+
+
 class _Context:
-    """inferd's servicers' ``Context`` over Serve's context: ``abort`` sets the status on it too."""
+    """The part of ``grpc.aio.ServicerContext`` inferd's servicers use, over Serve's context."""
 
     def __init__(self, serve_context: Any) -> None:
         self._serve = serve_context
@@ -188,7 +191,7 @@ class _Context:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         self._serve.set_code(code)
         self._serve.set_details(details)
-        raise Aborted(code, details)
+        raise _Aborted(details)
 
 
 class GrpcIngress:
@@ -267,7 +270,7 @@ class GrpcIngress:
             except InferdError as error:
                 await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
             return await servicer_method(request, context), True
-        except Aborted:
+        except _Aborted:
             return reply_type(), False
         finally:
             reservation.release()
