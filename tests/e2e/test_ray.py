@@ -359,18 +359,26 @@ def test_a_new_version_goes_live_under_traffic_without_a_failed_request(deployed
 def test_scaling_one_two_one_under_load_loses_nothing(deployed: Deployment) -> None:
     first = deployed.cluster.local.replica_pids()
     assert len(first) == 1
-    with Traffic(deployed.url) as traffic:
+    with ExitStack() as clients:  # several kept-alive connections, spread over both replicas
+        traffic = [clients.enter_context(Traffic(deployed.url)) for _ in range(4)]
         deployed.deploy("--num_replicas=2")
         _wait(lambda: len(deployed.cluster.local.replica_pids()) == 2, "a second replica process")
         _wait(lambda: deployed.replicas_running() == 2, "two replicas running")
         # Only the scaling flags changed: Serve adds a replica and keeps the running one.
         assert first[0] in deployed.cluster.local.replica_pids()
+        removing = time.monotonic()
         deployed.deploy("--num_replicas=1")
         _wait(lambda: len(deployed.cluster.local.replica_pids()) == 1, "the second replica to drain and exit")
-        answered = len(traffic.answers)
-        _wait(lambda: len(traffic.answers) > answered + 5, "answers after scaling down")
-    assert not traffic.failures
-    assert {status for status, _ in traffic.answers} == {200}
+        # A removed replica stays reachable for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (5 s
+        # here, Serve's default 30 s), then refuses connections and exits once its requests end.
+        assert time.monotonic() - removing < 25
+        answered = [len(client.answers) for client in traffic]
+        _wait(
+            lambda: all(len(c.answers) > n + 5 for c, n in zip(traffic, answered, strict=True)),
+            "answers after scaling down",
+        )
+    assert not [failure for client in traffic for failure in client.failures]
+    assert {status for client in traffic for status, _ in client.answers} == {200}
 
 
 def test_autoscaling_follows_the_requests_inferd_has_in_flight(deployed: Deployment) -> None:

@@ -40,6 +40,12 @@ PROXY_ENV = {
     # that parses it into Serve's HTTP metrics: about 0.12 ms of CPU per request (measured with
     # bench/ray.py, one replica on 2 cores). inferd's own /metrics counts every request.
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # A replica being removed stays reachable this long before it refuses new connections (Serve's
+    # default: 30 s, meant for external load balancers). Serve's own HAProxy drops the replica from
+    # its configuration within about a second of the controller's decision, and HAProxy retries a
+    # refused connection on another replica; so scaling down frees the replica's memory and CPU in
+    # seconds. Serve raises graceful_shutdown_timeout_s to at least this plus 5 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Requests queued in front of the replicas (scaling up from zero) reach Serve's autoscaler
     # every second instead of every 10 s.
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
