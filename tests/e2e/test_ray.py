@@ -397,6 +397,21 @@ def test_autoscaling_follows_the_requests_inferd_has_in_flight(deployed: Deploym
     assert {status for client in traffic for status, _ in client.answers} == {200}
 
 
+def test_autoscaling_follows_a_busy_event_loop_when_no_request_waits(deployed: Deployment) -> None:
+    # A fast model's requests are computed on the replica's event loop as they arrive: inferd's
+    # in-flight count stays near 0 while the loop fills (the queue is in sockets and HAProxy).
+    # With a target no count reaches, only the loop's utilization can add the replica.
+    scaling = ("--min_replicas=1", "--max_replicas=2", "--target_ongoing_requests=1000")
+    deployed.deploy(*scaling, "--target_loop_utilization=0.2", "--upscale_delay_s=1")
+    _wait(lambda: deployed.replicas_running() == 1, "one replica")
+    with ExitStack() as clients:
+        traffic = [clients.enter_context(Traffic(deployed.url)) for _ in range(4)]
+        _wait(lambda: deployed.replicas_running() == 2, "a second replica while the loop is busy")
+    _wait(lambda: len(deployed.cluster.local.replica_pids()) == 1, "the second replica to go once idle")
+    assert not [failure for client in traffic for failure in client.failures]
+    assert {status for client in traffic for status, _ in client.answers} == {200}
+
+
 def test_scaled_to_zero_a_prediction_waits_a_bounded_time_and_still_starts_a_replica(
     deployed: Deployment,
 ) -> None:

@@ -3,13 +3,16 @@ Serve's deployment options, reacting in seconds."""
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from inferd.cli import main
 from inferd.config import ServerConfig, read_model_settings
-from inferd.ray.deployment import IN_FLIGHT, Scaling, code_version, scaling_file
+from inferd.ray.deployment import IN_FLIGHT, LOOP_UTILIZATION, Scaling, code_version, scaling_file
 from tests.s3_server import S3Server, s3_server
 
 __all__ = ["s3_server"]
@@ -51,6 +54,8 @@ def test_the_code_version_changes_with_every_serve_setting_tokens_included() -> 
         ("--max_replicas=0", "--max_replicas must be"),
         ("--min_replicas=-1", "--min_replicas must be"),
         ("--target_ongoing_requests=0", "--target_ongoing_requests must be"),
+        ("--target_loop_utilization=0", "--target_loop_utilization must be > 0 and <= 1"),
+        ("--target_loop_utilization=1.5", "--target_loop_utilization must be > 0 and <= 1"),
         ("--upscale_delay_s=-2", "--upscale_delay_s must be"),
     ],
 )
@@ -61,16 +66,17 @@ def test_a_bad_scaling_flag_exits_2_naming_it(
     assert said in capsys.readouterr().err
 
 
-def test_the_autoscaling_policy_scales_on_the_requests_inferd_has_in_flight() -> None:
+def test_the_autoscaling_policy_scales_on_requests_in_flight_and_on_loop_utilization() -> None:
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
     from ray.serve._private.common import DeploymentID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
     options = Scaling(min_replicas=1, max_replicas=8, target_ongoing_requests=4).options()
     config = AutoscalingConfig(**options["autoscaling_config"])
     config.policy.serialize_policy()  # as Serve does: the import path must resolve
-    policy = config.policy.get_policy()
+    policy = _resolve_policy_callable(config.policy)  # Serve's own: a class is built with policy_kwargs
 
-    def decide(replicas: int, inferd: list[float], serve: float) -> float:
+    def decide(replicas: int, inferd: list[float], serve: float, loop: list[float] | None = None) -> float:
         context = AutoscalingContext(
             deployment_id=DeploymentID(name="inferd", app_name="inferd"),
             deployment_name="inferd",
@@ -80,7 +86,10 @@ def test_the_autoscaling_policy_scales_on_the_requests_inferd_has_in_flight() ->
             running_replicas=[],
             total_num_requests=serve,
             total_queued_requests=0,
-            aggregated_metrics={IN_FLIGHT: dict(enumerate(inferd))},
+            aggregated_metrics={
+                IN_FLIGHT: dict(enumerate(inferd)),
+                LOOP_UTILIZATION: dict(enumerate(loop or [0.0] * replicas)),
+            },
             raw_metrics={},
             capacity_adjusted_min_replicas=1,
             capacity_adjusted_max_replicas=8,
@@ -96,6 +105,28 @@ def test_the_autoscaling_policy_scales_on_the_requests_inferd_has_in_flight() ->
     assert decide(2, [6.0, 10.0], 0.0) == 4  # behind HAProxy only inferd counts its requests
     assert decide(2, [1.0, 1.0], 12.0) == 3  # requests queued in front of the replicas count too
     assert decide(3, [0.0, 0.0, 0.0], 0.0) == 0  # idle: Serve's bounds keep min_replicas
+    # A fast model saturates the event loop while inferd's count stays near 0 (default target 0.7).
+    assert math.ceil(decide(1, [0.2], 0.0, [0.95])) == 2
+    assert math.ceil(decide(2, [0.1, 0.1], 0.0, [0.45, 0.45])) == 2  # one replica would be at 0.9
+    assert math.ceil(decide(2, [0.1, 0.1], 0.0, [0.3, 0.3])) == 1
+    assert decide(2, [0.0, 0.0], 0.0, [0.05, 0.08]) == 0  # housekeeping is not load: down to zero
+
+
+def test_loop_utilization_is_the_measured_threads_cpu_share() -> None:
+    from inferd.ray.replica import LoopUtilization
+
+    utilization = LoopUtilization()
+    time.sleep(0.2)
+    assert utilization.read() < 0.2  # asleep: next to no CPU
+    spent = time.thread_time() + 0.05
+    while time.thread_time() < spent:
+        pass
+    assert utilization.read() > 0.2  # all CPU, unless the machine starves this thread
+    answers: list[float] = []
+    other = threading.Thread(target=lambda: answers.append(utilization.read()))
+    other.start()
+    other.join()
+    assert answers == [0.0]  # another thread's clock cannot be compared; it is measured from now
 
 
 def _settings(folder: Path, text: str) -> Path:

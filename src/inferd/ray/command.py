@@ -51,6 +51,11 @@ def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]
         type=float,
         help="requests in flight per replica the autoscaler aims at (default: 8)",
     )
+    add(
+        "--target_loop_utilization",
+        type=float,
+        help="share of each replica's event-loop thread busy (0-1] the autoscaler aims at (default: 0.7)",
+    )
     add("--upscale_delay_s", type=float, help="seconds of overload before adding replicas (default: 2)")
     add("--downscale_delay_s", type=float, help="seconds of slack before removing replicas (default: 10)")
     add(

@@ -87,13 +87,16 @@ another)."""
 class Scaling:
     """How many replicas run. ``num_replicas`` fixes the count; otherwise Serve's autoscaler keeps
     ``target_ongoing_requests`` in flight per replica (inferd's in-flight requests, queued rows
-    included while they wait for a batch) between ``min_replicas`` and ``max_replicas``, reacting
-    after ``upscale_delay_s`` / ``downscale_delay_s`` seconds (Serve's defaults: 30 s and 600 s)."""
+    included while they wait for a batch) and each replica's event-loop thread at most
+    ``target_loop_utilization`` busy (``ScaleOnLoad``), between ``min_replicas`` and
+    ``max_replicas``, reacting after ``upscale_delay_s`` / ``downscale_delay_s`` seconds (Serve's
+    defaults: 30 s and 600 s)."""
 
     num_replicas: int = 0
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 8.0
+    target_loop_utilization: float = 0.7
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 10.0
     graceful_shutdown_timeout_s: float = 30.0
@@ -114,6 +117,10 @@ class Scaling:
         if self.target_ongoing_requests <= 0:
             raise ConfigError(
                 f"{where}target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
+            )
+        if not 0 < self.target_loop_utilization <= 1:
+            raise ConfigError(
+                f"{where}target_loop_utilization must be > 0 and <= 1, got {self.target_loop_utilization}"
             )
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s", "num_cpus"):
             if getattr(self, name) < 0:
@@ -141,7 +148,10 @@ class Scaling:
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
                 "look_back_period_s": 2.0,
-                "policy": {"policy_function": f"{__name__}:{scale_on_in_flight.__name__}"},
+                "policy": {
+                    "policy_function": f"{__name__}:{ScaleOnLoad.__name__}",
+                    "policy_kwargs": {"target_loop_utilization": self.target_loop_utilization},
+                },
             }
         return options
 
@@ -224,21 +234,46 @@ def _remote_text(uri: str) -> str:
 
 
 IN_FLIGHT = "inferd_in_flight"
-"""The replicas' autoscaling metric: inferd's requests in flight, from
+"""A replicas' autoscaling metric: inferd's requests in flight, from
 ``InferdReplica.record_autoscaling_stats``."""
 
+LOOP_UTILIZATION = "inferd_loop_utilization"
+"""A replicas' autoscaling metric: the share of wall time (0 to 1) its event-loop thread spent on
+the CPU, from ``InferdReplica.record_autoscaling_stats``."""
 
-def scale_on_in_flight(context: Any) -> tuple[float, dict[str, Any]]:
+IDLE_UTILIZATION = 0.1
+"""A replica's loop utilization below this is its own housekeeping (Serve's reports and health
+checks, inferd's repository polls), not load: it counts as 0, so that idle replicas can scale to
+``min_replicas``, zero included."""
+
+
+class ScaleOnLoad:
     """Serve's autoscaling policy for inferd (Serve applies the replica bounds, delays and factors
-    around it): as many replicas as the requests in flight need at ``target_ongoing_requests``
-    each. In flight is the larger of inferd's own count (summed over the replicas, averaged over
-    the look-back period), which sees every request, and Serve's, which also sees requests still
-    queued in front of the replicas (the Python proxy's, or while scaling up from zero)."""
-    if context.current_num_replicas == 0:
-        return context.target_num_replicas, {}
-    inferd = sum((context.aggregated_metrics or {}).get(IN_FLIGHT, {}).values())
-    in_flight = max(inferd, context.total_num_requests)
-    return in_flight / context.config.get_target_ongoing_requests(), {}
+    around it): as many replicas as the larger of two needs.
+
+    - Requests in flight at ``target_ongoing_requests`` each. In flight is the larger of inferd's
+      own count (summed over the replicas, averaged over the look-back period), which sees every
+      request, and Serve's, which also sees requests still queued in front of the replicas (the
+      Python proxy's, or while scaling up from zero). This is the signal for models that take
+      time: their requests wait in inferd, for a batch or a thread.
+    - Event-loop utilization at ``target_loop_utilization`` each (summed over the replicas). A
+      fast model's requests are parsed, computed and answered on the loop one after another, so
+      inferd's count stays near 0 while the loop saturates and the queue grows in sockets and in
+      HAProxy, where no count sees it; the loop's busy share does.
+    """
+
+    def __init__(self, target_loop_utilization: float) -> None:
+        self._target_loop_utilization = target_loop_utilization
+
+    def __call__(self, context: Any) -> tuple[float, dict[str, Any]]:
+        if context.current_num_replicas == 0:
+            return context.target_num_replicas, {}
+        metrics = context.aggregated_metrics or {}
+        in_flight = max(sum(metrics.get(IN_FLIGHT, {}).values()), context.total_num_requests)
+        busy = sum(u for u in metrics.get(LOOP_UTILIZATION, {}).values() if u >= IDLE_UTILIZATION)
+        return max(
+            in_flight / context.config.get_target_ongoing_requests(), busy / self._target_loop_utilization
+        ), {}
 
 
 def application(config: ServerConfig, scaling: Scaling) -> Any:

@@ -11,7 +11,7 @@ Serve installs this as an HTTP middleware (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPOR
 the replicas' environment by ``deployment.REPLICA_ENV``). Serve's own routes (``/-/healthz``,
 ``/-/routes``), non-HTTP scopes, and requests that arrive before the replica is built or once
 inferd's destructor has begun still go through Serve. Serve's autoscaler no longer sees the
-others as ongoing, so it scales on inferd's own count instead (``deployment.scale_on_in_flight``).
+others as ongoing, so it scales on inferd's own signals instead (``deployment.ScaleOnLoad``).
 
 The same middleware runs in Serve's proxies (``deployment.PROXY_ENV``), where it bounds how long
 a request waits while no replica runs (``cold_start``).

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 
 from ray import serve
 
@@ -24,7 +26,7 @@ from inferd.config import ServerConfig
 from inferd.ray import ingress
 from inferd.ray.admin_log import Follower
 from inferd.ray.cluster_metrics import ClusterMetrics, deployment_handle
-from inferd.ray.deployment import APP_NAME, IN_FLIGHT
+from inferd.ray.deployment import APP_NAME, IN_FLIGHT, LOOP_UTILIZATION
 from inferd.ray.grpc_ingress import GrpcMethods, record_deadlines
 from inferd.ray.multiplexing import Announcer
 from inferd.server import Server
@@ -64,6 +66,7 @@ class InferdReplica(GrpcMethods):
         self._sweeper = asyncio.create_task(self._unload_idle())
         self._announcing = asyncio.create_task(self._announcer.run())
         ingress.serve_directly(self._admin)  # HTTP requests skip Serve's per-request wrapping
+        self._loop_utilization = LoopUtilization()  # from here: loading the models is not load
         level, served = control.summary()
         log.log(level, "replica %s: %s", _replica_id(), served)
 
@@ -88,8 +91,12 @@ class InferdReplica(GrpcMethods):
         return self._metrics.own()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics: inferd's requests in flight, over both APIs."""
-        return {IN_FLIGHT: float(self._server.metrics.in_flight)}
+        """Serve's custom autoscaling metrics (``deployment.ScaleOnLoad``): inferd's requests in
+        flight, over both APIs, and the event loop's utilization since the previous call."""
+        return {
+            IN_FLIGHT: float(self._server.metrics.in_flight),
+            LOOP_UTILIZATION: self._loop_utilization.read(),
+        }
 
     async def __del__(self) -> None:
         """Serve calls this after it stopped routing here and waited for the replica's requests
@@ -107,6 +114,26 @@ class InferdReplica(GrpcMethods):
             await server.manager.drained(server.config.drain_timeout_s)
         finally:
             await server.close()
+
+
+class LoopUtilization:
+    """The share of wall time that a thread (the replica's event loop: Serve runs the replica's
+    code, its HTTP server and inferd on one loop) spent on the CPU between two ``read`` calls made
+    on it; 0 to 1. A saturated loop reads below 1 only while it waits for its core (shared with
+    other processes) or for the GIL."""
+
+    def __init__(self) -> None:
+        self._thread = threading.get_ident()
+        self._cpu_s = time.thread_time()
+        self._wall_s = time.monotonic()
+
+    def read(self) -> float:
+        """The utilization since the previous call (0.0 for a call made on another thread, which
+        becomes the thread measured)."""
+        cpu_s, wall_s, thread = time.thread_time(), time.monotonic(), threading.get_ident()
+        share = (cpu_s - self._cpu_s) / max(wall_s - self._wall_s, 1e-6) if thread == self._thread else 0.0
+        self._cpu_s, self._wall_s, self._thread = cpu_s, wall_s, thread
+        return min(max(share, 0.0), 1.0)
 
 
 def _replica_id() -> str:
