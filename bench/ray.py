@@ -7,8 +7,12 @@ ingress and behind its Python proxy, each on a fresh two-node local Ray cluster,
 replica has answered and ``--settle_s`` more seconds have passed (Ray's agents and Serve's first
 reports take CPU for a few seconds after a deployment, on the cores the replica uses). For each proxy
 it also times scaling 1 -> 2 replicas (the deploy command until both replicas run) and 2 -> 1
-(until the removed replica's process is gone), and measures the two replicas at
-``--curve_concurrency`` (the replica-count curve: 1 and 2 replicas on the cluster's two nodes).
+(until the removed replica's process is gone), measures the two replicas at
+``--curve_concurrency`` (the replica-count curve: 1 and 2 replicas on the cluster's two nodes),
+and times Serve's autoscaler on inferd's in-flight count (``--min_replicas=1 --max_replicas=2``,
+the other scaling flags at their defaults): from the start of ``--autoscale_s`` seconds of load at
+concurrency 64 until a second replica's process exists and until Serve counts it RUNNING, then
+from the end of the load until the second replica's process is gone.
 Prints a Markdown table; ``--json`` keeps the raw numbers.
 
     .venv/bin/python -m bench.ray --duration 5
@@ -22,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.models import instances, repository_of
 from tests.inferd_process import free_port
-from tests.ray_cluster import start_cluster
+from tests.ray_cluster import LocalCluster, start_cluster
 
 PY = sys.executable
 
@@ -92,16 +97,25 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
         "--detach",
     ]
 
-    def deploy(replicas: int) -> None:
+    def deploy(*scaling: str) -> None:
         subprocess.run(
-            [PY, "-m", "inferd", "ray", "serve", *flags, f"--num_replicas={replicas}"],
+            [PY, "-m", "inferd", "ray", "serve", *flags, *scaling],
             env=cluster.env,
             check=True,
             capture_output=True,
         )
 
+    def replicas(n: int, timeout_s: float = 300) -> float:
+        """Seconds until the cluster has ``n`` replica processes."""
+        start = time.monotonic()
+        while len(cluster.replica_pids()) != n:
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"{n} replica processes never ran")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
     try:
-        deploy(1)
+        deploy("--num_replicas=1")
         wait_http(url)
         time.sleep(args.settle_s)  # Ray's own start-up work (agents, Serve's first reports) ends
         steps = bench(url, payload, args.concurrency, args.duration)
@@ -115,21 +129,53 @@ def on_ray(proxy: str, repo: Path, payload: Path, args: argparse.Namespace, tmp:
                 time.sleep(0.5)
             args.hold.unlink()
         start = time.monotonic()
-        deploy(2)
-        while len(cluster.replica_pids()) < 2:
-            time.sleep(0.1)
+        deploy("--num_replicas=2")
+        replicas(2)
         up_s = time.monotonic() - start
         wait_running(cluster.env, cluster.address, 2)
         time.sleep(args.settle_s)
         two = bench(url, payload, args.curve_concurrency, args.duration)
         start = time.monotonic()
-        deploy(1)
-        while len(cluster.replica_pids()) > 1:
-            time.sleep(0.1)
+        deploy("--num_replicas=1")
+        replicas(1)
         down_s = time.monotonic() - start
-        return {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s, "two_replicas": two}
+        result = {"steps": steps, "scale_up_s": up_s, "scale_down_s": down_s, "two_replicas": two}
+        if args.autoscale_s:
+            result["autoscale"] = autoscale(cluster, deploy, replicas, url, payload, args.autoscale_s)
+        return result
     finally:
         cluster.stop()
+
+
+def autoscale(
+    cluster: LocalCluster,
+    deploy: Callable[..., None],
+    replicas: Callable[[int], float],
+    url: str,
+    payload: Path,
+    load_s: float,
+) -> dict[str, float]:
+    """Seconds Serve's autoscaler took, on inferd's count, to add a replica under load at
+    concurrency 64 (to its process; to RUNNING) and to remove it once the load ended."""
+    deploy("--min_replicas=1", "--max_replicas=2")
+    wait_running(cluster.env, cluster.address, 1)
+    load = subprocess.Popen(
+        [
+            *(PY, "-m", "inferd", "bench", url, "--model", "digits", "--payload", str(payload)),
+            *("--concurrency", "64", "--duration", str(load_s), "--warmup", "0", "--json", "-"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    start = time.monotonic()
+    process_s = replicas(2)
+    wait_running(cluster.env, cluster.address, 2)
+    running_s = time.monotonic() - start
+    out, _ = load.communicate()
+    if load.returncode or running_s > load_s:
+        raise RuntimeError(f"no second replica ran within the {load_s} s of load (status {load.returncode})")
+    errors = sum(json.loads(out)["steps"][0]["errors"].values())
+    return {"up_process_s": process_s, "up_running_s": running_s, "down_s": replicas(1), "errors": errors}
 
 
 def main() -> None:
@@ -153,6 +199,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--proxies", default="haproxy,python", help="Serve ingresses to measure, comma-separated"
+    )
+    parser.add_argument(
+        "--autoscale_s",
+        type=float,
+        default=40.0,
+        help="seconds of load for the autoscaling measurement (0: skip it)",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as scratch:
@@ -212,6 +264,13 @@ def main() -> None:
             print(
                 f"\n{name}: scale 1 -> 2 in {result['scale_up_s']:.1f} s, "
                 f"2 -> 1 in {result['scale_down_s']:.1f} s"
+            )
+        if "autoscale" in result:
+            auto = result["autoscale"]
+            print(
+                f"\n{name}: autoscaling under load, a second replica's process after "
+                f"{auto['up_process_s']:.1f} s, RUNNING after {auto['up_running_s']:.1f} s; "
+                f"gone {auto['down_s']:.1f} s after the load; {auto['errors']} errors"
             )
 
 
