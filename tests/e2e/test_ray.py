@@ -40,6 +40,7 @@ from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import ROW_AWARE_SIGNATURE, slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
 from tests.ray_cluster import LocalCluster, start_cluster
+from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -60,12 +61,13 @@ def _ports(n: int) -> list[int]:
 @dataclass
 class Cluster:
     """A head and a worker node started with ``ray start`` (``tests.ray_cluster``); ``env`` is
-    what both run with."""
+    what both run with, credentials for the S3 server ``s3`` included."""
 
     address: str
     env: dict[str, str]
     log_dir: Path
     local: LocalCluster
+    s3: S3Server
 
     def inferd(self, *args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -87,11 +89,16 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("ray")
-    local = start_cluster(log_dir, extra_env={WAIT_ENV: str(COLD_WAIT_S)})
+    s3 = S3Server(tmp_path_factory.mktemp("s3"))
+    s3.start()
     try:
-        yield Cluster(local.address, local.env, log_dir, local)
+        local = start_cluster(log_dir, extra_env={WAIT_ENV: str(COLD_WAIT_S), **s3.env()})
+        try:
+            yield Cluster(local.address, local.env, log_dir, local, s3)
+        finally:
+            local.stop()
     finally:
-        local.stop()
+        s3.stop()
 
 
 @dataclass
@@ -636,6 +643,69 @@ def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster,
     )
     assert failing.returncode == 2
     assert "--outputs: signature 'serving_default' has no output(s) ['z']" in failing.stderr
+
+
+SLOW_MODEL = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import time
+    time.sleep(0.02)
+    return {"y": inputs["x"] * 2 + 1}
+"""
+
+
+def _csv(path: Path, rows: int) -> Path:
+    path.write_text("id,a,b\n" + "".join(f"{i * 10},{i},{i / 2}\n" for i in range(rows)))
+    return path
+
+
+def test_batch_on_ray_data_reads_and_writes_s3_and_resumes_after_a_kill(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    model = tmp_path / "slow"
+    write_python_model(model / "1", SLOW_MODEL)
+    common = ("--id-column=id", "--memory-budget-mb=0.5", "--batch-size=64")
+    on_ray = ("--engine=ray", f"--address={cluster.address}", "--actors=2")
+
+    # Model, input and output in a bucket: each actor reads the model from it itself.
+    client = cluster.s3.client()
+    client.create_bucket(Bucket="batch")
+    cluster.s3.upload_folder(model, "batch", "models/slow")
+    client.upload_file(str(_csv(tmp_path / "small.csv", 3000)), "batch", "in/small.csv")
+    remote = ("s3://batch/models/slow", "s3://batch/in/small.csv")
+    local = _batch(*remote, "s3://batch/out/local.csv", *common, env=cluster.env)
+    assert local.returncode == 0, local.stderr[-4000:]
+    ray = _batch(*remote, "s3://batch/out/ray.csv", *common, *on_ray, env=cluster.env)
+    assert ray.returncode == 0, ray.stderr[-4000:]
+    objects = [client.get_object(Bucket="batch", Key=f"out/{n}.csv")["Body"].read() for n in ("local", "ray")]
+    assert objects[0] == objects[1]
+    assert objects[0].count(b"\n") == 3001
+
+    # Killed while Ray Data scores, then resumed on Ray: no chunk redone, none lost.
+    args = (model, _csv(tmp_path / "in.csv", 20_000), tmp_path / "out.csv", *common)
+    started = subprocess.Popen(
+        [sys.executable, "-m", "inferd", "batch", *map(str, args), *on_ray, "--progress=none"],
+        env=cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    parts = tmp_path / "out.csv.partial"
+    _wait(lambda: len(list(parts.glob("part-*"))) >= 3 or started.poll() is not None, "three finished chunks")
+    started.kill()
+    started.wait()
+    assert not (tmp_path / "out.csv").exists(), "the job ended before it was killed"
+    finished = len(list(parts.glob("part-*")))
+    summary = tmp_path / "summary.json"
+    resumed = _batch(*args, *on_ray, "--resume", f"--summary-json={summary}", env=cluster.env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    stats = json.loads(summary.read_text())
+    assert stats["resumed_rows"] >= finished * stats["chunk_rows"]
+    assert stats["rows"] + stats["resumed_rows"] == 20_000
+    whole = _batch(*args[:2], tmp_path / "whole.csv", *common)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
 def _replica_urls(cluster: Cluster) -> list[str]:
