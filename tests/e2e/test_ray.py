@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import requests
 import tritonclient.grpc as triton
@@ -37,6 +38,8 @@ from tritonclient.utils import InferenceServerException
 
 from inferd.ray.cold_start import WAIT_ENV
 from tests.conftest import ServerProcess, free_port, launch
+from tests.e2e.test_batch_features import requests_table, write_store
+from tests.e2e.test_batch_features import write_model as write_features_model
 from tests.e2e.test_batching import ROW_AWARE_SIGNATURE, slow_model, write_model
 from tests.models import write_onnx_affine, write_python_model
 from tests.ray_cluster import LocalCluster, start_cluster
@@ -643,6 +646,32 @@ def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster,
     )
     assert failing.returncode == 2
     assert "--outputs: signature 'serving_default' has no output(s) ['z']" in failing.stderr
+
+
+def test_batch_on_ray_data_joins_features_as_the_local_engine_does(cluster: Cluster, tmp_path: Path) -> None:
+    model = tmp_path / "eta"  # y = 2x + 1, two of x's three columns looked up by restaurant_id
+    model.mkdir()
+    write_store(model / "restaurants.parquet")
+    write_features_model(model, "restaurants.parquet")
+    pq.write_table(requests_table(unknown_every=100), tmp_path / "requests.parquet")
+    args = (model, tmp_path / "requests.parquet")
+    common = ("--id-column=id", "--batch-size=64", "--memory-budget-mb=2")
+
+    local = _batch(*args, tmp_path / "local.parquet", *common)
+    on_ray = _batch(
+        *args,
+        tmp_path / "ray.parquet",
+        *common,
+        "--engine=ray",
+        f"--address={cluster.address}",
+        env=cluster.env,
+    )
+    assert (local.returncode, on_ray.returncode) == (1, 1), on_ray.stderr[-4000:]  # 30 unknown entities
+    assert "2970 rows scored, 30 rejected" in on_ray.stderr
+    assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()
+    rejects = [(tmp_path / f"{n}.parquet.rejects.jsonl").read_text() for n in ("local", "ray")]
+    assert rejects[0] == rejects[1]
+    assert "is not in feature store restaurants.parquet" in rejects[1]
 
 
 SLOW_MODEL = """
