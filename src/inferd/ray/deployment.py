@@ -234,11 +234,11 @@ def _remote_text(uri: str) -> str:
 
 
 IN_FLIGHT = "inferd_in_flight"
-"""A replicas' autoscaling metric: inferd's requests in flight, from
+"""A replica's autoscaling metric: inferd's requests in flight, from
 ``InferdReplica.record_autoscaling_stats``."""
 
 LOOP_UTILIZATION = "inferd_loop_utilization"
-"""A replicas' autoscaling metric: the share of wall time (0 to 1) its event-loop thread spent on
+"""A replica's autoscaling metric: the share of wall time (0 to 1) its event-loop thread spent on
 the CPU, from ``InferdReplica.record_autoscaling_stats``."""
 
 IDLE_UTILIZATION = 0.1
