@@ -82,6 +82,10 @@ def _dataset(job: offline.Job, model: str, actors: int) -> Any:
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         actors = max(1, int(cpus // threads))
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # One chunk per Ray Data block. By default a block holds up to 128 MiB, many chunks, and an
+    # actor hands back its block only once every chunk in it is scored: nothing reached the part
+    # store (nor --resume) until the end of a job, and whole blocks of chunks were in memory.
+    ray.data.DataContext.get_current().target_max_block_size = 1
     # One row made here (no read task, which would wait for a CPU the scoring actors hold).
     reader = ray.data.from_items([{"start": 0}]).map_batches(
         _Reader,
