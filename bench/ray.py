@@ -9,7 +9,7 @@ reports take CPU for a few seconds after a deployment, on the cores the replica 
 it also times scaling 1 -> 2 replicas (the deploy command until both replicas run) and 2 -> 1
 (until the removed replica's process is gone), measures the two replicas at
 ``--curve_concurrency`` (the replica-count curve: 1 and 2 replicas on the cluster's two nodes),
-and times Serve's autoscaler on inferd's in-flight count (``--min_replicas=1 --max_replicas=2``,
+and times Serve's autoscaler on inferd's signals (``--min_replicas=1 --max_replicas=2``,
 the other scaling flags at their defaults): from the start of ``--autoscale_s`` seconds of load at
 concurrency 64 until a second replica's process exists and until Serve counts it RUNNING, then
 from the end of the load until the second replica's process is gone.
@@ -155,8 +155,9 @@ def autoscale(
     payload: Path,
     load_s: float,
 ) -> dict[str, float]:
-    """Seconds Serve's autoscaler took, on inferd's count, to add a replica under load at
-    concurrency 64 (to its process; to RUNNING) and to remove it once the load ended."""
+    """Seconds Serve's autoscaler took, on inferd's signals (requests in flight, loop utilization),
+    to add a replica under load at concurrency 64 (to its process; to RUNNING) and to remove it
+    once the load ended."""
     deploy("--min_replicas=1", "--max_replicas=2")
     wait_running(cluster.env, cluster.address, 1)
     load = subprocess.Popen(
@@ -168,8 +169,13 @@ def autoscale(
         text=True,
     )
     start = time.monotonic()
-    process_s = replicas(2)
-    wait_running(cluster.env, cluster.address, 2)
+    try:
+        process_s = replicas(2)
+        wait_running(cluster.env, cluster.address, 2)
+    except BaseException:
+        load.kill()
+        load.wait()
+        raise
     running_s = time.monotonic() - start
     out, _ = load.communicate()
     if load.returncode or running_s > load_s:

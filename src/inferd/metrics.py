@@ -120,6 +120,10 @@ class Metrics(Collector):
         key = (model, version, protocol, status)
         self._requests[key] = self._requests.get(key, 0) + 1
 
+    def answered(self) -> int:
+        """Requests answered since the start, over every model, protocol and status."""
+        return sum(self._requests.values())
+
     def requests_of(self, model: str, version: str) -> tuple[int, int, list[int]]:
         """Requests answered by one version, over every protocol: how many, how many failed
         (status not OK), and the bucket counts of their total time (``LATENCY_BUCKETS_S``)."""

@@ -23,6 +23,9 @@ APP_NAME = "inferd"
 MODEL_HEADER = "serve_multiplexed_model_id"
 """The header (gRPC: metadata key) that names a request's model for routing: Serve's own."""
 
+DRAINING_PERIOD_S = "5"
+"""Seconds a removed replica stays reachable before it refuses new connections (``PROXY_ENV``)."""
+
 PROXY_ENV = {
     # Serve's fallback proxy defaults to 8500, TF Serving's gRPC port: moved above it.
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8510",
@@ -45,7 +48,7 @@ PROXY_ENV = {
     # its configuration within about a second of the controller's decision, and HAProxy retries a
     # refused connection on another replica; so scaling down frees the replica's memory and CPU in
     # seconds. Serve raises graceful_shutdown_timeout_s to at least this plus 5 s.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
     # Requests queued in front of the replicas (scaling up from zero) reach Serve's autoscaler
     # every second instead of every 10 s.
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
@@ -69,6 +72,9 @@ REPLICA_ENV = {
     # Each replica's requests in flight reach Serve's autoscaler every second (default: 10 s), so
     # that it reacts within upscale_delay_s plus about a second.
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    # The replica's own reachable window once removed (PROXY_ENV), even on a node started without
+    # it: never longer than the controller, which reads it on its node, lets the replica live.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
 }
 """Environment of each replica's process, set through its Ray runtime environment."""
 
@@ -241,10 +247,8 @@ LOOP_UTILIZATION = "inferd_loop_utilization"
 """A replica's autoscaling metric: the share of wall time (0 to 1) its event-loop thread spent on
 the CPU, from ``InferdReplica.record_autoscaling_stats``."""
 
-IDLE_UTILIZATION = 0.1
-"""A replica's loop utilization below this is its own housekeeping (Serve's reports and health
-checks, inferd's repository polls), not load: it counts as 0, so that idle replicas can scale to
-``min_replicas``, zero included."""
+ANSWERED = "inferd_answered"
+"""A replica's autoscaling metric: the requests it answered since its previous report."""
 
 
 class ScaleOnLoad:
@@ -259,7 +263,9 @@ class ScaleOnLoad:
     - Event-loop utilization at ``target_loop_utilization`` each (summed over the replicas). A
       fast model's requests are parsed, computed and answered on the loop one after another, so
       inferd's count stays near 0 while the loop saturates and the queue grows in sockets and in
-      HAProxy, where no count sees it; the loop's busy share does.
+      HAProxy, where no count sees it; the loop's busy share does. It counts only while the
+      replicas answer requests: without any, the loop's work is housekeeping (Serve's reports and
+      health checks, inferd's repository polls), and idle replicas must scale down, to zero too.
     """
 
     def __init__(self, target_loop_utilization: float) -> None:
@@ -270,7 +276,8 @@ class ScaleOnLoad:
             return context.target_num_replicas, {}
         metrics = context.aggregated_metrics or {}
         in_flight = max(sum(metrics.get(IN_FLIGHT, {}).values()), context.total_num_requests)
-        busy = sum(u for u in metrics.get(LOOP_UTILIZATION, {}).values() if u >= IDLE_UTILIZATION)
+        answering = sum(metrics.get(ANSWERED, {}).values()) > 0
+        busy = sum(metrics.get(LOOP_UTILIZATION, {}).values()) if answering else 0.0
         return max(
             in_flight / context.config.get_target_ongoing_requests(), busy / self._target_loop_utilization
         ), {}

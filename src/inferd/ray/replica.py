@@ -26,7 +26,7 @@ from inferd.config import ServerConfig
 from inferd.ray import ingress
 from inferd.ray.admin_log import Follower
 from inferd.ray.cluster_metrics import ClusterMetrics, deployment_handle
-from inferd.ray.deployment import APP_NAME, IN_FLIGHT, LOOP_UTILIZATION
+from inferd.ray.deployment import ANSWERED, APP_NAME, IN_FLIGHT, LOOP_UTILIZATION
 from inferd.ray.grpc_ingress import GrpcMethods, record_deadlines
 from inferd.ray.multiplexing import Announcer
 from inferd.server import Server
@@ -67,6 +67,7 @@ class InferdReplica(GrpcMethods):
         self._announcing = asyncio.create_task(self._announcer.run())
         ingress.serve_directly(self._admin)  # HTTP requests skip Serve's per-request wrapping
         self._loop_utilization = LoopUtilization()  # from here: loading the models is not load
+        self._answered = self._server.metrics.answered()
         level, served = control.summary()
         log.log(level, "replica %s: %s", _replica_id(), served)
 
@@ -92,10 +93,14 @@ class InferdReplica(GrpcMethods):
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics (``deployment.ScaleOnLoad``): inferd's requests in
-        flight, over both APIs, and the event loop's utilization since the previous call."""
+        flight, over both APIs; since the previous call, the event loop's utilization and the
+        requests answered."""
+        total = self._server.metrics.answered()
+        answered, self._answered = total - self._answered, total
         return {
             IN_FLIGHT: float(self._server.metrics.in_flight),
             LOOP_UTILIZATION: self._loop_utilization.read(),
+            ANSWERED: float(answered),
         }
 
     async def __del__(self) -> None:
