@@ -53,7 +53,9 @@ def engine(model: str, address: str, actors: int) -> offline.Engine:
     async def scored(job: offline.Job) -> AsyncIterator[offline.Scored]:
         import ray
 
-        ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+        # "local": a new one-node Ray; None would join any cluster this machine last started,
+        # and wait on a dead one's address, left behind when its nodes were killed.
+        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
         try:
             batches = iter(_dataset(job, model, actors).iter_batches(batch_size=1, batch_format="numpy"))
             try:

@@ -364,7 +364,8 @@ def deploy(
     import ray
     from ray import serve
 
-    ray.init(address=address or None, logging_level=logging.WARNING, log_to_driver=False)
+    # "local" starts a new one-node Ray, as documented (None would join a cluster found on this machine).
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
     from inferd.ray.grpc_ingress import SERVICER_FUNCTIONS
 
     grpc_options = (
