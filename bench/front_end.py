@@ -42,7 +42,8 @@ import orjson
 import requests
 
 from bench import models, procs
-from inferd.protocols.http_connection import WATCH
+from inferd.protocols.http_connection import WATCH, RequestWatch
+from tests.inferd_process import free_port
 
 KINDS = ("uvicorn", "granian-asgi", "granian-rsgi")
 GRANIAN = "granian==2.8.9"
@@ -52,20 +53,19 @@ RESULTS = HERE / "results" / "front-end.json"
 CONNECTIONS = (64, 1)
 
 
-class RsgiWatch:
-    """What ``HttpApp`` uses of a request's ``RequestWatch``, over granian's RSGI protocol object:
-    the task to cancel when the client hangs up (watched only while ``task`` is set) or the
-    deadline passes, and ``send_whole``, the answer in one ``response_bytes`` call."""
+class RsgiWatch(RequestWatch):
+    """A ``RequestWatch`` over granian's RSGI protocol object instead of uvicorn's request cycle:
+    the disconnect is watched (``client_disconnect()``) only while ``task`` is set, and
+    ``send_whole`` answers with one ``response_bytes`` call."""
 
-    __slots__ = ("_gone", "_proto", "_task", "_watch", "expired", "hung_up")
+    __slots__ = ("_gone", "_proto", "_running", "_watch")
 
     def __init__(self, proto: Any) -> None:
         self._proto = proto
-        self._task: asyncio.Task[Any] | None = None
+        self._running: asyncio.Task[Any] | None = None
         self._watch: Any = None
         self._gone = False
-        self.hung_up = False
-        self.expired = False
+        super().__init__()  # sets task to None, through the property below
 
     @property
     def client_gone(self) -> bool:
@@ -73,11 +73,11 @@ class RsgiWatch:
 
     @property
     def task(self) -> asyncio.Task[Any] | None:
-        return self._task
+        return self._running
 
     @task.setter
     def task(self, task: asyncio.Task[Any] | None) -> None:
-        self._task = task
+        self._running = task
         if task is not None:
             self._watch = self._proto.client_disconnect()
             self._watch.add_done_callback(self._disconnected)
@@ -90,16 +90,6 @@ class RsgiWatch:
         if not watch.cancelled():
             self._gone = True
             self.hang_up()
-
-    def hang_up(self) -> None:
-        if self._task is not None and not self.hung_up and not self.expired:
-            self.hung_up = True
-            self._task.cancel()
-
-    def expire(self) -> None:
-        if self._task is not None and not self.hung_up and not self.expired:
-            self.expired = True
-            self._task.cancel()
 
     def send_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         if self._gone:
@@ -179,7 +169,7 @@ def launch(kind: str, repo: Path, port: int, log: Path) -> procs.ServerProcess:
     pin = ["taskset", "-c", "0", sys.executable]
     env = dict(os.environ)
     if kind == "uvicorn":
-        args = ["-m", "inferd", "serve", str(repo), f"--rest_api_port={port}", f"--port={_free_port()}"]
+        args = ["-m", "inferd", "serve", str(repo), f"--rest_api_port={port}", f"--port={free_port()}"]
         cmd = [*pin, *args, "--host=127.0.0.1"]
     else:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(GRANIAN_DIR), env.get("PYTHONPATH"))))
@@ -200,7 +190,7 @@ def wrk(url: str, body: Path, connections: int, seconds: float) -> dict[str, Any
 
 def measure(kind: str, repo: Path, body: Path, seconds: float, work: Path) -> list[dict[str, Any]]:
     """Start ``kind``, warm it up, and its rows at each of ``CONNECTIONS``."""
-    port = _free_port()
+    port = free_port()
     server = launch(kind, repo, port, work / f"{kind}.log")
     url = f"http://127.0.0.1:{port}/v1/models/digits:predict"
     try:
@@ -241,15 +231,6 @@ def _wait_answering(url: str, body: bytes, server: procs.ServerProcess) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"no answer from {url} within 60 s:\n{server.log_tail()}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _install_granian() -> str:
