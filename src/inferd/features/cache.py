@@ -125,30 +125,14 @@ class PredictionCache:
         return len(self._items)
 
     def key(self, signature: str, inputs: Tensors) -> Hashable | None:
-        """The key of a request, or None when its inputs alone would not fit in ``max_bytes``.
-
-        A key is ``(signature, its bytes, (name, dtype, shape, data) for each input by name)``:
-        its own size travels in it (equal inputs give equal sizes), so ``put`` need not count it.
-        """
-        size = 0
-        for value in inputs.values():
-            size += _array_bytes(value)
-        if size > self._max_bytes:
+        """The key of a request, or None when its inputs alone would not fit in ``max_bytes``."""
+        if sum(_array_bytes(value) for value in inputs.values()) > self._max_bytes:
             return None
-        parts: list[Hashable] = [signature, 0]
-        size = len(signature)
-        for name in sorted(inputs) if len(inputs) > 1 else inputs:
+        parts: list[Hashable] = [signature]
+        for name in sorted(inputs):
             value = inputs[name]
-            if value.dtype.kind == "O":
-                items = tuple(value.ravel().tolist())
-                size += sum(_item_bytes(item) for item in items)
-                data: Hashable = items
-            else:
-                data = value.tobytes()
-                size += len(data)
-            size += len(name) + 8 * value.ndim
+            data = tuple(value.ravel().tolist()) if value.dtype.kind == "O" else value.tobytes()
             parts.append((name, value.dtype.str, value.shape, data))
-        parts[1] = size
         return tuple(parts)
 
     def get(self, key: Hashable | None) -> Tensors | None:
@@ -165,10 +149,7 @@ class PredictionCache:
         least recently used entries past a bound."""
         if key is None:
             return
-        assert isinstance(key, tuple)
-        cost = key[1] + ENTRY_OVERHEAD_BYTES
-        for value in outputs.values():
-            cost += _array_bytes(value)
+        cost = _key_bytes(key) + sum(_array_bytes(v) for v in outputs.values()) + ENTRY_OVERHEAD_BYTES
         if cost > self._max_bytes:
             return
         items = self._items
@@ -190,3 +171,13 @@ def _array_bytes(value: np.ndarray) -> int:
 
 def _item_bytes(item: Any) -> int:
     return len(item) if isinstance(item, str | bytes) else sys.getsizeof(item)
+
+
+def _key_bytes(key: Hashable) -> int:
+    """Bytes of a ``PredictionCache.key``: the signature name, and each input's name, shape and data."""
+    assert isinstance(key, tuple)
+    total = len(key[0])
+    for name, _, shape, data in key[1:]:
+        total += len(name) + 8 * len(shape)
+        total += len(data) if isinstance(data, bytes) else sum(_item_bytes(item) for item in data)
+    return total
