@@ -66,14 +66,21 @@ def features(i: int) -> tuple[float, float]:
     return float(i % 60), round((i % 17) / 10, 2)
 
 
-def bodies(n: int, work: Path) -> dict[str, Path]:
+def instances(n: int) -> dict[str, list[Any]]:
+    """``n`` rows (restaurant, distance) as the ``inline`` model takes them (all three columns) and
+    as the ``joined`` ones do (the restaurant's id and the distance)."""
     rows = [(f"r{(i * 37) % RESTAURANTS}", 0.5 + i % 9) for i in range(n)]
-    inline = [[d, *features(int(r[1:]))] for r, d in rows]
-    joined = [{"restaurant_id": r, "distance_km": d} for r, d in rows]
+    return {
+        "inline": [[d, *features(int(r[1:]))] for r, d in rows],
+        "joined": [{"restaurant_id": r, "distance_km": d} for r, d in rows],
+    }
+
+
+def bodies(n: int, work: Path) -> dict[str, Path]:
     out = {}
-    for name, instances in (("inline", inline), ("joined", joined)):
+    for name, rows in instances(n).items():
         path = out[name] = work / f"{name}-{n}.json"
-        path.write_text(json.dumps({"instances": instances}))
+        path.write_text(json.dumps({"instances": rows}))
     return out
 
 

@@ -2,20 +2,22 @@
 
     taskset -c 0 .venv/bin/python -m bench.options_cost [--requests 20000] [--rounds 5]
 
-Drives inferd's REST application in memory (as ``bench.request_cost`` does: no sockets, no HTTP
-server), TF Serving JSON, one instance a request, at 1 and at 64 requests in flight, and prints
-the CPU per request (``time.process_time``), the fastest of ``--rounds`` runs, for models that
-differ in one option:
+Drives inferd's REST application in memory (``bench.request_cost``'s harness: no sockets, no HTTP
+server), TF Serving JSON, one instance a request, from 1 and from 64 tasks, and prints the CPU
+per request (``time.process_time``), the fastest of ``--rounds`` runs, for models that differ in
+one option:
 
-- digits without and with ``prediction_cache_size = 10000``: every request new (20,000 distinct
-  inputs in turn, so each one misses and is stored: the cache's cost), and one input repeated
-  (each one a hit);
+- digits without a prediction cache, with ``prediction_cache_size = 10000`` and with a cache of
+  one entry (which keeps nothing for long): every request new (20,000 distinct inputs in turn,
+  so each one misses and is stored), and one input repeated (with the cache, each one a hit);
 - a three-column model (y = x . w) with all columns in the request, and the same model with two
   of them joined from an embedded CSV store (1,000 entities) with the entity cache on (60 s) and
   off (a lookup in the store's table every request).
 
-Metrics are always recorded (``--enable_metrics`` only decides whether ``/metrics`` is served), so
-their cost is the recording work timed alone (``bench.metrics_cost.per_request_s``). Each cost is
+Beside them, two pieces timed alone in a tight loop (wall clock, one thread): the metrics'
+recording work (``bench.metrics_cost.per_request_s``; metrics are always recorded, and
+``--enable_metrics`` only decides whether ``/metrics`` is served), and the prediction cache's own
+code for a miss (key, lookup, and a store that evicts the oldest of 10,000 entries). Each cost is
 measured directly rather than by A/B runs of two servers over sockets, which on a 2-CPU machine
 cannot resolve a few microseconds. Results go to stdout and bench/results/options-cost.json.
 """
@@ -36,14 +38,28 @@ import orjson
 import uvloop
 
 from bench import models
-from bench.features import RESTAURANTS, TOML, features, write_model
+from bench.features import RESTAURANTS, TOML, features, instances, write_model
 from bench.metrics_cost import per_request_s
-from bench.request_cost import CONCURRENCY, App, Request, cpu_per_request, one
+from bench.request_cost import CONCURRENCY, App, Request, fastest, one
 from inferd.config import ServerConfig
+from inferd.features import PredictionCache
 from inferd.server import Server
 
 RESULTS = Path(__file__).parent / "results" / "options-cost.json"
 DISTINCT = 20_000
+CACHE_SIZE = 10_000
+
+CASES = (
+    # (name, model, bodies)
+    ("digits, no prediction cache, a new input every request", "digits", "distinct"),
+    ("digits, prediction cache, every request a miss", "digits_cached", "distinct"),
+    ("digits, one-entry prediction cache, every request a miss", "digits_cache1", "distinct"),
+    ("digits, no prediction cache, one input repeated", "digits", "repeated"),
+    ("digits, prediction cache, every request a hit", "digits_cached", "repeated"),
+    ("eta, all columns in the request", "eta_inline", "inline"),
+    ("eta, two columns joined, entity cache on", "eta_joined", "joined"),
+    ("eta, two columns joined, entity cache off", "eta_joined_uncached", "joined"),
+)
 
 
 def _requests(app: App, path: str, bodies: list[bytes]) -> Request:
@@ -59,8 +75,9 @@ def _requests(app: App, path: str, bodies: list[bytes]) -> Request:
 def _repository(work: Path) -> Path:
     repo = work / "models"
     models.build_digits(models.model_path(repo, "digits"))
-    shutil.copytree(repo / "digits", repo / "digits_cached")
-    (repo / "digits_cached" / "inferd.toml").write_text("prediction_cache_size = 10000\n")
+    for name, size in (("digits_cached", CACHE_SIZE), ("digits_cache1", 1)):
+        shutil.copytree(repo / "digits", repo / name)
+        (repo / name / "inferd.toml").write_text(f"prediction_cache_size = {size}\n")
     store = work / "restaurants.csv"
     lines = ["restaurant_id,incoming_orders_1h,outstanding_orders_per_min_1h"]
     lines += [f"r{i},{features(i)[0]},{features(i)[1]}" for i in range(RESTAURANTS)]
@@ -72,55 +89,67 @@ def _repository(work: Path) -> Path:
     return repo
 
 
-def _bodies(work: Path) -> dict[str, list[bytes]]:
-    rng = np.random.default_rng(0)
-    digits = models.instances("digits", 1)
-    distinct = rng.random((DISTINCT, *digits.shape[1:]), dtype=np.float32)
-    rows = [(f"r{(i * 37) % RESTAURANTS}", 0.5 + i % 9) for i in range(RESTAURANTS)]
+def _inputs() -> np.ndarray:
+    """``DISTINCT`` digits inputs, one row each."""
+    shape = models.instances("digits", 1).shape[1:]
+    return np.random.default_rng(0).random((DISTINCT, *shape), dtype=np.float32)
+
+
+def _bodies() -> dict[str, list[bytes]]:
+    distinct = [orjson.dumps({"instances": [row.tolist()]}) for row in _inputs()]
+    rows = instances(RESTAURANTS)
     return {
-        "digits": [orjson.dumps({"instances": digits.tolist()})],
-        "distinct": [orjson.dumps({"instances": [row.tolist()]}) for row in distinct],
-        "inline": [orjson.dumps({"instances": [[d, *features(int(r[1:]))]]}) for r, d in rows],
-        "joined": [orjson.dumps({"instances": [{"restaurant_id": r, "distance_km": d}]}) for r, d in rows],
+        "distinct": distinct,
+        "repeated": distinct[:1],
+        "inline": [orjson.dumps({"instances": [row]}) for row in rows["inline"]],
+        "joined": [orjson.dumps({"instances": [row]}) for row in rows["joined"]],
     }
 
 
-CASES = (
-    # (name, model, bodies)
-    ("digits, no prediction cache, distinct inputs", "digits", "distinct"),
-    ("digits, prediction cache, every request a miss", "digits_cached", "distinct"),
-    ("digits, prediction cache, every request a hit", "digits_cached", "digits"),
-    ("eta, all columns in the request", "eta_inline", "inline"),
-    ("eta, two columns joined, entity cache on", "eta_joined", "joined"),
-    ("eta, two columns joined, entity cache off", "eta_joined_uncached", "joined"),
-)
+def cache_miss_s(calls: int = 100_000) -> float:
+    """Seconds of the prediction cache's own work for one miss, timed alone: the key, the lookup
+    and the store, which evicts the oldest entry once the cache is full."""
+    cache = PredictionCache(CACHE_SIZE)
+    inputs = itertools.cycle([{"input": row[None]} for row in _inputs()])
+    outputs = {"probabilities": np.zeros((1, 10), np.float32)}
+
+    def miss() -> None:
+        key = cache.key("serving_default", next(inputs))
+        cache.get(key)
+        cache.put(key, dict(outputs))
+
+    for _ in range(DISTINCT):  # full, and every input seen once
+        miss()
+    started = time.perf_counter()
+    for _ in range(calls):
+        miss()
+    return (time.perf_counter() - started) / calls
 
 
 async def measure(requests: int, rounds: int) -> list[dict[str, object]]:
     work = Path(tempfile.mkdtemp(prefix="inferd-options-cost-"))
     repo = _repository(work)
-    bodies = _bodies(work)
+    bodies = _bodies()
     config = ServerConfig(repository=str(repo), rest_api_port=0, port=0, file_system_poll_wait_seconds=0)
     server = Server(config)
     await server.control.sync()
     app = server.http_app()
-    metrics_s = min(per_request_s() for _ in range(rounds))
-    print(
-        f"{'metrics: the recording work, timed alone':56s} {metrics_s * 1e6:7.1f} us CPU per request",
-        flush=True,
-    )
-    rows: list[dict[str, object]] = [
-        {"case": "metrics recording, timed alone", "cpu_us_per_request": metrics_s * 1e6}
-    ]
+    rows: list[dict[str, object]] = []
+    for label, timed in (
+        ("metrics: the recording work, timed alone", per_request_s),
+        ("prediction cache: a miss's key, lookup and store, timed alone", cache_miss_s),
+    ):
+        seconds = min(timed() for _ in range(rounds))
+        rows.append({"case": label, "us_per_request": seconds * 1e6})
+        print(f"{label:68s} {seconds * 1e6:7.1f} us per request", flush=True)
     for name, model, body in CASES:
         request = _requests(app, f"/v1/models/{model}:predict", bodies[body])
         if not await request():
             raise SystemExit(f"{name}: not answered")
         for concurrency in CONCURRENCY:
-            await cpu_per_request(request, max(requests // 10, concurrency), concurrency)  # warm up
-            best = min([await cpu_per_request(request, requests, concurrency) for _ in range(rounds)])
+            best = await fastest(request, requests, rounds, concurrency)
             rows.append({"case": name, "concurrency": concurrency, "cpu_us_per_request": best * 1e6})
-            print(f"{name:50s} c={concurrency:<3d} {best * 1e6:7.1f} us CPU per request", flush=True)
+            print(f"{name:60s} c={concurrency:<3d} {best * 1e6:7.1f} us CPU per request", flush=True)
     await server.close()
     shutil.rmtree(work, ignore_errors=True)
     return rows

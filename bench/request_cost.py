@@ -150,6 +150,12 @@ async def cpu_per_request(request: Request, requests: int, concurrency: int) -> 
     return (time.process_time() - started) / (requests // concurrency * concurrency)
 
 
+async def fastest(request: Request, requests: int, rounds: int, concurrency: int) -> float:
+    """The least CPU seconds per request of ``rounds`` runs of ``requests``, after a warm-up."""
+    await cpu_per_request(request, max(requests // 10, concurrency), concurrency)
+    return min([await cpu_per_request(request, requests, concurrency) for _ in range(rounds)])
+
+
 async def measure(requests: int, rounds: int, profile: Path | None) -> list[tuple[str, int, float]]:
     work = Path(tempfile.mkdtemp(prefix="inferd-request-cost-"))
     model_file = models.build_all(work)["digits"]
@@ -182,8 +188,7 @@ async def measure(requests: int, rounds: int, profile: Path | None) -> list[tupl
         if not await request():
             raise SystemExit(f"{name}: not answered")
         for concurrency in CONCURRENCY:
-            await cpu_per_request(request, max(requests // 10, concurrency), concurrency)  # warm up
-            best = min([await cpu_per_request(request, requests, concurrency) for _ in range(rounds)])
+            best = await fastest(request, requests, rounds, concurrency)
             rows.append((name, concurrency, best))
             print(f"{name:38s} c={concurrency:<3d} {best * 1e6:7.1f} us CPU per request", flush=True)
     if profile is not None:
