@@ -16,7 +16,8 @@ Rows, side by side in each round (digits model, TF Serving JSON, one instance pe
   granian rows do a little less work than the uvicorn row.
 
 Each server is pinned to CPU 0; ``wrk -t1`` (bench/wrk_post.lua), pinned to CPU 1, loads it for
-2 s, then measures ``--duration`` seconds at 64 and at 1 connection. Reported: requests/s, p50,
+2 s, then measures ``--duration`` seconds at 64 and at 1 connection, each run 6 s after the one
+before. Reported: requests/s, p50,
 p99 and the server's CPU per request (utime+stime of its process tree over the requests). granian
 is installed with ``pip --target`` into bench/.venvs/granian-embed (the project does not depend
 on it). Results go to stdout and bench/results/front-end.json.
@@ -51,12 +52,15 @@ HERE = Path(__file__).parent
 GRANIAN_DIR = HERE / ".venvs" / "granian-embed"
 RESULTS = HERE / "results" / "front-end.json"
 CONNECTIONS = (64, 1)
+SETTLE_S = 6.0
+"""Seconds between two wrk runs: past ``inferd serve``'s 5 s ``--keep_alive_timeout_s``."""
 
 
 class RsgiWatch(RequestWatch):
     """A ``RequestWatch`` over granian's RSGI protocol object instead of uvicorn's request cycle:
-    the disconnect is watched (``client_disconnect()``) only while ``task`` is set, and
-    ``send_whole`` answers with one ``response_bytes`` call."""
+    the disconnect is watched (``client_disconnect()``) only while ``task`` is set, so a client
+    that hangs up before is seen only then, and ``send_whole`` answers with one
+    ``response_bytes`` call. ``task`` is set once per request, as ``HttpApp`` does."""
 
     __slots__ = ("_gone", "_proto", "_running", "_watch")
 
@@ -194,10 +198,13 @@ def measure(kind: str, repo: Path, body: Path, seconds: float, work: Path) -> li
     server = launch(kind, repo, port, work / f"{kind}.log")
     url = f"http://127.0.0.1:{port}/v1/models/digits:predict"
     try:
-        _wait_answering(url, body.read_bytes(), server)
+        wait_answering(url, body.read_bytes(), server)
         wrk(url, body, 64, 2)
         rows = []
         for connections in CONNECTIONS:
+            # Past the keep-alive timeout of the connections the last wrk dropped: new connections
+            # inside it get some answers late behind uvicorn (docs/performance.md, the tail).
+            time.sleep(SETTLE_S)
             before = procs.cpu_seconds(server.pids())
             result = wrk(url, body, connections, seconds)
             cpu = procs.cpu_seconds(server.pids()) - before
@@ -219,7 +226,8 @@ def measure(kind: str, repo: Path, body: Path, seconds: float, work: Path) -> li
         server.stop()
 
 
-def _wait_answering(url: str, body: bytes, server: procs.ServerProcess) -> None:
+def wait_answering(url: str, body: bytes, server: procs.ServerProcess) -> None:
+    """Wait (at most 60 s) until ``url`` answers ``body`` with 200; exit if the server died."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not server.alive():
