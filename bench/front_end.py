@@ -241,6 +241,17 @@ def wait_answering(url: str, body: bytes, server: procs.ServerProcess) -> None:
     raise SystemExit(f"no answer from {url} within 60 s:\n{server.log_tail()}")
 
 
+def digits_workspace(prefix: str) -> tuple[Path, Path, Path]:
+    """A new folder (named ``prefix...``), a repository in it serving digits, and a predict body
+    of one digits instance: (folder, repository, body file)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    repo = work / "models"
+    models.build_digits(models.model_path(repo, "digits"))
+    body = work / "digits.json"
+    body.write_bytes(orjson.dumps({"instances": models.instances("digits", 1).astype(np.float32).tolist()}))
+    return work, repo, body
+
+
 def _install_granian() -> str:
     """granian in ``GRANIAN_DIR`` (installed once); its version."""
     marker = GRANIAN_DIR / ".installed"
@@ -266,11 +277,7 @@ def main() -> None:
         return
     procs.install_cleanup()
     granian = _install_granian()
-    work = Path(tempfile.mkdtemp(prefix="inferd-front-end-"))
-    repo = work / "models"
-    models.build_digits(models.model_path(repo, "digits"))
-    body = work / "digits.json"
-    body.write_bytes(orjson.dumps({"instances": models.instances("digits", 1).astype(np.float32).tolist()}))
+    work, repo, body = digits_workspace("inferd-front-end-")
     rounds = []
     for r in range(args.rounds):
         order = KINDS if r % 2 == 0 else KINDS[::-1]  # alternated, so that no row always runs first

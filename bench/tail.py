@@ -26,17 +26,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
-from bench import models, procs
-from bench.front_end import wait_answering, wrk
+from bench import procs
+from bench.front_end import digits_workspace, wait_answering, wrk
 from tests.inferd_process import free_port
 
 RESULTS = Path(__file__).parent / "results" / "tail.json"
@@ -120,11 +116,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every row (default 2)")
     args = parser.parse_args()
     procs.install_cleanup()
-    work = Path(tempfile.mkdtemp(prefix="inferd-tail-"))
-    repo = work / "models"
-    models.build_digits(models.model_path(repo, "digits"))
-    body = work / "digits.json"
-    body.write_bytes(orjson.dumps({"instances": models.instances("digits", 1).astype(np.float32).tolist()}))
+    work, repo, body = digits_workspace("inferd-tail-")
     results = []
     for _ in range(args.rounds):
         for row in ROWS:
