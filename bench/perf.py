@@ -253,7 +253,8 @@ def section(results: dict[str, Any]) -> str:
         f"{m['nproc']} CPUs ({m['cpu']}), Python {m['python']}",
         f"- {pinned} (`taskset`). HTTP rows: {http_gen}; gRPC rows: `inferd bench --protocol=grpc` "
         "(one process), so they also carry that generator's own cost.",
-        f"- each row: {s['warmup']:g} s warm-up, {s['duration']:g} s measured; {s['repeats']} round(s), "
+        f"- each row: {s['warmup']:g} s warm-up, a {s.get('settle', 0):g} s pause (past the 5 s keep-alive "
+        f"of the connections the warm-up dropped), {s['duration']:g} s measured; {s['repeats']} round(s), "
         "every server started afresh per round and model, medians over rounds.",
         "- CPU/req: CPU-seconds (user + system) of the server's whole process tree over the requests it "
         "answered, in microseconds; `vs uvicorn`: that over the bare uvicorn endpoint's in the same "

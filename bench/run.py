@@ -313,6 +313,7 @@ def measure(
     """Warm-up, then the measured run, with the server tree's CPU time and memory around it."""
     if args.warmup > 0:
         run_load(args, wrk, load, connections, args.warmup)
+        time.sleep(args.settle)
     pids = proc.pids()
     cpu0 = procs.cpu_seconds(pids)
     with procs.MemorySampler(proc) as mem:
@@ -475,6 +476,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=float, help="seconds of unmeasured load before each (default 2, quick 1)")
     p.add_argument(
+        "--settle",
+        type=float,
+        help="seconds between the warm-up and the measured run, past the servers' 5 s keep-alive, "
+        "so that the warm-up's dropped connections do not lengthen the measured tail "
+        "(default 6, quick 0; bench/tail.py)",
+    )
+    p.add_argument(
         "--repeats", type=int, help="rounds over all servers; medians are reported (default 3, quick 1)"
     )
     p.add_argument(
@@ -508,6 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.connections = a.connections or ([1, 64] if quick else [1, 8, 64])
     a.duration = a.duration or ((2 if a.perf else 3) if quick else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if quick else 2)
+    a.settle = a.settle if a.settle is not None else (0 if quick else 6)
     a.repeats = a.repeats or (1 if quick else 3)
     a.bound_seconds = a.bound_seconds or (1 if quick else 3)
     if quick and a.perf:
@@ -629,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
 
-    settings = ("quick", "perf", "only", "models", "instances", "connections", "duration", "warmup",
+    settings = ("quick", "perf", "only", "models", "instances", "connections", "duration", "warmup", "settle",
                 "repeats", "idle_wait", "bound_seconds", "server_cpus")  # fmt: skip
     results: dict[str, Any] = {
         "command": args.command,
