@@ -154,6 +154,9 @@ class HttpApp:
             body = await self._read_body(scope, receive, reservation)
             if body is None:
                 return  # the client went away (or was timed out) before its body arrived
+            watch = scope.get("extensions", {}).get(WATCH)
+            if watch is not None:
+                await watch.step()
             deadline = time.monotonic() + self._timeout_s
             call: Coroutine[Any, Any, Response] | None = None
             if admin and (route := _ROLLOUT.fullmatch(path)):
@@ -203,6 +206,8 @@ class HttpApp:
                     {"content-type": "application/json"},
                     b'{"error": "Not found: the APIs live under /v1/models/ and /v2/"}',
                 )
+            if watch is not None:  # then the answers go out back to back
+                await watch.step()
         except InferdError as error:  # refused before an adapter saw it: token or body size
             status, headers, payload = json_error(error)
         except asyncio.CancelledError:  # the drain timed out: the server exits without the answer

@@ -1,5 +1,5 @@
 """ConnectionLimits: read from the server config, checked at start, 0 connections meaning auto;
-the limited protocol leaves no per-request cyclic garbage."""
+the limited protocol leaves no per-request cyclic garbage; a request steps aside for others."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from inferd.protocols.http_connection import (
     AUTO_CONNECTIONS_CAP,
     WATCH,
     ConnectionLimits,
+    RequestWatch,
     auto_max_connections,
     connection_class,
     raise_open_file_limit,
@@ -104,3 +105,23 @@ def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
         assert [request() is None for request in seen[:2]] == [True, True], "a request outlived its answer"
     finally:
         gc.enable()
+
+
+def test_a_request_steps_aside_only_while_others_are_in_progress() -> None:
+    """``step`` waits one turn of the event loop when the port has other request tasks, so that
+    they reach their next step first, and returns at once for a request alone."""
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        loop.call_soon(order.append, "other")
+        await RequestWatch(tasks={"this one"}).step()
+        order.append("alone")
+        loop.call_soon(order.append, "another")
+        await RequestWatch(tasks={"this one", "another"}).step()
+        order.append("among others")
+        await RequestWatch().step()  # no port: as alone
+        order.append("no port")
+        return order
+
+    assert asyncio.run(main()) == ["alone", "other", "another", "among others", "no port"]
