@@ -206,7 +206,9 @@ class HttpApp:
                     {"content-type": "application/json"},
                     b'{"error": "Not found: the APIs live under /v1/models/ and /v2/"}',
                 )
-            if watch is not None:  # then the answers go out back to back
+            if watch is not None and not admin:
+                # Then the answers go out back to back. Not after an admin call, whose change is
+                # made: the shutdown's cancel here would answer 503 and invite a retry.
                 await watch.step()
         except InferdError as error:  # refused before an adapter saw it: token or body size
             status, headers, payload = json_error(error)

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import resource
 import socket
+import time
 import weakref
 from typing import Any
 
@@ -107,21 +108,90 @@ def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
         gc.enable()
 
 
+def test_requests_read_in_one_turn_are_computed_then_answered_in_steps() -> None:
+    """Two requests that one read of the sockets brought are taken in steps (both computed, then
+    both answered); a request alone, or beside finished ones, does not wait."""
+    events: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path, watch = scope["path"], scope["extensions"][WATCH]
+        if path == "/block":  # hold the loop while the client sends /a and /b
+            time.sleep(0.3)
+        await watch.step()
+        events.append(f"{path} computed")
+        await watch.step()
+        events.append(f"{path} answered")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def client(port: int) -> None:
+        a, b, c = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3))
+        with a, b, c:
+            c.sendall(b"GET /block HTTP/1.1\r\nhost: x\r\n\r\n")
+            time.sleep(0.1)
+            a.sendall(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+            b.sendall(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+            for conn in (c, a, b):
+                assert conn.recv(4096).endswith(b"ok")
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        config = uvicorn.Config(
+            app,
+            http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
+            lifespan="off",
+            loop="none",
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(client, listener.getsockname()[1])
+        server.should_exit = True
+        await serving
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert events == [
+        "/block computed",
+        "/block answered",
+        "/a computed",
+        "/b computed",
+        "/a answered",
+        "/b answered",
+    ]
+
+
 def test_a_request_steps_aside_only_while_others_are_in_progress() -> None:
     """``step`` waits one turn of the event loop when the port has other request tasks, so that
     they reach their next step first, and returns at once for a request alone."""
 
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
+        this = asyncio.current_task()
+        assert this is not None
+        finished = loop.create_task(asyncio.sleep(0))
+        await finished
+        other = loop.create_task(asyncio.Event().wait())
         order: list[str] = []
-        loop.call_soon(order.append, "other")
-        await RequestWatch(tasks={"this one"}).step()
+        loop.call_soon(order.append, "ready before")
+        await RequestWatch(tasks={this}).step()
         order.append("alone")
-        loop.call_soon(order.append, "another")
-        await RequestWatch(tasks={"this one", "another"}).step()
+        await RequestWatch(tasks={this, finished}).step()
+        order.append("beside a finished one")
+        loop.call_soon(order.append, "ready before, again")
+        await RequestWatch(tasks={this, finished, other}).step()
         order.append("among others")
         await RequestWatch().step()  # no port: as alone
         order.append("no port")
+        other.cancel()
         return order
 
-    assert asyncio.run(main()) == ["alone", "other", "another", "among others", "no port"]
+    assert asyncio.run(main()) == [
+        "alone",
+        "beside a finished one",
+        "ready before",
+        "ready before, again",
+        "among others",
+        "no port",
+    ]

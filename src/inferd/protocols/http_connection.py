@@ -142,8 +142,9 @@ class RequestWatch:
 
     __slots__ = ("_cycle", "_tasks", "expired", "hung_up", "task")
 
-    def __init__(self, tasks: Collection[object] = ()) -> None:
-        """``tasks``: the port's request tasks in progress (uvicorn's, begun or not)."""
+    def __init__(self, tasks: Collection[asyncio.Task[Any]] = ()) -> None:
+        """``tasks``: the port's request tasks (uvicorn's, begun or not; a finished one stays
+        until a later turn)."""
         self.task: asyncio.Task[Any] | None = None
         self._tasks = tasks
         self.hung_up = False
@@ -171,16 +172,19 @@ class RequestWatch:
             self.task.cancel()
 
     async def step(self) -> None:
-        """With other requests in progress on the port, wait one turn of the event loop, so that
-        each of them reaches its next step before this one goes on; alone, return at once.
+        """With other requests in progress on the port (in this process), wait one turn of the
+        event loop, so that those ready to run go first; alone, return at once.
 
         Under load the loop then takes the requests one read of the sockets brought in steps:
-        all of them computed, then all the answers written back to back. A client woken by the
-        first answer finds the others already there, where answers written one at a time woke
-        it for each (docs/performance.md, "Requests in steps").
+        all of them decoded and computed, then all the answers written back to back. A client
+        woken by the first answer finds the others already there, where answers written one at
+        a time woke it for each (docs/performance.md, "Requests in steps").
         """
-        if len(self._tasks) > 1:
-            await asyncio.sleep(0)
+        tasks = self._tasks
+        if len(tasks) > 1:
+            this = asyncio.current_task()
+            if any(task is not this and not task.done() for task in tasks):
+                await asyncio.sleep(0)
 
     def send_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         """Write the answer (``headers``: lower-case names, ``content-length`` among them) in one
