@@ -234,6 +234,8 @@ def section(results: dict[str, Any]) -> str:
     """The ``perf`` section of docs/benchmarks.md: how the run was made, the digits table, the
     cnn table and the targets, all from ``results`` (one run of ``python -m bench.run --perf``)."""
     rows, m, s = results["rows"], results["machine"], results["settings"]
+    settle = s.get("settle", 0)
+    pause = f"a {settle:g} s pause (past the keep-alive of what the warm-up dropped), " if settle else ""
     pinned = (
         f"each server pinned to CPU {results['server_cpus']} and the load generator to CPU "
         f"{results['wrk_cpu']}"
@@ -253,9 +255,8 @@ def section(results: dict[str, Any]) -> str:
         f"{m['nproc']} CPUs ({m['cpu']}), Python {m['python']}",
         f"- {pinned} (`taskset`). HTTP rows: {http_gen}; gRPC rows: `inferd bench --protocol=grpc` "
         "(one process), so they also carry that generator's own cost.",
-        f"- each row: {s['warmup']:g} s warm-up, a {s.get('settle', 0):g} s pause (past the 5 s keep-alive "
-        f"of the connections the warm-up dropped), {s['duration']:g} s measured; {s['repeats']} round(s), "
-        "every server started afresh per round and model, medians over rounds.",
+        f"- each row: {s['warmup']:g} s warm-up, {pause}{s['duration']:g} s measured; "
+        f"{s['repeats']} round(s), every server started afresh per round and model, medians over rounds.",
         "- CPU/req: CPU-seconds (user + system) of the server's whole process tree over the requests it "
         "answered, in microseconds; `vs uvicorn`: that over the bare uvicorn endpoint's in the same "
         "scenario. The floors and the hand-written endpoint run onnxruntime with one intra-op thread; "

@@ -272,8 +272,9 @@ def markdown(results: dict[str, Any], png_name: str | None) -> str:
         f"- load: {'wrk with 1 thread' if wrk else 'inferd bench, closed loop, 1 process'}, pinned to CPU "
         f"{results['wrk_cpu']} with `taskset`; servers are not pinned, "
         f"so they share that CPU with {gen} (on a 2-CPU machine there is no third core to keep them apart). "
-        f"Each row: {s['warmup']:g} s of warm-up load, a {s.get('settle', 0):g} s pause, then "
-        f"{s['duration']:g} s measured; "
+        f"Each row: {s['warmup']:g} s of warm-up load, "
+        + (f"a {s['settle']:g} s pause, " if s.get("settle") else "")
+        + f"then {s['duration']:g} s measured; "
         f"{s['repeats']} round(s), the servers taken in turn (A, B, C, A, B, C ...), each started afresh per "
         f"round and model; the tables give medians over rounds.",
         "- models: `digits`, a scikit-learn MLPClassifier (64 -> 64 -> 10) on `load_digits`, converted with "

@@ -517,6 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.duration = a.duration or ((2 if a.perf else 3) if quick else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if quick else 2)
     a.settle = a.settle if a.settle is not None else (0 if quick else 6)
+    if a.settle < 0:
+        p.error(f"--settle must be >= 0 seconds, got {a.settle:g}")
     a.repeats = a.repeats or (1 if quick else 3)
     a.bound_seconds = a.bound_seconds or (1 if quick else 3)
     if quick and a.perf:
