@@ -5,7 +5,9 @@ raises ``Unavailable`` at once (load shedding, as TF Serving and Triton answer a
 batch closes when it holds the target number of rows, when its oldest request waited the batch
 timeout, or at once when no batch is running: waiting only pays while the model is busy and
 more requests are bound to arrive, so a lone request is never delayed. A batch runs on the
-executor while the next one forms; at most ``num_batch_threads`` batches run at once. Requests
+executor while the next one forms, or on the event loop when the signature's recent calls say
+one of its rows takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call does); at
+most ``num_batch_threads`` batches run at once. Requests
 whose deadline passed are dropped before they are computed; a request whose caller went away
 (its ``submit`` cancelled) leaves the queue at once, freeing its slot. A request larger than
 ``max_batch_size`` is split into batches of that size and its outputs joined again.
@@ -30,6 +32,7 @@ import numpy as np
 
 from inferd.config import BatchingParameters
 from inferd.errors import DeadlineExceeded, Internal, Unavailable
+from inferd.placement import CallCosts
 from inferd.types import Tensors
 
 _DECREASE = 0.9
@@ -68,8 +71,9 @@ class _Item:
 class Batcher:
     """One bounded queue and batching loop for one (model version, signature).
 
-    ``predict`` runs on ``executor``; ``on_batch(rows, latency_s)`` is told of every batch.
-    Use from the event loop's thread.
+    ``predict`` runs on ``executor``, or on the event loop when ``costs`` (the signature's recent
+    calls, which record every batch) say a batch of its rows is fast; ``on_batch(rows,
+    latency_s)`` is told of every batch. Use from the event loop's thread.
     """
 
     def __init__(
@@ -78,8 +82,10 @@ class Batcher:
         params: BatchingParameters,
         executor: Executor,
         on_batch: Callable[[int, float], None] = lambda rows, latency_s: None,
+        costs: CallCosts | None = None,
     ) -> None:
         self._predict = predict
+        self._costs = costs
         self._params = params
         self._executor = executor
         self._on_batch = on_batch
@@ -221,7 +227,12 @@ class Batcher:
         started = time.monotonic()
         try:
             inputs, padded = self._concatenate(batch)
-            outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            if self._costs is not None and self._costs.inline(padded):
+                outputs, predict_s = _timed(self._predict, inputs)
+            else:
+                outputs, predict_s = await loop.run_in_executor(self._executor, _timed, self._predict, inputs)
+            if self._costs is not None:
+                self._costs.add(padded, predict_s)
             latency_s = time.monotonic() - started
             rows = sum(item.rows for item in batch)
             self._on_batch(rows, latency_s)
@@ -260,6 +271,13 @@ class Batcher:
                 value = _pad_to(value, (padded, *value.shape[1:]))
             merged[name] = value
         return merged, padded
+
+
+def _timed(predict: Callable[[Tensors], Tensors], inputs: Tensors) -> tuple[Tensors, float]:
+    """``predict(inputs)`` and the seconds it took, timed where it runs."""
+    started = time.perf_counter()
+    outputs = predict(inputs)
+    return outputs, time.perf_counter() - started
 
 
 def _pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

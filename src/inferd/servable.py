@@ -19,7 +19,6 @@ import asyncio
 import importlib.util
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -31,21 +30,12 @@ from inferd.config import BatchingParameters, ModelSettings
 from inferd.errors import DeadlineExceeded, ModelLoadError, Unavailable
 from inferd.features import FeatureJoin, FeatureStores, PredictionCache, plan_join
 from inferd.metrics import Histogram, HitCounter, Metrics
+from inferd.placement import CallCosts
 from inferd.runtimes import Model, Supervised, load_model
 from inferd.statistics import VersionStatistics
 from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
-
-INLINE_PREDICT_S = 50e-6
-"""An unbatched call whose expected model time (the signature's recent seconds per row times the
-request's rows) is at most this runs on the event loop's thread instead of an inference thread:
-handing a call to a thread and back costs more than that (about 90 us of CPU per request measured
-on one core with the digits model, see docs/performance.md), and blocking the loop that briefly
-delays the other requests less than the hand-off would."""
-_SAMPLES = 8
-"""How many recent calls of a signature judge it; the fastest counts, so that calls stretched by
-the scheduler or, on a thread, by waiting for the GIL change nothing unless all of them were."""
 
 ModelLoader = Callable[[Path, ModelSettings, str | None], tuple[Model, str]]
 """Loads a version folder with its runtime: ``runtimes.load_model`` in a server."""
@@ -69,12 +59,12 @@ class Servable:
 
     __slots__ = (
         "_batchers",
+        "_call_costs",
         "_closed",
         "_executor",
         "_in_flight",
         "_max_in_flight",
         "_on_close",
-        "_row_costs",
         "batching",
         "id",
         "join",
@@ -109,8 +99,7 @@ class Servable:
         self._executor = executor
         self._max_in_flight = max_in_flight
         self._in_flight = 0
-        # signature -> model seconds per row of its last unbatched calls
-        self._row_costs: dict[str, deque[float]] = {}
+        self._call_costs: dict[str, CallCosts] = {}  # by signature
         self._on_close = on_close
         self._closed = False
 
@@ -131,9 +120,8 @@ class Servable:
     ) -> tuple[Tensors, float, float, int]:
         """Predict ``inputs`` (already conformed and joined): through the signature's batcher
         when there is one and every input has the same rows, else directly: on this (the event
-        loop's) thread when the fastest of the signature's last ``_SAMPLES`` calls says it takes at
-        most ``INLINE_PREDICT_S``, otherwise on an inference thread (always for a signature's first
-        call).
+        loop's) thread when the signature's recent calls say it is fast (``CallCosts.inline``),
+        otherwise on an inference thread (always for a signature's first call).
 
         Returns:
             The outputs, the seconds queued (for a batch or a thread), the seconds of predict,
@@ -153,11 +141,9 @@ class Servable:
             raise Unavailable(f"model {self.id} has {self._in_flight} requests in flight; retry later")
         self._in_flight += 1
         enqueued = time.monotonic()
-        costs = self._row_costs.get(signature)
-        if costs is None:
-            costs = self._row_costs[signature] = deque(maxlen=_SAMPLES)
+        costs = self.call_costs(signature)
         try:
-            if costs and min(costs) * (rows or 1) <= INLINE_PREDICT_S:
+            if costs.inline(rows or 1):
                 result = _timed_predict(self.model, signature, inputs, enqueued, deadline)
             else:
                 result = await asyncio.get_running_loop().run_in_executor(
@@ -165,9 +151,16 @@ class Servable:
                 )
         finally:
             self._in_flight -= 1
-        costs.append(result[2] / (rows or 1))
+        costs.add(rows or 1, result[2])
         self.statistics.executed(rows or 1, result[2])
         return (*result, rows or 1)
+
+    def call_costs(self, signature: str) -> CallCosts:
+        """The recent model time per row of ``signature``'s calls, which its batcher shares."""
+        costs = self._call_costs.get(signature)
+        if costs is None:
+            costs = self._call_costs[signature] = CallCosts()
+        return costs
 
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
         """Report the death of the model's worker process (``isolation = "process"``) to
@@ -272,7 +265,7 @@ class ServableFactory:
                 on_batch = _batch_recorder(servable.statistics, self._metrics.batch_size(id.name, number))
                 for name in model.signatures:
                     servable.batchers[name] = Batcher(
-                        servable._predict(name), params, self._executor, on_batch
+                        servable._predict(name), params, self._executor, on_batch, servable.call_costs(name)
                     )
         except Exception:
             model.close()

@@ -1,5 +1,6 @@
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from inferd.batching import Aimd, Batcher
 from inferd.config import BatchingParameters
 from inferd.errors import ConfigError, Unavailable
+from inferd.placement import INLINE_PREDICT_S, CallCosts
 from inferd.types import Tensors
 
 
@@ -141,3 +143,43 @@ def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed()
 
     asyncio.run(scenario())
     assert computed == [[1], [3]]
+
+
+def _batch_threads(seconds_per_row: float, rows: list[int], costs: CallCosts) -> list[str]:
+    """The threads that computed lone batches of ``rows`` rows, in turn, with a predict taking
+    ``seconds_per_row`` per row."""
+    threads: list[str] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        threads.append(threading.current_thread().name)
+        until = time.perf_counter() + seconds_per_row * len(inputs["x"])
+        while time.perf_counter() < until:  # busy: a sleep would add the timer slack (~50 us)
+            pass
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+            batcher = Batcher(predict, BatchingParameters(max_batch_size=64), pool, costs=costs)
+            for n in rows:
+                await batcher.submit({"x": np.zeros(n)}, n)
+
+    asyncio.run(scenario())
+    return threads
+
+
+def test_a_fast_signatures_batches_run_on_the_event_loop_and_a_slow_ones_on_threads() -> None:
+    loop_thread = threading.main_thread().name
+    fast = _batch_threads(0.0, [4] * 50, CallCosts())
+    assert fast[0].startswith("infer")  # unmeasured: on an inference thread
+    # measured fast: inline (a loaded machine may stretch a few calls past the bound)
+    assert fast.count(loop_thread) > 25
+    slow = _batch_threads(INLINE_PREDICT_S * 4, [1] * 4, CallCosts())
+    assert all(name.startswith("infer") for name in slow)
+
+
+def test_a_batch_too_large_for_the_loop_goes_to_a_thread_and_the_costs_are_shared() -> None:
+    costs = CallCosts()
+    costs.add(1, INLINE_PREDICT_S / 10)  # as after a fast unbatched call of the signature
+    threads = _batch_threads(INLINE_PREDICT_S / 8, [2, 64], costs)
+    assert threads[0] == threading.main_thread().name  # judged by the unbatched call already
+    assert threads[1].startswith("infer")  # 64 rows at a tenth of the bound each: 6.4 times it

@@ -17,8 +17,9 @@ from inferd.errors import ModelLoadError
 from inferd.features import FeatureStores
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
+from inferd.placement import INLINE_PREDICT_S
 from inferd.repository import ModelPlan, VersionSource
-from inferd.servable import INLINE_PREDICT_S, Servable, ServableFactory
+from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.types import InferenceRequest, ModelId, ModelRef, Signature, Tensors, TensorSpec
 
