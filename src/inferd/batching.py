@@ -5,9 +5,10 @@ raises ``Unavailable`` at once (load shedding, as TF Serving and Triton answer a
 batch closes when it holds the target number of rows, when its oldest request waited the batch
 timeout, or at once when no batch is running: waiting only pays while the model is busy and
 more requests are bound to arrive, so a lone request is never delayed. A batch runs on the
-executor while the next one forms, or on the event loop when the signature's recent calls say
-one of its rows takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call does); at
-most ``num_batch_threads`` batches run at once. Requests
+executor while the next one forms, or on the event loop when no other batch of the queue is
+running and the signature's recent calls say the batch takes at most
+``placement.INLINE_PREDICT_S`` (as an unbatched call may); at most ``num_batch_threads``
+batches run at once. Requests
 whose deadline passed are dropped before they are computed; a request whose caller went away
 (its ``submit`` cancelled) leaves the queue at once, freeing its slot. A request larger than
 ``max_batch_size`` is split into batches of that size and its outputs joined again.
@@ -227,7 +228,8 @@ class Batcher:
         started = time.monotonic()
         try:
             inputs, padded = self._concatenate(batch)
-            if self._costs is not None and self._costs.inline(padded):
+            # Alone only: beside a batch on a thread, one on the loop could wait for the model's lock.
+            if self._costs is not None and self._running == 1 and self._costs.inline(padded):
                 outputs, predict_s = _timed(self._predict, inputs)
             else:
                 outputs, predict_s = await loop.run_in_executor(self._executor, _timed, self._predict, inputs)

@@ -159,7 +159,7 @@ class Servable:
         """The recent model time per row of ``signature``'s calls, which its batcher shares."""
         costs = self._call_costs.get(signature)
         if costs is None:
-            costs = self._call_costs[signature] = CallCosts()
+            costs = self._call_costs[signature] = CallCosts(not isinstance(self.model, Supervised))
         return costs
 
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:

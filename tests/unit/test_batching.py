@@ -183,3 +183,33 @@ def test_a_batch_too_large_for_the_loop_goes_to_a_thread_and_the_costs_are_share
     threads = _batch_threads(INLINE_PREDICT_S / 8, [2, 64], costs)
     assert threads[0] == threading.main_thread().name  # judged by the unbatched call already
     assert threads[1].startswith("infer")  # 64 rows at a tenth of the bound each: 6.4 times it
+
+
+def test_a_batch_beside_one_on_a_thread_goes_to_a_thread_too() -> None:
+    """Only a batch running alone may take the event loop: beside one on a thread it could wait
+    for the model's lock and hold the loop meanwhile."""
+    costs = CallCosts()
+    threads: list[str] = []
+    first_may_end = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            first_may_end.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
+            params = BatchingParameters(max_batch_size=1, num_batch_threads=2)
+            batcher = Batcher(predict, params, pool, costs=costs)
+            first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+            while not threads:  # unmeasured: the first batch went to a thread
+                await asyncio.sleep(0.001)
+            costs.add(1, INLINE_PREDICT_S / 10)  # the signature is fast from now on
+            await asyncio.wait_for(batcher.submit({"x": np.zeros(1)}, 1), 10)
+            first_may_end.set()
+            await first
+            await batcher.submit({"x": np.zeros(1)}, 1)  # alone again
+
+    asyncio.run(scenario())
+    assert [name.startswith("infer") for name in threads] == [True, True, False]

@@ -211,3 +211,33 @@ def test_a_large_request_of_a_fast_model_goes_to_a_thread() -> None:
         asyncio.run(scenario())
     assert model.threads[-2] == threading.main_thread().name
     assert model.threads[-1].startswith("infer")
+
+
+def test_the_batcher_judges_its_batches_by_the_costs_the_servable_holds(tmp_path: Path) -> None:
+    settings = ModelSettings(batching=BatchingParameters(max_batch_size=4, num_batch_threads=1))
+    plan = ModelPlan("m", {1: VersionSource(1, tmp_path, "f1")}, settings=settings)
+    models: list[TimedModel] = []
+
+    def load(version_dir: Path, settings: ModelSettings, platform: str | None) -> tuple[TimedModel, str]:
+        models.append(TimedModel(0.0))
+        return models[-1], "fake"
+
+    async def scenario() -> Servable:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+            factory = ServableFactory(pool, load=load)
+            manager: ModelManager[Servable] = ModelManager(pool, factory.load, Metrics())
+            await manager.apply([plan])
+            with manager.lease(ModelRef("m")) as version:
+                servable = version.servable
+            assert servable is not None
+            assert servable.batchers
+            for _ in range(20):
+                await servable.run("serving_default", {"x": np.ones((2, 2), np.float32)}, None)
+            await manager.apply([])
+            return servable
+
+    servable = asyncio.run(scenario())
+    (model,) = models
+    assert model.threads[0].startswith("infer")  # unmeasured
+    assert model.threads.count(threading.main_thread().name) > 10  # then measured fast
+    assert servable.call_costs("serving_default").inline(2)  # by the costs the servable hands out
