@@ -9,6 +9,7 @@ import resource
 import socket
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -66,6 +67,25 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+async def _serve_while(app: Any, client: Callable[[int], Awaitable[None]]) -> None:
+    """Serve ``app`` over the limited protocol on a free port until ``client(port)`` returns."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app,
+        http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
+        lifespan="off",
+        loop="none",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    await client(listener.getsockname()[1])
+    server.should_exit = True
+    await serving
+
+
 def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
     """A request's objects go by reference counting once answered: none is left for the cyclic
     collector, whose full passes over per-request garbage paused the loop for tens of ms."""
@@ -78,30 +98,16 @@ def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def main() -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        config = uvicorn.Config(
-            app,
-            http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
-            lifespan="off",
-            loop="none",
-            log_level="warning",
-        )
-        server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+    async def client(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(3):  # one kept-alive connection: uvicorn lets go of a request at the next
             writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             await reader.readuntil(b"ok")
         writer.close()
-        server.should_exit = True
-        await serving
 
     gc.disable()
     try:
-        asyncio.run(asyncio.wait_for(main(), 30))
+        asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
         assert watched == [True, True, True]
         assert [request() is None for request in seen[:2]] == [True, True], "a request outlived its answer"
     finally:
@@ -134,24 +140,10 @@ def test_requests_read_in_one_turn_are_computed_then_answered_in_steps() -> None
             for conn in (c, a, b):
                 assert conn.recv(4096).endswith(b"ok")
 
-    async def main() -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        config = uvicorn.Config(
-            app,
-            http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
-            lifespan="off",
-            loop="none",
-            log_level="warning",
-        )
-        server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(client, listener.getsockname()[1])
-        server.should_exit = True
-        await serving
+    async def in_thread(port: int) -> None:
+        await asyncio.to_thread(client, port)
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    asyncio.run(asyncio.wait_for(_serve_while(app, in_thread), 30))
     assert events == [
         "/block computed",
         "/block answered",
