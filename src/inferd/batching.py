@@ -8,10 +8,10 @@ more requests are bound to arrive, so a lone request is never delayed. A batch r
 executor while the next one forms, or on the event loop when no other batch of the queue is
 running and the signature's recent calls say the batch takes at most
 ``placement.INLINE_PREDICT_S`` (as an unbatched call may); at most ``num_batch_threads``
-batches run at once. Requests
-whose deadline passed are dropped before they are computed; a request whose caller went away
-(its ``submit`` cancelled) leaves the queue at once, freeing its slot. A request larger than
-``max_batch_size`` is split into batches of that size and its outputs joined again.
+batches run at once. Requests whose deadline passed are dropped before they are computed; a
+request whose caller went away (its ``submit`` cancelled) leaves the queue at once, freeing its
+slot. A request larger than ``max_batch_size`` is split into batches of that size and its
+outputs joined again.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
