@@ -1,17 +1,19 @@
 """Batcher: merges concurrent requests for one model version into one ``predict`` call.
 
-Requests queue up to ``max_enqueued_batches * max_batch_size`` rows; past that, ``submit``
-raises ``Unavailable`` at once (load shedding, as TF Serving and Triton answer a full queue). A
-batch closes when it holds the target number of rows, when its oldest request waited the batch
-timeout, or at once when no batch is running: waiting only pays while the model is busy and
-more requests are bound to arrive, so a lone request is never delayed. A batch runs on the
-executor while the next one forms, or on the event loop when no other batch of the queue is
-running and the signature's recent calls say the batch takes at most
-``placement.INLINE_PREDICT_S`` (as an unbatched call may); at most ``num_batch_threads``
-batches run at once. Requests whose deadline passed are dropped before they are computed; a
-request whose caller went away (its ``submit`` cancelled) leaves the queue at once, freeing its
-slot. A request larger than ``max_batch_size`` is split into batches of that size and its
-outputs joined again.
+Requests queue up to ``max_enqueued_batches * max_batch_size`` rows, counting those of batches
+waiting for a thread; past that, ``submit`` raises ``Unavailable`` at once (load shedding, as
+TF Serving and Triton answer a full queue). A batch closes when it holds the target number of
+rows, when its oldest request waited the batch timeout, or at once when no batch is running:
+waiting only pays while the model is busy and more requests are bound to arrive, so a lone
+request is never delayed. Batches run on the batcher's own ``num_batch_threads`` threads. A full
+batch is handed to them as soon as it closes, so that a thread which finishes one finds the next
+without waiting for the event loop; a partial one, when a thread is free. A batch runs on the
+event loop instead when no other batch of the queue is running and the signature's recent calls
+say it takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call may). Requests whose
+deadline passed are dropped before they are computed (when the batch is formed, and when a
+thread starts it); a request whose caller went away (its ``submit`` cancelled) frees its slot at
+once and is not computed unless its batch has started. A request larger than ``max_batch_size``
+is split into batches of that size and its outputs joined again.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
@@ -23,10 +25,11 @@ objective after two batch latencies, halved for headroom, and never more than th
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,28 +70,43 @@ class _Item:
     future: asyncio.Future[tuple[Tensors, float, float, int]]
     enqueued: float
     deadline: float | None
+    batch: _Batch | None = None  # once it left the queue
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Requests taken from the queue together: ``taken`` rows, the first deadline ``expires``.
+    ``started`` (``time.monotonic()``) is set where the batch is computed (a thread), before it
+    reads which requests are still wanted; until then, the event loop keeps ``rows``: the rows
+    of the requests not withdrawn."""
+
+    items: list[_Item]
+    taken: int
+    expires: float
+    rows: int
+    started: float | None = None
 
 
 class Batcher:
     """One bounded queue and batching loop for one (model version, signature).
 
-    ``predict`` runs on ``executor``, or on the event loop when ``costs`` (the signature's recent
-    calls, which record every batch) say a batch of its rows is fast; ``on_batch(rows,
-    latency_s)`` is told of every batch. Use from the event loop's thread.
+    ``predict`` runs on the batcher's threads, or on the event loop when ``costs`` (the
+    signature's recent calls, which record every batch) say a batch of its rows is fast;
+    ``on_batch(rows, latency_s)`` is told of every batch. Use from the event loop's thread;
+    ``close`` once no request uses it.
     """
 
     def __init__(
         self,
         predict: Callable[[Tensors], Tensors],
         params: BatchingParameters,
-        executor: Executor,
         on_batch: Callable[[int, float], None] = lambda rows, latency_s: None,
         costs: CallCosts | None = None,
     ) -> None:
         self._predict = predict
         self._costs = costs
         self._params = params
-        self._executor = executor
+        self._threads = ThreadPoolExecutor(params.num_batch_threads, thread_name_prefix="inferd-batch")
         self._on_batch = on_batch
         self._timeout_s = params.batch_timeout_micros / 1e6
         self.aimd = (
@@ -99,9 +117,11 @@ class Batcher:
         self._capacity = params.max_enqueued_batches * params.max_batch_size
         self._queue: deque[_Item] = deque()
         self.queued_rows = 0
-        self._running = 0
+        self._running = 0  # batches handed to a thread (computing or waiting for one) or on the loop
         self._worker: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
+        self._handed: list[_Batch] = []  # to the threads, not finished
+        self._handed_rows = 0  # their rows when handed
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -126,10 +146,13 @@ class Batcher:
             Unavailable: the queue is full.
         """
         limit = self._params.max_batch_size
-        if self.queued_rows + rows > self._capacity:
+        queued = self.queued_rows
+        if queued + self._handed_rows + rows > self._capacity:
+            # Of the batches handed to the threads, those waiting for one count.
+            queued += sum(batch.rows for batch in self._handed if batch.started is None)
+        if queued + rows > self._capacity:
             raise Unavailable(
-                f"The batch scheduling queue is full ({self.queued_rows} of {self._capacity} rows "
-                "queued); retry later"
+                f"The batch scheduling queue is full ({queued} of {self._capacity} rows queued); retry later"
             )
         if rows > limit:
             parts = await asyncio.gather(
@@ -157,7 +180,14 @@ class Batcher:
             raise
 
     def _withdraw(self, item: _Item) -> None:
-        """Free a cancelled request's queue slot now, unless a batch already took it."""
+        """Free a cancelled request's queue slot now, unless its batch has started. A thread sets
+        ``started`` before it reads the batch's ``rows``, so a batch read here as not started
+        leaves the request out (unless the thread starts it between this read and the next
+        line: then it is computed and its answer dropped)."""
+        if item.batch is not None:
+            if item.batch.started is None:
+                item.batch.rows -= item.rows
+            return
         try:
             self._queue.remove(item)
         except ValueError:
@@ -175,16 +205,25 @@ class Batcher:
                     and (remaining := deadline - time.monotonic()) > 0
                 ):
                     await self._sleep(loop, remaining)
-                while self._running >= self._params.num_batch_threads:
+                # A full batch goes at once: waiting would not grow it, and a thread that finishes
+                # a batch then finds the next without waiting for the event loop.
+                while (
+                    self._running >= self._params.num_batch_threads
+                    and self.queued_rows < self.target_batch_size
+                ):
                     await self._sleep(loop, None)
                 batch = self._take()
-                if batch:
+                if batch is not None:
                     self._running += 1
                     task = loop.create_task(self._execute(batch))
                     self._executing.add(task)
                     task.add_done_callback(self._executing.discard)
         finally:
             self._worker = None
+
+    def close(self) -> None:
+        """Let the batcher's threads end once idle."""
+        self._threads.shutdown(wait=False)
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
         """Until the timeout, a full batch, or a finished batch, whichever comes first."""
@@ -197,7 +236,7 @@ class Batcher:
                 handle.cancel()
             self._waiter = None
 
-    def _take(self) -> list[_Item]:
+    def _take(self) -> _Batch | None:
         """Pop the requests of the next batch, dropping cancelled and expired ones."""
         batch: list[_Item] = []
         rows, target, now = 0, self.target_batch_size, time.monotonic()
@@ -221,27 +260,42 @@ class Batcher:
             self.queued_rows -= item.rows
             batch.append(item)
             rows += item.rows
-        return batch
+        if not batch:
+            return None
+        expires = min((item.deadline for item in batch if item.deadline is not None), default=math.inf)
+        taken = _Batch(batch, rows, expires, rows)
+        for item in batch:
+            item.batch = taken
+        return taken
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: _Batch) -> None:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
         try:
-            inputs, padded = self._concatenate(batch)
+            inputs, padded = self._concatenate(batch.items)
             # Alone only: beside a batch on a thread, one on the loop could wait for the model's lock.
             if self._costs is not None and self._running == 1 and self._costs.inline(padded):
-                outputs, predict_s = _timed(self._predict, inputs)
+                computed, outputs, padded, predict_s = self._compute(batch, inputs, padded)
             else:
-                outputs, predict_s = await loop.run_in_executor(self._executor, _timed, self._predict, inputs)
-            if self._costs is not None:
-                self._costs.add(padded, predict_s)
-            latency_s = time.monotonic() - started
-            rows = sum(item.rows for item in batch)
-            self._on_batch(rows, latency_s)
-            if self.aimd:
-                self.aimd.observe(rows, latency_s)
+                self._handed.append(batch)
+                self._handed_rows += (handed := batch.rows)
+                try:
+                    computed, outputs, padded, predict_s = await loop.run_in_executor(
+                        self._threads, self._compute, batch, inputs, padded
+                    )
+                finally:
+                    self._handed.remove(batch)
+                    self._handed_rows -= handed
+            assert batch.started is not None
+            started, latency_s = batch.started, time.monotonic() - batch.started
+            rows = sum(item.rows for item in computed)
+            if computed:
+                if self._costs is not None:
+                    self._costs.add(padded, predict_s)
+                self._on_batch(rows, latency_s)
+                if self.aimd:
+                    self.aimd.observe(rows, latency_s)
             offset = 0
-            for item in batch:
+            for item in computed:
                 part = {}
                 for name, value in outputs.items():
                     if value.ndim == 0 or len(value) != padded:
@@ -250,14 +304,47 @@ class Batcher:
                 offset += item.rows
                 if not item.future.done():
                     item.future.set_result((part, started - item.enqueued, latency_s, rows))
+            if len(computed) < len(batch.items):  # the others were withdrawn or expired
+                expired = DeadlineExceeded(
+                    "the request's deadline passed while its batch waited for a thread"
+                )
+                for item in batch.items:
+                    if not item.future.done():
+                        item.future.set_exception(expired)
         except Exception as exc:
-            for item in batch:
+            for item in batch.items:
                 if not item.future.done():
                     item.future.set_exception(exc)
         finally:
             self._running -= 1
             if self._waiter and not self._waiter.done():
                 self._waiter.set_result(None)
+
+    def _compute(
+        self, batch: _Batch, inputs: Tensors, padded: int
+    ) -> tuple[list[_Item], Tensors, int, float]:
+        """Predict ``inputs`` (``batch``'s, ``padded`` rows), or, when some of its requests are no
+        longer wanted (withdrawn, or past their deadline), only the others'; on a batch thread
+        or the event loop.
+
+        Returns:
+            The requests computed, the outputs, the rows computed (padding included) and the
+            seconds of predict.
+        """
+        batch.started = now = time.monotonic()
+        items = batch.items
+        if batch.rows < batch.taken or now > batch.expires:
+            items = [
+                item
+                for item in items
+                if not item.future.cancelled() and (item.deadline is None or now <= item.deadline)
+            ]
+            if not items:
+                return items, {}, 0, 0.0
+            inputs, padded = self._concatenate(items)
+        computing = time.perf_counter()
+        outputs = self._predict(inputs)
+        return items, outputs, padded, time.perf_counter() - computing
 
     def _concatenate(self, batch: list[_Item]) -> tuple[Tensors, int]:
         rows = sum(item.rows for item in batch)
@@ -273,13 +360,6 @@ class Batcher:
                 value = _pad_to(value, (padded, *value.shape[1:]))
             merged[name] = value
         return merged, padded
-
-
-def _timed(predict: Callable[[Tensors], Tensors], inputs: Tensors) -> tuple[Tensors, float]:
-    """``predict(inputs)`` and the seconds it took, timed where it runs."""
-    started = time.perf_counter()
-    outputs = predict(inputs)
-    return outputs, time.perf_counter() - started
 
 
 def _pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

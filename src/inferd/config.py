@@ -589,7 +589,7 @@ class ServerConfig:
         default=30_000,
     )
     rest_api_num_threads: int = option(
-        "threads that run batches and model calls slower than 50 us (a faster call runs on the event loop)",
+        "threads that run unbatched model calls slower than 50 us (batching queues have their own threads)",
         default_factory=lambda: os.cpu_count() or 1,
     )
     decode_processes: int = option(

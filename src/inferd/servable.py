@@ -178,6 +178,8 @@ class Servable:
         if self._closed:
             return
         self._closed = True
+        for batcher in self._batchers.values():
+            batcher.close()
         self._batchers = {}
         self.join = None
         self.predictions = None
@@ -197,7 +199,7 @@ class ServableFactory:
     """Builds servables for a ``ModelManager`` (its loader) and reports their batchers' gauges.
 
     Args:
-        executor: the inference threads the servables predict on.
+        executor: the threads unbatched calls run on (each batcher has its own).
         batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
         max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
             requests are refused with UNAVAILABLE.
@@ -265,7 +267,7 @@ class ServableFactory:
                 on_batch = _batch_recorder(servable.statistics, self._metrics.batch_size(id.name, number))
                 for name in model.signatures:
                     servable.batchers[name] = Batcher(
-                        servable._predict(name), params, self._executor, on_batch, servable.call_costs(name)
+                        servable._predict(name), params, on_batch, servable.call_costs(name)
                     )
         except Exception:
             model.close()

@@ -1,14 +1,13 @@
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from inferd.batching import Aimd, Batcher
 from inferd.config import BatchingParameters
-from inferd.errors import ConfigError, Unavailable
+from inferd.errors import ConfigError, DeadlineExceeded, Unavailable
 from inferd.placement import INLINE_PREDICT_S, CallCosts
 from inferd.types import Tensors
 
@@ -51,15 +50,15 @@ def test_rows_of_concurrent_submissions_come_back_to_their_callers() -> None:
         return {"y": inputs["x"] * 10}
 
     async def scenario() -> list[Tensors]:
-        with ThreadPoolExecutor(2) as pool:
-            params = BatchingParameters(max_batch_size=6, batch_timeout_micros=20_000, num_batch_threads=1)
-            batcher = Batcher(predict, params, pool)
-            sizes = [1, 3, 2, 5, 9]
-            start = np.cumsum([0, *sizes])
-            results = await asyncio.gather(
-                *(batcher.submit({"x": np.arange(a, a + n)}, n) for a, n in zip(start, sizes, strict=False))
-            )
-            return [r[0] for r in results]
+        params = BatchingParameters(max_batch_size=6, batch_timeout_micros=20_000, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        sizes = [1, 3, 2, 5, 9]
+        start = np.cumsum([0, *sizes])
+        results = await asyncio.gather(
+            *(batcher.submit({"x": np.arange(a, a + n)}, n) for a, n in zip(start, sizes, strict=False))
+        )
+        batcher.close()
+        return [r[0] for r in results]
 
     outputs = asyncio.run(scenario())
     assert [o["y"].tolist() for o in outputs] == [
@@ -75,14 +74,14 @@ def test_rows_of_concurrent_submissions_come_back_to_their_callers() -> None:
 
 def test_submitting_past_the_queue_bound_is_refused() -> None:
     async def scenario() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, batch_timeout_micros=50_000)
-            batcher = Batcher(lambda inputs: inputs, params, pool)
-            first = asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2))
-            await asyncio.sleep(0)
-            with pytest.raises(Unavailable, match="queue is full"):
-                await batcher.submit({"x": np.zeros(1)}, 1)
-            await first
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, batch_timeout_micros=50_000)
+        batcher = Batcher(lambda inputs: inputs, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2))
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable, match="queue is full"):
+            await batcher.submit({"x": np.zeros(1)}, 1)
+        await first
+        batcher.close()
 
     asyncio.run(scenario())
 
@@ -100,17 +99,17 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait(
         return {"y": inputs["x"]}
 
     async def scenario() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            hour = 3_600_000_000
-            params = BatchingParameters(max_batch_size=8, batch_timeout_micros=hour, num_batch_threads=1)
-            batcher = Batcher(predict, params, pool)
-            lone = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
-            while not sizes:  # the first batch started without waiting for the hour-long timeout
-                await asyncio.sleep(0.001)
-            later = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(3)]
-            await asyncio.sleep(0.01)
-            first_batch_may_end.set()
-            await asyncio.wait_for(asyncio.gather(lone, *later), timeout=10)
+        hour = 3_600_000_000
+        params = BatchingParameters(max_batch_size=8, batch_timeout_micros=hour, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        lone = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+        while not sizes:  # the first batch started without waiting for the hour-long timeout
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        first_batch_may_end.set()
+        await asyncio.wait_for(asyncio.gather(lone, *later), timeout=10)
+        batcher.close()
 
     asyncio.run(scenario())
     assert sizes == [1, 3]
@@ -126,23 +125,156 @@ def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed()
         return {"y": inputs["x"]}
 
     async def scenario() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            params = BatchingParameters(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1)
-            batcher = Batcher(predict, params, pool)
-            running = asyncio.ensure_future(batcher.submit({"x": np.array([1])}, 1))
-            await asyncio.sleep(0.05)  # computing now
-            queued = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
-            await asyncio.sleep(0.01)
-            assert batcher.queued_rows == 1
-            queued.cancel()
-            await asyncio.sleep(0)
-            assert batcher.queued_rows == 0  # the slot is free while the model is still busy
-            replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
-            release.set()
-            await asyncio.gather(running, replacement)
+        # Two rows a batch: one queued row is not a full batch, so it waits in the queue.
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        running = asyncio.ensure_future(batcher.submit({"x": np.array([1, 1])}, 2))
+        await asyncio.sleep(0.05)  # computing now
+        queued = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 1
+        queued.cancel()
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 0  # the slot is free while the model is still busy
+        replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
+        release.set()
+        await asyncio.gather(running, replacement)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert computed == [[1, 1], [3]]
+
+
+def test_a_cancelled_submission_whose_batch_waits_for_a_thread_frees_its_slot_and_is_not_computed() -> None:
+    release = threading.Event()
+    computed: list[list[int]] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        release.wait(5)
+        computed.append(inputs["x"].tolist())
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        # One row a batch: a queued request is a full batch, handed to the (busy) thread at once.
+        params = BatchingParameters(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        running = asyncio.ensure_future(batcher.submit({"x": np.array([1])}, 1))
+        await asyncio.sleep(0.05)  # computing now
+        waiting = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 0  # its batch left the queue for the thread
+        with pytest.raises(Unavailable, match="queue is full"):  # and still holds the one slot
+            await batcher.submit({"x": np.array([9])}, 1)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
+        release.set()
+        await asyncio.wait_for(asyncio.gather(running, replacement), 10)
+        batcher.close()
 
     asyncio.run(scenario())
     assert computed == [[1], [3]]
+
+
+def test_a_full_batch_is_handed_to_the_threads_at_once_and_taken_up_without_the_loop() -> None:
+    """While every thread computes, a full batch waits for a thread, not for the event loop: the
+    thread that finishes takes it up even while the loop is blocked."""
+    calls: list[list[float]] = []
+    first_may_end = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        calls.append(inputs["x"].tolist())
+        if len(calls) == 1:
+            first_may_end.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        hour = 3_600_000_000
+        params = BatchingParameters(max_batch_size=2, batch_timeout_micros=hour, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.array([1.0, 1.0])}, 2))
+        while not calls:
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(batcher.submit({"x": np.array([2.0, 2.0])}, 2))
+        await asyncio.sleep(0.01)  # the batching loop turns: the full batch goes to the threads
+        assert batcher.queued_rows == 0
+        first_may_end.set()
+        time.sleep(0.5)  # block the event loop: only the thread can start the second batch
+        assert calls == [[1.0, 1.0], [2.0, 2.0]]
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_full_batches_waiting_for_a_thread_count_against_the_queue_bound() -> None:
+    release = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=2, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        accepted = []
+        for _ in range(3):  # one computing, two waiting for the thread: four rows of four
+            accepted.append(asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2)))
+            await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 0
+        with pytest.raises(Unavailable, match=r"queue is full \(4 of 4 rows queued\)"):
+            await batcher.submit({"x": np.zeros(1)}, 1)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*accepted), 10)
+        await batcher.submit({"x": np.zeros(1)}, 1)  # room again
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_whose_deadlines_passed_while_it_waited_for_a_thread_is_not_computed() -> None:
+    computed: list[list[float]] = []
+    first_may_end = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        computed.append(inputs["x"].tolist())
+        first_may_end.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=1, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.array([1.0])}, 1))
+        while not computed:
+            await asyncio.sleep(0.001)
+        late = asyncio.ensure_future(batcher.submit({"x": np.array([2.0])}, 1, time.monotonic() + 0.05))
+        await asyncio.sleep(0.1)  # handed to the thread, then past its deadline while it waits
+        first_may_end.set()
+        await first
+        with pytest.raises(DeadlineExceeded, match="waited for a thread"):
+            await asyncio.wait_for(late, 10)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert computed == [[1.0]]
+
+
+def test_closing_a_batcher_ends_its_threads() -> None:
+    def batch_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("inferd-batch")]
+
+    async def scenario() -> None:
+        batcher = Batcher(lambda inputs: inputs, BatchingParameters(max_batch_size=4, num_batch_threads=2))
+        before = set(batch_threads())
+        await batcher.submit({"x": np.zeros(1)}, 1)
+        mine = [t for t in batch_threads() if t not in before]
+        assert mine
+        batcher.close()
+        for thread in mine:
+            thread.join(10)
+            assert not thread.is_alive()
+
+    asyncio.run(scenario())
 
 
 def _batch_threads(seconds_per_row: float, rows: list[int], costs: CallCosts) -> list[str]:
@@ -158,10 +290,10 @@ def _batch_threads(seconds_per_row: float, rows: list[int], costs: CallCosts) ->
         return {"y": inputs["x"]}
 
     async def scenario() -> None:
-        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
-            batcher = Batcher(predict, BatchingParameters(max_batch_size=64), pool, costs=costs)
-            for n in rows:
-                await batcher.submit({"x": np.zeros(n)}, n)
+        batcher = Batcher(predict, BatchingParameters(max_batch_size=64), costs=costs)
+        for n in rows:
+            await batcher.submit({"x": np.zeros(n)}, n)
+        batcher.close()
 
     asyncio.run(scenario())
     return threads
@@ -170,11 +302,11 @@ def _batch_threads(seconds_per_row: float, rows: list[int], costs: CallCosts) ->
 def test_a_fast_signatures_batches_run_on_the_event_loop_and_a_slow_ones_on_threads() -> None:
     loop_thread = threading.main_thread().name
     fast = _batch_threads(0.0, [4] * 50, CallCosts())
-    assert fast[0].startswith("infer")  # unmeasured: on an inference thread
+    assert fast[0].startswith("inferd-batch")  # unmeasured: on an inference thread
     # measured fast: inline (a loaded machine may stretch a few calls past the bound)
     assert fast.count(loop_thread) > 25
     slow = _batch_threads(INLINE_PREDICT_S * 4, [1] * 4, CallCosts())
-    assert all(name.startswith("infer") for name in slow)
+    assert all(name.startswith("inferd-batch") for name in slow)
 
 
 def test_a_batch_too_large_for_the_loop_goes_to_a_thread_and_the_costs_are_shared() -> None:
@@ -182,7 +314,7 @@ def test_a_batch_too_large_for_the_loop_goes_to_a_thread_and_the_costs_are_share
     costs.add(1, INLINE_PREDICT_S / 10)  # as after a fast unbatched call of the signature
     threads = _batch_threads(INLINE_PREDICT_S / 8, [2, 64], costs)
     assert threads[0] == threading.main_thread().name  # judged by the unbatched call already
-    assert threads[1].startswith("infer")  # 64 rows at a tenth of the bound each: 6.4 times it
+    assert threads[1].startswith("inferd-batch")  # 64 rows at a tenth of the bound each: 6.4 times it
 
 
 def test_a_batch_beside_one_on_a_thread_goes_to_a_thread_too() -> None:
@@ -199,17 +331,17 @@ def test_a_batch_beside_one_on_a_thread_goes_to_a_thread_too() -> None:
         return {"y": inputs["x"]}
 
     async def scenario() -> None:
-        with ThreadPoolExecutor(2, thread_name_prefix="infer") as pool:
-            params = BatchingParameters(max_batch_size=1, num_batch_threads=2)
-            batcher = Batcher(predict, params, pool, costs=costs)
-            first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
-            while not threads:  # unmeasured: the first batch went to a thread
-                await asyncio.sleep(0.001)
-            costs.add(1, INLINE_PREDICT_S / 10)  # the signature is fast from now on
-            await asyncio.wait_for(batcher.submit({"x": np.zeros(1)}, 1), 10)
-            first_may_end.set()
-            await first
-            await batcher.submit({"x": np.zeros(1)}, 1)  # alone again
+        params = BatchingParameters(max_batch_size=1, num_batch_threads=2)
+        batcher = Batcher(predict, params, costs=costs)
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+        while not threads:  # unmeasured: the first batch went to a thread
+            await asyncio.sleep(0.001)
+        costs.add(1, INLINE_PREDICT_S / 10)  # the signature is fast from now on
+        await asyncio.wait_for(batcher.submit({"x": np.zeros(1)}, 1), 10)
+        first_may_end.set()
+        await first
+        await batcher.submit({"x": np.zeros(1)}, 1)  # alone again
+        batcher.close()
 
     asyncio.run(scenario())
-    assert [name.startswith("infer") for name in threads] == [True, True, False]
+    assert [name.startswith("inferd-batch") for name in threads] == [True, True, False]
