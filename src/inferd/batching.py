@@ -1,13 +1,14 @@
 """Batcher: merges concurrent requests for one model version into one ``predict`` call.
 
 Requests queue up to ``max_enqueued_batches * max_batch_size`` rows, counting those of batches
-waiting for a thread; past that, ``submit`` raises ``Unavailable`` at once (load shedding, as
+not started yet; past that, ``submit`` raises ``Unavailable`` at once (load shedding, as
 TF Serving and Triton answer a full queue). A batch closes when it holds the target number of
 rows, when its oldest request waited the batch timeout, or at once when no batch is running:
 waiting only pays while the model is busy and more requests are bound to arrive, so a lone
 request is never delayed. Batches run on the batcher's own ``num_batch_threads`` threads. A full
-batch is handed to them as soon as it closes, so that a thread which finishes one finds the next
-without waiting for the event loop; a partial one, when a thread is free. A batch runs on the
+batch is handed to them at once (in adaptive mode, while fewer than two per thread are computing
+or waiting), so that a thread which finishes one finds the next without waiting for the event
+loop; a partial one, when a thread is free. A batch runs on the
 event loop instead when no other batch of the queue is running and the signature's recent calls
 say it takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call may). Requests whose
 deadline passed are dropped before they are computed (when the batch is formed, and when a
@@ -76,9 +77,9 @@ class _Item:
 @dataclass(slots=True, eq=False)
 class _Batch:
     """Requests taken from the queue together: ``taken`` rows, the first deadline ``expires``.
-    ``started`` (``time.monotonic()``) is set where the batch is computed (a thread), before it
-    reads which requests are still wanted; until then, the event loop keeps ``rows``: the rows
-    of the requests not withdrawn."""
+    ``started`` (``time.monotonic()``) is set where the batch is computed (a batch thread or the
+    event loop), before it reads which requests are still wanted; until then, the event loop
+    keeps ``rows``: the rows of the requests not withdrawn."""
 
     items: list[_Item]
     taken: int
@@ -120,13 +121,18 @@ class Batcher:
         self._running = 0  # batches handed to a thread (computing or waiting for one) or on the loop
         self._worker: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
-        self._handed: list[_Batch] = []  # to the threads, not finished
-        self._handed_rows = 0  # their rows when handed
+        self._taken: list[_Batch] = []  # taken from the queue, not finished
+        self._taken_rows = 0  # their rows when taken
         self._waiter: asyncio.Future[None] | None = None
 
     @property
     def target_batch_size(self) -> int:
         return self.aimd.batch_size if self.aimd else self._params.max_batch_size
+
+    @property
+    def waiting_rows(self) -> int:
+        """Rows in the queue or in batches not started yet: what ``max_enqueued_batches`` bounds."""
+        return self.queued_rows + sum(batch.rows for batch in self._taken if batch.started is None)
 
     @property
     def wait_s(self) -> float:
@@ -147,9 +153,8 @@ class Batcher:
         """
         limit = self._params.max_batch_size
         queued = self.queued_rows
-        if queued + self._handed_rows + rows > self._capacity:
-            # Of the batches handed to the threads, those waiting for one count.
-            queued += sum(batch.rows for batch in self._handed if batch.started is None)
+        if queued + self._taken_rows + rows > self._capacity:  # then count exactly
+            queued = self.waiting_rows
         if queued + rows > self._capacity:
             raise Unavailable(
                 f"The batch scheduling queue is full ({queued} of {self._capacity} rows queued); retry later"
@@ -205,21 +210,28 @@ class Batcher:
                     and (remaining := deadline - time.monotonic()) > 0
                 ):
                     await self._sleep(loop, remaining)
-                # A full batch goes at once: waiting would not grow it, and a thread that finishes
-                # a batch then finds the next without waiting for the event loop.
-                while (
-                    self._running >= self._params.num_batch_threads
-                    and self.queued_rows < self.target_batch_size
-                ):
+                while self._running >= self._batch_slots():
                     await self._sleep(loop, None)
                 batch = self._take()
                 if batch is not None:
+                    self._taken.append(batch)
+                    self._taken_rows += batch.rows
                     self._running += 1
                     task = loop.create_task(self._execute(batch))
                     self._executing.add(task)
                     task.add_done_callback(self._executing.discard)
         finally:
             self._worker = None
+
+    def _batch_slots(self) -> float:
+        """How many batches may be computing or waiting for a thread when the next one goes. A
+        full batch may wait for a thread, since waiting in the queue would not grow it, and a
+        thread that finishes a batch then finds the next without the event loop. In adaptive
+        mode only one per thread waits, so that few batches are closed at an old target."""
+        threads = self._params.num_batch_threads
+        if self.queued_rows < self.target_batch_size:
+            return threads
+        return 2 * threads if self.aimd else math.inf
 
     def close(self) -> None:
         """Let the batcher's threads end once idle."""
@@ -238,8 +250,8 @@ class Batcher:
 
     def _take(self) -> _Batch | None:
         """Pop the requests of the next batch, dropping cancelled and expired ones."""
-        batch: list[_Item] = []
-        rows, target, now = 0, self.target_batch_size, time.monotonic()
+        batch = _Batch([], 0, math.inf, 0)
+        target, now = self.target_batch_size, time.monotonic()
         shape = None
         while self._queue:
             item = self._queue[0]
@@ -253,20 +265,18 @@ class Batcher:
                 continue
             item_shape = {k: v.shape[1:] for k, v in item.inputs.items()}
             fits = shape is None or item_shape == shape or self._params.pad_variable_length_inputs
-            if batch and (rows + item.rows > target or not fits):
+            if batch.items and (batch.taken + item.rows > target or not fits):
                 break
             shape = shape or item_shape
             self._queue.popleft()
             self.queued_rows -= item.rows
-            batch.append(item)
-            rows += item.rows
-        if not batch:
-            return None
-        expires = min((item.deadline for item in batch if item.deadline is not None), default=math.inf)
-        taken = _Batch(batch, rows, expires, rows)
-        for item in batch:
-            item.batch = taken
-        return taken
+            batch.items.append(item)
+            batch.taken += item.rows
+            if item.deadline is not None and item.deadline < batch.expires:
+                batch.expires = item.deadline
+            item.batch = batch
+        batch.rows = batch.taken
+        return batch if batch.items else None
 
     async def _execute(self, batch: _Batch) -> None:
         loop = asyncio.get_running_loop()
@@ -276,15 +286,9 @@ class Batcher:
             if self._costs is not None and self._running == 1 and self._costs.inline(padded):
                 computed, outputs, padded, predict_s = self._compute(batch, inputs, padded)
             else:
-                self._handed.append(batch)
-                self._handed_rows += (handed := batch.rows)
-                try:
-                    computed, outputs, padded, predict_s = await loop.run_in_executor(
-                        self._threads, self._compute, batch, inputs, padded
-                    )
-                finally:
-                    self._handed.remove(batch)
-                    self._handed_rows -= handed
+                computed, outputs, padded, predict_s = await loop.run_in_executor(
+                    self._threads, self._compute, batch, inputs, padded
+                )
             assert batch.started is not None
             started, latency_s = batch.started, time.monotonic() - batch.started
             rows = sum(item.rows for item in computed)
@@ -305,9 +309,7 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result((part, started - item.enqueued, latency_s, rows))
             if len(computed) < len(batch.items):  # the others were withdrawn or expired
-                expired = DeadlineExceeded(
-                    "the request's deadline passed while its batch waited for a thread"
-                )
+                expired = DeadlineExceeded("the request's deadline passed before its batch started")
                 for item in batch.items:
                     if not item.future.done():
                         item.future.set_exception(expired)
@@ -316,6 +318,9 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
         finally:
+            batch.items = []  # the requests point back at it: no cycle left for the collector
+            self._taken.remove(batch)
+            self._taken_rows -= batch.taken
             self._running -= 1
             if self._waiter and not self._waiter.done():
                 self._waiter.set_result(None)

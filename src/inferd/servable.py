@@ -225,7 +225,11 @@ class ServableFactory:
         self._features = features
         self._load = load
         self._live: dict[ModelId, Servable] = {}
-        metrics.gauge("inferd_queue_rows", "Rows waiting in batching queues", self._queued_rows)
+        metrics.gauge(
+            "inferd_queue_rows",
+            "Rows waiting in batching queues or in batches not started",
+            self._queued_rows,
+        )
         metrics.gauge("inferd_batcher_target_batch_size", "Batch size the batcher aims for", self._targets)
         metrics.gauge("inferd_batcher_wait_seconds", "Longest wait for a batch to fill", self._waits)
 
@@ -290,7 +294,7 @@ class ServableFactory:
                 yield (servable.id.name, str(servable.id.version)), batchers
 
     def _queued_rows(self) -> Iterator[tuple[tuple[str, str], float]]:
-        return ((labels, float(sum(b.queued_rows for b in bs))) for labels, bs in self._batcher_readings())
+        return ((labels, float(sum(b.waiting_rows for b in bs))) for labels, bs in self._batcher_readings())
 
     def _targets(self) -> Iterator[tuple[tuple[str, str], float]]:
         return (

@@ -1,6 +1,8 @@
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -162,11 +164,12 @@ def test_a_cancelled_submission_whose_batch_waits_for_a_thread_frees_its_slot_an
         await asyncio.sleep(0.05)  # computing now
         waiting = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
         await asyncio.sleep(0.01)
-        assert batcher.queued_rows == 0  # its batch left the queue for the thread
+        assert (batcher.queued_rows, batcher.waiting_rows) == (0, 1)  # its batch left the queue
         with pytest.raises(Unavailable, match="queue is full"):  # and still holds the one slot
             await batcher.submit({"x": np.array([9])}, 1)
         waiting.cancel()
         await asyncio.sleep(0)
+        assert batcher.waiting_rows == 0
         replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
         release.set()
         await asyncio.wait_for(asyncio.gather(running, replacement), 10)
@@ -221,7 +224,7 @@ def test_full_batches_waiting_for_a_thread_count_against_the_queue_bound() -> No
         for _ in range(3):  # one computing, two waiting for the thread: four rows of four
             accepted.append(asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2)))
             await asyncio.sleep(0.01)
-        assert batcher.queued_rows == 0
+        assert (batcher.queued_rows, batcher.waiting_rows) == (0, 4)
         with pytest.raises(Unavailable, match=r"queue is full \(4 of 4 rows queued\)"):
             await batcher.submit({"x": np.zeros(1)}, 1)
         release.set()
@@ -251,12 +254,91 @@ def test_a_batch_whose_deadlines_passed_while_it_waited_for_a_thread_is_not_comp
         await asyncio.sleep(0.1)  # handed to the thread, then past its deadline while it waits
         first_may_end.set()
         await first
-        with pytest.raises(DeadlineExceeded, match="waited for a thread"):
+        with pytest.raises(DeadlineExceeded, match="before its batch started"):
             await asyncio.wait_for(late, 10)
         batcher.close()
 
     asyncio.run(scenario())
     assert computed == [[1.0]]
+
+
+def test_in_adaptive_mode_one_full_batch_per_thread_waits_and_the_rest_stay_queued() -> None:
+    """Batches closed now have today's target size: in adaptive mode few may wait for a thread,
+    so that the queue's requests are batched at the size the model is measured to take."""
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        sizes.append(len(inputs["x"]))
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=8, num_batch_threads=1, target_p99_ms=60_000)
+        batcher = Batcher(predict, params)
+        assert batcher.target_batch_size == 1
+        requests = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        # one computing, one waiting for the thread, three in the queue
+        assert (batcher.queued_rows, batcher.waiting_rows) == (3, 4)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*requests), 10)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert sum(sizes) == 5
+
+
+def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots() -> None:
+    """Between the batching loop taking requests and a thread starting their batch, they count."""
+    release = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+        await asyncio.sleep(0.05)  # computing
+        accepted = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
+        await asyncio.sleep(0)  # both queued: the two slots are taken; the batching loop wakes
+        late = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        for refused in late:
+            with pytest.raises(Unavailable, match=r"queue is full \(2 of 2 rows queued\)"):
+                await refused
+        assert batcher.waiting_rows == 2
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *accepted), 10)
+        assert batcher.waiting_rows == 0
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_batch_is_freed_without_the_cycle_collector() -> None:
+    """Requests and their batch go by reference counting: the collector's full passes over
+    per-request garbage would pause the event loop."""
+
+    async def scenario() -> list[weakref.ref[np.ndarray]]:
+        batcher = Batcher(lambda inputs: {"y": inputs["x"] * 2}, BatchingParameters(max_batch_size=4))
+        inputs = []
+        for _ in range(3):
+            x = np.zeros(2)
+            inputs.append(weakref.ref(x))
+            await batcher.submit({"x": x}, 2)
+            del x
+        batcher.close()
+        return inputs
+
+    gc.disable()
+    try:
+        inputs = asyncio.run(scenario())
+        assert [ref() is None for ref in inputs] == [True, True, True]
+    finally:
+        gc.enable()
 
 
 def test_closing_a_batcher_ends_its_threads() -> None:

@@ -86,6 +86,7 @@ def test_close_frees_the_batchers_caches_model_and_metric_label_sets(tmp_path: P
     loads, metrics, stores = Loads(), Metrics(), FeatureStores()
 
     async def serve_then_close() -> Servable:
+        threads_before = set(threading.enumerate())
         with ThreadPoolExecutor(2) as pool:
             factory = ServableFactory(pool, metrics=metrics, features=stores, load=loads)
             manager: ModelManager[Servable] = ModelManager(pool, factory.load, metrics)
@@ -107,8 +108,15 @@ def test_close_frees_the_batchers_caches_model_and_metric_label_sets(tmp_path: P
             page = metrics.exposition().decode()
             for family in ("inferd_batch_size_count", "inferd_queue_rows", "inferd_prediction_cache_total"):
                 assert re.search(rf'^{family}\{{model="m",(result="\w+",)?version="1"', page, re.M), family
+            batch_threads = [
+                t for t in set(threading.enumerate()) - threads_before if t.name.startswith("inferd-batch")
+            ]
+            assert batch_threads  # the first batch, unmeasured, ran on one
             await manager.close()
             assert factory.live() == []
+            for thread in batch_threads:  # the batcher's threads end with it
+                thread.join(10)
+                assert not thread.is_alive()
             await stores.close()
             return servable
 
