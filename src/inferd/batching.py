@@ -6,8 +6,8 @@ TF Serving and Triton answer a full queue). A batch closes when it holds the tar
 rows, when its oldest request waited the batch timeout, or at once when no batch is running:
 waiting only pays while the model is busy and more requests are bound to arrive, so a lone
 request is never delayed. Batches run on the batcher's own ``num_batch_threads`` threads. A full
-batch is handed to them at once (in adaptive mode, while fewer than two per thread are computing
-or waiting), so that a thread which finishes one finds the next without waiting for the event
+batch is handed to them at once (up to ``max_enqueued_batches`` waiting; in adaptive mode, one
+per thread), so that a thread which finishes one finds the next without waiting for the event
 loop; a partial one, when a thread is free. A batch runs on the
 event loop instead when no other batch of the queue is running and the signature's recent calls
 say it takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call may). Requests whose
@@ -185,10 +185,9 @@ class Batcher:
             raise
 
     def _withdraw(self, item: _Item) -> None:
-        """Free a cancelled request's queue slot now, unless its batch has started. A thread sets
-        ``started`` before it reads the batch's ``rows``, so a batch read here as not started
-        leaves the request out (unless the thread starts it between this read and the next
-        line: then it is computed and its answer dropped)."""
+        """Free a cancelled request's queue slot now, unless its batch has started. Its future
+        is cancelled already, and a thread starting a batch reads the futures after it sets
+        ``started``, so a batch read here as not started leaves the request out."""
         if item.batch is not None:
             if item.batch.started is None:
                 item.batch.rows -= item.rows
@@ -223,15 +222,16 @@ class Batcher:
         finally:
             self._worker = None
 
-    def _batch_slots(self) -> float:
+    def _batch_slots(self) -> int:
         """How many batches may be computing or waiting for a thread when the next one goes. A
         full batch may wait for a thread, since waiting in the queue would not grow it, and a
-        thread that finishes a batch then finds the next without the event loop. In adaptive
-        mode only one per thread waits, so that few batches are closed at an old target."""
+        thread that finishes a batch then finds the next without the event loop: up to
+        ``max_enqueued_batches`` of them (their withdrawn requests' slots are free, but not their
+        memory), and in adaptive mode one per thread, so that few are closed at an old target."""
         threads = self._params.num_batch_threads
         if self.queued_rows < self.target_batch_size:
             return threads
-        return 2 * threads if self.aimd else math.inf
+        return 2 * threads if self.aimd else threads + self._params.max_enqueued_batches
 
     def close(self) -> None:
         """Let the batcher's threads end once idle."""
@@ -338,7 +338,7 @@ class Batcher:
         """
         batch.started = now = time.monotonic()
         items = batch.items
-        if batch.rows < batch.taken or now > batch.expires:
+        if now > batch.expires or any(item.future.cancelled() for item in items):
             items = [
                 item
                 for item in items

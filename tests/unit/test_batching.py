@@ -14,6 +14,15 @@ from inferd.placement import INLINE_PREDICT_S, CallCosts
 from inferd.types import Tensors
 
 
+async def _until_set(event: threading.Event) -> None:
+    """Until a thread sets ``event`` (at most 10 s), letting the event loop run."""
+    for _ in range(10_000):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the event was never set")
+
+
 def test_aimd_grows_by_one_after_full_fast_batches_and_shrinks_by_ten_percent_when_slow() -> None:
     aimd = Aimd(target_p99_ms=20, max_batch_size=64, max_wait_s=0.005)
     for _ in range(30):
@@ -118,10 +127,11 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait(
 
 
 def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed() -> None:
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     computed: list[list[int]] = []
 
     def predict(inputs: Tensors) -> Tensors:
+        entered.set()
         release.wait(5)
         computed.append(inputs["x"].tolist())
         return {"y": inputs["x"]}
@@ -131,7 +141,7 @@ def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed()
         params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, num_batch_threads=1)
         batcher = Batcher(predict, params)
         running = asyncio.ensure_future(batcher.submit({"x": np.array([1, 1])}, 2))
-        await asyncio.sleep(0.05)  # computing now
+        await _until_set(entered)  # computing now
         queued = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
         await asyncio.sleep(0.01)
         assert batcher.queued_rows == 1
@@ -148,10 +158,11 @@ def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed()
 
 
 def test_a_cancelled_submission_whose_batch_waits_for_a_thread_frees_its_slot_and_is_not_computed() -> None:
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     computed: list[list[int]] = []
 
     def predict(inputs: Tensors) -> Tensors:
+        entered.set()
         release.wait(5)
         computed.append(inputs["x"].tolist())
         return {"y": inputs["x"]}
@@ -161,7 +172,7 @@ def test_a_cancelled_submission_whose_batch_waits_for_a_thread_frees_its_slot_an
         params = BatchingParameters(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1)
         batcher = Batcher(predict, params)
         running = asyncio.ensure_future(batcher.submit({"x": np.array([1])}, 1))
-        await asyncio.sleep(0.05)  # computing now
+        await _until_set(entered)  # computing now
         waiting = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
         await asyncio.sleep(0.01)
         assert (batcher.queued_rows, batcher.waiting_rows) == (0, 1)  # its batch left the queue
@@ -213,15 +224,19 @@ def test_a_full_batch_is_handed_to_the_threads_at_once_and_taken_up_without_the_
 def test_full_batches_waiting_for_a_thread_count_against_the_queue_bound() -> None:
     release = threading.Event()
 
+    entered = threading.Event()
+
     def predict(inputs: Tensors) -> Tensors:
+        entered.set()
         release.wait(10)
         return {"y": inputs["x"]}
 
     async def scenario() -> None:
         params = BatchingParameters(max_batch_size=2, max_enqueued_batches=2, num_batch_threads=1)
         batcher = Batcher(predict, params)
-        accepted = []
-        for _ in range(3):  # one computing, two waiting for the thread: four rows of four
+        accepted = [asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2))]
+        await _until_set(entered)
+        for _ in range(2):  # one computing, two waiting for the thread: four rows of four
             accepted.append(asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2)))
             await asyncio.sleep(0.01)
         assert (batcher.queued_rows, batcher.waiting_rows) == (0, 4)
@@ -250,8 +265,11 @@ def test_a_batch_whose_deadlines_passed_while_it_waited_for_a_thread_is_not_comp
         first = asyncio.ensure_future(batcher.submit({"x": np.array([1.0])}, 1))
         while not computed:
             await asyncio.sleep(0.001)
-        late = asyncio.ensure_future(batcher.submit({"x": np.array([2.0])}, 1, time.monotonic() + 0.05))
-        await asyncio.sleep(0.1)  # handed to the thread, then past its deadline while it waits
+        deadline = time.monotonic() + 0.2
+        late = asyncio.ensure_future(batcher.submit({"x": np.array([2.0])}, 1, deadline))
+        await asyncio.sleep(0.01)
+        assert (batcher.queued_rows, batcher.waiting_rows) == (0, 1)  # handed to the thread
+        await asyncio.sleep(deadline - time.monotonic() + 0.05)  # and past its deadline there
         first_may_end.set()
         await first
         with pytest.raises(DeadlineExceeded, match="before its batch started"):
@@ -268,8 +286,11 @@ def test_in_adaptive_mode_one_full_batch_per_thread_waits_and_the_rest_stay_queu
     release = threading.Event()
     sizes: list[int] = []
 
+    entered = threading.Event()
+
     def predict(inputs: Tensors) -> Tensors:
         sizes.append(len(inputs["x"]))
+        entered.set()
         release.wait(10)
         return {"y": inputs["x"]}
 
@@ -278,7 +299,8 @@ def test_in_adaptive_mode_one_full_batch_per_thread_waits_and_the_rest_stay_queu
         batcher = Batcher(predict, params)
         assert batcher.target_batch_size == 1
         requests = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await _until_set(entered)
+        await asyncio.sleep(0.01)
         # one computing, one waiting for the thread, three in the queue
         assert (batcher.queued_rows, batcher.waiting_rows) == (3, 4)
         release.set()
@@ -291,9 +313,10 @@ def test_in_adaptive_mode_one_full_batch_per_thread_waits_and_the_rest_stay_queu
 
 def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots() -> None:
     """Between the batching loop taking requests and a thread starting their batch, they count."""
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     def predict(inputs: Tensors) -> Tensors:
+        entered.set()
         release.wait(10)
         return {"y": inputs["x"]}
 
@@ -301,7 +324,7 @@ def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots(
         params = BatchingParameters(max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
         batcher = Batcher(predict, params)
         first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
-        await asyncio.sleep(0.05)  # computing
+        await _until_set(entered)  # computing
         accepted = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
         await asyncio.sleep(0)  # both queued: the two slots are taken; the batching loop wakes
         late = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
@@ -314,6 +337,43 @@ def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots(
         await asyncio.wait_for(asyncio.gather(first, *accepted), 10)
         assert batcher.waiting_rows == 0
         batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batches_waiting_for_a_thread_are_bounded_even_when_their_requests_are_withdrawn() -> None:
+    """A withdrawn request frees its slot at once, but its batch keeps its inputs until a thread
+    reaches it: so at most max_enqueued_batches batches wait, and the rest of the requests stay
+    in the queue, whence a withdrawn one leaves with its memory."""
+    release, entered = threading.Event(), threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        entered.set()
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> list[weakref.ref[np.ndarray]]:
+        params = BatchingParameters(max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+        await _until_set(entered)
+        inputs = []
+        for _ in range(20):  # each a full batch, whose caller gives up
+            x = np.zeros(1)
+            inputs.append(weakref.ref(x))
+            request = asyncio.ensure_future(batcher.submit({"x": x}, 1))
+            del x
+            await asyncio.sleep(0.001)
+            request.cancel()
+            await asyncio.sleep(0.001)
+        del request  # a cancelled task keeps its coroutine's frame
+        gc.collect()
+        alive = sum(ref() is not None for ref in inputs)
+        assert alive <= 2, alive
+        release.set()
+        await asyncio.wait_for(first, 10)
+        batcher.close()
+        return inputs
 
     asyncio.run(scenario())
 
@@ -331,6 +391,9 @@ def test_a_finished_batch_is_freed_without_the_cycle_collector() -> None:
             await batcher.submit({"x": x}, 2)
             del x
         batcher.close()
+        for thread in threading.enumerate():  # a thread keeps its last work item until it ends
+            if thread.name.startswith("inferd-batch"):
+                thread.join(10)
         return inputs
 
     gc.disable()
