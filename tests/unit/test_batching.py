@@ -126,95 +126,70 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait(
     assert sizes == [1, 3]
 
 
-def test_a_cancelled_submission_leaves_the_queue_at_once_and_is_never_computed() -> None:
-    release, entered = threading.Event(), threading.Event()
-    computed: list[list[int]] = []
+class _Held:
+    """A model that records the rows of ``x`` of each call and holds its calls (the first only,
+    with ``first_only``) until ``release`` is set; ``entered`` is set when a call begins."""
 
-    def predict(inputs: Tensors) -> Tensors:
-        entered.set()
-        release.wait(5)
-        computed.append(inputs["x"].tolist())
+    def __init__(self, first_only: bool = False) -> None:
+        self.calls: list[list[float]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._first_only = first_only
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        self.calls.append(inputs["x"].tolist())
+        self.entered.set()
+        if not self._first_only or len(self.calls) == 1:
+            self.release.wait(10)
         return {"y": inputs["x"]}
 
+
+@pytest.mark.parametrize("handed", [False, True], ids=["in the queue", "in a batch waiting for a thread"])
+def test_a_cancelled_submission_frees_its_slot_at_once_and_is_never_computed(handed: bool) -> None:
+    model = _Held()
+
     async def scenario() -> None:
-        # Two rows a batch: one queued row is not a full batch, so it waits in the queue.
-        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=1, num_batch_threads=1)
-        batcher = Batcher(predict, params)
-        running = asyncio.ensure_future(batcher.submit({"x": np.array([1, 1])}, 2))
-        await _until_set(entered)  # computing now
-        queued = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
+        # One row a batch: the queued request is a full batch, handed to the busy thread at once.
+        # Two: it is not full, and waits in the queue. Either way it holds the queue's one batch.
+        size = 1 if handed else 2
+        params = BatchingParameters(max_batch_size=size, max_enqueued_batches=1, num_batch_threads=1)
+        batcher = Batcher(model, params)
+        running = asyncio.ensure_future(batcher.submit({"x": np.ones(size)}, size))
+        await _until_set(model.entered)  # computing now
+        queued = asyncio.ensure_future(batcher.submit({"x": np.array([2.0])}, 1))
         await asyncio.sleep(0.01)
-        assert batcher.queued_rows == 1
+        assert (batcher.queued_rows, batcher.waiting_rows) == (0 if handed else 1, 1)
+        with pytest.raises(Unavailable, match="queue is full"):
+            await batcher.submit({"x": np.full(size, 9.0)}, size)
         queued.cancel()
         await asyncio.sleep(0)
-        assert batcher.queued_rows == 0  # the slot is free while the model is still busy
-        replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
-        release.set()
-        await asyncio.gather(running, replacement)
-        batcher.close()
-
-    asyncio.run(scenario())
-    assert computed == [[1, 1], [3]]
-
-
-def test_a_cancelled_submission_whose_batch_waits_for_a_thread_frees_its_slot_and_is_not_computed() -> None:
-    release, entered = threading.Event(), threading.Event()
-    computed: list[list[int]] = []
-
-    def predict(inputs: Tensors) -> Tensors:
-        entered.set()
-        release.wait(5)
-        computed.append(inputs["x"].tolist())
-        return {"y": inputs["x"]}
-
-    async def scenario() -> None:
-        # One row a batch: a queued request is a full batch, handed to the (busy) thread at once.
-        params = BatchingParameters(max_batch_size=1, max_enqueued_batches=1, num_batch_threads=1)
-        batcher = Batcher(predict, params)
-        running = asyncio.ensure_future(batcher.submit({"x": np.array([1])}, 1))
-        await _until_set(entered)  # computing now
-        waiting = asyncio.ensure_future(batcher.submit({"x": np.array([2])}, 1))
-        await asyncio.sleep(0.01)
-        assert (batcher.queued_rows, batcher.waiting_rows) == (0, 1)  # its batch left the queue
-        with pytest.raises(Unavailable, match="queue is full"):  # and still holds the one slot
-            await batcher.submit({"x": np.array([9])}, 1)
-        waiting.cancel()
-        await asyncio.sleep(0)
-        assert batcher.waiting_rows == 0
-        replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3])}, 1))  # not refused
-        release.set()
+        assert batcher.waiting_rows == 0  # the slot is free while the model is still busy
+        replacement = asyncio.ensure_future(batcher.submit({"x": np.array([3.0])}, 1))  # not refused
+        model.release.set()
         await asyncio.wait_for(asyncio.gather(running, replacement), 10)
         batcher.close()
 
     asyncio.run(scenario())
-    assert computed == [[1], [3]]
+    assert model.calls == [[1.0] * (1 if handed else 2), [3.0]]
 
 
 def test_a_full_batch_is_handed_to_the_threads_at_once_and_taken_up_without_the_loop() -> None:
     """While every thread computes, a full batch waits for a thread, not for the event loop: the
     thread that finishes takes it up even while the loop is blocked."""
-    calls: list[list[float]] = []
-    first_may_end = threading.Event()
-
-    def predict(inputs: Tensors) -> Tensors:
-        calls.append(inputs["x"].tolist())
-        if len(calls) == 1:
-            first_may_end.wait(10)
-        return {"y": inputs["x"]}
+    model = _Held(first_only=True)
 
     async def scenario() -> None:
         hour = 3_600_000_000
         params = BatchingParameters(max_batch_size=2, batch_timeout_micros=hour, num_batch_threads=1)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, params)
         first = asyncio.ensure_future(batcher.submit({"x": np.array([1.0, 1.0])}, 2))
-        while not calls:
-            await asyncio.sleep(0.001)
+        await _until_set(model.entered)
         second = asyncio.ensure_future(batcher.submit({"x": np.array([2.0, 2.0])}, 2))
         await asyncio.sleep(0.01)  # the batching loop turns: the full batch goes to the threads
         assert batcher.queued_rows == 0
-        first_may_end.set()
+        model.release.set()
         time.sleep(0.5)  # block the event loop: only the thread can start the second batch
-        assert calls == [[1.0, 1.0], [2.0, 2.0]]
+        assert model.calls == [[1.0, 1.0], [2.0, 2.0]]
         await asyncio.wait_for(asyncio.gather(first, second), 10)
         batcher.close()
 
@@ -222,27 +197,20 @@ def test_a_full_batch_is_handed_to_the_threads_at_once_and_taken_up_without_the_
 
 
 def test_full_batches_waiting_for_a_thread_count_against_the_queue_bound() -> None:
-    release = threading.Event()
-
-    entered = threading.Event()
-
-    def predict(inputs: Tensors) -> Tensors:
-        entered.set()
-        release.wait(10)
-        return {"y": inputs["x"]}
+    model = _Held()
 
     async def scenario() -> None:
         params = BatchingParameters(max_batch_size=2, max_enqueued_batches=2, num_batch_threads=1)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, params)
         accepted = [asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2))]
-        await _until_set(entered)
+        await _until_set(model.entered)
         for _ in range(2):  # one computing, two waiting for the thread: four rows of four
             accepted.append(asyncio.ensure_future(batcher.submit({"x": np.zeros(2)}, 2)))
             await asyncio.sleep(0.01)
         assert (batcher.queued_rows, batcher.waiting_rows) == (0, 4)
         with pytest.raises(Unavailable, match=r"queue is full \(4 of 4 rows queued\)"):
             await batcher.submit({"x": np.zeros(1)}, 1)
-        release.set()
+        model.release.set()
         await asyncio.wait_for(asyncio.gather(*accepted), 10)
         await batcher.submit({"x": np.zeros(1)}, 1)  # room again
         batcher.close()
@@ -251,80 +219,58 @@ def test_full_batches_waiting_for_a_thread_count_against_the_queue_bound() -> No
 
 
 def test_a_batch_whose_deadlines_passed_while_it_waited_for_a_thread_is_not_computed() -> None:
-    computed: list[list[float]] = []
-    first_may_end = threading.Event()
-
-    def predict(inputs: Tensors) -> Tensors:
-        computed.append(inputs["x"].tolist())
-        first_may_end.wait(10)
-        return {"y": inputs["x"]}
+    model = _Held(first_only=True)
 
     async def scenario() -> None:
-        params = BatchingParameters(max_batch_size=1, num_batch_threads=1)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, BatchingParameters(max_batch_size=1, num_batch_threads=1))
         first = asyncio.ensure_future(batcher.submit({"x": np.array([1.0])}, 1))
-        while not computed:
-            await asyncio.sleep(0.001)
+        await _until_set(model.entered)
         deadline = time.monotonic() + 0.2
         late = asyncio.ensure_future(batcher.submit({"x": np.array([2.0])}, 1, deadline))
         await asyncio.sleep(0.01)
         assert (batcher.queued_rows, batcher.waiting_rows) == (0, 1)  # handed to the thread
         await asyncio.sleep(deadline - time.monotonic() + 0.05)  # and past its deadline there
-        first_may_end.set()
+        model.release.set()
         await first
         with pytest.raises(DeadlineExceeded, match="before its batch started"):
             await asyncio.wait_for(late, 10)
         batcher.close()
 
     asyncio.run(scenario())
-    assert computed == [[1.0]]
+    assert model.calls == [[1.0]]
 
 
 def test_in_adaptive_mode_one_full_batch_per_thread_waits_and_the_rest_stay_queued() -> None:
     """Batches closed now have today's target size: in adaptive mode few may wait for a thread,
     so that the queue's requests are batched at the size the model is measured to take."""
-    release = threading.Event()
-    sizes: list[int] = []
-
-    entered = threading.Event()
-
-    def predict(inputs: Tensors) -> Tensors:
-        sizes.append(len(inputs["x"]))
-        entered.set()
-        release.wait(10)
-        return {"y": inputs["x"]}
+    model = _Held()
 
     async def scenario() -> None:
         params = BatchingParameters(max_batch_size=8, num_batch_threads=1, target_p99_ms=60_000)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, params)
         assert batcher.target_batch_size == 1
         requests = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(5)]
-        await _until_set(entered)
+        await _until_set(model.entered)
         await asyncio.sleep(0.01)
         # one computing, one waiting for the thread, three in the queue
         assert (batcher.queued_rows, batcher.waiting_rows) == (3, 4)
-        release.set()
+        model.release.set()
         await asyncio.wait_for(asyncio.gather(*requests), 10)
         batcher.close()
 
     asyncio.run(scenario())
-    assert sum(sizes) == 5
+    assert sum(len(call) for call in model.calls) == 5
 
 
 def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots() -> None:
     """Between the batching loop taking requests and a thread starting their batch, they count."""
-    release, entered = threading.Event(), threading.Event()
-
-    def predict(inputs: Tensors) -> Tensors:
-        entered.set()
-        release.wait(10)
-        return {"y": inputs["x"]}
+    model = _Held()
 
     async def scenario() -> None:
         params = BatchingParameters(max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, params)
         first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
-        await _until_set(entered)  # computing
+        await _until_set(model.entered)  # computing
         accepted = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
         await asyncio.sleep(0)  # both queued: the two slots are taken; the batching loop wakes
         late = [asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1)) for _ in range(2)]
@@ -333,7 +279,7 @@ def test_requests_taken_for_a_batch_that_has_not_started_still_hold_their_slots(
             with pytest.raises(Unavailable, match=r"queue is full \(2 of 2 rows queued\)"):
                 await refused
         assert batcher.waiting_rows == 2
-        release.set()
+        model.release.set()
         await asyncio.wait_for(asyncio.gather(first, *accepted), 10)
         assert batcher.waiting_rows == 0
         batcher.close()
@@ -345,18 +291,13 @@ def test_batches_waiting_for_a_thread_are_bounded_even_when_their_requests_are_w
     """A withdrawn request frees its slot at once, but its batch keeps its inputs until a thread
     reaches it: so at most max_enqueued_batches batches wait, and the rest of the requests stay
     in the queue, whence a withdrawn one leaves with its memory."""
-    release, entered = threading.Event(), threading.Event()
+    model = _Held()
 
-    def predict(inputs: Tensors) -> Tensors:
-        entered.set()
-        release.wait(10)
-        return {"y": inputs["x"]}
-
-    async def scenario() -> list[weakref.ref[np.ndarray]]:
+    async def scenario() -> None:
         params = BatchingParameters(max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
-        batcher = Batcher(predict, params)
+        batcher = Batcher(model, params)
         first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
-        await _until_set(entered)
+        await _until_set(model.entered)
         inputs = []
         for _ in range(20):  # each a full batch, whose caller gives up
             x = np.zeros(1)
@@ -370,10 +311,9 @@ def test_batches_waiting_for_a_thread_are_bounded_even_when_their_requests_are_w
         gc.collect()
         alive = sum(ref() is not None for ref in inputs)
         assert alive <= 2, alive
-        release.set()
+        model.release.set()
         await asyncio.wait_for(first, 10)
         batcher.close()
-        return inputs
 
     asyncio.run(scenario())
 
