@@ -135,10 +135,11 @@ def scan_versions(base_path: Path, ignored: set[Path] | None = None) -> dict[int
 
 
 def fingerprint(folder: Path) -> str:
-    """A digest of the relative paths, sizes and modification times of every file in ``folder``."""
+    """A digest of the relative paths, sizes and modification times of every file in ``folder``,
+    but for Python's bytecode caches (``__pycache__``), which loading a Python model may write."""
     digest = hashlib.blake2b(digest_size=16)
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = sorted(name for name in dirs if name != "__pycache__")
         for name in sorted(files):
             path = os.path.join(root, name)
             try:

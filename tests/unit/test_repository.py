@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import py_compile
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,18 @@ def test_fingerprint_changes_with_size_mtime_names_and_nested_files(tmp_path: Pa
     seen.add(fingerprint(folder))
 
     assert len(seen) == 5
+
+
+def test_fingerprint_leaves_out_the_bytecode_that_loading_a_python_model_writes(tmp_path: Path) -> None:
+    folder = tmp_path / "1"
+    folder.mkdir()
+    (folder / "model.py").write_text("def predict(x):\n    return x\n")
+    before = fingerprint(folder)
+    py_compile.compile(str(folder / "model.py"))  # what importing it writes, unless told not to
+    assert (folder / "__pycache__").is_dir()
+    assert fingerprint(folder) == before
+    (folder / "model.py").write_text("def predict(x):\n    return 2 * x\n")
+    assert fingerprint(folder) != before
 
 
 def test_fingerprint_of_an_empty_or_missing_folder(tmp_path: Path) -> None:
