@@ -118,10 +118,9 @@ class Batcher:
         self._capacity = params.max_enqueued_batches * params.max_batch_size
         self._queue: deque[_Item] = deque()
         self.queued_rows = 0
-        self._running = 0  # batches handed to a thread (computing or waiting for one) or on the loop
         self._worker: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
-        self._taken: list[_Batch] = []  # taken from the queue, not finished
+        self._taken: list[_Batch] = []  # taken from the queue, not finished: computing or waiting
         self._taken_rows = 0  # their rows when taken
         self._waiter: asyncio.Future[None] | None = None
 
@@ -204,18 +203,17 @@ class Batcher:
             while self._queue:
                 deadline = self._queue[0].enqueued + self.wait_s
                 while (
-                    self._running
+                    self._taken
                     and self.queued_rows < self.target_batch_size
                     and (remaining := deadline - time.monotonic()) > 0
                 ):
                     await self._sleep(loop, remaining)
-                while self._running >= self._batch_slots():
+                while len(self._taken) >= self._batch_slots():
                     await self._sleep(loop, None)
                 batch = self._take()
                 if batch is not None:
                     self._taken.append(batch)
                     self._taken_rows += batch.rows
-                    self._running += 1
                     task = loop.create_task(self._execute(batch))
                     self._executing.add(task)
                     task.add_done_callback(self._executing.discard)
@@ -283,7 +281,7 @@ class Batcher:
         try:
             inputs, padded = self._concatenate(batch.items)
             # Alone only: beside a batch on a thread, one on the loop could wait for the model's lock.
-            if self._costs is not None and self._running == 1 and self._costs.inline(padded):
+            if self._costs is not None and len(self._taken) == 1 and self._costs.inline(padded):
                 computed, outputs, padded, predict_s = self._compute(batch, inputs, padded)
             else:
                 computed, outputs, padded, predict_s = await loop.run_in_executor(
@@ -321,7 +319,6 @@ class Batcher:
             batch.items = []  # the requests point back at it: no cycle left for the collector
             self._taken.remove(batch)
             self._taken_rows -= batch.taken
-            self._running -= 1
             if self._waiter and not self._waiter.done():
                 self._waiter.set_result(None)
 
