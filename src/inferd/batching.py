@@ -14,7 +14,8 @@ say it takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call may). 
 deadline passed are dropped before they are computed (when the batch is formed, and when a
 thread starts it); a request whose caller went away (its ``submit`` cancelled) frees its slot at
 once and is not computed unless its batch has started. A request larger than ``max_batch_size``
-is split into batches of that size and its outputs joined again.
+is split into batches of that size, queued together, and its outputs joined again; one larger
+than the whole queue is refused as invalid, since retrying would not help.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inferd.config import BatchingParameters
-from inferd.errors import DeadlineExceeded, Internal, Unavailable
+from inferd.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from inferd.placement import CallCosts
 from inferd.types import Tensors
 
@@ -148,9 +149,15 @@ class Batcher:
             other requests', padding not counted; the largest when they were split up).
 
         Raises:
+            InvalidArgument: ``rows`` is more than the queue holds.
             Unavailable: the queue is full.
         """
-        limit = self._params.max_batch_size
+        if rows > self._capacity:
+            raise InvalidArgument(
+                f"The request has {rows} rows, more than its model's batching queue holds "
+                f"({self._capacity}: max_enqueued_batches * max_batch_size); send at most "
+                f"{self._capacity} rows a request"
+            )
         queued = self.queued_rows
         if queued + self._taken_rows + rows > self._capacity:  # then count exactly
             queued = self.waiting_rows
@@ -158,17 +165,39 @@ class Batcher:
             raise Unavailable(
                 f"The batch scheduling queue is full ({queued} of {self._capacity} rows queued); retry later"
             )
+        limit = self._params.max_batch_size
         if rows > limit:
-            parts = await asyncio.gather(
-                *(
-                    self.submit(
-                        {k: v[i : i + limit] for k, v in inputs.items()}, min(limit, rows - i), deadline
-                    )
-                    for i in range(0, rows, limit)
-                )
-            )
-            outputs = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
-            return outputs, max(p[1] for p in parts), sum(p[2] for p in parts), max(p[3] for p in parts)
+            return await self._submit_parts(inputs, rows, deadline)
+        item = self._enqueue(inputs, rows, deadline)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._withdraw(item)
+            raise
+
+    async def _submit_parts(
+        self, inputs: Tensors, rows: int, deadline: float | None
+    ) -> tuple[Tensors, float, float, int]:
+        """``submit`` for more rows than a batch holds: all parts queue at once (none can be
+        refused once the request is admitted), and when one fails or the caller goes away, the
+        others are withdrawn."""
+        limit = self._params.max_batch_size
+        items = [
+            self._enqueue({k: v[i : i + limit] for k, v in inputs.items()}, min(limit, rows - i), deadline)
+            for i in range(0, rows, limit)
+        ]
+        try:
+            parts = await asyncio.gather(*(item.future for item in items))
+        except BaseException:  # gather, cancelled, cancelled the futures; a failure did not
+            for item in items:
+                item.future.cancel()
+                if item.future.cancelled():
+                    self._withdraw(item)
+            raise
+        outputs = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
+        return outputs, max(p[1] for p in parts), sum(p[2] for p in parts), max(p[3] for p in parts)
+
+    def _enqueue(self, inputs: Tensors, rows: int, deadline: float | None) -> _Item:
         loop = asyncio.get_running_loop()
         item = _Item(inputs, rows, loop.create_future(), time.monotonic(), deadline)
         self._queue.append(item)
@@ -177,11 +206,7 @@ class Batcher:
             self._worker = loop.create_task(self._run())
         elif self.queued_rows >= self.target_batch_size and self._waiter and not self._waiter.done():
             self._waiter.set_result(None)
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._withdraw(item)
-            raise
+        return item
 
     def _withdraw(self, item: _Item) -> None:
         """Free a cancelled request's queue slot now, unless its batch has started. Its future

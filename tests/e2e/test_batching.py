@@ -241,3 +241,9 @@ def test_batching_parameters_file_without_enable_batching_is_an_error(tmp_path: 
     )
     assert out.returncode == 2
     assert "--batching_parameters_file needs --enable_batching" in out.stderr
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_with_400(server: ServerProcess) -> None:
+    response = post(server, "tight", [[1.0, 1.0]] * 3)  # its queue holds 2 rows
+    assert response.status_code == 400
+    assert "3 rows, more than its model's batching queue holds (2" in response.json()["error"]

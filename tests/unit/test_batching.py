@@ -9,7 +9,7 @@ import pytest
 
 from inferd.batching import Aimd, Batcher
 from inferd.config import BatchingParameters
-from inferd.errors import ConfigError, DeadlineExceeded, Unavailable
+from inferd.errors import ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
 from inferd.placement import INLINE_PREDICT_S, CallCosts
 from inferd.types import Tensors
 
@@ -95,6 +95,66 @@ def test_submitting_past_the_queue_bound_is_refused() -> None:
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_larger_than_the_whole_queue_is_refused_as_invalid() -> None:
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=2)
+        batcher = Batcher(lambda inputs: inputs, params)
+        with pytest.raises(InvalidArgument, match=r"5 rows, more than .* \(4: max_enqueued_batches"):
+            await batcher.submit({"x": np.zeros(5)}, 5)
+        assert batcher.waiting_rows == 0
+        assert (await batcher.submit({"x": np.arange(4.0)}, 4))[0]["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_parts_of_a_split_request_are_queued_together() -> None:
+    """Once a request larger than a batch is admitted, a request that comes after it cannot take
+    the room of one of its parts."""
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=2, batch_timeout_micros=50_000)
+        batcher = Batcher(lambda inputs: {"y": inputs["x"] * 10}, params)
+        large = asyncio.ensure_future(batcher.submit({"x": np.arange(4.0)}, 4))
+        small = asyncio.ensure_future(batcher.submit({"x": np.ones(1)}, 1))
+        large_result, small_result = await asyncio.gather(large, small, return_exceptions=True)
+        batcher.close()
+        assert isinstance(large_result, tuple)
+        assert large_result[0]["y"].tolist() == [0.0, 10.0, 20.0, 30.0]
+        assert isinstance(small_result, Unavailable)
+
+    asyncio.run(scenario())
+
+
+def test_when_a_part_of_a_split_request_fails_the_parts_not_started_are_withdrawn() -> None:
+    calls: list[list[float]] = []
+    release = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        calls.append(inputs["x"].tolist())
+        if inputs["x"][0] < 0:
+            raise ValueError("the first part fails")
+        if inputs["x"][0] == 5:
+            release.wait(10)
+        return {"y": inputs["x"]}
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=2, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        with pytest.raises(ValueError, match="first part fails"):
+            await batcher.submit({"x": np.array([-1.0, -1.0, 5.0, 5.0, 6.0, 6.0])}, 6)
+        # The second part may have started on the thread already; the third has not.
+        assert batcher.waiting_rows == 0
+        release.set()
+        await asyncio.wait_for(batcher.submit({"x": np.array([7.0])}, 1), 10)  # after the third
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert calls[0] == [-1.0, -1.0]
+    assert calls[-1] == [7.0]
+    assert [6.0, 6.0] not in calls
 
 
 def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait() -> None:
