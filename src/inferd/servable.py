@@ -128,6 +128,7 @@ class Servable:
             and the rows of the batch the model computed (the request's own without a batcher).
 
         Raises:
+            InvalidArgument: more rows than the batching queue holds.
             Unavailable: the batching queue is full, or too many unbatched calls are in flight.
             DeadlineExceeded: the deadline passed while the call waited.
             Exception: whatever the model raised.

@@ -204,6 +204,27 @@ class _Held:
         return {"y": inputs["x"]}
 
 
+def test_a_cancelled_split_request_frees_every_part_not_started() -> None:
+    model = _Held()
+
+    async def scenario() -> None:
+        params = BatchingParameters(max_batch_size=2, max_enqueued_batches=3, num_batch_threads=1)
+        batcher = Batcher(model, params)
+        large = asyncio.ensure_future(batcher.submit({"x": np.arange(6.0)}, 6))
+        await _until_set(model.entered)  # the first part is computing
+        large.cancel()
+        await asyncio.gather(large, return_exceptions=True)
+        assert batcher.waiting_rows == 0
+        small = asyncio.ensure_future(batcher.submit({"x": np.full(4, 9.0)}, 4))  # room for it
+        await asyncio.sleep(0)
+        model.release.set()
+        assert (await asyncio.wait_for(small, 10))[0]["y"].tolist() == [9.0] * 4
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert model.calls == [[0.0, 1.0], [9.0, 9.0], [9.0, 9.0]]
+
+
 @pytest.mark.parametrize("handed", [False, True], ids=["in the queue", "in a batch waiting for a thread"])
 def test_a_cancelled_submission_frees_its_slot_at_once_and_is_never_computed(handed: bool) -> None:
     model = _Held()

@@ -32,7 +32,8 @@ _ERROR_CODES = [
     *("UNAVAILABLE", "DATA_LOSS"),
 ]
 _ERRORS = {
-    "400": "Malformed request, or it does not fit the model's signature (INVALID_ARGUMENT)",
+    "400": "Malformed request, one that does not fit the model's signature, or one with more rows than "
+    "its model's batching queue holds (INVALID_ARGUMENT)",
     "401": "A bearer token is needed (--api_token) and is missing or wrong",
     "404": "Unknown model, version or route (NOT_FOUND)",
     "413": "Over a size limit: body, headers, tensor elements, string or instances (RESOURCE_EXHAUSTED)",
