@@ -17,6 +17,10 @@ import numpy as np
 
 from inferd.types import Tensors
 
+Key = tuple[Any, ...]
+"""A ``PredictionCache`` key: the signature's name, the key's size in bytes, then per input its
+name, dtype, shape and data."""
+
 Row = tuple[float | int | None, ...] | None
 """One entity's parsed feature values in ``fetch`` order (None: field missing); None: entity missing."""
 
@@ -114,7 +118,7 @@ class PredictionCache:
         self._size = size
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[Hashable, tuple[Tensors, int]] = OrderedDict()
+        self._items: OrderedDict[Key, tuple[Tensors, int]] = OrderedDict()
 
     @property
     def bytes(self) -> int:
@@ -124,18 +128,24 @@ class PredictionCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def key(self, signature: str, inputs: Tensors) -> Hashable | None:
-        """The key of a request, or None when its inputs alone would not fit in ``max_bytes``."""
-        if sum(_array_bytes(value) for value in inputs.values()) > self._max_bytes:
+    def key(self, signature: str, inputs: Tensors) -> Key | None:
+        """The key of a request, or None when it alone would not fit in ``max_bytes`` (then no
+        input is copied). The key's second item is its size in bytes: the signature's name, and
+        each input's name, shape and data."""
+        size = len(signature)
+        for name, value in inputs.items():
+            data_bytes = value.nbytes if value.dtype.kind != "O" else _items_bytes(value)
+            size += len(name) + 8 * value.ndim + data_bytes
+        if size > self._max_bytes:
             return None
-        parts: list[Hashable] = [signature]
-        for name in sorted(inputs):
+        parts: list[Hashable] = [signature, size]
+        for name in sorted(inputs) if len(inputs) > 1 else inputs:
             value = inputs[name]
             data = tuple(value.ravel().tolist()) if value.dtype.kind == "O" else value.tobytes()
             parts.append((name, value.dtype.str, value.shape, data))
         return tuple(parts)
 
-    def get(self, key: Hashable | None) -> Tensors | None:
+    def get(self, key: Key | None) -> Tensors | None:
         if key is None:
             return None
         entry = self._items.get(key)
@@ -144,12 +154,14 @@ class PredictionCache:
         self._items.move_to_end(key)
         return entry[0]
 
-    def put(self, key: Hashable | None, outputs: Tensors) -> None:
+    def put(self, key: Key | None, outputs: Tensors) -> None:
         """Keep ``outputs`` for ``key`` unless the pair alone is over ``max_bytes``; evict the
         least recently used entries past a bound."""
         if key is None:
             return
-        cost = _key_bytes(key) + sum(_array_bytes(v) for v in outputs.values()) + ENTRY_OVERHEAD_BYTES
+        cost: int = key[1] + ENTRY_OVERHEAD_BYTES
+        for value in outputs.values():
+            cost += value.nbytes if value.dtype.kind != "O" else value.nbytes + _items_bytes(value)
         if cost > self._max_bytes:
             return
         items = self._items
@@ -162,22 +174,6 @@ class PredictionCache:
             self._bytes -= items.popitem(last=False)[1][1]
 
 
-def _array_bytes(value: np.ndarray) -> int:
-    """``nbytes``, plus the strings' own bytes for an object array."""
-    if value.dtype.kind != "O":
-        return int(value.nbytes)
-    return int(value.nbytes) + sum(_item_bytes(item) for item in value.flat)
-
-
-def _item_bytes(item: Any) -> int:
-    return len(item) if isinstance(item, str | bytes) else sys.getsizeof(item)
-
-
-def _key_bytes(key: Hashable) -> int:
-    """Bytes of a ``PredictionCache.key``: the signature name, and each input's name, shape and data."""
-    assert isinstance(key, tuple)
-    total = len(key[0])
-    for name, _, shape, data in key[1:]:
-        total += len(name) + 8 * len(shape)
-        total += len(data) if isinstance(data, bytes) else sum(_item_bytes(item) for item in data)
-    return total
+def _items_bytes(value: np.ndarray) -> int:
+    """The bytes of an object array's items: ``len`` of strings and bytes, else their size."""
+    return sum(len(item) if isinstance(item, str | bytes) else sys.getsizeof(item) for item in value.flat)
