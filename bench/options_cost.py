@@ -17,9 +17,10 @@ one option:
 Beside them, two pieces timed alone in a tight loop (wall clock, one thread): the metrics'
 recording work (``bench.metrics_cost.per_request_s``; metrics are always recorded, and
 ``--enable_metrics`` only decides whether ``/metrics`` is served), and the prediction cache's own
-code for a miss (key, lookup, and a store that evicts the oldest of 10,000 entries); and the
-cache's code timed again inside served requests that all miss, where it runs with processor
-caches the rest of the request has filled (a tight loop alone flatters it). Each cost is
+code for a miss (key, lookup, and a store that evicts the oldest of 10,000 entries). Then the
+cache's code, and the feature join (entity cache on), timed inside requests served one at a
+time (the fastest of ``--rounds`` runs, each after a warm-up), where they run with processor
+caches the rest of the request has filled (a tight loop alone flatters them). Each cost is
 measured directly rather than by A/B runs of two servers over sockets, which on a 2-CPU machine
 cannot resolve a few microseconds. Results go to stdout and bench/results/options-cost.json.
 """
@@ -27,6 +28,7 @@ cannot resolve a few microseconds. Results go to stdout and bench/results/option
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import shutil
@@ -46,7 +48,7 @@ from bench.features import RESTAURANTS, TOML, features, instances, write_model
 from bench.metrics_cost import per_request_s
 from bench.request_cost import CONCURRENCY, App, Request, fastest, one
 from inferd.config import ServerConfig
-from inferd.features import PredictionCache
+from inferd.features import FeatureJoin, PredictionCache
 from inferd.server import Server
 
 RESULTS = Path(__file__).parent / "results" / "options-cost.json"
@@ -130,38 +132,50 @@ def cache_miss_s(calls: int = 100_000) -> float:
     return (time.perf_counter() - started) / calls
 
 
-async def cache_in_requests_s(request: Request, requests: int) -> float:
-    """Seconds of the prediction cache's own code per request, timed inside served requests: each
-    ``key``, ``get`` and ``put`` call between two ``perf_counter`` reads, less the reads' own
-    cost (timed alone). Unlike ``cache_miss_s``, this pays what the rest of a request costs the
-    processor's caches."""
+async def in_requests_s(request: Request, requests: int, methods: tuple[tuple[type, str], ...]) -> float:
+    """Seconds per request spent in ``methods`` (class, name), timed inside served requests:
+    each call between two ``perf_counter`` reads, less the reads' own cost (timed alone). Unlike
+    a tight loop, this pays what the rest of a request costs the processor's caches. A coroutine
+    method is timed until it returns, waits included."""
     spent = 0.0
+    calls = 0
 
     def timed(original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
-            nonlocal spent
+            nonlocal spent, calls
             started = time.perf_counter()
             try:
                 return original(*args)
             finally:
                 spent += time.perf_counter() - started
+                calls += 1
 
-        return call
+        async def call_async(*args: Any) -> Any:
+            nonlocal spent, calls
+            started = time.perf_counter()
+            try:
+                return await original(*args)
+            finally:
+                spent += time.perf_counter() - started
+                calls += 1
 
-    originals = {name: getattr(PredictionCache, name) for name in ("key", "get", "put")}
-    for name, original in originals.items():
-        setattr(PredictionCache, name, timed(original))
+        return call_async if inspect.iscoroutinefunction(original) else call
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name in methods]
+    for owner, name, original in originals:
+        setattr(owner, name, timed(original))
     try:
         for _ in range(requests):
-            await request()
+            if not await request():
+                raise SystemExit(f"timing {methods}: a request was not answered")
     finally:
-        for name, original in originals.items():
-            setattr(PredictionCache, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
     started = time.perf_counter()
-    for _ in range(requests):
+    for _ in range(calls):  # a timed call holds about one read: the end of one, the start of the next
         time.perf_counter()
-    reads_s = 2 * (time.perf_counter() - started) / requests
-    return spent / requests - 3 * reads_s
+    reads_s = time.perf_counter() - started
+    return (spent - reads_s) / requests
 
 
 async def measure(requests: int, rounds: int) -> list[dict[str, object]]:
@@ -180,13 +194,32 @@ async def measure(requests: int, rounds: int) -> list[dict[str, object]]:
         seconds = min(timed() for _ in range(rounds))
         rows.append({"case": label, "us_per_request": seconds * 1e6})
         print(f"{label:82s} {seconds * 1e6:7.1f} us per request", flush=True)
-    label = "prediction cache: a miss's key, lookup and store, timed inside served requests"
-    missing = _requests(app, "/v1/models/digits_cached:predict", bodies["distinct"])
-    for _ in range(DISTINCT):  # full, and every input seen once
-        await missing()
-    seconds = min([await cache_in_requests_s(missing, requests) for _ in range(rounds)])
-    rows.append({"case": label, "us_per_request": seconds * 1e6})
-    print(f"{label:82s} {seconds * 1e6:7.1f} us per request", flush=True)
+    cache = ((PredictionCache, "key"), (PredictionCache, "get"), (PredictionCache, "put"))
+    for label, model, body, warm_up, methods in (
+        (
+            "prediction cache: a miss's key, lookup and store, timed inside served requests",
+            "digits_cached",
+            "distinct",
+            DISTINCT,  # full, and every input seen once: each request then misses
+            cache,
+        ),
+        (
+            "feature join, entity cache on: FeatureJoin.join timed inside served requests",
+            "eta_joined",
+            "joined",
+            RESTAURANTS,  # every entity cached
+            ((FeatureJoin, "join"),),
+        ),
+    ):
+        request = _requests(app, f"/v1/models/{model}:predict", bodies[body])
+        runs = []
+        for _ in range(rounds):
+            for _ in range(warm_up):
+                await request()
+            runs.append(await in_requests_s(request, requests, methods))
+        seconds = min(runs)
+        rows.append({"case": label, "concurrency": 1, "us_per_request": seconds * 1e6})
+        print(f"{label:82s} {seconds * 1e6:7.1f} us per request", flush=True)
     for name, model, body in CASES:
         request = _requests(app, f"/v1/models/{model}:predict", bodies[body])
         if not await request():

@@ -89,6 +89,8 @@ def test_prediction_cache_keys_on_exact_bytes_and_evicts_the_least_recent() -> N
 def test_prediction_cache_is_bounded_by_bytes() -> None:
     cache = PredictionCache(size=1000, max_bytes=1024 * 1024)
     assert cache.key("s", {"x": np.zeros(300_000, np.float32)}) is None  # 1.2 MB: never cached
+    empty_strings = np.full(200_000, "", dtype=object)  # no text, but a key of 1.6 MB of references
+    assert cache.key("s", {"t": empty_strings}) is None
     for i in range(100):
         x = np.full(10_000, i, np.float32)  # 40 kB of key, 40 kB of answer
         cache.put(cache.key("s", {"x": x}), {"y": x})

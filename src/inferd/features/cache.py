@@ -131,10 +131,10 @@ class PredictionCache:
     def key(self, signature: str, inputs: Tensors) -> Key | None:
         """The key of a request, or None when it alone would not fit in ``max_bytes`` (then no
         input is copied). The key's second item is its size in bytes: the signature's name, and
-        each input's name, shape and data."""
+        each input's name, shape and data (an object array's item references and items)."""
         size = len(signature)
         for name, value in inputs.items():
-            data_bytes = value.nbytes if value.dtype.kind != "O" else _items_bytes(value)
+            data_bytes = value.nbytes if value.dtype.kind != "O" else value.nbytes + _items_bytes(value)
             size += len(name) + 8 * value.ndim + data_bytes
         if size > self._max_bytes:
             return None
