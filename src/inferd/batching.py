@@ -188,7 +188,7 @@ class Batcher:
         ]
         try:
             parts = await asyncio.gather(*(item.future for item in items))
-        except BaseException:  # gather, cancelled, cancelled the futures; a failure did not
+        except BaseException:  # cancelled: gather cancelled the futures; failed: the others still wait
             for item in items:
                 item.future.cancel()
                 if item.future.cancelled():
