@@ -344,6 +344,27 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
             ["Failed to convert version: 123456789012345678901 to numeric."],
             id="version-overflow",
         ),
+        pytest.param(
+            "/v1/models/digits/versions/" + "1" * 5000 + ":predict",
+            raw({"instances": [ROW]}),
+            400,
+            ["Failed to convert version: 1111", "(5000 characters) to numeric."],
+            id="version-of-5000-digits",
+        ),
+        pytest.param(
+            "/v1/models/digits/versions/%D9%A1:predict",  # ARABIC-INDIC DIGIT ONE
+            raw({"instances": [ROW]}),
+            400,
+            ["Failed to convert version"],
+            id="version-in-other-digits",
+        ),
+        pytest.param(
+            PAIR,
+            raw({"inputs": {**GOOD_PAIR, "z": [1]}}),
+            400,
+            ["input tensor alias not found in signature: z. Inputs expected to be in the set {a,b}."],
+            id="columnar-unknown-input",
+        ),
     ],
 )
 def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fragments: list[str]) -> None:
@@ -380,6 +401,8 @@ def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fr
         ("POST", "/v2/models/digits/infer", 400, ["'inputs' must be a non-empty list of tensors"]),
         ("GET", "/v3/models/digits", 404, ["/v1/models/ and /v2/"]),
         ("GET", "/v1", 404, ["/v1/"]),
+        ("GET", "/v2/models/digits/versions/" + "1" * 5000, 400, ["Failed to convert version"]),
+        ("GET", "/v2/models/digits/versions/" + "1" * 5000 + "/stats", 400, ["Failed to convert version"]),
     ],
 )
 def test_bad_route(server: ServerProcess, method: str, path: str, status: int, fragments: list[str]) -> None:

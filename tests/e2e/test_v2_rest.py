@@ -171,6 +171,33 @@ def request_json(**tensor: object) -> bytes:
         (request_json(name="Y"), None, 400, "missing ['X'], unexpected ['Y']"),
         (b'{"inputs": []}', None, 400, "'inputs' must be a non-empty list"),
         (b"{not json", None, 400, "JSON Parse error"),
+        (request_json(data=[1e39] + [0.0] * 63), None, 400, "datatype FP32 cannot hold 1e+39"),
+        (request_json(parameters=[1]), None, 400, "input 'X': 'parameters' must be an object"),
+        (
+            json.dumps({"inputs": [json.loads(request_json())["inputs"][0]] * 2}).encode(),
+            None,
+            400,
+            "input 'X' appears more than once in 'inputs'",
+        ),
+        (
+            json.dumps(
+                {**json.loads(request_json()), "parameters": {"binary_data_output": "false"}}
+            ).encode(),
+            None,
+            400,
+            "parameters.binary_data_output must be true or false, got 'false'",
+        ),
+        (
+            json.dumps(
+                {
+                    **json.loads(request_json()),
+                    "outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}],
+                }
+            ).encode(),
+            None,
+            400,
+            "output 'probabilities': parameters.binary_data must be true or false, got 1",
+        ),
     ],
 )
 def test_bad_json_requests(
@@ -230,3 +257,28 @@ def test_unknown_output_and_unknown_model(server: ServerProcess) -> None:
         requests.post(f"{server.url}/v2/models/digits/infer", data=request_json(), timeout=10).status_code
         == 200
     )
+
+
+def test_a_header_length_of_thousands_of_digits_is_a_400(server: ServerProcess) -> None:
+    response = requests.post(
+        f"{server.url}/v2/models/digits/infer",
+        data=request_json(),
+        headers={"Inference-Header-Content-Length": "9" * 5000},
+        timeout=10,
+    )
+    assert response.status_code == 400, response.text
+    assert "must be a byte count within the body" in response.json()["error"]
+
+
+def test_non_finite_outputs_are_written_as_nan_not_null(server: ServerProcess) -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "X", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}
+            ]
+        }
+    ).encode()
+    response = infer_raw(server, header + np.full(64, np.nan, np.float32).tobytes(), len(header))
+    assert response.status_code == 200, response.text
+    outputs = {tensor["name"]: tensor for tensor in json.loads(response.text)["outputs"]}
+    assert np.isnan(outputs["probabilities"]["data"]).all()

@@ -9,6 +9,7 @@ with ``np.frombuffer`` / ``tobytes``, without a loop over elements.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -191,7 +192,7 @@ def _decode_cost(header_length: str | None, body: bytes) -> int:
     assumed to, as its datatype cannot be read without parsing)."""
     if header_length is None or not (header_length.isascii() and header_length.isdigit()):
         return len(body)
-    size = min(int(header_length), len(body))
+    size = min(int(header_length), len(body)) if len(header_length) <= 19 else len(body)
     head = body[:size]
     return len(body) if b"\\" in head or b"BYTES" in head.upper() else size
 
@@ -213,10 +214,14 @@ def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], 
         InvalidArgument: the header is not a byte count within the body, or the JSON is not an object.
     """
     if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+        if (
+            not (header_length.isascii() and header_length.isdigit())
+            or len(header_length) > 19
+            or int(header_length) > len(body)
+        ):
+            shown = header_length if len(header_length) <= 40 else f"{header_length[:40]}..."
             raise InvalidArgument(
-                f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), "
-                f"got {header_length!r}"
+                f"{HEADER_LENGTH} must be a byte count within the body ({len(body)} bytes), got {shown!r}"
             )
         split = int(header_length)
         header, binary = body[:split], memoryview(body)[split:]
@@ -248,6 +253,8 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidArgument(f"inputs[{i}] must be an object with a string 'name'")
         name = entry["name"]
+        if name in tensors:
+            raise InvalidArgument(f"input {name!r} appears more than once in 'inputs'")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -261,7 +268,9 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
             )
         count = limits.elements(name, shape)
         parameters = entry.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if not isinstance(parameters, dict):
+            raise InvalidArgument(f"input {name!r}: 'parameters' must be an object")
+        size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidArgument(
@@ -303,14 +312,22 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
     limits.text(name, flat)
     if (problem := integer_range_error(name, flat, dtype)) is not None:
         raise InvalidArgument(problem)
-    return flat.astype(dtype)
+    array = flat.astype(dtype)
+    # JSON has no infinities: one here is a number too large for the datatype.
+    if dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        value = flat[~np.isfinite(array)][0].item()
+        raise InvalidArgument(
+            f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold {value!r} "
+            f"(largest: {np.finfo(dtype).max})"
+        )
+    return array
 
 
 def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> Response:
-    parameters = doc.get("parameters")
+    parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
-        parameters = {}
-    binary_default = bool(parameters.get("binary_data_output", False))
+        raise InvalidArgument("'parameters' must be an object")
+    binary_default = _flag(parameters, "binary_data_output", "parameters", False)
     requested = doc.get("outputs")
     if requested is None:
         wanted = [(name, binary_default) for name in outputs]
@@ -325,7 +342,9 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 raise InvalidArgument(f"output {name!r}: 'parameters' must be an object")
-            wanted.append((name, bool(params.get("binary_data", binary_default))))
+            wanted.append(
+                (name, _flag(params, "binary_data", f"output {name!r}: parameters", binary_default))
+            )
     described, chunks = [], []
     for name, as_binary in wanted:
         value = outputs[name]
@@ -344,10 +363,26 @@ def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> 
     if isinstance(doc.get("id"), str):
         document["id"] = doc["id"]
     header = orjson.dumps(document, option=_NUMPY)
+    # orjson writes NaN and infinities as null; the standard library writes them as NaN and
+    # Infinity, which Python's JSON readers (tritonclient's among them) read back.
+    if b"null" in header and any(
+        isinstance(data := tensor.get("data"), np.ndarray)
+        and data.dtype.kind == "f"
+        and not np.isfinite(data).all()
+        for tensor in described
+    ):
+        header = json.dumps(document, default=lambda array: array.tolist()).encode()
     if not chunks:
         return 200, JSON_HEADERS, header
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
     return 200, headers, b"".join([header, *chunks])
+
+
+def _flag(parameters: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}.{key} must be true or false, got {value!r}")
+    return value
 
 
 def _text(item: Any) -> str:

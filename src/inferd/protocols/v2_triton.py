@@ -72,8 +72,9 @@ def statistics(service: InferenceService, name: str, version: str) -> dict[str, 
     """
     if version and not name:
         raise InvalidArgument("a version needs a model name")
-    if version and not (version.isascii() and version.isdigit()):
-        raise InvalidArgument(f"model version must be a number, got {version!r}")
+    if version and not (version.isascii() and version.isdigit() and len(version) <= 19):
+        shown = version if len(version) <= 40 else f"{version[:40]}..."
+        raise InvalidArgument(f"model version must be a number of at most 19 digits, got {shown!r}")
     number = int(version) if version else None
     try:
         return statistics_document(service.statistics(name or None, number))
@@ -166,7 +167,7 @@ def load_parameters(name: str, parameters: Mapping[str, Any]) -> SettingsOverrid
 
 def _integer(table: Mapping[str, Any], key: str, least: int) -> int:
     value = table[key]
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not least <= value < 2**31:
         raise InvalidArgument(f"config '{key}' must be an integer >= {least}, got {table[key]!r}")
