@@ -444,16 +444,20 @@ class ModelControl:
             await self._commit(state)
 
     async def reload_config(self, models: list[ModelConfig]) -> None:
-        """Serve exactly ``models`` from now on (see ``Repository.replace_models``); a model an
-        admin unloaded is served again if it is named.
+        """Serve exactly ``models`` from now on (see ``Repository.replace_models``), and answer
+        once they are loaded; a model an admin unloaded is served again if it is named.
 
         Raises:
             ModelLoadError: the config is in force, but these models have no version AVAILABLE.
         """
         async with self._admin() as state:
+            before = await asyncio.to_thread(self._repository.model_configs)
             state.models = list(models)
             state.reloaded = True
             state.unloaded = frozenset()
+            # The caller vouches for the files of the models it adds or changes, as a load does:
+            # they are loaded now, not after a second scan finds them unchanged.
+            state.trusted = frozenset(m.name for m in models if m not in before)
             await self._commit(state)
         failed = [m.name for m in models if not self._manager.serves(m.name)]
         if failed:

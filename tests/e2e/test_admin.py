@@ -184,6 +184,26 @@ def config_text(repo: Path, *names: str) -> ms.ReloadConfigRequest:
     return request
 
 
+def test_reload_config_answers_once_a_new_model_is_loaded(
+    repo: Path, start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """A model the config adds is loaded before the answer, not after a second scan a poll
+    period later finds its files unchanged."""
+    server = start_server(str(repo), f"--admin_token={ADMIN}", "--file_system_poll_wait_seconds=2")
+    write_onnx_affine(tmp_path / "added" / "1", scale=3.0)
+    request = config_text(repo, "digits")
+    request.config.model_config_list.config.add(name="added", base_path=str(tmp_path / "added"))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        ms_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            request, metadata=(("authorization", f"Bearer {ADMIN}"),), timeout=30
+        )
+    assert server.status("added") == {"1": "AVAILABLE"}
+    answer = requests.post(
+        f"{server.url}/v1/models/added:predict", json={"instances": [[1.0, 2.0, 3.0, 4.0]]}, timeout=10
+    )
+    assert answer.json() == {"predictions": [[3.0, 6.0, 9.0, 12.0]]}
+
+
 def test_reload_config_replaces_the_served_models(repo: Path, server: ServerProcess) -> None:
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = ms_grpc.ModelServiceStub(channel)
