@@ -34,6 +34,18 @@ _VALUES = {
 """numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
 
 
+def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any], name: str, source: str) -> np.ndarray:
+    """Little-endian ``raw`` as ``dtype`` numbers, without a copy.
+
+    Raises:
+        InvalidArgument: a boolean byte other than 0 or 1 (a model would read it as neither).
+    """
+    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    if dtype.kind == "b" and (array.view(np.uint8) > 1).any():
+        raise InvalidArgument(f"input {name!r}: boolean bytes in {source} must be 0 or 1")
+    return array
+
+
 def from_raw(
     raw: bytes | memoryview, dtype: np.dtype[Any], count: int, name: str, source: str, limits: RequestLimits
 ) -> np.ndarray:
@@ -51,7 +63,7 @@ def from_raw(
                 f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
                 f"{count * dtype.itemsize} bytes, {source} says {len(raw)}"
             )
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        return _numbers(raw, dtype, name, source)
     items: list[bytes] = []
     pos = 0
     while pos < len(raw):
@@ -117,7 +129,7 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: Request
                 f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
                 f"tensor_content, got {len(content)}"
             )
-        return np.frombuffer(content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+        return _numbers(content, dtype, name, "tensor_content").reshape(shape)
     field = _VALUES[dtype]
     values = getattr(proto, field)
     try:
