@@ -358,13 +358,6 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
             ["Failed to convert version"],
             id="version-in-other-digits",
         ),
-        pytest.param(
-            PAIR,
-            raw({"inputs": {**GOOD_PAIR, "z": [1]}}),
-            400,
-            ["input tensor alias not found in signature: z. Inputs expected to be in the set {a,b}."],
-            id="columnar-unknown-input",
-        ),
     ],
 )
 def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fragments: list[str]) -> None:

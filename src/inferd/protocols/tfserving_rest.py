@@ -313,12 +313,6 @@ class TensorDecoder:
             for name in names:
                 if name not in inputs:
                     raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
-            if len(inputs) > len(names):
-                alias = next(key for key in inputs if key not in names)
-                raise InvalidArgument(
-                    f"input tensor alias not found in signature: {alias}. "
-                    f"Inputs expected to be in the set {{{','.join(names)}}}."
-                )
             return {name: self.array(inputs[name], name) for name in names}
         if len(names) != 1:
             raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
