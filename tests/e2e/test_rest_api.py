@@ -8,10 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import requests
 
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from tests.conftest import ServerProcess, launch
 from tests.models import (
     digits,
@@ -275,6 +278,33 @@ def repo_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
         """,
     )
     (models / "broken" / "inferd.toml").write_text("warmup = false\n")
+    # Predict signatures whose outputs have the names of Regress and Classify but not their shapes.
+    write_python_model(
+        models / "outputs_and_more" / "1",
+        """
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            x = inputs["x"]
+            return {"outputs": x[:, 0], "extra": x[:, 1]}
+        """,
+        '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], "outputs": ['
+        '{"name": "outputs", "dtype": "float32", "shape": [-1]}, '
+        '{"name": "extra", "dtype": "float32", "shape": [-1]}]}',
+    )
+    write_python_model(
+        models / "flat_scores" / "1",
+        """
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            return {"scores": inputs["x"][:, 0]}
+        """,
+        '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], "outputs": ['
+        '{"name": "scores", "dtype": "float32", "shape": [-1]}]}',
+    )
     return models, regressor
 
 
@@ -370,6 +400,28 @@ def test_regress_refuses_several_values_per_example(repo: ServerProcess) -> None
     predictions = ok_json(post(repo, "/v1/models/regressor2:predict", {"instances": x}))["predictions"]
     assert [len(p) for p in predictions] == [2, 2]
     assert [p[0] == pytest.approx(-p[1]) for p in predictions] == [True, True]
+
+
+def test_regress_and_classify_refuse_outputs_of_other_shapes_as_invalid(repo: ServerProcess) -> None:
+    """Not a 500: the outputs fit Predict, not the method asked for (TF Serving's words)."""
+    examples = {"signature_name": "serving_default", "examples": [{"x": [1.0, 2.0]}]}
+    regressed = post(repo, "/v1/models/outputs_and_more:regress", examples)
+    assert regressed.status_code == 400, regressed.text
+    assert "Expected one output Tensor" in regressed.json()["error"]
+    classified = post(repo, "/v1/models/flat_scores:classify", examples)
+    assert classified.status_code == 400, classified.text
+    assert "Expected Tensor shape: [batch_size num_classes]" in classified.json()["error"]
+    with grpc.insecure_channel(repo.grpc_target) as channel:
+        stub = ps_grpc.PredictionServiceStub(channel)
+        request = ps.RegressionRequest()
+        request.model_spec.name = "outputs_and_more"
+        request.model_spec.signature_name = "serving_default"
+        example = request.input.example_list.examples.add()
+        example.features.feature["x"].float_list.value.extend([1.0, 2.0])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Regress(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Expected one output Tensor" in (refused.value.details() or "")
 
 
 def test_custom_python_model(repo: ServerProcess) -> None:

@@ -33,7 +33,7 @@ from inferd.errors import InvalidArgument, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
 from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.tfserving_rest import classification_rows, unknown_label_as_invalid
+from inferd.protocols.tfserving_rest import classification_rows, regression_values, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
 from inferd.types import (
     InferenceResponse,
@@ -409,13 +409,7 @@ def _fill_classifications(result: ps.ClassificationResult, response: InferenceRe
 
 
 def _fill_regressions(result: ps.RegressionResult, response: InferenceResponse, count: int) -> None:
-    ((_, values),) = response.outputs.items()
-    if values.shape not in ((count,), (count, 1)):
-        raise InvalidArgument(
-            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
-            f"{list(values.shape)}; use Predict for a model with several outputs per example"
-        )
-    for value in values.reshape(count).tolist():
+    for value in regression_values(response, count)[1].tolist():
         result.regressions.add(value=value)
 
 

@@ -19,7 +19,6 @@ import orjson
 from inferd._proto.example_pb2 import Example, Feature
 from inferd.errors import (
     InferdError,
-    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -545,13 +544,8 @@ async def _classify_or_regress(
     inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
     response = await call.infer(inputs, deadline)
     if method is Method.REGRESS:
-        ((name, values),) = response.outputs.items()
-        if values.shape not in ((len(examples),), (len(examples), 1)):
-            raise InvalidArgument(
-                "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
-                f"{list(values.shape)}; use :predict for a model with several outputs per example"
-            )
-        return _encode({"results": _jsonable(name, values.reshape(len(examples)))}, response.outputs)
+        name, values = regression_values(response, len(examples))
+        return _encode({"results": _jsonable(name, values)}, response.outputs)
     results = [
         [[label, score] for label, score in zip(labels, scores, strict=True)]
         for labels, scores in classification_rows(response)
@@ -559,21 +553,42 @@ async def _classify_or_regress(
     return _encode({"results": results}, response.outputs)
 
 
+def regression_values(response: InferenceResponse, count: int) -> tuple[str, np.ndarray]:
+    """The one output a Regress answers with, as ``count`` values.
+
+    Raises:
+        InvalidArgument: several outputs, or not one value per example, in TF Serving's words
+            (the signature does not regress: Predict serves it).
+    """
+    if len(response.outputs) != 1:
+        raise InvalidArgument(
+            f"Expected one output Tensor; model {response.model_id} returned {sorted(response.outputs)}: "
+            "use Predict"
+        )
+    ((name, values),) = response.outputs.items()
+    if values.shape not in ((count,), (count, 1)):
+        raise InvalidArgument(
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+            f"{list(values.shape)}; use Predict for a model with several outputs per example"
+        )
+    return name, values.reshape(count)
+
+
 def classification_rows(response: InferenceResponse) -> list[tuple[list[str], list[float]]]:
     """Per example, its class labels and scores. A signature may give ``classes``, ``scores`` or
     both (as [examples, classes]); a missing one reads as "" labels or 0.0 scores, as TF Serving's.
 
     Raises:
-        Internal: neither output, or shapes that do not agree.
+        InvalidArgument: neither output, or shapes that do not agree (the signature does not
+            classify: Predict serves it).
     """
     classes, scores = response.outputs.get("classes"), response.outputs.get("scores")
     given = [tensor for tensor in (classes, scores) if tensor is not None]
     if not given or given[0].ndim != 2 or any(tensor.shape != given[0].shape for tensor in given):
-        raise Internal(
-            f"model {response.model_id} returned classes and scores of shapes "
-            f"{None if classes is None else list(classes.shape)} and "
-            f"{None if scores is None else list(scores.shape)}; a classify signature gives "
-            "classes and/or scores as [examples, classes]"
+        raise InvalidArgument(
+            f"Expected Tensor shape: [batch_size num_classes]; model {response.model_id} returned "
+            f"classes and scores of shapes {None if classes is None else list(classes.shape)} and "
+            f"{None if scores is None else list(scores.shape)}; use Predict"
         )
     count, width = given[0].shape
     label_rows = (
