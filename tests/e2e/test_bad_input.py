@@ -137,7 +137,7 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
             DIGITS,
             raw({"instances": [[*ROW[:63], "7"]]}),
             400,
-            ["'inputs'", "FP64"],
+            ['JSON Value: "7" not of expected type: double', "'inputs'", "FP64"],
             id="mixed-number-string",
         ),
         pytest.param(

@@ -172,6 +172,7 @@ def request_json(**tensor: object) -> bytes:
         (b'{"inputs": []}', None, 400, "'inputs' must be a non-empty list"),
         (b"{not json", None, 400, "JSON Parse error"),
         (request_json(data=[1e39] + [0.0] * 63), None, 400, "datatype FP32 cannot hold 1e+39"),
+        (request_json(datatype="BYTES", data=["a"] * 63 + [1]), None, 400, "'data' mixes strings with other"),
         (request_json(parameters=[1]), None, 400, "input 'X': 'parameters' must be an object"),
         (
             json.dumps({"inputs": [json.loads(request_json())["inputs"][0]] * 2}).encode(),
@@ -282,3 +283,16 @@ def test_non_finite_outputs_are_written_as_nan_not_null(server: ServerProcess) -
     assert response.status_code == 200, response.text
     outputs = {tensor["name"]: tensor for tensor in json.loads(response.text)["outputs"]}
     assert np.isnan(outputs["probabilities"]["data"]).all()
+
+
+@pytest.mark.parametrize("instances", [["ab", 1], ["ab", True], [1, "ab"]])
+def test_numbers_among_strings_are_refused_not_made_text(
+    server: ServerProcess, instances: list[object]
+) -> None:
+    """numpy reads ["ab", 1] as the strings "ab" and "1"; TF Serving refuses the number."""
+    response = requests.post(
+        f"{server.url}/v1/models/text:predict", json={"instances": instances}, timeout=10
+    )
+    assert response.status_code == 400, response.text
+    assert "values of different JSON types" in response.json()["error"]
+    assert "'text'" in response.json()["error"]

@@ -34,6 +34,12 @@ _VALUES = {
 """numpy dtype -> the TensorProto field that holds its values when tensor_content is empty."""
 
 
+def all_text(value: Any) -> bool:
+    """Whether every leaf of ``value`` (JSON lists that numpy read as text) is a string: numpy
+    reads ``["a", 1]`` as text too, turning the number into ``"1"``."""
+    return all(isinstance(leaf, str) for leaf in np.asarray(value, dtype=object).flat)
+
+
 def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any], name: str, source: str) -> np.ndarray:
     """Little-endian ``raw`` as ``dtype`` numbers, without a copy.
 

@@ -25,6 +25,7 @@ from inferd.errors import (
     UnknownLabel,
     encodable,
 )
+from inferd.protocols.codecs import all_text
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -385,7 +386,10 @@ class TensorDecoder:
             array = np.asarray(value)
         except (ValueError, OverflowError):
             array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
-        if array is None or array.dtype.kind == "O":
+        if array is not None and array.dtype.kind == "U" and not all_text(value):
+            # numpy made the numbers among strings text: keep them apart, for _check_json_types
+            array = np.asarray(value, dtype=object)
+        elif array is None or array.dtype.kind == "O":
             decoded = self._objects(value, name, 0)
             try:
                 array = np.array(decoded, dtype=object)
@@ -491,8 +495,16 @@ def _check_json_types(signature: Signature, inputs: Tensors) -> None:
         if value is None or not value.size:
             continue
         strings = value.dtype.kind in "OUS"
-        if strings != (spec.dtype.kind == "O"):
-            first = value.reshape(-1)[0]
+        if strings and spec.dtype.kind == "O" and value.dtype.kind == "O":
+            if not all(isinstance(leaf, str | bytes) for leaf in value.flat):
+                raise InvalidArgument(
+                    f"input {spec.name!r}: values of different JSON types (e.g. numbers and strings) "
+                    f"in one tensor; expected {spec.describe()}"
+                )
+        elif strings != (spec.dtype.kind == "O"):
+            flat = value.reshape(-1)
+            # the first string, where numbers and strings were mixed
+            first = next((leaf for leaf in flat if isinstance(leaf, str | bytes)), flat[0])
             shown = json.dumps(
                 first.decode(errors="replace")
                 if isinstance(first, bytes)

@@ -19,7 +19,7 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
-from inferd.protocols.codecs import from_raw, to_raw
+from inferd.protocols.codecs import all_text, from_raw, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -301,6 +301,8 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
     except (ValueError, OverflowError):
         raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
     limits.depth(name, nested.ndim)
+    if nested.dtype.kind == "U" and not all_text(data):
+        raise InvalidArgument(f"input {name!r}: 'data' mixes strings with other JSON values")
     flat = nested.reshape(-1)
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
