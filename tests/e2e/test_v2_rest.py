@@ -167,6 +167,8 @@ def request_json(**tensor: object) -> bytes:
         (request_json(datatype="FP99"), None, 400, "unknown datatype 'FP99'"),
         (request_json(datatype="INT64"), None, 400, "datatype INT64 cannot hold JSON values"),
         (request_json(data=["a"] * 64), None, 400, "datatype FP32 cannot hold JSON values"),
+        (request_json(data=[1.0, None] + [0.0] * 62), None, 400, "cannot hold JSON values like null (null)"),
+        (request_json(data=[1.0, {"a": 1}] + [0.0] * 62), None, 400, 'values like {"a": 1} (object)'),
         (request_json(shape=[1, -64]), None, 400, "'shape' must be a list of non-negative integers"),
         (request_json(name="Y"), None, 400, "missing ['X'], unexpected ['Y']"),
         (b'{"inputs": []}', None, 400, "'inputs' must be a non-empty list"),

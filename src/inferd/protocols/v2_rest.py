@@ -295,6 +295,18 @@ _V2_DTYPES = {name: dtype_of(name).numpy for name in V2_DATATYPES}
 """The V2 datatype names, and only those (``float32`` or ``DT_FLOAT`` are not V2 names)."""
 
 
+_JSON_KINDS: dict[type, str] = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    type(None): "null",
+    dict: "object",
+    list: "array",
+}
+"""Python types of parsed JSON values -> their JSON names, for messages."""
+
+
 def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
     try:
         nested = np.asarray(data)
@@ -307,9 +319,13 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
     if flat.size and flat.dtype.kind not in _KINDS[dtype.kind]:
+        values = flat.tolist()
+        # the first value that is no number (null, an object, a string), else the first
+        shown = next((v for v in values if not isinstance(v, int | float) or isinstance(v, bool)), values[0])
+        kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
         raise InvalidArgument(
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
-            f"{flat[:1].tolist()} ({flat.dtype})"
+            f"{json.dumps(shown)[:40]} ({kind})"
         )
     limits.text(name, flat)
     if (problem := integer_range_error(name, flat, dtype)) is not None:
