@@ -268,3 +268,27 @@ def test_bytes_through_an_onnx_string_model(http: httpclient.InferenceServerClie
     assert [item if isinstance(item, bytes) else item.encode() for item in out.reshape(-1)] == list(
         text.reshape(-1)
     )
+
+
+def _pair(module: Any) -> list[Any]:
+    a = module.InferInput("a", [1, 3], "FP32")
+    a.set_data_from_numpy(np.ones((1, 3), np.float32))
+    b = module.InferInput("b", [1, 1], "INT64")
+    b.set_data_from_numpy(np.ones((1, 1), np.int64))
+    return [a, b]
+
+
+def test_parameters_for_triton_features_inferd_does_not_serve_are_refused(
+    http: httpclient.InferenceServerClient, grpc_client: grpcclient.InferenceServerClient
+) -> None:
+    """Not answered as if absent: a client asking for the top 3 classes must not get raw scores."""
+    for module, client in ((httpclient, http), (grpcclient, grpc_client)):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("pair", _pair(module), outputs=[module.InferRequestedOutput("sum", class_count=3)])
+        assert (
+            "parameter 'classification' asks for Triton's classification extension" in refused.value.message()
+        )
+        with pytest.raises(InferenceServerException) as sequence:
+            client.infer("pair", _pair(module), sequence_id=7, sequence_start=True)
+        assert "parameter 'sequence_id' asks for sequence batching" in sequence.value.message()
+        assert client.infer("pair", _pair(module)).as_numpy("sum").tolist() == [[2.0, 2.0, 2.0]]

@@ -3,9 +3,11 @@ platforms, extensions, datatypes, repository index rows and model configuration.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from inferd.control import IndexEntry
+from inferd.errors import InvalidArgument
 from inferd.types import ModelMetadata, TensorSpec, VersionState, dtype_of
 
 V2_PLATFORMS = {
@@ -34,6 +36,29 @@ _TRITON_STATES = {
     VersionState.UNLOADING: "UNLOADING",
     VersionState.END: "UNAVAILABLE",
 }
+
+
+UNSERVED_PARAMETERS = {
+    "classification": "Triton's classification extension (class_count)",
+    "shared_memory_region": "shared memory",
+    "sequence_id": "sequence batching",
+}
+"""Triton request parameters that ask for what inferd does not serve, and what they ask for."""
+
+
+def refuse_unserved(where: str, parameters: Mapping[str, Any]) -> None:
+    """Refuse ``parameters`` (of the request, an input or an output: ``where``) that ask for a
+    Triton feature inferd does not serve, rather than answer as if they were not there. Zero or
+    empty values ask for nothing, as Triton reads them.
+
+    Raises:
+        InvalidArgument: naming the parameter and the feature.
+    """
+    for key, feature in UNSERVED_PARAMETERS.items():
+        if parameters.get(key):
+            raise InvalidArgument(
+                f"{where}: parameter {key!r} asks for {feature}, which inferd does not serve"
+            )
 
 
 def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:

@@ -9,7 +9,7 @@ from.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -25,7 +25,7 @@ from inferd.protocols.codecs import from_raw, to_raw
 from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
-from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
+from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_unserved, v2_index, v2_model_config
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
 from inferd.types import (
@@ -178,12 +178,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
         name = request.model_name
-        parameters = {
-            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
-            for key, value in request.parameters.items()
-        }
         try:
-            await self._control.load(name, load_parameters(name, parameters))
+            await self._control.load(name, load_parameters(name, _values(request.parameters)))
         except InferdError as error:
             raise load_failure(name, error) from None
         return pb.RepositoryModelLoadResponse()
@@ -198,6 +194,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, call: Call, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         ref = _ref(request.model_name, request.model_version)
+        refuse_unserved("the request", _values(request.parameters))
+        for tensor in request.inputs:
+            refuse_unserved(f"input {tensor.name!r}", _values(tensor.parameters))
+        for output in request.outputs:
+            refuse_unserved(f"output {output.name!r}", _values(output.parameters))
         await call.load(ref)
         outputs = [spec.name for spec in call.open(ref).outputs]
         wanted = [output.name for output in request.outputs] or outputs
@@ -214,6 +215,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reply.outputs.add(name=name, datatype=dtype_of(value.dtype).v2, shape=value.shape)
             reply.raw_output_contents.append(to_raw(value))
         return reply
+
+
+def _values(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameter messages (``InferParameter`` and the like) -> their values (bool, int64, string...)."""
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+        for key, value in parameters.items()
+    }
 
 
 def _ref(name: str, version: str) -> ModelRef:

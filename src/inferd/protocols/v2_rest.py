@@ -23,7 +23,14 @@ from inferd.protocols.codecs import all_text, from_raw, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
-from inferd.protocols.v2 import V2_DATATYPES, V2_EXTENSIONS, V2_PLATFORMS, v2_index, v2_model_config
+from inferd.protocols.v2 import (
+    V2_DATATYPES,
+    V2_EXTENSIONS,
+    V2_PLATFORMS,
+    refuse_unserved,
+    v2_index,
+    v2_model_config,
+)
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
 from inferd.types import (
@@ -179,10 +186,11 @@ async def _infer(
         decode_pool, _decode_cost(header_length, body), _decode_request, header_length, body, limits
     )
     await call.load(ref)
-    call.open(ref)  # V2 tensors carry their datatype: they decode without the signature
+    # V2 tensors carry their datatype: they decode without the signature
+    wanted = _wanted(doc, [spec.name for spec in call.open(ref).outputs])
     client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     response = await call.infer(inputs, deadline, client_id)
-    return _encode(response.model_id.name, str(response.model_id.version), doc, response.outputs)
+    return _encode(response.model_id.name, str(response.model_id.version), doc, wanted, response.outputs)
 
 
 def _decode_cost(header_length: str | None, body: bytes) -> int:
@@ -270,6 +278,7 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument(f"input {name!r}: 'parameters' must be an object")
+        refuse_unserved(f"input {name!r}", parameters)
         size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -341,28 +350,40 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
     return array
 
 
-def _encode(model: str, version: str, doc: dict[str, Any], outputs: Tensors) -> Response:
+def _wanted(doc: dict[str, Any], outputs: list[str]) -> list[tuple[str, bool]]:
+    """The outputs a request asks for (of the model's ``outputs``), each with whether it is
+    answered in binary.
+
+    Raises:
+        InvalidArgument: an unknown output, a malformed parameter, or one asking for what inferd
+            does not serve.
+    """
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidArgument("'parameters' must be an object")
+    refuse_unserved("the request", parameters)
     binary_default = _flag(parameters, "binary_data_output", "parameters", False)
     requested = doc.get("outputs")
     if requested is None:
-        wanted = [(name, binary_default) for name in outputs]
-    else:
-        if not isinstance(requested, list):
-            raise InvalidArgument("'outputs' must be a list of {\"name\": ...} objects")
-        wanted = []
-        for entry in requested:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or name not in outputs:
-                raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
-            params = entry.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise InvalidArgument(f"output {name!r}: 'parameters' must be an object")
-            wanted.append(
-                (name, _flag(params, "binary_data", f"output {name!r}: parameters", binary_default))
-            )
+        return [(name, binary_default) for name in outputs]
+    if not isinstance(requested, list):
+        raise InvalidArgument("'outputs' must be a list of {\"name\": ...} objects")
+    wanted = []
+    for entry in requested:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name not in outputs:
+            raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidArgument(f"output {name!r}: 'parameters' must be an object")
+        refuse_unserved(f"output {name!r}", params)
+        wanted.append((name, _flag(params, "binary_data", f"output {name!r}: parameters", binary_default)))
+    return wanted
+
+
+def _encode(
+    model: str, version: str, doc: dict[str, Any], wanted: list[tuple[str, bool]], outputs: Tensors
+) -> Response:
     described, chunks = [], []
     for name, as_binary in wanted:
         value = outputs[name]
