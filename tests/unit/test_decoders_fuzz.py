@@ -20,7 +20,7 @@ from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.config import ServerConfig, models_from_proto, parse_model_config, read_model_config_file
-from inferd.errors import ConfigError, InferdError, InvalidArgument
+from inferd.errors import ConfigError, InferdError
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.codecs import decode_tensor, from_raw
 from inferd.protocols.limits import RequestLimits
@@ -187,19 +187,17 @@ def test_raw_tensor_bytes_decode_or_refuse(raw: bytes, datatype: str, count: int
         assert array.size == count
 
 
-def test_boolean_bytes_other_than_0_and_1_are_refused() -> None:
-    """A model would read them as neither: onnxruntime's Not(2) is true."""
+def test_boolean_bytes_other_than_0_read_as_true() -> None:
+    """As Triton reads them; a model would read a byte of 2 as neither (onnxruntime's Not(2) is
+    true), and perf_analyzer's random data sends such bytes."""
     boolean = np.dtype(np.bool_)
-    read = from_raw(bytes([0, 1]), boolean, 2, "x", "raw_input_contents", LIMITS)
-    assert read.tolist() == [False, True]
-    with pytest.raises(
-        InvalidArgument, match="input 'x': boolean bytes in raw_input_contents must be 0 or 1"
-    ):
-        from_raw(bytes([1, 2]), boolean, 2, "x", "raw_input_contents", LIMITS)
+    read = from_raw(bytes([0, 1, 2, 255]), boolean, 4, "x", "raw_input_contents", LIMITS)
+    assert read.tolist() == [False, True, True, True]
+    assert read.view(np.uint8).tolist() == [0, 1, 1, 1]
     proto = TensorProto(dtype=DataType.DT_BOOL, tensor_content=bytes([255, 0]))
     proto.tensor_shape.dim.add(size=2)
-    with pytest.raises(InvalidArgument, match="input 'x': boolean bytes in tensor_content must be 0 or 1"):
-        decode_tensor("x", proto, 1024, LIMITS)
+    decoded = decode_tensor("x", proto, 1024, LIMITS)
+    assert decoded.view(np.uint8).tolist() == [1, 0]
 
 
 def test_v2_huge_declared_shapes_are_refused_before_allocation() -> None:

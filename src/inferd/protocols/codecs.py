@@ -37,18 +37,18 @@ _VALUES = {
 def all_text(value: Any) -> bool:
     """Whether every leaf of ``value`` (JSON lists that numpy read as text) is a string: numpy
     reads ``["a", 1]`` as text too, turning the number into ``"1"``."""
-    return all(isinstance(leaf, str) for leaf in np.asarray(value, dtype=object).flat)
+    if isinstance(value, list) and not (value and isinstance(value[0], list)):  # flat: no copy
+        return all(type(leaf) is str for leaf in value)
+    return all(type(leaf) is str for leaf in np.asarray(value, dtype=object).flat)
 
 
-def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any], name: str, source: str) -> np.ndarray:
-    """Little-endian ``raw`` as ``dtype`` numbers, without a copy.
-
-    Raises:
-        InvalidArgument: a boolean byte other than 0 or 1 (a model would read it as neither).
-    """
+def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any]) -> np.ndarray:
+    """Little-endian ``raw`` as ``dtype`` numbers, without a copy; booleans with any byte but 0
+    read as true (a copy then), as Triton reads them, where a model would read such a byte as
+    neither (perf_analyzer's random data sends them)."""
     array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-    if dtype.kind == "b" and (array.view(np.uint8) > 1).any():
-        raise InvalidArgument(f"input {name!r}: boolean bytes in {source} must be 0 or 1")
+    if dtype.kind == "b" and (as_bytes := array.view(np.uint8)).max(initial=0) > 1:
+        return np.not_equal(as_bytes, 0)
     return array
 
 
@@ -69,7 +69,7 @@ def from_raw(
                 f"input {name!r}: {count} elements of {dtype_of(dtype).v2} take "
                 f"{count * dtype.itemsize} bytes, {source} says {len(raw)}"
             )
-        return _numbers(raw, dtype, name, source)
+        return _numbers(raw, dtype)
     items: list[bytes] = []
     pos = 0
     while pos < len(raw):
@@ -135,7 +135,7 @@ def decode_tensor(name: str, proto: TensorProto, max_bytes: int, limits: Request
                 f"input {name!r}: {tf_name} {list(shape)} takes {count * dtype.itemsize} bytes of "
                 f"tensor_content, got {len(content)}"
             )
-        return _numbers(content, dtype, name, "tensor_content").reshape(shape)
+        return _numbers(content, dtype).reshape(shape)
     field = _VALUES[dtype]
     values = getattr(proto, field)
     try:
