@@ -401,16 +401,7 @@ def _encode(
     document: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": described}
     if isinstance(doc.get("id"), str):
         document["id"] = doc["id"]
-    header = orjson.dumps(document, option=_NUMPY)
-    # orjson writes NaN and infinities as null; the standard library writes them as NaN and
-    # Infinity, which Python's JSON readers (tritonclient's among them) read back.
-    if b"null" in header and any(
-        isinstance(data := tensor.get("data"), np.ndarray)
-        and data.dtype.kind == "f"
-        and not np.isfinite(data).all()
-        for tensor in described
-    ):
-        header = json.dumps(document, default=lambda array: array.tolist()).encode()
+    header = orjson.dumps(document, option=_NUMPY)  # NaN and infinities as null: strict JSON
     if not chunks:
         return 200, JSON_HEADERS, header
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
