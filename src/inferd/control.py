@@ -451,13 +451,16 @@ class ModelControl:
             ModelLoadError: the config is in force, but these models have no version AVAILABLE.
         """
         async with self._admin() as state:
-            before = await asyncio.to_thread(self._repository.model_configs)
+            before = {
+                m.name: _where(m.base_path) for m in await asyncio.to_thread(self._repository.model_configs)
+            }
             state.models = list(models)
             state.reloaded = True
             state.unloaded = frozenset()
-            # The caller vouches for the files of the models it adds or changes, as a load does:
-            # they are loaded now, not after a second scan finds them unchanged.
-            state.trusted = frozenset(m.name for m in models if m not in before)
+            # The caller vouches for the files of the models it adds or moves, as a load does:
+            # they are loaded now, not after a second scan finds them unchanged. A model that
+            # stays where it was is scanned as before (a version being written there waits).
+            state.trusted = frozenset(m.name for m in models if before.get(m.name) != _where(m.base_path))
             await self._commit(state)
         failed = [m.name for m in models if not self._manager.serves(m.name)]
         if failed:
@@ -527,6 +530,11 @@ class ModelControl:
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:
             raise NotFound(f"model {name!r} is not in the model repository")
+
+
+def _where(base_path: Path | str) -> Path | str:
+    """A base path to compare: a folder made absolute, an object-store URI as it is."""
+    return base_path.absolute() if isinstance(base_path, Path) else base_path
 
 
 async def _settled(runs: Iterable[asyncio.Task[None]]) -> None:

@@ -204,6 +204,27 @@ def test_reload_config_answers_once_a_new_model_is_loaded(
     assert answer.json() == {"predictions": [[3.0, 6.0, 9.0, 12.0]]}
 
 
+def test_reload_config_leaves_a_model_that_stays_put_to_the_scans(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Changing only a model's labels does not vouch for a version being written meanwhile: it
+    waits for the scans to find its files unchanged, as without the reload."""
+    repo = tmp_path / "models"
+    write_onnx_affine(repo / "m" / "1", scale=2.0)
+    server = start_server(str(repo), f"--admin_token={ADMIN}", "--file_system_poll_wait_seconds=4")
+    # As if still being copied. (Were a periodic scan to fall in the few ms before the reload's,
+    # version 2 would be stable by right; one in 4 s makes that rare.)
+    write_onnx_affine(repo / "m" / "2", scale=3.0)
+    request = ms.ReloadConfigRequest()
+    config = request.config.model_config_list.config.add(name="m", base_path=str(repo / "m"))
+    config.version_labels["stable"] = 1
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        ms_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            request, metadata=(("authorization", f"Bearer {ADMIN}"),), timeout=30
+        )
+    assert server.status("m") == {"1": "AVAILABLE"}
+
+
 def test_reload_config_replaces_the_served_models(repo: Path, server: ServerProcess) -> None:
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = ms_grpc.ModelServiceStub(channel)

@@ -35,7 +35,7 @@ def model_ref(name: str, version: str | None, label: str | None = None) -> Model
     if version is None:
         return ModelRef(name, label=label)
     # ASCII only: the route's \d also matches other scripts' digits, which int() would read.
-    if not version.isascii() or len(version) > 19 or int(version) >= 2**63:
+    if not version.isascii() or len(version.lstrip("0")) > 19 or int(version) >= 2**63:
         shown = version if len(version) <= 40 else f"{version[:40]}... ({len(version)} characters)"
         raise InvalidArgument(f"Failed to convert version: {shown} to numeric.")
     return ModelRef(name, version=int(version))
