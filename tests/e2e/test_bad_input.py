@@ -436,3 +436,10 @@ def test_body_over_the_size_limit_gives_413(server: ServerProcess, chunked: bool
     assert len(small) <= LIMIT
     assert requests.post(f"{server.url}/v1/models/digits:predict", data=small, timeout=10).status_code == 200
     assert_still_serving(server)
+
+
+def test_a_version_with_leading_zeros_is_read_as_its_number(server: ServerProcess) -> None:
+    """As TF Serving's SimpleAtoi reads it, however long the zeros."""
+    response = requests.get(f"{server.url}/v1/models/digits/versions/{'0' * 30}1", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version_status"][0]["version"] == "1"
