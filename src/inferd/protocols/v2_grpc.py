@@ -194,11 +194,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, call: Call, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         ref = _ref(request.model_name, request.model_version)
-        refuse_unserved("the request", _values(request.parameters))
+        if request.parameters:
+            refuse_unserved("the request", _values(request.parameters))
         for tensor in request.inputs:
-            refuse_unserved(f"input {tensor.name!r}", _values(tensor.parameters))
+            if tensor.parameters:
+                refuse_unserved(f"input {tensor.name!r}", _values(tensor.parameters))
         for output in request.outputs:
-            refuse_unserved(f"output {output.name!r}", _values(output.parameters))
+            if output.parameters:
+                refuse_unserved(f"output {output.name!r}", _values(output.parameters))
         await call.load(ref)
         outputs = [spec.name for spec in call.open(ref).outputs]
         wanted = [output.name for output in request.outputs] or outputs
