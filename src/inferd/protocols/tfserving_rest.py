@@ -294,7 +294,10 @@ class TensorDecoder:
                         f"instances[{i}] has keys {sorted(item)}; "
                         f"the keys must be equal to: {','.join(names)}"
                     )
-            return {name: self.array([item[name] for item in instances], name) for name in names}
+            return {
+                spec.name: self.array([item[spec.name] for item in instances], spec)
+                for spec in signature.inputs
+            }
         if any(named):
             raise InvalidArgument(
                 "'instances' mixes named-input objects with plain values; use one form throughout"
@@ -304,7 +307,7 @@ class TensorDecoder:
                 "instances is a plain list, but expecting list of objects as multiple input tensors "
                 f"required as per tensorinfo_map: {','.join(names)}"
             )
-        return {names[0]: self.array(instances, names[0])}
+        return {names[0]: self.array(instances, signature.inputs[0])}
 
     def columns(self, signature: Signature, inputs: Any) -> Tensors:
         """The columnar format: ``inputs``, one value or an object keyed by input name."""
@@ -313,10 +316,10 @@ class TensorDecoder:
             for name in names:
                 if name not in inputs:
                     raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
-            return {name: self.array(inputs[name], name) for name in names}
+            return {spec.name: self.array(inputs[spec.name], spec) for spec in signature.inputs}
         if len(names) != 1:
             raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
-        return {names[0]: self.array(inputs, names[0])}
+        return {names[0]: self.array(inputs, signature.inputs[0])}
 
     def examples(self, signature: Signature, examples: list[Any], context: dict[str, Any]) -> Tensors:
         """Examples (objects of features) -> input tensors. Features are matched to inputs by
@@ -338,7 +341,7 @@ class TensorDecoder:
                 rows.append({names[0]: next(iter(features.values()))})
             else:
                 raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
-        return {name: self.array([row[name] for row in rows], name) for name in names}
+        return {spec.name: self.array([row[spec.name] for row in rows], spec) for spec in signature.inputs}
 
     def _serialized(
         self, signature: Signature, examples: list[Any], context: dict[str, Any]
@@ -380,16 +383,24 @@ class TensorDecoder:
                 f"got {value!r}"[:200]
             )
 
-    def array(self, value: Any, name: str) -> np.ndarray:
-        """Nested JSON lists -> an ndarray; ``{"b64": ...}`` leaves become bytes."""
+    def array(self, value: Any, spec: TensorSpec) -> np.ndarray:
+        """Nested JSON lists for input ``spec`` -> an ndarray; ``{"b64": ...}`` leaves become bytes.
+        The dtype is the JSON's (``_check_json_types`` and ``conform_inputs`` check it)."""
+        name = spec.name
         try:
             array = np.asarray(value)
         except (ValueError, OverflowError):
             array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
         if array is not None and array.dtype.kind == "U" and not all_text(value):
-            # numpy made the numbers among strings text: keep them apart, for _check_json_types
-            array = np.asarray(value, dtype=object)
-        elif array is None or array.dtype.kind == "O":
+            # numpy made the numbers among the strings text
+            leaves = np.asarray(value, dtype=object).reshape(-1)
+            if spec.dtype.kind != "O":
+                culprit = next(leaf for leaf in leaves if isinstance(leaf, str))
+                raise _not_of_type(spec, culprit, "numbers and strings mixed")
+            raise InvalidArgument(
+                f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
+            )
+        if array is None or array.dtype.kind == "O":
             decoded = self._objects(value, name, 0)
             try:
                 array = np.array(decoded, dtype=object)
@@ -494,30 +505,25 @@ def _check_json_types(signature: Signature, inputs: Tensors) -> None:
         value = inputs.get(spec.name)
         if value is None or not value.size:
             continue
-        strings = value.dtype.kind in "OUS"
-        if strings and spec.dtype.kind == "O" and value.dtype.kind == "O":
-            if not all(isinstance(leaf, str | bytes) for leaf in value.flat):
-                raise InvalidArgument(
-                    f"input {spec.name!r}: values of different JSON types (e.g. numbers and strings) "
-                    f"in one tensor; expected {spec.describe()}"
-                )
-        elif strings != (spec.dtype.kind == "O"):
-            flat = value.reshape(-1)
-            # the first string, where numbers and strings were mixed
-            first = next((leaf for leaf in flat if isinstance(leaf, str | bytes)), flat[0])
-            shown = json.dumps(
-                first.decode(errors="replace")
-                if isinstance(first, bytes)
-                else first.item()
-                if isinstance(first, np.generic)
-                else first
-            )
-            expected = dtype_of(spec.dtype).tf.removeprefix("DT_").lower()
-            got = f"{dtype_of(value.dtype).v2} {list(value.shape)}"
-            raise InvalidArgument(
-                f"JSON Value: {shown} not of expected type: {expected}; "
-                f"input {spec.name!r}: expected {spec.describe()}, got {got}"
-            )
+        if (value.dtype.kind in "OUS") != (spec.dtype.kind == "O"):
+            first = value.reshape(-1)[0]
+            raise _not_of_type(spec, first, f"{dtype_of(value.dtype).v2} {list(value.shape)}")
+
+
+def _not_of_type(spec: TensorSpec, value: object, got: str) -> InvalidArgument:
+    """``value`` does not fit ``spec``'s type: TF Serving's words, then inferd's."""
+    shown = json.dumps(
+        value.decode(errors="replace")
+        if isinstance(value, bytes)
+        else value.item()
+        if isinstance(value, np.generic)
+        else value
+    )
+    expected = dtype_of(spec.dtype).tf.removeprefix("DT_").lower()
+    return InvalidArgument(
+        f"JSON Value: {shown[:40]} not of expected type: {expected}; "
+        f"input {spec.name!r}: expected {spec.describe()}, got {got}"
+    )
 
 
 def _encode(document: dict[str, Any], outputs: Tensors) -> Response:
