@@ -393,8 +393,8 @@ class TensorDecoder:
             array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
         if array is not None and array.dtype.kind == "U" and not all_text(value):
             # numpy made the numbers among the strings text
-            leaves = np.asarray(value, dtype=object).reshape(-1)
             if spec.dtype.kind != "O":
+                leaves = np.asarray(value, dtype=object).flat
                 culprit = next(leaf for leaf in leaves if isinstance(leaf, str))
                 raise _not_of_type(spec, culprit, "numbers and strings mixed")
             raise InvalidArgument(
