@@ -175,6 +175,8 @@ def request_json(**tensor: object) -> bytes:
         (b'{"inputs": []}', None, 400, "'inputs' must be a non-empty list"),
         (b"{not json", None, 400, "JSON Parse error"),
         (request_json(data=[1e39] + [0.0] * 63), None, 400, "datatype FP32 cannot hold 1e+39"),
+        (request_json(data=[[0.0] * 63 + [-1e39]]), None, 400, "datatype FP32 cannot hold -1e+39"),
+        (request_json(shape=[20, 64], data=[0.0] * 1279 + [1e39]), None, 400, "FP32 cannot hold 1e+39"),
         (request_json(datatype="BYTES", data=["a"] * 63 + [1]), None, 400, "'data' mixes strings with other"),
         (request_json(parameters=[1]), None, 400, "input 'X': 'parameters' must be an object"),
         (
@@ -210,6 +212,12 @@ def test_bad_json_requests(
     response = infer_raw(server, body, header_length)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
+
+
+def test_float_data_up_to_the_datatype_largest_value(server: ServerProcess) -> None:
+    # 3.4028235e38 is above FP32's largest value in float64, and rounds to it in FP32.
+    response = infer_raw(server, request_json(data=[3.4028235e38, -3.4028235e38] + [0.0] * 62))
+    assert response.status_code == 200, response.text
 
 
 def test_bad_binary_requests(server: ServerProcess) -> None:

@@ -54,6 +54,8 @@ def refuse_unserved(where: str, parameters: Mapping[str, Any]) -> None:
     Raises:
         InvalidArgument: naming the parameter and the feature.
     """
+    if not parameters:
+        return
     for key, feature in UNSERVED_PARAMETERS.items():
         if parameters.get(key):
             raise InvalidArgument(
