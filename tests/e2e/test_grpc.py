@@ -239,6 +239,9 @@ def test_v2_unknown_model_and_output(client: grpcclient.InferenceServerClient) -
     with pytest.raises(InferenceServerException, match="unknown output 'nope'") as error:
         client.infer("digits", [tensor], outputs=[grpcclient.InferRequestedOutput("nope")])
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="output 'label' is requested twice") as error:
+        client.infer("digits", [tensor], outputs=[grpcclient.InferRequestedOutput("label")] * 2)
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 # --- TF Serving's PredictionService and ModelService ------------------------------------------

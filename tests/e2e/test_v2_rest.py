@@ -177,6 +177,12 @@ def request_json(**tensor: object) -> bytes:
         (request_json(data=[1e39] + [0.0] * 63), None, 400, "datatype FP32 cannot hold 1e+39"),
         (request_json(data=[[0.0] * 63 + [-1e39]]), None, 400, "datatype FP32 cannot hold -1e+39"),
         (request_json(shape=[20, 64], data=[0.0] * 1279 + [1e39]), None, 400, "FP32 cannot hold 1e+39"),
+        (
+            json.dumps({**json.loads(request_json()), "outputs": [{"name": "probabilities"}] * 2}).encode(),
+            None,
+            400,
+            "output 'probabilities' appears more than once in 'outputs'",
+        ),
         (request_json(datatype="BYTES", data=["a"] * 63 + [1]), None, 400, "'data' mixes strings with other"),
         (request_json(parameters=[1]), None, 400, "input 'X': 'parameters' must be an object"),
         (

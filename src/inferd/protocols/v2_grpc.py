@@ -205,9 +205,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await call.load(ref)
         outputs = [spec.name for spec in call.open(ref).outputs]
         wanted = [output.name for output in request.outputs] or outputs
-        for name in wanted:
+        for i, name in enumerate(wanted):
             if name not in outputs:
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+            if name in wanted[:i]:
+                raise InvalidArgument(f"output {name!r} is requested twice")
         inputs = decode_inputs(request, self._limits)
         response = await call.infer(inputs, deadline, request.id or None)
         reply = pb.ModelInferResponse(

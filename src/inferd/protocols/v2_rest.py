@@ -392,6 +392,8 @@ def _wanted(doc: dict[str, Any], outputs: list[str]) -> list[tuple[str, bool]]:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name not in outputs:
             raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+        if any(name == taken for taken, _ in wanted):
+            raise InvalidArgument(f"output {name!r} appears more than once in 'outputs'")
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidArgument(f"output {name!r}: 'parameters' must be an object")
