@@ -160,6 +160,20 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
         pytest.param(
             DIGITS, raw({"instances": [[True] * 64]}), 400, ["'inputs'", "FP64", "BOOL"], id="booleans"
         ),
+        pytest.param(
+            DIGITS,
+            raw({"instances": [[*ROW[:63], True]]}),
+            400,
+            ["JSON Value: true not of expected type: double", "'inputs'", "booleans among numbers"],
+            id="mixed-number-boolean",
+        ),
+        pytest.param(
+            DIGITS,
+            raw({"inputs": [ROW, [False, *ROW[1:]]]}),
+            400,
+            ["JSON Value: false not of expected type: double"],
+            id="mixed-number-boolean-columns",
+        ),
         # integers into INT64: NaN / Infinity tokens, fractions, out of range
         pytest.param(
             PAIR, b'{"instances": [{"a": [1, 2, 3], "b": [NaN]}]}', 400, ["'b'", "INT64"], id="nan-into-int64"

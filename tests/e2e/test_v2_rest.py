@@ -175,6 +175,18 @@ def request_json(**tensor: object) -> bytes:
         (b'{"inputs": []}', None, 400, "'inputs' must be a non-empty list"),
         (b"{not json", None, 400, "JSON Parse error"),
         (request_json(data=[1e39] + [0.0] * 63), None, 400, "datatype FP32 cannot hold 1e+39"),
+        (
+            request_json(data=[0.5, True] + [0.0] * 62),
+            None,
+            400,
+            "FP32 cannot hold JSON values like true (boolean)",
+        ),
+        (
+            request_json(data=[[0.5] * 63 + [False]]),
+            None,
+            400,
+            "cannot hold JSON values like false (boolean)",
+        ),
         (request_json(data=[[0.0] * 63 + [-1e39]]), None, 400, "datatype FP32 cannot hold -1e+39"),
         (request_json(shape=[20, 64], data=[0.0] * 1279 + [1e39]), None, 400, "FP32 cannot hold 1e+39"),
         (
@@ -218,6 +230,14 @@ def test_bad_json_requests(
     response = infer_raw(server, body, header_length)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
+
+
+def test_numbers_in_a_body_that_names_true(server: ServerProcess) -> None:
+    # "true" elsewhere in the body only makes the decoder look for booleans among the numbers.
+    body = json.dumps({**json.loads(request_json()), "id": "true", "parameters": {"x": False}}).encode()
+    response = infer_raw(server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "true"
 
 
 def test_float_data_up_to_the_datatype_largest_value(server: ServerProcess) -> None:

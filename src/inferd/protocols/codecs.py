@@ -6,6 +6,7 @@ and TensorFlow's ``TensorProto`` (``decode_tensor``, ``encode_tensor``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any, cast
 
 import numpy as np
@@ -37,9 +38,26 @@ _VALUES = {
 def all_text(value: Any) -> bool:
     """Whether every leaf of ``value`` (JSON lists that numpy read as text) is a string: numpy
     reads ``["a", 1]`` as text too, turning the number into ``"1"``."""
-    if isinstance(value, list) and not (value and isinstance(value[0], list)):  # flat: no copy
-        return all(type(leaf) is str for leaf in value)
-    return all(type(leaf) is str for leaf in np.asarray(value, dtype=object).flat)
+    return all(type(leaf) is str for leaf in _leaves(value))
+
+
+def may_hold_booleans(body: bytes, end: int) -> bool:
+    """Whether the JSON in ``body[:end]`` may hold a boolean: a search of the bytes, so that
+    ``first_boolean`` walks the values only of the few requests where it might find one."""
+    return body.find(b"true", 0, end) >= 0 or body.find(b"false", 0, end) >= 0
+
+
+def first_boolean(value: Any) -> bool | None:
+    """The first JSON boolean among the leaves of ``value`` (JSON lists of numbers), or None:
+    numpy reads ``[1.5, true]`` as ``[1.5, 1.0]``."""
+    return next((leaf for leaf in _leaves(value) if type(leaf) is bool), None)
+
+
+def _leaves(value: Any) -> Iterable[Any]:
+    """The leaves of rectangular nested JSON lists ``value``, without a copy when it is flat."""
+    if isinstance(value, list) and not (value and isinstance(value[0], list)):
+        return value
+    return np.asarray(value, dtype=object).reshape(-1)  # .flat stops at 32 dimensions
 
 
 def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any]) -> np.ndarray:

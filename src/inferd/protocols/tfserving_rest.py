@@ -25,7 +25,7 @@ from inferd.errors import (
     UnknownLabel,
     encodable,
 )
-from inferd.protocols.codecs import all_text
+from inferd.protocols.codecs import all_text, first_boolean, may_hold_booleans
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -89,7 +89,8 @@ async def handle(
                 else:
                     doc = await decode(decode_pool, len(body), parse_json, body)
                     if predict:
-                        answer = await _predict(call, ref, doc, deadline, limits, offload)
+                        booleans = may_hold_booleans(body, len(body))
+                        answer = await _predict(call, ref, doc, deadline, limits, offload, None, booleans)
                     else:
                         method_ = _METHODS[verb.lower()]
                         answer = await _classify_or_regress(
@@ -187,8 +188,10 @@ async def _predict(
     limits: RequestLimits,
     offload: tuple[BodyDecoder | None, int] = (None, 0),
     decoded: Decoded | None = None,
+    booleans: bool = True,
 ) -> Response:
-    """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did."""
+    """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did;
+    ``booleans``: whether the body may hold JSON booleans (``TensorDecoder``)."""
     await call.load(ref)
     signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -198,7 +201,7 @@ async def _predict(
             else "Missing 'inputs' or 'instances' key"
         )
     row_format = "instances" in doc
-    decoder = TensorDecoder(limits)
+    decoder = TensorDecoder(limits, booleans)
     key = "instances" if row_format else "inputs"
     if decoded is None:
         inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
@@ -254,7 +257,8 @@ def _parse_predict(
         return doc, (None, None)
     key = "instances" if "instances" in doc else "inputs"
     try:
-        return doc, (signature, _take_tensors(TensorDecoder(limits), signature, doc, key))
+        decoder = TensorDecoder(limits, may_hold_booleans(body, len(body)))
+        return doc, (signature, _take_tensors(decoder, signature, doc, key))
     except InferdError as error:
         return doc, (signature, error)
     finally:
@@ -275,8 +279,11 @@ class TensorDecoder:
     ResourceExhausted (over a limit), naming the input.
     """
 
-    def __init__(self, limits: RequestLimits) -> None:
+    def __init__(self, limits: RequestLimits, booleans: bool = True) -> None:
+        """``booleans``: whether the body may hold JSON booleans (``may_hold_booleans``); when
+        not, numbers are not searched for booleans among them."""
         self._limits = limits
+        self._booleans = booleans
 
     def rows(self, signature: Signature, instances: Any) -> Tensors:
         """The row format: ``instances``, a list of values or of objects keyed by input name."""
@@ -400,6 +407,9 @@ class TensorDecoder:
             raise InvalidArgument(
                 f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
             )
+        numbers = array is not None and array.dtype.kind in "iuf" and spec.dtype.kind in "iuf"
+        if self._booleans and numbers and (boolean := first_boolean(value)) is not None:
+            raise _not_of_type(spec, boolean, "booleans among numbers")
         if array is None or array.dtype.kind == "O":
             decoded = self._objects(value, name, 0)
             try:

@@ -19,7 +19,7 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
-from inferd.protocols.codecs import all_text, from_raw, to_raw
+from inferd.protocols.codecs import all_text, first_boolean, from_raw, may_hold_booleans, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -211,7 +211,8 @@ def _decode_request(
     """The request's JSON document, without its ``inputs`` (whose JSON values are freed where this
     runs: on the decode thread for a large body), and the decoded input tensors."""
     doc, binary = split_body(header_length, body)
-    return doc, decode_inputs(doc.pop("inputs", None), binary, limits)
+    booleans = may_hold_booleans(body, len(body) - len(binary))
+    return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans)
 
 
 def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -245,9 +246,11 @@ def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], 
     return doc, binary
 
 
-def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Tensors:
+def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits, booleans: bool = True) -> Tensors:
     """The ``inputs`` of a V2 JSON request, with data in JSON or in ``binary`` (the bytes after
-    the JSON header), every shape checked against ``limits`` before its tensor is made.
+    the JSON header), every shape checked against ``limits`` before its tensor is made;
+    ``booleans``: whether the JSON may hold booleans (``may_hold_booleans``), which numbers then
+    are searched for.
 
     Raises:
         InvalidArgument: a malformed entry, or data that does not fit its shape and datatype.
@@ -289,7 +292,7 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits) -> Te
             array = from_raw(binary[offset : offset + size], dtype, count, name, "binary_data_size", limits)
             offset += size
         elif "data" in entry:
-            array = _from_json(entry["data"], dtype, count, name, limits)
+            array = _from_json(entry["data"], dtype, count, name, limits, booleans)
         else:
             raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         tensors[name] = array.reshape(shape)
@@ -314,9 +317,13 @@ _JSON_KINDS: dict[type, str] = {
     list: "array",
 }
 """Python types of parsed JSON values -> their JSON names, for messages."""
+_JSON_TYPES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float), "O": (str,)}
+"""A datatype's kind -> the Python types of the JSON values it holds."""
 
 
-def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
+def _from_json(
+    data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits, booleans: bool
+) -> np.ndarray:
     try:
         nested = np.asarray(data)
     except (ValueError, OverflowError):
@@ -327,10 +334,12 @@ def _from_json(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: R
     flat = nested.reshape(-1)
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
-    if flat.size and flat.dtype.kind not in _KINDS[dtype.kind]:
-        values = flat.tolist()
-        # the first value that is no number (null, an object, a string), else the first
-        shown = next((v for v in values if not isinstance(v, int | float) or isinstance(v, bool)), values[0])
+    numbers = flat.dtype.kind in "iuf" and dtype.kind in "iuf"
+    boolean = first_boolean(data) if booleans and numbers else None
+    if flat.size and (flat.dtype.kind not in _KINDS[dtype.kind] or boolean is not None):
+        # the first value of another JSON type than the datatype's, else the first
+        values = flat.tolist() if boolean is None else [boolean]
+        shown = next((v for v in values if type(v) not in _JSON_TYPES[dtype.kind]), values[0])
         kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
         raise InvalidArgument(
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
