@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from inferd.errors import Unavailable
 
@@ -128,12 +128,18 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
             child.terminate()
 
 
+def off_loop(pool: BodyDecoder | None, size: int) -> TypeGuard[BodyDecoder]:
+    """Whether a body (or gRPC message) of ``size`` bytes is decoded on ``pool``'s decode thread
+    rather than inline: from ``LARGE_BODY_BYTES`` on, when a pool is given."""
+    return pool is not None and size >= LARGE_BODY_BYTES
+
+
 async def decode(pool: BodyDecoder | None, size: int, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)``, run on ``pool``'s decode thread when ``size`` (the body's bytes) is
-    at least ``LARGE_BODY_BYTES`` and a pool is given, else inline. Exceptions propagate unchanged."""
-    if pool is None or size < LARGE_BODY_BYTES:
-        return function(*args)
-    return await pool.on_thread(function, *args)
+    """``function(*args)``, run on ``pool``'s decode thread when ``off_loop(pool, size)`` (``size``:
+    the body's bytes), else inline. Exceptions propagate unchanged."""
+    if off_loop(pool, size):
+        return await pool.on_thread(function, *args)
+    return function(*args)
 
 
 async def decode_apart(pool: BodyDecoder | None, size: int, function: Callable[..., T], *args: Any) -> T:
