@@ -569,7 +569,13 @@ class Server:
         try:
             if self.config.port:
                 grpc_server, health = await _start_grpc(
-                    self.service, self.control, self.config, self.tls, self.inflight, self.link is not None
+                    self.service,
+                    self.control,
+                    self.config,
+                    self.tls,
+                    self.inflight,
+                    self._decode_pool,
+                    self.link is not None,
                 )
             level, served = self.control.summary()
             log.log(
@@ -634,14 +640,15 @@ async def _start_grpc(
     config: ServerConfig,
     tls: TlsSettings | None,
     inflight: InflightBytes,
+    decode_pool: BodyDecoder,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
     """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
     health service (every service SERVING until the drain) and server reflection, behind the
     token check and the in-flight byte budget, with the connection and stream limits of
-    ``grpc_transport_options``; over TLS when ``tls`` is given. Health and reflection are
-    optional: when their package cannot be imported, one WARNING says so and the server runs
-    without it.
+    ``grpc_transport_options``; over TLS when ``tls`` is given; large messages parsed and
+    decoded on ``decode_pool``'s thread. Health and reflection are optional: when their package
+    cannot be imported, one WARNING says so and the server runs without it.
 
     Raises:
         ConfigError: the port cannot be bound.
@@ -656,7 +663,7 @@ async def _start_grpc(
         inflight=inflight,
     )
     options = grpc_transport_options(config, ConnectionLimits.of(config).max_connections, reuse_port)
-    interceptors: list[grpc.aio.ServerInterceptor] = [access, grpc_status.DecodeInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor] = [access, grpc_status.DecodeInterceptor(decode_pool)]
     if config.otel_endpoint:
         from inferd.protocols.trace_context import TraceContextInterceptor
 
@@ -670,8 +677,9 @@ async def _start_grpc(
         config.max_request_bytes,
         limits,
         config.enable_serialization_as_tensor_content,
+        decode_pool,
     )
-    v2_grpc.add_to_server(server, service, control, limits)
+    v2_grpc.add_to_server(server, service, control, limits, decode_pool)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
     _add_reflection(server, (*services, *health_name))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
+from contextvars import ContextVar
 from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 
 from inferd.errors import InferdError, encodable
 from inferd.protocols.access import Access
+from inferd.protocols.decoding import BodyDecoder, off_loop
 from inferd.protocols.limits import InflightBytes
 
 log = logging.getLogger(__name__)
@@ -149,13 +151,25 @@ def _refusal(handler: Handler, error: InferdError) -> Handler:
     return make(refuse, handler.request_deserializer, handler.response_serializer)
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Answers a unary request that does not parse (e.g. a string field holding bytes that are not
-    UTF-8, such as an encoded lone surrogate) with INVALID_ARGUMENT, instead of the UNKNOWN and
-    the logged traceback that grpc gives when a request deserializer raises. The guarded handler
-    of each method is made once."""
+def message_bytes() -> int:
+    """The size in bytes of the request message of the unary call being served (0 outside a call
+    that ``DecodeInterceptor`` parsed): a servicer decodes the tensors of a large one off the event
+    loop, as ``decoding.decode`` does for a REST body of that size."""
+    return _MESSAGE_BYTES.get()
 
-    def __init__(self) -> None:
+
+_MESSAGE_BYTES: ContextVar[int] = ContextVar("inferd_grpc_message_bytes", default=0)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Parses each unary request message: inline when it is small, on ``pool``'s decode thread
+    when ``decoding.off_loop`` says so, its size then told by ``message_bytes()``. Answers one
+    that does not parse (e.g. a string field holding bytes that are not UTF-8, such as an encoded
+    lone surrogate) with INVALID_ARGUMENT, instead of the UNKNOWN and the logged traceback that
+    grpc gives when a request deserializer raises. The guarded handler of each method is made once."""
+
+    def __init__(self, pool: BodyDecoder | None = None) -> None:
+        self._pool = pool
         self._guarded: dict[str, tuple[Handler, Handler]] = {}  # method -> (handler, guarded)
 
     async def intercept_service(
@@ -169,20 +183,22 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         made = self._guarded.get(method)
         if made is None or made[0] is not handler:
-            made = self._guarded[method] = (handler, _guarded(method, handler))
+            made = self._guarded[method] = (handler, _guarded(method, handler, self._pool))
         return made[1]
 
 
-def _guarded(method: str, handler: Handler) -> Handler:
-    """``handler`` (unary-unary) parsing its request itself, answering INVALID_ARGUMENT when the
-    message does not parse."""
+def _guarded(method: str, handler: Handler, pool: BodyDecoder | None) -> Handler:
+    """``handler`` (unary-unary) parsing its request itself (a large one on ``pool``), answering
+    INVALID_ARGUMENT when the message does not parse."""
     parse, behaviour = handler.request_deserializer, handler.unary_unary
     if parse is None or behaviour is None:
         return handler
 
     async def guarded(data: bytes, context: Context) -> Any:
+        size = len(data)
+        _MESSAGE_BYTES.set(size)  # the call's own task: seen by this call's servicer only
         try:
-            request = parse(data)
+            request = await pool.on_thread(parse, data) if off_loop(pool, size) else parse(data)
         except Exception as exc:  # protobuf's DecodeError, or a subclass of it
             message = f"the request is not a valid {method} message: {exc}"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))

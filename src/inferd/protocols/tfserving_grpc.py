@@ -31,7 +31,15 @@ from inferd.config import models_from_proto
 from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
-from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
+from inferd.protocols.decoding import BodyDecoder, decode
+from inferd.protocols.grpc_status import (
+    Context,
+    answer,
+    deadline_of,
+    message_bytes,
+    tell_version,
+    traffic_key,
+)
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.tfserving_rest import classification_rows, regression_values, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
@@ -64,6 +72,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         max_tensor_bytes: the largest tensor that one typed value may fill.
         limits: the request limits every input is checked against before it is decoded.
         tensor_content: answer Predict with numbers in ``tensor_content`` rather than typed fields.
+        decode_pool: where the tensors of a large Predict message are decoded (``decoding.decode``
+            with ``message_bytes()``); None: on the event loop.
     """
 
     def __init__(
@@ -72,8 +82,10 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         max_tensor_bytes: int,
         limits: RequestLimits,
         tensor_content: bool = False,
+        decode_pool: BodyDecoder | None = None,
     ) -> None:
         self._service = service
+        self._decode_pool = decode_pool
         self._tensor_content = tensor_content
         self._max_tensor_bytes = max_tensor_bytes
         self._limits = limits
@@ -125,10 +137,9 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             await call.load(ref)
             signature = call.open(ref, request.model_spec.signature_name or None)
             wanted = _output_filter(signature, list(request.output_filter))
-            limit, limits = self._max_tensor_bytes, self._limits
-            inputs = {
-                name: decode_tensor(name, tensor, limit, limits) for name, tensor in request.inputs.items()
-            }
+            inputs = await decode(
+                self._decode_pool, message_bytes(), _inputs, request, self._max_tensor_bytes, self._limits
+            )
             response = await call.infer(inputs, deadline)
             reply = ps.PredictResponse()
             _fill_spec(reply.model_spec, response.model_id, signature.name)
@@ -267,6 +278,13 @@ async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
         return await call
     except UnknownLabel as error:
         raise InvalidArgument(error.message) from None
+
+
+def _inputs(request: ps.PredictRequest, max_tensor_bytes: int, limits: RequestLimits) -> Tensors:
+    """The Predict request's input tensors (see ``decode_tensor``)."""
+    return {
+        name: decode_tensor(name, tensor, max_tensor_bytes, limits) for name, tensor in request.inputs.items()
+    }
 
 
 def spec_ref(spec: ps.ModelSpec) -> ModelRef:
@@ -420,10 +438,11 @@ def add_to_server(
     max_tensor_bytes: int,
     limits: RequestLimits,
     tensor_content: bool = False,
+    decode_pool: BodyDecoder | None = None,
 ) -> None:
     """Serve PredictionService and ModelService on ``server`` (see ``PredictionServicer``)."""
     ps_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PredictionServicer(service, max_tensor_bytes, limits, tensor_content), server
+        PredictionServicer(service, max_tensor_bytes, limits, tensor_content, decode_pool), server
     )
     ms_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ModelServicer(service, control), server

@@ -21,8 +21,16 @@ from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
-from inferd.protocols.codecs import from_raw, to_raw
-from inferd.protocols.grpc_status import Context, answer, deadline_of, tell_version, traffic_key
+from inferd.protocols.codecs import from_raw, read_values, to_raw
+from inferd.protocols.decoding import BodyDecoder, decode
+from inferd.protocols.grpc_status import (
+    Context,
+    answer,
+    deadline_of,
+    message_bytes,
+    tell_version,
+    traffic_key,
+)
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
 from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_unserved, v2_index, v2_model_config
@@ -66,17 +74,20 @@ _WIRE_DTYPES = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Health, metadata, configuration and inference on ``InferenceService``; the repository
-    RPCs on ``ModelControl``."""
+    RPCs on ``ModelControl``. The tensors of a large ModelInfer message are decoded on
+    ``decode_pool`` (``decoding.decode`` with ``message_bytes()``)."""
 
     def __init__(
         self,
         service: InferenceService,
         control: ModelControl,
         limits: RequestLimits,
+        decode_pool: BodyDecoder | None = None,
     ) -> None:
         self._service = service
         self._control = control
         self._limits = limits
+        self._decode_pool = decode_pool
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -210,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
             if name in wanted[:i]:
                 raise InvalidArgument(f"output {name!r} is requested twice")
-        inputs = decode_inputs(request, self._limits)
+        inputs = await decode(self._decode_pool, message_bytes(), decode_inputs, request, self._limits)
         response = await call.infer(inputs, deadline, request.id or None)
         reply = pb.ModelInferResponse(
             model_name=response.model_id.name, model_version=str(response.model_id.version), id=request.id
@@ -307,7 +318,7 @@ def _from_contents(
         return array
     # Read in the field's own wire type (int_contents is int32 for INT8 and INT16 too), then
     # range-check the narrowing cast instead of letting numpy wrap or overflow.
-    wide = np.asarray(values, dtype=_WIRE_DTYPES.get(field, dtype))
+    wide = read_values(values, _WIRE_DTYPES.get(field, dtype))
     if (problem := integer_range_error(name, wide, dtype)) is not None:
         raise InvalidArgument(f"{problem} (in {field})")
     return wide.astype(dtype, copy=False)
@@ -318,8 +329,9 @@ def add_to_server(
     service: InferenceService,
     control: ModelControl,
     limits: RequestLimits,
+    decode_pool: BodyDecoder | None = None,
 ) -> None:
-    """Serve GRPCInferenceService on ``server``."""
+    """Serve GRPCInferenceService on ``server`` (see ``InferenceServicer``)."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        InferenceServicer(service, control, limits), server
+        InferenceServicer(service, control, limits, decode_pool), server
     )
