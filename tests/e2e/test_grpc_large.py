@@ -1,6 +1,7 @@
 """A large gRPC message does not hold the other calls: while one Predict or ModelInfer of 60 MiB
-of typed values (``float_val``, ``fp32_contents``) is parsed and decoded, health checks keep
-being answered; a large message that is bad still answers INVALID_ARGUMENT.
+of typed values (``float_val``, ``fp32_contents``) is parsed and decoded, or a Predict answer of
+60 MiB is written into ``float_val``, health checks keep being answered; a large message that is
+bad still answers INVALID_ARGUMENT.
 
 The large call is sent from another process, so that its client's own work (building and
 copying the message, which holds that process's GIL) cannot delay the health checks timed here.
@@ -29,8 +30,11 @@ from tests.models import write_python_model
 WIDTH = 1024
 ROWS = 15 * 1024  # 60 MiB of float32
 STALL_BOUND_S = 0.4
-"""Longest wait of a health check allowed while the large call runs (measured: 1.1 s before,
-0.12 s after, on a shared 2-core machine)."""
+STALL_SHARE = 0.6
+"""A health check may wait ``STALL_BOUND_S``, or this share of the large call's time where the
+machine is loaded enough to stretch both (measured on a 2-core machine, the test's processes on
+one core beside a CI run: before, a check waited 0.94-1.83 s, 67-94% of the call; after,
+0.11-0.32 s, and up to 0.8 s, under half of the call, when that core was busiest)."""
 
 FIRST_COLUMN = """
 def load(self):
@@ -43,38 +47,49 @@ SIGNATURE = (
     f'{{"inputs": [{{"name": "x", "dtype": "float32", "shape": [-1, {WIDTH}]}}], '
     '"outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}]}'
 )
+ECHO = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"y": inputs["x"]}
+"""
+ECHO_SIGNATURE = SIGNATURE.replace("[-1, 1]", f"[-1, {WIDTH}]")
 
 SENDER = f"""
 import sys
+import time
 import grpc
 import numpy as np
 from inferd._proto import grpc_service_pb2 as pb
 from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto.types_pb2 import DT_FLOAT
 
-target, method = sys.argv[1:]
+target, method, model = sys.argv[1:]
 x = np.arange({ROWS} * {WIDTH}, dtype=np.float32) % 1000
 if method.endswith("Predict"):
     request = ps.PredictRequest()
-    request.model_spec.name = "wide"
+    request.model_spec.name = model
     tensor = request.inputs["x"]
     tensor.dtype = DT_FLOAT
     tensor.tensor_shape.dim.add(size={ROWS})
     tensor.tensor_shape.dim.add(size={WIDTH})
-    tensor.float_val.extend(x)
-    parse = ps.PredictResponse.FromString
+    if model == "echo":  # a quick request: the answer is what is large
+        tensor.tensor_content = x.tobytes()
+    else:
+        tensor.float_val.extend(x)
 else:
-    request = pb.ModelInferRequest(model_name="wide")
+    request = pb.ModelInferRequest(model_name=model)
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[{ROWS}, {WIDTH}])
     tensor.contents.fp32_contents.extend(x)
-    parse = pb.ModelInferResponse.FromString
 data = request.SerializeToString()
 options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 with grpc.insecure_channel(target, options=options) as channel:
-    call = channel.unary_unary(method, response_deserializer=parse)
+    call = channel.unary_unary(method)  # the answer's bytes: the time taken is the server's
     print("sending", flush=True)
+    started = time.perf_counter()
     call(data, timeout=60)
-print("answered", flush=True)
+print("answered in", time.perf_counter() - started, flush=True)
 """
 
 
@@ -82,6 +97,7 @@ print("answered", flush=True)
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("grpc_large")
     write_python_model(repo / "wide" / "1", FIRST_COLUMN, SIGNATURE)
+    write_python_model(repo / "echo" / "1", ECHO, ECHO_SIGNATURE)
     process = launch(repo, str(repo))
     yield process
     process.stop()
@@ -95,17 +111,21 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 
 
 @pytest.mark.parametrize(
-    "method",
-    ["/tensorflow.serving.PredictionService/Predict", "/inference.GRPCInferenceService/ModelInfer"],
+    ("method", "model"),
+    [
+        ("/tensorflow.serving.PredictionService/Predict", "wide"),
+        ("/inference.GRPCInferenceService/ModelInfer", "wide"),
+        ("/tensorflow.serving.PredictionService/Predict", "echo"),  # a large answer
+    ],
 )
 def test_health_checks_are_answered_while_a_large_message_is_decoded(
-    server: ServerProcess, channel: grpc.Channel, method: str
+    server: ServerProcess, channel: grpc.Channel, method: str, model: str
 ) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     check = health_pb2.HealthCheckRequest()
     health.Check(check, timeout=10)
     sender = subprocess.Popen(
-        [sys.executable, "-c", SENDER, server.grpc_target, method],
+        [sys.executable, "-c", SENDER, server.grpc_target, method, model],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -125,9 +145,12 @@ def test_health_checks_are_answered_while_a_large_message_is_decoded(
             sender.kill()
             sender.wait()
     assert sender.returncode == 0, err
-    assert out == "answered\n"
+    assert out.startswith("answered in "), out
+    took = float(out.split()[-1])
     assert waits, "the large call ended before a health check was sent"
-    assert max(waits) < STALL_BOUND_S, f"a health check waited {max(waits):.3f} s of {len(waits)}"
+    assert max(waits) < max(STALL_BOUND_S, STALL_SHARE * took), (
+        f"a health check waited {max(waits):.3f} s (of {len(waits)}) behind a call of {took:.3f} s"
+    )
 
 
 def _wide_request(rows: int) -> ps.PredictRequest:

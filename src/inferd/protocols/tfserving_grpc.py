@@ -143,8 +143,9 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             response = await call.infer(inputs, deadline)
             reply = ps.PredictResponse()
             _fill_spec(reply.model_spec, response.model_id, signature.name)
-            for name in wanted or response.outputs:
-                encode_tensor(reply.outputs[name], response.outputs[name], self._tensor_content)
+            outputs = {name: response.outputs[name] for name in wanted or response.outputs}
+            size = sum(value.nbytes for value in outputs.values())
+            await decode(self._decode_pool, size, _encode_outputs, reply, outputs, self._tensor_content)
             return reply
 
     async def _examples(
@@ -278,6 +279,13 @@ async def _label_as_invalid(call: Coroutine[Any, Any, _Answer]) -> _Answer:
         return await call
     except UnknownLabel as error:
         raise InvalidArgument(error.message) from None
+
+
+def _encode_outputs(reply: ps.PredictResponse, outputs: Tensors, tensor_content: bool) -> None:
+    """Write ``outputs`` into the Predict answer (see ``encode_tensor``): on the decode thread
+    when they are large, as a large request's inputs are decoded there."""
+    for name, value in outputs.items():
+        encode_tensor(reply.outputs[name], value, tensor_content)
 
 
 def _inputs(request: ps.PredictRequest, max_tensor_bytes: int, limits: RequestLimits) -> Tensors:
