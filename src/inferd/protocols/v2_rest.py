@@ -19,7 +19,7 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
-from inferd.protocols.codecs import all_text, first_boolean, from_raw, may_hold_booleans, to_raw
+from inferd.protocols.codecs import all_text, first_boolean, from_raw, leaves, may_hold_booleans, to_raw
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -337,9 +337,9 @@ def _from_json(
     numbers = flat.dtype.kind in "iuf" and dtype.kind in "iuf"
     boolean = first_boolean(data) if booleans and numbers else None
     if flat.size and (flat.dtype.kind not in _KINDS[dtype.kind] or boolean is not None):
-        # the first value of another JSON type than the datatype's, else the first
-        values = flat.tolist() if boolean is None else [boolean]
-        shown = next((v for v in values if type(v) not in _JSON_TYPES[dtype.kind]), values[0])
+        # the first value sent of another JSON type than the datatype's, else the first
+        fits = _JSON_TYPES[dtype.kind]
+        shown = next((v for v in leaves(data) if type(v) not in fits), next(iter(leaves(data))))
         kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
         raise InvalidArgument(
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
