@@ -64,6 +64,9 @@ def write_values(field: Any, flat: np.ndarray) -> None:
     """Append the numbers of ``flat`` to a repeated proto field (``float_val``, ...), in steps of
     ``VALUES_STEP`` when there are more, so that on a thread the GIL passes to the event loop
     between steps (one call over a 60 MiB ``float_val`` held it for 0.65 s)."""
+    if len(flat) <= VALUES_STEP:
+        field.extend(flat.tolist())
+        return
     for start in range(0, len(flat), VALUES_STEP):
         field.extend(flat[start : start + VALUES_STEP].tolist())
 

@@ -22,7 +22,7 @@ from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable
 from inferd.protocols.codecs import from_raw, read_values, to_raw
-from inferd.protocols.decoding import BodyDecoder, decode
+from inferd.protocols.decoding import BodyDecoder, off_loop
 from inferd.protocols.grpc_status import (
     Context,
     answer,
@@ -221,7 +221,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
             if name in wanted[:i]:
                 raise InvalidArgument(f"output {name!r} is requested twice")
-        inputs = await decode(self._decode_pool, message_bytes(), decode_inputs, request, self._limits)
+        pool = self._decode_pool
+        if off_loop(pool, message_bytes()):
+            inputs = await pool.on_thread(decode_inputs, request, self._limits)
+        else:
+            inputs = decode_inputs(request, self._limits)
         response = await call.infer(inputs, deadline, request.id or None)
         reply = pb.ModelInferResponse(
             model_name=response.model_id.name, model_version=str(response.model_id.version), id=request.id
