@@ -72,8 +72,9 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         max_tensor_bytes: the largest tensor that one typed value may fill.
         limits: the request limits every input is checked against before it is decoded.
         tensor_content: answer Predict with numbers in ``tensor_content`` rather than typed fields.
-        decode_pool: where the tensors of a large Predict message are decoded (``decoding.decode``
-            with ``message_bytes()``); None: on the event loop.
+        decode_pool: where a large Predict's tensors are decoded and its answer written
+            (``decoding.off_loop`` of ``message_bytes()`` and of the outputs' bytes); None: on the
+            event loop.
     """
 
     def __init__(

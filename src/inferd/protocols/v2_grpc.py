@@ -75,7 +75,7 @@ _WIRE_DTYPES = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Health, metadata, configuration and inference on ``InferenceService``; the repository
     RPCs on ``ModelControl``. The tensors of a large ModelInfer message are decoded on
-    ``decode_pool`` (``decoding.decode`` with ``message_bytes()``)."""
+    ``decode_pool`` (``decoding.off_loop`` of ``message_bytes()``)."""
 
     def __init__(
         self,
