@@ -31,9 +31,12 @@ import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
+import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
@@ -215,10 +218,88 @@ class RequestWatch:
         return True
 
 
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange(RequestResponseCycle):
+    """One request and its answer on a connection: uvicorn's request cycle (its ASGI ``send``,
+    kept as it is) with a cheaper ``receive``. uvicorn's makes an ``asyncio.Event`` per request,
+    copies the body out of a ``bytearray`` and waits on the event even when the whole body came
+    with the head; this one hands over the chunks read so far at once and waits (on a future
+    made only then) only when there are none yet. Event loop thread only."""
+
+    def __init__(self, scope: Any, protocol: LimitedHttpProtocol, keep_alive: bool) -> None:
+        # Not super().__init__(): that is the per-request cost this class saves.
+        self.scope = scope
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.logger = protocol.logger
+        self.access_logger = protocol.access_logger
+        self.access_log = protocol.access_log
+        self.default_headers = protocol.server_state.default_headers
+        self.on_response = protocol.on_response_complete
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = protocol.expect_100_continue
+        self.more_body = True
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+        self.chunks: list[bytes] = []  # body read and not yet received
+        self.buffered = 0  # their bytes
+        self._loop = protocol.loop
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False  # the body's last message was received
+
+    @property
+    def message_event(self) -> Exchange:  # type: ignore[override]  # uvicorn's code calls .set()
+        """This exchange (a property: an attribute would make a reference cycle)."""
+        return self
+
+    def set(self) -> None:
+        """Something changed (body read, its end, the answer sent, the client gone): wake a
+        ``receive`` that waits. uvicorn calls it as ``message_event.set()``."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def receive(self) -> Any:
+        """The ASGI receive: the body read so far (``http.request``), then ``http.disconnect``
+        once the client has gone or the answer is sent."""
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(_CONTINUE)
+            self.waiting_for_100_continue = False
+        while not (self.chunks or (not self.more_body and not self._ended)):
+            if self.disconnected or self.response_complete:
+                break
+            self.flow.resume_reading()
+            self._waiter = waiter = self._loop.create_future()
+            await waiter
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        body = b"".join(self.chunks)
+        self.chunks = []
+        self.buffered = 0
+        self.flow.resume_reading()
+        self._ended = not self.more_body
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
-    """One REST connection under ``limits`` (set by ``connection_class``). Runs on the event loop."""
+    """One REST connection under ``limits`` (set by ``connection_class``). Runs on the event loop.
+
+    Besides the limits, it does less per request than uvicorn's protocol, measured over
+    sockets (docs/performance.md, "The HTTP front end"): the scope is made once the head is read,
+    requests run on an ``Exchange``, and an idle connection's keep-alive timer is armed once per
+    idle spell and checked when it fires, instead of made and cancelled for every request.
+    """
 
     limits: ConnectionLimits
+    cycle: Exchange
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -230,6 +311,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_body = False  # between the end of the head and the end of the request
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
+        self._idle_since: float | None = None  # when the last answer went, with nothing read since
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -257,8 +339,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._idle_since = None
         self._head_began_in_read = False
-        super().data_received(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
+            return
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()
         # Timers are armed only for a request that one read did not bring whole, so that the
         # usual small request costs none.
         if self._in_body:
@@ -282,7 +373,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         if self._head_bytes is None:  # the next request on a kept-alive connection
             self._head_bytes = 0
         self._head_begun = True
@@ -292,18 +385,84 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._head_bytes = None
         self._head_begun = False
-        # before super() hands the scope over
+        parser = self.parser
+        http_version = parser.get_http_version()
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
         watch = RequestWatch(self.tasks)
-        self.scope["extensions"] = {WATCH: watch}  # type: ignore[dict-item]
-        super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
-            watch._cycle = weakref.ref(self.cycle)
+        self.scope = {
+            "type": "http",
+            "asgi": _ASGI,  # type: ignore[typeddict-item]
+            "http_version": http_version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "method": parser.get_method().decode("ascii"),
+            "root_path": self.root_path,
+            "path": self.root_path + path,
+            "raw_path": self.root_path.encode("ascii") + raw_path,
+            "query_string": url.query or b"",
+            "headers": self.headers,
+            "extensions": {WATCH: watch},  # type: ignore[dict-item]
+        }
+        previous = self.cycle
+        self.cycle = cycle = Exchange(self.scope, self, http_version != "1.0" and parser.should_keep_alive())
+        watch._cycle = weakref.ref(cycle)
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:  # pipelined: answered in order
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))
         self._in_body = True
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle.response_complete:  # answered before its body came
+            return
+        cycle.chunks.append(body)
+        cycle.buffered += len(body)
+        if cycle.buffered > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.set()
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self._cancel_body_timer()
-        super().on_message_complete()
+        cycle = self.cycle
+        if not cycle.response_complete:
+            cycle.more_body = False
+            cycle.set()
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def timeout_keep_alive_handler(self) -> None:
+        """Close the connection if it has been idle ``timeout_keep_alive`` seconds since its last
+        answer; if it was busy since, wait until the next answer re-arms the timer."""
+        self.timeout_keep_alive_task = None
+        idle_since = self._idle_since
+        if idle_since is None or self.transport.is_closing():
+            return
+        left_s = idle_since + self.timeout_keep_alive - self.loop.time()
+        if left_s > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left_s, self.timeout_keep_alive_handler)
+            return
+        self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
         """A WebSocket (or other) upgrade was answered as plain HTTP: nothing to log."""
