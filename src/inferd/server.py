@@ -140,6 +140,8 @@ class HttpApp:
     async def _serve(self, scope: Scope, receive: Any, send: Any, reservation: Reservation) -> None:
         request_id = self._service.request_id()
         method, path = scope["method"], scope["path"]
+        if method == "HEAD":  # a GET's answer, whose body the connection leaves out (RFC 9110 9.3.2)
+            method = "GET"
         metrics = self._metrics
         if self._traced:  # this request's task only: the service's span reads it
             TRACEPARENT.set(_header(scope, b"traceparent"))
