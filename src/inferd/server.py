@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -501,9 +502,13 @@ class Server:
         positive = [p for p in periods if p > 0]
         return min(positive) if positive else 0.0
 
-    async def _drain(self, health: health_aio.HealthServicer | None) -> None:
-        """Refuse new requests and report not ready, then wait for those in flight."""
+    async def _drain(
+        self, health: health_aio.HealthServicer | None, close_connections: Callable[[], None]
+    ) -> None:
+        """Refuse new requests and report not ready, close the REST port's idle connections (and
+        the others as they are answered), then wait for the requests in flight."""
         self.manager.drain()
+        close_connections()
         if health is not None:
             await health.enter_graceful_shutdown()
         timeout_s = self.config.drain_timeout_s
@@ -541,6 +546,7 @@ class Server:
         linked: list[asyncio.Task[None]] = []
         if self.link is not None:
             linked.append(asyncio.create_task(self._follow_admin()))
+        connections = connection_class(self.connection_limits)
         http = http_server(
             uvicorn.Config(
                 self.http_app(),
@@ -551,7 +557,7 @@ class Server:
                 server_header=False,
                 lifespan="off",
                 log_level="warning",
-                http=connection_class(self.connection_limits),
+                http=connections,
                 ws="none",
                 # uvicorn declares an int but passes it to loop.call_later, which takes a float.
                 timeout_keep_alive=self.config.keep_alive_timeout_s,  # type: ignore[arg-type]
@@ -600,7 +606,8 @@ class Server:
                     return
                 if poller:
                     poller.cancel()
-                draining.append(loop.create_task(self._drain(health)))
+                close = functools.partial(connections.drain, http.server_state.connections)
+                draining.append(loop.create_task(self._drain(health, close)))
                 draining[0].add_done_callback(lambda _: http.request_exit())
 
             for sig in (signal.SIGINT, signal.SIGTERM):

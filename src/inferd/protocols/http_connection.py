@@ -16,7 +16,8 @@ hostile or broken client must not be able to hold:
 - a WebSocket upgrade is answered as a plain HTTP request (inferd serves no WebSocket), without a
   log line.
 
-Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``.
+Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``, and at once when the
+server starts to drain (``LimitedHttpProtocol.drain``).
 
 Each request's scope carries a ``RequestWatch`` (``scope["extensions"][WATCH]``) through which
 the connection cancels the application's work for it when the client hangs up, without a task
@@ -112,8 +113,9 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def connection_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol under ``limits``; give it to ``uvicorn.Config(http=...)``."""
+def connection_class(limits: ConnectionLimits) -> type[LimitedHttpProtocol]:
+    """uvicorn's httptools protocol under ``limits``, a class of its own per server (its
+    ``drain`` is the server's); give it to ``uvicorn.Config(http=...)``."""
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
 
 
@@ -299,7 +301,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     """
 
     limits: ConnectionLimits
+    draining = False
+    """Set by ``drain``: every answer from then on closes its connection."""
     cycle: Exchange
+
+    @classmethod
+    def drain(cls, connections: Collection[HttpToolsProtocol]) -> None:
+        """Close the port's idle connections now, and every other once its answer is sent (with
+        ``connection: close``), so that clients take their next requests elsewhere; call it on
+        the class ``connection_class`` made, with uvicorn's ``server_state.connections``."""
+        cls.draining = True
+        for connection in list(connections):
+            connection.shutdown()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -409,7 +422,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             "extensions": {WATCH: watch},  # type: ignore[dict-item]
         }
         previous = self.cycle
-        self.cycle = cycle = Exchange(self.scope, self, http_version != "1.0" and parser.should_keep_alive())
+        keep_alive = http_version != "1.0" and parser.should_keep_alive() and not self.draining
+        self.cycle = cycle = Exchange(self.scope, self, keep_alive)
         watch._cycle = weakref.ref(cycle)
         if previous is None or previous.response_complete:
             self._start_asgi_task(cycle, self.app)
