@@ -429,7 +429,8 @@ MALFORMED = {
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_request_gets_400_and_the_connection_closes(server: ServerProcess, data: bytes) -> None:
     """Invalid HTTP/1.1 gets 400 with ``connection: close`` and the connection is closed, on a
-    new connection and after an answered request on a kept-alive one; others are served on."""
+    new connection, after an answered request on a kept-alive one, and behind a good request
+    in the same write (which is answered first); others are served on."""
     with Wire(server) as wire:
         wire.send(data)
         answer = wire.read_answer()
@@ -440,6 +441,13 @@ def test_a_malformed_request_gets_400_and_the_connection_closes(server: ServerPr
         wire.send(STATUS)
         assert_status(wire.read_answer())
         wire.send(data)
+        answer = wire.read_answer()
+        assert answer.status == 400, answer
+        assert answer.headers["connection"] == "close"
+        wire.closed_by_server()
+    with Wire(server) as wire:  # in the same write as a good request: that one is answered first
+        wire.send(STATUS + data)
+        assert_status(wire.read_answer())
         answer = wire.read_answer()
         assert answer.status == 400, answer
         assert answer.headers["connection"] == "close"

@@ -316,7 +316,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._refused = False
+        self._refused = False  # reads nothing more: over the connection cap, or past a malformed request
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = None  # bytes read of the head in progress, None between heads
         self._head_begun = False  # the head in progress has its first byte
@@ -325,6 +325,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
+        self._invalid: str | None = None  # the 400 owed once the requests before it are answered
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -359,7 +360,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             message = "Invalid HTTP request received."
             self.logger.warning(message)
-            self.send_400_response(message)
+            self._refused = True  # nothing after it is read
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:  # answered after the good ones
+                self._invalid = message
+            else:
+                self.send_400_response(message)
             return
         except httptools.HttpParserUpgrade:
             self._unsupported_upgrade_warning()
@@ -458,6 +464,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+            return
+        if self._invalid is not None:
+            self.send_400_response(self._invalid)
             return
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
