@@ -419,6 +419,8 @@ MALFORMED = {
         b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: inferd\r\nContent-Length: 5\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     ),
+    "no Host": b"GET /v1/models/affine HTTP/1.1\r\n\r\n",
+    "two Hosts": b"GET /v1/models/affine HTTP/1.1\r\nHost: inferd\r\nHost: other\r\n\r\n",
     "two Content-Lengths": (
         b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: inferd\r\nContent-Length: 2\r\n"
         b"Content-Length: 3\r\n\r\n{}}"

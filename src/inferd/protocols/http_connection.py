@@ -220,6 +220,11 @@ class RequestWatch:
         return True
 
 
+class BadRequest(Exception):
+    """A request the parser read but HTTP/1.1 forbids; raised in a parser callback, it is
+    answered 400 with this message, as the parser's own errors are."""
+
+
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -326,6 +331,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_read_at = 0.0
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
         self._invalid: str | None = None  # the 400 owed once the requests before it are answered
+        self._hosts = 0  # Host headers of the request being read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -357,8 +363,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_began_in_read = False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as error:
             message = "Invalid HTTP request received."
+            if isinstance(error.__context__, BadRequest):
+                message += f" {error.__context__}"
             self.logger.warning(message)
             self._refused = True  # nothing after it is read
             cycle = self.cycle
@@ -395,10 +403,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self._hosts = 0
         if self._head_bytes is None:  # the next request on a kept-alive connection
             self._head_bytes = 0
         self._head_begun = True
         self._head_began_in_read = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing blanks, which RFC 9110 5.5 excludes
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -406,6 +424,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_begun = False
         parser = self.parser
         http_version = parser.get_http_version()
+        if self._hosts != 1 and http_version == "1.1":  # the parser answers it 400 (data_received)
+            raise BadRequest(
+                f"An HTTP/1.1 request must have one Host header (RFC 9112 3.2); this one has {self._hosts}."
+            )
         url = httptools.parse_url(self.url)
         raw_path = url.path
         path = raw_path.decode("ascii")
