@@ -187,3 +187,30 @@ def test_a_request_steps_aside_only_while_others_are_in_progress() -> None:
         "among others",
         "no port",
     ]
+
+
+def test_concurrent_receives_each_see_the_disconnect_and_a_cancelled_one_disturbs_none() -> None:
+    """After the body, every ``receive`` waiting at once returns ``http.disconnect`` when the
+    client hangs up, also when another of them was cancelled meanwhile (as uvicorn's event
+    allowed)."""
+    outcome: list[list[Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["body"] == b"ok"
+        first, second, cancelled = (asyncio.ensure_future(receive()) for _ in range(3))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        outcome.append(await asyncio.wait_for(asyncio.gather(first, second), 5))
+
+    async def client(port: int) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok")
+        await asyncio.sleep(0.2)
+        writer.close()
+        for _ in range(100):
+            if outcome:
+                return
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
+    assert outcome == [[{"type": "http.disconnect"}, {"type": "http.disconnect"}]]

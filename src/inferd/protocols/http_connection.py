@@ -284,8 +284,10 @@ class Exchange(RequestResponseCycle):
             if self.disconnected or self.response_complete:
                 break
             self.flow.resume_reading()
-            self._waiter = waiter = self._loop.create_future()
-            await waiter
+            waiter = self._waiter
+            if waiter is None or waiter.done():  # else another receive waits: wait with it
+                self._waiter = waiter = self._loop.create_future()
+            await asyncio.shield(waiter)  # one receive's cancel must not wake the others with it
         if self.disconnected or self.response_complete:
             return {"type": "http.disconnect"}
         body = b"".join(self.chunks)
