@@ -421,6 +421,10 @@ MALFORMED = {
     ),
     "no Host": b"GET /v1/models/affine HTTP/1.1\r\n\r\n",
     "two Hosts": b"GET /v1/models/affine HTTP/1.1\r\nHost: inferd\r\nHost: other\r\n\r\n",
+    "a bad chunk size": (
+        b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: inferd\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"ins\r\nZZ\r\n'
+    ),
     "two Content-Lengths": (
         b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: inferd\r\nContent-Length: 2\r\n"
         b"Content-Length: 3\r\n\r\n{}}"
@@ -457,6 +461,23 @@ def test_a_malformed_request_gets_400_and_the_connection_closes(server: ServerPr
     with Wire(server) as wire:
         wire.send(predict([[1, 2, 3, 4]]))
         assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
+
+
+def test_a_body_malformed_in_a_later_read_gets_400_at_once(server: ServerProcess) -> None:
+    """A chunked body whose bad chunk size comes in a later read than its head gets 400 and the
+    close at once, not the 408 of ``--body_timeout_s`` (5 s here)."""
+    with Wire(server) as wire:
+        wire.send(
+            b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: inferd\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"ins\r\n'
+        )
+        time.sleep(0.2)
+        sent = time.monotonic()
+        wire.send(b"ZZ\r\n")
+        answer = wire.read_answer()
+        assert answer.status == 400, answer
+        assert time.monotonic() - sent < 2
+        wire.closed_by_server()
 
 
 def test_a_percent_encoded_path_is_decoded(server: ServerProcess) -> None:
@@ -547,21 +568,24 @@ def predict(self, inputs):
 
 
 def test_sigterm_closes_idle_connections_at_once_and_busy_ones_once_answered(tmp_path: Path) -> None:
-    """SIGTERM with a request in flight, an idle kept-alive connection and one that never sent
-    a byte: the idle two are closed at once (kept-alive connections would stay open 30 s), so
-    that clients take their next requests elsewhere; a new connection during the drain gets 503
-    + ``retry-after: 1`` and ``connection: close``; the request in flight gets its 200, whole,
-    with ``connection: close``, and the server exits 0."""
+    """SIGTERM with a request in flight, an idle kept-alive connection, one that never sent a
+    byte and one half-way through a request head: the idle two are closed at once (kept-alive
+    connections would stay open 30 s), so that clients take their next requests elsewhere; the
+    head's request, once whole, gets 503 + ``retry-after: 1`` and ``connection: close``, and so
+    does a new connection's; the request in flight gets its 200, whole, with ``connection:
+    close``, and the server exits 0."""
     gate = tmp_path / "gate"
     write_python_model(tmp_path / "models" / "slow" / "1", GATED.format(gate=str(gate)))
     (tmp_path / "models" / "slow" / "inferd.toml").write_text("warmup = false\n")
     server = launch(tmp_path, str(tmp_path / "models"), "--keep_alive_timeout_s=30", "--drain_timeout_s=30")
     slow = request("POST", "/v1/models/slow:predict", b'{"instances": [[1, 2]]}')
     try:
-        with Wire(server) as idle, Wire(server) as silent, Wire(server) as busy:
+        with Wire(server) as idle, Wire(server) as silent, Wire(server) as busy, Wire(server) as heading:
             idle.send(request("GET", "/v2/health/live"))
             assert idle.read_answer().json() == {"live": True}
             busy.send(slow)
+            half = len(slow) // 3  # a head on its way at the signal
+            heading.send(slow[:half])
 
             def in_flight() -> bool:
                 with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as metrics:
@@ -571,6 +595,10 @@ def test_sigterm_closes_idle_connections_at_once_and_busy_ones_once_answered(tmp
             server.process.send_signal(signal.SIGTERM)
             idle.closed_by_server(within_s=5)
             silent.closed_by_server(within_s=5)
+            heading.send(slow[half:])  # answered, then closed
+            refused = heading.read_answer()
+            assert (refused.status, refused.headers["connection"]) == (503, "close"), refused
+            heading.closed_by_server(within_s=5)
             with Wire(server) as late:
                 late.send(slow)
                 refused = late.read_answer()

@@ -94,7 +94,7 @@ def test_an_answered_request_is_freed_without_the_cycle_collector() -> None:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         watched.append(WATCH in scope["extensions"])
-        seen.append(weakref.ref(receive.__self__))  # uvicorn's RequestResponseCycle
+        seen.append(weakref.ref(receive.__self__))  # the request's Exchange
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 

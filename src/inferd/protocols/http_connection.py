@@ -133,7 +133,7 @@ def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
 
 
 def _no_cycle() -> None:
-    """What ``RequestWatch`` holds before uvicorn made the request's cycle: no cycle."""
+    """What ``RequestWatch`` holds before the connection made the request's ``Exchange``: none."""
     return None
 
 
@@ -154,7 +154,7 @@ class RequestWatch:
         self._tasks = tasks
         self.hung_up = False
         self.expired = False
-        # Gives uvicorn's RequestResponseCycle of the request once it is made (a weak reference;
+        # Gives the request's Exchange (its uvicorn request cycle) once it is made (a weak reference;
         # None before and after). Weak: the cycle holds this
         # watch (in its scope), and a strong link back would leave every request's objects to
         # the cyclic garbage collector, whose full passes paused the loop for 20-30 ms under load.
@@ -301,10 +301,12 @@ class Exchange(RequestResponseCycle):
 class LimitedHttpProtocol(HttpToolsProtocol):
     """One REST connection under ``limits`` (set by ``connection_class``). Runs on the event loop.
 
-    Besides the limits, it does less per request than uvicorn's protocol, measured over
-    sockets (docs/performance.md, "The HTTP front end"): the scope is made once the head is read,
+    Besides the limits, it does less per request than uvicorn's protocol (``bench.connection_cost``;
+    docs/performance.md, "uvicorn's request cycle"): the scope is made once the head is read,
     requests run on an ``Exchange``, and an idle connection's keep-alive timer is armed once per
     idle spell and checked when it fires, instead of made and cancelled for every request.
+    It serves inferd's ``uvicorn.Config``, which sets neither ``limit_concurrency``, WebSockets
+    nor lifespan state, and passes none of them on.
     """
 
     limits: ConnectionLimits
@@ -315,11 +317,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     @classmethod
     def drain(cls, connections: Collection[HttpToolsProtocol]) -> None:
         """Close the port's idle connections now, and every other once its answer is sent (with
-        ``connection: close``), so that clients take their next requests elsewhere; call it on
-        the class ``connection_class`` made, with uvicorn's ``server_state.connections``."""
+        ``connection: close``), so that clients take their next requests elsewhere; a connection
+        whose request head is on its way counts as busy. Call it on the class
+        ``connection_class`` made, with uvicorn's ``server_state.connections``."""
         cls.draining = True
         for connection in list(connections):
-            connection.shutdown()
+            if not (isinstance(connection, LimitedHttpProtocol) and connection._head_begun):
+                connection.shutdown()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -333,6 +337,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_read_at = 0.0
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
         self._invalid: str | None = None  # the 400 owed once the requests before it are answered
+        self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -352,11 +357,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
-        cycle = self.cycle
+        self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean close
         super().connection_lost(exc)
-        if cycle is not None and not cycle.response_complete:
-            watch: RequestWatch = cycle.scope["extensions"][WATCH]  # type: ignore[assignment]
-            watch.hang_up()
+        for cycle in (self._running, self.cycle):  # the request running, and the last one read
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.set()
+                watch: RequestWatch = cycle.scope["extensions"][WATCH]  # type: ignore[assignment]
+                watch.hang_up()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -372,7 +380,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.logger.warning(message)
             self._refused = True  # nothing after it is read
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:  # answered after the good ones
+            earlier = cycle is not None and not cycle.response_complete  # a request unanswered
+            if earlier and self._in_body:  # the request being read is the malformed one: dropped
+                self._in_body = False
+                self._cancel_body_timer()
+                cycle.disconnected = True  # its application stops waiting for the body
+                cycle.set()
+                if self.pipeline and self.pipeline[0][0] is cycle:  # queued, never started
+                    self.pipeline.popleft()
+                running = self._running
+                earlier = running is not None and running is not cycle and not running.response_complete
+                if not earlier and cycle.response_started:
+                    self.transport.close()
+                    return
+            if earlier:  # answered after the good requests before it
                 self._invalid = message
             else:
                 self.send_400_response(message)
@@ -456,11 +477,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.cycle = cycle = Exchange(self.scope, self, keep_alive)
         watch._cycle = weakref.ref(cycle)
         if previous is None or previous.response_complete:
-            self._start_asgi_task(cycle, self.app)
+            self._start(cycle)
         else:  # pipelined: answered in order
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
         self._in_body = True
+
+    def _start(self, cycle: Exchange) -> None:
+        """Run the application on ``cycle``'s request, in a task the server waits for at exit."""
+        self._running = cycle
+        task = self.loop.create_task(cycle.run_asgi(self.app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -486,8 +514,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self.flow.resume_reading()
         if self.pipeline:
-            cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
+            cycle, _ = self.pipeline.pop()
+            self._start(cycle)  # type: ignore[arg-type]
             return
         if self._invalid is not None:
             self.send_400_response(self._invalid)
