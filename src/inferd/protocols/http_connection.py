@@ -14,7 +14,9 @@ hostile or broken client must not be able to hold:
   header costs at most that plus one socket read (the application checks the exact size of heads
   that arrive whole);
 - a WebSocket upgrade is answered as a plain HTTP request (inferd serves no WebSocket), without a
-  log line.
+  log line;
+- a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close,
+  after the requests pipelined before them are answered.
 
 Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``, and at once when the
 server starts to drain (``LimitedHttpProtocol.drain``).
