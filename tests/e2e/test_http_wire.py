@@ -620,3 +620,23 @@ def test_sigterm_closes_idle_connections_at_once_and_busy_ones_once_answered(tmp
         gate.write_text("")
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def test_the_keep_alive_timeout_runs_from_the_last_answer(tmp_path: Path) -> None:
+    """With ``--keep_alive_timeout_s=1``, a connection that sends a request every 0.4 s stays
+    open past the timeout (the idle time restarts at each answer, also when the timer set after
+    an earlier answer fires meanwhile), then closes about 1 s after its last answer."""
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0, offset=1.0)
+    server = launch(tmp_path, str(tmp_path / "models"), "--keep_alive_timeout_s=1")
+    try:
+        with Wire(server) as wire:
+            for _ in range(7):  # 2.8 s: the first answer's timer fires twice on a busy connection
+                wire.send(request("GET", "/v2/health/live"))
+                assert wire.read_answer().json() == {"live": True}
+                last = time.monotonic()
+                time.sleep(0.4)
+            wire.closed_by_server(within_s=3)
+            idle_s = time.monotonic() - last
+            assert 0.9 < idle_s < 2.5, idle_s
+    finally:
+        server.stop()
