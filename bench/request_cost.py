@@ -2,6 +2,7 @@
 sockets, no HTTP or gRPC server.
 
     .venv/bin/python -m bench.request_cost [--requests 20000] [--rounds 5] [--profile FILE]
+        [--profile-case CASE]
 
 Drives inferd's ASGI application (``Server.http_app``, the digits model over TF Serving JSON and V2
 JSON, one instance a request) with requests made in memory, and its gRPC servicers
@@ -12,8 +13,8 @@ thread of this process), the fastest of ``--rounds`` runs. Beside them, the floo
 function doing only orjson, numpy and onnxruntime on the same body. What is left between the two
 is inferd's own per-request work (routing, limits, validation, the version lease, metrics,
 statistics, encoding), without the HTTP or gRPC server's, which ``bench.run --perf`` measures.
-Run it pinned (``taskset -c 0``) on an idle machine; ``--profile`` writes a cProfile of the TF
-Serving JSON c=1 loop.
+Run it pinned (``taskset -c 0``) on an idle machine; ``--profile`` writes a cProfile of one case's
+c=1 loop (``--profile-case``: ``tf-json``, the default, ``v2-json``, ``tf-grpc`` or ``v2-grpc``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class CallContext:
 
 
 CONCURRENCY = (1, 64)
+PROFILE_CASES = ("tf-json", "v2-json", "tf-grpc", "v2-grpc")
+"""``--profile-case`` choices, in the order of the cases after the floor."""
 
 
 def floor_app(model_file: Path) -> App:
@@ -156,7 +159,9 @@ async def fastest(request: Request, requests: int, rounds: int, concurrency: int
     return min([await cpu_per_request(request, requests, concurrency) for _ in range(rounds)])
 
 
-async def measure(requests: int, rounds: int, profile: Path | None) -> list[tuple[str, int, float]]:
+async def measure(
+    requests: int, rounds: int, profile: Path | None, profile_case: str = "tf-json"
+) -> list[tuple[str, int, float]]:
     work = Path(tempfile.mkdtemp(prefix="inferd-request-cost-"))
     model_file = models.build_all(work)["digits"]
     x = models.instances("digits", 1)
@@ -194,7 +199,7 @@ async def measure(requests: int, rounds: int, profile: Path | None) -> list[tupl
     if profile is not None:
         profiler = cProfile.Profile()
         profiler.enable()
-        await cpu_per_request(cases[1][1], requests, 1)
+        await cpu_per_request(cases[1 + PROFILE_CASES.index(profile_case)][1], requests, 1)
         profiler.disable()
         profiler.dump_stats(str(profile))
     await server.close()
@@ -221,9 +226,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20_000, help="requests per run (default 20,000)")
     parser.add_argument("--rounds", type=int, default=5, help="runs per case; the fastest counts (default 5)")
-    parser.add_argument("--profile", type=Path, help="write a cProfile of inferd's c=1 loop here")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of one case's c=1 loop here")
+    parser.add_argument(
+        "--profile-case", choices=PROFILE_CASES, default="tf-json", help="the case --profile profiles"
+    )
     args = parser.parse_args()
-    uvloop.run(measure(args.requests, args.rounds, args.profile))
+    uvloop.run(measure(args.requests, args.rounds, args.profile, args.profile_case))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
+        self._traffic_key = service.traffic_key_header.encode("latin-1")  # lower case, b"" for none
         self._inflight = inflight
         self._decode_pool = decode_pool
         self._cors = config.rest_api_enable_cors_support
@@ -161,11 +162,11 @@ class HttpApp:
             if watch is not None:
                 await watch.step()
             deadline = time.monotonic() + self._timeout_s
+            traffic_key = self._traffic_key
             call: Coroutine[Any, Any, Response] | None = None
             if admin and (route := _ROLLOUT.fullmatch(path)):
                 call = _rollout(self._rollouts, method, route.group(1), route.group(2), body)
             elif path[:4].lower() == "/v1/":
-                key = self._service.traffic_key_header
                 call = tfserving_rest.handle(
                     self._service,
                     method,
@@ -174,22 +175,22 @@ class HttpApp:
                     request_id,
                     self._limits,
                     deadline,
-                    _header(scope, key.encode("latin-1")) if key else None,
+                    _header(scope, traffic_key) if traffic_key else None,
                     self._decode_pool,
                 )
             elif path[:3] == "/v2":
-                request_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 call = v2_rest.handle(
                     self._service,
                     self._control,
                     method,
                     path,
-                    request_headers,
                     body,
                     request_id,
                     self._limits,
                     deadline,
                     self._decode_pool,
+                    _header(scope, _HEADER_LENGTH),
+                    _header(scope, traffic_key) if traffic_key else None,
                 )
             elif self._dashboard is not None:
                 call = self._dashboard.handle(method, path, body)
@@ -346,6 +347,9 @@ async def _rollout(
     if method != "POST":
         raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
     return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.command(model, action or "start", body))
+
+
+_HEADER_LENGTH = v2_rest.HEADER_LENGTH.encode()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -58,16 +58,21 @@ async def handle(
     control: ModelControl,
     method: str,
     path: str,
-    headers: dict[str, str],
     body: bytes,
     request_id: str,
     limits: RequestLimits,
     deadline: float | None = None,
     decode_pool: BodyDecoder | None = None,
+    header_length: str | None = None,
+    traffic_key: str | None = None,
 ) -> Response:
     """Answer one request under ``/v2``. Expected failures become ``{"error": ...}`` responses; an
     inference request is counted and timed by its ``service.call``. Large bodies are decoded on
-    ``decode_pool`` (see ``decoding``)."""
+    ``decode_pool`` (see ``decoding``).
+
+    ``header_length``: the ``Inference-Header-Content-Length`` header's value (binary tensors
+    follow that many bytes of JSON); ``traffic_key``: the ``--traffic_key_header`` value, which
+    chooses the version of a traffic split."""
     named: tuple[str, str | None] | None = None  # the model and version a /v2/models route names
     try:
         if method == "GET" and path in ("/v2", "/v2/"):
@@ -89,9 +94,8 @@ async def handle(
         named = (name, version)
         ref = model_ref(name, version)
         if method == "POST" and action == "/infer":
-            key = headers.get(service.traffic_key_header) if service.traffic_key_header else None
-            with service.call(PROTOCOL, name, request_id, key) as call:
-                answer = await _infer(call, ref, headers, body, deadline, limits, decode_pool)
+            with service.call(PROTOCOL, name, request_id, traffic_key) as call:
+                answer = await _infer(call, ref, header_length, body, deadline, limits, decode_pool)
                 return with_version(answer, call.answered_by)
         if method == "GET" and action is None:
             return _json(_metadata(service.metadata(ref)))
@@ -175,13 +179,12 @@ def _metadata(meta: ModelMetadata) -> dict[str, Any]:
 async def _infer(
     call: Call,
     ref: ModelRef,
-    headers: dict[str, str],
+    header_length: str | None,
     body: bytes,
     deadline: float | None,
     limits: RequestLimits,
     decode_pool: BodyDecoder | None = None,
 ) -> Response:
-    header_length = headers.get(HEADER_LENGTH)
     doc, inputs = await decode_apart(
         decode_pool, _decode_cost(header_length, body), _decode_request, header_length, body, limits
     )
