@@ -55,6 +55,7 @@ from inferd.manager import ModelManager, Residency
 from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
+from inferd.protocols.deadlines import Deadlines
 from inferd.protocols.decoding import BodyDecoder
 from inferd.protocols.http_connection import (
     WATCH,
@@ -124,6 +125,7 @@ class HttpApp:
         self._max_header = config.max_header_bytes
         self._limits = RequestLimits.of(config)
         self._timeout_s = config.rest_api_timeout_in_ms / 1000
+        self._deadlines = Deadlines(self._timeout_s)
         self._traffic_key = service.traffic_key_header.encode("latin-1")  # lower case, b"" for none
         self._inflight = inflight
         self._decode_pool = decode_pool
@@ -257,17 +259,16 @@ class HttpApp:
         """
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
         watch = scope.get("extensions", {}).get(WATCH)
         listener = None
         if watch is None:
             watch = RequestWatch()
-            listener = loop.create_task(_hang_up_on_disconnect(receive, watch))
+            listener = asyncio.get_running_loop().create_task(_hang_up_on_disconnect(receive, watch))
         elif watch.client_gone:  # it hung up after sending its body, before this began
             call.close()
             return None
         watch.task = task
-        timer = loop.call_later(self._timeout_s, watch.expire)
+        self._deadlines.start(watch)
         try:
             return await call
         except asyncio.CancelledError:
@@ -278,7 +279,7 @@ class HttpApp:
             raise
         finally:
             watch.task = None
-            timer.cancel()
+            self._deadlines.end()
             if listener is not None:
                 listener.cancel()
 
