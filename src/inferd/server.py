@@ -149,10 +149,11 @@ class HttpApp:
         metrics = self._metrics
         if self._traced:  # this request's task only: the service's span reads it
             TRACEPARENT.set(_header(scope, b"traceparent"))
+        watch = scope.get("extensions", {}).get(WATCH)
         try:
-            self._check_header_size(scope)
+            self._check_header_size(scope, watch)
             if self._cors and method == "OPTIONS":
-                await self._send(scope, send, *_preflight(scope))
+                await self._send(watch, send, *_preflight(scope))
                 return
             admin = path.startswith(v2_rest.ADMIN_PREFIX) or is_admin(method, path)
             if admin or (self._access.api_token and not is_public(method, path)):
@@ -160,7 +161,6 @@ class HttpApp:
             body = await self._read_body(scope, receive, reservation)
             if body is None:
                 return  # the client went away (or was timed out) before its body arrived
-            watch = scope.get("extensions", {}).get(WATCH)
             if watch is not None:
                 await watch.step()
             deadline = time.monotonic() + self._timeout_s
@@ -197,7 +197,7 @@ class HttpApp:
             elif self._dashboard is not None:
                 call = self._dashboard.handle(method, path, body)
             if call is not None:
-                answer = await self._with_deadline(call, scope, receive)
+                answer = await self._with_deadline(call, watch, receive)
                 if answer is None:
                     return  # the client went away: nobody to answer
                 status, headers, payload = answer
@@ -228,38 +228,36 @@ class HttpApp:
             log.exception("request %s (%s %s) failed", request_id, method, path)
             failed = Internal(f"internal error; request id {request_id}")
             status, headers, payload = json_error(failed)
-        await self._send(scope, send, status, headers, payload)
+        await self._send(watch, send, status, headers, payload)
 
     async def _send(
-        self, scope: Scope, send: Any, status: int, headers: Mapping[str, str], payload: bytes
+        self, watch: RequestWatch | None, send: Any, status: int, headers: Mapping[str, str], payload: bytes
     ) -> None:
         if self._cors:
             headers = {**headers, **_CORS_HEADERS}
         raw = [(k.encode(), v.encode()) for k, v in headers.items()]
         # With its length given, uvicorn sends the answer whole instead of in chunks.
         raw.append((b"content-length", b"%d" % len(payload)))
-        watch = scope.get("extensions", {}).get(WATCH)
         if watch is not None and watch.send_whole(status, raw, payload):
             return
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 
     async def _with_deadline(
-        self, call: Coroutine[Any, Any, Response], scope: Scope, receive: Any
+        self, call: Coroutine[Any, Any, Response], watch: RequestWatch | None, receive: Any
     ) -> Response | None:
         """Run an adapter's answer under the request deadline.
 
         Returns None when the client disconnected first; the answer is then cancelled, which
         takes a queued request out of its batching queue before it is computed. inferd's own
-        connections report the disconnect through the scope's ``RequestWatch``; under another
-        ASGI server (Ray Serve's proxy) a task waits for it on ``receive``.
+        connections report the disconnect through the scope's ``RequestWatch`` (``watch``); under
+        another ASGI server (Ray Serve's proxy) a task waits for it on ``receive``.
 
         Raises:
             TimeoutError: the deadline passed first.
         """
         task = asyncio.current_task()
         assert task is not None
-        watch = scope.get("extensions", {}).get(WATCH)
         listener = None
         if watch is None:
             watch = RequestWatch()
@@ -311,9 +309,14 @@ class HttpApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _check_header_size(self, scope: Scope) -> None:
-        size = len(scope["raw_path"] or b"") + len(scope["query_string"])
-        size += sum(len(key) + len(value) for key, value in scope["headers"])
+    def _check_header_size(self, scope: Scope, watch: RequestWatch | None) -> None:
+        """Raises ResourceExhausted when the request target and headers are over
+        ``--max_header_bytes`` (counted by inferd's connection as it parsed them, or here)."""
+        if watch is not None:
+            size = watch.head_bytes
+        else:
+            size = len(scope["raw_path"] or b"") + len(scope["query_string"])
+            size += sum(len(key) + len(value) for key, value in scope["headers"])
         if size > self._max_header:
             raise ResourceExhausted(
                 f"the request line and headers take {size} bytes, over the limit of {self._max_header} "

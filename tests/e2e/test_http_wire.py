@@ -507,6 +507,31 @@ def test_a_query_string_is_accepted(server: ServerProcess) -> None:
         assert metadata.json()["name"] == "affine"
 
 
+def test_the_header_limit_counts_the_target_and_header_fields_of_a_head_read_at_once(
+    tmp_path: Path,
+) -> None:
+    """With ``--max_header_bytes=400``, a head of exactly 400 bytes of request target and header
+    names and values is answered, and one of 401 gets the JSON 413 naming its size and the flag,
+    on a connection that then serves another request. Each head comes in one read, so it is
+    counted as it is parsed, not as reads arrive."""
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0, offset=1.0)
+    limited = launch(tmp_path, str(tmp_path / "models"), "--max_header_bytes=400")
+    try:
+        fixed = len("/v1/models/affine") + len("host") + len("inferd") + len("x-padding")
+        with Wire(limited) as wire:
+            wire.send(request("GET", "/v1/models/affine", None, "X-Padding: " + "a" * (400 - fixed)))
+            assert_status(wire.read_answer())
+            wire.send(request("GET", "/v1/models/affine", None, "X-Padding: " + "a" * (401 - fixed)))
+            refused = wire.read_answer()
+            assert refused.status == 413, refused
+            assert "take 401 bytes" in refused.json()["error"]
+            assert "--max_header_bytes" in refused.json()["error"]
+            wire.send(STATUS)
+            assert_status(wire.read_answer())
+    finally:
+        limited.stop()
+
+
 def reset(wire: Wire) -> None:
     """Close with a TCP reset (SO_LINGER 0) instead of a FIN."""
     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

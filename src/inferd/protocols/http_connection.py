@@ -147,12 +147,14 @@ class RequestWatch:
     whole answer at once. ``step`` lets the port's other requests catch up. Event loop thread
     only."""
 
-    __slots__ = ("_cycle", "_tasks", "expired", "hung_up", "task")
+    __slots__ = ("_cycle", "_tasks", "expired", "head_bytes", "hung_up", "task")
 
-    def __init__(self, tasks: Collection[asyncio.Task[Any]] = ()) -> None:
+    def __init__(self, tasks: Collection[asyncio.Task[Any]] = (), head_bytes: int = 0) -> None:
         """``tasks``: the port's request tasks (uvicorn's, begun or not; a finished one stays
-        until a later turn)."""
+        until a later turn); ``head_bytes``: the bytes of the request target and of the header
+        names and values, counted as the head was parsed."""
         self.task: asyncio.Task[Any] | None = None
+        self.head_bytes = head_bytes
         self._tasks = tasks
         self.hung_up = False
         self.expired = False
@@ -341,6 +343,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._invalid: str | None = None  # the 400 owed once the requests before it are answered
         self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
+        self._field_bytes = 0  # ... and the bytes of its header names and values
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -429,6 +432,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self.headers = []
         self._hosts = 0
+        self._field_bytes = 0
         if self._head_bytes is None:  # the next request on a kept-alive connection
             self._head_bytes = 0
         self._head_begun = True
@@ -442,6 +446,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
+        self._field_bytes += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -458,7 +463,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
-        watch = RequestWatch(self.tasks)
+        watch = RequestWatch(self.tasks, len(self.url) + self._field_bytes)
         self.scope = {
             "type": "http",
             "asgi": _ASGI,  # type: ignore[typeddict-item]
