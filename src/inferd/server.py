@@ -310,12 +310,12 @@ class HttpApp:
                 return b"".join(chunks)
 
     def _check_header_size(self, scope: Scope, watch: RequestWatch | None) -> None:
-        """Raises ResourceExhausted when the request target and headers are over
-        ``--max_header_bytes`` (counted by inferd's connection as it parsed them, or here)."""
-        if watch is not None:
-            size = watch.head_bytes
-        else:
-            size = len(scope["raw_path"] or b"") + len(scope["query_string"])
+        """Raises ResourceExhausted when the request target and the header names and values are
+        over ``--max_header_bytes`` (counted by inferd's connection as it parsed them, or here)."""
+        size = None if watch is None else watch.head_bytes
+        if size is None:  # the target as sent: its path, and its query after a "?"
+            query = len(scope["query_string"])
+            size = len(scope["raw_path"] or b"") + (query + 1 if query else 0)
             size += sum(len(key) + len(value) for key, value in scope["headers"])
         if size > self._max_header:
             raise ResourceExhausted(

@@ -532,6 +532,40 @@ def test_the_header_limit_counts_the_target_and_header_fields_of_a_head_read_at_
         limited.stop()
 
 
+def chunked_predict(rows: list[list[float]], trailer: str) -> bytes:
+    """A predict request of ``rows`` for ``affine`` with a chunked body and one trailer field."""
+    body = predict_body(rows)
+    head = request("POST", "/v1/models/affine:predict", None, "Transfer-Encoding: chunked")
+    return head + b"%x\r\n%s\r\n0\r\n%s\r\n\r\n" % (len(body), body, trailer.encode())
+
+
+def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
+    """With ``--max_header_bytes=400``, a chunked request's trailer field is accepted within the
+    limit; one that takes the head past it gets the JSON 413 and the connection closes, whether
+    it comes in the read that brought the head or later."""
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0, offset=1.0)
+    limited = launch(tmp_path, str(tmp_path / "models"), "--max_header_bytes=400")
+    try:
+        with Wire(limited) as wire:
+            wire.send(chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 100))
+            assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
+        for split in (False, True):
+            with Wire(limited) as wire:
+                data = chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 1_000)
+                if split:  # the head alone first, answered only once the whole body is read
+                    head, _, rest = data.partition(b"\r\n\r\n")
+                    wire.send(head + b"\r\n\r\n")
+                    time.sleep(0.2)
+                    data = rest
+                wire.send(data)
+                refused = wire.read_answer()
+                assert refused.status == 413, refused
+                assert "--max_header_bytes" in refused.json()["error"]
+                wire.closed_by_server()
+    finally:
+        limited.stop()
+
+
 def reset(wire: Wire) -> None:
     """Close with a TCP reset (SO_LINGER 0) instead of a FIN."""
     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

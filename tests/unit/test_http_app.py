@@ -77,3 +77,47 @@ def test_steps_taken_by_a_request(
             await server.close()
 
     assert asyncio.run(main()) == (status, steps)
+
+
+@pytest.mark.parametrize(
+    ("head_bytes", "status"),
+    [
+        (None, 413),  # not counted by the connection (another front end's watch): counted here
+        (1_000, 413),  # counted by inferd's connection
+        (100, 404),  # the connection's count is the one that holds
+    ],
+)
+def test_the_header_limit_takes_the_connections_count_or_makes_its_own(
+    tmp_path: Path, head_bytes: int | None, status: int
+) -> None:
+    async def main() -> int:
+        config = ServerConfig(
+            repository=str(tmp_path), rest_api_port=0, port=0, file_system_poll_wait_seconds=0,
+            max_header_bytes=500,
+        )  # fmt: skip
+        server = Server(config)
+        await server.control.sync()
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/nowhere",
+            "raw_path": b"/nowhere",
+            "query_string": b"",
+            "headers": [(b"x-padding", b"a" * 1_000)],
+            "extensions": {WATCH: RequestWatch(head_bytes=head_bytes)},
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        try:
+            await server.http_app()(scope, receive, send)
+        finally:
+            await server.close()
+        return int(sent[0]["status"])
+
+    assert asyncio.run(main()) == status

@@ -20,15 +20,17 @@ holds more than this plus four times the requests in flight."""
 
 class Deadlines:
     """The deadlines of the requests in flight, each ``timeout_s`` after ``start``: when one
-    passes, that request's ``RequestWatch.expire`` is called. Event loop thread only."""
+    passes, that request's ``RequestWatch.expire`` is called. One event loop at a time, on its
+    thread: a new loop starts afresh, and the requests the last one left lose their deadlines."""
 
-    __slots__ = ("_in_flight", "_loop", "_timeout_s", "_timer", "_watches")
+    __slots__ = ("_armed_for", "_in_flight", "_loop", "_timeout_s", "_timer", "_watches")
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
         self._watches: deque[tuple[float, RequestWatch]] = deque()  # (loop time it passes, watch)
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0  # the loop time the timer was armed for
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
@@ -46,24 +48,32 @@ class Deadlines:
         self._watches.append((passes, watch))
         self._in_flight += 1
         if self._timer is None:
-            self._timer = loop.call_at(passes, self._expire)
+            self._arm(loop, passes)
 
     def end(self) -> None:
         """A request whose deadline ``start`` started is over (its watch's ``task`` is None)."""
-        self._in_flight -= 1
+        self._in_flight = max(self._in_flight - 1, 0)  # (0 for a request of a loop gone before)
         watches = self._watches
         while watches and watches[0][1].task is None:
             watches.popleft()
         if len(watches) > _SLACK + 4 * self._in_flight:  # met ones behind a slow request
             self._watches = deque(entry for entry in watches if entry[1].task is not None)
 
-    def _expire(self) -> None:
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._armed_for = when
+        self._timer = loop.call_at(when, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """The timer: expire the requests whose deadline passed, then arm it for the next one."""
-        assert self._loop is not None
+        if loop is not self._loop:  # armed on a loop gone before
+            return
         self._timer = None
-        now = self._loop.time()
+        # The time armed for counts as reached: uvloop's clock counts whole milliseconds, and
+        # a deadline a rounding error past it would re-arm the timer on every turn until the
+        # clock ticks.
+        now = max(loop.time(), self._armed_for)
         watches = self._watches
         while watches and (watches[0][1].task is None or watches[0][0] <= now):
             watches.popleft()[1].expire()  # a no-op once its task is None
         if watches:
-            self._timer = self._loop.call_at(watches[0][0], self._expire)
+            self._arm(loop, watches[0][0])

@@ -149,10 +149,10 @@ class RequestWatch:
 
     __slots__ = ("_cycle", "_tasks", "expired", "head_bytes", "hung_up", "task")
 
-    def __init__(self, tasks: Collection[asyncio.Task[Any]] = (), head_bytes: int = 0) -> None:
+    def __init__(self, tasks: Collection[asyncio.Task[Any]] = (), head_bytes: int | None = None) -> None:
         """``tasks``: the port's request tasks (uvicorn's, begun or not; a finished one stays
         until a later turn); ``head_bytes``: the bytes of the request target and of the header
-        names and values, counted as the head was parsed."""
+        names and values, counted as the head was parsed (None: not counted)."""
         self.task: asyncio.Task[Any] | None = None
         self.head_bytes = head_bytes
         self._tasks = tasks
@@ -227,6 +227,10 @@ class RequestWatch:
 class BadRequest(Exception):
     """A request the parser read but HTTP/1.1 forbids; raised in a parser callback, it is
     answered 400 with this message, as the parser's own errors are."""
+
+
+class FieldsTooLarge(BadRequest):
+    """Trailer fields that take a request past ``max_header_bytes``: answered 413."""
 
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -340,7 +344,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
-        self._invalid: str | None = None  # the 400 owed once the requests before it are answered
+        # the 400 (or 413: True) owed once the requests before it are answered
+        self._invalid: tuple[str, bool] | None = None
         self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
         self._field_bytes = 0  # ... and the bytes of its header names and values
@@ -380,7 +385,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
             message = "Invalid HTTP request received."
-            if isinstance(error.__context__, BadRequest):
+            too_large = isinstance(error.__context__, FieldsTooLarge)
+            if too_large:
+                message = str(error.__context__)
+            elif isinstance(error.__context__, BadRequest):
                 message += f" {error.__context__}"
             self.logger.warning(message)
             self._refused = True  # nothing after it is read
@@ -399,9 +407,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     self.transport.close()
                     return
             if earlier:  # answered after the good requests before it
-                self._invalid = message
+                self._invalid = (message, too_large)
             else:
-                self.send_400_response(message)
+                self._reject(message, too_large)
             return
         except httptools.HttpParserUpgrade:
             self._unsupported_upgrade_warning()
@@ -447,6 +455,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
+        if self._in_body and len(self.url) + self._field_bytes > self.limits.max_header_bytes:
+            raise FieldsTooLarge(  # trailer fields, after a chunked body
+                f"the request line, headers and trailers take more than {self.limits.max_header_bytes} "
+                "bytes, the limit (--max_header_bytes)"
+            )
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -525,7 +538,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._start(cycle)  # type: ignore[arg-type]
             return
         if self._invalid is not None:
-            self.send_400_response(self._invalid)
+            self._reject(*self._invalid)
             return
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
@@ -583,6 +596,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             b"Request Timeout",
             f"the request body stalled for {self.limits.body_timeout_s:g} s (--body_timeout_s)",
         )
+
+    def _reject(self, message: str, too_large: bool) -> None:
+        """Answer a request the parser refused and close: uvicorn's 400, or the JSON 413 of
+        fields over ``max_header_bytes``."""
+        if too_large:
+            self.transport.write(_answer(413, b"Content Too Large", message))
+            self.transport.close()
+        else:
+            self.send_400_response(message)
 
     def _close_with(self, status: int, reason: bytes, message: str) -> None:
         """Answer ``status`` unless an answer was started already, then close the connection; the
