@@ -110,14 +110,17 @@ def grpc_call(method: Callable[[Any, Any], Awaitable[Any]], message: type[Any], 
 
 async def one(app: App, path: str, body: bytes) -> int:
     """One request through ``app``; its status."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    # the head's size, as inferd's connection counts it while parsing (and hands it over)
+    head_bytes = len(path) + sum(len(name) + len(value) for name, value in headers)
     scope = {
         "type": "http",
         "method": "POST",
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-        "extensions": {WATCH: RequestWatch()},
+        "headers": headers,
+        "extensions": {WATCH: RequestWatch(head_bytes=head_bytes)},
     }
     sent: list[dict[str, Any]] = []
     delivered = False
