@@ -542,7 +542,8 @@ def chunked_predict(rows: list[list[float]], trailer: str) -> bytes:
 def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
     """With ``--max_header_bytes=400``, a chunked request's trailer field is accepted within the
     limit; one that takes the head past it gets the JSON 413 and the connection closes, whether
-    it comes in the read that brought the head or later."""
+    it comes in the read that brought the head or later (test_hostile_connections streams one
+    without end)."""
     write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0, offset=1.0)
     limited = launch(tmp_path, str(tmp_path / "models"), "--max_header_bytes=400")
     try:

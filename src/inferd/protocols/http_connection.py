@@ -349,6 +349,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
         self._field_bytes = 0  # ... and the bytes of its header names and values
+        # Bytes read after a chunk header with no chunk data since: a last chunk's trailer
+        # fields, which the parser holds until each ends (-1: the header came in this read).
+        self._trailer_bytes: int | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -419,6 +422,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._body_read_at = self.loop.time()
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
+            if self._trailer_bytes is not None:
+                self._trailer_bytes = 0 if self._trailer_bytes < 0 else self._trailer_bytes + len(data)
+                if self._trailer_bytes > self.limits.max_header_bytes:
+                    self._close_with(
+                        413,
+                        b"Content Too Large",
+                        f"the trailer fields take more than {self.limits.max_header_bytes} bytes, "
+                        "the limit (--max_header_bytes)",
+                    )
+                    return
         if self._head_bytes is None or self.transport.is_closing():
             return
         if self._head_timer is None and self._head_begun:  # the next head on a kept-alive connection
@@ -511,6 +524,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
+        self._trailer_bytes = None  # chunk data: not the last chunk
         cycle = self.cycle
         if cycle.response_complete:  # answered before its body came
             return
@@ -520,8 +534,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
         cycle.set()
 
+    def on_chunk_header(self) -> None:
+        self._trailer_bytes = -1
+
+    def on_chunk_complete(self) -> None:
+        self._trailer_bytes = None
+
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._trailer_bytes = None
         self._cancel_body_timer()
         cycle = self.cycle
         if not cycle.response_complete:
