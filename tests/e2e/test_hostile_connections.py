@@ -220,52 +220,40 @@ def _peak_rss_kib(server: ServerProcess) -> int:
     raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
-def test_a_huge_header_is_refused_while_it_is_read(server: ServerProcess) -> None:
+def _refused_while_streamed(server: ServerProcess, opening: bytes, what: str) -> None:
+    """Send ``opening``, then 64 MiB of one field value, 64 KiB at a time: the server answers 413
+    naming ``--max_header_bytes`` before the end, its peak RSS grows by less than 16 MiB, and a
+    good client is served meanwhile."""
     peak = _peak_rss_kib(server)
     sent = 0
     with good_client(server) as latencies:
         sock = connect(server)
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        sock.sendall(opening)
         try:
-            for _ in range(64 * 16):  # 64 MiB of header value, 64 KiB at a time
+            for _ in range(64 * 16):
                 sock.sendall(b"a" * 65536)
                 sent += 65536
         except OSError:  # refused and closed before the end
             pass
         answer = read_until_closed(sock)
-    report("a 64 MiB header", latencies)
+    report(f"a 64 MiB {what}", latencies)
     grown_kib = _peak_rss_kib(server) - peak
-    print(f"sent {sent >> 10} KiB of header before the refusal; peak RSS grew {grown_kib} KiB")
+    print(f"sent {sent >> 10} KiB of {what} before the refusal; peak RSS grew {grown_kib} KiB")
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"--max_header_bytes" in answer
     assert grown_kib < 16 * 1024
+
+
+def test_a_huge_header_is_refused_while_it_is_read(server: ServerProcess) -> None:
+    _refused_while_streamed(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Huge: ", "header")
 
 
 def test_a_huge_trailer_is_refused_while_it_is_read(server: ServerProcess) -> None:
-    """A chunked request's trailer field streamed without end is refused past
-    ``--max_header_bytes`` within a few reads; the parser would hold the value whole."""
-    peak = _peak_rss_kib(server)
-    sent = 0
-    with good_client(server) as latencies:
-        sock = connect(server)
-        body = b'{"instances": [[1.0, 2.0, 3.0, 4.0]]}'
-        sock.sendall(
-            b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"%x\r\n%s\r\n0\r\nX-Huge: " % (len(body), body)
-        )
-        try:
-            for _ in range(64 * 16):  # 64 MiB of trailer value, 64 KiB at a time
-                sock.sendall(b"a" * 65536)
-                sent += 65536
-        except OSError:  # refused and closed before the end
-            pass
-        answer = read_until_closed(sock)
-    report("a 64 MiB trailer", latencies)
-    grown_kib = _peak_rss_kib(server) - peak
-    print(f"sent {sent >> 10} KiB of trailer before the refusal; peak RSS grew {grown_kib} KiB")
-    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
-    assert b"--max_header_bytes" in answer
-    assert grown_kib < 16 * 1024
+    """A chunked request's trailer field streamed without end; the parser would hold the value
+    whole."""
+    body = b'{"instances": [[1.0, 2.0, 3.0, 4.0]]}'
+    head = b"POST /v1/models/affine:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    _refused_while_streamed(server, head + b"%x\r\n%s\r\n0\r\nX-Huge: " % (len(body), body), "trailer")
 
 
 def test_a_websocket_upgrade_and_malformed_requests_do_not_flood_the_log(server: ServerProcess) -> None:
