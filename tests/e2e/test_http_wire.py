@@ -550,6 +550,17 @@ def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
         with Wire(limited) as wire:
             wire.send(chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 100))
             assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
+        # 30 short fields: 389 bytes as counted (target, names, values), 450 on the wire, in
+        # small writes, so that no read holds a field whole and the exact count decides
+        fields = "\r\n".join(f"X-T{i:02d}: vvvvvv" for i in range(30))
+        with Wire(limited) as wire:
+            data = chunked_predict([[1, 2, 3, 4]], fields)
+            head, _, rest = data.partition(b"\r\n0\r\n")
+            wire.send(head + b"\r\n0\r\n")
+            for start in range(0, len(rest), 50):
+                time.sleep(0.01)
+                wire.send(rest[start : start + 50])
+            assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
         for split in (False, True):
             with Wire(limited) as wire:
                 data = chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 1_000)

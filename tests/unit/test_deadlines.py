@@ -105,9 +105,9 @@ class CountingDeadlines(Deadlines):
         super().__init__(timeout_s)
         self.firings = 0
 
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _expire(self, loop: asyncio.AbstractEventLoop, epoch: int) -> None:
         self.firings += 1
-        super()._expire(loop)
+        super()._expire(loop, epoch)
 
 
 def test_on_uvloop_the_timer_fires_once_for_each_deadline() -> None:

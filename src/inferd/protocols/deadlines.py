@@ -23,7 +23,7 @@ class Deadlines:
     passes, that request's ``RequestWatch.expire`` is called. One event loop at a time, on its
     thread: a new loop starts afresh, and the requests the last one left lose their deadlines."""
 
-    __slots__ = ("_armed_for", "_in_flight", "_loop", "_timeout_s", "_timer", "_watches")
+    __slots__ = ("_armed_for", "_epoch", "_in_flight", "_loop", "_timeout_s", "_timer", "_watches")
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
@@ -32,6 +32,7 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for = 0.0  # the loop time the timer was armed for
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._epoch = 0  # loops seen: a timer armed under an earlier one does nothing
 
     def __len__(self) -> int:
         """The deadlines held: those in flight, and met ones not yet dropped behind a slow one."""
@@ -43,6 +44,7 @@ class Deadlines:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (tests run several): what the old one held is gone
             self._loop, self._timer, self._in_flight = loop, None, 0
+            self._epoch += 1
             self._watches.clear()
         passes = loop.time() + self._timeout_s
         self._watches.append((passes, watch))
@@ -61,11 +63,11 @@ class Deadlines:
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         self._armed_for = when
-        self._timer = loop.call_at(when, self._expire, loop)
+        self._timer = loop.call_at(when, self._expire, loop, self._epoch)
 
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _expire(self, loop: asyncio.AbstractEventLoop, epoch: int) -> None:
         """The timer: expire the requests whose deadline passed, then arm it for the next one."""
-        if loop is not self._loop:  # armed on a loop gone before
+        if epoch != self._epoch:  # armed under a loop gone before (or before it came back)
             return
         self._timer = None
         # The time armed for counts as reached: uvloop's clock counts whole milliseconds, and

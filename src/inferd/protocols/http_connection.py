@@ -350,7 +350,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._hosts = 0  # Host headers of the request being read
         self._field_bytes = 0  # ... and the bytes of its header names and values
         # Bytes read after a chunk header with no chunk data since: a last chunk's trailer
-        # fields, which the parser holds until each ends (-1: the header came in this read).
+        # field not ended yet, which the parser holds until it ends (-1: the chunk header or a
+        # field's end came in this read; ended fields are counted exactly, in on_header).
         self._trailer_bytes: int | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -468,6 +469,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
+        if self._in_body and self._trailer_bytes is not None:
+            self._trailer_bytes = -1  # a trailer field ended in this read: counted exactly here
         if self._in_body and len(self.url) + self._field_bytes > self.limits.max_header_bytes:
             raise FieldsTooLarge(  # trailer fields, after a chunked body
                 f"the request line, headers and trailers take more than {self.limits.max_header_bytes} "
