@@ -12,7 +12,9 @@ hostile or broken client must not be able to hold:
   time the server itself stops reading, to apply back-pressure, does not count);
 - the head may not grow past ``max_header_bytes`` while it is read: ``413`` and close, so a huge
   header costs at most that plus one socket read (the application checks the exact size of heads
-  that arrive whole);
+  that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
+- a chunked body's trailer fields count toward the same limit, and one trailer field may not grow
+  past it while it is read: ``413`` and close;
 - a WebSocket upgrade is answered as a plain HTTP request (inferd serves no WebSocket), without a
   log line;
 - a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close,
