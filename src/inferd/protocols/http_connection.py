@@ -471,13 +471,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
-        if self._in_body and self._trailer_bytes is not None:
-            self._trailer_bytes = -1  # a trailer field ended in this read: counted exactly here
-        if self._in_body and len(self.url) + self._field_bytes > self.limits.max_header_bytes:
-            raise FieldsTooLarge(  # trailer fields, after a chunked body
-                f"the request line, headers and trailers take more than {self.limits.max_header_bytes} "
-                "bytes, the limit (--max_header_bytes)"
-            )
+        if self._in_body:  # a trailer field, after a chunked body
+            self._trailer_bytes = -1  # it ended in this read: counted exactly here
+            if len(self.url) + self._field_bytes > self.limits.max_header_bytes:
+                raise FieldsTooLarge(
+                    f"the request line, headers and trailers take more than "
+                    f"{self.limits.max_header_bytes} bytes, the limit (--max_header_bytes)"
+                )
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
