@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from inferd import collector
 from inferd.config import ModelSettings
 from inferd.devices import DeviceMemory, FrameworkMemory
 from inferd.errors import InferdError, InvalidArgument, ModelLoadError, NotFound, Unavailable, UnknownLabel
@@ -890,6 +891,7 @@ def _close(servable: Closeable | None, devices: DeviceMemory) -> None:
     except Exception:  # closing must not break unloading of the rest
         log.exception("closing a model raised")
     del servable
+    collector.release()  # the version may be frozen: its reference cycles must be collectable
     devices.trim()
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from inferd import devices
+from inferd import collector, devices
 from inferd.capture import TrafficCapture
 from inferd.config import (
     BatchingParameters,
@@ -471,10 +471,12 @@ class Server:
                 log.exception("repository scan failed; retrying in %.1f s", interval_s)
 
     async def _unload_idle(self) -> None:
-        """Unload versions idle past their ``[residency] idle_unload_s``, checked every second."""
+        """Unload versions idle past their ``[residency] idle_unload_s``, checked every second;
+        and settle the garbage collector again a while after unloads (``collector``)."""
         while True:
             await asyncio.sleep(_IDLE_CHECK_S)
             self.manager.unload_idle()
+            collector.settle_again(time.monotonic())
 
     async def _supervised(self, http: Any, request_exit: Callable[[], None]) -> None:
         """Once ``http`` listens (gRPC listens before it): answer this worker's metrics to the
@@ -549,6 +551,7 @@ class Server:
         except BaseException:
             rest_socket.close()
             raise
+        collector.settle()  # the modules and initial models: no full collection walks them again
         poller = asyncio.create_task(self._poll(interval_s)) if interval_s > 0 else None
         sweeper = asyncio.create_task(self._unload_idle())
         linked: list[asyncio.Task[None]] = []
