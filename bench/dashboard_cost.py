@@ -36,6 +36,7 @@ from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.threads import ThreadPool
 from inferd.tracing import Tracing
 from inferd.types import InferenceResponse, ModelId
 from tests.inferd_process import ServerProcess, launch
@@ -65,7 +66,8 @@ def per_request_s(tracing: Tracing | None, calls: int = 50_000) -> float:
     metrics = Metrics()
     response = InferenceResponse(ModelId("digits", 1), {"y": np.zeros(1)}, None, 1e-5, 2e-5)
     with ThreadPoolExecutor(1) as pool:
-        manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool).load)
+        factory = ServableFactory(ThreadPool(1, "inferd-infer"))
+        manager: ModelManager[Servable] = ModelManager(pool, factory.load)
         service = InferenceService(manager, metrics, tracing)
         started = time.perf_counter()
         for _ in range(calls):
@@ -83,7 +85,8 @@ def reading_s(readings: int = 2000) -> float:
             metrics.count_request(model, "1", protocol, "OK")
         metrics.batch_size(model, "1").observe(4)
     with ThreadPoolExecutor(1) as pool:
-        manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool).load)
+        factory = ServableFactory(ThreadPool(1, "inferd-infer"))
+        manager: ModelManager[Servable] = ModelManager(pool, factory.load)
         dashboard = Dashboard(InferenceService(manager, metrics), ModelControl(None, manager), metrics)  # type: ignore[arg-type]
         started = time.perf_counter()
         for _ in range(readings):

@@ -26,6 +26,7 @@ from inferd.manager import ModelManager
 from inferd.metrics import Metrics
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.threads import ThreadPool
 from inferd.types import InferenceResponse, ModelId
 
 BENCH = Path(__file__).resolve().parent
@@ -36,7 +37,8 @@ def per_request_s(calls: int = 200_000) -> float:
     batch_sizes = metrics.batch_size("digits", "1")
     response = InferenceResponse(ModelId("digits", 1), {"y": np.zeros(1)}, None, 1e-5, 2e-5)
     with ThreadPoolExecutor(1) as pool:
-        manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool).load)
+        factory = ServableFactory(ThreadPool(1, "inferd-infer"))
+        manager: ModelManager[Servable] = ModelManager(pool, factory.load)
         service = InferenceService(manager, metrics)
         started = time.perf_counter()
         for _ in range(calls):

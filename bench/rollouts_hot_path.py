@@ -28,6 +28,7 @@ from inferd.metrics import Metrics
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
+from inferd.threads import ThreadPool
 from inferd.types import InferenceResponse, ModelId
 
 CALLS = 100_000
@@ -36,7 +37,8 @@ CALLS = 100_000
 async def per_call_s(settings: ModelSettings, hook: str) -> float:
     metrics = Metrics()
     with ThreadPoolExecutor(1) as pool:
-        manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool).load)
+        factory = ServableFactory(ThreadPool(1, "inferd-infer"))
+        manager: ModelManager[Servable] = ModelManager(pool, factory.load)
         manager._models["digits"] = _Entry(settings=settings)
         service = InferenceService(manager, metrics)
         if hook == "shadow":

@@ -31,7 +31,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +38,7 @@ import numpy as np
 from inferd.config import BatchingParameters
 from inferd.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from inferd.placement import CallCosts
+from inferd.threads import ThreadPool
 from inferd.types import Tensors
 
 _DECREASE = 0.9
@@ -108,7 +108,7 @@ class Batcher:
         self._predict = predict
         self._costs = costs
         self._params = params
-        self._threads = ThreadPoolExecutor(params.num_batch_threads, thread_name_prefix="inferd-batch")
+        self._threads = ThreadPool(params.num_batch_threads, "inferd-batch")
         self._on_batch = on_batch
         self._timeout_s = params.batch_timeout_micros / 1e6
         self.aimd = (
@@ -258,7 +258,7 @@ class Batcher:
 
     def close(self) -> None:
         """Let the batcher's threads end once idle."""
-        self._threads.shutdown(wait=False)
+        self._threads.shutdown()
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, timeout_s: float | None) -> None:
         """Until the timeout, a full batch, or a finished batch, whichever comes first."""
@@ -302,15 +302,14 @@ class Batcher:
         return batch if batch.items else None
 
     async def _execute(self, batch: _Batch) -> None:
-        loop = asyncio.get_running_loop()
         try:
             inputs, padded = self._concatenate(batch.items)
             # Alone only: beside a batch on a thread, one on the loop could wait for the model's lock.
             if self._costs is not None and len(self._taken) == 1 and self._costs.inline(padded):
                 computed, outputs, padded, predict_s = self._compute(batch, inputs, padded)
             else:
-                computed, outputs, padded, predict_s = await loop.run_in_executor(
-                    self._threads, self._compute, batch, inputs, padded
+                computed, outputs, padded, predict_s = await self._threads.run(
+                    self._compute, batch, inputs, padded
                 )
             assert batch.started is not None
             started, latency_s = batch.started, time.monotonic() - batch.started

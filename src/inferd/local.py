@@ -19,6 +19,7 @@ from inferd.repository import ModelPlan
 from inferd.runtimes import Model
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.threads import ThreadPool
 from inferd.types import ModelRef, VersionState, VersionStatus
 
 
@@ -33,7 +34,7 @@ class Loaded:
     model: Model
     settings: ModelSettings
     pool: Executor
-    """The inference threads, shared by ``service`` and direct ``model`` calls."""
+    """The inference threads of direct ``model`` calls (``service`` has as many of its own)."""
 
 
 @contextlib.asynccontextmanager
@@ -49,8 +50,9 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
         ThreadPoolExecutor(threads, "inferd-infer") as infer_pool,
     ):
         stores = FeatureStores()
+        service_threads = ThreadPool(threads, "inferd-infer")
         manager: ModelManager[Servable] = ModelManager(
-            load_pool, ServableFactory(infer_pool, features=stores).load
+            load_pool, ServableFactory(service_threads, features=stores).load
         )
         try:
             await manager.apply([plan])
@@ -67,6 +69,7 @@ async def in_process(plan: ModelPlan, threads: int) -> AsyncIterator[Loaded]:
             with _quiet(logging.getLogger("inferd.manager")):  # "unloading ..." is no news here
                 await manager.close()
             await stores.close()
+            service_threads.shutdown()
 
 
 @contextlib.contextmanager

@@ -15,12 +15,10 @@ manager, when no request holds it) in one of the manager's executor threads.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from inferd.metrics import Histogram, HitCounter, Metrics
 from inferd.placement import CallCosts
 from inferd.runtimes import Model, Supervised, load_model
 from inferd.statistics import VersionStatistics
+from inferd.threads import ThreadPool
 from inferd.types import ModelId, Signature, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,10 @@ class Servable:
         "_batchers",
         "_call_costs",
         "_closed",
-        "_executor",
         "_in_flight",
         "_max_in_flight",
         "_on_close",
+        "_threads",
         "batching",
         "id",
         "join",
@@ -82,7 +81,7 @@ class Servable:
         model: Model,
         runtime: str,
         settings: ModelSettings,
-        executor: Executor,
+        threads: ThreadPool,
         max_in_flight: int,
         on_close: Callable[[Servable], None] = lambda servable: None,
     ) -> None:
@@ -96,7 +95,7 @@ class Servable:
         self.prediction_counts = HitCounter()
         self.statistics = VersionStatistics(id)
         self._batchers: dict[str, Batcher] = {}
-        self._executor = executor
+        self._threads = threads
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._call_costs: dict[str, CallCosts] = {}  # by signature
@@ -147,8 +146,8 @@ class Servable:
             if costs.inline(rows or 1):
                 result = _timed_predict(self.model, signature, inputs, enqueued, deadline)
             else:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _timed_predict, self.model, signature, inputs, enqueued, deadline
+                result = await self._threads.run(
+                    _timed_predict, self.model, signature, inputs, enqueued, deadline
                 )
         finally:
             self._in_flight -= 1
@@ -200,7 +199,7 @@ class ServableFactory:
     """Builds servables for a ``ModelManager`` (its loader) and reports their batchers' gauges.
 
     Args:
-        executor: the threads unbatched calls run on (each batcher has its own).
+        threads: the threads unbatched calls run on (each batcher has its own).
         batching: server-wide batching (``--enable_batching``); a model's ``[batching]`` wins.
         max_in_flight: per version, unbatched calls running or waiting for a thread beyond which
             requests are refused with UNAVAILABLE.
@@ -212,14 +211,14 @@ class ServableFactory:
 
     def __init__(
         self,
-        executor: Executor,
+        threads: ThreadPool,
         batching: BatchingParameters | None = None,
         max_in_flight: int = 256,
         metrics: Metrics | None = None,
         features: FeatureStores | None = None,
         load: ModelLoader = load_model,
     ) -> None:
-        self._executor = executor
+        self._threads = threads
         self._batching = batching
         self._max_in_flight = max_in_flight
         self._metrics = metrics = metrics or Metrics()
@@ -257,7 +256,7 @@ class ServableFactory:
             if settings.warmup:
                 _warm_up(model)
             servable = Servable(
-                id, model, runtime, settings, self._executor, self._max_in_flight, self._closed
+                id, model, runtime, settings, self._threads, self._max_in_flight, self._closed
             )
             if features is not None and plans is not None and self._features is not None:
                 store = self._features.open(features)

@@ -72,6 +72,7 @@ from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
+from inferd.threads import ThreadPool
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 from inferd.tracing import TRACEPARENT, Tracing
 from inferd.worker_metrics import WorkerMetrics
@@ -400,7 +401,7 @@ class Server:
         # Always recorded (about 0.2 us a record); --enable_metrics decides whether it is served.
         self.metrics = Metrics()
         self._load_pool = ThreadPoolExecutor(config.num_load_threads, thread_name_prefix="inferd-load")
-        self._infer_pool = ThreadPoolExecutor(config.rest_api_num_threads, thread_name_prefix="inferd-infer")
+        self._infer_pool = ThreadPool(config.rest_api_num_threads, "inferd-infer")
         self._decode_pool = BodyDecoder(config.decode_processes)
         self.repository = Repository(config)
         self.feature_stores = FeatureStores()
@@ -649,7 +650,7 @@ class Server:
         await self.feature_stores.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.close)
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(cancel=True)
         self._decode_pool.close()
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 

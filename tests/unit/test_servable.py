@@ -21,6 +21,7 @@ from inferd.placement import INLINE_PREDICT_S
 from inferd.repository import ModelPlan, VersionSource
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
+from inferd.threads import ThreadPool
 from inferd.types import InferenceRequest, ModelId, ModelRef, Signature, Tensors, TensorSpec
 
 F32 = np.dtype(np.float32)
@@ -88,7 +89,7 @@ def test_close_frees_the_batchers_caches_model_and_metric_label_sets(tmp_path: P
     async def serve_then_close() -> Servable:
         threads_before = set(threading.enumerate())
         with ThreadPoolExecutor(2) as pool:
-            factory = ServableFactory(pool, metrics=metrics, features=stores, load=loads)
+            factory = ServableFactory(ThreadPool(2, "infer"), metrics=metrics, features=stores, load=loads)
             manager: ModelManager[Servable] = ModelManager(pool, factory.load, metrics)
             await manager.apply([plan])
             with manager.lease(ModelRef("m")) as version:
@@ -133,28 +134,24 @@ def test_close_frees_the_batchers_caches_model_and_metric_label_sets(tmp_path: P
 def test_a_feature_plan_that_does_not_fit_the_signature_fails_the_load(tmp_path: Path) -> None:
     loads = Loads()
     too_wide = features(tmp_path / "t.csv", inputs={"x": ("distance", "orders", "more")})
-    with ThreadPoolExecutor(1) as pool:
-        factory = ServableFactory(pool, features=FeatureStores(), load=loads)
-        with pytest.raises(
-            ModelLoadError, match=re.escape("inputs.x has 3 column(s); the model takes FP32 [-1, 2]")
-        ):
-            factory.load(ModelId("m", 1), tmp_path, ModelSettings(features=too_wide), None)
-        fitting = factory.load(
-            ModelId("m", 2), tmp_path, ModelSettings(features=features(tmp_path / "t.csv")), None
-        )
-        assert factory.live() == [fitting]
+    factory = ServableFactory(ThreadPool(1, "infer"), features=FeatureStores(), load=loads)
+    with pytest.raises(
+        ModelLoadError, match=re.escape("inputs.x has 3 column(s); the model takes FP32 [-1, 2]")
+    ):
+        factory.load(ModelId("m", 1), tmp_path, ModelSettings(features=too_wide), None)
+    fitting = factory.load(
+        ModelId("m", 2), tmp_path, ModelSettings(features=features(tmp_path / "t.csv")), None
+    )
+    assert factory.live() == [fitting]
     assert [m.closed for m in loads.models] == [True, False]
 
 
 def test_a_failed_warm_up_fails_the_load_and_closes_the_model(tmp_path: Path) -> None:
     loads = Loads(fail_warm_up=True)
-    with ThreadPoolExecutor(1) as pool:
-        factory = ServableFactory(pool, load=loads)
-        with pytest.raises(
-            ModelLoadError, match="the warm-up call failed: ValueError: zeros are not welcome"
-        ):
-            factory.load(ModelId("m", 1), tmp_path, ModelSettings(), None)
-        factory.load(ModelId("m", 2), tmp_path, ModelSettings(warmup=False), None)
+    factory = ServableFactory(ThreadPool(1, "infer"), load=loads)
+    with pytest.raises(ModelLoadError, match="the warm-up call failed: ValueError: zeros are not welcome"):
+        factory.load(ModelId("m", 1), tmp_path, ModelSettings(), None)
+    factory.load(ModelId("m", 2), tmp_path, ModelSettings(warmup=False), None)
     assert [m.closed for m in loads.models] == [True, False]
     assert factory.live()[0].id == ModelId("m", 2)
 
@@ -177,7 +174,8 @@ class TimedModel(FakeModel):
 def calls_on(seconds: float, rows: int, calls: int) -> list[str]:
     """The thread names ``calls`` unbatched calls of ``rows`` rows ran on."""
     model = TimedModel(seconds)
-    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+    pool = ThreadPool(1, "infer")
+    try:
         servable = Servable(ModelId("m", 1), model, "fake", ModelSettings(), pool, max_in_flight=4)
         inputs = {"x": np.ones((rows, 2), np.float32)}
 
@@ -188,6 +186,8 @@ def calls_on(seconds: float, rows: int, calls: int) -> list[str]:
                 assert outputs["y"].tolist() == [2.0] * rows
 
         asyncio.run(run_all())
+    finally:
+        pool.shutdown()
     return model.threads
 
 
@@ -202,7 +202,8 @@ def test_a_fast_model_runs_on_the_event_loop_after_its_first_calls_and_a_slow_on
 
 def test_a_large_request_of_a_fast_model_goes_to_a_thread() -> None:
     model = TimedModel(0.0)
-    with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+    pool = ThreadPool(1, "infer")
+    try:
         servable = Servable(ModelId("m", 1), model, "fake", ModelSettings(), pool, max_in_flight=4)
 
         async def run(rows: int) -> None:
@@ -217,6 +218,8 @@ def test_a_large_request_of_a_fast_model_goes_to_a_thread() -> None:
             await run(int(INLINE_PREDICT_S * 1e9))
 
         asyncio.run(scenario())
+    finally:
+        pool.shutdown()
     assert model.threads[-2] == threading.main_thread().name
     assert model.threads[-1].startswith("infer")
 
@@ -232,7 +235,7 @@ def test_the_batcher_judges_its_batches_by_the_costs_the_servable_holds(tmp_path
 
     async def scenario() -> Servable:
         with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
-            factory = ServableFactory(pool, load=load)
+            factory = ServableFactory(ThreadPool(1, "infer"), load=load)
             manager: ModelManager[Servable] = ModelManager(pool, factory.load, Metrics())
             await manager.apply([plan])
             with manager.lease(ModelRef("m")) as version:

@@ -11,6 +11,7 @@ from inferd.metrics import Metrics
 from inferd.repository import ModelPlan, VersionSource
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService, conform, conform_inputs
+from inferd.threads import ThreadPool
 from inferd.types import ModelRef, Signature, TensorSpec
 
 F32 = TensorSpec("x", np.dtype(np.float32), (-1, 2))
@@ -64,7 +65,8 @@ def test_a_call_holds_one_lease_and_records_status_and_timing_when_it_ends(tmp_p
 
     async def calls() -> None:
         with ThreadPoolExecutor(1) as pool:
-            manager: ModelManager[Servable] = ModelManager(pool, ServableFactory(pool, load=Loads()).load)
+            factory = ServableFactory(ThreadPool(1, "infer"), load=Loads())
+            manager: ModelManager[Servable] = ModelManager(pool, factory.load)
             await manager.apply([ModelPlan("m", {1: VersionSource(1, tmp_path, "f")})])
             service = InferenceService(manager, metrics)
             with service.call("v2_rest", "m") as call:
