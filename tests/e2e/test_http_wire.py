@@ -696,7 +696,8 @@ def test_sigterm_closes_idle_connections_at_once_and_busy_ones_once_answered(tmp
 def test_the_keep_alive_timeout_runs_from_the_last_answer(tmp_path: Path) -> None:
     """With ``--keep_alive_timeout_s=1``, a connection that sends a request every 0.4 s stays
     open past the timeout (the idle time restarts at each answer, also when the timer set after
-    an earlier answer fires meanwhile), then closes about 1 s after its last answer."""
+    an earlier answer fires meanwhile), then closes about 1 s after its last answer; blank lines
+    sent after an answer do not keep it open."""
     write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0, offset=1.0)
     server = launch(tmp_path, str(tmp_path / "models"), "--keep_alive_timeout_s=1")
     try:
@@ -709,5 +710,131 @@ def test_the_keep_alive_timeout_runs_from_the_last_answer(tmp_path: Path) -> Non
             wire.closed_by_server(within_s=3)
             idle_s = time.monotonic() - last
             assert 0.9 < idle_s < 2.5, idle_s
+        with Wire(server) as wire:  # blank lines are no request: the idle time still runs
+            wire.send(request("GET", "/v2/health/live"))
+            assert wire.read_answer().json() == {"live": True}
+            last = time.monotonic()
+            for _ in range(4):
+                time.sleep(0.3)
+                wire.send(b"\r\n")
+            wire.closed_by_server(within_s=3)
+            idle_s = time.monotonic() - last
+            assert 0.9 < idle_s < 2.5, idle_s
     finally:
         server.stop()
+
+
+SLOW = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    import time
+    time.sleep(float(inputs["x"][0, 0]))
+    return {"y": inputs["x"] * 2}
+"""
+"""A model that sleeps its first input's first value, in seconds."""
+
+
+def slow_predict(seconds: float) -> bytes:
+    return predict([[seconds, 0]], path="/v1/models/slow:predict")
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The ``slow`` model, ``--max_header_bytes=400`` and ``--header_timeout_s=1``."""
+    root = tmp_path_factory.mktemp("slow")
+    write_python_model(root / "models" / "slow" / "1", SLOW)
+    process = launch(root, str(root / "models"), "--max_header_bytes=400", "--header_timeout_s=1")
+    yield process
+    process.stop()
+
+
+def test_a_head_too_large_behind_a_running_request_is_refused_after_its_answer(
+    slow_server: ServerProcess,
+) -> None:
+    """A head that grows past ``--max_header_bytes`` while the request before it on the
+    connection runs gets its 413 after that request's own answer (it took that answer's place,
+    and the request was cancelled)."""
+    with Wire(slow_server) as wire:
+        wire.send(slow_predict(0.8))
+        time.sleep(0.1)
+        wire.send(b"GET /v1/models/slow HTTP/1.1\r\nHost: inferd\r\nX-Padding: ")
+        for _ in range(3):
+            time.sleep(0.05)
+            wire.send(b"a" * 200)
+        answer = wire.read_answer()
+        assert answer.status == 200, answer
+        assert answer.json() == {"predictions": [[1.6, 0.0]]}
+        refused = wire.read_answer()
+        assert refused.status == 413, refused
+        assert "--max_header_bytes" in refused.json()["error"]
+        wire.closed_by_server()
+
+
+def test_a_head_the_server_has_not_read_is_not_timed_out(slow_server: ServerProcess) -> None:
+    """Behind a request that runs 2 s and one sent after it (the server then stops reading), a
+    third request's head, its end sent 50 ms after its start, is answered: the 1 s
+    ``--header_timeout_s`` does not count the time the server did not read (it answered 408 in
+    the first answer's place)."""
+    with Wire(slow_server) as wire:
+        third = request("GET", "/v1/models/slow")
+        wire.send(slow_predict(2.0))
+        time.sleep(0.2)
+        wire.send(slow_predict(0.0) + third[:20])
+        time.sleep(0.05)
+        wire.send(third[20:])
+        assert wire.read_answer().json() == {"predictions": [[4.0, 0.0]]}
+        assert wire.read_answer().json() == {"predictions": [[0.0, 0.0]]}
+        status = wire.read_answer()
+        assert status.status == 200, status
+        assert status.json()["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def test_a_connection_may_send_at_most_64_requests_ahead(server: ServerProcess) -> None:
+    """100 requests in one write: the first and the 64 read ahead of their turn are answered, in
+    order; the next gets 503 naming the bound, and the connection closes (one read of small
+    requests held thousands, and each answer let one more read in: memory without bound)."""
+    with Wire(server) as wire:
+        wire.send(request("GET", "/v2/health/live") * 100)
+        for _ in range(65):
+            assert wire.read_answer().json() == {"live": True}
+        refused = wire.read_answer()
+        assert refused.status == 503, refused
+        assert "64 requests waiting" in refused.json()["error"]
+        wire.closed_by_server()
+        with Wire(server) as other:  # then read as they are answered: all of them
+            for _ in range(3):
+                other.send(request("GET", "/v2/health/live") * 40)
+                for _ in range(40):
+                    assert other.read_answer().json() == {"live": True}
+
+
+UPGRADE = ("Connection: Upgrade", "Upgrade: h2c")
+
+
+def test_a_request_asking_for_an_upgrade_is_answered_as_plain_http_then_closed(server: ServerProcess) -> None:
+    """inferd upgrades no connection: a GET with an Upgrade header is answered as plain HTTP with
+    ``connection: close``, and nothing written after it is read as a request; a POST with a
+    body and an Upgrade header gets 400 naming the header, also when the body comes in a later
+    read (it held a whole request, which was answered as a second one)."""
+    with Wire(server) as wire:
+        wire.send(request("GET", "/v1/models/affine", None, *UPGRADE) + STATUS)
+        answer = wire.read_answer()
+        assert_status(answer)
+        assert answer.headers["connection"] == "close"
+        wire.closed_by_server()
+    smuggled = STATUS
+    for split in (False, True):
+        with Wire(server) as wire:
+            data = request("POST", "/v1/models/affine:predict", smuggled, *UPGRADE)
+            if split:
+                head, _, body = data.partition(b"\r\n\r\n")
+                wire.send(head + b"\r\n\r\n")
+                time.sleep(0.2)
+                data = body
+            wire.send(data)
+            refused = wire.read_answer()
+            assert refused.status == 400, refused
+            assert "Upgrade header" in refused.json()["error"]
+            wire.closed_by_server()

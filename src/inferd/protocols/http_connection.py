@@ -15,13 +15,16 @@ hostile or broken client must not be able to hold:
   that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
 - a chunked body's trailer fields count toward the same limit, and one trailer field may not grow
   past it while it is read: ``413`` and close;
-- a WebSocket upgrade is answered as a plain HTTP request (inferd serves no WebSocket), without a
-  log line;
-- a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close,
-  after the requests pipelined before them are answered.
+- a request that asks for a protocol upgrade is answered as the plain HTTP request it also is
+  (inferd upgrades no connection), without a log line, and the connection then closes; with a
+  body, it gets 400;
+- a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close;
+- at most ``MAX_PIPELINED`` requests may wait behind the one being answered: the next gets 503
+  and close. Every refusal above waits for the answers of the requests before it.
 
-Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``, and at once when the
-server starts to drain (``LimitedHttpProtocol.drain``).
+Idle kept-alive connections close after uvicorn's ``timeout_keep_alive`` (blank lines do not
+count as a request), and at once when the server starts to drain (``LimitedHttpProtocol.drain``).
+An answer waits while the client does not read those before it.
 
 Each request's scope carries a ``RequestWatch`` (``scope["extensions"][WATCH]``) through which
 the connection cancels the application's work for it when the client hangs up, without a task
@@ -33,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -51,6 +54,9 @@ WATCH = "inferd.watch"
 
 AUTO_CONNECTIONS_CAP = 10_000
 """The most connections ``--max_connections 0`` (auto) allows per port."""
+
+MAX_PIPELINED = 64
+"""The most requests one connection may have read and waiting behind the one being answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,14 @@ def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+def _carries_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request with these header fields has a body: chunked, or a length other than 0."""
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+        for name, value in headers
+    )
+
+
 def _no_cycle() -> None:
     """What ``RequestWatch`` holds before the connection made the request's ``Exchange``: none."""
     return None
@@ -200,10 +214,11 @@ class RequestWatch:
     def send_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         """Write the answer (``headers``: lower-case names, ``content-length`` among them) in one
         write, as uvicorn writes a start and a body message, and end the request; False (nothing
-        written) when it cannot: no cycle, an answer started, the client gone, or a header value
-        holding a line break. Saves the second write and the two ASGI messages."""
+        written) when it cannot: no cycle, an answer started, the client gone, the client not
+        reading what was written (uvicorn's ``send`` then waits for it), or a header value holding
+        a line break. Saves the second write and the two ASGI messages."""
         cycle = self._cycle()
-        if cycle is None or cycle.response_started or cycle.disconnected:
+        if cycle is None or cycle.response_started or cycle.disconnected or cycle.flow.write_paused:
             return False
         parts = [STATUS_LINE[status]]
         for name, value in (*cycle.default_headers, *headers):
@@ -235,6 +250,10 @@ class FieldsTooLarge(BadRequest):
     """Trailer fields that take a request past ``max_header_bytes``: answered 413."""
 
 
+class TooManyPipelined(BadRequest):
+    """A request past ``MAX_PIPELINED`` waiting on its connection: answered 503."""
+
+
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -256,6 +275,7 @@ class Exchange(RequestResponseCycle):
         self.access_log = protocol.access_log
         self.default_headers = protocol.server_state.default_headers
         self.on_response = protocol.on_response_complete
+        self.resume_reading = protocol.resume_reading
         self.disconnected = False
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = protocol.expect_100_continue
@@ -293,7 +313,7 @@ class Exchange(RequestResponseCycle):
         while not (self.chunks or (not self.more_body and not self._ended)):
             if self.disconnected or self.response_complete:
                 break
-            self.flow.resume_reading()
+            self.resume_reading()
             waiter = self._waiter
             if waiter is None or waiter.done():  # else another receive waits: wait with it
                 self._waiter = waiter = self._loop.create_future()
@@ -303,7 +323,7 @@ class Exchange(RequestResponseCycle):
         body = b"".join(self.chunks)
         self.chunks = []
         self.buffered = 0
-        self.flow.resume_reading()
+        self.resume_reading()
         self._ended = not self.more_body
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
@@ -346,8 +366,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
-        # the 400 (or 413: True) owed once the requests before it are answered
-        self._invalid: tuple[str, bool] | None = None
+        # the refusal (status, reason, message) owed once the requests before it are answered
+        self._invalid: tuple[int, bytes, str] | None = None
         self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
         self._field_bytes = 0  # ... and the bytes of its header names and values
@@ -385,40 +405,36 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._idle_since = None
         self._head_began_in_read = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            message = "Invalid HTTP request received."
-            too_large = isinstance(error.__context__, FieldsTooLarge)
-            if too_large:
-                message = str(error.__context__)
-            elif isinstance(error.__context__, BadRequest):
-                message += f" {error.__context__}"
-            self.logger.warning(message)
-            self._refused = True  # nothing after it is read
-            cycle = self.cycle
-            earlier = cycle is not None and not cycle.response_complete  # a request unanswered
-            if earlier and self._in_body:  # the request being read is the malformed one: dropped
-                self._in_body = False
-                self._cancel_body_timer()
-                cycle.disconnected = True  # its application stops waiting for the body
-                cycle.set()
-                if self.pipeline and self.pipeline[0][0] is cycle:  # queued, never started
-                    self.pipeline.popleft()
-                running = self._running
-                earlier = running is not None and running is not cycle and not running.response_complete
-                if not earlier and cycle.response_started:
-                    self.transport.close()
-                    return
-            if earlier:  # answered after the good requests before it
-                self._invalid = (message, too_large)
+            cause = error.__context__
+            if isinstance(cause, FieldsTooLarge):
+                self._refuse(413, b"Content Too Large", str(cause), self._being_read())
+            elif isinstance(cause, TooManyPipelined):
+                self._refuse(503, b"Service Unavailable", str(cause))
             else:
-                self._reject(message, too_large)
+                detail = cause if isinstance(cause, BadRequest) else error
+                self.logger.warning("Invalid HTTP request received: %s", detail)  # one template
+                message = f"Invalid HTTP request received: {detail}"
+                self._refuse(400, b"Bad Request", message, self._being_read())
             return
         except httptools.HttpParserUpgrade:
-            self._unsupported_upgrade_warning()
+            # inferd upgrades to nothing (RFC 9110 7.8 lets it answer as plain HTTP), but the
+            # parser took the rest of the connection for the other protocol, and skipped the
+            # body: nothing more is read, and a request that had a body is refused.
+            self._refused = True
+            cycle = self.cycle
+            if _carries_body(cycle.scope["headers"]):
+                message = (
+                    "Invalid HTTP request received: a request that asks for a protocol upgrade "
+                    "cannot carry a body here (inferd upgrades no connection); send it without "
+                    "the Upgrade header"
+                )
+                self._refuse(400, b"Bad Request", message, cycle)
+                return
+            cycle.keep_alive = False  # answered as plain HTTP, then closed
         # Timers are armed only for a request that one read did not bring whole, so that the
         # usual small request costs none.
         if self._in_body:
@@ -428,11 +444,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if self._trailer_bytes is not None:
                 self._trailer_bytes = 0 if self._trailer_bytes < 0 else self._trailer_bytes + len(data)
                 if self._trailer_bytes > self.limits.max_header_bytes:
-                    self._close_with(
+                    self._refuse(
                         413,
                         b"Content Too Large",
                         f"the trailer fields take more than {self.limits.max_header_bytes} bytes, "
                         "the limit (--max_header_bytes)",
+                        self._being_read(),
                     )
                     return
         if self._head_bytes is None or self.transport.is_closing():
@@ -442,7 +459,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if not self._head_began_in_read:  # that read may hold the end of the request before
             self._head_bytes += len(data)
         if self._head_bytes > self.limits.max_header_bytes:
-            self._close_with(
+            self._refuse(
                 413,
                 b"Content Too Large",
                 f"the request line and headers take more than {self.limits.max_header_bytes} bytes, "
@@ -459,6 +476,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._field_bytes = 0
         if self._head_bytes is None:  # the next request on a kept-alive connection
             self._head_bytes = 0
+        self._idle_since = None  # busy (blank lines between requests leave it idle)
         self._head_begun = True
         self._head_began_in_read = True
 
@@ -488,6 +506,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._hosts != 1 and http_version == "1.1":  # the parser answers it 400 (data_received)
             raise BadRequest(
                 f"An HTTP/1.1 request must have one Host header (RFC 9112 3.2); this one has {self._hosts}."
+            )
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise TooManyPipelined(
+                f"this connection has {MAX_PIPELINED} requests waiting for their answers, the most "
+                "it may send ahead; send the rest once those are answered"
             )
         url = httptools.parse_url(self.url)
         raw_path = url.path
@@ -554,15 +577,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             cycle.more_body = False
             cycle.set()
 
+    def resume_reading(self) -> None:
+        """Read again, unless requests read ahead wait for their turn: those are answered first,
+        so that a client cannot queue more than ``MAX_PIPELINED`` of them (it would, one read's
+        worth after each answer)."""
+        if not self.pipeline:
+            self.flow.resume_reading()
+
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
         if self.pipeline:
             cycle, _ = self.pipeline.pop()
             self._start(cycle)  # type: ignore[arg-type]
+            self.resume_reading()
             return
+        self.flow.resume_reading()
         if self._invalid is not None:
             self._reject(*self._invalid)
             return
@@ -585,9 +616,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self.transport.close()
 
-    def _unsupported_upgrade_warning(self) -> None:
-        """A WebSocket (or other) upgrade was answered as plain HTTP: nothing to log."""
-
     # timers
 
     def _head_timed_out(self) -> None:
@@ -597,7 +625,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if not self._head_begun:  # nothing sent: close as an idle connection
             self.transport.close()
             return
-        self._close_with(
+        if self.flow.read_paused:  # the server is not reading: the client cannot be late
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+            return
+        self._refuse(
             408,
             b"Request Timeout",
             f"the request line and headers did not arrive within {self.limits.header_timeout_s:g} s "
@@ -617,31 +648,43 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             wait_s = self.limits.body_timeout_s - (self.loop.time() - self._body_read_at)
             self._body_timer = self.loop.call_later(wait_s, self._body_timed_out)
             return
-        self._close_with(
+        self._refuse(
             408,
             b"Request Timeout",
             f"the request body stalled for {self.limits.body_timeout_s:g} s (--body_timeout_s)",
+            self._being_read(),
         )
 
-    def _reject(self, message: str, too_large: bool) -> None:
-        """Answer a request the parser refused and close: uvicorn's 400, or the JSON 413 of
-        fields over ``max_header_bytes``."""
-        if too_large:
-            self.transport.write(_answer(413, b"Content Too Large", message))
+    def _being_read(self) -> Exchange | None:
+        """The request whose body is being read and is not answered yet, if any."""
+        cycle = self.cycle
+        return cycle if self._in_body and cycle is not None and not cycle.response_complete else None
+
+    def _refuse(self, status: int, reason: bytes, message: str, request: Exchange | None = None) -> None:
+        """Refuse the request being read and read nothing more: answer ``status`` with
+        ``message`` and close, once the requests before it are answered (at once when none
+        waits). ``request``: its exchange, when its head was read; its application stops and
+        it gets no answer of its own."""
+        self._refused = True
+        self._cancel_head_timer()
+        if request is not None:
+            self._in_body = False
+            self._cancel_body_timer()
+            request.disconnected = True  # its application stops waiting for the body
+            request.set()
+            if self.pipeline and self.pipeline[0][0] is request:  # queued, never started
+                self.pipeline.popleft()
+        running = self._running
+        if running is not None and running is not request and not running.response_complete:
+            self._invalid = (status, reason, message)  # answered after those before it
+        elif request is not None and request.response_started:  # part of its answer went out
             self.transport.close()
         else:
-            self.send_400_response(message)
+            self._reject(status, reason, message)
 
-    def _close_with(self, status: int, reason: bytes, message: str) -> None:
-        """Answer ``status`` unless an answer was started already, then close the connection; the
-        request's application task then sees a disconnect."""
-        cycle = self.cycle
-        busy = cycle is not None and not cycle.response_complete
-        if not (busy and cycle.response_started):
-            self.transport.write(_answer(status, reason, message))
-        if busy:  # as uvicorn does when the connection is lost
-            cycle.disconnected = True
-            cycle.message_event.set()
+    def _reject(self, status: int, reason: bytes, message: str) -> None:
+        """Answer ``status`` with inferd's JSON error and close the connection."""
+        self.transport.write(_answer(status, reason, message))
         self.transport.close()
 
     def _cancel_head_timer(self) -> None:
