@@ -83,14 +83,17 @@ class SettingsOverride:
 @dataclass(slots=True)
 class AdminState:
     """What admin calls changed, as a whole: the server's plan is the repository's with this on
-    top. ``generation`` counts the publications (0: none yet). ``models`` stays in force until
-    the model config file changes (as ``Repository.replace_models`` says)."""
+    top. ``generation`` counts the publications (0: none yet). ``models`` replaces ``replaced``
+    (the configured models then) until the polled model config file lists other models (as
+    ``Repository`` says); the worker that sees it first publishes the end (``models`` None), so
+    that a worker started later does not bring them back."""
 
     generation: int = 0
     unloaded: frozenset[str] = frozenset()
     overrides: dict[str, SettingsOverride] = field(default_factory=dict)
     moved: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> label -> version
     models: list[ModelConfig] | None = None  # a reload_config's models; None: the configured ones
+    replaced: list[ModelConfig] | None = None  # the configured models that ``models`` replaced
     # What the call that published this state did, not copied to the next call's state:
     trusted: frozenset[str] = frozenset()  # models whose new files it vouched for (a load)
     reloaded: bool = False  # it replaced the models (reload_config)
@@ -103,6 +106,7 @@ class AdminState:
             dict(self.overrides),
             {name: dict(labels) for name, labels in self.moved.items()},
             None if self.models is None else list(self.models),
+            None if self.replaced is None else list(self.replaced),
         )
 
 
@@ -260,9 +264,25 @@ class ModelControl:
 
     async def poll(self) -> None:
         """Scan the repository and start reconciling the models that changed, without waiting for
-        their loads: the poll loop's step."""
+        their loads: the poll loop's step. Publishes the end of a ``reload_config``'s models when
+        the model config file changed since."""
         async with self._lock:
             await self._scan()
+        if self._state.models is not None and not self._repository.replacing:
+            await self._end_reload()
+
+    async def _end_reload(self) -> None:
+        """Publish that the model config file ended the ``reload_config`` models in force (the
+        scan that found it reconciled already)."""
+        async with self._admin() as state:
+            if state.models is None or self._repository.replacing:
+                return  # another worker published it, or a newer reload holds
+            state.models = state.replaced = None
+            state.generation = self._state.generation + 1
+            if self._shared is not None:
+                self._shared.publish(state)
+                self._shared.acknowledge(state.generation)
+            self._set(state)
 
     async def _scan(self, trusted: frozenset[str] = frozenset()) -> dict[str, asyncio.Task[None]]:
         """Scan, then queue each model's plan (and the removal of models no longer planned) on
@@ -455,6 +475,7 @@ class ModelControl:
                 m.name: _where(m.base_path) for m in await asyncio.to_thread(self._repository.model_configs)
             }
             state.models = list(models)
+            state.replaced = self._repository.configured()
             state.reloaded = True
             state.unloaded = frozenset()
             # The caller vouches for the files of the models it adds or moves, as a load does:
@@ -494,9 +515,10 @@ class ModelControl:
 
     def _set(self, state: AdminState, starting: bool = False) -> None:
         """Make ``state`` the one in force, without reconciling; its models replace the configured
-        ones when its call replaced them, or when this worker is ``starting``."""
+        ones when its call replaced them, or when this worker is ``starting`` (unless the model
+        config file changed since: see ``Repository``)."""
         if state.models is not None and (state.reloaded or starting):
-            self._repository.replace_models(state.models)
+            self._repository.replace_models(state.models, state.replaced)
         self._state = state
         self._unloaded = set(state.unloaded)
         self._overrides = dict(state.overrides)

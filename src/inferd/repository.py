@@ -184,7 +184,8 @@ class Repository:
     judge stability; call it from one thread at a time.
 
     ``replace_models`` (HandleReloadConfigRequest) overrides the configured models until it is
-    called again or, when the model config file is polled, until that file's models change.
+    called again or, when the model config file is polled, until a read of that file lists other
+    models than the ones it replaced (also when that read is a new process's first).
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -194,6 +195,7 @@ class Repository:
         self._models: list[ModelConfig] = []
         self._ignored: set[Path] = set()  # version folders named past int64, warned about once
         self._override: list[ModelConfig] | None = None
+        self._replaced: list[ModelConfig] = []  # the configured models the override replaced
         self._config_read_at = 0.0
         self._require_stable = config.file_system_poll_wait_seconds > 0
         self._plans: dict[str, ModelPlan] = {}  # the last plan made from a complete listing
@@ -219,9 +221,7 @@ class Repository:
             )
             if not self._config_read_at or due:
                 try:
-                    models = read_model_config_file(Path(cfg.model_config_file))
-                    if models != self._models:
-                        self._models, self._override = models, None
+                    self._models = read_model_config_file(Path(cfg.model_config_file))
                 except ConfigError as exc:
                     if not self._config_read_at:
                         raise
@@ -233,6 +233,8 @@ class Repository:
                 else:
                     self._fault_log.clear("model_config_file", f"{cfg.model_config_file} reads again")
                 self._config_read_at = time.monotonic()
+            if cfg.model_config_file_poll_wait_seconds > 0 and self._models != self._replaced:
+                self._override = None  # the file changed since: its models hold again
         elif cfg.repository and isinstance(remote := model_location(cfg.repository), str):
             try:
                 names = ObjectStore(remote).folders(remote)
@@ -278,9 +280,20 @@ class Repository:
         """The last scan's plan for model ``name``; None before one, or for an unknown model."""
         return self._plans.get(name)
 
-    def replace_models(self, models: list[ModelConfig]) -> None:
-        """Serve ``models`` instead of the configured ones (see the class docstring)."""
+    def configured(self) -> list[ModelConfig]:
+        """The models the configuration names, as read last, whatever replaces them."""
+        return list(self._models)
+
+    @property
+    def replacing(self) -> bool:
+        """Whether models given to ``replace_models`` are served instead of the configured ones."""
+        return self._override is not None
+
+    def replace_models(self, models: list[ModelConfig], replaced: list[ModelConfig] | None = None) -> None:
+        """Serve ``models`` instead of ``replaced``, the configured models (default: the ones read
+        last); see the class docstring for how long."""
         self._override = models
+        self._replaced = self.configured() if replaced is None else list(replaced)
 
     def scan(self, trusted: Collection[str] = ()) -> list[ModelPlan]:
         """Plan every configured model from what is on disk (or in its store) now.

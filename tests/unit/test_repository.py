@@ -230,6 +230,39 @@ def test_model_config_file_is_reread_and_a_broken_one_keeps_the_previous(tmp_pat
     assert [m.name for m in repo.model_configs()] == ["b"]
 
 
+def config_listing(path: Path, *names: str) -> None:
+    entries = " ".join(f'config {{ name: "{n}" base_path: "{path.parent / n}" }}' for n in names)
+    path.write_text(f"model_config_list {{ {entries} }}")
+
+
+@pytest.mark.parametrize("poll_s", [0, 1e-9])
+def test_replaced_models_hold_in_a_new_process_while_the_file_lists_what_they_replaced(
+    tmp_path: Path, poll_s: float
+) -> None:
+    """As a worker restarted after a HandleReloadConfigRequest: the models are replaced before the
+    file's first read, which ends them only when the file is polled and lists other models."""
+    config = tmp_path / "models.config"
+    config_listing(config, "a", "b")
+    settings = ServerConfig(
+        model_config_file=str(config),
+        model_config_file_poll_wait_seconds=poll_s,
+        file_system_poll_wait_seconds=0,
+    )
+    running = Repository(settings)
+    listed = running.model_configs()
+    restarted = Repository(settings)
+    restarted.replace_models(listed[1:], replaced=listed)
+    assert [m.name for m in restarted.model_configs()] == ["b"]
+    assert restarted.replacing
+    config_listing(config, "a", "b", "c")
+    late = Repository(settings)
+    late.replace_models(listed[1:], replaced=listed)
+    for repo in (restarted, late):
+        expected = ["a", "b", "c"] if poll_s else ["b"]
+        assert [m.name for m in repo.model_configs()] == expected
+        assert repo.replacing is not bool(poll_s)
+
+
 def test_a_broken_model_config_file_at_start_is_an_error(tmp_path: Path) -> None:
     config = tmp_path / "models.config"
     config.write_text("model_config_list { config { name: ")
