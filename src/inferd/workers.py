@@ -1,14 +1,14 @@
 """``--workers N``: one supervisor process and N worker processes that share the REST and gRPC
 ports.
 
-The supervisor binds nothing it serves: it reserves both ports (bound, never listening, with
-``SO_REUSEPORT``, so that another server cannot take them), makes a private folder, and forks the
-workers before it has loaded anything (no model, no thread, no event loop: forking is safe and
-cheap). Each worker is a whole server (``server.run``): it binds its own listening sockets with
-``SO_REUSEPORT`` on both ports, so the kernel spreads new connections over the workers, loads
-every model, and tells the supervisor when it listens. The private folder carries what the
-workers share: the admin state (``control.AdminStateFile``) and each worker's metrics socket
-(``worker_metrics``).
+The supervisor binds nothing it serves: it reserves both ports (``_reserve``: bound, never
+listening, so that another server cannot take them, not even while no worker listens yet), makes
+a private folder, and forks the workers before it has loaded anything (no model, no thread, no
+event loop: forking is safe and cheap). Each worker is a whole server (``server.run``): it binds
+its own listening sockets with ``SO_REUSEPORT`` on both ports, so the kernel spreads new
+connections over the workers, loads every model, and tells the supervisor when it listens. The
+private folder carries what the workers share: the admin state (``control.AdminStateFile``) and
+each worker's metrics socket (``worker_metrics``).
 
 The supervisor restarts a worker that exits (logged; at once if it had been serving, after a
 growing pause of up to ``MAX_RESTART_DELAY_S`` while it keeps failing to start), forwards
@@ -36,6 +36,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError
@@ -77,6 +78,7 @@ class Supervisor:
         self._config = config
         self._count = count
         self._reserved: list[socket.socket] = []
+        self._loose: dict[int, str] = {}  # index in _reserved -> flag, of those bound loosely
         self._workers: dict[int, _Worker] = {}  # by pid
         self._restarts: dict[int, float] = {}  # worker number -> monotonic time to start it
         self._delays: dict[int, float] = {}  # worker number -> pause before its next restart
@@ -115,12 +117,28 @@ class Supervisor:
         """Reserve the REST and gRPC ports; the config the workers get (a REST port of 0 is
         replaced by the one chosen)."""
         host, rest = self._config.host, self._config.rest_api_port
-        reserved = _reserve(host, rest, "--rest_api_port", "REST")
-        self._reserved.append(reserved)
-        config = dataclasses.replace(self._config, rest_api_port=reserved.getsockname()[1])
+        rest = self._hold(host, rest, "--rest_api_port", "REST")
+        config = dataclasses.replace(self._config, rest_api_port=rest)
         if config.port:
-            self._reserved.append(_reserve(host, config.port, "--port", "gRPC"))
+            self._hold(host, config.port, "--port", "gRPC")
         return config
+
+    def _hold(self, host: str, port: int, flag: str, what: str) -> int:
+        reserved, strict = _reserve(host, port, flag, what)
+        if not strict:
+            self._loose[len(self._reserved)] = flag
+        self._reserved.append(reserved)
+        return int(reserved.getsockname()[1])
+
+    def _tighten(self) -> None:
+        """Replace each loose reservation with a strict one once the port allows it."""
+        for index, flag in list(self._loose.items()):
+            loose = self._reserved[index]
+            with contextlib.suppress(OSError):
+                self._reserved[index] = _strict(loose.family, loose.getsockname())
+                loose.close()
+                del self._loose[index]
+                log.info("%s: the port is reserved strictly again", flag)
 
     def _start(self, config: ServerConfig, number: int) -> None:
         ours, theirs = socket.socketpair()
@@ -154,6 +172,8 @@ class Supervisor:
                     if len(self._workers) == self._count and all(w.ready for w in self._workers.values()):
                         log.info("all %d workers serving", self._count)
             self._reap(stopping)
+            if self._loose:
+                self._tighten()
             if self._signals > self._forwarded:
                 stopping = True
                 self._restarts.clear()
@@ -207,9 +227,12 @@ class Supervisor:
                 self._restarts[worker.number] = time.monotonic() + delay
 
 
-def _reserve(host: str, port: int, flag: str, what: str) -> socket.socket:
-    """A socket bound to ``host:port`` with ``SO_REUSEPORT``, never listening: it keeps other
-    servers off the port while the workers listen on it with their own sockets.
+def _reserve(host: str, port: int, flag: str, what: str) -> tuple[socket.socket, bool]:
+    """A socket bound to ``host:port``, never listening, that keeps other servers off the port
+    while the workers listen on it with their own ``SO_REUSEPORT`` sockets; and whether it is
+    strict (see ``_strict``). Loose only when the port still holds connections in TIME_WAIT of a
+    server without ``SO_REUSEPORT`` (up to a minute): then another server could bind the port
+    until a worker listens, so it is logged, and the supervisor tightens it once it can.
 
     Raises:
         ConfigError: the port is in use or cannot be bound.
@@ -223,23 +246,56 @@ def _reserve(host: str, port: int, flag: str, what: str) -> socket.socket:
             f"cannot listen for {what} on {host}:{port} (--host): {exc.strerror or exc}"
         ) from exc
     probe = socket.socket(family, kind, proto)
-    reserved = socket.socket(family, kind, proto)
     try:
-        # First without SO_REUSEPORT: a port another server shares among its own processes is
-        # as taken as a port one process listens on.
+        # First as another server would bind it (SO_REUSEADDR, no SO_REUSEPORT): a port another
+        # server shares among its own processes is as taken as a port one process listens on.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
         address = probe.getsockname()
         probe.close()
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserved.bind(address)
+        try:
+            return _strict(family, address), True
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        loose = socket.socket(family, kind, proto)
+        try:
+            loose.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            loose.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            loose.bind(address)
+        except OSError:
+            loose.close()
+            raise
     except OSError as exc:
         probe.close()
-        reserved.close()
         reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise ConfigError(f"cannot listen for {what} on {host}:{port} ({flag}); {reason}") from exc
-    return reserved
+    log.warning(
+        "%s: the port still holds closed connections of another server (TIME_WAIT); until they "
+        "expire or a worker listens, another server could start on it too",
+        flag,
+    )
+    return loose, False
+
+
+def _strict(family: int, address: tuple[Any, ...]) -> socket.socket:
+    """A socket bound to ``address`` with ``SO_REUSEPORT`` and without ``SO_REUSEADDR``. Linux
+    lets a socket with ``SO_REUSEADDR`` bind beside any bound socket that has it too and does
+    not listen (a reservation with it kept no one out while the workers loaded their models);
+    beside this one, only ``SO_REUSEPORT`` sockets of the same user bind: the workers', not the
+    first bind of another inferd server, nor most servers'.
+
+    Raises:
+        OSError: the address cannot be bound (EADDRINUSE: in use, or in TIME_WAIT).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _work(config: ServerConfig, link: WorkerLink) -> int:

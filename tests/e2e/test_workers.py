@@ -26,6 +26,7 @@ from inferd._proto.types_pb2 import DT_FLOAT
 from tests.conftest import ServerProcess, free_port, launch
 from tests.e2e.test_batching import slow_model
 from tests.e2e.test_metrics import samples
+from tests.inferd_process import reachable
 from tests.models import write_onnx_affine, write_onnx_matmul_external, write_onnx_table, write_python_model
 from tests.pki import Authority
 
@@ -327,6 +328,35 @@ def test_workers_cannot_start_on_a_port_in_use_and_the_server_exits_2(tmp_path: 
         )
     assert result.returncode == 2
     assert "(--rest_api_port); is the port in use?" in result.stderr
+
+
+def test_no_other_server_starts_on_the_ports_while_the_workers_load(tmp_path: Path) -> None:
+    """The supervisor's reservation alone keeps the ports: no worker listens yet."""
+    slow_load = "def load(self):\n    import time\n    time.sleep(30)\n\ndef predict(self, x):\n    return x"
+    write_python_model(tmp_path / "a" / "slow" / "1", slow_load)
+    write_onnx_affine(tmp_path / "b" / "affine" / "1", scale=1.0)
+    first = launch(tmp_path, str(tmp_path / "a"), "--workers=2", wait=False)
+    try:
+        first.wait_for(lambda: len(workers(first)) == 2, "the workers to start loading")
+        rest, grpc_port = first.url.rsplit(":", 1)[1], first.grpc_target.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "inferd", "serve", str(tmp_path / "b"), "--host=127.0.0.1"]
+        for count in ("--workers=2", "--workers=1"):
+            second = subprocess.Popen(
+                [*command, f"--rest_api_port={rest}", f"--port={grpc_port}", count],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                _, stderr = second.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                second.terminate()
+                second.communicate(timeout=30)
+                pytest.fail(f"a second server ({count}) started on the ports of one loading its models")
+            assert second.returncode == 2, stderr
+            assert "is the port in use?" in stderr
+        assert not reachable(first.url)  # still loading: only the reservation held the ports
+    finally:
+        first.stop()
 
 
 def test_bad_workers_value_names_the_flag(tmp_path: Path) -> None:
