@@ -2,10 +2,10 @@
 
 ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` passes each call through a
 ``concurrent.futures.Future`` (a lock and a condition), chains it to an asyncio future with
-callbacks both ways, and sends the result back through both: 31 µs of CPU per call one at a time
+callbacks both ways, and sends the result back through both: 30 µs of CPU per call one at a time
 and 14 µs at eight at a time, on one core with uvloop. ``ThreadPool`` hands the call to a thread
-with the awaiting task's future and sends the outcome back with one ``call_soon_threadsafe``: 21
-and 3.8 µs (docs/performance.md, "Handing a call to a thread").
+with the awaiting task's future and sends the outcome back with one ``call_soon_threadsafe``: 23
+and 5 µs (``bench.thread_hop``; docs/performance.md, "Handing a call to a thread").
 """
 
 from __future__ import annotations
