@@ -10,34 +10,40 @@ what came after.
 A frozen object is never collected, even once it is a reference cycle's garbage, so an unloaded
 version's cycles would be kept. ``release`` therefore puts the frozen objects back in the oldest
 generation when a version is unloaded, and ``settle_again`` settles anew a while later (its full
-collection is a pause, so at most once a minute). Module state: the collector is the process's.
+collection is a pause, so at most once a minute). A request in flight at a settle has its objects
+frozen too: freed as usual when nothing refers to them, and only its reference cycles kept, until
+the next release. Module state: the collector is the process's.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import time
 
 RESETTLE_S = 60.0
 """The least time between two settles when versions are unloaded: each is a full collection."""
 
 _settled_at: float | None = None  # time.monotonic() of the last settle
-_released = False  # the frozen objects went back since the last settle
+_released = False  # a release came since the last settle began
+_lock = threading.RLock()  # a release from a thread waits for a settle's collection to end
 
 
 def settle() -> None:
     """Collect every generation, then freeze the objects left. Blocks for the collection."""
     global _settled_at, _released
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    _settled_at, _released = time.monotonic(), False
+    with _lock:
+        _released = False  # a release during the collection (a finalizer's) asks for the next
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        _settled_at = time.monotonic()
 
 
 def release() -> None:
     """Make the frozen objects collectable again (a version was unloaded); any thread."""
     global _released
-    if gc.get_freeze_count():
+    with _lock:
         gc.unfreeze()
         _released = True
 

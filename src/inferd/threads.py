@@ -23,7 +23,8 @@ _Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., An
 
 
 class ThreadPool:
-    """``size`` threads (named ``NAME_0``, ``NAME_1``, ...), started with the first call.
+    """Up to ``size`` threads (named ``NAME_0``, ``NAME_1``, ...), each started when a call finds
+    none idle, as ``ThreadPoolExecutor`` does.
 
     A call whose awaiting task is cancelled before a thread takes it up is not run; one already
     running runs to its end, its outcome dropped. A ``StopIteration`` the call raises comes back
@@ -36,6 +37,7 @@ class ThreadPool:
         self._size = size
         self._name = name
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by a thread each time it ends a call
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -49,12 +51,12 @@ class ThreadPool:
             raise RuntimeError(f"thread pool {self._name} is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+            name = f"{self._name}_{len(self._threads)}"
+            thread = threading.Thread(target=self._work, name=name, daemon=True)
+            thread.start()  # before the call is queued: a thread that cannot start queues nothing
+            self._threads.append(thread)
         self._calls.put((loop, future, function, args))
-        if not self._threads:
-            for n in range(self._size):
-                thread = threading.Thread(target=self._work, name=f"{self._name}_{n}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
         return await future
 
     def shutdown(self, cancel: bool = False) -> None:
@@ -74,19 +76,25 @@ class ThreadPool:
         while (call := self._calls.get()) is not None:
             loop, future, function, args = call
             del call
-            if not future.cancelled():  # a read of its state: safe from this thread
-                try:
-                    outcome: tuple[Any, BaseException | None] = (function(*args), None)
-                except StopIteration as error:  # a future refuses it: the task would wait forever
-                    stopped = RuntimeError(f"{getattr(function, '__name__', function)} raised StopIteration")
-                    stopped.__cause__ = error
-                    outcome = (None, stopped)
-                except BaseException as error:  # the awaiting task's to handle, as in an executor
-                    outcome = (None, error)
+            outcome = None if future.cancelled() else _outcome(function, args)  # a read: safe here
+            self._idle.release()  # before the answer, so that its task's next call finds us idle
+            if outcome is not None:
                 with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
                     loop.call_soon_threadsafe(_settle, future, *outcome)
-                del outcome
-            del loop, future, function, args
+            del loop, future, function, args, outcome
+
+
+def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
+    """What ``function(*args)`` returned, or raised (a ``StopIteration`` as a ``RuntimeError``:
+    a future refuses one, and its task would wait forever)."""
+    try:
+        return function(*args), None
+    except StopIteration as error:
+        stopped = RuntimeError(f"{getattr(function, '__name__', function)} raised StopIteration")
+        stopped.__cause__ = error
+        return None, stopped
+    except BaseException as error:  # the awaiting task's to handle, as in an executor
+        return None, error
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

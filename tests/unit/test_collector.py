@@ -93,3 +93,22 @@ def test_settling_again_waits_for_a_release_and_a_minute() -> None:
     assert collector.settle_again(now + collector.RESETTLE_S + 1)
     assert gc.get_freeze_count() > 0
     assert not collector.settle_again(now + collector.RESETTLE_S * 3), "settled twice for one release"
+
+
+def test_a_release_during_a_settles_collection_is_not_lost() -> None:
+    """A version unloaded while a settle collects (here: from inside the collection) is released
+    again by the next settle, not frozen for good."""
+    released: list[bool] = []
+
+    def unload_meanwhile(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2 and not released:
+            released.append(True)
+            collector.release()
+
+    gc.callbacks.append(unload_meanwhile)
+    try:
+        collector.settle()
+    finally:
+        gc.callbacks.remove(unload_meanwhile)
+    assert released
+    assert collector.settle_again(time.monotonic() + collector.RESETTLE_S), "the release was lost"

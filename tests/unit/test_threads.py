@@ -46,7 +46,7 @@ def test_a_stop_iteration_comes_back_as_a_runtime_error_instead_of_a_task_that_n
     run(test)
 
 
-def test_its_threads_run_calls_side_by_side_up_to_its_size() -> None:
+def test_threads_start_as_calls_need_them_up_to_the_size() -> None:
     gate = threading.Event()
 
     def held() -> str:
@@ -54,6 +54,8 @@ def test_its_threads_run_calls_side_by_side_up_to_its_size() -> None:
         return threading.current_thread().name
 
     async def test(pool: ThreadPool) -> None:
+        one_at_a_time = {await pool.run(lambda: threading.current_thread().name) for _ in range(20)}
+        assert one_at_a_time == {"worker_0"}  # a thread starts only when none is idle
         calls = [asyncio.ensure_future(pool.run(held)) for _ in range(3)]
         await asyncio.sleep(0.1)
         gate.set()
