@@ -539,6 +539,16 @@ def chunked_predict(rows: list[list[float]], trailer: str) -> bytes:
     return head + b"%x\r\n%s\r\n0\r\n%s\r\n\r\n" % (len(body), body, trailer.encode())
 
 
+def send_head_first(wire: Wire, data: bytes, split: bool) -> None:
+    """Send the request ``data``; with ``split``, its head alone first and the rest 0.2 s later."""
+    if split:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        wire.send(head + b"\r\n\r\n")
+        time.sleep(0.2)
+        data = rest
+    wire.send(data)
+
+
 def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
     """With ``--max_header_bytes=400``, a chunked request's trailer field is accepted within the
     limit; one that takes the head past it gets the JSON 413 and the connection closes, whether
@@ -563,13 +573,8 @@ def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
             assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
         for split in (False, True):
             with Wire(limited) as wire:
-                data = chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 1_000)
-                if split:  # the head alone first, answered only once the whole body is read
-                    head, _, rest = data.partition(b"\r\n\r\n")
-                    wire.send(head + b"\r\n\r\n")
-                    time.sleep(0.2)
-                    data = rest
-                wire.send(data)
+                # split: the head alone first, answered only once the whole body is read
+                send_head_first(wire, chunked_predict([[1, 2, 3, 4]], "X-Checksum: " + "a" * 1_000), split)
                 refused = wire.read_answer()
                 assert refused.status == 413, refused
                 assert "--max_header_bytes" in refused.json()["error"]
@@ -827,13 +832,7 @@ def test_a_request_asking_for_an_upgrade_is_answered_as_plain_http_then_closed(s
     smuggled = STATUS
     for split in (False, True):
         with Wire(server) as wire:
-            data = request("POST", "/v1/models/affine:predict", smuggled, *UPGRADE)
-            if split:
-                head, _, body = data.partition(b"\r\n\r\n")
-                wire.send(head + b"\r\n\r\n")
-                time.sleep(0.2)
-                data = body
-            wire.send(data)
+            send_head_first(wire, request("POST", "/v1/models/affine:predict", smuggled, *UPGRADE), split)
             refused = wire.read_answer()
             assert refused.status == 400, refused
             assert "Upgrade header" in refused.json()["error"]
