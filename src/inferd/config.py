@@ -615,7 +615,8 @@ class ServerConfig:
         default=60.0,
     )
     body_timeout_s: float = option(
-        "seconds a request body may go without a byte arriving; past it 408 and close",
+        "seconds a request body may go without a byte arriving (past it 408 and close), and an "
+        "answer without the client reading (past it the connection closes)",
         default=60.0,
     )
     keep_alive_timeout_s: float = option("seconds an idle keep-alive REST connection stays open", default=5.0)

@@ -837,3 +837,47 @@ def test_a_request_asking_for_an_upgrade_is_answered_as_plain_http_then_closed(s
             assert refused.status == 400, refused
             assert "Upgrade header" in refused.json()["error"]
             wire.closed_by_server()
+
+
+BIG = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"y": np.zeros((len(inputs["x"]), 1_000_000), np.float32)}
+"""
+"""A model whose answer to one row is a million zeros (about 4 MB of JSON)."""
+
+BIG_SIGNATURE = (
+    '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], '
+    '"outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1000000]}]}'
+)
+
+
+def test_a_client_that_reads_none_of_its_answers_is_disconnected(tmp_path: Path) -> None:
+    """A client that asks for large answers and reads none is disconnected once the server's
+    send buffer has stayed full ``--body_timeout_s`` (1 s): its connection, and the answers
+    held for it, do not stay for good (the idle keep-alive timeout, 30 s here, never starts)."""
+    write_python_model(tmp_path / "models" / "big" / "1", BIG, BIG_SIGNATURE)
+    server = launch(tmp_path, str(tmp_path / "models"), "--body_timeout_s=1", "--keep_alive_timeout_s=30")
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+            sock.connect((host, int(port)))
+            sock.sendall(predict([[1, 2]], path="/v1/models/big:predict") * 4)
+            time.sleep(4)
+            received, closed = 0, False
+            sock.settimeout(RECV_TIMEOUT_S)
+            while not closed:
+                try:
+                    chunk = sock.recv(1 << 20)
+                except ConnectionResetError:
+                    chunk = b""
+                except TimeoutError:
+                    pytest.fail(f"the connection stayed open; {received} bytes read")
+                received += len(chunk)
+                closed = not chunk
+        assert received < 12_000_000, received  # the last answers were never sent
+    finally:
+        server.stop()

@@ -9,7 +9,9 @@ hostile or broken client must not be able to hold:
   (or of the first byte of a kept-alive connection's next request): else ``408`` and close
   (a connection that sent nothing is closed without an answer);
 - a body must not pause for ``body_timeout_s`` between two reads: else ``408`` and close (the
-  time the server itself stops reading, to apply back-pressure, does not count);
+  time the server itself stops reading, to apply back-pressure, does not count); and a client
+  must not leave the answers unread that long (the server's send buffer full): else the
+  connection closes;
 - the head may not grow past ``max_header_bytes`` while it is read: ``413`` and close, so a huge
   header costs at most that plus one socket read (the application checks the exact size of heads
   that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
@@ -365,6 +367,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_body = False  # between the end of the head and the end of the request
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
+        self._write_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
         # the refusal (status, reason, message) owed once the requests before it are answered
         self._invalid: tuple[int, bytes, str] | None = None
@@ -393,6 +396,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean close
         super().connection_lost(exc)
         for cycle in (self._running, self.cycle):  # the request running, and the last one read
@@ -602,6 +608,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: the client has ``body_timeout_s`` to read some of it."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        """The client read nothing of its answers for ``body_timeout_s``: nothing more can be
+        written to it, so the connection (and what waits to be sent) goes."""
+        self._write_timer = None
+        if self.flow.write_paused and not self.transport.is_closing():
+            self.transport.abort()
 
     def timeout_keep_alive_handler(self) -> None:
         """Close the connection if it has been idle ``timeout_keep_alive`` seconds since its last
