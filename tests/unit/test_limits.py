@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto.example_pb2 import BytesList, Feature, FloatList
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
 from inferd.protocols.limits import InflightBytes, RequestLimits
+from inferd.protocols.tfserving_grpc import examples_to_inputs
+from inferd.types import Signature, TensorSpec
 
 
 def test_limits_come_from_the_server_config() -> None:
@@ -59,3 +64,32 @@ def test_a_zero_budget_holds_anything() -> None:
     budget = InflightBytes(0, max_request_bytes=60)
     budget.reservation().grow_to(10**12)
     assert budget.held == 10**12
+
+
+def test_classify_examples_are_held_to_the_tensor_and_string_limits() -> None:
+    """Features of tf.Example (Classify, Regress, MultiInference) count as the tensors they make:
+    a float feature past ``max_tensor_elements`` over all examples, or a bytes value or a
+    serialized example past ``max_string_bytes``, is refused before its values are copied."""
+    limits = RequestLimits(max_tensor_elements=100, max_json_depth=2, max_string_bytes=10, max_instances=8)
+
+    def examples(**features: Feature) -> ps.Input:
+        request = ps.Input()
+        for _ in range(2):
+            example = request.example_list.examples.add()
+            for name, feature in features.items():
+                example.features.feature[name].CopyFrom(feature)
+        return request
+
+    wide = Signature("s", (TensorSpec("x", np.dtype(np.float32), (-1, -1)),), ())
+    floats = Feature(float_list=FloatList(value=[1.0] * 50))
+    inputs, count = examples_to_inputs(wide, examples(x=floats), limits)  # 2 x 50: at the limit
+    assert (inputs["x"].shape, count) == ((2, 50), 2)
+    with pytest.raises(ResourceExhausted, match=r"'x'.*--max_tensor_elements"):
+        examples_to_inputs(wide, examples(x=Feature(float_list=FloatList(value=[1.0] * 51))), limits)
+    text = Signature("s", (TensorSpec("s", np.dtype(object), (-1, 1)),), ())
+    assert examples_to_inputs(text, examples(s=Feature(bytes_list=BytesList(value=[b"a" * 10]))), limits)
+    with pytest.raises(ResourceExhausted, match=r"'s'.*--max_string_bytes"):
+        examples_to_inputs(text, examples(s=Feature(bytes_list=BytesList(value=[b"a" * 11]))), limits)
+    parser = Signature("s", (TensorSpec("serialized", np.dtype(object), (-1,)),), ())
+    with pytest.raises(ResourceExhausted, match=r"'serialized'.*--max_string_bytes"):
+        examples_to_inputs(parser, examples(s=Feature(bytes_list=BytesList(value=[b"a" * 20]))), limits)

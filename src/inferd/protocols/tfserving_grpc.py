@@ -356,7 +356,8 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
     Raises:
         InvalidArgument: no examples, features that do not match the inputs, a feature repeated in
             the context, or a feature whose values differ in kind or count between examples.
-        ResourceExhausted: more examples than ``limits.max_instances``.
+        ResourceExhausted: more examples than ``limits.max_instances``, a feature's values over
+            ``max_tensor_elements`` all examples together, or a string over ``max_string_bytes``.
     """
     kind = input_.WhichOneof("kind")
     context: dict[str, Feature] = {}
@@ -371,7 +372,7 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
         raise InvalidArgument("Input is empty: give at least one example")
     limits.instances("examples", len(examples))
     names = signature.input_names()
-    if (serialized := _serialized_examples(signature, examples, context)) is not None:
+    if (serialized := _serialized_examples(signature, examples, context, limits)) is not None:
         return {names[0]: serialized}, len(examples)
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
@@ -385,15 +386,16 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
             raise InvalidArgument(f"examples[{i}] has features {sorted(features)}; expected {names}")
         for name in names:
             columns[name].append(features[name])
-    tensors = {spec.name: _feature_column(spec, columns[spec.name]) for spec in signature.inputs}
+    tensors = {spec.name: _feature_column(spec, columns[spec.name], limits) for spec in signature.inputs}
     return tensors, len(examples)
 
 
 def _serialized_examples(
-    signature: Signature, examples: Sequence[Example], context: dict[str, Feature]
+    signature: Signature, examples: Sequence[Example], context: dict[str, Feature], limits: RequestLimits
 ) -> np.ndarray | None:
     """The examples serialized, context merged into each, for a signature whose one input is a
-    string tensor not named by the features (a ``tf.Example`` parser); else None."""
+    string tensor not named by the features (a ``tf.Example`` parser); else None. Each is one
+    string element under ``limits``."""
     (spec, *others) = signature.inputs
     if others or spec.dtype.kind != "O":
         return None
@@ -408,10 +410,11 @@ def _serialized_examples(
                 merged.features.feature[key].CopyFrom(feature)
             example = merged
         serialized[i] = example.SerializeToString()
+        limits.string(spec.name, len(serialized[i]))
     return serialized
 
 
-def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
+def _feature_column(spec: TensorSpec, features: list[Feature], limits: RequestLimits) -> np.ndarray:
     kinds = {feature.WhichOneof("kind") for feature in features}
     if len(kinds) != 1 or None in kinds:
         raise InvalidArgument(
@@ -420,12 +423,18 @@ def _feature_column(spec: TensorSpec, features: list[Feature]) -> np.ndarray:
         )
     (kind,) = kinds
     assert kind is not None
-    rows = [list(getattr(feature, kind).value) for feature in features]
-    widths = {len(row) for row in rows}
+    values = [getattr(feature, kind).value for feature in features]
+    widths = {len(row) for row in values}
     if len(widths) != 1:
         raise InvalidArgument(
             f"feature {spec.name!r}: every example must give the same number of values, got {sorted(widths)}"
         )
+    limits.elements(spec.name, [len(values), *widths])  # before the values are copied out
+    if kind == "bytes_list":
+        for row in values:
+            for item in row:
+                limits.string(spec.name, len(item))
+    rows = [list(row) for row in values]
     array: np.ndarray[Any, Any] = np.array(rows, dtype=_FEATURE_DTYPES[kind])
     if spec.shape is not None and len(spec.shape) == 1 and widths == {1}:
         array = array.reshape(len(rows))
