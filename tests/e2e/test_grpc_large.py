@@ -57,6 +57,17 @@ def predict(self, inputs):
     return {{"y": np.repeat(inputs["x"], {ROWS}, axis=0)}}
 """
 TILE_SIGNATURE = SIGNATURE.replace("[-1, 1]", f"[-1, {WIDTH}]")
+SCORES = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"scores": inputs["x"][:, :1].copy()}
+"""
+SCORES_SIGNATURE = (
+    '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1]}], '
+    '"outputs": [{"name": "scores", "dtype": "float32", "shape": [-1, 1]}]}'
+)
 
 SENDER = f"""
 import sys
@@ -69,7 +80,12 @@ from inferd._proto.types_pb2 import DT_FLOAT
 
 target, method, model = sys.argv[1:]
 x = np.arange({ROWS} * {WIDTH}, dtype=np.float32) % 1000
-if method.endswith("Predict"):
+if method.endswith("Classify"):  # one example of every value
+    request = ps.ClassificationRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = "serving_default"  # a predict signature with scores
+    request.input.example_list.examples.add().features.feature["x"].float_list.value.extend(x)
+elif method.endswith("Predict"):
     request = ps.PredictRequest()
     request.model_spec.name = model
     tensor = request.inputs["x"]
@@ -102,6 +118,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("grpc_large")
     write_python_model(repo / "wide" / "1", FIRST_COLUMN, SIGNATURE)
     write_python_model(repo / "tile" / "1", TILE, TILE_SIGNATURE)
+    write_python_model(repo / "scores" / "1", SCORES, SCORES_SIGNATURE)
     process = launch(repo, str(repo))
     yield process
     process.stop()
@@ -120,6 +137,7 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
         ("/tensorflow.serving.PredictionService/Predict", "wide"),
         ("/inference.GRPCInferenceService/ModelInfer", "wide"),
         ("/tensorflow.serving.PredictionService/Predict", "tile"),  # a large answer
+        ("/tensorflow.serving.PredictionService/Classify", "scores"),
     ],
 )
 def test_health_checks_are_answered_while_a_large_message_is_decoded(

@@ -30,7 +30,7 @@ from inferd._proto.meta_graph_pb2 import TensorInfo
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
 from inferd.errors import InvalidArgument, UnknownLabel
-from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor
+from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor, read_values
 from inferd.protocols.decoding import BodyDecoder, off_loop
 from inferd.protocols.grpc_status import (
     Context,
@@ -72,7 +72,8 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         max_tensor_bytes: the largest tensor that one typed value may fill.
         limits: the request limits every input is checked against before it is decoded.
         tensor_content: answer Predict with numbers in ``tensor_content`` rather than typed fields.
-        decode_pool: where a large Predict's tensors are decoded and its answer written
+        decode_pool: where a large Predict's tensors (and a large Classify's, Regress's or
+            MultiInference's examples) are decoded and its answer written
             (``decoding.off_loop`` of ``message_bytes()`` and of the outputs' bytes); None: on the
             event loop.
     """
@@ -161,7 +162,12 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
         ref = spec_ref(spec)
         await call.load(ref)
         signature = call.open(ref, spec.signature_name or None, method)
-        inputs, count = examples_to_inputs(signature, input_, self._limits)
+        pool, args = self._decode_pool, (signature, input_, self._limits)
+        inputs, count = (
+            await pool.on_thread(examples_to_inputs, *args)
+            if off_loop(pool, message_bytes())
+            else examples_to_inputs(*args)
+        )
         response = await call.infer(inputs, deadline)
         return response, signature.name, count
 
@@ -430,14 +436,18 @@ def _feature_column(spec: TensorSpec, features: list[Feature], limits: RequestLi
             f"feature {spec.name!r}: every example must give the same number of values, got {sorted(widths)}"
         )
     limits.elements(spec.name, [len(values), *widths])  # before the values are copied out
+    dtype = np.dtype(_FEATURE_DTYPES[kind])
     if kind == "bytes_list":
         for row in values:
             for item in row:
                 limits.string(spec.name, len(item))
-    rows = [list(row) for row in values]
-    array: np.ndarray[Any, Any] = np.array(rows, dtype=_FEATURE_DTYPES[kind])
+        array: np.ndarray[Any, Any] = np.array([list(row) for row in values], dtype=dtype)
+    else:  # in steps (read_values): on a decode thread, the event loop runs between them
+        array = np.empty((len(values), *widths), dtype=dtype)
+        for i, row in enumerate(values):
+            array[i] = read_values(row, dtype)
     if spec.shape is not None and len(spec.shape) == 1 and widths == {1}:
-        array = array.reshape(len(rows))
+        array = array.reshape(len(values))
     return array
 
 
