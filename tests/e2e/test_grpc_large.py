@@ -57,13 +57,7 @@ def predict(self, inputs):
     return {{"y": np.repeat(inputs["x"], {ROWS}, axis=0)}}
 """
 TILE_SIGNATURE = SIGNATURE.replace("[-1, 1]", f"[-1, {WIDTH}]")
-SCORES = """
-def load(self):
-    pass
-
-def predict(self, inputs):
-    return {"scores": inputs["x"][:, :1].copy()}
-"""
+SCORES = FIRST_COLUMN.replace('"y"', '"scores"')  # a predict signature that Classify takes
 SCORES_SIGNATURE = (
     '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1]}], '
     '"outputs": [{"name": "scores", "dtype": "float32", "shape": [-1, 1]}]}'

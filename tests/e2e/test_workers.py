@@ -332,6 +332,7 @@ def test_workers_cannot_start_on_a_port_in_use_and_the_server_exits_2(tmp_path: 
 
 def test_no_other_server_starts_on_the_ports_while_the_workers_load(tmp_path: Path) -> None:
     """The supervisor's reservation alone keeps the ports: no worker listens yet."""
+    # the first server's workers load this for 30 s, so that nothing of theirs listens meanwhile
     slow_load = "def load(self):\n    import time\n    time.sleep(30)\n\ndef predict(self, x):\n    return x"
     write_python_model(tmp_path / "a" / "slow" / "1", slow_load)
     write_onnx_affine(tmp_path / "b" / "affine" / "1", scale=1.0)
