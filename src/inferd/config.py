@@ -611,7 +611,8 @@ class ServerConfig:
         default=0,
     )
     header_timeout_s: float = option(
-        "seconds a client may take to send a request's line and headers; past it 408 and close",
+        "seconds a client may take to send a request's line and headers (on the gRPC port: to "
+        "finish its TLS handshake and acknowledge the HTTP/2 settings); past it 408 and close",
         default=60.0,
     )
     body_timeout_s: float = option(

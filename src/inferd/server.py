@@ -846,15 +846,20 @@ def grpc_transport_options(
 ) -> list[tuple[str, int | str]]:
     """The gRPC core options that bound what one client can hold or make the server do:
     message and metadata sizes, connections, streams per connection, idle connections and
-    keep-alive pings. ``grpc.so_reuseport`` 0: a second server on the same port fails to start
-    instead of sharing it; 1 (``reuse_port``) for the workers of ``--workers N``, whose
-    supervisor keeps other servers off the port."""
+    keep-alive pings. A connection that has not finished its TLS handshake, or not acknowledged
+    the server's HTTP/2 settings (which a client does at once), within ``--header_timeout_s`` is
+    closed, as a REST connection that sends no head is. ``grpc.so_reuseport`` 0: a second server
+    on the same port fails to start instead of sharing it; 1 (``reuse_port``) for the workers of
+    ``--workers N``, whose supervisor keeps other servers off the port."""
+    opening_ms = min(max(1, round(config.header_timeout_s * 1000)), 2**31 - 1)  # a C int
     return [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_metadata_size", config.max_header_bytes),
         ("grpc.absolute_max_metadata_size", config.max_header_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.server_handshake_timeout_ms", opening_ms),
+        ("grpc.http2.settings_timeout", opening_ms),
         ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
         ("grpc.max_connection_idle_ms", GRPC_MAX_CONNECTION_IDLE_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),

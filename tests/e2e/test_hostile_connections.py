@@ -212,6 +212,31 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_others_keep_workin
         server.stop()
 
 
+def test_grpc_connections_that_send_nothing_are_closed_by_the_header_timeout(repo: Path) -> None:
+    """Silent connections fill the gRPC port's cap; each is closed once ``--header_timeout_s``
+    passes without the client acknowledging the server's HTTP/2 settings (gRPC's own default
+    was a minute, whatever the flag said), and calls are taken again."""
+    server = launch(repo, str(repo / "models"), "--max_connections=2", "--header_timeout_s=1")
+    host, port = server.grpc_target.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=WAIT_S) for _ in range(2)]
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        started = time.monotonic()
+        for sock in silent:
+            read_until_closed(sock)  # the server's settings, then its GOAWAY, then the close
+        held_s = time.monotonic() - started
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert held_s < 10, f"the silent connections were held {held_s:.1f} s"
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+
+
 def _peak_rss_kib(server: ServerProcess) -> int:
     """The server process's peak resident memory (VmHWM), in KiB."""
     for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():

@@ -175,6 +175,38 @@ def test_plain_grpc_is_refused(tls_server: ServerProcess) -> None:
     assert_grpc_refused(grpc.insecure_channel(tls_server.grpc_target))
 
 
+def test_silent_grpc_connections_are_closed_by_the_header_timeout(
+    repo: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """One client never starts its TLS handshake, another finishes it and sends nothing more:
+    both are closed once ``--header_timeout_s`` passes (gRPC's own defaults: two minutes and one)."""
+    files = (f"--tls_cert={pki.server.cert}", f"--tls_key={pki.server.key}")
+    server = start_tls(tmp_path, repo, pki, *files, "--header_timeout_s=1")
+    host, port = server.grpc_target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection((host, int(port)), timeout=20)
+    shook = socket.create_connection((host, int(port)), timeout=20)
+    shook = context.wrap_socket(shook, server_hostname="localhost")
+    try:
+        started = time.monotonic()
+        for sock in (raw, shook):
+            try:
+                while sock.recv(65536):  # the server's settings, its GOAWAY, then the close
+                    pass
+            except TimeoutError:
+                pytest.fail(f"the server held a silent connection for {time.monotonic() - started:.0f} s")
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+        assert time.monotonic() - started < 10
+        with grpc_channel(server, pki, client=None) as channel:
+            assert v2_infer(channel) == [2, 4, 6, 8]
+    finally:
+        raw.close()
+        shook.close()
+        server.stop()
+
+
 def test_tritonclient_http_with_ssl(tls_server: ServerProcess, pki: Pki) -> None:
     client = httpclient.InferenceServerClient(
         tls_server.url.removeprefix("https://"), ssl=True, ssl_options={"ca_certs": str(pki.ca)}
