@@ -64,7 +64,7 @@ from inferd.protocols.http_connection import (
     connection_class,
     raise_open_file_limit,
 )
-from inferd.protocols.limits import InflightBytes, RequestLimits, Reservation
+from inferd.protocols.limits import HELD, InflightBytes, RequestLimits, Reservation, hold_strings
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
@@ -137,6 +137,7 @@ class HttpApp:
         if scope["type"] != "http":
             return
         reservation = self._inflight.reservation()
+        HELD.set(reservation)  # the request's own task: its decoded strings are held in it too
         try:
             await self._serve(scope, receive, send, reservation)
         finally:  # also when the client went away or the drain cancelled the request
@@ -425,6 +426,7 @@ class Server:
         )
         self.service = InferenceService(self.manager, self.metrics, self.tracing, config.traffic_key_header)
         self.shadows = ShadowMirror(self.manager, self.metrics)
+        self.service.admitting.append(hold_strings)
         self.service.answered.append(self.shadows.offer)
         self.capture = TrafficCapture(self.manager, self.metrics)
         self.service.answered.append(self.capture.offer)

@@ -71,6 +71,10 @@ class InferenceService:
         self.answered: list[Callable[[Call], None]] = []
         """Called with each call that ended with an answer, after its lease was returned, on the
         event loop's thread (shadow, capture): each must return at once and never raise."""
+        self.admitting: list[Callable[[Tensors], None]] = []
+        """Called with each call's decoded inputs before they are computed, on the event loop's
+        thread; each may refuse the call by raising an ``InferdError`` (the in-flight byte budget
+        holds what decoded strings take)."""
 
     def request_id(self) -> str:
         """A new request id, unique in this process (``r1``, ``r2``, ...): the one scheme every
@@ -416,6 +420,8 @@ class Call:
         assert version is not None, "open the call first"
         assert signature is not None
         self.decoded = time.perf_counter()
+        for admit in self._service.admitting:
+            admit(inputs)
         self.inputs = inputs
         self.computing = version.id.version
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)

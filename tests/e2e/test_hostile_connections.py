@@ -9,10 +9,12 @@ never asserted: speed belongs to the benchmarks.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -347,6 +349,80 @@ def test_requests_in_flight_share_a_byte_budget(repo: Path) -> None:
     finally:
         for sock in stalled:
             sock.close()
+        server.stop()
+
+
+STRING_LENGTHS = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"n": np.array([len(t) for t in inputs["text"]], dtype=np.int64)}
+"""
+STRING_SIGNATURE = (
+    '{"inputs": [{"name": "text", "dtype": "string", "shape": [-1]}], '
+    '"outputs": [{"name": "n", "dtype": "int64", "shape": [-1]}]}'
+)
+
+
+def test_decoded_strings_are_held_in_the_byte_budget(tmp_path: Path) -> None:
+    """Two-byte strings take six bytes on the wire and about 70 in memory once decoded: a 0.9 MB
+    request of them took the budget's 8 MiB unseen. Held now, over every protocol, a request
+    that could never fit the budget is refused (413 / RESOURCE_EXHAUSTED); one that fits is
+    answered."""
+    write_python_model(tmp_path / "models" / "lengths" / "1", STRING_LENGTHS, STRING_SIGNATURE)
+    mib = 1 << 20
+    server = launch(
+        tmp_path,
+        str(tmp_path / "models"),
+        f"--max_request_bytes={4 * mib}",
+        f"--max_inflight_bytes={8 * mib}",
+    )
+
+    def v2_binary(count: int) -> requests.Response:
+        raw = (struct.pack("<I", 2) + b"ab") * count
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "datatype": "BYTES",
+                        "shape": [count],
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ]
+            }
+        ).encode()
+        return requests.post(
+            f"{server.url}/v2/models/lengths/infer",
+            data=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+            timeout=30,
+        )
+
+    try:
+        many = 150_000  # 0.9 MB on the wire; about 11 MB held decoded
+        for answer in (
+            v2_binary(many),
+            requests.post(
+                f"{server.url}/v1/models/lengths:predict", json={"inputs": ["ab"] * many}, timeout=30
+            ),
+        ):
+            assert answer.status_code == 413, answer.text[:300]
+            assert f"{many} string elements" in answer.text
+            assert "--max_inflight_bytes" in answer.text
+        request = v2_pb.ModelInferRequest(model_name="lengths")
+        request.inputs.add(name="text", datatype="BYTES", shape=[many]).contents.bytes_contents.extend(
+            [b"ab"] * many
+        )
+        with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+            v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max_inflight_bytes" in (refused.value.details() or "")
+        answer = v2_binary(50_000)  # about 3.8 MB held: answered
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.json()["outputs"][0]["data"] == [2] * 50_000
+    finally:
         server.stop()
 
 

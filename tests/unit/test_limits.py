@@ -9,7 +9,7 @@ from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto.example_pb2 import BytesList, Feature, FloatList
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
-from inferd.protocols.limits import InflightBytes, RequestLimits
+from inferd.protocols.limits import HELD, STRING_OBJECT_BYTES, InflightBytes, RequestLimits, hold_strings
 from inferd.protocols.tfserving_grpc import examples_to_inputs
 from inferd.types import Signature, TensorSpec
 
@@ -51,6 +51,39 @@ def test_the_inflight_budget_refuses_past_its_limit_and_releases_what_a_request_
     first.release()  # idempotent
     assert budget.held == 40
     second.release()
+    assert budget.held == 0
+
+
+def test_decoded_strings_are_held_in_the_budget_of_the_running_request() -> None:
+    """A string element takes a Python object and a copy of its characters (at most the
+    request's bytes); numeric tensors take nothing more. Held once per call however often asked;
+    refused for now (503) when others hold the budget, for good (413) when it never could."""
+    budget = InflightBytes(10_000, max_request_bytes=1_000)
+    other, request = budget.reservation(), budget.reservation()
+    request.grow_to(1_000)
+    strings = {"text": np.array([b"ab"] * 100, dtype=object), "x": np.zeros((100, 8), np.float32)}
+    hold_strings(strings)  # no request running here: nothing to hold
+    token = HELD.set(request)
+    try:
+        hold_strings({"x": np.zeros((100, 8), np.float32)})
+        assert request.held == 1_000
+        hold_strings(strings)
+        want = 1_000 + 100 * STRING_OBJECT_BYTES + 1_000
+        assert budget.held == request.held == want
+        hold_strings(strings)  # the same inputs again (another call of the same request)
+        assert budget.held == want
+        request.release()
+        request.grow_to(1_000)
+        other.grow_to(budget.limit - want + 1)
+        with pytest.raises(Unavailable, match="--max_inflight_bytes"):
+            hold_strings(strings)
+        assert request.held == 1_000  # what was held stays held
+        other.release()
+        with pytest.raises(ResourceExhausted, match=r"1000 string elements .* --max_inflight_bytes"):
+            hold_strings({"text": np.array([b"ab"] * 1_000, dtype=object)})
+    finally:
+        HELD.reset(token)
+    request.release()
     assert budget.held == 0
 
 

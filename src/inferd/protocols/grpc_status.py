@@ -18,7 +18,7 @@ import grpc
 from inferd.errors import InferdError, encodable
 from inferd.protocols.access import Access
 from inferd.protocols.decoding import BodyDecoder, off_loop
-from inferd.protocols.limits import InflightBytes
+from inferd.protocols.limits import HELD, InflightBytes
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def _under_budget(handler: Handler, inflight: InflightBytes) -> Handler:
 
     async def held(raw: bytes, context: Context) -> Any:
         reservation = inflight.reservation()
+        token = HELD.set(reservation)  # what the call's decoded strings take is held in it too
         try:
             try:
                 reservation.grow_to(len(raw))
@@ -131,6 +132,7 @@ def _under_budget(handler: Handler, inflight: InflightBytes) -> Handler:
             request = parse(raw) if parse else raw
             return await behavior(request, context)
         finally:
+            HELD.reset(token)
             reservation.release()
 
     return grpc.unary_unary_rpc_method_handler(held, None, handler.response_serializer)
