@@ -77,6 +77,42 @@ def all_text(value: Any) -> bool:
     return set(map(type, leaves(value))) <= {str}
 
 
+TEXT_ARRAY_BYTES = 64 << 20
+"""The largest numpy text array (``<U``, ``S``) a JSON value is read as, unless its request is
+more than a sixteenth of that; a value that would pad to more is read as objects."""
+
+
+def may_hold_text(body: bytes, document: dict[str, Any]) -> bool:
+    """Whether ``body``, the JSON of ``document``, may hold a string beside its keys and its
+    ``signature_name``: a count of its quotes, so that ``text_swells`` looks at the values only
+    of the requests where it might find one."""
+    named = isinstance(document.get("signature_name"), str)
+    return body.count(b'"') > 2 * (len(document) + named)
+
+
+def text_swells(value: Any, size: int) -> bool:
+    """Whether numpy would read JSON lists ``value``, from a request of ``size`` bytes, as a text
+    array over ``TEXT_ARRAY_BYTES`` and over 16 times ``size``. numpy pads every string to the
+    longest (4 bytes a character; a bytes value, 1 a byte), numbers among them included, so one
+    long string among many short values takes their count times its length: a 112 KB request
+    took 1.1 GiB and 2.7 s of the event loop. The leaves are looked at only when their count
+    times ``size`` could come to that."""
+    count, item = 1, value
+    while isinstance(item, list) and item:
+        count *= len(item)
+        item = item[0]
+    bound = max(TEXT_ARRAY_BYTES, 16 * size)
+    if count * size * 4 <= bound:
+        return False
+    kinds = set(map(type, leaves(value)))
+    if str not in kinds and bytes not in kinds:
+        return False
+    widths = (
+        len(leaf) * (4 if type(leaf) is str else 1) for leaf in leaves(value) if type(leaf) in (str, bytes)
+    )
+    return count * max(widths) > bound
+
+
 def may_hold_booleans(body: bytes, end: int) -> bool:
     """Whether the JSON in ``body[:end]`` may hold a boolean: a search of the bytes, so that
     ``first_boolean`` walks the values only of the requests where it might find one."""

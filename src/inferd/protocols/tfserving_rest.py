@@ -25,7 +25,7 @@ from inferd.errors import (
     UnknownLabel,
     encodable,
 )
-from inferd.protocols.codecs import all_text, first_boolean, may_hold_booleans
+from inferd.protocols.codecs import all_text, first_boolean, may_hold_booleans, may_hold_text, text_swells
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -89,8 +89,8 @@ async def handle(
                 else:
                     doc = await decode(decode_pool, len(body), parse_json, body)
                     if predict:
-                        booleans = may_hold_booleans(body, len(body))
-                        answer = await _predict(call, ref, doc, deadline, limits, offload, None, booleans)
+                        hints = (may_hold_booleans(body, len(body)), may_hold_text(body, doc))
+                        answer = await _predict(call, ref, doc, deadline, limits, offload, None, *hints)
                     else:
                         method_ = _METHODS[verb.lower()]
                         answer = await _classify_or_regress(
@@ -189,9 +189,10 @@ async def _predict(
     offload: tuple[BodyDecoder | None, int] = (None, 0),
     decoded: Decoded | None = None,
     booleans: bool = True,
+    texts: bool = True,
 ) -> Response:
     """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did;
-    ``booleans``: whether the body may hold JSON booleans (``TensorDecoder``)."""
+    ``booleans``, ``texts``: whether the body may hold JSON booleans, strings (``TensorDecoder``)."""
     await call.load(ref)
     signature = call.open(ref, doc.get("signature_name"))
     if ("instances" in doc) == ("inputs" in doc):
@@ -201,7 +202,7 @@ async def _predict(
             else "Missing 'inputs' or 'instances' key"
         )
     row_format = "instances" in doc
-    decoder = TensorDecoder(limits, booleans)
+    decoder = TensorDecoder(limits, booleans, texts, offload[1])
     key = "instances" if row_format else "inputs"
     if decoded is None:
         inputs = await decode(*offload, _take_tensors, decoder, signature, doc, key)
@@ -257,7 +258,8 @@ def _parse_predict(
         return doc, (None, None)
     key = "instances" if "instances" in doc else "inputs"
     try:
-        decoder = TensorDecoder(limits, may_hold_booleans(body, len(body)))
+        hints = (may_hold_booleans(body, len(body)), may_hold_text(body, doc))
+        decoder = TensorDecoder(limits, *hints, len(body))
         return doc, (signature, _take_tensors(decoder, signature, doc, key))
     except InferdError as error:
         return doc, (signature, error)
@@ -279,11 +281,16 @@ class TensorDecoder:
     ResourceExhausted (over a limit), naming the input.
     """
 
-    def __init__(self, limits: RequestLimits, booleans: bool = True) -> None:
-        """``booleans``: whether the body may hold JSON booleans (``may_hold_booleans``); when
-        not, numbers are not searched for booleans among them."""
+    def __init__(
+        self, limits: RequestLimits, booleans: bool = True, texts: bool = True, size: int = 0
+    ) -> None:
+        """``booleans``, ``texts``: whether the body may hold JSON booleans (``may_hold_booleans``),
+        strings (``may_hold_text``); when not, numbers are not searched for them. ``size``: the
+        body's bytes (``text_swells``)."""
         self._limits = limits
         self._booleans = booleans
+        self._texts = texts
+        self._size = size
 
     def rows(self, signature: Signature, instances: Any) -> Tensors:
         """The row format: ``instances``, a list of values or of objects keyed by input name."""
@@ -395,7 +402,8 @@ class TensorDecoder:
         The dtype is the JSON's (``_check_json_types`` and ``conform_inputs`` check it)."""
         name = spec.name
         try:
-            array = np.asarray(value)
+            # strings numpy would pad to a huge text array are walked below, as objects
+            array = None if self._texts and text_swells(value, self._size) else np.asarray(value)
         except (ValueError, OverflowError):
             array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
         if array is not None and array.dtype.kind == "U" and not all_text(value):
@@ -422,6 +430,9 @@ class TensorDecoder:
                     "the same length"
                 )
             if not all(isinstance(leaf, str | bytes) for leaf in array.flat):
+                text = next((leaf for leaf in array.flat if isinstance(leaf, str)), None)
+                if spec.dtype.kind != "O" and text is not None:  # as from a text array above
+                    raise _not_of_type(spec, text, "numbers and strings mixed")
                 raise InvalidArgument(
                     f"input {name!r}: values of different JSON types (e.g. numbers and strings) in one tensor"
                 )
@@ -569,7 +580,8 @@ async def _classify_or_regress(
         raise InvalidArgument("'context' must be an object of features")
     await call.load(ref)
     signature = call.open(ref, doc.get("signature_name"), method)
-    inputs = await decode(*offload, TensorDecoder(limits).examples, signature, examples, context)
+    decoder = TensorDecoder(limits, size=offload[1])
+    inputs = await decode(*offload, decoder.examples, signature, examples, context)
     response = await call.infer(inputs, deadline)
     if method is Method.REGRESS:
         name, values = regression_values(response, len(examples))

@@ -19,7 +19,15 @@ import orjson
 import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
-from inferd.protocols.codecs import all_text, first_boolean, from_raw, leaves, may_hold_booleans, to_raw
+from inferd.protocols.codecs import (
+    all_text,
+    first_boolean,
+    from_raw,
+    leaves,
+    may_hold_booleans,
+    text_swells,
+    to_raw,
+)
 from inferd.protocols.decoding import BodyDecoder, decode_apart
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -215,7 +223,7 @@ def _decode_request(
     runs: on the decode thread for a large body), and the decoded input tensors."""
     doc, binary = split_body(header_length, body)
     booleans = may_hold_booleans(body, len(body) - len(binary))
-    return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans)
+    return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans, len(body))
 
 
 def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -249,11 +257,13 @@ def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], 
     return doc, binary
 
 
-def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits, booleans: bool = True) -> Tensors:
+def decode_inputs(
+    entries: Any, binary: memoryview, limits: RequestLimits, booleans: bool = True, body_bytes: int = 0
+) -> Tensors:
     """The ``inputs`` of a V2 JSON request, with data in JSON or in ``binary`` (the bytes after
     the JSON header), every shape checked against ``limits`` before its tensor is made;
     ``booleans``: whether the JSON may hold booleans (``may_hold_booleans``), which numbers then
-    are searched for.
+    are searched for; ``body_bytes``: the request's size (``text_swells``).
 
     Raises:
         InvalidArgument: a malformed entry, or data that does not fit its shape and datatype.
@@ -295,7 +305,7 @@ def decode_inputs(entries: Any, binary: memoryview, limits: RequestLimits, boole
             array = from_raw(binary[offset : offset + size], dtype, count, name, "binary_data_size", limits)
             offset += size
         elif "data" in entry:
-            array = _from_json(entry["data"], dtype, count, name, limits, booleans)
+            array = _from_json(entry["data"], dtype, count, name, limits, booleans, body_bytes)
         else:
             raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         tensors[name] = array.reshape(shape)
@@ -325,8 +335,16 @@ _JSON_TYPES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float), "O": (
 
 
 def _from_json(
-    data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits, booleans: bool
+    data: Any,
+    dtype: np.dtype[Any],
+    count: int,
+    name: str,
+    limits: RequestLimits,
+    booleans: bool,
+    body_bytes: int,
 ) -> np.ndarray:
+    if text_swells(data, body_bytes):
+        return _strings(data, dtype, count, name, limits)
     try:
         nested = np.asarray(data)
     except (ValueError, OverflowError):
@@ -360,6 +378,26 @@ def _from_json(
                 f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold {flat[infinite][0].item()!r} "
                 f"(largest: {np.finfo(dtype).max})"
             )
+    return array
+
+
+def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
+    """``_from_json`` for strings numpy would pad to a huge text array (``text_swells``): the
+    same checks, on a flat array of the strings as objects."""
+    values = list(leaves(data))
+    if not all(type(value) is str for value in values):
+        raise InvalidArgument(f"input {name!r}: 'data' mixes strings with other JSON values")
+    if len(values) != count:
+        raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {len(values)}")
+    if dtype.kind != "O":
+        raise InvalidArgument(
+            f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
+            f"{json.dumps(values[0])[:40]} (string)"
+        )
+    if max(map(len, values)) * 4 > limits.max_string_bytes:
+        limits.string(name, max(len(value.encode()) for value in values))
+    array = np.empty(count, dtype=object)
+    array[:] = values
     return array
 
 
