@@ -137,10 +137,11 @@ class HttpApp:
         if scope["type"] != "http":
             return
         reservation = self._inflight.reservation()
-        HELD.set(reservation)  # the request's own task: its decoded strings are held in it too
+        token = HELD.set(reservation)  # what the request's decoded strings take is held in it too
         try:
             await self._serve(scope, receive, send, reservation)
         finally:  # also when the client went away or the drain cancelled the request
+            HELD.reset(token)  # an ASGI server may call the app in a task that goes on
             reservation.release()
 
     async def _serve(self, scope: Scope, receive: Any, send: Any, reservation: Reservation) -> None:
@@ -853,7 +854,7 @@ def grpc_transport_options(
     closed, as a REST connection that sends no head is. ``grpc.so_reuseport`` 0: a second server
     on the same port fails to start instead of sharing it; 1 (``reuse_port``) for the workers of
     ``--workers N``, whose supervisor keeps other servers off the port."""
-    opening_ms = min(max(1, round(config.header_timeout_s * 1000)), 2**31 - 1)  # a C int
+    opening_ms = max(1, round(min(config.header_timeout_s * 1000, 2**31 - 1)))  # a C int; inf too
     return [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_metadata_size", config.max_header_bytes),

@@ -85,6 +85,15 @@ def test_decoded_strings_are_held_in_the_budget_of_the_running_request() -> None
         HELD.reset(token)
     request.release()
     assert budget.held == 0
+    whole = InflightBytes(1_000, max_request_bytes=1_000)  # the largest request stays servable
+    largest = whole.reservation()
+    largest.grow_to(1_000)
+    token = HELD.set(largest)
+    try:
+        hold_strings({"text": np.array([b"x" * 990], dtype=object)})
+    finally:
+        HELD.reset(token)
+    assert whole.held == 1_000
 
 
 @pytest.mark.parametrize("limit", [-1, 59])

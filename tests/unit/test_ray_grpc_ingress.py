@@ -12,12 +12,13 @@ from typing import Any
 
 import grpc
 
+from inferd._proto import grpc_service_pb2 as v2
 from inferd._proto import model_service_pb2 as mm
 from inferd._proto import prediction_service_pb2 as ps
 from inferd.config import ServerConfig
 from inferd.ray.grpc_ingress import GrpcIngress, GrpcMethods, Unparsed, add_prediction_service
 from inferd.server import Server
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 
 class ServeContext:
@@ -152,3 +153,76 @@ def test_the_health_check_answers_as_inferd_serves_own_health_service(tmp_path: 
         (0, grpc.StatusCode.NOT_FOUND),  # as grpc's servicer in inferd serve: the service is not listed
         (0, grpc.StatusCode.NOT_FOUND),
     ]
+
+
+LENGTHS = """
+def load(self):
+    pass
+
+def predict(self, inputs):
+    return {"n": np.array([len(t) for t in inputs["text"]], dtype=np.int64)}
+"""
+
+
+def test_decoded_strings_are_held_in_the_byte_budget_and_given_back(tmp_path: Path) -> None:
+    """As on inferd's own gRPC port: a call's decoded strings count against
+    ``--max_inflight_bytes`` while it runs, and nothing stays held after it, nor after a REST
+    request made before it in the same task."""
+    signature = (
+        '{"inputs": [{"name": "text", "dtype": "string", "shape": [-1]}], '
+        '"outputs": [{"name": "n", "dtype": "int64", "shape": [-1]}]}'
+    )
+    write_python_model(tmp_path / "lengths" / "1", LENGTHS, signature)
+    (tmp_path / "lengths" / "inferd.toml").write_text("warmup = false\n")
+    mib = 1 << 20
+    config = ServerConfig(
+        model_base_path=str(tmp_path / "lengths"),
+        model_name="lengths",
+        file_system_poll_wait_seconds=0,
+        max_request_bytes=4 * mib,
+        max_inflight_bytes=8 * mib,
+    )
+
+    def infer(count: int) -> v2.ModelInferRequest:
+        request = v2.ModelInferRequest(model_name="lengths")
+        request.inputs.add(name="text", datatype="BYTES", shape=[count]).contents.bytes_contents.extend(
+            [b"ab"] * count
+        )
+        return request
+
+    async def calls() -> None:
+        server = Server(config)
+        try:
+            await server.control.sync()
+            ingress = GrpcIngress(server)
+            refused = ServeContext()
+            await ingress.call("ModelInfer", infer(150_000), refused)  # about 10 MB decoded
+            assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max_inflight_bytes" in refused.details
+            assert server.inflight.held == 0
+            app, sent = server.http_app(), []
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": "/v2/health/live",
+                "raw_path": b"/v2/health/live",
+            }
+            scope |= {"query_string": b"", "headers": []}
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            await app(scope, receive, send)  # in this task: it must leave no reservation behind
+            assert sent[0]["status"] == 200
+            answered = ServeContext()
+            reply = await ingress.call("ModelInfer", infer(20_000), answered)
+            assert answered.code is None
+            assert len(reply.raw_output_contents[0]) == 8 * 20_000
+            assert server.inflight.held == 0
+        finally:
+            await server.close()
+
+    asyncio.run(calls())

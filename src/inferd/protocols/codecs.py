@@ -90,27 +90,40 @@ def may_hold_text(body: bytes, document: dict[str, Any]) -> bool:
     return body.count(b'"') > 2 * (len(document) + named)
 
 
-def text_swells(value: Any, size: int) -> bool:
+def text_swells(value: Any, size: int, room: int | None = None) -> bool:
     """Whether numpy would read JSON lists ``value``, from a request of ``size`` bytes, as a text
-    array over ``TEXT_ARRAY_BYTES`` and over 16 times ``size``. numpy pads every string to the
-    longest (4 bytes a character; a bytes value, 1 a byte), numbers among them included, so one
-    long string among many short values takes their count times its length: a 112 KB request
-    took 1.1 GiB and 2.7 s of the event loop. The leaves are looked at only when their count
-    times ``size`` could come to that."""
+    array of more than ``room`` bytes (default: ``TEXT_ARRAY_BYTES`` or 16 times ``size``,
+    whichever is more). numpy pads every element to the longest, 4 bytes a character, numbers
+    among strings included (an integer takes 21 characters, a float 32): one long string among
+    many short values takes their count times its length, and a 112 KB request took 1.1 GiB and
+    2.7 s of the event loop. The leaves are looked at only when their count times ``size`` could
+    come to that; lists that are not rectangular are left to numpy, which refuses them."""
+    if room is None:
+        room = max(TEXT_ARRAY_BYTES, 16 * size)
     count, item = 1, value
     while isinstance(item, list) and item:
         count *= len(item)
         item = item[0]
-    bound = max(TEXT_ARRAY_BYTES, 16 * size)
-    if count * size * 4 <= bound:
+    if count * size * 4 <= room:
         return False
-    kinds = set(map(type, leaves(value)))
-    if str not in kinds and bytes not in kinds:
+    try:
+        kinds = set(map(type, leaves(value)))
+        if str not in kinds and bytes not in kinds:
+            return False
+        text = (
+            len(leaf) * (4 if type(leaf) is str else 1)
+            for leaf in leaves(value)
+            if type(leaf) in (str, bytes)
+        )
+        width = max(text)
+    except TypeError:  # not rectangular: a number where a list was
         return False
-    widths = (
-        len(leaf) * (4 if type(leaf) is str else 1) for leaf in leaves(value) if type(leaf) in (str, bytes)
-    )
-    return count * max(widths) > bound
+    width = max(width, *(4 * _TEXT_WIDTHS.get(kind, 0) for kind in kinds))
+    return count * width > room
+
+
+_TEXT_WIDTHS = {bool: 5, int: 21, float: 32}
+"""The characters numpy gives a JSON boolean, integer and number among strings."""
 
 
 def may_hold_booleans(body: bytes, end: int) -> bool:

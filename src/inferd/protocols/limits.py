@@ -180,21 +180,22 @@ class Reservation:
 
         Raises:
             Unavailable: the budget cannot hold them now; what was held stays held.
-            ResourceExhausted: the budget could never hold them.
+            ResourceExhausted: their objects alone are more than the whole budget.
         """
         request = self.held - self._strings
-        strings = elements * STRING_OBJECT_BYTES + request
-        if strings <= self._strings:
-            return
+        objects = elements * STRING_OBJECT_BYTES
         limit = self._budget.limit
-        if limit and request + strings > limit:
+        if limit and objects > limit:
             raise ResourceExhausted(
-                f"the request's {elements} string elements take about {request + strings} bytes "
-                f"decoded, more than the server holds for all requests in flight ({limit} bytes, "
+                f"the request's {elements} string elements take about {objects} bytes decoded, more "
+                f"than the server holds for all requests in flight ({limit} bytes, "
                 "--max_inflight_bytes); send them in smaller requests"
             )
-        self.grow_to(request + strings)
-        self._strings = strings
+        # the largest request the budget admits (--max_request_bytes) must stay servable
+        total = min(request + objects + request, limit) if limit else request + objects + request
+        if total - request > self._strings:
+            self.grow_to(total)
+            self._strings = total - request
 
     def grow_to(self, size: int) -> None:
         """Hold ``size`` bytes in all (no change when it holds as many already).

@@ -25,7 +25,14 @@ from inferd.errors import (
     UnknownLabel,
     encodable,
 )
-from inferd.protocols.codecs import all_text, first_boolean, may_hold_booleans, may_hold_text, text_swells
+from inferd.protocols.codecs import (
+    TEXT_ARRAY_BYTES,
+    all_text,
+    first_boolean,
+    may_hold_booleans,
+    may_hold_text,
+    text_swells,
+)
 from inferd.protocols.decoding import BodyDecoder, decode
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error, model_ref, with_version
@@ -291,6 +298,7 @@ class TensorDecoder:
         self._booleans = booleans
         self._texts = texts
         self._size = size
+        self._text_room = max(TEXT_ARRAY_BYTES, 16 * size)  # for all the request's text arrays
 
     def rows(self, signature: Signature, instances: Any) -> Tensors:
         """The row format: ``instances``, a list of values or of objects keyed by input name."""
@@ -403,9 +411,12 @@ class TensorDecoder:
         name = spec.name
         try:
             # strings numpy would pad to a huge text array are walked below, as objects
-            array = None if self._texts and text_swells(value, self._size) else np.asarray(value)
+            swells = self._texts and text_swells(value, self._size, self._text_room)
+            array = None if swells else np.asarray(value)
         except (ValueError, OverflowError):
             array = None  # ragged, too deep for numpy, or an integer past 64 bits: walked below
+        if array is not None and array.dtype.kind in "US":
+            self._text_room -= array.nbytes
         if array is not None and array.dtype.kind == "U" and not all_text(value):
             # numpy made the numbers among the strings text
             if spec.dtype.kind != "O":

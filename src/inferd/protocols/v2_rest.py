@@ -222,8 +222,11 @@ def _decode_request(
     """The request's JSON document, without its ``inputs`` (whose JSON values are freed where this
     runs: on the decode thread for a large body), and the decoded input tensors."""
     doc, binary = split_body(header_length, body)
-    booleans = may_hold_booleans(body, len(body) - len(binary))
-    return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans, len(body))
+    end = len(body) - len(binary)
+    booleans = may_hold_booleans(body, end)
+    # no text array can swell from a small body (text_swells), and none from data without strings
+    size = end if end <= _SMALL_BODY or _data_may_hold_text(body, end, doc) else 0
+    return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans, size)
 
 
 def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -263,7 +266,8 @@ def decode_inputs(
     """The ``inputs`` of a V2 JSON request, with data in JSON or in ``binary`` (the bytes after
     the JSON header), every shape checked against ``limits`` before its tensor is made;
     ``booleans``: whether the JSON may hold booleans (``may_hold_booleans``), which numbers then
-    are searched for; ``body_bytes``: the request's size (``text_swells``).
+    are searched for; ``body_bytes``: the size of the request's JSON, 0 when its data holds no
+    string (``text_swells``).
 
     Raises:
         InvalidArgument: a malformed entry, or data that does not fit its shape and datatype.
@@ -383,24 +387,60 @@ def _from_json(
 
 def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
     """``_from_json`` for strings numpy would pad to a huge text array (``text_swells``): the
-    same checks, on a flat array of the strings as objects."""
-    values = list(leaves(data))
-    if not all(type(value) is str for value in values):
+    same checks in the same order, on the strings as objects."""
+    try:
+        nested = np.array(data, dtype=object)
+    except ValueError:
+        raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
+    limits.depth(name, nested.ndim)
+    flat = nested.reshape(-1)
+    if any(type(value) is list for value in flat):
+        raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values")
+    if not all(type(value) is str for value in flat):
         raise InvalidArgument(f"input {name!r}: 'data' mixes strings with other JSON values")
-    if len(values) != count:
-        raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {len(values)}")
+    if flat.size != count:
+        raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
     if dtype.kind != "O":
         raise InvalidArgument(
             f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
-            f"{json.dumps(values[0])[:40]} (string)"
+            f"{json.dumps(flat[0])[:40]} (string)"
         )
-    if max(map(len, values)) * 4 > limits.max_string_bytes:
-        limits.string(name, max(len(value.encode()) for value in values))
-    array = np.empty(count, dtype=object)
-    array[:] = values
-    return array
+    if max(map(len, flat)) * 4 > limits.max_string_bytes:
+        limits.string(name, max(len(value.encode()) for value in flat))
+    return flat
 
 
+def _data_may_hold_text(body: bytes, end: int, doc: dict[str, Any]) -> bool:
+    """Whether the inputs' ``data`` in ``body[:end]`` (the JSON of ``doc``) may hold a string:
+    its quotes against those of every other string of ``doc``, keys included (an escaped quote
+    only adds to the body's), so that ``text_swells`` looks at the data only where it might
+    find one."""
+    inputs = doc.get("inputs")
+    entries = inputs if isinstance(inputs, list) else [inputs]
+    beside = _strings_in({key: value for key, value in doc.items() if key != "inputs"}) + 1
+    for entry in entries:
+        if isinstance(entry, dict):
+            beside += _strings_in({key: value for key, value in entry.items() if key != "data"})
+            beside += "data" in entry
+        else:
+            beside += _strings_in(entry)
+    return body.count(b'"', 0, end) > 2 * beside
+
+
+def _strings_in(value: Any) -> int:
+    """The JSON strings in ``value``, object keys included."""
+    if isinstance(value, str):
+        return 1
+    if isinstance(value, dict):
+        return sum(1 + _strings_in(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_strings_in(item) for item in value)
+    return 0
+
+
+_SMALL_BODY = 4096
+"""Bytes of JSON below which ``text_swells`` never looks at the leaves: their count times the
+body's size, times 4, is under ``TEXT_ARRAY_BYTES``."""
 _FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)}
 _SCANNED = 1024
 """Up to this many values, ``_may_overflow`` compares Python numbers: a numpy reduction on the

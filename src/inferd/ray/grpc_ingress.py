@@ -41,7 +41,7 @@ from inferd._proto import grpc_service_pb2, model_service_pb2, prediction_servic
 from inferd.errors import InferdError, encodable
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.access import Access
-from inferd.protocols.limits import RequestLimits
+from inferd.protocols.limits import HELD, RequestLimits
 from inferd.server import Server
 
 SERVICER_FUNCTIONS = [
@@ -255,6 +255,7 @@ class GrpcIngress:
         path, servicer_method, reply_type, _ = self._methods[method]
         context = _Context(serve_context)
         reservation = self._inflight.reservation()
+        token = HELD.set(reservation)  # what the call's decoded strings take is held in it too
         try:
             try:
                 authorization = next(
@@ -273,6 +274,7 @@ class GrpcIngress:
         except _Aborted:
             return reply_type(), False
         finally:
+            HELD.reset(token)
             reservation.release()
 
 
