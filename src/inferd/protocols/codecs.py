@@ -82,10 +82,17 @@ TEXT_ARRAY_BYTES = 64 << 20
 more than a sixteenth of that; a value that would pad to more is read as objects."""
 
 
+SMALL_JSON = 4096
+"""Bytes of JSON too few for a text array to swell: however many leaves they hold, their count
+times the body's size, times 4, is under ``TEXT_ARRAY_BYTES`` (``text_swells``)."""
+
+
 def may_hold_text(body: bytes, document: dict[str, Any]) -> bool:
-    """Whether ``body``, the JSON of ``document``, may hold a string beside its keys and its
-    ``signature_name``: a count of its quotes, so that ``text_swells`` looks at the values only
-    of the requests where it might find one."""
+    """Whether ``body``, the JSON of ``document``, may hold a string that could swell beside its
+    keys and its ``signature_name``: a count of its quotes (a small body: none), so that
+    ``text_swells`` looks at the values only of the requests where it might find one."""
+    if len(body) <= SMALL_JSON:
+        return False
     named = isinstance(document.get("signature_name"), str)
     return body.count(b'"') > 2 * (len(document) + named)
 

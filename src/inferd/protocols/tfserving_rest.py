@@ -96,8 +96,10 @@ async def handle(
                 else:
                     doc = await decode(decode_pool, len(body), parse_json, body)
                     if predict:
-                        hints = (may_hold_booleans(body, len(body)), may_hold_text(body, doc))
-                        answer = await _predict(call, ref, doc, deadline, limits, offload, None, *hints)
+                        booleans, texts = may_hold_booleans(body, len(body)), may_hold_text(body, doc)
+                        answer = await _predict(
+                            call, ref, doc, deadline, limits, offload, None, booleans, texts
+                        )
                     else:
                         method_ = _METHODS[verb.lower()]
                         answer = await _classify_or_regress(
@@ -265,8 +267,8 @@ def _parse_predict(
         return doc, (None, None)
     key = "instances" if "instances" in doc else "inputs"
     try:
-        hints = (may_hold_booleans(body, len(body)), may_hold_text(body, doc))
-        decoder = TensorDecoder(limits, *hints, len(body))
+        texts = may_hold_text(body, doc)
+        decoder = TensorDecoder(limits, may_hold_booleans(body, len(body)), texts, len(body))
         return doc, (signature, _take_tensors(decoder, signature, doc, key))
     except InferdError as error:
         return doc, (signature, error)

@@ -20,6 +20,7 @@ import inferd
 from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.protocols.codecs import (
+    SMALL_JSON,
     all_text,
     first_boolean,
     from_raw,
@@ -225,7 +226,7 @@ def _decode_request(
     end = len(body) - len(binary)
     booleans = may_hold_booleans(body, end)
     # no text array can swell from a small body (text_swells), and none from data without strings
-    size = end if end <= _SMALL_BODY or _data_may_hold_text(body, end, doc) else 0
+    size = end if end <= SMALL_JSON or _data_may_hold_text(body, end, doc) else 0
     return doc, decode_inputs(doc.pop("inputs", None), binary, limits, booleans, size)
 
 
@@ -438,9 +439,6 @@ def _strings_in(value: Any) -> int:
     return 0
 
 
-_SMALL_BODY = 4096
-"""Bytes of JSON below which ``text_swells`` never looks at the leaves: their count times the
-body's size, times 4, is under ``TEXT_ARRAY_BYTES``."""
 _FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)}
 _SCANNED = 1024
 """Up to this many values, ``_may_overflow`` compares Python numbers: a numpy reduction on the
