@@ -3,16 +3,18 @@ and errors of the text-array path: ragged lists, depth, mixed values, datatypes.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import orjson
 import pytest
 
 from inferd.config import ServerConfig
 from inferd.errors import InvalidArgument
-from inferd.protocols.codecs import TEXT_ARRAY_BYTES, text_swells
+from inferd.protocols.codecs import SMALL_JSON, TEXT_ARRAY_BYTES, text_swells
 from inferd.protocols.limits import RequestLimits
-from inferd.protocols.v2_rest import decode_inputs
+from inferd.protocols.v2_rest import _data_may_hold_text, decode_inputs
 from inferd.server import grpc_transport_options
 
 LONG = "x" * 100_000
@@ -69,3 +71,48 @@ def test_any_header_timeout_makes_grpc_options_that_fit_a_c_int(timeout_s: float
     for key in ("grpc.server_handshake_timeout_ms", "grpc.http2.settings_timeout"):
         assert isinstance(options[key], int)
         assert 1 <= options[key] <= 2**31 - 1
+
+
+def test_v2_null_among_huge_strings_gets_the_error_of_the_numpy_path() -> None:
+    with pytest.raises(InvalidArgument, match=r"datatype BYTES cannot hold JSON values like null \(null\)"):
+        _v2([LONG] + ["a"] * 3_000 + [None], [3_002])
+
+
+def test_v2_text_arrays_of_all_inputs_share_one_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 inputs of one 16,384-character string and 1,023 short ones: each text array is 64 MiB
+    alone; only the first is made, the others are read as objects."""
+    made: list[int] = []
+    real = np.asarray
+
+    def counting(value: object) -> np.ndarray:
+        array = real(value)
+        if array.dtype.kind == "U":
+            made.append(array.nbytes)
+        return array
+
+    monkeypatch.setattr(np, "asarray", counting)
+    entries = [
+        {"name": f"t{i}", "datatype": "BYTES", "shape": [1_024], "data": ["x" * 16_384] + ["a"] * 1_023}
+        for i in range(40)
+    ]
+    limits = RequestLimits.of(ServerConfig())
+    tensors = decode_inputs(entries, memoryview(b""), limits, body_bytes=821_000)
+    assert all(value.dtype == object and value[0] == "x" * 16_384 for value in tensors.values())
+    assert len(made) == 1
+    assert sum(made) <= TEXT_ARRAY_BYTES
+
+
+def test_deeply_nested_parameters_beside_the_data_are_walked_without_recursion() -> None:
+    deep: object = [0]
+    for _ in range(900):
+        deep = [deep]
+    document = {
+        "parameters": {"x": deep},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2_000], "data": [1.5] * 2_000}],
+    }
+    body = json.dumps(document).encode()
+    assert len(body) > SMALL_JSON
+    assert not _data_may_hold_text(body, len(body), orjson.loads(body))
+    document["inputs"][0]["data"] = ["a"] + [1.5] * 1_999  # type: ignore[index]
+    body = json.dumps(document).encode()
+    assert _data_may_hold_text(body, len(body), orjson.loads(body))

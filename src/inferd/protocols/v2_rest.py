@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound, Unavailable, encodable
 from inferd.protocols.codecs import (
     SMALL_JSON,
+    TEXT_ARRAY_BYTES,
     all_text,
     first_boolean,
     from_raw,
@@ -278,6 +280,7 @@ def decode_inputs(
         raise InvalidArgument("'inputs' must be a non-empty list of tensors")
     tensors: Tensors = {}
     offset = 0
+    room = max(TEXT_ARRAY_BYTES, 16 * body_bytes)  # for all the request's text arrays (text_swells)
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidArgument(f"inputs[{i}] must be an object with a string 'name'")
@@ -310,7 +313,10 @@ def decode_inputs(
             array = from_raw(binary[offset : offset + size], dtype, count, name, "binary_data_size", limits)
             offset += size
         elif "data" in entry:
-            array = _from_json(entry["data"], dtype, count, name, limits, booleans, body_bytes)
+            array, text_bytes = _from_json(
+                entry["data"], dtype, count, name, limits, booleans, body_bytes, room
+            )
+            room -= text_bytes
         else:
             raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         tensors[name] = array.reshape(shape)
@@ -347,9 +353,12 @@ def _from_json(
     limits: RequestLimits,
     booleans: bool,
     body_bytes: int,
-) -> np.ndarray:
-    if text_swells(data, body_bytes):
-        return _strings(data, dtype, count, name, limits)
+    room: int,
+) -> tuple[np.ndarray, int]:
+    """``data`` as a flat ``dtype`` array of ``count`` elements, and the bytes of the numpy text
+    array it was read through (0 for numbers; see ``text_swells`` and ``room``)."""
+    if text_swells(data, body_bytes, room):
+        return _strings(data, dtype, count, name, limits), 0
     try:
         nested = np.asarray(data)
     except (ValueError, OverflowError):
@@ -363,14 +372,7 @@ def _from_json(
     numbers = flat.dtype.kind in "iuf" and dtype.kind in "iuf"
     boolean = first_boolean(data) if booleans and numbers else None
     if flat.size and (flat.dtype.kind not in _KINDS[dtype.kind] or boolean is not None):
-        # the first value sent of another JSON type than the datatype's, else the first
-        fits = _JSON_TYPES[dtype.kind]
-        shown = next((v for v in leaves(data) if type(v) not in fits), next(iter(leaves(data))))
-        kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
-        raise InvalidArgument(
-            f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
-            f"{json.dumps(shown)[:40]} ({kind})"
-        )
+        raise _cannot_hold(name, dtype, list(leaves(data)))
     limits.text(name, flat)
     if (problem := integer_range_error(name, flat, dtype)) is not None:
         raise InvalidArgument(problem)
@@ -383,7 +385,7 @@ def _from_json(
                 f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold {flat[infinite][0].item()!r} "
                 f"(largest: {np.finfo(dtype).max})"
             )
-    return array
+    return array, nested.nbytes if nested.dtype.kind in "US" else 0
 
 
 def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: RequestLimits) -> np.ndarray:
@@ -397,46 +399,68 @@ def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: Req
     flat = nested.reshape(-1)
     if any(type(value) is list for value in flat):
         raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values")
-    if not all(type(value) is str for value in flat):
+    texts = all(type(value) is str for value in flat)
+    if not texts and all(type(value) in _TEXT_OR_NUMBER for value in flat):  # numpy: text of all
         raise InvalidArgument(f"input {name!r}: 'data' mixes strings with other JSON values")
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
-    if dtype.kind != "O":
-        raise InvalidArgument(
-            f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
-            f"{json.dumps(flat[0])[:40]} (string)"
-        )
-    if max(map(len, flat)) * 4 > limits.max_string_bytes:
+    if dtype.kind != "O" or not texts:  # numpy: text for numbers, or objects (null, {...})
+        raise _cannot_hold(name, dtype, flat)
+    if flat.size and max(map(len, flat)) * 4 > limits.max_string_bytes:
         limits.string(name, max(len(value.encode()) for value in flat))
     return flat
+
+
+_TEXT_OR_NUMBER = (str, int, float, bool)
+"""The JSON values numpy reads as text among strings."""
+
+
+def _cannot_hold(name: str, dtype: np.dtype[Any], values: Sequence[Any] | np.ndarray) -> InvalidArgument:
+    """The error for ``values`` (a tensor's JSON leaves, not empty) of another JSON type than
+    ``dtype`` holds, naming the first such value, else the first value."""
+    fits = _JSON_TYPES[dtype.kind]
+    shown = next((value for value in values if type(value) not in fits), values[0])
+    kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
+    return InvalidArgument(
+        f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
+        f"{json.dumps(shown)[:40]} ({kind})"
+    )
 
 
 def _data_may_hold_text(body: bytes, end: int, doc: dict[str, Any]) -> bool:
     """Whether the inputs' ``data`` in ``body[:end]`` (the JSON of ``doc``) may hold a string:
     its quotes against those of every other string of ``doc``, keys included (an escaped quote
-    only adds to the body's), so that ``text_swells`` looks at the data only where it might
-    find one."""
+    or a repeated key only adds to the body's), so that ``text_swells`` looks at the data only
+    where it might find one. The walk has no recursion (orjson reads 1,024 levels), skips lists
+    of numbers at C speed, and stops once the other strings take every quote."""
+    quotes = body.count(b'"', 0, end)
+    beside = 0
     inputs = doc.get("inputs")
-    entries = inputs if isinstance(inputs, list) else [inputs]
-    beside = _strings_in({key: value for key, value in doc.items() if key != "inputs"}) + 1
-    for entry in entries:
-        if isinstance(entry, dict):
-            beside += _strings_in({key: value for key, value in entry.items() if key != "data"})
-            beside += "data" in entry
-        else:
-            beside += _strings_in(entry)
-    return body.count(b'"', 0, end) > 2 * beside
+    pending: list[Any] = [{key: value for key, value in doc.items() if key != "inputs"}]
+    if isinstance(inputs, list):
+        beside += 1  # the key "inputs"
+        for entry in inputs:
+            if isinstance(entry, dict) and "data" in entry:
+                beside += 1
+                pending.append({key: value for key, value in entry.items() if key != "data"})
+            else:
+                pending.append(entry)
+    else:
+        pending.append({"inputs": inputs} if "inputs" in doc else None)
+    while pending and 2 * beside < quotes:
+        value = pending.pop()
+        if isinstance(value, str):
+            beside += 1
+        elif isinstance(value, dict):
+            beside += len(value)
+            pending.extend(value.values())
+        elif isinstance(value, list) and not _SCALARS.issuperset(map(type, value)):
+            pending.extend(value)
+    return 2 * beside < quotes
 
 
-def _strings_in(value: Any) -> int:
-    """The JSON strings in ``value``, object keys included."""
-    if isinstance(value, str):
-        return 1
-    if isinstance(value, dict):
-        return sum(1 + _strings_in(item) for item in value.values())
-    if isinstance(value, list):
-        return sum(_strings_in(item) for item in value)
-    return 0
+_SCALARS = frozenset({int, float, bool, type(None)})
+"""JSON values that hold no string."""
 
 
 _FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32, np.float64)}
