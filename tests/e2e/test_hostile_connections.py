@@ -598,6 +598,28 @@ def test_large_json_bodies_are_decoded_in_another_process(server: ServerProcess)
     assert child_ticks > server_ticks
 
 
+def test_a_large_body_nested_deep_beside_its_data_comes_back_from_its_decode_process(
+    server: ServerProcess,
+) -> None:
+    """A body over 1 MiB is decoded in a decode process, which pickles the document back: with
+    parameters nested 900 deep (orjson reads 1,024), that raised RecursionError, a 500, where
+    the same document under 1 MiB, decoded in the server, was answered."""
+    deep: object = 0
+    for _ in range(900):
+        deep = [deep]
+    rows = 60_000
+    data = [1.0, 2.0, 3.0, 4.0] * rows
+    body = {
+        "parameters": {"deep": deep},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 4], "data": data}],
+    }
+    encoded = json.dumps(body).encode()
+    assert len(encoded) > 1 << 20
+    answer = requests.post(f"{server.url}/v2/models/affine/infer", data=encoded, timeout=60)
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["outputs"][0]["data"][:4] == [3.0, 5.0, 7.0, 9.0]
+
+
 def _kill_busy_decoder(server: ServerProcess, known: set[int]) -> int:
     """SIGKILL the server's child process not in ``known`` that is using CPU (a decode process at
     work; the multiprocessing resource tracker, also a child, idles), once it has used 5 ticks.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -109,7 +110,9 @@ class BodyDecoder:
                 raise Unavailable("the server is shutting down")
             if self._pool is None:
                 context = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+                self._pool = ProcessPoolExecutor(
+                    self.processes, mp_context=context, initializer=_deep_results
+                )
             return self._pool
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
@@ -117,6 +120,17 @@ class BodyDecoder:
             if self._pool is broken:
                 self._pool = None
         _terminate(broken)
+
+
+_PICKLE_DEPTH = 8 * 1024
+"""The recursion a decode process allows: pickling its result recurses about twice per level of
+nesting, and orjson reads JSON up to 1,024 levels deep (at Python's default of 1,000, a body
+whose parameters nested 600 deep answered 500)."""
+
+
+def _deep_results() -> None:
+    """Let a decode process pickle back any document orjson parsed."""
+    sys.setrecursionlimit(_PICKLE_DEPTH)
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
