@@ -191,8 +191,9 @@ class Reservation:
                 f"than the server holds for all requests in flight ({limit} bytes, "
                 "--max_inflight_bytes); send them in smaller requests"
             )
-        # the largest request the budget admits (--max_request_bytes) must stay servable
-        total = min(request + objects + request, limit) if limit else request + objects + request
+        total = request + objects + request
+        if limit:  # the largest request the budget admits (--max_request_bytes) stays servable
+            total = min(total, limit)
         if total - request > self._strings:
             self.grow_to(total)
             self._strings = total - request
