@@ -9,18 +9,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from inferd.config import INERT_TFSERVING_FLAGS, ServerConfig
 from inferd.errors import ConfigError, InferdError
 
 _KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 """A ``ServerConfig`` field's annotation -> the type its flag parses."""
+_T = TypeVar("_T")
 _REPEATABLE = {"memory_budget"}
 """Flags given once per value, joined with commas into their ``ServerConfig`` field."""
 
@@ -33,6 +35,48 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _at_least_one(text: str) -> int:
+    """A count flag: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number above 0."""
+    if not 0 < (value := _number(text)) < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    """A finite number, 0 or more."""
+    if not 0 <= (value := _number(text)) < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    """``text`` as a float; NaN when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _list_of(kind: Callable[[str], _T]) -> Callable[[str], tuple[_T, ...]]:
+    """A comma-separated flag, each item parsed by ``kind``."""
+
+    def parse(text: str) -> tuple[_T, ...]:
+        return tuple(kind(item) for item in _names(text))
+
+    return parse
 
 
 def _snake_case_flags(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
@@ -285,15 +329,40 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)",
     )
     add("--version", type=int, help="model version (default: the server's choice)")
-    add("--instances", type=int, default=1, help="rows per request when generating the payload (default: 1)")
+    add(
+        "--instances",
+        type=_at_least_one,
+        default=1,
+        help="rows per request when generating the payload (default: 1)",
+    )
     add("--payload", type=Path, help="request payload: a REST .json body, or .npy / .npz tensors")
-    add("--concurrency", default="", help="comma-separated concurrencies of the closed loop (default: 1)")
-    add("--rate", default="", help="comma-separated request rates (per second) of the open loop")
-    add("--duration", type=float, default=10.0, help="measured seconds per step (default: 10)")
-    add("--warmup", type=float, default=2.0, help="seconds of load before each step is measured (default: 2)")
-    add("--timeout", type=float, default=10.0, help="seconds a request may take (default: 10)")
-    add("--processes", type=int, default=1, help="load generator processes (default: 1)")
-    add("--max-connections", type=int, default=1024, help="HTTP connections of the open loop (default: 1024)")
+    add(
+        "--concurrency",
+        type=_list_of(_at_least_one),
+        default=(),
+        help="comma-separated concurrencies of the closed loop (default: 1)",
+    )
+    add(
+        "--rate",
+        type=_list_of(_positive),
+        default=(),
+        help="comma-separated request rates (per second, at most 1,000,000) of the open loop",
+    )
+    add("--duration", type=_positive, default=10.0, help="measured seconds per step (default: 10)")
+    add(
+        "--warmup",
+        type=_not_negative,
+        default=2.0,
+        help="seconds of load before each step is measured (default: 2)",
+    )
+    add("--timeout", type=_positive, default=10.0, help="seconds a request may take (default: 10)")
+    add("--processes", type=_at_least_one, default=1, help="load generator processes (default: 1)")
+    add(
+        "--max-connections",
+        type=_at_least_one,
+        default=1024,
+        help="HTTP connections of the open loop (default: 1024)",
+    )
     add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
     add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
     add(
@@ -301,7 +370,12 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         help="REST base URL to read the model's metadata from (TF Serving's or V2's API, as --protocol)",
     )
     add("--path", help="REST route to POST to instead of the protocol's (servers with their own routes)")
-    add("--price-per-hour", type=float, default=0.0, help="server price per hour, for cost per million")
+    add(
+        "--price-per-hour",
+        type=_not_negative,
+        default=0.0,
+        help="server price per hour, for cost per million",
+    )
     add("--tls-ca", help="PEM file of the CA the server's certificate chains to: TLS (https:// implies it)")
     add("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
     add("--tls-key", help="PEM private key of --tls-cert")
@@ -338,8 +412,8 @@ def _bench(args: argparse.Namespace) -> int:
         version=args.version,
         instances=args.instances,
         payload=args.payload,
-        concurrency=tuple(int(n) for n in _names(args.concurrency)),
-        rates=tuple(float(n) for n in _names(args.rate)),
+        concurrency=args.concurrency,
+        rates=args.rate,
         duration_s=args.duration,
         warmup_s=args.warmup,
         timeout_s=args.timeout,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from inferd.cli import _batch_parser, _bench_parser, _optimize_parser, _select_parser, _serve_parser
+from inferd.cli import _batch_parser, _bench_parser, _optimize_parser, _select_parser, _serve_parser, main
 from inferd.config import ServerConfig
 
 
@@ -43,3 +44,44 @@ def test_flags_are_spelled_in_snake_case_and_kebab_case_stays_an_alias(command: 
     snake = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch_size=8", "--keep_columns=a"])
     kebab = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch-size=8", "--keep-columns=a"])
     assert (snake.batch_size, snake.keep_columns) == (kebab.batch_size, kebab.keep_columns) == (8, "a")
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--concurrency=4,a", "argument --concurrency: expected a whole number of 1 or more, got 'a'"),
+        ("--concurrency=0", "argument --concurrency: expected a whole number of 1 or more, got '0'"),
+        ("--rate=inf", "argument --rate: expected a finite number above 0, got 'inf'"),
+        ("--duration=nan", "argument --duration: expected a finite number above 0, got 'nan'"),
+        ("--timeout=0", "argument --timeout: expected a finite number above 0, got '0'"),
+        ("--warmup=-1", "argument --warmup: expected a finite number of 0 or more, got '-1'"),
+        ("--instances=-5", "argument --instances: expected a whole number of 1 or more, got '-5'"),
+        ("--processes=0", "argument --processes: expected a whole number of 1 or more, got '0'"),
+        ("--max_connections=0", "argument --max_connections/--max-connections: expected a whole number"),
+        ("--price_per_hour=nan", "argument --price_per_hour/--price-per-hour: expected a finite number"),
+    ],
+)
+def test_bench_refuses_numbers_it_cannot_use_naming_the_flag(
+    flag: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "http://127.0.0.1:9", "--model=m", flag])
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_bench_refuses_a_payload_it_cannot_read_and_a_rate_it_cannot_keep(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before it connects anywhere (port 9 answers nothing): these used to end in a traceback, or
+    in an open loop that scheduled requests for minutes without sending one (``--rate=1e12``)."""
+    (tmp_path / "not.npy").write_text("not an array")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for flag, said in [
+        (f"--payload={tmp_path / 'absent.json'}", f"--payload {tmp_path / 'absent.json'}: [Errno 2]"),
+        (f"--payload={tmp_path / 'not.npy'}", f"--payload {tmp_path / 'not.npy'}: "),
+        (f"--payload={tmp_path / 'empty.npz'}", f"--payload {tmp_path / 'empty.npz'}: "),
+        ("--rate=1e12", "rate: expected requests per second above 0 and at most 1,000,000, got 1e+12"),
+    ]:
+        assert main(["bench", "http://127.0.0.1:9", "--model=m", "--duration=1", flag]) == 2
+        assert said in capsys.readouterr().err.splitlines()[-1]

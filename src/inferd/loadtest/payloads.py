@@ -16,10 +16,11 @@ import http.client
 import json
 import ssl
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -29,6 +30,8 @@ from inferd.types import dtype_of
 
 if TYPE_CHECKING:
     import grpc
+
+_T = TypeVar("_T")
 
 PROTOCOLS = ("rest", "v2", "v2-binary", "grpc", "v2-grpc")
 """TF Serving REST, V2 REST JSON, V2 REST binary tensors, TF Serving gRPC, KServe V2 gRPC."""
@@ -118,7 +121,7 @@ def build(
     if payload is not None and payload.suffix == ".json":
         if protocol not in ("rest", "v2"):
             raise ValueError(f"a .json payload is a REST body; {protocol} needs .npy or .npz")
-        body = payload.read_bytes()
+        body = _read(payload, payload.read_bytes)
         return _http(
             protocol,
             host,
@@ -130,8 +133,8 @@ def build(
             tls,
         )
     if payload is not None:
-        loaded = np.load(payload)
-        tensors = dict(loaded) if isinstance(loaded, np.lib.npyio.NpzFile) else None
+        loaded = _read(payload, lambda: np.load(payload))
+        tensors = _read(payload, lambda: dict(loaded)) if isinstance(loaded, np.lib.npyio.NpzFile) else None
         if tensors is None:
             (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version, tls)
             tensors = {name: np.asarray(loaded)}
@@ -170,6 +173,18 @@ def build(
     ).encode()
     extra = {"Inference-Header-Content-Length": str(len(header))}
     return _http(protocol, host, port, route, header + b"".join(raws), rows, extra, tls)
+
+
+def _read(payload: Path, read: Callable[[], _T]) -> _T:
+    """What ``read`` reads of the ``--payload`` file.
+
+    Raises:
+        ValueError: the file cannot be read, or is not what its suffix says; naming it.
+    """
+    try:
+        return read()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"--payload {payload}: {exc}") from None
 
 
 def generate(specs: Specs, instances: int) -> dict[str, np.ndarray]:

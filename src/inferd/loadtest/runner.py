@@ -11,6 +11,7 @@ reported as it completes (``run``'s ``on_step``), with the server's first few er
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import threading
 import time
@@ -28,6 +29,9 @@ from inferd.loadtest.payloads import ClientTls, Payload, build
 from inferd.loadtest.serverside import ServerUsage, ServerWatch, read_metrics
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+MAX_RATE = 1_000_000
+"""The most requests per second an open-loop step schedules: each due request is scheduled and
+kept on its own, so a rate far past what the loop can send would only fill memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +106,13 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
             wrong kind, metadata that cannot be read).
     """
     steps = steps_of(options)
-    if any(level <= 0 for _, level in steps):
-        raise ValueError("concurrency and rate must be > 0")
+    for mode, level in steps:
+        if not 0 < level <= (MAX_RATE if mode == OPEN else math.inf):
+            raise ValueError(
+                f"rate: expected requests per second above 0 and at most {MAX_RATE:,}, got {level:g}"
+                if mode == OPEN
+                else f"concurrency: expected 1 or more, got {level:g}"
+            )
     payload = build(
         options.url,
         options.protocol,
