@@ -37,15 +37,22 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _at_least_one(text: str) -> int:
-    """A count flag: a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
-    return value
+def _whole(least: int) -> Callable[[str], int]:
+    """A flag that takes a whole number, ``least`` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {least} or more, got {text!r}")
+        return value
+
+    return parse
+
+
+_at_least_one = _whole(1)
 
 
 def _positive(text: str) -> float:
@@ -166,8 +173,12 @@ def _features_parser(sub: Any) -> None:
     load.add_argument("--store", required=True, help="Redis URL, e.g. redis://localhost:6379/0")
     load.add_argument("--entity", required=True, help="entity column(s), comma-separated for a composite key")
     load.add_argument("--prefix", default="", help="key prefix (default: the entity column names)")
-    load.add_argument("--ttl", type=int, default=0, help="seconds until each hash expires (default: never)")
-    load.add_argument("--chunk_rows", type=int, default=1000, help="rows per pipelined round trip")
+    load.add_argument(
+        "--ttl", type=_whole(0), default=0, help="seconds until each hash expires (default: 0, never)"
+    )
+    load.add_argument(
+        "--chunk_rows", type=_at_least_one, default=1000, help="rows per pipelined round trip (default: 1000)"
+    )
 
 
 def _load_features(args: argparse.Namespace) -> int:
@@ -328,7 +339,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         choices=["rest", "v2", "v2-binary", "grpc", "v2-grpc"],
         help="TF Serving REST, V2 REST JSON or binary, TF Serving gRPC, V2 gRPC (default: rest)",
     )
-    add("--version", type=int, help="model version (default: the server's choice)")
+    add("--version", type=_whole(0), help="model version (default: the server's choice)")
     add(
         "--instances",
         type=_at_least_one,
@@ -513,8 +524,18 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         "--signature",
         help="signature to call (default: serving_default; for auc, predict_proba where a model has it)",
     )
-    add("--price-per-hour", type=float, default=0.0, help="machine price per hour, for cost_per_million")
-    add("--batch-size", type=int, default=0, help="rows per call when measuring throughput (default: probed)")
+    add(
+        "--price-per-hour",
+        type=_not_negative,
+        default=0.0,
+        help="machine price per hour, for cost_per_million",
+    )
+    add(
+        "--batch-size",
+        type=_whole(0),
+        default=0,
+        help="rows per call when measuring throughput (default: probed)",
+    )
     add("--url", help="also measure through the server at this URL, which serves each candidate by name")
     add("--json", dest="json_path", type=Path, help="write the report as JSON to this file")
     add("--markdown", type=Path, help="write the report as Markdown to this file")
@@ -537,7 +558,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         "(as inferd rollout; --promote_label defaults to stable)",
     )
     add("--steps", default="1,5,25,50,100", help="with --canary: canary percents, increasing, ending at 100")
-    add("--step_s", type=float, default=60.0, help="with --canary: seconds each step lasts")
+    add("--step_s", type=_positive, default=60.0, help="with --canary: seconds each step lasts")
     add(
         "--guard",
         action="append",
@@ -705,7 +726,7 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL")
     add = _snake_case_flags(parser)
-    add("--to", type=int, help="the canary version (needed to start one)")
+    add("--to", type=_whole(0), help="the canary version (needed to start one)")
     actions = parser.add_mutually_exclusive_group()
     for action, what in (
         ("status", "print the state of the model's last rollout"),
@@ -717,7 +738,9 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
         actions.add_argument(f"--{action}", dest="action", action="store_const", const=action, help=what)
     add("--label", default="stable", help="the label that points to the baseline and moves at the end")
     add("--steps", default="1,5,25,50,100", help="canary percents, increasing, ending at 100")
-    add("--step_s", type=float, default=60.0, help="seconds each step lasts before its guards are checked")
+    add(
+        "--step_s", type=_positive, default=60.0, help="seconds each step lasts before its guards are checked"
+    )
     add(
         "--guard",
         action="append",

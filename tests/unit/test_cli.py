@@ -85,3 +85,30 @@ def test_bench_refuses_a_payload_it_cannot_read_and_a_rate_it_cannot_keep(
     ]:
         assert main(["bench", "http://127.0.0.1:9", "--model=m", "--duration=1", flag]) == 2
         assert said in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["features", "load", "t.csv", "--store=redis://x", "--entity=id", "--chunk_rows=0"],
+            "--chunk_rows: expected",
+        ),
+        (
+            ["features", "load", "t.csv", "--store=redis://x", "--entity=id", "--ttl=-5"],
+            "--ttl: expected a whole",
+        ),
+        (["rollout", "m", "--to=2", "--step_s=nan"], "--step_s: expected a finite number above 0, got 'nan'"),
+        (["rollout", "m", "--to=-1"], "--to: expected a whole number of 0 or more, got '-1'"),
+        (["select", "c", "--price_per_hour=-1"], "--price-per-hour: expected a finite number of 0 or more"),
+        (["select", "c", "--batch_size=-2"], "--batch-size: expected a whole number of 0 or more"),
+    ],
+)
+def test_other_commands_refuse_numbers_they_cannot_use(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative --ttl or --chunk_rows used to load features as if none was given."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
