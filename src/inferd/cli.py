@@ -868,12 +868,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     values["memory_budget"] = ",".join(args.memory_budget or ())
     if values.get("num_load_threads") == 0:
         values["num_load_threads"] = 1  # TF Serving's 0 loads in its manager's loop: one at a time
-    config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
-    if args.repository and (config.model_config_file or config.model_base_path):
-        parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
     from inferd.config import worker_count
 
     try:
+        config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+        if args.repository and (config.model_config_file or config.model_base_path):
+            parser.error("give either a repository DIR or --model_base_path / --model_config_file, not both")
         workers = worker_count(config.workers)
         if workers > 1:  # the supervisor imports no server code before it forks the workers
             from inferd.workers import Supervisor

@@ -6,11 +6,12 @@ the CLI), the model config file and each model's ``inferd.toml``, then the defau
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -526,9 +527,10 @@ class ModelConfig:
     labels: Mapping[str, int] = field(default_factory=dict)
 
 
-def option(help: str, **field_options: Any) -> Any:
-    """A ``ServerConfig`` field: ``field(**field_options)`` carrying its one-line description."""
-    return field(metadata={"help": help}, **field_options)
+def option(help: str, least: float | None = None, most: float = math.inf, **field_options: Any) -> Any:
+    """A ``ServerConfig`` field: ``field(**field_options)`` carrying its one-line description and,
+    for a number, the range ``ServerConfig`` holds it to (``least`` to ``most``)."""
+    return field(metadata={"help": help, "range": (least, most)}, **field_options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,7 +549,7 @@ class ServerConfig:
         "address to listen on; 0.0.0.0 (every interface) as in TF Serving, 127.0.0.1 for this machine only",
         default="0.0.0.0",
     )
-    rest_api_port: int = option("port of the REST API", default=8501)
+    rest_api_port: int = option("port of the REST API", default=8501, least=0, most=65535)
     workers: str = option(
         "server processes sharing the REST and gRPC ports, each serving every model; auto: one per "
         "core (1: one process, no supervisor)",
@@ -556,6 +558,8 @@ class ServerConfig:
     port: int = option(
         "port of the gRPC API (TF Serving's and the V2 services); 0 turns gRPC off",
         default=8500,
+        least=0,
+        most=65535,
     )
     model_name: str = option("name of the model served from --model_base_path", default="default")
     model_base_path: str = option(
@@ -583,27 +587,33 @@ class ServerConfig:
     model_cache_bytes: int = option(
         "most bytes the model cache holds; least recently used versions not served are evicted (0: no bound)",
         default=10 * 1024**3,
+        least=0,
     )
     rest_api_timeout_in_ms: int = option(
         "deadline of one REST request; past it the answer is 504",
         default=30_000,
+        least=1,
     )
     rest_api_num_threads: int = option(
         "threads that run unbatched model calls slower than 50 us (batching queues have their own threads)",
         default_factory=lambda: os.cpu_count() or 1,
+        least=1,
     )
     decode_processes: int = option(
         "processes that decode large REST JSON bodies (1 MiB and up), started at the first one, "
         "so that decoding them does not hold the server's GIL (0: decode them on a thread)",
         default=1,
+        least=0,
     )
     max_request_bytes: int = option(
         "largest request body accepted; larger bodies get 413",
         default=64 * 1024 * 1024,
+        least=1,
     )
     max_header_bytes: int = option(
         "largest total size of a request's HTTP headers or gRPC metadata; more get 413",
         default=64 * 1024,
+        least=1,
     )
     max_connections: int = option(
         "open connections per port (REST and gRPC each) past which new ones are refused at once "
@@ -669,16 +679,18 @@ class ServerConfig:
         default="",
     )
     otel_sample_rate: float = option(
-        "share of requests traced, 0 to 1, when the client sent no traceparent", default=1.0
+        "share of requests traced, 0 to 1, when the client sent no traceparent", default=1.0, least=0, most=1
     )
     max_in_flight: int = option(
         "per model version, unbatched predictions running or waiting beyond which requests get 503",
         default=256,
+        least=1,
     )
     drain_timeout_s: float = option(
         "on SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits "
         "(new ones get 503 meanwhile)",
         default=30.0,
+        least=0,
     )
     admin_token: str = option(
         "bearer token for admin calls (V2 repository load/unload/index, HandleReloadConfigRequest); "
@@ -768,6 +780,16 @@ class ServerConfig:
     enable_serialization_as_tensor_content: bool = option(
         "gRPC Predict answers carry tensor_content bytes instead of the typed value fields", default=False
     )
+
+    def __post_init__(self) -> None:
+        """Raises ConfigError for a number that is NaN or outside its option's range."""
+        for spec in fields(self):
+            value, (least, most) = getattr(self, spec.name), spec.metadata["range"]
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"--{spec.name} must be a number, got nan")
+            if least is not None and not least <= value <= most:
+                within = f">= {least:g}" if most == math.inf else f"from {least:g} to {most:g}"
+                raise ConfigError(f"--{spec.name} must be {within}, got {value}")
 
 
 INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {

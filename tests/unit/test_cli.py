@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -112,3 +114,14 @@ def test_other_commands_refuse_numbers_they_cannot_use(
         main(argv)
     assert exit_.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_serve_refuses_an_option_out_of_range_before_it_starts() -> None:
+    """``--rest_api_port=70000`` used to start a server (on port 4464); ``-7`` threads, a traceback."""
+    for flag, said in [
+        ("--rest_api_port=70000", "inferd: --rest_api_port must be from 0 to 65535, got 70000\n"),
+        ("--rest_api_num_threads=-7", "inferd: --rest_api_num_threads must be >= 1, got -7\n"),
+    ]:
+        argv = [sys.executable, "-m", "inferd", "serve", "--model_base_path=/nonexistent", flag]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (2, said)

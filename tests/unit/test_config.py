@@ -451,3 +451,42 @@ def test_worker_count_takes_whole_numbers_and_auto() -> None:
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ConfigError, match="--workers: expected a whole number"):
             worker_count(bad)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("rest_api_port", 70000, "--rest_api_port must be from 0 to 65535, got 70000"),
+        ("port", -1, "--port must be from 0 to 65535, got -1"),
+        ("rest_api_num_threads", -7, "--rest_api_num_threads must be >= 1, got -7"),
+        ("rest_api_timeout_in_ms", 0, "--rest_api_timeout_in_ms must be >= 1, got 0"),
+        ("max_request_bytes", -7, "--max_request_bytes must be >= 1, got -7"),
+        ("max_header_bytes", 0, "--max_header_bytes must be >= 1, got 0"),
+        ("model_cache_bytes", -7, "--model_cache_bytes must be >= 0, got -7"),
+        ("decode_processes", -1, "--decode_processes must be >= 0, got -1"),
+        ("max_in_flight", 0, "--max_in_flight must be >= 1, got 0"),
+        ("otel_sample_rate", 1.5, "--otel_sample_rate must be from 0 to 1, got 1.5"),
+        ("drain_timeout_s", -7.0, "--drain_timeout_s must be >= 0, got -7.0"),
+        ("keep_alive_timeout_s", float("nan"), "--keep_alive_timeout_s must be a number, got nan"),
+        ("file_system_poll_wait_seconds", float("nan"), "--file_system_poll_wait_seconds must be a number"),
+    ],
+)
+def test_server_options_out_of_range_are_refused_naming_the_flag(
+    option: str, value: float, said: str
+) -> None:
+    """Each of these used to start a server that misbehaved (a negative body limit refused every
+    request; NaN poll waits read the folders once) or ended in a traceback (threads)."""
+    with pytest.raises(ConfigError) as refused:
+        ServerConfig(**{option: value})
+    assert said in refused.value.message
+
+
+def test_tf_serving_values_outside_inferds_own_reading_still_start() -> None:
+    """TF Serving takes a negative poll wait (no polling) and warm-up count (none extra)."""
+    config = ServerConfig(
+        file_system_poll_wait_seconds=-1,
+        model_config_file_poll_wait_seconds=-1,
+        num_request_iterations_for_warmup=-1,
+        header_timeout_s=float("inf"),
+    )
+    assert config.file_system_poll_wait_seconds == -1

@@ -86,7 +86,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["memory_budget"] = ",".join(args.memory_budget or ())  # repeatable, as for inferd serve
-    config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    try:
+        config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    except ConfigError as exc:
+        print(f"inferd ray: {exc.message}", file=sys.stderr)
+        return 2
     if args.repository and (config.model_config_file or config.model_base_path):
         print(
             "inferd ray: give either a repository DIR or --model_base_path / --model_config_file",
