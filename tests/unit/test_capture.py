@@ -29,7 +29,12 @@ def test_capture_tables_are_checked_and_paths_resolved_under_the_base(tmp_path: 
         ({"path": "c", "fraction": 2}, r"'fraction' must be a number in \[0, 1\]"),
         ({"path": "c", "fields": "x"}, "'fields' must be a list of column names"),
         ({"path": "c", "file_rows": 0}, "'file_rows' must be an integer >= 1"),
-        ({"path": "c", "budget_mb": -1}, "'budget_mb' must be a number >= 0"),
+        ({"path": "c", "budget_mb": -1}, "'budget_mb' must be a finite number >= 0"),
+        # NaN captured every request, deleted every file written; inf killed the writer thread.
+        ({"path": "c", "fraction": float("nan")}, "'fraction' must be a finite number >= 0, got nan"),
+        ({"path": "c", "budget_mb": float("nan")}, "'budget_mb' must be a finite number >= 0, got nan"),
+        ({"path": "c", "flush_s": float("nan")}, "'flush_s' must be a finite number >= 0, got nan"),
+        ({"path": "c", "flush_s": float("inf")}, "'flush_s' must be a finite number >= 0, got inf"),
         ({"path": "c", "size": 1}, r"unknown key\(s\) \['size'\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
