@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -106,11 +107,12 @@ class Guard:
             )
         metric, op, factor, number = match.groups()
         try:
-            if number is not None:
-                return Guard(metric, op, float(number), False)
-            return Guard(metric, op, 1.0 if factor is None else float(factor), True)
+            value = float(number if number is not None else factor or 1.0)
         except ValueError:
             raise InvalidArgument(f"guard {text!r}: {factor or number!r} is not a number") from None
+        if not math.isfinite(value):  # its text ("inf") would not parse again when the step loop reads it
+            raise InvalidArgument(f"guard {text!r}: {factor or number!r} is not a finite number")
+        return Guard(metric, op, value, number is None)
 
     def holds(self, canary: float | None, baseline: float | None) -> bool:
         """True when the canary's value meets the bound, or when a value is missing."""
@@ -125,7 +127,7 @@ class Guard:
         }[self.op]
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}{'*baseline' if self.relative else ''}"
+        return f"{self.metric}{self.op}{self.value:.15g}{'*baseline' if self.relative else ''}"
 
 
 @dataclass(slots=True)
