@@ -340,7 +340,8 @@ class Rollouts(Collector):
         return asdict(state)
 
     def restore(self) -> None:
-        """Read the states of ``state_dir`` back (before serving): see the module docstring."""
+        """Read the states of ``state_dir`` back (before serving): see the module docstring. A
+        state that cannot be applied (its canary is gone) is logged and left out; never raises."""
         if self._state_dir is None or not self._state_dir.is_dir():
             return
         for path in sorted(self._state_dir.glob("*.rollout.json")):
@@ -352,19 +353,26 @@ class Rollouts(Collector):
             if state.model not in self._manager.names():
                 continue
             self._states[state.model] = state
-            if state.state == "done":
-                self._finish(state, note=False)
-            elif state.state == "paused":
-                self._apply(state)  # held where it was paused, until resumed
-            elif state.state == "rolled_back" or state.on_restart == "rollback":
-                if state.state == "running":
-                    state.state = "rolled_back"
-                    state.note("rolled back at restart", step=state.step)
-                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-                self._save(state)
-            else:
-                state.note("resumed at restart", step=state.step)
-                self._launch(state)
+            try:
+                self._restore(state)
+            except Exception as exc:  # e.g. the canary is gone: the server serves as configured
+                self._states.pop(state.model, None)
+                log.error("cannot restore the rollout of model %s from %s: %s", state.model, path, exc)
+
+    def _restore(self, state: RolloutState) -> None:
+        if state.state == "done":
+            self._finish(state, note=False)
+        elif state.state == "paused":
+            self._apply(state)  # held where it was paused, until resumed
+        elif state.state == "rolled_back" or state.on_restart == "rollback":
+            if state.state == "running":
+                state.state = "rolled_back"
+                state.note("rolled back at restart", step=state.step)
+            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+            self._save(state)
+        else:
+            state.note("resumed at restart", step=state.step)
+            self._launch(state)
 
     def _launch(self, state: RolloutState) -> None:
         self._states[state.model] = state

@@ -93,3 +93,28 @@ def test_operator_actions_follow_the_state_and_a_paused_rollout_stays_paused_acr
             await manager.close()
 
     asyncio.run(main())
+
+
+def test_a_finished_rollout_whose_canary_is_gone_does_not_stop_a_restarted_server(tmp_path: Path) -> None:
+    # restore() raised (the label could not move to version 2), so the server did not start.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            assert rollouts.command("m", "promote", b"")["state"] == "done"
+            await rollouts.close()
+            await manager.close()
+
+            manager = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1], {"stable": 1})])  # version 2 was removed meanwhile
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path)
+            rollouts.restore()
+            assert manager.labels("m") == {"stable": 1}
+            with pytest.raises(NotFound, match="model m has no rollout"):
+                rollouts.status("m")
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
