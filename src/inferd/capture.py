@@ -250,7 +250,12 @@ def _rows(sample: _Sample) -> _Rows:
         flat = np.asarray(value).reshape(rows, -1)
         columns[name] = flat[:, 0] if flat.shape[1] == 1 else flat
     kept = sample.settings.fields
-    return {k: v for k, v in columns.items() if k in kept} if kept else columns
+    if not kept:
+        return columns
+    chosen = {k: v for k, v in columns.items() if k in kept}
+    if not chosen:  # no rows: it would wait in memory for ever, counted as written
+        raise ValueError(f"'fields' {list(kept)} names none of its columns {list(columns)}")
+    return chosen
 
 
 def _table(samples: list[_Rows]) -> Any:

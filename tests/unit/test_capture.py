@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from inferd.capture import _keep_under
-from inferd.config import capture_from_toml
+from inferd.capture import _keep_under, _rows, _Sample
+from inferd.config import CaptureSettings, capture_from_toml
 from inferd.errors import ConfigError
 
 
@@ -39,3 +40,16 @@ def test_capture_tables_are_checked_and_paths_resolved_under_the_base(tmp_path: 
     ]:
         with pytest.raises(ConfigError, match=message):
             capture_from_toml(table, tmp_path, "[capture]")
+
+
+def test_fields_that_name_no_column_fail_the_sample_rather_than_keeping_it_for_ever(tmp_path: Path) -> None:
+    # It gave an empty row set: counted written, never written, kept in memory until shutdown.
+    settings = CaptureSettings(tmp_path, 1.0, ("nope",), 1.0, 1, 0.1, 8)
+    x = np.ones((2, 4), dtype=np.float32)
+    sample = _Sample(settings, "m", 1, "id", 0.0, 0.001, {"x": x}, {"y": x})
+    with pytest.raises(ValueError, match=r"'fields' \['nope'\] names none of its columns"):
+        _rows(sample)
+    kept = _rows(
+        _Sample(CaptureSettings(tmp_path, 1.0, ("x",), 1.0, 1, 0.1, 8), "m", 1, "id", 0.0, 0.0, {"x": x}, {})
+    )
+    assert list(kept) == ["x"]
