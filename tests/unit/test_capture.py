@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from inferd.capture import _keep_under, _rows, _Sample
+from inferd.capture import TrafficCapture, _keep_under, _rows, _Sample
 from inferd.config import CaptureSettings, capture_from_toml
 from inferd.errors import ConfigError
+from inferd.metrics import Metrics
+from inferd.types import ModelId
 
 
 def test_the_oldest_capture_files_go_first_when_over_budget(tmp_path: Path) -> None:
@@ -53,3 +57,25 @@ def test_fields_that_name_no_column_fail_the_sample_rather_than_keeping_it_for_e
         _Sample(CaptureSettings(tmp_path, 1.0, ("x",), 1.0, 1, 0.1, 8), "m", 1, "id", 0.0, 0.0, {"x": x}, {})
     )
     assert list(kept) == ["x"]
+
+
+def test_samples_whose_file_cannot_be_written_are_counted_failed_not_written(tmp_path: Path) -> None:
+    # They were counted written when they reached the writer, before their file failed.
+    (tmp_path / "afile").write_text("")
+    settings = CaptureSettings(tmp_path / "afile" / "caps", 1.0, (), 1.0, 10, 0.1, 8)
+    manager = SimpleNamespace(settings=lambda model: SimpleNamespace(capture=settings))
+    metrics = Metrics()
+    capture = TrafficCapture(manager, metrics)  # type: ignore[arg-type]
+    x = np.ones((1, 4), dtype=np.float32)
+    response = SimpleNamespace(outputs={"y": x}, id="", model_id=ModelId("m", 1))
+    call = SimpleNamespace(model="m", id="r", started=0.0, ended=0.001, inputs={"x": x}, response=response)
+
+    async def offer() -> None:
+        for _ in range(3):
+            capture.offer(call)  # type: ignore[arg-type]
+
+    asyncio.run(offer())
+    capture.close()  # writes what is buffered
+    count = metrics.registry.get_sample_value
+    assert count("inferd_capture_samples_total", {"model": "m", "result": "failed"}) == 3
+    assert count("inferd_capture_samples_total", {"model": "m", "result": "written"}) is None
