@@ -251,6 +251,8 @@ def compare(
         output (none for rows with no numeric output).
     """
     rows = max((np.asarray(v).shape[0] if np.ndim(v) else 1 for v in primary.values()), default=0)
+    if rows == 0:  # an empty batch: nothing to compare (reshape(0, -1) would raise)
+        return 0, 0, []
     agree = np.ones(rows, dtype=bool)
     difference: np.ndarray | None = None
     for name, value in primary.items():

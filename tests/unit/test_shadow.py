@@ -29,6 +29,14 @@ def test_a_missing_output_or_another_shape_disagrees_on_every_row() -> None:
     assert compare({"y": x}, {"y": np.zeros((3, 3))}, "auto", 1.0)[:2] == (0, 3)
 
 
+def test_an_empty_batch_compares_no_rows() -> None:
+    # It raised: the request counted as a shadow failure, and with every other request batched
+    # with it for a [batching] shadow.
+    empty = {"scores": np.zeros((0, 3), np.float32), "value": np.zeros((0, 1), np.float32)}
+    for how in ("auto", "argmax", "tolerance", "exact"):
+        assert compare(empty, dict(empty), how, 1e-6) == (0, 0, [])
+
+
 def test_shadow_tables_are_checked() -> None:
     assert shadow_from_toml({"version": 3, "fraction": 1}, "[shadow]") == ShadowSettings(3, 1.0)
     for table, message in [
