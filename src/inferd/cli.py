@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +34,21 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _finite(text: str) -> float:
+    """A finite number: JSON, which rollouts are started with, has no NaN or infinity.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not a finite one.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _snake_case_flags(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
@@ -463,7 +479,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         "(as inferd rollout; --promote_label defaults to stable)",
     )
     add("--steps", default="1,5,25,50,100", help="with --canary: canary percents, increasing, ending at 100")
-    add("--step_s", type=float, default=60.0, help="with --canary: seconds each step lasts")
+    add("--step_s", type=_finite, default=60.0, help="with --canary: seconds each step lasts")
     add(
         "--guard",
         action="append",
@@ -541,8 +557,8 @@ def _select(args: argparse.Namespace) -> int:
         canary = None
         if args.canary:
             try:
-                steps = tuple(float(p) for p in args.steps.split(","))
-            except ValueError:
+                steps = tuple(_finite(p) for p in args.steps.split(","))
+            except argparse.ArgumentTypeError:
                 print(
                     f"inferd select: --steps must be comma-separated percents, got {args.steps!r}",
                     file=sys.stderr,
@@ -643,7 +659,7 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
         actions.add_argument(f"--{action}", dest="action", action="store_const", const=action, help=what)
     add("--label", default="stable", help="the label that points to the baseline and moves at the end")
     add("--steps", default="1,5,25,50,100", help="canary percents, increasing, ending at 100")
-    add("--step_s", type=float, default=60.0, help="seconds each step lasts before its guards are checked")
+    add("--step_s", type=_finite, default=60.0, help="seconds each step lasts before its guards are checked")
     add(
         "--guard",
         action="append",
@@ -676,8 +692,8 @@ def _rollout(args: argparse.Namespace) -> int:
         if args.to is None:
             raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
         try:
-            steps = [float(p) for p in args.steps.split(",")]
-        except ValueError:
+            steps = [_finite(p) for p in args.steps.split(",")]
+        except argparse.ArgumentTypeError:
             raise SystemExit(
                 f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
             ) from None

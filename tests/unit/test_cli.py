@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from inferd.cli import _batch_parser, _bench_parser, _optimize_parser, _select_parser, _serve_parser
+from inferd.cli import _batch_parser, _bench_parser, _optimize_parser, _select_parser, _serve_parser, main
 from inferd.config import ServerConfig
 
 
@@ -43,3 +43,20 @@ def test_flags_are_spelled_in_snake_case_and_kebab_case_stays_an_alias(command: 
     snake = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch_size=8", "--keep_columns=a"])
     kebab = parser.parse_args(["batch", "m", "in.csv", "out.parquet", "--batch-size=8", "--keep-columns=a"])
     assert (snake.batch_size, snake.keep_columns) == (kebab.batch_size, kebab.keep_columns) == (8, "a")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--step_s=nan"], "argument --step_s: expected a finite number, got 'nan'"),
+        (["--step_s=inf"], "argument --step_s: expected a finite number, got 'inf'"),
+        (["--steps=nan,100"], "--steps must be comma-separated percents, got 'nan,100'"),
+    ],
+)
+def test_a_rollout_refuses_numbers_json_cannot_carry_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They were sent as NaN/Infinity, and the server answered "the body is not valid JSON".
+    with pytest.raises(SystemExit) as stopped:
+        main(["rollout", "m", "--to=2", "--url=http://127.0.0.1:1", *argv])
+    assert message in f"{stopped.value.code} {capsys.readouterr().err}"
