@@ -149,6 +149,9 @@ class RolloutState:
     history: list[dict[str, Any]] = field(default_factory=list)
     checked: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """The guards' metrics over the last step checked: metric -> ``canary`` and ``baseline``."""
+    moved: dict[str, int] = field(default_factory=dict)
+    """Label -> version, as the model's earlier finished rollouts moved them (this file replaced
+    theirs): moved again at a restart."""
 
     def note(self, event: str, **detail: Any) -> None:
         self.history.append({"time": time.time(), "event": event, **detail})
@@ -335,6 +338,10 @@ class Rollouts(Collector):
         state = RolloutState(
             model, baseline, canary, label, percents, float(step_s), [str(g) for g in parsed], on_restart
         )
+        if previous is not None:  # what the earlier finished rollouts moved, for a restart
+            state.moved = dict(previous.moved)
+            if previous.state == "done":
+                state.moved[previous.label] = previous.canary
         state.note("started", steps=state.steps, step_s=state.step_s, guards=state.guards)
         self._launch(state)
         return asdict(state)
@@ -360,6 +367,13 @@ class Rollouts(Collector):
                 log.error("cannot restore the rollout of model %s from %s: %s", state.model, path, exc)
 
     def _restore(self, state: RolloutState) -> None:
+        for label, version in state.moved.items():
+            try:
+                self._manager.move_label(state.model, label, version)
+            except InferdError as exc:  # that version is gone: the label stays as configured
+                log.error(
+                    "model %s: label %r cannot move back to version %d: %s", state.model, label, version, exc
+                )
         if state.state == "done":
             self._finish(state, note=False)
         elif state.state == "paused":

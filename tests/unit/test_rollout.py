@@ -118,3 +118,34 @@ def test_a_finished_rollout_whose_canary_is_gone_does_not_stop_a_restarted_serve
             await manager.close()
 
     asyncio.run(main())
+
+
+def test_a_label_a_finished_rollout_moved_stays_moved_after_a_later_rollout_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    # The later rollout's state file replaced the finished one's: at a restart the label went back
+    # to the configured version 1 while the rolled-back split held version 2.
+    async def serve(pool: ThreadPoolExecutor) -> tuple[ModelManager[Any], Rollouts]:
+        manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+        await manager.apply([plan([1, 2, 3], {"stable": 1})])
+        return manager, Rollouts(manager, Metrics(), None, tmp_path)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager, rollouts = await serve(pool)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            rollouts.command("m", "promote", b"")
+            rollouts.command("m", "start", b'{"to": 3, "steps": [10, 100], "step_s": 600}')
+            assert rollouts.command("m", "abort", b"")["weights"] == {"2": 100.0}
+            assert manager.labels("m") == {"stable": 2}
+            await rollouts.close()
+            await manager.close()
+
+            manager, rollouts = await serve(pool)  # a restarted server
+            rollouts.restore()
+            assert manager.labels("m") == {"stable": 2}
+            assert rollouts.status("m")["weights"] == {"2": 100.0}
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
