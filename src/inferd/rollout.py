@@ -390,6 +390,7 @@ class Rollouts(Collector):
 
     def _launch(self, state: RolloutState) -> None:
         self._states[state.model] = state
+        self._before.pop(state.model, None)  # another step's readings: its task takes its own
         self._apply(state)
         self._save(state)
         self._tasks[state.model] = asyncio.get_running_loop().create_task(self._run(state))

@@ -149,3 +149,27 @@ def test_a_label_a_finished_rollout_moved_stays_moved_after_a_later_rollout_and_
             await manager.close()
 
     asyncio.run(main())
+
+
+def test_a_new_rollout_shows_no_readings_of_the_step_of_the_one_before() -> None:
+    # Its start answer measured its versions against the last step of the rollout before: version
+    # 2's requests as the new baseline's, from version 1's count at that step's start.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2, 3], {"stable": 1})])
+            metrics = Metrics()
+            rollouts = Rollouts(manager, metrics)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            await asyncio.sleep(0)  # its step starts: the readings it will be measured against
+            for _ in range(5):
+                metrics.count_request("m", "2", "rest", "OK")
+                metrics.timer("m", "2", "rest").stages["total"].observe(0.003)
+            rollouts.command("m", "promote", b"")
+            assert (
+                rollouts.command("m", "start", b'{"to": 3, "steps": [100], "step_s": 600}')["current"] == {}
+            )
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
