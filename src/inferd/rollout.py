@@ -423,7 +423,8 @@ class Rollouts(Collector):
                 state.step += 1
         except Exception:
             log.exception("rollout of model %s failed; rolling back", state.model)
-            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+            with contextlib.suppress(NotFound):  # the model was unloaded: it has no split to set
+                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
             state.state = "rolled_back"
             state.note("rolled back", step=state.step, failed=["internal error; see the log"])
             self._save(state)

@@ -173,3 +173,26 @@ def test_a_new_rollout_shows_no_readings_of_the_step_of_the_one_before() -> None
             await manager.close()
 
     asyncio.run(main())
+
+
+def test_a_rollout_whose_model_is_unloaded_ends_rolled_back() -> None:
+    # Its rollback raised NotFound in turn: the task died and the rollout stayed 'running' for
+    # ever (and inferd rollout, following it, with it).
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics())
+            rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 0.01}')
+            await manager.remove("m")
+            for _ in range(500):
+                if rollouts.status("m")["state"] != "running":
+                    break
+                await asyncio.sleep(0.01)
+            state = rollouts.status("m")
+            assert state["state"] == "rolled_back"
+            assert state["history"][-1]["failed"] == ["internal error; see the log"]
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
