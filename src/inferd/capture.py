@@ -72,6 +72,7 @@ class _Folder:
 
     def __init__(self) -> None:
         self.samples: list[_Rows] = []
+        self.models: dict[str, int] = {}  # samples waiting, by model: counted when their file is
         self.rows = 0
         self.first_s = 0.0
         self.settings: CaptureSettings | None = None
@@ -139,9 +140,9 @@ class TrafficCapture(Collector):
             self._thread.join()
             self._thread = None
 
-    def _count(self, model: str, result: str) -> None:
+    def _count(self, model: str, result: str, samples: int = 1) -> None:
         key = (model, result)
-        self._counts[key] = self._counts.get(key, 0) + 1
+        self._counts[key] = self._counts.get(key, 0) + samples
 
     def collect(self) -> Iterator[Any]:
         samples = CounterMetricFamily(
@@ -185,7 +186,7 @@ class TrafficCapture(Collector):
                     len(rows["version"]) if "version" in rows else len(next(iter(rows.values()), ()))
                 )
                 folder.settings = sample.settings
-                self._count(sample.model, "written")
+                folder.models[sample.model] = folder.models.get(sample.model, 0) + 1
             now = time.monotonic()
             for path, folder in folders.items():
                 settings = folder.settings
@@ -199,6 +200,8 @@ class TrafficCapture(Collector):
         import pyarrow.parquet as pq
 
         samples, folder.samples, folder.rows = folder.samples, [], 0
+        models, folder.models = folder.models, {}
+        result = "failed"
         try:
             path.mkdir(parents=True, exist_ok=True)
             table = _table(samples)
@@ -209,9 +212,12 @@ class TrafficCapture(Collector):
             staging = path / f".{name}.parquet.tmp"
             pq.write_table(table, staging)
             staging.rename(path / f"{name}.parquet")
+            result = "written"
             _keep_under(path, settings.budget_mb * 2**20)
         except Exception as exc:
             log.warning("cannot write a capture file to %s: %s", path, exc)
+        for model, count in models.items():
+            self._count(model, result, count)
 
 
 def _keep_under(path: Path, budget_bytes: float) -> None:
@@ -250,7 +256,12 @@ def _rows(sample: _Sample) -> _Rows:
         flat = np.asarray(value).reshape(rows, -1)
         columns[name] = flat[:, 0] if flat.shape[1] == 1 else flat
     kept = sample.settings.fields
-    return {k: v for k, v in columns.items() if k in kept} if kept else columns
+    if not kept:
+        return columns
+    chosen = {k: v for k, v in columns.items() if k in kept}
+    if not chosen:  # no rows: it would wait in memory for ever, counted as written
+        raise ValueError(f"'fields' {list(kept)} names none of its columns {list(columns)}")
+    return chosen
 
 
 def _table(samples: list[_Rows]) -> Any:

@@ -636,8 +636,8 @@ def _select(args: argparse.Namespace) -> int:
         canary = None
         if args.canary:
             try:
-                steps = tuple(float(p) for p in args.steps.split(","))
-            except ValueError:
+                steps = tuple(_not_negative(p) for p in args.steps.split(","))
+            except argparse.ArgumentTypeError:
                 print(
                     f"inferd select: --steps must be comma-separated percents, got {args.steps!r}",
                     file=sys.stderr,
@@ -773,8 +773,8 @@ def _rollout(args: argparse.Namespace) -> int:
         if args.to is None:
             raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
         try:
-            steps = [float(p) for p in args.steps.split(",")]
-        except ValueError:
+            steps = [_not_negative(p) for p in args.steps.split(",")]
+        except argparse.ArgumentTypeError:
             raise SystemExit(
                 f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
             ) from None

@@ -413,8 +413,8 @@ def capture_from_toml(table: Mapping[str, Any], base_path: Path, where: str) -> 
     numbers: dict[str, float] = {}
     for key, default, low in (("fraction", 0.01, 0.0), ("budget_mb", 1024.0, 0.0), ("flush_s", 10.0, 0.0)):
         value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-            raise ConfigError(f"{where}: {key!r} must be a number >= {low:g}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < math.inf:
+            raise ConfigError(f"{where}: {key!r} must be a finite number >= {low:g}, got {value!r}")
         numbers[key] = float(value)
     if numbers["fraction"] > 1:
         raise ConfigError(f"{where}: 'fraction' must be a number in [0, 1], got {numbers['fraction']!r}")

@@ -67,8 +67,9 @@ class VersionSource:
 class ModelPlan:
     """What should be served for one model, as of one scan.
 
-    ``error`` is set when the model's settings could not be read; versions not yet loaded
-    then fail with it, and loaded ones keep serving.
+    ``error`` is set when the model's settings could not be read; the last settings read (or the
+    defaults, at the first scan) stand meanwhile, versions not yet loaded fail with it, and loaded
+    ones keep serving.
     """
 
     name: str
@@ -360,7 +361,8 @@ class Repository:
                 "the file is fixed (logged again only when it changes)",
                 settings_folder / SETTINGS_FILE,
             )
-            settings, error = ModelSettings(), exc.message
+            previous = self._plans.get(model.name)  # its policy, labels and split stay as they were
+            settings, error = (previous.settings if previous else ModelSettings()), exc.message
         else:
             self._fault_log.clear(settings_key, f"model {model.name}: {SETTINGS_FILE} reads again")
         if self._config.safe:

@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -106,11 +107,12 @@ class Guard:
             )
         metric, op, factor, number = match.groups()
         try:
-            if number is not None:
-                return Guard(metric, op, float(number), False)
-            return Guard(metric, op, 1.0 if factor is None else float(factor), True)
+            value = float(number if number is not None else factor or 1.0)
         except ValueError:
             raise InvalidArgument(f"guard {text!r}: {factor or number!r} is not a number") from None
+        if not math.isfinite(value):  # its text ("inf") would not parse again when the step loop reads it
+            raise InvalidArgument(f"guard {text!r}: {factor or number!r} is not a finite number")
+        return Guard(metric, op, value, number is None)
 
     def holds(self, canary: float | None, baseline: float | None) -> bool:
         """True when the canary's value meets the bound, or when a value is missing."""
@@ -125,7 +127,7 @@ class Guard:
         }[self.op]
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}{'*baseline' if self.relative else ''}"
+        return f"{self.metric}{self.op}{self.value:.15g}{'*baseline' if self.relative else ''}"
 
 
 @dataclass(slots=True)
@@ -147,6 +149,9 @@ class RolloutState:
     history: list[dict[str, Any]] = field(default_factory=list)
     checked: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """The guards' metrics over the last step checked: metric -> ``canary`` and ``baseline``."""
+    moved: dict[str, int] = field(default_factory=dict)
+    """Label -> version, as the model's earlier finished rollouts moved them (this file replaced
+    theirs): moved again at a restart."""
 
     def note(self, event: str, **detail: Any) -> None:
         self.history.append({"time": time.time(), "event": event, **detail})
@@ -333,12 +338,17 @@ class Rollouts(Collector):
         state = RolloutState(
             model, baseline, canary, label, percents, float(step_s), [str(g) for g in parsed], on_restart
         )
+        if previous is not None:  # what the earlier finished rollouts moved, for a restart
+            state.moved = dict(previous.moved)
+            if previous.state == "done":
+                state.moved[previous.label] = previous.canary
         state.note("started", steps=state.steps, step_s=state.step_s, guards=state.guards)
         self._launch(state)
         return asdict(state)
 
     def restore(self) -> None:
-        """Read the states of ``state_dir`` back (before serving): see the module docstring."""
+        """Read the states of ``state_dir`` back (before serving): see the module docstring. A
+        state that cannot be applied (its canary is gone) is logged and left out; never raises."""
         if self._state_dir is None or not self._state_dir.is_dir():
             return
         for path in sorted(self._state_dir.glob("*.rollout.json")):
@@ -350,22 +360,37 @@ class Rollouts(Collector):
             if state.model not in self._manager.names():
                 continue
             self._states[state.model] = state
-            if state.state == "done":
-                self._finish(state, note=False)
-            elif state.state == "paused":
-                self._apply(state)  # held where it was paused, until resumed
-            elif state.state == "rolled_back" or state.on_restart == "rollback":
-                if state.state == "running":
-                    state.state = "rolled_back"
-                    state.note("rolled back at restart", step=state.step)
-                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-                self._save(state)
-            else:
-                state.note("resumed at restart", step=state.step)
-                self._launch(state)
+            try:
+                self._restore(state)
+            except Exception as exc:  # e.g. the canary is gone: the server serves as configured
+                self._states.pop(state.model, None)
+                log.error("cannot restore the rollout of model %s from %s: %s", state.model, path, exc)
+
+    def _restore(self, state: RolloutState) -> None:
+        for label, version in state.moved.items():
+            try:
+                self._manager.move_label(state.model, label, version)
+            except InferdError as exc:  # that version is gone: the label stays as configured
+                log.error(
+                    "model %s: label %r cannot move back to version %d: %s", state.model, label, version, exc
+                )
+        if state.state == "done":
+            self._finish(state, note=False)
+        elif state.state == "paused":
+            self._apply(state)  # held where it was paused, until resumed
+        elif state.state == "rolled_back" or state.on_restart == "rollback":
+            if state.state == "running":
+                state.state = "rolled_back"
+                state.note("rolled back at restart", step=state.step)
+            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+            self._save(state)
+        else:
+            state.note("resumed at restart", step=state.step)
+            self._launch(state)
 
     def _launch(self, state: RolloutState) -> None:
         self._states[state.model] = state
+        self._before.pop(state.model, None)  # another step's readings: its task takes its own
         self._apply(state)
         self._save(state)
         self._tasks[state.model] = asyncio.get_running_loop().create_task(self._run(state))
@@ -398,7 +423,8 @@ class Rollouts(Collector):
                 state.step += 1
         except Exception:
             log.exception("rollout of model %s failed; rolling back", state.model)
-            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+            with contextlib.suppress(NotFound):  # the model was unloaded: it has no split to set
+                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
             state.state = "rolled_back"
             state.note("rolled back", step=state.step, failed=["internal error; see the log"])
             self._save(state)

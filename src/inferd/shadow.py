@@ -248,9 +248,12 @@ def compare(
 
     Returns:
         Rows that agree, rows compared, and per row the largest absolute difference of a numeric
-        output (none for rows with no numeric output).
+        output (none for rows with no numeric output, or where only one side is NaN). NaN on both
+        sides agrees.
     """
     rows = max((np.asarray(v).shape[0] if np.ndim(v) else 1 for v in primary.values()), default=0)
+    if rows == 0:  # an empty batch: nothing to compare (reshape(0, -1) would raise)
+        return 0, 0, []
     agree = np.ones(rows, dtype=bool)
     difference: np.ndarray | None = None
     for name, value in primary.items():
@@ -262,7 +265,10 @@ def compare(
         p2, s2 = p.reshape(rows, -1), s.reshape(rows, -1)
         numeric = p.dtype.kind in "biuf" and s.dtype.kind in "biuf"
         if numeric:
-            gap = np.abs(p2.astype(np.float64) - s2.astype(np.float64)).max(axis=1, initial=0.0)
+            pf, sf = p2.astype(np.float64), s2.astype(np.float64)
+            equal = (p2 == s2) | (np.isnan(pf) & np.isnan(sf))  # NaN on both sides: the same answer
+            with np.errstate(invalid="ignore"):  # inf - inf, left out by ``equal``
+                gap = np.abs(np.where(equal, 0.0, pf - sf)).max(axis=1, initial=0.0)  # NaN: one side NaN
             difference = gap if difference is None else np.maximum(difference, gap)
         mode = how
         if mode == "auto":
@@ -279,9 +285,14 @@ def compare(
             assert difference is not None
             same = gap <= tolerance
         else:
-            same = (p2 == s2).all(axis=1)
+            same = (equal if numeric else p2 == s2).all(axis=1)
         agree &= same
-    return int(agree.sum()), rows, [] if difference is None else [float(d) for d in difference]
+    # A row where one side is NaN disagrees and has no difference to show (nor to add to a sum).
+    return (
+        int(agree.sum()),
+        rows,
+        [] if difference is None else [float(d) for d in difference[~np.isnan(difference)]],
+    )
 
 
 _Result = tuple[int, int, list[float], float] | Exception

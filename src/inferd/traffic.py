@@ -14,6 +14,7 @@ Everything here is pure; the manager resolves a split against its labels at each
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -65,12 +66,14 @@ def resolve(weights: Mapping[str, float], labels: Mapping[str, int]) -> Split | 
     of keys that name the same version add up. None when the table is empty, when every weight is
     0, or when a key names a label that does not exist (the split waits for it; a warning is the
     caller's)."""
+    # Finite weights whose sum overflows (1e308 twice) are scaled down first: shares, not NaN.
+    scale = max(weights.values()) if math.isinf(sum(weights.values())) else 1.0
     merged: dict[int, float] = {}
     for key, weight in weights.items():
         number = int(key) if key.isdigit() else labels.get(key)
         if number is None:
             return None
-        merged[number] = merged.get(number, 0.0) + weight
+        merged[number] = merged.get(number, 0.0) + weight / scale
     total = sum(merged.values())
     if total <= 0:
         return None
@@ -79,7 +82,7 @@ def resolve(weights: Mapping[str, float], labels: Mapping[str, int]) -> Split | 
 
 def parse_weights(table: Mapping[str, object], where: str) -> dict[str, float]:
     """``[traffic]`` -> key -> weight, checked: keys are labels (``[A-Za-z0-9_]+``) or version
-    numbers, weights non-negative numbers, at least one positive.
+    numbers, weights finite numbers >= 0, at least one positive.
 
     Raises:
         ConfigError: naming ``where``, the key and what was expected.
@@ -88,8 +91,8 @@ def parse_weights(table: Mapping[str, object], where: str) -> dict[str, float]:
     for key, weight in table.items():
         if not key or not all(c.isalnum() or c == "_" for c in key) or not key.isascii():
             raise ConfigError(f"{where}: key {key!r} must be a label ([A-Za-z0-9_]+) or a version number")
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-            raise ConfigError(f"{where}: weight of {key!r} must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
+            raise ConfigError(f"{where}: weight of {key!r} must be a finite number >= 0, got {weight!r}")
         weights[key] = float(weight)
     if weights and not any(weights.values()):
         raise ConfigError(f"{where}: at least one weight must be above 0")

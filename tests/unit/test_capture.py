@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from inferd.capture import _keep_under
-from inferd.config import capture_from_toml
+from inferd.capture import TrafficCapture, _keep_under, _rows, _Sample
+from inferd.config import CaptureSettings, capture_from_toml
 from inferd.errors import ConfigError
+from inferd.metrics import Metrics
+from inferd.types import ModelId
 
 
 def test_the_oldest_capture_files_go_first_when_over_budget(tmp_path: Path) -> None:
@@ -29,8 +34,48 @@ def test_capture_tables_are_checked_and_paths_resolved_under_the_base(tmp_path: 
         ({"path": "c", "fraction": 2}, r"'fraction' must be a number in \[0, 1\]"),
         ({"path": "c", "fields": "x"}, "'fields' must be a list of column names"),
         ({"path": "c", "file_rows": 0}, "'file_rows' must be an integer >= 1"),
-        ({"path": "c", "budget_mb": -1}, "'budget_mb' must be a number >= 0"),
+        ({"path": "c", "budget_mb": -1}, "'budget_mb' must be a finite number >= 0"),
+        # NaN captured every request, deleted every file written; inf killed the writer thread.
+        ({"path": "c", "fraction": float("nan")}, "'fraction' must be a finite number >= 0, got nan"),
+        ({"path": "c", "budget_mb": float("nan")}, "'budget_mb' must be a finite number >= 0, got nan"),
+        ({"path": "c", "flush_s": float("nan")}, "'flush_s' must be a finite number >= 0, got nan"),
+        ({"path": "c", "flush_s": float("inf")}, "'flush_s' must be a finite number >= 0, got inf"),
         ({"path": "c", "size": 1}, r"unknown key\(s\) \['size'\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             capture_from_toml(table, tmp_path, "[capture]")
+
+
+def test_fields_that_name_no_column_fail_the_sample_rather_than_keeping_it_for_ever(tmp_path: Path) -> None:
+    # It gave an empty row set: counted written, never written, kept in memory until shutdown.
+    settings = CaptureSettings(tmp_path, 1.0, ("nope",), 1.0, 1, 0.1, 8)
+    x = np.ones((2, 4), dtype=np.float32)
+    sample = _Sample(settings, "m", 1, "id", 0.0, 0.001, {"x": x}, {"y": x})
+    with pytest.raises(ValueError, match=r"'fields' \['nope'\] names none of its columns"):
+        _rows(sample)
+    kept = _rows(
+        _Sample(CaptureSettings(tmp_path, 1.0, ("x",), 1.0, 1, 0.1, 8), "m", 1, "id", 0.0, 0.0, {"x": x}, {})
+    )
+    assert list(kept) == ["x"]
+
+
+def test_samples_whose_file_cannot_be_written_are_counted_failed_not_written(tmp_path: Path) -> None:
+    # They were counted written when they reached the writer, before their file failed.
+    (tmp_path / "afile").write_text("")
+    settings = CaptureSettings(tmp_path / "afile" / "caps", 1.0, (), 1.0, 10, 0.1, 8)
+    manager = SimpleNamespace(settings=lambda model: SimpleNamespace(capture=settings))
+    metrics = Metrics()
+    capture = TrafficCapture(manager, metrics)  # type: ignore[arg-type]
+    x = np.ones((1, 4), dtype=np.float32)
+    response = SimpleNamespace(outputs={"y": x}, id="", model_id=ModelId("m", 1))
+    call = SimpleNamespace(model="m", id="r", started=0.0, ended=0.001, inputs={"x": x}, response=response)
+
+    async def offer() -> None:
+        for _ in range(3):
+            capture.offer(call)  # type: ignore[arg-type]
+
+    asyncio.run(offer())
+    capture.close()  # writes what is buffered
+    count = metrics.registry.get_sample_value
+    assert count("inferd_capture_samples_total", {"model": "m", "result": "failed"}) == 3
+    assert count("inferd_capture_samples_total", {"model": "m", "result": "written"}) is None

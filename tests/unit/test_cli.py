@@ -125,3 +125,20 @@ def test_serve_refuses_an_option_out_of_range_before_it_starts() -> None:
         argv = [sys.executable, "-m", "inferd", "serve", "--model_base_path=/nonexistent", flag]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr) == (2, said)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--step_s=nan"], "argument --step_s: expected a finite number above 0, got 'nan'"),
+        (["--step_s=inf"], "argument --step_s: expected a finite number above 0, got 'inf'"),
+        (["--steps=nan,100"], "--steps must be comma-separated percents, got 'nan,100'"),
+    ],
+)
+def test_a_rollout_refuses_numbers_json_cannot_carry_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # They were sent as NaN/Infinity, and the server answered "the body is not valid JSON".
+    with pytest.raises(SystemExit) as stopped:
+        main(["rollout", "m", "--to=2", "--url=http://127.0.0.1:1", *argv])
+    assert message in f"{stopped.value.code} {capsys.readouterr().err}"

@@ -196,6 +196,24 @@ def test_a_bad_inferd_toml_is_reported_in_the_plan(tmp_path: Path) -> None:
     assert set(plan.aspired) == {1}  # default policy; the manager fails new loads with the error
 
 
+def test_a_bad_edit_of_inferd_toml_keeps_the_last_policy_labels_and_split(tmp_path: Path) -> None:
+    # Before, the defaults stood in: policy latest, no labels, no split, so a typo in [traffic]
+    # unloaded the stable version and sent every request to the newest one.
+    for version in (1, 2):
+        make_version(tmp_path / str(version))
+    good = "version_policy = { all = true }\n[labels]\nstable = 1\n[traffic]\nstable = 100\n"
+    (tmp_path / "inferd.toml").write_text(good)
+    repo = repository(tmp_path, poll_s=0)
+    repo.scan()
+    (tmp_path / "inferd.toml").write_text(good.replace("stable = 100", "stable = -1"))
+    (plan,) = repo.scan()
+    assert plan.error is not None
+    assert "weight of 'stable'" in plan.error
+    assert set(plan.aspired) == {1, 2}
+    assert dict(plan.labels) == {"stable": 1}
+    assert plan.settings.traffic == {"stable": 100.0}
+
+
 def test_model_config_file_policy_and_labels_win_over_inferd_toml(tmp_path: Path) -> None:
     base = tmp_path / "m"
     for version in (1, 2, 3):

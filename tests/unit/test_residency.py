@@ -247,6 +247,24 @@ def test_with_a_budget_models_are_listed_cold_and_concurrent_first_requests_shar
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
 
+def test_a_split_loads_its_cold_version_rather_than_sending_its_share_to_the_latest(tmp_path: Path) -> None:
+    # Only AVAILABLE versions counted for the split: with every version cold, every unnamed
+    # request went to the latest version, which the split gave no share.
+    async def test(w: World) -> None:
+        sources = {}
+        for number in (1, 2):
+            folder = tmp_path / "m" / str(number)
+            folder.mkdir(parents=True)
+            (folder / "weights.bin").write_bytes(b"\0" * MiB)
+            sources[number] = VersionSource(number, folder, f"f{number}")
+        await w.manager.apply([ModelPlan("m", sources, settings=ModelSettings(traffic={"1": 100.0}))])
+        for _ in range(3):
+            with await w.manager.acquire(ModelRef("m")) as version:
+                assert version.id.version == 1
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
 def test_a_load_past_the_budget_evicts_by_the_policy_and_an_evicted_model_reloads(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.manager.apply([w.plan(n, 4) for n in "abc"])

@@ -21,7 +21,16 @@ def test_guards_parse_absolute_and_relative_bounds() -> None:
     assert str(Guard.parse("p99_ms<=1.2*baseline")) == "p99_ms<=1.2*baseline"
 
 
-@pytest.mark.parametrize("text", ["latency<=3", "error_rate=0.1", "p99_ms<=fast", "agreement>=1.2.3"])
+def test_a_guard_reads_back_from_its_text_as_it_was_given() -> None:
+    # The step loop and a restarted server parse the stored text: ':g' kept 6 digits.
+    for text in ("error_rate<=0.0012345678", "p99_ms<=1234567", "p99_ms<=1.25*baseline", "agreement>=0.98"):
+        assert Guard.parse(str(Guard.parse(text))) == Guard.parse(text)
+        assert str(Guard.parse(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["latency<=3", "error_rate=0.1", "p99_ms<=fast", "agreement>=1.2.3", "p99_ms<=1e999*baseline"]
+)
 def test_a_bad_guard_names_the_expected_form(text: str) -> None:
     with pytest.raises(InvalidArgument, match="guard"):
         Guard.parse(text)
@@ -80,6 +89,109 @@ def test_operator_actions_follow_the_state_and_a_paused_rollout_stays_paused_acr
             assert manager.labels("m") == {"stable": 1}
             with pytest.raises(InvalidArgument, match="rollout action 'jump'"):
                 rollouts.command("m", "jump", b"")
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
+
+
+def test_a_finished_rollout_whose_canary_is_gone_does_not_stop_a_restarted_server(tmp_path: Path) -> None:
+    # restore() raised (the label could not move to version 2), so the server did not start.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            assert rollouts.command("m", "promote", b"")["state"] == "done"
+            await rollouts.close()
+            await manager.close()
+
+            manager = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1], {"stable": 1})])  # version 2 was removed meanwhile
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path)
+            rollouts.restore()
+            assert manager.labels("m") == {"stable": 1}
+            with pytest.raises(NotFound, match="model m has no rollout"):
+                rollouts.status("m")
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
+
+
+def test_a_label_a_finished_rollout_moved_stays_moved_after_a_later_rollout_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    # The later rollout's state file replaced the finished one's: at a restart the label went back
+    # to the configured version 1 while the rolled-back split held version 2.
+    async def serve(pool: ThreadPoolExecutor) -> tuple[ModelManager[Any], Rollouts]:
+        manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+        await manager.apply([plan([1, 2, 3], {"stable": 1})])
+        return manager, Rollouts(manager, Metrics(), None, tmp_path)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager, rollouts = await serve(pool)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            rollouts.command("m", "promote", b"")
+            rollouts.command("m", "start", b'{"to": 3, "steps": [10, 100], "step_s": 600}')
+            assert rollouts.command("m", "abort", b"")["weights"] == {"2": 100.0}
+            assert manager.labels("m") == {"stable": 2}
+            await rollouts.close()
+            await manager.close()
+
+            manager, rollouts = await serve(pool)  # a restarted server
+            rollouts.restore()
+            assert manager.labels("m") == {"stable": 2}
+            assert rollouts.status("m")["weights"] == {"2": 100.0}
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
+
+
+def test_a_new_rollout_shows_no_readings_of_the_step_of_the_one_before() -> None:
+    # Its start answer measured its versions against the last step of the rollout before: version
+    # 2's requests as the new baseline's, from version 1's count at that step's start.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2, 3], {"stable": 1})])
+            metrics = Metrics()
+            rollouts = Rollouts(manager, metrics)
+            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            await asyncio.sleep(0)  # its step starts: the readings it will be measured against
+            for _ in range(5):
+                metrics.count_request("m", "2", "rest", "OK")
+                metrics.timer("m", "2", "rest").stages["total"].observe(0.003)
+            rollouts.command("m", "promote", b"")
+            assert (
+                rollouts.command("m", "start", b'{"to": 3, "steps": [100], "step_s": 600}')["current"] == {}
+            )
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
+
+
+def test_a_rollout_whose_model_is_unloaded_ends_rolled_back() -> None:
+    # Its rollback raised NotFound in turn: the task died and the rollout stayed 'running' for
+    # ever (and inferd rollout, following it, with it).
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics())
+            rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 0.01}')
+            await manager.remove("m")
+            for _ in range(500):
+                if rollouts.status("m")["state"] != "running":
+                    break
+                await asyncio.sleep(0.01)
+            state = rollouts.status("m")
+            assert state["state"] == "rolled_back"
+            assert state["history"][-1]["failed"] == ["internal error; see the log"]
             await rollouts.close()
             await manager.close()
 

@@ -29,6 +29,24 @@ def test_a_missing_output_or_another_shape_disagrees_on_every_row() -> None:
     assert compare({"y": x}, {"y": np.zeros((3, 3))}, "auto", 1.0)[:2] == (0, 3)
 
 
+def test_an_empty_batch_compares_no_rows() -> None:
+    # It raised: the request counted as a shadow failure, and with every other request batched
+    # with it for a [batching] shadow.
+    empty = {"scores": np.zeros((0, 3), np.float32), "value": np.zeros((0, 1), np.float32)}
+    for how in ("auto", "argmax", "tolerance", "exact"):
+        assert compare(empty, dict(empty), how, 1e-6) == (0, 0, [])
+
+
+def test_nan_on_both_sides_agrees_and_nan_on_one_side_shows_no_difference() -> None:
+    # NaN disagreed with NaN (identical versions agreed on 1 row of 3), and a NaN difference went
+    # to the histogram's smallest bucket and made its sum NaN for good.
+    primary = {"y": np.array([[np.nan], [np.inf], [1.0]], np.float32)}
+    for how in ("auto", "tolerance", "exact"):
+        assert compare(primary, {"y": primary["y"].copy()}, how, 1e-6) == (3, 3, [0.0, 0.0, 0.0])
+    shadow = {"y": np.array([[5.0], [np.inf], [1.5]], np.float32)}
+    assert compare(primary, shadow, "auto", 1e-6) == (1, 3, [0.0, 0.5])
+
+
 def test_shadow_tables_are_checked() -> None:
     assert shadow_from_toml({"version": 3, "fraction": 1}, "[shadow]") == ShadowSettings(3, 1.0)
     for table, message in [

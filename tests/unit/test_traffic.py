@@ -17,6 +17,16 @@ def test_resolve_maps_labels_and_numbers_to_shares_newest_first() -> None:
     assert resolve({}, {"stable": 1}) is None
 
 
+def test_huge_weights_whose_sum_overflows_still_split_by_their_ratio() -> None:
+    # Their sum is inf: unscaled, every share was 0 (or NaN) and no request found a version.
+    assert resolve({"stable": 1e308, "canary": 1e308}, {"stable": 1, "canary": 2}) == Split(
+        ((2, 0.5), (1, 0.5))
+    )
+    assert resolve({"stable": 1e308, "1": 1e308, "2": 1e308}, {"stable": 1}) == Split(
+        ((2, 1 / 3), (1, 2 / 3))
+    )
+
+
 def test_a_key_keeps_its_version_and_only_moves_to_a_growing_newer_version() -> None:
     keys = [f"user-{i}" for i in range(2000)]
     before = {k: Split(((2, 0.05), (1, 0.95))).choose(k, {1, 2}) for k in keys}
@@ -35,8 +45,10 @@ def test_an_unavailable_version_gives_its_share_to_the_others() -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"canary": -1}, "weight of 'canary' must be a number >= 0"),
-        ({"canary": "ten"}, "weight of 'canary' must be a number >= 0"),
+        ({"canary": -1}, "weight of 'canary' must be a finite number >= 0"),
+        ({"canary": "ten"}, "weight of 'canary' must be a finite number >= 0"),
+        ({"stable": 90, "canary": float("inf")}, "weight of 'canary' must be a finite number >= 0, got inf"),
+        ({"canary": float("nan")}, "weight of 'canary' must be a finite number >= 0, got nan"),
         ({"can-ary": 1}, "must be a label"),
         ({"a": 0, "b": 0}, "at least one weight must be above 0"),
     ],
