@@ -5,8 +5,10 @@ weight, e.g. ``stable = 90``, ``canary = 10``. A request that names neither a ve
 goes to one of the split's versions, chosen with probability proportional to its weight; a request
 that names a version or label is never split. With a traffic key (a request header or gRPC
 metadata entry named by ``--traffic_key_header``) the choice is a pure function of the key and the
-weights: one key keeps one version while the weights stay. The versions are laid out on [0, 1)
-newest first, so when a newer version's weight grows, keys only move from older versions to it.
+weights: one key keeps one version while the weights stay. The choice is weighted rendezvous
+hashing: each version scores the key, weighted by its share, and the best score wins. So when one
+version's weight grows, keys move only to it (from each other version in proportion to its share),
+and when one shrinks or leaves, only its keys move; the others' keys stay where they were.
 
 Everything here is pure; the manager resolves a split against its labels at each reconcile.
 """
@@ -40,14 +42,16 @@ class Split:
         return {str(version): round(share * 100, 6) for version, share in self.shares}
 
     def choose(self, key: str | None, available: Collection[int]) -> int | None:
-        """The version a request goes to: by ``key``'s hash when given, else at random; versions
-        not in ``available`` are left out and their share goes to the others. None when no
-        version of the split is available."""
+        """The version a request goes to: for ``key``, the version with the lowest
+        ``-ln(key_point(key, version)) / share`` (which is that version with probability its share);
+        without one, at random by share. Versions not in ``available`` are left out and their share
+        goes to the others. None when no version of the split is available."""
         shares = [(v, s) for v, s in self.shares if v in available]
-        total = sum(share for _, share in shares)
-        if not shares or total <= 0:
+        if not shares:
             return None
-        point = (key_point(key) if key is not None else random.random()) * total
+        if key is not None:
+            return min(shares, key=lambda pair: -math.log(key_point(key, pair[0])) / pair[1])[0]
+        point = random.random() * sum(share for _, share in shares)
         for version, share in shares:
             point -= share
             if point < 0:
@@ -55,10 +59,11 @@ class Split:
         return shares[-1][0]
 
 
-def key_point(key: str) -> float:
-    """A traffic key -> a point in [0, 1), the same in every process (not Python's ``hash``)."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+def key_point(key: str, version: int) -> float:
+    """A traffic key and a version -> a point in (0, 1), the same in every process (not Python's
+    ``hash``)."""
+    text = f"{key}\x00{version}".encode("utf-8", "surrogatepass")
+    return (int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") + 0.5) / 2**64
 
 
 def resolve(weights: Mapping[str, float], labels: Mapping[str, int]) -> Split | None:

@@ -64,3 +64,30 @@ def test_the_traffic_table_is_read_from_inferd_toml(tmp_path: Path) -> None:
     (tmp_path / "inferd.toml").write_text("traffic = 3\n")
     with pytest.raises(ConfigError, match=r"\[traffic\] must be a table"):
         read_model_settings(tmp_path)
+
+
+def test_a_change_of_one_weight_moves_keys_only_to_or_from_that_version() -> None:
+    """Three versions: the keys that move when the canary (3) grows all go to it, and when the old
+    version (1) shrinks all leave it; no key moves between the two whose weights stayed. (With the
+    versions on consecutive intervals of [0, 1), 1:50, 2:25, 3:25 -> 1:45, 2:25, 3:30 moved about
+    500 of 10,000 keys from 1 to 2 and 500 from 2 to 3.)"""
+    keys = [f"user-{i}" for i in range(10_000)]
+    labels = {"old": 1, "stable": 2, "canary": 3}
+
+    def route(
+        weights: dict[str, float], available: frozenset[int] = frozenset({1, 2, 3})
+    ) -> dict[str, int | None]:
+        split = resolve(weights, labels)
+        assert split is not None
+        return {k: split.choose(k, available) for k in keys}
+
+    before = route({"old": 50, "stable": 25, "canary": 25})
+    for after, only in [
+        (route({"old": 50, "stable": 25, "canary": 35}), {(1, 3), (2, 3)}),
+        (route({"old": 40, "stable": 25, "canary": 25}), {(1, 2), (1, 3)}),
+        (route({"old": 50, "stable": 25, "canary": 25}, frozenset({2, 3})), {(1, 2), (1, 3)}),
+    ]:
+        moves = {(before[k], after[k]) for k in keys if before[k] != after[k]}
+        assert moves == only
+    shares = [sum(v == n for v in before.values()) / len(keys) for n in (1, 2, 3)]
+    assert shares == pytest.approx([0.5, 0.25, 0.25], abs=0.02)
