@@ -7,7 +7,8 @@ A rollout is started through the admin route ``POST /v2/repository/models/NAME/r
 ``100 - p``, canary ``p``), waits ``step_s``, then checks every guard over that step's requests:
 
 - ``error_rate``: failed / answered requests of the canary;
-- ``p99_ms``: the canary's 99th percentile request time (the upper bound of its histogram bucket);
+- ``p99_ms``: the canary's 99th percentile request time, interpolated in its histogram bucket as
+  Prometheus's ``histogram_quantile`` does;
 - ``agreement``: the shadow agreement of baseline -> canary rows (needs ``[shadow]``), over the step.
 
 A guard reads ``METRIC<=X``, ``METRIC>=X`` (also ``<``, ``>``), where X is a number or
@@ -565,13 +566,15 @@ def describe(event: dict[str, Any]) -> str:
 
 
 def _p99_ms(buckets: list[int]) -> float | None:
-    """The upper bound of the bucket holding the 99th percentile, in ms; None without requests."""
+    """The 99th percentile of a latency histogram's bucket counts, in ms, placed linearly inside
+    its bucket (as ``histogram_quantile``; past the last bound, that bound); None without
+    requests."""
     count = sum(buckets)
     if not count:
         return None
-    seen = 0
-    for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), buckets, strict=True):
-        seen += n
-        if seen >= 0.99 * count:
-            return bound * 1000
-    return float("inf")
+    rank, seen, lower = 0.99 * count, 0, 0.0
+    for bound, n in zip(LATENCY_BUCKETS_S, buckets, strict=False):
+        if n and seen + n >= rank:
+            return (lower + (bound - lower) * (rank - seen) / n) * 1000
+        seen, lower = seen + n, bound
+    return lower * 1000

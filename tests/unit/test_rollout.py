@@ -45,14 +45,21 @@ def test_guards_hold_on_missing_readings_and_compare_with_the_baseline() -> None
     assert not Guard.parse("error_rate<=0.01").holds(0.02, None)
 
 
-def test_p99_is_the_upper_bound_of_the_bucket_holding_it() -> None:
+def test_p99_is_placed_linearly_inside_the_bucket_holding_it() -> None:
+    """As Prometheus's ``histogram_quantile``: with the bucket's upper bound instead, a relative
+    guard could not tell 0.99 ms from 1.01 ms (1 against 2.5) nor 0.51 from 0.99 (both 1)."""
     assert _p99_ms([0] * 18) is None
     buckets = [0] * 18
-    buckets[4] = 99  # <= 1 ms
-    buckets[7] = 1  # <= 10 ms
-    assert _p99_ms(buckets) == 1.0
+    buckets[4] = 99  # (0.5, 1] ms
+    buckets[7] = 1  # (5, 10] ms
+    assert _p99_ms(buckets) == pytest.approx(1.0)  # the 99th of 100 is the last of the 99
     buckets[7] = 2
-    assert _p99_ms(buckets) == 10.0
+    assert _p99_ms(buckets) == pytest.approx(5 + 5 * 0.99 / 2)  # rank 99.99: 0.99 into 2 requests
+    buckets = [0] * 18
+    buckets[4] = 1000
+    assert _p99_ms(buckets) == pytest.approx(0.5 + 0.5 * 0.99)
+    buckets[17] = 1000  # past the last bound (10 s): that bound
+    assert _p99_ms(buckets) == pytest.approx(10_000)
 
 
 def test_operator_actions_follow_the_state_and_a_paused_rollout_stays_paused_across_a_restart(
