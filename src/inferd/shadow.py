@@ -4,9 +4,10 @@ client's path, and compare the two answers.
 A model's ``[shadow]`` table (``config.ShadowSettings``, re-read at each poll) names the version
 and the fraction. ``ShadowMirror.offer`` is called when a request has been answered (its lease
 returned, its answer encoded): it draws the sample and puts the request's decoded inputs and the
-primary's outputs on a bounded queue, or drops them (counted) when the queue is full. One worker
-task takes what is queued (up to ``MIRROR_BATCH``) and hands it, in one hop, to a thread of its
-own (at a lower OS priority, ``priority.py``) that checks the inputs, predicts on the shadow
+primary's outputs on the model's bounded queue, or drops them (counted) when it is full. The
+model's worker task takes what is queued (up to ``MIRROR_BATCH``) and hands it, in one hop, to the
+shadow thread (one for all models, at a lower OS priority, ``priority.py``; the models' hops take
+turns on it) that checks the inputs, predicts on the shadow
 version and compares; the event loop keeps only the lease and the counting. A shadow version
 with ``[batching]`` (its rows are independent) gets the mirrored requests as one batch. So a slow
 or failing shadow takes neither the inference threads, nor a batcher's queue, nor a client's
@@ -84,8 +85,8 @@ class ShadowMirror(Collector):
 
     def __init__(self, manager: ModelManager[Servable], metrics: Metrics) -> None:
         self._manager = manager
-        self._queue: asyncio.Queue[_Mirrored] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._queues: dict[str, asyncio.Queue[_Mirrored]] = {}  # per model, each with its worker
+        self._workers: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(1, "inferd-shadow", initializer=lower_this_thread)
         self._stats: dict[tuple[str, str, str], PairStats] = {}
         self._warned: set[tuple[str, str, str]] = set()
@@ -101,14 +102,15 @@ class ShadowMirror(Collector):
             return
         if shadow.fraction < 1 and random.random() >= shadow.fraction:
             return
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+        queue = self._queues.get(call.model)
+        if queue is None:
+            queue = self._queues[call.model] = asyncio.Queue()
+            self._workers.append(asyncio.get_running_loop().create_task(self._run(queue)))
         stats = self._pair(call.model, primary, shadow.version)
-        if self._queue.qsize() >= shadow.queue:
+        if queue.qsize() >= shadow.queue:
             stats.dropped += 1
             return
-        self._queue.put_nowait(
+        queue.put_nowait(
             _Mirrored(
                 call.model,
                 primary,
@@ -125,9 +127,9 @@ class ShadowMirror(Collector):
         return self._stats.get((model, str(primary), str(shadow))) or PairStats()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _pair(self, model: str, primary: int, shadow: int) -> PairStats:
@@ -137,12 +139,12 @@ class ShadowMirror(Collector):
             stats = self._stats[key] = PairStats()
         return stats
 
-    async def _run(self) -> None:
-        assert self._queue is not None
+    async def _run(self, queue: asyncio.Queue[_Mirrored]) -> None:
+        """One model's worker: its hops take turns on the shadow thread with other models'."""
         while True:
-            items = [await self._queue.get()]
-            while len(items) < MIRROR_BATCH and not self._queue.empty():
-                items.append(self._queue.get_nowait())
+            items = [await queue.get()]
+            while len(items) < MIRROR_BATCH and not queue.empty():
+                items.append(queue.get_nowait())
             groups: dict[tuple[str, int, int, str], list[_Mirrored]] = {}
             for item in items:
                 key = (item.model, item.primary, item.settings.version, item.signature)

@@ -177,3 +177,34 @@ def test_a_batching_shadow_gets_mirrored_requests_as_one_batch_and_compares_each
     # 30 requests arrived while each call took 50 ms: the shadow took several in one call.
     assert len(rows_per_call) < 30, rows_per_call
     assert max(rows_per_call) > 2, rows_per_call
+
+
+def test_a_slow_shadow_of_one_model_leaves_another_models_shadow_its_own_queue(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Each model's ``queue`` bounds its own mirrored requests: with one queue for every model,
+    the slow model's backlog counted against the fast one's bound, whose requests were dropped."""
+    for name, shadow in (("slow", SLEEPS), ("fast", NEGATES)):
+        write_onnx_affine(tmp_path / name / "1", scale=1.0)
+        write_python_model(tmp_path / name / "2", shadow, SIGNATURE)
+        write_settings(tmp_path / name, "version = 2\nfraction = 1.0\nqueue = 2")
+    server = start_server(str(tmp_path))
+    rows = [[1.0, 2.0, 3.0, 4.0]]
+
+    def mirrored(model: str, result: str) -> float:
+        wanted = {("model", model), ("result", result)}
+        return sum(
+            v
+            for (n, ls), v in samples(server).items()
+            if n == "inferd_shadow_requests_total" and wanted <= ls
+        )
+
+    for _ in range(8):  # one sleeps on the shadow thread, two wait, the rest are dropped
+        assert requests.post(f"{server.url}/v1/models/slow:predict", json={"instances": rows}, timeout=30).ok
+    for _ in range(2):
+        assert requests.post(f"{server.url}/v1/models/fast:predict", json={"instances": rows}, timeout=30).ok
+    server.wait_for(
+        lambda: mirrored("fast", "compared") == 2, "the fast model's shadow to compare both", timeout_s=20
+    )
+    assert mirrored("fast", "dropped") == 0
+    assert mirrored("slow", "dropped") > 0
