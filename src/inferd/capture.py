@@ -90,7 +90,10 @@ class TrafficCapture(Collector):
         self._queue: queue.Queue[list[_Sample] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._batch: list[_Sample] = []  # drawn samples not yet handed to the writer
-        self._waiting = 0  # samples drawn and not yet taken in by the writer
+        # Per model, samples drawn (written by the event loop only) and taken in by the writer
+        # (by the writer only): their difference waits, each count free of the other thread's.
+        self._drawn: dict[str, int] = {}
+        self._taken: dict[str, int] = {}
         self._counts: dict[tuple[str, str], int] = {}
         self._sequence = 0
         metrics.registry.register(self)
@@ -104,7 +107,8 @@ class TrafficCapture(Collector):
             return
         if capture.fraction < 1 and random.random() >= capture.fraction:
             return
-        if self._waiting >= capture.queue:
+        drawn = self._drawn.get(call.model, 0)
+        if drawn - self._taken.get(call.model, 0) >= capture.queue:
             self._count(call.model, "dropped")
             return
         if self._thread is None:
@@ -112,7 +116,7 @@ class TrafficCapture(Collector):
             self._thread.start()
         if not self._batch:
             asyncio.get_running_loop().call_later(HANDOFF_S, self._hand_off)
-        self._waiting += 1
+        self._drawn[call.model] = drawn + 1
         self._batch.append(
             _Sample(
                 capture,
@@ -171,7 +175,7 @@ class TrafficCapture(Collector):
             else:
                 stop = batch is None
             for sample in batch or ():
-                self._waiting -= 1
+                self._taken[sample.model] = self._taken.get(sample.model, 0) + 1
                 folder = folders.setdefault(sample.settings.path, _Folder())
                 try:
                     rows = _rows(sample)

@@ -79,3 +79,32 @@ def test_samples_whose_file_cannot_be_written_are_counted_failed_not_written(tmp
     count = metrics.registry.get_sample_value
     assert count("inferd_capture_samples_total", {"model": "m", "result": "failed"}) == 3
     assert count("inferd_capture_samples_total", {"model": "m", "result": "written"}) is None
+
+
+def test_each_model_has_its_own_queue_bound(tmp_path: Path) -> None:
+    """One model's samples waiting for the writer used to count against every model's ``queue``."""
+    settings = {
+        "a": CaptureSettings(tmp_path / "a", 1.0, (), 1.0, 10, 10.0, 2),
+        "b": CaptureSettings(tmp_path / "b", 1.0, (), 1.0, 10, 10.0, 2),
+    }
+    manager = SimpleNamespace(settings=lambda model: SimpleNamespace(capture=settings[model]))
+    metrics = Metrics()
+    capture = TrafficCapture(manager, metrics)  # type: ignore[arg-type]
+    x = np.ones((1, 4), dtype=np.float32)
+
+    def call(model: str) -> SimpleNamespace:
+        response = SimpleNamespace(outputs={"y": x}, id="", model_id=ModelId(model, 1))
+        return SimpleNamespace(
+            model=model, id="r", started=0.0, ended=0.001, inputs={"x": x}, response=response
+        )
+
+    async def offer() -> None:  # no hand-off to the writer runs in between: all of them wait
+        for model in ("a", "a", "a", "b", "b"):
+            capture.offer(call(model))  # type: ignore[arg-type]
+
+    asyncio.run(offer())
+    capture.close()
+    count = metrics.registry.get_sample_value
+    assert count("inferd_capture_samples_total", {"model": "a", "result": "dropped"}) == 1
+    assert count("inferd_capture_samples_total", {"model": "b", "result": "dropped"}) is None
+    assert count("inferd_capture_samples_total", {"model": "b", "result": "written"}) == 2
