@@ -162,3 +162,17 @@ def test_a_remote_version_name_past_int64_is_ignored(store: S3Server, tmp_path: 
     repo.scan()
     [plan] = repo.scan()
     assert list(plan.aspired) == [1]
+
+
+def test_folder_markers_made_by_consoles_are_not_files_of_the_version(
+    store: S3Server, tmp_path: Path
+) -> None:
+    for key in ("models/m/", "models/m/1/", "models/m/1/sub/"):
+        store.client().put_object(Bucket="bucket", Key=key, Body=b"")
+    store.client().put_object(Bucket="bucket", Key="models/m/1/sub/x.bin", Body=b"x")
+    repo = repository(tmp_path)
+    repo.scan()
+    [plan] = repo.scan()
+    assert (plan.aspired[1].path / "sub" / "x.bin").read_bytes() == b"x"
+    assert (plan.aspired[1].path / "model.onnx").is_file()
+
