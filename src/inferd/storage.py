@@ -140,8 +140,18 @@ class ObjectStore:
         )
 
     def download(self, uri: str, keys: list[str], dest: Path) -> None:
-        """Copy the objects ``keys`` (relative to ``uri``) to the same relative paths under ``dest``."""
+        """Copy the objects ``keys`` (relative to ``uri``) to the same relative paths under ``dest``.
+
+        Raises:
+            StorageError: also, before anything is copied, for a key that does not name a path
+                inside ``dest`` (an empty, ``.`` or ``..`` part).
+        """
         root = self._strip(uri)
+        for key in keys:
+            if any(part in ("", ".", "..") for part in key.split("/")):
+                raise StorageError(
+                    f"{uri}/{key}: an object key with an empty, '.' or '..' part is not copied"
+                )
         for key in keys:
             target = dest / key
             target.parent.mkdir(parents=True, exist_ok=True)
