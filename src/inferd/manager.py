@@ -634,22 +634,27 @@ class ModelManager(Generic[S]):
         need = residency.footprints.reservation(version.id, on_disk, runtime)
         limit = budget.limit(device)
         if limit is not None:
-            pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
             from_files = Footprints().reservation(version.id, on_disk, runtime)
-            if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
-                raise ModelLoadError(
-                    f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to load "
-                    f"({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
-                    f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
-                )
-            need = min(need, limit - pinned)
+            reservation = need
             busy_after = time.monotonic() + residency.busy_after_s
-            while (free := budget.free(device)) is not None and free < need:
+            while True:
+                # pinned versions that loaded meanwhile can never make room: checked each round
+                pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
+                if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
+                    raise ModelLoadError(
+                        f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to "
+                        f"load ({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
+                        f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
+                    )
+                need = min(reservation, limit - pinned)
+                free = limit - budget.used(device)
+                if free >= need:
+                    break
                 short = need - free - budget.freeing(device)
                 if short > 0:
                     for victim in self._victims(device, short, time.monotonic() >= busy_after):
                         self._evict(victim, "budget")
-                if (free := budget.free(device)) is not None and free >= need:
+                if limit - budget.used(device) >= need:
                     break
                 await self._wait_for_room(max(busy_after - time.monotonic(), 0.01))
         budget.charge(version, device, need)

@@ -313,6 +313,19 @@ def test_a_model_larger_than_the_budget_fails_with_a_message_saying_so(tmp_path:
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
 
+def test_a_load_that_a_pinned_model_loaded_beside_it_leaves_no_room_for_fails_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    async def test(w: World) -> None:
+        # each reserves 6 MiB and holds 4.5: whichever loads second cannot fit beside the other
+        await asyncio.wait_for(w.manager.apply([w.plan("p", 3, pin=True), w.plan("q", 3, pin=True)]), 5)
+        assert {w.state(n) for n in "pq"} == {VersionState.AVAILABLE, VersionState.END}
+        (failed,) = (w.manager.status(ModelRef(n))[0] for n in "pq" if w.state(n) is VersionState.END)
+        assert "more than the whole --memory_budget of 10.0 MiB less 4.5 MiB pinned" in failed.error_message
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
 def test_a_slow_cold_load_answers_unavailable_and_goes_on(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.manager.apply([w.plan("a", 1)])
