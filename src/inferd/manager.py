@@ -563,7 +563,8 @@ class ModelManager(Generic[S]):
         else:
             version = entry.latest
             if entry.split is not None:
-                available = [n for n, v in entry.versions.items() if v.state is VersionState.AVAILABLE]
+                # a cold version stays in the split: the request it is chosen for loads it
+                available = [n for n, v in entry.versions.items() if _routable(v)]
                 chosen = entry.split.choose(key, available)
                 if chosen is not None:
                     version = entry.versions[chosen]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -469,6 +470,25 @@ def test_a_failed_cold_load_is_not_retried_by_every_request(tmp_path: Path) -> N
         (status,) = w.manager.status(ModelRef("bad"))
         assert (status.state, status.error_code) == (VersionState.END, "INVALID_ARGUMENT")
         assert w.manager.residency.budget.used("cpu") == 0
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_a_traffic_split_loads_its_cold_versions_instead_of_sending_their_share_elsewhere(
+    tmp_path: Path,
+) -> None:
+    async def test(w: World) -> None:
+        plan = w.plan("m", 1)
+        (tmp_path / "m" / "2").mkdir()
+        (tmp_path / "m" / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+        aspired = {**plan.aspired, 2: VersionSource(2, tmp_path / "m" / "2", "f2")}
+        settings = dataclasses.replace(plan.settings, traffic={"1": 50.0, "2": 50.0})
+        await w.manager.apply([dataclasses.replace(plan, aspired=aspired, settings=settings)])
+        served = set()
+        for key in range(40):
+            with await w.manager.acquire(ModelRef("m"), key=str(key)) as version:
+                served.add(version.id.version)
+        assert served == {1, 2}
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
