@@ -261,13 +261,21 @@ class ModelManager(Generic[S]):
             if plan.error is None:
                 entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
-            states = {
-                number: VersionState.AVAILABLE if version.cold else version.state
-                for number, version in entry.versions.items()
-            }
-            held = {entry.labels[label] for label in entry.held}
-            for number in retired_versions(states, plan.aspired, held):
-                self._retire(entry, entry.versions[number])
+            self._retire_unaspired(entry)
+
+    def _retire_unaspired(self, entry: _Entry[S]) -> None:
+        """Retire the versions ``entry`` no longer aspires to, by ``retired_versions``. A cold
+        aspired version is not yet AVAILABLE there: it may fail to load, and the old one must
+        then still serve."""
+        states = {
+            number: (VersionState.LOADING if number in entry.aspired else VersionState.AVAILABLE)
+            if version.cold
+            else version.state
+            for number, version in entry.versions.items()
+        }
+        held = {entry.labels[label] for label in entry.held}
+        for number in retired_versions(states, entry.aspired, held):
+            self._retire(entry, entry.versions[number])
 
     @staticmethod
     def _move_labels(name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
@@ -497,7 +505,8 @@ class ModelManager(Generic[S]):
         version (for the eviction policy and idle unloading).
 
         Raises:
-            NotFound: as ``lease``; also when the load failed (the message says why).
+            NotFound: as ``lease``; also when the load failed (the message says why), unless
+                ``ref`` names neither version nor label and an older version can serve it.
             Unavailable: shutting down, or the load takes longer than the wait (it goes on).
         """
         wait_s = self.residency.load_wait_s
@@ -533,6 +542,8 @@ class ModelManager(Generic[S]):
                     self.residency.policy.hit(loading)
                 return Lease(self, loading, held=True)
             if loading.state is VersionState.END and loading.error_code != "OK":
+                if ref.version is None and ref.label is None and entry.latest is not None:
+                    continue  # the latest version failed to load: the one before it serves
                 raise NotFound(f"model {loading.id} failed to load: {loading.error_message}")
 
     def _route(self, ref: ModelRef, key: str | None = None) -> tuple[_Entry[S], ServedVersion[S]]:
@@ -596,9 +607,10 @@ class ModelManager(Generic[S]):
         await self._load_into(entry, version, "", cause)
         number = version.id.version
         gone = self._models.get(version.id.name) is not entry or entry.versions.get(number) is not version
-        held = number in entry.labels.values()
-        if version.state is VersionState.AVAILABLE and (gone or (number not in entry.aspired and not held)):
-            self._retire(entry, version)  # unconfigured or no longer aspired while it loaded
+        if version.state is VersionState.AVAILABLE and gone:
+            self._retire(entry, version)  # unconfigured or replaced while it loaded
+        elif version.state is VersionState.AVAILABLE:
+            self._retire_unaspired(entry)  # it, if no longer aspired; else the versions it replaces
 
     def cold_answered(self, version: ServedVersion[S]) -> None:
         """A request on ``version`` was answered: the first one ends its cold start."""

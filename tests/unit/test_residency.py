@@ -161,7 +161,7 @@ class Loader:
     def __call__(self, id: ModelId, path: Path, settings: ModelSettings, platform: str | None) -> Held:
         if gate := self.gates.get(id.name):
             assert gate.wait(10), "the test never opened the gate"
-        if id.name in self.failing:
+        if id.name in self.failing or str(id) in self.failing:
             self.events.append(f"fail {id.name}")
             raise ModelLoadError(f"{id.name} has no weights")
         if id.name in self.slow:
@@ -489,6 +489,31 @@ def test_a_traffic_split_loads_its_cold_versions_instead_of_sending_their_share_
             with await w.manager.acquire(ModelRef("m"), key=str(key)) as version:
                 served.add(version.id.version)
         assert served == {1, 2}
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_a_new_version_that_fails_its_cold_load_leaves_the_old_one_serving(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        # "a" served version 1 before version 2 came; "b" had not loaded version 1 yet
+        ones = [w.plan("a", 1), w.plan("b", 1)]
+        await w.manager.apply(ones)
+        await w.infer("a")
+        twos = []
+        for one in ones:
+            (tmp_path / one.name / "2").mkdir()
+            (tmp_path / one.name / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+            twos.append(
+                dataclasses.replace(one, aspired={2: VersionSource(2, tmp_path / one.name / "2", "f2")})
+            )
+            w.loader.failing.add(f"{one.name}:2")
+        await w.manager.apply(twos)
+        for name in "ab":
+            for _ in range(2):
+                with await w.manager.acquire(ModelRef(name)) as version:
+                    assert version.id.version == 1
+            assert w.manager.status(ModelRef(name, 2))[0].error_message == f"{name} has no weights"
+        assert w.loader.events.count("load b") == 1  # loaded once, not retired at once
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
