@@ -258,6 +258,9 @@ class ModelManager(Generic[S]):
                     else:
                         await self._load(entry, plan, source)
             self._move_labels(plan.name, entry, {**plan.labels, **self._moved.get(plan.name, {})})
+            for number in set(entry.held.values()):
+                if (held := entry.versions.get(number)) is not None and held.cold:
+                    self._start_cold(entry, held)  # the label moves at a scan after it loaded
             if plan.error is None:
                 entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
@@ -277,10 +280,16 @@ class ModelManager(Generic[S]):
         for number in retired_versions(states, entry.aspired, held):
             self._retire(entry, entry.versions[number])
 
-    @staticmethod
-    def _move_labels(name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
-        """Route labels by ``routed_labels``, warning when a label starts being held."""
-        available = {n for n, v in entry.versions.items() if _routable(v)}
+    def _move_labels(self, name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
+        """Route labels by ``routed_labels``, warning when a label starts being held. A cold
+        version counts as available once it has loaded in this process: a label does not move
+        to one that may fail to load."""
+        known = self.residency.footprints.known
+        available = {
+            n
+            for n, v in entry.versions.items()
+            if v.state is VersionState.AVAILABLE or (v.cold and known(v.id))
+        }
         labels, held = routed_labels(wanted, entry.labels, available)
         for label, number in held.items():
             if entry.held.get(label) != number:

@@ -518,6 +518,33 @@ def test_a_new_version_that_fails_its_cold_load_leaves_the_old_one_serving(tmp_p
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
 
+def test_under_a_budget_a_label_moves_to_a_new_version_only_once_it_loaded(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        plans = {}
+        for name in "ab":  # version 2 of "a" fails to load, that of "b" loads
+            plan = w.plan(name, 1)
+            (tmp_path / name / "2").mkdir()
+            (tmp_path / name / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+            aspired = {**plan.aspired, 2: VersionSource(2, tmp_path / name / "2", "f2")}
+            plans[name] = dataclasses.replace(plan, aspired=aspired, labels={"stable": 1})
+        w.loader.failing.add("a:2")
+        await w.manager.apply(plans.values())
+        for name in "ab":
+            with await w.manager.acquire(ModelRef(name, label="stable")) as version:
+                assert version.id.version == 1
+        await w.manager.apply(dataclasses.replace(p, labels={"stable": 2}) for p in plans.values())
+        assert w.manager.labels("a") == w.manager.labels("b") == {"stable": 1}
+        await until(lambda: w.loader.events.count("fail a") == 1, "version 2 of a tried")
+        await until(lambda: w.manager.status(ModelRef("b", 2))[0].state is VersionState.AVAILABLE, "b:2")
+        await w.manager.apply(dataclasses.replace(p, labels={"stable": 2}) for p in plans.values())
+        assert w.manager.labels("a") == {"stable": 1}
+        assert w.manager.labels("b") == {"stable": 2}
+        with await w.manager.acquire(ModelRef("a", label="stable")) as version:
+            assert version.id.version == 1
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
 _FREE_A_LARGE_BLOCK = """
 import ctypes, sys
 from inferd import devices
