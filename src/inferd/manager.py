@@ -258,21 +258,38 @@ class ModelManager(Generic[S]):
                     else:
                         await self._load(entry, plan, source)
             self._move_labels(plan.name, entry, {**plan.labels, **self._moved.get(plan.name, {})})
+            for number in set(entry.held.values()):
+                if (held := entry.versions.get(number)) is not None and held.cold:
+                    self._start_cold(entry, held)  # the label moves at a scan after it loaded
             if plan.error is None:
                 entry.settings, entry.weights = plan.settings, plan.settings.traffic
             self._resplit(plan.name, entry)
-            states = {
-                number: VersionState.AVAILABLE if version.cold else version.state
-                for number, version in entry.versions.items()
-            }
-            held = {entry.labels[label] for label in entry.held}
-            for number in retired_versions(states, plan.aspired, held):
-                self._retire(entry, entry.versions[number])
+            self._retire_unaspired(entry)
 
-    @staticmethod
-    def _move_labels(name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
-        """Route labels by ``routed_labels``, warning when a label starts being held."""
-        available = {n for n, v in entry.versions.items() if _routable(v)}
+    def _retire_unaspired(self, entry: _Entry[S]) -> None:
+        """Retire the versions ``entry`` no longer aspires to, by ``retired_versions``. A cold
+        aspired version is not yet AVAILABLE there: it may fail to load, and the old one must
+        then still serve."""
+        states = {
+            number: (VersionState.LOADING if number in entry.aspired else VersionState.AVAILABLE)
+            if version.cold
+            else version.state
+            for number, version in entry.versions.items()
+        }
+        held = {entry.labels[label] for label in entry.held}
+        for number in retired_versions(states, entry.aspired, held):
+            self._retire(entry, entry.versions[number])
+
+    def _move_labels(self, name: str, entry: _Entry[S], wanted: Mapping[str, int]) -> None:
+        """Route labels by ``routed_labels``, warning when a label starts being held. A cold
+        version counts as available once it has loaded in this process: a label does not move
+        to one that may fail to load."""
+        known = self.residency.footprints.known
+        available = {
+            n
+            for n, v in entry.versions.items()
+            if v.state is VersionState.AVAILABLE or (v.cold and known(v.id))
+        }
         labels, held = routed_labels(wanted, entry.labels, available)
         for label, number in held.items():
             if entry.held.get(label) != number:
@@ -497,7 +514,8 @@ class ModelManager(Generic[S]):
         version (for the eviction policy and idle unloading).
 
         Raises:
-            NotFound: as ``lease``; also when the load failed (the message says why).
+            NotFound: as ``lease``; also when the load failed (the message says why), unless
+                ``ref`` names neither version nor label and an older version can serve it.
             Unavailable: shutting down, or the load takes longer than the wait (it goes on).
         """
         wait_s = self.residency.load_wait_s
@@ -533,6 +551,8 @@ class ModelManager(Generic[S]):
                     self.residency.policy.hit(loading)
                 return Lease(self, loading, held=True)
             if loading.state is VersionState.END and loading.error_code != "OK":
+                if ref.version is None and ref.label is None and entry.latest is not None:
+                    continue  # the latest version failed to load: the one before it serves
                 raise NotFound(f"model {loading.id} failed to load: {loading.error_message}")
 
     def _route(self, ref: ModelRef, key: str | None = None) -> tuple[_Entry[S], ServedVersion[S]]:
@@ -596,9 +616,10 @@ class ModelManager(Generic[S]):
         await self._load_into(entry, version, "", cause)
         number = version.id.version
         gone = self._models.get(version.id.name) is not entry or entry.versions.get(number) is not version
-        held = number in entry.labels.values()
-        if version.state is VersionState.AVAILABLE and (gone or (number not in entry.aspired and not held)):
-            self._retire(entry, version)  # unconfigured or no longer aspired while it loaded
+        if version.state is VersionState.AVAILABLE and gone:
+            self._retire(entry, version)  # unconfigured or replaced while it loaded
+        elif version.state is VersionState.AVAILABLE:
+            self._retire_unaspired(entry)  # it, if no longer aspired; else the versions it replaces
 
     def cold_answered(self, version: ServedVersion[S]) -> None:
         """A request on ``version`` was answered: the first one ends its cold start."""
@@ -635,22 +656,27 @@ class ModelManager(Generic[S]):
         need = residency.footprints.reservation(version.id, on_disk, runtime)
         limit = budget.limit(device)
         if limit is not None:
-            pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
             from_files = Footprints().reservation(version.id, on_disk, runtime)
-            if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
-                raise ModelLoadError(
-                    f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to load "
-                    f"({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
-                    f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
-                )
-            need = min(need, limit - pinned)
+            reservation = need
             busy_after = time.monotonic() + residency.busy_after_s
-            while (free := budget.free(device)) is not None and free < need:
+            while True:
+                # pinned versions that loaded meanwhile can never make room: checked each round
+                pinned = sum(budget.charged(v) for v in self._resident(device) if v.settings.residency.pin)
+                if from_files > limit - pinned:  # a noisy measurement alone never makes a model too large
+                    raise ModelLoadError(
+                        f"model {version.id} needs about {format_bytes(from_files)} of {device} memory to "
+                        f"load ({format_bytes(on_disk)} on disk), more than the whole --memory_budget of "
+                        f"{format_bytes(limit)}" + (f" less {format_bytes(pinned)} pinned" if pinned else "")
+                    )
+                need = min(reservation, limit - pinned)
+                free = limit - budget.used(device)
+                if free >= need:
+                    break
                 short = need - free - budget.freeing(device)
                 if short > 0:
                     for victim in self._victims(device, short, time.monotonic() >= busy_after):
                         self._evict(victim, "budget")
-                if (free := budget.free(device)) is not None and free >= need:
+                if limit - budget.used(device) >= need:
                     break
                 await self._wait_for_room(max(busy_after - time.monotonic(), 0.01))
         budget.charge(version, device, need)

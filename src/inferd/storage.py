@@ -112,7 +112,7 @@ class ObjectStore:
 
     def list_tree(self, uri: str) -> dict[str, ObjectInfo]:
         """Every object under ``uri``, by key relative to it ("1/model.onnx"); empty when there
-        are none."""
+        are none. Folder markers (keys ending in "/", as consoles make them) are left out."""
         root = self._strip(uri)
         try:
             self._fs.invalidate_cache()
@@ -121,7 +121,7 @@ class ObjectStore:
             raise StorageError(f"cannot list {uri}: {_describe(exc)}") from exc
         listing = {}
         for path, info in found.items():
-            if info.get("type") == "directory" or not path.startswith(root + "/"):
+            if info.get("type") == "directory" or not path.startswith(root + "/") or path.endswith("/"):
                 continue
             etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or ""
             listing[path[len(root) + 1 :]] = ObjectInfo(int(info.get("size") or 0), str(etag).strip('"'))
@@ -140,8 +140,18 @@ class ObjectStore:
         )
 
     def download(self, uri: str, keys: list[str], dest: Path) -> None:
-        """Copy the objects ``keys`` (relative to ``uri``) to the same relative paths under ``dest``."""
+        """Copy the objects ``keys`` (relative to ``uri``) to the same relative paths under ``dest``.
+
+        Raises:
+            StorageError: also, before anything is copied, for a key that does not name a path
+                inside ``dest`` (an empty, ``.`` or ``..`` part).
+        """
         root = self._strip(uri)
+        for key in keys:
+            if any(part in ("", ".", "..") for part in key.split("/")):
+                raise StorageError(
+                    f"{uri}/{key}: an object key with an empty, '.' or '..' part is not copied"
+                )
         for key in keys:
             target = dest / key
             target.parent.mkdir(parents=True, exist_ok=True)

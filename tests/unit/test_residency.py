@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -160,7 +161,7 @@ class Loader:
     def __call__(self, id: ModelId, path: Path, settings: ModelSettings, platform: str | None) -> Held:
         if gate := self.gates.get(id.name):
             assert gate.wait(10), "the test never opened the gate"
-        if id.name in self.failing:
+        if id.name in self.failing or str(id) in self.failing:
             self.events.append(f"fail {id.name}")
             raise ModelLoadError(f"{id.name} has no weights")
         if id.name in self.slow:
@@ -331,6 +332,19 @@ def test_a_model_larger_than_the_budget_fails_with_a_message_saying_so(tmp_path:
     run(tmp_path, {"cpu": 10 * MiB}, test)
 
 
+def test_a_load_that_a_pinned_model_loaded_beside_it_leaves_no_room_for_fails_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    async def test(w: World) -> None:
+        # each reserves 6 MiB and holds 4.5: whichever loads second cannot fit beside the other
+        await asyncio.wait_for(w.manager.apply([w.plan("p", 3, pin=True), w.plan("q", 3, pin=True)]), 5)
+        assert {w.state(n) for n in "pq"} == {VersionState.AVAILABLE, VersionState.END}
+        (failed,) = (w.manager.status(ModelRef(n))[0] for n in "pq" if w.state(n) is VersionState.END)
+        assert "more than the whole --memory_budget of 10.0 MiB less 4.5 MiB pinned" in failed.error_message
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
 def test_a_slow_cold_load_answers_unavailable_and_goes_on(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.manager.apply([w.plan("a", 1)])
@@ -474,6 +488,77 @@ def test_a_failed_cold_load_is_not_retried_by_every_request(tmp_path: Path) -> N
         (status,) = w.manager.status(ModelRef("bad"))
         assert (status.state, status.error_code) == (VersionState.END, "INVALID_ARGUMENT")
         assert w.manager.residency.budget.used("cpu") == 0
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_a_traffic_split_loads_its_cold_versions_instead_of_sending_their_share_elsewhere(
+    tmp_path: Path,
+) -> None:
+    async def test(w: World) -> None:
+        plan = w.plan("m", 1)
+        (tmp_path / "m" / "2").mkdir()
+        (tmp_path / "m" / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+        aspired = {**plan.aspired, 2: VersionSource(2, tmp_path / "m" / "2", "f2")}
+        settings = dataclasses.replace(plan.settings, traffic={"1": 50.0, "2": 50.0})
+        await w.manager.apply([dataclasses.replace(plan, aspired=aspired, settings=settings)])
+        served = set()
+        for key in range(40):
+            with await w.manager.acquire(ModelRef("m"), key=str(key)) as version:
+                served.add(version.id.version)
+        assert served == {1, 2}
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_a_new_version_that_fails_its_cold_load_leaves_the_old_one_serving(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        # "a" served version 1 before version 2 came; "b" had not loaded version 1 yet
+        ones = [w.plan("a", 1), w.plan("b", 1)]
+        await w.manager.apply(ones)
+        await w.infer("a")
+        twos = []
+        for one in ones:
+            (tmp_path / one.name / "2").mkdir()
+            (tmp_path / one.name / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+            twos.append(
+                dataclasses.replace(one, aspired={2: VersionSource(2, tmp_path / one.name / "2", "f2")})
+            )
+            w.loader.failing.add(f"{one.name}:2")
+        await w.manager.apply(twos)
+        for name in "ab":
+            for _ in range(2):
+                with await w.manager.acquire(ModelRef(name)) as version:
+                    assert version.id.version == 1
+            assert w.manager.status(ModelRef(name, 2))[0].error_message == f"{name} has no weights"
+        assert w.loader.events.count("load b") == 1  # loaded once, not retired at once
+
+    run(tmp_path, {"cpu": 10 * MiB}, test)
+
+
+def test_under_a_budget_a_label_moves_to_a_new_version_only_once_it_loaded(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        plans = {}
+        for name in "ab":  # version 2 of "a" fails to load, that of "b" loads
+            plan = w.plan(name, 1)
+            (tmp_path / name / "2").mkdir()
+            (tmp_path / name / "2" / "weights.bin").write_bytes(b"\0" * MiB)
+            aspired = {**plan.aspired, 2: VersionSource(2, tmp_path / name / "2", "f2")}
+            plans[name] = dataclasses.replace(plan, aspired=aspired, labels={"stable": 1})
+        w.loader.failing.add("a:2")
+        await w.manager.apply(plans.values())
+        for name in "ab":
+            with await w.manager.acquire(ModelRef(name, label="stable")) as version:
+                assert version.id.version == 1
+        await w.manager.apply(dataclasses.replace(p, labels={"stable": 2}) for p in plans.values())
+        assert w.manager.labels("a") == w.manager.labels("b") == {"stable": 1}
+        await until(lambda: w.loader.events.count("fail a") == 1, "version 2 of a tried")
+        await until(lambda: w.manager.status(ModelRef("b", 2))[0].state is VersionState.AVAILABLE, "b:2")
+        await w.manager.apply(dataclasses.replace(p, labels={"stable": 2}) for p in plans.values())
+        assert w.manager.labels("a") == {"stable": 1}
+        assert w.manager.labels("b") == {"stable": 2}
+        with await w.manager.acquire(ModelRef("a", label="stable")) as version:
+            assert version.id.version == 1
 
     run(tmp_path, {"cpu": 10 * MiB}, test)
 

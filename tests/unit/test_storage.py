@@ -162,3 +162,41 @@ def test_a_remote_version_name_past_int64_is_ignored(store: S3Server, tmp_path: 
     repo.scan()
     [plan] = repo.scan()
     assert list(plan.aspired) == [1]
+
+
+def test_folder_markers_made_by_consoles_are_not_files_of_the_version(
+    store: S3Server, tmp_path: Path
+) -> None:
+    for key in ("models/m/", "models/m/1/", "models/m/1/sub/"):
+        store.client().put_object(Bucket="bucket", Key=key, Body=b"")
+    store.client().put_object(Bucket="bucket", Key="models/m/1/sub/x.bin", Body=b"x")
+    repo = repository(tmp_path)
+    repo.scan()
+    [plan] = repo.scan()
+    assert (plan.aspired[1].path / "sub" / "x.bin").read_bytes() == b"x"
+    assert (plan.aspired[1].path / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("rest", ["../../../../../../escaped", "/escaped"])
+def test_an_object_key_that_leaves_the_version_folder_is_refused_and_nothing_is_written(
+    store: S3Server, tmp_path: Path, rest: str
+) -> None:
+    inside = tmp_path / "cache" / "a" / "b" / "c"
+    if rest == "/escaped":
+        rest = f"/{tmp_path}/escaped"  # an absolute path once joined
+    store.client().put_object(Bucket="bucket", Key="models/m/2/model.onnx", Body=b"x")
+    store.client().put_object(Bucket="bucket", Key=f"models/m/2/{rest}", Body=b"evil")
+    repo = Repository(
+        ServerConfig(
+            model_name="m",
+            model_base_path="s3://bucket/models/m",
+            file_system_poll_wait_seconds=1.0,
+            model_cache_dir=str(inside),
+        )
+    )
+    repo.scan()
+    [plan] = repo.scan()
+    assert list(plan.aspired) == [1]  # 2 cannot be copied whole: 1 serves
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() == b"evil"]
+    assert written == []
+    assert store.gets("/models/m/2/") == 0
