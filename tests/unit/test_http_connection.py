@@ -141,7 +141,8 @@ def test_requests_read_in_one_turn_are_computed_then_answered_in_steps() -> None
                 answer = b""
                 while not answer.endswith(b"ok") and (chunk := conn.recv(4096)):  # may come in parts
                     answer += chunk
-                assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+                assert answer.startswith(b"HTTP/1.1 200 ")
+                assert answer.endswith(b"ok")
 
     async def in_thread(port: int) -> None:
         await asyncio.to_thread(client, port)
