@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerProcess
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 ONES = {"instances": [[1, 1, 1, 1]]}
 
@@ -188,6 +188,38 @@ def test_a_corrupt_version_fails_keeps_the_old_one_serving_and_loads_once_fixed(
     assert server.log().count("m:3 failed to load") == 1
     r = requests.get(f"{server.url}/v1/models/m/versions/3", timeout=5)
     assert r.json()["model_version_status"][0]["status"] == {"error_code": "OK", "error_message": ""}
+
+
+def test_a_model_py_that_calls_sys_exit_fails_its_version_and_never_stops_the_server(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base = tmp_path / "p"
+    predict_body = """
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        if (inputs["x"] > 5).any():
+            raise SystemExit(4)
+        return {"y": inputs["x"] * 2}
+    """
+    write_python_model(base / "1", predict_body)
+    server = start_server("--model_name=p", f"--model_base_path={base}")
+    url = f"{server.url}/v1/models/p:predict"
+    ones, doubled = {"instances": [[1, 1]]}, {"predictions": [[2.0, 2.0]]}
+
+    r = requests.post(url, json={"instances": [[9, 1]]}, timeout=10)
+    assert r.status_code == 500
+    assert "failed while predicting" in r.json()["error"]
+    assert requests.post(url, json=ones, timeout=10).json() == doubled
+
+    write_python_model(base / "2", predict_body.replace("pass", "raise SystemExit(3)"))
+    server.wait_for(lambda: server.status("p").get("2") == "END", "version 2 to fail")
+    r = requests.get(f"{server.url}/v1/models/p/versions/2", timeout=5)
+    assert "SystemExit" in r.json()["model_version_status"][0]["status"]["error_message"]
+    assert server.status("p") == {"2": "END", "1": "AVAILABLE"}
+    assert requests.post(url, json=ones, timeout=10).json() == doubled
+    assert server.process.poll() is None
 
 
 # 3. and 4. Version policies and labels

@@ -10,7 +10,9 @@ The contract is a class (``Model`` unless ``[python] class`` names another) with
 
 ``signature`` may instead be the ``[signature]`` table of inferd.toml. Calls are serialised
 unless the class sets ``thread_safe = True``. ``close()``, when defined, runs at unload.
-``model.py`` runs with the server's rights: serve it only from a repository you trust.
+``model.py`` runs with the server's rights: serve it only from a repository you trust. What it
+raises that is no ``Exception`` (``sys.exit()``, ``KeyboardInterrupt``) fails the load or the call
+like any error: it never stops the server.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class PythonModel:
                 result = self._user.predict(inputs)
             except (ValueError, TypeError, KeyError) as exc:
                 raise InvalidArgument(f"model.py rejected the input: {type(exc).__name__}: {exc}") from exc
+            except (SystemExit, KeyboardInterrupt) as exc:
+                raise _as_error("predict()", exc) from exc
         if not isinstance(result, Mapping):
             raise TypeError(f"model.py predict() returned {type(result).__name__}, expected a dict of arrays")
         return {name: np.asarray(value) for name, value in result.items()}
@@ -60,7 +64,10 @@ class PythonModel:
     def close(self) -> None:
         close = getattr(self._user, "close", None)
         if callable(close):
-            close()
+            try:
+                close()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                raise _as_error("close()", exc) from exc
         sys.modules.pop(self._module_name, None)
 
 
@@ -101,10 +108,16 @@ class PythonRuntime:
         except ModelLoadError:
             sys.modules.pop(module_name, None)
             raise
-        except Exception as exc:  # anything the user's code raises
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # anything the user's code raises
             sys.modules.pop(module_name, None)
             raise ModelLoadError(f"{path} failed to load: {type(exc).__name__}: {exc}") from exc
         return PythonModel(user, signature, module_name)
+
+
+def _as_error(call: str, exc: BaseException) -> RuntimeError:
+    """An ``Exception`` for the ``SystemExit`` or ``KeyboardInterrupt`` that model.py's ``call``
+    raised, which would otherwise stop the thread or the event loop it ran on."""
+    return RuntimeError(f"model.py {call} raised {type(exc).__name__}: {exc}")
 
 
 RUNTIME = PythonRuntime()
