@@ -5,7 +5,10 @@ non-numeric folders, files) are ignored. A version is *stable*, and only then of
 loading, when two consecutive scans saw the same content: the same files with the same sizes
 and modification times. A folder that is still being copied therefore waits for the next scan.
 A version that was stable once stays offered, as last seen stable, while its files change, so
-that writing into a served version's folder does not take it out of service.
+that writing into a served version's folder does not take it out of service. A model whose
+versions are all new and waiting (its base path just changed in the model config file, or its
+only version was replaced) keeps the versions of its previous plan meanwhile: waiting never
+unloads what serves.
 
 A model whose folder cannot be listed (missing, a broken link, an I/O error, a broken link
 where a version folder was) keeps the plan of its last complete listing: what is on disk is
@@ -385,7 +388,12 @@ class Repository:
                 continue  # new and still changing: wait for the next scan
             stable[version] = dataclasses.replace(listed, fingerprint=settled[key])
         policy = model.version_policy or settings.version_policy or VersionPolicy()
-        aspired = self._fetch(model.name, storage, policy, stable)
+        previous = self._plans.get(model.name)
+        if versions and not stable and previous is not None:
+            aspired = previous.aspired  # every version waits for the next scan: serve what served
+            self._protecting |= self._protected
+        else:
+            aspired = self._fetch(model.name, storage, policy, stable)
         return ModelPlan(
             name=model.name,
             aspired=aspired,

@@ -393,6 +393,25 @@ def test_model_config_file_reload_adds_removes_and_survives_a_broken_file(
     assert predict(server, "a") == (200, 1.0)
 
 
+def test_a_new_base_path_in_the_model_config_file_takes_over_without_a_failed_request(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    write_versions(tmp_path / "old", 1)
+    write_versions(tmp_path / "new", 2)
+    config = tmp_path / "models.config"
+    config.write_text(model_config(config_entry("m", tmp_path / "old")))
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=0.1",
+        "--file_system_poll_wait_seconds=0.5",
+    )
+    with traffic(server, "m") as client:
+        write_atomically(config, model_config(config_entry("m", tmp_path / "new")))
+        server.wait_for(lambda: client.latest() == 2.0, "answers from the new base path")
+    assert client.failures() == []
+    assert runs(client.values()) == [1.0, 2.0]
+
+
 # 6. Repository mode
 
 

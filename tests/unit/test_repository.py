@@ -174,6 +174,33 @@ def test_a_deleted_version_drops_out_and_a_recreated_one_waits_again(tmp_path: P
     assert set(aspired(repo)) == {2}
 
 
+def test_a_model_whose_versions_all_wait_keeps_the_versions_it_served(tmp_path: Path) -> None:
+    """A new base path (or a new only version) waits for its second scan; what was aspired
+    stays aspired meanwhile, so that the model is never without a version to serve."""
+    make_version(tmp_path / "a" / "1")
+    make_version(tmp_path / "b" / "2")
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "m" base_path: "{tmp_path / "a"}" }} }}')
+    repo = Repository(
+        ServerConfig(
+            model_config_file=str(config),
+            model_config_file_poll_wait_seconds=1e-9,
+            file_system_poll_wait_seconds=1,
+        )
+    )
+    aspired(repo)
+    assert aspired(repo) == {1: fingerprint(tmp_path / "a" / "1")}
+    config.write_text(f'model_config_list {{ config {{ name: "m" base_path: "{tmp_path / "b"}" }} }}')
+    assert aspired(repo) == {1: fingerprint(tmp_path / "a" / "1")}
+    assert aspired(repo) == {2: fingerprint(tmp_path / "b" / "2")}
+
+    make_version(tmp_path / "b" / "3")
+    (tmp_path / "b" / "2" / "model.onnx").unlink()
+    (tmp_path / "b" / "2").rmdir()
+    assert set(aspired(repo)) == {2}
+    assert set(aspired(repo)) == {3}
+
+
 def test_the_policy_chooses_among_stable_versions(tmp_path: Path) -> None:
     for version in (1, 2, 3):
         make_version(tmp_path / str(version))
