@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import importlib.util
+import itertools
 import sys
 import threading
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,12 +85,9 @@ class PythonRuntime:
         if not path.is_file():
             raise ModelLoadError(f"no model.py in {version_dir}")
         class_name = options.get("class", "Model")
-        module_name = f"inferd_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None
+        spec, module = _new_module(path)
+        module_name = spec.name
         assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
             cls = getattr(module, class_name, None)
@@ -112,6 +112,25 @@ class PythonRuntime:
             sys.modules.pop(module_name, None)
             raise ModelLoadError(f"{path} failed to load: {type(exc).__name__}: {exc}") from exc
         return PythonModel(user, signature, module_name)
+
+
+_module_names = threading.Lock()
+
+
+def _new_module(path: Path) -> tuple[importlib.machinery.ModuleSpec, types.ModuleType]:
+    """A module for ``path``, not yet executed, in ``sys.modules`` under a name of its own:
+    ``inferd_user_model_<digest of the path>``, with ``_2``, ``_3``... while a loaded copy of the
+    same file holds that name (a version loaded again while its old copy finishes its requests),
+    so that closing one copy never takes the other's module away."""
+    base = f"inferd_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    with _module_names:
+        names = itertools.chain([base], (f"{base}_{i}" for i in itertools.count(2)))
+        name = next(n for n in names if n not in sys.modules)
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+    return spec, module
 
 
 def _as_error(call: str, exc: BaseException) -> RuntimeError:
