@@ -404,7 +404,7 @@ class ModelManager(Generic[S]):
         except Exception as exc:  # a runtime's unexpected failure must not stop the server
             self._forget_charge(version)
             log.exception("loading %s failed unexpectedly", version.id)
-            self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
+            self._fail(version, "UNKNOWN", _error_text(exc))
         else:
             self._settle(version, device, added, overlapped, time.monotonic() - started)
             self.residency.stats.loads[cause] += 1
@@ -893,6 +893,15 @@ def _close(servable: Closeable | None, devices: DeviceMemory) -> None:
     del servable
     collector.release()  # the version may be frozen: its reference cycles must be collectable
     devices.trim()
+
+
+def _error_text(exc: Exception) -> str:
+    """``Type: message``; the type alone when the exception's ``str()`` raises (as a model's own
+    exception class may), so that the failed load is reported all the same."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its message could not be read)"
 
 
 def _routable(version: ServedVersion[Any]) -> bool:
