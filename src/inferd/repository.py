@@ -214,8 +214,9 @@ class Repository:
         """The configured models, re-reading the model config file when its poll period passed.
 
         Raises:
-            ConfigError: at the first read only; later read failures are logged and the
-                previous model list is kept.
+            ConfigError: at the first read only (of a repository folder or store: while no model
+                was listed); later read failures are logged once and the previous model list is
+                kept.
         """
         cfg = self._config
         if cfg.model_config_file:
@@ -259,8 +260,12 @@ class Repository:
                     if _is_model_folder(e) and not e.name.startswith((".", "_"))
                 )
             except OSError as exc:
-                raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
-            self._models = [ModelConfig(name, root / name) for name in folders]
+                if not self._models:
+                    raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
+                self._fault(str(root), f"cannot list model repository: {exc.strerror}")  # keep the models
+            else:
+                self._fault(str(root), None)
+                self._models = [ModelConfig(name, root / name) for name in folders]
         else:
             if not cfg.model_base_path:
                 raise ConfigError(

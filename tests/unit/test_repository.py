@@ -309,6 +309,24 @@ def test_repository_mode_lists_model_folders(tmp_path: Path) -> None:
     assert [m.name for m in repo.model_configs()] == ["a", "b", "c"]
 
 
+def test_a_repository_folder_that_cannot_be_listed_keeps_its_models_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "inferd.repository")
+    root = tmp_path / "repo"
+    make_version(root / "a" / "1")
+    repo = Repository(ServerConfig(repository=str(root), file_system_poll_wait_seconds=0))
+    served = aspired(repo, "a")
+    assert set(served) == {1}
+    root.rename(tmp_path / "away")
+    for _ in range(3):
+        assert aspired(repo, "a") == served
+    assert caplog.text.count("cannot list model repository") == 1
+    (tmp_path / "away").rename(root)
+    assert [m.name for m in repo.model_configs()] == ["a"]
+    assert f"model {root}: its folder can be read again" in caplog.text
+
+
 def test_no_model_source_is_an_error() -> None:
     with pytest.raises(ConfigError, match="no models"):
         Repository(ServerConfig()).scan()
