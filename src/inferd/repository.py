@@ -4,6 +4,8 @@ A version is a folder ``<base_path>/<integer>/``; other entries (hidden, tempora
 non-numeric folders, files) are ignored. A version is *stable*, and only then offered for
 loading, when two consecutive scans saw the same content: the same files with the same sizes
 and modification times. A folder that is still being copied therefore waits for the next scan.
+Only the first scan without polling (``--file_system_poll_wait_seconds=0``) takes every version
+at once; a scan made later all the same (a model config file poll, an admin call) does not.
 A version that was stable once stays offered, as last seen stable, while its files change, so
 that writing into a served version's folder does not take it out of service. A model whose
 versions are all new and waiting (its base path just changed in the model config file, or its
@@ -200,6 +202,8 @@ class Repository:
         self._override: list[ModelConfig] | None = None
         self._replaced: list[ModelConfig] = []  # the configured models the override replaced
         self._config_read_at = 0.0
+        # Without polling, the first scan loads what it lists; a later one (a model config file
+        # poll, an admin call) is a repeated scan, where stability is judged as when polling.
         self._require_stable = config.file_system_poll_wait_seconds > 0
         self._plans: dict[str, ModelPlan] = {}  # the last plan made from a complete listing
         self._faults: dict[str, str] = {}  # models whose folder could not be listed, and why
@@ -317,6 +321,7 @@ class Repository:
         for model in self.model_configs():
             plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
+        self._require_stable = True
         self._plans = {plan.name: plan for plan in plans}
         self._protect(self._protecting, replace=True)
         return plans

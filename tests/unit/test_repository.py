@@ -148,6 +148,17 @@ def test_without_polling_versions_are_aspired_at_the_first_scan(tmp_path: Path) 
     assert set(aspired(repository(tmp_path, poll_s=0))) == {1}
 
 
+def test_without_polling_a_later_scan_still_waits_for_a_new_version_to_be_stable(tmp_path: Path) -> None:
+    """A model config file poll (or an admin call) scans again when the folders are not polled:
+    a version being copied meanwhile is not loaded half-written."""
+    make_version(tmp_path / "1")
+    repo = repository(tmp_path, poll_s=0)
+    assert set(aspired(repo)) == {1}
+    make_version(tmp_path / "2", b"half")
+    assert set(aspired(repo)) == {1}
+    assert set(aspired(repo)) == {2}
+
+
 def test_a_changing_version_that_was_stable_stays_aspired(tmp_path: Path) -> None:
     """Files changing inside a served version must not unload it (availability first)."""
     make_version(tmp_path / "1")
