@@ -334,6 +334,17 @@ class ModelManager(Generic[S]):
         entry.held.pop(label, None)
         self._resplit(name, entry)
 
+    def retry_failed(self, name: str) -> None:
+        """Forget the versions of model ``name`` that failed to load, so that the next reconcile
+        loads them again although their files did not change (an admin's load: what made them
+        fail may be gone). Nothing happens for an unknown model."""
+        entry = self._models.get(name)
+        if entry is None:
+            return
+        for number, version in list(entry.versions.items()):
+            if version.state is VersionState.END and version.error_code != "OK" and not version.died:
+                del entry.versions[number]
+
     def labels(self, name: str) -> dict[str, int]:
         """Where model ``name``'s labels point now; empty for an unknown model."""
         entry = self._models.get(name)
