@@ -389,6 +389,8 @@ class ModelControl:
             ModelLoadError: no version of it is AVAILABLE afterwards; the message says why.
         """
         async with self._admin() as state:
+            if name not in self._configured:  # a model folder added since the last scan, as Triton
+                await self._configured_now()  # polls the repository for the model it loads
             self._require_configured(name)
             if override is not None:
                 try:
@@ -550,6 +552,11 @@ class ModelControl:
     def _repository_settings(self, name: str) -> ModelSettings:
         plan = self._repository.plan(name)
         return plan.settings if plan is not None else ModelSettings()
+
+    async def _configured_now(self) -> None:
+        """Read the configured models again (in a thread); call holding the lock."""
+        models = await asyncio.to_thread(self._repository.model_configs)
+        self._configured = sorted({*self._configured, *(m.name for m in models)})
 
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:

@@ -134,6 +134,18 @@ def test_load_failures_are_clear(http: httpclient.InferenceServerClient) -> None
     assert http.is_model_ready("digits")
 
 
+def test_load_finds_a_model_folder_added_since_the_last_scan(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """As Triton's load polls the repository: also without polling (a scan only at start)."""
+    write_onnx_affine(tmp_path / "repo" / "a" / "1", scale=2.0)
+    server = start_server(str(tmp_path / "repo"), f"--admin_token={ADMIN}")
+    write_onnx_affine(tmp_path / "repo" / "b" / "1", scale=3.0)
+    answer = requests.post(f"{server.url}/v2/repository/models/b/load", headers=AS_ADMIN, timeout=30)
+    assert answer.json() == {"name": "b", "load": True}
+    assert server.status("b") == {"1": "AVAILABLE"}
+
+
 def test_load_tries_a_failed_version_again(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
