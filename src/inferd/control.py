@@ -377,11 +377,11 @@ class ModelControl:
 
     async def load(self, name: str, override: SettingsOverride | None = None) -> None:
         """Serve ``name`` again if it was unloaded, and load its new versions now, without
-        waiting for the files to look stable. An ``override`` different from the one in force
-        (a load without one returns to ``inferd.toml``) reloads the versions serving, with the
-        new settings: they are out of service until the reload finished. Under a memory budget
-        the latest version, listed cold, is loaded now; the call waits for it at most
-        ``--load_wait_ms`` (the load goes on).
+        waiting for the files to look stable, and the versions that failed to load again. An
+        ``override`` different from the one in force (a load without one returns to
+        ``inferd.toml``) reloads the versions serving, with the new settings: they are out of
+        service until the reload finished. Under a memory budget the latest version, listed
+        cold, is loaded now; the call waits for it at most ``--load_wait_ms`` (the load goes on).
 
         Raises:
             NotFound: ``name`` is not a configured model.
@@ -389,6 +389,8 @@ class ModelControl:
             ModelLoadError: no version of it is AVAILABLE afterwards; the message says why.
         """
         async with self._admin() as state:
+            if name not in self._configured:  # a model folder added since the last scan, as Triton
+                await self._configured_now()  # polls the repository for the model it loads
             self._require_configured(name)
             if override is not None:
                 try:
@@ -542,12 +544,19 @@ class ModelControl:
             runs = await self._scan()
             await _settled(run for model, run in runs.items() if model in retire)
             self._unloaded = set(state.unloaded)
+        for name in state.trusted:  # vouched for: loaded again, also where a load failed before
+            self._manager.retry_failed(name)
         runs = await self._scan(state.trusted)
         await _settled(run for model, run in runs.items() if everything or model in touched)
 
     def _repository_settings(self, name: str) -> ModelSettings:
         plan = self._repository.plan(name)
         return plan.settings if plan is not None else ModelSettings()
+
+    async def _configured_now(self) -> None:
+        """Read the configured models again (in a thread); call holding the lock."""
+        models = await asyncio.to_thread(self._repository.model_configs)
+        self._configured = sorted({*self._configured, *(m.name for m in models)})
 
     def _require_configured(self, name: str) -> None:
         if name not in self._configured:

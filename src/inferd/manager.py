@@ -351,6 +351,17 @@ class ModelManager(Generic[S]):
         entry.held.pop(label, None)
         self._resplit(name, entry)
 
+    def retry_failed(self, name: str) -> None:
+        """Forget the versions of model ``name`` that failed to load, so that the next reconcile
+        loads them again although their files did not change (an admin's load: what made them
+        fail may be gone). Nothing happens for an unknown model."""
+        entry = self._models.get(name)
+        if entry is None:
+            return
+        for number, version in list(entry.versions.items()):
+            if version.state is VersionState.END and version.error_code != "OK" and not version.died:
+                del entry.versions[number]
+
     def labels(self, name: str) -> dict[str, int]:
         """Where model ``name``'s labels point now; empty for an unknown model."""
         entry = self._models.get(name)
@@ -421,7 +432,7 @@ class ModelManager(Generic[S]):
         except Exception as exc:  # a runtime's unexpected failure must not stop the server
             self._forget_charge(version)
             log.exception("loading %s failed unexpectedly", version.id)
-            self._fail(version, "UNKNOWN", f"{type(exc).__name__}: {exc}")
+            self._fail(version, "UNKNOWN", _error_text(exc))
         else:
             self._settle(version, device, added, overlapped, time.monotonic() - started)
             self.residency.stats.loads[cause] += 1
@@ -920,6 +931,15 @@ def _close(servable: Closeable | None, devices: DeviceMemory) -> None:
     del servable
     collector.release()  # the version may be frozen: its reference cycles must be collectable
     devices.trim()
+
+
+def _error_text(exc: Exception) -> str:
+    """``Type: message``; the type alone when the exception's ``str()`` raises (as a model's own
+    exception class may), so that the failed load is reported all the same."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its message could not be read)"
 
 
 def _routable(version: ServedVersion[Any]) -> bool:

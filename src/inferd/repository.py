@@ -4,8 +4,13 @@ A version is a folder ``<base_path>/<integer>/``; other entries (hidden, tempora
 non-numeric folders, files) are ignored. A version is *stable*, and only then offered for
 loading, when two consecutive scans saw the same content: the same files with the same sizes
 and modification times. A folder that is still being copied therefore waits for the next scan.
+Only the first scan without polling (``--file_system_poll_wait_seconds=0``) takes every version
+at once; a scan made later all the same (a model config file poll, an admin call) does not.
 A version that was stable once stays offered, as last seen stable, while its files change, so
-that writing into a served version's folder does not take it out of service.
+that writing into a served version's folder does not take it out of service. A model whose
+versions are all new and waiting (its base path just changed in the model config file, or its
+only version was replaced) keeps the versions of its previous plan meanwhile: waiting never
+unloads what serves.
 
 A model whose folder cannot be listed (missing, a broken link, an I/O error, a broken link
 where a version folder was) keeps the plan of its last complete listing: what is on disk is
@@ -198,6 +203,8 @@ class Repository:
         self._override: list[ModelConfig] | None = None
         self._replaced: list[ModelConfig] = []  # the configured models the override replaced
         self._config_read_at = 0.0
+        # Without polling, the first scan loads what it lists; a later one (a model config file
+        # poll, an admin call) is a repeated scan, where stability is judged as when polling.
         self._require_stable = config.file_system_poll_wait_seconds > 0
         self._plans: dict[str, ModelPlan] = {}  # the last plan made from a complete listing
         self._faults: dict[str, str] = {}  # models whose folder could not be listed, and why
@@ -212,8 +219,9 @@ class Repository:
         """The configured models, re-reading the model config file when its poll period passed.
 
         Raises:
-            ConfigError: at the first read only; later read failures are logged and the
-                previous model list is kept.
+            ConfigError: at the first read only (of a repository folder or store: while no model
+                was listed); later read failures are logged once and the previous model list is
+                kept.
         """
         cfg = self._config
         if cfg.model_config_file:
@@ -257,8 +265,12 @@ class Repository:
                     if _is_model_folder(e) and not e.name.startswith((".", "_"))
                 )
             except OSError as exc:
-                raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
-            self._models = [ModelConfig(name, root / name) for name in folders]
+                if not self._models:
+                    raise ConfigError(f"cannot list model repository {root}: {exc.strerror}") from exc
+                self._fault(str(root), f"cannot list model repository: {exc.strerror}")  # keep the models
+            else:
+                self._fault(str(root), None)
+                self._models = [ModelConfig(name, root / name) for name in folders]
         else:
             if not cfg.model_base_path:
                 raise ConfigError(
@@ -310,6 +322,7 @@ class Repository:
         for model in self.model_configs():
             plans.append(self._plan(model, seen, settled, model.name in trusted))
         self._previous, self._settled = seen, settled
+        self._require_stable = True
         self._plans = {plan.name: plan for plan in plans}
         self._protect(self._protecting, replace=True)
         return plans
@@ -387,7 +400,12 @@ class Repository:
                 continue  # new and still changing: wait for the next scan
             stable[version] = dataclasses.replace(listed, fingerprint=settled[key])
         policy = model.version_policy or settings.version_policy or VersionPolicy()
-        aspired = self._fetch(model.name, storage, policy, stable)
+        previous = self._plans.get(model.name)
+        if versions and not stable and previous is not None:
+            aspired = previous.aspired  # every version waits for the next scan: serve what served
+            self._protecting |= self._protected
+        else:
+            aspired = self._fetch(model.name, storage, policy, stable)
         return ModelPlan(
             name=model.name,
             aspired=aspired,

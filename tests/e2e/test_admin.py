@@ -21,7 +21,7 @@ from inferd._proto import model_service_pb2_grpc as ms_grpc
 from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from tests.conftest import ServerProcess, launch
-from tests.models import digits, write_onnx_affine, write_onnx_digits
+from tests.models import digits, write_onnx_affine, write_onnx_digits, write_python_model
 
 ADMIN, API = "admin-secret", "api-secret"
 AS_ADMIN = {"authorization": f"Bearer {ADMIN}"}
@@ -132,6 +132,45 @@ def test_load_failures_are_clear(http: httpclient.InferenceServerClient) -> None
     assert override.value.status() == "400"
     assert "config keys ['input'] are not supported" in override.value.message()
     assert http.is_model_ready("digits")
+
+
+def test_load_finds_a_model_folder_added_since_the_last_scan(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """As Triton's load polls the repository: also without polling (a scan only at start)."""
+    write_onnx_affine(tmp_path / "repo" / "a" / "1", scale=2.0)
+    server = start_server(str(tmp_path / "repo"), f"--admin_token={ADMIN}")
+    write_onnx_affine(tmp_path / "repo" / "b" / "1", scale=3.0)
+    answer = requests.post(f"{server.url}/v2/repository/models/b/load", headers=AS_ADMIN, timeout=30)
+    assert answer.json() == {"name": "b", "load": True}
+    assert server.status("b") == {"1": "AVAILABLE"}
+
+
+def test_load_tries_a_failed_version_again(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """What made a load fail may be gone (memory, a device, a store) while its files are the same."""
+    busy = tmp_path / "busy"
+    busy.touch()
+    write_python_model(
+        tmp_path / "repo" / "m" / "1",
+        f"""
+        def load(self):
+            import os
+
+            if os.path.exists({str(busy)!r}):
+                raise RuntimeError("the device is busy")
+
+        def predict(self, inputs):
+            return {{"y": inputs["x"]}}
+        """,
+    )
+    server = start_server(str(tmp_path / "repo"), f"--admin_token={ADMIN}")
+    assert server.status("m") == {"1": "END"}
+    busy.unlink()
+    answer = requests.post(f"{server.url}/v2/repository/models/m/load", headers=AS_ADMIN, timeout=30)
+    assert answer.json() == {"name": "m", "load": True}
+    assert server.status("m") == {"1": "AVAILABLE"}
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerProcess
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 ONES = {"instances": [[1, 1, 1, 1]]}
 
@@ -190,6 +190,38 @@ def test_a_corrupt_version_fails_keeps_the_old_one_serving_and_loads_once_fixed(
     assert r.json()["model_version_status"][0]["status"] == {"error_code": "OK", "error_message": ""}
 
 
+def test_a_model_py_that_calls_sys_exit_fails_its_version_and_never_stops_the_server(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base = tmp_path / "p"
+    predict_body = """
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        if (inputs["x"] > 5).any():
+            raise SystemExit(4)
+        return {"y": inputs["x"] * 2}
+    """
+    write_python_model(base / "1", predict_body)
+    server = start_server("--model_name=p", f"--model_base_path={base}")
+    url = f"{server.url}/v1/models/p:predict"
+    ones, doubled = {"instances": [[1, 1]]}, {"predictions": [[2.0, 2.0]]}
+
+    r = requests.post(url, json={"instances": [[9, 1]]}, timeout=10)
+    assert r.status_code == 500
+    assert "failed while predicting" in r.json()["error"]
+    assert requests.post(url, json=ones, timeout=10).json() == doubled
+
+    write_python_model(base / "2", predict_body.replace("pass", "raise SystemExit(3)"))
+    server.wait_for(lambda: server.status("p").get("2") == "END", "version 2 to fail")
+    r = requests.get(f"{server.url}/v1/models/p/versions/2", timeout=5)
+    assert "SystemExit" in r.json()["model_version_status"][0]["status"]["error_message"]
+    assert server.status("p") == {"2": "END", "1": "AVAILABLE"}
+    assert requests.post(url, json=ones, timeout=10).json() == doubled
+    assert server.process.poll() is None
+
+
 # 3. and 4. Version policies and labels
 
 
@@ -359,6 +391,25 @@ def test_model_config_file_reload_adds_removes_and_survives_a_broken_file(
     server.wait_for(lambda: server.status("a") == {"1": "AVAILABLE"}, "model a to come back")
     server.wait_for(lambda: server.status("b") == {}, "model b to be removed")
     assert predict(server, "a") == (200, 1.0)
+
+
+def test_a_new_base_path_in_the_model_config_file_takes_over_without_a_failed_request(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    write_versions(tmp_path / "old", 1)
+    write_versions(tmp_path / "new", 2)
+    config = tmp_path / "models.config"
+    config.write_text(model_config(config_entry("m", tmp_path / "old")))
+    server = start_server(
+        f"--model_config_file={config}",
+        "--model_config_file_poll_wait_seconds=0.1",
+        "--file_system_poll_wait_seconds=0.5",
+    )
+    with traffic(server, "m") as client:
+        write_atomically(config, model_config(config_entry("m", tmp_path / "new")))
+        server.wait_for(lambda: client.latest() == 2.0, "answers from the new base path")
+    assert client.failures() == []
+    assert runs(client.values()) == [1.0, 2.0]
 
 
 # 6. Repository mode

@@ -51,6 +51,7 @@ class FakeLoader:
         self.events: list[str] = []
         self.made: dict[int, FakeServable] = {}
         self.failing: set[int] = set()
+        self.raising: dict[int, Exception] = {}  # versions whose load raises this, as a runtime may
         self.gates: dict[int, threading.Event] = {}
 
     def __call__(
@@ -61,6 +62,8 @@ class FakeLoader:
         if id.version in self.failing:
             self.events.append(f"fail {id.version}")
             raise ModelLoadError(f"version {id.version} has no weights")
+        if (error := self.raising.get(id.version)) is not None:
+            raise error
         self.events.append(f"load {id.version}")
         servable = self.made[id.version] = FakeServable(id, self.events)
         return servable
@@ -146,6 +149,29 @@ def test_a_failed_load_never_replaces_a_working_version() -> None:
         await manager.apply([plan({2: "f2-fixed"})])
         await until(lambda: states(manager) == {2: AVAILABLE, 1: END}, "version 2 replacing 1")
         assert not loader.made[2].closed
+
+    run(test)
+
+
+class Unprintable(Exception):
+    """A model's own exception whose message cannot be read."""
+
+    def __str__(self) -> str:
+        raise Unprintable()
+
+
+def test_a_load_failing_with_an_unprintable_exception_ends_and_is_retried_once_fixed() -> None:
+    async def test(manager: ModelManager[FakeServable], loader: FakeLoader) -> None:
+        await manager.apply([plan([1])])
+        loader.raising[2] = Unprintable()
+        await manager.apply([plan([2])])
+        (failed, working) = manager.status(ModelRef("m"))
+        assert (failed.version, failed.state, failed.error_code) == (2, END, "UNKNOWN")
+        assert failed.error_message.startswith("Unprintable")
+        assert (working.version, working.state) == (1, AVAILABLE)
+        loader.raising.clear()
+        await manager.apply([plan({2: "f2-fixed"})])
+        await until(lambda: states(manager) == {2: AVAILABLE, 1: END}, "version 2 replacing 1")
 
     run(test)
 

@@ -148,6 +148,17 @@ def test_without_polling_versions_are_aspired_at_the_first_scan(tmp_path: Path) 
     assert set(aspired(repository(tmp_path, poll_s=0))) == {1}
 
 
+def test_without_polling_a_later_scan_still_waits_for_a_new_version_to_be_stable(tmp_path: Path) -> None:
+    """A model config file poll (or an admin call) scans again when the folders are not polled:
+    a version being copied meanwhile is not loaded half-written."""
+    make_version(tmp_path / "1")
+    repo = repository(tmp_path, poll_s=0)
+    assert set(aspired(repo)) == {1}
+    make_version(tmp_path / "2", b"half")
+    assert set(aspired(repo)) == {1}
+    assert set(aspired(repo)) == {2}
+
+
 def test_a_changing_version_that_was_stable_stays_aspired(tmp_path: Path) -> None:
     """Files changing inside a served version must not unload it (availability first)."""
     make_version(tmp_path / "1")
@@ -172,6 +183,33 @@ def test_a_deleted_version_drops_out_and_a_recreated_one_waits_again(tmp_path: P
     make_version(tmp_path / "2", b"new")
     assert set(aspired(repo)) == {1}
     assert set(aspired(repo)) == {2}
+
+
+def test_a_model_whose_versions_all_wait_keeps_the_versions_it_served(tmp_path: Path) -> None:
+    """A new base path (or a new only version) waits for its second scan; what was aspired
+    stays aspired meanwhile, so that the model is never without a version to serve."""
+    make_version(tmp_path / "a" / "1")
+    make_version(tmp_path / "b" / "2")
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "m" base_path: "{tmp_path / "a"}" }} }}')
+    repo = Repository(
+        ServerConfig(
+            model_config_file=str(config),
+            model_config_file_poll_wait_seconds=1e-9,
+            file_system_poll_wait_seconds=1,
+        )
+    )
+    aspired(repo)
+    assert aspired(repo) == {1: fingerprint(tmp_path / "a" / "1")}
+    config.write_text(f'model_config_list {{ config {{ name: "m" base_path: "{tmp_path / "b"}" }} }}')
+    assert aspired(repo) == {1: fingerprint(tmp_path / "a" / "1")}
+    assert aspired(repo) == {2: fingerprint(tmp_path / "b" / "2")}
+
+    make_version(tmp_path / "b" / "3")
+    (tmp_path / "b" / "2" / "model.onnx").unlink()
+    (tmp_path / "b" / "2").rmdir()
+    assert set(aspired(repo)) == {2}
+    assert set(aspired(repo)) == {3}
 
 
 def test_the_policy_chooses_among_stable_versions(tmp_path: Path) -> None:
@@ -298,6 +336,24 @@ def test_repository_mode_lists_model_folders(tmp_path: Path) -> None:
     assert [(m.name, m.base_path) for m in models] == [("a", tmp_path / "a"), ("b", tmp_path / "b")]
     make_version(tmp_path / "c" / "1")
     assert [m.name for m in repo.model_configs()] == ["a", "b", "c"]
+
+
+def test_a_repository_folder_that_cannot_be_listed_keeps_its_models_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "inferd.repository")
+    root = tmp_path / "repo"
+    make_version(root / "a" / "1")
+    repo = Repository(ServerConfig(repository=str(root), file_system_poll_wait_seconds=0))
+    served = aspired(repo, "a")
+    assert set(served) == {1}
+    root.rename(tmp_path / "away")
+    for _ in range(3):
+        assert aspired(repo, "a") == served
+    assert caplog.text.count("cannot list model repository") == 1
+    (tmp_path / "away").rename(root)
+    assert [m.name for m in repo.model_configs()] == ["a"]
+    assert f"model {root}: its folder can be read again" in caplog.text
 
 
 def test_no_model_source_is_an_error() -> None:

@@ -85,6 +85,35 @@ def test_python_model_without_signature_is_refused(tmp_path: Path) -> None:
         load_model(tmp_path, ModelSettings(), None)
 
 
+def test_a_python_model_loaded_again_while_its_old_copy_serves_keeps_its_own_module(tmp_path: Path) -> None:
+    """A version loaded again (an admin load after an unload, a reload under a memory budget)
+    while its old copy finishes its requests: each copy's classes stay importable by name (as
+    pickle finds them), also once the other copy is closed."""
+    write_python_model(
+        tmp_path,
+        """
+        class Box:
+            pass
+
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            import pickle
+
+            pickle.dumps(self.Box())
+            return {"y": inputs["x"]}
+        """,
+    )
+    x = {"x": np.ones((1, 2), np.float32)}
+    old, _ = load_model(tmp_path, ModelSettings(), None)
+    new, _ = load_model(tmp_path, ModelSettings(), None)
+    old.predict("serving_default", x)
+    old.close()
+    new.predict("serving_default", x)
+    new.close()
+
+
 def test_python_model_signature_from_settings(tmp_path: Path) -> None:
     (tmp_path / "model.py").write_text(
         "class Model:\n"
