@@ -12,25 +12,29 @@ used versions that are not protected (the versions being served) are removed unt
 when it cannot fit, the version is refused. Last use is the manifest's modification time, so
 the order survives restarts.
 
-Not thread-safe: one caller (the repository scan) at a time; separate processes must use
-separate folders.
+Processes may share a folder (the workers of ``--workers`` do): adding a version, with its
+eviction, and the clean-up at start hold the folder's lock (``LOCK``), and a version that another
+process added meanwhile is taken as it is. Each process protects only the versions it serves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 class CacheFull(OSError):
@@ -76,11 +80,12 @@ class ModelCache:
         self.max_bytes = max_bytes
         self._protected: set[str] = set()
         folder.mkdir(parents=True, exist_ok=True)
-        for entry in folder.iterdir():
-            if entry.name == DERIVED:
-                continue
-            if entry.name.startswith(".tmp-") or (entry.is_dir() and not (entry / MANIFEST).is_file()):
-                shutil.rmtree(entry, ignore_errors=True)  # an interrupted download
+        with self._locked():  # another process's download in progress is not interrupted
+            for entry in folder.iterdir():
+                if entry.name == DERIVED or not entry.is_dir():
+                    continue
+                if entry.name.startswith(".tmp-") or not (entry / MANIFEST).is_file():
+                    shutil.rmtree(entry, ignore_errors=True)  # an interrupted download
 
     def entry_folder(self, uri: str) -> Path:
         """The folder that holds (or would hold) the entry of ``uri``."""
@@ -129,10 +134,17 @@ class ModelCache:
         """Make room, call ``fill(folder)`` to write the version's files into an empty folder,
         then record it; return the local folder of its files.
 
+        When another process sharing the folder added the same version meanwhile, its folder is
+        returned and ``fill`` is not called.
+
         Raises:
             CacheFull: even with every unprotected version evicted, ``size_bytes`` does not fit.
             Exception: whatever ``fill`` raises; nothing is recorded then.
         """
+        with self._locked():
+            return self.lookup(uri, fingerprint) or self._add(uri, fingerprint, size_bytes, fill)
+
+    def _add(self, uri: str, fingerprint: str, size_bytes: int, fill: Callable[[Path], None]) -> Path:
         self._make_room(uri, size_bytes)
         scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
         try:
@@ -148,6 +160,14 @@ class ModelCache:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         return final / "files"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the folder's lock (blocking) against other processes; released when the file
+        closes, also when the process dies."""
+        with open(self.folder / LOCK, "ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def _make_room(self, uri: str, size_bytes: int) -> None:
         if self.max_bytes <= 0:

@@ -442,12 +442,11 @@ class RemoteStorage:
                 size = (folder / key).stat().st_size
                 if size != info.size:
                     raise StorageError(f"{uri}/{key}: downloaded {size} bytes, the listing says {info.size}")
+            log.info(
+                "downloaded %s (%d files, %d bytes) into the model cache",
+                uri,
+                len(listed.objects),
+                listed.size_bytes,
+            )
 
-        local = self._cache.add(uri, listed.fingerprint, listed.size_bytes, fill)
-        log.info(
-            "downloaded %s (%d files, %d bytes) into the model cache",
-            uri,
-            len(listed.objects),
-            listed.size_bytes,
-        )
-        return local
+        return self._cache.add(uri, listed.fingerprint, listed.size_bytes, fill)

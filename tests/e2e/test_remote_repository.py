@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerProcess
+from tests.e2e.test_metrics import samples
 from tests.models import write_onnx_affine, write_onnx_affine_external
 from tests.s3_server import S3Server, s3_server, s3_server_with_auth
 
@@ -185,3 +186,21 @@ def test_refused_credentials_keep_serving_and_a_fixed_credentials_file_recovers_
     s3.upload_folder(tmp_path / "digits" / "2", "bucket", "models/digits/2")
     server.wait_for(lambda: answer(server) == 3.0, "a new version after the credentials were fixed")
     assert server.log().count("does not exist in our records") == 1  # each fault logged once
+
+
+@pytest.mark.timeout(300)
+def test_workers_sharing_the_model_cache_download_a_version_once(
+    s3_server: S3Server, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Each ``--workers`` process downloaded every version into the shared cache folder, the later
+    one deleting the folder the earlier one had just put in place (and might be loading from)."""
+    s3 = s3_server
+    s3.client().create_bucket(Bucket="bucket")
+    write_onnx_affine(tmp_path / "digits" / "1", scale=2.0)
+    (tmp_path / "digits" / "1" / "extra.bin").write_bytes(bytes(60_000_000))  # a download that takes a while
+    s3.upload_folder(tmp_path / "digits", "bucket", "models/digits")
+    server = start_server(*digits_args(tmp_path / "cache"), "--workers=2")
+    server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
+    assert {answer(server) for _ in range(20)} == {2.0}
+    assert s3.gets("/models/digits/1/extra.bin") == 1
+    assert server.log().count("downloaded s3://bucket/models/digits/1") == 1

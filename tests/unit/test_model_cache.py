@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from inferd.model_cache import CacheFull, ModelCache
+from inferd.model_cache import LOCK, CacheFull, ModelCache
 
 
 def fill_with(size: int):  # type: ignore[no-untyped-def]
@@ -72,4 +72,4 @@ def test_a_failed_fill_records_nothing_and_a_new_process_reuses_complete_entries
     again = ModelCache(tmp_path, max_bytes=1000)
     assert [e.uri for e in again.entries()] == ["s3://b/m/1"]
     assert again.lookup("s3://b/m/1", "fp") is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == [again.entry_folder("s3://b/m/1").name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK, again.entry_folder("s3://b/m/1").name])
