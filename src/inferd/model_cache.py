@@ -110,9 +110,9 @@ class ModelCache:
                 continue
         return [cached for _, cached in sorted(found, key=lambda item: item[0])]
 
-    def lookup(self, uri: str, fingerprint: str) -> Path | None:
+    def lookup(self, uri: str, fingerprint: str, use: bool = True) -> Path | None:
         """The local files of ``uri`` if they were verified against ``fingerprint``, marking the
-        entry used; else None."""
+        entry used with ``use``; else None."""
         folder = self.entry_folder(uri)
         try:
             raw = json.loads((folder / MANIFEST).read_text())
@@ -120,7 +120,8 @@ class ModelCache:
             return None
         if raw.get("uri") != uri or raw.get("fingerprint") != fingerprint:
             return None
-        os.utime(folder / MANIFEST)
+        if use:
+            os.utime(folder / MANIFEST)
         return folder / "files"
 
     def protect(self, uris: Collection[str]) -> None:

@@ -419,7 +419,7 @@ class RemoteStorage:
         return self._settings
 
     def verified(self, listed: ListedVersion) -> bool:
-        return self._cache.lookup(str(listed.where), listed.fingerprint) is not None
+        return self._cache.lookup(str(listed.where), listed.fingerprint, use=False) is not None
 
     def fetch(self, listed: ListedVersion) -> Path:
         uri = str(listed.where)

@@ -73,3 +73,16 @@ def test_a_failed_fill_records_nothing_and_a_new_process_reuses_complete_entries
     assert [e.uri for e in again.entries()] == ["s3://b/m/1"]
     assert again.lookup("s3://b/m/1", "fp") is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK, again.entry_folder("s3://b/m/1").name])
+
+
+def test_checking_that_a_listed_version_is_cached_does_not_count_as_a_use(tmp_path: Path) -> None:
+    """A restarted server checks every listed version against the cache: those checks used to
+    mark them all used, in listing order, so the eviction order forgot which ones had served."""
+    cache = ModelCache(tmp_path, max_bytes=0)
+    for uri in ("s3://b/m/1", "s3://b/m/2"):
+        cache.add(uri, "fp", 1, fill_with(1))
+    touch_order(cache, ["s3://b/m/1", "s3://b/m/2"])
+    assert cache.lookup("s3://b/m/1", "fp", use=False) is not None
+    assert [e.uri for e in cache.entries()] == ["s3://b/m/1", "s3://b/m/2"]
+    assert cache.lookup("s3://b/m/1", "fp") is not None
+    assert [e.uri for e in cache.entries()] == ["s3://b/m/2", "s3://b/m/1"]
