@@ -176,6 +176,30 @@ def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, 
     assert np.array_equal(result.column("label").to_numpy(), expected(model, x[good])[0])
 
 
+def test_csv_rows_with_the_wrong_number_of_fields_in_later_blocks_are_rejected(tmp_path: Path) -> None:
+    # The CSV reader reports a bad line while it parses the block after the one it hands over:
+    # such a line used to be counted in the earlier block and ended the job ("cannot be read:
+    # IndexError"), and the lines of a file whose every line was bad were dropped unreported.
+    base = refusing_model(tmp_path)
+    x = np.arange(40_000, dtype=np.float32).reshape(20_000, 2)
+    short = [3, 9_000, 9_001, 15_000, 19_999]
+    lines = ["x_0,x_1", *(f"{a:g}" if i in short else f"{a:g},{b:g}" for i, (a, b) in enumerate(x))]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "in" / "b.csv").write_text("x_0,x_1\n1\n2\n")
+
+    out = tmp_path / "out.parquet"
+    done = batch(base, tmp_path / "in", out, "--batch-size=64", "--memory-budget-mb=4", check=1)
+    assert "19995 rows scored, 7 rejected" in done.stderr, done.stderr
+    rejects = [json.loads(line) for line in (tmp_path / "out.parquet.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [*short, 20_000, 20_001]
+    assert {r["error"] for r in rejects} == {"expected 2 fields, got 1"}
+    good = [i for i in range(20_000) if i not in short]
+    result = pq.read_table(out)
+    assert result.column("row").to_pylist() == good
+    assert np.array_equal(np.array(result.column("y").to_pylist()), x[good] * 2)
+
+
 def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) -> None:
     _, table = features(4)
     lines = [json.dumps(row) for row in table.to_pylist()]

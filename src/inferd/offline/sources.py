@@ -332,11 +332,18 @@ def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int)
     )
     seen = 0  # data rows before this block, good and bad
     for batch in reader:
-        early = tuple((n - seen, e) for n, e in bad)
-        bad.clear()
-        table = pa.Table.from_batches([batch])
-        yield _Block(batch.num_rows + len(early), table=table, early=early)
+        # The reader parses a block ahead, so the bad rows reported by now may lie past this
+        # batch: it takes those among its rows.
+        taken = 0
+        while taken < len(bad) and bad[taken][0] < seen + batch.num_rows + taken:
+            taken += 1
+        early = tuple((n - seen, e) for n, e in bad[:taken])
+        del bad[:taken]
+        yield _Block(batch.num_rows + len(early), table=pa.Table.from_batches([batch]), early=early)
         seen += batch.num_rows + len(early)
+    if bad:  # after the last good row (or in a file without one)
+        early = tuple((n - seen, e) for n, e in bad)
+        yield _Block(len(early), table=reader.schema.empty_table(), early=early)
 
 
 def _jsonl_blocks(path: Path, needed: list[str], chunk_rows: int) -> Iterator[_Block]:
