@@ -321,13 +321,21 @@ def test_garbage_in_the_store_is_a_503_naming_the_store(
     client = redis_server.client()
     client.hset("restaurant:bad", mapping={"incoming_orders": "lots", "outstanding_per_min": "1"})
     client.set("restaurant:flat", "not a hash")
-    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0")})
-    for entity, what in (("bad", "unreadable features"), ("flat", "WRONGTYPE")):
-        response = predict(server, "eta", [{"restaurant_id": entity, "distance_km": 1.0}])
-        assert response.status_code == 503
+    # A number too large for the feature's dtype: int64 could not hold it, and the answer was 500.
+    client.hset("restaurant:huge", mapping={"incoming_orders": "9" * 20, "outstanding_per_min": "1"})
+    integers = features_toml(redis_server.url, cache_ttl_s="0", dtypes='{incoming_orders = "int64"}')
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0"), "counts": integers})
+    for model, entity, what in (
+        ("eta", "bad", "unreadable features"),
+        ("eta", "flat", "WRONGTYPE"),
+        ("counts", "huge", "unreadable features: 99999999999999999999 is out of range for int64"),
+    ):
+        response = predict(server, model, [{"restaurant_id": entity, "distance_km": 1.0}])
+        assert response.status_code == 503, response.text
         assert f"feature store redis://127.0.0.1:{redis_server.port}/0" in response.json()["error"]
         assert what in response.json()["error"]
-    assert predict(server, "eta", [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
+    for model in ("eta", "counts"):
+        assert predict(server, model, [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
 
 
 def test_the_embedded_store_reloads_its_file(tmp_path: Path, serve: Callable[..., ServerProcess]) -> None:

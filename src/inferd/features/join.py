@@ -97,16 +97,25 @@ def parse_row(values: list[Value] | None, dtypes: Sequence[np.dtype[Any]]) -> Ro
     """A store's values for one entity, parsed as ``dtypes``.
 
     Raises:
-        ValueError: a value is not a number of its dtype.
+        ValueError: a value is not a number of its dtype, or an integer out of its dtype's range
+            (OverflowError: an infinite float for an integer dtype).
     """
     if values is None:
         return None
     if len(values) != len(dtypes):
         raise ValueError(f"{len(values)} values for {len(dtypes)} features")
     return tuple(
-        None if value is None else (float(value) if dtype.kind == "f" else int(value))
+        None if value is None else (float(value) if dtype.kind == "f" else _integer(value, dtype))
         for value, dtype in zip(values, dtypes, strict=True)
     )
+
+
+def _integer(value: bytes | str | float | int, dtype: np.dtype[Any]) -> int:
+    number = int(value)
+    bounds = np.iinfo(dtype)
+    if not bounds.min <= number <= bounds.max:
+        raise ValueError(f"{number} is out of range for {dtype.name}")
+    return number
 
 
 class FeatureJoin:
@@ -221,7 +230,7 @@ class FeatureJoin:
     def _parse(self, key: str, values: list[Value] | None) -> Row:
         try:
             return parse_row(values, self._dtypes)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc}") from None
 
     def _columns(self, keys: list[str], rows: dict[str, Row]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
