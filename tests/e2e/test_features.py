@@ -235,6 +235,26 @@ def _hammer(
                 seen[model].append(exc)
 
 
+def test_request_columns_of_another_row_count_than_the_entities_are_a_400(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    # The join stacked the columns into one matrix: ragged columns raised ValueError there, a 500.
+    fill(redis_server)
+    server = serve({"eta": features_toml(redis_server.url)})
+    columns = {"restaurant_id": ["r1", "r2"], "distance_km": [1.0]}
+    response = requests.post(f"{server.url}/v1/models/eta:predict", json={"inputs": columns}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert "input 'distance_km': expected 2 rows, as input 'restaurant_id' has, got 1" in response.text
+    inputs = [
+        {"name": "restaurant_id", "datatype": "BYTES", "shape": [1], "data": ["r1"]},
+        {"name": "distance_km", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.0]},
+    ]
+    response = requests.post(f"{server.url}/v2/models/eta/infer", json={"inputs": inputs}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert "input 'distance_km': expected 1 rows, as input 'restaurant_id' has, got 3" in response.text
+    assert predict(server, "eta", [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
+
+
 def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
     redis_server: RedisServer, serve: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from inferd.config import FeatureSettings
-from inferd.errors import ModelLoadError, NotFound, Unavailable
+from inferd.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from inferd.features.cache import EntityCache, Row
 from inferd.features.coalesce import LookupBatcher
 from inferd.features.store import FeatureStore, StoreError, Value
@@ -155,6 +155,8 @@ class FeatureJoin:
         """Model inputs for ``signature`` from request ``inputs`` conformed to its request signature.
 
         Raises:
+            InvalidArgument: the entity inputs and the request's own columns do not all have the
+                same number of rows; the message names them.
             Unavailable: the store failed or took longer than the lookup timeout, unless the
                 settings fall back to defaults; the message names the store.
             NotFound: an entity or one of its features is missing and has no default.
@@ -172,11 +174,12 @@ class FeatureJoin:
         message naming its key.
 
         Raises:
-            Unavailable: as ``join``.
+            InvalidArgument, Unavailable: as ``join``.
         """
         plan = self._plans.get(signature)
         if plan is None:
             return inputs, {}
+        _check_rows(inputs, [*self._settings.entity, *(c for _, cs in plan.assembled.values() for c in cs)])
         keys = _entity_keys(inputs, self._settings.entity)
         rows = await self._rows(dict.fromkeys(keys), deadline)
         features, missing = self._columns(keys, rows)
@@ -257,6 +260,17 @@ class FeatureJoin:
                 values.append(value)
             columns[name] = np.array(values, dtype=dtype)
         return columns, missing
+
+
+def _check_rows(inputs: Tensors, names: Sequence[str]) -> None:
+    """Raise InvalidArgument unless the ``names`` among ``inputs`` have the same number of rows."""
+    rows = {name: len(inputs[name]) for name in names if name in inputs}
+    if len(set(rows.values())) > 1:
+        first = next(iter(rows))
+        other = next(name for name, n in rows.items() if n != rows[first])
+        raise InvalidArgument(
+            f"input {other!r}: expected {rows[first]} rows, as input {first!r} has, got {rows[other]}"
+        )
 
 
 def _entity_keys(inputs: Tensors, entity: Sequence[str]) -> list[str]:
