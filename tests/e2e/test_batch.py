@@ -214,6 +214,27 @@ def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) 
     assert reject["error"].startswith("not a JSON object")
 
 
+def test_a_jsonl_file_whose_first_line_is_bad_or_that_is_empty_does_not_stop_the_job(tmp_path: Path) -> None:
+    # The columns were read from each file's first line alone: a first line that was not JSON or
+    # lacked a key, or an empty file (a shard of an export), stopped the whole job with exit 2.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(
+        'garbage\n{"x_0": 1, "x_1": 2}\n{"x_0": 3}\n{"x_0": 5, "x_1": 6}\n'
+    )
+    (tmp_path / "in" / "b.jsonl").write_text("")
+    (tmp_path / "in" / "c.jsonl").write_text('{"x_0": 7}\n{"x_0": 9, "x_1": 10}\n')
+
+    done = batch(base, tmp_path / "in", tmp_path / "out.jsonl", check=1)
+    assert "3 rows scored, 3 rejected" in done.stderr, done.stderr
+    result = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert result == [{"row": 1, "y": [2, 4]}, {"row": 3, "y": [10, 12]}, {"row": 5, "y": [18, 20]}]
+    rejects = [json.loads(line) for line in (tmp_path / "out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["file"][-7:]) for r in rejects] == [(0, "a.jsonl"), (2, "a.jsonl"), (4, "c.jsonl")]
+    assert rejects[0]["error"].startswith("not a JSON object")
+    assert [r["error"] for r in rejects[1:]] == ["column 'x_1': missing value"] * 2
+
+
 def test_image_folders_are_scored_and_images_that_do_not_decode_rejected(tmp_path: Path) -> None:
     base = tmp_path / "sum"
     write_image_sum_model(base / "1")

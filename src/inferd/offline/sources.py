@@ -118,22 +118,24 @@ def find_inputs(spec: str) -> tuple[tuple[Path, ...], str]:
 
 
 def file_columns(path: Path, kind: str) -> list[str]:
-    """Column names of one tabular file, read from its header, schema or first line."""
+    """Column names of one tabular file, read from its header or schema; for JSONL, the keys of
+    the objects among its first 64 KiB of lines (none for a file without one there: its lines
+    are rows, rejected when they are not objects or lack a value)."""
     if kind == "parquet":
         return list(pq.ParquetFile(path).schema_arrow.names)
     with path.open("rb") as handle:
-        first = handle.readline()
+        lines = [handle.readline()] if kind == "csv" else handle.readlines(1 << 16)
     if kind == "csv":
-        return next(csv.reader([first.decode("utf-8-sig")]), [])
-    try:
-        record = orjson.loads(first)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"{path}: the first line is not JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise InvalidArgument(
-            f"{path}: each line must be a JSON object, the first is {type(record).__name__}"
-        )
-    return list(record)
+        return next(csv.reader([lines[0].decode("utf-8-sig")]), [])
+    keys: dict[str, None] = {}
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+    return list(keys)
 
 
 def plan_layout(
@@ -164,17 +166,22 @@ def plan_layout(
             for path in files:
                 _check_npy(signature.inputs[0], path)
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
-    first = file_columns(files[0], kind)
+    listed = {path: file_columns(path, kind) for path in files}
+    # A JSONL file with no object among its first lines (empty, or bad lines) is not checked.
+    checked = {path: names for path, names in listed.items() if names or kind != "jsonl"}
+    first_path, first = next(iter(checked.items()), (files[0], []))
     unknown = [c for c in drop if c not in first]
     if unknown:
-        raise InvalidArgument(f"--drop_columns: {files[0]} has no column(s) {unknown}; it has {_few(first)}")
+        raise InvalidArgument(
+            f"--drop_columns: {first_path} has no column(s) {unknown}; it has {_few(first)}"
+        )
     first = [c for c in first if c not in drop]
     keep_all = list(keep) == ["*"]
     mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
     kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
     needed = [c for cols in mapping.values() for c in cols] + list(kept) + ([id_column] if id_column else [])
-    for path in files:
-        present = set(file_columns(path, kind)) if path != files[0] else set(first)
+    for path, names in checked.items():
+        present = set(names)
         missing = [c for c in needed if c not in present]
         if missing:
             raise InvalidArgument(f"{path}: missing column(s) {missing}")
