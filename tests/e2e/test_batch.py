@@ -391,6 +391,24 @@ def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(
     assert "model.py rejected the input: ValueError: negative values" in rejects[0]["error"]
 
 
+def test_a_clean_rerun_leaves_no_rejects_file_of_the_run_before(tmp_path: Path) -> None:
+    # The rejects file was only written when there were rejects: one left by an earlier run stayed
+    # beside the new output, naming as rejected a row that the output now holds.
+    base = refusing_model(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    x[1] *= -1
+    np.save(tmp_path / "in.npy", x)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "out.parquet.rejects.jsonl"
+    batch(base, tmp_path / "in.npy", out, check=1)
+    assert [json.loads(line)["row"] for line in rejects.read_text().splitlines()] == [1]
+
+    np.save(tmp_path / "in.npy", np.abs(x))
+    done = batch(base, tmp_path / "in.npy", out)
+    assert "4 rows scored, 0 rejected" in done.stderr
+    assert pq.read_table(out).column("row").to_pylist() == [0, 1, 2, 3]
+    assert not rejects.exists()
+
+
 def test_an_unknown_signature_or_output_fails_before_any_work(tmp_path: Path, model: Path) -> None:
     np.save(tmp_path / "in.npy", digits()[0][:4].astype(np.float32))
     done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--signature=nope", check=2)

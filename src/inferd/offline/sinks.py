@@ -131,7 +131,8 @@ class PartStore:
         os.replace(tmp, part)
 
     def finish(self, rejects: Path) -> int:
-        """Merge the parts into the output and the rejects into ``rejects``; remove the folder.
+        """Merge the parts into the output and the rejects into ``rejects`` (removed when there are
+        none); remove the folder.
 
         Returns:
             The number of rejected rows.
@@ -160,6 +161,8 @@ class PartStore:
                     data = part.read_bytes()
                     count += data.count(b"\n")
                     out.write(data)
+        else:  # a rejects file left by an earlier run would report rows this one scored
+            rejects.unlink(missing_ok=True)
         shutil.rmtree(self.folder)
         return count
 
