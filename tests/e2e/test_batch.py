@@ -516,6 +516,22 @@ def test_the_model_failing_mid_job_ends_it_with_exit_2(tmp_path: Path, error: st
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_a_model_returning_fewer_rows_than_its_batch_ends_the_job(tmp_path: Path, suffix: str) -> None:
+    # An .npy output took whatever rows came back: 7 rows for 10 inputs, exit 0, "10 rows scored".
+    base = tmp_path / "short"
+    write_python_model(
+        base / "1",
+        'def load(self):\n    pass\n\ndef predict(self, inputs):\n    return {"y": inputs["x"][1:]}',
+    )
+    np.save(tmp_path / "in.npy", np.arange(20, dtype=np.float32).reshape(10, 2))
+    out = tmp_path / f"out{suffix}"
+    done = batch(base, tmp_path / "in.npy", out, "--batch-size=4", check=2)
+    assert "inferd batch: the model's output 'y' has (3,) rows for a batch of 4" in done.stderr, done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.timeout(120)
 def test_a_failure_before_any_chunk_is_done_never_blocks_the_next_run(tmp_path: Path) -> None:
     base = tmp_path / "fails"
     write_python_model(base / "1", FAILS_ON_13.format(error='RuntimeError("the model broke")'))
