@@ -128,6 +128,17 @@ def test_the_request_signature_takes_keys_and_request_columns_instead_of_assembl
         ((TensorSpec("x", F32, (-1, 3)),), {"dtypes": {"orders": "string"}}, "must be a number type"),
         ((TensorSpec("x", F32, (-1, 3)),), {"dtypes": {"orders": "complex"}}, "unknown dtype 'complex'"),
         ((TensorSpec("x", F32, (-1, 3)), TensorSpec("distance", F32, (-1,))), {}, "also a model input"),
+        # Such defaults failed each request that needed them: 1e30 with a 500 (OverflowError).
+        (
+            (TensorSpec("x", F32, (-1, 3)),),
+            {"dtypes": {"orders": "int32"}, "defaults": {"orders": 1e30}},
+            "defaults.orders: 1e+30 is not an integer in the range of int32",
+        ),
+        (
+            (TensorSpec("x", F32, (-1, 3)),),
+            {"dtypes": {"orders": "uint8"}, "defaults": {"orders": 2.5}},
+            "defaults.orders: 2.5 is not an integer in the range of uint8",
+        ),
     ],
 )
 def test_plans_that_cannot_work_fail_the_load(
@@ -148,6 +159,8 @@ def test_parse_row_reads_bytes_text_and_numbers_and_refuses_garbage() -> None:
         parse_row([b"lots", b"1"], dtypes)
     with pytest.raises(ValueError, match="1 values for 2 features"):
         parse_row([b"1"], dtypes)
+    with pytest.raises(ValueError, match="99999999999999999999 is out of range for int64"):
+        parse_row([b"1", b"9" * 20], dtypes)
 
 
 def write_table(path: Path, rows: dict[str, list[object]]) -> None:

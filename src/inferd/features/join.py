@@ -46,12 +46,20 @@ def plan_join(settings: FeatureSettings, signatures: Mapping[str, Signature]) ->
 
     Raises:
         ModelLoadError: no signature takes those inputs, or an input's shape cannot hold its
-            columns, or a feature dtype is not numeric; the message names the key.
+            columns, or a feature dtype is not numeric, or a default is not a value of its
+            feature's integer dtype; the message names the key.
     """
     for name in settings.fetch:
-        kind = feature_dtype(settings, name).kind
-        if kind not in "fiu":
-            raise ModelLoadError(f"[features] dtype of {name!r} must be a number type, got {kind!r}")
+        dtype = feature_dtype(settings, name)
+        if dtype.kind not in "fiu":
+            raise ModelLoadError(f"[features] dtype of {name!r} must be a number type, got {dtype.kind!r}")
+        default = settings.defaults.get(name)
+        if default is not None and dtype.kind in "iu":
+            bounds = np.iinfo(dtype)
+            if not (float(default).is_integer() and bounds.min <= default <= bounds.max):
+                raise ModelLoadError(
+                    f"[features] defaults.{name}: {default!r} is not an integer in the range of {dtype.name}"
+                )
     plans = {}
     for signature in signatures.values():
         specs = {spec.name: spec for spec in signature.inputs}
