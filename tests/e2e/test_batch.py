@@ -145,6 +145,21 @@ def test_keep_columns_and_model_given_as_version_folder_or_repository(tmp_path: 
         assert np.array_equal(result.column("label").to_numpy(), label)
 
 
+def test_a_kept_column_named_like_an_output_is_refused_not_overwritten(tmp_path: Path) -> None:
+    # The output's column replaced the kept one silently: --keep-columns '*' on a file holding the
+    # true "y" wrote the predictions where the user expected the truth, and no truth at all.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in.csv").write_text("x_0,x_1,y\n1,2,truth\n3,4,truth\n")
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        done = batch(base, tmp_path / "in.csv", out, "--keep-columns=*", check=2)
+        assert "output column(s) ['y'] would replace the id or kept column(s) of that name" in done.stderr
+        assert not out.exists()
+    batch(base, tmp_path / "in.csv", tmp_path / "out.csv", "--keep-columns=*")  # outputs y_0, y_1
+    result = pacsv.read_csv(tmp_path / "out.csv")
+    assert result.column_names == ["row", "x_0", "x_1", "y", "y_0", "y_1"]
+    assert result.column("y").to_pylist() == ["truth", "truth"]
+
+
 def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
     x, table = features(20)
     pacsv.write_csv(table, tmp_path / "clean.csv")

@@ -181,21 +181,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _table(chunk: Chunk, outputs: Tensors, id_name: str, flat: bool) -> pa.Table:
     """Id, kept columns, then each output: a column per value when ``flat`` (CSV), else a list
-    column for outputs wider than one value per row."""
+    column for outputs wider than one value per row.
+
+    Raises:
+        InvalidArgument: an output column has the name of the id or a kept column.
+    """
     columns: dict[str, pa.Array] = {id_name: pa.array(chunk.ids)}
     for name, value in chunk.kept.items():
         columns.setdefault(name, pa.array(value))
+    produced: dict[str, pa.Array] = {}
     for name, value in outputs.items():
         width = math.prod(value.shape[1:])
         rows = value.reshape(len(value), width) if value.ndim > 1 else value
         if value.ndim == 1 or (width == 1 and not flat):
-            columns[name] = pa.array(rows.reshape(-1))
+            produced[name] = pa.array(rows.reshape(-1))
         elif flat:
             for i in range(width):
-                columns[f"{name}_{i}"] = pa.array(rows[:, i])
+                produced[f"{name}_{i}"] = pa.array(rows[:, i])
         else:
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
-    return pa.table(columns)
+            produced[name] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
+    if clash := [name for name in produced if name in columns]:
+        raise InvalidArgument(
+            f"output column(s) {clash} would replace the id or kept column(s) of that name: "
+            "keep other columns (--keep-columns), or choose other outputs (--outputs)"
+        )
+    return pa.table(columns | produced)
 
 
 def _merge_parquet(parts: list[Path], target: Path) -> None:
