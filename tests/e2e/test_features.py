@@ -343,15 +343,19 @@ def test_garbage_in_the_store_is_a_503_naming_the_store(
     client.set("restaurant:flat", "not a hash")
     # A number too large for the feature's dtype: int64 could not hold it, and the answer was 500.
     client.hset("restaurant:huge", mapping={"incoming_orders": "9" * 20, "outstanding_per_min": "1"})
+    # A megabyte of garbage: its whole text came back in every 503, a megabyte per request.
+    client.hset("restaurant:vast", mapping={"incoming_orders": "x" * 2**20, "outstanding_per_min": "1"})
     integers = features_toml(redis_server.url, cache_ttl_s="0", dtypes='{incoming_orders = "int64"}')
     server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0"), "counts": integers})
     for model, entity, what in (
         ("eta", "bad", "unreadable features"),
         ("eta", "flat", "WRONGTYPE"),
         ("counts", "huge", "unreadable features: 99999999999999999999 is out of range for int64"),
+        ("eta", "vast", "unreadable features: could not convert string to float: b'xxx"),
     ):
         response = predict(server, model, [{"restaurant_id": entity, "distance_km": 1.0}])
-        assert response.status_code == 503, response.text
+        assert response.status_code == 503, response.text[:1000]
+        assert len(response.content) < 1000
         assert f"feature store redis://127.0.0.1:{redis_server.port}/0" in response.json()["error"]
         assert what in response.json()["error"]
     for model in ("eta", "counts"):

@@ -242,7 +242,7 @@ class FeatureJoin:
         try:
             return parse_row(values, self._dtypes)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc}") from None
+            raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc!s:.200}") from None
 
     def _columns(self, keys: list[str], rows: dict[str, Row]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Each fetched feature's column, and the rows lacking a feature that has no default
