@@ -160,6 +160,24 @@ def test_a_kept_column_named_like_an_output_is_refused_not_overwritten(tmp_path:
     assert result.column("y").to_pylist() == ["truth", "truth"]
 
 
+def test_id_and_kept_columns_typed_apart_in_some_chunks_merge_into_one_parquet(tmp_path: Path) -> None:
+    # Each part takes its id and kept columns' types from its own rows: a note that is null in a
+    # whole chunk, or ids that are numbers in one file and text in another, made parts whose
+    # schemas differ, and the merge failed after all the scoring, at every --resume too.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in").mkdir()
+    rows = [{"id": i, "x_0": i, "x_1": 1, "note": "late" if i == 40 else None} for i in range(48)]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in" / "b.jsonl").write_text('{"id": "k1", "x_0": 1, "x_1": 1, "note": null}\n')
+    out = tmp_path / "out.parquet"
+    args = ("--id-column=id", "--keep-columns=note", "--batch-size=16", "--memory-budget-mb=0.001")
+    batch(base, tmp_path / "in", out, *args)
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == [*map(str, range(48)), "k1"]
+    assert result.column("note").to_pylist() == [None] * 40 + ["late"] + [None] * 8
+    assert np.array_equal(np.array(result.column("y").to_pylist())[:48, 0], np.arange(48) * 2)
+
+
 def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
     x, table = features(20)
     pacsv.write_csv(table, tmp_path / "clean.csv")

@@ -209,22 +209,38 @@ def _table(chunk: Chunk, outputs: Tensors, id_name: str, flat: bool) -> pa.Table
 
 
 def _merge_parquet(parts: list[Path], target: Path) -> None:
-    """Concatenate the parts; the schema is the first part with rows (a chunk whose every row was
-    rejected has an empty part, whose list columns may be typed differently), and empty parts are
-    skipped."""
+    """Concatenate the parts with rows (a chunk whose every row was rejected has an empty part,
+    whose list columns may be typed differently) into one schema that holds them all (see
+    ``_common_schema``)."""
     filled = [p for p in parts if pq.ParquetFile(p).metadata.num_rows] or parts[:1]
-    writer: pq.ParquetWriter | None = None
-    try:
-        for part in filled:
-            table = pq.read_table(part)
-            if writer is None:
-                writer = pq.ParquetWriter(target, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
+    if not filled:
         pq.write_table(pa.table({}), target)
+        return
+    schema = _common_schema([pq.read_schema(p) for p in filled])
+    with pq.ParquetWriter(target, schema) as writer:
+        for part in filled:
+            writer.write_table(pq.read_table(part).cast(schema))
+
+
+def _common_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """The parts' columns, each typed to hold every part's values: the same type, else the one
+    Arrow promotes them to (null to any type, int to float), else text. The id and kept columns
+    are typed by each chunk's values: all null in one chunk, or numbers in one file and text in
+    another."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    fields = []
+    for i, field in enumerate(schemas[0]):
+        try:
+            common = pa.unify_schemas(
+                [pa.schema([s.field(i)]) for s in schemas], promote_options="permissive"
+            )
+            fields.append(common.field(0))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            fields.append(pa.field(field.name, pa.string()))
+    return pa.schema(fields)
 
 
 def _merge_npy(parts: list[Path], target: Path) -> None:
