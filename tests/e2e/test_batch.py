@@ -247,6 +247,24 @@ def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) 
     assert reject["error"].startswith("not a JSON object")
 
 
+def test_csv_id_and_kept_columns_whose_later_values_do_not_fit_the_first_block(tmp_path: Path) -> None:
+    # Arrow's CSV reader typed the id and kept columns from the first block: an id that is not a
+    # number further down, or a note empty until then, stopped the job there ("CSV conversion
+    # error"), and again at every --resume: the file could not be scored at all.
+    base = refusing_model(tmp_path)
+    ids = [f"k{i}" if i == 18_000 else str(i) for i in range(20_000)]
+    notes = ["late" if i == 19_000 else "" for i in range(20_000)]
+    lines = ["id,x_0,x_1,note", *(f"{k},{i},1,{n}" for i, (k, n) in enumerate(zip(ids, notes, strict=True)))]
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.parquet"
+    args = ("--id-column=id", "--keep-columns=note", "--batch-size=64", "--memory-budget-mb=4")
+    batch(base, tmp_path / "in.csv", out, *args)
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == ids
+    assert result.column("note").to_pylist() == [n or None for n in notes]
+    assert np.array_equal(np.array(result.column("y").to_pylist())[:, 0], np.arange(20_000) * 2)
+
+
 def test_a_jsonl_file_whose_first_line_is_bad_or_that_is_empty_does_not_stop_the_job(tmp_path: Path) -> None:
     # The columns were read from each file's first line alone: a first line that was not JSON or
     # lacked a key, or an empty file (a shard of an export), stopped the whole job with exit 2.

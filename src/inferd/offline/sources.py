@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -333,7 +334,7 @@ def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int)
         parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
             include_columns=needed,
-            column_types=dict.fromkeys(text, pa.string()),
+            column_types=dict.fromkeys(needed, pa.string()),
             strings_can_be_null=True,
         ),
     )
@@ -346,11 +347,32 @@ def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int)
             taken += 1
         early = tuple((n - seen, e) for n, e in bad[:taken])
         del bad[:taken]
-        yield _Block(batch.num_rows + len(early), table=pa.Table.from_batches([batch]), early=early)
+        table = _typed(pa.Table.from_batches([batch]), [c for c in needed if c not in text])
+        yield _Block(batch.num_rows + len(early), table=table, early=early)
         seen += batch.num_rows + len(early)
     if bad:  # after the last good row (or in a file without one)
         early = tuple((n - seen, e) for n, e in bad)
         yield _Block(len(early), table=reader.schema.empty_table(), early=early)
+
+
+def _typed(table: pa.Table, names: list[str]) -> pa.Table:
+    """``table`` with each of its text columns ``names`` as int64, else float64, else bool, when
+    every value reads as one (as nulls when none is there). The id and kept columns of a CSV file
+    are typed block by block so: Arrow's reader types them once, from the first block, and stops
+    at a later value that does not fit (an id that is not a number, a note empty until then)."""
+    for name in names:
+        text = table.column(name)
+        if text.null_count == len(text):  # typed by the other blocks when the parts are merged
+            table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(len(text)))
+            continue
+        for kind in (pa.int64(), pa.float64(), pa.bool_()):
+            try:
+                column = pc.cast(text, kind)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+            break
+    return table
 
 
 def _jsonl_blocks(path: Path, needed: list[str], chunk_rows: int) -> Iterator[_Block]:
