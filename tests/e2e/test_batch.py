@@ -178,6 +178,25 @@ def test_id_and_kept_columns_typed_apart_in_some_chunks_merge_into_one_parquet(t
     assert np.array_equal(np.array(result.column("y").to_pylist())[:48, 0], np.arange(48) * 2)
 
 
+def test_integer_id_and_kept_columns_keep_their_nulls(tmp_path: Path) -> None:
+    # They went through numpy as floats: ids 1.0, NaN, 3.0 and counts NaN, 5.0, 6.0 came out.
+    base = refusing_model(tmp_path)
+    table = pa.table(
+        {
+            "id": pa.array([1, None, 3]),
+            "x_0": [1.0, 2.0, 3.0],
+            "x_1": [1.0, 2.0, 3.0],
+            "count": pa.array([None, 5, 6], pa.int32()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        batch(base, tmp_path / "in.parquet", out, "--id-column=id", "--keep-columns=count")
+        result = read_output(out)
+        assert result.column("id").to_pylist() == [1, None, 3]
+        assert result.column("count").to_pylist() == [None, 5, 6]
+
+
 def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
     x, table = features(20)
     pacsv.write_csv(table, tmp_path / "clean.csv")

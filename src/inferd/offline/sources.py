@@ -512,4 +512,8 @@ def _reject(
 
 
 def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """The column as numpy; an integer column with nulls as objects (ints and None): numpy would
+    make floats of it, NaN for its nulls, and the output would hold those."""
+    if column.null_count and pa.types.is_integer(column.type):
+        return np.array(column.to_pylist(), dtype=object)
     return np.asarray(column.to_numpy())
