@@ -145,6 +145,58 @@ def test_keep_columns_and_model_given_as_version_folder_or_repository(tmp_path: 
         assert np.array_equal(result.column("label").to_numpy(), label)
 
 
+def test_a_kept_column_named_like_an_output_is_refused_not_overwritten(tmp_path: Path) -> None:
+    # The output's column replaced the kept one silently: --keep-columns '*' on a file holding the
+    # true "y" wrote the predictions where the user expected the truth, and no truth at all.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in.csv").write_text("x_0,x_1,y\n1,2,truth\n3,4,truth\n")
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        done = batch(base, tmp_path / "in.csv", out, "--keep-columns=*", check=2)
+        assert "output column(s) ['y'] would replace the id or kept column(s) of that name" in done.stderr
+        assert not out.exists()
+    batch(base, tmp_path / "in.csv", tmp_path / "out.csv", "--keep-columns=*")  # outputs y_0, y_1
+    result = pacsv.read_csv(tmp_path / "out.csv")
+    assert result.column_names == ["row", "x_0", "x_1", "y", "y_0", "y_1"]
+    assert result.column("y").to_pylist() == ["truth", "truth"]
+
+
+def test_id_and_kept_columns_typed_apart_in_some_chunks_merge_into_one_parquet(tmp_path: Path) -> None:
+    # Each part takes its id and kept columns' types from its own rows: a note that is null in a
+    # whole chunk, or ids that are numbers in one file and text in another, made parts whose
+    # schemas differ, and the merge failed after all the scoring, at every --resume too.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in").mkdir()
+    rows = [{"id": i, "x_0": i, "x_1": 1, "note": "late" if i == 40 else None} for i in range(48)]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in" / "b.jsonl").write_text('{"id": "k1", "x_0": 1, "x_1": 1, "note": null}\n')
+    out = tmp_path / "out.parquet"
+    args = ("--id-column=id", "--keep-columns=note", "--batch-size=16", "--memory-budget-mb=0.001")
+    batch(base, tmp_path / "in", out, *args)
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == [*map(str, range(48)), "k1"]
+    assert result.column("note").to_pylist() == [None] * 40 + ["late"] + [None] * 8
+    assert np.array_equal(np.array(result.column("y").to_pylist())[:48, 0], np.arange(48) * 2)
+
+
+def test_integer_id_and_kept_columns_keep_their_nulls(tmp_path: Path) -> None:
+    # They went through numpy as floats: ids 1.0, NaN, 3.0 and counts NaN, 5.0, 6.0 came out.
+    base = refusing_model(tmp_path)
+    table = pa.table(
+        {
+            "id": pa.array([1, None, 3]),
+            "x_0": [1.0, 2.0, 3.0],
+            "x_1": [1.0, 2.0, 3.0],
+            "count": pa.array([None, 5, 6], pa.int32()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        batch(base, tmp_path / "in.parquet", out, "--id-column=id", "--keep-columns=count")
+        result = read_output(out)
+        assert result.column("id").to_pylist() == [1, None, 3]
+        assert result.column("count").to_pylist() == [None, 5, 6]
+
+
 def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
     x, table = features(20)
     pacsv.write_csv(table, tmp_path / "clean.csv")
@@ -176,6 +228,30 @@ def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, 
     assert np.array_equal(result.column("label").to_numpy(), expected(model, x[good])[0])
 
 
+def test_csv_rows_with_the_wrong_number_of_fields_in_later_blocks_are_rejected(tmp_path: Path) -> None:
+    # The CSV reader reports a bad line while it parses the block after the one it hands over:
+    # such a line used to be counted in the earlier block and ended the job ("cannot be read:
+    # IndexError"), and the lines of a file whose every line was bad were dropped unreported.
+    base = refusing_model(tmp_path)
+    x = np.arange(40_000, dtype=np.float32).reshape(20_000, 2)
+    short = [3, 9_000, 9_001, 15_000, 19_999]
+    lines = ["x_0,x_1", *(f"{a:g}" if i in short else f"{a:g},{b:g}" for i, (a, b) in enumerate(x))]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "in" / "b.csv").write_text("x_0,x_1\n1\n2\n")
+
+    out = tmp_path / "out.parquet"
+    done = batch(base, tmp_path / "in", out, "--batch-size=64", "--memory-budget-mb=4", check=1)
+    assert "19995 rows scored, 7 rejected" in done.stderr, done.stderr
+    rejects = [json.loads(line) for line in (tmp_path / "out.parquet.rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [*short, 20_000, 20_001]
+    assert {r["error"] for r in rejects} == {"expected 2 fields, got 1"}
+    good = [i for i in range(20_000) if i not in short]
+    result = pq.read_table(out)
+    assert result.column("row").to_pylist() == good
+    assert np.array_equal(np.array(result.column("y").to_pylist()), x[good] * 2)
+
+
 def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) -> None:
     _, table = features(4)
     lines = [json.dumps(row) for row in table.to_pylist()]
@@ -188,6 +264,45 @@ def test_a_jsonl_line_that_is_not_json_is_rejected(tmp_path: Path, model: Path) 
     ]
     assert reject["row"] == 1
     assert reject["error"].startswith("not a JSON object")
+
+
+def test_csv_id_and_kept_columns_whose_later_values_do_not_fit_the_first_block(tmp_path: Path) -> None:
+    # Arrow's CSV reader typed the id and kept columns from the first block: an id that is not a
+    # number further down, or a note empty until then, stopped the job there ("CSV conversion
+    # error"), and again at every --resume: the file could not be scored at all.
+    base = refusing_model(tmp_path)
+    ids = [f"k{i}" if i == 18_000 else str(i) for i in range(20_000)]
+    notes = ["late" if i == 19_000 else "" for i in range(20_000)]
+    lines = ["id,x_0,x_1,note", *(f"{k},{i},1,{n}" for i, (k, n) in enumerate(zip(ids, notes, strict=True)))]
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.parquet"
+    args = ("--id-column=id", "--keep-columns=note", "--batch-size=64", "--memory-budget-mb=4")
+    batch(base, tmp_path / "in.csv", out, *args)
+    result = pq.read_table(out)
+    assert result.column("id").to_pylist() == ids
+    assert result.column("note").to_pylist() == [n or None for n in notes]
+    assert np.array_equal(np.array(result.column("y").to_pylist())[:, 0], np.arange(20_000) * 2)
+
+
+def test_a_jsonl_file_whose_first_line_is_bad_or_that_is_empty_does_not_stop_the_job(tmp_path: Path) -> None:
+    # The columns were read from each file's first line alone: a first line that was not JSON or
+    # lacked a key, or an empty file (a shard of an export), stopped the whole job with exit 2.
+    base = refusing_model(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(
+        'garbage\n{"x_0": 1, "x_1": 2}\n{"x_0": 3}\n{"x_0": 5, "x_1": 6}\n'
+    )
+    (tmp_path / "in" / "b.jsonl").write_text("")
+    (tmp_path / "in" / "c.jsonl").write_text('{"x_0": 7}\n{"x_0": 9, "x_1": 10}\n')
+
+    done = batch(base, tmp_path / "in", tmp_path / "out.jsonl", check=1)
+    assert "3 rows scored, 3 rejected" in done.stderr, done.stderr
+    result = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert result == [{"row": 1, "y": [2, 4]}, {"row": 3, "y": [10, 12]}, {"row": 5, "y": [18, 20]}]
+    rejects = [json.loads(line) for line in (tmp_path / "out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["file"][-7:]) for r in rejects] == [(0, "a.jsonl"), (2, "a.jsonl"), (4, "c.jsonl")]
+    assert rejects[0]["error"].startswith("not a JSON object")
+    assert [r["error"] for r in rejects[1:]] == ["column 'x_1': missing value"] * 2
 
 
 def test_image_folders_are_scored_and_images_that_do_not_decode_rejected(tmp_path: Path) -> None:
@@ -346,6 +461,24 @@ def test_rows_the_model_refuses_are_rejected_and_the_rest_of_their_batch_scored(
     assert "model.py rejected the input: ValueError: negative values" in rejects[0]["error"]
 
 
+def test_a_clean_rerun_leaves_no_rejects_file_of_the_run_before(tmp_path: Path) -> None:
+    # The rejects file was only written when there were rejects: one left by an earlier run stayed
+    # beside the new output, naming as rejected a row that the output now holds.
+    base = refusing_model(tmp_path)
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    x[1] *= -1
+    np.save(tmp_path / "in.npy", x)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "out.parquet.rejects.jsonl"
+    batch(base, tmp_path / "in.npy", out, check=1)
+    assert [json.loads(line)["row"] for line in rejects.read_text().splitlines()] == [1]
+
+    np.save(tmp_path / "in.npy", np.abs(x))
+    done = batch(base, tmp_path / "in.npy", out)
+    assert "4 rows scored, 0 rejected" in done.stderr
+    assert pq.read_table(out).column("row").to_pylist() == [0, 1, 2, 3]
+    assert not rejects.exists()
+
+
 def test_an_unknown_signature_or_output_fails_before_any_work(tmp_path: Path, model: Path) -> None:
     np.save(tmp_path / "in.npy", digits()[0][:4].astype(np.float32))
     done = batch(model, tmp_path / "in.npy", tmp_path / "out.parquet", "--signature=nope", check=2)
@@ -450,6 +583,22 @@ def test_the_model_failing_mid_job_ends_it_with_exit_2(tmp_path: Path, error: st
     batch(*args, "--resume", "--summary-json", summary)
     assert json.loads(summary.read_text())["resumed_rows"] > 0
     assert pq.read_table(out).column("row").to_pylist() == list(range(100))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_a_model_returning_fewer_rows_than_its_batch_ends_the_job(tmp_path: Path, suffix: str) -> None:
+    # An .npy output took whatever rows came back: 7 rows for 10 inputs, exit 0, "10 rows scored".
+    base = tmp_path / "short"
+    write_python_model(
+        base / "1",
+        'def load(self):\n    pass\n\ndef predict(self, inputs):\n    return {"y": inputs["x"][1:]}',
+    )
+    np.save(tmp_path / "in.npy", np.arange(20, dtype=np.float32).reshape(10, 2))
+    out = tmp_path / f"out{suffix}"
+    done = batch(base, tmp_path / "in.npy", out, "--batch-size=4", check=2)
+    assert "inferd batch: the model's output 'y' has (3,) rows for a batch of 4" in done.stderr, done.stderr
+    assert not out.exists()
 
 
 @pytest.mark.timeout(120)

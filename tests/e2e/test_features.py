@@ -235,6 +235,26 @@ def _hammer(
                 seen[model].append(exc)
 
 
+def test_request_columns_of_another_row_count_than_the_entities_are_a_400(
+    redis_server: RedisServer, serve: Callable[..., ServerProcess]
+) -> None:
+    # The join stacked the columns into one matrix: ragged columns raised ValueError there, a 500.
+    fill(redis_server)
+    server = serve({"eta": features_toml(redis_server.url)})
+    columns = {"restaurant_id": ["r1", "r2"], "distance_km": [1.0]}
+    response = requests.post(f"{server.url}/v1/models/eta:predict", json={"inputs": columns}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert "input 'distance_km': expected 2 rows, as input 'restaurant_id' has, got 1" in response.text
+    inputs = [
+        {"name": "restaurant_id", "datatype": "BYTES", "shape": [1], "data": ["r1"]},
+        {"name": "distance_km", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.0]},
+    ]
+    response = requests.post(f"{server.url}/v2/models/eta/infer", json={"inputs": inputs}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert "input 'distance_km': expected 1 rows, as input 'restaurant_id' has, got 3" in response.text
+    assert predict(server, "eta", [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
+
+
 def test_redis_killed_mid_traffic_answers_503_or_defaults_then_recovers(
     redis_server: RedisServer, serve: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -321,13 +341,25 @@ def test_garbage_in_the_store_is_a_503_naming_the_store(
     client = redis_server.client()
     client.hset("restaurant:bad", mapping={"incoming_orders": "lots", "outstanding_per_min": "1"})
     client.set("restaurant:flat", "not a hash")
-    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0")})
-    for entity, what in (("bad", "unreadable features"), ("flat", "WRONGTYPE")):
-        response = predict(server, "eta", [{"restaurant_id": entity, "distance_km": 1.0}])
-        assert response.status_code == 503
+    # A number too large for the feature's dtype: int64 could not hold it, and the answer was 500.
+    client.hset("restaurant:huge", mapping={"incoming_orders": "9" * 20, "outstanding_per_min": "1"})
+    # A megabyte of garbage: its whole text came back in every 503, a megabyte per request.
+    client.hset("restaurant:vast", mapping={"incoming_orders": "x" * 2**20, "outstanding_per_min": "1"})
+    integers = features_toml(redis_server.url, cache_ttl_s="0", dtypes='{incoming_orders = "int64"}')
+    server = serve({"eta": features_toml(redis_server.url, cache_ttl_s="0"), "counts": integers})
+    for model, entity, what in (
+        ("eta", "bad", "unreadable features"),
+        ("eta", "flat", "WRONGTYPE"),
+        ("counts", "huge", "unreadable features: 99999999999999999999 is out of range for int64"),
+        ("eta", "vast", "unreadable features: could not convert string to float: b'xxx"),
+    ):
+        response = predict(server, model, [{"restaurant_id": entity, "distance_km": 1.0}])
+        assert response.status_code == 503, response.text[:1000]
+        assert len(response.content) < 1000
         assert f"feature store redis://127.0.0.1:{redis_server.port}/0" in response.json()["error"]
         assert what in response.json()["error"]
-    assert predict(server, "eta", [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
+    for model in ("eta", "counts"):
+        assert predict(server, model, [{"restaurant_id": "r1", "distance_km": 1.0}]).status_code == 200
 
 
 def test_the_embedded_store_reloads_its_file(tmp_path: Path, serve: Callable[..., ServerProcess]) -> None:
@@ -429,6 +461,11 @@ def test_features_load_writes_hashes_and_updates_them_in_place(
     load("--entity", "city,restaurant_id", "--prefix", "rest")
     assert client.hgetall("rest:b:r2") == {b"orders": b"9"}
     assert client.hgetall("rest:b:r1") == {b"orders": b"5", b"outstanding": b"0.5"}
+
+    if suffix == ".parquet":  # booleans went in as True and False, which no lookup can read
+        write({"city": ["b", "b"], "restaurant_id": ["r1", "r2"], "open": [True, False]})
+        load("--entity", "city,restaurant_id", "--prefix", "rest")
+        assert [client.hget(f"rest:b:{r}", "open") for r in ("r1", "r2")] == [b"1", b"0"]
 
     failed = subprocess.run(
         [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,17 @@ def test_the_request_signature_takes_keys_and_request_columns_instead_of_assembl
         ((TensorSpec("x", F32, (-1, 3)),), {"dtypes": {"orders": "string"}}, "must be a number type"),
         ((TensorSpec("x", F32, (-1, 3)),), {"dtypes": {"orders": "complex"}}, "unknown dtype 'complex'"),
         ((TensorSpec("x", F32, (-1, 3)), TensorSpec("distance", F32, (-1,))), {}, "also a model input"),
+        # Such defaults failed each request that needed them: 1e30 with a 500 (OverflowError).
+        (
+            (TensorSpec("x", F32, (-1, 3)),),
+            {"dtypes": {"orders": "int32"}, "defaults": {"orders": 1e30}},
+            "defaults.orders: 1e+30 is not an integer in the range of int32",
+        ),
+        (
+            (TensorSpec("x", F32, (-1, 3)),),
+            {"dtypes": {"orders": "uint8"}, "defaults": {"orders": 2.5}},
+            "defaults.orders: 2.5 is not an integer in the range of uint8",
+        ),
     ],
 )
 def test_plans_that_cannot_work_fail_the_load(
@@ -148,6 +160,8 @@ def test_parse_row_reads_bytes_text_and_numbers_and_refuses_garbage() -> None:
         parse_row([b"lots", b"1"], dtypes)
     with pytest.raises(ValueError, match="1 values for 2 features"):
         parse_row([b"1"], dtypes)
+    with pytest.raises(ValueError, match="99999999999999999999 is out of range for int64"):
+        parse_row([b"1", b"9" * 20], dtypes)
 
 
 def write_table(path: Path, rows: dict[str, list[object]]) -> None:
@@ -337,3 +351,54 @@ def test_lookups_waiting_for_the_store_go_out_together(tmp_path: Path) -> None:
     # in flight go out as one.
     assert stats.round_trips == 2
     assert sum(stats.lookup.counts) == 2
+
+
+class SlowStore:
+    """A store that answers after ``delay_s``, counting the lookups it finished and those cut short."""
+
+    name = "slow"
+
+    def __init__(self, delay_s: float) -> None:
+        self.trace_attributes: dict[str, str] = {}
+        self.delay_s = delay_s
+        self.answered = 0
+        self.cancelled = 0
+
+    async def get(self, entities: list[str], names: list[str]) -> list[list[object] | None]:
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1  # the Redis store starts its back-off here, for every request
+            raise
+        self.answered += 1
+        return [[1.0, 2.0] for _ in entities]
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_request_deadline_shorter_than_the_lookup_does_not_cut_the_lookup_short() -> None:
+    # The first caller used to run the lookup itself, so its own deadline cancelled the store's
+    # call: a client sending short gRPC deadlines put Redis in its back-off, and everyone else got
+    # 503 "unreachable". Its request fails; the lookup goes on, bounded by lookup_timeout_ms.
+    store = SlowStore(delay_s=0.05)
+    settings = feature_settings(Path("unused.csv"), lookup_timeout_ms=2000.0)
+    joiner = FeatureJoin(
+        "eta",
+        settings,
+        plan_join(settings, {"serving_default": model_signature(TensorSpec("x", F32, (-1, 3)))}),
+        store,  # type: ignore[arg-type]
+        FeatureStats(),
+    )
+    inputs = {"restaurant_id": np.array(["r1"], dtype=object), "distance": np.ones(1, dtype=np.float32)}
+
+    async def run() -> None:
+        with pytest.raises(Unavailable, match="no answer"):
+            await joiner.join("serving_default", inputs, time.monotonic() + 0.005)
+        await asyncio.sleep(0.2)
+        assert (store.answered, store.cancelled) == (1, 0)
+        # A request with time to wait is answered.
+        assert (await joiner.join("serving_default", inputs, None))["x"].tolist() == [[1.0, 1.0, 2.0]]
+        assert (store.answered, store.cancelled) == (2, 0)
+
+    asyncio.run(run())

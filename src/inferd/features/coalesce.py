@@ -1,6 +1,10 @@
 """Lookups that wait for the store go out together: while one lookup is in flight, the lookups
 that arrive are held and then sent as one, so under concurrency a store sees a few large round
-trips instead of one per request. A lone request pays nothing: it is sent at once, by its caller.
+trips instead of one per request. A lone request is not held: it is sent at once.
+
+Every round trip runs in a task of its own, bounded by the lookup timeout alone: a caller that
+stops waiting (its request's deadline came first) does not cut it short, so one client's short
+deadlines cannot put the store in its back-off for everyone else.
 """
 
 from __future__ import annotations
@@ -38,16 +42,13 @@ class LookupBatcher:
         """Per entity, its values in ``names`` order or None (see ``FeatureStore.get``).
 
         Raises:
-            StoreError: the store failed (for a merged lookup, also TimeoutError as a StoreError).
+            StoreError: the store failed, or took longer than the lookup timeout.
         """
-        if not self._busy:
-            self._busy = True
-            try:
-                return await self._get(entities)
-            finally:
-                self._send_waiting()
         future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
         self._waiting.append((entities, future))
+        if not self._busy:
+            self._busy = True
+            self._send_waiting()
         return await future
 
     async def _get(self, entities: list[str]) -> Rows:
@@ -77,6 +78,10 @@ class LookupBatcher:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
+        except Exception as exc:  # a store's unexpected error reaches its callers as it is
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
         else:
             by_key = dict(zip(keys, rows, strict=True))
             for entities, future in batch:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from inferd.config import FeatureSettings
-from inferd.errors import ModelLoadError, NotFound, Unavailable
+from inferd.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from inferd.features.cache import EntityCache, Row
 from inferd.features.coalesce import LookupBatcher
 from inferd.features.store import FeatureStore, StoreError, Value
@@ -46,12 +46,20 @@ def plan_join(settings: FeatureSettings, signatures: Mapping[str, Signature]) ->
 
     Raises:
         ModelLoadError: no signature takes those inputs, or an input's shape cannot hold its
-            columns, or a feature dtype is not numeric; the message names the key.
+            columns, or a feature dtype is not numeric, or a default is not a value of its
+            feature's integer dtype; the message names the key.
     """
     for name in settings.fetch:
-        kind = feature_dtype(settings, name).kind
-        if kind not in "fiu":
-            raise ModelLoadError(f"[features] dtype of {name!r} must be a number type, got {kind!r}")
+        dtype = feature_dtype(settings, name)
+        if dtype.kind not in "fiu":
+            raise ModelLoadError(f"[features] dtype of {name!r} must be a number type, got {dtype.kind!r}")
+        default = settings.defaults.get(name)
+        if default is not None and dtype.kind in "iu":
+            bounds = np.iinfo(dtype)
+            if not (float(default).is_integer() and bounds.min <= default <= bounds.max):
+                raise ModelLoadError(
+                    f"[features] defaults.{name}: {default!r} is not an integer in the range of {dtype.name}"
+                )
     plans = {}
     for signature in signatures.values():
         specs = {spec.name: spec for spec in signature.inputs}
@@ -97,16 +105,25 @@ def parse_row(values: list[Value] | None, dtypes: Sequence[np.dtype[Any]]) -> Ro
     """A store's values for one entity, parsed as ``dtypes``.
 
     Raises:
-        ValueError: a value is not a number of its dtype.
+        ValueError: a value is not a number of its dtype, or an integer out of its dtype's range
+            (OverflowError: an infinite float for an integer dtype).
     """
     if values is None:
         return None
     if len(values) != len(dtypes):
         raise ValueError(f"{len(values)} values for {len(dtypes)} features")
     return tuple(
-        None if value is None else (float(value) if dtype.kind == "f" else int(value))
+        None if value is None else (float(value) if dtype.kind == "f" else _integer(value, dtype))
         for value, dtype in zip(values, dtypes, strict=True)
     )
+
+
+def _integer(value: bytes | str | float | int, dtype: np.dtype[Any]) -> int:
+    number = int(value)
+    bounds = np.iinfo(dtype)
+    if not bounds.min <= number <= bounds.max:
+        raise ValueError(f"{number} is out of range for {dtype.name}")
+    return number
 
 
 class FeatureJoin:
@@ -146,6 +163,8 @@ class FeatureJoin:
         """Model inputs for ``signature`` from request ``inputs`` conformed to its request signature.
 
         Raises:
+            InvalidArgument: the entity inputs and the request's own columns do not all have the
+                same number of rows; the message names them.
             Unavailable: the store failed or took longer than the lookup timeout, unless the
                 settings fall back to defaults; the message names the store.
             NotFound: an entity or one of its features is missing and has no default.
@@ -163,11 +182,12 @@ class FeatureJoin:
         message naming its key.
 
         Raises:
-            Unavailable: as ``join``.
+            InvalidArgument, Unavailable: as ``join``.
         """
         plan = self._plans.get(signature)
         if plan is None:
             return inputs, {}
+        _check_rows(inputs, [*self._settings.entity, *(c for _, cs in plan.assembled.values() for c in cs)])
         keys = _entity_keys(inputs, self._settings.entity)
         rows = await self._rows(dict.fromkeys(keys), deadline)
         features, missing = self._columns(keys, rows)
@@ -221,8 +241,8 @@ class FeatureJoin:
     def _parse(self, key: str, values: list[Value] | None) -> Row:
         try:
             return parse_row(values, self._dtypes)
-        except (TypeError, ValueError) as exc:
-            raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise StoreError("garbage", f"entity {key!r} has unreadable features: {exc!s:.200}") from None
 
     def _columns(self, keys: list[str], rows: dict[str, Row]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Each fetched feature's column, and the rows lacking a feature that has no default
@@ -248,6 +268,17 @@ class FeatureJoin:
                 values.append(value)
             columns[name] = np.array(values, dtype=dtype)
         return columns, missing
+
+
+def _check_rows(inputs: Tensors, names: Sequence[str]) -> None:
+    """Raise InvalidArgument unless the ``names`` among ``inputs`` have the same number of rows."""
+    rows = {name: len(inputs[name]) for name in names if name in inputs}
+    if len(set(rows.values())) > 1:
+        first = next(iter(rows))
+        other = next(name for name, n in rows.items() if n != rows[first])
+        raise InvalidArgument(
+            f"input {other!r}: expected {rows[first]} rows, as input {first!r} has, got {rows[other]}"
+        )
 
 
 def _entity_keys(inputs: Tensors, entity: Sequence[str]) -> list[str]:

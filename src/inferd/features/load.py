@@ -47,7 +47,7 @@ def load_table(
             pipe = client.pipeline(transaction=False)
             for i, key in enumerate(keys):
                 values = {name: chunk[name][i] for name in features}
-                present = {name: str(value) for name, value in values.items() if value is not None}
+                present = {name: _text(value) for name, value in values.items() if value is not None}
                 absent = [name for name, value in values.items() if value is None]
                 if present:
                     pipe.hset(key_prefix + key, mapping=present)  # type: ignore[arg-type]
@@ -61,6 +61,12 @@ def load_table(
     finally:
         client.close()
     return written, bar.done(written)
+
+
+def _text(value: object) -> str:
+    """A value as the hash keeps it: booleans as 1 and 0, which lookups read as numbers (as the
+    embedded store reads a Parquet boolean), not as True and False, which they cannot read."""
+    return str(int(value)) if isinstance(value, bool) else str(value)
 
 
 class _Progress:

@@ -86,7 +86,7 @@ class Scorer:
 
         Raises:
             Unavailable: the feature store failed (unless its settings fall back to defaults).
-            Internal: the model did not return a chosen output.
+            Internal: the model did not return a chosen output, or one with a row per input row.
         """
         if self._join is not None and len(chunk.ids):
             joined, missing = await self._join.join_rows(self._signature.name, dict(chunk.inputs), None)
@@ -142,13 +142,24 @@ class Scorer:
             return None
 
     def _predict(self, inputs: Tensors, checked: bool = False) -> Tensors:
-        """The chosen outputs for one batch, after the server's input checks unless ``checked``."""
+        """The chosen outputs for one batch, after the server's input checks unless ``checked``.
+
+        Raises:
+            Internal: the model did not return a chosen output, or one with a row per input row.
+        """
         conformed = inputs if checked else conform_inputs(self._signature, inputs)
         found = self._model.predict(self._signature.name, conformed)
         missing = [name for name in self._outputs if name not in found]
         if missing:
             raise Internal(f"the model did not return output(s) {missing}")
-        return {name: np.asarray(found[name]) for name in self._outputs}
+        outputs = {name: np.asarray(found[name]) for name in self._outputs}
+        rows = len(next(iter(conformed.values())))
+        for name, value in outputs.items():
+            if value.shape[:1] != (rows,):
+                raise Internal(
+                    f"the model's output {name!r} has {value.shape[:1]} rows for a batch of {rows}"
+                )
+        return outputs
 
     def _batch(self, batch: Tensors, checked: bool = False) -> _Scored:
         try:

@@ -131,7 +131,8 @@ class PartStore:
         os.replace(tmp, part)
 
     def finish(self, rejects: Path) -> int:
-        """Merge the parts into the output and the rejects into ``rejects``; remove the folder.
+        """Merge the parts into the output and the rejects into ``rejects`` (removed when there are
+        none); remove the folder.
 
         Returns:
             The number of rejected rows.
@@ -160,6 +161,8 @@ class PartStore:
                     data = part.read_bytes()
                     count += data.count(b"\n")
                     out.write(data)
+        else:  # a rejects file left by an earlier run would report rows this one scored
+            rejects.unlink(missing_ok=True)
         shutil.rmtree(self.folder)
         return count
 
@@ -178,40 +181,66 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _table(chunk: Chunk, outputs: Tensors, id_name: str, flat: bool) -> pa.Table:
     """Id, kept columns, then each output: a column per value when ``flat`` (CSV), else a list
-    column for outputs wider than one value per row."""
+    column for outputs wider than one value per row.
+
+    Raises:
+        InvalidArgument: an output column has the name of the id or a kept column.
+    """
     columns: dict[str, pa.Array] = {id_name: pa.array(chunk.ids)}
     for name, value in chunk.kept.items():
         columns.setdefault(name, pa.array(value))
+    produced: dict[str, pa.Array] = {}
     for name, value in outputs.items():
         width = math.prod(value.shape[1:])
         rows = value.reshape(len(value), width) if value.ndim > 1 else value
         if value.ndim == 1 or (width == 1 and not flat):
-            columns[name] = pa.array(rows.reshape(-1))
+            produced[name] = pa.array(rows.reshape(-1))
         elif flat:
             for i in range(width):
-                columns[f"{name}_{i}"] = pa.array(rows[:, i])
+                produced[f"{name}_{i}"] = pa.array(rows[:, i])
         else:
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
-    return pa.table(columns)
+            produced[name] = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
+    if clash := [name for name in produced if name in columns]:
+        raise InvalidArgument(
+            f"output column(s) {clash} would replace the id or kept column(s) of that name: "
+            "keep other columns (--keep-columns), or choose other outputs (--outputs)"
+        )
+    return pa.table(columns | produced)
 
 
 def _merge_parquet(parts: list[Path], target: Path) -> None:
-    """Concatenate the parts; the schema is the first part with rows (a chunk whose every row was
-    rejected has an empty part, whose list columns may be typed differently), and empty parts are
-    skipped."""
+    """Concatenate the parts with rows (a chunk whose every row was rejected has an empty part,
+    whose list columns may be typed differently) into one schema that holds them all (see
+    ``_common_schema``)."""
     filled = [p for p in parts if pq.ParquetFile(p).metadata.num_rows] or parts[:1]
-    writer: pq.ParquetWriter | None = None
-    try:
-        for part in filled:
-            table = pq.read_table(part)
-            if writer is None:
-                writer = pq.ParquetWriter(target, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
+    if not filled:
         pq.write_table(pa.table({}), target)
+        return
+    schema = _common_schema([pq.read_schema(p) for p in filled])
+    with pq.ParquetWriter(target, schema) as writer:
+        for part in filled:
+            writer.write_table(pq.read_table(part).cast(schema))
+
+
+def _common_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """The parts' columns, each typed to hold every part's values: the same type, else the one
+    Arrow promotes them to (null to any type, int to float), else text. The id and kept columns
+    are typed by each chunk's values: all null in one chunk, or numbers in one file and text in
+    another."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    fields = []
+    for i, field in enumerate(schemas[0]):
+        try:
+            common = pa.unify_schemas(
+                [pa.schema([s.field(i)]) for s in schemas], promote_options="permissive"
+            )
+            fields.append(common.field(0))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            fields.append(pa.field(field.name, pa.string()))
+    return pa.schema(fields)
 
 
 def _merge_npy(parts: list[Path], target: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -118,22 +119,24 @@ def find_inputs(spec: str) -> tuple[tuple[Path, ...], str]:
 
 
 def file_columns(path: Path, kind: str) -> list[str]:
-    """Column names of one tabular file, read from its header, schema or first line."""
+    """Column names of one tabular file, read from its header or schema; for JSONL, the keys of
+    the objects among its first 64 KiB of lines (none for a file without one there: its lines
+    are rows, rejected when they are not objects or lack a value)."""
     if kind == "parquet":
         return list(pq.ParquetFile(path).schema_arrow.names)
     with path.open("rb") as handle:
-        first = handle.readline()
+        lines = [handle.readline()] if kind == "csv" else handle.readlines(1 << 16)
     if kind == "csv":
-        return next(csv.reader([first.decode("utf-8-sig")]), [])
-    try:
-        record = orjson.loads(first)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"{path}: the first line is not JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise InvalidArgument(
-            f"{path}: each line must be a JSON object, the first is {type(record).__name__}"
-        )
-    return list(record)
+        return next(csv.reader([lines[0].decode("utf-8-sig")]), [])
+    keys: dict[str, None] = {}
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+    return list(keys)
 
 
 def plan_layout(
@@ -164,17 +167,22 @@ def plan_layout(
             for path in files:
                 _check_npy(signature.inputs[0], path)
         return Layout(files, kind, None, {signature.inputs[0].name: ()})
-    first = file_columns(files[0], kind)
+    listed = {path: file_columns(path, kind) for path in files}
+    # A JSONL file with no object among its first lines (empty, or bad lines) is not checked.
+    checked = {path: names for path, names in listed.items() if names or kind != "jsonl"}
+    first_path, first = next(iter(checked.items()), (files[0], []))
     unknown = [c for c in drop if c not in first]
     if unknown:
-        raise InvalidArgument(f"--drop_columns: {files[0]} has no column(s) {unknown}; it has {_few(first)}")
+        raise InvalidArgument(
+            f"--drop_columns: {first_path} has no column(s) {unknown}; it has {_few(first)}"
+        )
     first = [c for c in first if c not in drop]
     keep_all = list(keep) == ["*"]
     mapping = {spec.name: _columns_for(spec, first, signature, id_column) for spec in signature.inputs}
     kept = tuple(c for c in first if c != id_column) if keep_all else tuple(keep)
     needed = [c for cols in mapping.values() for c in cols] + list(kept) + ([id_column] if id_column else [])
-    for path in files:
-        present = set(file_columns(path, kind)) if path != files[0] else set(first)
+    for path, names in checked.items():
+        present = set(names)
         missing = [c for c in needed if c not in present]
         if missing:
             raise InvalidArgument(f"{path}: missing column(s) {missing}")
@@ -326,17 +334,45 @@ def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int)
         parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(
             include_columns=needed,
-            column_types=dict.fromkeys(text, pa.string()),
+            column_types=dict.fromkeys(needed, pa.string()),
             strings_can_be_null=True,
         ),
     )
     seen = 0  # data rows before this block, good and bad
     for batch in reader:
-        early = tuple((n - seen, e) for n, e in bad)
-        bad.clear()
-        table = pa.Table.from_batches([batch])
+        # The reader parses a block ahead, so the bad rows reported by now may lie past this
+        # batch: it takes those among its rows.
+        taken = 0
+        while taken < len(bad) and bad[taken][0] < seen + batch.num_rows + taken:
+            taken += 1
+        early = tuple((n - seen, e) for n, e in bad[:taken])
+        del bad[:taken]
+        table = _typed(pa.Table.from_batches([batch]), [c for c in needed if c not in text])
         yield _Block(batch.num_rows + len(early), table=table, early=early)
         seen += batch.num_rows + len(early)
+    if bad:  # after the last good row (or in a file without one)
+        early = tuple((n - seen, e) for n, e in bad)
+        yield _Block(len(early), table=reader.schema.empty_table(), early=early)
+
+
+def _typed(table: pa.Table, names: list[str]) -> pa.Table:
+    """``table`` with each of its text columns ``names`` as int64, else float64, else bool, when
+    every value reads as one (as nulls when none is there). The id and kept columns of a CSV file
+    are typed block by block so: Arrow's reader types them once, from the first block, and stops
+    at a later value that does not fit (an id that is not a number, a note empty until then)."""
+    for name in names:
+        text = table.column(name)
+        if text.null_count == len(text):  # typed by the other blocks when the parts are merged
+            table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(len(text)))
+            continue
+        for kind in (pa.int64(), pa.float64(), pa.bool_()):
+            try:
+                column = pc.cast(text, kind)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+            break
+    return table
 
 
 def _jsonl_blocks(path: Path, needed: list[str], chunk_rows: int) -> Iterator[_Block]:
@@ -476,4 +512,8 @@ def _reject(
 
 
 def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """The column as numpy; an integer column with nulls as objects (ints and None): numpy would
+    make floats of it, NaN for its nulls, and the output would hold those."""
+    if column.null_count and pa.types.is_integer(column.type):
+        return np.array(column.to_pylist(), dtype=object)
     return np.asarray(column.to_numpy())
