@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from google.protobuf import text_format
 from google.protobuf.message import Message
@@ -237,6 +238,19 @@ class FeatureSettings:
         return self.prefix or ":".join(self.entity)
 
 
+def _check_redis_url(url: str, where: str) -> None:
+    """Raise ConfigError for a Redis URL whose port or database is not a number (redis-py fails
+    later on the port, with no key named, and takes a database it cannot read as 0)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  # parsed on access: a port that is not a number raises
+    except ValueError:
+        raise ConfigError(f"{where}: store {url!r}: the port must be a number") from None
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError(f"{where}: store {url!r}: the database must be a number, as in redis://host:6379/0")
+
+
 def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) -> FeatureSettings:
     """``[features]`` of inferd.toml -> FeatureSettings; a relative store file is resolved
     against ``base_path``.
@@ -253,6 +267,7 @@ def features_from_toml(table: Mapping[str, Any], base_path: Path, where: str) ->
     if "://" in store:
         if not store.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"{where}: store {store!r} must be redis://, rediss:// or unix:// or a file")
+        _check_redis_url(store, where)
     elif not store.endswith((".parquet", ".csv")):
         raise ConfigError(f"{where}: store {store!r} must be a .parquet or .csv file or a Redis URL")
     elif not Path(store).is_absolute():

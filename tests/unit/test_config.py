@@ -370,6 +370,8 @@ def test_every_features_option(tmp_path: Path) -> None:
         (("fetch = [", "colour = 1\nfetch = ["), "unknown key(s) ['colour']"),
         (('entity = "restaurant_id"\n', ""), "missing key(s) ['entity']"),
         (('store = "features.parquet"', 'store = "http://x"'), "must be redis://"),
+        (('store = "features.parquet"', 'store = "redis://h:abc/0"'), "the port must be a number"),
+        (('store = "features.parquet"', 'store = "redis://h:6379/x"'), "the database must be a number"),
         (('store = "features.parquet"', 'store = "features.json"'), "must be a .parquet or .csv"),
         (('store = "features.parquet"', "store = 3"), "'store' must be a str"),
         (('entity = "restaurant_id"', "entity = []"), "non-empty lists of names"),
