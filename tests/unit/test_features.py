@@ -402,3 +402,20 @@ def test_a_request_deadline_shorter_than_the_lookup_does_not_cut_the_lookup_shor
         assert (store.answered, store.cancelled) == (2, 0)
 
     asyncio.run(run())
+
+
+def test_a_missing_entitys_key_is_quoted_in_the_error_only_up_to_200_characters(tmp_path: Path) -> None:
+    """A client's 2 MB entity key came back whole in the 404."""
+    path = tmp_path / "t.csv"
+    write_table(path, {"restaurant_id": ["r1"], "orders": [1], "outstanding": [3]})
+    settings = feature_settings(path)
+    huge = "k" * 2_000_000
+    with pytest.raises(NotFound) as missing:
+        asyncio.run(
+            join(settings, EmbeddedStore(path, settings.entity)).join(
+                "serving_default",
+                {"restaurant_id": np.array([huge], dtype=object), "distance": np.zeros(1, dtype=np.float32)},
+                None,
+            )
+        )
+    assert missing.value.message == f"restaurant_id '{'k' * 199} is not in feature store t.csv"

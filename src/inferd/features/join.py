@@ -259,9 +259,8 @@ class FeatureJoin:
                 if value is None:
                     if default is None:
                         what = "is not in" if row is None else f"has no feature {name!r} in"
-                        missing.setdefault(
-                            i, f"{'/'.join(settings.entity)} {key!r} {what} feature store {self._store.name}"
-                        )
+                        entity = f"{'/'.join(settings.entity)} {key!r:.200}"  # a key may be megabytes
+                        missing.setdefault(i, f"{entity} {what} feature store {self._store.name}")
                         value = 0
                     else:
                         value = default
