@@ -369,6 +369,8 @@ def _from_json(
     flat = nested.reshape(-1)
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
+    if flat.size and flat.dtype.kind == "f" and dtype.kind in "iu":  # integers past INT64's range?
+        flat = _wide_integers(name, data, dtype, flat)
     numbers = flat.dtype.kind in "iuf" and dtype.kind in "iuf"
     boolean = first_boolean(data) if booleans and numbers else None
     if flat.size and (flat.dtype.kind not in _KINDS[dtype.kind] or boolean is not None):
@@ -409,6 +411,26 @@ def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: Req
     if flat.size and max(map(len, flat)) * 4 > limits.max_string_bytes:
         limits.string(name, max(len(value.encode()) for value in flat))
     return flat
+
+
+def _wide_integers(name: str, data: Any, dtype: np.dtype[Any], flat: np.ndarray) -> np.ndarray:
+    """``flat``, numpy's floats for JSON ``data``, as UINT64 when every value is an integer in
+    its range: numpy reads ``[18446744073709551615, 0]`` as FP64 (rounded), an integer past
+    INT64's range among others. Else ``flat`` unchanged (floats the integer ``dtype`` refuses).
+
+    Raises:
+        InvalidArgument: integers of which one is outside ``dtype``'s range, named.
+    """
+    values = list(leaves(data))
+    if not all(type(value) is int for value in values):
+        return flat
+    if min(values) >= 0 and max(values) <= np.iinfo(np.uint64).max:
+        return np.array(values, dtype=np.uint64)  # then range-checked against ``dtype``
+    info = np.iinfo(dtype)
+    bad = next(value for value in values if not info.min <= value <= info.max)
+    raise InvalidArgument(
+        f"input {name!r}: value {bad} is out of range for {dtype_of(dtype).v2} [{info.min}, {info.max}]"
+    )
 
 
 _TEXT_OR_NUMBER = (str, int, float, bool)
