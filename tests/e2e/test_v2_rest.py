@@ -222,6 +222,9 @@ def request_json(**tensor: object) -> bytes:
             400,
             "output 'probabilities': parameters.binary_data must be true or false, got 1",
         ),
+        # Triton refuses an 'id' that is not a string; ignoring it answered without the id
+        (json.dumps({**json.loads(request_json()), "id": 42}).encode(), None, 400, "'id' must be a string"),
+        (request_json(), 0, 400, "raw binary request"),
     ],
 )
 def test_bad_json_requests(
