@@ -319,7 +319,7 @@ class HttpApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 body = b"".join(chunks)
-                if encoding is None:
+                if encoding is None or not body:  # an empty body is empty in any encoding
                     return body
                 data = await decode(
                     self._decode_pool, LARGE_BODY_BYTES, inflate, body, encoding, self._max_body

@@ -163,6 +163,8 @@ def test_compressed_bodies_are_checked(server: ServerProcess) -> None:
         return requests.post(url, data=data, headers={"Content-Encoding": encoding}, timeout=30)
 
     assert post(body, "Deflate").status_code == 200
+    live = requests.get(f"{server.url}/v2/health/live", headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert live.status_code == 200
     assert post(body, "identity").status_code == 400  # read as it came: not JSON
     for data, encoding, status, fragment in [
         (body, "br", 400, "Content-Encoding 'br' is not supported"),
