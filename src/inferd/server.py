@@ -56,7 +56,7 @@ from inferd.metrics import Metrics
 from inferd.protocols import openapi, tfserving_rest, v2_rest
 from inferd.protocols.access import Access
 from inferd.protocols.deadlines import Deadlines
-from inferd.protocols.decoding import BodyDecoder
+from inferd.protocols.decoding import LARGE_BODY_BYTES, BodyDecoder, decode, inflate
 from inferd.protocols.http_connection import (
     WATCH,
     ConnectionLimits,
@@ -288,15 +288,23 @@ class HttpApp:
         """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
         None when the client disconnected first.
 
+        A body with a ``Content-Encoding`` is decompressed (``decoding.inflate``) on the decode
+        thread, and held as sent and as decompressed.
+
         Raises:
-            ResourceExhausted: over ``--max_request_bytes``.
+            ResourceExhausted: over ``--max_request_bytes`` (as sent or decompressed).
             Unavailable: over the ``--max_inflight_bytes`` budget.
+            InvalidArgument: an encoding other than gzip, deflate and identity, or a body that
+                is not valid data of it.
         """
+        encoding = None
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit():
                 if int(value) > self._max_body:
                     raise self._too_large()
                 reservation.grow_to(int(value))
+            elif key == b"content-encoding" and value.strip().lower() != b"identity":
+                encoding = value
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -310,7 +318,14 @@ class HttpApp:
             reservation.grow_to(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                body = b"".join(chunks)
+                if encoding is None or not body:  # an empty body is empty in any encoding
+                    return body
+                data = await decode(
+                    self._decode_pool, LARGE_BODY_BYTES, inflate, body, encoding, self._max_body
+                )
+                reservation.grow_to(size + len(data))
+                return data
 
     def _check_header_size(self, scope: Scope, watch: RequestWatch | None) -> None:
         """Raises ResourceExhausted when the request target and the header names and values are

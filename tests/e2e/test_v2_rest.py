@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +143,40 @@ def test_bytes_tensors(client: httpclient.InferenceServerClient, binary: bool) -
     assert upper == [b"HELLO", b"INFERD", b""]
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client: httpclient.InferenceServerClient, algorithm: str) -> None:
+    # tritonclient's request_compression_algorithm: the body was read as it came, a 400
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([[10], [20]], dtype=np.int64)
+    inputs = [httpclient.InferInput("a", [2, 3], "FP32"), httpclient.InferInput("b", [2, 1], "INT64")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b, binary_data=False)
+    result = client.infer("pair", inputs, request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("sum"), a + b)
+
+
+def test_compressed_bodies_are_checked(server: ServerProcess) -> None:
+    body = zlib.compress(request_json())
+
+    def post(data: bytes, encoding: str) -> requests.Response:
+        url = f"{server.url}/v2/models/digits/infer"
+        return requests.post(url, data=data, headers={"Content-Encoding": encoding}, timeout=30)
+
+    assert post(body, "Deflate").status_code == 200
+    live = requests.get(f"{server.url}/v2/health/live", headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert live.status_code == 200
+    assert post(body, "identity").status_code == 400  # read as it came: not JSON
+    for data, encoding, status, fragment in [
+        (body, "br", 400, "Content-Encoding 'br' is not supported"),
+        (body[:-4], "deflate", 400, "not one whole deflate stream"),
+        (b"not gzip", "gzip", 400, "not valid gzip data"),
+        (zlib.compress(bytes(65 << 20)), "deflate", 413, "decompresses to more than the limit"),
+    ]:
+        response = post(data, encoding)
+        assert response.status_code == status, response.text
+        assert fragment in response.json()["error"]
+
+
 def test_fp16_travels_as_binary(client: httpclient.InferenceServerClient) -> None:
     x = np.array([[1.5, -2.0, 0.25]], dtype=np.float16)
     tensor = httpclient.InferInput("x", [1, 3], "FP16")
@@ -222,6 +257,9 @@ def request_json(**tensor: object) -> bytes:
             400,
             "output 'probabilities': parameters.binary_data must be true or false, got 1",
         ),
+        # Triton refuses an 'id' that is not a string; ignoring it answered without the id
+        (json.dumps({**json.loads(request_json()), "id": 42}).encode(), None, 400, "'id' must be a string"),
+        (request_json(), 0, 400, "raw binary request"),
     ],
 )
 def test_bad_json_requests(

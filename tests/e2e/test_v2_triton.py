@@ -229,6 +229,25 @@ def test_grpc_infer_mixing_contents_and_raw_inputs(server: ServerProcess) -> Non
     assert "raw_input_contents has 2 entries for the 1 inputs without contents" in str(error.value.details())
 
 
+@pytest.mark.parametrize(
+    ("model", "names"),
+    [
+        ("pair", ["a", "b", "é" * 50_000]),
+        ("m" * 100_000, ["a"]),
+        ("pair", ["a", "b", *map(str, range(3_000))]),
+    ],
+)
+def test_long_messages_keep_their_status(server: ServerProcess, model: str, names: list[str]) -> None:
+    # A status travels in the trailers: past the client's 16 KiB limit it became RESOURCE_EXHAUSTED
+    request = pb.ModelInferRequest(model_name=model, inputs=[_tensor(name, "FP32", [0]) for name in names])
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request)
+    assert error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert str(error.value.details()).endswith(" characters)")
+
+
 def test_fp16_raw_beside_fp32_contents(server: ServerProcess) -> None:
     x = _tensor("x", "FP16", [1, 2])
     w = _tensor("w", "FP32", [1, 2])

@@ -211,12 +211,18 @@ def from_raw(
     return array
 
 
+def _utf8(item: Any) -> bytes:
+    """A string output element as bytes: ``bytes`` as they are, anything else as its text in
+    UTF-8, a lone surrogate (which has none) as its ``\\uXXXX`` escape, as the JSON answers write it."""
+    return item if isinstance(item, bytes) else str(item).encode("utf-8", "backslashreplace")
+
+
 def to_raw(value: np.ndarray) -> bytes:
     """An output's V2 raw bytes: little-endian row-major numbers, or length-prefixed BYTES."""
     if value.dtype.kind in "OUS":
         parts = []
         for item in value.reshape(-1).tolist():
-            data = item if isinstance(item, bytes) else str(item).encode()
+            data = _utf8(item)
             parts.append(struct.pack("<I", len(data)))
             parts.append(data)
         return b"".join(parts)
@@ -303,9 +309,7 @@ def encode_tensor(proto: TensorProto, value: np.ndarray, tensor_content: bool = 
     for size in value.shape:
         proto.tensor_shape.dim.add(size=size)
     if value.dtype.kind in "OUS":
-        proto.string_val.extend(
-            item if isinstance(item, bytes) else str(item).encode() for item in value.reshape(-1).tolist()
-        )
+        proto.string_val.extend(map(_utf8, value.reshape(-1).tolist()))
     elif tensor_content:
         proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
     elif value.dtype == np.float16:

@@ -19,12 +19,13 @@ import logging
 import multiprocessing
 import sys
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeGuard, TypeVar
 
-from inferd.errors import Unavailable
+from inferd.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
 
@@ -162,3 +163,34 @@ async def decode_apart(pool: BodyDecoder | None, size: int, function: Callable[.
     if pool is not None and pool.in_process(size):
         return await pool.apart(function, *args)
     return await decode(pool, size, function, *args)
+
+
+CONTENT_ENCODINGS = (b"gzip", b"x-gzip", b"deflate")
+"""The ``Content-Encoding`` of a request body that ``inflate`` decompresses (tritonclient's
+``request_compression_algorithm``: gzip, or deflate as zlib's format)."""
+
+
+def inflate(body: bytes, encoding: bytes, max_bytes: int) -> bytes:
+    """``body`` sent with ``Content-Encoding: encoding`` (one of ``CONTENT_ENCODINGS``, any
+    case), decompressed to at most ``max_bytes``; zlib lets go of the GIL while it works.
+
+    Raises:
+        InvalidArgument: another encoding, or a body that is not one whole stream of it.
+        ResourceExhausted: it decompresses to more than ``max_bytes`` (--max_request_bytes).
+    """
+    name = encoding.strip().lower()
+    if name not in CONTENT_ENCODINGS:
+        shown = name[:40].decode("latin-1")
+        raise InvalidArgument(f"Content-Encoding {shown!r} is not supported; send gzip, deflate or identity")
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, read from the data
+    try:
+        data = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidArgument(f"the body is not valid {name.decode()} data: {exc}") from None
+    if len(data) > max_bytes:
+        raise ResourceExhausted(
+            f"the request body decompresses to more than the limit of {max_bytes} bytes (--max_request_bytes)"
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidArgument(f"the body is not one whole {name.decode()} stream")
+    return data

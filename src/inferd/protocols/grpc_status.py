@@ -38,11 +38,26 @@ async def answer(context: Context, call: Coroutine[Any, Any, T], request_id: str
     try:
         return await call
     except InferdError as error:
-        await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
+        await context.abort(grpc.StatusCode[error.code.grpc_code], details(error.message))
     except Exception:
         log.exception("gRPC request %s failed", request_id)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
     raise AssertionError("context.abort raises")
+
+
+MAX_DETAILS_BYTES = 2048
+"""The most UTF-8 bytes of a message that a failed call's status carries. It travels in the
+trailing metadata (``grpc-message``, each byte outside printable ASCII percent-encoded as
+three), which gRPC clients refuse past 8-16 KiB by default: a message echoing a 100 KB name
+reached the client as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+
+
+def details(message: str) -> str:
+    """``message`` cut to ``MAX_DETAILS_BYTES`` UTF-8 bytes (with the length it had), for a status."""
+    data = message.encode(errors="replace")
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return f"{data[:MAX_DETAILS_BYTES].decode(errors='ignore')}... ({len(message)} characters)"
 
 
 VERSION_KEY = "inferd-model-version"

@@ -3,7 +3,7 @@ platforms, extensions, datatypes, repository index rows and model configuration.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from inferd.control import IndexEntry
@@ -44,6 +44,17 @@ UNSERVED_PARAMETERS = {
     "sequence_id": "sequence batching",
 }
 """Triton request parameters that ask for what inferd does not serve, and what they ask for."""
+
+
+def brief(value: Any, render: Callable[[Any], str] = repr) -> str:
+    """A request's value for an error message: ``render(value)`` cut to 40 characters, or
+    ``[...]`` / ``{...}`` for a list or object nested too deep to render (orjson reads 1,024
+    levels, past Python's stack: ``repr`` and ``json.dumps`` raise RecursionError there)."""
+    try:
+        text = render(value)
+    except RecursionError:
+        return "{...}" if isinstance(value, dict) else "[...]"
+    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 def refuse_unserved(where: str, parameters: Mapping[str, Any]) -> None:

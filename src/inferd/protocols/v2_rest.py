@@ -38,6 +38,7 @@ from inferd.protocols.v2 import (
     V2_DATATYPES,
     V2_EXTENSIONS,
     V2_PLATFORMS,
+    brief,
     refuse_unserved,
     v2_index,
     v2_model_config,
@@ -136,7 +137,7 @@ async def _repository(control: ModelControl, method: str, path: str, body: bytes
     if path == ADMIN_PREFIX + "index":
         ready = document.get("ready", False)
         if not isinstance(ready, bool):
-            raise InvalidArgument(f"'ready' must be true or false, got {ready!r}")
+            raise InvalidArgument(f"'ready' must be true or false, got {brief(ready)}")
         return _json(v2_index(control.index(ready)))
     match = _REPOSITORY_MODEL.fullmatch(path)
     if match is None:
@@ -202,7 +203,9 @@ async def _infer(
     await call.load(ref)
     # V2 tensors carry their datatype: they decode without the signature
     wanted = _wanted(doc, [spec.name for spec in call.open(ref).outputs])
-    client_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    client_id = doc.get("id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise InvalidArgument(f"'id' must be a string, got a JSON {_JSON_KINDS[type(client_id)]}")
     response = await call.infer(inputs, deadline, client_id)
     return _encode(response.model_id.name, str(response.model_id.version), doc, wanted, response.outputs)
 
@@ -256,6 +259,11 @@ def split_body(header_length: str | None, body: bytes) -> tuple[dict[str, Any], 
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
+        if header_length is not None and not header:
+            raise InvalidArgument(
+                f"{HEADER_LENGTH} 0 asks for Triton's raw binary request (one input's bytes without "
+                "JSON), which inferd does not serve; send a JSON header and binary_data_size"
+            ) from None
         hint = "" if header_length else f" (a body with binary tensors needs the {HEADER_LENGTH} header)"
         raise InvalidArgument(f"JSON Parse error: {exc}{hint}") from None
     if not isinstance(doc, dict):
@@ -296,7 +304,7 @@ def decode_inputs(
         dtype = _V2_DTYPES.get(datatype) if isinstance(datatype, str) else None
         if dtype is None:
             raise InvalidArgument(
-                f"input {name!r}: unknown datatype {datatype!r}; expected one of {sorted(_V2_DTYPES)}"
+                f"input {name!r}: unknown datatype {brief(datatype)}; expected one of {sorted(_V2_DTYPES)}"
             )
         count = limits.elements(name, shape)
         parameters = entry.get("parameters") or {}
@@ -305,9 +313,14 @@ def decode_inputs(
         refuse_unserved(f"input {name!r}", parameters)
         size = parameters.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0:  # not a JSON boolean either
                 raise InvalidArgument(
-                    f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                    f"input {name!r}: parameters.binary_data_size must be a byte count (an integer "
+                    f">= 0), got {brief(size)}"
+                )
+            if offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {name!r}: binary_data_size {size} does not fit the {len(binary) - offset} "
                     "binary bytes left in the body"
                 )
             array = from_raw(binary[offset : offset + size], dtype, count, name, "binary_data_size", limits)
@@ -362,13 +375,15 @@ def _from_json(
     try:
         nested = np.asarray(data)
     except (ValueError, OverflowError):
-        raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
+        raise _ragged(name, data, limits) from None
     limits.depth(name, nested.ndim)
     if nested.dtype.kind == "U" and not all_text(data):
         raise InvalidArgument(f"input {name!r}: 'data' mixes strings with other JSON values")
     flat = nested.reshape(-1)
     if flat.size != count:
         raise InvalidArgument(f"input {name!r}: shape needs {count} elements, 'data' has {flat.size}")
+    if flat.size and flat.dtype.kind == "f" and dtype.kind in "iu":  # integers past INT64's range?
+        flat = _wide_integers(name, data, dtype, flat)
     numbers = flat.dtype.kind in "iuf" and dtype.kind in "iuf"
     boolean = first_boolean(data) if booleans and numbers else None
     if flat.size and (flat.dtype.kind not in _KINDS[dtype.kind] or boolean is not None):
@@ -394,7 +409,7 @@ def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: Req
     try:
         nested = np.array(data, dtype=object)
     except ValueError:
-        raise InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values") from None
+        raise _ragged(name, data, limits) from None
     limits.depth(name, nested.ndim)
     flat = nested.reshape(-1)
     if any(type(value) is list for value in flat):
@@ -411,6 +426,40 @@ def _strings(data: Any, dtype: np.dtype[Any], count: int, name: str, limits: Req
     return flat
 
 
+def _wide_integers(name: str, data: Any, dtype: np.dtype[Any], flat: np.ndarray) -> np.ndarray:
+    """``flat``, numpy's floats for JSON ``data``, as UINT64 when every value is an integer in
+    its range: numpy reads ``[18446744073709551615, 0]`` as FP64 (rounded), an integer past
+    INT64's range among others. Else ``flat`` unchanged (floats the integer ``dtype`` refuses).
+
+    Raises:
+        InvalidArgument: integers of which one is outside ``dtype``'s range, named.
+    """
+    values = list(leaves(data))
+    if not all(type(value) is int for value in values):
+        return flat
+    if min(values) >= 0 and max(values) <= np.iinfo(np.uint64).max:
+        return np.array(values, dtype=np.uint64)  # then range-checked against ``dtype``
+    info = np.iinfo(dtype)
+    bad = next(value for value in values if not info.min <= value <= info.max)
+    raise InvalidArgument(
+        f"input {name!r}: value {bad} is out of range for {dtype_of(dtype).v2} [{info.min}, {info.max}]"
+    )
+
+
+def _ragged(name: str, data: Any, limits: RequestLimits) -> InvalidArgument:
+    """The error for JSON ``data`` numpy cannot read as one array: ragged or mixed lists.
+
+    Raises:
+        InvalidArgument: ``data`` is nested past ``limits.max_json_depth`` (numpy refuses more
+            than 64 dimensions before the depth is checked).
+    """
+    depth, item = 0, data
+    while isinstance(item, list) and item:
+        depth, item = depth + 1, item[0]
+    limits.depth(name, depth)
+    return InvalidArgument(f"input {name!r}: 'data' is ragged or holds mixed values")
+
+
 _TEXT_OR_NUMBER = (str, int, float, bool)
 """The JSON values numpy reads as text among strings."""
 
@@ -419,11 +468,11 @@ def _cannot_hold(name: str, dtype: np.dtype[Any], values: Sequence[Any] | np.nda
     """The error for ``values`` (a tensor's JSON leaves, not empty) of another JSON type than
     ``dtype`` holds, naming the first such value, else the first value."""
     fits = _JSON_TYPES[dtype.kind]
-    shown = next((value for value in values if type(value) not in fits), values[0])
-    kind = _JSON_KINDS.get(type(shown), type(shown).__name__)
+    first = next((value for value in values if type(value) not in fits), values[0])
+    kind = _JSON_KINDS.get(type(first), type(first).__name__)
     return InvalidArgument(
         f"input {name!r}: datatype {dtype_of(dtype).v2} cannot hold JSON values like "
-        f"{json.dumps(shown)[:40]} ({kind})"
+        f"{brief(first, json.dumps)} ({kind})"
     )
 
 
@@ -503,7 +552,7 @@ def _wanted(doc: dict[str, Any], outputs: list[str]) -> list[tuple[str, bool]]:
     for entry in requested:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name not in outputs:
-            raise InvalidArgument(f"unknown output {name!r}; the model has {sorted(outputs)}")
+            raise InvalidArgument(f"unknown output {brief(name)}; the model has {sorted(outputs)}")
         if any(name == taken for taken, _ in wanted):
             raise InvalidArgument(f"output {name!r} appears more than once in 'outputs'")
         params = entry.get("parameters") or {}
@@ -544,7 +593,7 @@ def _encode(
 def _flag(parameters: dict[str, Any], key: str, where: str, default: bool) -> bool:
     value = parameters.get(key, default)
     if not isinstance(value, bool):
-        raise InvalidArgument(f"{where}.{key} must be true or false, got {value!r}")
+        raise InvalidArgument(f"{where}.{key} must be true or false, got {brief(value)}")
     return value
 
 

@@ -13,6 +13,7 @@ import orjson
 
 from inferd.control import SettingsOverride
 from inferd.errors import InferdError, InvalidArgument, NotFound
+from inferd.protocols.v2 import brief
 from inferd.service import InferenceService
 from inferd.statistics import Duration, VersionStatistics
 from inferd.types import ModelRef
@@ -145,7 +146,7 @@ def load_parameters(name: str, parameters: Mapping[str, Any]) -> SettingsOverrid
             "(with dynamic_batching.max_queue_delay_microseconds); set the rest in inferd.toml"
         )
     if "name" in config and config["name"] != name:
-        raise InvalidArgument(f"config 'name' {config['name']!r} is not the model's name {name!r}")
+        raise InvalidArgument(f"config 'name' {brief(config['name'])} is not the model's name {name!r}")
     max_batch_size = _integer(config, "max_batch_size", 1) if "max_batch_size" in config else None
     delay = None
     batching = config.get("dynamic_batching")
@@ -170,5 +171,5 @@ def _integer(table: Mapping[str, Any], key: str, least: int) -> int:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not least <= value < 2**31:
-        raise InvalidArgument(f"config '{key}' must be an integer >= {least}, got {table[key]!r}")
+        raise InvalidArgument(f"config '{key}' must be an integer >= {least}, got {brief(table[key])}")
     return value
