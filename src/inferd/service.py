@@ -539,4 +539,10 @@ def _check_outputs(
     if missing:
         log.error("%s returned outputs %s, missing %s", version.id, sorted(outputs), missing)
         raise Internal(f"model {version.id} did not return output(s) {missing}")
-    return {spec.name: np.asarray(outputs[spec.name]) for spec in signature.outputs}
+    return {spec.name: _native(np.asarray(outputs[spec.name])) for spec in signature.outputs}
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in the machine's byte order, which the encoders take (a model may return
+    big-endian values: ``>f4``)."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
