@@ -480,12 +480,15 @@ def _is_b64(value: Mapping[str, Any]) -> bool:
     return len(value) == 1 and "b64" in value
 
 
-def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
-    """An output ready for JSON: numeric arrays stay arrays; strings become str or b64 objects."""
+def _jsonable(name: str, value: np.ndarray) -> Any:
+    """An output ready for JSON: numeric arrays stay arrays; strings become str or b64 objects; a
+    scalar (rank 0) is one bare value, as TF Serving writes it."""
     if value.dtype.kind in "OUS":
         as_b64 = name.endswith("_bytes")
         strings = np.frompyfunc(lambda item: _string(item, as_b64), 1, 1)(value)
-        return np.asarray(strings, dtype=object).tolist()  # type: ignore[no-any-return]
+        return np.asarray(strings, dtype=object).tolist()
+    if not value.ndim:  # orjson writes no rank-0 array, and ascontiguousarray makes it rank 1
+        return value.item()
     # The canonical native dtype (a view, no copy, where only the type differs): onnxruntime
     # returns int64 as numpy.longlong, whose scalars (rows of a 1-D output) orjson cannot write.
     canonical = _CANONICAL.get(value.dtype)
@@ -510,24 +513,28 @@ def _string(item: Any, as_b64: bool) -> Any:
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:
+    """The row format's ``predictions``: the one output, or an object of every output per row.
+
+    Raises:
+        InvalidArgument: a scalar output (``_jsonable`` wrote it bare), or outputs whose batch
+            sizes differ, in TF Serving's words.
+    """
+    for name, value in outputs.items():
+        if not isinstance(value, np.ndarray | list):
+            raise InvalidArgument(
+                f"Tensor name: {name} has no shape information; a row-format response needs "
+                "outputs of rank >= 1: use the columnar 'inputs' format"
+            )
     if len(outputs) == 1:
         (only,) = outputs.values()
-        if isinstance(only, np.ndarray) and only.ndim == 0:
-            raise InvalidArgument(
-                "Tensor has no shape information: a row-format response needs outputs of rank >= 1"
-            )
         return only
-    sizes = {
-        name: len(value) if not np.isscalar(value) and np.ndim(value) else None
-        for name, value in outputs.items()
-    }
+    sizes = {name: len(value) for name, value in outputs.items()}
     batch = set(sizes.values())
-    if len(batch) != 1 or None in batch:
+    if len(batch) != 1:
         raise InvalidArgument(
             f"outputs have inconsistent batch sizes {sizes}; use the columnar 'inputs' format"
         )
     (n,) = batch
-    assert n is not None
     return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
 
 
