@@ -392,15 +392,29 @@ class TensorDecoder:
         return serialized
 
     def _feature(self, feature: Feature, key: str, value: Any) -> None:
-        """One JSON feature (a value or a list of them) into ``feature``: integers as int64_list,
-        other numbers as float_list, strings and ``{"b64": ...}`` as bytes_list."""
+        """One JSON feature (a value or a list of them) into ``feature``, as TF Serving reads it:
+        integers and booleans (1 and 0) as int64_list, other numbers as float_list, strings (as
+        UTF-8) and ``{"b64": ...}`` as bytes_list.
+
+        Raises:
+            InvalidArgument: values of several kinds, an integer past int64, a lone surrogate.
+        """
         values = value if isinstance(value, list) else [value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            feature.int64_list.value.extend(values)
+        if all(isinstance(v, int) for v in values):
+            try:
+                feature.int64_list.value.extend(values)
+            except ValueError:
+                raise InvalidArgument(
+                    f"Feature: {key} has an integer outside int64's range. Only int64_t is supported."
+                ) from None
         elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             feature.float_list.value.extend(values)
         elif all(isinstance(v, str | dict) for v in values):
-            feature.bytes_list.value.extend(self._objects(values, key, 0))
+            try:
+                items = [v.encode() if isinstance(v, str) else v for v in self._objects(values, key, 0)]
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"feature {key!r}: a string has a lone surrogate (no UTF-8)") from None
+            feature.bytes_list.value.extend(items)
         else:
             raise InvalidArgument(
                 f'feature {key!r}: expected numbers, strings or {{"b64": ...}} values of one kind, '
