@@ -266,7 +266,17 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         return await answer(context, self._reload(request), self._service.request_id())
 
     async def _reload(self, request: ms.ReloadConfigRequest) -> ms.ReloadConfigResponse:
-        """Serve the request's models; replies once they loaded (as TF Serving does)."""
+        """Serve the request's models; replies once they loaded (as TF Serving does).
+
+        Raises:
+            InvalidArgument: the config holds no ``model_config_list`` (an unset one would read
+                as no models, and unload every model), in TF Serving's words.
+        """
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise InvalidArgument(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                "Only ModelConfigList is currently supported"
+            )
         await self._control.reload_config(models_from_proto(request.config, "HandleReloadConfigRequest"))
         return ms.ReloadConfigResponse()
 
