@@ -388,6 +388,17 @@ def test_classify_gives_label_score_pairs(repo: ServerProcess) -> None:
     assert best == [str(label) for label in model.predict(x)]  # type: ignore[attr-defined]
 
 
+def test_an_empty_signature_name_is_the_default_one(repo: ServerProcess) -> None:
+    """As in TF Serving, ``"signature_name": ""`` is no name: predict takes serving_default,
+    classify and regress the signature they take by default (it was a 400: no such signature)."""
+    body = {"signature_name": "", "instances": [[1.0, 2.0]]}
+    assert ok_json(post(repo, "/v1/models/custom:predict", body)) == {"predictions": [[2.5, 4.5]]}
+    examples = [{"inputs": row} for row in rows(20, 21).tolist()]
+    default = ok_json(post(repo, "/v1/models/classifier:classify", {"examples": examples}))
+    body = {"signature_name": "", "examples": examples}
+    assert ok_json(post(repo, "/v1/models/classifier:classify", body)) == default
+
+
 def test_regress_gives_one_float_per_example(repo: ServerProcess, repo_models: tuple[Path, Any]) -> None:
     x = rows(30, 34)
     expected = repo_models[1].predict(x).tolist()

@@ -203,7 +203,7 @@ async def _predict(
     """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did;
     ``booleans``, ``texts``: whether the body may hold JSON booleans, strings (``TensorDecoder``)."""
     await call.load(ref)
-    signature = call.open(ref, doc.get("signature_name"))
+    signature = call.open(ref, doc.get("signature_name") or None)  # "": the default, as in TF Serving
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
             "expecting only one of 'inputs' or 'instances' keys to exist"
@@ -258,8 +258,7 @@ def _parse_predict(
             so that ``_predict`` raises them only after the checks that come first.
     """
     doc = parse_json(body)
-    name = doc.get("signature_name")
-    signature = signatures.get(DEFAULT_SIGNATURE if name is None else name)
+    signature = signatures.get(doc.get("signature_name") or DEFAULT_SIGNATURE)
     if signature is None or ("instances" in doc) == ("inputs" in doc):
         for key in ("instances", "inputs"):
             if key in doc:
@@ -613,7 +612,7 @@ async def _classify_or_regress(
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
     await call.load(ref)
-    signature = call.open(ref, doc.get("signature_name"), method)
+    signature = call.open(ref, doc.get("signature_name") or None, method)
     decoder = TensorDecoder(limits, size=offload[1])
     inputs = await decode(*offload, decoder.examples, signature, examples, context)
     response = await call.infer(inputs, deadline)
