@@ -144,6 +144,13 @@ def test_v1_json_features_become_tf_servings_example_features() -> None:
             TensorDecoder(DEFAULTS).examples(PARSER, [{"x": feature}], {})
 
 
+def test_v1_a_feature_of_nested_lists_is_refused_naming_its_types() -> None:
+    """Not by its repr, which raised RecursionError (a 500) for lists as deep as JSON allows."""
+    for value, got in ((nested_lists(1020), "got list"), ([1.5, "a", None], "got null, number, string")):
+        with pytest.raises(InvalidArgument, match=f"feature 'x': expected .* values of one kind, {got}$"):
+            TensorDecoder(DEFAULTS).examples(PARSER, [{"x": value}], {})
+
+
 def test_v1_limits_name_their_flags() -> None:
     decoder = TensorDecoder(LIMITS)
     for value, flag in (

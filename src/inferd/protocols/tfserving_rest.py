@@ -414,10 +414,11 @@ class TensorDecoder:
             except UnicodeEncodeError:
                 raise InvalidArgument(f"feature {key!r}: a string has a lone surrogate (no UTF-8)") from None
             feature.bytes_list.value.extend(items)
-        else:
+        else:  # named by their JSON types: the repr of a value nested 1,000 deep raises
+            kinds = sorted({_JSON_TYPES.get(type(v), type(v).__name__) for v in values})
             raise InvalidArgument(
                 f'feature {key!r}: expected numbers, strings or {{"b64": ...}} values of one kind, '
-                f"got {value!r}"[:200]
+                f"got {', '.join(kinds)}"
             )
 
     def array(self, value: Any, spec: TensorSpec) -> np.ndarray:
@@ -487,6 +488,18 @@ class TensorDecoder:
         if isinstance(value, str) and len(value) * 4 > self._limits.max_string_bytes:
             self._limits.string(name, len(value.encode()))  # UTF-8 takes up to 4 bytes a character
         return value  # a string, number or boolean; array() refuses a mix of them
+
+
+_JSON_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    dict: "object",
+    list: "list",
+    type(None): "null",
+}
+"""The JSON type of each Python type a JSON document parses into."""
 
 
 def _is_b64(value: Mapping[str, Any]) -> bool:
