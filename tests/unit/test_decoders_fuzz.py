@@ -129,6 +129,7 @@ def test_v1_examples_decode_or_refuse(
     within(tensors, LIMITS)
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # protobuf's, for a bool in int64_list
 def test_v1_json_features_become_tf_servings_example_features() -> None:
     """As TF Serving reads them: strings as UTF-8 bytes, booleans as int64 1 and 0; an integer
     past int64 or a lone surrogate is refused naming the feature (both were a 500)."""

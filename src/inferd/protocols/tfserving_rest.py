@@ -401,7 +401,7 @@ class TensorDecoder:
         values = value if isinstance(value, list) else [value]
         if all(isinstance(v, int) for v in values):
             try:
-                feature.int64_list.value.extend(values)
+                feature.int64_list.value.extend(map(int, values))  # protobuf deprecates bools there
             except ValueError:
                 raise InvalidArgument(
                     f"Feature: {key} has an integer outside int64's range. Only int64_t is supported."
