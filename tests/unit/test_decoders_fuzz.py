@@ -131,11 +131,15 @@ def test_v1_examples_decode_or_refuse(
 
 @pytest.mark.filterwarnings("error::DeprecationWarning")  # protobuf's, for a bool in int64_list
 def test_v1_json_features_become_tf_servings_example_features() -> None:
-    """As TF Serving reads them: strings as UTF-8 bytes, booleans as int64 1 and 0; an integer
-    past int64 or a lone surrogate is refused naming the feature (both were a 500)."""
-    examples = [{"s": ["é", {"b64": "AP8="}], "flag": [True, False], "n": 2**63 - 1}]
+    """As TF Serving reads them: strings as UTF-8 bytes, booleans as int64 1 and 0, an empty
+    list as a feature of no kind (not an empty int64_list, which a float feature's parser
+    refuses); an integer past int64 or a lone surrogate is refused naming the feature (both
+    were a 500)."""
+    examples = [{"s": ["é", {"b64": "AP8="}], "flag": [True, False], "n": 2**63 - 1, "none": []}]
     (serialized,) = TensorDecoder(DEFAULTS).examples(PARSER, examples, {"c": "ctx"})["inputs"]
     features = Example.FromString(serialized).features.feature
+    assert "none" in features
+    assert features["none"].WhichOneof("kind") is None  # parsed as absent: a default, no error
     assert list(features["s"].bytes_list.value) == ["é".encode(), b"\x00\xff"]
     assert list(features["c"].bytes_list.value) == [b"ctx"]
     assert list(features["flag"].int64_list.value) == [1, 0]

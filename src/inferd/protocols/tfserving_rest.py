@@ -393,12 +393,14 @@ class TensorDecoder:
     def _feature(self, feature: Feature, key: str, value: Any) -> None:
         """One JSON feature (a value or a list of them) into ``feature``, as TF Serving reads it:
         integers and booleans (1 and 0) as int64_list, other numbers as float_list, strings (as
-        UTF-8) and ``{"b64": ...}`` as bytes_list.
+        UTF-8) and ``{"b64": ...}`` as bytes_list; an empty list sets no kind.
 
         Raises:
             InvalidArgument: values of several kinds, an integer past int64, a lone surrogate.
         """
         values = value if isinstance(value, list) else [value]
+        if not values:  # a feature of no kind, as TF Serving's: parsers read it as absent
+            return
         if all(isinstance(v, int) for v in values):
             try:
                 feature.int64_list.value.extend(map(int, values))  # protobuf deprecates bools there
