@@ -371,7 +371,8 @@ class TensorDecoder:
     ) -> np.ndarray | None:
         """For a signature whose one input is a string tensor not named by the features (a
         ``tf.Example`` parser, as TensorFlow's classify and regress signatures are), the examples
-        as serialized ``tf.Example``s with the context merged in, as TF Serving feeds them; else None.
+        as serialized ``tf.Example``s with the context merged in (a feature in both is the
+        example's), as TF Serving feeds them; else None.
         """
         (spec, *others) = signature.inputs
         if others or spec.dtype.kind != "O":
@@ -382,10 +383,8 @@ class TensorDecoder:
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
                 raise InvalidArgument(f"examples[{i}] must be an object of features")
-            if clash := set(example) & set(context):
-                raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
             message = Example()
-            for key, value in {**context, **example}.items():
+            for key, value in {**context, **example}.items():  # the example's win, as in TF Serving
                 self._feature(message.features.feature[key], key, value)
             serialized[i] = message.SerializeToString()
         return serialized
