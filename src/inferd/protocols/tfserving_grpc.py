@@ -417,13 +417,15 @@ def _serialized_examples(
 ) -> np.ndarray | None:
     """The examples serialized, each after ``context_bytes`` (the serialized context), for a
     signature whose one input is a string tensor not named by the features (a ``tf.Example``
-    parser); else None. Each is one string element under ``limits``. As in TF Serving, which
-    concatenates them so, a feature in both the context and an example is the example's."""
+    parser); else None. Each is one string element under ``limits``, and the context repeated in
+    them all too. As in TF Serving, which concatenates them so, a feature in both the context
+    and an example is the example's."""
     (spec, *others) = signature.inputs
     if others or spec.dtype.kind != "O":
         return None
     if all(set(example.features.feature) | set(context) == {spec.name} for example in examples):
         return None  # the feature feeds the input by name
+    limits.repeated_context(spec.name, len(context_bytes), len(examples))
     serialized = np.empty(len(examples), dtype=object)
     for i, example in enumerate(examples):
         serialized[i] = context_bytes + example.SerializeToString()

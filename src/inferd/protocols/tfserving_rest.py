@@ -373,21 +373,32 @@ class TensorDecoder:
         ``tf.Example`` parser, as TensorFlow's classify and regress signatures are), the examples
         as serialized ``tf.Example``s with the context merged in (a feature in both is the
         example's), as TF Serving feeds them; else None.
+
+        Raises:
+            ResourceExhausted: the context repeated in every example is too large
+                (``RequestLimits.repeated_context``).
         """
         (spec, *others) = signature.inputs
         if others or spec.dtype.kind != "O":
             return None
         if all(isinstance(e, dict) and set(e) | set(context) == {spec.name} for e in examples):
             return None  # the feature feeds the input by name
+        context_bytes = self._example(context).SerializeToString() if context else b""
+        self._limits.repeated_context(spec.name, len(context_bytes), len(examples))
         serialized = np.empty(len(examples), dtype=object)
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
                 raise InvalidArgument(f"examples[{i}] must be an object of features")
-            message = Example()
-            for key, value in {**context, **example}.items():  # the example's win, as in TF Serving
-                self._feature(message.features.feature[key], key, value)
-            serialized[i] = message.SerializeToString()
+            # after the context, as TF Serving concatenates them: a feature in both is the example's
+            serialized[i] = context_bytes + self._example(example).SerializeToString()
         return serialized
+
+    def _example(self, features: dict[str, Any]) -> Example:
+        """JSON features (an example or the context) as a ``tf.Example`` (see ``_feature``)."""
+        message = Example()
+        for key, value in features.items():
+            self._feature(message.features.feature[key], key, value)
+        return message
 
     def _feature(self, feature: Feature, key: str, value: Any) -> None:
         """One JSON feature (a value or a list of them) into ``feature``, as TF Serving reads it:
