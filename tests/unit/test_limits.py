@@ -167,3 +167,17 @@ def test_a_context_repeated_in_every_serialized_example_is_held_to_the_request_l
             examples_to_inputs(parser, request, limits)
         with pytest.raises(ResourceExhausted, match=r"'serialized'.* 749 bytes.*--max_request_bytes"):
             TensorDecoder(limits).examples(parser, [{}] * count, json_context)
+
+
+def test_a_context_repeated_in_every_row_is_counted_before_numpy_copies_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A REST context feeding an input by name is one JSON list that every row shares: numpy
+    copied it once per example before the element count was checked (a 285 KB body of a
+    1,000-value context and 70,000 examples took 535 MB and 12 s to be refused)."""
+    limits = RequestLimits(max_tensor_elements=100, max_json_depth=2, max_string_bytes=10, max_instances=20)
+    wide = Signature("s", (TensorSpec("x", np.dtype(np.float32), (-1, -1)),), ())
+    assert TensorDecoder(limits).examples(wide, [{}] * 10, {"x": [1.0] * 10})["x"].shape == (10, 10)
+    monkeypatch.setattr(TensorDecoder, "array", lambda *_: pytest.fail("copied before the check"))
+    with pytest.raises(ResourceExhausted, match=r"'x': shape \[11, 10\].*--max_tensor_elements"):
+        TensorDecoder(limits).examples(wide, [{}] * 11, {"x": [1.0] * 10})

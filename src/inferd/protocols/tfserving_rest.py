@@ -351,6 +351,8 @@ class TensorDecoder:
         names = signature.input_names()
         if (serialized := self._serialized(signature, examples, context)) is not None:
             return {names[0]: serialized}
+        for key, value in context.items():  # repeated in every row: counted before numpy copies it
+            self._limits.elements(key, [len(examples), _count(value)])
         rows = []
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
@@ -512,6 +514,16 @@ _JSON_TYPES = {
     type(None): "null",
 }
 """The JSON type of each Python type a JSON document parses into."""
+
+
+def _count(value: Any) -> int:
+    """The leaves of ``value`` (nested JSON lists), if it is rectangular: the product of the
+    lengths of the first list at each depth."""
+    count = 1
+    while isinstance(value, list):
+        count *= len(value)
+        value = value[0] if value else None
+    return count
 
 
 def _is_b64(value: Mapping[str, Any]) -> bool:
