@@ -291,6 +291,18 @@ def test_reload_config_replaces_the_served_models(repo: Path, server: ServerProc
     assert server.status("affine") == {"1": "AVAILABLE"}
 
 
+def test_reload_config_without_a_model_config_list_changes_nothing(server: ServerProcess) -> None:
+    """As in TF Serving: a request whose config is unset (a client that did not fill it in) is
+    INVALID_ARGUMENT; it read as a config of no models, and unloaded every model."""
+    with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+        ms_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            ms.ReloadConfigRequest(), metadata=(("authorization", f"Bearer {ADMIN}"),), timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Only ModelConfigList is currently supported" in (refused.value.details() or "")
+    assert server.status("digits") == {"1": "AVAILABLE"}
+
+
 def test_admin_calls_are_refused_without_an_admin_token(
     start_server: Callable[..., ServerProcess], repo: Path
 ) -> None:

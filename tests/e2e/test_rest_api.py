@@ -305,6 +305,19 @@ def repo_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
         '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], "outputs": ['
         '{"name": "scores", "dtype": "float32", "shape": [-1]}]}',
     )
+    write_python_model(
+        models / "with_scalar" / "1",
+        """
+        def load(self):
+            pass
+
+        def predict(self, inputs):
+            return {"y": inputs["x"], "total": inputs["x"].sum()}
+        """,
+        '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], "outputs": ['
+        '{"name": "y", "dtype": "float32", "shape": [-1, 2]}, '
+        '{"name": "total", "dtype": "float32", "shape": []}]}',
+    )
     return models, regressor
 
 
@@ -375,6 +388,17 @@ def test_classify_gives_label_score_pairs(repo: ServerProcess) -> None:
     assert best == [str(label) for label in model.predict(x)]  # type: ignore[attr-defined]
 
 
+def test_an_empty_signature_name_is_the_default_one(repo: ServerProcess) -> None:
+    """As in TF Serving, ``"signature_name": ""`` is no name: predict takes serving_default,
+    classify and regress the signature they take by default (it was a 400: no such signature)."""
+    body = {"signature_name": "", "instances": [[1.0, 2.0]]}
+    assert ok_json(post(repo, "/v1/models/custom:predict", body)) == {"predictions": [[2.5, 4.5]]}
+    examples = [{"inputs": row} for row in rows(20, 21).tolist()]
+    default = ok_json(post(repo, "/v1/models/classifier:classify", {"examples": examples}))
+    body = {"signature_name": "", "examples": examples}
+    assert ok_json(post(repo, "/v1/models/classifier:classify", body)) == default
+
+
 def test_regress_gives_one_float_per_example(repo: ServerProcess, repo_models: tuple[Path, Any]) -> None:
     x = rows(30, 34)
     expected = repo_models[1].predict(x).tolist()
@@ -434,6 +458,16 @@ def test_custom_python_model(repo: ServerProcess) -> None:
     assert r.text.replace(" ", "") == '{"outputs":[[0.7,0.9]]}'
     wanted = np.array([[0.1, 0.2]], np.float32) * np.float32(2.0) + np.float32(0.5)
     assert np.array(ok_json(r)["outputs"], np.float32).tolist() == wanted.tolist()
+
+
+def test_a_scalar_output_is_one_bare_value(repo: ServerProcess) -> None:
+    """As TF Serving writes a rank-0 output: a value, not a one-element list; the row format,
+    which splits outputs by their first dimension, refuses it naming the output."""
+    columns = ok_json(post(repo, "/v1/models/with_scalar:predict", {"inputs": [[1.0, 2.0], [3.0, 4.0]]}))
+    assert columns == {"outputs": {"y": [[1.0, 2.0], [3.0, 4.0]], "total": 10.0}}
+    r = post(repo, "/v1/models/with_scalar:predict", {"instances": [[1.0, 2.0]]})
+    assert r.status_code == 400, r.text
+    assert "Tensor name: total has no shape information" in r.json()["error"]
 
 
 def test_failing_python_model_gives_500_without_internals(repo: ServerProcess) -> None:

@@ -260,6 +260,21 @@ def test_regress_on_serialized_examples(server: ServerProcess, name: str) -> Non
     assert rest.json() == {"results": [3.0]}
 
 
+def test_an_examples_feature_wins_over_the_contexts(server: ServerProcess) -> None:
+    """TF Serving feeds a parser each example serialized after the context, so a feature in both
+    is the example's: gRPC gave the context's (x = 3: 3.5), REST refused the request."""
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "tf1"
+    request.model_spec.signature_name = "regress_x_to_y"
+    request.input.example_list_with_context.context.CopyFrom(_example(3.0))
+    request.input.example_list_with_context.examples.extend([_example(1.0), tf.train.Example()])
+    reply = _stub(server.grpc_target).Regress(request, 30)
+    assert [r.value for r in reply.result.regressions] == [2.5, 3.5]
+    body = {"signature_name": "regress_x_to_y", "context": {"x": 3.0}, "examples": [{"x": 1.0}, {}]}
+    rest = requests.post(f"{server.url}/v1/models/tf1:regress", json=body, timeout=30)
+    assert rest.json() == {"results": [2.5, 3.5]}
+
+
 def test_tf1_classify_and_multi_inference(server: ServerProcess) -> None:
     """A TF1 classify signature that gives scores only: labels are empty, as in TF Serving."""
     request = classification_pb2.ClassificationRequest()

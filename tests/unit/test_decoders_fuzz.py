@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from inferd._proto import grpc_service_pb2 as v2_pb
 from inferd._proto import model_server_config_pb2 as config_pb
 from inferd._proto import prediction_service_pb2 as ps
+from inferd._proto.example_pb2 import Example
 from inferd._proto.tensor_pb2 import TensorProto
 from inferd._proto.types_pb2 import DataType
 from inferd.config import ServerConfig, models_from_proto, parse_model_config, read_model_config_file
-from inferd.errors import ConfigError, InferdError
+from inferd.errors import ConfigError, InferdError, InvalidArgument
 from inferd.protocols import tfserving_grpc, v2_grpc
 from inferd.protocols.codecs import decode_tensor, from_raw
 from inferd.protocols.limits import RequestLimits
@@ -46,6 +47,9 @@ TWO_INPUTS = Signature(
     (TensorSpec("a", np.dtype(np.float32), (-1, 3)), TensorSpec("b", np.dtype(np.int64), (-1, 1))),
     (),
 )
+
+PARSER = Signature("serving_default", (TensorSpec("inputs", np.dtype(object), (-1,)),), ())
+"""A tf.Example parser's signature (one string input): JSON features become serialized Examples."""
 
 names = st.sampled_from(["x", "a", "b", "b64", "s", ""]) | st.text(max_size=4)
 scalars = (
@@ -116,13 +120,40 @@ def test_v1_rows_and_columns_decode_or_refuse(value: Any, signature: Signature, 
 @given(
     st.lists(st.dictionaries(names, tensor_values, max_size=3) | json_values, min_size=1, max_size=60),
     st.dictionaries(names, tensor_values, max_size=2),
-    st.sampled_from([ONE_INPUT, TWO_INPUTS]),
+    st.sampled_from([ONE_INPUT, TWO_INPUTS, PARSER]),
 )
 def test_v1_examples_decode_or_refuse(
     examples: list[Any], context: dict[str, Any], signature: Signature
 ) -> None:
     tensors = decodes_or_refuses(TensorDecoder(LIMITS).examples, signature, examples, context)
     within(tensors, LIMITS)
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # protobuf's, for a bool in int64_list
+def test_v1_json_features_become_tf_servings_example_features() -> None:
+    """As TF Serving reads them: strings as UTF-8 bytes, booleans as int64 1 and 0, an empty
+    list as a feature of no kind (not an empty int64_list, which a float feature's parser
+    refuses); an integer past int64 or a lone surrogate is refused naming the feature (both
+    were a 500)."""
+    examples = [{"s": ["é", {"b64": "AP8="}], "flag": [True, False], "n": 2**63 - 1, "none": []}]
+    (serialized,) = TensorDecoder(DEFAULTS).examples(PARSER, examples, {"c": "ctx"})["inputs"]
+    features = Example.FromString(serialized).features.feature
+    assert "none" in features
+    assert features["none"].WhichOneof("kind") is None  # parsed as absent: a default, no error
+    assert list(features["s"].bytes_list.value) == ["é".encode(), b"\x00\xff"]
+    assert list(features["c"].bytes_list.value) == [b"ctx"]
+    assert list(features["flag"].int64_list.value) == [1, 0]
+    assert list(features["n"].int64_list.value) == [2**63 - 1]
+    for feature, match in ((2**63, "Feature: x has an integer outside int64"), ("\ud800", "'x'.*surrogate")):
+        with pytest.raises(InvalidArgument, match=match):
+            TensorDecoder(DEFAULTS).examples(PARSER, [{"x": feature}], {})
+
+
+def test_v1_a_feature_of_nested_lists_is_refused_naming_its_types() -> None:
+    """Not by its repr, which raised RecursionError (a 500) for lists as deep as JSON allows."""
+    for value, got in ((nested_lists(1020), "got list"), ([1.5, "a", None], "got null, number, string")):
+        with pytest.raises(InvalidArgument, match=f"feature 'x': expected .* values of one kind, {got}$"):
+            TensorDecoder(DEFAULTS).examples(PARSER, [{"x": value}], {})
 
 
 def test_v1_limits_name_their_flags() -> None:

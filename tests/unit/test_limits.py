@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from inferd._proto import prediction_service_pb2 as ps
-from inferd._proto.example_pb2 import BytesList, Feature, FloatList
+from inferd._proto.example_pb2 import BytesList, Example, Feature, FloatList
 from inferd.config import ServerConfig
 from inferd.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
 from inferd.protocols.limits import HELD, STRING_OBJECT_BYTES, InflightBytes, RequestLimits, hold_strings
 from inferd.protocols.tfserving_grpc import examples_to_inputs
+from inferd.protocols.tfserving_rest import TensorDecoder
 from inferd.types import Signature, TensorSpec
 
 
@@ -135,3 +136,48 @@ def test_classify_examples_are_held_to_the_tensor_and_string_limits() -> None:
     parser = Signature("s", (TensorSpec("serialized", np.dtype(object), (-1,)),), ())
     with pytest.raises(ResourceExhausted, match=r"'serialized'.*--max_string_bytes"):
         examples_to_inputs(parser, examples(s=Feature(bytes_list=BytesList(value=[b"a" * 20]))), limits)
+
+
+def test_a_context_repeated_in_every_serialized_example_is_held_to_the_request_limit() -> None:
+    """A parser is fed each example serialized after the context, as TF Serving feeds it: a 270 KB
+    REST body (a 200 KB context, 2,000 examples) made 400 MB of them, and one of 1.3 MB would
+    have made 80 GB. The context's bytes times the examples are held to --max_request_bytes."""
+    limits = RequestLimits(
+        max_tensor_elements=100,
+        max_json_depth=2,
+        max_string_bytes=1000,
+        max_instances=100,
+        max_request_bytes=700,
+    )
+    assert RequestLimits.of(ServerConfig(max_request_bytes=7)).max_request_bytes == 7
+    parser = Signature("s", (TensorSpec("serialized", np.dtype(object), (-1,)),), ())
+    request = ps.Input()
+    request.example_list_with_context.context.features.feature["pad"].float_list.value.extend([1.0] * 23)
+    for count, fits in ((6, True), (7, False)):  # the context takes 107 bytes serialized
+        del request.example_list_with_context.examples[:]
+        request.example_list_with_context.examples.extend([Example()] * count)
+        json_context = {"pad": [1.5] * 23}
+        if fits:
+            assert len(examples_to_inputs(parser, request, limits)[0]["serialized"]) == count
+            assert (
+                len(TensorDecoder(limits).examples(parser, [{}] * count, json_context)["serialized"]) == count
+            )
+            continue
+        with pytest.raises(ResourceExhausted, match=r"'serialized'.* 749 bytes.*--max_request_bytes"):
+            examples_to_inputs(parser, request, limits)
+        with pytest.raises(ResourceExhausted, match=r"'serialized'.* 749 bytes.*--max_request_bytes"):
+            TensorDecoder(limits).examples(parser, [{}] * count, json_context)
+
+
+def test_a_context_repeated_in_every_row_is_counted_before_numpy_copies_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A REST context feeding an input by name is one JSON list that every row shares: numpy
+    copied it once per example before the element count was checked (a 285 KB body of a
+    1,000-value context and 70,000 examples took 535 MB and 12 s to be refused)."""
+    limits = RequestLimits(max_tensor_elements=100, max_json_depth=2, max_string_bytes=10, max_instances=20)
+    wide = Signature("s", (TensorSpec("x", np.dtype(np.float32), (-1, -1)),), ())
+    assert TensorDecoder(limits).examples(wide, [{}] * 10, {"x": [1.0] * 10})["x"].shape == (10, 10)
+    monkeypatch.setattr(TensorDecoder, "array", lambda *_: pytest.fail("copied before the check"))
+    with pytest.raises(ResourceExhausted, match=r"'x': shape \[11, 10\].*--max_tensor_elements"):
+        TensorDecoder(limits).examples(wide, [{}] * 11, {"x": [1.0] * 10})

@@ -37,15 +37,25 @@ class RequestLimits:
         max_string_bytes: bytes in one string (BYTES / DT_STRING) element, after base64 decoding.
         max_instances: rows of a TF Serving ``instances`` list, and examples of a classify or
             regress request.
+        max_request_bytes: bytes of one request, and of a classify or regress context repeated
+            in each serialized example (``repeated_context``).
     """
 
     max_tensor_elements: int
     max_json_depth: int
     max_string_bytes: int
     max_instances: int
+    max_request_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_tensor_elements", "max_json_depth", "max_string_bytes", "max_instances"):
+        names = (
+            "max_tensor_elements",
+            "max_json_depth",
+            "max_string_bytes",
+            "max_instances",
+            "max_request_bytes",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_json_depth > MAX_JSON_DEPTH:
@@ -59,7 +69,11 @@ class RequestLimits:
             ConfigError: a limit is below 1, or ``max_json_depth`` is over ``MAX_JSON_DEPTH``.
         """
         return cls(
-            config.max_tensor_elements, config.max_json_depth, config.max_string_bytes, config.max_instances
+            config.max_tensor_elements,
+            config.max_json_depth,
+            config.max_string_bytes,
+            config.max_instances,
+            config.max_request_bytes,
         )
 
     def elements(self, name: str, shape: Sequence[int]) -> int:
@@ -93,6 +107,21 @@ class RequestLimits:
             raise ResourceExhausted(
                 f"input {name!r}: a string of {size} bytes is over the limit of {self.max_string_bytes} "
                 "bytes (--max_string_bytes)"
+            )
+
+    def repeated_context(self, name: str, context_bytes: int, examples: int) -> None:
+        """Check a serialized classify or regress context of ``context_bytes`` repeated in each of
+        ``examples`` serialized examples fed to input ``name`` (a ``tf.Example`` parser, as TF
+        Serving feeds it): a small request could otherwise make gigabytes of them.
+
+        Raises:
+            ResourceExhausted: they take more than ``max_request_bytes``.
+        """
+        if context_bytes * examples > self.max_request_bytes:
+            raise ResourceExhausted(
+                f"input {name!r}: the context ({context_bytes} bytes serialized) repeated in each of "
+                f"{examples} examples takes {context_bytes * examples} bytes, over the limit of "
+                f"{self.max_request_bytes} bytes (--max_request_bytes); send fewer examples per request"
             )
 
     def text(self, name: str, array: np.ndarray) -> None:

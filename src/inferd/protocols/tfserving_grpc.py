@@ -266,7 +266,17 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         return await answer(context, self._reload(request), self._service.request_id())
 
     async def _reload(self, request: ms.ReloadConfigRequest) -> ms.ReloadConfigResponse:
-        """Serve the request's models; replies once they loaded (as TF Serving does)."""
+        """Serve the request's models; replies once they loaded (as TF Serving does).
+
+        Raises:
+            InvalidArgument: the config holds no ``model_config_list`` (an unset one would read
+                as no models, and unload every model), in TF Serving's words.
+        """
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise InvalidArgument(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                "Only ModelConfigList is currently supported"
+            )
         await self._control.reload_config(models_from_proto(request.config, "HandleReloadConfigRequest"))
         return ms.ReloadConfigResponse()
 
@@ -367,18 +377,20 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
     """
     kind = input_.WhichOneof("kind")
     context: dict[str, Feature] = {}
+    context_bytes = b""
     if kind == "example_list":
         examples: Sequence[Example] = input_.example_list.examples
     elif kind == "example_list_with_context":
         examples = input_.example_list_with_context.examples
         context = dict(input_.example_list_with_context.context.features.feature)
+        context_bytes = input_.example_list_with_context.context.SerializeToString()
     else:
         raise InvalidArgument("input must hold example_list or example_list_with_context")
     if not examples:
         raise InvalidArgument("Input is empty: give at least one example")
     limits.instances("examples", len(examples))
     names = signature.input_names()
-    if (serialized := _serialized_examples(signature, examples, context, limits)) is not None:
+    if (serialized := _serialized_examples(signature, examples, context, context_bytes, limits)) is not None:
         return {names[0]: serialized}, len(examples)
     columns: dict[str, list[Feature]] = {name: [] for name in names}
     for i, example in enumerate(examples):
@@ -397,25 +409,26 @@ def examples_to_inputs(signature: Signature, input_: ps.Input, limits: RequestLi
 
 
 def _serialized_examples(
-    signature: Signature, examples: Sequence[Example], context: dict[str, Feature], limits: RequestLimits
+    signature: Signature,
+    examples: Sequence[Example],
+    context: dict[str, Feature],
+    context_bytes: bytes,
+    limits: RequestLimits,
 ) -> np.ndarray | None:
-    """The examples serialized, context merged into each, for a signature whose one input is a
-    string tensor not named by the features (a ``tf.Example`` parser); else None. Each is one
-    string element under ``limits``."""
+    """The examples serialized, each after ``context_bytes`` (the serialized context), for a
+    signature whose one input is a string tensor not named by the features (a ``tf.Example``
+    parser); else None. Each is one string element under ``limits``, and the context repeated in
+    them all too. As in TF Serving, which concatenates them so, a feature in both the context
+    and an example is the example's."""
     (spec, *others) = signature.inputs
     if others or spec.dtype.kind != "O":
         return None
     if all(set(example.features.feature) | set(context) == {spec.name} for example in examples):
         return None  # the feature feeds the input by name
+    limits.repeated_context(spec.name, len(context_bytes), len(examples))
     serialized = np.empty(len(examples), dtype=object)
     for i, example in enumerate(examples):
-        if context:
-            merged = Example()
-            merged.CopyFrom(example)
-            for key, feature in context.items():
-                merged.features.feature[key].CopyFrom(feature)
-            example = merged
-        serialized[i] = example.SerializeToString()
+        serialized[i] = context_bytes + example.SerializeToString()
         limits.string(spec.name, len(serialized[i]))
     return serialized
 

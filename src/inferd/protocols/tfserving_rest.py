@@ -203,7 +203,7 @@ async def _predict(
     """``decoded``: what ``_parse_predict`` made of the body in a decode process, when it did;
     ``booleans``, ``texts``: whether the body may hold JSON booleans, strings (``TensorDecoder``)."""
     await call.load(ref)
-    signature = call.open(ref, doc.get("signature_name"))
+    signature = call.open(ref, doc.get("signature_name") or None)  # "": the default, as in TF Serving
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidArgument(
             "expecting only one of 'inputs' or 'instances' keys to exist"
@@ -258,8 +258,7 @@ def _parse_predict(
             so that ``_predict`` raises them only after the checks that come first.
     """
     doc = parse_json(body)
-    name = doc.get("signature_name")
-    signature = signatures.get(DEFAULT_SIGNATURE if name is None else name)
+    signature = signatures.get(doc.get("signature_name") or DEFAULT_SIGNATURE)
     if signature is None or ("instances" in doc) == ("inputs" in doc):
         for key in ("instances", "inputs"):
             if key in doc:
@@ -352,6 +351,8 @@ class TensorDecoder:
         names = signature.input_names()
         if (serialized := self._serialized(signature, examples, context)) is not None:
             return {names[0]: serialized}
+        for key, value in context.items():  # repeated in every row: counted before numpy copies it
+            self._limits.elements(key, [len(examples), _count(value)])
         rows = []
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
@@ -372,39 +373,66 @@ class TensorDecoder:
     ) -> np.ndarray | None:
         """For a signature whose one input is a string tensor not named by the features (a
         ``tf.Example`` parser, as TensorFlow's classify and regress signatures are), the examples
-        as serialized ``tf.Example``s with the context merged in, as TF Serving feeds them; else None.
+        as serialized ``tf.Example``s with the context merged in (a feature in both is the
+        example's), as TF Serving feeds them; else None.
+
+        Raises:
+            ResourceExhausted: the context repeated in every example is too large
+                (``RequestLimits.repeated_context``).
         """
         (spec, *others) = signature.inputs
         if others or spec.dtype.kind != "O":
             return None
         if all(isinstance(e, dict) and set(e) | set(context) == {spec.name} for e in examples):
             return None  # the feature feeds the input by name
+        context_bytes = self._example(context).SerializeToString() if context else b""
+        self._limits.repeated_context(spec.name, len(context_bytes), len(examples))
         serialized = np.empty(len(examples), dtype=object)
         for i, example in enumerate(examples):
             if not isinstance(example, dict):
                 raise InvalidArgument(f"examples[{i}] must be an object of features")
-            if clash := set(example) & set(context):
-                raise InvalidArgument(f"examples[{i}] repeats context feature(s) {sorted(clash)}")
-            message = Example()
-            for key, value in {**context, **example}.items():
-                self._feature(message.features.feature[key], key, value)
-            serialized[i] = message.SerializeToString()
+            # after the context, as TF Serving concatenates them: a feature in both is the example's
+            serialized[i] = context_bytes + self._example(example).SerializeToString()
         return serialized
 
+    def _example(self, features: dict[str, Any]) -> Example:
+        """JSON features (an example or the context) as a ``tf.Example`` (see ``_feature``)."""
+        message = Example()
+        for key, value in features.items():
+            self._feature(message.features.feature[key], key, value)
+        return message
+
     def _feature(self, feature: Feature, key: str, value: Any) -> None:
-        """One JSON feature (a value or a list of them) into ``feature``: integers as int64_list,
-        other numbers as float_list, strings and ``{"b64": ...}`` as bytes_list."""
+        """One JSON feature (a value or a list of them) into ``feature``, as TF Serving reads it:
+        integers and booleans (1 and 0) as int64_list, other numbers as float_list, strings (as
+        UTF-8) and ``{"b64": ...}`` as bytes_list; an empty list sets no kind.
+
+        Raises:
+            InvalidArgument: values of several kinds, an integer past int64, a lone surrogate.
+        """
         values = value if isinstance(value, list) else [value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            feature.int64_list.value.extend(values)
+        if not values:  # a feature of no kind, as TF Serving's: parsers read it as absent
+            return
+        if all(isinstance(v, int) for v in values):
+            try:
+                feature.int64_list.value.extend(map(int, values))  # protobuf deprecates bools there
+            except ValueError:
+                raise InvalidArgument(
+                    f"Feature: {key} has an integer outside int64's range. Only int64_t is supported."
+                ) from None
         elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             feature.float_list.value.extend(values)
         elif all(isinstance(v, str | dict) for v in values):
-            feature.bytes_list.value.extend(self._objects(values, key, 0))
-        else:
+            try:
+                items = [v.encode() if isinstance(v, str) else v for v in self._objects(values, key, 0)]
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"feature {key!r}: a string has a lone surrogate (no UTF-8)") from None
+            feature.bytes_list.value.extend(items)
+        else:  # named by their JSON types: the repr of a value nested 1,000 deep raises
+            kinds = sorted({_JSON_TYPES.get(type(v), type(v).__name__) for v in values})
             raise InvalidArgument(
                 f'feature {key!r}: expected numbers, strings or {{"b64": ...}} values of one kind, '
-                f"got {value!r}"[:200]
+                f"got {', '.join(kinds)}"
             )
 
     def array(self, value: Any, spec: TensorSpec) -> np.ndarray:
@@ -476,16 +504,41 @@ class TensorDecoder:
         return value  # a string, number or boolean; array() refuses a mix of them
 
 
+_JSON_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    dict: "object",
+    list: "list",
+    type(None): "null",
+}
+"""The JSON type of each Python type a JSON document parses into."""
+
+
+def _count(value: Any) -> int:
+    """The leaves of ``value`` (nested JSON lists), if it is rectangular: the product of the
+    lengths of the first list at each depth."""
+    count = 1
+    while isinstance(value, list):
+        count *= len(value)
+        value = value[0] if value else None
+    return count
+
+
 def _is_b64(value: Mapping[str, Any]) -> bool:
     return len(value) == 1 and "b64" in value
 
 
-def _jsonable(name: str, value: np.ndarray) -> np.ndarray | list[Any]:
-    """An output ready for JSON: numeric arrays stay arrays; strings become str or b64 objects."""
+def _jsonable(name: str, value: np.ndarray) -> Any:
+    """An output ready for JSON: numeric arrays stay arrays; strings become str or b64 objects; a
+    scalar (rank 0) is one bare value, as TF Serving writes it."""
     if value.dtype.kind in "OUS":
         as_b64 = name.endswith("_bytes")
         strings = np.frompyfunc(lambda item: _string(item, as_b64), 1, 1)(value)
-        return np.asarray(strings, dtype=object).tolist()  # type: ignore[no-any-return]
+        return np.asarray(strings, dtype=object).tolist()
+    if not value.ndim:  # orjson writes no rank-0 array, and ascontiguousarray makes it rank 1
+        return value.item()
     # The canonical native dtype (a view, no copy, where only the type differs): onnxruntime
     # returns int64 as numpy.longlong, whose scalars (rows of a 1-D output) orjson cannot write.
     canonical = _CANONICAL.get(value.dtype)
@@ -510,24 +563,28 @@ def _string(item: Any, as_b64: bool) -> Any:
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:
+    """The row format's ``predictions``: the one output, or an object of every output per row.
+
+    Raises:
+        InvalidArgument: a scalar output (``_jsonable`` wrote it bare), or outputs whose batch
+            sizes differ, in TF Serving's words.
+    """
+    for name, value in outputs.items():
+        if not isinstance(value, np.ndarray | list):
+            raise InvalidArgument(
+                f"Tensor name: {name} has no shape information; a row-format response needs "
+                "outputs of rank >= 1: use the columnar 'inputs' format"
+            )
     if len(outputs) == 1:
         (only,) = outputs.values()
-        if isinstance(only, np.ndarray) and only.ndim == 0:
-            raise InvalidArgument(
-                "Tensor has no shape information: a row-format response needs outputs of rank >= 1"
-            )
         return only
-    sizes = {
-        name: len(value) if not np.isscalar(value) and np.ndim(value) else None
-        for name, value in outputs.items()
-    }
+    sizes = {name: len(value) for name, value in outputs.items()}
     batch = set(sizes.values())
-    if len(batch) != 1 or None in batch:
+    if len(batch) != 1:
         raise InvalidArgument(
             f"outputs have inconsistent batch sizes {sizes}; use the columnar 'inputs' format"
         )
     (n,) = batch
-    assert n is not None
     return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
 
 
@@ -592,7 +649,7 @@ async def _classify_or_regress(
     if not isinstance(context, dict):
         raise InvalidArgument("'context' must be an object of features")
     await call.load(ref)
-    signature = call.open(ref, doc.get("signature_name"), method)
+    signature = call.open(ref, doc.get("signature_name") or None, method)
     decoder = TensorDecoder(limits, size=offload[1])
     inputs = await decode(*offload, decoder.examples, signature, examples, context)
     response = await call.infer(inputs, deadline)
