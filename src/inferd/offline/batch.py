@@ -196,7 +196,6 @@ async def _run(options: BatchOptions, engine: Engine | None = None) -> Summary:
                 "fingerprint": plan.aspired[status.version].fingerprint,
                 "signature": signature.name,
                 "inputs": [str(p.resolve()) for p in files],
-                "input_files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in files],  # unchanged?
                 "outputs": outputs,
                 "id_column": layout.id_name,
                 "keep": list(layout.keep),
