@@ -16,6 +16,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import re
 import signal
@@ -88,6 +89,10 @@ CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 ANSWER_GRACE_S = 1
 """After the drain, how long answers still being sent (HTTP and gRPC) may take before they are
 cancelled."""
+
+UNLOAD_GRACE_S = 1
+"""After a drain that used all of ``--drain_timeout_s``, how long unloading may still take before
+the server exits without it (a load in progress or a model's ``close()`` that hangs)."""
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +451,7 @@ class Server:
         )
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
+        self._exit_by = math.inf  # set by the drain: when unloading must be over
 
     def http_app(self, exposition: Callable[[], Awaitable[bytes]] | None = None) -> HttpApp:
         """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
@@ -521,6 +527,7 @@ class Server:
     ) -> None:
         """Refuse new requests and report not ready, close the REST port's idle connections (and
         the others as they are answered), then wait for the requests in flight."""
+        self._exit_by = time.monotonic() + self.config.drain_timeout_s
         self.manager.drain()
         close_connections()
         if health is not None:
@@ -641,15 +648,23 @@ class Server:
             if poller:
                 poller.cancel()
             sweeper.cancel()
-            await self.close()
+            await self.close(max(self._exit_by - time.monotonic(), UNLOAD_GRACE_S))
 
-    async def close(self) -> None:
+    async def close(self, unload_timeout_s: float = math.inf) -> None:
         """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
-        unload every version, close the feature stores and stop the pools (after the drain)."""
+        unload every version, close the feature stores and stop the pools (after the drain).
+        Unloading is waited for ``unload_timeout_s`` at most: a load in progress, or a model's
+        ``close()``, that takes longer is left behind, so that it cannot hold the exit."""
         await self.rollouts.close()
         await self.shadows.close()
         await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
-        await self.manager.close()
+        try:
+            await asyncio.wait_for(self.manager.close(), unload_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "unloading took longer than %.1f s (a model still loading or closing); exiting without it",
+                unload_timeout_s,
+            )
         await self.feature_stores.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.close)

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, launch
 from tests.e2e.test_batching import slow_model, write_model
+from tests.models import write_python_model
 
 BATCH_S = 0.4
 """Seconds one batch of the slow model takes: long enough that requests are in flight at the signal."""
@@ -197,3 +198,26 @@ def test_a_request_longer_than_the_drain_does_not_hold_the_exit(
         assert exited - signalled >= drain_timeout_s  # it did wait for the request
     assert "drain ended with 1 request(s) still in flight" in server.log()
     assert all(o.kind in ("closed", "refused") for o in traffic.outcomes), traffic.outcomes
+
+
+PREDICT = "def predict(self, inputs):\n    return {'y': inputs['x']}\n"
+
+
+def test_a_load_in_progress_does_not_hold_the_exit(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_python_model(repo / "m" / "1", "def load(self):\n    pass\n" + PREDICT)
+    (repo / "m" / "inferd.toml").write_text("warmup = false\n")
+    server = launch(tmp_path, str(repo), "--drain_timeout_s=2", poll_s=0.2)
+    try:
+        server.wait_available("m")
+        hanging = "def load(self):\n    import time\n    time.sleep(600)\n"
+        write_python_model(repo / "m" / "2", hanging + PREDICT)
+        server.wait_for(lambda: server.status("m").get("2") == "LOADING", "version 2 to be loading")
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+        exited = time.monotonic()
+    finally:
+        server.stop()
+    assert exited - signalled < 2 + 3  # the drain timeout, and the margins of its last steps
+    assert "exiting without it" in server.log()
