@@ -921,9 +921,13 @@ def run(config: ServerConfig, link: WorkerLink | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(server.run())
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     else:
-        uvloop.run(server.run())
+        runner = uvloop.run
+    # SIGINT before the signal handlers are installed (the first models still loading): the
+    # interpreter's exit would wait for the load threads.
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(server.run())
     # Everything is closed. A prediction still running (one past the drain timeout, or one whose
     # client hung up, which holds no lease) would hold the exit until it ends, since the thread
     # pool joins its threads at exit: the drain timeout is the promise, so leave without them.

@@ -221,3 +221,17 @@ def test_a_load_in_progress_does_not_hold_the_exit(tmp_path: Path) -> None:
         server.stop()
     assert exited - signalled < 2 + 3  # the drain timeout, and the margins of its last steps
     assert "exiting without it" in server.log()
+
+
+def test_ctrl_c_while_the_first_models_load_ends_the_process_at_once(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_python_model(repo / "m" / "1", "def load(self):\n    import time\n    time.sleep(600)\n" + PREDICT)
+    server = launch(tmp_path, str(repo), wait=False)
+    try:
+        server.wait_for(lambda: "loading m:1" in server.log(), "the load to begin")
+        time.sleep(0.5)  # in the model's load()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
