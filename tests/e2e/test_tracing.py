@@ -349,6 +349,29 @@ def test_without_a_traceparent_the_sample_rate_decides(
     assert {s.trace_id for s in receiver.spans} == {trace_id}
 
 
+@pytest.mark.parametrize(
+    "traceparent", ["garbage", f"00-{'0' * 32}-{'1' * 16}-01", f"ff-{'1' * 32}-{'1' * 16}-01"]
+)
+def test_a_malformed_traceparent_is_ignored_and_the_sample_rate_decides(
+    traced: Callable[..., ServerProcess], receiver: Receiver, traceparent: str
+) -> None:
+    server = traced("grpc", "--otel_sample_rate=0")
+    x, _ = digits()
+    for _ in range(5):
+        requests.post(
+            f"{server.url}/v2/models/digits/infer",
+            json=v2_body(x[:1]),
+            headers={"traceparent": traceparent},
+            timeout=10,
+        ).raise_for_status()
+    good, trace_id, span_id = new_traceparent()  # exported after the others, were they sampled
+    requests.post(
+        f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), headers={"traceparent": good}, timeout=10
+    ).raise_for_status()
+    check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_rest", 1)
+    assert {s.trace_id for s in receiver.spans} == {trace_id}
+
+
 def test_at_rate_one_every_request_is_a_root_trace(
     traced: Callable[..., ServerProcess], receiver: Receiver
 ) -> None:
