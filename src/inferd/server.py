@@ -91,8 +91,9 @@ ANSWER_GRACE_S = 1
 cancelled."""
 
 UNLOAD_GRACE_S = 1
-"""After a drain that used all of ``--drain_timeout_s``, how long unloading may still take before
-the server exits without it (a load in progress or a model's ``close()`` that hangs)."""
+"""After a drain that used all of ``--drain_timeout_s``, how long unloading (and then the export
+of the last traces) may still take before the server exits without it: a load in progress, a
+model's ``close()`` or an OTLP receiver that hangs."""
 
 log = logging.getLogger(__name__)
 
@@ -650,24 +651,26 @@ class Server:
             sweeper.cancel()
             await self.close(max(self._exit_by - time.monotonic(), UNLOAD_GRACE_S))
 
-    async def close(self, unload_timeout_s: float = math.inf) -> None:
+    async def close(self, timeout_s: float = math.inf) -> None:
         """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
         unload every version, close the feature stores and stop the pools (after the drain).
-        Unloading is waited for ``unload_timeout_s`` at most: a load in progress, or a model's
-        ``close()``, that takes longer is left behind, so that it cannot hold the exit."""
+        Unloading and the export of the last traces are waited for until ``timeout_s`` from now
+        (the traces at least ``UNLOAD_GRACE_S``): a load in progress, a model's ``close()`` or an
+        OTLP receiver that takes longer is left behind, so that it cannot hold the exit."""
+        give_up = time.monotonic() + timeout_s
         await self.rollouts.close()
         await self.shadows.close()
         await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         try:
-            await asyncio.wait_for(self.manager.close(), unload_timeout_s)
+            await asyncio.wait_for(self.manager.close(), timeout_s)
         except TimeoutError:
             log.warning(
                 "unloading took longer than %.1f s (a model still loading or closing); exiting without it",
-                unload_timeout_s,
+                timeout_s,
             )
         await self.feature_stores.close()
         if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.close)
+            await asyncio.to_thread(self.tracing.close, max(give_up - time.monotonic(), UNLOAD_GRACE_S))
         self._infer_pool.shutdown(cancel=True)
         self._decode_pool.close()
         self._load_pool.shutdown(wait=False, cancel_futures=True)

@@ -26,8 +26,10 @@ is configured; without ``--otel_endpoint`` no ``Tracing`` exists and nothing her
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -198,9 +200,13 @@ class Tracing:
             child.set_status(self._error)
         child.end(end_time=self._ns(lookup.ended))
 
-    def close(self) -> None:
-        """Export what is buffered and stop the exporter's thread."""
-        self._provider.shutdown()
+    def close(self, timeout_s: float = math.inf) -> None:
+        """Export what is buffered and stop the exporter's thread, waiting ``timeout_s`` at most:
+        an export to a receiver that does not answer (the exporter's own timeout and retries take
+        10 s and more) is then left to a daemon thread, so that it cannot hold the exit."""
+        closing = threading.Thread(target=self._provider.shutdown, name="inferd-tracing-close", daemon=True)
+        closing.start()
+        closing.join(None if math.isinf(timeout_s) else timeout_s)
 
 
 def _exporter(endpoint: str) -> Any:

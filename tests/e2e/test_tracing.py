@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import secrets
+import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -400,3 +403,27 @@ def test_the_otel_flag_needs_a_valid_rate(tmp_path: Path) -> None:
 
 def v2_body(x: np.ndarray) -> dict[str, Any]:
     return {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+@pytest.mark.parametrize("export", ["grpc", "http/protobuf"])
+def test_a_receiver_that_never_answers_does_not_hold_the_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export: str
+) -> None:
+    write_onnx_digits(tmp_path / "repo" / "digits" / "1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", export)
+    with socket.create_server(("127.0.0.1", 0)) as hole:  # connections wait in its backlog, unanswered
+        endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        server = launch(
+            tmp_path, str(tmp_path / "repo"), f"--otel_endpoint={endpoint}", "--drain_timeout_s=1"
+        )
+        try:
+            x, _ = digits()
+            for _ in range(5):
+                requests.post(f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), timeout=10)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=30) == 0
+            exited = time.monotonic()
+        finally:
+            server.stop()
+    assert exited - signalled < 1 + 3  # the drain timeout, and the margins of its last steps (not 10 s)
