@@ -398,7 +398,7 @@ def test_the_otel_flag_needs_a_valid_rate(tmp_path: Path) -> None:
         tmp_path, str(tmp_path / "repo"), "--otel_endpoint=127.0.0.1:1", "--otel_sample_rate=2", wait=False
     )
     assert server.process.wait(timeout=60) != 0
-    assert "--otel_sample_rate: expected a number from 0 to 1, got 2" in server.log()
+    assert "--otel_sample_rate must be from 0 to 1, got 2" in server.log()
 
 
 def v2_body(x: np.ndarray) -> dict[str, Any]:
