@@ -491,13 +491,16 @@ class Server:
 
     async def _supervised(self, http: Any, request_exit: Callable[[], None]) -> None:
         """Once ``http`` listens (gRPC listens before it): answer this worker's metrics to the
-        others and tell the supervisor; then drain and exit when the supervisor is gone (its end
-        of the link closed)."""
+        others (an error logged when that fails) and tell the supervisor; then drain and exit
+        when the supervisor is gone (its end of the link closed)."""
         assert self.link is not None
         assert self.worker_metrics is not None
         while not http.started:
             await asyncio.sleep(0.01)
-        await self.worker_metrics.serve()
+        try:
+            await self.worker_metrics.serve()
+        except OSError as exc:  # a Unix socket path is at most 107 bytes: a long TMPDIR, say
+            log.error("the other workers' /metrics will leave this worker's out: %s", exc)
         self.link.ready()
         loop = asyncio.get_running_loop()
         self.link.channel.setblocking(False)
