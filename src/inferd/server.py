@@ -611,6 +611,7 @@ class Server:
                     self._decode_pool,
                     self.link is not None,
                 )
+            listen_rest_socket(rest_socket, http.config.backlog, self.config)
             level, served = self.control.summary()
             log.log(
                 level,
@@ -853,6 +854,23 @@ def bind_rest_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
         reason = "is the port in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise ConfigError(f"cannot listen for REST on {host}:{port} (--rest_api_port); {reason}") from exc
     return sock
+
+
+def listen_rest_socket(sock: socket.socket, backlog: int, config: ServerConfig) -> None:
+    """Listen on the REST socket that ``bind_rest_socket`` bound: another server may have bound
+    the port too while the models loaded (a bound socket that does not listen keeps no server
+    that sets ``SO_REUSEADDR`` out) and listen first; uvloop would not report that.
+
+    Raises:
+        ConfigError: the port cannot be listened on.
+    """
+    try:
+        sock.listen(backlog)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen for REST on {config.host}:{config.rest_api_port} (--rest_api_port); another "
+            f"program took the port while the models loaded ({exc.strerror or exc})"
+        ) from exc
 
 
 GRPC_MAX_CONCURRENT_STREAMS = 128
