@@ -453,6 +453,7 @@ class Server:
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
         self._exit_by = math.inf  # set by the drain: when unloading must be over
+        self._hurried = asyncio.Event()  # a second signal: unloading is not waited for either
 
     def http_app(self, exposition: Callable[[], Awaitable[bytes]] | None = None) -> HttpApp:
         """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
@@ -628,8 +629,9 @@ class Server:
             draining: list[asyncio.Task[None]] = []
 
             def request_exit() -> None:
-                if draining:  # a second signal: stop waiting for the requests in flight
+                if draining:  # a second signal: stop waiting for the requests in flight, or unloading
                     draining[0].cancel()
+                    self._hurried.set()
                     return
                 if poller:
                     poller.cancel()
@@ -659,25 +661,38 @@ class Server:
         """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
         unload every version, close the feature stores and stop the pools (after the drain).
         Unloading and the export of the last traces are waited for until ``timeout_s`` from now
-        (the traces at least ``UNLOAD_GRACE_S``): a load in progress, a model's ``close()`` or an
-        OTLP receiver that takes longer is left behind, so that it cannot hold the exit."""
+        (the traces at least ``UNLOAD_GRACE_S``) or a second signal: a load in progress, a model's
+        ``close()`` or an OTLP receiver that takes longer is left behind, so that it cannot hold
+        the exit."""
         give_up = time.monotonic() + timeout_s
         await self.rollouts.close()
         await self.shadows.close()
         await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
-        try:
-            await asyncio.wait_for(self.manager.close(), timeout_s)
-        except TimeoutError:
+        if not await self._until(self.manager.close(), give_up):
             log.warning(
-                "unloading took longer than %.1f s (a model still loading or closing); exiting without it",
-                timeout_s,
+                "unloading did not end in time (a model still loading or closing); exiting without it"
             )
         await self.feature_stores.close()
         if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.close, max(give_up - time.monotonic(), UNLOAD_GRACE_S))
+            wait_s = 0 if self._hurried.is_set() else max(give_up - time.monotonic(), UNLOAD_GRACE_S)
+            await asyncio.to_thread(self.tracing.close, wait_s)
         self._infer_pool.shutdown(cancel=True)
         self._decode_pool.close()
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _until(self, work: Coroutine[Any, Any, None], give_up: float) -> bool:
+        """Await ``work`` until it ends, ``give_up`` (``time.monotonic``) passes or a second signal
+        comes; whether it ended (it is cancelled otherwise). Raises what ``work`` raised."""
+        task = asyncio.ensure_future(work)
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        timeout_s = None if math.isinf(give_up) else max(give_up - time.monotonic(), 0)
+        await asyncio.wait((task, hurried), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not task.done():
+            task.cancel()
+            return False
+        task.result()
+        return True
 
 
 async def _start_grpc(
