@@ -797,7 +797,8 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
-        """Raises ConfigError for a number that is NaN or outside its option's range."""
+        """Raises ConfigError for a number that is NaN or outside its option's range, or one
+        port for both gRPC and REST."""
         for spec in fields(self):
             value, (least, most) = getattr(self, spec.name), spec.metadata["range"]
             if isinstance(value, float) and math.isnan(value):
@@ -805,6 +806,10 @@ class ServerConfig:
             if least is not None and not least <= value <= most:
                 within = f">= {least:g}" if most == math.inf else f"from {least:g} to {most:g}"
                 raise ConfigError(f"--{spec.name} must be {within}, got {value}")
+        if self.port and self.port == self.rest_api_port:  # as TF Serving refuses it
+            raise ConfigError(
+                f"--port and --rest_api_port are both {self.port}: gRPC and REST need a port each"
+            )
 
 
 INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {

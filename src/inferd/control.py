@@ -570,7 +570,8 @@ def _where(base_path: Path | str) -> Path | str:
 
 async def _settled(runs: Iterable[asyncio.Task[None]]) -> None:
     """Wait for ``runs`` to finish. Shielded: a caller that gives up (a client's deadline, a
-    cancelled admin call) leaves the loads running."""
+    cancelled admin call) leaves the loads running. The runs handle their own errors; a run
+    cancelled at exit (Ctrl-C while they load) is not reported as an error nobody retrieved."""
     runs = list(runs)
     if runs:
-        await asyncio.shield(asyncio.gather(*runs))
+        await asyncio.shield(asyncio.gather(*runs, return_exceptions=True))

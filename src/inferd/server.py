@@ -16,6 +16,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import re
 import signal
@@ -88,6 +89,11 @@ CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 ANSWER_GRACE_S = 1
 """After the drain, how long answers still being sent (HTTP and gRPC) may take before they are
 cancelled."""
+
+UNLOAD_GRACE_S = 1
+"""After a drain that used all of ``--drain_timeout_s``, how long unloading (and then the export
+of the last traces) may still take before the server exits without it: a load in progress, a
+model's ``close()`` or an OTLP receiver that hangs."""
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +467,8 @@ class Server:
         )
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
+        self._exit_by = math.inf  # set by the drain: when unloading must be over
+        self._hurried = asyncio.Event()  # a second signal: unloading is not waited for either
 
     def http_app(self, exposition: Callable[[], Awaitable[bytes]] | None = None) -> HttpApp:
         """The REST ASGI app over this server's service, limits and decode pool (``serve`` runs it
@@ -499,13 +507,16 @@ class Server:
 
     async def _supervised(self, http: Any, request_exit: Callable[[], None]) -> None:
         """Once ``http`` listens (gRPC listens before it): answer this worker's metrics to the
-        others and tell the supervisor; then drain and exit when the supervisor is gone (its end
-        of the link closed)."""
+        others (an error logged when that fails) and tell the supervisor; then drain and exit
+        when the supervisor is gone (its end of the link closed)."""
         assert self.link is not None
         assert self.worker_metrics is not None
         while not http.started:
             await asyncio.sleep(0.01)
-        await self.worker_metrics.serve()
+        try:
+            await self.worker_metrics.serve()
+        except OSError as exc:  # a Unix socket path is at most 107 bytes: a long TMPDIR, say
+            log.error("the other workers' /metrics will leave this worker's out: %s", exc)
         self.link.ready()
         loop = asyncio.get_running_loop()
         self.link.channel.setblocking(False)
@@ -536,6 +547,7 @@ class Server:
     ) -> None:
         """Refuse new requests and report not ready, close the REST port's idle connections (and
         the others as they are answered), then wait for the requests in flight."""
+        self._exit_by = time.monotonic() + self.config.drain_timeout_s
         self.manager.drain()
         close_connections()
         if health is not None:
@@ -615,6 +627,7 @@ class Server:
                     self._decode_pool,
                     self.link is not None,
                 )
+            listen_rest_socket(rest_socket, http.config.backlog, self.config)
             level, served = self.control.summary()
             log.log(
                 level,
@@ -631,8 +644,9 @@ class Server:
             draining: list[asyncio.Task[None]] = []
 
             def request_exit() -> None:
-                if draining:  # a second signal: stop waiting for the requests in flight
+                if draining:  # a second signal: stop waiting for the requests in flight, or unloading
                     draining[0].cancel()
+                    self._hurried.set()
                     return
                 if poller:
                     poller.cancel()
@@ -656,21 +670,44 @@ class Server:
             if poller:
                 poller.cancel()
             sweeper.cancel()
-            await self.close()
+            await self.close(max(self._exit_by - time.monotonic(), UNLOAD_GRACE_S))
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = math.inf) -> None:
         """End the rollouts' tasks, the shadow mirror and the capture writer (its last file), then
-        unload every version, close the feature stores and stop the pools (after the drain)."""
+        unload every version, close the feature stores and stop the pools (after the drain).
+        Unloading and the export of the last traces are waited for until ``timeout_s`` from now
+        (the traces at least ``UNLOAD_GRACE_S``) or a second signal: a load in progress, a model's
+        ``close()`` or an OTLP receiver that takes longer is left behind, so that it cannot hold
+        the exit."""
+        give_up = time.monotonic() + timeout_s
         await self.rollouts.close()
         await self.shadows.close()
         await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
-        await self.manager.close()
+        if not await self._until(self.manager.close(), give_up):
+            log.warning(
+                "unloading did not end in time (a model still loading or closing); exiting without it"
+            )
         await self.feature_stores.close()
         if self.tracing is not None:
-            await asyncio.to_thread(self.tracing.close)
+            wait_s = 0 if self._hurried.is_set() else max(give_up - time.monotonic(), UNLOAD_GRACE_S)
+            await asyncio.to_thread(self.tracing.close, wait_s)
         self._infer_pool.shutdown(cancel=True)
         self._decode_pool.close()
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _until(self, work: Coroutine[Any, Any, None], give_up: float) -> bool:
+        """Await ``work`` until it ends, ``give_up`` (``time.monotonic``) passes or a second signal
+        comes; whether it ended (it is cancelled otherwise). Raises what ``work`` raised."""
+        task = asyncio.ensure_future(work)
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        timeout_s = None if math.isinf(give_up) else max(give_up - time.monotonic(), 0)
+        await asyncio.wait((task, hurried), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not task.done():
+            task.cancel()
+            return False
+        task.result()
+        return True
 
 
 async def _start_grpc(
@@ -849,6 +886,23 @@ def bind_rest_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
     return sock
 
 
+def listen_rest_socket(sock: socket.socket, backlog: int, config: ServerConfig) -> None:
+    """Listen on the REST socket that ``bind_rest_socket`` bound: another server may have bound
+    the port too while the models loaded (a bound socket that does not listen keeps no server
+    that sets ``SO_REUSEADDR`` out) and listen first; uvloop would not report that.
+
+    Raises:
+        ConfigError: the port cannot be listened on.
+    """
+    try:
+        sock.listen(backlog)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen for REST on {config.host}:{config.rest_api_port} (--rest_api_port); another "
+            f"program took the port while the models loaded ({exc.strerror or exc})"
+        ) from exc
+
+
 GRPC_MAX_CONCURRENT_STREAMS = 128
 """Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
 GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
@@ -921,9 +975,13 @@ def run(config: ServerConfig, link: WorkerLink | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(server.run())
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     else:
-        uvloop.run(server.run())
+        runner = uvloop.run
+    # SIGINT before the signal handlers are installed (the first models still loading): the
+    # interpreter's exit would wait for the load threads.
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(server.run())
     # Everything is closed. A prediction still running (one past the drain timeout, or one whose
     # client hung up, which holds no lease) would hold the exit until it ends, since the thread
     # pool joins its threads at exit: the drain timeout is the promise, so leave without them.

@@ -58,8 +58,8 @@ class TlsSettings:
                     "expected an unencrypted PEM key and the PEM certificate that matches it"
                 ) from exc
         if self.client_ca:
-            try:
-                context.load_verify_locations(cadata=self.client_ca.decode("ascii", errors="replace"))
+            try:  # the PEM blocks are ASCII; text around them (a bundle's comments) may not be
+                context.load_verify_locations(cadata=self.client_ca.decode("ascii", errors="ignore"))
             except ssl.SSLError as exc:
                 raise ConfigError(f"TLS: the client CA is not valid PEM ({exc.reason or exc})") from exc
         context.verify_mode = ssl.CERT_REQUIRED if self.client_verify else ssl.CERT_NONE

@@ -10,8 +10,8 @@ in batches from a thread of its own (``OTEL_BSP_*`` tune it).
 
 A client's W3C ``traceparent`` (a REST header or gRPC metadata) is set in ``TRACEPARENT`` by the
 adapters for the request's task; the request's span is then its child, and sampled as the client
-decided (its sampled flag). Otherwise a random ``sample_rate`` (0 to 1) of the requests are
-traced; the others cost a context-variable read and a random draw.
+decided (its sampled flag). Otherwise (none, or a malformed one) a random ``sample_rate`` (0 to 1)
+of the requests are traced; the others cost a context-variable read and a random draw.
 
 The feature join sets ``STORE_LOOKUP`` in the same task when it asked its store; the lookup becomes
 a CLIENT span under the request's span (beside the stages) with the store's attributes: for Redis,
@@ -26,8 +26,10 @@ is configured; without ``--otel_endpoint`` no ``Tracing`` exists and nothing her
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -80,7 +82,13 @@ class Tracing:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-            from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+            from opentelemetry.trace import (
+                SpanKind,
+                Status,
+                StatusCode,
+                get_current_span,
+                set_span_in_context,
+            )
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError as error:
             raise ConfigError(
@@ -95,6 +103,7 @@ class Tracing:
         self._rate = sample_rate
         self._propagator = TraceContextTextMapPropagator()
         self._in_context = set_span_in_context
+        self._span_in = get_current_span
         self._error = Status(StatusCode.ERROR)
         self._client = SpanKind.CLIENT
         # perf_counter seconds -> Unix nanoseconds, for spans made after the fact
@@ -127,12 +136,11 @@ class Tracing:
                 seconds; None when the request ended before it was computed (no stage spans).
         """
         traceparent = TRACEPARENT.get()
-        if traceparent:
-            parent = self._propagator.extract({"traceparent": traceparent})
-        elif self._rate < 1.0 and (self._rate == 0.0 or random.random() >= self._rate):
+        parent = self._propagator.extract({"traceparent": traceparent}) if traceparent else None
+        if parent is not None and not self._span_in(parent).get_span_context().is_valid:
+            parent = None  # a malformed traceparent is ignored (W3C): it must not force a trace
+        if parent is None and self._rate < 1.0 and (self._rate == 0.0 or random.random() >= self._rate):
             return  # not sampled: no span is made at all
-        else:
-            parent = None
         attributes: dict[str, Any] = {
             "inferd.model": model,
             "inferd.protocol": protocol,
@@ -192,9 +200,13 @@ class Tracing:
             child.set_status(self._error)
         child.end(end_time=self._ns(lookup.ended))
 
-    def close(self) -> None:
-        """Export what is buffered and stop the exporter's thread."""
-        self._provider.shutdown()
+    def close(self, timeout_s: float = math.inf) -> None:
+        """Export what is buffered and stop the exporter's thread, waiting ``timeout_s`` at most:
+        an export to a receiver that does not answer (the exporter's own timeout and retries take
+        10 s and more) is then left to a daemon thread, so that it cannot hold the exit."""
+        closing = threading.Thread(target=self._provider.shutdown, name="inferd-tracing-close", daemon=True)
+        closing.start()
+        closing.join(None if math.isinf(timeout_s) else timeout_s)
 
 
 def _exporter(endpoint: str) -> Any:

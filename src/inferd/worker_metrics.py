@@ -117,7 +117,7 @@ def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
     answered: dict[tuple[str, str], float] = {}  # (worker, protocol) -> requests
     for worker, text in parts:
         family = ""
-        for line in text.decode().splitlines():
+        for line in text.decode().split("\n"):  # not splitlines(): a label value may hold \r
             if line.startswith("#"):
                 words = line.split(" ", 3)
                 if len(words) >= 3 and words[1] in ("HELP", "TYPE"):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 
 def inferd(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -44,6 +45,45 @@ def test_a_busy_port_fails_the_start_with_exit_2_before_claiming_to_serve(tmp_pa
     assert "serving" not in done.stderr
     assert "Traceback" not in done.stderr
     assert "Errno" not in done.stderr
+
+
+def test_a_port_taken_while_the_models_load_fails_the_start_with_exit_2(tmp_path: Path) -> None:
+    """Another server that binds with SO_REUSEADDR can take the REST port inferd bound before its
+    models loaded: inferd must then say so and exit, not serve gRPC alone claiming REST too."""
+    slow = (
+        "def load(self):\n    import time\n    time.sleep(3)\ndef predict(self, inputs):\n    return inputs\n"
+    )
+    write_python_model(tmp_path / "repo" / "m" / "1", slow)
+    rest = free_port()
+    argv = [sys.executable, "-m", "inferd", "serve", str(tmp_path / "repo"), "--host=127.0.0.1"]
+    server = subprocess.Popen(
+        [*argv, f"--rest_api_port={rest}", f"--port={free_port()}"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(1.5)  # bound, loading
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind(("127.0.0.1", rest))
+            other.listen()
+            _, stderr = server.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    assert server.returncode == 2, stderr
+    assert f"inferd: cannot listen for REST on 127.0.0.1:{rest} (--rest_api_port); another program" in stderr
+    assert "listening on" not in stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_one_port_for_grpc_and_rest_is_refused(tmp_path: Path, workers: str) -> None:
+    write_onnx_affine(tmp_path / "repo" / "affine" / "1", scale=2.0)
+    port = free_port()
+    argv = ["serve", str(tmp_path / "repo"), "--host=127.0.0.1", f"--rest_api_port={port}", f"--port={port}"]
+    done = inferd(*argv, f"--workers={workers}", timeout_s=30)
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"inferd: --port and --rest_api_port are both {port}: gRPC and REST need a port each" in done.stderr
+    )
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ServerProcess, launch
 from tests.e2e.test_batching import slow_model, write_model
+from tests.models import write_python_model
 
 BATCH_S = 0.4
 """Seconds one batch of the slow model takes: long enough that requests are in flight at the signal."""
@@ -197,3 +198,45 @@ def test_a_request_longer_than_the_drain_does_not_hold_the_exit(
         assert exited - signalled >= drain_timeout_s  # it did wait for the request
     assert "drain ended with 1 request(s) still in flight" in server.log()
     assert all(o.kind in ("closed", "refused") for o in traffic.outcomes), traffic.outcomes
+
+
+PREDICT = "def predict(self, inputs):\n    return {'y': inputs['x']}\n"
+
+
+@pytest.mark.parametrize(("drain_timeout_s", "signals"), [(2, 1), (30, 2)], ids=["timeout", "second signal"])
+def test_a_load_in_progress_does_not_hold_the_exit(
+    tmp_path: Path, drain_timeout_s: int, signals: int
+) -> None:
+    repo = tmp_path / "repo"
+    write_python_model(repo / "m" / "1", "def load(self):\n    pass\n" + PREDICT)
+    (repo / "m" / "inferd.toml").write_text("warmup = false\n")
+    server = launch(tmp_path, str(repo), f"--drain_timeout_s={drain_timeout_s}", poll_s=0.2)
+    try:
+        server.wait_available("m")
+        hanging = "def load(self):\n    import time\n    time.sleep(600)\n"
+        write_python_model(repo / "m" / "2", hanging + PREDICT)
+        server.wait_for(lambda: server.status("m").get("2") == "LOADING", "version 2 to be loading")
+        signalled = time.monotonic()
+        for _ in range(signals):
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        assert server.process.wait(timeout=15) == 0
+        exited = time.monotonic()
+    finally:
+        server.stop()
+    assert exited - signalled < 2 + 3  # the drain timeout (or the second signal), and the last steps' margins
+    assert "exiting without it" in server.log()
+
+
+def test_ctrl_c_while_the_first_models_load_ends_the_process_at_once(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_python_model(repo / "m" / "1", "def load(self):\n    import time\n    time.sleep(600)\n" + PREDICT)
+    server = launch(tmp_path, str(repo), wait=False)
+    try:
+        server.wait_for(lambda: "loading m:1" in server.log(), "the load to begin")
+        time.sleep(0.5)  # in the model's load()
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()

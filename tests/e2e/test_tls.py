@@ -24,6 +24,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from inferd._proto import grpc_service_pb2 as v2
@@ -248,7 +249,7 @@ def test_inferd_bench_over_tls(tls_server: ServerProcess, pki: Pki, protocol: st
 # ---------------------------------------------------------------- mutual TLS, from either source
 
 
-@pytest.fixture(scope="module", params=["ssl_config_file", "tls_flags"])
+@pytest.fixture(scope="module", params=["ssl_config_file", "tls_flags", "ca_bundle"])
 def mtls_server(
     request: pytest.FixtureRequest, repo: Path, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
@@ -258,10 +259,16 @@ def mtls_server(
         config.write_text(ssl_config_text(pki, client_verify=True))
         args = [f"--ssl_config_file={config}"]
     else:
+        ca = pki.ca
+        if request.param == "ca_bundle":  # as curl's cacert.pem: UTF-8 names in comments
+            ca = folder / "bundle.pem"
+            ca.write_text(
+                "## NetLock Arany (Class Gold) Főtanúsítvány\n" + pki.ca.read_text(), encoding="utf-8"
+            )
         args = [
             f"--tls_cert={pki.server.cert}",
             f"--tls_key={pki.server.key}",
-            f"--tls_ca={pki.ca}",
+            f"--tls_ca={ca}",
             "--tls_client_verify",
         ]
     server = start_tls(folder, repo, pki, *args, client=pki.client)
@@ -381,6 +388,14 @@ def test_bad_tls_settings_stop_the_server_with_a_clear_message(repo: Path, pki: 
     )
     encrypted = refused_start(repo, f"--tls_cert={pki.server.cert}", f"--tls_key={encrypted_key}")
     assert "the server key is encrypted" in encrypted
+    der_ca = tmp_path / "ca.der"
+    der_ca.write_bytes(
+        x509.load_pem_x509_certificate(pki.ca.read_bytes()).public_bytes(serialization.Encoding.DER)
+    )
+    der = refused_start(
+        repo, f"--tls_cert={pki.server.cert}", f"--tls_key={pki.server.key}", f"--tls_ca={der_ca}"
+    )
+    assert "the client CA is not valid PEM" in der
     missing = refused_start(repo, f"--tls_cert={pki.server.cert}", f"--tls_key={tmp_path / 'absent.key'}")
     assert "--tls_key" in missing
     assert "absent.key" in missing

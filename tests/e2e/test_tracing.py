@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import secrets
+import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -349,6 +352,29 @@ def test_without_a_traceparent_the_sample_rate_decides(
     assert {s.trace_id for s in receiver.spans} == {trace_id}
 
 
+@pytest.mark.parametrize(
+    "traceparent", ["garbage", f"00-{'0' * 32}-{'1' * 16}-01", f"ff-{'1' * 32}-{'1' * 16}-01"]
+)
+def test_a_malformed_traceparent_is_ignored_and_the_sample_rate_decides(
+    traced: Callable[..., ServerProcess], receiver: Receiver, traceparent: str
+) -> None:
+    server = traced("grpc", "--otel_sample_rate=0")
+    x, _ = digits()
+    for _ in range(5):
+        requests.post(
+            f"{server.url}/v2/models/digits/infer",
+            json=v2_body(x[:1]),
+            headers={"traceparent": traceparent},
+            timeout=10,
+        ).raise_for_status()
+    good, trace_id, span_id = new_traceparent()  # exported after the others, were they sampled
+    requests.post(
+        f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), headers={"traceparent": good}, timeout=10
+    ).raise_for_status()
+    check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_rest", 1)
+    assert {s.trace_id for s in receiver.spans} == {trace_id}
+
+
 def test_at_rate_one_every_request_is_a_root_trace(
     traced: Callable[..., ServerProcess], receiver: Receiver
 ) -> None:
@@ -372,8 +398,32 @@ def test_the_otel_flag_needs_a_valid_rate(tmp_path: Path) -> None:
         tmp_path, str(tmp_path / "repo"), "--otel_endpoint=127.0.0.1:1", "--otel_sample_rate=2", wait=False
     )
     assert server.process.wait(timeout=60) != 0
-    assert "--otel_sample_rate: expected a number from 0 to 1, got 2" in server.log()
+    assert "--otel_sample_rate must be from 0 to 1, got 2" in server.log()
 
 
 def v2_body(x: np.ndarray) -> dict[str, Any]:
     return {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+@pytest.mark.parametrize("export", ["grpc", "http/protobuf"])
+def test_a_receiver_that_never_answers_does_not_hold_the_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export: str
+) -> None:
+    write_onnx_digits(tmp_path / "repo" / "digits" / "1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", export)
+    with socket.create_server(("127.0.0.1", 0)) as hole:  # connections wait in its backlog, unanswered
+        endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        server = launch(
+            tmp_path, str(tmp_path / "repo"), f"--otel_endpoint={endpoint}", "--drain_timeout_s=1"
+        )
+        try:
+            x, _ = digits()
+            for _ in range(5):
+                requests.post(f"{server.url}/v2/models/digits/infer", json=v2_body(x[:1]), timeout=10)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=30) == 0
+            exited = time.monotonic()
+        finally:
+            server.stop()
+    assert exited - signalled < 1 + 3  # the drain timeout, and the margins of its last steps (not 10 s)

@@ -307,6 +307,33 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_temporary_folder_too_deep_for_the_metrics_sockets_keeps_the_workers_supervised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket path holds 107 bytes at most: past that, /metrics leaves the other workers
+    out (an error says so), but the workers still tell the supervisor they serve, so that a killed
+    one is replaced instead of ending the server as a start that failed."""
+    write_onnx_affine(tmp_path / "repo" / "affine" / "1", scale=1.0)
+    deep = tmp_path / ("t" * 100)
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    server = launch(tmp_path, str(tmp_path / "repo"), "--workers=2")
+    try:
+        server.wait_for(lambda: "all 2 workers serving" in server.log(), "both workers to report")
+        assert (
+            "the other workers' /metrics will leave this worker's out: AF_UNIX path too long" in server.log()
+        )
+        os.kill(workers(server)[0], signal.SIGKILL)
+        server.wait_for(lambda: "starting a new one" in server.log(), "the killed worker to be replaced")
+        server.wait_for(lambda: server.log().count("all 2 workers serving") == 2, "a new worker")
+        answer = requests.post(
+            f"{server.url}/v1/models/affine:predict", json={"instances": [ROW]}, timeout=10
+        )
+        assert answer.json() == {"predictions": [ROW]}
+    finally:
+        server.stop()
+
+
 def test_workers_cannot_start_on_a_port_in_use_and_the_server_exits_2(tmp_path: Path) -> None:
     write_onnx_affine(tmp_path / "affine" / "1", scale=1.0)
     with socket_listening() as port:

@@ -60,3 +60,18 @@ def test_a_label_set_only_one_worker_has_is_kept() -> None:
     merged = _table(merge([(0, _worker(1, 0, 0.01)), (1, other.exposition())]))
     key = frozenset({"model": "n", "version": "4", "protocol": "v2_grpc", "status": "NOT_FOUND"}.items())
     assert merged[("inferd_requests_total", key)] == 1
+
+
+def test_label_values_with_any_characters_are_merged_as_they_are() -> None:
+    """Prometheus escapes only backslash, quote and newline in a label value: a model named with
+    another line break of Unicode's (carriage return, U+2028, NEL) must not split its sample."""
+    names = ['q"uote', "back\\slash", "new\nline", "carriage\rreturn", "line\u2028separator", "nel\x85"]
+    one = Metrics()
+    for name in names:
+        one.count_request(name, "1", "v2_rest", "OK")
+    merged = _table(merge([(0, one.exposition()), (1, one.exposition())]))
+    for name in names:
+        key = frozenset({"model": name, "version": "1", "protocol": "v2_rest", "status": "OK"}.items())
+        assert merged[("inferd_requests_total", key)] == 2, name
+    worker = frozenset({"worker": "0", "protocol": "v2_rest"}.items())
+    assert merged[("inferd_worker_requests_total", worker)] == len(names)
