@@ -850,6 +850,11 @@ class ModelManager(Generic[S]):
         entry = self._models.get(name)
         return entry is not None and entry.latest is not None
 
+    @property
+    def draining(self) -> bool:
+        """Whether a shutdown began (``drain``)."""
+        return self._draining
+
     def ready(self) -> bool:
         """True when every configured model has an AVAILABLE version and no drain has begun."""
         return not self._draining and all(entry.latest is not None for entry in self._models.values())

@@ -218,8 +218,13 @@ class InferenceService:
             )
 
     def ready(self) -> bool:
-        """True when every configured model has a version serving."""
+        """True when every configured model has a version serving and no shutdown began."""
         return self._manager.ready()
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is shutting down."""
+        return self._manager.draining
 
     def _record(self, call: Call, status: str) -> None:
         """Count a finished call and, when it was answered, time its stages."""

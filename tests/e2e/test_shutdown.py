@@ -148,6 +148,8 @@ def test_sigterm_under_traffic_drains_every_request_in_flight_and_exits_0(repo: 
                 timeout_s=BATCH_S,
             )
             assert health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+            ready = requests.get(f"{server.url}/v2/health/ready", timeout=5)
+            assert ready.json()["error"] == "the server is shutting down"  # not "not every model..."
             assert server.status("slow") == {"1": "UNLOADING"}
             refused = requests.post(
                 f"{server.url}/v2/models/slow/infer",

@@ -93,7 +93,11 @@ async def handle(
             return _json({"live": True})
         if method == "GET" and path == "/v2/health/ready":
             if not service.ready():
-                raise Unavailable("not every configured model has a version AVAILABLE yet")
+                raise Unavailable(
+                    "the server is shutting down"
+                    if service.draining
+                    else "not every configured model has a version AVAILABLE yet"
+                )
             return _json({"ready": True})
         if path.startswith(ADMIN_PREFIX):
             return await _repository(control, method, path, body)
