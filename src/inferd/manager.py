@@ -238,7 +238,10 @@ class ModelManager(Generic[S]):
         entry = self._models.pop(name, None)
         if entry is None:
             return
-        log.info("model %s is no longer configured; unloading it", name)
+        if self._draining:
+            log.info("shutting down: unloading model %s", name)
+        else:
+            log.info("model %s is no longer configured; unloading it", name)
         async with entry.lock:
             for version in list(entry.versions.values()):
                 self._retire(entry, version)

@@ -175,6 +175,7 @@ def test_sigterm_under_traffic_drains_every_request_in_flight_and_exits_0(repo: 
     log = server.log()
     assert "Traceback" not in log
     assert "slow:1 unloaded" in log
+    assert "shutting down: unloading model slow" in log  # not "no longer configured"
 
 
 @pytest.mark.parametrize(("drain_timeout_s", "signals"), [(1, 1), (30, 2)], ids=["timeout", "second signal"])
