@@ -133,6 +133,25 @@ def test_regression_metrics_are_lower_is_better() -> None:
     assert objective("mae", direction="max").higher_is_better
 
 
+@pytest.mark.parametrize(
+    ("spec", "labels", "outputs", "message"),
+    [
+        ("mae", np.array(["cat", "dog"]), {"y": np.array([1.0, 2.0])}, "could not convert string to float"),
+        ("rmse", np.array([1.0, 2.0]), {"y": np.array([np.nan, 2.0])}, "contains NaN"),
+        ("accuracy", np.array([1, 2]), {"y": np.array([np.nan, 2.0])}, "contains NaN"),
+        ("auc", np.array([1, 1]), {"p": np.array([[0.2, 0.8], [0.3, 0.7]])}, "is nan, not a number"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_labels_or_outputs_a_built_in_metric_cannot_take_are_refused_not_raised_or_nan(
+    spec: str, labels: np.ndarray, outputs: dict[str, np.ndarray], message: str
+) -> None:
+    """Text labels for mae, NaN predictions and a one-class auc were a ValueError traceback from
+    ``inferd select``, or a NaN that won the selection."""
+    with pytest.raises(InvalidArgument, match=f"--optimize {spec}.*{message}"):
+        objective(spec).score(labels, outputs)
+
+
 def test_output_can_be_named_and_unknown_outputs_are_refused() -> None:
     outputs = {"a": np.array([0, 1]), "b": np.array([1, 1])}
     assert objective("accuracy", output="b").score(np.array([1, 1]), outputs) == (1.0, "b")
