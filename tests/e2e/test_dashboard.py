@@ -422,3 +422,20 @@ def test_a_bad_label_move_is_refused_with_its_reason(
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert requests.get(f"{server.url}/dashboard/static/../__init__.py", timeout=5).status_code == 404
+
+
+def test_an_operator_typing_into_a_form_keeps_focus_across_refreshes(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]]
+) -> None:
+    """The model table is drawn again every 2 s: the field being typed into lost focus (and its
+    caret) at each redraw, so keys typed after it went nowhere."""
+    tab, _ = page
+    tab.goto(server.url + "/#models")  # not open_models: other tests move label stable
+    row = tab.locator('tr[data-model="digits"]')
+    guards = row.locator(".rollout-guards")
+    guards.click()
+    guards.press_sequentially("error_rate<=0.01")
+    tab.wait_for_timeout(4500)  # two redraws
+    tab.keyboard.type("\np99_ms<=2")
+    sync_api.expect(row.locator(".rollout-guards")).to_have_value("error_rate<=0.01\np99_ms<=2")
+    assert tab.evaluate("document.activeElement.className") == "rollout-guards"
