@@ -120,3 +120,13 @@ def test_a_model_without_large_weights_has_no_mapped_variant(tmp_path: Path) -> 
     (made,) = run(options)
     assert made.error == "no weight of 1024 bytes or more to save apart"
     assert not made.path.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_an_out_that_cannot_be_a_folder_is_refused_by_name(tmp_path: Path, where: str) -> None:
+    """``--out`` naming a file (or a path under one) was a FileExistsError traceback."""
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / where
+    with pytest.raises(InvalidArgument, match=f"--out {re.escape(str(out))}: cannot make the folder"):
+        run(OptimizeOptions(tmp_path / "models" / "affine", out, only=("onnx-fp16",)))

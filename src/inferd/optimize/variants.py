@@ -159,8 +159,9 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
     as each one is done.
 
     Raises:
-        InferdError: the model does not load (MODEL_LOAD), or the options or calibration file
-            are wrong (INVALID_ARGUMENT), before any variant is made.
+        InferdError: the model does not load (MODEL_LOAD), or the options (``--out`` a folder that
+            cannot be made) or calibration file are wrong (INVALID_ARGUMENT), before any variant
+            is made.
     """
     _refuse_unknown(options.only)  # before the model loads
     quiet_tensorflow(log.isEnabledFor(logging.DEBUG))
@@ -172,7 +173,12 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
         if calibration.given:  # a file that does not fit the model fails the run, not each variant
             calibration.rows(source.signature)
         outcomes = []
-        options.out.mkdir(parents=True, exist_ok=True)
+        try:
+            options.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, or a folder this user may not write
+            raise InvalidArgument(
+                f"--out {options.out}: cannot make the folder: {exc.strerror or exc}"
+            ) from None
         with tempfile.TemporaryDirectory(prefix="inferd-optimize-") as scratch:
             base = _OnnxBase(source, Path(scratch))
             for name in names:
