@@ -442,3 +442,22 @@ def test_every_kind_of_api_change_is_listed() -> None:
         "2 outputs (['y', 'z']: an object per row)",
         f"signature 'classify': method {Method.CLASSIFY.value} -> {Method.PREDICT.value}",
     ]
+
+
+def test_a_report_file_that_cannot_be_written_is_refused_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--json`` into a folder that does not exist was a FileNotFoundError traceback after every
+    candidate was measured; it is refused before, and a file that still cannot be written (a
+    folder there) is named, exit 2."""
+    from inferd.select import command
+
+    outcome = _outcome(tmp_path)
+    missing = tmp_path / "no-such-folder" / "report.json"
+    assert command.execute(outcome.options, command.Outputs(json=missing), None) == command.BAD_INPUT
+    assert f"--json {missing}: there is no folder {missing.parent} to write it in" in capsys.readouterr().err
+    monkeypatch.setattr(command, "run", lambda options: outcome)
+    (tmp_path / "a-folder.md").mkdir()
+    outputs = command.Outputs(markdown=tmp_path / "a-folder.md")
+    assert command.execute(outcome.options, outputs, None) == command.BAD_INPUT
+    assert f"cannot write the report to {tmp_path / 'a-folder.md'}: Is a directory" in capsys.readouterr().err
