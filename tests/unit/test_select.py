@@ -461,3 +461,20 @@ def test_a_report_file_that_cannot_be_written_is_refused_not_raised(
     outputs = command.Outputs(markdown=tmp_path / "a-folder.md")
     assert command.execute(outcome.options, outputs, None) == command.BAD_INPUT
     assert f"cannot write the report to {tmp_path / 'a-folder.md'}: Is a directory" in capsys.readouterr().err
+
+
+def test_a_promotion_into_a_file_or_of_a_folder_that_does_not_copy_is_refused(tmp_path: Path) -> None:
+    """``--promote`` naming a file was a FileExistsError traceback after the measurement; a copy
+    that failed part way was a traceback that left the partial copy in the base path."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InvalidArgument, match="expected a model's base path \\(a folder\\), found a file"):
+        promotion.plan(tmp_path / "a-file", None, None)
+    winner = tmp_path / "winner"
+    write_onnx_affine(winner, 2.0)
+    (winner / "gone").symlink_to(tmp_path / "no-such-file")
+    planned = promotion.plan(tmp_path / "repo" / "m", None, None)
+    with pytest.raises(
+        InvalidArgument, match=f"cannot copy {winner} into {planned.base}: {winner / 'gone'}: .*No such file"
+    ):
+        promotion.apply(planned, winner)
+    assert sorted(p.name for p in planned.base.iterdir()) == []
