@@ -444,8 +444,9 @@ async function sendTry() {
   const path = `/v2/models/${encodeURIComponent(m.name)}/infer`;
   const auth = tokenHeader(false).authorization;
   const json = JSON.stringify(body);
+  const quoted = "'" + json.replaceAll("'", "'\\''") + "'";  // the shell's single quotes hold all but '
   $("#try-curl").textContent = `curl -X POST ${location.origin}${path} -H 'content-type: application/json'` +
-    (auth ? ` -H 'authorization: Bearer $INFERD_API_TOKEN'` : "") + ` -d '${json}'`;
+    (auth ? ` -H "authorization: Bearer $INFERD_API_TOKEN"` : "") + ` -d ${quoted}`;
   $("#try-python").textContent = `import requests\nrequests.post("${location.origin}${path}", json=${json}` +
     (auth ? `, headers={"authorization": "Bearer " + token}` : "") + `).json()`;
   try {
