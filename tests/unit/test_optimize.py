@@ -130,3 +130,29 @@ def test_an_out_that_cannot_be_a_folder_is_refused_by_name(tmp_path: Path, where
     out = tmp_path / where
     with pytest.raises(InvalidArgument, match=f"--out {re.escape(str(out))}: cannot make the folder"):
         run(OptimizeOptions(tmp_path / "models" / "affine", out, only=("onnx-fp16",)))
+
+
+def test_a_variant_made_again_replaces_the_old_one_only_once_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant was made in its own folder after removing the old one, so a run stopped part
+    way (Ctrl-C) lost the variant made before and left a half-made folder in its place."""
+    from inferd.optimize import variants
+
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0)
+    options = OptimizeOptions(tmp_path / "models" / "affine", tmp_path / "out", only=("onnx-fp16",))
+    (made,) = run(options)
+    before = (made.path / "variant.json").read_text()
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(variants, "check_variant", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(options)
+    assert (made.path / "variant.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx-fp16", "variants.json"]
+    monkeypatch.undo()
+    (again,) = run(options)
+    assert again.ok, again.error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx-fp16", "variants.json"]

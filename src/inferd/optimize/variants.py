@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -251,6 +252,27 @@ class _OnnxBase:
 
 
 def _make(
+    source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
+) -> Variant:
+    """Make the variant in a hidden folder beside ``folder``, then put it in ``folder``'s place:
+    a variant made before stays whole until the new one is (an interrupted run keeps it)."""
+    staging = folder.with_name(f".{folder.name}.inferd-{os.getpid()}")
+    try:
+        made = _make_in(source, recipe, staging, base, calibration)
+        if made.ok or folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                folder.rename(old)
+            if made.ok:
+                staging.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        return Variant(made.name, folder, made.error)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_in(
     source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
 ) -> Variant:
     started = time.monotonic()
