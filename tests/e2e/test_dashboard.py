@@ -4,6 +4,9 @@ talks to nobody but its server. Each test saves screenshots of what it looked at
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import requests
 from playwright import sync_api
 
 from tests.conftest import ServerProcess, launch
-from tests.models import digits, digits_classifier, write_onnx_digits
+from tests.models import digits, digits_classifier, write_onnx_digits, write_python_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -422,3 +425,60 @@ def test_a_bad_label_move_is_refused_with_its_reason(
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert requests.get(f"{server.url}/dashboard/static/../__init__.py", timeout=5).status_code == 404
+
+
+def test_an_operator_typing_into_a_form_keeps_focus_across_refreshes(
+    server: ServerProcess, page: tuple[sync_api.Page, list[str]]
+) -> None:
+    """The model table is drawn again every 2 s: the field being typed into lost focus (and its
+    caret) at each redraw, so keys typed after it went nowhere."""
+    tab, _ = page
+    tab.goto(server.url + "/#models")  # not open_models: other tests move label stable
+    row = tab.locator('tr[data-model="digits"]')
+    guards = row.locator(".rollout-guards")
+    guards.click()
+    guards.press_sequentially("error_rate<=0.01")
+    tab.wait_for_timeout(4500)  # two redraws
+    tab.keyboard.type("\np99_ms<=2")
+    sync_api.expect(row.locator(".rollout-guards")).to_have_value("error_rate<=0.01\np99_ms<=2")
+    assert tab.evaluate("document.activeElement.className") == "rollout-guards"
+
+
+def test_the_curl_command_shown_for_a_try_runs_as_shown(
+    browser: sync_api.Browser, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """The curl line quoted its body in single quotes as it was, so a text with an apostrophe cut
+    it short, and it sent the token as the literal '$INFERD_API_TOKEN' (single quotes keep the
+    shell from expanding it): the command, pasted, answered 401 or was broken."""
+    write_python_model(
+        tmp_path / "repo" / "length" / "1",
+        "def load(self):\n    pass\n\n"
+        'def predict(self, inputs):\n    return {"n": np.array([len(t) for t in inputs["text"]], "f4")}',
+        '{"inputs": [{"name": "text", "dtype": "string", "shape": [-1]}], '
+        '"outputs": [{"name": "n", "dtype": "float32", "shape": [-1]}]}',
+    )
+    server = start_server(str(tmp_path / "repo"), f"--api_token={API}")
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        tab.goto(server.url + "/#try")
+        tab.fill("#api-token", API)
+        tab.press("#api-token", "Tab")
+        area = tab.locator('#try-form textarea[name="text"]')
+        area.fill('["it\'s", "naïve <b>"]')
+        tab.click("#try-send")
+        sync_api.expect(tab.locator("#try-result")).to_contain_text("n [2]: [4,9]")
+        command = tab.locator("#try-curl").text_content()
+    finally:
+        context.close()
+    assert command is not None
+    answer = subprocess.run(
+        ["bash", "-c", command + " -s --fail-with-body"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "INFERD_API_TOKEN": API},
+        check=False,
+    )
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert json.loads(answer.stdout)["outputs"][0]["data"] == [4, 9]

@@ -120,3 +120,39 @@ def test_a_model_without_large_weights_has_no_mapped_variant(tmp_path: Path) -> 
     (made,) = run(options)
     assert made.error == "no weight of 1024 bytes or more to save apart"
     assert not made.path.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_an_out_that_cannot_be_a_folder_is_refused_by_name(tmp_path: Path, where: str) -> None:
+    """``--out`` naming a file (or a path under one) was a FileExistsError traceback."""
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / where
+    with pytest.raises(InvalidArgument, match=f"--out {re.escape(str(out))}: cannot make the folder"):
+        run(OptimizeOptions(tmp_path / "models" / "affine", out, only=("onnx-fp16",)))
+
+
+def test_a_variant_made_again_replaces_the_old_one_only_once_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant was made in its own folder after removing the old one, so a run stopped part
+    way (Ctrl-C) lost the variant made before and left a half-made folder in its place."""
+    from inferd.optimize import variants
+
+    write_onnx_affine(tmp_path / "models" / "affine" / "1", scale=2.0)
+    options = OptimizeOptions(tmp_path / "models" / "affine", tmp_path / "out", only=("onnx-fp16",))
+    (made,) = run(options)
+    before = (made.path / "variant.json").read_text()
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(variants, "check_variant", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(options)
+    assert (made.path / "variant.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx-fp16", "variants.json"]
+    monkeypatch.undo()
+    (again,) = run(options)
+    assert again.ok, again.error
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx-fp16", "variants.json"]

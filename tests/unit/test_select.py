@@ -133,6 +133,25 @@ def test_regression_metrics_are_lower_is_better() -> None:
     assert objective("mae", direction="max").higher_is_better
 
 
+@pytest.mark.parametrize(
+    ("spec", "labels", "outputs", "message"),
+    [
+        ("mae", np.array(["cat", "dog"]), {"y": np.array([1.0, 2.0])}, "could not convert string to float"),
+        ("rmse", np.array([1.0, 2.0]), {"y": np.array([np.nan, 2.0])}, "contains NaN"),
+        ("accuracy", np.array([1, 2]), {"y": np.array([np.nan, 2.0])}, "contains NaN"),
+        ("auc", np.array([1, 1]), {"p": np.array([[0.2, 0.8], [0.3, 0.7]])}, "is nan, not a number"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_labels_or_outputs_a_built_in_metric_cannot_take_are_refused_not_raised_or_nan(
+    spec: str, labels: np.ndarray, outputs: dict[str, np.ndarray], message: str
+) -> None:
+    """Text labels for mae, NaN predictions and a one-class auc were a ValueError traceback from
+    ``inferd select``, or a NaN that won the selection."""
+    with pytest.raises(InvalidArgument, match=f"--optimize {spec}.*{message}"):
+        objective(spec).score(labels, outputs)
+
+
 def test_output_can_be_named_and_unknown_outputs_are_refused() -> None:
     outputs = {"a": np.array([0, 1]), "b": np.array([1, 1])}
     assert objective("accuracy", output="b").score(np.array([1, 1]), outputs) == (1.0, "b")
@@ -423,3 +442,39 @@ def test_every_kind_of_api_change_is_listed() -> None:
         "2 outputs (['y', 'z']: an object per row)",
         f"signature 'classify': method {Method.CLASSIFY.value} -> {Method.PREDICT.value}",
     ]
+
+
+def test_a_report_file_that_cannot_be_written_is_refused_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--json`` into a folder that does not exist was a FileNotFoundError traceback after every
+    candidate was measured; it is refused before, and a file that still cannot be written (a
+    folder there) is named, exit 2."""
+    from inferd.select import command
+
+    outcome = _outcome(tmp_path)
+    missing = tmp_path / "no-such-folder" / "report.json"
+    assert command.execute(outcome.options, command.Outputs(json=missing), None) == command.BAD_INPUT
+    assert f"--json {missing}: there is no folder {missing.parent} to write it in" in capsys.readouterr().err
+    monkeypatch.setattr(command, "run", lambda options: outcome)
+    (tmp_path / "a-folder.md").mkdir()
+    outputs = command.Outputs(markdown=tmp_path / "a-folder.md")
+    assert command.execute(outcome.options, outputs, None) == command.BAD_INPUT
+    assert f"cannot write the report to {tmp_path / 'a-folder.md'}: Is a directory" in capsys.readouterr().err
+
+
+def test_a_promotion_into_a_file_or_of_a_folder_that_does_not_copy_is_refused(tmp_path: Path) -> None:
+    """``--promote`` naming a file was a FileExistsError traceback after the measurement; a copy
+    that failed part way was a traceback that left the partial copy in the base path."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InvalidArgument, match="expected a model's base path \\(a folder\\), found a file"):
+        promotion.plan(tmp_path / "a-file", None, None)
+    winner = tmp_path / "winner"
+    write_onnx_affine(winner, 2.0)
+    (winner / "gone").symlink_to(tmp_path / "no-such-file")
+    planned = promotion.plan(tmp_path / "repo" / "m", None, None)
+    with pytest.raises(
+        InvalidArgument, match=f"cannot copy {winner} into {planned.base}: {winner / 'gone'}: .*No such file"
+    ):
+        promotion.apply(planned, winner)
+    assert sorted(p.name for p in planned.base.iterdir()) == []

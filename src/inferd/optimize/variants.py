@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -159,8 +160,9 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
     as each one is done.
 
     Raises:
-        InferdError: the model does not load (MODEL_LOAD), or the options or calibration file
-            are wrong (INVALID_ARGUMENT), before any variant is made.
+        InferdError: the model does not load (MODEL_LOAD), or the options (``--out`` a folder that
+            cannot be made) or calibration file are wrong (INVALID_ARGUMENT), before any variant
+            is made.
     """
     _refuse_unknown(options.only)  # before the model loads
     quiet_tensorflow(log.isEnabledFor(logging.DEBUG))
@@ -172,7 +174,12 @@ def run(options: OptimizeOptions, report: Callable[[Variant], None] = lambda _: 
         if calibration.given:  # a file that does not fit the model fails the run, not each variant
             calibration.rows(source.signature)
         outcomes = []
-        options.out.mkdir(parents=True, exist_ok=True)
+        try:
+            options.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, or a folder this user may not write
+            raise InvalidArgument(
+                f"--out {options.out}: cannot make the folder: {exc.strerror or exc}"
+            ) from None
         with tempfile.TemporaryDirectory(prefix="inferd-optimize-") as scratch:
             base = _OnnxBase(source, Path(scratch))
             for name in names:
@@ -245,6 +252,27 @@ class _OnnxBase:
 
 
 def _make(
+    source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
+) -> Variant:
+    """Make the variant in a hidden folder beside ``folder``, then put it in ``folder``'s place:
+    a variant made before stays whole until the new one is (an interrupted run keeps it)."""
+    staging = folder.with_name(f".{folder.name}.inferd-{os.getpid()}")
+    try:
+        made = _make_in(source, recipe, staging, base, calibration)
+        if made.ok or folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                folder.rename(old)
+            if made.ok:
+                staging.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        return Variant(made.name, folder, made.error)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_in(
     source: Source, recipe: _Recipe, folder: Path, base: _OnnxBase, calibration: Calibration
 ) -> Variant:
     started = time.monotonic()

@@ -49,6 +49,7 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
     a failed promotion, or one refused because it changes the served API; 1 when the canary
     rollout of the winner was rolled back."""
     try:
+        _check_writable(outputs)
         planned = None
         if promote is not None:
             if promote.canary is not None and not (promote.wait_url and promote.label):
@@ -69,12 +70,16 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
     if not console.is_terminal:
         console.width = max(console.width, 200)  # a log or a pipe: keep the figures whole
     console.print(report.table(outcome))
-    if outputs.json:
-        outputs.json.write_bytes(report.to_json(outcome))
-    if outputs.markdown:
-        outputs.markdown.write_text(report.markdown(outcome))
-    if outputs.plot:
-        report.plot(outcome, outputs.plot)
+    try:
+        if outputs.json:
+            outputs.json.write_bytes(report.to_json(outcome))
+        if outputs.markdown:
+            outputs.markdown.write_text(report.markdown(outcome))
+        if outputs.plot:
+            report.plot(outcome, outputs.plot)
+    except OSError as exc:
+        print(f"inferd select: cannot write the report to {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return BAD_INPUT
     winner = outcome.winner
     if winner is None:
         print("no candidate meets every requirement:", file=sys.stderr)
@@ -123,6 +128,19 @@ def execute(options: SelectOptions, outputs: Outputs, promote: PromoteOptions | 
         print(f"promoted {winner.candidate.name} to {promote.base / str(planned.version)}")
         return 0
     return _roll_out(planned, canary, promote.wait_url or "", winner.candidate.name)
+
+
+def _check_writable(outputs: Outputs) -> None:
+    """Refuse, before anything is measured, a report file whose folder does not exist.
+
+    Raises:
+        InvalidArgument: the flag, the file, and the missing folder.
+    """
+    for flag, path in (("--json", outputs.json), ("--markdown", outputs.markdown), ("--plot", outputs.plot)):
+        if path is not None and not path.absolute().parent.is_dir():
+            raise InvalidArgument(
+                f"{flag} {path}: there is no folder {path.absolute().parent} to write it in"
+            )
 
 
 def _canary_plan(planned: promotion.Promotion, canary: promotion.Canary) -> str:

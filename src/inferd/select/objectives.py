@@ -49,9 +49,25 @@ class Objective:
         """The metric on one candidate's outputs, and the output it used.
 
         Raises:
-            InvalidArgument: no output fits the metric, or the user's function failed or
-                returned something that is not a finite number.
+            InvalidArgument: no output fits the metric; labels or outputs the metric cannot take
+                (text labels for ``mae``, NaN predictions, one class for ``auc``: a metric that
+                is not a finite number); or the user's function failed or returned something
+                that is not a finite number.
         """
+        if self.spec not in BUILT_IN:
+            return self._scored(labels, outputs)
+        try:
+            value, name = self._scored(labels, outputs)
+        except (ValueError, TypeError) as exc:  # scikit-learn's and numpy's refusals
+            raise InvalidArgument(f"--optimize {self.spec}: {exc}") from None
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"--optimize {self.spec} on output {name!r} is {value}, not a number: it is undefined "
+                "for these labels (e.g. auc needs at least two classes among them)"
+            )
+        return value, name
+
+    def _scored(self, labels: np.ndarray, outputs: Mapping[str, np.ndarray]) -> tuple[float, str]:
         if self.spec not in BUILT_IN:
             name, y_pred = self._chosen(outputs, _labels_output)
             function = load_function(self.spec)

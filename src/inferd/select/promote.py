@@ -108,10 +108,12 @@ def plan(base: Path, label: str | None, config_file: Path | None, canary: bool =
     """Plan adding a version to ``base`` as its next version, and moving ``label`` to it.
 
     Raises:
-        InvalidArgument: ``label`` without a config file (unless ``canary``: the rollout moves it
-            on the server), a bad label name, or a config file that does not parse or has no
-            model at ``base``.
+        InvalidArgument: ``base`` is not a folder, ``label`` without a config file (unless
+            ``canary``: the rollout moves it on the server), a bad label name, or a config file
+            that does not parse or has no model at ``base``.
     """
+    if base.exists() and not base.is_dir():
+        raise InvalidArgument(f"--promote {base}: expected a model's base path (a folder), found a file")
     version = max(list_versions(base), default=0) + 1 if base.is_dir() else 1
     notes = [] if base.is_dir() else [f"{base} does not exist yet; it is created"]
     if label is None or (canary and config_file is None):
@@ -176,8 +178,9 @@ def apply(
     without ``move_label`` (a canary), the label is left for ``finish``.
 
     Raises:
-        InvalidArgument: the version folder appeared meanwhile (another promotion), or the config
-            file changed since ``plan`` read it (its edits would be lost); nothing is done then.
+        InvalidArgument: the version folder appeared meanwhile (another promotion), the copy
+            failed (the error; the partial copy is removed), or the config file changed since
+            ``plan`` read it (its edits would be lost); nothing is done then.
         ModelLoadError: with ``wait_url``, the server reports the new version failed to load, or
             it is not AVAILABLE within ``wait_timeout_s``; the label is then not moved.
     """
@@ -186,15 +189,17 @@ def apply(
             f"--model_config_file {promotion.config_file} changed while the candidates were measured; "
             "nothing was promoted: run inferd select again"
         )
-    promotion.base.mkdir(parents=True, exist_ok=True)
     staging, target = promotion.staging, promotion.base / str(promotion.version)
-    shutil.copytree(source, staging)
     try:
+        promotion.base.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, staging)
         if target.exists():
             raise InvalidArgument(f"{target} appeared while copying; promote again for the next number")
         staging.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # shutil.Error too: a file that could not be copied
+            raise InvalidArgument(f"cannot copy {source} into {promotion.base}: {_copy_error(exc)}") from None
         raise
     if promotion.config_file is None:
         return
@@ -276,6 +281,16 @@ def _serves_one(entry: pb.ModelConfig, base: Path) -> bool:
     except ConfigError:
         return False
     return policy.kind == "latest" and policy.num_versions == 1
+
+
+def _copy_error(exc: OSError) -> str:
+    """The first file ``shutil.copytree`` could not copy, and why; else the error itself."""
+    failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
+    if isinstance(failures, list) and failures:
+        source, _, why = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        return f"{source}: {why}{more}"
+    return str(exc)
 
 
 def _read(path: Path) -> str | None:

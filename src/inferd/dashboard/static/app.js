@@ -69,6 +69,7 @@ async function admin(label, method, path, body) {
 
 function renderModels() {
   const body = $("#model-table tbody");
+  const focus = focused(body);
   body.replaceChildren();
   for (const m of models) {
     const versions = el("td");
@@ -103,17 +104,35 @@ function renderModels() {
     actions.append(el("br"), move);
     body.append(el("tr", { "data-model": m.name }, el("td", {}, el("strong", {}, m.name), el("br"), m.platform || ""), versions, labels, renderTraffic(m, available), actions));
   }
+  focus();
 }
 
 // The model table is drawn again every refresh: what an operator typed into its forms is kept here.
 const drafts = {};
 
 function remember(key, node) {
+  node.dataset.draft = key;
   if (key in drafts) node.value = drafts[key];
   const keep = () => { drafts[key] = node.value; };
   node.addEventListener("input", keep);
   node.addEventListener("change", keep);
   return node;
+}
+
+// The field being typed into inside `root`, found again after a redraw: a function that focuses
+// its new copy and puts the caret back, so keys typed across a refresh are not lost.
+function focused(root) {
+  const node = document.activeElement;
+  const key = node && root.contains(node) ? node.dataset.draft : undefined;
+  if (key === undefined) return () => {};
+  let caret = null;
+  try { caret = [node.selectionStart, node.selectionEnd]; } catch { /* a select has no caret */ }
+  return () => {
+    const again = [...root.querySelectorAll("[data-draft]")].find((n) => n.dataset.draft === key);
+    if (!again) return;
+    again.focus();
+    try { if (caret && caret[0] !== null) again.setSelectionRange(...caret); } catch { /* type=number */ }
+  };
 }
 
 // ---------- traffic and rollouts ----------
@@ -425,8 +444,9 @@ async function sendTry() {
   const path = `/v2/models/${encodeURIComponent(m.name)}/infer`;
   const auth = tokenHeader(false).authorization;
   const json = JSON.stringify(body);
+  const quoted = "'" + json.replaceAll("'", "'\\''") + "'";  // the shell's single quotes hold all but '
   $("#try-curl").textContent = `curl -X POST ${location.origin}${path} -H 'content-type: application/json'` +
-    (auth ? ` -H 'authorization: Bearer $INFERD_API_TOKEN'` : "") + ` -d '${json}'`;
+    (auth ? ` -H "authorization: Bearer $INFERD_API_TOKEN"` : "") + ` -d ${quoted}`;
   $("#try-python").textContent = `import requests\nrequests.post("${location.origin}${path}", json=${json}` +
     (auth ? `, headers={"authorization": "Bearer " + token}` : "") + `).json()`;
   try {
