@@ -287,7 +287,11 @@ class Batcher:
                     )
                 continue
             item_shape = {k: v.shape[1:] for k, v in item.inputs.items()}
-            fits = shape is None or item_shape == shape or self._params.pad_variable_length_inputs
+            fits = (
+                shape is None
+                or item_shape == shape
+                or (self._params.pad_variable_length_inputs and _same_ranks(item_shape, shape))
+            )
             if batch.items and (batch.taken + item.rows > target or not fits):
                 break
             shape = shape or item_shape
@@ -388,10 +392,20 @@ class Batcher:
         return merged, padded
 
 
+def _same_ranks(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> bool:
+    """Whether padding can join inputs of shapes ``a`` and ``b``: each input has the same rank in
+    both (runtimes that judge shapes themselves get them unchecked)."""
+    return all(len(dims) == len(b[name]) for name, dims in a.items())
+
+
 def _pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``value`` padded at the end of each axis to ``shape``: with zeros, or empty strings for
+    strings (a framework refuses a string tensor holding numbers)."""
     if value.shape == tuple(shape):
         return value
-    return np.pad(value, [(0, int(want) - have) for want, have in zip(shape, value.shape, strict=True)])
+    fill = "" if value.dtype.kind == "O" else 0
+    widths = [(0, int(want) - have) for want, have in zip(shape, value.shape, strict=True)]
+    return np.pad(value, widths, constant_values=fill)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
