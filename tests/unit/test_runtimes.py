@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
 from inferd.runtimes import detect_runtime, get_runtime, import_framework, load_model
 from tests.models import (
+    write_lightgbm,
     write_onnx_affine,
     write_python_model,
     write_sklearn_digits,
@@ -203,6 +206,44 @@ def test_xgboost_rejects_a_wrong_feature_count_as_the_callers_fault(tmp_path: Pa
     assert sorted(model.signatures) == ["regress", "serving_default"]
     with pytest.raises(InvalidArgument, match="xgboost rejected the input"):
         model.predict("regress", {"inputs": np.zeros((1, 3), np.float32)})
+
+
+def test_a_truncated_lightgbm_model_is_a_load_error_not_a_crash(tmp_path: Path) -> None:
+    """LightGBM aborts or crashes the process on a model file cut inside a tree or its parameters
+    (a file still being copied): the load must fail with a ModelLoadError, in a child process here
+    so that a crash fails the test instead of ending it."""
+    write_lightgbm(tmp_path / "full", "regression")
+    text = (tmp_path / "full" / "model.txt").read_text()
+    for name, cut in [("tree", len(text) // 2), ("parameters", text.index("end of parameters") + 3)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.txt").write_text(text[:cut])
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom inferd.config import ModelSettings\n"
+        "from inferd.errors import ModelLoadError\nfrom inferd.runtimes import load_model\n"
+        "for name in ('tree', 'parameters'):\n"
+        "    try:\n        load_model(Path(sys.argv[1], name), ModelSettings(), None)\n"
+        "    except ModelLoadError as exc:\n        print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        done.stdout.splitlines()
+        == ["lightgbm could not load model.txt: the file is incomplete (truncated)"] * 2
+    )
+    model, _ = load_model(tmp_path / "full", ModelSettings(), None)
+    assert sorted(model.signatures) == ["regress", "serving_default"]
+
+
+def test_a_garbled_xgboost_model_is_a_load_error(tmp_path: Path) -> None:
+    (tmp_path / "model.ubj").write_bytes(np.random.default_rng(1).bytes(3000))
+    with pytest.raises(ModelLoadError, match=r"xgboost could not load model\.ubj"):
+        load_model(tmp_path, ModelSettings(), None)
 
 
 class _RecordingOrt:
