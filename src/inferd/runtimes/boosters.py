@@ -131,10 +131,7 @@ class XGBoostRuntime:
             booster = xgb.Booster(model_file=str(path))
             booster.set_param({"nthread": int_option(self.name, options, "num_threads", 1)})
             learner = json.loads(booster.save_config())["learner"]
-        except (
-            xgb.core.XGBoostError,
-            ValueError,
-        ) as exc:  # ValueError: xgboost decoding its message on some garbled files
+        except (xgb.core.XGBoostError, ValueError) as exc:  # ValueError: decoding xgboost's message
             raise ModelLoadError(f"xgboost could not load {path.name}: {exc}") from exc
         objective = learner["objective"]["name"]
         n_classes = int(learner["learner_model_param"].get("num_class", "0"))
