@@ -232,10 +232,10 @@ def test_a_truncated_lightgbm_model_is_a_load_error_not_a_crash(tmp_path: Path) 
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (
-        done.stdout.splitlines()
-        == ["lightgbm could not load model.txt: the file is incomplete (truncated)"] * 2
-    )
+    assert done.stdout.splitlines() == 2 * [
+        "lightgbm could not load model.txt: not a complete LightGBM model file (it lacks its "
+        "'end of trees' or 'end of parameters' line: cut short, or another kind of file)"
+    ]
     model, _ = load_model(tmp_path / "full", ModelSettings(), None)
     assert sorted(model.signatures) == ["regress", "serving_default"]
 

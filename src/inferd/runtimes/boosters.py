@@ -205,7 +205,10 @@ def _complete_lightgbm_model(path: Path) -> str:
     """
     text = path.read_text(encoding="utf-8", errors="replace")
     if "end of trees" not in text or ("\nparameters:" in text and "end of parameters" not in text):
-        raise ModelLoadError(f"lightgbm could not load {path.name}: the file is incomplete (truncated)")
+        raise ModelLoadError(
+            f"lightgbm could not load {path.name}: not a complete LightGBM model file (it lacks its "
+            "'end of trees' or 'end of parameters' line: cut short, or another kind of file)"
+        )
     return text
 
 
