@@ -574,3 +574,29 @@ def test_with_padding_inputs_of_another_rank_go_in_their_own_batch() -> None:
     assert isinstance(wrong, InvalidArgument)
     answered = [r[0]["y"].tolist() for r in (first, second, fourth) if not isinstance(r, BaseException)]
     assert answered == [[2.0], [3.0], [1.0]]
+
+
+def test_a_split_requests_parts_padded_to_different_neighbours_are_joined() -> None:
+    """With pad_variable_length_inputs, one part of a split request may share a batch with a wider
+    request and another not: their outputs differ in width, and are joined padded to the widest."""
+
+    def predict(inputs: Tensors) -> Tensors:
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> list[Tensors]:
+        params = BatchingParameters(
+            max_batch_size=4,
+            num_batch_threads=1,
+            pad_variable_length_inputs=True,
+            batch_timeout_micros=50_000,
+        )
+        batcher = Batcher(predict, params)
+        results = await asyncio.gather(
+            batcher.submit({"x": np.ones((6, 3))}, 6), batcher.submit({"x": np.ones((2, 5))}, 2)
+        )
+        batcher.close()
+        return [r[0] for r in results]
+
+    split, wide = asyncio.run(scenario())
+    assert split["y"].tolist() == [[2.0, 2.0, 2.0, 0.0, 0.0]] * 6
+    assert wide["y"].tolist() == [[2.0] * 5] * 2
