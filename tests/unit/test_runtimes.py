@@ -246,6 +246,25 @@ def test_a_garbled_xgboost_model_is_a_load_error(tmp_path: Path) -> None:
         load_model(tmp_path, ModelSettings(), None)
 
 
+def test_a_keras_model_returning_a_dict_serves_its_outputs_by_key(tmp_path: Path) -> None:
+    """A functional model whose outputs are a dict returns a dict when called: its outputs are
+    served under their keys (every call was refused as the client's fault before)."""
+    keras = pytest.importorskip("keras")
+    x = keras.Input((3,), name="x")
+    outputs = {"sum": keras.layers.Dense(1, name="d1")(x), "pair": keras.layers.Dense(2, name="d2")(x)}
+    reference = keras.Model(x, outputs)
+    reference.save(tmp_path / "model.keras")
+    model, runtime = load_model(tmp_path, ModelSettings(), None)
+    assert runtime == "tensorflow"
+    signature = model.signatures["serving_default"]
+    assert [(spec.name, spec.shape) for spec in signature.outputs] == [("pair", (-1, 2)), ("sum", (-1, 1))]
+    inputs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    served = model.predict("serving_default", {"x": inputs})
+    expected = reference(inputs)
+    for name in ("pair", "sum"):
+        np.testing.assert_allclose(served[name], np.asarray(expected[name]), rtol=1e-6)
+
+
 class _RecordingOrt:
     """Stands in for the onnxruntime module in ``_build``: records where a session was built."""
 
