@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,10 +382,9 @@ def _load_keras(tf: Any, path: Path, device: str) -> TensorFlowModel:
         args = [tensors[spec.name] for spec in inputs]
         with lock:
             result = model(args[0] if len(args) == 1 else args, training=False)
+        values: Sequence[Any] = result if isinstance(result, list | tuple) else [result]
         if isinstance(result, Mapping):
             values = [result[spec.name] for spec in outputs]
-        else:
-            values = result if isinstance(result, list | tuple) else [result]
         return {spec.name: keras.ops.convert_to_numpy(v) for spec, v in zip(outputs, values, strict=True)}
 
     signature = Signature(DEFAULT_SIGNATURE, inputs, outputs)
