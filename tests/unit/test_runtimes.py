@@ -265,6 +265,20 @@ def test_a_keras_model_returning_a_dict_serves_its_outputs_by_key(tmp_path: Path
         np.testing.assert_allclose(served[name], np.asarray(expected[name]), rtol=1e-6)
 
 
+def test_a_multiclass_xgboost_classifier_answers_a_request_without_rows(tmp_path: Path) -> None:
+    """xgboost answers no rows with a flat array even for many classes: it is not taken for a
+    binary classifier's (two columns of probabilities, a 500 from classify)."""
+    write_xgboost(tmp_path, "multi:softprob")
+    model, _ = load_model(tmp_path, ModelSettings(), None)
+    k = model.signatures["predict_proba"].outputs[0].shape[1]  # type: ignore[index]
+    assert k > 2
+    empty = {"inputs": np.zeros((0, 64), np.float32)}
+    assert model.predict("predict_proba", empty)["probabilities"].shape == (0, k)
+    classify = model.predict("classify", empty)
+    assert (classify["classes"].shape, classify["scores"].shape) == ((0, k), (0, k))
+    assert model.predict("serving_default", empty)["predictions"].shape == (0,)
+
+
 class _RecordingOrt:
     """Stands in for the onnxruntime module in ``_build``: records where a session was built."""
 

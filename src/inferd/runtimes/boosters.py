@@ -83,7 +83,10 @@ class BoosterModel:
         if booster.kind is not _Kind.CLASSIFIER:
             key = "outputs" if signature_name == "regress" else "predictions"
             return {key: raw}
-        proba = np.stack([1.0 - raw, raw], axis=1) if raw.ndim == 1 else raw
+        proba = raw
+        if raw.ndim == 1:  # binary; or no rows, which xgboost answers flat for any number of classes
+            two = booster.n_classes == 2
+            proba = np.stack([1.0 - raw, raw], axis=1) if two else raw.reshape(-1, booster.n_classes)
         if signature_name == DEFAULT_SIGNATURE:
             return {"predictions": proba.argmax(axis=1).astype(np.int64)}
         if signature_name == "predict_proba":
