@@ -14,8 +14,9 @@ say it takes at most ``placement.INLINE_PREDICT_S`` (as an unbatched call may). 
 deadline passed are dropped before they are computed (when the batch is formed, and when a
 thread starts it); a request whose caller went away (its ``submit`` cancelled) frees its slot at
 once and is not computed unless its batch has started. A request larger than ``max_batch_size``
-is split into batches of that size, queued together, and its outputs joined again; one larger
-than the whole queue is refused as invalid, since retrying would not help.
+is split into batches of that size, queued together, and its outputs joined again (with
+``pad_variable_length_inputs``, padded to the widest part's); one larger than the whole queue
+is refused as invalid, since retrying would not help.
 
 In adaptive mode (``target_p99_ms``) the target batch size follows AIMD on the measured batch
 latency, as in Clipper: it grows by one row after a full batch that ran within half the
@@ -194,7 +195,8 @@ class Batcher:
                 if item.future.cancelled():
                     self._withdraw(item)
             raise
-        outputs = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
+        join = _join_padded if self._params.pad_variable_length_inputs else np.concatenate
+        outputs = {name: join([p[0][name] for p in parts]) for name in parts[0][0]}
         return outputs, max(p[1] for p in parts), sum(p[2] for p in parts), max(p[3] for p in parts)
 
     def _enqueue(self, inputs: Tensors, rows: int, deadline: float | None) -> _Item:
@@ -287,7 +289,11 @@ class Batcher:
                     )
                 continue
             item_shape = {k: v.shape[1:] for k, v in item.inputs.items()}
-            fits = shape is None or item_shape == shape or self._params.pad_variable_length_inputs
+            fits = (
+                shape is None
+                or item_shape == shape
+                or (self._params.pad_variable_length_inputs and _same_ranks(item_shape, shape))
+            )
             if batch.items and (batch.taken + item.rows > target or not fits):
                 break
             shape = shape or item_shape
@@ -388,10 +394,27 @@ class Batcher:
         return merged, padded
 
 
+def _same_ranks(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> bool:
+    """Whether padding can join inputs of shapes ``a`` and ``b``: each input has the same rank in
+    both (runtimes that judge shapes themselves get them unchecked)."""
+    return all(len(dims) == len(b[name]) for name, dims in a.items())
+
+
+def _join_padded(parts: list[np.ndarray]) -> np.ndarray:
+    """A split request's outputs joined along axis 0, each padded to the widest: its parts may
+    have been padded to different neighbours' inputs."""
+    widest = np.max([part.shape[1:] for part in parts], axis=0) if parts[0].ndim > 1 else ()
+    return np.concatenate([_pad_to(part, (part.shape[0], *widest)) for part in parts])
+
+
 def _pad_to(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``value`` padded at the end of each axis to ``shape``: with zeros, or empty strings for
+    strings (a framework refuses a string tensor holding numbers)."""
     if value.shape == tuple(shape):
         return value
-    return np.pad(value, [(0, int(want) - have) for want, have in zip(shape, value.shape, strict=True)])
+    fill = "" if value.dtype.kind == "O" else 0
+    widths = [(0, int(want) - have) for want, have in zip(shape, value.shape, strict=True)]
+    return np.pad(value, widths, constant_values=fill)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

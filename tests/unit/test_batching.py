@@ -511,3 +511,92 @@ def test_a_batch_beside_one_on_a_thread_goes_to_a_thread_too() -> None:
 
     asyncio.run(scenario())
     assert [name.startswith("inferd-batch") for name in threads] == [True, True, False]
+
+
+def test_padding_fills_string_inputs_with_empty_strings() -> None:
+    """A framework refuses a string tensor holding numbers (TensorFlow: ``Unsupported object type
+    numpy.int64``), so padded rows and padded widths of string inputs hold empty strings."""
+    seen: list[np.ndarray] = []
+
+    def predict(inputs: Tensors) -> Tensors:
+        seen.append(inputs["text"])
+        if not all(isinstance(item, str | bytes) for item in inputs["text"].flat):
+            raise TypeError("a string tensor holds a number")
+        return {"length": np.array([[len(item) for item in row] for row in inputs["text"]])}
+
+    async def scenario() -> list[Tensors]:
+        params = BatchingParameters(
+            max_batch_size=4,
+            allowed_batch_sizes=(4,),
+            num_batch_threads=1,
+            pad_variable_length_inputs=True,
+            batch_timeout_micros=50_000,
+        )
+        batcher = Batcher(predict, params)
+        results = await asyncio.gather(
+            batcher.submit({"text": np.array([["ab"]], dtype=object)}, 1),
+            batcher.submit({"text": np.array([["a", "bcd"]], dtype=object)}, 1),
+        )
+        batcher.close()
+        return [r[0] for r in results]
+
+    outputs = asyncio.run(scenario())
+    assert [o["length"].tolist() for o in outputs] == [[[2, 0]], [[1, 3]]]
+    assert [batch.tolist() for batch in seen] == [[["ab", ""], ["a", "bcd"], ["", ""], ["", ""]]]
+
+
+def test_with_padding_inputs_of_another_rank_go_in_their_own_batch() -> None:
+    """Runtimes that judge shapes themselves (TensorFlow) get inputs of any rank: one of another
+    rank than its neighbours' cannot be padded to theirs, and must not fail them."""
+
+    def predict(inputs: Tensors) -> Tensors:
+        if inputs["x"].ndim != 2:
+            raise InvalidArgument("x must be a matrix")
+        return {"y": inputs["x"].sum(axis=1)}
+
+    async def scenario() -> tuple[tuple[Tensors, float, float, int] | BaseException, ...]:
+        params = BatchingParameters(
+            max_batch_size=8,
+            num_batch_threads=1,
+            pad_variable_length_inputs=True,
+            batch_timeout_micros=50_000,
+        )
+        batcher = Batcher(predict, params)
+        return await asyncio.gather(
+            batcher.submit({"x": np.ones((1, 2))}, 1),
+            batcher.submit({"x": np.ones((1, 3))}, 1),
+            batcher.submit({"x": np.ones(1)}, 1),
+            batcher.submit({"x": np.ones((1, 1))}, 1),
+            return_exceptions=True,
+        )
+
+    first, second, wrong, fourth = asyncio.run(scenario())
+    assert isinstance(wrong, InvalidArgument)
+    answered = [r[0]["y"].tolist() for r in (first, second, fourth) if not isinstance(r, BaseException)]
+    assert answered == [[2.0], [3.0], [1.0]]
+
+
+def test_a_split_requests_parts_padded_to_different_neighbours_are_joined() -> None:
+    """With pad_variable_length_inputs, one part of a split request may share a batch with a wider
+    request and another not: their outputs differ in width, and are joined padded to the widest."""
+
+    def predict(inputs: Tensors) -> Tensors:
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> list[Tensors]:
+        params = BatchingParameters(
+            max_batch_size=4,
+            num_batch_threads=1,
+            pad_variable_length_inputs=True,
+            batch_timeout_micros=50_000,
+        )
+        batcher = Batcher(predict, params)
+        results = await asyncio.gather(
+            batcher.submit({"x": np.ones((6, 3))}, 6), batcher.submit({"x": np.ones((2, 5))}, 2)
+        )
+        batcher.close()
+        return [r[0] for r in results]
+
+    split, wide = asyncio.run(scenario())
+    assert split["y"].tolist() == [[2.0, 2.0, 2.0, 0.0, 0.0]] * 6
+    assert wide["y"].tolist() == [[2.0] * 5] * 2

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from inferd.config import ModelSettings
 from inferd.errors import InvalidArgument, ModelLoadError
 from inferd.runtimes import detect_runtime, get_runtime, import_framework, load_model
 from tests.models import (
+    write_lightgbm,
     write_onnx_affine,
     write_python_model,
     write_sklearn_digits,
@@ -203,6 +206,77 @@ def test_xgboost_rejects_a_wrong_feature_count_as_the_callers_fault(tmp_path: Pa
     assert sorted(model.signatures) == ["regress", "serving_default"]
     with pytest.raises(InvalidArgument, match="xgboost rejected the input"):
         model.predict("regress", {"inputs": np.zeros((1, 3), np.float32)})
+
+
+def test_a_truncated_lightgbm_model_is_a_load_error_not_a_crash(tmp_path: Path) -> None:
+    """LightGBM aborts or crashes the process on a model file cut inside a tree or its parameters
+    (a file still being copied): the load must fail with a ModelLoadError, in a child process here
+    so that a crash fails the test instead of ending it."""
+    write_lightgbm(tmp_path / "full", "regression")
+    text = (tmp_path / "full" / "model.txt").read_text()
+    for name, cut in [("tree", len(text) // 2), ("parameters", text.index("end of parameters") + 3)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.txt").write_text(text[:cut])
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom inferd.config import ModelSettings\n"
+        "from inferd.errors import ModelLoadError\nfrom inferd.runtimes import load_model\n"
+        "for name in ('tree', 'parameters'):\n"
+        "    try:\n        load_model(Path(sys.argv[1], name), ModelSettings(), None)\n"
+        "    except ModelLoadError as exc:\n        print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == 2 * [
+        "lightgbm could not load model.txt: not a complete LightGBM model file (it lacks its "
+        "'end of trees' or 'end of parameters' line: cut short, or another kind of file)"
+    ]
+    model, _ = load_model(tmp_path / "full", ModelSettings(), None)
+    assert sorted(model.signatures) == ["regress", "serving_default"]
+
+
+def test_a_garbled_xgboost_model_is_a_load_error(tmp_path: Path) -> None:
+    (tmp_path / "model.ubj").write_bytes(np.random.default_rng(1).bytes(3000))
+    with pytest.raises(ModelLoadError, match=r"xgboost could not load model\.ubj"):
+        load_model(tmp_path, ModelSettings(), None)
+
+
+def test_a_keras_model_returning_a_dict_serves_its_outputs_by_key(tmp_path: Path) -> None:
+    """A functional model whose outputs are a dict returns a dict when called: its outputs are
+    served under their keys (every call was refused as the client's fault before)."""
+    keras = pytest.importorskip("keras")
+    x = keras.Input((3,), name="x")
+    outputs = {"sum": keras.layers.Dense(1, name="d1")(x), "pair": keras.layers.Dense(2, name="d2")(x)}
+    reference = keras.Model(x, outputs)
+    reference.save(tmp_path / "model.keras")
+    model, runtime = load_model(tmp_path, ModelSettings(), None)
+    assert runtime == "tensorflow"
+    signature = model.signatures["serving_default"]
+    assert [(spec.name, spec.shape) for spec in signature.outputs] == [("pair", (-1, 2)), ("sum", (-1, 1))]
+    inputs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    served = model.predict("serving_default", {"x": inputs})
+    expected = reference(inputs)
+    for name in ("pair", "sum"):
+        np.testing.assert_allclose(served[name], np.asarray(expected[name]), rtol=1e-6)
+
+
+def test_a_multiclass_xgboost_classifier_answers_a_request_without_rows(tmp_path: Path) -> None:
+    """xgboost answers no rows with a flat array even for many classes: it is not taken for a
+    binary classifier's (two columns of probabilities, a 500 from classify)."""
+    write_xgboost(tmp_path, "multi:softprob")
+    model, _ = load_model(tmp_path, ModelSettings(), None)
+    k = model.signatures["predict_proba"].outputs[0].shape[1]  # type: ignore[index]
+    assert k > 2
+    empty = {"inputs": np.zeros((0, 64), np.float32)}
+    assert model.predict("predict_proba", empty)["probabilities"].shape == (0, k)
+    classify = model.predict("classify", empty)
+    assert (classify["classes"].shape, classify["scores"].shape) == ((0, k), (0, k))
+    assert model.predict("serving_default", empty)["predictions"].shape == (0,)
 
 
 class _RecordingOrt:

@@ -83,7 +83,10 @@ class BoosterModel:
         if booster.kind is not _Kind.CLASSIFIER:
             key = "outputs" if signature_name == "regress" else "predictions"
             return {key: raw}
-        proba = np.stack([1.0 - raw, raw], axis=1) if raw.ndim == 1 else raw
+        proba = raw
+        if raw.ndim == 1:  # binary; or no rows, which xgboost answers flat for any number of classes
+            two = booster.n_classes == 2
+            proba = np.stack([1.0 - raw, raw], axis=1) if two else raw.reshape(-1, booster.n_classes)
         if signature_name == DEFAULT_SIGNATURE:
             return {"predictions": proba.argmax(axis=1).astype(np.int64)}
         if signature_name == "predict_proba":
@@ -131,7 +134,7 @@ class XGBoostRuntime:
             booster = xgb.Booster(model_file=str(path))
             booster.set_param({"nthread": int_option(self.name, options, "num_threads", 1)})
             learner = json.loads(booster.save_config())["learner"]
-        except xgb.core.XGBoostError as exc:
+        except (xgb.core.XGBoostError, ValueError) as exc:  # ValueError: decoding xgboost's message
             raise ModelLoadError(f"xgboost could not load {path.name}: {exc}") from exc
         objective = learner["objective"]["name"]
         n_classes = int(learner["learner_model_param"].get("num_class", "0"))
@@ -167,8 +170,8 @@ class LightGBMRuntime:
         check_options(self.name, options, _OPTIONS)
         path = find_model_file(version_dir, ("*.txt",), options.get("file"))
         try:
-            booster = lgb.Booster(model_file=str(path))
-        except lgb.basic.LightGBMError as exc:
+            booster = lgb.Booster(model_str=_complete_lightgbm_model(path))
+        except (lgb.basic.LightGBMError, ValueError) as exc:  # ValueError: a garbled pandas_categorical
             raise ModelLoadError(f"lightgbm could not load {path.name}: {exc}") from exc
         threads = int_option(self.name, options, "num_threads", 1)
         objective = str(booster.dump_model().get("objective", "")).split(" ")[0]
@@ -193,6 +196,23 @@ class LightGBMRuntime:
             ),
             self.name,
         )
+
+
+def _complete_lightgbm_model(path: Path) -> str:
+    """The text of LightGBM model file ``path``.
+
+    Raises:
+        ModelLoadError: the file is cut short (say, still being copied) before its ``end of
+            trees`` or ``end of parameters`` line: LightGBM aborts or crashes the process on
+            such files instead of raising.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if "end of trees" not in text or ("\nparameters:" in text and "end of parameters" not in text):
+        raise ModelLoadError(
+            f"lightgbm could not load {path.name}: not a complete LightGBM model file (it lacks its "
+            "'end of trees' or 'end of parameters' line: cut short, or another kind of file)"
+        )
+    return text
 
 
 XGBOOST = XGBoostRuntime()

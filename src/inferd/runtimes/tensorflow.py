@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,14 +371,20 @@ def _load_keras(tf: Any, path: Path, device: str) -> TensorFlowModel:
     except Exception as exc:  # keras raises zipfile, JSON and its own errors on bad files
         raise ModelLoadError(f"keras could not load {path.name}: {type(exc).__name__}: {exc}") from exc
     inputs = tuple(_keras_spec(t.name, t) for t in model.inputs)
-    outputs = tuple(_keras_spec(f"output_{i}", t) for i, t in enumerate(model.outputs))
+    named = getattr(model, "output", None)  # a dict of outputs: named by their keys
+    if isinstance(named, Mapping):
+        outputs = tuple(_keras_spec(name, t) for name, t in sorted(named.items()))
+    else:
+        outputs = tuple(_keras_spec(f"output_{i}", t) for i, t in enumerate(model.outputs))
     lock = threading.Lock()
 
     def call(tensors: Tensors) -> Mapping[str, Any]:
         args = [tensors[spec.name] for spec in inputs]
         with lock:
             result = model(args[0] if len(args) == 1 else args, training=False)
-        values = result if isinstance(result, list | tuple) else [result]
+        values: Sequence[Any] = result if isinstance(result, list | tuple) else [result]
+        if isinstance(result, Mapping):
+            values = [result[spec.name] for spec in outputs]
         return {spec.name: keras.ops.convert_to_numpy(v) for spec, v in zip(outputs, values, strict=True)}
 
     signature = Signature(DEFAULT_SIGNATURE, inputs, outputs)
