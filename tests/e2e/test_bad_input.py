@@ -261,13 +261,6 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
             ["Missing named input: b in 'inputs' object"],
             id="col-missing",
         ),
-        pytest.param(  # it was answered, the extra input left out
-            PAIR,
-            raw({"inputs": {"a": [[1, 2, 3]], "b": [[1, 2, 3]], "c": [1]}}),
-            400,
-            ["input size does not match signature: 3!=2", "Sent extra: {c}. Missing but required: {}."],
-            id="col-extra",
-        ),
         pytest.param(
             PAIR, raw({"inputs": [[1, 2, 3]]}), 400, ["'inputs' must be an object", "a,b"], id="col-plain"
         ),

@@ -339,13 +339,6 @@ class TensorDecoder:
             for name in names:
                 if name not in inputs:
                     raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
-            if len(inputs) > len(names):  # TF Serving's words for an input the signature lacks
-                extra = ",".join(sorted(set(inputs) - set(names)))
-                raise InvalidArgument(
-                    f"input size does not match signature: {len(inputs)}!={len(names)} "
-                    f"len({{{','.join(sorted(inputs))}}}) != len({{{','.join(sorted(names))}}}). "
-                    f"Sent extra: {{{extra}}}. Missing but required: {{}}."
-                )
             return {spec.name: self.array(inputs[spec.name], spec) for spec in signature.inputs}
         if len(names) != 1:
             raise InvalidArgument(f"'inputs' must be an object with the keys {','.join(names)}")
