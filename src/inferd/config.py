@@ -672,6 +672,7 @@ class ServerConfig:
         "threads that load model versions: this many models load at once (one model's versions "
         "load one at a time); a slow load delays no other model while threads are free",
         default=4,
+        least=1,
     )
     enable_batching: bool = option(
         "merge concurrent requests for one model version into one predict call (every model)",
@@ -748,6 +749,7 @@ class ServerConfig:
         "with --memory_budget, how long a request waits for its model's cold load before it gets "
         "503 with Retry-After (the load goes on)",
         default=5000,
+        least=0,
     )
     traffic_key_header: str = option(
         "request header (gRPC metadata key) whose value keeps a client on one version of a [traffic] split",

@@ -406,8 +406,6 @@ class Server:
             raise ConfigError("--rollout_state_dir needs --workers 1: a rollout runs inside one process")
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
-        if config.num_load_threads < 1:
-            raise ConfigError(f"--num_load_threads must be >= 1, got {config.num_load_threads}")
         self.tls = tls_settings(config)
         batching = None
         if config.enable_batching:
@@ -432,8 +430,6 @@ class Server:
             self._infer_pool, batching, config.max_in_flight, self.metrics, self.feature_stores
         )
         budgets = parse_budgets(v for v in config.memory_budget.split(",") if v.strip())
-        if config.load_wait_ms < 0:
-            raise ConfigError(f"--load_wait_ms must be 0 or more, got {config.load_wait_ms}")
         if budgets:
             devices.return_large_blocks()  # so that an unload's memory leaves RSS (devices.py)
         residency = Residency(MemoryBudget(budgets), config.load_wait_ms / 1000)

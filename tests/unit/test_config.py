@@ -469,6 +469,8 @@ def test_worker_count_takes_whole_numbers_and_auto() -> None:
         ("max_in_flight", 0, "--max_in_flight must be >= 1, got 0"),
         ("otel_sample_rate", 1.5, "--otel_sample_rate must be from 0 to 1, got 1.5"),
         ("drain_timeout_s", -7.0, "--drain_timeout_s must be >= 0, got -7.0"),
+        ("num_load_threads", 0, "--num_load_threads must be >= 1, got 0"),
+        ("load_wait_ms", -7, "--load_wait_ms must be >= 0, got -7"),
         ("keep_alive_timeout_s", float("nan"), "--keep_alive_timeout_s must be a number, got nan"),
         ("file_system_poll_wait_seconds", float("nan"), "--file_system_poll_wait_seconds must be a number"),
     ],
