@@ -90,6 +90,11 @@ class _Batch:
     started: float | None = None
 
 
+_Alone = tuple[Tensors, int, float] | Exception
+"""A request of a failed batch computed alone: its outputs, rows computed (padding included) and
+seconds of predict; or what the model raised."""
+
+
 class Batcher:
     """One bounded queue and batching loop for one (model version, signature).
 
@@ -318,24 +323,11 @@ class Batcher:
                     self._compute, batch, inputs, padded
                 )
             assert batch.started is not None
-            started, latency_s = batch.started, time.monotonic() - batch.started
-            rows = sum(item.rows for item in computed)
-            if computed:
-                if self._costs is not None:
-                    self._costs.add(padded, predict_s)
-                self._on_batch(rows, latency_s)
-                if self.aimd:
-                    self.aimd.observe(rows, latency_s)
-            offset = 0
-            for item in computed:
-                part = {}
-                for name, value in outputs.items():
-                    if value.ndim == 0 or len(value) != padded:
-                        raise Internal(f"output {name!r} has {value.shape[:1]} rows for a batch of {padded}")
-                    part[name] = value[offset : offset + item.rows]
-                offset += item.rows
-                if not item.future.done():
-                    item.future.set_result((part, started - item.enqueued, latency_s, rows))
+            started = batch.started
+            if isinstance(outputs, list):  # the batch failed: each request was computed alone
+                self._settle_alone(computed, outputs, started)
+            else:
+                self._settle(computed, outputs, padded, predict_s, started)
             if len(computed) < len(batch.items):  # the others were withdrawn or expired
                 expired = DeadlineExceeded("the request's deadline passed before its batch started")
                 for item in batch.items:
@@ -352,16 +344,62 @@ class Batcher:
             if self._waiter and not self._waiter.done():
                 self._waiter.set_result(None)
 
+    def _settle(
+        self, items: list[_Item], outputs: Tensors, padded: int, predict_s: float, started: float
+    ) -> None:
+        """Answer the requests of a computed batch with their rows of ``outputs``.
+
+        Raises:
+            Internal: an output does not have one row per row of the batch.
+        """
+        latency_s = time.monotonic() - started
+        rows = sum(item.rows for item in items)
+        if items:
+            if self._costs is not None:
+                self._costs.add(padded, predict_s)
+            self._on_batch(rows, latency_s)
+            if self.aimd:
+                self.aimd.observe(rows, latency_s)
+        offset = 0
+        for item in items:
+            part = {}
+            for name, value in outputs.items():
+                _check_rows(name, value, padded)
+                part[name] = value[offset : offset + item.rows]
+            offset += item.rows
+            if not item.future.done():
+                item.future.set_result((part, started - item.enqueued, latency_s, rows))
+
+    def _settle_alone(self, items: list[_Item], outcomes: list[_Alone], started: float) -> None:
+        """Answer each request of a failed batch with what computing it alone gave."""
+        for item, outcome in zip(items, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+                continue
+            outputs, padded, seconds = outcome
+            try:
+                part = {
+                    name: _check_rows(name, value, padded)[: item.rows] for name, value in outputs.items()
+                }
+            except Internal as error:
+                item.future.set_exception(error)
+                continue
+            self._on_batch(item.rows, seconds)
+            item.future.set_result((part, started - item.enqueued, seconds, item.rows))
+
     def _compute(
         self, batch: _Batch, inputs: Tensors, padded: int
-    ) -> tuple[list[_Item], Tensors, int, float]:
+    ) -> tuple[list[_Item], Tensors | list[_Alone], int, float]:
         """Predict ``inputs`` (``batch``'s, ``padded`` rows), or, when some of its requests are no
         longer wanted (withdrawn, or past their deadline), only the others'; on a batch thread
-        or the event loop.
+        or the event loop. When the model fails on a batch of several requests, each is computed
+        alone, so that one request's bad input fails that request only.
 
         Returns:
-            The requests computed, the outputs, the rows computed (padding included) and the
-            seconds of predict.
+            The requests computed, the outputs (or, for a failed batch, each request's outcome
+            alone), the rows computed (padding included) and the seconds of predict.
         """
         batch.started = now = time.monotonic()
         items = batch.items
@@ -375,8 +413,28 @@ class Batcher:
                 return items, {}, 0, 0.0
             inputs, padded = self._concatenate(items)
         computing = time.perf_counter()
-        outputs = self._predict(inputs)
+        try:
+            outputs = self._predict(inputs)
+        except Exception:
+            if len(items) == 1:
+                raise
+            return items, [self._alone(item) for item in items], padded, time.perf_counter() - computing
         return items, outputs, padded, time.perf_counter() - computing
+
+    def _alone(self, item: _Item) -> _Alone:
+        """One request of a failed batch computed by itself: its outputs, rows computed (padding
+        included) and seconds of predict, or what the model raised."""
+        if item.future.cancelled():
+            return Unavailable("the request was withdrawn")  # nobody reads it
+        if item.deadline is not None and time.monotonic() > item.deadline:
+            return DeadlineExceeded("the request's deadline passed before it was computed")
+        inputs, padded = self._concatenate([item])
+        computing = time.perf_counter()
+        try:
+            outputs = self._predict(inputs)
+        except Exception as error:
+            return error
+        return outputs, padded, time.perf_counter() - computing
 
     def _concatenate(self, batch: list[_Item]) -> tuple[Tensors, int]:
         rows = sum(item.rows for item in batch)
@@ -392,6 +450,17 @@ class Batcher:
                 value = _pad_to(value, (padded, *value.shape[1:]))
             merged[name] = value
         return merged, padded
+
+
+def _check_rows(name: str, value: np.ndarray, padded: int) -> np.ndarray:
+    """``value``, an output of a batch of ``padded`` rows.
+
+    Raises:
+        Internal: it does not have one row per row of the batch.
+    """
+    if value.ndim == 0 or len(value) != padded:
+        raise Internal(f"output {name!r} has {value.shape[:1]} rows for a batch of {padded}")
+    return value
 
 
 def _same_ranks(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> bool:

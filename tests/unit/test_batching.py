@@ -186,6 +186,42 @@ def test_an_idle_batcher_runs_a_lone_request_at_once_and_merges_those_that_wait(
     assert sizes == [1, 3]
 
 
+def test_a_request_the_model_rejects_fails_alone_and_its_batch_neighbours_are_answered() -> None:
+    """One client's bad input must not fail the other clients' requests batched with it: a batch
+    the model fails is computed again one request at a time."""
+    calls: list[list[float]] = []
+    first_may_end = threading.Event()
+
+    def predict(inputs: Tensors) -> Tensors:
+        calls.append(inputs["x"].tolist())
+        if len(calls) == 1:
+            first_may_end.wait(10)
+        if (inputs["x"] < 0).any():
+            raise InvalidArgument("x must not be negative")
+        return {"y": inputs["x"] * 10}
+
+    async def scenario() -> list[object]:
+        params = BatchingParameters(max_batch_size=8, batch_timeout_micros=3_600_000_000, num_batch_threads=1)
+        batcher = Batcher(predict, params)
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros(1)}, 1))
+        while not calls:
+            await asyncio.sleep(0.001)
+        values = ([1.0], [-1.0, 2.0], [3.0, 4.0])  # queued while the first runs: one batch
+        later = [asyncio.ensure_future(batcher.submit({"x": np.array(v)}, len(v))) for v in values]
+        await asyncio.sleep(0.01)
+        first_may_end.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *later, return_exceptions=True), 10)
+        batcher.close()
+        return results
+
+    first, good, bad, other = asyncio.run(scenario())
+    assert calls == [[0.0], [1.0, -1.0, 2.0, 3.0, 4.0], [1.0], [-1.0, 2.0], [3.0, 4.0]]
+    assert isinstance(good, tuple) and good[0]["y"].tolist() == [10.0]
+    assert isinstance(other, tuple) and other[0]["y"].tolist() == [30.0, 40.0]
+    assert isinstance(bad, InvalidArgument) and "negative" in bad.message
+    assert good[3] == 1 and other[3] == 2  # each was computed alone
+
+
 class _Held:
     """A model that records the rows of ``x`` of each call and holds its calls (the first only,
     with ``first_only``) until ``release`` is set; ``entered`` is set when a call begins."""
