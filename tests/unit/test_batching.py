@@ -214,12 +214,14 @@ def test_a_request_the_model_rejects_fails_alone_and_its_batch_neighbours_are_an
         batcher.close()
         return results
 
-    first, good, bad, other = asyncio.run(scenario())
+    _, good, bad, other = asyncio.run(scenario())
     assert calls == [[0.0], [1.0, -1.0, 2.0, 3.0, 4.0], [1.0], [-1.0, 2.0], [3.0, 4.0]]
-    assert isinstance(good, tuple) and good[0]["y"].tolist() == [10.0]
-    assert isinstance(other, tuple) and other[0]["y"].tolist() == [30.0, 40.0]
-    assert isinstance(bad, InvalidArgument) and "negative" in bad.message
-    assert good[3] == 1 and other[3] == 2  # each was computed alone
+    assert isinstance(good, tuple)
+    assert isinstance(other, tuple)
+    assert (good[0]["y"].tolist(), good[3]) == ([10.0], 1)  # computed alone: a batch of 1 row
+    assert (other[0]["y"].tolist(), other[3]) == ([30.0, 40.0], 2)
+    assert isinstance(bad, InvalidArgument)
+    assert "negative" in bad.message
 
 
 class _Held:
