@@ -197,6 +197,20 @@ def test_integer_id_and_kept_columns_keep_their_nulls(tmp_path: Path) -> None:
         assert result.column("count").to_pylist() == [None, 5, 6]
 
 
+def test_csv_ids_and_codes_written_with_leading_zeros_keep_them(tmp_path: Path) -> None:
+    # Typed as integers, order 007 came out as 7 and zip code 02134 as 2134.
+    base = refusing_model(tmp_path)
+    rows = [("007", "02134", 1), ("010", "10001", 2), ("3", "00501", 3)]
+    lines = ["id,zip,count,x_0,x_1", *(f"{i},{z},{c},1,2" for i, z, c in rows)]
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    for out in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        batch(base, tmp_path / "in.csv", out, "--id-column=id", "--keep-columns=zip,count")
+        result = read_output(out)
+        assert result.column("id").to_pylist() == ["007", "010", "3"]
+        assert result.column("zip").to_pylist() == ["02134", "10001", "00501"]
+        assert result.column("count").to_pylist() == [1, 2, 3]  # plain numbers are still numbers
+
+
 def test_bad_rows_go_to_the_rejects_file_with_their_row_numbers(tmp_path: Path, model: Path) -> None:
     x, table = features(20)
     pacsv.write_csv(table, tmp_path / "clean.csv")

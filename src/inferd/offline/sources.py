@@ -355,15 +355,23 @@ def _csv_blocks(path: Path, needed: list[str], text: list[str], chunk_rows: int)
         yield _Block(len(early), table=reader.schema.empty_table(), early=early)
 
 
+_LEADING_ZERO = r"^\s*[+-]?0[0-9]"
+"""A number written with a leading zero: ``007``, ``-01.5``; not ``0``, ``0.5``."""
+
+
 def _typed(table: pa.Table, names: list[str]) -> pa.Table:
     """``table`` with each of its text columns ``names`` as int64, else float64, else bool, when
     every value reads as one (as nulls when none is there). The id and kept columns of a CSV file
     are typed block by block so: Arrow's reader types them once, from the first block, and stops
-    at a later value that does not fit (an id that is not a number, a note empty until then)."""
+    at a later value that does not fit (an id that is not a number, a note empty until then).
+    A column with a number written with a leading zero (``007``, ``02134``) stays text: it is a
+    code, whose zeros a number would drop."""
     for name in names:
         text = table.column(name)
         if text.null_count == len(text):  # typed by the other blocks when the parts are merged
             table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(len(text)))
+            continue
+        if pc.any(pc.match_substring_regex(text, _LEADING_ZERO)).as_py():
             continue
         for kind in (pa.int64(), pa.float64(), pa.bool_()):
             try:
