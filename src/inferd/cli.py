@@ -566,6 +566,7 @@ def _select_parser(sub: Any) -> argparse.ArgumentParser:
         help='with --canary: e.g. "error_rate<=0.01", "p99_ms<=1.2*baseline" (repeatable)',
     )
     add("--on_restart", default="rollback", choices=["rollback", "resume"], help="with --canary")
+    add("--min_requests", type=_whole(0), default=0, help="with --canary: canary requests each step needs")
     add(
         "--admin_token",
         default=os.environ.get("INFERD_ADMIN_TOKEN", ""),
@@ -645,7 +646,7 @@ def _select(args: argparse.Namespace) -> int:
                 scratch.close()
                 return 2
             canary = promotion.Canary(
-                steps, args.step_s, tuple(args.guard), args.on_restart, args.admin_token
+                steps, args.step_s, tuple(args.guard), args.on_restart, args.admin_token, args.min_requests
             )
         promote = command.PromoteOptions(
             args.promote,
@@ -753,6 +754,12 @@ def _rollout_parser(sub: Any) -> argparse.ArgumentParser:
         choices=["rollback", "resume"],
         help="if the server restarts mid-way",
     )
+    add(
+        "--min_requests",
+        type=_whole(0),
+        default=0,
+        help="canary requests each step needs before its guards are checked; it waits on until then",
+    )
     add("--url", default="http://127.0.0.1:8501", help="the server's REST address")
     add("--admin_token", default=os.environ.get("INFERD_ADMIN_TOKEN", ""), help="(or INFERD_ADMIN_TOKEN)")
     add("--no_wait", action="store_true", help="start it and return at once")
@@ -785,6 +792,7 @@ def _rollout(args: argparse.Namespace) -> int:
             "step_s": args.step_s,
             "guards": args.guard,
             "on_restart": args.on_restart,
+            "min_requests": args.min_requests,
         }
         state = client.command(args.model, "start", body)
         if args.no_wait:

@@ -11,6 +11,11 @@ A rollout is started through the admin route ``POST /v2/repository/models/NAME/r
   Prometheus's ``histogram_quantile`` does;
 - ``agreement``: the shadow agreement of baseline -> canary rows (needs ``[shadow]``), over the step.
 
+With ``min_requests`` N, a step ends only once the canary has answered (or failed) N requests in
+it: past ``step_s`` it waits on, ``step_s`` at a time, and its guards are then checked over the
+whole step, so that a version no request reached is never promoted on guards that held for want
+of observations.
+
 A guard reads ``METRIC<=X``, ``METRIC>=X`` (also ``<``, ``>``), where X is a number or
 ``F*baseline``: F times the same metric of the baseline version over the same step. A guard whose
 metric had no observation in the step holds. A failed guard sets the split to 100% baseline
@@ -143,6 +148,8 @@ class RolloutState:
     step_s: float
     guards: list[str]
     on_restart: str = "rollback"
+    min_requests: int = 0
+    """The canary requests each step needs before its guards are checked (0: none)."""
     state: str = "running"
     """``running``, ``paused``, ``rolled_back`` or ``done``."""
     step: int = 0
@@ -288,7 +295,8 @@ class Rollouts(Collector):
     def start(self, model: str, document: dict[str, Any]) -> dict[str, Any]:
         """Start a rollout from a request body: ``to`` (version), ``label`` (default ``stable``:
         the baseline is where it points), ``steps`` (percents, increasing, last 100), ``step_s``,
-        ``guards`` (strings), ``on_restart`` (``rollback`` or ``resume``).
+        ``guards`` (strings), ``on_restart`` (``rollback`` or ``resume``), ``min_requests``
+        (canary requests a step needs, default 0).
 
         Raises:
             InvalidArgument: a bad field (named), or a rollout of the model is already running.
@@ -333,17 +341,30 @@ class Rollouts(Collector):
         on_restart = document.get("on_restart", "rollback")
         if on_restart not in ON_RESTART:
             raise InvalidArgument(f"'on_restart' must be one of {list(ON_RESTART)}, got {on_restart!r}")
+        min_requests = document.get("min_requests", 0)
+        if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 0:
+            raise InvalidArgument(f"'min_requests' must be a whole number >= 0, got {min_requests!r}")
         with self._manager.lease(ModelRef(model, version=canary)):
             pass  # raises NotFound unless the canary is AVAILABLE
         percents = [float(p) for p in steps]
         state = RolloutState(
-            model, baseline, canary, label, percents, float(step_s), [str(g) for g in parsed], on_restart
+            model,
+            baseline,
+            canary,
+            label,
+            percents,
+            float(step_s),
+            [str(g) for g in parsed],
+            on_restart,
+            min_requests,
         )
         if previous is not None:  # what the earlier finished rollouts moved, for a restart
             state.moved = dict(previous.moved)
             if previous.state == "done":
                 state.moved[previous.label] = previous.canary
-        state.note("started", steps=state.steps, step_s=state.step_s, guards=state.guards)
+        state.note(
+            "started", steps=state.steps, step_s=state.step_s, guards=state.guards, min_requests=min_requests
+        )
         self._launch(state)
         return asdict(state)
 
@@ -411,6 +432,7 @@ class Rollouts(Collector):
                 self._save(state)
                 before = self._before[state.model] = self._readings(state)
                 await asyncio.sleep(state.step_s)
+                await self._until_answered(state, before)
                 failed = self._check(state, guards, before)
                 if failed:
                     self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
@@ -429,6 +451,18 @@ class Rollouts(Collector):
             state.state = "rolled_back"
             state.note("rolled back", step=state.step, failed=["internal error; see the log"])
             self._save(state)
+
+    async def _until_answered(self, state: RolloutState, before: dict[str, Any]) -> None:
+        """Wait, ``step_s`` at a time, until the canary answered ``min_requests`` requests since
+        the ``before`` readings; noted once per step when it has to wait."""
+        answered = self._readings(state)["canary"][0] - before["canary"][0]
+        if answered >= state.min_requests:
+            return
+        state.note("waiting for requests", step=state.step, answered=answered, needed=state.min_requests)
+        self._save(state)
+        while answered < state.min_requests:
+            await asyncio.sleep(state.step_s)
+            answered = self._readings(state)["canary"][0] - before["canary"][0]
 
     def _finish(self, state: RolloutState, note: bool = True) -> None:
         self._manager.move_label(state.model, state.label, state.canary)

@@ -203,3 +203,52 @@ def test_a_rollout_whose_model_is_unloaded_ends_rolled_back() -> None:
             await manager.close()
 
     asyncio.run(main())
+
+
+def test_a_step_waits_for_min_requests_before_its_guards_are_checked() -> None:
+    # Without traffic every guard held for want of readings, and the label moved to a canary no
+    # request had reached.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            metrics = Metrics()
+            rollouts = Rollouts(manager, metrics)
+            body = (
+                b'{"to": 2, "steps": [100], "step_s": 0.02, "guards": ["error_rate<=0.5"], "min_requests": 3}'
+            )
+            rollouts.command("m", "start", body)
+            await asyncio.sleep(0.2)  # ten steps' time without a request
+            state = rollouts.status("m")
+            assert state["state"] == "running"
+            assert [e["event"] for e in state["history"]] == ["started", "step", "waiting for requests"]
+            assert state["history"][-1]["answered"] == 0
+            metrics.count_request("m", "2", "rest", "OK")
+            metrics.count_request("m", "2", "rest", "OK")
+            metrics.count_request("m", "2", "rest", "INVALID_ARGUMENT")
+            for _ in range(500):
+                if rollouts.status("m")["state"] != "running":
+                    break
+                await asyncio.sleep(0.01)
+            state = rollouts.status("m")
+            assert state["state"] == "done"  # 1 failed of 3: within the guard
+            assert state["checked"]["error_rate"]["canary"] == pytest.approx(1 / 3)
+            await rollouts.close()
+            await manager.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "true", '"3"'])
+def test_min_requests_must_be_a_whole_number(value: str) -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics())
+            body = f'{{"to": 2, "min_requests": {value}}}'.encode()
+            with pytest.raises(InvalidArgument, match="'min_requests' must be a whole number >= 0"):
+                rollouts.command("m", "start", body)
+            await manager.close()
+
+    asyncio.run(main())

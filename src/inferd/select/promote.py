@@ -45,6 +45,7 @@ class Canary:
     guards: tuple[str, ...] = ()
     on_restart: str = "rollback"
     admin_token: str = ""
+    min_requests: int = 0
 
     def body(self, version: int, label: str) -> dict[str, object]:
         """The start body of the admin route ``.../rollout`` for a rollout to ``version``."""
@@ -55,6 +56,7 @@ class Canary:
             "step_s": self.step_s,
             "guards": list(self.guards),
             "on_restart": self.on_restart,
+            "min_requests": self.min_requests,
         }
 
 
