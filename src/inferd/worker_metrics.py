@@ -6,11 +6,16 @@ reads its siblings' and merges them into one.
 Merging: counters, histograms and summaries are summed per label set. Gauges are summed where
 each worker holds its own share (requests in flight, queued rows, memory: ``SUMMED_GAUGES``),
 the earliest is kept for ``process_start_time_seconds``, and the largest for the rest, which
-every worker reports alike (budgets, rollout shares, batcher targets). A worker that does not
-answer within ``SIBLING_TIMEOUT_S`` (dying, restarting) is left out of that scrape, and
-``inferd_workers_scraped`` says how many answered. ``inferd_worker_requests`` counts the
-requests each worker answered by protocol (all models), so that the spread over workers shows;
-a restarted worker's count starts again from 0.
+every worker reports alike (budgets, rollout shares, batcher targets).
+
+Counters never go back, so that ``rate()`` sees no false reset: each scrape keeps, in the private
+folder, the last exposition it merged of every worker (``.seen``). A worker that does not answer
+within ``SIBLING_TIMEOUT_S`` (dying, restarting, stuck) is merged from that copy, its counters,
+histograms and summaries only; and a worker that starts in a killed one's place adds the copy to
+the counts of the workers it replaced (``.retired``), which every scrape merges too. What a
+killed worker counted after the last scrape is lost. ``inferd_workers_scraped`` says how many
+workers answered. ``inferd_worker_requests`` counts the requests each worker answered by protocol
+(all models, its predecessors' included), so that the spread over workers shows.
 """
 
 from __future__ import annotations
@@ -43,9 +48,22 @@ SUMMED_GAUGES = frozenset(
 _EARLIEST_GAUGES = frozenset({"process_start_time_seconds"})
 
 
+_CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+
+
 def socket_path(folder: Path, worker: int) -> Path:
     """Where worker number ``worker`` answers its own exposition."""
     return folder / f"metrics-{worker}.sock"
+
+
+def seen_path(folder: Path, worker: int) -> Path:
+    """The last exposition of worker number ``worker`` that a scrape merged."""
+    return folder / f"metrics-{worker}.seen"
+
+
+def retired_path(folder: Path, worker: int) -> Path:
+    """The cumulative metrics of the killed workers that worker number ``worker`` replaced."""
+    return folder / f"metrics-{worker}.retired"
 
 
 class WorkerMetrics:
@@ -59,7 +77,9 @@ class WorkerMetrics:
         self._server: asyncio.AbstractServer | None = None
 
     async def serve(self) -> None:
-        """Start answering this worker's exposition on its socket (replacing a predecessor's)."""
+        """Start answering this worker's exposition on its socket (replacing a predecessor's,
+        whose last merged counts are retired first)."""
+        self._retire()
         path = socket_path(self._folder, self._worker)
         path.unlink(missing_ok=True)
 
@@ -78,6 +98,18 @@ class WorkerMetrics:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
+    def _retire(self) -> None:
+        """Add the last merged exposition of the worker this one replaces (if any) to the
+        counts retired in its place."""
+        seen, retired = seen_path(self._folder, self._worker), retired_path(self._folder, self._worker)
+        try:
+            last = seen.read_bytes()
+        except FileNotFoundError:
+            return
+        earlier = retired.read_bytes() if retired.exists() else b""
+        _write(retired, cumulative(merge([("retired", earlier), ("last", cumulative(last))])))
+        seen.unlink()
+
     async def exposition(self) -> bytes:
         """Every worker's metrics, merged (see the module's docstring)."""
         siblings = sorted(
@@ -86,9 +118,18 @@ class WorkerMetrics:
             if p.name != socket_path(self._folder, self._worker).name
         )
         texts = await asyncio.gather(*(self._read(worker) for worker in siblings))
-        parts: list[tuple[int | str, bytes]] = [(self._worker, self._own())]
-        parts += [(worker, text) for worker, text in zip(siblings, texts, strict=True) if text is not None]
-        return merge(parts)
+        live: list[tuple[int, bytes]] = [(self._worker, self._own())]
+        live += [(worker, text) for worker, text in zip(siblings, texts, strict=True) if text is not None]
+        parts: list[tuple[int | str, bytes]] = list(live)
+        for worker, text in live:
+            _write(seen_path(self._folder, worker), text)
+        for worker, answer in zip(siblings, texts, strict=True):
+            if answer is None and (last := _read_file(seen_path(self._folder, worker))) is not None:
+                parts.append((worker, cumulative(last)))
+        for path in self._folder.glob("metrics-*.retired"):
+            if (retired := _read_file(path)) is not None:
+                parts.append((int(path.name.removeprefix("metrics-").removesuffix(".retired")), retired))
+        return merge(parts, scraped=len(live))
 
     async def _read(self, worker: int) -> bytes | None:
         try:
@@ -103,15 +144,36 @@ class WorkerMetrics:
             return None
 
 
-def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
+def cumulative(text: bytes) -> bytes:
+    """The counter, histogram and summary families of an exposition (``inferd_worker_requests``
+    left out: ``merge`` counts it anew)."""
+    out: list[str] = []
+    kept, help_line = False, ""
+    for line in text.decode().split("\n"):
+        words = line.split(" ", 3) if line.startswith("#") else []
+        if len(words) >= 3 and words[1] == "HELP":  # before its family's TYPE
+            kept, help_line = False, line
+        elif len(words) >= 3 and words[1] == "TYPE":
+            kept = len(words) > 3 and words[3] in _CUMULATIVE
+            kept = kept and not words[2].startswith("inferd_worker_requests")
+            if kept:
+                out += [help_line, line] if help_line else [line]
+            help_line = ""
+        elif kept and line:
+            out.append(line)
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
+def merge(parts: list[tuple[int | str, bytes]], scraped: int | None = None) -> bytes:
     """The Prometheus text format of ``parts`` (the worker's number, or a Ray replica's id, and its
-    exposition) merged into one, plus ``inferd_worker_requests`` and ``inferd_workers_scraped``.
+    exposition) merged into one, plus ``inferd_worker_requests`` and ``inferd_workers_scraped``
+    (``scraped``, else the number of parts).
 
     Works on lines, not parsed samples: every worker writes a label set the same way (the same
     code formats it), so a sample's text before its value is its key. Families and samples keep
     the order of their first appearance.
     """
-    headers: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines
+    headers: dict[str, dict[str, str]] = {}  # family -> its HELP and TYPE lines, by kind
     samples: dict[str, dict[str, float]] = {}  # family -> sample key (name and labels) -> value
     combine: dict[str, Callable[[float, float], float]] = {}
     answered: dict[tuple[str, str], float] = {}  # (worker, protocol) -> requests
@@ -123,9 +185,8 @@ def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
                 if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
                     family = words[2]
                     if family not in samples:
-                        headers[family], samples[family] = [], {}
-                    if len(headers[family]) < 2:
-                        headers[family].append(line)
+                        headers[family], samples[family] = {}, {}
+                    headers[family].setdefault(words[1], line)
                     if words[1] == "TYPE":
                         combine[family] = _combiner(family, words[3] if len(words) > 3 else "")
                 continue
@@ -140,7 +201,8 @@ def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
                 answered[by] = answered.get(by, 0.0) + value
     out: list[str] = []
     for family, table in samples.items():
-        out += headers.get(family, [])
+        kinds = headers.get(family, {})
+        out += [kinds[kind] for kind in ("HELP", "TYPE") if kind in kinds]
         out += [f"{key} {_number(value)}" for key, value in table.items()]
     out += [
         "# HELP inferd_worker_requests_total Requests answered by each worker, by protocol (all models)",
@@ -153,9 +215,26 @@ def merge(parts: list[tuple[int | str, bytes]]) -> bytes:
     out += [
         "# HELP inferd_workers_scraped Workers whose metrics this scrape merged",
         "# TYPE inferd_workers_scraped gauge",
-        f"inferd_workers_scraped {_number(float(len(parts)))}",
+        f"inferd_workers_scraped {_number(float(len(parts) if scraped is None else scraped))}",
     ]
     return ("\n".join(out) + "\n").encode()
+
+
+def _write(path: Path, text: bytes) -> None:
+    """Replace ``path`` with ``text`` at once (a reader never sees half of it); an error is logged."""
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.write_bytes(text)
+        staging.replace(path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _number(value: float) -> str:

@@ -71,6 +71,11 @@ def per_worker(server: ServerProcess, protocol: str) -> dict[str, float]:
     }
 
 
+def total_requests(server: ServerProcess) -> float:
+    """Requests answered by every worker, over every model, protocol and status."""
+    return sum(count for (name, _), count in samples(server).items() if name == "inferd_requests_total")
+
+
 def rest_stable(server: ServerProcess) -> float:
     """``affine``'s label ``stable`` over REST, on a new connection: the scale of the version."""
     response = requests.post(
@@ -185,6 +190,9 @@ def test_a_killed_worker_is_replaced_with_the_admin_state_in_force(server: Serve
         timeout=30,
     )
     assert moved.status_code == 200, moved.text
+    for _ in range(20):
+        rest_stable(server)
+    answered = total_requests(server)  # this scrape merged both workers' counts
     victim, survivor = workers(server)
     os.kill(victim, signal.SIGKILL)
     server.wait_for(lambda: victim not in workers(server), "the killed worker to be reaped")
@@ -199,6 +207,8 @@ def test_a_killed_worker_is_replaced_with_the_admin_state_in_force(server: Serve
     )
     assert {rest_stable(server) for _ in range(30)} == {2.0}
     assert successor in workers(server)
+    # The killed worker's counts stay in /metrics: counters never went back (a false reset).
+    assert total_requests(server) >= answered + 20 + 30
 
 
 def test_a_new_version_on_disk_is_served_by_every_worker(tmp_path: Path) -> None:

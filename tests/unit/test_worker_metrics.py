@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferd.metrics import Metrics
-from inferd.worker_metrics import merge
+from inferd.worker_metrics import WorkerMetrics, cumulative, merge
 
 
 def _table(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -75,3 +78,53 @@ def test_label_values_with_any_characters_are_merged_as_they_are() -> None:
         assert merged[("inferd_requests_total", key)] == 2, name
     worker = frozenset({"worker": "0", "protocol": "v2_rest"}.items())
     assert merged[("inferd_worker_requests_total", worker)] == len(names)
+
+
+def _requests(text: bytes) -> float:
+    key = frozenset({"model": "m", "version": "1", "protocol": "tfserving_rest", "status": "OK"}.items())
+    return _table(text)[("inferd_requests_total", key)]
+
+
+def test_counters_never_go_back_when_a_worker_stops_answering_or_is_replaced(tmp_path: Path) -> None:
+    # A worker killed (or too slow to answer a scrape) took its counts out of /metrics, which
+    # Prometheus reads as a reset of every counter: rate() then counted the survivors' totals again.
+    async def main() -> None:
+        counts = {0: _worker(3, 1, 0.001), 1: _worker(5, 1, 0.001)}
+        first = WorkerMetrics(tmp_path, 0, lambda: counts[0])
+        second = WorkerMetrics(tmp_path, 1, lambda: counts[1])
+        await first.serve()
+        await second.serve()
+        merged = await first.exposition()
+        assert _requests(merged) == 8
+        assert _table(merged)[("inferd_workers_scraped", frozenset())] == 2
+
+        await second.close()  # killed: its socket no longer answers
+        merged = await first.exposition()
+        assert _requests(merged) == 8  # its last counts, merged from the copy of the last scrape
+        table = _table(merged)
+        assert table[("inferd_workers_scraped", frozenset())] == 1
+        assert table[("inferd_in_flight_requests", frozenset())] == 1  # a dead worker's gauges go
+
+        counts[1] = _worker(2, 0, 0.001)  # its successor starts counting from 0
+        successor = WorkerMetrics(tmp_path, 1, lambda: counts[1])
+        await successor.serve()
+        for scraped_by in (first, successor):
+            merged = await scraped_by.exposition()
+            assert _requests(merged) == 3 + 5 + 2
+            worker_1 = frozenset({"worker": "1", "protocol": "tfserving_rest"}.items())
+            assert _table(merged)[("inferd_worker_requests_total", worker_1)] == 5 + 2
+        await first.close()
+        await successor.close()
+
+    asyncio.run(main())
+
+
+def test_cumulative_keeps_counters_and_histograms_with_their_headers_only() -> None:
+    text = cumulative(_worker(2, 4, 0.001)).decode()
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["inferd_requests"] == "counter"
+    assert families["inferd_request_duration_seconds"] == "histogram"
+    assert "inferd_in_flight_requests" not in families
+    assert "inferd_batcher_target_batch_size" not in families
+    assert text.count("# TYPE inferd_requests_total counter") == 1
+    assert text.count("# HELP inferd_requests_total ") == 1
