@@ -51,6 +51,34 @@ def test_onnx_signature_and_prediction(tmp_path: Path) -> None:
     assert out["y"].tolist() == [[4.0] * 4] * 2
 
 
+def test_an_onnx_tensor_without_a_declared_shape_has_an_unknown_rank_and_a_scalar_stays_one(
+    tmp_path: Path,
+) -> None:
+    # onnxruntime shows both with shape []: the shapeless one was served as a scalar, so every
+    # request with data in it was refused ("expected FP32 [], got FP64 [1, 2]").
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    bias = helper.make_tensor_value_info("bias", TensorProto.FLOAT, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "bias"], ["y"])], "g", [x, bias], [y])
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    onnx.save(model_proto, tmp_path / "model.onnx")
+    model, _ = load_model(tmp_path, ModelSettings(), None)
+    signature = model.signatures["serving_default"]
+    assert {s.name: s.shape for s in (*signature.inputs, *signature.outputs)} == {
+        "x": None,
+        "bias": (),
+        "y": None,
+    }
+    out = model.predict(
+        "serving_default", {"x": np.ones((2, 3), np.float32), "bias": np.array(1, np.float32)}
+    )
+    assert out["y"].tolist() == [[2.0] * 3] * 2
+
+
 def test_onnx_options_are_checked(tmp_path: Path) -> None:
     write_onnx_affine(tmp_path, 1.0)
     with pytest.raises(ModelLoadError, match="unknown \\[onnx\\] option"):

@@ -151,12 +151,48 @@ class OnnxRuntime:
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         if settings.device != "cpu" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise ModelLoadError(f"onnxruntime could not start its CUDA provider on {settings.device}")
+        args = (*session.get_inputs(), *session.get_outputs())
+        unranked = _unranked(path, {arg.name for arg in args if not arg.shape})
         signature = Signature(
             DEFAULT_SIGNATURE,
-            tuple(_spec(arg, "input") for arg in session.get_inputs()),
-            tuple(_spec(arg, "output") for arg in session.get_outputs()),
+            tuple(_spec(arg, "input", unranked) for arg in session.get_inputs()),
+            tuple(_spec(arg, "output", unranked) for arg in session.get_outputs()),
         )
         return OnnxModel(session, signature)
+
+
+def _unranked(path: Path, shapeless: set[str]) -> frozenset[str]:
+    """Those of the inputs and outputs ``shapeless`` (which onnxruntime shows with shape ``[]``,
+    as it shows a scalar) whose type in the graph of ``path`` declares no shape: their rank is
+    unknown, and a request may send any. Read with the ``onnx`` package, only when some are
+    shapeless; without it they stay scalars (logged)."""
+    if not shapeless:
+        return frozenset()
+    try:
+        import onnx
+    except ImportError:
+        log.warning(
+            "%s: %s declared with shape [] are served as scalars; install onnx to tell an unknown "
+            "rank from a scalar",
+            path,
+            sorted(shapeless),
+        )
+        return frozenset()
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnxruntime read it; a parser that cannot changes nothing
+        log.warning(
+            "%s: the graph's shapes could not be read (%s); %s served as scalars",
+            path,
+            exc,
+            sorted(shapeless),
+        )
+        return frozenset()
+    return frozenset(
+        value.name
+        for value in (*graph.input, *graph.output)
+        if value.name in shapeless and not value.type.tensor_type.HasField("shape")
+    )
 
 
 def maps_weights(version_dir: Path, settings: ModelSettings) -> bool:
@@ -291,7 +327,8 @@ def _choice(options: Mapping[str, Any], key: str, choices: Mapping[str, Any], de
     return choices[value]
 
 
-def _spec(arg: Any, kind: str) -> TensorSpec:
+def _spec(arg: Any, kind: str, unranked: frozenset[str] = frozenset()) -> TensorSpec:
+    """A session's input or output; ``unranked``: the names whose rank is unknown."""
     type_name: str = arg.type
     if not type_name.startswith("tensor("):
         raise ModelLoadError(
@@ -301,7 +338,9 @@ def _spec(arg: Any, kind: str) -> TensorSpec:
     element = type_name[len("tensor(") : -1]
     if element not in _ONNX_TYPES:
         raise ModelLoadError(f"{kind} {arg.name!r} has element type {element}, which inferd cannot serve")
-    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
+    shape = (
+        None if arg.name in unranked else tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    )
     return TensorSpec(arg.name, np.dtype(_ONNX_TYPES[element]), shape)
 
 
