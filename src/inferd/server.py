@@ -613,7 +613,7 @@ class Server:
         grpc_server: grpc.aio.Server | None = None
         health: health_aio.HealthServicer | None = None
         try:
-            if self.config.port:
+            if self.config.port or self.config.grpc_socket_path:
                 grpc_server, health = await _start_grpc(
                     self.service,
                     self.control,
@@ -632,7 +632,7 @@ class Server:
                 "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
-                f" and gRPC{' (TLS)' if self.tls else ''} on {self.config.host}:{self.config.port}"
+                f" and gRPC{' (TLS)' if self.tls else ''} on {_grpc_addresses(self.config)}"
                 if grpc_server
                 else "",
             )
@@ -715,9 +715,10 @@ async def _start_grpc(
     decode_pool: BodyDecoder,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
-    """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
-    health service (every service SERVING until the drain) and server reflection, behind the
-    token check and the in-flight byte budget, with the connection and stream limits of
+    """Start the gRPC server on ``config.port`` (unless 0) and ``config.grpc_socket_path`` (unless
+    empty; one of them is set): TF Serving's and the V2 services, the standard health service
+    (every service SERVING until the drain) and server reflection, behind the token check and
+    the in-flight byte budget, with the connection and stream limits of
     ``grpc_transport_options``; over TLS when ``tls`` is given; large messages parsed and
     decoded on ``decode_pool``'s thread. Health and reflection are optional: when their package
     cannot be imported, one WARNING says so and the server runs without it.
@@ -755,17 +756,18 @@ async def _start_grpc(
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
     _add_reflection(server, (*services, *health_name))
-    address = f"{config.host}:{config.port}"
-    try:
-        bound = (
-            server.add_secure_port(address, tls.grpc_credentials())
-            if tls
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
+    if config.port:
+        address = f"{config.host}:{config.port}"
+        try:
+            bound = (
+                server.add_secure_port(address, tls.grpc_credentials())
+                if tls
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
     if config.grpc_socket_path:
         _bind_unix_socket(server, config.grpc_socket_path)
     await server.start()
@@ -788,6 +790,14 @@ def _preflight(scope: Scope) -> tuple[int, dict[str, str], bytes]:
         return 200, {"content-type": "application/json"}, b""
     error = InvalidArgument("OPTIONS request without an http(s) Origin header; CORS preflight expects one")
     return json_error(error)
+
+
+def _grpc_addresses(config: ServerConfig) -> str:
+    """Where gRPC listens, for the log: the port and the Unix socket that are set."""
+    addresses = [f"{config.host}:{config.port}"] if config.port else []
+    if config.grpc_socket_path:
+        addresses.append(f"unix:{config.grpc_socket_path}")
+    return " and ".join(addresses)
 
 
 def _bind_unix_socket(server: Any, path: str) -> None:
