@@ -909,6 +909,8 @@ def listen_rest_socket(sock: socket.socket, backlog: int, config: ServerConfig) 
         ) from exc
 
 
+C_INT_MAX = 2**31 - 1
+"""The largest value of gRPC core's integer options."""
 GRPC_MAX_CONCURRENT_STREAMS = 128
 """Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
 GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
@@ -929,13 +931,17 @@ def grpc_transport_options(
     closed, as a REST connection that sends no head is. ``grpc.so_reuseport`` 0: a second server
     on the same port fails to start instead of sharing it; 1 (``reuse_port``) for the workers of
     ``--workers N``, whose supervisor keeps other servers off the port."""
-    opening_ms = max(1, round(min(config.header_timeout_s * 1000, 2**31 - 1)))  # a C int; inf too
+    opening_ms = max(1, round(min(config.header_timeout_s * 1000, C_INT_MAX)))  # a C int; inf too
+    # gRPC core's integer options are C ints: a larger limit is no limit (a protobuf message
+    # stays under 2 GiB anyway), and would make the server fail to start with an OverflowError.
+    message_bytes = min(config.max_request_bytes, C_INT_MAX)
+    metadata_bytes = min(config.max_header_bytes, C_INT_MAX)
     return [
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.max_metadata_size", config.max_header_bytes),
-        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.max_receive_message_length", message_bytes),
+        ("grpc.max_metadata_size", metadata_bytes),
+        ("grpc.absolute_max_metadata_size", metadata_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
-        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_allowed_incoming_connections", min(max_connections, C_INT_MAX)),
         ("grpc.server_handshake_timeout_ms", opening_ms),
         ("grpc.http2.settings_timeout", opening_ms),
         ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
