@@ -375,6 +375,10 @@ def test_regress_and_multi_inference(
     multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
     (result,) = predict.MultiInference(multi, timeout=10).results
     np.testing.assert_allclose([r.value for r in result.regression_result.regressions], expected, rtol=1e-5)
+    # one signature twice is refused, as TF Serving refuses it (it was run, and answered, twice)
+    multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
+    with _Status(grpc.StatusCode.INVALID_ARGUMENT, "Duplicate evaluation of signature: serving_default"):
+        predict.MultiInference(multi, timeout=10)
 
 
 @pytest.mark.parametrize(
