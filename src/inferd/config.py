@@ -877,7 +877,9 @@ def worker_count(text: str) -> int:
 
 def channel_arguments(text: str) -> list[tuple[str, str | int]]:
     """Parse ``--grpc_channel_arguments`` (``grpc.max_connection_age_ms=2000,grpc.x=y``) into gRPC
-    server options; integer values become ints, as TF Serving passes them.
+    server options; values that are 32-bit integers become ints, as TF Serving passes them, and
+    every other value a string (gRPC core's integer options are C ints: a larger int made the
+    server fail to start with an OverflowError).
 
     Raises:
         ConfigError: an entry without ``=``.
@@ -889,11 +891,17 @@ def channel_arguments(text: str) -> list[tuple[str, str | int]]:
         key, sep, value = entry.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--grpc_channel_arguments: expected key=value, got {entry!r}")
-        try:
-            options.append((key.strip(), int(value)))
-        except ValueError:
-            options.append((key.strip(), value.strip()))
+        options.append((key.strip(), _channel_value(value.strip())))
     return options
+
+
+def _channel_value(value: str) -> str | int:
+    """``value`` as an int when it is a 32-bit integer, else as it is."""
+    try:
+        number = int(value)
+    except ValueError:
+        return value
+    return number if -(2**31) <= number < 2**31 else value
 
 
 def with_server_flags(settings: ModelSettings, config: ServerConfig) -> ModelSettings:

@@ -613,7 +613,7 @@ class Server:
         grpc_server: grpc.aio.Server | None = None
         health: health_aio.HealthServicer | None = None
         try:
-            if self.config.port:
+            if self.config.port or self.config.grpc_socket_path:
                 grpc_server, health = await _start_grpc(
                     self.service,
                     self.control,
@@ -632,7 +632,7 @@ class Server:
                 "https" if self.tls else "http",
                 self.config.host,
                 self.config.rest_api_port,
-                f" and gRPC{' (TLS)' if self.tls else ''} on {self.config.host}:{self.config.port}"
+                f" and gRPC{' (TLS)' if self.tls else ''} on {_grpc_addresses(self.config)}"
                 if grpc_server
                 else "",
             )
@@ -715,9 +715,10 @@ async def _start_grpc(
     decode_pool: BodyDecoder,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer | None]:
-    """Start the gRPC server on ``config.port``: TF Serving's and the V2 services, the standard
-    health service (every service SERVING until the drain) and server reflection, behind the
-    token check and the in-flight byte budget, with the connection and stream limits of
+    """Start the gRPC server on ``config.port`` (unless 0) and ``config.grpc_socket_path`` (unless
+    empty; one of them is set): TF Serving's and the V2 services, the standard health service
+    (every service SERVING until the drain) and server reflection, behind the token check and
+    the in-flight byte budget, with the connection and stream limits of
     ``grpc_transport_options``; over TLS when ``tls`` is given; large messages parsed and
     decoded on ``decode_pool``'s thread. Health and reflection are optional: when their package
     cannot be imported, one WARNING says so and the server runs without it.
@@ -755,17 +756,18 @@ async def _start_grpc(
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
     _add_reflection(server, (*services, *health_name))
-    address = f"{config.host}:{config.port}"
-    try:
-        bound = (
-            server.add_secure_port(address, tls.grpc_credentials())
-            if tls
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
+    if config.port:
+        address = f"{config.host}:{config.port}"
+        try:
+            bound = (
+                server.add_secure_port(address, tls.grpc_credentials())
+                if tls
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ConfigError(f"cannot listen for gRPC on {address} (--port); is the port in use?")
     if config.grpc_socket_path:
         _bind_unix_socket(server, config.grpc_socket_path)
     await server.start()
@@ -788,6 +790,14 @@ def _preflight(scope: Scope) -> tuple[int, dict[str, str], bytes]:
         return 200, {"content-type": "application/json"}, b""
     error = InvalidArgument("OPTIONS request without an http(s) Origin header; CORS preflight expects one")
     return json_error(error)
+
+
+def _grpc_addresses(config: ServerConfig) -> str:
+    """Where gRPC listens, for the log: the port and the Unix socket that are set."""
+    addresses = [f"{config.host}:{config.port}"] if config.port else []
+    if config.grpc_socket_path:
+        addresses.append(f"unix:{config.grpc_socket_path}")
+    return " and ".join(addresses)
 
 
 def _bind_unix_socket(server: Any, path: str) -> None:
@@ -899,6 +909,8 @@ def listen_rest_socket(sock: socket.socket, backlog: int, config: ServerConfig) 
         ) from exc
 
 
+C_INT_MAX = 2**31 - 1
+"""The largest value of gRPC core's integer options."""
 GRPC_MAX_CONCURRENT_STREAMS = 128
 """Calls open at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)."""
 GRPC_MAX_CONNECTION_IDLE_MS = 5 * 60 * 1000
@@ -919,13 +931,17 @@ def grpc_transport_options(
     closed, as a REST connection that sends no head is. ``grpc.so_reuseport`` 0: a second server
     on the same port fails to start instead of sharing it; 1 (``reuse_port``) for the workers of
     ``--workers N``, whose supervisor keeps other servers off the port."""
-    opening_ms = max(1, round(min(config.header_timeout_s * 1000, 2**31 - 1)))  # a C int; inf too
+    opening_ms = max(1, round(min(config.header_timeout_s * 1000, C_INT_MAX)))  # a C int; inf too
+    # gRPC core's integer options are C ints: a larger limit is no limit (a protobuf message
+    # stays under 2 GiB anyway), and would make the server fail to start with an OverflowError.
+    message_bytes = min(config.max_request_bytes, C_INT_MAX)
+    metadata_bytes = min(config.max_header_bytes, C_INT_MAX)
     return [
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.max_metadata_size", config.max_header_bytes),
-        ("grpc.absolute_max_metadata_size", config.max_header_bytes),
+        ("grpc.max_receive_message_length", message_bytes),
+        ("grpc.max_metadata_size", metadata_bytes),
+        ("grpc.absolute_max_metadata_size", metadata_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
-        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_allowed_incoming_connections", min(max_connections, C_INT_MAX)),
         ("grpc.server_handshake_timeout_ms", opening_ms),
         ("grpc.http2.settings_timeout", opening_ms),
         ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),

@@ -6,6 +6,8 @@ are used in ``test_tfserving_api.py``.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -373,6 +375,10 @@ def test_regress_and_multi_inference(
     multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
     (result,) = predict.MultiInference(multi, timeout=10).results
     np.testing.assert_allclose([r.value for r in result.regression_result.regressions], expected, rtol=1e-5)
+    # one signature twice is refused, as TF Serving refuses it (it was run, and answered, twice)
+    multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
+    with _Status(grpc.StatusCode.INVALID_ARGUMENT, "Duplicate evaluation of signature: serving_default"):
+        predict.MultiInference(multi, timeout=10)
 
 
 @pytest.mark.parametrize(
@@ -472,3 +478,22 @@ def test_multi_inference_is_counted_like_every_inference_call(
     multi.tasks.add(model_spec=ps.ModelSpec(name="regressor"), method_name="tensorflow/serving/regress")
     predict.MultiInference(multi, timeout=10)
     assert counted() == before + 1
+
+
+def test_grpc_on_the_unix_socket_alone_with_port_0(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``--port=0 --grpc_socket_path=P`` serves gRPC on the socket only, as TF Serving does; the
+    socket was ignored with gRPC's port off, and the server served no gRPC at all."""
+    repo = tmp_path_factory.mktemp("socket-only")
+    write_python_model(repo / "text" / "1", TEXT_MODEL, TEXT_SIGNATURE)
+    socket_path = Path(tempfile.mkdtemp(prefix="inferd-sock-", dir="/tmp")) / "grpc.sock"  # short
+    process = launch(repo, str(repo), "--port=0", f"--grpc_socket_path={socket_path}")
+    try:
+        process.wait_available("text")
+        with grpc.insecure_channel(f"unix:{socket_path}") as socket_channel:
+            stub = health_pb2_grpc.HealthStub(socket_channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert f"gRPC on unix:{socket_path}" in process.log()
+    finally:
+        process.stop()
+        shutil.rmtree(socket_path.parent, ignore_errors=True)

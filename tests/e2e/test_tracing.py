@@ -214,6 +214,24 @@ def test_a_grpc_request_is_traced_under_the_clients_traceparent(
     check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_grpc", 2)
 
 
+def test_each_grpc_call_is_traced_under_its_own_traceparent(
+    traced: Callable[..., ServerProcess], receiver: Receiver
+) -> None:
+    """A call without a traceparent, then two with one each: every call's span has its own parent.
+    Before, the gate in front of the gRPC services kept the handler of a method's first call, and
+    with it that call's traceparent (here none) for every later call."""
+    server = traced("grpc")
+    x, _ = digits()
+    client = grpcclient.InferenceServerClient(server.grpc_target)
+    tensor = grpcclient.InferInput("X", [1, 64], "FP32")
+    tensor.set_data_from_numpy(x[:1])
+    client.infer("digits", [tensor])
+    for _ in range(2):
+        traceparent, trace_id, span_id = new_traceparent()
+        client.infer("digits", [tensor], headers={"traceparent": traceparent})
+        check_request_trace(wait_for_trace(server, receiver, trace_id), span_id, "v2_grpc", 1)
+
+
 def test_the_batch_size_is_the_batch_the_model_computed_not_the_requests_rows(
     tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

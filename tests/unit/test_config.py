@@ -418,6 +418,10 @@ def test_grpc_channel_arguments_become_server_options() -> None:
         ("grpc.so_reuseaddr", 1),
     ]
     assert channel_arguments("") == []
+    # past a C int, a string (as TF Serving passes it), which gRPC ignores: an int failed the start
+    assert channel_arguments("grpc.max_connection_age_ms=3000000000") == [
+        ("grpc.max_connection_age_ms", "3000000000")
+    ]
     with pytest.raises(ConfigError, match=r"expected key=value, got 'grpc\.x'"):
         channel_arguments("grpc.x")
 

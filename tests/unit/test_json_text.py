@@ -73,6 +73,16 @@ def test_any_header_timeout_makes_grpc_options_that_fit_a_c_int(timeout_s: float
         assert 1 <= options[key] <= 2**31 - 1
 
 
+def test_limits_past_a_c_int_make_grpc_options_that_fit_one() -> None:
+    """A message, metadata or connection limit of 2 GiB or more is no limit to gRPC; passed as it
+    was, it made grpc.aio.server raise OverflowError and the server fail to start."""
+    big = 3 * 2**30
+    config = ServerConfig(max_request_bytes=big, max_inflight_bytes=big, max_header_bytes=big)
+    options = grpc_transport_options(config, big)
+    assert all(value <= 2**31 - 1 for _, value in options if isinstance(value, int))
+    assert dict(options)["grpc.max_receive_message_length"] == 2**31 - 1
+
+
 def test_v2_null_among_huge_strings_gets_the_error_of_the_numpy_path() -> None:
     with pytest.raises(InvalidArgument, match=r"datatype BYTES cannot hold JSON values like null \(null\)"):
         _v2([LONG] + ["a"] * 3_000 + [None], [3_002])

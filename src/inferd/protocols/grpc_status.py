@@ -103,7 +103,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._access = access
         self._admin_methods = frozenset(admin_methods)
         self._inflight = inflight
-        self._budgeted: dict[str, Handler] = {}  # method -> its handler under the budget
+        self._budgeted: dict[str, tuple[Handler, Handler]] = {}  # method -> (handler, under budget)
 
     async def intercept_service(
         self,
@@ -124,10 +124,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 return _refusal(handler, error)
         if self._inflight is None or handler.request_streaming or handler.response_streaming:
             return handler
-        budgeted = self._budgeted.get(method)
-        if budgeted is None:
-            budgeted = self._budgeted[method] = _under_budget(handler, self._inflight)
-        return budgeted
+        # The handler is made anew for a call that the interceptors behind give one of its own
+        # (a traceparent's): the one kept is used only while it is the handler given.
+        made = self._budgeted.get(method)
+        if made is None or made[0] is not handler:
+            made = self._budgeted[method] = (handler, _under_budget(handler, self._inflight))
+        return made[1]
 
 
 def _under_budget(handler: Handler, inflight: InflightBytes) -> Handler:

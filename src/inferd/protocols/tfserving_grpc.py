@@ -44,6 +44,7 @@ from inferd.protocols.limits import RequestLimits
 from inferd.protocols.tfserving_rest import classification_rows, regression_values, unknown_label_as_invalid
 from inferd.service import Call, InferenceService
 from inferd.types import (
+    DEFAULT_SIGNATURE,
     InferenceResponse,
     Method,
     ModelId,
@@ -208,6 +209,10 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             raise InvalidArgument("MultiInferenceRequest must name at least one task")
         if len({task.model_spec.name for task in request.tasks}) > 1:
             raise InvalidArgument("All tasks must use the same model name")
+        signatures = [task.model_spec.signature_name or DEFAULT_SIGNATURE for task in request.tasks]
+        if len(set(signatures)) < len(signatures):  # as TF Serving: each signature runs once
+            twice = next(name for i, name in enumerate(signatures) if name in signatures[:i])
+            raise InvalidArgument(f"Duplicate evaluation of signature: {twice}")
         reply = ps.MultiInferenceResponse()
         for task in request.tasks:
             method = _TASK_METHODS.get(task.method_name)

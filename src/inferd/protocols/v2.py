@@ -8,7 +8,7 @@ from typing import Any
 
 from inferd.control import IndexEntry
 from inferd.errors import InvalidArgument
-from inferd.types import ModelMetadata, TensorSpec, VersionState, dtype_of
+from inferd.types import DEFAULT_SIGNATURE, ModelMetadata, Signature, TensorSpec, VersionState, dtype_of
 
 V2_PLATFORMS = {
     "onnx": "onnxruntime_onnx",
@@ -86,11 +86,27 @@ def v2_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
     return rows
 
 
+def v2_signature(meta: ModelMetadata) -> Signature:
+    """The signature the V2 API serves: the model's ``serving_default``.
+
+    Raises:
+        InvalidArgument: the model has none (a SavedModel of named signatures only), in the
+            words of an inference request on it.
+    """
+    signature = meta.signatures.get(DEFAULT_SIGNATURE)
+    if signature is None:
+        raise InvalidArgument(
+            f'Serving signature name: "{DEFAULT_SIGNATURE}" not found in signature def; model '
+            f"{meta.model_id} has {sorted(meta.signatures)}, and the V2 API serves {DEFAULT_SIGNATURE}"
+        )
+    return signature
+
+
 def v2_model_config(meta: ModelMetadata) -> dict[str, Any]:
     """Triton's model configuration as perf_analyzer reads it (JSON field names of its
     ModelConfig proto): dims exclude the batch dimension when the model is batched
     (``max_batch_size`` > 0)."""
-    signature = meta.signatures["serving_default"]
+    signature = v2_signature(meta)
     batched = meta.max_batch_size > 0
 
     def tensor(spec: TensorSpec) -> dict[str, Any]:

@@ -33,11 +33,17 @@ from inferd.protocols.grpc_status import (
 )
 from inferd.protocols.limits import RequestLimits
 from inferd.protocols.rest_status import model_ref
-from inferd.protocols.v2 import V2_EXTENSIONS, V2_PLATFORMS, refuse_unserved, v2_index, v2_model_config
+from inferd.protocols.v2 import (
+    V2_EXTENSIONS,
+    V2_PLATFORMS,
+    refuse_unserved,
+    v2_index,
+    v2_model_config,
+    v2_signature,
+)
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
 from inferd.types import (
-    DEFAULT_SIGNATURE,
     ModelRef,
     Tensors,
     TensorSpec,
@@ -167,7 +173,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         meta = self._service.metadata(_ref(request.name, request.version))
-        signature = meta.signatures[DEFAULT_SIGNATURE]
+        signature = v2_signature(meta)
         reply = pb.ModelMetadataResponse(
             name=meta.model_id.name,
             versions=[str(v) for v in meta.versions],

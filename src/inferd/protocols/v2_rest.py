@@ -42,6 +42,7 @@ from inferd.protocols.v2 import (
     refuse_unserved,
     v2_index,
     v2_model_config,
+    v2_signature,
 )
 from inferd.protocols.v2_triton import load_failure, load_parameters, statistics, unknown_model
 from inferd.service import Call, InferenceService
@@ -181,7 +182,7 @@ def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
 
 
 def _metadata(meta: ModelMetadata) -> dict[str, Any]:
-    signature = meta.signatures["serving_default"]
+    signature = v2_signature(meta)
     return {
         "name": meta.model_id.name,
         "versions": [str(v) for v in meta.versions],
