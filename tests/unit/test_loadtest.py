@@ -134,3 +134,51 @@ def test_bench_refuses_unreadable_tls_files_before_any_request(
     assert main([*target, "--tls-ca", str(tmp_path / "junk.pem")]) == 2
     assert main([*target, "--tls-key", str(tmp_path / "junk.pem")]) == 2
     assert "--tls-key needs --tls-cert" in capsys.readouterr().err
+
+
+def test_a_server_that_stops_during_a_step_has_no_usage_rather_than_a_wrong_one() -> None:
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from inferd.loadtest.serverside import ServerWatch
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    watch = ServerWatch(process.pid, None)
+    watch.start()
+    process.kill()
+    process.wait()  # reaped: /proc no longer has it
+    assert watch.stop() is None
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"process_cpu_seconds_total 1.5\nprocess_resident_memory_bytes 1e8\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    watch = ServerWatch(None, f"http://127.0.0.1:{server.server_address[1]}/metrics")
+    watch.start()
+    server.shutdown()
+    server.server_close()
+    assert watch.stop() is None
+
+
+def test_bench_refuses_a_server_pid_or_metrics_url_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    target = ["bench", "http://127.0.0.1:9", "--model=m", f"--payload={tmp_path / 'b.json'}", "--warmup=0"]
+    assert main([*target, "--server_pid=4194305"]) == 2  # above any pid_max
+    assert "--server_pid: cannot read the server's usage: no process 4194305" in capsys.readouterr().err
+    assert main([*target, "--metrics_url=http://127.0.0.1:9/metrics"]) == 2
+    assert "--metrics_url: cannot read the server's usage" in capsys.readouterr().err

@@ -103,7 +103,8 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
 
     Raises:
         ValueError: options that do not fit (no steps, unknown protocol, a payload file of the
-            wrong kind, metadata that cannot be read).
+            wrong kind, metadata that cannot be read, a ``server_pid`` that is not running or a
+            ``metrics_url`` that cannot be read).
     """
     steps = steps_of(options)
     for mode, level in steps:
@@ -125,6 +126,12 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
         tls=options.tls,
     )
     metrics_url = _metrics_url(options, payload)
+    if options.server_pid or metrics_url:
+        try:
+            ServerWatch(options.server_pid, metrics_url).read()
+        except (OSError, ValueError) as exc:
+            flag = "--server_pid" if options.server_pid else "--metrics_url"
+            raise ValueError(f"{flag}: cannot read the server's usage: {exc}") from None
     reports = []
     for mode, level in steps:
         watch = ServerWatch(options.server_pid, metrics_url) if options.server_pid or metrics_url else None
