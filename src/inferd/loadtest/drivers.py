@@ -7,10 +7,12 @@ whatever the server does; a request that finds no free connection opens one (up 
 slow server cannot hide its latency by slowing the sender down (no coordinated omission).
 
 A request counts in the figures when it was due inside the measured window (after warm-up).
-When the window closes, nothing new is sent and answers still outstanding are awaited for up to
-``timeout_s`` (then counted as ``timeout``), so that every request sent is accounted for in
-``all_statuses``, warm-up included. The first few distinct error messages (the server's own,
-from an HTTP error body's ``error`` field or a gRPC status's details) are kept with their status.
+A request not answered within ``timeout_s`` of being sent is an error, in the window or after it:
+``timeout`` over HTTP (its connection is closed), the call's ``DEADLINE_EXCEEDED`` over gRPC. When the
+window closes, nothing new is sent and answers still outstanding are awaited, so that every
+request sent is accounted for in ``all_statuses``, warm-up included. The first few distinct
+error messages (the server's own, from an HTTP error body's ``error`` field or a gRPC status's
+details) are kept with their status.
 
 The HTTP client is a callback-driven ``asyncio.Protocol`` that sends pre-encoded bytes and parses
 only the status line and the body's length (``Content-Length`` or a chunked body's end), on
@@ -154,6 +156,7 @@ class _Connection(asyncio.Protocol):
         "buffer",
         "due_ns",
         "error_body",
+        "sent_ns",
         "transport",
     )
 
@@ -163,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self._write: Callable[[bytes], object] = _unconnected
         self.buffer = bytearray()
         self.due_ns = 0
+        self.sent_ns = 0
         self._expect = -1
         self._chunked = -1
         self._body_at = 0
@@ -182,6 +186,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, due_ns: int) -> None:
         self.due_ns = due_ns
+        self.sent_ns = time.monotonic_ns()
         self._write(self._driver.request)
 
     def data_received(self, data: bytes) -> None:
@@ -254,6 +259,7 @@ class _Http:
     async def run(self, mode: str, level: float, start_ns: int) -> Samples:
         await _sleep_until(start_ns)
         end_ns = self._recorder.window_end_ns
+        expiry = asyncio.get_running_loop().create_task(self._expire())
         if mode == CLOSED:
             self._closed_loop = True
             for _ in range(int(level)):
@@ -272,10 +278,29 @@ class _Http:
             for due_ns in [*(c.due_ns for c in self._busy), *self._backlog]:
                 self._recorder.record(due_ns, now, "timeout")
                 self._recorder.note("timeout", f"no answer within {self._timeout_s:g} s (--timeout)")
+        expiry.cancel()
         for connection in [*self._idle, *self._busy]:
             if connection.transport is not None:
                 connection.transport.close()
         return self._recorder.samples()
+
+    async def _expire(self) -> None:
+        """Every so often, count each request unanswered ``timeout_s`` after it was sent as a
+        ``timeout`` and close its connection (HTTP/1.1 cannot cancel a request otherwise)."""
+        timeout_ns = int(self._timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(min(0.1, self._timeout_s / 10))
+            now = time.monotonic_ns()
+            for connection in [c for c in self._busy if now - c.sent_ns > timeout_ns]:
+                self._busy.discard(connection)  # so that losing it is not an error of its own
+                self._recorder.record(connection.due_ns, now, "timeout")
+                self._recorder.note("timeout", f"no answer within {self._timeout_s:g} s (--timeout)")
+                if connection.transport is not None:
+                    connection.transport.close()
+                if self._closed_loop and self._sending:
+                    self._backlog.append(now)
+                    self._open()
+            self._check_settled()
 
     def _dispatch(self, due_ns: int) -> None:
         if self._idle:

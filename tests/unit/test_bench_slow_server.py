@@ -1,0 +1,55 @@
+"""``inferd bench`` over HTTP against a small socket server that answers one request at a time
+after a fixed delay, so that its latency and its capacity are known: a request slower than
+``--timeout`` is a ``timeout``, not a success."""
+
+from __future__ import annotations
+
+import contextlib
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inferd.loadtest.drivers import CLOSED, OPEN, measure
+from inferd.loadtest.payloads import Payload, build
+from tests.unit.test_bench_reconnect import OK, read_request
+
+
+@contextlib.contextmanager
+def serve(delay_s: float) -> Iterator[int]:
+    """A server that answers each request ``delay_s`` after reading it, one at a time across all
+    its connections (so at most 1 / ``delay_s`` requests per second); yields its port."""
+    one_at_a_time = threading.Lock()
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(OSError):
+                while read_request(self.request):
+                    with one_at_a_time:
+                        time.sleep(delay_s)
+                    self.request.sendall(OK)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def payload(tmp_path: Path, port: int) -> Payload:
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    return build(f"http://127.0.0.1:{port}", "rest", "m", payload=tmp_path / "b.json")
+
+
+@pytest.mark.parametrize("mode", [CLOSED, OPEN])
+def test_a_request_slower_than_the_timeout_is_a_timeout_in_the_window_too(tmp_path: Path, mode: str) -> None:
+    with serve(delay_s=0.5) as port:
+        level = 1 if mode == CLOSED else 5
+        samples = measure(payload(tmp_path, port), mode, level, time.monotonic_ns(), 0.0, 0.6, timeout_s=0.2)
+    assert "200" not in samples.all_statuses  # every answer came 0.5 s after its request
+    assert samples.statuses["timeout"] >= 2
+    assert samples.messages == ["timeout: no answer within 0.2 s (--timeout)"]
