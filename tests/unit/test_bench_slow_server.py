@@ -53,3 +53,30 @@ def test_a_request_slower_than_the_timeout_is_a_timeout_in_the_window_too(tmp_pa
     assert "200" not in samples.all_statuses  # every answer came 0.5 s after its request
     assert samples.statuses["timeout"] >= 2
     assert samples.messages == ["timeout: no answer within 0.2 s (--timeout)"]
+
+
+def test_an_open_loop_reports_the_rate_the_server_reached_not_the_rate_it_was_offered(
+    tmp_path: Path,
+) -> None:
+    from inferd.loadtest import BenchOptions, run
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0], [2.0]]}')
+    with serve(delay_s=0.02) as port:  # 50 requests/s at most, each taking 20 ms
+        options = BenchOptions(
+            url=f"http://127.0.0.1:{port}",
+            model="m",
+            payload=tmp_path / "b.json",
+            rates=(20, 100),
+            duration_s=0.5,
+            warmup_s=0,
+            metrics_url="",
+            price_per_hour=3.6,
+        )
+        kept, overloaded = run(options)
+    assert kept.requests_per_s == pytest.approx(20, rel=0.1)  # the server kept up
+    # 50 requests fell due in the 0.5 s window; the server took about 1 s to answer them.
+    assert overloaded.requests == 50
+    assert overloaded.errors == {}
+    assert overloaded.requests_per_s == pytest.approx(50, rel=0.2)
+    assert overloaded.predictions_per_s == pytest.approx(2 * overloaded.requests_per_s)
+    assert overloaded.cost_per_million_predictions == pytest.approx(1000 / overloaded.predictions_per_s)

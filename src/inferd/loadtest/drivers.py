@@ -44,13 +44,16 @@ MAX_MESSAGE_CHARS = 500
 @dataclass(slots=True)
 class Samples:
     """Latencies (ns) of the successful requests due in the window, the statuses of all of them,
-    ``all_statuses``: every request sent, warm-up included, and ``messages``: the first distinct
-    error messages, as ``"STATUS: message"``."""
+    ``all_statuses``: every request sent, warm-up included, ``messages``: the first distinct
+    error messages, as ``"STATUS: message"``, and when the first and the last of those successful
+    requests were answered (``time.monotonic_ns``; 0 when none was)."""
 
     latencies_ns: np.ndarray
     statuses: dict[str, int]
     all_statuses: dict[str, int]
     messages: list[str] = field(default_factory=list)
+    first_done_ns: int = 0
+    last_done_ns: int = 0
 
     @staticmethod
     def merge(parts: list[Samples]) -> Samples:
@@ -62,7 +65,15 @@ class Samples:
             every.update(part.all_statuses)
             messages.update(dict.fromkeys(part.messages))
         latencies = np.concatenate([p.latencies_ns for p in parts]) if parts else np.zeros(0, np.int64)
-        return Samples(latencies, dict(statuses), dict(every), list(messages)[:MAX_MESSAGES])
+        answered = [p for p in parts if p.last_done_ns]
+        return Samples(
+            latencies,
+            dict(statuses),
+            dict(every),
+            list(messages)[:MAX_MESSAGES],
+            min((p.first_done_ns for p in answered), default=0),
+            max((p.last_done_ns for p in answered), default=0),
+        )
 
 
 def succeeded(status: str) -> bool:
@@ -78,6 +89,8 @@ class _Recorder:
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     every: collections.Counter[str] = field(default_factory=collections.Counter)
     messages: dict[str, None] = field(default_factory=dict)
+    first_done_ns: int = 0
+    last_done_ns: int = 0
 
     def record(self, due_ns: int, done_ns: int, status: str) -> None:
         self.every[status] += 1
@@ -85,6 +98,8 @@ class _Recorder:
             self.statuses[status] += 1
             if succeeded(status):
                 self.latencies.append(done_ns - due_ns)
+                self.first_done_ns = self.first_done_ns or done_ns
+                self.last_done_ns = max(self.last_done_ns, done_ns)
 
     @property
     def wants_messages(self) -> bool:
@@ -102,6 +117,8 @@ class _Recorder:
             dict(self.statuses),
             dict(self.every),
             list(self.messages),
+            self.first_done_ns,
+            self.last_done_ns,
         )
 
 

@@ -212,7 +212,8 @@ def _report(
 ) -> StepReport:
     requests = sum(samples.statuses.values())
     ok = sum(n for status, n in samples.statuses.items() if succeeded(status))
-    predictions_per_s = ok * payload.instances / options.duration_s
+    seconds = _seconds(options.duration_s, mode, samples)
+    predictions_per_s = ok * payload.instances / seconds
     latencies = samples.latencies_ns / 1e6
     latency: dict[str, float | None] = {
         f"p{q:g}": float(np.percentile(latencies, q)) if len(latencies) else None for q in PERCENTILES
@@ -220,7 +221,7 @@ def _report(
     latency["max"] = float(latencies.max()) if len(latencies) else None
     cpu = None
     if usage is not None and predictions_per_s:
-        cpu = usage.cpu_s / (predictions_per_s * options.duration_s) * 1000
+        cpu = usage.cpu_s / (ok * payload.instances) * 1000
     cost = (
         options.price_per_hour / 3600 / predictions_per_s * 1e6
         if options.price_per_hour and predictions_per_s
@@ -230,7 +231,7 @@ def _report(
         mode=mode,
         level=level,
         requests=requests,
-        requests_per_s=requests / options.duration_s,
+        requests_per_s=requests / seconds,
         predictions_per_s=predictions_per_s,
         latency_ms=latency,
         errors={s: n for s, n in sorted(samples.statuses.items()) if not succeeded(s)},
@@ -240,6 +241,16 @@ def _report(
         cost_per_million_predictions=cost,
         error_messages=list(samples.messages),
     )
+
+
+def _seconds(duration_s: float, mode: str, samples: Samples) -> float:
+    """The time the step's requests took to serve, that its rates are over: the window, or in an
+    open loop the time from the first of its successful answers to the last when that is longer
+    (the server fell behind the schedule and answered the window's requests after it closed), so
+    that an overloaded server shows the rate it reached, not the rate it was offered."""
+    if mode == CLOSED:
+        return duration_s
+    return max(duration_s, (samples.last_done_ns - samples.first_done_ns) / 1e9)
 
 
 def to_json(options: BenchOptions, reports: list[StepReport]) -> bytes:
