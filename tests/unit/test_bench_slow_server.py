@@ -1,6 +1,7 @@
-"""``inferd bench`` over HTTP against a small socket server that answers one request at a time
-after a fixed delay, so that its latency and its capacity are known: a request slower than
-``--timeout`` is a ``timeout``, not a success."""
+"""``inferd bench`` over HTTP against small socket servers whose behaviour is known: one that
+answers one request at a time after a fixed delay (a request slower than ``--timeout`` is a
+``timeout``, not a success; an open loop it cannot keep up with reports the rate it reached), and
+one that notes when each request arrives (an open loop's processes take turns)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inferd.loadtest.drivers import CLOSED, OPEN, measure
@@ -80,3 +82,38 @@ def test_an_open_loop_reports_the_rate_the_server_reached_not_the_rate_it_was_of
     assert overloaded.requests_per_s == pytest.approx(50, rel=0.2)
     assert overloaded.predictions_per_s == pytest.approx(2 * overloaded.requests_per_s)
     assert overloaded.cost_per_million_predictions == pytest.approx(1000 / overloaded.predictions_per_s)
+
+
+def test_the_processes_of_an_open_loop_take_turns_instead_of_sending_together(tmp_path: Path) -> None:
+    from inferd.loadtest import BenchOptions, run
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    arrivals: list[float] = []
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while read_request(self.request):
+                arrivals.append(time.monotonic())
+                self.request.sendall(OK)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        options = BenchOptions(
+            url=f"http://127.0.0.1:{server.server_address[1]}",
+            model="m",
+            payload=tmp_path / "b.json",
+            rates=(50,),
+            duration_s=0.6,
+            warmup_s=0,
+            processes=2,
+            metrics_url="",
+        )
+        (step,) = run(options)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert step.requests == 30
+    # One request every 20 ms, not two at once every 40 ms.
+    assert float(np.median(np.diff(sorted(arrivals)))) > 0.010

@@ -176,8 +176,10 @@ def _step(
             pipe.recv()  # ready: imports done
         start_ns = time.monotonic_ns() + 100_000_000
         timers = _watch_window(watch, start_ns, options)
-        for pipe in pipes:
-            pipe.send(start_ns)
+        for i, pipe in enumerate(pipes):
+            # An open loop's processes take turns (process i starts i/rate s later), so that
+            # together they send one request every 1/rate s rather than `count` at once.
+            pipe.send(start_ns + (int(i * 1e9 / level) if mode == OPEN else 0))
         samples = Samples.merge([pipe.recv() for pipe in pipes])
         for process in processes:
             process.join()
