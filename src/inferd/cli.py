@@ -374,7 +374,11 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         default=1024,
         help="HTTP connections of the open loop (default: 1024)",
     )
-    add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
+    add(
+        "--server-pid",
+        type=_whole(1),
+        help="server process to measure (with its children) for CPU and memory",
+    )
     add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
     add(
         "--metadata-url",

@@ -182,3 +182,7 @@ def test_bench_refuses_a_server_pid_or_metrics_url_it_cannot_read(
     assert "--server_pid: cannot read the server's usage: no process 4194305" in capsys.readouterr().err
     assert main([*target, "--metrics_url=http://127.0.0.1:9/metrics"]) == 2
     assert "--metrics_url: cannot read the server's usage" in capsys.readouterr().err
+    for pid in ("0", "-5"):  # no process to watch, not "watch nothing"
+        with pytest.raises(SystemExit, match="2"):
+            main([*target, "--duration=0.1", f"--server_pid={pid}"])
+        assert "--server_pid" in capsys.readouterr().err
