@@ -186,3 +186,17 @@ def test_bench_refuses_a_server_pid_or_metrics_url_it_cannot_read(
         with pytest.raises(SystemExit, match="2"):
             main([*target, "--duration=0.1", f"--server_pid={pid}"])
         assert "--server_pid" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_report_path_it_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    target = ["bench", "http://127.0.0.1:9", "--model=m", f"--payload={tmp_path / 'b.json'}", "--warmup=0"]
+    for flag in ("--json", "--plot"):  # before any load
+        assert main([*target, f"{flag}={tmp_path / 'absent' / 'report'}"]) == 2
+        assert f"{flag} {tmp_path / 'absent' / 'report'}: no directory" in capsys.readouterr().err
+    assert main([*target, "--duration=0.1", f"--json={tmp_path}"]) == 2  # a directory: after the load
+    assert "inferd bench: cannot write the report: [Errno 21] Is a directory" in capsys.readouterr().err
