@@ -200,3 +200,27 @@ def test_bench_refuses_a_report_path_it_cannot_write(
         assert f"{flag} {tmp_path / 'absent' / 'report'}: no directory" in capsys.readouterr().err
     assert main([*target, "--duration=0.1", f"--json={tmp_path}"]) == 2  # a directory: after the load
     assert "inferd bench: cannot write the report: [Errno 21] Is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rate", "dispatch_s", "behind"), [(100, 0.0, False), (1000, 0.003, True)])
+def test_an_open_loop_says_when_the_generator_itself_fell_behind_its_schedule(
+    tmp_path: Path, rate: float, dispatch_s: float, behind: bool
+) -> None:
+    import time
+
+    from inferd.loadtest.runner import BenchOptions, _report, progress_line, table
+
+    start = time.monotonic_ns()
+    recorder = _Recorder(start, start + 50 * int(1e9 / rate))
+    asyncio.run(_schedule(rate, start, recorder.window_end_ns, lambda due: time.sleep(dispatch_s), recorder))
+    samples = recorder.samples()
+    assert len(samples.send_lags_ns) == 50
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    payload = build("http://127.0.0.1:9", "rest", "m", payload=tmp_path / "b.json")
+    options = BenchOptions(url="http://127.0.0.1:9", model="m", duration_s=50 / rate)
+    report = _report(options, payload, "open", rate, samples, None)
+    assert report.fell_behind is behind
+    assert ("the load generator fell behind" in table([report])) is behind
+    assert ("the load generator fell behind" in progress_line(report, 1, 1)) is behind
+    if behind:  # 3 ms to send each request due every 1 ms: the 50th went out about 100 ms late
+        assert report.send_lag_ms["max"] > 50

@@ -45,8 +45,10 @@ MAX_MESSAGE_CHARS = 500
 class Samples:
     """Latencies (ns) of the successful requests due in the window, the statuses of all of them,
     ``all_statuses``: every request sent, warm-up included, ``messages``: the first distinct
-    error messages, as ``"STATUS: message"``, and when the first and the last of those successful
-    requests were answered (``time.monotonic_ns``; 0 when none was)."""
+    error messages, as ``"STATUS: message"``, when the first and the last of those successful
+    requests were answered (``time.monotonic_ns``; 0 when none was), and, open loop, how late the
+    generator sent each request due in the window (``send_lags_ns``: its own delay, before any
+    wait for a connection or the server)."""
 
     latencies_ns: np.ndarray
     statuses: dict[str, int]
@@ -54,6 +56,7 @@ class Samples:
     messages: list[str] = field(default_factory=list)
     first_done_ns: int = 0
     last_done_ns: int = 0
+    send_lags_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @staticmethod
     def merge(parts: list[Samples]) -> Samples:
@@ -73,6 +76,7 @@ class Samples:
             list(messages)[:MAX_MESSAGES],
             min((p.first_done_ns for p in answered), default=0),
             max((p.last_done_ns for p in answered), default=0),
+            np.concatenate([p.send_lags_ns for p in parts]) if parts else np.zeros(0, np.int64),
         )
 
 
@@ -91,6 +95,7 @@ class _Recorder:
     messages: dict[str, None] = field(default_factory=dict)
     first_done_ns: int = 0
     last_done_ns: int = 0
+    lags: list[int] = field(default_factory=list)
 
     def record(self, due_ns: int, done_ns: int, status: str) -> None:
         self.every[status] += 1
@@ -100,6 +105,11 @@ class _Recorder:
                 self.latencies.append(done_ns - due_ns)
                 self.first_done_ns = self.first_done_ns or done_ns
                 self.last_done_ns = max(self.last_done_ns, done_ns)
+
+    def sent(self, due_ns: int, lag_ns: int) -> None:
+        """Note that the generator sent the request due at ``due_ns`` ``lag_ns`` late."""
+        if self.window_start_ns <= due_ns < self.window_end_ns:
+            self.lags.append(lag_ns)
 
     @property
     def wants_messages(self) -> bool:
@@ -119,6 +129,7 @@ class _Recorder:
             list(self.messages),
             self.first_done_ns,
             self.last_done_ns,
+            np.asarray(self.lags, dtype=np.int64),
         )
 
 
@@ -284,7 +295,7 @@ class _Http:
                 self._open()
             await _sleep_until(end_ns)
         else:
-            await _schedule(level, start_ns, end_ns, self._dispatch)
+            await _schedule(level, start_ns, end_ns, self._dispatch, self._recorder)
         # Stop sending new requests; an open loop's backlog (due in the window) still goes out.
         self._sending = False
         self._check_settled()
@@ -434,7 +445,7 @@ class _Grpc:
                     pending.add(task)
                     task.add_done_callback(pending.discard)
 
-                await _schedule(level, start_ns, self._recorder.window_end_ns, dispatch)
+                await _schedule(level, start_ns, self._recorder.window_end_ns, dispatch, self._recorder)
                 if pending:
                     await asyncio.wait(pending, timeout=self._timeout_s + 1)
         finally:
@@ -464,14 +475,23 @@ async def _sleep_until(when_ns: int) -> None:
         await asyncio.sleep(delay)
 
 
-async def _schedule(rate: float, start_ns: int, end_ns: int, dispatch: Callable[[int], None]) -> None:
+async def _schedule(
+    rate: float,
+    start_ns: int,
+    end_ns: int,
+    dispatch: Callable[[int], None],
+    recorder: _Recorder | None = None,
+) -> None:
     """Call ``dispatch(due_ns)`` for requests due every 1/rate s from ``start_ns`` to ``end_ns``;
-    requests that fell due while the loop was busy are dispatched late with their due time."""
+    requests that fell due while the loop was busy are dispatched late with their due time, and
+    how late each was is noted in ``recorder``."""
     interval = 1e9 / rate
     due = float(start_ns)
     while due < end_ns:
         now = time.monotonic_ns()
         while due <= now and due < end_ns:
             dispatch(int(due))
+            if recorder is not None:
+                recorder.sent(int(due), time.monotonic_ns() - int(due))
             due += interval
         await asyncio.sleep(max(0.0, (due - time.monotonic_ns()) / 1e9))

@@ -80,6 +80,15 @@ class StepReport:
     cost_per_million_predictions: float | None
     error_messages: list[str] = field(default_factory=list)
     """The first distinct error messages, as ``"STATUS: message"`` (the server's own words)."""
+    send_lag_ms: dict[str, float] = field(default_factory=dict)
+    """Open loop: how late the load generator itself sent the requests due in the window
+    (``p50``, ``p99``, ``max``); empty for a closed loop."""
+
+    @property
+    def fell_behind(self) -> bool:
+        """Whether the generator could not keep to an open loop's schedule: over 1 in 100
+        requests went out after the next one was due (and over 1 ms late, a timer's grain)."""
+        return bool(self.send_lag_ms) and self.send_lag_ms["p99"] > max(1.0, 1000 / self.level)
 
     @property
     def name(self) -> str:
@@ -242,6 +251,16 @@ def _report(
         server_peak_memory_bytes=usage.peak_memory_bytes if usage else None,
         cost_per_million_predictions=cost,
         error_messages=list(samples.messages),
+        send_lag_ms={
+            name: float(value) / 1e6
+            for name, value in zip(
+                ("p50", "p99", "max"),
+                (*np.percentile(samples.send_lags_ns, (50, 99)), samples.send_lags_ns.max()),
+                strict=True,
+            )
+        }
+        if len(samples.send_lags_ns)
+        else {},
     )
 
 
@@ -274,7 +293,17 @@ def progress_line(report: StepReport, index: int, total: int) -> str:
     )
     if report.error_messages:
         line += f" ({report.error_messages[0]})"
+    if report.fell_behind:
+        line += f"; {_behind(report)}"
     return line
+
+
+def _behind(report: StepReport) -> str:
+    lag = report.send_lag_ms
+    return (
+        f"the load generator fell behind the schedule (requests sent p50 {lag['p50']:,.2f} ms, "
+        f"p99 {lag['p99']:,.2f} ms late; the latencies include it): use --processes"
+    )
 
 
 def error_messages(reports: list[StepReport]) -> list[str]:
@@ -318,6 +347,8 @@ def table(reports: list[StepReport]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     if messages := error_messages(reports):
         lines += ["", "errors (the first distinct messages):", *(f"  {m}" for m in messages)]
+    if behind := [r for r in reports if r.fell_behind]:
+        lines += ["", *(f"{r.name}: {_behind(r)}" for r in behind)]
     return "\n".join(lines)
 
 
