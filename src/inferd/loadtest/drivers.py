@@ -154,10 +154,14 @@ def measure(
     duration_s: float,
     timeout_s: float = 10.0,
     max_connections: int = 1024,
+    *,
+    phase_ns: int = 0,
 ) -> Samples:
     """Run one step from ``start_ns`` (``time.monotonic_ns``): warm-up, then the measured window.
 
-    ``level`` is the concurrency (closed loop) or the rate in requests/s (open loop).
+    ``level`` is the concurrency (closed loop) or the rate in requests/s (open loop). An open
+    loop's first request falls due ``phase_ns`` after ``start_ns`` (the window does not move),
+    so that the processes of one step can take turns on one schedule.
     """
     try:
         import uvloop
@@ -168,7 +172,8 @@ def measure(
     window_start = start_ns + int(warmup_s * 1e9)
     recorder = _Recorder(window_start, window_start + int(duration_s * 1e9))
     driver = _Grpc if payload.is_grpc else _Http
-    return runner(driver(payload, recorder, timeout_s, max_connections).run(mode, level, start_ns))
+    load = driver(payload, recorder, timeout_s, max_connections)
+    return runner(load.run(mode, level, start_ns, start_ns + phase_ns))
 
 
 class _Connection(asyncio.Protocol):
@@ -284,7 +289,7 @@ class _Http:
         self._opening = 0
         self._settled = asyncio.Event()
 
-    async def run(self, mode: str, level: float, start_ns: int) -> Samples:
+    async def run(self, mode: str, level: float, start_ns: int, first_due_ns: int) -> Samples:
         await _sleep_until(start_ns)
         end_ns = self._recorder.window_end_ns
         expiry = asyncio.get_running_loop().create_task(self._expire())
@@ -295,7 +300,7 @@ class _Http:
                 self._open()
             await _sleep_until(end_ns)
         else:
-            await _schedule(level, start_ns, end_ns, self._dispatch, self._recorder)
+            await _schedule(level, first_due_ns, end_ns, self._dispatch, self._recorder)
         # Stop sending new requests; an open loop's backlog (due in the window) still goes out.
         self._sending = False
         self._check_settled()
@@ -416,7 +421,7 @@ class _Grpc:
         self._timeout_s = timeout_s
         self._sending = True
 
-    async def run(self, mode: str, level: float, start_ns: int) -> Samples:
+    async def run(self, mode: str, level: float, start_ns: int, first_due_ns: int) -> Samples:
         import grpc
 
         target = f"{self._payload.host}:{self._payload.port}"
@@ -445,7 +450,7 @@ class _Grpc:
                     pending.add(task)
                     task.add_done_callback(pending.discard)
 
-                await _schedule(level, start_ns, self._recorder.window_end_ns, dispatch, self._recorder)
+                await _schedule(level, first_due_ns, self._recorder.window_end_ns, dispatch, self._recorder)
                 if pending:
                     await asyncio.wait(pending, timeout=self._timeout_s + 1)
         finally:

@@ -186,9 +186,10 @@ def _step(
         start_ns = time.monotonic_ns() + 100_000_000
         timers = _watch_window(watch, start_ns, options)
         for i, pipe in enumerate(pipes):
-            # An open loop's processes take turns (process i starts i/rate s later), so that
-            # together they send one request every 1/rate s rather than `count` at once.
-            pipe.send(start_ns + (int(i * 1e9 / level) if mode == OPEN else 0))
+            # An open loop's processes take turns on one schedule (process i sends the requests
+            # due at i, i + count, ... / rate s), so that together they send one request every
+            # 1/rate s, as many as one process would, rather than `count` at once.
+            pipe.send((start_ns, int(i * 1e9 / level) if mode == OPEN else 0))
         samples = Samples.merge([pipe.recv() for pipe in pipes])
         for process in processes:
             process.join()
@@ -209,8 +210,8 @@ def _watch_window(watch: ServerWatch | None, start_ns: int, options: BenchOption
 
 def _worker(pipe: Connection, payload: Payload, mode: str, level: float, *args: Any) -> None:
     pipe.send("ready")
-    start_ns = pipe.recv()
-    pipe.send(measure(payload, mode, level, start_ns, *args))
+    start_ns, phase_ns = pipe.recv()
+    pipe.send(measure(payload, mode, level, start_ns, *args, phase_ns=phase_ns))
 
 
 def _report(
