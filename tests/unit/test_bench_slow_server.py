@@ -75,11 +75,11 @@ def test_an_open_loop_reports_the_rate_the_server_reached_not_the_rate_it_was_of
             price_per_hour=3.6,
         )
         kept, overloaded = run(options)
-    assert kept.requests_per_s == pytest.approx(20, rel=0.25)  # the server kept up
+    assert 14 <= kept.requests_per_s <= 20  # the server kept up (give or take a busy machine)
     # 50 requests fell due in the 0.5 s window; the server took about 1 s to answer them.
     assert overloaded.requests == 50
     assert overloaded.errors == {}
-    assert overloaded.requests_per_s == pytest.approx(50, rel=0.25)  # not the 100 offered
+    assert 25 <= overloaded.requests_per_s <= 55  # what the server reached, not the 100 offered
     assert overloaded.predictions_per_s == pytest.approx(2 * overloaded.requests_per_s)
     assert overloaded.cost_per_million_predictions == pytest.approx(1000 / overloaded.predictions_per_s)
 
