@@ -1,7 +1,8 @@
 """``inferd bench`` over HTTP against small socket servers whose behaviour is known: one that
 answers one request at a time after a fixed delay (a request slower than ``--timeout`` is a
-``timeout``, not a success; an open loop it cannot keep up with reports the rate it reached), and
-one that notes when each request arrives (an open loop's processes take turns)."""
+``timeout``, not a success; an open loop it cannot keep up with reports the rate it reached), one
+that notes when each request arrives (an open loop's processes take turns), and one that never
+completes a handshake (a ``connect_error``, not a silent stall)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,25 @@ def test_the_processes_of_an_open_loop_take_turns_instead_of_sending_together(tm
     assert step.requests == 25  # as many as one process would send, not 2 x 13
     # One request every 20 ms, not two at once every 40 ms.
     assert float(np.median(np.diff(sorted(arrivals)))) > 0.010
+
+
+def test_a_server_that_never_completes_the_handshake_is_a_connect_error_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: once its queue is full, new handshakes stall
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+    try:
+        port = listener.getsockname()[1]
+        samples = measure(payload(tmp_path, port), CLOSED, 1, time.monotonic_ns(), 0.0, 0.5, timeout_s=0.2)
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+    assert samples.statuses["connect_error"] >= 2
+    assert samples.messages == ["connect_error: no connection within 0.2 s (--timeout)"]

@@ -351,14 +351,20 @@ class _Http:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
-            )
-        except OSError as exc:
+        opening = loop.create_connection(
+            lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
+        )
+        try:  # a server that never completes the handshake is a connect_error, not a silent stall
+            _, connection = await asyncio.wait_for(opening, self._timeout_s)
+        except OSError as exc:  # TimeoutError included
             if self._backlog:
                 self._recorder.record(self._backlog.popleft(), time.monotonic_ns(), "connect_error")
-                self._recorder.note("connect_error", str(exc))
+                self._recorder.note(
+                    "connect_error",
+                    f"no connection within {self._timeout_s:g} s (--timeout)"
+                    if isinstance(exc, TimeoutError)
+                    else str(exc),
+                )
             await asyncio.sleep(0.01)  # the server is not there: do not spin
             self._opening -= 1
             if self._closed_loop and self._sending:
