@@ -91,6 +91,15 @@ def test_a_json_payload_is_sent_as_is_and_refused_for_grpc(tmp_path: Path) -> No
         build("127.0.0.1:9", "grpc", "m", payload=tmp_path / "b.json")
 
 
+def test_a_rest_url_with_a_path_sends_to_the_routes_under_it(tmp_path: Path) -> None:
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    np.savez(tmp_path / "t.npz", x=np.zeros((1, 2), np.float32))
+    for protocol, route in (("rest", "v1/models/m:predict"), ("v2-binary", "v2/models/m/infer")):
+        for body in ("b.json", "t.npz") if protocol == "rest" else ("t.npz",):
+            payload = build("http://127.0.0.1:9/serving/", protocol, "m", payload=tmp_path / body)
+            assert payload.request.startswith(f"POST /serving/{route} HTTP/1.1".encode())
+
+
 def test_the_open_loop_schedule_dispatches_every_due_time_in_the_window_once() -> None:
     due: list[int] = []
 
