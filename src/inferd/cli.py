@@ -374,7 +374,11 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
         default=1024,
         help="HTTP connections of the open loop (default: 1024)",
     )
-    add("--server-pid", type=int, help="server process to measure (with its children) for CPU and memory")
+    add(
+        "--server-pid",
+        type=_whole(1),
+        help="server process to measure (with its children) for CPU and memory",
+    )
     add("--metrics-url", help="server's Prometheus page (default: URL/metrics when it has process metrics)")
     add(
         "--metadata-url",
@@ -402,6 +406,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.plot and not _can_plot("bench"):
         return 2
+    outputs = [("--json", Path(args.json_path))] if args.json_path not in (None, "-") else []
+    for flag, path in [*outputs, *([("--plot", args.plot)] if args.plot else [])]:
+        if not path.parent.is_dir():  # found out now, not after the whole run
+            print(f"inferd bench: {flag} {path}: no directory {path.parent}", file=sys.stderr)
+            return 2
     if args.tls_key and not args.tls_cert:
         print("inferd bench: --tls-key needs --tls-cert", file=sys.stderr)
         return 2
@@ -461,10 +470,14 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stdout.write(report.decode() + "\n")
     else:
         print(loadtest.table(reports))
-        if args.json_path:
+    try:
+        if args.json_path not in (None, "-"):
             Path(args.json_path).write_bytes(report)
-    if args.plot:
-        loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+        if args.plot:
+            loadtest.plot(reports, args.plot, f"{args.model} over {args.protocol}")
+    except OSError as exc:
+        print(f"inferd bench: cannot write the report: {exc}", file=sys.stderr)
+        return 2
     if not any(r.succeeded for r in reports):
         said = "; ".join(loadtest.error_messages(reports)) or "no answer"
         print(f"inferd bench: every request failed: {said}", file=sys.stderr)

@@ -91,6 +91,15 @@ def test_a_json_payload_is_sent_as_is_and_refused_for_grpc(tmp_path: Path) -> No
         build("127.0.0.1:9", "grpc", "m", payload=tmp_path / "b.json")
 
 
+def test_a_rest_url_with_a_path_sends_to_the_routes_under_it(tmp_path: Path) -> None:
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    np.savez(tmp_path / "t.npz", x=np.zeros((1, 2), np.float32))
+    for protocol, route in (("rest", "v1/models/m:predict"), ("v2-binary", "v2/models/m/infer")):
+        for body in ("b.json", "t.npz") if protocol == "rest" else ("t.npz",):
+            payload = build("http://127.0.0.1:9/serving/", protocol, "m", payload=tmp_path / body)
+            assert payload.request.startswith(f"POST /serving/{route} HTTP/1.1".encode())
+
+
 def test_the_open_loop_schedule_dispatches_every_due_time_in_the_window_once() -> None:
     due: list[int] = []
 
@@ -134,3 +143,93 @@ def test_bench_refuses_unreadable_tls_files_before_any_request(
     assert main([*target, "--tls-ca", str(tmp_path / "junk.pem")]) == 2
     assert main([*target, "--tls-key", str(tmp_path / "junk.pem")]) == 2
     assert "--tls-key needs --tls-cert" in capsys.readouterr().err
+
+
+def test_a_server_that_stops_during_a_step_has_no_usage_rather_than_a_wrong_one() -> None:
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from inferd.loadtest.serverside import ServerWatch
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    watch = ServerWatch(process.pid, None)
+    watch.start()
+    process.kill()
+    process.wait()  # reaped: /proc no longer has it
+    assert watch.stop() is None
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"process_cpu_seconds_total 1.5\nprocess_resident_memory_bytes 1e8\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    watch = ServerWatch(None, f"http://127.0.0.1:{server.server_address[1]}/metrics")
+    watch.start()
+    server.shutdown()
+    server.server_close()
+    assert watch.stop() is None
+
+
+def test_bench_refuses_a_server_pid_or_metrics_url_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    target = ["bench", "http://127.0.0.1:9", "--model=m", f"--payload={tmp_path / 'b.json'}", "--warmup=0"]
+    assert main([*target, "--server_pid=4194305"]) == 2  # above any pid_max
+    assert "--server_pid: cannot read the server's usage: no process 4194305" in capsys.readouterr().err
+    assert main([*target, "--metrics_url=http://127.0.0.1:9/metrics"]) == 2
+    assert "--metrics_url: cannot read the server's usage" in capsys.readouterr().err
+    for pid in ("0", "-5"):  # no process to watch, not "watch nothing"
+        with pytest.raises(SystemExit, match="2"):
+            main([*target, "--duration=0.1", f"--server_pid={pid}"])
+        assert "--server_pid" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_report_path_it_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from inferd.cli import main
+
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    target = ["bench", "http://127.0.0.1:9", "--model=m", f"--payload={tmp_path / 'b.json'}", "--warmup=0"]
+    for flag in ("--json", "--plot"):  # before any load
+        assert main([*target, f"{flag}={tmp_path / 'absent' / 'report'}"]) == 2
+        assert f"{flag} {tmp_path / 'absent' / 'report'}: no directory" in capsys.readouterr().err
+    assert main([*target, "--duration=0.1", f"--json={tmp_path}"]) == 2  # a directory: after the load
+    assert "inferd bench: cannot write the report: [Errno 21] Is a directory" in capsys.readouterr().err
+
+
+def test_an_open_loop_says_when_the_generator_itself_fell_behind_its_schedule(tmp_path: Path) -> None:
+    import dataclasses
+    import time
+
+    from inferd.loadtest.runner import BenchOptions, _report, progress_line, table
+
+    start = time.monotonic_ns()
+    recorder = _Recorder(start, start + 50_000_000)
+    # 3 ms to send each request due every 1 ms: the 50th goes out about 100 ms late.
+    asyncio.run(_schedule(1000, start, recorder.window_end_ns, lambda due: time.sleep(0.003), recorder))
+    late = recorder.samples()
+    assert len(late.send_lags_ns) == 50
+    on_time = dataclasses.replace(late, send_lags_ns=np.full(50, 300_000))  # 0.3 ms each
+    (tmp_path / "b.json").write_bytes(b'{"instances": [[1.0]]}')
+    payload = build("http://127.0.0.1:9", "rest", "m", payload=tmp_path / "b.json")
+    options = BenchOptions(url="http://127.0.0.1:9", model="m", duration_s=0.05)
+    for samples, behind in ((late, True), (on_time, False)):
+        report = _report(options, payload, "open", 1000, samples, None)
+        assert report.fell_behind is behind
+        assert ("the load generator fell behind" in table([report])) is behind
+        assert ("the load generator fell behind" in progress_line(report, 1, 1)) is behind
+    assert _report(options, payload, "open", 1000, late, None).send_lag_ms["max"] > 50

@@ -7,10 +7,12 @@ whatever the server does; a request that finds no free connection opens one (up 
 slow server cannot hide its latency by slowing the sender down (no coordinated omission).
 
 A request counts in the figures when it was due inside the measured window (after warm-up).
-When the window closes, nothing new is sent and answers still outstanding are awaited for up to
-``timeout_s`` (then counted as ``timeout``), so that every request sent is accounted for in
-``all_statuses``, warm-up included. The first few distinct error messages (the server's own,
-from an HTTP error body's ``error`` field or a gRPC status's details) are kept with their status.
+A request not answered within ``timeout_s`` of being sent is an error, in the window or after it:
+``timeout`` over HTTP (its connection is closed), the call's ``DEADLINE_EXCEEDED`` over gRPC. When the
+window closes, nothing new is sent and answers still outstanding are awaited, so that every
+request sent is accounted for in ``all_statuses``, warm-up included. The first few distinct
+error messages (the server's own, from an HTTP error body's ``error`` field or a gRPC status's
+details) are kept with their status.
 
 The HTTP client is a callback-driven ``asyncio.Protocol`` that sends pre-encoded bytes and parses
 only the status line and the body's length (``Content-Length`` or a chunked body's end), on
@@ -42,13 +44,19 @@ MAX_MESSAGE_CHARS = 500
 @dataclass(slots=True)
 class Samples:
     """Latencies (ns) of the successful requests due in the window, the statuses of all of them,
-    ``all_statuses``: every request sent, warm-up included, and ``messages``: the first distinct
-    error messages, as ``"STATUS: message"``."""
+    ``all_statuses``: every request sent, warm-up included, ``messages``: the first distinct
+    error messages, as ``"STATUS: message"``, when the first and the last of those successful
+    requests were answered (``time.monotonic_ns``; 0 when none was), and, open loop, how late the
+    generator sent each request due in the window (``send_lags_ns``: its own delay, before any
+    wait for a connection or the server)."""
 
     latencies_ns: np.ndarray
     statuses: dict[str, int]
     all_statuses: dict[str, int]
     messages: list[str] = field(default_factory=list)
+    first_done_ns: int = 0
+    last_done_ns: int = 0
+    send_lags_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @staticmethod
     def merge(parts: list[Samples]) -> Samples:
@@ -60,7 +68,16 @@ class Samples:
             every.update(part.all_statuses)
             messages.update(dict.fromkeys(part.messages))
         latencies = np.concatenate([p.latencies_ns for p in parts]) if parts else np.zeros(0, np.int64)
-        return Samples(latencies, dict(statuses), dict(every), list(messages)[:MAX_MESSAGES])
+        answered = [p for p in parts if p.last_done_ns]
+        return Samples(
+            latencies,
+            dict(statuses),
+            dict(every),
+            list(messages)[:MAX_MESSAGES],
+            min((p.first_done_ns for p in answered), default=0),
+            max((p.last_done_ns for p in answered), default=0),
+            np.concatenate([p.send_lags_ns for p in parts]) if parts else np.zeros(0, np.int64),
+        )
 
 
 def succeeded(status: str) -> bool:
@@ -76,6 +93,9 @@ class _Recorder:
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     every: collections.Counter[str] = field(default_factory=collections.Counter)
     messages: dict[str, None] = field(default_factory=dict)
+    first_done_ns: int = 0
+    last_done_ns: int = 0
+    lags: list[int] = field(default_factory=list)
 
     def record(self, due_ns: int, done_ns: int, status: str) -> None:
         self.every[status] += 1
@@ -83,6 +103,13 @@ class _Recorder:
             self.statuses[status] += 1
             if succeeded(status):
                 self.latencies.append(done_ns - due_ns)
+                self.first_done_ns = self.first_done_ns or done_ns
+                self.last_done_ns = max(self.last_done_ns, done_ns)
+
+    def sent(self, due_ns: int, lag_ns: int) -> None:
+        """Note that the generator sent the request due at ``due_ns`` ``lag_ns`` late."""
+        if self.window_start_ns <= due_ns < self.window_end_ns:
+            self.lags.append(lag_ns)
 
     @property
     def wants_messages(self) -> bool:
@@ -100,6 +127,9 @@ class _Recorder:
             dict(self.statuses),
             dict(self.every),
             list(self.messages),
+            self.first_done_ns,
+            self.last_done_ns,
+            np.asarray(self.lags, dtype=np.int64),
         )
 
 
@@ -124,10 +154,14 @@ def measure(
     duration_s: float,
     timeout_s: float = 10.0,
     max_connections: int = 1024,
+    *,
+    phase_ns: int = 0,
 ) -> Samples:
     """Run one step from ``start_ns`` (``time.monotonic_ns``): warm-up, then the measured window.
 
-    ``level`` is the concurrency (closed loop) or the rate in requests/s (open loop).
+    ``level`` is the concurrency (closed loop) or the rate in requests/s (open loop). An open
+    loop's first request falls due ``phase_ns`` after ``start_ns`` (the window does not move),
+    so that the processes of one step can take turns on one schedule.
     """
     try:
         import uvloop
@@ -138,7 +172,8 @@ def measure(
     window_start = start_ns + int(warmup_s * 1e9)
     recorder = _Recorder(window_start, window_start + int(duration_s * 1e9))
     driver = _Grpc if payload.is_grpc else _Http
-    return runner(driver(payload, recorder, timeout_s, max_connections).run(mode, level, start_ns))
+    load = driver(payload, recorder, timeout_s, max_connections)
+    return runner(load.run(mode, level, start_ns, start_ns + phase_ns))
 
 
 class _Connection(asyncio.Protocol):
@@ -154,6 +189,7 @@ class _Connection(asyncio.Protocol):
         "buffer",
         "due_ns",
         "error_body",
+        "sent_ns",
         "transport",
     )
 
@@ -163,6 +199,7 @@ class _Connection(asyncio.Protocol):
         self._write: Callable[[bytes], object] = _unconnected
         self.buffer = bytearray()
         self.due_ns = 0
+        self.sent_ns = 0
         self._expect = -1
         self._chunked = -1
         self._body_at = 0
@@ -182,6 +219,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, due_ns: int) -> None:
         self.due_ns = due_ns
+        self.sent_ns = time.monotonic_ns()
         self._write(self._driver.request)
 
     def data_received(self, data: bytes) -> None:
@@ -251,9 +289,10 @@ class _Http:
         self._opening = 0
         self._settled = asyncio.Event()
 
-    async def run(self, mode: str, level: float, start_ns: int) -> Samples:
+    async def run(self, mode: str, level: float, start_ns: int, first_due_ns: int) -> Samples:
         await _sleep_until(start_ns)
         end_ns = self._recorder.window_end_ns
+        expiry = asyncio.get_running_loop().create_task(self._expire())
         if mode == CLOSED:
             self._closed_loop = True
             for _ in range(int(level)):
@@ -261,7 +300,7 @@ class _Http:
                 self._open()
             await _sleep_until(end_ns)
         else:
-            await _schedule(level, start_ns, end_ns, self._dispatch)
+            await _schedule(level, first_due_ns, end_ns, self._dispatch, self._recorder)
         # Stop sending new requests; an open loop's backlog (due in the window) still goes out.
         self._sending = False
         self._check_settled()
@@ -272,10 +311,29 @@ class _Http:
             for due_ns in [*(c.due_ns for c in self._busy), *self._backlog]:
                 self._recorder.record(due_ns, now, "timeout")
                 self._recorder.note("timeout", f"no answer within {self._timeout_s:g} s (--timeout)")
+        expiry.cancel()
         for connection in [*self._idle, *self._busy]:
             if connection.transport is not None:
                 connection.transport.close()
         return self._recorder.samples()
+
+    async def _expire(self) -> None:
+        """Every so often, count each request unanswered ``timeout_s`` after it was sent as a
+        ``timeout`` and close its connection (HTTP/1.1 cannot cancel a request otherwise)."""
+        timeout_ns = int(self._timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(min(0.1, self._timeout_s / 10))
+            now = time.monotonic_ns()
+            for connection in [c for c in self._busy if now - c.sent_ns > timeout_ns]:
+                self._busy.discard(connection)  # so that losing it is not an error of its own
+                self._recorder.record(connection.due_ns, now, "timeout")
+                self._recorder.note("timeout", f"no answer within {self._timeout_s:g} s (--timeout)")
+                if connection.transport is not None:
+                    connection.transport.close()
+                if self._closed_loop and self._sending:
+                    self._backlog.append(now)
+                    self._open()
+            self._check_settled()
 
     def _dispatch(self, due_ns: int) -> None:
         if self._idle:
@@ -293,14 +351,20 @@ class _Http:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
-            )
-        except OSError as exc:
+        opening = loop.create_connection(
+            lambda: _Connection(self), self._payload.host, self._payload.port, ssl=self._ssl
+        )
+        try:  # a server that never completes the handshake is a connect_error, not a silent stall
+            _, connection = await asyncio.wait_for(opening, self._timeout_s)
+        except OSError as exc:  # TimeoutError included
             if self._backlog:
                 self._recorder.record(self._backlog.popleft(), time.monotonic_ns(), "connect_error")
-                self._recorder.note("connect_error", str(exc))
+                self._recorder.note(
+                    "connect_error",
+                    f"no connection within {self._timeout_s:g} s (--timeout)"
+                    if isinstance(exc, TimeoutError)
+                    else str(exc),
+                )
             await asyncio.sleep(0.01)  # the server is not there: do not spin
             self._opening -= 1
             if self._closed_loop and self._sending:
@@ -363,7 +427,7 @@ class _Grpc:
         self._timeout_s = timeout_s
         self._sending = True
 
-    async def run(self, mode: str, level: float, start_ns: int) -> Samples:
+    async def run(self, mode: str, level: float, start_ns: int, first_due_ns: int) -> Samples:
         import grpc
 
         target = f"{self._payload.host}:{self._payload.port}"
@@ -392,7 +456,7 @@ class _Grpc:
                     pending.add(task)
                     task.add_done_callback(pending.discard)
 
-                await _schedule(level, start_ns, self._recorder.window_end_ns, dispatch)
+                await _schedule(level, first_due_ns, self._recorder.window_end_ns, dispatch, self._recorder)
                 if pending:
                     await asyncio.wait(pending, timeout=self._timeout_s + 1)
         finally:
@@ -422,14 +486,23 @@ async def _sleep_until(when_ns: int) -> None:
         await asyncio.sleep(delay)
 
 
-async def _schedule(rate: float, start_ns: int, end_ns: int, dispatch: Callable[[int], None]) -> None:
+async def _schedule(
+    rate: float,
+    start_ns: int,
+    end_ns: int,
+    dispatch: Callable[[int], None],
+    recorder: _Recorder | None = None,
+) -> None:
     """Call ``dispatch(due_ns)`` for requests due every 1/rate s from ``start_ns`` to ``end_ns``;
-    requests that fell due while the loop was busy are dispatched late with their due time."""
+    requests that fell due while the loop was busy are dispatched late with their due time, and
+    how late each was is noted in ``recorder``."""
     interval = 1e9 / rate
     due = float(start_ns)
     while due < end_ns:
         now = time.monotonic_ns()
         while due <= now and due < end_ns:
             dispatch(int(due))
+            if recorder is not None:
+                recorder.sent(int(due), time.monotonic_ns() - int(due))
             due += interval
         await asyncio.sleep(max(0.0, (due - time.monotonic_ns()) / 1e9))

@@ -101,8 +101,9 @@ def build(
     path: str | None = None,
     tls: ClientTls | None = None,
 ) -> Payload:
-    """Encode the request for ``protocol``; ``path`` replaces the REST route (for servers with
-    routes of their own, given a ``.json`` body). ``tls`` (implied by an ``https://`` URL) is
+    """Encode the request for ``protocol``; a REST ``url``'s path (a proxy's prefix, say) goes
+    before the protocol's routes, as for the metadata, and ``path`` replaces the whole route (for
+    servers with routes of their own, given a ``.json`` body). ``tls`` (implied by an ``https://`` URL) is
     used for the metadata and travels with the payload to the load.
 
     Raises:
@@ -126,7 +127,7 @@ def build(
             protocol,
             host,
             port,
-            path or _route(protocol, model, version),
+            path or parts.path.rstrip("/") + _route(protocol, model, version),
             body,
             _json_rows(body, instances),
             {},
@@ -146,7 +147,7 @@ def build(
         return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows, tls)
     if protocol == "v2-grpc":
         return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows, tls)
-    route = path or _route(protocol, model, version)
+    route = path or parts.path.rstrip("/") + _route(protocol, model, version)
     if protocol == "rest":
         first = next(iter(tensors))
         document: Any = (

@@ -80,6 +80,15 @@ class StepReport:
     cost_per_million_predictions: float | None
     error_messages: list[str] = field(default_factory=list)
     """The first distinct error messages, as ``"STATUS: message"`` (the server's own words)."""
+    send_lag_ms: dict[str, float] = field(default_factory=dict)
+    """Open loop: how late the load generator itself sent the requests due in the window
+    (``p50``, ``p99``, ``max``); empty for a closed loop."""
+
+    @property
+    def fell_behind(self) -> bool:
+        """Whether the generator could not keep to an open loop's schedule: over 1 in 100
+        requests went out after the next one was due (and over 1 ms late, a timer's grain)."""
+        return bool(self.send_lag_ms) and self.send_lag_ms["p99"] > max(1.0, 1000 / self.level)
 
     @property
     def name(self) -> str:
@@ -103,7 +112,8 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
 
     Raises:
         ValueError: options that do not fit (no steps, unknown protocol, a payload file of the
-            wrong kind, metadata that cannot be read).
+            wrong kind, metadata that cannot be read, a ``server_pid`` that is not running or a
+            ``metrics_url`` that cannot be read).
     """
     steps = steps_of(options)
     for mode, level in steps:
@@ -125,6 +135,12 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
         tls=options.tls,
     )
     metrics_url = _metrics_url(options, payload)
+    if options.server_pid or metrics_url:
+        try:
+            ServerWatch(options.server_pid, metrics_url).read()
+        except (OSError, ValueError) as exc:
+            flag = "--server_pid" if options.server_pid else "--metrics_url"
+            raise ValueError(f"{flag}: cannot read the server's usage: {exc}") from None
     reports = []
     for mode, level in steps:
         watch = ServerWatch(options.server_pid, metrics_url) if options.server_pid or metrics_url else None
@@ -169,8 +185,11 @@ def _step(
             pipe.recv()  # ready: imports done
         start_ns = time.monotonic_ns() + 100_000_000
         timers = _watch_window(watch, start_ns, options)
-        for pipe in pipes:
-            pipe.send(start_ns)
+        for i, pipe in enumerate(pipes):
+            # An open loop's processes take turns on one schedule (process i sends the requests
+            # due at i, i + count, ... / rate s), so that together they send one request every
+            # 1/rate s, as many as one process would, rather than `count` at once.
+            pipe.send((start_ns, int(i * 1e9 / level) if mode == OPEN else 0))
         samples = Samples.merge([pipe.recv() for pipe in pipes])
         for process in processes:
             process.join()
@@ -191,8 +210,8 @@ def _watch_window(watch: ServerWatch | None, start_ns: int, options: BenchOption
 
 def _worker(pipe: Connection, payload: Payload, mode: str, level: float, *args: Any) -> None:
     pipe.send("ready")
-    start_ns = pipe.recv()
-    pipe.send(measure(payload, mode, level, start_ns, *args))
+    start_ns, phase_ns = pipe.recv()
+    pipe.send(measure(payload, mode, level, start_ns, *args, phase_ns=phase_ns))
 
 
 def _report(
@@ -205,7 +224,8 @@ def _report(
 ) -> StepReport:
     requests = sum(samples.statuses.values())
     ok = sum(n for status, n in samples.statuses.items() if succeeded(status))
-    predictions_per_s = ok * payload.instances / options.duration_s
+    seconds = _seconds(options.duration_s, mode, samples)
+    predictions_per_s = ok * payload.instances / seconds
     latencies = samples.latencies_ns / 1e6
     latency: dict[str, float | None] = {
         f"p{q:g}": float(np.percentile(latencies, q)) if len(latencies) else None for q in PERCENTILES
@@ -213,7 +233,7 @@ def _report(
     latency["max"] = float(latencies.max()) if len(latencies) else None
     cpu = None
     if usage is not None and predictions_per_s:
-        cpu = usage.cpu_s / (predictions_per_s * options.duration_s) * 1000
+        cpu = usage.cpu_s / (ok * payload.instances) * 1000
     cost = (
         options.price_per_hour / 3600 / predictions_per_s * 1e6
         if options.price_per_hour and predictions_per_s
@@ -223,7 +243,7 @@ def _report(
         mode=mode,
         level=level,
         requests=requests,
-        requests_per_s=requests / options.duration_s,
+        requests_per_s=requests / seconds,
         predictions_per_s=predictions_per_s,
         latency_ms=latency,
         errors={s: n for s, n in sorted(samples.statuses.items()) if not succeeded(s)},
@@ -232,7 +252,27 @@ def _report(
         server_peak_memory_bytes=usage.peak_memory_bytes if usage else None,
         cost_per_million_predictions=cost,
         error_messages=list(samples.messages),
+        send_lag_ms={
+            name: float(value) / 1e6
+            for name, value in zip(
+                ("p50", "p99", "max"),
+                (*np.percentile(samples.send_lags_ns, (50, 99)), samples.send_lags_ns.max()),
+                strict=True,
+            )
+        }
+        if len(samples.send_lags_ns)
+        else {},
     )
+
+
+def _seconds(duration_s: float, mode: str, samples: Samples) -> float:
+    """The time the step's requests took to serve, that its rates are over: the window, or in an
+    open loop the time from the first of its successful answers to the last when that is longer
+    (the server fell behind the schedule and answered the window's requests after it closed), so
+    that an overloaded server shows the rate it reached, not the rate it was offered."""
+    if mode == CLOSED:
+        return duration_s
+    return max(duration_s, (samples.last_done_ns - samples.first_done_ns) / 1e9)
 
 
 def to_json(options: BenchOptions, reports: list[StepReport]) -> bytes:
@@ -254,7 +294,17 @@ def progress_line(report: StepReport, index: int, total: int) -> str:
     )
     if report.error_messages:
         line += f" ({report.error_messages[0]})"
+    if report.fell_behind:
+        line += f"; {_behind(report)}"
     return line
+
+
+def _behind(report: StepReport) -> str:
+    lag = report.send_lag_ms
+    return (
+        f"the load generator fell behind the schedule (requests sent p50 {lag['p50']:,.2f} ms, "
+        f"p99 {lag['p99']:,.2f} ms late; the latencies include it): use --processes"
+    )
 
 
 def error_messages(reports: list[StepReport]) -> list[str]:
@@ -298,6 +348,8 @@ def table(reports: list[StepReport]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     if messages := error_messages(reports):
         lines += ["", "errors (the first distinct messages):", *(f"  {m}" for m in messages)]
+    if behind := [r for r in reports if r.fell_behind]:
+        lines += ["", *(f"{r.name}: {_behind(r)}" for r in behind)]
     return "\n".join(lines)
 
 

@@ -3,11 +3,14 @@
 With ``--server-pid`` the process and all its descendants are read from ``/proc`` (utime + stime,
 resident memory); with a metrics URL, prometheus-client's ``process_cpu_seconds_total`` and
 ``process_resident_memory_bytes`` (one process). Memory is sampled in a thread every
-``interval_s`` while the step runs; CPU is read before and after.
+``interval_s`` while the step runs; CPU is read before and after. A step during which the server
+could not be read at its start or end (it stopped, or its page went away) has no usage: a
+difference against a missing reading would be a wrong figure.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -57,14 +60,26 @@ class ServerWatch:
         self._cpu_start = 0.0
         self._peak = 0
 
-    def _read(self) -> tuple[float, int]:
+    def read(self) -> tuple[float, int]:
+        """The server's CPU-seconds and resident bytes now.
+
+        Raises:
+            OSError: the process is not running, or its metrics page cannot be fetched.
+            ValueError: the page lacks the process metrics.
+        """
         if self._pid is not None:
-            return read_pid(self._pid)
+            cpu, memory = read_pid(self._pid)
+            if not memory:
+                raise OSError(f"no process {self._pid} is running")
+            return cpu, memory
         assert self._url is not None
         return read_metrics(self._url)
 
     def start(self) -> None:
-        self._cpu_start, self._peak = self._read()
+        try:
+            self._cpu_start, self._peak = self.read()
+        except (OSError, ValueError):
+            self._cpu_start = math.nan  # no usage for this step
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="inferd-bench-watch", daemon=True)
         self._thread.start()
@@ -72,13 +87,19 @@ class ServerWatch:
     def _sample(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                self._peak = max(self._peak, self._read()[1])
+                self._peak = max(self._peak, self.read()[1])
             except (OSError, ValueError):
                 continue  # a missed sample; the next one counts
 
-    def stop(self) -> ServerUsage:
+    def stop(self) -> ServerUsage | None:
+        """What the server spent since ``start``; None when it could not be read at either end."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        cpu, memory = self._read()
+        try:
+            cpu, memory = self.read()
+        except (OSError, ValueError):
+            return None
+        if math.isnan(self._cpu_start):
+            return None
         return ServerUsage(cpu - self._cpu_start, max(self._peak, memory))
