@@ -394,6 +394,11 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     add("--tls-ca", help="PEM file of the CA the server's certificate chains to: TLS (https:// implies it)")
     add("--tls-cert", help="PEM client certificate, for a server that wants mutual TLS")
     add("--tls-key", help="PEM private key of --tls-cert")
+    add(
+        "--api-token",
+        default=os.environ.get("INFERD_API_TOKEN", ""),
+        help="the server's --api_token, sent as a bearer token with every request (or INFERD_API_TOKEN)",
+    )
     add("--json", dest="json_path", help="write the report as JSON to this file (- for stdout)")
     add("--plot", type=Path, help="write latency percentiles against throughput to this PNG")
     add("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -445,6 +450,7 @@ def _bench(args: argparse.Namespace) -> int:
         price_per_hour=args.price_per_hour,
         path=args.path,
         tls=tls,
+        api_token=args.api_token,
     )
     steps = loadtest.steps_of(options)
     print(

@@ -226,3 +226,37 @@ def test_metrics_page_and_metadata_url_and_bad_options_are_refused(server: Serve
     )
     assert done.returncode == 2
     assert "cannot read the metadata of model 'nosuch'" in done.stderr
+
+
+def test_a_server_with_an_api_token_is_benched_with_it_in_every_protocol(tmp_path: Path) -> None:
+    # There was no way to send the token: the metadata read failed with 401, and with --payload
+    # every request was refused.
+    from tests.conftest import launch
+
+    write_onnx_digits(tmp_path / "repo" / "digits" / "1")
+    secured = launch(tmp_path, str(tmp_path / "repo"), "--api_token=sekret")
+    try:
+        status = f"{secured.url}/v1/models/digits"
+        token = {"authorization": "Bearer sekret"}
+        secured.wait_for(lambda: requests.get(status, headers=token, timeout=5).ok, "digits")
+        for protocol in ("rest", "v2-binary", "grpc", "v2-grpc"):
+            report = bench(
+                target(secured, protocol),
+                "--model=digits",
+                f"--protocol={protocol}",
+                "--api-token=sekret",
+                "--concurrency=2",
+                "--duration=0.3",
+                "--warmup=0.1",
+            )
+            (step,) = report["steps"]  # type: ignore[misc]
+            assert step["requests"] > 0, protocol
+            assert step["errors"] == {}, protocol
+            if not protocol.endswith("grpc"):  # the server's /metrics, read with the token too
+                assert step["server_cpu_s_per_1k_predictions"] is not None
+        argv = [sys.executable, "-m", "inferd", "bench", secured.url, "--model=digits", "--duration=0.3"]
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2
+        assert "401" in refused.stderr
+    finally:
+        secured.stop()

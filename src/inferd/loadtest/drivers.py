@@ -472,7 +472,7 @@ class _Grpc:
         import grpc
 
         try:
-            await call(self._payload.request, timeout=self._timeout_s)
+            await call(self._payload.request, timeout=self._timeout_s, metadata=self._payload.grpc_metadata)
             status = "OK"
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name

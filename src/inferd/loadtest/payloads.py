@@ -73,7 +73,7 @@ class Payload:
     """One encoded request and where it goes.
 
     For HTTP, ``request`` is the whole HTTP/1.1 request (request line, headers, body); for gRPC
-    the serialized request message and ``path`` the method.
+    the serialized request message and ``path`` the method, sent with ``grpc_metadata``.
     """
 
     protocol: str
@@ -83,6 +83,7 @@ class Payload:
     request: bytes
     instances: int
     tls: ClientTls | None = None
+    grpc_metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_grpc(self) -> bool:
@@ -100,11 +101,13 @@ def build(
     metadata_url: str | None = None,
     path: str | None = None,
     tls: ClientTls | None = None,
+    api_token: str = "",
 ) -> Payload:
     """Encode the request for ``protocol``; a REST ``url``'s path (a proxy's prefix, say) goes
     before the protocol's routes, as for the metadata, and ``path`` replaces the whole route (for
     servers with routes of their own, given a ``.json`` body). ``tls`` (implied by an ``https://`` URL) is
-    used for the metadata and travels with the payload to the load.
+    used for the metadata and travels with the payload to the load, as does ``api_token`` (the
+    server's ``--api_token``: a bearer token in every request, metadata included).
 
     Raises:
         ValueError: an unknown protocol, a payload file that does not fit it, or metadata that
@@ -113,6 +116,7 @@ def build(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     parts = urlsplit(url if "//" in url else f"//{url}")
+    auth = Auth(api_token)
     if tls is None and parts.scheme == "https":
         tls = ClientTls()
     host, port = (
@@ -130,23 +134,25 @@ def build(
             path or parts.path.rstrip("/") + _route(protocol, model, version),
             body,
             _json_rows(body, instances),
-            {},
+            auth.headers,
             tls,
         )
     if payload is not None:
         loaded = _read(payload, lambda: np.load(payload))
         tensors = _read(payload, lambda: dict(loaded)) if isinstance(loaded, np.lib.npyio.NpzFile) else None
         if tensors is None:
-            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version, tls)
+            (name, _, _), *_ = _metadata(protocol, url, metadata_url, model, version, tls, auth)
             tensors = {name: np.asarray(loaded)}
     else:
-        specs = _metadata(protocol, url, metadata_url, model, version, tls)
+        specs = _metadata(protocol, url, metadata_url, model, version, tls, auth)
         tensors = generate(specs, instances)
     rows = len(next(iter(tensors.values())))
     if protocol == "grpc":
-        return Payload(protocol, host, port, TF_PREDICT, _tf_predict(model, version, tensors), rows, tls)
+        request = _tf_predict(model, version, tensors)
+        return Payload(protocol, host, port, TF_PREDICT, request, rows, tls, auth.grpc_metadata)
     if protocol == "v2-grpc":
-        return Payload(protocol, host, port, V2_INFER, _v2_infer(model, version, tensors), rows, tls)
+        request = _v2_infer(model, version, tensors)
+        return Payload(protocol, host, port, V2_INFER, request, rows, tls, auth.grpc_metadata)
     route = path or parts.path.rstrip("/") + _route(protocol, model, version)
     if protocol == "rest":
         first = next(iter(tensors))
@@ -155,13 +161,13 @@ def build(
             if len(tensors) == 1
             else {"inputs": {k: _json_values(k, v, protocol) for k, v in tensors.items()}}
         )
-        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, {}, tls)
+        return _http(protocol, host, port, route, json.dumps(document).encode(), rows, auth.headers, tls)
     if protocol == "v2":
         inputs = [
             _v2_input(k, v) | {"data": _json_values(k, v.reshape(-1), protocol)} for k, v in tensors.items()
         ]
         body = json.dumps({"inputs": inputs}).encode()
-        return _http(protocol, host, port, route, body, rows, {}, tls)
+        return _http(protocol, host, port, route, body, rows, auth.headers, tls)
     raws = [to_raw(v) for v in tensors.values()]
     header = json.dumps(
         {
@@ -172,8 +178,23 @@ def build(
             "parameters": {"binary_data_output": True},
         }
     ).encode()
-    extra = {"Inference-Header-Content-Length": str(len(header))}
+    extra = {"Inference-Header-Content-Length": str(len(header)), **auth.headers}
     return _http(protocol, host, port, route, header + b"".join(raws), rows, extra, tls)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """The server's ``--api_token`` as each protocol sends it ("" sends nothing)."""
+
+    token: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
 def _read(payload: Path, read: Callable[[], _T]) -> _T:
@@ -269,38 +290,47 @@ def _http(
     extra: dict[str, str],
     tls: ClientTls | None,
 ) -> Payload:
-    kind = "application/octet-stream" if extra else "application/json"
+    kind = "application/octet-stream" if "Inference-Header-Content-Length" in extra else "application/json"
     headers = {"Host": f"{host}:{port}", "Content-Type": kind, "Content-Length": str(len(body)), **extra}
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     return Payload(protocol, host, port, path, head.encode() + body, rows, tls)
 
 
 def _metadata(
-    protocol: str, url: str, metadata_url: str | None, model: str, version: int | None, tls: ClientTls | None
+    protocol: str,
+    url: str,
+    metadata_url: str | None,
+    model: str,
+    version: int | None,
+    tls: ClientTls | None,
+    auth: Auth,
 ) -> Specs:
     """The inputs, from ``metadata_url`` over REST in the protocol's family (TF Serving's or V2's)
     when given, else from the server under load in the protocol itself."""
     if metadata_url:
-        return _specs("rest" if protocol in ("rest", "grpc") else "v2", metadata_url, model, version, tls)
-    return _specs(protocol, url, model, version, tls)
+        family = "rest" if protocol in ("rest", "grpc") else "v2"
+        return _specs(family, metadata_url, model, version, tls, auth)
+    return _specs(protocol, url, model, version, tls, auth)
 
 
-def _specs(protocol: str, url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
+def _specs(
+    protocol: str, url: str, model: str, version: int | None, tls: ClientTls | None, auth: Auth
+) -> Specs:
     """The default signature's inputs, asked of the server in the protocol's own dialect."""
     suffix = f"/versions/{version}" if version is not None else ""
     try:
         if protocol == "grpc":
-            return _tf_grpc_specs(url, model, version, tls)
+            return _tf_grpc_specs(url, model, version, tls, auth)
         if protocol == "v2-grpc":
-            return _v2_grpc_specs(url, model, version, tls)
+            return _v2_grpc_specs(url, model, version, tls, auth)
         if protocol == "rest":
-            document = _get_json(f"{_base(url, tls)}/v1/models/{model}{suffix}/metadata", tls)
+            document = _get_json(f"{_base(url, tls)}/v1/models/{model}{suffix}/metadata", tls, auth)
             signature = document["metadata"]["signature_def"]["signature_def"]["serving_default"]
             return [
                 (name, dtype_of(spec["dtype"]).v2, [int(d["size"]) for d in spec["tensor_shape"]["dim"]])
                 for name, spec in signature["inputs"].items()
             ]
-        document = _get_json(f"{_base(url, tls)}/v2/models/{model}{suffix}", tls)
+        document = _get_json(f"{_base(url, tls)}/v2/models/{model}{suffix}", tls, auth)
         return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in document["inputs"]]
     except (OSError, http.client.HTTPException, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
@@ -310,9 +340,10 @@ def _base(url: str, tls: ClientTls | None) -> str:
     return url.rstrip("/") if "//" in url else f"{'https' if tls else 'http'}://{url.rstrip('/')}"
 
 
-def _get_json(url: str, tls: ClientTls | None) -> Any:
+def _get_json(url: str, tls: ClientTls | None, auth: Auth) -> Any:
     context = tls.ssl_context() if tls else None
-    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+    request = urllib.request.Request(url, headers=auth.headers)
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
         return json.loads(response.read())
 
 
@@ -327,7 +358,7 @@ def _target(url: str) -> str:
     return urlsplit(url if "//" in url else f"//{url}").netloc
 
 
-def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
+def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None, auth: Auth) -> Specs:
     from inferd._proto import prediction_service_pb2 as ps
     from inferd._proto import prediction_service_pb2_grpc as ps_grpc
     from inferd._proto.types_pb2 import DataType
@@ -338,7 +369,7 @@ def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | N
         request.model_spec.version.value = version
     with _channel(_target(url), tls) as channel:
         stub = ps_grpc.PredictionServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply = _ask(lambda: stub.GetModelMetadata(request, timeout=10))
+        reply = _ask(lambda: stub.GetModelMetadata(request, timeout=10, metadata=auth.grpc_metadata))
     signatures = ps.SignatureDefMap()
     reply.metadata["signature_def"].Unpack(signatures)
     inputs = signatures.signature_def["serving_default"].inputs
@@ -348,14 +379,14 @@ def _tf_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | N
     ]
 
 
-def _v2_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None) -> Specs:
+def _v2_grpc_specs(url: str, model: str, version: int | None, tls: ClientTls | None, auth: Auth) -> Specs:
     from inferd._proto import grpc_service_pb2 as pb
     from inferd._proto import grpc_service_pb2_grpc as pb_grpc
 
     request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
     with _channel(_target(url), tls) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply = _ask(lambda: stub.ModelMetadata(request, timeout=10))
+        reply = _ask(lambda: stub.ModelMetadata(request, timeout=10, metadata=auth.grpc_metadata))
     return [(t.name, t.datatype, list(t.shape)) for t in reply.inputs]
 
 

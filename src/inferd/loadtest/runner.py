@@ -61,6 +61,8 @@ class BenchOptions:
     """REST route to POST to instead of the protocol's, for servers with routes of their own."""
     tls: ClientTls | None = None
     """TLS towards the server; an ``https://`` URL implies it with the system's CAs."""
+    api_token: str = ""
+    """The server's ``--api_token``, sent as a bearer token with every request ("" for none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +135,22 @@ def run(options: BenchOptions, on_step: Callable[[StepReport], None] | None = No
         metadata_url=options.metadata_url,
         path=options.path,
         tls=options.tls,
+        api_token=options.api_token,
     )
     metrics_url = _metrics_url(options, payload)
     if options.server_pid or metrics_url:
         try:
-            ServerWatch(options.server_pid, metrics_url).read()
+            ServerWatch(options.server_pid, metrics_url, api_token=options.api_token).read()
         except (OSError, ValueError) as exc:
             flag = "--server_pid" if options.server_pid else "--metrics_url"
             raise ValueError(f"{flag}: cannot read the server's usage: {exc}") from None
     reports = []
     for mode, level in steps:
-        watch = ServerWatch(options.server_pid, metrics_url) if options.server_pid or metrics_url else None
+        watch = (
+            ServerWatch(options.server_pid, metrics_url, api_token=options.api_token)
+            if options.server_pid or metrics_url
+            else None
+        )
         samples, usage = _step(options, payload, mode, level, watch)
         reports.append(_report(options, payload, mode, level, samples, usage))
         if on_step is not None:
@@ -156,7 +163,7 @@ def _metrics_url(options: BenchOptions, payload: Payload) -> str | None:
         return options.metrics_url or None
     url = f"http://{payload.host}:{payload.port}/metrics"
     try:
-        read_metrics(url)
+        read_metrics(url, options.api_token)
     except (OSError, ValueError):
         return None
     return url

@@ -28,14 +28,15 @@ class ServerUsage:
     peak_memory_bytes: int
 
 
-def read_metrics(url: str) -> tuple[float, int]:
-    """``process_cpu_seconds_total`` and ``process_resident_memory_bytes`` from a metrics page.
+def read_metrics(url: str, api_token: str = "") -> tuple[float, int]:
+    """``process_cpu_seconds_total`` and ``process_resident_memory_bytes`` from a metrics page
+    (asked with ``api_token`` as a bearer token when given).
 
     Raises:
         OSError: the page cannot be fetched.
         ValueError: it lacks the process metrics.
     """
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(_request(url, api_token), timeout=5) as response:
         text = response.read().decode()
     values = {
         sample.name: sample.value
@@ -48,12 +49,20 @@ def read_metrics(url: str) -> tuple[float, int]:
     return values["process_cpu_seconds_total"], int(values["process_resident_memory_bytes"])
 
 
+def _request(url: str, api_token: str) -> urllib.request.Request:
+    """A GET of ``url``, with ``api_token`` as a bearer token when given."""
+    headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+    return urllib.request.Request(url, headers=headers)
+
+
 class ServerWatch:
     """Measures one step; ``start`` before the load, ``stop`` after it. Either ``pid`` or
-    ``metrics_url`` is given."""
+    ``metrics_url`` is given; ``api_token`` is sent to the metrics page."""
 
-    def __init__(self, pid: int | None, metrics_url: str | None, interval_s: float = 0.25) -> None:
-        self._pid, self._url = pid, metrics_url
+    def __init__(
+        self, pid: int | None, metrics_url: str | None, interval_s: float = 0.25, *, api_token: str = ""
+    ) -> None:
+        self._pid, self._url, self._token = pid, metrics_url, api_token
         self._interval_s = interval_s if pid else max(interval_s, 1.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,7 +82,7 @@ class ServerWatch:
                 raise OSError(f"no process {self._pid} is running")
             return cpu, memory
         assert self._url is not None
-        return read_metrics(self._url)
+        return read_metrics(self._url, self._token)
 
     def start(self) -> None:
         try:
