@@ -241,6 +241,19 @@ def test_expect_100_continue_is_answered_before_the_body(server: ServerProcess) 
         assert_status(wire.read_answer())
 
 
+def test_expect_100_continue_in_http_1_0_is_ignored(server: ServerProcess) -> None:
+    """An HTTP/1.0 request's ``Expect: 100-continue`` is ignored (RFC 9110 10.1.1): nothing is
+    sent on its head alone, and its one answer follows its body."""
+    body = predict_body([[1, 2, 3, 4]])
+    head = request("POST", "/v1/models/affine:predict", body, "Expect: 100-continue", version="HTTP/1.0")
+    with Wire(server) as wire:
+        wire.send(head.removesuffix(body))
+        wire.nothing_more()
+        wire.send(body)
+        assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
+        wire.closed_by_server()
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(server: ServerProcess) -> None:
     """A Content-Length over ``--max_request_bytes`` with ``Expect: 100-continue`` gets 413 at
     once, without ``100 Continue``; a client that then sends the body anyway has it read and

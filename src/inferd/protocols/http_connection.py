@@ -492,7 +492,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if name == b"host":
             self._hosts += 1
         elif name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
+            # An HTTP/1.0 client may not know 1xx answers: its expectation is ignored (RFC 9110 10.1.1).
+            self.expect_100_continue = self.parser.get_http_version() != "1.0"
         self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
         if self._in_body:  # a trailer field, after a chunked body
