@@ -21,6 +21,7 @@ hostile or broken client must not be able to hold:
   (inferd upgrades no connection), without a log line, and the connection then closes; with a
   body, it gets 400;
 - a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close;
+  a request target longer than httptools parses (``MAX_TARGET_BYTES``) gets 414 and close;
 - at most ``MAX_PIPELINED`` requests may wait behind the one being answered: the next gets 503
   and close. Every refusal above waits for the answers of the requests before it.
 
@@ -56,6 +57,9 @@ WATCH = "inferd.watch"
 
 AUTO_CONNECTIONS_CAP = 10_000
 """The most connections ``--max_connections 0`` (auto) allows per port."""
+
+MAX_TARGET_BYTES = 65_535
+"""The longest request target httptools parses (``parse_url``); a longer one gets 414."""
 
 MAX_PIPELINED = 64
 """The most requests one connection may have read and waiting behind the one being answered."""
@@ -252,6 +256,10 @@ class FieldsTooLarge(BadRequest):
     """Trailer fields that take a request past ``max_header_bytes``: answered 413."""
 
 
+class TargetTooLong(BadRequest):
+    """A request target longer than ``MAX_TARGET_BYTES``: answered 414 (RFC 9112 3)."""
+
+
 class TooManyPipelined(BadRequest):
     """A request past ``MAX_PIPELINED`` waiting on its connection: answered 503."""
 
@@ -420,6 +428,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._refuse(413, b"Content Too Large", str(cause), self._being_read())
             elif isinstance(cause, TooManyPipelined):
                 self._refuse(503, b"Service Unavailable", str(cause))
+            elif isinstance(cause, TargetTooLong):
+                self._refuse(414, b"URI Too Long", str(cause))
             else:
                 detail = cause if isinstance(cause, BadRequest) else error
                 self.logger.warning("Invalid HTTP request received: %s", detail)  # one template
@@ -519,7 +529,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 f"this connection has {MAX_PIPELINED} requests waiting for their answers, the most "
                 "it may send ahead; send the rest once those are answered"
             )
-        url = httptools.parse_url(self.url)
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError as error:
+            raise self._unread_target(error) from None
         raw_path = url.path
         path = raw_path.decode("ascii")
         if "%" in path:
@@ -550,6 +563,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
         self._in_body = True
+
+    def _unread_target(self, error: Exception) -> BadRequest:
+        """Why the request target could not be parsed (``error``): a head past
+        ``max_header_bytes`` (413), a target longer than httptools reads (414), or no URL (400)."""
+        size = len(self.url) + self._field_bytes
+        if size > self.limits.max_header_bytes:
+            return FieldsTooLarge(
+                f"the request line and headers take {size} bytes, over the limit of "
+                f"{self.limits.max_header_bytes} bytes (--max_header_bytes)"
+            )
+        if len(self.url) > MAX_TARGET_BYTES:
+            return TargetTooLong(
+                f"the request target takes {len(self.url)} bytes, over the {MAX_TARGET_BYTES} this "
+                "server reads"
+            )
+        return BadRequest(f"the request target is not a path nor an absolute URL: {error}")
 
     def _start(self, cycle: Exchange) -> None:
         """Run the application on ``cycle``'s request, in a task the server waits for at exit."""
