@@ -16,7 +16,7 @@ hostile or broken client must not be able to hold:
   header costs at most that plus one socket read (the application checks the exact size of heads
   that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
 - a chunked body's trailer fields count toward the same limit, and one trailer field may not grow
-  past it while it is read: ``413`` and close;
+  past it while it is read: ``413`` and close; they are not added to the request's headers;
 - a request that asks for a protocol upgrade is answered as the plain HTTP request it also is
   (inferd upgrades no connection), without a log line, and the connection then closes; with a
   body, it gets 400;
@@ -499,20 +499,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing blanks, which RFC 9110 5.5 excludes
-        if name == b"host":
-            self._hosts += 1
-        elif name == b"expect" and value.lower() == b"100-continue":
-            # An HTTP/1.0 client may not know 1xx answers: its expectation is ignored (RFC 9110 10.1.1).
-            self.expect_100_continue = self.parser.get_http_version() != "1.0"
-        self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
-        if self._in_body:  # a trailer field, after a chunked body
+        if self._in_body:  # a trailer field, after a chunked body: counted, and dropped
+            # Not merged into the headers (RFC 9110 6.5.1): the application would see it only
+            # when the body came in the read that brought the head.
             self._trailer_bytes = -1  # it ended in this read: counted exactly here
             if len(self.url) + self._field_bytes > self.limits.max_header_bytes:
                 raise FieldsTooLarge(
                     f"the request line, headers and trailers take more than "
                     f"{self.limits.max_header_bytes} bytes, the limit (--max_header_bytes)"
                 )
+            return
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            # An HTTP/1.0 client may not know 1xx answers: its expectation is ignored (RFC 9110 10.1.1).
+            self.expect_100_continue = self.parser.get_http_version() != "1.0"
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
