@@ -447,14 +447,17 @@ MALFORMED = {
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_request_gets_400_and_the_connection_closes(server: ServerProcess, data: bytes) -> None:
-    """Invalid HTTP/1.1 gets 400 with ``connection: close`` and the connection is closed, on a
-    new connection, after an answered request on a kept-alive one, and behind a good request
-    in the same write (which is answered first); others are served on."""
+    """Invalid HTTP/1.1 gets 400 with ``connection: close`` and a ``date`` (RFC 9110 6.6.1: every
+    4xx has one) and the connection is closed, on a new connection, after an answered request
+    on a kept-alive one, and behind a good request in the same write (which is answered
+    first); others are served on."""
     with Wire(server) as wire:
         wire.send(data)
         answer = wire.read_answer()
         assert answer.status == 400, answer
         assert answer.headers["connection"] == "close"
+        sent = email.utils.parsedate_to_datetime(answer.headers["date"])
+        assert abs((sent - datetime.now(UTC)).total_seconds()) < 300, answer.headers["date"]
         wire.closed_by_server()
     with Wire(server) as wire:
         wire.send(STATUS)

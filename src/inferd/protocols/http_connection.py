@@ -135,11 +135,16 @@ def connection_class(limits: ConnectionLimits) -> type[LimitedHttpProtocol]:
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
 
 
-def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
-    """A whole HTTP/1.1 answer with inferd's ``{"error": ...}`` body that closes the connection."""
+def _answer(
+    status: int, reason: bytes, message: str, defaults: Iterable[tuple[bytes, bytes]], *extra: bytes
+) -> bytes:
+    """A whole HTTP/1.1 answer with inferd's ``{"error": ...}`` body that closes the connection;
+    ``defaults``: uvicorn's header fields for every answer (its ``date``, which RFC 9110 6.6.1
+    requires of a 4xx)."""
     body = orjson.dumps({"error": message})
     head = [
         b"HTTP/1.1 %d %s" % (status, reason),
+        *(name + b": " + value for name, value in defaults),
         b"content-type: application/json",
         b"content-length: %d" % len(body),
         *extra,
@@ -395,7 +400,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 f"the server holds {self.limits.max_connections} connections, its limit "
                 "(--max_connections); retry"
             )
-            transport.write(_answer(503, b"Service Unavailable", message, b"retry-after: 1"))
+            defaults = self.server_state.default_headers
+            transport.write(_answer(503, b"Service Unavailable", message, defaults, b"retry-after: 1"))
             transport.close()
             return
         self._head_bytes = 0  # the first head's deadline runs from the connection's opening
@@ -742,7 +748,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, reason: bytes, message: str) -> None:
         """Answer ``status`` with inferd's JSON error and close the connection."""
-        self.transport.write(_answer(status, reason, message))
+        self.transport.write(_answer(status, reason, message, self.server_state.default_headers))
         self.transport.close()
 
     def _cancel_head_timer(self) -> None:
