@@ -254,3 +254,26 @@ def test_a_request_target_that_cannot_be_parsed_is_refused_with_its_reason(
     assert b"User callback error" not in refused
     assert b"connection: close" in refused
     assert served.startswith(b"HTTP/1.1 200 OK"), served
+
+
+def test_an_absolute_form_target_without_a_path_is_the_path_slash() -> None:
+    """``GET http://host`` and ``GET http://host?q`` (absolute form, empty path) reach the
+    application as the path ``/`` (RFC 9110 4.2.3), not as httptools' "User callback error"."""
+    seen: list[tuple[str, bytes, bytes]] = []
+    answers: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], scope["raw_path"], scope["query_string"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def client(port: int) -> None:
+        for target in (b"http://inferd", b"http://inferd:8501?q=1"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            answers.append(await reader.read())  # to the close
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [b"HTTP/1.1 200 OK"] * 2, answers
+    assert seen == [("/", b"/", b""), ("/", b"/", b"q=1")]

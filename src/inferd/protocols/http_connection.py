@@ -542,7 +542,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             url = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError as error:
             raise self._unread_target(error) from None
-        raw_path = url.path
+        raw_path = url.path or b"/"  # "http://host" in absolute form: the path "/" (RFC 9110 4.2.3)
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
