@@ -880,6 +880,34 @@ BIG_SIGNATURE = (
 )
 
 
+def test_a_client_that_reads_its_answers_slowly_gets_them_whole(tmp_path: Path) -> None:
+    """A client that reads three 4 MB answers steadily, but for longer than ``--body_timeout_s``
+    (0.5 s here) with the server's send buffer full, gets them whole: the timeout is for a
+    client that reads none (before, the connection was reset 0.5 s after the buffer filled,
+    whatever the client read)."""
+    write_python_model(tmp_path / "models" / "big" / "1", BIG, BIG_SIGNATURE)
+    server = launch(tmp_path, str(tmp_path / "models"), "--body_timeout_s=0.5")
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+            sock.connect((host, int(port)))
+            big = predict([[1, 2]], path="/v1/models/big:predict")
+            sock.sendall(big * 2 + predict([[1, 2]], "Connection: close", path="/v1/models/big:predict"))
+            data = bytearray()
+            sock.settimeout(RECV_TIMEOUT_S)
+            while chunk := sock.recv(65536):  # at most 8 MB/s
+                data += chunk
+                time.sleep(0.008)
+        answers = bytes(data).split(b"HTTP/1.1 ")[1:]
+        assert [answer[:6] for answer in answers] == [b"200 OK"] * 3, data[:300]
+        for answer in answers:
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert len(json.loads(body)["predictions"][0]) == 1_000_000
+    finally:
+        server.stop()
+
+
 def test_a_client_that_reads_none_of_its_answers_is_disconnected(tmp_path: Path) -> None:
     """A client that asks for large answers and reads none is disconnected once the server's
     send buffer has stayed full ``--body_timeout_s`` (1 s): its connection, and the answers

@@ -10,8 +10,8 @@ hostile or broken client must not be able to hold:
   (a connection that sent nothing is closed without an answer);
 - a body must not pause for ``body_timeout_s`` between two reads: else ``408`` and close (the
   time the server itself stops reading, to apply back-pressure, does not count); and a client
-  must not leave the answers unread that long (the server's send buffer full): else the
-  connection closes;
+  must not leave the answers unread that long (the server's send buffer full, and no byte of
+  it read): else the connection closes;
 - the head may not grow past ``max_header_bytes`` while it is read: ``413`` and close, so a huge
   header costs at most that plus one socket read (the application checks the exact size of heads
   that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
+import sys
 import weakref
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -159,6 +161,26 @@ def _carries_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
         name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
         for name, value in headers
     )
+
+
+_BYTES_ACKED = slice(120, 128)
+"""Where Linux's ``struct tcp_info`` (``TCP_INFO``, since Linux 4.1) holds ``tcpi_bytes_acked``."""
+
+
+def _taken(transport: asyncio.Transport) -> int:
+    """A count that grows as the client takes what was written to ``transport``: the bytes it
+    acknowledged, where the system tells (Linux), else minus the bytes in the transport's
+    buffer (which a slow reader may drain only after the socket's megabytes of send queue)."""
+    sock = transport.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is not None and tcp_info is not None:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _BYTES_ACKED.stop)
+        except OSError:
+            info = b""
+        if len(info) >= _BYTES_ACKED.stop:
+            return int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+    return -transport.get_write_buffer_size()
 
 
 def _no_cycle() -> None:
@@ -381,6 +403,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
         self._write_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._write_taken = 0  # what the client had taken (``_taken``) when that timer was armed
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
         # the refusal (status, reason, message) owed once the requests before it are answered
         self._invalid: tuple[int, bytes, str] | None = None
@@ -652,6 +675,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """The send buffer is full: the client has ``body_timeout_s`` to read some of it."""
         super().pause_writing()
         if self._write_timer is None:
+            self._write_taken = _taken(self.transport)
             self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._write_timed_out)
 
     def resume_writing(self) -> None:
@@ -661,11 +685,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._write_timer = None
 
     def _write_timed_out(self) -> None:
-        """The client read nothing of its answers for ``body_timeout_s``: nothing more can be
-        written to it, so the connection (and what waits to be sent) goes."""
+        """``body_timeout_s`` with the send buffer full. If the client took some of the answers
+        meanwhile, it has another period; if it took nothing, nothing more can be written to
+        it, so the connection (and what waits to be sent) goes."""
         self._write_timer = None
-        if self.flow.write_paused and not self.transport.is_closing():
-            self.transport.abort()
+        if not self.flow.write_paused or self.transport.is_closing():
+            return
+        taken = _taken(self.transport)
+        if taken > self._write_taken:  # a slow reader, not a stopped one
+            self._write_taken = taken
+            self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._write_timed_out)
+            return
+        self.transport.abort()
 
     def timeout_keep_alive_handler(self) -> None:
         """Close the connection if it has been idle ``timeout_keep_alive`` seconds since its last
