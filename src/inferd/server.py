@@ -564,7 +564,7 @@ class Server:
         """Load the initial models, serve until a signal arrives, then unload everything."""
         import uvicorn
 
-        http_server = _http_server_class()
+        http_server = _http_server_class(self.config.header_timeout_s)
         interval_s = self._poll_interval_s()
         # Bound (not yet listening) before the models load: a busy port fails the start at once.
         rest_socket = bind_rest_socket(self.config.host, self.config.rest_api_port, self.link is not None)
@@ -952,8 +952,13 @@ def grpc_transport_options(
     ]
 
 
-def _http_server_class() -> type:
+def _http_server_class(handshake_timeout_s: float) -> type:
+    """uvicorn's server class, made to serve inferd's REST port; over TLS a client must finish
+    its handshake within ``handshake_timeout_s`` (``--header_timeout_s``)."""
     import uvicorn
+
+    # A C timer's range (uvloop takes milliseconds); past it, as good as never.
+    handshake_s = min(handshake_timeout_s, 2**31 / 1000)
 
     class HttpServer(uvicorn.Server):
         """uvicorn, minus its own signal handling: it re-raises SIGTERM after shutting down, which
@@ -962,6 +967,23 @@ def _http_server_class() -> type:
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
+
+        async def startup(self, sockets: Any = None) -> None:
+            if self.config.ssl is None:
+                await super().startup(sockets)
+                return
+            # uvicorn gives the loop no handshake timeout, and the loop's default is 60 s: a
+            # connection that never finished its handshake stayed that long whatever
+            # --header_timeout_s said (the connection's own timers start after the handshake).
+            loop = asyncio.get_running_loop()
+            create_server = loop.create_server
+            loop.create_server = functools.partial(  # type: ignore[method-assign]
+                create_server, ssl_handshake_timeout=handshake_s
+            )
+            try:
+                await super().startup(sockets)
+            finally:
+                del loop.create_server  # the instance attribute: the class's method again
 
         def request_exit(self) -> None:
             self.should_exit = True

@@ -241,6 +241,19 @@ def test_expect_100_continue_is_answered_before_the_body(server: ServerProcess) 
         assert_status(wire.read_answer())
 
 
+def test_expect_100_continue_in_http_1_0_is_ignored(server: ServerProcess) -> None:
+    """An HTTP/1.0 request's ``Expect: 100-continue`` is ignored (RFC 9110 10.1.1): nothing is
+    sent on its head alone, and its one answer follows its body."""
+    body = predict_body([[1, 2, 3, 4]])
+    head = request("POST", "/v1/models/affine:predict", body, "Expect: 100-continue", version="HTTP/1.0")
+    with Wire(server) as wire:
+        wire.send(head.removesuffix(body))
+        wire.nothing_more()
+        wire.send(body)
+        assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
+        wire.closed_by_server()
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(server: ServerProcess) -> None:
     """A Content-Length over ``--max_request_bytes`` with ``Expect: 100-continue`` gets 413 at
     once, without ``100 Continue``; a client that then sends the body anyway has it read and
@@ -434,14 +447,17 @@ MALFORMED = {
 
 @pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_request_gets_400_and_the_connection_closes(server: ServerProcess, data: bytes) -> None:
-    """Invalid HTTP/1.1 gets 400 with ``connection: close`` and the connection is closed, on a
-    new connection, after an answered request on a kept-alive one, and behind a good request
-    in the same write (which is answered first); others are served on."""
+    """Invalid HTTP/1.1 gets 400 with ``connection: close`` and a ``date`` (RFC 9110 6.6.1: every
+    4xx has one) and the connection is closed, on a new connection, after an answered request
+    on a kept-alive one, and behind a good request in the same write (which is answered
+    first); others are served on."""
     with Wire(server) as wire:
         wire.send(data)
         answer = wire.read_answer()
         assert answer.status == 400, answer
         assert answer.headers["connection"] == "close"
+        sent = email.utils.parsedate_to_datetime(answer.headers["date"])
+        assert abs((sent - datetime.now(UTC)).total_seconds()) < 300, answer.headers["date"]
         wire.closed_by_server()
     with Wire(server) as wire:
         wire.send(STATUS)
@@ -581,6 +597,16 @@ def test_trailer_fields_count_toward_the_header_limit(tmp_path: Path) -> None:
                 wire.closed_by_server()
     finally:
         limited.stop()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "head-first"])
+def test_trailer_fields_are_not_taken_for_headers(server: ServerProcess, split: bool) -> None:
+    """A trailer field is not merged into the request's headers (RFC 9110 6.5.1): a JSON body
+    followed by a ``Content-Encoding: gzip`` trailer is read as JSON, whether the whole request
+    came in one read or its head first (before, in one read the body was taken for gzip: 400)."""
+    with Wire(server) as wire:
+        send_head_first(wire, chunked_predict([[1, 2, 3, 4]], "Content-Encoding: gzip"), split)
+        assert_predicted(wire.read_answer(), [[1, 2, 3, 4]])
 
 
 def reset(wire: Wire) -> None:
@@ -852,6 +878,34 @@ BIG_SIGNATURE = (
     '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}], '
     '"outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1000000]}]}'
 )
+
+
+def test_a_client_that_reads_its_answers_slowly_gets_them_whole(tmp_path: Path) -> None:
+    """A client that reads three 4 MB answers steadily, but for longer than ``--body_timeout_s``
+    (0.5 s here) with the server's send buffer full, gets them whole: the timeout is for a
+    client that reads none (before, the connection was reset 0.5 s after the buffer filled,
+    whatever the client read)."""
+    write_python_model(tmp_path / "models" / "big" / "1", BIG, BIG_SIGNATURE)
+    server = launch(tmp_path, str(tmp_path / "models"), "--body_timeout_s=0.5")
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+            sock.connect((host, int(port)))
+            big = predict([[1, 2]], path="/v1/models/big:predict")
+            sock.sendall(big * 2 + predict([[1, 2]], "Connection: close", path="/v1/models/big:predict"))
+            data = bytearray()
+            sock.settimeout(RECV_TIMEOUT_S)
+            while chunk := sock.recv(65536):  # at most 8 MB/s
+                data += chunk
+                time.sleep(0.008)
+        answers = bytes(data).split(b"HTTP/1.1 ")[1:]
+        assert [answer[:6] for answer in answers] == [b"200 OK"] * 3, data[:300]
+        for answer in answers:
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert len(json.loads(body)["predictions"][0]) == 1_000_000
+    finally:
+        server.stop()
 
 
 def test_a_client_that_reads_none_of_its_answers_is_disconnected(tmp_path: Path) -> None:

@@ -176,22 +176,26 @@ def test_plain_grpc_is_refused(tls_server: ServerProcess) -> None:
     assert_grpc_refused(grpc.insecure_channel(tls_server.grpc_target))
 
 
-def test_silent_grpc_connections_are_closed_by_the_header_timeout(
-    repo: Path, pki: Pki, tmp_path: Path
-) -> None:
-    """One client never starts its TLS handshake, another finishes it and sends nothing more:
-    both are closed once ``--header_timeout_s`` passes (gRPC's own defaults: two minutes and one)."""
+def test_silent_connections_are_closed_by_the_header_timeout(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    """On each port, one client never starts its TLS handshake, another finishes it and sends
+    nothing more: all are closed once ``--header_timeout_s`` passes (gRPC's own defaults: two
+    minutes and one; the REST port's event loop waited 60 s for a handshake)."""
     files = (f"--tls_cert={pki.server.cert}", f"--tls_key={pki.server.key}")
     server = start_tls(tmp_path, repo, pki, *files, "--header_timeout_s=1")
     host, port = server.grpc_target.rsplit(":", 1)
+    rest_port = int(server.url.rsplit(":", 1)[1])
     context = ssl.create_default_context(cafile=str(pki.ca))
     context.set_alpn_protocols(["h2"])
     raw = socket.create_connection((host, int(port)), timeout=20)
     shook = socket.create_connection((host, int(port)), timeout=20)
     shook = context.wrap_socket(shook, server_hostname="localhost")
+    rest_raw = socket.create_connection((host, rest_port), timeout=20)
+    rest_shook = ssl.create_default_context(cafile=str(pki.ca)).wrap_socket(
+        socket.create_connection((host, rest_port), timeout=20), server_hostname="localhost"
+    )
     try:
         started = time.monotonic()
-        for sock in (raw, shook):
+        for sock in (raw, shook, rest_raw, rest_shook):
             try:
                 while sock.recv(65536):  # the server's settings, its GOAWAY, then the close
                     pass
@@ -202,9 +206,10 @@ def test_silent_grpc_connections_are_closed_by_the_header_timeout(
         assert time.monotonic() - started < 10
         with grpc_channel(server, pki, client=None) as channel:
             assert v2_infer(channel) == [2, 4, 6, 8]
+        assert requests.get(f"{server.url}/v2/health/live", verify=pki.ca, timeout=5).ok
     finally:
-        raw.close()
-        shook.close()
+        for sock in (raw, shook, rest_raw, rest_shook):
+            sock.close()
         server.stop()
 
 

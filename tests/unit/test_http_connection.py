@@ -67,12 +67,14 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-async def _serve_while(app: Any, client: Callable[[int], Awaitable[None]]) -> None:
+async def _serve_while(
+    app: Any, client: Callable[[int], Awaitable[None]], max_header_bytes: int = 8192
+) -> None:
     """Serve ``app`` over the limited protocol on a free port until ``client(port)`` returns."""
     listener = socket.create_server(("127.0.0.1", 0))
     config = uvicorn.Config(
         app,
-        http=connection_class(ConnectionLimits(8, 5.0, 5.0, 8192)),
+        http=connection_class(ConnectionLimits(8, 5.0, 5.0, max_header_bytes)),
         lifespan="off",
         loop="none",
         log_level="warning",
@@ -218,3 +220,60 @@ def test_concurrent_receives_each_see_the_disconnect_and_a_cancelled_one_disturb
 
     asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
     assert outcome == [[{"type": "http.disconnect"}, {"type": "http.disconnect"}]]
+
+
+@pytest.mark.parametrize(
+    ("max_header_bytes", "line", "expected"),
+    [
+        (8192, b"GET /?" + b"q" * 70_000, b"HTTP/1.1 413 Content Too Large"),  # past the limit
+        (200_000, b"GET /?" + b"q" * 70_000, b"HTTP/1.1 414 URI Too Long"),  # past what httptools parses
+        (8192, b"CONNECT inferd:8500", b"HTTP/1.1 400 Bad Request"),  # authority-form: no path
+    ],
+)
+def test_a_request_target_that_cannot_be_parsed_is_refused_with_its_reason(
+    max_header_bytes: int, line: bytes, expected: bytes
+) -> None:
+    """A head read whole whose target httptools cannot parse is refused with its reason named
+    (not httptools' "User callback error") and the connection closes; the server reads on."""
+    answers: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def client(port: int) -> None:
+        for head in (line, b"GET /"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            answers.append(await reader.read())  # to the close
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(_serve_while(app, client, max_header_bytes), 30))
+    refused, served = answers
+    assert refused.startswith(expected), refused
+    assert b"User callback error" not in refused
+    assert b"connection: close" in refused
+    assert served.startswith(b"HTTP/1.1 200 OK"), served
+
+
+def test_an_absolute_form_target_without_a_path_is_the_path_slash() -> None:
+    """``GET http://host`` and ``GET http://host?q`` (absolute form, empty path) reach the
+    application as the path ``/`` (RFC 9110 4.2.3), not as httptools' "User callback error"."""
+    seen: list[tuple[str, bytes, bytes]] = []
+    answers: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["path"], scope["raw_path"], scope["query_string"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def client(port: int) -> None:
+        for target in (b"http://inferd", b"http://inferd:8501?q=1"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            answers.append(await reader.read())  # to the close
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [b"HTTP/1.1 200 OK"] * 2, answers
+    assert seen == [("/", b"/", b""), ("/", b"/", b"q=1")]

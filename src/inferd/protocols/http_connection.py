@@ -10,17 +10,18 @@ hostile or broken client must not be able to hold:
   (a connection that sent nothing is closed without an answer);
 - a body must not pause for ``body_timeout_s`` between two reads: else ``408`` and close (the
   time the server itself stops reading, to apply back-pressure, does not count); and a client
-  must not leave the answers unread that long (the server's send buffer full): else the
-  connection closes;
+  must not leave the answers unread that long (the server's send buffer full, and no byte of
+  it read): else the connection closes;
 - the head may not grow past ``max_header_bytes`` while it is read: ``413`` and close, so a huge
   header costs at most that plus one socket read (the application checks the exact size of heads
   that arrive whole, counted here as they are parsed: ``RequestWatch.head_bytes``);
 - a chunked body's trailer fields count toward the same limit, and one trailer field may not grow
-  past it while it is read: ``413`` and close;
+  past it while it is read: ``413`` and close; they are not added to the request's headers;
 - a request that asks for a protocol upgrade is answered as the plain HTTP request it also is
   (inferd upgrades no connection), without a log line, and the connection then closes; with a
   body, it gets 400;
 - a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close;
+  a request target longer than httptools parses (``MAX_TARGET_BYTES``) gets 414 and close;
 - at most ``MAX_PIPELINED`` requests may wait behind the one being answered: the next gets 503
   and close. Every refusal above waits for the answers of the requests before it.
 
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
+import sys
 import weakref
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -56,6 +59,9 @@ WATCH = "inferd.watch"
 
 AUTO_CONNECTIONS_CAP = 10_000
 """The most connections ``--max_connections 0`` (auto) allows per port."""
+
+MAX_TARGET_BYTES = 65_535
+"""The longest request target httptools parses (``parse_url``); a longer one gets 414."""
 
 MAX_PIPELINED = 64
 """The most requests one connection may have read and waiting behind the one being answered."""
@@ -131,11 +137,16 @@ def connection_class(limits: ConnectionLimits) -> type[LimitedHttpProtocol]:
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
 
 
-def _answer(status: int, reason: bytes, message: str, *extra: bytes) -> bytes:
-    """A whole HTTP/1.1 answer with inferd's ``{"error": ...}`` body that closes the connection."""
+def _answer(
+    status: int, reason: bytes, message: str, defaults: Iterable[tuple[bytes, bytes]], *extra: bytes
+) -> bytes:
+    """A whole HTTP/1.1 answer with inferd's ``{"error": ...}`` body that closes the connection;
+    ``defaults``: uvicorn's header fields for every answer (its ``date``, which RFC 9110 6.6.1
+    requires of a 4xx)."""
     body = orjson.dumps({"error": message})
     head = [
         b"HTTP/1.1 %d %s" % (status, reason),
+        *(name + b": " + value for name, value in defaults),
         b"content-type: application/json",
         b"content-length: %d" % len(body),
         *extra,
@@ -150,6 +161,26 @@ def _carries_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
         name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
         for name, value in headers
     )
+
+
+_BYTES_ACKED = slice(120, 128)
+"""Where Linux's ``struct tcp_info`` (``TCP_INFO``, since Linux 4.1) holds ``tcpi_bytes_acked``."""
+
+
+def _taken(transport: asyncio.Transport) -> int:
+    """A count that grows as the client takes what was written to ``transport``: the bytes it
+    acknowledged, where the system tells (Linux), else minus the bytes in the transport's
+    buffer (which a slow reader may drain only after the socket's megabytes of send queue)."""
+    sock = transport.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is not None and tcp_info is not None:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _BYTES_ACKED.stop)
+        except OSError:
+            info = b""
+        if len(info) >= _BYTES_ACKED.stop:
+            return int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+    return -transport.get_write_buffer_size()
 
 
 def _no_cycle() -> None:
@@ -250,6 +281,10 @@ class BadRequest(Exception):
 
 class FieldsTooLarge(BadRequest):
     """Trailer fields that take a request past ``max_header_bytes``: answered 413."""
+
+
+class TargetTooLong(BadRequest):
+    """A request target longer than ``MAX_TARGET_BYTES``: answered 414 (RFC 9112 3)."""
 
 
 class TooManyPipelined(BadRequest):
@@ -368,6 +403,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_read_at = 0.0
         self._write_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._write_taken = 0  # what the client had taken (``_taken``) when that timer was armed
         self._idle_since: float | None = None  # when the last answer went, with nothing read since
         # the refusal (status, reason, message) owed once the requests before it are answered
         self._invalid: tuple[int, bytes, str] | None = None
@@ -387,7 +423,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 f"the server holds {self.limits.max_connections} connections, its limit "
                 "(--max_connections); retry"
             )
-            transport.write(_answer(503, b"Service Unavailable", message, b"retry-after: 1"))
+            defaults = self.server_state.default_headers
+            transport.write(_answer(503, b"Service Unavailable", message, defaults, b"retry-after: 1"))
             transport.close()
             return
         self._head_bytes = 0  # the first head's deadline runs from the connection's opening
@@ -420,6 +457,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._refuse(413, b"Content Too Large", str(cause), self._being_read())
             elif isinstance(cause, TooManyPipelined):
                 self._refuse(503, b"Service Unavailable", str(cause))
+            elif isinstance(cause, TargetTooLong):
+                self._refuse(414, b"URI Too Long", str(cause))
             else:
                 detail = cause if isinstance(cause, BadRequest) else error
                 self.logger.warning("Invalid HTTP request received: %s", detail)  # one template
@@ -489,19 +528,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing blanks, which RFC 9110 5.5 excludes
-        if name == b"host":
-            self._hosts += 1
-        elif name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
         self._field_bytes += len(name) + len(value)
-        if self._in_body:  # a trailer field, after a chunked body
+        if self._in_body:  # a trailer field, after a chunked body: counted, and dropped
+            # Not merged into the headers (RFC 9110 6.5.1): the application would see it only
+            # when the body came in the read that brought the head.
             self._trailer_bytes = -1  # it ended in this read: counted exactly here
             if len(self.url) + self._field_bytes > self.limits.max_header_bytes:
                 raise FieldsTooLarge(
                     f"the request line, headers and trailers take more than "
                     f"{self.limits.max_header_bytes} bytes, the limit (--max_header_bytes)"
                 )
+            return
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            # An HTTP/1.0 client may not know 1xx answers: its expectation is ignored (RFC 9110 10.1.1).
+            self.expect_100_continue = self.parser.get_http_version() != "1.0"
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -518,8 +561,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 f"this connection has {MAX_PIPELINED} requests waiting for their answers, the most "
                 "it may send ahead; send the rest once those are answered"
             )
-        url = httptools.parse_url(self.url)
-        raw_path = url.path
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError as error:
+            raise self._unread_target(error) from None
+        raw_path = url.path or b"/"  # "http://host" in absolute form: the path "/" (RFC 9110 4.2.3)
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
@@ -549,6 +595,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
         self._in_body = True
+
+    def _unread_target(self, error: Exception) -> BadRequest:
+        """Why the request target could not be parsed (``error``): a head past
+        ``max_header_bytes`` (413), a target longer than httptools reads (414), or no URL (400)."""
+        size = len(self.url) + self._field_bytes
+        if size > self.limits.max_header_bytes:
+            return FieldsTooLarge(
+                f"the request line and headers take {size} bytes, over the limit of "
+                f"{self.limits.max_header_bytes} bytes (--max_header_bytes)"
+            )
+        if len(self.url) > MAX_TARGET_BYTES:
+            return TargetTooLong(
+                f"the request target takes {len(self.url)} bytes, over the {MAX_TARGET_BYTES} this "
+                "server reads"
+            )
+        return BadRequest(f"the request target is not a path nor an absolute URL: {error}")
 
     def _start(self, cycle: Exchange) -> None:
         """Run the application on ``cycle``'s request, in a task the server waits for at exit."""
@@ -613,6 +675,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """The send buffer is full: the client has ``body_timeout_s`` to read some of it."""
         super().pause_writing()
         if self._write_timer is None:
+            self._write_taken = _taken(self.transport)
             self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._write_timed_out)
 
     def resume_writing(self) -> None:
@@ -622,11 +685,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._write_timer = None
 
     def _write_timed_out(self) -> None:
-        """The client read nothing of its answers for ``body_timeout_s``: nothing more can be
-        written to it, so the connection (and what waits to be sent) goes."""
+        """``body_timeout_s`` with the send buffer full. If the client took some of the answers
+        meanwhile, it has another period; if it took nothing, nothing more can be written to
+        it, so the connection (and what waits to be sent) goes."""
         self._write_timer = None
-        if self.flow.write_paused and not self.transport.is_closing():
-            self.transport.abort()
+        if not self.flow.write_paused or self.transport.is_closing():
+            return
+        taken = _taken(self.transport)
+        if taken > self._write_taken:  # a slow reader, not a stopped one
+            self._write_taken = taken
+            self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._write_timed_out)
+            return
+        self.transport.abort()
 
     def timeout_keep_alive_handler(self) -> None:
         """Close the connection if it has been idle ``timeout_keep_alive`` seconds since its last
@@ -709,7 +779,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, reason: bytes, message: str) -> None:
         """Answer ``status`` with inferd's JSON error and close the connection."""
-        self.transport.write(_answer(status, reason, message))
+        self.transport.write(_answer(status, reason, message, self.server_state.default_headers))
         self.transport.close()
 
     def _cancel_head_timer(self) -> None:
