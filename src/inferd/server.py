@@ -291,8 +291,9 @@ class HttpApp:
                 listener.cancel()
 
     async def _read_body(self, scope: Scope, receive: Any, reservation: Reservation) -> bytes | None:
-        """The body, its bytes held in ``reservation`` (from ``Content-Length`` before reading);
-        None when the client disconnected first.
+        """The body, its bytes held in ``reservation`` as they arrive (its ``Content-Length``
+        admitted beside what the budget holds before reading); None when the client disconnected
+        first.
 
         A body with a ``Content-Encoding`` is decompressed (``decoding.inflate``) on the decode
         thread, and held as sent and as decompressed.
@@ -308,7 +309,7 @@ class HttpApp:
             if key == b"content-length" and value.isdigit():
                 if int(value) > self._max_body:
                     raise self._too_large()
-                reservation.grow_to(int(value))
+                reservation.admit(int(value))
             elif key == b"content-encoding" and value.strip().lower() != b"identity":
                 encoding = value
         chunks: list[bytes] = []

@@ -316,20 +316,46 @@ def test_requests_in_flight_share_a_byte_budget(repo: Path) -> None:
         repo, str(repo / "models"), f"--max_request_bytes={4 * mib}", f"--max_inflight_bytes={budget}"
     )
     stalled: list[socket.socket] = []
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+
+    def refused() -> bool:
+        r = requests.post(f"{server.url}/v2/models/affine/infer", data=body + b" " * mib, timeout=10)
+        return r.status_code == 503
+
+    def refused_unread() -> bool:
+        """Whether a body of 1 MiB declared is refused before any of it is sent; a probe that
+        holds nothing of the budget either way (it sends no body and hangs up)."""
+        with connect(server) as sock:
+            sock.sendall(
+                b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % mib
+            )
+            sock.settimeout(1.0)
+            try:
+                return sock.recv(64).startswith(b"HTTP/1.1 503")
+            except TimeoutError:
+                return False  # admitted: waiting for the body
+
+    def stall(sent: int) -> None:
+        """A body of 4 MiB declared, ``sent`` bytes of it sent, the rest never."""
+        sock = connect(server)
+        head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(head % (4 * mib) + b"{" + b" " * (sent - 1))
+        stalled.append(sock)
+
     try:
         with good_client(server) as latencies:
-            for _ in range(2):  # two bodies of 4 MiB declared, a few bytes sent: 8 MiB reserved
-                sock = connect(server)
-                head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n{"
-                sock.sendall(head % (4 * mib))
-                stalled.append(sock)
-            body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
-
-            def refused() -> bool:
-                r = requests.post(f"{server.url}/v2/models/affine/infer", data=body + b" " * mib, timeout=10)
-                return r.status_code == 503
-
-            server.wait_for(refused, "the budget to be held by the stalled bodies")
+            # Bodies declared and trickled hold only what they sent: sixteen of them could
+            # otherwise take the budget, and every request with a body, for a few bytes a second.
+            for _ in range(4):
+                stall(1)
+            for _ in range(10):
+                assert not refused()
+            for sock in stalled:
+                sock.close()
+            stalled.clear()
+            for _ in range(2):  # two bodies of 4 MiB declared and nearly all sent: 8 MiB held
+                stall(4 * mib - 16)
+            server.wait_for(refused_unread, "the budget to be held by the stalled bodies")
             r = requests.post(f"{server.url}/v2/models/affine/infer", data=body + b" " * mib, timeout=10)
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"] == "1"

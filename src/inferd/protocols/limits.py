@@ -158,9 +158,10 @@ class RequestLimits:
 
 
 class InflightBytes:
-    """The server-wide budget of bytes held by requests in flight: REST bodies (reserved from
-    ``Content-Length`` before they are read) and gRPC request messages (from their size once
-    received, before they are parsed), released when the request ends however it ends.
+    """The server-wide budget of bytes held by requests in flight: REST bodies (as they arrive,
+    after their ``Content-Length`` was admitted beside what is held) and gRPC request messages
+    (from their size once received, before they are parsed), released when the request ends
+    however it ends.
 
     Used on the event loop only (not thread-safe). ``limit`` 0 means no budget.
     """
@@ -182,12 +183,15 @@ class InflightBytes:
         """A reservation of 0 bytes for one request, to grow as its size becomes known."""
         return Reservation(self)
 
-    def _take(self, size: int) -> None:
+    def _check(self, size: int) -> None:
         if self.limit and self.held + size > self.limit:
             raise Unavailable(
                 f"the server holds {self.held} bytes of requests in flight; {size} more would pass "
                 f"the limit of {self.limit} bytes (--max_inflight_bytes); retry"
             )
+
+    def _take(self, size: int) -> None:
+        self._check(size)
         self.held += size
 
 
@@ -226,6 +230,17 @@ class Reservation:
         if total - request > self._strings:
             self.grow_to(total)
             self._strings = total - request
+
+    def admit(self, size: int) -> None:
+        """Check that ``size`` bytes in all would fit beside what the budget holds now, without
+        holding them: a body declared but not sent yet holds nothing, so that clients who
+        declare large bodies and trickle them in cannot take the budget from everyone else.
+
+        Raises:
+            Unavailable: they would not fit now.
+        """
+        if size > self.held:
+            self._budget._check(size - self.held)
 
     def grow_to(self, size: int) -> None:
         """Hold ``size`` bytes in all (no change when it holds as many already).
