@@ -157,7 +157,9 @@ class InferenceService:
             raise
         except Exception:
             log.exception("%s failed on request %s", version.id, request.id)
-            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
+            raise Internal(
+                f"model {version.id} failed while predicting request {request.id}; see the server log"
+            ) from None
         checked = _check_outputs(version, signature, outputs)
         if predictions is not None:
             predictions.put(key, checked)

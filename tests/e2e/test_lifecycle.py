@@ -211,6 +211,9 @@ def test_a_model_py_that_calls_sys_exit_fails_its_version_and_never_stops_the_se
     r = requests.post(url, json={"instances": [[9, 1]]}, timeout=10)
     assert r.status_code == 500
     assert "failed while predicting" in r.json()["error"]
+    # The message names the request id the server logged the traceback under.
+    request_id = r.json()["error"].split("predicting request ")[1].split(";")[0]
+    assert f"failed on request {request_id}\n" in server.log()
     assert requests.post(url, json=ones, timeout=10).json() == doubled
 
     write_python_model(base / "2", predict_body.replace("pass", "raise SystemExit(3)"))
