@@ -160,7 +160,7 @@ class InferenceService:
             raise Internal(
                 f"model {version.id} failed while predicting request {request.id}; see the server log"
             ) from None
-        checked = _check_outputs(version, signature, outputs)
+        checked = _check_outputs(version, signature, outputs, request.id)
         if predictions is not None:
             predictions.put(key, checked)
         self._manager.cold_answered(version)
@@ -540,12 +540,21 @@ def _describe(value: np.ndarray) -> str:
 
 
 def _check_outputs(
-    version: ServedVersion[Servable], signature: Signature, outputs: Mapping[str, object]
+    version: ServedVersion[Servable],
+    signature: Signature,
+    outputs: Mapping[str, object],
+    request_id: str | None,
 ) -> Tensors:
     missing = [spec.name for spec in signature.outputs if spec.name not in outputs]
     if missing:
-        log.error("%s returned outputs %s, missing %s", version.id, sorted(outputs), missing)
-        raise Internal(f"model {version.id} did not return output(s) {missing}")
+        log.error(
+            "%s returned outputs %s on request %s, missing %s",
+            version.id,
+            sorted(outputs),
+            request_id,
+            missing,
+        )
+        raise Internal(f"model {version.id} did not return output(s) {missing} on request {request_id}")
     return {spec.name: _native(np.asarray(outputs[spec.name])) for spec in signature.outputs}
 
 
