@@ -8,6 +8,7 @@ checks what the model returned. What lives as long as a version lives in ``serva
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -16,7 +17,7 @@ from types import TracebackType
 
 import numpy as np
 
-from inferd.errors import InferdError, Internal, InvalidArgument, NotFound
+from inferd.errors import DEADLINE_PASSED, InferdError, Internal, InvalidArgument, NotFound
 from inferd.manager import Lease, ModelManager, ServedVersion
 from inferd.metrics import Metrics
 from inferd.servable import Servable
@@ -304,6 +305,7 @@ class Call:
         "_signature",
         "_version",
         "computing",
+        "deadline",
         "decoded",
         "ended",
         "id",
@@ -332,6 +334,8 @@ class Call:
         self.ended = self.started
         self.computing: int | None = None
         """The version ``infer`` ran on, from its start (also when it failed)."""
+        self.deadline: float | None = None
+        """The deadline ``infer`` was given (``time.monotonic()``), if any."""
 
     @property
     def signature_name(self) -> str:
@@ -364,6 +368,10 @@ class Call:
             self._service._record(self, error.code.grpc_code)
         elif isinstance(error, Exception):
             self._service._record(self, "INTERNAL")
+        elif isinstance(error, asyncio.CancelledError):  # counted too: a version that never answers shows
+            passed = self.deadline is not None and time.monotonic() >= self.deadline
+            late = passed or DEADLINE_PASSED in error.args
+            self._service._record(self, "DEADLINE_EXCEEDED" if late else "CANCELLED")
 
     async def load(self, ref: ModelRef) -> None:
         """Take the lease ``open`` uses on the version ``ref`` resolves to, waiting for its load
@@ -431,6 +439,7 @@ class Call:
             admit(inputs)
         self.inputs = inputs
         self.computing = version.id.version
+        self.deadline = deadline
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
         statistics = _servable(version).statistics
         try:
