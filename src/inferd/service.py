@@ -37,6 +37,7 @@ from inferd.types import (
     VersionState,
     VersionStatus,
     dtype_of,
+    float_range_error,
     integer_range_error,
 )
 
@@ -524,7 +525,11 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if value.dtype != target:
         if (problem := integer_range_error(spec.name, value, target)) is not None:
             raise InvalidArgument(problem)
-        value = value.astype(target)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with its value
+            cast = value.astype(target)
+        if (problem := float_range_error(spec.name, value, cast)) is not None:
+            raise InvalidArgument(problem)
+        value = cast
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")
     return value
