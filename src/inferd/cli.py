@@ -27,6 +27,14 @@ _REPEATABLE = {"memory_budget"}
 """Flags given once per value, joined with commas into their ``ServerConfig`` field."""
 
 
+class _BadEnvironment:
+    """The default of a ``serve`` flag whose ``INFERD_<FLAG>`` value does not parse: refused when
+    ``serve`` runs without the flag (which wins), not while every command's parser is built."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        self.message = f"{variable}: {reason}"
+
+
 def _bool(text: str) -> bool:
     """TF Serving's boolean flags: --flag, --flag=true, --flag=false (also 1/0, yes/no)."""
     lowered = str(text).lower()
@@ -123,12 +131,21 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         convert = _bool if kind is bool else kind
         env = os.environ.get(f"INFERD_{name.upper()}")
         extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
+        value: Any = default
         if name in _REPEATABLE:  # each use adds a value; the environment's are comma-separated
-            extra, env, default = {"action": "append"}, None, None if env is None else env.split(",")
+            extra, value = {"action": "append"}, None if env is None else env.split(",")
+            default = value
+        elif env is not None:
+            try:
+                value = convert(env)
+            except argparse.ArgumentTypeError as error:
+                value = _BadEnvironment(f"INFERD_{name.upper()}", str(error))
+            except ValueError:
+                value = _BadEnvironment(f"INFERD_{name.upper()}", f"invalid {kind.__name__} value: {env!r}")
         parser.add_argument(
             f"--{name}",
             type=convert,
-            default=default if env is None else convert(env),
+            default=value,
             metavar="BOOL" if kind is bool else kind.__name__.upper(),
             help=f"{text} (default: {default!r})",
             **extra,
@@ -146,12 +163,11 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
             metavar="BOOL" if kind is bool else kind.__name__.upper(),
             help=f"TF Serving flag accepted for compatibility; no effect: {reason}",
         )
-    parser.add_argument(
-        "--log_level",
-        default=os.environ.get("INFERD_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info)",
-    )
+    levels = ["debug", "info", "warning", "error"]
+    level: Any = os.environ.get("INFERD_LOG_LEVEL", "info")
+    if level not in levels:
+        level = _BadEnvironment("INFERD_LOG_LEVEL", f"invalid choice: {level!r} (choose from {levels})")
+    parser.add_argument("--log_level", default=level, choices=levels, help="log verbosity (default: info)")
     return parser
 
 
@@ -864,6 +880,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _rollout_parser(sub)
     _ray_parser(sub)
     args = parser.parse_args(argv)
+    bad = [value for value in vars(args).values() if isinstance(value, _BadEnvironment)]
+    if bad:
+        print(f"inferd {args.command}: {bad[0].message}", file=sys.stderr)
+        return 2
     if args.command == "features":
         return _load_features(args)
     logging.basicConfig(

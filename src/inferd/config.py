@@ -841,7 +841,8 @@ INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {
     "num_tflite_interpreters_per_pool": (int, "one LiteRT interpreter serves each TFLite version"),
     "enable_signature_method_name_check": (
         bool,
-        "Classify and Regress always check the signature's method name",
+        "Classify and Regress take a predict signature whose outputs have TF Serving's names (its "
+        "default) and refuse other methods",
     ),
     "xla_cpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),
     "xla_gpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),

@@ -92,6 +92,12 @@ class DeadlineExceeded(InferdError):
     code = ErrorCode.DEADLINE_EXCEEDED
 
 
+DEADLINE_PASSED = "the request's deadline passed"
+"""The message of the cancellation that stops a request's work when its deadline passes: the
+request is then counted as DEADLINE_EXCEEDED, where other cancellations (a client that went
+away, the end of a drain) count as CANCELLED."""
+
+
 class Internal(InferdError):
     """Something unexpected; the message is safe to show (no internals)."""
 

@@ -8,6 +8,7 @@ checks what the model returned. What lives as long as a version lives in ``serva
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -16,7 +17,7 @@ from types import TracebackType
 
 import numpy as np
 
-from inferd.errors import InferdError, Internal, InvalidArgument, NotFound
+from inferd.errors import DEADLINE_PASSED, InferdError, Internal, InvalidArgument, NotFound
 from inferd.manager import Lease, ModelManager, ServedVersion
 from inferd.metrics import Metrics
 from inferd.servable import Servable
@@ -36,6 +37,7 @@ from inferd.types import (
     VersionState,
     VersionStatus,
     dtype_of,
+    float_range_error,
     integer_range_error,
 )
 
@@ -157,8 +159,10 @@ class InferenceService:
             raise
         except Exception:
             log.exception("%s failed on request %s", version.id, request.id)
-            raise Internal(f"model {version.id} failed while predicting; see the server log") from None
-        checked = _check_outputs(version, signature, outputs)
+            raise Internal(
+                f"model {version.id} failed while predicting request {request.id}; see the server log"
+            ) from None
+        checked = _check_outputs(version, signature, outputs, request.id)
         if predictions is not None:
             predictions.put(key, checked)
         self._manager.cold_answered(version)
@@ -302,6 +306,7 @@ class Call:
         "_signature",
         "_version",
         "computing",
+        "deadline",
         "decoded",
         "ended",
         "id",
@@ -330,6 +335,8 @@ class Call:
         self.ended = self.started
         self.computing: int | None = None
         """The version ``infer`` ran on, from its start (also when it failed)."""
+        self.deadline: float | None = None
+        """The deadline ``infer`` was given (``time.monotonic()``), if any."""
 
     @property
     def signature_name(self) -> str:
@@ -362,6 +369,10 @@ class Call:
             self._service._record(self, error.code.grpc_code)
         elif isinstance(error, Exception):
             self._service._record(self, "INTERNAL")
+        elif isinstance(error, asyncio.CancelledError):  # counted too: a version that never answers shows
+            passed = self.deadline is not None and time.monotonic() >= self.deadline
+            late = passed or DEADLINE_PASSED in error.args
+            self._service._record(self, "DEADLINE_EXCEEDED" if late else "CANCELLED")
 
     async def load(self, ref: ModelRef) -> None:
         """Take the lease ``open`` uses on the version ``ref`` resolves to, waiting for its load
@@ -429,6 +440,7 @@ class Call:
             admit(inputs)
         self.inputs = inputs
         self.computing = version.id.version
+        self.deadline = deadline
         request = InferenceRequest(inputs, signature.name, request_id or self.id, deadline=deadline)
         statistics = _servable(version).statistics
         try:
@@ -513,7 +525,11 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if value.dtype != target:
         if (problem := integer_range_error(spec.name, value, target)) is not None:
             raise InvalidArgument(problem)
-        value = value.astype(target)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with its value
+            cast = value.astype(target)
+        if (problem := float_range_error(spec.name, value, cast)) is not None:
+            raise InvalidArgument(problem)
+        value = cast
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):
         raise InvalidArgument(f"input {spec.name!r}: expected strings ({spec.describe()}), got other values")
     return value
@@ -538,12 +554,21 @@ def _describe(value: np.ndarray) -> str:
 
 
 def _check_outputs(
-    version: ServedVersion[Servable], signature: Signature, outputs: Mapping[str, object]
+    version: ServedVersion[Servable],
+    signature: Signature,
+    outputs: Mapping[str, object],
+    request_id: str | None,
 ) -> Tensors:
     missing = [spec.name for spec in signature.outputs if spec.name not in outputs]
     if missing:
-        log.error("%s returned outputs %s, missing %s", version.id, sorted(outputs), missing)
-        raise Internal(f"model {version.id} did not return output(s) {missing}")
+        log.error(
+            "%s returned outputs %s on request %s, missing %s",
+            version.id,
+            sorted(outputs),
+            request_id,
+            missing,
+        )
+        raise Internal(f"model {version.id} did not return output(s) {missing} on request {request_id}")
     return {spec.name: _native(np.asarray(outputs[spec.name])) for spec in signature.outputs}
 
 

@@ -89,6 +89,25 @@ def integer_range_error(name: str, value: np.ndarray, target: np.dtype[Any]) -> 
     )
 
 
+def float_range_error(name: str, value: np.ndarray, cast: np.ndarray) -> str | None:
+    """Why ``cast``, numeric ``value`` cast to a float dtype, does not hold ``value``, or None.
+
+    numpy casts past a float dtype's range silently (1e300 becomes inf in FP32); TF Serving refuses
+    such values. The message names input ``name``, the datatype, its largest value and the first
+    finite value that became an infinity. Casts to other dtypes pass (None).
+    """
+    if cast.dtype.kind != "f" or value.dtype.kind not in "iuf" or np.isfinite(cast).all():
+        return None
+    overflowed = np.isinf(cast) & np.isfinite(value)
+    if not overflowed.any():
+        return None
+    bad = value.reshape(-1)[int(np.argmax(overflowed.reshape(-1)))]
+    return (
+        f"input {name!r}: datatype {dtype_of(cast.dtype).v2} cannot hold {bad.item()!r} "
+        f"(largest: {np.finfo(cast.dtype).max})"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModelId:
     """One version of one model."""

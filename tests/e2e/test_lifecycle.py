@@ -211,6 +211,9 @@ def test_a_model_py_that_calls_sys_exit_fails_its_version_and_never_stops_the_se
     r = requests.post(url, json={"instances": [[9, 1]]}, timeout=10)
     assert r.status_code == 500
     assert "failed while predicting" in r.json()["error"]
+    # The message names the request id the server logged the traceback under.
+    request_id = r.json()["error"].split("predicting request ")[1].split(";")[0]
+    assert f"failed on request {request_id}\n" in server.log()
     assert requests.post(url, json=ones, timeout=10).json() == doubled
 
     write_python_model(base / "2", predict_body.replace("pass", "raise SystemExit(3)"))
@@ -220,6 +223,28 @@ def test_a_model_py_that_calls_sys_exit_fails_its_version_and_never_stops_the_se
     assert server.status("p") == {"2": "END", "1": "AVAILABLE"}
     assert requests.post(url, json=ones, timeout=10).json() == doubled
     assert server.process.poll() is None
+
+
+def test_a_model_that_leaves_out_an_output_gets_a_500_naming_the_request_id(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    base = tmp_path / "p"
+    predict_body = """
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        if (inputs["x"] > 5).any():
+            return {"z": inputs["x"]}
+        return {"y": inputs["x"]}
+    """
+    write_python_model(base / "1", predict_body)
+    server = start_server("--model_name=p", f"--model_base_path={base}")
+    r = requests.post(f"{server.url}/v1/models/p:predict", json={"instances": [[9, 1]]}, timeout=10)
+    assert r.status_code == 500
+    request_id = r.json()["error"].split(" on request ")[1]
+    assert r.json()["error"] == f"model p:1 did not return output(s) ['y'] on request {request_id}"
+    assert f"p:1 returned outputs ['z'] on request {request_id}, missing ['y']" in server.log()
 
 
 # 3. and 4. Version policies and labels

@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 ONE = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
 
@@ -105,6 +105,41 @@ def test_batch_size_queue_and_load_failure_metrics(
     assert value(table, "inferd_queue_rows", model="m", version="1") == 0
     assert value(table, "inferd_batcher_target_batch_size", model="m", version="1") == 8
     assert value(table, "inferd_model_load_failures_total", model="m") == 1
+
+
+def test_a_request_past_its_deadline_or_left_by_its_client_is_counted(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A model that never answers in time shows in inferd_requests_total (and so in a canary's
+    error_rate guard): such requests used to be counted nowhere, their work being cancelled."""
+    slow = """
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        import time
+        if (inputs["x"] > 5).any():
+            time.sleep(2)
+        return {"y": inputs["x"]}
+    """
+    write_python_model(tmp_path / "p" / "1", slow)
+    server = start_server(
+        "--model_name=p", f"--model_base_path={tmp_path / 'p'}", "--rest_api_timeout_in_ms=300"
+    )
+    url, late = f"{server.url}/v1/models/p:predict", {"instances": [[9, 1]]}
+    assert requests.post(url, json=late, timeout=10).status_code == 504
+    with pytest.raises(requests.Timeout):  # the client gives up before the server's deadline
+        requests.post(url, json=late, timeout=0.1)
+
+    def counted() -> bool:
+        table = samples(server)
+        deadline = {"model": "p", "version": "1", "protocol": "tfserving_rest", "status": "DEADLINE_EXCEEDED"}
+        gone = {"model": "p", "version": "", "protocol": "tfserving_rest", "status": "CANCELLED"}
+        return table.get(("inferd_requests_total", frozenset(deadline.items()))) == 1 and (
+            table.get(("inferd_requests_total", frozenset(gone.items()))) == 1
+        )
+
+    server.wait_for(counted, "the late and the abandoned request counted")
 
 
 def test_metrics_can_be_turned_off(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:

@@ -30,6 +30,28 @@ def test_every_server_option_has_a_serve_flag(monkeypatch: pytest.MonkeyPatch) -
     assert serve_parser().parse_args(["serve"]).num_load_threads == 5
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("INFERD_REST_API_PORT", "abc", "inferd serve: INFERD_REST_API_PORT: invalid int value: 'abc'"),
+        ("INFERD_ENABLE_BATCHING", "maybe", "INFERD_ENABLE_BATCHING: expected true or false, got 'maybe'"),
+        ("INFERD_LOG_LEVEL", "loud", "INFERD_LOG_LEVEL: invalid choice: 'loud'"),
+    ],
+)
+def test_a_bad_environment_value_fails_serve_alone_naming_the_variable_and_a_flag_overrides_it(
+    variable: str, value: str, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to raise a traceback while the parsers were built, for every command."""
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--model_name=m", "--model_base_path=/nowhere"]) == 2
+    assert said in capsys.readouterr().err
+    flag = "--" + variable.removeprefix("INFERD_").lower() + "=" + ("info" if "LEVEL" in variable else "1")
+    assert main(["serve", flag, "--version"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", "--help"])
+    assert exit_.value.code == 0
+
+
 @pytest.mark.parametrize("command", ["batch", "bench", "select", "optimize"])
 def test_flags_are_spelled_in_snake_case_and_kebab_case_stays_an_alias(command: str) -> None:
     parser = argparse.ArgumentParser()

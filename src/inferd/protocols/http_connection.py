@@ -52,7 +52,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from inferd.config import ServerConfig
-from inferd.errors import ConfigError
+from inferd.errors import DEADLINE_PASSED, ConfigError
 
 WATCH = "inferd.watch"
 """The scope extension that holds a request's ``RequestWatch``."""
@@ -227,7 +227,7 @@ class RequestWatch:
     def expire(self) -> None:
         if self.task is not None and not self.hung_up and not self.expired:
             self.expired = True
-            self.task.cancel()
+            self.task.cancel(DEADLINE_PASSED)
 
     async def step(self) -> None:
         """With other requests in progress on the port (in this process), wait one turn of the

@@ -559,7 +559,8 @@ def _string(item: Any, as_b64: bool) -> Any:
             return item.decode()
         except UnicodeDecodeError:
             return {"b64": base64.b64encode(item).decode()}
-    return encodable(item if isinstance(item, str) else str(item))  # a lone surrogate has no UTF-8
+    text = encodable(item if isinstance(item, str) else str(item))  # a lone surrogate has no UTF-8
+    return {"b64": base64.b64encode(text.encode()).decode()} if as_b64 else text
 
 
 def _per_row(outputs: dict[str, Any]) -> Any:
