@@ -39,6 +39,7 @@ from inferd.types import (
     dtype_of,
     float_range_error,
     integer_range_error,
+    may_hold_infinity,
 )
 
 log = logging.getLogger(__name__)
@@ -525,9 +526,8 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if value.dtype != target:
         if (problem := integer_range_error(spec.name, value, target)) is not None:
             raise InvalidArgument(problem)
-        with np.errstate(over="ignore"):  # an overflow is refused just below, with its value
-            cast = value.astype(target)
-        if (problem := float_range_error(spec.name, value, cast)) is not None:
+        cast = value.astype(target)  # an overflow is refused just below, with its value
+        if may_hold_infinity(cast) and (problem := float_range_error(spec.name, value, cast)):
             raise InvalidArgument(problem)
         value = cast
     if target.kind == "O" and not all(isinstance(item, str | bytes) for item in value.flat):

@@ -7,6 +7,7 @@ Tensors are numpy arrays. Strings (TF's DT_STRING, V2's BYTES) are object arrays
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,32 @@ def integer_range_error(name: str, value: np.ndarray, target: np.dtype[Any]) -> 
     return (
         f"input {name!r}: value {int(bad)} is out of range for {dtype_of(target).v2} [{info.min}, {info.max}]"
     )
+
+
+def _infinities(dtype: type[np.floating[Any]]) -> tuple[bytes, bytes]:
+    both = np.array([np.inf, -np.inf], dtype=dtype).tobytes()
+    return both[: len(both) // 2], both[len(both) // 2 :]
+
+
+_INFINITIES = {np.dtype(np.float32): _infinities(np.float32), np.dtype(np.float16): _infinities(np.float16)}
+"""The bytes of +inf and -inf in the float dtypes a cast can overflow into."""
+
+# A cast past a float dtype's range is refused by ``float_range_error``; numpy's warning about it
+# would only repeat that in the log.
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, "inferd[.]service")
+
+
+def may_hold_infinity(cast: np.ndarray) -> bool:
+    """Whether ``cast``, an array just cast to FP32 or FP16, may hold an infinity: a filter in
+    front of ``float_range_error`` that finds the pattern in the array's bytes (an infinity, or
+    rarely parts of two neighbours), where a numpy reduction would cost every request several us
+    (docs/performance.md, "Where the time goes"). False for other dtypes, which no cast
+    overflows."""
+    patterns = _INFINITIES.get(cast.dtype)
+    if patterns is None:
+        return False
+    raw = cast.tobytes()
+    return patterns[0] in raw or patterns[1] in raw
 
 
 def float_range_error(name: str, value: np.ndarray, cast: np.ndarray) -> str | None:
