@@ -12,6 +12,7 @@ import pytest
 
 from inferd.cli import main
 from inferd.config import ServerConfig, read_model_settings
+from inferd.ray import deployment
 from inferd.ray.deployment import ANSWERED, IN_FLIGHT, LOOP_UTILIZATION, Scaling, code_version, scaling_file
 from tests.s3_server import S3Server, s3_server
 
@@ -46,6 +47,10 @@ def test_the_code_version_changes_with_every_serve_setting_tokens_included() -> 
         ServerConfig(model_base_path="/models", memory_budget="1GiB"),
     ]
     assert len({code_version(c) for c in [base, *others]}) == 1 + len(others)
+
+
+def _no_cluster(*_: object) -> None:
+    raise AssertionError("deployed: the values were not refused")
 
 
 @pytest.mark.parametrize(
@@ -188,6 +193,38 @@ def test_ranges_are_checked_once_flags_are_merged_in(
     err = capsys.readouterr().err
     assert "max_replicas must be >= 1 and >= min_replicas (3), got 2 (flags over " in err
     assert "inferd.toml [ray]" in err
+
+
+def _no_cluster(*_: object) -> None:
+    raise AssertionError("deployed: the values were not refused")
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--target_ongoing_requests=nan", "--target_ongoing_requests must be > 0, got nan"),
+        ("--upscale_delay_s=nan", "--upscale_delay_s must be >= 0 seconds, got nan"),
+        ("--graceful_shutdown_timeout_s=nan", "--graceful_shutdown_timeout_s must be >= 0 seconds"),
+        ("--num_cpus=inf", "--num_cpus must be a number of CPUs >= 0, got inf"),
+        ("--num_cpus=-1", "--num_cpus must be a number of CPUs >= 0, got -1.0"),
+    ],
+)
+def test_nan_and_infinite_cpus_exit_2_before_any_cluster_is_joined(
+    flag: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve refuses them with a traceback once connected; the range checks see them first."""
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    assert main(["ray", "serve", str(tmp_path), flag]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_nan_in_the_scaling_table_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    repository = _settings(tmp_path / "repo", "[ray]\ndownscale_delay_s = nan\n")
+    assert main(["ray", "serve", str(repository)]) == 2
+    assert "downscale_delay_s must be >= 0 seconds, got nan (flags over " in capsys.readouterr().err
 
 
 def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:

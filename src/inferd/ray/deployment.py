@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import tomllib
@@ -110,7 +111,7 @@ class Scaling:
 
     def check(self, where: str = "--") -> None:
         """Raises ConfigError naming the value (``where`` + its name: a flag by default) when it
-        is out of range."""
+        is out of range; NaN is out of every range, and an infinite ``num_cpus`` too."""
         if self.num_replicas < 0:
             raise ConfigError(f"{where}num_replicas must be >= 0, got {self.num_replicas}")
         if self.min_replicas < 0:
@@ -120,7 +121,7 @@ class Scaling:
                 f"{where}max_replicas must be >= 1 and >= {where}min_replicas ({self.min_replicas}), "
                 f"got {self.max_replicas}"
             )
-        if self.target_ongoing_requests <= 0:
+        if not self.target_ongoing_requests > 0:
             raise ConfigError(
                 f"{where}target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
             )
@@ -128,9 +129,11 @@ class Scaling:
             raise ConfigError(
                 f"{where}target_loop_utilization must be > 0 and <= 1, got {self.target_loop_utilization}"
             )
-        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s", "num_cpus"):
-            if getattr(self, name) < 0:
+        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s"):
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{where}{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.num_cpus < math.inf:
+            raise ConfigError(f"{where}num_cpus must be a number of CPUs >= 0, got {self.num_cpus}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``serve.deployment``."""
