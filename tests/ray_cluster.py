@@ -126,6 +126,7 @@ def start_cluster(
     token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
+        **PROXY_ENV,  # first: the ports below are this cluster's own
         MARKER: secrets.token_hex(8),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
@@ -139,7 +140,6 @@ def start_cluster(
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
         "RAY_USAGE_STATS_ENABLED": "0",
-        **PROXY_ENV,
         **(extra_env or {}),
     }
     cluster = LocalCluster(f"127.0.0.1:{gcs}", env, haproxy)

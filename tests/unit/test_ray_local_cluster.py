@@ -1,0 +1,36 @@
+"""``tests.ray_cluster``: each local cluster listens on ports of its own, so that clusters of
+several test runs on one machine do not answer each other's requests."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inferd.ray.deployment import PROXY_ENV
+from tests import ray_cluster
+
+
+def test_each_cluster_has_its_own_fallback_proxy_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's proxies bind with SO_REUSEPORT: two clusters on PROXY_ENV's fixed 8510 would share
+    it, and the kernel would hand one cluster's requests to the other's proxy."""
+    envs: list[dict[str, str]] = []
+
+    def run(argv: list[str], env: dict[str, str], **_: Any) -> subprocess.CompletedProcess[str]:
+        envs.append(env)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(ray_cluster.subprocess, "run", run)
+    first = ray_cluster.start_cluster(tmp_path, nodes=1)
+    second = ray_cluster.start_cluster(tmp_path, nodes=1)
+    for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        assert first.env[name] != PROXY_ENV[name]
+        assert first.env[name] != second.env[name]
+    assert envs == [first.env, second.env]
+    for cluster in (first, second):
+        assert not cluster.pids()  # nothing was started
+        cluster.stop()
