@@ -58,6 +58,11 @@ GRPC_CHANGES = frozenset({"HandleReloadConfigRequest", "RepositoryModelLoad", "R
 replica serves outside the repository."""
 
 
+_REPLAYED_HEADERS = frozenset({b"authorization", b"content-type", b"content-encoding"})
+"""The headers of a change kept for its replay: the admin token, and how to read the body as
+recorded (sent compressed, it is recorded compressed)."""
+
+
 def is_change(method: str, path: str) -> bool:
     """True for a REST call that every replica must replay (see ``_CHANGES``)."""
     return method == "POST" and _CHANGES.fullmatch(path) is not None
@@ -226,7 +231,7 @@ class Follower:
 
         await self._app(scope, recorded, watched)
         if 200 <= status < 300:
-            headers = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"content-type")]
+            headers = [(k, v) for k, v in scope["headers"] if k in _REPLAYED_HEADERS]
             entry = {"method": method, "path": path, "headers": headers, "body": bytes(body)}
             self._own.add(await self._log.append.remote(entry))
 
