@@ -337,6 +337,12 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 
 def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``. Raises ValueError when it is not one: a bool for a number, a
+    fractional number for an integer (YAML's ``2.5`` is not 2 replicas)."""
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
     if kind is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
