@@ -12,8 +12,10 @@ import pytest
 
 from inferd.cli import main
 from inferd.config import ServerConfig, read_model_settings
+from inferd.errors import ConfigError
 from inferd.ray import deployment
 from inferd.ray.deployment import ANSWERED, IN_FLIGHT, LOOP_UTILIZATION, Scaling, code_version, scaling_file
+from tests.pki import Authority
 from tests.s3_server import S3Server, s3_server
 
 __all__ = ["s3_server"]
@@ -225,6 +227,27 @@ def test_nan_in_the_scaling_table_exits_2_naming_it(
     repository = _settings(tmp_path / "repo", "[ray]\ndownscale_delay_s = nan\n")
     assert main(["ray", "serve", str(repository)]) == 2
     assert "downscale_delay_s must be >= 0 seconds, got nan (flags over " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--tls_cert", "--ssl_config_file"])
+def test_tls_exits_2_rather_than_serving_plain_text(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's ingress accepts the connections: a replica's TLS settings would never be used."""
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    issued = Authority(tmp_path / "pki", "ca").issue("localhost", server=True)
+    files = {"--tls_cert": [f"--tls_cert={issued.cert}", f"--tls_key={issued.key}"]}
+    ssl_config = tmp_path / "ssl.txt"
+    ssl_config.write_text(
+        f'server_key: "{issued.key.read_text()}"\nserver_cert: "{issued.cert.read_text()}"\n'
+    )
+    files["--ssl_config_file"] = [f"--ssl_config_file={ssl_config}"]
+    assert main(["ray", "serve", str(tmp_path), *files[flag]]) == 2
+    assert f"{flag} does not apply on Ray" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--tls_cert does not apply on Ray"):
+        deployment.app_builder(
+            {"repository": str(tmp_path), "tls_cert": str(issued.cert), "tls_key": str(issued.key)}
+        )
 
 
 def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:

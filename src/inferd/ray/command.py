@@ -109,6 +109,7 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     from inferd.ray import deployment
 
     try:
+        deployment.check_config(config)
         source, from_file = deployment.scaling_file(args.repository or "", config.model_base_path)
     except ConfigError as exc:
         print(f"inferd ray: {exc.message}", file=sys.stderr)

@@ -165,6 +165,22 @@ class Scaling:
         return options
 
 
+TLS_SETTINGS = ("ssl_config_file", "tls_cert", "tls_key", "tls_ca", "tls_client_verify")
+"""``inferd serve`` settings that cannot apply on Ray: Serve's ingress, not a replica, accepts
+the connections, and it speaks plain HTTP and gRPC."""
+
+
+def check_config(config: ServerConfig) -> None:
+    """Raises ConfigError naming an ``inferd serve`` setting of ``config`` that cannot apply in a
+    replica (TLS), rather than serving without it."""
+    for name in TLS_SETTINGS:
+        if getattr(config, name):
+            raise ConfigError(
+                f"--{name} does not apply on Ray: Serve's ingress accepts the connections, without TLS; "
+                "terminate TLS in front of it (a load balancer or a Kubernetes ingress)"
+            )
+
+
 SCALING_TABLE = "ray"
 """The ``inferd.toml`` table (of a repository, or of the one model served) holding ``Scaling``
 fields by name; ``inferd ray serve``'s flags override it."""
@@ -314,7 +330,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``Scaling`` fields by name, values as YAML gives them (strings are converted).
 
     Raises:
-        ConfigError: a name that is neither, or a value of the wrong kind.
+        ConfigError: a name that is neither, a value of the wrong kind, or TLS (``check_config``).
     """
     config_fields = {f.name: f for f in fields(ServerConfig)}
     scaling_fields = {f.name: f for f in fields(Scaling)}
@@ -333,7 +349,9 @@ def app_builder(args: dict[str, Any]) -> Any:
             raise ConfigError(f"application args: {name!r} must be {kind.__name__}, got {value!r}") from exc
     ranges = Scaling(**scaling)
     ranges.check()
-    return application(ServerConfig(**config), ranges)
+    server_config = ServerConfig(**config)
+    check_config(server_config)
+    return application(server_config, ranges)
 
 
 def _convert(value: Any, kind: type) -> Any:
