@@ -250,6 +250,24 @@ def test_tls_exits_2_rather_than_serving_plain_text(
         )
 
 
+def test_relative_paths_reach_the_replicas_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replicas run in Ray's working directories, not this command's."""
+    deployed: list[ServerConfig] = []
+
+    def deploy(config: ServerConfig, *_: object) -> None:
+        deployed.append(config)
+
+    monkeypatch.setattr(deployment, "deploy", deploy)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    argv = ["ray", "serve", "models", "--model_cache_dir=cache", "--rollout_state_dir=s3://b/r", "--detach"]
+    assert main(argv) == 0
+    (config,) = deployed
+    assert config.repository == str(tmp_path / "models")
+    assert config.model_cache_dir == str(tmp_path / "cache")
+    assert config.rollout_state_dir == "s3://b/r"  # not a local path
+
+
 def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:
     s3_server.client().create_bucket(Bucket="bucket")
     s3_server.client().put_object(Bucket="bucket", Key="repo/inferd.toml", Body=b"[ray]\nmax_replicas = 3\n")

@@ -21,6 +21,19 @@ from inferd.ray.cold_start import WAIT_ENV
 
 log = logging.getLogger(__name__)
 
+LOCAL_PATHS = (
+    "repository",
+    "model_base_path",
+    "model_config_file",
+    "model_cache_dir",
+    "batching_parameters_file",
+    "monitoring_config_file",
+    "rollout_state_dir",
+    "grpc_socket_path",
+)
+"""``inferd serve`` settings naming files or folders, made absolute (from this command's working
+directory) before they reach the replicas, which run in Ray's directories."""
+
 
 def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]) -> None:
     """Add ``inferd ray serve`` (every ``inferd serve`` flag, made by ``serve_parser``, plus the
@@ -86,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["memory_budget"] = ",".join(args.memory_budget or ())  # repeatable, as for inferd serve
+    for name in LOCAL_PATHS:  # the replicas do not run in this directory
+        if values.get(name) and "://" not in values[name]:
+            values[name] = os.path.abspath(values[name])
     try:
         config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     except ConfigError as exc:
