@@ -254,8 +254,9 @@ def test_relative_paths_reach_the_replicas_absolute(tmp_path: Path, monkeypatch:
     """The replicas run in Ray's working directories, not this command's."""
     deployed: list[ServerConfig] = []
 
-    def deploy(config: ServerConfig, *_: object) -> None:
+    def deploy(config: ServerConfig, *_: object) -> tuple[str, int]:
         deployed.append(config)
+        return config.host, config.rest_api_port
 
     monkeypatch.setattr(deployment, "deploy", deploy)
     monkeypatch.chdir(tmp_path)
@@ -266,6 +267,17 @@ def test_relative_paths_reach_the_replicas_absolute(tmp_path: Path, monkeypatch:
     assert config.repository == str(tmp_path / "models")
     assert config.model_cache_dir == str(tmp_path / "cache")
     assert config.rollout_state_dir == "s3://b/r"  # not a local path
+
+
+def test_the_address_printed_is_the_one_serve_listens_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve keeps the ports it started with on a cluster: a deploy naming others is told so."""
+    monkeypatch.setattr(deployment, "deploy", lambda *_: ("127.0.0.1", 18501))
+    assert main(["ray", "serve", str(tmp_path), "--host=127.0.0.1", "--rest_api_port=9000", "--detach"]) == 0
+    err = capsys.readouterr().err
+    assert "Serve already listens on 127.0.0.1:18501" in err
+    assert err.endswith("inferd ray: serving on http://127.0.0.1:18501\n")
 
 
 def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:

@@ -145,8 +145,16 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
             print(f"inferd ray: --scale_from_zero_wait_s must be >= 0 seconds, got {wait_s}", file=sys.stderr)
             return 2
         os.environ[WAIT_ENV] = str(wait_s)  # for the proxies of a cluster this command starts
-    deployment.deploy(config, scaling, args.address, config.host, config.rest_api_port, args.proxy)
-    print(f"inferd ray: serving on http://{config.host}:{config.rest_api_port}", file=sys.stderr, flush=True)
+    host, port = deployment.deploy(
+        config, scaling, args.address, config.host, config.rest_api_port, args.proxy
+    )
+    if (host, port) != (config.host, config.rest_api_port):
+        print(
+            f"inferd ray: Serve already listens on {host}:{port} on this cluster and keeps it; "
+            "run 'serve shutdown' first to move it",
+            file=sys.stderr,
+        )
+    print(f"inferd ray: serving on http://{host}:{port}", file=sys.stderr, flush=True)
     if args.detach:
         return 0
     stop = threading.Event()

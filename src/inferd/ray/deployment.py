@@ -379,11 +379,12 @@ def deploy(
     http_host: str,
     http_port: int,
     proxy: str,
-) -> None:
+) -> tuple[str, int]:
     """Connect to the cluster at ``address`` ("" starts a local one), start Serve's ingress on
     ``http_host:http_port`` (and gRPC on ``http_host:config.port`` unless it is 0) and deploy (or
-    update in place) the inferd application; returns once every replica is up. Serve's ports are
-    fixed when Serve first starts on a cluster: a later deploy with other ports keeps the first."""
+    update in place) the inferd application; returns once every replica is up, with the host and
+    port Serve's HTTP ingress listens on. Serve's ports are fixed when Serve first starts on a
+    cluster: a later deploy with other ports keeps the first (and returns them)."""
     if proxy == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     for name, value in PROXY_ENV.items():
@@ -400,6 +401,11 @@ def deploy(
     )
     serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    http = client.http_config if client is not None else None
+    return (http.host, http.port) if http is not None else (http_host, http_port)
 
 
 def status(address: str) -> dict[str, Any]:
