@@ -13,7 +13,7 @@ from inferd.ray.deployment import PROXY_ENV
 from tests import ray_cluster
 
 
-def test_each_cluster_has_its_own_fallback_proxy_ports(
+def test_each_cluster_has_its_own_proxy_and_replica_grpc_ports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Serve's proxies bind with SO_REUSEPORT: two clusters on PROXY_ENV's fixed 8510 would share
@@ -31,6 +31,15 @@ def test_each_cluster_has_its_own_fallback_proxy_ports(
         assert first.env[name] != PROXY_ENV[name]
         assert first.env[name] != second.env[name]
     assert envs == [first.env, second.env]
+    windows = [
+        range(
+            int(c.env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]),
+            int(c.env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]),
+        )
+        for c in (first, second)
+    ]
+    assert not set(windows[0]) & set(windows[1])  # replicas' gRPC servers too (SO_REUSEPORT)
+    assert not set(range(40000, 41001)) & (set(windows[0]) | set(windows[1]))  # Serve's default
     for cluster in (first, second):
         assert not cluster.pids()  # nothing was started
         cluster.stop()
