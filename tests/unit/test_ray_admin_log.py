@@ -126,3 +126,71 @@ def test_a_compressed_change_replays_on_the_other_replicas(
                 await server.close()
 
     assert asyncio.run(move_on_one()) == ({"stable": 1}, {"stable": 1})
+
+
+async def _post(app: Follower, path: str, body: bytes, token: str = "adm") -> int:
+    """POST ``body`` to ``path`` through a replica's front; the answer's status."""
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {token}".encode()), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 0),
+    }
+    bodies = [{"type": "http.request", "body": body, "more_body": False}]
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if bodies:
+            return bodies.pop()
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return statuses[0]
+
+
+def test_a_replica_started_after_two_rollouts_ends_where_the_others_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaying the first rollout would refuse the second (one runs), and the first, finishing
+    later, would leave the label where the others no longer have it."""
+    model = tmp_path / "ro"
+    write_onnx_affine(model / "1", 10.0)
+    write_onnx_affine(model / "2", 20.0)
+    (model / "inferd.toml").write_text("version_policy = { all = true }\n[labels]\nstable = 1\n")
+    config = ServerConfig(
+        model_base_path=str(model), model_name="ro", file_system_poll_wait_seconds=0, admin_token="adm"
+    )
+    shared = _Log()
+    monkeypatch.setattr(admin_log, "handle", lambda: shared)
+    monkeypatch.setattr(Follower, "state", lambda self, rows: {})
+    path = "/v2/repository/models/ro/rollout"
+
+    async def rollouts() -> tuple[dict[str, int], dict[str, int]]:
+        first, later = Server(config), Server(config)
+        try:
+            await first.control.sync()
+            answering = Follower(first, "r0")
+            for to in (2, 1):
+                body = b'{"to": %d, "steps": [100], "step_s": 0.1}' % to
+                assert await _post(answering, path, body) == 200
+                await answering.catch_up()  # running
+                await asyncio.sleep(0.4)
+                await answering.catch_up()  # done
+            await later.control.sync()
+            await Follower(later, "r1").catch_up()  # a replica that starts now
+            await asyncio.sleep(0.4)  # what it replayed has finished
+            return first.control.labels("ro"), later.control.labels("ro")
+        finally:
+            await first.close()
+            await later.close()
+
+    assert asyncio.run(rollouts()) == ({"stable": 1}, {"stable": 1})
