@@ -13,7 +13,7 @@ import pytest
 
 from inferd.config import ServerConfig
 from inferd.ray import admin_log
-from inferd.ray.admin_log import AdminLog, Follower, is_change
+from inferd.ray.admin_log import AdminLog, Follower, is_change, superseded
 from inferd.server import Server
 from tests.models import write_onnx_affine
 
@@ -194,3 +194,19 @@ def test_a_replica_started_after_two_rollouts_ends_where_the_others_are(
             await later.close()
 
     assert asyncio.run(rollouts()) == ({"stable": 1}, {"stable": 1})
+
+
+def test_only_rollout_entries_before_a_later_start_of_their_model_are_superseded() -> None:
+    def post(path: str) -> dict[str, Any]:
+        return {"method": "POST", "path": path, "headers": [], "body": b""}
+
+    entries = [
+        (1, post("/v2/repository/models/a/rollout")),
+        (2, post("/dashboard/api/models/b/rollout/abort")),  # b has no later start
+        (3, post("/v2/repository/models/a/rollout/pause")),
+        (4, post("/dashboard/api/models/a/labels/stable")),  # a label move stays
+        (5, post("/dashboard/api/models/a/rollout")),
+        (6, post("/v2/repository/models/a/rollout/abort")),
+    ]
+    assert superseded(entries) == {1, 3}
+    assert superseded(entries[1:2]) == set()

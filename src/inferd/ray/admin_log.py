@@ -80,7 +80,7 @@ def superseded(entries: list[tuple[int, dict[str, Any]]]) -> set[int]:
             rollouts.append((seq, match[1]))
             if match[2] is None:
                 last_start[match[1]] = seq
-    return {seq for seq, model in rollouts if seq < last_start[model]} if last_start else set()
+    return {seq for seq, model in rollouts if seq < last_start.get(model, 0)}
 
 
 def is_change(method: str, path: str) -> bool:
