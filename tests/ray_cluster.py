@@ -109,20 +109,26 @@ def _alive(pid: int) -> bool:
 GRPC_WINDOW = 32
 """Ports each cluster gives its replicas' gRPC servers (Serve's direct ingress)."""
 
+_windows: set[int] = set()
+"""The first ports of the windows this process gave out."""
+
 
 def _grpc_window() -> int:
     """The first of ``GRPC_WINDOW`` ports, none in use now, outside Serve's default range
     (40000-41000) and picked at random: Serve's replicas listen for gRPC with SO_REUSEPORT, so a
     replica of another cluster on the same port would share it, and the kernel would hand this
-    cluster's calls to it."""
+    cluster's calls to it. Never one overlapping a window given before in this process."""
     while True:
         first = random.randrange(41000, 60000 - GRPC_WINDOW)
+        if any(abs(first - given) < GRPC_WINDOW for given in _windows):
+            continue
         try:
             for port in range(first, first + GRPC_WINDOW):
                 with socket.socket(socket.AF_INET6) as sock:
                     sock.bind(("::", port))
         except OSError:
             continue
+        _windows.add(first)
         return first
 
 

@@ -27,6 +27,9 @@ def test_each_cluster_has_its_own_proxy_and_replica_grpc_ports(
     monkeypatch.setattr(ray_cluster.subprocess, "run", run)
     first = ray_cluster.start_cluster(tmp_path, nodes=1)
     second = ray_cluster.start_cluster(tmp_path, nodes=1)
+    for cluster in (first, second):
+        assert not cluster.pids()  # nothing was started
+        cluster.stop()  # its HAProxy folder
     for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
         assert first.env[name] != PROXY_ENV[name]
         assert first.env[name] != second.env[name]
@@ -40,6 +43,3 @@ def test_each_cluster_has_its_own_proxy_and_replica_grpc_ports(
     ]
     assert not set(windows[0]) & set(windows[1])  # replicas' gRPC servers too (SO_REUSEPORT)
     assert not set(range(40000, 41001)) & (set(windows[0]) | set(windows[1]))  # Serve's default
-    for cluster in (first, second):
-        assert not cluster.pids()  # nothing was started
-        cluster.stop()
