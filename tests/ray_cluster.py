@@ -3,18 +3,21 @@
 
 Each cluster is isolated from any other on the machine (another engineer's, another test run's):
 its own auth token (Ray turns token auth on when ``~/.ray/auth_token`` exists, and a node without
-the head's token cannot join), its own HAProxy files and ports, and a marker in the environment of
-every process it starts. ``stop`` ends exactly the processes that carry its marker (the nodes,
-their workers and Serve's HAProxy, which ``ray stop`` leaves running), never ``ray stop --force``,
-which ends every Ray process on the machine.
+the head's token cannot join), its own HAProxy files and ports (its replicas' gRPC ports too: see
+``_grpc_window``), and a marker in the environment of every process it starts. ``stop`` ends
+exactly the processes that carry its marker (the nodes, their workers and Serve's HAProxy, which
+``ray stop`` leaves running), never ``ray stop --force``, which ends every Ray process on the
+machine.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,6 +106,32 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+GRPC_WINDOW = 32
+"""Ports each cluster gives its replicas' gRPC servers (Serve's direct ingress)."""
+
+_windows: set[int] = set()
+"""The first ports of the windows this process gave out."""
+
+
+def _grpc_window() -> int:
+    """The first of ``GRPC_WINDOW`` ports, none in use now, outside Serve's default range
+    (40000-41000) and picked at random: Serve's replicas listen for gRPC with SO_REUSEPORT, so a
+    replica of another cluster on the same port would share it, and the kernel would hand this
+    cluster's calls to it. Never one overlapping a window given before in this process."""
+    while True:
+        first = random.randrange(41000, 60000 - GRPC_WINDOW)
+        if any(abs(first - given) < GRPC_WINDOW for given in _windows):
+            continue
+        try:
+            for port in range(first, first + GRPC_WINDOW):
+                with socket.socket(socket.AF_INET6) as sock:
+                    sock.bind(("::", port))
+        except OSError:
+            continue
+        _windows.add(first)
+        return first
+
+
 def _ports(n: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < n:
@@ -122,16 +151,20 @@ def start_cluster(
     """
     haproxy = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))  # its socket path must be short
     gcs, client, fallback_http, fallback_grpc, stats, haproxy_metrics = _ports(6)
+    grpc_ports = _grpc_window()
     token = scratch / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
+        **PROXY_ENV,  # first: the ports below are this cluster's own
         MARKER: secrets.token_hex(8),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_ports),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_ports + GRPC_WINDOW),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
@@ -139,7 +172,6 @@ def start_cluster(
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
         "RAY_USAGE_STATS_ENABLED": "0",
-        **PROXY_ENV,
         **(extra_env or {}),
     }
     cluster = LocalCluster(f"127.0.0.1:{gcs}", env, haproxy)

@@ -597,9 +597,11 @@ def test_grpc_honours_the_client_deadline_and_refuses_unparsable_messages(
     assert "not a valid /tensorflow.serving.PredictionService/Predict message" in str(refused.value.details())
 
 
-def _batch(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _batch(
+    *args: object, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "inferd", "batch", *map(str, args), "--progress=log"]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400, check=False)
+    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=400, check=False)
 
 
 def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster, tmp_path: Path) -> None:
@@ -612,18 +614,20 @@ def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster,
     (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
     common = ("--id-column=id", "--memory-budget-mb=0.5", "--batch-size=64")  # a dozen chunks
 
-    local = _batch(model, tmp_path / "in.csv", tmp_path / "local.csv", *common)
+    # Paths relative to the working directory: the Ray reader reads them where inferd batch runs.
+    local = _batch(model, "in.csv", "local.csv", *common, cwd=tmp_path)
     summary = tmp_path / "summary.json"
     on_ray = _batch(
         model,
-        tmp_path / "in.csv",
-        tmp_path / "ray.csv",
+        "in.csv",
+        "ray.csv",
         *common,
         "--engine=ray",
         f"--address={cluster.address}",
         "--actors=2",
         f"--summary-json={summary}",
         env=cluster.env,
+        cwd=tmp_path,
     )
     assert (local.returncode, on_ray.returncode) == (1, 1), on_ray.stderr[-4000:]
     assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
@@ -631,6 +635,7 @@ def test_batch_on_ray_data_writes_what_the_local_engine_writes(cluster: Cluster,
     assert rejects == (tmp_path / "local.csv.rejects.jsonl").read_text()
     assert "negative values" in rejects
     assert "'abc' is not a float32 value" in rejects
+    assert '"file":"in.csv"' in rejects
     stats = json.loads(summary.read_text())
     assert stats["rows"] + 9 == 3000  # 5 refused by the model, 4 by the reader
     assert stats["chunk_rows"] < 3000

@@ -84,6 +84,12 @@ def test_app_builder_names_a_bad_argument() -> None:
         app_builder({"repository": "/models", "max_replica": 2})
     with pytest.raises(ConfigError, match="'min_replicas' must be int"):
         app_builder({"repository": "/models", "min_replicas": "two"})
+    with pytest.raises(ConfigError, match=r"'max_replicas' must be int, got 2\.5"):
+        app_builder({"repository": "/models", "max_replicas": 2.5})  # not 2
+    with pytest.raises(ConfigError, match="'num_replicas' must be int, got True"):
+        app_builder({"repository": "/models", "num_replicas": True})
+    with pytest.raises(ConfigError, match="'target_ongoing_requests' must be float, got False"):
+        app_builder({"repository": "/models", "target_ongoing_requests": False})
 
 
 def test_servingruntime_has_what_kserve_requires(capsys: pytest.CaptureFixture[str]) -> None:

@@ -125,6 +125,39 @@ def test_a_message_that_does_not_parse_answers_invalid_argument(tmp_path: Path) 
     asyncio.run(call())
 
 
+def test_a_message_over_max_request_bytes_is_resource_exhausted(tmp_path: Path) -> None:
+    """Serve's gRPC server takes messages up to 2 GiB; the replica holds them to
+    ``--max_request_bytes`` as grpc's own limit does on ``inferd serve``'s port."""
+    write_onnx_affine(tmp_path / "affine" / "1", 2.0)
+    config = ServerConfig(
+        model_base_path=str(tmp_path / "affine"),
+        model_name="affine",
+        file_system_poll_wait_seconds=0,
+        max_request_bytes=2000,
+    )
+    large = _predict()
+    large.inputs["x"].tensor_shape.dim[0].size = 200
+    large.inputs["x"].float_val.extend([1.0] * 796)
+
+    async def calls() -> None:
+        server = Server(config)
+        try:
+            await server.control.sync()
+            ingress = GrpcIngress(server)
+            refused = ServeContext()
+            assert await ingress.call("Predict", large, refused) == ps.PredictResponse()
+            assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            size = large.ByteSize()  # grpc's words on inferd serve's port
+            assert refused.details == f"SERVER: Received message larger than max ({size} vs. 2000)"
+            answered = ServeContext()
+            await ingress.call("Predict", _predict(), answered)
+            assert answered.code is None
+        finally:
+            await server.close()
+
+    asyncio.run(calls())
+
+
 def test_the_health_check_answers_as_inferd_serves_own_health_service(tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2
 

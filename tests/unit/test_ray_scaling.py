@@ -12,7 +12,10 @@ import pytest
 
 from inferd.cli import main
 from inferd.config import ServerConfig, read_model_settings
+from inferd.errors import ConfigError
+from inferd.ray import deployment
 from inferd.ray.deployment import ANSWERED, IN_FLIGHT, LOOP_UTILIZATION, Scaling, code_version, scaling_file
+from tests.pki import Authority
 from tests.s3_server import S3Server, s3_server
 
 __all__ = ["s3_server"]
@@ -46,6 +49,10 @@ def test_the_code_version_changes_with_every_serve_setting_tokens_included() -> 
         ServerConfig(model_base_path="/models", memory_budget="1GiB"),
     ]
     assert len({code_version(c) for c in [base, *others]}) == 1 + len(others)
+
+
+def _no_cluster(*_: object) -> None:
+    raise AssertionError("deployed: the values were not refused")
 
 
 @pytest.mark.parametrize(
@@ -188,6 +195,89 @@ def test_ranges_are_checked_once_flags_are_merged_in(
     err = capsys.readouterr().err
     assert "max_replicas must be >= 1 and >= min_replicas (3), got 2 (flags over " in err
     assert "inferd.toml [ray]" in err
+
+
+def _no_cluster(*_: object) -> None:
+    raise AssertionError("deployed: the values were not refused")
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("--target_ongoing_requests=nan", "--target_ongoing_requests must be > 0, got nan"),
+        ("--upscale_delay_s=nan", "--upscale_delay_s must be >= 0 seconds, got nan"),
+        ("--graceful_shutdown_timeout_s=nan", "--graceful_shutdown_timeout_s must be >= 0 seconds"),
+        ("--num_cpus=inf", "--num_cpus must be a number of CPUs >= 0, got inf"),
+        ("--num_cpus=-1", "--num_cpus must be a number of CPUs >= 0, got -1.0"),
+    ],
+)
+def test_nan_and_infinite_cpus_exit_2_before_any_cluster_is_joined(
+    flag: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve refuses them with a traceback once connected; the range checks see them first."""
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    assert main(["ray", "serve", str(tmp_path), flag]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_nan_in_the_scaling_table_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    repository = _settings(tmp_path / "repo", "[ray]\ndownscale_delay_s = nan\n")
+    assert main(["ray", "serve", str(repository)]) == 2
+    assert "downscale_delay_s must be >= 0 seconds, got nan (flags over " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--tls_cert", "--ssl_config_file"])
+def test_tls_exits_2_rather_than_serving_plain_text(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's ingress accepts the connections: a replica's TLS settings would never be used."""
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    issued = Authority(tmp_path / "pki", "ca").issue("localhost", server=True)
+    files = {"--tls_cert": [f"--tls_cert={issued.cert}", f"--tls_key={issued.key}"]}
+    ssl_config = tmp_path / "ssl.txt"
+    ssl_config.write_text(
+        f'server_key: "{issued.key.read_text()}"\nserver_cert: "{issued.cert.read_text()}"\n'
+    )
+    files["--ssl_config_file"] = [f"--ssl_config_file={ssl_config}"]
+    assert main(["ray", "serve", str(tmp_path), *files[flag]]) == 2
+    assert f"{flag} does not apply on Ray" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--tls_cert does not apply on Ray"):
+        deployment.app_builder(
+            {"repository": str(tmp_path), "tls_cert": str(issued.cert), "tls_key": str(issued.key)}
+        )
+
+
+def test_relative_paths_reach_the_replicas_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replicas run in Ray's working directories, not this command's."""
+    deployed: list[ServerConfig] = []
+
+    def deploy(config: ServerConfig, *_: object) -> tuple[str, int]:
+        deployed.append(config)
+        return config.host, config.rest_api_port
+
+    monkeypatch.setattr(deployment, "deploy", deploy)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    argv = ["ray", "serve", "models", "--model_cache_dir=cache", "--rollout_state_dir=s3://b/r", "--detach"]
+    assert main(argv) == 0
+    (config,) = deployed
+    assert config.repository == str(tmp_path / "models")
+    assert config.model_cache_dir == str(tmp_path / "cache")
+    assert config.rollout_state_dir == "s3://b/r"  # not a local path
+
+
+def test_the_address_printed_is_the_one_serve_listens_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve keeps the ports it started with on a cluster: a deploy naming others is told so."""
+    monkeypatch.setattr(deployment, "deploy", lambda *_: ("127.0.0.1", 18501))
+    assert main(["ray", "serve", str(tmp_path), "--host=127.0.0.1", "--rest_api_port=9000", "--detach"]) == 0
+    err = capsys.readouterr().err
+    assert "Serve already listens on 127.0.0.1:18501" in err
+    assert err.endswith("inferd ray: serving on http://127.0.0.1:18501\n")
 
 
 def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> None:

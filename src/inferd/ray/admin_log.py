@@ -58,6 +58,31 @@ GRPC_CHANGES = frozenset({"HandleReloadConfigRequest", "RepositoryModelLoad", "R
 replica serves outside the repository."""
 
 
+_REPLAYED_HEADERS = frozenset({b"authorization", b"content-type", b"content-encoding"})
+"""The headers of a change kept for its replay: the admin token, and how to read the body as
+recorded (sent compressed, it is recorded compressed)."""
+
+
+_ROLLOUT = re.compile(r"/(?:v2/repository|dashboard/api)/models/([^/]+)/rollout(/[a-z]+)?")
+"""A rollout's start (no action) or command; its model."""
+
+
+def superseded(entries: list[tuple[int, dict[str, Any]]]) -> set[int]:
+    """The numbers of the rollout entries (start and commands) that come before a later start
+    for the same model in ``entries``: that rollout had ended where the later start was answered
+    (a start is refused while one runs), and replaying it would refuse the later start here. Its
+    outcome, a moved label, is in the log as a label move (``Follower.catch_up``)."""
+    last_start: dict[str, int] = {}
+    rollouts: list[tuple[int, str]] = []
+    for seq, entry in entries:
+        match = _ROLLOUT.fullmatch(entry["path"]) if entry["method"] == "POST" else None
+        if match is not None:
+            rollouts.append((seq, match[1]))
+            if match[2] is None:
+                last_start[match[1]] = seq
+    return {seq for seq, model in rollouts if seq < last_start.get(model, 0)}
+
+
 def is_change(method: str, path: str) -> bool:
     """True for a REST call that every replica must replay (see ``_CHANGES``)."""
     return method == "POST" and _CHANGES.fullmatch(path) is not None
@@ -135,11 +160,22 @@ class Follower:
         self._dashboard = Dashboard(server.service, server.control, server.metrics, server.rollouts)
 
     async def catch_up(self) -> None:
-        """Replay the entries not yet applied here (the whole log at start), then report. A
-        rollout that a guard rolled back here since the last report is aborted on every replica
-        (an ``abort`` appended to the log): each replica checks the guards over its own requests."""
+        """Replay the entries not yet applied here (the whole log at start; a rollout a later
+        start supersedes is left out: ``superseded``), then report. A rollout that a guard rolled
+        back here since the last report is aborted on every replica (an ``abort`` appended to the
+        log): each replica checks the guards over its own requests. One that finished here since
+        the last report appends its outcome, the label move, so that a replica that starts later
+        ends with the label where it is here."""
         rows = self._dashboard.models()
         for row in rows:
+            rollout = row["rollout"]
+            if rollout and rollout["state"] == "done" and self._rollouts.get(row["name"]) in _UNDONE:
+                path = f"/dashboard/api/models/{row['name']}/labels/{rollout['label']}"
+                token = f"Bearer {self._server.config.admin_token}".encode()
+                headers = [(b"authorization", token), (b"content-type", b"application/json")]
+                body = orjson.dumps({"version": rollout["canary"]})
+                entry = {"method": "POST", "path": path, "headers": headers, "body": body}
+                self._own.add(await self._log.append.remote(entry))
             if _rolled_back_by_guard(row["rollout"], self._rollouts.get(row["name"])):
                 path = f"/v2/repository/models/{row['name']}/rollout/abort"
                 token = f"Bearer {self._server.config.admin_token}".encode()
@@ -150,8 +186,10 @@ class Follower:
                     self._replica,
                     row["name"],
                 )
-        for seq, entry in await self._log.since.remote(self._seq):
-            if seq not in self._own:
+        entries = await self._log.since.remote(self._seq)
+        skipped = superseded(entries)
+        for seq, entry in entries:
+            if seq not in self._own and seq not in skipped:
                 replay = self._replay_grpc if "rpc" in entry else self._replay
                 ok, answer = await replay(entry)
                 if not ok:  # e.g. a rollout command for one that already ended here
@@ -226,7 +264,7 @@ class Follower:
 
         await self._app(scope, recorded, watched)
         if 200 <= status < 300:
-            headers = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"content-type")]
+            headers = [(k, v) for k, v in scope["headers"] if k in _REPLAYED_HEADERS]
             entry = {"method": method, "path": path, "headers": headers, "body": bytes(body)}
             self._own.add(await self._log.append.remote(entry))
 
@@ -321,6 +359,10 @@ class _ReplayContext:
 
     def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
         """Replays have no caller to send trailing metadata to."""
+
+
+_UNDONE = ("running", "paused")
+"""The states of a rollout that has not ended."""
 
 
 def _rolled_back_by_guard(rollout: dict[str, Any] | None, before: str | None) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -91,7 +92,7 @@ def _dataset(job: offline.Job, model: str, actors: int) -> Any:
     # One row made here (no read task, which would wait for a CPU the scoring actors hold).
     reader = ray.data.from_items([{"start": 0}]).map_batches(
         _Reader,
-        fn_constructor_args=(job,),
+        fn_constructor_args=(job, os.getcwd()),
         batch_size=1,
         concurrency=1,
         num_cpus=0,
@@ -107,9 +108,13 @@ def _dataset(job: offline.Job, model: str, actors: int) -> Any:
 
 
 class _Reader:
-    """The reading stage: yields one row per chunk, ``{"chunk": pickled chunk}``."""
+    """The reading stage: yields one row per chunk, ``{"chunk": pickled chunk}``. It runs in its
+    own actor on this machine's node, in ``cwd`` (this process's working directory), so that
+    relative input paths name the files they name here, and chunks and rejects name them as
+    the local engine does."""
 
-    def __init__(self, job: offline.Job) -> None:
+    def __init__(self, job: offline.Job, cwd: str) -> None:
+        os.chdir(cwd)
         self._job = job
 
     def __call__(self, _: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:

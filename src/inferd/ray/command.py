@@ -21,6 +21,19 @@ from inferd.ray.cold_start import WAIT_ENV
 
 log = logging.getLogger(__name__)
 
+LOCAL_PATHS = (
+    "repository",
+    "model_base_path",
+    "model_config_file",
+    "model_cache_dir",
+    "batching_parameters_file",
+    "monitoring_config_file",
+    "rollout_state_dir",
+    "grpc_socket_path",
+)
+"""``inferd serve`` settings naming files or folders, made absolute (from this command's working
+directory) before they reach the replicas, which run in Ray's directories."""
+
 
 def add_parsers(sub: Any, serve_parser: Callable[[Any], argparse.ArgumentParser]) -> None:
     """Add ``inferd ray serve`` (every ``inferd serve`` flag, made by ``serve_parser``, plus the
@@ -86,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["memory_budget"] = ",".join(args.memory_budget or ())  # repeatable, as for inferd serve
+    for name in LOCAL_PATHS:  # the replicas do not run in this directory
+        if values.get(name) and "://" not in values[name]:
+            values[name] = os.path.abspath(values[name])
     try:
         config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
     except ConfigError as exc:
@@ -109,6 +125,7 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
     from inferd.ray import deployment
 
     try:
+        deployment.check_config(config)
         source, from_file = deployment.scaling_file(args.repository or "", config.model_base_path)
     except ConfigError as exc:
         print(f"inferd ray: {exc.message}", file=sys.stderr)
@@ -128,8 +145,16 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
             print(f"inferd ray: --scale_from_zero_wait_s must be >= 0 seconds, got {wait_s}", file=sys.stderr)
             return 2
         os.environ[WAIT_ENV] = str(wait_s)  # for the proxies of a cluster this command starts
-    deployment.deploy(config, scaling, args.address, config.host, config.rest_api_port, args.proxy)
-    print(f"inferd ray: serving on http://{config.host}:{config.rest_api_port}", file=sys.stderr, flush=True)
+    host, port = deployment.deploy(
+        config, scaling, args.address, config.host, config.rest_api_port, args.proxy
+    )
+    if (host, port) != (config.host, config.rest_api_port):
+        print(
+            f"inferd ray: Serve already listens on {host}:{port} on this cluster and keeps it; "
+            "run 'serve shutdown' first to move it",
+            file=sys.stderr,
+        )
+    print(f"inferd ray: serving on http://{host}:{port}", file=sys.stderr, flush=True)
     if args.detach:
         return 0
     stop = threading.Event()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import tomllib
@@ -110,7 +111,7 @@ class Scaling:
 
     def check(self, where: str = "--") -> None:
         """Raises ConfigError naming the value (``where`` + its name: a flag by default) when it
-        is out of range."""
+        is out of range; NaN is out of every range, and an infinite ``num_cpus`` too."""
         if self.num_replicas < 0:
             raise ConfigError(f"{where}num_replicas must be >= 0, got {self.num_replicas}")
         if self.min_replicas < 0:
@@ -120,7 +121,7 @@ class Scaling:
                 f"{where}max_replicas must be >= 1 and >= {where}min_replicas ({self.min_replicas}), "
                 f"got {self.max_replicas}"
             )
-        if self.target_ongoing_requests <= 0:
+        if not self.target_ongoing_requests > 0:
             raise ConfigError(
                 f"{where}target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
             )
@@ -128,9 +129,11 @@ class Scaling:
             raise ConfigError(
                 f"{where}target_loop_utilization must be > 0 and <= 1, got {self.target_loop_utilization}"
             )
-        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s", "num_cpus"):
-            if getattr(self, name) < 0:
+        for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s"):
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{where}{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.num_cpus < math.inf:
+            raise ConfigError(f"{where}num_cpus must be a number of CPUs >= 0, got {self.num_cpus}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``serve.deployment``."""
@@ -160,6 +163,22 @@ class Scaling:
                 },
             }
         return options
+
+
+TLS_SETTINGS = ("ssl_config_file", "tls_cert", "tls_key", "tls_ca", "tls_client_verify")
+"""``inferd serve`` settings that cannot apply on Ray: Serve's ingress, not a replica, accepts
+the connections, and it speaks plain HTTP and gRPC."""
+
+
+def check_config(config: ServerConfig) -> None:
+    """Raises ConfigError naming an ``inferd serve`` setting of ``config`` that cannot apply in a
+    replica (TLS), rather than serving without it."""
+    for name in TLS_SETTINGS:
+        if getattr(config, name):
+            raise ConfigError(
+                f"--{name} does not apply on Ray: Serve's ingress accepts the connections, without TLS; "
+                "terminate TLS in front of it (a load balancer or a Kubernetes ingress)"
+            )
 
 
 SCALING_TABLE = "ray"
@@ -311,7 +330,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``Scaling`` fields by name, values as YAML gives them (strings are converted).
 
     Raises:
-        ConfigError: a name that is neither, or a value of the wrong kind.
+        ConfigError: a name that is neither, a value of the wrong kind, or TLS (``check_config``).
     """
     config_fields = {f.name: f for f in fields(ServerConfig)}
     scaling_fields = {f.name: f for f in fields(Scaling)}
@@ -330,10 +349,18 @@ def app_builder(args: dict[str, Any]) -> Any:
             raise ConfigError(f"application args: {name!r} must be {kind.__name__}, got {value!r}") from exc
     ranges = Scaling(**scaling)
     ranges.check()
-    return application(ServerConfig(**config), ranges)
+    server_config = ServerConfig(**config)
+    check_config(server_config)
+    return application(server_config, ranges)
 
 
 def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``. Raises ValueError when it is not one: a bool for a number, a
+    fractional number for an integer (YAML's ``2.5`` is not 2 replicas)."""
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
     if kind is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -352,11 +379,12 @@ def deploy(
     http_host: str,
     http_port: int,
     proxy: str,
-) -> None:
+) -> tuple[str, int]:
     """Connect to the cluster at ``address`` ("" starts a local one), start Serve's ingress on
     ``http_host:http_port`` (and gRPC on ``http_host:config.port`` unless it is 0) and deploy (or
-    update in place) the inferd application; returns once every replica is up. Serve's ports are
-    fixed when Serve first starts on a cluster: a later deploy with other ports keeps the first."""
+    update in place) the inferd application; returns once every replica is up, with the host and
+    port Serve's HTTP ingress listens on. Serve's ports are fixed when Serve first starts on a
+    cluster: a later deploy with other ports keeps the first (and returns them)."""
     if proxy == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     for name, value in PROXY_ENV.items():
@@ -373,6 +401,11 @@ def deploy(
     )
     serve.start(http_options={"host": http_host, "port": http_port}, grpc_options=grpc_options)
     serve.run(application(config, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    http = client.http_config if client is not None else None
+    return (http.host, http.port) if http is not None else (http_host, http_port)
 
 
 def status(address: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ proxy) parses a call's request message with the service's generated code and cal
 replica's method of the RPC's name (``Predict``, ``ModelInfer``, ...) with that message and a
 ``RayServegRPCContext``. ``GrpcMethods`` gives the replica those methods; each hands its call to
 ``GrpcIngress``, which does what ``inferd serve``'s gRPC gate does (the bearer token check, the
+message size limit, ``--max_request_bytes``, which Serve's gRPC server does not apply, the
 in-flight byte budget) and then runs the same servicer ``inferd serve`` runs
 (``tfserving_grpc.PredictionServicer`` / ``ModelServicer``, ``v2_grpc.InferenceServicer``), or
 the standard health service's ``Check`` (``HealthServicer``).
@@ -218,6 +219,7 @@ class GrpcIngress:
             "grpc.health.v1.Health": HealthServicer(),
         }
         self._access = Access(config.api_token, config.admin_token)
+        self._max_message = config.max_request_bytes
         self._admin = frozenset((*tfserving_grpc.ADMIN_METHODS, *v2_grpc.ADMIN_METHODS))
         self._inflight = server.inflight
         self._methods: dict[
@@ -244,7 +246,8 @@ class GrpcIngress:
     async def call(self, method: str, request: Message | Unparsed, serve_context: Any) -> Message:
         """Answer the RPC named ``method`` (unique across the three services) with ``request``;
         a failure's status is set on ``serve_context`` and an empty reply returned (a request that
-        did not parse: INVALID_ARGUMENT)."""
+        did not parse: INVALID_ARGUMENT; one over ``--max_request_bytes``: RESOURCE_EXHAUSTED, as
+        grpc's own limit answers on ``inferd serve``'s port)."""
         reply, _ = await self.answer(method, request, serve_context)
         return reply
 
@@ -267,7 +270,11 @@ class GrpcIngress:
                 if isinstance(request, Unparsed):
                     message = f"the request is not a valid {request.method} message: {request.error}"
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, encodable(message))
-                reservation.grow_to(request.ByteSize())
+                size = request.ByteSize()
+                if size > self._max_message:  # Serve's gRPC server takes messages up to 2 GiB
+                    message = f"SERVER: Received message larger than max ({size} vs. {self._max_message})"
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                reservation.grow_to(size)
             except InferdError as error:
                 await context.abort(grpc.StatusCode[error.code.grpc_code], error.message)
             return await servicer_method(request, context), True
