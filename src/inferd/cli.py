@@ -813,13 +813,16 @@ def _rollout(args: argparse.Namespace) -> int:
             print(f"rollout of {args.model} to version {canary}: {where}")
             return 0
         if args.to is None:
-            raise SystemExit("inferd rollout: --to VERSION is needed to start a rollout")
+            print("inferd rollout: --to VERSION is needed to start a rollout", file=sys.stderr)
+            return 2
         try:
             steps = [_not_negative(p) for p in args.steps.split(",")]
         except argparse.ArgumentTypeError:
-            raise SystemExit(
-                f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}"
-            ) from None
+            print(
+                f"inferd rollout: --steps must be comma-separated percents, got {args.steps!r}",
+                file=sys.stderr,
+            )
+            return 2
         body = {
             "to": args.to,
             "label": args.label,
@@ -835,8 +838,9 @@ def _rollout(args: argparse.Namespace) -> int:
                 print(describe(event))
         else:
             state = client.follow(args.model, state, min(1.0, args.step_s / 4), lambda e: print(describe(e)))
-    except InferdError as exc:
-        raise SystemExit(f"inferd rollout: {exc.message}") from None
+    except InferdError as exc:  # refused, or the server could not be reached: 2, not a rollback's 1
+        print(f"inferd rollout: {exc.message}", file=sys.stderr)
+        return 2
     print(f"rollout of {args.model} to version {args.to}: {state['state']}")
     return 0 if state["state"] in ("done", "running") else 1
 

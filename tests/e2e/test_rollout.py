@@ -196,7 +196,7 @@ def test_an_operator_pauses_resumes_aborts_and_promotes_a_rollout(
     base = tmp_path / "m"
     repository(base, lambda folder: write_onnx_affine(folder, scale=2.0))
     server = start_server(f"--model_base_path={base}", "--model_name=m", f"--admin_token={TOKEN}")
-    assert rollout(server, "--pause").returncode != 0  # no rollout yet: refused, named
+    assert rollout(server, "--pause").returncode == 2  # no rollout yet: refused, named
     started = rollout(server, "--to=2", "--steps=50,100", "--step_s=600", "--no_wait")
     assert started.returncode == 0, started.stderr
     paused = rollout(server, "--pause")
@@ -207,7 +207,7 @@ def test_an_operator_pauses_resumes_aborts_and_promotes_a_rollout(
     assert (state["state"], state["weights"]) == ("paused", {"2": 50.0, "1": 50.0})
     assert versions_answering(server) == {"1", "2"}  # the split holds while paused
     refused = rollout(server, "--pause")
-    assert refused.returncode != 0
+    assert refused.returncode == 2  # refused, which a rolled-back rollout's 1 would not say
     assert "is paused; pause needs one that is running" in refused.stderr
     assert rollout(server, "--resume").returncode == 0
     assert status(server)["state"] == "running"
