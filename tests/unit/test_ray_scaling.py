@@ -4,10 +4,12 @@ Serve's deployment options, reacting in seconds."""
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inferd.cli import main
@@ -15,6 +17,7 @@ from inferd.config import ServerConfig, read_model_settings
 from inferd.errors import ConfigError
 from inferd.ray import deployment
 from inferd.ray.deployment import ANSWERED, IN_FLIGHT, LOOP_UTILIZATION, Scaling, code_version, scaling_file
+from tests.models import write_onnx_affine
 from tests.pki import Authority
 from tests.s3_server import S3Server, s3_server
 
@@ -290,3 +293,22 @@ def test_the_scaling_table_is_read_from_an_object_store(s3_server: S3Server) -> 
 def test_a_negative_scale_from_zero_wait_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ray", "serve", "/models", "--scale_from_zero_wait_s=-1"]) == 2
     assert "--scale_from_zero_wait_s must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["ray", "status"], ["ray", "serve", "REPO"], ["batch", "REPO"]])
+def test_an_address_where_no_cluster_answers_exits_2_at_once(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ray's own connect retried for minutes: inferd ray status --address=127.0.0.1:1 hung.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, never listening: refused
+        argv = [str(tmp_path) if part == "REPO" else part for part in command]
+        if command[0] == "batch":
+            write_onnx_affine(tmp_path / "1", scale=1.0)
+            np.save(tmp_path / "in.npy", np.ones((2, 4), np.float32))
+            argv += [str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--engine=ray"]
+        started = time.monotonic()
+        assert main([*argv, f"--address={address}"]) == 2
+    assert time.monotonic() - started < deployment.CONNECT_TIMEOUT_S + 5
+    assert f"no Ray cluster answers at {address}" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from inferd.features import FeatureStores
 from inferd.local import in_process
 from inferd.offline.scoring import Scorer
 from inferd.offline.sources import Chunk, read_chunks
+from inferd.ray.deployment import check_reachable
 from inferd.repository import resolve_version
 from inferd.storage import Scratch
 
@@ -52,6 +53,7 @@ def engine(model: str, address: str, actors: int) -> offline.Engine:
     model = str(location.resolve()) if isinstance(location, Path) else model
 
     async def scored(job: offline.Job) -> AsyncIterator[offline.Scored]:
+        check_reachable(address)
         import ray
 
         # "local": a new one-node Ray; None would join any cluster this machine last started,

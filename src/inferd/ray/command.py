@@ -95,7 +95,12 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "status":
         from inferd.ray import deployment
 
-        print(json.dumps(deployment.status(args.address), indent=1, sort_keys=True))
+        try:
+            state = deployment.status(args.address)
+        except ConfigError as exc:
+            print(f"inferd ray: {exc.message}", file=sys.stderr)
+            return 2
+        print(json.dumps(state, indent=1, sort_keys=True))
         return 0
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
     values["memory_budget"] = ",".join(args.memory_budget or ())  # repeatable, as for inferd serve
@@ -126,6 +131,7 @@ def _serve(args: argparse.Namespace, config: ServerConfig) -> int:
 
     try:
         deployment.check_config(config)
+        deployment.check_reachable(args.address)
         source, from_file = deployment.scaling_file(args.repository or "", config.model_base_path)
     except ConfigError as exc:
         print(f"inferd ray: {exc.message}", file=sys.stderr)

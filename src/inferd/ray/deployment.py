@@ -9,11 +9,13 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from inferd.config import SETTINGS_FILE, ServerConfig, model_location
 from inferd.errors import ConfigError
@@ -408,10 +410,39 @@ def deploy(
     return (http.host, http.port) if http is not None else (http_host, http_port)
 
 
+CONNECT_TIMEOUT_S = 5.0
+"""How long ``check_reachable`` waits for a cluster's address to accept a connection."""
+
+
+def check_reachable(address: str) -> None:
+    """Raises ConfigError when ``address`` (``host:port`` of a cluster's head, or
+    ``ray://host:port``) does not accept a TCP connection within ``CONNECT_TIMEOUT_S``: Ray's
+    own connect waits and retries for minutes. "", ``auto``, ``local`` and other schemes are left
+    to Ray."""
+    target = urlsplit(address if "://" in address else f"//{address}")
+    if address in ("", "auto", "local") or target.scheme not in ("", "ray"):
+        return
+    try:
+        port = target.port
+    except ValueError:
+        port = None
+    if not target.hostname or port is None:
+        raise ConfigError(f"--address: expected host:port of a Ray cluster's head, got {address!r}")
+    try:
+        socket.create_connection((target.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--address: no Ray cluster answers at {address} ({exc})") from None
+
+
 def status(address: str) -> dict[str, Any]:
     """The inferd application's status, its replicas' counts by state (STARTING, RUNNING,
     STOPPING, ...), the replicas' ids and, in ``reports``, what each live replica serves
-    (``admin_log.Follower.state``: versions, labels, split, rollout, by model)."""
+    (``admin_log.Follower.state``: versions, labels, split, rollout, by model).
+
+    Raises:
+        ConfigError: nothing answers at ``address`` (``check_reachable``).
+    """
+    check_reachable(address)
     import ray
     from ray import serve
 
