@@ -76,6 +76,17 @@ def test_a_bad_scaling_flag_exits_2_naming_it(
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bound", ["--min_replicas=5", "--max_replicas=4"])
+def test_a_fixed_replica_count_with_autoscaling_bounds_exits_2_saying_so(
+    bound: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --num_replicas=2 --min_replicas=5 said "--max_replicas must be ... got 1", a flag not given;
+    # with --max_replicas=4 the bound was silently ignored.
+    monkeypatch.setattr(deployment, "deploy", _no_cluster)
+    assert main(["ray", "serve", "/models", "--num_replicas=2", bound]) == 2
+    assert "--num_replicas fixes the number of replicas" in capsys.readouterr().err
+
+
 def test_the_autoscaling_policy_scales_on_requests_in_flight_and_on_loop_utilization() -> None:
     from ray.serve._private.autoscaling_state import _resolve_policy_callable
     from ray.serve._private.common import DeploymentID

@@ -113,9 +113,15 @@ class Scaling:
 
     def check(self, where: str = "--") -> None:
         """Raises ConfigError naming the value (``where`` + its name: a flag by default) when it
-        is out of range; NaN is out of every range, and an infinite ``num_cpus`` too."""
+        is out of range, or when a fixed ``num_replicas`` comes with autoscaling bounds; NaN is out
+        of every range, and an infinite ``num_cpus`` too."""
         if self.num_replicas < 0:
             raise ConfigError(f"{where}num_replicas must be >= 0, got {self.num_replicas}")
+        if self.num_replicas and (self.min_replicas, self.max_replicas) != (1, 1):
+            raise ConfigError(
+                f"{where}num_replicas fixes the number of replicas; {where}min_replicas and "
+                f"{where}max_replicas are the autoscaler's bounds: give one or the other"
+            )
         if self.min_replicas < 0:
             raise ConfigError(f"{where}min_replicas must be >= 0, got {self.min_replicas}")
         if self.max_replicas < max(1, self.min_replicas):
