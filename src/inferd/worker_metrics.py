@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -222,7 +223,7 @@ def merge(parts: list[tuple[int | str, bytes]], scraped: int | None = None) -> b
 
 def _write(path: Path, text: bytes) -> None:
     """Replace ``path`` with ``text`` at once (a reader never sees half of it); an error is logged."""
-    staging = path.with_name(f".{path.name}.tmp")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may write one at once
     try:
         staging.write_bytes(text)
         staging.replace(path)
