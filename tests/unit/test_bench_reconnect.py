@@ -74,3 +74,18 @@ def test_a_connection_that_fails_its_first_request_is_an_error(payload_for: Call
         samples = measure(payload_for(port), CLOSED, 1, time.monotonic_ns(), 0.0, 0.3, timeout_s=5)
         assert samples.statuses.get("connection_error", 0) > 0
         assert "200" not in samples.all_statuses
+
+
+def test_a_grpc_closed_loop_pauses_while_nothing_answers_at_its_address(tmp_path: Path) -> None:
+    # It called again at once after each UNAVAILABLE: thousands of errors a second against a
+    # server that was down, where the HTTP loop pauses 10 ms after a refused connection.
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", x=np.ones((1, 4), np.float32))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = unused.getsockname()[1]
+        payload = build(f"127.0.0.1:{port}", "grpc", "m", payload=tmp_path / "x.npz")
+        samples = measure(payload, CLOSED, 2, time.monotonic_ns(), 0.0, 0.5, timeout_s=5)
+    assert set(samples.statuses) == {"UNAVAILABLE"}
+    assert samples.statuses["UNAVAILABLE"] <= 2 * 0.5 / 0.01 + 20  # one call per 10 ms and caller

@@ -444,12 +444,15 @@ class _Grpc:
         await _sleep_until(start_ns)
         try:
             if mode == CLOSED:
-                workers = [asyncio.create_task(self._caller(calls[i % count])) for i in range(int(level))]
+                workers = [
+                    asyncio.create_task(self._caller(calls[i % count], channels[i % count]))
+                    for i in range(int(level))
+                ]
                 await _sleep_until(self._recorder.window_end_ns)
                 self._sending = False
                 await asyncio.wait(workers, timeout=self._timeout_s + 1)  # calls carry the deadline
             else:
-                pending: set[asyncio.Task[None]] = set()
+                pending: set[asyncio.Task[str]] = set()
 
                 def dispatch(due_ns: int) -> None:
                     task = asyncio.create_task(self._call(calls[0], due_ns))
@@ -464,11 +467,16 @@ class _Grpc:
                 await channel.close()
         return self._recorder.samples()
 
-    async def _caller(self, call: Any) -> None:
-        while self._sending:
-            await self._call(call, time.monotonic_ns())
+    async def _caller(self, call: Any, channel: Any) -> None:
+        import grpc
 
-    async def _call(self, call: Any, due_ns: int) -> None:
+        while self._sending:
+            status = await self._call(call, time.monotonic_ns())
+            if status == "UNAVAILABLE" and channel.get_state() is not grpc.ChannelConnectivity.READY:
+                await asyncio.sleep(0.01)  # the server is not there: do not spin (as over HTTP)
+
+    async def _call(self, call: Any, due_ns: int) -> str:
+        """One call due at ``due_ns``, recorded; its status."""
         import grpc
 
         try:
@@ -478,6 +486,7 @@ class _Grpc:
             status = exc.code().name
             self._recorder.note(status, exc.details() or "")
         self._recorder.record(due_ns, time.monotonic_ns(), status)
+        return status
 
 
 async def _sleep_until(when_ns: int) -> None:
