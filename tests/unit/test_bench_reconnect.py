@@ -39,6 +39,20 @@ def read_request(sock: socket.socket) -> bool:
 
 
 @contextlib.contextmanager
+def running(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
+    """A threaded TCP server on a free local port, each connection given to ``handler``; yields
+    the port and stops the server after."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def serve(answers_per_connection: int) -> Iterator[int]:
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -48,12 +62,8 @@ def serve(answers_per_connection: int) -> Iterator[int]:
                 self.request.sendall(OK)
             read_request(self.request)  # the next request arrives; close without answering it
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with running(Handler) as port:
+        yield port
 
 
 @pytest.fixture

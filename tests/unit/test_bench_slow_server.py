@@ -18,7 +18,7 @@ import pytest
 
 from inferd.loadtest.drivers import CLOSED, OPEN, measure
 from inferd.loadtest.payloads import Payload, build
-from tests.unit.test_bench_reconnect import OK, read_request
+from tests.unit.test_bench_reconnect import OK, read_request, running
 
 
 @contextlib.contextmanager
@@ -35,12 +35,8 @@ def serve(delay_s: float) -> Iterator[int]:
                         time.sleep(delay_s)
                     self.request.sendall(OK)
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with running(Handler) as port:
+        yield port
 
 
 def payload(tmp_path: Path, port: int) -> Payload:
@@ -97,12 +93,9 @@ def test_the_processes_of_an_open_loop_take_turns_instead_of_sending_together(tm
                 arrivals.append(time.monotonic())
                 self.request.sendall(OK)
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with running(Handler) as port:
         options = BenchOptions(
-            url=f"http://127.0.0.1:{server.server_address[1]}",
+            url=f"http://127.0.0.1:{port}",
             model="m",
             payload=tmp_path / "b.json",
             rates=(50,),
@@ -112,9 +105,6 @@ def test_the_processes_of_an_open_loop_take_turns_instead_of_sending_together(tm
             metrics_url="",
         )
         (step,) = run(options)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert step.requests == 25  # as many as one process would send, not 2 x 13
     # One request every 20 ms, not two at once every 40 ms.
     assert float(np.median(np.diff(sorted(arrivals)))) > 0.010
