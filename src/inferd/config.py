@@ -797,6 +797,11 @@ class ServerConfig:
     enable_serialization_as_tensor_content: bool = option(
         "gRPC Predict answers carry tensor_content bytes instead of the typed value fields", default=False
     )
+    enable_profiler: bool = option(
+        "serve TensorFlow's profiler service (tensorflow.ProfilerService) on the gRPC port, for "
+        "tf.profiler.experimental.client.trace and TensorBoard; needs TensorFlow installed",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         """Raises ConfigError for a number that is NaN or outside its option's range, or one
@@ -846,7 +851,6 @@ INERT_TFSERVING_FLAGS: dict[str, tuple[type, str]] = {
     ),
     "xla_cpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),
     "xla_gpu_compilation_enabled": (bool, "XLA JIT compilation is left as TensorFlow sets it"),
-    "enable_profiler": (bool, "TensorFlow's profiler service is not served"),
     "thread_pool_factory_config_file": (str, "inferd runs predictions on its own thread pool"),
     "mixed_precision": (str, "models run in the precision they were saved in"),
     "skip_initialize_tpu": (bool, "inferd does not run on TPUs"),

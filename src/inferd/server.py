@@ -729,7 +729,7 @@ async def _start_grpc(
     """
     import grpc
 
-    from inferd.protocols import grpc_status, tfserving_grpc, v2_grpc
+    from inferd.protocols import grpc_status, tf_profiler, tfserving_grpc, v2_grpc
 
     access = grpc_status.AccessInterceptor(
         Access(config.api_token, config.admin_token),
@@ -754,9 +754,12 @@ async def _start_grpc(
         decode_pool,
     )
     v2_grpc.add_to_server(server, service, control, limits, decode_pool)
+    if config.enable_profiler:
+        tf_profiler.add_to_server(server)
     services = (*tfserving_grpc.SERVICES, v2_grpc.SERVICE)
     health_servicer, health_name = await _add_health(server, services)
-    _add_reflection(server, (*services, *health_name))
+    profiler = (tf_profiler.SERVICE,) if config.enable_profiler else ()
+    _add_reflection(server, (*services, *profiler, *health_name))
     if config.port:
         address = f"{config.host}:{config.port}"
         try:

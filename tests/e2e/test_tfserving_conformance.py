@@ -31,6 +31,8 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from inferd._proto.profiler_service_pb2 import ProfileRequest
+from inferd._proto.profiler_service_pb2_grpc import ProfilerServiceStub
 from tests.conftest import ServerProcess, launch
 from tests.models import write_tf1_half_plus_two, write_tf2_half_plus_two, write_tflite_without_signatures
 
@@ -91,6 +93,7 @@ IMPLEMENTED = {
     "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "ssl_config_file",
     "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup", "num_request_iterations_for_warmup",
     "monitoring_config_file", "prefer_tflite_model", "enable_serialization_as_tensor_content",
+    "enable_profiler",
 }  # fmt: skip
 """Flags that change what inferd does; every other one is accepted with one 'no effect' line."""
 
@@ -173,6 +176,10 @@ def test_every_tensorflow_model_server_flag_is_accepted(repo: Path, tmp_path: Pa
         assert answer.json() == {"predictions": [[2.5]]}
         assert answer.headers["Access-Control-Allow-Methods"] == "POST, GET"
         assert "# TYPE" in requests.get(f"{server.url}/m", timeout=10).text
+        profiler = ProfilerServiceStub(grpc.insecure_channel(server.grpc_target))
+        with pytest.raises(grpc.RpcError) as unserved:  # --enable_profiler=false
+            profiler.Profile(ProfileRequest(), timeout=10)
+        assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop()
         shutil.rmtree(socket_dir, ignore_errors=True)
