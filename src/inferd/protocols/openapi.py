@@ -104,7 +104,9 @@ def _tfserving_paths() -> Schema:
         paths[base] = {
             "get": _operation(
                 "tfservingStatus" + id_suffix,
-                f"Status of {which} (TF Serving GetModelStatus)",
+                f"Status of {which} (TF Serving GetModelStatus)"
+                if extra != ("label",)
+                else "Status of every version: TF Serving's GetModelStatus reads no label",
                 "tfserving",
                 _json(_ref("ModelStatus"), "Versions and their states"),
                 parameters=params,

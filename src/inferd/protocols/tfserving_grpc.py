@@ -263,7 +263,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, _label_as_invalid(self._status(request)), self._service.request_id())
+        return await answer(context, self._status(request), self._service.request_id())
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
@@ -286,8 +286,11 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         return ms.ReloadConfigResponse()
 
     async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
+        ref = spec_ref(request.model_spec)
+        # as TF Serving's GetModelStatus: a version label is not read, every version is listed
+        # (an unknown label too); only a version number narrows the answer
         reply = ms.GetModelStatusResponse()
-        for status in self._service.status(spec_ref(request.model_spec)):
+        for status in self._service.status(ModelRef(ref.name, version=ref.version)):
             entry = reply.model_version_status.add(version=status.version, state=int(status.state))
             known = status.error_code in Code.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN
