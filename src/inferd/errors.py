@@ -106,9 +106,8 @@ class Internal(InferdError):
 
 
 class Unimplemented(InferdError):
-    """A well-formed request for something not implemented: a MultiInference task method other
-    than classify or regress (as TF Serving answers it), an HTTP transfer coding other than
-    chunked."""
+    """A well-formed request for something not served: a MultiInference task method other than
+    classify or regress, as TF Serving answers it."""
 
     code = ErrorCode.UNIMPLEMENTED
 

@@ -40,7 +40,8 @@ _ERRORS = {
     "500": "Unexpected failure; the message names the request id and holds no internals",
     "503": "Overloaded, not ready or shutting down; retry after Retry-After seconds",
     "504": "The request took longer than --rest_api_timeout_in_ms",
-    "501": "Not implemented (UNIMPLEMENTED)",
+    "501": "A transfer coding other than chunked (Transfer-Encoding: gzip, chunked): only chunked is "
+    "decoded; the connection closes",
 }
 _ADMIN_ERRORS = {"403": "Admin calls are disabled (no --admin_token), or the API token was used"}
 
