@@ -55,9 +55,10 @@ SETTINGS = {
 
 
 def labelled(url: str, label: str) -> bool:
-    """Whether the model's status answers for ``label``."""
+    """Whether the model's metadata answers for ``label`` (its status lists every version
+    whatever the label, as TF Serving's)."""
     try:
-        with urllib.request.urlopen(f"{url}/v1/models/digits/labels/{label}", timeout=10):
+        with urllib.request.urlopen(f"{url}/v1/models/digits/labels/{label}/metadata", timeout=10):
             return True
     except urllib.error.HTTPError:
         return False

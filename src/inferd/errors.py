@@ -16,6 +16,7 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = (503, "UNAVAILABLE")
     DEADLINE_EXCEEDED = (504, "DEADLINE_EXCEEDED")
     INTERNAL = (500, "INTERNAL")
+    UNIMPLEMENTED = (501, "UNIMPLEMENTED")
 
     @property
     def http_status(self) -> int:
@@ -102,6 +103,13 @@ class Internal(InferdError):
     """Something unexpected; the message is safe to show (no internals)."""
 
     code = ErrorCode.INTERNAL
+
+
+class Unimplemented(InferdError):
+    """A well-formed request for something not served: a MultiInference task method other than
+    classify or regress, as TF Serving answers it."""
+
+    code = ErrorCode.UNIMPLEMENTED
 
 
 class ModelLoadError(InferdError):

@@ -387,7 +387,6 @@ def test_bad_post(server: ServerProcess, path: str, body: bytes, status: int, fr
     [
         ("GET", "/v1/models/nope", 404, ["Could not find any versions of model nope"]),
         ("GET", "/v1/models/digits/versions/7", 404, ["Could not find version 7 of model digits"]),
-        ("GET", "/v1/models/digits/labels/canary", 400, ["Unrecognized servable version label: canary"]),
         ("GET", "/v1/models/nope/metadata", 404, ["nope"]),
         ("GET", "/v1/models/digits/versions/7/metadata", 404, ["digits", "7"]),
         ("GET", "/v1/models/digits/labels/canary/metadata", 400, ["canary"]),

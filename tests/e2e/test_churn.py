@@ -146,8 +146,8 @@ def settled(server: ServerProcess, available: set[int], canary: int) -> Callable
         serving = {int(v) for v, state in status.items() if state == "AVAILABLE"}
         if serving != available or any(state in ("LOADING", "UNLOADING") for state in status.values()):
             return False
-        r = requests.get(f"{server.url}/v1/models/m/labels/canary", timeout=5)
-        return r.ok and r.json()["model_version_status"][0]["version"] == str(canary)
+        r = requests.get(f"{server.url}/v1/models/m/labels/canary/metadata", timeout=5)
+        return r.ok and r.json()["model_spec"]["version"] == str(canary)
 
     return check
 

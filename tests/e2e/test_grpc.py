@@ -381,6 +381,22 @@ def test_regress_and_multi_inference(
         predict.MultiInference(multi, timeout=10)
 
 
+@pytest.mark.parametrize("method", ["tensorflow/serving/predict", "", "nosuch"])
+def test_multi_inference_of_an_unsupported_method_is_unimplemented(
+    predict: ps_grpc.PredictionServiceStub, method: str
+) -> None:
+    """TF Serving's multi_inference.cc answers a task method other than classify or regress
+    UNIMPLEMENTED, "Unsupported signature method_name: ...", and checks every task before any runs."""
+    multi = ps.MultiInferenceRequest(input=examples(rows(30, 32)))
+    first = ps.ModelSpec(name="classifier", signature_name="classify")
+    multi.tasks.add(model_spec=first, method_name="tensorflow/serving/classify")
+    multi.tasks.add(
+        model_spec=ps.ModelSpec(name="classifier", signature_name="predict_proba"), method_name=method
+    )
+    with _Status(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {method}"):
+        predict.MultiInference(multi, timeout=10)
+
+
 @pytest.mark.parametrize(
     ("tensor", "fragment"),
     [

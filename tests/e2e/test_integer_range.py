@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 import requests
 from tritonclient.grpc import service_pb2 as v2_pb
@@ -48,8 +49,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             f'"outputs": [{{"name": "y", "dtype": "{numpy_name}", "shape": [-1]}}]}}'
         )
         write_python_model(repo / datatype.lower() / "1", ECHO, signature)
+    floats = (
+        '{"inputs": [{"name": "x", "dtype": "float32", "shape": [-1]}], '
+        '"outputs": [{"name": "y", "dtype": "float32", "shape": [-1]}]}'
+    )
+    write_python_model(repo / "fp32" / "1", ECHO, floats)
     server = launch(tmp_path_factory.mktemp("log"), str(repo))
-    server.wait_for(lambda: all(server.status(c[0].lower()) == {"1": "AVAILABLE"} for c in CASES), "models")
+    names = [c[0].lower() for c in CASES] + ["fp32"]
+    server.wait_for(lambda: all(server.status(name) == {"1": "AVAILABLE"} for name in names), "models")
     yield server
     server.stop()
 
@@ -91,6 +98,20 @@ def test_tfserving_rest(server: ServerProcess, datatype: str, numpy_name: str, b
     answered = requests.post(url, json={"instances": [1, good]}, timeout=10)
     assert answered.status_code == 200, answered.text
     assert answered.json()["predictions"] == [1, good]
+
+
+def test_tfserving_rest_integer_past_float_precision_rounds_as_tf_serving(server: ServerProcess) -> None:
+    """TF Serving's json_tensor.cc reads any JSON number for DT_FLOAT (``GetFloat``), an integer
+    that FP32 cannot hold exactly included (its test FloatTensorWithPrecisionLoss: 1435774380 is
+    accepted, as 1435774380.0 is): rounded, not refused."""
+    url = f"{server.url}/v1/models/fp32:predict"
+    sent = [2**24 + 1, 1435774380, -(2**31) - 1, 2**63 - 1]
+    for instances in (sent, [float(v) for v in sent[:3]]):
+        answered = requests.post(url, json={"instances": instances}, timeout=10)
+        assert answered.status_code == 200, answered.text
+        got = [np.float32(v) for v in answered.json()["predictions"]]
+        assert got == [np.float32(v) for v in instances]
+        assert got[:2] == [np.float32(2**24), np.float32(1435774336)]
 
 
 @pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), NARROW, ids=IDS[:-1])

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import requests
 
+from inferd._proto import model_service_pb2 as ms
+from inferd._proto import model_service_pb2_grpc as ms_grpc
 from inferd._proto import prediction_service_pb2 as ps
 from inferd._proto import prediction_service_pb2_grpc as ps_grpc
 from tests.conftest import ServerProcess, launch
@@ -129,16 +131,45 @@ def test_status_lists_versions_highest_first(notebook: ServerProcess) -> None:
     assert ok_json(get(notebook, "/v1/models/digits_model/versions/1")) == {
         "model_version_status": available[1:]
     }
-    assert ok_json(get(notebook, "/v1/models/digits_model/labels/stable")) == {
-        "model_version_status": available[1:]
-    }
-    assert ok_json(get(notebook, "/v1/models/digits_model/labels/canary")) == {
-        "model_version_status": available[:1]
-    }
     # TF Serving's routes are case-insensitive
     assert ok_json(get(notebook, "/V1/Models/digits_model/Versions/2")) == {
         "model_version_status": available[:1]
     }
+
+
+def test_status_of_a_label_lists_every_version_as_tf_serving_does(notebook: ServerProcess) -> None:
+    """TF Serving's GetModelStatus reads only a version number, never the label (REST and gRPC):
+    a label, known or not, answers every version, highest first."""
+    available = [
+        {"version": "2", "state": "AVAILABLE", "status": OK},
+        {"version": "1", "state": "AVAILABLE", "status": OK},
+    ]
+    for label in ("stable", "canary", "nosuch"):
+        assert ok_json(get(notebook, f"/v1/models/digits_model/labels/{label}")) == {
+            "model_version_status": available
+        }
+    with grpc.insecure_channel(notebook.grpc_target) as channel:
+        stub = ms_grpc.ModelServiceStub(channel)
+        for label in ("stable", "canary", "nosuch"):
+            spec = ps.ModelSpec(name="digits_model", version_label=label)
+            reply = stub.GetModelStatus(ms.GetModelStatusRequest(model_spec=spec), timeout=10)
+            assert [s.version for s in reply.model_version_status] == [2, 1]
+            assert {s.state for s in reply.model_version_status} == {ms.ModelVersionStatus.AVAILABLE}
+        spec = ps.ModelSpec(name="digits_model")
+        spec.version.value = 1
+        reply = stub.GetModelStatus(ms.GetModelStatusRequest(model_spec=spec), timeout=10)
+        assert [s.version for s in reply.model_version_status] == [1]
+        spec.version.value = 7
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.GetModelStatus(ms.GetModelStatusRequest(model_spec=spec), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert missing.value.details() == "Could not find version 7 of model digits_model"
+    # the label still chooses the version of the metadata, and an unknown one there is refused
+    assert (
+        ok_json(get(notebook, "/v1/models/digits_model/labels/stable/metadata"))["model_spec"]["version"]
+        == "1"
+    )
+    assert get(notebook, "/v1/models/digits_model/labels/nosuch/metadata").status_code == 400
 
 
 def tensor(dtype: str, *dims: int) -> dict[str, Any]:

@@ -359,8 +359,8 @@ def test_promotion_into_a_running_server_under_traffic(
         assert f"promoted tiny to {base / '2'}" in done.stdout
 
         def label_moved() -> bool:
-            answer = requests.get(f"{server.url}/v1/models/digits/labels/stable", timeout=5)
-            return answer.ok and answer.json()["model_version_status"][0]["version"] == "2"
+            answer = requests.get(f"{server.url}/v1/models/digits/labels/stable/metadata", timeout=5)
+            return answer.ok and answer.json()["model_spec"]["version"] == "2"
 
         server.wait_for(label_moved, "label stable on version 2")
         sent = len(outcomes)
@@ -500,9 +500,9 @@ def _rollout_status(server: ServerProcess) -> dict[str, object]:
 
 
 def _stable(server: ServerProcess) -> str:
-    answer = requests.get(f"{server.url}/v1/models/digits/labels/stable", timeout=5)
+    answer = requests.get(f"{server.url}/v1/models/digits/labels/stable/metadata", timeout=5)
     assert answer.ok, answer.text
-    return str(answer.json()["model_version_status"][0]["version"])
+    return str(answer.json()["model_spec"]["version"])
 
 
 def test_a_canary_promotion_moves_the_label_only_through_a_passed_rollout(

@@ -22,6 +22,7 @@ from inferd.protocols.http_connection import (
     WATCH,
     ConnectionLimits,
     RequestWatch,
+    _unsupported_codings,
     auto_max_connections,
     connection_class,
     raise_open_file_limit,
@@ -277,3 +278,25 @@ def test_an_absolute_form_target_without_a_path_is_the_path_slash() -> None:
     asyncio.run(asyncio.wait_for(_serve_while(app, client), 30))
     assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [b"HTTP/1.1 200 OK"] * 2, answers
     assert seen == [("/", b"/", b""), ("/", b"/", b"q=1")]
+
+
+@pytest.mark.parametrize(
+    ("codings", "refused"),
+    [
+        (b"chunked,", False),
+        (b"Chunked ,", False),
+        (b", chunked,", False),  # an empty list element is allowed (RFC 9110 5.6.1)
+        (b"gzip,", False),  # chunked not last: the parser's 400 (RFC 9112 6.3)
+        (b"chunked, gzip,", False),
+        (b"gzip, chunked,", True),
+        (b"gzip,chunked,", True),  # two Transfer-Encoding lines
+        (b"identity, chunked,", True),
+        (b"br;q=1 , CHUNKED,", True),
+    ],
+)
+def test_a_transfer_coding_before_chunked_is_refused(codings: bytes, refused: bool) -> None:
+    refusal = _unsupported_codings(codings)
+    assert (refusal is not None) == refused
+    if refusal is not None:
+        assert str(refusal).startswith("Transfer-Encoding: "), refusal
+        assert "only the chunked transfer coding" in str(refusal)

@@ -21,6 +21,8 @@ hostile or broken client must not be able to hold:
   (inferd upgrades no connection), without a log line, and the connection then closes; with a
   body, it gets 400;
 - a malformed request, and an HTTP/1.1 one without exactly one Host header, get 400 and close;
+  a chunked body under another transfer coding too (``Transfer-Encoding: gzip, chunked``) gets
+  501 and close (RFC 9112 6.1): only chunked is decoded, and the body is not read;
   a request target longer than httptools parses (``MAX_TARGET_BYTES``) gets 414 and close;
 - at most ``MAX_PIPELINED`` requests may wait behind the one being answered: the next gets 503
   and close. Every refusal above waits for the answers of the requests before it.
@@ -291,6 +293,30 @@ class TooManyPipelined(BadRequest):
     """A request past ``MAX_PIPELINED`` waiting on its connection: answered 503."""
 
 
+class UnsupportedCoding(BadRequest):
+    """A body under a transfer coding other than chunked: answered 501 (RFC 9112 6.1)."""
+
+
+def _unsupported_codings(codings: bytes) -> UnsupportedCoding | None:
+    """Why a request whose Transfer-Encoding values are ``codings`` (each followed by a comma)
+    cannot be read, when chunked is their last coding and another comes before it; else None.
+
+    The parser takes such a body apart at its chunks but hands on what the other coding still
+    holds (gzip's bytes, the application's JSON parser then refuses); a list whose last coding is
+    not chunked the parser itself refuses with 400 (RFC 9112 6.3), and it is left to do so.
+    """
+    listed = [item.split(b";")[0].strip().lower() for item in codings.split(b",")]
+    listed = [item for item in listed if item]  # empty list elements are allowed (RFC 9110 5.6.1)
+    if listed[-1:] != [b"chunked"] or len(listed) == 1:
+        return None
+    shown = ", ".join(v.strip().decode("latin-1") for v in codings.split(b",") if v.strip())
+    return UnsupportedCoding(
+        f"Transfer-Encoding: {shown} is not supported: this server decodes only the chunked "
+        "transfer coding (RFC 9112 6.1); send the body with 'Transfer-Encoding: chunked' alone or "
+        "a Content-Length, and compress it with 'Content-Encoding: gzip' or 'deflate' instead"
+    )
+
+
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -409,6 +435,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._invalid: tuple[int, bytes, str] | None = None
         self._running: Exchange | None = None  # the request whose task runs (pipelined ones wait)
         self._hosts = 0  # Host headers of the request being read
+        self._codings = b""  # ... its Transfer-Encoding values, each followed by a comma
         self._field_bytes = 0  # ... and the bytes of its header names and values
         # Bytes read after a chunk header with no chunk data since: a last chunk's trailer
         # field not ended yet, which the parser holds until it ends (-1: the chunk header or a
@@ -459,6 +486,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._refuse(503, b"Service Unavailable", str(cause))
             elif isinstance(cause, TargetTooLong):
                 self._refuse(414, b"URI Too Long", str(cause))
+            elif isinstance(cause, UnsupportedCoding):
+                self._refuse(501, b"Not Implemented", str(cause))
             else:
                 detail = cause if isinstance(cause, BadRequest) else error
                 self.logger.warning("Invalid HTTP request received: %s", detail)  # one template
@@ -518,6 +547,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self.headers = []
         self._hosts = 0
+        self._codings = b""
         self._field_bytes = 0
         if self._head_bytes is None:  # the next request on a kept-alive connection
             self._head_bytes = 0
@@ -541,6 +571,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         if name == b"host":
             self._hosts += 1
+        elif name == b"transfer-encoding":
+            self._codings += value + b","
         elif name == b"expect" and value.lower() == b"100-continue":
             # An HTTP/1.0 client may not know 1xx answers: its expectation is ignored (RFC 9110 10.1.1).
             self.expect_100_continue = self.parser.get_http_version() != "1.0"
@@ -556,6 +588,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             raise BadRequest(
                 f"An HTTP/1.1 request must have one Host header (RFC 9112 3.2); this one has {self._hosts}."
             )
+        if self._codings and (refusal := _unsupported_codings(self._codings)) is not None:
+            raise refusal
         if len(self.pipeline) >= MAX_PIPELINED:
             raise TooManyPipelined(
                 f"this connection has {MAX_PIPELINED} requests waiting for their answers, the most "

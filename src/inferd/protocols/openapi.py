@@ -40,6 +40,8 @@ _ERRORS = {
     "500": "Unexpected failure; the message names the request id and holds no internals",
     "503": "Overloaded, not ready or shutting down; retry after Retry-After seconds",
     "504": "The request took longer than --rest_api_timeout_in_ms",
+    "501": "A transfer coding other than chunked (Transfer-Encoding: gzip, chunked): only chunked is "
+    "decoded; the connection closes",
 }
 _ADMIN_ERRORS = {"403": "Admin calls are disabled (no --admin_token), or the API token was used"}
 
@@ -104,7 +106,9 @@ def _tfserving_paths() -> Schema:
         paths[base] = {
             "get": _operation(
                 "tfservingStatus" + id_suffix,
-                f"Status of {which} (TF Serving GetModelStatus)",
+                f"Status of {which} (TF Serving GetModelStatus)"
+                if extra != ("label",)
+                else "Status of every version: TF Serving's GetModelStatus reads no label",
                 "tfserving",
                 _json(_ref("ModelStatus"), "Versions and their states"),
                 parameters=params,

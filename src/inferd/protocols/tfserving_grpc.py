@@ -29,7 +29,7 @@ from inferd._proto.example_pb2 import Example, Feature
 from inferd._proto.meta_graph_pb2 import TensorInfo
 from inferd.config import models_from_proto
 from inferd.control import ModelControl
-from inferd.errors import InvalidArgument, UnknownLabel
+from inferd.errors import InvalidArgument, Unimplemented, UnknownLabel
 from inferd.protocols.codecs import data_type, decode_tensor, encode_tensor, read_values
 from inferd.protocols.decoding import BodyDecoder, off_loop
 from inferd.protocols.grpc_status import (
@@ -209,18 +209,20 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             raise InvalidArgument("MultiInferenceRequest must name at least one task")
         if len({task.model_spec.name for task in request.tasks}) > 1:
             raise InvalidArgument("All tasks must use the same model name")
-        signatures = [task.model_spec.signature_name or DEFAULT_SIGNATURE for task in request.tasks]
-        if len(set(signatures)) < len(signatures):  # as TF Serving: each signature runs once
-            twice = next(name for i, name in enumerate(signatures) if name in signatures[:i])
-            raise InvalidArgument(f"Duplicate evaluation of signature: {twice}")
+        seen: set[str] = set()
+        for task in request.tasks:  # every task is checked before any runs, in order, as TF Serving's
+            signature = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            if signature in seen:  # as TF Serving: each signature runs once
+                raise InvalidArgument(f"Duplicate evaluation of signature: {signature}")
+            seen.add(signature)
+            if task.method_name not in _TASK_METHODS:
+                raise Unimplemented(  # TF Serving's code and words (multi_inference.cc)
+                    f"Unsupported signature method_name: {task.method_name}; "
+                    f"supported: {', '.join(sorted(_TASK_METHODS))}"
+                )
         reply = ps.MultiInferenceResponse()
         for task in request.tasks:
-            method = _TASK_METHODS.get(task.method_name)
-            if method is None:
-                raise InvalidArgument(
-                    f"Unsupported signature method_name: {task.method_name!r}; "
-                    f"expected one of {sorted(_TASK_METHODS)}"
-                )
+            method = _TASK_METHODS[task.method_name]
             response, signature, count = await self._examples(
                 call, task.model_spec, request.input, method, deadline
             )
@@ -263,7 +265,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     async def GetModelStatus(
         self, request: ms.GetModelStatusRequest, context: Context
     ) -> ms.GetModelStatusResponse:
-        return await answer(context, _label_as_invalid(self._status(request)), self._service.request_id())
+        return await answer(context, self._status(request), self._service.request_id())
 
     async def HandleReloadConfigRequest(
         self, request: ms.ReloadConfigRequest, context: Context
@@ -286,8 +288,11 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         return ms.ReloadConfigResponse()
 
     async def _status(self, request: ms.GetModelStatusRequest) -> ms.GetModelStatusResponse:
+        ref = spec_ref(request.model_spec)
+        # as TF Serving's GetModelStatus: a version label is not read, every version is listed
+        # (an unknown label too); only a version number narrows the answer
         reply = ms.GetModelStatusResponse()
-        for status in self._service.status(spec_ref(request.model_spec)):
+        for status in self._service.status(ModelRef(ref.name, version=ref.version)):
             entry = reply.model_version_status.add(version=status.version, state=int(status.state))
             known = status.error_code in Code.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
             entry.status.error_code = cast(Code, Code.Value(status.error_code)) if known else Code.UNKNOWN

@@ -110,8 +110,10 @@ async def handle(
             name, version, label, metadata = match.groups()
             if name is None:
                 raise InvalidArgument("Missing model name in request.")
-            ref = model_ref(name, version, label)
-            document = _metadata(service.metadata(ref)) if metadata else _status(service.status(ref))
+            if metadata:
+                document = _metadata(service.metadata(model_ref(name, version, label)))
+            else:  # TF Serving's GetModelStatus reads no label: every version, even for an unknown one
+                document = _status(service.status(model_ref(name, version)))
             return 200, _JSON, orjson.dumps(document)
         else:
             expected = "POST .../NAME:predict|classify|regress or GET .../NAME[/metadata]"
