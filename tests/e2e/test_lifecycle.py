@@ -353,10 +353,10 @@ def test_labels_from_the_model_config_file(
     code, error = predict(server, "m/labels/beta")
     assert code == 400  # TF Serving's v1 answers an unknown label with INVALID_ARGUMENT
     assert "beta" in str(error)
-    r = requests.get(f"{server.url}/v1/models/m/labels/stable", timeout=5)
+    r = requests.get(f"{server.url}/v1/models/m/labels/stable/metadata", timeout=5)
     assert r.status_code == 200
-    assert [s["version"] for s in r.json()["model_version_status"]] == ["1"]
-    assert requests.get(f"{server.url}/v1/models/m/labels/beta", timeout=5).status_code == 400
+    assert r.json()["model_spec"]["version"] == "1"
+    assert requests.get(f"{server.url}/v1/models/m/labels/beta/metadata", timeout=5).status_code == 400
 
 
 def test_labels_from_inferd_toml(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
