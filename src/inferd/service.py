@@ -526,7 +526,9 @@ def conform(spec: TensorSpec, value: np.ndarray, check_shape: bool = True) -> np
     if value.dtype != target:
         if (problem := integer_range_error(spec.name, value, target)) is not None:
             raise InvalidArgument(problem)
-        cast = value.astype(target)  # an overflow is refused just below, with its value
+        # a tensor of another declared dtype: an overflow is refused just below, with its value
+        # (JSON numbers arrive in the input's float dtype, an infinity where the peers make one)
+        cast = value.astype(target)
         if may_hold_infinity(cast) and (problem := float_range_error(spec.name, value, cast)):
             raise InvalidArgument(problem)
         value = cast

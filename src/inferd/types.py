@@ -98,16 +98,22 @@ def _infinities(dtype: type[np.floating[Any]]) -> tuple[bytes, bytes]:
 _INFINITIES = {np.dtype(np.float32): _infinities(np.float32), np.dtype(np.float16): _infinities(np.float16)}
 """The bytes of +inf and -inf in the float dtypes a cast can overflow into."""
 
-# A cast past a float dtype's range is refused by ``float_range_error``; numpy's warning about it
-# would only repeat that in the log.
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, "inferd[.]service")
+# A JSON number past a float input's range is read as an infinity (TF Serving's and V2 JSON
+# readers), a cast between declared dtypes refuses it (``float_range_error``): numpy's warning about
+# either would only clutter the log.
+warnings.filterwarnings(
+    "ignore",
+    "overflow encountered in cast",
+    RuntimeWarning,
+    "inferd[.](service|protocols[.](tfserving_rest|v2_rest))$",
+)
 
 
 def may_hold_infinity(cast: np.ndarray) -> bool:
     """Whether ``cast``, an array just cast to FP32 or FP16, may hold an infinity: a filter in
     front of ``float_range_error`` that finds the pattern in the array's bytes (an infinity, or
-    rarely parts of two neighbours), where a numpy reduction would cost every request several us
-    (docs/performance.md, "Where the time goes"). False for other dtypes, which no cast
+    rarely parts of two neighbours), where a numpy reduction would cost each such request several
+    us (docs/performance.md, "Where the time goes"). False for other dtypes, which no cast
     overflows."""
     patterns = _INFINITIES.get(cast.dtype)
     if patterns is None:
@@ -119,9 +125,12 @@ def may_hold_infinity(cast: np.ndarray) -> bool:
 def float_range_error(name: str, value: np.ndarray, cast: np.ndarray) -> str | None:
     """Why ``cast``, numeric ``value`` cast to a float dtype, does not hold ``value``, or None.
 
-    numpy casts past a float dtype's range silently (1e300 becomes inf in FP32); TF Serving refuses
-    such values. The message names input ``name``, the datatype, its largest value and the first
-    finite value that became an infinity. Casts to other dtypes pass (None).
+    For a tensor of another declared dtype than its input's (V2 ``FP64`` data or TF Serving gRPC
+    ``DT_DOUBLE`` for an FP32 input), which Triton and TF Serving refuse outright and inferd casts:
+    numpy's cast would make a finite value past the float dtype's range an infinity (1e300 in
+    FP32). The message names input ``name``, the datatype, its largest value and the first finite
+    value that became an infinity. Casts to other dtypes pass (None). JSON numbers are not cast
+    here: the protocol readers make them the input's dtype, infinities included, as the peers do.
     """
     if cast.dtype.kind != "f" or value.dtype.kind not in "iuf" or np.isfinite(cast).all():
         return None

@@ -238,7 +238,7 @@ def test_torch_signatures_come_from_the_program_or_inferd_toml(server: ServerPro
 def test_torch_rejects_a_wrong_shape_naming_the_input(server: ServerProcess) -> None:
     body = {"inputs": {"x": np.zeros((2, 63)).tolist(), "weight": [[1.0], [1.0]]}}
     message = error(server, "/v1/models/torch_export:predict", body, 400)
-    assert "input 'x': expected FP32 [-1, 64], got FP64 [2, 63]" in message
+    assert "input 'x': expected FP32 [-1, 64], got FP32 [2, 63]" in message
 
 
 def test_a_torch_error_fails_only_its_own_request(server: ServerProcess) -> None:

@@ -1,9 +1,13 @@
 """End to end: an integer outside its datatype's range is refused with INVALID_ARGUMENT naming the
 input, the datatype and the value, on every protocol and field that carries typed integers,
-instead of wrapping silently (INT8 300 reaching the model as 44)."""
+instead of wrapping silently (INT8 300 reaching the model as 44). A float past FP32's range is
+an infinity where the peers read it as one (JSON numbers), and refused where they refuse the
+tensor (one of another declared dtype)."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -112,6 +116,62 @@ def test_tfserving_rest_integer_past_float_precision_rounds_as_tf_serving(server
         got = [np.float32(v) for v in answered.json()["predictions"]]
         assert got == [np.float32(v) for v in instances]
         assert got[:2] == [np.float32(2**24), np.float32(1435774336)]
+
+
+DOUBLE_MAX = float(np.finfo(np.float64).max)
+PAST_FP32 = [DOUBLE_MAX, -DOUBLE_MAX, 1e39, -1e300, 1.5]
+AS_FP32 = [math.inf, -math.inf, math.inf, -math.inf, 1.5]
+
+
+def test_tfserving_rest_float_past_fp32_is_an_infinity_as_in_tf_serving(server: ServerProcess) -> None:
+    """TF Serving's json_tensor.cc reads a JSON number for DT_FLOAT with ``GetFloat``: past FP32's
+    range it is an infinity (its test FloatTensorThatExceedsMaxReturnsInf: the largest double is
+    inf, its negative -inf), not refused; numpy's overflow warning stays out of the log."""
+    url = f"{server.url}/v1/models/fp32:predict"
+    for body, key in (({"instances": PAST_FP32}, "predictions"), ({"inputs": PAST_FP32}, "outputs")):
+        answered = requests.post(url, json=body, timeout=10)
+        assert answered.status_code == 200, answered.text
+        assert json.loads(answered.text)[key] == AS_FP32
+    assert "overflow" not in server.log()
+
+
+def test_v2_rest_float_past_fp32_is_an_infinity_as_in_triton_and_kserve(server: ServerProcess) -> None:
+    """FP32 JSON data: Triton assigns each number, read as a double, to a float (http_server.cc,
+    ReadDataFromJsonHelper) and KServe reads it with ``np.array(data, dtype=np.float32)``; both
+    make a number past FP32's range an infinity. FP64 data for the FP32 input, which Triton
+    refuses outright (a datatype mismatch), is refused where the cast would make an infinity."""
+    url = f"{server.url}/v2/models/fp32/infer"
+    tensor = {"name": "x", "datatype": "FP32", "shape": [5], "data": PAST_FP32}
+    binary = [{"name": "y", "parameters": {"binary_data": True}}]  # JSON answers write null for inf
+    answered = requests.post(url, json={"inputs": [tensor], "outputs": binary}, timeout=10)
+    assert answered.status_code == 200, answered.text
+    header = int(answered.headers["Inference-Header-Content-Length"])
+    assert np.frombuffer(answered.content[header:], np.float32).tolist() == AS_FP32
+    refused = requests.post(url, json={"inputs": [{**tensor, "datatype": "FP64"}]}, timeout=10)
+    assert refused.status_code == 400, refused.text
+    assert "input 'x': datatype FP32 cannot hold 1.7976931348623157e+308" in refused.json()["error"]
+    assert "overflow" not in server.log()
+
+
+def test_grpc_double_past_fp32_for_an_fp32_input_is_refused(channel: grpc.Channel) -> None:
+    """TF Serving gRPC refuses a DT_DOUBLE tensor for a DT_FLOAT input outright ("Expects arg[0]
+    to be float but double is provided"), Triton an FP64 one for FP32; inferd casts it, refusing a
+    value the cast would make an infinity, over both gRPC APIs."""
+    request = ps.PredictRequest()
+    request.model_spec.name = "fp32"
+    request.inputs["x"].dtype = types_pb2.DT_DOUBLE
+    request.inputs["x"].tensor_shape.dim.add(size=2)
+    request.inputs["x"].double_val.extend([1.0, 1e300])
+    with pytest.raises(grpc.RpcError) as refused:
+        ps_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "datatype FP32 cannot hold 1e+300" in (refused.value.details() or "")
+    v2 = v2_pb.ModelInferRequest(model_name="fp32")
+    v2.inputs.add(name="x", datatype="FP64", shape=[2]).contents.fp64_contents.extend([1.0, -1e300])
+    with pytest.raises(grpc.RpcError) as refused:
+        v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(v2, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "datatype FP32 cannot hold -1e+300" in (refused.value.details() or "")
 
 
 @pytest.mark.parametrize(("datatype", "numpy_name", "bad", "good"), NARROW, ids=IDS[:-1])

@@ -37,7 +37,8 @@ def test_ints_are_accepted_as_floats_and_cast() -> None:
         (F32, np.array([1.0, 2.0]), "input 'x': expected FP32 [-1, 2], got FP64 [2]"),
         (I8, np.array([1.5]), "input 'n': expected INT8 [-1], got FP64 [1]"),
         (I8, np.array([1, 300]), "value 300 is out of range for INT8 [-128, 127]"),
-        # a finite number past FP32 would become an infinity, which TF Serving refuses (json_tensor.cc)
+        # a finite number of another declared dtype (V2 FP64, TF Serving gRPC DT_DOUBLE) past FP32
+        # would become an infinity: Triton and TF Serving refuse such a tensor outright
         (F32, np.array([[1.0, 1e300]]), "input 'x': datatype FP32 cannot hold 1e+300 (largest: 3.4"),
         (F32, np.array([[-1e39, 0.0]]), "input 'x': datatype FP32 cannot hold -1e+39"),
         (TEXT, np.array([1, 2]), "input 's': expected BYTES [-1], got INT64 [2]"),

@@ -439,7 +439,8 @@ class TensorDecoder:
 
     def array(self, value: Any, spec: TensorSpec) -> np.ndarray:
         """Nested JSON lists for input ``spec`` -> an ndarray; ``{"b64": ...}`` leaves become bytes.
-        The dtype is the JSON's (``_check_json_types`` and ``conform_inputs`` check it)."""
+        Numbers for a float input take its dtype; other dtypes are the JSON's (``_check_json_types``
+        and ``conform_inputs`` check them)."""
         name = spec.name
         try:
             # strings numpy would pad to a huge text array are walked below, as objects
@@ -482,6 +483,10 @@ class TensorDecoder:
         self._limits.depth(name, array.ndim)
         self._limits.elements(name, array.shape)
         self._limits.text(name, array)
+        if spec.dtype.kind == "f" and array.dtype.kind in "iuf" and array.dtype != spec.dtype:
+            # read into the input's float type as TF Serving reads JSON (json_tensor.cc's
+            # AddValueToTensor: GetFloat), a number past its range as an infinity
+            array = array.astype(spec.dtype)
         return array
 
     def _objects(self, value: Any, name: str, depth: int) -> Any:
