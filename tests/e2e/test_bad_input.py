@@ -86,6 +86,13 @@ GOOD_PAIR = {"a": [1.0, 2.0, 3.0], "b": [4]}
         pytest.param(DIGITS, raw([ROW]), 400, ["must be an object", "list"], id="body-is-a-list"),
         pytest.param(DIGITS, b'"instances"', 400, ["must be an object", "str"], id="body-is-a-string"),
         pytest.param(DIGITS, b"\xff\xfe{}", 400, ["JSON Parse error"], id="not-utf8"),
+        pytest.param(
+            DIGITS,
+            b'{"instances": [[1e400' + b", 0" * 63 + b"]]}",
+            400,
+            ["JSON Parse error: Number too big to be stored in double", "1e400"],
+            id="number-past-float64",  # rapidjson refuses it; Python's float() made it inf
+        ),
         # instances / inputs
         pytest.param(
             DIGITS,

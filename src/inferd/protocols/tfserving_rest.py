@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -161,6 +162,22 @@ _PARSE_ERRORS = (
 """The standard parser's messages -> rapidjson's, which TF Serving answers."""
 
 
+class _NumberTooBig(ValueError):
+    """A JSON number past float64's range (``1e400``), which rapidjson, and so TF Serving, refuses."""
+
+
+def _double(text: str) -> float:
+    """A JSON number with a fraction or exponent -> float, as rapidjson reads it.
+
+    Raises:
+        _NumberTooBig: past float64's range, where Python's float() would make it an infinity.
+    """
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberTooBig(text[:40])
+    return value
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A request body -> its JSON object; NaN and Infinity are read as TF Serving reads them.
 
@@ -173,7 +190,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         try:  # the standard parser also takes NaN, Infinity and -Infinity, as TF Serving does
-            document = json.loads(body)
+            document = json.loads(body, parse_float=_double)
+        except _NumberTooBig as error:  # rapidjson's words, which TF Serving answers
+            raise InvalidArgument(
+                f"JSON Parse error: Number too big to be stored in double: {error}"
+            ) from None
         except json.JSONDecodeError as error:
             # TF Serving's (rapidjson's) words first, which clients match; then where it went wrong.
             words = next((w for key, w in _PARSE_ERRORS if error.msg.startswith(key)), error.msg)
