@@ -4,6 +4,9 @@ traces a real one): the call says what is missing instead of failing with INTERN
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+import types
 
 import grpc
 import pytest
@@ -38,3 +41,58 @@ def test_without_tensorflow_profile_is_unimplemented_and_says_why(monkeypatch: p
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "needs TensorFlow" in (error.details() or "")
     assert "inferd[tensorflow]" in (error.details() or "")
+
+
+class _SlowSession:
+    """A stand-in for TensorFlow's ProfilerSession, which refuses to start while another one is
+    running ("Another profiling session active.") and takes a while to end."""
+
+    active = 0
+
+    def start(self, folder: str, options: dict[str, object]) -> None:
+        if _SlowSession.active:
+            raise RuntimeError("Another profiling session active.")
+        _SlowSession.active += 1
+
+    def export_to_tb(self) -> None:
+        time.sleep(0.5)
+        _SlowSession.active -= 1
+
+
+def test_a_call_cancelled_while_its_trace_is_collected_holds_the_profiler_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session ends on its thread after the call is gone: until it has, another call gets
+    ALREADY_EXISTS (which TensorFlow's client retries), not an INTERNAL 'did not start'."""
+    monkeypatch.setitem(
+        sys.modules, "inferd_tests_slow_profiler", types.SimpleNamespace(ProfilerSession=_SlowSession)
+    )
+    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_slow_profiler")
+    monkeypatch.setattr(tf_profiler, "_collect", lambda session, folder: session.export_to_tb())
+
+    async def call() -> list[grpc.StatusCode]:
+        server = grpc.aio.server()
+        tf_profiler.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ProfilerServiceStub(channel)
+                first = asyncio.ensure_future(stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a")))
+                await asyncio.sleep(0.25)  # its trace ended; it is being collected
+                first.cancel()
+                await asyncio.sleep(0.05)  # the cancellation reached the server
+                codes = []
+                for _ in range(2):
+                    try:
+                        await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+                    await asyncio.sleep(0.5)  # the first session has ended
+                return codes
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(call()) == [grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.OK]
+    assert _SlowSession.active == 0
