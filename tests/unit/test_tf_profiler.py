@@ -96,3 +96,41 @@ def test_a_call_cancelled_while_its_trace_is_collected_holds_the_profiler_until_
 
     assert asyncio.run(call()) == [grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.OK]
     assert _SlowSession.active == 0
+
+
+def test_a_trace_that_cannot_be_collected_is_internal_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure ending the session (a full temporary folder) is INTERNAL naming it, as in
+    TensorFlow's server, not grpc's UNKNOWN 'Unexpected <class ...>'; the next call can profile."""
+    monkeypatch.setitem(
+        sys.modules, "inferd_tests_slow_profiler", types.SimpleNamespace(ProfilerSession=_SlowSession)
+    )
+    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_slow_profiler")
+    failures = [OSError(28, "No space left on device")]
+
+    def collect(session: _SlowSession, folder: object) -> None:
+        session.export_to_tb()
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(tf_profiler, "_collect", collect)
+
+    async def call() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server()
+        tf_profiler.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ProfilerServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a"), timeout=10)
+                answer = await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
+                assert answer.empty_trace
+                return refused.value
+        finally:
+            await server.stop(None)
+
+    error = asyncio.run(call())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "the trace could not be collected" in (error.details() or "")
+    assert "No space left on device" in (error.details() or "")

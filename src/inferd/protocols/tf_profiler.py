@@ -72,8 +72,11 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
             profiler = sys.modules.get(_PROFILER) or await _profiler(context)
             if delay_s > 0 and await _stopped(self._stop, delay_s):
                 return pb.ProfileResponse(empty_trace=True)
+            try:
+                folder = tempfile.mkdtemp(prefix="inferd-profile-")
+            except OSError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, details(f"the profiler has no folder: {exc}"))
             session = profiler.ProfilerSession()
-            folder = tempfile.mkdtemp(prefix="inferd-profile-")
             try:  # inline, a fraction of a millisecond: the trace starts as soon as it can
                 session.start(folder, {})
             except Exception as exc:  # tensorflow's errors: another profiler in this process
@@ -83,7 +86,12 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
                 await _stopped(self._stop, duration_ms / 1000)
             finally:  # also when the client went away: the session must end
                 collecting = asyncio.ensure_future(asyncio.to_thread(_collect, session, Path(folder)))
-                xspace = await asyncio.shield(collecting)
+                try:
+                    xspace = await asyncio.shield(collecting)
+                except Exception as exc:  # OSError (a full temporary folder), tensorflow's errors
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, details(f"the trace could not be collected: {exc}")
+                    )
         finally:
             if collecting is None or collecting.done():
                 self._running = None
