@@ -134,3 +134,43 @@ def test_a_trace_that_cannot_be_collected_is_internal_and_says_why(monkeypatch: 
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "the trace could not be collected" in (error.details() or "")
     assert "No space left on device" in (error.details() or "")
+
+
+def test_a_trace_starts_at_its_start_time_after_a_slow_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``opts.start_timestamp_ns`` is when the trace starts, however long the first call took to
+    import TensorFlow's profiler: the wait is measured once it is imported, not before."""
+    started: list[int] = []
+
+    class Session(_SlowSession):
+        def start(self, folder: str, options: dict[str, object]) -> None:
+            started.append(time.time_ns())
+
+        def export_to_tb(self) -> None:
+            pass
+
+    async def slow_import(context: object) -> types.SimpleNamespace:
+        await asyncio.sleep(0.6)
+        return types.SimpleNamespace(ProfilerSession=Session)
+
+    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_no_such_profiler_module")
+    monkeypatch.setattr(tf_profiler, "_profiler", slow_import)
+    monkeypatch.setattr(tf_profiler, "_collect", lambda session, folder: None)
+
+    async def call() -> int:
+        server = grpc.aio.server()
+        tf_profiler.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ProfilerServiceStub(channel)
+                at = time.time_ns() + 800_000_000
+                opts = pb.ProfileOptions(duration_ms=10, start_timestamp_ns=at)
+                await stub.Profile(pb.ProfileRequest(opts=opts, session_id="a"), timeout=10)
+                return at
+        finally:
+            await server.stop(None)
+
+    at = asyncio.run(call())
+    (start,) = started
+    assert at <= start < at + 300_000_000, (start - at) / 1e9

@@ -70,6 +70,7 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
         collecting: asyncio.Future[bytes | None] | None = None
         try:
             profiler = sys.modules.get(_PROFILER) or await _profiler(context)
+            delay_s = (request.opts.start_timestamp_ns - time.time_ns()) / 1e9  # after the import
             if delay_s > 0 and await _stopped(self._stop, delay_s):
                 return pb.ProfileResponse(empty_trace=True)
             try:
