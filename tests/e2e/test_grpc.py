@@ -397,6 +397,17 @@ def test_multi_inference_of_an_unsupported_method_is_unimplemented(
         predict.MultiInference(multi, timeout=10)
 
 
+def test_multi_inference_of_an_unknown_model_is_not_found_before_its_methods_are_checked(
+    predict: ps_grpc.PredictionServiceStub,
+) -> None:
+    """TF Serving looks the model up (its first task's model_spec) before it reads the tasks: an
+    unknown model is NOT_FOUND whatever its tasks' methods, not UNIMPLEMENTED."""
+    multi = ps.MultiInferenceRequest(input=examples(rows(30, 32)))
+    multi.tasks.add(model_spec=ps.ModelSpec(name="nosuchmodel"), method_name="tensorflow/serving/predict")
+    with _Status(grpc.StatusCode.NOT_FOUND, "nosuchmodel"):
+        predict.MultiInference(multi, timeout=10)
+
+
 @pytest.mark.parametrize(
     ("tensor", "fragment"),
     [

@@ -67,12 +67,17 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
                 f"another profile (session {self._running!r}) is being taken; retry when it ends",
             )
         self._running, self._stop = request.session_id, asyncio.Event()
+        collecting: asyncio.Future[bytes | None] | None = None
         try:
             profiler = sys.modules.get(_PROFILER) or await _profiler(context)
+            delay_s = (request.opts.start_timestamp_ns - time.time_ns()) / 1e9  # after the import
             if delay_s > 0 and await _stopped(self._stop, delay_s):
                 return pb.ProfileResponse(empty_trace=True)
+            try:
+                folder = tempfile.mkdtemp(prefix="inferd-profile-")
+            except OSError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, details(f"the profiler has no folder: {exc}"))
             session = profiler.ProfilerSession()
-            folder = tempfile.mkdtemp(prefix="inferd-profile-")
             try:  # inline, a fraction of a millisecond: the trace starts as soon as it can
                 session.start(folder, {})
             except Exception as exc:  # tensorflow's errors: another profiler in this process
@@ -81,12 +86,27 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
             try:
                 await _stopped(self._stop, duration_ms / 1000)
             finally:  # also when the client went away: the session must end
-                xspace = await asyncio.shield(asyncio.to_thread(_collect, session, Path(folder)))
+                collecting = asyncio.ensure_future(asyncio.to_thread(_collect, session, Path(folder)))
+                try:
+                    xspace = await asyncio.shield(collecting)
+                except Exception as exc:  # OSError (a full temporary folder), tensorflow's errors
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, details(f"the trace could not be collected: {exc}")
+                    )
         finally:
-            self._running = None
+            if collecting is None or collecting.done():
+                self._running = None
+            else:  # the call went away while its session ends: the next may start once it has
+                collecting.add_done_callback(self._ended)
         if xspace is None:
             return pb.ProfileResponse(empty_trace=True)
         return pb.ProfileResponse(tool_data=[pb.ProfileToolData(name="xplane.pb", data=xspace)])
+
+    def _ended(self, collecting: asyncio.Future[bytes | None]) -> None:
+        """The session of a call that went away has ended (its trace is dropped)."""
+        self._running = None
+        if not collecting.cancelled():
+            collecting.exception()  # retrieved: no one is left to answer it to
 
     async def Terminate(self, request: pb.TerminateRequest, context: Context) -> pb.TerminateResponse:  # noqa: N802
         if self._running is not None and request.session_id == self._running:

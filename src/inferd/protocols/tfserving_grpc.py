@@ -209,6 +209,9 @@ class PredictionServicer(ps_grpc.PredictionServiceServicer):
             raise InvalidArgument("MultiInferenceRequest must name at least one task")
         if len({task.model_spec.name for task in request.tasks}) > 1:
             raise InvalidArgument("All tasks must use the same model name")
+        # as TF Serving, the model (of the first task's spec) is looked up before the tasks are read:
+        # an unknown one is NOT_FOUND whatever their methods
+        await call.load(spec_ref(request.tasks[0].model_spec))
         seen: set[str] = set()
         for task in request.tasks:  # every task is checked before any runs, in order, as TF Serving's
             signature = task.model_spec.signature_name or DEFAULT_SIGNATURE
