@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,8 @@ import grpc
 from inferd._proto import profiler_service_pb2 as pb
 from inferd._proto import profiler_service_pb2_grpc as pb_grpc
 from inferd.protocols.grpc_status import Context, details
+
+log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProfilerService"].full_name
 MAX_DURATION_MS = 600_000
@@ -105,8 +108,8 @@ class ProfilerServicer(pb_grpc.ProfilerServiceServicer):
     def _ended(self, collecting: asyncio.Future[bytes | None]) -> None:
         """The session of a call that went away has ended (its trace is dropped)."""
         self._running = None
-        if not collecting.cancelled():
-            collecting.exception()  # retrieved: no one is left to answer it to
+        if not collecting.cancelled() and (error := collecting.exception()) is not None:
+            log.warning("a cancelled profile's trace could not be collected: %s", error)
 
     async def Terminate(self, request: pb.TerminateRequest, context: Context) -> pb.TerminateResponse:  # noqa: N802
         if self._running is not None and request.session_id == self._running:
