@@ -20,8 +20,10 @@ from inferd.errors import ConfigError
 from inferd.protocols.http_connection import (
     AUTO_CONNECTIONS_CAP,
     WATCH,
+    BadRequest,
     ConnectionLimits,
     RequestWatch,
+    UnsupportedCoding,
     _unsupported_codings,
     auto_max_connections,
     connection_class,
@@ -298,5 +300,16 @@ def test_a_transfer_coding_before_chunked_is_refused(codings: bytes, refused: bo
     refusal = _unsupported_codings(codings)
     assert (refusal is not None) == refused
     if refusal is not None:
+        assert isinstance(refusal, UnsupportedCoding)  # 501
         assert str(refusal).startswith("Transfer-Encoding: "), refusal
         assert "only the chunked transfer coding" in str(refusal)
+
+
+@pytest.mark.parametrize("codings", [b"chunked, chunked,", b"chunked,chunked,", b"gzip, chunked, chunked,"])
+def test_chunked_twice_is_a_bad_request_not_an_unsupported_coding(codings: bytes) -> None:
+    """No sender may apply chunked twice (RFC 9112 7.1): a malformed request, 400, where it got the
+    501 for a coding the server does not decode, whose message said chunked is what it decodes."""
+    refusal = _unsupported_codings(codings)
+    assert isinstance(refusal, BadRequest)
+    assert not isinstance(refusal, UnsupportedCoding)
+    assert "chunked more than once" in str(refusal)

@@ -297,9 +297,11 @@ class UnsupportedCoding(BadRequest):
     """A body under a transfer coding other than chunked: answered 501 (RFC 9112 6.1)."""
 
 
-def _unsupported_codings(codings: bytes) -> UnsupportedCoding | None:
+def _unsupported_codings(codings: bytes) -> BadRequest | None:
     """Why a request whose Transfer-Encoding values are ``codings`` (each followed by a comma)
-    cannot be read, when chunked is their last coding and another comes before it; else None.
+    cannot be read, when chunked is their last coding and another comes before it
+    (``UnsupportedCoding``), or chunked comes more than once, which no sender may do (RFC 9112
+    7.1, a plain ``BadRequest``); else None.
 
     The parser takes such a body apart at its chunks but hands on what the other coding still
     holds (gzip's bytes, the application's JSON parser then refuses); a list whose last coding is
@@ -310,6 +312,8 @@ def _unsupported_codings(codings: bytes) -> UnsupportedCoding | None:
     if listed[-1:] != [b"chunked"] or len(listed) == 1:
         return None
     shown = ", ".join(v.strip().decode("latin-1") for v in codings.split(b",") if v.strip())
+    if listed.count(b"chunked") > 1:
+        return BadRequest(f"Transfer-Encoding: {shown} applies chunked more than once (RFC 9112 7.1)")
     return UnsupportedCoding(
         f"Transfer-Encoding: {shown} is not supported: this server decodes only the chunked "
         "transfer coding (RFC 9112 6.1); send the body with 'Transfer-Encoding: chunked' alone or "
