@@ -7,6 +7,8 @@ import asyncio
 import sys
 import time
 import types
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -16,26 +18,41 @@ from inferd._proto import profiler_service_pb2_grpc as pb_grpc
 from inferd.protocols import tf_profiler
 
 
+@asynccontextmanager
+async def _serving() -> AsyncIterator[pb_grpc.ProfilerServiceStub]:
+    """A stub of the profiler service served alone on a local port, stopped after."""
+    server = grpc.aio.server()
+    tf_profiler.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.ProfilerServiceStub(channel)
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+def slow_profiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorFlow's profiler bindings replaced by ``_SlowSession``."""
+    monkeypatch.setitem(
+        sys.modules, "inferd_tests_slow_profiler", types.SimpleNamespace(ProfilerSession=_SlowSession)
+    )
+    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_slow_profiler")
+
+
 def test_without_tensorflow_profile_is_unimplemented_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_no_such_profiler_module")
 
     async def call() -> grpc.aio.AioRpcError:
-        server = grpc.aio.server()
-        tf_profiler.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ProfilerServiceStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="s"), timeout=10)
-                # The refusal left no session running: the next call is refused the same way.
-                with pytest.raises(grpc.aio.AioRpcError) as again:
-                    await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="t"), timeout=10)
-                assert again.value.code() == grpc.StatusCode.UNIMPLEMENTED
-                return refused.value
-        finally:
-            await server.stop(None)
+        async with _serving() as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="s"), timeout=10)
+            # The refusal left no session running: the next call is refused the same way.
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="t"), timeout=10)
+            assert again.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            return refused.value
 
     error = asyncio.run(call())
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -59,52 +76,38 @@ class _SlowSession:
         _SlowSession.active -= 1
 
 
+@pytest.mark.usefixtures("slow_profiler")
 def test_a_call_cancelled_while_its_trace_is_collected_holds_the_profiler_until_it_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session ends on its thread after the call is gone: until it has, another call gets
     ALREADY_EXISTS (which TensorFlow's client retries), not an INTERNAL 'did not start'."""
-    monkeypatch.setitem(
-        sys.modules, "inferd_tests_slow_profiler", types.SimpleNamespace(ProfilerSession=_SlowSession)
-    )
-    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_slow_profiler")
     monkeypatch.setattr(tf_profiler, "_collect", lambda session, folder: session.export_to_tb())
 
     async def call() -> list[grpc.StatusCode]:
-        server = grpc.aio.server()
-        tf_profiler.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ProfilerServiceStub(channel)
-                first = asyncio.ensure_future(stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a")))
-                await asyncio.sleep(0.25)  # its trace ended; it is being collected
-                first.cancel()
-                await asyncio.sleep(0.05)  # the cancellation reached the server
-                codes = []
-                for _ in range(2):
-                    try:
-                        await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.aio.AioRpcError as error:
-                        codes.append(error.code())
-                    await asyncio.sleep(0.5)  # the first session has ended
-                return codes
-        finally:
-            await server.stop(None)
+        async with _serving() as stub:
+            first = asyncio.ensure_future(stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a")))
+            await asyncio.sleep(0.25)  # its trace ended; it is being collected
+            first.cancel()
+            await asyncio.sleep(0.05)  # the cancellation reached the server
+            codes = []
+            for _ in range(2):
+                try:
+                    await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+                await asyncio.sleep(0.5)  # the first session has ended
+            return codes
 
     assert asyncio.run(call()) == [grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.OK]
     assert _SlowSession.active == 0
 
 
+@pytest.mark.usefixtures("slow_profiler")
 def test_a_trace_that_cannot_be_collected_is_internal_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure ending the session (a full temporary folder) is INTERNAL naming it, as in
     TensorFlow's server, not grpc's UNKNOWN 'Unexpected <class ...>'; the next call can profile."""
-    monkeypatch.setitem(
-        sys.modules, "inferd_tests_slow_profiler", types.SimpleNamespace(ProfilerSession=_SlowSession)
-    )
-    monkeypatch.setattr(tf_profiler, "_PROFILER", "inferd_tests_slow_profiler")
     failures = [OSError(28, "No space left on device")]
 
     def collect(session: _SlowSession, folder: object) -> None:
@@ -115,20 +118,12 @@ def test_a_trace_that_cannot_be_collected_is_internal_and_says_why(monkeypatch: 
     monkeypatch.setattr(tf_profiler, "_collect", collect)
 
     async def call() -> grpc.aio.AioRpcError:
-        server = grpc.aio.server()
-        tf_profiler.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ProfilerServiceStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a"), timeout=10)
-                answer = await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
-                assert answer.empty_trace
-                return refused.value
-        finally:
-            await server.stop(None)
+        async with _serving() as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="a"), timeout=10)
+            answer = await stub.Profile(pb.ProfileRequest(duration_ms=10, session_id="b"), timeout=10)
+            assert answer.empty_trace
+            return refused.value
 
     error = asyncio.run(call())
     assert error.code() == grpc.StatusCode.INTERNAL
@@ -157,19 +152,11 @@ def test_a_trace_starts_at_its_start_time_after_a_slow_import(monkeypatch: pytes
     monkeypatch.setattr(tf_profiler, "_collect", lambda session, folder: None)
 
     async def call() -> int:
-        server = grpc.aio.server()
-        tf_profiler.add_to_server(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.ProfilerServiceStub(channel)
-                at = time.time_ns() + 800_000_000
-                opts = pb.ProfileOptions(duration_ms=10, start_timestamp_ns=at)
-                await stub.Profile(pb.ProfileRequest(opts=opts, session_id="a"), timeout=10)
-                return at
-        finally:
-            await server.stop(None)
+        async with _serving() as stub:
+            at = time.time_ns() + 800_000_000
+            opts = pb.ProfileOptions(duration_ms=10, start_timestamp_ns=at)
+            await stub.Profile(pb.ProfileRequest(opts=opts, session_id="a"), timeout=10)
+            return at
 
     at = asyncio.run(call())
     (start,) = started
