@@ -66,6 +66,15 @@ def derived_dir(cache_dir: str) -> Path:
     return (Path(cache_dir) if cache_dir else default_cache_dir()) / DERIVED
 
 
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock file (blocking) against other processes; released on exit, also
+    when the process dies."""
+    with open(folder / LOCK, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/inferd/models``, or ``~/.cache/inferd/models``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -162,13 +171,8 @@ class ModelCache:
             raise
         return final / "files"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the folder's lock (blocking) against other processes; released when the file
-        closes, also when the process dies."""
-        with open(self.folder / LOCK, "ab") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.folder)
 
     def _make_room(self, uri: str, size_bytes: int) -> None:
         if self.max_bytes <= 0:

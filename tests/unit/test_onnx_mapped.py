@@ -34,7 +34,11 @@ def _predict(folder: Path, settings: ModelSettings) -> np.ndarray:
 
 def _entries(cache: Path) -> list[Path]:
     root = cache / DERIVED / FOLDER
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".tmp-")) if root.is_dir() else []
+    return (
+        sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-"))
+        if root.is_dir()
+        else []
+    )
 
 
 def test_the_first_load_writes_the_weights_as_external_data_and_later_loads_map_them(tmp_path: Path) -> None:
@@ -134,3 +138,39 @@ def test_the_download_cache_leaves_the_derived_folder_alone(tmp_path: Path) -> N
     _predict(folder, _settings(cache))
     ModelCache(cache, 1)  # removes anything it takes for an interrupted download
     assert maps_weights(folder, _settings(cache))
+
+
+def test_loads_racing_for_one_copy_write_it_once_and_all_map_it(tmp_path: Path) -> None:
+    """Workers loading a model at once (``--workers``): the first writes the copy under the
+    folder's lock, the others wait for it and build their sessions from it."""
+    import threading
+    import time
+
+    import onnxruntime as ort
+
+    from inferd.runtimes import onnx_mapped
+
+    folder, cache = tmp_path / "m" / "1", tmp_path / "cache" / DERIVED
+    write_onnx_table(folder, 2, seed=0)
+    builds: list[str] = []
+
+    def build(model: str, options: object) -> object:
+        builds.append(model)
+        time.sleep(0.3)  # long enough for every other thread to reach the lock
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    got: list[Path] = []
+
+    def load() -> None:
+        got.append(onnx_mapped.write_copy(ort, folder / "model.onnx", cache, level, build))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    [entry] = _entries(cache.parent)
+    assert got == [entry / "model.onnx"] * 3
+    assert onnx_mapped.copy_of(folder / "model.onnx", cache) == entry / "model.onnx"

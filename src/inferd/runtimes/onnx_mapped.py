@@ -12,9 +12,9 @@ the copy.
 An entry is keyed by the model file's resolved path and records the size and mtime of every file
 in its folder (external data included) and the onnxruntime version it was written with
 (``SOURCE``); a copy that no longer matches is written again. Entries are written in a scratch
-folder and renamed into place, so a reader sees a whole entry or none; processes sharing the
-folder (``--workers``) may race to write one, and the first rename wins. Writing an entry removes
-those whose model file is gone or changed.
+folder and renamed into place, so a reader sees a whole entry or none. Writers hold the folder's
+lock file, so processes sharing it (``--workers``) write an entry once: the others wait and map
+that copy. Writing an entry removes those whose model file is gone or changed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from inferd.model_cache import locked
 
 MIN_FILE_BYTES = 1 << 20
 """The smallest ``.onnx`` file copied: below it, parsing costs about what mapping does."""
@@ -62,37 +64,41 @@ def write_copy(ort: Any, model: Path, cache: Path, level: Any, build: Callable[[
     """
     root = cache / FOLDER
     root.mkdir(parents=True, exist_ok=True)
-    _prune(root)
-    source = _source(model)
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.optimized_model_filepath = str(scratch / MODEL)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS)
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-        )
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        build(str(model), options)
-        (scratch / SOURCE).write_text(json.dumps(source))
-        entry = _entry(model, cache)
-        if copy_of(model, cache) is None:  # else another process's copy is in place: kept
+    with locked(root):
+        written = copy_of(model, cache)
+        if written is not None:  # another process wrote it while this one waited
+            return written
+        _prune(root)
+        source = _source(model)
+        scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.optimized_model_filepath = str(scratch / MODEL)
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", WEIGHTS
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+            )
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            build(str(model), options)
+            (scratch / SOURCE).write_text(json.dumps(source))
+            entry = _entry(model, cache)
             shutil.rmtree(entry, ignore_errors=True)  # a stale copy
-            try:
-                scratch.rename(entry)
-            except OSError:  # another process renamed its copy first
-                if copy_of(model, cache) is None:
-                    raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            scratch.rename(entry)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return entry / MODEL
 
 
 def forget(model: Path, cache: Path) -> None:
     """Remove ``model``'s copy (one onnxruntime could not load)."""
-    shutil.rmtree(_entry(model, cache), ignore_errors=True)
+    root = cache / FOLDER
+    if root.is_dir():
+        with locked(root):
+            shutil.rmtree(_entry(model, cache), ignore_errors=True)
 
 
 def _entry(model: Path, cache: Path) -> Path:
@@ -120,6 +126,8 @@ SCRATCH_TTL_S = 3600.0
 def _prune(root: Path) -> None:
     """Remove the entries whose model file is gone or changed, and old scratch folders."""
     for entry in root.iterdir():
+        if not entry.is_dir():  # the lock file
+            continue
         if entry.name.startswith(".tmp-"):  # maybe another process's copy being written
             try:
                 if time.time() - entry.stat().st_mtime > SCRATCH_TTL_S:
