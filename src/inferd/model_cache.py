@@ -89,7 +89,7 @@ class ModelCache:
         self.max_bytes = max_bytes
         self._protected: set[str] = set()
         folder.mkdir(parents=True, exist_ok=True)
-        with self._locked():  # another process's download in progress is not interrupted
+        with locked(self.folder):  # another process's download in progress is not interrupted
             for entry in folder.iterdir():
                 if entry.name == DERIVED or not entry.is_dir():
                     continue
@@ -151,7 +151,7 @@ class ModelCache:
             CacheFull: even with every unprotected version evicted, ``size_bytes`` does not fit.
             Exception: whatever ``fill`` raises; nothing is recorded then.
         """
-        with self._locked():
+        with locked(self.folder):
             return self.lookup(uri, fingerprint) or self._add(uri, fingerprint, size_bytes, fill)
 
     def _add(self, uri: str, fingerprint: str, size_bytes: int, fill: Callable[[Path], None]) -> Path:
@@ -170,9 +170,6 @@ class ModelCache:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
         return final / "files"
-
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return locked(self.folder)
 
     def _make_room(self, uri: str, size_bytes: int) -> None:
         if self.max_bytes <= 0:
