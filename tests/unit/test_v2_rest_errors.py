@@ -4,11 +4,15 @@ values are nested or typed, never with another exception (which answered 500).""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferd.config import ServerConfig
 from inferd.errors import InvalidArgument
@@ -19,7 +23,10 @@ from inferd.protocols.v2_triton import load_parameters
 
 LIMITS = RequestLimits.of(ServerConfig())
 DEEP = b"[" * 1000 + b"1" + b"]" * 1000
-"""A list nested 1,000 levels: orjson reads it (up to 1,024), repr and json.dumps overflow."""
+"""A list nested 1,000 levels: orjson reads it (up to 1,024); on Python 3.11 a whole repr or
+json.dumps of it overflows the stack."""
+SHOWN = "[" * 40 + "..."
+"""What an error message shows of ``DEEP``: its first 40 characters."""
 
 
 def _json(text: bytes) -> Any:
@@ -33,12 +40,15 @@ def _decode(entry: bytes, binary: bytes = b"") -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(
     ("entry", "fragment"),
     [
-        (b'{"name": "x", "shape": [1], "datatype": DEEP, "data": [1]}', "unknown datatype [...]"),
-        (b'{"name": "x", "shape": [1], "datatype": "FP32", "data": [{"a": DEEP}]}', "like {...} (object)"),
-        (b'{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", {"a": DEEP}]}', "like {...}"),
+        (b'{"name": "x", "shape": [1], "datatype": DEEP, "data": [1]}', f"unknown datatype {SHOWN};"),
+        (
+            b'{"name": "x", "shape": [1], "datatype": "FP32", "data": [{"a": DEEP}]}',
+            'like {"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[... (object)',
+        ),
+        (b'{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", {"a": DEEP}]}', 'like {"a": [[[['),
         (
             b'{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": DEEP}}',
-            "binary_data_size must be a byte count (an integer >= 0), got [...]",
+            f"binary_data_size must be a byte count (an integer >= 0), got {SHOWN}",
         ),
     ],
 )
@@ -57,22 +67,50 @@ def test_inputs_nested_past_the_stack_are_a_400(entry: bytes, fragment: str) -> 
     ],
 )
 def test_output_parameters_nested_past_the_stack_are_a_400(doc: bytes) -> None:
-    with pytest.raises(InvalidArgument, match=r"\[\.\.\.\]"):
+    with pytest.raises(InvalidArgument, match=re.escape(SHOWN)):
         v2_rest._wanted(_json(doc), ["y"])
 
 
 def test_repository_values_nested_past_the_stack_are_a_400() -> None:
     index = v2_rest._repository(None, "POST", "/v2/repository/index", b'{"ready": ' + DEEP + b"}")  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match=r"'ready' must be true or false, got \[\.\.\.\]"):
+    with pytest.raises(InvalidArgument, match=re.escape(f"'ready' must be true or false, got {SHOWN}")):
         asyncio.run(index)
     for config in (b'{"name": DEEP}', b'{"max_batch_size": DEEP}'):
-        with pytest.raises(InvalidArgument, match=r"\[\.\.\.\]"):
+        with pytest.raises(InvalidArgument, match=re.escape(SHOWN)):
             load_parameters("m", {"config": config.replace(b"DEEP", DEEP).decode()})
 
 
 def test_a_long_value_is_cut_in_the_message() -> None:
     assert brief("x" * 100) == "'" + "x" * 39 + "..."
     assert len(brief(list(range(1000)))) == 43
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda inner: st.lists(inner, max_size=30) | st.dictionaries(st.text(max_size=50), inner, max_size=30),
+    max_leaves=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_a_brief_value_is_the_start_of_its_whole_rendering(value: Any) -> None:
+    for render in (repr, json.dumps):
+        whole = render(value)
+        assert brief(value, render) == (whole if len(whole) <= 40 else whole[:40] + "...")
+
+
+def test_a_huge_value_is_rendered_only_as_far_as_the_message_shows() -> None:
+    rendered: list[int] = []
+
+    def render(value: Any) -> str:
+        text = repr(value)
+        rendered.append(len(text))
+        return text
+
+    wide = [[i, "x" * 1000, {"k" * 1000: list(range(100))}] for i in range(10_000)]
+    assert brief(wide, render) == repr(wide)[:40] + "..."
+    assert rendered[0] < 1000  # not the whole value's millions of characters
 
 
 def test_binary_data_size_must_be_an_integer_not_a_boolean() -> None:

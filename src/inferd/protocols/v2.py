@@ -3,6 +3,7 @@ platforms, extensions, datatypes, repository index rows and model configuration.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,15 +47,42 @@ UNSERVED_PARAMETERS = {
 """Triton request parameters that ask for what inferd does not serve, and what they ask for."""
 
 
+BRIEF_CHARS = 40
+"""How much of a request's value an error message shows."""
+
+
 def brief(value: Any, render: Callable[[Any], str] = repr) -> str:
-    """A request's value for an error message: ``render(value)`` cut to 40 characters, or
-    ``[...]`` / ``{...}`` for a list or object nested too deep to render (orjson reads 1,024
-    levels, past Python's stack: ``repr`` and ``json.dumps`` raise RecursionError there)."""
-    try:
-        text = render(value)
-    except RecursionError:
-        return "{...}" if isinstance(value, dict) else "[...]"
-    return text if len(text) <= 40 else f"{text[:40]}..."
+    """A request's JSON value for an error message: ``render(value)`` cut to ``BRIEF_CHARS``
+    characters (with ``...`` after a cut). Only as much of the value is rendered as those
+    characters can show, so that a huge or deeply nested value costs no more than a small one,
+    and renders alike on every Python (a whole ``repr`` of a list nested 1,000 levels, which
+    orjson reads, overflows the stack on 3.11 and not on 3.12)."""
+    text = render(_clipped(value, BRIEF_CHARS + 1))
+    return text if len(text) <= BRIEF_CHARS else f"{text[:BRIEF_CHARS]}..."
+
+
+def _clipped(value: Any, room: int) -> Any:
+    """``value`` (JSON: dicts, lists, strings, numbers, booleans, None) cut to what the first
+    ``room`` characters of its rendering show: its first ``room`` values in the order they are
+    rendered (containers included, the rest left out), strings and keys cut to ``room``
+    characters. Each value renders to a character or more, so the one numbered ``k`` starts at
+    character ``k - 1`` or later: what is left out lies past the first ``room - 1``, and a value
+    that was cut renders to ``room`` characters or more."""
+    left = room
+
+    def clip(item: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if isinstance(item, str):
+            return item[:room]
+        if isinstance(item, list):
+            return [clip(inner) for inner in itertools.takewhile(lambda _: left > 0, item)]
+        if isinstance(item, dict):
+            pairs = itertools.takewhile(lambda _: left > 0, item.items())
+            return {key[:room] if isinstance(key, str) else key: clip(inner) for key, inner in pairs}
+        return item
+
+    return clip(value)
 
 
 def refuse_unserved(where: str, parameters: Mapping[str, Any]) -> None:
