@@ -10,12 +10,13 @@ every worker reports alike (budgets, rollout shares, batcher targets).
 
 Counters never go back, so that ``rate()`` sees no false reset: each scrape keeps, in the private
 folder, the last exposition it merged of every worker (``.seen``). A worker that does not answer
-within ``SIBLING_TIMEOUT_S`` (dying, restarting, stuck) is merged from that copy, its counters,
-histograms and summaries only; and a worker that starts in a killed one's place adds the copy to
-the counts of the workers it replaced (``.retired``), which every scrape merges too. What a
-killed worker counted after the last scrape is lost. ``inferd_workers_scraped`` says how many
-workers answered. ``inferd_worker_requests`` counts the requests each worker answered by protocol
-(all models, its predecessors' included), so that the spread over workers shows.
+within ``SIBLING_TIMEOUT_S`` (dying, restarting, stuck, or stopped with its socket) is merged
+from that copy, its counters, histograms and summaries only; and a worker that starts in a
+killed one's place adds the copy to the counts of the workers it replaced (``.retired``), which
+every scrape merges too. What a killed worker counted after the last scrape is lost.
+``inferd_workers_scraped`` says how many workers answered. ``inferd_worker_requests`` counts the
+requests each worker answered by protocol (all models, its predecessors' included), so that the
+spread over workers shows.
 """
 
 from __future__ import annotations
@@ -113,11 +114,10 @@ class WorkerMetrics:
 
     async def exposition(self) -> bytes:
         """Every worker's metrics, merged (see the module's docstring)."""
-        siblings = sorted(
-            int(p.name.removeprefix("metrics-").removesuffix(".sock"))
-            for p in self._folder.glob("metrics-*.sock")
-            if p.name != socket_path(self._folder, self._worker).name
-        )
+        # Also a sibling whose socket went with it (Python 3.13's asyncio removes a Unix server's
+        # socket file when it closes) but whose counts a scrape merged before.
+        found = [*self._folder.glob("metrics-*.sock"), *self._folder.glob("metrics-*.seen")]
+        siblings = sorted({int(p.stem.removeprefix("metrics-")) for p in found} - {self._worker})
         texts = await asyncio.gather(*(self._read(worker) for worker in siblings))
         live: list[tuple[int, bytes]] = [(self._worker, self._own())]
         live += [(worker, text) for worker, text in zip(siblings, texts, strict=True) if text is not None]

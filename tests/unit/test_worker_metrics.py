@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferd.metrics import Metrics
-from inferd.worker_metrics import WorkerMetrics, cumulative, merge
+from inferd.worker_metrics import WorkerMetrics, cumulative, merge, socket_path
 
 
 def _table(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -115,6 +115,25 @@ def test_counters_never_go_back_when_a_worker_stops_answering_or_is_replaced(tmp
             assert _table(merged)[("inferd_worker_requests_total", worker_1)] == 5 + 2
         await first.close()
         await successor.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_whose_socket_file_went_with_it_is_merged_from_its_last_counts(tmp_path: Path) -> None:
+    # Python 3.13's asyncio removes a Unix server's socket file when it closes: the stopped
+    # worker was no longer found, and its counts left /metrics until a successor started.
+    async def main() -> None:
+        first = WorkerMetrics(tmp_path, 0, lambda: _worker(3, 0, 0.001))
+        second = WorkerMetrics(tmp_path, 1, lambda: _worker(5, 0, 0.001))
+        await first.serve()
+        await second.serve()
+        assert _requests(await first.exposition()) == 8
+        await second.close()
+        socket_path(tmp_path, 1).unlink(missing_ok=True)
+        merged = await first.exposition()
+        assert _requests(merged) == 8
+        assert _table(merged)[("inferd_workers_scraped", frozenset())] == 1
+        await first.close()
 
     asyncio.run(main())
 
