@@ -36,6 +36,7 @@ class Authority:
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
             )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         self.cert = folder / f"{name}.pem"
@@ -45,8 +46,15 @@ class Authority:
         """A certificate for a server (127.0.0.1 and localhost) or a client, signed by this CA."""
         key = ec.generate_private_key(ec.SECP256R1())
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = _builder(_name(common_name), self._cert.subject, key.public_key()).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
+        # The key identifiers: Python 3.13's clients (VERIFY_X509_STRICT) refuse a certificate
+        # without its issuer's, as RFC 5280 4.2.1.1 asks.
+        builder = (
+            _builder(_name(common_name), self._cert.subject, key.public_key())
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
         )
         if server:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
