@@ -20,11 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import logging
-import os
-import pickle
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +30,7 @@ from inferd.config import BatchingParameters, ModelConfig, ModelSettings
 from inferd.errors import ConfigError, InvalidArgument, ModelLoadError, NotFound, Unavailable
 from inferd.manager import ModelManager
 from inferd.repository import ModelPlan, Repository
+from inferd.shared_state import SharedState
 from inferd.types import ModelRef, VersionState
 
 log = logging.getLogger(__name__)
@@ -110,108 +107,8 @@ class AdminState:
         )
 
 
-ADMIN_SYNC_TIMEOUT_S = 120.0
-"""How long an admin call waits for the other workers to apply it before it answers anyway."""
-
-
-class AdminStateFile:
-    """The ``AdminState`` shared by the workers of one server, in ``folder`` (private to them):
-    ``admin-state`` (the state, replaced whole by a rename), ``admin-state.lock`` (held by the
-    worker making an admin call, so calls through different workers apply one after another), and
-    ``applied-<worker>`` (``pid generation``: what each worker has applied).
-
-    ``worker`` names this worker's file. Methods block briefly on the file system (small files).
-    """
-
-    def __init__(self, folder: Path, worker: int) -> None:
-        self._path = folder / "admin-state"
-        self._lock_path = folder / "admin-state.lock"
-        self._applied = folder / f"applied-{worker}"
-        self._folder = folder
-        self._seen: tuple[int, int] | None = None  # (inode, mtime_ns) of the last state read
-
-    @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[AdminState]:
-        """Hold the lock across workers; yields the state published last."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            while True:  # polled, not blocking a thread: a cancelled call leaves nothing waiting
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.01)
-            yield self.read() or AdminState()
-        finally:
-            os.close(fd)  # releases the lock
-
-    def read(self) -> AdminState | None:
-        """The state published last (None: none yet)."""
-        try:
-            with self._path.open("rb") as file:
-                stat = os.fstat(file.fileno())
-                state = pickle.load(file)
-        except FileNotFoundError:
-            return None
-        self._seen = (stat.st_ino, stat.st_mtime_ns)
-        assert isinstance(state, AdminState)
-        return state
-
-    def changed(self) -> AdminState | None:
-        """The state published last if it was published since the last ``read``, else None."""
-        try:
-            stat = self._path.stat()
-        except FileNotFoundError:
-            return None
-        if (stat.st_ino, stat.st_mtime_ns) == self._seen:
-            return None
-        return self.read()
-
-    def publish(self, state: AdminState) -> None:
-        """Replace the published state with ``state`` (call holding ``locked``)."""
-        self._replace(self._path, pickle.dumps(state))
-
-    def acknowledge(self, generation: int) -> None:
-        """Record that this worker has applied ``generation``."""
-        self._replace(self._applied, f"{os.getpid()} {generation}".encode())
-
-    async def wait_applied(self, generation: int, timeout_s: float = ADMIN_SYNC_TIMEOUT_S) -> None:
-        """Wait until every live worker has applied ``generation`` (a worker that died is skipped:
-        its successor applies the state when it starts), at most ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while (behind := self._behind(generation)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if behind:
-            log.warning(
-                "admin change %d: workers %s had not applied it after %.0f s", generation, behind, timeout_s
-            )
-
-    def _behind(self, generation: int) -> list[str]:
-        behind = []
-        for path in self._folder.glob("applied-*"):
-            try:
-                pid, applied = map(int, path.read_text().split())
-            except (OSError, ValueError):
-                continue
-            if applied < generation and _alive(pid):
-                behind.append(path.name.removeprefix("applied-"))
-        return behind
-
-    @staticmethod
-    def _replace(path: Path, data: bytes) -> None:
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_bytes(data)
-        partial.replace(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+AdminStateFile = SharedState[AdminState]
+"""The ``AdminState`` shared by the workers of one server (``shared_state``)."""
 
 
 class ModelControl:
@@ -500,7 +397,8 @@ class ModelControl:
                 yield self._state.copy()
             return
         # The workers' lock first: waiting for it, this worker still follows the others' calls.
-        async with self._shared.locked() as latest, self._lock:
+        async with self._shared.locked() as published, self._lock:
+            latest = published or AdminState()
             if latest.generation > self._state.generation:
                 await self._adopt(latest)  # start from what the other workers serve
             yield self._state.copy()

@@ -32,19 +32,27 @@ With ``--rollout_state_dir``, each rollout's state is written (atomically) to
 a request: a rollout that was ``running`` resumes at its step or rolls back, as its
 ``on_restart`` says; a paused one stays paused at its step; a rolled-back one keeps the baseline's
 100%, a finished one its label.
+
+Under ``--workers N`` the workers share the rollouts (``Rollouts``' ``shared``): a command through
+any worker holds in all of them when it answers, one worker runs the steps and reads the guards
+over every worker's requests, and another takes the steps over if that one dies (the step it was
+in starts again). The first worker to start reads the state folder back, for all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import fcntl
 import itertools
 import json
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +73,7 @@ from inferd.errors import (
 from inferd.manager import ModelManager
 from inferd.metrics import LATENCY_BUCKETS_S, Metrics
 from inferd.servable import Servable
+from inferd.shared_state import SharedState
 from inferd.types import ModelRef
 
 log = logging.getLogger(__name__)
@@ -75,11 +84,6 @@ _GUARD = re.compile(
 METRICS = ("error_rate", "p99_ms", "agreement")
 ON_RESTART = ("resume", "rollback")
 ACTIONS = ("start", "status", "pause", "resume", "promote", "abort")
-ONE_PROCESS_ONLY = (
-    "rollouts run inside one process, and this server's processes share their admin state "
-    "(--workers, inferd ray serve): start the rollout on an inferd serve with --workers 1"
-)
-"""The refusal of a rollout route where processes share the admin state (``--workers``, Ray)."""
 """What ``Rollouts.command`` does: the admin routes' and the dashboard's last path segment."""
 _NEEDS = {
     "pause": ("running",),
@@ -91,6 +95,9 @@ _NEEDS = {
 
 Agreement = Callable[[str, int, int], tuple[int, int]]
 """(model, baseline, canary) -> (agreeing rows, rows compared) so far."""
+
+Readings = Callable[["RolloutState"], Awaitable[dict[str, Any]]]
+"""A rollout -> the counts its guards read, as ``Rollouts._local_readings`` returns them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,15 +173,42 @@ class RolloutState:
         log.info("rollout of model %s to version %d: %s %s", self.model, self.canary, event, detail or "")
 
 
+@dataclass(slots=True)
+class RolloutBook:
+    """Every model's last rollout, and the readings its running step started from: what one
+    process keeps, or what the workers of ``--workers N`` share (``shared_state``)."""
+
+    generation: int = 0
+    """Counts the changes (0: none yet)."""
+    states: dict[str, RolloutState] = field(default_factory=dict)
+    before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restored: bool = False
+    """The state folder was read back (by the first worker to start)."""
+
+
+class _Superseded(Exception):
+    """A step loop's rollout was changed by someone else (an operator, another worker)."""
+
+
 class Rollouts(Collector):
     """Runs rollouts, at most one per model. Event loop thread only. Exports
     ``inferd_rollout_canary_percent{model,baseline,canary,state}``: the canary's share now.
+
+    Every change (a command, a step, a guard's verdict) is made to the latest ``RolloutBook``
+    under a lock and then applied: the split and labels each state implies are set in this
+    process's manager. With ``shared`` (``--workers N``) the book is published to the workers'
+    private folder, every worker applies it (``follow``), and a change answers once all have; one
+    worker at a time, the driver (the holder of a lock file; another takes over if it dies), runs
+    the step loops, and reads the guards' metrics over every worker (``readings``).
 
     Args:
         manager: whose split and labels are moved.
         metrics: where per-version request counts and times are read.
         agreement: the shadow's agreement counts; None when no shadow is wired.
         state_dir: where states are written and read back; None keeps them in memory only.
+        shared: the book the workers share; None: this process's own.
+        readings: the requests and agreement counts a rollout's guards read (see
+            ``_local_readings``); None: this process's own.
     """
 
     def __init__(
@@ -183,14 +217,21 @@ class Rollouts(Collector):
         metrics: Metrics,
         agreement: Agreement | None = None,
         state_dir: Path | None = None,
+        shared: SharedState[RolloutBook] | None = None,
+        readings: Readings | None = None,
     ) -> None:
         self._manager = manager
         self._metrics = metrics
         self._agreement = agreement
         self._state_dir = state_dir
-        self._states: dict[str, RolloutState] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._before: dict[str, dict[str, Any]] = {}  # per model, the readings its step started at
+        self._shared = shared
+        self._readings = readings or self._local_readings
+        self._book = RolloutBook()  # the one applied here
+        self._lock = asyncio.Lock()  # held while changing the book
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # the driver's step loops, by model
+        self._mine: dict[str, RolloutState] = {}  # each loop's state as it last left it
+        self._driving = shared is None
+        self._driver_lock: int | None = None  # the open lock file, when shared
         metrics.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
@@ -199,18 +240,24 @@ class Rollouts(Collector):
             "The canary's share of a model's split now (100 once done, 0 once rolled back)",
             labels=["model", "baseline", "canary", "state"],
         )
-        for state in list(self._states.values()):
+        for state in list(self._book.states.values()):
             percent = {"done": 100.0, "rolled_back": 0.0}.get(state.state, state.steps[state.step])
             share.add_metric([state.model, str(state.baseline), str(state.canary), state.state], percent)
         yield share
 
     async def close(self) -> None:
-        """Stop the running rollouts where they are (their state file says ``running``)."""
-        for task in self._tasks.values():
+        """Stop the running rollouts where they are (their state says ``running``), and hand the
+        driving to another worker."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._driver_lock is not None:
+            os.close(self._driver_lock)
+            self._driver_lock = None
+            self._driving = False
 
-    def status(self, model: str) -> dict[str, Any]:
+    async def status(self, model: str) -> dict[str, Any]:
         """The model's last rollout as a JSON-able dict: its state (see ``RolloutState``), plus
         ``weights`` (version -> percent of the unnamed requests now; empty when unsplit) and
         ``current`` (while running: the guards' metrics over the step so far, as ``checked``).
@@ -218,16 +265,15 @@ class Rollouts(Collector):
         Raises:
             NotFound: the model never had a rollout.
         """
-        state = self._states.get(model)
+        state = self._book.states.get(model)
         if state is None:
             raise NotFound(f"model {model} has no rollout")
+        before = self._book.before.get(model)
+        current = await self._values(state, before) if state.state == "running" and before else {}
         split = self._manager.split(model)
-        before = self._before.get(model)
-        current = self._values(state, before) if state.state == "running" and before else {}
-        weights = split.percents() if split else {}
-        return {**asdict(state), "weights": weights, "current": current}
+        return {**asdict(state), "weights": split.percents() if split else {}, "current": current}
 
-    def command(self, model: str, action: str, body: bytes) -> dict[str, Any]:
+    async def command(self, model: str, action: str, body: bytes) -> dict[str, Any]:
         """Do ``action`` (one of ``ACTIONS``) on model ``model``'s rollout, as the admin routes and
         the dashboard ask; the answer is its ``status`` afterwards. ``start`` reads ``body``, a
         JSON object (see ``start``); the others ignore it.
@@ -244,55 +290,36 @@ class Rollouts(Collector):
                 raise InvalidArgument(f"the body is not valid JSON: {exc}") from None
             if not isinstance(document, dict):
                 raise InvalidArgument("the body must be a JSON object")
-            self.start(model, document)
+            await self.start(model, document)
         elif action in _NEEDS:
-            state = self._states.get(model)
-            if state is None:
-                raise NotFound(f"model {model} has no rollout")
-            if state.state not in _NEEDS[action]:
-                raise InvalidArgument(
-                    f"the rollout of model {model} is {state.state}; "
-                    f"{action} needs one that is {' or '.join(_NEEDS[action])}"
-                )
-            {"pause": self._pause, "resume": self._resume, "promote": self._promote, "abort": self._abort}[
-                action
-            ](state)
+            async with self._editing() as book:
+                state = book.states.get(model)
+                if state is None:
+                    raise NotFound(f"model {model} has no rollout")
+                if state.state not in _NEEDS[action]:
+                    raise InvalidArgument(
+                        f"the rollout of model {model} is {state.state}; "
+                        f"{action} needs one that is {' or '.join(_NEEDS[action])}"
+                    )
+                if action == "pause":
+                    state.state = "paused"
+                    state.note("paused", step=state.step, percent=state.steps[state.step])
+                elif action == "resume":
+                    state.state = "running"
+                    state.note("resumed", step=state.step)
+                elif action == "promote":
+                    self._manager.move_label(state.model, state.label, state.canary)  # raises first
+                    state.state = "done"
+                    state.note("promoted", step=state.step)
+                    state.note("done", label=state.label, version=state.canary)
+                else:
+                    state.state = "rolled_back"
+                    state.note("rolled back", step=state.step, failed=["aborted by an operator"])
         elif action != "status":
             raise InvalidArgument(f"rollout action {action!r}: expected one of {list(ACTIONS)}")
-        return self.status(model)
+        return await self.status(model)
 
-    def _stop_task(self, model: str) -> None:
-        """Cancel the model's step loop, which is waiting for its step to end (nothing of its own
-        runs after the cancel: the caller sets the state)."""
-        task = self._tasks.pop(model, None)
-        if task is not None:
-            task.cancel()
-
-    def _pause(self, state: RolloutState) -> None:
-        self._stop_task(state.model)
-        state.state = "paused"
-        state.note("paused", step=state.step, percent=state.steps[state.step])
-        self._save(state)
-
-    def _resume(self, state: RolloutState) -> None:
-        state.state = "running"
-        state.note("resumed", step=state.step)
-        self._launch(state)
-
-    def _promote(self, state: RolloutState) -> None:
-        self._manager.move_label(state.model, state.label, state.canary)  # raises before any change
-        self._stop_task(state.model)
-        state.note("promoted", step=state.step)
-        self._finish(state)
-
-    def _abort(self, state: RolloutState) -> None:
-        self._stop_task(state.model)
-        self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-        state.state = "rolled_back"
-        state.note("rolled back", step=state.step, failed=["aborted by an operator"])
-        self._save(state)
-
-    def start(self, model: str, document: dict[str, Any]) -> dict[str, Any]:
+    async def start(self, model: str, document: dict[str, Any]) -> dict[str, Any]:
         """Start a rollout from a request body: ``to`` (version), ``label`` (default ``stable``:
         the baseline is where it points), ``steps`` (percents, increasing, last 100), ``step_s``,
         ``guards`` (strings), ``on_restart`` (``rollback`` or ``resume``), ``min_requests``
@@ -302,24 +329,12 @@ class Rollouts(Collector):
             InvalidArgument: a bad field (named), or a rollout of the model is already running.
             NotFound: the label or the canary version is not available.
         """
-        running = self._tasks.get(model)
-        previous = self._states.get(model)
-        if (running is not None and not running.done()) or (previous and previous.state == "paused"):
-            raise InvalidArgument(
-                f"a rollout of model {model} is already {'paused' if running is None else 'running'}; "
-                "see its status, or abort it first"
-            )
         canary = document.get("to")
         if isinstance(canary, bool) or not isinstance(canary, int):
             raise InvalidArgument(f"'to' must be a version number, got {canary!r}")
         label = document.get("label", "stable")
         if not isinstance(label, str):
             raise InvalidArgument(f"'label' must be a string, got {label!r}")
-        baseline = self._manager.labels(model).get(label)
-        if baseline is None:
-            raise NotFound(f"model {model} has no label {label!r} to roll out from")
-        if baseline == canary:
-            raise InvalidArgument(f"label {label!r} already points to version {canary}")
         steps = document.get("steps", [1, 5, 25, 50, 100])
         if (
             not isinstance(steps, list)
@@ -344,135 +359,273 @@ class Rollouts(Collector):
         min_requests = document.get("min_requests", 0)
         if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 0:
             raise InvalidArgument(f"'min_requests' must be a whole number >= 0, got {min_requests!r}")
-        with self._manager.lease(ModelRef(model, version=canary)):
-            pass  # raises NotFound unless the canary is AVAILABLE
-        percents = [float(p) for p in steps]
-        state = RolloutState(
-            model,
-            baseline,
-            canary,
-            label,
-            percents,
-            float(step_s),
-            [str(g) for g in parsed],
-            on_restart,
-            min_requests,
-        )
-        if previous is not None:  # what the earlier finished rollouts moved, for a restart
-            state.moved = dict(previous.moved)
-            if previous.state == "done":
-                state.moved[previous.label] = previous.canary
-        state.note(
-            "started", steps=state.steps, step_s=state.step_s, guards=state.guards, min_requests=min_requests
-        )
-        self._launch(state)
+        async with self._editing() as book:
+            previous = book.states.get(model)
+            if previous is not None and previous.state in ("running", "paused"):
+                raise InvalidArgument(
+                    f"a rollout of model {model} is already {previous.state}; "
+                    "see its status, or abort it first"
+                )
+            baseline = self._manager.labels(model).get(label)
+            if baseline is None:
+                raise NotFound(f"model {model} has no label {label!r} to roll out from")
+            if baseline == canary:
+                raise InvalidArgument(f"label {label!r} already points to version {canary}")
+            with self._manager.lease(ModelRef(model, version=canary)):
+                pass  # raises NotFound unless the canary is AVAILABLE
+            state = RolloutState(
+                model,
+                baseline,
+                canary,
+                label,
+                [float(p) for p in steps],
+                float(step_s),
+                [str(g) for g in parsed],
+                on_restart,
+                min_requests,
+            )
+            if previous is not None:  # what the earlier finished rollouts moved, for a restart
+                state.moved = dict(previous.moved)
+                if previous.state == "done":
+                    state.moved[previous.label] = previous.canary
+            state.note(
+                "started",
+                steps=state.steps,
+                step_s=state.step_s,
+                guards=state.guards,
+                min_requests=min_requests,
+            )
+            book.states[model] = state
+            book.before.pop(model, None)  # another rollout's step
         return asdict(state)
 
-    def restore(self) -> None:
-        """Read the states of ``state_dir`` back (before serving): see the module docstring. A
-        state that cannot be applied (its canary is gone) is logged and left out; never raises."""
-        if self._state_dir is None or not self._state_dir.is_dir():
+    async def restore(self) -> None:
+        """Take the rollouts in force (before serving): with ``shared``, those the workers apply;
+        the first to start reads the state folder back (see the module docstring), as one process
+        does. A state that cannot be applied (its canary is gone) is logged and left out; never
+        raises but for the file system."""
+        if self._shared is not None and (published := self._shared.read()) is not None and published.restored:
+            self._adopt(published)
+            self._shared.acknowledge(published.generation)
             return
+        async with self._editing() as book:
+            if book.restored:
+                return
+            book.restored = True
+            for state in self._read_states():
+                try:
+                    self._restored(state)
+                except Exception as exc:  # e.g. the canary is gone: the server serves as configured
+                    log.error("cannot restore the rollout of model %s: %s", state.model, exc)
+                    continue
+                book.states[state.model] = state
+
+    def follow(self) -> None:
+        """Apply the changes other workers published; take over the driving when the driver has
+        gone, unless this worker is stopping too (a step would start again only to end). The step
+        of the poll that keeps workers in step (nothing without ``shared``)."""
+        if self._shared is None:
+            return
+        book = self._shared.changed()
+        if book is not None and book.generation > self._book.generation:
+            self._adopt(book)
+            self._shared.acknowledge(book.generation)
+        if not self._driving and not self._manager.draining and self._try_driving():
+            log.info("this worker now runs the rollouts' steps")
+            self._drive()
+
+    def _read_states(self) -> list[RolloutState]:
+        if self._state_dir is None or not self._state_dir.is_dir():
+            return []
+        states = []
         for path in sorted(self._state_dir.glob("*.rollout.json")):
             try:
                 state = RolloutState(**json.loads(path.read_text()))
             except (OSError, ValueError, TypeError) as exc:
                 log.error("cannot read rollout state %s: %s", path, exc)
                 continue
-            if state.model not in self._manager.names():
-                continue
-            self._states[state.model] = state
-            try:
-                self._restore(state)
-            except Exception as exc:  # e.g. the canary is gone: the server serves as configured
-                self._states.pop(state.model, None)
-                log.error("cannot restore the rollout of model %s from %s: %s", state.model, path, exc)
+            if state.model in self._manager.names():
+                states.append(state)
+        return states
 
-    def _restore(self, state: RolloutState) -> None:
-        for label, version in state.moved.items():
-            try:
-                self._manager.move_label(state.model, label, version)
-            except InferdError as exc:  # that version is gone: the label stays as configured
-                log.error(
-                    "model %s: label %r cannot move back to version %d: %s", state.model, label, version, exc
-                )
-        if state.state == "done":
-            self._finish(state, note=False)
-        elif state.state == "paused":
-            self._apply(state)  # held where it was paused, until resumed
-        elif state.state == "rolled_back" or state.on_restart == "rollback":
-            if state.state == "running":
-                state.state = "rolled_back"
-                state.note("rolled back at restart", step=state.step)
-            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-            self._save(state)
-        else:
+    def _restored(self, state: RolloutState) -> None:
+        """Apply a state read back at a restart, ending a running one as its ``on_restart`` says.
+
+        Raises:
+            InferdError: it cannot be applied.
+        """
+        if state.state == "running" and state.on_restart == "rollback":
+            state.state = "rolled_back"
+            state.note("rolled back at restart", step=state.step)
+        elif state.state == "running":
             state.note("resumed at restart", step=state.step)
-            self._launch(state)
+        self._apply(state, first=True)
 
-    def _launch(self, state: RolloutState) -> None:
-        self._states[state.model] = state
-        self._before.pop(state.model, None)  # another step's readings: its task takes its own
-        self._apply(state)
-        self._save(state)
-        self._tasks[state.model] = asyncio.get_running_loop().create_task(self._run(state))
+    def _try_driving(self) -> bool:
+        assert self._shared is not None
+        if self._driver_lock is None:
+            self._driver_lock = os.open(
+                self._shared.folder / "rollouts.driver", os.O_RDWR | os.O_CREAT, 0o600
+            )
+        try:
+            fcntl.flock(self._driver_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._driving = True
+        return True
 
-    def _apply(self, state: RolloutState) -> None:
-        percent = state.steps[state.step]
-        self._manager.set_traffic(
-            state.model, {str(state.baseline): 100.0 - percent, str(state.canary): percent}
-        )
+    @contextlib.asynccontextmanager
+    async def _editing(self) -> AsyncIterator[RolloutBook]:
+        """The latest book, to change; on a clean exit it is published, applied here and saved,
+        and (when shared) waited for in every worker. An exception leaves everything as it was."""
+        async with self._lock:
+            if self._shared is None:
+                book = copy.deepcopy(self._book)
+                yield book
+                book.generation += 1
+                self._commit(book)
+                return
+            async with self._shared.locked() as published:
+                book = published or RolloutBook()
+                yield book
+                book.generation += 1
+                self._shared.publish(book)
+                self._commit(book)
+        self._shared.acknowledge(book.generation)
+        await self._shared.wait_applied(book.generation)
 
-    async def _run(self, state: RolloutState) -> None:
-        guards = [Guard.parse(g) for g in state.guards]
+    def _commit(self, book: RolloutBook) -> None:
+        """Apply ``book`` and write the states it changed to the state folder."""
+        before = self._book
+        self._adopt(book)
+        for model, state in book.states.items():
+            if before.states.get(model) != state:
+                self._save(state)
+
+    def _adopt(self, book: RolloutBook) -> None:
+        """Make ``book`` the one in force here: set the split and labels of each state that
+        changed (an error is logged: the model may be gone); the driver starts and stops its
+        step loops to match."""
+        old, self._book = self._book, book
+        for model, state in book.states.items():
+            if old.states.get(model) != state:
+                try:
+                    self._apply(state, first=model not in old.states)
+                except InferdError as exc:
+                    log.error("rollout of model %s: cannot apply its %s state: %s", model, state.state, exc)
+        if self._driving:
+            self._drive()
+
+    def _apply(self, state: RolloutState, first: bool = False) -> None:
+        """Set the split (and at the end the label) ``state`` implies; ``first``: also move the
+        labels its model's earlier rollouts moved (a process starting).
+
+        Raises:
+            InferdError: a version or the model is gone.
+        """
+        if first:
+            for label, version in state.moved.items():
+                try:
+                    self._manager.move_label(state.model, label, version)
+                except InferdError as exc:  # that version is gone: the label stays as configured
+                    log.error(
+                        "model %s: label %r cannot move back to version %d: %s",
+                        state.model,
+                        label,
+                        version,
+                        exc,
+                    )
+        if state.state == "done":
+            self._manager.move_label(state.model, state.label, state.canary)
+            self._manager.set_traffic(state.model, None)
+        elif state.state == "rolled_back":
+            self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
+        else:
+            percent = state.steps[state.step]
+            self._manager.set_traffic(
+                state.model, {str(state.baseline): 100.0 - percent, str(state.canary): percent}
+            )
+
+    def _drive(self) -> None:
+        """Run a step loop for each running rollout, and none for the others (the driver's)."""
+        for model, state in self._book.states.items():
+            task = self._tasks.get(model)
+            if task is asyncio.current_task():
+                continue  # a loop applying its own change
+            if task is not None and task.done():
+                task = None
+            if state.state != "running":
+                if task is not None:
+                    task.cancel()
+            elif task is None or self._mine.get(model) != state:
+                if task is not None:
+                    task.cancel()
+                self._mine[model] = copy.deepcopy(state)
+                self._tasks[model] = asyncio.get_running_loop().create_task(self._run(model))
+
+    @contextlib.asynccontextmanager
+    async def _stepping(self, model: str) -> AsyncIterator[tuple[RolloutBook, RolloutState]]:
+        """A step loop's change to its rollout, as ``_editing``.
+
+        Raises:
+            _Superseded: someone else changed the rollout since the loop last did.
+        """
+        async with self._editing() as book:
+            state = book.states.get(model)
+            if state is None or state != self._mine.get(model):
+                raise _Superseded
+            yield book, state
+            self._mine[model] = copy.deepcopy(state)
+
+    async def _run(self, model: str) -> None:
         try:
             while True:
-                self._apply(state)
-                state.note("step", step=state.step, percent=state.steps[state.step])
-                self._save(state)
-                before = self._before[state.model] = self._readings(state)
+                before = await self._readings(self._mine[model])
+                async with self._stepping(model) as (book, state):
+                    self._apply(state)  # raises when the model is gone
+                    state.note("step", step=state.step, percent=state.steps[state.step])
+                    book.before[model] = before
                 await asyncio.sleep(state.step_s)
-                await self._until_answered(state, before)
-                failed = self._check(state, guards, before)
-                if failed:
-                    self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-                    state.state = "rolled_back"
-                    state.note("rolled back", step=state.step, failed=failed)
-                    self._save(state)
+                await self._until_answered(model, before)
+                values = await self._values(state, before)
+                async with self._stepping(model) as (book, state):
+                    state.checked = values
+                    failed = _failed([Guard.parse(g) for g in state.guards], values)
+                    if failed:
+                        state.state = "rolled_back"
+                        state.note("rolled back", step=state.step, failed=failed)
+                    elif state.step + 1 == len(state.steps):
+                        state.state = "done"
+                        state.note("done", label=state.label, version=state.canary)
+                    else:
+                        state.step += 1
+                if state.state != "running":
                     return
-                if state.step + 1 == len(state.steps):
-                    self._finish(state)
-                    return
-                state.step += 1
+        except _Superseded:
+            return
         except Exception:
-            log.exception("rollout of model %s failed; rolling back", state.model)
-            with contextlib.suppress(NotFound):  # the model was unloaded: it has no split to set
-                self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
-            state.state = "rolled_back"
-            state.note("rolled back", step=state.step, failed=["internal error; see the log"])
-            self._save(state)
+            log.exception("rollout of model %s failed; rolling back", model)
+            with contextlib.suppress(_Superseded):
+                async with self._stepping(model) as (_, state):
+                    state.state = "rolled_back"
+                    state.note("rolled back", step=state.step, failed=["internal error; see the log"])
 
-    async def _until_answered(self, state: RolloutState, before: dict[str, Any]) -> None:
+    async def _until_answered(self, model: str, before: dict[str, Any]) -> None:
         """Wait, ``step_s`` at a time, until the canary answered ``min_requests`` requests since
         the ``before`` readings; noted once per step when it has to wait."""
-        answered = self._readings(state)["canary"][0] - before["canary"][0]
+        state = self._mine[model]
+        answered = (await self._readings(state))["canary"][0] - before["canary"][0]
         if answered >= state.min_requests:
             return
-        state.note("waiting for requests", step=state.step, answered=answered, needed=state.min_requests)
-        self._save(state)
+        async with self._stepping(model) as (_, state):
+            state.note("waiting for requests", step=state.step, answered=answered, needed=state.min_requests)
         while answered < state.min_requests:
             await asyncio.sleep(state.step_s)
-            answered = self._readings(state)["canary"][0] - before["canary"][0]
+            answered = (await self._readings(state))["canary"][0] - before["canary"][0]
 
-    def _finish(self, state: RolloutState, note: bool = True) -> None:
-        self._manager.move_label(state.model, state.label, state.canary)
-        self._manager.set_traffic(state.model, None)
-        state.state = "done"
-        if note:
-            state.note("done", label=state.label, version=state.canary)
-        self._save(state)
-
-    def _readings(self, state: RolloutState) -> dict[str, Any]:
+    async def _local_readings(self, state: RolloutState) -> dict[str, Any]:
+        """``canary`` and ``baseline``: (requests, failed, latency bucket counts) of each version;
+        ``agreement``: (agreeing rows, rows compared) of the shadow; this process's counts."""
         name = state.model
         return {
             "canary": self._metrics.requests_of(name, str(state.canary)),
@@ -480,22 +633,12 @@ class Rollouts(Collector):
             "agreement": self._agreement(name, state.baseline, state.canary) if self._agreement else (0, 0),
         }
 
-    def _check(self, state: RolloutState, guards: Sequence[Guard], before: dict[str, Any]) -> list[str]:
-        """The guards that failed over the step that just ended, each with its reading; the
-        step's metrics are kept in ``state.checked``."""
-        metrics = state.checked = self._values(state, before)
-        failed_guards = []
-        for guard in guards:
-            canary, baseline = metrics[guard.metric]["canary"], metrics[guard.metric]["baseline"]
-            if not guard.holds(canary, baseline):
-                reading = f"{guard}: canary {canary:.4g}"
-                failed_guards.append(reading + (f", baseline {baseline:.4g}" if baseline is not None else ""))
-        return failed_guards
-
-    def _values(self, state: RolloutState, before: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    async def _values(
+        self, state: RolloutState, before: dict[str, Any]
+    ) -> dict[str, dict[str, float | None]]:
         """Each guard metric of canary and baseline from the readings ``before`` until now
         (None: no observation)."""
-        after = self._readings(state)
+        after = await self._readings(state)
         values: dict[str, dict[str, float | None]] = {"canary": {}, "baseline": {}}
         for side in ("canary", "baseline"):
             total_n, failed_n = after[side][0] - before[side][0], after[side][1] - before[side][1]
@@ -514,11 +657,22 @@ class Rollouts(Collector):
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True)
             path = self._state_dir / f"{state.model}.rollout.json"
-            staging = path.with_name(f".{path.name}.tmp")
+            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             staging.write_text(json.dumps(asdict(state), indent=1))
             staging.replace(path)
         except OSError as exc:
             log.error("cannot write the rollout state of model %s: %s", state.model, exc)
+
+
+def _failed(guards: Sequence[Guard], values: dict[str, dict[str, float | None]]) -> list[str]:
+    """The guards that ``values`` (a step's metrics) fail, each with its reading."""
+    failed = []
+    for guard in guards:
+        canary, baseline = values[guard.metric]["canary"], values[guard.metric]["baseline"]
+        if not guard.holds(canary, baseline):
+            reading = f"{guard}: canary {canary:.4g}"
+            failed.append(reading + (f", baseline {baseline:.4g}" if baseline is not None else ""))
+    return failed
 
 
 class RolloutClient:

@@ -39,7 +39,7 @@ from inferd.config import (
     read_batching_parameters_file,
     read_monitoring_config_file,
 )
-from inferd.control import AdminStateFile, ModelControl
+from inferd.control import AdminState, ModelControl
 from inferd.dashboard import Dashboard, is_admin, is_public
 from inferd.errors import (
     ConfigError,
@@ -69,14 +69,15 @@ from inferd.protocols.limits import HELD, InflightBytes, RequestLimits, Reservat
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
 from inferd.repository import Repository
 from inferd.residency import MemoryBudget, ResidencyCollector, parse_budgets
-from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
+from inferd.rollout import RolloutBook, Rollouts, RolloutState
 from inferd.servable import Servable, ServableFactory
 from inferd.service import InferenceService
 from inferd.shadow import ShadowMirror
+from inferd.shared_state import SharedState
 from inferd.threads import ThreadPool
 from inferd.tls import TlsSettings, abort_closed_connections, tls_settings
 from inferd.tracing import TRACEPARENT, Tracing
-from inferd.worker_metrics import WorkerMetrics
+from inferd.worker_metrics import WorkerMetrics, requests_in, shadow_rows_in
 
 if TYPE_CHECKING:
     import grpc
@@ -115,9 +116,9 @@ class HttpApp:
         metrics: Metrics,
         metrics_paths: set[str],
         inflight: InflightBytes,
+        rollouts: Rollouts,
         decode_pool: BodyDecoder | None = None,
         traced: bool = False,
-        rollouts: Rollouts | None = None,
         exposition: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self._service = service
@@ -364,18 +365,13 @@ async def _hang_up_on_disconnect(receive: Any, watch: RequestWatch) -> None:
 _ROLLOUT = re.compile(r"/v2/repository/models/([^/]+)/rollout(?:/([a-z]+))?")
 
 
-async def _rollout(
-    rollouts: Rollouts | None, method: str, model: str, action: str | None, body: bytes
-) -> Response:
+async def _rollout(rollouts: Rollouts, method: str, model: str, action: str | None, body: bytes) -> Response:
     """``POST .../rollout`` starts a rollout (body: see ``Rollouts.start``); ``POST
     .../rollout/ACTION`` does ``Rollouts.command``'s other actions (``status``, ``pause``,
-    ``resume``, ``promote``, ``abort``). Each answers the rollout's status. ``rollouts`` None:
-    under ``--workers``, where a rollout (one process's traffic split) is refused."""
-    if rollouts is None:
-        raise InvalidArgument(ONE_PROCESS_ONLY)
+    ``resume``, ``promote``, ``abort``). Each answers the rollout's status."""
     if method != "POST":
         raise InvalidArgument(f"{method} is not allowed on the rollout routes; they take POST")
-    return 200, dict(JSON_HEADERS), orjson.dumps(rollouts.command(model, action or "start", body))
+    return 200, dict(JSON_HEADERS), orjson.dumps(await rollouts.command(model, action or "start", body))
 
 
 _HEADER_LENGTH = v2_rest.HEADER_LENGTH.encode()
@@ -403,8 +399,6 @@ class Server:
         """``link``: this server is one of ``--workers N`` (see ``inferd.workers``)."""
         self.config = config
         self.link = link
-        if link is not None and config.rollout_state_dir:
-            raise ConfigError("--rollout_state_dir needs --workers 1: a rollout runs inside one process")
         if config.batching_parameters_file and not config.enable_batching:
             raise ConfigError("--batching_parameters_file needs --enable_batching")
         self.tls = tls_settings(config)
@@ -455,13 +449,22 @@ class Server:
             stats = shadows.stats(model, baseline, canary)
             return stats.agreeing, stats.rows
 
-        state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
-        self.rollouts = Rollouts(self.manager, self.metrics, agreement, state_dir)
-        shared = AdminStateFile(link.folder, link.number) if link is not None else None
-        self.control = ModelControl(self.repository, self.manager, shared)
         self.worker_metrics = (
             WorkerMetrics(link.folder, link.number, self.metrics.exposition) if link is not None else None
         )
+        state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
+        self.rollouts = Rollouts(
+            self.manager,
+            self.metrics,
+            agreement,
+            state_dir,
+            SharedState[RolloutBook](link.folder, "rollouts", link.number) if link is not None else None,
+            self._workers_readings if link is not None else None,
+        )
+        shared = (
+            SharedState[AdminState](link.folder, "admin-state", link.number) if link is not None else None
+        )
+        self.control = ModelControl(self.repository, self.manager, shared)
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
         self._exit_by = math.inf  # set by the drain: when unloading must be over
@@ -479,9 +482,9 @@ class Server:
             self.metrics,
             self.metrics_paths,
             self.inflight,
+            self.rollouts,
             self._decode_pool,
             traced=self.tracing is not None,
-            rollouts=self.rollouts if self.link is None else None,
             exposition=exposition
             or (self.worker_metrics.exposition if self.worker_metrics is not None else None),
         )
@@ -528,8 +531,19 @@ class Server:
             await asyncio.sleep(ADMIN_FOLLOW_S)
             try:
                 await self.control.follow()
+                self.rollouts.follow()
             except Exception:
                 log.exception("applying another worker's admin change failed; retrying")
+
+    async def _workers_readings(self, state: RolloutState) -> dict[str, Any]:
+        """The counts a rollout's guards read, over every worker (``Rollouts``'s ``readings``)."""
+        assert self.worker_metrics is not None
+        text = await self.worker_metrics.exposition()
+        return {
+            "canary": requests_in(text, state.model, str(state.canary)),
+            "baseline": requests_in(text, state.model, str(state.baseline)),
+            "agreement": shadow_rows_in(text, state.model, state.baseline, state.canary),
+        }
 
     def _poll_interval_s(self) -> float:
         periods = [
@@ -575,7 +589,7 @@ class Server:
                 # Versions are loaded once two scans agree on their content (see repository.py).
                 await asyncio.sleep(self.config.file_system_poll_wait_seconds)
                 await self.control.sync()
-            self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
+            await self.rollouts.restore()  # before the first request: a rollout resumes or rolls back
         except BaseException:
             rest_socket.close()
             raise

@@ -29,6 +29,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from inferd.metrics import LATENCY_BUCKETS_S
+
 log = logging.getLogger(__name__)
 
 SIBLING_TIMEOUT_S = 2.0
@@ -219,6 +221,44 @@ def merge(parts: list[tuple[int | str, bytes]], scraped: int | None = None) -> b
         f"inferd_workers_scraped {_number(float(len(parts) if scraped is None else scraped))}",
     ]
     return ("\n".join(out) + "\n").encode()
+
+
+def requests_in(text: bytes, model: str, version: str) -> tuple[int, int, list[int]]:
+    """What ``Metrics.requests_of`` counts of one version, read from an exposition (``merge``'s,
+    over every worker): requests, failed ones (status not OK), and the bucket counts of their
+    total time (``LATENCY_BUCKETS_S``, then past the last bound)."""
+    total = failed = 0
+    index = {repr(float(bound)): i for i, bound in enumerate(LATENCY_BUCKETS_S)}
+    index["+Inf"] = len(LATENCY_BUCKETS_S)
+    upto = [0.0] * (len(LATENCY_BUCKETS_S) + 1)  # cumulative counts, summed over protocols
+    for line in text.decode().split("\n"):
+        if not line.startswith(("inferd_requests_total{", "inferd_request_duration_seconds_bucket{")):
+            continue
+        key, _, value = line.rpartition(" ")
+        if _label(key, "model") != model or _label(key, "version") != version:
+            continue
+        if key.startswith("inferd_requests_total{"):
+            total += int(float(value))
+            failed += int(float(value)) if _label(key, "status") != "OK" else 0
+        elif _label(key, "stage") == "total" and (at := index.get(_label(key, "le"))) is not None:
+            upto[at] += float(value)
+    buckets = [int(b - a) for a, b in zip([0.0, *upto], upto, strict=False)]
+    return total, failed, buckets
+
+
+def shadow_rows_in(text: bytes, model: str, primary: int, shadow: int) -> tuple[int, int]:
+    """The rows on which shadow ``shadow`` agreed with ``primary``, and all rows compared, read
+    from an exposition (``inferd_shadow_rows_total``)."""
+    agreeing = rows = 0
+    for line in text.decode().split("\n"):
+        if not line.startswith("inferd_shadow_rows_total{"):
+            continue
+        key, _, value = line.rpartition(" ")
+        labels = (_label(key, "model"), _label(key, "primary"), _label(key, "shadow"))
+        if labels == (model, str(primary), str(shadow)):
+            rows += int(float(value))
+            agreeing += int(float(value)) if _label(key, "agree") == "true" else 0
+    return agreeing, rows
 
 
 def _write(path: Path, text: bytes) -> None:

@@ -145,15 +145,6 @@ def test_admin_calls_through_one_worker_hold_in_every_worker(server: ServerProce
     assert {rest_stable(server) for _ in range(30)} == {2.0}  # the moved label outlives the unload
 
 
-def test_rollout_routes_are_refused_with_the_reason_under_workers(server: ServerProcess) -> None:
-    body = {"to": 2, "steps": [50, 100], "step_s": 1}
-    for path in ("/v2/repository/models/affine/rollout", "/dashboard/api/models/affine/rollout"):
-        for action in ("", "/pause"):
-            answer = requests.post(f"{server.url}{path}{action}", json=body, headers=ADMIN, timeout=30)
-            assert answer.status_code == 400, (path, action, answer.text)
-            assert "--workers 1" in answer.json()["error"], answer.text
-
-
 def test_admin_calls_through_both_workers_at_once_all_hold(server: ServerProcess) -> None:
     wanted = {f"l{i}": 1 + i % 2 for i in range(6)}
     answers: list[int] = []

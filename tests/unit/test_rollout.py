@@ -74,28 +74,28 @@ def test_operator_actions_follow_the_state_and_a_paused_rollout_stays_paused_acr
         with ThreadPoolExecutor(2) as pool:
             manager, rollouts = await serve(pool)
             with pytest.raises(NotFound, match="model m has no rollout"):
-                rollouts.command("m", "pause", b"")
-            started = rollouts.command("m", "start", b'{"to": 2, "steps": [20, 100], "step_s": 600}')
+                await rollouts.command("m", "pause", b"")
+            started = await rollouts.command("m", "start", b'{"to": 2, "steps": [20, 100], "step_s": 600}')
             assert (started["state"], started["weights"]) == ("running", {"2": 20.0, "1": 80.0})
-            assert rollouts.command("m", "pause", b"")["state"] == "paused"
+            assert (await rollouts.command("m", "pause", b""))["state"] == "paused"
             with pytest.raises(InvalidArgument, match="already paused"):
-                rollouts.command("m", "start", b'{"to": 2}')
+                await rollouts.command("m", "start", b'{"to": 2}')
             await rollouts.close()
             await manager.close()
 
             manager, rollouts = await serve(pool)  # a restarted server
-            rollouts.restore()
-            state = rollouts.status("m")
+            await rollouts.restore()
+            state = await rollouts.status("m")
             assert (state["state"], state["step"], state["weights"]) == ("paused", 0, {"2": 20.0, "1": 80.0})
-            assert rollouts.command("m", "resume", b"")["state"] == "running"
+            assert (await rollouts.command("m", "resume", b""))["state"] == "running"
             with pytest.raises(InvalidArgument, match="is running; resume needs one that is paused"):
-                rollouts.command("m", "resume", b"")
-            aborted = rollouts.command("m", "abort", b"")
+                await rollouts.command("m", "resume", b"")
+            aborted = await rollouts.command("m", "abort", b"")
             assert (aborted["state"], aborted["weights"]) == ("rolled_back", {"1": 100.0})
             assert aborted["history"][-1]["failed"] == ["aborted by an operator"]
             assert manager.labels("m") == {"stable": 1}
             with pytest.raises(InvalidArgument, match="rollout action 'jump'"):
-                rollouts.command("m", "jump", b"")
+                await rollouts.command("m", "jump", b"")
             await rollouts.close()
             await manager.close()
 
@@ -109,18 +109,18 @@ def test_a_finished_rollout_whose_canary_is_gone_does_not_stop_a_restarted_serve
             manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
             await manager.apply([plan([1, 2], {"stable": 1})])
             rollouts = Rollouts(manager, Metrics(), None, tmp_path)
-            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
-            assert rollouts.command("m", "promote", b"")["state"] == "done"
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            assert (await rollouts.command("m", "promote", b""))["state"] == "done"
             await rollouts.close()
             await manager.close()
 
             manager = ModelManager(pool, FakeLoader())
             await manager.apply([plan([1], {"stable": 1})])  # version 2 was removed meanwhile
             rollouts = Rollouts(manager, Metrics(), None, tmp_path)
-            rollouts.restore()
+            await rollouts.restore()
             assert manager.labels("m") == {"stable": 1}
             with pytest.raises(NotFound, match="model m has no rollout"):
-                rollouts.status("m")
+                await rollouts.status("m")
             await rollouts.close()
             await manager.close()
 
@@ -140,18 +140,18 @@ def test_a_label_a_finished_rollout_moved_stays_moved_after_a_later_rollout_and_
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool:
             manager, rollouts = await serve(pool)
-            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
-            rollouts.command("m", "promote", b"")
-            rollouts.command("m", "start", b'{"to": 3, "steps": [10, 100], "step_s": 600}')
-            assert rollouts.command("m", "abort", b"")["weights"] == {"2": 100.0}
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            await rollouts.command("m", "promote", b"")
+            await rollouts.command("m", "start", b'{"to": 3, "steps": [10, 100], "step_s": 600}')
+            assert (await rollouts.command("m", "abort", b""))["weights"] == {"2": 100.0}
             assert manager.labels("m") == {"stable": 2}
             await rollouts.close()
             await manager.close()
 
             manager, rollouts = await serve(pool)  # a restarted server
-            rollouts.restore()
+            await rollouts.restore()
             assert manager.labels("m") == {"stable": 2}
-            assert rollouts.status("m")["weights"] == {"2": 100.0}
+            assert (await rollouts.status("m"))["weights"] == {"2": 100.0}
             await rollouts.close()
             await manager.close()
 
@@ -167,15 +167,15 @@ def test_a_new_rollout_shows_no_readings_of_the_step_of_the_one_before() -> None
             await manager.apply([plan([1, 2, 3], {"stable": 1})])
             metrics = Metrics()
             rollouts = Rollouts(manager, metrics)
-            rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [100], "step_s": 600}')
             await asyncio.sleep(0)  # its step starts: the readings it will be measured against
             for _ in range(5):
                 metrics.count_request("m", "2", "rest", "OK")
                 metrics.timer("m", "2", "rest").stages["total"].observe(0.003)
-            rollouts.command("m", "promote", b"")
-            assert (
-                rollouts.command("m", "start", b'{"to": 3, "steps": [100], "step_s": 600}')["current"] == {}
-            )
+            await rollouts.command("m", "promote", b"")
+            assert (await rollouts.command("m", "start", b'{"to": 3, "steps": [100], "step_s": 600}'))[
+                "current"
+            ] == {}
             await rollouts.close()
             await manager.close()
 
@@ -190,13 +190,13 @@ def test_a_rollout_whose_model_is_unloaded_ends_rolled_back() -> None:
             manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
             await manager.apply([plan([1, 2], {"stable": 1})])
             rollouts = Rollouts(manager, Metrics())
-            rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 0.01}')
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 0.01}')
             await manager.remove("m")
             for _ in range(500):
-                if rollouts.status("m")["state"] != "running":
+                if (await rollouts.status("m"))["state"] != "running":
                     break
                 await asyncio.sleep(0.01)
-            state = rollouts.status("m")
+            state = await rollouts.status("m")
             assert state["state"] == "rolled_back"
             assert state["history"][-1]["failed"] == ["internal error; see the log"]
             await rollouts.close()
@@ -217,9 +217,9 @@ def test_a_step_waits_for_min_requests_before_its_guards_are_checked() -> None:
             body = (
                 b'{"to": 2, "steps": [100], "step_s": 0.02, "guards": ["error_rate<=0.5"], "min_requests": 3}'
             )
-            rollouts.command("m", "start", body)
+            await rollouts.command("m", "start", body)
             await asyncio.sleep(0.2)  # ten steps' time without a request
-            state = rollouts.status("m")
+            state = await rollouts.status("m")
             assert state["state"] == "running"
             assert [e["event"] for e in state["history"]] == ["started", "step", "waiting for requests"]
             assert state["history"][-1]["answered"] == 0
@@ -227,10 +227,10 @@ def test_a_step_waits_for_min_requests_before_its_guards_are_checked() -> None:
             metrics.count_request("m", "2", "rest", "OK")
             metrics.count_request("m", "2", "rest", "INVALID_ARGUMENT")
             for _ in range(500):
-                if rollouts.status("m")["state"] != "running":
+                if (await rollouts.status("m"))["state"] != "running":
                     break
                 await asyncio.sleep(0.01)
-            state = rollouts.status("m")
+            state = await rollouts.status("m")
             assert state["state"] == "done"  # 1 failed of 3: within the guard
             assert state["checked"]["error_rate"]["canary"] == pytest.approx(1 / 3)
             await rollouts.close()
@@ -248,7 +248,7 @@ def test_min_requests_must_be_a_whole_number(value: str) -> None:
             rollouts = Rollouts(manager, Metrics())
             body = f'{{"to": 2, "min_requests": {value}}}'.encode()
             with pytest.raises(InvalidArgument, match="'min_requests' must be a whole number >= 0"):
-                rollouts.command("m", "start", body)
+                await rollouts.command("m", "start", body)
             await manager.close()
 
     asyncio.run(main())

@@ -8,7 +8,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferd.metrics import Metrics
-from inferd.worker_metrics import WorkerMetrics, cumulative, merge, socket_path
+from inferd.shadow import ShadowMirror
+from inferd.worker_metrics import WorkerMetrics, cumulative, merge, requests_in, shadow_rows_in, socket_path
 
 
 def _table(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -147,3 +148,39 @@ def test_cumulative_keeps_counters_and_histograms_with_their_headers_only() -> N
     assert "inferd_batcher_target_batch_size" not in families
     assert text.count("# TYPE inferd_requests_total counter") == 1
     assert text.count("# HELP inferd_requests_total ") == 1
+
+
+def test_a_versions_requests_read_from_merged_expositions_are_what_each_worker_counted() -> None:
+    # What a rollout's guards read under --workers: requests_of summed over the workers.
+    workers = [Metrics(), Metrics()]
+    for n, metrics in enumerate(workers):
+        for protocol, status, seconds in [
+            ("tfserving_rest", "OK", 0.0004),
+            ("v2_grpc", "NOT_FOUND", 0.03),
+        ] * (n + 2):
+            metrics.count_request("m", "2", protocol, status)
+            metrics.timer("m", "2", protocol).observe(*[seconds] * 7)
+        metrics.count_request("m", "1", "tfserving_rest", "OK")  # another version
+        metrics.count_request("m2", "2", "tfserving_rest", "OK")  # another model
+    merged = merge([(n, metrics.exposition()) for n, metrics in enumerate(workers)])
+    one, two = (metrics.requests_of("m", "2") for metrics in workers)
+    expected = (one[0] + two[0], one[1] + two[1], [a + b for a, b in zip(one[2], two[2], strict=True)])
+    assert requests_in(merged, "m", "2") == expected
+    assert expected[:2] == (10, 5)
+    assert requests_in(merged, "m", "3") == (0, 0, [0] * len(expected[2]))
+
+
+def test_shadow_agreement_read_from_merged_expositions_sums_the_workers() -> None:
+    def worker(agreeing: int, rows: int) -> bytes:
+        metrics = Metrics()
+        mirror = ShadowMirror(None, metrics)  # type: ignore[arg-type]  # nothing is mirrored here
+        try:
+            mirror._pair("m", 1, 2).agreeing, mirror._pair("m", 1, 2).rows = agreeing, rows
+            mirror._pair("m", 1, 3).agreeing = mirror._pair("m", 1, 3).rows = 50  # another pair
+            return metrics.exposition()
+        finally:
+            asyncio.run(mirror.close())
+
+    merged = merge([(0, worker(7, 8)), (1, worker(2, 4))])
+    assert shadow_rows_in(merged, "m", 1, 2) == (9, 12)
+    assert shadow_rows_in(merged, "m", 2, 1) == (0, 0)

@@ -37,7 +37,7 @@ from inferd.control import ModelControl
 from inferd.errors import InferdError, InvalidArgument, NotFound
 from inferd.metrics import Metrics
 from inferd.protocols.rest_status import JSON_HEADERS, Response, json_error
-from inferd.rollout import ONE_PROCESS_ONLY, Rollouts
+from inferd.rollout import Rollouts
 from inferd.service import InferenceService
 from inferd.types import ModelRef, Signature, TensorSpec, VersionState, dtype_of
 
@@ -106,7 +106,7 @@ class Dashboard:
             if method == "GET" and path == "/":
                 return _static("index.html")
             if method == "GET" and path == API_PREFIX + "models":
-                return 200, dict(JSON_HEADERS), orjson.dumps(self.models())
+                return 200, dict(JSON_HEADERS), orjson.dumps(await self.models())
             if method == "GET" and path == API_PREFIX + "metrics":
                 return 200, dict(JSON_HEADERS), orjson.dumps(self.readings())
             match = _LABEL_ROUTE.fullmatch(path)
@@ -119,9 +119,9 @@ class Dashboard:
             match = _ROLLOUT_ROUTE.fullmatch(path)
             if method == "POST" and match:
                 if self._rollouts is None:
-                    raise InvalidArgument(ONE_PROCESS_ONLY)
+                    raise NotFound("this dashboard serves no rollouts")
                 name, action = match.groups()
-                status = self._rollouts.command(name, action or "start", body)
+                status = await self._rollouts.command(name, action or "start", body)
                 return 200, dict(JSON_HEADERS), orjson.dumps(status)
             if method == "GET" and path.startswith(PREFIX + "static/"):
                 return _static(path[len(PREFIX + "static/") :])
@@ -132,7 +132,7 @@ class Dashboard:
     def _labels(self, name: str) -> dict[str, int]:
         return self._control.labels(name)
 
-    def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[dict[str, Any]]:
         """One row per configured model: versions with state, error and resident bytes, labels,
         split, rollout, signatures."""
         rows: dict[str, dict[str, Any]] = {}
@@ -160,7 +160,7 @@ class Dashboard:
             row["rollout"] = None
             if self._rollouts is not None:
                 with contextlib.suppress(NotFound):
-                    row["rollout"] = self._rollouts.status(name)
+                    row["rollout"] = await self._rollouts.status(name)
             if any(v["state"] == VersionState.AVAILABLE.name for v in row["versions"]):
                 try:
                     metadata = self._service.metadata(ModelRef(name))

@@ -166,7 +166,7 @@ class Follower:
         log): each replica checks the guards over its own requests. One that finished here since
         the last report appends its outcome, the label move, so that a replica that starts later
         ends with the label where it is here."""
-        rows = self._dashboard.models()
+        rows = await self._dashboard.models()
         for row in rows:
             rollout = row["rollout"]
             if rollout and rollout["state"] == "done" and self._rollouts.get(row["name"]) in _UNDONE:
@@ -202,7 +202,7 @@ class Follower:
                     )
             self._own.discard(seq)
             self._seq = seq
-        rows = self._dashboard.models()
+        rows = await self._dashboard.models()
         self._rollouts = {row["name"]: row["rollout"]["state"] for row in rows if row["rollout"]}
         await self._log.report.remote(self._replica, self.state(rows))
 

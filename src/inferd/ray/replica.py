@@ -51,7 +51,7 @@ class InferdReplica(GrpcMethods):
         if wait_s > 0:  # versions load once two scans agree on their content (repository.py)
             await asyncio.sleep(wait_s)
             await control.sync()
-        self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
+        await self._server.rollouts.restore()  # as inferd serve does: a rollout resumes or rolls back
         self._announcer = Announcer(control)  # Serve's router routes by model to who holds it
         replica = _replica_id()
         self._metrics = ClusterMetrics(replica, self._server.metrics.exposition, deployment_handle(APP_NAME))
