@@ -7,8 +7,8 @@ a private folder, and forks the workers before it has loaded anything (no model,
 event loop: forking is safe and cheap). Each worker is a whole server (``server.run``): it binds
 its own listening sockets with ``SO_REUSEPORT`` on both ports, so the kernel spreads new
 connections over the workers, loads every model, and tells the supervisor when it listens. The
-private folder carries what the workers share: the admin state (``control.AdminStateFile``) and
-each worker's metrics socket (``worker_metrics``).
+private folder carries what the workers share: the admin state (``control.AdminStateFile``), the
+rollouts (``rollout.RolloutBook``) and each worker's metrics socket (``worker_metrics``).
 
 The supervisor restarts a worker that exits (logged; at once if it had been serving, after a
 growing pause of up to ``MAX_RESTART_DELAY_S`` while it keeps failing to start), forwards
