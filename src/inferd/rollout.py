@@ -491,7 +491,7 @@ class Rollouts(Collector):
                 book.generation += 1
                 self._shared.publish(book)
                 self._commit(book)
-        self._shared.acknowledge(book.generation)
+                self._shared.acknowledge(book.generation)
         await self._shared.wait_applied(book.generation)
 
     def _commit(self, book: RolloutBook) -> None:
