@@ -209,6 +209,9 @@ class Rollouts(Collector):
         shared: the book the workers share; None: this process's own.
         readings: the requests and agreement counts a rollout's guards read (see
             ``_local_readings``); None: this process's own.
+        move_label: moves a label (model, label, version) where every process serving the model
+            holds it (``ModelControl.move_label``: the admin state); None: this manager's only.
+            A finished rollout's move goes there, so that a later admin move wins over it.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class Rollouts(Collector):
         state_dir: Path | None = None,
         shared: SharedState[RolloutBook] | None = None,
         readings: Readings | None = None,
+        move_label: Callable[[str, str, int], Awaitable[None]] | None = None,
     ) -> None:
         self._manager = manager
         self._metrics = metrics
@@ -226,6 +230,7 @@ class Rollouts(Collector):
         self._state_dir = state_dir
         self._shared = shared
         self._readings = readings or self._local_readings
+        self._move_label = move_label or self._move_label_here
         self._book = RolloutBook()  # the one applied here
         self._lock = asyncio.Lock()  # held while changing the book
         self._tasks: dict[str, asyncio.Task[None]] = {}  # the driver's step loops, by model
@@ -307,8 +312,9 @@ class Rollouts(Collector):
                 elif action == "resume":
                     state.state = "running"
                     state.note("resumed", step=state.step)
+                    book.before.pop(model, None)  # the step starts again
                 elif action == "promote":
-                    self._manager.move_label(state.model, state.label, state.canary)  # raises first
+                    await self._move_label(state.model, state.label, state.canary)  # raises first
                     state.state = "done"
                     state.note("promoted", step=state.step)
                     state.note("done", label=state.label, version=state.canary)
@@ -414,7 +420,7 @@ class Rollouts(Collector):
             book.restored = True
             for state in self._read_states():
                 try:
-                    self._restored(state)
+                    await self._restored(state)
                 except Exception as exc:  # e.g. the canary is gone: the server serves as configured
                     log.error("cannot restore the rollout of model %s: %s", state.model, exc)
                     continue
@@ -448,18 +454,28 @@ class Rollouts(Collector):
                 states.append(state)
         return states
 
-    def _restored(self, state: RolloutState) -> None:
-        """Apply a state read back at a restart, ending a running one as its ``on_restart`` says.
+    async def _restored(self, state: RolloutState) -> None:
+        """Apply a state read back at a restart (the labels its model's rollouts moved, then its
+        split), ending a running one as its ``on_restart`` says.
 
         Raises:
             InferdError: it cannot be applied.
         """
-        if state.state == "running" and state.on_restart == "rollback":
+        for label, version in state.moved.items():
+            try:
+                await self._move_label(state.model, label, version)
+            except InferdError as exc:  # that version is gone: the label stays as configured
+                log.error(
+                    "model %s: label %r cannot move back to version %d: %s", state.model, label, version, exc
+                )
+        if state.state == "done":
+            await self._move_label(state.model, state.label, state.canary)
+        elif state.state == "running" and state.on_restart == "rollback":
             state.state = "rolled_back"
             state.note("rolled back at restart", step=state.step)
         elif state.state == "running":
             state.note("resumed at restart", step=state.step)
-        self._apply(state, first=True)
+        self._apply(state)
 
     def _try_driving(self) -> bool:
         assert self._shared is not None
@@ -486,7 +502,10 @@ class Rollouts(Collector):
                 self._commit(book)
                 return
             async with self._shared.locked() as published:
-                book = published or RolloutBook()
+                if published is not None and published.generation > self._book.generation:
+                    self._adopt(published)  # what other workers changed since this one looked
+                    self._shared.acknowledge(published.generation)
+                book = copy.deepcopy(self._book)
                 yield book
                 book.generation += 1
                 self._shared.publish(book)
@@ -510,33 +529,22 @@ class Rollouts(Collector):
         for model, state in book.states.items():
             if old.states.get(model) != state:
                 try:
-                    self._apply(state, first=model not in old.states)
+                    self._apply(state)
                 except InferdError as exc:
                     log.error("rollout of model %s: cannot apply its %s state: %s", model, state.state, exc)
+                except Exception:
+                    log.exception("rollout of model %s: cannot apply its %s state", model, state.state)
         if self._driving:
             self._drive()
 
-    def _apply(self, state: RolloutState, first: bool = False) -> None:
-        """Set the split (and at the end the label) ``state`` implies; ``first``: also move the
-        labels its model's earlier rollouts moved (a process starting).
+    def _apply(self, state: RolloutState) -> None:
+        """Set the split ``state`` implies in this process (a finished rollout's label is moved
+        with ``move_label`` when it finishes).
 
         Raises:
             InferdError: a version or the model is gone.
         """
-        if first:
-            for label, version in state.moved.items():
-                try:
-                    self._manager.move_label(state.model, label, version)
-                except InferdError as exc:  # that version is gone: the label stays as configured
-                    log.error(
-                        "model %s: label %r cannot move back to version %d: %s",
-                        state.model,
-                        label,
-                        version,
-                        exc,
-                    )
         if state.state == "done":
-            self._manager.move_label(state.model, state.label, state.canary)
             self._manager.set_traffic(state.model, None)
         elif state.state == "rolled_back":
             self._manager.set_traffic(state.model, {str(state.baseline): 100.0})
@@ -546,19 +554,23 @@ class Rollouts(Collector):
                 state.model, {str(state.baseline): 100.0 - percent, str(state.canary): percent}
             )
 
+    async def _move_label_here(self, model: str, label: str, version: int) -> None:
+        self._manager.move_label(model, label, version)
+
     def _drive(self) -> None:
-        """Run a step loop for each running rollout, and none for the others (the driver's)."""
+        """Run a step loop for each running rollout, and none for the others (the driver's). A
+        loop making a change itself goes on, or hands over when it finds another's (``_run``)."""
+        current = asyncio.current_task()
         for model, state in self._book.states.items():
             task = self._tasks.get(model)
-            if task is asyncio.current_task():
-                continue  # a loop applying its own change
-            if task is not None and task.done():
-                task = None
+            if task is current:
+                continue
+            alive = task is not None and not task.done()
             if state.state != "running":
-                if task is not None:
+                if task is not None and alive:
                     task.cancel()
-            elif task is None or self._mine.get(model) != state:
-                if task is not None:
+            elif not alive or self._mine.get(model) != state:
+                if task is not None and alive:
                     task.cancel()
                 self._mine[model] = copy.deepcopy(state)
                 self._tasks[model] = asyncio.get_running_loop().create_task(self._run(model))
@@ -568,14 +580,25 @@ class Rollouts(Collector):
         """A step loop's change to its rollout, as ``_editing``.
 
         Raises:
-            _Superseded: someone else changed the rollout since the loop last did.
+            _Superseded: someone else changed the rollout since the loop last did, or another
+                loop runs it.
         """
-        async with self._editing() as book:
-            state = book.states.get(model)
-            if state is None or state != self._mine.get(model):
-                raise _Superseded
-            yield book, state
-            self._mine[model] = copy.deepcopy(state)
+        mine = self._mine.get(model)
+        ours = None
+        try:
+            async with self._editing() as book:
+                state = book.states.get(model)
+                if state is None or state != mine or self._tasks.get(model) is not asyncio.current_task():
+                    raise _Superseded
+                yield book, state
+                ours = self._mine[model] = copy.deepcopy(state)  # before it is published: see _drive
+        except _Superseded:
+            raise
+        except BaseException:
+            if ours is not None and self._mine.get(model) is ours:  # not published: as it was
+                assert mine is not None  # else the loop had been superseded
+                self._mine[model] = mine
+            raise
 
     async def _run(self, model: str) -> None:
         try:
@@ -595,6 +618,7 @@ class Rollouts(Collector):
                         state.state = "rolled_back"
                         state.note("rolled back", step=state.step, failed=failed)
                     elif state.step + 1 == len(state.steps):
+                        await self._move_label(state.model, state.label, state.canary)  # raises first
                         state.state = "done"
                         state.note("done", label=state.label, version=state.canary)
                     else:
@@ -602,13 +626,23 @@ class Rollouts(Collector):
                 if state.state != "running":
                     return
         except _Superseded:
-            return
+            self._hand_over(model)
         except Exception:
             log.exception("rollout of model %s failed; rolling back", model)
-            with contextlib.suppress(_Superseded):
+            try:
                 async with self._stepping(model) as (_, state):
                     state.state = "rolled_back"
                     state.note("rolled back", step=state.step, failed=["internal error; see the log"])
+            except _Superseded:
+                self._hand_over(model)
+
+    def _hand_over(self, model: str) -> None:
+        """End this step loop: the rollout changed under it (resumed, promoted, aborted, or
+        started anew), so a new loop runs it if it still runs."""
+        if self._tasks.get(model) is asyncio.current_task():
+            del self._tasks[model]
+        if self._driving:
+            self._drive()
 
     async def _until_answered(self, model: str, before: dict[str, Any]) -> None:
         """Wait, ``step_s`` at a time, until the canary answered ``min_requests`` requests since

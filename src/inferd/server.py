@@ -452,6 +452,10 @@ class Server:
         self.worker_metrics = (
             WorkerMetrics(link.folder, link.number, self.metrics.exposition) if link is not None else None
         )
+        shared = (
+            SharedState[AdminState](link.folder, "admin-state", link.number) if link is not None else None
+        )
+        self.control = ModelControl(self.repository, self.manager, shared)
         state_dir = Path(config.rollout_state_dir) if config.rollout_state_dir else None
         self.rollouts = Rollouts(
             self.manager,
@@ -460,11 +464,8 @@ class Server:
             state_dir,
             SharedState[RolloutBook](link.folder, "rollouts", link.number) if link is not None else None,
             self._workers_readings if link is not None else None,
+            self.control.move_label,
         )
-        shared = (
-            SharedState[AdminState](link.folder, "admin-state", link.number) if link is not None else None
-        )
-        self.control = ModelControl(self.repository, self.manager, shared)
         self.connection_limits = ConnectionLimits.of(config)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.max_request_bytes)
         self._exit_by = math.inf  # set by the drain: when unloading must be over
@@ -531,9 +532,19 @@ class Server:
             await asyncio.sleep(ADMIN_FOLLOW_S)
             try:
                 await self.control.follow()
-                self.rollouts.follow()
             except Exception:
                 log.exception("applying another worker's admin change failed; retrying")
+
+    async def _follow_rollouts(self) -> None:
+        """Apply the rollout changes other workers publish, and take the steps over when the
+        worker running them is gone, every ``ADMIN_FOLLOW_S`` (apart from the admin changes,
+        whose loads may take minutes)."""
+        while True:
+            await asyncio.sleep(ADMIN_FOLLOW_S)
+            try:
+                self.rollouts.follow()
+            except Exception:
+                log.exception("applying another worker's rollout change failed; retrying")
 
     async def _workers_readings(self, state: RolloutState) -> dict[str, Any]:
         """The counts a rollout's guards read, over every worker (``Rollouts``'s ``readings``)."""
@@ -598,7 +609,10 @@ class Server:
         sweeper = asyncio.create_task(self._unload_idle())
         linked: list[asyncio.Task[None]] = []
         if self.link is not None:
-            linked.append(asyncio.create_task(self._follow_admin()))
+            linked += [
+                asyncio.create_task(self._follow_admin()),
+                asyncio.create_task(self._follow_rollouts()),
+            ]
         connections = connection_class(self.connection_limits)
         http = http_server(
             uvicorn.Config(

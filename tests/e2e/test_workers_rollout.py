@@ -220,3 +220,26 @@ def test_a_restarted_server_reads_the_rollout_state_folder_back_once_for_all_wor
         assert all(row["split"] == {"1": 100.0} and row["rollout"]["state"] == "rolled_back" for row in rows)
     finally:
         server.stop()
+
+
+def test_a_label_moved_back_after_a_rollout_stays_moved_in_a_restarted_worker(server: ServerProcess) -> None:
+    # The finished rollout's label move was applied by each worker itself: a worker restarted
+    # later moved the label to the canary again, over the admin call that had moved it back.
+    rollout(server, body={"to": 2, "steps": [100], "step_s": 0.2})
+    wait_for(server, lambda s: s["state"] == "done")
+    moved = requests.post(
+        f"{server.url}/dashboard/api/models/affine/labels/stable",
+        json={"version": 1},
+        headers=ADMIN,
+        timeout=30,
+    )
+    assert moved.status_code == 200, moved.text
+    victim = workers(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(lambda: victim not in workers(server) and len(workers(server)) == 2, "its successor")
+    server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both serving")
+    for session in by_worker(server).values():
+        answer = session.post(
+            f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
+        )
+        assert answer.json()["predictions"][0][0] == 1.0, answer.text

@@ -10,7 +10,8 @@ import pytest
 from inferd.errors import InvalidArgument, NotFound
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
-from inferd.rollout import Guard, Rollouts, _p99_ms
+from inferd.rollout import Guard, RolloutBook, Rollouts, _p99_ms
+from inferd.shared_state import SharedState
 from tests.unit.test_manager import FakeLoader, plan
 
 
@@ -249,6 +250,117 @@ def test_min_requests_must_be_a_whole_number(value: str) -> None:
             body = f'{{"to": 2, "min_requests": {value}}}'.encode()
             with pytest.raises(InvalidArgument, match="'min_requests' must be a whole number >= 0"):
                 await rollouts.command("m", "start", body)
+            await manager.close()
+
+    asyncio.run(main())
+
+
+async def _workers(
+    pool: ThreadPoolExecutor, folder: Path
+) -> tuple[list[ModelManager[Any]], list[Rollouts], list[asyncio.Task[None]]]:
+    """Two workers' managers and rollouts sharing ``folder`` (labels moved in both, as the admin
+    state does), each following the other every 10 ms."""
+    managers: list[ModelManager[Any]] = []
+    for _ in range(2):
+        manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+        await manager.apply([plan([1, 2], {"stable": 1})])
+        managers.append(manager)
+
+    async def move_label(model: str, label: str, version: int) -> None:
+        for manager in managers:
+            manager.move_label(model, label, version)
+
+    rollouts = [
+        Rollouts(m, Metrics(), None, None, SharedState[RolloutBook](folder, "rollouts", n), None, move_label)
+        for n, m in enumerate(managers)
+    ]
+    for each in rollouts:
+        await each.restore()
+
+    async def follow(each: Rollouts) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            each.follow()
+
+    return managers, rollouts, [asyncio.create_task(follow(each)) for each in rollouts]
+
+
+def test_commands_through_the_worker_not_running_the_steps_hold_in_both(tmp_path: Path) -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            managers, rollouts, followers = await _workers(pool, tmp_path)
+            await asyncio.sleep(0.05)
+            assert sorted(r._driving for r in rollouts) == [False, True]
+            other = next(r for r in rollouts if not r._driving)
+            await other.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 0.05}')
+            assert [m.split("m").percents() for m in managers] == [{"1": 50.0, "2": 50.0}] * 2  # type: ignore[union-attr]
+            await other.command("m", "pause", b"")
+            paused = [(await r.status("m"))["history"] for r in rollouts]
+            await asyncio.sleep(0.2)  # four steps' time: nothing moves while paused
+            assert [(await r.status("m"))["history"] for r in rollouts] == paused
+            assert paused[0][-1]["event"] == "paused"
+            assert (await other.command("m", "resume", b""))["state"] == "running"
+            for _ in range(300):
+                if [(await r.status("m"))["state"] for r in rollouts] == ["done", "done"]:
+                    break
+                await asyncio.sleep(0.01)
+            states = [await r.status("m") for r in rollouts]
+            assert [s["state"] for s in states] == ["done", "done"]
+            assert [e["event"] for e in states[0]["history"]][-3:] == ["step", "step", "done"]
+            assert [m.labels("m") for m in managers] == [{"stable": 2}] * 2
+            assert [m.split("m") for m in managers] == [None, None]
+            for task in followers:
+                task.cancel()
+            for r, m in zip(rollouts, managers, strict=True):
+                await r.close()
+                await m.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_had_not_followed_yet_applies_what_it_read_when_its_own_command_is_refused(
+    tmp_path: Path,
+) -> None:
+    # It read the abort under the lock, refused its own pause for it, and never applied it: its
+    # split stayed on the canary, and the abort waited for it for SYNC_TIMEOUT_S.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            managers, rollouts, followers = await _workers(pool, tmp_path)
+            await rollouts[0].command("m", "start", b'{"to": 2, "steps": [10, 100], "step_s": 600}')
+            followers[1].cancel()  # worker 1 does not look for changes for now
+            abort = asyncio.create_task(rollouts[0].command("m", "abort", b""))
+            await asyncio.sleep(0.05)
+            assert not abort.done()  # waiting for worker 1 to apply it
+            with pytest.raises(InvalidArgument, match="is rolled_back; pause needs one that is running"):
+                await rollouts[1].command("m", "pause", b"")
+            assert managers[1].split("m").percents() == {"1": 100.0}  # type: ignore[union-attr]
+            assert (await asyncio.wait_for(abort, 1.0))["state"] == "rolled_back"
+            followers[0].cancel()
+            for r, m in zip(rollouts, managers, strict=True):
+                await r.close()
+                await m.close()
+
+    asyncio.run(main())
+
+
+def test_a_resumed_rollout_shows_no_readings_of_the_step_before_its_pause() -> None:
+    # Its readings were kept: the resumed step's "current" counted the requests from before the
+    # pause (and the paused time) against the step that starts again.
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            metrics = Metrics()
+            rollouts = Rollouts(manager, metrics)
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 600}')
+            await asyncio.sleep(0)  # its step starts
+            metrics.count_request("m", "2", "rest", "INTERNAL")
+            assert (await rollouts.status("m"))["current"]["error_rate"]["canary"] == 1.0
+            await rollouts.command("m", "pause", b"")
+            assert (await rollouts.command("m", "resume", b""))["current"] == {}
+            await asyncio.sleep(0)  # the step starts again
+            assert (await rollouts.status("m"))["current"]["error_rate"]["canary"] is None
+            await rollouts.close()
             await manager.close()
 
     asyncio.run(main())
