@@ -256,12 +256,12 @@ def test_min_requests_must_be_a_whole_number(value: str) -> None:
 
 
 async def _workers(
-    pool: ThreadPoolExecutor, folder: Path
+    pool: ThreadPoolExecutor, folder: Path | None
 ) -> tuple[list[ModelManager[Any]], list[Rollouts], list[asyncio.Task[None]]]:
     """Two workers' managers and rollouts sharing ``folder`` (labels moved in both, as the admin
-    state does), each following the other every 10 ms."""
+    state does), each following the other every 10 ms; with ``folder`` None, one process's."""
     managers: list[ModelManager[Any]] = []
-    for _ in range(2):
+    for _ in range(1 if folder is None else 2):
         manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
         await manager.apply([plan([1, 2], {"stable": 1})])
         managers.append(manager)
@@ -271,7 +271,15 @@ async def _workers(
             manager.move_label(model, label, version)
 
     rollouts = [
-        Rollouts(m, Metrics(), None, None, SharedState[RolloutBook](folder, "rollouts", n), None, move_label)
+        Rollouts(
+            m,
+            Metrics(),
+            None,
+            None,
+            None if folder is None else SharedState[RolloutBook](folder, "rollouts", n),
+            None,
+            move_label,
+        )
         for n, m in enumerate(managers)
     ]
     for each in rollouts:
@@ -283,6 +291,16 @@ async def _workers(
             each.follow()
 
     return managers, rollouts, [asyncio.create_task(follow(each)) for each in rollouts]
+
+
+async def _close(
+    managers: list[ModelManager[Any]], rollouts: list[Rollouts], followers: list[asyncio.Task[None]]
+) -> None:
+    for task in followers:
+        task.cancel()
+    for each, manager in zip(rollouts, managers, strict=True):
+        await each.close()
+        await manager.close()
 
 
 def test_commands_through_the_worker_not_running_the_steps_hold_in_both(tmp_path: Path) -> None:
@@ -309,11 +327,7 @@ def test_commands_through_the_worker_not_running_the_steps_hold_in_both(tmp_path
             assert [e["event"] for e in states[0]["history"]][-3:] == ["step", "step", "done"]
             assert [m.labels("m") for m in managers] == [{"stable": 2}] * 2
             assert [m.split("m") for m in managers] == [None, None]
-            for task in followers:
-                task.cancel()
-            for r, m in zip(rollouts, managers, strict=True):
-                await r.close()
-                await m.close()
+            await _close(managers, rollouts, followers)
 
     asyncio.run(main())
 
@@ -335,10 +349,7 @@ def test_a_worker_that_had_not_followed_yet_applies_what_it_read_when_its_own_co
                 await rollouts[1].command("m", "pause", b"")
             assert managers[1].split("m").percents() == {"1": 100.0}  # type: ignore[union-attr]
             assert (await asyncio.wait_for(abort, 1.0))["state"] == "rolled_back"
-            followers[0].cancel()
-            for r, m in zip(rollouts, managers, strict=True):
-                await r.close()
-                await m.close()
+            await _close(managers, rollouts, followers)
 
     asyncio.run(main())
 
@@ -348,10 +359,8 @@ def test_a_resumed_rollout_shows_no_readings_of_the_step_before_its_pause() -> N
     # pause (and the paused time) against the step that starts again.
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool:
-            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
-            await manager.apply([plan([1, 2], {"stable": 1})])
-            metrics = Metrics()
-            rollouts = Rollouts(manager, metrics)
+            managers, rollouts_of, followers = await _workers(pool, None)
+            rollouts, metrics = rollouts_of[0], rollouts_of[0]._metrics
             await rollouts.command("m", "start", b'{"to": 2, "steps": [50, 100], "step_s": 600}')
             await asyncio.sleep(0)  # its step starts
             metrics.count_request("m", "2", "rest", "INTERNAL")
@@ -360,7 +369,6 @@ def test_a_resumed_rollout_shows_no_readings_of_the_step_before_its_pause() -> N
             assert (await rollouts.command("m", "resume", b""))["current"] == {}
             await asyncio.sleep(0)  # the step starts again
             assert (await rollouts.status("m"))["current"]["error_rate"]["canary"] is None
-            await rollouts.close()
-            await manager.close()
+            await _close(managers, rollouts_of, followers)
 
     asyncio.run(main())
