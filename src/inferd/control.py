@@ -423,6 +423,7 @@ class ModelControl:
         self._unloaded = set(state.unloaded)
         self._overrides = dict(state.overrides)
         self._moved = {name: dict(labels) for name, labels in state.moved.items()}
+        self._manager.pin_labels(self._moved)  # over the pins of moves made here before
 
     async def _adopt(self, state: AdminState) -> None:
         """Apply ``state``: versions loaded with settings it overrides differently are retired

@@ -340,6 +340,17 @@ class ModelManager(Generic[S]):
             NotFound: unknown model.
             InvalidArgument: ``version`` is not routable, so the label did not move.
         """
+        entry = self._routable(name, version)
+        self._moved.setdefault(name, {})[label] = version
+        entry.labels = {**entry.labels, label: version}
+        entry.held.pop(label, None)
+        self._resplit(name, entry)
+
+    def check_routable(self, name: str, version: int) -> None:
+        """Raise as ``move_label`` would when ``version`` of ``name`` cannot take a label now."""
+        self._routable(name, version)
+
+    def _routable(self, name: str, version: int) -> _Entry[S]:
         entry = self._models.get(name)
         if entry is None:
             raise NotFound(f"Could not find any versions of model {name}")
@@ -349,10 +360,13 @@ class ModelManager(Generic[S]):
             raise InvalidArgument(
                 f"version: {version} of model {name!r} is not AVAILABLE; expected one of {routable}"
             )
-        self._moved.setdefault(name, {})[label] = version
-        entry.labels = {**entry.labels, label: version}
-        entry.held.pop(label, None)
-        self._resplit(name, entry)
+        return entry
+
+    def pin_labels(self, moved: Mapping[str, Mapping[str, int]]) -> None:
+        """Make ``moved`` (model -> label -> version) the labels that win over the plans' from the
+        next reconcile on, in place of those moved here before: the admin state's, which the
+        workers of one server share, so that the last move made through any of them wins in all."""
+        self._moved = {name: dict(labels) for name, labels in moved.items()}
 
     def retry_failed(self, name: str) -> None:
         """Forget the versions of model ``name`` that failed to load, so that the next reconcile

@@ -297,6 +297,7 @@ class Rollouts(Collector):
                 raise InvalidArgument("the body must be a JSON object")
             await self.start(model, document)
         elif action in _NEEDS:
+            moves: list[tuple[str, str, int]] = []
             async with self._editing() as book:
                 state = book.states.get(model)
                 if state is None:
@@ -314,13 +315,15 @@ class Rollouts(Collector):
                     state.note("resumed", step=state.step)
                     book.before.pop(model, None)  # the step starts again
                 elif action == "promote":
-                    await self._move_label(state.model, state.label, state.canary)  # raises first
+                    self._manager.check_routable(model, state.canary)  # raises before any change
+                    moves.append((model, state.label, state.canary))
                     state.state = "done"
                     state.note("promoted", step=state.step)
                     state.note("done", label=state.label, version=state.canary)
                 else:
                     state.state = "rolled_back"
                     state.note("rolled back", step=state.step, failed=["aborted by an operator"])
+            await self._move_labels(moves)
         elif action != "status":
             raise InvalidArgument(f"rollout action {action!r}: expected one of {list(ACTIONS)}")
         return await self.status(model)
@@ -414,17 +417,22 @@ class Rollouts(Collector):
             self._adopt(published)
             self._shared.acknowledge(published.generation)
             return
+        moves: list[tuple[str, str, int]] = []
         async with self._editing() as book:
             if book.restored:
                 return
             book.restored = True
             for state in self._read_states():
                 try:
-                    await self._restored(state)
+                    self._restored(state)
                 except Exception as exc:  # e.g. the canary is gone: the server serves as configured
                     log.error("cannot restore the rollout of model %s: %s", state.model, exc)
                     continue
                 book.states[state.model] = state
+                moves += [(state.model, label, version) for label, version in state.moved.items()]
+                if state.state == "done":
+                    moves.append((state.model, state.label, state.canary))
+        await self._move_labels(moves)
 
     def follow(self) -> None:
         """Apply the changes other workers published; take over the driving when the driver has
@@ -454,28 +462,34 @@ class Rollouts(Collector):
                 states.append(state)
         return states
 
-    async def _restored(self, state: RolloutState) -> None:
-        """Apply a state read back at a restart (the labels its model's rollouts moved, then its
-        split), ending a running one as its ``on_restart`` says.
+    def _restored(self, state: RolloutState) -> None:
+        """Apply the split of a state read back at a restart, ending a running one as its
+        ``on_restart`` says (``restore`` then moves the labels its model's rollouts moved).
 
         Raises:
-            InferdError: it cannot be applied.
+            InferdError: it cannot be applied (a finished one's canary is gone, say).
         """
-        for label, version in state.moved.items():
-            try:
-                await self._move_label(state.model, label, version)
-            except InferdError as exc:  # that version is gone: the label stays as configured
-                log.error(
-                    "model %s: label %r cannot move back to version %d: %s", state.model, label, version, exc
-                )
         if state.state == "done":
-            await self._move_label(state.model, state.label, state.canary)
+            self._manager.check_routable(state.model, state.canary)
         elif state.state == "running" and state.on_restart == "rollback":
             state.state = "rolled_back"
             state.note("rolled back at restart", step=state.step)
         elif state.state == "running":
             state.note("resumed at restart", step=state.step)
         self._apply(state)
+
+    async def _move_labels(self, moves: list[tuple[str, str, int]]) -> None:
+        """Move each (model, label, version) with ``move_label``, after the change that made them
+        is published and outside its lock (an admin move may wait for loads and for every worker):
+        shielded, so that a caller who gives up does not stop them half-way. A move that fails (its
+        version went meanwhile) is logged; the label stays where it was."""
+        for model, label, version in moves:
+            try:
+                await asyncio.shield(self._move_label(model, label, version))
+            except InferdError as exc:
+                log.error("model %s: label %r cannot move to version %d: %s", model, label, version, exc)
+            except Exception:
+                log.exception("model %s: moving label %r to version %d failed", model, label, version)
 
     def _try_driving(self) -> bool:
         assert self._shared is not None
@@ -492,14 +506,16 @@ class Rollouts(Collector):
 
     @contextlib.asynccontextmanager
     async def _editing(self) -> AsyncIterator[RolloutBook]:
-        """The latest book, to change; on a clean exit it is published, applied here and saved,
-        and (when shared) waited for in every worker. An exception leaves everything as it was."""
+        """The latest book, to change; on a clean exit that changed it, it is published, applied
+        here and saved, and (when shared) waited for in every worker. An exception leaves
+        everything as it was."""
         async with self._lock:
             if self._shared is None:
                 book = copy.deepcopy(self._book)
                 yield book
-                book.generation += 1
-                self._commit(book)
+                if book != self._book:
+                    book.generation += 1
+                    self._commit(book)
                 return
             async with self._shared.locked() as published:
                 if published is not None and published.generation > self._book.generation:
@@ -507,6 +523,8 @@ class Rollouts(Collector):
                     self._shared.acknowledge(published.generation)
                 book = copy.deepcopy(self._book)
                 yield book
+                if book == self._book:
+                    return  # nothing changed: nothing to publish, nobody to wait for
                 book.generation += 1
                 self._shared.publish(book)
                 self._commit(book)
@@ -618,11 +636,13 @@ class Rollouts(Collector):
                         state.state = "rolled_back"
                         state.note("rolled back", step=state.step, failed=failed)
                     elif state.step + 1 == len(state.steps):
-                        await self._move_label(state.model, state.label, state.canary)  # raises first
+                        self._manager.check_routable(model, state.canary)  # raises before any change
                         state.state = "done"
                         state.note("done", label=state.label, version=state.canary)
                     else:
                         state.step += 1
+                if state.state == "done":
+                    await self._move_labels([(model, state.label, state.canary)])
                 if state.state != "running":
                     return
         except _Superseded:

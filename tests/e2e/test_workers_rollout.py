@@ -1,6 +1,7 @@
 """Guarded rollouts under ``--workers 2``: started, moved and ended through any worker, the split
 and the label held by every worker, the guards read over both workers' requests, and a rollout
-that goes on when the worker running its steps is killed."""
+that goes on when the worker running its steps is killed; and label moves through either worker,
+the last of which wins in both."""
 
 from __future__ import annotations
 
@@ -114,17 +115,20 @@ def test_a_rollout_through_one_worker_moves_every_workers_split_and_label(server
     sessions = by_worker(server)
     for session in sessions.values():
         assert {predict(server, 2, session) for _ in range(15)} == {2.0}
-    wait_for(server, lambda s: s["step"] == 1)
-    wait_for(server, lambda s: s["history"][-1]["event"] == "waiting for requests")
+    wait_for(
+        server, lambda s: s["history"][-1] == {**s["history"][-1], "event": "waiting for requests", "step": 1}
+    )
     for session in sessions.values():
         assert {predict(server, 2, session) for _ in range(15)} == {2.0}
     done = wait_for(server, lambda s: s["state"] == "done")
     assert [e["step"] for e in done["history"] if e["event"] == "step"] == [0, 1]
     assert done["history"][-1] == {**done["history"][-1], "event": "done", "label": "stable", "version": 2}
 
+    server.wait_for(  # the label moves once the rollout is done, as an admin call moves it
+        lambda: all(row["labels"] == {"stable": 2} for row in seen_by_every_worker(server)), "the label"
+    )
     rows = seen_by_every_worker(server)
-    assert all(row["labels"] == {"stable": 2} and row["split"] == {} for row in rows), rows
-    assert all(row["rollout"]["state"] == "done" for row in rows)
+    assert all(row["split"] == {} and row["rollout"]["state"] == "done" for row in rows), rows
     assert {predict(server, session=session) for session in by_worker(server).values()} == {2.0}
     exposition = requests.get(f"{server.url}/metrics", timeout=10).text
     assert re.search(r'inferd_rollout_canary_percent\{[^}]*state="done"[^}]*\} 100\.0', exposition)
@@ -227,6 +231,9 @@ def test_a_label_moved_back_after_a_rollout_stays_moved_in_a_restarted_worker(se
     # later moved the label to the canary again, over the admin call that had moved it back.
     rollout(server, body={"to": 2, "steps": [100], "step_s": 0.2})
     wait_for(server, lambda s: s["state"] == "done")
+    server.wait_for(
+        lambda: all(row["labels"] == {"stable": 2} for row in seen_by_every_worker(server)), "the label"
+    )
     moved = requests.post(
         f"{server.url}/dashboard/api/models/affine/labels/stable",
         json={"version": 1},
@@ -243,3 +250,22 @@ def test_a_label_moved_back_after_a_rollout_stays_moved_in_a_restarted_worker(se
             f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
         )
         assert answer.json()["predictions"][0][0] == 1.0, answer.text
+
+
+def test_the_last_label_move_wins_in_every_worker_whichever_took_it(server: ServerProcess) -> None:
+    # A move pinned the label in the worker that took it: a later move through the other worker
+    # reached the first only as a plan label, which the pin beat.
+    sessions = list(by_worker(server).values())
+    for session, version in [(sessions[0], 2), (sessions[1], 1), (sessions[1], 2), (sessions[0], 1)]:
+        moved = session.post(
+            f"{server.url}/dashboard/api/models/affine/labels/stable",
+            json={"version": version},
+            headers=ADMIN,
+            timeout=30,
+        )
+        assert moved.status_code == 200, moved.text
+        for each in sessions:
+            answer = each.post(
+                f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
+            )
+            assert answer.json()["predictions"][0][0] == float(version), (version, answer.text)
