@@ -19,8 +19,9 @@ of observations.
 A guard reads ``METRIC<=X``, ``METRIC>=X`` (also ``<``, ``>``), where X is a number or
 ``F*baseline``: F times the same metric of the baseline version over the same step. A guard whose
 metric had no observation in the step holds. A failed guard sets the split to 100% baseline
-(``rolled_back``); after the last step the label moves to the canary (``done``) and the split
-override is dropped.
+(``rolled_back``); after the last step the label moves to the canary (``move_label``, the admin
+move: while it does, the rollout stays ``running`` with the last event ``moving the label`` and
+takes no command), then it is ``done`` and the split override is dropped.
 
 An operator can act on a rollout through ``command`` (the admin routes
 ``POST .../rollout/ACTION`` and the dashboard's, both): ``pause`` holds the split where it is (no
@@ -92,6 +93,9 @@ _NEEDS = {
     "abort": ("running", "paused"),
 }
 """The states each operator action applies to."""
+FINISHING = "moving the label"
+"""The last history event of a rollout whose steps passed (or that was promoted), while its label
+moves; it is ``done`` once the label has moved."""
 
 Agreement = Callable[[str, int, int], tuple[int, int]]
 """(model, baseline, canary) -> (agreeing rows, rows compared) so far."""
@@ -297,11 +301,15 @@ class Rollouts(Collector):
                 raise InvalidArgument("the body must be a JSON object")
             await self.start(model, document)
         elif action in _NEEDS:
-            moves: list[tuple[str, str, int]] = []
             async with self._editing() as book:
                 state = book.states.get(model)
                 if state is None:
                     raise NotFound(f"model {model} has no rollout")
+                if _finishing(state):
+                    raise InvalidArgument(
+                        f"the rollout of model {model} is finishing: label {state.label!r} is moving "
+                        f"to version {state.canary}; see its status"
+                    )
                 if state.state not in _NEEDS[action]:
                     raise InvalidArgument(
                         f"the rollout of model {model} is {state.state}; "
@@ -316,14 +324,14 @@ class Rollouts(Collector):
                     book.before.pop(model, None)  # the step starts again
                 elif action == "promote":
                     self._manager.check_routable(model, state.canary)  # raises before any change
-                    moves.append((model, state.label, state.canary))
-                    state.state = "done"
                     state.note("promoted", step=state.step)
-                    state.note("done", label=state.label, version=state.canary)
+                    state.state = "running"  # the driver finishes it
+                    state.note(FINISHING, label=state.label, version=state.canary)
                 else:
                     state.state = "rolled_back"
                     state.note("rolled back", step=state.step, failed=["aborted by an operator"])
-            await self._move_labels(moves)
+            while _finishing(self._book.states[model]):  # a promote answers once the label moved
+                await asyncio.sleep(0.01)
         elif action != "status":
             raise InvalidArgument(f"rollout action {action!r}: expected one of {list(ACTIONS)}")
         return await self.status(model)
@@ -621,6 +629,9 @@ class Rollouts(Collector):
     async def _run(self, model: str) -> None:
         try:
             while True:
+                if _finishing(self._mine[model]):
+                    await self._finish(model)
+                    return
                 before = await self._readings(self._mine[model])
                 async with self._stepping(model) as (book, state):
                     self._apply(state)  # raises when the model is gone
@@ -637,12 +648,9 @@ class Rollouts(Collector):
                         state.note("rolled back", step=state.step, failed=failed)
                     elif state.step + 1 == len(state.steps):
                         self._manager.check_routable(model, state.canary)  # raises before any change
-                        state.state = "done"
-                        state.note("done", label=state.label, version=state.canary)
+                        state.note(FINISHING, label=state.label, version=state.canary)
                     else:
                         state.step += 1
-                if state.state == "done":
-                    await self._move_labels([(model, state.label, state.canary)])
                 if state.state != "running":
                     return
         except _Superseded:
@@ -655,6 +663,26 @@ class Rollouts(Collector):
                     state.note("rolled back", step=state.step, failed=["internal error; see the log"])
             except _Superseded:
                 self._hand_over(model)
+
+    async def _finish(self, model: str) -> None:
+        """Move the label of a finishing rollout (``move_label``, outside the rollouts' lock: an
+        admin move waits for loads an admin call has under way, and for every worker), then end
+        it: ``done``, or ``rolled_back`` when the label could not move. Shielded: a loop stopped
+        meanwhile leaves the move to finish; the rollout stays finishing, and the next driver
+        moves the label again (a move is idempotent) and ends it."""
+        state = self._mine[model]
+        try:
+            await asyncio.shield(self._move_label(model, state.label, state.canary))
+            failed = []
+        except InferdError as exc:
+            failed = [f"label {state.label!r} could not move to version {state.canary}: {exc.message}"]
+        async with self._stepping(model) as (_, state):
+            if failed:
+                state.state = "rolled_back"
+                state.note("rolled back", step=state.step, failed=failed)
+            else:
+                state.state = "done"
+                state.note("done", label=state.label, version=state.canary)
 
     def _hand_over(self, model: str) -> None:
         """End this step loop: the rollout changed under it (resumed, promoted, aborted, or
@@ -716,6 +744,11 @@ class Rollouts(Collector):
             staging.replace(path)
         except OSError as exc:
             log.error("cannot write the rollout state of model %s: %s", state.model, exc)
+
+
+def _finishing(state: RolloutState) -> bool:
+    """Whether ``state``'s label is moving: it stays ``running``, and takes no command, until done."""
+    return state.state == "running" and bool(state.history) and state.history[-1]["event"] == FINISHING
 
 
 def _failed(guards: Sequence[Guard], values: dict[str, dict[str, float | None]]) -> list[str]:

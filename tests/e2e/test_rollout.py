@@ -145,7 +145,14 @@ def test_a_full_rollout_under_continuous_traffic_fails_no_request_and_moves_the_
     assert {version for _, version in seen} == {"1", "2"}
     state = status(server)
     assert state["state"] == "done"
-    assert [e["event"] for e in state["history"]] == ["started", "step", "step", "step", "done"]  # type: ignore[union-attr]
+    assert [e["event"] for e in state["history"]] == [
+        "started",
+        "step",
+        "step",
+        "step",
+        "moving the label",
+        "done",
+    ]  # type: ignore[union-attr]
     assert labelled(server) == "2"
     answer = requests.post(f"{server.url}/v1/models/m:predict", json={"instances": [ROW]}, timeout=5)
     assert answer.headers["x-inferd-model-version"] == "2"
@@ -223,6 +230,6 @@ def test_an_operator_pauses_resumes_aborts_and_promotes_a_rollout(
     assert promoted.returncode == 0, promoted.stderr
     state = status(server)
     assert state["state"] == "done"
-    assert [e["event"] for e in state["history"]][-2:] == ["promoted", "done"]  # type: ignore[union-attr]
+    assert [e["event"] for e in state["history"]][-3:] == ["promoted", "moving the label", "done"]  # type: ignore[union-attr]
     assert labelled(server) == "2"
     assert versions_answering(server) == {"2"}

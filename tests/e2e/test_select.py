@@ -533,7 +533,7 @@ def test_a_canary_promotion_moves_the_label_only_through_a_passed_rollout(
     assert "through a canary rollout: label 'stable' is on version 2" in done.stdout
     state = _rollout_status(server)
     assert (state["state"], state["baseline"], state["canary"]) == ("done", 1, 2)
-    assert [e["event"] for e in state["history"]] == ["started", "step", "step", "done"]  # type: ignore[union-attr]
+    assert [e["event"] for e in state["history"]] == ["started", "step", "step", "moving the label", "done"]  # type: ignore[union-attr]
     assert _stable(server) == "2"
     assert 'key: "stable"\n      value: 2' in config.read_text()  # the file agrees with the server
 

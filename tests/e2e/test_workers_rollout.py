@@ -5,9 +5,11 @@ the last of which wins in both."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import requests
 from tests.conftest import ServerProcess, launch
 from tests.e2e.test_metrics import samples
 from tests.e2e.test_workers import per_worker, workers
-from tests.models import write_onnx_affine
+from tests.models import write_onnx_affine, write_python_model
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 ROW = [1.0, 1.0, 1.0, 1.0]
@@ -269,3 +271,69 @@ def test_the_last_label_move_wins_in_every_worker_whichever_took_it(server: Serv
                 f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
             )
             assert answer.json()["predictions"][0][0] == float(version), (version, answer.text)
+
+
+def test_a_rollout_whose_label_waits_behind_an_admin_load_finishes_under_the_next_driver(
+    tmp_path: Path,
+) -> None:
+    # It was "done" before its label moved: a rollout started meanwhile took the old baseline,
+    # and when the worker running the steps died in that moment, the label never moved.
+    write_onnx_affine(tmp_path / "affine" / "1", scale=1.0)
+    write_onnx_affine(tmp_path / "affine" / "2", scale=2.0)
+    (tmp_path / "affine" / "inferd.toml").write_text(
+        "version_policy = { all = true }\n[labels]\nstable = 1\n"
+    )
+    slow_now = tmp_path / "slow-now"
+    write_python_model(
+        tmp_path / "slow" / "1",
+        f"""
+        def load(self):
+            import os, time
+            if os.path.exists({str(slow_now)!r}):
+                time.sleep(4)
+
+        def predict(self, inputs):
+            return {{"y": inputs["x"]}}
+        """,
+    )
+    server = launch(tmp_path, str(tmp_path), "--workers=2", "--admin_token=admin-secret")
+    try:
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both workers")
+        unloaded = requests.post(f"{server.url}/v2/repository/models/slow/unload", headers=ADMIN, timeout=60)
+        assert unloaded.status_code == 200, unloaded.text
+        slow_now.touch()
+
+        def load() -> None:
+            with contextlib.suppress(requests.ConnectionError):  # the worker taking it may be killed
+                requests.post(f"{server.url}/v2/repository/models/slow/load", headers=ADMIN, timeout=60)
+
+        loading = threading.Thread(target=load)
+        loading.start()  # holds the admin state's lock for 4 s
+        time.sleep(0.5)
+        rollout(server, body={"to": 2, "steps": [100], "step_s": 0.2})
+        finishing = wait_for(server, lambda s: s["history"][-1]["event"] == "moving the label")
+        assert finishing["state"] == "running"
+        for action, body in [("pause", {}), ("", {"to": 2})]:
+            refused = requests.post(
+                f"{server.url}/v2/repository/models/affine/rollout" + (f"/{action}" if action else ""),
+                json=body,
+                headers=ADMIN,
+                timeout=30,
+            )
+            assert refused.status_code == 400, refused.text
+            assert "finishing" in refused.text or "already running" in refused.text, refused.text
+        victim = driver(server)
+        os.kill(victim, signal.SIGKILL)
+        slow_now.unlink()
+        loading.join()
+        server.wait_for(lambda: victim not in workers(server) and len(workers(server)) == 2, "its successor")
+        done = wait_for(server, lambda s: s["state"] == "done", timeout_s=60)
+        assert [e["event"] for e in done["history"]][-2:] == ["moving the label", "done"]
+        server.wait_for(lambda: samples(server)[("inferd_workers_scraped", frozenset())] == 2, "both serving")
+        for session in by_worker(server).values():
+            answer = session.post(
+                f"{server.url}/v1/models/affine/labels/stable:predict", json={"instances": [ROW]}, timeout=10
+            )
+            assert answer.json()["predictions"][0][0] == 2.0, answer.text
+    finally:
+        server.stop()

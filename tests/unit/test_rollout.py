@@ -324,7 +324,7 @@ def test_commands_through_the_worker_not_running_the_steps_hold_in_both(tmp_path
                 await asyncio.sleep(0.01)
             states = [await r.status("m") for r in rollouts]
             assert [s["state"] for s in states] == ["done", "done"]
-            assert [e["event"] for e in states[0]["history"]][-3:] == ["step", "step", "done"]
+            assert [e["event"] for e in states[0]["history"]][-3:] == ["step", "moving the label", "done"]
             assert [m.labels("m") for m in managers] == [{"stable": 2}] * 2
             assert [m.split("m") for m in managers] == [None, None]
             await _close(managers, rollouts, followers)
