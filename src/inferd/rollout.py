@@ -31,7 +31,7 @@ last step had passed (the label moves); ``abort`` ends it as a failed guard does
 With ``--rollout_state_dir``, each rollout's state is written (atomically) to
 ``DIR/MODEL.rollout.json`` at every change, and a restarted server reads it back before it serves
 a request: a rollout that was ``running`` resumes at its step or rolls back, as its
-``on_restart`` says; a paused one stays paused at its step; a rolled-back one keeps the baseline's
+``on_restart`` says (one whose label was moving moves it and ends); a paused one stays paused at its step; a rolled-back one keeps the baseline's
 100%, a finished one its label.
 
 Under ``--workers N`` the workers share the rollouts (``Rollouts``' ``shared``): a command through
@@ -93,6 +93,8 @@ _NEEDS = {
     "abort": ("running", "paused"),
 }
 """The states each operator action applies to."""
+PROMOTE_WAIT_S = 10.0
+"""How long a promote waits for the label to move before it answers (the rollout finishing)."""
 FINISHING = "moving the label"
 """The last history event of a rollout whose steps passed (or that was promoted), while its label
 moves; it is ``done`` once the label has moved."""
@@ -241,6 +243,7 @@ class Rollouts(Collector):
         self._mine: dict[str, RolloutState] = {}  # each loop's state as it last left it
         self._driving = shared is None
         self._driver_lock: int | None = None  # the open lock file, when shared
+        self._closed = False
         metrics.registry.register(self)
 
     def collect(self) -> Iterator[Any]:
@@ -257,6 +260,7 @@ class Rollouts(Collector):
     async def close(self) -> None:
         """Stop the running rollouts where they are (their state says ``running``), and hand the
         driving to another worker."""
+        self._closed = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -330,8 +334,10 @@ class Rollouts(Collector):
                 else:
                     state.state = "rolled_back"
                     state.note("rolled back", step=state.step, failed=["aborted by an operator"])
-            while _finishing(self._book.states[model]):  # a promote answers once the label moved
+            waited_s = 0.0  # a promote answers once the label moved, or after PROMOTE_WAIT_S
+            while _finishing(self._book.states[model]) and waited_s < PROMOTE_WAIT_S and not self._closed:
                 await asyncio.sleep(0.01)
+                waited_s += 0.01
         elif action != "status":
             raise InvalidArgument(f"rollout action {action!r}: expected one of {list(ACTIONS)}")
         return await self.status(model)
@@ -472,13 +478,16 @@ class Rollouts(Collector):
 
     def _restored(self, state: RolloutState) -> None:
         """Apply the split of a state read back at a restart, ending a running one as its
-        ``on_restart`` says (``restore`` then moves the labels its model's rollouts moved).
+        ``on_restart`` says, but one whose label was moving, which the driver finishes
+        (``restore`` then moves the labels its model's rollouts moved).
 
         Raises:
             InferdError: it cannot be applied (a finished one's canary is gone, say).
         """
         if state.state == "done":
             self._manager.check_routable(state.model, state.canary)
+        elif _finishing(state):
+            pass  # its steps passed, or it was promoted: the driver moves its label and ends it
         elif state.state == "running" and state.on_restart == "rollback":
             state.state = "rolled_back"
             state.note("rolled back at restart", step=state.step)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+import inferd.rollout
 from inferd.errors import InvalidArgument, NotFound
 from inferd.manager import ModelManager
 from inferd.metrics import Metrics
@@ -370,5 +371,46 @@ def test_a_resumed_rollout_shows_no_readings_of_the_step_before_its_pause() -> N
             await asyncio.sleep(0)  # the step starts again
             assert (await rollouts.status("m"))["current"]["error_rate"]["canary"] is None
             await _close(managers, rollouts_of, followers)
+
+    asyncio.run(main())
+
+
+def test_a_rollout_stopped_while_its_label_moved_finishes_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restart read "running" and rolled it back (on_restart = rollback) or ran its steps again
+    # (resume), though its steps had passed or it had been promoted.
+    monkeypatch.setattr(inferd.rollout, "PROMOTE_WAIT_S", 0.1)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            manager: ModelManager[Any] = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            held = asyncio.Event()
+
+            async def stuck(model: str, label: str, version: int) -> None:
+                await held.wait()  # an admin move waiting behind a long load
+
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path, None, None, stuck)
+            await rollouts.command("m", "start", b'{"to": 2, "steps": [20, 100], "step_s": 600}')
+            promoted = await rollouts.command("m", "promote", b"")  # answers after PROMOTE_WAIT_S
+            assert promoted["state"] == "running"
+            assert promoted["history"][-1]["event"] == "moving the label"
+            await rollouts.close()  # the server stops before the label moved
+            await manager.close()
+
+            manager = ModelManager(pool, FakeLoader())
+            await manager.apply([plan([1, 2], {"stable": 1})])
+            rollouts = Rollouts(manager, Metrics(), None, tmp_path)
+            await rollouts.restore()
+            for _ in range(300):
+                if (await rollouts.status("m"))["state"] != "running":
+                    break
+                await asyncio.sleep(0.01)
+            state = await rollouts.status("m")
+            assert [e["event"] for e in state["history"]][-3:] == ["promoted", "moving the label", "done"]
+            assert manager.labels("m") == {"stable": 2}
+            await rollouts.close()
+            await manager.close()
 
     asyncio.run(main())
