@@ -31,8 +31,8 @@ last step had passed (the label moves); ``abort`` ends it as a failed guard does
 With ``--rollout_state_dir``, each rollout's state is written (atomically) to
 ``DIR/MODEL.rollout.json`` at every change, and a restarted server reads it back before it serves
 a request: a rollout that was ``running`` resumes at its step or rolls back, as its
-``on_restart`` says (one whose label was moving moves it and ends); a paused one stays paused at its step; a rolled-back one keeps the baseline's
-100%, a finished one its label.
+``on_restart`` says (one whose label was moving moves it and ends); a paused one stays paused at
+its step; a rolled-back one keeps the baseline's 100%, a finished one its label.
 
 Under ``--workers N`` the workers share the rollouts (``Rollouts``' ``shared``): a command through
 any worker holds in all of them when it answers, one worker runs the steps and reads the guards
