@@ -201,14 +201,15 @@ class Rollouts(Collector):
     ``inferd_rollout_canary_percent{model,baseline,canary,state}``: the canary's share now.
 
     Every change (a command, a step, a guard's verdict) is made to the latest ``RolloutBook``
-    under a lock and then applied: the split and labels each state implies are set in this
-    process's manager. With ``shared`` (``--workers N``) the book is published to the workers'
-    private folder, every worker applies it (``follow``), and a change answers once all have; one
-    worker at a time, the driver (the holder of a lock file; another takes over if it dies), runs
-    the step loops, and reads the guards' metrics over every worker (``readings``).
+    under a lock and then applied: the split each state implies is set in this process's manager
+    (a finishing rollout's label moves with ``move_label``, then it is done). With ``shared``
+    (``--workers N``) the book is published to the workers' private folder, every worker applies
+    it (``follow``), and a change answers once all have; one worker at a time, the driver (the
+    holder of a lock file; another takes over if it dies), runs the step loops, and reads the
+    guards' metrics over every worker (``readings``).
 
     Args:
-        manager: whose split and labels are moved.
+        manager: whose split is set (and, without ``move_label``, labels moved).
         metrics: where per-version request counts and times are read.
         agreement: the shadow's agreement counts; None when no shadow is wired.
         state_dir: where states are written and read back; None keeps them in memory only.
