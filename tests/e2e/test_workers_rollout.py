@@ -126,11 +126,13 @@ def test_a_rollout_through_one_worker_moves_every_workers_split_and_label(server
     assert [e["step"] for e in done["history"] if e["event"] == "step"] == [0, 1]
     assert done["history"][-1] == {**done["history"][-1], "event": "done", "label": "stable", "version": 2}
 
-    server.wait_for(  # the label moves once the rollout is done, as an admin call moves it
-        lambda: all(row["labels"] == {"stable": 2} for row in seen_by_every_worker(server)), "the label"
+    server.wait_for(  # each worker shows it done once it followed the worker that ended it
+        lambda: all(
+            (row["labels"], row["split"], row["rollout"]["state"]) == ({"stable": 2}, {}, "done")
+            for row in seen_by_every_worker(server)
+        ),
+        "done in both workers",
     )
-    rows = seen_by_every_worker(server)
-    assert all(row["split"] == {} and row["rollout"]["state"] == "done" for row in rows), rows
     assert {predict(server, session=session) for session in by_worker(server).values()} == {2.0}
     exposition = requests.get(f"{server.url}/metrics", timeout=10).text
     assert re.search(r'inferd_rollout_canary_percent\{[^}]*state="done"[^}]*\} 100\.0', exposition)
